@@ -1,0 +1,5 @@
+import sys
+
+from defectscope.cli import main
+
+sys.exit(main())

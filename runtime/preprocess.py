@@ -1,0 +1,234 @@
+"""The one preprocessing implementation (numpy + OpenCV, no torch).
+
+Calibration, evaluation of exported models and the daemon all call this; the
+training side's validation transform (torchvision v2 ``Resize(antialias=True)`` →
+``CenterCrop`` → ``ToDtype(scale=True)`` → ``Normalize``) is the reference it is
+tested against.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import cv2
+import numpy as np
+
+RESIZE_POLICIES = ("shorter_side_center_crop", "stretch")
+INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
+COLOR_ORDERS = ("RGB", "BGR", "GRAY")
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be read or decoded; the message names the path."""
+
+
+class SpecError(ValueError):
+    """An input spec with a missing or invalid key; the message names the key."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model's input tensor expects and how to get there from a camera frame."""
+
+    height: int
+    width: int
+    resize_size: int
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    name: str = "input"
+    layout: str = "NCHW"
+    dtype: str = "float32"
+    channels: int = 3
+    color_order: str = "RGB"
+    resize_policy: str = "shorter_side_center_crop"
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        # Normalise sequences so equality and hashing work after a JSON round trip.
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        for key in ("height", "width", "resize_size", "channels"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise SpecError(f"input.{key}: expected a positive integer, got {value!r}")
+        if self.layout != "NCHW":
+            raise SpecError(f"input.layout: expected 'NCHW', got {self.layout!r}")
+        if self.dtype != "float32":
+            raise SpecError(f"input.dtype: expected 'float32', got {self.dtype!r}")
+        if self.color_order not in COLOR_ORDERS:
+            raise SpecError(f"input.color_order: expected one of {COLOR_ORDERS}, got {self.color_order!r}")
+        if (self.color_order == "GRAY") != (self.channels == 1):
+            raise SpecError(
+                f"input.channels: {self.channels} does not fit color_order {self.color_order!r} "
+                "(GRAY needs 1 channel, RGB/BGR need 3)"
+            )
+        if self.resize_policy not in RESIZE_POLICIES:
+            raise SpecError(f"input.resize_policy: expected one of {RESIZE_POLICIES}, got {self.resize_policy!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise SpecError(
+                f"input.interpolation: expected one of {tuple(INTERPOLATIONS)}, got {self.interpolation!r}"
+            )
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if len(values) != self.channels:
+                raise SpecError(f"input.{key}: expected {self.channels} values (one per channel), got {len(values)}")
+        if any(s <= 0 for s in self.std):
+            raise SpecError(f"input.std: every value must be > 0, got {self.std}")
+        if self.resize_policy == "shorter_side_center_crop" and self.resize_size < max(self.height, self.width):
+            raise SpecError(
+                f"input.resize_size: {self.resize_size} is smaller than the crop "
+                f"{self.height}x{self.width}; expected resize_size >= max(height, width)"
+            )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "input") -> "InputSpec":
+        """Build from a manifest/model-card dict; unknown or missing keys are named."""
+        if not isinstance(data, Mapping):
+            raise SpecError(f"{where}: expected a table/object, got {type(data).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        missing = [k for k in ("height", "width", "resize_size") if k not in data]
+        if missing:
+            raise SpecError(f"{where}: missing required key(s) {missing}")
+        try:
+            return cls(**dict(data))
+        except SpecError as exc:
+            raise SpecError(str(exc).replace("input.", f"{where}.", 1)) from None
+        except TypeError as exc:
+            raise SpecError(f"{where}: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["mean"], out["std"] = list(self.mean), list(self.std)
+        return out
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C,H,W) of one preprocessed image."""
+        return (self.channels, self.height, self.width)
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image file as uint8 ``(H,W)`` gray or ``(H,W,3)`` BGR.
+
+    16-bit images are scaled to 8 bits and alpha is dropped, so every caller sees
+    the same two layouts. Raises ImageReadError naming the path.
+    """
+    path = os.fspath(path)
+    data = np.fromfile(path, dtype=np.uint8) if os.path.isfile(path) else None
+    if data is None:
+        raise ImageReadError(f"{path}: no such file")
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        raise ImageReadError(f"{path}: not a readable image (empty, truncated or unknown format)")
+    return to_uint8(image, where=path)
+
+
+def to_uint8(image: np.ndarray, where: str = "image") -> np.ndarray:
+    """Normalise a decoded frame to uint8 gray ``(H,W)`` or BGR ``(H,W,3)``."""
+    if image.dtype == np.uint16:
+        image = (image.astype(np.float32) * (255.0 / 65535.0) + 0.5).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise ImageReadError(f"{where}: unsupported pixel type {image.dtype} (expected 8- or 16-bit)")
+    if image.ndim == 3:
+        if image.shape[2] == 1:
+            image = image[:, :, 0]
+        elif image.shape[2] == 4:
+            image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+        elif image.shape[2] != 3:
+            raise ImageReadError(f"{where}: {image.shape[2]} channels (expected 1, 3 or 4)")
+    elif image.ndim != 2:
+        raise ImageReadError(f"{where}: array of shape {image.shape} is not an image")
+    return image
+
+
+def resized_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """(H,W) after scaling the shorter side to ``size``; torchvision's rounding (truncation)."""
+    if h <= w:
+        return size, int(size * w / h)
+    return int(size * h / w), size
+
+
+class Preprocessor:
+    """Camera frame (uint8 gray or BGR) → model input (C,H,W) float32, per an InputSpec."""
+
+    def __init__(self, spec: InputSpec) -> None:
+        self.spec = spec
+        c = spec.channels
+        # Fold /255, mean and std into one multiply-add: x * scale + offset.
+        std = np.asarray(spec.std, dtype=np.float32)
+        self._scale = (1.0 / (255.0 * std)).reshape(c, 1, 1)
+        self._offset = (-np.asarray(spec.mean, dtype=np.float32) / std).reshape(c, 1, 1)
+
+    def _resize(self, image: np.ndarray, h: int, w: int) -> np.ndarray:
+        ih, iw = image.shape[:2]
+        if (ih, iw) == (h, w):
+            return image
+        # Downscaling: INTER_AREA is OpenCV's anti-aliased filter, the closest match
+        # to torchvision's antialias=True bilinear. Upscaling: plain interpolation.
+        interp = cv2.INTER_AREA if (h < ih and w < iw) else INTERPOLATIONS[self.spec.interpolation]
+        return cv2.resize(image, (w, h), interpolation=interp)
+
+    def geometry(self, image: np.ndarray, resize_size: int | None = None) -> np.ndarray:
+        """Resize + crop only (uint8 in, uint8 out); ``resize_size`` overrides the spec (TTA scales)."""
+        spec = self.spec
+        if spec.resize_policy == "stretch":
+            return self._resize(image, spec.height, spec.width)
+        size = resize_size or spec.resize_size
+        h, w = resized_size(image.shape[0], image.shape[1], size)
+        if h < spec.height or w < spec.width:
+            # Scale up so the crop fits (a TTA zoom-out below the crop size).
+            h, w = resized_size(image.shape[0], image.shape[1], max(spec.height, spec.width))
+        image = self._resize(image, h, w)
+        top = int(round((h - spec.height) / 2.0))
+        left = int(round((w - spec.width) / 2.0))
+        return image[top : top + spec.height, left : left + spec.width]
+
+    def _color(self, image: np.ndarray) -> np.ndarray:
+        order = self.spec.color_order
+        if image.ndim == 2:
+            return image[:, :, None] if order == "GRAY" else np.repeat(image[:, :, None], 3, axis=2)
+        if order == "RGB":
+            return image[:, :, ::-1]
+        if order == "GRAY":
+            return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)[:, :, None]
+        return image
+
+    def __call__(self, image: np.ndarray, resize_size: int | None = None) -> np.ndarray:
+        """One frame → (C,H,W) float32 normalised tensor."""
+        image = to_uint8(image)
+        hwc = self._color(self.geometry(image, resize_size))
+        chw = np.ascontiguousarray(hwc.transpose(2, 0, 1), dtype=np.float32)
+        chw *= self._scale
+        chw += self._offset
+        return chw
+
+    def batch(self, images: Iterable[np.ndarray], resize_size: int | None = None) -> np.ndarray:
+        """Frames → (N,C,H,W) float32."""
+        arrays = [self(img, resize_size) for img in images]
+        if not arrays:
+            return np.empty((0, *self.spec.shape), dtype=np.float32)
+        return np.stack(arrays)
+
+    def load(self, path: str | os.PathLike[str]) -> np.ndarray:
+        """Read + preprocess one image file → (C,H,W) float32."""
+        return self(read_image(path))
+
+    def load_batch(self, paths: Sequence[str | os.PathLike[str]]) -> np.ndarray:
+        """Read + preprocess image files → (N,C,H,W) float32."""
+        return self.batch(read_image(p) for p in paths)
+
+
+__all__ = [
+    "ImageReadError",
+    "InputSpec",
+    "Preprocessor",
+    "SpecError",
+    "read_image",
+    "resized_size",
+    "to_uint8",
+]
