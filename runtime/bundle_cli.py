@@ -1,0 +1,70 @@
+"""`defectscope bundle`: inspect, verify, pack and unpack model bundles."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from runtime.bundle import BundleError, load_bundle, pack, read_manifest, unpack
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="defectscope bundle",
+        description="Inspect, verify, pack or unpack a DefectScope model bundle "
+        "(a directory with manifest.json and model files, or its .tar.gz archive).",
+    )
+    sub = parser.add_subparsers(dest="action", required=True)
+    p = sub.add_parser("verify", help="check schema, every sha256 and the ONNX graphs; exit 1 if bad")
+    p.add_argument("bundle", type=Path)
+    p = sub.add_parser("inspect", help="print a bundle's manifest summary (or --json for all of it)")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    p = sub.add_parser("pack", help="verify a bundle directory and write it as a .tar.gz")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("archive", type=Path)
+    p = sub.add_parser("unpack", help="extract and verify a bundle archive into a directory")
+    p.add_argument("archive", type=Path)
+    p.add_argument("dest", type=Path)
+    return parser
+
+
+def _summary(path: Path) -> str:
+    m = read_manifest(path)
+    lines = [
+        f"bundle     {path}",
+        f"model      {m.model.name} {m.model.version} ({m.model.task}, {m.model.architecture or '?'})",
+        f"classes    {', '.join(m.classes)}  (good: {', '.join(m.good_classes) or '-'})",
+        f"input      {m.input.name} (N,{m.input.channels},{m.input.height},{m.input.width}) "
+        f"{m.input.color_order}, {m.input.resize_policy} from {m.input.resize_size}",
+        "artifacts",
+    ]
+    for key, art in m.artifacts.items():
+        star = "*" if key == m.default_artifact else " "
+        metrics = m.metrics.get(key, {})
+        acc = f"  accuracy {metrics['accuracy']:.4f}" if isinstance(metrics.get("accuracy"), (int, float)) else ""
+        lines.append(f"  {star} {key:<10} {art.format:<9} {art.precision:<5} {art.file}{acc}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.action == "verify":
+            bundle = load_bundle(args.bundle)
+            print(f"OK {bundle.path}: {len(bundle.manifest.files)} file(s) verified")
+        elif args.action == "inspect":
+            if args.json:
+                print(json.dumps(read_manifest(args.bundle).to_dict(), indent=2))
+            else:
+                print(_summary(args.bundle))
+        elif args.action == "pack":
+            print(pack(args.bundle, args.archive))
+        elif args.action == "unpack":
+            print(unpack(args.archive, args.dest).path)
+    except BundleError as exc:
+        print(f"defectscope bundle {args.action}: {exc}", file=sys.stderr)
+        return 1
+    return 0
