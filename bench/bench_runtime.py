@@ -1,0 +1,388 @@
+#!/usr/bin/env python
+"""Runtime daemon vs a bare ONNX Runtime session, and a soak run.
+
+Throughput mode (default): ELPV held-out images (test split of the reference protocol:
+stratified 75/25 by class x cell type, seed 0; n=656) replayed through the full
+daemon, in-process: PNG decode, preprocessing (the bundle's Preprocessor, on the
+capture threads), micro-batched inference, decision, JSON publish to a real ZeroMQ
+subscriber in a separate process, Prometheus metrics on. Compared with a bare ONNX
+Runtime session (same artifact, same intra-op threads, same batch) fed the same images
+already preprocessed. Per artifact (int8, fp32) x TTA (1 view, 3 views) x cameras
+(1, 4, each replaying the whole set):
+
+  frames/s            daemon: frames / (last publish - first capture), at the subscriber
+                      bare:   frames / time of the session.run calls
+  p50 / p99 latency   daemon: capture -> publish per frame (replays block rather than
+                      drop, so this includes queueing at saturation); bare: per batch call
+Targets: daemon >= 0.85x bare with TTA off; 3-view TTA costs <= 2.5x (1-view fps / 3-view fps).
+
+Soak mode (--soak SECONDS): one configuration at full rate on a looping replay; RSS of
+the daemon process sampled every 5 s; the subscriber (separate process, keeps up) counts
+messages and sequence gaps per camera. Targets: RSS growth after warm-up <= 20 MB over
+10 minutes, no dropped messages.
+
+Usage (idle machine):
+  python bench/bench_runtime.py --bundle runs/elpv-bundle                       # -> bench/results/runtime.json
+  python bench/bench_runtime.py --bundle B --soak 600 --artifacts int8           # 10-minute soak
+  python bench/bench_runtime.py --bundle B --images DIR --limit 40 --artifacts fp32 --tta 1 --cameras 1   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TARGET_RATIO = 0.85
+TARGET_TTA_COST = 2.5
+TARGET_RSS_MB = 20.0
+TTA_VIEWS = {1: ["original"], 3: ["original", "hflip", "vflip"]}
+
+
+# ---- data --------------------------------------------------------------------------------------
+def heldout_images(args: argparse.Namespace) -> list[Path]:
+    if args.images:
+        from runtime.sources import list_images
+
+        paths = list_images(args.images)
+    else:
+        from training.data import resolve_splits  # numpy-only module: no torch import
+
+        splits = resolve_splits({"source": "elpv", "verify": False, "seed": 0, "test_fraction": 0.25})
+        paths = [Path(s.path) for s in splits.test]
+    if args.limit:
+        paths = paths[: args.limit]
+    if not paths:
+        raise SystemExit("no images to replay")
+    return paths
+
+
+def replay_dir(paths: list[Path], tmp: Path) -> Path:
+    """A directory of symlinks in replay order (a directory camera replays sorted names)."""
+    d = tmp / "replay"
+    d.mkdir(exist_ok=True)
+    for i, p in enumerate(paths):
+        link = d / f"{i:06d}{p.suffix.lower()}"
+        if not link.exists():
+            link.symlink_to(p.resolve())
+    return d
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- the subscriber (separate process) ------------------------------------------------------------
+def subscriber_main(endpoint: str, ready: Any, conn: Any, max_s: float) -> None:
+    """Receive until the daemon's final status; send back counts, gaps and per-frame timings."""
+    import zmq
+
+    from runtime.messages import decode
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.RCVHWM, 1_000_000)
+    sock.setsockopt_string(zmq.SUBSCRIBE, "")
+    sock.connect(endpoint)
+    ready.set()
+    last_seq: dict[str, int] = {}
+    gaps = 0
+    received = 0
+    lat_ms: list[float] = []
+    first_capture, last_publish = float("inf"), 0.0
+    final = None
+    deadline = time.monotonic() + max_s
+    while time.monotonic() < deadline:
+        if not sock.poll(200):
+            continue
+        _topic, payload = sock.recv_multipart()
+        msg = decode(payload)
+        if msg.get("type") == "status":
+            if msg.get("state") == "stopped":
+                final = msg
+                break
+            continue
+        received += 1
+        cam, seq = msg["camera"], msg["seq"]
+        if cam in last_seq and seq != last_seq[cam] + 1:
+            gaps += seq - last_seq[cam] - 1
+        last_seq[cam] = seq
+        lat_ms.append(msg["latency_ms"]["total"])
+        first_capture = min(first_capture, msg["captured_at"])
+        last_publish = max(last_publish, msg["published_at"])
+    conn.send({"received": received, "gaps": gaps, "latency_ms": lat_ms, "first_capture": first_capture,
+               "last_publish": last_publish, "final": final})
+    sock.close(0)
+    ctx.term()
+
+
+class SubscriberProcess:
+    def __init__(self, endpoint: str, max_s: float) -> None:
+        ctx = mp.get_context("spawn")
+        self.ready = ctx.Event()
+        self.parent, child = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=subscriber_main, args=(endpoint, self.ready, child, max_s), daemon=True)
+        self.proc.start()
+        if not self.ready.wait(60):
+            raise RuntimeError("subscriber process did not start")
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        if not self.parent.poll(timeout):
+            self.proc.kill()
+            raise RuntimeError("subscriber did not report (no final status seen)")
+        out = self.parent.recv()
+        self.proc.join(5)
+        return out
+
+
+# ---- daemon runs -------------------------------------------------------------------------------
+def station(args: argparse.Namespace, replay: Path, artifact: str, views: list[str], cameras: int, port: int,
+            loop: bool) -> Any:
+    from runtime.config import from_dict
+
+    data = {
+        "station": "bench",
+        "model": {"bundle": str(Path(args.bundle).resolve()), "artifact": artifact, "backend": args.backend,
+                  "threads": args.threads, "warmup_runs": 3},
+        "batching": {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms},
+        "tta": {"views": views},
+        "publisher": {"bind": [f"tcp://127.0.0.1:{port}"], "wait_for_subscribers": 1, "wait_timeout_s": 60.0,
+                      "status_interval_s": 1.0, "sndhwm": 100_000},
+        "metrics": {"host": "127.0.0.1", "port": 0},
+        "daemon": {"drain_timeout_s": 60.0},
+        "cameras": [{"id": f"cam{i + 1}", "source": str(replay), "loop": loop, "queue_size": 2 * args.max_batch}
+                    for i in range(cameras)],
+    }
+    return from_dict(data, where="bench")
+
+
+def run_daemon(args: argparse.Namespace, replay: Path, n_images: int, artifact: str, tta: int,
+               cameras: int) -> dict[str, Any]:
+    from runtime.daemon import Daemon
+
+    port = free_port()
+    cfg = station(args, replay, artifact, TTA_VIEWS[tta], cameras, port, loop=False)
+    sub = SubscriberProcess(f"tcp://127.0.0.1:{port}", max_s=3600)
+    d = Daemon(cfg)
+    d.start()
+    info = dict(d.model.info)
+    d.run()
+    r = sub.result(120)
+    frames = r["received"]
+    span = r["last_publish"] - r["first_capture"]
+    expected = n_images * cameras
+    return {
+        "frames": frames, "expected": expected, "gaps": r["gaps"],
+        "fps": frames / span if span > 0 else float("nan"),
+        "p50_ms": percentile(r["latency_ms"], 50), "p99_ms": percentile(r["latency_ms"], 99),
+        "backend": info["backend"], "precision": info["precision"],
+    }
+
+
+def run_bare(args: argparse.Namespace, paths: list[Path], artifact: str, tta: int) -> dict[str, Any]:
+    """A bare ORT session on already-preprocessed tensors: same artifact, threads and batch."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from runtime.bundle import load_bundle
+    from runtime.preprocess import Preprocessor, read_image
+    from runtime.tta import TTA
+
+    b = load_bundle(args.bundle, check_graph=False)
+    tta_views = TTA(TTA_VIEWS[tta], Preprocessor(b.manifest.input))
+    tensors = np.stack([tta_views.expand(read_image(p)) for p in paths])  # (N,V,C,H,W)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.backend == "onnxruntime-cuda" else \
+        ["CPUExecutionProvider"]
+    sess = ort.InferenceSession(str(b.artifact_path(artifact)), opts, providers=providers)
+    name = sess.get_inputs()[0].name
+    bs = args.max_batch
+    batches = [tensors[i : i + bs].reshape(-1, *tensors.shape[2:]) for i in range(0, len(tensors), bs)]
+    for batch in batches[:3]:
+        sess.run(None, {name: batch})
+    times = []
+    for batch in batches:
+        t = time.perf_counter()
+        sess.run(None, {name: batch})
+        times.append(time.perf_counter() - t)
+    total = sum(times)
+    return {"frames": len(paths), "fps": len(paths) / total, "p50_ms": percentile(times, 50) * 1000,
+            "p99_ms": percentile(times, 99) * 1000}
+
+
+# ---- soak --------------------------------------------------------------------------------------
+def run_soak(args: argparse.Namespace, replay: Path, artifact: str) -> dict[str, Any]:
+    from runtime.daemon import Daemon
+
+    port = free_port()
+    cameras = args.cameras[0]
+    cfg = station(args, replay, artifact, TTA_VIEWS[args.tta[0]], cameras, port, loop=True)
+    sub = SubscriberProcess(f"tcp://127.0.0.1:{port}", max_s=args.soak + 600)
+    d = Daemon(cfg)
+    d.start()
+    runner = threading.Thread(target=d.run, daemon=True)
+    runner.start()
+    warmup = min(60.0, args.soak * 0.1)
+    t0 = time.monotonic()
+    samples: list[tuple[float, float]] = []
+    while time.monotonic() - t0 < args.soak:
+        samples.append((time.monotonic() - t0, rss_mb()))
+        time.sleep(min(5.0, max(0.1, args.soak - (time.monotonic() - t0))))
+    samples.append((time.monotonic() - t0, rss_mb()))
+    d.request_stop()
+    runner.join(120)
+    r = sub.result(120)
+    published = sum(c["published"] for c in d.counts.values())
+    base = next((m for t, m in samples if t >= warmup), samples[0][1])
+    growth = max(m for t, m in samples if t >= warmup) - base if samples else float("nan")
+    return {
+        "duration_s": args.soak, "cameras": cameras, "artifact": artifact, "tta": args.tta[0],
+        "published": published, "received": r["received"], "dropped_messages": published - r["received"],
+        "seq_gaps": r["gaps"], "fps": r["received"] / args.soak,
+        "rss_mb_start": samples[0][1], "rss_mb_after_warmup": base, "rss_mb_end": samples[-1][1],
+        "rss_growth_mb": growth, "rss_samples": samples,
+        "pass": growth <= TARGET_RSS_MB * args.soak / 600.0 + 1e-9 and published == r["received"] and r["gaps"] == 0,
+    }
+
+
+# ---- main --------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--bundle", required=True, help="model bundle directory (int8 + fp32 artifacts)")
+    p.add_argument("--images", help="replay these images instead of the ELPV held-out split")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N images (smoke runs)")
+    p.add_argument("--artifacts", default="int8,fp32", help="bundle artifact keys to compare (default int8,fp32)")
+    p.add_argument("--tta", default="1,3", help="TTA view counts: 1 (off) and/or 3 (original+hflip+vflip)")
+    p.add_argument("--cameras", default="1,4", help="camera counts (each replays the whole set)")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (daemon and bare)")
+    p.add_argument("--max-batch", type=int, default=8, help="frames per inference call (daemon and bare)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--backend", default="onnxruntime-cpu", choices=("onnxruntime-cpu", "onnxruntime-cuda"))
+    p.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="soak mode for SECONDS")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "runtime.json"))
+    args = p.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    args.tta = [int(x) for x in args.tta.split(",")]
+    args.cameras = [int(x) for x in args.cameras.split(",")]
+    if any(t not in TTA_VIEWS for t in args.tta):
+        p.error(f"--tta: choose from {sorted(TTA_VIEWS)}")
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    from runtime.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle)
+    artifacts = [a for a in args.artifacts.split(",") if a in bundle.manifest.artifacts
+                 and bundle.manifest.artifacts[a].format == "onnx"]
+    missing = sorted(set(args.artifacts.split(",")) - set(artifacts))
+    if missing:
+        print(f"note: artifact(s) {missing} not in the bundle (or not ONNX); skipped")
+    if not artifacts:
+        raise SystemExit(f"no ONNX artifacts to run; the bundle has {sorted(bundle.manifest.artifacts)}")
+    paths = heldout_images(args)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-runtime-"))
+    replay = replay_dir(paths, tmp)
+    env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+           "threads": args.threads, "max_batch": args.max_batch, "images": len(paths),
+           "bundle": str(args.bundle), "model": f"{bundle.manifest.model.name} {bundle.manifest.model.version}"}
+    try:
+        import onnxruntime
+
+        env["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    result: dict[str, Any] = {"env": env, "runs": [], "soak": None}
+
+    if args.soak:
+        soak = run_soak(args, replay, artifacts[0])
+        result["soak"] = soak
+        print(f"soak {soak['duration_s']:.0f}s ({soak['artifact']}, {soak['cameras']} camera(s)): "
+              f"{soak['fps']:.1f} frames/s, RSS {soak['rss_mb_start']:.1f} -> {soak['rss_mb_end']:.1f} MB "
+              f"(growth after warm-up {soak['rss_growth_mb']:+.1f} MB, target <= {TARGET_RSS_MB:g} MB / 10 min), "
+              f"published {soak['published']}, received {soak['received']}, gaps {soak['seq_gaps']} "
+              f"-> {'PASS' if soak['pass'] else 'FAIL'}")
+    else:
+        bare_cache: dict[tuple[str, int], dict[str, Any]] = {}
+        header = (f"{'artifact':8} {'tta':>3} {'cams':>4} | {'daemon f/s':>10} {'p50 ms':>8} {'p99 ms':>8} | "
+                  f"{'bare f/s':>9} {'p50 ms':>7} {'p99 ms':>7} | {'ratio':>5} {'lost':>4}")
+        print(header)
+        print("-" * len(header))
+        for art in artifacts:
+            for tta in args.tta:
+                if (art, tta) not in bare_cache:
+                    bare_cache[(art, tta)] = run_bare(args, paths, art, tta)
+                bare = bare_cache[(art, tta)]
+                for cams in args.cameras:
+                    dm = run_daemon(args, replay, len(paths), art, tta, cams)
+                    ratio = dm["fps"] / bare["fps"]
+                    run = {"artifact": art, "tta": tta, "cameras": cams, "daemon": dm, "bare": bare, "ratio": ratio}
+                    result["runs"].append(run)
+                    print(f"{art:8} {tta:>3} {cams:>4} | {dm['fps']:>10.1f} {dm['p50_ms']:>8.2f} {dm['p99_ms']:>8.2f} | "
+                          f"{bare['fps']:>9.1f} {bare['p50_ms']:>7.2f} {bare['p99_ms']:>7.2f} | {ratio:>5.2f} "
+                          f"{dm['expected'] - dm['frames']:>4}", flush=True)
+        checks = []
+        for r in result["runs"]:
+            if r["tta"] == 1:
+                checks.append({"check": f"daemon/bare {r['artifact']} {r['cameras']} cam", "value": r["ratio"],
+                               "target": f">= {TARGET_RATIO}", "pass": r["ratio"] >= TARGET_RATIO})
+            if r["tta"] == 3:
+                one = next((o for o in result["runs"] if o["tta"] == 1 and o["artifact"] == r["artifact"]
+                            and o["cameras"] == r["cameras"]), None)
+                if one is not None:
+                    cost = one["daemon"]["fps"] / r["daemon"]["fps"]
+                    checks.append({"check": f"3-view TTA cost {r['artifact']} {r['cameras']} cam", "value": cost,
+                                   "target": f"<= {TARGET_TTA_COST}", "pass": cost <= TARGET_TTA_COST})
+        result["checks"] = checks
+        print()
+        for c in checks:
+            print(f"{c['check']:32} {c['value']:6.2f}  target {c['target']:7}  {'PASS' if c['pass'] else 'FAIL'}")
+        print("\ndaemon latency = capture -> publish per frame (replays block at saturation, so it includes "
+              "queueing); bare latency = one batch call")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=float))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""``defectscope export`` and ``defectscope calibrate``.
+
+Exit status: 0 ok; 1 bad input (bundle, run directory, data); 2 usage;
+3 the INT8 accuracy gate failed (report printed, bundle unchanged);
+4 the ONNX export failed its parity check against PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_ERROR, EXIT_GATE, EXIT_PARITY = 1, 3, 4
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _threads(value: int | None) -> int:
+    from calibration.evaluate import default_threads
+
+    return value or default_threads()
+
+
+def _setup_torch(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # denormals stall CPU convolutions
+
+
+def _heldout(splits: Any, split: str, limit: int | None, seed: int) -> list[Any]:
+    from calibration.calibset import stratified_sample
+
+    samples = list(splits.split(split))
+    if not samples:
+        raise ValueError(f"split {split!r} of the dataset is empty; choose another with --split")
+    if limit is not None and limit < len(samples):
+        samples = stratified_sample(samples, limit, seed)
+    return sorted(samples, key=lambda s: s.path)
+
+
+def _check_classes(where: str, got: Sequence[str], want: Sequence[str]) -> None:
+    if list(got) != list(want):
+        raise ValueError(f"{where}: dataset classes {list(got)} differ from the model's {list(want)}")
+
+
+def _metrics_table(title: str, rows: list[tuple[str, ...]], headers: Sequence[str]):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        style = "bold red" if r[-1] == "FAIL" else None
+        table.add_row(*r, style=style)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="defectscope export",
+        description="Export a trained checkpoint to an ONNX model bundle (opset 17, dynamic batch, "
+                    "input 'input' / output 'logits'), check parity with PyTorch on held-out images and "
+                    "record FP32 metrics, preprocessing and provenance in manifest.json.",
+    )
+    p.add_argument("run", help="training run directory (model.json + best.safetensors) or a .safetensors file")
+    p.add_argument("--out", "-o", required=True, help="bundle directory to write (atomically)")
+    p.add_argument("--name", help="model name in the manifest (default: <backbone>-<run dir name>)")
+    p.add_argument("--version", default="1.0.0", help="model version in the manifest (default: 1.0.0)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--no-simplify", action="store_true", help="skip onnxslim graph simplification")
+    p.add_argument("--split", default="test", choices=("test", "val"), help="held-out split (default: test)")
+    p.add_argument("--parity-images", type=int, default=64, help="held-out images for the parity check (default: 64)")
+    p.add_argument("--parity-atol", type=float, default=1e-3,
+                   help="max allowed |logit difference| ONNX Runtime vs PyTorch (default: 1e-3)")
+    p.add_argument("--parity-min-agreement", type=float, default=0.99,
+                   help="min top-1 agreement ONNX Runtime vs PyTorch (default: 0.99)")
+    p.add_argument("--eval-limit", type=int, help="evaluate FP32 on at most this many held-out images (stratified)")
+    p.add_argument("--no-eval", action="store_true", help="skip the FP32 held-out evaluation")
+    p.add_argument("--threads", type=int, help="CPU threads for torch / ONNX Runtime (default: DEFECTSCOPE_THREADS or all)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--pack", metavar="ARCHIVE", help="also write the bundle as a .tar.gz archive")
+    return p
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    args = export_parser().parse_args(argv)
+    console = _console()
+    try:
+        return _export(args, console)
+    except Exception as exc:  # noqa: BLE001 - one clear line per failure, not a traceback
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        if os.environ.get("DEFECTSCOPE_DEBUG"):
+            raise
+        console.print(f"[bold red]export failed:[/] {exc}")
+        return EXIT_ERROR
+
+
+def _export(args: argparse.Namespace, console: Any) -> int:
+    from calibration.calibset import preprocess_paths, stratified_sample
+    from calibration.evaluate import evaluate_onnx
+    from calibration.export import check_parity, export_onnx
+    from calibration.provenance import git_commit, library_versions, sha256_file, utc_now
+    from runtime.bundle import Artifact, Manifest, ModelInfo, OutputSpec, pack, read_manifest, write_bundle
+    from training.checkpoint import load_model
+    from training.data import resolve_splits
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ValueError(f"{out}: already exists; pass --force to replace it")
+    threads = _threads(args.threads)
+    _setup_torch(threads)
+    model, card = load_model(args.run)
+    spec = card.input_spec()
+    run_path = Path(args.run).resolve()
+    run_dir = run_path if run_path.is_dir() else run_path.parent
+    weights_file = run_path / "best.safetensors" if run_path.is_dir() else run_path
+
+    with console.status("resolving the dataset splits"):
+        splits = resolve_splits(card.data)
+    _check_classes(str(run_dir / "model.json"), splits.classes, card.classes)
+    if card.dataset_fingerprint and splits.fingerprint != card.dataset_fingerprint:
+        console.print(f"[yellow]warning:[/] dataset fingerprint {splits.fingerprint} differs from the one at "
+                      f"training time ({card.dataset_fingerprint}): the images changed since training")
+
+    with tempfile.TemporaryDirectory(prefix="defectscope-export-") as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        with console.status("exporting to ONNX"):
+            info = export_onnx(model, spec, onnx_path, card.num_classes, opset=args.opset,
+                               simplify=not args.no_simplify)
+        console.print(f"exported opset {info.opset}, {info.nodes} nodes"
+                      + (f" (simplified from {info.nodes_before_simplify})" if info.simplified else ""))
+        if info.simplify_error:
+            console.print(f"[yellow]warning:[/] onnxslim failed ({info.simplify_error}); kept the unsimplified graph")
+
+        held = _heldout(splits, args.split, None, 0)
+        parity_samples = sorted(stratified_sample(held, min(args.parity_images, len(held)), 0), key=lambda s: s.path)
+        x_par = preprocess_paths([s.path for s in parity_samples], spec, threads=threads)
+        parity = check_parity(model, onnx_path, x_par, atol=args.parity_atol,
+                              min_agreement=args.parity_min_agreement, threads=threads)
+        console.print(parity.summary())
+        if not parity.passed:
+            console.print("[bold red]export refused:[/] the ONNX model does not reproduce PyTorch within tolerance")
+            return EXIT_PARITY
+
+        metrics: dict[str, Any] = {}
+        if not args.no_eval:
+            eval_samples = _heldout(splits, args.split, args.eval_limit, 0)
+            x = preprocess_paths([s.path for s in eval_samples], spec, threads=threads, progress=True,
+                                 desc=f"{args.split} split")
+            m, _ = evaluate_onnx(onnx_path, x, [s.label for s in eval_samples], card.classes, args.split, threads)
+            metrics["fp32"] = m.to_dict()
+            console.print(f"FP32 (ONNX Runtime) on {args.split} (n={m.n}): accuracy {m.accuracy:.4f}, "
+                          f"macro-F1 {m.macro_f1:.4f}")
+
+        name = args.name or f"{card.backbone}-{run_dir.name}".replace("_", "-")
+        manifest = Manifest(
+            model=ModelInfo(name=name, version=str(args.version), task="classification",
+                            architecture=card.backbone, created=utc_now()),
+            classes=tuple(card.classes),
+            good_classes=tuple(card.good_classes),
+            input=spec,
+            output=OutputSpec(kind="logits", names=("logits",)),
+            artifacts={"fp32": Artifact(file="model.onnx", format="onnx", precision="fp32")},
+            default_artifact="fp32",
+            provenance={
+                "config_hash": card.config_hash,
+                "dataset_fingerprint": card.dataset_fingerprint or splits.fingerprint,
+                "git_commit": git_commit(),
+                "libraries": library_versions(),
+                "training": {"run_dir": str(run_dir), "weights_sha256": sha256_file(weights_file),
+                             "backbone": card.backbone, "weights": card.weights, "data": card.data,
+                             "dataset_fingerprint_at_export": splits.fingerprint},
+                "export": {**info.to_dict(), "parity": parity.to_dict()},
+            },
+            metrics=metrics,
+        )
+        bundle = write_bundle(out, manifest, {"model.onnx": onnx_path})
+    read_manifest(bundle.path)
+    console.print(f"[green]bundle written:[/] {bundle.path} ({manifest.model.name} {manifest.model.version})")
+    if args.pack:
+        archive = pack(bundle.path, args.pack)
+        console.print(f"packed: {archive}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# calibrate
+# ---------------------------------------------------------------------------------------------
+def calibrate_parser() -> argparse.ArgumentParser:
+    from calibration.calibset import DEFAULT_SIZE
+    from calibration.gate import DEFAULT_BUDGET
+
+    p = argparse.ArgumentParser(
+        prog="defectscope calibrate",
+        description="Quantize a bundle's FP32 ONNX model to INT8 (ONNX Runtime static QDQ, per-channel "
+                    "weights) with a stratified calibration set from the training data, gate it against "
+                    "FP32 on the held-out split and, when the gate fails, search for the fewest layers to "
+                    f"keep in float. Exit status {EXIT_GATE} when the gate still fails (bundle unchanged).",
+    )
+    p.add_argument("bundle", help="bundle directory written by `defectscope export`")
+    p.add_argument("--run", help="training run directory (default: the one recorded at export)")
+    p.add_argument("--method", default="entropy", choices=("minmax", "entropy", "percentile"),
+                   help="activation range calibration (default: entropy)")
+    p.add_argument("--target", default="cpu", choices=("cpu", "tensorrt", "both"),
+                   help="cpu: uint8 activations, fast ONNX Runtime kernels (artifact 'int8'); tensorrt: "
+                        "symmetric int8 activations for TensorRT explicit quantization (artifact 'int8-trt'); "
+                        "both (default: cpu)")
+    p.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"calibration images (default: {DEFAULT_SIZE})")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
+    p.add_argument("--calibration-data", metavar="DIR",
+                   help="calibrate on images from this folder instead of the training split")
+    p.add_argument("--percentile", type=float, default=99.999, help="percentile method: kept percent (default: 99.999)")
+    p.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales instead of per-channel")
+    p.add_argument("--reduce-range", action="store_true",
+                   help="7-bit weights (for x86 CPUs without VNNI, where U8S8 may saturate)")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
+                   help=f"max allowed drop in percentage points (default: {DEFAULT_BUDGET})")
+    p.add_argument("--gate-metric", action="append", metavar="METRIC",
+                   help="gated metric: accuracy, macro_f1 or recall:<class>; repeatable "
+                        "(default: accuracy and macro_f1)")
+    p.add_argument("--split", choices=("test", "val"), help="held-out split for the gate (default: the export's)")
+    p.add_argument("--limit", type=int, help="gate on at most this many held-out images (stratified; smoke runs)")
+    p.add_argument("--no-fallback", action="store_true", help="do not search for float layers when the gate fails")
+    p.add_argument("--max-float-nodes", type=int, default=16,
+                   help="give up when more than this many layers would stay in float (default: 16)")
+    p.add_argument("--sensitivity-images", type=int, default=32,
+                   help="calibration images used to rank per-layer sensitivity (default: 32)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per inference (default: 16)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: DEFECTSCOPE_THREADS or all)")
+    p.add_argument("--report", metavar="JSON", help="write the full calibration report (gate, search trials) here")
+    p.add_argument("--save-calibration-tensor", metavar="NPY",
+                   help="also save the preprocessed calibration tensor (for TensorRT 8.x build-engine on a device)")
+    p.add_argument("--keep-default", action="store_true", help="leave the bundle's default artifact unchanged")
+    p.add_argument("--out", help="write the calibrated bundle here instead of updating BUNDLE in place")
+    return p
+
+
+def calibrate_main(argv: list[str] | None = None) -> int:
+    args = calibrate_parser().parse_args(argv)
+    console = _console()
+    try:
+        return _calibrate(args, console)
+    except Exception as exc:  # noqa: BLE001
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        if os.environ.get("DEFECTSCOPE_DEBUG"):
+            raise
+        console.print(f"[bold red]calibrate failed:[/] {exc}")
+        return EXIT_ERROR
+
+
+def _run_dir(args: argparse.Namespace, manifest: Any) -> Path:
+    if args.run:
+        return Path(args.run)
+    recorded = (manifest.provenance.get("training") or {}).get("run_dir")
+    if not recorded:
+        raise ValueError("the bundle records no training run directory; pass --run RUN_DIR")
+    if not Path(recorded).is_dir():
+        raise ValueError(f"{recorded}: training run directory recorded at export is gone; pass --run RUN_DIR")
+    return Path(recorded)
+
+
+def _calibrate(args: argparse.Namespace, console: Any) -> int:
+    from calibration.calibset import (build_calibration_set, calibration_set_from_directory, preprocess_paths,
+                                      save_tensor)
+    from calibration.evaluate import evaluate_onnx
+    from calibration.fallback import search_float_nodes
+    from calibration.gate import DEFAULT_METRICS, check_gate
+    from calibration.provenance import library_versions
+    from calibration.quantize import (QuantConfig, compute_nodes, fallback_order, layer_sensitivity,
+                                      prepare_float_model, quantize_model)
+    from runtime.bundle import Artifact, load_bundle, write_bundle
+    from training.checkpoint import read_card
+    from training.data import resolve_splits
+
+    threads = _threads(args.threads)
+    bundle = load_bundle(args.bundle)
+    manifest = bundle.manifest
+    fp32_key = "fp32" if "fp32" in manifest.artifacts else next(
+        (k for k, a in manifest.artifacts.items() if a.format == "onnx" and a.precision == "fp32"), None)
+    if fp32_key is None:
+        raise ValueError(f"{bundle.path}: no FP32 ONNX artifact to quantize")
+    fp32_path = bundle.artifact_path(fp32_key)
+    spec = manifest.input
+    classes = list(manifest.classes)
+    split = args.split or (manifest.metrics.get("fp32") or {}).get("split", "test")
+    gate_metrics = tuple(args.gate_metric or DEFAULT_METRICS)
+
+    run_dir = _run_dir(args, manifest)
+    card = read_card(run_dir / "model.json" if run_dir.is_dir() else run_dir)
+    with console.status("resolving the dataset splits"):
+        splits = resolve_splits(card.data)
+    _check_classes(str(run_dir), splits.classes, classes)
+
+    if args.calibration_data:
+        calib = calibration_set_from_directory(args.calibration_data, classes, spec, args.size, args.seed)
+    else:
+        calib = build_calibration_set(splits.train, classes, spec, args.size, args.seed)
+    counts = ", ".join(f"{c}: {n}" for c, n in calib.class_counts().items())
+    console.print(f"calibration set: {len(calib)} images from {calib.source} (seed {calib.seed}; {counts}), "
+                  f"fingerprint {calib.fingerprint}")
+    x_cal = calib.tensor(threads=threads, progress=True)
+    if args.save_calibration_tensor:
+        saved = save_tensor(args.save_calibration_tensor, x_cal, calib)
+        console.print(f"calibration tensor saved: {saved}")
+
+    held = _heldout(splits, split, args.limit, args.seed)
+    x_eval = preprocess_paths([s.path for s in held], spec, threads=threads, progress=True, desc=f"{split} split")
+    y_eval = [s.label for s in held]
+    targets = ("cpu", "tensorrt") if args.target == "both" else (args.target,)
+    keys = {"cpu": "int8", "tensorrt": "int8-trt"}
+    files = {"cpu": "model.int8.onnx", "tensorrt": "model.int8.trt.onnx"}
+    calib_summary = {k: v for k, v in calib.to_dict().items() if k != "images"}
+    report: dict[str, Any] = {"bundle": str(bundle.path), "calibration": calib_summary, "targets": {}}
+    results: dict[str, dict[str, Any]] = {}
+    all_passed = True
+
+    with tempfile.TemporaryDirectory(prefix="defectscope-calibrate-") as tmpdir:
+        tmp = Path(tmpdir)
+        with console.status("preparing the float model (shape inference, fusions)"):
+            prepared = prepare_float_model(fp32_path, tmp / "float.prep.onnx")
+        ref, _ = evaluate_onnx(fp32_path, x_eval, y_eval, classes, split, threads, args.batch_size)
+        report["fp32"] = ref.to_dict()
+        ranges = tmp / f"ranges.{args.method}.json"
+        for target in targets:
+            cfg = QuantConfig(method=args.method, target=target, per_channel=not args.per_tensor,
+                              reduce_range=args.reduce_range, percentile=args.percentile, batch_size=args.batch_size)
+            out_path = tmp / files[target]
+            quantize_model(prepared, out_path, cfg, ranges, x_cal, progress=True)
+            cand, _ = evaluate_onnx(out_path, x_eval, y_eval, classes, split, threads, args.batch_size)
+            gate = check_gate(ref, cand, args.budget, gate_metrics)
+            entry: dict[str, Any] = {"quantization": cfg.to_dict(), "gate": gate.to_dict(), "float_nodes": []}
+            console.print(_metrics_table(
+                f"{keys[target]} ({target}) vs fp32 on {split} (n={ref.n}), budget {args.budget:g} pts: "
+                f"{'PASSED' if gate.passed else 'FAILED'}",
+                gate.rows(), ("metric", "fp32", "int8", "drop pts", "status")))
+            if not gate.passed and not args.no_fallback:
+                nodes = compute_nodes(prepared)
+                with console.status("ranking layers by per-layer quantization error"):
+                    sens = layer_sensitivity(prepared, cfg, ranges, x_cal[: args.sensitivity_images], nodes, threads)
+                order = fallback_order(prepared, sens)
+                trial_path = tmp / f"trial.{target}.onnx"
+
+                def evaluate(float_nodes: tuple[str, ...], cfg=cfg, trial_path=trial_path):
+                    quantize_model(prepared, trial_path, cfg, ranges, nodes_to_exclude=float_nodes)
+                    m, _ = evaluate_onnx(trial_path, x_eval, y_eval, classes, split, threads, args.batch_size)
+                    g = check_gate(ref, m, args.budget, gate_metrics)
+                    console.print(f"  float {len(float_nodes)} node(s): "
+                                  + ", ".join(f"{k} drop {v:+.2f}" for k, v in g.drops.items())
+                                  + (" [green]pass[/]" if g.passed else " fail"))
+                    return g
+
+                console.print(f"searching for layers to keep in float (at most {args.max_float_nodes}) ...")
+                search = search_float_nodes(order, evaluate, args.max_float_nodes)
+                entry["search"] = {**search.to_dict(), "sensitivity": {n: round(s, 8) for n, s in sens.items()}}
+                if search.found:
+                    quantize_model(prepared, out_path, cfg, ranges, nodes_to_exclude=search.float_nodes)
+                    cand, _ = evaluate_onnx(out_path, x_eval, y_eval, classes, split, threads, args.batch_size)
+                    gate = check_gate(ref, cand, args.budget, gate_metrics)
+                    entry["float_nodes"] = list(search.float_nodes)
+                    entry["gate"] = gate.to_dict()
+                    console.print(_metrics_table(
+                        f"{keys[target]} with {len(search.float_nodes)} float layer(s) "
+                        f"{list(search.float_nodes)}: {'PASSED' if gate.passed else 'FAILED'}",
+                        gate.rows(), ("metric", "fp32", "int8", "drop pts", "status")))
+                else:
+                    console.print(f"[red]no set of up to {args.max_float_nodes} float layers meets the budget[/]")
+            entry["metrics"] = cand.to_dict()
+            entry["passed"] = gate.passed
+            all_passed &= gate.passed
+            report["targets"][target] = entry
+            results[target] = {"path": out_path, "config": cfg, "metrics": cand, "gate": gate,
+                               "float_nodes": entry["float_nodes"]}
+
+        if args.report:
+            rpath = Path(args.report)
+            rpath.parent.mkdir(parents=True, exist_ok=True)
+            rpath.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            console.print(f"report: {rpath}")
+        if not all_passed:
+            failed = [keys[t] for t in targets if not report["targets"][t]["passed"]]
+            console.print(f"[bold red]accuracy gate failed[/] for {failed}: INT8 loses more than {args.budget:g} "
+                          f"points on {', '.join(gate_metrics)}; the bundle was not changed. Try another --method, "
+                          "a larger --size, --max-float-nodes, or a larger --budget if the loss is acceptable.")
+            return EXIT_GATE
+
+        calib_json = tmp / "calibration.json"
+        calib_json.write_text(json.dumps(calib.to_dict(), indent=2) + "\n", encoding="utf-8")
+        artifacts = dict(manifest.artifacts)
+        metrics = {**manifest.metrics, "fp32": ref.to_dict()}
+        src_files = {name: bundle.path / name for name in manifest.files}
+        for target in targets:
+            r = results[target]
+            quant = {**r["config"].to_dict(), "calibration_fingerprint": calib.fingerprint,
+                     "calibration_size": len(calib), "float_nodes": r["float_nodes"]}
+            key = keys[target]
+            old = artifacts.get(key)
+            if old is not None and old.file != files[target]:
+                src_files.pop(old.file, None)
+            artifacts[key] = Artifact(file=files[target], format="onnx", precision="int8", quantization=quant)
+            metrics[key] = {**r["metrics"].to_dict(), "gate": r["gate"].to_dict()}
+            src_files[files[target]] = r["path"]
+        src_files["calibration.json"] = calib_json
+        provenance = {
+            **manifest.provenance,
+            "calibration": {"fingerprint": calib.fingerprint, "method": args.method, "size": len(calib),
+                            "seed": calib.seed, "source": calib.source, "file": "calibration.json"},
+            "libraries": {**(manifest.provenance.get("libraries") or {}), **library_versions()},
+        }
+        default = manifest.default_artifact
+        if not args.keep_default:
+            default = "int8" if "cpu" in targets else default
+        new_manifest = manifest.replace(artifacts=artifacts, metrics=metrics, provenance=provenance,
+                                        default_artifact=default)
+        dest = Path(args.out) if args.out else bundle.path
+        if args.out and dest.exists():
+            raise ValueError(f"{dest}: already exists; choose another --out")
+        written = write_bundle(dest, new_manifest, src_files)
+    console.print(f"[green]calibrated bundle written:[/] {written.path} (default artifact: {default})")
+    return 0

@@ -1,0 +1,267 @@
+"""The model store on a station: ``<models_dir>/<name>/<version>/`` plus a ``current`` link.
+
+Layout (everything a reader sees changes by one ``rename``)::
+
+    <models_dir>/
+      .deploy.lock              flock: one deploy command at a time
+      .staging/                 bundles being verified (same filesystem: renames are atomic)
+      <name>/
+        <version>/              an installed, verified bundle (never modified by deploy)
+        current -> <version>    relative symlink, switched with symlink-to-temp + os.replace
+        .deploy-state.json      install records and activation history (atomic writes)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from deploy.config import DeployError, check_component
+
+STATE_FILE = ".deploy-state.json"
+STATE_SCHEMA = 1
+CURRENT = "current"
+STALE_TEMP_S = 3600.0  # hidden temp dirs older than this are leftovers of a killed run
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class ModelState:
+    """Contents of ``.deploy-state.json`` for one model name."""
+
+    installed: dict[str, dict[str, Any]]  # version -> {"seq", "at", "source", "signed_by", ...}
+    history: list[dict[str, Any]]  # activations, oldest first: {"seq", "version", "at", "action", "health"?}
+    seq: int = 0  # event counter: orders events within the same second
+
+    @classmethod
+    def empty(cls) -> "ModelState":
+        return cls(installed={}, history=[])
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": STATE_SCHEMA, "seq": self.seq, "installed": self.installed, "history": self.history}
+
+
+class ModelStore:
+    """Versions of every model under one ``models_dir`` (already resolved under ``--root``)."""
+
+    def __init__(self, models_dir: Path):
+        self.models_dir = Path(models_dir)
+
+    # ---- paths -------------------------------------------------------------
+    def model_dir(self, name: str) -> Path:
+        return self.models_dir / check_component("name", name, str(self.models_dir))
+
+    def version_dir(self, name: str, version: str) -> Path:
+        return self.model_dir(name) / check_component("version", version, str(self.models_dir / name))
+
+    def current_link(self, name: str) -> Path:
+        return self.model_dir(name) / CURRENT
+
+    def staging_dir(self) -> Path:
+        return self.models_dir / ".staging"
+
+    # ---- locking -----------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, timeout_s: float = 600.0) -> Iterator[None]:
+        """Exclusive lock over the store (an Ansible run and an admin's shell never interleave)."""
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        path = self.models_dir / ".deploy.lock"
+        with open(path, "a+") as fh:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise DeployError(f"{path}: another deploy command holds the lock (waited {timeout_s:.0f} s)")
+                    time.sleep(0.2)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # ---- queries -----------------------------------------------------------
+    def names(self) -> list[str]:
+        if not self.models_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.models_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def versions(self, name: str) -> list[str]:
+        """Installed versions (directories, not temp or hidden entries), in activation order where known."""
+        mdir = self.model_dir(name)
+        if not mdir.is_dir():
+            return []
+        found = [p.name for p in mdir.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")]
+        order = self.recency(name)
+        return sorted(found, key=lambda v: (order.get(v, -1), v))
+
+    def current(self, name: str) -> str | None:
+        """Version ``current`` points at, or None (no link / dangling link)."""
+        link = self.current_link(name)
+        if not link.is_symlink():
+            return None
+        target = os.readlink(link)
+        if "/" in target.rstrip("/") or not (link.parent / target).is_dir():
+            return None
+        return target.rstrip("/")
+
+    def recency(self, name: str) -> dict[str, int]:
+        """version -> rank of its last activation or install (higher = more recent)."""
+        state = self.read_state(name)
+        rank: dict[str, int] = {}
+        for version, seq in [(v, r.get("seq", 0)) for v, r in state.installed.items()] + [
+            (h["version"], h.get("seq", 0)) for h in state.history
+        ]:
+            rank[version] = max(rank.get(version, -1), seq)
+        return rank
+
+    # ---- state file ----------------------------------------------------------
+    def read_state(self, name: str) -> ModelState:
+        path = self.model_dir(name) / STATE_FILE
+        if not path.is_file():
+            return ModelState.empty()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return ModelState(
+                installed=dict(data.get("installed", {})), history=list(data.get("history", [])), seq=int(data.get("seq", 0))
+            )
+        except (OSError, ValueError, AttributeError) as exc:
+            raise DeployError(f"{path}: unreadable deploy state ({exc}); move it aside to start a fresh history") from None
+
+    def write_state(self, name: str, state: ModelState) -> None:
+        path = self.model_dir(name) / STATE_FILE
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(state.to_dict(), fh, indent=2)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def record_activation(self, name: str, version: str, action: str, **extra: Any) -> None:
+        state = self.read_state(name)
+        state.history.append({"seq": state.next_seq(), "version": version, "at": now_iso(), "action": action, **extra})
+        state.history = state.history[-200:]
+        self.write_state(name, state)
+
+    def record_install(self, name: str, version: str, **info: Any) -> None:
+        state = self.read_state(name)
+        state.installed[version] = {"seq": state.next_seq(), "at": now_iso(), **info}
+        self.write_state(name, state)
+
+    def mark_last_activation(self, name: str, version: str, **fields: Any) -> None:
+        state = self.read_state(name)
+        for entry in reversed(state.history):
+            if entry["version"] == version:
+                entry.update(fields)
+                break
+        self.write_state(name, state)
+
+    # ---- changes -----------------------------------------------------------
+    def switch(self, name: str, version: str | None) -> None:
+        """Point ``current`` at ``version`` atomically (None removes the link)."""
+        link = self.current_link(name)
+        if version is None:
+            if link.is_symlink():
+                link.unlink()
+                fsync_dir(link.parent)
+            return
+        if not self.version_dir(name, version).is_dir():
+            raise DeployError(f"{self.version_dir(name, version)}: version {version} of {name} is not installed")
+        tmp = link.with_name(f".{CURRENT}.{uuid.uuid4().hex[:8]}")
+        os.symlink(version, tmp)  # relative: the tree works under any --root
+        try:
+            os.replace(tmp, link)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(link.parent)
+
+    def rollback_target(self, name: str) -> str | None:
+        """The most recently active other version that is still installed and did not fail its health check."""
+        current = self.current(name)
+        installed = set(self.versions(name))
+        state = self.read_state(name)
+        for entry in reversed(state.history):
+            v = entry.get("version")
+            if v != current and v in installed and entry.get("health") != "failed":
+                return v
+        failed = {h["version"] for h in state.history if h.get("health") == "failed"}
+        # No usable history (e.g. hand-made tree): the newest other installed version.
+        others = [v for v in self.versions(name) if v != current and v not in failed]
+        return others[-1] if others else None
+
+    def prune(self, name: str, keep: int, protect: set[str] = frozenset()) -> list[str]:
+        """Delete all but the active version, ``protect`` and the ``keep`` most recently used others."""
+        current = self.current(name)
+        others = [v for v in self.versions(name) if v != current and v not in protect]
+        doomed = others[: max(0, len(others) - keep)]
+        mdir = self.model_dir(name)
+        state = self.read_state(name)
+        for version in doomed:
+            # Rename first so a half-deleted tree is never mistaken for an installed version.
+            trash = mdir / f".trash-{version}-{uuid.uuid4().hex[:8]}"
+            os.rename(mdir / version, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            state.installed.pop(version, None)
+        if doomed:
+            self.write_state(name, state)
+        self.clean_temp(mdir)
+        return doomed
+
+    def clear_staging(self) -> None:
+        """Empty the staging area. Only called under the lock, so anything there is from a killed run."""
+        staging = self.staging_dir()
+        if staging.is_dir():
+            for p in staging.iterdir():
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+    def clean_temp(self, directory: Path, max_age_s: float = STALE_TEMP_S) -> list[Path]:
+        """Remove hidden leftovers of killed runs in a model directory.
+
+        Trash dirs and temp ``current`` links go at once (only deploy makes them, under the lock);
+        other hidden dirs (a bundle rewrite by an engine build may be in progress) only when old.
+        """
+        removed = []
+        if not directory.is_dir():
+            return removed
+        cutoff = time.time() - max_age_s
+        for p in directory.iterdir():
+            if p.is_symlink() and p.name.startswith(f".{CURRENT}."):
+                p.unlink()
+                removed.append(p)
+            elif p.name.startswith(".") and p.is_dir() and not p.is_symlink() and p.name != ".staging":
+                if p.name.startswith(".trash-") or p.stat().st_mtime < cutoff:
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+        return removed

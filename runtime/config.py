@@ -1,0 +1,471 @@
+"""Station config: one TOML file per inspection station, validated on load.
+
+Every problem is reported as ``<file>: key '<dotted.key>': <what was expected>``
+and unknown keys are refused (a typo must not silently fall back to a default).
+Relative paths are resolved against the config file's directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+SOURCE_KINDS = ("auto", "directory", "video", "v4l2", "rtsp", "http", "gstreamer")
+ON_FULL = ("drop_oldest", "block")
+ROTATIONS = (0, 90, 180, 270)
+VERDICTS = ("ok", "defect", "uncertain")
+FORMATS = ("json", "msgpack")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Camera and station ids become ZeroMQ topic parts ("<station>.<camera>.<verdict>") and
+# metric label values: no dots, no leading underscore (reserved for "<station>._status").
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+VIEW_RE = re.compile(r"^(original|hflip|vflip|scale:(\d+(\.\d+)?))$")
+
+
+class ConfigError(ValueError):
+    """A station config that cannot be used; the message names the file and key."""
+
+
+class _Table:
+    """A TOML table being read: typed getters that name the key, and unknown-key detection."""
+
+    def __init__(self, data: Any, where: str, prefix: str) -> None:
+        self.where, self.prefix = where, prefix
+        if not isinstance(data, Mapping):
+            raise self.error("", f"expected a table, got {type(data).__name__}")
+        self.data = data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}" if name else self.prefix.rstrip(".")
+
+    def error(self, name: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.where}: key '{self.key(name)}': {message}")
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = dataclasses.MISSING) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            if default is dataclasses.MISSING:
+                raise self.error(name, "missing (required)")
+            return default
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            ok = False
+        else:
+            ok = isinstance(value, kinds)
+        if not ok:
+            names = " or ".join(_kind_name(k) for k in kinds)
+            raise self.error(name, f"expected {names}, got {value!r:.80}")
+        return value
+
+    def number(self, name: str, default: Any = dataclasses.MISSING, minimum: float | None = None,
+               exclusive: bool = False, maximum: float | None = None) -> Any:
+        value = self.get(name, (int, float), default)
+        if value is None or value is default:
+            return value
+        value = float(value)
+        if minimum is not None and (value <= minimum if exclusive else value < minimum):
+            raise self.error(name, f"expected a number {'>' if exclusive else '>='} {minimum:g}, got {value:g}")
+        if maximum is not None and value > maximum:
+            raise self.error(name, f"expected a number <= {maximum:g}, got {value:g}")
+        return value
+
+    def integer(self, name: str, default: Any = dataclasses.MISSING, minimum: int | None = None,
+                maximum: int | None = None) -> Any:
+        value = self.get(name, int, default)
+        if value is None or value is default:
+            return value
+        if minimum is not None and value < minimum:
+            raise self.error(name, f"expected an integer >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.error(name, f"expected an integer <= {maximum}, got {value}")
+        return value
+
+    def choice(self, name: str, choices: tuple[Any, ...], default: Any = dataclasses.MISSING) -> Any:
+        kind = type(choices[0])
+        value = self.get(name, kind, default)
+        if value not in choices:
+            raise self.error(name, f"expected one of {list(choices)}, got {value!r}")
+        return value
+
+    def table(self, name: str) -> "_Table":
+        self.used.add(name)
+        return _Table(self.data.get(name, {}), self.where, f"{self.prefix}{name}.")
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.error(unknown[0], f"unknown key; expected one of {sorted(self.used)}")
+
+
+def _kind_name(kind: type) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "an array",
+            dict: "a table", Mapping: "a table", type(None): "nothing"}.get(kind, kind.__name__)
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    """One camera (or replay source) and how its frames are captured."""
+
+    id: str
+    source: str  # directory / video path, V4L2 index ("0"), rtsp:// or http:// URL, GStreamer pipeline
+    kind: str = "auto"  # resolved to one of SOURCE_KINDS[1:] on load
+    fps: float | None = None  # cap in frames/s; None = as fast as the source delivers
+    loop: bool = False  # directory / video replay: start over at the end
+    roi: tuple[int, int, int, int] | None = None  # (x, y, w, h) in pixels, after rotation
+    rotate: int = 0  # degrees clockwise
+    queue_size: int = 4  # frames buffered between capture and inference
+    on_full: str = "drop_oldest"  # replay sources default to "block" (every frame inferred)
+    reconnect_initial_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    read_timeout_s: float = 5.0  # a live source silent this long is treated as disconnected
+
+    @property
+    def finite(self) -> bool:
+        """A replay that ends (directory / video file without loop)."""
+        return self.kind in ("directory", "video") and not self.loop
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    bundle: Path
+    artifact: str | None = None  # None: the manifest's default_artifact (auto may pick a TensorRT engine)
+    backend: str = "auto"
+    threads: int = 1  # ONNX Runtime intra-op threads
+    device_id: int = 0  # CUDA device for onnxruntime-cuda / tensorrt
+    warmup_runs: int = 2
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch: int = 8  # frames per inference call (x TTA views = tensors)
+    max_wait_ms: float = 5.0  # how long the first frame of a batch may wait for company
+
+
+@dataclass(frozen=True)
+class TTAConfig:
+    views: tuple[str, ...] = ("original",)
+
+    @property
+    def enabled(self) -> bool:
+        return self.views != ("original",)
+
+
+@dataclass(frozen=True)
+class DecisionConfig:
+    default_threshold: float = 0.5
+    thresholds: Mapping[str, float] = field(default_factory=dict)  # per defect class
+    uncertain_band: float = 0.1  # half-width around each threshold that is judged "uncertain"
+    good_classes: tuple[str, ...] | None = None  # None: the manifest's good_classes
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    server_secret_key: Path  # zmq.auth certificate file holding the server's secret key
+    authorized_clients: Path | None = None  # directory of client public certificates; None: any client
+
+
+@dataclass(frozen=True)
+class PublisherConfig:
+    bind: tuple[str, ...] = ("tcp://127.0.0.1:5555",)
+    format: str = "json"
+    sndhwm: int = 1000  # messages queued per subscriber before that subscriber's messages are dropped
+    sndbuf: int = 0  # kernel send buffer bytes; 0 = OS default
+    wait_for_subscribers: int = 0  # hold capture until this many subscriptions arrived (replays, benchmarks)
+    wait_timeout_s: float = 30.0
+    status_interval_s: float = 1.0  # "<station>._status" heartbeat; 0 = off
+    curve: CurveConfig | None = None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    host: str = "127.0.0.1"
+    port: int = 9108  # 0 = any free port (tests)
+    ready_max_frame_age_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class SnapshotConfig:
+    enabled: bool = False
+    dir: Path = Path("/var/lib/defectscope/snapshots")
+    quota_mb: float = 1024.0
+    verdicts: tuple[str, ...] = ("defect", "uncertain")
+    jpeg_quality: int = 90
+    queue_size: int = 64
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    pid_file: Path | None = None
+    drain_timeout_s: float = 10.0
+    stall_timeout_s: float = 10.0  # frames waiting this long with none inferred = stalled (no WATCHDOG=1)
+    exit_when_sources_end: bool = True  # all cameras finite and finished -> drain and exit 0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class StationConfig:
+    station: str
+    cameras: tuple[CameraConfig, ...]
+    model: ModelConfig
+    batching: BatchingConfig = BatchingConfig()
+    tta: TTAConfig = TTAConfig()
+    decision: DecisionConfig = DecisionConfig()
+    publisher: PublisherConfig = PublisherConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    snapshots: SnapshotConfig = SnapshotConfig()
+    daemon: DaemonConfig = DaemonConfig()
+    source: str = "(in memory)"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Resolved config as plain JSON-able data (logged at start, printed by ``serve --check``)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _path(base: Path, value: str) -> Path:
+    p = Path(os.path.expanduser(value))
+    return p if p.is_absolute() else (base / p)
+
+
+def guess_kind(source: str) -> str:
+    """Source kind from its string: URL scheme, device index, GStreamer '!' or the filesystem."""
+    s = source.strip()
+    low = s.lower()
+    if low.startswith(("rtsp://", "rtsps://")):
+        return "rtsp"
+    if low.startswith(("http://", "https://")):
+        return "http"
+    if s.isdigit() or re.match(r"^/dev/video\d+$", s):
+        return "v4l2"
+    if "!" in s:
+        return "gstreamer"
+    if os.path.isdir(s):
+        return "directory"
+    return "video"
+
+
+def _camera(t: _Table, base: Path) -> CameraConfig:
+    cam_id = t.get("id", str)
+    if not ID_RE.match(cam_id):
+        raise t.error("id", f"expected letters, digits, '_' or '-' (no dots, at most 64), got {cam_id!r}")
+    source = t.get("source", (str, int))
+    source = str(source)
+    kind = t.choice("kind", SOURCE_KINDS, "auto")
+    if kind in ("auto", "directory", "video") and not re.match(r"^[a-z]+://", source) and "!" not in source \
+            and not source.isdigit():
+        source = str(_path(base, source))
+    if kind == "auto":
+        kind = guess_kind(source)
+    if kind == "directory" and not os.path.isdir(source):
+        raise t.error("source", f"directory {source!r} does not exist")
+    if kind == "video" and not os.path.isfile(source):
+        raise t.error("source", f"video file {source!r} does not exist (or set kind for a URL / device)")
+    fps = t.number("fps", None, minimum=0.0, exclusive=True)
+    roi = t.get("roi", list, None)
+    if roi is not None:
+        if len(roi) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) for v in roi) \
+                or roi[0] < 0 or roi[1] < 0 or roi[2] <= 0 or roi[3] <= 0:
+            raise t.error("roi", f"expected [x, y, width, height] integers (x, y >= 0; width, height > 0), got {roi!r}")
+        roi = tuple(roi)
+    rotate = t.get("rotate", int, 0)
+    if rotate not in ROTATIONS:
+        raise t.error("rotate", f"expected one of {list(ROTATIONS)} (degrees clockwise), got {rotate!r}")
+    default_full = "block" if kind in ("directory", "video") else "drop_oldest"
+    initial = t.number("reconnect_initial_s", 0.5, minimum=0.0, exclusive=True)
+    maximum = t.number("reconnect_max_s", 30.0, minimum=0.0, exclusive=True)
+    if maximum < initial:
+        raise t.error("reconnect_max_s", f"expected >= reconnect_initial_s ({initial:g}), got {maximum:g}")
+    cam = CameraConfig(
+        id=cam_id,
+        source=source,
+        kind=kind,
+        fps=fps,
+        loop=t.get("loop", bool, False),
+        roi=roi,
+        rotate=rotate,
+        queue_size=t.integer("queue_size", 4, minimum=1, maximum=10_000),
+        on_full=t.choice("on_full", ON_FULL, default_full),
+        reconnect_initial_s=initial,
+        reconnect_max_s=maximum,
+        read_timeout_s=t.number("read_timeout_s", 5.0, minimum=0.0, exclusive=True),
+    )
+    t.finish()
+    return cam
+
+
+def from_dict(data: Mapping[str, Any], where: str = "(in memory)", base: Path | None = None,
+              default_station: str | None = None) -> StationConfig:
+    """Validate a parsed TOML document; ``base`` resolves relative paths."""
+    base = Path(base) if base is not None else Path.cwd()
+    root = _Table(data, where, "")
+    station = root.get("station", str, default_station)
+    if station is None:
+        raise root.error("station", "missing (required)")
+    if not ID_RE.match(station):
+        raise root.error("station", f"expected letters, digits, '_' or '-' (no dots), got {station!r}")
+
+    root.used.add("cameras")
+    raw_cams = data.get("cameras")
+    if not isinstance(raw_cams, list) or not raw_cams:
+        raise root.error("cameras", "expected at least one [[cameras]] table")
+    cameras = tuple(_camera(_Table(c, where, f"cameras[{i}]."), base) for i, c in enumerate(raw_cams))
+    seen: set[str] = set()
+    for i, cam in enumerate(cameras):
+        if cam.id in seen:
+            raise ConfigError(f"{where}: key 'cameras[{i}].id': duplicate camera id {cam.id!r}")
+        seen.add(cam.id)
+
+    t = root.table("model")
+    model = ModelConfig(
+        bundle=_path(base, t.get("bundle", str)),
+        artifact=t.get("artifact", str, None),
+        backend=t.choice("backend", BACKENDS, "auto"),
+        threads=t.integer("threads", 1, minimum=1, maximum=256),
+        device_id=t.integer("device_id", 0, minimum=0),
+        warmup_runs=t.integer("warmup_runs", 2, minimum=0, maximum=1000),
+    )
+    t.finish()
+
+    t = root.table("batching")
+    batching = BatchingConfig(
+        max_batch=t.integer("max_batch", 8, minimum=1, maximum=1024),
+        max_wait_ms=t.number("max_wait_ms", 5.0, minimum=0.0, maximum=10_000.0),
+    )
+    t.finish()
+
+    t = root.table("tta")
+    views = t.get("views", list, ["original"])
+    if not views or not all(isinstance(v, str) for v in views):
+        raise t.error("views", f"expected a non-empty array of view names, got {views!r}")
+    for v in views:
+        m = VIEW_RE.match(v)
+        if not m or (m.group(2) is not None and not 0.25 <= float(m.group(2)) <= 4.0):
+            raise t.error("views", f"unknown view {v!r}; expected 'original', 'hflip', 'vflip' or 'scale:F' "
+                                   "(F = factor on the manifest's resize_size, 0.25..4)")
+    if len(set(views)) != len(views):
+        raise t.error("views", f"duplicate views in {views}")
+    tta = TTAConfig(views=tuple(views))
+    t.finish()
+
+    t = root.table("decision")
+    thresholds = t.get("thresholds", Mapping, {})
+    for name, value in thresholds.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{where}: key 'decision.thresholds.{name}': expected a probability in [0, 1], got {value!r}")
+    good = t.get("good_classes", list, None)
+    if good is not None and (not good or not all(isinstance(g, str) for g in good)):
+        raise t.error("good_classes", f"expected a non-empty array of class names, got {good!r}")
+    decision = DecisionConfig(
+        default_threshold=t.number("default_threshold", 0.5, minimum=0.0, maximum=1.0),
+        thresholds={k: float(v) for k, v in thresholds.items()},
+        uncertain_band=t.number("uncertain_band", 0.1, minimum=0.0, maximum=0.5),
+        good_classes=tuple(good) if good is not None else None,
+    )
+    t.finish()
+
+    t = root.table("publisher")
+    bind = t.get("bind", (list, str), ["tcp://127.0.0.1:5555"])
+    bind = [bind] if isinstance(bind, str) else bind
+    if not bind or not all(isinstance(b, str) and re.match(r"^(tcp|ipc|inproc)://.+", b) for b in bind):
+        raise t.error("bind", f"expected ZeroMQ endpoints like 'tcp://127.0.0.1:5555' or 'ipc:///run/x.sock', got {bind!r}")
+    curve = None
+    if "curve" in t.data:
+        c = t.table("curve")
+        clients = c.get("authorized_clients", str, None)
+        curve = CurveConfig(
+            server_secret_key=_path(base, c.get("server_secret_key", str)),
+            authorized_clients=_path(base, clients) if clients else None,
+        )
+        if not curve.server_secret_key.is_file():
+            raise c.error("server_secret_key", f"key file {str(curve.server_secret_key)!r} does not exist")
+        if curve.authorized_clients is not None and not curve.authorized_clients.is_dir():
+            raise c.error("authorized_clients", f"directory {str(curve.authorized_clients)!r} does not exist")
+        c.finish()
+    publisher = PublisherConfig(
+        bind=tuple(bind),
+        format=t.choice("format", FORMATS, "json"),
+        sndhwm=t.integer("sndhwm", 1000, minimum=1),
+        sndbuf=t.integer("sndbuf", 0, minimum=0),
+        wait_for_subscribers=t.integer("wait_for_subscribers", 0, minimum=0),
+        wait_timeout_s=t.number("wait_timeout_s", 30.0, minimum=0.0),
+        status_interval_s=t.number("status_interval_s", 1.0, minimum=0.0),
+        curve=curve,
+    )
+    t.finish()
+
+    t = root.table("metrics")
+    metrics = MetricsConfig(
+        host=t.get("host", str, "127.0.0.1"),
+        port=t.integer("port", 9108, minimum=0, maximum=65535),
+        ready_max_frame_age_s=t.number("ready_max_frame_age_s", 5.0, minimum=0.0, exclusive=True),
+    )
+    t.finish()
+
+    t = root.table("snapshots")
+    verdicts = t.get("verdicts", list, ["defect", "uncertain"])
+    if not all(v in VERDICTS for v in verdicts):
+        raise t.error("verdicts", f"expected verdicts from {list(VERDICTS)}, got {verdicts!r}")
+    snapshots = SnapshotConfig(
+        enabled=t.get("enabled", bool, False),
+        dir=_path(base, t.get("dir", str, "/var/lib/defectscope/snapshots")),
+        quota_mb=t.number("quota_mb", 1024.0, minimum=0.0, exclusive=True),
+        verdicts=tuple(verdicts),
+        jpeg_quality=t.integer("jpeg_quality", 90, minimum=1, maximum=100),
+        queue_size=t.integer("queue_size", 64, minimum=1),
+    )
+    t.finish()
+
+    t = root.table("daemon")
+    pid = t.get("pid_file", str, None)
+    daemon = DaemonConfig(
+        pid_file=_path(base, pid) if pid else None,
+        drain_timeout_s=t.number("drain_timeout_s", 10.0, minimum=0.0),
+        stall_timeout_s=t.number("stall_timeout_s", 10.0, minimum=0.0, exclusive=True),
+        exit_when_sources_end=t.get("exit_when_sources_end", bool, True),
+        log_level=t.choice("log_level", LOG_LEVELS, "info"),
+    )
+    t.finish()
+    root.finish()
+    return StationConfig(
+        station=station, cameras=cameras, model=model, batching=batching, tta=tta, decision=decision,
+        publisher=publisher, metrics=metrics, snapshots=snapshots, daemon=daemon, source=where,
+    )
+
+
+def load_config(path: str | os.PathLike[str]) -> StationConfig:
+    """Read and validate a station TOML; the station id defaults to the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: station config not found")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return from_dict(data, where=str(path), base=path.resolve().parent, default_station=path.stem)
+
+
+def dumps(config: StationConfig) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=False)

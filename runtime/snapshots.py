@@ -1,0 +1,116 @@
+"""Defect snapshots: judged frames saved as JPEG + JSON sidecar in a spool with a disk quota.
+
+Engineers pull the spool to relabel and retrain. Writes happen on a writer
+thread fed by a bounded queue (a full queue drops the snapshot, counted, and
+never delays a verdict); files are written atomically (temp + rename, JPEG
+first, sidecar last); when the spool exceeds its quota the oldest snapshots
+are removed first. Names start with the UTC capture time, so name order is age.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+
+from runtime.config import SnapshotConfig
+
+log = logging.getLogger("defectscope.snapshots")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+class SnapshotSpool:
+    def __init__(self, cfg: SnapshotConfig, on_result: Callable[[str], None] = lambda result: None) -> None:
+        self.cfg = cfg
+        self.dir = Path(cfg.dir)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"key 'snapshots.dir': cannot create {self.dir}: {exc.strerror or exc}") from None
+        self.quota = int(cfg.quota_mb * 1024 * 1024)
+        self.on_result = on_result
+        self._entries: deque[tuple[str, int]] = deque()  # (stem, bytes), oldest first
+        self.total = 0
+        self._scan()
+        self._queue: queue.Queue[tuple[Path, np.ndarray, dict[str, Any]] | None] = queue.Queue(cfg.queue_size)
+        self._thread = threading.Thread(target=self._run, name="snapshots", daemon=True)
+        self._thread.start()
+
+    def _scan(self) -> None:
+        sizes: dict[str, int] = {}
+        for p in self.dir.iterdir():
+            if p.name.startswith(".") and p.name.endswith(".tmp"):
+                p.unlink(missing_ok=True)  # a write interrupted by a crash
+                continue
+            if p.suffix in (".jpg", ".json") and p.is_file():
+                sizes[p.stem] = sizes.get(p.stem, 0) + p.stat().st_size
+        for stem in sorted(sizes):
+            self._entries.append((stem, sizes[stem]))
+            self.total += sizes[stem]
+        self._enforce()
+
+    def path_for(self, station: str, camera: str, seq: int, verdict: str, captured_at: float) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(captured_at)) + f"{captured_at % 1:.6f}"[1:] + "Z"
+        return self.dir / f"{stamp}_{station}_{camera}_{seq:09d}_{verdict}.jpg"
+
+    def submit(self, path: Path, image: np.ndarray, sidecar: dict[str, Any]) -> bool:
+        """Queue a snapshot; False (counted 'dropped') when the writer is behind."""
+        try:
+            self._queue.put_nowait((path, image, sidecar))
+            return True
+        except queue.Full:
+            self.on_result("dropped")
+            return False
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            path, image, sidecar = item
+            try:
+                ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.cfg.jpeg_quality])
+                if not ok:
+                    raise OSError("JPEG encoding failed")
+                data = buf.tobytes()
+                meta = (json.dumps(sidecar, indent=1) + "\n").encode()
+                _atomic_write(path, data)
+                _atomic_write(path.with_suffix(".json"), meta)
+                self._entries.append((path.stem, len(data) + len(meta)))
+                self.total += len(data) + len(meta)
+                self._enforce()
+                self.on_result("saved")
+            except OSError as exc:
+                log.error("snapshot %s not written: %s", path.name, exc)
+                self.on_result("error")
+
+    def _enforce(self) -> None:
+        while self.total > self.quota and self._entries:
+            stem, size = self._entries.popleft()
+            for suffix in (".jpg", ".json"):
+                (self.dir / f"{stem}{suffix}").unlink(missing_ok=True)
+            self.total -= size
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Finish queued writes (up to ``timeout_s``) and stop the writer."""
+        try:
+            self._queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            return
+        self._thread.join(timeout_s)

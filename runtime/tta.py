@@ -1,0 +1,66 @@
+"""Test-time augmentation: several views of a frame judged in ONE inference call.
+
+Views are built on the capture thread from the frame with the bundle's own
+preprocessing (``runtime.preprocess.Preprocessor``); the batcher stacks the
+views of every frame of a micro-batch into one tensor batch, and the
+postprocessor averages the per-view probabilities back to one per frame.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.preprocess import Preprocessor
+
+
+class TTAError(ValueError):
+    """TTA views that do not fit the model; the message names the config key."""
+
+
+class TTA:
+    """Expands a frame into its views: (V,C,H,W) float32, view order as configured."""
+
+    def __init__(self, views: tuple[str, ...], pre: Preprocessor) -> None:
+        self.views = tuple(views)
+        self.pre = pre
+        spec = pre.spec
+        self._sizes: dict[str, int] = {}
+        for v in self.views:
+            if v.startswith("scale:"):
+                if spec.resize_policy != "shorter_side_center_crop":
+                    raise TTAError(f"key 'tta.views': view {v!r} needs a bundle with resize_policy "
+                                   f"'shorter_side_center_crop', this one uses {spec.resize_policy!r}")
+                self._sizes[v] = max(1, int(round(spec.resize_size * float(v.split(":", 1)[1]))))
+
+    @property
+    def n_views(self) -> int:
+        return len(self.views)
+
+    def expand(self, image: np.ndarray) -> np.ndarray:
+        """uint8 frame -> (V,C,H,W) float32, one normalised tensor per view."""
+        spec = self.pre.spec
+        out = np.empty((len(self.views), *spec.shape), dtype=np.float32)
+        base = None
+        for i, v in enumerate(self.views):
+            if v in self._sizes:
+                out[i] = self.pre(image, resize_size=self._sizes[v])
+                continue
+            if base is None:
+                base = self.pre(image)
+            if v == "original":
+                out[i] = base
+            elif v == "hflip":
+                out[i] = base[:, :, ::-1]  # (C,H,W): flip W
+            elif v == "vflip":
+                out[i] = base[:, ::-1, :]  # flip H
+            else:  # config validation makes this unreachable
+                raise TTAError(f"key 'tta.views': unknown view {v!r}")
+        return out
+
+
+def average_views(scores: np.ndarray, n_views: int) -> np.ndarray:
+    """(N*V, K) per-view scores (views of a frame adjacent) -> (N, K) mean over views."""
+    if n_views == 1:
+        return scores
+    n = scores.shape[0] // n_views
+    return scores.reshape(n, n_views, *scores.shape[1:]).mean(axis=1)

@@ -1,0 +1,94 @@
+"""runtime.preprocess (used by calibration, evaluation, the daemon) vs training's validation transform.
+
+The reference is the training side's own pipeline (``training.transforms.val_transform`` on
+``training.transforms.to_chw_uint8(read_image(path))``), applied to image files on disk.
+Tolerances are in normalised units (value / std); 0.015 mean is ~0.9 gray levels at std 0.229.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+cv2 = pytest.importorskip("cv2")
+
+
+def _reference(path: str, spec) -> np.ndarray:
+    from runtime.preprocess import read_image
+    from training.transforms import to_chw_uint8, val_transform
+
+    return val_transform(spec.to_dict())(to_chw_uint8(read_image(path))).numpy()
+
+
+def _textured(h, w, channels, seed):
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(h // 10, 2), max(w // 10, 2), channels), dtype=np.uint8)
+    img = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+    return img if img.ndim == 2 or channels == 3 else img[:, :, 0]
+
+
+@pytest.mark.parametrize(
+    "shape, channels, spec_kw",
+    [
+        ((300, 300), 1, dict(height=224, width=224, resize_size=256, interpolation="bicubic")),  # ELPV-like
+        ((240, 320), 3, dict(height=224, width=224, resize_size=256, interpolation="bilinear")),
+        ((40, 40), 1, dict(height=32, width=32, resize_size=32, interpolation="bilinear")),
+        ((120, 90), 3, dict(height=64, width=64, resize_size=72, interpolation="bilinear")),
+    ],
+)
+def test_runtime_preprocessing_matches_training_validation_transform(tmp_path, shape, channels, spec_kw):
+    from runtime.preprocess import InputSpec, Preprocessor
+
+    spec = InputSpec(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), **spec_kw)
+    path = tmp_path / "frame.png"
+    cv2.imwrite(str(path), _textured(*shape, channels, seed=sum(shape)))
+    ours = Preprocessor(spec).load(path)
+    ref = _reference(str(path), spec)
+    assert ours.shape == ref.shape == spec.shape and ours.dtype == np.float32
+    diff = np.abs(ours - ref)
+    assert diff.mean() < 0.015, diff.mean()
+    assert np.percentile(diff, 99) < 0.06, np.percentile(diff, 99)
+
+
+def test_same_predictions_through_either_preprocessing(run_dir, splits):
+    """What matters downstream: the trained model decides the same on both paths."""
+    from calibration.export import torch_logits
+    from runtime.preprocess import Preprocessor
+    from training.checkpoint import load_model
+
+    model, card = load_model(run_dir)
+    spec = card.input_spec()
+    paths = [s.path for s in splits.test]
+    ours = Preprocessor(spec).load_batch(paths)
+    ref = np.stack([_reference(p, spec) for p in paths])
+    a, b = torch_logits(model, ours), torch_logits(model, ref)
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.98
+    assert np.abs(a - b).max() < 0.25 * (np.abs(b).max() + 1e-6)
+
+
+def _elpv_images(n: int) -> list[str]:
+    try:
+        from training.data import elpv_root
+        root = Path(elpv_root())
+    except Exception:
+        return []
+    return sorted(str(p) for p in (root / "images").glob("*.png"))[:n] if (root / "images").is_dir() else []
+
+
+def test_real_elpv_images_match(tmp_path):
+    """Real 300x300 gray EL images (when the elpv-dataset package is installed)."""
+    from runtime.preprocess import InputSpec, Preprocessor
+    from training.backbones import get_spec
+
+    paths = _elpv_images(4)
+    if not paths:
+        pytest.skip("elpv-dataset images not installed")
+    spec = InputSpec.from_dict(get_spec("efficientnet_lite0").default_input)
+    pre = Preprocessor(spec)
+    for p in paths:
+        diff = np.abs(pre.load(p) - _reference(p, spec))
+        # TF mean/std 0.5: one gray level is 0.0078 normalised units.
+        assert diff.mean() < 0.005 and np.percentile(diff, 99) < 0.02, (p, diff.mean())

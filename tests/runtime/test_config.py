@@ -1,0 +1,125 @@
+"""Station config: valid files load with defaults resolved; bad ones are refused naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runtime.config import ConfigError, guess_kind, load_config
+
+from ._helpers import ROOT, write_config
+
+EXAMPLE = ROOT / "runtime" / "examples" / "station.toml"
+
+
+@pytest.fixture
+def replay_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "replay"
+    d.mkdir()
+    return d
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "line3.toml"
+    p.write_text(text)
+    return p
+
+
+def test_minimal_config_resolves_defaults_and_relative_paths(tmp_path: Path, replay_dir: Path) -> None:
+    cfg = load_config(_write(tmp_path, """
+[model]
+bundle = "models/current"
+
+[[cameras]]
+id = "cam1"
+source = "replay"
+
+[[cameras]]
+id = "cam2"
+source = "rtsp://user:pw@10.0.0.2/stream"
+fps = 12.5
+roi = [10, 20, 100, 80]
+rotate = 90
+"""))
+    assert cfg.station == "line3"  # defaults to the file stem (= systemd instance name)
+    assert cfg.model.bundle == tmp_path / "models" / "current"
+    assert cfg.model.backend == "auto"
+    cam1, cam2 = cfg.cameras
+    assert (cam1.kind, cam1.on_full, cam1.finite) == ("directory", "block", True)
+    assert cam1.source == str(replay_dir)
+    assert (cam2.kind, cam2.on_full, cam2.fps, cam2.roi, cam2.rotate) == ("rtsp", "drop_oldest", 12.5, (10, 20, 100, 80), 90)
+    assert cfg.metrics.host == "127.0.0.1" and cfg.metrics.port == 9108
+    assert cfg.publisher.bind == ("tcp://127.0.0.1:5555",)
+    assert cfg.to_dict()["cameras"][1]["roi"] == [10, 20, 100, 80]
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "expected"),
+    [
+        ('[[cameras]]\nid="c"\nsource="0"\n', "model.bundle", "missing"),
+        ('[model]\nbundle="b"\n', "cameras", "at least one"),
+        ('[model]\nbundle="b"\nbackend="cuda"\n[[cameras]]\nid="c"\nsource="0"\n', "model.backend", "expected one of"),
+        ('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\nfps=-2\n', "cameras[0].fps", "> 0"),
+        ('[model]\nbundle="b"\n[[cameras]]\nid="c.1"\nsource="0"\n', "cameras[0].id", "no dots"),
+        ('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\n[[cameras]]\nid="c"\nsource="1"\n', "cameras[1].id",
+         "duplicate"),
+        ('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\nrotate=45\n', "cameras[0].rotate", "degrees"),
+        ('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\nroi=[1,2,3]\n', "cameras[0].roi", "[x, y, width, height]"),
+        ('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="/nonexistent/v.mp4"\n', "cameras[0].source", "does not exist"),
+        ('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\nsoruce="1"\n', "cameras[0].soruce", "unknown key"),
+        ('[model]\nbundle="b"\n[tta]\nviews=["original","rot90"]\n[[cameras]]\nid="c"\nsource="0"\n', "tta.views",
+         "unknown view"),
+        ('[model]\nbundle="b"\n[decision]\nthresholds={defect=1.5}\n[[cameras]]\nid="c"\nsource="0"\n',
+         "decision.thresholds.defect", "[0, 1]"),
+        ('[model]\nbundle="b"\n[publisher]\nbind=["5555"]\n[[cameras]]\nid="c"\nsource="0"\n', "publisher.bind",
+         "endpoints"),
+        ('[model]\nbundle="b"\n[metrics]\nport=70000\n[[cameras]]\nid="c"\nsource="0"\n', "metrics.port", "<= 65535"),
+        ('[model]\nbundle="b"\n[batching]\nmax_batch=true\n[[cameras]]\nid="c"\nsource="0"\n', "batching.max_batch",
+         "integer"),
+        ('[model]\nbundle="b"\n[snapshots]\nverdicts=["bad"]\n[[cameras]]\nid="c"\nsource="0"\n', "snapshots.verdicts",
+         "verdicts"),
+        ('[model]\nbundle="b"\n[publisher.curve]\nserver_secret_key="nokey"\n[[cameras]]\nid="c"\nsource="0"\n',
+         "publisher.curve.server_secret_key", "does not exist"),
+        ('[model]\nbundle="b"\n[modle]\n[[cameras]]\nid="c"\nsource="0"\n', "modle", "unknown key"),
+    ],
+)
+def test_bad_config_is_refused_naming_the_key(tmp_path: Path, body: str, key: str, expected: str) -> None:
+    path = _write(tmp_path, body)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert str(path) in msg
+    assert f"key '{key}'" in msg
+    assert expected in msg
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[model\nbundle=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+
+
+def test_serve_refuses_bad_config_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.daemon import main
+
+    path = write_config(tmp_path / "s.toml", {"model": {"bundle": "b", "threads": 0}}, [{"id": "c", "source": "0"}])
+    assert main(["--config", str(path)]) == 2
+    assert "key 'model.threads'" in capsys.readouterr().err
+
+
+def test_guess_kind(tmp_path: Path) -> None:
+    assert guess_kind("rtsp://cam/1") == "rtsp"
+    assert guess_kind("http://cam/video.mjpg") == "http"
+    assert guess_kind("2") == "v4l2"
+    assert guess_kind("/dev/video1") == "v4l2"
+    assert guess_kind("nvarguscamerasrc ! video/x-raw(memory:NVMM) ! nvvidconv ! appsink") == "gstreamer"
+    assert guess_kind(str(tmp_path)) == "directory"
+    assert guess_kind(str(tmp_path / "line.mp4")) == "video"
+
+
+def test_example_station_config_is_valid() -> None:
+    cfg = load_config(EXAMPLE)
+    assert cfg.station == "line3-el"
+    assert [c.kind for c in cfg.cameras] == ["rtsp", "v4l2", "gstreamer"]
+    assert cfg.tta.views == ("original", "hflip", "vflip")

@@ -1,0 +1,296 @@
+"""The daemon pipeline in-process, on real components: replay cameras, ONNX Runtime, ZeroMQ
+subscribers and HTTP scrapes on loopback."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pytest
+
+from runtime.config import load_config
+from runtime.daemon import Daemon
+from runtime.messages import validate
+
+from ._helpers import (
+    Subscriber,
+    brightness,
+    http_get,
+    make_bundle,
+    make_images,
+    metric,
+    scrape,
+    station_config,
+)
+
+PATTERN = ["ok", "defect", "uncertain", "ok", "ok", "defect"]
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Path:
+    return make_bundle(tmp_path / "bundle")
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Build + start an in-process daemon from a station config; always shut down at the end."""
+    started: list[Daemon] = []
+
+    def start(config: Path) -> Daemon:
+        d = Daemon(load_config(config), config_path=config)
+        started.append(d)
+        d.start()
+        return d
+
+    yield start
+    for d in started:
+        d.shutdown()
+
+
+def run_in_thread(d: Daemon) -> tuple[threading.Thread, list[int]]:
+    code: list[int] = []
+    t = threading.Thread(target=lambda: code.append(d.run()), daemon=True)
+    t.start()
+    return t, code
+
+
+def test_subscriber_receives_every_replayed_frame_schema_valid(tmp_path: Path, bundle: Path, start_daemon) -> None:
+    verdicts = PATTERN * 3
+    make_images(tmp_path / "replay", verdicts)
+    config, endpoint = station_config(tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay")}],
+                                      publisher={"wait_for_subscribers": 1, "wait_timeout_s": 10.0})
+    sub = Subscriber(endpoint)
+    try:
+        d = start_daemon(config)
+        assert d.run() == 0  # a finite replay: drains and returns when it has ended
+        sub.until(lambda s: any(m["state"] == "stopped" for m in s.statuses()), 10, what="final status")
+        msgs = sub.verdicts()
+        for _, m in sub.messages:
+            validate(m)
+        assert [m["seq"] for m in msgs] == list(range(len(verdicts)))
+        assert [m["verdict"] for m in msgs] == verdicts
+        assert [m["source"] for m in msgs] == [f"frame_{i:05d}.png" for i in range(len(verdicts))]
+        topics = [t for t, m in sub.messages if m["type"] == "verdict"]
+        assert topics == [f"st1.cam1.{v}" for v in verdicts]
+        for m in msgs:
+            assert m["model"] == {"name": "tiny", "version": "1.0.0", "precision": "fp32", "artifact": "fp32",
+                                  "backend": "onnxruntime-cpu"}
+            assert abs(sum(m["probabilities"].values()) - 1.0) < 1e-3
+            assert m["published_at"] >= m["captured_at"]
+            lat = m["latency_ms"]
+            assert lat["total"] >= lat["inference"] >= 0 and lat["preprocess"] >= 0
+            assert (m["defect_class"] == "defect") == (m["verdict"] != "ok")
+        final = [m for m in sub.statuses() if m["state"] == "stopped"][-1]
+        assert final["cameras"]["cam1"]["captured"] == final["cameras"]["cam1"]["published"] == len(verdicts)
+        assert final["cameras"]["cam1"]["dropped"] == 0
+    finally:
+        sub.close()
+
+
+def test_tta_views_run_in_one_call_and_probabilities_are_averaged(tmp_path: Path, bundle: Path, start_daemon) -> None:
+    import onnxruntime as ort
+
+    from runtime.bundle import load_bundle
+    from runtime.decision import softmax
+    from runtime.preprocess import Preprocessor, read_image
+
+    # Bright centre, dark border: the zoomed view sees a brighter crop, so the views disagree.
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    import cv2
+
+    for i, (inner, outer) in enumerate([(200, 30), (150, 90), (60, 20)]):
+        img = np.full((48, 48), outer, np.uint8)
+        img[12:36, 8:40] = inner
+        cv2.imwrite(str(replay / f"f{i}.png"), img)
+    views = ["original", "hflip", "vflip", "scale:1.5"]
+    config, endpoint = station_config(
+        tmp_path, bundle, [{"id": "cam1", "source": str(replay)}],
+        publisher={"wait_for_subscribers": 1}, tta={"views": views}, batching={"max_batch": 1, "max_wait_ms": 0.0})
+    sub = Subscriber(endpoint)
+    try:
+        d = start_daemon(config)
+        assert d.run() == 0
+        sub.until(lambda s: len(s.verdicts()) == 3, 10, what="3 verdicts")
+        samples = d.metrics.registry.get_sample_value("defectscope_inference_latency_seconds_count")
+        assert samples == 3  # one backend call per frame for all 4 views (max_batch = 1 frame)
+        b = load_bundle(bundle)
+        pre = Preprocessor(b.manifest.input)
+        sess = ort.InferenceSession(str(b.artifact_path()), providers=["CPUExecutionProvider"])
+        for m in sub.verdicts():
+            img = read_image(replay / m["source"])
+            base = pre(img)
+            tensors = np.stack([base, base[:, :, ::-1], base[:, ::-1, :], pre(img, resize_size=48)])
+            per_view = softmax(sess.run(None, {"input": tensors})[0])
+            expected = per_view.mean(axis=0)
+            assert m["tta_views"] == 4
+            got = np.array([m["probabilities"]["ok"], m["probabilities"]["defect"]])
+            np.testing.assert_allclose(got, expected, atol=2e-5)
+            assert np.ptp(per_view[:, 1]) > 0.01  # the views really differ
+    finally:
+        sub.close()
+
+
+def test_stuck_subscriber_does_not_stall_the_pipeline(tmp_path: Path, bundle: Path, start_daemon) -> None:
+    n = 300
+    make_images(tmp_path / "replay", (PATTERN * 50)[:n], size=(32, 32))
+    config, endpoint = station_config(
+        tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay"), "fps": 400.0}],
+        publisher={"wait_for_subscribers": 2, "sndhwm": 5, "sndbuf": 4096, "status_interval_s": 0.0})
+    # Never reads: tiny receive queue and kernel buffer, so its pipe fills after a few messages.
+    stuck = Subscriber(endpoint, rcvhwm=1, rcvbuf=1024)
+    good = Subscriber(endpoint)
+    stop = threading.Event()
+    pump = threading.Thread(target=lambda: [good.pump(0.05) for _ in iter(stop.is_set, True)], daemon=True)
+    try:
+        d = start_daemon(config)
+        pump.start()
+        assert d.run() == 0
+        assert d.counts["cam1"] == {"captured": n, "published": n, "dropped": 0}
+        deadline = time.monotonic() + 10
+        while len(good.verdicts()) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        pump.join(5)
+        assert [m["seq"] for m in good.verdicts()] == list(range(n))  # the reader lost nothing
+        stuck.pump(0.5)
+        while stuck.pump(0.2):
+            pass
+        # The stuck subscriber's messages were dropped at its high-water mark instead of blocking.
+        assert len(stuck.verdicts()) < n // 2
+    finally:
+        stop.set()
+        stuck.close()
+        good.close()
+
+
+def test_metrics_and_health_over_http(tmp_path: Path, bundle: Path, start_daemon) -> None:
+    make_images(tmp_path / "replay", PATTERN)
+    config, endpoint = station_config(
+        tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay"), "loop": True, "fps": 50.0}])
+    d = start_daemon(config)
+    base = f"http://127.0.0.1:{d.http.port}"
+    t, _ = run_in_thread(d)
+    deadline = time.monotonic() + 10
+    while (code := http_get(base + "/readyz")[0]) != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert code == 200
+    first = scrape(base + "/metrics")
+    time.sleep(0.5)
+    second = scrape(base + "/metrics")
+    for name in ("defectscope_frames_captured_total", "defectscope_frames_inferred_total"):
+        assert metric(second, name, camera="cam1") > metric(first, name, camera="cam1") > 0
+    verdicts = sum(metric(second, "defectscope_verdicts_total", camera="cam1", verdict=v)
+                   for v in ("ok", "defect", "uncertain"))
+    assert verdicts == pytest.approx(metric(second, "defectscope_frames_inferred_total", camera="cam1"), abs=2)
+    assert metric(second, "defectscope_defects_total", camera="cam1", **{"class": "defect"}) > 0
+    assert metric(second, "defectscope_camera_up", camera="cam1") == 1
+    assert metric(second, "defectscope_model_info", name="tiny", version="1.0.0", precision="fp32",
+                  backend="onnxruntime-cpu") == 1
+    assert metric(second, "defectscope_inference_latency_seconds_count") > 0
+    assert metric(second, "defectscope_end_to_end_latency_seconds_count", camera="cam1") > 0
+    assert metric(second, "defectscope_last_frame_timestamp_seconds", camera="cam1") > time.time() - 60
+    assert ("defectscope_queue_depth", (("camera", "cam1"),)) in second
+    assert metric(second, "defectscope_publish_errors_total") == 0
+    assert metric(second, "process_start_time_seconds") > 0
+    status, body = http_get(base + "/readyz")
+    ready = json.loads(body)
+    assert status == 200 and ready["ready"] is True
+    assert ready["model"] == {"name": "tiny", "version": "1.0.0", "precision": "fp32", "artifact": "fp32",
+                              "backend": "onnxruntime-cpu"}
+    assert ready["cameras"]["cam1"]["up"] is True and ready["cameras"]["cam1"]["last_frame_age_s"] < 3
+    assert http_get(base + "/healthz")[0] == 200
+    assert http_get(base + "/nope")[0] == 404
+    d.request_stop()
+    t.join(20)
+    assert not t.is_alive()
+
+
+def test_snapshots_of_defect_and_uncertain_frames(tmp_path: Path, bundle: Path, start_daemon) -> None:
+    make_images(tmp_path / "replay", PATTERN)
+    spool = tmp_path / "spool"
+    config, endpoint = station_config(
+        tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay")}],
+        publisher={"wait_for_subscribers": 1}, snapshots={"enabled": True, "dir": str(spool), "quota_mb": 10.0})
+    sub = Subscriber(endpoint)
+    try:
+        d = start_daemon(config)
+        assert d.run() == 0
+        sub.until(lambda s: len(s.verdicts()) == len(PATTERN), 10, what="verdicts")
+        for m in sub.verdicts():
+            if m["verdict"] == "ok":
+                assert m["snapshot"] is None
+                continue
+            jpg = Path(m["snapshot"])
+            assert jpg.parent == spool and jpg.is_file()
+            sidecar = json.loads(jpg.with_suffix(".json").read_text())
+            assert sidecar["seq"] == m["seq"] and sidecar["verdict"] == m["verdict"]
+            assert sidecar["probabilities"] == m["probabilities"]
+            import cv2
+
+            img = cv2.imread(str(jpg), cv2.IMREAD_GRAYSCALE)
+            assert abs(float(img.mean()) - brightness(m["verdict"])) < 10
+        assert len(list(spool.glob("*.jpg"))) == sum(v != "ok" for v in PATTERN)
+    finally:
+        sub.close()
+
+
+def test_snapshot_spool_quota_removes_oldest_first(tmp_path: Path) -> None:
+    from runtime.config import SnapshotConfig
+    from runtime.snapshots import SnapshotSpool
+
+    results: list[str] = []
+    cfg = SnapshotConfig(enabled=True, dir=tmp_path / "spool", quota_mb=0.02, queue_size=64)  # ~20 KB
+    spool = SnapshotSpool(cfg, results.append)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(12):
+        img = rng.integers(0, 255, (64, 64), dtype=np.uint8)  # noise: ~4-5 KB as JPEG
+        p = spool.path_for("st", "cam", i, "defect", 1_700_000_000.0 + i)
+        assert spool.submit(p, img, {"seq": i})
+        paths.append(p)
+    spool.close()
+    assert results.count("saved") == 12
+    remaining = sorted(tmp_path.joinpath("spool").glob("*.jpg"))
+    assert 0 < len(remaining) < 12
+    assert remaining == paths[-len(remaining):]  # the newest survive
+    total = sum(f.stat().st_size for f in tmp_path.joinpath("spool").iterdir())
+    assert total <= cfg.quota_mb * 1024 * 1024
+    for p in remaining:
+        assert json.loads(p.with_suffix(".json").read_text())["seq"] == paths.index(p)
+    # A restarted spool sees the existing files and keeps enforcing the quota.
+    again = SnapshotSpool(cfg)
+    assert again.total == total
+    again.close()
+
+
+def test_msgpack_format(tmp_path: Path, bundle: Path, start_daemon) -> None:
+    pytest.importorskip("msgpack")
+    make_images(tmp_path / "replay", PATTERN[:3])
+    config, endpoint = station_config(tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay")}],
+                                      publisher={"wait_for_subscribers": 1, "format": "msgpack"})
+    sub = Subscriber(endpoint)
+    try:
+        d = start_daemon(config)
+        assert d.run() == 0
+        sub.until(lambda s: len(s.verdicts()) == 3, 10, what="verdicts")
+        for m in sub.verdicts():
+            validate(m)
+        assert [m["verdict"] for m in sub.verdicts()] == PATTERN[:3]
+    finally:
+        sub.close()
+
+
+def test_readiness_reports_not_ready_before_frames(tmp_path: Path, bundle: Path) -> None:
+    make_images(tmp_path / "replay", PATTERN[:2])
+    config, _ = station_config(tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay")}])
+    d = Daemon(load_config(config))
+    ready, body = d.readiness()
+    assert ready is False and body["model"] is None
+    assert body["cameras"] == {"cam1": {"up": False, "last_frame_age_s": None}}
+
+

@@ -1,0 +1,92 @@
+"""ZeroMQ publisher: CURVE encryption + client authentication with key files, subscriber counting."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.auth
+
+from runtime.config import CurveConfig, PublisherConfig
+from runtime.messages import decode
+from runtime.publisher import Publisher, PublisherError
+
+from ._helpers import free_port
+
+
+def _sub(endpoint: str, server_public: bytes | None = None, cert: Path | None = None) -> zmq.Socket:
+    s = zmq.Context.instance().socket(zmq.SUB)
+    s.setsockopt(zmq.LINGER, 0)
+    if server_public is not None:
+        public, secret = zmq.auth.load_certificate(str(cert))
+        s.curve_serverkey, s.curve_publickey, s.curve_secretkey = server_public, public, secret
+    s.setsockopt_string(zmq.SUBSCRIBE, "st.")
+    s.connect(endpoint)
+    return s
+
+
+def _receive(sock: zmq.Socket, pub: Publisher, seconds: float) -> list[dict]:
+    got, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        pub.send("st.cam.ok", {"n": len(got)})
+        if sock.poll(50):
+            got.append(decode(sock.recv_multipart()[1]))
+            if len(got) >= 3:
+                break
+    return got
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
+def test_curve_encrypts_and_authenticates_clients(tmp_path: Path) -> None:
+    keys, clients, intruder = tmp_path / "keys", tmp_path / "clients", tmp_path / "intruder"
+    for d in (keys, clients, intruder):
+        d.mkdir()
+    server_public_file, server_secret_file = zmq.auth.create_certificates(str(keys), "server")
+    client_public_file, client_secret_file = zmq.auth.create_certificates(str(keys), "client")
+    _, intruder_secret_file = zmq.auth.create_certificates(str(intruder), "intruder")
+    Path(client_public_file).rename(clients / "client.key")  # the authorised clients' public keys
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cfg = PublisherConfig(bind=(endpoint,), curve=CurveConfig(Path(server_secret_file), clients))
+    pub = Publisher(cfg)
+    server_public, _ = zmq.auth.load_certificate(server_public_file)
+    good = _sub(endpoint, server_public, Path(client_secret_file))
+    bad = _sub(endpoint, server_public, Path(intruder_secret_file))
+    plain = _sub(endpoint)
+    try:
+        assert len(_receive(good, pub, 5.0)) == 3
+        assert not bad.poll(300) and not plain.poll(10)
+    finally:
+        for s in (good, bad, plain):
+            s.close(0)
+        pub.close(0)
+
+
+def test_public_key_file_is_not_a_server_secret(tmp_path: Path) -> None:
+    public_file, _ = zmq.auth.create_certificates(str(tmp_path), "server")
+    cfg = PublisherConfig(bind=(f"tcp://127.0.0.1:{free_port()}",), curve=CurveConfig(Path(public_file)))
+    with pytest.raises(PublisherError, match="publisher.curve.server_secret_key"):
+        Publisher(cfg)
+
+
+def test_bind_failure_names_the_key() -> None:
+    port = free_port()
+    first = Publisher(PublisherConfig(bind=(f"tcp://127.0.0.1:{port}",)))
+    try:
+        with pytest.raises(PublisherError, match="publisher.bind"):
+            Publisher(PublisherConfig(bind=(f"tcp://127.0.0.1:{port}",)))
+    finally:
+        first.close(0)
+
+
+def test_waits_for_subscribers() -> None:
+    pub = Publisher(PublisherConfig(bind=("tcp://127.0.0.1:*",)))
+    try:
+        assert pub.wait_for_subscribers(1, 0.2) is False
+        subs = [_sub(pub.endpoints[0]) for _ in range(2)]
+        assert pub.wait_for_subscribers(2, 5.0)
+        for s in subs:
+            s.close(0)
+    finally:
+        pub.close(0)

@@ -1,0 +1,261 @@
+"""Capture: frame hub policies, backoff, transforms, replays, and a live MJPEG camera that
+disappears and comes back while another camera keeps flowing."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from runtime.config import CameraConfig, load_config
+from runtime.daemon import Daemon
+from runtime.batcher import FrameHub
+from runtime.sources import Camera, DirectoryReader, Frame, backoff_delay, transform
+
+from ._helpers import Subscriber, free_port, http_get, make_bundle, make_images, metric, scrape, station_config
+
+
+def _frame(cam: str, seq: int) -> Frame:
+    return Frame(cam, seq, np.zeros((4, 4), np.uint8), time.time(), time.monotonic())
+
+
+def test_hub_drops_oldest_when_full_and_batches_round_robin() -> None:
+    hub = FrameHub()
+    hub.add_camera("a", 3)
+    hub.add_camera("b", 3)
+    stop = threading.Event()
+    dropped = [hub.put(_frame("a", i), block=False, stop=stop) for i in range(5)]
+    assert [d.seq if d else None for d in dropped] == [None, None, None, 0, 1]
+    hub.put(_frame("b", 0), block=False, stop=stop)
+    batch = hub.get_batch(max_frames=3, max_wait_s=0.0, timeout_s=0.1)
+    assert [(f.camera, f.seq) for f in batch] == [("a", 2), ("b", 0), ("a", 3)]
+    assert [f.seq for f in hub.get_batch(8, 0.0, 0.1)] == [4]
+    assert hub.get_batch(8, 0.0, 0.05) == []
+
+
+def test_hub_waits_up_to_max_wait_for_a_full_batch() -> None:
+    hub = FrameHub()
+    hub.add_camera("a", 10)
+    stop = threading.Event()
+    hub.put(_frame("a", 0), block=False, stop=stop)
+    threading.Timer(0.05, lambda: hub.put(_frame("a", 1), block=False, stop=stop)).start()
+    batch = hub.get_batch(max_frames=2, max_wait_s=2.0, timeout_s=1.0)
+    assert [f.seq for f in batch] == [0, 1]  # the second frame arrived within max_wait and joined
+
+
+def test_hub_block_policy_waits_for_room_and_stop_releases_it() -> None:
+    hub = FrameHub()
+    hub.add_camera("a", 1)
+    stop = threading.Event()
+    hub.put(_frame("a", 0), block=True, stop=stop)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (hub.put(_frame("a", 1), block=True, stop=stop), done.set()))
+    t.start()
+    assert not done.wait(0.2)  # blocked: the replay waits instead of dropping
+    assert [f.seq for f in hub.get_batch(1, 0.0, 0.1)] == [0]
+    assert done.wait(2.0)
+    t2 = threading.Thread(target=lambda: hub.put(_frame("a", 2), block=True, stop=stop))
+    t2.start()
+    time.sleep(0.1)
+    stop.set()  # stopping: the frame is still queued so the drain infers it
+    t2.join(2.0)
+    assert not t2.is_alive()
+    assert [f.seq for f in hub.get_batch(5, 0.0, 0.1)] == [1, 2]
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    rng = random.Random(1)
+    delays = [backoff_delay(i, 0.5, 8.0, rng) for i in range(8)]
+    for i, d in enumerate(delays):
+        base = min(8.0, 0.5 * 2 ** i)
+        assert base / 2 <= d <= base
+    assert len({round(backoff_delay(3, 0.5, 8.0, rng), 6) for _ in range(20)}) > 1  # jitter
+
+
+def test_transform_rotates_then_crops() -> None:
+    img = np.arange(6 * 4, dtype=np.uint8).reshape(6, 4)
+    cfg = CameraConfig(id="c", source="0", kind="v4l2", rotate=90, roi=(1, 0, 2, 3))
+    out = transform(img, cfg)
+    np.testing.assert_array_equal(out, cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE)[0:3, 1:3])
+
+
+def test_directory_reader_loops_and_skips_unreadable(tmp_path: Path) -> None:
+    make_images(tmp_path, ["ok", "defect"])
+    (tmp_path / "zz_broken.png").write_bytes(b"not a png")
+    r = DirectoryReader(str(tmp_path), loop=True)
+    names = [r.read()[1] for _ in range(4)]
+    assert names == ["frame_00000.png", "frame_00001.png", "frame_00000.png", "frame_00001.png"]
+    once = DirectoryReader(str(tmp_path), loop=False)
+    assert [once.read()[1] for _ in range(2)] == ["frame_00000.png", "frame_00001.png"]
+    assert once.read() is None
+
+
+class _Events:
+    def __init__(self) -> None:
+        self.log: list[tuple] = []
+
+    def captured(self, camera: str, at: float) -> None:
+        self.log.append(("captured", camera))
+
+    def dropped(self, camera: str, reason: str, n: int = 1) -> None:
+        self.log.append(("dropped", reason))
+
+    def up(self, camera: str, up: bool) -> None:
+        self.log.append(("up", up))
+
+    def reconnecting(self, camera: str) -> None:
+        self.log.append(("reconnecting", camera))
+
+
+def test_live_camera_drops_oldest_never_blocks(tmp_path: Path) -> None:
+    make_images(tmp_path / "r", ["ok"] * 5)
+    cfg = CameraConfig(id="c", source=str(tmp_path / "r"), kind="directory", loop=True, queue_size=2,
+                       on_full="drop_oldest")
+    hub, events = FrameHub(), _Events()
+    cam = Camera(cfg, hub, events)
+    cam.start()
+    deadline = time.monotonic() + 5
+    while ("dropped", "queue_full") not in events.log and time.monotonic() < deadline:
+        time.sleep(0.01)
+    cam.stop()
+    assert cam.join(3)
+    assert ("dropped", "queue_full") in events.log  # nobody consumed: old frames went, capture went on
+    batch = hub.get_batch(10, 0.0, 0.1)
+    assert len(batch) == 2 and batch[0].seq < batch[1].seq == cam.seq - 1  # the newest frames were kept
+
+
+# ---- a live MJPEG-over-HTTP camera on loopback ----------------------------------------------------
+class MJPEGServer:
+    """multipart/x-mixed-replace JPEG stream; stop() closes every connection, start() serves again."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.httpd: ThreadingHTTPServer | None = None
+        self.alive = threading.Event()
+
+    def start(self) -> None:
+        alive = self.alive
+        alive.set()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                i = 0
+                try:
+                    while alive.is_set():
+                        img = np.full((48, 48, 3), 215 if i % 2 else 40, np.uint8)
+                        ok, buf = cv2.imencode(".jpg", img)
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
+                                         % len(buf) + buf.tobytes() + b"\r\n")
+                        i += 1
+                        time.sleep(0.04)
+                except OSError:
+                    pass
+                self.close_connection = True
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def stop(self) -> None:
+        self.alive.clear()
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.httpd = None
+        self.alive = threading.Event()
+
+
+def test_camera_disappears_and_comes_back_while_other_keeps_flowing(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "bundle")
+    make_images(tmp_path / "replay", ["ok", "defect"])
+    port = free_port()
+    server = MJPEGServer(port)
+    server.start()
+    config, endpoint = station_config(
+        tmp_path, bundle,
+        [{"id": "live", "source": f"http://127.0.0.1:{port}/stream.mjpg", "read_timeout_s": 1.0,
+          "reconnect_initial_s": 0.2, "reconnect_max_s": 0.5},
+         {"id": "replay", "source": str(tmp_path / "replay"), "loop": True, "fps": 20.0}],
+        metrics={"ready_max_frame_age_s": 1.0})
+    sub = Subscriber(endpoint)
+    d = Daemon(load_config(config))
+    try:
+        d.start()
+        t = threading.Thread(target=d.run, daemon=True)
+        t.start()
+        base = f"http://127.0.0.1:{d.http.port}"
+        sub.until(lambda s: len(s.verdicts("live")) >= 3 and len(s.verdicts("replay")) >= 3, 20,
+                  what="both cameras flowing")
+        assert {m["verdict"] for m in sub.verdicts("live")} <= {"ok", "defect"}
+
+        server.stop()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            status, body = http_get(base + "/readyz")
+            if status == 503 and not json.loads(body)["cameras"]["live"]["up"]:
+                break
+            sub.pump(0.1)
+        ready = json.loads(body)
+        assert status == 503 and ready["cameras"]["live"]["up"] is False
+        assert ready["cameras"]["replay"]["up"] is True
+        assert metric(scrape(base + "/metrics"), "defectscope_camera_up", camera="live") == 0
+        sub.pump(0.2)
+        live_before = len(sub.verdicts("live"))
+        replay_before = len(sub.verdicts("replay"))
+        sub.until(lambda s: len(s.verdicts("replay")) >= replay_before + 10, 10, what="replay flowing during outage")
+        assert len(sub.verdicts("live")) == live_before  # nothing from the dead camera meanwhile
+
+        server.start()
+        sub.until(lambda s: len(s.verdicts("live")) >= live_before + 3, 20, what="live camera back")
+        seqs = [m["seq"] for m in sub.verdicts("live")]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)  # sequence continues, no reuse
+        samples = scrape(base + "/metrics")
+        assert metric(samples, "defectscope_camera_reconnects_total", camera="live") >= 1
+        assert metric(samples, "defectscope_camera_reconnects_total", camera="replay") == 0
+        assert metric(samples, "defectscope_camera_up", camera="live") == 1
+        d.request_stop()
+        t.join(20)
+        assert not t.is_alive()
+    finally:
+        d.shutdown()
+        server.stop()
+        sub.close()
+
+
+@pytest.mark.parametrize("kind", ["video"])
+def test_video_file_replay(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (48, 40))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write MJPG AVI")
+    for level in (40, 215, 40, 215):
+        writer.write(np.full((40, 48, 3), level, np.uint8))
+    writer.release()
+    bundle = make_bundle(tmp_path / "bundle")
+    config, endpoint = station_config(tmp_path, bundle, [{"id": "vid", "source": str(path)}],
+                                      publisher={"wait_for_subscribers": 1})
+    sub = Subscriber(endpoint)
+    d = Daemon(load_config(config))
+    try:
+        d.start()
+        assert d.run() == 0
+        sub.until(lambda s: len(s.verdicts()) == 4, 10, what="4 video frames")
+        assert [m["verdict"] for m in sub.verdicts()] == ["ok", "defect", "ok", "defect"]
+        assert sub.verdicts()[1]["source"] == "clip.avi#1"
+    finally:
+        d.shutdown()
+        sub.close()

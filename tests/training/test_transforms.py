@@ -1,0 +1,75 @@
+"""Training transforms: the validation transform matches runtime preprocessing; augmentation is sane."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from runtime.preprocess import InputSpec, Preprocessor  # noqa: E402
+from tests.training.conftest import synth_image  # noqa: E402
+from training.config import AugmentConfig  # noqa: E402
+from training.transforms import RandomRot90, to_chw_uint8, train_pipeline, tta_views, val_transform  # noqa: E402
+
+
+@pytest.mark.parametrize("color,shape,size,resize", [(False, (60, 60), 48, 48), (True, (50, 70), 32, 40),
+                                                      (True, (40, 40), 48, 56)])
+def test_val_transform_matches_runtime_preprocessor(color, shape, size, resize):
+    rng = np.random.default_rng(1)
+    img = synth_image("defect", rng, max(shape), color=color)[: shape[0], : shape[1]]
+    spec = dict(InputSpec(height=size, width=size, resize_size=resize, mean=(0.5, 0.4, 0.3),
+                          std=(0.25, 0.2, 0.3), interpolation="bilinear").to_dict())
+    ours = val_transform(spec)(to_chw_uint8(img)).numpy()
+    theirs = Preprocessor(InputSpec.from_dict(spec))(img)
+    assert ours.shape == theirs.shape == (3, size, size)
+    # Resampling filters differ slightly (OpenCV vs torchvision); values are in std units.
+    assert np.abs(ours - theirs).mean() < 0.05
+    if resize == size and shape == (size, size):
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_identity_geometry_is_exact():
+    img = synth_image("stain", np.random.default_rng(2), 32, color=True)
+    spec = InputSpec(height=32, width=32, resize_size=32, mean=(0.5,) * 3, std=(0.5,) * 3).to_dict()
+    np.testing.assert_allclose(val_transform(spec)(to_chw_uint8(img)).numpy(),
+                               Preprocessor(InputSpec.from_dict(spec))(img), atol=1e-5)
+
+
+def test_train_pipeline_is_seeded_and_varies():
+    spec = {"height": 32, "width": 32, "resize_size": 32, "interpolation": "bilinear",
+            "mean": [0.5] * 3, "std": [0.5] * 3}
+    x = to_chw_uint8(synth_image("defect", np.random.default_rng(3), 40))
+    pipe = train_pipeline(spec, AugmentConfig())
+    torch.manual_seed(5)
+    a = [pipe(x) for _ in range(6)]
+    torch.manual_seed(5)
+    b = [pipe(x) for _ in range(6)]
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert any(not torch.equal(a[0], t) for t in a[1:])           # augmentation does something
+    assert all(t.shape == (3, 32, 32) and t.dtype == torch.float32 for t in a)
+    off = train_pipeline(spec, AugmentConfig.none())
+    assert torch.equal(off(x), val_transform(spec)(x))             # no augmentation = eval transform
+
+
+def test_rot90_keeps_shape_of_non_square_images():
+    x = torch.arange(2 * 3 * 5).reshape(2, 3, 5)
+    rot = RandomRot90()
+    shapes = {tuple(rot(x).shape) for _ in range(20)}
+    assert shapes == {(2, 3, 5)}
+    sq = torch.arange(9).reshape(1, 3, 3)
+    assert len({tuple(rot(sq).flatten().tolist()) for _ in range(40)}) == 4
+
+
+def test_tta_views():
+    spec = {"height": 32, "width": 32, "resize_size": 36, "interpolation": "bilinear",
+            "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert list(tta_views(spec, "none")) == ["identity"]
+    views = tta_views(spec, "all", scales=(0.8, 1.0, 1.2))
+    assert list(views) == ["identity", "hflip", "vflip", "hvflip", "scale0.8", "scale1.2"]
+    x = to_chw_uint8(synth_image("defect", np.random.default_rng(4), 48))
+    base = views["identity"](x)
+    assert torch.equal(views["hflip"](x), base.flip(-1))
+    assert all(v(x).shape == (3, 32, 32) for v in views.values())
+    with pytest.raises(ValueError):
+        tta_views(spec, "mixup")

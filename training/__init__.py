@@ -1,0 +1,19 @@
+"""API READY: DefectScope training side — backbones, data splits, fine-tuning, checkpoints.
+
+Public entry points (docs/contracts.md):
+- ``training.backbones``: ``REGISTRY`` (name -> BackboneSpec), ``build_model(name, num_classes,
+  weights="imagenet"|"none"|path, input_spec=None)`` -> ``Classifier`` (``body`` + ``head``,
+  ordered ``groups`` stem -> stages -> head, ``set_trainable(n)``, ``forward_features``),
+  ``sized_input(spec, image_size, crop_fraction=...)``. ``tiny_cnn`` is the fast test
+  backbone (use ``weights="none"``).
+- ``training.data``: ``DataSpec``, ``resolve_splits(spec_or_dict) -> Splits`` (``train``,
+  ``val``, ``test`` lists of ``Sample(path, label, group)``, ``classes``, ``good_classes``,
+  ``skipped``, ``fingerprint``), ``load_rgb``.
+- ``training.checkpoint``: ``load_model(path) -> (model, ModelCard)``, ``save_model``,
+  ``read_card``, ``ModelCard``, atomic writers, resume state (``last.pt``).
+- ``training.transforms``: ``val_transform(input_spec)`` (the contract's reference transform),
+  ``train_pipeline``, ``tta_views``.
+- ``training.trainer``: ``train(TrainConfig)``; ``training.config``: ``TrainConfig``,
+  ``load_config``; ``training.evaluate``: ``evaluate_samples``.
+- ``training.cli``: ``train_main`` / ``evaluate_main`` (``defectscope train`` / ``evaluate``).
+"""

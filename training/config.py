@@ -1,0 +1,209 @@
+"""TrainConfig: typed, validated, saved as ``config.json`` beside the run's outputs.
+
+Sources, later wins: defaults < TOML/JSON file (``--config``) < command-line flags.
+File layout: top-level keys are TrainConfig fields; ``[data]`` holds DataSpec keys and
+``[augment]`` AugmentConfig keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from .data import DataError, DataSpec
+
+STRATEGIES = ("two-phase", "linear-probe", "partial", "full", "gradual")
+BALANCE = ("loss", "sampler", "none")
+MONITORS = ("auto", "macro_f1", "auroc", "accuracy", "balanced_accuracy", "loss")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time augmentation (torchvision.transforms.v2), mild by default for inspection images."""
+
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True          # random multiples of 90 degrees (square inputs)
+    crop_scale: float = 0.85    # RandomResizedCrop min area fraction; 1.0 = no random crop
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.0     # colour jitter only helps RGB data
+    blur_prob: float = 0.0      # chance of a light Gaussian blur (focus drift)
+
+    def __post_init__(self) -> None:
+        if not 0.05 <= self.crop_scale <= 1.0:
+            raise ConfigError(f"augment.crop_scale: expected a number in [0.05, 1], got {self.crop_scale}")
+        for k in ("brightness", "contrast", "saturation", "blur_prob"):
+            v = getattr(self, k)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"augment.{k}: expected a number in [0, 1], got {v}")
+
+    @classmethod
+    def none(cls) -> "AugmentConfig":
+        return cls(False, False, False, 1.0, 0.0, 0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: str = "runs/latest"
+    data: DataSpec = field(default_factory=DataSpec)
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"            # "imagenet" | "none" | path to a weights file
+    image_size: int | None = None        # None: backbone default (224 for efficientnet_lite0)
+    crop_fraction: float = 1.0           # crop / resize; 1.0 keeps the whole image (defects at edges)
+    strategy: str = "two-phase"
+    epochs: int | None = None            # fine-tuning epochs (linear-probe: head epochs); None = per strategy
+    head_epochs: int | None = None       # head warm-up on cached features; None = 3 for two-phase else 0
+    unfreeze_groups: int | None = None   # partial: last N groups incl. head (default 3); others: all
+    gradual_every: int = 1               # gradual: one more group every K epochs
+    batch_size: int = 32
+    lr: float = 1e-3                     # head LR while fine-tuning; lower groups get lr * lr_decay**k
+    head_lr: float = 3e-3                # LR for head-only training on cached features
+    lr_decay: float = 0.75               # discriminative per-group factor (1.0 = one LR for all)
+    weight_decay: float = 0.01           # AdamW; not applied to norms and biases
+    warmup_epochs: float = 0.5           # linear warm-up length, then cosine to 0 (per step)
+    label_smoothing: float = 0.1
+    grad_clip: float | None = 1.0        # max global grad norm
+    balance: str = "loss"                # class imbalance: weighted "loss", weighted "sampler", "none"
+    patience: int = 4                    # early stopping: epochs without improvement
+    monitor: str = "auto"                # auto = auroc (binary) / macro_f1
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    cache_images: bool = True            # keep decoded, resized uint8 images in RAM
+    seed: int = 0
+    threads: int | None = None           # torch.set_num_threads; None = $DEFECTSCOPE_THREADS or torch default
+    workers: int = 0                     # DataLoader workers (0 suits 2-core machines)
+    device: str = "auto"                 # auto | cpu | cuda
+    amp: bool = True                     # CUDA only
+    channels_last: bool = True           # NHWC memory format (CUDA and CPU)
+    max_steps_per_epoch: int | None = None  # smoke runs
+    dropout: float | None = None         # head dropout; None = backbone default
+
+    def __post_init__(self) -> None:
+        from .backbones import REGISTRY
+        if self.backbone not in REGISTRY:
+            raise ConfigError(f"backbone: unknown {self.backbone!r}; available: {', '.join(sorted(REGISTRY))}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy: expected one of {STRATEGIES}, got {self.strategy!r}")
+        if self.balance not in BALANCE:
+            raise ConfigError(f"balance: expected one of {BALANCE}, got {self.balance!r}")
+        if self.monitor not in MONITORS:
+            raise ConfigError(f"monitor: expected one of {MONITORS}, got {self.monitor!r}")
+        if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
+            raise ConfigError(f"weights: {self.weights!r} is neither 'imagenet', 'none' nor an existing file")
+        positive = {"batch_size": self.batch_size, "lr": self.lr, "head_lr": self.head_lr,
+                    "gradual_every": self.gradual_every}
+        for k, v in positive.items():
+            if not v > 0:
+                raise ConfigError(f"{k}: expected > 0, got {v}")
+        for k in ("epochs", "head_epochs", "image_size", "unfreeze_groups", "max_steps_per_epoch", "threads"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, int) or v < 0 or (v == 0 and k not in ("head_epochs", "epochs"))):
+                raise ConfigError(f"{k}: expected a non-negative integer, got {v!r}")
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise ConfigError(f"lr_decay: expected a number in (0, 1], got {self.lr_decay}")
+        if not 0.0 < self.crop_fraction <= 1.0:
+            raise ConfigError(f"crop_fraction: expected a number in (0, 1], got {self.crop_fraction}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing: expected a number in [0, 1), got {self.label_smoothing}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device: expected auto, cpu or cuda[:N], got {self.device!r}")
+
+    # -- resolved defaults -------------------------------------------------------------
+    def resolved(self) -> "TrainConfig":
+        """Fill the per-strategy defaults so config.json records what actually ran."""
+        epochs = self.epochs if self.epochs is not None else (60 if self.strategy == "linear-probe" else 10)
+        head = self.head_epochs
+        if head is None:
+            head = 3 if self.strategy == "two-phase" else 0
+        if self.strategy == "linear-probe":
+            head = 0
+        unfreeze = self.unfreeze_groups
+        if unfreeze is None and self.strategy == "partial":
+            unfreeze = 3
+        return replace(self, epochs=epochs, head_epochs=head, unfreeze_groups=unfreeze)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["data"] = self.data.to_dict()
+        return out
+
+    def hash(self) -> str:
+        """Hash of what determines the model (not where it is written nor how many threads)."""
+        d = self.to_dict()
+        for k in ("out", "threads", "workers", "device"):
+            d.pop(k, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "config") -> "TrainConfig":
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{where}: expected a table/object")
+        d = {k: v for k, v in d.items() if k != "config_hash"}   # a run's config.json carries it
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        try:
+            if "data" in d and not isinstance(d["data"], DataSpec):
+                d["data"] = DataSpec.from_dict(d["data"], where=f"{where}: data")
+            if "augment" in d and not isinstance(d["augment"], AugmentConfig):
+                aug = d["augment"]
+                if aug in (None, False, "none"):
+                    d["augment"] = AugmentConfig.none()
+                else:
+                    aknown = {f.name for f in fields(AugmentConfig)}
+                    bad = sorted(set(aug) - aknown)
+                    if bad:
+                        raise ConfigError(f"augment: unknown key(s) {bad}; expected some of {sorted(aknown)}")
+                    d["augment"] = AugmentConfig(**aug)
+            return cls(**d)
+        except (ConfigError, DataError) as exc:
+            msg = str(exc)
+            raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+        except TypeError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML or JSON config file as a dict (validated later by TrainConfig.from_dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: cannot parse ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table/object at the top level")
+    return data
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """TrainConfig from a file plus overrides (``data`` / ``augment`` overrides merge key by key)."""
+    data = read_config_file(path) if path else {}
+    return merge(data, overrides or {}, where=str(path) if path else "config")
+
+
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any], where: str = "config") -> TrainConfig:
+    d = {k: v for k, v in base.items()}
+    for k, v in overrides.items():
+        if k in ("data", "augment") and isinstance(v, Mapping) and isinstance(d.get(k), Mapping):
+            d[k] = {**d[k], **v}
+        else:
+            d[k] = v
+    return TrainConfig.from_dict(d, where=where)

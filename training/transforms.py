@@ -1,0 +1,126 @@
+"""torchvision.transforms.v2 pipelines: the validation reference transform and training augmentation.
+
+Every pipeline is two stages so decoded images can be cached after the first:
+``resize`` (uint8 ``(C,H,W)`` -> uint8, shorter side to ``resize_size``) and ``tail``
+(crop / augment -> float32 ``(3,h,w)`` normalised). The validation pipeline is the
+contract's reference (docs/contracts.md): ``Resize(resize_size, antialias=True)`` ->
+``CenterCrop((h, w))`` -> ``ToDtype(float32, scale=True)`` -> ``Normalize(mean, std)``;
+``runtime.preprocess.Preprocessor`` must match it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import InterpolationMode
+
+from .config import AugmentConfig
+
+_INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+
+
+class ToRGB(torch.nn.Module):
+    """Replicate a 1-channel image to 3 channels (gray EL images into ImageNet backbones)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(3, *x.shape[-2:]) if x.shape[-3] == 1 else x
+
+
+class RandomRot90(torch.nn.Module):
+    """Rotate by a random multiple of 90 degrees; non-square images only by 0 or 180."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        square = x.shape[-1] == x.shape[-2]
+        k = int(torch.randint(4 if square else 2, ()).item())
+        k = k if square else 2 * k
+        return torch.rot90(x, k, dims=(-2, -1)) if k else x
+
+
+def to_chw_uint8(image: np.ndarray) -> torch.Tensor:
+    """uint8 gray ``(H,W)`` -> ``(1,H,W)``; BGR ``(H,W,3)`` -> RGB ``(3,H,W)``."""
+    if image.ndim == 2:
+        return torch.from_numpy(np.ascontiguousarray(image))[None]
+    return torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1].transpose(2, 0, 1)))
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    resize: Callable[[torch.Tensor], torch.Tensor]
+    tail: Callable[[torch.Tensor], torch.Tensor]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.resize(x))
+
+
+def resize_stage(spec: Mapping, resize_size: int | None = None) -> v2.Transform:
+    interp = _INTERP[spec["interpolation"]]
+    if spec.get("resize_policy", "shorter_side_center_crop") == "stretch":
+        return v2.Resize((spec["height"], spec["width"]), interpolation=interp, antialias=True)
+    return v2.Resize(resize_size or spec["resize_size"], interpolation=interp, antialias=True)
+
+
+def _normalize(spec: Mapping) -> list:
+    return [ToRGB(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec["mean"]), list(spec["std"]))]
+
+
+def val_pipeline(spec: Mapping) -> Pipeline:
+    """The reference evaluation transform for an InputSpec dict."""
+    return Pipeline(resize_stage(spec),
+                    v2.Compose([v2.CenterCrop((spec["height"], spec["width"])), *_normalize(spec)]))
+
+
+def val_transform(spec: Mapping) -> v2.Compose:
+    """The contract's transform as one v2.Compose (uint8 (C,H,W) tensor in, float32 (3,h,w) out)."""
+    p = val_pipeline(spec)
+    return v2.Compose([p.resize, p.tail])
+
+
+def train_pipeline(spec: Mapping, aug: AugmentConfig) -> Pipeline:
+    """Augmenting transform: mild geometry and photometry that keep defects recognisable."""
+    size = (spec["height"], spec["width"])
+    ops: list = []
+    if aug.crop_scale < 1.0:
+        ops.append(v2.RandomResizedCrop(size, scale=(aug.crop_scale, 1.0), ratio=(0.9, 1.1),
+                                        interpolation=_INTERP[spec["interpolation"]], antialias=True))
+    else:
+        ops.append(v2.CenterCrop(size))
+    if aug.hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    if aug.vflip:
+        ops.append(v2.RandomVerticalFlip())
+    if aug.rot90:
+        ops.append(RandomRot90())
+    ops.append(ToRGB())
+    if aug.brightness or aug.contrast or aug.saturation:
+        ops.append(v2.ColorJitter(brightness=aug.brightness or None, contrast=aug.contrast or None,
+                                  saturation=aug.saturation or None))
+    if aug.blur_prob > 0:
+        ops.append(v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.0))], p=aug.blur_prob))
+    ops += _normalize(spec)
+    return Pipeline(resize_stage(spec), v2.Compose(ops))
+
+
+def tta_views(spec: Mapping, mode: str, scales: tuple[float, ...] = (0.9, 1.0, 1.1)) -> dict[str, Pipeline]:
+    """Named evaluation views: ``flips`` (identity, h, v, hv), ``multiscale``, or ``all`` (both)."""
+    base = val_pipeline(spec)
+    views: dict[str, Pipeline] = {"identity": base}
+    if mode in ("flips", "all"):
+        flips = {"hflip": [v2.RandomHorizontalFlip(1.0)], "vflip": [v2.RandomVerticalFlip(1.0)],
+                 "hvflip": [v2.RandomHorizontalFlip(1.0), v2.RandomVerticalFlip(1.0)]}
+        for name, ops in flips.items():
+            views[name] = Pipeline(base.resize, v2.Compose([base.tail, *ops]))
+    if mode in ("multiscale", "all"):
+        crop = max(spec["height"], spec["width"])
+        for s in scales:
+            if s == 1.0:
+                continue
+            # Below the crop size, scale up so the crop fits (runtime.preprocess does the same).
+            size = max(crop, int(round(spec["resize_size"] * s)))
+            views[f"scale{s:g}"] = Pipeline(resize_stage(spec, size), base.tail)
+    if mode not in ("none", "flips", "multiscale", "all"):
+        raise ValueError(f"tta: expected none, flips, multiscale or all, got {mode!r}")
+    return views
