@@ -173,9 +173,11 @@ class TensorRTBackend(Backend):
             self._setup(bundle, key, art, path)
         except BaseException:
             self._release()
-            raise
-        finally:
             self._ctx.pop()
+            self._ctx.detach()
+            self._ctx = None
+            raise
+        self._ctx.pop()
 
     def _setup(self, bundle: Bundle, key: str, art: Artifact, path: os.PathLike[str]) -> None:
         trt, cuda = self._trt, self._cuda
@@ -216,7 +218,8 @@ class TensorRTBackend(Backend):
         self.artifact_key, self.precision = key, art.precision
         self._stream = cuda.Stream()
         # Preallocate for the largest batch: pinned host buffers + device buffers, bound once.
-        self.context.set_input_shape(self.input_name, (self.max_batch, *spec.shape))
+        if not self.context.set_input_shape(self.input_name, (self.max_batch, *spec.shape)):
+            raise BackendError(f"{path}: TensorRT refused input shape {(self.max_batch, *spec.shape)}")
         self._host: dict[str, np.ndarray] = {}
         self._device: dict[str, Any] = {}
         for name in [self.input_name, *self.output_names]:
@@ -237,7 +240,8 @@ class TensorRTBackend(Backend):
             self._ctx.push()
             try:
                 if n != self._bound_batch:
-                    self.context.set_input_shape(self.input_name, tuple(batch.shape))
+                    if not self.context.set_input_shape(self.input_name, tuple(batch.shape)):
+                        raise BackendError(f"TensorRT refused input shape {tuple(batch.shape)}")
                     self._bound_batch = n
                 host_in = self._host[self.input_name][:n]
                 np.copyto(host_in, batch, casting="same_kind")  # float32 -> engine dtype (fp16 inputs)
@@ -262,7 +266,8 @@ class TensorRTBackend(Backend):
             except Exception:  # freeing during interpreter teardown may fail; nothing to recover
                 pass
         self._device = {}
-        self.context = None
+        self._host = {}  # pinned host memory is freed while the context is current
+        self.context = None  # the execution context goes before its engine
         self.engine = None
 
     def close(self) -> None:

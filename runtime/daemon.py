@@ -264,10 +264,10 @@ class Daemon:
         self._closed = True
         self.state = "stopping"
         self._stop.set()
+        if self.watchdog:
+            self.watchdog.stop()  # first, so no WATCHDOG=1 follows STOPPING=1
         self.notifier.stopping("draining")
         log.info("stopping: capture stopped, draining %d queued frame(s)", self.hub.pending())
-        if self.watchdog:
-            self.watchdog.stop()
         for cam in self.cameras:
             cam.stop()
         for cam in self.cameras:

@@ -23,7 +23,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -646,11 +646,12 @@ def run(cfg: ExtendConfig, *, overwrite: bool = False, progress: bool = False,
     # -- outputs (model + card first, then the report)
     out.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_json(out / "config.json", {**cfg.to_dict(), "config_hash": cfg.hash()})
+    src_weights = Path(cfg.source) / ckpt.BEST if Path(cfg.source).is_dir() else Path(cfg.source)
     good = list(dict.fromkeys([*card.good_classes, *[c for c in new.good_classes if c in classes]]))
     keep = ("n", "accuracy", "balanced_accuracy", "macro_f1", "auroc")
     new_card = ckpt.ModelCard(
         backbone=card.backbone, num_classes=len(classes), classes=tuple(classes), good_classes=tuple(good),
-        input=card.input, weights=str(cfg.source), data=cfg.data.to_dict(), dataset_fingerprint=new.fingerprint,
+        input=card.input, weights=str(src_weights), data=cfg.data.to_dict(), dataset_fingerprint=new.fingerprint,
         config_hash=cfg.hash(),
         metrics={"test": {k: (report["new"]["after"] or {}).get(k) for k in keep},
                  "old_tasks": {n: {k: (v["after"] or {}).get(k) for k in keep} for n, v in report["old"].items()},

@@ -264,3 +264,17 @@ def test_commands_have_help(args: list[str]) -> None:
         out = subprocess.run([sys.executable, "-m", "defectscope", cmd, *args], cwd=ROOT, capture_output=True,
                              text=True, timeout=60)
         assert out.returncode == 0 and f"defectscope {cmd}" in out.stdout
+
+
+def test_serve_check_validates_and_prints_the_resolved_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.daemon import main
+
+    bundle = make_bundle(tmp_path / "bundle")
+    make_images(tmp_path / "replay", PATTERN)
+    config, _ = station_config(tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay")}],
+                               tta={"views": ["original", "vflip"]})
+    assert main(["--config", str(config), "--check"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"]["backend"] == "onnxruntime-cpu" and out["tta_views"] == 2
+    assert out["config"]["cameras"][0]["kind"] == "directory"
+    assert out["config"]["model"]["bundle"] == str(bundle)
