@@ -88,7 +88,8 @@ def export_parser() -> argparse.ArgumentParser:
                    help="min top-1 agreement ONNX Runtime vs PyTorch (default: 0.99)")
     p.add_argument("--eval-limit", type=int, help="evaluate FP32 on at most this many held-out images (stratified)")
     p.add_argument("--no-eval", action="store_true", help="skip the FP32 held-out evaluation")
-    p.add_argument("--threads", type=int, help="CPU threads for torch / ONNX Runtime (default: DEFECTSCOPE_THREADS or all)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads for torch / ONNX Runtime (default: DEFECTSCOPE_THREADS or all)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--pack", metavar="ARCHIVE", help="also write the bundle as a .tar.gz archive")
     return p
@@ -113,7 +114,7 @@ def _export(args: argparse.Namespace, console: Any) -> int:
     from calibration.evaluate import evaluate_onnx
     from calibration.export import check_parity, export_onnx
     from calibration.provenance import git_commit, library_versions, sha256_file, utc_now
-    from runtime.bundle import Artifact, Manifest, ModelInfo, OutputSpec, pack, read_manifest, write_bundle
+    from runtime.bundle import Artifact, Manifest, ModelInfo, OutputSpec, pack, write_bundle
     from training.checkpoint import load_model
     from training.data import resolve_splits
 
@@ -188,7 +189,6 @@ def _export(args: argparse.Namespace, console: Any) -> int:
             metrics=metrics,
         )
         bundle = write_bundle(out, manifest, {"model.onnx": onnx_path})
-    read_manifest(bundle.path)
     console.print(f"[green]bundle written:[/] {bundle.path} ({manifest.model.name} {manifest.model.version})")
     if args.pack:
         archive = pack(bundle.path, args.pack)
@@ -276,12 +276,10 @@ def _run_dir(args: argparse.Namespace, manifest: Any) -> Path:
 def _calibrate(args: argparse.Namespace, console: Any) -> int:
     from calibration.calibset import (build_calibration_set, calibration_set_from_directory, preprocess_paths,
                                       save_tensor)
-    from calibration.evaluate import evaluate_onnx
-    from calibration.fallback import search_float_nodes
-    from calibration.gate import DEFAULT_METRICS, check_gate
+    from calibration.gate import DEFAULT_METRICS
+    from calibration.pipeline import EvalData, GateSettings, quantize_and_gate
     from calibration.provenance import library_versions
-    from calibration.quantize import (QuantConfig, compute_nodes, fallback_order, layer_sensitivity,
-                                      prepare_float_model, quantize_model)
+    from calibration.quantize import QuantConfig, prepare_float_model
     from runtime.bundle import Artifact, load_bundle, write_bundle
     from training.checkpoint import read_card
     from training.data import resolve_splits
@@ -289,6 +287,8 @@ def _calibrate(args: argparse.Namespace, console: Any) -> int:
     threads = _threads(args.threads)
     bundle = load_bundle(args.bundle)
     manifest = bundle.manifest
+    if args.out and Path(args.out).exists():
+        raise ValueError(f"{args.out}: already exists; choose another --out")
     fp32_key = "fp32" if "fp32" in manifest.artifacts else next(
         (k for k, a in manifest.artifacts.items() if a.format == "onnx" and a.precision == "fp32"), None)
     if fp32_key is None:
@@ -297,10 +297,12 @@ def _calibrate(args: argparse.Namespace, console: Any) -> int:
     spec = manifest.input
     classes = list(manifest.classes)
     split = args.split or (manifest.metrics.get("fp32") or {}).get("split", "test")
-    gate_metrics = tuple(args.gate_metric or DEFAULT_METRICS)
+    settings = GateSettings(budget=args.budget, metrics=tuple(args.gate_metric or DEFAULT_METRICS),
+                            fallback=not args.no_fallback, max_float_nodes=args.max_float_nodes,
+                            sensitivity_images=args.sensitivity_images)
 
     run_dir = _run_dir(args, manifest)
-    card = read_card(run_dir / "model.json" if run_dir.is_dir() else run_dir)
+    card = read_card(run_dir / "model.json" if run_dir.is_dir() else run_dir.parent / "model.json")
     with console.status("resolving the dataset splits"):
         splits = resolve_splits(card.data)
     _check_classes(str(run_dir), splits.classes, classes)
@@ -318,83 +320,44 @@ def _calibrate(args: argparse.Namespace, console: Any) -> int:
         console.print(f"calibration tensor saved: {saved}")
 
     held = _heldout(splits, split, args.limit, args.seed)
-    x_eval = preprocess_paths([s.path for s in held], spec, threads=threads, progress=True, desc=f"{split} split")
-    y_eval = [s.label for s in held]
+    data = EvalData(x=preprocess_paths([s.path for s in held], spec, threads=threads, progress=True,
+                                       desc=f"{split} split"),
+                    y=[s.label for s in held], classes=classes, split=split, threads=threads,
+                    batch_size=args.batch_size)
     targets = ("cpu", "tensorrt") if args.target == "both" else (args.target,)
-    keys = {"cpu": "int8", "tensorrt": "int8-trt"}
-    files = {"cpu": "model.int8.onnx", "tensorrt": "model.int8.trt.onnx"}
     calib_summary = {k: v for k, v in calib.to_dict().items() if k != "images"}
     report: dict[str, Any] = {"bundle": str(bundle.path), "calibration": calib_summary, "targets": {}}
-    results: dict[str, dict[str, Any]] = {}
-    all_passed = True
+
+    def show(title: str, gate: Any) -> None:
+        console.print(_metrics_table(title, gate.rows(), ("metric", "fp32", "int8", "drop pts", "status")))
 
     with tempfile.TemporaryDirectory(prefix="defectscope-calibrate-") as tmpdir:
         tmp = Path(tmpdir)
         with console.status("preparing the float model (shape inference, fusions)"):
             prepared = prepare_float_model(fp32_path, tmp / "float.prep.onnx")
-        ref, _ = evaluate_onnx(fp32_path, x_eval, y_eval, classes, split, threads, args.batch_size)
+        ref = data.evaluate(fp32_path)
         report["fp32"] = ref.to_dict()
         ranges = tmp / f"ranges.{args.method}.json"
+        outcomes = []
         for target in targets:
             cfg = QuantConfig(method=args.method, target=target, per_channel=not args.per_tensor,
                               reduce_range=args.reduce_range, percentile=args.percentile, batch_size=args.batch_size)
-            out_path = tmp / files[target]
-            quantize_model(prepared, out_path, cfg, ranges, x_cal, progress=True)
-            cand, _ = evaluate_onnx(out_path, x_eval, y_eval, classes, split, threads, args.batch_size)
-            gate = check_gate(ref, cand, args.budget, gate_metrics)
-            entry: dict[str, Any] = {"quantization": cfg.to_dict(), "gate": gate.to_dict(), "float_nodes": []}
-            console.print(_metrics_table(
-                f"{keys[target]} ({target}) vs fp32 on {split} (n={ref.n}), budget {args.budget:g} pts: "
-                f"{'PASSED' if gate.passed else 'FAILED'}",
-                gate.rows(), ("metric", "fp32", "int8", "drop pts", "status")))
-            if not gate.passed and not args.no_fallback:
-                nodes = compute_nodes(prepared)
-                with console.status("ranking layers by per-layer quantization error"):
-                    sens = layer_sensitivity(prepared, cfg, ranges, x_cal[: args.sensitivity_images], nodes, threads)
-                order = fallback_order(prepared, sens)
-                trial_path = tmp / f"trial.{target}.onnx"
-
-                def evaluate(float_nodes: tuple[str, ...], cfg=cfg, trial_path=trial_path):
-                    quantize_model(prepared, trial_path, cfg, ranges, nodes_to_exclude=float_nodes)
-                    m, _ = evaluate_onnx(trial_path, x_eval, y_eval, classes, split, threads, args.batch_size)
-                    g = check_gate(ref, m, args.budget, gate_metrics)
-                    console.print(f"  float {len(float_nodes)} node(s): "
-                                  + ", ".join(f"{k} drop {v:+.2f}" for k, v in g.drops.items())
-                                  + (" [green]pass[/]" if g.passed else " fail"))
-                    return g
-
-                console.print(f"searching for layers to keep in float (at most {args.max_float_nodes}) ...")
-                search = search_float_nodes(order, evaluate, args.max_float_nodes)
-                entry["search"] = {**search.to_dict(), "sensitivity": {n: round(s, 8) for n, s in sens.items()}}
-                if search.found:
-                    quantize_model(prepared, out_path, cfg, ranges, nodes_to_exclude=search.float_nodes)
-                    cand, _ = evaluate_onnx(out_path, x_eval, y_eval, classes, split, threads, args.batch_size)
-                    gate = check_gate(ref, cand, args.budget, gate_metrics)
-                    entry["float_nodes"] = list(search.float_nodes)
-                    entry["gate"] = gate.to_dict()
-                    console.print(_metrics_table(
-                        f"{keys[target]} with {len(search.float_nodes)} float layer(s) "
-                        f"{list(search.float_nodes)}: {'PASSED' if gate.passed else 'FAILED'}",
-                        gate.rows(), ("metric", "fp32", "int8", "drop pts", "status")))
-                else:
-                    console.print(f"[red]no set of up to {args.max_float_nodes} float layers meets the budget[/]")
-            entry["metrics"] = cand.to_dict()
-            entry["passed"] = gate.passed
-            all_passed &= gate.passed
-            report["targets"][target] = entry
-            results[target] = {"path": out_path, "config": cfg, "metrics": cand, "gate": gate,
-                               "float_nodes": entry["float_nodes"]}
+            outcome = quantize_and_gate(prepared, ref, x_cal, data, cfg, ranges, tmp / f"{target}.onnx", settings,
+                                        log=console.print, show=show)
+            report["targets"][target] = outcome.report()
+            outcomes.append(outcome)
 
         if args.report:
             rpath = Path(args.report)
             rpath.parent.mkdir(parents=True, exist_ok=True)
             rpath.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
             console.print(f"report: {rpath}")
-        if not all_passed:
-            failed = [keys[t] for t in targets if not report["targets"][t]["passed"]]
+        failed = [o.key for o in outcomes if not o.passed]
+        if failed:
             console.print(f"[bold red]accuracy gate failed[/] for {failed}: INT8 loses more than {args.budget:g} "
-                          f"points on {', '.join(gate_metrics)}; the bundle was not changed. Try another --method, "
-                          "a larger --size, --max-float-nodes, or a larger --budget if the loss is acceptable.")
+                          f"points on {', '.join(settings.metrics)}; the bundle was not changed. Try another "
+                          "--method, a larger --size, --max-float-nodes, or a larger --budget if the loss is "
+                          "acceptable.")
             return EXIT_GATE
 
         calib_json = tmp / "calibration.json"
@@ -402,17 +365,14 @@ def _calibrate(args: argparse.Namespace, console: Any) -> int:
         artifacts = dict(manifest.artifacts)
         metrics = {**manifest.metrics, "fp32": ref.to_dict()}
         src_files = {name: bundle.path / name for name in manifest.files}
-        for target in targets:
-            r = results[target]
-            quant = {**r["config"].to_dict(), "calibration_fingerprint": calib.fingerprint,
-                     "calibration_size": len(calib), "float_nodes": r["float_nodes"]}
-            key = keys[target]
-            old = artifacts.get(key)
-            if old is not None and old.file != files[target]:
+        for o in outcomes:
+            old = artifacts.get(o.key)
+            if old is not None and old.file != o.file:
                 src_files.pop(old.file, None)
-            artifacts[key] = Artifact(file=files[target], format="onnx", precision="int8", quantization=quant)
-            metrics[key] = {**r["metrics"].to_dict(), "gate": r["gate"].to_dict()}
-            src_files[files[target]] = r["path"]
+            artifacts[o.key] = Artifact(file=o.file, format="onnx", precision="int8",
+                                        quantization=o.quantization_record(calib.fingerprint, len(calib)))
+            metrics[o.key] = {**o.metrics.to_dict(), "gate": o.gate.to_dict()}
+            src_files[o.file] = o.path
         src_files["calibration.json"] = calib_json
         provenance = {
             **manifest.provenance,
@@ -421,13 +381,10 @@ def _calibrate(args: argparse.Namespace, console: Any) -> int:
             "libraries": {**(manifest.provenance.get("libraries") or {}), **library_versions()},
         }
         default = manifest.default_artifact
-        if not args.keep_default:
-            default = "int8" if "cpu" in targets else default
+        if not args.keep_default and "cpu" in targets:
+            default = "int8"
         new_manifest = manifest.replace(artifacts=artifacts, metrics=metrics, provenance=provenance,
                                         default_artifact=default)
-        dest = Path(args.out) if args.out else bundle.path
-        if args.out and dest.exists():
-            raise ValueError(f"{dest}: already exists; choose another --out")
-        written = write_bundle(dest, new_manifest, src_files)
+        written = write_bundle(Path(args.out) if args.out else bundle.path, new_manifest, src_files)
     console.print(f"[green]calibrated bundle written:[/] {written.path} (default artifact: {default})")
     return 0

@@ -61,7 +61,8 @@ class BuildPlan:
 
     def profile(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """(min, opt, max) input shapes of the optimisation profile."""
-        return tuple((b, *self.input_chw) for b in (self.batch[0], self.opt_batch, self.batch[1]))  # type: ignore[return-value]
+        lo, opt, hi = ((b, *self.input_chw) for b in (self.batch[0], self.opt_batch, self.batch[1]))
+        return lo, opt, hi
 
     def calibration_shape(self) -> tuple[int, int, int, int]:
         return (self.calib_batch, *self.input_chw)
@@ -177,7 +178,8 @@ def plan_build(manifest: Any, tensorrt_version: str, precision: str = "fp16", *,
 def default_timing_cache(platform: Platform) -> Path:
     """Per TensorRT version and GPU: timing caches do not transfer between them."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "defectscope" / "tensorrt"
-    return base / f"timing-trt{slug(platform.tensorrt_version)}-{slug(platform.gpu)}-sm{platform.compute_capability}.cache"
+    name = f"timing-trt{slug(platform.tensorrt_version)}-{slug(platform.gpu)}-sm{platform.compute_capability}.cache"
+    return base / name
 
 
 def engine_file_name(key: str, precision: str) -> str:
@@ -237,17 +239,24 @@ def build_engine(plan: BuildPlan, onnx_path: str | os.PathLike[str], manifest: A
     try:
         import tensorrt as trt
     except Exception as exc:
-        raise BuildError(f"TensorRT is not importable on this machine ({exc}); run build-engine on the device") from None
+        raise BuildError(f"TensorRT is not importable on this machine ({exc}); "
+                         "run build-engine on the device") from None
     platform = current_platform()
     if version_tuple(platform.tensorrt_version)[:3] != version_tuple(plan.tensorrt_version)[:3]:
-        raise BuildError(f"plan made for TensorRT {plan.tensorrt_version}, this machine has {platform.tensorrt_version}")
+        raise BuildError(f"plan made for TensorRT {plan.tensorrt_version}, "
+                         f"this machine has {platform.tensorrt_version}")
     started = time.monotonic()
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")
     builder = trt.Builder(logger)
     flags = 0
     for name in plan.network_flags:
-        flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
+        flag = getattr(trt.NetworkDefinitionCreationFlag, name, None)
+        if flag is None:
+            if name == "STRONGLY_TYPED":
+                continue  # no flag any more: every network is strongly typed (TensorRT 11+)
+            raise BuildError(f"this TensorRT ({trt.__version__}) has no network flag {name}")
+        flags |= 1 << int(flag)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):

@@ -61,6 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def match_calibration_images(calib: Any, found: list[str]) -> list[str] | None:
+    """Paths in ``found`` holding exactly calibration.json's images (matched by <class dir>/<name>,
+    then by name, verified by sha256), in the recorded order; None when any is missing or differs."""
+    from calibration.provenance import sha256_file
+
+    by_two: dict[tuple[str, str], list[str]] = {}
+    by_name: dict[str, list[str]] = {}
+    for p in found:
+        q = Path(p)
+        by_two.setdefault((q.parent.name, q.name), []).append(p)
+        by_name.setdefault(q.name, []).append(p)
+    out = []
+    for item in calib.items:
+        q = Path(item.path)
+        candidates = by_two.get((q.parent.name, q.name)) or by_name.get(q.name) or []
+        match = next((c for c in candidates if sha256_file(c) == item.sha256), None)
+        if match is None:
+            return None
+        out.append(match)
+    return out
+
+
 def _calibration_stream(args: argparse.Namespace, bundle: Any, plan: Any, log: Any) -> tuple[Any, dict[str, Any]]:
     """BatchStream from --calibration-data (or the recorded image paths when they exist here)."""
     import numpy as np
@@ -71,7 +93,9 @@ def _calibration_stream(args: argparse.Namespace, bundle: Any, plan: Any, log: A
     manifest = bundle.manifest
     recorded = (manifest.provenance.get("calibration") or {}).get("fingerprint")
     calib_file = bundle.path / "calibration.json"
-    calib = CalibrationSet.from_dict(json.loads(calib_file.read_text()), str(calib_file)) if calib_file.is_file() else None
+    calib = None
+    if calib_file.is_file():
+        calib = CalibrationSet.from_dict(json.loads(calib_file.read_text()), str(calib_file))
     src = args.calibration_data
     info: dict[str, Any] = {}
     if src and Path(src).is_file():
@@ -85,14 +109,14 @@ def _calibration_stream(args: argparse.Namespace, bundle: Any, plan: Any, log: A
         found = images_in(src)
         paths = found
         if calib is not None:
-            by_name = {Path(p).name: p for p in found}
-            wanted = [by_name.get(Path(i.path).name) for i in calib.items]
-            if all(wanted):
-                paths = [str(p) for p in wanted]
+            wanted = match_calibration_images(calib, found)
+            if wanted is not None:
+                paths = wanted
                 info["fingerprint"] = calib.fingerprint
             else:
-                log(f"warning: {src} lacks some of calibration.json's images; calibrating on all {len(found)} images "
-                    "found there (a different calibration set than the ONNX Runtime INT8 model's)")
+                log(f"warning: {src} does not hold calibration.json's images (same names and contents); "
+                    f"calibrating on all {len(found)} images found there, a different calibration set than "
+                    "the ONNX Runtime INT8 model's")
         info.update({"source": str(src), "images": len(paths)})
         return BatchStream(preprocess_paths(paths, manifest.input), plan.calib_batch), info
     if calib is not None and all(os.path.isfile(i.path) for i in calib.items):

@@ -6,8 +6,9 @@ Two targets share one set of calibration ranges:
   ONNX Runtime folds ReLU/ReLU6 into the activation ranges and runs fused integer
   kernels; on x86 this is the fast layout (S8S8 with symmetric activations keeps
   every Clip and measured slower than FP32 on this project's reference CPU).
-- ``tensorrt``: int8 *symmetric* activations (zero point 0) and per-channel
-  symmetric weights: the only Q/DQ form TensorRT's explicit quantization accepts.
+- ``tensorrt``: int8 *symmetric* activations (zero point 0), per-channel symmetric
+  weights kept in float behind Q->DQ pairs, float biases: the Q/DQ form TensorRT's
+  explicit quantization imports.
 
 Ranges are computed once (``calibration_cache_path``) and reused for every
 re-quantization of the float-fallback search.
@@ -20,7 +21,7 @@ import io
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -169,6 +170,11 @@ def quantize_model(float_model: str | os.PathLike[str], dest: str | os.PathLike[
         "WeightSymmetric": True,
         "CalibPercentile": config.percentile,
     }
+    if config.target == "tensorrt":
+        # The Q/DQ form TensorRT's ONNX parser expects (as from QAT toolkits): float weights
+        # behind a Q->DQ pair (TensorRT quantizes them itself), float biases (no int32
+        # DequantizeLinear, which TensorRT lacks), one Q/DQ pair per consumer.
+        extra.update({"AddQDQPairToWeight": True, "QuantizeBias": False, "DedicatedQDQPair": True})
     bar = None
     if not cache.is_file():
         if x is None or len(x) == 0:
@@ -226,7 +232,8 @@ def compute_nodes(model_path: str | os.PathLike[str]) -> list[NodeInfo]:
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
-    return [NodeInfo(n.name, n.op_type, i) for i, n in enumerate(model.graph.node) if n.op_type in COMPUTE_OPS and n.name]
+    return [NodeInfo(n.name, n.op_type, i) for i, n in enumerate(model.graph.node)
+            if n.op_type in COMPUTE_OPS and n.name]
 
 
 def stem_and_classifier(model_path: str | os.PathLike[str]) -> tuple[str | None, str | None]:
@@ -307,11 +314,3 @@ def fallback_order(float_model: str | os.PathLike[str], sensitivity: dict[str, f
     order = [n for n in (stem, classifier) if n]
     rest = sorted((n for n in sensitivity if n not in order), key=lambda n: (-sensitivity[n], n))
     return order + rest
-
-
-@dataclass(frozen=True)
-class QuantResult:
-    path: Path
-    config: QuantConfig
-    float_nodes: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)

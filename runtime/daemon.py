@@ -606,11 +606,25 @@ class Daemon:
 
 
 # ---- command line -----------------------------------------------------------------------------
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (test runners swap it)."""
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def setup_logging(level: str) -> None:
     # Under systemd the journal stamps each line; elsewhere add the time.
     fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
         "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=getattr(logging, level.upper()), format=fmt, stream=sys.stderr, force=True)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(fmt))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -663,16 +677,19 @@ def main(argv: list[str] | None = None) -> int:
         log.info("SIGHUP received: reloading the model bundle")
         daemon.request_reload()
 
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_hup)
+    previous = {sig: signal.signal(sig, handler)
+                for sig, handler in ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop), (signal.SIGHUP, on_hup))}
     try:
-        daemon.start()
-    except (ModelLoadError, PublisherError, OSError) as exc:
-        log.error("cannot start: %s", exc)
-        daemon.shutdown()
-        return 1
-    return daemon.run()
+        try:
+            daemon.start()
+        except (ModelLoadError, PublisherError, OSError) as exc:
+            log.error("cannot start: %s", exc)
+            daemon.shutdown()
+            return 1
+        return daemon.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _read_reloads(url: str) -> dict[str, float] | None:

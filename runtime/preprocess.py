@@ -188,31 +188,33 @@ class Preprocessor:
         left = int(round((w - spec.width) / 2.0))
         return image[top : top + spec.height, left : left + spec.width]
 
-    def _color(self, image: np.ndarray) -> np.ndarray:
-        order = self.spec.color_order
-        if image.ndim == 2:
-            return image[:, :, None] if order == "GRAY" else np.repeat(image[:, :, None], 3, axis=2)
-        if order == "RGB":
-            return image[:, :, ::-1]
-        if order == "GRAY":
-            return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)[:, :, None]
-        return image
-
-    def __call__(self, image: np.ndarray, resize_size: int | None = None) -> np.ndarray:
-        """One frame → (C,H,W) float32 normalised tensor."""
-        image = to_uint8(image)
-        hwc = self._color(self.geometry(image, resize_size))
-        chw = np.ascontiguousarray(hwc.transpose(2, 0, 1), dtype=np.float32)
-        chw *= self._scale
-        chw += self._offset
-        return chw
+    def __call__(self, image: np.ndarray, resize_size: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """One frame → (C,H,W) float32 normalised tensor (written into ``out`` if given)."""
+        geo = self.geometry(to_uint8(image), resize_size)
+        spec = self.spec
+        if out is None:
+            out = np.empty(spec.shape, dtype=np.float32)
+        if geo.ndim == 2:
+            # Gray frame: normalise once per channel by broadcasting (H,W) against (C,1,1);
+            # no replicated copy is ever made.
+            src = geo[None]
+        elif spec.color_order == "GRAY":
+            src = cv2.cvtColor(geo, cv2.COLOR_BGR2GRAY)[None]
+        else:
+            src = geo.transpose(2, 0, 1)  # (3,H,W) view, BGR
+            if spec.color_order == "RGB":
+                src = src[::-1]
+        np.multiply(src, self._scale, out=out, casting="unsafe")
+        out += self._offset
+        return out
 
     def batch(self, images: Iterable[np.ndarray], resize_size: int | None = None) -> np.ndarray:
         """Frames → (N,C,H,W) float32."""
-        arrays = [self(img, resize_size) for img in images]
-        if not arrays:
-            return np.empty((0, *self.spec.shape), dtype=np.float32)
-        return np.stack(arrays)
+        images = list(images)
+        out = np.empty((len(images), *self.spec.shape), dtype=np.float32)
+        for i, img in enumerate(images):
+            self(img, resize_size, out=out[i])
+        return out
 
     def load(self, path: str | os.PathLike[str]) -> np.ndarray:
         """Read + preprocess one image file → (C,H,W) float32."""

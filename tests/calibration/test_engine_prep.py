@@ -198,3 +198,48 @@ def test_engine_artifact_fields_round_trip_through_the_bundle(calibrated, tmp_pa
     assert back.batch == (1, 8) and back.gpu == "Orin" and back.compute_capability == "8.7"
     assert back.extra["build"]["builder_flags"] == ["FP16"] and back.extra["build"]["source_artifact"] == "fp32"
     check_engine(back, platform, str(out.path), "trt-fp16")      # same platform: accepted
+
+
+def test_tensorrt8_calibration_batches_are_the_onnx_runtime_set(calibrated, tmp_path):
+    """On a device the copied calibration images (or the saved tensor) give the exact same batches."""
+    import shutil
+    from pathlib import Path
+
+    from calibration.calibset import CalibrationSet, images_in, save_tensor
+    from calibration.engine import plan_build
+    from calibration.engine_cli import _calibration_stream, build_parser, match_calibration_images
+    from runtime.bundle import load_bundle
+
+    b = load_bundle(calibrated)
+    calib = CalibrationSet.from_dict(json.loads((calibrated / "calibration.json").read_text()))
+    reference = calib.tensor()
+    device = tmp_path / "device-images"
+    for item in calib.items:
+        src = Path(item.path)
+        (device / src.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, device / src.parent.name / src.name)
+    for extra in sorted((Path(calib.items[0].path).parent).glob("*.png"))[:5]:
+        shutil.copy(extra, device / f"extra-{extra.name}")
+    plan = plan_build(b.manifest, "8.6.1", "int8", calib_batch=8)
+    logs: list[str] = []
+
+    def stream_for(data):
+        args = build_parser().parse_args([str(calibrated), "--calibration-data", str(data)])
+        return _calibration_stream(args, b, plan, logs.append)
+
+    stream, info = stream_for(device)
+    assert info["fingerprint"] == calib.fingerprint and info["images"] == len(calib)
+    np.testing.assert_array_equal(stream.x, reference)
+    assert stream.n_batches == 5 and stream.shape == (8, 3, 32, 32)
+
+    npy = save_tensor(tmp_path / "calib.npy", reference, calib)
+    stream, info = stream_for(npy)
+    assert info["fingerprint"] == calib.fingerprint
+    np.testing.assert_array_equal(np.asarray(stream.x), reference)
+
+    victim = device / Path(calib.items[2].path).parent.name / Path(calib.items[2].path).name
+    victim.write_bytes(victim.read_bytes() + b"\0")         # same name, other content
+    assert match_calibration_images(calib, images_in(device)) is None
+    stream, info = stream_for(device)
+    assert "fingerprint" not in info and len(stream.x) == len(images_in(device))
+    assert "does not hold calibration.json's images" in logs[-1]

@@ -76,7 +76,17 @@ def test_per_channel_weights_and_target_specific_activations(prepared):
             weight_dq = producers[node.input[1]]
             assert weight_dq.op_type == "DequantizeLinear"
             scale, zero = inits[weight_dq.input[1]], inits[weight_dq.input[2]]
-            out_channels = inits[weight_dq.input[0]].shape[0]
+            if target == "tensorrt":
+                # Float weights behind Q->DQ (TensorRT quantizes them), float bias.
+                weight_q = producers[weight_dq.input[0]]
+                assert weight_q.op_type == "QuantizeLinear"
+                weights = inits[weight_q.input[0]]
+                assert weights.dtype == np.float32
+                assert len(node.input) < 3 or inits[node.input[2]].dtype == np.float32
+            else:
+                weights = inits[weight_dq.input[0]]
+                assert weights.dtype == np.int8
+            out_channels = weights.shape[0]
             assert scale.shape == (out_channels,) and out_channels > 1        # one scale per output channel
             assert zero.dtype == np.int8 and not zero.any()                    # symmetric int8 weights
             act_dq = producers[node.input[0]]

@@ -179,7 +179,9 @@ def test_metrics_and_health_over_http(tmp_path: Path, bundle: Path, start_daemon
     while (code := http_get(base + "/readyz")[0]) != 200 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert code == 200
-    first = scrape(base + "/metrics")
+    while (first := scrape(base + "/metrics")) and metric(first, "defectscope_frames_inferred_total", camera="cam1") == 0:
+        assert time.monotonic() < deadline, "no frame inferred"
+        time.sleep(0.05)
     time.sleep(0.5)
     second = scrape(base + "/metrics")
     for name in ("defectscope_frames_captured_total", "defectscope_frames_inferred_total"):

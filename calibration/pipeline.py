@@ -1,0 +1,130 @@
+"""Quantize -> evaluate -> gate -> (float fallback search) for one INT8 target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from calibration.evaluate import Metrics, evaluate_onnx
+from calibration.fallback import search_float_nodes
+from calibration.gate import GateResult, check_gate
+from calibration.quantize import (QuantConfig, compute_nodes, fallback_order, layer_sensitivity,
+                                  quantize_model)
+
+ARTIFACT_KEYS = {"cpu": "int8", "tensorrt": "int8-trt"}
+ARTIFACT_FILES = {"cpu": "model.int8.onnx", "tensorrt": "model.int8.trt.onnx"}
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    budget: float
+    metrics: tuple[str, ...]
+    fallback: bool = True
+    max_float_nodes: int = 16
+    sensitivity_images: int = 32
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """The held-out split, preprocessed once: x (N,C,H,W) float32, labels, class names."""
+
+    x: np.ndarray
+    y: Sequence[int]
+    classes: Sequence[str]
+    split: str
+    threads: int = 1
+    batch_size: int = 16
+
+    def evaluate(self, model: str | Path) -> Metrics:
+        return evaluate_onnx(model, self.x, self.y, self.classes, self.split, self.threads, self.batch_size)[0]
+
+
+@dataclass
+class TargetOutcome:
+    target: str
+    config: QuantConfig
+    path: Path
+    metrics: Metrics
+    gate: GateResult
+    float_nodes: list[str] = field(default_factory=list)
+    search: dict[str, Any] | None = None
+
+    @property
+    def key(self) -> str:
+        return ARTIFACT_KEYS[self.target]
+
+    @property
+    def file(self) -> str:
+        return ARTIFACT_FILES[self.target]
+
+    @property
+    def passed(self) -> bool:
+        return self.gate.passed
+
+    def report(self) -> dict[str, Any]:
+        out = {"quantization": self.config.to_dict(), "gate": self.gate.to_dict(), "float_nodes": self.float_nodes,
+               "metrics": self.metrics.to_dict(), "passed": self.passed}
+        if self.search is not None:
+            out["search"] = self.search
+        return out
+
+    def quantization_record(self, fingerprint: str, size: int) -> dict[str, Any]:
+        """The manifest's ``artifacts.<key>.quantization``."""
+        q = {**self.config.to_dict(), "calibration_fingerprint": fingerprint, "calibration_size": size,
+             "float_nodes": list(self.float_nodes)}
+        if self.search is not None:
+            # Why layers stay in float: the all-INT8 drop that failed the gate, and the search effort.
+            q["fallback"] = {"drops_before_points": self.search["drops_before_points"],
+                             "trials": len(self.search["trials"]), "budget_points": self.gate.budget}
+        return q
+
+
+def quantize_and_gate(prepared: Path, reference: Metrics, x_cal: np.ndarray, data: EvalData, config: QuantConfig,
+                      ranges: Path, out_path: Path, settings: GateSettings, *,
+                      log: Callable[[str], None] = print,
+                      show: Callable[[str, GateResult], None] | None = None) -> TargetOutcome:
+    """Quantize ``prepared`` for ``config.target``, gate it against ``reference``; search float layers if needed.
+
+    ``ranges`` caches the calibration ranges (computed from ``x_cal`` on first use).
+    """
+    quantize_model(prepared, out_path, config, ranges, x_cal, progress=True)
+    metrics = data.evaluate(out_path)
+    gate = check_gate(reference, metrics, settings.budget, settings.metrics)
+    outcome = TargetOutcome(config.target, config, out_path, metrics, gate)
+    if show:
+        show(f"{outcome.key} ({config.target}) vs fp32 on {data.split} (n={reference.n}), budget "
+             f"{settings.budget:g} pts: {'PASSED' if gate.passed else 'FAILED'}", gate)
+    if gate.passed or not settings.fallback:
+        return outcome
+
+    nodes = compute_nodes(prepared)
+    sens = layer_sensitivity(prepared, config, ranges, x_cal[: settings.sensitivity_images], nodes, data.threads,
+                             progress=True)
+    order = fallback_order(prepared, sens)
+    trial_path = out_path.with_name(f"trial.{out_path.name}")
+
+    def evaluate(float_nodes: tuple[str, ...]) -> GateResult:
+        quantize_model(prepared, trial_path, config, ranges, nodes_to_exclude=float_nodes)
+        g = check_gate(reference, data.evaluate(trial_path), settings.budget, settings.metrics)
+        log(f"  float {len(float_nodes)} layer(s): " + ", ".join(f"{k} drop {v:+.2f}" for k, v in g.drops.items())
+            + (" -> pass" if g.passed else " -> fail"))
+        return g
+
+    log(f"searching for layers to keep in float (at most {settings.max_float_nodes}) ...")
+    search = search_float_nodes(order, evaluate, settings.max_float_nodes)
+    outcome.search = {**search.to_dict(), "sensitivity": {n: round(s, 8) for n, s in sens.items()},
+                      "drops_before_points": {k: round(v, 4) for k, v in gate.drops.items()}}
+    if not search.found:
+        log(f"no set of up to {settings.max_float_nodes} float layers meets the budget")
+        return outcome
+    quantize_model(prepared, out_path, config, ranges, nodes_to_exclude=search.float_nodes)
+    outcome.metrics = data.evaluate(out_path)
+    outcome.gate = check_gate(reference, outcome.metrics, settings.budget, settings.metrics)
+    outcome.float_nodes = list(search.float_nodes)
+    if show:
+        show(f"{outcome.key} with {len(outcome.float_nodes)} float layer(s) {outcome.float_nodes}: "
+             f"{'PASSED' if outcome.passed else 'FAILED'}", outcome.gate)
+    return outcome
