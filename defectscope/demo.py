@@ -15,7 +15,7 @@ import re
 import socket
 import subprocess
 import sys
-import threading
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -91,9 +91,9 @@ def _holdout_dirs(run: Path, out: Path, cameras: int) -> dict[str, dict[str, int
 
 def _station_toml(out: Path, bundle: Path, zmq_port: int, metrics_port: int, cameras: list[str], threads: int) -> Path:
     cams = "\n".join(
-        f'[[cameras]]\nid = "{c}"\nsource = "{(out / "holdout" / c).resolve()}"\nloop = false\n' for c in cameras
+        f'[[cameras]]\nid = "{c}"\nsource = "{(out / "holdout" / c).resolve()}"\nloop = true\n' for c in cameras
     )
-    text = f"""# Written by `defectscope demo`: two cameras replay the held-out ELPV cells once.
+    text = f"""# Written by `defectscope demo`: two cameras replay the held-out ELPV cells in a loop.
 station = "demo"
 
 [model]
@@ -158,44 +158,39 @@ def _serve_and_listen(station: Path, zmq_port: int, metrics_port: int, expected:
     log = open(out / "serve.log", "w")
     daemon = subprocess.Popen([sys.executable, "-m", "defectscope", "serve", "--config", str(station)],
                               stdout=log, stderr=subprocess.STDOUT)
-    messages: list[dict] = []
-    last_scrape: list[str] = []
-    stop = threading.Event()
-
-    def scraper() -> None:
-        while not stop.is_set():
-            text = _scrape(metrics_port)
-            if text:
-                last_scrape[:] = [text]
-            stop.wait(0.5)
-
-    threading.Thread(target=scraper, daemon=True).start()
+    first: dict[tuple[str, str], dict] = {}  # (camera, file) -> first verdict seen for it
+    received = 0
     from runtime.messages import decode
 
     deadline = time.monotonic() + 600
     try:
-        while len(messages) < expected and time.monotonic() < deadline:
+        while len(first) < expected and time.monotonic() < deadline:
             try:
-                topic, payload = sub.recv_multipart()
+                _topic, payload = sub.recv_multipart()
             except zmq.Again:
                 if daemon.poll() is not None:
                     break
                 continue
             msg = decode(payload)
-            if msg.get("type") == "verdict":
-                messages.append(msg)
-                if len(messages) % 100 == 0:
-                    print(f"  received {len(messages)}/{expected} verdicts", flush=True)
+            if msg.get("type") != "verdict":
+                continue
+            received += 1
+            first.setdefault((msg["camera"], Path(msg.get("source") or "").name), msg)
+            if received % 100 == 0:
+                print(f"  received {len(first)}/{expected} held-out verdicts", flush=True)
+        # Scrape while serving, then stop the line the way systemd does: SIGTERM drains and exits 0.
+        metrics = _scrape(metrics_port) or ""
+        daemon.send_signal(signal.SIGTERM)
         rc = daemon.wait(timeout=60)
     finally:
-        stop.set()
         if daemon.poll() is None:
-            daemon.terminate()
+            daemon.kill()
             daemon.wait(timeout=30)
         sub.close(0)
         log.close()
     if rc != 0:
         raise SystemExit(f"demo: the daemon exited with {rc}; see {out / 'serve.log'}")
+    messages = list(first.values())
     correct = sum(
         1 for m in messages
         if classes.index(m["top_class"]) == truth[m["camera"]].get(Path(m.get("source") or "").name, -1)
@@ -204,10 +199,10 @@ def _serve_and_listen(station: Path, zmq_port: int, metrics_port: int, expected:
     for m in messages:
         verdicts[m["verdict"]] = verdicts.get(m["verdict"], 0) + 1
     lat = sorted(m["latency_ms"]["total"] for m in messages) or [0.0]
-    metrics = last_scrape[0] if last_scrape else ""
     summary = {
         "frames": expected,
         "verdicts_received": len(messages),
+        "messages_total": received,
         "streamed_accuracy": correct / max(len(messages), 1),
         "verdicts": verdicts,
         "latency_ms_p50": lat[len(lat) // 2],

@@ -1,0 +1,67 @@
+"""The one `defectscope` command: dispatch, help, errors, and the end-to-end demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from defectscope.cli import COMMANDS, command, main, resolve
+
+
+def test_top_level_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert name in out
+
+
+def test_unknown_command_is_an_error(capsys):
+    assert main(["trian"]) == 2
+    assert "unknown command 'trian'" in capsys.readouterr().err
+
+
+def test_duplicate_registration_refused():
+    with pytest.raises(ValueError, match="registered twice"):
+        command("train", "x:y", "dup")
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_subcommand_has_useful_help(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        resolve(name)(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out and len(out.splitlines()) >= 3
+
+
+def test_station_commands_do_not_import_torch():
+    code = (
+        "import sys; from defectscope.cli import resolve\n"
+        "for n in ('serve', 'reload', 'watch', 'bundle', 'deploy'): resolve(n)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'training', 'calibration'))\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_smoke(tmp_path):
+    """The README's main job on tiny settings: ELPV + EfficientNet-Lite0 through serve."""
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "defectscope", "demo", "--out", str(out), "--limit", "24", "--image-size", "64",
+         "--epochs", "1", "--max-steps-per-epoch", "2", "--calibration-size", "8", "--threads", "1"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "demo-summary.json").read_text())
+    stream = summary["stream"]
+    assert stream["verdicts_received"] == stream["frames"] > 0
+    assert stream["metrics_frames_inferred"] >= stream["frames"]
+    assert summary["default_artifact"] == "int8"
+    lines = (out / "stream.jsonl").read_text().splitlines()
+    assert len(lines) == stream["frames"]
