@@ -112,6 +112,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-channels-last", action="store_true", help="disable the channels_last memory format")
     r.add_argument("--no-cache-images", action="store_true", help="decode images every epoch")
     r.add_argument("--max-steps-per-epoch", type=int, help="cap batches per epoch (smoke runs)")
+    r.add_argument("--fisher", type=int, metavar="N",
+                   help="finalize for EWC: Fisher diagonal + anchors from N training images into "
+                        "fisher.safetensors, so `defectscope extend` later needs no old images (0 = off)")
     return p
 
 
@@ -216,8 +219,12 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        train(cfg, resume=resume, overwrite=getattr(ns, "overwrite", False),
-              progress=not getattr(ns, "quiet", False) and sys.stderr.isatty(), echo=print)
+        progress = not getattr(ns, "quiet", False) and sys.stderr.isatty()
+        train(cfg, resume=resume, overwrite=getattr(ns, "overwrite", False), progress=progress, echo=print)
+        if getattr(ns, "fisher", 0):
+            from .extend import finalize_run
+
+            finalize_run(cfg.out, n_samples=ns.fisher, device=cfg.device, progress=progress)
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: defectscope train --out {cfg.out} --resume", file=sys.stderr)
         return 130

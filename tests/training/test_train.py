@@ -161,3 +161,19 @@ def test_cli_train_and_evaluate_with_tta(folder_data, tmp_path, capsys):
     assert train_main(["--data", str(tmp_path / "missing"), "--backbone", "tiny_cnn", "--weights", "none",
                        "--out", str(tmp_path / "x")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_cli_train_fisher_finalizes_the_run_for_ewc(folder_data, tmp_path):
+    from training.checkpoint import load_model
+    from training.cli import train_main
+    from training.ewc import EWCState
+
+    run = tmp_path / "fisher-run"
+    rc = train_main(["--data", str(folder_data), "--backbone", "tiny_cnn", "--weights", "none",
+                     "--image-size", "32", "--strategy", "full", "--epochs", "1", "--batch-size", "16",
+                     "--threads", "1", "--out", str(run), "--quiet", "--fisher", "16"])
+    assert rc == 0
+    state = EWCState.load(run / "fisher.safetensors")
+    model, _ = load_model(run)
+    state.check_model(model)  # anchors belong to exactly this checkpoint
+    assert sum(float(f.sum()) for f in state.fisher.values()) > 0
