@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from deploy.config import DeployError, check_component
+from runtime.bundle import fsync_dir
 
 STATE_FILE = ".deploy-state.json"
 STATE_SCHEMA = 1
@@ -35,19 +36,6 @@ STALE_TEMP_S = 3600.0  # hidden temp dirs older than this are leftovers of a kil
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @dataclass

@@ -347,7 +347,8 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True, check_graph: 
     return bundle
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a power cut (best effort)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -384,7 +385,7 @@ def _swap_in(tmp: Path, dest: Path) -> None:
         old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
         os.rename(dest, old)
     os.rename(tmp, dest)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
 
