@@ -66,6 +66,9 @@ class Classifier(nn.Module):
         self.num_classes = num_classes
         self.groups: list[LayerGroup] = groups + [LayerGroup("head", ("head",))]
         self.frozen: frozenset[str] = frozenset()
+        # True: every BatchNorm keeps its running statistics (eval mode) while training;
+        # its affine weights still learn. See TrainConfig.bn.
+        self.freeze_bn_stats = False
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(N,3,H,W)`` float32 normalized -> ``(N,D)`` pooled features."""
@@ -116,6 +119,10 @@ class Classifier(nn.Module):
             for name in self.frozen:
                 for m in self.group_modules(name):
                     m.eval()
+            if self.freeze_bn_stats:
+                for m in self.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
         return self
 
 

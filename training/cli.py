@@ -87,13 +87,16 @@ def build_train_parser() -> argparse.ArgumentParser:
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int, help="(32)")
-    o.add_argument("--lr", type=float, help="head LR while fine-tuning (1e-3)")
+    o.add_argument("--lr", type=float, help="head LR while fine-tuning (3e-4)")
     o.add_argument("--head-lr", type=float, help="LR of head-only epochs on cached features (3e-3)")
     o.add_argument("--lr-decay", type=float, help="per-group LR factor going down from the head (0.75)")
     o.add_argument("--weight-decay", type=float, help="AdamW weight decay (0.01)")
     o.add_argument("--warmup-epochs", type=float, help="linear warm-up before the cosine decay (0.5)")
     o.add_argument("--label-smoothing", type=float, help="(0.1)")
     o.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (1.0)")
+    o.add_argument("--bn", choices=("auto", "frozen", "train"),
+                   help="BatchNorm statistics while fine-tuning: frozen (pretrained running stats), train "
+                        "(batch stats); auto (default) = frozen with pretrained weights, train from scratch")
     o.add_argument("--balance", choices=("loss", "sampler", "none"), help="class imbalance handling (loss)")
     o.add_argument("--patience", type=int, help="early-stopping patience in epochs (4)")
     o.add_argument("--monitor", choices=("auto", "macro_f1", "auroc", "accuracy", "balanced_accuracy", "loss"),
@@ -123,7 +126,7 @@ _DATA_KEYS = {"labels": "labels", "cell_types": "cell_types", "test_fraction": "
 _TOP_KEYS = ("out", "backbone", "weights", "image_size", "crop_fraction", "dropout", "strategy", "epochs",
              "head_epochs", "unfreeze_groups", "gradual_every", "batch_size", "lr", "head_lr", "lr_decay",
              "weight_decay", "warmup_epochs", "label_smoothing", "grad_clip", "balance", "patience", "monitor",
-             "seed", "threads", "workers", "device", "max_steps_per_epoch")
+             "seed", "threads", "workers", "device", "max_steps_per_epoch", "bn")
 
 
 def _parse_value(v: str) -> Any:

@@ -64,7 +64,7 @@ class TrainConfig:
     unfreeze_groups: int | None = None   # partial: last N groups incl. head (default 3); others: all
     gradual_every: int = 1               # gradual: one more group every K epochs
     batch_size: int = 32
-    lr: float = 1e-3                     # head LR while fine-tuning; lower groups get lr * lr_decay**k
+    lr: float = 3e-4                     # head LR while fine-tuning; lower groups get lr * lr_decay**k
     head_lr: float = 3e-3                # LR for head-only training on cached features
     lr_decay: float = 0.75               # discriminative per-group factor (1.0 = one LR for all)
     weight_decay: float = 0.01           # AdamW; not applied to norms and biases
@@ -84,6 +84,11 @@ class TrainConfig:
     channels_last: bool = True           # NHWC memory format (CUDA and CPU)
     max_steps_per_epoch: int | None = None  # smoke runs
     dropout: float | None = None         # head dropout; None = backbone default
+    # BatchNorm statistics while fine-tuning: "frozen" keeps the pretrained running statistics
+    # (batch statistics of small, out-of-domain batches such as EL images differ so much from
+    # ImageNet's that a head warmed up on frozen features collapses to chance, measured on ELPV);
+    # "train" uses batch statistics; "auto" = frozen with pretrained weights, train from scratch.
+    bn: str = "auto"
 
     def __post_init__(self) -> None:
         from .backbones import REGISTRY
@@ -93,6 +98,8 @@ class TrainConfig:
             raise ConfigError(f"strategy: expected one of {STRATEGIES}, got {self.strategy!r}")
         if self.balance not in BALANCE:
             raise ConfigError(f"balance: expected one of {BALANCE}, got {self.balance!r}")
+        if self.bn not in ("auto", "frozen", "train"):
+            raise ConfigError(f"bn: expected auto, frozen or train, got {self.bn!r}")
         if self.monitor not in MONITORS:
             raise ConfigError(f"monitor: expected one of {MONITORS}, got {self.monitor!r}")
         if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
@@ -127,7 +134,8 @@ class TrainConfig:
         unfreeze = self.unfreeze_groups
         if unfreeze is None and self.strategy == "partial":
             unfreeze = 3
-        return replace(self, epochs=epochs, head_epochs=head, unfreeze_groups=unfreeze)
+        bn = self.bn if self.bn != "auto" else ("train" if self.weights == "none" else "frozen")
+        return replace(self, epochs=epochs, head_epochs=head, unfreeze_groups=unfreeze, bn=bn)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

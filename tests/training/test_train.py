@@ -177,3 +177,32 @@ def test_cli_train_fisher_finalizes_the_run_for_ewc(folder_data, tmp_path):
     model, _ = load_model(run)
     state.check_model(model)  # anchors belong to exactly this checkpoint
     assert sum(float(f.sum()) for f in state.fisher.values()) > 0
+
+
+@pytest.mark.parametrize("bn, stats_move", [("frozen", False), ("train", True)])
+def test_bn_option_freezes_or_updates_running_statistics(tiny_cfg, bn, stats_move):
+    """bn=frozen: every BN keeps its running stats while all weights (BN affine too) still learn."""
+    cfg = tiny_cfg(strategy="full", epochs=1, head_epochs=0, bn=bn)
+    before = {}
+
+    def on_epoch_end(info):
+        before["after"] = {n: b.clone() for n, b in info.model.named_buffers() if "running_mean" in n}
+        before["params"] = _snapshot(info.model)
+
+    result = Trainer(cfg, overwrite=True, progress=False, on_epoch_end=on_epoch_end).fit()
+    assert result.history
+    stats = before["after"]
+    # tiny_cnn is built from scratch: BN running means start at exactly 0.
+    moved = any(not torch.equal(b, torch.zeros_like(b)) for b in stats.values())
+    assert moved is stats_move
+    bn_weights = [p for n, p in before["params"].items() if n.endswith(".1.weight")]
+    assert bn_weights and any(not torch.equal(p, torch.ones_like(p)) for p in bn_weights)
+
+
+def test_bn_auto_resolves_by_weights(tiny_cfg):
+    assert tiny_cfg(weights="none").resolved().bn == "train"
+    from training.config import ConfigError, TrainConfig
+
+    assert TrainConfig(backbone="tiny_cnn").resolved().bn == "frozen"
+    with pytest.raises(ConfigError, match="bn: expected auto, frozen or train"):
+        tiny_cfg(bn="sometimes")
