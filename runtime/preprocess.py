@@ -153,6 +153,20 @@ def resized_size(h: int, w: int, size: int) -> tuple[int, int]:
     return int(size * h / w), size
 
 
+def resize(image: np.ndarray, h: int, w: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Resize uint8 ``(H,W)`` / ``(H,W,C)`` to ``(h,w)``: the one resize of the project.
+
+    Downscaling uses INTER_AREA (OpenCV's anti-aliased filter, the counterpart of
+    torchvision's ``antialias=True``); upscaling plain bilinear/bicubic. Training
+    resizes with this too, so a model sees the same pixels in training and on a station.
+    """
+    ih, iw = image.shape[:2]
+    if (ih, iw) == (h, w):
+        return image
+    interp = cv2.INTER_AREA if (h < ih and w < iw) else INTERPOLATIONS[interpolation]
+    return cv2.resize(image, (w, h), interpolation=interp)
+
+
 class Preprocessor:
     """Camera frame (uint8 gray or BGR) → model input (C,H,W) float32, per an InputSpec."""
 
@@ -165,13 +179,7 @@ class Preprocessor:
         self._offset = (-np.asarray(spec.mean, dtype=np.float32) / std).reshape(c, 1, 1)
 
     def _resize(self, image: np.ndarray, h: int, w: int) -> np.ndarray:
-        ih, iw = image.shape[:2]
-        if (ih, iw) == (h, w):
-            return image
-        # Downscaling: INTER_AREA is OpenCV's anti-aliased filter, the closest match
-        # to torchvision's antialias=True bilinear. Upscaling: plain interpolation.
-        interp = cv2.INTER_AREA if (h < ih and w < iw) else INTERPOLATIONS[self.spec.interpolation]
-        return cv2.resize(image, (w, h), interpolation=interp)
+        return resize(image, h, w, self.spec.interpolation)
 
     def geometry(self, image: np.ndarray, resize_size: int | None = None) -> np.ndarray:
         """Resize + crop only (uint8 in, uint8 out); ``resize_size`` overrides the spec (TTA scales)."""
@@ -231,6 +239,7 @@ __all__ = [
     "Preprocessor",
     "SpecError",
     "read_image",
+    "resize",
     "resized_size",
     "to_uint8",
 ]

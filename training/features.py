@@ -26,7 +26,7 @@ def feature_key(backbone: str, weights_id: str, input_spec: Mapping, split_finge
                 extra: str = "") -> str:
     """Cache key of one split's features (``extra``: e.g. the init seed of random weights)."""
     parts = {"backbone": backbone, "weights": weights_id, "input": dict(input_spec),
-             "data": split_fingerprint, "extra": extra, "format": 1}
+             "data": split_fingerprint, "extra": extra, "format": 2}  # 2: OpenCV resize
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -2,10 +2,10 @@
 
 Every pipeline is two stages so decoded images can be cached after the first:
 ``resize`` (uint8 ``(C,H,W)`` -> uint8, shorter side to ``resize_size``) and ``tail``
-(crop / augment -> float32 ``(3,h,w)`` normalised). The validation pipeline is the
-contract's reference (docs/contracts.md): ``Resize(resize_size, antialias=True)`` ->
-``CenterCrop((h, w))`` -> ``ToDtype(float32, scale=True)`` -> ``Normalize(mean, std)``;
-``runtime.preprocess.Preprocessor`` must match it.
+(crop / augment -> float32 ``(3,h,w)`` normalised). The resize stage is
+``runtime.preprocess.resize`` (the project's one resize, OpenCV), then ``CenterCrop((h, w))``
+-> ``ToDtype(float32, scale=True)`` -> ``Normalize(mean, std)``: the validation pipeline
+equals ``runtime.preprocess.Preprocessor`` (docs/contracts.md).
 """
 
 from __future__ import annotations
@@ -56,11 +56,31 @@ class Pipeline:
         return self.tail(self.resize(x))
 
 
-def resize_stage(spec: Mapping, resize_size: int | None = None) -> v2.Transform:
-    interp = _INTERP[spec["interpolation"]]
-    if spec.get("resize_policy", "shorter_side_center_crop") == "stretch":
-        return v2.Resize((spec["height"], spec["width"]), interpolation=interp, antialias=True)
-    return v2.Resize(resize_size or spec["resize_size"], interpolation=interp, antialias=True)
+class RuntimeResize(torch.nn.Module):
+    """uint8 ``(C,H,W)`` -> uint8 ``(C,h,w)`` with ``runtime.preprocess.resize``.
+
+    Training, evaluation and the station resize with the same code (OpenCV), so the
+    pixels a model is trained and measured on are the pixels it gets in production.
+    """
+
+    def __init__(self, spec: Mapping, resize_size: int | None = None) -> None:
+        super().__init__()
+        self.stretch = spec.get("resize_policy", "shorter_side_center_crop") == "stretch"
+        self.size = (spec["height"], spec["width"]) if self.stretch else (resize_size or spec["resize_size"])
+        self.interpolation = spec["interpolation"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from runtime.preprocess import resize, resized_size
+
+        h, w = self.size if self.stretch else resized_size(x.shape[-2], x.shape[-1], self.size)
+        hwc = x.permute(1, 2, 0).numpy()                  # (H,W,C) view, uint8
+        out = resize(hwc if hwc.shape[2] > 1 else hwc[:, :, 0], h, w, self.interpolation)
+        out = out[:, :, None] if out.ndim == 2 else out
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+
+
+def resize_stage(spec: Mapping, resize_size: int | None = None) -> torch.nn.Module:
+    return RuntimeResize(spec, resize_size)
 
 
 def _normalize(spec: Mapping) -> list:
