@@ -23,6 +23,21 @@ def _console():
     return Console(highlight=False, soft_wrap=True)
 
 
+def run_command(name: str, body, args: argparse.Namespace) -> int:
+    """Run ``body(args, console)``; a failure is one clear line and EXIT_ERROR, not a traceback.
+
+    ``DEFECTSCOPE_DEBUG=1`` re-raises for the traceback.
+    """
+    console = _console()
+    try:
+        return body(args, console)
+    except Exception as exc:  # noqa: BLE001 - KeyboardInterrupt/SystemExit are not Exceptions
+        if os.environ.get("DEFECTSCOPE_DEBUG"):
+            raise
+        console.print(f"[bold red]{name} failed:[/] {exc}")
+        return EXIT_ERROR
+
+
 def _threads(value: int | None) -> int:
     from calibration.evaluate import default_threads
 
@@ -97,16 +112,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 def export_main(argv: list[str] | None = None) -> int:
     args = export_parser().parse_args(argv)
-    console = _console()
-    try:
-        return _export(args, console)
-    except Exception as exc:  # noqa: BLE001 - one clear line per failure, not a traceback
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        if os.environ.get("DEFECTSCOPE_DEBUG"):
-            raise
-        console.print(f"[bold red]export failed:[/] {exc}")
-        return EXIT_ERROR
+    return run_command("export", _export, args)
 
 
 def _export(args: argparse.Namespace, console: Any) -> int:
@@ -250,16 +256,7 @@ def calibrate_parser() -> argparse.ArgumentParser:
 
 def calibrate_main(argv: list[str] | None = None) -> int:
     args = calibrate_parser().parse_args(argv)
-    console = _console()
-    try:
-        return _calibrate(args, console)
-    except Exception as exc:  # noqa: BLE001
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        if os.environ.get("DEFECTSCOPE_DEBUG"):
-            raise
-        console.print(f"[bold red]calibrate failed:[/] {exc}")
-        return EXIT_ERROR
+    return run_command("calibrate", _calibrate, args)
 
 
 def _run_dir(args: argparse.Namespace, manifest: Any) -> Path:

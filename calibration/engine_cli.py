@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-EXIT_ERROR = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,18 +128,9 @@ def _calibration_stream(args: argparse.Namespace, bundle: Any, plan: Any, log: A
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from rich.console import Console
+    from calibration.cli import run_command
 
-    console = Console(highlight=False, soft_wrap=True)
-    try:
-        return _main(args, console)
-    except Exception as exc:  # noqa: BLE001
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        if os.environ.get("DEFECTSCOPE_DEBUG"):
-            raise
-        console.print(f"[bold red]build-engine failed:[/] {exc}")
-        return EXIT_ERROR
+    return run_command("build-engine", _main, args)
 
 
 def _main(args: argparse.Namespace, console: Any) -> int:

@@ -260,18 +260,14 @@ class Camera:
                 self.events.reconnecting(cfg.id)
             try:
                 reader = open_reader(cfg)
-            except SourceError as exc:
+            except Exception as exc:  # SourceError, or cv2.error for a malformed source string
                 failures += 1
                 self._set_up(False)
                 delay = backoff_delay(failures - 1, cfg.reconnect_initial_s, cfg.reconnect_max_s, self._rng)
-                log.warning("camera %s: %s; retrying in %.1fs", cfg.id, exc, delay)
-                self._stop.wait(delay)
-                continue
-            except Exception as exc:  # OpenCV can raise cv2.error for a malformed source string
-                failures += 1
-                self._set_up(False)
-                delay = backoff_delay(failures - 1, cfg.reconnect_initial_s, cfg.reconnect_max_s, self._rng)
-                log.error("camera %s: cannot open source: %s; retrying in %.1fs", cfg.id, exc, delay)
+                if isinstance(exc, SourceError):
+                    log.warning("camera %s: %s; retrying in %.1fs", cfg.id, exc, delay)
+                else:
+                    log.error("camera %s: cannot open source: %s; retrying in %.1fs", cfg.id, exc, delay)
                 self._stop.wait(delay)
                 continue
             opened_before = True
