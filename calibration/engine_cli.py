@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="defectscope build-engine",
