@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--balance", default="loss", choices=("loss", "sampler", "none"))
+    p.add_argument("--monitor", default="auto", help="early-stopping metric passed to train (auto: macro-F1/AUROC)")
+    p.add_argument("--lr", type=float, help="fine-tuning LR of the pretrained runs (default: train's)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--limit", type=int, help="images per split (smoke runs)")
     p.add_argument("--max-steps-per-epoch", type=int, help="(smoke runs)")
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print("tv: no torchvision weights cached under torch.hub.get_dir()/checkpoints; skipping")
 
     common = ["--data", "elpv", "--image-size", str(a.image_size), "--batch-size", str(a.batch_size),
-              "--threads", str(a.threads), "--balance", a.balance, "--quiet", "--overwrite"]
+              "--threads", str(a.threads), "--balance", a.balance, "--monitor", a.monitor, "--quiet", "--overwrite"]
     if a.limit:
         common += ["--limit", str(a.limit)]
     if a.max_steps_per_epoch:
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                                     str(a.head_epochs), "--epochs", str(a.partial_epochs)]))
         if "full" in runs:
             out.append(("full", ["--strategy", "two-phase", "--head-epochs", str(a.head_epochs),
-                                 "--epochs", str(a.epochs)]))
+                                 "--epochs", str(a.epochs)] + (["--lr", str(a.lr)] if a.lr else [])))
         if "scratch" in runs:
             out.append(("scratch", ["--strategy", "full", "--weights", "none", "--head-epochs", "0",
                                     "--epochs", str(a.scratch_epochs), "--lr", "3e-3", "--lr-decay", "1.0"]))

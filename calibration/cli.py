@@ -244,6 +244,11 @@ def calibrate_parser() -> argparse.ArgumentParser:
                    help="give up when more than this many layers would stay in float (default: 16)")
     p.add_argument("--sensitivity-images", type=int, default=32,
                    help="calibration images used to rank per-layer sensitivity (default: 32)")
+    p.add_argument("--float-prefix", default="auto", metavar="auto|auto:N|N",
+                   help="cpu target: leading layers kept in float because FP32 runs them faster (the 3-channel "
+                        "stem, the first full-resolution depthwise conv). auto: time prefixes of 0..4 layers on "
+                        "this machine and keep the fastest; auto:N: try up to N; N: exactly N, untimed; 0: all "
+                        "INT8 (default: auto)")
     p.add_argument("--batch-size", type=int, default=16, help="images per inference (default: 16)")
     p.add_argument("--threads", type=int, help="CPU threads (default: DEFECTSCOPE_THREADS or all)")
     p.add_argument("--report", metavar="JSON", help="write the full calibration report (gate, search trials) here")
@@ -277,6 +282,7 @@ def _calibrate(args: argparse.Namespace, console: Any) -> int:
     from calibration.pipeline import EvalData, GateSettings, quantize_and_gate
     from calibration.provenance import library_versions
     from calibration.quantize import QuantConfig, prepare_float_model
+    from calibration.speed import SpeedSettings
     from runtime.bundle import Artifact, load_bundle, write_bundle
     from training.checkpoint import read_card
     from training.data import resolve_splits
@@ -297,6 +303,7 @@ def _calibrate(args: argparse.Namespace, console: Any) -> int:
     settings = GateSettings(budget=args.budget, metrics=tuple(args.gate_metric or DEFAULT_METRICS),
                             fallback=not args.no_fallback, max_float_nodes=args.max_float_nodes,
                             sensitivity_images=args.sensitivity_images)
+    speed = SpeedSettings.parse(args.float_prefix)
 
     run_dir = _run_dir(args, manifest)
     card = read_card(run_dir / "model.json" if run_dir.is_dir() else run_dir.parent / "model.json")
@@ -340,7 +347,7 @@ def _calibrate(args: argparse.Namespace, console: Any) -> int:
             cfg = QuantConfig(method=args.method, target=target, per_channel=not args.per_tensor,
                               reduce_range=args.reduce_range, percentile=args.percentile, batch_size=args.batch_size)
             outcome = quantize_and_gate(prepared, ref, x_cal, data, cfg, ranges, tmp / f"{target}.onnx", settings,
-                                        log=console.print, show=show)
+                                        log=console.print, show=show, speed=speed)
             report["targets"][target] = outcome.report()
             outcomes.append(outcome)
 

@@ -13,6 +13,7 @@ from calibration.fallback import search_float_nodes
 from calibration.gate import GateResult, check_gate
 from calibration.quantize import (QuantConfig, compute_nodes, fallback_order, layer_sensitivity,
                                   quantize_model)
+from calibration.speed import SpeedResult, SpeedSettings, search_float_prefix
 
 ARTIFACT_KEYS = {"cpu": "int8", "tensorrt": "int8-trt"}
 ARTIFACT_FILES = {"cpu": "model.int8.onnx", "tensorrt": "model.int8.trt.onnx"}
@@ -51,6 +52,7 @@ class TargetOutcome:
     gate: GateResult
     float_nodes: list[str] = field(default_factory=list)
     search: dict[str, Any] | None = None
+    speed: SpeedResult | None = None
 
     @property
     def key(self) -> str:
@@ -69,6 +71,8 @@ class TargetOutcome:
                "metrics": self.metrics.to_dict(), "passed": self.passed}
         if self.search is not None:
             out["search"] = self.search
+        if self.speed is not None:
+            out["speed"] = self.speed.to_dict()
         return out
 
     def quantization_record(self, fingerprint: str, size: int) -> dict[str, Any]:
@@ -79,21 +83,33 @@ class TargetOutcome:
             # Why layers stay in float: the all-INT8 drop that failed the gate, and the search effort.
             q["fallback"] = {"drops_before_points": self.search["drops_before_points"],
                              "trials": len(self.search["trials"]), "budget_points": self.gate.budget}
+        if self.speed is not None and self.speed.float_nodes:
+            # Why leading layers stay in float: they were measured faster in FP32 on the calibrating machine.
+            q["float_for_speed"] = {"nodes": list(self.speed.float_nodes), "measured": self.speed.measured,
+                                    "trials": [{k: t[k] for k in ("prefix", "img_per_s")} for t in self.speed.trials]}
         return q
 
 
 def quantize_and_gate(prepared: Path, reference: Metrics, x_cal: np.ndarray, data: EvalData, config: QuantConfig,
                       ranges: Path, out_path: Path, settings: GateSettings, *,
                       log: Callable[[str], None] = print,
-                      show: Callable[[str, GateResult], None] | None = None) -> TargetOutcome:
+                      show: Callable[[str, GateResult], None] | None = None,
+                      speed: SpeedSettings | None = None) -> TargetOutcome:
     """Quantize ``prepared`` for ``config.target``, gate it against ``reference``; search float layers if needed.
 
     ``ranges`` caches the calibration ranges (computed from ``x_cal`` on first use).
+    ``speed`` (CPU target only): first choose the leading layers that run faster in float.
     """
     quantize_model(prepared, out_path, config, ranges, x_cal, progress=True)
+    fast: SpeedResult | None = None
+    if speed is not None and config.target == "cpu":
+        fast = search_float_prefix(prepared, config, ranges, x_cal, speed, data.threads, log=log)
+        if fast.float_nodes:
+            quantize_model(prepared, out_path, config, ranges, nodes_to_exclude=fast.float_nodes)
+    base = tuple(fast.float_nodes) if fast else ()
     metrics = data.evaluate(out_path)
     gate = check_gate(reference, metrics, settings.budget, settings.metrics)
-    outcome = TargetOutcome(config.target, config, out_path, metrics, gate)
+    outcome = TargetOutcome(config.target, config, out_path, metrics, gate, float_nodes=list(base), speed=fast)
     if show:
         show(f"{outcome.key} ({config.target}) vs fp32 on {data.split} (n={reference.n}), budget "
              f"{settings.budget:g} pts: {'PASSED' if gate.passed else 'FAILED'}", gate)
@@ -103,11 +119,11 @@ def quantize_and_gate(prepared: Path, reference: Metrics, x_cal: np.ndarray, dat
     nodes = compute_nodes(prepared)
     sens = layer_sensitivity(prepared, config, ranges, x_cal[: settings.sensitivity_images], nodes, data.threads,
                              progress=True)
-    order = fallback_order(prepared, sens)
+    order = [n for n in fallback_order(prepared, sens) if n not in base]
     trial_path = out_path.with_name(f"trial.{out_path.name}")
 
     def evaluate(float_nodes: tuple[str, ...]) -> GateResult:
-        quantize_model(prepared, trial_path, config, ranges, nodes_to_exclude=float_nodes)
+        quantize_model(prepared, trial_path, config, ranges, nodes_to_exclude=base + float_nodes)
         g = check_gate(reference, data.evaluate(trial_path), settings.budget, settings.metrics)
         log(f"  float {len(float_nodes)} layer(s): " + ", ".join(f"{k} drop {v:+.2f}" for k, v in g.drops.items())
             + (" -> pass" if g.passed else " -> fail"))
@@ -120,10 +136,10 @@ def quantize_and_gate(prepared: Path, reference: Metrics, x_cal: np.ndarray, dat
     if not search.found:
         log(f"no set of up to {settings.max_float_nodes} float layers meets the budget")
         return outcome
-    quantize_model(prepared, out_path, config, ranges, nodes_to_exclude=search.float_nodes)
+    quantize_model(prepared, out_path, config, ranges, nodes_to_exclude=base + search.float_nodes)
     outcome.metrics = data.evaluate(out_path)
     outcome.gate = check_gate(reference, outcome.metrics, settings.budget, settings.metrics)
-    outcome.float_nodes = list(search.float_nodes)
+    outcome.float_nodes = list(base + search.float_nodes)
     if show:
         show(f"{outcome.key} with {len(outcome.float_nodes)} float layer(s) {outcome.float_nodes}: "
              f"{'PASSED' if outcome.passed else 'FAILED'}", outcome.gate)

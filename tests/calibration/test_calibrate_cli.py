@@ -31,7 +31,10 @@ def test_calibrated_bundle_records_everything(calibrated, exported, splits):
         q = a.quantization
         assert q["method"] == "minmax" and q["per_channel"] is True and q["format"] == "qdq"
         assert q["activation_type"] == act and q["activation_symmetric"] is sym
-        assert q["calibration_fingerprint"] == calib.fingerprint and q["float_nodes"] == []
+        # No accuracy fallback was needed; only layers timed faster in float (CPU target) may stay float.
+        speed_nodes = q.get("float_for_speed", {}).get("nodes", [])
+        assert q["calibration_fingerprint"] == calib.fingerprint and q["float_nodes"] == speed_nodes
+        assert key == "int8" or speed_nodes == []
         metrics = m.metrics[key]
         assert metrics["split"] == "test" and metrics["n"] == len(splits.test)
         assert metrics["gate"]["passed"] is True and metrics["gate"]["budget_points"] == 1.0

@@ -80,7 +80,7 @@ def test_miscalibrated_model_fails_the_gate(exported, tmp_path, capsys):
     before = (exported / "manifest.json").read_bytes()
     report = tmp_path / "report.json"
     rc = calibrate_main([str(exported), "--calibration-data", str(black), "--no-fallback", "--method", "minmax",
-                         "--threads", "1", "--report", str(report)])
+                         "--threads", "1", "--report", str(report), "--float-prefix", "0"])
     out = capsys.readouterr().out
     assert rc == EXIT_GATE
     assert "accuracy gate failed" in out and "FAIL" in out
@@ -99,7 +99,7 @@ def test_fallback_keeps_the_fewest_layers_in_float(outlier_bundle, tmp_path, cap
     report = tmp_path / "report.json"
     out = tmp_path / "int8"
     rc = calibrate_main([str(outlier_bundle), "--out", str(out), "--size", "32", "--method", "minmax",
-                         "--threads", "1", "--report", str(report)])
+                         "--threads", "1", "--report", str(report), "--float-prefix", "0"])
     assert rc == 0, capsys.readouterr().out
     b = load_bundle(out)
     q = b.manifest.artifacts["int8"].quantization
