@@ -155,9 +155,14 @@ class BatchingConfig:
     max_wait_ms: float = 5.0  # how long the first frame of a batch may wait for company
 
 
+TTA_MODES = ("always", "uncertain")
+
+
 @dataclass(frozen=True)
 class TTAConfig:
     views: tuple[str, ...] = ("original",)
+    mode: str = "always"  # "always": every view of every frame; "uncertain": more views only near a threshold
+    band: float = 0.2  # uncertain mode: first-view score within this of a threshold -> all views
 
     @property
     def enabled(self) -> bool:
@@ -367,7 +372,14 @@ def from_dict(data: Mapping[str, Any], where: str = "(in memory)", base: Path | 
                                    "(F = factor on the manifest's resize_size, 0.25..4)")
     if len(set(views)) != len(views):
         raise t.error("views", f"duplicate views in {views}")
-    tta = TTAConfig(views=tuple(views))
+    mode = t.get("mode", str, "always")
+    if mode not in TTA_MODES:
+        raise t.error("mode", f"expected one of {list(TTA_MODES)}, got {mode!r}")
+    if mode == "uncertain" and len(views) < 2:
+        raise t.error("mode", "'uncertain' needs at least two views (the first judges every frame, the others "
+                              f"the frames near a threshold), got views = {views}")
+    band = t.number("band", 0.2, minimum=0.0, exclusive=True, maximum=1.0)
+    tta = TTAConfig(views=tuple(views), mode=mode, band=band)
     t.finish()
 
     t = root.table("decision")

@@ -69,6 +69,7 @@ class LoadedModel:
     decider: Decider
     frames_per_call: int
     info: dict[str, str]  # name, version, precision, artifact, backend
+    adaptive_band: float | None = None  # adaptive TTA: the band; None: every view of every frame
     lock: threading.Lock = field(default_factory=threading.Lock)  # held while the backend runs
     closed: bool = False
 
@@ -77,9 +78,9 @@ class LoadedModel:
         return self.bundle.manifest.classes
 
     def prepare(self, frame: Frame) -> None:
-        """Frame -> its TTA views (V,C,H,W), on the calling (capture) thread."""
+        """Frame -> its TTA views (V,C,H,W), on the calling (capture) thread (adaptive TTA: the first only)."""
         t = time.perf_counter()
-        frame.tensor = self.tta.expand(frame.image)
+        frame.tensor = self.tta.expand(frame.image, stop=1 if self.adaptive_band is not None else None)
         frame.generation = self.generation
         frame.preprocess_s += time.perf_counter() - t
 
@@ -103,11 +104,14 @@ def load_model(cfg: StationConfig, generation: int = 1) -> LoadedModel:
         raise ModelLoadError(f"{cfg.model.bundle}: {exc}") from None
     try:
         per_call = cfg.batching.max_batch
+        adaptive = cfg.tta.mode == "uncertain" and tta.n_views > 1
+        # Tensors per frame in the largest call: adaptive TTA runs first views, then the other views.
+        per_frame = max(1, tta.n_views - 1) if adaptive else tta.n_views
         if backend.max_batch:
-            if backend.max_batch < tta.n_views:
+            if backend.max_batch < per_frame:
                 log.warning("the model takes batches of at most %d, fewer than the %d TTA views: views will run "
-                            "in several calls", backend.max_batch, tta.n_views)
-            per_call = max(1, min(per_call, backend.max_batch // tta.n_views))
+                            "in several calls", backend.max_batch, per_frame)
+            per_call = max(1, min(per_call, backend.max_batch // per_frame))
         backend.warmup(m.input.shape, cfg.model.warmup_runs, per_call * tta.n_views)
         # One synthetic frame through the whole path: views, outputs and postprocessing must agree.
         probe = np.full((m.input.resize_size, m.input.resize_size, 3), 127, dtype=np.uint8)
@@ -127,7 +131,8 @@ def load_model(cfg: StationConfig, generation: int = 1) -> LoadedModel:
         raise ModelLoadError(f"{cfg.model.bundle}: warm-up inference failed: {exc}") from None
     info = {"name": m.model.name, "version": m.model.version, "precision": backend.precision,
             "artifact": backend.artifact_key, "backend": backend.name}
-    return LoadedModel(generation, bundle, backend, pre, tta, post, decider, per_call, info)
+    return LoadedModel(generation, bundle, backend, pre, tta, post, decider, per_call, info,
+                       adaptive_band=cfg.tta.band if adaptive else None)
 
 
 @dataclass
@@ -138,6 +143,7 @@ class _Result:
     model: LoadedModel
     t_batch: float  # monotonic, batch taken from the hub
     infer_s: float
+    views: list[int]  # TTA views each frame was judged on
 
 
 # ---- the daemon -------------------------------------------------------------------------------
@@ -357,17 +363,49 @@ class Daemon:
                 for f in frames:
                     self.dropped(f.camera, "inference_error")
                 return
+            n_views = model.tta.n_views
+            if model.adaptive_band is None:
+                preds = model.post(outputs, len(frames), n_views)
+                views = [n_views] * len(frames)
+            else:
+                preds, views = self._more_views(model, frames, outputs)
             infer_s = time.perf_counter() - t0
-            preds = model.post(outputs, len(frames), model.tta.n_views)
             decisions = [model.decider(p.scores) for p in preds]
         finally:
             model.lock.release()
-        for f in frames:
+        for f, v in zip(frames, views):
             f.tensor = None  # the (V,C,H,W) views are not needed past inference
+            if v > 1 and model.adaptive_band is not None:
+                self.metrics.tta_expanded.labels(f.camera).inc()
         self.metrics.inference_latency.observe(infer_s)
         self.metrics.batch_size.observe(len(frames))
         self.last_inferred = time.monotonic()
-        self._put_result(_Result(frames, preds, decisions, model, t_batch, infer_s), float("inf"))
+        self._put_result(_Result(frames, preds, decisions, model, t_batch, infer_s, views), float("inf"))
+
+    @staticmethod
+    def _more_views(model: LoadedModel, frames: list[Frame], outputs: Any) -> tuple[list[Prediction], list[int]]:
+        """Adaptive TTA: first-view predictions; frames near a threshold get the other views in ONE call.
+
+        Their score is the mean over all views, exactly what always-on TTA gives them.
+        """
+        n_views, band = model.tta.n_views, model.adaptive_band
+        preds = model.post(outputs, len(frames), 1)
+        near = [i for i, p in enumerate(preds) if model.decider.near(p.scores, band)]
+        views = [1] * len(frames)
+        if not near:
+            return preds, views
+        extra = []
+        for i in near:
+            f = frames[i]
+            t = time.perf_counter()
+            first = f.tensor[0] if model.tta.views[0] == "original" else None
+            extra.append(model.tta.expand(f.image, start=1, base=first))
+            f.preprocess_s += time.perf_counter() - t
+        rest = model.post(model.backend.run(np.concatenate(extra)), len(near), n_views - 1)
+        for j, i in enumerate(near):
+            preds[i] = Prediction(scores=(preds[i].scores + (n_views - 1) * rest[j].scores) / n_views)
+            views[i] = n_views
+        return preds, views
 
     # ---- output thread ----------------------------------------------------------------------------
     def _output_loop(self) -> None:
@@ -399,7 +437,7 @@ class Daemon:
         model = r.model
         classes = model.classes
         task = model.bundle.manifest.model.task
-        for frame, pred, dec in zip(r.frames, r.preds, r.decisions):
+        for frame, pred, dec, views in zip(r.frames, r.preds, r.decisions, r.views):
             top_class, top_score = top(classes, pred.scores)
             now_wall, now_mono = time.time(), time.monotonic()
             preprocess_ms = frame.preprocess_s * 1000.0
@@ -425,7 +463,7 @@ class Daemon:
                     "inference": round(r.infer_s * 1000.0, 3),
                     "total": round((now_mono - frame.t_capture) * 1000.0, 3),
                 },
-                "tta_views": model.tta.n_views,
+                "tta_views": views,
                 "snapshot": None,
             }
             scores = scores_dict(classes, pred.scores)

@@ -152,6 +152,12 @@ class Decider:
         return Decision("ok", None, float(1.0 - s.max()))
 
 
+    def near(self, scores: np.ndarray, band: float) -> bool:
+        """True when any defect class's score is within ``band`` of its threshold (a verdict TTA could flip)."""
+        s = np.asarray(scores, dtype=np.float32)[self.defect_idx]
+        return bool(np.any(np.abs(s - self.thresholds) < band))
+
+
 def scores_dict(classes: Sequence[str], scores: np.ndarray, digits: int = 5) -> dict[str, float]:
     return {c: round(float(v), digits) for c, v in zip(classes, scores)}
 

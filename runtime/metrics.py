@@ -55,6 +55,9 @@ class Metrics:
                                      cam, buckets=E2E_BUCKETS, registry=r)
         self.batch_size = Histogram("defectscope_batch_frames", "Frames per inference call",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.tta_expanded = Counter("defectscope_tta_expanded_frames_total",
+                                    "Frames judged with every TTA view (adaptive TTA: scores near a threshold)", cam,
+                                    registry=r)
         self.queue_depth = Gauge("defectscope_queue_depth", "Frames waiting for inference", cam, registry=r)
         self.camera_up = Gauge("defectscope_camera_up", "1 while the camera delivers frames", cam, registry=r)
         self.reconnects = Counter("defectscope_camera_reconnects_total", "Attempts to reopen a failed camera", cam,

@@ -4,6 +4,13 @@ Views are built on the capture thread from the frame with the bundle's own
 preprocessing (``runtime.preprocess.Preprocessor``); the batcher stacks the
 views of every frame of a micro-batch into one tensor batch, and the
 postprocessor averages the per-view probabilities back to one per frame.
+
+Adaptive mode (``[tta] mode = "uncertain"``): only the first view is built and
+judged for every frame; the frames whose scores come within ``band`` of a decision
+threshold get their remaining views, for all such frames of the micro-batch in ONE
+more call, and the average over all views. Frames far from every threshold cannot
+change verdict under TTA, so on a CPU (where inference cost grows linearly with the
+views) this keeps TTA's verdicts at a fraction of its cost.
 """
 
 from __future__ import annotations
@@ -36,12 +43,16 @@ class TTA:
     def n_views(self) -> int:
         return len(self.views)
 
-    def expand(self, image: np.ndarray) -> np.ndarray:
-        """uint8 frame -> (V,C,H,W) float32, one normalised tensor per view."""
+    def expand(self, image: np.ndarray, start: int = 0, stop: int | None = None,
+               base: np.ndarray | None = None) -> np.ndarray:
+        """uint8 frame -> (V,C,H,W) float32, one normalised tensor per view in ``views[start:stop]``.
+
+        ``base``: the frame's already preprocessed (C,H,W) 'original' view, reused for flips.
+        """
         spec = self.pre.spec
-        out = np.empty((len(self.views), *spec.shape), dtype=np.float32)
-        base = None
-        for i, v in enumerate(self.views):
+        views = self.views[start:stop]
+        out = np.empty((len(views), *spec.shape), dtype=np.float32)
+        for i, v in enumerate(views):
             if v in self._sizes:
                 out[i] = self.pre(image, resize_size=self._sizes[v])
                 continue

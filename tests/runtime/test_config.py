@@ -70,6 +70,12 @@ rotate = 90
         ('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\nsoruce="1"\n', "cameras[0].soruce", "unknown key"),
         ('[model]\nbundle="b"\n[tta]\nviews=["original","rot90"]\n[[cameras]]\nid="c"\nsource="0"\n', "tta.views",
          "unknown view"),
+        ('[model]\nbundle="b"\n[tta]\nmode="sometimes"\n[[cameras]]\nid="c"\nsource="0"\n', "tta.mode",
+         "'always', 'uncertain'"),
+        ('[model]\nbundle="b"\n[tta]\nmode="uncertain"\n[[cameras]]\nid="c"\nsource="0"\n', "tta.mode",
+         "at least two views"),
+        ('[model]\nbundle="b"\n[tta]\nviews=["original","hflip"]\nmode="uncertain"\nband=0\n[[cameras]]\nid="c"\n'
+         'source="0"\n', "tta.band", "> 0"),
         ('[model]\nbundle="b"\n[decision]\nthresholds={defect=1.5}\n[[cameras]]\nid="c"\nsource="0"\n',
          "decision.thresholds.defect", "[0, 1]"),
         ('[model]\nbundle="b"\n[publisher]\nbind=["5555"]\n[[cameras]]\nid="c"\nsource="0"\n', "publisher.bind",
@@ -123,3 +129,4 @@ def test_example_station_config_is_valid() -> None:
     assert cfg.station == "line3-el"
     assert [c.kind for c in cfg.cameras] == ["rtsp", "v4l2", "gstreamer"]
     assert cfg.tta.views == ("original", "hflip", "vflip")
+    assert (cfg.tta.mode, cfg.tta.band) == ("uncertain", 0.2)

@@ -135,12 +135,62 @@ def test_tta_views_run_in_one_call_and_probabilities_are_averaged(tmp_path: Path
         sub.close()
 
 
+def test_adaptive_tta_spends_extra_views_only_near_a_threshold(tmp_path: Path, bundle: Path, start_daemon) -> None:
+    import cv2
+    import onnxruntime as ort
+
+    from runtime.bundle import load_bundle
+    from runtime.decision import softmax
+    from runtime.preprocess import Preprocessor, read_image
+
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    # Uniform frames far from the threshold, and centre/border frames whose views disagree near it.
+    frames = [(40, 40), (215, 215), (200, 30), (150, 90), (128, 128), (60, 20), (30, 30), (170, 100)]
+    for i, (inner, outer) in enumerate(frames):
+        img = np.full((48, 48), outer, np.uint8)
+        img[12:36, 8:40] = inner
+        cv2.imwrite(str(replay / f"f{i}.png"), img)
+    views, band = ["original", "hflip", "vflip", "scale:1.5"], 0.2
+    config, endpoint = station_config(
+        tmp_path, bundle, [{"id": "cam1", "source": str(replay)}], publisher={"wait_for_subscribers": 1},
+        tta={"views": views, "mode": "uncertain", "band": band}, batching={"max_batch": 4, "max_wait_ms": 50.0})
+    b = load_bundle(bundle)
+    pre = Preprocessor(b.manifest.input)
+    sess = ort.InferenceSession(str(b.artifact_path()), providers=["CPUExecutionProvider"])
+    sub = Subscriber(endpoint)
+    try:
+        d = start_daemon(config)
+        assert d.run() == 0
+        sub.until(lambda s: len(s.verdicts()) == len(frames), 10, what="all verdicts")
+        near_count = 0
+        for m in sub.verdicts():
+            validate(m)
+            img = read_image(replay / m["source"])
+            base = pre(img)
+            per_view = softmax(sess.run(None, {"input": np.stack(
+                [base, base[:, :, ::-1], base[:, ::-1, :], pre(img, resize_size=48)])})[0])
+            near = abs(per_view[0, 1] - 0.5) < band   # threshold 0.5 (the test bundle's default)
+            near_count += near
+            expected = per_view.mean(axis=0) if near else per_view[0]
+            assert m["tta_views"] == (4 if near else 1), (m["source"], per_view[0])
+            got = np.array([m["probabilities"]["ok"], m["probabilities"]["defect"]])
+            np.testing.assert_allclose(got, expected, atol=2e-5)
+        assert 0 < near_count < len(frames)   # both paths were exercised
+        expanded = d.metrics.registry.get_sample_value("defectscope_tta_expanded_frames_total", {"camera": "cam1"})
+        assert expanded == near_count
+    finally:
+        sub.close()
+
+
 def test_stuck_subscriber_does_not_stall_the_pipeline(tmp_path: Path, bundle: Path, start_daemon) -> None:
     n = 300
     make_images(tmp_path / "replay", (PATTERN * 50)[:n], size=(32, 32))
     config, endpoint = station_config(
-        tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay"), "fps": 400.0}],
-        publisher={"wait_for_subscribers": 2, "sndhwm": 5, "sndbuf": 4096, "status_interval_s": 0.0})
+        tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay"), "fps": 200.0}],
+        # The HWM is per peer: 40 messages (200 ms at this rate) of slack keep the reading subscriber
+        # lossless on a loaded machine, and are still far fewer than the n / 2 the stuck one may get.
+        publisher={"wait_for_subscribers": 2, "sndhwm": 40, "sndbuf": 4096, "status_interval_s": 0.0})
     # Never reads: tiny receive queue and kernel buffer, so its pipe fills after a few messages.
     stuck = Subscriber(endpoint, rcvhwm=1, rcvbuf=1024)
     good = Subscriber(endpoint)
