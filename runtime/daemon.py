@@ -4,8 +4,9 @@ Threads and the path of a frame::
 
     camera-<id> (one per camera)   read -> rotate/ROI -> TTA views via the bundle's Preprocessor
         -> FrameHub (bounded per camera; drop-oldest for live cameras, block for replays)
-    infer                          micro-batch across cameras (max_batch / max_wait) -> ONE backend
-                                   call for all frames x views -> postprocess -> decision
+    batch                          micro-batch across cameras (max_batch / max_wait), stack the
+                                   views, one batch ahead of inference (the copy overlaps it)
+    infer                          ONE backend call for all frames x views -> postprocess -> decision
     output                         snapshot spool, ZeroMQ publish, metrics, status heartbeats
     reload                         SIGHUP: load + validate + warm up the configured bundle, swap
     http, watchdog                 /metrics /healthz /readyz; systemd READY / WATCHDOG / STATUS
@@ -136,6 +137,14 @@ def load_model(cfg: StationConfig, generation: int = 1) -> LoadedModel:
 
 
 @dataclass
+class _Batch:
+    frames: list[Frame]
+    tensor: np.ndarray | None  # (N*V,C,H,W) stacked for ``model``; None: stack again at inference
+    model: LoadedModel
+    t_batch: float  # monotonic, batch taken from the hub
+
+
+@dataclass
 class _Result:
     frames: list[Frame]
     preds: list[Prediction]
@@ -170,10 +179,12 @@ class Daemon:
         self.watchdog: Watchdog | None = None
         self.last_reload: dict[str, Any] | None = None
         self._results: queue.Queue[Any] = queue.Queue(maxsize=256)
+        self._batches: queue.Queue[Any] = queue.Queue(maxsize=1)  # stacked batches, one ahead of inference
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._draining = threading.Event()
         self._closed = False
+        self._switch_interval: float | None = None  # the interpreter's, restored at shutdown
         self.heartbeat = time.monotonic()
         self.last_inferred = time.monotonic()
         self._threads: dict[str, threading.Thread] = {}
@@ -210,6 +221,8 @@ class Daemon:
     def start(self) -> None:
         """Load the model, open HTTP + ZeroMQ, start threads and cameras; then READY=1."""
         cfg = self.cfg
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(cfg.daemon.switch_interval_ms / 1000.0)  # see DaemonConfig.switch_interval_ms
         self.notifier.status("loading model")
         self.model = load_model(cfg, 1)
         info = self.model.info
@@ -231,7 +244,8 @@ class Daemon:
             log.info("waiting up to %.0fs for %d subscriber(s)", cfg.publisher.wait_timeout_s, n)
             if not self.publisher.wait_for_subscribers(n, cfg.publisher.wait_timeout_s, self._stop):
                 log.warning("starting with %d of %d subscribers", self.publisher.subscriptions, n)
-        for name, target in (("output", self._output_loop), ("infer", self._infer_loop), ("reload", self._reload_loop)):
+        for name, target in (("output", self._output_loop), ("infer", self._infer_loop), ("batch", self._batch_loop),
+                             ("reload", self._reload_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)
             self._threads[name] = t
             t.start()
@@ -306,6 +320,8 @@ class Daemon:
         if self.http is not None:
             self.http.stop()
         self._remove_pid()
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
         with self._counts_lock:
             summary = ", ".join(f"{c}: {v['captured']} captured, {v['published']} published, {v['dropped']} dropped"
                                 for c, v in self.counts.items())
@@ -322,26 +338,68 @@ class Daemon:
                 if time.monotonic() > deadline:
                     return False
 
-    # ---- inference thread -------------------------------------------------------------------------
-    def _infer_loop(self) -> None:
+    # ---- batch + inference threads ----------------------------------------------------------------
+    def _batch_loop(self) -> None:
+        """Take micro-batches from the hub and stack their views, one batch ahead of inference.
+
+        Stacking (N*V,C,H,W) is a memory copy of several MB; done here, on the other core, it
+        overlaps the running inference call instead of adding to it.
+        """
         wait_s = self.cfg.batching.max_wait_ms / 1000.0
         while True:
             model = self.model
             assert model is not None
             frames = self.hub.get_batch(model.frames_per_call, wait_s, timeout_s=0.1)
-            self.heartbeat = time.monotonic()
             if not frames:
                 if self._draining.is_set() and self.hub.pending() == 0:
+                    self._hand_over(_SENTINEL)
                     return
                 continue
+            t_batch = time.monotonic()
             try:
-                self._infer(frames)
-            except Exception:  # never let one bad batch kill the thread (the watchdog would restart us)
-                log.exception("inference failed on a batch of %d frame(s)", len(frames))
+                # No model lock here (inference holds it): preprocessing needs no backend, and the
+                # inference thread stacks again if a reload replaced ``model`` meanwhile.
                 for f in frames:
+                    if f.generation != model.generation or f.tensor is None:
+                        model.prepare(f)  # queued before a reload: redo with this model's preprocessing
+                batch = assemble(frames)
+            except Exception:  # the inference thread prepares again; never lose the frames here
+                log.exception("stacking a batch of %d frame(s) failed", len(frames))
+                batch = None
+            if not self._hand_over(_Batch(frames, batch, model, t_batch)):
+                return
+
+    def _hand_over(self, item: Any) -> bool:
+        """Queue ``item`` for the inference thread; False if that thread is gone."""
+        while True:
+            try:
+                self._batches.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                infer = self._threads.get("infer")
+                if infer is not None and not infer.is_alive():
+                    return False
+
+    def _infer_loop(self) -> None:
+        while True:
+            try:
+                item = self._batches.get(timeout=0.1)
+            except queue.Empty:
+                item = None
+            self.heartbeat = time.monotonic()
+            if item is _SENTINEL:
+                return
+            if item is None:
+                continue
+            try:
+                self._infer(item)
+            except Exception:  # never let one bad batch kill the thread (the watchdog would restart us)
+                log.exception("inference failed on a batch of %d frame(s)", len(item.frames))
+                for f in item.frames:
                     self.dropped(f.camera, "inference_error")
 
-    def _infer(self, frames: list[Frame]) -> None:
+    def _infer(self, item: "_Batch") -> None:
+        frames = item.frames
         while True:
             model = self.model
             assert model is not None
@@ -350,11 +408,13 @@ class Daemon:
                 break
             model.lock.release()  # swapped and closed under us: take the new one
         try:
-            t_batch = time.monotonic()
-            for f in frames:
-                if f.generation != model.generation or f.tensor is None:
-                    model.prepare(f)  # queued before a reload: redo with the new model's preprocessing
-            batch = assemble(frames)
+            t_batch = item.t_batch
+            batch = item.tensor
+            if model is not item.model or batch is None or any(f.generation != model.generation for f in frames):
+                for f in frames:
+                    if f.generation != model.generation or f.tensor is None:
+                        model.prepare(f)  # stacked for the model a reload replaced: redo
+                batch = assemble(frames)
             t0 = time.perf_counter()
             try:
                 outputs = model.backend.run(batch)
@@ -598,7 +658,7 @@ class Daemon:
         """True while the pipeline moves: threads alive, the inference loop turning, queued frames inferred."""
         now = time.monotonic()
         stall = self.cfg.daemon.stall_timeout_s
-        for name in ("infer", "output"):
+        for name in ("batch", "infer", "output"):
             t = self._threads.get(name)
             if t is None or not t.is_alive():
                 return False
