@@ -29,6 +29,16 @@ def test_thresholds_and_uncertain_band() -> None:
     assert (both.verdict, both.defect_class) == ("defect", "crack")
 
 
+def test_near_a_threshold_uses_each_defect_class_threshold() -> None:
+    d = Decider(CLASSES, ["ok"], DecisionConfig(default_threshold=0.5, thresholds={"finger": 0.3}))
+    assert not d.near(np.array([0.95, 0.03, 0.02]), 0.2)      # far below both thresholds
+    assert d.near(np.array([0.6, 0.35, 0.05]), 0.2)           # crack 0.35 within 0.2 of 0.5
+    assert d.near(np.array([0.8, 0.05, 0.15]), 0.2)           # finger 0.15 within 0.2 of its 0.3
+    assert not d.near(np.array([0.8, 0.05, 0.15]), 0.1)       # ... but not within 0.1
+    assert not d.near(np.array([0.0, 0.95, 0.05]), 0.2)       # clearly a crack
+    assert not d.near(np.array([0.3, 0.0, 0.7]), 0.2)         # finger 0.7 is 0.4 above its threshold
+
+
 def test_zero_band_means_no_uncertain_verdicts() -> None:
     d = Decider(("good", "bad"), ["good"], DecisionConfig(uncertain_band=0.0))
     assert d(np.array([0.5, 0.5])).verdict == "defect"
