@@ -68,8 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4, help="extension head LR (lower groups x 0.75 per group)")
     p.add_argument("--lambda", dest="lam", default="auto", help="EWC lambda or 'auto'")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"extension methods to run, comma-separated from {','.join(METHODS)} (all)")
     p.add_argument("--lambda-grid", default="10,100,1000,10000")
     p.add_argument("--replay", default="5%", help="replay buffer size: share of the old train split or a count")
+    p.add_argument("--replay-share", type=float, default=0.2,
+                   help="the buffer's share of each extension epoch (repeated); 0: seen once (0.2)")
     p.add_argument("--fisher-samples", type=int, default=512)
     p.add_argument("--bn", default="frozen", choices=("frozen", "update"), help="BN statistics while extending")
     p.add_argument("--bn-ablation", default="mono-poly",
@@ -250,7 +254,8 @@ class Bench:
                            method="naive" if method in ("naive", "replay") else "ewc",
                            lam=lam if method.startswith("ewc") else 100.0,
                            lambda_grid=tuple(float(x) for x in self.a.lambda_grid.split(",")),
-                           replay=replay if "replay" in method else None, bn=bn, epochs=self.a.epochs,
+                           replay=replay if "replay" in method else None, replay_share=self.a.replay_share,
+                           bn=bn, epochs=self.a.epochs,
                            batch_size=self.a.batch_size, lr=self.a.lr, fisher_samples=self.a.fisher_samples,
                            seed=self.a.seed, device=self.a.device, threads=self.a.threads,
                            max_steps_per_epoch=self.a.max_steps_per_epoch, write_fisher=False)
@@ -276,7 +281,7 @@ class Bench:
         print(f"\n== {name}: {names[0]} -> {names[1]}", flush=True)
         rows = []
         lam = self.a.lam if self.a.lam == "auto" else float(self.a.lam)
-        for method in METHODS:
+        for method in [m for m in METHODS if m in self.a.methods.split(",")]:
             row = self.extend(base, old, new, method=method, lam=lam, replay=self.a.replay, bn=self.a.bn, names=names)
             if method == "ewc" and lam == "auto":
                 lam = row["lambda"]  # EWC + replay reuses the lambda chosen on validation

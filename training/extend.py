@@ -54,7 +54,10 @@ class ExtendConfig:
     fisher_samples: int = 512                     # inputs per Fisher estimate
     fisher_draws: int = 1                         # labels sampled per input
     replay: str | None = None                     # "5%" of the old train split, or a count "200"
-    replay_share: float | None = None             # buffer's share of each epoch (repeated); None: natural
+    # Buffer's share of each epoch (repeated to reach it); 0 or None: its natural share. A 5% buffer
+    # seen once is ~3% of an epoch and barely anchors the old task; experience replay mixes
+    # memory into every stretch of training, so the default repeats it to about a fifth.
+    replay_share: float | None = 0.2
     bn: str = "frozen"                            # BN running stats: "frozen" | "update"
     freeze_old_rows: bool = False                 # scenario (b): keep old head rows bit-exact while training
     epochs: int = 5
@@ -108,8 +111,8 @@ class ExtendConfig:
             raise bad("weight_decay/warmup_epochs", "numbers >= 0", (self.weight_decay, self.warmup_epochs))
         if not 0.0 <= self.label_smoothing < 1.0:
             raise bad("label_smoothing", "a number in [0, 1)", self.label_smoothing)
-        if self.replay_share is not None and not 0.0 < self.replay_share < 1.0:
-            raise bad("replay_share", "a number in (0, 1)", self.replay_share)
+        if self.replay_share is not None and not 0.0 <= self.replay_share < 1.0:
+            raise bad("replay_share", "a number in [0, 1) (0: the buffer's natural share)", self.replay_share)
         if self.replay is not None:
             from .ewc import replay_count
 
@@ -421,7 +424,7 @@ def extend_model(model, old_classes: Sequence[str], new: TaskSet, olds: Sequence
             parts.append(t.subset("train", idx, train=True))
             rep_labels += [lab[i] for i in idx]
         buffer = ConcatDataset(parts)
-        mixed = mix_replay(train_ds, buffer, share=cfg.replay_share)
+        mixed = mix_replay(train_ds, buffer, share=cfg.replay_share or None)
         reps = (len(mixed) - len(train_ds)) // max(1, len(buffer))
         train_ds = mixed
         train_labels = list(train_labels) + rep_labels * reps
@@ -779,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--fisher-draws", type=int, default=S, help="labels sampled from the model per image (1)")
     m.add_argument("--replay", default=S, help="replay buffer: share of old train images (5%%) or a count (200)")
     m.add_argument("--replay-share", type=float, default=S,
-                   help="repeat the buffer to make this share of each epoch (default: its natural share)")
+                   help="repeat the buffer to make this share of each epoch (0.2; 0: seen once, its natural share)")
     m.add_argument("--bn", choices=BN_MODES, default=S, help="BN running statistics (frozen)")
     m.add_argument("--freeze-old-rows", action="store_true", default=S,
                    help="new classes: keep the old head rows bit-exact during training")

@@ -233,3 +233,7 @@ def test_config_defaults_match_the_documented_ewc_constants(tmp_path):
     assert ExtendConfig.from_dict(loaded.to_dict()) == loaded
     with pytest.raises(Exception, match="replay"):
         ExtendConfig(source="x", out="y", data=DataSpec(), replay="lots")
+    assert cfg.replay_share == 0.2
+    assert ExtendConfig(source="x", out="y", data=DataSpec(), replay_share=0).replay_share == 0  # natural share
+    with pytest.raises(Exception, match="replay_share"):
+        ExtendConfig(source="x", out="y", data=DataSpec(), replay_share=1.0)
