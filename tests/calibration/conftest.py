@@ -170,3 +170,18 @@ def calibrated(tmp_path_factory, exported) -> Path:
     assert calibrate_main([str(exported), "--out", str(out), "--target", "both", "--size", "40",
                            "--threads", "1", "--method", "minmax"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def prepared(exported, splits, tmp_path_factory):
+    """(pre-processed float model, calibration tensor, test tensor, test labels, work dir)."""
+    from calibration.calibset import build_calibration_set, preprocess_paths
+    from calibration.quantize import prepare_float_model
+    from runtime.bundle import load_bundle
+
+    b = load_bundle(exported)
+    work = tmp_path_factory.mktemp("quant")
+    float_model = prepare_float_model(b.artifact_path("fp32"), work / "float.prep.onnx")
+    calib = build_calibration_set(splits.train, splits.classes, b.manifest.input, size=48, seed=0)
+    x_test = preprocess_paths([s.path for s in splits.test], b.manifest.input)
+    return float_model, calib.tensor(), x_test, np.array([s.label for s in splits.test]), work

@@ -11,21 +11,6 @@ onnx = pytest.importorskip("onnx")
 from onnx import numpy_helper  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def prepared(exported, splits, tmp_path_factory):
-    """(pre-processed float model, calibration tensor, test tensor, test labels, work dir)."""
-    from calibration.calibset import build_calibration_set, preprocess_paths
-    from calibration.quantize import prepare_float_model
-    from runtime.bundle import load_bundle
-
-    b = load_bundle(exported)
-    work = tmp_path_factory.mktemp("quant")
-    float_model = prepare_float_model(b.artifact_path("fp32"), work / "float.prep.onnx")
-    calib = build_calibration_set(splits.train, splits.classes, b.manifest.input, size=48, seed=0)
-    x_test = preprocess_paths([s.path for s in splits.test], b.manifest.input)
-    return float_model, calib.tensor(), x_test, np.array([s.label for s in splits.test]), work
-
-
 # Tolerance for a trained 3-conv model on the crack task (64 test images): INT8 must pick the
 # same class on >= 95% of images and keep logits within 15% RMS of the FP32 logit scale.
 MIN_AGREEMENT = 0.95

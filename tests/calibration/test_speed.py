@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")
 
 
 @pytest.fixture(scope="module")
-def quant(exported, splits, tmp_path_factory):
+def quant(prepared):
     """(prepared float model, calibration tensor, calibration ranges cache, compute node names, work dir)."""
-    from calibration.calibset import build_calibration_set
-    from calibration.quantize import QuantConfig, compute_nodes, prepare_float_model, quantize_model
-    from runtime.bundle import load_bundle
+    from calibration.quantize import QuantConfig, compute_nodes, quantize_model
 
-    b = load_bundle(exported)
-    work = tmp_path_factory.mktemp("speed")
-    prepared = prepare_float_model(b.artifact_path("fp32"), work / "float.prep.onnx")
-    x_cal = build_calibration_set(splits.train, splits.classes, b.manifest.input, size=32, seed=0).tensor()
-    ranges = work / "ranges.json"
-    quantize_model(prepared, work / "all.onnx", QuantConfig(method="minmax"), ranges, x_cal)
-    return prepared, x_cal, ranges, [n.name for n in compute_nodes(prepared)], work
+    float_model, x_cal, _, _, work = prepared
+    ranges = work / "ranges.speed.json"
+    quantize_model(float_model, work / "speed.all.onnx", QuantConfig(method="minmax"), ranges, x_cal)
+    return float_model, x_cal, ranges, [n.name for n in compute_nodes(float_model)], work
 
 
 def _float_convs(path) -> set[str]:
