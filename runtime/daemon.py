@@ -85,6 +85,13 @@ class LoadedModel:
         frame.generation = self.generation
         frame.preprocess_s += time.perf_counter() - t
 
+    def stack(self, frames: list[Frame]) -> np.ndarray:
+        """Frames -> one (N*V,C,H,W) batch; frames prepared for another model generation are prepared again."""
+        for f in frames:
+            if f.generation != self.generation or f.tensor is None:
+                self.prepare(f)  # queued before a reload: redo with this model's preprocessing
+        return assemble(frames)
+
     def close(self) -> None:
         with self.lock:  # waits for an in-flight batch on this model
             self.closed = True
@@ -359,10 +366,7 @@ class Daemon:
             try:
                 # No model lock here (inference holds it): preprocessing needs no backend, and the
                 # inference thread stacks again if a reload replaced ``model`` meanwhile.
-                for f in frames:
-                    if f.generation != model.generation or f.tensor is None:
-                        model.prepare(f)  # queued before a reload: redo with this model's preprocessing
-                batch = assemble(frames)
+                batch = model.stack(frames)
             except Exception:  # the inference thread prepares again; never lose the frames here
                 log.exception("stacking a batch of %d frame(s) failed", len(frames))
                 batch = None
@@ -410,11 +414,8 @@ class Daemon:
         try:
             t_batch = item.t_batch
             batch = item.tensor
-            if model is not item.model or batch is None or any(f.generation != model.generation for f in frames):
-                for f in frames:
-                    if f.generation != model.generation or f.tensor is None:
-                        model.prepare(f)  # stacked for the model a reload replaced: redo
-                batch = assemble(frames)
+            if model is not item.model or batch is None:
+                batch = model.stack(frames)  # stacked for the model a reload replaced (or not at all): redo
             t0 = time.perf_counter()
             try:
                 outputs = model.backend.run(batch)
