@@ -85,7 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-steps-per-epoch", type=int)
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed (model init order, batches, Fisher draws)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the reference split (0: the published protocol); --seed varies only training")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "ewc"))
     p.add_argument("--reuse", action="store_true", help="reuse base/joint runs already in --out")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
@@ -170,7 +172,7 @@ class Bench:
     def spec(self, manifest: Path):
         from training.data import DataSpec
 
-        return DataSpec(source="csv", path=str(manifest), seed=self.a.seed)
+        return DataSpec(source="csv", path=str(manifest), seed=self.a.split_seed)
 
     def train_run(self, name: str, manifest: Path, *, fisher: bool) -> dict:
         """A base / joint model via the project's Trainer; Fisher file for bases (timed)."""
@@ -192,7 +194,7 @@ class Bench:
         reuse = self.a.reuse and (run / "best.safetensors").is_file() and (run / "report.json").is_file()
         if reuse:
             saved = json.loads((run / "config.json").read_text())
-            reuse = saved.get("config_hash") == cfg.hash()
+            reuse = saved.get("config_hash") == cfg.resolved().hash()   # what the trainer records
         if reuse:
             info["train_s"] = json.loads((run / "report.json").read_text()).get("wall_s")
             self.log(f"[{name}] reusing {run}")
@@ -418,24 +420,24 @@ def main(argv: list[str] | None = None) -> int:
 
     need_binary = any(s in wanted for s in ("mono-poly", "poly-mono", "hard")) or a.scenarios == "auto"
     if need_binary:
-        ref = reference_split("binary", a.seed)
-        mono = write_line(data / "mono.csv", ref, lambda s: s.group == "mono", a.limit, a.seed)
-        poly = write_line(data / "poly.csv", ref, lambda s: s.group == "poly", a.limit, a.seed)
+        ref = reference_split("binary", a.split_seed)
+        mono = write_line(data / "mono.csv", ref, lambda s: s.group == "mono", a.limit, a.split_seed)
+        poly = write_line(data / "poly.csv", ref, lambda s: s.group == "poly", a.limit, a.split_seed)
         both = write_line(data / "mono+poly.csv", ref, lambda s: True,
-                          None if a.limit is None else 2 * a.limit, a.seed)
+                          None if a.limit is None else 2 * a.limit, a.split_seed)
         base_mono = b.train_run("base-mono", mono, fisher=True)
         joint = b.train_run("joint-mono+poly", both, fisher=False)
         naive_f = []
         if "mono-poly" in wanted:
             sc = b.scenario("mono-poly", base_mono, mono, poly, joint, ("mono", "poly"))
             results["scenarios"].append(sc)
-            naive_f.append(sc["rows"][0]["forgetting"])
+            naive_f += [r["forgetting"] for r in sc["rows"] if r["method"] == "naive"]
             save()
         if "poly-mono" in wanted:
             base_poly = b.train_run("base-poly", poly, fisher=True)
             sc = b.scenario("poly-mono", base_poly, poly, mono, joint, ("poly", "mono"))
             results["scenarios"].append(sc)
-            naive_f.append(sc["rows"][0]["forgetting"])
+            naive_f += [r["forgetting"] for r in sc["rows"] if r["method"] == "naive"]
             save()
         little = bool(naive_f) and all(f is not None and f < a.little for f in naive_f)
         run_hard = "hard" in wanted or (a.scenarios == "auto" and little)
@@ -448,10 +450,10 @@ def main(argv: list[str] | None = None) -> int:
             results["notes"].append(note)
         if run_hard:
             inv = inverted_copy(out / "cache" / "elpv-inverted")
-            poly_inv = write_line(data / "poly-inverted.csv", ref, lambda s: s.group == "poly", a.limit, a.seed,
-                                  image_map=inv)
+            poly_inv = write_line(data / "poly-inverted.csv", ref, lambda s: s.group == "poly", a.limit,
+                                  a.split_seed, image_map=inv)
             mono_inv = write_line(data / "mono+poly-inverted.csv", ref, lambda s: True,
-                                  None if a.limit is None else 2 * a.limit, a.seed,
+                                  None if a.limit is None else 2 * a.limit, a.split_seed,
                                   image_map=lambda p, _inv=inv, _poly={s.path for s in ref.train + ref.val + ref.test
                                                                        if s.group == "poly"}:
                                   _inv(p) if p in _poly else p)
@@ -460,12 +462,14 @@ def main(argv: list[str] | None = None) -> int:
             results["scenarios"].append(sc)
             save()
     if "classinc" in wanted:
-        ref4 = reference_split("4class", a.seed)
+        ref4 = reference_split("4class", a.split_seed)
         old_cls, new_cls = {"ok", "defect_33"}, {"defect_67", "defect_100"}
-        a4 = write_line(data / "4class-old.csv", ref4, lambda s: ref4.classes[s.label] in old_cls, a.limit, a.seed)
-        b4 = write_line(data / "4class-new.csv", ref4, lambda s: ref4.classes[s.label] in new_cls, a.limit, a.seed)
+        a4 = write_line(data / "4class-old.csv", ref4, lambda s: ref4.classes[s.label] in old_cls, a.limit,
+                        a.split_seed)
+        b4 = write_line(data / "4class-new.csv", ref4, lambda s: ref4.classes[s.label] in new_cls, a.limit,
+                        a.split_seed)
         all4 = write_line(data / "4class-all.csv", ref4, lambda s: True, None if a.limit is None else 2 * a.limit,
-                          a.seed)
+                          a.split_seed)
         base4 = b.train_run("base-4class-old", a4, fisher=True)
         joint4 = b.train_run("joint-4class", all4, fisher=False)
         sc = b.scenario("classinc", base4, a4, b4, joint4, ("{ok, defect_33}", "{defect_67, defect_100}"))

@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--balance", default="loss", choices=("loss", "sampler", "none"))
     p.add_argument("--monitor", default="auto", help="early-stopping metric passed to train (auto: macro-F1/AUROC)")
     p.add_argument("--lr", type=float, help="fine-tuning LR of the pretrained runs (default: train's)")
+    p.add_argument("--bn", default="auto", choices=("auto", "frozen", "adapt", "train"),
+                   help="BN statistics of the pretrained runs (train --bn; the scratch run keeps auto)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--limit", type=int, help="images per split (smoke runs)")
     p.add_argument("--max-steps-per-epoch", type=int, help="(smoke runs)")
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     common = ["--data", "elpv", "--image-size", str(a.image_size), "--batch-size", str(a.batch_size),
               "--threads", str(a.threads), "--balance", a.balance, "--monitor", a.monitor, "--quiet", "--overwrite"]
+    if a.bn != "auto":
+        common += ["--bn", a.bn]
     if a.limit:
         common += ["--limit", str(a.limit)]
     if a.max_steps_per_epoch:
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "--epochs", str(a.epochs)] + (["--lr", str(a.lr)] if a.lr else [])))
         if "scratch" in runs:
             out.append(("scratch", ["--strategy", "full", "--weights", "none", "--head-epochs", "0",
-                                    "--epochs", str(a.scratch_epochs), "--lr", "3e-3", "--lr-decay", "1.0"]))
+                                    "--epochs", str(a.scratch_epochs), "--lr", "3e-3", "--lr-decay", "1.0",
+                                    "--bn", "auto"]))
         if tv:
             out.append((f"tv-{tv}", ["--backbone", tv, "--strategy", "two-phase", "--head-epochs",
                                      str(a.head_epochs), "--epochs", str(a.epochs)]))

@@ -94,9 +94,10 @@ def build_train_parser() -> argparse.ArgumentParser:
     o.add_argument("--warmup-epochs", type=float, help="linear warm-up before the cosine decay (0.5)")
     o.add_argument("--label-smoothing", type=float, help="(0.1)")
     o.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (1.0)")
-    o.add_argument("--bn", choices=("auto", "frozen", "train"),
-                   help="BatchNorm statistics while fine-tuning: frozen (pretrained running stats), train "
-                        "(batch stats); auto (default) = frozen with pretrained weights, train from scratch")
+    o.add_argument("--bn", choices=("auto", "frozen", "adapt", "train"),
+                   help="BatchNorm statistics while fine-tuning: frozen (pretrained running stats), adapt "
+                        "(re-estimated once on the training images, then frozen), train (batch stats); "
+                        "auto (default) = frozen with pretrained weights, train from scratch")
     o.add_argument("--balance", choices=("loss", "sampler", "none"), help="class imbalance handling (loss)")
     o.add_argument("--patience", type=int, help="early-stopping patience in epochs (4)")
     o.add_argument("--monitor", choices=("auto", "macro_f1", "auroc", "accuracy", "balanced_accuracy", "loss"),

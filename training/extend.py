@@ -698,7 +698,7 @@ methods (combine freely):
   --method ewc      (default) L = CE_new + lambda * sum_i F_i (theta_i - theta*_i)^2, F the Fisher
                     diagonal of the source model on its own data (fisher.safetensors beside it)
   --method naive    plain fine-tuning on the new data (the baseline that forgets)
-  --replay 5%|N     mix a class-balanced buffer of old training images into every epoch
+  --replay 10%|N    mix a class-balanced buffer of old training images into every epoch
 
 lambda: --lambda 100 (default; F is a per-image mean, CE a per-image mean) or --lambda auto: train
   with each of --lambda-grid and keep the one with the best mean of old and new validation accuracy.
@@ -716,7 +716,7 @@ outputs (--out): model.json, best.safetensors, fisher.safetensors (online EWC: g
 examples:
   defectscope extend --from runs/mono --finalize
   defectscope extend --from runs/mono --data elpv --cell-types poly --out runs/mono+poly
-  defectscope extend --from runs/mono --data ./line2 --replay 5% --lambda auto --out runs/line2
+  defectscope extend --from runs/mono --data ./line2 --replay 10% --lambda auto --out runs/line2
   defectscope extend --from runs/line2 --data ./line3 --gamma 0.9 --out runs/line3 --old-data ./line2
 """
 

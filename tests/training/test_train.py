@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -204,5 +205,38 @@ def test_bn_auto_resolves_by_weights(tiny_cfg):
     from training.config import ConfigError, TrainConfig
 
     assert TrainConfig(backbone="tiny_cnn").resolved().bn == "frozen"
-    with pytest.raises(ConfigError, match="bn: expected auto, frozen or train"):
+    with pytest.raises(ConfigError, match="bn: expected one of"):
         tiny_cfg(bn="sometimes")
+
+
+def test_bn_adapt_reestimates_statistics_on_training_images_then_freezes_them(tiny_cfg, monkeypatch):
+    """bn=adapt: one pass over the training split sets every BN's running stats to that data's
+    statistics (AdaBN) before any weight moves; fine-tuning then leaves them alone."""
+    import training.trainer as tr
+
+    seen = {}
+    build = tr.build_model
+
+    def instrumented(*a, **kw):
+        model = build(*a, **kw)
+
+        def grab(module, inputs):
+            if module.training and "x" not in seen:   # the first train-mode call: the adaptation pass
+                seen["x"] = inputs[0].detach().clone()
+        model.body.stem[1].register_forward_pre_hook(grab)
+        return model
+
+    monkeypatch.setattr(tr, "build_model", instrumented)
+    stats = []
+    # One batch holds the whole training split, so the running stats are exactly its statistics;
+    # 1 head + 2 fine-tuning epochs.
+    cfg = tiny_cfg(strategy="full", epochs=2, head_epochs=1, bn="adapt", batch_size=256)
+    Trainer(cfg, overwrite=True, progress=False, on_epoch_end=lambda info: stats.append(
+        {n: b.clone() for n, b in info.model.named_buffers() if n.startswith("body.stem.1.running")})).fit()
+    x = seen["x"]                                          # (N,8,H,W) float32: stem conv output
+    report = json.loads((Path(cfg.out) / "report.json").read_text())
+    assert x.shape[0] == sum(report["data"]["counts"]["train"])
+    torch.testing.assert_close(stats[0]["body.stem.1.running_mean"], x.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stats[0]["body.stem.1.running_var"], x.var((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert len(stats) == 3 and all(torch.equal(stats[0][k], stats[-1][k]) for k in stats[0]), \
+        "fine-tuning moved the adapted statistics"
