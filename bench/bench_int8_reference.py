@@ -16,7 +16,6 @@ Run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
