@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
+
+
+_HANDED_OUT: set[int] = set()
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free now and was not handed out before in this process.
+
+    The kernel may give the port it just released to the next ``bind(0)``, so two calls in a
+    row (a daemon's metrics and publisher ports) could return the same port.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def make_tiny_onnx(path: Path, num_classes: int = 2, size: int = 32, input_name: str = "input",

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -20,16 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.factories import make_tiny_bundle
+from tests.factories import free_port, make_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = "opt/defectscope/models"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

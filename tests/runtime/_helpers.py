@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,14 +22,10 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
+from tests.factories import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 32
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_onnx(path: Path, gain: float = 3.0, static_batch: int | None = None) -> Path:
