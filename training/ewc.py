@@ -687,13 +687,13 @@ def select_exemplars(labels: Sequence[int], size: int, *, seed: int = 0) -> list
 def mix_replay(new: Dataset, replay: Dataset, *, share: float | None = None) -> Dataset:
     """New data plus the replay buffer, the buffer repeated to make ``share`` of an epoch.
 
-    ``share=None`` concatenates once (the buffer's natural share).
+    ``share`` None or 0 concatenates once (the buffer's natural share).
     """
     n_new, n_rep = len(new), len(replay)  # type: ignore[arg-type]
     if n_rep == 0:
         return new
     reps = 1
-    if share is not None:
+    if share:
         if not 0 < share < 1:
             raise ValueError(f"replay share must be in (0, 1), got {share}")
         reps = max(1, round(share * n_new / ((1 - share) * n_rep)))

@@ -424,7 +424,7 @@ def extend_model(model, old_classes: Sequence[str], new: TaskSet, olds: Sequence
             parts.append(t.subset("train", idx, train=True))
             rep_labels += [lab[i] for i in idx]
         buffer = ConcatDataset(parts)
-        mixed = mix_replay(train_ds, buffer, share=cfg.replay_share or None)
+        mixed = mix_replay(train_ds, buffer, share=cfg.replay_share)
         reps = (len(mixed) - len(train_ds)) // max(1, len(buffer))
         train_ds = mixed
         train_labels = list(train_labels) + rep_labels * reps
@@ -780,7 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--fisher", default=S, help="Fisher file (default: fisher.safetensors beside --from)")
     m.add_argument("--fisher-samples", type=int, default=S, help="images per Fisher estimate (512)")
     m.add_argument("--fisher-draws", type=int, default=S, help="labels sampled from the model per image (1)")
-    m.add_argument("--replay", default=S, help="replay buffer: share of old train images (5%%) or a count (200)")
+    m.add_argument("--replay", default=S, help="replay buffer: share of old train images (10%%) or a count (200)")
     m.add_argument("--replay-share", type=float, default=S,
                    help="repeat the buffer to make this share of each epoch (0.2; 0: seen once, its natural share)")
     m.add_argument("--bn", choices=BN_MODES, default=S, help="BN running statistics (frozen)")
