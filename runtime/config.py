@@ -31,7 +31,10 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # Camera and station ids become ZeroMQ topic parts ("<station>.<camera>.<verdict>") and
 # metric label values: no dots, no leading underscore (reserved for "<station>._status").
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-VIEW_RE = re.compile(r"^(original|hflip|vflip|scale:(\d+(\.\d+)?))$")
+# Square inputs only for the 90-degree views (the rest of the dihedral group of the square):
+# rot90 / rot270 turn counter-clockwise / clockwise, transpose mirrors about the main diagonal,
+# transverse about the other one; rot180 = hflip + vflip.
+VIEW_RE = re.compile(r"^(original|hflip|vflip|rot90|rot180|rot270|transpose|transverse|scale:(\d+(\.\d+)?))$")
 
 
 class ConfigError(ValueError):
@@ -372,7 +375,8 @@ def from_dict(data: Mapping[str, Any], where: str = "(in memory)", base: Path | 
     for v in views:
         m = VIEW_RE.match(v)
         if not m or (m.group(2) is not None and not 0.25 <= float(m.group(2)) <= 4.0):
-            raise t.error("views", f"unknown view {v!r}; expected 'original', 'hflip', 'vflip' or 'scale:F' "
+            raise t.error("views", f"unknown view {v!r}; expected 'original', 'hflip', 'vflip', 'rot90', 'rot180', "
+                                   "'rot270', 'transpose', 'transverse' or 'scale:F' "
                                    "(F = factor on the manifest's resize_size, 0.25..4)")
     if len(set(views)) != len(views):
         raise t.error("views", f"duplicate views in {views}")

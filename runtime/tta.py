@@ -24,6 +24,21 @@ class TTAError(ValueError):
     """TTA views that do not fit the model; the message names the config key."""
 
 
+# Views computed from the preprocessed (C,H,W) original: flips and the dihedral group of the
+# square (np.rot90 turns counter-clockwise in the H,W plane).
+_FROM_BASE = {
+    "original": lambda b: b,
+    "hflip": lambda b: b[:, :, ::-1],                      # flip W
+    "vflip": lambda b: b[:, ::-1, :],                      # flip H
+    "rot180": lambda b: b[:, ::-1, ::-1],
+    "rot90": lambda b: np.rot90(b, 1, axes=(1, 2)),
+    "rot270": lambda b: np.rot90(b, 3, axes=(1, 2)),
+    "transpose": lambda b: b.transpose(0, 2, 1),           # mirror about the main diagonal
+    "transverse": lambda b: b.transpose(0, 2, 1)[:, ::-1, ::-1],
+}
+SQUARE_ONLY = frozenset({"rot90", "rot270", "transpose", "transverse"})
+
+
 class TTA:
     """Expands a frame into its views: (V,C,H,W) float32, view order as configured."""
 
@@ -33,6 +48,9 @@ class TTA:
         spec = pre.spec
         self._sizes: dict[str, int] = {}
         for v in self.views:
+            if v in SQUARE_ONLY and spec.height != spec.width:
+                raise TTAError(f"key 'tta.views': view {v!r} turns the image by 90 degrees and needs a square "
+                               f"model input, this bundle's is {spec.height}x{spec.width}")
             if v.startswith("scale:"):
                 if spec.resize_policy != "shorter_side_center_crop":
                     raise TTAError(f"key 'tta.views': view {v!r} needs a bundle with resize_policy "
@@ -58,14 +76,10 @@ class TTA:
                 continue
             if base is None:
                 base = self.pre(image)
-            if v == "original":
-                out[i] = base
-            elif v == "hflip":
-                out[i] = base[:, :, ::-1]  # (C,H,W): flip W
-            elif v == "vflip":
-                out[i] = base[:, ::-1, :]  # flip H
-            else:  # config validation makes this unreachable
+            view = _FROM_BASE.get(v)
+            if view is None:  # config validation makes this unreachable
                 raise TTAError(f"key 'tta.views': unknown view {v!r}")
+            out[i] = view(base)
         return out
 
 

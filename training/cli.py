@@ -254,8 +254,9 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", choices=("binary", "4class"), help="ELPV labels when --data elpv")
     p.add_argument("--limit", type=int, help="at most N images")
     p.add_argument("--strict", action="store_true", help="unreadable images are fatal")
-    p.add_argument("--tta", choices=("none", "flips", "multiscale", "all"), default="none",
-                   help="test-time augmentation: flips (h, v, hv), multiscale (--scales), all")
+    p.add_argument("--tta", choices=("none", "flips", "dihedral", "multiscale", "all"), default="none",
+                   help="test-time augmentation: flips (h, v, hv), dihedral (the 8 flips and quarter "
+                        "turns of a square input), multiscale (--scales), all (flips + multiscale)")
     p.add_argument("--scales", default="0.9,1.0,1.1", help="multiscale factors of resize_size (0.9,1.0,1.1)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int)

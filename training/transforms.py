@@ -124,8 +124,33 @@ def train_pipeline(spec: Mapping, aug: AugmentConfig) -> Pipeline:
     return Pipeline(resize_stage(spec), v2.Compose(ops))
 
 
+# The 7 non-identity symmetries of a square, named as the runtime's [tta] views, on (...,H,W).
+_SQUARE_VIEWS = {
+    "hflip": lambda x: x.flip(-1),
+    "vflip": lambda x: x.flip(-2),
+    "rot180": lambda x: x.flip(-2, -1),
+    "rot90": lambda x: torch.rot90(x, 1, dims=(-2, -1)),      # counter-clockwise, as np.rot90
+    "rot270": lambda x: torch.rot90(x, 3, dims=(-2, -1)),
+    "transpose": lambda x: x.transpose(-2, -1),               # mirror about the main diagonal
+    "transverse": lambda x: x.transpose(-2, -1).flip(-2, -1),
+}
+
+
+class SquareView(torch.nn.Module):
+    """One named symmetry of a square image (see ``runtime.tta``, which builds the same views)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self._fn = _SQUARE_VIEWS[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fn(x)
+
+
 def tta_views(spec: Mapping, mode: str, scales: tuple[float, ...] = (0.9, 1.0, 1.1)) -> dict[str, Pipeline]:
-    """Named evaluation views: ``flips`` (identity, h, v, hv), ``multiscale``, or ``all`` (both)."""
+    """Named evaluation views: ``flips`` (identity, h, v, hv), ``dihedral`` (the 8 flips and
+    quarter turns of a square input), ``multiscale``, or ``all`` (flips + multiscale)."""
     base = val_pipeline(spec)
     views: dict[str, Pipeline] = {"identity": base}
     if mode in ("flips", "all"):
@@ -133,6 +158,12 @@ def tta_views(spec: Mapping, mode: str, scales: tuple[float, ...] = (0.9, 1.0, 1
                  "hvflip": [v2.RandomHorizontalFlip(1.0), v2.RandomVerticalFlip(1.0)]}
         for name, ops in flips.items():
             views[name] = Pipeline(base.resize, v2.Compose([base.tail, *ops]))
+    if mode == "dihedral":
+        if spec["height"] != spec["width"]:
+            raise ValueError(f"tta 'dihedral' turns images by 90 degrees and needs a square input, "
+                             f"this model's is {spec['height']}x{spec['width']}")
+        for name in _SQUARE_VIEWS:
+            views[name] = Pipeline(base.resize, v2.Compose([base.tail, SquareView(name)]))
     if mode in ("multiscale", "all"):
         crop = max(spec["height"], spec["width"])
         for s in scales:
@@ -141,6 +172,6 @@ def tta_views(spec: Mapping, mode: str, scales: tuple[float, ...] = (0.9, 1.0, 1
             # Below the crop size, scale up so the crop fits (runtime.preprocess does the same).
             size = max(crop, int(round(spec["resize_size"] * s)))
             views[f"scale{s:g}"] = Pipeline(resize_stage(spec, size), base.tail)
-    if mode not in ("none", "flips", "multiscale", "all"):
-        raise ValueError(f"tta: expected none, flips, multiscale or all, got {mode!r}")
+    if mode not in ("none", "flips", "dihedral", "multiscale", "all"):
+        raise ValueError(f"tta: expected none, flips, dihedral, multiscale or all, got {mode!r}")
     return views

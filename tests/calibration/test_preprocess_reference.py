@@ -92,3 +92,21 @@ def test_real_elpv_images_match(tmp_path):
         diff = np.abs(pre.load(p) - _reference(p, spec))
         # TF mean/std 0.5: one gray level is 0.0078 normalised units.
         assert diff.mean() < 0.005 and np.percentile(diff, 99) < 0.02, (p, diff.mean())
+
+
+def test_training_dihedral_tta_views_match_the_station_views(tmp_path):
+    """`defectscope evaluate --tta dihedral` measures the views a station builds from [tta] views."""
+    from runtime.preprocess import InputSpec, Preprocessor, read_image
+    from runtime.tta import TTA
+    from training.transforms import to_chw_uint8, tta_views
+
+    spec = InputSpec(mean=(0.5,) * 3, std=(0.5,) * 3, height=64, width=64, resize_size=64, interpolation="bicubic")
+    path = tmp_path / "cell.png"
+    cv2.imwrite(str(path), _textured(80, 80, 1, seed=9))
+    train_views = tta_views(spec.to_dict(), "dihedral")
+    names = ["original" if k == "identity" else k for k in train_views]
+    station = TTA(tuple(names), Preprocessor(spec)).expand(read_image(path))
+    x = to_chw_uint8(read_image(path))
+    for i, view in enumerate(train_views.values()):
+        diff = np.abs(view(x).numpy() - station[i])
+        assert diff.mean() < 0.015, (names[i], diff.mean())

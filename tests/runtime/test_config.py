@@ -68,7 +68,7 @@ rotate = 90
         ('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\nroi=[1,2,3]\n', "cameras[0].roi", "[x, y, width, height]"),
         ('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="/nonexistent/v.mp4"\n', "cameras[0].source", "does not exist"),
         ('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\nsoruce="1"\n', "cameras[0].soruce", "unknown key"),
-        ('[model]\nbundle="b"\n[tta]\nviews=["original","rot90"]\n[[cameras]]\nid="c"\nsource="0"\n', "tta.views",
+        ('[model]\nbundle="b"\n[tta]\nviews=["original","rot45"]\n[[cameras]]\nid="c"\nsource="0"\n', "tta.views",
          "unknown view"),
         ('[model]\nbundle="b"\n[tta]\nmode="sometimes"\n[[cameras]]\nid="c"\nsource="0"\n', "tta.mode",
          "'always', 'uncertain'"),

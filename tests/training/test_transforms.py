@@ -71,3 +71,18 @@ def test_tta_views():
     assert all(v(x).shape == (3, 32, 32) for v in views.values())
     with pytest.raises(ValueError):
         tta_views(spec, "mixup")
+
+
+def test_dihedral_tta_views_are_the_eight_symmetries_of_the_square():
+    spec = {"height": 32, "width": 32, "resize_size": 32, "interpolation": "bilinear",
+            "mean": [0.5] * 3, "std": [0.5] * 3}
+    views = tta_views(spec, "dihedral")
+    assert list(views) == ["identity", "hflip", "vflip", "rot180", "rot90", "rot270", "transpose", "transverse"]
+    x = to_chw_uint8(synth_image("defect", np.random.default_rng(5), 32))
+    out = {k: v(x) for k, v in views.items()}
+    base = out["identity"]
+    assert torch.equal(out["rot90"], torch.rot90(base, 1, dims=(-2, -1)))
+    assert torch.equal(out["transverse"], torch.rot90(out["transpose"], 2, dims=(-2, -1)))
+    assert len({t.numpy().tobytes() for t in out.values()}) == 8
+    with pytest.raises(ValueError, match="square"):
+        tta_views({**spec, "width": 48, "resize_size": 48}, "dihedral")
