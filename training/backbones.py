@@ -494,7 +494,8 @@ def inline_symmetric_padding(root: nn.Module) -> int:
     """Let TF-"same" convolutions pad themselves where the padding is symmetric.
 
     The port pads with a separate ``ZeroPad2d`` before every conv: a full copy of the
-    activation forward and backward (~15% of a CPU training step at 300 px). Every
+    activation forward and backward (11% of a full CPU training step at 300 px, measured
+    by bench/bench_train_step.py). Every
     stride-1 conv pads symmetrically, which ``Conv2d(padding=)`` does without the copy;
     the outputs are identical. Returns how many pads were folded.
     """
