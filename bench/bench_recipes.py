@@ -40,13 +40,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def dihedral_views(x):
-    """``(N,C,H,W)`` -> 8 tensors: rotations by 0/90/180/270 degrees, unflipped then h-flipped."""
-    import torch
-    out = []
-    for flip in (False, True):
-        y = x.flip(-1) if flip else x
-        out += [torch.rot90(y, k, dims=(-2, -1)) for k in range(4)]
-    return out
+    """``(N,C,H,W)`` -> the 8 views of ``defectscope evaluate --tta dihedral`` (original first)."""
+    from training.transforms import SQUARE_VIEWS
+    return [x] + [fn(x) for fn in SQUARE_VIEWS.values()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     model.to(memory_format=torch.channels_last)
 
     # -- the frozen prefix, cached per view -------------------------------------------------
-    key = hashlib.sha256(json.dumps({"input": inp, "cut": a.cut, "data": splits.fingerprint, "v": 1},
+    key = hashlib.sha256(json.dumps({"input": inp, "cut": a.cut, "data": splits.fingerprint, "v": 2},
                                     sort_keys=True).encode()).hexdigest()[:20]
     cache = cache_dir() / "prefix" / f"{key}.pt"
     if cache.is_file():

@@ -125,7 +125,7 @@ def train_pipeline(spec: Mapping, aug: AugmentConfig) -> Pipeline:
 
 
 # The 7 non-identity symmetries of a square, named as the runtime's [tta] views, on (...,H,W).
-_SQUARE_VIEWS = {
+SQUARE_VIEWS = {
     "hflip": lambda x: x.flip(-1),
     "vflip": lambda x: x.flip(-2),
     "rot180": lambda x: x.flip(-2, -1),
@@ -142,7 +142,7 @@ class SquareView(torch.nn.Module):
     def __init__(self, name: str) -> None:
         super().__init__()
         self.name = name
-        self._fn = _SQUARE_VIEWS[name]
+        self._fn = SQUARE_VIEWS[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fn(x)
@@ -154,15 +154,13 @@ def tta_views(spec: Mapping, mode: str, scales: tuple[float, ...] = (0.9, 1.0, 1
     base = val_pipeline(spec)
     views: dict[str, Pipeline] = {"identity": base}
     if mode in ("flips", "all"):
-        flips = {"hflip": [v2.RandomHorizontalFlip(1.0)], "vflip": [v2.RandomVerticalFlip(1.0)],
-                 "hvflip": [v2.RandomHorizontalFlip(1.0), v2.RandomVerticalFlip(1.0)]}
-        for name, ops in flips.items():
-            views[name] = Pipeline(base.resize, v2.Compose([base.tail, *ops]))
+        for name, view in (("hflip", "hflip"), ("vflip", "vflip"), ("hvflip", "rot180")):
+            views[name] = Pipeline(base.resize, v2.Compose([base.tail, SquareView(view)]))
     if mode == "dihedral":
         if spec["height"] != spec["width"]:
             raise ValueError(f"tta 'dihedral' turns images by 90 degrees and needs a square input, "
                              f"this model's is {spec['height']}x{spec['width']}")
-        for name in _SQUARE_VIEWS:
+        for name in SQUARE_VIEWS:
             views[name] = Pipeline(base.resize, v2.Compose([base.tail, SquareView(name)]))
     if mode in ("multiscale", "all"):
         crop = max(spec["height"], spec["width"])
