@@ -15,12 +15,14 @@ type, seed 0; validation = 10% of the train part), binary (probability >= 0.5) o
 Test metrics are recorded every ``--test-every`` epochs and at the end; they are reported,
 never used for selection.
 
-Cache: ``$DEFECTSCOPE_CACHE/prefix/<key>.pt`` (~2.4 GB for --cut 11 at 300 px, fp16), built in
-~10-15 min on 2 cores and reused by every later run with the same labels, size and cut.
+Cache: ``$DEFECTSCOPE_CACHE/prefix/<key>.pt`` (all 2,624 cells x 8 views, 1.7 GB fp16 for --cut 11 at
+300 px), built in ~16 min on 2 cores and reused by every later run with the same size, crop and cut
+(binary and 4-class share it: the key is the image contents, not the split).
 
 Usage (idle machine):
   python bench/bench_recipes.py --epochs 20 --ema 0.995 --out bench/results/recipes/base.json
   python bench/bench_recipes.py --epochs 12 --soft --label-smoothing 0 --out bench/results/recipes/soft.json
+  python bench/bench_recipes.py --labels 4class --epochs 16 --save-preds bench/results/recipes/4class.npz
   python bench/bench_recipes.py --limit 24 --size 64 --cut 11 --epochs 1     # smoke (~1 min)
 """
 
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--labels", default="binary", choices=("binary", "4class"))
     p.add_argument("--size", type=int, default=300, help="input size (ELPV cells are 300 px)")
+    p.add_argument("--crop-fraction", type=float, default=1.0,
+                   help="crop / resize as in `defectscope train` (1.0 = whole cell; 0.875 = ImageNet centre crop)")
     p.add_argument("--cut", type=int, default=11, help="MBConv blocks [0, cut) frozen and cached (16 blocks)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=32)
@@ -65,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="at most N images per split (smoke runs)")
     p.add_argument("--test-every", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--trainval", action="store_true",
+                   help="train on train + val (the whole 75%% part, fixed epochs; val metrics then mean nothing)")
+    p.add_argument("--save-preds", default=None,
+                   help="npz path: per-view test/val probabilities of the final weights (for ensembles, error analysis)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/recipes/<hash>.json)")
     a = p.parse_args(argv)
 
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(a.seed)
     np.random.seed(a.seed)
 
-    inp = sized_input(get_spec("efficientnet_lite0"), a.size)
+    inp = sized_input(get_spec("efficientnet_lite0"), a.size, crop_fraction=a.crop_fraction)
     splits = resolve_splits(DataSpec(labels=a.labels, limit=a.limit))
     prob = {}
     for line in (elpv_root() / "labels.csv").read_text().splitlines():
@@ -95,41 +103,52 @@ def main(argv: list[str] | None = None) -> int:
     body = model.body
     model.to(memory_format=torch.channels_last)
 
-    # -- the frozen prefix, cached per view -------------------------------------------------
-    key = hashlib.sha256(json.dumps({"input": inp, "cut": a.cut, "data": splits.fingerprint, "v": 2},
+    # -- the frozen prefix, cached per image and view ----------------------------------------
+    # Keyed by the image contents (not the split), so binary and 4-class runs share one cache.
+    samples = {split: splits.split(split) for split in ("train", "val", "test")}
+    digests = sorted({splits.digests[s.path] for ss in samples.values() for s in ss})
+    key = hashlib.sha256(json.dumps({"input": inp, "cut": a.cut, "v": 3,
+                                     "images": hashlib.sha256("\n".join(digests).encode()).hexdigest()},
                                     sort_keys=True).encode()).hexdigest()[:20]
     cache = cache_dir() / "prefix" / f"{key}.pt"
     if cache.is_file():
-        acts = torch.load(cache, weights_only=True)
+        store = torch.load(cache, weights_only=True)
         print(f"prefix activations from {cache}", flush=True)
     else:
         from tqdm import tqdm
+        from training.data import Sample
         model.eval()
-        acts, t0 = {}, time.perf_counter()
-        for split in ("train", "val", "test"):
-            ds = ImageDataset(splits.split(split), val_pipeline(inp), cache=True)
-            ds.prefill(a.threads, progress=False)
-            x_all = None
-            for b in tqdm(range(0, len(ds), 32), desc=f"prefix {split} x8 views", unit="batch"):
-                x = torch.stack([ds[i][0] for i in range(b, min(b + 32, len(ds)))])
-                with torch.no_grad():
-                    vs = []
-                    for v in dihedral_views(x):
-                        h = body._act(body._bn0(body._conv_stem(v.contiguous(memory_format=torch.channels_last))))
-                        for blk in body._blocks[:a.cut]:
-                            h = blk(h)
-                        vs.append(h.half())
-                v = torch.stack(vs, 1)                              # (B,8,C,h,w) float16
-                if x_all is None:
-                    x_all = torch.empty((len(ds),) + v.shape[1:], dtype=torch.float16)
-                x_all[b:b + len(x)] = v
-            acts[split] = {"x": x_all, "y": torch.tensor(ds.labels),
-                           "p": torch.tensor([prob[s.path] for s in ds.samples])}
+        t0 = time.perf_counter()
+        path_of = {splits.digests[s.path]: s.path for ss in samples.values() for s in ss}
+        ds = ImageDataset([Sample(path_of[d], 0) for d in digests], val_pipeline(inp), cache=True)
+        ds.prefill(a.threads, progress=False)
+        x_all = None
+        for b in tqdm(range(0, len(ds), 32), desc="prefix x8 views", unit="batch"):
+            x = torch.stack([ds[i][0] for i in range(b, min(b + 32, len(ds)))])
+            with torch.no_grad():
+                vs = []
+                for v in dihedral_views(x):
+                    h = body._act(body._bn0(body._conv_stem(v.contiguous(memory_format=torch.channels_last))))
+                    for blk in body._blocks[:a.cut]:
+                        h = blk(h)
+                    vs.append(h.half())
+            v = torch.stack(vs, 1)                                  # (B,8,C,h,w) float16
+            if x_all is None:
+                x_all = torch.empty((len(ds),) + v.shape[1:], dtype=torch.float16)
+            x_all[b:b + len(x)] = v
+        store = {"digests": digests, "x": x_all}
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
-        torch.save(acts, tmp)
+        torch.save(store, tmp)
         os.replace(tmp, cache)
         print(f"prefix activations computed in {time.perf_counter() - t0:.0f}s -> {cache}", flush=True)
+    row = {d: i for i, d in enumerate(store["digests"])}
+    acts = {}
+    for split, ss in samples.items():
+        idx = torch.tensor([row[splits.digests[s.path]] for s in ss], dtype=torch.long)
+        acts[split] = {"x": store["x"][idx], "y": torch.tensor([s.label for s in ss]),
+                       "p": torch.tensor([prob[s.path] for s in ss])}
+    del store
 
     # -- the trained suffix ----------------------------------------------------------------
     class Suffix(torch.nn.Module):
@@ -161,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                    {"params": [q for q in ps if q.ndim <= 1], "lr": lr, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups)
     tr = acts["train"]
+    if a.trainval:
+        tr = {k: torch.cat([acts["train"][k], acts["val"][k]]) for k in ("x", "y", "p")}
     steps = max(1, len(tr["y"]) // a.batch_size)
     total, warm = steps * a.epochs, steps // 2
 
@@ -176,21 +197,25 @@ def main(argv: list[str] | None = None) -> int:
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()} if a.ema else None
 
     @torch.no_grad()
+    def predict(split: str) -> torch.Tensor:
+        """``(N,8,C)`` softmax per dihedral view of the current weights."""
+        set_train(False)
+        d, probs = acts[split], []
+        for b in range(0, len(d["y"]), 32):
+            x = d["x"][b:b + 32].float()                       # (B,8,C,h,w)
+            logits = net(x.flatten(0, 1).contiguous(memory_format=torch.channels_last))
+            probs.append(logits.view(x.shape[0], 8, -1).softmax(-1))
+        return torch.cat(probs)
+
+    @torch.no_grad()
     def evaluate(split: str, state: dict | None = None) -> dict:
         saved = None
         if state is not None:
             saved = {k: v.clone() for k, v in net.state_dict().items()}
             net.load_state_dict(state)
-        set_train(False)
-        d = acts[split]
-        probs = []
-        for b in range(0, len(d["y"]), 32):
-            x = d["x"][b:b + 32].float()                       # (B,8,C,h,w)
-            logits = net(x.flatten(0, 1).contiguous(memory_format=torch.channels_last))
-            probs.append(logits.view(x.shape[0], 8, -1).softmax(-1))
+        pr, y = predict(split), acts[split]["y"]
         if saved is not None:
             net.load_state_dict(saved)
-        pr, y = torch.cat(probs), d["y"]
         res = {}
         for name, q in (("id", pr[:, 0]), ("tta8", pr.mean(1))):
             r = {"accuracy": float((q.argmax(1) == y).float().mean())}
@@ -256,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "n": {k: len(v["y"]) for k, v in acts.items()},
                                "history": history}, indent=2) + "\n")
+    if a.save_preds:
+        np.savez_compressed(a.save_preds, **{f"{k}_{split}": v for split in ("val", "test")
+                                              for k, v in (("probs", predict(split).numpy()),
+                                                           ("y", acts[split]["y"].numpy()),
+                                                           ("p", acts[split]["p"].numpy()))})
+        print(f"-> {a.save_preds}")
     print(f"-> {out}")
     return 0
 
