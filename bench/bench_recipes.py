@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mixup", type=float, default=0.0, help="Beta(a, a) mixup on cached activations (0 = off)")
     p.add_argument("--ema", type=float, default=0.0, help="weight EMA decay per step (0 = off)")
     p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--pool", default="avg", choices=("avg", "max", "avgmax", "gem"),
+                   help="global pooling of the last feature map (max/GeM keep one small defect from averaging away)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="at most N images per split (smoke runs)")
     p.add_argument("--test-every", type=int, default=4)
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trainval", action="store_true",
                    help="train on train + val (the whole 75%% part, fixed epochs; val metrics then mean nothing)")
     p.add_argument("--save-preds", default=None,
-                   help="npz path: per-view test/val probabilities of the final weights (for ensembles, error analysis)")
+                   help="npz path: per-view test/val probabilities of the final weights, labels, cell types (for bench/recipe_errors.py)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/recipes/<hash>.json)")
     a = p.parse_args(argv)
 
@@ -156,12 +158,26 @@ def main(argv: list[str] | None = None) -> int:
             super().__init__()
             self.blocks = body._blocks[a.cut:]
             self.conv_head, self.bn1, self.act, self.head = body._conv_head, body._bn1, body._act, model.head
+            if a.pool == "avgmax":
+                lin = self.head[1]
+                self.head[1] = torch.nn.Linear(2 * lin.in_features, lin.out_features)
+            if a.pool == "gem":
+                self.gem_p = torch.nn.Parameter(torch.tensor(3.0))
 
         def forward(self, h):
             n = len(body._blocks)
             for j, blk in enumerate(self.blocks):
                 h = blk(h, drop_connect_rate=body.drop_connect_rate * (a.cut + j) / n)
-            return self.head(self.act(self.bn1(self.conv_head(h))).mean((2, 3)))
+            f = self.act(self.bn1(self.conv_head(h)))              # (N,1280,h,w), ReLU6 >= 0
+            if a.pool == "max":
+                z = f.amax((2, 3))
+            elif a.pool == "avgmax":
+                z = torch.cat([f.mean((2, 3)), f.amax((2, 3))], 1)
+            elif a.pool == "gem":
+                z = f.clamp_min(1e-6).pow(self.gem_p).mean((2, 3)).pow(1 / self.gem_p)
+            else:
+                z = f.mean((2, 3))
+            return self.head(z)
 
     net = Suffix()
 
@@ -171,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.eval()       # pretrained statistics, as `defectscope train --bn frozen`
 
-    units = [[net.head], [net.conv_head, net.bn1]] + [[b] for b in reversed(list(net.blocks))]
+    units = [[net.head] + ([net.gem_p] if a.pool == "gem" else []), [net.conv_head, net.bn1]] + [[b] for b in reversed(list(net.blocks))]
     groups = []
     for k, unit in enumerate(units):
-        ps = [q for m in unit for q in m.parameters()]
+        ps = [q for m in unit for q in ([m] if isinstance(m, torch.nn.Parameter) else m.parameters())]
         lr = a.lr * a.decay ** k
         groups += [{"params": [q for q in ps if q.ndim > 1], "lr": lr, "weight_decay": a.weight_decay},
                    {"params": [q for q in ps if q.ndim <= 1], "lr": lr, "weight_decay": 0.0}]
@@ -285,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         np.savez_compressed(a.save_preds, **{f"{k}_{split}": v for split in ("val", "test")
                                               for k, v in (("probs", predict(split).numpy()),
                                                            ("y", acts[split]["y"].numpy()),
-                                                           ("p", acts[split]["p"].numpy()))})
+                                                           ("p", acts[split]["p"].numpy()),
+                                                           ("group", np.array([s.group for s in samples[split]])))})
         print(f"-> {a.save_preds}")
     print(f"-> {out}")
     return 0

@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     import numpy as np
-    from training.data import DataSpec, resolve_splits
 
     runs = {Path(f).stem: np.load(f) for f in a.preds}
     first = next(iter(runs.values()))
@@ -52,9 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, d in runs.items():
         if d["probs_test"].shape != first["probs_test"].shape or not np.array_equal(d["y_test"], first["y_test"]):
             raise SystemExit(f"{name}: not the same task / test split as {next(iter(runs))}")
-    splits = resolve_splits(DataSpec(labels="binary" if nc == 2 else "4class"))
-    groups = np.array([s.group for s in splits.split("test")])
     y, p = first["y_test"], first["p_test"]
+    if "group_test" in first:
+        groups = first["group_test"]
+    else:
+        # npz files from before bench_recipes stored the cell types: take them from the split.
+        from training.data import DataSpec, resolve_splits
+        splits = resolve_splits(DataSpec(labels="binary" if nc == 2 else "4class"))
+        groups = np.array([s.group for s in splits.split("test")])
     if len(groups) != len(y):
         raise SystemExit(f"test split has {len(groups)} images, the predictions {len(y)}: another split")
 
