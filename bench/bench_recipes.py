@@ -153,31 +153,36 @@ def main(argv: list[str] | None = None) -> int:
     del store
 
     # -- the trained suffix ----------------------------------------------------------------
+    # (N,C,h,w) post-ReLU6 map -> (N,C) features ((N,2C) for avgmax); p = GeM's learned exponent.
+    pools = {"avg": lambda f, p: f.mean((2, 3)),
+             "max": lambda f, p: f.amax((2, 3)),
+             "avgmax": lambda f, p: torch.cat([f.mean((2, 3)), f.amax((2, 3))], 1),
+             "gem": lambda f, p: f.clamp_min(1e-6).pow(p).mean((2, 3)).pow(1 / p)}
+
+    class Pool(torch.nn.Module):
+        def __init__(self, mode: str) -> None:
+            super().__init__()
+            self.fn = pools[mode]
+            self.p = torch.nn.Parameter(torch.tensor(3.0)) if mode == "gem" else None
+
+        def forward(self, f):
+            return self.fn(f, self.p)
+
     class Suffix(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.blocks = body._blocks[a.cut:]
             self.conv_head, self.bn1, self.act, self.head = body._conv_head, body._bn1, body._act, model.head
+            self.pool = Pool(a.pool)
             if a.pool == "avgmax":
                 lin = self.head[1]
                 self.head[1] = torch.nn.Linear(2 * lin.in_features, lin.out_features)
-            if a.pool == "gem":
-                self.gem_p = torch.nn.Parameter(torch.tensor(3.0))
 
         def forward(self, h):
             n = len(body._blocks)
             for j, blk in enumerate(self.blocks):
                 h = blk(h, drop_connect_rate=body.drop_connect_rate * (a.cut + j) / n)
-            f = self.act(self.bn1(self.conv_head(h)))              # (N,1280,h,w), ReLU6 >= 0
-            if a.pool == "max":
-                z = f.amax((2, 3))
-            elif a.pool == "avgmax":
-                z = torch.cat([f.mean((2, 3)), f.amax((2, 3))], 1)
-            elif a.pool == "gem":
-                z = f.clamp_min(1e-6).pow(self.gem_p).mean((2, 3)).pow(1 / self.gem_p)
-            else:
-                z = f.mean((2, 3))
-            return self.head(z)
+            return self.head(self.pool(self.act(self.bn1(self.conv_head(h)))))
 
     net = Suffix()
 
@@ -187,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.eval()       # pretrained statistics, as `defectscope train --bn frozen`
 
-    units = [[net.head] + ([net.gem_p] if a.pool == "gem" else []), [net.conv_head, net.bn1]] + [[b] for b in reversed(list(net.blocks))]
+    units = [[net.head, net.pool], [net.conv_head, net.bn1]] + [[b] for b in reversed(list(net.blocks))]
     groups = []
     for k, unit in enumerate(units):
-        ps = [q for m in unit for q in ([m] if isinstance(m, torch.nn.Parameter) else m.parameters())]
+        ps = [q for m in unit for q in m.parameters()]
         lr = a.lr * a.decay ** k
         groups += [{"params": [q for q in ps if q.ndim > 1], "lr": lr, "weight_decay": a.weight_decay},
                    {"params": [q for q in ps if q.ndim <= 1], "lr": lr, "weight_decay": 0.0}]

@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, d in runs.items():
         rows[f"{name}"] = breakdown(d["probs_test"][:, 0], y, p, groups)
         rows[f"{name}, TTA8"] = breakdown(d["probs_test"].mean(1), y, p, groups)
+    ens_tta = np.mean([d["probs_test"].mean(1) for d in runs.values()], 0)      # (N,C)
     if len(runs) > 1:
         rows[f"mean of {len(runs)} runs"] = breakdown(np.mean([d["probs_test"][:, 0] for d in runs.values()], 0), y, p, groups)
-        rows[f"mean of {len(runs)} runs, TTA8"] = breakdown(np.mean([d["probs_test"].mean(1) for d in runs.values()], 0),
-                                                         y, p, groups)
+        rows[f"mean of {len(runs)} runs, TTA8"] = breakdown(ens_tta, y, p, groups)
     types = sorted(set(groups))
     print("| run | accuracy | errors | " + " | ".join(f"errors p={g}" for g in ("0", "1/3", "2/3", "1"))
           + " | " + " | ".join(f"acc {t}" for t in types) + " |")
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
               + " | ".join(f"{r['per_type'][t]:.3f}" for t in types) + " |")
     result = {"runs": list(a.preds), "rows": rows}
     if nc == 2:
-        q = np.mean([d["probs_test"].mean(1) for d in runs.values()], 0)[:, 1]
+        q = ens_tta[:, 1]
         ts = np.linspace(0.05, 0.95, 91)
         accs = [float(((q >= t) == y).mean()) for t in ts]
         i = int(np.argmax(accs))
