@@ -1,0 +1,144 @@
+"""The OpenVINO backend: a bundle's ONNX artifact (FP32 or INT8 QDQ) compiled for the CPU.
+
+Settings come from ``[model]`` (``threads``) and ``[model.openvino]`` (cache_dir, hint,
+precision, infer_requests; see runtime/config.py). The compiled model is cached under
+``cache_dir``, keyed by OpenVINO on the graph content and the compile options, so a restart
+or a reload of the same model loads the blob instead of recompiling; a changed model or
+setting compiles again. The model is read from the bundle (whose checksums were verified)
+and compiled from that in-memory graph, not from its path: a path-keyed cache would serve a
+stale blob when a bundle is rewritten in place.
+
+``openvino`` is imported only when this backend is created (extra ``openvino``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from runtime.bundle import BundleError, check_graph_io
+
+DEVICE = "CPU"
+
+
+class OpenVINOError(RuntimeError):
+    """OpenVINO missing or unable to compile/run the model; the message says why."""
+
+
+def ov_properties(threads: int, hint: str, precision: str, infer_requests: int,
+                  cache_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """The compile options (OpenVINO property names) for these settings."""
+    props: dict[str, Any] = {
+        "PERFORMANCE_HINT": hint.upper(),
+        "INFERENCE_NUM_THREADS": int(threads),
+        "INFERENCE_PRECISION_HINT": precision,
+    }
+    if infer_requests > 1:
+        # One CPU stream per request, so the requests of one batch really run side by side
+        # (threads are divided among the streams).
+        props["NUM_STREAMS"] = int(infer_requests)
+    if cache_dir is not None:
+        props["CACHE_DIR"] = str(cache_dir)
+    return props
+
+
+def type_name(value: Any) -> str:
+    """'f32' / 'bf16' for an ov.Type property value."""
+    to_string = getattr(value, "to_string", None)
+    return to_string() if callable(to_string) else str(value)
+
+
+class OpenVINOModel:
+    """A compiled ONNX model and its infer requests; ``run`` maps (N,C,H,W) float32 -> outputs by name."""
+
+    def __init__(self, path: str | os.PathLike[str], output_names: list[str], *, threads: int = 1,
+                 hint: str = "latency", precision: str = "f32", infer_requests: int = 1,
+                 cache_dir: str | os.PathLike[str] | None = None) -> None:
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise OpenVINOError(f"the OpenVINO backend needs openvino (pip install 'defectscope[openvino]'): "
+                                f"{exc}") from None
+        if cache_dir is not None:
+            os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+        props = ov_properties(threads, hint, precision, infer_requests, cache_dir)
+        try:
+            core = ov.Core()
+            model = core.read_model(str(path))
+            compiled = core.compile_model(model, DEVICE, props)
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses for bad graphs / options
+            raise OpenVINOError(f"{path}: OpenVINO could not compile the model: {exc}") from None
+        self.path = str(path)
+        self.compiled = compiled
+        self.version = ov.__version__
+        self.loaded_from_cache = bool(self._prop("LOADED_FROM_CACHE", False))
+        self.inference_precision = type_name(self._prop("INFERENCE_PRECISION_HINT", precision))
+        self.hint = str(self._prop("PERFORMANCE_HINT", hint.upper())).lower()
+        self.streams = int(self._prop("NUM_STREAMS", 1))
+        self.threads = int(self._prop("INFERENCE_NUM_THREADS", threads))
+        self.inputs = [SimpleNamespace(name=p.any_name, shape=_dims(p.partial_shape)) for p in compiled.inputs]
+        ports = {}
+        for name in output_names:
+            port = next((p for p in compiled.outputs if name in p.get_names()), None)
+            if port is None:
+                raise OpenVINOError(f"{path}: no output named {name!r}; the model has "
+                                    f"{[sorted(p.get_names()) for p in compiled.outputs]}")
+            ports[name] = port
+        self.outputs = [SimpleNamespace(name=n, shape=_dims(p.partial_shape)) for n, p in ports.items()]
+        self._ports = list(ports.values())
+        self.static_batch = self.inputs[0].shape[0] if self.inputs else None  # set: no splitting over requests
+        self._requests = [compiled.create_infer_request() for _ in range(max(1, infer_requests))]
+        self._lock = threading.Lock()
+
+    def _prop(self, name: str, default: Any) -> Any:
+        try:
+            return self.compiled.get_property(name)
+        except Exception:  # a property this OpenVINO version does not report
+            return default
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Outputs in ``output_names`` order; with several requests the batch is split over them."""
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        with self._lock:
+            reqs = self._requests
+            if len(reqs) == 1 or x.shape[0] == 1 or self.static_batch:
+                res = reqs[0].infer({0: x}, share_inputs=True, share_outputs=False)  # outputs copied out
+                return [res[p] for p in self._ports]
+            chunks = [c for c in np.array_split(x, min(len(reqs), x.shape[0])) if c.shape[0]]
+            for req, chunk in zip(reqs, chunks):
+                req.start_async({0: chunk}, share_inputs=True)
+            outs: list[list[np.ndarray]] = []
+            for req in reqs[: len(chunks)]:
+                req.wait()
+                # The request owns its output memory and reuses it on the next call: copy out.
+                outs.append([np.array(req.get_tensor(p).data, copy=True) for p in self._ports])
+        return [np.concatenate([o[i] for o in outs]) for i in range(len(self._ports))]
+
+    def close(self) -> None:
+        self._requests = []
+        self.compiled = None
+
+
+def _dims(shape: Any) -> list[int | None]:
+    return [d.get_length() if d.is_static else None for d in shape]
+
+
+def open_bundle_model(bundle: Any, key: str, settings: Any, threads: int) -> OpenVINOModel:
+    """Compile artifact ``key`` of a loaded bundle; ``settings`` is a config.OpenVINOConfig."""
+    art = bundle.artifact(key)
+    if art.format != "onnx":
+        raise OpenVINOError(f"artifact {key!r} is {art.format}, OpenVINO runs onnx artifacts")
+    path = bundle.path / art.file
+    model = OpenVINOModel(path, list(bundle.manifest.output.names), threads=threads, hint=settings.hint,
+                          precision=settings.precision, infer_requests=settings.infer_requests,
+                          cache_dir=settings.cache_dir)
+    try:
+        check_graph_io(bundle.manifest, model.inputs, model.outputs, str(path))
+    except BundleError as exc:
+        model.close()
+        raise OpenVINOError(str(exc)) from None
+    return model
