@@ -46,6 +46,28 @@ def ov_properties(threads: int, hint: str, precision: str, infer_requests: int,
     return props
 
 
+def unsafe_cache_dir(path: str | os.PathLike[str]) -> str | None:
+    """Why the compiled-model cache at ``path`` must not be used, or None (created 0700 when missing).
+
+    A cached blob is loaded and run as compiled code: a directory another user can write
+    (group/other-writable, or owned by someone else) could hold a planted one.
+    """
+    import stat
+
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except OSError as exc:
+        return f"cannot create {os.fspath(path)!r}: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{os.fspath(path)!r} is not a directory"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{os.fspath(path)!r} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); chmod 700 it"
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        return f"{os.fspath(path)!r} is owned by uid {st.st_uid}, not this process (uid {os.geteuid()})"
+    return None
+
+
 def type_name(value: Any) -> str:
     """'f32' / 'bf16' for an ov.Type property value."""
     to_string = getattr(value, "to_string", None)
@@ -63,8 +85,9 @@ class OpenVINOModel:
         except ImportError as exc:
             raise OpenVINOError(f"the OpenVINO backend needs openvino (pip install 'defectscope[openvino]'): "
                                 f"{exc}") from None
-        if cache_dir is not None:
-            os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+        self.cache_refused = unsafe_cache_dir(cache_dir) if cache_dir is not None else None
+        if self.cache_refused:
+            cache_dir = None  # compile every time rather than load blobs others could have planted
         props = ov_properties(threads, hint, precision, infer_requests, cache_dir)
         try:
             core = ov.Core()

@@ -170,6 +170,8 @@ class OpenVINOBackend(Backend):
                         m.inference_precision)
         if m.static_batch:
             self.max_batch, self.min_batch, self.fixed_batch = m.static_batch, m.static_batch, True
+        if m.cache_refused:
+            log.warning("openvino: compiled-model cache not used: %s", m.cache_refused)
         log.info("openvino %s: %s compiled (%s, %s, %d thread(s), %d stream(s))%s", m.version, key,
                  m.inference_precision, m.hint, m.threads, m.streams,
                  " - loaded from the model cache" if m.loaded_from_cache else "")
@@ -190,7 +192,7 @@ class OpenVINOBackend(Backend):
         out = super().describe()
         if self.model is not None:
             out.update(openvino=self.model.version, hint=self.model.hint, streams=self.model.streams,
-                       loaded_from_cache=self.model.loaded_from_cache)
+                       loaded_from_cache=self.model.loaded_from_cache, cache_refused=self.model.cache_refused)
         return out
 
 
@@ -343,14 +345,19 @@ def candidates(bundle: Bundle, cfg: ModelConfig) -> list[tuple[str, str]]:
     return [(cfg.backend, onnx_key)]
 
 
-def create_backend(bundle: Bundle, cfg: ModelConfig) -> Backend:
-    """The first usable backend for the bundle per ``cfg.backend`` (see module doc); sets ``.selection``."""
+def create_backend(bundle: Bundle, cfg: ModelConfig,
+                   probe: Callable[[Backend], None] | None = None) -> Backend:
+    """The first usable backend for the bundle per ``cfg.backend`` (see module doc); sets ``.selection``.
+
+    ``probe`` (e.g. the daemon's warm-up) runs on each created candidate; an exception from it
+    counts as that candidate failing (auto: closed, next one tried; named: BackendError).
+    """
     auto = cfg.backend == "auto"
     skipped: list[str] = []
     for name, key in candidates(bundle, cfg):
         why = _precheck(name) if auto else None
         if why is None:
-            backend, why = _try(name, key, bundle, cfg, auto)
+            backend, why = _try(name, key, bundle, cfg, auto, probe)
             if backend is not None:
                 reason = ("named in [model] backend" if not auto else
                           "first usable in auto order " + " > ".join(AUTO_ORDER))
@@ -364,25 +371,30 @@ def create_backend(bundle: Bundle, cfg: ModelConfig) -> Backend:
     raise BackendError("no usable backend: " + "; ".join(skipped))
 
 
-def _try(name: str, key: str, bundle: Bundle, cfg: ModelConfig, auto: bool) -> tuple[Backend | None, str]:
+def _try(name: str, key: str, bundle: Bundle, cfg: ModelConfig, auto: bool,
+         probe: Callable[[Backend], None] | None) -> tuple[Backend | None, str]:
     """(backend, "") or, in auto mode, (None, why not); a named backend raises BackendError instead."""
+    backend = None
     try:
         backend = FACTORIES[name](bundle, key, cfg)
+        refusal = accuracy_refusal(accuracy_record(bundle, key, backend.accuracy_id))
+        if refusal is not None:
+            log.warning("backend %s (%s, %s) refused: %s", name, key, backend.accuracy_id, refusal)
+            raise BackendError(f"{name} ({key}): {refusal}" if not auto else f"refused: {refusal}")
+        if probe is not None:
+            probe(backend)
+        return backend, ""
     except BackendError as exc:
+        if backend is not None:
+            backend.close()
         if not auto:
             raise
         return None, str(exc)
     except Exception as exc:  # pycuda MemoryError / LogicError, a TensorRT without the API used, ...
+        if backend is not None:
+            backend.close()
         why = f"{type(exc).__name__}: {exc}"
         log.warning("creating backend %s for artifact %s failed: %s", name, key, why)
         if not auto:
             raise BackendError(f"{name} ({key}) could not be created: {why}") from None
         return None, f"creation failed: {why}"
-    refusal = accuracy_refusal(accuracy_record(bundle, key, backend.accuracy_id))
-    if refusal is None:
-        return backend, ""
-    backend.close()
-    log.warning("backend %s (%s, %s) refused: %s", name, key, backend.accuracy_id, refusal)
-    if not auto:
-        raise BackendError(f"{name} ({key}): {refusal}")
-    return None, f"refused: {refusal}"

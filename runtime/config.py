@@ -156,12 +156,13 @@ class OpenVINOConfig:
 
 
 def _openvino(t: _Table, base: Path) -> OpenVINOConfig:
+    d = OpenVINOConfig()
     cache = t.get("cache_dir", str, None)
     cfg = OpenVINOConfig(
         cache_dir=_path(base, cache) if cache else None,
-        hint=t.choice("hint", OV_HINTS, "latency"),
-        precision=t.choice("precision", OV_PRECISIONS, "f32"),
-        infer_requests=t.integer("infer_requests", 1, minimum=1, maximum=64),
+        hint=t.choice("hint", OV_HINTS, d.hint),
+        precision=t.choice("precision", OV_PRECISIONS, d.precision),
+        infer_requests=t.integer("infer_requests", d.infer_requests, minimum=1, maximum=64),
     )
     t.finish()
     return cfg

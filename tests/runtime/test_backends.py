@@ -415,3 +415,45 @@ def test_openvino_config_errors_name_the_key(tmp_path: Path, body: str, message:
 
     with pytest.raises(ConfigError, match=message.replace("[", "\\[").replace("]", "\\]").replace("(", "\\(")):
         load_config(_station(tmp_path, body))
+
+
+@needs_ov
+def test_openvino_refuses_a_cache_dir_others_can_write(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Attacker: a group/world-writable cache could hold a planted compiled blob; it is not used."""
+    b = load_bundle(make_bundle(tmp_path / "b"))
+    shared = tmp_path / "shared-cache"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with caplog.at_level("WARNING", logger="defectscope.backends"):
+        backend = create_backend(b, _ov(b, cache_dir=shared))
+    assert "writable by group or others" in backend.describe()["cache_refused"]
+    assert list(shared.iterdir()) == []  # nothing written, nothing loaded
+    assert any("compiled-model cache not used" in r.getMessage() for r in caplog.records)
+    x = _batch(2)
+    np.testing.assert_allclose(backend.run(x)[0], _reference(x), rtol=1e-4, atol=1e-5)
+    not_dir = tmp_path / "file"
+    not_dir.write_text("x")
+    assert create_backend(b, _ov(b, cache_dir=not_dir)).describe()["cache_refused"]
+    fresh = tmp_path / "new" / "cache"
+    ok = create_backend(b, _ov(b, cache_dir=fresh))
+    assert ok.describe()["cache_refused"] is None and (fresh.stat().st_mode & 0o777) == 0o700
+
+
+def test_a_failing_probe_counts_as_a_failed_candidate(tmp_path: Path) -> None:
+    """The daemon's warm-up passed as ``probe``: a candidate that fails it is closed and the next one tried."""
+    b = load_bundle(_with_fake_engine(tmp_path))
+    tried = []
+
+    def probe(backend) -> None:
+        tried.append(backend.name)
+        if backend.name != "onnxruntime-cpu":
+            raise RuntimeError("warm-up inference failed")
+        backend.run(_batch(1))
+
+    backend = create_backend(b, ModelConfig(bundle=b.path), probe=probe)
+    assert backend.name == "onnxruntime-cpu" and tried[-1] == "onnxruntime-cpu"
+    assert all(s.endswith("creation failed: RuntimeError: warm-up inference failed")
+               for s in backend.selection.skipped if s.split()[0] in tried)
+    with pytest.raises(BackendError, match="could not be created: RuntimeError: warm-up"):
+        create_backend(b, ModelConfig(bundle=b.path, backend="onnxruntime-cpu"),
+                       probe=lambda be: (_ for _ in ()).throw(RuntimeError("warm-up inference failed")))
