@@ -79,7 +79,7 @@ class OpenVINOModel:
 
     def __init__(self, path: str | os.PathLike[str], output_names: list[str], *, threads: int = 1,
                  hint: str = "latency", precision: str = "f32", infer_requests: int = 1,
-                 cache_dir: str | os.PathLike[str] | None = None) -> None:
+                 cache_dir: str | os.PathLike[str] | None = None, input_name: str | None = None) -> None:
         try:
             import openvino as ov
         except ImportError as exc:
@@ -103,7 +103,9 @@ class OpenVINOModel:
         self.hint = str(self._prop("PERFORMANCE_HINT", hint.upper())).lower()
         self.streams = int(self._prop("NUM_STREAMS", 1))
         self.threads = int(self._prop("INFERENCE_NUM_THREADS", threads))
-        self.inputs = [SimpleNamespace(name=p.any_name, shape=_dims(p.partial_shape)) for p in compiled.inputs]
+        # A tensor may carry several names; report the expected one when it is among them.
+        self.inputs = [SimpleNamespace(name=input_name if input_name in p.get_names() else p.any_name,
+                                       shape=_dims(p.partial_shape)) for p in compiled.inputs]
         ports = {}
         for name in output_names:
             port = next((p for p in compiled.outputs if name in p.get_names()), None)
@@ -158,7 +160,7 @@ def open_bundle_model(bundle: Any, key: str, settings: Any, threads: int) -> Ope
     path = bundle.path / art.file
     model = OpenVINOModel(path, list(bundle.manifest.output.names), threads=threads, hint=settings.hint,
                           precision=settings.precision, infer_requests=settings.infer_requests,
-                          cache_dir=settings.cache_dir)
+                          cache_dir=settings.cache_dir, input_name=bundle.manifest.input.name)
     try:
         check_graph_io(bundle.manifest, model.inputs, model.outputs, str(path))
     except BundleError as exc:
