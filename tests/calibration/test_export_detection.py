@@ -16,7 +16,7 @@ from tests.training.detection.helpers import SIZE, squares_batch, train_tiny_det
 
 @pytest.fixture(scope="module")
 def detector():
-    return train_tiny_detector(steps=60)
+    return train_tiny_detector()
 
 
 @pytest.fixture(scope="module")

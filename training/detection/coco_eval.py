@@ -58,7 +58,10 @@ def _mean_valid(a: np.ndarray) -> float | None:
 
 def coco_metrics(samples: Sequence[DetSample], predictions: Sequence[Prediction], classes: Sequence[str]
                  ) -> dict[str, Any]:
-    """mAP@[.5:.95], mAP@.5, per-class AP / AP50 / recall (IoU .5 and mean over .5:.95), all areas, 100 dets."""
+    """mAP@[.5:.95], mAP@.5, per-class AP / AP50 / recall (IoU .5 and mean over .5:.95), all areas, 100 dets.
+
+    Undefined values (a class, or the whole set, without ground-truth boxes) are None, not 0.
+    """
     from pycocotools.cocoeval import COCOeval
 
     if len(samples) != len(predictions):
@@ -77,7 +80,7 @@ def coco_metrics(samples: Sequence[DetSample], predictions: Sequence[Prediction]
         per_class[name] = {"ap": _mean_valid(prec[:, :, k, 0, -1]), "ap50": _mean_valid(prec[0, :, k, 0, -1]),
                            "recall50": _mean_valid(rec[0, k, 0, -1]), "recall": _mean_valid(rec[:, k, 0, -1]),
                            "boxes": int(sum(lab == k for s in samples for lab in s.labels))}
-    stats = [float(v) for v in ev.stats]
+    stats = [float(v) if v > -1 else None for v in ev.stats]   # -1: no ground truth at all
     return {"map": stats[0], "map50": stats[1], "map75": stats[2], "mar100": stats[8],
             "per_class": per_class, "images": len(samples)}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from tests.training.detection.conftest import squares_image
@@ -30,8 +32,10 @@ def squares_batch(rng: np.random.Generator, n: int, size: int = SIZE):
     return images, targets
 
 
-def train_tiny_detector(steps: int = 120, seed: int = 0):
-    """tiny_det at 64 px, Adam on fresh squares each step; a few seconds on one core."""
+@functools.lru_cache(maxsize=4)
+def train_tiny_detector(steps: int = 60, seed: int = 0):
+    """tiny_det at 64 px, Adam on fresh squares each step; ~10 s on one core, trained once per process
+    (callers only evaluate it)."""
     import torch
     from training.detection.model import DetectorSpec, build_detector
     torch.manual_seed(seed)

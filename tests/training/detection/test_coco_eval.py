@@ -44,6 +44,7 @@ def test_no_predictions_and_negatives():
     m = coco_metrics(gts, [(np.zeros((0, 4)), [], []), (np.zeros((0, 4)), [], [])], CLASSES)
     assert m["map"] == 0.0 and m["per_class"]["crack"]["recall50"] == 0.0
     assert m["per_class"]["spot"]["ap"] is None            # no spot in the truth: undefined, not 0
+    assert coco_metrics([_s([], [])], [(np.zeros((0, 4)), [], [])], CLASSES)["map"] is None
     with pytest.raises(ValueError, match="2 images but 1"):
         coco_metrics(gts, gts[:1], CLASSES)
 
