@@ -146,7 +146,7 @@ def weighted_box_fusion(views: Sequence[tuple[Any, Any, Any]], iou_thr: float = 
         b, s, l = as_boxes(boxes), np.asarray(scores, np.float32).reshape(-1), np.asarray(labels).reshape(-1)
         if not len(b) == len(s) == len(l):
             raise BoxError(f"weighted_box_fusion: {len(b)} boxes, {len(s)} scores, {len(l)} labels")
-        keep = s >= skip_thr
+        keep = (s >= skip_thr) & np.isfinite(s) & np.isfinite(b).all(axis=1)
         rows += [(float(si), int(li), bi) for bi, si, li in zip(b[keep], s[keep], l[keep])]
     out_b, out_s, out_l = [], [], []
     for label in sorted({r[1] for r in rows}):
@@ -232,6 +232,9 @@ class BoxPolicy:
         counted, best = [], {"defect": None, "uncertain": None}
         best_score = 0.0
         for box, score, label, area in zip(b, s, l, areas):
+            # A model's outputs are not trusted: unknown labels and non-finite values are never counted.
+            if not (0 <= int(label) < len(classes) and np.isfinite(score) and np.isfinite(box).all()):
+                continue
             cls = classes[int(label)]
             if area < self.min_area_per_class.get(cls, self.min_area):
                 continue

@@ -126,3 +126,13 @@ def test_policy_validation():
         BoxPolicy(thresholds={"crak": 0.3}).check_classes(CLASSES)
     with pytest.raises(BoxError, match="shape"):
         BoxPolicy().decide([[1, 2, 3]], [0.9], [1], CLASSES)
+
+
+def test_forged_model_outputs_are_never_counted():
+    """A tampered or broken model: NaN/inf scores and boxes, labels outside the class list, inverted boxes."""
+    p = BoxPolicy(default_threshold=0.5, min_area=1)
+    boxes = [[0, 0, 10, 10], [0, 0, np.inf, 10], [0, 0, 10, 10], [0, 0, 10, 10], [10, 10, 0, 0]]
+    v = p.decide(boxes, [np.nan, 0.9, 0.9, 0.9, 0.9], [1, 1, 7, -1, 1], CLASSES)
+    assert (v.verdict, v.boxes) == ("ok", ())
+    b, s, l = weighted_box_fusion([([[0, 0, 5, 5], [np.nan, 0, 5, 5]], [np.nan, 0.9], [1, 1])])
+    assert len(b) == 0

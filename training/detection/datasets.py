@@ -203,4 +203,35 @@ def resolve_detection(spec: DetectionSpec | Mapping[str, Any]) -> DetSplits:
     return DetSplits(train, val, test, list(classes), fmt, report, given)
 
 
-__all__ = ["DetectionSpec", "DetSplits", "FORMATS", "infer_format", "resolve_detection"]
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.detection.datasets PATH``: load, check and split a detection set; print the summary."""
+    import argparse
+    import json
+    import sys
+
+    d = DetectionSpec(path=".")
+    p = argparse.ArgumentParser(prog="python -m training.detection.datasets", description=main.__doc__)
+    p.add_argument("path", help="COCO train.json, a VOC folder (NEU-DET, GC10-DET) or a YOLO folder")
+    p.add_argument("--format", default=d.format, choices=FORMATS)
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--test-fraction", type=float, default=d.test_fraction)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--strict", action="store_true", help="any bad annotation is fatal")
+    args = p.parse_args(argv)
+    try:
+        splits = resolve_detection(DetectionSpec(args.path, args.format, args.val_fraction, args.test_fraction,
+                                                 args.seed, args.strict))
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = splits.summary()
+    summary["bad_annotations"]["problems"] = summary["bad_annotations"]["problems"][:20]
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+__all__ = ["DetectionSpec", "DetSplits", "FORMATS", "infer_format", "main", "resolve_detection"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

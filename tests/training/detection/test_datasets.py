@@ -164,3 +164,30 @@ def test_dataset_items_are_torchvision_targets(coco_dir):
     assert neg["boxes"].shape == (0, 4) and neg["labels"].shape == (0,)
     images, targets = collate([ds[0], ds[1]])
     assert len(images) == len(targets) == 2
+
+
+def test_check_command_on_neu_det(neu_det, capsys):
+    from training.detection.datasets import main
+    assert main([str(neu_det)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["format"] == "voc" and out["val"]["images"] == 3 and out["bad_annotations"]["skipped"] == 0
+    (neu_det / "train" / "annotations" / "crazing_9.xml").write_text("<annotation><filename>nope.jpg</filename>")
+    assert main([str(neu_det), "--strict"]) == 2
+    assert "crazing_9.xml" in capsys.readouterr().err
+
+
+def test_gc10_det_layout(tmp_path):
+    """GC10-DET: XMLs in lable/ (sic), images in per-class folders 1/..10/, class names like '1_chongkong'."""
+    rng = np.random.default_rng(4)
+    root = tmp_path / "GC10-DET"
+    (root / "lable").mkdir(parents=True)
+    for k, cls in ((1, "1_chongkong"), (2, "2_hanfeng")):
+        (root / str(k)).mkdir()
+        for i in range(3):
+            stem = f"img_0{k}_42538290{i}_0000{i}"
+            img, boxes = squares_image(rng, (50, 100), 1)
+            cv2.imwrite(str(root / str(k) / f"{stem}.jpg"), img)
+            (root / "lable" / f"{stem}.xml").write_text(voc_xml(f"{stem}.jpg", str(k), 100, 50, [(cls, boxes[0])]))
+    s = resolve_detection({"path": str(root), "test_fraction": 0.34})
+    assert s.classes == ["1_chongkong", "2_hanfeng"] and not s.report.problems
+    assert len(s.train) + len(s.val) + len(s.test) == 6 and len(s.test) == 2
