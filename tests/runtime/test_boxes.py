@@ -136,3 +136,25 @@ def test_forged_model_outputs_are_never_counted():
     assert (v.verdict, v.boxes) == ("ok", ())
     b, s, l = weighted_box_fusion([([[0, 0, 5, 5], [np.nan, 0, 5, 5]], [np.nan, 0.9], [1, 1])])
     assert len(b) == 0
+
+
+def test_imports_without_torch_training_or_calibration():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'torchvision', 'training', 'calibration'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import numpy as np, runtime.boxes as b\n"
+        "img, g = b.fit(np.zeros((10, 20), np.uint8), 16, 16)\n"
+        "print(g.to_original([[0, 4, 16, 12]]).tolist())\n")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60,
+                         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[[0.0, 0.0, 20.0, 10.0]]"
