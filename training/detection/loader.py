@@ -4,7 +4,8 @@ Each item: the file read by ``runtime.preprocess.read_image``, letterboxed to th
 size by ``runtime.boxes.fit`` (the station's own geometry), gray replicated to RGB, then the
 v2 transform. ``target``: ``boxes`` (``tv_tensors.BoundingBoxes`` XYXY in model-input
 pixels), ``labels`` (int64, 1-based: 0 is torchvision's background), ``image_id`` (index),
-``orig_size`` (H, W) and ``geometry`` (``runtime.boxes.Geometry``, to map predictions back).
+``orig_size`` (H, W) and ``geometry`` (``runtime.boxes.Geometry`` of the letterbox, to map
+predictions back; it does not describe the random augmentation, so use it with ``eval_transform``).
 """
 
 from __future__ import annotations

@@ -80,3 +80,24 @@ def test_augment_spec_validation():
     with pytest.raises(DataError, match="unknown"):
         AugmentSpec.from_dict({"rotate": 1})
     assert AugmentSpec.from_dict(AugmentSpec().to_dict()) == AugmentSpec()
+
+
+def test_dataset_with_train_transform_feeds_the_detector(coco_dir):
+    from training.detection.datasets import resolve_detection
+    from training.detection.loader import DetectionDataset, collate
+    from training.detection.model import DetectorSpec, build_detector
+
+    torch.manual_seed(0)
+    s = resolve_detection({"path": str(coco_dir / "train.json")})
+    ds = DetectionDataset(s.train, (64, 64), transform=train_transform(AugmentSpec(rot90=True)))
+    images, targets = collate([ds[i] for i in range(4)])
+    for img, t in zip(images, targets):
+        assert img.shape == (3, 64, 64) and len(t["boxes"]) == len(t["labels"])
+        if len(t["boxes"]):   # the augmented box still holds the bright square (letterbox + flips + zoom)
+            x0, y0, x1, y1 = (int(round(v)) for v in t["boxes"][0].tolist())
+            patch = img[0, y0:y1, x0:x1]
+            assert patch.numel() and patch.mean() > 0.5
+    model = build_detector(DetectorSpec(classes=tuple(s.classes), backbone="tiny_det", weights="none",
+                                        image_size=(64, 64), fpn_channels=16, representation_size=32))
+    losses = model.train()(images, targets)            # the full targets (with geometry) are accepted
+    assert all(torch.isfinite(v) for v in losses.values())
