@@ -89,7 +89,8 @@ def check_detection_graph(graph: Any, batch: int, height: int, width: int, max_d
     inits = {i.name for i in graph.graph.initializer}
     inputs = [(i.name, _dims(i)) for i in graph.graph.input if i.name not in inits]
     if inputs != [(INPUT_NAME, [batch, 3, height, width])]:
-        raise DetectionExportError(f"exported inputs {inputs}, expected [({INPUT_NAME!r}, [{batch}, 3, {height}, {width}])]")
+        raise DetectionExportError(f"exported inputs {inputs}, "
+                                   f"expected [({INPUT_NAME!r}, [{batch}, 3, {height}, {width}])]")
     outputs = [(o.name, _dims(o)) for o in graph.graph.output]
     want = [("boxes", [batch, max_detections, 4]), ("scores", [batch, max_detections]),
             ("labels", [batch, max_detections])]

@@ -92,7 +92,8 @@ class DetSplits:
         def stats(s: list[DetSample]) -> dict[str, Any]:
             per = np.bincount(np.concatenate([x.labels_array() for x in s] or [np.zeros(0, np.int64)]),
                               minlength=len(self.classes))
-            return {"images": len(s), "negatives": sum(x.negative for x in s), "boxes": dict(zip(self.classes, per.tolist()))}
+            return {"images": len(s), "negatives": sum(x.negative for x in s),
+                    "boxes": dict(zip(self.classes, per.tolist()))}
         return {"format": self.format, "classes": self.classes, "given_splits": list(self.given),
                 **{n: stats(self.split(n)) for n in SPLIT_NAMES}, "bad_annotations": self.report.summary()}
 

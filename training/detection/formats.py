@@ -135,7 +135,8 @@ def read_coco(path: Path, report: Report, classes: Sequence[str] | None = None) 
         try:
             iid, rel = im["id"], str(im["file_name"])
         except (KeyError, TypeError):
-            report.add(path, im.get("id", "?") if isinstance(im, dict) else "?", "malformed: image needs 'id' and 'file_name'")
+            report.add(path, im.get("id", "?") if isinstance(im, dict) else "?",
+                       "malformed: image needs 'id' and 'file_name'")
             continue
         p = root / rel
         size = (im.get("width"), im.get("height"))

@@ -84,7 +84,8 @@ class DetectorSpec:
         if len(self.image_size) != 2 or min(self.image_size) < 32 or any(s % 32 for s in self.image_size):
             raise DetectorConfigError(f"model.image_size: expected (H, W), multiples of 32, got {self.image_size}")
         if len(self.anchor_sizes) != 4:
-            raise DetectorConfigError(f"model.anchor_sizes: expected 4 sizes (one per FPN map), got {self.anchor_sizes}")
+            raise DetectorConfigError(f"model.anchor_sizes: expected 4 sizes (one per FPN map), "
+                                      f"got {self.anchor_sizes}")
         if not self.aspect_ratios or min(self.aspect_ratios) <= 0:
             raise DetectorConfigError(f"model.aspect_ratios: expected positive ratios, got {self.aspect_ratios}")
         for f in fields(self):

@@ -34,7 +34,8 @@ def squares_coco(tmp_path_factory):
             big = cv2.resize(small, (128, 96), interpolation=cv2.INTER_NEAREST)
             b = targets[i]["boxes"].numpy()
             keep = (b[:, 1] >= 8) & (b[:, 3] <= 56)
-            boxes = [tuple(float(v) for v in (x0 * 2, (y0 - 8) * 2, x1 * 2, (y1 - 8) * 2)) for x0, y0, x1, y1 in b[keep]]
+            boxes = [tuple(float(v) for v in (x0 * 2, (y0 - 8) * 2, x1 * 2, (y1 - 8) * 2))
+                     for x0, y0, x1, y1 in b[keep]]
             labels = tuple(int(v) - 1 for v in targets[i]["labels"].numpy()[keep])
         else:
             big, boxes, labels = np.full((96, 128), 60, np.uint8), [], ()
