@@ -11,6 +11,8 @@ All sends happen on one thread (the daemon's output thread).
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import time
 from typing import Any, Mapping
 
@@ -26,6 +28,18 @@ class PublisherError(RuntimeError):
     """The publisher could not be set up; the message names the config key."""
 
 
+def check_secret_key_file(path: os.PathLike[str] | str) -> None:
+    """Refuse a CURVE secret key that another local account could read (or swap)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise PublisherError(f"key 'publisher.curve.server_secret_key': {path}: {exc.strerror or exc}") from None
+    if st.st_mode & 0o077:
+        raise PublisherError(f"key 'publisher.curve.server_secret_key': {path} has mode "
+                             f"{stat.S_IMODE(st.st_mode):04o}; a secret key must not be readable or writable by "
+                             "group or others (chmod 600, owned by the daemon's user)")
+
+
 class Publisher:
     def __init__(self, cfg: PublisherConfig) -> None:
         self.cfg = cfg
@@ -35,6 +49,8 @@ class Publisher:
         sock.setsockopt(zmq.SNDHWM, cfg.sndhwm)
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscriber's subscribe reaches us (subscriber counting)
         sock.setsockopt(zmq.LINGER, 0)
+        # Subscribers only send (un)subscriptions; a larger message disconnects that peer unbuffered.
+        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_inbound_bytes)
         if cfg.sndbuf:
             sock.setsockopt(zmq.SNDBUF, cfg.sndbuf)
         try:
@@ -62,6 +78,7 @@ class Publisher:
 
         curve = self.cfg.curve
         assert curve is not None
+        check_secret_key_file(curve.server_secret_key)
         try:
             public, secret = zmq.auth.load_certificate(str(curve.server_secret_key))
         except (OSError, ValueError) as exc:

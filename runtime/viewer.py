@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from runtime.messages import STATUS, SchemaError, decode, validate
+from runtime.messages import STATUS, VERDICTS, SchemaError, decode, validate
 
 VERDICT_STYLE = {"ok": "green", "defect": "bold red", "uncertain": "yellow"}
 
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="daemon's ZeroMQ endpoint, e.g. tcp://line3:5555 (repeat for several stations)")
     p.add_argument("--station", help="only this station (subscribes to its topics only)")
     p.add_argument("--camera", action="append", default=[], help="only this camera (repeatable)")
-    p.add_argument("--verdict", action="append", default=[], choices=("ok", "defect", "uncertain"),
+    p.add_argument("--verdict", action="append", default=[], choices=VERDICTS,
                    help="only show these verdicts as latest / events (repeatable)")
     p.add_argument("--events", type=int, default=15, help="recent events listed (default 15)")
     p.add_argument("--stale-after", type=float, default=5.0, metavar="S",

@@ -107,7 +107,7 @@ def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
 
 
 def test_serve_refuses_bad_config_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from runtime.daemon import main
+    from runtime.serve_cli import main
 
     path = write_config(tmp_path / "s.toml", {"model": {"bundle": "b", "threads": 0}}, [{"id": "c", "source": "0"}])
     assert main(["--config", str(path)]) == 2

@@ -208,7 +208,7 @@ def test_bad_config_refused_by_the_command_with_the_key(tmp_path: Path) -> None:
 
 
 def test_corrupt_bundle_at_start_exits_1_naming_the_file(tmp_path: Path) -> None:
-    from runtime.daemon import main
+    from runtime.serve_cli import main
 
     bundle = make_bundle(tmp_path / "bundle")
     (bundle / "model.onnx").write_bytes(b"garbage")
@@ -232,7 +232,8 @@ for mod in list(sys.modules):
     if mod.split(".")[0] in BLOCKED:
         del sys.modules[mod]
 atexit.register(lambda: open(sys.argv[-1] + ".imports.json", "w").write(json.dumps(ATTEMPTS)))
-import runtime, runtime.backends, runtime.batcher, runtime.bundle, runtime.config, runtime.daemon, runtime.decision
+import runtime, runtime.backends, runtime.batcher, runtime.bundle, runtime.config, runtime.daemon, runtime.decision, runtime.model
+import runtime.pipeline, runtime.service, runtime.serve_cli, runtime.reload_cli
 import runtime.messages, runtime.metrics, runtime.notify, runtime.preprocess, runtime.publisher, runtime.snapshots
 import runtime.sources, runtime.tta, runtime.viewer
 """
@@ -267,7 +268,7 @@ def test_commands_have_help(args: list[str]) -> None:
 
 
 def test_serve_check_validates_and_prints_the_resolved_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from runtime.daemon import main
+    from runtime.serve_cli import main
 
     bundle = make_bundle(tmp_path / "bundle")
     make_images(tmp_path / "replay", PATTERN)

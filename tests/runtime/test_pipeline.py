@@ -200,7 +200,7 @@ def test_stuck_subscriber_does_not_stall_the_pipeline(tmp_path: Path, bundle: Pa
         d = start_daemon(config)
         pump.start()
         assert d.run() == 0
-        assert d.counts["cam1"] == {"captured": n, "published": n, "dropped": 0}
+        assert d.counts["cam1"] == {"captured": n, "published": n, "dropped": 0, "decode_errors": 0}
         deadline = time.monotonic() + 10
         while len(good.verdicts()) < n and time.monotonic() < deadline:
             time.sleep(0.05)
