@@ -114,6 +114,9 @@ def test_sighup_swaps_model_and_corrupt_bundle_keeps_old_one_serving(tmp_path: P
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # cameras kept going: no gap, no restart
         ready = json.loads(http_get(base + "/readyz")[1])
         assert ready["model"]["version"] == "2.0.0"
+        assert ready["last_reload"]["result"] == "ok" and ready["last_reload"]["version"] == "2.0.0"
+        assert ready["last_reload"]["error"] is None and ready["last_reload"]["at"] > time.time() - 60
+        assert metric(scrape(base + "/metrics"), "defectscope_model_reload_failed") == 0
 
         _point(current, bad)
         os.kill(proc.pid, signal.SIGHUP)
@@ -128,7 +131,14 @@ def test_sighup_swaps_model_and_corrupt_bundle_keeps_old_one_serving(tmp_path: P
         assert metric(samples, "defectscope_model_reloads_total", result="success") == 1
         assert metric(samples, "defectscope_model_info", name="tiny", version="2.0.0", precision="fp32",
                       backend="onnxruntime-cpu") == 1
-        assert json.loads(http_get(base + "/readyz")[1])["model"]["version"] == "2.0.0"
+        # The failure is visible where deploy and monitoring look, and the old model still counts as ready.
+        status, body = http_get(base + "/readyz")
+        ready = json.loads(body)
+        assert status == 200 and ready["ready"] is True and ready["model"]["version"] == "2.0.0"
+        assert ready["last_reload"]["result"] == "failed" and "checksum mismatch" in ready["last_reload"]["error"]
+        assert metric(samples, "defectscope_model_reload_failed") == 1
+        sub.until(lambda s: any(m["last_reload"]["result"] == "failed" for m in s.statuses()), 10, proc,
+                  what="a status heartbeat with the failed reload")
         fail = subprocess.run([sys.executable, "-m", "defectscope", "reload", "--config", str(config), "--wait", "30"],
                               cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert fail.returncode == 1 and "FAILED" in fail.stderr
