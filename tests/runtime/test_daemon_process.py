@@ -289,3 +289,36 @@ def test_serve_check_validates_and_prints_the_resolved_config(tmp_path: Path, ca
     assert out["model"]["backend"] == "onnxruntime-cpu" and out["tta_views"] == 2
     assert out["config"]["cameras"][0]["kind"] == "directory"
     assert out["config"]["model"]["bundle"] == str(bundle)
+    assert out["checks"] == {"metrics.port": "ok", "publisher.bind": "ok", "cameras[0].source": "ok"}
+
+
+def test_serve_check_fails_on_busy_ports_and_sources_without_a_readable_frame(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from runtime.serve_cli import main
+
+    bundle = make_bundle(tmp_path / "bundle")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"")
+    (broken / "b.jpg").write_bytes(b"not a jpeg")
+    make_images(tmp_path / "replay", PATTERN[:1])
+    metrics_port = free_port()
+    config, endpoint = station_config(tmp_path, bundle, [{"id": "good", "source": str(tmp_path / "replay")},
+                                                         {"id": "bad", "source": str(broken), "loop": True}],
+                                      metrics_port=metrics_port)
+    with socket.socket() as busy_http, socket.socket() as busy_zmq:
+        busy_http.bind(("127.0.0.1", metrics_port))
+        busy_http.listen()
+        busy_zmq.bind(("127.0.0.1", int(endpoint.rsplit(":", 1)[1])))
+        busy_zmq.listen()
+        assert main(["--config", str(config), "--check"]) == 1
+    captured = capsys.readouterr()
+    checks = json.loads(captured.out)["checks"]
+    assert checks["cameras[0].source"] == "ok"
+    assert "none of the 2 image files is readable" in checks["cameras[1].source"]
+    assert f"cannot bind 127.0.0.1:{metrics_port}" in checks["metrics.port"]
+    assert "publisher.bind" in checks["publisher.bind"]
+    for key in ("metrics.port", "publisher.bind", "cameras[1].source"):
+        assert f"key '{key}'" in captured.err

@@ -17,7 +17,7 @@ import pytest
 from runtime.config import CameraConfig, load_config
 from runtime.daemon import Daemon
 from runtime.batcher import FrameHub
-from runtime.sources import Camera, DirectoryReader, Frame, backoff_delay, transform
+from runtime.sources import Camera, DirectoryReader, Frame, SourceError, backoff_delay, transform
 
 from ._helpers import Subscriber, free_port, http_get, make_bundle, make_images, metric, scrape, station_config
 
@@ -95,6 +95,17 @@ def test_directory_reader_loops_and_skips_unreadable(tmp_path: Path) -> None:
     once = DirectoryReader(str(tmp_path), loop=False)
     assert [once.read()[1] for _ in range(2)] == ["frame_00000.png", "frame_00001.png"]
     assert once.read() is None
+
+
+def test_directory_reader_counts_unreadable_files_and_never_spins_on_a_broken_replay(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    skipped: list[str] = []
+    r = DirectoryReader(str(tmp_path), loop=True, on_unreadable=lambda p, exc: skipped.append(Path(p).name))
+    with pytest.raises(SourceError, match="none of the 2 image files is readable"):
+        r.read()  # a looping replay of nothing readable fails (the camera backs off) instead of looping forever
+    assert skipped == ["a.png", "b.png"]
+    r.close()
 
 
 class _Events:
