@@ -364,6 +364,7 @@ def _more_views(model: LoadedModel, frames: list[Frame], outputs: Any) -> tuple[
     Their score is the mean over all views, exactly what always-on TTA gives them.
     """
     n_views, band = model.tta.n_views, model.adaptive_band
+    assert band is not None
     preds = model.post(outputs, len(frames), 1)
     near = [i for i, p in enumerate(preds) if model.decider.near(p.scores, band)]
     views = [1] * len(frames)
@@ -373,7 +374,7 @@ def _more_views(model: LoadedModel, frames: list[Frame], outputs: Any) -> tuple[
     for i in near:
         f = frames[i]
         t = time.perf_counter()
-        first = f.tensor[0] if model.tta.views[0] == "original" else None
+        first = f.tensor[0] if f.tensor is not None and model.tta.views[0] == "original" else None
         extra.append(model.tta.expand(f.image, start=1, base=first))
         f.preprocess_s += time.perf_counter() - t
     rest = model.post(model.backend.run(np.concatenate(extra)), len(near), n_views - 1)

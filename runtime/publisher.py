@@ -44,7 +44,7 @@ class Publisher:
     def __init__(self, cfg: PublisherConfig) -> None:
         self.cfg = cfg
         self.ctx = zmq.Context()
-        self.auth = None
+        self.auth: Any = None  # zmq.auth ThreadAuthenticator with CURVE
         sock = self.ctx.socket(zmq.XPUB)
         sock.setsockopt(zmq.SNDHWM, cfg.sndhwm)
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscriber's subscribe reaches us (subscriber counting)
@@ -68,7 +68,7 @@ class Publisher:
             self._stop_auth()
             self.ctx.term()
             raise
-        self.sock = sock
+        self.sock: zmq.Socket | None = sock  # None once closed
         self.fmt = cfg.format
         self.subscriptions = 0  # subscribe minus unsubscribe messages seen
 
@@ -95,7 +95,9 @@ class Publisher:
         sock.curve_server = True
 
     def send(self, topic: str, message: Mapping[str, Any]) -> bool:
-        """Publish without ever blocking; False when the message could not be queued."""
+        """Publish without ever blocking; False when the message could not be queued (or the socket is closed)."""
+        if self.sock is None:
+            return False
         try:
             self.sock.send_multipart([topic.encode("utf-8"), encode(message, self.fmt)], flags=zmq.NOBLOCK)
             return True
@@ -107,7 +109,7 @@ class Publisher:
 
     def poll_subscriptions(self) -> int:
         """Consume pending (un)subscribe notifications; returns the current subscription count."""
-        while True:
+        while self.sock is not None:
             try:
                 msg = self.sock.recv(flags=zmq.NOBLOCK)
             except zmq.Again:
@@ -122,7 +124,7 @@ class Publisher:
         """Block until ``n`` subscriptions arrived (replays that must not lose their first frames)."""
         deadline = time.monotonic() + timeout_s
         while self.poll_subscriptions() < n:
-            if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+            if self.sock is None or time.monotonic() >= deadline or (stop is not None and stop.is_set()):
                 return False
             self.sock.poll(50, zmq.POLLIN)
         return True

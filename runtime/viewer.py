@@ -182,7 +182,7 @@ def render(state: ViewerState, now: float, endpoints: Iterable[str] = ()) -> Any
 def _socket(args: argparse.Namespace) -> Any:
     import zmq
 
-    ctx = zmq.Context.instance()
+    ctx: Any = zmq.Context.instance()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.RCVHWM, 10000)
     sock.setsockopt(zmq.LINGER, 0)
@@ -211,7 +211,7 @@ def _socket(args: argparse.Namespace) -> Any:
     return sock
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="defectscope watch",
         description="Live terminal view of a station's verdicts: per camera state and latest verdict, rates, "
@@ -233,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="no view: print each (filtered) message as a JSON line")
     p.add_argument("--curve-server-key", help="the daemon's public certificate (CURVE)")
     p.add_argument("--curve-client-key", help="this client's secret certificate (CURVE)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     import zmq
 
@@ -274,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
         console = Console()
         if args.once:
+            assert end is not None
             while time.monotonic() < end:
                 if pump(200):
                     pump(300)  # a moment more so the view has the station's status too
