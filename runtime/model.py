@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from runtime.backends import Backend, BackendError, create_backend
-from runtime.batcher import assemble
+from runtime.batcher import BatchBuffers, assemble
 from runtime.bundle import Bundle, BundleError, load_bundle
 from runtime.config import ConfigError, StationConfig
 from runtime.decision import Decider, Postprocessor, make_postprocessor
@@ -64,12 +64,13 @@ class LoadedModel:
         frame.generation = self.generation
         frame.preprocess_s += time.perf_counter() - t
 
-    def stack(self, frames: list[Frame]) -> np.ndarray:
-        """Frames -> one (N*V,C,H,W) batch; frames prepared for another model generation are prepared again."""
+    def stack(self, frames: list[Frame], out: BatchBuffers | None = None) -> np.ndarray:
+        """Frames -> one (N*V,C,H,W) batch (in a buffer of ``out`` if given); frames prepared for another
+        model generation are prepared again."""
         for f in frames:
             if f.generation != self.generation or f.tensor is None:
                 self.prepare(f)  # queued before a reload: redo with this model's preprocessing
-        return assemble(frames)
+        return assemble(frames, out)
 
     def close(self) -> None:
         with self.lock:  # waits for an in-flight batch on this model

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from runtime.batcher import FrameHub
+from runtime.batcher import BatchBuffers, FrameHub
 from runtime.config import StationConfig
 from runtime.decision import Decision, Prediction, scores_dict, top
 from runtime.messages import VERDICTS, status_topic, verdict_message, verdict_topic
@@ -81,6 +81,7 @@ class Pipeline:
         self._batches: queue.Queue[Any] = queue.Queue(maxsize=1)  # stacked batches, one ahead of inference
         self._draining = threading.Event()
         self._infer_busy = threading.Event()  # set while a batch is in the backend
+        self._buffers = BatchBuffers()  # the batch thread's stacking buffers (only it touches them)
         self._threads: dict[str, threading.Thread] = {}
         self._metric_children: dict[str, tuple[Any, Any, dict[str, Any]]] = {}
         self.heartbeat = time.monotonic()
@@ -195,7 +196,7 @@ class Pipeline:
             try:
                 # No model lock here (inference holds it): preprocessing needs no backend, and the
                 # inference thread stacks again if a reload replaced ``model`` meanwhile.
-                batch = model.stack(frames)
+                batch = model.stack(frames, self._buffers)
             except Exception:  # the inference thread prepares again; never lose the frames here
                 log.exception("stacking a batch of %d frame(s) failed", len(frames))
                 batch = None

@@ -367,7 +367,7 @@ def test_decode_errors_are_counted_in_metrics_and_status_and_logged_once(tmp_pat
     _bad_files(replay)
     config, endpoint = station_config(
         tmp_path, bundle, [{"id": "cam1", "source": str(replay), "loop": True, "fps": 100.0}],
-        publisher={"status_interval_s": 0.1})
+        publisher={"status_interval_s": 0.1, "wait_for_subscribers": 1})
     sub = Subscriber(endpoint)
     caplog.set_level(logging.WARNING, logger="defectscope.sources")
     try:

@@ -276,3 +276,20 @@ def test_video_file_replay(tmp_path: Path, kind: str) -> None:
     finally:
         d.shutdown()
         sub.close()
+
+
+def test_assemble_reuses_its_buffers_and_keeps_each_frames_views_adjacent() -> None:
+    from runtime.batcher import BatchBuffers, assemble
+
+    rng = np.random.default_rng(0)
+    frames = [_frame("c", i) for i in range(3)]
+    for f in frames:
+        f.tensor = rng.random((2, 3, 4, 4), dtype=np.float32)  # 2 views
+    ring = BatchBuffers(slots=2)
+    first = assemble(frames, ring)
+    np.testing.assert_array_equal(first, np.concatenate([f.tensor for f in frames]))
+    second = assemble(frames[:2], ring)
+    third = assemble(frames, ring)
+    assert np.shares_memory(first, third) and not np.shares_memory(first, second)  # the ring wrapped
+    np.testing.assert_array_equal(third, np.concatenate([f.tensor for f in frames]))
+    assert assemble(frames[:1], ring) is frames[0].tensor  # one frame: no copy at all
