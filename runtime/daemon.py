@@ -167,6 +167,7 @@ class Daemon:
             return 0
         self._closed = True
         self.state = "stopping"
+        self.pipeline.serving = False  # cameras stopping now are not "down"
         self._stop.set()
         if self.watchdog:
             self.watchdog.stop()  # first, so no WATCHDOG=1 follows STOPPING=1
