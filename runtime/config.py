@@ -133,7 +133,7 @@ class MetricsConfig:
     host: str = "127.0.0.1"
     port: int = 9108  # 0 = any free port (tests)
     ready_max_frame_age_s: float = 5.0
-    # A client that has not sent its whole request (or read the answer) within this is cut off, s.
+    # A client that has not sent its whole request within this (or stalls a write of the answer) is cut off, s.
     http_timeout_s: float = 5.0
     http_max_connections: int = 8  # served at once (threads); more are closed at once, unanswered
 

@@ -1,7 +1,7 @@
 """The daemon's service surface: HTTP (/metrics /healthz /readyz), the pid file, reload records.
 
 The HTTP server is exposed to whatever can reach ``[metrics] host``: each connection gets
-``http_timeout_s`` per socket operation and at most ``http_max_connections`` are served at
+``http_timeout_s`` to send its whole request (and per write of the answer) and at most ``http_max_connections`` are served at
 once (one thread each); a connection beyond that is closed unanswered, so half-open clients
 cannot pile up threads. Client resets and timeouts are logged at debug level, never printed
 as tracebacks.
@@ -96,6 +96,23 @@ class HealthServer:
 def _handler(outer: HealthServer, timeout_s: float) -> type:
     class Handler(BaseHTTPRequestHandler):
         timeout = timeout_s  # seconds per socket operation (StreamRequestHandler.setup applies it)
+
+        def setup(self) -> None:
+            super().setup()
+            # The whole request must arrive within timeout_s, not each byte: a client trickling one
+            # byte at a time would otherwise hold its slot for as long as it likes.
+            deadline = time.monotonic() + timeout_s
+            conn, raw = self.connection, self.rfile.raw  # type: ignore[attr-defined]
+            read = raw.readinto
+
+            def readinto(buf: Any) -> int:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"request not complete within {timeout_s:g}s")
+                conn.settimeout(min(timeout_s, left))
+                return read(buf)
+
+            raw.readinto = readinto
 
         def do_GET(self) -> None:  # noqa: N802 (http.server API)
             path = self.path.split("?", 1)[0]

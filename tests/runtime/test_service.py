@@ -117,3 +117,22 @@ def test_pid_file_is_written_atomically_and_removed_only_if_ours(tmp_path: Path)
     (tmp_path / "o.pid").write_text("1\n")  # another daemon took the file over
     other.remove()
     assert (tmp_path / "o.pid").read_text() == "1\n"
+
+
+def test_a_client_trickling_its_request_is_cut_off_at_the_request_deadline(server) -> None:
+    """Attack: one byte every 0.3 s keeps each read under the per-operation timeout forever."""
+    srv = server(timeout_s=1.0, max_connections=1)
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+    start = time.monotonic()
+    try:
+        for ch in b"GET /metrics HTTP/1.1\r\nHost: " + b"x" * 100:
+            s.sendall(bytes([ch]))
+            time.sleep(0.3)
+            if time.monotonic() - start > 6:
+                break
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    cut = time.monotonic() - start
+    assert cut < 3.0, f"trickling client held its slot {cut:.1f}s"
+    s.close()
+    assert http_get(f"http://127.0.0.1:{srv.port}/healthz")[0] == 200  # the only slot is free again
