@@ -1,9 +1,9 @@
 """The daemon's service surface: HTTP (/metrics /healthz /readyz), the pid file, reload records.
 
 The HTTP server is exposed to whatever can reach ``[metrics] host``: each connection gets
-``http_timeout_s`` to send its whole request (and per write of the answer) and at most ``http_max_connections`` are served at
-once (one thread each); a connection beyond that is closed unanswered, so half-open clients
-cannot pile up threads. Client resets and timeouts are logged at debug level, never printed
+``http_timeout_s`` to send its whole request (and per write of the answer), and at most
+``http_max_connections`` are served at once (one thread each); a connection beyond that is
+closed unanswered, so half-open clients cannot pile up threads. Client resets and timeouts are logged at debug level, never printed
 as tracebacks.
 """
 
