@@ -7,8 +7,10 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 EXTRAS  ?= train,dev,msgpack,deploy,fleet,openvino
 # Debian packages some tests drive for real: promtool + Prometheus server, ffmpeg (RTSP/MJPEG
-# camera streams), systemd-analyze (unit verification).
+# camera streams), systemd-analyze (unit verification), a real RTSP camera (GstRtspServer under
+# the system python3: tests/runtime/rtsp_server.py).
 APT_PKGS ?= prometheus ffmpeg systemd
+RTSP_PKGS ?= gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gst-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
 DEMO_ARGS ?=
 TEST_ARGS ?=
 
@@ -27,6 +29,9 @@ system-deps:
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	/usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0'); gi.require_version('Gst', '1.0'); \
+	  from gi.repository import Gst; Gst.init(None); assert Gst.ElementFactory.find('rtpjpegpay')" >/dev/null 2>&1 \
+	  || missing="$$missing $(RTSP_PKGS)"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing system tools:$$missing"; \

@@ -31,8 +31,8 @@ command("export", "calibration.cli:export_main", "export a checkpoint to an ONNX
 command("calibrate", "calibration.cli:calibrate_main", "INT8-quantize a bundle with a calibration set and an accuracy gate", "train")
 command("build-engine", "calibration.engine_cli:main", "build a TensorRT engine into a bundle (on the device)", None)
 command("bundle", "runtime.bundle_cli:main", "inspect / verify / pack a model bundle", None)
-command("serve", "runtime.daemon:main", "run the inspection daemon for one station config", None)
-command("reload", "runtime.daemon:reload_main", "ask a running daemon to reload its model bundle", None)
+command("serve", "runtime.serve_cli:main", "run the inspection daemon for one station config", None)
+command("reload", "runtime.reload_cli:main", "ask a running daemon to reload its model bundle", None)
 command("watch", "runtime.viewer:main", "live terminal view of a station's verdict stream", None)
 command("deploy", "deploy.cli:main", "install / rollback / status / prune bundles and units on a station", None)
 

@@ -112,8 +112,39 @@ class FrameHub:
 
 
 
-def assemble(frames: Sequence["Frame"]) -> np.ndarray:
-    """Frames' (V,C,H,W) views -> one (N*V,C,H,W) float32 batch; a frame's views stay adjacent."""
-    if len(frames) == 1:
-        return frames[0].tensor
-    return np.concatenate([f.tensor for f in frames])
+def assemble(frames: Sequence["Frame"], out: "BatchBuffers | None" = None) -> np.ndarray:
+    """Frames' (V,C,H,W) views -> one (N*V,C,H,W) float32 batch; a frame's views stay adjacent.
+
+    One frame: its own views, no copy. Several: copied into a reused buffer of ``out`` if given.
+    """
+    tensors = [f.tensor for f in frames]
+    assert all(t is not None for t in tensors), "assemble() needs prepared frames"
+    if len(tensors) == 1:
+        return tensors[0]
+    if out is None:
+        return np.concatenate(tensors)
+    rows = sum(t.shape[0] for t in tensors)
+    return np.concatenate(tensors, out=out.take((rows, *tensors[0].shape[1:])))
+
+
+class BatchBuffers:
+    """A ring of preallocated batch buffers, so stacking a batch allocates (and page-faults) nothing.
+
+    ``slots`` must exceed the batches alive at once: with the pipeline's hand-over queue of one,
+    one batch in the backend, one queued and one being stacked, hence 3. The backends copy their
+    input during ``run`` (ONNX Runtime, TensorRT's host-to-device copy), so a buffer is free when
+    its call returns.
+    """
+
+    def __init__(self, slots: int = 3) -> None:
+        self._bufs: list[np.ndarray | None] = [None] * slots
+        self._next = 0
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        i = self._next
+        self._next = (i + 1) % len(self._bufs)
+        buf = self._bufs[i]
+        n = int(np.prod(shape))
+        if buf is None or buf.size < n:
+            buf = self._bufs[i] = np.empty(n, dtype=np.float32)
+        return buf[:n].reshape(shape)

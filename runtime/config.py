@@ -14,7 +14,10 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+from runtime.config_table import ConfigError, Table
+from runtime.messages import VERDICTS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,7 +28,6 @@ BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "openvino", "onnxruntime-cpu
 SOURCE_KINDS = ("auto", "directory", "video", "v4l2", "rtsp", "http", "gstreamer")
 ON_FULL = ("drop_oldest", "block")
 ROTATIONS = (0, 90, 180, 270)
-VERDICTS = ("ok", "defect", "uncertain")
 FORMATS = ("json", "msgpack")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Camera and station ids become ZeroMQ topic parts ("<station>.<camera>.<verdict>") and
@@ -37,86 +39,8 @@ ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 VIEW_RE = re.compile(r"^(original|hflip|vflip|rot90|rot180|rot270|transpose|transverse|scale:(\d+(\.\d+)?))$")
 
 
-class ConfigError(ValueError):
-    """A station config that cannot be used; the message names the file and key."""
-
-
-class _Table:
-    """A TOML table being read: typed getters that name the key, and unknown-key detection."""
-
-    def __init__(self, data: Any, where: str, prefix: str) -> None:
-        self.where, self.prefix = where, prefix
-        if not isinstance(data, Mapping):
-            raise self.error("", f"expected a table, got {type(data).__name__}")
-        self.data = data
-        self.used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}{name}" if name else self.prefix.rstrip(".")
-
-    def error(self, name: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.where}: key '{self.key(name)}': {message}")
-
-    def get(self, name: str, kind: type | tuple[type, ...], default: Any = dataclasses.MISSING) -> Any:
-        self.used.add(name)
-        if name not in self.data:
-            if default is dataclasses.MISSING:
-                raise self.error(name, "missing (required)")
-            return default
-        value = self.data[name]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if isinstance(value, bool) and bool not in kinds:
-            ok = False
-        else:
-            ok = isinstance(value, kinds)
-        if not ok:
-            names = " or ".join(_kind_name(k) for k in kinds)
-            raise self.error(name, f"expected {names}, got {value!r:.80}")
-        return value
-
-    def number(self, name: str, default: Any = dataclasses.MISSING, minimum: float | None = None,
-               exclusive: bool = False, maximum: float | None = None) -> Any:
-        value = self.get(name, (int, float), default)
-        if value is None or value is default:
-            return value
-        value = float(value)
-        if minimum is not None and (value <= minimum if exclusive else value < minimum):
-            raise self.error(name, f"expected a number {'>' if exclusive else '>='} {minimum:g}, got {value:g}")
-        if maximum is not None and value > maximum:
-            raise self.error(name, f"expected a number <= {maximum:g}, got {value:g}")
-        return value
-
-    def integer(self, name: str, default: Any = dataclasses.MISSING, minimum: int | None = None,
-                maximum: int | None = None) -> Any:
-        value = self.get(name, int, default)
-        if value is None or value is default:
-            return value
-        if minimum is not None and value < minimum:
-            raise self.error(name, f"expected an integer >= {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            raise self.error(name, f"expected an integer <= {maximum}, got {value}")
-        return value
-
-    def choice(self, name: str, choices: tuple[Any, ...], default: Any = dataclasses.MISSING) -> Any:
-        kind = type(choices[0])
-        value = self.get(name, kind, default)
-        if value not in choices:
-            raise self.error(name, f"expected one of {list(choices)}, got {value!r}")
-        return value
-
-    def table(self, name: str) -> "_Table":
-        self.used.add(name)
-        return _Table(self.data.get(name, {}), self.where, f"{self.prefix}{name}.")
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise self.error(unknown[0], f"unknown key; expected one of {sorted(self.used)}")
-
-
-def _kind_name(kind: type) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "an array",
-            dict: "a table", Mapping: "a table", type(None): "nothing"}.get(kind, kind.__name__)
+# Kept under the old name for the section parsers below (and any added later).
+_Table = Table
 
 
 @dataclass(frozen=True)
@@ -133,7 +57,9 @@ class CameraConfig:
     queue_size: int = 4  # frames buffered between capture and inference
     on_full: str = "drop_oldest"  # replay sources default to "block" (every frame inferred)
     reconnect_initial_s: float = 0.5
-    reconnect_max_s: float = 30.0
+    # Longest wait between reopen attempts: a camera that comes back is judged again within this
+    # (plus read_timeout_s); the jitter spreads a fleet's retries.
+    reconnect_max_s: float = 2.0
     read_timeout_s: float = 5.0  # a live source silent this long is treated as disconnected
 
     @property
@@ -177,6 +103,7 @@ class ModelConfig:
     device_id: int = 0  # CUDA device for onnxruntime-cuda / tensorrt
     warmup_runs: int = 2
     openvino: OpenVINOConfig = OpenVINOConfig()
+    min_frame_side: int | None = None  # pixels; None: a quarter of the model input's shorter side
 
 
 @dataclass(frozen=True)
@@ -223,6 +150,9 @@ class PublisherConfig:
     wait_timeout_s: float = 30.0
     status_interval_s: float = 1.0  # "<station>._status" heartbeat; 0 = off
     curve: CurveConfig | None = None
+    # Largest message a subscriber may send (its (un)subscriptions, topic prefixes), bytes; a peer
+    # that sends more is disconnected by ZeroMQ before the message is buffered.
+    max_inbound_bytes: int = 1024
 
 
 @dataclass(frozen=True)
@@ -230,6 +160,9 @@ class MetricsConfig:
     host: str = "127.0.0.1"
     port: int = 9108  # 0 = any free port (tests)
     ready_max_frame_age_s: float = 5.0
+    # A client that has not sent its whole request within this (or stalls a write of the answer) is cut off, s.
+    http_timeout_s: float = 5.0
+    http_max_connections: int = 8  # served at once (threads); more are closed at once, unanswered
 
 
 @dataclass(frozen=True)
@@ -334,7 +267,7 @@ def _camera(t: _Table, base: Path) -> CameraConfig:
         raise t.error("rotate", f"expected one of {list(ROTATIONS)} (degrees clockwise), got {rotate!r}")
     default_full = "block" if kind in ("directory", "video") else "drop_oldest"
     initial = t.number("reconnect_initial_s", 0.5, minimum=0.0, exclusive=True)
-    maximum = t.number("reconnect_max_s", 30.0, minimum=0.0, exclusive=True)
+    maximum = t.number("reconnect_max_s", CameraConfig.reconnect_max_s, minimum=0.0, exclusive=True)
     if maximum < initial:
         raise t.error("reconnect_max_s", f"expected >= reconnect_initial_s ({initial:g}), got {maximum:g}")
     cam = CameraConfig(
@@ -355,29 +288,21 @@ def _camera(t: _Table, base: Path) -> CameraConfig:
     return cam
 
 
-def from_dict(data: Mapping[str, Any], where: str = "(in memory)", base: Path | None = None,
-              default_station: str | None = None) -> StationConfig:
-    """Validate a parsed TOML document; ``base`` resolves relative paths."""
-    base = Path(base) if base is not None else Path.cwd()
-    root = _Table(data, where, "")
-    station = root.get("station", str, default_station)
-    if station is None:
-        raise root.error("station", "missing (required)")
-    if not ID_RE.match(station):
-        raise root.error("station", f"expected letters, digits, '_' or '-' (no dots), got {station!r}")
+# Section name -> parser of its table (one dataclass per section; a new section registers here).
+SECTIONS: dict[str, Callable[[_Table, Path], Any]] = {}
 
-    root.used.add("cameras")
-    raw_cams = data.get("cameras")
-    if not isinstance(raw_cams, list) or not raw_cams:
-        raise root.error("cameras", "expected at least one [[cameras]] table")
-    cameras = tuple(_camera(_Table(c, where, f"cameras[{i}]."), base) for i, c in enumerate(raw_cams))
-    seen: set[str] = set()
-    for i, cam in enumerate(cameras):
-        if cam.id in seen:
-            raise ConfigError(f"{where}: key 'cameras[{i}].id': duplicate camera id {cam.id!r}")
-        seen.add(cam.id)
 
-    t = root.table("model")
+def _section(name: str) -> Callable[[Callable[[_Table, Path], Any]], Callable[[_Table, Path], Any]]:
+    def register(parse: Callable[[_Table, Path], Any]) -> Callable[[_Table, Path], Any]:
+        if name in SECTIONS:
+            raise ValueError(f"config section {name!r} registered twice")
+        SECTIONS[name] = parse
+        return parse
+    return register
+
+
+@_section("model")
+def _model(t: _Table, base: Path) -> ModelConfig:
     model = ModelConfig(
         bundle=_path(base, t.get("bundle", str)),
         artifact=t.get("artifact", str, None),
@@ -386,17 +311,24 @@ def from_dict(data: Mapping[str, Any], where: str = "(in memory)", base: Path | 
         device_id=t.integer("device_id", 0, minimum=0),
         warmup_runs=t.integer("warmup_runs", 2, minimum=0, maximum=1000),
         openvino=_openvino(t.table("openvino"), base),
+        min_frame_side=t.integer("min_frame_side", ModelConfig.min_frame_side, minimum=1, maximum=100_000),
     )
     t.finish()
+    return model
 
-    t = root.table("batching")
+
+@_section("batching")
+def _batching(t: _Table, base: Path) -> BatchingConfig:
     batching = BatchingConfig(
         max_batch=t.integer("max_batch", 8, minimum=1, maximum=1024),
         max_wait_ms=t.number("max_wait_ms", 5.0, minimum=0.0, maximum=10_000.0),
     )
     t.finish()
+    return batching
 
-    t = root.table("tta")
+
+@_section("tta")
+def _tta(t: _Table, base: Path) -> TTAConfig:
     views = t.get("views", list, ["original"])
     if not views or not all(isinstance(v, str) for v in views):
         raise t.error("views", f"expected a non-empty array of view names, got {views!r}")
@@ -417,12 +349,15 @@ def from_dict(data: Mapping[str, Any], where: str = "(in memory)", base: Path | 
     band = t.number("band", 0.2, minimum=0.0, exclusive=True, maximum=1.0)
     tta = TTAConfig(views=tuple(views), mode=mode, band=band)
     t.finish()
+    return tta
 
-    t = root.table("decision")
+
+@_section("decision")
+def _decision(t: _Table, base: Path) -> DecisionConfig:
     thresholds = t.get("thresholds", Mapping, {})
     for name, value in thresholds.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{where}: key 'decision.thresholds.{name}': expected a probability in [0, 1], got {value!r}")
+            raise ConfigError(f"{t.where}: key 'decision.thresholds.{name}': expected a probability in [0, 1], got {value!r}")
     good = t.get("good_classes", list, None)
     if good is not None and (not good or not all(isinstance(g, str) for g in good)):
         raise t.error("good_classes", f"expected a non-empty array of class names, got {good!r}")
@@ -433,8 +368,11 @@ def from_dict(data: Mapping[str, Any], where: str = "(in memory)", base: Path | 
         good_classes=tuple(good) if good is not None else None,
     )
     t.finish()
+    return decision
 
-    t = root.table("publisher")
+
+@_section("publisher")
+def _publisher(t: _Table, base: Path) -> PublisherConfig:
     bind = t.get("bind", (list, str), ["tcp://127.0.0.1:5555"])
     bind = [bind] if isinstance(bind, str) else bind
     if not bind or not all(isinstance(b, str) and re.match(r"^(tcp|ipc|inproc)://.+", b) for b in bind):
@@ -461,18 +399,30 @@ def from_dict(data: Mapping[str, Any], where: str = "(in memory)", base: Path | 
         wait_timeout_s=t.number("wait_timeout_s", 30.0, minimum=0.0),
         status_interval_s=t.number("status_interval_s", 1.0, minimum=0.0),
         curve=curve,
+        max_inbound_bytes=t.integer("max_inbound_bytes", PublisherConfig.max_inbound_bytes, minimum=64,
+                                    maximum=1 << 20),
     )
     t.finish()
+    return publisher
 
-    t = root.table("metrics")
+
+@_section("metrics")
+def _metrics(t: _Table, base: Path) -> MetricsConfig:
     metrics = MetricsConfig(
         host=t.get("host", str, "127.0.0.1"),
         port=t.integer("port", 9108, minimum=0, maximum=65535),
         ready_max_frame_age_s=t.number("ready_max_frame_age_s", 5.0, minimum=0.0, exclusive=True),
+        http_timeout_s=t.number("http_timeout_s", MetricsConfig.http_timeout_s, minimum=0.0, exclusive=True,
+                                maximum=300.0),
+        http_max_connections=t.integer("http_max_connections", MetricsConfig.http_max_connections, minimum=1,
+                                       maximum=1024),
     )
     t.finish()
+    return metrics
 
-    t = root.table("snapshots")
+
+@_section("snapshots")
+def _snapshots(t: _Table, base: Path) -> SnapshotConfig:
     verdicts = t.get("verdicts", list, ["defect", "uncertain"])
     if not all(v in VERDICTS for v in verdicts):
         raise t.error("verdicts", f"expected verdicts from {list(VERDICTS)}, got {verdicts!r}")
@@ -485,8 +435,11 @@ def from_dict(data: Mapping[str, Any], where: str = "(in memory)", base: Path | 
         queue_size=t.integer("queue_size", 64, minimum=1),
     )
     t.finish()
+    return snapshots
 
-    t = root.table("daemon")
+
+@_section("daemon")
+def _daemon(t: _Table, base: Path) -> DaemonConfig:
     pid = t.get("pid_file", str, None)
     daemon = DaemonConfig(
         pid_file=_path(base, pid) if pid else None,
@@ -497,11 +450,33 @@ def from_dict(data: Mapping[str, Any], where: str = "(in memory)", base: Path | 
         switch_interval_ms=t.number("switch_interval_ms", 0.5, minimum=0.0, exclusive=True, maximum=100.0),
     )
     t.finish()
+    return daemon
+
+def from_dict(data: Mapping[str, Any], where: str = "(in memory)", base: Path | None = None,
+              default_station: str | None = None) -> StationConfig:
+    """Validate a parsed TOML document; ``base`` resolves relative paths."""
+    base = Path(base) if base is not None else Path.cwd()
+    root = _Table(data, where, "")
+    station = root.get("station", str, default_station)
+    if station is None:
+        raise root.error("station", "missing (required)")
+    if not ID_RE.match(station):
+        raise root.error("station", f"expected letters, digits, '_' or '-' (no dots), got {station!r}")
+
+    root.used.add("cameras")
+    raw_cams = data.get("cameras")
+    if not isinstance(raw_cams, list) or not raw_cams:
+        raise root.error("cameras", "expected at least one [[cameras]] table")
+    cameras = tuple(_camera(_Table(c, where, f"cameras[{i}]."), base) for i, c in enumerate(raw_cams))
+    seen: set[str] = set()
+    for i, cam in enumerate(cameras):
+        if cam.id in seen:
+            raise ConfigError(f"{where}: key 'cameras[{i}].id': duplicate camera id {cam.id!r}")
+        seen.add(cam.id)
+
+    sections = {name: parse(root.table(name), base) for name, parse in SECTIONS.items()}
     root.finish()
-    return StationConfig(
-        station=station, cameras=cameras, model=model, batching=batching, tta=tta, decision=decision,
-        publisher=publisher, metrics=metrics, snapshots=snapshots, daemon=daemon, source=where,
-    )
+    return StationConfig(station=station, cameras=cameras, source=where, **sections)
 
 
 def load_config(path: str | os.PathLike[str]) -> StationConfig:

@@ -13,6 +13,9 @@ from typing import Any, Mapping
 
 SCHEMA_VERSION = 1
 STATUS = "_status"
+# The one definition of the verdict names (config, metrics, viewer and the decision read it).
+VERDICTS = ("ok", "defect", "uncertain")
+STATES = ("starting", "serving", "reloading", "stopping", "stopped")
 
 
 class SchemaError(ValueError):
@@ -78,8 +81,61 @@ STATUS_FIELDS: dict[str, Any] = {
     "model": (dict, type(None)),
     "cameras": dict,
 }
-VERDICTS = ("ok", "defect", "uncertain")
-STATES = ("starting", "serving", "reloading", "stopping", "stopped")
+# Per-camera entry of a status heartbeat (frame counts since the daemon started); the daemon also
+# sends "decode_errors" (int, unreadable files/frames, included in "dropped") and "last_frame_age_s".
+STATUS_CAMERA_FIELDS: dict[str, Any] = {"up": bool, "captured": int, "published": int, "dropped": int}
+
+
+def verdict_message(*, station: str, camera: str, seq: int, source: str | None, captured_at: float,
+                    published_at: float, model: Mapping[str, str], task: str, scores: Mapping[str, float],
+                    top_class: str, top_score: float, verdict: str, defect_class: str | None, confidence: float,
+                    latency_ms: Mapping[str, float], tta_views: int,
+                    detections: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One schema-1 verdict; ``source`` is the file name for replays, None for streams."""
+    msg: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "type": "verdict",
+        "station": station,
+        "camera": camera,
+        "seq": seq,
+        "source": source,
+        "captured_at": round(captured_at, 6),
+        "published_at": round(published_at, 6),
+        "model": dict(model),
+        "task": task,
+        "top_class": top_class,
+        "top_score": round(top_score, 5),
+        "verdict": verdict,
+        "defect_class": defect_class,
+        "confidence": round(confidence, 5),
+        "latency_ms": {k: round(v, 3) for k, v in latency_ms.items()},
+        "tta_views": tta_views,
+        "snapshot": None,
+    }
+    if task == "classification":
+        msg["probabilities"] = dict(scores)
+    else:
+        msg["class_scores"] = dict(scores)
+        msg["detections"] = list(detections or ())
+    return msg
+
+
+def status_message(*, station: str, state: str, model: Mapping[str, str] | None,
+                   cameras: Mapping[str, Mapping[str, Any]], subscribers: int, uptime_s: float,
+                   last_reload: Mapping[str, Any], published_at: float) -> dict[str, Any]:
+    """One schema-1 ``<station>._status`` heartbeat (fields in docs/contracts.md)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "type": "status",
+        "station": station,
+        "state": state,
+        "published_at": round(published_at, 6),
+        "model": dict(model) if model is not None else None,
+        "cameras": {k: dict(v) for k, v in cameras.items()},
+        "subscribers": subscribers,
+        "uptime_s": round(uptime_s, 3),
+        "last_reload": dict(last_reload),
+    }
 
 
 def _check(msg: Mapping[str, Any], fields: Mapping[str, Any], prefix: str = "") -> None:
@@ -125,6 +181,6 @@ def validate(msg: Mapping[str, Any]) -> None:
         if msg["state"] not in STATES:
             raise SchemaError(f"key 'state': expected one of {STATES}, got {msg['state']!r}")
         for cam, info in msg["cameras"].items():
-            _check(info, {"up": bool, "captured": int, "published": int, "dropped": int}, f"cameras.{cam}.")
+            _check(info, STATUS_CAMERA_FIELDS, f"cameras.{cam}.")
     else:
         raise SchemaError(f"key 'type': expected 'verdict' or 'status', got {kind!r}")

@@ -11,6 +11,8 @@ All sends happen on one thread (the daemon's output thread).
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import time
 from typing import Any, Mapping
 
@@ -26,15 +28,29 @@ class PublisherError(RuntimeError):
     """The publisher could not be set up; the message names the config key."""
 
 
+def check_secret_key_file(path: os.PathLike[str] | str) -> None:
+    """Refuse a CURVE secret key that another local account could read (or swap)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise PublisherError(f"key 'publisher.curve.server_secret_key': {path}: {exc.strerror or exc}") from None
+    if st.st_mode & 0o077:
+        raise PublisherError(f"key 'publisher.curve.server_secret_key': {path} has mode "
+                             f"{stat.S_IMODE(st.st_mode):04o}; a secret key must not be readable or writable by "
+                             "group or others (chmod 600, owned by the daemon's user)")
+
+
 class Publisher:
     def __init__(self, cfg: PublisherConfig) -> None:
         self.cfg = cfg
         self.ctx = zmq.Context()
-        self.auth = None
+        self.auth: Any = None  # zmq.auth ThreadAuthenticator with CURVE
         sock = self.ctx.socket(zmq.XPUB)
         sock.setsockopt(zmq.SNDHWM, cfg.sndhwm)
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscriber's subscribe reaches us (subscriber counting)
         sock.setsockopt(zmq.LINGER, 0)
+        # Subscribers only send (un)subscriptions; a larger message disconnects that peer unbuffered.
+        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_inbound_bytes)
         if cfg.sndbuf:
             sock.setsockopt(zmq.SNDBUF, cfg.sndbuf)
         try:
@@ -52,7 +68,7 @@ class Publisher:
             self._stop_auth()
             self.ctx.term()
             raise
-        self.sock = sock
+        self.sock: zmq.Socket | None = sock  # None once closed
         self.fmt = cfg.format
         self.subscriptions = 0  # subscribe minus unsubscribe messages seen
 
@@ -62,6 +78,7 @@ class Publisher:
 
         curve = self.cfg.curve
         assert curve is not None
+        check_secret_key_file(curve.server_secret_key)
         try:
             public, secret = zmq.auth.load_certificate(str(curve.server_secret_key))
         except (OSError, ValueError) as exc:
@@ -78,7 +95,9 @@ class Publisher:
         sock.curve_server = True
 
     def send(self, topic: str, message: Mapping[str, Any]) -> bool:
-        """Publish without ever blocking; False when the message could not be queued."""
+        """Publish without ever blocking; False when the message could not be queued (or the socket is closed)."""
+        if self.sock is None:
+            return False
         try:
             self.sock.send_multipart([topic.encode("utf-8"), encode(message, self.fmt)], flags=zmq.NOBLOCK)
             return True
@@ -90,7 +109,7 @@ class Publisher:
 
     def poll_subscriptions(self) -> int:
         """Consume pending (un)subscribe notifications; returns the current subscription count."""
-        while True:
+        while self.sock is not None:
             try:
                 msg = self.sock.recv(flags=zmq.NOBLOCK)
             except zmq.Again:
@@ -105,7 +124,7 @@ class Publisher:
         """Block until ``n`` subscriptions arrived (replays that must not lose their first frames)."""
         deadline = time.monotonic() + timeout_s
         while self.poll_subscriptions() < n:
-            if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+            if self.sock is None or time.monotonic() >= deadline or (stop is not None and stop.is_set()):
                 return False
             self.sock.poll(50, zmq.POLLIN)
         return True

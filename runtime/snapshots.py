@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import threading
 import time
-import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable
@@ -24,15 +22,9 @@ import cv2
 import numpy as np
 
 from runtime.config import SnapshotConfig
+from runtime.fsio import atomic_write_bytes
 
 log = logging.getLogger("defectscope.snapshots")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
 
 
 class SnapshotSpool:
@@ -90,8 +82,8 @@ class SnapshotSpool:
                     raise OSError("JPEG encoding failed")
                 data = buf.tobytes()
                 meta = (json.dumps(sidecar, indent=1) + "\n").encode()
-                _atomic_write(path, data)
-                _atomic_write(path.with_suffix(".json"), meta)
+                atomic_write_bytes(path, data)
+                atomic_write_bytes(path.with_suffix(".json"), meta)
                 self._entries.append((path.stem, len(data) + len(meta)))
                 self.total += len(data) + len(meta)
                 self._enforce()

@@ -11,6 +11,7 @@ cameras are unaffected.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -37,6 +38,33 @@ _ROTATE = {90: cv2.ROTATE_90_CLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_
 
 class SourceError(RuntimeError):
     """A source that cannot be opened or stopped delivering (the camera thread will retry)."""
+
+
+class FrameRejected(ValueError):
+    """A frame the model must not judge; ``reason`` is its ``frames_dropped_total`` label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class RateLimitedLog:
+    """The first event logs at once; later ones are summed into one line per ``interval_s``."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0) -> None:
+        self.logger, self.interval_s = logger, interval_s
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            msg += f" ({self._suppressed} more like it in the last {self.interval_s:.0f}s)"
+        self.logger.warning(msg, *args)
+        self._next, self._suppressed = now + self.interval_s, 0
 
 
 @dataclass
@@ -72,8 +100,11 @@ class DirectoryReader:
 
     live = False
 
-    def __init__(self, path: str, loop: bool, prefetch: int = 4, workers: int = 2) -> None:
+    def __init__(self, path: str, loop: bool, prefetch: int = 4, workers: int = 2,
+                 on_unreadable: Callable[[str, Exception], None] | None = None) -> None:
         self.path, self.loop = path, loop
+        # Called once per skipped file (decode errors are counted, not fatal); default: log it.
+        self.on_unreadable = on_unreadable or (lambda p, exc: log.warning("skipping unreadable replay image: %s", exc))
         try:
             names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
         except OSError as exc:
@@ -100,6 +131,7 @@ class DirectoryReader:
             self._ahead.append((path, self._pool.submit(read_image, path) if self._pool else None))
 
     def read(self) -> tuple[np.ndarray, str | None] | None:
+        skipped = 0
         while True:
             self._fill()
             if not self._ahead:
@@ -109,7 +141,10 @@ class DirectoryReader:
                 image = fut.result() if fut is not None else read_image(path)
                 return image, os.path.basename(path)
             except ImageReadError as exc:
-                log.warning("skipping unreadable replay image: %s", exc)
+                self.on_unreadable(path, exc)
+                skipped += 1
+                if skipped >= len(self.files):  # a whole pass of a looping replay: never spin on it
+                    raise SourceError(f"{self.path}: none of the {len(self.files)} image files is readable") from None
 
     def close(self) -> None:
         if self._pool is not None:
@@ -175,10 +210,25 @@ def _safe(source: str) -> str:
     return source
 
 
-def open_reader(cfg: CameraConfig) -> Reader:
+def open_reader(cfg: CameraConfig, on_unreadable: Callable[[str, Exception], None] | None = None) -> Reader:
     if cfg.kind == "directory":
-        return DirectoryReader(cfg.source, cfg.loop)
+        return DirectoryReader(cfg.source, cfg.loop, on_unreadable=on_unreadable)
     return CaptureReader(cfg)
+
+
+def first_frame(cfg: CameraConfig) -> str | None:
+    """``serve --check``: None when a file/directory source yields a readable frame, else why not."""
+    try:
+        reader = open_reader(dataclasses.replace(cfg, loop=False), on_unreadable=lambda p, exc: None)
+    except Exception as exc:  # SourceError, cv2.error
+        return str(exc)
+    try:
+        item = reader.read()
+        return None if item is not None else f"{_safe(cfg.source)}: no readable frame"
+    except Exception as exc:
+        return str(exc)
+    finally:
+        reader.close()
 
 
 def transform(image: np.ndarray, cfg: CameraConfig) -> np.ndarray:
@@ -206,7 +256,8 @@ class CameraEvents(Protocol):
     def captured(self, camera: str, at: float) -> None: ...
     def dropped(self, camera: str, reason: str, n: int = 1) -> None: ...
     def up(self, camera: str, up: bool) -> None: ...
-    def reconnecting(self, camera: str) -> None: ...
+    def reconnect_attempt(self, camera: str) -> None: ...
+    def reconnected(self, camera: str) -> None: ...
 
 
 class Camera:
@@ -224,6 +275,9 @@ class Camera:
         self.last_frame_at: float | None = None  # time.monotonic()
         self._stop = threading.Event()
         self._rng = random.Random(seed)
+        self._awaiting_reconnect = False  # reopened after a failure, no frame yet
+        self._fail_log = RateLimitedLog(log)  # open / read failures
+        self._skip_log = RateLimitedLog(log)  # unreadable or rejected frames, once per source
         self._thread = threading.Thread(target=self._run, name=f"camera-{cfg.id}", daemon=True)
         hub.add_camera(cfg.id, cfg.queue_size)
 
@@ -256,29 +310,22 @@ class Camera:
         opened_before = False
         self.events.up(cfg.id, False)
         while not self._stop.is_set():
-            if opened_before or failures:
-                self.events.reconnecting(cfg.id)
+            reopening = opened_before or failures > 0
+            if reopening:
+                self.events.reconnect_attempt(cfg.id)
             try:
-                reader = open_reader(cfg)
+                reader = open_reader(cfg, on_unreadable=self._unreadable)
             except Exception as exc:  # SourceError, or cv2.error for a malformed source string
                 failures += 1
-                self._set_up(False)
-                delay = backoff_delay(failures - 1, cfg.reconnect_initial_s, cfg.reconnect_max_s, self._rng)
-                if isinstance(exc, SourceError):
-                    log.warning("camera %s: %s; retrying in %.1fs", cfg.id, exc, delay)
-                else:
-                    log.error("camera %s: cannot open source: %s; retrying in %.1fs", cfg.id, exc, delay)
-                self._stop.wait(delay)
+                self._failed(failures, "cannot open source" if not isinstance(exc, SourceError) else "", exc)
                 continue
             opened_before = True
+            self._awaiting_reconnect = reopening
             try:
                 ended = self._read_loop(reader)
             except (SourceError, ImageReadError, cv2.error) as exc:
                 failures += 1
-                self._set_up(False)
-                delay = backoff_delay(failures - 1, cfg.reconnect_initial_s, cfg.reconnect_max_s, self._rng)
-                log.warning("camera %s: lost: %s; reconnecting in %.1fs", cfg.id, exc, delay)
-                self._stop.wait(delay)
+                self._failed(failures, "lost", exc)
                 continue
             else:
                 if ended:
@@ -290,6 +337,18 @@ class Camera:
             finally:
                 reader.close()
         self._set_up(False)
+
+    def _failed(self, failures: int, what: str, exc: Exception) -> None:
+        """Mark down, log (rate-limited: a dead camera retries every few seconds) and back off."""
+        cfg = self.cfg
+        self._set_up(False)
+        delay = backoff_delay(failures - 1, cfg.reconnect_initial_s, cfg.reconnect_max_s, self._rng)
+        self._fail_log.warning("camera %s: %s%s; retrying in %.1fs", cfg.id, f"{what}: " if what else "", exc, delay)
+        self._stop.wait(delay)
+
+    def _unreadable(self, path: str, exc: Exception) -> None:
+        self.events.dropped(self.cfg.id, "decode_error")
+        self._skip_log.warning("camera %s: skipping unreadable frame: %s", self.cfg.id, exc)
 
     def _read_loop(self, reader: Reader) -> bool:
         """Read until stop (False) or the end of a finite replay (True)."""
@@ -303,32 +362,38 @@ class Camera:
                 return True
             now = time.monotonic()
             if period:
-                if reader.live:
-                    if now < next_due:
+                if now < next_due:
+                    if reader.live:
                         continue  # faster than the cap: skip (not a drop: the operator asked for this rate)
-                    next_due = max(next_due + period, now - period)
-                else:
-                    if now < next_due:
-                        self._stop.wait(next_due - now)
-                        now = time.monotonic()
-                    next_due = max(next_due + period, now - period)
+                    self._stop.wait(next_due - now)
+                    now = time.monotonic()
+                next_due = max(next_due + period, now - period)
             image, name = item
-            image = transform(image, cfg)
-            frame = Frame(cfg.id, self.seq, image, time.time(), now, name)
+            frame = Frame(cfg.id, self.seq, transform(image, cfg), time.time(), now, name)
             self.seq += 1
             self.last_frame_at = now
             self._set_up(True)
+            if self._awaiting_reconnect:  # a reopened source delivered: that is a reconnection
+                self._awaiting_reconnect = False
+                self.events.reconnected(cfg.id)
             self.events.captured(cfg.id, frame.captured_at)
-            if self.prepare is not None:
-                try:
-                    self.prepare(frame)
-                except Exception as exc:  # a frame the model cannot take: drop it, keep the camera
-                    log.error("camera %s: frame %d could not be preprocessed: %s", cfg.id, frame.seq, exc)
-                    self.events.dropped(cfg.id, "preprocess_error")
-                    continue
-            dropped = self.hub.put(frame, block, self._stop)
-            if dropped is not None:
+            if self.prepare is not None and not self._prepared(frame):
+                continue
+            if self.hub.put(frame, block, self._stop) is not None:
                 self.events.dropped(cfg.id, "queue_full")
+        return False
+
+    def _prepared(self, frame: Frame) -> bool:
+        assert self.prepare is not None
+        try:
+            self.prepare(frame)
+            return True
+        except FrameRejected as exc:
+            self.events.dropped(self.cfg.id, exc.reason)
+            self._skip_log.warning("camera %s: frame %d rejected: %s", self.cfg.id, frame.seq, exc)
+        except Exception as exc:  # a frame the model cannot take: drop it, keep the camera
+            log.error("camera %s: frame %d could not be preprocessed: %s", self.cfg.id, frame.seq, exc)
+            self.events.dropped(self.cfg.id, "preprocess_error")
         return False
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from runtime.messages import STATUS, SchemaError, decode, validate
+from runtime.messages import STATUS, VERDICTS, SchemaError, decode, validate
 
 VERDICT_STYLE = {"ok": "green", "defect": "bold red", "uncertain": "yellow"}
 
@@ -182,7 +182,7 @@ def render(state: ViewerState, now: float, endpoints: Iterable[str] = ()) -> Any
 def _socket(args: argparse.Namespace) -> Any:
     import zmq
 
-    ctx = zmq.Context.instance()
+    ctx: Any = zmq.Context.instance()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.RCVHWM, 10000)
     sock.setsockopt(zmq.LINGER, 0)
@@ -211,7 +211,7 @@ def _socket(args: argparse.Namespace) -> Any:
     return sock
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="defectscope watch",
         description="Live terminal view of a station's verdicts: per camera state and latest verdict, rates, "
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="daemon's ZeroMQ endpoint, e.g. tcp://line3:5555 (repeat for several stations)")
     p.add_argument("--station", help="only this station (subscribes to its topics only)")
     p.add_argument("--camera", action="append", default=[], help="only this camera (repeatable)")
-    p.add_argument("--verdict", action="append", default=[], choices=("ok", "defect", "uncertain"),
+    p.add_argument("--verdict", action="append", default=[], choices=VERDICTS,
                    help="only show these verdicts as latest / events (repeatable)")
     p.add_argument("--events", type=int, default=15, help="recent events listed (default 15)")
     p.add_argument("--stale-after", type=float, default=5.0, metavar="S",
@@ -233,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="no view: print each (filtered) message as a JSON line")
     p.add_argument("--curve-server-key", help="the daemon's public certificate (CURVE)")
     p.add_argument("--curve-client-key", help="this client's secret certificate (CURVE)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     import zmq
 
@@ -274,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
         console = Console()
         if args.once:
+            assert end is not None
             while time.monotonic() < end:
                 if pump(200):
                     pump(300)  # a moment more so the view has the station's status too

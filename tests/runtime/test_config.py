@@ -88,6 +88,13 @@ rotate = 90
         ('[model]\nbundle="b"\n[publisher.curve]\nserver_secret_key="nokey"\n[[cameras]]\nid="c"\nsource="0"\n',
          "publisher.curve.server_secret_key", "does not exist"),
         ('[model]\nbundle="b"\n[modle]\n[[cameras]]\nid="c"\nsource="0"\n', "modle", "unknown key"),
+        ('[model]\nbundle="b"\nmin_frame_side=0\n[[cameras]]\nid="c"\nsource="0"\n', "model.min_frame_side", ">= 1"),
+        ('[model]\nbundle="b"\n[publisher]\nmax_inbound_bytes=8\n[[cameras]]\nid="c"\nsource="0"\n',
+         "publisher.max_inbound_bytes", ">= 64"),
+        ('[model]\nbundle="b"\n[metrics]\nhttp_max_connections=0\n[[cameras]]\nid="c"\nsource="0"\n',
+         "metrics.http_max_connections", ">= 1"),
+        ('[model]\nbundle="b"\n[metrics]\nhttp_timeout_s=0\n[[cameras]]\nid="c"\nsource="0"\n',
+         "metrics.http_timeout_s", "> 0"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(tmp_path: Path, body: str, key: str, expected: str) -> None:
@@ -107,7 +114,7 @@ def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
 
 
 def test_serve_refuses_bad_config_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from runtime.daemon import main
+    from runtime.serve_cli import main
 
     path = write_config(tmp_path / "s.toml", {"model": {"bundle": "b", "threads": 0}}, [{"id": "c", "source": "0"}])
     assert main(["--config", str(path)]) == 2
@@ -130,3 +137,42 @@ def test_example_station_config_is_valid() -> None:
     assert [c.kind for c in cfg.cameras] == ["rtsp", "v4l2", "gstreamer"]
     assert cfg.tta.views == ("original", "hflip", "vflip")
     assert (cfg.tta.mode, cfg.tta.band) == ("uncertain", 0.2)
+
+
+def test_example_binds_the_verdict_stream_to_localhost_unless_curve_is_on() -> None:
+    """An example copied to a station must not publish verdicts to the factory network in clear."""
+    from runtime.daemon import _loopback
+
+    cfg = load_config(EXAMPLE)
+    assert cfg.publisher.curve is None
+    assert cfg.publisher.bind and all(_loopback(ep) for ep in cfg.publisher.bind)
+    assert cfg.metrics.host == "127.0.0.1"
+    assert _loopback("tcp://127.0.0.1:5555") and _loopback("ipc:///run/x.sock") and _loopback("tcp://[::1]:5")
+    assert not _loopback("tcp://0.0.0.0:5555") and not _loopback("tcp://*:5555") and not _loopback("tcp://eth0:5")
+
+
+def test_example_documents_every_accepted_key() -> None:
+    """Every key the loader accepts appears in the example (set or commented out)."""
+    import dataclasses
+
+    from runtime import config as c
+
+    import re
+
+    seen: dict[str, set[str]] = {}
+    section = ""
+    for line in EXAMPLE.read_text().splitlines():
+        line = line.lstrip("# ").rstrip()  # commented-out keys document their default too
+        if m := re.match(r"^\[\[?([\w.]+)\]\]?", line):
+            section = m.group(1)
+        elif m := re.match(r"^(\w+) = ", line):
+            seen.setdefault(section, set()).add(m.group(1))
+    sections = {"model": c.ModelConfig, "batching": c.BatchingConfig, "tta": c.TTAConfig,
+                "decision": c.DecisionConfig, "publisher": c.PublisherConfig, "metrics": c.MetricsConfig,
+                "snapshots": c.SnapshotConfig, "daemon": c.DaemonConfig, "publisher.curve": c.CurveConfig,
+                "model.openvino": c.OpenVINOConfig,
+                "cameras": c.CameraConfig}
+    assert set(c.SECTIONS) <= set(sections)
+    missing = [f"{name}.{f.name}" for name, cls in sections.items() for f in dataclasses.fields(cls)
+               if f.name not in ("curve", "openvino") and f.name not in seen.get(name, set())]
+    assert not missing, f"keys missing from {EXAMPLE.name}: {missing}"

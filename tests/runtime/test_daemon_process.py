@@ -114,6 +114,9 @@ def test_sighup_swaps_model_and_corrupt_bundle_keeps_old_one_serving(tmp_path: P
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # cameras kept going: no gap, no restart
         ready = json.loads(http_get(base + "/readyz")[1])
         assert ready["model"]["version"] == "2.0.0"
+        assert ready["last_reload"]["result"] == "ok" and ready["last_reload"]["version"] == "2.0.0"
+        assert ready["last_reload"]["error"] is None and ready["last_reload"]["at"] > time.time() - 60
+        assert metric(scrape(base + "/metrics"), "defectscope_model_reload_failed") == 0
 
         _point(current, bad)
         os.kill(proc.pid, signal.SIGHUP)
@@ -127,8 +130,15 @@ def test_sighup_swaps_model_and_corrupt_bundle_keeps_old_one_serving(tmp_path: P
         samples = scrape(base + "/metrics")
         assert metric(samples, "defectscope_model_reloads_total", result="success") == 1
         assert metric(samples, "defectscope_model_info", name="tiny", version="2.0.0", precision="fp32",
-                      backend="onnxruntime-cpu") == 1
-        assert json.loads(http_get(base + "/readyz")[1])["model"]["version"] == "2.0.0"
+                      backend="onnxruntime-cpu", inference_precision="f32") == 1
+        # The failure is visible where deploy and monitoring look, and the old model still counts as ready.
+        status, body = http_get(base + "/readyz")
+        ready = json.loads(body)
+        assert status == 200 and ready["ready"] is True and ready["model"]["version"] == "2.0.0"
+        assert ready["last_reload"]["result"] == "failed" and "checksum mismatch" in ready["last_reload"]["error"]
+        assert metric(samples, "defectscope_model_reload_failed") == 1
+        sub.until(lambda s: any(m["last_reload"]["result"] == "failed" for m in s.statuses()), 10, proc,
+                  what="a status heartbeat with the failed reload")
         fail = subprocess.run([sys.executable, "-m", "defectscope", "reload", "--config", str(config), "--wait", "30"],
                               cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert fail.returncode == 1 and "FAILED" in fail.stderr
@@ -208,7 +218,7 @@ def test_bad_config_refused_by_the_command_with_the_key(tmp_path: Path) -> None:
 
 
 def test_corrupt_bundle_at_start_exits_1_naming_the_file(tmp_path: Path) -> None:
-    from runtime.daemon import main
+    from runtime.serve_cli import main
 
     bundle = make_bundle(tmp_path / "bundle")
     (bundle / "model.onnx").write_bytes(b"garbage")
@@ -232,7 +242,8 @@ for mod in list(sys.modules):
     if mod.split(".")[0] in BLOCKED:
         del sys.modules[mod]
 atexit.register(lambda: open(sys.argv[-1] + ".imports.json", "w").write(json.dumps(ATTEMPTS)))
-import runtime, runtime.backends, runtime.batcher, runtime.bundle, runtime.config, runtime.daemon, runtime.decision
+import runtime, runtime.backends, runtime.batcher, runtime.bundle, runtime.config, runtime.daemon, runtime.decision, runtime.model
+import runtime.pipeline, runtime.service, runtime.serve_cli, runtime.reload_cli
 import runtime.messages, runtime.metrics, runtime.notify, runtime.preprocess, runtime.publisher, runtime.snapshots
 import runtime.sources, runtime.tta, runtime.viewer
 """
@@ -267,7 +278,7 @@ def test_commands_have_help(args: list[str]) -> None:
 
 
 def test_serve_check_validates_and_prints_the_resolved_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from runtime.daemon import main
+    from runtime.serve_cli import main
 
     bundle = make_bundle(tmp_path / "bundle")
     make_images(tmp_path / "replay", PATTERN)
@@ -278,3 +289,36 @@ def test_serve_check_validates_and_prints_the_resolved_config(tmp_path: Path, ca
     assert out["model"]["backend"] == "onnxruntime-cpu" and out["tta_views"] == 2
     assert out["config"]["cameras"][0]["kind"] == "directory"
     assert out["config"]["model"]["bundle"] == str(bundle)
+    assert out["checks"] == {"metrics.port": "ok", "publisher.bind": "ok", "cameras[0].source": "ok"}
+
+
+def test_serve_check_fails_on_busy_ports_and_sources_without_a_readable_frame(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from runtime.serve_cli import main
+
+    bundle = make_bundle(tmp_path / "bundle")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"")
+    (broken / "b.jpg").write_bytes(b"not a jpeg")
+    make_images(tmp_path / "replay", PATTERN[:1])
+    metrics_port = free_port()
+    config, endpoint = station_config(tmp_path, bundle, [{"id": "good", "source": str(tmp_path / "replay")},
+                                                         {"id": "bad", "source": str(broken), "loop": True}],
+                                      metrics_port=metrics_port)
+    with socket.socket() as busy_http, socket.socket() as busy_zmq:
+        busy_http.bind(("127.0.0.1", metrics_port))
+        busy_http.listen()
+        busy_zmq.bind(("127.0.0.1", int(endpoint.rsplit(":", 1)[1])))
+        busy_zmq.listen()
+        assert main(["--config", str(config), "--check"]) == 1
+    captured = capsys.readouterr()
+    checks = json.loads(captured.out)["checks"]
+    assert checks["cameras[0].source"] == "ok"
+    assert "none of the 2 image files is readable" in checks["cameras[1].source"]
+    assert f"cannot bind 127.0.0.1:{metrics_port}" in checks["metrics.port"]
+    assert "publisher.bind" in checks["publisher.bind"]
+    for key in ("metrics.port", "publisher.bind", "cameras[1].source"):
+        assert f"key '{key}'" in captured.err

@@ -200,7 +200,7 @@ def test_stuck_subscriber_does_not_stall_the_pipeline(tmp_path: Path, bundle: Pa
         d = start_daemon(config)
         pump.start()
         assert d.run() == 0
-        assert d.counts["cam1"] == {"captured": n, "published": n, "dropped": 0}
+        assert d.counts["cam1"] == {"captured": n, "published": n, "dropped": 0, "decode_errors": 0}
         deadline = time.monotonic() + 10
         while len(good.verdicts()) < n and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -241,7 +241,7 @@ def test_metrics_and_health_over_http(tmp_path: Path, bundle: Path, start_daemon
     assert verdicts == pytest.approx(metric(second, "defectscope_frames_inferred_total", camera="cam1"), abs=2)
     assert metric(second, "defectscope_defects_total", camera="cam1", **{"class": "defect"}) > 0
     assert metric(second, "defectscope_camera_up", camera="cam1") == 1
-    assert metric(second, "defectscope_model_info", name="tiny", version="1.0.0", precision="fp32",
+    assert metric(second, "defectscope_model_info", name="tiny", version="1.0.0", precision="fp32", inference_precision="f32",
                   backend="onnxruntime-cpu") == 1
     assert metric(second, "defectscope_inference_latency_seconds_count") > 0
     assert metric(second, "defectscope_end_to_end_latency_seconds_count", camera="cam1") > 0
@@ -252,8 +252,11 @@ def test_metrics_and_health_over_http(tmp_path: Path, bundle: Path, start_daemon
     status, body = http_get(base + "/readyz")
     ready = json.loads(body)
     assert status == 200 and ready["ready"] is True
-    assert ready["model"] == {"name": "tiny", "version": "1.0.0", "precision": "fp32", "artifact": "fp32",
-                              "backend": "onnxruntime-cpu"}
+    assert {k: ready["model"][k] for k in ("name", "version", "precision", "artifact", "backend")} == {
+        "name": "tiny", "version": "1.0.0", "precision": "fp32", "artifact": "fp32", "backend": "onnxruntime-cpu"}
+    assert ready["model"]["inference_precision"] == "f32"
+    assert ready["model"]["selection"]["backend"] == "onnxruntime-cpu"  # why this backend serves
+    assert ready["model"]["backend_reason"].startswith("onnxruntime-cpu")
     assert ready["cameras"]["cam1"]["up"] is True and ready["cameras"]["cam1"]["last_frame_age_s"] < 3
     assert http_get(base + "/healthz")[0] == 200
     assert http_get(base + "/nope")[0] == 404
@@ -344,5 +347,106 @@ def test_readiness_reports_not_ready_before_frames(tmp_path: Path, bundle: Path)
     ready, body = d.readiness()
     assert ready is False and body["model"] is None
     assert body["cameras"] == {"cam1": {"up": False, "last_frame_age_s": None}}
+    assert body["last_reload"] == {"result": None, "error": None, "version": None, "at": None}
 
 
+
+
+def _bad_files(directory: Path) -> None:
+    good = directory / "frame_00000.png"
+    (directory / "frame_00001_truncated.png").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    (directory / "frame_00002_empty.png").write_bytes(b"")
+    (directory / "frame_00003_text.png").write_bytes(b"this is not an image\n" * 10)
+
+
+def test_decode_errors_are_counted_in_metrics_and_status_and_logged_once(tmp_path: Path, bundle: Path,
+                                                                          start_daemon, caplog) -> None:
+    """Fault: truncated, zero-byte and non-image files in a looping replay. Before the fix they
+    were skipped silently in the metrics and logged once per file per loop."""
+    import logging
+
+    replay = tmp_path / "replay"
+    make_images(replay, ["ok"])
+    _bad_files(replay)
+    config, endpoint = station_config(
+        tmp_path, bundle, [{"id": "cam1", "source": str(replay), "loop": True, "fps": 100.0}],
+        publisher={"status_interval_s": 0.1, "wait_for_subscribers": 1})
+    sub = Subscriber(endpoint)
+    caplog.set_level(logging.WARNING, logger="defectscope.sources")
+    try:
+        d = start_daemon(config)
+        t, _ = run_in_thread(d)
+        base = f"http://127.0.0.1:{d.http.port}"
+        deadline = time.monotonic() + 15
+        while metric(scrape(base + "/metrics"), "defectscope_frames_dropped_total", camera="cam1",
+                     reason="decode_error") < 9:  # three passes over the three bad files
+            assert time.monotonic() < deadline, "decode errors not counted"
+            sub.pump(0.1)
+        sub.until(lambda s: any(m["cameras"]["cam1"].get("decode_errors", 0) >= 9 for m in s.statuses()), 10,
+                  what="decode errors in the status heartbeat")
+        d.request_stop()
+        t.join(20)
+        status = [m for m in sub.statuses() if m["cameras"]["cam1"].get("decode_errors", 0) >= 9][-1]
+        validate(status)
+        assert status["cameras"]["cam1"]["dropped"] >= status["cameras"]["cam1"]["decode_errors"]
+        assert len(sub.verdicts()) >= 3 and {m["source"] for m in sub.verdicts()} == {"frame_00000.png"}
+        skips = [r for r in caplog.records if "unreadable" in r.getMessage()]
+        assert len(skips) == 1, [r.getMessage() for r in skips]  # once per source, rate-limited
+    finally:
+        sub.close()
+
+
+def test_frames_below_the_minimum_side_are_rejected_not_judged(tmp_path: Path, bundle: Path, start_daemon) -> None:
+    """Fault: a 1x1 image got a verdict. The tiny model's input is 32 px: the default minimum is 8."""
+    import cv2
+
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    for i, side in enumerate([1, 4, 7, 8, 40]):
+        cv2.imwrite(str(replay / f"f{i}_{side}px.png"), np.full((side, side), 215, np.uint8))
+    config, endpoint = station_config(tmp_path, bundle, [{"id": "cam1", "source": str(replay)}],
+                                      publisher={"wait_for_subscribers": 1})
+    sub = Subscriber(endpoint)
+    try:
+        d = start_daemon(config)
+        assert d.model.min_frame_side == 8
+        assert d.run() == 0
+        sub.until(lambda s: any(m["state"] == "stopped" for m in s.statuses()), 10, what="final status")
+        assert [m["source"] for m in sub.verdicts()] == ["f3_8px.png", "f4_40px.png"]
+        too_small = d.metrics.registry.get_sample_value("defectscope_frames_dropped_total",
+                                                        {"camera": "cam1", "reason": "too_small"})
+        assert too_small == 3
+    finally:
+        sub.close()
+
+
+def test_min_frame_side_is_configurable(tmp_path: Path, bundle: Path) -> None:
+    from runtime.model import load_model
+
+    replay = tmp_path / "replay"
+    make_images(replay, ["ok"])
+    config, _ = station_config(tmp_path, bundle, [{"id": "cam1", "source": str(replay)}],
+                               model={"min_frame_side": 2})
+    model = load_model(load_config(config))
+    try:
+        assert model.min_frame_side == 2
+    finally:
+        model.close()
+
+
+def test_an_idle_engine_takes_a_frame_without_waiting_for_a_batch(tmp_path: Path, bundle: Path, start_daemon) -> None:
+    """Low load (a trigger-driven line): a frame must not wait max_wait_ms for company while the
+    engine is idle. Before, each frame here waited the whole 300 ms."""
+    make_images(tmp_path / "replay", ["ok"] * 6)
+    config, endpoint = station_config(
+        tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay"), "fps": 5.0}],
+        publisher={"wait_for_subscribers": 1}, batching={"max_batch": 8, "max_wait_ms": 300.0})
+    sub = Subscriber(endpoint)
+    try:
+        d = start_daemon(config)
+        assert d.run() == 0
+        sub.until(lambda s: len(s.verdicts()) == 6, 10, what="6 verdicts")
+        queued = sorted(m["latency_ms"]["queue"] for m in sub.verdicts())
+        assert queued[len(queued) // 2] < 50.0 and queued[-1] < 150.0, queued
+    finally:
+        sub.close()

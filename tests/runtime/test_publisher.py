@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -47,6 +50,7 @@ def test_curve_encrypts_and_authenticates_clients(tmp_path: Path) -> None:
     client_public_file, client_secret_file = zmq.auth.create_certificates(str(keys), "client")
     _, intruder_secret_file = zmq.auth.create_certificates(str(intruder), "intruder")
     Path(client_public_file).rename(clients / "client.key")  # the authorised clients' public keys
+    os.chmod(server_secret_file, 0o600)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     cfg = PublisherConfig(bind=(endpoint,), curve=CurveConfig(Path(server_secret_file), clients))
     pub = Publisher(cfg)
@@ -65,9 +69,49 @@ def test_curve_encrypts_and_authenticates_clients(tmp_path: Path) -> None:
 
 def test_public_key_file_is_not_a_server_secret(tmp_path: Path) -> None:
     public_file, _ = zmq.auth.create_certificates(str(tmp_path), "server")
+    os.chmod(public_file, 0o600)
     cfg = PublisherConfig(bind=(f"tcp://127.0.0.1:{free_port()}",), curve=CurveConfig(Path(public_file)))
-    with pytest.raises(PublisherError, match="publisher.curve.server_secret_key"):
+    with pytest.raises(PublisherError, match="publisher.curve.server_secret_key.*holds no secret key"):
         Publisher(cfg)
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+def test_secret_key_readable_by_group_or_others_is_refused(tmp_path: Path, mode: int) -> None:
+    """Attack: a local account reads the station's CURVE secret key and impersonates the server."""
+    _, secret_file = zmq.auth.create_certificates(str(tmp_path), "server")
+    os.chmod(secret_file, mode)
+    port = free_port()
+    cfg = PublisherConfig(bind=(f"tcp://127.0.0.1:{port}",), curve=CurveConfig(Path(secret_file)))
+    with pytest.raises(PublisherError, match=f"server_secret_key.*mode {mode:04o}.*chmod 600"):
+        Publisher(cfg)
+    Publisher(PublisherConfig(bind=(f"tcp://127.0.0.1:{port}",))).close(0)  # refused before binding: port free
+
+
+ATTACKER = """
+import os, sys, time, zmq
+s = zmq.Context().socket(zmq.XSUB)
+s.connect(sys.argv[1])
+time.sleep(0.3)
+s.send(b"\\x01" + b"x" * (4 << 20))  # one 4 MiB 'subscription'
+time.sleep(1.0)
+os._exit(0)  # libzmq 4.3.5 can crash terminating a context with a big send to a dropped peer
+"""
+
+
+def test_oversized_inbound_message_disconnects_the_peer_unbuffered() -> None:
+    """Attack: a peer streams one huge 'subscription' at the XPUB socket to exhaust station memory."""
+    pub = Publisher(PublisherConfig(bind=("tcp://127.0.0.1:*",), max_inbound_bytes=1024))
+    good = _sub(pub.endpoints[0])
+    try:
+        assert pub.wait_for_subscribers(1, 5.0)
+        evil = subprocess.run([sys.executable, "-c", ATTACKER, pub.endpoints[0]], timeout=30)
+        assert evil.returncode == 0
+        assert pub.poll_subscriptions() == 1  # never delivered: only the good subscriber counts
+        assert len(_receive(good, pub, 5.0)) == 3  # and the stream still flows to it
+    finally:
+        good.close(0)
+        pub.close(0)
 
 
 def test_bind_failure_names_the_key() -> None:
