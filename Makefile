@@ -5,10 +5,11 @@
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
-EXTRAS  ?= train,dev,msgpack,deploy,fleet
+EXTRAS  ?= train,dev,msgpack,deploy,fleet,console
 # Debian packages some tests drive for real: promtool + Prometheus server, ffmpeg (RTSP/MJPEG
-# camera streams), systemd-analyze (unit verification).
-APT_PKGS ?= prometheus ffmpeg systemd
+# camera streams), systemd-analyze (unit verification), Chromium headless shell (console browser
+# tests, driven by Playwright), PostgreSQL (console results store tests).
+APT_PKGS ?= prometheus ffmpeg systemd chromium chromium-headless-shell chromium-driver postgresql
 DEMO_ARGS ?=
 TEST_ARGS ?=
 
@@ -27,11 +28,14 @@ system-deps:
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	[ -x /usr/lib/chromium/chromium-headless-shell ] || missing="$$missing chromium chromium-headless-shell chromium-driver"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing system tools:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	    systemctl disable --now prometheus >/dev/null 2>&1 || true; \
+	    systemctl disable --now postgresql >/dev/null 2>&1 || true; \
 	  else \
 	    echo "note: missing$$missing (apt-get install$$missing as root); tests that need them are skipped"; \
 	  fi; \

@@ -35,6 +35,8 @@ command("serve", "runtime.daemon:main", "run the inspection daemon for one stati
 command("reload", "runtime.daemon:reload_main", "ask a running daemon to reload its model bundle", None)
 command("watch", "runtime.viewer:main", "live terminal view of a station's verdict stream", None)
 command("deploy", "deploy.cli:main", "install / rollback / status / prune bundles and units on a station", None)
+command("console", "deploy.console.cli:main", "web console for line operators: live tiles, history, review", "console")
+command("dataset", "deploy.console.dataset:main", "export reviewed console snapshots as a training dataset", "console")
 
 
 def _usage() -> str:
