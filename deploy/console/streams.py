@@ -38,10 +38,10 @@ def _socket(ctx: zmq.asyncio.Context, st: StationEntry) -> zmq.asyncio.Socket:
     sock.setsockopt(zmq.RECONNECT_IVL, 200)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
     if st.curve is not None:
-        import zmq.auth
+        from zmq import auth as zauth
 
-        server_public, _ = zmq.auth.load_certificate(str(st.curve.server_public_key))
-        public, secret = zmq.auth.load_certificate(str(st.curve.client_secret_key))
+        server_public, _ = zauth.load_certificate(str(st.curve.server_public_key))
+        public, secret = zauth.load_certificate(str(st.curve.client_secret_key))
         if not secret:
             raise ValueError(f"key 'stations.{st.name}.curve.client_secret_key': {st.curve.client_secret_key} "
                              f"holds no secret key (use the .key_secret file)")
@@ -123,6 +123,9 @@ class Streams:
         except (zmq.ZMQError, OSError, ValueError) as exc:
             log.error("station %s: cannot subscribe to %s: %s", st.name, st.endpoint, exc)
             return
+        except Exception:
+            log.exception("station %s: subscriber failed to start", st.name)
+            raise
         try:
             while True:
                 parts = await sock.recv_multipart()
