@@ -14,7 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="defectscope console",
         description="Web console for line operators: live verdict tiles, history, review, CSV export. "
-                    "`defectscope console hash-password` prints an argon2 hash for a [[users]] entry.")
+                    "`defectscope console hash-password` prints an argon2 hash for a [[users]] entry; "
+                    "`defectscope console check-config --config FILE` validates a config.")
     p.add_argument("--config", required=True, help="console TOML (see docs/contracts.md, 'Line console')")
     p.add_argument("--host", default=None, help=f"bind address (config server.host, default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=None, help=f"port (config server.port, default {DEFAULT_PORT})")
@@ -43,10 +44,27 @@ def hash_password_main(argv: list[str]) -> int:
     return 0
 
 
+def check_config_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="defectscope console check-config", description="validate a console TOML")
+    p.add_argument("--config", required=True)
+    args = p.parse_args(argv)
+    from deploy.console.config import ConsoleConfigError, load
+
+    try:
+        cfg = load(args.config)
+    except ConsoleConfigError as exc:
+        print(f"defectscope console: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: OK ({len(cfg.stations)} stations, {len(cfg.users)} users, store {cfg.store.url})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["hash-password"]:
         return hash_password_main(argv[1:])
+    if argv[:1] == ["check-config"]:
+        return check_config_main(argv[1:])
     args = build_parser().parse_args(argv)
     import uvicorn
 
