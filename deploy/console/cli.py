@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     host = args.host or cfg.server.host
     port = cfg.server.port if args.port is None else args.port
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=args.log_level, access_log=False,
-                                           ws_max_size=64 * 1024, lifespan="on", proxy_headers=False))
+                                           ws_max_size=64 * 1024, lifespan="on", proxy_headers=False,
+                                           timeout_graceful_shutdown=2))
     server.run()
     return 0

@@ -52,7 +52,8 @@ def daemon(tmp: Path, name: str, pattern: list[str], pub_port: int, loop: bool, 
     make_images(d / "replay", pattern)
     spool = d / "spool"
     cfg, _ = station_config(d, bundle, [{"id": "cam1", "source": str(d / "replay"), "loop": loop, "fps": fps}],
-                            pub_port=pub_port, snapshots={"enabled": True, "dir": str(spool), "quota_mb": 50.0},
+                            pub_port=pub_port, publisher={"wait_for_subscribers": 1, "status_interval_s": 0.2},
+                            snapshots={"enabled": True, "dir": str(spool), "quota_mb": 50.0},
                             daemon={"pid_file": str(d / "daemon.pid"), "exit_when_sources_end": False})
     text = cfg.read_text().replace('station = "st1"', f'station = "{name}"')
     cfg.write_text(text)
@@ -98,7 +99,7 @@ def test_live_review_export_extend_loop(tmp_path, browser, console_factory):
             page.wait_for_selector("#review[open]")
             page.wait_for_function("() => document.querySelector('#rv-img').naturalWidth > 0")
             page.click("#rv-reject" if i < 8 else "#rv-confirm")
-            page.wait_for_selector("#review:not([open])")
+            page.wait_for_selector("#review", state="hidden")
             badge = f'#events li[data-uid="{uid}"] .review-badge'
             page.wait_for_function(f"() => document.querySelector('{badge}').textContent.includes('by olga')")
         page.reload()
