@@ -112,7 +112,7 @@ function renderEvent(e, prepend) {
   const merged = Object.assign({}, state.events.get(e.uid) || {}, e);
   state.events.set(e.uid, merged);
   const li = el("li", { "data-uid": e.uid, class: "event " + merged.verdict });
-  const img = el("img", { class: "thumb", alt: "thumbnail" });
+  const img = el("img", { class: "thumb", alt: "" });
   const url = snapUrl(merged);
   if (url) loadImg(img, url);
   const text = el("div", { class: "ev-text" });
