@@ -170,3 +170,48 @@ def test_second_station_shows_up_when_its_daemon_starts_and_goes_down_when_it_st
     page.wait_for_selector('[data-tile="st2/cam1"][data-up="0"]', timeout=5_000)
     assert time.monotonic() - t0 < 10
     assert page.locator('[data-station="st1"][data-up="0"]').count() == 1
+
+
+def test_detector_box_is_drawn_and_adjusted_in_the_page(tmp_path, browser, console_factory):
+    import cv2
+    import numpy as np
+
+    from deploy.console.loadgen import FakeStation
+    from tests.deploy.console.conftest import Client
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    st = FakeStation("st1")
+    try:
+        con = console_factory([{"name": "st1", "endpoint": st.endpoint, "snapshot_dir": str(spool)}])
+        page = login(browser, con.base, "olga")
+        wait_for(lambda: (st.status({"cam1": True}), con.health()["received"]["status"] > 0)[1], 10, "heartbeat")
+        name = "20240101T000000.000000Z_st1_cam1_000000001_defect.jpg"
+        cv2.imwrite(str(spool / name), np.full((480, 640, 3), 100, np.uint8))
+        st.verdict("cam1", 1, "defect", snapshot=f"/var/spool/defectscope/{name}", task="detection",
+                   detections=[{"box": [10, 10, 50, 50], "score": 0.9, "class": "defect"}])
+        page.wait_for_selector('[data-tile="st1/cam1"] svg rect.box')  # the detector's box on the live tile
+        page.click("#events li")
+        page.wait_for_selector("#review[open]")
+        page.wait_for_function("() => document.querySelector('#rv-img').naturalWidth > 0")
+        assert page.locator("#rv-boxes rect.box").count() == 1
+        page.click("#rv-clear")
+        r = page.locator("#rv-img").bounding_box()
+        sx, sy = r["width"] / 640, r["height"] / 480
+        page.mouse.move(r["x"] + 100 * sx, r["y"] + 120 * sy)
+        page.mouse.down()
+        page.mouse.move(r["x"] + 300 * sx, r["y"] + 360 * sy, steps=5)
+        page.mouse.up()
+        assert page.locator("#rv-boxes rect.box").count() == 1
+        page.click("#rv-relabel")
+        page.wait_for_selector("#review", state="hidden")
+        c = Client(con.base)
+        assert c.login("olga") == 200
+        uid = c.json("/api/events")[0]["uid"]
+        got = c.json(f"/api/verdicts/{uid}")
+        assert got["review_action"] == "relabel" and got["review_user"] == "olga"
+        (box,) = got["review_boxes"]
+        assert box["class"] == got["review_label"]
+        assert all(abs(a - b) <= 3 for a, b in zip(box["box"], [100, 120, 300, 360])), box
+    finally:
+        st.close()

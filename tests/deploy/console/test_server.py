@@ -221,3 +221,35 @@ def test_curve_encrypted_station_stream(tmp_path, console_factory):
         st.sock.close(0)
         auth.stop()
         st.ctx.term()
+
+
+def test_websocket_needs_a_session_and_the_console_origin(rig):
+    from websockets.exceptions import InvalidStatus, ConnectionClosed
+    from websockets.sync.client import connect
+
+    st, con, _, _ = rig
+    ws_url = con.base.replace("http", "ws") + "/ws"
+    c = Client(con.base)
+    assert c.login("olga") == 200
+    cookie = "; ".join(f"{k.name}={k.value}" for k in c.jar)
+
+    def refused(**kw) -> bool:
+        try:
+            with connect(ws_url, open_timeout=5, **kw) as ws:
+                ws.recv(timeout=5)
+        except (InvalidStatus, ConnectionClosed):
+            return True
+        return False
+    assert refused(origin=con.base)  # no session
+    assert refused(origin="http://evil.example", additional_headers={"Cookie": cookie})  # cross-site hijack
+    with connect(ws_url, origin=con.base, additional_headers={"Cookie": cookie}, open_timeout=5) as ws:
+        first = json.loads(ws.recv(timeout=5))
+        assert first["type"] == "full" and first["stations"][0]["name"] == "st1"
+        _publish_until_seen(st, con)
+        st.verdict("cam1", 5, "defect")
+        deadline = time.monotonic() + 10
+        while True:
+            msg = json.loads(ws.recv(timeout=5))
+            if any(t["last"] and t["last"]["seq"] == 5 for t in msg["tiles"]) or time.monotonic() > deadline:
+                break
+        assert msg["type"] == "delta" and msg["events"][0]["verdict"] == "defect"
