@@ -121,6 +121,29 @@ def _write_config(path: Path, stations: list[FakeStation], spools: list[Path], s
     path.write_text("\n".join(lines))
 
 
+def _start_console(cfg: Path, port: int, stations: list[FakeStation]) -> tuple[subprocess.Popen, str]:
+    """The console as its own process (its CPU and RSS are what we measure), subscribed to every station."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "defectscope", "console", "--config", str(cfg), "--log-level",
+                             "warning"], cwd=ROOT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            _health(base)
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise SystemExit("console did not start")
+            time.sleep(0.1)
+    while _health(base)["received"]["status"] < len(stations):  # every SUB joined (slow-joiner)
+        for st in stations:
+            st.status({"cam1": True})
+        time.sleep(0.1)
+    return proc, base
+
+
 TILE_AGES_JS = """() => {
   const now = Date.now() / 1000;
   return [...document.querySelectorAll('[data-tile]')].map(t => now - parseFloat(t.dataset.captured || '0'));
@@ -137,26 +160,10 @@ def run(args: argparse.Namespace) -> dict:
     port = _free_port()
     cfg = tmp / "console.toml"
     _write_config(cfg, stations, spools, store, port, args.coalesce_ms)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "defectscope", "console", "--config", str(cfg), "--log-level",
-                             "warning"], cwd=ROOT, env=env)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = _start_console(cfg, port, stations)
     stop = threading.Event()
     pw = browser = None
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                _health(base)
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit("console did not start")
-                time.sleep(0.1)
-        while _health(base)["received"]["status"] < len(stations):  # every SUB joined (slow-joiner)
-            for st in stations:
-                st.status({"cam1": True})
-            time.sleep(0.1)
         page = None
         if not args.no_browser:
             from playwright.sync_api import sync_playwright

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from deploy.console.config import ConsoleConfig
 
 DEFECT_WINDOW_S = 60.0
+MAX_CAMERAS = 64  # tiles per station: a forged heartbeat listing 10**6 cameras must not exhaust memory
 
 
 @dataclass
@@ -67,6 +68,13 @@ class Live:
         self.new_events: list[dict[str, Any]] = []
         self._up: dict[str, bool] = {}
         self.received = {"verdict": 0, "status": 0, "preview": 0, "rejected": 0}
+
+    def accepts(self, msg: Mapping[str, Any]) -> bool:
+        """False when ``msg`` would take a station past MAX_CAMERAS tiles."""
+        station = msg["station"]
+        cams = [msg["camera"]] if msg["type"] == "verdict" else list(msg["cameras"])
+        have = {t.camera for t in self.tiles.values() if t.station == station}
+        return len(have | set(cams)) <= MAX_CAMERAS
 
     def _tile(self, station: str, camera: str) -> Tile:
         key = f"{station}/{camera}"

@@ -18,8 +18,8 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from deploy.console.config import ConsoleConfig, StationEntry
-from deploy.console.live import Live
+from deploy.console.config import NAME, ConsoleConfig, StationEntry
+from deploy.console.live import MAX_CAMERAS, Live
 from deploy.console.store import Store, row_from_message
 from runtime.messages import SchemaError, decode, validate
 from runtime.preview import PREVIEW_PREFIX, decode_preview
@@ -98,11 +98,20 @@ class Streams:
             if topic.startswith(PREVIEW_PREFIX.encode()):
                 jpeg = decode_preview(msg)
                 cam = msg["camera"]
+                if not NAME.match(cam) or not self.live.accepts({"type": "verdict", "station": st.name,
+                                                                 "camera": cam}):
+                    raise SchemaError("key 'camera': not a camera name, or one camera too many")
                 if topic.decode("utf-8", "replace") != f"{PREVIEW_PREFIX}{st.name}.{cam}":
                     raise SchemaError("preview topic does not match its camera")
                 self.live.on_preview(st.name, cam, jpeg)
                 return
             validate(msg)
+            if msg["type"] == "verdict" and not NAME.match(msg["camera"]):
+                raise SchemaError(f"key 'camera': {msg['camera'][:40]!r} is not a camera name")
+            if msg["type"] == "status" and not all(isinstance(c, str) and NAME.match(c) for c in msg["cameras"]):
+                raise SchemaError("key 'cameras': a camera name is not letters, digits, '_', '-'")
+            if not self.live.accepts(msg):
+                raise SchemaError(f"more than {MAX_CAMERAS} cameras on one station")
         except (SchemaError, ValueError, TypeError, KeyError) as exc:
             self._reject(st.name, str(exc)[:200])
             return

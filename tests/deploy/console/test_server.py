@@ -253,3 +253,19 @@ def test_websocket_needs_a_session_and_the_console_origin(rig):
             if any(t["last"] and t["last"]["seq"] == 5 for t in msg["tiles"]) or time.monotonic() > deadline:
                 break
         assert msg["type"] == "delta" and msg["events"][0]["verdict"] == "defect"
+
+
+def test_forged_camera_names_and_camera_floods_are_rejected(rig):
+    from deploy.console.loadgen import status_message
+
+    st, con, _, _ = rig
+    _publish_until_seen(st, con)
+    st.verdict("../../etc", 1, "ok")
+    st.verdict("<img src=x onerror=alert(1)>", 2, "ok")
+    st.send("st1._status", status_message("st1", {f"cam{i}": True for i in range(1000)}))
+    st.verdict("cam1", 3, "ok")
+    wait_for(lambda: con.health()["recorded"] == 1, 10, "the one good verdict")
+    assert con.health()["received"]["rejected"] == 3
+    c = Client(con.base)
+    assert c.login("olga") == 200
+    assert {t["camera"] for t in c.json("/api/state")["tiles"]} == {"cam1"}
