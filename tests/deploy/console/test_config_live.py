@@ -83,3 +83,25 @@ def test_unknown_station_heartbeats_are_ignored_and_events_bounded():
     for seq in range(20):
         live.on_verdict(verdict_message("st1", "cam1", seq, "uncertain"), f"u{seq}", now=0.0)
     assert len(live.full(now=0.0)["events"]) == 5 and live.full(now=0.0)["events"][0]["seq"] == 19
+
+
+def test_cli_hash_password_and_check_config(tmp_path, capsys, monkeypatch):
+    import io
+
+    from argon2 import PasswordHasher
+
+    from defectscope.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret-pass\n"))
+    assert main(["console", "hash-password", "--stdin"]) == 0
+    h = capsys.readouterr().out.strip()
+    assert h.startswith("$argon2id$") and PasswordHasher().verify(h, "s3cret-pass")
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert main(["console", "hash-password", "--stdin"]) == 1
+    good = tmp_path / "c.toml"
+    good.write_text(f'[[users]]\nname = "olga"\nrole = "operator"\npassword_hash = "{h}"\n')
+    assert main(["console", "check-config", "--config", str(good)]) == 0
+    good.write_text('[server]\nport = "x"\n')
+    assert main(["console", "check-config", "--config", str(good)]) == 2
+    assert "server.port" in capsys.readouterr().err
+    assert main(["console", "--config", str(good)]) == 2  # the server refuses the same config
