@@ -266,7 +266,11 @@ class Console:
         try:
             await websocket.send_json(self.live.full())
             while True:
-                await websocket.send_json(await q.get())
+                msg = await q.get()
+                if msg is None:  # shutting down: browsers reconnect to the next instance
+                    await websocket.close(code=1001)
+                    return
+                await websocket.send_json(msg)
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
@@ -311,6 +315,7 @@ def create_app(cfg: ConsoleConfig, store: Store | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        app.state.loop = asyncio.get_running_loop()
         c.streams.start()
         try:
             yield

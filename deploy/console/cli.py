@@ -81,7 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     host = args.host or cfg.server.host
     port = cfg.server.port if args.port is None else args.port
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=args.log_level, access_log=False,
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM/SIGINT: close live sockets, then uvicorn's shutdown
+            loop = getattr(app.state, "loop", None)
+            if loop is not None:
+                loop.call_soon_threadsafe(app.state.console.streams.close_clients)
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level=args.log_level, access_log=False,
                                            ws_max_size=64 * 1024, lifespan="on", proxy_headers=False,
                                            timeout_graceful_shutdown=2))
     server.run()

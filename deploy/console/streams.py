@@ -183,6 +183,13 @@ class Streams:
         self.clients.add(q)
         return q
 
+    def close_clients(self) -> None:
+        """Tell every WebSocket handler to close (None sentinel), so shutdown does not wait on them."""
+        for q in list(self.clients):
+            while not q.empty():
+                q.get_nowait()
+            q.put_nowait(None)
+
     def unsubscribe_client(self, q: asyncio.Queue) -> None:
         self.clients.discard(q)
 
