@@ -57,6 +57,18 @@ def parse_time(value: str | None, default: float) -> float:
     return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
 
 
+def number(request: Request, key: str, default: float, lo: float, hi: float) -> float:
+    """A numeric query parameter within [lo, hi]; anything else is a 400 naming the parameter."""
+    raw = request.query_params.get(key)
+    try:
+        value = default if raw is None else float(raw)
+    except ValueError:
+        raise HTTPException(400, f"query parameter {key!r}: expected a number") from None
+    if not lo <= value <= hi:
+        raise HTTPException(400, f"query parameter {key!r}: expected {lo}..{hi}")
+    return value
+
+
 def iso(t: float | None) -> str:
     return "" if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
 
@@ -159,7 +171,7 @@ class Console:
 
     async def events(self, request: Request) -> Response:
         self.need(request, "view")
-        limit = min(int(request.query_params.get("limit", self.cfg.server.events)), 500)
+        limit = int(number(request, "limit", self.cfg.server.events, 1, 500))
         rows = await asyncio.to_thread(self.store.recent_events, limit)
         return JSONResponse([_row_json(r) for r in rows])
 
@@ -195,7 +207,7 @@ class Console:
 
     async def rates(self, request: Request) -> Response:
         self.need(request, "view")
-        hours = float(request.query_params.get("hours", self.cfg.server.shift_hours))
+        hours = number(request, "hours", self.cfg.server.shift_hours, 0.01, 24 * 366)
         rows = await asyncio.to_thread(self.store.rates, time.time() - hours * 3600.0)
         return JSONResponse({"hours": hours, "cameras": rows})
 

@@ -148,6 +148,11 @@ def test_operator_cannot_reach_export_but_engineer_can(tmp_path, browser, consol
     with eng.expect_download() as dl:
         eng.click("#csv-form button")
     assert Path(dl.value.path()).read_text().startswith("station,camera,captured_at_utc")
+    # a tablet in portrait: tiles and the event list stack in one column; a 1080p monitor has two
+    cols = "() => getComputedStyle(document.querySelector('main')).gridTemplateColumns.split(' ').length"
+    assert op.goto(con.base + "/").status == 200 and op.evaluate(cols) == 2
+    op.set_viewport_size({"width": 800, "height": 1280})
+    assert op.evaluate(cols) == 1
 
 
 def test_second_station_shows_up_when_its_daemon_starts_and_goes_down_when_it_stops(tmp_path, browser,

@@ -101,6 +101,8 @@ def test_engineer_csv_export_for_a_time_range_and_rates(rig):
     iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t - 3600))
     assert len(list(csv.DictReader(io.StringIO(eng.get(f"/api/export.csv?from={iso}")[1].decode())))) == 5
     assert eng.get("/api/export.csv?from=yesterday")[0] == 400
+    assert eng.get("/api/events?limit=abc")[0] == 400 and eng.get("/api/events?limit=100000")[0] == 400
+    assert eng.get("/api/rates?hours=nan")[0] == 400 and eng.get("/api/rates?hours=-1")[0] == 400
     rates = {(c["station"], c["camera"]): c for c in eng.json("/api/rates?hours=1")["cameras"]}
     assert rates[("st1", "cam1")]["total"] == 4 and rates[("st1", "cam1")]["defect_rate"] == 0.5
     assert eng.get("/export")[0] == 200
