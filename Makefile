@@ -5,11 +5,12 @@
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
-EXTRAS  ?= train,dev,msgpack,deploy,fleet,openvino
+EXTRAS  ?= train,dev,msgpack,deploy,fleet,openvino,console
 # Debian packages some tests drive for real: promtool + Prometheus server, ffmpeg (RTSP/MJPEG
-# camera streams), systemd-analyze (unit verification), a real RTSP camera (GstRtspServer under
-# the system python3: tests/runtime/rtsp_server.py).
-APT_PKGS ?= prometheus ffmpeg systemd
+# camera streams), systemd-analyze (unit verification), Chromium headless shell (console browser
+# tests, driven by Playwright), PostgreSQL (console results store tests), a real RTSP camera
+# (GstRtspServer under the system python3: tests/runtime/rtsp_server.py).
+APT_PKGS ?= prometheus ffmpeg systemd chromium chromium-headless-shell chromium-driver postgresql
 RTSP_PKGS ?= gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gst-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
 DEMO_ARGS ?=
 TEST_ARGS ?=
@@ -32,11 +33,14 @@ system-deps:
 	/usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0'); gi.require_version('Gst', '1.0'); \
 	  from gi.repository import Gst; Gst.init(None); assert Gst.ElementFactory.find('rtpjpegpay')" >/dev/null 2>&1 \
 	  || missing="$$missing $(RTSP_PKGS)"; \
+	[ -x /usr/lib/chromium/chromium-headless-shell ] || missing="$$missing chromium chromium-headless-shell chromium-driver"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing system tools:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	    systemctl disable --now prometheus >/dev/null 2>&1 || true; \
+	    systemctl disable --now postgresql >/dev/null 2>&1 || true; \
 	  else \
 	    echo "note: missing$$missing (apt-get install$$missing as root); tests that need them are skipped"; \
 	  fi; \

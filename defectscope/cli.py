@@ -35,6 +35,8 @@ command("serve", "runtime.serve_cli:main", "run the inspection daemon for one st
 command("reload", "runtime.reload_cli:main", "ask a running daemon to reload its model bundle", None)
 command("watch", "runtime.viewer:main", "live terminal view of a station's verdict stream", None)
 command("deploy", "deploy.cli:main", "install / rollback / status / prune bundles and units on a station", None)
+command("console", "deploy.console.cli:main", "web console for line operators: live tiles, history, review", "console")
+command("dataset", "deploy.console.dataset:main", "export reviewed console snapshots as a training dataset", "console")
 
 
 def _usage() -> str:

@@ -1,0 +1,352 @@
+"""The console's web application (Starlette): pages, JSON API, WebSocket live feed, snapshots, CSV.
+
+Pages are static HTML shipped in deploy/console/static/ (no build step, no CDN); the JS asks
+``/api/me`` who is logged in and opens ``/ws`` for live updates. Role checks happen here,
+on every route, not in the page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from deploy.console.auth import CAN, COOKIE, Session, Sessions, csrf_ok
+from deploy.console.config import ConsoleConfig
+from deploy.console.live import Live
+from deploy.console.snapfiles import SnapshotRefused, read_snapshot
+from deploy.console.store import REVIEW_ACTIONS, Store, StoreError
+from deploy.console.streams import Streams
+
+STATIC = Path(__file__).with_name("static")
+KIOSK = Session("kiosk", "kiosk", "", float("inf"))
+CSP = ("default-src 'self'; img-src 'self' data:; connect-src 'self'; style-src 'self'; script-src 'self'; "
+       "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+CSV_FIELDS = ("station", "camera", "captured_at_utc", "captured_at", "source", "seq", "model_name", "model_version",
+              "verdict", "class", "top_class", "confidence", "top_score", "boxes", "review_action", "review_label",
+              "review_user", "reviewed_at_utc")
+MAX_EXPORT_ROWS = 2_000_000
+
+
+def parse_time(value: str | None, default: float) -> float:
+    """ISO 8601 (naive = UTC) or unix seconds."""
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise HTTPException(400, f"time {value[:40]!r}: expected ISO 8601 or unix seconds") from None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def number(request: Request, key: str, default: float, lo: float, hi: float) -> float:
+    """A numeric query parameter within [lo, hi]; anything else is a 400 naming the parameter."""
+    raw = request.query_params.get(key)
+    try:
+        value = default if raw is None else float(raw)
+    except ValueError:
+        raise HTTPException(400, f"query parameter {key!r}: expected a number") from None
+    if not lo <= value <= hi:
+        raise HTTPException(400, f"query parameter {key!r}: expected {lo}..{hi}")
+    return value
+
+
+def iso(t: float | None) -> str:
+    return "" if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _row_json(r: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in r.items() if k != "snapshot_path"}
+    for k in ("boxes", "review_boxes"):
+        if isinstance(out.get(k), str):
+            out[k] = json.loads(out[k])
+    return out
+
+
+class Console:
+    def __init__(self, cfg: ConsoleConfig, store: Store) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.live = Live(cfg)
+        self.sessions = Sessions(cfg)
+        self.streams = Streams(cfg, store, self.live)
+
+    # -- access --------------------------------------------------------------------------------
+    def who(self, request: Request | WebSocket) -> Session | None:
+        s = self.sessions.get(request.cookies.get(COOKIE))
+        if s is None and self.cfg.server.kiosk:
+            return KIOSK
+        return s
+
+    def need(self, request: Request | WebSocket, what: str) -> Session:
+        s = self.who(request)
+        if s is None:
+            raise HTTPException(401, "log in first")
+        if s.role not in CAN[what]:
+            raise HTTPException(403, f"role {s.role!r} may not {what}")
+        return s
+
+    @staticmethod
+    def same_origin(request: Request | WebSocket) -> bool:
+        origin = request.headers.get("origin")
+        if origin is None:
+            return True  # non-browser clients; browsers always send Origin on POST and WebSocket
+        return origin == f"{request.url.scheme.replace('ws', 'http')}://{request.headers.get('host', '')}"
+
+    def need_change(self, request: Request, what: str, supplied: str | None) -> Session:
+        s = self.need(request, what)
+        if not self.same_origin(request) or not csrf_ok(s, supplied):
+            raise HTTPException(403, "CSRF check failed (reload the page)")
+        return s
+
+    # -- pages ---------------------------------------------------------------------------------
+    async def index(self, request: Request) -> Response:
+        if self.who(request) is None:
+            return RedirectResponse("/login", 303)
+        return FileResponse(STATIC / "index.html")
+
+    async def login_page(self, request: Request) -> Response:
+        return FileResponse(STATIC / "login.html")
+
+    async def login(self, request: Request) -> Response:
+        if not self.same_origin(request):
+            raise HTTPException(403, "cross-origin login refused")
+        form = await request.form()
+        got = await asyncio.to_thread(self.sessions.login, str(form.get("user", ""))[:64],
+                                      str(form.get("password", ""))[:1024])
+        if got is None:
+            await asyncio.sleep(0.5)  # slows guessing; argon2 already costs ~50 ms
+            return RedirectResponse("/login?failed=1", 303)
+        token, _ = got
+        resp = RedirectResponse("/", 303)
+        resp.set_cookie(COOKIE, token, max_age=self.cfg.server.session_max_age_s, httponly=True, samesite="strict",
+                        secure=self.cfg.server.secure_cookies, path="/")
+        return resp
+
+    async def logout(self, request: Request) -> Response:
+        s = self.sessions.get(request.cookies.get(COOKIE))
+        form = await request.form()
+        if s is not None and (not self.same_origin(request) or not csrf_ok(s, str(form.get("csrf", "")))):
+            raise HTTPException(403, "CSRF check failed")
+        self.sessions.logout(request.cookies.get(COOKIE))
+        resp = RedirectResponse("/login", 303)
+        resp.delete_cookie(COOKIE, path="/")
+        return resp
+
+    async def export_page(self, request: Request) -> Response:
+        s = self.who(request)
+        if s is None:
+            return RedirectResponse("/login", 303)
+        self.need(request, "export")
+        return FileResponse(STATIC / "export.html")
+
+    # -- API -----------------------------------------------------------------------------------
+    async def me(self, request: Request) -> Response:
+        s = self.need(request, "view")
+        return JSONResponse({"user": s.user, "role": s.role, "csrf": s.csrf, "kiosk": s is KIOSK,
+                             "can": sorted(k for k, roles in CAN.items() if s.role in roles),
+                             "shift_hours": self.cfg.server.shift_hours, "good_class": self.cfg.server.good_class})
+
+    async def state(self, request: Request) -> Response:
+        self.need(request, "view")
+        return JSONResponse(self.live.full())
+
+    async def events(self, request: Request) -> Response:
+        self.need(request, "view")
+        limit = int(number(request, "limit", self.cfg.server.events, 1, 500))
+        rows = await asyncio.to_thread(self.store.recent_events, limit)
+        return JSONResponse([_row_json(r) for r in rows])
+
+    async def verdict(self, request: Request) -> Response:
+        self.need(request, "view")
+        row = await asyncio.to_thread(self.store.get, request.path_params["uid"])
+        if row is None:
+            raise HTTPException(404, "no such verdict")
+        return JSONResponse(_row_json(row))
+
+    async def review(self, request: Request) -> Response:
+        s = self.need_change(request, "review", request.headers.get("x-csrf-token"))
+        try:
+            body = await request.json()
+        except ValueError:
+            raise HTTPException(400, "expected a JSON body") from None
+        action, label, boxes = body.get("action"), body.get("label"), body.get("boxes")
+        if action not in REVIEW_ACTIONS:
+            raise HTTPException(400, f"key 'action': expected one of {REVIEW_ACTIONS}")
+        if label is not None and (not isinstance(label, str) or not 0 < len(label) <= 128 or "/" in label
+                                  or label.startswith(".")):
+            raise HTTPException(400, "key 'label': expected a class name")
+        if boxes is not None and not _valid_boxes(boxes):
+            raise HTTPException(400, "key 'boxes': expected up to 100 {box: [x1, y1, x2, y2], class} objects")
+        try:
+            row = await asyncio.to_thread(self.store.review, request.path_params["uid"], action, s.user, s.role,
+                                          label, boxes)
+        except KeyError:
+            raise HTTPException(404, "no such verdict") from None
+        except StoreError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return JSONResponse(row)
+
+    async def rates(self, request: Request) -> Response:
+        self.need(request, "view")
+        hours = number(request, "hours", self.cfg.server.shift_hours, 0.01, 24 * 366)
+        rows = await asyncio.to_thread(self.store.rates, time.time() - hours * 3600.0)
+        return JSONResponse({"hours": hours, "cameras": rows})
+
+    async def export_csv(self, request: Request) -> Response:
+        self.need(request, "export")
+        t0 = parse_time(request.query_params.get("from"), 0.0)
+        t1 = parse_time(request.query_params.get("to"), time.time() + 1.0)
+        rows = await asyncio.to_thread(self.store.range, t0, t1, MAX_EXPORT_ROWS)
+
+        def lines():
+            buf = io.StringIO()
+            w = csv.writer(buf)
+            w.writerow(CSV_FIELDS)
+            for r in rows:
+                w.writerow([r["station"], r["camera"], iso(r["captured_at"]), f"{r['captured_at']:.6f}", r["source"],
+                            r["seq"], r["model_name"], r["model_version"], r["verdict"],
+                            r["defect_class"] or r["top_class"], r["top_class"], r["confidence"], r["top_score"],
+                            r["boxes"] or "", r["review_action"] or "", r["review_label"] or "",
+                            r["review_user"] or "", iso(r["reviewed_at"])])
+                if buf.tell() > 65536:
+                    yield buf.getvalue()
+                    buf.seek(0)
+                    buf.truncate()
+            yield buf.getvalue()
+        name = f"verdicts_{int(t0)}_{int(t1)}.csv"
+        return StreamingResponse(lines(), media_type="text/csv",
+                                 headers={"content-disposition": f'attachment; filename="{name}"'})
+
+    async def dataset_rows(self, request: Request) -> Response:
+        """Reviewed verdicts (for `defectscope dataset export --from-console URL`)."""
+        self.need(request, "export")
+        t0 = parse_time(request.query_params.get("from"), 0.0)
+        t1 = parse_time(request.query_params.get("to"), float("inf"))
+        rows = await asyncio.to_thread(self.store.reviewed, t0, t1)
+        return JSONResponse({"good_class": self.cfg.server.good_class, "rows": [_row_json(r) for r in rows]})
+
+    async def snapshot(self, request: Request) -> Response:
+        self.need(request, "view")
+        st = self.cfg.station(request.path_params["station"])
+        if st is None or st.snapshot_dir is None:
+            raise HTTPException(404, "no snapshot directory for this station")
+        try:
+            data = await asyncio.to_thread(read_snapshot, st.snapshot_dir, request.path_params["name"],
+                                           self.cfg.server.max_snapshot_bytes)
+        except SnapshotRefused as exc:
+            raise HTTPException(exc.status, exc.reason) from None
+        kind = "image/jpeg" if request.path_params["name"].endswith(".jpg") else "application/json"
+        return Response(data, media_type=kind, headers={"cache-control": "private, max-age=3600"})
+
+    async def preview(self, request: Request) -> Response:
+        self.need(request, "view")
+        tile = self.live.tiles.get(f"{request.path_params['station']}/{request.path_params['camera']}")
+        if tile is None or tile.preview is None:
+            raise HTTPException(404, "no preview")
+        return Response(tile.preview, media_type="image/jpeg", headers={"cache-control": "no-store"})
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"ok": True, "received": self.live.received, "recorded": self.streams.recorded,
+                             "pending": len(self.streams.pending)})
+
+    async def ws(self, websocket: WebSocket) -> None:
+        s = self.who(websocket)
+        if s is None or not self.same_origin(websocket):
+            await websocket.close(code=4403)
+            return
+        await websocket.accept()
+        q = self.streams.subscribe_client()
+        try:
+            await websocket.send_json(self.live.full())
+            while True:
+                msg = await q.get()
+                if msg is None:  # shutting down: browsers reconnect to the next instance
+                    await websocket.close(code=1001)
+                    return
+                await websocket.send_json(msg)
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            self.streams.unsubscribe_client(q)
+
+
+def _valid_boxes(boxes: Any) -> bool:
+    if not isinstance(boxes, list) or len(boxes) > 100:
+        return False
+    for b in boxes:
+        if not isinstance(b, dict) or not isinstance(b.get("box"), list) or len(b["box"]) != 4:
+            return False
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e5 for v in b["box"]):
+            return False
+        if not isinstance(b.get("class"), str) or not b["class"] or len(b["class"]) > 128:
+            return False
+    return True
+
+
+class SecurityHeaders:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
+                            (b"referrer-policy", b"same-origin"), (b"x-frame-options", b"DENY")]
+                message["headers"] = headers
+            await send(message)
+        await self.app(scope, receive, send_with_headers)
+
+
+def create_app(cfg: ConsoleConfig, store: Store | None = None) -> Starlette:
+    store = store or Store(cfg.store.url, cfg.store.retention_days)
+    c = Console(cfg, store)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        app.state.loop = asyncio.get_running_loop()
+        c.streams.start()
+        try:
+            yield
+        finally:
+            await c.streams.stop()
+
+    routes = [
+        Route("/", c.index), Route("/login", c.login_page, methods=["GET"]), Route("/login", c.login, methods=["POST"]),
+        Route("/logout", c.logout, methods=["POST"]), Route("/export", c.export_page),
+        Route("/api/me", c.me), Route("/api/state", c.state), Route("/api/events", c.events),
+        Route("/api/verdicts/{uid:str}", c.verdict),
+        Route("/api/verdicts/{uid:str}/review", c.review, methods=["POST"]),
+        Route("/api/rates", c.rates), Route("/api/export.csv", c.export_csv), Route("/api/dataset", c.dataset_rows),
+        Route("/snapshots/{station:str}/{name:str}", c.snapshot),
+        Route("/preview/{station:str}/{camera:str}.jpg", c.preview),
+        Route("/healthz", c.healthz), WebSocketRoute("/ws", c.ws),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.add_middleware(SecurityHeaders)
+    app.state.console = c
+    return app

@@ -1,0 +1,152 @@
+"""The live state the page shows: one tile per station/camera, station heartbeats, recent events.
+
+Fed by the stream subscribers (one asyncio task each); read by the broadcaster, which every
+``coalesce_ms`` sends each browser only the tiles that changed since the last push, so a
+30 fps camera costs a browser at most 1000 / coalesce_ms tile updates per second.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from deploy.console.config import ConsoleConfig
+
+DEFECT_WINDOW_S = 60.0
+MAX_CAMERAS = 64  # tiles per station: a forged heartbeat listing 10**6 cameras must not exhaust memory
+
+
+@dataclass
+class Tile:
+    station: str
+    camera: str
+    last: dict[str, Any] | None = None
+    defects: deque[float] = field(default_factory=deque)  # monotonic times of defects, last minute
+    count: int = 0
+    preview: bytes | None = None
+    preview_seq: int = 0
+    up: bool | None = None  # from the station heartbeat
+
+    def view(self, now: float, station_up: bool) -> dict[str, Any]:
+        while self.defects and now - self.defects[0] > DEFECT_WINDOW_S:
+            self.defects.popleft()
+        return {"id": f"{self.station}/{self.camera}", "station": self.station, "camera": self.camera,
+                "last": self.last, "count": self.count, "defects_per_min": len(self.defects),
+                "preview_seq": self.preview_seq if self.preview is not None else None,
+                "up": bool(station_up and (self.up if self.up is not None else self.last is not None))}
+
+
+@dataclass
+class StationState:
+    name: str
+    last_status: float | None = None  # monotonic
+    state: str = "unknown"
+    model: dict[str, Any] | None = None
+
+
+def verdict_view(msg: Mapping[str, Any], uid: str) -> dict[str, Any]:
+    """The part of a verdict message a browser needs."""
+    snap = msg.get("snapshot")
+    return {"uid": uid, "station": msg["station"], "camera": msg["camera"], "seq": msg["seq"],
+            "verdict": msg["verdict"], "top_class": msg["top_class"], "defect_class": msg.get("defect_class"),
+            "confidence": msg["confidence"], "captured_at": msg["captured_at"], "task": msg["task"],
+            "model_version": (msg.get("model") or {}).get("version"),
+            "classes": sorted((msg.get("probabilities") or msg.get("class_scores") or {}).keys()),
+            "boxes": msg.get("detections") if isinstance(msg.get("detections"), list) else None,
+            "snapshot": snap.rsplit("/", 1)[-1] if isinstance(snap, str) and snap else None}
+
+
+class Live:
+    def __init__(self, cfg: ConsoleConfig) -> None:
+        self.cfg = cfg
+        self.tiles: dict[str, Tile] = {}
+        self.stations = {s.name: StationState(s.name) for s in cfg.stations}
+        self.events: deque[dict[str, Any]] = deque(maxlen=cfg.server.events)
+        self.dirty: set[str] = set()
+        self.new_events: list[dict[str, Any]] = []
+        self._up: dict[str, bool] = {}
+        self.received = {"verdict": 0, "status": 0, "preview": 0, "rejected": 0}
+
+    def accepts(self, msg: Mapping[str, Any]) -> bool:
+        """False when ``msg`` would take a station past MAX_CAMERAS tiles."""
+        station = msg["station"]
+        cams = [msg["camera"]] if msg["type"] == "verdict" else list(msg["cameras"])
+        have = {t.camera for t in self.tiles.values() if t.station == station}
+        return len(have | set(cams)) <= MAX_CAMERAS
+
+    def _tile(self, station: str, camera: str) -> Tile:
+        key = f"{station}/{camera}"
+        tile = self.tiles.get(key)
+        if tile is None:
+            tile = self.tiles[key] = Tile(station, camera)
+        return tile
+
+    def on_verdict(self, msg: Mapping[str, Any], uid: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        tile = self._tile(msg["station"], msg["camera"])
+        view = verdict_view(msg, uid)
+        tile.last = view
+        tile.count += 1
+        if msg["verdict"] == "defect":
+            tile.defects.append(now)
+        if msg["verdict"] in ("defect", "uncertain"):
+            self.events.appendleft(view)
+            self.new_events.append(view)
+        self.dirty.add(f"{tile.station}/{tile.camera}")
+        self.received["verdict"] += 1
+
+    def on_status(self, msg: Mapping[str, Any], now: float | None = None) -> None:
+        st = self.stations.get(msg["station"])
+        if st is None:
+            return
+        st.last_status = time.monotonic() if now is None else now
+        st.state = msg["state"]
+        st.model = msg.get("model")
+        for cam, info in msg["cameras"].items():
+            tile = self._tile(st.name, cam)
+            if tile.up != info["up"]:
+                tile.up = bool(info["up"])
+                self.dirty.add(f"{st.name}/{cam}")
+        self.received["status"] += 1
+
+    def on_preview(self, station: str, camera: str, jpeg: bytes) -> None:
+        tile = self._tile(station, camera)
+        tile.preview = jpeg
+        tile.preview_seq += 1
+        self.dirty.add(f"{station}/{camera}")
+        self.received["preview"] += 1
+
+    def station_up(self, name: str, now: float) -> bool:
+        st = self.stations.get(name)
+        return bool(st and st.last_status is not None and now - st.last_status <= self.cfg.server.down_after_s
+                    and st.state not in ("stopping", "stopped"))
+
+    def _station_views(self, now: float) -> list[dict[str, Any]]:
+        return [{"name": s.name, "up": self.station_up(s.name, now), "state": s.state,
+                 "model": s.model} for s in self.stations.values()]
+
+    def full(self, now: float | None = None) -> dict[str, Any]:
+        now = time.monotonic() if now is None else now
+        return {"type": "full", "stations": self._station_views(now),
+                "tiles": [t.view(now, self.station_up(t.station, now)) for t in self.tiles.values()],
+                "events": list(self.events)}
+
+    def delta(self, now: float | None = None) -> dict[str, Any] | None:
+        """Changes since the last call (None when nothing changed): the broadcaster's one message."""
+        now = time.monotonic() if now is None else now
+        up = {s: self.station_up(s, now) for s in self.stations}
+        flipped = {s for s, u in up.items() if self._up.get(s) != u}
+        self._up = up
+        for key, tile in self.tiles.items():
+            if tile.station in flipped or (tile.defects and now - tile.defects[0] > DEFECT_WINDOW_S):
+                self.dirty.add(key)
+        if not self.dirty and not self.new_events and not flipped:
+            return None
+        tiles = [self.tiles[k].view(now, up.get(self.tiles[k].station, False)) for k in sorted(self.dirty)]
+        msg = {"type": "delta", "stations": self._station_views(now), "tiles": tiles,
+               "events": self.new_events[-self.cfg.server.events:]}
+        self.dirty = set()
+        self.new_events = []
+        return msg

@@ -1,0 +1,237 @@
+// DefectScope line console: live tiles over a WebSocket, recent events, review dialog. No framework, no build.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const SVG = "http://www.w3.org/2000/svg";
+const state = { me: null, tiles: new Map(), events: new Map(), stations: new Map(), review: null };
+
+function el(tag, attrs = {}, text) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function pct(x) { return (100 * x).toFixed(1) + "%"; }
+function clock(t) { return new Date(t * 1000).toLocaleTimeString(); }
+function snapUrl(v) { return v && v.snapshot ? `/snapshots/${encodeURIComponent(v.station)}/${encodeURIComponent(v.snapshot)}` : null; }
+
+// An image that may not be on disk yet (the daemon's snapshot writer runs behind the verdict): retry a few times.
+function loadImg(img, url) {
+  let tries = 0;
+  img.onerror = () => { if (++tries <= 5) setTimeout(() => { img.src = url + (url.includes("?") ? "&" : "?") + "r=" + tries; }, 400 * tries); };
+  img.src = url;
+}
+
+function drawBoxes(svg, img, boxes) {
+  svg.replaceChildren();
+  if (!boxes || !boxes.length) return;
+  const draw = () => {
+    svg.setAttribute("viewBox", `0 0 ${img.naturalWidth || 1} ${img.naturalHeight || 1}`);
+    svg.replaceChildren();
+    for (const b of boxes) {
+      const [x1, y1, x2, y2] = b.box;
+      const r = document.createElementNS(SVG, "rect");
+      r.setAttribute("x", x1); r.setAttribute("y", y1);
+      r.setAttribute("width", Math.max(0, x2 - x1)); r.setAttribute("height", Math.max(0, y2 - y1));
+      r.setAttribute("class", "box");
+      svg.appendChild(r);
+      const t = document.createElementNS(SVG, "text");
+      t.setAttribute("x", x1); t.setAttribute("y", Math.max(10, y1 - 2)); t.setAttribute("class", "box-label");
+      t.textContent = b.class + (b.score !== undefined ? " " + pct(b.score) : "");
+      svg.appendChild(t);
+    }
+  };
+  if (img.complete && img.naturalWidth) draw(); else img.addEventListener("load", draw, { once: true });
+}
+
+// ---- tiles ----------------------------------------------------------------------------------
+function tileEl(t) {
+  let node = document.querySelector(`[data-tile="${CSS.escape(t.id)}"]`);
+  if (node) return node;
+  node = el("article", { class: "tile", "data-tile": t.id });
+  const head = el("h3");
+  head.append(el("span", { class: "dot" }), el("span", { class: "name" }, `${t.station} / ${t.camera}`),
+              el("span", { class: "model" }));
+  const frame = el("div", { class: "frame" });
+  frame.append(el("img", { alt: "" }), document.createElementNS(SVG, "svg"));
+  node.append(head, frame, el("div", { class: "verdict" }, "—"), el("div", { class: "meta" }));
+  const tiles = [...$("#tiles").children, node].sort((a, b) => a.dataset.tile.localeCompare(b.dataset.tile));
+  $("#tiles").replaceChildren(...tiles);
+  return node;
+}
+
+function renderTile(t) {
+  state.tiles.set(t.id, t);
+  const node = tileEl(t);
+  const v = t.last;
+  const st = state.stations.get(t.station);
+  node.classList.toggle("down", !t.up);
+  node.dataset.up = t.up ? "1" : "0";
+  node.querySelector(".model").textContent = st && st.model ? `${st.model.name} ${st.model.version}` : (v && v.model_version) || "";
+  node.querySelector(".dot").title = t.up ? "camera up" : "camera down";
+  const verdict = node.querySelector(".verdict");
+  if (v) {
+    node.dataset.verdict = v.verdict;
+    node.dataset.captured = v.captured_at;
+    node.dataset.seq = v.seq;
+    verdict.textContent = v.verdict.toUpperCase();
+    node.querySelector(".meta").textContent =
+      `${v.defect_class || v.top_class} ${pct(v.confidence)} · ${t.defects_per_min} defects/min · #${v.seq}`;
+  } else {
+    verdict.textContent = t.up ? "waiting" : "DOWN";
+  }
+  node.dataset.updated = Date.now();
+  const img = node.querySelector("img"), svg = node.querySelector("svg");
+  let url = null;
+  if (t.preview_seq !== null && t.preview_seq !== undefined) url = `/preview/${encodeURIComponent(t.station)}/${encodeURIComponent(t.camera)}.jpg?v=${t.preview_seq}`;
+  else if (v && v.snapshot) url = snapUrl(v);
+  if (url && img.dataset.src !== url) { img.dataset.src = url; loadImg(img, url); }
+  drawBoxes(svg, img, v && v.boxes);
+}
+
+function renderStations(list) {
+  const box = $("#stations");
+  box.replaceChildren();
+  for (const s of list) {
+    state.stations.set(s.name, s);
+    box.append(el("span", { class: "station " + (s.up ? "up" : "down"), "data-station": s.name, "data-up": s.up ? "1" : "0" },
+                  `${s.name}: ${s.up ? s.state : "down"}`));
+  }
+}
+
+// ---- events ---------------------------------------------------------------------------------
+function eventLabel(e) {
+  if (!e.review_action) return "";
+  if (e.review_action === "relabel") return `relabelled ${e.review_label} by ${e.review_user}`;
+  return `${e.review_action}ed by ${e.review_user}`;
+}
+
+function renderEvent(e, prepend) {
+  const old = document.querySelector(`#events li[data-uid="${CSS.escape(e.uid)}"]`);
+  const merged = Object.assign({}, state.events.get(e.uid) || {}, e);
+  state.events.set(e.uid, merged);
+  const li = el("li", { "data-uid": e.uid, class: "event " + merged.verdict });
+  const img = el("img", { class: "thumb", alt: "" });
+  const url = snapUrl(merged);
+  if (url) loadImg(img, url);
+  const text = el("div", { class: "ev-text" });
+  text.append(el("strong", {}, `${merged.station}/${merged.camera} ${merged.verdict}`),
+              el("span", {}, ` ${merged.defect_class || merged.top_class} ${pct(merged.confidence)} ${clock(merged.captured_at)}`),
+              el("span", { class: "review-badge" }, eventLabel(merged)));
+  li.append(img, text);
+  li.addEventListener("click", () => openReview(e.uid));
+  if (old) old.replaceWith(li);
+  else if (prepend) $("#events").prepend(li);
+  else $("#events").append(li);
+  while ($("#events").children.length > 100) $("#events").lastChild.remove();
+}
+
+// ---- review ---------------------------------------------------------------------------------
+async function openReview(uid) {
+  const r = await fetch(`/api/verdicts/${encodeURIComponent(uid)}`);
+  if (!r.ok) return;
+  const v = await r.json();
+  state.review = { v, boxes: (v.review_boxes || v.boxes || []).map((b) => Object.assign({}, b)) };
+  $("#rv-title").textContent = `${v.station} / ${v.camera} #${v.seq}: ${v.verdict}`;
+  $("#rv-info").textContent = `${v.defect_class || v.top_class} ${pct(v.confidence)} · model ${v.model_name} ${v.model_version} · ${new Date(v.captured_at * 1000).toISOString()}`;
+  $("#rv-history").textContent = (v.reviews || []).map((x) => `${x.action}${x.label ? " " + x.label : ""} by ${x.user} at ${new Date(x.created_at * 1000).toLocaleString()}`).join("; ");
+  const classes = new Set([...(state.events.get(uid) || {}).classes || [], v.top_class, state.me.good_class]);
+  if (v.defect_class) classes.add(v.defect_class);
+  $("#rv-class").replaceChildren(...[...classes].sort().map((c) => el("option", { value: c }, c)));
+  const img = $("#rv-img");
+  loadImg(img, snapUrl(v));
+  drawBoxes($("#rv-boxes"), img, state.review.boxes);
+  const detector = v.task === "detection";
+  $("#rv-draw-hint").hidden = !detector; $("#rv-clear").hidden = !detector;
+  $("#rv-actions").hidden = !state.me.can.includes("review");
+  $("#rv-error").textContent = "";
+  $("#review").showModal();
+}
+
+async function submitReview(action) {
+  const { v, boxes } = state.review;
+  const body = { action };
+  if (action === "relabel") body.label = $("#rv-class").value;
+  if (v.task === "detection" && action !== "reject") body.boxes = boxes;
+  const r = await fetch(`/api/verdicts/${encodeURIComponent(v.uid)}/review`, {
+    method: "POST", headers: { "content-type": "application/json", "x-csrf-token": state.me.csrf }, body: JSON.stringify(body),
+  });
+  if (!r.ok) { $("#rv-error").textContent = `not saved: ${r.status} ${await r.text()}`; return; }
+  const saved = await r.json();
+  renderEvent({ uid: v.uid, review_action: saved.action, review_label: saved.label, review_user: saved.user }, false);
+  $("#review").close();
+}
+
+function enableBoxDrawing() {
+  const frame = $(".rv-frame"), img = $("#rv-img");
+  let start = null;
+  const at = (ev) => {
+    const r = img.getBoundingClientRect();
+    return [(ev.clientX - r.left) * img.naturalWidth / r.width, (ev.clientY - r.top) * img.naturalHeight / r.height];
+  };
+  frame.addEventListener("pointerdown", (ev) => { if (state.review && state.review.v.task === "detection") { start = at(ev); ev.preventDefault(); } });
+  frame.addEventListener("pointerup", (ev) => {
+    if (!start) return;
+    const end = at(ev);
+    const box = [Math.min(start[0], end[0]), Math.min(start[1], end[1]), Math.max(start[0], end[0]), Math.max(start[1], end[1])].map(Math.round);
+    start = null;
+    if (box[2] - box[0] < 2 || box[3] - box[1] < 2) return;
+    state.review.boxes.push({ box, class: $("#rv-class").value });
+    drawBoxes($("#rv-boxes"), img, state.review.boxes);
+  });
+  $("#rv-clear").addEventListener("click", () => { state.review.boxes = []; drawBoxes($("#rv-boxes"), img, []); });
+}
+
+// ---- feed -----------------------------------------------------------------------------------
+function apply(msg) {
+  renderStations(msg.stations || []);
+  if (msg.type === "full") for (const t of msg.tiles) renderTile(t);
+  else for (const t of msg.tiles) renderTile(t);
+  for (const t of state.tiles.values()) {  // a station going down takes its tiles with it
+    const st = state.stations.get(t.station);
+    if (st && !st.up && t.up) renderTile(Object.assign({}, t, { up: false }));
+  }
+  const evs = msg.type === "full" ? [...msg.events].reverse() : msg.events;
+  for (const e of evs) if (!document.querySelector(`#events li[data-uid="${CSS.escape(e.uid)}"]`)) renderEvent(e, true);
+}
+
+function connect() {
+  const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
+  ws.onopen = () => { $("#conn").textContent = "live"; $("#conn").className = "conn up"; };
+  ws.onmessage = (ev) => apply(JSON.parse(ev.data));
+  ws.onclose = () => { $("#conn").textContent = "reconnecting"; $("#conn").className = "conn down"; setTimeout(connect, 1000); };
+}
+
+async function loadRates() {
+  const r = await fetch(`/api/rates?hours=${state.me.shift_hours}`);
+  if (!r.ok) return;
+  const body = await r.json();
+  $("#rates tbody").replaceChildren(...body.cameras.map((c) => {
+    const tr = el("tr", { "data-camera": `${c.station}/${c.camera}` });
+    tr.append(el("td", {}, `${c.station}/${c.camera}`), el("td", {}, c.total), el("td", {}, c.defect), el("td", {}, pct(c.defect_rate)));
+    return tr;
+  }));
+}
+
+async function start() {
+  const r = await fetch("/api/me");
+  if (r.status === 401) { location.href = "/login"; return; }
+  state.me = await r.json();
+  $("#who").textContent = state.me.kiosk ? "kiosk (read-only)" : `${state.me.user} (${state.me.role})`;
+  $("#nav-export").hidden = !state.me.can.includes("export");
+  $("#logout").hidden = state.me.kiosk;
+  $("#logout-csrf").value = state.me.csrf;
+  $("#shift-hours").textContent = state.me.shift_hours;
+  const ev = await fetch("/api/events?limit=50");
+  if (ev.ok) for (const e of await ev.json()) renderEvent(e, false);
+  $("#rv-confirm").addEventListener("click", () => submitReview("confirm"));
+  $("#rv-reject").addEventListener("click", () => submitReview("reject"));
+  $("#rv-relabel").addEventListener("click", () => submitReview("relabel"));
+  enableBoxDrawing();
+  connect();
+  loadRates();
+  setInterval(loadRates, 30000);
+}
+
+start();

@@ -1,0 +1,216 @@
+"""The results store: every verdict and every review, one SQLAlchemy Core code path for SQLite and PostgreSQL.
+
+Schema (portable types only; times are unix seconds as floats, boxes JSON text):
+  verdicts(uid PK, station, camera, seq, source, captured_at, published_at, model_name, model_version,
+           task, verdict, top_class, defect_class, confidence, top_score, boxes, snapshot, snapshot_path)
+  reviews(id PK, verdict_uid FK, action confirm|reject|relabel, label, boxes, user, role, created_at)
+The newest review of a verdict is its current label. SQLite runs in WAL mode (readers never block the
+writer); retention deletes unreviewed verdicts older than ``retention_days`` (reviewed ones are
+training data and stay).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import sqlalchemy as sa
+
+REVIEW_ACTIONS = ("confirm", "reject", "relabel")
+meta = sa.MetaData()
+verdicts = sa.Table(
+    "verdicts", meta,
+    sa.Column("uid", sa.String(32), primary_key=True),
+    sa.Column("station", sa.String(64), nullable=False),
+    sa.Column("camera", sa.String(64), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("source", sa.Text),
+    sa.Column("captured_at", sa.Float, nullable=False),
+    sa.Column("published_at", sa.Float, nullable=False),
+    sa.Column("model_name", sa.String(128)),
+    sa.Column("model_version", sa.String(64)),
+    sa.Column("task", sa.String(32), nullable=False),
+    sa.Column("verdict", sa.String(16), nullable=False),
+    sa.Column("top_class", sa.String(128), nullable=False),
+    sa.Column("defect_class", sa.String(128)),
+    sa.Column("confidence", sa.Float, nullable=False),
+    sa.Column("top_score", sa.Float, nullable=False),
+    sa.Column("boxes", sa.Text),  # JSON list of {"box": [x1, y1, x2, y2] px, "score", "class"}
+    sa.Column("snapshot", sa.String(255)),  # the snapshot's file name in the station's spool
+    sa.Column("snapshot_path", sa.Text),  # where this console reads it (export)
+    sa.Index("ix_verdicts_time", "captured_at"),
+    sa.Index("ix_verdicts_cam_time", "station", "camera", "captured_at"),
+)
+reviews = sa.Table(
+    "reviews", meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("verdict_uid", sa.String(32), sa.ForeignKey("verdicts.uid", ondelete="CASCADE"), nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("label", sa.String(128)),
+    sa.Column("boxes", sa.Text),
+    sa.Column("user", sa.String(64), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Index("ix_reviews_verdict", "verdict_uid", "id"),
+)
+VERDICT_COLUMNS = [c.name for c in verdicts.columns]
+
+
+class StoreError(ValueError):
+    """A store URL that cannot be opened or a review that is refused; the message says why."""
+
+
+def normalise_url(url: str) -> str:
+    """A path (results.db) means SQLite; postgresql:// uses psycopg 3."""
+    if "://" not in url:
+        return f"sqlite:///{Path(url).resolve()}"
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes, fast commits
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.close()
+
+
+def row_from_message(msg: Mapping[str, Any], snapshot_path: str | None = None) -> dict[str, Any]:
+    """A validated verdict message -> a ``verdicts`` row (boxes only for detectors)."""
+    model = msg.get("model") or {}
+    snap = msg.get("snapshot")
+    dets = msg.get("detections")
+    return {
+        "uid": uuid.uuid4().hex, "station": msg["station"], "camera": msg["camera"], "seq": int(msg["seq"]),
+        "source": msg.get("source"), "captured_at": float(msg["captured_at"]),
+        "published_at": float(msg["published_at"]), "model_name": model.get("name"),
+        "model_version": model.get("version"), "task": msg["task"], "verdict": msg["verdict"],
+        "top_class": msg["top_class"], "defect_class": msg.get("defect_class"),
+        "confidence": float(msg["confidence"]), "top_score": float(msg["top_score"]),
+        "boxes": json.dumps(dets) if isinstance(dets, list) else None,
+        "snapshot": Path(snap).name if isinstance(snap, str) and snap else None,
+        "snapshot_path": snapshot_path,
+    }
+
+
+class Store:
+    def __init__(self, url: str, retention_days: float = 30.0) -> None:
+        self.url = normalise_url(url)
+        self.retention_days = retention_days
+        try:
+            if self.url.startswith("sqlite:///"):
+                path = Path(self.url[len("sqlite:///"):])
+                if str(path) not in ("", ":memory:"):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+            self.engine = sa.create_engine(self.url, future=True, pool_pre_ping=True)
+        except (sa.exc.ArgumentError, ModuleNotFoundError, OSError) as exc:
+            raise StoreError(f"store url {url!r}: {exc}") from None
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        try:
+            meta.create_all(self.engine)
+        except sa.exc.OperationalError as exc:
+            raise StoreError(f"store url {url!r}: cannot open: {exc.orig}") from None
+
+    # -- writes --------------------------------------------------------------------------------
+    def insert(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            with self.engine.begin() as conn:
+                conn.execute(verdicts.insert(), rows)
+
+    def review(self, uid: str, action: str, user: str, role: str, label: str | None = None,
+               boxes: list[dict[str, Any]] | None = None, now: float | None = None) -> dict[str, Any]:
+        if action not in REVIEW_ACTIONS:
+            raise StoreError(f"review action {action!r}: expected one of {REVIEW_ACTIONS}")
+        if action == "relabel" and not label:
+            raise StoreError("review action 'relabel' needs a label")
+        with self.engine.begin() as conn:
+            if conn.execute(sa.select(verdicts.c.uid).where(verdicts.c.uid == uid)).first() is None:
+                raise KeyError(uid)
+            row = {"verdict_uid": uid, "action": action, "label": label if action == "relabel" else None,
+                   "boxes": json.dumps(boxes) if boxes is not None else None, "user": user, "role": role,
+                   "created_at": time.time() if now is None else now}
+            conn.execute(reviews.insert(), row)
+        return row
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete unreviewed verdicts older than the retention window; returns how many."""
+        if self.retention_days <= 0:
+            return 0
+        cutoff = (time.time() if now is None else now) - self.retention_days * 86400.0
+        reviewed = sa.select(reviews.c.verdict_uid)
+        with self.engine.begin() as conn:
+            res = conn.execute(verdicts.delete().where(verdicts.c.captured_at < cutoff,
+                                                       verdicts.c.uid.not_in(reviewed)))
+        return int(res.rowcount or 0)
+
+    # -- reads ---------------------------------------------------------------------------------
+    def count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(verdicts)).scalar_one())
+
+    def _latest_review(self) -> Any:
+        newest = (sa.select(reviews.c.verdict_uid, sa.func.max(reviews.c.id).label("rid"))
+                  .group_by(reviews.c.verdict_uid).subquery())
+        return (sa.select(reviews).join(newest, reviews.c.id == newest.c.rid)).subquery()
+
+    def _with_review(self, where: Iterable[Any], limit: int | None = None, order_desc: bool = True,
+                     reviewed_only: bool = False) -> list[dict[str, Any]]:
+        r = self._latest_review()
+        cols = [verdicts, r.c.action.label("review_action"), r.c.label.label("review_label"),
+                r.c.boxes.label("review_boxes"), r.c.user.label("review_user"),
+                r.c.created_at.label("reviewed_at")]
+        join = verdicts.join(r, r.c.verdict_uid == verdicts.c.uid, isouter=not reviewed_only)
+        q = sa.select(*cols).select_from(join).where(*where)
+        q = q.order_by(verdicts.c.captured_at.desc() if order_desc else verdicts.c.captured_at.asc())
+        if limit:
+            q = q.limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(m) for m in conn.execute(q).mappings()]
+
+    def get(self, uid: str) -> dict[str, Any] | None:
+        rows = self._with_review([verdicts.c.uid == uid])
+        if not rows:
+            return None
+        with self.engine.connect() as conn:
+            hist = conn.execute(sa.select(reviews).where(reviews.c.verdict_uid == uid).order_by(reviews.c.id))
+            rows[0]["reviews"] = [dict(m) for m in hist.mappings()]
+        return rows[0]
+
+    def recent_events(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self._with_review([verdicts.c.verdict.in_(("defect", "uncertain"))], limit)
+
+    def range(self, t0: float, t1: float, limit: int | None = None) -> list[dict[str, Any]]:
+        return self._with_review([verdicts.c.captured_at >= t0, verdicts.c.captured_at < t1], limit,
+                                 order_desc=False)
+
+    def reviewed(self, t0: float = 0.0, t1: float = float("inf")) -> list[dict[str, Any]]:
+        where = [verdicts.c.captured_at >= t0]
+        if t1 != float("inf"):
+            where.append(verdicts.c.captured_at < t1)
+        return self._with_review(where, order_desc=False, reviewed_only=True)
+
+    def rates(self, since: float) -> list[dict[str, Any]]:
+        """Per station/camera since ``since``: verdict counts and the defect rate."""
+        defect = sa.func.sum(sa.case((verdicts.c.verdict == "defect", 1), else_=0))
+        unc = sa.func.sum(sa.case((verdicts.c.verdict == "uncertain", 1), else_=0))
+        q = (sa.select(verdicts.c.station, verdicts.c.camera, sa.func.count().label("total"),
+                       defect.label("defect"), unc.label("uncertain"))
+             .where(verdicts.c.captured_at >= since)
+             .group_by(verdicts.c.station, verdicts.c.camera).order_by(verdicts.c.station, verdicts.c.camera))
+        with self.engine.connect() as conn:
+            out = []
+            for m in conn.execute(q).mappings():
+                d = {k: (int(v) if k in ("total", "defect", "uncertain") else v) for k, v in m.items()}
+                d["defect_rate"] = d["defect"] / d["total"] if d["total"] else 0.0
+                out.append(d)
+        return out
+
+    def close(self) -> None:
+        self.engine.dispose()

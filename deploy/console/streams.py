@@ -1,0 +1,209 @@
+"""Station stream subscribers, the store writer and the browser broadcaster (asyncio tasks).
+
+One ZeroMQ SUB socket per configured station (CURVE client keys when configured), subscribed to
+``<station>.`` (verdicts + heartbeats) and ``_preview.<station>.``. ZeroMQ reconnects by itself,
+so a station that starts after the console appears when its first heartbeat arrives. A message
+whose ``station`` field is not the station configured for that endpoint is rejected (a station
+cannot write another station's history).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from deploy.console.config import NAME, ConsoleConfig, StationEntry
+from deploy.console.live import MAX_CAMERAS, Live
+from deploy.console.store import Store, row_from_message
+from runtime.messages import SchemaError, decode, validate
+from runtime.preview import PREVIEW_PREFIX, decode_preview
+
+log = logging.getLogger("defectscope.console")
+PRUNE_EVERY_S = 600.0
+MAX_MESSAGE_BYTES = 1024 * 1024  # a larger ZeroMQ message is dropped by the socket itself
+MAX_PENDING = 200_000  # rows held while the store is unreachable (~7 min of 16 cameras at 30/s)
+
+
+def _socket(ctx: zmq.asyncio.Context, st: StationEntry) -> zmq.asyncio.Socket:
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    sock.setsockopt(zmq.RECONNECT_IVL, 200)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    if st.curve is not None:
+        from zmq import auth as zauth
+
+        server_public, _ = zauth.load_certificate(str(st.curve.server_public_key))
+        public, secret = zauth.load_certificate(str(st.curve.client_secret_key))
+        if not secret:
+            raise ValueError(f"key 'stations.{st.name}.curve.client_secret_key': {st.curve.client_secret_key} "
+                             f"holds no secret key (use the .key_secret file)")
+        sock.curve_serverkey = server_public
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+    sock.setsockopt_string(zmq.SUBSCRIBE, f"{st.name}.")
+    sock.setsockopt_string(zmq.SUBSCRIBE, f"{PREVIEW_PREFIX}{st.name}.")
+    sock.connect(st.endpoint)
+    return sock
+
+
+class Streams:
+    """Owns the subscriber, writer and broadcaster tasks of one console process."""
+
+    def __init__(self, cfg: ConsoleConfig, store: Store, live: Live) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.live = live
+        self.ctx = zmq.asyncio.Context()
+        self.pending: list[dict[str, Any]] = []
+        self.clients: set[asyncio.Queue] = set()
+        self.tasks: list[asyncio.Task] = []
+        self.recorded = 0
+        self._rejected_logged = 0.0
+
+    def start(self) -> None:
+        for st in self.cfg.stations:
+            self.tasks.append(asyncio.create_task(self._subscribe(st), name=f"sub-{st.name}"))
+        self.tasks.append(asyncio.create_task(self._writer(), name="writer"))
+        self.tasks.append(asyncio.create_task(self._broadcaster(), name="broadcaster"))
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.to_thread(self._flush)
+        self.ctx.destroy(0)
+
+    def _reject(self, station: str, why: str) -> None:
+        self.live.received["rejected"] += 1
+        now = time.monotonic()
+        if now - self._rejected_logged > 10.0:  # a misbehaving station must not flood the journal
+            self._rejected_logged = now
+            log.warning("station %s: message rejected: %s", station, why)
+
+    def handle(self, st: StationEntry, topic: bytes, payload: bytes) -> None:
+        try:
+            msg = decode(payload)
+            if not isinstance(msg, dict):
+                raise SchemaError("message is not an object")
+            if msg.get("station") != st.name:
+                raise SchemaError(f"key 'station': {msg.get('station')!r} on the stream of station {st.name!r}")
+            if topic.startswith(PREVIEW_PREFIX.encode()):
+                jpeg = decode_preview(msg)
+                cam = msg["camera"]
+                if not NAME.match(cam) or not self.live.accepts({"type": "verdict", "station": st.name,
+                                                                 "camera": cam}):
+                    raise SchemaError("key 'camera': not a camera name, or one camera too many")
+                if topic.decode("utf-8", "replace") != f"{PREVIEW_PREFIX}{st.name}.{cam}":
+                    raise SchemaError("preview topic does not match its camera")
+                self.live.on_preview(st.name, cam, jpeg)
+                return
+            validate(msg)
+            if msg["type"] == "verdict" and not NAME.match(msg["camera"]):
+                raise SchemaError(f"key 'camera': {msg['camera'][:40]!r} is not a camera name")
+            if msg["type"] == "status" and not all(isinstance(c, str) and NAME.match(c) for c in msg["cameras"]):
+                raise SchemaError("key 'cameras': a camera name is not letters, digits, '_', '-'")
+            if not self.live.accepts(msg):
+                raise SchemaError(f"more than {MAX_CAMERAS} cameras on one station")
+        except (SchemaError, ValueError, TypeError, KeyError) as exc:
+            self._reject(st.name, str(exc)[:200])
+            return
+        if msg["type"] == "status":
+            self.live.on_status(msg)
+            return
+        snap = msg.get("snapshot")
+        snap_path = None
+        if st.snapshot_dir is not None and isinstance(snap, str) and snap:
+            snap_path = str(Path(st.snapshot_dir) / Path(snap).name)
+        row = row_from_message(msg, snap_path)
+        self.pending.append(row)
+        self.live.on_verdict(msg, row["uid"])
+
+    async def _subscribe(self, st: StationEntry) -> None:
+        try:
+            sock = _socket(self.ctx, st)
+        except (zmq.ZMQError, OSError, ValueError) as exc:
+            log.error("station %s: cannot subscribe to %s: %s", st.name, st.endpoint, exc)
+            return
+        except Exception:
+            log.exception("station %s: subscriber failed to start", st.name)
+            raise
+        try:
+            while True:
+                parts = await sock.recv_multipart()
+                if len(parts) == 2:
+                    self.handle(st, parts[0], parts[1])
+                else:
+                    self._reject(st.name, f"{len(parts)}-part message")
+        finally:
+            sock.close(0)
+
+    def _flush(self) -> None:
+        """Synchronous final flush (shutdown)."""
+        rows, self.pending = self.pending, []
+        if rows:
+            self.store.insert(rows)
+            self.recorded += len(rows)
+
+    async def _flush_async(self) -> None:
+        rows, self.pending = self.pending, []  # swapped on the loop thread: no row is appended concurrently
+        if not rows:
+            return
+        try:
+            await asyncio.to_thread(self.store.insert, rows)
+        except Exception:
+            self.pending = rows[-MAX_PENDING:] + self.pending  # retried next interval (bounded memory)
+            raise
+        self.recorded += len(rows)
+
+    async def _writer(self) -> None:
+        next_prune = time.monotonic() + 5.0
+        interval = self.cfg.store.flush_ms / 1000.0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._flush_async()
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + PRUNE_EVERY_S
+                    n = await asyncio.to_thread(self.store.prune)
+                    if n:
+                        log.info("retention: deleted %d verdicts", n)
+            except Exception as exc:  # a store outage must not kill the live view; rows are retried
+                log.error("store write failed: %s", exc)
+
+    def subscribe_client(self) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue(maxsize=8)
+        self.clients.add(q)
+        return q
+
+    def close_clients(self) -> None:
+        """Tell every WebSocket handler to close (None sentinel), so shutdown does not wait on them."""
+        for q in list(self.clients):
+            while not q.empty():
+                q.get_nowait()
+            q.put_nowait(None)
+
+    def unsubscribe_client(self, q: asyncio.Queue) -> None:
+        self.clients.discard(q)
+
+    async def _broadcaster(self) -> None:
+        interval = self.cfg.server.coalesce_ms / 1000.0
+        while True:
+            await asyncio.sleep(interval)
+            msg = self.live.delta()
+            if msg is None:
+                continue
+            for q in list(self.clients):
+                if q.full():  # a browser that cannot keep up gets one full state instead of a backlog
+                    while not q.empty():
+                        q.get_nowait()
+                    q.put_nowait(self.live.full())
+                else:
+                    q.put_nowait(msg)

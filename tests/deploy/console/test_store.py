@@ -1,0 +1,143 @@
+"""The results store on SQLite (WAL, retention) and on a real PostgreSQL server: one code path, same tests."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from deploy.console.loadgen import verdict_message
+from deploy.console.store import Store, StoreError, row_from_message
+from tests.factories import free_port
+
+
+def _initdb() -> str | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return found[-1] if found else None
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL server on a free loopback port (initdb refuses root: run it as postgres)."""
+    initdb = _initdb()
+    if initdb is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL not installed although .ci/run installs it")
+        pytest.skip("PostgreSQL server not installed (apt-get install postgresql)")
+    pytest.importorskip("psycopg")
+    bindir = os.path.dirname(initdb)
+    # Not under pytest's tmp dir: that is 0700 root, and the server runs as postgres when we are root.
+    root = Path(tempfile.mkdtemp(prefix="defectscope-pg-"))
+    data = root / "data"
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: initdb refuses root")
+        as_user = ["runuser", "-u", "postgres", "--"]
+        os.chmod(root, 0o777)
+    proc = subprocess.run([*as_user, initdb, "-D", str(data), "-U", "console", "--auth=trust", "-E", "UTF8"],
+                          capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    port = free_port()
+    sock_dir = root / "sock"
+    sock_dir.mkdir()
+    os.chmod(sock_dir, 0o777)
+    subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60",
+                    "-o", f"-p {port} -k {sock_dir} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                   check=True, capture_output=True, cwd=root)
+    try:
+        subprocess.run([f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "console", "results"],
+                       check=True, capture_output=True)
+        yield f"postgresql://console@127.0.0.1:{port}/results"
+    finally:
+        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-m", "fast", "stop"], capture_output=True,
+                       cwd=root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = Store(str(tmp_path / "results.db"), retention_days=1.0)
+    else:
+        s = Store(request.getfixturevalue("postgres"), retention_days=1.0)
+        with s.engine.begin() as conn:  # the module-scoped server is shared: start each test empty
+            conn.execute(sa.text("TRUNCATE reviews, verdicts"))
+    yield s
+    s.close()
+
+
+def _rows(n: int, t0: float, camera: str = "cam1", verdict: str = "ok", task: str = "classification"):
+    kw = {"detections": [{"box": [1, 2, 10, 20], "score": 0.9, "class": "crack"}]} if task == "detection" else {}
+    return [row_from_message(verdict_message("st1", camera, i, verdict, captured_at=t0 + i, task=task,
+                                             snapshot=f"/spool/{i}.jpg", **kw), f"/c/{i}.jpg") for i in range(n)]
+
+
+def test_insert_review_and_latest_review_wins(store):
+    t = time.time()
+    rows = _rows(3, t - 10, verdict="defect")
+    store.insert(rows)
+    assert store.count() == 3
+    uid = rows[1]["uid"]
+    store.review(uid, "confirm", "olga", "operator", now=t)
+    store.review(uid, "relabel", "erik", "engineer", label="crack", now=t + 1)
+    got = store.get(uid)
+    assert (got["review_action"], got["review_label"], got["review_user"]) == ("relabel", "crack", "erik")
+    assert [r["action"] for r in got["reviews"]] == ["confirm", "relabel"] and got["snapshot"] == "1.jpg"
+    assert [r["uid"] for r in store.reviewed()] == [uid]
+    events = store.recent_events()
+    assert [e["seq"] for e in events] == [2, 1, 0] and events[1]["review_action"] == "relabel"
+    with pytest.raises(StoreError):
+        store.review(uid, "relabel", "olga", "operator")
+    with pytest.raises(StoreError):
+        store.review(uid, "delete", "olga", "operator")
+    with pytest.raises(KeyError):
+        store.review("f" * 32, "confirm", "olga", "operator")
+
+
+def test_detector_boxes_round_trip_and_range(store):
+    t = time.time()
+    rows = _rows(4, t - 100, task="detection", verdict="defect")
+    store.insert(rows)
+    got = store.range(t - 98.5, t - 96.5)
+    assert [r["seq"] for r in got] == [2, 3] and '"crack"' in got[0]["boxes"]
+
+
+def test_rates_per_camera(store):
+    t = time.time()
+    store.insert(_rows(6, t - 60, "cam1", "ok") + _rows(2, t - 60, "cam1", "defect") + _rows(3, t - 60, "cam2", "uncertain")
+                 + _rows(5, t - 90000, "cam3", "defect"))
+    rates = {r["camera"]: r for r in store.rates(t - 8 * 3600)}
+    assert set(rates) == {"cam1", "cam2"}
+    assert rates["cam1"]["total"] == 8 and rates["cam1"]["defect"] == 2 and rates["cam1"]["defect_rate"] == 0.25
+    assert rates["cam2"]["uncertain"] == 3 and rates["cam2"]["defect_rate"] == 0.0
+
+
+def test_retention_keeps_reviewed_verdicts(store):
+    t = time.time()
+    old = _rows(5, t - 3 * 86400, verdict="defect")
+    store.insert(old + _rows(2, t - 60))
+    store.review(old[0]["uid"], "reject", "olga", "operator")
+    assert store.prune(now=t) == 4
+    assert store.count() == 3 and store.get(old[0]["uid"]) is not None
+
+
+def test_sqlite_runs_in_wal_mode(tmp_path):
+    s = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    with s.engine.connect() as conn:
+        assert conn.execute(sa.text("PRAGMA journal_mode")).scalar() == "wal"
+    s.close()
+
+
+def test_bad_store_urls_are_clear(tmp_path):
+    with pytest.raises(StoreError, match="nosuchdb"):
+        Store("nosuchdb://x")
+    with pytest.raises(StoreError, match="cannot open"):
+        Store("postgresql://nobody@127.0.0.1:1/none")
