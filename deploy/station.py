@@ -409,7 +409,7 @@ def _check_owner(path: Path, what: str) -> None:
         for dirpath, dirnames, filenames in os.walk(path):
             for entry in dirnames + filenames:
                 e = os.lstat(os.path.join(dirpath, entry))
-                if e.st_uid != 0 or e.st_mode & 0o022:
+                if e.st_uid != 0 or (e.st_mode & 0o022 and not stat.S_ISLNK(e.st_mode)):
                     problem = f"holds {os.path.join(dirpath, entry)} owned by uid {e.st_uid} / mode {stat.filemode(e.st_mode)}"
                     break
             if problem:

@@ -17,8 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(a directory with manifest.json and model files, or its .tar.gz archive).",
     )
     sub = parser.add_subparsers(dest="action", required=True)
-    p = sub.add_parser("verify", help="check schema, every sha256 and the ONNX graphs; exit 1 if bad")
+    p = sub.add_parser("verify", help="check schema, every sha256, unlisted files, the ONNX graphs and, when "
+                       "<bundle>.sig exists, that it matches the manifest; exit 1 if bad")
     p.add_argument("bundle", type=Path)
+    p.add_argument("--public-key", type=Path, action="append", dest="public_keys", metavar="PEM",
+                   help="require a valid signature by this Ed25519 key (repeatable)")
+    p.add_argument("--signature", type=Path, default=None, metavar="SIG", help="default: <bundle>.sig")
     p = sub.add_parser("inspect", help="print a bundle's manifest summary (or --json for all of it)")
     p.add_argument("bundle", type=Path)
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
@@ -49,12 +53,34 @@ def _summary(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _check_signature(args: argparse.Namespace, path: Path) -> str:
+    """With keys: verify the signature. Without: a present .sig's recorded manifest digest must still match."""
+    import hashlib
+
+    from runtime.signature import SignatureError, default_signature_path, read_signature, verify_manifest
+
+    sig = args.signature or default_signature_path(args.bundle)
+    data = (path / "manifest.json").read_bytes()
+    if args.public_keys:
+        v = verify_manifest(data, sig, args.public_keys)
+        return f", signature ok ({v.key_id})"
+    if not sig.is_file():
+        return ", no signature"
+    doc = read_signature(sig)
+    recorded = doc.get("manifest_sha256")
+    if recorded != hashlib.sha256(data).hexdigest():
+        raise SignatureError("digest", f"{sig} records manifest sha256 {str(recorded)[:12]}..., but {path}/manifest.json "
+                                       "is different: the manifest was modified after signing")
+    return f", manifest matches {sig.name} (digest only; give --public-key to check the signature)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.action == "verify":
             bundle = load_bundle(args.bundle)
-            print(f"OK {bundle.path}: {len(bundle.manifest.files)} file(s) verified")
+            note = _check_signature(args, bundle.path)
+            print(f"OK {bundle.path}: {len(bundle.manifest.files)} file(s) verified{note}")
         elif args.action == "inspect":
             if args.json:
                 print(json.dumps(read_manifest(args.bundle).to_dict(), indent=2))
