@@ -27,11 +27,9 @@ from typing import Any, Iterator
 
 from deploy.config import DeployError, check_component
 from runtime.fsio import atomic_write_json, fsync_dir
+from runtime.model_store import CURRENT, STATE_FILE, lineage
 
-STATE_FILE = ".deploy-state.json"
 STATE_SCHEMA = 1
-CURRENT = "current"
-ROLLBACK_ACTIONS = ("rollback", "rollback-to", "auto-rollback")
 STALE_TEMP_S = 3600.0  # hidden temp dirs older than this are leftovers of a killed run
 
 
@@ -227,15 +225,7 @@ class ModelStore:
         fsync_dir(link.parent)
 
     def lineage(self, name: str) -> list[str]:
-        """The install history as a stack: installs push; any rollback truncates back to its target."""
-        stack: list[str] = []
-        for entry in self.read_state(name).history:
-            v = entry.get("version")
-            if entry.get("action") in ROLLBACK_ACTIONS and v in stack:
-                del stack[len(stack) - stack[::-1].index(v):]
-            else:
-                stack.append(v)
-        return stack
+        return lineage(self.read_state(name).history)
 
     def rollback_target(self, name: str) -> str | None:
         """The version below the active one in the install history, still installed and not failed; never newer."""
