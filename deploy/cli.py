@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reload", action="store_true", help="reload the station after building")
     p.add_argument("--force", action="store_true", help="rebuild even if an engine for this TensorRT exists")
     p.add_argument("--build-args", default="", help="extra arguments for `defectscope build-engine`")
+    p.add_argument("--timing-cache", type=Path, default=None, metavar="FILE",
+                   help="TensorRT timing cache (the unit passes one in its CacheDirectory; default: build-engine's)")
     return parser
 
 
@@ -258,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             config = args.station_config
             if config.is_absolute():
                 config = rooted(args.root, str(config))
-            result = build_for_station(args.root, cfg, config, args.force, args.reload, args.build_args)
+            result = build_for_station(args.root, cfg, config, args.force, args.reload, args.build_args,
+                                       timing_cache=args.timing_cache)
             print(result.reason)
             return 0
 
