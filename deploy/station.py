@@ -380,7 +380,9 @@ class Deployer:
                 expected = models.get(st.model_name(self.cfg) or "", {}).get("current")
                 entry["in_sync"] = expected is not None and r.version == expected
             stations.append(entry)
-        return {"root": str(self.root), "models_dir": str(self.store.models_dir), "models": models, "stations": stations}
+        signing = {"required": bool(self.cfg.public_keys), "public_keys": list(self.cfg.public_keys)}
+        return {"root": str(self.root), "models_dir": str(self.store.models_dir), "signing": signing,
+                "models": models, "stations": stations}
 
 
 def _serves(r: Readiness, name: str, version: str) -> bool:

@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pack", help="verify a bundle directory and write it as a .tar.gz")
     p.add_argument("bundle", type=Path)
     p.add_argument("archive", type=Path)
+    p = sub.add_parser("holdout", help="add a held-out sample (FP32 references computed here) that gates INT8 "
+                       "engines built on the station")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--data", type=Path, required=True, help=".npy of preprocessed (N,C,H,W) float32 held-out images")
+    p.add_argument("--labels", type=Path, default=None, help=".npy of (N,) class indices (optional)")
+    p.add_argument("--limit", type=int, default=256, help="images kept (random subset)")
     p = sub.add_parser("unpack", help="extract and verify a bundle archive into a directory")
     p.add_argument("archive", type=Path)
     p.add_argument("dest", type=Path)
@@ -88,6 +94,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(_summary(args.bundle))
         elif args.action == "pack":
             print(pack(args.bundle, args.archive))
+        elif args.action == "holdout":
+            import numpy as np
+
+            from runtime.engine_gate import HOLDOUT_FILE, pack_holdout
+
+            labels = np.load(args.labels, allow_pickle=False) if args.labels else None
+            b = pack_holdout(args.bundle, np.load(args.data, allow_pickle=False), labels, limit=args.limit)
+            print(f"{b.path / HOLDOUT_FILE}: {b.manifest.provenance['holdout']['n']} images")
         elif args.action == "unpack":
             print(unpack(args.archive, args.dest).path)
     except BundleError as exc:

@@ -122,3 +122,14 @@ def test_a_pickled_sample_is_refused(bundle, tmp_path):
     b = write_bundle(tmp_path / "evil-bundle", bundle.manifest, files, check_graph=False)
     with pytest.raises(BundleError, match="not a readable holdout sample"):
         read_holdout(b)
+
+
+def test_bundle_holdout_cli(tmp_path):
+    from runtime.bundle_cli import main
+
+    make_tiny_bundle(tmp_path / "b")
+    x, labels = _images(10)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", labels.astype(np.int64))
+    assert main(["holdout", str(tmp_path / "b"), "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy")]) == 0
+    assert read_holdout(load_bundle(tmp_path / "b"))[2].shape == (10,)
