@@ -284,13 +284,15 @@ class Deployer:
     def _reload_and_wait(self, stations: list[Station], name: str, version: str, timeout: float) -> tuple[bool, dict[str, Readiness]]:
         errors: dict[str, Readiness] = {}
         failures_before = {st.name: reload_failures(st.readyz_url(self.cfg)) for st in stations}
+        reload_before = {st.name: query_readyz(st.readyz_url(self.cfg)).last_reload for st in stations}
         for st in stations:
             try:
                 run_reload(self.cfg, st)
             except DeployError as exc:
                 errors[st.name] = Readiness(st.readyz_url(self.cfg), reachable=False, error=str(exc))
         pending = {st.name: st.readyz_url(self.cfg) for st in stations if st.name not in errors}
-        ok, answers = (wait_for_version(pending, name, version, timeout, failures_before=failures_before)
+        ok, answers = (wait_for_version(pending, name, version, timeout, failures_before=failures_before,
+                                        reload_before=reload_before)
                        if pending else (True, {}))
         answers.update(errors)
         return ok and not errors, answers
