@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.config import DeployError
+from runtime.fsio import atomic_write_text
 from runtime.signature import (  # noqa: F401  (re-exported: one verifier, station side)
     ALGORITHM, CONTEXT, SIGNATURE_SCHEMA, SignatureError, VerifiedSignature, _crypto, _message,
     default_signature_path, key_id, load_public_key, read_signature, verify_manifest)
@@ -70,8 +71,4 @@ def sign_manifest(manifest_bytes: bytes, private_key: Any) -> dict[str, Any]:
 
 def write_signature(doc: dict[str, Any], path: Path) -> Path:
     """Write a signature document atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(doc, indent=2) + "\n")

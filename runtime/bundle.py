@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import posixpath
-import stat
 import shutil
 import tarfile
 import tempfile
@@ -22,42 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from runtime.bundle_fs import (MANIFEST, BundleError, check_member_name, open_regular, sha256_fd,  # noqa: F401
+                               unlisted_entries)
 from runtime.fsio import atomic_write_json, fsync_dir, sha256_file
 from runtime.preprocess import InputSpec, SpecError
 
 __all__ = ["sha256_file", "fsync_dir"]  # re-exported: the one implementation lives in runtime.fsio
 
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 TASK_OUTPUT_KINDS = {"classification": ("logits", "probabilities"), "detection": ("detections",)}
 FORMATS = ("onnx", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-class BundleError(ValueError):
-    """A bundle that must not be used; the message names the file and key at fault."""
-
-
-def check_member_name(name: Any, where: str, key: str) -> str:
-    """A path inside a bundle: relative, normalized POSIX, no '..', not the manifest itself.
-
-    Every name a manifest uses (``files`` keys, artifact files) passes here before it
-    touches a filesystem, so a manifest can never address a path outside its bundle.
-    """
-    ok = (
-        isinstance(name, str)
-        and 0 < len(name) <= 1024
-        and "\x00" not in name
-        and "\\" not in name
-        and not name.startswith("/")
-        and posixpath.normpath(name) == name
-        and all(part not in ("", ".", "..") and len(part) <= 255 for part in name.split("/"))
-        and name != MANIFEST
-    )
-    if not ok:
-        raise _err(where, key, f"{name!r:.80} is not a safe bundle path (expected a relative, normalized path "
-                               f"inside the bundle without '..', not {MANIFEST})")
-    return name
 
 
 def _err(where: str, key: str, message: str) -> BundleError:
@@ -242,6 +215,8 @@ def _artifact(key: str, a: Any, where: str) -> Artifact:
         isinstance(batch, list) and len(batch) == 2 and all(isinstance(b, int) and b > 0 for b in batch)
     ):
         raise _err(where, prefix + "batch", f"expected [min, max] positive integers, got {batch!r}")
+    if "calibration_cache" in a:  # a file of the bundle too (TensorRT INT8 calibration cache)
+        check_member_name(a["calibration_cache"], where, prefix + "calibration_cache")
     known = {"file", "format", "precision", "quantization", "tensorrt_version", "gpu", "compute_capability", "batch"}
     return Artifact(
         file=file,
@@ -331,73 +306,6 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     return Manifest.from_dict(data, where=str(mpath))
 
 
-def open_regular(root: Path, name: str) -> int:
-    """Open ``root/name`` read-only without following a symlink anywhere below ``root``.
-
-    Returns a file descriptor of a regular file; raises BundleError for a symlink, FIFO,
-    device, directory or missing entry (a FIFO would block a reader, a symlink escape the bundle).
-    """
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for part in name.split("/")[:-1]:
-            try:
-                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            except FileNotFoundError:
-                raise BundleError(f"{root / name}: listed in manifest 'files' but missing") from None
-            except OSError:
-                raise BundleError(f"{root / name}: directory {part!r} is a symlink or not a directory") from None
-            os.close(fd)
-            fd = nfd
-        try:
-            ffd = os.open(name.split("/")[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
-        except FileNotFoundError:
-            raise BundleError(f"{root / name}: listed in manifest 'files' but missing") from None
-        except OSError as exc:
-            raise BundleError(f"{root / name}: not a regular file ({exc.strerror}; symlinks are refused)") from None
-    finally:
-        os.close(fd)
-    mode = os.fstat(ffd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(ffd)
-        raise BundleError(f"{root / name}: not a regular file (mode {stat.filemode(mode)}); bundles hold regular files only")
-    return ffd
-
-
-def sha256_fd(fd: int) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with os.fdopen(fd, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def unlisted_entries(path: Path, manifest: Manifest) -> list[str]:
-    """Entries under ``path`` the manifest does not list (symlinks, FIFOs and stray files alike)."""
-    listed = set(manifest.files) | {MANIFEST}
-    dirs = set()
-    for n in listed:
-        d = posixpath.dirname(n)
-        while d:
-            dirs.add(d)
-            d = posixpath.dirname(d)
-    extra = []
-    for dirpath, dirnames, filenames in os.walk(path):
-        rel = os.path.relpath(dirpath, path)
-        rel = "" if rel == "." else rel
-        for d in list(dirnames):
-            full = posixpath.join(rel, d) if rel else d
-            if full not in dirs or os.path.islink(os.path.join(dirpath, d)):
-                extra.append(full + "/")
-                dirnames.remove(d)
-        for f in filenames:
-            full = posixpath.join(rel, f) if rel else f
-            if full not in listed:
-                extra.append(full)
-    return sorted(extra)
-
-
 def verify_files(path: Path, manifest: Manifest, strict: bool = True) -> None:
     """Every listed file is a regular file inside ``path`` with its sha256; ``strict``: nothing unlisted."""
     if not manifest.files:
@@ -407,7 +315,7 @@ def verify_files(path: Path, manifest: Manifest, strict: bool = True) -> None:
         if actual != digest:
             raise BundleError(f"{path / name}: checksum mismatch (manifest sha256 {digest[:12]}..., file {actual[:12]}...)")
     if strict:
-        extra = unlisted_entries(path, manifest)
+        extra = unlisted_entries(path, manifest.files)
         if extra:
             raise BundleError(
                 f"{path}: holds {len(extra)} file(s) the manifest does not list ({', '.join(extra[:5])}); "

@@ -96,7 +96,7 @@ class BundleSource:
         with os.fdopen(fd, "rb") as fh:
             data = fh.read(MAX_MANIFEST_BYTES + 1)
         self._set_manifest(data, str(self.source / MANIFEST))
-        extra = unlisted_entries(self.source, self.manifest)
+        extra = unlisted_entries(self.source, self.manifest.files)
         if extra:
             raise BundleError(f"{self.source}: holds {len(extra)} file(s) its manifest does not list "
                               f"({', '.join(extra[:5])}); refusing the bundle (only listed files are signed)")
