@@ -220,8 +220,15 @@ def _main(args: argparse.Namespace, console: Any) -> int:
             from runtime.backends import TensorRTBackend
             from runtime.engine_gate import EngineRejectedError, gate_candidate
 
+            from runtime.engine_gate import holdout_file
+
+            fallback_x = None
+            if holdout_file(bundle) is None:
+                # No packed sample: a calibration-set subsample, FP32 outputs as the reference.
+                calib = stream if stream is not None else _calibration_stream(args, bundle, plan, log)[0]
+                fallback_x = getattr(calib, "x", None)
             try:
-                report = gate_candidate(new, files, key, TensorRTBackend, Path(tmp))
+                report = gate_candidate(new, files, key, TensorRTBackend, Path(tmp), fallback_x=fallback_x)
             except EngineRejectedError as exc:
                 raise BuildError(str(exc)) from None
             log(f"accuracy gate on the device: {report.metric} {report.drop_points:.2f} points "

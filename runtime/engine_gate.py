@@ -7,7 +7,9 @@ manifest's checksums like any file. After an INT8 engine is built, :func:`gate_b
 runs it on the sample and compares with the FP32 reference: with labels, the accuracy drop;
 without, the top-1 disagreement with FP32 (an upper bound on the drop). Over the bundle's
 budget (``metrics.<int8 artifact>.gate.budget_points``, the same budget the ONNX INT8 model
-passed on the workstation) the engine is refused and the station keeps serving ONNX.
+passed on the workstation) the engine is refused and the station keeps serving ONNX. A
+bundle without a sample can be gated on calibration images with the FP32 outputs as the
+reference (:func:`fp32_reference`).
 """
 
 from __future__ import annotations
@@ -140,9 +142,34 @@ def pack_holdout(bundle_dir: str | os.PathLike[str], x: np.ndarray, labels: np.n
         tmp.unlink(missing_ok=True)
 
 
-def gate_backend(bundle: Bundle, backend: Any, budget_points: float | None = None) -> GateReport:
-    """Run ``backend`` (a runtime Backend: the new engine, or ORT standing in for it) on the bundle's sample."""
+def fp32_reference(bundle: Bundle, x: np.ndarray, limit: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(subsample of ``x``, the FP32 ONNX artifact's outputs on it): a reference where no sample was packed."""
+    from runtime.backends import OrtBackend
+
+    fp32 = [k for k, a in bundle.manifest.artifacts.items() if a.format == "onnx" and a.precision == "fp32"]
+    if not fp32:
+        raise EngineRejectedError(f"{bundle.path}: no FP32 ONNX artifact to compute reference outputs with")
+    x = np.asarray(x, dtype=np.float32)
+    x = x[np.sort(np.random.default_rng(seed).permutation(len(x))[: min(limit, MAX_HOLDOUT)])]
+    backend = OrtBackend(bundle, fp32[0], cuda=False, threads=1)
+    try:
+        return x, np.asarray(backend.run(x)[0], dtype=np.float32)
+    finally:
+        backend.close()
+
+
+def gate_backend(bundle: Bundle, backend: Any, budget_points: float | None = None,
+                 fallback_x: np.ndarray | None = None) -> GateReport:
+    """Run ``backend`` (a runtime Backend: the new engine, or ORT standing in for it) on the bundle's sample.
+
+    Without a packed sample, ``fallback_x`` (e.g. calibration images) with the FP32 model's
+    outputs as the reference; that sample was seen by calibration, so it catches gross
+    failures (a broken engine) rather than a fine accuracy loss.
+    """
     sample = read_holdout(bundle)
+    if sample is None and fallback_x is not None and len(fallback_x):
+        x, ref = fp32_reference(bundle, fallback_x)
+        sample = (x, ref, None)
     if sample is None:
         raise EngineRejectedError(
             f"{bundle.path}: carries no held-out sample (provenance.holdout), so an INT8 engine cannot be checked "
@@ -164,7 +191,7 @@ def require_pass(report: GateReport, where: str | Path) -> None:
 
 
 def gate_candidate(manifest: Any, files: Mapping[str, Any], key: str, make_backend: Any,
-                   workdir: str | os.PathLike[str]) -> GateReport:
+                   workdir: str | os.PathLike[str], fallback_x: np.ndarray | None = None) -> GateReport:
     """Write the bundle-to-be in ``workdir``, run artifact ``key`` on its sample, refuse it over budget.
 
     ``make_backend(bundle, key)`` opens the engine (TensorRT on the device; ONNX Runtime in tests).
@@ -173,7 +200,7 @@ def gate_candidate(manifest: Any, files: Mapping[str, Any], key: str, make_backe
     candidate = write_bundle(Path(workdir) / "candidate", manifest, files, check_graph=False)
     backend = make_backend(candidate, key)
     try:
-        report = gate_backend(candidate, backend)
+        report = gate_backend(candidate, backend, fallback_x=fallback_x)
     finally:
         backend.close()
     require_pass(report, candidate.path / candidate.manifest.artifacts[key].file)

@@ -133,3 +133,14 @@ def test_bundle_holdout_cli(tmp_path):
     np.save(tmp_path / "y.npy", labels.astype(np.int64))
     assert main(["holdout", str(tmp_path / "b"), "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy")]) == 0
     assert read_holdout(load_bundle(tmp_path / "b"))[2].shape == (10,)
+
+
+def test_without_a_packed_sample_calibration_images_and_fp32_outputs_are_the_reference(tmp_path):
+    plain = make_tiny_bundle(tmp_path / "plain")
+    calib_x, _ = _images(24, seed=3)
+    manifest, files, key = _candidate(plain, tmp_path, make_tiny_onnx(tmp_path / "e.onnx"))
+    report = gate_candidate(manifest, files, key, _ort, tmp_path / "w1", fallback_x=calib_x)
+    assert report.passed and report.metric == "top1_disagreement" and report.n == 24
+    manifest, files, key = _candidate(plain, tmp_path, _flipped_onnx(tmp_path / "bad.onnx"))
+    with pytest.raises(EngineRejectedError, match="top1_disagreement 100.00 points"):
+        gate_candidate(manifest, files, key, _ort, tmp_path / "w2", fallback_x=calib_x)
