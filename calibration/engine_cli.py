@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timing cache to reuse and update (default: ~/.cache/defectscope/tensorrt/, per TensorRT "
                         "version and GPU)")
     p.add_argument("--no-timing-cache", action="store_true", help="build without a timing cache")
+    p.add_argument("--skip-accuracy-gate", action="store_true",
+                   help="keep an INT8 engine without checking it on the bundle's held-out sample (not recommended)")
     p.add_argument("--workspace-mib", type=int, default=2048, help="builder workspace limit in MiB (default: 2048)")
     p.add_argument("--key", help="artifact name in the manifest (default: trt-<precision>)")
     p.add_argument("--make-default", action="store_true", help="make the engine the bundle's default artifact")
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, console: Any) -> int:
     from calibration.calibrator import CacheFile
-    from calibration.engine import (BuildError, artifact_fields, build_engine, calibration_cache_name,
+    from runtime.engine_build import (BuildError, artifact_fields, build_engine, calibration_cache_name,
                                     default_timing_cache, engine_file_name, plan_build)
     from runtime.bundle import Artifact, load_bundle, write_bundle
     from runtime.engine_meta import EngineUnavailableError, current_platform
@@ -189,9 +191,11 @@ def _main(args: argparse.Namespace, console: Any) -> int:
     if not args.no_timing_cache:
         timing = Path(args.timing_cache) if args.timing_cache else default_timing_cache(platform)
 
+    from calibration.calibrator import make_entropy_calibrator
+
     result = build_engine(plan, bundle.path / plan.source_file, manifest, calibration=stream,
                           calibration_cache=cache, timing_cache=timing, workspace_mib=args.workspace_mib,
-                          verbose=args.verbose, log=log)
+                          verbose=args.verbose, log=log, make_calibrator=make_entropy_calibrator)
     log(f"built in {result.seconds:.1f} s, {len(result.engine) / 1e6:.1f} MB")
 
     fields = artifact_fields(plan, result.platform, result.seconds, args.workspace_mib, calib_info or None)
@@ -212,6 +216,24 @@ def _main(args: argparse.Namespace, console: Any) -> int:
                             compute_capability=result.platform.compute_capability, batch=plan.batch, extra=fields)
         new = manifest.replace(artifacts={**manifest.artifacts, key: artifact},
                                default_artifact=key if args.make_default else manifest.default_artifact)
+        if args.precision == "int8" and not args.skip_accuracy_gate:
+            from runtime.backends import TensorRTBackend
+            from runtime.engine_gate import EngineRejectedError, gate_candidate
+
+            from runtime.engine_gate import holdout_file
+
+            fallback_x = None
+            if holdout_file(bundle) is None:
+                # No packed sample: a calibration-set subsample, FP32 outputs as the reference.
+                calib = stream if stream is not None else _calibration_stream(args, bundle, plan, log)[0]
+                fallback_x = getattr(calib, "x", None)
+            try:
+                report = gate_candidate(new, files, key, TensorRTBackend, Path(tmp), fallback_x=fallback_x)
+            except EngineRejectedError as exc:
+                raise BuildError(str(exc)) from None
+            log(f"accuracy gate on the device: {report.metric} {report.drop_points:.2f} points "
+                f"(budget {report.budget_points:g}, n={report.n}): passed")
+            new = new.replace(metrics={**new.metrics, key: {**new.metrics.get(key, {}), "gate": report.to_dict()}})
         dest = Path(args.out) if args.out else bundle.path
         written = write_bundle(dest, new, files)
     log(f"[green]engine added:[/] {written.path / file_name} as '{key}'"

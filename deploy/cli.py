@@ -68,12 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="signature file (default: <bundle>.sig beside the bundle)")
     p.add_argument("--force", action="store_true",
                    help="replace an installed version of the same number that has different files")
+    p.add_argument("--allow-downgrade", action="store_true",
+                   help="install a signed version older than the newest one installed (anti-rollback off for this run)")
 
-    p = sub.add_parser("rollback", help="switch back to the previously active version (or --to VERSION)")
+    p = sub.add_parser("rollback", help="step back in the install history (never forward), or --to VERSION")
     _common(p)
     _gate(p)
     p.add_argument("--name", help="model name (needed when several models are installed)")
     p.add_argument("--to", metavar="VERSION", help="activate this installed version")
+    p.add_argument("--from", dest="from_version", metavar="VERSION",
+                   help="only roll back if VERSION is active (re-running the same rollback then changes nothing)")
 
     p = sub.add_parser("status", help="installed versions, the active one, service state and what each daemon serves")
     _common(p)
@@ -116,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reload", action="store_true", help="reload the station after building")
     p.add_argument("--force", action="store_true", help="rebuild even if an engine for this TensorRT exists")
     p.add_argument("--build-args", default="", help="extra arguments for `defectscope build-engine`")
+    p.add_argument("--timing-cache", type=Path, default=None, metavar="FILE",
+                   help="TensorRT timing cache (the unit passes one in its CacheDirectory; default: build-engine's)")
     return parser
 
 
@@ -254,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             config = args.station_config
             if config.is_absolute():
                 config = rooted(args.root, str(config))
-            result = build_for_station(args.root, cfg, config, args.force, args.reload, args.build_args)
+            result = build_for_station(args.root, cfg, config, args.force, args.reload, args.build_args,
+                                       timing_cache=args.timing_cache)
             print(result.reason)
             return 0
 
@@ -278,12 +285,17 @@ def main(argv: list[str] | None = None) -> int:
             if args.keep is not None and args.keep < 0:
                 raise ConfigError(f"--keep: expected an integer >= 0, got {args.keep}")
             opts.keep, opts.public_keys, opts.signature, opts.force = args.keep, args.public_keys, args.signature, args.force
+            opts.allow_downgrade = args.allow_downgrade
             outcome = deployer.install(args.bundle, opts)
         else:
+            opts.from_version = args.from_version
             outcome = deployer.rollback(args.name, args.to, opts)
         _print(outcome, args.json)
         return 0
-    except (DeployError, BundleError) as exc:
+    except (DeployError, BundleError, OSError) as exc:
+        # Ansible parses stdout: every refusal (a full disk included) ends as one JSON object, no traceback.
+        if isinstance(exc, OSError):
+            exc = DeployError(f"{getattr(exc, 'filename', None) or 'deploy'}: {exc.strerror or exc}")
         code = getattr(exc, "exit_code", 1)
         if getattr(args, "json", False):
             print(json.dumps({"error": str(exc), "exit_code": code}, indent=2))

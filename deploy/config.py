@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
+from runtime.bundle_stage import MAX_BUNDLE_MIB, MAX_FILES
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -60,6 +62,8 @@ class DeployConfig:
     models_dir: str = "/opt/defectscope/models"
     config_dir: str = "/etc/defectscope"
     keep: int = 3  # previous versions kept besides the active one
+    max_bundle_mib: int = MAX_BUNDLE_MIB  # archive-bomb / full-disk cap, checked before anything is written
+    max_files: int = MAX_FILES
     public_keys: tuple[str, ...] = ()  # non-empty: unsigned bundles are refused
     reload_command: str = "systemctl reload defectscope@{station}.service"
     status_command: str = "systemctl is-active defectscope@{station}.service"
@@ -69,7 +73,7 @@ class DeployConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> "DeployConfig":
-        known = {"install": {"models_dir", "config_dir", "keep"},
+        known = {"install": {"models_dir", "config_dir", "keep", "max_bundle_mib", "max_files"},
                  "signing": {"public_keys"},
                  "service": {"reload_command", "status_command", "ready_timeout_s", "readyz_url"}}
         for section, value in data.items():
@@ -95,6 +99,11 @@ class DeployConfig:
         keep = get(install, "install", "keep", int, d.keep)
         if keep < 0:
             raise ConfigError(f"{where}: key install.keep: expected an integer >= 0, got {keep}")
+        caps = {}
+        for key in ("max_bundle_mib", "max_files"):
+            caps[key] = get(install, "install", key, int, getattr(d, key))
+            if caps[key] < 1:
+                raise ConfigError(f"{where}: key install.{key}: expected a positive integer, got {caps[key]}")
         keys = get(signing, "signing", "public_keys", list, list(d.public_keys))
         if not all(isinstance(k, str) and k.startswith("/") for k in keys):
             raise ConfigError(f"{where}: key signing.public_keys: expected a list of absolute paths, got {keys!r}")
@@ -105,6 +114,7 @@ class DeployConfig:
             models_dir=get(install, "install", "models_dir", str, d.models_dir),
             config_dir=get(install, "install", "config_dir", str, d.config_dir),
             keep=keep,
+            **caps,
             public_keys=tuple(keys),
             reload_command=get(service, "service", "reload_command", str, d.reload_command),
             status_command=get(service, "service", "status_command", str, d.status_command),

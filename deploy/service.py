@@ -26,6 +26,8 @@ class Readiness:
     model: dict[str, Any] | None = None
     error: str | None = None
     reload_failed: bool = False  # the daemon counted a failed reload (defectscope_model_reloads_total)
+    last_reload: dict[str, Any] | None = None  # /readyz "last_reload": {"result", "error", "version"}
+    cameras_down: tuple[str, ...] = ()
 
     @property
     def version(self) -> str | None:
@@ -36,9 +38,13 @@ class Readiness:
             return f"{self.url} unreachable ({self.error})"
         m = self.model or {}
         state = "ready" if self.ready else "not ready"
-        failed = "; the daemon reports a FAILED reload (see its journal)" if self.reload_failed else ""
+        failed = ""
+        if self.reload_failed:
+            err = (self.last_reload or {}).get("error")
+            failed = f"; the daemon reports a FAILED reload ({err or 'see its journal'})"
+        down = f"; camera(s) down: {', '.join(self.cameras_down)}" if self.cameras_down else ""
         return (f"{state}, serving {m.get('name', '?')} {m.get('version', '?')} "
-                f"({m.get('artifact', '?')}, {m.get('backend', '?')}){failed}")
+                f"({m.get('artifact', '?')}, {m.get('backend', '?')}){failed}{down}")
 
 
 def query_readyz(url: str, timeout_s: float = 2.0) -> Readiness:
@@ -54,11 +60,22 @@ def query_readyz(url: str, timeout_s: float = 2.0) -> Readiness:
     try:
         data = json.loads(body)
     except ValueError:
-        return Readiness(url, reachable=True, error=f"HTTP {status}, body is not JSON")
+        text = body[:80].decode("utf-8", "replace").strip()
+        return Readiness(url, reachable=True, error=f"HTTP {status}, body {text!r} is not JSON (no model version to check)")
     if not isinstance(data, dict):
         return Readiness(url, reachable=True, error=f"HTTP {status}, body is not a JSON object")
     model = data.get("model") if isinstance(data.get("model"), dict) else None
-    return Readiness(url, reachable=True, ready=bool(data.get("ready")) and status == 200, model=model)
+    last = data.get("last_reload") if isinstance(data.get("last_reload"), dict) else None
+    cameras = data.get("cameras") if isinstance(data.get("cameras"), dict) else {}
+    down = tuple(sorted(k for k, v in cameras.items()
+                        if isinstance(v, dict) and (v.get("connected") is False or v.get("up") is False)))
+    if "last_reload" in data:
+        # Current contract: HTTP 200 = the model is ready (a camera may be down); 503 = it is not.
+        ready = status == 200 and model is not None
+    else:  # older daemons: "ready" covered everything
+        ready = bool(data.get("ready")) and status == 200
+    return Readiness(url, reachable=True, ready=ready, model=model, last_reload=last, cameras_down=down,
+                     reload_failed=bool(last and last.get("result") == "failed"))
 
 
 def metrics_url(readyz_url: str) -> str:
@@ -105,17 +122,21 @@ def run_reload(cfg: DeployConfig, station: Station) -> None:
 def wait_for_version(
     urls: dict[str, str], name: str, version: str, timeout_s: float, poll_s: float = 0.25,
     failures_before: dict[str, float | None] | None = None,
+    reload_before: dict[str, dict[str, Any] | None] | None = None,
 ) -> tuple[bool, dict[str, Readiness]]:
     """Poll every station's ``/readyz`` until each is ready and serves ``name`` ``version``.
 
-    With ``failures_before`` (reload-failure counts read before the reload), a daemon
-    that counts a new failed reload ends the wait at once instead of at the timeout.
+    Ready means the model is ready (HTTP 200 under the current /readyz contract): a camera
+    that is down does not fail the gate. With ``reload_before`` (each daemon's ``last_reload``
+    before the reload) or ``failures_before`` (its reload-failure count), a daemon that
+    reports a new failed reload ends the wait at once instead of at the timeout.
     Returns (all reached it, last answer per station).
     """
     deadline = time.monotonic() + timeout_s
     last: dict[str, Readiness] = {}
     pending = dict(urls)
     failures_before = failures_before or {}
+    reload_before = reload_before or {}
     while True:
         for station, url in list(pending.items()):
             r = query_readyz(url, timeout_s=min(2.0, max(0.2, deadline - time.monotonic())))
@@ -123,6 +144,9 @@ def wait_for_version(
             if r.ready and r.model is not None and r.model.get("name") == name and str(r.version) == version:
                 del pending[station]
                 continue
+            if r.last_reload is not None and r.reload_failed and r.last_reload != reload_before.get(station):
+                return False, last  # /readyz says this reload failed: no need to wait for the timeout
+            last[station] = dataclasses.replace(r, reload_failed=False)
             before = failures_before.get(station)
             if before is not None:
                 now = reload_failures(url)

@@ -11,10 +11,9 @@ daemons are reloaded again and the install fails (exit code 3).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import tarfile
+import stat
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,9 @@ from typing import Any
 from deploy.config import DeployConfig, DeployError, Station, check_component, discover_stations, rooted
 from deploy.service import Readiness, query_readyz, reload_failures, run_reload, service_state, wait_for_version
 from deploy.signing import default_signature_path, verify_manifest
-from deploy.store import ModelStore, fsync_dir
+from deploy.store import ModelStore, version_key
+from runtime.bundle import _world_readable
+from runtime.fsio import fsync_dir
 
 MANIFEST = "manifest.json"
 
@@ -51,6 +52,8 @@ class Options:
     public_keys: list[Path] | None = None  # controller-local paths (not under --root)
     signature: Path | None = None
     force: bool = False
+    allow_downgrade: bool = False
+    from_version: str | None = None  # rollback: only when this version is active (a re-run is a no-op)
 
 
 @dataclass
@@ -90,79 +93,76 @@ class Deployer:
             return list(opts.public_keys)
         return [rooted(self.root, k) for k in self.cfg.public_keys]
 
-    def _stage(self, source: Path, staged: Path) -> None:
-        """Copy (directory) or extract (archive) the bundle's listed files into ``staged``, verified."""
-        from runtime.bundle import BundleError, load_bundle, read_manifest, unpack
+    def _limits(self) -> Any:
+        from runtime.bundle_stage import Limits
 
-        try:
-            if source.is_dir():
-                manifest = read_manifest(source)
-                staged.mkdir(parents=True)
-                # Only what the manifest lists travels: stray files in a bundle directory never reach a station.
-                for rel in [*manifest.files, MANIFEST]:
-                    src = source / rel
-                    if not src.is_file():
-                        raise BundleError(f"{src}: listed in manifest 'files' but missing")
-                    (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(src, staged / rel)
-                load_bundle(staged, verify=True)
-            elif source.is_file() and tarfile.is_tarfile(source):
-                unpack(source, staged)
-            else:
-                raise DeployError(f"{source}: not a bundle directory or a bundle archive (.tar.gz)")
-        except BundleError as exc:
-            raise DeployError(f"bundle verification (manifest, checksums, ONNX graph) failed: {exc}") from None
+        return Limits(max_bytes=self.cfg.max_bundle_mib << 20, max_files=self.cfg.max_files)
 
-    def _check_signature(self, source: Path, staged: Path, opts: Options, outcome: Outcome) -> None:
+    def _check_signature(self, source: Path, manifest_bytes: bytes, opts: Options, outcome: Outcome) -> None:
         keys = self._trusted_keys(opts)
         sig = Path(opts.signature) if opts.signature else default_signature_path(source)
         if not keys:
             if sig.is_file():
                 outcome.warnings.append(f"{sig} not checked: this station trusts no signing keys ([signing] public_keys)")
             return
-        verified = verify_manifest((staged / MANIFEST).read_bytes(), sig, keys)
+        if os.path.lexists(sig):
+            _check_owner(sig, "signature")
+        verified = verify_manifest(manifest_bytes, sig, keys)
         outcome.signed_by = verified.key_id
+
+    def _check_downgrade(self, name: str, version: str, opts: Options, outcome: Outcome) -> None:
+        """Anti-rollback (TUF-style): a signed bundle older than the newest one installed needs --allow-downgrade."""
+        if not outcome.signed_by or opts.allow_downgrade:
+            return
+        newest = self.store.highest_version(name)
+        if newest is not None and version_key(version) < version_key(newest):
+            raise DeployError(
+                f"{name} {version} is older than {newest}, the newest version installed on this station: refusing a "
+                f"downgrade (a replayed old signed bundle); use `deploy rollback --to {version}` for an installed "
+                "version, or install with --allow-downgrade"
+            )
 
     # ---- install -------------------------------------------------------------
     def install(self, source: Path, opts: Options) -> Outcome:
-        from runtime.bundle import read_manifest
+        from runtime.bundle import BundleError
+        from runtime.bundle_stage import BundleSource
 
         source = Path(source)
-        if not source.exists():
+        if not os.path.lexists(source):
             raise DeployError(f"{source}: no such bundle")
+        _check_owner(source, "bundle")
         with self.store.lock():
-            staging = self.store.staging_dir()
-            staging.mkdir(parents=True, exist_ok=True)
-            self.store.clear_staging()
+            staging = self.store.prepare_staging()
             staged = staging / uuid.uuid4().hex[:12]
             outcome = Outcome(action="install", name="?", version=None)
+            src = None
             try:
-                self._stage(source, staged)
-                _world_readable(staged)
-                self._check_signature(source, staged, opts, outcome)
-                manifest = read_manifest(staged)
+                try:
+                    # Reads only manifest.json and the listing: nothing is written before the signature passes.
+                    src = BundleSource(source, self._limits())
+                except BundleError as exc:
+                    raise DeployError(f"bundle verification (manifest, checksums, ONNX graph) failed: {exc}") from None
+                self._check_signature(source, src.manifest_bytes, opts, outcome)
+                manifest = src.manifest
                 name = check_component("name", manifest.model.name, str(source))
                 version = check_component("version", manifest.model.version, str(source))
                 outcome.name, outcome.version = name, version
+                self._check_downgrade(name, version, opts, outcome)
                 vdir = self.store.version_dir(name, version)
                 vdir.parent.mkdir(parents=True, exist_ok=True)
                 if not vdir.is_dir() or self._replace_existing(vdir, manifest, opts):
-                    os.chmod(staged, 0o755)
-                    if vdir.is_dir():
-                        # Rename aside first: a reader never sees a half-deleted version directory.
-                        trash = vdir.with_name(f".trash-{vdir.name}-{uuid.uuid4().hex[:8]}")
-                        os.rename(vdir, trash)
-                        os.rename(staged, vdir)
-                        shutil.rmtree(trash, ignore_errors=True)
-                    else:
-                        os.rename(staged, vdir)
-                    fsync_dir(vdir.parent)
+                    try:
+                        src.extract(staged)  # copies, fsyncs and verifies every file (+ ONNX graphs)
+                    except BundleError as exc:
+                        raise DeployError(f"bundle verification (manifest, checksums, ONNX graph) failed: {exc}") from None
+                    _world_readable(staged)
+                    self._place(staged, vdir)
                     outcome.changed = True
-                    self.store.record_install(
-                        name, version, source=str(source), signed_by=outcome.signed_by,
-                        manifest_sha256=hashlib.sha256((vdir / MANIFEST).read_bytes()).hexdigest(),
-                    )
+                    self.store.record_install(name, version, source=str(source), signed_by=outcome.signed_by,
+                                              manifest_sha256=src.manifest_sha256)
             finally:
+                if src is not None:
+                    src.close()
                 if staged.exists():
                     shutil.rmtree(staged, ignore_errors=True)
             outcome.path = str(vdir)
@@ -171,6 +171,20 @@ class Deployer:
             keep = self.cfg.keep if opts.keep is None else opts.keep
             outcome.pruned = self.store.prune(name, keep, protect=self._pinned(name))
             return outcome
+
+    @staticmethod
+    def _place(staged: Path, vdir: Path) -> None:
+        """Rename the verified tree into place; durable before ``current`` can point at it."""
+        if vdir.is_dir():
+            # Rename aside first: a reader never sees a half-deleted version directory.
+            trash = vdir.with_name(f".trash-{vdir.name}-{uuid.uuid4().hex[:8]}")
+            os.rename(vdir, trash)
+            os.rename(staged, vdir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(staged, vdir)
+        fsync_dir(vdir)
+        fsync_dir(vdir.parent)
 
     def _replace_existing(self, vdir: Path, manifest: Any, opts: Options) -> bool:
         """Same version already installed: False to reuse it (same files), True to replace it (--force or damaged)."""
@@ -270,13 +284,15 @@ class Deployer:
     def _reload_and_wait(self, stations: list[Station], name: str, version: str, timeout: float) -> tuple[bool, dict[str, Readiness]]:
         errors: dict[str, Readiness] = {}
         failures_before = {st.name: reload_failures(st.readyz_url(self.cfg)) for st in stations}
+        reload_before = {st.name: query_readyz(st.readyz_url(self.cfg)).last_reload for st in stations}
         for st in stations:
             try:
                 run_reload(self.cfg, st)
             except DeployError as exc:
                 errors[st.name] = Readiness(st.readyz_url(self.cfg), reachable=False, error=str(exc))
         pending = {st.name: st.readyz_url(self.cfg) for st in stations if st.name not in errors}
-        ok, answers = (wait_for_version(pending, name, version, timeout, failures_before=failures_before)
+        ok, answers = (wait_for_version(pending, name, version, timeout, failures_before=failures_before,
+                                        reload_before=reload_before)
                        if pending else (True, {}))
         answers.update(errors)
         return ok and not errors, answers
@@ -295,12 +311,24 @@ class Deployer:
         raise DeployError(f"{self.store.models_dir}: several models installed ({', '.join(names)}); pick one with --name")
 
     def rollback(self, name: str | None, to: str | None, opts: Options) -> Outcome:
+        """Walk back one step in the install history (never forward), or to ``to``.
+
+        With ``opts.from_version`` nothing happens unless that version is active, so a
+        re-run of the rollback playbook after a partial run changes nothing more.
+        """
         with self.store.lock():
             name = self.resolve_name(name)
             current = self.store.current(name)
+            if opts.from_version is not None and current != opts.from_version and not (to and current == to):
+                return Outcome(action="rollback", name=name, version=current, previous=current,
+                               path=str(self.store.version_dir(name, current)) if current else None,
+                               warnings=[f"{name} {opts.from_version} is not active (active: {current}); nothing to do"])
             target = to or self.store.rollback_target(name)
             if target is None:
-                raise DeployError(f"{self.store.model_dir(name)}: no other installed version of {name} to roll back to")
+                raise DeployError(
+                    f"{self.store.model_dir(name)}: no older version of {name} in the install history to roll back "
+                    f"to (rollback never moves forward; use --to VERSION, installed: {', '.join(self.store.versions(name))})"
+                )
             if target not in self.store.versions(name):
                 raise DeployError(
                     f"{self.store.model_dir(name)}: version {target} is not installed "
@@ -308,7 +336,7 @@ class Deployer:
                 )
             outcome = Outcome(action="rollback", name=name, version=target, previous=current,
                               path=str(self.store.version_dir(name, target)))
-            self._activate(name, target, current, "rollback", opts, outcome)
+            self._activate(name, target, current, "rollback-to" if to else "rollback", opts, outcome)
             return outcome
 
     def prune(self, name: str | None, keep: int | None) -> list[Outcome]:
@@ -354,18 +382,44 @@ class Deployer:
                 expected = models.get(st.model_name(self.cfg) or "", {}).get("current")
                 entry["in_sync"] = expected is not None and r.version == expected
             stations.append(entry)
-        return {"root": str(self.root), "models_dir": str(self.store.models_dir), "models": models, "stations": stations}
+        signing = {"required": bool(self.cfg.public_keys), "public_keys": list(self.cfg.public_keys)}
+        return {"root": str(self.root), "models_dir": str(self.store.models_dir), "signing": signing,
+                "models": models, "stations": stations}
 
 
 def _serves(r: Readiness, name: str, version: str) -> bool:
     return r.ready and r.model is not None and r.model.get("name") == name and str(r.version) == version
 
 
-def _world_readable(tree: Path) -> None:
-    """0755 dirs / 0644 files: the daemon's unprivileged user must read what root installed, whatever the umask."""
-    os.chmod(tree, 0o755)
-    for dirpath, dirnames, filenames in os.walk(tree):
-        for d in dirnames:
-            os.chmod(os.path.join(dirpath, d), 0o755)
-        for f in filenames:
-            os.chmod(os.path.join(dirpath, f), 0o644)
+def _check_owner(path: Path, what: str) -> None:
+    """As root, install only what root wrote: a file the daemon user could create or swap is refused.
+
+    The daemon user can write its own state directory; if an incoming path there were honoured,
+    it could pre-create ``<name>.tar.gz/`` as a directory bundle, or a symlink, and have root install it.
+    """
+    if os.geteuid() != 0:
+        return
+    st = os.lstat(path)
+    problem = None
+    if stat.S_ISLNK(st.st_mode):
+        problem = "is a symlink"
+    elif st.st_uid != 0:
+        problem = f"is owned by uid {st.st_uid}, not root"
+    elif st.st_mode & 0o022:
+        problem = f"is writable by group or others (mode {stat.filemode(st.st_mode)})"
+    elif not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        problem = "is not a regular file or directory"
+    if problem is None and stat.S_ISDIR(st.st_mode):
+        for dirpath, dirnames, filenames in os.walk(path):
+            for entry in dirnames + filenames:
+                e = os.lstat(os.path.join(dirpath, entry))
+                if e.st_uid != 0 or (e.st_mode & 0o022 and not stat.S_ISLNK(e.st_mode)):
+                    problem = f"holds {os.path.join(dirpath, entry)} owned by uid {e.st_uid} / mode {stat.filemode(e.st_mode)}"
+                    break
+            if problem:
+                break
+    if problem:
+        raise DeployError(
+            f"{path}: the {what} {problem}; deploy runs as root and only installs files root owns "
+            "(copy it into a root-only directory such as /var/lib/defectscope-deploy/incoming first)"
+        )

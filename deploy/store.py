@@ -26,12 +26,26 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from deploy.config import DeployError, check_component
-from runtime.bundle import fsync_dir
+from runtime.fsio import atomic_write_json, fsync_dir
+from runtime.model_store import CURRENT, STATE_FILE, lineage
 
-STATE_FILE = ".deploy-state.json"
 STATE_SCHEMA = 1
-CURRENT = "current"
 STALE_TEMP_S = 3600.0  # hidden temp dirs older than this are leftovers of a killed run
+
+
+def version_key(version: str) -> tuple:
+    """Ordering for anti-rollback: PEP 440 when it parses, else numeric dotted parts."""
+    try:
+        from packaging.version import InvalidVersion, Version
+
+        try:
+            return (1, Version(version))
+        except InvalidVersion:
+            pass
+    except ImportError:  # pragma: no cover - packaging ships with pip
+        pass
+    parts = tuple(int(p) if p.isdigit() else -1 for p in version.replace("-", ".").split("."))
+    return (0, parts)
 
 
 def now_iso() -> str:
@@ -45,6 +59,7 @@ class ModelState:
     installed: dict[str, dict[str, Any]]  # version -> {"seq", "at", "source", "signed_by", ...}
     history: list[dict[str, Any]]  # activations, oldest first: {"seq", "version", "at", "action", "health"?}
     seq: int = 0  # event counter: orders events within the same second
+    highest: str | None = None  # newest version ever installed (anti-rollback survives a prune)
 
     @classmethod
     def empty(cls) -> "ModelState":
@@ -55,7 +70,8 @@ class ModelState:
         return self.seq
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": STATE_SCHEMA, "seq": self.seq, "installed": self.installed, "history": self.history}
+        return {"schema_version": STATE_SCHEMA, "seq": self.seq, "highest": self.highest,
+                "installed": self.installed, "history": self.history}
 
 
 class ModelStore:
@@ -76,6 +92,18 @@ class ModelStore:
 
     def staging_dir(self) -> Path:
         return self.models_dir / ".staging"
+
+    def prepare_staging(self) -> Path:
+        """The private (0700, root's when run as root) staging directory, emptied; under the lock."""
+        staging = self.staging_dir()
+        if staging.is_symlink() or (staging.exists() and not staging.is_dir()):
+            staging.unlink()
+        staging.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(staging, 0o700)
+        if os.geteuid() == 0 and staging.stat().st_uid != 0:
+            os.chown(staging, 0, 0)
+        self.clear_staging()
+        return staging
 
     # ---- locking -----------------------------------------------------------
     @contextlib.contextmanager
@@ -141,20 +169,14 @@ class ModelStore:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             return ModelState(
-                installed=dict(data.get("installed", {})), history=list(data.get("history", [])), seq=int(data.get("seq", 0))
+                installed=dict(data.get("installed", {})), history=list(data.get("history", [])), seq=int(data.get("seq", 0)),
+                highest=data.get("highest"),
             )
         except (OSError, ValueError, AttributeError) as exc:
             raise DeployError(f"{path}: unreadable deploy state ({exc}); move it aside to start a fresh history") from None
 
     def write_state(self, name: str, state: ModelState) -> None:
-        path = self.model_dir(name) / STATE_FILE
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(state.to_dict(), fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write_json(self.model_dir(name) / STATE_FILE, state.to_dict())
 
     def record_activation(self, name: str, version: str, action: str, **extra: Any) -> None:
         state = self.read_state(name)
@@ -165,7 +187,14 @@ class ModelStore:
     def record_install(self, name: str, version: str, **info: Any) -> None:
         state = self.read_state(name)
         state.installed[version] = {"seq": state.next_seq(), "at": now_iso(), **info}
+        if state.highest is None or version_key(version) > version_key(state.highest):
+            state.highest = version
         self.write_state(name, state)
+
+    def highest_version(self, name: str) -> str | None:
+        state = self.read_state(name)
+        known = [v for v in [state.highest, *state.installed, *self.versions(name)] if v]
+        return max(known, key=version_key) if known else None
 
     def mark_last_activation(self, name: str, version: str, **fields: Any) -> None:
         state = self.read_state(name)
@@ -195,19 +224,25 @@ class ModelStore:
             raise
         fsync_dir(link.parent)
 
+    def lineage(self, name: str) -> list[str]:
+        return lineage(self.read_state(name).history)
+
     def rollback_target(self, name: str) -> str | None:
-        """The most recently active other version that is still installed and did not fail its health check."""
+        """The version below the active one in the install history, still installed and not failed; never newer."""
         current = self.current(name)
         installed = set(self.versions(name))
         state = self.read_state(name)
-        for entry in reversed(state.history):
-            v = entry.get("version")
-            if v != current and v in installed and entry.get("health") != "failed":
-                return v
         failed = {h["version"] for h in state.history if h.get("health") == "failed"}
-        # No usable history (e.g. hand-made tree): the newest other installed version.
-        others = [v for v in self.versions(name) if v != current and v not in failed]
-        return others[-1] if others else None
+        stack = self.lineage(name)
+        if not stack:
+            # No history at all (a hand-made tree): the most recently used other installed version.
+            others = [v for v in self.versions(name) if v != current and v not in failed]
+            return others[-1] if others else None
+        below = stack[: len(stack) - 1 - stack[::-1].index(current)] if current in stack else stack
+        for v in reversed(below):
+            if v != current and v in installed and v not in failed:
+                return v
+        return None
 
     def prune(self, name: str, keep: int, protect: set[str] = frozenset()) -> list[str]:
         """Delete all but the active version, ``protect`` and the ``keep`` most recently used others."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from deploy import UNITS_DIR
 from deploy.config import DeployConfig, DeployError, discover_stations, rooted
+from runtime.fsio import atomic_write_text
 
 # Paths as written in the shipped unit files; install-units substitutes the real ones.
 DEFAULT_EXEC = "/opt/defectscope/venv/bin/defectscope"
@@ -50,11 +50,7 @@ def render(text: str, exec_path: str, cfg: DeployConfig) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic_write_text(path, text, mode=0o644)
 
 
 @dataclass

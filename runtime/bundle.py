@@ -10,7 +10,6 @@ each file's sha256, so a half-written or tampered bundle is refused, never used.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -21,26 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from runtime.bundle_fs import (MANIFEST, BundleError, check_member_name, open_regular, sha256_fd,  # noqa: F401
+                               unlisted_entries)
+from runtime.fsio import atomic_write_json, fsync_dir, sha256_file
 from runtime.preprocess import InputSpec, SpecError
 
+__all__ = ["sha256_file", "fsync_dir"]  # re-exported: the one implementation lives in runtime.fsio
+
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 TASK_OUTPUT_KINDS = {"classification": ("logits", "probabilities"), "detection": ("detections",)}
 FORMATS = ("onnx", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-class BundleError(ValueError):
-    """A bundle that must not be used; the message names the file and key at fault."""
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _err(where: str, key: str, message: str) -> BundleError:
@@ -161,8 +151,12 @@ class Manifest:
         if default not in artifacts:
             raise _err(where, "default_artifact", f"{default!r} is not one of the artifacts {sorted(artifacts)}")
         files = data.get("files", {})
-        if not isinstance(files, Mapping) or not all(isinstance(v, str) and len(v) == 64 for v in files.values()):
-            raise _err(where, "files", "expected an object mapping file name -> sha256 hex digest")
+        if not isinstance(files, Mapping) or not all(
+            isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v) for v in files.values()
+        ):
+            raise _err(where, "files", "expected an object mapping file name -> sha256 hex digest (64 lowercase hex)")
+        for name in files:
+            check_member_name(name, where, f"files.{name!r:.80}")
         for key, art in artifacts.items():
             if files and art.file not in files:
                 raise _err(where, f"artifacts.{key}.file", f"{art.file!r} has no checksum in 'files'")
@@ -215,14 +209,14 @@ def _artifact(key: str, a: Any, where: str) -> Artifact:
     precision = _require(a, "precision", str, where, prefix)
     if precision not in PRECISIONS:
         raise _err(where, prefix + "precision", f"expected one of {PRECISIONS}, got {precision!r}")
-    file = _require(a, "file", str, where, prefix)
-    if os.path.isabs(file) or ".." in Path(file).parts:
-        raise _err(where, prefix + "file", f"must be a relative path inside the bundle, got {file!r}")
+    file = check_member_name(_require(a, "file", str, where, prefix), where, prefix + "file")
     batch = a.get("batch")
     if batch is not None and not (
         isinstance(batch, list) and len(batch) == 2 and all(isinstance(b, int) and b > 0 for b in batch)
     ):
         raise _err(where, prefix + "batch", f"expected [min, max] positive integers, got {batch!r}")
+    if "calibration_cache" in a:  # a file of the bundle too (TensorRT INT8 calibration cache)
+        check_member_name(a["calibration_cache"], where, prefix + "calibration_cache")
     known = {"file", "format", "precision", "quantization", "tensorrt_version", "gpu", "compute_capability", "batch"}
     return Artifact(
         file=file,
@@ -312,20 +306,25 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     return Manifest.from_dict(data, where=str(mpath))
 
 
-def verify_files(path: Path, manifest: Manifest) -> None:
-    """Check every file listed in the manifest exists and has its sha256."""
+def verify_files(path: Path, manifest: Manifest, strict: bool = True) -> None:
+    """Every listed file is a regular file inside ``path`` with its sha256; ``strict``: nothing unlisted."""
     if not manifest.files:
         raise BundleError(f"{path / MANIFEST}: key 'files': empty; a bundle must list a checksum for each file")
     for name, digest in manifest.files.items():
-        fpath = path / name
-        if not fpath.is_file():
-            raise BundleError(f"{fpath}: listed in manifest 'files' but missing")
-        actual = sha256_file(fpath)
+        actual = sha256_fd(open_regular(path, name))
         if actual != digest:
-            raise BundleError(f"{fpath}: checksum mismatch (manifest sha256 {digest[:12]}..., file {actual[:12]}...)")
+            raise BundleError(f"{path / name}: checksum mismatch (manifest sha256 {digest[:12]}..., file {actual[:12]}...)")
+    if strict:
+        extra = unlisted_entries(path, manifest.files)
+        if extra:
+            raise BundleError(
+                f"{path}: holds {len(extra)} file(s) the manifest does not list ({', '.join(extra[:5])}); "
+                "a bundle carries exactly the files its manifest (and so its signature) covers"
+            )
 
 
-def load_bundle(path: str | os.PathLike[str], verify: bool = True, check_graph: bool = True) -> Bundle:
+def load_bundle(path: str | os.PathLike[str], verify: bool = True, check_graph: bool = True,
+                strict: bool = True) -> Bundle:
     """Load a bundle directory: schema, checksums and (for ONNX) graph I/O are checked.
 
     Raises BundleError naming the file/key at fault.
@@ -339,7 +338,7 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True, check_graph: 
     manifest = read_manifest(root)
     bundle = Bundle(root, manifest)
     if verify:
-        verify_files(root, manifest)
+        verify_files(root, manifest, strict=strict)
         if check_graph:
             for key, art in manifest.artifacts.items():
                 if art.format == "onnx":
@@ -347,35 +346,10 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True, check_graph: 
     return bundle
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it survives a power cut (best effort)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _place(src: Path, dst: Path) -> None:
     """Copy (never hard-link: a source rewritten in place later must not change the bundle)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON via a temp file + fsync + rename."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _swap_in(tmp: Path, dest: Path) -> None:
@@ -421,7 +395,7 @@ def write_bundle(
         final = manifest.replace(files=digests)
         # Round-trip through the validator so we never write what we would refuse to read.
         final = Manifest.from_dict(final.to_dict(), where=str(dest / MANIFEST))
-        write_json_atomic(tmp / MANIFEST, final.to_dict())
+        atomic_write_json(tmp / MANIFEST, final.to_dict())
         load_bundle(tmp, verify=True, check_graph=check_graph)
         os.chmod(tmp, 0o755)
         _swap_in(tmp, dest)
@@ -478,7 +452,8 @@ def pack(bundle_dir: str | os.PathLike[str], archive: str | os.PathLike[str]) ->
     tmp = archive.with_name(f".{archive.name}.{uuid.uuid4().hex}.tmp")
     try:
         with tarfile.open(tmp, "w:gz") as tar:
-            for name in [*sorted(bundle.manifest.files), MANIFEST]:
+            # Manifest first: a station reads (and checks the signature over) it before any other member.
+            for name in [MANIFEST, *sorted(bundle.manifest.files)]:
                 tar.add(bundle.path / name, arcname=name, recursive=False)
         os.replace(tmp, archive)
     except BaseException:
@@ -488,29 +463,32 @@ def pack(bundle_dir: str | os.PathLike[str], archive: str | os.PathLike[str]) ->
 
 
 def unpack(archive: str | os.PathLike[str], dest: str | os.PathLike[str], check_graph: bool = True) -> Bundle:
-    """Extract a bundle archive to ``dest`` (atomic) and verify it; unsafe members are refused."""
+    """Extract a bundle archive to ``dest`` (atomic) and verify it; unsafe or unlisted members are refused."""
+    from runtime.bundle_stage import stage_bundle
+
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
         raise BundleError(f"{archive}: no such archive")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        try:
-            with tarfile.open(archive, "r:*") as tar:
-                for member in tar.getmembers():
-                    parts = Path(member.name).parts
-                    if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
-                        raise BundleError(f"{archive}: unsafe archive member {member.name!r} (absolute, '..' or a link)")
-                tar.extractall(tmp, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(tmp)
-        except tarfile.TarError as exc:
-            raise BundleError(f"{archive}: not a readable bundle archive: {exc}") from None
-        load_bundle(tmp, check_graph=check_graph)
-        os.chmod(tmp, 0o755)
+        stage_bundle(archive, tmp, check_graph=check_graph)
+        _world_readable(tmp)
         _swap_in(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return load_bundle(dest, check_graph=False)
+
+
+def _world_readable(tree: Path) -> None:
+    """0755 dirs / 0644 files: the daemon's unprivileged user reads what root staged privately (0700)."""
+    os.chmod(tree, 0o755)
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o755)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o644)
 
 
 def open_bundle(path: str | os.PathLike[str], workdir: str | os.PathLike[str] | None = None) -> Bundle:

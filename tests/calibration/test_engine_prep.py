@@ -13,7 +13,7 @@ pytest.importorskip("torch")
 
 # -- build plans ---------------------------------------------------------------------------
 def test_plans_per_tensorrt_generation(calibrated, exported):
-    from calibration.engine import BuildError, plan_build
+    from runtime.engine_build import BuildError, plan_build
     from runtime.bundle import load_bundle
 
     m = load_bundle(calibrated).manifest
@@ -178,7 +178,7 @@ def test_engine_io_check():
 
 def test_engine_artifact_fields_round_trip_through_the_bundle(calibrated, tmp_path):
     """What build-engine writes (a stand-in engine file here) validates, checksums and reads back."""
-    from calibration.engine import artifact_fields, engine_file_name, plan_build
+    from runtime.engine_build import artifact_fields, engine_file_name, plan_build
     from runtime.bundle import Artifact, load_bundle, write_bundle
     from runtime.engine_meta import Platform, check_engine
 
@@ -206,7 +206,7 @@ def test_tensorrt8_calibration_batches_are_the_onnx_runtime_set(calibrated, tmp_
     from pathlib import Path
 
     from calibration.calibset import CalibrationSet, images_in, save_tensor
-    from calibration.engine import plan_build
+    from runtime.engine_build import plan_build
     from calibration.engine_cli import _calibration_stream, build_parser, match_calibration_images
     from runtime.bundle import load_bundle
 

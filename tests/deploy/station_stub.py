@@ -1,7 +1,8 @@
 """A stand-in station daemon for deploy tests that need many cheap, fast-starting stations.
 
 It speaks the runtime's service surface that deploy relies on (docs/contracts.md):
-``/readyz`` JSON with the model it serves, ``/healthz``, ``/metrics`` with
+``/readyz`` JSON with the model it serves and the last reload's result (HTTP 200 when
+the model is ready, even with a camera down; ``STUB_CAMERA_DOWN=1`` reports one down), ``/healthz``, ``/metrics`` with
 ``defectscope_model_info``, a PID file, and SIGHUP = reload the bundle named in the
 station config with ``runtime.bundle.load_bundle`` (full verification), keeping the
 old model when the new one is refused. The real daemon is exercised in
@@ -39,15 +40,21 @@ def main(argv: list[str] | None = None) -> int:
     registry = CollectorRegistry()
     info = Gauge("defectscope_model_info", "model", ["name", "version", "precision", "backend"], registry=registry)
     reloads = Counter("defectscope_model_reloads_total", "reloads", ["result"], registry=registry)
-    state: dict = {"model": None}
+    state: dict = {"model": None, "last_reload": {"result": None, "error": None, "version": None}}
     lock = threading.Lock()
+    camera_down = os.environ.get("STUB_CAMERA_DOWN") == "1"
+    fail_reloads = os.environ.get("STUB_FAIL_RELOADS") == "1"  # as a daemon whose new backend cannot start
 
     def load() -> None:
         try:
+            if fail_reloads and state["model"] is not None:
+                raise BundleError("backend creation failed: out of GPU memory (stub)")
             bundle = load_bundle(bundle_path)
         except BundleError as exc:
             print(f"reload refused: {exc}", file=sys.stderr, flush=True)
             reloads.labels("failure").inc()
+            with lock:
+                state["last_reload"] = {"result": "failed", "error": str(exc), "version": None}
             return
         m = bundle.manifest
         art = bundle.artifact()
@@ -56,18 +63,21 @@ def main(argv: list[str] | None = None) -> int:
                               "precision": art.precision, "backend": "onnxruntime-cpu"}
             info.clear()
             info.labels(m.model.name, m.model.version, art.precision, "onnxruntime-cpu").set(1)
+            state["last_reload"] = {"result": "ok", "error": None, "version": m.model.version}
         reloads.labels("success").inc()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
             with lock:
-                model = state["model"]
+                model, last = state["model"], dict(state["last_reload"])
             if self.path == "/metrics":
                 body, ctype, code = generate_latest(registry), "text/plain; version=0.0.4", 200
             else:
-                ready = model is not None
-                code = 200 if (ready or self.path == "/healthz") else 503
-                body = json.dumps({"ready": ready, "model": model, "cameras": {}}).encode()
+                model_ready = model is not None
+                cameras = {"cam0": {"connected": not camera_down}}
+                code = 200 if (model_ready or self.path == "/healthz") else 503
+                body = json.dumps({"ready": model_ready and not camera_down, "model": model,
+                                   "last_reload": last, "cameras": cameras}).encode()
                 ctype = "application/json"
             self.send_response(code)
             self.send_header("Content-Type", ctype)

@@ -81,8 +81,12 @@ def test_good_bundle_rolls_out_in_batches_and_the_fleet_rolls_back(fleet, bundle
     assert "serving on st1-line" in proc.stdout
 
     proc = _play(fleet, "rollback.yml")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert _versions(fleet) == {h: ("1.0.0", "1.0.0") for h in HOSTS}
+    assert proc.returncode != 0 and "defectscope_rollback_from" in proc.stdout  # a bare rollback is not idempotent
+    for _ in range(2):  # the re-run changes nothing more (issue 14 item 7)
+        proc = _play(fleet, "rollback.yml", defectscope_rollback_from="1.1.0")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert _versions(fleet) == {h: ("1.0.0", "1.0.0") for h in HOSTS}
+    assert "changed=0" in proc.stdout and "changed=1" not in proc.stdout
     proc = _play(fleet, "rollback.yml", defectscope_rollback_to="1.1.0")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert _versions(fleet) == {h: ("1.1.0", "1.1.0") for h in HOSTS}
@@ -95,7 +99,7 @@ def test_tampered_bundle_stops_at_the_first_host(fleet, bundles, tmp_path):
     assert "checksum mismatch" in proc.stdout + proc.stderr
     assert _versions(fleet) == {h: ("1.0.0", "1.0.0") for h in HOSTS}
     # Hosts after the canary were never touched: the archive never reached them.
-    incoming = "var/lib/defectscope/incoming/tiny-1.1.0.tar.gz"
+    incoming = "var/lib/defectscope-deploy/incoming/tiny-1.1.0.tar.gz"
     assert (fleet["roots"]["st1"] / incoming).is_file()
     assert not (fleet["roots"]["st2"] / incoming).exists() and not (fleet["roots"]["st3"] / incoming).exists()
 
@@ -110,3 +114,37 @@ def test_health_gate_failure_rolls_the_canary_back_and_stops(fleet, bundles):
     # st1 has 1.1.0 installed but marked failed; st2/st3 never got it.
     assert (fleet["roots"]["st1"] / MODELS / "tiny/1.1.0").is_dir()
     assert not (fleet["roots"]["st2"] / MODELS / "tiny/1.1.0").exists()
+
+
+def test_incoming_directory_is_root_only_and_outside_the_daemon_state(fleet, bundles):
+    """Issue 14 item 3: the daemon user (who owns /var/lib/defectscope) cannot plant what root installs."""
+    archive = bundles.archive("1.1.0")
+    proc = _play(fleet, "rollout.yml", defectscope_bundle=str(archive))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    root = fleet["roots"]["st1"]
+    incoming = root / "var/lib/defectscope-deploy/incoming"
+    assert not incoming.is_relative_to(root / "var/lib/defectscope")
+    for d in (incoming, incoming.parent):
+        assert d.stat().st_mode & 0o777 == 0o700
+    archive = incoming / archive.name
+    assert archive.stat().st_mode & 0o777 == 0o600 and archive.stat().st_uid == os.geteuid()
+
+
+def test_unsigned_bundle_is_not_pushed_to_a_station_with_keys(fleet, bundles, tmp_path):
+    """Issue 14 item 8: the role refuses before copying, not only the station's install."""
+    key = tmp_path / "release.key"
+    deploy("keygen", key)
+    root = fleet["roots"]["st1"]
+    (root / "etc/defectscope/keys").mkdir(parents=True)
+    shutil.copy(key.with_suffix(".pub"), root / "etc/defectscope/keys/release.pub")
+    cfg = root / "etc/defectscope/deploy.toml"
+    cfg.write_text('[signing]\npublic_keys = ["/etc/defectscope/keys/release.pub"]\n' + cfg.read_text())
+    unsigned = shutil.copy(bundles.archive("1.1.0"), tmp_path / "tiny-1.1.0.tar.gz")
+    proc = _play(fleet, "rollout.yml", defectscope_bundle=str(unsigned))
+    assert proc.returncode != 0 and "only installs signed bundles" in proc.stdout
+    assert not (root / "var/lib/defectscope-deploy/incoming/tiny-1.1.0.tar.gz").exists()
+    assert _versions(fleet) == {h: ("1.0.0", "1.0.0") for h in HOSTS}
+    deploy("sign", unsigned, "--key", key)
+    proc = _play(fleet, "rollout.yml", defectscope_bundle=str(unsigned))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _versions(fleet) == {h: ("1.1.0", "1.1.0") for h in HOSTS}

@@ -103,25 +103,55 @@ def test_unsafe_model_name_is_refused(tmp_path):
     assert not (root / "etc").exists()
 
 
-def test_rollback_goes_to_the_previously_active_version(tmp_path, bundles):
+def test_rollback_walks_back_through_the_history_never_forward(tmp_path, bundles):
     root = tmp_path / "root"
     for v in ("1.0.0", "1.1.0", "1.2.0"):
-        deploy("install", bundles.archive(v), "--root", root)
+        deploy("install", bundles.archive(v), "--root", root, "--keep", "5")
     r = deploy("rollback", "--root", root, "--json").json()
     assert (r["version"], r["previous"]) == ("1.1.0", "1.2.0")
-    assert current_version(root) == "1.1.0"
-    # Like `cd -`: rolling back a rollback returns to the version before it.
-    deploy("rollback", "--root", root)
-    assert current_version(root) == "1.2.0"
-    deploy("rollback", "--root", root, "--to", "1.0.0")
+    # Issue 14 item 7: the old `cd -` behaviour flipped 1.1.0 -> 1.2.0 -> 1.1.0 here.
+    r = deploy("rollback", "--root", root, "--json").json()
+    assert (r["version"], r["previous"]) == ("1.0.0", "1.1.0")
     assert current_version(root) == "1.0.0"
+    r = deploy("rollback", "--root", root, check=1)
+    assert "never moves forward" in r.stderr and "--to" in r.stderr
+    assert current_version(root) == "1.0.0"
+    # An explicit target may go forward; plain rollbacks then walk back from there.
+    deploy("rollback", "--root", root, "--to", "1.2.0")
+    assert current_version(root) == "1.2.0"
+    deploy("rollback", "--root", root)
+    assert current_version(root) == "1.0.0"  # 1.1.0 was rolled back from: it left the history stack
     r = deploy("rollback", "--root", root, "--to", "9.9.9", check=1)
     assert "9.9.9 is not installed" in r.stderr
     assert current_version(root) == "1.0.0"
     history = json.loads((root / MODELS / "tiny/.deploy-state.json").read_text())["history"]
     assert [(h["version"], h["action"]) for h in history] == [
         ("1.0.0", "install"), ("1.1.0", "install"), ("1.2.0", "install"),
-        ("1.1.0", "rollback"), ("1.2.0", "rollback"), ("1.0.0", "rollback")]
+        ("1.1.0", "rollback"), ("1.0.0", "rollback"), ("1.2.0", "rollback-to"), ("1.0.0", "rollback")]
+
+
+def test_a_new_install_after_rollbacks_is_the_top_of_the_history(tmp_path, bundles):
+    root = tmp_path / "root"
+    for v in ("1.0.0", "1.1.0", "1.2.0"):
+        deploy("install", bundles.archive(v), "--root", root, "--keep", "5")
+    deploy("rollback", "--root", root)
+    deploy("install", bundles.archive("1.3.0"), "--root", root, "--keep", "5")
+    assert [deploy("rollback", "--root", root, "--json").json()["version"] for _ in range(2)] == ["1.1.0", "1.0.0"]
+
+
+def test_rollback_from_is_idempotent(tmp_path, bundles):
+    root = tmp_path / "root"
+    for v in ("1.0.0", "1.1.0", "1.2.0"):
+        deploy("install", bundles.archive(v), "--root", root)
+    r = deploy("rollback", "--root", root, "--from", "1.2.0", "--json").json()
+    assert (r["version"], r["changed"]) == ("1.1.0", True)
+    for _ in range(2):  # a re-run of the same rollback (the playbook's second pass) changes nothing
+        r = deploy("rollback", "--root", root, "--from", "1.2.0", "--json").json()
+        assert (r["version"], r["changed"]) == ("1.1.0", False)
+    assert current_version(root) == "1.1.0"
+    r = deploy("rollback", "--root", root, "--to", "1.0.0", "--json").json()
+    assert r["changed"] is True
+    assert deploy("rollback", "--root", root, "--to", "1.0.0", "--json").json()["changed"] is False
 
 
 def test_rollback_with_nothing_to_go_back_to(tmp_path, bundles):
@@ -130,7 +160,7 @@ def test_rollback_with_nothing_to_go_back_to(tmp_path, bundles):
     assert "no models installed" in r.stderr
     deploy("install", bundles.archive("1.0.0"), "--root", root)
     r = deploy("rollback", "--root", root, check=1)
-    assert "no other installed version" in r.stderr
+    assert "no older version" in r.stderr
     assert current_version(root) == "1.0.0"
 
 

@@ -57,7 +57,7 @@ def test_reload_failure_on_one_station_restores_the_previous_version(tmp_path, s
     # With a working reload command again, the failed version is skipped as a rollback target.
     write_deploy_config(root, reload_command=sighup_command(stub_stations.pid_dir), timeout_s=10.0)
     r = deploy("rollback", "--root", root, check=1)
-    assert "no other installed version" in r.stderr
+    assert "no older version" in r.stderr
 
 
 def test_health_check_failure_with_a_live_station_rolls_back_and_serves_the_old_version(tmp_path, stub_stations, bundles):
@@ -90,5 +90,51 @@ def test_rollback_with_reload_and_station_filter(tmp_path, stub_stations, bundle
     # A re-run reloads only the station that is not serving the active version yet.
     r = deploy("install", bundles.archive("1.0.0"), "--root", root, "--reload", "--json").json()
     assert r["changed"] is False and s2.version() == "1.0.0"
-    r = deploy("rollback", "--root", root, "--station", "nosuch", "--reload", check=1)
+    r = deploy("rollback", "--root", root, "--to", "1.1.0", "--station", "nosuch", "--reload", check=1)
     assert "nosuch" in r.stderr
+
+
+def test_a_camera_down_does_not_roll_back_a_good_bundle(tmp_path, stub_stations, bundles, monkeypatch):
+    """/readyz answers 200 with the new model while a camera is unplugged: the install stands."""
+    monkeypatch.setenv("STUB_CAMERA_DOWN", "1")
+    root, (s1,) = _setup(tmp_path, stub_stations, bundles, ("line1",), timeout_s=5.0)
+    r = deploy("install", bundles.archive("1.1.0"), "--root", root, "--reload", "--json").json()
+    assert r["changed"] is True and "camera(s) down: cam0" in r["reloaded"]["line1"]
+    assert current_version(root) == "1.1.0" and s1.version() == "1.1.0"
+
+
+def test_a_failed_reload_reported_by_readyz_rolls_back_without_waiting_for_the_timeout(
+        tmp_path, stub_stations, bundles, monkeypatch):
+    import time
+
+    monkeypatch.setenv("STUB_FAIL_RELOADS", "1")
+    root, (s1,) = _setup(tmp_path, stub_stations, bundles, ("line1",), timeout_s=30.0)
+    started = time.monotonic()
+    r = deploy("install", bundles.archive("1.1.0"), "--root", root, "--reload", check=None)
+    assert r.returncode in (3, 4) and "out of GPU memory" in r.stderr
+    assert time.monotonic() - started < 20  # well before the 30 s timeout
+    assert current_version(root) == "1.0.0" and s1.version() == "1.0.0"
+
+
+def test_old_plain_readyz_body_is_reported_not_crashed_on(tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from deploy.service import query_readyz
+
+    class Plain(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ready\n")
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Plain)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        r = query_readyz(f"http://127.0.0.1:{server.server_port}/readyz")
+        assert r.reachable and not r.ready and "'ready' is not JSON" in r.error
+    finally:
+        server.shutdown()

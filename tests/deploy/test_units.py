@@ -94,7 +94,7 @@ def test_units_carry_the_contracted_settings(station_root):
 def test_daemon_unit_exposure_is_low(station_root):
     """`systemd-analyze security` scores the sandbox; a regression in hardening raises it."""
     deploy("install-units", "--root", station_root, "--exec", EXEC)
-    for unit, limit in (("defectscope@line1.service", 2.5), ("defectscope-engine@line1.service", 2.5)):
+    for unit, limit in (("defectscope@line1.service", 2.0), ("defectscope-engine@line1.service", 2.0)):
         proc = subprocess.run([require_tool("systemd-analyze"), "security", "--offline=true", f"--root={station_root}",
                                unit], capture_output=True, text=True, cwd=station_root)
         m = re.search(r"Overall exposure level for \S+: ([\d.]+)", proc.stdout)
@@ -143,3 +143,35 @@ def _settings(path: Path) -> dict[str, list[str]]:
             k, v = line.split("=", 1)
             out.setdefault(k.strip(), []).append(v.strip())
     return out
+
+
+def test_daemon_unit_bounds_memory_and_tasks(station_root):
+    deploy("install-units", "--root", station_root, "--exec", EXEC)
+    svc = _settings(station_root / "etc/systemd/system/defectscope@.service")
+    assert svc["MemoryMax"] and svc["TasksMax"] and int(svc["TasksMax"][0]) <= 1024
+
+
+def _specifiers(text: str) -> str:
+    # System-unit values of the specifiers the engine unit uses (systemd.unit(5)).
+    return text.replace("%C", "/var/cache").replace("%S", "/var/lib").replace("%h", "/root")
+
+
+def test_engine_unit_keeps_out_of_the_daemon_state_and_caches_in_its_own_directory(station_root):
+    """Issue 14 item 4: no StateDirectory=defectscope (root would chown the daemon's state); the timing
+    cache resolves under the unit's own CacheDirectory, not under /root that ProtectHome=yes hides."""
+    deploy("install-units", "--root", station_root, "--exec", EXEC)
+    unit_dir = station_root / "etc/systemd/system"
+    engine = _settings(unit_dir / "defectscope-engine@.service")
+    daemon = _settings(unit_dir / "defectscope@.service")
+    assert "StateDirectory" not in engine or not set(engine["StateDirectory"]) & set(daemon["StateDirectory"])
+    cache_dirs = [f"/var/cache/{d}" for d in engine["CacheDirectory"][0].split()]
+    argv = _specifiers(engine["ExecStart"][0]).split()
+    cache = Path(argv[argv.index("--timing-cache") + 1])
+    assert any(cache.is_relative_to(d) for d in cache_dirs), (cache, cache_dirs)
+    assert engine["ProtectHome"] == ["yes"] and not cache.is_relative_to("/root")
+    # The same path is what `deploy build-engine` hands to `defectscope build-engine`.
+    from deploy.cli import build_parser
+
+    args = build_parser().parse_args(["build-engine", "--station-config", "/etc/defectscope/x.toml",
+                                      "--timing-cache", str(cache)])
+    assert args.timing_cache == cache

@@ -143,7 +143,7 @@ def test_unsafe_archive_refused(tmp_path):
     payload.write_text("x")
     with tarfile.open(evil, "w:gz") as tar:
         tar.add(payload, arcname="../escape.txt")
-    with pytest.raises(BundleError, match="unsafe archive member"):
+    with pytest.raises(BundleError, match="unsafe archive member|not a regular file"):
         unpack(evil, tmp_path / "out")
     assert not (tmp_path / "escape.txt").exists()
 
@@ -160,3 +160,40 @@ def test_bundle_cli_verify_and_inspect(bundle):
     bad = subprocess.run([sys.executable, "-m", "defectscope", "bundle", "verify", str(bundle.path)],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "checksum mismatch" in bad.stderr
+
+
+@pytest.mark.parametrize("name", ["../x", "a/../../x", "/etc/passwd", "./model.onnx", "a//b", "a\\..\\b",
+                                  "manifest.json", "", "x\x00y"])
+def test_unsafe_paths_in_the_manifest_are_refused_by_the_schema(bundle, name):
+    _edit_manifest(bundle.path, lambda d: d["files"].update({name: "0" * 64}))
+    with pytest.raises(BundleError, match="not a safe bundle path"):
+        read_manifest(bundle.path)
+
+
+def test_unsafe_artifact_and_cache_paths_are_refused(bundle):
+    _edit_manifest(bundle.path, lambda d: d["artifacts"]["fp32"].update(file="../../model.onnx"))
+    with pytest.raises(BundleError, match="artifacts.fp32.file.*not a safe bundle path"):
+        read_manifest(bundle.path)
+    _edit_manifest(bundle.path, lambda d: d["artifacts"]["fp32"].update(file="model.onnx", calibration_cache="/tmp/c"))
+    with pytest.raises(BundleError, match="calibration_cache.*not a safe bundle path"):
+        read_manifest(bundle.path)
+
+
+def test_load_refuses_unlisted_files_and_symlinks(bundle, tmp_path):
+    (bundle.path / "extra.bin").write_bytes(b"x")
+    with pytest.raises(BundleError, match="does not list.*extra.bin"):
+        load_bundle(bundle.path)
+    load_bundle(bundle.path, strict=False)  # the daemon-side escape hatch still checks every listed file
+    (bundle.path / "extra.bin").unlink()
+    real = tmp_path / "real.onnx"
+    (bundle.path / "model.onnx").rename(real)
+    (bundle.path / "model.onnx").symlink_to(real)
+    with pytest.raises(BundleError, match="not a regular file"):
+        load_bundle(bundle.path)
+
+
+def test_pack_puts_the_manifest_first(bundle, tmp_path):
+    import tarfile
+
+    with tarfile.open(pack(bundle.path, tmp_path / "b.tar.gz")) as tar:
+        assert tar.getnames()[0] == MANIFEST  # a station checks its signature before reading further

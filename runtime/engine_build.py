@@ -1,4 +1,9 @@
-"""Building TensorRT engines from a bundle's ONNX models (on the device).
+"""Building TensorRT engines from a bundle's ONNX models, on the station (station code: no torch).
+
+Lives beside ``runtime.engine_meta`` (what an engine records and when it fits a device):
+``deploy build-engine`` and ``defectscope build-engine`` both decide freshness with
+:func:`fresh_engine`, which applies the runtime's own check (TensorRT version, GPU,
+compute capability), and INT8 engines pass :mod:`runtime.engine_gate` before they are kept.
 
 :func:`plan_build` decides everything (which ONNX, network/builder flags,
 optimisation profile, INT8 mode) from the manifest and the TensorRT version; it
@@ -21,12 +26,12 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from runtime.engine_meta import Platform, check_engine_io, current_platform, slug, version_tuple
+from runtime.engine_meta import Platform, check_engine_io, current_platform, engine_problems, slug, version_tuple
+from runtime.fsio import atomic_write_bytes
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INT8_MODES = ("auto", "explicit", "implicit")
@@ -191,16 +196,6 @@ def calibration_cache_name(tensorrt_version: str) -> str:
     return f"engines/calibration-trt{slug(tensorrt_version)}.cache"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 @dataclass
 class BuildResult:
     engine: bytes
@@ -230,11 +225,13 @@ def _engine_io(trt: Any, engine: Any) -> tuple[list[tuple[str, list[int]]], list
 def build_engine(plan: BuildPlan, onnx_path: str | os.PathLike[str], manifest: Any, *,
                  calibration: Any = None, calibration_cache: Any = None, timing_cache: Path | None = None,
                  workspace_mib: int = 2048, verbose: bool = False,
-                 log: Callable[[str], None] = print) -> BuildResult:
+                 log: Callable[[str], None] = print, make_calibrator: Callable[[Any, Any], Any] | None = None,
+                 ) -> BuildResult:
     """Run ``plan`` with TensorRT: parse, configure, build, deserialize and check I/O.
 
     ``calibration`` is a :class:`calibration.calibrator.BatchStream` (implicit INT8),
-    ``calibration_cache`` a :class:`calibration.calibrator.CacheFile`.
+    ``calibration_cache`` a :class:`calibration.calibrator.CacheFile` and ``make_calibrator``
+    builds the TensorRT calibrator from them (passed in: runtime never imports calibration).
     """
     try:
         import tensorrt as trt
@@ -279,15 +276,15 @@ def build_engine(plan: BuildPlan, onnx_path: str | os.PathLike[str], manifest: A
     config.add_optimization_profile(profile)
 
     if plan.int8_mode == "implicit":
-        from calibration.calibrator import make_entropy_calibrator
-
+        if make_calibrator is None:
+            raise BuildError("implicit INT8 needs an entropy calibrator (calibration.calibrator.make_entropy_calibrator)")
         if calibration is None and (calibration_cache is None or calibration_cache.read() is None):
             raise BuildError("implicit INT8 needs calibration data (--calibration-data) or a valid calibration cache")
         shape = plan.calibration_shape()
         calib_profile = builder.create_optimization_profile()
         calib_profile.set_shape(plan.input_name, shape, shape, shape)
         config.set_calibration_profile(calib_profile)
-        config.int8_calibrator = make_entropy_calibrator(calibration, calibration_cache)
+        config.int8_calibrator = make_calibrator(calibration, calibration_cache)
 
     cache_obj = None
     if timing_cache is not None:
@@ -305,7 +302,7 @@ def build_engine(plan: BuildPlan, onnx_path: str | os.PathLike[str], manifest: A
     engine_bytes = bytes(serialized)
 
     if timing_cache is not None:
-        _atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
+        atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
 
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(engine_bytes)
@@ -333,3 +330,23 @@ def artifact_fields(plan: BuildPlan, platform: Platform, seconds: float, workspa
     if calibration:
         build["calibration"] = dict(calibration)
     return {"build": build, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def fresh_engine(manifest: Any, bundle_path: Path, platform: Platform) -> tuple[str | None, list[str]]:
+    """(key of a TensorRT artifact that runs on ``platform`` as is, or None; why each other one does not).
+
+    The same test the runtime applies before deserializing (``engine_meta.engine_problems``):
+    TensorRT version, compute capability and GPU model; a listed engine file must exist.
+    """
+    stale = []
+    for key, art in manifest.artifacts.items():
+        if art.format != "tensorrt":
+            continue
+        if not (Path(bundle_path) / art.file).is_file():
+            stale.append(f"{key}: {art.file} is missing")
+            continue
+        problems = engine_problems(art, platform)
+        if not problems:
+            return key, stale
+        stale.append(f"{key}: " + "; ".join(problems))
+    return None, stale
