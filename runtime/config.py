@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from runtime.preview import PreviewConfig
 from runtime.config_table import ConfigError, Table
 from runtime.messages import VERDICTS
 
@@ -200,6 +201,7 @@ class StationConfig:
     metrics: MetricsConfig = MetricsConfig()
     snapshots: SnapshotConfig = SnapshotConfig()
     daemon: DaemonConfig = DaemonConfig()
+    preview: PreviewConfig = PreviewConfig()
     source: str = "(in memory)"
 
     def to_dict(self) -> dict[str, Any]:
@@ -436,6 +438,15 @@ def _snapshots(t: _Table, base: Path) -> SnapshotConfig:
     )
     t.finish()
     return snapshots
+
+
+@_section("preview")
+def _preview(t: _Table, base: Path) -> PreviewConfig:
+    t.used.update(t.data)  # PreviewConfig.from_dict refuses unknown keys itself, naming them
+    try:
+        return PreviewConfig.from_dict(t.data, t.key(""))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{t.where}: {exc}") from None
 
 
 @_section("daemon")

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runtime.preview import PreviewEncoder
 from runtime.config import ConfigError, StationConfig, load_config
 from runtime.messages import status_message
 from runtime.metrics import Metrics
@@ -98,6 +99,8 @@ class Daemon:
         if cfg.snapshots.enabled:
             self.snapshots = SnapshotSpool(cfg.snapshots, lambda r: self.metrics.snapshots.labels(r).inc())
             self.pipeline.snapshots = self.snapshots
+        if cfg.preview.enabled:
+            self.pipeline.preview = PreviewEncoder(cfg.preview, cfg.station)
         self.pid_file.write()
         self._wait_for_subscribers()
         self.pipeline.start()
@@ -279,6 +282,8 @@ class Daemon:
             if reason := _backend_reason(model):
                 model_body["backend_reason"] = reason
             model_body["inference_precision"] = model.backend.inference_precision
+            if model.boot_fallback:
+                model_body["boot_fallback"] = model.boot_fallback
             if (selection := getattr(model.backend, "selection", None)) is not None:
                 model_body["selection"] = selection.to_dict()
         body = {"ready": ready, "state": self.state, "station": self.cfg.station, "model": model_body,

@@ -18,6 +18,7 @@ from runtime.batcher import BatchBuffers, assemble
 from runtime.bundle import Bundle, BundleError, load_bundle
 from runtime.config import ConfigError, StationConfig
 from runtime.decision import Decider, Postprocessor, make_postprocessor
+from runtime.model_store import choose_bootable
 from runtime.preprocess import Preprocessor, SpecError
 from runtime.sources import Frame, FrameRejected
 from runtime.tta import TTA, TTAError
@@ -46,6 +47,7 @@ class LoadedModel:
     info: dict[str, str]  # name, version, precision, artifact, backend
     min_frame_side: int = 1  # pixels; smaller frames are rejected (counted), never judged
     adaptive_band: float | None = None  # adaptive TTA: the band; None: every view of every frame
+    boot_fallback: str | None = None  # at start: why an earlier store version serves instead of `current`
     lock: threading.Lock = field(default_factory=threading.Lock)  # held while the backend runs
     closed: bool = False
 
@@ -106,8 +108,12 @@ def _probe(bundle: Bundle, backend: Backend, tta: TTA, post: Postprocessor, deci
 def load_model(cfg: StationConfig, generation: int = 1) -> LoadedModel:
     """Load, verify, build the backend for and warm up the configured bundle; ModelLoadError if unusable."""
     version = None
+    # Only at start: a reload that fails must stay visible (last_reload), not silently fall back.
+    boot = choose_bootable(cfg.model.bundle) if generation == 1 else None
+    if boot is not None and boot.fell_back:
+        log.warning("model store: %s", boot.reason)
     try:
-        bundle = load_bundle(cfg.model.bundle)
+        bundle = load_bundle(boot.path if boot is not None else cfg.model.bundle)
         m = bundle.manifest
         version = m.model.version
         pre = Preprocessor(m.input)
@@ -140,4 +146,5 @@ def load_model(cfg: StationConfig, generation: int = 1) -> LoadedModel:
     # Default minimum: a quarter of the model's input side (a thumbnail upscaled 4x is not a part image).
     min_side = cfg.model.min_frame_side or max(1, min(m.input.height, m.input.width) // 4)
     return LoadedModel(generation, bundle, backend, pre, tta, post, decider, per_call, info,
-                       min_frame_side=min_side, adaptive_band=cfg.tta.band if adaptive else None)
+                       min_frame_side=min_side, adaptive_band=cfg.tta.band if adaptive else None,
+                       boot_fallback=boot.reason if boot is not None else None)

@@ -30,6 +30,7 @@ from runtime.messages import VERDICTS, status_topic, verdict_message, verdict_to
 from runtime.metrics import Metrics
 from runtime.model import LoadedModel
 from runtime.publisher import Publisher
+from runtime.preview import PreviewEncoder
 from runtime.snapshots import SnapshotSpool
 from runtime.sources import Frame
 
@@ -72,6 +73,7 @@ class Pipeline:
         self.model: LoadedModel | None = None
         self.publisher: Publisher | None = None
         self.snapshots: SnapshotSpool | None = None
+        self.preview: PreviewEncoder | None = None  # live JPEGs on their own topic; output thread only
         self.status: Callable[[], dict[str, Any]] | None = None  # the heartbeat message, built by the daemon
         self.serving = False  # cameras going down are logged only while serving
         self.finished: Callable[[str], bool] = lambda camera: False  # a finite replay ended (not "down")
@@ -324,6 +326,10 @@ class Pipeline:
                     self.counts[frame.camera]["published"] += 1
             else:
                 self.metrics.publish_errors.inc()
+            if self.preview is not None and (got := self.preview.offer(frame.camera, frame.image, frame.seq,
+                                                                         frame.captured_at)) is not None:
+                if not pub.send(*got):
+                    self.metrics.publish_errors.inc()
             inferred, e2e, verdicts = self._camera_metrics(frame.camera)
             inferred.inc()
             verdicts[dec.verdict].inc()

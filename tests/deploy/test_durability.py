@@ -58,3 +58,27 @@ def test_installed_tree_is_complete_on_disk_before_current_switches(tmp_path, bu
     # renamed whole: nothing partial (no temp names) is left beside the version.
     assert sorted(p.name for p in (store / "1.0.0").iterdir()) == ["manifest.json", "model.onnx"]
     assert [p.name for p in store.iterdir() if p.name.startswith(".") and p.name != ".deploy-state.json"] == []
+
+
+def test_the_daemon_starts_on_the_fallback_and_says_so(tmp_path, bundles):
+    from runtime.config import load_config
+    from runtime.model import load_model
+
+    store = _store(tmp_path, bundles, "1.0.0", "1.1.0")
+    os.truncate(store / "1.1.0/model.onnx", 0)  # current's model torn by a power cut
+    cfg_path = tmp_path / "station.toml"
+    cfg_path.write_text(f'station = "st1"\n[model]\nbundle = "{store / "current"}"\nbackend = "onnxruntime-cpu"\n'
+                        f'[[cameras]]\nid = "cam1"\nkind = "directory"\nsource = "{tmp_path}"\n')
+    model = load_model(load_config(cfg_path))
+    try:
+        assert model.bundle.manifest.model.version == "1.0.0"
+        assert model.boot_fallback and "1.1.0 failed verification" in model.boot_fallback
+    finally:
+        model.close()
+    # A reload (generation > 1) never falls back silently: the torn current fails to load.
+    import pytest
+
+    from runtime.model import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="checksum"):
+        load_model(load_config(cfg_path), generation=2)

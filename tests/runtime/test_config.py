@@ -170,7 +170,7 @@ def test_example_documents_every_accepted_key() -> None:
     sections = {"model": c.ModelConfig, "batching": c.BatchingConfig, "tta": c.TTAConfig,
                 "decision": c.DecisionConfig, "publisher": c.PublisherConfig, "metrics": c.MetricsConfig,
                 "snapshots": c.SnapshotConfig, "daemon": c.DaemonConfig, "publisher.curve": c.CurveConfig,
-                "model.openvino": c.OpenVINOConfig,
+                "model.openvino": c.OpenVINOConfig, "preview": c.PreviewConfig,
                 "cameras": c.CameraConfig}
     assert set(c.SECTIONS) <= set(sections)
     missing = [f"{name}.{f.name}" for name, cls in sections.items() for f in dataclasses.fields(cls)

@@ -450,3 +450,29 @@ def test_an_idle_engine_takes_a_frame_without_waiting_for_a_batch(tmp_path: Path
         assert queued[len(queued) // 2] < 50.0 and queued[-1] < 150.0, queued
     finally:
         sub.close()
+
+
+def test_preview_frames_on_their_own_topic(tmp_path: Path, bundle: Path, start_daemon) -> None:
+    """[preview] on: the daemon publishes rate-capped JPEGs that verdict subscribers never see."""
+    from runtime.preview import decode_preview
+
+    make_images(tmp_path / "replay", PATTERN * 2)
+    config, endpoint = station_config(tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay")}],
+                                      publisher={"wait_for_subscribers": 2, "wait_timeout_s": 10.0},
+                                      preview={"enabled": True, "max_fps": 30.0, "max_width": 32})
+    verdict_sub, preview_sub = Subscriber(endpoint, topic="st1."), Subscriber(endpoint, topic="_preview.")
+    try:
+        d = start_daemon(config)
+        assert d.run() == 0
+        verdict_sub.until(lambda s: any(m["state"] == "stopped" for m in s.statuses()), 10, what="final status")
+        preview_sub.until(lambda s: len(s.messages) >= 1, 10, what="a preview")
+        assert all(m["type"] != "preview" for _, m in verdict_sub.messages)
+        topic, msg = preview_sub.messages[0]
+        assert topic == "_preview.st1.cam1"
+        import cv2
+
+        image = cv2.imdecode(np.frombuffer(decode_preview(msg), np.uint8), cv2.IMREAD_COLOR)
+        assert image is not None and image.shape[1] <= 32 and msg["camera"] == "cam1"
+    finally:
+        verdict_sub.close()
+        preview_sub.close()
