@@ -10,7 +10,7 @@ from .checkpoint import ModelCard
 from .data import Sample
 from .loader import ImageDataset
 from .metrics import classification_metrics
-from .trainer import predict
+from .engine import Engine
 from .transforms import Pipeline, tta_views
 
 
@@ -29,13 +29,14 @@ def evaluate_samples(model: torch.nn.Module, card: ModelCard, samples: Sequence[
     # Cache the decoded originals once; each view applies its own resize + tail.
     raw = ImageDataset(samples, Pipeline(_identity, _identity), cache=True)
     raw.prefill(threads=max(1, torch.get_num_threads()), progress=progress)
+    engine = Engine(device=device, channels_last=True, progress=progress)
     y_ref, per_view, probs_sum = None, {}, None
     for name, view in views.items():
         ds = raw.with_pipeline(Pipeline(_identity, lambda x, v=view: v.tail(v.resize(x))))
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
-        probs, y, loss = predict(model, loader, device, progress=progress, desc=f"eval {name}",
-                                 channels_last=True)
-        y_ref = y
+        preds = engine.predict(model, loader, desc=f"eval {name}")
+        probs, loss = preds.probs(), preds.loss
+        y_ref = preds.labels.numpy()
         per_view[name] = (probs, loss)
         probs_sum = probs if probs_sum is None else probs_sum + probs
     classes = list(card.classes)
