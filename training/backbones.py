@@ -113,6 +113,18 @@ class Classifier(nn.Module):
         self.train(self.training)
         return trainable
 
+    def grow_head(self, num_classes: int, *, seed: int = 0) -> str:
+        """Widen the head to ``num_classes`` outputs, old rows bit-exact (``training.heads``).
+
+        Returns the dotted name of the head's Linear (for ``training.heads.HeadRowFreeze``).
+        """
+        from .heads import grow_linear
+
+        last = len(self.head) - 1
+        self.head[last] = grow_linear(self.head[last], num_classes, seed=seed)
+        self.num_classes = num_classes
+        return f"head.{last}"
+
     def train(self, mode: bool = True) -> "Classifier":
         super().train(mode)
         if mode:

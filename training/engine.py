@@ -91,7 +91,8 @@ class ClassificationTask:
 @dataclass
 class Predictions:
     """``logits (N, C)`` float32 and ``labels (N,)`` int64 (-1 where unlabelled), on the CPU;
-    ``loss`` the mean cross-entropy over labelled inputs (nan without labels)."""
+    ``loss`` the mean cross-entropy over labelled inputs (nan without labels, or with labels
+    the outputs do not cover)."""
 
     logits: torch.Tensor
     labels: torch.Tensor
@@ -204,8 +205,9 @@ class Engine:
                     y = torch.full((out.shape[0],), -1, dtype=torch.long)
                 else:
                     y = torch.as_tensor(y).long()
-                    loss += F.cross_entropy(out, y.to(out.device), reduction="sum").item()
-                    n += len(y)
+                    if len(y) and int(y.max()) < out.shape[1]:  # a head not grown yet has no loss
+                        loss += F.cross_entropy(out, y.to(out.device), reduction="sum").item()
+                        n += len(y)
                 logits.append(out.cpu())
                 labels.append(y.cpu())
         finally:
