@@ -107,7 +107,7 @@ def reference_split(labels: str, seed: int):
 def _limit(samples, n, seed):
     if n is None or len(samples) <= n:
         return samples
-    from training.ewc import select_exemplars
+    from training.replay import select_exemplars
 
     return [samples[i] for i in select_exemplars([s.label for s in samples], n, seed=seed)]
 
@@ -243,7 +243,8 @@ class Bench:
         from training import ewc
         from training.checkpoint import load_model
         from training.data import resolve_splits
-        from training.extend import ExtendConfig, extend_model
+        from training.extend import extend_model
+        from training.extend_config import ExtendConfig
 
         model, card = load_model(base["run"], device=self.device)
         state = ewc.EWCState.load(Path(base["run"]))
@@ -252,15 +253,15 @@ class Bench:
         classes = list(card.classes) + [c for c in new_classes if c not in card.classes]
         t_new = self.task(names[1], new, classes, card.input)
         t_old = self.task(names[0], old, classes, card.input)
-        cfg = ExtendConfig(source=base["run"], out="", data=self.spec(new), old_data=(self.spec(old),),
-                           method="naive" if method in ("naive", "replay") else "ewc",
-                           lam=lam if method.startswith("ewc") else 100.0,
-                           lambda_grid=tuple(float(x) for x in self.a.lambda_grid.split(",")),
-                           replay=replay if "replay" in method else None, replay_share=self.a.replay_share,
-                           bn=bn, epochs=self.a.epochs,
-                           batch_size=self.a.batch_size, lr=self.a.lr, fisher_samples=self.a.fisher_samples,
-                           seed=self.a.seed, device=self.a.device, threads=self.a.threads,
-                           max_steps_per_epoch=self.a.max_steps_per_epoch, write_fisher=False)
+        cfg = ExtendConfig.from_dict({
+            "source": base["run"], "out": "", "data": self.spec(new), "old_data": (self.spec(old),),
+            "method": "naive" if method in ("naive", "replay") else "ewc",
+            "lam": lam if method.startswith("ewc") else 100.0,
+            "lambda_grid": tuple(float(x) for x in self.a.lambda_grid.split(",")),
+            "replay": replay if "replay" in method else None, "replay_share": self.a.replay_share,
+            "bn": bn, "epochs": self.a.epochs, "batch_size": self.a.batch_size, "lr": self.a.lr,
+            "fisher_samples": self.a.fisher_samples, "seed": self.a.seed, "device": self.a.device,
+            "threads": self.a.threads, "max_steps_per_epoch": self.a.max_steps_per_epoch, "write_fisher": False})
         t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*vmap.*")

@@ -580,7 +580,17 @@ def run(cfg: ExtendConfig, *, overwrite: bool = False, progress: bool = False,
     report = outcome.report
     report.update(source=str(cfg.source), config_hash=cfg.hash())
 
-    # -- outputs (model + card first, then the report)
+    _write_run(out, cfg, card, model, classes, new, outcome)
+    echo(summary_text(report))
+    echo(f"-> {out}")
+    return report
+
+
+def _write_run(out: Path, cfg: ExtendConfig, card, model, classes: list[str], new: TaskSet, outcome: Outcome) -> None:
+    """The output run directory: model + card first, then Fisher, metrics, report and plot."""
+    from . import checkpoint as ckpt
+
+    report = outcome.report
     out.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_json(out / "config.json", {**cfg.to_dict(), "config_hash": cfg.hash()})
     src_weights = Path(cfg.source) / ckpt.BEST if Path(cfg.source).is_dir() else Path(cfg.source)
@@ -601,9 +611,6 @@ def run(cfg: ExtendConfig, *, overwrite: bool = False, progress: bool = False,
     from .metrics import plot_forgetting
 
     plot_forgetting(report, outcome.history, out / REPORT_PNG)
-    echo(summary_text(report))
-    echo(f"-> {out}")
-    return report
 
 
 def summary_text(report: Mapping[str, Any]) -> str:
