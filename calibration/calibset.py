@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,7 @@ class CalibrationSet:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "calibration.json") -> "CalibrationSet":
+    def from_dict(cls, data: Mapping[str, Any], where: str = "calibration.json") -> CalibrationSet:
         try:
             items = tuple(CalibItem(str(d["path"]), int(d["label"]), str(d["sha256"])) for d in data["images"])
             out = cls(items=items, classes=tuple(data["classes"]), input=InputSpec.from_dict(data["input"]),

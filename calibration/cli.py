@@ -11,8 +11,9 @@ import argparse
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 EXIT_ERROR, EXIT_GATE, EXIT_PARITY = 1, 3, 4
 
@@ -276,8 +277,12 @@ def _run_dir(args: argparse.Namespace, manifest: Any) -> Path:
 
 
 def _calibrate(args: argparse.Namespace, console: Any) -> int:
-    from calibration.calibset import (build_calibration_set, calibration_set_from_directory, preprocess_paths,
-                                      save_tensor)
+    from calibration.calibset import (
+        build_calibration_set,
+        calibration_set_from_directory,
+        preprocess_paths,
+        save_tensor,
+    )
     from calibration.gate import DEFAULT_METRICS
     from calibration.pipeline import EvalData, GateSettings, quantize_and_gate
     from calibration.provenance import library_versions

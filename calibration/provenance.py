@@ -7,9 +7,10 @@ import importlib.metadata
 import json
 import platform
 import subprocess
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LIBRARIES = ("torch", "torchvision", "onnx", "onnxruntime", "onnxslim", "numpy", "opencv-python-headless",

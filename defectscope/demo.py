@@ -12,10 +12,10 @@ import argparse
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
-import signal
 import time
 import urllib.request
 from pathlib import Path

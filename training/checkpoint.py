@@ -11,9 +11,10 @@ import json
 import os
 import random
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,7 +110,7 @@ class ModelCard:
             raise CheckpointError(f"model.json: good_classes {bad} are not among classes {list(self.classes)}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = MODEL_CARD) -> "ModelCard":
+    def from_dict(cls, d: Mapping[str, Any], where: str = MODEL_CARD) -> ModelCard:
         if not isinstance(d, Mapping):
             raise CheckpointError(f"{where}: expected a JSON object")
         known = set(cls.__dataclass_fields__)

@@ -108,7 +108,7 @@ class EpochStats:
 
     task_loss: list[float] = field(default_factory=list)
     terms: dict[str, list[float]] = field(default_factory=dict)
-    loss: float = 0.0            # sample-weighted mean of the task loss
+    loss: float = 0.0  # sample-weighted mean of the task loss
     train_accuracy: float = 0.0
     seconds: float = 0.0
 
@@ -140,9 +140,17 @@ class Engine:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def run_epoch(self, model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, *,
-                  scheduler: Any | None = None, scaler: torch.amp.GradScaler | None = None,
-                  steps: int | None = None, desc: str = "train") -> EpochStats:
+    def run_epoch(
+        self,
+        model: nn.Module,
+        batches: Iterable,
+        optimizer: torch.optim.Optimizer,
+        *,
+        scheduler: Any | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        steps: int | None = None,
+        desc: str = "train",
+    ) -> EpochStats:
         """One pass over ``batches`` (at most ``steps``): task loss + terms, step, schedule, hooks."""
         from tqdm import tqdm
 
@@ -163,7 +171,7 @@ class Engine:
                 out = model(x)
                 task_loss = self.task.loss(out, y)
             loss = task_loss
-            for term in self.terms:   # float32, outside autocast
+            for term in self.terms:  # float32, outside autocast
                 value = term(model)
                 stats.terms[term.name].append(float(value.detach()))
                 loss = loss + value
@@ -213,8 +221,9 @@ class Engine:
         finally:
             model.train(was)
         if not logits:
-            return Predictions(torch.zeros((0, getattr(model, "num_classes", 0))), torch.zeros(0, dtype=torch.long),
-                               float("nan"))
+            return Predictions(
+                torch.zeros((0, getattr(model, "num_classes", 0))), torch.zeros(0, dtype=torch.long), float("nan")
+            )
         return Predictions(torch.cat(logits), torch.cat(labels), loss / n if n else float("nan"))
 
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from .checkpoint import ModelCard
 from .data import Sample
+from .engine import Engine
 from .loader import ImageDataset
 from .metrics import classification_metrics
-from .engine import Engine
 from .transforms import Pipeline, tta_views
 
 

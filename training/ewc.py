@@ -189,7 +189,9 @@ class EWCState:
             raise EWCError("Fisher and anchors name different parameters")
         for n, f in self.fisher.items():
             if f.shape != self.anchors[n].shape:
-                raise EWCError(f"Fisher/anchor shape mismatch for {n!r}: {tuple(f.shape)} vs {tuple(self.anchors[n].shape)}")
+                raise EWCError(
+                    f"Fisher/anchor shape mismatch for {n!r}: {tuple(f.shape)} vs {tuple(self.anchors[n].shape)}"
+                )
         if not self.anchor_sha256:
             self.anchor_sha256 = params_sha256(self.anchors)
 
@@ -254,7 +256,9 @@ class EWCState:
         if path.is_dir():
             path = path / FISHER_FILE
         if not path.is_file():
-            raise EWCError(f"{path}: no Fisher/anchor file (compute it with `defectscope extend --from RUN --finalize`)")
+            raise EWCError(
+                f"{path}: no Fisher/anchor file (compute it with `defectscope extend --from RUN --finalize`)"
+            )
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
@@ -264,10 +268,14 @@ class EWCState:
         if meta.get("format") != FORMAT:
             raise EWCError(f"{path}: metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
         if meta.get("format_version") != str(FORMAT_VERSION):
-            raise EWCError(f"{path}: metadata 'format_version' is {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+            raise EWCError(
+                f"{path}: metadata 'format_version' is {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
+            )
         try:
             shapes = json.loads(meta["params"])
-            tasks = tuple(TaskRecord(**{**t, "classes": tuple(t.get("classes", ()))}) for t in json.loads(meta["tasks"]))
+            tasks = tuple(
+                TaskRecord(**{**t, "classes": tuple(t.get("classes", ()))}) for t in json.loads(meta["tasks"])
+            )
             classes = tuple(json.loads(meta["classes"]))
             gamma = float(meta["gamma"])
             backbone = meta["backbone"]
@@ -283,10 +291,18 @@ class EWCState:
                 raise EWCError(f"{path}: tensor {n!r} has shape {list(anchors[n].shape)}, metadata 'params' says {shp}")
         actual = params_sha256(anchors)
         if actual != stored_hash:
-            raise EWCError(f"{path}: anchor tensors hash to {actual[:12]}, metadata 'anchor_sha256' says {stored_hash[:12]}: the file is corrupt or was edited")
+            raise EWCError(
+                f"{path}: anchor tensors hash to {actual[:12]}, metadata 'anchor_sha256' says {stored_hash[:12]}: the file is corrupt or was edited"
+            )
         return cls(
-            fisher=fisher, anchors=anchors, backbone=backbone, classes=classes, tasks=tasks,
-            gamma=gamma, anchor_sha256=stored_hash, created=meta.get("created", ""),
+            fisher=fisher,
+            anchors=anchors,
+            backbone=backbone,
+            classes=classes,
+            tasks=tasks,
+            gamma=gamma,
+            anchor_sha256=stored_hash,
+            created=meta.get("created", ""),
         )
 
     # -- checks
@@ -308,7 +324,9 @@ class EWCState:
             )
         for n, a in self.anchors.items():
             if params[n].shape != a.shape:
-                raise EWCError(f"{source} does not fit this model: {n!r} is {tuple(a.shape)} in the file, {tuple(params[n].shape)} in the model")
+                raise EWCError(
+                    f"{source} does not fit this model: {n!r} is {tuple(a.shape)} in the file, {tuple(params[n].shape)} in the model"
+                )
         got = params_sha256(params)
         if got != self.anchor_sha256:
             raise EWCError(
@@ -339,14 +357,20 @@ def consolidate(
     rows. ``gamma`` defaults to the old state's.
     """
     if old is None:
-        return EWCState.from_model(model, fisher_new, backbone=backbone, classes=classes, task=task,
-                                   gamma=DEFAULT_GAMMA if gamma is None else gamma)
+        return EWCState.from_model(
+            model,
+            fisher_new,
+            backbone=backbone,
+            classes=classes,
+            task=task,
+            gamma=DEFAULT_GAMMA if gamma is None else gamma,
+        )
     gamma = old.gamma if gamma is None else gamma
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     anchors = model_params(model)
     fisher: dict[str, torch.Tensor] = {}
-    for n, a in anchors.items():
+    for n in anchors:
         f = fisher_new[n].detach().to("cpu", torch.float32)
         prev = old.fisher.get(n)
         if prev is not None:
@@ -412,7 +436,17 @@ class EWCPenalty:
 
 
 __all__ = [
-    "DEFAULT_FISHER_SAMPLES", "DEFAULT_GAMMA", "DEFAULT_LAMBDA", "FISHER_FILE", "LAMBDA_GRID",
-    "EWCError", "EWCPenalty", "EWCState", "TaskRecord", "consolidate", "estimate_fisher", "model_params",
+    "DEFAULT_FISHER_SAMPLES",
+    "DEFAULT_GAMMA",
+    "DEFAULT_LAMBDA",
+    "FISHER_FILE",
+    "LAMBDA_GRID",
+    "EWCError",
+    "EWCPenalty",
+    "EWCState",
+    "TaskRecord",
+    "consolidate",
+    "estimate_fisher",
+    "model_params",
     "params_sha256",
 ]

@@ -103,7 +103,7 @@ def _concat_loader(tasks: Sequence[TaskSet], split: str, batch_size: int, seed: 
     import torch
     from torch.utils.data import ConcatDataset, DataLoader
 
-    ds = ConcatDataset([t.dataset(split) for t in tasks])
+    ds: ConcatDataset = ConcatDataset([t.dataset(split) for t in tasks])
     return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
 
@@ -140,8 +140,12 @@ def _acc(m: Mapping[str, Any] | None) -> float | None:
 
 
 def _mean(vals: Sequence[float | None]) -> float | None:
-    vals = [v for v in vals if v is not None]
-    return sum(vals) / len(vals) if vals else None
+    known = [v for v in vals if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def _diff(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else before - after
 
 
 def accuracy(logits, labels, classes: Sequence[int] | None = None) -> float:
@@ -323,6 +327,7 @@ def _search(model, train_ds, train_labels, state, cfg: ExtendConfig, device, cla
                      "penalty_share": hist.penalty_share, "train_s": time.perf_counter() - t0})
         if best is None or (score is not None and (best[0] is None or score > best[0])):
             best = (score, lam, copy.deepcopy(model.state_dict()) if len(cfg.lambdas) > 1 else None, hist, records)
+    assert best is not None   # cfg.lambdas is never empty
     score, lam, best_sd, hist, records = best
     if best_sd is not None:
         model.load_state_dict(best_sd)
@@ -433,12 +438,11 @@ def _report(cfg: ExtendConfig, lam, runs, hist: FitHistory, classes, grown: bool
         "new_accuracy_after": _acc(new_after),
         "old_accuracy_before": ob,
         "old_accuracy_after": oa,
-        "forgetting": None if ob is None or oa is None else ob - oa,
+        "forgetting": _diff(ob, oa),
         "penalty_share": hist.penalty_share,
         "new": {"before": new_before, "after": new_after},
         "old": {t.name: {"before": old_before[t.name], "after": old_after[t.name],
-                         "forgetting": (None if old_before[t.name] is None else
-                                        _acc(old_before[t.name]) - _acc(old_after[t.name]))} for t in olds},
+                         "forgetting": _diff(_acc(old_before[t.name]), _acc(old_after[t.name]))} for t in olds},
         "head_growth": growth,
         "old_class_logits": old_logits or None,
         "replay": replay_info,

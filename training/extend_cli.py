@@ -22,7 +22,7 @@ methods (combine freely):
   --method naive    plain fine-tuning on the new data (the baseline that forgets)
   --replay 10%|N    mix a class-balanced buffer of old training images into every epoch
 
-lambda: --lambda 100 (default; F is a per-image mean, CE a per-image mean) or --lambda auto: train
+lambda: --lambda {lam:g} (default; F is a per-image mean, CE a per-image mean) or --lambda auto: train
   with each of --lambda-grid and keep the one with the best mean of old and new validation accuracy.
 
 scenarios (from the data): same classes -> new domain; unknown class names -> the head grows,
@@ -70,21 +70,39 @@ _O = EXTEND_OPTIM
 
 
 def build_parser() -> argparse.ArgumentParser:
-    S = argparse.SUPPRESS
     p = argparse.ArgumentParser(
-        prog="defectscope extend", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        prog="defectscope extend",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG.format(lam=_D.lam),
         description="Extend a trained model to a new product line or new defect classes without forgetting "
-                    "the old ones (Elastic Weight Consolidation, replay, or both).")
-    p.add_argument("--from", dest="source", required=True, metavar="RUN",
-                   help="source run directory (or .safetensors with model.json beside it)")
+        "the old ones (Elastic Weight Consolidation, replay, or both).",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="RUN",
+        help="source run directory (or .safetensors with model.json beside it)",
+    )
     p.add_argument("--out", help="output run directory (required unless --finalize)")
-    p.add_argument("--finalize", action="store_true",
-                   help="only compute fisher.safetensors beside the source checkpoint (from its training data, "
-                        "or --data) and exit")
+    p.add_argument(
+        "--finalize",
+        action="store_true",
+        help="only compute fisher.safetensors beside the source checkpoint (from its training data, "
+        "or --data) and exit",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     p.add_argument("--config", help="TOML/JSON file with ExtendConfig keys; flags override it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    _data_args(p)
+    _method_args(p)
+    _optim_args(p)
+    return p
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS
     d = p.add_argument_group("new data (as for `defectscope train`)")
     d.add_argument("--data", default=S, help="'elpv', an ImageFolder directory, or a CSV manifest")
     d.add_argument("--data-source", choices=("folder", "csv", "elpv"), default=S, help="force the layout")
@@ -94,35 +112,71 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-fraction", type=float, default=S)
     d.add_argument("--good-classes", default=S, help="comma-separated 'no defect' classes")
     d.add_argument("--limit", type=int, default=S, help="at most N images per split (smoke runs)")
-    d.add_argument("--old-data", action="append", default=S, metavar="SPEC",
-                   help="old task data for evaluation, replay and a missing Fisher: 'elpv', a folder, a CSV, a "
-                        ".json/.toml DataSpec file, or 'none' (repeatable; default: the source model card's data)")
+    d.add_argument(
+        "--old-data",
+        action="append",
+        default=S,
+        metavar="SPEC",
+        help="old task data for evaluation, replay and a missing Fisher: 'elpv', a folder, a CSV, a "
+        ".json/.toml DataSpec file, or 'none' (repeatable; default: the source model card's data)",
+    )
 
+
+def _method_args(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS
     m = p.add_argument_group("method")
-    m.add_argument("--method", choices=METHODS, default=S, help="ewc (default) or naive")
+    m.add_argument("--method", choices=METHODS, default=S, help=f"({_D.method})")
     m.add_argument("--lambda", dest="lam", default=S, metavar="L|auto", help=f"penalty strength ({_D.lam:g}) or 'auto'")
-    m.add_argument("--lambda-grid", default=S, help=f"candidates for --lambda auto ({','.join(f'{v:g}' for v in _D.lambda_grid)})")
+    m.add_argument(
+        "--lambda-grid", default=S, help=f"candidates for --lambda auto ({','.join(f'{v:g}' for v in _D.lambda_grid)})"
+    )
     m.add_argument("--gamma", type=float, default=S, help=f"online-EWC decay of the old Fisher ({_D.gamma})")
     m.add_argument("--fisher", default=S, help="Fisher file (default: fisher.safetensors beside --from)")
     m.add_argument("--fisher-samples", type=int, default=S, help=f"images per Fisher estimate ({_D.fisher_samples})")
-    m.add_argument("--fisher-draws", type=int, default=S, help=f"labels sampled from the model per image ({_D.fisher_draws})")
+    m.add_argument(
+        "--fisher-draws", type=int, default=S, help=f"labels sampled from the model per image ({_D.fisher_draws})"
+    )
     m.add_argument("--replay", default=S, help="replay buffer: share of old train images (10%%) or a count (200)")
-    m.add_argument("--replay-share", type=float, default=S,
-                   help=f"repeat the buffer to make this share of each epoch ({_D.replay_share}; 0: seen once, its natural share)")
+    m.add_argument(
+        "--replay-share",
+        type=float,
+        default=S,
+        help=f"repeat the buffer to make this share of each epoch ({_D.replay_share}; 0: seen once, its natural share)",
+    )
     m.add_argument("--bn", choices=BN_MODES, default=S, help=f"BN running statistics ({_D.bn})")
-    m.add_argument("--freeze-old-rows", action="store_true", default=S,
-                   help="new classes: keep the old head rows bit-exact during training")
-    m.add_argument("--keep", choices=KEEP, default=S,
-                   help=f"weights kept per lambda: the last epoch's or the best by mean old/new val accuracy ({_D.keep})")
-    m.add_argument("--no-fisher", action="store_true", default=S,
-                   help="do not write the consolidated fisher.safetensors into --out")
+    m.add_argument(
+        "--freeze-old-rows",
+        action="store_true",
+        default=S,
+        help="new classes: keep the old head rows bit-exact during training",
+    )
+    m.add_argument(
+        "--keep",
+        choices=KEEP,
+        default=S,
+        help=f"weights kept per lambda: the last epoch's or the best by mean old/new val accuracy ({_D.keep})",
+    )
+    m.add_argument(
+        "--no-fisher",
+        action="store_true",
+        default=S,
+        help="do not write the consolidated fisher.safetensors into --out",
+    )
 
+
+def _optim_args(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=S, help=f"({_O.epochs})")
     o.add_argument("--batch-size", type=int, default=S, help=f"({_O.batch_size})")
     o.add_argument("--lr", type=float, default=S, help=f"head LR ({_O.lr:g}); lower groups lr * lr_decay**k")
     o.add_argument("--lr-decay", type=float, default=S, help=f"({_O.lr_decay})")
-    o.add_argument("--weight-decay", type=float, default=S, help=f"AdamW decay ({_O.weight_decay:g}: it pulls away from the anchors)")
+    o.add_argument(
+        "--weight-decay",
+        type=float,
+        default=S,
+        help=f"AdamW decay ({_O.weight_decay:g}: it pulls away from the anchors)",
+    )
     o.add_argument("--warmup-epochs", type=float, default=S, help=f"({_O.warmup_epochs})")
     o.add_argument("--label-smoothing", type=float, default=S, help=f"({_O.label_smoothing})")
     o.add_argument("--grad-clip", type=float, default=S, help=f"max gradient norm, 0 = off ({_O.grad_clip})")
@@ -134,7 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--no-amp", action="store_true", default=S, help="no float16 autocast on CUDA")
     o.add_argument("--no-channels-last", action="store_true", default=S, help="NCHW instead of NHWC convolutions")
     o.add_argument("--max-steps-per-epoch", type=int, default=S, help="cap batches per epoch (smoke runs)")
-    return p
 
 
 def config_from_args(ns: argparse.Namespace) -> ExtendConfig:
@@ -175,9 +228,30 @@ def config_from_args(ns: argparse.Namespace) -> ExtendConfig:
             d["lambda_grid"] = tuple(float(x) for x in str(a["lambda_grid"]).split(",") if x.strip())
         except ValueError:
             raise ConfigError(f"--lambda-grid: expected comma-separated numbers, got {a['lambda_grid']!r}") from None
-    for k in ("method", "gamma", "fisher", "fisher_samples", "fisher_draws", "replay", "replay_share", "bn",
-              "freeze_old_rows", "keep", "epochs", "batch_size", "lr", "lr_decay", "weight_decay", "warmup_epochs",
-              "label_smoothing", "balance", "seed", "threads", "device", "max_steps_per_epoch"):
+    for k in (
+        "method",
+        "gamma",
+        "fisher",
+        "fisher_samples",
+        "fisher_draws",
+        "replay",
+        "replay_share",
+        "bn",
+        "freeze_old_rows",
+        "keep",
+        "epochs",
+        "batch_size",
+        "lr",
+        "lr_decay",
+        "weight_decay",
+        "warmup_epochs",
+        "label_smoothing",
+        "balance",
+        "seed",
+        "threads",
+        "device",
+        "max_steps_per_epoch",
+    ):
         if k in a:
             d[k] = a[k]
     if "grad_clip" in a:
@@ -213,9 +287,16 @@ def main(argv: list[str] | None = None) -> int:
             from .trainer import setup_runtime
 
             setup_runtime(cfg.optim.threads, cfg.optim.seed)
-            finalize_run(cfg.source, data=cfg.data if "data" in vars(ns) else None, n_samples=cfg.fisher_samples,
-                         draws=cfg.fisher_draws, seed=cfg.optim.seed, gamma=cfg.gamma, device=cfg.optim.device,
-                         progress=progress)
+            finalize_run(
+                cfg.source,
+                data=cfg.data if "data" in vars(ns) else None,
+                n_samples=cfg.fisher_samples,
+                draws=cfg.fisher_draws,
+                seed=cfg.optim.seed,
+                gamma=cfg.gamma,
+                device=cfg.optim.device,
+                progress=progress,
+            )
             return 0
         if not cfg.out:
             raise ConfigError("--out: required (the extended model's run directory)")

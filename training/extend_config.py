@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .config import OPTIM_FIELDS, AugmentConfig, ConfigError, OptimConfig
 from .data import DataError, DataSpec
@@ -44,28 +45,28 @@ EXTEND_OPTIM = OptimConfig(epochs=5, weight_decay=0.0)
 class ExtendConfig:
     """What ``defectscope extend`` does; saved as ``config.json`` in the output run."""
 
-    source: str                                   # run dir or .safetensors (model.json beside it)
+    source: str  # run dir or .safetensors (model.json beside it)
     out: str
-    data: DataSpec                                # the new line / new classes
+    data: DataSpec  # the new line / new classes
     old_data: tuple[DataSpec, ...] | None = None  # None: the source model card's data; () = none
-    method: str = "ewc"                           # "ewc" | "naive" (no penalty)
-    lam: float | str = DEFAULT_LAMBDA             # penalty strength, or "auto" (grid on validation)
+    method: str = "ewc"  # "ewc" | "naive" (no penalty)
+    lam: float | str = DEFAULT_LAMBDA  # penalty strength, or "auto" (grid on validation)
     lambda_grid: tuple[float, ...] = LAMBDA_GRID
-    gamma: float = DEFAULT_GAMMA                  # online-EWC decay of the old Fisher
-    fisher: str | None = None                     # Fisher file; None: <source>/fisher.safetensors
+    gamma: float = DEFAULT_GAMMA  # online-EWC decay of the old Fisher
+    fisher: str | None = None  # Fisher file; None: <source>/fisher.safetensors
     fisher_samples: int = DEFAULT_FISHER_SAMPLES  # inputs per Fisher estimate
-    fisher_draws: int = 1                         # labels sampled per input
-    replay: str | None = None                     # "5%" of the old train split, or a count "200"
+    fisher_draws: int = 1  # labels sampled per input
+    replay: str | None = None  # "5%" of the old train split, or a count "200"
     # Buffer's share of each epoch (repeated to reach it); 0 or None: its natural share. A 5% buffer
     # seen once is ~3% of an epoch and barely anchors the old task; experience replay mixes
     # memory into every stretch of training, so the default repeats it to about a fifth.
     replay_share: float | None = 0.2
-    bn: str = "frozen"                            # BN running stats: "frozen" | "update"
-    freeze_old_rows: bool = False                 # scenario (b): keep old head rows bit-exact while training
+    bn: str = "frozen"  # BN running stats: "frozen" | "update"
+    freeze_old_rows: bool = False  # scenario (b): keep old head rows bit-exact while training
     # Weights kept per lambda: the "last" epoch's, or the "best" epoch's by the mean of old and
     # new validation accuracy (the score --lambda auto ranks by).
     keep: str = "last"
-    write_fisher: bool = True                     # consolidated Fisher for the extended model
+    write_fisher: bool = True  # consolidated Fisher for the extended model
     optim: OptimConfig = EXTEND_OPTIM
 
     def __post_init__(self) -> None:
@@ -151,8 +152,10 @@ class ExtendConfig:
             if not isinstance(d.get("data"), DataSpec):
                 d["data"] = DataSpec.from_dict(d.get("data") or {}, where=f"{where}: data")
             if d.get("old_data") is not None:
-                d["old_data"] = tuple(s if isinstance(s, DataSpec) else DataSpec.from_dict(s, where=f"{where}: old_data")
-                                      for s in d["old_data"])
+                d["old_data"] = tuple(
+                    s if isinstance(s, DataSpec) else DataSpec.from_dict(s, where=f"{where}: old_data")
+                    for s in d["old_data"]
+                )
             return cls(**d, optim=replace(EXTEND_OPTIM, **optim))
         except (ConfigError, DataError) as exc:
             msg = str(exc)

@@ -49,8 +49,9 @@ def grow_linear(old: nn.Linear, num_classes: int, *, seed: int = 0) -> nn.Linear
         return old
     if isinstance(old, GrownLinear):
         raise ValueError("this head already grew in this process; save and reload the model before growing it again")
-    new = GrownLinear(old.in_features, num_classes, c_old, bias=old.bias is not None,
-                      device=old.weight.device, dtype=old.weight.dtype)
+    new = GrownLinear(
+        old.in_features, num_classes, c_old, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
+    )
     gen = torch.Generator(device="cpu").manual_seed(seed)
     std = float(old.weight.float().std()) if old.weight.numel() > 1 else 0.01
     new.weight[:c_old].copy_(old.weight)
@@ -71,7 +72,10 @@ class HeadRowFreeze:
     """
 
     def __init__(self, model: nn.Module, head: str, rows: int) -> None:
-        self.mod = model.get_submodule(head)
+        mod = model.get_submodule(head)
+        if not isinstance(mod, nn.Linear):
+            raise TypeError(f"{head!r} is {type(mod).__name__}, expected nn.Linear")
+        self.mod: nn.Linear = mod
         self.rows = rows
         self.w = self.mod.weight.detach()[:rows].clone()
         self.b = None if self.mod.bias is None else self.mod.bias.detach()[:rows].clone()
@@ -81,5 +85,3 @@ class HeadRowFreeze:
         self.mod.weight[: self.rows].copy_(self.w)
         if self.b is not None:
             self.mod.bias[: self.rows].copy_(self.b)
-
-

@@ -79,8 +79,16 @@ def mix_replay(new: Dataset, replay: Dataset, *, share: float | None = None) -> 
     return ConcatDataset([new, *([replay] * reps)])
 
 
-def mix_tasks(train_ds: Dataset, train_labels: Sequence[int], olds: Sequence, spec: str, *,
-              share: float | None, seed: int, classes: Sequence[str]) -> tuple[Dataset, list[int], dict]:
+def mix_tasks(
+    train_ds: Dataset,
+    train_labels: Sequence[int],
+    olds: Sequence,
+    spec: str,
+    *,
+    share: float | None,
+    seed: int,
+    classes: Sequence[str],
+) -> tuple[Dataset, list[int], dict]:
     """New training data mixed with a buffer from the old tasks' train splits.
 
     ``olds``: ``training.extend.TaskSet``-like (``labels(split)``, ``subset(split, idx, train=)``,
@@ -99,10 +107,15 @@ def mix_tasks(train_ds: Dataset, train_labels: Sequence[int], olds: Sequence, sp
         idx = select_exemplars(lab, round(size * len(lab) / n_old), seed=seed)
         parts.append(t.subset("train", idx, train=True))
         rep_labels += [lab[i] for i in idx]
-    buffer = ConcatDataset(parts)
+    buffer: ConcatDataset = ConcatDataset(parts)
     mixed = mix_replay(train_ds, buffer, share=share)
-    reps = (len(mixed) - len(train_ds)) // max(1, len(buffer))  # type: ignore[arg-type]
+    n_mixed, n_new = len(mixed), len(train_ds)  # type: ignore[arg-type]
+    reps = (n_mixed - n_new) // max(1, len(buffer))
     counts = {classes[c]: rep_labels.count(c) for c in sorted(set(rep_labels))}
-    info = {"size": len(buffer), "per_class": counts, "repeats_per_epoch": reps,
-            "share_of_epoch": len(buffer) * reps / len(mixed)}  # type: ignore[arg-type]
+    info = {
+        "size": len(buffer),
+        "per_class": counts,
+        "repeats_per_epoch": reps,
+        "share_of_epoch": len(buffer) * reps / n_mixed,
+    }
     return mixed, list(train_labels) + rep_labels * reps, info

@@ -6,9 +6,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,8 +74,9 @@ def setup_runtime(threads: int | None, seed: int) -> None:
 
 def seed_everything(seed: int) -> None:
     import random
+
     random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
+    np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
 
 
@@ -89,9 +91,16 @@ def pick_device(name: str) -> torch.device:
 class Trainer:
     """One run: ``Trainer(cfg).fit()``. See docs in training/cli.py for the strategies."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
-                 progress: bool = True, on_epoch_end: Callable[[EpochInfo], None] | None = None,
-                 echo: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+        on_epoch_end: Callable[[EpochInfo], None] | None = None,
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
         self.cfg = cfg.resolved()
         self.resume = resume
         self.overwrite = overwrite
@@ -113,10 +122,13 @@ class Trainer:
                 raise RunExistsError(
                     f"{cfg_file}: the run was started with another configuration "
                     f"(config_hash {saved.get('config_hash')} != {self.cfg.hash()}); resume with the same "
-                    f"options (or `--config {cfg_file}`), or train into a new --out")
+                    f"options (or `--config {cfg_file}`), or train into a new --out"
+                )
         elif (self.run_dir / ckpt.LAST).exists() and not self.overwrite:
-            raise RunExistsError(f"{self.run_dir}: holds a run already; pass --resume to continue it, "
-                                 f"--overwrite to replace it, or another --out")
+            raise RunExistsError(
+                f"{self.run_dir}: holds a run already; pass --resume to continue it, "
+                f"--overwrite to replace it, or another --out"
+            )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_json(cfg_file, {**self.cfg.to_dict(), "config_hash": self.cfg.hash()})
         return state
@@ -136,29 +148,40 @@ class Trainer:
             history, start = self._restore(state, sel, loop)
         else:
             start = 0
-            if cfg.bn == "adapt":   # a resumed run's statistics come with its weights
+            if cfg.bn == "adapt":  # a resumed run's statistics come with its weights
                 self._adapt_bn()
 
         last_phase = self.plan[start - 1].phase if start > 0 else None
         for p in self.plan[start:]:
             if last_phase is not None and p.phase != last_phase:
-                sel.bad_epochs = 0   # fine-tuning gets its own patience after the head warm-up
+                sel.bad_epochs = 0  # fine-tuning gets its own patience after the head warm-up
             last_phase = p.phase
             if sel.exhausted(cfg.patience):
                 if p.phase == "head" and self.plan[-1].phase == "finetune":
-                    continue     # stop warming up the head; fine-tuning still runs
+                    continue  # stop warming up the head; fine-tuning still runs
                 self.echo(f"early stop: no {self.monitor} improvement for {cfg.patience} epochs")
                 break
             record = self._epoch(p, loop, sel)
             history.append(record)
             ckpt.atomic_write_json(self.run_dir / "metrics.json", history)
-            ckpt.save_resume(self.run_dir, {
-                "model": self.model.state_dict(), "optimizer": loop.opt.state_dict(),
-                "scheduler": loop.sched.state_dict(), "scaler": loop.scaler.state_dict(), "epoch": p.epoch,
-                "signature": list(p.signature), "sched_offset": loop.sched_offset, "best_value": sel.best_value,
-                "best_epoch": sel.best_epoch, "bad_epochs": sel.bad_epochs, "history": history,
-                "rng": ckpt.rng_state(), "config_hash": cfg.hash(),
-            })
+            ckpt.save_resume(
+                self.run_dir,
+                {
+                    "model": self.model.state_dict(),
+                    "optimizer": loop.opt.state_dict(),
+                    "scheduler": loop.sched.state_dict(),
+                    "scaler": loop.scaler.state_dict(),
+                    "epoch": p.epoch,
+                    "signature": list(p.signature),
+                    "sched_offset": loop.sched_offset,
+                    "best_value": sel.best_value,
+                    "best_epoch": sel.best_epoch,
+                    "bad_epochs": sel.bad_epochs,
+                    "history": history,
+                    "rng": ckpt.rng_state(),
+                    "config_hash": cfg.hash(),
+                },
+            )
             if self.on_epoch_end is not None:
                 self.on_epoch_end(EpochInfo(p, self.model, loop.opt, record))
 
@@ -169,17 +192,22 @@ class Trainer:
         splits = resolve_splits(self.cfg.data, threads=max(1, torch.get_num_threads()))
         self.splits = splits
         if splits.skipped:
-            self.echo(f"skipped {len(splits.skipped)} unreadable image(s): "
-                      + ", ".join(p for p, _ in splits.skipped[:5]) + (" ..." if len(splits.skipped) > 5 else ""))
+            self.echo(
+                f"skipped {len(splits.skipped)} unreadable image(s): "
+                + ", ".join(p for p, _ in splits.skipped[:5])
+                + (" ..." if len(splits.skipped) > 5 else "")
+            )
         if not splits.val:
             raise ValueError("the validation split is empty; give a val split or a val_fraction > 0")
-        self.echo(f"data: {len(splits.classes)} classes {splits.classes}; train/val/test = "
-                  f"{len(splits.train)}/{len(splits.val)}/{len(splits.test)}")
+        self.echo(
+            f"data: {len(splits.classes)} classes {splits.classes}; train/val/test = "
+            f"{len(splits.train)}/{len(splits.val)}/{len(splits.test)}"
+        )
 
     def _build_model(self) -> None:
         cfg, nc = self.cfg, len(self.splits.classes)
         self.input = sized_input(get_spec(cfg.backbone), cfg.image_size, crop_fraction=cfg.crop_fraction)
-        seed_everything(cfg.seed)   # the random head init does not depend on data listing
+        seed_everything(cfg.seed)  # the random head init does not depend on data listing
         model = build_model(cfg.backbone, nc, cfg.weights, input_spec=self.input, dropout=cfg.dropout)
         self.model = model.to(self.device)
         model.freeze_bn_stats = cfg.bn in ("frozen", "adapt")
@@ -193,8 +221,15 @@ class Trainer:
         train_labels = np.array([s.label for s in self.splits.train], dtype=np.int64)
         cw = class_weights(train_labels, nc).to(self.device) if cfg.balance == "loss" else None
         task = ClassificationTask(torch.nn.CrossEntropyLoss(weight=cw, label_smoothing=cfg.label_smoothing))
-        self.engine = Engine(task=task, device=self.device, amp=cfg.amp, channels_last=cfg.channels_last,
-                             grad_clip=cfg.grad_clip, bn_frozen=model.freeze_bn_stats, progress=self.progress)
+        self.engine = Engine(
+            task=task,
+            device=self.device,
+            amp=cfg.amp,
+            channels_last=cfg.channels_last,
+            grad_clip=cfg.grad_clip,
+            bn_frozen=model.freeze_bn_stats,
+            progress=self.progress,
+        )
         # The head warm-up runs on cached features: no AMP, no NHWC, no BatchNorm.
         self.head_engine = Engine(task=task, device=self.device, grad_clip=cfg.grad_clip, progress=self.progress)
         self._feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -229,43 +264,74 @@ class Trainer:
         ep_wall, ep_cpu = time.perf_counter(), time.process_time()
         if p.phase == "head":
             feats, labels = self._features("train")
-            batches = make_loader(TensorPairs(feats, labels), labels.numpy(), len(self.splits.classes),
-                                  self.cfg.batch_size, train=True, balance=self.cfg.balance,
-                                  seed=self.cfg.seed + p.epoch)
-            stats = self.head_engine.run_epoch(model.head, batches, loop.opt, scheduler=loop.sched,
-                                               steps=self.cfg.max_steps_per_epoch, desc=f"head {p.epoch + 1}")
+            batches = make_loader(
+                TensorPairs(feats, labels),
+                labels.numpy(),
+                len(self.splits.classes),
+                self.cfg.batch_size,
+                train=True,
+                balance=self.cfg.balance,
+                seed=self.cfg.seed + p.epoch,
+            )
+            stats = self.head_engine.run_epoch(
+                model.head,
+                batches,
+                loop.opt,
+                scheduler=loop.sched,
+                steps=self.cfg.max_steps_per_epoch,
+                desc=f"head {p.epoch + 1}",
+            )
             preds = self.head_engine.predict(model.head, [self._features("val")])
         else:
-            stats = self.engine.run_epoch(model, self._loader("train", p.epoch), loop.opt, scheduler=loop.sched,
-                                          scaler=loop.scaler, steps=self._steps_per_epoch("finetune"),
-                                          desc=f"epoch {p.epoch + 1}/{len(self.plan)}")
+            stats = self.engine.run_epoch(
+                model,
+                self._loader("train", p.epoch),
+                loop.opt,
+                scheduler=loop.sched,
+                scaler=loop.scaler,
+                steps=self._steps_per_epoch("finetune"),
+                desc=f"epoch {p.epoch + 1}/{len(self.plan)}",
+            )
             preds = self.engine.predict(model, self._loader("val"))
         val = self.engine.task.evaluate(preds, self.splits.classes)
         value = monitor_value(val, self.monitor)
         improved = sel.update(p.epoch + 1, value)
         record = {
-            "epoch": p.epoch + 1, "phase": p.phase,
+            "epoch": p.epoch + 1,
+            "phase": p.phase,
             "trainable": [g.name for g in model.groups if g.name not in model.frozen],
-            "train_loss": stats.loss, "lr": loop.opt.param_groups[0]["lr"],
+            "train_loss": stats.loss,
+            "lr": loop.opt.param_groups[0]["lr"],
             "val": {k: v for k, v in val.items() if k not in ("per_class",)},
-            "monitor": self.monitor, "improved": improved,
-            "wall_s": time.perf_counter() - ep_wall, "cpu_s": time.process_time() - ep_cpu,
+            "monitor": self.monitor,
+            "improved": improved,
+            "wall_s": time.perf_counter() - ep_wall,
+            "cpu_s": time.process_time() - ep_cpu,
         }
         if improved:
             ckpt.save_model(self.run_dir, model, self._card({"val": record["val"], "best_epoch": sel.best_epoch}))
-        self.echo(f"epoch {p.epoch + 1}/{len(self.plan)} [{p.phase}, {len(record['trainable'])} groups] "
-                  f"loss {stats.loss:.4f} val {self.monitor} {value:.4f} acc {val['accuracy']:.4f}"
-                  f"{'  *' if improved else ''}  ({record['wall_s']:.1f}s)")
+        self.echo(
+            f"epoch {p.epoch + 1}/{len(self.plan)} [{p.phase}, {len(record['trainable'])} groups] "
+            f"loss {stats.loss:.4f} val {self.monitor} {value:.4f} acc {val['accuracy']:.4f}"
+            f"{'  *' if improved else ''}  ({record['wall_s']:.1f}s)"
+        )
         return record
 
     # -- pieces ----------------------------------------------------------------------------
     def _card(self, metrics: dict) -> ckpt.ModelCard:
         s = self.splits
         return ckpt.ModelCard(
-            backbone=self.cfg.backbone, num_classes=len(s.classes), classes=tuple(s.classes),
-            good_classes=tuple(s.good_classes), input=self.input, weights=self.cfg.weights,
-            data=self.cfg.data.to_dict(), dataset_fingerprint=s.fingerprint,
-            config_hash=self.cfg.hash(), metrics=metrics)
+            backbone=self.cfg.backbone,
+            num_classes=len(s.classes),
+            classes=tuple(s.classes),
+            good_classes=tuple(s.good_classes),
+            input=self.input,
+            weights=self.cfg.weights,
+            data=self.cfg.data.to_dict(),
+            dataset_fingerprint=s.fingerprint,
+            config_hash=self.cfg.hash(),
+            metrics=metrics,
+        )
 
     def _steps_per_epoch(self, phase: str) -> int:
         n = len(self.splits.train)
@@ -281,27 +347,48 @@ class Trainer:
         steps = self._steps_per_epoch(p.phase)
         total = sum(1 for q in self.plan if q.phase == p.phase) * steps
         lr = cfg.head_lr if p.phase == "head" else cfg.lr
-        return build_optimizer(self.model, p.n_trainable, lr, cfg.lr_decay, cfg.weight_decay,
-                               total_steps=total, warmup_steps=int(round(cfg.warmup_epochs * steps)),
-                               offset=offset)
+        return build_optimizer(
+            self.model,
+            p.n_trainable,
+            lr,
+            cfg.lr_decay,
+            cfg.weight_decay,
+            total_steps=total,
+            warmup_steps=int(round(cfg.warmup_epochs * steps)),
+            offset=offset,
+        )
 
     def _features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in self._feats:
             cfg = self.cfg
             samples = self.splits.split(split)
             extra = f"seed={cfg.seed}" if cfg.weights == "none" else ""
-            if cfg.bn == "adapt":   # the features depend on the statistics, hence on the training split
+            if cfg.bn == "adapt":  # the features depend on the statistics, hence on the training split
                 extra += f"bn=adapt:{self.splits.split_fingerprint('train')}"
-            key = feature_key(cfg.backbone, weights_id(cfg.weights, cfg.backbone), self.input,
-                              self.splits.split_fingerprint(split), extra)
+            key = feature_key(
+                cfg.backbone,
+                weights_id(cfg.weights, cfg.backbone),
+                self.input,
+                self.splits.split_fingerprint(split),
+                extra,
+            )
             t = time.perf_counter()
             # Features come from the body alone: the head is untouched by extraction.
-            f, y, hit = cached_features(self.model, samples, self.input, key, device=self.device,
-                                        channels_last=cfg.channels_last,
-                                        desc=f"features {split}", progress=self.progress,
-                                        threads=max(1, torch.get_num_threads()))
-            self.echo(f"features {split}: {tuple(f.shape)} "
-                      f"{'from cache' if hit else 'computed'} in {time.perf_counter() - t:.1f}s")
+            f, y, hit = cached_features(
+                self.model,
+                samples,
+                self.input,
+                key,
+                device=self.device,
+                channels_last=cfg.channels_last,
+                desc=f"features {split}",
+                progress=self.progress,
+                threads=max(1, torch.get_num_threads()),
+            )
+            self.echo(
+                f"features {split}: {tuple(f.shape)} "
+                f"{'from cache' if hit else 'computed'} in {time.perf_counter() - t:.1f}s"
+            )
             self._feats[split] = (f, y)
         return self._feats[split]
 
@@ -318,9 +405,10 @@ class Trainer:
         ds = ImageDataset(self.splits.train, val_pipeline(self.input), cache=False)
         loader = torch.utils.data.DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False)
         fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
-        batches = (x.to(self.device).contiguous(memory_format=fmt)
-                   for x, _ in tqdm(loader, desc="BN statistics", unit="batch", disable=not self.progress,
-                                    leave=False))
+        batches = (
+            x.to(self.device).contiguous(memory_format=fmt)
+            for x, _ in tqdm(loader, desc="BN statistics", unit="batch", disable=not self.progress, leave=False)
+        )
         model.freeze_bn_stats, frozen = False, model.frozen
         model.frozen = frozenset()
         try:
@@ -343,14 +431,22 @@ class Trainer:
         ds = self._dataset(split)
         cfg = self.cfg
         # Seeded per epoch, so a resumed run draws the same batches as an uninterrupted one.
-        return make_loader(ds, ds.labels, len(self.splits.classes),
-                           cfg.batch_size if split == "train" else max(cfg.batch_size, 64),
-                           train=split == "train", balance=cfg.balance, seed=cfg.seed + epoch,
-                           workers=cfg.workers, pin_memory=self.device.type == "cuda")
+        return make_loader(
+            ds,
+            ds.labels,
+            len(self.splits.classes),
+            cfg.batch_size if split == "train" else max(cfg.batch_size, 64),
+            train=split == "train",
+            balance=cfg.balance,
+            seed=cfg.seed + epoch,
+            workers=cfg.workers,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def _finish(self, history: list[dict], best_epoch: int, wall: float, cpu: float) -> dict[str, Any]:
         """Reload the best weights, evaluate on test (or val), write report/plots/model card."""
         from safetensors.torch import load_file
+
         model, s = self.model, self.splits
         if best_epoch > 0:
             model.load_state_dict(load_file(str(self.run_dir / ckpt.BEST), device=str(self.device)))
@@ -362,25 +458,46 @@ class Trainer:
         m = self.engine.task.evaluate(preds, s.classes)
         best = next((h for h in history if h["epoch"] == best_epoch), {})
         report = {
-            "split": split, **m, "classes": s.classes, "good_classes": s.good_classes,
-            "best_epoch": best_epoch, "monitor": self.monitor, "best_val": best.get("val", {}),
-            "epochs_run": len(history), "wall_s": wall, "cpu_s": cpu,
-            "data": s.summary(), "config_hash": self.cfg.hash(),
+            "split": split,
+            **m,
+            "classes": s.classes,
+            "good_classes": s.good_classes,
+            "best_epoch": best_epoch,
+            "monitor": self.monitor,
+            "best_val": best.get("val", {}),
+            "epochs_run": len(history),
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "data": s.summary(),
+            "config_hash": self.cfg.hash(),
         }
         ckpt.atomic_write_json(self.run_dir / "report.json", report)
         keep = ("n", "accuracy", "balanced_accuracy", "macro_f1", "auroc")
-        ckpt.write_card(self.run_dir, self._card({
-            "best_epoch": best_epoch, "val": {k: best.get("val", {}).get(k) for k in keep},
-            split: {k: m.get(k) for k in keep}}))
+        ckpt.write_card(
+            self.run_dir,
+            self._card(
+                {
+                    "best_epoch": best_epoch,
+                    "val": {k: best.get("val", {}).get(k) for k in keep},
+                    split: {k: m.get(k) for k in keep},
+                }
+            ),
+        )
         if history:
             plot_curves(history, self.run_dir / "curves.png", self.monitor)
         if m.get("confusion_matrix") is not None:
-            plot_confusion(m["confusion_matrix"], s.classes, self.run_dir / "confusion_matrix.png",
-                           title=f"{self.cfg.backbone} — {split} (n={m['n']})")
-        self.echo(f"{split}: accuracy {m.get('accuracy', float('nan')):.4f}  balanced "
-                  f"{m.get('balanced_accuracy', float('nan')):.4f}  macro-F1 {m.get('macro_f1', float('nan')):.4f}"
-                  f"  AUROC {m['auroc'] if m.get('auroc') is not None else 'n/a'}  "
-                  f"({wall:.0f}s wall, {cpu:.0f}s CPU) -> {self.run_dir}")
+            plot_confusion(
+                m["confusion_matrix"],
+                s.classes,
+                self.run_dir / "confusion_matrix.png",
+                title=f"{self.cfg.backbone} — {split} (n={m['n']})",
+            )
+        self.echo(
+            f"{split}: accuracy {m.get('accuracy', float('nan')):.4f}  balanced "
+            f"{m.get('balanced_accuracy', float('nan')):.4f}  macro-F1 {m.get('macro_f1', float('nan')):.4f}"
+            f"  AUROC {m['auroc'] if m.get('auroc') is not None else 'n/a'}  "
+            f"({wall:.0f}s wall, {cpu:.0f}s CPU) -> {self.run_dir}"
+        )
         return report
 
 

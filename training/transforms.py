@@ -10,8 +10,8 @@ equals ``runtime.preprocess.Preprocessor`` (docs/contracts.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import numpy as np
 import torch
