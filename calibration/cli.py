@@ -131,7 +131,7 @@ def _export(args: argparse.Namespace, console: Any) -> int:
     threads = _threads(args.threads)
     _setup_torch(threads)
     model, card = load_model(args.run)
-    spec = card.input_spec()
+    spec = card.input
     run_path = Path(args.run).resolve()
     run_dir = run_path if run_path.is_dir() else run_path.parent
     weights_file = run_path / "best.safetensors" if run_path.is_dir() else run_path
