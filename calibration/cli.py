@@ -120,8 +120,9 @@ def _export(args: argparse.Namespace, console: Any) -> int:
     from calibration.calibset import preprocess_paths, stratified_sample
     from calibration.evaluate import evaluate_onnx
     from calibration.export import check_parity, export_onnx
-    from calibration.provenance import git_commit, library_versions, sha256_file, utc_now
+    from calibration.provenance import git_commit, library_versions, utc_now
     from runtime.bundle import Artifact, Manifest, ModelInfo, OutputSpec, pack, write_bundle
+    from runtime.fsio import sha256_file
     from training.checkpoint import load_model
     from training.data import resolve_splits
 

@@ -15,7 +15,6 @@ a DefectScope checkpoint), or ``"none"`` (random init).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -268,11 +267,12 @@ def _torchvision_loader(enum_name: str, strip: Callable[[dict], dict]) -> Callab
                 raise WeightsUnavailableError(_offline_message(
                     enum_name.split("_Weights")[0].lower(), cached,
                     f"download from {weights.url} failed ({type(exc).__name__}: {exc})")) from None
-        _load_into_body(body, strip(state), source=str(cached))
+        load_into_body(body, strip(state), source=str(cached))
     return load
 
 
-def _load_into_body(body: nn.Module, state: dict, source: str) -> None:
+def load_into_body(body: nn.Module, state: dict, source: str) -> None:
+    """Load a body state dict strictly; missing, unexpected or misshapen keys raise ValueError naming ``source``."""
     try:
         missing, unexpected = body.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
@@ -288,11 +288,9 @@ def weights_id(weights: str, backbone: str) -> str:
     if weights in ("none", "imagenet"):
         spec = get_spec(backbone)
         return f"{weights}:{spec.weights_enum or spec.family}" if weights == "imagenet" else "none"
-    h = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return f"file:{h.hexdigest()[:16]}"
+    from runtime.fsio import sha256_file
+
+    return f"file:{sha256_file(weights)[:16]}"
 
 
 # -- building ---------------------------------------------------------------------------
@@ -345,7 +343,7 @@ def load_weights_file(model: Classifier, path: str | Path) -> None:
     classifier_prefixes = ("fc.", "_fc.", "classifier.")
     body_keys = set(model.body.state_dict())
     state = {k: v for k, v in state.items() if k in body_keys or not k.startswith(classifier_prefixes)}
-    _load_into_body(model.body, state, source=str(path))
+    load_into_body(model.body, state, source=str(path))
 
 
 # -- torchvision bodies -------------------------------------------------------------------
@@ -512,7 +510,7 @@ def inline_symmetric_padding(root: nn.Module) -> int:
     return folded
 
 
-class _Lite0Body(nn.Module):
+class Lite0Body(nn.Module):
     """EfficientNet-Lite0 (or another Lite ``variant``) without its classifier: ``(N,3,H,W)`` -> ``(N,1280)``."""
 
     def __init__(self, image_size: tuple[int, int], variant: str = "efficientnet-lite0") -> None:
@@ -540,7 +538,7 @@ class _Lite0Body(nn.Module):
 @register
 def _efficientnet_lite0() -> BackboneSpec:
     def build(inp: InputSpec):
-        body = _Lite0Body((inp.height, inp.width))
+        body = Lite0Body((inp.height, inp.width))
         groups = [LayerGroup("stem", ("body._conv_stem", "body._bn0"))]
         start = 0
         for s, r in enumerate(_LITE0_REPEATS, 1):
@@ -553,7 +551,7 @@ def _efficientnet_lite0() -> BackboneSpec:
         path = lite0_weights_path()
         state = torch.load(str(path), map_location="cpu", weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
-        _load_into_body(body, state, source=str(path))
+        load_into_body(body, state, source=str(path))
 
     return BackboneSpec(
         "efficientnet_lite0", "efficientnet_lite", 1280,
