@@ -323,7 +323,7 @@ def train_main(argv: list[str] | None = None) -> int:
         progress = not getattr(ns, "quiet", False) and sys.stderr.isatty()
         train(cfg, resume=resume, overwrite=getattr(ns, "overwrite", False), progress=progress, echo=print)
         if getattr(ns, "fisher", 0):
-            from .extend import finalize_run
+            from .extend_run import finalize_run
 
             finalize_run(cfg.out, n_samples=ns.fisher, device=cfg.device, progress=progress)
     except KeyboardInterrupt:

@@ -13,206 +13,15 @@ The extended run directory gets a consolidated (online-EWC) ``fisher.safetensors
 the next product line.
 """
 
-from __future__ import annotations
-
 import copy
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from runtime.preprocess import InputSpec
-
-from .config import AugmentConfig, ConfigError
-from .data import DataError, DataSpec
-from .extend_config import ExtendConfig, task_name
-
-REPORT_PNG = "ewc_report.png"
-
-
-# ----------------------------------------------------------------------------- tasks
-
-
-class TaskSet:
-    """One task's train/val/test samples, labelled in the model's class space, with a shared
-    decoded-image cache (the train augmentations and the evaluation transform reuse it)."""
-
-    def __init__(
-        self,
-        name: str,
-        samples: Mapping[str, Sequence[Any]],
-        classes: Sequence[str],
-        input_spec: InputSpec,
-        augment: AugmentConfig,
-        *,
-        cache: bool = True,
-        spec: DataSpec | None = None,
-        fingerprint: str = "",
-        good_classes: Sequence[str] = (),
-    ) -> None:
-        from .transforms import train_pipeline, val_pipeline
-
-        self.name = name
-        self.classes = list(classes)
-        self.samples = {k: list(samples.get(k, [])) for k in ("train", "val", "test")}
-        self.spec = spec
-        self.fingerprint = fingerprint
-        self.good_classes = list(good_classes)
-        self.cache = cache
-        self._val = val_pipeline(input_spec)
-        self._train = train_pipeline(input_spec, augment)
-        self._ds: dict[str, Any] = {}
-
-    @classmethod
-    def from_splits(
-        cls,
-        name: str,
-        splits: Any,
-        classes: Sequence[str],
-        input_spec: InputSpec,
-        augment: AugmentConfig,
-        *,
-        spec: DataSpec | None = None,
-        cache: bool = True,
-    ) -> TaskSet:
-        """Relabel ``training.data.Splits`` into ``classes`` (by class name)."""
-        from .evaluate import remap_samples
-
-        try:
-            samples = {k: remap_samples(splits.split(k), splits.classes, classes) for k in ("train", "val", "test")}
-        except ValueError as exc:
-            raise DataError(f"task {name!r}: {exc}") from None
-        return cls(
-            name,
-            samples,
-            classes,
-            input_spec,
-            augment,
-            cache=cache,
-            spec=spec,
-            fingerprint=splits.fingerprint,
-            good_classes=splits.good_classes,
-        )
-
-    def labels(self, split: str) -> list[int]:
-        return [s.label for s in self.samples[split]]
-
-    def present_classes(self, split: str = "train") -> list[int]:
-        return sorted(set(self.labels(split)))
-
-    def dataset(self, split: str, *, train: bool = False, progress: bool = False):
-        """``ImageDataset`` of a split; ``train=True`` gives the augmenting view of the same cache."""
-        from .loader import ImageDataset
-
-        if split not in self._ds:
-            ds = ImageDataset(self.samples[split], self._val, cache=self.cache)
-            if self.cache:
-                import torch
-
-                ds.prefill(threads=max(1, torch.get_num_threads()), progress=progress)
-            self._ds[split] = ds
-        ds = self._ds[split]
-        return ds.with_pipeline(self._train) if train else ds
-
-    def subset(self, split: str, indices: Sequence[int], *, train: bool = False):
-        from torch.utils.data import Subset
-
-        return Subset(self.dataset(split, train=train), list(indices))
-
-    def loader(self, split: str, batch_size: int = 64, *, shuffle: bool = False, seed: int = 0):
-        import torch
-        from torch.utils.data import DataLoader
-
-        g = torch.Generator().manual_seed(seed)
-        return DataLoader(self.dataset(split), batch_size=batch_size, shuffle=shuffle, generator=g)
-
-
-def _concat_loader(tasks: Sequence[TaskSet], split: str, batch_size: int, seed: int):
-    import torch
-    from torch.utils.data import ConcatDataset, DataLoader
-
-    ds: ConcatDataset = ConcatDataset([t.dataset(split) for t in tasks])
-    return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def evaluate_task(model, task: TaskSet, split: str, classes: Sequence[str], batch_size: int = 64):
-    """``(metrics, logits (N, C))`` of ``model`` on a task split; metrics in ``classes`` space.
-
-    A model with fewer outputs than ``classes`` (before head growth) scores 0 on the
-    classes it lacks.
-    """
-    import torch
-
-    from .engine import Engine, device_of
-    from .metrics import classification_metrics
-
-    if not task.samples[split]:
-        return None, None
-    preds = Engine(device=device_of(model)).predict(model, task.loader(split, batch_size))
-    logits, labels = preds.logits, preds.labels
-    probs = torch.softmax(logits, 1)
-    if probs.shape[1] < len(classes):
-        probs = torch.cat([probs, probs.new_zeros(probs.shape[0], len(classes) - probs.shape[1])], 1)
-    with warnings.catch_warnings():  # a task holds a subset of the classes: expected, not news
-        warnings.simplefilter("ignore", UserWarning)
-        m = classification_metrics(labels.numpy(), probs.numpy(), list(classes))
-    keep = ("n", "accuracy", "balanced_accuracy", "macro_f1", "auroc", "per_class", "confusion_matrix")
-    return {k: m.get(k) for k in keep}, logits
-
-
-def _acc(m: Mapping[str, Any] | None) -> float | None:
-    return None if m is None else m.get("accuracy")
-
-
-def _mean(vals: Sequence[float | None]) -> float | None:
-    known = [v for v in vals if v is not None]
-    return sum(known) / len(known) if known else None
-
-
-def _diff(before: float | None, after: float | None) -> float | None:
-    return None if before is None or after is None else before - after
-
-
-def accuracy(logits, labels, classes: Sequence[int] | None = None) -> float:
-    """Top-1 accuracy; with ``classes``, the argmax is taken over those columns only."""
-    import torch
-
-    if labels.numel() == 0:
-        return float("nan")
-    if classes is not None:
-        cols = torch.as_tensor(list(classes))
-        pred = cols[logits[:, cols].argmax(1)]
-    else:
-        pred = logits.argmax(1)
-    return float((pred == labels).float().mean())
-
-
-def old_logit_report(before, after, old_classes: int) -> dict[str, float]:
-    """How an extended model's old-class logits on old data moved (scenario b).
-
-    ``before``/``after``: ``(N, C_old)`` / ``(N, C_new)`` logits of the same inputs.
-    """
-    a = after[:, :old_classes]
-    diff = (a - before).abs()
-    if not diff.numel():
-        return {
-            "old_logits_max_abs_change": 0.0,
-            "old_logits_mean_abs_change": 0.0,
-            "old_argmax_agreement": float("nan"),
-            "predicted_as_new_class": float("nan"),
-        }
-    return {
-        "old_logits_max_abs_change": float(diff.max()),
-        "old_logits_mean_abs_change": float(diff.mean()),
-        "old_argmax_agreement": float((a.argmax(1) == before.argmax(1)).float().mean()),
-        "predicted_as_new_class": float((after.argmax(1) >= old_classes).float().mean()),
-    }
-
+from .data import DataError
+from .extend_config import ExtendConfig
+from .tasks import TaskSet, accuracy, accuracy_of, drop, evaluate_task, mean_of, old_logit_report
 
 # ----------------------------------------------------------------------------- core
 
@@ -267,6 +76,24 @@ class Outcome:
     state: Any | None = None  # consolidated EWCState for the extended model
 
 
+@dataclass
+class _Context:
+    """What every lambda's training shares: the model, its data, the state and the config."""
+
+    model: Any
+    train_ds: Any
+    train_labels: Sequence[int]
+    state: Any
+    cfg: ExtendConfig
+    device: Any
+    classes: list[str]
+    new: TaskSet
+    olds: Sequence[TaskSet]
+    hooks: list[Callable[[], None]]
+    progress: bool
+    echo: Callable[[str], None]
+
+
 def _engine(cfg: ExtendConfig, labels, nc: int, device, terms, hooks, progress: bool):
     import torch
 
@@ -289,23 +116,10 @@ def _engine(cfg: ExtendConfig, labels, nc: int, device, terms, hooks, progress: 
     )
 
 
-def _train_once(
-    model,
-    train_ds,
-    train_labels,
-    *,
-    lam: float,
-    state,
-    cfg: ExtendConfig,
-    device,
-    classes,
-    new: TaskSet,
-    olds: Sequence[TaskSet],
-    hooks,
-    progress: bool,
-    echo: Callable[[str], None],
-):
+def _train_once(ctx: _Context, lam: float):
     """Train with one lambda through the engine; ``(history, per-epoch records)``, weights per ``cfg.keep``."""
+    model, cfg, device, classes, new, olds = ctx.model, ctx.cfg, ctx.device, ctx.classes, ctx.new, ctx.olds
+    train_ds, train_labels, state, echo = ctx.train_ds, ctx.train_labels, ctx.state, ctx.echo
     import numpy as np
 
     from . import ewc
@@ -331,7 +145,7 @@ def _train_once(
         warmup_steps=int(round(o.warmup_epochs * steps)),
     )
     terms = [ewc.EWCPenalty(state, model, lam)] if (lam > 0 and state is not None) else []
-    engine = _engine(cfg, labels, nc, device, terms, hooks, progress)
+    engine = _engine(cfg, labels, nc, device, terms, ctx.hooks, ctx.progress)
     hist, records, sel, best_sd = FitHistory(), [], EpochSelector(), None
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     for epoch in range(cfg.epochs):
@@ -339,9 +153,9 @@ def _train_once(
             model, loader, opt, scheduler=sched, steps=o.max_steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}"
         )
         rec: dict[str, Any] = dict(hist.add(epoch, st), lam=lam)
-        rec["new_val_accuracy"] = _acc(evaluate_task(model, new, "val", classes)[0])
-        rec["old_val_accuracy"] = _mean([_acc(evaluate_task(model, t, "val", classes)[0]) for t in olds])
-        score = _mean([rec["old_val_accuracy"], rec["new_val_accuracy"]])
+        rec["new_val_accuracy"] = accuracy_of(evaluate_task(model, new, "val", classes)[0])
+        rec["old_val_accuracy"] = mean_of([accuracy_of(evaluate_task(model, t, "val", classes)[0]) for t in olds])
+        score = mean_of([rec["old_val_accuracy"], rec["new_val_accuracy"]])
         rec["score"] = score
         if sel.update(epoch + 1, -float("inf") if score is None else score) and cfg.keep == "best":
             best_sd = copy.deepcopy(model.state_dict())
@@ -391,21 +205,9 @@ def _grow(
     return growth, [HeadRowFreeze(model, head, n_old)] if cfg.freeze_old_rows else []
 
 
-def _search(
-    model,
-    train_ds,
-    train_labels,
-    state,
-    cfg: ExtendConfig,
-    device,
-    classes,
-    new,
-    olds,
-    hooks,
-    progress: bool,
-    echo: Callable[[str], None],
-):
+def _search(ctx: _Context):
     """Train with each lambda from the same start; keep the best by mean old/new val accuracy."""
+    model, cfg, echo = ctx.model, ctx.cfg, ctx.echo
     from .trainer import seed_everything
 
     start = copy.deepcopy(model.state_dict())
@@ -414,23 +216,9 @@ def _search(
         model.load_state_dict(start)
         seed_everything(cfg.optim.seed)
         t0 = time.perf_counter()
-        hist, records = _train_once(
-            model,
-            train_ds,
-            train_labels,
-            lam=lam,
-            state=state,
-            cfg=cfg,
-            device=device,
-            classes=classes,
-            new=new,
-            olds=olds,
-            hooks=hooks,
-            progress=progress,
-            echo=echo,
-        )
+        hist, records = _train_once(ctx, lam)
         last = records[-1] if records else {}
-        score = _mean([last.get("old_val_accuracy"), last.get("new_val_accuracy")])
+        score = mean_of([last.get("old_val_accuracy"), last.get("new_val_accuracy")])
         runs.append(
             {
                 "lambda": lam,
@@ -573,9 +361,8 @@ def extend_model(
     train_ds, train_labels, replay_info = _training_data(new, olds, cfg, classes, progress, echo)
     if cfg.optim.channels_last:
         model.to(memory_format=torch.channels_last)
-    lam, hist, records, runs = _search(
-        model, train_ds, train_labels, state, cfg, device, classes, new, olds, hooks, progress, echo
-    )
+    ctx = _Context(model, train_ds, train_labels, state, cfg, device, classes, new, olds, hooks, progress, echo)
+    lam, hist, records, runs = _search(ctx)
 
     t0 = time.perf_counter()
     new_after, old_after, old_logits = _after(model, new, olds, classes, len(old_classes), old_logits_before, grown)
@@ -626,7 +413,10 @@ def _report(
     state,
 ) -> dict[str, Any]:
     (new_before, new_after), (old_before, old_after) = new_ba, old_ba
-    ob, oa = _mean([_acc(m) for m in old_before.values()]), _mean([_acc(m) for m in old_after.values()])
+    ob, oa = (
+        mean_of([accuracy_of(m) for m in old_before.values()]),
+        mean_of([accuracy_of(m) for m in old_after.values()]),
+    )
     return {
         "method": cfg.method + ("+replay" if cfg.replay else ""),
         "lambda": lam if cfg.method == "ewc" else 0.0,
@@ -637,18 +427,18 @@ def _report(
         "scenario": "new-classes" if grown else "new-domain",
         "new_task": new.name,
         "old_tasks": [t.name for t in olds],
-        "new_accuracy_before": _acc(new_before),
-        "new_accuracy_after": _acc(new_after),
+        "new_accuracy_before": accuracy_of(new_before),
+        "new_accuracy_after": accuracy_of(new_after),
         "old_accuracy_before": ob,
         "old_accuracy_after": oa,
-        "forgetting": _diff(ob, oa),
+        "forgetting": drop(ob, oa),
         "penalty_share": hist.penalty_share,
         "new": {"before": new_before, "after": new_after},
         "old": {
             t.name: {
                 "before": old_before[t.name],
                 "after": old_after[t.name],
-                "forgetting": _diff(_acc(old_before[t.name]), _acc(old_after[t.name])),
+                "forgetting": drop(accuracy_of(old_before[t.name]), accuracy_of(old_after[t.name])),
             }
             for t in olds
         },
@@ -659,288 +449,3 @@ def _report(
         if state is None
         else {"tasks": [asdict(t) for t in state.tasks], "anchor_sha256": state.anchor_sha256, "gamma": state.gamma},
     }
-
-
-# ----------------------------------------------------------------------------- I/O
-
-
-def fisher_path(source: str | Path) -> Path:
-    """Where a checkpoint's ``fisher.safetensors`` lives (beside its weights)."""
-    from .ewc import FISHER_FILE
-
-    p = Path(source)
-    return (p if p.is_dir() else p.parent) / FISHER_FILE
-
-
-def compute_state(
-    model,
-    card,
-    tasks: Sequence[TaskSet],
-    *,
-    n_samples: int,
-    draws: int = 1,
-    seed: int = 0,
-    gamma: float = 1.0,
-    batch_size: int = 32,
-    progress: bool = False,
-):
-    """Fisher + anchors of ``model`` on the train splits of ``tasks`` (the data it was trained on)."""
-    from . import ewc
-
-    pool = [t for t in tasks if t.samples["train"]]
-    if not pool:
-        raise DataError("no training images to estimate the Fisher from")
-    n = min(n_samples, sum(len(t.samples["train"]) for t in pool))
-    fisher = ewc.estimate_fisher(
-        model, _concat_loader(pool, "train", batch_size, seed), n_samples=n, draws=draws, seed=seed, progress=progress
-    )
-    name = "+".join(t.name for t in pool)
-    return ewc.EWCState.from_model(
-        model,
-        fisher,
-        backbone=card.backbone,
-        classes=card.classes,
-        task=ewc.TaskRecord(name, n, "sampled", draws, tuple(card.classes)),
-        gamma=gamma,
-    )
-
-
-def _old_tasks(
-    specs: Sequence[DataSpec],
-    classes: Sequence[str],
-    card,
-    cfg: ExtendConfig,
-    *,
-    required: bool,
-    echo: Callable[[str], None],
-) -> list[TaskSet]:
-    from .data import resolve_splits
-
-    out = []
-    for spec in specs:
-        try:
-            splits = resolve_splits(spec)
-        except (DataError, OSError) as exc:
-            if required:
-                raise DataError(f"old data {task_name(spec)}: {exc}") from None
-            echo(f"note: old data {task_name(spec)} unavailable ({exc}); old-task accuracy is not measured")
-            continue
-        out.append(
-            TaskSet.from_splits(
-                task_name(spec), splits, classes, card.input, cfg.optim.augment, spec=spec, cache=cfg.optim.cache_images
-            )
-        )
-    return out
-
-
-def finalize_run(
-    source: str | Path,
-    *,
-    data: DataSpec | None = None,
-    n_samples: int = 512,
-    draws: int = 1,
-    seed: int = 0,
-    gamma: float = 1.0,
-    device: str = "auto",
-    progress: bool = False,
-    echo: Callable[[str], None] = print,
-) -> Path:
-    """Compute ``fisher.safetensors`` beside a trained checkpoint from its training data.
-
-    ``data`` defaults to the model card's data spec. Returns the file's path.
-    """
-    from .checkpoint import load_model
-    from .trainer import pick_device
-
-    dev = pick_device(device)
-    model, card = load_model(source, device=dev)
-    spec = data or (DataSpec.from_dict(card.data, where="model.json: data") if card.data else None)
-    if spec is None:
-        raise DataError(f"{source}: model.json has no data spec; pass --data")
-    tasks = _old_tasks(
-        [spec], card.classes, card, ExtendConfig(source=str(source), out=".", data=spec), required=True, echo=echo
-    )
-    t0 = time.perf_counter()
-    state = compute_state(
-        model, card, tasks, n_samples=n_samples, draws=draws, seed=seed, gamma=gamma, progress=progress
-    )
-    path = state.save(fisher_path(source))
-    echo(
-        f"Fisher diagonal + anchors of {card.backbone} on {state.tasks[0].n_samples} {tasks[0].name} "
-        f"images ({time.perf_counter() - t0:.1f}s) -> {path}"
-    )
-    return path
-
-
-def _load_state(cfg: ExtendConfig, model, card, echo: Callable[[str], None]):
-    """``(path, EWCState or None)``: the source model's Fisher/anchors, checked against its weights."""
-    from . import ewc
-
-    fpath = Path(cfg.fisher) if cfg.fisher else fisher_path(cfg.source)
-    state = None
-    if fpath.is_file():
-        state = ewc.EWCState.load(fpath)
-        state.check_model(model, backbone=card.backbone, source=str(fpath))
-        echo(f"Fisher/anchors: {fpath} (tasks {[t.name for t in state.tasks]})")
-    elif cfg.fisher:
-        raise ewc.EWCError(f"{fpath}: no such Fisher file")
-    return fpath, state
-
-
-def _compute_missing_state(
-    cfg: ExtendConfig, model, card, olds: Sequence[TaskSet], fpath: Path, progress: bool, echo: Callable[[str], None]
-):
-    """No Fisher file beside the source: estimate it from the old data and save it there."""
-    from . import ewc
-
-    if not olds:
-        raise ewc.EWCError(
-            f"{fpath}: no Fisher/anchor file, and no old data to compute it from; run "
-            f"`defectscope extend --from {cfg.source} --finalize` where the old images are, or pass --old-data"
-        )
-    echo(f"no {fpath.name} beside the checkpoint: computing it from {[t.name for t in olds]} ...")
-    state = compute_state(
-        model,
-        card,
-        olds,
-        n_samples=cfg.fisher_samples,
-        draws=cfg.fisher_draws,
-        seed=cfg.optim.seed,
-        gamma=cfg.gamma,
-        batch_size=cfg.optim.batch_size,
-        progress=progress,
-    )
-    try:
-        state.save(fpath)
-        echo(f"saved {fpath} (reused by later extensions of this model)")
-    except OSError as exc:
-        echo(f"note: cannot write {fpath} ({exc}); it is used for this run only")
-    return state
-
-
-def run(
-    cfg: ExtendConfig, *, overwrite: bool = False, progress: bool = False, echo: Callable[[str], None] = print
-) -> dict[str, Any]:
-    """``defectscope extend`` without the parser: load, extend, write the output run directory."""
-    from . import checkpoint as ckpt
-    from .data import resolve_splits
-    from .trainer import pick_device, setup_runtime
-
-    setup_runtime(cfg.optim.threads, cfg.optim.seed)
-    device = pick_device(cfg.optim.device)
-    out = Path(cfg.out)
-    if (out / ckpt.BEST).exists() and not overwrite:
-        raise FileExistsError(f"{out}: holds a model already; pass --overwrite or another --out")
-    if (
-        Path(cfg.out).resolve()
-        == (Path(cfg.source) if Path(cfg.source).is_dir() else Path(cfg.source).parent).resolve()
-    ):
-        raise ConfigError("out: must differ from the source run directory")
-    model, card = ckpt.load_model(cfg.source, device=device)
-    old_classes = list(card.classes)
-
-    fpath, state = _load_state(cfg, model, card, echo)
-
-    # -- data
-    new_splits = resolve_splits(cfg.data)
-    classes = old_classes + [c for c in new_splits.classes if c not in old_classes]
-    new = TaskSet.from_splits(
-        task_name(cfg.data),
-        new_splits,
-        classes,
-        card.input,
-        cfg.optim.augment,
-        spec=cfg.data,
-        cache=cfg.optim.cache_images,
-    )
-    if cfg.old_data is None:
-        old_specs = [DataSpec.from_dict(card.data, where=f"{cfg.source}: model.json: data")] if card.data else []
-    else:
-        old_specs = list(cfg.old_data)
-    need_old = bool(cfg.replay) or cfg.lam == "auto" or (cfg.method == "ewc" and state is None)
-    olds = _old_tasks(old_specs, classes, card, cfg, required=need_old and cfg.old_data is not None, echo=echo)
-    echo(
-        f"new task {new.name}: {len(new.samples['train'])}/{len(new.samples['val'])}/{len(new.samples['test'])} "
-        f"train/val/test, classes {[classes[c] for c in new.present_classes()]}; old tasks "
-        f"{[t.name for t in olds] or 'none'}"
-    )
-
-    if state is None and cfg.method == "ewc":
-        state = _compute_missing_state(cfg, model, card, olds, fpath, progress, echo)
-
-    outcome = extend_model(
-        model, old_classes, new, olds, state, cfg, backbone=card.backbone, device=device, progress=progress, echo=echo
-    )
-    report = outcome.report
-    report.update(source=str(cfg.source), config_hash=cfg.hash())
-
-    _write_run(out, cfg, card, model, classes, new, outcome)
-    echo(summary_text(report))
-    echo(f"-> {out}")
-    return report
-
-
-def _write_run(out: Path, cfg: ExtendConfig, card, model, classes: list[str], new: TaskSet, outcome: Outcome) -> None:
-    """The output run directory: model + card first, then Fisher, metrics, report and plot."""
-    from runtime.fsio import atomic_write_json
-
-    from . import checkpoint as ckpt
-
-    report = outcome.report
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", {**cfg.to_dict(), "config_hash": cfg.hash()})
-    src_weights = Path(cfg.source) / ckpt.BEST if Path(cfg.source).is_dir() else Path(cfg.source)
-    good = list(dict.fromkeys([*card.good_classes, *[c for c in new.good_classes if c in classes]]))
-    keep = ("n", "accuracy", "balanced_accuracy", "macro_f1", "auroc")
-    new_card = ckpt.ModelCard(
-        backbone=card.backbone,
-        num_classes=len(classes),
-        classes=tuple(classes),
-        good_classes=tuple(good),
-        input=card.input,
-        weights=str(src_weights),
-        data=cfg.data.to_dict(),
-        dataset_fingerprint=new.fingerprint,
-        config_hash=cfg.hash(),
-        metrics={
-            "test": {k: (report["new"]["after"] or {}).get(k) for k in keep},
-            "old_tasks": {n: {k: (v["after"] or {}).get(k) for k in keep} for n, v in report["old"].items()},
-            "forgetting": report["forgetting"],
-            "extended_from": str(cfg.source),
-        },
-    )
-    ckpt.save_model(out, model, new_card)
-    if outcome.state is not None:
-        outcome.state.save(out)
-    atomic_write_json(out / "metrics.json", outcome.epochs)
-    atomic_write_json(out / "report.json", {**report, "history": outcome.history.to_dict()})
-    from .metrics import plot_forgetting
-
-    plot_forgetting(report, outcome.history, out / REPORT_PNG)
-
-
-def summary_text(report: Mapping[str, Any]) -> str:
-    """The before/after table printed at the end of a run."""
-    fmt = lambda v: "   n/a" if v is None else f"{v:6.4f}"  # noqa: E731
-    lines = [f"{'task':<28}{'before':>8}{'after':>8}{'change':>9}"]
-    nb, na = report.get("new_accuracy_before"), report.get("new_accuracy_after")
-    lines.append(
-        f"{'new: ' + str(report.get('new_task')):<28}{fmt(nb):>8}{fmt(na):>8}"
-        f"{'' if nb is None or na is None else f'{na - nb:+9.4f}'}"
-    )
-    for name, v in (report.get("old") or {}).items():
-        b, a = _acc(v["before"]), _acc(v["after"])
-        lines.append(f"{'old: ' + name:<28}{fmt(b):>8}{fmt(a):>8}{'' if b is None or a is None else f'{a - b:+9.4f}'}")
-    f = report.get("forgetting")
-    lines.append(
-        f"method {report.get('method')}, lambda {report.get('lambda'):g}, BN {report.get('bn')}; "
-        f"forgetting {'n/a (no old data)' if f is None else f'{f:.4f}'}; "
-        f"penalty share of the loss {report.get('penalty_share', 0.0):.3f}"
-    )
-    for name, lg in (report.get("old_class_logits") or {}).items():
-        lines.append(
-            f"old-class logits on {name}: mean |change| {lg['old_logits_mean_abs_change']:.4f}, "
-            f"old argmax kept {lg['old_argmax_agreement']:.3f}, predicted as a new class "
-            f"{lg['predicted_as_new_class']:.3f}"
-        )
-    return "\n".join(lines)

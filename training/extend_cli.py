@@ -263,23 +263,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .checkpoint import CheckpointError
     from .ewc import EWCError
-    from .extend import finalize_run, run
+    from .extend_run import finalize_run, run
 
     try:
         if ns.finalize:
             from .trainer import setup_runtime
 
             setup_runtime(cfg.optim.threads, cfg.optim.seed)
-            finalize_run(
-                cfg.source,
-                data=cfg.data if "data" in vars(ns) else None,
-                n_samples=cfg.fisher_samples,
-                draws=cfg.fisher_draws,
-                seed=cfg.optim.seed,
-                gamma=cfg.gamma,
-                device=cfg.optim.device,
-                progress=progress,
-            )
+            data = cfg.data if "data" in vars(ns) else None
+            finalize_run(cfg.source, data=data, **cfg.fisher_options, device=cfg.optim.device, progress=progress)
             return 0
         if not cfg.out:
             raise ConfigError("--out: required (the extended model's run directory)")
