@@ -219,7 +219,7 @@ def _search(ctx: _Context):
         seed_everything(cfg.optim.seed)
         t0 = time.perf_counter()
         hist, records = _train_once(ctx, lam)
-        last = next((r for r in records if r.get("kept")), {})  # the epoch whose weights were kept
+        last: dict[str, Any] = next((r for r in records if r.get("kept")), {})  # the epoch whose weights were kept
         score = mean_of([last.get("old_val_accuracy"), last.get("new_val_accuracy")])
         runs.append(
             {
