@@ -23,8 +23,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -132,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     def measure(name: str, run1: Callable[[], Any], runb: Callable[[], Any], size: int | None) -> None:
         t1 = _median_seconds(run1, args.iters, args.warmup)
         tb = _median_seconds(runb, max(args.iters // 2, 3), args.warmup)
-        rows[name] = {"latency_b1_ms": t1 * 1e3, "throughput_b%d_img_s" % args.batch: args.batch / tb,
-                      "ms_per_img_b%d" % args.batch: tb * 1e3 / args.batch, "file_bytes": size}
+        rows[name] = {"latency_b1_ms": t1 * 1e3, f"throughput_b{args.batch}_img_s": args.batch / tb,
+                      f"ms_per_img_b{args.batch}": tb * 1e3 / args.batch, "file_bytes": size}
         print(f"{name:<12} batch 1 {t1 * 1e3:7.2f} ms   batch {args.batch} {args.batch / tb:7.1f} img/s", flush=True)
 
     weights = Path(run) / "best.safetensors" if Path(run).is_dir() else Path(run)
@@ -145,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         sess = ort_session(bundle.artifact_path(key), args.threads)
         name = m.input.name
-        measure(label, lambda s=sess: s.run(None, {name: x1}), lambda s=sess: s.run(None, {name: xb}),
+        measure(label, lambda s=sess, n=name: s.run(None, {n: x1}), lambda s=sess, n=name: s.run(None, {n: xb}),
                 bundle.artifact_path(key).stat().st_size)
 
-    tp = "throughput_b%d_img_s" % args.batch
+    tp = f"throughput_b{args.batch}_img_s"
     fp32_m, int8_m = m.metrics.get("fp32", {}), m.metrics.get("int8", {})
     drop_acc = 100 * (fp32_m.get("accuracy", 0) - int8_m.get("accuracy", 0))
     drop_f1 = 100 * (fp32_m.get("macro_f1", 0) - int8_m.get("macro_f1", 0))
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = {
         "int8_accuracy_drop_points": {"value": round(drop_acc, 3), "target": f"<= {TARGETS['int8_drop_points_max']}",
                                       "met": drop_acc <= TARGETS["int8_drop_points_max"]},
-        "int8_vs_fp32_ort_throughput_b%d" % args.batch: {
+        f"int8_vs_fp32_ort_throughput_b{args.batch}": {
             "value": round(speed_int8, 3), "target": f">= {TARGETS['int8_vs_fp32_ort_throughput_b8_min']}",
             "met": speed_int8 >= TARGETS["int8_vs_fp32_ort_throughput_b8_min"]},
         "ort_fp32_vs_torch_eager_b1": {"value": round(speed_ort, 3),

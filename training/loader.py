@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ class ImageDataset(Dataset):
                           unit="img", disable=not progress, leave=False):
                 pass
 
-    def with_pipeline(self, pipeline: Pipeline) -> "ImageDataset":
+    def with_pipeline(self, pipeline: Pipeline) -> ImageDataset:
         """Same samples and cache (valid when the resize stage is the same), another tail."""
         other = ImageDataset(self.samples, pipeline, cache=False)
         other._cache = self._cache

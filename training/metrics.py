@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 
-def classification_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str],
-                           loss: float | None = None) -> dict[str, Any]:
+def classification_metrics(
+    y_true: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str], loss: float | None = None
+) -> dict[str, Any]:
     """accuracy, balanced accuracy, macro-F1, per-class P/R/F1, AUROC, confusion matrix.
 
     ``probs``: ``(N, C)`` softmax outputs. AUROC is the positive-class score for two
@@ -23,6 +26,7 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Se
         precision_recall_fscore_support,
         roc_auc_score,
     )
+
     y = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     labels = list(range(len(classes)))
@@ -33,11 +37,15 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Se
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     out.update(
         accuracy=float(accuracy_score(y, pred)),
-        balanced_accuracy=float(balanced_accuracy_score(y, pred)) if len(set(y)) > 1 else float(accuracy_score(y, pred)),
+        balanced_accuracy=float(balanced_accuracy_score(y, pred))
+        if len(set(y)) > 1
+        else float(accuracy_score(y, pred)),
         macro_f1=float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
         auroc=None,
-        per_class={c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-                   for i, c in enumerate(classes)},
+        per_class={
+            c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+            for i, c in enumerate(classes)
+        },
         confusion_matrix=confusion_matrix(y, pred, labels=labels).tolist(),
     )
     if len(set(y)) == len(classes) and len(classes) >= 2:
@@ -73,8 +81,10 @@ def monitor_value(metrics: dict[str, Any], name: str) -> float:
 def plot_curves(history: list[dict[str, Any]], path: str | Path, monitor: str) -> Path:
     """Training/validation loss, the monitored metric and the learning rate per epoch."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     ep = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot(ep, [h.get("train_loss") for h in history], "o-", label="train")
@@ -106,13 +116,16 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path, monitor: str) -
 
 def plot_confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path, title: str = "") -> Path:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
+
     n = len(classes)
     fig, ax = plt.subplots(figsize=(2.2 + 0.9 * n, 1.8 + 0.9 * n))
     ConfusionMatrixDisplay(np.asarray(cm), display_labels=list(classes)).plot(
-        ax=ax, cmap="Blues", colorbar=False, values_format="d")
+        ax=ax, cmap="Blues", colorbar=False, values_format="d"
+    )
     ax.set_title(title)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     fig.tight_layout()
@@ -123,14 +136,66 @@ def plot_confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], path: st
 
 
 def _save(fig, path: Path) -> None:
-    import os
-    import tempfile
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from runtime.fsio import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
+def plot_forgetting(report: Mapping[str, Any], history: Any, path: str | Path) -> Path:
+    """``defectscope extend``'s PNG: old/new accuracy before/after (bars) and the penalty's share
+    of the loss per step (``history``: ``task_loss``/``penalty`` lists, ``penalty_share``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    old_names = report.get("old_tasks") or []
+    labels = [
+        f"old: {', '.join(old_names)}" if old_names else "old task",
+        f"new: {report['new_task']}" if report.get("new_task") else "new task",
+    ]
+    before = [report.get("old_accuracy_before"), report.get("new_accuracy_before")]
+    after = [report.get("old_accuracy_after"), report.get("new_accuracy_after")]
+    xs = range(len(labels))
+    for off, vals, name in ((-0.2, before, "before"), (0.2, after, "after")):
+        ys = [float("nan") if v is None else v for v in vals]
+        bars = ax.bar([x + off for x in xs], ys, width=0.4, label=name)
+        for b, v in zip(bars, ys):
+            if not math.isnan(v):
+                ax.annotate(f"{v:.3f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    f = report.get("forgetting")
+    ax.set_title(
+        f"{report.get('method', '')}  forgetting = {f:.3f}"
+        if isinstance(f, (int, float))
+        else str(report.get("method", ""))
+    )
+    ax.legend(loc="lower right")
+    ax = axes[1]
+    if history is not None and history.task_loss:
+        t = np.asarray(history.task_loss, dtype=np.float64)
+        p = np.asarray(history.penalty, dtype=np.float64)
+        share = p / np.clip(t + p, 1e-12, None)
+        ax.plot(t, label="task loss (CE)", lw=1)
+        ax.plot(p, label="EWC penalty", lw=1)
+        ax2 = ax.twinx()
+        ax2.plot(share, color="gray", lw=1, ls="--", label="penalty share")
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("penalty / total loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(f"penalty share over training = {history.penalty_share:.3f}")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=8)
+    else:
+        ax.set_axis_off()
+    fig.tight_layout()
+    path = Path(path)
+    _save(fig, path)
+    plt.close(fig)
+    return path

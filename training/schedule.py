@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -20,7 +20,7 @@ class EpochPlan:
     epoch: int
     phase: str
     n_trainable: int
-    phase_epoch: int       # epoch index within the phase
+    phase_epoch: int  # epoch index within the phase
 
     @property
     def signature(self) -> tuple[str, int]:
@@ -32,6 +32,7 @@ def make_plan(cfg: TrainConfig, n_groups: int) -> list[EpochPlan]:
     """The epoch-by-epoch plan of a resolved config for a model with ``n_groups`` groups."""
     cfg = cfg.resolved()
     plan: list[EpochPlan] = []
+    assert cfg.epochs is not None and cfg.head_epochs is not None  # resolved() fills both
     head = cfg.epochs if cfg.strategy == "linear-probe" else cfg.head_epochs
     for e in range(head):
         plan.append(EpochPlan(len(plan), "head", 1, e))
@@ -53,14 +54,20 @@ def phase_steps(plan: list[EpochPlan], phase: str, steps_per_epoch: int) -> int:
     return sum(1 for p in plan if p.phase == phase) * steps_per_epoch
 
 
-def param_groups(model: Classifier, n_trainable: int, lr: float, decay: float,
-                 weight_decay: float) -> list[dict]:
+# A parameter-group rule: gets each AdamW group (``name``, ``params``, ``lr``, ``weight_decay``)
+# and returns it, changed or not (e.g. another LR for the head, no decay for a group).
+GroupRule = Callable[[dict], dict]
+
+
+def param_groups(
+    model: Classifier, n_trainable: int, lr: float, decay: float, weight_decay: float, rules: Sequence[GroupRule] = ()
+) -> list[dict]:
     """AdamW groups for the last ``n_trainable`` layer groups: head ``lr``, the k-th group below
-    ``lr * decay**k``; norms and biases (1-D tensors) get no weight decay."""
-    groups = model.groups[len(model.groups) - n_trainable:]
+    ``lr * decay**k``; norms and biases (1-D tensors) get no weight decay; then ``rules``."""
+    groups = model.groups[len(model.groups) - n_trainable :]
     out = []
     for k, g in enumerate(reversed(groups)):
-        g_lr = lr * decay ** k
+        g_lr = lr * decay**k
         params = [(n, p) for n, p in model.group_parameters(g.name) if p.requires_grad]
         decayed = [p for n, p in params if p.ndim > 1]
         plain = [p for n, p in params if p.ndim <= 1]
@@ -68,6 +75,8 @@ def param_groups(model: Classifier, n_trainable: int, lr: float, decay: float,
             out.append({"params": decayed, "lr": g_lr, "weight_decay": weight_decay, "name": g.name})
         if plain:
             out.append({"params": plain, "lr": g_lr, "weight_decay": 0.0, "name": f"{g.name}.no_decay"})
+    for rule in rules:
+        out = [rule(dict(group)) for group in out]
     return out
 
 
@@ -81,14 +90,24 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
             return (step + 1) / (warm + 1)
         t = (step - warm) / max(1, total - warm)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
     return factor
 
 
-def build_optimizer(model: Classifier, n_trainable: int, lr: float, decay: float, weight_decay: float,
-                    total_steps: int, warmup_steps: int, offset: int = 0
-                    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW + per-step LambdaLR; ``offset`` continues a phase's schedule after a rebuild."""
-    opt = torch.optim.AdamW(param_groups(model, n_trainable, lr, decay, weight_decay), lr=lr)
+def build_optimizer(
+    model: Classifier,
+    n_trainable: int,
+    lr: float,
+    decay: float,
+    weight_decay: float,
+    total_steps: int,
+    warmup_steps: int,
+    offset: int = 0,
+    rules: Sequence[GroupRule] = (),
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW + per-step LambdaLR; ``offset`` continues a phase's schedule after a rebuild;
+    ``rules`` edit the parameter groups (see ``GroupRule``)."""
+    opt = torch.optim.AdamW(param_groups(model, n_trainable, lr, decay, weight_decay, rules), lr=lr)
     f = warmup_cosine(total_steps, warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: f(offset + i))
     return opt, sched

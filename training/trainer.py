@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from runtime.fsio import atomic_write_json
 
 from . import checkpoint as ckpt
 from .backbones import Classifier, build_model, get_spec, sized_input, weights_id
 from .config import TrainConfig
 from .data import resolve_splits
+from .engine import ClassificationTask, Engine, EpochSelector, pick_device, seed_everything, setup_runtime
 from .features import cached_features, feature_key
 from .loader import ImageDataset, TensorPairs, class_weights, make_loader
-from .metrics import classification_metrics, monitor_name, monitor_value, plot_confusion, plot_curves
+from .metrics import monitor_name, monitor_value, plot_confusion, plot_curves
 from .schedule import EpochPlan, build_optimizer, make_plan
 from .transforms import train_pipeline, val_pipeline
 
@@ -42,6 +44,17 @@ class EpochInfo:
 
 
 @dataclass
+class _Loop:
+    """What the epoch loop carries between epochs: optimizer, schedule and the phase it serves."""
+
+    scaler: torch.amp.GradScaler
+    opt: Any = None
+    sched: Any = None
+    sig: tuple[str, int] | None = None
+    sched_offset: int = 0
+
+
+@dataclass
 class RunResult:
     run_dir: Path
     history: list[dict[str, Any]]
@@ -51,74 +64,19 @@ class RunResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def setup_runtime(threads: int | None, seed: int) -> None:
-    """Threads, denormal flushing (CPU stalls without it) and seeds."""
-    n = threads or int(os.environ.get("DEFECTSCOPE_THREADS", "0") or 0)
-    if n > 0:
-        torch.set_num_threads(n)
-    torch.set_flush_denormal(True)
-    seed_everything(seed)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, loader, device: torch.device, amp: bool = False,
-            progress: bool = False, desc: str = "eval", channels_last: bool = False
-            ) -> tuple[np.ndarray, np.ndarray, float]:
-    """``(probs (N,C), labels (N,), mean CE loss)`` in eval mode."""
-    from tqdm import tqdm
-    was = model.training
-    model.eval()
-    probs, labels, loss, n = [], [], 0.0, 0
-    cuda = device.type == "cuda"
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.as_tensor(y).to(device)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp and cuda):
-            logits = model(x).float()
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        n += len(y)
-        probs.append(logits.softmax(1).cpu().numpy())
-        labels.append(y.cpu().numpy())
-    model.train(was)
-    if not probs:
-        return np.zeros((0, getattr(model, "num_classes", 0))), np.zeros(0, np.int64), float("nan")
-    return np.concatenate(probs), np.concatenate(labels), loss / max(1, n)
-
-
-@torch.no_grad()
-def predict_features(head: torch.nn.Module, feats: torch.Tensor, labels: torch.Tensor,
-                     device: torch.device) -> tuple[np.ndarray, np.ndarray, float]:
-    was = head.training
-    head.eval()
-    logits = head(feats.to(device)).float()
-    loss = F.cross_entropy(logits, labels.to(device)).item() if len(labels) else float("nan")
-    head.train(was)
-    return logits.softmax(1).cpu().numpy(), labels.numpy(), loss
-
-
 class Trainer:
     """One run: ``Trainer(cfg).fit()``. See docs in training/cli.py for the strategies."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
-                 progress: bool = True, on_epoch_end: Callable[[EpochInfo], None] | None = None,
-                 echo: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+        on_epoch_end: Callable[[EpochInfo], None] | None = None,
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
         self.cfg = cfg.resolved()
         self.resume = resume
         self.overwrite = overwrite
@@ -140,146 +98,216 @@ class Trainer:
                 raise RunExistsError(
                     f"{cfg_file}: the run was started with another configuration "
                     f"(config_hash {saved.get('config_hash')} != {self.cfg.hash()}); resume with the same "
-                    f"options (or `--config {cfg_file}`), or train into a new --out")
+                    f"options (or `--config {cfg_file}`), or train into a new --out"
+                )
         elif (self.run_dir / ckpt.LAST).exists() and not self.overwrite:
-            raise RunExistsError(f"{self.run_dir}: holds a run already; pass --resume to continue it, "
-                                 f"--overwrite to replace it, or another --out")
+            raise RunExistsError(
+                f"{self.run_dir}: holds a run already; pass --resume to continue it, "
+                f"--overwrite to replace it, or another --out"
+            )
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_json(cfg_file, {**self.cfg.to_dict(), "config_hash": self.cfg.hash()})
+        atomic_write_json(cfg_file, {**self.cfg.to_dict(), "config_hash": self.cfg.hash()})
         return state
 
     def fit(self) -> RunResult:
         cfg = self.cfg
         t_wall, t_cpu = time.perf_counter(), time.process_time()
         setup_runtime(cfg.threads, cfg.seed)
-        device = pick_device(cfg.device)
-        self.device = device
+        self.device = pick_device(cfg.device)
         state = self._prepare_dir()
-        threads = max(1, torch.get_num_threads())
+        self._load_data()
+        self._build_model()
+        history: list[dict[str, Any]] = []
+        sel = EpochSelector()
+        loop = _Loop(self.engine.scaler())
+        if state is not None:
+            history, start = self._restore(state, sel, loop)
+        else:
+            start = 0
+            if cfg.bn == "adapt":  # a resumed run's statistics come with its weights
+                self._adapt_bn()
 
-        splits = resolve_splits(cfg.data, threads=threads)
+        last_phase = self.plan[start - 1].phase if start > 0 else None
+        for p in self.plan[start:]:
+            if last_phase is not None and p.phase != last_phase:
+                sel.bad_epochs = 0  # fine-tuning gets its own patience after the head warm-up
+            last_phase = p.phase
+            if sel.exhausted(cfg.patience):
+                if p.phase == "head" and self.plan[-1].phase == "finetune":
+                    continue  # stop warming up the head; fine-tuning still runs
+                self.echo(f"early stop: no {self.monitor} improvement for {cfg.patience} epochs")
+                break
+            record = self._epoch(p, loop, sel)
+            history.append(record)
+            atomic_write_json(self.run_dir / "metrics.json", history)
+            ckpt.save_resume(
+                self.run_dir,
+                {
+                    "model": self.model.state_dict(),
+                    "optimizer": loop.opt.state_dict(),
+                    "scheduler": loop.sched.state_dict(),
+                    "scaler": loop.scaler.state_dict(),
+                    "epoch": p.epoch,
+                    "signature": list(p.signature),
+                    "sched_offset": loop.sched_offset,
+                    "best_value": sel.best_value,
+                    "best_epoch": sel.best_epoch,
+                    "bad_epochs": sel.bad_epochs,
+                    "history": history,
+                    "rng": ckpt.rng_state(),
+                    "config_hash": cfg.hash(),
+                },
+            )
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(EpochInfo(p, self.model, loop.opt, record))
+
+        report = self._finish(history, sel.best_epoch, time.perf_counter() - t_wall, time.process_time() - t_cpu)
+        return RunResult(self.run_dir, history, sel.best_epoch, sel.best_value, self.monitor, report)
+
+    def _load_data(self) -> None:
+        splits = resolve_splits(self.cfg.data, threads=max(1, torch.get_num_threads()))
         self.splits = splits
         if splits.skipped:
-            self.echo(f"skipped {len(splits.skipped)} unreadable image(s): "
-                      + ", ".join(p for p, _ in splits.skipped[:5]) + (" ..." if len(splits.skipped) > 5 else ""))
+            self.echo(
+                f"skipped {len(splits.skipped)} unreadable image(s): "
+                + ", ".join(p for p, _ in splits.skipped[:5])
+                + (" ..." if len(splits.skipped) > 5 else "")
+            )
         if not splits.val:
             raise ValueError("the validation split is empty; give a val split or a val_fraction > 0")
-        nc = len(splits.classes)
-        self.echo(f"data: {nc} classes {splits.classes}; train/val/test = "
-                  f"{len(splits.train)}/{len(splits.val)}/{len(splits.test)}")
+        self.echo(
+            f"data: {len(splits.classes)} classes {splits.classes}; train/val/test = "
+            f"{len(splits.train)}/{len(splits.val)}/{len(splits.test)}"
+        )
 
-        spec = get_spec(cfg.backbone)
-        self.input = sized_input(spec, cfg.image_size, crop_fraction=cfg.crop_fraction)
-        seed_everything(cfg.seed)   # the random head init does not depend on data listing
+    def _build_model(self) -> None:
+        cfg, nc = self.cfg, len(self.splits.classes)
+        self.input = sized_input(get_spec(cfg.backbone), cfg.image_size, crop_fraction=cfg.crop_fraction)
+        seed_everything(cfg.seed)  # the random head init does not depend on data listing
         model = build_model(cfg.backbone, nc, cfg.weights, input_spec=self.input, dropout=cfg.dropout)
-        self.model = model.to(device)
+        self.model = model.to(self.device)
         model.freeze_bn_stats = cfg.bn in ("frozen", "adapt")
         if cfg.channels_last:
             # NHWC convolutions: faster on CUDA and, measured here, ~1.6x on CPU (lite0 training).
             model.to(memory_format=torch.channels_last)
-        plan = make_plan(cfg, len(model.groups))
-        if not plan:
+        self.plan = make_plan(cfg, len(model.groups))
+        if not self.plan:
             raise ValueError("nothing to train: epochs and head_epochs are both 0")
-        self.plan = plan
         self.monitor = monitor_name(cfg.monitor, nc)
-
-        train_labels = np.array([s.label for s in splits.train], dtype=np.int64)
-        cw = class_weights(train_labels, nc).to(device) if cfg.balance == "loss" else None
-        self.criterion = torch.nn.CrossEntropyLoss(weight=cw, label_smoothing=cfg.label_smoothing)
-
+        train_labels = np.array([s.label for s in self.splits.train], dtype=np.int64)
+        cw = class_weights(train_labels, nc).to(self.device) if cfg.balance == "loss" else None
+        task = ClassificationTask(torch.nn.CrossEntropyLoss(weight=cw, label_smoothing=cfg.label_smoothing))
+        self.engine = Engine(
+            task=task,
+            device=self.device,
+            amp=cfg.amp,
+            channels_last=cfg.channels_last,
+            grad_clip=cfg.grad_clip,
+            bn_frozen=model.freeze_bn_stats,
+            progress=self.progress,
+        )
+        # The head warm-up runs on cached features: no AMP, no NHWC, no BatchNorm.
+        self.head_engine = Engine(task=task, device=self.device, grad_clip=cfg.grad_clip, progress=self.progress)
         self._feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._datasets: dict[str, ImageDataset] = {}
-        history: list[dict[str, Any]] = []
-        best_value, best_epoch, bad_epochs, start = -float("inf"), -1, 0, 0
-        opt = sched = None
-        sig = None
-        sched_offset = 0
-        scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
-        if state is not None:
-            model.load_state_dict(state["model"])
-            ckpt.set_rng_state(state["rng"])
-            history = list(state["history"])
-            best_value, best_epoch, bad_epochs = state["best_value"], state["best_epoch"], state["bad_epochs"]
-            start = state["epoch"] + 1
-            if start < len(plan) and tuple(state["signature"]) == plan[start].signature:
-                sig = plan[start].signature
-                sched_offset = state["sched_offset"]
-                model.set_trainable(sig[1])
-                opt, sched = self._optimizer(plan[start], sched_offset)
-                opt.load_state_dict(state["optimizer"])
-                sched.load_state_dict(state["scheduler"])
-                if "scaler" in state:
-                    scaler.load_state_dict(state["scaler"])
-            self.echo(f"resuming {self.run_dir} at epoch {start + 1}/{len(plan)}")
 
-        if cfg.bn == "adapt" and state is None:   # a resumed run's statistics come with its weights
-            self._adapt_bn()
+    def _restore(self, state: dict, sel: EpochSelector, loop: _Loop) -> tuple[list[dict[str, Any]], int]:
+        """Weights, RNG, history and (within the same phase) optimizer state of ``last.pt``."""
+        self.model.load_state_dict(state["model"])
+        ckpt.set_rng_state(state["rng"])
+        sel.best_value, sel.best_epoch, sel.bad_epochs = state["best_value"], state["best_epoch"], state["bad_epochs"]
+        start = state["epoch"] + 1
+        if start < len(self.plan) and tuple(state["signature"]) == self.plan[start].signature:
+            loop.sig = self.plan[start].signature
+            loop.sched_offset = state["sched_offset"]
+            self.model.set_trainable(loop.sig[1])
+            loop.opt, loop.sched = self._optimizer(self.plan[start], loop.sched_offset)
+            loop.opt.load_state_dict(state["optimizer"])
+            loop.sched.load_state_dict(state["scheduler"])
+            if "scaler" in state:
+                loop.scaler.load_state_dict(state["scaler"])
+        self.echo(f"resuming {self.run_dir} at epoch {start + 1}/{len(self.plan)}")
+        return list(state["history"]), start
 
-        last_phase = plan[start - 1].phase if start > 0 else None
-        for p in plan[start:]:
-            if last_phase is not None and p.phase != last_phase:
-                bad_epochs = 0   # fine-tuning gets its own patience after the head warm-up
-            last_phase = p.phase
-            if best_epoch >= 0 and bad_epochs >= cfg.patience:
-                if p.phase == "head" and plan[-1].phase == "finetune":
-                    continue     # stop warming up the head; fine-tuning still runs
-                self.echo(f"early stop: no {self.monitor} improvement for {cfg.patience} epochs")
-                break
-            if p.signature != sig:
-                sig = p.signature
-                model.set_trainable(p.n_trainable)
-                sched_offset = p.phase_epoch * self._steps_per_epoch(p.phase)
-                opt, sched = self._optimizer(p, sched_offset)
-            ep_wall, ep_cpu = time.perf_counter(), time.process_time()
-            if p.phase == "head":
-                train_loss = self._head_epoch(p, opt, sched)
-                probs, y, vloss = predict_features(model.head, *self._features("val"), device)
-            else:
-                train_loss = self._finetune_epoch(p, opt, sched, scaler)
-                probs, y, vloss = predict(model, self._loader("val"), device, cfg.amp,
-                                          channels_last=cfg.channels_last)
-            val = classification_metrics(y, probs, splits.classes, loss=vloss)
-            value = monitor_value(val, self.monitor)
-            improved = value > best_value
-            record = {
-                "epoch": p.epoch + 1, "phase": p.phase,
-                "trainable": [g.name for g in model.groups if g.name not in model.frozen],
-                "train_loss": train_loss, "lr": opt.param_groups[0]["lr"],
-                "val": {k: v for k, v in val.items() if k not in ("per_class",)},
-                "monitor": self.monitor, "improved": improved,
-                "wall_s": time.perf_counter() - ep_wall, "cpu_s": time.process_time() - ep_cpu,
-            }
-            history.append(record)
-            if improved:
-                best_value, best_epoch, bad_epochs = value, p.epoch + 1, 0
-                ckpt.save_model(self.run_dir, model, self._card({"val": record["val"], "best_epoch": best_epoch}))
-            else:
-                bad_epochs += 1
-            self.echo(f"epoch {p.epoch + 1}/{len(plan)} [{p.phase}, {len(record['trainable'])} groups] "
-                      f"loss {train_loss:.4f} val {self.monitor} {value:.4f} acc {val['accuracy']:.4f}"
-                      f"{'  *' if improved else ''}  ({record['wall_s']:.1f}s)")
-            ckpt.atomic_write_json(self.run_dir / "metrics.json", history)
-            ckpt.save_resume(self.run_dir, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": p.epoch, "signature": list(p.signature),
-                "sched_offset": sched_offset, "best_value": best_value, "best_epoch": best_epoch,
-                "bad_epochs": bad_epochs, "history": history, "rng": ckpt.rng_state(),
-                "config_hash": cfg.hash(),
-            })
-            if self.on_epoch_end is not None:
-                self.on_epoch_end(EpochInfo(p, model, opt, record))
-
-        report = self._finish(history, best_epoch, time.perf_counter() - t_wall, time.process_time() - t_cpu)
-        return RunResult(self.run_dir, history, best_epoch, best_value, self.monitor, report)
+    def _epoch(self, p: EpochPlan, loop: _Loop, sel: EpochSelector) -> dict[str, Any]:
+        """Train one planned epoch, validate, keep the best weights; the epoch's record."""
+        model = self.model
+        if p.signature != loop.sig:
+            loop.sig = p.signature
+            model.set_trainable(p.n_trainable)
+            loop.sched_offset = p.phase_epoch * self._steps_per_epoch(p.phase)
+            loop.opt, loop.sched = self._optimizer(p, loop.sched_offset)
+        ep_wall, ep_cpu = time.perf_counter(), time.process_time()
+        if p.phase == "head":
+            feats, labels = self._features("train")
+            batches = make_loader(
+                TensorPairs(feats, labels),
+                labels.numpy(),
+                len(self.splits.classes),
+                self.cfg.batch_size,
+                train=True,
+                balance=self.cfg.balance,
+                seed=self.cfg.seed + p.epoch,
+            )
+            stats = self.head_engine.run_epoch(
+                model.head,
+                batches,
+                loop.opt,
+                scheduler=loop.sched,
+                steps=self.cfg.max_steps_per_epoch,
+                desc=f"head {p.epoch + 1}",
+            )
+            preds = self.head_engine.predict(model.head, [self._features("val")])
+        else:
+            stats = self.engine.run_epoch(
+                model,
+                self._loader("train", p.epoch),
+                loop.opt,
+                scheduler=loop.sched,
+                scaler=loop.scaler,
+                steps=self._steps_per_epoch("finetune"),
+                desc=f"epoch {p.epoch + 1}/{len(self.plan)}",
+            )
+            preds = self.engine.predict(model, self._loader("val"))
+        val = self.engine.task.evaluate(preds, self.splits.classes)
+        value = monitor_value(val, self.monitor)
+        improved = sel.update(p.epoch + 1, value)
+        record = {
+            "epoch": p.epoch + 1,
+            "phase": p.phase,
+            "trainable": [g.name for g in model.groups if g.name not in model.frozen],
+            "train_loss": stats.loss,
+            "lr": loop.opt.param_groups[0]["lr"],
+            "val": {k: v for k, v in val.items() if k not in ("per_class",)},
+            "monitor": self.monitor,
+            "improved": improved,
+            "wall_s": time.perf_counter() - ep_wall,
+            "cpu_s": time.process_time() - ep_cpu,
+        }
+        if improved:
+            ckpt.save_model(self.run_dir, model, self._card({"val": record["val"], "best_epoch": sel.best_epoch}))
+        self.echo(
+            f"epoch {p.epoch + 1}/{len(self.plan)} [{p.phase}, {len(record['trainable'])} groups] "
+            f"loss {stats.loss:.4f} val {self.monitor} {value:.4f} acc {val['accuracy']:.4f}"
+            f"{'  *' if improved else ''}  ({record['wall_s']:.1f}s)"
+        )
+        return record
 
     # -- pieces ----------------------------------------------------------------------------
     def _card(self, metrics: dict) -> ckpt.ModelCard:
         s = self.splits
         return ckpt.ModelCard(
-            backbone=self.cfg.backbone, num_classes=len(s.classes), classes=tuple(s.classes),
-            good_classes=tuple(s.good_classes), input=self.input, weights=self.cfg.weights,
-            data=self.cfg.data.to_dict(), dataset_fingerprint=s.fingerprint,
-            config_hash=self.cfg.hash(), metrics=metrics)
+            backbone=self.cfg.backbone,
+            num_classes=len(s.classes),
+            classes=tuple(s.classes),
+            good_classes=tuple(s.good_classes),
+            input=self.input,
+            weights=self.cfg.weights,
+            data=self.cfg.data.to_dict(),
+            dataset_fingerprint=s.fingerprint,
+            config_hash=self.cfg.hash(),
+            metrics=metrics,
+        )
 
     def _steps_per_epoch(self, phase: str) -> int:
         n = len(self.splits.train)
@@ -295,27 +323,48 @@ class Trainer:
         steps = self._steps_per_epoch(p.phase)
         total = sum(1 for q in self.plan if q.phase == p.phase) * steps
         lr = cfg.head_lr if p.phase == "head" else cfg.lr
-        return build_optimizer(self.model, p.n_trainable, lr, cfg.lr_decay, cfg.weight_decay,
-                               total_steps=total, warmup_steps=int(round(cfg.warmup_epochs * steps)),
-                               offset=offset)
+        return build_optimizer(
+            self.model,
+            p.n_trainable,
+            lr,
+            cfg.lr_decay,
+            cfg.weight_decay,
+            total_steps=total,
+            warmup_steps=int(round(cfg.warmup_epochs * steps)),
+            offset=offset,
+        )
 
     def _features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in self._feats:
             cfg = self.cfg
             samples = self.splits.split(split)
             extra = f"seed={cfg.seed}" if cfg.weights == "none" else ""
-            if cfg.bn == "adapt":   # the features depend on the statistics, hence on the training split
+            if cfg.bn == "adapt":  # the features depend on the statistics, hence on the training split
                 extra += f"bn=adapt:{self.splits.split_fingerprint('train')}"
-            key = feature_key(cfg.backbone, weights_id(cfg.weights, cfg.backbone), self.input,
-                              self.splits.split_fingerprint(split), extra)
+            key = feature_key(
+                cfg.backbone,
+                weights_id(cfg.weights, cfg.backbone),
+                self.input,
+                self.splits.split_fingerprint(split),
+                extra,
+            )
             t = time.perf_counter()
             # Features come from the body alone: the head is untouched by extraction.
-            f, y, hit = cached_features(self.model, samples, self.input, key, device=self.device,
-                                        channels_last=cfg.channels_last,
-                                        desc=f"features {split}", progress=self.progress,
-                                        threads=max(1, torch.get_num_threads()))
-            self.echo(f"features {split}: {tuple(f.shape)} "
-                      f"{'from cache' if hit else 'computed'} in {time.perf_counter() - t:.1f}s")
+            f, y, hit = cached_features(
+                self.model,
+                samples,
+                self.input,
+                key,
+                device=self.device,
+                channels_last=cfg.channels_last,
+                desc=f"features {split}",
+                progress=self.progress,
+                threads=max(1, torch.get_num_threads()),
+            )
+            self.echo(
+                f"features {split}: {tuple(f.shape)} "
+                f"{'from cache' if hit else 'computed'} in {time.perf_counter() - t:.1f}s"
+            )
             self._feats[split] = (f, y)
         return self._feats[split]
 
@@ -332,9 +381,10 @@ class Trainer:
         ds = ImageDataset(self.splits.train, val_pipeline(self.input), cache=False)
         loader = torch.utils.data.DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False)
         fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
-        batches = (x.to(self.device).contiguous(memory_format=fmt)
-                   for x, _ in tqdm(loader, desc="BN statistics", unit="batch", disable=not self.progress,
-                                    leave=False))
+        batches = (
+            x.to(self.device).contiguous(memory_format=fmt)
+            for x, _ in tqdm(loader, desc="BN statistics", unit="batch", disable=not self.progress, leave=False)
+        )
         model.freeze_bn_stats, frozen = False, model.frozen
         model.frozen = frozenset()
         try:
@@ -357,102 +407,73 @@ class Trainer:
         ds = self._dataset(split)
         cfg = self.cfg
         # Seeded per epoch, so a resumed run draws the same batches as an uninterrupted one.
-        return make_loader(ds, ds.labels, len(self.splits.classes),
-                           cfg.batch_size if split == "train" else max(cfg.batch_size, 64),
-                           train=split == "train", balance=cfg.balance, seed=cfg.seed + epoch,
-                           workers=cfg.workers, pin_memory=self.device.type == "cuda")
-
-    def _head_epoch(self, p: EpochPlan, opt, sched) -> float:
-        feats, labels = self._features("train")
-        loader = make_loader(TensorPairs(feats, labels), labels.numpy(), len(self.splits.classes),
-                             self.cfg.batch_size, train=True, balance=self.cfg.balance,
-                             seed=self.cfg.seed + p.epoch)
-        head = self.model.head
-        head.train()
-        total, n = 0.0, 0
-        for i, (x, y) in enumerate(loader):
-            if self.cfg.max_steps_per_epoch and i >= self.cfg.max_steps_per_epoch:
-                break
-            x, y = x.to(self.device), torch.as_tensor(y).to(self.device)
-            loss = self.criterion(head(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(head.parameters(), self.cfg.grad_clip)
-            opt.step()
-            sched.step()
-            total += loss.item() * len(y)
-            n += len(y)
-        return total / max(1, n)
-
-    def _finetune_epoch(self, p: EpochPlan, opt, sched, scaler) -> float:
-        from tqdm import tqdm
-        cfg, model, device = self.cfg, self.model, self.device
-        loader = self._loader("train", p.epoch)
-        model.train()   # frozen groups stay in eval mode (Classifier.train)
-        params = [q for g in opt.param_groups for q in g["params"]]
-        cuda = device.type == "cuda"
-        steps = self._steps_per_epoch("finetune")
-        total, n = 0.0, 0
-        bar = tqdm(loader, total=steps, desc=f"epoch {p.epoch + 1}/{len(self.plan)}", unit="batch",
-                   leave=False, disable=not self.progress)
-        for i, (x, y) in enumerate(bar):
-            if i >= steps:
-                break
-            x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=cfg.amp and cuda):
-                loss = self.criterion(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            total += loss.item() * len(y)
-            n += len(y)
-            bar.set_postfix(loss=f"{total / n:.4f}")
-        bar.close()
-        return total / max(1, n)
+        return make_loader(
+            ds,
+            ds.labels,
+            len(self.splits.classes),
+            cfg.batch_size if split == "train" else max(cfg.batch_size, 64),
+            train=split == "train",
+            balance=cfg.balance,
+            seed=cfg.seed + epoch,
+            workers=cfg.workers,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def _finish(self, history: list[dict], best_epoch: int, wall: float, cpu: float) -> dict[str, Any]:
         """Reload the best weights, evaluate on test (or val), write report/plots/model card."""
         from safetensors.torch import load_file
+
         model, s = self.model, self.splits
         if best_epoch > 0:
             model.load_state_dict(load_file(str(self.run_dir / ckpt.BEST), device=str(self.device)))
         split = "test" if s.test else "val"
         if self.cfg.strategy == "linear-probe":
-            probs, y, loss = predict_features(model.head, *self._features(split), self.device)
+            preds = self.head_engine.predict(model.head, [self._features(split)])
         else:
-            probs, y, loss = predict(model, self._loader(split), self.device, self.cfg.amp,
-                                     progress=self.progress, desc=f"eval {split}",
-                                     channels_last=self.cfg.channels_last)
-        m = classification_metrics(y, probs, s.classes, loss=loss)
+            preds = self.engine.predict(model, self._loader(split), desc=f"eval {split}")
+        m = self.engine.task.evaluate(preds, s.classes)
         best = next((h for h in history if h["epoch"] == best_epoch), {})
         report = {
-            "split": split, **m, "classes": s.classes, "good_classes": s.good_classes,
-            "best_epoch": best_epoch, "monitor": self.monitor, "best_val": best.get("val", {}),
-            "epochs_run": len(history), "wall_s": wall, "cpu_s": cpu,
-            "data": s.summary(), "config_hash": self.cfg.hash(),
+            "split": split,
+            **m,
+            "classes": s.classes,
+            "good_classes": s.good_classes,
+            "best_epoch": best_epoch,
+            "monitor": self.monitor,
+            "best_val": best.get("val", {}),
+            "epochs_run": len(history),
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "data": s.summary(),
+            "config_hash": self.cfg.hash(),
         }
-        ckpt.atomic_write_json(self.run_dir / "report.json", report)
+        atomic_write_json(self.run_dir / "report.json", report)
         keep = ("n", "accuracy", "balanced_accuracy", "macro_f1", "auroc")
-        ckpt.write_card(self.run_dir, self._card({
-            "best_epoch": best_epoch, "val": {k: best.get("val", {}).get(k) for k in keep},
-            split: {k: m.get(k) for k in keep}}))
+        ckpt.write_card(
+            self.run_dir,
+            self._card(
+                {
+                    "best_epoch": best_epoch,
+                    "val": {k: best.get("val", {}).get(k) for k in keep},
+                    split: {k: m.get(k) for k in keep},
+                }
+            ),
+        )
         if history:
             plot_curves(history, self.run_dir / "curves.png", self.monitor)
         if m.get("confusion_matrix") is not None:
-            plot_confusion(m["confusion_matrix"], s.classes, self.run_dir / "confusion_matrix.png",
-                           title=f"{self.cfg.backbone} — {split} (n={m['n']})")
-        self.echo(f"{split}: accuracy {m.get('accuracy', float('nan')):.4f}  balanced "
-                  f"{m.get('balanced_accuracy', float('nan')):.4f}  macro-F1 {m.get('macro_f1', float('nan')):.4f}"
-                  f"  AUROC {m['auroc'] if m.get('auroc') is not None else 'n/a'}  "
-                  f"({wall:.0f}s wall, {cpu:.0f}s CPU) -> {self.run_dir}")
+            plot_confusion(
+                m["confusion_matrix"],
+                s.classes,
+                self.run_dir / "confusion_matrix.png",
+                title=f"{self.cfg.backbone} — {split} (n={m['n']})",
+            )
+        self.echo(
+            f"{split}: accuracy {m.get('accuracy', float('nan')):.4f}  balanced "
+            f"{m.get('balanced_accuracy', float('nan')):.4f}  macro-F1 {m.get('macro_f1', float('nan')):.4f}"
+            f"  AUROC {m['auroc'] if m.get('auroc') is not None else 'n/a'}  "
+            f"({wall:.0f}s wall, {cpu:.0f}s CPU) -> {self.run_dir}"
+        )
         return report
 
 

@@ -10,13 +10,15 @@ equals ``runtime.preprocess.Preprocessor`` (docs/contracts.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import numpy as np
 import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
+
+from runtime.preprocess import InputSpec
 
 from .config import AugmentConfig
 
@@ -63,11 +65,11 @@ class RuntimeResize(torch.nn.Module):
     pixels a model is trained and measured on are the pixels it gets in production.
     """
 
-    def __init__(self, spec: Mapping, resize_size: int | None = None) -> None:
+    def __init__(self, spec: InputSpec, resize_size: int | None = None) -> None:
         super().__init__()
-        self.stretch = spec.get("resize_policy", "shorter_side_center_crop") == "stretch"
-        self.size = (spec["height"], spec["width"]) if self.stretch else (resize_size or spec["resize_size"])
-        self.interpolation = spec["interpolation"]
+        self.stretch = spec.resize_policy == "stretch"
+        self.size = (spec.height, spec.width) if self.stretch else (resize_size or spec.resize_size)
+        self.interpolation = spec.interpolation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from runtime.preprocess import resize, resized_size
@@ -79,33 +81,33 @@ class RuntimeResize(torch.nn.Module):
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
 
 
-def resize_stage(spec: Mapping, resize_size: int | None = None) -> torch.nn.Module:
+def resize_stage(spec: InputSpec, resize_size: int | None = None) -> torch.nn.Module:
     return RuntimeResize(spec, resize_size)
 
 
-def _normalize(spec: Mapping) -> list:
-    return [ToRGB(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec["mean"]), list(spec["std"]))]
+def _normalize(spec: InputSpec) -> list:
+    return [ToRGB(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))]
 
 
-def val_pipeline(spec: Mapping) -> Pipeline:
-    """The reference evaluation transform for an InputSpec dict."""
+def val_pipeline(spec: InputSpec) -> Pipeline:
+    """The reference evaluation transform for an InputSpec."""
     return Pipeline(resize_stage(spec),
-                    v2.Compose([v2.CenterCrop((spec["height"], spec["width"])), *_normalize(spec)]))
+                    v2.Compose([v2.CenterCrop((spec.height, spec.width)), *_normalize(spec)]))
 
 
-def val_transform(spec: Mapping) -> v2.Compose:
+def val_transform(spec: InputSpec) -> v2.Compose:
     """The contract's transform as one v2.Compose (uint8 (C,H,W) tensor in, float32 (3,h,w) out)."""
     p = val_pipeline(spec)
     return v2.Compose([p.resize, p.tail])
 
 
-def train_pipeline(spec: Mapping, aug: AugmentConfig) -> Pipeline:
+def train_pipeline(spec: InputSpec, aug: AugmentConfig) -> Pipeline:
     """Augmenting transform: mild geometry and photometry that keep defects recognisable."""
-    size = (spec["height"], spec["width"])
+    size = (spec.height, spec.width)
     ops: list = []
     if aug.crop_scale < 1.0:
         ops.append(v2.RandomResizedCrop(size, scale=(aug.crop_scale, 1.0), ratio=(0.9, 1.1),
-                                        interpolation=_INTERP[spec["interpolation"]], antialias=True))
+                                        interpolation=_INTERP[spec.interpolation], antialias=True))
     else:
         ops.append(v2.CenterCrop(size))
     if aug.hflip:
@@ -122,54 +124,3 @@ def train_pipeline(spec: Mapping, aug: AugmentConfig) -> Pipeline:
         ops.append(v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.0))], p=aug.blur_prob))
     ops += _normalize(spec)
     return Pipeline(resize_stage(spec), v2.Compose(ops))
-
-
-# The 7 non-identity symmetries of a square, named as the runtime's [tta] views, on (...,H,W).
-SQUARE_VIEWS = {
-    "hflip": lambda x: x.flip(-1),
-    "vflip": lambda x: x.flip(-2),
-    "rot180": lambda x: x.flip(-2, -1),
-    "rot90": lambda x: torch.rot90(x, 1, dims=(-2, -1)),      # counter-clockwise, as np.rot90
-    "rot270": lambda x: torch.rot90(x, 3, dims=(-2, -1)),
-    "transpose": lambda x: x.transpose(-2, -1),               # mirror about the main diagonal
-    "transverse": lambda x: x.transpose(-2, -1).flip(-2, -1),
-}
-
-
-class SquareView(torch.nn.Module):
-    """One named symmetry of a square image (see ``runtime.tta``, which builds the same views)."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.name = name
-        self._fn = SQUARE_VIEWS[name]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fn(x)
-
-
-def tta_views(spec: Mapping, mode: str, scales: tuple[float, ...] = (0.9, 1.0, 1.1)) -> dict[str, Pipeline]:
-    """Named evaluation views: ``flips`` (identity, h, v, hv), ``dihedral`` (the 8 flips and
-    quarter turns of a square input), ``multiscale``, or ``all`` (flips + multiscale)."""
-    base = val_pipeline(spec)
-    views: dict[str, Pipeline] = {"identity": base}
-    if mode in ("flips", "all"):
-        for name, view in (("hflip", "hflip"), ("vflip", "vflip"), ("hvflip", "rot180")):
-            views[name] = Pipeline(base.resize, v2.Compose([base.tail, SquareView(view)]))
-    if mode == "dihedral":
-        if spec["height"] != spec["width"]:
-            raise ValueError(f"tta 'dihedral' turns images by 90 degrees and needs a square input, "
-                             f"this model's is {spec['height']}x{spec['width']}")
-        for name in SQUARE_VIEWS:
-            views[name] = Pipeline(base.resize, v2.Compose([base.tail, SquareView(name)]))
-    if mode in ("multiscale", "all"):
-        crop = max(spec["height"], spec["width"])
-        for s in scales:
-            if s == 1.0:
-                continue
-            # Below the crop size, scale up so the crop fits (runtime.preprocess does the same).
-            size = max(crop, int(round(spec["resize_size"] * s)))
-            views[f"scale{s:g}"] = Pipeline(resize_stage(spec, size), base.tail)
-    if mode not in ("none", "flips", "dihedral", "multiscale", "all"):
-        raise ValueError(f"tta: expected none, flips, dihedral, multiscale or all, got {mode!r}")
-    return views

@@ -10,6 +10,29 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from training import ewc
+from training.engine import Engine
+from training.extend import FitHistory
+from training.heads import HeadRowFreeze, grow_linear
+from training.metrics import plot_forgetting
+from training.replay import mix_replay, replay_count, select_exemplars
+from training.tasks import accuracy
+
+
+def _grow(model, n):
+    """Head growth of a non-registry model: the Linear at ``head.1``."""
+    model.head[1] = grow_linear(model.head[1], n)
+    return "head.1"
+
+
+def _fit(model, loader, *, epochs, optimizer, penalty=None, bn="frozen", after_step=None):
+    """Train through the one engine; a FitHistory of per-step task loss and penalty."""
+    eng = Engine(bn_frozen=bn == "frozen", terms=[penalty] if penalty is not None else [],
+                 after_step=[after_step] if after_step is not None else [])
+    hist = FitHistory()
+    for e in range(epochs):
+        hist.add(e, eng.run_epoch(model, loader, optimizer))
+    model.eval()
+    return hist
 
 
 def _logreg_data(n=24, d=3, seed=0):
@@ -173,7 +196,7 @@ def test_grow_head_keeps_old_logits_bit_exact_and_frees_new_rows():
     with torch.no_grad():
         before = model(x)
     state = _state_for(model)
-    head = ewc.grow_head(model, 4)
+    head = _grow(model, 4)
     assert head == "head.1"
     model.eval()
     with torch.no_grad():
@@ -200,7 +223,7 @@ def test_grow_head_on_registry_classifier_updates_num_classes():
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         before = model(x)
-    ewc.grow_head(model, 3)
+    model.grow_head(3)
     with torch.no_grad():
         after = model(x)
     assert model.num_classes == 3 and torch.equal(after[:, :2], before)
@@ -210,17 +233,17 @@ def test_grow_head_on_registry_classifier_updates_num_classes():
     with torch.no_grad():
         torch.testing.assert_close(plain(x), after, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="shrink"):
-        ewc.grow_head(model, 2)
+        model.grow_head(2)
 
 
 def test_head_row_freeze_survives_weight_decay_and_momentum():
     model = TinyNet(2)
-    ewc.grow_head(model, 3)
+    _grow(model, 3)
     old_w = model.head[1].weight[:2].detach().clone()
     old_b = model.head[1].bias[:2].detach().clone()
     x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 3, (16,))
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5)
-    ewc.fit(model, [(x, y)] * 3, epochs=2, optimizer=opt, after_step=ewc.HeadRowFreeze(model, "head.1", 2))
+    _fit(model, [(x, y)] * 3, epochs=2, optimizer=opt, after_step=HeadRowFreeze(model, "head.1", 2))
     assert torch.equal(model.head[1].weight[:2], old_w) and torch.equal(model.head[1].bias[:2], old_b)
     assert not torch.equal(model.head[1].weight[2:], torch.zeros(1))
 
@@ -267,8 +290,8 @@ def test_mismatched_fisher_file_is_refused(tmp_path):
 
 
 def test_tampered_or_foreign_file_is_refused(tmp_path):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     model = TinyNet()
     path = _state_for(model).save(tmp_path)
@@ -298,7 +321,7 @@ def test_online_consolidation_decays_old_fisher_and_moves_anchor():
     f_a = {n: torch.full_like(p, 2.0) for n, p in model.named_parameters()}
     state = ewc.EWCState.from_model(model, f_a, backbone="tiny", classes=["a", "b"],
                                     task=ewc.TaskRecord("A", 8), gamma=0.5)
-    ewc.grow_head(model, 3)
+    _grow(model, 3)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.25)
@@ -321,35 +344,35 @@ def test_online_consolidation_decays_old_fisher_and_moves_anchor():
 
 
 def test_replay_count_parsing():
-    assert ewc.replay_count("5%", 1000) == 50
-    assert ewc.replay_count(0.05, 1000) == 50
-    assert ewc.replay_count("200", 1000) == 200
-    assert ewc.replay_count(5000, 1000) == 1000
-    assert ewc.replay_count("0", 1000) == 0
+    assert replay_count("5%", 1000) == 50
+    assert replay_count(0.05, 1000) == 50
+    assert replay_count("200", 1000) == 200
+    assert replay_count(5000, 1000) == 1000
+    assert replay_count("0", 1000) == 0
     with pytest.raises(ValueError, match="count like 200"):
-        ewc.replay_count("lots", 10)
+        replay_count("lots", 10)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        ewc.replay_count(1.5, 10)
+        replay_count(1.5, 10)
 
 
 def test_select_exemplars_is_class_balanced_and_deterministic():
     labels = [0] * 90 + [1] * 8 + [2] * 30
-    idx = ewc.select_exemplars(labels, 30, seed=1)
+    idx = select_exemplars(labels, 30, seed=1)
     counts = {c: sum(labels[i] == c for i in idx) for c in range(3)}
     assert len(idx) == len(set(idx)) == 30
     assert counts[1] == 8 and abs(counts[0] - counts[2]) <= 1  # the small class gives all it has
-    assert idx == ewc.select_exemplars(labels, 30, seed=1)
-    assert idx != ewc.select_exemplars(labels, 30, seed=2)
-    assert len(ewc.select_exemplars(labels, 1000)) == len(labels)
+    assert idx == select_exemplars(labels, 30, seed=1)
+    assert idx != select_exemplars(labels, 30, seed=2)
+    assert len(select_exemplars(labels, 1000)) == len(labels)
 
 
 def test_mix_replay_share():
     new = TensorDataset(torch.zeros(90, 1), torch.zeros(90, dtype=torch.long))
     buf = TensorDataset(torch.ones(10, 1), torch.ones(10, dtype=torch.long))
-    mixed = ewc.mix_replay(new, buf, share=0.25)
+    mixed = mix_replay(new, buf, share=0.25)
     frac = sum(int(mixed[i][1]) for i in range(len(mixed))) / len(mixed)
     assert 0.2 <= frac <= 0.3
-    assert len(ewc.mix_replay(new, buf)) == 100
+    assert len(mix_replay(new, buf)) == 100
 
 
 @pytest.mark.parametrize("bn", ["frozen", "update"])
@@ -359,7 +382,7 @@ def test_bn_statistics_frozen_or_updated(bn):
     mean0 = bn_layer.running_mean.clone()
     x, y = torch.randn(8, 3, 8, 8) + 3.0, torch.randint(0, 2, (8,))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    ewc.fit(model, [(x, y)], epochs=1, optimizer=opt, bn=bn)
+    _fit(model, [(x, y)], epochs=1, optimizer=opt, bn=bn)
     assert torch.equal(bn_layer.running_mean, mean0) == (bn == "frozen")
     assert not torch.equal(bn_layer.weight, torch.ones_like(bn_layer.weight))  # affine still learns
 
@@ -385,8 +408,8 @@ def _task_b(n, g):
 
 
 def _acc(model, x, y):
-    logits, labels = ewc.predict_logits(model, [(x, y)])
-    return ewc.accuracy(logits, labels)
+    preds = Engine().predict(model, [(x, y)])
+    return accuracy(preds.logits, preds.labels)
 
 
 def test_two_task_run_naive_forgets_and_ewc_forgets_less(tmp_path):
@@ -398,7 +421,7 @@ def test_two_task_run_naive_forgets_and_ewc_forgets_less(tmp_path):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2))
     loader_a = DataLoader(TensorDataset(xa, ya), batch_size=32, shuffle=True)
-    ewc.fit(model, loader_a, epochs=10, optimizer=torch.optim.Adam(model.parameters(), 1e-2))
+    _fit(model, loader_a, epochs=10, optimizer=torch.optim.Adam(model.parameters(), 1e-2))
     acc_a0 = _acc(model, xa_t, ya_t)
     assert acc_a0 > 0.95
 
@@ -416,7 +439,7 @@ def test_two_task_run_naive_forgets_and_ewc_forgets_less(tmp_path):
             loaded = ewc.EWCState.load(tmp_path)
             loaded.check_model(model, backbone="mlp")
             pen = ewc.EWCPenalty(loaded, model, lam)
-        hist = ewc.fit(model, loader_b, epochs=10, optimizer=torch.optim.Adam(model.parameters(), 1e-2), penalty=pen)
+        hist = _fit(model, loader_b, epochs=10, optimizer=torch.optim.Adam(model.parameters(), 1e-2), penalty=pen)
         return acc_a0 - _acc(model, xa_t, ya_t), _acc(model, xb_t, yb_t), hist
 
     forget_naive, new_naive, h_naive = extend(0.0)
@@ -429,9 +452,9 @@ def test_two_task_run_naive_forgets_and_ewc_forgets_less(tmp_path):
 
 
 def test_plot_report_writes_png(tmp_path):
-    hist = ewc.FitHistory(task_loss=[1.0, 0.5, 0.3], penalty=[0.0, 0.1, 0.2])
+    hist = FitHistory(task_loss=[1.0, 0.5, 0.3], penalty=[0.0, 0.1, 0.2])
     report = {"method": "ewc", "old_accuracy_before": 0.9, "old_accuracy_after": 0.85,
               "new_accuracy_before": 0.5, "new_accuracy_after": 0.95, "forgetting": 0.05}
-    path = ewc.plot_report(report, hist, tmp_path / "ewc.png")
+    path = plot_forgetting(report, hist, tmp_path / "ewc.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps(hist.to_dict())

@@ -17,7 +17,9 @@ from training import ewc  # noqa: E402
 from training.checkpoint import ModelCard, load_model, save_model  # noqa: E402
 from training.config import AugmentConfig  # noqa: E402
 from training.data import DataSpec, resolve_splits  # noqa: E402
-from training.extend import TaskSet, main  # noqa: E402
+from training.engine import ClassificationTask, Engine  # noqa: E402
+from training.extend_cli import main  # noqa: E402
+from training.tasks import TaskSet, accuracy  # noqa: E402
 
 SPLIT = dict(val_fraction=0.25, test_fraction=0.25)
 SPLIT_FLAGS = ["--val-fraction", "0.25", "--test-fraction", "0.25"]
@@ -46,7 +48,10 @@ def _train_base(run: Path, data: Path) -> None:
     task = TaskSet.from_splits("A", splits, splits.classes, inp, AugmentConfig.none())
     loader = torch.utils.data.DataLoader(task.dataset("train"), batch_size=8, shuffle=True,
                                          generator=torch.Generator().manual_seed(0))
-    ewc.fit(model, loader, epochs=8, optimizer=torch.optim.Adam(model.parameters(), 1e-2), bn="update")
+    eng, opt = Engine(task=ClassificationTask()), torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(8):
+        eng.run_epoch(model, loader, opt)
+    model.eval()
     card = ModelCard(backbone="tiny_cnn", num_classes=len(splits.classes), classes=tuple(splits.classes),
                      good_classes=tuple(splits.good_classes), input=inp, weights="none", data=spec.to_dict(),
                      dataset_fingerprint=splits.fingerprint)
@@ -82,8 +87,8 @@ def test_base_model_learned_line_a(base):
     model, card = load_model(base)
     task = TaskSet.from_splits("A", resolve_splits(DataSpec.from_dict(card.data)), card.classes, card.input,
                                AugmentConfig.none())
-    logits, labels = ewc.predict_logits(model, task.loader("test"))
-    assert ewc.accuracy(logits, labels) >= 0.9
+    preds = Engine().predict(model, task.loader("test"))
+    assert accuracy(preds.logits, preds.labels) >= 0.9
 
 
 def test_finalize_writes_fisher_that_matches_the_checkpoint(base, capsys):
@@ -217,12 +222,10 @@ def test_cli_argument_errors(base, lines, tmp_path, capsys):
     assert "fisher.safetensors" in capsys.readouterr().out
 
 
-def test_config_defaults_match_the_documented_ewc_constants(tmp_path):
-    from training.extend import ExtendConfig
+def test_config_file_spelling_round_trip_and_validation(tmp_path):
+    from training.extend_config import ExtendConfig
 
-    cfg = ExtendConfig(source="x", out="y", data=DataSpec())
-    assert cfg.lam == ewc.DEFAULT_LAMBDA and cfg.lambda_grid == ewc.LAMBDA_GRID
-    assert cfg.gamma == ewc.DEFAULT_GAMMA and cfg.fisher_samples == ewc.DEFAULT_FISHER_SAMPLES
+    ExtendConfig(source="x", out="y", data=DataSpec())  # the defaults validate
     # config files spell it `lambda`; the resolved config round-trips
     f = tmp_path / "extend.toml"
     f.write_text('lambda = "auto"\nreplay = "5%"\n[data]\nsource = "folder"\npath = "line2"\n')
@@ -233,7 +236,19 @@ def test_config_defaults_match_the_documented_ewc_constants(tmp_path):
     assert ExtendConfig.from_dict(loaded.to_dict()) == loaded
     with pytest.raises(Exception, match="replay"):
         ExtendConfig(source="x", out="y", data=DataSpec(), replay="lots")
-    assert cfg.replay_share == 0.2
     assert ExtendConfig(source="x", out="y", data=DataSpec(), replay_share=0).replay_share == 0  # natural share
     with pytest.raises(Exception, match="replay_share"):
         ExtendConfig(source="x", out="y", data=DataSpec(), replay_share=1.0)
+
+
+def test_keep_best_keeps_the_best_epoch_by_mean_old_new_validation(base, lines, tmp_path):
+    out = tmp_path / "best"
+    rc = main(["--from", str(base), "--data", str(lines / "B"), "--out", str(out), *SPLIT_FLAGS, *FAST,
+               "--epochs", "3", "--keep", "best", "--no-fisher"])
+    assert rc == 0
+    records = json.loads((out / "metrics.json").read_text())
+    assert len(records) == 3
+    kept = [r for r in records if r.get("kept")]
+    assert len(kept) == 1 and kept[0]["score"] == max(r["score"] for r in records)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["keep"] == "best" and cfg["channels_last"] is True

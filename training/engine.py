@@ -1,0 +1,275 @@
+"""The one fine-tuning epoch loop, the one ``predict``, and the parts they call.
+
+``Engine.run_epoch`` runs every training epoch of the package: the head warm-up on cached
+features and the fine-tuning epochs of ``defectscope train`` (``training.trainer``) and
+every epoch of ``defectscope extend`` (``training.extend``). It owns AMP, channels_last,
+gradient clipping, the per-step schedule, the BatchNorm mode and the progress bar. What
+differs between callers enters as parts:
+
+- the task (``ClassificationTask`` now; a detection task next) supplies the loss of a
+  batch and the evaluation of predictions; the engine does not branch on it;
+- extra loss terms (``LossTerm``: ``name`` + ``__call__(model) -> scalar``), e.g. the EWC
+  penalty, added to the task loss in float32 outside autocast;
+- after-step hooks (``Callable[[], None]``), e.g. restoring frozen head rows;
+- the batches themselves (a loader over new data, or new data mixed with a replay buffer);
+- parameter-group rules (``training.schedule.param_groups(rules=...)``).
+
+``EpochSelector`` is the best-epoch bookkeeping (monitor value, patience) shared by both.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Hook = Callable[[], None]
+
+
+class LossTerm(Protocol):
+    """An extra loss term: ``name`` (its key in the epoch statistics) and a scalar of the model."""
+
+    name: str
+
+    def __call__(self, model: nn.Module) -> torch.Tensor: ...
+
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(inputs, labels or None)`` of a batch given as a tensor, a pair or a mapping."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (list, tuple)) and batch:
+        y = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        return batch[0], y
+    if isinstance(batch, Mapping):
+        return batch["image"], batch.get("label")
+    raise TypeError(f"cannot read a batch of type {type(batch).__name__}; expected (inputs, labels)")
+
+
+def device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def setup_runtime(threads: int | None, seed: int) -> None:
+    """Threads, denormal flushing (CPU stalls without it) and seeds."""
+    n = threads or int(os.environ.get("DEFECTSCOPE_THREADS", "0") or 0)
+    if n > 0:
+        torch.set_num_threads(n)
+    torch.set_flush_denormal(True)
+    seed_everything(seed)
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch RNGs."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else the CPU; a CUDA device that is not there is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def set_train_mode(model: nn.Module, bn_frozen: bool) -> None:
+    """``model.train()``; with ``bn_frozen`` every BatchNorm keeps its running statistics.
+
+    Frozen BN layers still learn their affine weight/bias; only the running mean/var
+    (buffers, invisible to a parameter penalty) stay as they were.
+    """
+    model.train()
+    if bn_frozen:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+@dataclass
+class ClassificationTask:
+    """Logits ``(N, C)`` against integer labels: cross-entropy loss, classification metrics."""
+
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = field(default_factory=nn.CrossEntropyLoss)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.criterion(outputs.float(), targets)
+
+    def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> int:
+        return int((outputs.detach().argmax(1) == targets).sum())
+
+    def evaluate(self, preds: Predictions, classes: Sequence[str]) -> dict[str, Any]:
+        from .metrics import classification_metrics
+
+        return classification_metrics(preds.labels.numpy(), preds.probs(), classes, loss=preds.loss)
+
+
+@dataclass
+class Predictions:
+    """``logits (N, C)`` float32 and ``labels (N,)`` int64 (-1 where unlabelled), on the CPU;
+    ``loss`` the mean cross-entropy over labelled inputs (nan without labels, or with labels
+    the outputs do not cover)."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    loss: float
+
+    def probs(self) -> np.ndarray:
+        return self.logits.softmax(1).numpy()
+
+
+@dataclass
+class EpochStats:
+    """One epoch: per-step task loss and extra terms, sample-weighted mean loss, accuracy."""
+
+    task_loss: list[float] = field(default_factory=list)
+    terms: dict[str, list[float]] = field(default_factory=dict)
+    loss: float = 0.0  # sample-weighted mean of the task loss
+    train_accuracy: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class Engine:
+    """How to run an epoch: device, AMP (CUDA only), channels_last, clipping, BN mode, parts."""
+
+    task: ClassificationTask = field(default_factory=ClassificationTask)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp: bool = False
+    channels_last: bool = False
+    grad_clip: float | None = None
+    bn_frozen: bool = False
+    terms: Sequence[LossTerm] = ()
+    after_step: Sequence[Hook] = ()
+    progress: bool = False
+
+    @property
+    def use_amp(self) -> bool:
+        return self.amp and self.device.type == "cuda"
+
+    def scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler("cuda", enabled=self.use_amp)
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def run_epoch(
+        self,
+        model: nn.Module,
+        batches: Iterable,
+        optimizer: torch.optim.Optimizer,
+        *,
+        scheduler: Any | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        steps: int | None = None,
+        desc: str = "train",
+    ) -> EpochStats:
+        """One pass over ``batches`` (at most ``steps``): task loss + terms, step, schedule, hooks."""
+        from tqdm import tqdm
+
+        scaler = scaler if scaler is not None else self.scaler()
+        set_train_mode(model, self.bn_frozen)
+        params = [q for g in optimizer.param_groups for q in g["params"]]
+        stats = EpochStats(terms={t.name: [] for t in self.terms})
+        t0, total, n, correct = time.perf_counter(), 0.0, 0, 0
+        bar = tqdm(batches, total=steps, desc=desc, unit="batch", leave=False, disable=not self.progress)
+        for i, batch in enumerate(bar):
+            if steps is not None and i >= steps:
+                break
+            x, y = split_batch(batch)
+            if y is None:
+                raise TypeError("a training loader must yield (inputs, labels)")
+            x, y = self._inputs(x), torch.as_tensor(y).to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+                out = model(x)
+                task_loss = self.task.loss(out, y)
+            loss = task_loss
+            for term in self.terms:  # float32, outside autocast
+                value = term(model)
+                stats.terms[term.name].append(float(value.detach()))
+                loss = loss + value
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if self.grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(params, self.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if scheduler is not None:
+                scheduler.step()
+            for hook in self.after_step:
+                hook()
+            stats.task_loss.append(task_loss.item())
+            total += stats.task_loss[-1] * len(y)
+            n += len(y)
+            correct += self.task.correct(out, y)
+            bar.set_postfix(loss=f"{total / n:.4f}")
+        bar.close()
+        stats.loss, stats.train_accuracy = total / max(1, n), correct / max(1, n)
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, batches: Iterable, desc: str = "eval") -> Predictions:
+        """Logits and labels of every batch in eval mode (the model's mode is restored)."""
+        from tqdm import tqdm
+
+        was = model.training
+        model.eval()
+        logits, labels, loss, n = [], [], 0.0, 0
+        try:
+            for batch in tqdm(batches, desc=desc, leave=False, disable=not self.progress, unit="batch"):
+                x, y = split_batch(batch)
+                with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+                    out = model(self._inputs(x)).float()
+                if y is None:
+                    y = torch.full((out.shape[0],), -1, dtype=torch.long)
+                else:
+                    y = torch.as_tensor(y).long()
+                    if len(y) and int(y.max()) < out.shape[1]:  # a head not grown yet has no loss
+                        loss += F.cross_entropy(out, y.to(out.device), reduction="sum").item()
+                        n += len(y)
+                logits.append(out.cpu())
+                labels.append(y.cpu())
+        finally:
+            model.train(was)
+        if not logits:
+            return Predictions(
+                torch.zeros((0, getattr(model, "num_classes", 0))), torch.zeros(0, dtype=torch.long), float("nan")
+            )
+        return Predictions(torch.cat(logits), torch.cat(labels), loss / n if n else float("nan"))
+
+
+@dataclass
+class EpochSelector:
+    """Best-epoch bookkeeping: the best monitor value, its epoch (1-based), epochs without gain."""
+
+    best_value: float = -float("inf")
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def update(self, epoch: int, value: float) -> bool:
+        """Record epoch ``epoch`` (1-based) scoring ``value``; True if it is the new best."""
+        if value > self.best_value:
+            self.best_value, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def exhausted(self, patience: int) -> bool:
+        return self.best_epoch >= 0 and self.bad_epochs >= patience
