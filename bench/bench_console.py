@@ -135,7 +135,7 @@ def _start_console(cfg: Path, port: int, stations: list[FakeStation]) -> tuple[s
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
-                raise SystemExit("console did not start")
+                raise SystemExit("console did not start") from None
             time.sleep(0.1)
     while _health(base)["received"]["status"] < len(stations):  # every SUB joined (slow-joiner)
         for st in stations:

@@ -10,8 +10,9 @@ Used by bench_runtime.py (throughput, batch-1 latency) and bench_openvino_accura
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -320,8 +320,8 @@ def run_soak(args: argparse.Namespace, replay: Path, artifact: str) -> dict[str,
 def bare_machine_limit(args: argparse.Namespace, bundle: Any, paths: list[Path]) -> list[dict[str, Any]]:
     """Every bare engine at --total-threads, TTA off; sorted fastest first."""
     import numpy as np
-
     from bench_engines import bare_engines, parse_engines
+
     from runtime.preprocess import Preprocessor, read_image
 
     pre = Preprocessor(bundle.manifest.input)

@@ -73,7 +73,7 @@ def profile_stages(model_cfg: Any, paths: list[Path], batch: int) -> dict[str, A
             outputs = timed("infer", backend.run, stacked, clock=time.process_time)[0]
             for i, f in enumerate(frames):
                 # the message dict is built and encoded, as the daemon's _publish does per frame
-                payload = timed("json", lambda: encode(_message(f, outputs[0][i], bundle.manifest.classes)))[0]
+                payload = timed("json", lambda f=f, i=i, outputs=outputs: encode(_message(f, outputs[0][i], bundle.manifest.classes)))[0]
                 timed("zeromq", pub.send_multipart, [b"bench.cam1.ok", payload], clock=time.process_time)
             while sub.poll(0):
                 sub.recv_multipart()

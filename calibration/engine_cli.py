@@ -136,9 +136,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, console: Any) -> int:
     from calibration.calibrator import CacheFile
-    from runtime.engine_build import (BuildError, artifact_fields, build_engine, calibration_cache_name,
-                                    default_timing_cache, engine_file_name, plan_build)
     from runtime.bundle import Artifact, load_bundle, write_bundle
+    from runtime.engine_build import (
+        BuildError,
+        artifact_fields,
+        build_engine,
+        calibration_cache_name,
+        default_timing_cache,
+        engine_file_name,
+        plan_build,
+    )
     from runtime.engine_meta import EngineUnavailableError, current_platform
 
     def log(msg: str) -> None:
@@ -218,9 +225,7 @@ def _main(args: argparse.Namespace, console: Any) -> int:
                                default_artifact=key if args.make_default else manifest.default_artifact)
         if args.precision == "int8" and not args.skip_accuracy_gate:
             from runtime.backends import TensorRTBackend
-            from runtime.engine_gate import EngineRejectedError, gate_candidate
-
-            from runtime.engine_gate import holdout_file
+            from runtime.engine_gate import EngineRejectedError, gate_candidate, holdout_file
 
             fallback_x = None
             if holdout_file(bundle) is None:

@@ -20,9 +20,10 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -143,6 +144,7 @@ def parity(model: Any, onnx_path: str | os.PathLike[str], images: Sequence[np.nd
     matched (same label, IoU >= ``min_iou``, score within ``score_tol``) and the same count.
     Returns the measured worst cases; raises DetectionExportError naming the image and the check."""
     import torch
+
     from runtime.boxes import box_iou
 
     sess = _session(onnx_path)

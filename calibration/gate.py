@@ -7,8 +7,9 @@ manifest records them and the runtime's ``auto`` refuses an engine whose record 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

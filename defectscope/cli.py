@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 # name -> (target "module:function", one-line help, pip extra that provides it)
 COMMANDS: dict[str, tuple[str, str, str | None]] = {}

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import Any
 
 from runtime.bundle_stage import MAX_BUNDLE_MIB, MAX_FILES
 
@@ -72,7 +73,7 @@ class DeployConfig:
     source: str = "(defaults)"
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str) -> "DeployConfig":
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> DeployConfig:
         known = {"install": {"models_dir", "config_dir", "keep", "max_bundle_mib", "max_files"},
                  "signing": {"public_keys"},
                  "service": {"reload_command", "status_command", "ready_timeout_s", "readyz_url"}}

@@ -16,8 +16,19 @@ from typing import Any
 from deploy.config import DeployError
 from runtime.fsio import atomic_write_text
 from runtime.signature import (  # noqa: F401  (re-exported: one verifier, station side)
-    ALGORITHM, CONTEXT, SIGNATURE_SCHEMA, SignatureError, VerifiedSignature, _crypto, _message,
-    default_signature_path, key_id, load_public_key, read_signature, verify_manifest)
+    ALGORITHM,
+    CONTEXT,
+    SIGNATURE_SCHEMA,
+    SignatureError,
+    VerifiedSignature,
+    _crypto,
+    _message,
+    default_signature_path,
+    key_id,
+    load_public_key,
+    read_signature,
+    verify_manifest,
+)
 
 
 def generate_keypair(private_path: Path, public_path: Path | None = None, overwrite: bool = False) -> tuple[Path, Path, str]:

@@ -20,10 +20,11 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from deploy.config import DeployError, check_component
 from runtime.fsio import atomic_write_json, fsync_dir
@@ -62,7 +63,7 @@ class ModelState:
     highest: str | None = None  # newest version ever installed (anti-rollback survives a prune)
 
     @classmethod
-    def empty(cls) -> "ModelState":
+    def empty(cls) -> ModelState:
         return cls(installed={}, history=[])
 
     def next_seq(self) -> int:
@@ -119,7 +120,7 @@ class ModelStore:
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise DeployError(f"{path}: another deploy command holds the lock (waited {timeout_s:.0f} s)")
+                        raise DeployError(f"{path}: another deploy command holds the lock (waited {timeout_s:.0f} s)") from None
                     time.sleep(0.2)
             try:
                 yield

@@ -26,8 +26,8 @@ class TensorRTBackend(Backend):
 
     def __init__(self, bundle: Bundle, key: str, device_id: int = 0) -> None:
         try:
-            import tensorrt as trt
             import pycuda.driver as cuda
+            import tensorrt as trt
         except ImportError as exc:
             raise BackendError(f"TensorRT backend needs tensorrt and pycuda: {exc}") from None
         art = bundle.artifact(key)

@@ -22,8 +22,9 @@ import importlib.util
 import logging
 import platform
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class Backend(ABC):
     artifact_key: str = ""
     precision: str = ""  # the artifact's (fp32, int8, fp16)
     inference_precision: str = "f32"  # what the float parts run in (OpenVINO may run bf16)
-    selection: "Selection | None" = None  # set by create_backend
+    selection: Selection | None = None  # set by create_backend
     min_batch: int = 1
     max_batch: int | None = None  # None: any batch size
     fixed_batch: bool = False  # the graph takes exactly max_batch (pad partial batches)
@@ -81,6 +82,7 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Release device resources (idempotent)."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "artifact": self.artifact_key, "precision": self.precision,

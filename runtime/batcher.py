@@ -12,7 +12,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,7 +28,7 @@ class FrameHub:
         self._lock = threading.Lock()
         self._not_empty = threading.Condition(self._lock)
         self._not_full = threading.Condition(self._lock)
-        self._queues: dict[str, deque["Frame"]] = {}
+        self._queues: dict[str, deque[Frame]] = {}
         self._capacity: dict[str, int] = {}
         self._order: list[str] = []
         self._rr = 0
@@ -39,7 +40,7 @@ class FrameHub:
             self._capacity[camera] = capacity
             self._order.append(camera)
 
-    def put(self, frame: "Frame", block: bool, stop: threading.Event) -> "Frame | None":
+    def put(self, frame: Frame, block: bool, stop: threading.Event) -> Frame | None:
         """Enqueue; returns the frame dropped to make room (drop-oldest), else None.
 
         With ``block`` the caller waits for room instead (replays); a set ``stop``
@@ -65,7 +66,7 @@ class FrameHub:
         with self._lock:
             return sum(len(q) for q in self._queues.values())
 
-    def get_batch(self, max_frames: int, max_wait_s: float, timeout_s: float) -> list["Frame"]:
+    def get_batch(self, max_frames: int, max_wait_s: float, timeout_s: float) -> list[Frame]:
         """Up to ``max_frames`` frames, round-robin across cameras.
 
         Waits up to ``timeout_s`` for a first frame, then up to ``max_wait_s`` more
@@ -76,7 +77,7 @@ class FrameHub:
                 return []
             if max_wait_s > 0 and max_frames > 1:
                 self._wait_for(lambda n: n >= max_frames, max_wait_s)
-            batch: list["Frame"] = []
+            batch: list[Frame] = []
             cams = self._order
             idle = 0
             while len(batch) < max_frames and idle < len(cams):
@@ -112,7 +113,7 @@ class FrameHub:
 
 
 
-def assemble(frames: Sequence["Frame"], out: "BatchBuffers | None" = None) -> np.ndarray:
+def assemble(frames: Sequence[Frame], out: BatchBuffers | None = None) -> np.ndarray:
     """Frames' (V,C,H,W) views -> one (N*V,C,H,W) float32 batch; a frame's views stay adjacent.
 
     One frame: its own views, no copy. Several: copied into a reused buffer of ``out`` if given.

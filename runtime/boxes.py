@@ -14,8 +14,9 @@ columns ``x0..x1`` inclusive is ``[x0, ., x1 + 1, .]`` (torchvision's convention
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -143,11 +144,11 @@ def weighted_box_fusion(views: Sequence[tuple[Any, Any, Any]], iou_thr: float = 
     n_views = max(1, len(views))
     rows = []
     for boxes, scores, labels in views:
-        b, s, l = as_boxes(boxes), np.asarray(scores, np.float32).reshape(-1), np.asarray(labels).reshape(-1)
-        if not len(b) == len(s) == len(l):
-            raise BoxError(f"weighted_box_fusion: {len(b)} boxes, {len(s)} scores, {len(l)} labels")
+        b, s, lab = as_boxes(boxes), np.asarray(scores, np.float32).reshape(-1), np.asarray(labels).reshape(-1)
+        if not len(b) == len(s) == len(lab):
+            raise BoxError(f"weighted_box_fusion: {len(b)} boxes, {len(s)} scores, {len(lab)} labels")
         keep = (s >= skip_thr) & np.isfinite(s) & np.isfinite(b).all(axis=1)
-        rows += [(float(si), int(li), bi) for bi, si, li in zip(b[keep], s[keep], l[keep])]
+        rows += [(float(si), int(li), bi) for bi, si, li in zip(b[keep], s[keep], lab[keep])]
     out_b, out_s, out_l = [], [], []
     for label in sorted({r[1] for r in rows}):
         members: list[list[tuple[float, np.ndarray]]] = []
@@ -227,11 +228,11 @@ class BoxPolicy:
 
     def decide(self, boxes: Any, scores: Any, labels: Any, classes: Sequence[str]) -> BoxVerdict:
         """Boxes in original pixels with label indices into ``classes`` -> the part's verdict."""
-        b, s, l = as_boxes(boxes), np.asarray(scores, np.float32).reshape(-1), np.asarray(labels).reshape(-1)
+        b, s, lab = as_boxes(boxes), np.asarray(scores, np.float32).reshape(-1), np.asarray(labels).reshape(-1)
         areas = box_area(b)
         counted, best = [], {"defect": None, "uncertain": None}
         best_score = 0.0
-        for box, score, label, area in zip(b, s, l, areas):
+        for box, score, label, area in zip(b, s, lab, areas):
             # A model's outputs are not trusted: unknown labels and non-finite values are never counted.
             if not (0 <= int(label) < len(classes) and np.isfinite(score) and np.isfinite(box).all()):
                 continue

@@ -16,12 +16,12 @@ import shutil
 import tarfile
 import tempfile
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from runtime.bundle_fs import (MANIFEST, BundleError, check_member_name, open_regular, sha256_fd,  # noqa: F401
-                               unlisted_entries)
+from runtime.bundle_fs import MANIFEST, BundleError, check_member_name, open_regular, sha256_fd, unlisted_entries  # noqa: F401
 from runtime.fsio import atomic_write_json, fsync_dir, sha256_file
 from runtime.preprocess import InputSpec, SpecError
 
@@ -105,7 +105,7 @@ class Manifest:
 
     # ---- (de)serialisation -------------------------------------------------
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = MANIFEST) -> "Manifest":
+    def from_dict(cls, data: Mapping[str, Any], where: str = MANIFEST) -> Manifest:
         """Validate and build; every problem names the key and what was expected."""
         if not isinstance(data, Mapping):
             raise BundleError(f"{where}: expected a JSON object at the top level")
@@ -195,7 +195,7 @@ class Manifest:
             "metrics": dict(self.metrics),
         }
 
-    def replace(self, **changes: Any) -> "Manifest":
+    def replace(self, **changes: Any) -> Manifest:
         return dataclasses.replace(self, **changes)
 
 

@@ -10,8 +10,9 @@ import hashlib
 import os
 import posixpath
 import stat
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 MANIFEST = "manifest.json"
 

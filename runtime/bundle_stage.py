@@ -22,8 +22,16 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.bundle import (MANIFEST, Bundle, BundleError, Manifest, check_member_name, load_bundle, open_regular,
-                            unlisted_entries)
+from runtime.bundle import (
+    MANIFEST,
+    Bundle,
+    BundleError,
+    Manifest,
+    check_member_name,
+    load_bundle,
+    open_regular,
+    unlisted_entries,
+)
 from runtime.fsio import fsync_dir
 
 MAX_BUNDLE_MIB = 4096  # sum of the bundle's file sizes (ONNX + engines of one model)

@@ -12,13 +12,14 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from runtime.preview import PreviewConfig
 from runtime.config_table import ConfigError, Table
 from runtime.messages import VERDICTS
+from runtime.preview import PreviewConfig
 
 if sys.version_info >= (3, 11):
     import tomllib

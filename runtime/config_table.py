@@ -6,7 +6,8 @@ Every error is a :class:`ConfigError` reading ``<file>: key '<dotted.key>': <wha
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -76,7 +77,7 @@ class Table:
             raise self.error(name, f"expected one of {list(choices)}, got {value!r}")
         return value
 
-    def table(self, name: str) -> "Table":
+    def table(self, name: str) -> Table:
         self.used.add(name)
         return Table(self.data.get(name, {}), self.where, f"{self.prefix}{name}.")
 

@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runtime.preview import PreviewEncoder
 from runtime.config import ConfigError, StationConfig, load_config
 from runtime.messages import status_message
 from runtime.metrics import Metrics
 from runtime.model import LoadedModel, ModelLoadError, load_model
 from runtime.notify import Notifier, Watchdog
 from runtime.pipeline import Pipeline
+from runtime.preview import PreviewEncoder
 from runtime.publisher import Publisher
 from runtime.service import HealthServer, PidFile, reload_record
 from runtime.snapshots import SnapshotSpool

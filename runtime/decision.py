@@ -9,8 +9,9 @@ the same thresholds, ``uncertain`` band, messages and snapshots as a classifier.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from runtime.engine_meta import Platform, check_engine_io, current_platform, engine_problems, slug, version_tuple
 from runtime.fsio import atomic_write_bytes

@@ -16,8 +16,9 @@ import re
 import shlex
 import shutil
 import subprocess
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 
 class EngineUnavailableError(RuntimeError):

@@ -9,7 +9,8 @@ Topic ``<station>.<camera>.<verdict>`` (subscribers filter by prefix, e.g.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 SCHEMA_VERSION = 1
 STATUS = "_status"

@@ -7,19 +7,20 @@ serves them over HTTP with ``/healthz`` and ``/readyz``.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
-from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 
 from runtime.messages import VERDICTS
-
 
 # Seconds: inference on an edge device is ~1-100 ms; end-to-end adds queueing (up to seconds when behind).
 INFERENCE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)

@@ -18,8 +18,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -29,8 +30,8 @@ from runtime.decision import Decision, Prediction, scores_dict, top
 from runtime.messages import VERDICTS, status_topic, verdict_message, verdict_topic
 from runtime.metrics import Metrics
 from runtime.model import LoadedModel
-from runtime.publisher import Publisher
 from runtime.preview import PreviewEncoder
+from runtime.publisher import Publisher
 from runtime.snapshots import SnapshotSpool
 from runtime.sources import Frame
 

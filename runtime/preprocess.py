@@ -9,8 +9,9 @@ tested against.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -81,7 +82,7 @@ class InputSpec:
             )
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "input") -> "InputSpec":
+    def from_dict(cls, data: Mapping[str, Any], where: str = "input") -> InputSpec:
         """Build from a manifest/model-card dict; unknown or missing keys are named."""
         if not isinstance(data, Mapping):
             raise SpecError(f"{where}: expected a table/object, got {type(data).__name__}")

@@ -22,8 +22,9 @@ from __future__ import annotations
 import base64
 import binascii
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 import cv2
 import numpy as np
@@ -46,7 +47,7 @@ class PreviewConfig:
     jpeg_quality: int = 70
 
     @classmethod
-    def from_dict(cls, table: Mapping[str, Any], where: str = "preview") -> "PreviewConfig":
+    def from_dict(cls, table: Mapping[str, Any], where: str = "preview") -> PreviewConfig:
         known = {f.name for f in fields(cls)}
         for key in table:
             if key not in known:

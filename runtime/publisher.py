@@ -14,7 +14,8 @@ import logging
 import os
 import stat
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import zmq
 

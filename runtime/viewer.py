@@ -14,9 +14,10 @@ import json
 import sys
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from runtime.messages import STATUS, VERDICTS, SchemaError, decode, validate
 

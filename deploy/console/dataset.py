@@ -27,9 +27,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from http.cookiejar import CookieJar
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from deploy.console.snapfiles import SnapshotRefused, read_path
 
@@ -212,9 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from starlette.exceptions import HTTPException
+
     from deploy.console.app import parse_time
     from deploy.console.config import ServerConfig
-    from starlette.exceptions import HTTPException
 
     args = build_parser().parse_args(argv)
     try:

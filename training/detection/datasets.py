@@ -18,9 +18,10 @@ malformed) are skipped and counted in ``DetSplits.report`` (file + annotation id
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,7 @@ class DetectionSpec:
             raise DataError(f"data.limit: expected a positive integer, got {self.limit!r}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "data") -> "DetectionSpec":
+    def from_dict(cls, d: Mapping[str, Any], where: str = "data") -> DetectionSpec:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

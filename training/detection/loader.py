@@ -10,7 +10,8 @@ predictions back; it does not describe the random augmentation, so use it with `
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np

@@ -19,9 +19,12 @@ mean/std and does not resize images already at ``image_size``.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +36,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 DEFAULT_DETECTOR_BACKBONE = "efficientnet_lite0"
-TRUNKS: dict[str, Callable[["DetectorSpec"], "Trunk"]] = {}
+TRUNKS: dict[str, Callable[[DetectorSpec], Trunk]] = {}
 
 
 class DetectorConfigError(ValueError):
@@ -42,7 +45,7 @@ class DetectorConfigError(ValueError):
 
 def trunk(name: str) -> Callable:
     """Register a trunk builder; refuses duplicates."""
-    def deco(fn: Callable[["DetectorSpec"], "Trunk"]) -> Callable[["DetectorSpec"], "Trunk"]:
+    def deco(fn: Callable[[DetectorSpec], Trunk]) -> Callable[[DetectorSpec], Trunk]:
         if name in TRUNKS:
             raise ValueError(f"detector trunk {name!r} registered twice")
         TRUNKS[name] = fn
@@ -97,7 +100,7 @@ class DetectorSpec:
             raise DetectorConfigError(f"model.trainable_stages: expected >= 0 or None, got {self.trainable_stages}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DetectorSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> DetectorSpec:
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise DetectorConfigError(f"model: unknown key(s) {unknown}")
@@ -122,7 +125,7 @@ class Trunk(nn.Module):
         self.mean, self.std = list(mean), list(std)
         self.frozen: tuple[int, ...] = ()
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         out: OrderedDict[str, torch.Tensor] = OrderedDict()
         for i, stage in enumerate(self.stages):
             x = stage(x)
@@ -140,7 +143,7 @@ class Trunk(nn.Module):
                 p.requires_grad_(i not in self.frozen)
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "Trunk":
+    def train(self, mode: bool = True) -> Trunk:
         super().train(mode)
         for i in self.frozen:
             self.stages[i].eval()
@@ -154,7 +157,7 @@ class FPNBackbone(nn.Module):
         self.fpn = FeaturePyramidNetwork(body.out_channels, channels, extra_blocks=LastLevelMaxPool())
         self.out_channels = channels
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         return self.fpn(self.body(x))
 
 
@@ -252,9 +255,9 @@ def _probe_taps(stages: Sequence[nn.Module], size: int = 64) -> tuple[list[int],
 def _registry_body(spec: DetectorSpec, input_override: dict | None = None) -> tuple[nn.Module, Any]:
     from training.backbones import build_model, get_spec
     bspec = get_spec(spec.backbone)
-    inp = dict(bspec.default_input)
+    inp = bspec.default_input
     if input_override:
-        inp.update(input_override)
+        inp = dataclasses.replace(inp, **input_override)
     return build_model(spec.backbone, 2, weights=spec.weights, input_spec=inp).body, bspec
 
 
@@ -284,7 +287,7 @@ def _lite0(spec: DetectorSpec) -> Trunk:
         start += r
     taps, channels = _probe_taps(stages)
     assert channels == [40, 112, 320], channels  # blocks 4/10/15
-    return Trunk(stages, taps, channels, bspec.default_input["mean"], bspec.default_input["std"])
+    return Trunk(stages, taps, channels, bspec.default_input.mean, bspec.default_input.std)
 
 
 @trunk("mobilenet_v3_large")
@@ -292,7 +295,7 @@ def _mnv3(spec: DetectorSpec) -> Trunk:
     body, bspec = _registry_body(spec)
     stages = list(body.features)
     taps, channels = _probe_taps(stages)
-    return Trunk(stages, taps, channels, bspec.default_input["mean"], bspec.default_input["std"])
+    return Trunk(stages, taps, channels, bspec.default_input.mean, bspec.default_input.std)
 
 
 @trunk("resnet50")
@@ -300,7 +303,7 @@ def _resnet50(spec: DetectorSpec) -> Trunk:
     body, bspec = _registry_body(spec)
     stages = [nn.Sequential(body.conv1, body.bn1, body.relu, body.maxpool), body.layer1, body.layer2,
               body.layer3, body.layer4]
-    return Trunk(stages, [2, 3, 4], [512, 1024, 2048], bspec.default_input["mean"], bspec.default_input["std"])
+    return Trunk(stages, [2, 3, 4], [512, 1024, 2048], bspec.default_input.mean, bspec.default_input.std)
 
 
 @trunk("tiny_det")

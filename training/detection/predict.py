@@ -7,7 +7,7 @@ The geometry and the TTA merge are the station's (``runtime.boxes``): boxes go b
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

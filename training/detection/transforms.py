@@ -9,8 +9,9 @@ photometric jitter, then boxes cut to nothing are dropped and pixels scaled to [
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torchvision import tv_tensors
@@ -43,7 +44,7 @@ class AugmentSpec:
             raise DataError(f"augment.scale: expected (low, high) with 0 < low <= high, got {self.scale}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "AugmentSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> AugmentSpec:
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise DataError(f"augment: unknown key(s) {unknown}")

@@ -124,7 +124,7 @@ def test_live_review_export_extend_loop(tmp_path, browser, console_factory):
     # and `defectscope extend` trains on it directly
     pytest.importorskip("torch")
     from tests.training.conftest import write_folder
-    from training.extend import main as extend_main
+    from training.extend_cli import main as extend_main
 
     base = tmp_path / "runA"
     _train_base(base, write_folder(tmp_path / "lineA", {"ok": 24, "defect": 24}))
