@@ -20,7 +20,6 @@ mean/std and does not resize images already at ``image_size``.
 from __future__ import annotations
 
 import dataclasses
-
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
