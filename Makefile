@@ -5,7 +5,7 @@
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
-EXTRAS  ?= train,dev,msgpack,deploy,fleet
+EXTRAS  ?= train,dev,msgpack,deploy,fleet,openvino
 # Debian packages some tests drive for real: promtool + Prometheus server, ffmpeg (RTSP/MJPEG
 # camera streams), systemd-analyze (unit verification).
 APT_PKGS ?= prometheus ffmpeg systemd

@@ -1,5 +1,14 @@
 #!/usr/bin/env python
-"""Runtime daemon vs a bare ONNX Runtime session, and a soak run.
+"""Runtime daemon vs the fastest bare engine on the machine, per-stage CPU time, low-load latency, soak.
+
+Headline (printed first in the summary): daemon frames/s / the FASTEST bare engine's frames/s
+at the SAME total thread count (--total-threads, default all cores), TTA off, per artifact and
+camera count. Bare engines (bench_engines.py, --engines): ONNX Runtime FP32/INT8 and OpenVINO
+FP32/INT8 at f32 and bf16, each alone on already-preprocessed tensors. Target >= 0.85x, 0 lost.
+--stages adds the per-frame CPU-time table (bench_stages.py: decode, resize, normalize, stack,
+infer, JSON, ZeroMQ, and the daemon's own overhead = its measured CPU per frame - their sum).
+--low-load FPS: one camera paced at FPS (a trigger-driven line); capture -> publish p50/p99;
+target p50 <= the daemon's own inference time per frame + 3 ms.
 
 Throughput mode (default): ELPV held-out images (test split of the reference protocol:
 stratified 75/25 by class x cell type, seed 0; n=656) replayed through the full
@@ -22,6 +31,7 @@ messages and sequence gaps per camera. Targets: RSS growth after warm-up <= 20 M
 10 minutes, no dropped messages.
 
 Usage (idle machine):
+  python bench/bench_runtime.py --bundle runs/elpv-bundle --tta 1 --stages --low-load 20   # issue 18 table
   python bench/bench_runtime.py --bundle runs/elpv-bundle                       # -> bench/results/runtime.json
   python bench/bench_runtime.py --bundle B --soak 600 --artifacts int8           # 10-minute soak
   python bench/bench_runtime.py --bundle B --images DIR --limit 40 --artifacts fp32 --tta 1 --cameras 1   # smoke
@@ -45,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TARGET_RATIO = 0.85
+TARGET_LOW_LOAD_MS = 3.0  # low-load p50 may exceed the inference time by this much
 TARGET_TTA_COST = 2.5
 TARGET_RSS_MB = 20.0
 # TTA settings by name: (views, mode). "3a": adaptive, extra views only for frames whose first-view
@@ -125,6 +136,7 @@ def subscriber_main(endpoint: str, ready: Any, conn: Any, max_s: float) -> None:
     gaps = 0
     received = 0
     lat_ms: list[float] = []
+    inf_ms: list[float] = []
     verdicts: dict[str, tuple[str, int]] = {}   # "camera/source" -> (verdict, TTA views used)
     first_capture, last_publish = float("inf"), 0.0
     final = None
@@ -145,10 +157,12 @@ def subscriber_main(endpoint: str, ready: Any, conn: Any, max_s: float) -> None:
             gaps += seq - last_seq[cam] - 1
         last_seq[cam] = seq
         lat_ms.append(msg["latency_ms"]["total"])
+        inf_ms.append(msg["latency_ms"]["inference"])
         verdicts[f"{cam}/{msg.get('source')}"] = (msg["verdict"], msg["tta_views"])
         first_capture = min(first_capture, msg["captured_at"])
         last_publish = max(last_publish, msg["published_at"])
-    conn.send({"received": received, "gaps": gaps, "latency_ms": lat_ms, "verdicts": verdicts,
+    conn.send({"received": received, "gaps": gaps, "latency_ms": lat_ms, "inference_ms": inf_ms,
+               "verdicts": verdicts,
                "first_capture": first_capture,
                "last_publish": last_publish, "final": final})
     sock.close(0)
@@ -176,37 +190,45 @@ class SubscriberProcess:
 
 # ---- daemon runs -------------------------------------------------------------------------------
 def station(args: argparse.Namespace, replay: Path, artifact: str, tta: str, cameras: int, port: int,
-            loop: bool) -> Any:
+            loop: bool, fps: float | None = None) -> Any:
     from runtime.config import from_dict
 
     data = {
         "station": "bench",
         "model": {"bundle": str(Path(args.bundle).resolve()), "artifact": artifact, "backend": args.backend,
-                  "threads": args.threads, "warmup_runs": 3},
+                  "threads": args.threads, "warmup_runs": 3,
+                  "openvino": {"precision": args.ov_precision, "hint": args.ov_hint,
+                               "infer_requests": args.ov_requests}},
         "batching": {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms},
         "tta": {"views": TTA_VIEWS[tta], "mode": TTA_MODE[tta], "band": TTA_BAND},
         "publisher": {"bind": [f"tcp://127.0.0.1:{port}"], "wait_for_subscribers": 1, "wait_timeout_s": 60.0,
                       "status_interval_s": 1.0, "sndhwm": 100_000},
         "metrics": {"host": "127.0.0.1", "port": 0},
         "daemon": {"drain_timeout_s": 60.0},
-        "cameras": [{"id": f"cam{i + 1}", "source": str(replay), "loop": loop, "queue_size": 2 * args.max_batch}
-                    for i in range(cameras)],
+        "cameras": [{"id": f"cam{i + 1}", "source": str(replay), "loop": loop, "queue_size": 2 * args.max_batch,
+                     **({"fps": fps} if fps else {})} for i in range(cameras)],
     }
     return from_dict(data, where="bench")
 
 
 def run_daemon(args: argparse.Namespace, replay: Path, n_images: int, artifact: str, tta: str,
-               cameras: int) -> dict[str, Any]:
+               cameras: int, fps: float | None = None) -> dict[str, Any]:
+    import resource
+
     from runtime.daemon import Daemon
 
     port = free_port()
-    cfg = station(args, replay, artifact, tta, cameras, port, loop=False)
+    cfg = station(args, replay, artifact, tta, cameras, port, loop=False, fps=fps)
     sub = SubscriberProcess(f"tcp://127.0.0.1:{port}", max_s=3600)
     d = Daemon(cfg)
     d.start()
     info = dict(d.model.info)
+    selection = getattr(d.model.backend, "selection", None)
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process = the daemon
     d.run()
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
     r = sub.result(120)
+    cpu_s = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     frames = r["received"]
     span = r["last_publish"] - r["first_capture"]
     expected = n_images * cameras
@@ -214,14 +236,18 @@ def run_daemon(args: argparse.Namespace, replay: Path, n_images: int, artifact: 
         "frames": frames, "expected": expected, "gaps": r["gaps"],
         "fps": frames / span if span > 0 else float("nan"),
         "p50_ms": percentile(r["latency_ms"], 50), "p99_ms": percentile(r["latency_ms"], 99),
+        "inference_p50_ms": percentile(r["inference_ms"], 50),
+        "cpu_ms_per_frame": cpu_s * 1000 / max(1, frames),
         "backend": info["backend"], "precision": info["precision"],
+        "inference_precision": getattr(selection, "inference_precision", None),
+        "selection": selection.to_dict() if selection is not None else None,
         "verdicts": r["verdicts"],
         "expanded": sum(1 for _, views in r["verdicts"].values() if views > 1),
     }
 
 
 def run_bare(args: argparse.Namespace, paths: list[Path], artifact: str, tta: str) -> dict[str, Any]:
-    """A bare ORT session on already-preprocessed tensors: same artifact, threads and batch."""
+    """A bare ORT session on already-preprocessed tensors: same artifact and batch, --total-threads."""
     import numpy as np
     import onnxruntime as ort
 
@@ -233,7 +259,7 @@ def run_bare(args: argparse.Namespace, paths: list[Path], artifact: str, tta: st
     tta_views = TTA(TTA_VIEWS[tta], Preprocessor(b.manifest.input))
     tensors = np.stack([tta_views.expand(read_image(p)) for p in paths])  # (N,V,C,H,W)
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = args.threads
+    opts.intra_op_num_threads = args.total_threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -290,8 +316,65 @@ def run_soak(args: argparse.Namespace, replay: Path, artifact: str) -> dict[str,
     }
 
 
+# ---- throughput, headline, stages, low load ----------------------------------------------------
+def bare_machine_limit(args: argparse.Namespace, bundle: Any, paths: list[Path]) -> list[dict[str, Any]]:
+    """Every bare engine at --total-threads, TTA off; sorted fastest first."""
+    import numpy as np
+
+    from bench_engines import bare_engines, parse_engines
+    from runtime.preprocess import Preprocessor, read_image
+
+    pre = Preprocessor(bundle.manifest.input)
+    tensors = np.stack([pre(read_image(p))[None] for p in paths])  # (N,1,C,H,W)
+    runs = bare_engines(bundle, parse_engines(args.engines), tensors, args.max_batch, args.total_threads)
+    return sorted(runs, key=lambda r: -r["fps"])
+
+
+def run_throughput(args: argparse.Namespace, artifacts: list[str], paths: list[Path], replay: Path,
+                   result: dict[str, Any]) -> None:
+    bare_cache: dict[tuple[str, str], dict[str, Any]] = {}
+    header = (f"{'artifact':8} {'tta':>3} {'cams':>4} | {'daemon f/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'CPU ms/f':>8} | {'bare ORT':>8} {'ratio':>5} | {'vs fastest':>10} {'lost':>4}")
+    print(header)
+    print("-" * len(header))
+    fastest = result["bare_engines"][0] if result["bare_engines"] else None
+    for art in artifacts:
+        for tta in args.tta:
+            # Adaptive TTA has no bare equivalent (its work depends on the scores): compared with always-on.
+            key = (art, "3" if tta == "3a" else tta)
+            if key not in bare_cache:
+                bare_cache[key] = run_bare(args, paths, art, key[1])
+            bare = bare_cache[key]
+            for cams in args.cameras:
+                dm = run_daemon(args, replay, len(paths), art, tta, cams)
+                ratio = dm["fps"] / bare["fps"]
+                vs_fastest = dm["fps"] / fastest["fps"] if fastest and tta == "1" else float("nan")
+                verdicts = dm.pop("verdicts")
+                result["runs"].append({"artifact": art, "tta": tta, "cameras": cams, "daemon": dm, "bare": bare,
+                                       "ratio": ratio, "ratio_vs_fastest": vs_fastest, "_verdicts": verdicts})
+                print(f"{art:8} {tta:>3} {cams:>4} | {dm['fps']:>10.1f} {dm['p50_ms']:>8.2f} {dm['p99_ms']:>8.2f} "
+                      f"{dm['cpu_ms_per_frame']:>8.2f} | {bare['fps']:>8.1f} {ratio:>5.2f} | {vs_fastest:>10.2f} "
+                      f"{dm['expected'] - dm['frames']:>4}"
+                      + (f"   ({dm['expanded']} of {dm['frames']} frames got 3 views)" if tta == "3a" else ""),
+                      flush=True)
+
+
+def run_low_load(args: argparse.Namespace, artifact: str, paths: list[Path], tmp: Path) -> dict[str, Any]:
+    """One camera paced at --low-load frames/s: capture -> publish p50/p99 vs the daemon's inference time."""
+    n = min(len(paths), max(20, int(args.low_load * args.low_load_s)))
+    (tmp / "low-load").mkdir(exist_ok=True)
+    replay = replay_dir(paths[:n], tmp / "low-load")
+    dm = run_daemon(args, replay, n, artifact, "1", 1, fps=args.low_load)
+    dm.pop("verdicts")
+    target = dm["inference_p50_ms"] + TARGET_LOW_LOAD_MS
+    dm.update(fps_offered=args.low_load, target_p50_ms=target, pass_=dm["p50_ms"] <= target)
+    return dm
+
+
 # ---- main --------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from bench_engines import DEFAULT_ENGINES
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--bundle", required=True, help="model bundle directory (int8 + fp32 artifacts)")
@@ -302,18 +385,39 @@ def main(argv: list[str] | None = None) -> int:
                    help="TTA settings: 1 (off), 3 (original+hflip+vflip on every frame), 3a (the same views, "
                         f"adaptive: extra views only within {TTA_BAND} of the threshold)")
     p.add_argument("--cameras", default="1,4", help="camera counts (each replays the whole set)")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (daemon and bare)")
+    p.add_argument("--total-threads", type=int, default=os.cpu_count() or 1,
+                   help="threads every bare engine gets: the machine's budget (default: all cores)")
+    p.add_argument("--threads", type=int, help="the daemon's engine threads (default: --total-threads)")
+    p.add_argument("--engines", default=DEFAULT_ENGINES,
+                   help=f"bare engines for the headline (default {DEFAULT_ENGINES}; '' = none)")
     p.add_argument("--max-batch", type=int, default=8, help="frames per inference call (daemon and bare)")
     p.add_argument("--max-wait-ms", type=float, default=5.0)
-    p.add_argument("--backend", default="onnxruntime-cpu", choices=("onnxruntime-cpu", "onnxruntime-cuda"))
+    p.add_argument("--backend", default="auto",
+                   choices=("auto", "onnxruntime-cpu", "onnxruntime-cuda", "openvino", "tensorrt"),
+                   help="the daemon's [model] backend (default auto)")
+    p.add_argument("--ov-precision", default="f32", choices=("f32", "bf16"), help="daemon [model.openvino] precision")
+    p.add_argument("--ov-hint", default="latency", choices=("latency", "throughput"))
+    p.add_argument("--ov-requests", type=int, default=1,
+                   help="daemon [model.openvino] infer_requests (>1: a batch split over parallel async requests)")
+    p.add_argument("--stages", action="store_true", help="also print the per-stage CPU-time table per frame")
+    p.add_argument("--low-load", type=float, default=0.0, metavar="FPS",
+                   help="also run one camera paced at FPS (e.g. 20) and report capture->publish p50/p99")
+    p.add_argument("--low-load-s", type=float, default=15.0, help="low-load run length in seconds (default 15)")
     p.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="soak mode for SECONDS")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "runtime.json"))
     args = p.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    args.threads = args.threads or args.total_threads
     args.tta = [x.strip() for x in args.tta.split(",") if x.strip()]
     args.cameras = [int(x) for x in args.cameras.split(",")]
     if any(t not in TTA_VIEWS for t in args.tta):
         p.error(f"--tta: choose from {sorted(TTA_VIEWS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(ROOT / "bench"))
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -332,15 +436,15 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-runtime-"))
     replay = replay_dir(paths, tmp)
     env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-           "threads": args.threads, "max_batch": args.max_batch, "images": len(paths),
-           "bundle": str(args.bundle), "model": f"{bundle.manifest.model.name} {bundle.manifest.model.version}"}
-    try:
-        import onnxruntime
-
-        env["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    result: dict[str, Any] = {"env": env, "runs": [], "soak": None}
+           "total_threads": args.total_threads, "daemon_threads": args.threads, "max_batch": args.max_batch,
+           "images": len(paths), "bundle": str(args.bundle),
+           "model": f"{bundle.manifest.model.name} {bundle.manifest.model.version}"}
+    for lib in ("onnxruntime", "openvino"):
+        try:
+            env[lib] = __import__(lib).__version__
+        except ImportError:
+            pass
+    result: dict[str, Any] = {"env": env, "headline": [], "bare_engines": [], "runs": [], "soak": None}
 
     if args.soak:
         soak = run_soak(args, replay, artifacts[0])
@@ -351,60 +455,25 @@ def main(argv: list[str] | None = None) -> int:
               f"published {soak['published']}, received {soak['received']}, gaps {soak['seq_gaps']} "
               f"-> {'PASS' if soak['pass'] else 'FAIL'}")
     else:
-        bare_cache: dict[tuple[str, str], dict[str, Any]] = {}
-        header = (f"{'artifact':8} {'tta':>3} {'cams':>4} | {'daemon f/s':>10} {'p50 ms':>8} {'p99 ms':>8} | "
-                  f"{'bare f/s':>9} {'p50 ms':>7} {'p99 ms':>7} | {'ratio':>5} {'lost':>4}")
-        print(header)
-        print("-" * len(header))
-        for art in artifacts:
-            for tta in args.tta:
-                # Adaptive TTA has no bare equivalent (its work depends on the scores): compared with always-on.
-                key = (art, "3" if tta == "3a" else tta)
-                if key not in bare_cache:
-                    bare_cache[key] = run_bare(args, paths, art, key[1])
-                bare = bare_cache[key]
-                for cams in args.cameras:
-                    dm = run_daemon(args, replay, len(paths), art, tta, cams)
-                    ratio = dm["fps"] / bare["fps"]
-                    verdicts = dm.pop("verdicts")
-                    run = {"artifact": art, "tta": tta, "cameras": cams, "daemon": dm, "bare": bare, "ratio": ratio,
-                           "_verdicts": verdicts}
-                    result["runs"].append(run)
-                    print(f"{art:8} {tta:>3} {cams:>4} | {dm['fps']:>10.1f} {dm['p50_ms']:>8.2f} {dm['p99_ms']:>8.2f} | "
-                          f"{bare['fps']:>9.1f} {bare['p50_ms']:>7.2f} {bare['p99_ms']:>7.2f} | {ratio:>5.2f} "
-                          f"{dm['expected'] - dm['frames']:>4}"
-                          + (f"   ({dm['expanded']} of {dm['frames']} frames got 3 views)" if tta == "3a" else ""),
-                          flush=True)
-        checks = []
-        for r in result["runs"]:
-            if r["tta"] == "1":
-                checks.append({"check": f"daemon/bare {r['artifact']} {r['cameras']} cam", "value": r["ratio"],
-                               "target": f">= {TARGET_RATIO}", "pass": r["ratio"] >= TARGET_RATIO})
-            if r["tta"] in ("3", "3a"):
-                one = next((o for o in result["runs"] if o["tta"] == "1" and o["artifact"] == r["artifact"]
-                            and o["cameras"] == r["cameras"]), None)
-                label = "3-view TTA" if r["tta"] == "3" else "adaptive 3-view TTA"
-                if one is not None:
-                    cost = one["daemon"]["fps"] / r["daemon"]["fps"]
-                    checks.append({"check": f"{label} cost {r['artifact']} {r['cameras']} cam", "value": cost,
-                                   "target": f"<= {TARGET_TTA_COST}", "pass": cost <= TARGET_TTA_COST})
-            if r["tta"] == "3a":
-                full = next((o for o in result["runs"] if o["tta"] == "3" and o["artifact"] == r["artifact"]
-                             and o["cameras"] == r["cameras"]), None)
-                if full is not None:
-                    a, b = r["_verdicts"], full["_verdicts"]
-                    same = sum(1 for k, v in a.items() if k in b and b[k][0] == v[0])
-                    r["verdict_agreement_with_always_on"] = same / max(1, len(a))
-                    checks.append({"check": f"adaptive = always-on verdicts {r['artifact']} {r['cameras']} cam",
-                                   "value": same / max(1, len(a)), "target": "report", "pass": True})
+        result["bare_engines"] = bare_machine_limit(args, bundle, paths) if args.engines else []
+        run_throughput(args, artifacts, paths, replay, result)
+        if args.stages:
+            from bench_stages import profile_stages, stage_table
+
+            cfg = station(args, replay, artifacts[0], "1", 1, free_port(), loop=False).model
+            result["stages"] = profile_stages(cfg, paths, args.max_batch)
+            one = next((r for r in result["runs"] if r["tta"] == "1" and r["cameras"] == 1
+                        and r["artifact"] == artifacts[0]), None)
+            result["stages_table"] = stage_table(result["stages"], one["daemon"]["cpu_ms_per_frame"] if one else None)
+        if args.low_load:
+            result["low_load"] = run_low_load(args, artifacts[0], paths, tmp)
+        from bench_report import checks_for, headline, print_summary
+
+        result["checks"] = checks_for(result, TARGET_RATIO, TARGET_TTA_COST)
         for r in result["runs"]:
             r.pop("_verdicts", None)
-        result["checks"] = checks
-        print()
-        for c in checks:
-            print(f"{c['check']:46} {c['value']:6.2f}  target {c['target']:7}  {'PASS' if c['pass'] else 'FAIL'}")
-        print("\ndaemon latency = capture -> publish per frame (replays block at saturation, so it includes "
-              "queueing); bare latency = one batch call")
+        result["headline"] = headline(args, result, TARGET_RATIO)
+        print_summary(result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=float))

@@ -208,7 +208,7 @@ def _export(args: argparse.Namespace, console: Any) -> int:
 # ---------------------------------------------------------------------------------------------
 def calibrate_parser() -> argparse.ArgumentParser:
     from calibration.calibset import DEFAULT_SIZE
-    from calibration.gate import DEFAULT_BUDGET
+    from calibration.gate import DEFAULT_BUDGET, DEFAULT_GATE_BACKENDS, gate_backends_arg
 
     p = argparse.ArgumentParser(
         prog="defectscope calibrate",
@@ -238,6 +238,10 @@ def calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-metric", action="append", metavar="METRIC",
                    help="gated metric: accuracy, macro_f1 or recall:<class>; repeatable "
                         "(default: accuracy and macro_f1)")
+    p.add_argument("--gate-backends", type=gate_backends_arg, default=DEFAULT_GATE_BACKENDS, metavar="LIST",
+                   help="also gate every artifact through these engines and record the results in the manifest "
+                        "(auto refuses a failed one): onnxruntime, openvino (= f32, plus bf16 where the CPU has "
+                        f"it), openvino:f32, openvino:bf16; comma-separated (default: {DEFAULT_GATE_BACKENDS})")
     p.add_argument("--split", choices=("test", "val"), help="held-out split for the gate (default: the export's)")
     p.add_argument("--limit", type=int, help="gate on at most this many held-out images (stratified; smoke runs)")
     p.add_argument("--no-fallback", action="store_true", help="do not search for float layers when the gate fails")
@@ -274,6 +278,25 @@ def _run_dir(args: argparse.Namespace, manifest: Any) -> Path:
     if not Path(recorded).is_dir():
         raise ValueError(f"{recorded}: training run directory recorded at export is gone; pass --run RUN_DIR")
     return Path(recorded)
+
+
+def _gate_backends(args: argparse.Namespace, console: Any, models: dict, ref: Any, data: Any, settings: Any,
+                   known: dict, output: str) -> dict:
+    """Per-backend accuracy records ({artifact: {backend id: record}}) for --gate-backends."""
+    from calibration.gate import backend_rows, gate_backends
+
+    ids = args.gate_backends
+    if ids == ("onnxruntime",):
+        return {}
+    with console.status(f"gating through {', '.join(ids)}"):
+        records = gate_backends(ids, models, ref, data, output, settings.budget, settings.metrics, known)
+    rows = backend_rows(records)
+    console.print(_metrics_table("per-backend accuracy gate", rows,
+                                 ("artifact", "backend", "accuracy", "macro_f1", "max drop pts", "status")))
+    if any(r[-1] == "FAIL" for r in rows):
+        console.print("[yellow]recorded: the runtime's auto selection refuses the engines marked FAIL for those "
+                      "artifacts[/]")
+    return records
 
 
 def _calibrate(args: argparse.Namespace, console: Any) -> int:
@@ -356,6 +379,10 @@ def _calibrate(args: argparse.Namespace, console: Any) -> int:
             report["targets"][target] = outcome.report()
             outcomes.append(outcome)
 
+        per_backend = _gate_backends(args, console, {fp32_key: fp32_path, **{o.key: o.path for o in outcomes}},
+                                     ref, data, settings, {fp32_key: ref, **{o.key: o.metrics for o in outcomes}},
+                                     manifest.output.names[0])
+        report["backends"] = per_backend
         if args.report:
             rpath = Path(args.report)
             rpath.parent.mkdir(parents=True, exist_ok=True)
@@ -382,6 +409,8 @@ def _calibrate(args: argparse.Namespace, console: Any) -> int:
                                         quantization=o.quantization_record(calib.fingerprint, len(calib)))
             metrics[o.key] = {**o.metrics.to_dict(), "gate": o.gate.to_dict()}
             src_files[o.file] = o.path
+        for key, records in per_backend.items():
+            metrics[key] = {**metrics.get(key, {}), "backends": records}
         src_files["calibration.json"] = calib_json
         provenance = {
             **manifest.provenance,

@@ -1,25 +1,33 @@
-"""Inference backends behind one small interface: ONNX Runtime (CPU / CUDA) and TensorRT.
+"""Inference backends behind one small interface: ONNX Runtime (CPU / CUDA), OpenVINO and TensorRT.
 
 ``create_backend(bundle, model_cfg)`` picks the artifact and backend: ``auto``
 tries a TensorRT engine of the bundle (when tensorrt + pycuda import, a GPU is
 present and the engine was built for this TensorRT version and GPU), then ONNX
-Runtime with the CUDA provider, then ONNX Runtime on the CPU. A named backend
-is used or refused, never silently replaced.
+Runtime with the CUDA provider, then OpenVINO (x86 CPUs, when installed), then
+ONNX Runtime on the CPU. Any failure creating a candidate in ``auto`` (including
+pycuda MemoryError / LogicError or an API a too-old TensorRT lacks) is recorded
+and the next candidate is tried. A backend whose accuracy the bundle recorded as
+outside its budget (``defectscope calibrate --gate-backends``) is refused. A
+named backend is used or refused, never silently replaced.
 
-TensorRT and pycuda are imported only when a TensorRT backend is created.
+The created backend carries ``selection`` (a ``Selection``): which backend, why,
+and what was skipped and why; the daemon logs it and shows it on /readyz.
+
+TensorRT, pycuda and openvino are imported only when their backend is created.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
-import os
-import threading
+import platform
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from runtime.bundle import Artifact, Bundle, BundleError, check_graph_io
+from runtime.bundle import Bundle, BundleError, check_graph_io
 from runtime.config import ModelConfig
 
 log = logging.getLogger("defectscope.backends")
@@ -32,9 +40,11 @@ class BackendError(RuntimeError):
 class Backend(ABC):
     """Runs a model artifact on (N,C,H,W) float32 batches; returns the outputs in manifest order."""
 
-    name: str = ""  # "onnxruntime-cpu" | "onnxruntime-cuda" | "tensorrt"
+    name: str = ""  # "onnxruntime-cpu" | "onnxruntime-cuda" | "openvino" | "tensorrt"
     artifact_key: str = ""
-    precision: str = ""
+    precision: str = ""  # the artifact's (fp32, int8, fp16)
+    inference_precision: str = "f32"  # what the float parts run in (OpenVINO may run bf16)
+    selection: "Selection | None" = None  # set by create_backend
     min_batch: int = 1
     max_batch: int | None = None  # None: any batch size
     fixed_batch: bool = False  # the graph takes exactly max_batch (pad partial batches)
@@ -74,7 +84,12 @@ class Backend(ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "artifact": self.artifact_key, "precision": self.precision,
-                "max_batch": self.max_batch}
+                "inference_precision": self.inference_precision, "max_batch": self.max_batch}
+
+    @property
+    def accuracy_id(self) -> str | None:
+        """Key of this backend's entry in a bundle's per-backend accuracy record (None: not recorded)."""
+        return None
 
 
 # ---- ONNX Runtime ------------------------------------------------------------------------------
@@ -129,158 +144,56 @@ class OrtBackend(Backend):
     def close(self) -> None:
         self.sess = None
 
+    @property
+    def accuracy_id(self) -> str | None:
+        return "onnxruntime"
 
-# ---- TensorRT ----------------------------------------------------------------------------------
-class TensorRTBackend(Backend):
-    """A serialized TensorRT engine run with execute_async_v3 on preallocated pinned buffers.
 
-    The CUDA context is the device's primary context, pushed around every call
-    so the engine can be used from the inference thread that did not create it.
-    """
+# ---- OpenVINO ----------------------------------------------------------------------------------
+class OpenVINOBackend(Backend):
+    """OpenVINO on the CPU (runtime/backend_openvino.py): the bundle's ONNX, compiled and cached."""
 
-    name = "tensorrt"
+    name = "openvino"
 
-    def __init__(self, bundle: Bundle, key: str, device_id: int = 0) -> None:
+    def __init__(self, bundle: Bundle, key: str, cfg: ModelConfig) -> None:
+        from runtime.backend_openvino import OpenVINOError, open_bundle_model
+
         try:
-            import tensorrt as trt
-            import pycuda.driver as cuda
-        except ImportError as exc:
-            raise BackendError(f"TensorRT backend needs tensorrt and pycuda: {exc}") from None
-        art = bundle.artifact(key)
-        if art.format != "tensorrt":
-            raise BackendError(f"artifact {key!r} is {art.format}, not a TensorRT engine")
-        path = bundle.path / art.file
-        try:
-            cuda.init()
-            if cuda.Device.count() <= device_id:
-                raise BackendError(f"no CUDA device {device_id} (found {cuda.Device.count()})")
-            device = cuda.Device(device_id)
-        except cuda.Error as exc:
-            raise BackendError(f"CUDA is not usable here: {exc}") from None
-        from runtime.engine_meta import EngineMismatchError, Platform, check_engine
-
-        platform = Platform(tensorrt_version=str(trt.__version__), gpu=device.name(),
-                            compute_capability="{}.{}".format(*device.compute_capability()))
-        try:
-            check_engine(art, platform, str(bundle.path), key)  # before deserializing: engines are not portable
-        except EngineMismatchError as exc:
+            self.model = open_bundle_model(bundle, key, cfg.openvino, cfg.threads)
+        except OpenVINOError as exc:
             raise BackendError(str(exc)) from None
-        self._trt, self._cuda = trt, cuda
-        self._ctx = device.retain_primary_context()
-        self._lock = threading.Lock()
-        self._ctx.push()
-        try:
-            self._setup(bundle, key, art, path)
-        except BaseException:
-            self._release()
-            self._ctx.pop()
-            self._ctx.detach()
-            self._ctx = None
-            raise
-        self._ctx.pop()
-
-    def _setup(self, bundle: Bundle, key: str, art: Artifact, path: os.PathLike[str]) -> None:
-        trt, cuda = self._trt, self._cuda
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        trt.init_libnvinfer_plugins(self._logger, "")
-        self._runtime = trt.Runtime(self._logger)
-        with open(path, "rb") as fh:
-            engine = self._runtime.deserialize_cuda_engine(fh.read())
-        if engine is None:
-            raise BackendError(f"{path}: TensorRT could not deserialize the engine (built for another TensorRT "
-                               "version or GPU, or corrupt); rebuild it on this device")
-        self.engine = engine
-        self.context = engine.create_execution_context()
-        if self.context is None:
-            raise BackendError(f"{path}: could not create an execution context (out of GPU memory?)")
-        from runtime.engine_meta import check_engine_io
-
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        io = {n: tuple(engine.get_tensor_shape(n)) for n in names}
-        inputs = [(n, io[n]) for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [(n, io[n]) for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        manifest = bundle.manifest
-        spec = manifest.input
-        classes = len(manifest.classes) if manifest.model.task == "classification" else None
-        try:
-            check_engine_io(inputs, outputs, spec.name, spec.shape, manifest.output.names, classes, str(path))
-        except ValueError as exc:
-            raise BackendError(str(exc)) from None
-        self.input_name = spec.name
-        self.output_names = list(manifest.output.names)
-        shape = io[self.input_name]
-        if shape[0] == -1:
-            lo, _opt, hi = engine.get_tensor_profile_shape(self.input_name, 0)
-            self.min_batch, self.max_batch = int(lo[0]), int(hi[0])  # profile 0 is the context's default
-        else:
-            self.min_batch = self.max_batch = int(shape[0])
-            self.fixed_batch = True
-        self.artifact_key, self.precision = key, art.precision
-        self._stream = cuda.Stream()
-        # Preallocate for the largest batch: pinned host buffers + device buffers, bound once.
-        if not self.context.set_input_shape(self.input_name, (self.max_batch, *spec.shape)):
-            raise BackendError(f"{path}: TensorRT refused input shape {(self.max_batch, *spec.shape)}")
-        self._host: dict[str, np.ndarray] = {}
-        self._device: dict[str, Any] = {}
-        for name in [self.input_name, *self.output_names]:
-            dims = tuple(self.context.get_tensor_shape(name))
-            if any(d < 0 for d in dims):
-                raise BackendError(f"{path}: output {name!r} has a data-dependent shape {dims}; not supported")
-            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
-            host = cuda.pagelocked_empty(dims, dtype)
-            self._host[name] = host
-            self._device[name] = cuda.mem_alloc(max(host.nbytes, 1))
-            self.context.set_tensor_address(name, int(self._device[name]))
-        self._bound_batch = self.max_batch
+        m = self.model
+        self.artifact_key, self.precision = key, bundle.artifact(key).precision
+        self.inference_precision = m.inference_precision
+        if m.inference_precision != cfg.openvino.precision:
+            log.warning("openvino: asked for %s inference, the CPU plugin runs %s", cfg.openvino.precision,
+                        m.inference_precision)
+        if m.static_batch:
+            self.max_batch, self.min_batch, self.fixed_batch = m.static_batch, m.static_batch, True
+        if m.cache_refused:
+            log.warning("openvino: compiled-model cache not used: %s", m.cache_refused)
+        log.info("openvino %s: %s compiled (%s, %s, %d thread(s), %d stream(s))%s", m.version, key,
+                 m.inference_precision, m.hint, m.threads, m.streams,
+                 " - loaded from the model cache" if m.loaded_from_cache else "")
 
     def _run(self, batch: np.ndarray) -> list[np.ndarray]:
-        cuda = self._cuda
-        n = batch.shape[0]
-        with self._lock:
-            self._ctx.push()
-            try:
-                if n != self._bound_batch:
-                    if not self.context.set_input_shape(self.input_name, tuple(batch.shape)):
-                        raise BackendError(f"TensorRT refused input shape {tuple(batch.shape)}")
-                    self._bound_batch = n
-                host_in = self._host[self.input_name][:n]
-                np.copyto(host_in, batch, casting="same_kind")  # float32 -> engine dtype (fp16 inputs)
-                cuda.memcpy_htod_async(self._device[self.input_name], host_in, self._stream)
-                if not self.context.execute_async_v3(self._stream.handle):
-                    raise BackendError("TensorRT execute_async_v3 failed")
-                outs = []
-                for name in self.output_names:
-                    host_out = self._host[name][:n]  # batch-major: the first n rows are this batch's
-                    cuda.memcpy_dtoh_async(host_out, self._device[name], self._stream)
-                    outs.append(host_out)
-                self._stream.synchronize()
-                # Copy out: the pinned buffers are reused by the next call.
-                return [o.astype(np.float32) if o.dtype == np.float16 else o.copy() for o in outs]
-            finally:
-                self._ctx.pop()
-
-    def _release(self) -> None:
-        for mem in getattr(self, "_device", {}).values():
-            try:
-                mem.free()
-            except Exception:  # freeing during interpreter teardown may fail; nothing to recover
-                pass
-        self._device = {}
-        self._host = {}  # pinned host memory is freed while the context is current
-        self.context = None  # the execution context goes before its engine
-        self.engine = None
+        return self.model.run(batch)
 
     def close(self) -> None:
-        if getattr(self, "_ctx", None) is None:
-            return
-        with self._lock:
-            self._ctx.push()
-            try:
-                self._release()
-            finally:
-                self._ctx.pop()
-            self._ctx.detach()
-            self._ctx = None
+        if getattr(self, "model", None) is not None:
+            self.model.close()
+            self.model = None
+
+    @property
+    def accuracy_id(self) -> str | None:
+        return f"openvino:{self.inference_precision}"
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        if self.model is not None:
+            out.update(openvino=self.model.version, hint=self.model.hint, streams=self.model.streams,
+                       loaded_from_cache=self.model.loaded_from_cache, cache_refused=self.model.cache_refused)
+        return out
 
 
 # ---- selection ---------------------------------------------------------------------------------
@@ -311,7 +224,85 @@ def _ort_cuda(bundle: Bundle, key: str, cfg: ModelConfig) -> Backend:
 
 @register("tensorrt")
 def _tensorrt(bundle: Bundle, key: str, cfg: ModelConfig) -> Backend:
+    from runtime.backend_tensorrt import TensorRTBackend
+
     return TensorRTBackend(bundle, key, device_id=cfg.device_id)
+
+
+@register("openvino")
+def _openvino(bundle: Bundle, key: str, cfg: ModelConfig) -> Backend:
+    return OpenVINOBackend(bundle, key, cfg)
+
+
+X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "openvino", "onnxruntime-cpu")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which backend serves, why, and why each earlier candidate did not (the daemon's log and /readyz)."""
+
+    backend: str
+    artifact: str
+    precision: str  # the artifact's
+    inference_precision: str
+    requested: str  # [model] backend
+    reason: str
+    skipped: tuple[str, ...] = ()  # "<backend> (<artifact>): <why not>", in the order tried
+    accuracy: Mapping[str, Any] | None = field(default=None)  # the bundle's record for this backend, if any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "artifact": self.artifact, "precision": self.precision,
+                "inference_precision": self.inference_precision, "requested": self.requested,
+                "reason": self.reason, "skipped": list(self.skipped),
+                "accuracy": dict(self.accuracy) if self.accuracy is not None else None}
+
+    def summary(self) -> str:
+        head = (f"{self.backend} ({self.artifact}, {self.precision}, inference {self.inference_precision}): "
+                f"{self.reason}")
+        return head + ("; skipped: " + "; ".join(self.skipped) if self.skipped else "")
+
+
+def accuracy_record(bundle: Bundle, key: str, accuracy_id: str | None) -> Mapping[str, Any] | None:
+    """The gate record ``calibrate --gate-backends`` wrote for (artifact, backend), or None."""
+    if accuracy_id is None:
+        return None
+    entry = bundle.manifest.metrics.get(key)
+    if not isinstance(entry, Mapping):
+        return None
+    per_backend = entry.get("backends")
+    if isinstance(per_backend, Mapping) and isinstance(per_backend.get(accuracy_id), Mapping):
+        return per_backend[accuracy_id]
+    if accuracy_id == "onnxruntime" and isinstance(entry.get("gate"), Mapping):
+        return {"gate": entry["gate"]}  # calibrate's own INT8 gate runs on ONNX Runtime
+    return None
+
+
+def accuracy_refusal(record: Mapping[str, Any] | None) -> str | None:
+    """Why a recorded accuracy refuses the backend (outside the budget), or None."""
+    gate = record.get("gate") if record is not None else None
+    if not isinstance(gate, Mapping) or gate.get("passed", True) is not False:
+        return None
+    drops = gate.get("drops_points") or {}
+    worst = ", ".join(f"{m} -{d:.2f}" for m, d in drops.items() if m in (gate.get("failed") or drops))
+    return (f"the bundle's accuracy record fails the budget of {gate.get('budget_points')} points "
+            f"on split '{gate.get('split')}' ({worst} points vs the FP32 reference); recalibrate or pick another "
+            "backend")
+
+
+def _precheck(name: str) -> str | None:
+    """Why ``auto`` skips ``name`` on this machine without trying it, or None."""
+    if name == "onnxruntime-cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return "no CUDA provider in this onnxruntime build"
+    if name == "openvino":
+        if platform.machine().lower() not in X86:
+            return f"auto uses OpenVINO on x86 CPUs only (this is {platform.machine()})"
+        if importlib.util.find_spec("openvino") is None:
+            return "openvino is not installed (pip install 'defectscope[openvino]')"
+    return None
 
 
 def _default_onnx(bundle: Bundle) -> str | None:
@@ -339,7 +330,7 @@ def candidates(bundle: Bundle, cfg: ModelConfig) -> list[tuple[str, str]]:
     if cfg.backend == "auto":
         out = [("tensorrt", k) for k in trt_keys]
         if onnx_key:
-            out += [("onnxruntime-cuda", onnx_key), ("onnxruntime-cpu", onnx_key)]
+            out += [(name, onnx_key) for name in AUTO_ORDER if name != "tensorrt"]
         if not out:
             raise BackendError("the bundle has no artifact any backend can run")
         return out
@@ -354,25 +345,56 @@ def candidates(bundle: Bundle, cfg: ModelConfig) -> list[tuple[str, str]]:
     return [(cfg.backend, onnx_key)]
 
 
-def create_backend(bundle: Bundle, cfg: ModelConfig) -> Backend:
-    """The first usable backend for the bundle per ``cfg.backend`` (see module doc)."""
-    reasons = []
-    for name, key in candidates(bundle, cfg):
-        if name == "onnxruntime-cuda" and cfg.backend == "auto":
-            import onnxruntime as ort
+def create_backend(bundle: Bundle, cfg: ModelConfig,
+                   probe: Callable[[Backend], None] | None = None) -> Backend:
+    """The first usable backend for the bundle per ``cfg.backend`` (see module doc); sets ``.selection``.
 
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                reasons.append(f"{name}: no CUDA provider in this onnxruntime build")
-                continue
-        try:
-            backend = FACTORIES[name](bundle, key, cfg)
-        except BackendError as exc:
-            if cfg.backend != "auto":
-                raise
-            reasons.append(f"{name} ({key}): {exc}")
-            log.info("backend %s for artifact %s not usable: %s", name, key, exc)
-            continue
-        if reasons:
-            log.info("backend auto: using %s (%s) after: %s", name, key, "; ".join(reasons))
-        return backend
-    raise BackendError("no usable backend: " + "; ".join(reasons))
+    ``probe`` (e.g. the daemon's warm-up) runs on each created candidate; an exception from it
+    counts as that candidate failing (auto: closed, next one tried; named: BackendError).
+    """
+    auto = cfg.backend == "auto"
+    skipped: list[str] = []
+    for name, key in candidates(bundle, cfg):
+        why = _precheck(name) if auto else None
+        if why is None:
+            backend, why = _try(name, key, bundle, cfg, auto, probe)
+            if backend is not None:
+                reason = ("named in [model] backend" if not auto else
+                          "first usable in auto order " + " > ".join(AUTO_ORDER))
+                backend.selection = Selection(backend.name, key, backend.precision, backend.inference_precision,
+                                              cfg.backend, reason, tuple(skipped),
+                                              accuracy_record(bundle, key, backend.accuracy_id))
+                log.info("backend: %s", backend.selection.summary())
+                return backend
+        skipped.append(f"{name} ({key}): {why}")
+        log.info("backend %s for artifact %s not usable: %s", name, key, why)
+    raise BackendError("no usable backend: " + "; ".join(skipped))
+
+
+def _try(name: str, key: str, bundle: Bundle, cfg: ModelConfig, auto: bool,
+         probe: Callable[[Backend], None] | None) -> tuple[Backend | None, str]:
+    """(backend, "") or, in auto mode, (None, why not); a named backend raises BackendError instead."""
+    backend = None
+    try:
+        backend = FACTORIES[name](bundle, key, cfg)
+        refusal = accuracy_refusal(accuracy_record(bundle, key, backend.accuracy_id))
+        if refusal is not None:
+            log.warning("backend %s (%s, %s) refused: %s", name, key, backend.accuracy_id, refusal)
+            raise BackendError(f"{name} ({key}): {refusal}" if not auto else f"refused: {refusal}")
+        if probe is not None:
+            probe(backend)
+        return backend, ""
+    except BackendError as exc:
+        if backend is not None:
+            backend.close()
+        if not auto:
+            raise
+        return None, str(exc)
+    except Exception as exc:  # pycuda MemoryError / LogicError, a TensorRT without the API used, ...
+        if backend is not None:
+            backend.close()
+        why = f"{type(exc).__name__}: {exc}"
+        log.warning("creating backend %s for artifact %s failed: %s", name, key, why)
+        if not auto:
+            raise BackendError(f"{name} ({key}) could not be created: {why}") from None
+        return None, f"creation failed: {why}"

@@ -21,7 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "openvino", "onnxruntime-cpu")
 SOURCE_KINDS = ("auto", "directory", "video", "v4l2", "rtsp", "http", "gstreamer")
 ON_FULL = ("drop_oldest", "block")
 ROTATIONS = (0, 90, 180, 270)
@@ -142,14 +142,41 @@ class CameraConfig:
         return self.kind in ("directory", "video") and not self.loop
 
 
+# ---- [model.openvino] (the OpenVINO backend; threads come from model.threads) ----
+OV_HINTS = ("latency", "throughput")
+OV_PRECISIONS = ("f32", "bf16")  # CPU inference precision of the float parts; bf16 changes numbers
+
+
+@dataclass(frozen=True)
+class OpenVINOConfig:
+    cache_dir: Path | None = None  # compiled-model cache (restarts load instead of recompiling); None = off
+    hint: str = "latency"  # OpenVINO PERFORMANCE_HINT
+    precision: str = "f32"  # INFERENCE_PRECISION_HINT; a bundle's accuracy record gates "openvino:<precision>"
+    infer_requests: int = 1  # >1: a batch is split over this many async infer requests run in parallel
+
+
+def _openvino(t: _Table, base: Path) -> OpenVINOConfig:
+    d = OpenVINOConfig()
+    cache = t.get("cache_dir", str, None)
+    cfg = OpenVINOConfig(
+        cache_dir=_path(base, cache) if cache else None,
+        hint=t.choice("hint", OV_HINTS, d.hint),
+        precision=t.choice("precision", OV_PRECISIONS, d.precision),
+        infer_requests=t.integer("infer_requests", d.infer_requests, minimum=1, maximum=64),
+    )
+    t.finish()
+    return cfg
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     bundle: Path
     artifact: str | None = None  # None: the manifest's default_artifact (auto may pick a TensorRT engine)
     backend: str = "auto"
-    threads: int = 1  # ONNX Runtime intra-op threads
+    threads: int = 1  # ONNX Runtime intra-op / OpenVINO inference threads
     device_id: int = 0  # CUDA device for onnxruntime-cuda / tensorrt
     warmup_runs: int = 2
+    openvino: OpenVINOConfig = OpenVINOConfig()
 
 
 @dataclass(frozen=True)
@@ -358,6 +385,7 @@ def from_dict(data: Mapping[str, Any], where: str = "(in memory)", base: Path | 
         threads=t.integer("threads", 1, minimum=1, maximum=256),
         device_id=t.integer("device_id", 0, minimum=0),
         warmup_runs=t.integer("warmup_runs", 2, minimum=0, maximum=1000),
+        openvino=_openvino(t.table("openvino"), base),
     )
     t.finish()
 

@@ -131,3 +131,80 @@ def test_fallback_gives_up_beyond_max_float_nodes(outlier_bundle, tmp_path, caps
     assert rc == EXIT_GATE
     assert "no set of up to 1 float layers" in capsys.readouterr().out
     assert not (tmp_path / "x").exists()
+
+
+# ---- per-backend gates (--gate-backends) ------------------------------------------------------------
+def _have_openvino() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+needs_ov = pytest.mark.skipif(not _have_openvino(), reason="openvino is not installed (extra 'openvino'; "
+                                                           "make test installs it)")
+
+
+def test_gate_backends_list_is_parsed_and_bad_names_refused():
+    import argparse
+
+    from calibration.gate import gate_backends_arg, parse_gate_backends
+
+    assert parse_gate_backends("onnxruntime") == ("onnxruntime",)
+    assert parse_gate_backends("onnxruntime, openvino:bf16,openvino:bf16") == ("onnxruntime", "openvino:bf16")
+    for bad in ("tensorrt", "openvino:f16", "onnxruntime:f32", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="unknown backend"):
+            gate_backends_arg(bad)
+    if _have_openvino():
+        ids = parse_gate_backends("onnxruntime,openvino")
+        assert ids[:2] == ("onnxruntime", "openvino:f32") and set(ids) <= {"onnxruntime", "openvino:f32",
+                                                                             "openvino:bf16"}
+
+
+@needs_ov
+def test_gate_backends_scores_each_engine_against_the_fp32_reference(exported, splits):
+    from calibration.calibset import preprocess_paths
+    from calibration.gate import backend_rows, gate_backends
+    from calibration.pipeline import EvalData
+    from runtime.bundle import load_bundle
+
+    b = load_bundle(exported)
+    fp32 = b.artifact_path("fp32")
+    data = EvalData(x=preprocess_paths([s.path for s in splits.test], b.manifest.input),
+                    y=[s.label for s in splits.test], classes=splits.classes, split="test", threads=1, batch_size=16)
+    ref = data.evaluate(fp32)
+    records = gate_backends(("onnxruntime", "openvino:f32"), {"fp32": fp32}, ref, data, "logits", budget=0.5)
+    ov = records["fp32"]["openvino:f32"]
+    assert ov["inference_precision"] == "f32" and ov["openvino"] and ov["n"] == len(splits.test)
+    assert ov["gate"]["passed"] is True and abs(ov["accuracy"] - ref.accuracy) <= 1 / len(splits.test)
+    assert records["fp32"]["onnxruntime"]["gate"]["drops_points"]["accuracy"] == 0.0
+    # A reference the engine cannot reach (forged 5 points higher) fails, naming the metric.
+    from dataclasses import replace
+
+    high = replace(ref, accuracy=min(1.0, ref.accuracy + 0.05) if ref.accuracy <= 0.95 else 1.0)
+    if high.accuracy > ov["accuracy"] + 0.005:
+        failing = gate_backends(("openvino:f32",), {"fp32": fp32}, high, data, "logits", budget=0.5)
+        assert failing["fp32"]["openvino:f32"]["gate"]["failed"] == ["accuracy"]
+        assert backend_rows(failing)[0][-1] == "FAIL"
+
+
+@needs_ov
+def test_calibrate_records_per_backend_metrics_and_auto_reads_them(exported, tmp_path, capsys):
+    from calibration.cli import calibrate_main
+    from runtime.backends import accuracy_record, create_backend
+    from runtime.bundle import load_bundle
+    from runtime.config import ModelConfig
+
+    out = tmp_path / "gated"
+    assert calibrate_main([str(exported), "--out", str(out), "--size", "16", "--threads", "1", "--method", "minmax",
+                           "--float-prefix", "0", "--gate-backends", "onnxruntime,openvino:f32",
+                           "--report", str(tmp_path / "r.json")]) == 0
+    assert "per-backend accuracy gate" in capsys.readouterr().out
+    b = load_bundle(out)
+    for key in ("fp32", "int8"):
+        per = b.manifest.metrics[key]["backends"]
+        assert set(per) == {"onnxruntime", "openvino:f32"}
+        assert all(r["gate"]["split"] == "test" and "passed" in r["gate"] for r in per.values())
+    assert json.loads((tmp_path / "r.json").read_text())["backends"]["int8"]["openvino:f32"]["n"] > 0
+    rec = accuracy_record(b, "int8", "openvino:f32")
+    backend = create_backend(b, ModelConfig(bundle=b.path, backend="openvino"))
+    assert backend.selection.accuracy == rec and backend.artifact_key == "int8"

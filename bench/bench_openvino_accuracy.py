@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""OpenVINO backend accuracy vs ONNX Runtime INT8 on the ELPV held-out split (issue 18 target: within 0.5 points).
+
+Every (artifact, backend) pair runs through the runtime's own backends (runtime.backends.create_backend,
+named backend, the OpenVINO precision set explicitly), on the held-out images preprocessed once by
+the runtime's Preprocessor: ELPV test split of the reference protocol (stratified 75/25 by class x
+cell type, seed 0; n=656), or an ImageFolder (--images DIR/<class>/*.png) for smoke runs. Reports
+accuracy and macro-F1 per pair and the difference to ONNX Runtime INT8 in points.
+
+Usage (idle machine):
+  python bench/bench_openvino_accuracy.py --bundle runs/elpv-bundle      # -> bench/results/openvino_accuracy.json
+  python bench/bench_openvino_accuracy.py --bundle B --images DIR --limit 30     # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TARGET_POINTS = 0.5
+PAIRS = "onnxruntime-cpu:int8,openvino:int8:f32,openvino:int8:bf16,onnxruntime-cpu:fp32,openvino:fp32:f32,openvino:fp32:bf16"
+
+
+def heldout(args: argparse.Namespace, classes: list[str]) -> tuple[list[Path], list[int]]:
+    if args.images:
+        root = Path(args.images)
+        items = [(p, classes.index(c.name)) for c in sorted(root.iterdir()) if c.is_dir() and c.name in classes
+                 for p in sorted(c.iterdir()) if p.is_file()]
+        rng = np.random.default_rng(0)
+        items = [items[i] for i in rng.permutation(len(items))]
+    else:
+        from training.data import resolve_splits  # numpy-only module: no torch import
+
+        splits = resolve_splits({"source": "elpv", "verify": False, "seed": 0, "test_fraction": 0.25})
+        if list(splits.classes) != classes:
+            raise SystemExit(f"the bundle's classes {classes} are not the ELPV split's {list(splits.classes)}")
+        items = [(Path(s.path), s.label) for s in splits.test]
+    if args.limit:
+        items = items[: args.limit]
+    if not items:
+        raise SystemExit("no held-out images")
+    return [p for p, _ in items], [y for _, y in items]
+
+
+def evaluate(bundle: Any, pair: str, x: np.ndarray, y: list[int], threads: int, batch: int) -> dict[str, Any] | None:
+    from calibration.evaluate import classification_metrics
+    from runtime.backends import BackendError, create_backend
+    from runtime.config import ModelConfig, OpenVINOConfig
+
+    backend_name, artifact, *prec = pair.split(":")
+    if artifact not in bundle.manifest.artifacts:
+        print(f"note: no artifact {artifact!r}; {pair} skipped")
+        return None
+    cfg = ModelConfig(bundle=bundle.path, artifact=artifact, backend=backend_name, threads=threads,
+                      openvino=OpenVINOConfig(precision=prec[0] if prec else "f32"))
+    try:
+        backend = create_backend(bundle, cfg)
+    except BackendError as exc:
+        print(f"note: {pair} not usable here: {exc}")
+        return None
+    try:
+        logits = np.concatenate([backend.run(x[i : i + batch])[0] for i in range(0, len(x), batch)])
+    finally:
+        backend.close()
+    m = classification_metrics(y, logits.argmax(1), list(bundle.manifest.classes), "test")
+    return {"pair": pair, "backend": backend.name, "artifact": artifact,
+            "inference_precision": backend.inference_precision, **m.to_dict()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--images", help="ImageFolder DIR/<class>/* instead of the ELPV held-out split")
+    p.add_argument("--limit", type=int, default=0, help="first N held-out images only (smoke runs)")
+    p.add_argument("--pairs", default=PAIRS, help=f"backend:artifact[:precision] list (default {PAIRS})")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "openvino_accuracy.json"))
+    args = p.parse_args(argv)
+
+    from runtime.bundle import load_bundle
+    from runtime.preprocess import Preprocessor
+
+    bundle = load_bundle(args.bundle)
+    paths, y = heldout(args, list(bundle.manifest.classes))
+    x = Preprocessor(bundle.manifest.input).load_batch(paths)
+    rows = [r for r in (evaluate(bundle, pair, x, y, args.threads, args.batch) for pair in args.pairs.split(","))
+            if r is not None]
+    ref = next((r for r in rows if r["backend"].startswith("onnxruntime") and r["artifact"] == "int8"), None)
+    print(f"held-out images: {len(y)}; reference: ONNX Runtime INT8; target |diff| <= {TARGET_POINTS} points")
+    print(f"{'pair':24} {'runs as':8} {'accuracy':>9} {'macro_f1':>9} {'diff pts':>9}  check")
+    for r in rows:
+        diff = 100 * (r["accuracy"] - ref["accuracy"]) if ref else float("nan")
+        r["diff_points_vs_ort_int8"] = diff
+        gated = ref is not None and r["backend"] == "openvino"
+        r["pass"] = abs(diff) <= TARGET_POINTS + 1e-9 if gated else None
+        check = ("PASS" if r["pass"] else "FAIL") if gated else "-"
+        print(f"{r['pair']:24} {r['inference_precision']:8} {r['accuracy']:9.4f} {r['macro_f1']:9.4f} "
+              f"{diff:+9.2f}  {check}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"n": len(y), "target_points": TARGET_POINTS, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
