@@ -15,6 +15,8 @@ views) this keeps TTA's verdicts at a fraction of its cost.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from runtime.preprocess import Preprocessor
@@ -24,19 +26,67 @@ class TTAError(ValueError):
     """TTA views that do not fit the model; the message names the config key."""
 
 
-# Views computed from the preprocessed (C,H,W) original: flips and the dihedral group of the
-# square (np.rot90 turns counter-clockwise in the H,W plane).
-_FROM_BASE = {
+# Views computed from the preprocessed original, on its last two axes (H,W) so they apply to
+# one (C,H,W) image or an (N,C,H,W) batch alike: flips and the dihedral group of the square
+# (np.rot90 turns counter-clockwise in the H,W plane).
+VIEW_FUNCTIONS = {
     "original": lambda b: b,
-    "hflip": lambda b: b[:, :, ::-1],                      # flip W
-    "vflip": lambda b: b[:, ::-1, :],                      # flip H
-    "rot180": lambda b: b[:, ::-1, ::-1],
-    "rot90": lambda b: np.rot90(b, 1, axes=(1, 2)),
-    "rot270": lambda b: np.rot90(b, 3, axes=(1, 2)),
-    "transpose": lambda b: b.transpose(0, 2, 1),           # mirror about the main diagonal
-    "transverse": lambda b: b.transpose(0, 2, 1)[:, ::-1, ::-1],
+    "hflip": lambda b: b[..., ::-1],                       # flip W
+    "vflip": lambda b: b[..., ::-1, :],                    # flip H
+    "rot180": lambda b: b[..., ::-1, ::-1],
+    "rot90": lambda b: np.rot90(b, 1, axes=(-2, -1)),
+    "rot270": lambda b: np.rot90(b, 3, axes=(-2, -1)),
+    "transpose": lambda b: np.swapaxes(b, -2, -1),         # mirror about the main diagonal
+    "transverse": lambda b: np.swapaxes(b, -2, -1)[..., ::-1, ::-1],
 }
 SQUARE_ONLY = frozenset({"rot90", "rot270", "transpose", "transverse"})
+
+# Presets: names that expand to view lists (``expand_views``), for `defectscope evaluate --tta`
+# and the station's ``[tta] views``. "multiscale" adds ``scale:F`` views of resize_size.
+FLIPS = ("original", "hflip", "vflip", "rot180")
+DIHEDRAL = ("original", "hflip", "vflip", "rot180", "rot90", "rot270", "transpose", "transverse")
+DEFAULT_SCALES = (0.9, 1.0, 1.1)
+PRESETS = ("none", "flips", "dihedral", "multiscale", "all")
+
+
+def scale_views(scales: Sequence[float]) -> tuple[str, ...]:
+    """``scale:F`` view names of the factors other than 1 (the original is the 1.0 view)."""
+    return tuple(f"scale:{float(s):g}" for s in scales if float(s) != 1.0)
+
+
+def expand_views(views: str | Sequence[str], scales: Sequence[float] = DEFAULT_SCALES) -> tuple[str, ...]:
+    """A preset (``none``, ``flips``, ``dihedral``, ``multiscale``, ``all`` = flips + multiscale)
+    or view names (a sequence or a comma-separated string, presets allowed among them) -> the
+    view list, ``original`` first, each view once. Unknown names raise ``TTAError``."""
+    names = [v.strip() for v in views.split(",")] if isinstance(views, str) else [str(v).strip() for v in views]
+    out: list[str] = ["original"]
+    for name in names:
+        if name in ("none", "original", ""):
+            add: Sequence[str] = ()
+        elif name == "flips":
+            add = FLIPS
+        elif name == "dihedral":
+            add = DIHEDRAL
+        elif name == "multiscale":
+            add = scale_views(scales)
+        elif name == "all":
+            add = (*FLIPS, *scale_views(scales))
+        elif name in VIEW_FUNCTIONS or _is_scale(name):
+            add = (name,)
+        else:
+            raise TTAError(f"tta: unknown view or preset {name!r}; expected one of {list(PRESETS)}, "
+                           f"view names {list(VIEW_FUNCTIONS)} or 'scale:F'")
+        out += [v for v in add if v not in out]
+    return tuple(out)
+
+
+def _is_scale(name: str) -> bool:
+    if not name.startswith("scale:"):
+        return False
+    try:
+        return float(name.split(":", 1)[1]) > 0
+    except ValueError:
+        return False
 
 
 class TTA:
@@ -76,7 +126,7 @@ class TTA:
                 continue
             if base is None:
                 base = self.pre(image)
-            view = _FROM_BASE.get(v)
+            view = VIEW_FUNCTIONS.get(v)
             if view is None:  # config validation makes this unreachable
                 raise TTAError(f"key 'tta.views': unknown view {v!r}")
             out[i] = view(base)

@@ -12,8 +12,10 @@ Public entry points (docs/contracts.md):
 - ``training.checkpoint``: ``load_model(path) -> (model, ModelCard)``, ``save_model``,
   ``read_card``, ``ModelCard``, atomic writers, resume state (``last.pt``).
 - ``training.transforms``: ``val_transform(input_spec)`` (the contract's reference transform),
-  ``train_pipeline``, ``tta_views``.
+  ``train_pipeline``.
 - ``training.trainer``: ``train(TrainConfig)``; ``training.config``: ``TrainConfig``,
-  ``load_config``; ``training.evaluate``: ``evaluate_samples``.
-- ``training.cli``: ``train_main`` / ``evaluate_main`` (``defectscope train`` / ``evaluate``).
+  ``load_config``; ``training.evaluate``: ``evaluate_samples`` (TTA views from ``runtime.tta``).
+- ``training.engine``: ``Engine`` (the one epoch loop and ``predict``), ``ClassificationTask``, ``EpochSelector``.
+- ``training.cli``: ``train_main`` / ``evaluate_main`` (``defectscope train`` / ``evaluate``);
+  ``training.extend_cli``: ``main`` (``defectscope extend``).
 """

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -341,6 +342,8 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def build_evaluate_parser() -> argparse.ArgumentParser:
+    from runtime import tta
+
     p = argparse.ArgumentParser(
         prog="defectscope evaluate",
         description="Evaluate a checkpoint (run directory or .safetensors with model.json beside it) on a "
@@ -359,12 +362,14 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="unreadable images are fatal")
     p.add_argument(
         "--tta",
-        choices=("none", "flips", "dihedral", "multiscale", "all"),
         default="none",
-        help="test-time augmentation: flips (h, v, hv), dihedral (the 8 flips and quarter "
-        "turns of a square input), multiscale (--scales), all (flips + multiscale)",
+        help="test-time augmentation, the station's [tta] vocabulary (runtime.tta): a preset, "
+        f"{', '.join(tta.PRESETS)} (flips: {', '.join(tta.FLIPS[1:])}; dihedral: the 8 flips and quarter "
+        "turns of a square input; multiscale: scale:F views per --scales; all: flips + multiscale), "
+        f"or comma-separated view names ({', '.join(tta.VIEW_FUNCTIONS)}, scale:F)",
     )
-    p.add_argument("--scales", default="0.9,1.0,1.1", help="multiscale factors of resize_size (0.9,1.0,1.1)")
+    default_scales = ",".join(f"{s:g}" for s in tta.DEFAULT_SCALES)
+    p.add_argument("--scales", default=default_scales, help=f"multiscale factors of resize_size ({default_scales})")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int)
     p.add_argument("--device", default="auto")
@@ -392,10 +397,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         model, card = load_model(ns.checkpoint, device=device)
         if ns.data:
             src, path = _source_of(ns.data)
-            spec = {"source": src, "path": path}
+            raw = {"source": src, "path": path}
             if ns.labels:
-                spec["labels"] = ns.labels
-            base = DataSpec.from_dict(spec)
+                raw["labels"] = ns.labels
+            base = DataSpec.from_dict(raw)
         else:
             if not card.data:
                 raise DataError(f"{ns.checkpoint}: model.json has no data spec; pass --data")
@@ -436,7 +441,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     )
     ck = Path(ns.checkpoint)
     run_dir = ck if ck.is_dir() else ck.parent
-    out = Path(ns.out) if ns.out else run_dir / f"eval_{ns.split}{'' if ns.tta == 'none' else '_' + ns.tta}.json"
+    suffix = "" if ns.tta == "none" else "_" + re.sub(r"[^A-Za-z0-9.]+", "-", ns.tta)
+    out = Path(ns.out) if ns.out else run_dir / f"eval_{ns.split}{suffix}.json"
     atomic_write_json(out, result)
     plot_confusion(
         result["plain"]["confusion_matrix"],

@@ -1,58 +1,71 @@
-"""Evaluate a trained checkpoint on a data split, optionally with test-time augmentation."""
+"""Evaluate a trained checkpoint on a data split, optionally with test-time augmentation.
+
+TTA views are the station's (``runtime.tta``): same names, same implementation.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
+
+from runtime.preprocess import Preprocessor
+from runtime.tta import DEFAULT_SCALES, TTA, expand_views
 
 from .checkpoint import ModelCard
 from .data import Sample
 from .engine import Engine
-from .loader import ImageDataset
 from .metrics import classification_metrics
-from .transforms import Pipeline, tta_views
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
+def _view_probs(model: torch.nn.Module, tta: TTA, samples: Sequence[Sample], batch_size: int,
+                engine: Engine) -> tuple[np.ndarray, np.ndarray]:
+    """``(probs (N, V, K), labels (N,))``: every view of every sample, views built by ``runtime.tta``."""
+    from tqdm import tqdm
+
+    from runtime.preprocess import read_image
+
+    per = max(1, batch_size // tta.n_views)   # frames per forward pass
+    probs, labels = [], []
+    for i in tqdm(range(0, len(samples), per), desc="eval", unit="batch", leave=False, disable=not engine.progress):
+        chunk = samples[i : i + per]
+        x = np.concatenate([tta.expand(read_image(s.path)) for s in chunk])   # (n*V, C, H, W), views adjacent
+        preds = engine.predict(model, [torch.from_numpy(x)])
+        probs.append(preds.probs().reshape(len(chunk), tta.n_views, -1))
+        labels += [s.label for s in chunk]
+    return np.concatenate(probs), np.asarray(labels, dtype=np.int64)
 
 
 def evaluate_samples(model: torch.nn.Module, card: ModelCard, samples: Sequence[Sample], *,
-                     tta: str = "none", scales: tuple[float, ...] = (0.9, 1.0, 1.1), batch_size: int = 64,
-                     device: str | torch.device = "cpu", progress: bool = True) -> dict[str, Any]:
-    """Metrics without TTA (``plain``), and with TTA (softmax averaged over views) plus the delta."""
-    from torch.utils.data import DataLoader
+                     tta: str | Sequence[str] = "none", scales: Sequence[float] = DEFAULT_SCALES,
+                     batch_size: int = 64, device: str | torch.device = "cpu",
+                     progress: bool = True) -> dict[str, Any]:
+    """Metrics on the original view (``plain``) and with TTA (softmax averaged over the views)
+    plus the delta. ``tta``: a ``runtime.tta`` preset or view names, the station's vocabulary;
+    the views are built by the station's code (``runtime.tta.TTA``)."""
+    import torch.nn.functional as F
+
     device = torch.device(device)
     model.to(memory_format=torch.channels_last)   # faster NHWC convolutions, CPU included
-    views = tta_views(card.input, tta, scales)
-    # Cache the decoded originals once; each view applies its own resize + tail.
-    raw = ImageDataset(samples, Pipeline(_identity, _identity), cache=True)
-    raw.prefill(threads=max(1, torch.get_num_threads()), progress=progress)
+    views = expand_views(tta, scales)
     engine = Engine(device=device, channels_last=True, progress=progress)
-    y_ref, per_view, probs_sum = None, {}, None
-    for name, view in views.items():
-        ds = raw.with_pipeline(Pipeline(_identity, lambda x, v=view: v.tail(v.resize(x))))
-        loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
-        preds = engine.predict(model, loader, desc=f"eval {name}")
-        probs, loss = preds.probs(), preds.loss
-        y_ref = preds.labels.numpy()
-        per_view[name] = (probs, loss)
-        probs_sum = probs if probs_sum is None else probs_sum + probs
+    probs, y = _view_probs(model, TTA(views, Preprocessor(card.input_spec())), list(samples), batch_size, engine)
     classes = list(card.classes)
-    plain = classification_metrics(y_ref, per_view["identity"][0], classes, loss=per_view["identity"][1])
-    out: dict[str, Any] = {"n": int(len(y_ref)), "classes": classes, "plain": plain, "tta": None}
+    plain_p = probs[:, 0]
+    loss = float(F.nll_loss(torch.from_numpy(np.log(np.clip(plain_p, 1e-12, None))), torch.from_numpy(y))) if len(y) else None
+    plain = classification_metrics(y, plain_p, classes, loss=loss)
+    out: dict[str, Any] = {"n": int(len(y)), "classes": classes, "plain": plain, "tta": None}
     if len(views) > 1:
-        avg = probs_sum / len(views)
-        with_tta = classification_metrics(y_ref, avg, classes)
+        with_tta = classification_metrics(y, probs.mean(1), classes)
         keys = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
         out["tta"] = {
-            "mode": tta, "views": list(views), "metrics": with_tta,
+            "mode": tta if isinstance(tta, str) else ",".join(tta), "views": list(views), "metrics": with_tta,
             "delta": {k: (None if plain.get(k) is None or with_tta.get(k) is None else with_tta[k] - plain[k])
                       for k in keys},
-            "per_view": {n: {k: v for k, v in classification_metrics(y_ref, p, classes).items() if k in keys}
-                         for n, (p, _) in per_view.items()},
+            "per_view": {n: {k: v for k, v in classification_metrics(y, probs[:, i], classes).items() if k in keys}
+                         for i, n in enumerate(views)},
         }
     return out
 

@@ -94,19 +94,35 @@ def test_real_elpv_images_match(tmp_path):
         assert diff.mean() < 0.005 and np.percentile(diff, 99) < 0.02, (p, diff.mean())
 
 
-def test_training_dihedral_tta_views_match_the_station_views(tmp_path):
-    """`defectscope evaluate --tta dihedral` measures the views a station builds from [tta] views."""
+def test_dihedral_preset_views_are_the_eight_symmetries_of_the_station_original(tmp_path):
+    """`defectscope evaluate --tta dihedral` and a station's [tta] views run the same code: the
+    preset expands to view names, and each view is the matching symmetry of the original."""
     from runtime.preprocess import InputSpec, Preprocessor, read_image
-    from runtime.tta import TTA
-    from training.transforms import to_chw_uint8, tta_views
+    from runtime.tta import DIHEDRAL, TTA, TTAError, expand_views
 
     spec = InputSpec(mean=(0.5,) * 3, std=(0.5,) * 3, height=64, width=64, resize_size=64, interpolation="bicubic")
     path = tmp_path / "cell.png"
     cv2.imwrite(str(path), _textured(80, 80, 1, seed=9))
-    train_views = tta_views(spec.to_dict(), "dihedral")
-    names = ["original" if k == "identity" else k for k in train_views]
-    station = TTA(tuple(names), Preprocessor(spec)).expand(read_image(path))
-    x = to_chw_uint8(read_image(path))
-    for i, view in enumerate(train_views.values()):
-        diff = np.abs(view(x).numpy() - station[i])
-        assert diff.mean() < 0.015, (names[i], diff.mean())
+    views = expand_views("dihedral")
+    assert views == DIHEDRAL
+    out = TTA(views, Preprocessor(spec)).expand(read_image(path))
+    base = out[0]
+    assert np.array_equal(out[views.index("rot90")], np.rot90(base, 1, axes=(1, 2)))
+    assert np.array_equal(out[views.index("transverse")], np.rot90(out[views.index("transpose")], 2, axes=(1, 2)))
+    assert len({v.tobytes() for v in out}) == 8
+    with pytest.raises(TTAError, match="square"):
+        TTA(views, Preprocessor(InputSpec(height=64, width=48, resize_size=64)))
+
+
+def test_tta_presets_expand_to_station_view_lists():
+    from runtime.tta import FLIPS, TTAError, expand_views
+
+    assert expand_views("none") == ("original",)
+    assert expand_views("flips") == FLIPS
+    assert expand_views("multiscale", scales=(0.8, 1.0, 1.2)) == ("original", "scale:0.8", "scale:1.2")
+    assert expand_views("all", scales=(0.9, 1.0)) == (*FLIPS, "scale:0.9")
+    assert expand_views("hflip,scale:1.15,hflip") == ("original", "hflip", "scale:1.15")
+    assert expand_views(["vflip", "flips"]) == ("original", "vflip", "hflip", "rot180")
+    for bad in ("mixup", "scale:abc", "scale:-1"):
+        with pytest.raises(TTAError, match="unknown view"):
+            expand_views(bad)

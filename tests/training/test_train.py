@@ -157,7 +157,8 @@ def test_cli_train_and_evaluate_with_tta(folder_data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "balanced_accuracy" in out and "delta" in out
     report = json.loads((run / "eval_test_all.json").read_text())
-    assert report["tta"]["views"][:4] == ["identity", "hflip", "vflip", "hvflip"]
+    assert report["tta"]["views"] == ["original", "hflip", "vflip", "rot180", "scale:0.9", "scale:1.2"]
+    assert report["tta"]["per_view"]["original"]["accuracy"] == report["plain"]["accuracy"]
     assert report["n"] == 20 and (run / "eval_test_all.png").is_file()
     assert train_main(["--data", str(tmp_path / "missing"), "--backbone", "tiny_cnn", "--weights", "none",
                        "--out", str(tmp_path / "x")]) == 2

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 from runtime.preprocess import InputSpec, Preprocessor  # noqa: E402
 from tests.training.conftest import synth_image  # noqa: E402
 from training.config import AugmentConfig  # noqa: E402
-from training.transforms import RandomRot90, to_chw_uint8, train_pipeline, tta_views, val_transform  # noqa: E402
+from training.transforms import RandomRot90, to_chw_uint8, train_pipeline, val_transform  # noqa: E402
 
 
 @pytest.mark.parametrize("color,shape,size,resize", [(False, (60, 60), 48, 48), (True, (50, 70), 32, 40),
@@ -57,32 +57,3 @@ def test_rot90_keeps_shape_of_non_square_images():
     assert shapes == {(2, 3, 5)}
     sq = torch.arange(9).reshape(1, 3, 3)
     assert len({tuple(rot(sq).flatten().tolist()) for _ in range(40)}) == 4
-
-
-def test_tta_views():
-    spec = {"height": 32, "width": 32, "resize_size": 36, "interpolation": "bilinear",
-            "mean": [0.5] * 3, "std": [0.5] * 3}
-    assert list(tta_views(spec, "none")) == ["identity"]
-    views = tta_views(spec, "all", scales=(0.8, 1.0, 1.2))
-    assert list(views) == ["identity", "hflip", "vflip", "hvflip", "scale0.8", "scale1.2"]
-    x = to_chw_uint8(synth_image("defect", np.random.default_rng(4), 48))
-    base = views["identity"](x)
-    assert torch.equal(views["hflip"](x), base.flip(-1))
-    assert all(v(x).shape == (3, 32, 32) for v in views.values())
-    with pytest.raises(ValueError):
-        tta_views(spec, "mixup")
-
-
-def test_dihedral_tta_views_are_the_eight_symmetries_of_the_square():
-    spec = {"height": 32, "width": 32, "resize_size": 32, "interpolation": "bilinear",
-            "mean": [0.5] * 3, "std": [0.5] * 3}
-    views = tta_views(spec, "dihedral")
-    assert list(views) == ["identity", "hflip", "vflip", "rot180", "rot90", "rot270", "transpose", "transverse"]
-    x = to_chw_uint8(synth_image("defect", np.random.default_rng(5), 32))
-    out = {k: v(x) for k, v in views.items()}
-    base = out["identity"]
-    assert torch.equal(out["rot90"], torch.rot90(base, 1, dims=(-2, -1)))
-    assert torch.equal(out["transverse"], torch.rot90(out["transpose"], 2, dims=(-2, -1)))
-    assert len({t.numpy().tobytes() for t in out.values()}) == 8
-    with pytest.raises(ValueError, match="square"):
-        tta_views({**spec, "width": 48, "resize_size": 48}, "dihedral")
