@@ -176,4 +176,73 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["build_train_parser", "config_from_args", "is_detection_data", "train_main", "wants_detection"]
+def _source_of_extend(argv: list[str]) -> str | None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--from", dest="source")
+    ns, _ = pre.parse_known_args(argv)
+    return ns.source
+
+
+def extend_dispatch(argv: list[str] | None = None) -> int:
+    """``defectscope extend``: a detection source run goes to ``extend_main``, anything else to the classifier's."""
+    from training.detection.checkpoint import card_task
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    source = _source_of_extend(args)
+    if source and card_task(source) == "detection":
+        return extend_main(args)
+    from training.extend_cli import main
+
+    return main(argv)
+
+
+def build_extend_parser() -> argparse.ArgumentParser:
+    from training.detection.config import DetTrainConfig
+    from training.detection.extend import DetExtendConfig
+    from training.detection.config import field_defaults
+
+    E = field_defaults(DetExtendConfig)
+    p = argparse.ArgumentParser(
+        prog="defectscope extend (detector)",
+        description="Extend a detection run to a new line (same classes) or new defect classes: the box "
+        "predictor grows with old rows frozen bit-exact, EWC protects backbone/FPN/RPN, replay optional.",
+    )
+    p.add_argument("--from", dest="source", required=True, metavar="RUN", help="detection run directory")
+    p.add_argument("--data", required=True, help="new data: COCO .json, VOC folder or YOLO folder")
+    p.add_argument("--out", required=True, help="output run directory")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--strict", action="store_true", help="bad annotations are fatal")
+    p.add_argument("--lambda", dest="lam", type=float, default=E["lam"], help=f"EWC strength, 0 = off ({E['lam']:g})")
+    p.add_argument("--fisher-samples", type=int, default=E["fisher_samples"],
+                   help=f"old training images in the Fisher ({E['fisher_samples']})")
+    p.add_argument("--replay", default=E["replay"], help="old training images mixed in: a count (50) or share (10%%)")
+    p.add_argument("--no-freeze-old-rows", action="store_true", help="let the old class rows of the box predictor train")
+    p.add_argument("--quiet", action="store_true")
+    _add_fields(p.add_argument_group("optimisation"), DetTrainConfig, OPTIM_KEYS, "")
+    return p
+
+
+def extend_main(argv: list[str] | None = None) -> int:
+    ns = build_extend_parser().parse_args(argv)
+    from training.checkpoint import CheckpointError
+    from training.data import DataError
+    from training.detection.config import DetTrainConfig
+    from training.detection.extend import DetExtendConfig, extend_detector
+    from training.ewc import EWCError
+    from training.trainer import RunExistsError
+
+    v = vars(ns)
+    try:
+        train = DetTrainConfig.from_dict({**{k: v[k] for k in OPTIM_KEYS if k in v}, "out": ns.out,
+                                          "data": {"path": ns.data, "strict": ns.strict}}, where="command line")
+        cfg = DetExtendConfig(ns.source, train, lam=ns.lam, fisher_samples=ns.fisher_samples, replay=ns.replay,
+                              freeze_old_rows=not ns.no_freeze_old_rows)
+        extend_detector(cfg, overwrite=ns.overwrite, progress=not ns.quiet and sys.stderr.isatty())
+    except (CheckpointError, DataError, EWCError, RunExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__ = ["build_extend_parser", "build_train_parser", "config_from_args", "extend_dispatch", "extend_main",
+           "is_detection_data", "train_main", "wants_detection"]

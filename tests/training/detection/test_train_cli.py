@@ -7,45 +7,9 @@ import json
 import pytest
 
 from defectscope.cli import main as ds_main
+from tests.training.detection.conftest import TINY
 
 pytest.importorskip("pycocotools")
-
-TINY = ["--backbone", "tiny_det", "--weights", "none", "--image-size", "64,64", "--representation-size", "64",
-        "--fpn-channels", "16", "--rpn-pre-nms-train", "200", "--rpn-post-nms-train", "100",
-        "--box-batch-size-per-image", "64", "--batch-size", "4", "--threads", "2", "--quiet", "--panels", "2"]
-
-
-@pytest.fixture(scope="module")
-def det_run(tmp_path_factory):
-    """One tiny detector run (COCO data, task inferred from the .json), shared by the tests here."""
-    import numpy as np
-    from tests.training.detection.conftest import squares_image
-    import cv2
-
-    root = tmp_path_factory.mktemp("det") / "coco"
-    (root / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 10), ("val", 4), ("test", 4)):
-        images, anns = [], []
-        for i in range(n):
-            img, boxes = squares_image(rng, (48, 64), 0 if i < 1 else 2)
-            name = f"images/{split}_{i}.png"
-            cv2.imwrite(str(root / name), img)
-            images.append({"id": i + 1, "file_name": name, "width": 64, "height": 48})
-            for j, b in enumerate(boxes):
-                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1 + j % 2, "iscrowd": 0,
-                             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1])})
-        if split == "train":   # one bad annotation: reported, skipped, counted
-            anns.append({"id": 999, "image_id": 2, "category_id": 1, "bbox": [60, 40, 30, 30], "iscrowd": 0})
-        (root / f"{split}.json").write_text(json.dumps(
-            {"images": images, "annotations": anns,
-             "categories": [{"id": 1, "name": "square"}, {"id": 2, "name": "bar"}]}))
-    out = root.parent / "run"
-    rc = ds_main(["train", "--data", str(root / "train.json"), "--out", str(out), "--epochs", "2",
-                  "--max-steps-per-epoch", "2", *TINY])
-    assert rc == 0
-    return root, out
-
 
 def test_train_writes_the_run_directory(det_run):
     _, out = det_run
