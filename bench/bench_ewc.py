@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import platform
@@ -49,6 +50,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from runtime.fsio import atomic_write, atomic_write_bytes, atomic_write_text  # noqa: E402
 
 SCENARIOS = ("mono-poly", "poly-mono", "classinc", "hard")
 METHODS = ("naive", "ewc", "replay", "ewc+replay")
@@ -121,13 +124,11 @@ def write_line(path: Path, splits, keep, limit: int | None, seed: int, image_map
         for s in chosen:
             p = image_map(s.path) if image_map else s.path
             rows.append((p, splits.classes[s.label], s.group or "", split))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "group", "split"])
-        w.writerows(rows)
-    os.replace(tmp, path)
-    return path
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "label", "group", "split"])
+    w.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
 
 
 def inverted_copy(cache: Path):
@@ -142,9 +143,10 @@ def inverted_copy(cache: Path):
             img = cv2.imread(src, cv2.IMREAD_UNCHANGED)
             if img is None:
                 raise FileNotFoundError(src)
-            tmp = dst.with_suffix(".tmp.png")
-            cv2.imwrite(str(tmp), (255 - img) if img.dtype.name == "uint8" else (65535 - img))
-            os.replace(tmp, dst)
+            ok, png = cv2.imencode(".png", (255 - img) if img.dtype.name == "uint8" else (65535 - img))
+            if not ok:
+                raise OSError(f"{src}: cannot encode the inverted copy")
+            atomic_write_bytes(dst, png.tobytes())
         return str(dst)
     return f
 
@@ -219,7 +221,7 @@ class Bench:
         from training.data import resolve_splits
         from training.extend import TaskSet
 
-        key = (str(manifest), tuple(classes), json.dumps(input_spec, sort_keys=True))
+        key = (str(manifest), tuple(classes), json.dumps(input_spec.to_dict(), sort_keys=True))
         if key not in self.tasks:
             splits = resolve_splits(self.spec(manifest))
             self.tasks[key] = TaskSet.from_splits(name, splits, list(classes), input_spec, AugmentConfig(),
@@ -387,9 +389,7 @@ def plot(results: dict, path: Path) -> None:
         ax.legend(fontsize=7, loc="lower left")
     axes[0][0].set_ylabel("test accuracy after extension")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                "scenarios": [], "notes": []}
 
     def save():
-        from training.checkpoint import atomic_write_json
+        from runtime.fsio import atomic_write_json
 
         atomic_write_json(out / "results.json", results)
         (out / "results.md").write_text(markdown(results))

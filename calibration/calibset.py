@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from calibration.provenance import sha256_file, sha256_json
+from calibration.provenance import sha256_json
+from runtime.fsio import atomic_write, atomic_write_json, sha256_file
 from runtime.preprocess import InputSpec, Preprocessor
 
 DEFAULT_SIZE = 300
@@ -218,16 +219,16 @@ def save_tensor(path: str | os.PathLike[str], x: np.ndarray, calib: CalibrationS
     path = Path(path)
     if path.suffix != ".npy":
         path = path.with_suffix(".npy")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, np.ascontiguousarray(x, dtype=np.float32))
-    os.replace(tmp, path)
-    side = path.with_suffix(".json")
-    tmp_side = side.with_name(f".{side.name}.tmp")
+    arr = np.ascontiguousarray(x, dtype=np.float32)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:   # a file object: np.save would append .npy to a path
+            np.save(fh, arr)
+
+    atomic_write(path, write)
     meta = {"fingerprint": calib.fingerprint, "shape": list(x.shape), "dtype": "float32",
             "input": calib.input.to_dict(), "size": len(calib)}
-    tmp_side.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp_side, side)
+    atomic_write_json(path.with_suffix(".json"), meta)
     return path
 
 

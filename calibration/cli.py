@@ -140,8 +140,9 @@ def _export(args: argparse.Namespace, console: Any) -> int:
     from calibration.calibset import preprocess_paths, stratified_sample
     from calibration.evaluate import evaluate_onnx
     from calibration.export import check_parity, export_onnx
-    from calibration.provenance import git_commit, library_versions, sha256_file, utc_now
+    from calibration.provenance import git_commit, library_versions, utc_now
     from runtime.bundle import Artifact, Manifest, ModelInfo, OutputSpec, pack, write_bundle
+    from runtime.fsio import sha256_file
     from training.checkpoint import load_model
     from training.data import resolve_splits
 
@@ -151,7 +152,7 @@ def _export(args: argparse.Namespace, console: Any) -> int:
     threads = _threads(args.threads)
     _setup_torch(threads)
     model, card = load_model(args.run)
-    spec = card.input_spec()
+    spec = card.input
     run_path = Path(args.run).resolve()
     run_dir = run_path if run_path.is_dir() else run_path.parent
     weights_file = run_path / "best.safetensors" if run_path.is_dir() else run_path

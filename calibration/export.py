@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.fsio import atomic_write
 from runtime.preprocess import InputSpec
 
 OPSET = 17
@@ -112,9 +113,7 @@ def export_onnx(model: Any, spec: InputSpec, dest: str | os.PathLike[str], num_c
                 error = f"{type(exc).__name__}: {exc}"
                 warnings.warn(f"onnxslim failed, keeping the unsimplified graph: {error}", stacklevel=2)
         graph.producer_name = "defectscope"
-        tmp_dest = dest.with_name(f".{dest.name}.tmp")
-        onnx.save(graph, str(tmp_dest))
-        os.replace(tmp_dest, dest)
+        atomic_write(dest, lambda tmp: onnx.save(graph, tmp))
     return ExportInfo(opset=opset, exporter="torchscript", simplified=simplified, nodes=len(graph.graph.node),
                       nodes_before_simplify=before, simplify_error=error)
 

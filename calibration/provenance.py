@@ -12,6 +12,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+# The one sha256_file lives in runtime.fsio; calibration/engine_cli.py still imports it from here.
+from runtime.fsio import sha256_file  # noqa: F401
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LIBRARIES = ("torch", "torchvision", "onnx", "onnxruntime", "onnxslim", "numpy", "opencv-python-headless",
              "scikit-learn", "defectscope")
@@ -43,14 +46,6 @@ def git_commit(root: Path = REPO_ROOT) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{head}-dirty" if dirty else head
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sha256_json(data: Any) -> str:

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.fsio import atomic_write
+
 METHODS = ("minmax", "entropy", "percentile")
 TARGETS = ("cpu", "tensorrt")
 # Ops whose weights carry most of the compute (and the quantization error).
@@ -191,11 +193,11 @@ def quantize_model(float_model: str | os.PathLike[str], dest: str | os.PathLike[
         # a short last batch never meets the others in one array (ORT stacks them).
         extra["CalibStridedMinMax"] = 1
     dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    try:
+
+    def write(tmp: str) -> None:
         with _quiet():
             quantize_static(
-                str(float_model), str(tmp), reader,
+                str(float_model), tmp, reader,
                 quant_format=QuantFormat.QDQ,
                 per_channel=config.per_channel,
                 reduce_range=config.reduce_range,
@@ -207,7 +209,9 @@ def quantize_model(float_model: str | os.PathLike[str], dest: str | os.PathLike[
                 extra_options=extra,
                 calibration_cache_path=str(cache),
             )
-        os.replace(tmp, dest)
+
+    try:
+        atomic_write(dest, write)
     except QuantizationError:
         raise
     except Exception as exc:
@@ -215,8 +219,6 @@ def quantize_model(float_model: str | os.PathLike[str], dest: str | os.PathLike[
     finally:
         if bar is not None:
             bar.close()
-        if tmp.exists():
-            tmp.unlink()
     return dest
 
 

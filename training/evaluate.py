@@ -51,7 +51,7 @@ def evaluate_samples(model: torch.nn.Module, card: ModelCard, samples: Sequence[
     model.to(memory_format=torch.channels_last)   # faster NHWC convolutions, CPU included
     views = expand_views(tta, scales)
     engine = Engine(device=device, channels_last=True, progress=progress)
-    probs, y = _view_probs(model, TTA(views, Preprocessor(card.input_spec())), list(samples), batch_size, engine)
+    probs, y = _view_probs(model, TTA(views, Preprocessor(card.input)), list(samples), batch_size, engine)
     classes = list(card.classes)
     plain_p = probs[:, 0]
     loss = float(F.nll_loss(torch.from_numpy(np.log(np.clip(plain_p, 1e-12, None))), torch.from_numpy(y))) if len(y) else None

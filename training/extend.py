@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime.preprocess import InputSpec
+
 from .config import AugmentConfig, ConfigError
 from .data import DataError, DataSpec
 from .extend_config import ExtendConfig, task_name
@@ -38,7 +40,7 @@ class TaskSet:
     decoded-image cache (the train augmentations and the evaluation transform reuse it)."""
 
     def __init__(self, name: str, samples: Mapping[str, Sequence[Any]], classes: Sequence[str],
-                 input_spec: Mapping[str, Any], augment: AugmentConfig, *, cache: bool = True,
+                 input_spec: InputSpec, augment: AugmentConfig, *, cache: bool = True,
                  spec: DataSpec | None = None, fingerprint: str = "", good_classes: Sequence[str] = ()) -> None:
         from .transforms import train_pipeline, val_pipeline
 
@@ -54,7 +56,7 @@ class TaskSet:
         self._ds: dict[str, Any] = {}
 
     @classmethod
-    def from_splits(cls, name: str, splits: Any, classes: Sequence[str], input_spec: Mapping[str, Any],
+    def from_splits(cls, name: str, splits: Any, classes: Sequence[str], input_spec: InputSpec,
                     augment: AugmentConfig, *, spec: DataSpec | None = None, cache: bool = True) -> TaskSet:
         """Relabel ``training.data.Splits`` into ``classes`` (by class name)."""
         from .evaluate import remap_samples
@@ -592,11 +594,13 @@ def run(cfg: ExtendConfig, *, overwrite: bool = False, progress: bool = False,
 
 def _write_run(out: Path, cfg: ExtendConfig, card, model, classes: list[str], new: TaskSet, outcome: Outcome) -> None:
     """The output run directory: model + card first, then Fisher, metrics, report and plot."""
+    from runtime.fsio import atomic_write_json
+
     from . import checkpoint as ckpt
 
     report = outcome.report
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_json(out / "config.json", {**cfg.to_dict(), "config_hash": cfg.hash()})
+    atomic_write_json(out / "config.json", {**cfg.to_dict(), "config_hash": cfg.hash()})
     src_weights = Path(cfg.source) / ckpt.BEST if Path(cfg.source).is_dir() else Path(cfg.source)
     good = list(dict.fromkeys([*card.good_classes, *[c for c in new.good_classes if c in classes]]))
     keep = ("n", "accuracy", "balanced_accuracy", "macro_f1", "auroc")
@@ -610,8 +614,8 @@ def _write_run(out: Path, cfg: ExtendConfig, card, model, classes: list[str], ne
     ckpt.save_model(out, model, new_card)
     if outcome.state is not None:
         outcome.state.save(out)
-    ckpt.atomic_write_json(out / "metrics.json", outcome.epochs)
-    ckpt.atomic_write_json(out / "report.json", {**report, "history": outcome.history.to_dict()})
+    atomic_write_json(out / "metrics.json", outcome.epochs)
+    atomic_write_json(out / "report.json", {**report, "history": outcome.history.to_dict()})
     from .metrics import plot_forgetting
 
     plot_forgetting(report, outcome.history, out / REPORT_PNG)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from runtime.preprocess import InputSpec
 
 from .checkpoint import save_safetensors
 from .data import Sample, cache_dir
@@ -22,10 +24,10 @@ from .data import Sample, cache_dir
 log = logging.getLogger(__name__)
 
 
-def feature_key(backbone: str, weights_id: str, input_spec: Mapping, split_fingerprint: str,
+def feature_key(backbone: str, weights_id: str, input_spec: InputSpec, split_fingerprint: str,
                 extra: str = "") -> str:
     """Cache key of one split's features (``extra``: e.g. the init seed of random weights)."""
-    parts = {"backbone": backbone, "weights": weights_id, "input": dict(input_spec),
+    parts = {"backbone": backbone, "weights": weights_id, "input": input_spec.to_dict(),
              "data": split_fingerprint, "extra": extra, "format": 2}  # 2: OpenCV resize
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -35,7 +37,7 @@ def cache_path(key: str, root: str | Path | None = None) -> Path:
 
 
 @torch.no_grad()
-def extract_features(model: torch.nn.Module, samples: Sequence[Sample], input_spec: Mapping, *,
+def extract_features(model: torch.nn.Module, samples: Sequence[Sample], input_spec: InputSpec, *,
                      batch_size: int = 16, device: str | torch.device = "cpu", desc: str = "features",
                      progress: bool = True, threads: int = 2, channels_last: bool = False) -> torch.Tensor:
     """``model.forward_features`` over samples with the validation transform -> ``(N, D)`` float32."""
@@ -67,7 +69,7 @@ def extract_features(model: torch.nn.Module, samples: Sequence[Sample], input_sp
     return torch.cat(out) if out else torch.empty(0, dim)
 
 
-def cached_features(model: torch.nn.Module, samples: Sequence[Sample], input_spec: Mapping, key: str, *,
+def cached_features(model: torch.nn.Module, samples: Sequence[Sample], input_spec: InputSpec, key: str, *,
                     root: str | Path | None = None, **kw) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """``(features (N,D), labels (N,), cache_hit)``; computes and stores on a miss (atomic write)."""
     from safetensors import SafetensorError

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,9 +54,16 @@ def phase_steps(plan: list[EpochPlan], phase: str, steps_per_epoch: int) -> int:
     return sum(1 for p in plan if p.phase == phase) * steps_per_epoch
 
 
-def param_groups(model: Classifier, n_trainable: int, lr: float, decay: float, weight_decay: float) -> list[dict]:
+# A parameter-group rule: gets each AdamW group (``name``, ``params``, ``lr``, ``weight_decay``)
+# and returns it, changed or not (e.g. another LR for the head, no decay for a group).
+GroupRule = Callable[[dict], dict]
+
+
+def param_groups(
+    model: Classifier, n_trainable: int, lr: float, decay: float, weight_decay: float, rules: Sequence[GroupRule] = ()
+) -> list[dict]:
     """AdamW groups for the last ``n_trainable`` layer groups: head ``lr``, the k-th group below
-    ``lr * decay**k``; norms and biases (1-D tensors) get no weight decay."""
+    ``lr * decay**k``; norms and biases (1-D tensors) get no weight decay; then ``rules``."""
     groups = model.groups[len(model.groups) - n_trainable :]
     out = []
     for k, g in enumerate(reversed(groups)):
@@ -68,6 +75,8 @@ def param_groups(model: Classifier, n_trainable: int, lr: float, decay: float, w
             out.append({"params": decayed, "lr": g_lr, "weight_decay": weight_decay, "name": g.name})
         if plain:
             out.append({"params": plain, "lr": g_lr, "weight_decay": 0.0, "name": f"{g.name}.no_decay"})
+    for rule in rules:
+        out = [rule(dict(group)) for group in out]
     return out
 
 
@@ -94,9 +103,11 @@ def build_optimizer(
     total_steps: int,
     warmup_steps: int,
     offset: int = 0,
+    rules: Sequence[GroupRule] = (),
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW + per-step LambdaLR; ``offset`` continues a phase's schedule after a rebuild."""
-    opt = torch.optim.AdamW(param_groups(model, n_trainable, lr, decay, weight_decay), lr=lr)
+    """AdamW + per-step LambdaLR; ``offset`` continues a phase's schedule after a rebuild;
+    ``rules`` edit the parameter groups (see ``GroupRule``)."""
+    opt = torch.optim.AdamW(param_groups(model, n_trainable, lr, decay, weight_decay, rules), lr=lr)
     f = warmup_cosine(total_steps, warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: f(offset + i))
     return opt, sched

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from runtime.fsio import atomic_write_json
+
 from . import checkpoint as ckpt
 from .backbones import Classifier, build_model, get_spec, sized_input, weights_id
 from .config import TrainConfig
@@ -130,7 +132,7 @@ class Trainer:
                 f"--overwrite to replace it, or another --out"
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_json(cfg_file, {**self.cfg.to_dict(), "config_hash": self.cfg.hash()})
+        atomic_write_json(cfg_file, {**self.cfg.to_dict(), "config_hash": self.cfg.hash()})
         return state
 
     def fit(self) -> RunResult:
@@ -163,7 +165,7 @@ class Trainer:
                 break
             record = self._epoch(p, loop, sel)
             history.append(record)
-            ckpt.atomic_write_json(self.run_dir / "metrics.json", history)
+            atomic_write_json(self.run_dir / "metrics.json", history)
             ckpt.save_resume(
                 self.run_dir,
                 {
@@ -471,7 +473,7 @@ class Trainer:
             "data": s.summary(),
             "config_hash": self.cfg.hash(),
         }
-        ckpt.atomic_write_json(self.run_dir / "report.json", report)
+        atomic_write_json(self.run_dir / "report.json", report)
         keep = ("n", "accuracy", "balanced_accuracy", "macro_f1", "auroc")
         ckpt.write_card(
             self.run_dir,

@@ -10,13 +10,15 @@ equals ``runtime.preprocess.Preprocessor`` (docs/contracts.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
+
+from runtime.preprocess import InputSpec
 
 from .config import AugmentConfig
 
@@ -63,11 +65,11 @@ class RuntimeResize(torch.nn.Module):
     pixels a model is trained and measured on are the pixels it gets in production.
     """
 
-    def __init__(self, spec: Mapping, resize_size: int | None = None) -> None:
+    def __init__(self, spec: InputSpec, resize_size: int | None = None) -> None:
         super().__init__()
-        self.stretch = spec.get("resize_policy", "shorter_side_center_crop") == "stretch"
-        self.size = (spec["height"], spec["width"]) if self.stretch else (resize_size or spec["resize_size"])
-        self.interpolation = spec["interpolation"]
+        self.stretch = spec.resize_policy == "stretch"
+        self.size = (spec.height, spec.width) if self.stretch else (resize_size or spec.resize_size)
+        self.interpolation = spec.interpolation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from runtime.preprocess import resize, resized_size
@@ -79,33 +81,33 @@ class RuntimeResize(torch.nn.Module):
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
 
 
-def resize_stage(spec: Mapping, resize_size: int | None = None) -> torch.nn.Module:
+def resize_stage(spec: InputSpec, resize_size: int | None = None) -> torch.nn.Module:
     return RuntimeResize(spec, resize_size)
 
 
-def _normalize(spec: Mapping) -> list:
-    return [ToRGB(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec["mean"]), list(spec["std"]))]
+def _normalize(spec: InputSpec) -> list:
+    return [ToRGB(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))]
 
 
-def val_pipeline(spec: Mapping) -> Pipeline:
-    """The reference evaluation transform for an InputSpec dict."""
+def val_pipeline(spec: InputSpec) -> Pipeline:
+    """The reference evaluation transform for an InputSpec."""
     return Pipeline(resize_stage(spec),
-                    v2.Compose([v2.CenterCrop((spec["height"], spec["width"])), *_normalize(spec)]))
+                    v2.Compose([v2.CenterCrop((spec.height, spec.width)), *_normalize(spec)]))
 
 
-def val_transform(spec: Mapping) -> v2.Compose:
+def val_transform(spec: InputSpec) -> v2.Compose:
     """The contract's transform as one v2.Compose (uint8 (C,H,W) tensor in, float32 (3,h,w) out)."""
     p = val_pipeline(spec)
     return v2.Compose([p.resize, p.tail])
 
 
-def train_pipeline(spec: Mapping, aug: AugmentConfig) -> Pipeline:
+def train_pipeline(spec: InputSpec, aug: AugmentConfig) -> Pipeline:
     """Augmenting transform: mild geometry and photometry that keep defects recognisable."""
-    size = (spec["height"], spec["width"])
+    size = (spec.height, spec.width)
     ops: list = []
     if aug.crop_scale < 1.0:
         ops.append(v2.RandomResizedCrop(size, scale=(aug.crop_scale, 1.0), ratio=(0.9, 1.1),
-                                        interpolation=_INTERP[spec["interpolation"]], antialias=True))
+                                        interpolation=_INTERP[spec.interpolation], antialias=True))
     else:
         ops.append(v2.CenterCrop(size))
     if aug.hflip:

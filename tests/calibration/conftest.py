@@ -109,7 +109,7 @@ def splits(dataset):
 
 
 def _make_run(root: Path, splits, dataset: Path, outlier: bool = False) -> Path:
-    from runtime.preprocess import InputSpec, Preprocessor
+    from runtime.preprocess import Preprocessor
     from training.backbones import build_model, get_spec, sized_input
     from training.checkpoint import ModelCard, save_model
     from training.data import DataSpec
@@ -117,7 +117,7 @@ def _make_run(root: Path, splits, dataset: Path, outlier: bool = False) -> Path:
     torch.manual_seed(0)
     inp = sized_input(get_spec("tiny_cnn"), image_size=INPUT_SIZE)
     model = build_model("tiny_cnn", 2, weights="none", input_spec=inp)
-    pre = Preprocessor(InputSpec.from_dict(inp))
+    pre = Preprocessor(inp)
     x = pre.load_batch([s.path for s in splits.train])
     y = np.array([s.label for s in splits.train])
     train_tiny(model, x, y)

@@ -30,7 +30,7 @@ def test_round_trip_export_bundle_load_infer(exported, run_dir, splits):
     model, card = load_model(run_dir)
     assert m.classes == tuple(card.classes) == ("defect", "ok")
     assert m.good_classes == ("ok",)
-    assert m.input.to_dict() == card.input_spec().to_dict()
+    assert m.input.to_dict() == card.input.to_dict()
     assert m.output.names == ("logits",) and m.default_artifact == "fp32"
     assert m.model.name == "tiny" and m.model.architecture == "tiny_cnn"
 
@@ -68,7 +68,7 @@ def test_parity_numbers_and_detected_mismatch(run_dir, splits, tmp_path):
     from training.checkpoint import load_model
 
     model, card = load_model(run_dir)
-    spec = card.input_spec()
+    spec = card.input
     path = tmp_path / "m.onnx"
     info = export_onnx(model, spec, path, 2)
     assert info.opset == 17 and info.nodes > 0

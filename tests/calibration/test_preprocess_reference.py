@@ -20,7 +20,7 @@ def _reference(path: str, spec) -> np.ndarray:
     from runtime.preprocess import read_image
     from training.transforms import to_chw_uint8, val_transform
 
-    return val_transform(spec.to_dict())(to_chw_uint8(read_image(path))).numpy()
+    return val_transform(spec)(to_chw_uint8(read_image(path))).numpy()
 
 
 def _textured(h, w, channels, seed):
@@ -60,7 +60,7 @@ def test_same_predictions_through_either_preprocessing(run_dir, splits):
     from training.checkpoint import load_model
 
     model, card = load_model(run_dir)
-    spec = card.input_spec()
+    spec = card.input
     paths = [s.path for s in splits.test]
     ours = Preprocessor(spec).load_batch(paths)
     ref = np.stack([_reference(p, spec) for p in paths])
@@ -86,7 +86,7 @@ def test_real_elpv_images_match(tmp_path):
     paths = _elpv_images(4)
     if not paths:
         pytest.skip("elpv-dataset images not installed")
-    spec = InputSpec.from_dict(get_spec("efficientnet_lite0").default_input)
+    spec = get_spec("efficientnet_lite0").default_input
     pre = Preprocessor(spec)
     for p in paths:
         diff = np.abs(pre.load(p) - _reference(p, spec))

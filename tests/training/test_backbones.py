@@ -42,15 +42,15 @@ def test_torchvision_default_input_comes_from_weights_transforms():
     for name in ("resnet50", "efficientnet_b3"):
         t = get_weight(REGISTRY[name].weights_enum).transforms()
         d = REGISTRY[name].default_input
-        assert (d["height"], d["resize_size"]) == (t.crop_size[0], t.resize_size[0])
-        assert d["mean"] == pytest.approx(t.mean) and d["interpolation"] == t.interpolation.value
+        assert (d.height, d.resize_size) == (t.crop_size[0], t.resize_size[0])
+        assert d.mean == pytest.approx(t.mean) and d.interpolation == t.interpolation.value
 
 
 def test_sized_input_scales_and_crop_fraction():
     spec = REGISTRY["efficientnet_lite0"]
     d = bb.sized_input(spec, 160)
-    assert (d["height"], d["resize_size"]) == (160, round(160 * 256 / 224))
-    assert bb.sized_input(spec, 160, crop_fraction=1.0)["resize_size"] == 160
+    assert (d.height, d.resize_size) == (160, round(160 * 256 / 224))
+    assert bb.sized_input(spec, 160, crop_fraction=1.0).resize_size == 160
     with pytest.raises(ValueError):
         bb.sized_input(spec, 160, resize_size=100)
 
@@ -101,7 +101,7 @@ def test_efficientnet_lite0_imagenet_weights_load_and_match_reference():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(model(x), ref(x), atol=1e-4)
-    assert REGISTRY["efficientnet_lite0"].default_input["mean"] == [0.5, 0.5, 0.5]
+    assert REGISTRY["efficientnet_lite0"].default_input.mean == (0.5, 0.5, 0.5)
 
 
 def test_offline_without_cached_file_is_a_clear_error(tmp_path, monkeypatch):

@@ -109,3 +109,27 @@ def test_no_function_in_training_is_over_80_lines():
     long = [f"{name}:{fn.name} ({fn.end_lineno - fn.lineno + 1})" for name, fn in _functions()
             if fn.end_lineno - fn.lineno + 1 > 80]
     assert not long, long
+
+
+def test_parameter_group_rule_changes_what_trains():
+    from training.backbones import build_model
+    from training.schedule import build_optimizer
+
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    batches = [(x, torch.tensor([0, 1] * 4))]
+
+    def run(rules):
+        torch.manual_seed(0)
+        model = build_model("tiny_cnn", 2, weights="none")
+        head0 = model.head[1].weight.detach().clone()
+        body0 = next(model.body.parameters()).detach().clone()
+        opt, sched = build_optimizer(model, len(model.groups), 1e-2, 1.0, 0.0, total_steps=1, warmup_steps=0,
+                                     rules=rules)
+        Engine().run_epoch(model, batches, opt, scheduler=sched)
+        return (torch.equal(model.head[1].weight, head0), torch.equal(next(model.body.parameters()), body0))
+
+    def freeze_head(group: dict) -> dict:
+        return {**group, "lr": 0.0} if group["name"].startswith("head") else group
+
+    assert run(()) == (False, False)
+    assert run([freeze_head]) == (True, False)

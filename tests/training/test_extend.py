@@ -225,7 +225,7 @@ def test_cli_argument_errors(base, lines, tmp_path, capsys):
 def test_config_file_spelling_round_trip_and_validation(tmp_path):
     from training.extend_config import ExtendConfig
 
-    cfg = ExtendConfig(source="x", out="y", data=DataSpec())
+    ExtendConfig(source="x", out="y", data=DataSpec())  # the defaults validate
     # config files spell it `lambda`; the resolved config round-trips
     f = tmp_path / "extend.toml"
     f.write_text('lambda = "auto"\nreplay = "5%"\n[data]\nsource = "folder"\npath = "line2"\n')

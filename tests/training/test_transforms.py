@@ -18,10 +18,10 @@ from training.transforms import RandomRot90, to_chw_uint8, train_pipeline, val_t
 def test_val_transform_matches_runtime_preprocessor(color, shape, size, resize):
     rng = np.random.default_rng(1)
     img = synth_image("defect", rng, max(shape), color=color)[: shape[0], : shape[1]]
-    spec = dict(InputSpec(height=size, width=size, resize_size=resize, mean=(0.5, 0.4, 0.3),
-                          std=(0.25, 0.2, 0.3), interpolation="bilinear").to_dict())
+    spec = InputSpec(height=size, width=size, resize_size=resize, mean=(0.5, 0.4, 0.3),
+                     std=(0.25, 0.2, 0.3), interpolation="bilinear")
     ours = val_transform(spec)(to_chw_uint8(img)).numpy()
-    theirs = Preprocessor(InputSpec.from_dict(spec))(img)
+    theirs = Preprocessor(spec)(img)
     assert ours.shape == theirs.shape == (3, size, size)
     # Training resizes with runtime.preprocess.resize: the same pixels, up to float rounding.
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
@@ -29,14 +29,15 @@ def test_val_transform_matches_runtime_preprocessor(color, shape, size, resize):
 
 def test_identity_geometry_is_exact():
     img = synth_image("stain", np.random.default_rng(2), 32, color=True)
-    spec = InputSpec(height=32, width=32, resize_size=32, mean=(0.5,) * 3, std=(0.5,) * 3).to_dict()
+    spec = InputSpec(height=32, width=32, resize_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
     np.testing.assert_allclose(val_transform(spec)(to_chw_uint8(img)).numpy(),
-                               Preprocessor(InputSpec.from_dict(spec))(img), atol=1e-5)
+                               Preprocessor(spec)(img), atol=1e-5)
 
 
 def test_train_pipeline_is_seeded_and_varies():
-    spec = {"height": 32, "width": 32, "resize_size": 32, "interpolation": "bilinear",
-            "mean": [0.5] * 3, "std": [0.5] * 3}
+    from runtime.preprocess import InputSpec
+
+    spec = InputSpec(height=32, width=32, resize_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
     x = to_chw_uint8(synth_image("defect", np.random.default_rng(3), 40))
     pipe = train_pipeline(spec, AugmentConfig())
     torch.manual_seed(5)
