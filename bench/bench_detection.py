@@ -44,8 +44,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-images", type=int, default=20)
     p.add_argument("--out", default="runs/bench-det")
     p.add_argument("--json", help="result JSON (default <out>/bench_detection.json)")
-    p.add_argument("--smoke", action="store_true",
-                   help="seconds: tiny_det at 64 px on 12 random gray backgrounds, 1 epoch of 2 steps")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds: tiny_det at 64 px on 12 random gray backgrounds, 1 epoch of 2 steps",
+    )
     return p.parse_args(argv)
 
 
@@ -99,9 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     model_opts: dict[str, Any] = {"backbone": ns.backbone, "image_size": (ns.size, ns.size)}
     if ns.smoke:
         model_opts.update(weights="none", fpn_channels=16, representation_size=64)
-    cfg = DetTrainConfig(DetectionSpec(str(data / "train.json")), model=model_opts, epochs=ns.epochs,
-                         batch_size=ns.batch_size, max_steps_per_epoch=ns.max_steps, threads=ns.threads,
-                         out=str(run), panels=4)
+    cfg = DetTrainConfig(
+        DetectionSpec(str(data / "train.json")),
+        model=model_opts,
+        epochs=ns.epochs,
+        batch_size=ns.batch_size,
+        max_steps_per_epoch=ns.max_steps,
+        threads=ns.threads,
+        out=str(run),
+        panels=4,
+    )
     t0 = time.perf_counter()
     train_detector(cfg, overwrite=True, echo=print)
     train_s = time.perf_counter() - t0
@@ -118,13 +128,28 @@ def main(argv: list[str] | None = None) -> int:
     name = sess.get_inputs()[0].name
     ort_ms = _latency(lambda x: sess.run(None, {name: x.numpy()[None]}), xs)
     plain, tta = ev["plain"], ev.get("tta")
-    result = {"backbone": ns.backbone, "size": ns.size, "threads": ns.threads, "epochs": ns.epochs,
-              "train_s": train_s, "test_images": ev["images"], "map": plain["map"], "map50": plain["map50"],
-              "part_recall": plain["part"]["recall"], "part_false_alarm_rate": plain["part"]["false_alarm_rate"],
-              "tta": ns.tta, "tta_delta": ev.get("tta_delta"), "tta_map50": tta["map50"] if tta else None,
-              "torch_ms": torch_ms, "ort_fp32_ms": ort_ms, "ort_speedup": torch_ms / ort_ms if ort_ms else None,
-              "parity": manifest["provenance"]["export"]["parity"], "per_class": plain["per_class"],
-              "smoke": ns.smoke, "note": "synthetic defects on real ELPV cells" if not ns.smoke else "smoke data"}
+    result = {
+        "backbone": ns.backbone,
+        "size": ns.size,
+        "threads": ns.threads,
+        "epochs": ns.epochs,
+        "train_s": train_s,
+        "test_images": ev["images"],
+        "map": plain["map"],
+        "map50": plain["map50"],
+        "part_recall": plain["part"]["recall"],
+        "part_false_alarm_rate": plain["part"]["false_alarm_rate"],
+        "tta": ns.tta,
+        "tta_delta": ev.get("tta_delta"),
+        "tta_map50": tta["map50"] if tta else None,
+        "torch_ms": torch_ms,
+        "ort_fp32_ms": ort_ms,
+        "ort_speedup": torch_ms / ort_ms if ort_ms else None,
+        "parity": manifest["provenance"]["export"]["parity"],
+        "per_class": plain["per_class"],
+        "smoke": ns.smoke,
+        "note": "synthetic defects on real ELPV cells" if not ns.smoke else "smoke data",
+    }
     out = Path(ns.json) if ns.json else Path(ns.out) / "bench_detection.json"
     from runtime.fsio import atomic_write_json
 
@@ -146,12 +171,17 @@ def _v(x: Any, fmt: str = ".4f") -> str:
 
 
 def table(r: dict[str, Any]) -> str:
-    rows = [("mAP@[.5:.95]", _v(r["map"])), ("mAP@.5", _v(r["map50"])),
-            (f"mAP@.5 with TTA ({r['tta']})", _v(r["tta_map50"])), ("part recall (defective)", _v(r["part_recall"])),
-            ("part false-alarm rate", _v(r["part_false_alarm_rate"])),
-            (f"torch eager ms/img ({r['threads']} thr)", _v(r["torch_ms"], ".1f")),
-            (f"ORT FP32 ms/img ({r['threads']} thr)", _v(r["ort_fp32_ms"], ".1f")),
-            ("ORT speed-up vs torch", _v(r["ort_speedup"], ".2f")), ("train wall s", _v(r["train_s"], ".0f"))]
+    rows = [
+        ("mAP@[.5:.95]", _v(r["map"])),
+        ("mAP@.5", _v(r["map50"])),
+        (f"mAP@.5 with TTA ({r['tta']})", _v(r["tta_map50"])),
+        ("part recall (defective)", _v(r["part_recall"])),
+        ("part false-alarm rate", _v(r["part_false_alarm_rate"])),
+        (f"torch eager ms/img ({r['threads']} thr)", _v(r["torch_ms"], ".1f")),
+        (f"ORT FP32 ms/img ({r['threads']} thr)", _v(r["ort_fp32_ms"], ".1f")),
+        ("ORT speed-up vs torch", _v(r["ort_speedup"], ".2f")),
+        ("train wall s", _v(r["train_s"], ".0f")),
+    ]
     w = max(len(k) for k, _ in rows)
     head = f"{r['backbone']} @ {r['size']} px, {r['test_images']} test images"
     return "\n".join([head, *(f"  {k:<{w}}  {v:>10}" for k, v in rows)])

@@ -9,9 +9,10 @@ which holds the class names), ``classes``, ``data`` (``DetectionSpec.to_dict()``
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -37,10 +38,17 @@ class DetCard:
         return self.detector.classes
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task": TASK, "format": CARD_FORMAT, "classes": list(self.classes),
-                "detector": self.detector.to_dict(), "data": dict(self.data),
-                "weights_sha256": self.weights_sha256, "config_hash": self.config_hash,
-                "metrics": dict(self.metrics), "parent": self.parent}
+        return {
+            "task": TASK,
+            "format": CARD_FORMAT,
+            "classes": list(self.classes),
+            "detector": self.detector.to_dict(),
+            "data": dict(self.data),
+            "weights_sha256": self.weights_sha256,
+            "config_hash": self.config_hash,
+            "metrics": dict(self.metrics),
+            "parent": self.parent,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = MODEL_CARD) -> DetCard:
@@ -50,8 +58,14 @@ class DetCard:
             raise CheckpointError(f"{where}: format {d.get('format')!r} is not {CARD_FORMAT}")
         try:
             spec = DetectorSpec.from_dict(d["detector"])
-            return cls(spec, dict(d.get("data") or {}), str(d.get("weights_sha256", "")),
-                       str(d.get("config_hash", "")), dict(d.get("metrics") or {}), d.get("parent"))
+            return cls(
+                spec,
+                dict(d.get("data") or {}),
+                str(d.get("weights_sha256", "")),
+                str(d.get("config_hash", "")),
+                dict(d.get("metrics") or {}),
+                d.get("parent"),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{where}: not a valid detection card ({exc})") from None
 
@@ -71,7 +85,7 @@ def save_detector(run_dir: str | Path, model: torch.nn.Module, card: DetCard, fi
     run_dir = Path(run_dir)
     spec: DetectorSpec = model.detector_spec
     classes = list(model.roi_heads.box_predictor.classes)
-    if list(spec.classes) != classes:      # the predictor grew: the spec follows it
+    if list(spec.classes) != classes:  # the predictor grew: the spec follows it
         spec = replace(spec, classes=tuple(classes))
         model.detector_spec = spec
     path = save_safetensors(run_dir / filename, model.state_dict(), metadata={"task": TASK})

@@ -19,8 +19,23 @@ from typing import Any
 
 S = argparse.SUPPRESS
 # DetTrainConfig fields set by flags (data/model/augment have their own groups).
-OPTIM_KEYS = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "grad_clip",
-              "max_steps_per_epoch", "patience", "score_threshold", "panels", "amp", "seed", "threads", "device")
+OPTIM_KEYS = (
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "warmup_epochs",
+    "grad_clip",
+    "max_steps_per_epoch",
+    "patience",
+    "score_threshold",
+    "panels",
+    "amp",
+    "seed",
+    "threads",
+    "device",
+)
 DATA_KEYS = ("format", "val_fraction", "test_fraction", "limit")
 
 
@@ -90,11 +105,22 @@ def _add_fields(group: Any, cls: type, keys: Any, dest_prefix: str) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(d.get(f.name), bool):
-            group.add_argument(flag, dest=dest_prefix + f.name, type=lambda s: s.lower() in ("1", "true", "yes", "on"),
-                               metavar="BOOL", default=S, help=f"({d[f.name]})")
+            group.add_argument(
+                flag,
+                dest=dest_prefix + f.name,
+                type=lambda s: s.lower() in ("1", "true", "yes", "on"),
+                metavar="BOOL",
+                default=S,
+                help=f"({d[f.name]})",
+            )
         else:
-            group.add_argument(flag, dest=dest_prefix + f.name, type=_opt_type(str(f.type), d.get(f.name)),
-                               default=S, help=f"({_fmt(d.get(f.name))})")
+            group.add_argument(
+                flag,
+                dest=dest_prefix + f.name,
+                type=_opt_type(str(f.type), d.get(f.name)),
+                default=S,
+                help=f"({_fmt(d.get(f.name))})",
+            )
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -124,8 +150,13 @@ def build_train_parser() -> argparse.ArgumentParser:
     _add_fields(p.add_argument_group("data"), DetectionSpec, DATA_KEYS, "data.")
     _add_fields(p.add_argument_group("detector"), DetectorSpec, MODEL_KEYS, "model.")
     _add_fields(p.add_argument_group("optimisation"), DetTrainConfig, OPTIM_KEYS, "")
-    p.add_argument("--rot90", action="store_true", default=S, dest="augment.rot90",
-                   help="random quarter turns (square inputs; defects without a 'down')")
+    p.add_argument(
+        "--rot90",
+        action="store_true",
+        default=S,
+        dest="augment.rot90",
+        help="random quarter turns (square inputs; defects without a 'down')",
+    )
     p.add_argument("--no-augment", action="store_true", default=S, help="no flips, zoom or jitter")
     return p
 
@@ -197,9 +228,8 @@ def extend_dispatch(argv: list[str] | None = None) -> int:
 
 
 def build_extend_parser() -> argparse.ArgumentParser:
-    from training.detection.config import DetTrainConfig
+    from training.detection.config import DetTrainConfig, field_defaults
     from training.detection.extend import DetExtendConfig
-    from training.detection.config import field_defaults
 
     E = field_defaults(DetExtendConfig)
     p = argparse.ArgumentParser(
@@ -213,10 +243,16 @@ def build_extend_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--strict", action="store_true", help="bad annotations are fatal")
     p.add_argument("--lambda", dest="lam", type=float, default=E["lam"], help=f"EWC strength, 0 = off ({E['lam']:g})")
-    p.add_argument("--fisher-samples", type=int, default=E["fisher_samples"],
-                   help=f"old training images in the Fisher ({E['fisher_samples']})")
+    p.add_argument(
+        "--fisher-samples",
+        type=int,
+        default=E["fisher_samples"],
+        help=f"old training images in the Fisher ({E['fisher_samples']})",
+    )
     p.add_argument("--replay", default=E["replay"], help="old training images mixed in: a count (50) or share (10%%)")
-    p.add_argument("--no-freeze-old-rows", action="store_true", help="let the old class rows of the box predictor train")
+    p.add_argument(
+        "--no-freeze-old-rows", action="store_true", help="let the old class rows of the box predictor train"
+    )
     p.add_argument("--quiet", action="store_true")
     _add_fields(p.add_argument_group("optimisation"), DetTrainConfig, OPTIM_KEYS, "")
     return p
@@ -233,10 +269,18 @@ def extend_main(argv: list[str] | None = None) -> int:
 
     v = vars(ns)
     try:
-        train = DetTrainConfig.from_dict({**{k: v[k] for k in OPTIM_KEYS if k in v}, "out": ns.out,
-                                          "data": {"path": ns.data, "strict": ns.strict}}, where="command line")
-        cfg = DetExtendConfig(ns.source, train, lam=ns.lam, fisher_samples=ns.fisher_samples, replay=ns.replay,
-                              freeze_old_rows=not ns.no_freeze_old_rows)
+        train = DetTrainConfig.from_dict(
+            {**{k: v[k] for k in OPTIM_KEYS if k in v}, "out": ns.out, "data": {"path": ns.data, "strict": ns.strict}},
+            where="command line",
+        )
+        cfg = DetExtendConfig(
+            ns.source,
+            train,
+            lam=ns.lam,
+            fisher_samples=ns.fisher_samples,
+            replay=ns.replay,
+            freeze_old_rows=not ns.no_freeze_old_rows,
+        )
         extend_detector(cfg, overwrite=ns.overwrite, progress=not ns.quiet and sys.stderr.isatty())
     except (CheckpointError, DataError, EWCError, RunExistsError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -244,5 +288,13 @@ def extend_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["build_extend_parser", "build_train_parser", "config_from_args", "extend_dispatch", "extend_main",
-           "is_detection_data", "train_main", "wants_detection"]
+__all__ = [
+    "build_extend_parser",
+    "build_train_parser",
+    "config_from_args",
+    "extend_dispatch",
+    "extend_main",
+    "is_detection_data",
+    "train_main",
+    "wants_detection",
+]

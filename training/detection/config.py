@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 from training.data import DataError
 from training.detection.datasets import DetectionSpec
@@ -44,19 +45,19 @@ def detector_spec(classes: Any, model: Mapping[str, Any]) -> DetectorSpec:
 @dataclass(frozen=True)
 class DetTrainConfig:
     data: DetectionSpec
-    model: Mapping[str, Any] = field(default_factory=dict)   # DetectorSpec options (MODEL_KEYS); unset = its default
+    model: Mapping[str, Any] = field(default_factory=dict)  # DetectorSpec options (MODEL_KEYS); unset = its default
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     epochs: int = 12
     batch_size: int = 4
-    optimizer: str = "sgd"            # "sgd" (momentum 0.9, torchvision's detection recipe) | "adamw"
-    lr: float = 0.01                  # SGD at batch 4; AdamW wants ~1e-4
+    optimizer: str = "sgd"  # "sgd" (momentum 0.9, torchvision's detection recipe) | "adamw"
+    lr: float = 0.01  # SGD at batch 4; AdamW wants ~1e-4
     weight_decay: float = 1e-4
-    warmup_epochs: float = 0.5        # linear warm-up, then cosine to 0 (training.schedule.warmup_cosine)
-    grad_clip: float | None = 10.0    # detection losses spike early (RPN regression on random anchors)
+    warmup_epochs: float = 0.5  # linear warm-up, then cosine to 0 (training.schedule.warmup_cosine)
+    grad_clip: float | None = 10.0  # detection losses spike early (RPN regression on random anchors)
     max_steps_per_epoch: int | None = None
-    patience: int | None = None       # epochs without val mAP@.5 gain before stopping; None = run all
-    score_threshold: float = 0.5      # part-level verdict: a part is defective when a box scores >= this
-    panels: int = 4                   # predicted-vs-truth PNG panels written from the evaluated split
+    patience: int | None = None  # epochs without val mAP@.5 gain before stopping; None = run all
+    score_threshold: float = 0.5  # part-level verdict: a part is defective when a box scores >= this
+    panels: int = 4  # predicted-vs-truth PNG panels written from the evaluated split
     amp: bool = False
     seed: int = 0
     threads: int | None = None
@@ -65,7 +66,7 @@ class DetTrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", dict(self.model))
-        detector_spec(("probe",), self.model)          # validates the model options now, with their key names
+        detector_spec(("probe",), self.model)  # validates the model options now, with their key names
         for key in ("epochs", "batch_size"):
             v = getattr(self, key)
             if not isinstance(v, int) or v < 1:
@@ -110,7 +111,7 @@ class DetTrainConfig:
 
     def hash(self) -> str:
         d = self.to_dict()
-        for k in ("out", "threads", "device"):      # where and how fast, not what
+        for k in ("out", "threads", "device"):  # where and how fast, not what
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

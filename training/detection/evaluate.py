@@ -26,9 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="other detection data (COCO .json, VOC or YOLO folder); default: the run's")
     p.add_argument("--strict", action="store_true", help="bad annotations are fatal")
     p.add_argument("--limit", type=int, help="at most N images per split (seeded)")
-    p.add_argument("--tta", default="none",
-                   help=f"'none', 'flips' ({', '.join(rtta.FLIPS[1:])}) or comma-separated view names of those; "
-                   "views are merged by weighted box fusion and compared with the plain result")
+    p.add_argument(
+        "--tta",
+        default="none",
+        help=f"'none', 'flips' ({', '.join(rtta.FLIPS[1:])}) or comma-separated view names of those; "
+        "views are merged by weighted box fusion and compared with the plain result",
+    )
     p.add_argument("--score-threshold", type=float, default=thr, help=f"part-level verdict threshold ({thr})")
     p.add_argument("--threads", type=int)
     p.add_argument("--out", help="report JSON (default <run>/eval_<split>[_tta].json)")
@@ -50,8 +53,15 @@ def _delta(a: Any, b: Any) -> float | None:
     return None if a is None or b is None else float(b) - float(a)
 
 
-def evaluate_run(run: str, split: str = "test", data: str | None = None, tta: str = "none", limit: int | None = None,
-                 strict: bool = False, score_threshold: float = 0.5) -> dict[str, Any]:
+def evaluate_run(
+    run: str,
+    split: str = "test",
+    data: str | None = None,
+    tta: str = "none",
+    limit: int | None = None,
+    strict: bool = False,
+    score_threshold: float = 0.5,
+) -> dict[str, Any]:
     from dataclasses import replace
 
     from training.detection.checkpoint import load_detector
@@ -76,16 +86,24 @@ def evaluate_run(run: str, split: str = "test", data: str | None = None, tta: st
     ds = DetectionDataset(samples, card.detector.image_size)
     task = DetectionTask(score_threshold)
     plain, _ = evaluate_model(model, ds, task, card.classes)
-    out: dict[str, Any] = {"task": "detection", "split": split, "checkpoint": str(run), "images": len(samples),
-                           "classes": list(card.classes), "plain": plain, "tta": None,
-                           "bad_annotations": splits.report.summary(), "data": spec.to_dict()}
+    out: dict[str, Any] = {
+        "task": "detection",
+        "split": split,
+        "checkpoint": str(run),
+        "images": len(samples),
+        "classes": list(card.classes),
+        "plain": plain,
+        "tta": None,
+        "bad_annotations": splits.report.summary(),
+        "data": spec.to_dict(),
+    }
     views = tta_views(tta)
     if len(views) > 1:
         merged, _ = evaluate_model(model, ds, task, card.classes, views)
         out["tta"] = {"views": list(views), "merge": "weighted_box_fusion", **merged}
         out["tta_delta"] = {k: _delta(plain[k], merged[k]) for k in ("map", "map50", "map75")} | {
-            f"part_{k}": _delta(plain["part"][k], merged["part"][k])
-            for k in ("accuracy", "recall", "false_alarm_rate")}
+            f"part_{k}": _delta(plain["part"][k], merged["part"][k]) for k in ("accuracy", "recall", "false_alarm_rate")
+        }
     return out
 
 
@@ -96,9 +114,13 @@ def _v(x: Any) -> str:
 def format_table(r: dict[str, Any]) -> str:
     cols = [("plain", r["plain"])] + ([("tta", r["tta"])] if r.get("tta") else [])
     lines = [f"{'':<24}" + "".join(f"{n:>10}" for n, _ in cols)]
-    rows = [("mAP@[.5:.95]", lambda m: m["map"]), ("mAP@.5", lambda m: m["map50"]),
-            ("part accuracy", lambda m: m["part"]["accuracy"]), ("part recall (defective)", lambda m: m["part"]["recall"]),
-            ("false-alarm rate", lambda m: m["part"]["false_alarm_rate"])]
+    rows = [
+        ("mAP@[.5:.95]", lambda m: m["map"]),
+        ("mAP@.5", lambda m: m["map50"]),
+        ("part accuracy", lambda m: m["part"]["accuracy"]),
+        ("part recall (defective)", lambda m: m["part"]["recall"]),
+        ("false-alarm rate", lambda m: m["part"]["false_alarm_rate"]),
+    ]
     rows += [(f"AP50 {c}", lambda m, c=c: m["per_class"][c]["ap50"]) for c in r["classes"]]
     rows += [(f"recall@.5 {c}", lambda m, c=c: m["per_class"][c]["recall50"]) for c in r["classes"]]
     for name, get in rows:
@@ -126,8 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = ck if ck.is_dir() else ck.parent
     suffix = "" if ns.tta == "none" else "_" + "".join(c if c.isalnum() else "-" for c in ns.tta)
     atomic_write_json(Path(ns.out) if ns.out else run_dir / f"eval_{ns.split}{suffix}.json", r)
-    print(json.dumps(r, indent=2, default=str) if ns.json else
-          f"detector on {ns.split} split: {r['images']} images\n{format_table(r)}")
+    print(
+        json.dumps(r, indent=2, default=str)
+        if ns.json
+        else f"detector on {ns.split} split: {r['images']} images\n{format_table(r)}"
+    )
     return 0
 
 

@@ -21,15 +21,16 @@ from training.detection.task import move_targets
 from training.engine import device_of
 from training.ewc import EWCState, TaskRecord
 
-PROTECTED = ("backbone.", "rpn.")    # backbone.* holds the trunk and the FPN
+PROTECTED = ("backbone.", "rpn.")  # backbone.* holds the trunk and the FPN
 
 
 def protected_names(model: nn.Module, prefixes: Sequence[str] = PROTECTED) -> list[str]:
     return [n for n, p in model.named_parameters() if p.is_floating_point() and n.startswith(tuple(prefixes))]
 
 
-def detection_fisher(model: nn.Module, ds: DetectionDataset, n_samples: int, *, seed: int = 0,
-                     prefixes: Sequence[str] = PROTECTED) -> tuple[dict[str, torch.Tensor], int]:
+def detection_fisher(
+    model: nn.Module, ds: DetectionDataset, n_samples: int, *, seed: int = 0, prefixes: Sequence[str] = PROTECTED
+) -> tuple[dict[str, torch.Tensor], int]:
     """Empirical diagonal Fisher of the summed detection loss over ``n_samples`` images of ``ds``
     (seeded choice) for the parameters under ``prefixes``; also the number of images used."""
     if n_samples < 1:
@@ -44,7 +45,7 @@ def detection_fisher(model: nn.Module, ds: DetectionDataset, n_samples: int, *, 
     device, was = device_of(model), model.training
     model.train()
     try:
-        for n in names:   # frozen trunk stages are protected too: they may be unfrozen later
+        for n in names:  # frozen trunk stages are protected too: they may be unfrozen later
             params[n].requires_grad_(True)
         for i in order:
             image, target = ds[i]
@@ -63,14 +64,23 @@ def detection_fisher(model: nn.Module, ds: DetectionDataset, n_samples: int, *, 
     return {n: f / len(order) for n, f in fisher.items()}, len(order)
 
 
-def detection_state(model: nn.Module, fisher: dict[str, torch.Tensor], n: int, backbone: str,
-                    classes: Sequence[str], task: str = "source") -> EWCState:
+def detection_state(
+    model: nn.Module,
+    fisher: dict[str, torch.Tensor],
+    n: int,
+    backbone: str,
+    classes: Sequence[str],
+    task: str = "source",
+) -> EWCState:
     """An ``EWCState`` anchored at the model's current parameters, over the Fisher's parameters only."""
     params = dict(model.named_parameters())
-    return EWCState(fisher={k: v.detach().cpu().float() for k, v in fisher.items()},
-                    anchors={k: params[k].detach().cpu().float().clone() for k in fisher},
-                    backbone=backbone, classes=tuple(classes),
-                    tasks=(TaskRecord(task, n, labels="empirical", classes=tuple(classes)),))
+    return EWCState(
+        fisher={k: v.detach().cpu().float() for k, v in fisher.items()},
+        anchors={k: params[k].detach().cpu().float().clone() for k in fisher},
+        backbone=backbone,
+        classes=tuple(classes),
+        tasks=(TaskRecord(task, n, labels="empirical", classes=tuple(classes)),),
+    )
 
 
 __all__ = ["PROTECTED", "detection_fisher", "detection_state", "protected_names"]

@@ -20,14 +20,13 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-PARITY_SCORE_THRESHOLD = 0.05   # parity counts every detection the model reports (its box_score_thresh)
+PARITY_SCORE_THRESHOLD = 0.05  # parity counts every detection the model reports (its box_score_thresh)
 PARITY_SCORE_TOL = 1e-3
 
 
@@ -46,8 +45,13 @@ def ort_predict(onnx_path: str | Path, ds: Any, threads: int = 1) -> tuple[list,
         b, s, lab = sess.run(list(OUTPUT_NAMES), {name: x})
         ms.append((time.perf_counter() - t0) * 1e3)
         keep = s[0] > 0
-        out.append((target["geometry"].to_original(b[0][keep]), s[0][keep].astype(np.float32),
-                    lab[0][keep].astype(np.int64) - 1))
+        out.append(
+            (
+                target["geometry"].to_original(b[0][keep]),
+                s[0][keep].astype(np.float32),
+                lab[0][keep].astype(np.int64) - 1,
+            )
+        )
     return out, ms
 
 
@@ -63,8 +67,16 @@ def _held_out(card: Any, split: str, limit: int | None) -> list[Any]:
     return samples[:limit] if limit else samples
 
 
-def manifest_dict(card: Any, info: Any, *, name: str, version: str, score_threshold: float,
-                  provenance: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+def manifest_dict(
+    card: Any,
+    info: Any,
+    *,
+    name: str,
+    version: str,
+    score_threshold: float,
+    provenance: dict[str, Any],
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
     """The detection manifest (without ``files``, filled in by the writer)."""
     from calibration.provenance import utc_now
 
@@ -72,17 +84,41 @@ def manifest_dict(card: Any, info: Any, *, name: str, version: str, score_thresh
     inp = info.input
     return {
         "schema_version": 1,
-        "model": {"name": name, "version": version, "task": "detection", "architecture": card.detector.backbone,
-                  "created": utc_now()},
-        "classes": ["ok", *card.classes], "good_classes": ["ok"],
-        "input": {"name": "input", "height": h, "width": w, "resize_size": max(h, w), "mean": inp["mean"],
-                  "std": inp["std"], "layout": "NCHW", "dtype": "float32", "channels": 3,
-                  "color_order": inp["color_order"], "resize_policy": inp["resize_policy"],
-                  "interpolation": "bilinear", "pad_value": inp["pad_value"]},
-        "output": {"kind": "detections", "names": ["boxes", "scores", "labels"], "box_format": inp["box_format"],
-                   "score_threshold": score_threshold, "max_detections": info.max_detections},
+        "model": {
+            "name": name,
+            "version": version,
+            "task": "detection",
+            "architecture": card.detector.backbone,
+            "created": utc_now(),
+        },
+        "classes": ["ok", *card.classes],
+        "good_classes": ["ok"],
+        "input": {
+            "name": "input",
+            "height": h,
+            "width": w,
+            "resize_size": max(h, w),
+            "mean": inp["mean"],
+            "std": inp["std"],
+            "layout": "NCHW",
+            "dtype": "float32",
+            "channels": 3,
+            "color_order": inp["color_order"],
+            "resize_policy": inp["resize_policy"],
+            "interpolation": "bilinear",
+            "pad_value": inp["pad_value"],
+        },
+        "output": {
+            "kind": "detections",
+            "names": ["boxes", "scores", "labels"],
+            "box_format": inp["box_format"],
+            "score_threshold": score_threshold,
+            "max_detections": info.max_detections,
+        },
         "artifacts": {"fp32": {"file": "model.onnx", "format": "onnx", "precision": "fp32"}},
-        "default_artifact": "fp32", "provenance": provenance, "metrics": metrics,
+        "default_artifact": "fp32",
+        "provenance": provenance,
+        "metrics": metrics,
     }
 
 
@@ -117,10 +153,21 @@ def runtime_validation(dest: Path) -> dict[str, Any]:
         return {"accepted": False, "error": str(exc)}
 
 
-def export_run(run: str | Path, out: str | Path, *, name: str | None = None, version: str = "1.0.0",
-               split: str = "test", parity_images: int = 16, eval_limit: int | None = None,
-               score_threshold: float | None = None, parity_score_tol: float = PARITY_SCORE_TOL,
-               threads: int = 1, force: bool = False, echo: Any = print) -> dict[str, Any]:
+def export_run(
+    run: str | Path,
+    out: str | Path,
+    *,
+    name: str | None = None,
+    version: str = "1.0.0",
+    split: str = "test",
+    parity_images: int = 16,
+    eval_limit: int | None = None,
+    score_threshold: float | None = None,
+    parity_score_tol: float = PARITY_SCORE_TOL,
+    threads: int = 1,
+    force: bool = False,
+    echo: Any = print,
+) -> dict[str, Any]:
     """Export ``run`` to a bundle at ``out``; raises ``DetectionExportError`` when parity fails (nothing written)."""
     from calibration.export_detection import export_detector, parity
     from calibration.provenance import git_commit, library_versions
@@ -145,24 +192,51 @@ def export_run(run: str | Path, out: str | Path, *, name: str | None = None, ver
         echo(f"exported opset {info.opset} ({info.exporter}), {info.nodes} nodes, input {info.height}x{info.width}")
         images = [ds[i][0].numpy() for i in range(min(parity_images, len(ds)))]
         par = parity(model, onnx_path, images, score_threshold=PARITY_SCORE_THRESHOLD, score_tol=parity_score_tol)
-        echo(f"parity ok on {par['images']} images, {par['detections']} detections: min IoU {par['min_iou']:.5f}, "
-             f"max score diff {par['max_score_diff']:.2e}, max box diff {par['max_box_diff_px']:.2e} px")
+        echo(
+            f"parity ok on {par['images']} images, {par['detections']} detections: min IoU {par['min_iou']:.5f}, "
+            f"max score diff {par['max_score_diff']:.2e}, max box diff {par['max_box_diff_px']:.2e} px"
+        )
         preds, ms = ort_predict(onnx_path, ds, threads)
         m = DetectionTask(thr).evaluate(DetPredictions(samples, preds), card.classes)
-        metrics = {"fp32": {"split": split, "n": len(samples), "map": m["map"], "map50": m["map50"],
-                            "map75": m["map75"], "part": m["part"],
-                            "per_class": {c: {k: v[k] for k in ("ap", "ap50", "recall50")}
-                                          for c, v in m["per_class"].items()},
-                            "latency_ms_median": float(np.median(ms)) if ms else None, "threads": threads}}
-        prov = {"config_hash": card.config_hash, "git_commit": git_commit(), "libraries": library_versions(),
-                "training": {"run_dir": str(run_dir), "weights_sha256": sha256_file(run_dir / BEST),
-                             "backbone": card.detector.backbone, "detector": card.detector.to_dict(),
-                             "data": dict(card.data), "parent": card.parent},
-                "export": {**info.to_dict(), "parity": {**par, "score_threshold": PARITY_SCORE_THRESHOLD,
-                                                        "score_tol": parity_score_tol, "min_iou_required": 0.98}}}
+        metrics = {
+            "fp32": {
+                "split": split,
+                "n": len(samples),
+                "map": m["map"],
+                "map50": m["map50"],
+                "map75": m["map75"],
+                "part": m["part"],
+                "per_class": {c: {k: v[k] for k in ("ap", "ap50", "recall50")} for c, v in m["per_class"].items()},
+                "latency_ms_median": float(np.median(ms)) if ms else None,
+                "threads": threads,
+            }
+        }
+        prov = {
+            "config_hash": card.config_hash,
+            "git_commit": git_commit(),
+            "libraries": library_versions(),
+            "training": {
+                "run_dir": str(run_dir),
+                "weights_sha256": sha256_file(run_dir / BEST),
+                "backbone": card.detector.backbone,
+                "detector": card.detector.to_dict(),
+                "data": dict(card.data),
+                "parent": card.parent,
+            },
+            "export": {
+                **info.to_dict(),
+                "parity": {
+                    **par,
+                    "score_threshold": PARITY_SCORE_THRESHOLD,
+                    "score_tol": parity_score_tol,
+                    "min_iou_required": 0.98,
+                },
+            },
+        }
         name = name or f"{card.detector.backbone}-{run_dir.name}".replace("_", "-")
-        manifest = manifest_dict(card, info, name=name, version=version, score_threshold=thr,
-                                 provenance=prov, metrics=metrics)
+        manifest = manifest_dict(
+            card, info, name=name, version=version, score_threshold=thr, provenance=prov, metrics=metrics
+        )
         manifest = write_detection_bundle(out, manifest, onnx_path)
     check = runtime_validation(out)
     if not check["accepted"]:
@@ -171,8 +245,10 @@ def export_run(run: str | Path, out: str | Path, *, name: str | None = None, ver
     from runtime.fsio import atomic_write_json
 
     atomic_write_json(out / "manifest.json", manifest)
-    echo(f"bundle written: {out} (FP32 ONNX Runtime on {split}: mAP@.5 {m['map50']}, part recall "
-         f"{m['part']['recall']}, false alarms {m['part']['false_alarm_rate']})")
+    echo(
+        f"bundle written: {out} (FP32 ONNX Runtime on {split}: mAP@.5 {m['map50']}, part recall "
+        f"{m['part']['recall']}, false alarms {m['part']['false_alarm_rate']})"
+    )
     return manifest
 
 

@@ -24,18 +24,18 @@ from runtime.fsio import atomic_write_json
 from training.detection.config import DetTrainConfig
 from training.detection.formats import DetSample
 
-DEFAULT_LAMBDA = 1000.0   # not yet measured on the benchmark (bench/bench_detection.py --extend sweeps it)
+DEFAULT_LAMBDA = 1000.0  # not yet measured on the benchmark (bench/bench_detection.py --extend sweeps it)
 DEFAULT_FISHER_SAMPLES = 64
 
 
 @dataclass(frozen=True)
 class DetExtendConfig:
-    source: str                                    # the detection run to extend
-    train: DetTrainConfig                          # new data, optimisation, out (model options come from the source)
-    lam: float = DEFAULT_LAMBDA                    # EWC strength; 0 = naive fine-tuning
-    fisher_samples: int = DEFAULT_FISHER_SAMPLES   # old training images in the Fisher estimate
-    replay: str | None = None                      # old training images mixed in: a count ("50") or a share ("10%")
-    freeze_old_rows: bool = True                   # restore the box predictor's old class rows after each step
+    source: str  # the detection run to extend
+    train: DetTrainConfig  # new data, optimisation, out (model options come from the source)
+    lam: float = DEFAULT_LAMBDA  # EWC strength; 0 = naive fine-tuning
+    fisher_samples: int = DEFAULT_FISHER_SAMPLES  # old training images in the Fisher estimate
+    replay: str | None = None  # old training images mixed in: a count ("50") or a share ("10%")
+    freeze_old_rows: bool = True  # restore the box predictor's old class rows after each step
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.lam) or self.lam < 0:
@@ -44,8 +44,15 @@ class DetExtendConfig:
             raise ValueError(f"fisher_samples: expected >= 1, got {self.fisher_samples!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task": "detection", "source": self.source, "train": self.train.to_dict(), "lam": self.lam,
-                "fisher_samples": self.fisher_samples, "replay": self.replay, "freeze_old_rows": self.freeze_old_rows}
+        return {
+            "task": "detection",
+            "source": self.source,
+            "train": self.train.to_dict(),
+            "lam": self.lam,
+            "fisher_samples": self.fisher_samples,
+            "replay": self.replay,
+            "freeze_old_rows": self.freeze_old_rows,
+        }
 
 
 @dataclass
@@ -72,9 +79,13 @@ def _data(cfg: DetExtendConfig, card: Any) -> _Sets:
     classes = list(card.classes) + [c for c in new.classes if c not in card.classes]
     if not new.val:
         raise ValueError(f"{cfg.train.data.path}: the new validation split is empty")
-    return _Sets(classes, *(_remap(new.split(s), new.classes, classes) for s in ("train", "val", "test")),
-                 _remap(old.train, old.classes, classes), _remap(old.test or old.val, old.classes, classes),
-                 {"old": old.summary(), "new": new.summary()})
+    return _Sets(
+        classes,
+        *(_remap(new.split(s), new.classes, classes) for s in ("train", "val", "test")),
+        _remap(old.train, old.classes, classes),
+        _remap(old.test or old.val, old.classes, classes),
+        {"old": old.summary(), "new": new.summary()},
+    )
 
 
 def _replay(cfg: DetExtendConfig, sets: _Sets) -> list[DetSample]:
@@ -94,8 +105,12 @@ def _maps(model: Any, sets: _Sets, task: Any, size: tuple[int, int]) -> dict[str
     out = {}
     for name, samples in (("old", sets.old_test), ("new", sets.new_test or sets.new_val)):
         m, _ = evaluate_model(model, DetectionDataset(samples, size), task, sets.classes)
-        out[name] = {"map": m["map"], "map50": m["map50"], "part_recall": m["part"]["recall"],
-                     "part_false_alarm_rate": m["part"]["false_alarm_rate"]}
+        out[name] = {
+            "map": m["map"],
+            "map50": m["map50"],
+            "part_recall": m["part"]["recall"],
+            "part_false_alarm_rate": m["part"]["false_alarm_rate"],
+        }
     return out
 
 
@@ -109,13 +124,16 @@ def _grow(model: Any, sets: _Sets, n_old: int, freeze: bool) -> tuple[list[str],
     pred.grow_classes(new_names)
     if not freeze:
         return new_names, []
-    rows = n_old + 1     # + background
-    return new_names, [HeadRowFreeze(model, "roi_heads.box_predictor.cls_score", rows),
-                       HeadRowFreeze(model, "roi_heads.box_predictor.bbox_pred", 4 * rows)]
+    rows = n_old + 1  # + background
+    return new_names, [
+        HeadRowFreeze(model, "roi_heads.box_predictor.cls_score", rows),
+        HeadRowFreeze(model, "roi_heads.box_predictor.bbox_pred", 4 * rows),
+    ]
 
 
-def extend_detector(cfg: DetExtendConfig, *, overwrite: bool = False, progress: bool = False,
-                    echo: Callable[[str], None] = print) -> dict[str, Any]:
+def extend_detector(
+    cfg: DetExtendConfig, *, overwrite: bool = False, progress: bool = False, echo: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Run one detector extension into ``cfg.train.out``; returns the report (also ``report.json``)."""
     from training.checkpoint import MODEL_CARD
     from training.detection.checkpoint import DetCard, load_detector
@@ -153,21 +171,45 @@ def extend_detector(cfg: DetExtendConfig, *, overwrite: bool = False, progress: 
     replay = _replay(cfg, sets)
     h, w = size
     train_ds = DetectionDataset(sets.new_train + replay, size, train_transform(tc.augment, square=h == w))
-    engine = Engine(task=task, device=device, amp=tc.amp, grad_clip=tc.grad_clip, terms=terms, after_step=hooks,
-                    progress=progress)
+    engine = Engine(
+        task=task, device=device, amp=tc.amp, grad_clip=tc.grad_clip, terms=terms, after_step=hooks, progress=progress
+    )
     new_card = DetCard(model.detector_spec, tc.data.to_dict(), config_hash=tc.hash(), parent=str(cfg.source))
     result = fit(model, engine, tc, train_ds, DetectionDataset(sets.new_val, size), sets.classes, out, new_card, echo)
     reload_best(model, out)
     after = _maps(model, sets, task, size)
-    m = write_outputs(out, model, DetectionDataset(sets.new_test or sets.new_val, size), task, sets.classes,
-                      "new test", result.history, tc.panels)
-    fg = None if before["old"]["map50"] is None or after["old"]["map50"] is None else \
-        before["old"]["map50"] - after["old"]["map50"]
-    report = {"task": "detection", "scenario": "new classes" if new_names else "new line", "classes": sets.classes,
-              "new_classes": new_names, "lambda": cfg.lam, "replay": len(replay), "before": before, "after": after,
-              "forgetting_map50": fg, "new_test": m, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
-              "ewc_penalty_last": result.history[-1]["terms"].get("ewc") if result.history else None,
-              "data": sets.summary, "wall_s": time.perf_counter() - t0}
+    m = write_outputs(
+        out,
+        model,
+        DetectionDataset(sets.new_test or sets.new_val, size),
+        task,
+        sets.classes,
+        "new test",
+        result.history,
+        tc.panels,
+    )
+    fg = (
+        None
+        if before["old"]["map50"] is None or after["old"]["map50"] is None
+        else before["old"]["map50"] - after["old"]["map50"]
+    )
+    report = {
+        "task": "detection",
+        "scenario": "new classes" if new_names else "new line",
+        "classes": sets.classes,
+        "new_classes": new_names,
+        "lambda": cfg.lam,
+        "replay": len(replay),
+        "before": before,
+        "after": after,
+        "forgetting_map50": fg,
+        "new_test": m,
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "ewc_penalty_last": result.history[-1]["terms"].get("ewc") if result.history else None,
+        "data": sets.summary,
+        "wall_s": time.perf_counter() - t0,
+    }
     atomic_write_json(out / "report.json", report)
     echo(summary_text(report))
     return report
@@ -179,9 +221,11 @@ def _f(v: Any) -> str:
 
 def summary_text(r: dict[str, Any]) -> str:
     b, a = r["before"], r["after"]
-    return (f"{r['scenario']}: old mAP@.5 {_f(b['old']['map50'])} -> {_f(a['old']['map50'])} (forgetting "
-            f"{_f(r['forgetting_map50'])}), new mAP@.5 {_f(b['new']['map50'])} -> {_f(a['new']['map50'])}, "
-            f"lambda {r['lambda']:g}, replay {r['replay']}")
+    return (
+        f"{r['scenario']}: old mAP@.5 {_f(b['old']['map50'])} -> {_f(a['old']['map50'])} (forgetting "
+        f"{_f(r['forgetting_map50'])}), new mAP@.5 {_f(b['new']['map50'])} -> {_f(a['new']['map50'])}, "
+        f"lambda {r['lambda']:g}, replay {r['replay']}"
+    )
 
 
 __all__ = ["DEFAULT_FISHER_SAMPLES", "DEFAULT_LAMBDA", "DetExtendConfig", "extend_detector", "summary_text"]

@@ -54,8 +54,9 @@ def plot_det_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> P
     return _save(fig, path)
 
 
-def plot_pr(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], ap50: Mapping[str, Any], path: str | Path,
-            title: str = "") -> Path:
+def plot_pr(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], ap50: Mapping[str, Any], path: str | Path, title: str = ""
+) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 4))
     for name, (r, p) in curves.items():
@@ -72,8 +73,14 @@ def plot_pr(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], ap50: Mapping[s
     return _save(fig, path)
 
 
-def plot_panels(samples: Sequence[Any], predictions: Sequence[tuple[Any, Any, Any]], classes: Sequence[str],
-                path: str | Path, score_threshold: float, n: int = 4) -> Path | None:
+def plot_panels(
+    samples: Sequence[Any],
+    predictions: Sequence[tuple[Any, Any, Any]],
+    classes: Sequence[str],
+    path: str | Path,
+    score_threshold: float,
+    n: int = 4,
+) -> Path | None:
     """Up to ``n`` images (defective first): truth in green, predictions >= threshold in red, original pixels."""
     from runtime.preprocess import read_image
 
@@ -86,7 +93,7 @@ def plot_panels(samples: Sequence[Any], predictions: Sequence[tuple[Any, Any, An
         s, (boxes, scores, labels) = samples[i], predictions[i]
         img = read_image(s.path)
         ax.imshow(img if img.ndim == 2 else img[:, :, ::-1], cmap="gray")
-        for (x0, y0, x1, y1), lab in zip(s.boxes, s.labels):
+        for x0, y0, x1, y1 in s.boxes:
             ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", lw=1.2))
         for (x0, y0, x1, y1), sc, lab in zip(np.asarray(boxes).reshape(-1, 4), scores, labels):
             if sc >= score_threshold:

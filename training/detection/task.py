@@ -34,13 +34,18 @@ class DetPredictions:
 
 def move_targets(targets: Sequence[dict[str, Any]], device: torch.device) -> list[dict[str, torch.Tensor]]:
     """Only what the detector reads; ``BoundingBoxes`` become plain tensors (float32 xyxy)."""
-    return [{"boxes": torch.as_tensor(t["boxes"]).as_subclass(torch.Tensor).float().reshape(-1, 4).to(device),
-             "labels": torch.as_tensor(t["labels"]).long().to(device)} for t in targets]
+    return [
+        {
+            "boxes": torch.as_tensor(t["boxes"]).as_subclass(torch.Tensor).float().reshape(-1, 4).to(device),
+            "labels": torch.as_tensor(t["labels"]).long().to(device),
+        }
+        for t in targets
+    ]
 
 
 @dataclass
 class DetectionTask:
-    score_threshold: float = 0.5     # part-level verdict: a part is defective when a box scores >= this
+    score_threshold: float = 0.5  # part-level verdict: a part is defective when a box scores >= this
 
     def step(self, model: nn.Module, batch: Any, engine: Engine) -> StepResult:
         images, targets = batch

@@ -14,9 +14,10 @@ pytest.importorskip("pycocotools")
 
 
 def test_export_detection_bundle(det_run, tmp_path):
+    from runtime.boxes import box_iou
     from runtime.fsio import sha256_file
     from training.detection.checkpoint import load_detector
-    from training.detection.export import ort_predict, _held_out
+    from training.detection.export import _held_out, ort_predict
     from training.detection.loader import DetectionDataset
     from training.detection.predict import predict
 
@@ -26,8 +27,13 @@ def test_export_detection_bundle(det_run, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["model"]["task"] == "detection" and m["classes"] == ["ok", "square", "bar"]
     assert m["good_classes"] == ["ok"]
-    assert m["output"] == {"kind": "detections", "names": ["boxes", "scores", "labels"], "box_format": "xyxy",
-                           "score_threshold": 0.5, "max_detections": 100}
+    assert m["output"] == {
+        "kind": "detections",
+        "names": ["boxes", "scores", "labels"],
+        "box_format": "xyxy",
+        "score_threshold": 0.5,
+        "max_detections": 100,
+    }
     assert m["input"]["resize_policy"] == "letterbox" and (m["input"]["height"], m["input"]["width"]) == (64, 64)
     assert m["files"]["model.onnx"] == sha256_file(out / "model.onnx")
     par = m["provenance"]["export"]["parity"]
@@ -42,6 +48,8 @@ def test_export_detection_bundle(det_run, tmp_path):
         assert keep_t.sum() == keep_o.sum()
         np.testing.assert_allclose(np.sort(ts[keep_t]), np.sort(os_[keep_o]), atol=1e-3)
         assert sorted(tl[keep_t].tolist()) == sorted(ol[keep_o].tolist())
+        if keep_t.any():  # boxes in original pixels agree (the ONNX side mapped back by ort_predict)
+            assert box_iou(tb[keep_t], ob[keep_o]).max(1).min() >= 0.98
 
 
 def test_export_refuses_existing_bundle(det_run, tmp_path):

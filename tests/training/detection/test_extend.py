@@ -19,10 +19,36 @@ def test_extend_new_classes_keeps_old_rows_and_applies_ewc(det_run, tmp_path):
     _, src = det_run
     new = write_squares_coco(tmp_path / "line2", ("square", "pit"), seed=3)
     out = tmp_path / "ext"
-    rc = ds_main(["extend", "--from", str(src), "--data", str(new / "train.json"), "--out", str(out),
-                  "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "4", "--lr", "0.05",
-                  "--fisher-samples", "3", "--lambda", "1e6", "--replay", "2", "--threads", "2", "--quiet",
-                  "--panels", "0"])
+    rc = ds_main(
+        [
+            "extend",
+            "--from",
+            str(src),
+            "--data",
+            str(new / "train.json"),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--max-steps-per-epoch",
+            "2",
+            "--batch-size",
+            "4",
+            "--lr",
+            "0.05",
+            "--fisher-samples",
+            "3",
+            "--lambda",
+            "1e6",
+            "--replay",
+            "2",
+            "--threads",
+            "2",
+            "--quiet",
+            "--panels",
+            "0",
+        ]
+    )
     assert rc == 0
     old, _ = load_detector(src)
     grown, card = load_detector(out)
@@ -36,18 +62,37 @@ def test_extend_new_classes_keeps_old_rows_and_applies_ewc(det_run, tmp_path):
     assert not torch.equal(grown.rpn.head.conv[0][0].weight, old.rpn.head.conv[0][0].weight)
     report = json.loads((out / "report.json").read_text())
     assert report["scenario"] == "new classes" and report["new_classes"] == ["pit"] and report["replay"] == 2
-    assert report["ewc_penalty_last"] > 0          # the term is in the loss once the weights moved
+    assert report["ewc_penalty_last"] > 0  # the term is in the loss once the weights moved
     assert {"old", "new"} <= set(report["before"]) and "forgetting_map50" in report
     assert (out / "fisher_source.safetensors").is_file()
 
 
 def test_extend_same_classes_new_line_without_ewc(det_run, tmp_path):
     _, src = det_run
-    new = write_squares_coco(tmp_path / "line3", ("bar", "square"), seed=5)   # other order: mapped by name
+    new = write_squares_coco(tmp_path / "line3", ("bar", "square"), seed=5)  # other order: mapped by name
     out = tmp_path / "ext2"
-    rc = ds_main(["extend", "--from", str(src), "--data", str(new / "train.json"), "--out", str(out),
-                  "--epochs", "1", "--max-steps-per-epoch", "1", "--lambda", "0", "--threads", "2", "--quiet",
-                  "--panels", "0"])
+    rc = ds_main(
+        [
+            "extend",
+            "--from",
+            str(src),
+            "--data",
+            str(new / "train.json"),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--max-steps-per-epoch",
+            "1",
+            "--lambda",
+            "0",
+            "--threads",
+            "2",
+            "--quiet",
+            "--panels",
+            "0",
+        ]
+    )
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["scenario"] == "new line" and report["classes"] == ["square", "bar"]

@@ -43,8 +43,16 @@ def test_detection_task_loss_is_the_sum_of_torchvision_losses():
     from training.detection.task import DetectionTask
 
     torch.manual_seed(0)
-    model = build_detector(DetectorSpec(classes=("square", "bar"), backbone="tiny_det", weights="none",
-                                        image_size=(64, 64), fpn_channels=16, representation_size=32))
+    model = build_detector(
+        DetectorSpec(
+            classes=("square", "bar"),
+            backbone="tiny_det",
+            weights="none",
+            image_size=(64, 64),
+            fpn_channels=16,
+            representation_size=32,
+        )
+    )
     images, targets = squares_batch(np.random.default_rng(0), 2)
     model.train()
     torch.manual_seed(1)

@@ -11,10 +11,19 @@ from tests.training.detection.conftest import TINY
 
 pytest.importorskip("pycocotools")
 
+
 def test_train_writes_the_run_directory(det_run):
     _, out = det_run
-    for f in ("config.json", "metrics.json", "best.safetensors", "model.json", "report.json", "curves.png",
-              "pr_curves.png", "panels.png"):
+    for f in (
+        "config.json",
+        "metrics.json",
+        "best.safetensors",
+        "model.json",
+        "report.json",
+        "curves.png",
+        "pr_curves.png",
+        "panels.png",
+    ):
         assert (out / f).is_file(), f
     card = json.loads((out / "model.json").read_text())
     assert card["task"] == "detection" and card["classes"] == ["square", "bar"]
@@ -22,7 +31,11 @@ def test_train_writes_the_run_directory(det_run):
     assert cfg["task"] == "detection" and cfg["model"]["backbone"] == "tiny_det"
     hist = json.loads((out / "metrics.json").read_text())
     assert len(hist) == 2 and set(hist[0]["loss_parts"]) == {
-        "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+        "loss_classifier",
+        "loss_box_reg",
+        "loss_objectness",
+        "loss_rpn_box_reg",
+    }
     assert abs(hist[0]["train_loss"] - sum(hist[0]["loss_parts"].values())) < 1e-3
     report = json.loads((out / "report.json").read_text())
     assert report["split"] == "test" and "map50" in report and "false_alarm_rate" in report["part"]
@@ -31,8 +44,9 @@ def test_train_writes_the_run_directory(det_run):
 
 def test_strict_makes_bad_annotations_fatal(det_run, tmp_path, capsys):
     root, _ = det_run
-    rc = ds_main(["train", "--data", str(root / "train.json"), "--strict", "--out", str(tmp_path / "r"),
-                  "--epochs", "1", *TINY])
+    rc = ds_main(
+        ["train", "--data", str(root / "train.json"), "--strict", "--out", str(tmp_path / "r"), "--epochs", "1", *TINY]
+    )
     assert rc == 2
     assert "999" in capsys.readouterr().err
 
