@@ -42,15 +42,16 @@ demo: install
 
 # Lint coverage. ruff check: training/, calibration/ (less the TensorRT engine and gate files),
 # bench/ (less bench_runtime.py) and defectscope/demo.py. ruff format --check and mypy: the
-# training modules listed in TYPED_PATHS. Widen a list to cover more of the tree.
+# modules listed in TYPED_PATHS. Widen a list to cover more of the tree.
 LINT_PATHS ?= training calibration/__init__.py calibration/calibrator.py calibration/calibset.py \
 	calibration/cli.py calibration/evaluate.py calibration/export.py calibration/fallback.py \
 	calibration/pipeline.py calibration/provenance.py calibration/quantize.py calibration/speed.py \
 	bench/bench_calibration.py bench/bench_ewc.py bench/bench_int8_reference.py bench/bench_recipes.py \
 	bench/bench_train_step.py bench/bench_training.py bench/recipe_errors.py defectscope/demo.py
-TYPED_PATHS ?= training/engine.py training/heads.py training/replay.py training/persample.py \
+TYPED_PATHS ?= training/engine.py training/tasks.py training/extend_run.py training/heads.py training/replay.py training/persample.py \
 	training/extend_config.py training/ewc.py training/config.py training/schedule.py training/metrics.py \
-	training/trainer.py training/extend_cli.py
+	training/trainer.py training/extend_cli.py training/extend.py training/cli.py training/evaluate.py \
+	runtime/tta.py runtime/preprocess.py
 
 lint: install
 	$(VENV)/bin/ruff check $(LINT_PATHS)

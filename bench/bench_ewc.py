@@ -180,7 +180,7 @@ class Bench:
         """A base / joint model via the project's Trainer; Fisher file for bases (timed)."""
         from training.backbones import get_spec
         from training.config import TrainConfig
-        from training.extend import finalize_run
+        from training.extend_run import finalize_run
         from training.trainer import train
 
         if name in self.runs:
@@ -219,7 +219,7 @@ class Bench:
         """A TaskSet per (line, class order, input): decoded images shared by every method."""
         from training.config import AugmentConfig
         from training.data import resolve_splits
-        from training.extend import TaskSet
+        from training.tasks import TaskSet
 
         key = (str(manifest), tuple(classes), json.dumps(input_spec.to_dict(), sort_keys=True))
         if key not in self.tasks:
@@ -230,7 +230,7 @@ class Bench:
 
     def evaluate(self, run: str, tasks: dict[str, Path]) -> dict[str, float]:
         from training.checkpoint import load_model
-        from training.extend import evaluate_task
+        from training.tasks import evaluate_task
 
         model, card = load_model(run, device=self.device)
         out = {}

@@ -93,15 +93,15 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="training run directory (model.json + best.safetensors) or a .safetensors file")
     p.add_argument("--out", "-o", required=True, help="bundle directory to write (atomically)")
     p.add_argument("--name", help="model name in the manifest (default: <backbone>-<run dir name>)")
-    p.add_argument("--version", default="1.0.0", help="model version in the manifest (default: 1.0.0)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--version", default="1.0.0", help="model version in the manifest (default: %(default)s)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim graph simplification")
-    p.add_argument("--split", default="test", choices=("test", "val"), help="held-out split (default: test)")
-    p.add_argument("--parity-images", type=int, default=64, help="held-out images for the parity check (default: 64)")
+    p.add_argument("--split", default="test", choices=("test", "val"), help="held-out split (default: %(default)s)")
+    p.add_argument("--parity-images", type=int, default=64, help="held-out images for the parity check (default: %(default)s)")
     p.add_argument("--parity-atol", type=float, default=1e-3,
-                   help="max allowed |logit difference| ONNX Runtime vs PyTorch (default: 1e-3)")
+                   help="max allowed |logit difference| ONNX Runtime vs PyTorch (default: %(default)s)")
     p.add_argument("--parity-min-agreement", type=float, default=0.99,
-                   help="min top-1 agreement ONNX Runtime vs PyTorch (default: 0.99)")
+                   help="min top-1 agreement ONNX Runtime vs PyTorch (default: %(default)s)")
     p.add_argument("--eval-limit", type=int, help="evaluate FP32 on at most this many held-out images (stratified)")
     p.add_argument("--no-eval", action="store_true", help="skip the FP32 held-out evaluation")
     p.add_argument("--threads", type=int,
@@ -241,16 +241,16 @@ def calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="bundle directory written by `defectscope export`")
     p.add_argument("--run", help="training run directory (default: the one recorded at export)")
     p.add_argument("--method", default="entropy", choices=("minmax", "entropy", "percentile"),
-                   help="activation range calibration (default: entropy)")
+                   help="activation range calibration (default: %(default)s)")
     p.add_argument("--target", default="cpu", choices=("cpu", "tensorrt", "both"),
                    help="cpu: uint8 activations, fast ONNX Runtime kernels (artifact 'int8'); tensorrt: "
                         "symmetric int8 activations for TensorRT explicit quantization (artifact 'int8-trt'); "
-                        "both (default: cpu)")
+                        "both (default: %(default)s)")
     p.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"calibration images (default: {DEFAULT_SIZE})")
-    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: %(default)s)")
     p.add_argument("--calibration-data", metavar="DIR",
                    help="calibrate on images from this folder instead of the training split")
-    p.add_argument("--percentile", type=float, default=99.999, help="percentile method: kept percent (default: 99.999)")
+    p.add_argument("--percentile", type=float, default=99.999, help="percentile method: kept percent (default: %(default)s)")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales instead of per-channel")
     p.add_argument("--reduce-range", action="store_true",
                    help="7-bit weights (for x86 CPUs without VNNI, where U8S8 may saturate)")
@@ -267,15 +267,15 @@ def calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="gate on at most this many held-out images (stratified; smoke runs)")
     p.add_argument("--no-fallback", action="store_true", help="do not search for float layers when the gate fails")
     p.add_argument("--max-float-nodes", type=int, default=16,
-                   help="give up when more than this many layers would stay in float (default: 16)")
+                   help="give up when more than this many layers would stay in float (default: %(default)s)")
     p.add_argument("--sensitivity-images", type=int, default=32,
-                   help="calibration images used to rank per-layer sensitivity (default: 32)")
+                   help="calibration images used to rank per-layer sensitivity (default: %(default)s)")
     p.add_argument("--float-prefix", default="auto", metavar="auto|auto:N|N",
                    help="cpu target: leading layers kept in float because FP32 runs them faster (the 3-channel "
                         "stem, the first full-resolution depthwise conv). auto: time prefixes of 0..4 layers on "
                         "this machine and keep the fastest; auto:N: try up to N; N: exactly N, untimed; 0: all "
-                        "INT8 (default: auto)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per inference (default: 16)")
+                        "INT8 (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per inference (default: %(default)s)")
     p.add_argument("--threads", type=int, help="CPU threads (default: DEFECTSCOPE_THREADS or all)")
     p.add_argument("--report", metavar="JSON", help="write the full calibration report (gate, search trials) here")
     p.add_argument("--save-calibration-tensor", metavar="NPY",

@@ -28,13 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
         "train -> export -> INT8 -> serve over ZeroMQ with Prometheus metrics. "
         "About 10 minutes on 2 CPU cores.",
     )
-    p.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
-    p.add_argument("--backbone", default="efficientnet_lite0", help="registered backbone (default efficientnet_lite0)")
-    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs after the head warm-up (default 3)")
-    p.add_argument("--image-size", type=int, default=224, help="model input size in pixels (default 224)")
+    p.add_argument("--out", default="demo-out", help="output directory (default: %(default)s)")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="registered backbone (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs after the head warm-up (default %(default)s)")
+    p.add_argument("--image-size", type=int, default=224, help="model input size in pixels (default %(default)s)")
     p.add_argument("--unfreeze-groups", type=int, default=4,
-                   help="layer groups fine-tuned, counted from the head (default 4; cheaper than all)")
-    p.add_argument("--calibration-size", type=int, default=200, help="INT8 calibration images (default 200)")
+                   help="layer groups fine-tuned, counted from the head (default %(default)s; cheaper than all)")
+    p.add_argument("--calibration-size", type=int, default=200, help="INT8 calibration images (default %(default)s)")
     p.add_argument("--limit", type=int, help="at most N images per split (a quick smoke run)")
     p.add_argument("--max-steps-per-epoch", type=int, help="cap batches per epoch (a quick smoke run)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="CPU threads (default: all cores)")

@@ -67,9 +67,7 @@ class InputSpec:
         if self.resize_policy not in RESIZE_POLICIES:
             raise SpecError(f"input.resize_policy: expected one of {RESIZE_POLICIES}, got {self.resize_policy!r}")
         if self.interpolation not in INTERPOLATIONS:
-            raise SpecError(
-                f"input.interpolation: expected one of {tuple(INTERPOLATIONS)}, got {self.interpolation!r}"
-            )
+            raise SpecError(f"input.interpolation: expected one of {tuple(INTERPOLATIONS)}, got {self.interpolation!r}")
         for key in ("mean", "std"):
             values = getattr(self, key)
             if len(values) != self.channels:

@@ -31,12 +31,12 @@ class TTAError(ValueError):
 # (np.rot90 turns counter-clockwise in the H,W plane).
 VIEW_FUNCTIONS = {
     "original": lambda b: b,
-    "hflip": lambda b: b[..., ::-1],                       # flip W
-    "vflip": lambda b: b[..., ::-1, :],                    # flip H
+    "hflip": lambda b: b[..., ::-1],  # flip W
+    "vflip": lambda b: b[..., ::-1, :],  # flip H
     "rot180": lambda b: b[..., ::-1, ::-1],
     "rot90": lambda b: np.rot90(b, 1, axes=(-2, -1)),
     "rot270": lambda b: np.rot90(b, 3, axes=(-2, -1)),
-    "transpose": lambda b: np.swapaxes(b, -2, -1),         # mirror about the main diagonal
+    "transpose": lambda b: np.swapaxes(b, -2, -1),  # mirror about the main diagonal
     "transverse": lambda b: np.swapaxes(b, -2, -1)[..., ::-1, ::-1],
 }
 SQUARE_ONLY = frozenset({"rot90", "rot270", "transpose", "transverse"})
@@ -74,8 +74,10 @@ def expand_views(views: str | Sequence[str], scales: Sequence[float] = DEFAULT_S
         elif name in VIEW_FUNCTIONS or _is_scale(name):
             add = (name,)
         else:
-            raise TTAError(f"tta: unknown view or preset {name!r}; expected one of {list(PRESETS)}, "
-                           f"view names {list(VIEW_FUNCTIONS)} or 'scale:F'")
+            raise TTAError(
+                f"tta: unknown view or preset {name!r}; expected one of {list(PRESETS)}, "
+                f"view names {list(VIEW_FUNCTIONS)} or 'scale:F'"
+            )
         out += [v for v in add if v not in out]
     return tuple(out)
 
@@ -99,20 +101,25 @@ class TTA:
         self._sizes: dict[str, int] = {}
         for v in self.views:
             if v in SQUARE_ONLY and spec.height != spec.width:
-                raise TTAError(f"key 'tta.views': view {v!r} turns the image by 90 degrees and needs a square "
-                               f"model input, this bundle's is {spec.height}x{spec.width}")
+                raise TTAError(
+                    f"key 'tta.views': view {v!r} turns the image by 90 degrees and needs a square "
+                    f"model input, this bundle's is {spec.height}x{spec.width}"
+                )
             if v.startswith("scale:"):
                 if spec.resize_policy != "shorter_side_center_crop":
-                    raise TTAError(f"key 'tta.views': view {v!r} needs a bundle with resize_policy "
-                                   f"'shorter_side_center_crop', this one uses {spec.resize_policy!r}")
+                    raise TTAError(
+                        f"key 'tta.views': view {v!r} needs a bundle with resize_policy "
+                        f"'shorter_side_center_crop', this one uses {spec.resize_policy!r}"
+                    )
                 self._sizes[v] = max(1, int(round(spec.resize_size * float(v.split(":", 1)[1]))))
 
     @property
     def n_views(self) -> int:
         return len(self.views)
 
-    def expand(self, image: np.ndarray, start: int = 0, stop: int | None = None,
-               base: np.ndarray | None = None) -> np.ndarray:
+    def expand(
+        self, image: np.ndarray, start: int = 0, stop: int | None = None, base: np.ndarray | None = None
+    ) -> np.ndarray:
         """uint8 frame -> (V,C,H,W) float32, one normalised tensor per view in ``views[start:stop]``.
 
         ``base``: the frame's already preprocessed (C,H,W) 'original' view, reused for flips.

@@ -122,7 +122,10 @@ class Classifier(nn.Module):
         from .heads import grow_linear
 
         last = len(self.head) - 1
-        self.head[last] = grow_linear(self.head[last], num_classes, seed=seed)
+        linear = self.head[last]
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"head.{last} is {type(linear).__name__}, expected nn.Linear")
+        self.head[last] = grow_linear(linear, num_classes, seed=seed)
         self.num_classes = num_classes
         return f"head.{last}"
 
@@ -347,7 +350,7 @@ def load_weights_file(model: Classifier, path: str | Path) -> None:
 
 
 # -- torchvision bodies -------------------------------------------------------------------
-def _tv_input(enum_name: str) -> dict:
+def _tv_input(enum_name: str) -> InputSpec:
     from torchvision.models import get_weight
     t = get_weight(enum_name).transforms()
     return make_input(height=t.crop_size[0], resize_size=t.resize_size[0], mean=t.mean, std=t.std,

@@ -52,14 +52,6 @@ examples:
 """
 
 
-def _source_of(data: str) -> tuple[str, str | None]:
-    if data == "elpv":
-        return "elpv", None
-    if data.lower().endswith(".csv"):
-        return "csv", data
-    return "folder", data
-
-
 def build_train_parser() -> argparse.ArgumentParser:
     from . import config as cfg
 
@@ -250,13 +242,15 @@ def _parse_value(v: str) -> Any:
 
 def overrides_from_args(ns: argparse.Namespace) -> dict[str, Any]:
     """Only the flags given on the command line, as TrainConfig keys."""
+    from .data import source_of
+
     a = vars(ns)
     out: dict[str, Any] = {k: a[k] for k in _TOP_KEYS if k in a}
     if "grad_clip" in out and not out["grad_clip"]:
         out["grad_clip"] = None
     data: dict[str, Any] = {}
     if "data" in a:
-        src, path = _source_of(a["data"])
+        src, path = source_of(a["data"])
         data["source"], data["path"] = src, path
     if "data_source" in a:
         data["source"] = a["data_source"]
@@ -340,7 +334,7 @@ def train_main(argv: list[str] | None = None) -> int:
         progress = not getattr(ns, "quiet", False) and sys.stderr.isatty()
         train(cfg, resume=resume, overwrite=getattr(ns, "overwrite", False), progress=progress, echo=print)
         if getattr(ns, "fisher", 0):
-            from .extend import finalize_run
+            from .extend_run import finalize_run
 
             finalize_run(cfg.out, n_samples=ns.fisher, device=cfg.device, progress=progress)
     except KeyboardInterrupt:
@@ -396,11 +390,11 @@ def _eval_samples(ns: argparse.Namespace, card: Any) -> tuple[Any, Any, list]:
     """``(DataSpec, Splits, samples in the model's class indices)`` of ``defectscope evaluate``."""
     from dataclasses import replace
 
-    from .data import DataError, DataSpec, resolve_splits
+    from .data import DataError, DataSpec, resolve_splits, source_of
     from .evaluate import remap_samples
 
     if ns.data:
-        src, path = _source_of(ns.data)
+        src, path = source_of(ns.data)
         raw = {"source": src, "path": path}
         if ns.labels:
             raw["labels"] = ns.labels

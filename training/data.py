@@ -377,6 +377,15 @@ def _fingerprint(classes: Sequence[str], splits: Mapping[str, Sequence[Sample]],
 _LISTERS = {"folder": _folder, "csv": _csv, "elpv": _elpv}
 
 
+def source_of(data: str) -> tuple[str, str | None]:
+    """``(source, path)`` of a ``--data`` argument: ``elpv``, a ``.csv`` manifest, else a folder."""
+    if data == "elpv":
+        return "elpv", None
+    if data.lower().endswith(".csv"):
+        return "csv", data
+    return "folder", data
+
+
 def resolve_splits(spec: DataSpec | Mapping[str, Any], threads: int | None = None) -> Splits:
     """List, split, verify and fingerprint a dataset (see :class:`DataSpec`)."""
     if not isinstance(spec, DataSpec):

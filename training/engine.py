@@ -21,6 +21,7 @@ differs between callers enters as parts:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,33 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 def device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def setup_runtime(threads: int | None, seed: int) -> None:
+    """Threads, denormal flushing (CPU stalls without it) and seeds."""
+    n = threads or int(os.environ.get("DEFECTSCOPE_THREADS", "0") or 0)
+    if n > 0:
+        torch.set_num_threads(n)
+    torch.set_flush_denormal(True)
+    seed_everything(seed)
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch RNGs."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else the CPU; a CUDA device that is not there is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
 
 
 def set_train_mode(model: nn.Module, bn_frozen: bool) -> None:

@@ -20,52 +20,69 @@ from .engine import Engine
 from .metrics import classification_metrics
 
 
-def _view_probs(model: torch.nn.Module, tta: TTA, samples: Sequence[Sample], batch_size: int,
-                engine: Engine) -> tuple[np.ndarray, np.ndarray]:
+def _view_probs(
+    model: torch.nn.Module, tta: TTA, samples: Sequence[Sample], batch_size: int, engine: Engine
+) -> tuple[np.ndarray, np.ndarray]:
     """``(probs (N, V, K), labels (N,))``: every view of every sample, views built by ``runtime.tta``."""
     from tqdm import tqdm
 
     from runtime.preprocess import read_image
 
-    per = max(1, batch_size // tta.n_views)   # frames per forward pass
+    per = max(1, batch_size // tta.n_views)  # frames per forward pass
     probs, labels = [], []
     for i in tqdm(range(0, len(samples), per), desc="eval", unit="batch", leave=False, disable=not engine.progress):
         chunk = samples[i : i + per]
-        x = np.concatenate([tta.expand(read_image(s.path)) for s in chunk])   # (n*V, C, H, W), views adjacent
+        x = np.concatenate([tta.expand(read_image(s.path)) for s in chunk])  # (n*V, C, H, W), views adjacent
         preds = engine.predict(model, [torch.from_numpy(x)])
         probs.append(preds.probs().reshape(len(chunk), tta.n_views, -1))
         labels += [s.label for s in chunk]
     return np.concatenate(probs), np.asarray(labels, dtype=np.int64)
 
 
-def evaluate_samples(model: torch.nn.Module, card: ModelCard, samples: Sequence[Sample], *,
-                     tta: str | Sequence[str] = "none", scales: Sequence[float] = DEFAULT_SCALES,
-                     batch_size: int = 64, device: str | torch.device = "cpu",
-                     progress: bool = True) -> dict[str, Any]:
+def evaluate_samples(
+    model: torch.nn.Module,
+    card: ModelCard,
+    samples: Sequence[Sample],
+    *,
+    tta: str | Sequence[str] = "none",
+    scales: Sequence[float] = DEFAULT_SCALES,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
     """Metrics on the original view (``plain``) and with TTA (softmax averaged over the views)
     plus the delta. ``tta``: a ``runtime.tta`` preset or view names, the station's vocabulary;
     the views are built by the station's code (``runtime.tta.TTA``)."""
     import torch.nn.functional as F
 
     device = torch.device(device)
-    model.to(memory_format=torch.channels_last)   # faster NHWC convolutions, CPU included
+    model.to(memory_format=torch.channels_last)  # faster NHWC convolutions, CPU included
     views = expand_views(tta, scales)
     engine = Engine(device=device, channels_last=True, progress=progress)
     probs, y = _view_probs(model, TTA(views, Preprocessor(card.input)), list(samples), batch_size, engine)
     classes = list(card.classes)
     plain_p = probs[:, 0]
-    loss = float(F.nll_loss(torch.from_numpy(np.log(np.clip(plain_p, 1e-12, None))), torch.from_numpy(y))) if len(y) else None
+    loss = (
+        float(F.nll_loss(torch.from_numpy(np.log(np.clip(plain_p, 1e-12, None))), torch.from_numpy(y)))
+        if len(y)
+        else None
+    )
     plain = classification_metrics(y, plain_p, classes, loss=loss)
     out: dict[str, Any] = {"n": int(len(y)), "classes": classes, "plain": plain, "tta": None}
     if len(views) > 1:
         with_tta = classification_metrics(y, probs.mean(1), classes)
         keys = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
         out["tta"] = {
-            "mode": tta if isinstance(tta, str) else ",".join(tta), "views": list(views), "metrics": with_tta,
-            "delta": {k: (None if plain.get(k) is None or with_tta.get(k) is None else with_tta[k] - plain[k])
-                      for k in keys},
-            "per_view": {n: {k: v for k, v in classification_metrics(y, probs[:, i], classes).items() if k in keys}
-                         for i, n in enumerate(views)},
+            "mode": tta if isinstance(tta, str) else ",".join(tta),
+            "views": list(views),
+            "metrics": with_tta,
+            "delta": {
+                k: (None if plain.get(k) is None or with_tta.get(k) is None else with_tta[k] - plain[k]) for k in keys
+            },
+            "per_view": {
+                n: {k: v for k, v in classification_metrics(y, probs[:, i], classes).items() if k in keys}
+                for i, n in enumerate(views)
+            },
         }
     return out
 
@@ -107,5 +124,3 @@ def format_table(result: dict[str, Any]) -> str:
 
 def summary_keys(m: dict[str, Any]) -> dict[str, Any]:
     return {k: m.get(k) for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "auroc")}
-
-

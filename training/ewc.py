@@ -37,7 +37,7 @@ from torch import nn
 from runtime.fsio import atomic_write
 
 from .engine import device_of, split_batch
-from .extend_config import DEFAULT_FISHER_SAMPLES, DEFAULT_GAMMA, DEFAULT_LAMBDA, LAMBDA_GRID
+from .extend_config import DEFAULT_FISHER_SAMPLES, DEFAULT_GAMMA
 from .persample import LabelMode, SquaredGrads, label_weights
 
 FISHER_FILE = "fisher.safetensors"
@@ -294,16 +294,8 @@ class EWCState:
             raise EWCError(
                 f"{path}: anchor tensors hash to {actual[:12]}, metadata 'anchor_sha256' says {stored_hash[:12]}: the file is corrupt or was edited"
             )
-        return cls(
-            fisher=fisher,
-            anchors=anchors,
-            backbone=backbone,
-            classes=classes,
-            tasks=tasks,
-            gamma=gamma,
-            anchor_sha256=stored_hash,
-            created=meta.get("created", ""),
-        )
+        # positional: fisher, anchors, backbone, classes, tasks, gamma, anchor_sha256, created
+        return cls(fisher, anchors, backbone, classes, tasks, gamma, stored_hash, meta.get("created", ""))
 
     # -- checks
     def check_model(self, model: nn.Module, *, backbone: str | None = None, source: str = "the Fisher file") -> None:
@@ -433,20 +425,3 @@ class EWCPenalty:
         if total is None:
             return torch.zeros((), device=device_of(model))
         return self.lam * total
-
-
-__all__ = [
-    "DEFAULT_FISHER_SAMPLES",
-    "DEFAULT_GAMMA",
-    "DEFAULT_LAMBDA",
-    "FISHER_FILE",
-    "LAMBDA_GRID",
-    "EWCError",
-    "EWCPenalty",
-    "EWCState",
-    "TaskRecord",
-    "consolidate",
-    "estimate_fisher",
-    "model_params",
-    "params_sha256",
-]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import BALANCE, ConfigError
-from .data import DataError, DataSpec
+from .data import DataError, DataSpec, source_of
 from .extend_config import BN_MODES, EXTEND_OPTIM, KEEP, METHODS, ExtendConfig
 
 EPILOG = """\
@@ -43,15 +43,6 @@ examples:
 """
 
 
-def _source_of(data: str) -> tuple[str, str | None]:
-    # same rule as `defectscope train --data`
-    if data == "elpv":
-        return "elpv", None
-    if data.lower().endswith(".csv"):
-        return "csv", data
-    return "folder", data
-
-
 def _old_spec(arg: str) -> DataSpec | None:
     """``--old-data``: elpv | DIR | FILE.csv | FILE.json/.toml (DataSpec keys) | none."""
     if arg == "none":
@@ -61,7 +52,7 @@ def _old_spec(arg: str) -> DataSpec | None:
         from .config import read_config_file
 
         return DataSpec.from_dict(read_config_file(p), where=str(p))
-    src, path = _source_of(arg)
+    src, path = source_of(arg)
     return DataSpec(source=src, path=path)
 
 
@@ -137,12 +128,8 @@ def _method_args(p: argparse.ArgumentParser) -> None:
         "--fisher-draws", type=int, default=S, help=f"labels sampled from the model per image ({_D.fisher_draws})"
     )
     m.add_argument("--replay", default=S, help="replay buffer: share of old train images (10%%) or a count (200)")
-    m.add_argument(
-        "--replay-share",
-        type=float,
-        default=S,
-        help=f"repeat the buffer to make this share of each epoch ({_D.replay_share}; 0: seen once, its natural share)",
-    )
+    share = f"repeat the buffer to make this share of each epoch ({_D.replay_share}; 0: seen once, its natural share)"
+    m.add_argument("--replay-share", type=float, default=S, help=share)
     m.add_argument("--bn", choices=BN_MODES, default=S, help=f"BN running statistics ({_D.bn})")
     m.add_argument(
         "--freeze-old-rows",
@@ -171,12 +158,8 @@ def _optim_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--batch-size", type=int, default=S, help=f"({_O.batch_size})")
     o.add_argument("--lr", type=float, default=S, help=f"head LR ({_O.lr:g}); lower groups lr * lr_decay**k")
     o.add_argument("--lr-decay", type=float, default=S, help=f"({_O.lr_decay})")
-    o.add_argument(
-        "--weight-decay",
-        type=float,
-        default=S,
-        help=f"AdamW decay ({_O.weight_decay:g}: it pulls away from the anchors)",
-    )
+    decay = f"AdamW decay ({_O.weight_decay:g}: it pulls away from the anchors)"
+    o.add_argument("--weight-decay", type=float, default=S, help=decay)
     o.add_argument("--warmup-epochs", type=float, default=S, help=f"({_O.warmup_epochs})")
     o.add_argument("--label-smoothing", type=float, default=S, help=f"({_O.label_smoothing})")
     o.add_argument("--grad-clip", type=float, default=S, help=f"max gradient norm, 0 = off ({_O.grad_clip})")
@@ -205,7 +188,7 @@ def config_from_args(ns: argparse.Namespace) -> ExtendConfig:
     d.setdefault("out", "")
     data = dict(d.get("data") or {})
     if "data" in a:
-        data["source"], data["path"] = _source_of(a["data"])
+        data["source"], data["path"] = source_of(a["data"])
     if "data_source" in a:
         data["source"] = a["data_source"]
     for k in ("labels", "cell_types", "test_fraction", "val_fraction", "good_classes", "limit"):
@@ -280,23 +263,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .checkpoint import CheckpointError
     from .ewc import EWCError
-    from .extend import finalize_run, run
+    from .extend_run import finalize_run, run
 
     try:
         if ns.finalize:
             from .trainer import setup_runtime
 
             setup_runtime(cfg.optim.threads, cfg.optim.seed)
-            finalize_run(
-                cfg.source,
-                data=cfg.data if "data" in vars(ns) else None,
-                n_samples=cfg.fisher_samples,
-                draws=cfg.fisher_draws,
-                seed=cfg.optim.seed,
-                gamma=cfg.gamma,
-                device=cfg.optim.device,
-                progress=progress,
-            )
+            data = cfg.data if "data" in vars(ns) else None
+            finalize_run(cfg.source, data=data, **cfg.fisher_options, device=cfg.optim.device, progress=progress)
             return 0
         if not cfg.out:
             raise ConfigError("--out: required (the extended model's run directory)")

@@ -111,6 +111,16 @@ class ExtendConfig:
         return int(self.optim.epochs or 0)
 
     @property
+    def fisher_options(self) -> dict[str, Any]:
+        """How the Fisher is estimated and folded: keyword arguments of ``compute_state``/``finalize_run``."""
+        return {
+            "n_samples": self.fisher_samples,
+            "draws": self.fisher_draws,
+            "seed": self.optim.seed,
+            "gamma": self.gamma,
+        }
+
+    @property
     def lambdas(self) -> tuple[float, ...]:
         """The penalty strengths to train with (one unless ``lam="auto"``; naive: 0)."""
         if self.method == "naive":

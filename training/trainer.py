@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from . import checkpoint as ckpt
 from .backbones import Classifier, build_model, get_spec, sized_input, weights_id
 from .config import TrainConfig
 from .data import resolve_splits
-from .engine import ClassificationTask, Engine, EpochSelector
+from .engine import ClassificationTask, Engine, EpochSelector, pick_device, seed_everything, setup_runtime
 from .features import cached_features, feature_key
 from .loader import ImageDataset, TensorPairs, class_weights, make_loader
 from .metrics import monitor_name, monitor_value, plot_confusion, plot_curves
@@ -63,31 +62,6 @@ class RunResult:
     best_value: float
     monitor: str
     report: dict[str, Any] = field(default_factory=dict)
-
-
-def setup_runtime(threads: int | None, seed: int) -> None:
-    """Threads, denormal flushing (CPU stalls without it) and seeds."""
-    n = threads or int(os.environ.get("DEFECTSCOPE_THREADS", "0") or 0)
-    if n > 0:
-        torch.set_num_threads(n)
-    torch.set_flush_denormal(True)
-    seed_everything(seed)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
 
 
 class Trainer:

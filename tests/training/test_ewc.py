@@ -11,10 +11,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from training import ewc
 from training.engine import Engine
-from training.extend import FitHistory, accuracy
+from training.extend import FitHistory
 from training.heads import HeadRowFreeze, grow_linear
 from training.metrics import plot_forgetting
 from training.replay import mix_replay, replay_count, select_exemplars
+from training.tasks import accuracy
 
 
 def _grow(model, n):
@@ -289,8 +290,8 @@ def test_mismatched_fisher_file_is_refused(tmp_path):
 
 
 def test_tampered_or_foreign_file_is_refused(tmp_path):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     model = TinyNet()
     path = _state_for(model).save(tmp_path)

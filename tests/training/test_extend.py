@@ -18,8 +18,8 @@ from training.checkpoint import ModelCard, load_model, save_model  # noqa: E402
 from training.config import AugmentConfig  # noqa: E402
 from training.data import DataSpec, resolve_splits  # noqa: E402
 from training.engine import ClassificationTask, Engine  # noqa: E402
-from training.extend import TaskSet, accuracy  # noqa: E402
 from training.extend_cli import main  # noqa: E402
+from training.tasks import TaskSet, accuracy  # noqa: E402
 
 SPLIT = dict(val_fraction=0.25, test_fraction=0.25)
 SPLIT_FLAGS = ["--val-fraction", "0.25", "--test-fraction", "0.25"]

@@ -1,0 +1,290 @@
+"""``defectscope extend`` on disk: the source run's Fisher state, the old tasks, the output
+run directory (``extend_model`` in ``training.extend`` does the training)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from runtime.fsio import atomic_write_json
+
+from .config import ConfigError
+from .data import DataError, DataSpec
+from .extend import Outcome, extend_model
+from .extend_config import ExtendConfig, task_name
+from .tasks import TaskSet, accuracy_of, concat_loader
+
+REPORT_PNG = "ewc_report.png"
+
+
+def fisher_path(source: str | Path) -> Path:
+    """Where a checkpoint's ``fisher.safetensors`` lives (beside its weights)."""
+    from .ewc import FISHER_FILE
+
+    p = Path(source)
+    return (p if p.is_dir() else p.parent) / FISHER_FILE
+
+
+def compute_state(
+    model,
+    card,
+    tasks: Sequence[TaskSet],
+    *,
+    n_samples: int,
+    draws: int = 1,
+    seed: int = 0,
+    gamma: float = 1.0,
+    batch_size: int = 32,
+    progress: bool = False,
+):
+    """Fisher + anchors of ``model`` on the train splits of ``tasks`` (the data it was trained on)."""
+    from . import ewc
+
+    pool = [t for t in tasks if t.samples["train"]]
+    if not pool:
+        raise DataError("no training images to estimate the Fisher from")
+    n = min(n_samples, sum(len(t.samples["train"]) for t in pool))
+    fisher = ewc.estimate_fisher(
+        model, concat_loader(pool, "train", batch_size, seed), n_samples=n, draws=draws, seed=seed, progress=progress
+    )
+    name = "+".join(t.name for t in pool)
+    return ewc.EWCState.from_model(
+        model,
+        fisher,
+        backbone=card.backbone,
+        classes=card.classes,
+        task=ewc.TaskRecord(name, n, "sampled", draws, tuple(card.classes)),
+        gamma=gamma,
+    )
+
+
+def _old_tasks(
+    specs: Sequence[DataSpec],
+    classes: Sequence[str],
+    card,
+    cfg: ExtendConfig,
+    *,
+    required: bool,
+    echo: Callable[[str], None],
+) -> list[TaskSet]:
+    from .data import resolve_splits
+
+    out = []
+    for spec in specs:
+        try:
+            splits = resolve_splits(spec)
+        except (DataError, OSError) as exc:
+            if required:
+                raise DataError(f"old data {task_name(spec)}: {exc}") from None
+            echo(f"note: old data {task_name(spec)} unavailable ({exc}); old-task accuracy is not measured")
+            continue
+        out.append(
+            TaskSet.from_splits(
+                task_name(spec), splits, classes, card.input, cfg.optim.augment, spec=spec, cache=cfg.optim.cache_images
+            )
+        )
+    return out
+
+
+def finalize_run(
+    source: str | Path,
+    *,
+    data: DataSpec | None = None,
+    n_samples: int = 512,
+    draws: int = 1,
+    seed: int = 0,
+    gamma: float = 1.0,
+    device: str = "auto",
+    progress: bool = False,
+    echo: Callable[[str], None] = print,
+) -> Path:
+    """Compute ``fisher.safetensors`` beside a trained checkpoint from its training data.
+
+    ``data`` defaults to the model card's data spec. Returns the file's path.
+    """
+    from .checkpoint import load_model
+    from .trainer import pick_device
+
+    dev = pick_device(device)
+    model, card = load_model(source, device=dev)
+    spec = data or (DataSpec.from_dict(card.data, where="model.json: data") if card.data else None)
+    if spec is None:
+        raise DataError(f"{source}: model.json has no data spec; pass --data")
+    tasks = _old_tasks(
+        [spec], card.classes, card, ExtendConfig(source=str(source), out=".", data=spec), required=True, echo=echo
+    )
+    t0 = time.perf_counter()
+    state = compute_state(
+        model, card, tasks, n_samples=n_samples, draws=draws, seed=seed, gamma=gamma, progress=progress
+    )
+    path = state.save(fisher_path(source))
+    echo(
+        f"Fisher diagonal + anchors of {card.backbone} on {state.tasks[0].n_samples} {tasks[0].name} "
+        f"images ({time.perf_counter() - t0:.1f}s) -> {path}"
+    )
+    return path
+
+
+def _load_state(cfg: ExtendConfig, model, card, echo: Callable[[str], None]):
+    """``(path, EWCState or None)``: the source model's Fisher/anchors, checked against its weights."""
+    from . import ewc
+
+    fpath = Path(cfg.fisher) if cfg.fisher else fisher_path(cfg.source)
+    state = None
+    if fpath.is_file():
+        state = ewc.EWCState.load(fpath)
+        state.check_model(model, backbone=card.backbone, source=str(fpath))
+        echo(f"Fisher/anchors: {fpath} (tasks {[t.name for t in state.tasks]})")
+    elif cfg.fisher:
+        raise ewc.EWCError(f"{fpath}: no such Fisher file")
+    return fpath, state
+
+
+def _compute_missing_state(
+    cfg: ExtendConfig, model, card, olds: Sequence[TaskSet], fpath: Path, progress: bool, echo: Callable[[str], None]
+):
+    """No Fisher file beside the source: estimate it from the old data and save it there."""
+    from . import ewc
+
+    if not olds:
+        raise ewc.EWCError(
+            f"{fpath}: no Fisher/anchor file, and no old data to compute it from; run "
+            f"`defectscope extend --from {cfg.source} --finalize` where the old images are, or pass --old-data"
+        )
+    echo(f"no {fpath.name} beside the checkpoint: computing it from {[t.name for t in olds]} ...")
+    state = compute_state(model, card, olds, **cfg.fisher_options, batch_size=cfg.optim.batch_size, progress=progress)
+    try:
+        state.save(fpath)
+        echo(f"saved {fpath} (reused by later extensions of this model)")
+    except OSError as exc:
+        echo(f"note: cannot write {fpath} ({exc}); it is used for this run only")
+    return state
+
+
+def run(
+    cfg: ExtendConfig, *, overwrite: bool = False, progress: bool = False, echo: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """``defectscope extend`` without the parser: load, extend, write the output run directory."""
+    from . import checkpoint as ckpt
+    from .data import resolve_splits
+    from .trainer import pick_device, setup_runtime
+
+    setup_runtime(cfg.optim.threads, cfg.optim.seed)
+    device = pick_device(cfg.optim.device)
+    out = Path(cfg.out)
+    if (out / ckpt.BEST).exists() and not overwrite:
+        raise FileExistsError(f"{out}: holds a model already; pass --overwrite or another --out")
+    if (
+        Path(cfg.out).resolve()
+        == (Path(cfg.source) if Path(cfg.source).is_dir() else Path(cfg.source).parent).resolve()
+    ):
+        raise ConfigError("out: must differ from the source run directory")
+    model, card = ckpt.load_model(cfg.source, device=device)
+    old_classes = list(card.classes)
+
+    fpath, state = _load_state(cfg, model, card, echo)
+
+    # -- data
+    new_splits = resolve_splits(cfg.data)
+    classes = old_classes + [c for c in new_splits.classes if c not in old_classes]
+    new = TaskSet.from_splits(
+        task_name(cfg.data),
+        new_splits,
+        classes,
+        card.input,
+        cfg.optim.augment,
+        spec=cfg.data,
+        cache=cfg.optim.cache_images,
+    )
+    if cfg.old_data is None:
+        old_specs = [DataSpec.from_dict(card.data, where=f"{cfg.source}: model.json: data")] if card.data else []
+    else:
+        old_specs = list(cfg.old_data)
+    need_old = bool(cfg.replay) or cfg.lam == "auto" or (cfg.method == "ewc" and state is None)
+    olds = _old_tasks(old_specs, classes, card, cfg, required=need_old and cfg.old_data is not None, echo=echo)
+    echo(
+        f"new task {new.name}: {len(new.samples['train'])}/{len(new.samples['val'])}/{len(new.samples['test'])} "
+        f"train/val/test, classes {[classes[c] for c in new.present_classes()]}; old tasks "
+        f"{[t.name for t in olds] or 'none'}"
+    )
+
+    if state is None and cfg.method == "ewc":
+        state = _compute_missing_state(cfg, model, card, olds, fpath, progress, echo)
+
+    outcome = extend_model(
+        model, old_classes, new, olds, state, cfg, backbone=card.backbone, device=device, progress=progress, echo=echo
+    )
+    report = outcome.report
+    report.update(source=str(cfg.source), config_hash=cfg.hash())
+
+    _write_run(out, cfg, card, model, classes, new, outcome)
+    echo(summary_text(report))
+    echo(f"-> {out}")
+    return report
+
+
+def _write_run(out: Path, cfg: ExtendConfig, card, model, classes: list[str], new: TaskSet, outcome: Outcome) -> None:
+    """The output run directory: model + card first, then Fisher, metrics, report and plot."""
+
+    from . import checkpoint as ckpt
+
+    report = outcome.report
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", {**cfg.to_dict(), "config_hash": cfg.hash()})
+    src_weights = Path(cfg.source) / ckpt.BEST if Path(cfg.source).is_dir() else Path(cfg.source)
+    good = list(dict.fromkeys([*card.good_classes, *[c for c in new.good_classes if c in classes]]))
+    keep = ("n", "accuracy", "balanced_accuracy", "macro_f1", "auroc")
+    new_card = ckpt.ModelCard(
+        backbone=card.backbone,
+        num_classes=len(classes),
+        classes=tuple(classes),
+        good_classes=tuple(good),
+        input=card.input,
+        weights=str(src_weights),
+        data=cfg.data.to_dict(),
+        dataset_fingerprint=new.fingerprint,
+        config_hash=cfg.hash(),
+        metrics={
+            "test": {k: (report["new"]["after"] or {}).get(k) for k in keep},
+            "old_tasks": {n: {k: (v["after"] or {}).get(k) for k in keep} for n, v in report["old"].items()},
+            "forgetting": report["forgetting"],
+            "extended_from": str(cfg.source),
+        },
+    )
+    ckpt.save_model(out, model, new_card)
+    if outcome.state is not None:
+        outcome.state.save(out)
+    atomic_write_json(out / "metrics.json", outcome.epochs)
+    atomic_write_json(out / "report.json", {**report, "history": outcome.history.to_dict()})
+    from .metrics import plot_forgetting
+
+    plot_forgetting(report, outcome.history, out / REPORT_PNG)
+
+
+def summary_text(report: Mapping[str, Any]) -> str:
+    """The before/after table printed at the end of a run."""
+    fmt = lambda v: "   n/a" if v is None else f"{v:6.4f}"  # noqa: E731
+    lines = [f"{'task':<28}{'before':>8}{'after':>8}{'change':>9}"]
+    nb, na = report.get("new_accuracy_before"), report.get("new_accuracy_after")
+    lines.append(
+        f"{'new: ' + str(report.get('new_task')):<28}{fmt(nb):>8}{fmt(na):>8}"
+        f"{'' if nb is None or na is None else f'{na - nb:+9.4f}'}"
+    )
+    for name, v in (report.get("old") or {}).items():
+        b, a = accuracy_of(v["before"]), accuracy_of(v["after"])
+        lines.append(f"{'old: ' + name:<28}{fmt(b):>8}{fmt(a):>8}{'' if b is None or a is None else f'{a - b:+9.4f}'}")
+    f = report.get("forgetting")
+    lines.append(
+        f"method {report.get('method')}, lambda {report.get('lambda'):g}, BN {report.get('bn')}; "
+        f"forgetting {'n/a (no old data)' if f is None else f'{f:.4f}'}; "
+        f"penalty share of the loss {report.get('penalty_share', 0.0):.3f}"
+    )
+    for name, lg in (report.get("old_class_logits") or {}).items():
+        lines.append(
+            f"old-class logits on {name}: mean |change| {lg['old_logits_mean_abs_change']:.4f}, "
+            f"old argmax kept {lg['old_argmax_agreement']:.3f}, predicted as a new class "
+            f"{lg['predicted_as_new_class']:.3f}"
+        )
+    return "\n".join(lines)
