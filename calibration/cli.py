@@ -113,7 +113,27 @@ def export_parser() -> argparse.ArgumentParser:
 
 def export_main(argv: list[str] | None = None) -> int:
     args = export_parser().parse_args(argv)
+    from training.detection.checkpoint import card_task
+
+    if card_task(args.run) == "detection":  # a detector run (model.json task=detection)
+        return run_command("export", _export_detection, args)
     return run_command("export", _export, args)
+
+
+def _export_detection(args: argparse.Namespace, console: Any) -> int:
+    from calibration.export_detection import DetectionExportError
+    from training.detection.export import export_run
+
+    threads = _threads(args.threads)
+    _setup_torch(threads)
+    try:
+        export_run(args.run, args.out, name=args.name, version=str(args.version), split=args.split,
+                   parity_images=min(args.parity_images, 16), eval_limit=args.eval_limit, threads=threads,
+                   force=args.force, echo=console.print)
+    except DetectionExportError as exc:
+        console.print(f"[bold red]export refused:[/] the ONNX detector does not reproduce PyTorch: {exc}")
+        return EXIT_PARITY
+    return 0
 
 
 def _export(args: argparse.Namespace, console: Any) -> int:

@@ -68,6 +68,11 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config", help="TOML or JSON file with TrainConfig keys ([data], [augment] tables); flags override it"
     )
+    p.add_argument(
+        "--task",
+        choices=("classification", "detection"),
+        help="force the task (default: inferred from --data; see `defectscope train --task detection --help`)",
+    )
     p.add_argument("--out", help=f"run directory (default {D['out']})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
@@ -292,6 +297,12 @@ def _list_backbones() -> int:
 
 def train_main(argv: list[str] | None = None) -> int:
     """``defectscope train``."""
+    from .detection.cli import wants_detection
+
+    if wants_detection(list(sys.argv[1:] if argv is None else argv)):  # detection data or --task detection
+        from .detection.cli import train_main as detection_train
+
+        return detection_train(argv)
     parser = build_train_parser()
     ns = parser.parse_args(argv)
     if getattr(ns, "list_backbones", False):
@@ -409,6 +420,13 @@ def _eval_samples(ns: argparse.Namespace, card: Any) -> tuple[Any, Any, list]:
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     """``defectscope evaluate``."""
+    from .detection.checkpoint import card_task
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and not args[0].startswith("-") and card_task(args[0]) == "detection":
+        from .detection.evaluate import main as detection_evaluate
+
+        return detection_evaluate(args)
     ns = build_evaluate_parser().parse_args(argv)
     from runtime.fsio import atomic_write_json
 

@@ -6,8 +6,10 @@ every epoch of ``defectscope extend`` (``training.extend``). It owns AMP, channe
 gradient clipping, the per-step schedule, the BatchNorm mode and the progress bar. What
 differs between callers enters as parts:
 
-- the task (``ClassificationTask`` now; a detection task next) supplies the loss of a
-  batch and the evaluation of predictions; the engine does not branch on it;
+- the task (``ClassificationTask``; ``training.detection.task.DetectionTask``) supplies
+  ``step(model, batch, engine) -> StepResult`` (moves the batch, runs the forward, returns
+  the loss of a batch and its size) and the evaluation of predictions; the engine does not
+  branch on it;
 - extra loss terms (``LossTerm``: ``name`` + ``__call__(model) -> scalar``), e.g. the EWC
   penalty, added to the task loss in float32 outside autocast;
 - after-step hooks (``Callable[[], None]``), e.g. restoring frozen head rows;
@@ -99,10 +101,38 @@ def set_train_mode(model: nn.Module, bn_frozen: bool) -> None:
 
 
 @dataclass
+class StepResult:
+    """What a task's ``step`` returns: the batch's task loss (scalar with grad), its sample
+    count, correct predictions (0 where it means nothing) and named loss parts (floats,
+    collected per step in ``EpochStats.parts``)."""
+
+    loss: torch.Tensor
+    n: int
+    correct: int = 0
+    parts: Mapping[str, float] = field(default_factory=dict)
+
+
+class Task(Protocol):
+    """The task part the engine calls for each training batch (inside autocast)."""
+
+    def step(self, model: nn.Module, batch: Any, engine: Engine) -> StepResult: ...
+
+    def evaluate(self, preds: Any, classes: Sequence[str]) -> dict[str, Any]: ...
+
+
+@dataclass
 class ClassificationTask:
     """Logits ``(N, C)`` against integer labels: cross-entropy loss, classification metrics."""
 
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = field(default_factory=nn.CrossEntropyLoss)
+
+    def step(self, model: nn.Module, batch: Any, engine: Engine) -> StepResult:
+        x, y = split_batch(batch)
+        if y is None:
+            raise TypeError("a training loader must yield (inputs, labels)")
+        x, y = engine._inputs(x), torch.as_tensor(y).to(engine.device, non_blocking=True)
+        out = model(x)
+        return StepResult(self.loss(out, y), len(y), self.correct(out, y))
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.criterion(outputs.float(), targets)
@@ -139,13 +169,14 @@ class EpochStats:
     loss: float = 0.0  # sample-weighted mean of the task loss
     train_accuracy: float = 0.0
     seconds: float = 0.0
+    parts: dict[str, list[float]] = field(default_factory=dict)  # the task's named loss parts per step
 
 
 @dataclass
 class Engine:
     """How to run an epoch: device, AMP (CUDA only), channels_last, clipping, BN mode, parts."""
 
-    task: ClassificationTask = field(default_factory=ClassificationTask)
+    task: Task = field(default_factory=ClassificationTask)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     amp: bool = False
     channels_last: bool = False
@@ -191,13 +222,9 @@ class Engine:
         for i, batch in enumerate(bar):
             if steps is not None and i >= steps:
                 break
-            x, y = split_batch(batch)
-            if y is None:
-                raise TypeError("a training loader must yield (inputs, labels)")
-            x, y = self._inputs(x), torch.as_tensor(y).to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
-                out = model(x)
-                task_loss = self.task.loss(out, y)
+                step = self.task.step(model, batch, self)
+            task_loss = step.loss
             loss = task_loss
             for term in self.terms:  # float32, outside autocast
                 value = term(model)
@@ -215,9 +242,11 @@ class Engine:
             for hook in self.after_step:
                 hook()
             stats.task_loss.append(task_loss.item())
-            total += stats.task_loss[-1] * len(y)
-            n += len(y)
-            correct += self.task.correct(out, y)
+            for k, v in step.parts.items():
+                stats.parts.setdefault(k, []).append(float(v))
+            total += stats.task_loss[-1] * step.n
+            n += step.n
+            correct += step.correct
             bar.set_postfix(loss=f"{total / n:.4f}")
         bar.close()
         stats.loss, stats.train_accuracy = total / max(1, n), correct / max(1, n)

@@ -57,12 +57,8 @@ def _mean_valid(a: np.ndarray) -> float | None:
     return float(v.mean()) if v.size else None
 
 
-def coco_metrics(samples: Sequence[DetSample], predictions: Sequence[Prediction], classes: Sequence[str]
-                 ) -> dict[str, Any]:
-    """mAP@[.5:.95], mAP@.5, per-class AP / AP50 / recall (IoU .5 and mean over .5:.95), all areas, 100 dets.
-
-    Undefined values (a class, or the whole set, without ground-truth boxes) are None, not 0.
-    """
+def _evaluated(samples: Sequence[DetSample], predictions: Sequence[Prediction], classes: Sequence[str]) -> Any:
+    """A summarized pycocotools ``COCOeval`` (bbox) of ``predictions`` against ``samples``."""
     from pycocotools.cocoeval import COCOeval
 
     if len(samples) != len(predictions):
@@ -74,6 +70,30 @@ def coco_metrics(samples: Sequence[DetSample], predictions: Sequence[Prediction]
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
+    return ev
+
+
+def pr_curves(samples: Sequence[DetSample], predictions: Sequence[Prediction], classes: Sequence[str]
+              ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per class ``(recall (101,), precision (101,))`` at IoU .5, all areas, 100 detections (pycocotools'
+    interpolated curve; precision -1 where undefined is dropped)."""
+    ev = _evaluated(samples, predictions, classes)
+    rec = np.asarray(ev.params.recThrs)
+    out = {}
+    for k, name in enumerate(classes):
+        p = ev.eval["precision"][0, :, k, 0, -1]
+        ok = p > -1
+        out[name] = (rec[ok], p[ok])
+    return out
+
+
+def coco_metrics(samples: Sequence[DetSample], predictions: Sequence[Prediction], classes: Sequence[str]
+                 ) -> dict[str, Any]:
+    """mAP@[.5:.95], mAP@.5, per-class AP / AP50 / recall (IoU .5 and mean over .5:.95), all areas, 100 dets.
+
+    Undefined values (a class, or the whole set, without ground-truth boxes) are None, not 0.
+    """
+    ev = _evaluated(samples, predictions, classes)
     prec = ev.eval["precision"]      # [T iou, R recall, K class, A area, M maxDets]
     rec = ev.eval["recall"]          # [T, K, A, M]
     per_class = {}
@@ -112,4 +132,4 @@ def part_metrics(samples: Sequence[DetSample], predictions: Sequence[Prediction]
             "uncertain": unc, "confusion": {"tp": tp, "fn": fn, "fp": fp, "tn": tn}}
 
 
-__all__ = ["coco_metrics", "part_metrics"]
+__all__ = ["coco_metrics", "part_metrics", "pr_curves"]

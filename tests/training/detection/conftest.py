@@ -10,6 +10,9 @@ import pytest
 
 cv2 = pytest.importorskip("cv2")
 
+TINY = ["--backbone", "tiny_det", "--weights", "none", "--image-size", "64,64", "--representation-size", "64",
+        "--fpn-channels", "16", "--rpn-pre-nms-train", "200", "--rpn-post-nms-train", "100",
+        "--box-batch-size-per-image", "64", "--batch-size", "4", "--threads", "2", "--quiet", "--panels", "2"]
 NEU_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
 
 
@@ -83,3 +86,41 @@ def neu_det(tmp_path) -> Path:
                 (root / split / "annotations" / f"{stem}.xml").write_text(
                     voc_xml(f"{stem}.jpg", cls[:2], 200, 200, [(cls, b) for b in boxes]))
     return root
+
+
+def write_squares_coco(root: Path, classes: tuple[str, ...], counts: tuple[tuple[str, int], ...] = (
+        ("train", 10), ("val", 4), ("test", 4)), seed: int = 0, bad: bool = False) -> Path:
+    """COCO splits of 64x48 gray images with 2 squares each (1 negative per split), labels cycling over
+    ``classes``; ``bad`` adds one box outside the image (annotation id 999) to train.json."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for split, n in counts:
+        images, anns = [], []
+        for i in range(n):
+            img, boxes = squares_image(rng, (48, 64), 0 if i < 1 else 2)
+            name = f"images/{split}_{i}.png"
+            cv2.imwrite(str(root / name), img)
+            images.append({"id": i + 1, "file_name": name, "width": 64, "height": 48})
+            for j, b in enumerate(boxes):
+                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1 + (i + j) % len(classes),
+                             "iscrowd": 0, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                             "area": (b[2] - b[0]) * (b[3] - b[1])})
+        if bad and split == "train":
+            anns.append({"id": 999, "image_id": 2, "category_id": 1, "bbox": [60, 40, 30, 30], "iscrowd": 0})
+        (root / f"{split}.json").write_text(json.dumps(
+            {"images": images, "annotations": anns,
+             "categories": [{"id": k + 1, "name": c} for k, c in enumerate(classes)]}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def det_run(tmp_path_factory):
+    """One tiny detector run (COCO data, task inferred from the .json), shared by the detection tests."""
+    from defectscope.cli import main as ds_main
+
+    root = write_squares_coco(tmp_path_factory.mktemp("det") / "coco", ("square", "bar"), bad=True)
+    out = root.parent / "run"
+    rc = ds_main(["train", "--data", str(root / "train.json"), "--out", str(out), "--epochs", "2",
+                  "--max-steps-per-epoch", "2", *TINY])
+    assert rc == 0
+    return root, out

@@ -1,0 +1,191 @@
+"""Detector benchmark on synthetic defects composited onto real ELPV cells (training.detection.synth).
+
+Trains a Faster R-CNN (default efficientnet_lite0 + FPN at 320 px) through the project's training
+engine, evaluates mAP@[.5:.95] / mAP@.5 and the part-level recall / false-alarm rate on the held-out
+split (optionally with flip TTA), exports to ONNX (parity enforced) and times ONNX Runtime FP32
+against PyTorch eager per image at the given thread count. Prints a table and writes JSON.
+The defects are synthetic; the cells are real (ELPV, CC BY-NC-SA: never commit the data).
+
+Full run (one at a time, idle machine):
+    python bench/bench_detection.py --data-dir /tmp/elpv-synth-det --out runs/bench-det --threads 2
+Smoke (seconds):
+    python bench/bench_detection.py --smoke --out /tmp/bench-det-smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    from training.detection.config import DetTrainConfig, field_defaults
+
+    D = field_defaults(DetTrainConfig)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", default="/tmp/elpv-synth-det", help="synthetic set (generated when missing)")
+    p.add_argument("--cells", type=int, help="use at most N functional ELPV cells (default: all)")
+    p.add_argument("--repeats", type=int, default=1, help="synthetic images per cell")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--size", type=int, default=320, help="model input (px, square)")
+    p.add_argument("--epochs", type=int, default=D["epochs"])
+    p.add_argument("--batch-size", type=int, default=D["batch_size"])
+    p.add_argument("--max-steps", type=int, help="at most N steps per epoch")
+    p.add_argument("--tta", default="flips", help="'none' or 'flips' for the evaluation")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--latency-images", type=int, default=20)
+    p.add_argument("--out", default="runs/bench-det")
+    p.add_argument("--json", help="result JSON (default <out>/bench_detection.json)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds: tiny_det at 64 px on 12 random gray backgrounds, 1 epoch of 2 steps",
+    )
+    return p.parse_args(argv)
+
+
+def _data(ns: argparse.Namespace) -> Path:
+    from training.detection.synth import SynthSpec, elpv_functional_cells, generate
+
+    root = Path(ns.data_dir)
+    if (root / "train.json").is_file():
+        return root
+    if ns.smoke:
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        sources: list[Any] = [rng.normal(120, 10, (96, 96)).clip(0, 255).astype(np.uint8) for _ in range(12)]
+    else:
+        sources = list(elpv_functional_cells())
+    generate(root, sources, SynthSpec(seed=0, repeats=ns.repeats, limit=ns.cells))
+    return root
+
+
+def _latency(fn: Any, xs: list[Any], warmup: int = 2) -> float:
+    for x in xs[:warmup]:
+        fn(x)
+    ms = []
+    for x in xs:
+        t0 = time.perf_counter()
+        fn(x)
+        ms.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ms)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse(argv)
+    if ns.smoke:
+        ns.backbone, ns.size, ns.epochs, ns.max_steps, ns.latency_images = "tiny_det", 64, 1, 2, 3
+        ns.data_dir = str(Path(ns.out) / "data")
+    import torch
+
+    from calibration.export_detection import _session
+    from training.detection.checkpoint import load_detector
+    from training.detection.config import DetTrainConfig
+    from training.detection.datasets import DetectionSpec
+    from training.detection.evaluate import evaluate_run
+    from training.detection.export import export_run
+    from training.detection.loader import DetectionDataset
+    from training.detection.trainer import train_detector
+
+    torch.set_num_threads(ns.threads)
+    data = _data(ns)
+    run = Path(ns.out) / "run"
+    model_opts: dict[str, Any] = {"backbone": ns.backbone, "image_size": (ns.size, ns.size)}
+    if ns.smoke:
+        model_opts.update(weights="none", fpn_channels=16, representation_size=64)
+    cfg = DetTrainConfig(
+        DetectionSpec(str(data / "train.json")),
+        model=model_opts,
+        epochs=ns.epochs,
+        batch_size=ns.batch_size,
+        max_steps_per_epoch=ns.max_steps,
+        threads=ns.threads,
+        out=str(run),
+        panels=4,
+    )
+    t0 = time.perf_counter()
+    train_detector(cfg, overwrite=True, echo=print)
+    train_s = time.perf_counter() - t0
+    ev = evaluate_run(str(run), "test", tta=ns.tta)
+    bundle = Path(ns.out) / "bundle"
+    manifest = export_run(run, bundle, parity_images=8, threads=ns.threads, force=True, echo=print)
+
+    model, card = load_detector(run)
+    ds = DetectionDataset(json_samples(card), card.detector.image_size)
+    xs = [ds[i][0] for i in range(min(ns.latency_images, len(ds)))]
+    with torch.no_grad():
+        torch_ms = _latency(lambda x: model([x]), xs)
+    sess = _session(bundle / "model.onnx", ns.threads)
+    name = sess.get_inputs()[0].name
+    ort_ms = _latency(lambda x: sess.run(None, {name: x.numpy()[None]}), xs)
+    plain, tta = ev["plain"], ev.get("tta")
+    result = {
+        "backbone": ns.backbone,
+        "size": ns.size,
+        "threads": ns.threads,
+        "epochs": ns.epochs,
+        "train_s": train_s,
+        "test_images": ev["images"],
+        "map": plain["map"],
+        "map50": plain["map50"],
+        "part_recall": plain["part"]["recall"],
+        "part_false_alarm_rate": plain["part"]["false_alarm_rate"],
+        "tta": ns.tta,
+        "tta_delta": ev.get("tta_delta"),
+        "tta_map50": tta["map50"] if tta else None,
+        "torch_ms": torch_ms,
+        "ort_fp32_ms": ort_ms,
+        "ort_speedup": torch_ms / ort_ms if ort_ms else None,
+        "parity": manifest["provenance"]["export"]["parity"],
+        "per_class": plain["per_class"],
+        "smoke": ns.smoke,
+        "note": "synthetic defects on real ELPV cells" if not ns.smoke else "smoke data",
+    }
+    out = Path(ns.json) if ns.json else Path(ns.out) / "bench_detection.json"
+    from runtime.fsio import atomic_write_json
+
+    atomic_write_json(out, result)
+    print(table(result))
+    print(f"-> {out}")
+    return 0
+
+
+def json_samples(card: Any) -> list[Any]:
+    """The held-out samples of the run's data (labels in the card's class order)."""
+    from training.detection.export import _held_out
+
+    return _held_out(card, "test", None)
+
+
+def _v(x: Any, fmt: str = ".4f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def table(r: dict[str, Any]) -> str:
+    rows = [
+        ("mAP@[.5:.95]", _v(r["map"])),
+        ("mAP@.5", _v(r["map50"])),
+        (f"mAP@.5 with TTA ({r['tta']})", _v(r["tta_map50"])),
+        ("part recall (defective)", _v(r["part_recall"])),
+        ("part false-alarm rate", _v(r["part_false_alarm_rate"])),
+        (f"torch eager ms/img ({r['threads']} thr)", _v(r["torch_ms"], ".1f")),
+        (f"ORT FP32 ms/img ({r['threads']} thr)", _v(r["ort_fp32_ms"], ".1f")),
+        ("ORT speed-up vs torch", _v(r["ort_speedup"], ".2f")),
+        ("train wall s", _v(r["train_s"], ".0f")),
+    ]
+    w = max(len(k) for k, _ in rows)
+    head = f"{r['backbone']} @ {r['size']} px, {r['test_images']} test images"
+    return "\n".join([head, *(f"  {k:<{w}}  {v:>10}" for k, v in rows)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""`defectscope export` of a detection run: ONNX parity enforced, detection manifest, ORT metrics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from defectscope.cli import main as ds_main
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("pycocotools")
+
+
+def test_export_detection_bundle(det_run, tmp_path):
+    from runtime.boxes import box_iou
+    from runtime.fsio import sha256_file
+    from training.detection.checkpoint import load_detector
+    from training.detection.export import _held_out, ort_predict
+    from training.detection.loader import DetectionDataset
+    from training.detection.predict import predict
+
+    _, run = det_run
+    out = tmp_path / "bundle"
+    assert ds_main(["export", str(run), "--out", str(out), "--threads", "2", "--parity-images", "4"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["model"]["task"] == "detection" and m["classes"] == ["ok", "square", "bar"]
+    assert m["good_classes"] == ["ok"]
+    assert m["output"] == {
+        "kind": "detections",
+        "names": ["boxes", "scores", "labels"],
+        "box_format": "xyxy",
+        "score_threshold": 0.5,
+        "max_detections": 100,
+    }
+    assert m["input"]["resize_policy"] == "letterbox" and (m["input"]["height"], m["input"]["width"]) == (64, 64)
+    assert m["files"]["model.onnx"] == sha256_file(out / "model.onnx")
+    par = m["provenance"]["export"]["parity"]
+    assert par["images"] == 4 and par["detections"] > 0 and par["min_iou"] >= 0.98 and par["max_score_diff"] <= 1e-3
+    assert "map50" in m["metrics"]["fp32"] and "runtime_validation" in m["provenance"]["export"]
+    # The bundle's graph gives torch's detections in original pixels (same count above 0.05, same labels).
+    model, card = load_detector(run)
+    ds = DetectionDataset(_held_out(card, "test", 3), card.detector.image_size)
+    onnx_preds, _ = ort_predict(out / "model.onnx", ds)
+    for (tb, ts, tl), (ob, os_, ol) in zip(predict(model, ds), onnx_preds):
+        keep_t, keep_o = ts >= 0.05, os_ >= 0.05
+        assert keep_t.sum() == keep_o.sum()
+        np.testing.assert_allclose(np.sort(ts[keep_t]), np.sort(os_[keep_o]), atol=1e-3)
+        assert sorted(tl[keep_t].tolist()) == sorted(ol[keep_o].tolist())
+        if keep_t.any():  # boxes in original pixels agree (the ONNX side mapped back by ort_predict)
+            assert box_iou(tb[keep_t], ob[keep_o]).max(1).min() >= 0.98
+
+
+def test_export_refuses_existing_bundle(det_run, tmp_path):
+    _, run = det_run
+    (tmp_path / "b").mkdir()
+    assert ds_main(["export", str(run), "--out", str(tmp_path / "b")]) == 1
+
+
+def test_parity_failure_refuses_the_export(det_run, tmp_path):
+    from calibration.export_detection import DetectionExportError
+    from training.detection.export import export_run
+
+    _, run = det_run
+    out = tmp_path / "refused"
+    # A negative score tolerance no real match can meet: the check must refuse and write nothing.
+    with pytest.raises(DetectionExportError):
+        export_run(run, out, parity_images=4, parity_score_tol=-1.0, echo=lambda *_: None)
+    assert not out.exists()

@@ -1,0 +1,300 @@
+"""``defectscope train`` / ``evaluate`` on detection data (dispatched here by ``training.cli``).
+
+Which task a command means is decided from its arguments, never inside the engine:
+``--task detection`` forces it; otherwise a COCO ``.json``, a VOC folder or a YOLO folder as
+``--data`` (or a config file with ``task = "detection"``) is detection, and a run directory
+whose ``model.json`` says ``"task": "detection"`` is a detector for ``evaluate``/``extend``/``export``.
+Option defaults are read from the config dataclasses (``DetTrainConfig``, ``DetectorSpec``,
+``DetectionSpec``); the help shows them, nothing restates them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+S = argparse.SUPPRESS
+# DetTrainConfig fields set by flags (data/model/augment have their own groups).
+OPTIM_KEYS = (
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "warmup_epochs",
+    "grad_clip",
+    "max_steps_per_epoch",
+    "patience",
+    "score_threshold",
+    "panels",
+    "amp",
+    "seed",
+    "threads",
+    "device",
+)
+DATA_KEYS = ("format", "val_fraction", "test_fraction", "limit")
+
+
+def is_detection_data(data: str | None) -> bool:
+    """A COCO JSON file, or a folder the detection readers recognise (VOC XML, YOLO)."""
+    if not data or data == "elpv" or data.lower().endswith(".csv"):
+        return False
+    from training.data import DataError
+    from training.detection.datasets import infer_format
+
+    try:
+        infer_format(Path(data))
+        return True
+    except DataError:
+        return False
+
+
+def wants_detection(argv: list[str]) -> bool:
+    """``defectscope train`` argv: detection forced, in the config file, or inferred from ``--data``."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task", choices=("classification", "detection"))
+    pre.add_argument("--data")
+    pre.add_argument("--config")
+    ns, _ = pre.parse_known_args(argv)
+    if ns.task:
+        return ns.task == "detection"
+    if ns.config and Path(ns.config).is_file():
+        try:
+            if _read_config(ns.config).get("task") == "detection":
+                return True
+        except (OSError, ValueError):
+            return False
+    return is_detection_data(ns.data)
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if p.suffix.lower() == ".toml":
+        import tomllib
+
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def _opt_type(annotation: str, default: Any) -> Any:
+    """argparse ``type`` for a dataclass field: tuples comma-separated, ``X | None`` accepts 'none'."""
+    base = annotation.replace(" | None", "").strip()
+    if base.startswith("tuple"):
+        inner = float if "float" in base else int
+        return lambda s: tuple(inner(v) for v in s.split(","))
+    conv = {"int": int, "float": float, "str": str}.get(base, type(default) if default is not None else str)
+    if "None" in annotation:
+        return lambda s: None if s.lower() in ("none", "null", "") else conv(s)
+    return conv
+
+
+def _fmt(v: Any) -> str:
+    return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) if isinstance(v, tuple) else str(v)
+
+
+def _add_fields(group: Any, cls: type, keys: Any, dest_prefix: str) -> None:
+    from training.detection.config import field_defaults
+
+    d = field_defaults(cls)
+    for f in fields(cls):
+        if f.name not in keys:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(d.get(f.name), bool):
+            group.add_argument(
+                flag,
+                dest=dest_prefix + f.name,
+                type=lambda s: s.lower() in ("1", "true", "yes", "on"),
+                metavar="BOOL",
+                default=S,
+                help=f"({d[f.name]})",
+            )
+        else:
+            group.add_argument(
+                flag,
+                dest=dest_prefix + f.name,
+                type=_opt_type(str(f.type), d.get(f.name)),
+                default=S,
+                help=f"({_fmt(d.get(f.name))})",
+            )
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    from training.detection.config import MODEL_KEYS, DetTrainConfig, field_defaults
+    from training.detection.datasets import DetectionSpec
+    from training.detection.model import DetectorSpec
+
+    p = argparse.ArgumentParser(
+        prog="defectscope train --task detection",
+        description="Fine-tune a Faster R-CNN defect detector (torchvision, FPN).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="data (--data): COCO train.json (val.json/test.json beside it, else seeded splits by image),\n"
+        "  a Pascal VOC folder (NEU-DET, GC10-DET layouts) or a YOLO folder (images/, labels/, classes.txt)\n"
+        "outputs (--out): config.json, metrics.json, best.safetensors, model.json, report.json,\n"
+        "  curves.png, pr_curves.png, panels.png\n\nexamples:\n"
+        "  defectscope train --data /data/elpv-synth-det/train.json --out runs/det-lite0\n"
+        "  defectscope train --data /data/NEU-DET --task detection --fpn-channels 256 --out runs/neu\n",
+    )
+    D = field_defaults(DetTrainConfig)
+    p.add_argument("--task", choices=("classification", "detection"), default=S, help="force the task")
+    p.add_argument("--config", default=S, help="TOML/JSON with DetTrainConfig keys ([data], [model], [augment])")
+    p.add_argument("--data", default=S, help="COCO .json, VOC folder or YOLO folder")
+    p.add_argument("--strict", action="store_true", default=S, help="bad annotations are fatal (else skipped, counted)")
+    p.add_argument("--out", default=S, help=f"run directory ({D['out']})")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_fields(p.add_argument_group("data"), DetectionSpec, DATA_KEYS, "data.")
+    _add_fields(p.add_argument_group("detector"), DetectorSpec, MODEL_KEYS, "model.")
+    _add_fields(p.add_argument_group("optimisation"), DetTrainConfig, OPTIM_KEYS, "")
+    p.add_argument(
+        "--rot90",
+        action="store_true",
+        default=S,
+        dest="augment.rot90",
+        help="random quarter turns (square inputs; defects without a 'down')",
+    )
+    p.add_argument("--no-augment", action="store_true", default=S, help="no flips, zoom or jitter")
+    return p
+
+
+def config_from_args(ns: argparse.Namespace) -> Any:
+    from training.detection.config import DetTrainConfig
+
+    v = vars(ns)
+    base: dict[str, Any] = _read_config(v["config"]) if "config" in v else {}
+    base.pop("task", None)
+    data, model, augment = dict(base.pop("data", {})), dict(base.pop("model", {})), dict(base.pop("augment", {}))
+    if "data" in v:
+        data["path"] = v["data"]
+    if "strict" in v:
+        data["strict"] = True
+    if v.get("no_augment"):
+        augment.update(hflip=0.0, vflip=0.0, brightness=0.0, contrast=0.0, scale=(1.0, 1.0))
+    for k, val in v.items():
+        if k.startswith("data."):
+            data[k[5:]] = val
+        elif k.startswith("model."):
+            model[k[6:]] = val
+        elif k.startswith("augment."):
+            augment[k[8:]] = val
+        elif k in OPTIM_KEYS or k == "out":
+            base[k] = val
+    if "path" not in data:
+        raise ValueError("--data: required (a COCO .json, a VOC folder or a YOLO folder)")
+    return DetTrainConfig.from_dict({**base, "data": data, "model": model, "augment": augment}, where="command line")
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    ns = build_train_parser().parse_args(argv)
+    from training.data import DataError
+    from training.detection.model import DetectorConfigError
+    from training.detection.trainer import train_detector
+    from training.trainer import RunExistsError
+
+    try:
+        cfg = config_from_args(ns)
+        train_detector(cfg, overwrite=ns.overwrite, progress=not ns.quiet and sys.stderr.isatty(), echo=print)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (DataError, DetectorConfigError, RunExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _source_of_extend(argv: list[str]) -> str | None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--from", dest="source")
+    ns, _ = pre.parse_known_args(argv)
+    return ns.source
+
+
+def extend_dispatch(argv: list[str] | None = None) -> int:
+    """``defectscope extend``: a detection source run goes to ``extend_main``, anything else to the classifier's."""
+    from training.detection.checkpoint import card_task
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    source = _source_of_extend(args)
+    if source and card_task(source) == "detection":
+        return extend_main(args)
+    from training.extend_cli import main
+
+    return main(argv)
+
+
+def build_extend_parser() -> argparse.ArgumentParser:
+    from training.detection.config import DetTrainConfig, field_defaults
+    from training.detection.extend import DetExtendConfig
+
+    E = field_defaults(DetExtendConfig)
+    p = argparse.ArgumentParser(
+        prog="defectscope extend (detector)",
+        description="Extend a detection run to a new line (same classes) or new defect classes: the box "
+        "predictor grows with old rows frozen bit-exact, EWC protects backbone/FPN/RPN, replay optional.",
+    )
+    p.add_argument("--from", dest="source", required=True, metavar="RUN", help="detection run directory")
+    p.add_argument("--data", required=True, help="new data: COCO .json, VOC folder or YOLO folder")
+    p.add_argument("--out", required=True, help="output run directory")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--strict", action="store_true", help="bad annotations are fatal")
+    p.add_argument("--lambda", dest="lam", type=float, default=E["lam"], help=f"EWC strength, 0 = off ({E['lam']:g})")
+    p.add_argument(
+        "--fisher-samples",
+        type=int,
+        default=E["fisher_samples"],
+        help=f"old training images in the Fisher ({E['fisher_samples']})",
+    )
+    p.add_argument("--replay", default=E["replay"], help="old training images mixed in: a count (50) or share (10%%)")
+    p.add_argument(
+        "--no-freeze-old-rows", action="store_true", help="let the old class rows of the box predictor train"
+    )
+    p.add_argument("--quiet", action="store_true")
+    _add_fields(p.add_argument_group("optimisation"), DetTrainConfig, OPTIM_KEYS, "")
+    return p
+
+
+def extend_main(argv: list[str] | None = None) -> int:
+    ns = build_extend_parser().parse_args(argv)
+    from training.checkpoint import CheckpointError
+    from training.data import DataError
+    from training.detection.config import DetTrainConfig
+    from training.detection.extend import DetExtendConfig, extend_detector
+    from training.ewc import EWCError
+    from training.trainer import RunExistsError
+
+    v = vars(ns)
+    try:
+        train = DetTrainConfig.from_dict(
+            {**{k: v[k] for k in OPTIM_KEYS if k in v}, "out": ns.out, "data": {"path": ns.data, "strict": ns.strict}},
+            where="command line",
+        )
+        cfg = DetExtendConfig(
+            ns.source,
+            train,
+            lam=ns.lam,
+            fisher_samples=ns.fisher_samples,
+            replay=ns.replay,
+            freeze_old_rows=not ns.no_freeze_old_rows,
+        )
+        extend_detector(cfg, overwrite=ns.overwrite, progress=not ns.quiet and sys.stderr.isatty())
+    except (CheckpointError, DataError, EWCError, RunExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__ = [
+    "build_extend_parser",
+    "build_train_parser",
+    "config_from_args",
+    "extend_dispatch",
+    "extend_main",
+    "is_detection_data",
+    "train_main",
+    "wants_detection",
+]

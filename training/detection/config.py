@@ -1,0 +1,119 @@
+"""``DetTrainConfig``: one frozen, validated configuration of a detector training run.
+
+Every default has one definition: the detector's in ``DetectorSpec`` (training.detection.model),
+the data's in ``DetectionSpec``, augmentation's in ``AugmentSpec``, the optimisation's here.
+The CLI help reads them from these dataclasses (``field_defaults``), the config file and the
+saved ``config.json`` go through ``from_dict``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from typing import Any
+
+from training.data import DataError
+from training.detection.datasets import DetectionSpec
+from training.detection.model import DetectorConfigError, DetectorSpec
+from training.detection.transforms import AugmentSpec
+
+# DetectorSpec keys a user sets (the classes come from the data).
+MODEL_KEYS = tuple(f.name for f in fields(DetectorSpec) if f.name != "classes")
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """A dataclass's field defaults (help texts read these; nothing is restated)."""
+    out = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def detector_spec(classes: Any, model: Mapping[str, Any]) -> DetectorSpec:
+    """``DetectorSpec`` for the data's classes with the run's model options."""
+    unknown = sorted(set(model) - set(MODEL_KEYS))
+    if unknown:
+        raise DetectorConfigError(f"model: unknown key(s) {unknown}; expected some of {list(MODEL_KEYS)}")
+    return DetectorSpec(classes=tuple(classes), **dict(model))
+
+
+@dataclass(frozen=True)
+class DetTrainConfig:
+    data: DetectionSpec
+    model: Mapping[str, Any] = field(default_factory=dict)  # DetectorSpec options (MODEL_KEYS); unset = its default
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    epochs: int = 12
+    batch_size: int = 4
+    optimizer: str = "sgd"  # "sgd" (momentum 0.9, torchvision's detection recipe) | "adamw"
+    lr: float = 0.01  # SGD at batch 4; AdamW wants ~1e-4
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5  # linear warm-up, then cosine to 0 (training.schedule.warmup_cosine)
+    grad_clip: float | None = 10.0  # detection losses spike early (RPN regression on random anchors)
+    max_steps_per_epoch: int | None = None
+    patience: int | None = None  # epochs without val mAP@.5 gain before stopping; None = run all
+    score_threshold: float = 0.5  # part-level verdict: a part is defective when a box scores >= this
+    panels: int = 4  # predicted-vs-truth PNG panels written from the evaluated split
+    amp: bool = False
+    seed: int = 0
+    threads: int | None = None
+    device: str = "auto"
+    out: str = "runs/detector"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", dict(self.model))
+        detector_spec(("probe",), self.model)  # validates the model options now, with their key names
+        for key in ("epochs", "batch_size"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < 1:
+                raise DataError(f"{key}: expected a positive integer, got {v!r}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise DataError(f"optimizer: expected 'sgd' or 'adamw', got {self.optimizer!r}")
+        for key in ("lr", "weight_decay", "warmup_epochs"):
+            v = getattr(self, key)
+            if not isinstance(v, (int, float)) or v < 0 or (key == "lr" and v == 0):
+                raise DataError(f"{key}: expected a number {'> 0' if key == 'lr' else '>= 0'}, got {v!r}")
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise DataError(f"score_threshold: expected a score in [0, 1], got {self.score_threshold!r}")
+        for key in ("max_steps_per_epoch", "patience"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise DataError(f"{key}: expected a positive integer or null, got {v!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "config") -> DetTrainConfig:
+        d = {k: v for k, v in d.items() if k not in ("task", "config_hash")}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise DataError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        if "data" not in d:
+            raise DataError(f"{where}: 'data' is required (the detection dataset)")
+        d = dict(d)
+        d["data"] = DetectionSpec.from_dict(d["data"], where=f"{where}: data")
+        d["augment"] = AugmentSpec.from_dict(d.get("augment", {}))
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise DataError(f"{where}: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["data"], d["augment"], d["model"] = self.data.to_dict(), self.augment.to_dict(), dict(self.model)
+        return {"task": "detection", **d}
+
+    def with_(self, **kw: Any) -> DetTrainConfig:
+        return replace(self, **kw)
+
+    def hash(self) -> str:
+        d = self.to_dict()
+        for k in ("out", "threads", "device"):  # where and how fast, not what
+            d.pop(k, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+__all__ = ["MODEL_KEYS", "DetTrainConfig", "detector_spec", "field_defaults"]

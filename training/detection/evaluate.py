@@ -1,0 +1,159 @@
+"""``defectscope evaluate RUN`` on a detector: COCO mAP, per-class AP / recall, the part-level
+verdict, and flip TTA (merged by weighted box fusion, ``runtime.boxes``) with its measured delta."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from runtime import tta as rtta
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from training.detection.config import DetTrainConfig, field_defaults
+
+    thr = field_defaults(DetTrainConfig)["score_threshold"]
+    p = argparse.ArgumentParser(
+        prog="defectscope evaluate (detector)",
+        description="Evaluate a detection run: mAP@[.5:.95], mAP@.5, per-class AP and recall (pycocotools), "
+        "part-level accuracy / recall of defective parts / false-alarm rate; optional flip TTA.",
+    )
+    p.add_argument("checkpoint", help="detection run directory (model.json with task=detection)")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test")
+    p.add_argument("--data", help="other detection data (COCO .json, VOC or YOLO folder); default: the run's")
+    p.add_argument("--strict", action="store_true", help="bad annotations are fatal")
+    p.add_argument("--limit", type=int, help="at most N images per split (seeded)")
+    p.add_argument(
+        "--tta",
+        default="none",
+        help=f"'none', 'flips' ({', '.join(rtta.FLIPS[1:])}) or comma-separated view names of those; "
+        "views are merged by weighted box fusion and compared with the plain result",
+    )
+    p.add_argument("--score-threshold", type=float, default=thr, help=f"part-level verdict threshold ({thr})")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", help="report JSON (default <run>/eval_<split>[_tta].json)")
+    p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    return p
+
+
+def tta_views(spec: str) -> tuple[str, ...]:
+    from training.detection.predict import TTA_VIEWS
+
+    views = rtta.expand_views(spec)
+    bad = [v for v in views if v not in TTA_VIEWS]
+    if bad:
+        raise ValueError(f"--tta: detectors support the flip views {list(TTA_VIEWS)}, not {bad}")
+    return views
+
+
+def _delta(a: Any, b: Any) -> float | None:
+    return None if a is None or b is None else float(b) - float(a)
+
+
+def evaluate_run(
+    run: str,
+    split: str = "test",
+    data: str | None = None,
+    tta: str = "none",
+    limit: int | None = None,
+    strict: bool = False,
+    score_threshold: float = 0.5,
+) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from training.detection.checkpoint import load_detector
+    from training.detection.datasets import DetectionSpec, resolve_detection
+    from training.detection.loader import DetectionDataset
+    from training.detection.task import DetectionTask
+    from training.detection.trainer import evaluate_model
+
+    model, card = load_detector(run)
+    spec = DetectionSpec.from_dict(card.data, where="model.json: data") if data is None else DetectionSpec(data)
+    spec = replace(spec, limit=limit or spec.limit, strict=strict or spec.strict)
+    splits = resolve_detection(spec)
+    missing = sorted(set(splits.classes) - set(card.classes))
+    if missing:
+        raise ValueError(f"{spec.path}: classes {missing} are not classes of the detector {list(card.classes)}")
+    samples = splits.split(split)
+    if not samples:
+        raise ValueError(f"split {split!r} of {spec.path} is empty")
+    # Data labels index the data's classes; the detector's order is the card's.
+    remap = [card.classes.index(c) for c in splits.classes]
+    samples = [replace(s, labels=tuple(remap[i] for i in s.labels)) for s in samples]
+    ds = DetectionDataset(samples, card.detector.image_size)
+    task = DetectionTask(score_threshold)
+    plain, _ = evaluate_model(model, ds, task, card.classes)
+    out: dict[str, Any] = {
+        "task": "detection",
+        "split": split,
+        "checkpoint": str(run),
+        "images": len(samples),
+        "classes": list(card.classes),
+        "plain": plain,
+        "tta": None,
+        "bad_annotations": splits.report.summary(),
+        "data": spec.to_dict(),
+    }
+    views = tta_views(tta)
+    if len(views) > 1:
+        merged, _ = evaluate_model(model, ds, task, card.classes, views)
+        out["tta"] = {"views": list(views), "merge": "weighted_box_fusion", **merged}
+        out["tta_delta"] = {k: _delta(plain[k], merged[k]) for k in ("map", "map50", "map75")} | {
+            f"part_{k}": _delta(plain["part"][k], merged["part"][k]) for k in ("accuracy", "recall", "false_alarm_rate")
+        }
+    return out
+
+
+def _v(x: Any) -> str:
+    return "   n/a" if x is None else f"{x:.4f}"
+
+
+def format_table(r: dict[str, Any]) -> str:
+    cols = [("plain", r["plain"])] + ([("tta", r["tta"])] if r.get("tta") else [])
+    lines = [f"{'':<24}" + "".join(f"{n:>10}" for n, _ in cols)]
+    rows = [
+        ("mAP@[.5:.95]", lambda m: m["map"]),
+        ("mAP@.5", lambda m: m["map50"]),
+        ("part accuracy", lambda m: m["part"]["accuracy"]),
+        ("part recall (defective)", lambda m: m["part"]["recall"]),
+        ("false-alarm rate", lambda m: m["part"]["false_alarm_rate"]),
+    ]
+    rows += [(f"AP50 {c}", lambda m, c=c: m["per_class"][c]["ap50"]) for c in r["classes"]]
+    rows += [(f"recall@.5 {c}", lambda m, c=c: m["per_class"][c]["recall50"]) for c in r["classes"]]
+    for name, get in rows:
+        lines.append(f"{name:<24}" + "".join(f"{_v(get(m)):>10}" for _, m in cols))
+    if r.get("tta_delta"):
+        lines.append("TTA delta: " + ", ".join(f"{k} {v:+.4f}" for k, v in r["tta_delta"].items() if v is not None))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    from training.checkpoint import CheckpointError
+    from training.data import DataError
+    from training.trainer import setup_runtime
+
+    setup_runtime(ns.threads, 0)
+    try:
+        r = evaluate_run(ns.checkpoint, ns.split, ns.data, ns.tta, ns.limit, ns.strict, ns.score_threshold)
+    except (CheckpointError, DataError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from runtime.fsio import atomic_write_json
+
+    ck = Path(ns.checkpoint)
+    run_dir = ck if ck.is_dir() else ck.parent
+    suffix = "" if ns.tta == "none" else "_" + "".join(c if c.isalnum() else "-" for c in ns.tta)
+    atomic_write_json(Path(ns.out) if ns.out else run_dir / f"eval_{ns.split}{suffix}.json", r)
+    print(
+        json.dumps(r, indent=2, default=str)
+        if ns.json
+        else f"detector on {ns.split} split: {r['images']} images\n{format_table(r)}"
+    )
+    return 0
+
+
+__all__ = ["build_parser", "evaluate_run", "format_table", "main", "tta_views"]

@@ -1,0 +1,255 @@
+"""``defectscope export`` of a detection run: ONNX (calibration.export_detection), parity enforced,
+FP32 metrics measured with ONNX Runtime, and a ``"task": "detection"`` bundle manifest.
+
+Manifest (schema_version 1, docs/contracts.md): ``model.task = "detection"``;
+``classes = ["ok", *defect classes]`` and ``good_classes = ["ok"]`` so a graph label (1-based,
+0 = background/padding) indexes ``classes`` directly; ``input`` = the InputSpec keys with
+``resize_policy = "letterbox"``, ``pad_value``, mean 0 / std 1 (pixels scaled to [0, 1]);
+``output = {"kind": "detections", "names": ["boxes", "scores", "labels"], "box_format": "xyxy",
+"score_threshold", "max_detections"}``; boxes are model-input pixels (the runtime maps them back).
+
+The bundle is written atomically (temp directory beside ``--out``, ``manifest.json`` last,
+rename) and then read back with ``runtime.bundle.load_bundle``; until ``runtime/`` accepts the
+letterbox input (``runtime.preprocess.InputSpec``), that validation result is reported in
+``provenance.export.runtime_validation`` instead of failing the export.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PARITY_SCORE_THRESHOLD = 0.05  # parity counts every detection the model reports (its box_score_thresh)
+PARITY_SCORE_TOL = 1e-3
+
+
+def ort_predict(onnx_path: str | Path, ds: Any, threads: int = 1) -> tuple[list, list[float]]:
+    """ONNX Runtime over a ``DetectionDataset`` (eval transform): per image ``(boxes original px, scores,
+    labels 0-based)`` with padding rows (score 0) dropped; also per-image latency in ms."""
+    from calibration.export_detection import OUTPUT_NAMES, _session
+
+    sess = _session(onnx_path, threads)
+    name = sess.get_inputs()[0].name
+    out, ms = [], []
+    for i in range(len(ds)):
+        image, target = ds[i]
+        x = image.numpy()[None].astype(np.float32)
+        t0 = time.perf_counter()
+        b, s, lab = sess.run(list(OUTPUT_NAMES), {name: x})
+        ms.append((time.perf_counter() - t0) * 1e3)
+        keep = s[0] > 0
+        out.append(
+            (
+                target["geometry"].to_original(b[0][keep]),
+                s[0][keep].astype(np.float32),
+                lab[0][keep].astype(np.int64) - 1,
+            )
+        )
+    return out, ms
+
+
+def _held_out(card: Any, split: str, limit: int | None) -> list[Any]:
+    from training.detection.datasets import DetectionSpec, resolve_detection
+
+    splits = resolve_detection(DetectionSpec.from_dict(card.data, where="model.json: data"))
+    samples = splits.split(split) or splits.val
+    if not samples:
+        raise ValueError(f"{card.data.get('path')}: split {split!r} and val are empty; nothing to check parity on")
+    idx = [list(card.classes).index(c) for c in splits.classes]
+    samples = [replace(s, labels=tuple(idx[i] for i in s.labels)) for s in samples]
+    return samples[:limit] if limit else samples
+
+
+def manifest_dict(
+    card: Any,
+    info: Any,
+    *,
+    name: str,
+    version: str,
+    score_threshold: float,
+    provenance: dict[str, Any],
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
+    """The detection manifest (without ``files``, filled in by the writer)."""
+    from calibration.provenance import utc_now
+
+    h, w = card.detector.image_size
+    inp = info.input
+    return {
+        "schema_version": 1,
+        "model": {
+            "name": name,
+            "version": version,
+            "task": "detection",
+            "architecture": card.detector.backbone,
+            "created": utc_now(),
+        },
+        "classes": ["ok", *card.classes],
+        "good_classes": ["ok"],
+        "input": {
+            "name": "input",
+            "height": h,
+            "width": w,
+            "resize_size": max(h, w),
+            "mean": inp["mean"],
+            "std": inp["std"],
+            "layout": "NCHW",
+            "dtype": "float32",
+            "channels": 3,
+            "color_order": inp["color_order"],
+            "resize_policy": inp["resize_policy"],
+            "interpolation": "bilinear",
+            "pad_value": inp["pad_value"],
+        },
+        "output": {
+            "kind": "detections",
+            "names": ["boxes", "scores", "labels"],
+            "box_format": inp["box_format"],
+            "score_threshold": score_threshold,
+            "max_detections": info.max_detections,
+        },
+        "artifacts": {"fp32": {"file": "model.onnx", "format": "onnx", "precision": "fp32"}},
+        "default_artifact": "fp32",
+        "provenance": provenance,
+        "metrics": metrics,
+    }
+
+
+def write_detection_bundle(dest: Path, manifest: dict[str, Any], onnx_path: Path) -> dict[str, Any]:
+    """Atomic bundle directory: model.onnx, then manifest.json with its sha256, then rename into place."""
+    from runtime.fsio import atomic_write_json, fsync_dir, sha256_file
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        shutil.copyfile(onnx_path, tmp / "model.onnx")
+        manifest = {**manifest, "files": {"model.onnx": sha256_file(tmp / "model.onnx")}}
+        atomic_write_json(tmp / "manifest.json", manifest)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+        fsync_dir(dest.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def runtime_validation(dest: Path) -> dict[str, Any]:
+    """What ``runtime.bundle.load_bundle`` (checksums + graph I/O) says of the written bundle."""
+    from runtime.bundle import load_bundle
+
+    try:
+        load_bundle(dest)
+        return {"accepted": True}
+    except Exception as exc:  # noqa: BLE001 - reported, see the module docstring
+        return {"accepted": False, "error": str(exc)}
+
+
+def export_run(
+    run: str | Path,
+    out: str | Path,
+    *,
+    name: str | None = None,
+    version: str = "1.0.0",
+    split: str = "test",
+    parity_images: int = 16,
+    eval_limit: int | None = None,
+    score_threshold: float | None = None,
+    parity_score_tol: float = PARITY_SCORE_TOL,
+    threads: int = 1,
+    force: bool = False,
+    echo: Any = print,
+) -> dict[str, Any]:
+    """Export ``run`` to a bundle at ``out``; raises ``DetectionExportError`` when parity fails (nothing written)."""
+    from calibration.export_detection import export_detector, parity
+    from calibration.provenance import git_commit, library_versions
+    from runtime.fsio import sha256_file
+    from training.checkpoint import BEST
+    from training.detection.checkpoint import load_detector
+    from training.detection.loader import DetectionDataset
+    from training.detection.task import DetectionTask, DetPredictions
+
+    out, run = Path(out), Path(run)
+    if out.exists() and not force:
+        raise ValueError(f"{out}: already exists; pass --force to replace it")
+    model, card = load_detector(run)
+    run_dir = run if run.is_dir() else run.parent
+    cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+    thr = float(score_threshold if score_threshold is not None else cfg.get("score_threshold", 0.5))
+    samples = _held_out(card, split, eval_limit)
+    ds = DetectionDataset(samples, card.detector.image_size)
+    with tempfile.TemporaryDirectory(prefix="defectscope-export-det-") as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        info = export_detector(model, onnx_path)
+        echo(f"exported opset {info.opset} ({info.exporter}), {info.nodes} nodes, input {info.height}x{info.width}")
+        images = [ds[i][0].numpy() for i in range(min(parity_images, len(ds)))]
+        par = parity(model, onnx_path, images, score_threshold=PARITY_SCORE_THRESHOLD, score_tol=parity_score_tol)
+        echo(
+            f"parity ok on {par['images']} images, {par['detections']} detections: min IoU {par['min_iou']:.5f}, "
+            f"max score diff {par['max_score_diff']:.2e}, max box diff {par['max_box_diff_px']:.2e} px"
+        )
+        preds, ms = ort_predict(onnx_path, ds, threads)
+        m = DetectionTask(thr).evaluate(DetPredictions(samples, preds), card.classes)
+        metrics = {
+            "fp32": {
+                "split": split,
+                "n": len(samples),
+                "map": m["map"],
+                "map50": m["map50"],
+                "map75": m["map75"],
+                "part": m["part"],
+                "per_class": {c: {k: v[k] for k in ("ap", "ap50", "recall50")} for c, v in m["per_class"].items()},
+                "latency_ms_median": float(np.median(ms)) if ms else None,
+                "threads": threads,
+            }
+        }
+        prov = {
+            "config_hash": card.config_hash,
+            "git_commit": git_commit(),
+            "libraries": library_versions(),
+            "training": {
+                "run_dir": str(run_dir),
+                "weights_sha256": sha256_file(run_dir / BEST),
+                "backbone": card.detector.backbone,
+                "detector": card.detector.to_dict(),
+                "data": dict(card.data),
+                "parent": card.parent,
+            },
+            "export": {
+                **info.to_dict(),
+                "parity": {
+                    **par,
+                    "score_threshold": PARITY_SCORE_THRESHOLD,
+                    "score_tol": parity_score_tol,
+                    "min_iou_required": 0.98,
+                },
+            },
+        }
+        name = name or f"{card.detector.backbone}-{run_dir.name}".replace("_", "-")
+        manifest = manifest_dict(
+            card, info, name=name, version=version, score_threshold=thr, provenance=prov, metrics=metrics
+        )
+        manifest = write_detection_bundle(out, manifest, onnx_path)
+    check = runtime_validation(out)
+    if not check["accepted"]:
+        echo(f"note: runtime.bundle does not load detection bundles yet: {check['error']}")
+    manifest["provenance"]["export"]["runtime_validation"] = check
+    from runtime.fsio import atomic_write_json
+
+    atomic_write_json(out / "manifest.json", manifest)
+    echo(
+        f"bundle written: {out} (FP32 ONNX Runtime on {split}: mAP@.5 {m['map50']}, part recall "
+        f"{m['part']['recall']}, false alarms {m['part']['false_alarm_rate']})"
+    )
+    return manifest
+
+
+__all__ = ["export_run", "manifest_dict", "ort_predict", "runtime_validation", "write_detection_bundle"]

@@ -1,0 +1,275 @@
+"""``defectscope train`` on detection data: a Faster R-CNN run on the one training engine.
+
+The epochs run through ``training.engine.Engine.run_epoch`` with ``DetectionTask`` as the
+task part (extend adds its EWC term and row-freezing hook the same way). Run directory:
+``config.json`` (resolved), ``metrics.json`` (per epoch), ``best.safetensors`` + ``model.json``
+(best val mAP@.5), ``report.json`` (held-out COCO + part-level metrics), ``curves.png``,
+``pr_curves.png``, ``panels.png`` (predicted vs truth).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runtime.fsio import atomic_write_json
+from training.checkpoint import BEST, MODEL_CARD
+from training.detection.checkpoint import DetCard, save_detector
+from training.detection.config import DetTrainConfig, detector_spec
+from training.detection.datasets import DetSplits, resolve_detection
+from training.detection.loader import DetectionDataset, collate
+from training.detection.model import build_detector
+from training.detection.predict import predict
+from training.detection.task import MONITOR, DetectionTask, DetPredictions, monitor_value
+from training.detection.transforms import train_transform
+from training.engine import Engine, EpochSelector
+from training.schedule import warmup_cosine
+from training.trainer import RunExistsError, pick_device, seed_everything, setup_runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DetFit:
+    """The outcome of ``fit``: per-epoch records, the best epoch and its val mAP@.5."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = -1
+    best_value: float = float("-inf")
+
+
+def make_loader(ds: DetectionDataset, batch_size: int, seed: int, shuffle: bool = True) -> torch.utils.data.DataLoader:
+    # Seeded per epoch: a rerun draws the same batches.
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def steps_per_epoch(n: int, cfg: DetTrainConfig) -> int:
+    steps = max(1, -(-n // cfg.batch_size))
+    return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
+
+
+def build_optimizer(model: torch.nn.Module, cfg: DetTrainConfig, total_steps: int, steps: int) -> tuple[Any, Any]:
+    """SGD (momentum 0.9) or AdamW over trainable parameters; no decay on biases and norms; warm-up + cosine."""
+    decay, plain = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if p.dim() <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    f = warmup_cosine(total_steps, int(round(cfg.warmup_epochs * steps)))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    ds: DetectionDataset,
+    task: DetectionTask,
+    classes: Sequence[str],
+    views: Sequence[str] = ("original",),
+) -> tuple[dict[str, Any], list]:
+    """COCO + part-level metrics of ``model`` on ``ds`` (boxes in original pixels); also the predictions."""
+    preds = predict(model, ds, views)
+    return task.evaluate(DetPredictions(ds.samples, preds), classes), preds
+
+
+def fit(
+    model: torch.nn.Module,
+    engine: Engine,
+    cfg: DetTrainConfig,
+    train_ds: DetectionDataset,
+    val_ds: DetectionDataset,
+    classes: Sequence[str],
+    run_dir: Path,
+    card: DetCard,
+    echo: Callable[[str], None],
+    epoch_extra: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
+) -> DetFit:
+    """Epochs through ``engine``; best val mAP@.5 saved to ``run_dir/best.safetensors`` + model.json."""
+    task: DetectionTask = engine.task  # type: ignore[assignment]
+    steps = steps_per_epoch(len(train_ds), cfg)
+    opt, sched = build_optimizer(model, cfg, cfg.epochs * steps, steps)
+    sel, out = EpochSelector(), DetFit()
+    for epoch in range(cfg.epochs):
+        if cfg.patience and sel.exhausted(cfg.patience):
+            echo(f"early stop: no val {MONITOR} gain for {cfg.patience} epochs")
+            break
+        t0 = time.perf_counter()
+        stats = engine.run_epoch(
+            model,
+            make_loader(train_ds, cfg.batch_size, cfg.seed + epoch),
+            opt,
+            scheduler=sched,
+            steps=steps,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        )
+        val, _ = evaluate_model(model, val_ds, task, classes)
+        value = monitor_value(val)
+        improved = sel.update(epoch + 1, value)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": stats.loss,
+            "loss_parts": {k: sum(v) / len(v) for k, v in stats.parts.items() if v},
+            "terms": {k: sum(v) / len(v) for k, v in stats.terms.items() if v},
+            "lr": opt.param_groups[0]["lr"],
+            "val": {k: v for k, v in val.items() if k != "per_class"},
+            "monitor": MONITOR,
+            "improved": improved,
+            "wall_s": time.perf_counter() - t0,
+        }
+        if epoch_extra is not None:
+            record.update(epoch_extra(model))
+        out.history.append(record)
+        atomic_write_json(run_dir / "metrics.json", out.history)
+        if improved:
+            save_detector(
+                run_dir,
+                model,
+                DetCard(
+                    model.detector_spec,
+                    card.data,
+                    config_hash=card.config_hash,
+                    metrics={"best_epoch": epoch + 1, "val": record["val"]},
+                    parent=card.parent,
+                ),
+            )
+        echo(
+            f"epoch {epoch + 1}/{cfg.epochs} loss {stats.loss:.4f} val {MONITOR} {value:.4f} "
+            f"mAP {val['map'] if val['map'] is not None else float('nan'):.4f}{'  *' if improved else ''}"
+            f"  ({record['wall_s']:.1f}s)"
+        )
+    out.best_epoch, out.best_value = sel.best_epoch, sel.best_value
+    return out
+
+
+def reload_best(model: torch.nn.Module, run_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(run_dir / BEST)))
+
+
+def write_outputs(
+    run_dir: Path,
+    model: torch.nn.Module,
+    ds: DetectionDataset,
+    task: DetectionTask,
+    classes: Sequence[str],
+    split: str,
+    history: Sequence[dict[str, Any]],
+    panels: int,
+) -> dict[str, Any]:
+    """Held-out metrics of the loaded model + the run's PNGs; returns the metrics."""
+    from training.detection.coco_eval import pr_curves
+    from training.detection.plots import plot_det_curves, plot_panels, plot_pr
+
+    m, preds = evaluate_model(model, ds, task, classes)
+    if history:
+        plot_det_curves(history, run_dir / "curves.png")
+    plot_pr(
+        pr_curves(ds.samples, preds, classes),
+        {c: v["ap50"] for c, v in m["per_class"].items()},
+        run_dir / "pr_curves.png",
+        title=f"{split} split: precision-recall at IoU 0.5",
+    )
+    if panels:
+        plot_panels(ds.samples, preds, classes, run_dir / "panels.png", task.score_threshold, panels)
+    return m
+
+
+class DetTrainer:
+    """One detector run: ``DetTrainer(cfg).fit() -> report``."""
+
+    def __init__(
+        self,
+        cfg: DetTrainConfig,
+        *,
+        overwrite: bool = False,
+        progress: bool = False,
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
+        self.cfg, self.overwrite, self.progress = cfg, overwrite, progress
+        self.echo = echo or log.info
+        self.run_dir = Path(cfg.out)
+
+    def _prepare_dir(self) -> None:
+        if (self.run_dir / MODEL_CARD).exists() and not self.overwrite:
+            raise RunExistsError(
+                f"{self.run_dir}: holds a run already; pass --overwrite to replace it, or another --out"
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.run_dir / "config.json", {**self.cfg.to_dict(), "config_hash": self.cfg.hash()})
+
+    def load_data(self) -> DetSplits:
+        splits = resolve_detection(self.cfg.data)
+        counts = splits.report.counts()
+        if counts:
+            self.echo(f"bad annotations skipped: {counts} (first: {splits.report.problems[0]})")
+        if not splits.val:
+            raise ValueError("the validation split is empty; give val.json / a val folder or val_fraction > 0")
+        self.echo(
+            f"data ({splits.format}): {len(splits.classes)} classes {splits.classes}; train/val/test = "
+            f"{len(splits.train)}/{len(splits.val)}/{len(splits.test)}"
+        )
+        return splits
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        setup_runtime(cfg.threads, cfg.seed)
+        device = pick_device(cfg.device)
+        self._prepare_dir()
+        splits = self.load_data()
+        spec = detector_spec(splits.classes, cfg.model)
+        seed_everything(cfg.seed)
+        model = build_detector(spec).to(device)
+        h, w = spec.image_size
+        train_ds = DetectionDataset(splits.train, spec.image_size, train_transform(cfg.augment, square=h == w))
+        val_ds = DetectionDataset(splits.val, spec.image_size)
+        task = DetectionTask(cfg.score_threshold)
+        engine = Engine(task=task, device=device, amp=cfg.amp, grad_clip=cfg.grad_clip, progress=self.progress)
+        card = DetCard(spec, cfg.data.to_dict(), config_hash=cfg.hash())
+        result = fit(model, engine, cfg, train_ds, val_ds, splits.classes, self.run_dir, card, self.echo)
+        reload_best(model, self.run_dir)
+        split = "test" if splits.test else "val"
+        ds = val_ds if split == "val" else DetectionDataset(splits.test, spec.image_size)
+        m = write_outputs(self.run_dir, model, ds, task, splits.classes, split, result.history, cfg.panels)
+        report = {
+            "task": "detection",
+            "split": split,
+            **m,
+            "classes": splits.classes,
+            "best_epoch": result.best_epoch,
+            "monitor": MONITOR,
+            "best_val": result.best_value,
+            "epochs_run": len(result.history),
+            "wall_s": time.perf_counter() - t0,
+            "data": splits.summary(),
+            "config_hash": cfg.hash(),
+        }
+        atomic_write_json(self.run_dir / "report.json", report)
+        self.echo(
+            f"{split}: mAP@[.5:.95] {_f(m['map'])}  mAP@.5 {_f(m['map50'])}  part recall "
+            f"{_f(m['part']['recall'])}  false alarms {_f(m['part']['false_alarm_rate'])} -> {self.run_dir}"
+        )
+        return report
+
+
+def _f(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def train_detector(cfg: DetTrainConfig, **kw: Any) -> dict[str, Any]:
+    return DetTrainer(cfg, **kw).fit()
+
+
+__all__ = ["DetFit", "DetTrainer", "build_optimizer", "evaluate_model", "fit", "make_loader", "train_detector"]
