@@ -49,7 +49,11 @@ def test_export_detection_bundle(det_run, tmp_path):
         np.testing.assert_allclose(np.sort(ts[keep_t]), np.sort(os_[keep_o]), atol=1e-3)
         assert sorted(tl[keep_t].tolist()) == sorted(ol[keep_o].tolist())
         if keep_t.any():  # boxes in original pixels agree (the ONNX side mapped back by ort_predict)
-            assert box_iou(tb[keep_t], ob[keep_o]).max(1).min() >= 0.98
+            a, b = tb[keep_t], ob[keep_o]
+            # IoU for boxes with area; a box clipped to zero width at the image edge has IoU 0 even
+            # with itself, so it must match some ONNX box coordinate by coordinate instead.
+            coord_match = (np.abs(a[:, None, :] - b[None, :, :]).max(-1) <= 1e-2).any(1)
+            assert np.all((box_iou(a, b).max(1) >= 0.98) | coord_match)
 
 
 def test_export_refuses_existing_bundle(det_run, tmp_path):
