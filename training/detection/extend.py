@@ -144,7 +144,8 @@ def extend_detector(
     from training.detection.transforms import train_transform
     from training.engine import Engine
     from training.ewc import EWCPenalty
-    from training.trainer import RunExistsError, pick_device, setup_runtime
+    from training.engine import pick_device, setup_runtime
+    from training.trainer import RunExistsError
 
     t0, tc = time.perf_counter(), cfg.train
     out = Path(tc.out)

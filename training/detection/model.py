@@ -252,9 +252,8 @@ def _probe_taps(stages: Sequence[nn.Module], size: int = 64) -> tuple[list[int],
 def _registry_body(spec: DetectorSpec, input_override: dict | None = None) -> tuple[nn.Module, Any]:
     from training.backbones import build_model, get_spec
     bspec = get_spec(spec.backbone)
-    inp = dict(bspec.default_input)
-    if input_override:
-        inp.update(input_override)
+    from dataclasses import replace
+    inp = replace(bspec.default_input, **(input_override or {}))
     return build_model(spec.backbone, 2, weights=spec.weights, input_spec=inp).body, bspec
 
 
@@ -284,7 +283,7 @@ def _lite0(spec: DetectorSpec) -> Trunk:
         start += r
     taps, channels = _probe_taps(stages)
     assert channels == [40, 112, 320], channels  # blocks 4/10/15
-    return Trunk(stages, taps, channels, bspec.default_input["mean"], bspec.default_input["std"])
+    return Trunk(stages, taps, channels, bspec.default_input.mean, bspec.default_input.std)
 
 
 @trunk("mobilenet_v3_large")
@@ -292,7 +291,7 @@ def _mnv3(spec: DetectorSpec) -> Trunk:
     body, bspec = _registry_body(spec)
     stages = list(body.features)
     taps, channels = _probe_taps(stages)
-    return Trunk(stages, taps, channels, bspec.default_input["mean"], bspec.default_input["std"])
+    return Trunk(stages, taps, channels, bspec.default_input.mean, bspec.default_input.std)
 
 
 @trunk("resnet50")
@@ -300,7 +299,7 @@ def _resnet50(spec: DetectorSpec) -> Trunk:
     body, bspec = _registry_body(spec)
     stages = [nn.Sequential(body.conv1, body.bn1, body.relu, body.maxpool), body.layer1, body.layer2,
               body.layer3, body.layer4]
-    return Trunk(stages, [2, 3, 4], [512, 1024, 2048], bspec.default_input["mean"], bspec.default_input["std"])
+    return Trunk(stages, [2, 3, 4], [512, 1024, 2048], bspec.default_input.mean, bspec.default_input.std)
 
 
 @trunk("tiny_det")

@@ -30,7 +30,8 @@ from training.detection.task import MONITOR, DetectionTask, DetPredictions, moni
 from training.detection.transforms import train_transform
 from training.engine import Engine, EpochSelector
 from training.schedule import warmup_cosine
-from training.trainer import RunExistsError, pick_device, seed_everything, setup_runtime
+from training.engine import pick_device, seed_everything, setup_runtime
+from training.trainer import RunExistsError
 
 log = logging.getLogger(__name__)
 
