@@ -166,9 +166,11 @@ def _train_once(ctx: _Context, lam: float):
             f"old {fmt(rec['old_val_accuracy'])}  ({rec['seconds']:.1f}s)"
         )
     model.eval()
+    if records and best_sd is None:
+        records[-1]["kept"] = True
     if best_sd is not None:
         model.load_state_dict(best_sd)
-        records = records[: sel.best_epoch]  # the kept weights' record is the last one
+        records[sel.best_epoch - 1]["kept"] = True
         echo(f"  [lambda {lam:g}] kept epoch {sel.best_epoch} (best mean of old/new val accuracy)")
     return hist, records
 
@@ -217,7 +219,7 @@ def _search(ctx: _Context):
         seed_everything(cfg.optim.seed)
         t0 = time.perf_counter()
         hist, records = _train_once(ctx, lam)
-        last = records[-1] if records else {}
+        last: dict[str, Any] = next((r for r in records if r.get("kept")), {})  # the epoch whose weights were kept
         score = mean_of([last.get("old_val_accuracy"), last.get("new_val_accuracy")])
         runs.append(
             {

@@ -239,3 +239,16 @@ def test_config_file_spelling_round_trip_and_validation(tmp_path):
     assert ExtendConfig(source="x", out="y", data=DataSpec(), replay_share=0).replay_share == 0  # natural share
     with pytest.raises(Exception, match="replay_share"):
         ExtendConfig(source="x", out="y", data=DataSpec(), replay_share=1.0)
+
+
+def test_keep_best_keeps_the_best_epoch_by_mean_old_new_validation(base, lines, tmp_path):
+    out = tmp_path / "best"
+    rc = main(["--from", str(base), "--data", str(lines / "B"), "--out", str(out), *SPLIT_FLAGS, *FAST,
+               "--epochs", "3", "--keep", "best", "--no-fisher"])
+    assert rc == 0
+    records = json.loads((out / "metrics.json").read_text())
+    assert len(records) == 3
+    kept = [r for r in records if r.get("kept")]
+    assert len(kept) == 1 and kept[0]["score"] == max(r["score"] for r in records)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["keep"] == "best" and cfg["channels_last"] is True
