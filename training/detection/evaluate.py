@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     from training.checkpoint import CheckpointError
     from training.data import DataError
-    from training.trainer import setup_runtime
+    from training.engine import setup_runtime
 
     setup_runtime(ns.threads, 0)
     try:

@@ -142,9 +142,9 @@ def extend_detector(
     from training.detection.task import DetectionTask
     from training.detection.trainer import fit, reload_best, write_outputs
     from training.detection.transforms import train_transform
-    from training.engine import Engine
+    from training.engine import Engine, pick_device, setup_runtime
     from training.ewc import EWCPenalty
-    from training.trainer import RunExistsError, pick_device, setup_runtime
+    from training.trainer import RunExistsError
 
     t0, tc = time.perf_counter(), cfg.train
     out = Path(tc.out)

@@ -19,7 +19,6 @@ mean/std and does not resize images already at ``image_size``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -254,9 +253,8 @@ def _probe_taps(stages: Sequence[nn.Module], size: int = 64) -> tuple[list[int],
 def _registry_body(spec: DetectorSpec, input_override: dict | None = None) -> tuple[nn.Module, Any]:
     from training.backbones import build_model, get_spec
     bspec = get_spec(spec.backbone)
-    inp = bspec.default_input
-    if input_override:
-        inp = dataclasses.replace(inp, **input_override)
+    from dataclasses import replace
+    inp = replace(bspec.default_input, **(input_override or {}))
     return build_model(spec.backbone, 2, weights=spec.weights, input_spec=inp).body, bspec
 
 

@@ -28,9 +28,9 @@ from training.detection.model import build_detector
 from training.detection.predict import predict
 from training.detection.task import MONITOR, DetectionTask, DetPredictions, monitor_value
 from training.detection.transforms import train_transform
-from training.engine import Engine, EpochSelector
+from training.engine import Engine, EpochSelector, pick_device, seed_everything, setup_runtime
 from training.schedule import warmup_cosine
-from training.trainer import RunExistsError, pick_device, seed_everything, setup_runtime
+from training.trainer import RunExistsError
 
 log = logging.getLogger(__name__)
 
