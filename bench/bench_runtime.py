@@ -54,6 +54,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_engines import percentile  # noqa: E402  (bench/ is the script directory)
+
 TARGET_RATIO = 0.85
 TARGET_LOW_LOAD_MS = 3.0  # low-load p50 may exceed the inference time by this much
 TARGET_TTA_COST = 2.5
@@ -94,13 +96,6 @@ def replay_dir(paths: list[Path], tmp: Path) -> Path:
     return d
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100.0
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def rss_mb() -> float:
