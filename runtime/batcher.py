@@ -66,17 +66,21 @@ class FrameHub:
         with self._lock:
             return sum(len(q) for q in self._queues.values())
 
-    def get_batch(self, max_frames: int, max_wait_s: float, timeout_s: float) -> list[Frame]:
+    def get_batch(self, max_frames: int, max_wait_s: float | Callable[[], float],
+                  timeout_s: float) -> list[Frame]:
         """Up to ``max_frames`` frames, round-robin across cameras.
 
         Waits up to ``timeout_s`` for a first frame, then up to ``max_wait_s`` more
-        for the batch to fill. Returns [] on timeout.
+        for the batch to fill. A callable ``max_wait_s`` is asked only once the first
+        frame is there (whether to wait depends on the engine's state at that moment,
+        not when the wait began). Returns [] on timeout.
         """
         with self._lock:
             if not self._wait_for(lambda n: n > 0, timeout_s):
                 return []
-            if max_wait_s > 0 and max_frames > 1:
-                self._wait_for(lambda n: n >= max_frames, max_wait_s)
+            wait_s = max_wait_s() if callable(max_wait_s) else max_wait_s
+            if wait_s > 0 and max_frames > 1:
+                self._wait_for(lambda n: n >= max_frames, wait_s)
             batch: list[Frame] = []
             cams = self._order
             idle = 0

@@ -20,6 +20,8 @@ from typing import Any
 from runtime.config_table import ConfigError, Table
 from runtime.messages import VERDICTS
 from runtime.preview import PreviewConfig
+from runtime.tta import PRESETS as TTA_PRESETS
+from runtime.tta import expand_views
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -330,19 +332,30 @@ def _batching(t: _Table, base: Path) -> BatchingConfig:
     return batching
 
 
+def _expand_presets(views: list[str]) -> list[str]:
+    """Presets (``flips``, ``dihedral``, ...: runtime.tta's one definition) expand in place; the
+    first named view stays first (it judges every frame in ``uncertain`` mode)."""
+    out: list[str] = []
+    for v in views:
+        out += [e for e in (expand_views(v) if v in TTA_PRESETS else (v,)) if e not in out]
+    return out
+
+
 @_section("tta")
 def _tta(t: _Table, base: Path) -> TTAConfig:
-    views = t.get("views", list, ["original"])
-    if not views or not all(isinstance(v, str) for v in views):
-        raise t.error("views", f"expected a non-empty array of view names, got {views!r}")
+    raw = t.get("views", (list, str), ["original"])
+    if not raw or not all(isinstance(v, str) for v in raw):
+        raise t.error("views", f"expected a preset name or a non-empty array of view or preset names, got {raw!r}")
+    raw = [raw] if isinstance(raw, str) else raw
+    if len(set(raw)) != len(raw):
+        raise t.error("views", f"duplicate views in {raw}")
+    views = _expand_presets(raw)
     for v in views:
         m = VIEW_RE.match(v)
         if not m or (m.group(2) is not None and not 0.25 <= float(m.group(2)) <= 4.0):
-            raise t.error("views", f"unknown view {v!r}; expected 'original', 'hflip', 'vflip', 'rot90', 'rot180', "
-                                   "'rot270', 'transpose', 'transverse' or 'scale:F' "
-                                   "(F = factor on the manifest's resize_size, 0.25..4)")
-    if len(set(views)) != len(views):
-        raise t.error("views", f"duplicate views in {views}")
+            raise t.error("views", f"unknown view {v!r}; expected a preset {list(TTA_PRESETS)}, 'original', "
+                                   "'hflip', 'vflip', 'rot90', 'rot180', 'rot270', 'transpose', 'transverse' or "
+                                   "'scale:F' (F = factor on the manifest's resize_size, 0.25..4)")
     mode = t.get("mode", str, "always")
     if mode not in TTA_MODES:
         raise t.error("mode", f"expected one of {list(TTA_MODES)}, got {mode!r}")

@@ -183,13 +183,10 @@ class Pipeline:
         Stacking (N*V,C,H,W) is a memory copy of several MB; done here, on the other core, it
         overlaps the running inference call instead of adding to it.
         """
-        max_wait_s = self.cfg.batching.max_wait_ms / 1000.0
         while True:
             model = self.model
             assert model is not None
-            # Waiting for company only pays while the engine is busy; an idle engine takes the frame now.
-            wait_s = max_wait_s if self._infer_busy.is_set() else 0.0
-            frames = self.hub.get_batch(model.frames_per_call, wait_s, timeout_s=_TICK_S)
+            frames = self.hub.get_batch(model.frames_per_call, self._batch_wait_s, timeout_s=_TICK_S)
             if not frames:
                 if self._draining.is_set() and self.hub.pending() == 0:
                     self._hand_over(_SENTINEL)
@@ -205,6 +202,14 @@ class Pipeline:
                 batch = None
             if not self._hand_over(_Batch(frames, batch, model, t_batch)):
                 return
+
+    def _batch_wait_s(self) -> float:
+        """How long a batch whose first frame just arrived waits for company.
+
+        Asked when the frame is there, not when the wait for it began: waiting only pays while
+        the engine is busy NOW; an idle engine takes a lone frame at once (low-load latency).
+        """
+        return self.cfg.batching.max_wait_ms / 1000.0 if self._infer_busy.is_set() else 0.0
 
     def _hand_over(self, item: Any) -> bool:
         """Queue ``item`` for the inference thread; False if that thread is gone."""

@@ -70,6 +70,10 @@ rotate = 90
         ('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\nsoruce="1"\n', "cameras[0].soruce", "unknown key"),
         ('[model]\nbundle="b"\n[tta]\nviews=["original","rot45"]\n[[cameras]]\nid="c"\nsource="0"\n', "tta.views",
          "unknown view"),
+        ('[model]\nbundle="b"\n[tta]\nviews="flipz"\n[[cameras]]\nid="c"\nsource="0"\n', "tta.views", "preset"),
+        ('[model]\nbundle="b"\n[tta]\nviews=["hflip","hflip"]\n[[cameras]]\nid="c"\nsource="0"\n', "tta.views",
+         "duplicate"),
+        ('[model]\nbundle="b"\n[tta]\nviews=[]\n[[cameras]]\nid="c"\nsource="0"\n', "tta.views", "non-empty"),
         ('[model]\nbundle="b"\n[tta]\nmode="sometimes"\n[[cameras]]\nid="c"\nsource="0"\n', "tta.mode",
          "'always', 'uncertain'"),
         ('[model]\nbundle="b"\n[tta]\nmode="uncertain"\n[[cameras]]\nid="c"\nsource="0"\n', "tta.mode",
@@ -137,6 +141,23 @@ def test_example_station_config_is_valid() -> None:
     assert [c.kind for c in cfg.cameras] == ["rtsp", "v4l2", "gstreamer"]
     assert cfg.tta.views == ("original", "hflip", "vflip")
     assert (cfg.tta.mode, cfg.tta.band) == ("uncertain", 0.2)
+
+
+@pytest.mark.parametrize(
+    ("views", "expected"),
+    [
+        ('"flips"', ("original", "hflip", "vflip", "rot180")),
+        ('["original", "multiscale"]', ("original", "scale:0.9", "scale:1.1")),
+        # presets expand in place; the first named view stays first (it judges in "uncertain" mode)
+        ('["vflip", "flips"]', ("vflip", "original", "hflip", "rot180")),
+        ('["dihedral"]', ("original", "hflip", "vflip", "rot180", "rot90", "rot270", "transpose", "transverse")),
+        ('"none"', ("original",)),
+    ],
+)
+def test_tta_views_accept_the_evaluate_presets(tmp_path: Path, views: str, expected: tuple[str, ...]) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(f'[model]\nbundle="b"\n[tta]\nviews={views}\n[[cameras]]\nid="c"\nsource="0"\n')
+    assert load_config(path).tta.views == expected
 
 
 def test_example_binds_the_verdict_stream_to_localhost_unless_curve_is_on() -> None:

@@ -50,6 +50,32 @@ def test_hub_waits_up_to_max_wait_for_a_full_batch() -> None:
     assert [f.seq for f in batch] == [0, 1]  # the second frame arrived within max_wait and joined
 
 
+def test_hub_asks_for_the_batching_wait_only_once_a_frame_is_there() -> None:
+    # The engine's state when the first frame arrives decides the wait, not its state when the
+    # wait for a frame began (an engine busy then may be idle by the time a lone frame comes).
+    hub = FrameHub()
+    hub.add_camera("a", 10)
+    stop = threading.Event()
+    busy = threading.Event()
+    busy.set()
+    asked: list[bool] = []
+
+    def wait_s() -> float:
+        asked.append(busy.is_set())
+        return 2.0 if busy.is_set() else 0.0
+
+    def arrive() -> None:
+        busy.clear()  # the engine finished before the frame came
+        hub.put(_frame("a", 0), block=False, stop=stop)
+
+    threading.Timer(0.05, arrive).start()
+    t0 = time.monotonic()
+    batch = hub.get_batch(max_frames=8, max_wait_s=wait_s, timeout_s=1.0)
+    assert [f.seq for f in batch] == [0]
+    assert asked == [False]
+    assert time.monotonic() - t0 < 1.0  # a fixed wait decided at the start would have taken 2 s
+
+
 def test_hub_block_policy_waits_for_room_and_stop_releases_it() -> None:
     hub = FrameHub()
     hub.add_camera("a", 1)
