@@ -65,6 +65,9 @@ class CameraConfig:
     # (plus read_timeout_s); the jitter spreads a fleet's retries.
     reconnect_max_s: float = 2.0
     read_timeout_s: float = 5.0  # a live source silent this long is treated as disconnected
+    # Directory replays: decode every image once into memory (MB budget of decoded pixels), so a
+    # replay measures the station and not PNG decoding; 0 = decode while replaying.
+    preload_mb: float = 0.0
 
     @property
     def finite(self) -> bool:
@@ -288,7 +291,10 @@ def _camera(t: _Table, base: Path) -> CameraConfig:
         reconnect_initial_s=initial,
         reconnect_max_s=maximum,
         read_timeout_s=t.number("read_timeout_s", 5.0, minimum=0.0, exclusive=True),
+        preload_mb=t.number("preload_mb", CameraConfig.preload_mb, minimum=0.0, maximum=1_048_576.0),
     )
+    if cam.preload_mb and kind != "directory":
+        raise t.error("preload_mb", f"only directory replays can be preloaded; this camera is a {kind} source")
     t.finish()
     return cam
 

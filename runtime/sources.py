@@ -102,7 +102,7 @@ class DirectoryReader:
     live = False
 
     def __init__(self, path: str, loop: bool, prefetch: int = 4, workers: int = 2,
-                 on_unreadable: Callable[[str, Exception], None] | None = None) -> None:
+                 on_unreadable: Callable[[str, Exception], None] | None = None, preload_mb: float = 0.0) -> None:
         self.path, self.loop = path, loop
         # Called once per skipped file (decode errors are counted, not fatal); default: log it.
         self.on_unreadable = on_unreadable or (lambda p, exc: log.warning("skipping unreadable replay image: %s", exc))
@@ -117,6 +117,41 @@ class DirectoryReader:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") if prefetch else None
         self._ahead: deque[tuple[str, Future[np.ndarray] | None]] = deque()
         self._prefetch = prefetch
+        self._images: list[tuple[np.ndarray, str]] | None = None
+        if preload_mb > 0:
+            self._images = self._preload(preload_mb)
+            self._iter = iter(())
+            self._cursor = 0
+
+    def _preload(self, budget_mb: float) -> list[tuple[np.ndarray, str]]:
+        """Every readable image decoded once; read-only, because the same array is replayed again."""
+        images, used, budget = [], 0, int(budget_mb * 2**20)
+        for path in self.files:
+            try:
+                image = read_image(path)
+            except ImageReadError as exc:
+                self.on_unreadable(path, exc)
+                continue
+            used += image.nbytes
+            if used > budget:
+                raise SourceError(f"{path}: preloading {self.path} needs more than preload_mb = "
+                                  f"{budget_mb:g} MB of decoded images; raise it or set 0 to decode "
+                                  "while replaying") from None
+            image.setflags(write=False)
+            images.append((image, os.path.basename(path)))
+        if not images:
+            raise SourceError(f"{self.path}: none of the {len(self.files)} image files is readable")
+        return images
+
+    def _next_preloaded(self) -> tuple[np.ndarray, str] | None:
+        assert self._images is not None
+        if self._cursor >= len(self._images):
+            if not self.loop:
+                return None
+            self._cursor = 0
+        item = self._images[self._cursor]
+        self._cursor += 1
+        return item
 
     def _files(self) -> Iterator[str]:
         while True:
@@ -132,6 +167,8 @@ class DirectoryReader:
             self._ahead.append((path, self._pool.submit(read_image, path) if self._pool else None))
 
     def read(self) -> tuple[np.ndarray, str | None] | None:
+        if self._images is not None:
+            return self._next_preloaded()
         skipped = 0
         while True:
             self._fill()
@@ -213,7 +250,7 @@ def _safe(source: str) -> str:
 
 def open_reader(cfg: CameraConfig, on_unreadable: Callable[[str, Exception], None] | None = None) -> Reader:
     if cfg.kind == "directory":
-        return DirectoryReader(cfg.source, cfg.loop, on_unreadable=on_unreadable)
+        return DirectoryReader(cfg.source, cfg.loop, on_unreadable=on_unreadable, preload_mb=cfg.preload_mb)
     return CaptureReader(cfg)
 
 

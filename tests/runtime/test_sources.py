@@ -134,6 +134,54 @@ def test_directory_reader_counts_unreadable_files_and_never_spins_on_a_broken_re
     r.close()
 
 
+def test_directory_reader_preloads_once_and_replays_read_only_frames(tmp_path: Path) -> None:
+    make_images(tmp_path, ["ok", "defect"])
+    (tmp_path / "zz_broken.png").write_bytes(b"not a png")
+    skipped: list[str] = []
+    r = DirectoryReader(str(tmp_path), loop=True, preload_mb=1.0, on_unreadable=lambda p, e: skipped.append(p))
+    (tmp_path / "frame_00000.png").unlink()  # decoded already: the replay no longer touches the disk
+    got = [r.read() for _ in range(4)]
+    assert [g[1] for g in got] == ["frame_00000.png", "frame_00001.png"] * 2
+    assert len(skipped) == 1 and skipped[0].endswith("zz_broken.png")
+    assert not got[0][0].flags.writeable and got[0][0] is got[2][0]  # one decoded copy, shared safely
+    once = DirectoryReader(str(tmp_path), loop=False, preload_mb=1.0)
+    assert [once.read()[1] for _ in range(1)] == ["frame_00001.png"] and once.read() is None
+
+
+def test_directory_reader_refuses_a_preload_beyond_its_budget_naming_the_file(tmp_path: Path) -> None:
+    make_images(tmp_path, ["ok"] * 4, size=(300, 300))  # 90 kB decoded each: the 4th passes 0.3 MB
+    with pytest.raises(SourceError, match=r"frame_00003\.png: preloading .* more than preload_mb = 0\.3 MB"):
+        DirectoryReader(str(tmp_path), loop=False, preload_mb=0.3)
+
+
+def test_preload_is_refused_for_live_sources(tmp_path: Path) -> None:
+    from runtime.config import ConfigError
+
+    path = tmp_path / "s.toml"
+    path.write_text('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\npreload_mb=64\n')
+    with pytest.raises(ConfigError, match=r"cameras\[0\]\.preload_mb.*only directory replays"):
+        load_config(path)
+
+
+def test_daemon_serves_a_preloaded_replay(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "bundle")
+    verdicts = ["ok", "defect", "ok", "defect", "defect"]
+    make_images(tmp_path / "replay", verdicts)
+    config, endpoint = station_config(tmp_path, bundle, [{"id": "r", "source": str(tmp_path / "replay"),
+                                                          "preload_mb": 4.0}],
+                                      publisher={"wait_for_subscribers": 1})
+    sub = Subscriber(endpoint)
+    d = Daemon(load_config(config))
+    try:
+        d.start()
+        assert d.run() == 0
+        sub.until(lambda s: len(s.verdicts()) == 5, 10, what="5 preloaded frames")
+        assert [m["verdict"] for m in sub.verdicts()] == verdicts
+    finally:
+        d.shutdown()
+        sub.close()
+
+
 class _Events:
     def __init__(self) -> None:
         self.log: list[tuple] = []
