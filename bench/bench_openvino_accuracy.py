@@ -7,9 +7,15 @@ the runtime's Preprocessor: ELPV test split of the reference protocol (stratifie
 cell type, seed 0; n=656), or an ImageFolder (--images DIR/<class>/*.png) for smoke runs. Reports
 accuracy and macro-F1 per pair and the difference to ONNX Runtime INT8 in points.
 
+--interpolations linear also serves the held-out images resized with each named interpolation (the
+bundle's model unchanged, on --interp-pairs) and times the resize per frame: the measured answer to
+"the cheapest resize that keeps accuracy" (a model trained with a different resize pays a train/serve
+mismatch; training uses the bundle's InputSpec.interpolation, so a change means retraining).
+
 Usage (idle machine):
   python bench/bench_openvino_accuracy.py --bundle runs/elpv-bundle      # -> bench/results/openvino_accuracy.json
   python bench/bench_openvino_accuracy.py --bundle B --images DIR --limit 30     # smoke
+  python bench/bench_openvino_accuracy.py --bundle B --interpolations linear --pairs onnxruntime-cpu:int8
 """
 
 from __future__ import annotations
@@ -76,6 +82,52 @@ def evaluate(bundle: Any, pair: str, x: np.ndarray, y: list[int], threads: int, 
             "inference_precision": backend.inference_precision, **m.to_dict()}
 
 
+def resize_ms(images: list[np.ndarray], spec: Any, repeats: int = 3) -> float:
+    """CPU ms per frame of the runtime's resize + crop (geometry) for this spec, best of ``repeats``."""
+    import time
+
+    from runtime.preprocess import Preprocessor
+
+    pre = Preprocessor(spec)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.process_time()
+        for im in images:
+            pre.geometry(im)
+        best = min(best, (time.process_time() - t0) * 1000 / len(images))
+    return best
+
+
+def interpolation_rows(args: argparse.Namespace, bundle: Any, paths: list[Path], y: list[int],
+                       rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from dataclasses import replace
+
+    from runtime.preprocess import Preprocessor, read_image
+
+    spec = bundle.manifest.input
+    names = [n for n in args.interpolations.split(",") if n]
+    if not names:
+        return []
+    images = [read_image(p) for p in paths[:200]]
+    out = [{"interpolation": spec.interpolation, "bundle": True, "resize_ms": resize_ms(images, spec),
+            "rows": [r for r in rows if r["pair"] in args.interp_pairs.split(",")]}]
+    for name in names:
+        variant = replace(spec, interpolation=name)
+        x = Preprocessor(variant).load_batch(paths)
+        got = [r for r in (evaluate(bundle, pair, x, y, args.threads, args.batch)
+                           for pair in args.interp_pairs.split(",")) if r is not None]
+        out.append({"interpolation": name, "bundle": False, "resize_ms": resize_ms(images, variant), "rows": got})
+    print(f"\nresize interpolation (the bundle's model; training resized with {spec.interpolation!r})")
+    print(f"{'interpolation':14} {'resize ms/frame':>15} {'pair':24} {'accuracy':>9} {'diff pts':>9}")
+    base = {r["pair"]: r["accuracy"] for r in out[0]["rows"]}
+    for o in out:
+        for r in o["rows"] or [{"pair": "-", "accuracy": float("nan")}]:
+            diff = 100 * (r["accuracy"] - base.get(r["pair"], float("nan")))
+            r["diff_points_vs_bundle_interpolation"] = diff
+            print(f"{o['interpolation']:14} {o['resize_ms']:15.3f} {r['pair']:24} {r['accuracy']:9.4f} {diff:+9.2f}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -85,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", default=PAIRS, help=f"backend:artifact[:precision] list (default {PAIRS})")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--interpolations", default="", help="also serve with these resize interpolations "
+                   "(comma list of runtime.preprocess.INTERPOLATIONS, e.g. linear) on --interp-pairs")
+    p.add_argument("--interp-pairs", default="onnxruntime-cpu:int8")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "openvino_accuracy.json"))
     args = p.parse_args(argv)
 
@@ -107,9 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         check = ("PASS" if r["pass"] else "FAIL") if gated else "-"
         print(f"{r['pair']:24} {r['inference_precision']:8} {r['accuracy']:9.4f} {r['macro_f1']:9.4f} "
               f"{diff:+9.2f}  {check}")
+    interp_rows = interpolation_rows(args, bundle, paths, y, rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"n": len(y), "target_points": TARGET_POINTS, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"n": len(y), "target_points": TARGET_POINTS, "rows": rows,
+                               "interpolations": interp_rows}, indent=2))
     print(f"wrote {out}")
     return 0
 

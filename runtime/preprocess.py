@@ -17,7 +17,10 @@ import cv2
 import numpy as np
 
 RESIZE_POLICIES = ("shorter_side_center_crop", "stretch")
-INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
+INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "linear": cv2.INTER_LINEAR}
+# Interpolations used as-is at every scale (no INTER_AREA when shrinking): "linear" is the cheapest
+# resize (~5x faster than AREA at 300->224) but aliases; a bundle picks it only if measured accurate.
+PLAIN = frozenset({"linear"})
 COLOR_ORDERS = ("RGB", "BGR", "GRAY")
 
 
@@ -156,13 +159,15 @@ def resize(image: np.ndarray, h: int, w: int, interpolation: str = "bilinear") -
     """Resize uint8 ``(H,W)`` / ``(H,W,C)`` to ``(h,w)``: the one resize of the project.
 
     Downscaling uses INTER_AREA (OpenCV's anti-aliased filter, the counterpart of
-    torchvision's ``antialias=True``); upscaling plain bilinear/bicubic. Training
-    resizes with this too, so a model sees the same pixels in training and on a station.
+    torchvision's ``antialias=True``); upscaling plain bilinear/bicubic; ``linear`` is
+    INTER_LINEAR at every scale. Training resizes with this too, so a model sees the same
+    pixels in training and on a station.
     """
     ih, iw = image.shape[:2]
     if (ih, iw) == (h, w):
         return image
-    interp = cv2.INTER_AREA if (h < ih and w < iw) else INTERPOLATIONS[interpolation]
+    shrink = h < ih and w < iw and interpolation not in PLAIN
+    interp = cv2.INTER_AREA if shrink else INTERPOLATIONS[interpolation]
     return cv2.resize(image, (w, h), interpolation=interp)
 
 

@@ -18,11 +18,12 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
-from runtime.preprocess import InputSpec
+from runtime.preprocess import PLAIN, InputSpec
 
 from .config import AugmentConfig
 
-_INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+_INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+           "linear": InterpolationMode.BILINEAR}
 
 
 class ToRGB(torch.nn.Module):
@@ -107,7 +108,8 @@ def train_pipeline(spec: InputSpec, aug: AugmentConfig) -> Pipeline:
     ops: list = []
     if aug.crop_scale < 1.0:
         ops.append(v2.RandomResizedCrop(size, scale=(aug.crop_scale, 1.0), ratio=(0.9, 1.1),
-                                        interpolation=_INTERP[spec.interpolation], antialias=True))
+                                        interpolation=_INTERP[spec.interpolation],
+                                        antialias=spec.interpolation not in PLAIN))
     else:
         ops.append(v2.CenterCrop(size))
     if aug.hflip:

@@ -117,3 +117,21 @@ def test_spec_dict_round_trip_and_unknown_key():
     assert InputSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(SpecError, match=r"unknown key\(s\) \['colour'\]"):
         InputSpec.from_dict({**spec.to_dict(), "colour": "RGB"})
+
+
+def test_linear_interpolation_skips_the_area_filter_and_the_others_keep_it():
+    """The optimized resize ("linear") vs the reference (AREA when shrinking): stated tolerance."""
+    from runtime.preprocess import resize
+
+    img = _textured(300, 300, 1)
+    np.testing.assert_array_equal(resize(img, 224, 224, "linear"), cv2.resize(img, (224, 224),
+                                                                              interpolation=cv2.INTER_LINEAR))
+    for interp in ("bilinear", "bicubic"):
+        np.testing.assert_array_equal(resize(img, 224, 224, interp), cv2.resize(img, (224, 224),
+                                                                                interpolation=cv2.INTER_AREA))
+    np.testing.assert_array_equal(resize(img, 400, 400, "linear"), resize(img, 400, 400, "bilinear"))  # upscaling
+    # Same image within a few gray levels on a smooth texture: aliasing differs only at fine detail.
+    diff = np.abs(resize(img, 224, 224, "linear").astype(int) - resize(img, 224, 224, "bilinear").astype(int))
+    assert diff.mean() < 2.0 and diff.max() <= 32
+    spec = InputSpec(height=224, width=224, resize_size=224, interpolation="linear", **IMAGENET)
+    assert InputSpec.from_dict(spec.to_dict()) == spec
