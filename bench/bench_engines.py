@@ -40,6 +40,25 @@ def parse_engines(text: str) -> list[tuple[str, str, str]]:
     return out
 
 
+def engine_label(backend: str, artifact: str, inference_precision: str | None) -> str:
+    """The bare-engine label of a daemon's runtime backend: the same engine measured alone."""
+    if backend.startswith("openvino"):
+        return f"ov:{artifact}:{inference_precision or 'f32'}"
+    return f"ort:{artifact}" if backend.startswith("onnxruntime") else f"{backend}:{artifact}"
+
+
+def accuracy_verdicts(path: str) -> dict[str, bool | None]:
+    """bench_openvino_accuracy.py's JSON -> {engine label: passed its accuracy target (None: the reference)}."""
+    import json
+
+    rows = json.loads(open(path, encoding="utf-8").read())["rows"]
+    out: dict[str, bool | None] = {}
+    for r in rows:
+        backend = "openvino" if r["backend"].startswith("openvino") else r["backend"]
+        out[engine_label(backend, r["artifact"], r.get("inference_precision"))] = r.get("pass")
+    return out
+
+
 def have_openvino() -> bool:
     import importlib.util
 

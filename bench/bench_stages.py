@@ -101,14 +101,18 @@ def _message(frame: Any, scores: np.ndarray, classes: Any) -> dict[str, Any]:
             "tta_views": 1, "snapshot": None, "probabilities": probs}
 
 
-def stage_table(stages: dict[str, Any], daemon_cpu_ms: float | None = None) -> str:
-    """Per-frame table; with the daemon's measured CPU per frame, its overhead beyond the stages."""
-    total = sum(stages[s]["cpu_ms"] for s in STAGES)
+def stage_table(stages: dict[str, Any], daemon_cpu_ms: float | None = None, skip: tuple[str, ...] = ()) -> str:
+    """Per-frame table; with the daemon's measured CPU per frame, its overhead beyond the stages.
+
+    ``skip``: stages the daemon did not run (``decode`` when the replay was preloaded).
+    """
+    shown = [s for s in STAGES if s not in skip]
+    total = sum(stages[s]["cpu_ms"] for s in shown)
     lines = [f"{'stage':12} {'CPU ms/frame':>12} {'wall ms/frame':>13} {'CPU share':>9}"]
-    for s in STAGES:
+    for s in shown:
         v = stages[s]
         lines.append(f"{s:12} {v['cpu_ms']:12.3f} {v['wall_ms']:13.3f} {100 * v['cpu_ms'] / total:8.1f}%")
-    lines.append(f"{'sum':12} {total:12.3f}")
+    lines.append(f"{'sum':12} {total:12.3f}" + (f"   (without {', '.join(skip)}: not run by the daemon)" if skip else ""))
     if daemon_cpu_ms is not None:
         lines.append(f"{'daemon':12} {daemon_cpu_ms:12.3f}   (measured: the whole daemon process per frame)")
         lines.append(f"{'overhead':12} {daemon_cpu_ms - total:12.3f}   (threads, queues, wake-ups, metrics, glue)")
