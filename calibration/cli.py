@@ -230,6 +230,7 @@ def _export(args: argparse.Namespace, console: Any) -> int:
 def calibrate_parser() -> argparse.ArgumentParser:
     from calibration.calibset import DEFAULT_SIZE
     from calibration.gate import DEFAULT_BUDGET, DEFAULT_GATE_BACKENDS, gate_backends_arg
+    from calibration.quantize_detection import DEFAULT_CALIBRATION_IMAGES
 
     p = argparse.ArgumentParser(
         prog="defectscope calibrate",
@@ -246,7 +247,8 @@ def calibrate_parser() -> argparse.ArgumentParser:
                    help="cpu: uint8 activations, fast ONNX Runtime kernels (artifact 'int8'); tensorrt: "
                         "symmetric int8 activations for TensorRT explicit quantization (artifact 'int8-trt'); "
                         "both (default: %(default)s)")
-    p.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"calibration images (default: {DEFAULT_SIZE})")
+    p.add_argument("--size", type=int, help=f"calibration images (default: {DEFAULT_SIZE} for classifiers, "
+                                             f"{DEFAULT_CALIBRATION_IMAGES} for detectors)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: %(default)s)")
     p.add_argument("--calibration-data", metavar="DIR",
                    help="calibrate on images from this folder instead of the training split")
@@ -287,6 +289,14 @@ def calibrate_parser() -> argparse.ArgumentParser:
 
 def calibrate_main(argv: list[str] | None = None) -> int:
     args = calibrate_parser().parse_args(argv)
+    from calibration.detection_cli import bundle_task, calibrate_detection
+
+    if bundle_task(args.bundle) == "detection":
+        return run_command("calibrate", calibrate_detection, args)
+    if args.size is None:
+        from calibration.calibset import DEFAULT_SIZE
+
+        args.size = DEFAULT_SIZE
     return run_command("calibrate", _calibrate, args)
 
 

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from calibration.evaluate import Metrics
+from runtime.engine_gate import DEFAULT_BUDGET_POINTS
 
-DEFAULT_BUDGET = 1.0                      # percentage points
+DEFAULT_BUDGET = DEFAULT_BUDGET_POINTS     # percentage points: the one definition, shared with stations
 DEFAULT_METRICS = ("accuracy", "macro_f1")
 
 

@@ -1,0 +1,240 @@
+"""INT8 for detection bundles: ONNX Runtime static QDQ by scope, gated on mAP@.5, fastest passing scope kept.
+
+A Faster R-CNN graph is a few dozen compute nodes (backbone + FPN + RPN head convolutions, the box
+head's fc6/fc7 Gemms, the box predictor) inside a large float control graph (anchors, NMS, RoiAlign,
+box decoding) that must stay float. Scopes, largest first (the calibration ranges are collected
+once, on the largest, and reused):
+
+- ``all``:          backbone, FPN, RPN head, box head fc6/fc7
+- ``convs``:        backbone, FPN, RPN head
+- ``backbone_fpn``: backbone, FPN
+- ``backbone``:     backbone only
+
+The box predictor (class scores, box regression) is never quantized: it is tiny and its outputs
+are the scores the station thresholds. Every scope is quantized, run on the held-out split with ONNX
+Runtime and timed; the accuracy gate is the mAP@.5 drop vs the FP32 artifact in points (budget
+``DEFAULT_BUDGET_POINTS``, the one definition shared with classifiers); among passing scopes the
+fastest is written as the bundle's ``int8`` artifact (default artifact). None passing: the bundle
+is left unchanged (the float artifact keeps serving) and the report says by how much each missed.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.engine_gate import DEFAULT_BUDGET_POINTS
+
+# Node-name parts of torchvision's FasterRCNN in the exported graph (``/model/<module path>/...``).
+PARTS = {
+    "backbone": "/backbone/body/",
+    "fpn": "/backbone/fpn/",
+    "rpn": "/rpn/head/",
+    "box_head": "/roi_heads/box_head/",
+}
+SCOPES: dict[str, tuple[str, ...]] = {
+    "all": ("backbone", "fpn", "rpn", "box_head"),
+    "convs": ("backbone", "fpn", "rpn"),
+    "backbone_fpn": ("backbone", "fpn"),
+    "backbone": ("backbone",),
+}
+QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
+GATE_METRIC = "map50"
+DEFAULT_CALIBRATION_IMAGES = 64
+
+
+class DetectionQuantizationError(RuntimeError):
+    """Detection INT8 could not run; the message names the file or step."""
+
+
+@dataclass(frozen=True)
+class ScopeTrial:
+    scope: str
+    nodes: int               # compute nodes quantized
+    map50: float | None
+    map: float | None
+    drop_points: float       # mAP@.5 FP32 - INT8, in points (positive = INT8 worse)
+    ms_per_image: float      # median ONNX Runtime latency, batch 1
+    passed: bool
+    part: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scope": self.scope, "nodes": self.nodes, "map50": self.map50, "map": self.map,
+                "drop_points": round(self.drop_points, 4), "ms_per_image": round(self.ms_per_image, 3),
+                "passed": self.passed, "part": self.part}
+
+
+@dataclass(frozen=True)
+class DetectionCalibration:
+    chosen: ScopeTrial | None
+    trials: tuple[ScopeTrial, ...]
+    reference: dict[str, Any]         # FP32 metrics on the same held-out images
+    budget_points: float
+    fp32_ms_per_image: float
+    artifact: Path | None = None      # the written int8 model (None: gate failed, bundle unchanged)
+
+    @property
+    def passed(self) -> bool:
+        return self.chosen is not None
+
+
+def scope_nodes(model_path: str | Path, scope: str) -> list[str]:
+    """Names of the compute nodes of ``scope`` in the graph at ``model_path``."""
+    import onnx
+
+    if scope not in SCOPES:
+        raise DetectionQuantizationError(f"scope {scope!r}: expected one of {list(SCOPES)}")
+    parts = [PARTS[p] for p in SCOPES[scope]]
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type in QUANTIZABLE_OPS and any(p in n.name for p in parts)]
+
+
+def _calibration_tensor(card: Any, size: int, seed: int) -> np.ndarray:
+    """(N,3,H,W) float32 letterboxed training images (defects and negatives alike), seeded sample."""
+    from training.detection.datasets import DetectionSpec, resolve_detection
+    from training.detection.loader import DetectionDataset
+
+    splits = resolve_detection(DetectionSpec.from_dict(card.data, where="model.json: data"))
+    pool = list(splits.train)
+    if not pool:
+        raise DetectionQuantizationError("the run's training split is empty: no calibration images")
+    rng = np.random.default_rng(seed)
+    pick = [pool[i] for i in sorted(rng.permutation(len(pool))[: min(size, len(pool))])]
+    ds = DetectionDataset(pick, card.detector.image_size)
+    return np.stack([ds[i][0].numpy().astype(np.float32) for i in range(len(ds))])
+
+
+def _evaluate(onnx_path: Path, ds: Any, samples: Sequence[Any], classes: Sequence[str], threshold: float,
+              threads: int) -> tuple[dict[str, Any], float]:
+    from training.detection.export import ort_predict
+    from training.detection.task import DetectionTask, DetPredictions
+
+    preds, ms = ort_predict(onnx_path, ds, threads)
+    m = DetectionTask(threshold).evaluate(DetPredictions(list(samples), preds), classes)
+    return m, float(np.median(ms)) if ms else float("nan")
+
+
+def calibrate_detector(
+    fp32_model: str | Path,
+    card: Any,
+    held_out: Sequence[Any],
+    dest: str | Path,
+    *,
+    score_threshold: float,
+    size: int = DEFAULT_CALIBRATION_IMAGES,
+    seed: int = 0,
+    method: str = "entropy",
+    budget: float = DEFAULT_BUDGET_POINTS,
+    scopes: Sequence[str] = tuple(SCOPES),
+    threads: int = 1,
+    echo: Callable[[str], Any] = print,
+) -> DetectionCalibration:
+    """Quantize ``fp32_model`` per scope, gate each on ``held_out`` (DetSamples), write the fastest passing to ``dest``."""
+    import shutil
+
+    from calibration.export_detection import quant_preprocess
+    from calibration.quantize import QuantConfig, quantize_model
+    from training.detection.loader import DetectionDataset
+
+    unknown = [s for s in scopes if s not in SCOPES]
+    if unknown:
+        raise DetectionQuantizationError(f"scopes {unknown}: expected some of {list(SCOPES)}")
+    if not held_out:
+        raise DetectionQuantizationError("no held-out images to gate INT8 on")
+    classes = card.classes
+    ds = DetectionDataset(list(held_out), card.detector.image_size)
+    ref, ref_ms = _evaluate(Path(fp32_model), ds, held_out, classes, score_threshold, threads)
+    ref_map50 = ref[GATE_METRIC] or 0.0
+    echo(f"FP32: mAP@.5 {ref_map50:.4f}, {ref_ms:.2f} ms/image on {len(held_out)} held-out images")
+    # batch_size 1: the exported graph has a fixed batch (docs/contracts.md: detection bundles)
+    config = QuantConfig(method=method, target="cpu", per_channel=True, batch_size=1)
+    trials: list[ScopeTrial] = []
+    with tempfile.TemporaryDirectory(prefix="defectscope-detq-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        prep = quant_preprocess(fp32_model, tmp / "prep.onnx")
+        x = _calibration_tensor(card, size, seed)
+        cache = tmp / "ranges.cache"
+        # Largest scope first: its calibration covers every smaller scope's tensors.
+        order = sorted(scopes, key=lambda s: -len(SCOPES[s]))
+        for scope in order:
+            nodes = scope_nodes(prep, scope)
+            if not nodes:
+                echo(f"scope {scope}: no compute nodes in this graph; skipped")
+                continue
+            out = tmp / f"int8-{scope}.onnx"
+            quantize_model(prep, out, config, cache, x, nodes_to_quantize=nodes)
+            m, ms = _evaluate(out, ds, held_out, classes, score_threshold, threads)
+            drop = 100.0 * (ref_map50 - (m[GATE_METRIC] or 0.0))
+            trial = ScopeTrial(scope, len(nodes), m[GATE_METRIC], m["map"], drop, ms, drop <= budget + 1e-9,
+                               dict(m.get("part") or {}))
+            trials.append(trial)
+            echo(f"INT8 scope {scope:12} ({len(nodes):3} nodes): mAP@.5 {trial.map50 or 0.0:.4f} "
+                 f"(drop {drop:+.2f} pts, budget {budget:g}) {ms:.2f} ms/image -> "
+                 f"{'pass' if trial.passed else 'FAIL'}")
+        passing = [t for t in trials if t.passed]
+        chosen = min(passing, key=lambda t: t.ms_per_image) if passing else None
+        artifact = None
+        if chosen is not None:
+            artifact = Path(dest)
+            artifact.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(tmp / f"int8-{chosen.scope}.onnx", artifact)
+    return DetectionCalibration(chosen, tuple(trials), ref, budget, ref_ms, artifact)
+
+
+def calibrate_bundle(bundle_dir: str | Path, run_dir: str | Path, *, split: str = "test", limit: int | None = None,
+                     echo: Callable[[str], Any] = print, **kwargs: Any) -> DetectionCalibration:
+    """``defectscope calibrate`` on a detection bundle: the gated INT8 artifact added atomically, made default."""
+    from runtime.bundle import Artifact, add_artifact, load_bundle
+    from training.detection.checkpoint import CheckpointError, DetCard
+    from training.detection.export import _held_out
+
+    bundle = load_bundle(bundle_dir)  # checksums verified before the FP32 graph is used
+    m = bundle.manifest
+    if m.model.task != "detection":
+        raise DetectionQuantizationError(f"{bundle_dir}: model.task is {m.model.task!r}, not 'detection'")
+    fp32_key = next((k for k, a in m.artifacts.items() if a.precision == "fp32" and a.format == "onnx"), None)
+    if fp32_key is None:
+        raise DetectionQuantizationError(f"{bundle_dir}/manifest.json: artifacts: no FP32 ONNX artifact to quantize")
+    card_path = Path(run_dir) / "model.json"
+    try:
+        card = DetCard.from_dict(json.loads(card_path.read_text(encoding="utf-8")), where=str(card_path))
+    except (OSError, ValueError) as exc:
+        raise DetectionQuantizationError(f"{card_path}: cannot read the detection card ({exc})") from None
+    except CheckpointError:
+        raise
+    if ["ok", *card.classes] != list(m.classes):
+        raise DetectionQuantizationError(f"{card_path}: classes {list(card.classes)} are not the bundle's "
+                                         f"{list(m.classes[1:])}; pass the run the bundle was exported from")
+    held_out = _held_out(card, split, limit)
+    threshold = float(m.output.score_threshold) if getattr(m.output, "score_threshold", None) is not None else 0.5
+    with tempfile.TemporaryDirectory(prefix="defectscope-detq-out-") as tmp:
+        dest = Path(tmp) / "model.int8.onnx"
+        result = calibrate_detector(bundle.artifact_path(fp32_key), card, held_out, dest, score_threshold=threshold,
+                                    echo=echo, **kwargs)
+        if result.chosen is None:
+            return result
+        c = result.chosen
+        gate = {"passed": True, "metric": GATE_METRIC, "budget_points": result.budget_points,
+                "drops_points": {GATE_METRIC: round(c.drop_points, 4)}, "split": split, "n": len(held_out),
+                "where": "calibration"}
+        quant = {"method": kwargs.get("method", "entropy"), "per_channel": True, "format": "qdq",
+                 "scope": c.scope, "quantized_nodes": c.nodes,
+                 "float_parts": sorted(set(PARTS) - set(SCOPES[c.scope])) + ["box_predictor", "postprocess"],
+                 "scope_trials": [t.to_dict() for t in result.trials],
+                 "fp32_ms_per_image": round(result.fp32_ms_per_image, 3)}
+        metrics = {"split": split, "n": len(held_out), "map": c.map, "map50": c.map50, "part": c.part,
+                   "latency_ms_median": c.ms_per_image, "gate": gate}
+        add_artifact(bundle_dir, "int8", Artifact(file="model.int8.onnx", format="onnx", precision="int8",
+                                                  quantization=quant), dest, metrics=metrics, make_default=True)
+        return DetectionCalibration(c, result.trials, result.reference, result.budget_points,
+                                    result.fp32_ms_per_image, Path(bundle_dir) / "model.int8.onnx")
+
+
+__all__ = ["DEFAULT_CALIBRATION_IMAGES", "DetectionCalibration", "DetectionQuantizationError", "GATE_METRIC",
+           "PARTS", "SCOPES", "ScopeTrial", "calibrate_bundle", "calibrate_detector", "scope_nodes"]

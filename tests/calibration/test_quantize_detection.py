@@ -1,0 +1,71 @@
+"""Detection INT8: QDQ by scope on a tiny Faster R-CNN, gated on mAP@.5, the fastest passing scope kept."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torchvision")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("pycocotools")
+
+
+@pytest.fixture(scope="module")
+def tiny_detector(tmp_path_factory):
+    """(run dir, bundle dir) of a tiny detector trained a few steps on squares, exported by `defectscope export`."""
+    from defectscope.cli import main as ds_main
+    from tests.training.detection.conftest import TINY, write_squares_coco
+
+    root = write_squares_coco(tmp_path_factory.mktemp("detq") / "coco", ("square", "bar"))
+    run, bundle = root.parent / "run", root.parent / "bundle"
+    assert ds_main(["train", "--data", str(root / "train.json"), "--out", str(run), "--epochs", "2",
+                    "--max-steps-per-epoch", "2", *TINY]) == 0
+    assert ds_main(["export", str(run), "--out", str(bundle), "--threads", "2", "--parity-images", "2"]) == 0
+    return run, bundle
+
+
+def _card(run: Path):
+    from training.detection.checkpoint import DetCard
+
+    return DetCard.from_dict(json.loads((run / "model.json").read_text()))
+
+
+def test_scopes_pick_the_parts_of_the_graph(tiny_detector):
+    from calibration.quantize_detection import scope_nodes
+
+    _, bundle = tiny_detector
+    model = bundle / "model.onnx"
+    every = set(scope_nodes(model, "all"))
+    assert set(scope_nodes(model, "backbone")) < set(scope_nodes(model, "backbone_fpn")) \
+        < set(scope_nodes(model, "convs")) < every
+    assert all("/backbone/body/" in n for n in scope_nodes(model, "backbone"))
+    assert {n for n in every if "box_head" in n} and not {n for n in every if "box_predictor" in n}
+    with pytest.raises(Exception, match="expected one of"):
+        scope_nodes(model, "heads")
+
+
+def test_fastest_passing_scope_is_written_and_a_failed_gate_writes_nothing(tiny_detector, tmp_path):
+    import onnx
+
+    from calibration.quantize_detection import calibrate_detector
+    from training.detection.export import _held_out
+
+    run, bundle = tiny_detector
+    card = _card(run)
+    held = _held_out(card, "test", None)
+    dest = tmp_path / "int8.onnx"
+    r = calibrate_detector(bundle / "model.onnx", card, held, dest, score_threshold=0.05, size=8,
+                           scopes=("convs", "backbone"), threads=2, echo=lambda s: None)
+    assert [t.scope for t in r.trials] == ["convs", "backbone"]  # largest first: one calibration covers both
+    assert r.passed and r.chosen in r.trials and r.chosen.passed
+    assert r.chosen.ms_per_image == min(t.ms_per_image for t in r.trials if t.passed)
+    ops = {n.op_type for n in onnx.load(str(dest)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # A budget nothing can meet (INT8 must be 100 points BETTER): refused, nothing written.
+    none = tmp_path / "none.onnx"
+    r2 = calibrate_detector(bundle / "model.onnx", card, held, none, score_threshold=0.05, size=8,
+                            scopes=("backbone",), budget=-100.0, threads=2, echo=lambda s: None)
+    assert not r2.passed and r2.artifact is None and not none.exists()
+    assert r2.trials[0].drop_points > -100.0
