@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=224, help="model input size in pixels (default %(default)s)")
     p.add_argument("--unfreeze-groups", type=int, default=4,
                    help="layer groups fine-tuned, counted from the head (default %(default)s; cheaper than all)")
+    p.add_argument("--interpolation", help="resize interpolation for training and serving (default: the backbone's; "
+                                           "see defectscope train --help)")
     p.add_argument("--calibration-size", type=int, default=200, help="INT8 calibration images (default %(default)s)")
     p.add_argument("--limit", type=int, help="at most N images per split (a quick smoke run)")
     p.add_argument("--max-steps-per-epoch", type=int, help="cap batches per epoch (a quick smoke run)")
@@ -233,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                  "--unfreeze-groups", str(args.unfreeze_groups), "--threads", str(args.threads), *smoke]
         if args.max_steps_per_epoch:
             train += ["--max-steps-per-epoch", str(args.max_steps_per_epoch)]
+        if args.interpolation:
+            train += ["--interpolation", args.interpolation]
         _run_cli("train", train)
     report = json.loads((run / "report.json").read_text())
     print(f"PyTorch model on the held-out {report.get('split')} split: accuracy {report.get('accuracy', 0):.4f}, "

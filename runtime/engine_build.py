@@ -111,6 +111,28 @@ def _find_symmetric_qdq(manifest: Any, bundle_hint: str) -> tuple[str, Any]:
         "then copy the bundle to the device again (or use --int8-mode implicit on TensorRT 8.x)")
 
 
+# Detection graphs (Faster R-CNN: ONNX NonMaxSuppression + RoiAlign) need TensorRT 10: its parser imports
+# NonMaxSuppression natively and RoiAlign as the ROIAlign_TRT plugin; 8.x had NMS only as experimental.
+MIN_DETECTION_TENSORRT = 10
+DETECTION_BATCH = 1  # the exported detector has a fixed batch (calibration.export_detection, docs/contracts.md)
+
+
+def _detection_rules(manifest: Any, version: str, major: int, precision: str, batch: tuple[int, int],
+                     notes: list[str]) -> tuple[tuple[int, int], int, list[str]]:
+    if major < MIN_DETECTION_TENSORRT:
+        raise BuildError(f"detection bundles need TensorRT {MIN_DETECTION_TENSORRT} or later (its ONNX parser imports "
+                         f"NonMaxSuppression and RoiAlign); this device has {version}. Serve the ONNX artifact with "
+                         "ONNX Runtime, or upgrade JetPack (JetPack 6: TensorRT 10)")
+    if precision == "int8":
+        raise BuildError("INT8 TensorRT engines of detectors are not built: the station's engine gate compares "
+                         "class scores, not boxes. Build --precision fp16 (or fp32), or serve the gated ONNX "
+                         "Runtime INT8 artifact")
+    if tuple(batch) != (DETECTION_BATCH, DETECTION_BATCH):
+        notes = [*notes, f"the detector graph has a fixed batch of {DETECTION_BATCH}: profile "
+                         f"{DETECTION_BATCH}..{DETECTION_BATCH} (asked {batch[0]}..{batch[1]})"]
+    return (DETECTION_BATCH, DETECTION_BATCH), DETECTION_BATCH, notes
+
+
 def plan_build(manifest: Any, tensorrt_version: str, precision: str = "fp16", *, int8_mode: str = "auto",
                batch: tuple[int, int] = (1, 8), opt_batch: int | None = None, calib_batch: int = 8,
                strongly_typed: bool | None = None, bundle_hint: str = "<bundle>") -> BuildPlan:
@@ -127,6 +149,9 @@ def plan_build(manifest: Any, tensorrt_version: str, precision: str = "fp16", *,
     major = v[0]
     if major < 8:
         raise BuildError(f"TensorRT {tensorrt_version} is too old: build-engine supports TensorRT 8.x, 10.x and later")
+    notes: list[str] = []
+    if manifest.model.task == "detection":
+        batch, opt_batch, notes = _detection_rules(manifest, tensorrt_version, major, precision, batch, notes)
     lo, hi = int(batch[0]), int(batch[1])
     if not 1 <= lo <= hi:
         raise BuildError(f"--batch: expected 1 <= MIN <= MAX, got {lo} {hi}")
@@ -136,7 +161,6 @@ def plan_build(manifest: Any, tensorrt_version: str, precision: str = "fp16", *,
     if calib_batch < 1:
         raise BuildError(f"--calib-batch-size must be >= 1, got {calib_batch}")
 
-    notes: list[str] = []
     network_flags: list[str] = ["EXPLICIT_BATCH"] if major < 10 else []
     builder_flags: list[str] = []
     mode: str | None = None

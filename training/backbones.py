@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runtime.preprocess import InputSpec
+from runtime.preprocess import INTERPOLATIONS, InputSpec
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
@@ -190,7 +190,7 @@ def make_input(*, height: int, width: int | None = None, resize_size: int | None
 
 
 def sized_input(spec: BackboneSpec, image_size: int | None = None, resize_size: int | None = None,
-                crop_fraction: float | None = None) -> InputSpec:
+                crop_fraction: float | None = None, interpolation: str | None = None) -> InputSpec:
     """The backbone's default input, optionally at another size.
 
     ``crop_fraction`` = height / resize_size (the ImageNet convention is 0.875);
@@ -211,7 +211,9 @@ def sized_input(spec: BackboneSpec, image_size: int | None = None, resize_size: 
         resize = int(resize_size)
     if resize < max(height, width):
         raise ValueError(f"resize_size {resize} is smaller than the crop {height}x{width}")
-    return replace(d, height=height, width=width, resize_size=resize)
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation: expected one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
+    return replace(d, height=height, width=width, resize_size=resize, interpolation=interpolation or d.interpolation)
 
 
 # -- weight files ---------------------------------------------------------------------

@@ -103,6 +103,8 @@ def _data_args(p: argparse.ArgumentParser, cfg: Any, D: dict[str, Any]) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser, cfg: Any, D: dict[str, Any]) -> None:
+    from runtime.preprocess import INTERPOLATIONS
+
     m = p.add_argument_group("model")
     m.add_argument("--backbone", help=f"registered backbone (default {D['backbone']}; --list-backbones)")
     m.add_argument("--weights", help=f"imagenet, none, or a local weights file (default {D['weights']})")
@@ -110,6 +112,9 @@ def _model_args(p: argparse.ArgumentParser, cfg: Any, D: dict[str, Any]) -> None
     m.add_argument(
         "--crop-fraction", type=float, help=f"crop / resize; 1.0 keeps the whole image (default {D['crop_fraction']})"
     )
+    m.add_argument("--interpolation", choices=sorted(INTERPOLATIONS),
+                   help="resize of training, evaluation and stations (recorded in the bundle's input spec); "
+                        "linear: INTER_LINEAR at every scale, the cheapest (default: backbone's)")
     m.add_argument("--dropout", type=float, help="head dropout (default: backbone's)")
 
 
@@ -202,6 +207,7 @@ _TOP_KEYS = (
     "weights",
     "image_size",
     "crop_fraction",
+    "interpolation",
     "dropout",
     "strategy",
     "epochs",

@@ -243,3 +243,29 @@ def test_tensorrt8_calibration_batches_are_the_onnx_runtime_set(calibrated, tmp_
     stream, info = stream_for(device)
     assert "fingerprint" not in info and len(stream.x) == len(images_in(device))
     assert "does not hold calibration.json's images" in logs[-1]
+
+
+def test_detection_bundles_plan_fixed_batch_float_engines_on_tensorrt_10(tmp_path):
+    """Faster R-CNN graphs: TensorRT >= 10 (NMS + RoiAlign), fixed batch 1, no INT8 engine (box gate missing)."""
+    from runtime.bundle import Manifest
+    from runtime.engine_build import BuildError, plan_build
+
+    m = Manifest.from_dict({
+        "schema_version": 1,
+        "model": {"name": "det", "version": "1", "task": "detection", "architecture": "tiny_det", "created": "x"},
+        "classes": ["ok", "crack"], "good_classes": ["ok"],
+        "input": {"name": "input", "height": 64, "width": 64, "resize_size": 64, "mean": [0, 0, 0],
+                  "std": [1, 1, 1], "resize_policy": "letterbox", "pad_value": 0, "color_order": "RGB"},
+        "output": {"kind": "detections", "names": ["boxes", "scores", "labels"], "box_format": "xyxy",
+                   "score_threshold": 0.5, "max_detections": 100},
+        "artifacts": {"fp32": {"file": "model.onnx", "format": "onnx", "precision": "fp32"}},
+        "default_artifact": "fp32", "files": {"model.onnx": "0" * 64},
+    }, where="manifest.json")
+    plan = plan_build(m, "10.3.0", "fp16")  # the CLI's default batch 1..8 is narrowed, and it says so
+    assert plan.profile() == ((1, 3, 64, 64),) * 3 and plan.builder_flags == ("FP16",)
+    assert any("fixed batch of 1" in n for n in plan.notes)
+    assert plan_build(m, "11.0.0", "fp32").network_flags == ("STRONGLY_TYPED",)
+    with pytest.raises(BuildError, match="TensorRT 10 or later .* NonMaxSuppression and RoiAlign"):
+        plan_build(m, "8.6.1", "fp16")
+    with pytest.raises(BuildError, match="INT8 TensorRT engines of detectors"):
+        plan_build(m, "10.3.0", "int8")
