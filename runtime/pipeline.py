@@ -336,6 +336,10 @@ class Pipeline:
             verdicts[dec.verdict].inc()
             if dec.verdict == "defect" and dec.defect_class:
                 self.metrics.defects.labels(frame.camera, dec.defect_class).inc()
+            if pred.boxes is not None:  # a detector's frame
+                self.metrics.detections_per_frame.labels(frame.camera).observe(len(dec.detections))
+                for det in dec.detections:
+                    self.metrics.detections.labels(frame.camera, det["class"]).inc()
             e2e.observe(time.monotonic() - frame.t_capture)
 
     def _verdict(self, r: _Result, frame: Frame, pred: Prediction, dec: Decision, views: int) -> dict[str, Any]:
