@@ -214,7 +214,8 @@ def _pred(boxes: list, scores: list, labels: list, **output: object):
     b = np.zeros((1, 8, 4), np.float32)
     s = np.zeros((1, 8), np.float32)
     lab = np.zeros((1, 8), np.int64)
-    b[0, :len(boxes)], s[0, :len(scores)], lab[0, :len(labels)] = boxes, scores, labels
+    if boxes:
+        b[0, :len(boxes)], s[0, :len(scores)], lab[0, :len(labels)] = boxes, scores, labels
     return m, post, post([b, s, lab], 1, 1)[0]
 
 
