@@ -24,8 +24,8 @@ from typing import Any
 from runtime.bundle_fs import MANIFEST, BundleError, check_member_name, open_regular, sha256_fd, unlisted_entries  # noqa: F401
 from runtime.bundle_fs import key_error as _err
 from runtime.bundle_fs import require as _require
-from runtime.fsio import atomic_write_json, fsync_dir, sha256_file
 from runtime.bundle_output import TASK_OUTPUT_KINDS, OutputSpec, check_output_shapes, parse_output
+from runtime.fsio import atomic_write_json, fsync_dir, sha256_file
 from runtime.preprocess import InputSpec, SpecError
 
 __all__ = ["sha256_file", "fsync_dir"]  # re-exported: the one implementation lives in runtime.fsio

@@ -163,8 +163,8 @@ class DetectionPostprocessor(Postprocessor):
             else:
                 b, s, lb = weighted_box_fusion(per_view, iou_thr=self.fusion_iou)
             b, s, lb = b[: self.max_detections], s[: self.max_detections], lb[: self.max_detections]
-            geo = geometries[i] if geometries is not None and geometries[i] is not None else self._same
-            b = geo.to_original(b, clip=True)
+            given = geometries[i] if geometries is not None else None
+            b = (given or self._same).to_original(b, clip=True)
             proper = (b[:, 2] >= b[:, 0]) & (b[:, 3] >= b[:, 1])  # an inverted box is no detection
             b, s, lb = b[proper], s[proper], lb[proper]
             per_class = np.zeros(n_classes, dtype=np.float32)

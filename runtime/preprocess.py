@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+if TYPE_CHECKING:
+    from runtime.boxes import Geometry
+
 # "letterbox" (detectors): scale to fit, pad the rest with ``pad_value``; runtime.boxes.fit does it.
 RESIZE_POLICIES = ("shorter_side_center_crop", "stretch", "letterbox")
 INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
@@ -80,11 +83,16 @@ class InputSpec:
         if self.resize_policy == "letterbox":
             if self.pad_value is None:
                 object.__setattr__(self, "pad_value", 0)
-            if not isinstance(self.pad_value, int) or isinstance(self.pad_value, bool) or not 0 <= self.pad_value <= 255:
+            if (
+                not isinstance(self.pad_value, int)
+                or isinstance(self.pad_value, bool)
+                or not 0 <= self.pad_value <= 255
+            ):
                 raise SpecError(f"input.pad_value: expected an integer gray level in [0, 255], got {self.pad_value!r}")
         elif self.pad_value is not None:
-            raise SpecError(f"input.pad_value: only used by resize_policy 'letterbox', this spec uses "
-                            f"{self.resize_policy!r}")
+            raise SpecError(
+                f"input.pad_value: only used by resize_policy 'letterbox', this spec uses {self.resize_policy!r}"
+            )
         if self.resize_policy == "shorter_side_center_crop" and self.resize_size < max(self.height, self.width):
             raise SpecError(
                 f"input.resize_size: {self.resize_size} is smaller than the crop "

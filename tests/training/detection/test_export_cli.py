@@ -43,6 +43,18 @@ def test_export_detection_bundle(det_run, tmp_path):
     model, card = load_detector(run)
     ds = DetectionDataset(_held_out(card, "test", 3), card.detector.image_size)
     onnx_preds, _ = ort_predict(out / "model.onnx", ds)
+    # The station reads the bundle and preprocesses a frame exactly as the export evaluated it (the one
+    # letterbox, runtime.boxes.fit), with the same Geometry back to original pixels.
+    from runtime.bundle import load_bundle
+    from runtime.preprocess import Preprocessor, read_image
+
+    assert m["provenance"]["export"]["runtime_validation"] == {"accepted": True}
+    pre = Preprocessor(load_bundle(out).manifest.input)
+    for i in range(len(ds)):
+        raw = read_image(ds.samples[i].path)
+        image, target = ds[i]
+        np.testing.assert_allclose(pre(raw), image.numpy(), atol=1e-6)
+        assert pre.box_geometry(*raw.shape[:2]) == target["geometry"]
     for (tb, ts, tl), (ob, os_, ol) in zip(predict(model, ds), onnx_preds):
         keep_t, keep_o = ts >= 0.05, os_ >= 0.05
         assert keep_t.sum() == keep_o.sum()
