@@ -369,3 +369,11 @@ def test_viewer_shows_classes_and_box_counts() -> None:
     assert "boxes seen" in text and "3 scratch, 1 stain" in text and "2 scratch, 1 stain" in text
     bad = copy.deepcopy(_det_msg([{**GOOD, "score": 7}]))
     assert not state.update(bad, 3.0) and state.invalid == 1
+
+
+def test_bundle_inspect_shows_the_detection_output(det_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.bundle_cli import main
+
+    assert main(["inspect", str(det_bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "detection" in out and "boxes, scores, labels (xyxy, up to 2 per image, score threshold 0.5" in out
