@@ -152,14 +152,16 @@ class DetectionPostprocessor(Postprocessor):
             per_view = []
             for v, view in enumerate(views):
                 r = i * n_views + v
-                keep = ok[r]
+                keep = np.flatnonzero(ok[r])
+                # Best first, at most max_detections per view: fusion is quadratic in the boxes, and a
+                # graph with a symbolic D could return any number of them.
+                keep = keep[np.argsort(-scores[r][keep], kind="stable")][: self.max_detections]
                 b = boxes[r][keep]
                 if view != "original":
                     b = unflip_boxes(b, self.width, self.height, view)
                 per_view.append((b, scores[r][keep], lab[r][keep]))
             if n_views == 1:
-                order = np.argsort(-per_view[0][1], kind="stable")
-                b, s, lb = (x[order] for x in per_view[0])
+                b, s, lb = per_view[0]
             else:
                 b, s, lb = weighted_box_fusion(per_view, iou_thr=self.fusion_iou)
             b, s, lb = b[: self.max_detections], s[: self.max_detections], lb[: self.max_detections]

@@ -377,3 +377,16 @@ def test_bundle_inspect_shows_the_detection_output(det_bundle: Path, capsys: pyt
     assert main(["inspect", str(det_bundle)]) == 0
     out = capsys.readouterr().out
     assert "detection" in out and "boxes, scores, labels (xyxy, up to 2 per image, score threshold 0.5" in out
+
+
+def test_a_graph_returning_many_boxes_is_cut_before_fusion() -> None:
+    m, _ = _post(max_detections=None)
+    post = make_postprocessor(m, ("original", "hflip"))
+    n = 20_000  # a symbolic-D graph may return any number of rows
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 28, (2, n, 2)).astype(np.float32)
+    boxes = np.concatenate([xy, xy + 4], axis=2)
+    scores = rng.uniform(0.1, 1.0, (2, n)).astype(np.float32)
+    t = time.perf_counter()
+    (pred,) = post([boxes, scores, np.ones((2, n), np.int64)], 1, 2)
+    assert len(pred.boxes.scores) <= MAX_DETECTIONS and time.perf_counter() - t < 30
