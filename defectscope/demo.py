@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zmq-port", type=int, default=0, help="ZeroMQ PUB port (default: a free one)")
     p.add_argument("--metrics-port", type=int, default=0, help="metrics/health port (default: a free one)")
     p.add_argument("--keep", action="store_true", help="reuse finished steps already in --out")
+    p.add_argument("--task", choices=("classification", "detection"), default="classification",
+                   help="classification (default): the ELPV classifier; detection: Faster R-CNN on synthetic "
+                        "defects drawn on real ELPV cells, boxes streamed")
+    from defectscope.demo_detection import add_arguments
+
+    add_arguments(p)
     return p
 
 
@@ -222,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DEFECTSCOPE_THREADS", str(args.threads))
+    if args.task == "detection":
+        from defectscope.demo_detection import run as run_detection
+
+        return run_detection(args)
     run, bundle = out / "run", out / "bundle"
     smoke = ["--limit", str(args.limit)] if args.limit else []
     t_all = time.perf_counter()

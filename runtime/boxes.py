@@ -177,6 +177,31 @@ def weighted_box_fusion(views: Sequence[tuple[Any, Any, Any]], iou_thr: float = 
             np.asarray(out_l, np.int64)[order])
 
 
+# -- drawing ---------------------------------------------------------------------------------
+BOX_COLOR = (0, 0, 255)  # BGR red
+
+
+def draw_boxes(image: np.ndarray, detections: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """A BGR copy of a uint8 gray/BGR frame with each ``{"box", "score", "class"}`` outlined and labelled.
+
+    Boxes are original-image pixel edges; the outline covers the box's first to last pixel.
+    """
+    import cv2
+
+    out = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image.copy()
+    h, w = out.shape[:2]
+    thick = max(1, round(min(h, w) / 300))
+    for d in detections:
+        x1, y1, x2, y2 = (float(v) for v in d["box"])
+        p1 = (int(np.clip(np.floor(x1), 0, w - 1)), int(np.clip(np.floor(y1), 0, h - 1)))
+        p2 = (int(np.clip(np.ceil(x2) - 1, 0, w - 1)), int(np.clip(np.ceil(y2) - 1, 0, h - 1)))
+        cv2.rectangle(out, p1, p2, BOX_COLOR, thick)
+        label = f"{d['class']} {float(d['score']):.2f}"
+        cv2.putText(out, label, (p1[0], max(10, p1[1] - 3)), cv2.FONT_HERSHEY_SIMPLEX, 0.35 * thick, BOX_COLOR,
+                    thick, cv2.LINE_AA)
+    return out
+
+
 # -- part-level decision ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class BoxVerdict:
@@ -257,4 +282,5 @@ class BoxPolicy:
 
 
 __all__ = ["BOX_POLICIES", "BoxError", "BoxPolicy", "BoxVerdict", "Geometry", "as_boxes", "box_area", "box_iou",
+           "draw_boxes",
            "fit", "geometry", "unflip_boxes", "weighted_box_fusion"]

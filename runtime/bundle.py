@@ -22,30 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from runtime.bundle_fs import MANIFEST, BundleError, check_member_name, open_regular, sha256_fd, unlisted_entries  # noqa: F401
+from runtime.bundle_fs import key_error as _err
+from runtime.bundle_fs import require as _require
+from runtime.bundle_output import TASK_OUTPUT_KINDS, OutputSpec, check_output_shapes, parse_output
 from runtime.fsio import atomic_write_json, fsync_dir, sha256_file
 from runtime.preprocess import InputSpec, SpecError
 
 __all__ = ["sha256_file", "fsync_dir"]  # re-exported: the one implementation lives in runtime.fsio
 
 SCHEMA_VERSION = 1
-TASK_OUTPUT_KINDS = {"classification": ("logits", "probabilities"), "detection": ("detections",)}
 FORMATS = ("onnx", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-def _err(where: str, key: str, message: str) -> BundleError:
-    return BundleError(f"{where}: key '{key}': {message}")
-
-
-def _require(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str, prefix: str = "") -> Any:
-    full = f"{prefix}{key}"
-    if key not in data:
-        raise _err(where, full, "missing")
-    value = data[key]
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise _err(where, full, f"expected {names}, got {type(value).__name__} {value!r:.60}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -55,13 +42,6 @@ class ModelInfo:
     task: str = "classification"
     architecture: str = ""
     created: str = ""
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    kind: str
-    names: tuple[str, ...]
-    box_format: str | None = None
 
 
 @dataclass(frozen=True)
@@ -133,16 +113,7 @@ class Manifest:
             spec = InputSpec.from_dict(_require(data, "input", Mapping, where))
         except SpecError as exc:
             raise BundleError(f"{where}: {exc}") from None
-        o = _require(data, "output", Mapping, where)
-        kind = _require(o, "kind", str, where, "output.")
-        if kind not in TASK_OUTPUT_KINDS[task]:
-            raise _err(where, "output.kind", f"a {task} model outputs one of {TASK_OUTPUT_KINDS[task]}, got {kind!r}")
-        names = _require(o, "names", list, where, "output.")
-        if not names or not all(isinstance(n, str) for n in names):
-            raise _err(where, "output.names", "expected a non-empty list of output tensor names")
-        if task == "detection" and len(names) != 3:
-            raise _err(where, "output.names", f"a detector has 3 outputs (boxes, scores, labels), got {names}")
-        output = OutputSpec(kind=kind, names=tuple(names), box_format=o.get("box_format"))
+        output = parse_output(_require(data, "output", Mapping, where), task, spec, where)
         raw_artifacts = _require(data, "artifacts", Mapping, where)
         if not raw_artifacts:
             raise _err(where, "artifacts", "expected at least one model artifact")
@@ -178,9 +149,7 @@ class Manifest:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        output: dict[str, Any] = {"kind": self.output.kind, "names": list(self.output.names)}
-        if self.output.box_format:
-            output["box_format"] = self.output.box_format
+        output = self.output.to_dict()
         return {
             "schema_version": self.schema_version,
             "model": dataclasses.asdict(self.model),
@@ -285,13 +254,7 @@ def check_graph_io(manifest: Manifest, inputs: list[Any], outputs: list[Any], wh
     names = [o.name for o in outputs]
     if list(manifest.output.names) != names:
         raise BundleError(f"{where}: output names {names} do not match manifest output.names {list(manifest.output.names)}")
-    if manifest.model.task == "classification":
-        dims = list(outputs[0].shape)
-        if len(dims) != 2 or (isinstance(dims[1], int) and dims[1] != len(manifest.classes)):
-            raise BundleError(
-                f"{where}: output {names[0]!r} has shape {dims}, expected (N, {len(manifest.classes)}) "
-                f"for the manifest's {len(manifest.classes)} classes"
-            )
+    check_output_shapes(manifest.model.task, manifest.output, len(manifest.classes), outputs, where)
 
 
 def read_manifest(path: str | os.PathLike[str]) -> Manifest:

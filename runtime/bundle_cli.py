@@ -51,6 +51,11 @@ def _summary(path: Path) -> str:
         f"{m.input.color_order}, {m.input.resize_policy} from {m.input.resize_size}",
         "artifacts",
     ]
+    if m.model.task == "detection":
+        o = m.output
+        lines.insert(-1, f"output     {', '.join(o.names)} ({o.box_format}, up to {o.max_detections or '?'} per image, "
+                         f"score threshold {o.score_threshold if o.score_threshold is not None else '-'})"
+                         + (f", letterbox pad {m.input.pad_value}" if m.input.resize_policy == "letterbox" else ""))
     for key, art in m.artifacts.items():
         star = "*" if key == m.default_artifact else " "
         metrics = m.metrics.get(key, {})

@@ -10,7 +10,7 @@ import hashlib
 import os
 import posixpath
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,23 @@ MANIFEST = "manifest.json"
 
 class BundleError(ValueError):
     """A bundle that must not be used; the message names the file and key at fault."""
+
+
+def key_error(where: str, key: str, message: str) -> BundleError:
+    """``<file>: key '<dotted.key>': <message>``: the form of every manifest error."""
+    return BundleError(f"{where}: key '{key}': {message}")
+
+
+def require(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str, prefix: str = "") -> Any:
+    """``data[key]`` of type ``kind`` (bool is never an int here), else a BundleError naming ``prefix + key``."""
+    full = f"{prefix}{key}"
+    if key not in data:
+        raise key_error(where, full, "missing")
+    value = data[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise key_error(where, full, f"expected {names}, got {type(value).__name__} {value!r:.60}")
+    return value
 
 
 def check_member_name(name: Any, where: str, key: str) -> str:

@@ -133,12 +133,16 @@ class TTAConfig:
         return self.views != ("original",)
 
 
+DEFAULT_THRESHOLD = 0.5  # a classifier's default; a detector's is its bundle's output.score_threshold
+
+
 @dataclass(frozen=True)
 class DecisionConfig:
-    default_threshold: float = 0.5
+    default_threshold: float | None = None  # None: DEFAULT_THRESHOLD (detector: the bundle's score_threshold)
     thresholds: Mapping[str, float] = field(default_factory=dict)  # per defect class
     uncertain_band: float = 0.1  # half-width around each threshold that is judged "uncertain"
     good_classes: tuple[str, ...] | None = None  # None: the manifest's good_classes
+    min_box_area: float = 0.0  # detectors: boxes smaller than this (original pixels^2) are not counted
 
 
 @dataclass(frozen=True)
@@ -384,10 +388,11 @@ def _decision(t: _Table, base: Path) -> DecisionConfig:
     if good is not None and (not good or not all(isinstance(g, str) for g in good)):
         raise t.error("good_classes", f"expected a non-empty array of class names, got {good!r}")
     decision = DecisionConfig(
-        default_threshold=t.number("default_threshold", 0.5, minimum=0.0, maximum=1.0),
+        default_threshold=t.number("default_threshold", None, minimum=0.0, maximum=1.0),
         thresholds={k: float(v) for k, v in thresholds.items()},
         uncertain_band=t.number("uncertain_band", 0.1, minimum=0.0, maximum=0.5),
         good_classes=tuple(good) if good is not None else None,
+        min_box_area=t.number("min_box_area", 0.0, minimum=0.0, maximum=1e12),
     )
     t.finish()
     return decision

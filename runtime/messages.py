@@ -1,18 +1,26 @@
-"""The verdict stream's wire format: topics, schema version 1, encode / decode / validate.
+"""The verdict stream's wire format: topics, schema versions 1 and 2, encode / decode / validate.
 
 Topic ``<station>.<camera>.<verdict>`` (subscribers filter by prefix, e.g.
 ``line3.`` or ``line3.cam1.`` or ``line3.cam1.defect``); station heartbeats use
 ``<station>._status``. Payload: JSON (default) or msgpack, one dict with
-``"schema_version": 1`` and ``"type": "verdict" | "status"``.
+``"schema_version"`` and ``"type": "verdict" | "status"``. Status messages and
+classification verdicts are version 1; a detection verdict is version 2: the version-1
+fields unchanged plus ``detections`` (boxes in original image pixels).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
 SCHEMA_VERSION = 1
+DETECTION_SCHEMA_VERSION = 2  # a verdict carrying "detections"
+SCHEMA_VERSIONS = (SCHEMA_VERSION, DETECTION_SCHEMA_VERSION)
+# Most boxes one verdict may carry (a bundle's output.max_detections is capped by it too).
+MAX_DETECTIONS = 1000
+DETECTION_KEYS = ("box", "score", "class")
 STATUS = "_status"
 # The one definition of the verdict names (config, metrics, viewer and the decision read it).
 VERDICTS = ("ok", "defect", "uncertain")
@@ -92,9 +100,9 @@ def verdict_message(*, station: str, camera: str, seq: int, source: str | None, 
                     top_class: str, top_score: float, verdict: str, defect_class: str | None, confidence: float,
                     latency_ms: Mapping[str, float], tta_views: int,
                     detections: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """One schema-1 verdict; ``source`` is the file name for replays, None for streams."""
+    """One verdict (schema 1; 2 for a detector's); ``source`` is the file name for replays, None for streams."""
     msg: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION if task == "classification" else DETECTION_SCHEMA_VERSION,
         "type": "verdict",
         "station": station,
         "camera": camera,
@@ -155,12 +163,41 @@ def _check(msg: Mapping[str, Any], fields: Mapping[str, Any], prefix: str = "") 
             raise SchemaError(f"key '{name}': expected {'/'.join(k.__name__ for k in kinds)}, got {value!r:.60}")
 
 
-def validate(msg: Mapping[str, Any]) -> None:
-    """Raise SchemaError unless ``msg`` is a valid schema-1 verdict or status message."""
+def _finite(value: Any, lo: float = -math.inf, hi: float = math.inf) -> bool:
+    return not isinstance(value, bool) and isinstance(value, _NUM) and math.isfinite(value) and lo <= value <= hi
+
+
+def _check_detections(dets: Any, classes: Any, max_detections: int) -> None:
+    """Each ``{"box": [x1, y1, x2, y2] original pixels, "score": [0, 1], "class": <a class of class_scores>}``."""
+    if not isinstance(dets, list):
+        raise SchemaError("key 'detections': expected a list for a detection model")
+    if len(dets) > max_detections:
+        raise SchemaError(f"key 'detections': {len(dets)} boxes, at most {max_detections} allowed")
+    for i, d in enumerate(dets):
+        where = f"key 'detections[{i}]"
+        if not isinstance(d, Mapping) or set(d) != set(DETECTION_KEYS):
+            raise SchemaError(f"{where}': expected an object with exactly the keys {list(DETECTION_KEYS)}")
+        box = d["box"]
+        if not isinstance(box, list) or len(box) != 4 or not all(_finite(v, 0.0) for v in box) \
+                or box[2] < box[0] or box[3] < box[1]:
+            raise SchemaError(f"{where}.box': expected [x1, y1, x2, y2] finite pixels, 0 <= x1 <= x2, 0 <= y1 <= y2, "
+                              f"got {box!r:.80}")
+        if not _finite(d["score"], 0.0, 1.0):
+            raise SchemaError(f"{where}.score': expected a number in [0, 1], got {d['score']!r:.40}")
+        if not isinstance(d["class"], str) or d["class"] not in classes:
+            raise SchemaError(f"{where}.class': {d['class']!r:.40} is not among the class_scores")
+
+
+def validate(msg: Mapping[str, Any], max_detections: int = MAX_DETECTIONS) -> None:
+    """Raise SchemaError unless ``msg`` is a valid verdict (schema 1, or 2 with detections) or status message.
+
+    ``max_detections``: a subscriber that knows the bundle may pass its ``output.max_detections``.
+    """
     if not isinstance(msg, Mapping):
         raise SchemaError("message is not an object")
-    if msg.get("schema_version") != SCHEMA_VERSION:
-        raise SchemaError(f"key 'schema_version': expected {SCHEMA_VERSION}, got {msg.get('schema_version')!r}")
+    version = msg.get("schema_version")
+    if isinstance(version, bool) or version not in SCHEMA_VERSIONS:
+        raise SchemaError(f"key 'schema_version': expected one of {SCHEMA_VERSIONS}, got {version!r:.40}")
     kind = msg.get("type")
     if kind == "verdict":
         _check(msg, VERDICT_FIELDS)
@@ -171,13 +208,19 @@ def validate(msg: Mapping[str, Any]) -> None:
         if not isinstance(scores, Mapping) or not scores:
             raise SchemaError(f"key '{scores_key}': expected an object of class -> score")
         for cls, value in scores.items():
-            if isinstance(value, bool) or not isinstance(value, _NUM) or not 0.0 <= value <= 1.0:
+            if not _finite(value, 0.0, 1.0):
                 raise SchemaError(f"key '{scores_key}.{cls}': expected a number in [0, 1], got {value!r}")
         if msg["top_class"] not in scores:
             raise SchemaError(f"key 'top_class': {msg['top_class']!r} is not among the {scores_key}")
-        if msg["task"] == "detection" and not isinstance(msg.get("detections"), list):
-            raise SchemaError("key 'detections': expected a list for a detection model")
+        detection = msg["task"] != "classification"
+        if detection != (version == DETECTION_SCHEMA_VERSION):
+            raise SchemaError(f"key 'schema_version': a {msg['task']} verdict is version "
+                              f"{DETECTION_SCHEMA_VERSION if detection else SCHEMA_VERSION}, got {version}")
+        if detection:
+            _check_detections(msg.get("detections"), scores, max_detections)
     elif kind == "status":
+        if version != SCHEMA_VERSION:
+            raise SchemaError(f"key 'schema_version': a status message is version {SCHEMA_VERSION}, got {version}")
         _check(msg, STATUS_FIELDS)
         if msg["state"] not in STATES:
             raise SchemaError(f"key 'state': expected one of {STATES}, got {msg['state']!r}")

@@ -25,6 +25,7 @@ from runtime.messages import VERDICTS
 # Seconds: inference on an edge device is ~1-100 ms; end-to-end adds queueing (up to seconds when behind).
 INFERENCE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 E2E_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+DETECTION_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100)
 # decode_error: an unreadable file / frame (truncated, zero bytes, not an image); too_small: a frame
 # below [model] min_frame_side, never judged.
 DROP_REASONS = ("queue_full", "decode_error", "too_small", "preprocess_error", "inference_error")
@@ -43,6 +44,11 @@ class Metrics:
                                       ["camera", "reason"], registry=r)
         self.defects = Counter("defectscope_defects_total", "Defect verdicts by defect class", ["camera", "class"],
                                registry=r)
+        # Detectors: the boxes a published verdict carries (defect + uncertain boxes), by class, and their count.
+        self.detections = Counter("defectscope_detections_total", "Boxes in published verdicts by class",
+                                  ["camera", "class"], registry=r)
+        self.detections_per_frame = Histogram("defectscope_detections_per_frame", "Boxes per judged frame (detectors)",
+                                              cam, buckets=DETECTION_BUCKETS, registry=r)
         self.verdicts = Counter("defectscope_verdicts_total", "Verdicts", ["camera", "verdict"], registry=r)
         self.inference_latency = Histogram("defectscope_inference_latency_seconds",
                                            "Backend time of one inference call (a micro-batch)",

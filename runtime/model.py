@@ -17,7 +17,7 @@ from runtime.backends import Backend, BackendError, create_backend
 from runtime.batcher import BatchBuffers, assemble
 from runtime.bundle import Bundle, BundleError, load_bundle
 from runtime.config import ConfigError, StationConfig
-from runtime.decision import Decider, Postprocessor, make_postprocessor
+from runtime.decision import BoxDecider, Decider, Postprocessor, make_postprocessor
 from runtime.model_store import choose_bootable
 from runtime.preprocess import Preprocessor, SpecError
 from runtime.sources import Frame, FrameRejected
@@ -42,7 +42,7 @@ class LoadedModel:
     pre: Preprocessor
     tta: TTA
     post: Postprocessor
-    decider: Decider
+    decider: Decider | BoxDecider  # the task's policy (post.decider); .decide(Prediction) -> Decision
     frames_per_call: int
     info: dict[str, str]  # name, version, precision, artifact, backend
     min_frame_side: int = 1  # pixels; smaller frames are rejected (counted), never judged
@@ -63,6 +63,7 @@ class LoadedModel:
                                              f"({self.min_frame_side} px)")
         t = time.perf_counter()
         frame.tensor = self.tta.expand(frame.image, stop=1 if self.adaptive_band is not None else None)
+        frame.geometry = self.pre.box_geometry(h, w)  # boxes on the model input -> this frame's pixels
         frame.generation = self.generation
         frame.preprocess_s += time.perf_counter() - t
 
@@ -92,17 +93,18 @@ def _frames_per_call(cfg: StationConfig, backend: Backend, n_views: int, adaptiv
     return per_call
 
 
-def _probe(bundle: Bundle, backend: Backend, tta: TTA, post: Postprocessor, decider: Decider) -> None:
+def _probe(bundle: Bundle, backend: Backend, tta: TTA, post: Postprocessor, decider: Decider | BoxDecider) -> None:
     """One synthetic frame through the whole path: views, outputs and postprocessing must agree."""
     m = bundle.manifest
     probe = np.full((m.input.resize_size, m.input.resize_size, 3), 127, dtype=np.uint8)
-    preds = post(backend.run(tta.expand(probe)), 1, tta.n_views)
+    geo = tta.pre.box_geometry(*probe.shape[:2])
+    preds = post(backend.run(tta.expand(probe)), 1, tta.n_views, [geo])
     if preds[0].scores.shape != (len(m.classes),):
         raise ModelLoadError(f"model outputs {preds[0].scores.shape[0]} class scores, manifest lists "
                              f"{len(m.classes)} classes")
     if not np.all(np.isfinite(preds[0].scores)):
         raise ModelLoadError("model produced non-finite scores on the warm-up frame")
-    decider(preds[0].scores)
+    decider.decide(preds[0])
 
 
 def load_model(cfg: StationConfig, generation: int = 1) -> LoadedModel:
@@ -118,8 +120,11 @@ def load_model(cfg: StationConfig, generation: int = 1) -> LoadedModel:
         version = m.model.version
         pre = Preprocessor(m.input)
         tta = TTA(cfg.tta.views, pre)
-        post = make_postprocessor(m, tta.n_views)
-        decider = Decider(m.classes, m.good_classes, cfg.decision)
+        post = make_postprocessor(m, tta.views)
+        decider = post.decider(cfg.decision)
+        if cfg.tta.mode == "uncertain" and tta.n_views > 1 and not post.adaptive_tta:
+            raise ConfigError(f"key 'tta.mode': 'uncertain' (adaptive TTA) is not supported for {m.model.task} "
+                              "bundles; use mode = \"always\"")
     except (BundleError, ConfigError, TTAError, SpecError, OSError) as exc:
         raise ModelLoadError(f"{cfg.model.bundle}: {exc}", version) from None
     adaptive = cfg.tta.mode == "uncertain" and tta.n_views > 1

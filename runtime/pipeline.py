@@ -271,12 +271,12 @@ class Pipeline:
                 return
             n_views = model.tta.n_views
             if model.adaptive_band is None:
-                preds = model.post(outputs, len(frames), n_views)
+                preds = model.post(outputs, len(frames), n_views, [f.geometry for f in frames])
                 views = [n_views] * len(frames)
             else:
                 preds, views = _more_views(model, frames, outputs)
             infer_s = time.perf_counter() - t0
-            decisions = [model.decider(p.scores) for p in preds]
+            decisions = [model.decider.decide(p) for p in preds]
         finally:
             model.lock.release()
         for f, v in zip(frames, views):
@@ -341,6 +341,10 @@ class Pipeline:
             verdicts[dec.verdict].inc()
             if dec.verdict == "defect" and dec.defect_class:
                 self.metrics.defects.labels(frame.camera, dec.defect_class).inc()
+            if pred.boxes is not None:  # a detector's frame
+                self.metrics.detections_per_frame.labels(frame.camera).observe(len(dec.detections))
+                for det in dec.detections:
+                    self.metrics.detections.labels(frame.camera, det["class"]).inc()
             e2e.observe(time.monotonic() - frame.t_capture)
 
     def _verdict(self, r: _Result, frame: Frame, pred: Prediction, dec: Decision, views: int) -> dict[str, Any]:
@@ -358,7 +362,7 @@ class Pipeline:
             captured_at=frame.captured_at, published_at=time.time(), model=r.model.info,
             task=r.model.bundle.manifest.model.task, scores=scores_dict(classes, pred.scores), top_class=top_class,
             top_score=top_score, verdict=dec.verdict, defect_class=dec.defect_class, confidence=dec.confidence,
-            latency_ms=latency, tta_views=views, detections=list(pred.detections or ()))
+            latency_ms=latency, tta_views=views, detections=list(dec.detections))
 
     def _camera_metrics(self, camera: str) -> tuple[Any, Any, dict[str, Any]]:
         """Per-camera metric children, looked up once (labels() costs a lock + dict lookup per call)."""

@@ -11,12 +11,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
-RESIZE_POLICIES = ("shorter_side_center_crop", "stretch")
+if TYPE_CHECKING:
+    from runtime.boxes import Geometry
+
+# "letterbox" (detectors): scale to fit, pad the rest with ``pad_value``; runtime.boxes.fit does it.
+RESIZE_POLICIES = ("shorter_side_center_crop", "stretch", "letterbox")
 INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "linear": cv2.INTER_LINEAR}
 # Interpolations used as-is at every scale (no INTER_AREA when shrinking): "linear" is the cheapest
 # resize (~5x faster than AREA at 300->224) but aliases; a bundle picks it only if measured accurate.
@@ -48,6 +52,7 @@ class InputSpec:
     color_order: str = "RGB"
     resize_policy: str = "shorter_side_center_crop"
     interpolation: str = "bilinear"
+    pad_value: int | None = None  # letterbox only: uint8 gray level of the padding (default 0); else None
 
     def __post_init__(self) -> None:
         # Normalise sequences so equality and hashing work after a JSON round trip.
@@ -78,6 +83,19 @@ class InputSpec:
                 raise SpecError(f"input.{key}: expected {self.channels} values (one per channel), got {len(values)}")
         if any(s <= 0 for s in self.std):
             raise SpecError(f"input.std: every value must be > 0, got {self.std}")
+        if self.resize_policy == "letterbox":
+            if self.pad_value is None:
+                object.__setattr__(self, "pad_value", 0)
+            if (
+                not isinstance(self.pad_value, int)
+                or isinstance(self.pad_value, bool)
+                or not 0 <= self.pad_value <= 255
+            ):
+                raise SpecError(f"input.pad_value: expected an integer gray level in [0, 255], got {self.pad_value!r}")
+        elif self.pad_value is not None:
+            raise SpecError(
+                f"input.pad_value: only used by resize_policy 'letterbox', this spec uses {self.resize_policy!r}"
+            )
         if self.resize_policy == "shorter_side_center_crop" and self.resize_size < max(self.height, self.width):
             raise SpecError(
                 f"input.resize_size: {self.resize_size} is smaller than the crop "
@@ -106,6 +124,8 @@ class InputSpec:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["mean"], out["std"] = list(self.mean), list(self.std)
+        if self.pad_value is None:
+            del out["pad_value"]  # classification specs serialise exactly as before the letterbox policy
         return out
 
     @property
@@ -188,6 +208,10 @@ class Preprocessor:
     def geometry(self, image: np.ndarray, resize_size: int | None = None) -> np.ndarray:
         """Resize + crop only (uint8 in, uint8 out); ``resize_size`` overrides the spec (TTA scales)."""
         spec = self.spec
+        if spec.resize_policy == "letterbox":
+            from runtime.boxes import fit  # runtime.boxes imports this module (resize)
+
+            return fit(image, spec.height, spec.width, "letterbox", spec.interpolation, spec.pad_value or 0)[0]
         if spec.resize_policy == "stretch":
             return self._resize(image, spec.height, spec.width)
         size = resize_size or spec.resize_size
@@ -199,6 +223,15 @@ class Preprocessor:
         top = int(round((h - spec.height) / 2.0))
         left = int(round((w - spec.width) / 2.0))
         return image[top : top + spec.height, left : left + spec.width]
+
+    def box_geometry(self, height: int, width: int) -> Geometry | None:
+        """How boxes on the model input map back to an ``height`` x ``width`` frame (letterbox / stretch);
+        None for the center crop (a classifier's policy, which loses the borders)."""
+        if self.spec.resize_policy not in ("letterbox", "stretch"):
+            return None
+        from runtime.boxes import geometry
+
+        return geometry(height, width, self.spec.height, self.spec.width, self.spec.resize_policy)
 
     def __call__(self, image: np.ndarray, resize_size: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """One frame → (C,H,W) float32 normalised tensor (written into ``out`` if given)."""

@@ -5,6 +5,11 @@ thread fed by a bounded queue (a full queue drops the snapshot, counted, and
 never delays a verdict); files are written atomically (temp + rename, JPEG
 first, sidecar last); when the spool exceeds its quota the oldest snapshots
 are removed first. Names start with the UTC capture time, so name order is age.
+
+A detector's snapshot keeps the frame as it was judged (``<stem>.jpg``, the image a
+relabelled dataset is built from) and adds ``<stem>.boxes.jpg`` with the verdict's boxes
+drawn; the sidecar (the verdict message) carries the boxes and names that file in
+``boxes_image``.
 """
 
 from __future__ import annotations
@@ -22,10 +27,23 @@ from typing import Any
 import cv2
 import numpy as np
 
+from runtime.boxes import draw_boxes
 from runtime.config import SnapshotConfig
 from runtime.fsio import atomic_write_bytes
 
 log = logging.getLogger("defectscope.snapshots")
+BOXES_SUFFIX = ".boxes.jpg"  # the annotated copy of a detector's snapshot
+SUFFIXES = (".jpg", ".json", BOXES_SUFFIX)
+
+
+def _stem(name: str) -> str | None:
+    """The snapshot a spool file belongs to (None: not a spool file)."""
+    if name.endswith(BOXES_SUFFIX):
+        return name[: -len(BOXES_SUFFIX)]
+    for suffix in (".jpg", ".json"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
 
 
 class SnapshotSpool:
@@ -51,8 +69,9 @@ class SnapshotSpool:
             if p.name.startswith(".") and p.name.endswith(".tmp"):
                 p.unlink(missing_ok=True)  # a write interrupted by a crash
                 continue
-            if p.suffix in (".jpg", ".json") and p.is_file():
-                sizes[p.stem] = sizes.get(p.stem, 0) + p.stat().st_size
+            stem = _stem(p.name)
+            if stem is not None and p.is_file():
+                sizes[stem] = sizes.get(stem, 0) + p.stat().st_size
         for stem in sorted(sizes):
             self._entries.append((stem, sizes[stem]))
             self.total += sizes[stem]
@@ -82,11 +101,21 @@ class SnapshotSpool:
                 if not ok:
                     raise OSError("JPEG encoding failed")
                 data = buf.tobytes()
-                meta = (json.dumps(sidecar, indent=1) + "\n").encode()
                 atomic_write_bytes(path, data)
+                size = len(data)
+                if sidecar.get("detections"):
+                    boxed = path.with_name(path.stem + BOXES_SUFFIX)
+                    ok, buf = cv2.imencode(".jpg", draw_boxes(image, sidecar["detections"]),
+                                           [cv2.IMWRITE_JPEG_QUALITY, self.cfg.jpeg_quality])
+                    if not ok:
+                        raise OSError("JPEG encoding failed")
+                    atomic_write_bytes(boxed, buf.tobytes())
+                    size += len(buf)
+                    sidecar = dict(sidecar, boxes_image=boxed.name)
+                meta = (json.dumps(sidecar, indent=1) + "\n").encode()
                 atomic_write_bytes(path.with_suffix(".json"), meta)
-                self._entries.append((path.stem, len(data) + len(meta)))
-                self.total += len(data) + len(meta)
+                self._entries.append((path.stem, size + len(meta)))
+                self.total += size + len(meta)
                 self._enforce()
                 self.on_result("saved")
             except OSError as exc:
@@ -96,7 +125,7 @@ class SnapshotSpool:
     def _enforce(self) -> None:
         while self.total > self.quota and self._entries:
             stem, size = self._entries.popleft()
-            for suffix in (".jpg", ".json"):
+            for suffix in SUFFIXES:
                 (self.dir / f"{stem}{suffix}").unlink(missing_ok=True)
             self.total -= size
 

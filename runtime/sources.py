@@ -81,6 +81,9 @@ class Frame:
     tensor: np.ndarray | None = None  # (V,C,H,W) float32: TTA views, prepared on the capture thread
     generation: int = -1  # model generation the tensor was prepared for
     preprocess_s: float = 0.0
+    # runtime.boxes.Geometry of ``image`` -> the model input (detectors: maps boxes back to ``image``
+    # pixels); set with ``tensor``, None for a center-cropping classifier.
+    geometry: object | None = None
 
 
 class Reader(Protocol):

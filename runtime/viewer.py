@@ -1,7 +1,8 @@
 """``defectscope watch``: live terminal view of a station's verdict stream for line operators.
 
 Per camera: up/down, the latest verdict with its class and confidence, frames/s
-and defects/min; below, the most recent defect / uncertain events. Filters by
+and defects/min (detectors: the latest verdict's boxes per class, and boxes seen per
+class); below, the most recent defect / uncertain events. Filters by
 camera and verdict. The state model (:class:`ViewerState`) has no terminal in
 it, so it is tested directly; ``--once`` / ``--duration`` make the command
 itself testable as a subprocess.
@@ -36,6 +37,22 @@ class CameraView:
     counts: dict[str, int] = field(default_factory=lambda: {"ok": 0, "defect": 0, "uncertain": 0})
     frame_times: deque = field(default_factory=lambda: deque(maxlen=4096))
     defect_times: deque = field(default_factory=lambda: deque(maxlen=4096))
+    box_counts: dict[str, int] = field(default_factory=dict)  # detectors: boxes seen per class
+
+
+def box_summary(detections: Any) -> str | None:
+    """``"2 scratch, 1 stain"`` for a detection verdict's boxes ("0 boxes" when none); None: not a detector."""
+    if not isinstance(detections, list):
+        return None
+    per_class = per_class_counts(detections)
+    return ", ".join(f"{n} {c}" for c, n in sorted(per_class.items())) if per_class else "0 boxes"
+
+
+def per_class_counts(detections: list[dict[str, Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in detections:
+        out[d["class"]] = out.get(d["class"], 0) + 1
+    return out
 
 
 class ViewerState:
@@ -91,6 +108,8 @@ class ViewerState:
         view.counts[verdict] = view.counts.get(verdict, 0) + 1
         if verdict == "defect":
             view.defect_times.append(now)
+        for cls, n in per_class_counts(msg.get("detections") or []).items():
+            view.box_counts[cls] = view.box_counts.get(cls, 0) + n
         if self.verdict_filter and verdict not in self.verdict_filter:
             return False
         view.latest = msg
@@ -99,6 +118,7 @@ class ViewerState:
                 "station": station, "camera": cam, "seq": msg["seq"], "verdict": verdict,
                 "class": msg.get("defect_class") or msg["top_class"], "confidence": msg["confidence"],
                 "captured_at": msg["captured_at"], "snapshot": msg.get("snapshot"), "source": msg.get("source"),
+                "boxes": box_summary(msg.get("detections")),
             })
         return True
 
@@ -135,6 +155,8 @@ class ViewerState:
                 "fps": len(v.frame_times) / window,
                 "defects_per_min": len(v.defect_times) * 60.0 / window,
                 "counts": dict(v.counts),
+                "boxes": box_summary(latest.get("detections")),  # the latest verdict's, per class
+                "box_counts": dict(v.box_counts),  # every verdict's since watching, per class
                 "age_s": None if v.last_seen is None else now - v.last_seen,
             })
         return out
@@ -147,10 +169,12 @@ def render(state: ViewerState, now: float, endpoints: Iterable[str] = ()) -> Any
     from rich.text import Text
 
     cams = Table(title="cameras", expand=True, title_justify="left")
+    rows = state.rows(now)
+    detector = any(r["boxes"] is not None for r in rows)
     for col in ("station", "camera", "state", "latest", "class", "conf", "seq", "frames/s", "defects/min",
-                "ok / defect / uncertain", "model"):
+                "ok / defect / uncertain", *(("boxes", "boxes seen") if detector else ()), "model"):
         cams.add_column(col, no_wrap=True)
-    for r in state.rows(now):
+    for r in rows:
         up = r["up"]
         state_text = Text("UP", "green") if up else (Text("DOWN", "bold red") if up is False else Text("?", "dim"))
         verdict = r["verdict"]
@@ -163,15 +187,18 @@ def render(state: ViewerState, now: float, endpoints: Iterable[str] = ()) -> Any
             str(r["seq"]) if r["seq"] is not None else "-",
             f"{r['fps']:.1f}", f"{r['defects_per_min']:.1f}",
             f"{c.get('ok', 0)} / {c.get('defect', 0)} / {c.get('uncertain', 0)}",
+            *((r["boxes"] or "-", ", ".join(f"{n} {k}" for k, n in sorted(r["box_counts"].items())) or "-")
+              if detector else ()),
             r["model"] or "-",
         )
     events = Table(title="recent defect / uncertain events", expand=True, title_justify="left")
-    for col in ("time", "camera", "verdict", "class", "conf", "seq", "snapshot"):
+    for col in ("time", "camera", "verdict", "class", "conf", "seq", *(("boxes",) if detector else ()), "snapshot"):
         events.add_column(col, no_wrap=True)
     for e in state.events:
         events.add_row(
             time.strftime("%H:%M:%S", time.localtime(e["captured_at"])), e["camera"],
             Text(e["verdict"], VERDICT_STYLE[e["verdict"]]), e["class"], f"{e['confidence']:.2f}", str(e["seq"]),
+            *((e["boxes"] or "-",) if detector else ()),
             Path(e["snapshot"]).name if e["snapshot"] else "-",
         )
     stations = ", ".join(f"{s}: {m['state']}" for s, m in sorted(state.stations.items())) or "no status yet"

@@ -1,4 +1,4 @@
-"""Realistic station traffic without a model: schema-1 verdict and status messages on a real ZeroMQ PUB.
+"""Realistic station traffic without a model: schema-1 (detection: 2) verdict and status messages on a real ZeroMQ PUB.
 
 Used by bench/bench_console.py (4 stations x 4 cameras x 30 verdicts/s) and the console tests.
 Messages carry every field the daemon sends (runtime/messages.py validates them).
@@ -11,7 +11,7 @@ from typing import Any
 
 import zmq
 
-from runtime.messages import SCHEMA_VERSION, encode, status_topic, verdict_topic
+from runtime.messages import DETECTION_SCHEMA_VERSION, SCHEMA_VERSION, encode, status_topic, verdict_topic
 
 MODEL = {"name": "elpv-lite0", "version": "1.2.0", "precision": "int8", "artifact": "int8", "backend": "onnxruntime-cpu"}
 
@@ -26,7 +26,8 @@ def verdict_message(station: str, camera: str, seq: int, verdict: str = "ok", *,
     top = classes[0] if verdict == "ok" else classes[-1]
     scores = {c: (score if c == top else round((1 - score) / max(1, len(classes) - 1), 5)) for c in classes}
     msg: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, "type": "verdict", "station": station, "camera": camera, "seq": seq,
+        "schema_version": SCHEMA_VERSION if task == "classification" else DETECTION_SCHEMA_VERSION,
+        "type": "verdict", "station": station, "camera": camera, "seq": seq,
         "source": f"part-{seq:08d}", "captured_at": round(captured, 6), "published_at": round(now, 6),
         "model": dict(model or MODEL), "task": task, "top_class": top, "top_score": score, "verdict": verdict,
         "defect_class": top if verdict == "defect" else None, "confidence": score,

@@ -67,7 +67,7 @@ def test_decision_config_that_does_not_fit_the_bundle_is_refused(good, cfg, key)
 
 def test_classification_postprocessor_averages_probabilities_not_logits() -> None:
     m = Manifest.from_dict(manifest_dict())
-    post = make_postprocessor(m, n_views=2)
+    post = make_postprocessor(m, ("original", "hflip"))
     logits = np.array([[0.0, 4.0], [0.0, -4.0], [1.0, 0.0], [1.0, 0.0]], dtype=np.float32)  # 2 frames x 2 views
     preds = post([logits], n_frames=2, n_views=2)
     probs = softmax(logits.copy())
@@ -87,26 +87,29 @@ def test_average_views_keeps_frames_apart() -> None:
     assert average_views(scores, 1) is scores
 
 
-def test_detection_bundle_fits_the_same_decision_path() -> None:
+def test_detection_bundle_gets_the_box_policy_on_the_same_decision_keys() -> None:
     data = manifest_dict()
     data["model"]["task"] = "detection"
     data["classes"] = ["background", "crack", "chip"]
     data["good_classes"] = ["background"]
+    data["input"].update(resize_policy="letterbox", pad_value=0)
     data["output"] = {"kind": "detections", "names": ["boxes", "scores", "labels"], "box_format": "xyxy"}
     m = Manifest.from_dict(data)
-    post = make_postprocessor(m, n_views=1)
+    post = make_postprocessor(m)
     boxes = np.array([[[1, 2, 10, 12], [5, 5, 9, 9], [0, 0, 1, 1]], [[0, 0, 4, 4], [0, 0, 0, 0], [0, 0, 0, 0]]],
                      dtype=np.float32)
     scores = np.array([[0.9, 0.3, 0.01], [0.2, 0.0, 0.0]], dtype=np.float32)
     labels = np.array([[1, 2, 2], [2, 0, 0]], dtype=np.int64)
     preds = post([boxes, scores, labels], n_frames=2, n_views=1)
-    np.testing.assert_allclose(preds[0].scores, [0.0, 0.9, 0.3])
-    assert [d["class"] for d in preds[0].detections] == ["crack", "chip"]  # the 0.01 box is below min_score
-    decide = Decider(m.classes, m.good_classes, DecisionConfig())
-    assert (decide(preds[0].scores).verdict, decide(preds[0].scores).defect_class) == ("defect", "crack")
-    assert decide(preds[1].scores).verdict == "ok"
+    np.testing.assert_allclose(preds[0].scores, [0.1, 0.9, 0.3], rtol=1e-6)  # good: 1 - best defect box
+    assert preds[0].boxes is not None and preds[0].boxes.labels.tolist() == [1, 2]  # 0.01 is below min_score
+    decide = post.decider(DecisionConfig())
+    got = decide.decide(preds[0])
+    assert (got.verdict, got.defect_class) == ("defect", "crack")
+    assert got.detections == ({"box": [1.0, 2.0, 10.0, 12.0], "score": 0.9, "class": "crack"},)
+    assert decide.decide(preds[1]).verdict == "ok"
     with pytest.raises(ConfigError, match="key 'tta.views'"):
-        make_postprocessor(m, n_views=3)
+        make_postprocessor(m, ("original", "scale:1.1"))
 
 
 def test_postprocessor_registry_refuses_duplicates() -> None:

@@ -58,3 +58,26 @@ def test_rot90_keeps_shape_of_non_square_images():
     assert shapes == {(2, 3, 5)}
     sq = torch.arange(9).reshape(1, 3, 3)
     assert len({tuple(rot(sq).flatten().tolist()) for _ in range(40)}) == 4
+
+
+def test_interpolation_is_a_training_option_recorded_in_the_input_spec():
+    """`train --interpolation linear`: the run's InputSpec (and so the bundle, and the station) resizes that way."""
+    from training.backbones import get_spec, sized_input
+    from training.config import ConfigError, TrainConfig
+    from training.transforms import val_pipeline
+
+    spec = sized_input(get_spec("tiny_cnn"), 32, interpolation="linear")
+    assert spec.interpolation == "linear"
+    assert sized_input(get_spec("tiny_cnn"), 32).interpolation == get_spec("tiny_cnn").default_input.interpolation
+    import numpy as np
+    import torch
+
+    from runtime.preprocess import Preprocessor
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (3, 60, 60), dtype=np.uint8)
+    train_side = val_pipeline(spec)(torch.from_numpy(img)).numpy()
+    station = Preprocessor(spec)(img.transpose(1, 2, 0)[:, :, ::-1].copy())  # the station gets BGR frames
+    np.testing.assert_allclose(train_side, station, atol=1e-5)
+    with pytest.raises(ConfigError, match="interpolation: expected one of"):
+        TrainConfig(backbone="tiny_cnn", interpolation="nearest")

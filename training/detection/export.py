@@ -9,9 +9,9 @@ Manifest (schema_version 1, docs/contracts.md): ``model.task = "detection"``;
 "score_threshold", "max_detections"}``; boxes are model-input pixels (the runtime maps them back).
 
 The bundle is written atomically (temp directory beside ``--out``, ``manifest.json`` last,
-rename) and then read back with ``runtime.bundle.load_bundle``; until ``runtime/`` accepts the
-letterbox input (``runtime.preprocess.InputSpec``), that validation result is reported in
-``provenance.export.runtime_validation`` instead of failing the export.
+rename) and then read back with ``runtime.bundle.load_bundle`` (schema, checksums, graph output
+shapes against ``max_detections``); the result is recorded in
+``provenance.export.runtime_validation``.
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def export_run(
         manifest = write_detection_bundle(out, manifest, onnx_path)
     check = runtime_validation(out)
     if not check["accepted"]:
-        echo(f"note: runtime.bundle does not load detection bundles yet: {check['error']}")
+        echo(f"warning: runtime.bundle refuses this bundle: {check['error']}")
     manifest["provenance"]["export"]["runtime_validation"] = check
     from runtime.fsio import atomic_write_json
 

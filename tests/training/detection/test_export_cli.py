@@ -43,6 +43,46 @@ def test_export_detection_bundle(det_run, tmp_path):
     model, card = load_detector(run)
     ds = DetectionDataset(_held_out(card, "test", 3), card.detector.image_size)
     onnx_preds, _ = ort_predict(out / "model.onnx", ds)
+    # The station reads the bundle and preprocesses a frame exactly as the export evaluated it (the one
+    # letterbox, runtime.boxes.fit), with the same Geometry back to original pixels.
+    from runtime.bundle import load_bundle
+    from runtime.preprocess import Preprocessor, read_image
+
+    assert m["provenance"]["export"]["runtime_validation"] == {"accepted": True}
+    pre = Preprocessor(load_bundle(out).manifest.input)
+    for i in range(len(ds)):
+        raw = read_image(ds.samples[i].path)
+        image, target = ds[i]
+        np.testing.assert_allclose(pre(raw), image.numpy(), atol=1e-6)
+        assert pre.box_geometry(*raw.shape[:2]) == target["geometry"]
+    # Served by the station's own path (load_model: backend, probe, postprocessor, box decision), the
+    # exported graph gives the same boxes in original pixels as the export's ONNX evaluation.
+    import time
+
+    from runtime.config import from_dict
+    from runtime.messages import VERDICTS
+    from runtime.model import load_model
+    from runtime.sources import Frame
+
+    for views in (["original"], ["original", "hflip", "vflip"]):
+        cfg = from_dict({"station": "s", "cameras": [{"id": "c", "source": str(tmp_path)}],
+                         "model": {"bundle": str(out), "backend": "onnxruntime-cpu", "warmup_runs": 0},
+                         "tta": {"views": views}}, base=tmp_path)
+        served = load_model(cfg)
+        for i, (ob, os_, ol) in enumerate(onnx_preds):
+            raw = read_image(ds.samples[i].path)
+            frame = Frame("c", i, raw, time.time(), time.monotonic())
+            served.prepare(frame)
+            (pred,) = served.post(served.backend.run(frame.tensor), 1, len(views), [frame.geometry])
+            assert served.decider.decide(pred).verdict in VERDICTS
+            b = pred.boxes
+            assert np.all(b.boxes[:, 2] <= raw.shape[1]) and np.all(b.boxes[:, 3] <= raw.shape[0])
+            if len(views) == 1:
+                keep = os_ >= 0.05
+                np.testing.assert_allclose(b.scores, os_[keep], atol=1e-6)
+                np.testing.assert_allclose(b.boxes, ob[keep], atol=1e-3)
+                assert b.labels.tolist() == (ol[keep] + 1).tolist()  # labels index ["ok", *classes]
+        served.close()
     for (tb, ts, tl), (ob, os_, ol) in zip(predict(model, ds), onnx_preds):
         keep_t, keep_o = ts >= 0.05, os_ >= 0.05
         assert keep_t.sum() == keep_o.sum()
