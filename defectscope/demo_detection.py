@@ -71,6 +71,7 @@ quota_mb = 64
 [[cameras]]
 id = "cam1"
 source = "{replay.resolve()}"
+loop = true
 """
     path = out / "station.toml"
     path.write_text(text)
@@ -113,10 +114,10 @@ def _serve(station: Path, zmq_port: int, metrics_port: int, truth: dict[str, int
     daemon = subprocess.Popen([sys.executable, "-m", "defectscope", "serve", "--config", str(station)],
                               stdout=log, stderr=subprocess.STDOUT)
     seen: dict[str, dict[str, Any]] = {}
-    metrics, rc = "", None
+    rc = None
     deadline = time.monotonic() + 900
     try:
-        # The replay ends (no loop): the daemon drains and exits 0 by itself once every frame is out.
+        # The replay loops; the first verdict of each file counts, then metrics are scraped while it serves.
         while len(seen) < len(truth) and time.monotonic() < deadline:
             try:
                 _topic, payload = sub.recv_multipart()
@@ -126,13 +127,11 @@ def _serve(station: Path, zmq_port: int, metrics_port: int, truth: dict[str, int
                 continue
             msg = decode(payload)
             if msg.get("type") == "verdict":
-                seen[Path(msg.get("source") or "").name] = msg
+                seen.setdefault(Path(msg.get("source") or "").name, msg)
                 if len(seen) % 25 == 0:
                     print(f"  received {len(seen)}/{len(truth)} verdicts", flush=True)
-            if len(seen) == len(truth) - 1 or not metrics:
-                metrics = _scrape(metrics_port) or metrics
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
+        metrics = _scrape(metrics_port) or ""
+        daemon.send_signal(signal.SIGTERM)  # as systemd stops it: drain, exit 0
         rc = daemon.wait(timeout=60)
     finally:
         if daemon.poll() is None:

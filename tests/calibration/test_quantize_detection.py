@@ -69,3 +69,48 @@ def test_fastest_passing_scope_is_written_and_a_failed_gate_writes_nothing(tiny_
                             scopes=("backbone",), budget=-100.0, threads=2, echo=lambda s: None)
     assert not r2.passed and r2.artifact is None and not none.exists()
     assert r2.trials[0].drop_points > -100.0
+
+
+def test_calibrate_cli_adds_the_gated_int8_artifact_to_a_detection_bundle(tiny_detector, tmp_path):
+    import shutil
+
+    from defectscope.cli import main as ds_main
+    from runtime.bundle import load_bundle
+    from runtime.fsio import sha256_file
+
+    run, src = tiny_detector
+    bundle = tmp_path / "bundle"
+    shutil.copytree(src, bundle)
+    report = tmp_path / "calib.json"
+    # Classifier-only options are refused on a detection bundle, not ignored.
+    assert ds_main(["calibrate", str(bundle), "--run", str(run), "--target", "tensorrt"]) == 1
+    assert ds_main(["calibrate", str(bundle), "--run", str(run), "--size", "8", "--threads", "2",
+                    "--report", str(report)]) == 0
+    b = load_bundle(bundle)  # checksums and graph I/O verified, like a station does
+    m = b.manifest
+    assert m.default_artifact == "int8" and m.artifacts["int8"].file == "model.int8.onnx"
+    q = dict(m.artifacts["int8"].quantization or {})
+    assert q["scope"] in ("all", "convs", "backbone_fpn", "backbone") and q["quantized_nodes"] > 0
+    assert len(q["scope_trials"]) == 4 and "box_predictor" in q["float_parts"]
+    gate = m.metrics["int8"]["gate"]
+    assert gate["passed"] and gate["metric"] == "map50" and gate["budget_points"] == 1.0
+    assert m.files["model.int8.onnx"] == sha256_file(bundle / "model.int8.onnx")
+    assert json.loads(report.read_text())["chosen"] == q["scope"]
+    # Nothing meets a budget of -100 points: exit 3, the bundle untouched.
+    before = (bundle / "manifest.json").read_bytes()
+    assert ds_main(["calibrate", str(bundle), "--run", str(run), "--size", "8", "--budget", "-100"]) == 3
+    assert (bundle / "manifest.json").read_bytes() == before
+
+
+def test_calibrate_refuses_a_tampered_detection_bundle(tiny_detector, tmp_path):
+    import shutil
+
+    from defectscope.cli import main as ds_main
+
+    run, src = tiny_detector
+    bundle = tmp_path / "bundle"
+    shutil.copytree(src, bundle)
+    with open(bundle / "model.onnx", "ab") as f:
+        f.write(b"\0")  # the checksum no longer matches: never quantize (or ship) an unverified graph
+    assert ds_main(["calibrate", str(bundle), "--run", str(run), "--size", "4"]) == 1
+    assert not (bundle / "model.int8.onnx").exists()
