@@ -8,16 +8,14 @@ Manifest (schema_version 1, docs/contracts.md): ``model.task = "detection"``;
 ``output = {"kind": "detections", "names": ["boxes", "scores", "labels"], "box_format": "xyxy",
 "score_threshold", "max_detections"}``; boxes are model-input pixels (the runtime maps them back).
 
-The bundle is written atomically (temp directory beside ``--out``, ``manifest.json`` last,
-rename) and then read back with ``runtime.bundle.load_bundle`` (schema, checksums, graph output
-shapes against ``max_detections``); the result is recorded in
-``provenance.export.runtime_validation``.
+The bundle is written by ``runtime.bundle.write_bundle`` (temp directory beside ``--out``,
+``manifest.json`` last, verified by the station's own loader before the rename: schema, checksums,
+graph output shapes against ``max_detections``); a bundle the runtime would refuse is never written.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -123,34 +121,12 @@ def manifest_dict(
 
 
 def write_detection_bundle(dest: Path, manifest: dict[str, Any], onnx_path: Path) -> dict[str, Any]:
-    """Atomic bundle directory: model.onnx, then manifest.json with its sha256, then rename into place."""
-    from runtime.fsio import atomic_write_json, fsync_dir, sha256_file
+    """The bundle through ``runtime.bundle.write_bundle``: checksums, the station's own validation (manifest
+    keys, letterbox input, detection outputs against the graph), temp directory + rename."""
+    from runtime.bundle import Manifest, write_bundle
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        shutil.copyfile(onnx_path, tmp / "model.onnx")
-        manifest = {**manifest, "files": {"model.onnx": sha256_file(tmp / "model.onnx")}}
-        atomic_write_json(tmp / "manifest.json", manifest)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-        fsync_dir(dest.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
-
-
-def runtime_validation(dest: Path) -> dict[str, Any]:
-    """What ``runtime.bundle.load_bundle`` (checksums + graph I/O) says of the written bundle."""
-    from runtime.bundle import load_bundle
-
-    try:
-        load_bundle(dest)
-        return {"accepted": True}
-    except Exception as exc:  # noqa: BLE001 - reported, see the module docstring
-        return {"accepted": False, "error": str(exc)}
+    m = Manifest.from_dict({**manifest, "files": {}}, where=f"{dest}/manifest.json")
+    return write_bundle(dest, m, {"model.onnx": onnx_path}).manifest.to_dict()
 
 
 def export_run(
@@ -238,13 +214,6 @@ def export_run(
             card, info, name=name, version=version, score_threshold=thr, provenance=prov, metrics=metrics
         )
         manifest = write_detection_bundle(out, manifest, onnx_path)
-    check = runtime_validation(out)
-    if not check["accepted"]:
-        echo(f"warning: runtime.bundle refuses this bundle: {check['error']}")
-    manifest["provenance"]["export"]["runtime_validation"] = check
-    from runtime.fsio import atomic_write_json
-
-    atomic_write_json(out / "manifest.json", manifest)
     echo(
         f"bundle written: {out} (FP32 ONNX Runtime on {split}: mAP@.5 {m['map50']}, part recall "
         f"{m['part']['recall']}, false alarms {m['part']['false_alarm_rate']})"
@@ -252,4 +221,4 @@ def export_run(
     return manifest
 
 
-__all__ = ["export_run", "manifest_dict", "ort_predict", "runtime_validation", "write_detection_bundle"]
+__all__ = ["export_run", "manifest_dict", "ort_predict", "write_detection_bundle"]
