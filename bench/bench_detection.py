@@ -2,12 +2,16 @@
 
 Trains a Faster R-CNN (default efficientnet_lite0 + FPN at 320 px) through the project's training
 engine, evaluates mAP@[.5:.95] / mAP@.5 and the part-level recall / false-alarm rate on the held-out
-split (optionally with flip TTA), exports to ONNX (parity enforced) and times ONNX Runtime FP32
-against PyTorch eager per image at the given thread count. Prints a table and writes JSON.
+split (optionally with flip TTA), exports to ONNX (parity enforced), quantizes to INT8 by scope behind
+the mAP@.5 gate (calibration.quantize_detection, as `defectscope calibrate`), and times PyTorch eager,
+ONNX Runtime FP32 and INT8 per image at the given thread count, side by side in one run. Prints a
+table with the issue's targets and writes JSON. ``--reuse`` skips training/export/INT8 when the run
+and bundle exist (re-time on an idle machine).
 The defects are synthetic; the cells are real (ELPV, CC BY-NC-SA: never commit the data).
 
 Full run (one at a time, idle machine):
     python bench/bench_detection.py --data-dir /tmp/elpv-synth-det --out runs/bench-det --threads 2
+    python bench/bench_detection.py --out runs/bench-det --reuse          # re-time only
 Smoke (seconds):
     python bench/bench_detection.py --smoke --out /tmp/bench-det-smoke
 """
@@ -44,6 +48,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-images", type=int, default=20)
     p.add_argument("--out", default="runs/bench-det")
     p.add_argument("--json", help="result JSON (default <out>/bench_detection.json)")
+    p.add_argument("--reuse", action="store_true", help="reuse <out>/run and <out>/bundle (re-time, re-evaluate)")
+    p.add_argument("--calibration-images", type=int, default=64)
     p.add_argument(
         "--smoke",
         action="store_true",
@@ -112,12 +118,22 @@ def main(argv: list[str] | None = None) -> int:
         out=str(run),
         panels=4,
     )
-    t0 = time.perf_counter()
-    train_detector(cfg, overwrite=True, echo=print)
-    train_s = time.perf_counter() - t0
-    ev = evaluate_run(str(run), "test", tta=ns.tta)
     bundle = Path(ns.out) / "bundle"
-    manifest = export_run(run, bundle, parity_images=8, threads=ns.threads, force=True, echo=print)
+    reuse = ns.reuse and (run / "best.safetensors").is_file() and (bundle / "manifest.json").is_file()
+    train_s = None
+    if not reuse:
+        t0 = time.perf_counter()
+        train_detector(cfg, overwrite=True, echo=print)
+        train_s = time.perf_counter() - t0
+    ev = evaluate_run(str(run), "test", tta=ns.tta)
+    if not reuse:
+        export_run(run, bundle, parity_images=8, threads=ns.threads, force=True, echo=print)
+        from calibration.quantize_detection import calibrate_bundle
+
+        calibrate_bundle(bundle, run, size=ns.calibration_images, threads=ns.threads, echo=print)
+    import json as _json
+
+    manifest = _json.loads((bundle / "manifest.json").read_text())
 
     model, card = load_detector(run)
     ds = DetectionDataset(json_samples(card), card.detector.image_size)
@@ -127,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     sess = _session(bundle / "model.onnx", ns.threads)
     name = sess.get_inputs()[0].name
     ort_ms = _latency(lambda x: sess.run(None, {name: x.numpy()[None]}), xs)
+    int8_ms, int8 = None, manifest["metrics"].get("int8")
+    if "int8" in manifest["artifacts"]:
+        s8 = _session(bundle / manifest["artifacts"]["int8"]["file"], ns.threads)
+        int8_ms = _latency(lambda x: s8.run(None, {name: x.numpy()[None]}), xs)
     plain, tta = ev["plain"], ev.get("tta")
     result = {
         "backbone": ns.backbone,
@@ -145,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         "torch_ms": torch_ms,
         "ort_fp32_ms": ort_ms,
         "ort_speedup": torch_ms / ort_ms if ort_ms else None,
+        "ort_int8_ms": int8_ms,
+        "int8_speedup_vs_fp32": ort_ms / int8_ms if int8_ms else None,
+        "int8_map50": int8.get("map50") if int8 else None,
+        "int8_drop_points": (int8 or {}).get("gate", {}).get("drops_points", {}).get("map50"),
+        "int8_scope": manifest["artifacts"].get("int8", {}).get("quantization", {}).get("scope"),
+        "int8_scope_trials": manifest["artifacts"].get("int8", {}).get("quantization", {}).get("scope_trials"),
         "parity": manifest["provenance"]["export"]["parity"],
         "per_class": plain["per_class"],
         "smoke": ns.smoke,
@@ -153,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(ns.json) if ns.json else Path(ns.out) / "bench_detection.json"
     from runtime.fsio import atomic_write_json
 
+    result["checks"] = checks(result)
     atomic_write_json(out, result)
     print(table(result))
     print(f"-> {out}")
@@ -170,6 +197,24 @@ def _v(x: Any, fmt: str = ".4f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
+def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets; a missing figure fails its check."""
+    def ok(v: Any, pred: Any) -> bool:
+        return v is not None and bool(pred(v))
+
+    rows = [
+        ("mAP@.5 >= 0.90", r["map50"], ok(r["map50"], lambda v: v >= 0.90)),
+        ("mAP@[.5:.95] >= 0.60", r["map"], ok(r["map"], lambda v: v >= 0.60)),
+        ("part recall >= 0.98", r["part_recall"], ok(r["part_recall"], lambda v: v >= 0.98)),
+        ("part false alarms <= 0.02", r["part_false_alarm_rate"], ok(r["part_false_alarm_rate"], lambda v: v <= 0.02)),
+        ("ORT FP32 >= 1.5x torch", r["ort_speedup"], ok(r["ort_speedup"], lambda v: v >= 1.5)),
+        ("ORT INT8 >= 1.5x FP32", r["int8_speedup_vs_fp32"], ok(r["int8_speedup_vs_fp32"], lambda v: v >= 1.5)),
+        ("INT8 mAP@.5 drop <= 1 pt", r["int8_drop_points"], ok(r["int8_drop_points"], lambda v: v <= 1.0)),
+        ("INT8 <= 50 ms/img", r["ort_int8_ms"], ok(r["ort_int8_ms"], lambda v: v <= 50.0)),
+    ]
+    return [{"check": c, "value": v, "pass": p} for c, v, p in rows]
+
+
 def table(r: dict[str, Any]) -> str:
     rows = [
         ("mAP@[.5:.95]", _v(r["map"])),
@@ -180,11 +225,16 @@ def table(r: dict[str, Any]) -> str:
         (f"torch eager ms/img ({r['threads']} thr)", _v(r["torch_ms"], ".1f")),
         (f"ORT FP32 ms/img ({r['threads']} thr)", _v(r["ort_fp32_ms"], ".1f")),
         ("ORT speed-up vs torch", _v(r["ort_speedup"], ".2f")),
+        (f"ORT INT8 ms/img (scope {r['int8_scope']})", _v(r["ort_int8_ms"], ".1f")),
+        ("INT8 speed-up vs FP32", _v(r["int8_speedup_vs_fp32"], ".2f")),
+        ("INT8 mAP@.5 (drop, points)", f"{_v(r['int8_map50'])} ({_v(r['int8_drop_points'], '+.2f')})"),
         ("train wall s", _v(r["train_s"], ".0f")),
     ]
     w = max(len(k) for k, _ in rows)
     head = f"{r['backbone']} @ {r['size']} px, {r['test_images']} test images"
-    return "\n".join([head, *(f"  {k:<{w}}  {v:>10}" for k, v in rows)])
+    lines = [head, *(f"  {k:<{w}}  {v:>10}" for k, v in rows), "targets:"]
+    lines += [f"  {c['check']:<28} {_v(c['value'], '.3f'):>8}  {'PASS' if c['pass'] else 'FAIL'}" for c in r["checks"]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
