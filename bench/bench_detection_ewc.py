@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""EWC on detectors: forgetting of a new product line, naive fine-tuning vs EWC (issue 16 target: <= half).
+
+Line A = synthetic defects (training.detection.synth) on the functional monocrystalline ELPV cells,
+line B = the same four defect classes on the polycrystalline cells (a new product line, same classes).
+A Faster R-CNN is trained on line A, then extended to line B with `defectscope extend` three ways:
+naive fine-tuning (--lambda 0), EWC (the default lambda), EWC + replay. Forgetting = line-A test
+mAP@.5 before - after, in points (training.detection.extend's report). The defects are synthetic; the
+cells are real (ELPV, CC BY-NC-SA: never commit the data). Prints a table and writes JSON.
+
+Usage (one at a time, idle machine; ~40 min on 2 cores at the defaults):
+    python bench/bench_detection_ewc.py --out runs/bench-det-ewc
+    python bench/bench_detection_ewc.py --out /tmp/det-ewc-smoke --smoke      # seconds, tiny_det
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TARGET_RATIO = 0.5  # EWC forgetting <= this x naive forgetting
+TINY = ["--weights", "none", "--representation-size", "64", "--fpn-channels", "16", "--rpn-pre-nms-train", "200",
+        "--rpn-post-nms-train", "100", "--box-batch-size-per-image", "64", "--quiet", "--panels", "1"]
+
+
+def cells_by_type() -> dict[str, list[str]]:
+    """Functional ELPV cells (defect probability 0) by cell type (mono / poly)."""
+    from training.data import elpv_root
+
+    root = elpv_root()
+    out: dict[str, list[str]] = {}
+    for line in (root / "labels.csv").read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3 and float(parts[1]) == 0.0:
+            out.setdefault(parts[2], []).append(str(root / parts[0]))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _data(ns: argparse.Namespace, out: Path) -> tuple[Path, Path]:
+    from training.detection.synth import SynthSpec, generate
+
+    a, b = out / "line-a", out / "line-b"
+    if ns.smoke:
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        src_a: list[Any] = [rng.normal(90, 8, (80, 80)).clip(0, 255).astype(np.uint8) for _ in range(14)]
+        src_b: list[Any] = [rng.normal(170, 20, (80, 80)).clip(0, 255).astype(np.uint8) for _ in range(14)]
+    else:
+        cells = cells_by_type()
+        src_a, src_b = cells["mono"], cells["poly"]
+    for d, src, seed in ((a, src_a, 0), (b, src_b, 1)):
+        if not (d / "train.json").is_file():
+            generate(d, src, SynthSpec(seed=seed, limit=ns.cells))
+    return a, b
+
+
+def _run(name: str, argv: list[str]) -> None:
+    from defectscope.cli import resolve
+
+    rc = resolve(name)(argv)
+    if rc:
+        raise SystemExit(f"`defectscope {name} {' '.join(argv)}` failed with exit code {rc}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/bench-det-ewc")
+    p.add_argument("--cells", type=int, default=160, help="cells per line (default 160)")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--size", type=int, default=320)
+    p.add_argument("--base-epochs", type=int, default=5)
+    p.add_argument("--extend-epochs", type=int, default=3)
+    p.add_argument("--lambdas", default="0,default", help="extend lambdas: numbers or 'default' (comma list)")
+    p.add_argument("--replay", default="10%", help="replay share for the EWC + replay run ('' = skip)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--smoke", action="store_true")
+    ns = p.parse_args(argv)
+    if ns.smoke:
+        ns.backbone, ns.size, ns.base_epochs, ns.extend_epochs, ns.cells = "tiny_det", 64, 1, 1, 14
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    a, b = _data(ns, out)
+    common = ["--backbone", ns.backbone, "--image-size", f"{ns.size},{ns.size}", "--threads", str(ns.threads),
+              *(TINY if ns.smoke else ["--quiet"])]
+    base = out / "base"
+    t0 = time.perf_counter()
+    if not (base / "best.safetensors").is_file():
+        _run("train", ["--data", str(a / "train.json"), "--out", str(base), "--overwrite",
+                       "--epochs", str(ns.base_epochs), *common,
+                       *(["--max-steps-per-epoch", "2"] if ns.smoke else [])])
+    base_s = time.perf_counter() - t0
+    runs: list[tuple[str, list[str]]] = []
+    for lam in ns.lambdas.split(","):
+        runs.append((f"lambda={lam}", [] if lam == "default" else ["--lambda", lam]))
+    if ns.replay:
+        runs.append((f"lambda=default+replay {ns.replay}", ["--replay", ns.replay]))
+    rows = []
+    for label, extra in runs:
+        dest = out / ("extend-" + label.replace("=", "").replace(" ", "-").replace("%", "pct").replace("+", "-"))
+        t0 = time.perf_counter()
+        if not (dest / "report.json").is_file():
+            smoke = ["--max-steps-per-epoch", "2"] if ns.smoke else []
+            _run("extend", ["--from", str(base), "--data", str(b / "train.json"), "--out", str(dest), "--overwrite",
+                            "--epochs", str(ns.extend_epochs), "--threads", str(ns.threads), "--quiet", *smoke,
+                            *extra])
+        rep = json.loads((dest / "report.json").read_text())
+        rows.append({"run": label, "seconds": time.perf_counter() - t0, "forgetting_map50": rep["forgetting_map50"],
+                     "before": rep["before"], "after": rep["after"], "lambda": rep.get("lambda")})
+    naive = next((r for r in rows if r["run"] == "lambda=0"), None)
+    print(f"\n{ns.backbone} @ {ns.size}px; line A = mono cells, line B = poly cells ({ns.cells} cells each); "
+          f"base {ns.base_epochs} epochs, extends {ns.extend_epochs} epochs")
+    print(f"{'run':32} {'old mAP@.5 before -> after':>28} {'forgetting':>10} {'new mAP@.5 after':>16} {'vs naive':>8}")
+    for r in rows:
+        ratio = (r["forgetting_map50"] / naive["forgetting_map50"]
+                 if naive and naive["forgetting_map50"] and r is not naive else None)
+        r["forgetting_vs_naive"] = ratio
+        print(f"{r['run']:32} {r['before']['old']['map50']:>13.4f} -> {r['after']['old']['map50']:<12.4f} "
+              f"{r['forgetting_map50']:>10.4f} {r['after']['new']['map50']:>16.4f} "
+              f"{'' if ratio is None else f'{ratio:.2f}x':>8}")
+    ewc = [r for r in rows if r is not naive and r["forgetting_vs_naive"] is not None]
+    passed = bool(ewc) and all(r["forgetting_vs_naive"] <= TARGET_RATIO for r in ewc)
+    print(f"target: EWC forgetting <= {TARGET_RATIO} x naive -> {'PASS' if passed else 'FAIL'}")
+    from runtime.fsio import atomic_write_json
+
+    atomic_write_json(out / "bench_detection_ewc.json", {"settings": vars(ns), "base_seconds": base_s, "runs": rows,
+                                                         "target_ratio": TARGET_RATIO, "pass": passed})
+    print(f"-> {out / 'bench_detection_ewc.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
