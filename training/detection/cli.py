@@ -217,14 +217,24 @@ def _source_of_extend(argv: list[str]) -> str | None:
 def extend_dispatch(argv: list[str] | None = None) -> int:
     """``defectscope extend``: a detection source run goes to ``extend_main``, anything else to the classifier's."""
     from training.detection.checkpoint import card_task
+    from training.distributed import DistributedError, relaunch, teardown
 
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:  # --nproc-per-node N: the same command line again under torchrun
+        rc, args = relaunch("extend", list(sys.argv[1:] if argv is None else argv))
+    except DistributedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if rc is not None:
+        return rc
     source = _source_of_extend(args)
-    if source and card_task(source) == "detection":
-        return extend_main(args)
-    from training.extend_cli import main
+    try:
+        if source and card_task(source) == "detection":
+            return extend_main(args)
+        from training.extend_cli import main
 
-    return main(argv)
+        return main(args)
+    finally:
+        teardown()
 
 
 def build_extend_parser() -> argparse.ArgumentParser:
