@@ -324,11 +324,11 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     if rc is not None:
         return rc
-    if wants_detection(argv):  # detection data or --task detection
-        from .detection.cli import train_main as detection_train
-
-        return detection_train(argv)
     try:
+        if wants_detection(argv):  # detection data or --task detection
+            from .detection.cli import train_main as detection_train
+
+            return detection_train(argv)
         return _train_main(build_train_parser().parse_args(argv))
     finally:
         teardown()

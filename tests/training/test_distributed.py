@@ -225,12 +225,11 @@ def test_resume_after_killing_the_job_mid_run(tmp_path, ddp_data):
 @pytest.mark.slow
 def test_detector_trains_on_two_ranks(tmp_path):
     """Faster R-CNN through the same engine under torchrun: rank 0 writes the run, the job exits 0."""
-    from tests.training.detection.helpers import write_coco
+    from tests.training.detection.conftest import TINY, write_squares_coco
 
-    data = write_coco(tmp_path / "det")
+    data = write_squares_coco(tmp_path / "coco", ("square", "bar")) / "train.json"
     out = tmp_path / "detrun"
     _run(_torchrun("-m", "defectscope", "train", "--data", str(data), "--out", str(out), "--epochs", "1",
-                   "--batch-size", "2", "--max-steps-per-epoch", "2", "--threads", "1", "--device", "cpu",
-                   "--panels", "0", "--quiet"), tmp_path)  # fmt: skip
+                   "--max-steps-per-epoch", "2", *TINY, "--threads", "1", "--device", "cpu"), tmp_path)  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     assert report["task"] == "detection" and report["distributed"]["world_size"] == 2

@@ -158,6 +158,9 @@ def build_train_parser() -> argparse.ArgumentParser:
         help="random quarter turns (square inputs; defects without a 'down')",
     )
     p.add_argument("--no-augment", action="store_true", default=S, help="no flips, zoom or jitter")
+    from training.distributed import add_launch_args
+
+    add_launch_args(p, sync_bn=False)  # torchvision detectors use FrozenBatchNorm
     return p
 
 
@@ -265,6 +268,9 @@ def build_extend_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true")
     _add_fields(p.add_argument_group("optimisation"), DetTrainConfig, OPTIM_KEYS, "")
+    from training.distributed import add_launch_args
+
+    add_launch_args(p, sync_bn=False)
     return p
 
 
