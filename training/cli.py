@@ -365,8 +365,14 @@ def _train_main(ns: argparse.Namespace) -> int:
     try:
         progress = not getattr(ns, "quiet", False) and sys.stderr.isatty()
         sync_bn = getattr(ns, "sync_bn", False)
-        train(cfg, resume=resume, overwrite=getattr(ns, "overwrite", False), progress=progress, echo=print,
-              sync_bn=sync_bn)
+        train(
+            cfg,
+            resume=resume,
+            overwrite=getattr(ns, "overwrite", False),
+            progress=progress,
+            echo=print,
+            sync_bn=sync_bn,
+        )
         if getattr(ns, "fisher", 0):
             from .extend_run import finalize_run
 

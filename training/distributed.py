@@ -25,12 +25,13 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from torch.utils.data import Sampler
 
 T = TypeVar("T")
+M = TypeVar("M", bound=torch.nn.Module)
 DEFAULT_TIMEOUT_S = 1800  # NCCL/gloo default is 30 min too; tests set $DEFECTSCOPE_DIST_TIMEOUT lower
 TIMEOUT_ENV = "DEFECTSCOPE_DIST_TIMEOUT"
 NPROC_HELP = (
@@ -296,11 +297,12 @@ def check_sync_bn(sync_bn: bool, device: torch.device) -> None:
         raise DistributedError("--sync-bn: torch's SyncBatchNorm runs on CUDA devices only, not with gloo on the CPU")
 
 
-def convert_sync_bn(model: torch.nn.Module, sync_bn: bool) -> torch.nn.Module:
+def convert_sync_bn(model: M, sync_bn: bool) -> M:
     """BatchNorm -> SyncBatchNorm in place (same parameter objects) when asked and distributed."""
     if not (sync_bn and active()):
         return model
-    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    out = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same top module (it is no BN)
+    return cast(M, out)
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device, find_unused: bool = False) -> torch.nn.Module:

@@ -146,8 +146,14 @@ class ClassificationTask:
         if distributed.active() and isinstance(c, nn.CrossEntropyLoss) and c.reduction == "mean":
             # The mean over the *global* batch: sum / (global sum of sample weights) * world, as DDP
             # averages gradients over ranks. Exact for uneven slices and class weights alike.
-            s = F.cross_entropy(outputs.float(), targets, weight=c.weight, ignore_index=c.ignore_index,
-                                reduction="sum", label_smoothing=c.label_smoothing)
+            s = F.cross_entropy(
+                outputs.float(),
+                targets,
+                weight=c.weight,
+                ignore_index=c.ignore_index,
+                reduction="sum",
+                label_smoothing=c.label_smoothing,
+            )
             kept = targets[targets != c.ignore_index]
             den = c.weight[kept].sum() if c.weight is not None else torch.tensor(float(len(kept)))
             total = distributed.all_reduce_sum(den.detach().double().reshape(1).cpu())

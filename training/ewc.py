@@ -123,32 +123,15 @@ def estimate_fisher(
     from . import distributed as dist
 
     uniforms = torch.rand((n_samples, draws), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    rank, world = dist.rank(), dist.world()
     grads = SquaredGrads(model, {n: p.detach() for n, p in named.items()}, method, device)
     fisher = {n: torch.zeros_like(p) for n, p in named.items()}
     seen = 0
-    bar = tqdm(total=n_samples, desc="Fisher", unit="img", leave=False, disable=not progress or rank != 0)
+    bar = tqdm(total=n_samples, desc="Fisher", unit="img", leave=False, disable=not progress or not dist.is_main())
     try:
         for p in named.values():  # the loop path differentiates frozen parameters too
             p.requires_grad_(True)
         for batch in loader:
-            x, y_true = split_batch(batch)
-            x = x[: n_samples - seen]
-            count = x.shape[0]
-            index = torch.arange(seen, seen + count)
-            mine = index % world == rank  # all True in one process
-            x = x[mine].to(device)
-            if y_true is not None:
-                y_true = torch.as_tensor(y_true)[:count][mine]
-            if x.shape[0]:
-                with torch.no_grad():
-                    logits = model(x)
-                rows, ys, ws = label_weights(logits, y_true, labels, draws, uniforms[index[mine]])
-                for start in range(0, rows.numel(), chunk_size):
-                    sl = slice(start, start + chunk_size)
-                    sq = grads(x[rows[sl].to(device)], ys[sl].to(device), ws[sl])
-                    for n in fisher:
-                        fisher[n].add_(sq[n].to(fisher[n].dtype))
+            count = _accumulate(fisher, grads, model, batch, seen, n_samples, labels, uniforms, chunk_size)
             seen += count
             bar.update(count)
             if seen >= n_samples:
@@ -165,6 +148,35 @@ def estimate_fisher(
     if dist.active():  # every rank counted the same `seen`: the sum over ranks covers each input once
         fisher = {n: dist.all_reduce_sum(f) for n, f in fisher.items()}
     return {n: f / seen for n, f in fisher.items()}
+
+
+def _accumulate(fisher, grads, model, batch, seen: int, n_samples: int, labels, uniforms, chunk_size: int) -> int:
+    """Add one batch's weighted squared gradients to ``fisher``; how many inputs it counted.
+
+    Input ``i`` (index over the whole loader) belongs to rank ``i % world``: each rank
+    differentiates its own, with the label draws of row ``i`` of ``uniforms``.
+    """
+    from . import distributed as dist
+
+    x, y_true = split_batch(batch)
+    x = x[: n_samples - seen]
+    count = x.shape[0]
+    index = torch.arange(seen, seen + count)
+    mine = index % dist.world() == dist.rank()  # all True in one process
+    device = device_of(model)
+    x = x[mine].to(device)
+    if y_true is not None:
+        y_true = torch.as_tensor(y_true)[:count][mine]
+    if x.shape[0]:
+        with torch.no_grad():
+            logits = model(x)
+        rows, ys, ws = label_weights(logits, y_true, labels, uniforms.shape[1], uniforms[index[mine]])
+        for start in range(0, rows.numel(), chunk_size):
+            sl = slice(start, start + chunk_size)
+            sq = grads(x[rows[sl].to(device)], ys[sl].to(device), ws[sl])
+            for n in fisher:
+                fisher[n].add_(sq[n].to(fisher[n].dtype))
+    return count
 
 
 # ----------------------------------------------------------------------------- state file

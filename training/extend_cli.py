@@ -283,8 +283,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--out: required (the extended model's run directory)")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*vmap.*")
-            run(cfg, overwrite=ns.overwrite, progress=progress, sync_bn=getattr(ns, "sync_bn", False),
-                echo=main_echo(print))
+            run(
+                cfg,
+                overwrite=ns.overwrite,
+                progress=progress,
+                sync_bn=getattr(ns, "sync_bn", False),
+                echo=main_echo(print),
+            )
     except KeyboardInterrupt:
         print("\ninterrupted; nothing was written to --out unless it says so above", file=sys.stderr)
         return 130

@@ -309,6 +309,7 @@ class Trainer:
             "monitor": self.monitor,
             "improved": improved,
             "wall_s": time.perf_counter() - ep_wall,
+            "train_s": stats.seconds,  # the training pass alone (bench/bench_ddp.py: images/s)
             "cpu_s": time.process_time() - ep_cpu,
         }
         if improved and dist.is_main():

@@ -135,6 +135,7 @@ def extend_detector(
     cfg: DetExtendConfig, *, overwrite: bool = False, progress: bool = False, echo: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Run one detector extension into ``cfg.train.out``; returns the report (also ``report.json``)."""
+    from training import distributed as dist
     from training.checkpoint import MODEL_CARD
     from training.detection.checkpoint import DetCard, load_detector
     from training.detection.ewc import detection_fisher, detection_state
@@ -142,7 +143,6 @@ def extend_detector(
     from training.detection.task import DetectionTask
     from training.detection.trainer import fit, reload_best, write_outputs
     from training.detection.transforms import train_transform
-    from training import distributed as dist
     from training.engine import Engine, setup_runtime
     from training.ewc import EWCPenalty
     from training.trainer import RunExistsError
