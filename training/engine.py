@@ -188,6 +188,7 @@ class Predictions:
         if not distributed.active():
             return self
         parts = distributed.all_gather_objects((self.logits, self.labels, self.loss, self.n_loss))
+        parts = [p for p in parts if len(p[1])] or parts[:1]  # a split smaller than the world leaves empty shards
         n = sum(p[3] for p in parts)
         loss = sum(p[2] * p[3] for p in parts if p[3]) / n if n else float("nan")
         return Predictions(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), loss, n)

@@ -174,6 +174,29 @@ def test_fisher_over_two_ranks_equals_one_process(tmp_path, ddp_data):
         torch.testing.assert_close(two.fisher[n], one.fisher[n], rtol=1e-5, atol=1e-9, msg=n)
 
 
+@pytest.mark.slow
+def test_extend_with_replay_and_new_class_on_two_ranks_matches_one(tmp_path, ddp_data):
+    """extend (EWC + a replay buffer, a grown head): 2 ranks end at 1 process's weights and Fisher."""
+    from safetensors.torch import load_file
+
+    from training.ewc import EWCState
+
+    src = tmp_path / "src"
+    _run([sys.executable, "-m", "defectscope", *_train_args(ddp_data, src, "--epochs", "1", "--fisher", "8")], tmp_path)
+    new = write_folder(tmp_path / "line2", {"ok": 12, "defect": 8, "stain": 10}, size=32, seed=1)
+    ext = ["extend", "--from", str(src), "--data", str(new), "--replay", "25%", "--epochs", "2", "--batch-size", "8",
+           "--lambda", "100", "--fisher-samples", "8", "--no-augment", "--threads", "1", "--device", "cpu", "--quiet"]  # fmt: skip
+    _run([sys.executable, "-m", "defectscope", *ext, "--out", str(tmp_path / "one")], tmp_path)
+    _run([sys.executable, "-m", "defectscope", *ext, "--out", str(tmp_path / "two"), "--nproc-per-node", "2"], tmp_path)
+    _assert_same_weights(*(load_file(str(tmp_path / r / "best.safetensors")) for r in ("one", "two")))
+    f1, f2 = (EWCState.load(tmp_path / r / "fisher.safetensors") for r in ("one", "two"))
+    for n in f1.fisher:
+        torch.testing.assert_close(f2.fisher[n], f1.fisher[n], rtol=1e-4, atol=1e-8, msg=n)
+    r1, r2 = (json.loads((tmp_path / r / "report.json").read_text()) for r in ("one", "two"))
+    assert r2["distributed"]["world_size"] == 2 and r2["replay"]["size"] == r1["replay"]["size"] > 0
+    assert r2["new_accuracy_after"] == pytest.approx(r1["new_accuracy_after"])
+
+
 def test_a_rank_that_raises_ends_the_job_nonzero_within_the_timeout(tmp_path):
     t0 = time.monotonic()
     p = subprocess.run(_torchrun(str(WORKER), "raise", "3"), env=_env(tmp_path, DEFECTSCOPE_DIST_TIMEOUT="30"),
