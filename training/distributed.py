@@ -377,7 +377,10 @@ def relaunch(command: str, argv: Sequence[str]) -> tuple[int | None, list[str]]:
     if any(a in ("-h", "--help") for a in rest):
         return None, rest
     cmd = launch_command(command, rest, nproc)
-    return subprocess.call(cmd), rest
+    try:
+        return subprocess.call(cmd), rest
+    except KeyboardInterrupt:  # torchrun got the same SIGINT and stops its workers
+        return 130, rest
 
 
 __all__ = [

@@ -196,6 +196,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from training.data import DataError
     from training.detection.model import DetectorConfigError
     from training.detection.trainer import train_detector
+    from training.distributed import DistributedError
     from training.trainer import RunExistsError
 
     try:
@@ -204,7 +205,7 @@ def train_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (DataError, DetectorConfigError, RunExistsError, FileNotFoundError, ValueError) as exc:
+    except (DataError, DetectorConfigError, RunExistsError, FileNotFoundError, ValueError, DistributedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -280,6 +281,7 @@ def extend_main(argv: list[str] | None = None) -> int:
     from training.data import DataError
     from training.detection.config import DetTrainConfig
     from training.detection.extend import DetExtendConfig, extend_detector
+    from training.distributed import DistributedError
     from training.ewc import EWCError
     from training.trainer import RunExistsError
 
@@ -298,7 +300,7 @@ def extend_main(argv: list[str] | None = None) -> int:
             freeze_old_rows=not ns.no_freeze_old_rows,
         )
         extend_detector(cfg, overwrite=ns.overwrite, progress=not ns.quiet and sys.stderr.isatty())
-    except (CheckpointError, DataError, EWCError, RunExistsError, FileNotFoundError, ValueError) as exc:
+    except (CheckpointError, DataError, EWCError, RunExistsError, FileNotFoundError, ValueError, DistributedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
