@@ -250,6 +250,9 @@ class ShardedBatchSampler(Sampler[list[int]]):
     global batch (``training.engine.ClassificationTask``), so that stays exact.
     ``set_epoch`` reseeds the base generator with ``seed + epoch`` (DistributedSampler's
     contract); callers that build a fresh seeded sampler per epoch need not call it.
+    Not ``torch.utils.data.DistributedSampler``: it strides one permutation (``rank::world``)
+    and pads it, so its global step ``k`` is not one process's batch ``k``, and it has no
+    class-balanced form; this keeps either sampler's one-process semantics.
     """
 
     def __init__(
