@@ -29,7 +29,7 @@ from .data import resolve_splits
 from .engine import ClassificationTask, Engine, EpochSelector, pick_device, seed_everything, setup_runtime  # noqa: F401
 from .features import cached_features, feature_key
 from .loader import ImageDataset, TensorPairs, class_weights, make_loader
-from .metrics import monitor_name, monitor_value, plot_confusion, plot_curves
+from .metrics import monitor_name, monitor_value, write_final
 from .schedule import EpochPlan, build_optimizer, make_plan
 from .transforms import train_pipeline, val_pipeline
 
@@ -396,31 +396,19 @@ class Trainer:
         return self._feats[split]
 
     def _adapt_bn(self) -> None:
-        """AdaBN: replace the pretrained BN running statistics by those of the training images.
+        from .bn_stats import adapt_bn
 
-        One no-grad pass in train mode over the training split with the validation transform
-        (what the model sees at inference), cumulative average over all batches.
-        """
-        from torch.optim.swa_utils import update_bn
-        from tqdm import tqdm
-
-        model, t = self.model, time.perf_counter()
-        ds = ImageDataset(self.splits.train, val_pipeline(self.input), cache=False)
-        loader = torch.utils.data.DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False)
-        fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
-        batches = (
-            x.to(self.device).contiguous(memory_format=fmt)
-            for x, _ in tqdm(loader, desc="BN statistics", unit="batch", disable=not self.progress, leave=False)
+        t, c = time.perf_counter(), self.cfg
+        n = adapt_bn(
+            self.model,
+            self.splits.train,
+            self.input,
+            batch_size=c.batch_size,
+            device=self.device,
+            channels_last=c.channels_last,
+            progress=self.progress,
         )
-        model.freeze_bn_stats, frozen = False, model.frozen
-        model.frozen = frozenset()
-        try:
-            with torch.no_grad():
-                update_bn(batches, model)
-        finally:
-            model.freeze_bn_stats, model.frozen = True, frozen
-            model.eval()
-        self.echo(f"BN statistics re-estimated on {len(ds)} training images in {time.perf_counter() - t:.1f}s")
+        self.echo(f"BN statistics re-estimated on {n} training images in {time.perf_counter() - t:.1f}s")
 
     def _dataset(self, split: str) -> ImageDataset:
         if split not in self._datasets:
@@ -503,28 +491,10 @@ class Trainer:
         self, report: dict, history: list, best: dict, m: dict, split: str, wall: float, cpu: float
     ) -> None:
         """report.json, model card, plots (rank 0)."""
-        s, best_epoch = self.splits, report["best_epoch"]
-        atomic_write_json(self.run_dir / "report.json", report)
         keep = ("n", "accuracy", "balanced_accuracy", "macro_f1", "auroc")
-        ckpt.write_card(
-            self.run_dir,
-            self._card(
-                {
-                    "best_epoch": best_epoch,
-                    "val": {k: best.get("val", {}).get(k) for k in keep},
-                    split: {k: m.get(k) for k in keep},
-                }
-            ),
-        )
-        if history:
-            plot_curves(history, self.run_dir / "curves.png", self.monitor)
-        if m.get("confusion_matrix") is not None:
-            plot_confusion(
-                m["confusion_matrix"],
-                s.classes,
-                self.run_dir / "confusion_matrix.png",
-                title=f"{self.cfg.backbone} — {split} (n={m['n']})",
-            )
+        val = {k: best.get("val", {}).get(k) for k in keep}
+        card = self._card({"best_epoch": report["best_epoch"], "val": val, split: {k: m.get(k) for k in keep}})
+        write_final(self.run_dir, report, card, history, self.monitor, f"{self.cfg.backbone} — {split}")
         self.echo(
             f"{split}: accuracy {m.get('accuracy', float('nan')):.4f}  balanced "
             f"{m.get('balanced_accuracy', float('nan')):.4f}  macro-F1 {m.get('macro_f1', float('nan')):.4f}"
