@@ -44,8 +44,14 @@ data (--data):
 outputs (--out): config.json, metrics.json, best.safetensors, last.pt, model.json,
   report.json, curves.png, confusion_matrix.png
 
+several processes (torchrun, DistributedDataParallel; NCCL on GPUs, gloo on the CPU):
+  --batch-size is the GLOBAL batch: each of N processes steps on batch / N images, the LR and
+  schedule mean what they mean in one process. Only rank 0 writes --out; --resume works the same.
+
 examples:
   defectscope train --data elpv --out runs/elpv-lite0
+  defectscope train --data elpv --out runs/ddp --nproc-per-node 4          # 4 GPUs on this node
+  torchrun --nproc-per-node 4 -m defectscope train --data elpv --out runs/ddp   # the same
   defectscope train --data elpv --labels 4class --strategy linear-probe --out runs/probe
   defectscope train --data ./parts --backbone resnet18 --weights ~/resnet18-f37072fd.pth --out runs/r18
   defectscope train --out runs/elpv-lite0 --resume
@@ -84,6 +90,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     _strategy_args(p, cfg, D)
     _optim_args(p, cfg, D)
     _runtime_args(p, cfg, D)
+    from .distributed import add_launch_args
+
+    add_launch_args(p)
     return p
 
 
@@ -139,9 +148,17 @@ def _strategy_args(p: argparse.ArgumentParser, cfg: Any, D: dict[str, Any]) -> N
     s.add_argument("--gradual-every", type=int, help=f"gradual: epochs per unfrozen group ({D['gradual_every']})")
 
 
+def batch_help(default: int) -> str:
+    """``--batch-size`` help of train and extend: the global-batch semantics, stated once."""
+    return (
+        f"GLOBAL batch size ({default}): under torchrun each of N processes gets batch / N (must divide), "
+        "so LR and schedule mean the same as in one process"
+    )
+
+
 def _optim_args(p: argparse.ArgumentParser, cfg: Any, D: dict[str, Any]) -> None:
     o = p.add_argument_group("optimisation")
-    o.add_argument("--batch-size", type=int, help=f"({D['batch_size']})")
+    o.add_argument("--batch-size", type=int, help=batch_help(D["batch_size"]))
     o.add_argument("--lr", type=float, help=f"head LR while fine-tuning ({D['lr']:g})")
     o.add_argument("--head-lr", type=float, help=f"LR of head-only epochs on cached features ({D['head_lr']:g})")
     o.add_argument("--lr-decay", type=float, help=f"per-group LR factor going down from the head ({D['lr_decay']})")
@@ -304,13 +321,28 @@ def _list_backbones() -> int:
 def train_main(argv: list[str] | None = None) -> int:
     """``defectscope train``."""
     from .detection.cli import wants_detection
+    from .distributed import DistributedError, relaunch, teardown
 
-    if wants_detection(list(sys.argv[1:] if argv is None else argv)):  # detection data or --task detection
-        from .detection.cli import train_main as detection_train
+    try:
+        rc, argv = relaunch("train", list(sys.argv[1:] if argv is None else argv))
+    except DistributedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if rc is not None:
+        return rc
+    try:
+        if wants_detection(argv):  # detection data or --task detection
+            from .detection.cli import train_main as detection_train
 
-        return detection_train(argv)
-    parser = build_train_parser()
-    ns = parser.parse_args(argv)
+            return detection_train(argv)
+        return _train_main(build_train_parser().parse_args(argv))
+    finally:
+        teardown()
+
+
+def _train_main(ns: argparse.Namespace) -> int:
+    from .distributed import DistributedError
+
     if getattr(ns, "list_backbones", False):
         return _list_backbones()
     from .backbones import WeightsUnavailableError
@@ -338,7 +370,15 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     try:
         progress = not getattr(ns, "quiet", False) and sys.stderr.isatty()
-        train(cfg, resume=resume, overwrite=getattr(ns, "overwrite", False), progress=progress, echo=print)
+        sync_bn = getattr(ns, "sync_bn", False)
+        train(
+            cfg,
+            resume=resume,
+            overwrite=getattr(ns, "overwrite", False),
+            progress=progress,
+            echo=print,
+            sync_bn=sync_bn,
+        )
         if getattr(ns, "fisher", 0):
             from .extend_run import finalize_run
 
@@ -347,6 +387,9 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted; continue with: defectscope train --out {cfg.out} --resume", file=sys.stderr)
         return 130
     except (ConfigError, DataError, RunExistsError, WeightsUnavailableError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except DistributedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

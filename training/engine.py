@@ -17,6 +17,11 @@ differs between callers enters as parts:
 - parameter-group rules (``training.schedule.param_groups(rules=...)``).
 
 ``EpochSelector`` is the best-epoch bookkeeping (monitor value, patience) shared by both.
+
+Under torchrun (``training.distributed``) ``run_epoch`` wraps the model in
+DistributedDataParallel for the epoch, the batches are the rank's slices of global batches,
+the classification loss is normalised by the global batch, and the epoch statistics are
+reduced over ranks, so every rank returns the numbers one process would.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import distributed
 
 Hook = Callable[[], None]
 
@@ -135,7 +142,23 @@ class ClassificationTask:
         return StepResult(self.loss(out, y), len(y), self.correct(out, y))
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.criterion(outputs.float(), targets)
+        c = self.criterion
+        if distributed.active() and isinstance(c, nn.CrossEntropyLoss) and c.reduction == "mean":
+            # The mean over the *global* batch: sum / (global sum of sample weights) * world, as DDP
+            # averages gradients over ranks. Exact for uneven slices and class weights alike.
+            s = F.cross_entropy(
+                outputs.float(),
+                targets,
+                weight=c.weight,
+                ignore_index=c.ignore_index,
+                reduction="sum",
+                label_smoothing=c.label_smoothing,
+            )
+            kept = targets[targets != c.ignore_index]
+            den = c.weight[kept].sum() if c.weight is not None else torch.tensor(float(len(kept)))
+            total = distributed.all_reduce_sum(den.detach().double().reshape(1).cpu())
+            return s * float(distributed.world() / max(float(total), 1e-12))
+        return c(outputs.float(), targets)
 
     def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> int:
         return int((outputs.detach().argmax(1) == targets).sum())
@@ -150,14 +173,25 @@ class ClassificationTask:
 class Predictions:
     """``logits (N, C)`` float32 and ``labels (N,)`` int64 (-1 where unlabelled), on the CPU;
     ``loss`` the mean cross-entropy over labelled inputs (nan without labels, or with labels
-    the outputs do not cover)."""
+    the outputs do not cover), ``n_loss`` how many inputs it averages."""
 
     logits: torch.Tensor
     labels: torch.Tensor
     loss: float
+    n_loss: int = 0
 
     def probs(self) -> np.ndarray:
         return self.logits.softmax(1).numpy()
+
+    def gathered(self) -> Predictions:
+        """Every rank's predictions concatenated in rank order (ranks predicted contiguous shards)."""
+        if not distributed.active():
+            return self
+        parts = distributed.all_gather_objects((self.logits, self.labels, self.loss, self.n_loss))
+        parts = [p for p in parts if len(p[1])] or parts[:1]  # a split smaller than the world leaves empty shards
+        n = sum(p[3] for p in parts)
+        loss = sum(p[2] * p[3] for p in parts if p[3]) / n if n else float("nan")
+        return Predictions(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), loss, n)
 
 
 @dataclass
@@ -185,6 +219,7 @@ class Engine:
     terms: Sequence[LossTerm] = ()
     after_step: Sequence[Hook] = ()
     progress: bool = False
+    find_unused: bool = False  # DDP: parameters that may get no gradient in a step
 
     @property
     def use_amp(self) -> bool:
@@ -210,11 +245,17 @@ class Engine:
         steps: int | None = None,
         desc: str = "train",
     ) -> EpochStats:
-        """One pass over ``batches`` (at most ``steps``): task loss + terms, step, schedule, hooks."""
+        """One pass over ``batches`` (at most ``steps``): task loss + terms, step, schedule, hooks.
+
+        Distributed: every rank must get the same number of batches (``ShardedBatchSampler``).
+        """
         from tqdm import tqdm
 
         scaler = scaler if scaler is not None else self.scaler()
         set_train_mode(model, self.bn_frozen)
+        # Terms and hooks see the bare model (parameter names without DDP's "module." prefix).
+        net = distributed.wrap_ddp(model, self.device, self.find_unused) if distributed.active() else model
+        sizes: list[int] = []
         params = [q for g in optimizer.param_groups for q in g["params"]]
         stats = EpochStats(terms={t.name: [] for t in self.terms})
         t0, total, n, correct = time.perf_counter(), 0.0, 0, 0
@@ -223,7 +264,7 @@ class Engine:
             if steps is not None and i >= steps:
                 break
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
-                step = self.task.step(model, batch, self)
+                step = self.task.step(net, batch, self)
             task_loss = step.loss
             loss = task_loss
             for term in self.terms:  # float32, outside autocast
@@ -246,9 +287,12 @@ class Engine:
                 stats.parts.setdefault(k, []).append(float(v))
             total += stats.task_loss[-1] * step.n
             n += step.n
+            sizes.append(step.n)
             correct += step.correct
-            bar.set_postfix(loss=f"{total / n:.4f}")
+            bar.set_postfix(loss=f"{total / max(1, n):.4f}")
         bar.close()
+        if distributed.active():
+            total, n, correct = _reduce_stats(stats, sizes, correct)
         stats.loss, stats.train_accuracy = total / max(1, n), correct / max(1, n)
         stats.seconds = time.perf_counter() - t0
         return stats
@@ -281,7 +325,29 @@ class Engine:
             return Predictions(
                 torch.zeros((0, getattr(model, "num_classes", 0))), torch.zeros(0, dtype=torch.long), float("nan")
             )
-        return Predictions(torch.cat(logits), torch.cat(labels), loss / n if n else float("nan"))
+        return Predictions(torch.cat(logits), torch.cat(labels), loss / n if n else float("nan"), n)
+
+
+def _reduce_stats(stats: EpochStats, sizes: list[int], correct: int) -> tuple[float, int, int]:
+    """Per-step values -> means over ranks (the global batch's loss), sizes and correct -> sums.
+
+    One collective for all of it; every rank ran the same number of steps.
+    """
+    k = len(sizes)
+    keys = sorted(stats.parts)
+    rows = [stats.task_loss, *[stats.terms[t] for t in stats.terms], *[stats.parts[p] for p in keys]]
+    packed = torch.tensor([*[v for r in rows for v in r], *sizes, float(correct)], dtype=torch.float64)
+    packed = distributed.all_reduce_sum(packed)
+    w = distributed.world()
+    means = (packed[: len(rows) * k] / w).reshape(len(rows), k).tolist() if k else [[] for _ in rows]
+    stats.task_loss = means[0]
+    for i, t in enumerate(stats.terms):
+        stats.terms[t] = means[1 + i]
+    for i, p in enumerate(keys):
+        stats.parts[p] = means[1 + len(stats.terms) + i]
+    n_step = packed[len(rows) * k : len(rows) * k + k].tolist()
+    total = sum(v * m for v, m in zip(stats.task_loss, n_step))
+    return total, int(sum(n_step)), int(packed[-1])
 
 
 @dataclass

@@ -122,6 +122,7 @@ def _train_once(ctx: _Context, lam: float):
     train_ds, train_labels, state, echo = ctx.train_ds, ctx.train_labels, ctx.state, ctx.echo
     import numpy as np
 
+    from . import distributed as dist
     from . import ewc
     from .engine import EpochSelector
     from .loader import make_loader
@@ -130,8 +131,17 @@ def _train_once(ctx: _Context, lam: float):
     o, nc = cfg.optim, len(classes)
     labels = np.asarray(train_labels, dtype=np.int64)
     # One loader for all epochs: its generator, seeded once, reshuffles every epoch.
+    # Distributed: the same generator on every rank, each its slice of every global batch.
     loader = make_loader(
-        train_ds, labels, nc, o.batch_size, train=True, balance=o.balance, seed=o.seed, pin_memory=device.type == "cuda"
+        train_ds,
+        labels,
+        nc,
+        o.batch_size,
+        train=True,
+        balance=o.balance,
+        seed=o.seed,
+        pin_memory=device.type == "cuda",
+        shard=(dist.rank(), dist.world()),
     )
     steps = len(loader) if o.max_steps_per_epoch is None else min(len(loader), o.max_steps_per_epoch)
     model.set_trainable(None)
@@ -210,13 +220,14 @@ def _grow(
 def _search(ctx: _Context):
     """Train with each lambda from the same start; keep the best by mean old/new val accuracy."""
     model, cfg, echo = ctx.model, ctx.cfg, ctx.echo
+    from . import distributed as dist
     from .trainer import seed_everything
 
     start = copy.deepcopy(model.state_dict())
     runs, best = [], None
     for lam in cfg.lambdas:
         model.load_state_dict(start)
-        seed_everything(cfg.optim.seed)
+        seed_everything(cfg.optim.seed + dist.rank())  # rank 0: the one-process stream
         t0 = time.perf_counter()
         hist, records = _train_once(ctx, lam)
         last: dict[str, Any] = next((r for r in records if r.get("kept")), {})  # the epoch whose weights were kept

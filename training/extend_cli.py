@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     _method_args(p)
     _optim_args(p)
+    from .distributed import add_launch_args
+
+    add_launch_args(p)
     return p
 
 
@@ -152,10 +155,12 @@ def _method_args(p: argparse.ArgumentParser) -> None:
 
 
 def _optim_args(p: argparse.ArgumentParser) -> None:
+    from .cli import batch_help
+
     S = argparse.SUPPRESS
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=S, help=f"({_O.epochs})")
-    o.add_argument("--batch-size", type=int, default=S, help=f"({_O.batch_size})")
+    o.add_argument("--batch-size", type=int, default=S, help=batch_help(_O.batch_size))
     o.add_argument("--lr", type=float, default=S, help=f"head LR ({_O.lr:g}); lower groups lr * lr_decay**k")
     o.add_argument("--lr-decay", type=float, default=S, help=f"({_O.lr_decay})")
     decay = f"AdamW decay ({_O.weight_decay:g}: it pulls away from the anchors)"
@@ -262,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from .checkpoint import CheckpointError
+    from .distributed import DistributedError, main_echo
     from .ewc import EWCError
     from .extend_run import finalize_run, run
 
@@ -277,11 +283,20 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--out: required (the extended model's run directory)")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*vmap.*")
-            run(cfg, overwrite=ns.overwrite, progress=progress)
+            run(
+                cfg,
+                overwrite=ns.overwrite,
+                progress=progress,
+                sync_bn=getattr(ns, "sync_bn", False),
+                echo=main_echo(print),
+            )
     except KeyboardInterrupt:
         print("\ninterrupted; nothing was written to --out unless it says so above", file=sys.stderr)
         return 130
     except (ConfigError, DataError, CheckpointError, EWCError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except DistributedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

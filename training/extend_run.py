@@ -104,10 +104,11 @@ def finalize_run(
 
     ``data`` defaults to the model card's data spec. Returns the file's path.
     """
+    from . import distributed as dist
     from .checkpoint import load_model
-    from .trainer import pick_device
 
-    dev = pick_device(device)
+    dev = dist.setup(device)
+    echo, progress = dist.main_echo(echo), progress and dist.is_main()
     model, card = load_model(source, device=dev)
     spec = data or (DataSpec.from_dict(card.data, where="model.json: data") if card.data else None)
     if spec is None:
@@ -119,7 +120,10 @@ def finalize_run(
     state = compute_state(
         model, card, tasks, n_samples=n_samples, draws=draws, seed=seed, gamma=gamma, progress=progress
     )
-    path = state.save(fisher_path(source))
+    path = fisher_path(source)
+    if dist.is_main():
+        state.save(path)
+    dist.barrier()  # the file exists for every rank once this returns
     echo(
         f"Fisher diagonal + anchors of {card.backbone} on {state.tasks[0].n_samples} {tasks[0].name} "
         f"images ({time.perf_counter() - t0:.1f}s) -> {path}"
@@ -153,8 +157,12 @@ def _compute_missing_state(
             f"{fpath}: no Fisher/anchor file, and no old data to compute it from; run "
             f"`defectscope extend --from {cfg.source} --finalize` where the old images are, or pass --old-data"
         )
+    from .distributed import is_main
+
     echo(f"no {fpath.name} beside the checkpoint: computing it from {[t.name for t in olds]} ...")
     state = compute_state(model, card, olds, **cfg.fisher_options, batch_size=cfg.optim.batch_size, progress=progress)
+    if not is_main():
+        return state
     try:
         state.save(fpath)
         echo(f"saved {fpath} (reused by later extensions of this model)")
@@ -164,15 +172,28 @@ def _compute_missing_state(
 
 
 def run(
-    cfg: ExtendConfig, *, overwrite: bool = False, progress: bool = False, echo: Callable[[str], None] = print
+    cfg: ExtendConfig,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    echo: Callable[[str], None] = print,
+    sync_bn: bool = False,
 ) -> dict[str, Any]:
-    """``defectscope extend`` without the parser: load, extend, write the output run directory."""
+    """``defectscope extend`` without the parser: load, extend, write the output run directory.
+
+    Under torchrun every rank trains (its slice of each global batch) and evaluates the whole
+    old/new splits itself (identical results, no gather); rank 0 alone writes ``--out``.
+    """
     from . import checkpoint as ckpt
+    from . import distributed as dist
     from .data import resolve_splits
-    from .trainer import pick_device, setup_runtime
+    from .trainer import setup_runtime
 
     setup_runtime(cfg.optim.threads, cfg.optim.seed)
-    device = pick_device(cfg.optim.device)
+    device = dist.setup(cfg.optim.device)
+    dist.per_rank_batch(cfg.optim.batch_size, dist.world())
+    dist.check_sync_bn(sync_bn, device)
+    echo, progress = dist.main_echo(echo), progress and dist.is_main()
     out = Path(cfg.out)
     if (out / ckpt.BEST).exists() and not overwrite:
         raise FileExistsError(f"{out}: holds a model already; pass --overwrite or another --out")
@@ -182,6 +203,7 @@ def run(
     ):
         raise ConfigError("out: must differ from the source run directory")
     model, card = ckpt.load_model(cfg.source, device=device)
+    model = dist.convert_sync_bn(model, sync_bn)
     old_classes = list(card.classes)
 
     fpath, state = _load_state(cfg, model, card, echo)
@@ -218,8 +240,11 @@ def run(
     )
     report = outcome.report
     report.update(source=str(cfg.source), config_hash=cfg.hash())
+    report["distributed"] = {"world_size": dist.world(), "sync_bn": sync_bn and dist.active()}
 
-    _write_run(out, cfg, card, model, classes, new, outcome)
+    if dist.is_main():
+        _write_run(out, cfg, card, model, classes, new, outcome)
+    dist.barrier()
     echo(summary_text(report))
     echo(f"-> {out}")
     return report

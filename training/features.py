@@ -4,6 +4,14 @@ Cache file: ``<cache_dir>/features/<key>.safetensors`` holding ``features`` ``(N
 float32 and ``labels`` ``(N,)`` int64; ``key`` hashes the backbone, its weights
 identity, the input transform (InputSpec) and the split's content fingerprint, so
 any change of these misses the cache and anything else hits it.
+
+Under torchrun the extraction is sharded: each rank runs its contiguous shard of the split,
+the shards are all-gathered (every rank needs all features for the head epochs) and rank 0
+writes the cache file. Chosen over "rank 0 extracts while the others wait at a barrier":
+extraction is the slow part of a head warm-up or linear probe (a full forward per image,
+the head epochs after it take seconds), it scales with the ranks when sharded, the gather
+is small (N x D float32: ELPV at D=1280 is ~13 MB), and no rank idles in a barrier
+long enough to meet the collective timeout on a big split.
 """
 
 from __future__ import annotations
@@ -75,16 +83,26 @@ def cached_features(model: torch.nn.Module, samples: Sequence[Sample], input_spe
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from . import distributed as dist
+
     path = cache_path(key, root)
     labels = torch.tensor([s.label for s in samples], dtype=torch.int64)
+    hit = None
     if path.is_file():
         try:
             d = load_file(str(path))
             if d["features"].shape[0] == len(samples) and torch.equal(d["labels"], labels):
-                return d["features"], labels, True
-            log.warning("feature cache %s does not match the split; recomputing", path)
+                hit = d["features"]
+            else:
+                log.warning("feature cache %s does not match the split; recomputing", path)
         except (SafetensorError, OSError, KeyError) as exc:
             log.warning("feature cache %s unreadable (%s); recomputing", path, exc)
-    feats = extract_features(model, samples, input_spec, **kw)
-    save_safetensors(path, {"features": feats, "labels": labels}, metadata={"key": key})
+    # Every rank must agree (a node without the file, e.g. multi-node without a shared cache).
+    if int(dist.all_reduce_min(torch.tensor([int(hit is not None)]))) == 1:
+        return hit, labels, True  # type: ignore[return-value]
+    lo, hi = dist.shard_bounds(len(samples), dist.rank(), dist.world())
+    part = extract_features(model, list(samples)[lo:hi], input_spec, **kw)
+    feats = torch.cat(dist.all_gather_objects(part)) if dist.active() else part
+    if dist.is_main():
+        save_safetensors(path, {"features": feats, "labels": labels}, metadata={"key": key})
     return feats, labels, False

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
 from .data import Sample
 from .transforms import Pipeline, to_chw_uint8
@@ -74,8 +74,13 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
 
 def make_loader(dataset: Dataset, labels: np.ndarray, num_classes: int, batch_size: int, *,
                 train: bool, balance: str = "none", seed: int = 0, workers: int = 0,
-                pin_memory: bool = False) -> DataLoader:
-    """Seeded DataLoader; ``balance="sampler"`` draws classes equally often (with replacement)."""
+                pin_memory: bool = False, shard: tuple[int, int] | None = None, collate_fn=None) -> DataLoader:
+    """Seeded DataLoader; ``balance="sampler"`` draws classes equally often (with replacement).
+
+    ``shard=(rank, world)`` with world > 1 (a training loader under torchrun): ``batch_size``
+    is the global batch; every rank draws the same seeded order and takes its slice of each
+    global batch (``training.distributed.ShardedBatchSampler``), the class-balanced sampler too.
+    """
     g = torch.Generator().manual_seed(seed)
     sampler, shuffle = None, train
     if train and balance == "sampler":
@@ -84,9 +89,18 @@ def make_loader(dataset: Dataset, labels: np.ndarray, num_classes: int, batch_si
         shuffle = False
     # A trailing training batch of 1 breaks BatchNorm statistics: drop only that case.
     drop_last = train and len(labels) > 1 and len(labels) % batch_size == 1
+    if train and shard is not None and shard[1] > 1:
+        from .distributed import ShardedBatchSampler
+
+        base = sampler if sampler is not None else RandomSampler(dataset, generator=g)
+        batches = ShardedBatchSampler(base, batch_size, shard[0], shard[1], drop_last=drop_last, generator=g,
+                                      seed=seed)
+        # generator=g as well: the iterator draws its base seed from it first, as one process does.
+        return DataLoader(dataset, batch_sampler=batches, generator=g, num_workers=workers,
+                          pin_memory=pin_memory, persistent_workers=workers > 0, collate_fn=collate_fn)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=g,
                       num_workers=workers, pin_memory=pin_memory, drop_last=drop_last,
-                      persistent_workers=workers > 0)
+                      persistent_workers=workers > 0, collate_fn=collate_fn)
 
 
 class TensorPairs(Dataset):

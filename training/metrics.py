@@ -199,3 +199,22 @@ def plot_forgetting(report: Mapping[str, Any], history: Any, path: str | Path) -
     _save(fig, path)
     plt.close(fig)
     return path
+
+
+def write_final(run_dir: Path, report: dict, card: Any, history: list, monitor: str, title: str) -> None:
+    """A finished run's report.json, model card, curves.png and confusion_matrix.png."""
+    from runtime.fsio import atomic_write_json
+
+    from .checkpoint import write_card
+
+    atomic_write_json(run_dir / "report.json", report)
+    write_card(run_dir, card)
+    if history:
+        plot_curves(history, run_dir / "curves.png", monitor)
+    if report.get("confusion_matrix") is not None:
+        plot_confusion(
+            report["confusion_matrix"],
+            report["classes"],
+            run_dir / "confusion_matrix.png",
+            title=f"{title} (n={report['n']})",
+        )

@@ -18,17 +18,21 @@ LabelMode = Literal["sampled", "exact", "empirical"]
 
 @torch.no_grad()
 def label_weights(
-    logits: torch.Tensor, y_true: torch.Tensor | None, labels: LabelMode, draws: int, gen: torch.Generator
+    logits: torch.Tensor, y_true: torch.Tensor | None, labels: LabelMode, draws: int, uniforms: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(row index, label, weight)`` triples whose weighted squared gradients sum to F * N.
 
     ``row index`` points into the batch, so one input can appear with several labels.
+    ``uniforms`` ``(N, draws)`` in [0, 1) are the input's own draws ("sampled": label = inverse
+    CDF of the softmax at u): tied to the input, not to the batch it came in, so a sharded
+    estimate (each rank a part of the inputs) samples the very labels one process samples.
     """
     n, c = logits.shape
     rows = torch.arange(n)
     if labels == "sampled":
-        probs = torch.softmax(logits.float(), dim=1).cpu()
-        ys = torch.multinomial(probs, draws, replacement=True, generator=gen)  # (N, draws)
+        cdf = torch.softmax(logits.double(), dim=1).cpu().cumsum(1)
+        u = uniforms.double().reshape(n, draws) * cdf[:, -1:]
+        ys = torch.searchsorted(cdf, u, right=True).clamp_(max=c - 1)  # (N, draws)
         return rows.repeat_interleave(draws), ys.reshape(-1), torch.full((n * draws,), 1.0 / draws)
     if labels == "exact":
         # E_{y~p(y|x)} [g_y^2] summed over every class: no sampling noise, C backward passes.

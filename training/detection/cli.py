@@ -158,6 +158,9 @@ def build_train_parser() -> argparse.ArgumentParser:
         help="random quarter turns (square inputs; defects without a 'down')",
     )
     p.add_argument("--no-augment", action="store_true", default=S, help="no flips, zoom or jitter")
+    from training.distributed import add_launch_args
+
+    add_launch_args(p, sync_bn=False)  # torchvision detectors use FrozenBatchNorm
     return p
 
 
@@ -193,6 +196,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from training.data import DataError
     from training.detection.model import DetectorConfigError
     from training.detection.trainer import train_detector
+    from training.distributed import DistributedError
     from training.trainer import RunExistsError
 
     try:
@@ -201,7 +205,7 @@ def train_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (DataError, DetectorConfigError, RunExistsError, FileNotFoundError, ValueError) as exc:
+    except (DataError, DetectorConfigError, RunExistsError, FileNotFoundError, ValueError, DistributedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -217,14 +221,24 @@ def _source_of_extend(argv: list[str]) -> str | None:
 def extend_dispatch(argv: list[str] | None = None) -> int:
     """``defectscope extend``: a detection source run goes to ``extend_main``, anything else to the classifier's."""
     from training.detection.checkpoint import card_task
+    from training.distributed import DistributedError, relaunch, teardown
 
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:  # --nproc-per-node N: the same command line again under torchrun
+        rc, args = relaunch("extend", list(sys.argv[1:] if argv is None else argv))
+    except DistributedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if rc is not None:
+        return rc
     source = _source_of_extend(args)
-    if source and card_task(source) == "detection":
-        return extend_main(args)
-    from training.extend_cli import main
+    try:
+        if source and card_task(source) == "detection":
+            return extend_main(args)
+        from training.extend_cli import main
 
-    return main(argv)
+        return main(args)
+    finally:
+        teardown()
 
 
 def build_extend_parser() -> argparse.ArgumentParser:
@@ -255,6 +269,9 @@ def build_extend_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true")
     _add_fields(p.add_argument_group("optimisation"), DetTrainConfig, OPTIM_KEYS, "")
+    from training.distributed import add_launch_args
+
+    add_launch_args(p, sync_bn=False)
     return p
 
 
@@ -264,6 +281,7 @@ def extend_main(argv: list[str] | None = None) -> int:
     from training.data import DataError
     from training.detection.config import DetTrainConfig
     from training.detection.extend import DetExtendConfig, extend_detector
+    from training.distributed import DistributedError
     from training.ewc import EWCError
     from training.trainer import RunExistsError
 
@@ -282,7 +300,7 @@ def extend_main(argv: list[str] | None = None) -> int:
             freeze_old_rows=not ns.no_freeze_old_rows,
         )
         extend_detector(cfg, overwrite=ns.overwrite, progress=not ns.quiet and sys.stderr.isatty())
-    except (CheckpointError, DataError, EWCError, RunExistsError, FileNotFoundError, ValueError) as exc:
+    except (CheckpointError, DataError, EWCError, RunExistsError, FileNotFoundError, ValueError, DistributedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

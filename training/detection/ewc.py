@@ -41,13 +41,15 @@ def detection_fisher(
     params = dict(model.named_parameters())
     requires = {n: p.requires_grad for n, p in params.items()}
     fisher = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
+    from training import distributed as dist
+
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n_samples].tolist()
     device, was = device_of(model), model.training
     model.train()
     try:
         for n in names:  # frozen trunk stages are protected too: they may be unfrozen later
             params[n].requires_grad_(True)
-        for i in order:
+        for i in order[dist.rank() :: dist.world()]:  # distributed: each rank its share, summed below
             image, target = ds[i]
             model.zero_grad(set_to_none=True)
             losses = model([image.to(device).float()], move_targets([target], device))
@@ -61,6 +63,8 @@ def detection_fisher(
         for n, r in requires.items():
             params[n].requires_grad_(r)
         model.train(was)
+    if dist.active():
+        fisher = {n: dist.all_reduce_sum(f) for n, f in fisher.items()}
     return {n: f / len(order) for n, f in fisher.items()}, len(order)
 
 

@@ -135,6 +135,7 @@ def extend_detector(
     cfg: DetExtendConfig, *, overwrite: bool = False, progress: bool = False, echo: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Run one detector extension into ``cfg.train.out``; returns the report (also ``report.json``)."""
+    from training import distributed as dist
     from training.checkpoint import MODEL_CARD
     from training.detection.checkpoint import DetCard, load_detector
     from training.detection.ewc import detection_fisher, detection_state
@@ -142,7 +143,7 @@ def extend_detector(
     from training.detection.task import DetectionTask
     from training.detection.trainer import fit, reload_best, write_outputs
     from training.detection.transforms import train_transform
-    from training.engine import Engine, pick_device, setup_runtime
+    from training.engine import Engine, setup_runtime
     from training.ewc import EWCPenalty
     from training.trainer import RunExistsError
 
@@ -151,18 +152,22 @@ def extend_detector(
     if (out / MODEL_CARD).exists() and not overwrite:
         raise RunExistsError(f"{out}: holds a run already; pass --overwrite or another --out")
     setup_runtime(tc.threads, tc.seed)
-    device = pick_device(tc.device)
+    device = dist.setup(tc.device)  # under torchrun: rank 0 writes, every rank trains its slices
+    dist.per_rank_batch(tc.batch_size, dist.world())
+    echo, progress = dist.main_echo(echo), progress and dist.is_main()
     model, card = load_detector(cfg.source, device=device)
     sets, n_old = _data(cfg, card), len(card.classes)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", cfg.to_dict())
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", cfg.to_dict())
     size, task = card.detector.image_size, DetectionTask(tc.score_threshold)
     before = _maps(model, sets, task, size)
     terms: list[Any] = []
     if cfg.lam > 0:
         fisher, n = detection_fisher(model, DetectionDataset(sets.old_train, size), cfg.fisher_samples, seed=tc.seed)
         state = detection_state(model, fisher, n, card.detector.backbone, card.classes)
-        state.save(out / "fisher_source.safetensors")
+        if dist.is_main():
+            state.save(out / "fisher_source.safetensors")
         terms = [EWCPenalty(state, model, cfg.lam)]
         echo(f"EWC: Fisher over {len(fisher)} backbone/FPN/RPN tensors from {n} old images, lambda {cfg.lam:g}")
     new_names, hooks = _grow(model, sets, n_old, cfg.freeze_old_rows)
@@ -210,7 +215,8 @@ def extend_detector(
         "data": sets.summary,
         "wall_s": time.perf_counter() - t0,
     }
-    atomic_write_json(out / "report.json", report)
+    if dist.is_main():
+        atomic_write_json(out / "report.json", report)
     echo(summary_text(report))
     return report
 

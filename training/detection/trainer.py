@@ -5,6 +5,11 @@ task part (extend adds its EWC term and row-freezing hook the same way). Run dir
 ``config.json`` (resolved), ``metrics.json`` (per epoch), ``best.safetensors`` + ``model.json``
 (best val mAP@.5), ``report.json`` (held-out COCO + part-level metrics), ``curves.png``,
 ``pr_curves.png``, ``panels.png`` (predicted vs truth).
+
+Under torchrun (``training.distributed``) each rank steps on its slice of every global batch
+(``--batch-size`` is global), predictions for evaluation are sharded and gathered, and rank 0
+alone writes the run directory. torchvision's detection losses sample anchors and proposals
+per image batch, so a 2-rank run is the same optimisation as one process, not bit-equal.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 import torch
 
 from runtime.fsio import atomic_write_json
+from training import distributed as dist
 from training.checkpoint import BEST, MODEL_CARD
 from training.detection.checkpoint import DetCard, save_detector
 from training.detection.config import DetTrainConfig, detector_spec
@@ -28,7 +34,7 @@ from training.detection.model import build_detector
 from training.detection.predict import predict
 from training.detection.task import MONITOR, DetectionTask, DetPredictions, monitor_value
 from training.detection.transforms import train_transform
-from training.engine import Engine, EpochSelector, pick_device, seed_everything, setup_runtime
+from training.engine import Engine, EpochSelector, seed_everything, setup_runtime
 from training.schedule import warmup_cosine
 from training.trainer import RunExistsError
 
@@ -45,14 +51,18 @@ class DetFit:
 
 
 def make_loader(ds: DetectionDataset, batch_size: int, seed: int, shuffle: bool = True) -> torch.utils.data.DataLoader:
-    # Seeded per epoch: a rerun draws the same batches.
-    return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=torch.Generator().manual_seed(seed)
-    )
+    # Seeded per epoch: a rerun draws the same batches. Distributed: ``batch_size`` is global and
+    # each rank takes its slice of every global batch of the one-process order.
+    g = torch.Generator().manual_seed(seed)
+    if dist.active():
+        base = torch.utils.data.RandomSampler(ds, generator=g) if shuffle else range(len(ds))
+        batches = dist.ShardedBatchSampler(base, batch_size, dist.rank(), dist.world(), generator=g, seed=seed)  # type: ignore[arg-type]
+        return torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=collate, generator=g)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=g)
 
 
 def steps_per_epoch(n: int, cfg: DetTrainConfig) -> int:
-    steps = max(1, -(-n // cfg.batch_size))
+    steps = max(1, dist.global_batches(n, cfg.batch_size, dist.world(), drop_last=False))
     return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
 
 
@@ -78,8 +88,19 @@ def evaluate_model(
     classes: Sequence[str],
     views: Sequence[str] = ("original",),
 ) -> tuple[dict[str, Any], list]:
-    """COCO + part-level metrics of ``model`` on ``ds`` (boxes in original pixels); also the predictions."""
-    preds = predict(model, ds, views)
+    """COCO + part-level metrics of ``model`` on ``ds`` (boxes in original pixels); also the predictions.
+
+    Distributed: each rank predicts a contiguous shard, the shards are gathered in rank order.
+    """
+    if dist.active():
+        import copy
+
+        lo, hi = dist.shard_bounds(len(ds), dist.rank(), dist.world())
+        shard = copy.copy(ds)
+        shard.samples = ds.samples[lo:hi]
+        preds = [p for part in dist.all_gather_objects(predict(model, shard, views)) for p in part]
+    else:
+        preds = predict(model, ds, views)
     return task.evaluate(DetPredictions(ds.samples, preds), classes), preds
 
 
@@ -130,8 +151,9 @@ def fit(
         if epoch_extra is not None:
             record.update(epoch_extra(model))
         out.history.append(record)
-        atomic_write_json(run_dir / "metrics.json", out.history)
-        if improved:
+        if dist.is_main():
+            atomic_write_json(run_dir / "metrics.json", out.history)
+        if improved and dist.is_main():
             save_detector(
                 run_dir,
                 model,
@@ -153,9 +175,10 @@ def fit(
 
 
 def reload_best(model: torch.nn.Module, run_dir: Path) -> None:
+    """The best weights rank 0 wrote, broadcast to every rank (no shared disk needed)."""
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(run_dir / BEST)))
+    model.load_state_dict(dist.on_main(lambda: load_file(str(run_dir / BEST))))
 
 
 def write_outputs(
@@ -168,11 +191,13 @@ def write_outputs(
     history: Sequence[dict[str, Any]],
     panels: int,
 ) -> dict[str, Any]:
-    """Held-out metrics of the loaded model + the run's PNGs; returns the metrics."""
+    """Held-out metrics of the loaded model + the run's PNGs (rank 0); returns the metrics."""
     from training.detection.coco_eval import pr_curves
     from training.detection.plots import plot_det_curves, plot_panels, plot_pr
 
     m, preds = evaluate_model(model, ds, task, classes)
+    if not dist.is_main():
+        return m
     if history:
         plot_det_curves(history, run_dir / "curves.png")
     plot_pr(
@@ -198,7 +223,7 @@ class DetTrainer:
         echo: Callable[[str], None] | None = None,
     ) -> None:
         self.cfg, self.overwrite, self.progress = cfg, overwrite, progress
-        self.echo = echo or log.info
+        self.echo = (echo or log.info) if dist.DistEnv.from_env().rank == 0 else (lambda _s: None)
         self.run_dir = Path(cfg.out)
 
     def _prepare_dir(self) -> None:
@@ -226,8 +251,10 @@ class DetTrainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         setup_runtime(cfg.threads, cfg.seed)
-        device = pick_device(cfg.device)
-        self._prepare_dir()
+        device = dist.setup(cfg.device)
+        dist.per_rank_batch(cfg.batch_size, dist.world())
+        self.progress = self.progress and dist.is_main()
+        dist.on_main(self._prepare_dir)
         splits = self.load_data()
         spec = detector_spec(splits.classes, cfg.model)
         seed_everything(cfg.seed)
@@ -236,7 +263,9 @@ class DetTrainer:
         train_ds = DetectionDataset(splits.train, spec.image_size, train_transform(cfg.augment, square=h == w))
         val_ds = DetectionDataset(splits.val, spec.image_size)
         task = DetectionTask(cfg.score_threshold)
-        engine = Engine(task=task, device=device, amp=cfg.amp, grad_clip=cfg.grad_clip, progress=self.progress)
+        engine = Engine(
+            task=task, device=device, amp=cfg.amp, grad_clip=cfg.grad_clip, progress=self.progress
+        )
         card = DetCard(spec, cfg.data.to_dict(), config_hash=cfg.hash())
         result = fit(model, engine, cfg, train_ds, val_ds, splits.classes, self.run_dir, card, self.echo)
         reload_best(model, self.run_dir)
@@ -255,8 +284,10 @@ class DetTrainer:
             "wall_s": time.perf_counter() - t0,
             "data": splits.summary(),
             "config_hash": cfg.hash(),
+            "distributed": {"world_size": dist.world()},
         }
-        atomic_write_json(self.run_dir / "report.json", report)
+        if dist.is_main():
+            atomic_write_json(self.run_dir / "report.json", report)
         self.echo(
             f"{split}: mAP@[.5:.95] {_f(m['map'])}  mAP@.5 {_f(m['map50'])}  part recall "
             f"{_f(m['part']['recall'])}  false alarms {_f(m['part']['false_alarm_rate'])} -> {self.run_dir}"
