@@ -28,6 +28,8 @@ E2E_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.
 DETECTION_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100)
 # decode_error: an unreadable file / frame (truncated, zero bytes, not an image); too_small: a frame
 # below [model] min_frame_side, never judged.
+# Labels of defectscope_model_info (tests/deploy/station_stub.py serves the same series).
+MODEL_INFO_LABELS = ("name", "version", "precision", "backend", "inference_precision")
 DROP_REASONS = ("queue_full", "decode_error", "too_small", "preprocess_error", "inference_error")
 
 
@@ -67,7 +69,7 @@ class Metrics:
         self.reconnect_attempts = Counter("defectscope_camera_reconnect_attempts_total",
                                           "Attempts to reopen a failed camera", cam, registry=r)
         self.model_info = Gauge("defectscope_model_info", "The model being served (value 1)",
-                                ["name", "version", "precision", "backend", "inference_precision"], registry=r)
+                                list(MODEL_INFO_LABELS), registry=r)
         self.publish_errors = Counter("defectscope_publish_errors_total", "Messages that could not be queued",
                                       registry=r)
         self.model_reloads = Counter("defectscope_model_reloads_total", "Model reloads (SIGHUP) by result",
