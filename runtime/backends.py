@@ -24,12 +24,15 @@ import platform
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from runtime.bundle import Bundle, BundleError, check_graph_io
 from runtime.config import ModelConfig
+
+if TYPE_CHECKING:  # openvino is imported only when its backend is created
+    from runtime.backend_openvino import OpenVINOModel
 
 log = logging.getLogger("defectscope.backends")
 
@@ -161,10 +164,10 @@ class OpenVINOBackend(Backend):
         from runtime.backend_openvino import OpenVINOError, open_bundle_model
 
         try:
-            self.model = open_bundle_model(bundle, key, cfg.openvino, cfg.threads)
+            m = open_bundle_model(bundle, key, cfg.openvino, cfg.threads)
         except OpenVINOError as exc:
             raise BackendError(str(exc)) from None
-        m = self.model
+        self.model: OpenVINOModel | None = m  # None once closed
         self.artifact_key, self.precision = key, bundle.artifact(key).precision
         self.inference_precision = m.inference_precision
         if m.inference_precision != cfg.openvino.precision:
@@ -179,11 +182,13 @@ class OpenVINOBackend(Backend):
                  " - loaded from the model cache" if m.loaded_from_cache else "")
 
     def _run(self, batch: np.ndarray) -> list[np.ndarray]:
+        assert self.model is not None, "openvino backend used after close()"
         return self.model.run(batch)
 
     def close(self) -> None:
-        if getattr(self, "model", None) is not None:
-            self.model.close()
+        model = getattr(self, "model", None)  # unset when __init__ failed
+        if model is not None:
+            model.close()
             self.model = None
 
     @property
@@ -342,8 +347,8 @@ def candidates(bundle: Bundle, cfg: ModelConfig) -> list[tuple[str, str]]:
                                f"{ {k: a.format for k, a in arts.items()} } (defectscope build-engine makes one)")
         return [("tensorrt", trt_keys[0])]
     if not onnx_key:
-        raise BackendError(f"[model] backend {cfg.backend!r} needs an onnx artifact; "
-                           f"{cfg.artifact!r} is {arts[cfg.artifact].format}")
+        has = f"{cfg.artifact!r} is {arts[cfg.artifact].format}" if cfg.artifact else "the bundle has none"
+        raise BackendError(f"[model] backend {cfg.backend!r} needs an onnx artifact; {has}")
     return [(cfg.backend, onnx_key)]
 
 

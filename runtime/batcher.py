@@ -122,8 +122,8 @@ def assemble(frames: Sequence[Frame], out: BatchBuffers | None = None) -> np.nda
 
     One frame: its own views, no copy. Several: copied into a reused buffer of ``out`` if given.
     """
-    tensors = [f.tensor for f in frames]
-    assert all(t is not None for t in tensors), "assemble() needs prepared frames"
+    tensors = [f.tensor for f in frames if f.tensor is not None]
+    assert len(tensors) == len(frames), "assemble() needs prepared frames"
     if len(tensors) == 1:
         return tensors[0]
     if out is None:

@@ -255,7 +255,9 @@ class BoxPolicy:
         """Boxes in original pixels with label indices into ``classes`` -> the part's verdict."""
         b, s, lab = as_boxes(boxes), np.asarray(scores, np.float32).reshape(-1), np.asarray(labels).reshape(-1)
         areas = box_area(b)
-        counted, best = [], {"defect": None, "uncertain": None}
+        counted: list[dict[str, Any]] = []
+        # status -> (margin, class, score) of its best box
+        best: dict[str, tuple[float, str, float] | None] = {"defect": None, "uncertain": None}
         best_score = 0.0
         for box, score, label, area in zip(b, s, lab, areas):
             # A model's outputs are not trusted: unknown labels and non-finite values are never counted.
@@ -275,9 +277,9 @@ class BoxPolicy:
             if cur is None or margin > cur[0]:
                 best[status] = (margin, cls, float(score))
         for verdict in ("defect", "uncertain"):
-            if best[verdict] is not None:
-                _, cls, score = best[verdict]
-                return BoxVerdict(verdict, cls, score, tuple(counted))
+            if (hit := best[verdict]) is not None:
+                _, cls, top = hit
+                return BoxVerdict(verdict, cls, top, tuple(counted))
         return BoxVerdict("ok", None, 1.0 - best_score, tuple(counted))
 
 

@@ -196,9 +196,9 @@ class BundleSource:
             else:
                 with self._tar() as tar:
                     for name, digest in self.manifest.files.items():
-                        src = tar.extractfile(self._members[name])
-                        assert src is not None
-                        _copy_verified(src, staged, name, digest, self._members[name].size)
+                        member = tar.extractfile(self._members[name])
+                        assert member is not None
+                        _copy_verified(member, staged, name, digest, self._members[name].size)
             _write_synced(staged / MANIFEST, self.manifest_bytes)
             for d in sorted({posixpath.dirname(n) for n in self.manifest.files} - {""}, reverse=True):
                 fsync_dir(staged / d)

@@ -199,7 +199,7 @@ def plan_build(manifest: Any, tensorrt_version: str, precision: str = "fp16", *,
     return BuildPlan(
         precision=precision, int8_mode=mode, source_key=key, source_file=art.file,
         network_flags=tuple(network_flags), builder_flags=tuple(builder_flags),
-        input_name=manifest.input.name, input_chw=tuple(manifest.input.shape),  # type: ignore[arg-type]
+        input_name=manifest.input.name, input_chw=tuple(manifest.input.shape),
         batch=(lo, hi), opt_batch=opt, calib_batch=int(calib_batch), tensorrt_version=str(tensorrt_version),
         notes=tuple(notes),
     )
@@ -233,7 +233,8 @@ class BuildResult:
 
 
 def _engine_io(trt: Any, engine: Any) -> tuple[list[tuple[str, list[int]]], list[tuple[str, list[int]]]]:
-    inputs, outputs = [], []
+    inputs: list[tuple[str, list[int]]] = []
+    outputs: list[tuple[str, list[int]]] = []
     if hasattr(engine, "num_io_tensors"):  # TensorRT >= 8.5
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
@@ -348,7 +349,7 @@ def build_engine(plan: BuildPlan, onnx_path: str | os.PathLike[str], manifest: A
 def artifact_fields(plan: BuildPlan, platform: Platform, seconds: float, workspace_mib: int,
                     calibration: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Extra keys recorded on the engine's bundle Artifact (besides version / GPU / batch)."""
-    build = {"precision": plan.precision, "int8_mode": plan.int8_mode, "batch": list(plan.batch),
+    build: dict[str, Any] = {"precision": plan.precision, "int8_mode": plan.int8_mode, "batch": list(plan.batch),
              "opt_batch": plan.opt_batch, "source_artifact": plan.source_key,
              "network_flags": list(plan.network_flags), "builder_flags": list(plan.builder_flags),
              "workspace_mib": int(workspace_mib), "seconds": round(seconds, 1)}

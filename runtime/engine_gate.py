@@ -126,7 +126,8 @@ def pack_holdout(bundle_dir: str | os.PathLike[str], x: np.ndarray, labels: np.n
         reference = backend.run(x)[0].astype(np.float32)
     finally:
         backend.close()
-    arrays = {"x": x, "reference": reference}
+    # Any values: a typed dict[str, ndarray] cannot be **-unpacked past savez's allow_pickle: bool.
+    arrays: dict[str, Any] = {"x": x, "reference": reference}
     if labels is not None:
         arrays["labels"] = np.asarray(labels, dtype=np.int64)[pick]
     buf = io.BytesIO()

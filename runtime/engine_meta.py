@@ -16,7 +16,7 @@ import re
 import shlex
 import shutil
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,7 +149,7 @@ def _cuda_device_info() -> tuple[str, str]:
     """(GPU name, "major.minor") of CUDA device 0 via pycuda, cuda-python or nvidia-smi."""
     errors: list[str] = []
     try:
-        import pycuda.driver as cuda  # type: ignore[import-not-found]
+        import pycuda.driver as cuda
 
         cuda.init()
         if cuda.Device.count() < 1:
@@ -162,7 +162,7 @@ def _cuda_device_info() -> tuple[str, str]:
     except Exception as exc:  # ImportError, or a driver error: try the next binding
         errors.append(f"pycuda: {exc}")
     try:
-        from cuda import cudart  # type: ignore[import-not-found]
+        from cuda import cudart
 
         err, props = cudart.cudaGetDeviceProperties(0)
         if int(err) != 0:
@@ -186,7 +186,7 @@ def _cuda_device_info() -> tuple[str, str]:
 def current_platform() -> Platform:
     """TensorRT version + GPU of this machine; EngineUnavailableError (with the reason) when absent."""
     try:
-        import tensorrt as trt  # type: ignore[import-not-found]
+        import tensorrt as trt
     except Exception as exc:
         raise EngineUnavailableError(
             f"TensorRT is not importable here ({type(exc).__name__}: {exc}); TensorRT engines are built and "
@@ -206,7 +206,7 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower() or "unknown"
 
 
-__all__: Iterable[str] = [
+__all__ = [
     "EngineMismatchError",
     "EngineUnavailableError",
     "Platform",
