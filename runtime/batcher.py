@@ -66,8 +66,7 @@ class FrameHub:
         with self._lock:
             return sum(len(q) for q in self._queues.values())
 
-    def get_batch(self, max_frames: int, max_wait_s: float | Callable[[], float],
-                  timeout_s: float) -> list[Frame]:
+    def get_batch(self, max_frames: int, max_wait_s: float | Callable[[], float], timeout_s: float) -> list[Frame]:
         """Up to ``max_frames`` frames, round-robin across cameras.
 
         Waits up to ``timeout_s`` for a first frame, then up to ``max_wait_s`` more
@@ -114,7 +113,6 @@ class FrameHub:
         with self._lock:
             self._not_empty.notify_all()
             self._not_full.notify_all()
-
 
 
 def assemble(frames: Sequence[Frame], out: BatchBuffers | None = None) -> np.ndarray:

@@ -33,17 +33,20 @@ class EngineMismatchError(RuntimeError):
 class Platform:
     """Where an engine is built or about to run."""
 
-    tensorrt_version: str          # e.g. "10.3.0.26"
-    gpu: str                       # e.g. "Orin", "NVIDIA H100 80GB HBM3"
-    compute_capability: str        # "major.minor", e.g. "8.7"
+    tensorrt_version: str  # e.g. "10.3.0.26"
+    gpu: str  # e.g. "Orin", "NVIDIA H100 80GB HBM3"
+    compute_capability: str  # "major.minor", e.g. "8.7"
 
     def to_dict(self) -> dict[str, str]:
-        return {"tensorrt_version": self.tensorrt_version, "gpu": self.gpu,
-                "compute_capability": self.compute_capability}
+        return {
+            "tensorrt_version": self.tensorrt_version,
+            "gpu": self.gpu,
+            "compute_capability": self.compute_capability,
+        }
 
 
 def version_tuple(version: str | None) -> tuple[int, ...]:
-    """"10.3.0.26" -> (10, 3, 0, 26); non-numeric parts end the tuple."""
+    """ "10.3.0.26" -> (10, 3, 0, 26); non-numeric parts end the tuple."""
     out: list[int] = []
     for part in str(version or "").split("."):
         m = re.match(r"\d+", part)
@@ -174,8 +177,13 @@ def _cuda_device_info() -> tuple[str, str]:
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
-            out = subprocess.run([smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20, check=True).stdout
+            out = subprocess.run(
+                [smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=True,
+            ).stdout
             name, cc = [s.strip() for s in out.splitlines()[0].split(",")]
             return name, cc
         except Exception as exc:

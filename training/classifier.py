@@ -28,8 +28,9 @@ class Classifier(nn.Module):
     drop-connect) stay fixed.
     """
 
-    def __init__(self, body: nn.Module, feature_dim: int, num_classes: int,
-                 groups: list[LayerGroup], dropout: float = 0.2) -> None:
+    def __init__(
+        self, body: nn.Module, feature_dim: int, num_classes: int, groups: list[LayerGroup], dropout: float = 0.2
+    ) -> None:
         super().__init__()
         self.body = body
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
@@ -74,7 +75,7 @@ class Classifier(nn.Module):
         Returns the names of the trainable groups.
         """
         n = len(self.groups) if n_groups is None else max(0, min(int(n_groups), len(self.groups)))
-        trainable = self.group_names[len(self.groups) - n:]
+        trainable = self.group_names[len(self.groups) - n :]
         for g in self.groups:
             on = g.name in trainable
             for path in g.modules:

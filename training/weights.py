@@ -49,6 +49,7 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         return load_file(str(path))
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
@@ -63,24 +64,31 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
 def torchvision_loader(enum_name: str, strip: Callable[[dict], dict]) -> Callable[[nn.Module], None]:
     def load(body: nn.Module) -> None:
         from torchvision.models import get_weight
+
         weights = get_weight(enum_name)
         filename = os.path.basename(weights.url)
         cached = hub_checkpoint_path(filename)
         if cached.is_file():
             state = torch.load(str(cached), map_location="cpu", weights_only=True)
         elif os.environ.get(OFFLINE_ENV) == "1":
-            raise WeightsUnavailableError(offline_message(
-                enum_name.split("_Weights")[0].lower(), cached, f"{OFFLINE_ENV}=1 and no cached file"))
+            raise WeightsUnavailableError(
+                offline_message(enum_name.split("_Weights")[0].lower(), cached, f"{OFFLINE_ENV}=1 and no cached file")
+            )
         else:
             try:
-                state = torch.hub.load_state_dict_from_url(weights.url, map_location="cpu",
-                                                           progress=True, check_hash=True,
-                                                           weights_only=True)
+                state = torch.hub.load_state_dict_from_url(
+                    weights.url, map_location="cpu", progress=True, check_hash=True, weights_only=True
+                )
             except Exception as exc:  # urllib / ssl / socket / hash errors: all mean "no file"
-                raise WeightsUnavailableError(offline_message(
-                    enum_name.split("_Weights")[0].lower(), cached,
-                    f"download from {weights.url} failed ({type(exc).__name__}: {exc})")) from None
+                raise WeightsUnavailableError(
+                    offline_message(
+                        enum_name.split("_Weights")[0].lower(),
+                        cached,
+                        f"download from {weights.url} failed ({type(exc).__name__}: {exc})",
+                    )
+                ) from None
         load_into_body(body, strip(state), source=str(cached))
+
     return load
 
 
@@ -91,19 +99,20 @@ def load_into_body(body: nn.Module, state: dict, source: str) -> None:
     except RuntimeError as exc:  # shape mismatches
         raise ValueError(f"{source}: weights do not fit the backbone ({exc})") from None
     if missing or unexpected:
-        raise ValueError(f"{source}: weights do not fit the backbone "
-                         f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})")
-
-
+        raise ValueError(
+            f"{source}: weights do not fit the backbone "
+            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
+        )
 
 
 def load_weights_file(model: Classifier, path: str | Path) -> None:
     """Load a local weights file into ``model`` (see :func:`build_model`)."""
     state = load_state_file(path)
     if any(k.startswith("body.") for k in state):
-        head_ok = all(state[k].shape == v.shape for k, v in model.state_dict().items()
-                      if k.startswith("head.") and k in state)
+        head_ok = all(
+            state[k].shape == v.shape for k, v in model.state_dict().items() if k.startswith("head.") and k in state
+        )
         if not head_ok:
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
         try:
@@ -112,12 +121,12 @@ def load_weights_file(model: Classifier, path: str | Path) -> None:
             raise ValueError(f"{path}: checkpoint does not fit the model ({exc})") from None
         missing = [k for k in missing if not k.startswith("head.")]
         if missing or unexpected:
-            raise ValueError(f"{path}: checkpoint does not fit the model "
-                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+            raise ValueError(
+                f"{path}: checkpoint does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
         return
     # Original-architecture key names: drop the ImageNet classifier, load the rest.
     classifier_prefixes = ("fc.", "_fc.", "classifier.")
     body_keys = set(model.body.state_dict())
     state = {k: v for k, v in state.items() if k in body_keys or not k.startswith(classifier_prefixes)}
     load_into_body(model.body, state, source=str(path))
-
