@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 def match_calibration_images(calib: Any, found: list[str]) -> list[str] | None:
     """Paths in ``found`` holding exactly calibration.json's images (matched by <class dir>/<name>,
     then by name, verified by sha256), in the recorded order; None when any is missing or differs."""
-    from calibration.provenance import sha256_file
+    from runtime.fsio import sha256_file
 
     by_two: dict[tuple[str, str], list[str]] = {}
     by_name: dict[str, list[str]] = {}

@@ -12,9 +12,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-# The one sha256_file lives in runtime.fsio; calibration/engine_cli.py still imports it from here.
-from runtime.fsio import sha256_file  # noqa: F401
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LIBRARIES = ("torch", "torchvision", "onnx", "onnxruntime", "onnxslim", "numpy", "opencv-python-headless",
              "scikit-learn", "defectscope")

@@ -29,8 +29,9 @@ class OpenVINOError(RuntimeError):
     """OpenVINO missing or unable to compile/run the model; the message says why."""
 
 
-def ov_properties(threads: int, hint: str, precision: str, infer_requests: int,
-                  cache_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
+def ov_properties(
+    threads: int, hint: str, precision: str, infer_requests: int, cache_dir: str | os.PathLike[str] | None
+) -> dict[str, Any]:
     """The compile options (OpenVINO property names) for these settings."""
     props: dict[str, Any] = {
         "PERFORMANCE_HINT": hint.upper(),
@@ -77,14 +78,24 @@ def type_name(value: Any) -> str:
 class OpenVINOModel:
     """A compiled ONNX model and its infer requests; ``run`` maps (N,C,H,W) float32 -> outputs by name."""
 
-    def __init__(self, path: str | os.PathLike[str], output_names: list[str], *, threads: int = 1,
-                 hint: str = "latency", precision: str = "f32", infer_requests: int = 1,
-                 cache_dir: str | os.PathLike[str] | None = None, input_name: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        output_names: list[str],
+        *,
+        threads: int = 1,
+        hint: str = "latency",
+        precision: str = "f32",
+        infer_requests: int = 1,
+        cache_dir: str | os.PathLike[str] | None = None,
+        input_name: str | None = None,
+    ) -> None:
         try:
             import openvino as ov
         except ImportError as exc:
-            raise OpenVINOError(f"the OpenVINO backend needs openvino (pip install 'defectscope[openvino]'): "
-                                f"{exc}") from None
+            raise OpenVINOError(
+                f"the OpenVINO backend needs openvino (pip install 'defectscope[openvino]'): {exc}"
+            ) from None
         self.cache_refused = unsafe_cache_dir(cache_dir) if cache_dir is not None else None
         if self.cache_refused:
             cache_dir = None  # compile every time rather than load blobs others could have planted
@@ -104,14 +115,20 @@ class OpenVINOModel:
         self.streams = int(self._prop("NUM_STREAMS", 1))
         self.threads = int(self._prop("INFERENCE_NUM_THREADS", threads))
         # A tensor may carry several names; report the expected one when it is among them.
-        self.inputs = [SimpleNamespace(name=input_name if input_name in p.get_names() else p.any_name,
-                                       shape=_dims(p.partial_shape)) for p in compiled.inputs]
+        self.inputs = [
+            SimpleNamespace(
+                name=input_name if input_name in p.get_names() else p.any_name, shape=_dims(p.partial_shape)
+            )
+            for p in compiled.inputs
+        ]
         ports = {}
         for name in output_names:
             port = next((p for p in compiled.outputs if name in p.get_names()), None)
             if port is None:
-                raise OpenVINOError(f"{path}: no output named {name!r}; the model has "
-                                    f"{[sorted(p.get_names()) for p in compiled.outputs]}")
+                raise OpenVINOError(
+                    f"{path}: no output named {name!r}; the model has "
+                    f"{[sorted(p.get_names()) for p in compiled.outputs]}"
+                )
             ports[name] = port
         self.outputs = [SimpleNamespace(name=n, shape=_dims(p.partial_shape)) for n, p in ports.items()]
         self._ports = list(ports.values())
@@ -158,9 +175,16 @@ def open_bundle_model(bundle: Any, key: str, settings: Any, threads: int) -> Ope
     if art.format != "onnx":
         raise OpenVINOError(f"artifact {key!r} is {art.format}, OpenVINO runs onnx artifacts")
     path = bundle.path / art.file
-    model = OpenVINOModel(path, list(bundle.manifest.output.names), threads=threads, hint=settings.hint,
-                          precision=settings.precision, infer_requests=settings.infer_requests,
-                          cache_dir=settings.cache_dir, input_name=bundle.manifest.input.name)
+    model = OpenVINOModel(
+        path,
+        list(bundle.manifest.output.names),
+        threads=threads,
+        hint=settings.hint,
+        precision=settings.precision,
+        infer_requests=settings.infer_requests,
+        cache_dir=settings.cache_dir,
+        input_name=bundle.manifest.input.name,
+    )
     try:
         check_graph_io(bundle.manifest, model.inputs, model.outputs, str(path))
     except BundleError as exc:

@@ -43,8 +43,11 @@ class TensorRTBackend(Backend):
             raise BackendError(f"CUDA is not usable here: {exc}") from None
         from runtime.engine_meta import EngineMismatchError, Platform, check_engine
 
-        platform = Platform(tensorrt_version=str(trt.__version__), gpu=device.name(),
-                            compute_capability="{}.{}".format(*device.compute_capability()))
+        platform = Platform(
+            tensorrt_version=str(trt.__version__),
+            gpu=device.name(),
+            compute_capability="{}.{}".format(*device.compute_capability()),
+        )
         try:
             check_engine(art, platform, str(bundle.path), key)  # before deserializing: engines are not portable
         except EngineMismatchError as exc:
@@ -71,8 +74,10 @@ class TensorRTBackend(Backend):
         with open(path, "rb") as fh:
             engine = self._runtime.deserialize_cuda_engine(fh.read())
         if engine is None:
-            raise BackendError(f"{path}: TensorRT could not deserialize the engine (built for another TensorRT "
-                               "version or GPU, or corrupt); rebuild it on this device")
+            raise BackendError(
+                f"{path}: TensorRT could not deserialize the engine (built for another TensorRT "
+                "version or GPU, or corrupt); rebuild it on this device"
+            )
         self.engine = engine
         self.context = engine.create_execution_context()
         if self.context is None:

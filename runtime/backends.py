@@ -24,12 +24,15 @@ import platform
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from runtime.bundle import Bundle, BundleError, check_graph_io
 from runtime.config import ModelConfig
+
+if TYPE_CHECKING:  # openvino is imported only when its backend is created
+    from runtime.backend_openvino import OpenVINOModel
 
 log = logging.getLogger("defectscope.backends")
 
@@ -85,8 +88,13 @@ class Backend(ABC):
         return None
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "artifact": self.artifact_key, "precision": self.precision,
-                "inference_precision": self.inference_precision, "max_batch": self.max_batch}
+        return {
+            "backend": self.name,
+            "artifact": self.artifact_key,
+            "precision": self.precision,
+            "inference_precision": self.inference_precision,
+            "max_batch": self.max_batch,
+        }
 
     @property
     def accuracy_id(self) -> str | None:
@@ -161,29 +169,41 @@ class OpenVINOBackend(Backend):
         from runtime.backend_openvino import OpenVINOError, open_bundle_model
 
         try:
-            self.model = open_bundle_model(bundle, key, cfg.openvino, cfg.threads)
+            m = open_bundle_model(bundle, key, cfg.openvino, cfg.threads)
         except OpenVINOError as exc:
             raise BackendError(str(exc)) from None
-        m = self.model
+        self.model: OpenVINOModel | None = m  # None once closed
         self.artifact_key, self.precision = key, bundle.artifact(key).precision
         self.inference_precision = m.inference_precision
         if m.inference_precision != cfg.openvino.precision:
-            log.warning("openvino: asked for %s inference, the CPU plugin runs %s", cfg.openvino.precision,
-                        m.inference_precision)
+            log.warning(
+                "openvino: asked for %s inference, the CPU plugin runs %s",
+                cfg.openvino.precision,
+                m.inference_precision,
+            )
         if m.static_batch:
             self.max_batch, self.min_batch, self.fixed_batch = m.static_batch, m.static_batch, True
         if m.cache_refused:
             log.warning("openvino: compiled-model cache not used: %s", m.cache_refused)
-        log.info("openvino %s: %s compiled (%s, %s, %d thread(s), %d stream(s))%s", m.version, key,
-                 m.inference_precision, m.hint, m.threads, m.streams,
-                 " - loaded from the model cache" if m.loaded_from_cache else "")
+        log.info(
+            "openvino %s: %s compiled (%s, %s, %d thread(s), %d stream(s))%s",
+            m.version,
+            key,
+            m.inference_precision,
+            m.hint,
+            m.threads,
+            m.streams,
+            " - loaded from the model cache" if m.loaded_from_cache else "",
+        )
 
     def _run(self, batch: np.ndarray) -> list[np.ndarray]:
+        assert self.model is not None, "openvino backend used after close()"
         return self.model.run(batch)
 
     def close(self) -> None:
-        if getattr(self, "model", None) is not None:
-            self.model.close()
+        model = getattr(self, "model", None)  # unset when __init__ failed
+        if model is not None:
+            model.close()
             self.model = None
 
     @property
@@ -193,8 +213,13 @@ class OpenVINOBackend(Backend):
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         if self.model is not None:
-            out.update(openvino=self.model.version, hint=self.model.hint, streams=self.model.streams,
-                       loaded_from_cache=self.model.loaded_from_cache, cache_refused=self.model.cache_refused)
+            out.update(
+                openvino=self.model.version,
+                hint=self.model.hint,
+                streams=self.model.streams,
+                loaded_from_cache=self.model.loaded_from_cache,
+                cache_refused=self.model.cache_refused,
+            )
         return out
 
 
@@ -202,7 +227,9 @@ class OpenVINOBackend(Backend):
 FACTORIES: dict[str, Callable[[Bundle, str, ModelConfig], Backend]] = {}
 
 
-def register(name: str) -> Callable[[Callable[[Bundle, str, ModelConfig], Backend]], Callable[[Bundle, str, ModelConfig], Backend]]:
+def register(
+    name: str,
+) -> Callable[[Callable[[Bundle, str, ModelConfig], Backend]], Callable[[Bundle, str, ModelConfig], Backend]]:
     """Register a backend factory under a config name; refuses duplicates."""
 
     def deco(fn: Callable[[Bundle, str, ModelConfig], Backend]) -> Callable[[Bundle, str, ModelConfig], Backend]:
@@ -254,14 +281,21 @@ class Selection:
     accuracy: Mapping[str, Any] | None = field(default=None)  # the bundle's record for this backend, if any
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, "artifact": self.artifact, "precision": self.precision,
-                "inference_precision": self.inference_precision, "requested": self.requested,
-                "reason": self.reason, "skipped": list(self.skipped),
-                "accuracy": dict(self.accuracy) if self.accuracy is not None else None}
+        return {
+            "backend": self.backend,
+            "artifact": self.artifact,
+            "precision": self.precision,
+            "inference_precision": self.inference_precision,
+            "requested": self.requested,
+            "reason": self.reason,
+            "skipped": list(self.skipped),
+            "accuracy": dict(self.accuracy) if self.accuracy is not None else None,
+        }
 
     def summary(self) -> str:
-        head = (f"{self.backend} ({self.artifact}, {self.precision}, inference {self.inference_precision}): "
-                f"{self.reason}")
+        head = (
+            f"{self.backend} ({self.artifact}, {self.precision}, inference {self.inference_precision}): {self.reason}"
+        )
         return head + ("; skipped: " + "; ".join(self.skipped) if self.skipped else "")
 
 
@@ -287,9 +321,11 @@ def accuracy_refusal(record: Mapping[str, Any] | None) -> str | None:
         return None
     drops = gate.get("drops_points") or {}
     worst = ", ".join(f"{m} -{d:.2f}" for m, d in drops.items() if m in (gate.get("failed") or drops))
-    return (f"the bundle's accuracy record fails the budget of {gate.get('budget_points')} points "
-            f"on split '{gate.get('split')}' ({worst} points vs the FP32 reference); recalibrate or pick another "
-            "backend")
+    return (
+        f"the bundle's accuracy record fails the budget of {gate.get('budget_points')} points "
+        f"on split '{gate.get('split')}' ({worst} points vs the FP32 reference); recalibrate or pick another "
+        "backend"
+    )
 
 
 def _precheck(name: str) -> str | None:
@@ -327,8 +363,11 @@ def candidates(bundle: Bundle, cfg: ModelConfig) -> list[tuple[str, str]]:
     trt_keys = [k for k in trt_keys if arts[k].format == "tensorrt"]
     if trt_keys and arts[bundle.manifest.default_artifact].format == "tensorrt":
         trt_keys.sort(key=lambda k: k != bundle.manifest.default_artifact)
-    onnx_key = cfg.artifact if cfg.artifact and arts[cfg.artifact].format == "onnx" else (
-        None if cfg.artifact else _default_onnx(bundle))
+    onnx_key = (
+        cfg.artifact
+        if cfg.artifact and arts[cfg.artifact].format == "onnx"
+        else (None if cfg.artifact else _default_onnx(bundle))
+    )
     if cfg.backend == "auto":
         out = [("tensorrt", k) for k in trt_keys]
         if onnx_key:
@@ -338,17 +377,18 @@ def candidates(bundle: Bundle, cfg: ModelConfig) -> list[tuple[str, str]]:
         return out
     if cfg.backend == "tensorrt":
         if not trt_keys:
-            raise BackendError(f"[model] backend 'tensorrt' needs a tensorrt artifact; the bundle has "
-                               f"{ {k: a.format for k, a in arts.items()} } (defectscope build-engine makes one)")
+            raise BackendError(
+                f"[model] backend 'tensorrt' needs a tensorrt artifact; the bundle has "
+                f"{ {k: a.format for k, a in arts.items()} } (defectscope build-engine makes one)"
+            )
         return [("tensorrt", trt_keys[0])]
     if not onnx_key:
-        raise BackendError(f"[model] backend {cfg.backend!r} needs an onnx artifact; "
-                           f"{cfg.artifact!r} is {arts[cfg.artifact].format}")
+        has = f"{cfg.artifact!r} is {arts[cfg.artifact].format}" if cfg.artifact else "the bundle has none"
+        raise BackendError(f"[model] backend {cfg.backend!r} needs an onnx artifact; {has}")
     return [(cfg.backend, onnx_key)]
 
 
-def create_backend(bundle: Bundle, cfg: ModelConfig,
-                   probe: Callable[[Backend], None] | None = None) -> Backend:
+def create_backend(bundle: Bundle, cfg: ModelConfig, probe: Callable[[Backend], None] | None = None) -> Backend:
     """The first usable backend for the bundle per ``cfg.backend`` (see module doc); sets ``.selection``.
 
     ``probe`` (e.g. the daemon's warm-up) runs on each created candidate; an exception from it
@@ -361,11 +401,19 @@ def create_backend(bundle: Bundle, cfg: ModelConfig,
         if why is None:
             backend, why = _try(name, key, bundle, cfg, auto, probe)
             if backend is not None:
-                reason = ("named in [model] backend" if not auto else
-                          "first usable in auto order " + " > ".join(AUTO_ORDER))
-                backend.selection = Selection(backend.name, key, backend.precision, backend.inference_precision,
-                                              cfg.backend, reason, tuple(skipped),
-                                              accuracy_record(bundle, key, backend.accuracy_id))
+                reason = (
+                    "named in [model] backend" if not auto else "first usable in auto order " + " > ".join(AUTO_ORDER)
+                )
+                backend.selection = Selection(
+                    backend.name,
+                    key,
+                    backend.precision,
+                    backend.inference_precision,
+                    cfg.backend,
+                    reason,
+                    tuple(skipped),
+                    accuracy_record(bundle, key, backend.accuracy_id),
+                )
                 log.info("backend: %s", backend.selection.summary())
                 return backend
         skipped.append(f"{name} ({key}): {why}")
@@ -373,8 +421,9 @@ def create_backend(bundle: Bundle, cfg: ModelConfig,
     raise BackendError("no usable backend: " + "; ".join(skipped))
 
 
-def _try(name: str, key: str, bundle: Bundle, cfg: ModelConfig, auto: bool,
-         probe: Callable[[Backend], None] | None) -> tuple[Backend | None, str]:
+def _try(
+    name: str, key: str, bundle: Bundle, cfg: ModelConfig, auto: bool, probe: Callable[[Backend], None] | None
+) -> tuple[Backend | None, str]:
     """(backend, "") or, in auto mode, (None, why not); a named backend raises BackendError instead."""
     backend = None
     try:

@@ -66,8 +66,7 @@ class FrameHub:
         with self._lock:
             return sum(len(q) for q in self._queues.values())
 
-    def get_batch(self, max_frames: int, max_wait_s: float | Callable[[], float],
-                  timeout_s: float) -> list[Frame]:
+    def get_batch(self, max_frames: int, max_wait_s: float | Callable[[], float], timeout_s: float) -> list[Frame]:
         """Up to ``max_frames`` frames, round-robin across cameras.
 
         Waits up to ``timeout_s`` for a first frame, then up to ``max_wait_s`` more
@@ -116,14 +115,13 @@ class FrameHub:
             self._not_full.notify_all()
 
 
-
 def assemble(frames: Sequence[Frame], out: BatchBuffers | None = None) -> np.ndarray:
     """Frames' (V,C,H,W) views -> one (N*V,C,H,W) float32 batch; a frame's views stay adjacent.
 
     One frame: its own views, no copy. Several: copied into a reused buffer of ``out`` if given.
     """
-    tensors = [f.tensor for f in frames]
-    assert all(t is not None for t in tensors), "assemble() needs prepared frames"
+    tensors = [f.tensor for f in frames if f.tensor is not None]
+    assert len(tensors) == len(frames), "assemble() needs prepared frames"
     if len(tensors) == 1:
         return tensors[0]
     if out is None:

@@ -100,12 +100,19 @@ def geometry(src_h: int, src_w: int, dst_h: int, dst_w: int, policy: str = "lett
     s = min(dst_h / src_h, dst_w / src_w)
     nh, nw = min(dst_h, int(round(src_h * s))), min(dst_w, int(round(src_w * s)))
     # Scale per axis from the rounded size, so the image content and the boxes agree exactly.
-    return Geometry(src_h, src_w, dst_h, dst_w, nw / src_w, nh / src_h, float((dst_w - nw) // 2),
-                    float((dst_h - nh) // 2))
+    return Geometry(
+        src_h, src_w, dst_h, dst_w, nw / src_w, nh / src_h, float((dst_w - nw) // 2), float((dst_h - nh) // 2)
+    )
 
 
-def fit(image: np.ndarray, height: int, width: int, policy: str = "letterbox", interpolation: str = "bilinear",
-        pad_value: int = 0) -> tuple[np.ndarray, Geometry]:
+def fit(
+    image: np.ndarray,
+    height: int,
+    width: int,
+    policy: str = "letterbox",
+    interpolation: str = "bilinear",
+    pad_value: int = 0,
+) -> tuple[np.ndarray, Geometry]:
     """uint8 (H,W[,C]) frame -> (height,width[,C]) model-size image and its :class:`Geometry`."""
     g = geometry(image.shape[0], image.shape[1], height, width, policy)
     nh, nw = int(round(g.src_h * g.scale_y)), int(round(g.src_w * g.scale_x))
@@ -114,7 +121,7 @@ def fit(image: np.ndarray, height: int, width: int, policy: str = "letterbox", i
         return resized, g
     out = np.full((height, width, *image.shape[2:]), pad_value, dtype=image.dtype)
     y, x = int(g.pad_y), int(g.pad_x)
-    out[y:y + nh, x:x + nw] = resized
+    out[y : y + nh, x : x + nw] = resized
     return out, g
 
 
@@ -131,8 +138,9 @@ def unflip_boxes(boxes: Any, width: int, height: int, view: str) -> np.ndarray:
 
 
 # -- TTA merge ----------------------------------------------------------------------------
-def weighted_box_fusion(views: Sequence[tuple[Any, Any, Any]], iou_thr: float = 0.55, skip_thr: float = 0.0
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def weighted_box_fusion(
+    views: Sequence[tuple[Any, Any, Any]], iou_thr: float = 0.55, skip_thr: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weighted box fusion (Solovyev et al. 2021) of the detections of ``V`` views of one frame.
 
     ``views``: per view ``(boxes (N,4), scores (N,), labels (N,))`` in the same frame. Boxes of
@@ -173,8 +181,11 @@ def weighted_box_fusion(views: Sequence[tuple[Any, Any, Any]], iou_thr: float = 
     if not out_b:
         return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
     order = np.argsort(-np.asarray(out_s), kind="stable")
-    return (np.stack(out_b).astype(np.float32)[order], np.asarray(out_s, np.float32)[order],
-            np.asarray(out_l, np.int64)[order])
+    return (
+        np.stack(out_b).astype(np.float32)[order],
+        np.asarray(out_s, np.float32)[order],
+        np.asarray(out_l, np.int64)[order],
+    )
 
 
 # -- drawing ---------------------------------------------------------------------------------
@@ -197,18 +208,26 @@ def draw_boxes(image: np.ndarray, detections: Sequence[Mapping[str, Any]]) -> np
         p2 = (int(np.clip(np.ceil(x2) - 1, 0, w - 1)), int(np.clip(np.ceil(y2) - 1, 0, h - 1)))
         cv2.rectangle(out, p1, p2, BOX_COLOR, thick)
         label = f"{d['class']} {float(d['score']):.2f}"
-        cv2.putText(out, label, (p1[0], max(10, p1[1] - 3)), cv2.FONT_HERSHEY_SIMPLEX, 0.35 * thick, BOX_COLOR,
-                    thick, cv2.LINE_AA)
+        cv2.putText(
+            out,
+            label,
+            (p1[0], max(10, p1[1] - 3)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.35 * thick,
+            BOX_COLOR,
+            thick,
+            cv2.LINE_AA,
+        )
     return out
 
 
 # -- part-level decision ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class BoxVerdict:
-    verdict: str                     # "ok" | "uncertain" | "defect"
-    defect_class: str | None         # class of the box behind a defect/uncertain verdict
-    confidence: float                # that box's score; ok: 1 - best score of a box big enough (1.0: none)
-    boxes: tuple[dict[str, Any], ...] = ()   # counted boxes: {"box", "score", "class", "status"}
+    verdict: str  # "ok" | "uncertain" | "defect"
+    defect_class: str | None  # class of the box behind a defect/uncertain verdict
+    confidence: float  # that box's score; ok: 1 - best score of a box big enough (1.0: none)
+    boxes: tuple[dict[str, Any], ...] = ()  # counted boxes: {"box", "score", "class", "status"}
 
 
 @dataclass(frozen=True)
@@ -230,12 +249,16 @@ class BoxPolicy:
     def __post_init__(self) -> None:
         object.__setattr__(self, "thresholds", dict(self.thresholds))
         object.__setattr__(self, "min_area_per_class", dict(self.min_area_per_class))
-        for key, v in [("default_threshold", self.default_threshold),
-                       *((f"thresholds.{k}", v) for k, v in self.thresholds.items())]:
+        for key, v in [
+            ("default_threshold", self.default_threshold),
+            *((f"thresholds.{k}", v) for k, v in self.thresholds.items()),
+        ]:
             if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise BoxError(f"decision.{key}: expected a score in [0, 1], got {v!r}")
-        for key, v in [("min_area", self.min_area), *((f"min_area_per_class.{k}", v)
-                                                      for k, v in self.min_area_per_class.items())]:
+        for key, v in [
+            ("min_area", self.min_area),
+            *((f"min_area_per_class.{k}", v) for k, v in self.min_area_per_class.items()),
+        ]:
             if not isinstance(v, (int, float)) or v < 0:
                 raise BoxError(f"decision.{key}: expected a non-negative area in pixels^2, got {v!r}")
         if not isinstance(self.band, (int, float)) or not 0.0 <= self.band < 0.5:
@@ -255,7 +278,9 @@ class BoxPolicy:
         """Boxes in original pixels with label indices into ``classes`` -> the part's verdict."""
         b, s, lab = as_boxes(boxes), np.asarray(scores, np.float32).reshape(-1), np.asarray(labels).reshape(-1)
         areas = box_area(b)
-        counted, best = [], {"defect": None, "uncertain": None}
+        counted: list[dict[str, Any]] = []
+        # status -> (margin, class, score) of its best box
+        best: dict[str, tuple[float, str, float] | None] = {"defect": None, "uncertain": None}
         best_score = 0.0
         for box, score, label, area in zip(b, s, lab, areas):
             # A model's outputs are not trusted: unknown labels and non-finite values are never counted.
@@ -269,18 +294,36 @@ class BoxPolicy:
             status = "defect" if margin >= self.band else "uncertain" if margin >= -self.band else None
             if status is None:
                 continue
-            counted.append({"box": [round(float(v), 2) for v in box], "score": round(float(score), 4),
-                            "class": cls, "status": status})
+            counted.append(
+                {
+                    "box": [round(float(v), 2) for v in box],
+                    "score": round(float(score), 4),
+                    "class": cls,
+                    "status": status,
+                }
+            )
             cur = best[status]
             if cur is None or margin > cur[0]:
                 best[status] = (margin, cls, float(score))
         for verdict in ("defect", "uncertain"):
-            if best[verdict] is not None:
-                _, cls, score = best[verdict]
-                return BoxVerdict(verdict, cls, score, tuple(counted))
+            if (hit := best[verdict]) is not None:
+                _, cls, top = hit
+                return BoxVerdict(verdict, cls, top, tuple(counted))
         return BoxVerdict("ok", None, 1.0 - best_score, tuple(counted))
 
 
-__all__ = ["BOX_POLICIES", "BoxError", "BoxPolicy", "BoxVerdict", "Geometry", "as_boxes", "box_area", "box_iou",
-           "draw_boxes",
-           "fit", "geometry", "unflip_boxes", "weighted_box_fusion"]
+__all__ = [
+    "BOX_POLICIES",
+    "BoxError",
+    "BoxPolicy",
+    "BoxVerdict",
+    "Geometry",
+    "as_boxes",
+    "box_area",
+    "box_iou",
+    "draw_boxes",
+    "fit",
+    "geometry",
+    "unflip_boxes",
+    "weighted_box_fusion",
+]

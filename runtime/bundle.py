@@ -253,7 +253,9 @@ def check_graph_io(manifest: Manifest, inputs: list[Any], outputs: list[Any], wh
         )
     names = [o.name for o in outputs]
     if list(manifest.output.names) != names:
-        raise BundleError(f"{where}: output names {names} do not match manifest output.names {list(manifest.output.names)}")
+        raise BundleError(
+            f"{where}: output names {names} do not match manifest output.names {list(manifest.output.names)}"
+        )
     check_output_shapes(manifest.model.task, manifest.output, len(manifest.classes), outputs, where)
 
 
@@ -276,7 +278,9 @@ def verify_files(path: Path, manifest: Manifest, strict: bool = True) -> None:
     for name, digest in manifest.files.items():
         actual = sha256_fd(open_regular(path, name))
         if actual != digest:
-            raise BundleError(f"{path / name}: checksum mismatch (manifest sha256 {digest[:12]}..., file {actual[:12]}...)")
+            raise BundleError(
+                f"{path / name}: checksum mismatch (manifest sha256 {digest[:12]}..., file {actual[:12]}...)"
+            )
     if strict:
         extra = unlisted_entries(path, manifest.files)
         if extra:
@@ -286,8 +290,9 @@ def verify_files(path: Path, manifest: Manifest, strict: bool = True) -> None:
             )
 
 
-def load_bundle(path: str | os.PathLike[str], verify: bool = True, check_graph: bool = True,
-                strict: bool = True) -> Bundle:
+def load_bundle(
+    path: str | os.PathLike[str], verify: bool = True, check_graph: bool = True, strict: bool = True
+) -> Bundle:
     """Load a bundle directory: schema, checksums and (for ONNX) graph I/O are checked.
 
     Raises BundleError naming the file/key at fault.
@@ -343,7 +348,9 @@ def write_bundle(
     dest.parent.mkdir(parents=True, exist_ok=True)
     for key, art in manifest.artifacts.items():
         if art.file not in files:
-            raise BundleError(f"{dest / MANIFEST}: key 'artifacts.{key}.file': {art.file!r} is not among the files given")
+            raise BundleError(
+                f"{dest / MANIFEST}: key 'artifacts.{key}.file': {art.file!r} is not among the files given"
+            )
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         digests = {}

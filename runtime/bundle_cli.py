@@ -17,11 +17,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(a directory with manifest.json and model files, or its .tar.gz archive).",
     )
     sub = parser.add_subparsers(dest="action", required=True)
-    p = sub.add_parser("verify", help="check schema, every sha256, unlisted files, the ONNX graphs and, when "
-                       "<bundle>.sig exists, that it matches the manifest; exit 1 if bad")
+    p = sub.add_parser(
+        "verify",
+        help="check schema, every sha256, unlisted files, the ONNX graphs and, when "
+        "<bundle>.sig exists, that it matches the manifest; exit 1 if bad",
+    )
     p.add_argument("bundle", type=Path)
-    p.add_argument("--public-key", type=Path, action="append", dest="public_keys", metavar="PEM",
-                   help="require a valid signature by this Ed25519 key (repeatable)")
+    p.add_argument(
+        "--public-key",
+        type=Path,
+        action="append",
+        dest="public_keys",
+        metavar="PEM",
+        help="require a valid signature by this Ed25519 key (repeatable)",
+    )
     p.add_argument("--signature", type=Path, default=None, metavar="SIG", help="default: <bundle>.sig")
     p = sub.add_parser("inspect", help="print a bundle's manifest summary (or --json for all of it)")
     p.add_argument("bundle", type=Path)
@@ -29,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pack", help="verify a bundle directory and write it as a .tar.gz")
     p.add_argument("bundle", type=Path)
     p.add_argument("archive", type=Path)
-    p = sub.add_parser("holdout", help="add a held-out sample (FP32 references computed here) that gates INT8 "
-                       "engines built on the station")
+    p = sub.add_parser(
+        "holdout",
+        help="add a held-out sample (FP32 references computed here) that gates INT8 engines built on the station",
+    )
     p.add_argument("bundle", type=Path)
     p.add_argument("--data", type=Path, required=True, help=".npy of preprocessed (N,C,H,W) float32 held-out images")
     p.add_argument("--labels", type=Path, default=None, help=".npy of (N,) class indices (optional)")
@@ -53,9 +64,12 @@ def _summary(path: Path) -> str:
     ]
     if m.model.task == "detection":
         o = m.output
-        lines.insert(-1, f"output     {', '.join(o.names)} ({o.box_format}, up to {o.max_detections or '?'} per image, "
-                         f"score threshold {o.score_threshold if o.score_threshold is not None else '-'})"
-                         + (f", letterbox pad {m.input.pad_value}" if m.input.resize_policy == "letterbox" else ""))
+        lines.insert(
+            -1,
+            f"output     {', '.join(o.names)} ({o.box_format}, up to {o.max_detections or '?'} per image, "
+            f"score threshold {o.score_threshold if o.score_threshold is not None else '-'})"
+            + (f", letterbox pad {m.input.pad_value}" if m.input.resize_policy == "letterbox" else ""),
+        )
     for key, art in m.artifacts.items():
         star = "*" if key == m.default_artifact else " "
         metrics = m.metrics.get(key, {})
@@ -80,8 +94,11 @@ def _check_signature(args: argparse.Namespace, path: Path) -> str:
     doc = read_signature(sig)
     recorded = doc.get("manifest_sha256")
     if recorded != hashlib.sha256(data).hexdigest():
-        raise SignatureError("digest", f"{sig} records manifest sha256 {str(recorded)[:12]}..., but {path}/manifest.json "
-                                       "is different: the manifest was modified after signing")
+        raise SignatureError(
+            "digest",
+            f"{sig} records manifest sha256 {str(recorded)[:12]}..., but {path}/manifest.json "
+            "is different: the manifest was modified after signing",
+        )
     return f", manifest matches {sig.name} (digest only; give --public-key to check the signature)"
 
 

@@ -55,8 +55,10 @@ def check_member_name(name: Any, where: str, key: str) -> str:
         and name != MANIFEST
     )
     if not ok:
-        raise BundleError(f"{where}: key '{key}': {name!r:.80} is not a safe bundle path (expected a relative, "
-                          f"normalized path inside the bundle without '..', not {MANIFEST})")
+        raise BundleError(
+            f"{where}: key '{key}': {name!r:.80} is not a safe bundle path (expected a relative, "
+            f"normalized path inside the bundle without '..', not {MANIFEST})"
+        )
     return name
 
 
@@ -88,7 +90,9 @@ def open_regular(root: Path, name: str) -> int:
     mode = os.fstat(ffd).st_mode
     if not stat.S_ISREG(mode):
         os.close(ffd)
-        raise BundleError(f"{root / name}: not a regular file (mode {stat.filemode(mode)}); bundles hold regular files only")
+        raise BundleError(
+            f"{root / name}: not a regular file (mode {stat.filemode(mode)}); bundles hold regular files only"
+        )
     return ffd
 
 

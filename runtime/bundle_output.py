@@ -52,14 +52,21 @@ def parse_output(o: Mapping[str, Any], task: str, spec: InputSpec, where: str) -
         if extra:
             raise key_error(where, f"output.{extra[0]}", f"only a detection model's output has it (task is {task!r})")
         if spec.resize_policy == "letterbox":
-            raise key_error(where, "input.resize_policy", "'letterbox' is a detector's policy; a classifier uses "
-                                                          "'shorter_side_center_crop' or 'stretch'")
+            raise key_error(
+                where,
+                "input.resize_policy",
+                "'letterbox' is a detector's policy; a classifier uses 'shorter_side_center_crop' or 'stretch'",
+            )
         return OutputSpec(kind=kind, names=tuple(names))
     if len(names) != 3:
         raise key_error(where, "output.names", f"a detector has 3 outputs (boxes, scores, labels), got {names}")
     if spec.resize_policy not in DETECTION_RESIZE_POLICIES:
-        raise key_error(where, "input.resize_policy", f"a detector needs one of {DETECTION_RESIZE_POLICIES} (boxes "
-                                                      f"map back to the whole frame), got {spec.resize_policy!r}")
+        raise key_error(
+            where,
+            "input.resize_policy",
+            f"a detector needs one of {DETECTION_RESIZE_POLICIES} (boxes "
+            f"map back to the whole frame), got {spec.resize_policy!r}",
+        )
     box_format = require(o, "box_format", str, where, "output.")
     if box_format not in BOX_FORMATS:
         raise key_error(where, "output.box_format", f"expected one of {BOX_FORMATS}, got {box_format!r:.40}")
@@ -70,8 +77,13 @@ def parse_output(o: Mapping[str, Any], task: str, spec: InputSpec, where: str) -
     d = o.get("max_detections")
     if d is not None and (isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_DETECTIONS):
         raise key_error(where, "output.max_detections", f"expected an integer in [1, {MAX_DETECTIONS}], got {d!r:.40}")
-    return OutputSpec(kind=kind, names=tuple(names), box_format=box_format,
-                      score_threshold=float(thr) if thr is not None else None, max_detections=d)
+    return OutputSpec(
+        kind=kind,
+        names=tuple(names),
+        box_format=box_format,
+        score_threshold=float(thr) if thr is not None else None,
+        max_detections=d,
+    )
 
 
 def check_output_shapes(task: str, output: OutputSpec, n_classes: int, outputs: Sequence[Any], where: str) -> None:
@@ -80,8 +92,10 @@ def check_output_shapes(task: str, output: OutputSpec, n_classes: int, outputs: 
     if task == "classification":
         dims = list(outputs[0].shape)
         if len(dims) != 2 or (isinstance(dims[1], int) and dims[1] != n_classes):
-            raise BundleError(f"{where}: output {names[0]!r} has shape {dims}, expected (N, {n_classes}) "
-                              f"for the manifest's {n_classes} classes")
+            raise BundleError(
+                f"{where}: output {names[0]!r} has shape {dims}, expected (N, {n_classes}) "
+                f"for the manifest's {n_classes} classes"
+            )
         return
     dims = [list(o.shape) for o in outputs]
     batch: set[int] = set()
@@ -97,12 +111,21 @@ def check_output_shapes(task: str, output: OutputSpec, n_classes: int, outputs: 
     if per_image:
         d = per_image.pop()
         if d > MAX_DETECTIONS:
-            raise BundleError(f"{where}: outputs hold {d} detections per image, more than the {MAX_DETECTIONS} a "
-                              "verdict may carry")
+            raise BundleError(
+                f"{where}: outputs hold {d} detections per image, more than the {MAX_DETECTIONS} a verdict may carry"
+            )
         if output.max_detections is not None and d != output.max_detections:
-            raise BundleError(f"{where}: outputs hold {d} detections per image, manifest output.max_detections is "
-                              f"{output.max_detections}")
+            raise BundleError(
+                f"{where}: outputs hold {d} detections per image, manifest output.max_detections is "
+                f"{output.max_detections}"
+            )
 
 
-__all__ = ["BOX_FORMATS", "DETECTION_RESIZE_POLICIES", "OutputSpec", "TASK_OUTPUT_KINDS", "check_output_shapes",
-           "parse_output"]
+__all__ = [
+    "BOX_FORMATS",
+    "DETECTION_RESIZE_POLICIES",
+    "OutputSpec",
+    "TASK_OUTPUT_KINDS",
+    "check_output_shapes",
+    "parse_output",
+]

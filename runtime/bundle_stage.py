@@ -59,12 +59,16 @@ def _parse_manifest(data: bytes, where: str) -> Manifest:
 
 def _check_totals(where: str, sizes: dict[str, int], limits: Limits) -> int:
     if len(sizes) > limits.max_files:
-        raise BundleError(f"{where}: {len(sizes)} files, more than the limit of {limits.max_files} "
-                          "([install] max_files in deploy.toml)")
+        raise BundleError(
+            f"{where}: {len(sizes)} files, more than the limit of {limits.max_files} "
+            "([install] max_files in deploy.toml)"
+        )
     total = sum(sizes.values())
     if total > limits.max_bytes:
-        raise BundleError(f"{where}: {total / 2**20:.1f} MiB of files, more than the limit of "
-                          f"{limits.max_bytes / 2**20:.0f} MiB ([install] max_bundle_mib in deploy.toml)")
+        raise BundleError(
+            f"{where}: {total / 2**20:.1f} MiB of files, more than the limit of "
+            f"{limits.max_bytes / 2**20:.0f} MiB ([install] max_bundle_mib in deploy.toml)"
+        )
     return total
 
 
@@ -95,8 +99,10 @@ class BundleSource:
                 self._fh.close()
                 raise
         else:
-            raise BundleError(f"{self.source}: not a bundle directory or a bundle archive (.tar.gz); "
-                              "symlinks and special files are refused")
+            raise BundleError(
+                f"{self.source}: not a bundle directory or a bundle archive (.tar.gz); "
+                "symlinks and special files are refused"
+            )
 
     # ---- inspection (nothing written) -----------------------------------------
     def _inspect_dir(self) -> None:
@@ -106,8 +112,10 @@ class BundleSource:
         self._set_manifest(data, str(self.source / MANIFEST))
         extra = unlisted_entries(self.source, self.manifest.files)
         if extra:
-            raise BundleError(f"{self.source}: holds {len(extra)} file(s) its manifest does not list "
-                              f"({', '.join(extra[:5])}); refusing the bundle (only listed files are signed)")
+            raise BundleError(
+                f"{self.source}: holds {len(extra)} file(s) its manifest does not list "
+                f"({', '.join(extra[:5])}); refusing the bundle (only listed files are signed)"
+            )
         sizes = {}
         for name in self.manifest.files:
             fd = open_regular(self.source, name)
@@ -128,13 +136,16 @@ class BundleSource:
                     name = m.name[2:] if m.name.startswith("./") else m.name
                     name = name.rstrip("/") if m.isdir() else name
                     if name not in (MANIFEST, "", ".") and not _safe(name):
-                        raise BundleError(f"{where}: unsafe archive member {m.name!r} (absolute, '..' or not normalized)")
+                        raise BundleError(
+                            f"{where}: unsafe archive member {m.name!r} (absolute, '..' or not normalized)"
+                        )
                     if m.isdir():
                         dirs.add(name)
                         continue
                     if not m.isreg():
-                        raise BundleError(f"{where}: member {m.name!r} is not a regular file "
-                                          "(links, FIFOs and devices are refused)")
+                        raise BundleError(
+                            f"{where}: member {m.name!r} is not a regular file (links, FIFOs and devices are refused)"
+                        )
                     if name in members:
                         raise BundleError(f"{where}: member {name!r} appears twice; refusing an ambiguous archive")
                     members[name] = m
@@ -144,7 +155,9 @@ class BundleSource:
                 if MANIFEST not in members:
                     raise BundleError(f"{where}: archive has no {MANIFEST}")
                 if members[MANIFEST].size > MAX_MANIFEST_BYTES:
-                    raise BundleError(f"{where}: {MANIFEST} is {members[MANIFEST].size} bytes, over {MAX_MANIFEST_BYTES}")
+                    raise BundleError(
+                        f"{where}: {MANIFEST} is {members[MANIFEST].size} bytes, over {MAX_MANIFEST_BYTES}"
+                    )
                 fh = tar.extractfile(members[MANIFEST])
                 assert fh is not None  # isreg() above
                 self._set_manifest(fh.read(), f"{where}!{MANIFEST}")
@@ -160,8 +173,10 @@ class BundleSource:
                 p = posixpath.dirname(p)
         stray += sorted(d + "/" for d in dirs if d not in parents and d not in ("", "."))
         if stray:
-            raise BundleError(f"{where}: holds member(s) its manifest does not list ({', '.join(stray[:5])}); "
-                              "refusing the archive (only listed files are signed)")
+            raise BundleError(
+                f"{where}: holds member(s) its manifest does not list ({', '.join(stray[:5])}); "
+                "refusing the archive (only listed files are signed)"
+            )
         if missing:
             raise BundleError(f"{where}: {missing[0]}: listed in manifest 'files' but not in the archive")
         self._members = members
@@ -196,9 +211,9 @@ class BundleSource:
             else:
                 with self._tar() as tar:
                     for name, digest in self.manifest.files.items():
-                        src = tar.extractfile(self._members[name])
-                        assert src is not None
-                        _copy_verified(src, staged, name, digest, self._members[name].size)
+                        member = tar.extractfile(self._members[name])
+                        assert member is not None
+                        _copy_verified(member, staged, name, digest, self._members[name].size)
             _write_synced(staged / MANIFEST, self.manifest_bytes)
             for d in sorted({posixpath.dirname(n) for n in self.manifest.files} - {""}, reverse=True):
                 fsync_dir(staged / d)
@@ -228,8 +243,10 @@ def _check_space(directory: Path, need: int, where: str) -> None:
     st = os.statvfs(directory)
     free = st.f_bavail * st.f_frsize
     if need + SPACE_MARGIN_BYTES > free:
-        raise BundleError(f"{where}: needs {need / 2**20:.1f} MiB (+{SPACE_MARGIN_BYTES >> 20} MiB margin) in "
-                          f"{directory}, which has {free / 2**20:.1f} MiB free; nothing was installed")
+        raise BundleError(
+            f"{where}: needs {need / 2**20:.1f} MiB (+{SPACE_MARGIN_BYTES >> 20} MiB margin) in "
+            f"{directory}, which has {free / 2**20:.1f} MiB free; nothing was installed"
+        )
 
 
 def _copy_verified(src, staged: Path, name: str, digest: str, size: int) -> None:
@@ -260,8 +277,9 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(out.fileno())
 
 
-def stage_bundle(source: str | os.PathLike[str], staged: str | os.PathLike[str], limits: Limits = Limits(),
-                 check_graph: bool = True) -> Bundle:
+def stage_bundle(
+    source: str | os.PathLike[str], staged: str | os.PathLike[str], limits: Limits = Limits(), check_graph: bool = True
+) -> Bundle:
     """Inspect + extract without a signature step (``bundle unpack``); ``staged`` must not exist."""
     src = BundleSource(source, limits)
     try:

@@ -258,8 +258,12 @@ def _camera(t: _Table, base: Path) -> CameraConfig:
     source = t.get("source", (str, int))
     source = str(source)
     kind = t.choice("kind", SOURCE_KINDS, "auto")
-    if kind in ("auto", "directory", "video") and not re.match(r"^[a-z]+://", source) and "!" not in source \
-            and not source.isdigit():
+    if (
+        kind in ("auto", "directory", "video")
+        and not re.match(r"^[a-z]+://", source)
+        and "!" not in source
+        and not source.isdigit()
+    ):
         source = str(_path(base, source))
     if kind == "auto":
         kind = guess_kind(source)
@@ -270,8 +274,14 @@ def _camera(t: _Table, base: Path) -> CameraConfig:
     fps = t.number("fps", None, minimum=0.0, exclusive=True)
     roi = t.get("roi", list, None)
     if roi is not None:
-        if len(roi) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) for v in roi) \
-                or roi[0] < 0 or roi[1] < 0 or roi[2] <= 0 or roi[3] <= 0:
+        if (
+            len(roi) != 4
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in roi)
+            or roi[0] < 0
+            or roi[1] < 0
+            or roi[2] <= 0
+            or roi[3] <= 0
+        ):
             raise t.error("roi", f"expected [x, y, width, height] integers (x, y >= 0; width, height > 0), got {roi!r}")
         roi = tuple(roi)
     rotate = t.get("rotate", int, 0)
@@ -313,6 +323,7 @@ def _section(name: str) -> Callable[[Callable[[_Table, Path], Any]], Callable[[_
             raise ValueError(f"config section {name!r} registered twice")
         SECTIONS[name] = parse
         return parse
+
     return register
 
 
@@ -363,15 +374,21 @@ def _tta(t: _Table, base: Path) -> TTAConfig:
     for v in views:
         m = VIEW_RE.match(v)
         if not m or (m.group(2) is not None and not 0.25 <= float(m.group(2)) <= 4.0):
-            raise t.error("views", f"unknown view {v!r}; expected a preset {list(TTA_PRESETS)}, 'original', "
-                                   "'hflip', 'vflip', 'rot90', 'rot180', 'rot270', 'transpose', 'transverse' or "
-                                   "'scale:F' (F = factor on the manifest's resize_size, 0.25..4)")
+            raise t.error(
+                "views",
+                f"unknown view {v!r}; expected a preset {list(TTA_PRESETS)}, 'original', "
+                "'hflip', 'vflip', 'rot90', 'rot180', 'rot270', 'transpose', 'transverse' or "
+                "'scale:F' (F = factor on the manifest's resize_size, 0.25..4)",
+            )
     mode = t.get("mode", str, "always")
     if mode not in TTA_MODES:
         raise t.error("mode", f"expected one of {list(TTA_MODES)}, got {mode!r}")
     if mode == "uncertain" and len(views) < 2:
-        raise t.error("mode", "'uncertain' needs at least two views (the first judges every frame, the others "
-                              f"the frames near a threshold), got views = {views}")
+        raise t.error(
+            "mode",
+            "'uncertain' needs at least two views (the first judges every frame, the others "
+            f"the frames near a threshold), got views = {views}",
+        )
     band = t.number("band", 0.2, minimum=0.0, exclusive=True, maximum=1.0)
     tta = TTAConfig(views=tuple(views), mode=mode, band=band)
     t.finish()
@@ -383,7 +400,9 @@ def _decision(t: _Table, base: Path) -> DecisionConfig:
     thresholds = t.get("thresholds", Mapping, {})
     for name, value in thresholds.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{t.where}: key 'decision.thresholds.{name}': expected a probability in [0, 1], got {value!r}")
+            raise ConfigError(
+                f"{t.where}: key 'decision.thresholds.{name}': expected a probability in [0, 1], got {value!r}"
+            )
     good = t.get("good_classes", list, None)
     if good is not None and (not good or not all(isinstance(g, str) for g in good)):
         raise t.error("good_classes", f"expected a non-empty array of class names, got {good!r}")
@@ -403,7 +422,9 @@ def _publisher(t: _Table, base: Path) -> PublisherConfig:
     bind = t.get("bind", (list, str), ["tcp://127.0.0.1:5555"])
     bind = [bind] if isinstance(bind, str) else bind
     if not bind or not all(isinstance(b, str) and re.match(r"^(tcp|ipc|inproc)://.+", b) for b in bind):
-        raise t.error("bind", f"expected ZeroMQ endpoints like 'tcp://127.0.0.1:5555' or 'ipc:///run/x.sock', got {bind!r}")
+        raise t.error(
+            "bind", f"expected ZeroMQ endpoints like 'tcp://127.0.0.1:5555' or 'ipc:///run/x.sock', got {bind!r}"
+        )
     curve = None
     if "curve" in t.data:
         c = t.table("curve")
@@ -426,8 +447,9 @@ def _publisher(t: _Table, base: Path) -> PublisherConfig:
         wait_timeout_s=t.number("wait_timeout_s", 30.0, minimum=0.0),
         status_interval_s=t.number("status_interval_s", 1.0, minimum=0.0),
         curve=curve,
-        max_inbound_bytes=t.integer("max_inbound_bytes", PublisherConfig.max_inbound_bytes, minimum=64,
-                                    maximum=1 << 20),
+        max_inbound_bytes=t.integer(
+            "max_inbound_bytes", PublisherConfig.max_inbound_bytes, minimum=64, maximum=1 << 20
+        ),
     )
     t.finish()
     return publisher
@@ -439,10 +461,12 @@ def _metrics(t: _Table, base: Path) -> MetricsConfig:
         host=t.get("host", str, "127.0.0.1"),
         port=t.integer("port", 9108, minimum=0, maximum=65535),
         ready_max_frame_age_s=t.number("ready_max_frame_age_s", 5.0, minimum=0.0, exclusive=True),
-        http_timeout_s=t.number("http_timeout_s", MetricsConfig.http_timeout_s, minimum=0.0, exclusive=True,
-                                maximum=300.0),
-        http_max_connections=t.integer("http_max_connections", MetricsConfig.http_max_connections, minimum=1,
-                                       maximum=1024),
+        http_timeout_s=t.number(
+            "http_timeout_s", MetricsConfig.http_timeout_s, minimum=0.0, exclusive=True, maximum=300.0
+        ),
+        http_max_connections=t.integer(
+            "http_max_connections", MetricsConfig.http_max_connections, minimum=1, maximum=1024
+        ),
     )
     t.finish()
     return metrics
@@ -488,8 +512,10 @@ def _daemon(t: _Table, base: Path) -> DaemonConfig:
     t.finish()
     return daemon
 
-def from_dict(data: Mapping[str, Any], where: str = "(in memory)", base: Path | None = None,
-              default_station: str | None = None) -> StationConfig:
+
+def from_dict(
+    data: Mapping[str, Any], where: str = "(in memory)", base: Path | None = None, default_station: str | None = None
+) -> StationConfig:
     """Validate a parsed TOML document; ``base`` resolves relative paths."""
     base = Path(base) if base is not None else Path.cwd()
     root = _Table(data, where, "")

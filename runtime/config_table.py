@@ -47,8 +47,14 @@ class Table:
             raise self.error(name, f"expected {names}, got {value!r:.80}")
         return value
 
-    def number(self, name: str, default: Any = dataclasses.MISSING, minimum: float | None = None,
-               exclusive: bool = False, maximum: float | None = None) -> Any:
+    def number(
+        self,
+        name: str,
+        default: Any = dataclasses.MISSING,
+        minimum: float | None = None,
+        exclusive: bool = False,
+        maximum: float | None = None,
+    ) -> Any:
         value = self.get(name, (int, float), default)
         if value is None or value is default:
             return value
@@ -59,8 +65,9 @@ class Table:
             raise self.error(name, f"expected a number <= {maximum:g}, got {value:g}")
         return value
 
-    def integer(self, name: str, default: Any = dataclasses.MISSING, minimum: int | None = None,
-                maximum: int | None = None) -> Any:
+    def integer(
+        self, name: str, default: Any = dataclasses.MISSING, minimum: int | None = None, maximum: int | None = None
+    ) -> Any:
         value = self.get(name, int, default)
         if value is None or value is default:
             return value
@@ -88,5 +95,13 @@ class Table:
 
 
 def _kind_name(kind: type) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "an array",
-            dict: "a table", Mapping: "a table", type(None): "nothing"}.get(kind, kind.__name__)
+    return {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true/false",
+        list: "an array",
+        dict: "a table",
+        Mapping: "a table",
+        type(None): "nothing",
+    }.get(kind, kind.__name__)

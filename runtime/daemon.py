@@ -42,8 +42,9 @@ RELOADED_SECTIONS = ("model", "tta", "decision")
 class Daemon:
     """``start()``, then ``run()`` until stopped (signals) or replays end."""
 
-    def __init__(self, cfg: StationConfig, config_path: str | os.PathLike[str] | None = None,
-                 notifier: Notifier | None = None) -> None:
+    def __init__(
+        self, cfg: StationConfig, config_path: str | os.PathLike[str] | None = None, notifier: Notifier | None = None
+    ) -> None:
         self.cfg = cfg
         self.config_path = Path(config_path) if config_path else None
         self.notifier = notifier or Notifier()
@@ -91,8 +92,15 @@ class Daemon:
         self.notifier.status("loading model")
         self._serve_model(load_model(cfg, 1))
         m = cfg.metrics
-        self.http = HealthServer(m.host, m.port, self.metrics.render, self.readiness, self.liveness,
-                                 timeout_s=m.http_timeout_s, max_connections=m.http_max_connections)
+        self.http = HealthServer(
+            m.host,
+            m.port,
+            self.metrics.render,
+            self.readiness,
+            self.liveness,
+            timeout_s=m.http_timeout_s,
+            max_connections=m.http_max_connections,
+        )
         self.http.start()
         log.info("metrics and health on http://%s:%d (/metrics /healthz /readyz)", m.host, self.http.port)
         self._open_publisher()
@@ -106,8 +114,7 @@ class Daemon:
         self.pipeline.start()
         self._reload_thread = threading.Thread(target=self._reload_loop, name="reload", daemon=True)
         self._reload_thread.start()
-        self.cameras = [Camera(c, self.pipeline.hub, self.pipeline, prepare=self.pipeline.prepare)
-                        for c in cfg.cameras]
+        self.cameras = [Camera(c, self.pipeline.hub, self.pipeline, prepare=self.pipeline.prepare) for c in cfg.cameras]
         for cam in self.cameras:
             cam.start()
         self.state = "serving"
@@ -120,12 +127,20 @@ class Daemon:
     def _serve_model(self, model: LoadedModel) -> None:
         self.pipeline.model = model  # atomic swap: the next batch uses it
         info = model.info
-        self.metrics.set_model(info["name"], info["version"], info["precision"], info["backend"],
-                               model.backend.inference_precision)
-        log.info("model %s %s (%s, artifact %s) on %s%s; %d frame(s) x %d view(s) per call", info["name"],
-                 info["version"], info["precision"], info["artifact"], info["backend"],
-                 f" ({reason})" if (reason := _backend_reason(model)) else "", model.frames_per_call,
-                 model.tta.n_views)
+        self.metrics.set_model(
+            info["name"], info["version"], info["precision"], info["backend"], model.backend.inference_precision
+        )
+        log.info(
+            "model %s %s (%s, artifact %s) on %s%s; %d frame(s) x %d view(s) per call",
+            info["name"],
+            info["version"],
+            info["precision"],
+            info["artifact"],
+            info["backend"],
+            f" ({reason})" if (reason := _backend_reason(model)) else "",
+            model.frames_per_call,
+            model.tta.n_views,
+        )
 
     def _open_publisher(self) -> None:
         pub = self.cfg.publisher
@@ -135,8 +150,11 @@ class Daemon:
         if pub.curve is None:
             exposed = [ep for ep in pub.bind if not _loopback(ep)]
             if exposed:
-                log.warning("key 'publisher.bind': %s reachable from the network without CURVE: anyone there can "
-                            "read the verdict stream (set [publisher.curve] or bind 127.0.0.1)", ", ".join(exposed))
+                log.warning(
+                    "key 'publisher.bind': %s reachable from the network without CURVE: anyone there can "
+                    "read the verdict stream (set [publisher.curve] or bind 127.0.0.1)",
+                    ", ".join(exposed),
+                )
 
     def _wait_for_subscribers(self) -> None:
         pub = self.cfg.publisher
@@ -185,8 +203,10 @@ class Daemon:
         self.pipeline.drain(self.cfg.daemon.drain_timeout_s, inferred=lambda: setattr(self, "state", "stopped"))
         self._reload.set()  # wake the reload thread so it sees _stop
         self._close_all()
-        summary = ", ".join(f"{c}: {v['captured']} captured, {v['published']} published, {v['dropped']} dropped"
-                            for c, v in self.counts.items())
+        summary = ", ".join(
+            f"{c}: {v['captured']} captured, {v['published']} published, {v['dropped']} dropped"
+            for c, v in self.counts.items()
+        )
         log.info("stopped (%s)", summary)
         self.notifier.close()
         return 0
@@ -238,8 +258,14 @@ class Daemon:
         self.metrics.model_reloads.labels("success").inc()
         self.metrics.reload_failed.set(0)
         self.last_reload = reload_record("ok", None, new.info["version"])
-        log.info("reloaded in %.2fs: %s %s -> %s %s", time.monotonic() - t0, old.info["name"], old.info["version"],
-                 new.info["name"], new.info["version"])
+        log.info(
+            "reloaded in %.2fs: %s %s -> %s %s",
+            time.monotonic() - t0,
+            old.info["name"],
+            old.info["version"],
+            new.info["name"],
+            new.info["version"],
+        )
         old.close()
         self.notifier.ready(self.status_line())
         return True
@@ -250,8 +276,11 @@ class Daemon:
             return cfg
         fresh = load_config(self.config_path)
         for f in dataclasses.fields(cfg):
-            if f.name not in RELOADED_SECTIONS and f.name not in ("source", "station") \
-                    and getattr(fresh, f.name) != getattr(cfg, f.name):
+            if (
+                f.name not in RELOADED_SECTIONS
+                and f.name not in ("source", "station")
+                and getattr(fresh, f.name) != getattr(cfg, f.name)
+            ):
                 log.warning("reload: [%s] changed in %s; that takes effect on restart", f.name, self.config_path)
         return dataclasses.replace(cfg, **{s: getattr(fresh, s) for s in RELOADED_SECTIONS})
 
@@ -268,8 +297,10 @@ class Daemon:
         cams: dict[str, dict[str, Any]] = {}
         for cam in self.cameras:
             age = None if cam.last_frame_at is None else now - cam.last_frame_at
-            entry: dict[str, Any] = {"up": bool(cam.is_up and age is not None and age <= max_age),
-                                     "last_frame_age_s": None if age is None else round(age, 3)}
+            entry: dict[str, Any] = {
+                "up": bool(cam.is_up and age is not None and age <= max_age),
+                "last_frame_age_s": None if age is None else round(age, 3),
+            }
             if cam.finished.is_set():
                 entry["finished"] = True
             cams[cam.cfg.id] = entry
@@ -286,8 +317,14 @@ class Daemon:
                 model_body["boot_fallback"] = model.boot_fallback
             if (selection := getattr(model.backend, "selection", None)) is not None:
                 model_body["selection"] = selection.to_dict()
-        body = {"ready": ready, "state": self.state, "station": self.cfg.station, "model": model_body,
-                "last_reload": dict(self.last_reload), "cameras": cams}
+        body = {
+            "ready": ready,
+            "state": self.state,
+            "station": self.cfg.station,
+            "model": model_body,
+            "last_reload": dict(self.last_reload),
+            "cameras": cams,
+        }
         return ready, body
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
@@ -301,17 +338,26 @@ class Daemon:
         body = self.readiness()[1]
         for cam, counts in self.counts.items():
             body["cameras"][cam].update(counts)
-        return status_message(station=self.cfg.station, state=self.state, model=body["model"], cameras=body["cameras"],
-                              subscribers=self.publisher.subscriptions if self.publisher else 0,
-                              uptime_s=time.monotonic() - self.started_mono, last_reload=self.last_reload,
-                              published_at=time.time())
+        return status_message(
+            station=self.cfg.station,
+            state=self.state,
+            model=body["model"],
+            cameras=body["cameras"],
+            subscribers=self.publisher.subscriptions if self.publisher else 0,
+            uptime_s=time.monotonic() - self.started_mono,
+            last_reload=self.last_reload,
+            published_at=time.time(),
+        )
 
     def status_line(self) -> str:
         model = self.pipeline.model
         up = sum(1 for c in self.cameras if c.is_up)
         published = sum(v["published"] for v in self.counts.values())
-        m = f"{model.info['name']} {model.info['version']} ({model.info['precision']}, {model.info['backend']})" \
-            if model else "no model"
+        m = (
+            f"{model.info['name']} {model.info['version']} ({model.info['precision']}, {model.info['backend']})"
+            if model
+            else "no model"
+        )
         return f"{self.state}: {m}; {up}/{len(self.cfg.cameras)} cameras up; {published} verdicts published"
 
 
@@ -325,7 +371,7 @@ def _loopback(endpoint: str) -> bool:
     """ipc:// and inproc:// stay on the host; tcp:// only on a loopback address or 'localhost'."""
     if not endpoint.startswith("tcp://"):
         return True
-    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
     if host == "localhost":
         return True
     try:

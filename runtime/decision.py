@@ -57,8 +57,13 @@ class Postprocessor:
         self.manifest = manifest
         self.views = tuple(views)
 
-    def __call__(self, outputs: Sequence[np.ndarray], n_frames: int, n_views: int,
-                 geometries: Sequence[Geometry | None] | None = None) -> list[Prediction]:
+    def __call__(
+        self,
+        outputs: Sequence[np.ndarray],
+        n_frames: int,
+        n_views: int,
+        geometries: Sequence[Geometry | None] | None = None,
+    ) -> list[Prediction]:
         """Outputs of ``n_frames`` x ``n_views`` inputs (a frame's views adjacent, in ``views`` order)."""
         raise NotImplementedError
 
@@ -94,8 +99,13 @@ def softmax(x: np.ndarray) -> np.ndarray:
 class ClassificationPostprocessor(Postprocessor):
     supports_tta = True
 
-    def __call__(self, outputs: Sequence[np.ndarray], n_frames: int, n_views: int,
-                 geometries: Sequence[Geometry | None] | None = None) -> list[Prediction]:
+    def __call__(
+        self,
+        outputs: Sequence[np.ndarray],
+        n_frames: int,
+        n_views: int,
+        geometries: Sequence[Geometry | None] | None = None,
+    ) -> list[Prediction]:
         x = np.asarray(outputs[0], dtype=np.float32)[: n_frames * n_views]  # (N*V, K)
         probs = softmax(x.copy()) if self.manifest.output.kind == "logits" else x
         probs = average_views(probs, n_views)  # average probabilities, not logits
@@ -126,26 +136,48 @@ class DetectionPostprocessor(Postprocessor):
         self.good = np.array([c in manifest.good_classes for c in manifest.classes])
         self._same = geometry(spec.height, spec.width, spec.height, spec.width, spec.resize_policy)
 
-    def __call__(self, outputs: Sequence[np.ndarray], n_frames: int, n_views: int,
-                 geometries: Sequence[Geometry | None] | None = None) -> list[Prediction]:
+    def __call__(
+        self,
+        outputs: Sequence[np.ndarray],
+        n_frames: int,
+        n_views: int,
+        geometries: Sequence[Geometry | None] | None = None,
+    ) -> list[Prediction]:
         if len(outputs) != 3:
             raise ValueError(f"a detector returns (boxes, scores, labels), got {len(outputs)} outputs")
         rows = n_frames * n_views
         boxes = np.asarray(outputs[0], dtype=np.float32)
         scores = np.asarray(outputs[1], dtype=np.float32)
         labels = np.asarray(outputs[2])
-        if boxes.ndim != 3 or boxes.shape[2] != 4 or boxes.shape[0] < rows or scores.shape != boxes.shape[:2] \
-                or labels.shape != boxes.shape[:2]:
-            raise ValueError(f"detector outputs {boxes.shape}, {scores.shape}, {labels.shape}: expected (B,D,4), "
-                             f"(B,D), (B,D) with B >= {rows}")
+        if (
+            boxes.ndim != 3
+            or boxes.shape[2] != 4
+            or boxes.shape[0] < rows
+            or scores.shape != boxes.shape[:2]
+            or labels.shape != boxes.shape[:2]
+        ):
+            raise ValueError(
+                f"detector outputs {boxes.shape}, {scores.shape}, {labels.shape}: expected (B,D,4), "
+                f"(B,D), (B,D) with B >= {rows}"
+            )
         views = self.views[:n_views]
         if len(views) != n_views:
             raise ValueError(f"{n_views} views per frame, the postprocessor knows {list(self.views)}")
         n_classes = len(self.manifest.classes)
-        lab = np.where(np.isfinite(labels), labels, -1).astype(np.int64) if labels.dtype.kind == "f" \
+        lab = (
+            np.where(np.isfinite(labels), labels, -1).astype(np.int64)
+            if labels.dtype.kind == "f"
             else labels.astype(np.int64)
-        ok = (np.isfinite(scores) & (scores >= self.min_score) & (scores <= 1.0) & np.isfinite(boxes).all(axis=2)
-              & (lab >= 0) & (lab < n_classes) & (lab == labels))
+        )
+        ok = (
+            np.isfinite(scores)
+            & (scores >= self.min_score)
+            & (scores <= 1.0)
+            & np.isfinite(boxes).all(axis=2)
+            & (lab >= 0)
+            & (lab < n_classes)
+            & (lab == labels)
+        )
         ok &= ~self.good[np.clip(lab, 0, n_classes - 1)]
         out = []
         for i in range(n_frames):
@@ -186,17 +218,20 @@ def make_postprocessor(manifest: Manifest, views: Sequence[str] = ("original",))
         raise ConfigError(f"bundle task {task!r} has no postprocessor; known: {sorted(POSTPROCESSORS)}")
     post = POSTPROCESSORS[task](manifest, views)
     if len(views) > 1 and not post.supports_tta:
-        raise ConfigError(f"key 'tta.views': test-time augmentation is not supported for {task} bundles; "
-                          "use views = [\"original\"]")
+        raise ConfigError(
+            f"key 'tta.views': test-time augmentation is not supported for {task} bundles; use views = [\"original\"]"
+        )
     if post.tta_views is not None and not set(views) <= post.tta_views:
         bad = [v for v in views if v not in post.tta_views]
-        raise ConfigError(f"key 'tta.views': {bad} cannot be merged for a {task} bundle; "
-                          f"use views from {sorted(post.tta_views)}")
+        raise ConfigError(
+            f"key 'tta.views': {bad} cannot be merged for a {task} bundle; use views from {sorted(post.tta_views)}"
+        )
     return post
 
 
-def _good_classes(classes: Sequence[str], manifest_good: Sequence[str], cfg: DecisionConfig,
-                  where: str) -> tuple[tuple[str, ...], np.ndarray]:
+def _good_classes(
+    classes: Sequence[str], manifest_good: Sequence[str], cfg: DecisionConfig, where: str
+) -> tuple[tuple[str, ...], np.ndarray]:
     """The good classes ([decision] good_classes, else the bundle's) and the defect class indices."""
     good = tuple(cfg.good_classes) if cfg.good_classes is not None else tuple(manifest_good)
     key = f"{where}.good_classes"
@@ -210,8 +245,10 @@ def _good_classes(classes: Sequence[str], manifest_good: Sequence[str], cfg: Dec
         raise ConfigError(f"key '{key}': every class {list(classes)} is good; nothing could be a defect")
     for name in cfg.thresholds:
         if name not in classes or name in good:
-            raise ConfigError(f"key '{where}.thresholds.{name}': not a defect class of the bundle; "
-                              f"defect classes are {[classes[i] for i in defect_idx]}")
+            raise ConfigError(
+                f"key '{where}.thresholds.{name}': not a defect class of the bundle; "
+                f"defect classes are {[classes[i] for i in defect_idx]}"
+            )
     return good, defect_idx
 
 
@@ -223,13 +260,13 @@ class Decider:
     largest margin over its threshold decides. Otherwise ok.
     """
 
-    def __init__(self, classes: Sequence[str], manifest_good: Sequence[str], cfg: DecisionConfig,
-                 where: str = "decision") -> None:
+    def __init__(
+        self, classes: Sequence[str], manifest_good: Sequence[str], cfg: DecisionConfig, where: str = "decision"
+    ) -> None:
         self.classes = tuple(classes)
         self.good, self.defect_idx = _good_classes(classes, manifest_good, cfg, where)
         default = cfg.default_threshold if cfg.default_threshold is not None else DEFAULT_THRESHOLD
-        self.thresholds = np.array([cfg.thresholds.get(classes[i], default) for i in self.defect_idx],
-                                   dtype=np.float32)
+        self.thresholds = np.array([cfg.thresholds.get(classes[i], default) for i in self.defect_idx], dtype=np.float32)
         self.band = float(cfg.uncertain_band)
 
     def __call__(self, scores: np.ndarray) -> Decision:
@@ -267,11 +304,16 @@ class BoxDecider:
         self.is_defect[defect_idx] = True
         default = cfg.default_threshold
         if default is None:
-            default = manifest.output.score_threshold if manifest.output.score_threshold is not None \
-                else DEFAULT_THRESHOLD
+            default = (
+                manifest.output.score_threshold if manifest.output.score_threshold is not None else DEFAULT_THRESHOLD
+            )
         try:
-            self.policy = BoxPolicy(default_threshold=default, thresholds=dict(cfg.thresholds),
-                                    min_area=cfg.min_box_area, band=cfg.uncertain_band)
+            self.policy = BoxPolicy(
+                default_threshold=default,
+                thresholds=dict(cfg.thresholds),
+                min_area=cfg.min_box_area,
+                band=cfg.uncertain_band,
+            )
         except BoxError as exc:  # "decision.<key>: ..." -> the config's error form
             key, _, why = str(exc).partition(": ")
             raise ConfigError(f"key '{key.replace('decision.', where + '.', 1)}': {why}") from None
@@ -298,6 +340,16 @@ def top(classes: Sequence[str], scores: np.ndarray) -> tuple[str, float]:
     return classes[i], float(scores[i])
 
 
-__all__ = ["BoxDecider", "Boxes", "Decider", "Decision", "DetectionPostprocessor", "Prediction", "POSTPROCESSORS",
-           "make_postprocessor", "postprocessor",
-           "scores_dict", "top"]
+__all__ = [
+    "BoxDecider",
+    "Boxes",
+    "Decider",
+    "Decision",
+    "DetectionPostprocessor",
+    "Prediction",
+    "POSTPROCESSORS",
+    "make_postprocessor",
+    "postprocessor",
+    "scores_dict",
+    "top",
+]

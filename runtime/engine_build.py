@@ -91,8 +91,10 @@ def _find_fp32(manifest: Any) -> tuple[str, Any]:
     for key, art in arts.items():
         if art.precision == "fp32":
             return key, art
-    raise BuildError(f"bundle {manifest.model.name} has no FP32 ONNX artifact to build from "
-                     f"(artifacts: {sorted(manifest.artifacts)})")
+    raise BuildError(
+        f"bundle {manifest.model.name} has no FP32 ONNX artifact to build from "
+        f"(artifacts: {sorted(manifest.artifacts)})"
+    )
 
 
 def _find_symmetric_qdq(manifest: Any, bundle_hint: str) -> tuple[str, Any]:
@@ -103,12 +105,16 @@ def _find_symmetric_qdq(manifest: Any, bundle_hint: str) -> tuple[str, Any]:
         if art.precision == "int8" and q.get("activation_symmetric") and q.get("format", "qdq") == "qdq":
             return key, art
     have = [k for k, a in arts.items() if a.precision == "int8"]
-    why = (f"its INT8 artifact(s) {have} use asymmetric (uint8) activations, which TensorRT cannot import"
-           if have else "it has no INT8 artifact")
+    why = (
+        f"its INT8 artifact(s) {have} use asymmetric (uint8) activations, which TensorRT cannot import"
+        if have
+        else "it has no INT8 artifact"
+    )
     raise BuildError(
         f"explicit INT8 needs a QDQ model with symmetric int8 activations, and {why}. On the workstation run:\n"
         f"    defectscope calibrate {bundle_hint} --target tensorrt\n"
-        "then copy the bundle to the device again (or use --int8-mode implicit on TensorRT 8.x)")
+        "then copy the bundle to the device again (or use --int8-mode implicit on TensorRT 8.x)"
+    )
 
 
 # Detection graphs (Faster R-CNN: ONNX NonMaxSuppression + RoiAlign) need TensorRT 10: its parser imports
@@ -117,25 +123,42 @@ MIN_DETECTION_TENSORRT = 10
 DETECTION_BATCH = 1  # the exported detector has a fixed batch (calibration.export_detection, docs/contracts.md)
 
 
-def _detection_rules(manifest: Any, version: str, major: int, precision: str, batch: tuple[int, int],
-                     notes: list[str]) -> tuple[tuple[int, int], int, list[str]]:
+def _detection_rules(
+    manifest: Any, version: str, major: int, precision: str, batch: tuple[int, int], notes: list[str]
+) -> tuple[tuple[int, int], int, list[str]]:
     if major < MIN_DETECTION_TENSORRT:
-        raise BuildError(f"detection bundles need TensorRT {MIN_DETECTION_TENSORRT} or later (its ONNX parser imports "
-                         f"NonMaxSuppression and RoiAlign); this device has {version}. Serve the ONNX artifact with "
-                         "ONNX Runtime, or upgrade JetPack (JetPack 6: TensorRT 10)")
+        raise BuildError(
+            f"detection bundles need TensorRT {MIN_DETECTION_TENSORRT} or later (its ONNX parser imports "
+            f"NonMaxSuppression and RoiAlign); this device has {version}. Serve the ONNX artifact with "
+            "ONNX Runtime, or upgrade JetPack (JetPack 6: TensorRT 10)"
+        )
     if precision == "int8":
-        raise BuildError("INT8 TensorRT engines of detectors are not built: the station's engine gate compares "
-                         "class scores, not boxes. Build --precision fp16 (or fp32), or serve the gated ONNX "
-                         "Runtime INT8 artifact")
+        raise BuildError(
+            "INT8 TensorRT engines of detectors are not built: the station's engine gate compares "
+            "class scores, not boxes. Build --precision fp16 (or fp32), or serve the gated ONNX "
+            "Runtime INT8 artifact"
+        )
     if tuple(batch) != (DETECTION_BATCH, DETECTION_BATCH):
-        notes = [*notes, f"the detector graph has a fixed batch of {DETECTION_BATCH}: profile "
-                         f"{DETECTION_BATCH}..{DETECTION_BATCH} (asked {batch[0]}..{batch[1]})"]
+        notes = [
+            *notes,
+            f"the detector graph has a fixed batch of {DETECTION_BATCH}: profile "
+            f"{DETECTION_BATCH}..{DETECTION_BATCH} (asked {batch[0]}..{batch[1]})",
+        ]
     return (DETECTION_BATCH, DETECTION_BATCH), DETECTION_BATCH, notes
 
 
-def plan_build(manifest: Any, tensorrt_version: str, precision: str = "fp16", *, int8_mode: str = "auto",
-               batch: tuple[int, int] = (1, 8), opt_batch: int | None = None, calib_batch: int = 8,
-               strongly_typed: bool | None = None, bundle_hint: str = "<bundle>") -> BuildPlan:
+def plan_build(
+    manifest: Any,
+    tensorrt_version: str,
+    precision: str = "fp16",
+    *,
+    int8_mode: str = "auto",
+    batch: tuple[int, int] = (1, 8),
+    opt_batch: int | None = None,
+    calib_batch: int = 8,
+    strongly_typed: bool | None = None,
+    bundle_hint: str = "<bundle>",
+) -> BuildPlan:
     """Decide the build for ``manifest`` on TensorRT ``tensorrt_version``; BuildError when impossible."""
     if precision not in PRECISIONS:
         raise BuildError(f"--precision: expected one of {PRECISIONS}, got {precision!r}")
@@ -167,8 +190,10 @@ def plan_build(manifest: Any, tensorrt_version: str, precision: str = "fp16", *,
     if precision == "int8":
         mode = int8_mode if int8_mode != "auto" else ("implicit" if major < 10 else "explicit")
         if mode == "implicit" and major >= 11:
-            raise BuildError(f"TensorRT {tensorrt_version} removed implicit INT8 calibration; use --int8-mode explicit "
-                             "(the QDQ model from `defectscope calibrate --target tensorrt`)")
+            raise BuildError(
+                f"TensorRT {tensorrt_version} removed implicit INT8 calibration; use --int8-mode explicit "
+                "(the QDQ model from `defectscope calibrate --target tensorrt`)"
+            )
         if mode == "implicit" and major == 10:
             notes.append("implicit INT8 calibration is deprecated in TensorRT 10; explicit (QDQ) is preferred")
 
@@ -188,7 +213,8 @@ def plan_build(manifest: Any, tensorrt_version: str, precision: str = "fp16", *,
         if precision == "fp16":
             raise BuildError(
                 f"FP16 on a strongly typed network (TensorRT {tensorrt_version}) needs an FP16 ONNX "
-                "(e.g. ModelOpt AutoCast); this bundle's ONNX is FP32. Build fp32 or int8 instead")
+                "(e.g. ModelOpt AutoCast); this bundle's ONNX is FP32. Build fp32 or int8 instead"
+            )
         network_flags.append("STRONGLY_TYPED")
     else:
         if precision == "fp16":
@@ -197,10 +223,18 @@ def plan_build(manifest: Any, tensorrt_version: str, precision: str = "fp16", *,
             # FP16 as well: layers left in float (fallback nodes, unsupported ops) may run in FP16.
             builder_flags += ["INT8", "FP16"]
     return BuildPlan(
-        precision=precision, int8_mode=mode, source_key=key, source_file=art.file,
-        network_flags=tuple(network_flags), builder_flags=tuple(builder_flags),
-        input_name=manifest.input.name, input_chw=tuple(manifest.input.shape),  # type: ignore[arg-type]
-        batch=(lo, hi), opt_batch=opt, calib_batch=int(calib_batch), tensorrt_version=str(tensorrt_version),
+        precision=precision,
+        int8_mode=mode,
+        source_key=key,
+        source_file=art.file,
+        network_flags=tuple(network_flags),
+        builder_flags=tuple(builder_flags),
+        input_name=manifest.input.name,
+        input_chw=tuple(manifest.input.shape),
+        batch=(lo, hi),
+        opt_batch=opt,
+        calib_batch=int(calib_batch),
+        tensorrt_version=str(tensorrt_version),
         notes=tuple(notes),
     )
 
@@ -233,7 +267,8 @@ class BuildResult:
 
 
 def _engine_io(trt: Any, engine: Any) -> tuple[list[tuple[str, list[int]]], list[tuple[str, list[int]]]]:
-    inputs, outputs = [], []
+    inputs: list[tuple[str, list[int]]] = []
+    outputs: list[tuple[str, list[int]]] = []
     if hasattr(engine, "num_io_tensors"):  # TensorRT >= 8.5
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
@@ -247,11 +282,19 @@ def _engine_io(trt: Any, engine: Any) -> tuple[list[tuple[str, list[int]]], list
     return inputs, outputs
 
 
-def build_engine(plan: BuildPlan, onnx_path: str | os.PathLike[str], manifest: Any, *,
-                 calibration: Any = None, calibration_cache: Any = None, timing_cache: Path | None = None,
-                 workspace_mib: int = 2048, verbose: bool = False,
-                 log: Callable[[str], None] = print, make_calibrator: Callable[[Any, Any], Any] | None = None,
-                 ) -> BuildResult:
+def build_engine(
+    plan: BuildPlan,
+    onnx_path: str | os.PathLike[str],
+    manifest: Any,
+    *,
+    calibration: Any = None,
+    calibration_cache: Any = None,
+    timing_cache: Path | None = None,
+    workspace_mib: int = 2048,
+    verbose: bool = False,
+    log: Callable[[str], None] = print,
+    make_calibrator: Callable[[Any, Any], Any] | None = None,
+) -> BuildResult:
     """Run ``plan`` with TensorRT: parse, configure, build, deserialize and check I/O.
 
     ``calibration`` is a :class:`calibration.calibrator.BatchStream` (implicit INT8),
@@ -261,12 +304,14 @@ def build_engine(plan: BuildPlan, onnx_path: str | os.PathLike[str], manifest: A
     try:
         import tensorrt as trt
     except Exception as exc:
-        raise BuildError(f"TensorRT is not importable on this machine ({exc}); "
-                         "run build-engine on the device") from None
+        raise BuildError(
+            f"TensorRT is not importable on this machine ({exc}); run build-engine on the device"
+        ) from None
     platform = current_platform()
     if version_tuple(platform.tensorrt_version)[:3] != version_tuple(plan.tensorrt_version)[:3]:
-        raise BuildError(f"plan made for TensorRT {plan.tensorrt_version}, "
-                         f"this machine has {platform.tensorrt_version}")
+        raise BuildError(
+            f"plan made for TensorRT {plan.tensorrt_version}, this machine has {platform.tensorrt_version}"
+        )
     started = time.monotonic()
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")
@@ -302,7 +347,9 @@ def build_engine(plan: BuildPlan, onnx_path: str | os.PathLike[str], manifest: A
 
     if plan.int8_mode == "implicit":
         if make_calibrator is None:
-            raise BuildError("implicit INT8 needs an entropy calibrator (calibration.calibrator.make_entropy_calibrator)")
+            raise BuildError(
+                "implicit INT8 needs an entropy calibrator (calibration.calibrator.make_entropy_calibrator)"
+            )
         if calibration is None and (calibration_cache is None or calibration_cache.read() is None):
             raise BuildError("implicit INT8 needs calibration data (--calibration-data) or a valid calibration cache")
         shape = plan.calibration_shape()
@@ -336,22 +383,47 @@ def build_engine(plan: BuildPlan, onnx_path: str | os.PathLike[str], manifest: A
     inputs, outputs = _engine_io(trt, engine)
     num_classes = len(manifest.classes) if manifest.model.task == "classification" else None
     try:
-        check_engine_io(inputs, outputs, manifest.input.name, manifest.input.shape, manifest.output.names,
-                        num_classes, where="built engine")
+        check_engine_io(
+            inputs,
+            outputs,
+            manifest.input.name,
+            manifest.input.shape,
+            manifest.output.names,
+            num_classes,
+            where="built engine",
+        )
     except ValueError as exc:
         raise BuildError(str(exc)) from None
-    return BuildResult(engine=engine_bytes, platform=platform, seconds=time.monotonic() - started,
-                       inputs=inputs, outputs=outputs, timing_cache=timing_cache,
-                       calibration_cache=getattr(calibration_cache, "path", None))
+    return BuildResult(
+        engine=engine_bytes,
+        platform=platform,
+        seconds=time.monotonic() - started,
+        inputs=inputs,
+        outputs=outputs,
+        timing_cache=timing_cache,
+        calibration_cache=getattr(calibration_cache, "path", None),
+    )
 
 
-def artifact_fields(plan: BuildPlan, platform: Platform, seconds: float, workspace_mib: int,
-                    calibration: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def artifact_fields(
+    plan: BuildPlan,
+    platform: Platform,
+    seconds: float,
+    workspace_mib: int,
+    calibration: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Extra keys recorded on the engine's bundle Artifact (besides version / GPU / batch)."""
-    build = {"precision": plan.precision, "int8_mode": plan.int8_mode, "batch": list(plan.batch),
-             "opt_batch": plan.opt_batch, "source_artifact": plan.source_key,
-             "network_flags": list(plan.network_flags), "builder_flags": list(plan.builder_flags),
-             "workspace_mib": int(workspace_mib), "seconds": round(seconds, 1)}
+    build: dict[str, Any] = {
+        "precision": plan.precision,
+        "int8_mode": plan.int8_mode,
+        "batch": list(plan.batch),
+        "opt_batch": plan.opt_batch,
+        "source_artifact": plan.source_key,
+        "network_flags": list(plan.network_flags),
+        "builder_flags": list(plan.builder_flags),
+        "workspace_mib": int(workspace_mib),
+        "seconds": round(seconds, 1),
+    }
     if calibration:
         build["calibration"] = dict(calibration)
     return {"build": build, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

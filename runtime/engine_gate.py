@@ -46,11 +46,19 @@ class GateReport:
         return self.drop_points <= self.budget_points + 1e-9  # exactly the budget (1 image in 100) passes
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "metric": self.metric, "drop_points": round(self.drop_points, 4),
-                "budget_points": self.budget_points, "n": self.n, "where": "station"}
+        return {
+            "passed": self.passed,
+            "metric": self.metric,
+            "drop_points": round(self.drop_points, 4),
+            "budget_points": self.budget_points,
+            "n": self.n,
+            "where": "station",
+        }
 
 
-def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None, budget_points: float) -> GateReport:
+def compare(
+    reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None, budget_points: float
+) -> GateReport:
     """Compare (N,K) outputs; see the module docstring for the metric."""
     if reference.shape != candidate.shape:
         raise BundleError(f"holdout gate: candidate outputs {candidate.shape}, FP32 reference {reference.shape}")
@@ -96,15 +104,18 @@ def read_holdout(bundle: Bundle) -> tuple[np.ndarray, np.ndarray, np.ndarray | N
         raise BundleError(f"{path}: not a readable holdout sample (x, reference[, labels]): {exc}") from None
     spec = bundle.manifest.input
     if x.ndim != 4 or tuple(x.shape[1:]) != tuple(spec.shape) or ref.ndim != 2 or ref.shape[0] != x.shape[0]:
-        raise BundleError(f"{path}: x {x.shape} / reference {ref.shape} do not match the manifest input "
-                          f"(N,{','.join(map(str, spec.shape))}) and (N,{len(bundle.manifest.classes)})")
+        raise BundleError(
+            f"{path}: x {x.shape} / reference {ref.shape} do not match the manifest input "
+            f"(N,{','.join(map(str, spec.shape))}) and (N,{len(bundle.manifest.classes)})"
+        )
     if labels is not None and labels.shape != (x.shape[0],):
         raise BundleError(f"{path}: labels {labels.shape}, expected ({x.shape[0]},)")
     return x, ref, labels
 
 
-def pack_holdout(bundle_dir: str | os.PathLike[str], x: np.ndarray, labels: np.ndarray | None = None,
-                 limit: int = 256, seed: int = 0) -> Bundle:
+def pack_holdout(
+    bundle_dir: str | os.PathLike[str], x: np.ndarray, labels: np.ndarray | None = None, limit: int = 256, seed: int = 0
+) -> Bundle:
     """Add a held-out sample to a bundle (at bundle time): FP32 references from its FP32 ONNX artifact.
 
     ``x``: preprocessed (N,C,H,W) float32 images the model did not train or calibrate on.
@@ -115,7 +126,9 @@ def pack_holdout(bundle_dir: str | os.PathLike[str], x: np.ndarray, labels: np.n
     limit = min(int(limit), MAX_HOLDOUT)
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 4 or tuple(x.shape[1:]) != tuple(bundle.manifest.input.shape):
-        raise BundleError(f"holdout: x has shape {x.shape}, the bundle takes (N,{','.join(map(str, bundle.manifest.input.shape))})")
+        raise BundleError(
+            f"holdout: x has shape {x.shape}, the bundle takes (N,{','.join(map(str, bundle.manifest.input.shape))})"
+        )
     pick = np.sort(np.random.default_rng(seed).permutation(len(x))[:limit])
     x = x[pick]
     fp32 = [k for k, a in bundle.manifest.artifacts.items() if a.format == "onnx" and a.precision == "fp32"]
@@ -126,7 +139,8 @@ def pack_holdout(bundle_dir: str | os.PathLike[str], x: np.ndarray, labels: np.n
         reference = backend.run(x)[0].astype(np.float32)
     finally:
         backend.close()
-    arrays = {"x": x, "reference": reference}
+    # Any values: a typed dict[str, ndarray] cannot be **-unpacked past savez's allow_pickle: bool.
+    arrays: dict[str, Any] = {"x": x, "reference": reference}
     if labels is not None:
         arrays["labels"] = np.asarray(labels, dtype=np.int64)[pick]
     buf = io.BytesIO()
@@ -136,8 +150,10 @@ def pack_holdout(bundle_dir: str | os.PathLike[str], x: np.ndarray, labels: np.n
     try:
         files: dict[str, Any] = {n: bundle.path / n for n in bundle.manifest.files}
         files[HOLDOUT_FILE] = tmp
-        prov = {**bundle.manifest.provenance, "holdout": {"file": HOLDOUT_FILE, "n": int(len(x)),
-                                                          "labels": labels is not None, "reference": fp32[0]}}
+        prov = {
+            **bundle.manifest.provenance,
+            "holdout": {"file": HOLDOUT_FILE, "n": int(len(x)), "labels": labels is not None, "reference": fp32[0]},
+        }
         return write_bundle(bundle.path, bundle.manifest.replace(provenance=prov), files, check_graph=False)
     finally:
         tmp.unlink(missing_ok=True)
@@ -159,8 +175,9 @@ def fp32_reference(bundle: Bundle, x: np.ndarray, limit: int = 256, seed: int = 
         backend.close()
 
 
-def gate_backend(bundle: Bundle, backend: Any, budget_points: float | None = None,
-                 fallback_x: np.ndarray | None = None) -> GateReport:
+def gate_backend(
+    bundle: Bundle, backend: Any, budget_points: float | None = None, fallback_x: np.ndarray | None = None
+) -> GateReport:
     """Run ``backend`` (a runtime Backend: the new engine, or ORT standing in for it) on the bundle's sample.
 
     Without a packed sample, ``fallback_x`` (e.g. calibration images) with the FP32 model's
@@ -191,8 +208,14 @@ def require_pass(report: GateReport, where: str | Path) -> None:
         )
 
 
-def gate_candidate(manifest: Any, files: Mapping[str, Any], key: str, make_backend: Any,
-                   workdir: str | os.PathLike[str], fallback_x: np.ndarray | None = None) -> GateReport:
+def gate_candidate(
+    manifest: Any,
+    files: Mapping[str, Any],
+    key: str,
+    make_backend: Any,
+    workdir: str | os.PathLike[str],
+    fallback_x: np.ndarray | None = None,
+) -> GateReport:
     """Write the bundle-to-be in ``workdir``, run artifact ``key`` on its sample, refuse it over budget.
 
     ``make_backend(bundle, key)`` opens the engine (TensorRT on the device; ONNX Runtime in tests).

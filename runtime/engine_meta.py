@@ -16,7 +16,7 @@ import re
 import shlex
 import shutil
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,17 +33,20 @@ class EngineMismatchError(RuntimeError):
 class Platform:
     """Where an engine is built or about to run."""
 
-    tensorrt_version: str          # e.g. "10.3.0.26"
-    gpu: str                       # e.g. "Orin", "NVIDIA H100 80GB HBM3"
-    compute_capability: str        # "major.minor", e.g. "8.7"
+    tensorrt_version: str  # e.g. "10.3.0.26"
+    gpu: str  # e.g. "Orin", "NVIDIA H100 80GB HBM3"
+    compute_capability: str  # "major.minor", e.g. "8.7"
 
     def to_dict(self) -> dict[str, str]:
-        return {"tensorrt_version": self.tensorrt_version, "gpu": self.gpu,
-                "compute_capability": self.compute_capability}
+        return {
+            "tensorrt_version": self.tensorrt_version,
+            "gpu": self.gpu,
+            "compute_capability": self.compute_capability,
+        }
 
 
 def version_tuple(version: str | None) -> tuple[int, ...]:
-    """"10.3.0.26" -> (10, 3, 0, 26); non-numeric parts end the tuple."""
+    """ "10.3.0.26" -> (10, 3, 0, 26); non-numeric parts end the tuple."""
     out: list[int] = []
     for part in str(version or "").split("."):
         m = re.match(r"\d+", part)
@@ -149,7 +152,7 @@ def _cuda_device_info() -> tuple[str, str]:
     """(GPU name, "major.minor") of CUDA device 0 via pycuda, cuda-python or nvidia-smi."""
     errors: list[str] = []
     try:
-        import pycuda.driver as cuda  # type: ignore[import-not-found]
+        import pycuda.driver as cuda
 
         cuda.init()
         if cuda.Device.count() < 1:
@@ -162,7 +165,7 @@ def _cuda_device_info() -> tuple[str, str]:
     except Exception as exc:  # ImportError, or a driver error: try the next binding
         errors.append(f"pycuda: {exc}")
     try:
-        from cuda import cudart  # type: ignore[import-not-found]
+        from cuda import cudart
 
         err, props = cudart.cudaGetDeviceProperties(0)
         if int(err) != 0:
@@ -174,8 +177,13 @@ def _cuda_device_info() -> tuple[str, str]:
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
-            out = subprocess.run([smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20, check=True).stdout
+            out = subprocess.run(
+                [smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=True,
+            ).stdout
             name, cc = [s.strip() for s in out.splitlines()[0].split(",")]
             return name, cc
         except Exception as exc:
@@ -186,7 +194,7 @@ def _cuda_device_info() -> tuple[str, str]:
 def current_platform() -> Platform:
     """TensorRT version + GPU of this machine; EngineUnavailableError (with the reason) when absent."""
     try:
-        import tensorrt as trt  # type: ignore[import-not-found]
+        import tensorrt as trt
     except Exception as exc:
         raise EngineUnavailableError(
             f"TensorRT is not importable here ({type(exc).__name__}: {exc}); TensorRT engines are built and "
@@ -206,7 +214,7 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower() or "unknown"
 
 
-__all__: Iterable[str] = [
+__all__ = [
     "EngineMismatchError",
     "EngineUnavailableError",
     "Platform",

@@ -95,11 +95,26 @@ STATUS_FIELDS: dict[str, Any] = {
 STATUS_CAMERA_FIELDS: dict[str, Any] = {"up": bool, "captured": int, "published": int, "dropped": int}
 
 
-def verdict_message(*, station: str, camera: str, seq: int, source: str | None, captured_at: float,
-                    published_at: float, model: Mapping[str, str], task: str, scores: Mapping[str, float],
-                    top_class: str, top_score: float, verdict: str, defect_class: str | None, confidence: float,
-                    latency_ms: Mapping[str, float], tta_views: int,
-                    detections: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def verdict_message(
+    *,
+    station: str,
+    camera: str,
+    seq: int,
+    source: str | None,
+    captured_at: float,
+    published_at: float,
+    model: Mapping[str, str],
+    task: str,
+    scores: Mapping[str, float],
+    top_class: str,
+    top_score: float,
+    verdict: str,
+    defect_class: str | None,
+    confidence: float,
+    latency_ms: Mapping[str, float],
+    tta_views: int,
+    detections: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """One verdict (schema 1; 2 for a detector's); ``source`` is the file name for replays, None for streams."""
     msg: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION if task == "classification" else DETECTION_SCHEMA_VERSION,
@@ -129,9 +144,17 @@ def verdict_message(*, station: str, camera: str, seq: int, source: str | None, 
     return msg
 
 
-def status_message(*, station: str, state: str, model: Mapping[str, str] | None,
-                   cameras: Mapping[str, Mapping[str, Any]], subscribers: int, uptime_s: float,
-                   last_reload: Mapping[str, Any], published_at: float) -> dict[str, Any]:
+def status_message(
+    *,
+    station: str,
+    state: str,
+    model: Mapping[str, str] | None,
+    cameras: Mapping[str, Mapping[str, Any]],
+    subscribers: int,
+    uptime_s: float,
+    last_reload: Mapping[str, Any],
+    published_at: float,
+) -> dict[str, Any]:
     """One schema-1 ``<station>._status`` heartbeat (fields in docs/contracts.md)."""
     return {
         "schema_version": SCHEMA_VERSION,
@@ -178,10 +201,16 @@ def _check_detections(dets: Any, classes: Any, max_detections: int) -> None:
         if not isinstance(d, Mapping) or set(d) != set(DETECTION_KEYS):
             raise SchemaError(f"{where}': expected an object with exactly the keys {list(DETECTION_KEYS)}")
         box = d["box"]
-        if not isinstance(box, list) or len(box) != 4 or not all(_finite(v, 0.0) for v in box) \
-                or box[2] < box[0] or box[3] < box[1]:
-            raise SchemaError(f"{where}.box': expected [x1, y1, x2, y2] finite pixels, 0 <= x1 <= x2, 0 <= y1 <= y2, "
-                              f"got {box!r:.80}")
+        if (
+            not isinstance(box, list)
+            or len(box) != 4
+            or not all(_finite(v, 0.0) for v in box)
+            or box[2] < box[0]
+            or box[3] < box[1]
+        ):
+            raise SchemaError(
+                f"{where}.box': expected [x1, y1, x2, y2] finite pixels, 0 <= x1 <= x2, 0 <= y1 <= y2, got {box!r:.80}"
+            )
         if not _finite(d["score"], 0.0, 1.0):
             raise SchemaError(f"{where}.score': expected a number in [0, 1], got {d['score']!r:.40}")
         if not isinstance(d["class"], str) or d["class"] not in classes:
@@ -214,8 +243,10 @@ def validate(msg: Mapping[str, Any], max_detections: int = MAX_DETECTIONS) -> No
             raise SchemaError(f"key 'top_class': {msg['top_class']!r} is not among the {scores_key}")
         detection = msg["task"] != "classification"
         if detection != (version == DETECTION_SCHEMA_VERSION):
-            raise SchemaError(f"key 'schema_version': a {msg['task']} verdict is version "
-                              f"{DETECTION_SCHEMA_VERSION if detection else SCHEMA_VERSION}, got {version}")
+            raise SchemaError(
+                f"key 'schema_version': a {msg['task']} verdict is version "
+                f"{DETECTION_SCHEMA_VERSION if detection else SCHEMA_VERSION}, got {version}"
+            )
         if detection:
             _check_detections(msg.get("detections"), scores, max_detections)
     elif kind == "status":

@@ -59,8 +59,9 @@ class LoadedModel:
         """Frame -> its TTA views (V,C,H,W), on the calling (capture) thread (adaptive TTA: the first only)."""
         h, w = frame.image.shape[:2]
         if min(h, w) < self.min_frame_side:
-            raise FrameRejected("too_small", f"{w}x{h} frame is smaller than key 'model.min_frame_side' "
-                                             f"({self.min_frame_side} px)")
+            raise FrameRejected(
+                "too_small", f"{w}x{h} frame is smaller than key 'model.min_frame_side' ({self.min_frame_side} px)"
+            )
         t = time.perf_counter()
         frame.tensor = self.tta.expand(frame.image, stop=1 if self.adaptive_band is not None else None)
         frame.geometry = self.pre.box_geometry(h, w)  # boxes on the model input -> this frame's pixels
@@ -87,8 +88,11 @@ def _frames_per_call(cfg: StationConfig, backend: Backend, n_views: int, adaptiv
     per_frame = max(1, n_views - 1) if adaptive else n_views
     if backend.max_batch:
         if backend.max_batch < per_frame:
-            log.warning("the model takes batches of at most %d, fewer than the %d TTA views: views will run "
-                        "in several calls", backend.max_batch, per_frame)
+            log.warning(
+                "the model takes batches of at most %d, fewer than the %d TTA views: views will run in several calls",
+                backend.max_batch,
+                per_frame,
+            )
         per_call = max(1, min(per_call, backend.max_batch // per_frame))
     return per_call
 
@@ -100,8 +104,9 @@ def _probe(bundle: Bundle, backend: Backend, tta: TTA, post: Postprocessor, deci
     geo = tta.pre.box_geometry(*probe.shape[:2])
     preds = post(backend.run(tta.expand(probe)), 1, tta.n_views, [geo])
     if preds[0].scores.shape != (len(m.classes),):
-        raise ModelLoadError(f"model outputs {preds[0].scores.shape[0]} class scores, manifest lists "
-                             f"{len(m.classes)} classes")
+        raise ModelLoadError(
+            f"model outputs {preds[0].scores.shape[0]} class scores, manifest lists {len(m.classes)} classes"
+        )
     if not np.all(np.isfinite(preds[0].scores)):
         raise ModelLoadError("model produced non-finite scores on the warm-up frame")
     decider.decide(preds[0])
@@ -123,8 +128,10 @@ def load_model(cfg: StationConfig, generation: int = 1) -> LoadedModel:
         post = make_postprocessor(m, tta.views)
         decider = post.decider(cfg.decision)
         if cfg.tta.mode == "uncertain" and tta.n_views > 1 and not post.adaptive_tta:
-            raise ConfigError(f"key 'tta.mode': 'uncertain' (adaptive TTA) is not supported for {m.model.task} "
-                              "bundles; use mode = \"always\"")
+            raise ConfigError(
+                f"key 'tta.mode': 'uncertain' (adaptive TTA) is not supported for {m.model.task} "
+                'bundles; use mode = "always"'
+            )
     except (BundleError, ConfigError, TTAError, SpecError, OSError) as exc:
         raise ModelLoadError(f"{cfg.model.bundle}: {exc}", version) from None
     adaptive = cfg.tta.mode == "uncertain" and tta.n_views > 1
@@ -146,10 +153,26 @@ def load_model(cfg: StationConfig, generation: int = 1) -> LoadedModel:
     except (ModelLoadError, BackendError) as exc:
         raise ModelLoadError(f"{cfg.model.bundle}: {exc}", version) from None
     per_call = _frames_per_call(cfg, backend, tta.n_views, adaptive)
-    info = {"name": m.model.name, "version": m.model.version, "precision": backend.precision,
-            "artifact": backend.artifact_key, "backend": backend.name}
+    info = {
+        "name": m.model.name,
+        "version": m.model.version,
+        "precision": backend.precision,
+        "artifact": backend.artifact_key,
+        "backend": backend.name,
+    }
     # Default minimum: a quarter of the model's input side (a thumbnail upscaled 4x is not a part image).
     min_side = cfg.model.min_frame_side or max(1, min(m.input.height, m.input.width) // 4)
-    return LoadedModel(generation, bundle, backend, pre, tta, post, decider, per_call, info,
-                       min_frame_side=min_side, adaptive_band=cfg.tta.band if adaptive else None,
-                       boot_fallback=boot.reason if boot is not None else None)
+    return LoadedModel(
+        generation,
+        bundle,
+        backend,
+        pre,
+        tta,
+        post,
+        decider,
+        per_call,
+        info,
+        min_frame_side=min_side,
+        adaptive_band=cfg.tta.band if adaptive else None,
+        boot_fallback=boot.reason if boot is not None else None,
+    )

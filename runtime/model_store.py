@@ -32,7 +32,7 @@ def lineage(history: Iterable[dict[str, Any]]) -> list[str]:
         if not isinstance(v, str):
             continue
         if entry.get("action") in ROLLBACK_ACTIONS and v in stack:
-            del stack[len(stack) - stack[::-1].index(v):]
+            del stack[len(stack) - stack[::-1].index(v) :]
         else:
             stack.append(v)
     return stack
@@ -83,8 +83,11 @@ def choose_bootable(configured: str | os.PathLike[str]) -> BootChoice:
     current = os.readlink(path).rstrip("/")
     stack = lineage(read_history(model_dir))
     below = stack[: len(stack) - 1 - stack[::-1].index(current)] if current in stack else stack
-    others = sorted((p for p in model_dir.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")),
-                    key=lambda p: p.stat().st_mtime, reverse=True)
+    others = sorted(
+        (p for p in model_dir.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
     seen: set[str] = {current}
     for version in [*reversed(below), *(p.name for p in others)]:
         if version in seen or "/" in version:
@@ -92,6 +95,9 @@ def choose_bootable(configured: str | os.PathLike[str]) -> BootChoice:
         seen.add(version)
         candidate = model_dir / version
         if candidate.is_dir() and _verifies(candidate) is None:
-            return BootChoice(candidate, f"{path} -> {current} failed verification ({error}); starting on "
-                                         f"{version}, the previous version in the install history")
+            return BootChoice(
+                candidate,
+                f"{path} -> {current} failed verification ({error}); starting on "
+                f"{version}, the previous version in the install history",
+            )
     return BootChoice(path, f"{path} -> {current} failed verification ({error}) and no earlier version verifies")

@@ -56,7 +56,7 @@ class Notifier:
                 return False
 
     def ready(self, status: str | None = None) -> bool:
-        return self.send("READY=1", *( [f"STATUS={status}"] if status else []))
+        return self.send("READY=1", *([f"STATUS={status}"] if status else []))
 
     def reloading(self) -> bool:
         # MONOTONIC_USEC lets Type=notify-reload units match the reload to this message.
@@ -69,7 +69,7 @@ class Notifier:
         return self.send("WATCHDOG=1")
 
     def stopping(self, status: str | None = None) -> bool:
-        return self.send("STOPPING=1", *( [f"STATUS={status}"] if status else []))
+        return self.send("STOPPING=1", *([f"STATUS={status}"] if status else []))
 
     def close(self) -> None:
         with self._lock:
@@ -84,8 +84,14 @@ class Watchdog:
     Without a systemd watchdog only STATUS is refreshed (every ``status_every_s``).
     """
 
-    def __init__(self, notifier: Notifier, progress: Callable[[], bool], status: Callable[[], str],
-                 interval_s: float | None = None, status_every_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        notifier: Notifier,
+        progress: Callable[[], bool],
+        status: Callable[[], str],
+        interval_s: float | None = None,
+        status_every_s: float = 5.0,
+    ) -> None:
         self.notifier = notifier
         self.progress = progress
         self.status = status

@@ -59,8 +59,11 @@ class PreviewConfig:
             raise ValueError(f"key '{where}.max_fps': expected a number in (0, 30], got {cfg.max_fps!r}")
         if isinstance(cfg.max_width, bool) or not isinstance(cfg.max_width, int) or not 16 <= cfg.max_width <= 1920:
             raise ValueError(f"key '{where}.max_width': expected an integer in [16, 1920], got {cfg.max_width!r}")
-        if isinstance(cfg.jpeg_quality, bool) or not isinstance(cfg.jpeg_quality, int) \
-                or not 1 <= cfg.jpeg_quality <= 100:
+        if (
+            isinstance(cfg.jpeg_quality, bool)
+            or not isinstance(cfg.jpeg_quality, int)
+            or not 1 <= cfg.jpeg_quality <= 100
+        ):
             raise ValueError(f"key '{where}.jpeg_quality': expected an integer in [1, 100], got {cfg.jpeg_quality!r}")
         return cfg
 
@@ -95,9 +98,17 @@ class PreviewEncoder:
             return None
         self.encoded += 1
         oh, ow = image.shape[:2]
-        msg = {"schema_version": SCHEMA_VERSION, "type": "preview", "station": self.station, "camera": camera,
-               "seq": int(seq), "captured_at": round(float(captured_at), 6), "width": int(ow), "height": int(oh),
-               "jpeg": base64.b64encode(buf.tobytes()).decode("ascii")}
+        msg = {
+            "schema_version": SCHEMA_VERSION,
+            "type": "preview",
+            "station": self.station,
+            "camera": camera,
+            "seq": int(seq),
+            "captured_at": round(float(captured_at), 6),
+            "width": int(ow),
+            "height": int(oh),
+            "jpeg": base64.b64encode(buf.tobytes()).decode("ascii"),
+        }
         return preview_topic(self.station, camera), msg
 
 

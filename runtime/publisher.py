@@ -36,9 +36,11 @@ def check_secret_key_file(path: os.PathLike[str] | str) -> None:
     except OSError as exc:
         raise PublisherError(f"key 'publisher.curve.server_secret_key': {path}: {exc.strerror or exc}") from None
     if st.st_mode & 0o077:
-        raise PublisherError(f"key 'publisher.curve.server_secret_key': {path} has mode "
-                             f"{stat.S_IMODE(st.st_mode):04o}; a secret key must not be readable or writable by "
-                             "group or others (chmod 600, owned by the daemon's user)")
+        raise PublisherError(
+            f"key 'publisher.curve.server_secret_key': {path} has mode "
+            f"{stat.S_IMODE(st.st_mode):04o}; a secret key must not be readable or writable by "
+            "group or others (chmod 600, owned by the daemon's user)"
+        )
 
 
 class Publisher:
@@ -85,8 +87,10 @@ class Publisher:
         except (OSError, ValueError) as exc:
             raise PublisherError(f"key 'publisher.curve.server_secret_key': {exc}") from None
         if not secret:
-            raise PublisherError(f"key 'publisher.curve.server_secret_key': {curve.server_secret_key} holds no "
-                                 "secret key (use the .key_secret file from zmq.auth.create_certificates)")
+            raise PublisherError(
+                f"key 'publisher.curve.server_secret_key': {curve.server_secret_key} holds no "
+                "secret key (use the .key_secret file from zmq.auth.create_certificates)"
+            )
         self.auth = ThreadAuthenticator(self.ctx)
         self.auth.start()
         location = str(curve.authorized_clients) if curve.authorized_clients else zmq.auth.CURVE_ALLOW_ANY

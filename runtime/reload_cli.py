@@ -42,15 +42,20 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="defectscope reload",
         description="Ask a running daemon to reload the model bundle named in its config (SIGHUP). The old model "
-                    "keeps serving if the new bundle is invalid. Exit 0 = signalled (or reloaded with --wait), "
-                    "1 = reload failed, 3 = no answer within --wait seconds.",
+        "keeps serving if the new bundle is invalid. Exit 0 = signalled (or reloaded with --wait), "
+        "1 = reload failed, 3 = no answer within --wait seconds.",
     )
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--config", help="station TOML: the pid comes from [daemon] pid_file, --wait uses [metrics]")
     g.add_argument("--pid", type=int, help="process id of the daemon")
     g.add_argument("--pid-file", help="file holding the daemon's pid")
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                   help="wait up to SECONDS for the result (needs --config or --metrics-url)")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the result (needs --config or --metrics-url)",
+    )
     p.add_argument("--metrics-url", help="the daemon's /metrics URL (default: from the config's [metrics])")
     return p
 
@@ -86,8 +91,9 @@ def _wait(pid: int, url: str, before: dict[str, float], seconds: float) -> int:
         now = read_reloads(url)
         if now is not None:
             if now["failure"] > before["failure"]:
-                print(f"reload of process {pid} FAILED; the previous model keeps serving (see its log)",
-                      file=sys.stderr)
+                print(
+                    f"reload of process {pid} FAILED; the previous model keeps serving (see its log)", file=sys.stderr
+                )
                 return 1
             if now["success"] > before["success"]:
                 print(f"process {pid} reloaded its model")
@@ -117,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sent SIGHUP to {pid}")
         return 0
     if before is None or url is None:
-        print(f"defectscope reload: sent SIGHUP to {pid}, but cannot read {url} to wait for the result",
-              file=sys.stderr)
+        print(
+            f"defectscope reload: sent SIGHUP to {pid}, but cannot read {url} to wait for the result", file=sys.stderr
+        )
         return 3
     return _wait(pid, url, before, args.wait)
 

@@ -24,7 +24,7 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time (test runners swap it)."""
 
     @property
-    def stream(self) -> Any:  # type: ignore[override]
+    def stream(self) -> Any:
         return sys.stderr
 
     @stream.setter
@@ -34,8 +34,11 @@ class _StderrHandler(logging.StreamHandler):
 
 def setup_logging(level: str) -> None:
     # Under systemd the journal stamps each line; elsewhere add the time.
-    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    fmt = (
+        "%(levelname)s %(name)s: %(message)s"
+        if os.environ.get("JOURNAL_STREAM")
+        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(fmt))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
@@ -45,16 +48,20 @@ def serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="defectscope serve",
         description="Run the inspection daemon of one station: cameras in, verdicts out over ZeroMQ, "
-                    "Prometheus metrics and health on HTTP. SIGTERM drains and exits 0; SIGHUP reloads the model "
-                    "bundle named in the config (defectscope reload).",
+        "Prometheus metrics and health on HTTP. SIGTERM drains and exits 0; SIGHUP reloads the model "
+        "bundle named in the config (defectscope reload).",
     )
     p.add_argument("--config", required=True, help="station TOML (e.g. /etc/defectscope/line3.toml)")
-    p.add_argument("--check", action="store_true",
-                   help="validate the config, load + warm up the model, check that the metrics and publisher "
-                        "ports can be bound and every file/directory source has a readable frame, print the "
-                        "resolved config and exit (1 if any check fails)")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None,
-                   help="override [daemon] log_level")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config, load + warm up the model, check that the metrics and publisher "
+        "ports can be bound and every file/directory source has a readable frame, print the "
+        "resolved config and exit (1 if any check fails)",
+    )
+    p.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), default=None, help="override [daemon] log_level"
+    )
     return p
 
 
@@ -82,9 +89,14 @@ def check(cfg: StationConfig) -> int:
         return 1
     try:
         checks = station_checks(cfg)
-        report = {"config": cfg.to_dict(), "model": model.info, "frames_per_call": model.frames_per_call,
-                  "tta_views": model.tta.n_views, "min_frame_side": model.min_frame_side,
-                  "checks": {k: "ok" if v is None else v for k, v in checks.items()}}
+        report = {
+            "config": cfg.to_dict(),
+            "model": model.info,
+            "frames_per_call": model.frames_per_call,
+            "tta_views": model.tta.n_views,
+            "min_frame_side": model.min_frame_side,
+            "checks": {k: "ok" if v is None else v for k, v in checks.items()},
+        }
     finally:
         model.close()
     print(json.dumps(report, indent=2))
@@ -111,8 +123,10 @@ def serve(cfg: StationConfig, config_path: str) -> int:
         log.info("SIGHUP received: reloading the model bundle")
         daemon.request_reload()
 
-    previous = {sig: signal.signal(sig, handler)
-                for sig, handler in ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop), (signal.SIGHUP, on_hup))}
+    previous = {
+        sig: signal.signal(sig, handler)
+        for sig, handler in ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop), (signal.SIGHUP, on_hup))
+    }
     try:
         try:
             daemon.start()

@@ -72,8 +72,16 @@ class _V6Server(_Server):
 class HealthServer:
     """``/metrics``, ``/healthz``, ``/readyz`` on one port, in a background thread."""
 
-    def __init__(self, host: str, port: int, render: Callable[[], bytes], ready: Probe, alive: Probe,
-                 timeout_s: float = 5.0, max_connections: int = 8) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        render: Callable[[], bytes],
+        ready: Probe,
+        alive: Probe,
+        timeout_s: float = 5.0,
+        max_connections: int = 8,
+    ) -> None:
         self.render, self.ready, self.alive = render, ready, alive
         cls = _V6Server if ":" in host else _Server
         try:
@@ -82,8 +90,9 @@ class HealthServer:
             raise OSError(f"key 'metrics.port': cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self.port = self.httpd.server_address[1]
         self.host = host
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="http", daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -157,8 +166,12 @@ def port_free(host: str, port: int) -> str | None:
 # ---- reload record ---------------------------------------------------------------------------------
 def reload_record(result: str | None = None, error: str | None = None, version: str | None = None) -> dict[str, Any]:
     """``last_reload`` in /readyz and the status heartbeat: result "ok" | "failed" | None (no reload yet)."""
-    return {"result": result, "error": error, "version": version,
-            "at": round(time.time(), 3) if result is not None else None}
+    return {
+        "result": result,
+        "error": error,
+        "version": version,
+        "at": round(time.time(), 3) if result is not None else None,
+    }
 
 
 # ---- pid file --------------------------------------------------------------------------------------
@@ -177,8 +190,12 @@ class PidFile:
             atomic_write_text(path, f"{os.getpid()}\n")
             self._written = True
         except OSError as exc:  # serving matters more than `defectscope reload --config` working
-            log.error("key 'daemon.pid_file': cannot write %s (%s); `defectscope reload --config` will not find "
-                      "this process (systemctl reload / kill -HUP still work)", path, exc.strerror or exc)
+            log.error(
+                "key 'daemon.pid_file': cannot write %s (%s); `defectscope reload --config` will not find "
+                "this process (systemctl reload / kill -HUP still work)",
+                path,
+                exc.strerror or exc,
+            )
 
     def remove(self) -> None:
         path = self.path

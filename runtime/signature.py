@@ -39,7 +39,9 @@ def _crypto():
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError:  # pragma: no cover - cryptography is in the deploy extra
-        raise BundleError("bundle signing needs the 'cryptography' package: pip install 'defectscope[deploy]'") from None
+        raise BundleError(
+            "bundle signing needs the 'cryptography' package: pip install 'defectscope[deploy]'"
+        ) from None
     return serialization, ed25519, InvalidSignature
 
 
@@ -82,7 +84,9 @@ def read_signature(path: Path) -> dict[str, Any]:
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise SignatureError("missing", f"no signature file {path}; this station only installs signed bundles") from None
+        raise SignatureError(
+            "missing", f"no signature file {path}; this station only installs signed bundles"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SignatureError("format", f"{path}: not a readable signature file: {exc}") from None
     if not isinstance(doc, dict):

@@ -105,8 +105,11 @@ class SnapshotSpool:
                 size = len(data)
                 if sidecar.get("detections"):
                     boxed = path.with_name(path.stem + BOXES_SUFFIX)
-                    ok, buf = cv2.imencode(".jpg", draw_boxes(image, sidecar["detections"]),
-                                           [cv2.IMWRITE_JPEG_QUALITY, self.cfg.jpeg_quality])
+                    ok, buf = cv2.imencode(
+                        ".jpg",
+                        draw_boxes(image, sidecar["detections"]),
+                        [cv2.IMWRITE_JPEG_QUALITY, self.cfg.jpeg_quality],
+                    )
                     if not ok:
                         raise OSError("JPEG encoding failed")
                     atomic_write_bytes(boxed, buf.tobytes())

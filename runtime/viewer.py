@@ -58,8 +58,14 @@ def per_class_counts(detections: list[dict[str, Any]]) -> dict[str, int]:
 class ViewerState:
     """Everything the view shows, updated message by message; ``now`` is time.monotonic()."""
 
-    def __init__(self, cameras: Iterable[str] = (), verdicts: Iterable[str] = (), max_events: int = 15,
-                 rate_window_s: float = 10.0, stale_after_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        cameras: Iterable[str] = (),
+        verdicts: Iterable[str] = (),
+        max_events: int = 15,
+        rate_window_s: float = 10.0,
+        stale_after_s: float = 5.0,
+    ) -> None:
         self.camera_filter = set(cameras)
         self.verdict_filter = set(verdicts)
         self.events: deque[dict[str, Any]] = deque(maxlen=max_events)
@@ -114,12 +120,20 @@ class ViewerState:
             return False
         view.latest = msg
         if verdict in ("defect", "uncertain"):
-            self.events.appendleft({
-                "station": station, "camera": cam, "seq": msg["seq"], "verdict": verdict,
-                "class": msg.get("defect_class") or msg["top_class"], "confidence": msg["confidence"],
-                "captured_at": msg["captured_at"], "snapshot": msg.get("snapshot"), "source": msg.get("source"),
-                "boxes": box_summary(msg.get("detections")),
-            })
+            self.events.appendleft(
+                {
+                    "station": station,
+                    "camera": cam,
+                    "seq": msg["seq"],
+                    "verdict": verdict,
+                    "class": msg.get("defect_class") or msg["top_class"],
+                    "confidence": msg["confidence"],
+                    "captured_at": msg["captured_at"],
+                    "snapshot": msg.get("snapshot"),
+                    "source": msg.get("source"),
+                    "boxes": box_summary(msg.get("detections")),
+                }
+            )
         return True
 
     def up(self, view: CameraView, now: float) -> bool | None:
@@ -143,22 +157,24 @@ class ViewerState:
             # Rates over the window, or over the time watched so far when that is shorter (>= 1 s).
             window = max(1.0, min(self.rate_window_s, now - (v.first_seen if v.first_seen is not None else now)))
             latest = v.latest or {}
-            out.append({
-                "station": v.station,
-                "camera": v.camera,
-                "up": self.up(v, now),
-                "verdict": latest.get("verdict"),
-                "class": latest.get("defect_class") or latest.get("top_class"),
-                "confidence": latest.get("confidence"),
-                "seq": latest.get("seq"),
-                "model": (f"{latest['model']['name']} {latest['model']['version']}" if latest else None),
-                "fps": len(v.frame_times) / window,
-                "defects_per_min": len(v.defect_times) * 60.0 / window,
-                "counts": dict(v.counts),
-                "boxes": box_summary(latest.get("detections")),  # the latest verdict's, per class
-                "box_counts": dict(v.box_counts),  # every verdict's since watching, per class
-                "age_s": None if v.last_seen is None else now - v.last_seen,
-            })
+            out.append(
+                {
+                    "station": v.station,
+                    "camera": v.camera,
+                    "up": self.up(v, now),
+                    "verdict": latest.get("verdict"),
+                    "class": latest.get("defect_class") or latest.get("top_class"),
+                    "confidence": latest.get("confidence"),
+                    "seq": latest.get("seq"),
+                    "model": (f"{latest['model']['name']} {latest['model']['version']}" if latest else None),
+                    "fps": len(v.frame_times) / window,
+                    "defects_per_min": len(v.defect_times) * 60.0 / window,
+                    "counts": dict(v.counts),
+                    "boxes": box_summary(latest.get("detections")),  # the latest verdict's, per class
+                    "box_counts": dict(v.box_counts),  # every verdict's since watching, per class
+                    "age_s": None if v.last_seen is None else now - v.last_seen,
+                }
+            )
         return out
 
 
@@ -171,8 +187,20 @@ def render(state: ViewerState, now: float, endpoints: Iterable[str] = ()) -> Any
     cams = Table(title="cameras", expand=True, title_justify="left")
     rows = state.rows(now)
     detector = any(r["boxes"] is not None for r in rows)
-    for col in ("station", "camera", "state", "latest", "class", "conf", "seq", "frames/s", "defects/min",
-                "ok / defect / uncertain", *(("boxes", "boxes seen") if detector else ()), "model"):
+    for col in (
+        "station",
+        "camera",
+        "state",
+        "latest",
+        "class",
+        "conf",
+        "seq",
+        "frames/s",
+        "defects/min",
+        "ok / defect / uncertain",
+        *(("boxes", "boxes seen") if detector else ()),
+        "model",
+    ):
         cams.add_column(col, no_wrap=True)
     for r in rows:
         up = r["up"]
@@ -180,15 +208,21 @@ def render(state: ViewerState, now: float, endpoints: Iterable[str] = ()) -> Any
         verdict = r["verdict"]
         c = r["counts"]
         cams.add_row(
-            r["station"], r["camera"], state_text,
+            r["station"],
+            r["camera"],
+            state_text,
             Text(verdict.upper(), VERDICT_STYLE[verdict]) if verdict else Text("-", "dim"),
             r["class"] or "-",
             f"{r['confidence']:.2f}" if r["confidence"] is not None else "-",
             str(r["seq"]) if r["seq"] is not None else "-",
-            f"{r['fps']:.1f}", f"{r['defects_per_min']:.1f}",
+            f"{r['fps']:.1f}",
+            f"{r['defects_per_min']:.1f}",
             f"{c.get('ok', 0)} / {c.get('defect', 0)} / {c.get('uncertain', 0)}",
-            *((r["boxes"] or "-", ", ".join(f"{n} {k}" for k, n in sorted(r["box_counts"].items())) or "-")
-              if detector else ()),
+            *(
+                (r["boxes"] or "-", ", ".join(f"{n} {k}" for k, n in sorted(r["box_counts"].items())) or "-")
+                if detector
+                else ()
+            ),
             r["model"] or "-",
         )
     events = Table(title="recent defect / uncertain events", expand=True, title_justify="left")
@@ -196,14 +230,21 @@ def render(state: ViewerState, now: float, endpoints: Iterable[str] = ()) -> Any
         events.add_column(col, no_wrap=True)
     for e in state.events:
         events.add_row(
-            time.strftime("%H:%M:%S", time.localtime(e["captured_at"])), e["camera"],
-            Text(e["verdict"], VERDICT_STYLE[e["verdict"]]), e["class"], f"{e['confidence']:.2f}", str(e["seq"]),
+            time.strftime("%H:%M:%S", time.localtime(e["captured_at"])),
+            e["camera"],
+            Text(e["verdict"], VERDICT_STYLE[e["verdict"]]),
+            e["class"],
+            f"{e['confidence']:.2f}",
+            str(e["seq"]),
             *((e["boxes"] or "-",) if detector else ()),
             Path(e["snapshot"]).name if e["snapshot"] else "-",
         )
     stations = ", ".join(f"{s}: {m['state']}" for s, m in sorted(state.stations.items())) or "no status yet"
-    footer = Text(f"{', '.join(endpoints)}  |  {stations}  |  {state.received} messages"
-                  + (f", {state.invalid} invalid ({state.last_error})" if state.invalid else ""), "dim")
+    footer = Text(
+        f"{', '.join(endpoints)}  |  {stations}  |  {state.received} messages"
+        + (f", {state.invalid} invalid ({state.last_error})" if state.invalid else ""),
+        "dim",
+    )
     return Group(cams, events, footer)
 
 
@@ -243,20 +284,38 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="defectscope watch",
         description="Live terminal view of a station's verdicts: per camera state and latest verdict, rates, "
-                    "recent defect events. Ctrl-C quits.",
+        "recent defect events. Ctrl-C quits.",
     )
-    p.add_argument("--connect", action="append", required=True, metavar="ENDPOINT",
-                   help="daemon's ZeroMQ endpoint, e.g. tcp://line3:5555 (repeat for several stations)")
+    p.add_argument(
+        "--connect",
+        action="append",
+        required=True,
+        metavar="ENDPOINT",
+        help="daemon's ZeroMQ endpoint, e.g. tcp://line3:5555 (repeat for several stations)",
+    )
     p.add_argument("--station", help="only this station (subscribes to its topics only)")
     p.add_argument("--camera", action="append", default=[], help="only this camera (repeatable)")
-    p.add_argument("--verdict", action="append", default=[], choices=VERDICTS,
-                   help="only show these verdicts as latest / events (repeatable)")
+    p.add_argument(
+        "--verdict",
+        action="append",
+        default=[],
+        choices=VERDICTS,
+        help="only show these verdicts as latest / events (repeatable)",
+    )
     p.add_argument("--events", type=int, default=15, help="recent events listed (default 15)")
-    p.add_argument("--stale-after", type=float, default=5.0, metavar="S",
-                   help="a camera silent for S seconds is shown DOWN (default 5)")
+    p.add_argument(
+        "--stale-after",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="a camera silent for S seconds is shown DOWN (default 5)",
+    )
     p.add_argument("--duration", type=float, default=None, metavar="S", help="exit after S seconds")
-    p.add_argument("--once", action="store_true",
-                   help="wait for the first messages (up to --timeout), print the view once and exit")
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="wait for the first messages (up to --timeout), print the view once and exit",
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="--once: seconds to wait for a message (default 10)")
     p.add_argument("--json", action="store_true", help="no view: print each (filtered) message as a JSON line")
     p.add_argument("--curve-server-key", help="the daemon's public certificate (CURVE)")
@@ -315,8 +374,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if state.received else 1
         from rich.live import Live
 
-        with Live(render(state, time.monotonic(), args.connect), console=console, refresh_per_second=4,
-                  screen=False) as live:
+        with Live(
+            render(state, time.monotonic(), args.connect), console=console, refresh_per_second=4, screen=False
+        ) as live:
             while end is None or time.monotonic() < end:
                 pump(250)
                 live.update(render(state, time.monotonic(), args.connect))

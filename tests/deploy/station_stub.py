@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from deploy.config import read_station, rooted
 from runtime.bundle import BundleError, load_bundle
+from runtime.metrics import MODEL_INFO_LABELS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     station = read_station(args.config)
     bundle_path = rooted(args.root, station.bundle)
     registry = CollectorRegistry()
-    info = Gauge("defectscope_model_info", "model", ["name", "version", "precision", "backend"], registry=registry)
+    # The runtime's label set (one home), so deploy tests see the daemon's series.
+    info = Gauge("defectscope_model_info", "model", list(MODEL_INFO_LABELS), registry=registry)
     reloads = Counter("defectscope_model_reloads_total", "reloads", ["result"], registry=registry)
     state: dict = {"model": None, "last_reload": {"result": None, "error": None, "version": None}}
     lock = threading.Lock()
@@ -60,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         art = bundle.artifact()
         with lock:
             state["model"] = {"name": m.model.name, "version": m.model.version, "artifact": m.default_artifact,
-                              "precision": art.precision, "backend": "onnxruntime-cpu"}
+                              "precision": art.precision, "backend": "onnxruntime-cpu", "inference_precision": "f32"}
             info.clear()
-            info.labels(m.model.name, m.model.version, art.precision, "onnxruntime-cpu").set(1)
+            info.labels(m.model.name, m.model.version, art.precision, "onnxruntime-cpu", "f32").set(1)
             state["last_reload"] = {"result": "ok", "error": None, "version": m.model.version}
         reloads.labels("success").inc()
 

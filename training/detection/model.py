@@ -271,7 +271,7 @@ class _LiteBlock(nn.Module):
 
 @trunk("efficientnet_lite0")
 def _lite0(spec: DetectorSpec) -> Trunk:
-    from training.backbones import _LITE0_REPEATS
+    from training.backbone_lite import LITE0_REPEATS
     h, w = spec.image_size
     # TF-"same" padding is fixed at build time for the input size.
     body, bspec = _registry_body(spec, {"height": h, "width": w, "resize_size": max(h, w)})
@@ -279,7 +279,7 @@ def _lite0(spec: DetectorSpec) -> Trunk:
     blocks = [_LiteBlock(b, body.drop_connect_rate * i / n) for i, b in enumerate(body._blocks)]
     stages: list[nn.Module] = [nn.Sequential(body._conv_stem, body._bn0, nn.ReLU6())]
     start = 0
-    for r in _LITE0_REPEATS:
+    for r in LITE0_REPEATS:
         stages.append(nn.Sequential(*blocks[start:start + r]))
         start += r
     taps, channels = _probe_taps(stages)
