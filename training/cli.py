@@ -121,9 +121,12 @@ def _model_args(p: argparse.ArgumentParser, cfg: Any, D: dict[str, Any]) -> None
     m.add_argument(
         "--crop-fraction", type=float, help=f"crop / resize; 1.0 keeps the whole image (default {D['crop_fraction']})"
     )
-    m.add_argument("--interpolation", choices=sorted(INTERPOLATIONS),
-                   help="resize of training, evaluation and stations (recorded in the bundle's input spec); "
-                        "linear: INTER_LINEAR at every scale, the cheapest (default: backbone's)")
+    m.add_argument(
+        "--interpolation",
+        choices=sorted(INTERPOLATIONS),
+        help="resize of training, evaluation and stations (recorded in the bundle's input spec); "
+        "linear: INTER_LINEAR at every scale, the cheapest (default: backbone's)",
+    )
     m.add_argument("--dropout", type=float, help="head dropout (default: backbone's)")
 
 

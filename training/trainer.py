@@ -205,8 +205,9 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg, nc = self.cfg, len(self.splits.classes)
-        self.input = sized_input(get_spec(cfg.backbone), cfg.image_size, crop_fraction=cfg.crop_fraction,
-                                 interpolation=cfg.interpolation)
+        self.input = sized_input(
+            get_spec(cfg.backbone), cfg.image_size, crop_fraction=cfg.crop_fraction, interpolation=cfg.interpolation
+        )
         seed_everything(cfg.seed)  # the random head init does not depend on data listing
         model = build_model(cfg.backbone, nc, cfg.weights, input_spec=self.input, dropout=cfg.dropout)
         self.model = model = dist.convert_sync_bn(model, self.sync_bn).to(self.device)
