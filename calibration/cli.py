@@ -237,7 +237,9 @@ def calibrate_parser() -> argparse.ArgumentParser:
         description="Quantize a bundle's FP32 ONNX model to INT8 (ONNX Runtime static QDQ, per-channel "
                     "weights) with a stratified calibration set from the training data, gate it against "
                     "FP32 on the held-out split and, when the gate fails, search for the fewest layers to "
-                    f"keep in float. Exit status {EXIT_GATE} when the gate still fails (bundle unchanged).",
+                    f"keep in float. Exit status {EXIT_GATE} when the gate still fails (bundle unchanged). "
+                    "Detection bundles: quantized by scope (backbone, FPN, RPN head, box head), gated on mAP@.5, "
+                    "the fastest passing scope kept (calibration/quantize_detection.py).",
     )
     p.add_argument("bundle", help="bundle directory written by `defectscope export`")
     p.add_argument("--run", help="training run directory (default: the one recorded at export)")
