@@ -151,7 +151,11 @@ def wait_for_version(
             if before is not None:
                 now = reload_failures(url)
                 if now is not None and now > before:
-                    last[station] = dataclasses.replace(r, reload_failed=True)
+                    # The daemon records the reason before counting the failure; /readyz read above may
+                    # predate both, so read it again for the reason.
+                    again = query_readyz(url, timeout_s=2.0)
+                    base = again if again.reachable and again.last_reload is not None else r
+                    last[station] = dataclasses.replace(base, reload_failed=True)
                     return False, last
         if not pending:
             return True, last

@@ -247,17 +247,18 @@ class Daemon:
             cfg = self._reloaded_config()
             new = load_model(cfg, old.generation + 1)
         except (ModelLoadError, ConfigError) as exc:
+            # The record before the counters: whoever sees the failure in /metrics finds its reason in /readyz.
+            self.last_reload = reload_record("failed", str(exc), getattr(exc, "version", None))
             self.metrics.model_reloads.labels("failure").inc()
             self.metrics.reload_failed.set(1)
-            self.last_reload = reload_record("failed", str(exc), getattr(exc, "version", None))
             log.error("reload failed; still serving %s %s: %s", old.info["name"], old.info["version"], exc)
             self.notifier.ready(f"reload failed: {exc}"[:200])
             return False
         self.cfg = cfg
         self._serve_model(new)
+        self.last_reload = reload_record("ok", None, new.info["version"])
         self.metrics.model_reloads.labels("success").inc()
         self.metrics.reload_failed.set(0)
-        self.last_reload = reload_record("ok", None, new.info["version"])
         log.info(
             "reloaded in %.2fs: %s %s -> %s %s",
             time.monotonic() - t0,

@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
             bundle = load_bundle(bundle_path)
         except BundleError as exc:
             print(f"reload refused: {exc}", file=sys.stderr, flush=True)
-            reloads.labels("failure").inc()
-            with lock:
+            with lock:  # the record before the counter, as the daemon does (deploy reads both)
                 state["last_reload"] = {"result": "failed", "error": str(exc), "version": None}
+            reloads.labels("failure").inc()
             return
         m = bundle.manifest
         art = bundle.artifact()
