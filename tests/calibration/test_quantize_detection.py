@@ -57,8 +57,11 @@ def test_fastest_passing_scope_is_written_and_a_failed_gate_writes_nothing(tiny_
     held = _held_out(card, "test", None)
     dest = tmp_path / "int8.onnx"
     r = calibrate_detector(bundle / "model.onnx", card, held, dest, score_threshold=0.05, size=8,
-                           scopes=("convs", "backbone"), threads=2, echo=lambda s: None)
-    assert [t.scope for t in r.trials] == ["convs", "backbone"]  # largest first: one calibration covers both
+                           scopes=("convs", "backbone"), float_prefixes=(0, 2), threads=2, echo=lambda s: None)
+    # Largest scope first (one calibration covers both), each with and without the float prefix.
+    assert [(t.scope, t.float_prefix) for t in r.trials] == [("convs", 0), ("convs", 2), ("backbone", 0),
+                                                             ("backbone", 2)]
+    assert r.trials[1].nodes == r.trials[0].nodes - 2
     assert r.passed and r.chosen in r.trials and r.chosen.passed
     assert r.chosen.ms_per_image == min(t.ms_per_image for t in r.trials if t.passed)
     ops = {n.op_type for n in onnx.load(str(dest)).graph.node}
@@ -66,7 +69,7 @@ def test_fastest_passing_scope_is_written_and_a_failed_gate_writes_nothing(tiny_
     # A budget nothing can meet (INT8 must be 100 points BETTER): refused, nothing written.
     none = tmp_path / "none.onnx"
     r2 = calibrate_detector(bundle / "model.onnx", card, held, none, score_threshold=0.05, size=8,
-                            scopes=("backbone",), budget=-100.0, threads=2, echo=lambda s: None)
+                            scopes=("backbone",), float_prefixes=(0,), budget=-100.0, threads=2, echo=lambda s: None)
     assert not r2.passed and r2.artifact is None and not none.exists()
     assert r2.trials[0].drop_points > -100.0
 
@@ -91,7 +94,8 @@ def test_calibrate_cli_adds_the_gated_int8_artifact_to_a_detection_bundle(tiny_d
     assert m.default_artifact == "int8" and m.artifacts["int8"].file == "model.int8.onnx"
     q = dict(m.artifacts["int8"].quantization or {})
     assert q["scope"] in ("all", "convs", "backbone_fpn", "backbone") and q["quantized_nodes"] > 0
-    assert len(q["scope_trials"]) == 4 and "box_predictor" in q["float_parts"]
+    assert len(q["scope_trials"]) == 4 * 2 and "box_predictor" in q["float_parts"]  # 4 scopes x 2 float prefixes
+    assert q["float_prefix"] in (0, 2)
     gate = m.metrics["int8"]["gate"]
     assert gate["passed"] and gate["metric"] == "map50" and gate["budget_points"] == 1.0
     assert m.files["model.int8.onnx"] == sha256_file(bundle / "model.int8.onnx")
