@@ -71,9 +71,12 @@ def profile_stages(model_cfg: Any, paths: list[Path], batch: int) -> dict[str, A
                                     t_capture=time.monotonic(), source=p.name, tensor=tensor[None]))
             stacked = timed("stack", assemble, frames)[0]
             outputs = timed("infer", backend.run, stacked, clock=time.process_time)[0]
+            detection = bundle.manifest.model.task == "detection"
             for i, f in enumerate(frames):
                 # the message dict is built and encoded, as the daemon's _publish does per frame
-                payload = timed("json", lambda f=f, i=i, outputs=outputs: encode(_message(f, outputs[0][i], bundle.manifest.classes)))[0]
+                scores = np.zeros(len(bundle.manifest.classes)) if detection else outputs[0][i]
+                payload = timed("json", lambda f=f, s=scores, d=detection: encode(_message(f, s, bundle.manifest.classes,
+                                                                                            d)))[0]
                 timed("zeromq", pub.send_multipart, [b"bench.cam1.ok", payload], clock=time.process_time)
             while sub.poll(0):
                 sub.recv_multipart()
@@ -89,13 +92,17 @@ def profile_stages(model_cfg: Any, paths: list[Path], batch: int) -> dict[str, A
     return out
 
 
-def _message(frame: Any, scores: np.ndarray, classes: Any) -> dict[str, Any]:
-    """A message of the daemon's verdict shape (same fields, same rounding)."""
+def _message(frame: Any, scores: np.ndarray, classes: Any, detection: bool = False) -> dict[str, Any]:
+    """A message of the daemon's verdict shape (same fields, same rounding); detection: 3 boxes."""
     probs = {c: round(float(s), 5) for c, s in zip(classes, scores)}
-    return {"schema_version": 1, "type": "verdict", "station": "bench", "camera": frame.camera, "seq": frame.seq,
+    extra: dict[str, Any] = {}
+    if detection:
+        extra["detections"] = [{"box": [12.5, 40.25, 88.0, 120.75], "score": 0.9312, "class": classes[-1]}] * 3
+    return {**extra, "schema_version": 2 if detection else 1, "type": "verdict", "station": "bench", "camera": frame.camera, "seq": frame.seq,
             "source": frame.source, "captured_at": round(frame.captured_at, 6), "published_at": round(time.time(), 6),
             "model": {"name": "m", "version": "1", "precision": "int8", "artifact": "int8", "backend": "b"},
-            "task": "classification", "top_class": classes[0], "top_score": 0.5, "verdict": "ok",
+            "task": "detection" if detection else "classification", "top_class": classes[0], "top_score": 0.5,
+            "verdict": "ok",
             "defect_class": None, "confidence": 0.5,
             "latency_ms": {"queue": 0.1, "preprocess": 1.0, "inference": 3.0, "total": 5.0},
             "tta_views": 1, "snapshot": None, "probabilities": probs}
