@@ -36,7 +36,8 @@ def calibrate_detection(args: argparse.Namespace, console: Any) -> int:
     run_dir = _run_dir(args, manifest)
     result = calibrate_bundle(args.bundle, run_dir, split=args.split or "test", limit=args.limit,
                               size=args.size or DEFAULT_CALIBRATION_IMAGES, seed=args.seed, method=args.method,
-                              budget=args.budget, threads=threads, echo=console.print)
+                              budget=args.budget, threads=threads, gate_backends=args.gate_backends,
+                              echo=console.print)
     report = {"passed": result.passed, "budget_points": result.budget_points,
               "reference": {k: result.reference.get(k) for k in ("map", "map50", "map75")},
               "fp32_ms_per_image": result.fp32_ms_per_image, "trials": [t.to_dict() for t in result.trials],

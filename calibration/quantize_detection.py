@@ -130,6 +130,58 @@ def _evaluate(onnx_path: Path, ds: Any, samples: Sequence[Any], classes: Sequenc
     return m, float(np.median(ms)) if ms else float("nan")
 
 
+def _openvino_evaluate(onnx_path: Path, ds: Any, samples: Sequence[Any], classes: Sequence[str], threshold: float,
+                       threads: int, precision: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """mAP through OpenVINO at ``precision`` (f32 | bf16): the station's other CPU engine, same images."""
+    from calibration.export_detection import OUTPUT_NAMES
+    from runtime.backend_openvino import OpenVINOModel
+    from training.detection.task import DetectionTask, DetPredictions
+
+    engine = OpenVINOModel(onnx_path, list(OUTPUT_NAMES), threads=threads, precision=precision)
+    preds = []
+    try:
+        for i in range(len(ds)):
+            image, target = ds[i]
+            b, s, lab = engine.run(image.numpy()[None].astype(np.float32))
+            keep = s[0] > 0  # padding rows
+            preds.append((target["geometry"].to_original(b[0][keep]), s[0][keep].astype(np.float32),
+                          lab[0][keep].astype(np.int64) - 1))
+    finally:
+        engine.close()
+    m = DetectionTask(threshold).evaluate(DetPredictions(list(samples), preds), classes)
+    return m, {"openvino": engine.version, "inference_precision": engine.inference_precision}
+
+
+def backend_records(ids: Sequence[str], models: dict[str, Path], known: dict[str, dict[str, Any]], card: Any,
+                    held_out: Sequence[Any], *, reference_map50: float, budget: float, split: str,
+                    score_threshold: float, threads: int) -> dict[str, dict[str, dict[str, Any]]]:
+    """{artifact: {record id: mAP + engine facts + gate vs the ONNX Runtime FP32 mAP@.5}} (calibrate
+    --gate-backends): ``auto`` refuses a backend whose record fails (runtime.backends.accuracy_record)."""
+    from training.detection.loader import DetectionDataset
+
+    ds = DetectionDataset(list(held_out), card.detector.image_size)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for key, path in models.items():
+        out[key] = {}
+        for rid in ids:
+            if rid == "onnxruntime":
+                import onnxruntime
+
+                m, facts = known[key], {"onnxruntime": onnxruntime.__version__, "inference_precision": "f32"}
+            else:
+                m, facts = _openvino_evaluate(path, ds, held_out, card.classes, score_threshold, threads,
+                                              rid.partition(":")[2])
+                rid = f"openvino:{facts['inference_precision']}"  # what the plugin actually ran
+            drop = 100.0 * (reference_map50 - (m.get(GATE_METRIC) or 0.0))
+            passed = drop <= budget + 1e-9
+            out[key][rid] = {"map50": m.get(GATE_METRIC), "map": m.get("map"), **facts,
+                             "gate": {"passed": passed, "metric": GATE_METRIC, "budget_points": budget,
+                                      "metrics": [GATE_METRIC], "drops_points": {GATE_METRIC: round(drop, 4)},
+                                      "failed": [] if passed else [GATE_METRIC], "split": split,
+                                      "n": len(held_out), "reference": "onnxruntime fp32"}}
+    return out
+
+
 def calibrate_detector(
     fp32_model: str | Path,
     card: Any,
@@ -203,7 +255,8 @@ def calibrate_detector(
 
 
 def calibrate_bundle(bundle_dir: str | Path, run_dir: str | Path, *, split: str = "test", limit: int | None = None,
-                     echo: Callable[[str], Any] = print, **kwargs: Any) -> DetectionCalibration:
+                     gate_backends: Sequence[str] = ("onnxruntime",), echo: Callable[[str], Any] = print,
+                     **kwargs: Any) -> DetectionCalibration:
     """``defectscope calibrate`` on a detection bundle: the gated INT8 artifact added atomically, made default."""
     from runtime.bundle import Artifact, add_artifact, load_bundle
     from training.detection.checkpoint import CheckpointError, DetCard
@@ -243,10 +296,29 @@ def calibrate_bundle(bundle_dir: str | Path, run_dir: str | Path, *, split: str 
                  "float_parts": sorted(set(PARTS) - set(SCOPES[c.scope])) + ["box_predictor", "postprocess"],
                  "scope_trials": [t.to_dict() for t in result.trials],
                  "fp32_ms_per_image": round(result.fp32_ms_per_image, 3)}
-        metrics = {"split": split, "n": len(held_out), "map": c.map, "map50": c.map50, "part": c.part,
-                   "latency_ms_median": c.ms_per_image, "gate": gate}
+        metrics: dict[str, Any] = {"split": split, "n": len(held_out), "map": c.map, "map50": c.map50,
+                                   "part": c.part, "latency_ms_median": c.ms_per_image, "gate": gate}
+        records: dict[str, dict[str, dict[str, Any]]] = {}
+        if any(r != "onnxruntime" for r in gate_backends):
+            ref = result.reference
+            records = backend_records(
+                gate_backends, {fp32_key: bundle.artifact_path(fp32_key), "int8": dest},
+                {fp32_key: ref, "int8": {"map50": c.map50, "map": c.map}}, card, held_out,
+                reference_map50=ref.get(GATE_METRIC) or 0.0, budget=result.budget_points, split=split,
+                score_threshold=threshold, threads=kwargs.get("threads", 1))
+            for key, per in records.items():
+                for rid, r in per.items():
+                    echo(f"gate through {rid:14} {key:5}: mAP@.5 {r['map50'] or 0.0:.4f} (drop "
+                         f"{r['gate']['drops_points'][GATE_METRIC]:+.2f} pts) -> "
+                         f"{'ok' if r['gate']['passed'] else 'FAIL: auto will refuse it'}")
+            metrics["backends"] = records["int8"]
         add_artifact(bundle_dir, "int8", Artifact(file="model.int8.onnx", format="onnx", precision="int8",
                                                   quantization=quant), dest, metrics=metrics, make_default=True)
+        if records:
+            fresh = load_bundle(bundle_dir)
+            fp32_metrics = {**dict(fresh.manifest.metrics.get(fp32_key) or {}), "backends": records[fp32_key]}
+            add_artifact(bundle_dir, fp32_key, fresh.manifest.artifacts[fp32_key], fresh.artifact_path(fp32_key),
+                         metrics=fp32_metrics)
         return DetectionCalibration(c, result.trials, result.reference, result.budget_points,
                                     result.fp32_ms_per_image, Path(bundle_dir) / "model.int8.onnx")
 

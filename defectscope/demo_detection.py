@@ -193,9 +193,14 @@ def run(args: argparse.Namespace) -> int:
     _done(t0, "exported")
 
     t0 = _step("4/5 INT8 by scope behind the mAP@.5 gate")
+    import importlib.util
+
     from defectscope.cli import resolve
 
-    rc = resolve("calibrate")([str(bundle), "--run", str(run_dir), "--threads", str(args.threads)])
+    # Gate OpenVINO too when it is installed: `auto` prefers it on x86 and refuses it where it loses mAP.
+    gate = "onnxruntime,openvino" if importlib.util.find_spec("openvino") else "onnxruntime"
+    rc = resolve("calibrate")([str(bundle), "--run", str(run_dir), "--threads", str(args.threads),
+                               "--gate-backends", gate])
     if rc not in (0, 3):  # 3: no scope passed the gate, FP32 keeps serving (said above)
         raise SystemExit(f"demo: calibrate failed with exit code {rc}")
     _done(t0, "calibrated" if rc == 0 else "INT8 refused by the gate; serving FP32")

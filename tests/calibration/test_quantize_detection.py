@@ -118,3 +118,32 @@ def test_calibrate_refuses_a_tampered_detection_bundle(tiny_detector, tmp_path):
         f.write(b"\0")  # the checksum no longer matches: never quantize (or ship) an unverified graph
     assert ds_main(["calibrate", str(bundle), "--run", str(run), "--size", "4"]) == 1
     assert not (bundle / "model.int8.onnx").exists()
+
+
+def test_gate_backends_records_openvino_per_artifact_and_auto_reads_them(tiny_detector, tmp_path):
+    """`calibrate --gate-backends onnxruntime,openvino:f32` on a detector: mAP records per engine; a failing
+    record makes `auto` refuse that backend (the station never serves an engine that lost mAP)."""
+    pytest.importorskip("openvino")
+    import shutil
+
+    from defectscope.cli import main as ds_main
+    from runtime.backends import accuracy_record, accuracy_refusal
+    from runtime.bundle import load_bundle
+
+    run, src = tiny_detector
+    bundle = tmp_path / "bundle"
+    shutil.copytree(src, bundle)
+    assert ds_main(["calibrate", str(bundle), "--run", str(run), "--size", "8", "--threads", "2",
+                    "--gate-backends", "onnxruntime,openvino:f32"]) == 0
+    b = load_bundle(bundle)
+    for key in ("fp32", "int8"):
+        rec = b.manifest.metrics[key]["backends"]
+        assert set(rec) == {"onnxruntime", "openvino:f32"}
+        ov = rec["openvino:f32"]
+        assert ov["gate"]["metric"] == "map50" and ov["inference_precision"] == "f32" and "openvino" in ov
+        assert accuracy_record(b, key, "openvino:f32") == ov
+        assert (accuracy_refusal(ov) is None) == ov["gate"]["passed"]
+    # A forged failing record is what auto reads: refused, with the budget and the drop in the reason.
+    forged = {"gate": {**b.manifest.metrics["int8"]["backends"]["openvino:f32"]["gate"], "passed": False,
+                       "drops_points": {"map50": 3.06}, "failed": ["map50"]}}
+    assert "fails the budget" in accuracy_refusal(forged) and "map50 -3.06" in accuracy_refusal(forged)
