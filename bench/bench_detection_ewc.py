@@ -3,7 +3,11 @@
 
 Line A = synthetic defects (training.detection.synth) on the functional monocrystalline ELPV cells,
 line B = the same four defect classes on the polycrystalline cells (a new product line, same classes).
-A Faster R-CNN is trained on line A, then extended to line B with `defectscope extend` three ways:
+With ``--base RUN`` an existing detector is line A (its own test split is the old test set) and
+line B is the same defects on other functional cells seen through another camera (``--camera``:
+gamma 0.6 and a 3x3 blur, as a second station's EL camera would differ).
+A Faster R-CNN is trained on line A (or taken from --base), then extended to line B with
+`defectscope extend` three ways:
 naive fine-tuning (--lambda 0), EWC (the default lambda), EWC + replay. Forgetting = line-A test
 mAP@.5 before - after, in points (training.detection.extend's report). The defects are synthetic; the
 cells are real (ELPV, CC BY-NC-SA: never commit the data). Prints a table and writes JSON.
@@ -44,10 +48,33 @@ def cells_by_type() -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
+def _camera_cells(out: Path, skip: set[str], n: int) -> list[Any]:
+    """Functional cells not used by line A, as another camera sees them: gamma 0.6, 3x3 blur (uint8)."""
+    import cv2
+    import numpy as np
+
+    from runtime.preprocess import read_image
+    from training.detection.synth import elpv_functional_cells
+
+    lut = (255.0 * (np.arange(256) / 255.0) ** 0.6).astype(np.uint8)
+    cells = [p for p in elpv_functional_cells() if Path(p).name not in skip][-n:]
+    return [cv2.blur(cv2.LUT(read_image(p), lut), (3, 3)) for p in cells]
+
+
 def _data(ns: argparse.Namespace, out: Path) -> tuple[Path, Path]:
     from training.detection.synth import SynthSpec, generate
 
     a, b = out / "line-a", out / "line-b"
+    if ns.base:
+        used: set[str] = set()
+        data_json = Path(json.loads((Path(ns.base) / "model.json").read_text())["data"]["path"])
+        for split in ("train", "val", "test"):
+            f = data_json.parent / f"{split}.json"
+            if f.is_file():
+                used |= {im.get("source_cell", "") for im in json.loads(f.read_text())["images"]}
+        if not (b / "train.json").is_file():
+            generate(b, _camera_cells(out, used, ns.cells), SynthSpec(seed=1))
+        return data_json.parent, b
     if ns.smoke:
         import numpy as np
 
@@ -82,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lambdas", default="0,default", help="extend lambdas: numbers or 'default' (comma list)")
     p.add_argument("--replay", default="10%", help="replay share for the EWC + replay run ('' = skip)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--base", help="an existing detector run as line A (skip base training); line B = other cells, "
+                                   "another camera")
     p.add_argument("--smoke", action="store_true")
     ns = p.parse_args(argv)
     if ns.smoke:
@@ -91,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     a, b = _data(ns, out)
     common = ["--backbone", ns.backbone, "--image-size", f"{ns.size},{ns.size}", "--threads", str(ns.threads),
               *(TINY if ns.smoke else ["--quiet"])]
-    base = out / "base"
+    base = Path(ns.base) if ns.base else out / "base"
     t0 = time.perf_counter()
     if not (base / "best.safetensors").is_file():
         _run("train", ["--data", str(a / "train.json"), "--out", str(base), "--overwrite",
@@ -116,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"run": label, "seconds": time.perf_counter() - t0, "forgetting_map50": rep["forgetting_map50"],
                      "before": rep["before"], "after": rep["after"], "lambda": rep.get("lambda")})
     naive = next((r for r in rows if r["run"] == "lambda=0"), None)
-    print(f"\n{ns.backbone} @ {ns.size}px; line A = mono cells, line B = poly cells ({ns.cells} cells each); "
-          f"base {ns.base_epochs} epochs, extends {ns.extend_epochs} epochs")
+    lines = (f"line A = {base}, line B = {ns.cells} other cells through another camera" if ns.base else
+             f"line A = mono cells, line B = poly cells ({ns.cells} cells each); base {ns.base_epochs} epochs")
+    print(f"\n{ns.backbone} @ {ns.size}px; {lines}; extends {ns.extend_epochs} epochs")
     print(f"{'run':32} {'old mAP@.5 before -> after':>28} {'forgetting':>10} {'new mAP@.5 after':>16} {'vs naive':>8}")
     for r in rows:
         ratio = (r["forgetting_map50"] / naive["forgetting_map50"]
