@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['run']:32} {r['before']['old']['map50']:>13.4f} -> {r['after']['old']['map50']:<12.4f} "
               f"{r['forgetting_map50']:>10.4f} {r['after']['new']['map50']:>16.4f} "
               f"{'' if ratio is None else f'{ratio:.2f}x':>8}")
-    ewc = [r for r in rows if r is not naive and r["forgetting_vs_naive"] is not None]
+    # The target is EWC's (each lambda run); EWC + replay is reported beside it.
+    ewc = [r for r in rows if r is not naive and r["forgetting_vs_naive"] is not None and "replay" not in r["run"]]
     passed = bool(ewc) and all(r["forgetting_vs_naive"] <= TARGET_RATIO for r in ewc)
     print(f"target: EWC forgetting <= {TARGET_RATIO} x naive -> {'PASS' if passed else 'FAIL'}")
     from runtime.fsio import atomic_write_json
