@@ -35,19 +35,6 @@ TINY = ["--weights", "none", "--representation-size", "64", "--fpn-channels", "1
         "--rpn-post-nms-train", "100", "--box-batch-size-per-image", "64", "--quiet", "--panels", "1"]
 
 
-def cells_by_type() -> dict[str, list[str]]:
-    """Functional ELPV cells (defect probability 0) by cell type (mono / poly)."""
-    from training.data import elpv_root
-
-    root = elpv_root()
-    out: dict[str, list[str]] = {}
-    for line in (root / "labels.csv").read_text().splitlines():
-        parts = line.split()
-        if len(parts) == 3 and float(parts[1]) == 0.0:
-            out.setdefault(parts[2], []).append(str(root / parts[0]))
-    return {k: sorted(v) for k, v in out.items()}
-
-
 def _camera_cells(out: Path, skip: set[str], n: int) -> list[Any]:
     """Functional cells not used by line A, as another camera sees them: gamma 0.6, 3x3 blur (uint8)."""
     import cv2
@@ -82,7 +69,9 @@ def _data(ns: argparse.Namespace, out: Path) -> tuple[Path, Path]:
         src_a: list[Any] = [rng.normal(90, 8, (80, 80)).clip(0, 255).astype(np.uint8) for _ in range(14)]
         src_b: list[Any] = [rng.normal(170, 20, (80, 80)).clip(0, 255).astype(np.uint8) for _ in range(14)]
     else:
-        cells = cells_by_type()
+        from training.detection.synth import elpv_functional_cells_by_type
+
+        cells = elpv_functional_cells_by_type()
         src_a, src_b = cells["mono"], cells["poly"]
     for d, src, seed in ((a, src_a, 0), (b, src_b, 1)):
         if not (d / "train.json").is_file():

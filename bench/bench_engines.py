@@ -50,8 +50,9 @@ def engine_label(backend: str, artifact: str, inference_precision: str | None) -
 def accuracy_verdicts(path: str) -> dict[str, bool | None]:
     """bench_openvino_accuracy.py's JSON -> {engine label: passed its accuracy target (None: the reference)}."""
     import json
+    from pathlib import Path
 
-    rows = json.loads(open(path, encoding="utf-8").read())["rows"]
+    rows = json.loads(Path(path).read_text(encoding="utf-8"))["rows"]
     out: dict[str, bool | None] = {}
     for r in rows:
         backend = "openvino" if r["backend"].startswith("openvino") else r["backend"]

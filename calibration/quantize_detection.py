@@ -135,17 +135,12 @@ def _openvino_evaluate(onnx_path: Path, ds: Any, samples: Sequence[Any], classes
     """mAP through OpenVINO at ``precision`` (f32 | bf16): the station's other CPU engine, same images."""
     from calibration.export_detection import OUTPUT_NAMES
     from runtime.backend_openvino import OpenVINOModel
+    from training.detection.export import predict_with
     from training.detection.task import DetectionTask, DetPredictions
 
     engine = OpenVINOModel(onnx_path, list(OUTPUT_NAMES), threads=threads, precision=precision)
-    preds = []
     try:
-        for i in range(len(ds)):
-            image, target = ds[i]
-            b, s, lab = engine.run(image.numpy()[None].astype(np.float32))
-            keep = s[0] > 0  # padding rows
-            preds.append((target["geometry"].to_original(b[0][keep]), s[0][keep].astype(np.float32),
-                          lab[0][keep].astype(np.int64) - 1))
+        preds, _ = predict_with(engine.run, ds)
     finally:
         engine.close()
     m = DetectionTask(threshold).evaluate(DetPredictions(list(samples), preds), classes)
@@ -259,7 +254,7 @@ def calibrate_bundle(bundle_dir: str | Path, run_dir: str | Path, *, split: str 
                      **kwargs: Any) -> DetectionCalibration:
     """``defectscope calibrate`` on a detection bundle: the gated INT8 artifact added atomically, made default."""
     from runtime.bundle import Artifact, add_artifact, load_bundle
-    from training.detection.checkpoint import CheckpointError, DetCard
+    from training.detection.checkpoint import DetCard
     from training.detection.export import _held_out
 
     bundle = load_bundle(bundle_dir)  # checksums verified before the FP32 graph is used
@@ -272,10 +267,8 @@ def calibrate_bundle(bundle_dir: str | Path, run_dir: str | Path, *, split: str 
     card_path = Path(run_dir) / "model.json"
     try:
         card = DetCard.from_dict(json.loads(card_path.read_text(encoding="utf-8")), where=str(card_path))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError includes CheckpointError: a forged or invalid card
         raise DetectionQuantizationError(f"{card_path}: cannot read the detection card ({exc})") from None
-    except CheckpointError:
-        raise
     if ["ok", *card.classes] != list(m.classes):
         raise DetectionQuantizationError(f"{card_path}: classes {list(card.classes)} are not the bundle's "
                                          f"{list(m.classes[1:])}; pass the run the bundle was exported from")

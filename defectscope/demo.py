@@ -18,7 +18,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # Measured (docs/benchmarks.md, issue 18): trained and served with "linear", the demo's held-out accuracy
 # stays within the split's noise of bicubic/AREA while the station's resize costs ~4.5x less CPU.
@@ -103,12 +105,16 @@ def _holdout_dirs(run: Path, out: Path, cameras: int) -> dict[str, dict[str, int
     return truth
 
 
-def _station_toml(out: Path, bundle: Path, zmq_port: int, metrics_port: int, cameras: list[str], threads: int) -> Path:
+def _station_toml(out: Path, bundle: Path, zmq_port: int, metrics_port: int, cameras: list[str], threads: int,
+                  *, station: str = "demo", max_batch: int = 8, max_wait_ms: float = 5.0,
+                  decision: str = "[decision]\nuncertain_band = 0.1\n",
+                  comment: str = "two cameras replay the held-out ELPV cells in a loop") -> Path:
+    """The demo's station config: each camera replays ``out/holdout/<camera>`` in a loop."""
     cams = "\n".join(
         f'[[cameras]]\nid = "{c}"\nsource = "{(out / "holdout" / c).resolve()}"\nloop = true\n' for c in cameras
     )
-    text = f"""# Written by `defectscope demo`: two cameras replay the held-out ELPV cells in a loop.
-station = "demo"
+    text = f"""# Written by `defectscope demo`: {comment}.
+station = "{station}"
 
 [model]
 bundle = "{bundle.resolve()}"
@@ -116,15 +122,13 @@ backend = "auto"
 threads = {threads}
 
 [batching]
-max_batch = 8
-max_wait_ms = 5.0
+max_batch = {max_batch}
+max_wait_ms = {max_wait_ms}
 
 [tta]
 views = ["original"]
 
-[decision]
-uncertain_band = 0.1
-
+{decision}
 [publisher]
 bind = ["tcp://127.0.0.1:{zmq_port}"]
 wait_for_subscribers = 1
@@ -160,9 +164,17 @@ def _metric_sum(text: str, name: str) -> float:
     return total
 
 
-def _serve_and_listen(station: Path, zmq_port: int, metrics_port: int, expected: int,
-                      truth: dict[str, dict[str, int]], classes: list[str], out: Path) -> dict:
+def stream_first_verdicts(station: Path, zmq_port: int, metrics_port: int, expected: int,
+                          key: Callable[[dict], Any], out: Path, timeout_s: float = 600.0
+                          ) -> tuple[dict[Any, dict], int, str]:
+    """Run ``defectscope serve`` on ``station`` (looping replays), keep the first verdict per ``key(msg)``
+    until ``expected`` are in, scrape /metrics while it serves, stop it with SIGTERM as systemd does.
+
+    Returns ({key: first verdict}, messages received, the /metrics text).
+    """
     import zmq
+
+    from runtime.messages import decode
 
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
@@ -172,11 +184,9 @@ def _serve_and_listen(station: Path, zmq_port: int, metrics_port: int, expected:
     log = open(out / "serve.log", "w")
     daemon = subprocess.Popen([sys.executable, "-m", "defectscope", "serve", "--config", str(station)],
                               stdout=log, stderr=subprocess.STDOUT)
-    first: dict[tuple[str, str], dict] = {}  # (camera, file) -> first verdict seen for it
+    first: dict[Any, dict] = {}
     received = 0
-    from runtime.messages import decode
-
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + timeout_s
     try:
         while len(first) < expected and time.monotonic() < deadline:
             try:
@@ -189,7 +199,7 @@ def _serve_and_listen(station: Path, zmq_port: int, metrics_port: int, expected:
             if msg.get("type") != "verdict":
                 continue
             received += 1
-            first.setdefault((msg["camera"], Path(msg.get("source") or "").name), msg)
+            first.setdefault(key(msg), msg)
             if received % 100 == 0:
                 print(f"  received {len(first)}/{expected} held-out verdicts", flush=True)
         # Scrape while serving, then stop the line the way systemd does: SIGTERM drains and exits 0.
@@ -204,6 +214,13 @@ def _serve_and_listen(station: Path, zmq_port: int, metrics_port: int, expected:
         log.close()
     if rc != 0:
         raise SystemExit(f"demo: the daemon exited with {rc}; see {out / 'serve.log'}")
+    return first, received, metrics
+
+
+def _serve_and_listen(station: Path, zmq_port: int, metrics_port: int, expected: int,
+                      truth: dict[str, dict[str, int]], classes: list[str], out: Path) -> dict:
+    first, received, metrics = stream_first_verdicts(
+        station, zmq_port, metrics_port, expected, lambda m: (m["camera"], Path(m.get("source") or "").name), out)
     messages = list(first.values())
     correct = sum(
         1 for m in messages

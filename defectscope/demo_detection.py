@@ -13,9 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ DEMO_CELLS = 240
 DEMO_EPOCHS = 4
 DEMO_IMAGE_SIZE = 320
 DEMO_BACKBONE = "efficientnet_lite0"
+CAMERA = "cam1"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,52 +37,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra `defectscope train` options for the detector (space-separated)")
 
 
-def _station_toml(out: Path, bundle: Path, replay: Path, zmq_port: int, metrics_port: int, threads: int) -> Path:
-    text = f"""# Written by `defectscope demo --task detection`: one camera replays the held-out synthetic-defect cells.
-station = "demo-det"
-
-[model]
-bundle = "{bundle.resolve()}"
-backend = "auto"
-threads = {threads}
-
-[batching]
-max_batch = 1
-max_wait_ms = 0.0
-
-[tta]
-views = ["original"]
-
-[publisher]
-bind = ["tcp://127.0.0.1:{zmq_port}"]
-wait_for_subscribers = 1
-
-[metrics]
-host = "127.0.0.1"
-port = {metrics_port}
-
-[snapshots]
-enabled = true
-dir = "{(out / 'snapshots').resolve()}"
-quota_mb = 64
-
-[[cameras]]
-id = "cam1"
-source = "{replay.resolve()}"
-loop = true
-"""
-    path = out / "station.toml"
-    path.write_text(text)
-    return path
-
-
 def _replay_dir(data: Path, out: Path) -> tuple[Path, dict[str, int]]:
     """The test split linked into one replay folder; {file name: ground-truth box count}."""
     coco = json.loads((data / "test.json").read_text())
     counts: dict[int, int] = {}
     for a in coco["annotations"]:
         counts[a["image_id"]] = counts.get(a["image_id"], 0) + 1
-    d = out / "holdout"
+    d = out / "holdout" / CAMERA
     d.mkdir(parents=True, exist_ok=True)
     for old in d.iterdir():
         old.unlink()
@@ -98,49 +57,10 @@ def _replay_dir(data: Path, out: Path) -> tuple[Path, dict[str, int]]:
 
 
 def _serve(station: Path, zmq_port: int, metrics_port: int, truth: dict[str, int], out: Path) -> dict[str, Any]:
-    import signal
+    from defectscope.demo import _metric_sum, stream_first_verdicts
 
-    import zmq
-
-    from defectscope.demo import _metric_sum, _scrape
-    from runtime.messages import decode
-
-    ctx = zmq.Context.instance()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.setsockopt(zmq.RCVTIMEO, 1000)
-    sub.connect(f"tcp://127.0.0.1:{zmq_port}")
-    log = open(out / "serve.log", "w")
-    daemon = subprocess.Popen([sys.executable, "-m", "defectscope", "serve", "--config", str(station)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    seen: dict[str, dict[str, Any]] = {}
-    rc = None
-    deadline = time.monotonic() + 900
-    try:
-        # The replay loops; the first verdict of each file counts, then metrics are scraped while it serves.
-        while len(seen) < len(truth) and time.monotonic() < deadline:
-            try:
-                _topic, payload = sub.recv_multipart()
-            except zmq.Again:
-                if daemon.poll() is not None:
-                    break
-                continue
-            msg = decode(payload)
-            if msg.get("type") == "verdict":
-                seen.setdefault(Path(msg.get("source") or "").name, msg)
-                if len(seen) % 25 == 0:
-                    print(f"  received {len(seen)}/{len(truth)} verdicts", flush=True)
-        metrics = _scrape(metrics_port) or ""
-        daemon.send_signal(signal.SIGTERM)  # as systemd stops it: drain, exit 0
-        rc = daemon.wait(timeout=60)
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait(timeout=30)
-        sub.close(0)
-        log.close()
-    if rc != 0:
-        raise SystemExit(f"demo: the daemon exited with {rc}; see {out / 'serve.log'}")
+    seen, _, metrics = stream_first_verdicts(station, zmq_port, metrics_port, len(truth),
+                                             lambda m: Path(m.get("source") or "").name, out, timeout_s=900.0)
     msgs = list(seen.values())
     tp = sum(1 for m in msgs if m["verdict"] == "defect" and truth.get(m["source"], 0) > 0)
     defective = sum(1 for m in msgs if truth.get(m["source"], 0) > 0)
@@ -159,7 +79,7 @@ def _serve(station: Path, zmq_port: int, metrics_port: int, truth: dict[str, int
 
 
 def run(args: argparse.Namespace) -> int:
-    from defectscope.demo import _done, _free_port, _run_cli, _step
+    from defectscope.demo import _done, _free_port, _run_cli, _station_toml, _step
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,9 +126,12 @@ def run(args: argparse.Namespace) -> int:
     _done(t0, "calibrated" if rc == 0 else "INT8 refused by the gate; serving FP32")
 
     t0 = _step("5/5 serve: a real daemon, boxes over ZeroMQ, metrics, SIGTERM")
-    replay, truth = _replay_dir(data, out)
+    _, truth = _replay_dir(data, out)
     zmq_port, metrics_port = args.zmq_port or _free_port(), args.metrics_port or _free_port()
-    station = _station_toml(out, bundle, replay, zmq_port, metrics_port, args.threads)
+    # Batch 1: the exported detector has a fixed batch; the bundle's score_threshold decides.
+    station = _station_toml(out, bundle, zmq_port, metrics_port, [CAMERA], args.threads, station="demo-det",
+                            max_batch=1, max_wait_ms=0.0, decision="",
+                            comment="one camera replays the held-out synthetic-defect cells in a loop")
     served = _serve(station, zmq_port, metrics_port, truth, out)
     _done(t0, "served")
     manifest = json.loads((bundle / "manifest.json").read_text())

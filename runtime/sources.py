@@ -117,14 +117,14 @@ class DirectoryReader:
             raise SourceError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
         self.files = [os.path.join(path, n) for n in names]
         self._iter = self._files()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") if prefetch else None
         self._ahead: deque[tuple[str, Future[np.ndarray] | None]] = deque()
         self._prefetch = prefetch
         self._images: list[tuple[np.ndarray, str]] | None = None
+        self._cursor = 0
         if preload_mb > 0:
             self._images = self._preload(preload_mb)
-            self._iter = iter(())
-            self._cursor = 0
+            prefetch = 0  # decoded already: no decode threads
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") if prefetch else None
 
     def _preload(self, budget_mb: float) -> list[tuple[np.ndarray, str]]:
         """Every readable image decoded once; read-only, because the same array is replayed again."""

@@ -233,6 +233,25 @@ def _tv_input(enum_name: str) -> InputSpec:
     )
 
 
+def _tv_spec(name: str, enum_name: str, dim: int, build: Callable, head_prefix: str, dropout: float) -> BackboneSpec:
+    """A torchvision body's spec; its ImageNet head (state keys under ``head_prefix``) is dropped on load."""
+
+    def strip(state: dict) -> dict:
+        return {k: v for k, v in state.items() if not k.startswith(head_prefix)}
+
+    return BackboneSpec(
+        name,
+        "torchvision",
+        dim,
+        _tv_input(enum_name),
+        build,
+        torchvision_loader(enum_name, strip),
+        enum_name,
+        dropout=dropout,
+        description=f"torchvision {name}",
+    )
+
+
 def _resnet(name: str, enum_name: str, dim: int) -> BackboneSpec:
     def build(_inp: InputSpec):
         from torchvision.models import get_model
@@ -244,20 +263,7 @@ def _resnet(name: str, enum_name: str, dim: int) -> BackboneSpec:
         ]
         return body, groups
 
-    def strip(state: dict) -> dict:
-        return {k: v for k, v in state.items() if not k.startswith("fc.")}
-
-    return BackboneSpec(
-        name,
-        "torchvision",
-        dim,
-        _tv_input(enum_name),
-        build,
-        torchvision_loader(enum_name, strip),
-        enum_name,
-        dropout=0.0,
-        description=f"torchvision {name}",
-    )
+    return _tv_spec(name, enum_name, dim, build, "fc.", 0.0)
 
 
 def _efficientnet(name: str, enum_name: str, dim: int, dropout: float) -> BackboneSpec:
@@ -272,20 +278,7 @@ def _efficientnet(name: str, enum_name: str, dim: int, dropout: float) -> Backbo
         groups += [LayerGroup("conv_head", (f"body.features.{n - 1}",))]
         return body, groups
 
-    def strip(state: dict) -> dict:
-        return {k: v for k, v in state.items() if not k.startswith("classifier.")}
-
-    return BackboneSpec(
-        name,
-        "torchvision",
-        dim,
-        _tv_input(enum_name),
-        build,
-        torchvision_loader(enum_name, strip),
-        enum_name,
-        dropout=dropout,
-        description=f"torchvision {name}",
-    )
+    return _tv_spec(name, enum_name, dim, build, "classifier.", dropout)
 
 
 def _mobilenet_v3(name: str, enum_name: str, dim: int) -> BackboneSpec:
@@ -316,20 +309,7 @@ def _mobilenet_v3(name: str, enum_name: str, dim: int) -> BackboneSpec:
         groups.append(LayerGroup("conv_head", (f"body.features.{n - 1}", "body.classifier")))
         return body, groups
 
-    def strip(state: dict) -> dict:
-        return {k: v for k, v in state.items() if not k.startswith("classifier.3.")}
-
-    return BackboneSpec(
-        name,
-        "torchvision",
-        dim,
-        _tv_input(enum_name),
-        build,
-        torchvision_loader(enum_name, strip),
-        enum_name,
-        dropout=0.2,
-        description=f"torchvision {name}",
-    )
+    return _tv_spec(name, enum_name, dim, build, "classifier.3.", 0.2)
 
 
 @register

@@ -324,13 +324,9 @@ def _list_backbones() -> int:
 def train_main(argv: list[str] | None = None) -> int:
     """``defectscope train``."""
     from .detection.cli import wants_detection
-    from .distributed import DistributedError, relaunch, teardown
+    from .distributed import launch_or_continue, teardown
 
-    try:
-        rc, argv = relaunch("train", list(sys.argv[1:] if argv is None else argv))
-    except DistributedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    rc, argv = launch_or_continue("train", argv)
     if rc is not None:
         return rc
     try:

@@ -156,25 +156,23 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (float64 kept as given); returns a new tensor on ``t``'s device."""
+def _all_reduce(t: torch.Tensor, op_name: str) -> torch.Tensor:
     if not active():
         return t
     import torch.distributed as dist
 
     buf = t.detach().to(_comm_device(), copy=True)
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    dist.all_reduce(buf, op=getattr(dist.ReduceOp, op_name))
     return buf.to(t.device)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (float64 kept as given); returns a new tensor on ``t``'s device."""
+    return _all_reduce(t, "SUM")
 
 
 def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
-    if not active():
-        return t
-    import torch.distributed as dist
-
-    buf = t.detach().to(_comm_device(), copy=True)
-    dist.all_reduce(buf, op=dist.ReduceOp.MIN)
-    return buf.to(t.device)
+    return _all_reduce(t, "MIN")
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
@@ -371,6 +369,16 @@ def launch_command(command: str, argv: Sequence[str], nproc: int) -> list[str]:
     ]
 
 
+def launch_or_continue(command: str, argv: Sequence[str] | None) -> tuple[int | None, list[str]]:
+    """The CLI entry of ``train`` / ``extend``: :func:`relaunch` on ``argv`` (default: the process's),
+    a bad ``--nproc-per-node`` printed as one error line with exit code 2."""
+    try:
+        return relaunch(command, list(sys.argv[1:] if argv is None else argv))
+    except DistributedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2, []
+
+
 def relaunch(command: str, argv: Sequence[str]) -> tuple[int | None, list[str]]:
     """``(exit code, None)`` after re-launching under torchrun when ``--nproc-per-node`` asks;
     else ``(None, argv without the flag)`` for the caller to run itself."""
@@ -402,6 +410,7 @@ __all__ = [
     "global_batches",
     "is_main",
     "launch_command",
+    "launch_or_continue",
     "main_echo",
     "on_main",
     "per_rank_batch",

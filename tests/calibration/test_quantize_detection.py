@@ -147,3 +147,23 @@ def test_gate_backends_records_openvino_per_artifact_and_auto_reads_them(tiny_de
     forged = {"gate": {**b.manifest.metrics["int8"]["backends"]["openvino:f32"]["gate"], "passed": False,
                        "drops_points": {"map50": 3.06}, "failed": ["map50"]}}
     assert "fails the budget" in accuracy_refusal(forged) and "map50 -3.06" in accuracy_refusal(forged)
+
+
+def test_calibrate_refuses_a_run_whose_classes_are_not_the_bundles(tiny_detector, tmp_path):
+    """A --run from another model (forged or mistaken card) is refused naming the card; nothing written."""
+    import shutil
+
+    from defectscope.cli import main as ds_main
+
+    run, src = tiny_detector
+    bundle, other = tmp_path / "bundle", tmp_path / "run"
+    shutil.copytree(src, bundle)
+    shutil.copytree(run, other)
+    card = json.loads((other / "model.json").read_text())
+    card["classes"] = card["detector"]["classes"] = ["crack", "pit"]
+    (other / "model.json").write_text(json.dumps(card))
+    before = (bundle / "manifest.json").read_bytes()
+    assert ds_main(["calibrate", str(bundle), "--run", str(other), "--size", "4"]) == 1
+    (other / "model.json").write_text("{not json")
+    assert ds_main(["calibrate", str(bundle), "--run", str(other), "--size", "4"]) == 1
+    assert (bundle / "manifest.json").read_bytes() == before and not (bundle / "model.int8.onnx").exists()

@@ -221,13 +221,9 @@ def _source_of_extend(argv: list[str]) -> str | None:
 def extend_dispatch(argv: list[str] | None = None) -> int:
     """``defectscope extend``: a detection source run goes to ``extend_main``, anything else to the classifier's."""
     from training.detection.checkpoint import card_task
-    from training.distributed import DistributedError, relaunch, teardown
+    from training.distributed import launch_or_continue, teardown
 
-    try:  # --nproc-per-node N: the same command line again under torchrun
-        rc, args = relaunch("extend", list(sys.argv[1:] if argv is None else argv))
-    except DistributedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    rc, args = launch_or_continue("extend", argv)  # --nproc-per-node N: the same command again under torchrun
     if rc is not None:
         return rc
     source = _source_of_extend(args)

@@ -35,12 +35,18 @@ def ort_predict(onnx_path: str | Path, ds: Any, threads: int = 1) -> tuple[list,
 
     sess = _session(onnx_path, threads)
     name = sess.get_inputs()[0].name
+    return predict_with(lambda x: sess.run(list(OUTPUT_NAMES), {name: x}), ds)
+
+
+def predict_with(run: Any, ds: Any) -> tuple[list, list[float]]:
+    """Any engine's ``run((1,3,H,W) float32) -> (boxes, scores, labels)`` over a ``DetectionDataset``:
+    per image ``(boxes original px, scores, labels 0-based)`` without padding rows; per-image ms."""
     out, ms = [], []
     for i in range(len(ds)):
         image, target = ds[i]
         x = image.numpy()[None].astype(np.float32)
         t0 = time.perf_counter()
-        b, s, lab = sess.run(list(OUTPUT_NAMES), {name: x})
+        b, s, lab = run(x)
         ms.append((time.perf_counter() - t0) * 1e3)
         keep = s[0] > 0
         out.append(
@@ -221,4 +227,4 @@ def export_run(
     return manifest
 
 
-__all__ = ["export_run", "manifest_dict", "ort_predict", "write_detection_bundle"]
+__all__ = ["export_run", "manifest_dict", "ort_predict", "predict_with", "write_detection_bundle"]

@@ -169,14 +169,19 @@ def composite(background: np.ndarray, rng: np.random.Generator, n_defects: int, 
 # -- dataset ---------------------------------------------------------------------------------
 def elpv_functional_cells() -> list[str]:
     """Paths of the ELPV cells graded functional (defect probability 0), sorted."""
+    return sorted(p for paths in elpv_functional_cells_by_type().values() for p in paths)
+
+
+def elpv_functional_cells_by_type() -> dict[str, list[str]]:
+    """The functional ELPV cells by cell type (``mono`` / ``poly``), each list sorted."""
     from training.data import elpv_root
     root = elpv_root()
-    paths = []
+    out: dict[str, list[str]] = {}
     for line in (root / "labels.csv").read_text().splitlines():
         parts = line.split()
         if len(parts) == 3 and float(parts[1]) == 0.0:
-            paths.append(str(root / parts[0]))
-    return sorted(paths)
+            out.setdefault(parts[2], []).append(str(root / parts[0]))
+    return {k: sorted(v) for k, v in out.items()}
 
 
 def _load(source: str | np.ndarray) -> np.ndarray:
