@@ -57,15 +57,16 @@ TYPED_PATHS ?= training/engine.py training/tasks.py training/extend_run.py train
 	training/trainer.py training/extend_cli.py training/extend.py training/cli.py training/evaluate.py \
 	training/distributed.py runtime/tta.py runtime/preprocess.py
 
-# The runtime (less pipeline.py: one type error left; sources.py: not yet formatted) and the backbone modules.
+# The runtime and the backbone modules.
 TYPED_PATHS += training/backbones.py training/classifier.py training/weights.py training/backbone_lite.py \
 	runtime/__init__.py runtime/backend_openvino.py runtime/backend_tensorrt.py runtime/backends.py \
 	runtime/batcher.py runtime/boxes.py runtime/bundle.py runtime/bundle_cli.py runtime/bundle_fs.py \
-	runtime/bundle_output.py runtime/bundle_stage.py runtime/config.py runtime/config_table.py runtime/daemon.py \
+	runtime/bundle_output.py runtime/bundle_stage.py runtime/config.py runtime/config_table.py runtime/config_types.py \
+	runtime/daemon.py runtime/pipeline.py runtime/sources.py \
 	runtime/decision.py runtime/engine_build.py runtime/engine_gate.py runtime/engine_meta.py runtime/fsio.py \
 	runtime/messages.py runtime/metrics.py runtime/model.py runtime/model_store.py runtime/notify.py \
 	runtime/preview.py runtime/publisher.py runtime/reload_cli.py runtime/serve_cli.py runtime/service.py \
-	runtime/signature.py runtime/snapshots.py runtime/viewer.py
+	runtime/signature.py runtime/snapshots.py runtime/viewer.py bench/profile_detection_ops.py bench/bench_detection_ewc.py
 
 lint: install
 	$(VENV)/bin/ruff check $(LINT_PATHS)

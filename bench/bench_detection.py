@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    from calibration.quantize_detection import DEFAULT_CALIBRATION_IMAGES
     from training.detection.config import DetTrainConfig, field_defaults
 
     D = field_defaults(DetTrainConfig)
@@ -49,7 +50,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/bench-det")
     p.add_argument("--json", help="result JSON (default <out>/bench_detection.json)")
     p.add_argument("--reuse", action="store_true", help="reuse <out>/run and <out>/bundle (re-time, re-evaluate)")
-    p.add_argument("--calibration-images", type=int, default=64)
+    p.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES)
     p.add_argument(
         "--smoke",
         action="store_true",

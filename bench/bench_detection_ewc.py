@@ -31,8 +31,23 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 TARGET_RATIO = 0.5  # EWC forgetting <= this x naive forgetting
-TINY = ["--weights", "none", "--representation-size", "64", "--fpn-channels", "16", "--rpn-pre-nms-train", "200",
-        "--rpn-post-nms-train", "100", "--box-batch-size-per-image", "64", "--quiet", "--panels", "1"]
+TINY = [
+    "--weights",
+    "none",
+    "--representation-size",
+    "64",
+    "--fpn-channels",
+    "16",
+    "--rpn-pre-nms-train",
+    "200",
+    "--rpn-post-nms-train",
+    "100",
+    "--box-batch-size-per-image",
+    "64",
+    "--quiet",
+    "--panels",
+    "1",
+]
 
 
 def _camera_cells(out: Path, skip: set[str], n: int) -> list[Any]:
@@ -98,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lambdas", default="0,default", help="extend lambdas: numbers or 'default' (comma list)")
     p.add_argument("--replay", default="10%", help="replay share for the EWC + replay run ('' = skip)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--base", help="an existing detector run as line A (skip base training); line B = other cells, "
-                                   "another camera")
+    p.add_argument(
+        "--base", help="an existing detector run as line A (skip base training); line B = other cells, another camera"
+    )
+    p.add_argument("--seeds", default="0", help="extension seeds (comma list): order, augmentation, replay pick")
     p.add_argument("--smoke", action="store_true")
     ns = p.parse_args(argv)
     if ns.smoke:
@@ -107,54 +124,149 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     a, b = _data(ns, out)
-    common = ["--backbone", ns.backbone, "--image-size", f"{ns.size},{ns.size}", "--threads", str(ns.threads),
-              *(TINY if ns.smoke else ["--quiet"])]
+    common = [
+        "--backbone",
+        ns.backbone,
+        "--image-size",
+        f"{ns.size},{ns.size}",
+        "--threads",
+        str(ns.threads),
+        *(TINY if ns.smoke else ["--quiet"]),
+    ]
     base = Path(ns.base) if ns.base else out / "base"
     t0 = time.perf_counter()
     if not (base / "best.safetensors").is_file():
-        _run("train", ["--data", str(a / "train.json"), "--out", str(base), "--overwrite",
-                       "--epochs", str(ns.base_epochs), *common,
-                       *(["--max-steps-per-epoch", "2"] if ns.smoke else [])])
+        _run(
+            "train",
+            [
+                "--data",
+                str(a / "train.json"),
+                "--out",
+                str(base),
+                "--overwrite",
+                "--epochs",
+                str(ns.base_epochs),
+                *common,
+                *(["--max-steps-per-epoch", "2"] if ns.smoke else []),
+            ],
+        )
     base_s = time.perf_counter() - t0
     runs: list[tuple[str, list[str]]] = []
     for lam in ns.lambdas.split(","):
         runs.append((f"lambda={lam}", [] if lam == "default" else ["--lambda", lam]))
     if ns.replay:
         runs.append((f"lambda=default+replay {ns.replay}", ["--replay", ns.replay]))
+    seeds = [int(x) for x in ns.seeds.split(",") if x.strip()]
     rows = []
-    for label, extra in runs:
-        dest = out / ("extend-" + label.replace("=", "").replace(" ", "-").replace("%", "pct").replace("+", "-"))
-        t0 = time.perf_counter()
-        if not (dest / "report.json").is_file():
-            smoke = ["--max-steps-per-epoch", "2"] if ns.smoke else []
-            _run("extend", ["--from", str(base), "--data", str(b / "train.json"), "--out", str(dest), "--overwrite",
-                            "--epochs", str(ns.extend_epochs), "--threads", str(ns.threads), "--quiet", *smoke,
-                            *extra])
-        rep = json.loads((dest / "report.json").read_text())
-        rows.append({"run": label, "seconds": time.perf_counter() - t0, "forgetting_map50": rep["forgetting_map50"],
-                     "before": rep["before"], "after": rep["after"], "lambda": rep.get("lambda")})
-    naive = next((r for r in rows if r["run"] == "lambda=0"), None)
-    lines = (f"line A = {base}, line B = {ns.cells} other cells through another camera" if ns.base else
-             f"line A = mono cells, line B = poly cells ({ns.cells} cells each); base {ns.base_epochs} epochs")
-    print(f"\n{ns.backbone} @ {ns.size}px; {lines}; extends {ns.extend_epochs} epochs")
-    print(f"{'run':32} {'old mAP@.5 before -> after':>28} {'forgetting':>10} {'new mAP@.5 after':>16} {'vs naive':>8}")
-    for r in rows:
-        ratio = (r["forgetting_map50"] / naive["forgetting_map50"]
-                 if naive and naive["forgetting_map50"] and r is not naive else None)
-        r["forgetting_vs_naive"] = ratio
-        print(f"{r['run']:32} {r['before']['old']['map50']:>13.4f} -> {r['after']['old']['map50']:<12.4f} "
-              f"{r['forgetting_map50']:>10.4f} {r['after']['new']['map50']:>16.4f} "
-              f"{'' if ratio is None else f'{ratio:.2f}x':>8}")
-    # The target is EWC's (each lambda run); EWC + replay is reported beside it.
-    ewc = [r for r in rows if r is not naive and r["forgetting_vs_naive"] is not None and "replay" not in r["run"]]
+    for seed in seeds:
+        for label, extra in runs:
+            slug = label.replace("=", "").replace(" ", "-").replace("%", "pct").replace("+", "-")
+            dest = out / (f"extend-{slug}" + (f"-s{seed}" if len(seeds) > 1 else ""))
+            t0 = time.perf_counter()
+            if not (dest / "report.json").is_file():
+                smoke = ["--max-steps-per-epoch", "2"] if ns.smoke else []
+                _run(
+                    "extend",
+                    [
+                        "--from",
+                        str(base),
+                        "--data",
+                        str(b / "train.json"),
+                        "--out",
+                        str(dest),
+                        "--overwrite",
+                        "--epochs",
+                        str(ns.extend_epochs),
+                        "--threads",
+                        str(ns.threads),
+                        "--seed",
+                        str(seed),
+                        "--quiet",
+                        *smoke,
+                        *extra,
+                    ],
+                )
+            rep = json.loads((dest / "report.json").read_text())
+            rows.append(
+                {
+                    "run": label,
+                    "seed": seed,
+                    "seconds": time.perf_counter() - t0,
+                    "forgetting_map50": rep["forgetting_map50"],
+                    "before": rep["before"],
+                    "after": rep["after"],
+                    "lambda": rep.get("lambda"),
+                }
+            )
+    lines = (
+        f"line A = {base}, line B = {ns.cells} other cells through another camera"
+        if ns.base
+        else f"line A = mono cells, line B = poly cells ({ns.cells} cells each); base {ns.base_epochs} epochs"
+    )
+    print(f"\n{ns.backbone} @ {ns.size}px; {lines}; extends {ns.extend_epochs} epochs; seeds {seeds}")
+    summary = summarize(rows, [label for label, _ in runs])
+    print(f"{'run':32} {'old mAP@.5 after':>18} {'forgetting (pts)':>18} {'new mAP@.5 after':>18} {'vs naive':>8}")
+    for r in summary:
+        ratio = r["forgetting_vs_naive"]
+        print(
+            f"{r['run']:32} {_ms(r['old_after'], 4):>18} {_ms(r['forgetting_points'], 2):>18} "
+            f"{_ms(r['new_after'], 4):>18} {'' if ratio is None else f'{ratio:.2f}x':>8}"
+        )
+    # The target is EWC's (each lambda run, on the mean over seeds); EWC + replay is reported beside it.
+    ewc = [
+        r
+        for r in summary
+        if r["run"] != "lambda=0" and r["forgetting_vs_naive"] is not None and "replay" not in r["run"]
+    ]
     passed = bool(ewc) and all(r["forgetting_vs_naive"] <= TARGET_RATIO for r in ewc)
-    print(f"target: EWC forgetting <= {TARGET_RATIO} x naive -> {'PASS' if passed else 'FAIL'}")
+    print(f"target: EWC forgetting <= {TARGET_RATIO} x naive (means over seeds) -> {'PASS' if passed else 'FAIL'}")
     from runtime.fsio import atomic_write_json
 
-    atomic_write_json(out / "bench_detection_ewc.json", {"settings": vars(ns), "base_seconds": base_s, "runs": rows,
-                                                         "target_ratio": TARGET_RATIO, "pass": passed})
+    atomic_write_json(
+        out / "bench_detection_ewc.json",
+        {
+            "settings": vars(ns),
+            "base_seconds": base_s,
+            "runs": rows,
+            "summary": summary,
+            "target_ratio": TARGET_RATIO,
+            "pass": passed,
+        },
+    )
     print(f"-> {out / 'bench_detection_ewc.json'}")
     return 0
+
+
+def summarize(rows: list[dict[str, Any]], labels: list[str]) -> list[dict[str, Any]]:
+    """Per run label over seeds: mean and sample sd of old/new mAP@.5 after and forgetting (points)."""
+    import statistics
+
+    def ms(xs: list[float]) -> dict[str, float]:
+        return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+    out = []
+    for label in labels:
+        rs = [r for r in rows if r["run"] == label]
+        out.append(
+            {
+                "run": label,
+                "seeds": [r["seed"] for r in rs],
+                "forgetting_points": ms([100.0 * r["forgetting_map50"] for r in rs]),
+                "old_after": ms([r["after"]["old"]["map50"] for r in rs]),
+                "new_after": ms([r["after"]["new"]["map50"] for r in rs]),
+                "old_before": rs[0]["before"]["old"]["map50"],
+                "new_before": rs[0]["before"]["new"]["map50"],
+            }
+        )
+    naive = next((r for r in out if r["run"] == "lambda=0"), None)
+    for r in out:
+        f0 = naive["forgetting_points"]["mean"] if naive else 0.0
+        r["forgetting_vs_naive"] = r["forgetting_points"]["mean"] / f0 if naive and f0 > 0 and r is not naive else None
+    return out
+
+
+def _ms(x: dict[str, float], digits: int) -> str:
+    return f"{x['mean']:.{digits}f} ± {x['sd']:.{digits}f}" if x["n"] > 1 else f"{x['mean']:.{digits}f}"
 
 
 if __name__ == "__main__":

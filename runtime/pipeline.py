@@ -332,8 +332,10 @@ class Pipeline:
                     self.counts[frame.camera]["published"] += 1
             else:
                 self.metrics.publish_errors.inc()
-            if self.preview is not None and (got := self.preview.offer(frame.camera, frame.image, frame.seq,
-                                                                         frame.captured_at)) is not None:
+            if (
+                self.preview is not None
+                and (got := self.preview.offer(frame.camera, frame.image, frame.seq, frame.captured_at)) is not None
+            ):
                 if not pub.send(*got):
                     self.metrics.publish_errors.inc()
             inferred, e2e, verdicts = self._camera_metrics(frame.camera)
@@ -358,19 +360,35 @@ class Pipeline:
             "total": (time.monotonic() - frame.t_capture) * 1000.0,
         }
         return verdict_message(
-            station=self.cfg.station, camera=frame.camera, seq=frame.seq, source=frame.source,
-            captured_at=frame.captured_at, published_at=time.time(), model=r.model.info,
-            task=r.model.bundle.manifest.model.task, scores=scores_dict(classes, pred.scores), top_class=top_class,
-            top_score=top_score, verdict=dec.verdict, defect_class=dec.defect_class, confidence=dec.confidence,
-            latency_ms=latency, tta_views=views, detections=list(dec.detections))
+            station=self.cfg.station,
+            camera=frame.camera,
+            seq=frame.seq,
+            source=frame.source,
+            captured_at=frame.captured_at,
+            published_at=time.time(),
+            model=r.model.info,
+            task=r.model.bundle.manifest.model.task,
+            scores=scores_dict(classes, pred.scores),
+            top_class=top_class,
+            top_score=top_score,
+            verdict=dec.verdict,
+            defect_class=dec.defect_class,
+            confidence=dec.confidence,
+            latency_ms=latency,
+            tta_views=views,
+            detections=list(dec.detections),
+        )
 
     def _camera_metrics(self, camera: str) -> tuple[Any, Any, dict[str, Any]]:
         """Per-camera metric children, looked up once (labels() costs a lock + dict lookup per call)."""
         cached = self._metric_children.get(camera)
         if cached is None:
             m = self.metrics
-            cached = (m.frames_inferred.labels(camera), m.e2e_latency.labels(camera),
-                      {v: m.verdicts.labels(camera, v) for v in VERDICTS})
+            cached = (
+                m.frames_inferred.labels(camera),
+                m.e2e_latency.labels(camera),
+                {v: m.verdicts.labels(camera, v) for v in VERDICTS},
+            )
             self._metric_children[camera] = cached
         return cached
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import cv2
 import numpy as np
@@ -30,6 +30,9 @@ import numpy as np
 from runtime.batcher import FrameHub
 from runtime.config import CameraConfig
 from runtime.preprocess import ImageReadError, read_image, to_uint8
+
+if TYPE_CHECKING:
+    from runtime.boxes import Geometry
 
 log = logging.getLogger("defectscope.sources")
 
@@ -83,7 +86,7 @@ class Frame:
     preprocess_s: float = 0.0
     # runtime.boxes.Geometry of ``image`` -> the model input (detectors: maps boxes back to ``image``
     # pixels); set with ``tensor``, None for a center-cropping classifier.
-    geometry: object | None = None
+    geometry: Geometry | None = None
 
 
 class Reader(Protocol):
@@ -104,8 +107,15 @@ class DirectoryReader:
 
     live = False
 
-    def __init__(self, path: str, loop: bool, prefetch: int = 4, workers: int = 2,
-                 on_unreadable: Callable[[str, Exception], None] | None = None, preload_mb: float = 0.0) -> None:
+    def __init__(
+        self,
+        path: str,
+        loop: bool,
+        prefetch: int = 4,
+        workers: int = 2,
+        on_unreadable: Callable[[str, Exception], None] | None = None,
+        preload_mb: float = 0.0,
+    ) -> None:
         self.path, self.loop = path, loop
         # Called once per skipped file (decode errors are counted, not fatal); default: log it.
         self.on_unreadable = on_unreadable or (lambda p, exc: log.warning("skipping unreadable replay image: %s", exc))
@@ -137,9 +147,11 @@ class DirectoryReader:
                 continue
             used += image.nbytes
             if used > budget:
-                raise SourceError(f"{path}: preloading {self.path} needs more than preload_mb = "
-                                  f"{budget_mb:g} MB of decoded images; raise it or set 0 to decode "
-                                  "while replaying") from None
+                raise SourceError(
+                    f"{path}: preloading {self.path} needs more than preload_mb = "
+                    f"{budget_mb:g} MB of decoded images; raise it or set 0 to decode "
+                    "while replaying"
+                ) from None
             image.setflags(write=False)
             images.append((image, os.path.basename(path)))
         if not images:
@@ -304,8 +316,14 @@ class CameraEvents(Protocol):
 class Camera:
     """One capture thread: open, read, transform, prepare, enqueue; reopen with backoff on failure."""
 
-    def __init__(self, cfg: CameraConfig, hub: FrameHub, events: CameraEvents,
-                 prepare: Callable[[Frame], None] | None = None, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: CameraConfig,
+        hub: FrameHub,
+        events: CameraEvents,
+        prepare: Callable[[Frame], None] | None = None,
+        seed: int | None = None,
+    ) -> None:
         self.cfg = cfg
         self.hub = hub
         self.events = events
