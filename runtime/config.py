@@ -98,7 +98,7 @@ def _camera(t: _Table, base: Path) -> CameraConfig:
         raise t.error("id", f"expected letters, digits, '_' or '-' (no dots, at most 64), got {cam_id!r}")
     source = t.get("source", (str, int))
     source = str(source)
-    kind = t.choice("kind", SOURCE_KINDS, "auto")
+    kind = t.choice("kind", SOURCE_KINDS, CameraConfig.kind)
     if (
         kind in ("auto", "directory", "video")
         and not re.match(r"^[a-z]+://", source)
@@ -125,11 +125,11 @@ def _camera(t: _Table, base: Path) -> CameraConfig:
         ):
             raise t.error("roi", f"expected [x, y, width, height] integers (x, y >= 0; width, height > 0), got {roi!r}")
         roi = tuple(roi)
-    rotate = t.get("rotate", int, 0)
+    rotate = t.get("rotate", int, CameraConfig.rotate)
     if rotate not in ROTATIONS:
         raise t.error("rotate", f"expected one of {list(ROTATIONS)} (degrees clockwise), got {rotate!r}")
     default_full = "block" if kind in ("directory", "video") else "drop_oldest"
-    initial = t.number("reconnect_initial_s", 0.5, minimum=0.0, exclusive=True)
+    initial = t.number("reconnect_initial_s", CameraConfig.reconnect_initial_s, minimum=0.0, exclusive=True)
     maximum = t.number("reconnect_max_s", CameraConfig.reconnect_max_s, minimum=0.0, exclusive=True)
     if maximum < initial:
         raise t.error("reconnect_max_s", f"expected >= reconnect_initial_s ({initial:g}), got {maximum:g}")
@@ -138,14 +138,14 @@ def _camera(t: _Table, base: Path) -> CameraConfig:
         source=source,
         kind=kind,
         fps=fps,
-        loop=t.get("loop", bool, False),
+        loop=t.get("loop", bool, CameraConfig.loop),
         roi=roi,
         rotate=rotate,
-        queue_size=t.integer("queue_size", 4, minimum=1, maximum=10_000),
+        queue_size=t.integer("queue_size", CameraConfig.queue_size, minimum=1, maximum=10_000),
         on_full=t.choice("on_full", ON_FULL, default_full),
         reconnect_initial_s=initial,
         reconnect_max_s=maximum,
-        read_timeout_s=t.number("read_timeout_s", 5.0, minimum=0.0, exclusive=True),
+        read_timeout_s=t.number("read_timeout_s", CameraConfig.read_timeout_s, minimum=0.0, exclusive=True),
         preload_mb=t.number("preload_mb", CameraConfig.preload_mb, minimum=0.0, maximum=1_048_576.0),
     )
     if cam.preload_mb and kind != "directory":
@@ -173,10 +173,10 @@ def _model(t: _Table, base: Path) -> ModelConfig:
     model = ModelConfig(
         bundle=_path(base, t.get("bundle", str)),
         artifact=t.get("artifact", str, None),
-        backend=t.choice("backend", BACKENDS, "auto"),
-        threads=t.integer("threads", 1, minimum=1, maximum=256),
-        device_id=t.integer("device_id", 0, minimum=0),
-        warmup_runs=t.integer("warmup_runs", 2, minimum=0, maximum=1000),
+        backend=t.choice("backend", BACKENDS, ModelConfig.backend),
+        threads=t.integer("threads", ModelConfig.threads, minimum=1, maximum=256),
+        device_id=t.integer("device_id", ModelConfig.device_id, minimum=0),
+        warmup_runs=t.integer("warmup_runs", ModelConfig.warmup_runs, minimum=0, maximum=1000),
         openvino=_openvino(t.table("openvino"), base),
         min_frame_side=t.integer("min_frame_side", ModelConfig.min_frame_side, minimum=1, maximum=100_000),
     )
@@ -187,8 +187,8 @@ def _model(t: _Table, base: Path) -> ModelConfig:
 @_section("batching")
 def _batching(t: _Table, base: Path) -> BatchingConfig:
     batching = BatchingConfig(
-        max_batch=t.integer("max_batch", 8, minimum=1, maximum=1024),
-        max_wait_ms=t.number("max_wait_ms", 5.0, minimum=0.0, maximum=10_000.0),
+        max_batch=t.integer("max_batch", BatchingConfig.max_batch, minimum=1, maximum=1024),
+        max_wait_ms=t.number("max_wait_ms", BatchingConfig.max_wait_ms, minimum=0.0, maximum=10_000.0),
     )
     t.finish()
     return batching
@@ -205,7 +205,7 @@ def _expand_presets(views: list[str]) -> list[str]:
 
 @_section("tta")
 def _tta(t: _Table, base: Path) -> TTAConfig:
-    raw = t.get("views", (list, str), ["original"])
+    raw = t.get("views", (list, str), list(TTAConfig.views))
     if not raw or not all(isinstance(v, str) for v in raw):
         raise t.error("views", f"expected a preset name or a non-empty array of view or preset names, got {raw!r}")
     raw = [raw] if isinstance(raw, str) else raw
@@ -221,7 +221,7 @@ def _tta(t: _Table, base: Path) -> TTAConfig:
                 "'hflip', 'vflip', 'rot90', 'rot180', 'rot270', 'transpose', 'transverse' or "
                 "'scale:F' (F = factor on the manifest's resize_size, 0.25..4)",
             )
-    mode = t.get("mode", str, "always")
+    mode = t.get("mode", str, TTAConfig.mode)
     if mode not in TTA_MODES:
         raise t.error("mode", f"expected one of {list(TTA_MODES)}, got {mode!r}")
     if mode == "uncertain" and len(views) < 2:
@@ -230,7 +230,7 @@ def _tta(t: _Table, base: Path) -> TTAConfig:
             "'uncertain' needs at least two views (the first judges every frame, the others "
             f"the frames near a threshold), got views = {views}",
         )
-    band = t.number("band", 0.2, minimum=0.0, exclusive=True, maximum=1.0)
+    band = t.number("band", TTAConfig.band, minimum=0.0, exclusive=True, maximum=1.0)
     tta = TTAConfig(views=tuple(views), mode=mode, band=band)
     t.finish()
     return tta
@@ -248,11 +248,11 @@ def _decision(t: _Table, base: Path) -> DecisionConfig:
     if good is not None and (not good or not all(isinstance(g, str) for g in good)):
         raise t.error("good_classes", f"expected a non-empty array of class names, got {good!r}")
     decision = DecisionConfig(
-        default_threshold=t.number("default_threshold", None, minimum=0.0, maximum=1.0),
+        default_threshold=t.number("default_threshold", DecisionConfig.default_threshold, minimum=0.0, maximum=1.0),
         thresholds={k: float(v) for k, v in thresholds.items()},
-        uncertain_band=t.number("uncertain_band", 0.1, minimum=0.0, maximum=0.5),
+        uncertain_band=t.number("uncertain_band", DecisionConfig.uncertain_band, minimum=0.0, maximum=0.5),
         good_classes=tuple(good) if good is not None else None,
-        min_box_area=t.number("min_box_area", 0.0, minimum=0.0, maximum=1e12),
+        min_box_area=t.number("min_box_area", DecisionConfig.min_box_area, minimum=0.0, maximum=1e12),
     )
     t.finish()
     return decision
@@ -260,7 +260,7 @@ def _decision(t: _Table, base: Path) -> DecisionConfig:
 
 @_section("publisher")
 def _publisher(t: _Table, base: Path) -> PublisherConfig:
-    bind = t.get("bind", (list, str), ["tcp://127.0.0.1:5555"])
+    bind = t.get("bind", (list, str), list(PublisherConfig.bind))
     bind = [bind] if isinstance(bind, str) else bind
     if not bind or not all(isinstance(b, str) and re.match(r"^(tcp|ipc|inproc)://.+", b) for b in bind):
         raise t.error(
@@ -281,12 +281,12 @@ def _publisher(t: _Table, base: Path) -> PublisherConfig:
         c.finish()
     publisher = PublisherConfig(
         bind=tuple(bind),
-        format=t.choice("format", FORMATS, "json"),
-        sndhwm=t.integer("sndhwm", 1000, minimum=1),
-        sndbuf=t.integer("sndbuf", 0, minimum=0),
-        wait_for_subscribers=t.integer("wait_for_subscribers", 0, minimum=0),
-        wait_timeout_s=t.number("wait_timeout_s", 30.0, minimum=0.0),
-        status_interval_s=t.number("status_interval_s", 1.0, minimum=0.0),
+        format=t.choice("format", FORMATS, PublisherConfig.format),
+        sndhwm=t.integer("sndhwm", PublisherConfig.sndhwm, minimum=1),
+        sndbuf=t.integer("sndbuf", PublisherConfig.sndbuf, minimum=0),
+        wait_for_subscribers=t.integer("wait_for_subscribers", PublisherConfig.wait_for_subscribers, minimum=0),
+        wait_timeout_s=t.number("wait_timeout_s", PublisherConfig.wait_timeout_s, minimum=0.0),
+        status_interval_s=t.number("status_interval_s", PublisherConfig.status_interval_s, minimum=0.0),
         curve=curve,
         max_inbound_bytes=t.integer(
             "max_inbound_bytes", PublisherConfig.max_inbound_bytes, minimum=64, maximum=1 << 20
@@ -299,9 +299,11 @@ def _publisher(t: _Table, base: Path) -> PublisherConfig:
 @_section("metrics")
 def _metrics(t: _Table, base: Path) -> MetricsConfig:
     metrics = MetricsConfig(
-        host=t.get("host", str, "127.0.0.1"),
-        port=t.integer("port", 9108, minimum=0, maximum=65535),
-        ready_max_frame_age_s=t.number("ready_max_frame_age_s", 5.0, minimum=0.0, exclusive=True),
+        host=t.get("host", str, MetricsConfig.host),
+        port=t.integer("port", MetricsConfig.port, minimum=0, maximum=65535),
+        ready_max_frame_age_s=t.number(
+            "ready_max_frame_age_s", MetricsConfig.ready_max_frame_age_s, minimum=0.0, exclusive=True
+        ),
         http_timeout_s=t.number(
             "http_timeout_s", MetricsConfig.http_timeout_s, minimum=0.0, exclusive=True, maximum=300.0
         ),
@@ -315,16 +317,16 @@ def _metrics(t: _Table, base: Path) -> MetricsConfig:
 
 @_section("snapshots")
 def _snapshots(t: _Table, base: Path) -> SnapshotConfig:
-    verdicts = t.get("verdicts", list, ["defect", "uncertain"])
+    verdicts = t.get("verdicts", list, list(SnapshotConfig.verdicts))
     if not all(v in VERDICTS for v in verdicts):
         raise t.error("verdicts", f"expected verdicts from {list(VERDICTS)}, got {verdicts!r}")
     snapshots = SnapshotConfig(
-        enabled=t.get("enabled", bool, False),
-        dir=_path(base, t.get("dir", str, "/var/lib/defectscope/snapshots")),
-        quota_mb=t.number("quota_mb", 1024.0, minimum=0.0, exclusive=True),
+        enabled=t.get("enabled", bool, SnapshotConfig.enabled),
+        dir=_path(base, t.get("dir", str, str(SnapshotConfig.dir))),
+        quota_mb=t.number("quota_mb", SnapshotConfig.quota_mb, minimum=0.0, exclusive=True),
         verdicts=tuple(verdicts),
-        jpeg_quality=t.integer("jpeg_quality", 90, minimum=1, maximum=100),
-        queue_size=t.integer("queue_size", 64, minimum=1),
+        jpeg_quality=t.integer("jpeg_quality", SnapshotConfig.jpeg_quality, minimum=1, maximum=100),
+        queue_size=t.integer("queue_size", SnapshotConfig.queue_size, minimum=1),
     )
     t.finish()
     return snapshots
@@ -344,11 +346,13 @@ def _daemon(t: _Table, base: Path) -> DaemonConfig:
     pid = t.get("pid_file", str, None)
     daemon = DaemonConfig(
         pid_file=_path(base, pid) if pid else None,
-        drain_timeout_s=t.number("drain_timeout_s", 10.0, minimum=0.0),
-        stall_timeout_s=t.number("stall_timeout_s", 10.0, minimum=0.0, exclusive=True),
-        exit_when_sources_end=t.get("exit_when_sources_end", bool, True),
-        log_level=t.choice("log_level", LOG_LEVELS, "info"),
-        switch_interval_ms=t.number("switch_interval_ms", 0.5, minimum=0.0, exclusive=True, maximum=100.0),
+        drain_timeout_s=t.number("drain_timeout_s", DaemonConfig.drain_timeout_s, minimum=0.0),
+        stall_timeout_s=t.number("stall_timeout_s", DaemonConfig.stall_timeout_s, minimum=0.0, exclusive=True),
+        exit_when_sources_end=t.get("exit_when_sources_end", bool, DaemonConfig.exit_when_sources_end),
+        log_level=t.choice("log_level", LOG_LEVELS, DaemonConfig.log_level),
+        switch_interval_ms=t.number(
+            "switch_interval_ms", DaemonConfig.switch_interval_ms, minimum=0.0, exclusive=True, maximum=100.0
+        ),
     )
     t.finish()
     return daemon
