@@ -132,4 +132,24 @@ def part_metrics(samples: Sequence[DetSample], predictions: Sequence[Prediction]
             "uncertain": unc, "confusion": {"tp": tp, "fn": fn, "fp": fp, "tn": tn}}
 
 
-__all__ = ["coco_metrics", "part_metrics", "pr_curves"]
+def operating_point(samples: Sequence[DetSample], predictions: Sequence[Prediction],
+                    max_false_alarm: float) -> float | None:
+    """The lowest single box-score threshold at which at most ``max_false_alarm`` of the clean images
+    (no true box) would be flagged: a part is flagged when its best box scores >= the threshold.
+
+    Choose it on a split other than the one it is judged on (val for test). None without clean images.
+    """
+    if not 0.0 <= max_false_alarm < 1.0:
+        raise ValueError(f"max_false_alarm: expected a rate in [0, 1), got {max_false_alarm!r}")
+    clean = sorted((float(np.max(p[1])) if len(p[1]) else 0.0 for s, p in zip(samples, predictions, strict=True)
+                    if s.negative), reverse=True)
+    if not clean:
+        return None
+    allowed = int(np.floor(max_false_alarm * len(clean) + 1e-9))  # clean images that may be flagged
+    if allowed >= len(clean):
+        return 0.0
+    # Just above the best score among the clean images that must stay unflagged.
+    return float(min(1.0, np.nextafter(np.float32(clean[allowed]), np.float32(np.inf))))
+
+
+__all__ = ["coco_metrics", "operating_point", "part_metrics", "pr_curves"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
         "views are merged by weighted box fusion and compared with the plain result",
     )
     p.add_argument("--score-threshold", type=float, default=thr, help=f"part-level verdict threshold ({thr})")
+    p.add_argument(
+        "--max-false-alarm",
+        type=float,
+        metavar="RATE",
+        help="also report the part-level operating point: the score threshold chosen on val so that at most "
+        "RATE of the clean val images are flagged, and recall / false alarms on --split at it (e.g. 0.02)",
+    )
     p.add_argument("--threads", type=int)
     p.add_argument("--out", help="report JSON (default <run>/eval_<split>[_tta].json)")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
@@ -61,9 +69,15 @@ def evaluate_run(
     limit: int | None = None,
     strict: bool = False,
     score_threshold: float = 0.5,
+    max_false_alarm: float | None = None,
 ) -> dict[str, Any]:
+    """mAP and part metrics of a detector run on ``split``, plain and with ``tta``. With ``max_false_alarm``,
+    also the part-level operating point: the threshold chosen on val (at most that share of clean val
+    images flagged) and the part metrics on ``split`` at it."""
     from dataclasses import replace
 
+    if max_false_alarm is not None and not 0.0 <= max_false_alarm < 1.0:
+        raise ValueError(f"--max-false-alarm: expected a rate in [0, 1), got {max_false_alarm!r}")
     from training.detection.checkpoint import load_detector
     from training.detection.datasets import DetectionSpec, resolve_detection
     from training.detection.loader import DetectionDataset
@@ -85,7 +99,7 @@ def evaluate_run(
     samples = [replace(s, labels=tuple(remap[i] for i in s.labels)) for s in samples]
     ds = DetectionDataset(samples, card.detector.image_size)
     task = DetectionTask(score_threshold)
-    plain, _ = evaluate_model(model, ds, task, card.classes)
+    plain, plain_preds = evaluate_model(model, ds, task, card.classes)
     out: dict[str, Any] = {
         "task": "detection",
         "split": split,
@@ -98,12 +112,41 @@ def evaluate_run(
         "data": spec.to_dict(),
     }
     views = tta_views(tta)
+    judged = {"plain": (("original",), plain_preds)}
     if len(views) > 1:
-        merged, _ = evaluate_model(model, ds, task, card.classes, views)
+        merged, merged_preds = evaluate_model(model, ds, task, card.classes, views)
+        judged["tta"] = (views, merged_preds)
         out["tta"] = {"views": list(views), "merge": "weighted_box_fusion", **merged}
         out["tta_delta"] = {k: _delta(plain[k], merged[k]) for k in ("map", "map50", "map75")} | {
             f"part_{k}": _delta(plain["part"][k], merged["part"][k]) for k in ("accuracy", "recall", "false_alarm_rate")
         }
+    if max_false_alarm is not None:
+        val = [replace(s, labels=tuple(remap[i] for i in s.labels)) for s in splits.val]
+        out["operating_point"] = _operating_points(model, judged, ds, val, card.classes, max_false_alarm, split)
+    return out
+
+
+def _operating_points(model: Any, judged: dict[str, Any], ds: Any, val: list[Any], classes: Sequence[str],
+                      max_false_alarm: float, split: str) -> dict[str, Any]:
+    """Per setting (plain / tta): the val-chosen threshold and the part metrics on val and on ``split`` at it."""
+    from runtime.boxes import BoxPolicy
+    from training.detection.coco_eval import operating_point, part_metrics
+    from training.detection.loader import DetectionDataset
+    from training.detection.predict import predict
+
+    if not val:
+        raise ValueError("operating point: the data has no val split to choose the threshold on")
+    val_ds = DetectionDataset(val, ds.size)
+    out: dict[str, Any] = {"max_false_alarm": max_false_alarm, "chosen_on": "val", "judged_on": split}
+    for name, (views, preds) in judged.items():
+        val_preds = predict(model, val_ds, views)
+        t = operating_point(val, val_preds, max_false_alarm)
+        if t is None:
+            out[name] = {"threshold": None, "reason": "no clean val images"}
+            continue
+        policy = BoxPolicy(default_threshold=t)
+        out[name] = {"threshold": t, "val": part_metrics(val, val_preds, classes, policy),
+                     split: part_metrics(ds.samples, preds, classes, policy)}
     return out
 
 
@@ -125,6 +168,16 @@ def format_table(r: dict[str, Any]) -> str:
     rows += [(f"recall@.5 {c}", lambda m, c=c: m["per_class"][c]["recall50"]) for c in r["classes"]]
     for name, get in rows:
         lines.append(f"{name:<24}" + "".join(f"{_v(get(m)):>10}" for _, m in cols))
+    op = r.get("operating_point")
+    if op:
+        for name, _ in cols:
+            o = op.get(name) or {}
+            if o.get("threshold") is None:
+                continue
+            m = o[op["judged_on"]]
+            lines.append(f"{name}: threshold {o['threshold']:.4f} (chosen on val for false alarms <= "
+                         f"{op['max_false_alarm']:g}): {op['judged_on']} recall {_v(m['recall'])}, "
+                         f"false alarms {_v(m['false_alarm_rate'])}")
     if r.get("tta_delta"):
         lines.append("TTA delta: " + ", ".join(f"{k} {v:+.4f}" for k, v in r["tta_delta"].items() if v is not None))
     return "\n".join(lines)
@@ -138,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_runtime(ns.threads, 0)
     try:
-        r = evaluate_run(ns.checkpoint, ns.split, ns.data, ns.tta, ns.limit, ns.strict, ns.score_threshold)
+        r = evaluate_run(ns.checkpoint, ns.split, ns.data, ns.tta, ns.limit, ns.strict, ns.score_threshold,
+                         ns.max_false_alarm)
     except (CheckpointError, DataError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

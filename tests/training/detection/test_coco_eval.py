@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("pycocotools")
 
 from runtime.boxes import BoxPolicy  # noqa: E402
-from training.detection.coco_eval import coco_metrics, part_metrics  # noqa: E402
+from training.detection.coco_eval import coco_metrics, operating_point, part_metrics  # noqa: E402
 from training.detection.formats import DetSample  # noqa: E402
 
 CLASSES = ["crack", "spot"]
@@ -68,3 +68,21 @@ def test_part_level_hand_checked():
     tuned = part_metrics(gts, preds, CLASSES, BoxPolicy(thresholds={"crack": 0.97, "spot": 0.5}))
     assert tuned["confusion"] == {"tp": 1, "fn": 2, "fp": 0, "tn": 2}
     assert part_metrics(gts, preds, CLASSES, BoxPolicy(min_area=2000))["confusion"]["tp"] == 0
+
+
+def test_operating_point_hand_checked():
+    box = [[10, 10, 50, 50]]
+    none = (np.zeros((0, 4)), [], [])
+    # Clean images' best scores: 0.9, 0.6, 0.2, no box; the defective image does not count.
+    gts = [_s([], []), _s([], []), _s([], []), _s([], []), _s(box, [0])]
+    preds = [(box * 2, [0.3, 0.9], [0, 1]), (box, [0.6], [0]), (box, [0.2], [1]), none, (box, [0.99], [0])]
+    t0 = operating_point(gts, preds, 0.0)          # no clean image may be flagged: just above 0.9
+    assert 0.9 < t0 < 0.9 + 1e-6
+    t25 = operating_point(gts, preds, 0.25)        # one of four may: just above 0.6
+    assert 0.6 < t25 < 0.6 + 1e-6
+    assert part_metrics(gts, preds, CLASSES, BoxPolicy(default_threshold=t25))["confusion"] == {
+        "tp": 1, "fn": 0, "fp": 1, "tn": 3}
+    assert operating_point(gts, preds, 0.2) == t0  # 0.2 x 4 = 0.8 images: none may be flagged
+    assert operating_point(gts[4:], preds[4:], 0.02) is None  # no clean image to choose on
+    with pytest.raises(ValueError, match="max_false_alarm"):
+        operating_point(gts, preds, 1.5)

@@ -69,6 +69,20 @@ def test_evaluate_detector_with_flip_tta(det_run, capsys):
     assert "mAP@.5" in capsys.readouterr().out
 
 
+def test_evaluate_detector_operating_point(det_run, capsys):
+    _, out = det_run
+    rc = ds_main(["evaluate", str(out), "--max-false-alarm", "0.02", "--threads", "2", "--out", str(out / "op.json")])
+    assert rc == 0
+    op = json.loads((out / "op.json").read_text())["operating_point"]
+    assert op["chosen_on"] == "val" and op["judged_on"] == "test" and op["max_false_alarm"] == 0.02
+    plain = op["plain"]  # each split of the tiny set holds one clean image
+    assert 0.0 <= plain["threshold"] <= 1.0
+    assert plain["val"]["false_alarm_rate"] == 0.0 and plain["val"]["clean"] == 1
+    assert set(plain["test"]) >= {"recall", "false_alarm_rate", "confusion"}
+    assert ds_main(["evaluate", str(out), "--max-false-alarm", "2"]) == 2
+    assert "max_false_alarm" in capsys.readouterr().err
+
+
 def test_task_forced_and_help_reads_defaults(capsys):
     from training.detection.model import DetectorSpec
 
