@@ -50,8 +50,9 @@ TINY = [
 ]
 
 
-def _camera_cells(out: Path, skip: set[str], n: int) -> list[Any]:
-    """Functional cells not used by line A, as another camera sees them: gamma 0.6, 3x3 blur (uint8)."""
+def _camera_cells(out: Path, skip: set[str], n: int, only: set[str] | None = None) -> list[Any]:
+    """Functional cells not in ``skip`` (and in ``only`` when given), as another camera sees them:
+    gamma 0.6, 3x3 blur (uint8)."""
     import cv2
     import numpy as np
 
@@ -59,7 +60,10 @@ def _camera_cells(out: Path, skip: set[str], n: int) -> list[Any]:
     from training.detection.synth import elpv_functional_cells
 
     lut = (255.0 * (np.arange(256) / 255.0) ** 0.6).astype(np.uint8)
-    cells = [p for p in elpv_functional_cells() if Path(p).name not in skip][-n:]
+    cells = [p for p in elpv_functional_cells() if Path(p).name not in skip and (only is None or Path(p).name in only)]
+    if not cells:
+        raise SystemExit("no functional cells left for line B: line A used them all; pass --line-b-cells train")
+    cells = cells[-n:]
     return [cv2.blur(cv2.LUT(read_image(p), lut), (3, 3)) for p in cells]
 
 
@@ -68,14 +72,20 @@ def _data(ns: argparse.Namespace, out: Path) -> tuple[Path, Path]:
 
     a, b = out / "line-a", out / "line-b"
     if ns.base:
-        used: set[str] = set()
+        used: dict[str, set[str]] = {}
         data_json = Path(json.loads((Path(ns.base) / "model.json").read_text())["data"]["path"])
         for split in ("train", "val", "test"):
             f = data_json.parent / f"{split}.json"
             if f.is_file():
-                used |= {im.get("source_cell", "") for im in json.loads(f.read_text())["images"]}
+                used[split] = {im.get("source_cell", "") for im in json.loads(f.read_text())["images"]}
         if not (b / "train.json").is_file():
-            generate(b, _camera_cells(out, used, ns.cells), SynthSpec(seed=1))
+            if ns.line_b_cells == "train":
+                # Line A's training cells with new defects through the other camera: line A's val/test
+                # cells stay unseen, so the old test set still measures forgetting.
+                skip, only = used.get("val", set()) | used.get("test", set()), used.get("train", set())
+            else:
+                skip, only = set().union(*used.values()), None
+            generate(b, _camera_cells(out, skip, ns.cells, only), SynthSpec(seed=1))
         return data_json.parent, b
     if ns.smoke:
         import numpy as np
@@ -115,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--base", help="an existing detector run as line A (skip base training); line B = other cells, another camera"
+    )
+    p.add_argument(
+        "--line-b-cells",
+        choices=("unused", "train"),
+        default="unused",
+        help="with --base: line B on cells line A never used, or on line A's training cells (when A "
+        "used them all; its val/test cells stay unseen)",
     )
     p.add_argument("--seeds", default="0", help="extension seeds (comma list): order, augmentation, replay pick")
     p.add_argument("--smoke", action="store_true")
@@ -199,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
     lines = (
-        f"line A = {base}, line B = {ns.cells} other cells through another camera"
+        f"line A = {base}, line B = {ns.cells} {'of its training' if ns.line_b_cells == 'train' else 'other'} cells through another camera"
         if ns.base
         else f"line A = mono cells, line B = poly cells ({ns.cells} cells each); base {ns.base_epochs} epochs"
     )
