@@ -83,6 +83,10 @@ class TargetOutcome:
             # Why layers stay in float: the all-INT8 drop that failed the gate, and the search effort.
             q["fallback"] = {"drops_before_points": self.search["drops_before_points"],
                              "trials": len(self.search["trials"]), "budget_points": self.gate.budget}
+        if self.speed is not None:
+            # The count to pass as ``--float-prefix N`` to rebuild this artifact byte for byte: an
+            # ``auto`` choice is timed, so it can differ on another machine or under load.
+            q["float_prefix"] = len(self.speed.float_nodes)
         if self.speed is not None and self.speed.float_nodes:
             # Why leading layers stay in float: they were measured faster in FP32 on the calibrating machine.
             q["float_for_speed"] = {"nodes": list(self.speed.float_nodes), "measured": self.speed.measured,

@@ -35,6 +35,8 @@ def test_calibrated_bundle_records_everything(calibrated, exported, splits):
         speed_nodes = q.get("float_for_speed", {}).get("nodes", [])
         assert q["calibration_fingerprint"] == calib.fingerprint and q["float_nodes"] == speed_nodes
         assert key == "int8" or speed_nodes == []
+        # The CPU target records the count that rebuilds it (``--float-prefix N``); TensorRT takes no timing.
+        assert (q["float_prefix"] == len(speed_nodes)) if key == "int8" else "float_prefix" not in q
         metrics = m.metrics[key]
         assert metrics["split"] == "test" and metrics["n"] == len(splits.test)
         assert metrics["gate"]["passed"] is True and metrics["gate"]["budget_points"] == 1.0
@@ -63,9 +65,14 @@ def test_calibration_is_reproducible_and_saves_the_tensor(exported, calibrated, 
 
     out = tmp_path / "again"
     npy = tmp_path / "calib.npy"
+    a = load_bundle(calibrated)
+    # The fixture's float prefix was timed (``auto``), which can choose differently under load; its
+    # recorded count is what rebuilds the same bytes anywhere.
+    prefix = a.manifest.artifacts["int8"].quantization["float_prefix"]
     assert calibrate_main([str(exported), "--out", str(out), "--target", "both", "--size", "40", "--threads", "1",
-                           "--method", "minmax", "--save-calibration-tensor", str(npy)]) == 0
-    a, b = load_bundle(calibrated), load_bundle(out)
+                           "--method", "minmax", "--float-prefix", str(prefix),
+                           "--save-calibration-tensor", str(npy)]) == 0
+    b = load_bundle(out)
     assert a.manifest.provenance["calibration"] == b.manifest.provenance["calibration"]
     assert a.manifest.files["model.int8.onnx"] == b.manifest.files["model.int8.onnx"]   # byte-identical model
     x, meta = load_tensor(npy, b.manifest.input)

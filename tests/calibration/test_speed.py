@@ -92,7 +92,7 @@ def test_pipeline_keeps_the_prefix_in_float_and_records_why(quant, splits, expor
     assert _float_convs(out.path) <= {nodes[0]}          # everything after the prefix is INT8
     record = out.quantization_record("f" * 16, len(x_cal))
     assert record["float_nodes"] == [nodes[0]]
-    assert record["float_for_speed"]["nodes"] == [nodes[0]]
+    assert record["float_for_speed"]["nodes"] == [nodes[0]] and record["float_prefix"] == 1
     # The TensorRT target never takes the CPU timing choice (TensorRT picks precisions itself).
     trt = quantize_and_gate(prepared, ref, x_cal, data, QuantConfig(method="minmax", target="tensorrt"), ranges,
                             work / "trt.onnx", GateSettings(budget=100.0, metrics=("accuracy",)),
