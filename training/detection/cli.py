@@ -239,13 +239,13 @@ def extend_dispatch(argv: list[str] | None = None) -> int:
 
 def build_extend_parser() -> argparse.ArgumentParser:
     from training.detection.config import DetTrainConfig, field_defaults
-    from training.detection.extend import DetExtendConfig
+    from training.detection.extend import EWC_SCOPES, DetExtendConfig
 
     E = field_defaults(DetExtendConfig)
     p = argparse.ArgumentParser(
         prog="defectscope extend (detector)",
         description="Extend a detection run to a new line (same classes) or new defect classes: the box "
-        "predictor grows with old rows frozen bit-exact, EWC protects backbone/FPN/RPN, replay optional.",
+        "predictor grows with old rows frozen bit-exact, EWC anchors the --ewc-scope parameters, replay optional.",
     )
     p.add_argument("--from", dest="source", required=True, metavar="RUN", help="detection run directory")
     p.add_argument("--data", required=True, help="new data: COCO .json, VOC folder or YOLO folder")
@@ -260,6 +260,13 @@ def build_extend_parser() -> argparse.ArgumentParser:
         help=f"old training images in the Fisher ({E['fisher_samples']})",
     )
     p.add_argument("--replay", default=E["replay"], help="old training images mixed in: a count (50) or share (10%%)")
+    p.add_argument(
+        "--ewc-scope",
+        choices=sorted(EWC_SCOPES),
+        default=E["ewc_scope"],
+        help="parameters EWC anchors: trunk = backbone, FPN, RPN; all = also the RoI box head and predictor "
+        f"(default: {E['ewc_scope']})",
+    )
     p.add_argument(
         "--no-freeze-old-rows", action="store_true", help="let the old class rows of the box predictor train"
     )
@@ -294,9 +301,18 @@ def extend_main(argv: list[str] | None = None) -> int:
             fisher_samples=ns.fisher_samples,
             replay=ns.replay,
             freeze_old_rows=not ns.no_freeze_old_rows,
+            ewc_scope=ns.ewc_scope,
         )
         extend_detector(cfg, overwrite=ns.overwrite, progress=not ns.quiet and sys.stderr.isatty())
-    except (CheckpointError, DataError, EWCError, RunExistsError, FileNotFoundError, ValueError, DistributedError) as exc:
+    except (
+        CheckpointError,
+        DataError,
+        EWCError,
+        RunExistsError,
+        FileNotFoundError,
+        ValueError,
+        DistributedError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

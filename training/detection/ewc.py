@@ -1,12 +1,11 @@
-"""EWC for detectors: the Fisher of the detection loss over the backbone, FPN and RPN.
+"""EWC for detectors: the Fisher of the detection loss over the parameters under given name prefixes.
 
 The state file, the anchors and the penalty are ``training.ewc``'s (``EWCState``,
 ``EWCPenalty``); only the estimate differs: a detector has no single softmax to sample
 labels from, so this is the empirical Fisher, ``E_x [(d L_det(x, boxes) / d theta)^2]``,
 one image per backward, in train mode (torchvision computes its losses only there; the
-trunk's BatchNorm is frozen, so train mode changes no statistics). The RoI heads are not
-covered: the box predictor's old rows are frozen bit-exact by a hook instead, and its new
-rows must learn freely.
+trunk's BatchNorm is frozen, so train mode changes no statistics). Which parameters are
+covered is the extension's ``ewc_scope`` (``training.detection.extend.EWC_SCOPES``).
 """
 
 from __future__ import annotations
@@ -21,15 +20,13 @@ from training.detection.task import move_targets
 from training.engine import device_of
 from training.ewc import EWCState, TaskRecord
 
-PROTECTED = ("backbone.", "rpn.")  # backbone.* holds the trunk and the FPN
 
-
-def protected_names(model: nn.Module, prefixes: Sequence[str] = PROTECTED) -> list[str]:
+def protected_names(model: nn.Module, prefixes: Sequence[str]) -> list[str]:
     return [n for n, p in model.named_parameters() if p.is_floating_point() and n.startswith(tuple(prefixes))]
 
 
 def detection_fisher(
-    model: nn.Module, ds: DetectionDataset, n_samples: int, *, seed: int = 0, prefixes: Sequence[str] = PROTECTED
+    model: nn.Module, ds: DetectionDataset, n_samples: int, prefixes: Sequence[str], *, seed: int = 0
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Empirical diagonal Fisher of the summed detection loss over ``n_samples`` images of ``ds``
     (seeded choice) for the parameters under ``prefixes``; also the number of images used."""
@@ -87,4 +84,4 @@ def detection_state(
     )
 
 
-__all__ = ["PROTECTED", "detection_fisher", "detection_state", "protected_names"]
+__all__ = ["detection_fisher", "detection_state", "protected_names"]
