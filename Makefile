@@ -54,7 +54,7 @@ demo: install
 LINT_PATHS ?= training calibration runtime deploy bench defectscope
 TYPED_PATHS ?= training/engine.py training/tasks.py training/extend_run.py training/heads.py training/replay.py training/persample.py \
 	training/extend_config.py training/ewc.py training/config.py training/schedule.py training/metrics.py \
-	training/trainer.py training/extend_cli.py training/extend.py training/cli.py training/evaluate.py \
+	training/trainer.py training/extend_cli.py training/extend.py training/cli.py training/evaluate_cli.py training/evaluate.py \
 	training/distributed.py runtime/tta.py runtime/preprocess.py
 
 # The runtime and the backbone modules.

@@ -16,6 +16,7 @@ Public entry points (docs/contracts.md):
 - ``training.trainer``: ``train(TrainConfig)``; ``training.config``: ``TrainConfig``,
   ``load_config``; ``training.evaluate``: ``evaluate_samples`` (TTA views from ``runtime.tta``).
 - ``training.engine``: ``Engine`` (the one epoch loop and ``predict``), ``ClassificationTask``, ``EpochSelector``.
-- ``training.cli``: ``train_main`` / ``evaluate_main`` (``defectscope train`` / ``evaluate``);
+- ``training.cli``: ``train_main`` (``defectscope train``); ``training.evaluate_cli``: ``evaluate_main``
+  (``defectscope evaluate``);
   ``training.extend_cli``: ``main`` (``defectscope extend``).
 """

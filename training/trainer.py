@@ -72,7 +72,7 @@ class RunResult:
 
 
 class Trainer:
-    """One run: ``Trainer(cfg).fit()``. See docs in training/cli.py for the strategies."""
+    """One run: ``Trainer(cfg).fit()``. The strategies are described in training/cli.py (TRAIN_EPILOG)."""
 
     def __init__(
         self,

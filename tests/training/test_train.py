@@ -143,7 +143,8 @@ def test_corrupt_images_are_counted_in_the_run_report(tiny_cfg, folder_data):
 
 
 def test_cli_train_and_evaluate_with_tta(folder_data, tmp_path, capsys):
-    from training.cli import evaluate_main, train_main
+    from training.cli import train_main
+    from training.evaluate_cli import evaluate_main
     run = tmp_path / "cli-run"
     rc = train_main(["--data", str(folder_data), "--backbone", "tiny_cnn", "--weights", "none",
                      "--image-size", "32", "--strategy", "two-phase", "--epochs", "1", "--head-epochs", "1",

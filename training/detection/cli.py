@@ -1,4 +1,4 @@
-"""``defectscope train`` / ``evaluate`` on detection data (dispatched here by ``training.cli``).
+"""``defectscope train`` / ``evaluate`` on detection data (``training.cli`` and ``evaluate_cli`` dispatch here).
 
 Which task a command means is decided from its arguments, never inside the engine:
 ``--task detection`` forces it; otherwise a COCO ``.json``, a VOC folder or a YOLO folder as
