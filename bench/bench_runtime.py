@@ -96,8 +96,6 @@ def replay_dir(paths: list[Path], tmp: Path) -> Path:
     return d
 
 
-
-
 # ---- daemon runs -------------------------------------------------------------------------------
 def station(args: argparse.Namespace, replay: Path, artifact: str, tta: str, cameras: int, port: int,
             loop: bool, fps: float | None = None) -> Any:
