@@ -21,10 +21,23 @@ if TYPE_CHECKING:
 
 # "letterbox" (detectors): scale to fit, pad the rest with ``pad_value``; runtime.boxes.fit does it.
 RESIZE_POLICIES = ("shorter_side_center_crop", "stretch", "letterbox")
-INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "linear": cv2.INTER_LINEAR}
+# Interpolation name (recorded in a bundle's InputSpec) -> the OpenCV flag used when not shrinking.
+# INTER_LINEAR is not bit-exact across OpenCV builds (x86 IPP vs aarch64 carotene/KleidiCV differ by
+# one grey level on ~19 % of pixels, issue 30); INTER_LINEAR_EXACT (fixed-point) and INTER_AREA give
+# the same pixels on both. "linear" / "bilinear" keep their old meaning so old bundles load as they
+# were trained; new training records the "_exact" names (NEW_RUN_NAMES).
+INTERPOLATIONS = {
+    "bilinear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "linear": cv2.INTER_LINEAR,
+    "linear_exact": cv2.INTER_LINEAR_EXACT,
+    "bilinear_exact": cv2.INTER_LINEAR_EXACT,
+}
 # Interpolations used as-is at every scale (no INTER_AREA when shrinking): "linear" is the cheapest
 # resize (~5x faster than AREA at 300->224) but aliases; a bundle picks it only if measured accurate.
-PLAIN = frozenset({"linear"})
+PLAIN = frozenset({"linear", "linear_exact"})
+# What a new training run records when asked for a name: the bit-exact variant of the same filter.
+NEW_RUN_NAMES = {"linear": "linear_exact"}
 COLOR_ORDERS = ("RGB", "BGR", "GRAY")
 
 
@@ -168,6 +181,11 @@ def to_uint8(image: np.ndarray, where: str = "image") -> np.ndarray:
     return image
 
 
+def new_run_interpolation(name: str) -> str:
+    """The name a new training run records for ``name`` (``linear`` -> ``linear_exact``)."""
+    return NEW_RUN_NAMES.get(name, name)
+
+
 def resized_size(h: int, w: int, size: int) -> tuple[int, int]:
     """(H,W) after scaling the shorter side to ``size``; torchvision's rounding (truncation)."""
     if h <= w:
@@ -180,8 +198,9 @@ def resize(image: np.ndarray, h: int, w: int, interpolation: str = "bilinear") -
 
     Downscaling uses INTER_AREA (OpenCV's anti-aliased filter, the counterpart of
     torchvision's ``antialias=True``); upscaling plain bilinear/bicubic; ``linear`` is
-    INTER_LINEAR at every scale. Training resizes with this too, so a model sees the same
-    pixels in training and on a station.
+    INTER_LINEAR at every scale, ``linear_exact`` INTER_LINEAR_EXACT at every scale and
+    ``bilinear_exact`` INTER_AREA down / INTER_LINEAR_EXACT up (both bit-exact across CPUs).
+    Training resizes with this too, so a model sees the same pixels in training and on a station.
     """
     ih, iw = image.shape[:2]
     if (ih, iw) == (h, w):
@@ -274,6 +293,7 @@ __all__ = [
     "ImageReadError",
     "InputSpec",
     "Preprocessor",
+    "new_run_interpolation",
     "SpecError",
     "read_image",
     "resize",

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from runtime.preprocess import INTERPOLATIONS, InputSpec
+from runtime.preprocess import INTERPOLATIONS, InputSpec, new_run_interpolation
 
 # The model, weight files and EfficientNet-Lite live in their own modules (by role); their
 # public names stay importable from here, where the rest of the project imports them.
@@ -174,7 +174,9 @@ def sized_input(
         raise ValueError(f"resize_size {resize} is smaller than the crop {height}x{width}")
     if interpolation is not None and interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation: expected one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
-    return replace(d, height=height, width=width, resize_size=resize, interpolation=interpolation or d.interpolation)
+    # A new run records the bit-exact variant of what was asked ("linear" -> "linear_exact").
+    interp = new_run_interpolation(interpolation or d.interpolation)
+    return replace(d, height=height, width=width, resize_size=resize, interpolation=interp)
 
 
 def weights_id(weights: str, backbone: str) -> str:

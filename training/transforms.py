@@ -23,7 +23,8 @@ from runtime.preprocess import PLAIN, InputSpec
 from .config import AugmentConfig
 
 _INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-           "linear": InterpolationMode.BILINEAR}
+           "linear": InterpolationMode.BILINEAR, "linear_exact": InterpolationMode.BILINEAR,
+           "bilinear_exact": InterpolationMode.BILINEAR}
 
 
 class ToRGB(torch.nn.Module):

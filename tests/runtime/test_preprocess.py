@@ -135,3 +135,57 @@ def test_linear_interpolation_skips_the_area_filter_and_the_others_keep_it():
     assert diff.mean() < 2.0 and diff.max() <= 32
     spec = InputSpec(height=224, width=224, resize_size=224, interpolation="linear", **IMAGENET)
     assert InputSpec.from_dict(spec.to_dict()) == spec
+
+
+def _pinned_image() -> np.ndarray:
+    """A fixed 37x53 BGR pattern with edges at every scale (no RNG: same bytes on every machine)."""
+    y, x = np.mgrid[0:37, 0:53]
+    gray = ((x * 37 + y * 91 + (x * y) % 29) % 256).astype(np.uint8)
+    return np.dstack([gray, gray[::-1], 255 - gray])
+
+
+def test_exact_interpolations_give_pinned_pixels():
+    """linear_exact / bilinear_exact are fixed-point OpenCV paths: these pixels hold on x86 (IPP) and
+    aarch64 (carotene / KleidiCV) builds alike (.ci/aarch64.sh checks the same pins under emulation)."""
+    import hashlib
+
+    from runtime.preprocess import resize
+
+    img = _pinned_image()
+    pins = {
+        ("linear_exact", 16, 24): "270ea817a819e4bc",  # shrink, no AREA
+        ("linear_exact", 50, 70): "76560700778581ce",  # enlarge
+        ("bilinear_exact", 50, 70): "76560700778581ce",  # enlarge: LINEAR_EXACT
+        ("bilinear_exact", 16, 24): "346f3423f7f4dba4",  # shrink: AREA
+    }
+    for (name, h, w), digest in pins.items():
+        assert hashlib.sha256(resize(img, h, w, name).tobytes()).hexdigest()[:16] == digest, (name, h, w)
+    np.testing.assert_array_equal(
+        resize(img[:, :, 0], 5, 7, "linear_exact"),
+        [
+            [153, 143, 178, 198, 100, 31, 57],
+            [141, 100, 125, 161, 178, 174, 115],
+            [172, 50, 29, 44, 72, 100, 128],
+            [146, 172, 186, 110, 136, 162, 184],
+            [83, 122, 101, 124, 148, 172, 198],
+        ],
+    )
+
+
+def test_old_linear_bundles_keep_their_resize_and_new_runs_record_the_exact_one():
+    """A manifest saying "linear" still resizes with INTER_LINEAR (as it was trained); new runs record
+    "linear_exact", which is INTER_LINEAR_EXACT at every scale."""
+    from runtime.preprocess import new_run_interpolation, resize
+
+    img = _pinned_image()
+    old = InputSpec.from_dict({"height": 16, "width": 16, "resize_size": 16, "interpolation": "linear"})
+    assert old.interpolation == "linear"
+    np.testing.assert_array_equal(resize(img, 16, 24, old.interpolation), cv2.resize(img, (24, 16),
+                                                                                    interpolation=cv2.INTER_LINEAR))
+    np.testing.assert_array_equal(resize(img, 16, 24, "linear_exact"),
+                                  cv2.resize(img, (24, 16), interpolation=cv2.INTER_LINEAR_EXACT))
+    assert new_run_interpolation("linear") == "linear_exact"
+    assert new_run_interpolation("bicubic") == "bicubic"
+    # The exact variant stays within a grey level of the old one: a retrain, not a different model.
+    diff = np.abs(resize(img, 16, 24, "linear").astype(int) - resize(img, 16, 24, "linear_exact").astype(int))
+    assert diff.max() <= 1
