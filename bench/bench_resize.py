@@ -48,14 +48,21 @@ def pixel_rows(images: list[np.ndarray], spec: Any, names: list[str]) -> list[di
         differ = sum(int(np.count_nonzero(a != b)) for a, b in zip(got, ref, strict=True))
         total = sum(a.size for a in ref)
         max_level = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(got, ref, strict=True))
-        rows.append({"interpolation": name, "resize_ms": resize_ms(images, variant),
-                     "pixels_differing_from_linear": differ / total, "max_level_diff": max_level})
+        rows.append(
+            {
+                "interpolation": name,
+                "resize_ms": resize_ms(images, variant),
+                "pixels_differing_from_linear": differ / total,
+                "max_level_diff": max_level,
+            }
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--bundles", default="", help="comma list of bundles (the first also serves --serve-as)")
     p.add_argument("--images", help="ImageFolder DIR/<class>/* instead of the ELPV held-out split")
     p.add_argument("--limit", type=int, default=0, help="first N held-out images only (smoke runs)")
@@ -81,12 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     spec = bundles[0].manifest.input if bundles else InputSpec(height=224, width=224, resize_size=224)
     images = [read_image(q) for q in paths[:200]]
     pixels = pixel_rows(images, spec, names)
-    print(f"resize + crop of {len(images)} held-out frames to {spec.height}x{spec.width} (resize_size "
-          f"{spec.resize_size}, {spec.resize_policy})")
+    print(
+        f"resize + crop of {len(images)} held-out frames to {spec.height}x{spec.width} (resize_size "
+        f"{spec.resize_size}, {spec.resize_policy})"
+    )
     print(f"{'interpolation':15} {'resize ms/frame':>15} {'px != linear':>13} {'max levels':>10}")
     for r in pixels:
-        print(f"{r['interpolation']:15} {r['resize_ms']:15.3f} {100 * r['pixels_differing_from_linear']:12.2f}% "
-              f"{r['max_level_diff']:10d}")
+        print(
+            f"{r['interpolation']:15} {r['resize_ms']:15.3f} {100 * r['pixels_differing_from_linear']:12.2f}% "
+            f"{r['max_level_diff']:10d}"
+        )
     accuracy: list[dict[str, Any]] = []
     if not args.pixels_only:
         for i, bundle in enumerate(bundles):
@@ -95,13 +106,16 @@ def main(argv: list[str] | None = None) -> int:
                 x = Preprocessor(replace(own, interpolation=name)).load_batch(paths)
                 r = evaluate(bundle, args.pair, x, y, args.threads, args.batch)
                 if r is not None:
-                    accuracy.append({"bundle": str(bundle.path), "trained_with": own.interpolation,
-                                     "served_with": name, **r})
+                    accuracy.append(
+                        {"bundle": str(bundle.path), "trained_with": own.interpolation, "served_with": name, **r}
+                    )
         print(f"\nheld-out accuracy ({len(y)} images, {args.pair})")
         print(f"{'bundle':40} {'trained with':15} {'served with':15} {'accuracy':>9} {'macro_f1':>9}")
         for r in accuracy:
-            print(f"{Path(r['bundle']).name[:40]:40} {r['trained_with']:15} {r['served_with']:15} "
-                  f"{r['accuracy']:9.4f} {r['macro_f1']:9.4f}")
+            print(
+                f"{Path(r['bundle']).name[:40]:40} {r['trained_with']:15} {r['served_with']:15} "
+                f"{r['accuracy']:9.4f} {r['macro_f1']:9.4f}"
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"n": len(y), "pixels": pixels, "accuracy": accuracy}, indent=2))

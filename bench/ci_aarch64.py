@@ -44,8 +44,12 @@ class Guest:
 
     def __init__(self, qemu: str, sysroot: Path, site: Path) -> None:
         self.prefix = [qemu, "-L", str(sysroot), str(sysroot / "usr/bin/python3.11")]
-        self.env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "PYTHONNOUSERSITE": "1",
-                    "PYTHONDONTWRITEBYTECODE": "1"}
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": f"{site}{os.pathsep}{ROOT}",
+            "PYTHONNOUSERSITE": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
 
 
 def host_cmd() -> tuple[list[str], dict[str, str]]:
@@ -56,15 +60,21 @@ def run(prefix: list[str], env: dict[str, str], args: list[str], timeout: float)
     return subprocess.run([*prefix, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def replay(prefix: list[str], env: dict[str, str], config: Path, endpoint: str, log: Path,
-           timeout: float) -> tuple[list[dict[str, Any]], str]:
+def replay(
+    prefix: list[str], env: dict[str, str], config: Path, endpoint: str, log: Path, timeout: float
+) -> tuple[list[dict[str, Any]], str]:
     """A real ``serve`` of the replay; returns (verdicts, the daemon's 'stopped (...)' summary)."""
     from tests.runtime._helpers import Subscriber
 
     sub = Subscriber(endpoint)
     with log.open("w") as err:
-        proc = subprocess.Popen([*prefix, "-m", "defectscope", "serve", "--config", str(config)], env=env, cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(
+            [*prefix, "-m", "defectscope", "serve", "--config", str(config)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
         try:
             deadline = time.monotonic() + timeout
             while proc.poll() is None:
@@ -105,16 +115,21 @@ def main(argv: list[str] | None = None) -> int:
         bundle = make_bundle(tmp / "bundle")
         make_images(tmp / "replay", [PATTERN[i % 3] for i in range(args.frames)])
         config, endpoint = station_config(
-            tmp, bundle, [{"id": "cam1", "source": str(tmp / "replay")}],
+            tmp,
+            bundle,
+            [{"id": "cam1", "source": str(tmp / "replay")}],
             publisher={"wait_for_subscribers": 1, "wait_timeout_s": args.timeout},
-            daemon={"drain_timeout_s": args.timeout})
+            daemon={"drain_timeout_s": args.timeout},
+        )
 
         r = run(guest.prefix, guest.env, ["-c", "import platform; print(platform.machine())"], args.timeout)
         if r.returncode or r.stdout.strip() != "aarch64":
             print(f"FAIL: the guest python does not run as aarch64: {r.stdout.strip()!r} {r.stderr[-2000:]}")
             return 1
-        for what, cmd in (("bundle verify", ["bundle", "verify", str(bundle)]),
-                          ("serve --check", ["serve", "--check", "--config", str(config)])):
+        for what, cmd in (
+            ("bundle verify", ["bundle", "verify", str(bundle)]),
+            ("serve --check", ["serve", "--check", "--config", str(config)]),
+        ):
             r = run(guest.prefix, guest.env, ["-m", "defectscope", *cmd], args.timeout)
             ok = r.returncode == 0
             print(f"aarch64 {what}: {'ok' if ok else 'FAILED'} ({time.monotonic() - t0:.0f}s)")
