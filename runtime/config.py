@@ -30,6 +30,7 @@ from runtime.config_types import (
     BACKENDS,
     DEFAULT_THRESHOLD,
     FORMATS,
+    GST_READERS,
     ID_RE,
     LOG_LEVELS,
     ON_FULL,
@@ -147,9 +148,12 @@ def _camera(t: _Table, base: Path) -> CameraConfig:
         reconnect_max_s=maximum,
         read_timeout_s=t.number("read_timeout_s", CameraConfig.read_timeout_s, minimum=0.0, exclusive=True),
         preload_mb=t.number("preload_mb", CameraConfig.preload_mb, minimum=0.0, maximum=1_048_576.0),
+        gst_reader=t.choice("gst_reader", GST_READERS, CameraConfig.gst_reader),
     )
     if cam.preload_mb and kind != "directory":
         raise t.error("preload_mb", f"only directory replays can be preloaded; this camera is a {kind} source")
+    if cam.gst_reader != "auto" and kind != "gstreamer":
+        raise t.error("gst_reader", f"only gstreamer pipelines pick a reader; this camera is a {kind} source")
     t.finish()
     return cam
 

@@ -18,6 +18,8 @@ from runtime.preview import PreviewConfig
 BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "openvino", "onnxruntime-cpu")
 SOURCE_KINDS = ("auto", "directory", "video", "v4l2", "rtsp", "http", "gstreamer")
 ON_FULL = ("drop_oldest", "block")
+# gstreamer sources: PyGObject (gi + appsink) or OpenCV's CAP_GSTREAMER; auto = PyGObject if importable.
+GST_READERS = ("auto", "pygobject", "opencv")
 ROTATIONS = (0, 90, 180, 270)
 FORMATS = ("json", "msgpack")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -51,6 +53,7 @@ class CameraConfig:
     # Directory replays: decode every image once into memory (MB budget of decoded pixels), so a
     # replay measures the station and not PNG decoding; 0 = decode while replaying.
     preload_mb: float = 0.0
+    gst_reader: str = "auto"  # gstreamer sources only: one of GST_READERS (runtime/source_gstreamer.py)
 
     @property
     def finite(self) -> bool:

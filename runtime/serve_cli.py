@@ -15,6 +15,7 @@ from runtime.daemon import Daemon
 from runtime.model import ModelLoadError, load_model
 from runtime.publisher import Publisher, PublisherError
 from runtime.service import port_free
+from runtime.source_gstreamer import check_gstreamer
 from runtime.sources import first_frame
 
 log = logging.getLogger("defectscope.daemon")
@@ -56,7 +57,8 @@ def serve_parser() -> argparse.ArgumentParser:
         "--check",
         action="store_true",
         help="validate the config, load + warm up the model, check that the metrics and publisher "
-        "ports can be bound and every file/directory source has a readable frame, print the "
+        "ports can be bound, every file/directory source has a readable frame and every GStreamer "
+        "pipeline has a reader (PyGObject or OpenCV with GStreamer) and parses, print the "
         "resolved config and exit (1 if any check fails)",
     )
     p.add_argument(
@@ -78,6 +80,8 @@ def station_checks(cfg: StationConfig) -> dict[str, str | None]:
     for i, cam in enumerate(cfg.cameras):
         if cam.kind in ("directory", "video"):
             checks[f"cameras[{i}].source"] = first_frame(cam)
+        elif cam.kind == "gstreamer":  # a reader exists here and the pipeline parses (not started)
+            checks[f"cameras[{i}].source"] = check_gstreamer(cam)
     return checks
 
 

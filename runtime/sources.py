@@ -266,6 +266,10 @@ def _safe(source: str) -> str:
 def open_reader(cfg: CameraConfig, on_unreadable: Callable[[str, Exception], None] | None = None) -> Reader:
     if cfg.kind == "directory":
         return DirectoryReader(cfg.source, cfg.loop, on_unreadable=on_unreadable, preload_mb=cfg.preload_mb)
+    if cfg.kind == "gstreamer":  # PyGObject, else OpenCV's CAP_GSTREAMER where built with it
+        from runtime.source_gstreamer import open_gstreamer
+
+        return open_gstreamer(cfg)
     return CaptureReader(cfg)
 
 
