@@ -15,6 +15,7 @@ refused: a camera cannot grow the station's memory.
 from __future__ import annotations
 
 import functools
+import re
 import time
 from typing import Any
 
@@ -29,6 +30,7 @@ MAX_FRAME_BYTES = 256 * 2**20  # one decoded frame; 8K BGR is ~100 MB
 # Raw formats the reader accepts from the appsink -> channels (BGRx/BGRA lose their 4th byte).
 FORMATS = {"BGR": 3, "GRAY8": 1, "BGRx": 4, "BGRA": 4}
 DEFAULT_CAPS = "video/x-raw,format={ BGR, GRAY8, BGRx, BGRA }"
+_CREDENTIALS = re.compile(r"(://[^:/@\s]*):[^@\s]*@")  # a URL password inside a GStreamer message
 POLL_S = 0.05  # bus checks while waiting for a frame: errors surface within this, not read_timeout_s
 REMEDIES = (
     "remedies: (1) PyGObject + GStreamer: apt install python3-gi gir1.2-gstreamer-1.0 "
@@ -144,7 +146,8 @@ class GstReader:
         err, debug = msg.parse_error()
         src = msg.src.get_name() if msg.src is not None else "pipeline"
         detail = (debug or "").strip().splitlines()[-1:] if debug else []
-        return f"GStreamer error from {src}: {err.message}" + (f" ({detail[0][:200]})" if detail else "")
+        text = f"GStreamer error from {src}: {err.message}" + (f" ({detail[0][:200]})" if detail else "")
+        return _CREDENTIALS.sub(r"\1:***@", text)
 
     def read(self) -> tuple[np.ndarray, str | None] | None:
         Gst = self.Gst

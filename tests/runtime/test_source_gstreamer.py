@@ -116,15 +116,16 @@ def test_dead_pipelines_fail_with_a_clear_error(source: str, error: str) -> None
 @needs_gi
 def test_unreachable_rtsp_camera_names_the_gstreamer_error_without_waiting_for_the_timeout() -> None:
     port = free_port()  # nothing listens
-    src = f"rtspsrc location=rtsp://127.0.0.1:{port}/cam ! rtpjpegdepay ! jpegdec ! videoconvert ! appsink"
+    src = f"rtspsrc location=rtsp://inspect:s3cret@127.0.0.1:{port}/cam ! rtpjpegdepay ! jpegdec ! videoconvert ! appsink"
     t0 = time.monotonic()
-    with pytest.raises(SourceError, match=r"GStreamer error from rtspsrc\d*: Could not open resource"):
+    with pytest.raises(SourceError, match=r"GStreamer error from rtspsrc\d*: Could not open resource") as exc:
         reader = open_reader(CameraConfig(id="c", source=src, kind="gstreamer", read_timeout_s=30.0))
         try:
             reader.read()
         finally:
             reader.close()
     assert time.monotonic() - t0 < 20.0  # the bus error, not read_timeout_s
+    assert "s3cret" not in str(exc.value) and "inspect:***@" in str(exc.value)
 
 
 @needs_gi
