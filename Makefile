@@ -67,7 +67,7 @@ TYPED_PATHS += training/backbones.py training/classifier.py training/weights.py 
 	runtime/messages.py runtime/metrics.py runtime/model.py runtime/model_store.py runtime/notify.py \
 	runtime/preview.py runtime/publisher.py runtime/reload_cli.py runtime/serve_cli.py runtime/service.py \
 	runtime/signature.py runtime/snapshots.py runtime/viewer.py bench/profile_detection_ops.py bench/bench_detection_ewc.py \
-	runtime/source_gstreamer.py
+	runtime/source_gstreamer.py runtime/doctor_cli.py
 
 lint: install
 	$(VENV)/bin/ruff check $(LINT_PATHS)
