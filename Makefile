@@ -9,9 +9,10 @@ EXTRAS  ?= train,dev,msgpack,deploy,fleet,openvino,console
 # Debian packages some tests drive for real: promtool + Prometheus server, ffmpeg (RTSP/MJPEG
 # camera streams), systemd-analyze (unit verification), Chromium headless shell (console browser
 # tests, driven by Playwright), PostgreSQL (console results store tests), a real RTSP camera
-# (GstRtspServer under the system python3: tests/runtime/rtsp_server.py).
+# (GstRtspServer under the system python3: tests/runtime/rtsp_server.py); GStreamer cameras through
+# PyGObject (tests/runtime/test_source_gstreamer.py puts Debian's gi alone on the venv's path).
 APT_PKGS ?= prometheus ffmpeg systemd chromium chromium-headless-shell chromium-driver postgresql
-RTSP_PKGS ?= gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gst-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
+RTSP_PKGS ?= gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gst-1.0 gir1.2-gst-plugins-base-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
 DEMO_ARGS ?=
 TEST_ARGS ?=
 
@@ -30,7 +31,7 @@ system-deps:
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
-	/usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0'); gi.require_version('Gst', '1.0'); \
+	/usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0'); gi.require_version('Gst', '1.0'); gi.require_version('GstApp', '1.0'); \
 	  from gi.repository import Gst; Gst.init(None); assert Gst.ElementFactory.find('rtpjpegpay')" >/dev/null 2>&1 \
 	  || missing="$$missing $(RTSP_PKGS)"; \
 	[ -x /usr/lib/chromium/chromium-headless-shell ] || missing="$$missing chromium chromium-headless-shell chromium-driver"; \

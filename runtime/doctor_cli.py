@@ -203,7 +203,7 @@ def warnings(r: dict[str, Any]) -> list[str]:
     if r["system"].get("jetson_l4t") and cv.get("pip_wheels"):
         out.append(
             f"pip OpenCV {cv['pip_wheels']} shadows JetPack's OpenCV (GStreamer {cv.get('gstreamer')}): "
-            "pip uninstall those wheels in this venv (README 'Jetson install')"
+            "pip uninstall those wheels in this venv (README 'Jetson stations')"
         )
     if r["system"].get("jetson_l4t") and r["system"].get("venv_system_site_packages") is False:
         out.append(

@@ -35,9 +35,10 @@ POLL_S = 0.05  # bus checks while waiting for a frame: errors surface within thi
 REMEDIES = (
     "remedies: (1) PyGObject + GStreamer: apt install python3-gi gir1.2-gstreamer-1.0 "
     "gir1.2-gst-plugins-base-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good and create the "
-    "station's venv with --system-site-packages (or pip install PyGObject); (2) an OpenCV built with "
+    "station's venv with --system-site-packages (or pip install 'PyGObject<3.50' with "
+    "libgirepository1.0-dev libcairo2-dev); (2) an OpenCV built with "
     "GStreamer instead of opencv-python-headless (on a Jetson: JetPack's python3-opencv, README "
-    "'Jetson install')"
+    "'Jetson stations')"
 )
 
 

@@ -66,16 +66,19 @@ def test_doctor_sees_pygobject_and_the_pipeline_elements(tmp_path: Path) -> None
     assert rep["features"]["rtsp hardware decode (nvv4l2decoder)"].startswith("no (")
 
 
-def test_doctor_warns_when_a_pip_opencv_shadows_jetpack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a Jetson (L4T release file present) the pip OpenCV wheel is the shadowing problem of issue 30."""
-    from runtime import doctor_cli
-
+def test_doctor_warns_when_a_pip_opencv_shadows_jetpack(tmp_path: Path) -> None:
+    """On a Jetson (L4T release file present) the pip OpenCV wheel is the shadowing problem of issue 30;
+    --strict turns the warning into exit 1. A subprocess: torch, loaded by other tests, and OpenVINO
+    do not share a process with GStreamer (never the case on a station, which has no torch)."""
     release = tmp_path / "nv_tegra_release"
     release.write_text("# R36 (release), REVISION: 4.0, GCID: 1, BOARD: generic, EABI: aarch64\n")
-    monkeypatch.setattr(doctor_cli, "TEGRA_RELEASE", release)
-    rep = doctor_cli.report()
+    on_jetson = NO_GI + f"import pathlib, runtime.doctor_cli as d; d.TEGRA_RELEASE = pathlib.Path({str(release)!r}); "
+    r = _doctor("--json", "--strict", preamble=on_jetson)
+    rep = json.loads(r.stdout)
     assert rep["system"]["jetson_l4t"].startswith("# R36")
     if rep["opencv"]["pip_wheels"]:
         assert any("shadows JetPack's OpenCV" in w for w in rep["warnings"])
-    monkeypatch.setattr(doctor_cli, "TEGRA_RELEASE", tmp_path / "absent")
-    assert not any("shadows" in w for w in doctor_cli.report()["warnings"])
+        assert r.returncode == 1
+    r = _doctor("--json", "--strict", preamble=NO_GI + "import pathlib, runtime.doctor_cli as d; "
+                f"d.TEGRA_RELEASE = pathlib.Path({str(tmp_path / 'absent')!r}); ")
+    assert not any("shadows" in w for w in json.loads(r.stdout)["warnings"])
