@@ -98,6 +98,20 @@ def test_unbounded_appsink_is_bounded_and_caps_default_to_bgr() -> None:
 
 
 @needs_gi
+def test_a_frame_over_the_size_limit_is_refused_not_copied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A camera announcing huge frames cannot make the station copy them (limit lowered to 4 KB here)."""
+    from runtime import source_gstreamer
+
+    monkeypatch.setattr(source_gstreamer, "MAX_FRAME_BYTES", 4096)
+    reader = open_reader(CameraConfig(id="c", source=_solid(64, 48, "BGR"), kind="gstreamer"))
+    try:
+        with pytest.raises(SourceError, match=r"frame 64x48 \(9216 bytes\) refused \(limit 4096\)"):
+            reader.read()
+    finally:
+        reader.close()
+
+
+@needs_gi
 @pytest.mark.parametrize(("source", "error"), [
     ("videotestsrc ! nosuchelement ! appsink", r'invalid GStreamer pipeline: no element "nosuchelement"'),
     ("videotestsrc ! fakesink", r"has no appsink \(end it with '! appsink'\)"),
