@@ -3,11 +3,16 @@ dependency of pyproject.toml, and never pulls a pip OpenCV / TensorRT that would
 
 from __future__ import annotations
 
-import tomllib
+import sys
 from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the station's own dependency on 3.10
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "deploy" / "jetson" / "requirements-jetpack6.txt"
