@@ -11,10 +11,12 @@ daemons are reloaded again and the install fails (exit code 3).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,20 +130,17 @@ class Deployer:
         from runtime.bundle_stage import BundleSource
 
         source = Path(source)
-        if not os.path.lexists(source):
-            raise DeployError(f"{source}: no such bundle")
-        _check_owner(source, "bundle")
-        with self.store.lock():
+        try:
+            # Opened once, owner checked on the open descriptor, every read from it (a swap later is never read);
+            # reads only manifest.json and the listing: nothing is written before the signature passes.
+            src = BundleSource(source, self._limits(), trust=_owned_by_root("bundle") if os.geteuid() == 0 else None)
+        except BundleError as exc:
+            raise DeployError(f"bundle verification (manifest, checksums, ONNX graph) failed: {exc}") from None
+        with contextlib.closing(src), self.store.lock():
             staging = self.store.prepare_staging()
             staged = staging / uuid.uuid4().hex[:12]
             outcome = Outcome(action="install", name="?", version=None)
-            src = None
             try:
-                try:
-                    # Reads only manifest.json and the listing: nothing is written before the signature passes.
-                    src = BundleSource(source, self._limits())
-                except BundleError as exc:
-                    raise DeployError(f"bundle verification (manifest, checksums, ONNX graph) failed: {exc}") from None
                 self._check_signature(source, src.manifest_bytes, opts, outcome)
                 manifest = src.manifest
                 name = check_component("name", manifest.model.name, str(source))
@@ -161,8 +160,6 @@ class Deployer:
                     self.store.record_install(name, version, source=str(source), signed_by=outcome.signed_by,
                                               manifest_sha256=src.manifest_sha256)
             finally:
-                if src is not None:
-                    src.close()
                 if staged.exists():
                     shutil.rmtree(staged, ignore_errors=True)
             outcome.path = str(vdir)
@@ -391,35 +388,36 @@ def _serves(r: Readiness, name: str, version: str) -> bool:
     return r.ready and r.model is not None and r.model.get("name") == name and str(r.version) == version
 
 
-def _check_owner(path: Path, what: str) -> None:
+def _owned_by_root(what: str) -> Callable[[str, os.stat_result, bool], None]:
     """As root, install only what root wrote: a file the daemon user could create or swap is refused.
 
-    The daemon user can write its own state directory; if an incoming path there were honoured,
-    it could pre-create ``<name>.tar.gz/`` as a directory bundle, or a symlink, and have root install it.
+    Applied to ``fstat`` of the opened bundle (and every entry of a directory bundle), not to a
+    path looked up before: the daemon user can write its own state directory and rename another
+    file or directory over the path at any time.
     """
-    if os.geteuid() != 0:
-        return
-    st = os.lstat(path)
-    problem = None
-    if stat.S_ISLNK(st.st_mode):
-        problem = "is a symlink"
-    elif st.st_uid != 0:
-        problem = f"is owned by uid {st.st_uid}, not root"
-    elif st.st_mode & 0o022:
-        problem = f"is writable by group or others (mode {stat.filemode(st.st_mode)})"
-    elif not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-        problem = "is not a regular file or directory"
-    if problem is None and stat.S_ISDIR(st.st_mode):
-        for dirpath, dirnames, filenames in os.walk(path):
-            for entry in dirnames + filenames:
-                e = os.lstat(os.path.join(dirpath, entry))
-                if e.st_uid != 0 or (e.st_mode & 0o022 and not stat.S_ISLNK(e.st_mode)):
-                    problem = f"holds {os.path.join(dirpath, entry)} owned by uid {e.st_uid} / mode {stat.filemode(e.st_mode)}"
-                    break
-            if problem:
-                break
-    if problem:
-        raise DeployError(
-            f"{path}: the {what} {problem}; deploy runs as root and only installs files root owns "
-            "(copy it into a root-only directory such as /var/lib/defectscope-deploy/incoming first)"
-        )
+
+    def check(where: str, st: os.stat_result, top: bool) -> None:
+        # Below the top, a symlink or FIFO root made is refused by the bundle inspection, naming its type.
+        link = stat.S_ISLNK(st.st_mode)
+        problem = None
+        if link and top:
+            problem = "is a symlink"
+        elif st.st_uid != 0:
+            problem = f"is owned by uid {st.st_uid}, not root"
+        elif st.st_mode & 0o022 and not link:
+            problem = f"is writable by group or others (mode {stat.filemode(st.st_mode)})"
+        elif top and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            problem = "is not a regular file or directory"
+        if problem:
+            raise DeployError(
+                f"{where}: the {what} {problem}; deploy runs as root and only installs files root owns "
+                "(copy it into a root-only directory such as /var/lib/defectscope-deploy/incoming first)"
+            )
+
+    return check
+
+
+def _check_owner(path: Path, what: str) -> None:
+    """``_owned_by_root`` for a path read by another module (the signature: a swap cannot forge one)."""
+    if os.geteuid() == 0:
+        _owned_by_root(what)(str(path), os.lstat(path), True)
