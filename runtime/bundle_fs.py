@@ -119,14 +119,20 @@ def unlisted_entries(path: Path, names: Iterable[str], dir_fd: int | None = None
             dirs.add(d)
             d = posixpath.dirname(d)
     extra = []
-    walk = ((rel, dn, fn, dfd) for rel, dn, fn, dfd in os.fwalk(".", dir_fd=dir_fd)) if dir_fd is not None else \
-        ((os.path.relpath(dp, path), dn, fn, None) for dp, dn, fn in os.walk(path))
+    walk = (
+        ((rel, dn, fn, dfd) for rel, dn, fn, dfd in os.fwalk(".", dir_fd=dir_fd))
+        if dir_fd is not None
+        else ((os.path.relpath(dp, path), dn, fn, None) for dp, dn, fn in os.walk(path))
+    )
     for dirpath, dirnames, filenames, dfd in walk:
         rel = "" if dirpath == "." else dirpath.removeprefix("./")
         for d in list(dirnames):
             full = posixpath.join(rel, d) if rel else d
-            is_link = (stat.S_ISLNK(os.stat(d, dir_fd=dfd, follow_symlinks=False).st_mode) if dfd is not None
-                       else os.path.islink(os.path.join(path, rel, d)))
+            is_link = (
+                stat.S_ISLNK(os.stat(d, dir_fd=dfd, follow_symlinks=False).st_mode)
+                if dfd is not None
+                else os.path.islink(os.path.join(path, rel, d))
+            )
             if full not in dirs or is_link:
                 extra.append(full + "/")
                 dirnames.remove(d)

@@ -45,8 +45,13 @@ MAX_MANIFEST_BYTES = 4 << 20
 # into memory before the member is seen, so this bounds the memory an archive takes before its signature.
 MAX_HEADER_BYTES = 64 << 10
 MAX_HEADER_CHAIN = 8  # extended headers before one member (tarfile recurses once per header)
-EXTENDED_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
-                    tarfile.SOLARIS_XHDTYPE)
+EXTENDED_HEADERS = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
 NAME_IN_MESSAGE = 100  # characters of an untrusted name quoted in an error
 SPACE_MARGIN_BYTES = 16 << 20  # left free on the store's filesystem after staging
 COPY_CHUNK = 1 << 20
@@ -95,25 +100,26 @@ class _BoundedTarInfo(tarfile.TarInfo):
     a sparse map whose length the header declares.
     """
 
-    def _proc_member(self, tar):  # type: ignore[no-untyped-def]
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in EXTENDED_HEADERS:
             if self.size > MAX_HEADER_BYTES:
                 raise HeaderLimitError(
                     f"an extended header (type {self.type.decode(errors='replace')!r}) of {self.size} bytes, "
-                    f"over the limit of {MAX_HEADER_BYTES}")
+                    f"over the limit of {MAX_HEADER_BYTES}"
+                )
             depth = getattr(tar, "_defectscope_header_depth", 0)
             if depth >= MAX_HEADER_CHAIN:
                 raise HeaderLimitError(f"more than {MAX_HEADER_CHAIN} extended headers before one member")
-            tar._defectscope_header_depth = depth + 1
+            setattr(tar, "_defectscope_header_depth", depth + 1)  # noqa: B010  (tarfile recurses per header)
             try:
-                return super()._proc_member(tar)
+                return super()._proc_member(tar)  # type: ignore[misc]
             finally:
-                tar._defectscope_header_depth = depth
+                setattr(tar, "_defectscope_header_depth", depth)  # noqa: B010
         if self.type == tarfile.GNUTYPE_SPARSE:
             raise HeaderLimitError("a sparse member (bundles hold regular files only)")
-        return super()._proc_member(tar)
+        return super()._proc_member(tar)  # type: ignore[misc]
 
-    def _refuse_sparse(self, *_args):  # type: ignore[no-untyped-def]
+    def _refuse_sparse(self, *_args: object) -> None:
         raise HeaderLimitError("a sparse member (bundles hold regular files only)")
 
     _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_sparse
@@ -134,8 +140,12 @@ class BundleSource:
     file or directory renamed over ``source`` after the check is never read.
     """
 
-    def __init__(self, source: str | os.PathLike[str], limits: Limits = Limits(),
-                 trust: Callable[[str, os.stat_result, bool], None] | None = None):
+    def __init__(
+        self,
+        source: str | os.PathLike[str],
+        limits: Limits = Limits(),
+        trust: Callable[[str, os.stat_result, bool], None] | None = None,
+    ):
         self.source = Path(source)
         self.limits = limits
         self._fh: BinaryIO | None = None
@@ -240,7 +250,7 @@ class BundleSource:
                 assert fh is not None  # isreg() above
                 self._set_manifest(fh.read(), f"{where}!{MANIFEST}")
         except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
-            raise BundleError(f"{where}: not a readable bundle archive: {str(exc)[:NAME_IN_MESSAGE * 2]}") from None
+            raise BundleError(f"{where}: not a readable bundle archive: {str(exc)[: NAME_IN_MESSAGE * 2]}") from None
         listed = set(self.manifest.files) | {MANIFEST}
         stray = sorted(set(members) - listed)
         missing = sorted(set(self.manifest.files) - set(members))
