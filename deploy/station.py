@@ -149,13 +149,19 @@ class Deployer:
                 self._check_downgrade(name, version, opts, outcome)
                 vdir = self.store.version_dir(name, version)
                 vdir.parent.mkdir(parents=True, exist_ok=True)
+                outcome.warnings += self.store.recover(name)
                 if not vdir.is_dir() or self._replace_existing(vdir, manifest, opts):
                     try:
                         src.extract(staged)  # copies, fsyncs and verifies every file (+ ONNX graphs)
                     except BundleError as exc:
                         raise DeployError(f"bundle verification (manifest, checksums, ONNX graph) failed: {exc}") from None
                     _world_readable(staged)
-                    self._place(staged, vdir)
+                    if os.path.lexists(vdir):
+                        self.store.replace_version(name, version, staged)  # never in place: current may name it
+                    else:
+                        os.rename(staged, vdir)
+                        fsync_dir(vdir)  # durable before current can point at it
+                        fsync_dir(vdir.parent)
                     outcome.changed = True
                     self.store.record_install(name, version, source=str(source), signed_by=outcome.signed_by,
                                               manifest_sha256=src.manifest_sha256)
@@ -168,20 +174,6 @@ class Deployer:
             keep = self.cfg.keep if opts.keep is None else opts.keep
             outcome.pruned = self.store.prune(name, keep, protect=self._pinned(name))
             return outcome
-
-    @staticmethod
-    def _place(staged: Path, vdir: Path) -> None:
-        """Rename the verified tree into place; durable before ``current`` can point at it."""
-        if vdir.is_dir():
-            # Rename aside first: a reader never sees a half-deleted version directory.
-            trash = vdir.with_name(f".trash-{vdir.name}-{uuid.uuid4().hex[:8]}")
-            os.rename(vdir, trash)
-            os.rename(staged, vdir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(staged, vdir)
-        fsync_dir(vdir)
-        fsync_dir(vdir.parent)
 
     def _replace_existing(self, vdir: Path, manifest: Any, opts: Options) -> bool:
         """Same version already installed: False to reuse it (same files), True to replace it (--force or damaged)."""
@@ -315,6 +307,7 @@ class Deployer:
         """
         with self.store.lock():
             name = self.resolve_name(name)
+            recovered = self.store.recover(name)
             current = self.store.current(name)
             if opts.from_version is not None and current != opts.from_version and not (to and current == to):
                 return Outcome(action="rollback", name=name, version=current, previous=current,
@@ -332,7 +325,7 @@ class Deployer:
                     f"(installed: {', '.join(self.store.versions(name)) or 'none'})"
                 )
             outcome = Outcome(action="rollback", name=name, version=target, previous=current,
-                              path=str(self.store.version_dir(name, target)))
+                              path=str(self.store.version_dir(name, target)), warnings=recovered)
             self._activate(name, target, current, "rollback-to" if to else "rollback", opts, outcome)
             return outcome
 
@@ -342,8 +335,10 @@ class Deployer:
             names = [self.resolve_name(name)] if name else self.store.names()
             outcomes = []
             for n in names:
+                recovered = self.store.recover(n)
                 doomed = self.store.prune(n, keep, protect=self._pinned(n))
-                outcomes.append(Outcome(action="prune", name=n, version=self.store.current(n), pruned=doomed, changed=bool(doomed)))
+                outcomes.append(Outcome(action="prune", name=n, version=self.store.current(n), pruned=doomed,
+                                        changed=bool(doomed), warnings=recovered))
             self.store.clear_staging()
             return outcomes
 
