@@ -37,12 +37,12 @@ from typing import Any
 
 from deploy.config import DeployError, check_component
 from runtime.fsio import atomic_write_json, fsync_dir
-from runtime.model_store import CURRENT, STATE_FILE, lineage
+from runtime.model_store import CONTENT, CURRENT, STATE_FILE, is_version_entry, lineage
 
 STATE_SCHEMA = 1
 STALE_TEMP_S = 3600.0  # hidden temp dirs older than this are leftovers of a killed run
-CONTENT = ".v"  # trees of replaced versions, each named <version>@<8 hex> ('@' is never in a version)
 LINK_TMP = ".link-"  # a version link being placed: .link-<version>@<8 hex> -> .v/<version>@<8 hex>
+# CONTENT (.v): trees of replaced versions, each named <version>@<8 hex> ('@' is never in a version)
 TRASH = ".trash-"  # renamed aside (no longer named by any link), deleted at once
 
 
@@ -150,16 +150,9 @@ class ModelStore:
         mdir = self.model_dir(name)
         if not mdir.is_dir():
             return []
-        found = [p.name for p in mdir.iterdir() if self._is_version_entry(p)]
+        found = [p.name for p in mdir.iterdir() if is_version_entry(p)]
         order = self.recency(name)
         return sorted(found, key=lambda v: (order.get(v, -1), v))
-
-    @staticmethod
-    def _is_version_entry(p: Path) -> bool:
-        """``<version>/`` or ``<version> -> .v/...`` (not ``current``, not hidden, not dangling)."""
-        if p.name.startswith(".") or p.name == CURRENT or not p.is_dir():
-            return False
-        return not p.is_symlink() or os.readlink(p).startswith(f"{CONTENT}/")
 
     def current(self, name: str) -> str | None:
         """Version ``current`` points at, or None (no link / dangling link)."""
