@@ -25,10 +25,8 @@ from pathlib import Path, PurePosixPath
 
 from deploy.config import DeployConfig, DeployError, read_station, rooted
 from deploy.service import run_reload
-from deploy.store import CURRENT, ModelStore
+from deploy.store import BUILDS, CURRENT, ModelStore
 from runtime.engine_meta import EngineUnavailableError, Platform, current_platform
-
-BUILDS = ".builds"  # under models_dir: same filesystem as the store, so adopting a build is a rename
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import Any
 from deploy.config import DeployConfig, DeployError, Station, check_component, discover_stations, rooted
 from deploy.service import Readiness, query_readyz, reload_failures, run_reload, service_state, wait_for_version
 from deploy.signing import default_signature_path, verify_manifest
-from deploy.store import ModelStore, version_key
+from deploy.store import BUILDS, ModelStore, version_key
 from runtime.bundle import _world_readable
 from runtime.fsio import fsync_dir
 
@@ -340,6 +340,7 @@ class Deployer:
                 outcomes.append(Outcome(action="prune", name=n, version=self.store.current(n), pruned=doomed,
                                         changed=bool(doomed), warnings=recovered))
             self.store.clear_staging()
+            self.store.clean_builds(BUILDS)
             return outcomes
 
     def status(self, query: bool = True) -> dict[str, Any]:

@@ -43,6 +43,7 @@ STATE_SCHEMA = 1
 STALE_TEMP_S = 3600.0  # hidden temp dirs older than this are leftovers of a killed run
 LINK_TMP = ".link-"  # a version link being placed: .link-<version>@<8 hex> -> .v/<version>@<8 hex>
 # CONTENT (.v): trees of replaced versions, each named <version>@<8 hex> ('@' is never in a version)
+BUILDS = ".builds"  # under models_dir: engine builds, same filesystem as the store (adopting one is a rename)
 TRASH = ".trash-"  # renamed aside (no longer named by any link), deleted at once
 
 
@@ -353,6 +354,15 @@ class ModelStore:
             self.write_state(name, state)
         self.clean_temp(mdir)
         return doomed
+
+    def clean_builds(self, builds: str, max_age_s: float = STALE_TEMP_S) -> None:
+        """Remove engine build trees older than ``max_age_s`` (a killed build's; a running one is younger)."""
+        cutoff = time.time() - max_age_s
+        directory = self.models_dir / builds
+        if directory.is_dir():
+            for p in directory.iterdir():
+                if p.is_dir() and not p.is_symlink() and p.stat().st_mtime < cutoff:
+                    shutil.rmtree(p, ignore_errors=True)
 
     def clear_staging(self) -> None:
         """Empty the staging area. Only called under the lock, so anything there is from a killed run."""
