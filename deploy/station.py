@@ -29,6 +29,7 @@ from runtime.bundle import _world_readable
 from runtime.fsio import fsync_dir
 
 MANIFEST = "manifest.json"
+MAX_SIGNATURE_BYTES = 64 << 10  # a signature file is ~400 bytes of JSON
 
 
 class HealthCheckError(DeployError):
@@ -100,16 +101,28 @@ class Deployer:
 
         return Limits(max_bytes=self.cfg.max_bundle_mib << 20, max_files=self.cfg.max_files)
 
-    def _check_signature(self, source: Path, manifest_bytes: bytes, opts: Options, outcome: Outcome) -> None:
+    def _check_signature(self, source: Path, manifest_bytes: bytes, opts: Options, outcome: Outcome,
+                         private_dir: Path) -> None:
+        from runtime.signature import SignatureError
+
         keys = self._trusted_keys(opts)
         sig = Path(opts.signature) if opts.signature else default_signature_path(source)
         if not keys:
             if sig.is_file():
                 outcome.warnings.append(f"{sig} not checked: this station trusts no signing keys ([signing] public_keys)")
             return
-        if os.path.lexists(sig):
-            _check_owner(sig, "signature")
-        verified = verify_manifest(manifest_bytes, sig, keys)
+        if not os.path.lexists(sig):
+            verify_manifest(manifest_bytes, sig, keys)  # raises the "missing" SignatureError
+        # Read once through a checked descriptor (a FIFO or a huge file swapped in cannot hang or
+        # flood root), then verify a private copy of those bytes.
+        copy = private_dir / f"{uuid.uuid4().hex[:12]}.sig"
+        copy.write_bytes(_read_checked(sig, "signature", MAX_SIGNATURE_BYTES))
+        try:
+            verified = verify_manifest(manifest_bytes, copy, keys)
+        except SignatureError as exc:
+            raise SignatureError(exc.check, str(exc).split(": ", 1)[1].replace(str(copy), str(sig))) from None
+        finally:
+            copy.unlink(missing_ok=True)
         outcome.signed_by = verified.key_id
 
     def _check_downgrade(self, name: str, version: str, opts: Options, outcome: Outcome) -> None:
@@ -141,7 +154,7 @@ class Deployer:
             staged = staging / uuid.uuid4().hex[:12]
             outcome = Outcome(action="install", name="?", version=None)
             try:
-                self._check_signature(source, src.manifest_bytes, opts, outcome)
+                self._check_signature(source, src.manifest_bytes, opts, outcome, staging)
                 manifest = src.manifest
                 name = check_component("name", manifest.model.name, str(source))
                 version = check_component("version", manifest.model.version, str(source))
@@ -413,7 +426,20 @@ def _owned_by_root(what: str) -> Callable[[str, os.stat_result, bool], None]:
     return check
 
 
-def _check_owner(path: Path, what: str) -> None:
-    """``_owned_by_root`` for a path read by another module (the signature: a swap cannot forge one)."""
-    if os.geteuid() == 0:
-        _owned_by_root(what)(str(path), os.lstat(path), True)
+def _read_checked(path: Path, what: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of the regular file ``path``, opened no-follow and non-blocking, owner
+    checked on the descriptor (as root); refused when larger."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DeployError(f"{path}: cannot open the {what} ({exc.strerror}; symlinks are refused)") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if os.geteuid() == 0:
+            _owned_by_root(what)(str(path), st, True)
+        if not stat.S_ISREG(st.st_mode):
+            raise DeployError(f"{path}: the {what} is not a regular file")
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise DeployError(f"{path}: the {what} is larger than {limit} bytes")
+    return data

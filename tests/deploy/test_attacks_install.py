@@ -202,3 +202,20 @@ def test_peak_memory_helper_measures_the_child_not_this_process(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert int(proc.stdout) / 1024 >= 256
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
+
+
+def test_a_fifo_or_an_oversized_file_as_the_signature_is_refused_without_blocking(tmp_path, bundles):
+    from tests.deploy.test_attacks import _keys
+
+    root = tmp_path / "root"
+    _keys(tmp_path, root)
+    archive = Path(shutil.copy(bundles.archive("1.0.0"), tmp_path / "tiny.tar.gz"))
+    sig = Path(f"{archive}.sig")
+    os.mkfifo(sig)  # nobody ever writes: a blocking read would hold the store lock forever
+    proc, _ = _deploy_measured("install", archive, "--root", root, "--json", tmp_path=tmp_path)
+    assert proc.returncode == 1 and "signature is not a regular file" in proc.stderr
+    sig.unlink()
+    sig.write_bytes(b"{" + b" " * (8 << 20))
+    proc, _ = _deploy_measured("install", archive, "--root", root, "--json", tmp_path=tmp_path)
+    assert proc.returncode == 1 and "larger than 65536 bytes" in proc.stderr
+    assert current_version(root) is None
