@@ -333,7 +333,7 @@ class ModelStore:
                 return v
         return None
 
-    def prune(self, name: str, keep: int, protect: set[str] = frozenset()) -> list[str]:
+    def prune(self, name: str, keep: int, protect: set[str] | frozenset[str] = frozenset()) -> list[str]:
         """Delete all but the active version, ``protect`` and the ``keep`` most recently used others."""
         current = self.current(name)
         others = [v for v in self.versions(name) if v != current and v not in protect]
@@ -377,7 +377,7 @@ class ModelStore:
         Trash dirs and temp ``current`` links go at once (only deploy makes them, under the lock);
         other hidden dirs (a bundle rewrite by an engine build may be in progress) only when old.
         """
-        removed = []
+        removed: list[Path] = []
         if not directory.is_dir():
             return removed
         cutoff = time.time() - max_age_s
