@@ -25,6 +25,8 @@ from typing import Any
 # Measured (docs/benchmarks.md, issue 18): trained and served with "linear", the demo's held-out accuracy
 # stays within the split's noise of bicubic/AREA while the station's resize costs ~4.5x less CPU.
 DEMO_INTERPOLATION = "linear"
+FRAMES_INFERRED = "defectscope_frames_inferred_total"
+METRICS_CATCH_UP_S = 30.0  # longest wait for /metrics to count the verdicts already received
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,12 +166,35 @@ def _metric_sum(text: str, name: str) -> float:
     return total
 
 
-def stream_first_verdicts(station: Path, zmq_port: int, metrics_port: int, expected: int,
-                          key: Callable[[dict], Any], out: Path, timeout_s: float = 600.0
-                          ) -> tuple[dict[Any, dict], int, str]:
-    """Run ``defectscope serve`` on ``station`` (looping replays), keep the first verdict per ``key(msg)``
-    until ``expected`` are in, scrape /metrics while it serves, stop it with SIGTERM as systemd does.
+def scrape_when_counted(port: int, at_least: int, daemon: subprocess.Popen, timeout_s: float = METRICS_CATCH_UP_S
+                        ) -> str:
+    """/metrics once ``frames_inferred_total`` counts ``at_least`` frames (bounded wait; the last scrape otherwise).
 
+    A subscriber can receive a verdict before the daemon's counter for it is scraped (on a loaded
+    machine, seconds later): one scrape right after the stream under-counts.
+    """
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while True:
+        text = _scrape(port) or text
+        counted = _metric_sum(text, FRAMES_INFERRED)
+        if counted >= at_least:
+            return text
+        if time.monotonic() > deadline or daemon.poll() is not None:
+            print(f"  warning: /metrics counted {counted:.0f} inferred frames, fewer than the {at_least} verdicts "
+                  f"received, after waiting {timeout_s:.0f} s for the daemon's counter; reporting that figure",
+                  flush=True)
+            return text
+        time.sleep(0.1)
+
+
+def stream_first_verdicts(station: Path, zmq_port: int, metrics_port: int, expected: int,
+                          key: Callable[[dict], Any], out: Path, timeout_s: float = 600.0,
+                          command: list[str] | None = None) -> tuple[dict[Any, dict], int, str]:
+    """Run ``defectscope serve`` on ``station`` (looping replays), keep the first verdict per ``key(msg)``
+    until ``expected`` are in, scrape /metrics once it counts them, stop it with SIGTERM as systemd does.
+
+    ``command`` replaces the serve command line (a stand-in daemon in tests).
     Returns ({key: first verdict}, messages received, the /metrics text).
     """
     import zmq
@@ -182,8 +207,8 @@ def stream_first_verdicts(station: Path, zmq_port: int, metrics_port: int, expec
     sub.setsockopt(zmq.RCVTIMEO, 1000)
     sub.connect(f"tcp://127.0.0.1:{zmq_port}")
     log = open(out / "serve.log", "w")
-    daemon = subprocess.Popen([sys.executable, "-m", "defectscope", "serve", "--config", str(station)],
-                              stdout=log, stderr=subprocess.STDOUT)
+    argv = command or [sys.executable, "-m", "defectscope", "serve", "--config", str(station)]
+    daemon = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     first: dict[Any, dict] = {}
     received = 0
     deadline = time.monotonic() + timeout_s
@@ -202,8 +227,9 @@ def stream_first_verdicts(station: Path, zmq_port: int, metrics_port: int, expec
             first.setdefault(key(msg), msg)
             if received % 100 == 0:
                 print(f"  received {len(first)}/{expected} held-out verdicts", flush=True)
-        # Scrape while serving, then stop the line the way systemd does: SIGTERM drains and exits 0.
-        metrics = _scrape(metrics_port) or ""
+        # Scrape while serving (once the counter has caught up with what was received), then stop the
+        # line the way systemd does: SIGTERM drains and exits 0.
+        metrics = scrape_when_counted(metrics_port, received, daemon)
         daemon.send_signal(signal.SIGTERM)
         rc = daemon.wait(timeout=60)
     finally:
@@ -238,7 +264,7 @@ def _serve_and_listen(station: Path, zmq_port: int, metrics_port: int, expected:
         "verdicts": verdicts,
         "latency_ms_p50": lat[len(lat) // 2],
         "latency_ms_p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
-        "metrics_frames_inferred": _metric_sum(metrics, "defectscope_frames_inferred_total"),
+        "metrics_frames_inferred": _metric_sum(metrics, FRAMES_INFERRED),
         "metrics_defects": _metric_sum(metrics, "defectscope_defects_total"),
         "metrics_model_info": re.findall(r"defectscope_model_info\{([^}]*)\}", metrics)[:1],
     }

@@ -57,7 +57,7 @@ def _replay_dir(data: Path, out: Path) -> tuple[Path, dict[str, int]]:
 
 
 def _serve(station: Path, zmq_port: int, metrics_port: int, truth: dict[str, int], out: Path) -> dict[str, Any]:
-    from defectscope.demo import _metric_sum, stream_first_verdicts
+    from defectscope.demo import FRAMES_INFERRED, _metric_sum, stream_first_verdicts
 
     seen, _, metrics = stream_first_verdicts(station, zmq_port, metrics_port, len(truth),
                                              lambda m: Path(m.get("source") or "").name, out, timeout_s=900.0)
@@ -74,7 +74,7 @@ def _serve(station: Path, zmq_port: int, metrics_port: int, truth: dict[str, int
         "schema_versions": sorted({m["schema_version"] for m in msgs}),
         "part_recall": tp / max(defective, 1), "false_alarm_rate": fa / max(clean, 1),
         "boxes_streamed": boxes, "latency_ms_p50": lat[len(lat) // 2],
-        "metrics_frames_inferred": _metric_sum(metrics, "defectscope_frames_inferred_total"),
+        "metrics_frames_inferred": _metric_sum(metrics, FRAMES_INFERRED),
     }
 
 

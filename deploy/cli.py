@@ -14,6 +14,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+MAX_ERROR_CHARS = 2000  # of one error message on stdout/stderr
+
 EPILOG = """\
 examples:
   defectscope deploy install elpv-lite0-1.2.0.tar.gz --reload      # verify, switch, reload, wait for /readyz
@@ -297,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, OSError):
             exc = DeployError(f"{getattr(exc, 'filename', None) or 'deploy'}: {exc.strerror or exc}")
         code = getattr(exc, "exit_code", 1)
+        message = str(exc)
+        if len(message) > MAX_ERROR_CHARS:  # names in errors come from untrusted bundles: never flood a log
+            message = f"{message[:MAX_ERROR_CHARS]}... ({len(message)} characters)"
         if getattr(args, "json", False):
-            print(json.dumps({"error": str(exc), "exit_code": code}, indent=2))
-        print(f"defectscope deploy {args.action}: {exc}", file=sys.stderr)
+            print(json.dumps({"error": message, "exit_code": code}, indent=2))
+        print(f"defectscope deploy {args.action}: {message}", file=sys.stderr)
         return code

@@ -11,10 +11,12 @@ daemons are reloaded again and the install fails (exit code 3).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,12 @@ from typing import Any
 from deploy.config import DeployConfig, DeployError, Station, check_component, discover_stations, rooted
 from deploy.service import Readiness, query_readyz, reload_failures, run_reload, service_state, wait_for_version
 from deploy.signing import default_signature_path, verify_manifest
-from deploy.store import ModelStore, version_key
+from deploy.store import BUILDS, ModelStore, version_key
 from runtime.bundle import _world_readable
 from runtime.fsio import fsync_dir
 
 MANIFEST = "manifest.json"
+MAX_SIGNATURE_BYTES = 64 << 10  # a signature file is ~400 bytes of JSON
 
 
 class HealthCheckError(DeployError):
@@ -98,16 +101,28 @@ class Deployer:
 
         return Limits(max_bytes=self.cfg.max_bundle_mib << 20, max_files=self.cfg.max_files)
 
-    def _check_signature(self, source: Path, manifest_bytes: bytes, opts: Options, outcome: Outcome) -> None:
+    def _check_signature(self, source: Path, manifest_bytes: bytes, opts: Options, outcome: Outcome,
+                         private_dir: Path) -> None:
+        from runtime.signature import SignatureError
+
         keys = self._trusted_keys(opts)
         sig = Path(opts.signature) if opts.signature else default_signature_path(source)
         if not keys:
             if sig.is_file():
                 outcome.warnings.append(f"{sig} not checked: this station trusts no signing keys ([signing] public_keys)")
             return
-        if os.path.lexists(sig):
-            _check_owner(sig, "signature")
-        verified = verify_manifest(manifest_bytes, sig, keys)
+        if not os.path.lexists(sig):
+            verify_manifest(manifest_bytes, sig, keys)  # raises the "missing" SignatureError
+        # Read once through a checked descriptor (a FIFO or a huge file swapped in cannot hang or
+        # flood root), then verify a private copy of those bytes.
+        copy = private_dir / f"{uuid.uuid4().hex[:12]}.sig"
+        copy.write_bytes(_read_checked(sig, "signature", MAX_SIGNATURE_BYTES))
+        try:
+            verified = verify_manifest(manifest_bytes, copy, keys)
+        except SignatureError as exc:
+            raise SignatureError(exc.check, str(exc).split(": ", 1)[1].replace(str(copy), str(sig))) from None
+        finally:
+            copy.unlink(missing_ok=True)
         outcome.signed_by = verified.key_id
 
     def _check_downgrade(self, name: str, version: str, opts: Options, outcome: Outcome) -> None:
@@ -128,21 +143,18 @@ class Deployer:
         from runtime.bundle_stage import BundleSource
 
         source = Path(source)
-        if not os.path.lexists(source):
-            raise DeployError(f"{source}: no such bundle")
-        _check_owner(source, "bundle")
-        with self.store.lock():
+        try:
+            # Opened once, owner checked on the open descriptor, every read from it (a swap later is never read);
+            # reads only manifest.json and the listing: nothing is written before the signature passes.
+            src = BundleSource(source, self._limits(), trust=_owned_by_root("bundle") if os.geteuid() == 0 else None)
+        except BundleError as exc:
+            raise DeployError(f"bundle verification (manifest, checksums, ONNX graph) failed: {exc}") from None
+        with contextlib.closing(src), self.store.lock():
             staging = self.store.prepare_staging()
             staged = staging / uuid.uuid4().hex[:12]
             outcome = Outcome(action="install", name="?", version=None)
-            src = None
             try:
-                try:
-                    # Reads only manifest.json and the listing: nothing is written before the signature passes.
-                    src = BundleSource(source, self._limits())
-                except BundleError as exc:
-                    raise DeployError(f"bundle verification (manifest, checksums, ONNX graph) failed: {exc}") from None
-                self._check_signature(source, src.manifest_bytes, opts, outcome)
+                self._check_signature(source, src.manifest_bytes, opts, outcome, staging)
                 manifest = src.manifest
                 name = check_component("name", manifest.model.name, str(source))
                 version = check_component("version", manifest.model.version, str(source))
@@ -150,19 +162,23 @@ class Deployer:
                 self._check_downgrade(name, version, opts, outcome)
                 vdir = self.store.version_dir(name, version)
                 vdir.parent.mkdir(parents=True, exist_ok=True)
+                outcome.warnings += self.store.recover(name)
                 if not vdir.is_dir() or self._replace_existing(vdir, manifest, opts):
                     try:
                         src.extract(staged)  # copies, fsyncs and verifies every file (+ ONNX graphs)
                     except BundleError as exc:
                         raise DeployError(f"bundle verification (manifest, checksums, ONNX graph) failed: {exc}") from None
                     _world_readable(staged)
-                    self._place(staged, vdir)
+                    if os.path.lexists(vdir):
+                        self.store.replace_version(name, version, staged)  # never in place: current may name it
+                    else:
+                        os.rename(staged, vdir)
+                        fsync_dir(vdir)  # durable before current can point at it
+                        fsync_dir(vdir.parent)
                     outcome.changed = True
                     self.store.record_install(name, version, source=str(source), signed_by=outcome.signed_by,
                                               manifest_sha256=src.manifest_sha256)
             finally:
-                if src is not None:
-                    src.close()
                 if staged.exists():
                     shutil.rmtree(staged, ignore_errors=True)
             outcome.path = str(vdir)
@@ -171,20 +187,6 @@ class Deployer:
             keep = self.cfg.keep if opts.keep is None else opts.keep
             outcome.pruned = self.store.prune(name, keep, protect=self._pinned(name))
             return outcome
-
-    @staticmethod
-    def _place(staged: Path, vdir: Path) -> None:
-        """Rename the verified tree into place; durable before ``current`` can point at it."""
-        if vdir.is_dir():
-            # Rename aside first: a reader never sees a half-deleted version directory.
-            trash = vdir.with_name(f".trash-{vdir.name}-{uuid.uuid4().hex[:8]}")
-            os.rename(vdir, trash)
-            os.rename(staged, vdir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(staged, vdir)
-        fsync_dir(vdir)
-        fsync_dir(vdir.parent)
 
     def _replace_existing(self, vdir: Path, manifest: Any, opts: Options) -> bool:
         """Same version already installed: False to reuse it (same files), True to replace it (--force or damaged)."""
@@ -318,6 +320,7 @@ class Deployer:
         """
         with self.store.lock():
             name = self.resolve_name(name)
+            recovered = self.store.recover(name)
             current = self.store.current(name)
             if opts.from_version is not None and current != opts.from_version and not (to and current == to):
                 return Outcome(action="rollback", name=name, version=current, previous=current,
@@ -335,7 +338,7 @@ class Deployer:
                     f"(installed: {', '.join(self.store.versions(name)) or 'none'})"
                 )
             outcome = Outcome(action="rollback", name=name, version=target, previous=current,
-                              path=str(self.store.version_dir(name, target)))
+                              path=str(self.store.version_dir(name, target)), warnings=recovered)
             self._activate(name, target, current, "rollback-to" if to else "rollback", opts, outcome)
             return outcome
 
@@ -345,9 +348,12 @@ class Deployer:
             names = [self.resolve_name(name)] if name else self.store.names()
             outcomes = []
             for n in names:
+                recovered = self.store.recover(n)
                 doomed = self.store.prune(n, keep, protect=self._pinned(n))
-                outcomes.append(Outcome(action="prune", name=n, version=self.store.current(n), pruned=doomed, changed=bool(doomed)))
+                outcomes.append(Outcome(action="prune", name=n, version=self.store.current(n), pruned=doomed,
+                                        changed=bool(doomed), warnings=recovered))
             self.store.clear_staging()
+            self.store.clean_builds(BUILDS)
             return outcomes
 
     def status(self, query: bool = True) -> dict[str, Any]:
@@ -391,35 +397,49 @@ def _serves(r: Readiness, name: str, version: str) -> bool:
     return r.ready and r.model is not None and r.model.get("name") == name and str(r.version) == version
 
 
-def _check_owner(path: Path, what: str) -> None:
+def _owned_by_root(what: str) -> Callable[[str, os.stat_result, bool], None]:
     """As root, install only what root wrote: a file the daemon user could create or swap is refused.
 
-    The daemon user can write its own state directory; if an incoming path there were honoured,
-    it could pre-create ``<name>.tar.gz/`` as a directory bundle, or a symlink, and have root install it.
+    Applied to ``fstat`` of the opened bundle (and every entry of a directory bundle), not to a
+    path looked up before: the daemon user can write its own state directory and rename another
+    file or directory over the path at any time.
     """
-    if os.geteuid() != 0:
-        return
-    st = os.lstat(path)
-    problem = None
-    if stat.S_ISLNK(st.st_mode):
-        problem = "is a symlink"
-    elif st.st_uid != 0:
-        problem = f"is owned by uid {st.st_uid}, not root"
-    elif st.st_mode & 0o022:
-        problem = f"is writable by group or others (mode {stat.filemode(st.st_mode)})"
-    elif not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-        problem = "is not a regular file or directory"
-    if problem is None and stat.S_ISDIR(st.st_mode):
-        for dirpath, dirnames, filenames in os.walk(path):
-            for entry in dirnames + filenames:
-                e = os.lstat(os.path.join(dirpath, entry))
-                if e.st_uid != 0 or (e.st_mode & 0o022 and not stat.S_ISLNK(e.st_mode)):
-                    problem = f"holds {os.path.join(dirpath, entry)} owned by uid {e.st_uid} / mode {stat.filemode(e.st_mode)}"
-                    break
-            if problem:
-                break
-    if problem:
-        raise DeployError(
-            f"{path}: the {what} {problem}; deploy runs as root and only installs files root owns "
-            "(copy it into a root-only directory such as /var/lib/defectscope-deploy/incoming first)"
-        )
+
+    def check(where: str, st: os.stat_result, top: bool) -> None:
+        # Below the top, a symlink or FIFO root made is refused by the bundle inspection, naming its type.
+        link = stat.S_ISLNK(st.st_mode)
+        problem = None
+        if link and top:
+            problem = "is a symlink"
+        elif st.st_uid != 0:
+            problem = f"is owned by uid {st.st_uid}, not root"
+        elif st.st_mode & 0o022 and not link:
+            problem = f"is writable by group or others (mode {stat.filemode(st.st_mode)})"
+        elif top and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            problem = "is not a regular file or directory"
+        if problem:
+            raise DeployError(
+                f"{where}: the {what} {problem}; deploy runs as root and only installs files root owns "
+                "(copy it into a root-only directory such as /var/lib/defectscope-deploy/incoming first)"
+            )
+
+    return check
+
+
+def _read_checked(path: Path, what: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of the regular file ``path``, opened no-follow and non-blocking, owner
+    checked on the descriptor (as root); refused when larger."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DeployError(f"{path}: cannot open the {what} ({exc.strerror}; symlinks are refused)") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if os.geteuid() == 0:
+            _owned_by_root(what)(str(path), st, True)
+        if not stat.S_ISREG(st.st_mode):
+            raise DeployError(f"{path}: the {what} is not a regular file")
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise DeployError(f"{path}: the {what} is larger than {limit} bytes")
+    return data

@@ -5,10 +5,19 @@ Layout (everything a reader sees changes by one ``rename``)::
     <models_dir>/
       .deploy.lock              flock: one deploy command at a time
       .staging/                 bundles being verified (same filesystem: renames are atomic)
+      .builds/                  engine builds in progress (deploy build-engine), adopted under the lock
       <name>/
         <version>/              an installed, verified bundle (never modified by deploy)
+        <version> -> .v/<version>@<id>   a version replaced since (--force, a damaged copy, an engine)
+        .v/<version>@<id>/      the tree of a replaced version: a new name for every replacement
         current -> <version>    relative symlink, switched with symlink-to-temp + os.replace
         .deploy-state.json      install records and activation history (atomic writes)
+
+A tree that ``current`` (or a version link) names is never renamed or deleted in place: a
+replacement is staged under a new name and the link switched, like OSTree's deployments.
+Only replacing a plain ``<version>/`` tree needs a gap in which its name is free; ``current``
+is pointed at the new tree for that gap. ``recover`` (every command, under the lock) finishes
+or undoes what a killed command left, so any kill leaves ``current`` on a complete version.
 """
 
 from __future__ import annotations
@@ -28,10 +37,14 @@ from typing import Any
 
 from deploy.config import DeployError, check_component
 from runtime.fsio import atomic_write_json, fsync_dir
-from runtime.model_store import CURRENT, STATE_FILE, lineage
+from runtime.model_store import CONTENT, CURRENT, STATE_FILE, is_version_entry, lineage
 
 STATE_SCHEMA = 1
 STALE_TEMP_S = 3600.0  # hidden temp dirs older than this are leftovers of a killed run
+LINK_TMP = ".link-"  # a version link being placed: .link-<version>@<8 hex> -> .v/<version>@<8 hex>
+# CONTENT (.v): trees of replaced versions, each named <version>@<8 hex> ('@' is never in a version)
+BUILDS = ".builds"  # under models_dir: engine builds, same filesystem as the store (adopting one is a rename)
+TRASH = ".trash-"  # renamed aside (no longer named by any link), deleted at once
 
 
 def version_key(version: str) -> tuple:
@@ -138,7 +151,7 @@ class ModelStore:
         mdir = self.model_dir(name)
         if not mdir.is_dir():
             return []
-        found = [p.name for p in mdir.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")]
+        found = [p.name for p in mdir.iterdir() if is_version_entry(p)]
         order = self.recency(name)
         return sorted(found, key=lambda v: (order.get(v, -1), v))
 
@@ -147,10 +160,10 @@ class ModelStore:
         link = self.current_link(name)
         if not link.is_symlink():
             return None
-        target = os.readlink(link)
-        if "/" in target.rstrip("/") or not (link.parent / target).is_dir():
+        target = os.readlink(link).rstrip("/")
+        if not (link.parent / target).is_dir():
             return None
-        return target.rstrip("/")
+        return version_of(target)
 
     def recency(self, name: str) -> dict[str, int]:
         """version -> rank of its last activation or install (higher = more recent)."""
@@ -216,14 +229,89 @@ class ModelStore:
             return
         if not self.version_dir(name, version).is_dir():
             raise DeployError(f"{self.version_dir(name, version)}: version {version} of {name} is not installed")
-        tmp = link.with_name(f".{CURRENT}.{uuid.uuid4().hex[:8]}")
-        os.symlink(version, tmp)  # relative: the tree works under any --root
-        try:
-            os.replace(tmp, link)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(link.parent)
+        _relink(link, version, f".{CURRENT}.")
+
+    def replace_version(self, name: str, version: str, staged: Path) -> None:
+        """Put the verified, synced tree ``staged`` (same filesystem) in as installed ``version``.
+
+        The tree gets a new name under ``.v/``; the ``<version>`` link is switched to it. A plain
+        ``<version>/`` tree (first install) is moved aside only while ``current``, if it named
+        it, points at the new tree; the old tree is deleted once nothing names it.
+        """
+        mdir = self.model_dir(name)
+        vdir = self.version_dir(name, version)
+        tag = f"{version}@{uuid.uuid4().hex[:8]}"
+        target = f"{CONTENT}/{tag}"
+        (mdir / CONTENT).mkdir(mode=0o755, exist_ok=True)
+        os.chmod(mdir / CONTENT, 0o755)
+        os.rename(staged, mdir / target)
+        fsync_dir(mdir / CONTENT)
+        old = os.readlink(vdir) if vdir.is_symlink() else None
+        if old is not None:
+            _relink(vdir, target, f"{LINK_TMP}{tag}.")
+            _discard(mdir, old)
+            return
+        pending = mdir / f"{LINK_TMP}{tag}"  # recover() places it if a kill comes in the gap below
+        os.symlink(target, pending)
+        fsync_dir(mdir)
+        hop = os.path.islink(self.current_link(name)) and os.readlink(self.current_link(name)).rstrip("/") == version
+        if hop:
+            _relink(self.current_link(name), target, f".{CURRENT}.")
+        trash = mdir / f"{TRASH}{version}-{uuid.uuid4().hex[:8]}"
+        os.rename(vdir, trash)
+        os.rename(pending, vdir)
+        fsync_dir(mdir)
+        if hop:
+            _relink(self.current_link(name), version, f".{CURRENT}.")
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def recover(self, name: str) -> list[str]:
+        """Finish or undo what a killed deploy command left in ``name``'s directory (under the lock).
+
+        Afterwards ``current`` names a version entry whose tree is complete, every pending version
+        link is placed, and no tree is left that nothing names. Returns what was done, for a warning.
+        """
+        mdir = self.model_dir(name)
+        done: list[str] = []
+        if not mdir.is_dir():
+            return done
+        for p in sorted(mdir.iterdir()):
+            if p.is_symlink() and p.name.startswith(LINK_TMP):
+                vdir = mdir / p.name[len(LINK_TMP) :].rsplit("@", 1)[0]
+                if not os.path.lexists(vdir) and (mdir / os.readlink(p)).is_dir():
+                    os.rename(p, vdir)
+                    done.append(f"placed the version link {vdir.name} a killed replacement left pending")
+                else:
+                    p.unlink()
+        link = self.current_link(name)
+        target = os.readlink(link).rstrip("/") if link.is_symlink() else None
+        if target is not None and target.startswith(f"{CONTENT}/") and (mdir / target).is_dir():
+            version = version_of(target) or ""
+            vdir = mdir / version
+            if not os.path.lexists(vdir):
+                _relink(vdir, target, f"{LINK_TMP}{target.split('/', 1)[1]}.")
+            elif not vdir.is_symlink():  # killed before the old tree moved aside: finish the replacement
+                pending = mdir / f"{LINK_TMP}{target.split('/', 1)[1]}"
+                os.symlink(target, pending)
+                trash = mdir / f"{TRASH}{version}-{uuid.uuid4().hex[:8]}"
+                os.rename(vdir, trash)
+                os.rename(pending, vdir)
+            _relink(link, version, f".{CURRENT}.")
+            done.append(f"current pointed at {target} (a killed replacement): now {version}")
+        elif target is not None and "/" not in target and not (mdir / target).is_dir():
+            # What the old code left when killed between its two renames: the tree renamed aside.
+            for aside in sorted(mdir.glob(f"{TRASH}{target}-*")) + sorted(mdir.glob(f".{target}.old-*")):
+                if aside.is_dir() and not aside.is_symlink() and _complete(aside):
+                    os.rename(aside, mdir / target)
+                    fsync_dir(mdir)
+                    done.append(f"restored {target} from {aside.name} (current was dangling)")
+                    break
+        named = {os.readlink(p).rstrip("/") for p in mdir.iterdir() if p.is_symlink()}
+        if (mdir / CONTENT).is_dir():
+            for tree in (mdir / CONTENT).iterdir():
+                if f"{CONTENT}/{tree.name}" not in named:
+                    _discard(mdir, f"{CONTENT}/{tree.name}")
+        return done
 
     def lineage(self, name: str) -> list[str]:
         return lineage(self.read_state(name).history)
@@ -245,7 +333,7 @@ class ModelStore:
                 return v
         return None
 
-    def prune(self, name: str, keep: int, protect: set[str] = frozenset()) -> list[str]:
+    def prune(self, name: str, keep: int, protect: set[str] | frozenset[str] = frozenset()) -> list[str]:
         """Delete all but the active version, ``protect`` and the ``keep`` most recently used others."""
         current = self.current(name)
         others = [v for v in self.versions(name) if v != current and v not in protect]
@@ -253,15 +341,28 @@ class ModelStore:
         mdir = self.model_dir(name)
         state = self.read_state(name)
         for version in doomed:
-            # Rename first so a half-deleted tree is never mistaken for an installed version.
-            trash = mdir / f".trash-{version}-{uuid.uuid4().hex[:8]}"
-            os.rename(mdir / version, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            vdir = mdir / version
+            if vdir.is_symlink():
+                tree = os.readlink(vdir)
+                vdir.unlink()  # the name goes first; a tree nothing names is removed by recover() if killed here
+                fsync_dir(mdir)
+                _discard(mdir, tree)
+            else:
+                _discard(mdir, version)  # renamed first: a half-deleted tree is never taken for a version
             state.installed.pop(version, None)
         if doomed:
             self.write_state(name, state)
         self.clean_temp(mdir)
         return doomed
+
+    def clean_builds(self, builds: str, max_age_s: float = STALE_TEMP_S) -> None:
+        """Remove engine build trees older than ``max_age_s`` (a killed build's; a running one is younger)."""
+        cutoff = time.time() - max_age_s
+        directory = self.models_dir / builds
+        if directory.is_dir():
+            for p in directory.iterdir():
+                if p.is_dir() and not p.is_symlink() and p.stat().st_mtime < cutoff:
+                    shutil.rmtree(p, ignore_errors=True)
 
     def clear_staging(self) -> None:
         """Empty the staging area. Only called under the lock, so anything there is from a killed run."""
@@ -276,7 +377,7 @@ class ModelStore:
         Trash dirs and temp ``current`` links go at once (only deploy makes them, under the lock);
         other hidden dirs (a bundle rewrite by an engine build may be in progress) only when old.
         """
-        removed = []
+        removed: list[Path] = []
         if not directory.is_dir():
             return removed
         cutoff = time.time() - max_age_s
@@ -284,8 +385,48 @@ class ModelStore:
             if p.is_symlink() and p.name.startswith(f".{CURRENT}."):
                 p.unlink()
                 removed.append(p)
-            elif p.name.startswith(".") and p.is_dir() and not p.is_symlink() and p.name != ".staging":
-                if p.name.startswith(".trash-") or p.stat().st_mtime < cutoff:
+            elif p.name.startswith(".") and p.is_dir() and not p.is_symlink() and p.name not in (".staging", CONTENT):
+                if p.name.startswith(TRASH) or p.stat().st_mtime < cutoff:
                     shutil.rmtree(p, ignore_errors=True)
                     removed.append(p)
         return removed
+
+
+def version_of(target: str) -> str | None:
+    """The version a ``current`` target names: ``<version>`` or ``.v/<version>@<id>`` (None otherwise)."""
+    if "/" not in target:
+        return None if target.startswith(".") else target
+    head, _, tree = target.partition("/")
+    if head != CONTENT or "/" in tree or "@" not in tree:
+        return None
+    return tree.rsplit("@", 1)[0]
+
+
+def _relink(link: Path, target: str, prefix: str) -> None:
+    """Point the symlink ``link`` at ``target`` (relative) atomically and durably: temp link + ``os.replace``."""
+    tmp = link.with_name(f"{prefix}{uuid.uuid4().hex[:8]}")
+    os.symlink(target, tmp)  # relative: the tree works under any --root
+    try:
+        os.replace(tmp, link)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(link.parent)
+
+
+def _discard(mdir: Path, tree: str) -> None:
+    """Delete ``mdir/tree``, which nothing names any more: renamed aside first, so a half-deleted
+    tree never sits under a name that could be taken for a complete one."""
+    trash = mdir / f"{TRASH}{tree.replace('/', '_')}-{uuid.uuid4().hex[:8]}"
+    os.rename(mdir / tree, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _complete(tree: Path) -> bool:
+    from runtime.bundle import BundleError, load_bundle
+
+    try:
+        load_bundle(tree, verify=True, check_graph=False)
+        return True
+    except (BundleError, OSError):
+        return False

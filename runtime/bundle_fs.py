@@ -62,13 +62,15 @@ def check_member_name(name: Any, where: str, key: str) -> str:
     return name
 
 
-def open_regular(root: Path, name: str) -> int:
+def open_regular(root: Path, name: str, dir_fd: int | None = None) -> int:
     """Open ``root/name`` read-only without following a symlink anywhere below ``root``.
 
     Returns a file descriptor of a regular file; raises BundleError for a symlink, FIFO,
     device, directory or missing entry (a FIFO would block a reader, a symlink escape the bundle).
+    ``dir_fd``: an open descriptor of ``root`` to read through (``root`` then only names it in
+    messages), so a directory renamed over ``root`` after it was checked is never read.
     """
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.dup(dir_fd) if dir_fd is not None else os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for part in name.split("/")[:-1]:
             try:
@@ -104,8 +106,11 @@ def sha256_fd(fd: int) -> str:
     return digest.hexdigest()
 
 
-def unlisted_entries(path: Path, names: Iterable[str]) -> list[str]:
-    """Entries under ``path`` the manifest does not list (symlinks, FIFOs and stray files alike)."""
+def unlisted_entries(path: Path, names: Iterable[str], dir_fd: int | None = None) -> list[str]:
+    """Entries under ``path`` the manifest does not list (symlinks, FIFOs and stray files alike).
+
+    ``dir_fd``: walk the directory open there (``os.fwalk``, never following symlinks) instead of ``path``.
+    """
     listed = set(names) | {MANIFEST}
     dirs = set()
     for n in listed:
@@ -114,12 +119,21 @@ def unlisted_entries(path: Path, names: Iterable[str]) -> list[str]:
             dirs.add(d)
             d = posixpath.dirname(d)
     extra = []
-    for dirpath, dirnames, filenames in os.walk(path):
-        rel = os.path.relpath(dirpath, path)
-        rel = "" if rel == "." else rel
+    walk = (
+        ((rel, dn, fn, dfd) for rel, dn, fn, dfd in os.fwalk(".", dir_fd=dir_fd))
+        if dir_fd is not None
+        else ((os.path.relpath(dp, path), dn, fn, None) for dp, dn, fn in os.walk(path))
+    )
+    for dirpath, dirnames, filenames, dfd in walk:
+        rel = "" if dirpath == "." else dirpath.removeprefix("./")
         for d in list(dirnames):
             full = posixpath.join(rel, d) if rel else d
-            if full not in dirs or os.path.islink(os.path.join(dirpath, d)):
+            is_link = (
+                stat.S_ISLNK(os.stat(d, dir_fd=dfd, follow_symlinks=False).st_mode)
+                if dfd is not None
+                else os.path.islink(os.path.join(path, rel, d))
+            )
+            if full not in dirs or is_link:
                 extra.append(full + "/")
                 dirnames.remove(d)
         for f in filenames:

@@ -21,6 +21,7 @@ from runtime.bundle import BundleError, load_bundle
 
 STATE_FILE = ".deploy-state.json"
 CURRENT = "current"
+CONTENT = ".v"  # trees of replaced versions (deploy.store.replace_version)
 ROLLBACK_ACTIONS = ("rollback", "rollback-to", "auto-rollback")
 
 
@@ -60,6 +61,13 @@ class BootChoice:
         return self.reason is not None
 
 
+def is_version_entry(p: Path) -> bool:
+    """``<version>/``, or ``<version> -> .v/<version>@<id>`` for a version deploy replaced since (deploy.store)."""
+    if p.name.startswith(".") or p.name == CURRENT or not p.is_dir():
+        return False
+    return not p.is_symlink() or os.readlink(p).startswith(f"{CONTENT}/")
+
+
 def _verifies(path: Path) -> str | None:
     try:
         load_bundle(path, verify=True, check_graph=False)
@@ -84,7 +92,7 @@ def choose_bootable(configured: str | os.PathLike[str]) -> BootChoice:
     stack = lineage(read_history(model_dir))
     below = stack[: len(stack) - 1 - stack[::-1].index(current)] if current in stack else stack
     others = sorted(
-        (p for p in model_dir.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")),
+        (p for p in model_dir.iterdir() if is_version_entry(p)),
         key=lambda p: p.stat().st_mtime,
         reverse=True,
     )

@@ -1,11 +1,17 @@
-"""Issue 14 item 6: after a power cut the daemon starts on a version whose checksums pass."""
+"""Issue 14 item 6: after a power cut the daemon starts on a version whose checksums pass.
+
+Issue 25 item 13: a kill at any step of a reinstall, rollback, prune or engine write leaves a complete `current`."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 from runtime.model_store import choose_bootable
-from tests.deploy.conftest import MODELS, deploy
+from tests.deploy.conftest import MODELS, REPO, current_version, deploy
 
 
 def _store(tmp_path, bundles, *versions):
@@ -82,3 +88,83 @@ def test_the_daemon_starts_on_the_fallback_and_says_so(tmp_path, bundles):
 
     with pytest.raises(ModelLoadError, match="checksum"):
         load_model(load_config(cfg_path), generation=2)
+
+
+# ---- issue 25 item 13: a kill at any step of a reinstall, rollback, prune or engine write --------
+def _killed_at_every_step(scenario: str, template: Path, tmp_path: Path, allowed: set[str], **extra) -> dict:
+    """Run tests/deploy/crashpoints.py: the operation killed before each of its durable steps in turn."""
+    work = tmp_path / "crash"
+    work.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.deploy.crashpoints", scenario, str(template), str(work),
+         json.dumps({"allowed": ",".join(sorted(allowed)), **{k: str(v) for k, v in extra.items()}})],
+        capture_output=True, text=True, cwd=REPO, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["completed_at"] and report["exit_code"] == 0, report.get("final")
+    for kill in report["kills"] + [{"step": "completed", **report["final"]}]:
+        # What a station finds after the kill, and after the next `deploy prune`: a complete model.
+        assert kill["after_kill"] in allowed and kill["after_prune"] in allowed, kill
+        assert kill["prune_rc"] == 0 and kill["broken_versions"] == [], kill
+    return report
+
+
+def _template(tmp_path: Path, bundles, *steps: tuple) -> Path:
+    root = tmp_path / "template"
+    for archive, *flags in steps:
+        deploy("install", archive, "--root", root, "--keep", "5", *flags)
+    return root
+
+
+def test_a_kill_at_any_step_of_reinstalling_the_active_version_keeps_a_complete_current(tmp_path, bundles):
+    # The issue's report: killed at the second rename, `current` dangled and the next prune deleted both copies.
+    template = _template(tmp_path, bundles, (bundles.archive("1.0.0"),), (bundles.archive("1.1.0"),))
+    report = _killed_at_every_step("reinstall", template, tmp_path, {"1.1.0"},
+                                   archive=bundles.archive("1.1.0", seed=1))
+    assert len(report["kills"]) >= 20  # every rename/symlink/fsync/unlink of the install was a kill point
+
+
+def test_a_kill_at_any_step_of_replacing_an_already_replaced_version_keeps_a_complete_current(tmp_path, bundles):
+    template = _template(tmp_path, bundles, (bundles.archive("1.0.0"),), (bundles.archive("1.1.0"),),
+                         (bundles.archive("1.1.0", seed=1), "--force"))
+    assert (template / MODELS / "tiny/1.1.0").is_symlink()  # the replaced version: a link to its new tree
+    _killed_at_every_step("reinstall-again", template, tmp_path, {"1.1.0"}, archive=bundles.archive("1.1.0"))
+
+
+def test_a_kill_at_any_step_of_a_rollback_keeps_a_complete_current(tmp_path, bundles):
+    template = _template(tmp_path, bundles, (bundles.archive("1.0.0"),), (bundles.archive("1.1.0"),))
+    _killed_at_every_step("rollback", template, tmp_path, {"1.0.0", "1.1.0"})
+
+
+def test_a_kill_at_any_step_of_a_prune_keeps_the_active_version(tmp_path, bundles):
+    template = _template(tmp_path, bundles, (bundles.archive("1.0.0"),), (bundles.archive("1.1.0"),),
+                         (bundles.archive("1.1.0", seed=1), "--force"), (bundles.archive("1.2.0"),))
+    report = _killed_at_every_step("prune", template, tmp_path, {"1.2.0"})
+    assert report["kills"], "prune --keep 0 of a plain and a replaced version has steps to kill"
+
+
+def test_a_kill_at_any_step_of_writing_an_engine_into_the_active_version_keeps_a_complete_current(tmp_path, bundles):
+    from runtime.bundle import load_bundle, write_bundle
+
+    template = _template(tmp_path, bundles, (bundles.archive("1.0.0"),), (bundles.archive("1.1.0"),))
+    active = load_bundle(template / MODELS / "tiny/current")
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"serialized engine")
+    # What `defectscope build-engine --out` leaves for deploy to adopt: the version's files plus the engine.
+    files = {n: active.path / n for n in active.manifest.files} | {"engines/model.engine": engine}
+    write_bundle(template / MODELS / ".builds/b1/bundle", active.manifest, files, check_graph=False)
+    report = _killed_at_every_step("engine", template, tmp_path, {"1.1.0"}, version="1.1.0")
+    assert report["kills"]
+    final = tmp_path / "crash" / f"n{report['completed_at']}" / MODELS / "tiny/current/engines/model.engine"
+    assert final.read_bytes() == b"serialized engine"
+
+
+def test_recover_restores_the_tree_the_old_code_left_renamed_aside(tmp_path, bundles):
+    # A station killed under the landed code: `current` dangling, the active tree in .trash-<v>-<id>.
+    root = _template(tmp_path, bundles, (bundles.archive("1.0.0"),), (bundles.archive("1.1.0"),))
+    mdir = root / MODELS / "tiny"
+    os.rename(mdir / "1.1.0", mdir / ".trash-1.1.0-0123abcd")
+    r = deploy("prune", "--root", root, "--json").json()
+    assert any("restored 1.1.0" in w for w in r[0]["warnings"])
+    assert current_version(root) == "1.1.0" and choose_bootable(mdir / "current").reason is None

@@ -94,3 +94,59 @@ def test_timing_cache_reaches_defectscope_build_engine(station, monkeypatch, tmp
     # --dry-run prints the plan; an unknown option would make build-engine exit 2 (a DeployError here).
     engine.build_for_station(root, DeployConfig(), cfg_path, timing_cache=cache,
                              build_args="--dry-run --tensorrt-version 10.3.0")
+
+
+# ---- issue 25 item 13: an engine is written as a new tree, never into the tree `current` names ----------
+def _built(root, version="1.0.0", extra=b"serialized engine"):
+    """What `defectscope build-engine --out` leaves under <models>/.builds: the version's files + an engine."""
+    from runtime.bundle import load_bundle, write_bundle
+
+    src = load_bundle(root / MODELS / "tiny" / version)
+    engine_file = root / "engine.tmp"
+    engine_file.write_bytes(extra)
+    files = {n: src.path / n for n in src.manifest.files} | {"engines/model.engine": engine_file}
+    return write_bundle(root / MODELS / ".builds/b1/bundle", src.manifest, files, check_graph=False).path
+
+
+def test_an_adopted_build_is_a_new_tree_and_the_old_one_is_never_rewritten(station):
+    from deploy.store import ModelStore
+
+    root, _ = station
+    store = ModelStore(root / MODELS)
+    old_tree = root / MODELS / "tiny/1.0.0"
+    old_inode = old_tree.stat().st_ino
+    before = engine._manifest_sha(old_tree)
+    engine.adopt_build(store, "tiny", "1.0.0", _built(root), before)
+    link = root / MODELS / "tiny/1.0.0"
+    assert link.is_symlink() and str(link.readlink()).startswith(".v/1.0.0@")
+    assert (root / MODELS / "tiny/current/engines/model.engine").read_bytes() == b"serialized engine"
+    assert link.resolve().stat().st_ino != old_inode  # a new tree; the old one deleted once nothing named it
+    assert sorted(p.name for p in link.parent.iterdir()) == [".deploy-state.json", ".v", "1.0.0", "current"]
+    assert store.current("tiny") == "1.0.0" and store.versions("tiny") == ["1.0.0"]
+    # A second build replaces the link's tree; nothing named is left behind.
+    engine.adopt_build(store, "tiny", "1.0.0", _built(root, extra=b"engine 2"), engine._manifest_sha(link))
+    assert len(list((root / MODELS / "tiny/.v").iterdir())) == 1
+    deploy("prune", "--root", root)
+    assert (root / MODELS / "tiny/current/engines/model.engine").read_bytes() == b"engine 2"
+
+
+def test_a_version_reinstalled_during_the_build_discards_the_build(station, bundles):
+    from deploy.store import ModelStore
+
+    root, _ = station
+    started_from = engine._manifest_sha(root / MODELS / "tiny/1.0.0")
+    built = _built(root)
+    deploy("install", bundles.archive("1.0.0", seed=1), "--root", root, "--force")  # while the build ran
+    with pytest.raises(DeployError, match="changed during the engine build"):
+        engine.adopt_build(ModelStore(root / MODELS), "tiny", "1.0.0", built, started_from)
+    assert not (root / MODELS / "tiny/current/engines").exists()
+
+
+def test_store_entry_maps_a_station_bundle_path_to_name_and_version(station, bundles):
+    from deploy.store import ModelStore
+
+    root, _ = station
+    store = ModelStore(root / MODELS)
+    assert engine.store_entry(store, root / MODELS / "tiny/current") == ("tiny", "1.0.0")
+    assert engine.store_entry(store, root / MODELS / "tiny/1.0.0") == ("tiny", "1.0.0")
+    assert engine.store_entry(store, root / "srv/bundles/tiny") is None  # not in the store: built in place
