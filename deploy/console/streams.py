@@ -33,9 +33,10 @@ from runtime.preview import MAX_JPEG_BYTES, PREVIEW_PREFIX, decode_preview
 
 log = logging.getLogger("defectscope.console")
 PRUNE_EVERY_S = 600.0
-# A larger ZeroMQ message is dropped by the socket itself: a preview's base64 JPEG + its fields.
-MAX_SOCKET_BYTES = MAX_JPEG_BYTES * 4 // 3 + 64 * 1024
-RCVHWM = 2000  # messages queued per station while the console is busy (~1 s of a full station)
+# A larger ZeroMQ message makes the socket drop the station's connection (ZeroMQ reconnects); below
+# it, a preview (base64 JPEG) is checked by decode_preview and anything else by MAX_MESSAGE_BYTES.
+MAX_SOCKET_BYTES = max(1024 * 1024, MAX_JPEG_BYTES * 4 // 3 + 64 * 1024)
+RCVHWM = 1000  # messages queued per station while the console is busy (~0.5 s of a full station)
 MAX_PENDING = 200_000  # rows held while the store is unreachable (~7 min of 16 cameras at 30/s)
 
 
