@@ -90,3 +90,19 @@ def test_bad_store_urls_are_clear(tmp_path):
         Store("nosuchdb://x")
     with pytest.raises(StoreError, match="cannot open"):
         Store("postgresql://nobody@127.0.0.1:1/none")
+
+
+def test_a_row_the_database_refuses_is_dead_lettered_and_its_batch_is_kept(store):
+    """Rows past the schema (a console before the limits, a tampered writer) must not take their batch down."""
+    t = time.time()
+    rows = _rows(6, t - 10)
+    rows[2]["seq"] = 10**20  # SQLite: OverflowError; PostgreSQL: bigint out of range
+    rows[4]["top_class"] = "c" * 200  # PostgreSQL: value too long for varchar(128); SQLite stores it
+    refused = store.insert(rows)
+    refused_seqs = {10**20} | ({4} if store.engine.dialect.name == "postgresql" else set())
+    assert {r["seq"] for r in refused} == refused_seqs
+    kept = {r["seq"] for r in store.range(0, t + 10)}
+    assert kept == {0, 1, 3, 4, 5} - refused_seqs
+    letters = store.dead_letter_rows()
+    assert len(letters) == len(refused_seqs) and all(d["station"] == "st1" and d["error"] for d in letters)
+    assert str(10**20) in letters[0]["row"]
