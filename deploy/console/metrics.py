@@ -17,24 +17,34 @@ LOGIN_REFUSALS = ("wrong_password", "locked_user", "locked_address", "busy")
 class ConsoleMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.rejected = Counter("defectscope_console_messages_rejected_total",
-                                "Station messages refused, by station and reason", ["station", "reason"],
-                                registry=self.registry)
-        self.dead_letters = Counter("defectscope_console_dead_letters_total",
-                                    "Verdict rows the database refused, kept in the dead_letters table",
-                                    ["station"], registry=self.registry)
-        self.login_refused = Counter("defectscope_console_login_refused_total", "Logins refused, by reason",
-                                     ["reason"], registry=self.registry)
-        self.hashes_in_flight = Gauge("defectscope_console_login_hashes_in_flight",
-                                      "argon2 verifications running now", registry=self.registry)
-        self.hashes_peak = Gauge("defectscope_console_login_hashes_peak",
-                                 "Most argon2 verifications that ran at once since start", registry=self.registry)
-        self.bodies_refused = Counter("defectscope_console_request_bodies_refused_total",
-                                      "Requests refused (413) for a body over server.max_body_bytes",
-                                      registry=self.registry)
-        self.hosts_refused = Counter("defectscope_console_hosts_refused_total",
-                                     "Requests refused (400) for a Host outside server.allowed_hosts",
-                                     registry=self.registry)
+        self.rejected = Counter(
+            "defectscope_console_messages_rejected_total",
+            "Station messages refused, by station and reason",
+            ["station", "reason"],
+            registry=self.registry,
+        )
+        self.dead_letters = Counter(
+            "defectscope_console_dead_letters_total",
+            "Verdict rows the database refused, kept in the dead_letters table",
+            ["station"],
+            registry=self.registry,
+        )
+        self.login_refused = Counter(
+            "defectscope_console_login_refused_total", "Logins refused, by reason", ["reason"], registry=self.registry
+        )
+        self.hashes_in_flight = Gauge(
+            "defectscope_console_login_hashes_in_flight", "argon2 verifications running now", registry=self.registry
+        )
+        self.hashes_peak = Gauge(
+            "defectscope_console_login_hashes_peak",
+            "Most argon2 verifications that ran at once since start",
+            registry=self.registry,
+        )
+        self.bodies_refused = Counter(
+            "defectscope_console_request_bodies_refused_total",
+            "Requests refused (413) for a body over server.max_body_bytes",
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -21,8 +21,10 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from deploy.console.config import ServerConfig, allowed_hosts
 
-CSP = ("default-src 'self'; img-src 'self' data:; connect-src 'self'; style-src 'self'; script-src 'self'; "
-       "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+CSP = (
+    "default-src 'self'; img-src 'self' data:; connect-src 'self'; style-src 'self'; script-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
 
 
 class ForwardedHost:
@@ -57,8 +59,9 @@ class BodyLimit:
 
     async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
         self.refused()
-        resp = PlainTextResponse(f"request body over {self.max_bytes} bytes", status_code=413,
-                                 headers={"connection": "close"})
+        resp = PlainTextResponse(
+            f"request body over {self.max_bytes} bytes", status_code=413, headers={"connection": "close"}
+        )
         await resp(scope, receive, send)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -97,6 +100,7 @@ class BodyLimit:
                 replayed = True
                 return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
             return await receive()
+
         await self.app(scope, replay, send)
 
 
@@ -112,10 +116,15 @@ class SecurityHeaders:
         async def send_with_headers(message: dict) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers += [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-                            (b"referrer-policy", b"same-origin"), (b"x-frame-options", b"DENY")]
+                headers += [
+                    (b"content-security-policy", CSP.encode()),
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"same-origin"),
+                    (b"x-frame-options", b"DENY"),
+                ]
                 message["headers"] = headers
             await send(message)
+
         await self.app(scope, receive, send_with_headers)
 
 

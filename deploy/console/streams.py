@@ -216,7 +216,7 @@ class Streams:
                     if n:
                         log.info("retention: deleted %d verdicts", n)
             except Exception as exc:  # a store outage must not kill the live view; rows are retried
-                log.error("store write failed: %s", exc)
+                log.error("store write failed: %s", str(exc)[:500])
 
     def subscribe_client(self, token: str | None = None) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue(maxsize=8)

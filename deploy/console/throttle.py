@@ -46,8 +46,9 @@ class _Record:
 
 
 class LoginThrottle:
-    def __init__(self, max_failures: int, lockout_s: float, lockout_max_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, max_failures: int, lockout_s: float, lockout_max_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.max_failures, self.lockout_s, self.lockout_max_s = max_failures, lockout_s, lockout_max_s
         self.clock = clock
         self._records: OrderedDict[str, _Record] = OrderedDict()
