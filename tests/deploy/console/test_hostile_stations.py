@@ -191,3 +191,25 @@ def test_a_heartbeats_model_object_is_not_rebroadcast_to_browsers(console_factor
         assert metric(con, "defectscope_console_messages_rejected_total", station="st1", reason="too_large") == 10
     finally:
         st.close()
+
+
+def test_non_finite_values_already_stored_never_break_the_json_api(console_factory, postgres):
+    """PostgreSQL stores NaN / Infinity in float columns (rows written before the schema limits)."""
+    import sqlalchemy as sa
+
+    from deploy.console.store import row_from_message
+
+    s = Store(postgres)
+    with s.engine.begin() as conn:
+        conn.execute(sa.text("TRUNCATE reviews, verdicts, dead_letters"))
+    row = row_from_message(verdict_message("st1", "cam1", 1, "defect")) | {"confidence": float("nan"),
+                                                                           "top_score": float("inf")}
+    assert s.insert([row]) == []
+    s.close()
+    con = console_factory([{"name": "st1", "endpoint": "tcp://127.0.0.1:1"}], store=postgres)
+    eng = Client(con.base)
+    assert eng.login("erik") == 200
+    for path in ("/api/events", f"/api/verdicts/{row['uid']}", "/api/dataset", "/api/state"):
+        status, body, _ = eng.get(path)
+        assert status == 200, (path, status, body[:200])
+        strict_json(body)
