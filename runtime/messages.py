@@ -236,11 +236,13 @@ def _bounded(msg: Any) -> None:
         elif isinstance(value, (Mapping, list)):
             if len(value) > MAX_ITEMS:
                 raise SchemaError(f"{where}: {len(value)} entries, at most {MAX_ITEMS}")
-            items = value.items() if isinstance(value, Mapping) else enumerate(value)
-            for key, item in items:
-                if isinstance(value, Mapping) and (not isinstance(key, str) or len(key) > MAX_CLASS_CHARS):
+            if isinstance(value, list):  # named as the other checks do: detections[0].box[2]
+                stack.extend((f"{name}[{i}]", item, depth + 1) for i, item in enumerate(value))
+                continue
+            for key, item in value.items():
+                if not isinstance(key, str) or len(key) > MAX_CLASS_CHARS:
                     raise SchemaError(f"{where}: object keys must be strings of at most {MAX_CLASS_CHARS} characters")
-                stack.append((f"{name}.{key}" if name else str(key), item, depth + 1))
+                stack.append((f"{name}.{key}" if name else key, item, depth + 1))
         else:
             raise SchemaError(f"{where}: unsupported value type {type(value).__name__}")
 
