@@ -189,6 +189,15 @@ def test_forwarded_headers_from_an_untrusted_peer_are_ignored(console_factory):
     assert _post_login(con.base, "olga", USERS["olga"][1])[0] == 303  # its own http origin still works
 
 
+def test_forwarded_host_and_proto_from_a_trusted_proxy_are_believed(console_factory):
+    """A proxy that keeps its own Host upstream and sends X-Forwarded-Host (as some do)."""
+    con = console_factory([], forwarded_allow_ips=["127.0.0.0/8"], allowed_hosts=["console.test"])
+    fwd = {"x-forwarded-proto": "https", "x-forwarded-host": "console.test", "origin": "https://console.test"}
+    assert _post_login(con.base, "olga", USERS["olga"][1], fwd)[0] == 303
+    evil = {**fwd, "x-forwarded-host": "evil.example", "origin": "https://evil.example"}
+    assert _post_login(con.base, "olga", USERS["olga"][1], evil)[0] == 400  # the forwarded name is checked too
+
+
 def test_a_foreign_host_gets_nothing_even_in_kiosk_mode(console_factory):
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
