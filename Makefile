@@ -8,10 +8,11 @@ PY      := $(VENV)/bin/python
 EXTRAS  ?= train,dev,msgpack,deploy,fleet,openvino,console
 # Debian packages some tests drive for real: promtool + Prometheus server, ffmpeg (RTSP/MJPEG
 # camera streams), systemd-analyze (unit verification), Chromium headless shell (console browser
-# tests, driven by Playwright), PostgreSQL (console results store tests), a real RTSP camera
-# (GstRtspServer under the system python3: tests/runtime/rtsp_server.py); GStreamer cameras through
-# PyGObject (tests/runtime/test_source_gstreamer.py puts Debian's gi alone on the venv's path).
-APT_PKGS ?= prometheus ffmpeg systemd chromium chromium-headless-shell chromium-driver postgresql
+# tests, driven by Playwright), PostgreSQL (console results store tests), nginx (the console behind a
+# real TLS reverse proxy), a real RTSP camera (GstRtspServer under the system python3:
+# tests/runtime/rtsp_server.py); GStreamer cameras through PyGObject
+# (tests/runtime/test_source_gstreamer.py puts Debian's gi alone on the venv's path).
+APT_PKGS ?= prometheus ffmpeg systemd chromium chromium-headless-shell chromium-driver postgresql nginx
 RTSP_PKGS ?= gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gst-1.0 gir1.2-gst-plugins-base-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
 DEMO_ARGS ?=
 TEST_ARGS ?=
@@ -36,12 +37,14 @@ system-deps:
 	  || missing="$$missing $(RTSP_PKGS)"; \
 	[ -x /usr/lib/chromium/chromium-headless-shell ] || missing="$$missing chromium chromium-headless-shell chromium-driver"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing="$$missing nginx"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing system tools:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	    systemctl disable --now prometheus >/dev/null 2>&1 || true; \
 	    systemctl disable --now postgresql >/dev/null 2>&1 || true; \
+	    systemctl disable --now nginx >/dev/null 2>&1 || true; \
 	  else \
 	    echo "note: missing$$missing (apt-get install$$missing as root); tests that need them are skipped"; \
 	  fi; \
@@ -69,6 +72,9 @@ TYPED_PATHS += training/backbones.py training/classifier.py training/weights.py 
 	runtime/preview.py runtime/publisher.py runtime/reload_cli.py runtime/serve_cli.py runtime/service.py \
 	runtime/signature.py runtime/snapshots.py runtime/viewer.py bench/profile_detection_ops.py bench/bench_detection_ewc.py \
 	runtime/source_gstreamer.py runtime/doctor_cli.py
+
+# The console's security layers.
+TYPED_PATHS += deploy/console/metrics.py deploy/console/throttle.py deploy/console/login.py deploy/console/middleware.py
 
 lint: install
 	$(VENV)/bin/ruff check $(LINT_PATHS)

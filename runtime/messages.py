@@ -6,6 +6,10 @@ Topic ``<station>.<camera>.<verdict>`` (subscribers filter by prefix, e.g.
 ``"schema_version"`` and ``"type": "verdict" | "status"``. Status messages and
 classification verdicts are version 1; a detection verdict is version 2: the version-1
 fields unchanged plus ``detections`` (boxes in original image pixels).
+
+Limits (a subscriber stores these fields in fixed-width columns and shows them to browsers, so a
+message outside them is refused alone): every number finite, every integer within int64, strings,
+objects and lists capped in length, nesting capped in depth, the encoded message capped in bytes.
 """
 
 from __future__ import annotations
@@ -25,6 +29,17 @@ STATUS = "_status"
 # The one definition of the verdict names (config, metrics, viewer and the decision read it).
 VERDICTS = ("ok", "defect", "uncertain")
 STATES = ("starting", "serving", "reloading", "stopping", "stopped")
+# Schema limits (docs/contracts.md, "ZeroMQ"). A detection verdict with MAX_DETECTIONS boxes is ~100 KB.
+MAX_MESSAGE_BYTES = 256 * 1024  # encoded verdict / status message
+MAX_NAME_CHARS = 64  # station, camera (and task, model version)
+MAX_CLASS_CHARS = 128  # class names, model name
+MAX_FILE_NAME_CHARS = 255  # the snapshot's file name (its last path component)
+MAX_TEXT_CHARS = 4096  # any other string (source, snapshot path, error text)
+MAX_ITEMS = 4096  # entries of any object or list
+MAX_CLASSES = 1000  # entries of probabilities / class_scores
+MAX_CAMERAS = 256  # entries of a heartbeat's cameras
+MAX_DEPTH = 8  # nesting of objects / lists
+INT64 = (-(2**63), 2**63 - 1)  # SQL BIGINT; larger integers are refused, not truncated
 
 
 class SchemaError(ValueError):
@@ -49,8 +64,21 @@ def encode(message: Mapping[str, Any], fmt: str = "json") -> bytes:
     raise ValueError(f"unknown message format {fmt!r}")
 
 
-def decode(payload: bytes) -> dict[str, Any]:
-    """JSON or msgpack payload -> dict (JSON payloads start with '{')."""
+def decode(payload: bytes, max_bytes: int | None = None) -> dict[str, Any]:
+    """JSON or msgpack payload -> dict (JSON payloads start with '{'); SchemaError past ``max_bytes``.
+
+    A subscriber passes ``max_bytes`` (e.g. MAX_MESSAGE_BYTES) so an oversized payload is refused
+    before it is parsed; nesting too deep to parse is a SchemaError, not a RecursionError.
+    """
+    if max_bytes is not None and len(payload) > max_bytes:
+        raise SchemaError(f"message of {len(payload)} bytes exceeds the {max_bytes}-byte cap")
+    try:
+        return _decode(payload)
+    except RecursionError:
+        raise SchemaError("message nested too deeply") from None
+
+
+def _decode(payload: bytes) -> dict[str, Any]:
     if payload[:1] == b"{":
         return json.loads(payload)
     import msgpack
@@ -186,6 +214,67 @@ def _check(msg: Mapping[str, Any], fields: Mapping[str, Any], prefix: str = "") 
             raise SchemaError(f"key '{name}': expected {'/'.join(k.__name__ for k in kinds)}, got {value!r:.60}")
 
 
+def _bounded(msg: Any) -> None:
+    """Every value JSON-like and within the limits: finite numbers, int64 integers, capped strings and containers."""
+    stack: list[tuple[str, Any, int]] = [("", msg, 0)]
+    while stack:
+        name, value, depth = stack.pop()
+        where = f"key '{name}'" if name else "message"
+        if depth > MAX_DEPTH:
+            raise SchemaError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int):
+            if not INT64[0] <= value <= INT64[1]:
+                raise SchemaError(f"{where}: integer outside the 64-bit range")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise SchemaError(f"{where}: expected a finite number, got {value!r}")
+        elif isinstance(value, str):
+            if len(value) > MAX_TEXT_CHARS:
+                raise SchemaError(f"{where}: string of {len(value)} characters, at most {MAX_TEXT_CHARS}")
+        elif isinstance(value, (Mapping, list)):
+            if len(value) > MAX_ITEMS:
+                raise SchemaError(f"{where}: {len(value)} entries, at most {MAX_ITEMS}")
+            if isinstance(value, list):  # named as the other checks do: detections[0].box[2]
+                stack.extend((f"{name}[{i}]", item, depth + 1) for i, item in enumerate(value))
+                continue
+            for key, item in value.items():
+                if not isinstance(key, str) or len(key) > MAX_CLASS_CHARS:
+                    raise SchemaError(f"{where}: object keys must be strings of at most {MAX_CLASS_CHARS} characters")
+                stack.append((f"{name}.{key}" if name else key, item, depth + 1))
+        else:
+            raise SchemaError(f"{where}: unsupported value type {type(value).__name__}")
+
+
+def _short(msg: Mapping[str, Any], key: str, limit: int, least: int = 1) -> None:
+    value = msg[key]
+    if isinstance(value, str) and not least <= len(value) <= limit:
+        raise SchemaError(f"key '{key}': expected {least}..{limit} characters, got {len(value)}")
+
+
+def _check_verdict_limits(msg: Mapping[str, Any], scores: Mapping[str, Any]) -> None:
+    for key in ("station", "camera", "task"):
+        _short(msg, key, MAX_NAME_CHARS)
+    for key in ("top_class", "defect_class"):
+        _short(msg, key, MAX_CLASS_CHARS)
+    if len(scores) > MAX_CLASSES:
+        raise SchemaError(f"class scores: {len(scores)} classes, at most {MAX_CLASSES}")
+    if any(not 0 < len(c) <= MAX_CLASS_CHARS for c in scores):
+        raise SchemaError(f"class scores: a class name is not 1..{MAX_CLASS_CHARS} characters")
+    model = msg["model"]
+    _short(model, "name", MAX_CLASS_CHARS, 0)
+    for key in ("version", "precision", "artifact", "backend"):
+        _short(model, key, MAX_NAME_CHARS, 0)
+    if not 0 <= msg["seq"] <= INT64[1]:
+        raise SchemaError(f"key 'seq': expected 0..{INT64[1]}, got {msg['seq']!r:.40}")
+    if not 1 <= msg["tta_views"] <= 64:
+        raise SchemaError(f"key 'tta_views': expected 1..64, got {msg['tta_views']!r:.40}")
+    snap = msg["snapshot"]
+    if isinstance(snap, str) and len(snap.rsplit("/", 1)[-1]) > MAX_FILE_NAME_CHARS:
+        raise SchemaError(f"key 'snapshot': file name longer than {MAX_FILE_NAME_CHARS} characters")
+
+
 def _finite(value: Any, lo: float = -math.inf, hi: float = math.inf) -> bool:
     return not isinstance(value, bool) and isinstance(value, _NUM) and math.isfinite(value) and lo <= value <= hi
 
@@ -224,6 +313,7 @@ def validate(msg: Mapping[str, Any], max_detections: int = MAX_DETECTIONS) -> No
     """
     if not isinstance(msg, Mapping):
         raise SchemaError("message is not an object")
+    _bounded(msg)
     version = msg.get("schema_version")
     if isinstance(version, bool) or version not in SCHEMA_VERSIONS:
         raise SchemaError(f"key 'schema_version': expected one of {SCHEMA_VERSIONS}, got {version!r:.40}")
@@ -231,16 +321,17 @@ def validate(msg: Mapping[str, Any], max_detections: int = MAX_DETECTIONS) -> No
     if kind == "verdict":
         _check(msg, VERDICT_FIELDS)
         if msg["verdict"] not in VERDICTS:
-            raise SchemaError(f"key 'verdict': expected one of {VERDICTS}, got {msg['verdict']!r}")
+            raise SchemaError(f"key 'verdict': expected one of {VERDICTS}, got {msg['verdict']!r:.40}")
         scores_key = "probabilities" if msg["task"] == "classification" else "class_scores"
         scores = msg.get(scores_key)
         if not isinstance(scores, Mapping) or not scores:
             raise SchemaError(f"key '{scores_key}': expected an object of class -> score")
         for cls, value in scores.items():
             if not _finite(value, 0.0, 1.0):
-                raise SchemaError(f"key '{scores_key}.{cls}': expected a number in [0, 1], got {value!r}")
+                raise SchemaError(f"key '{scores_key}.{cls:.60}': expected a number in [0, 1], got {value!r:.40}")
         if msg["top_class"] not in scores:
-            raise SchemaError(f"key 'top_class': {msg['top_class']!r} is not among the {scores_key}")
+            raise SchemaError(f"key 'top_class': {msg['top_class']!r:.60} is not among the {scores_key}")
+        _check_verdict_limits(msg, scores)
         detection = msg["task"] != "classification"
         if detection != (version == DETECTION_SCHEMA_VERSION):
             raise SchemaError(
@@ -254,8 +345,13 @@ def validate(msg: Mapping[str, Any], max_detections: int = MAX_DETECTIONS) -> No
             raise SchemaError(f"key 'schema_version': a status message is version {SCHEMA_VERSION}, got {version}")
         _check(msg, STATUS_FIELDS)
         if msg["state"] not in STATES:
-            raise SchemaError(f"key 'state': expected one of {STATES}, got {msg['state']!r}")
+            raise SchemaError(f"key 'state': expected one of {STATES}, got {msg['state']!r:.40}")
+        _short(msg, "station", MAX_NAME_CHARS)
+        if len(msg["cameras"]) > MAX_CAMERAS:
+            raise SchemaError(f"key 'cameras': {len(msg['cameras'])} cameras, at most {MAX_CAMERAS}")
         for cam, info in msg["cameras"].items():
+            if not 0 < len(cam) <= MAX_NAME_CHARS:
+                raise SchemaError(f"key 'cameras': a camera name is not 1..{MAX_NAME_CHARS} characters")
             _check(info, STATUS_CAMERA_FIELDS, f"cameras.{cam}.")
     else:
         raise SchemaError(f"key 'type': expected 'verdict' or 'status', got {kind!r}")

@@ -12,6 +12,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,22 +21,27 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from deploy.console.auth import CAN, COOKIE, Session, Sessions, csrf_ok
-from deploy.console.config import ConsoleConfig
-from deploy.console.live import Live
+from deploy.console.config import ConsoleConfig, ConsoleConfigError
+from deploy.console.live import Live, dumps
+from deploy.console.login import LoginGate
+from deploy.console.metrics import ConsoleMetrics
+from deploy.console.middleware import install
 from deploy.console.snapfiles import SnapshotRefused, read_snapshot
 from deploy.console.store import REVIEW_ACTIONS, Store, StoreError
 from deploy.console.streams import Streams
 
 STATIC = Path(__file__).with_name("static")
 KIOSK = Session("kiosk", "kiosk", "", float("inf"))
-CSP = ("default-src 'self'; img-src 'self' data:; connect-src 'self'; style-src 'self'; script-src 'self'; "
-       "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+# OWASP CSV injection: a cell starting with one of these is a formula to Excel / LibreOffice.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+MAX_TIME_S = 1e11  # |unix seconds| beyond this (year 5138) is not a time, it is an attack
+WS_SESSION_ENDED = 4401  # close code: the session was logged out or expired
 CSV_FIELDS = ("station", "camera", "captured_at_utc", "captured_at", "source", "seq", "model_name", "model_version",
               "verdict", "class", "top_class", "confidence", "top_score", "boxes", "review_action", "review_label",
               "review_user", "reviewed_at_utc")
@@ -47,14 +53,16 @@ def parse_time(value: str | None, default: float) -> float:
     if value is None or value == "":
         return default
     try:
-        return float(value)
+        t = float(value)
     except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise HTTPException(400, f"time {value[:40]!r}: expected ISO 8601 or unix seconds") from None
-    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+        try:
+            dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise HTTPException(400, f"time {value[:40]!r}: expected ISO 8601 or unix seconds") from None
+        t = (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+    if not math.isfinite(t) or abs(t) > MAX_TIME_S:
+        raise HTTPException(400, f"time {value[:40]!r}: expected a finite time within +-{MAX_TIME_S:.0e} s")
+    return t
 
 
 def number(request: Request, key: str, default: float, lo: float, hi: float) -> float:
@@ -73,6 +81,18 @@ def iso(t: float | None) -> str:
     return "" if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
 
 
+def cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: formula prefixes get a leading apostrophe (OWASP)."""
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def json_response(value: Any, status: int = 200) -> Response:
+    """JSON for browsers and clients: never NaN / Infinity (stored data may hold them)."""
+    return Response(dumps(value), status_code=status, media_type="application/json")
+
+
 def _row_json(r: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in r.items() if k != "snapshot_path"}
     for k in ("boxes", "review_boxes"):
@@ -87,7 +107,9 @@ class Console:
         self.store = store
         self.live = Live(cfg)
         self.sessions = Sessions(cfg)
-        self.streams = Streams(cfg, store, self.live)
+        self.metrics = ConsoleMetrics()
+        self.streams = Streams(cfg, store, self.live, self.metrics)
+        self.gate = LoginGate(cfg.server, self.sessions, self.metrics)
 
     # -- access --------------------------------------------------------------------------------
     def who(self, request: Request | WebSocket) -> Session | None:
@@ -130,10 +152,12 @@ class Console:
         if not self.same_origin(request):
             raise HTTPException(403, "cross-origin login refused")
         form = await request.form()
-        got = await asyncio.to_thread(self.sessions.login, str(form.get("user", ""))[:64],
-                                      str(form.get("password", ""))[:1024])
+        address = request.client.host if request.client else "-"
+        got = await self.gate.login(str(form.get("user", ""))[:64], str(form.get("password", ""))[:1024], address)
+        if isinstance(got, int):  # locked or busy: seconds to wait
+            return Response(f"too many login attempts: try again in {got} s\n", 429, {"retry-after": str(got)},
+                            media_type="text/plain")
         if got is None:
-            await asyncio.sleep(0.5)  # slows guessing; argon2 already costs ~50 ms
             return RedirectResponse("/login?failed=1", 303)
         token, _ = got
         resp = RedirectResponse("/", 303)
@@ -146,7 +170,10 @@ class Console:
         form = await request.form()
         if s is not None and (not self.same_origin(request) or not csrf_ok(s, str(form.get("csrf", "")))):
             raise HTTPException(403, "CSRF check failed")
-        self.sessions.logout(request.cookies.get(COOKIE))
+        token = request.cookies.get(COOKIE)
+        self.sessions.logout(token)
+        if token:
+            self.streams.close_clients(token, WS_SESSION_ENDED)  # its live sockets stop receiving now
         resp = RedirectResponse("/login", 303)
         resp.delete_cookie(COOKIE, path="/")
         return resp
@@ -161,26 +188,26 @@ class Console:
     # -- API -----------------------------------------------------------------------------------
     async def me(self, request: Request) -> Response:
         s = self.need(request, "view")
-        return JSONResponse({"user": s.user, "role": s.role, "csrf": s.csrf, "kiosk": s is KIOSK,
+        return json_response({"user": s.user, "role": s.role, "csrf": s.csrf, "kiosk": s is KIOSK,
                              "can": sorted(k for k, roles in CAN.items() if s.role in roles),
                              "shift_hours": self.cfg.server.shift_hours, "good_class": self.cfg.server.good_class})
 
     async def state(self, request: Request) -> Response:
         self.need(request, "view")
-        return JSONResponse(self.live.full())
+        return json_response(self.live.full())
 
     async def events(self, request: Request) -> Response:
         self.need(request, "view")
         limit = int(number(request, "limit", self.cfg.server.events, 1, 500))
         rows = await asyncio.to_thread(self.store.recent_events, limit)
-        return JSONResponse([_row_json(r) for r in rows])
+        return json_response([_row_json(r) for r in rows])
 
     async def verdict(self, request: Request) -> Response:
         self.need(request, "view")
         row = await asyncio.to_thread(self.store.get, request.path_params["uid"])
         if row is None:
             raise HTTPException(404, "no such verdict")
-        return JSONResponse(_row_json(row))
+        return json_response(_row_json(row))
 
     async def review(self, request: Request) -> Response:
         s = self.need_change(request, "review", request.headers.get("x-csrf-token"))
@@ -203,13 +230,13 @@ class Console:
             raise HTTPException(404, "no such verdict") from None
         except StoreError as exc:
             raise HTTPException(400, str(exc)) from None
-        return JSONResponse(row)
+        return json_response(row)
 
     async def rates(self, request: Request) -> Response:
         self.need(request, "view")
         hours = number(request, "hours", self.cfg.server.shift_hours, 0.01, 24 * 366)
         rows = await asyncio.to_thread(self.store.rates, time.time() - hours * 3600.0)
-        return JSONResponse({"hours": hours, "cameras": rows})
+        return json_response({"hours": hours, "cameras": rows})
 
     async def export_csv(self, request: Request) -> Response:
         self.need(request, "export")
@@ -222,11 +249,12 @@ class Console:
             w = csv.writer(buf)
             w.writerow(CSV_FIELDS)
             for r in rows:
-                w.writerow([r["station"], r["camera"], iso(r["captured_at"]), f"{r['captured_at']:.6f}", r["source"],
-                            r["seq"], r["model_name"], r["model_version"], r["verdict"],
-                            r["defect_class"] or r["top_class"], r["top_class"], r["confidence"], r["top_score"],
-                            r["boxes"] or "", r["review_action"] or "", r["review_label"] or "",
-                            r["review_user"] or "", iso(r["reviewed_at"])])
+                w.writerow([cell(v) for v in (
+                    r["station"], r["camera"], iso(r["captured_at"]), f"{r['captured_at']:.6f}", r["source"],
+                    r["seq"], r["model_name"], r["model_version"], r["verdict"],
+                    r["defect_class"] or r["top_class"], r["top_class"], r["confidence"], r["top_score"],
+                    r["boxes"] or "", r["review_action"] or "", r["review_label"] or "",
+                    r["review_user"] or "", iso(r["reviewed_at"]))])
                 if buf.tell() > 65536:
                     yield buf.getvalue()
                     buf.seek(0)
@@ -242,7 +270,7 @@ class Console:
         t0 = parse_time(request.query_params.get("from"), 0.0)
         t1 = parse_time(request.query_params.get("to"), float("inf"))
         rows = await asyncio.to_thread(self.store.reviewed, t0, t1)
-        return JSONResponse({"good_class": self.cfg.server.good_class, "rows": [_row_json(r) for r in rows]})
+        return json_response({"good_class": self.cfg.server.good_class, "rows": [_row_json(r) for r in rows]})
 
     async def snapshot(self, request: Request) -> Response:
         self.need(request, "view")
@@ -265,24 +293,31 @@ class Console:
         return Response(tile.preview, media_type="image/jpeg", headers={"cache-control": "no-store"})
 
     async def healthz(self, request: Request) -> Response:
-        return JSONResponse({"ok": True, "received": self.live.received, "recorded": self.streams.recorded,
-                             "pending": len(self.streams.pending)})
+        return json_response({"ok": True, "received": self.live.received, "recorded": self.streams.recorded,
+                              "pending": len(self.streams.pending), "dead_letters": self.streams.dead_letters})
+
+    async def metrics_text(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def ws(self, websocket: WebSocket) -> None:
         s = self.who(websocket)
         if s is None or not self.same_origin(websocket):
             await websocket.close(code=4403)
             return
+        token = None if s is KIOSK else websocket.cookies.get(COOKIE)
         await websocket.accept()
-        q = self.streams.subscribe_client()
+        q = self.streams.subscribe_client(token)
         try:
-            await websocket.send_json(self.live.full())
+            await websocket.send_text(dumps(self.live.full()))
             while True:
                 msg = await q.get()
-                if msg is None:  # shutting down: browsers reconnect to the next instance
-                    await websocket.close(code=1001)
+                if isinstance(msg, int):  # 1001 shutting down (browsers reconnect), 4401 logged out
+                    await websocket.close(code=msg)
                     return
-                await websocket.send_json(msg)
+                if token is not None and self.sessions.get(token) is None:  # expired since
+                    await websocket.close(code=WS_SESSION_ENDED)
+                    return
+                await websocket.send_text(msg)
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
@@ -302,26 +337,22 @@ def _valid_boxes(boxes: Any) -> bool:
     return True
 
 
-class SecurityHeaders:
-    def __init__(self, app: Any) -> None:
-        self.app = app
+def _check_curve_keys(cfg: ConsoleConfig) -> None:
+    """Refuse a CURVE secret key other local accounts could read, as the station daemon does."""
+    from runtime.publisher import PublisherError, check_secret_key_file
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers += [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-                            (b"referrer-policy", b"same-origin"), (b"x-frame-options", b"DENY")]
-                message["headers"] = headers
-            await send(message)
-        await self.app(scope, receive, send_with_headers)
+    for i, st in enumerate(cfg.stations):
+        if st.curve is None:
+            continue
+        try:
+            check_secret_key_file(st.curve.client_secret_key)
+        except PublisherError as exc:
+            why = str(exc).split("': ", 1)[-1]  # drop the daemon's key name, keep the reason
+            raise ConsoleConfigError(f"{cfg.source}: key 'stations[{i}].curve.client_secret_key': {why}") from None
 
 
 def create_app(cfg: ConsoleConfig, store: Store | None = None) -> Starlette:
+    _check_curve_keys(cfg)
     store = store or Store(cfg.store.url, cfg.store.retention_days)
     c = Console(cfg, store)
 
@@ -343,10 +374,10 @@ def create_app(cfg: ConsoleConfig, store: Store | None = None) -> Starlette:
         Route("/api/rates", c.rates), Route("/api/export.csv", c.export_csv), Route("/api/dataset", c.dataset_rows),
         Route("/snapshots/{station:str}/{name:str}", c.snapshot),
         Route("/preview/{station:str}/{camera:str}.jpg", c.preview),
-        Route("/healthz", c.healthz), WebSocketRoute("/ws", c.ws),
+        Route("/healthz", c.healthz), Route("/metrics", c.metrics_text), WebSocketRoute("/ws", c.ws),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
-    app.add_middleware(SecurityHeaders)
+    install(app, cfg.server, c.metrics.bodies_refused.inc)
     app.state.console = c
     return app

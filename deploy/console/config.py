@@ -6,6 +6,7 @@ are read by the CLI help and the docs (docs/contracts.md, "Line console").
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
@@ -44,6 +45,17 @@ class ServerConfig:
     shift_hours: float = 8.0  # "last shift" for the defect-rate table
     good_class: str = "ok"  # the label a rejected (false-alarm) defect gets in exports
     max_snapshot_bytes: int = 8 * 1024 * 1024
+    max_body_bytes: int = 64 * 1024  # larger request bodies are refused (413) before they are read
+    # Behind a reverse proxy: peers (IPs / CIDRs) whose X-Forwarded-Proto/-For/-Host are believed.
+    forwarded_allow_ips: tuple[str, ...] = ()
+    # Host names the console answers to (DNS rebinding); empty = loopback names only.
+    allowed_hosts: tuple[str, ...] = ()
+    login_max_failures: int = 5  # per user and per client address before a lockout
+    login_lockout_s: float = 30.0  # first lockout; doubles with each further failure
+    login_lockout_max_s: float = 900.0
+    login_max_concurrent: int = 2  # argon2 verifications at once (64 MiB each)
+    station_max_msgs_per_s: float = 2000.0  # per station token bucket (burst: one second's worth)
+    station_max_bytes_per_s: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -96,17 +108,50 @@ def _typed(table: Mapping[str, Any], cls: type, where: str, src: str) -> Any:
         default = known[key].default
         if isinstance(default, bool):
             ok = isinstance(value, bool)
+        elif isinstance(default, tuple):
+            ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+            value = tuple(value) if ok else value
         elif isinstance(default, (int, float)):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
             value = type(default)(value) if ok else value
         else:
             ok = isinstance(value, str)
         if not ok:
-            raise ConsoleConfigError(f"{src}: key '{where}.{key}': expected a {type(default).__name__}"
+            kind = "list of strings" if isinstance(default, tuple) else type(default).__name__
+            raise ConsoleConfigError(f"{src}: key '{where}.{key}': expected a {kind}"
                                      f"{' >= 0' if isinstance(default, (int, float)) and not isinstance(default, bool) else ''}, "
                                      f"got {value!r}")
         out[key] = value
     return cls(**out)
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def _check_server(server: ServerConfig, src: str) -> None:
+    for ip in server.forwarded_allow_ips:
+        try:
+            ipaddress.ip_network(ip, strict=False)
+        except ValueError:
+            raise ConsoleConfigError(f"{src}: key 'server.forwarded_allow_ips': {ip!r} is not an IP address or "
+                                     f"network (like 127.0.0.1 or 10.0.0.0/24)") from None
+    for name in server.allowed_hosts:
+        if not re.match(r"^(\*\.)?[A-Za-z0-9.:\[\]-]{1,253}$", name) or "*" in name[1:]:
+            raise ConsoleConfigError(f"{src}: key 'server.allowed_hosts': {name!r} is not a host name "
+                                     f"(like console.plant.example or *.plant.example)")
+    if not server.allowed_hosts and server.host not in (*LOOPBACK_HOSTS, "localhost"):
+        raise ConsoleConfigError(f"{src}: key 'server.allowed_hosts': required when server.host is "
+                                 f"{server.host!r}: the names browsers use to reach the console")
+    if server.login_max_concurrent < 1 or server.login_max_failures < 1:
+        raise ConsoleConfigError(f"{src}: key 'server.login_max_concurrent' / 'server.login_max_failures': "
+                                 f"expected >= 1")
+    if server.max_body_bytes < 1024:
+        raise ConsoleConfigError(f"{src}: key 'server.max_body_bytes': expected >= 1024")
+
+
+def allowed_hosts(server: ServerConfig) -> list[str]:
+    """The Host names accepted; loopback names always (the machine's own browser, health checks)."""
+    return list(dict.fromkeys([*server.allowed_hosts, *LOOPBACK_HOSTS, "[::1]"]))
 
 
 def _path(base: Path, value: Any, key: str, src: str) -> Path:
@@ -166,6 +211,7 @@ def from_dict(data: Mapping[str, Any], src: str = "<dict>", base: Path | None = 
     store = _typed(data.get("store", {}), StoreConfig, "store", src)
     if server.coalesce_ms < 20:
         raise ConsoleConfigError(f"{src}: key 'server.coalesce_ms': expected >= 20 (browsers cannot draw faster)")
+    _check_server(server, src)
     stations = tuple(_station(i, t, base, src) for i, t in enumerate(data.get("stations", [])))
     names = [s.name for s in stations]
     if len(set(names)) != len(names):

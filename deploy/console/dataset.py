@@ -11,6 +11,10 @@ Classifiers -> ImageFolder (DIR/<class>/<file>.jpg), which `defectscope train --
 DIR/annotations.json). Both write DIR/provenance.json: stations, cameras, time range, model
 versions that judged the frames, reviewers, and one record per image. DIR is written in a
 staging directory beside it and renamed into place, so it is never half-written.
+
+Every name that comes from the source (station, camera, uid, label: a console URL is a network
+peer, anyone on a plain-HTTP path can answer for it) becomes a safe file name (``safe_name``), and
+a file that would still resolve outside the staging directory is refused, never written.
 """
 
 from __future__ import annotations
@@ -36,10 +40,25 @@ from deploy.console.snapfiles import SnapshotRefused, read_path
 
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _+-]{0,127}$")  # a class name that is safe as a folder name
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
+MAX_ROWS_BYTES = 1024 * 1024 * 1024  # the /api/dataset answer read from a console URL
+UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 class ExportError(RuntimeError):
     pass
+
+
+def safe_name(value: Any, limit: int = 64) -> str:
+    """A file-name part from a network string: letters, digits, '_', '-' only (others -> '_'), never empty."""
+    return UNSAFE.sub("_", str(value))[:limit].strip("_") or "_"
+
+
+def confined(root: Path, rel: str) -> Path:
+    """``root / rel``, refused (ExportError) when it would resolve outside ``root``."""
+    target = (root / rel).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise ExportError(f"refused to write {rel[:80]!r}: outside the output directory")
+    return target
 
 
 def label_of(row: dict[str, Any], good_class: str) -> str | None:
@@ -91,16 +110,22 @@ def http_source(url: str, user: str, password: str, t0: float, t1: float):
     q = urllib.parse.urlencode({"from": t0, **({"to": t1} if t1 != float("inf") else {})})
     try:
         with opener.open(f"{base}/api/dataset?{q}", timeout=120) as resp:
-            body = json.loads(resp.read())
+            raw = resp.read(MAX_ROWS_BYTES + 1)
     except urllib.error.HTTPError as exc:
         raise ExportError(f"{base}/api/dataset: HTTP {exc.code} (an engineer login is needed)") from None
+    if len(raw) > MAX_ROWS_BYTES:
+        raise ExportError(f"{base}/api/dataset: answer over {MAX_ROWS_BYTES} bytes")
+    body = json.loads(raw)
+    if not isinstance(body, dict) or not isinstance(body.get("rows"), list) \
+            or not all(isinstance(r, dict) for r in body["rows"]):
+        raise ExportError(f"{base}/api/dataset: not a {{rows: [...]}} object")
 
     def image(row: dict[str, Any]) -> bytes:
         if not row.get("snapshot"):
             raise SnapshotRefused(404, "no snapshot recorded")
-        name = urllib.parse.quote(row["snapshot"])
+        station, name = (urllib.parse.quote(str(row[k]), safe="") for k in ("station", "snapshot"))
         try:
-            with opener.open(f"{base}/snapshots/{row['station']}/{name}", timeout=30) as resp:
+            with opener.open(f"{base}/snapshots/{station}/{name}", timeout=30) as resp:
                 return resp.read(MAX_IMAGE_BYTES + 1)[:MAX_IMAGE_BYTES]
         except urllib.error.HTTPError as exc:
             raise SnapshotRefused(exc.code, f"HTTP {exc.code}") from None
@@ -154,14 +179,18 @@ def export(rows: list[dict[str, Any]], image: Callable[[dict], bytes], out: Path
             except SnapshotRefused as exc:
                 skipped[f"snapshot_{exc.status}"] = skipped.get(f"snapshot_{exc.status}", 0) + 1
                 continue
-            name = f"{row['station']}_{row['camera']}_{row['uid']}.jpg"
-            if task == "classification":
-                rel = f"{label}/{name}"
-            else:
-                rel = f"images/{name}"
+            name = "_".join(safe_name(row.get(k)) for k in ("station", "camera", "uid")) + ".jpg"
+            rel = f"{label if task == 'classification' else 'images'}/{name}"  # label: LABEL-checked above
+            target = confined(stage, rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(target, "xb") as fh:  # never through a planted file or link, never twice
+                    fh.write(data)
+            except FileExistsError:
+                skipped["duplicate"] = skipped.get("duplicate", 0) + 1
+                continue
+            if task != "classification":
                 _coco_add(coco, cats, data, rel, boxes_of(row, label))
-            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-            (stage / rel).write_bytes(data)
             items.append(_item(row, rel, label))
         prov = _provenance(src, items, skipped, "imagefolder" if task == "classification" else "coco")
         if task != "classification":
@@ -233,5 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         export(rows, image, Path(args.out), args.good_class or good or ServerConfig.good_class, args.source)
     except (ExportError, OSError, ValueError) as exc:
         print(f"defectscope dataset export: {exc}", file=sys.stderr)
+        return 1
+    except (KeyError, TypeError) as exc:  # a source row without the fields of docs/contracts.md
+        print(f"defectscope dataset export: malformed row from the source: {type(exc).__name__}: {exc}"[:300],
+              file=sys.stderr)
         return 1
     return 0

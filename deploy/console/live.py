@@ -3,10 +3,17 @@
 Fed by the stream subscribers (one asyncio task each); read by the broadcaster, which every
 ``coalesce_ms`` sends each browser only the tiles that changed since the last push, so a
 30 fps camera costs a browser at most 1000 / coalesce_ms tile updates per second.
+
+Browsers get a projection of each message: only the fields the page shows (VIEW_MODEL_KEYS of a
+heartbeat's model, at most VIEW_CLASSES class names and VIEW_BOXES boxes of a verdict), so a
+station cannot make the console re-send large objects to every browser. ``dumps`` is the one
+serialiser for browsers: standard JSON only (a non-finite number becomes null).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -17,6 +24,40 @@ from deploy.console.config import ConsoleConfig
 
 DEFECT_WINDOW_S = 60.0
 MAX_CAMERAS = 64  # tiles per station: a forged heartbeat listing 10**6 cameras must not exhaust memory
+VIEW_MODEL_KEYS = ("name", "version")  # what the tile header shows of a station's model
+VIEW_CLASSES = 64  # class names offered in the review dialog
+VIEW_BOXES = 100  # boxes drawn on a tile
+VIEW_TEXT = 128  # characters of any string shown
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def dumps(value: Any) -> str:
+    """JSON a browser can parse: never NaN / Infinity (those become null)."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        return json.dumps(_clean(value), separators=(",", ":"), allow_nan=False)
+
+
+def _text(value: Any) -> str | None:
+    return value[:VIEW_TEXT] if isinstance(value, str) else None
+
+
+def model_view(model: Any) -> dict[str, str | None] | None:
+    return {k: _text(model.get(k)) for k in VIEW_MODEL_KEYS} if isinstance(model, Mapping) else None
+
+
+def _box_view(d: Any) -> dict[str, Any]:
+    return {"box": d.get("box"), "score": d.get("score"), "class": _text(d.get("class"))}
 
 
 @dataclass
@@ -53,9 +94,11 @@ def verdict_view(msg: Mapping[str, Any], uid: str) -> dict[str, Any]:
     return {"uid": uid, "station": msg["station"], "camera": msg["camera"], "seq": msg["seq"],
             "verdict": msg["verdict"], "top_class": msg["top_class"], "defect_class": msg.get("defect_class"),
             "confidence": msg["confidence"], "captured_at": msg["captured_at"], "task": msg["task"],
-            "model_version": (msg.get("model") or {}).get("version"),
-            "classes": sorted((msg.get("probabilities") or msg.get("class_scores") or {}).keys()),
-            "boxes": msg.get("detections") if isinstance(msg.get("detections"), list) else None,
+            "model_version": _text((msg.get("model") or {}).get("version")),
+            "classes": sorted(str(c)[:VIEW_TEXT] for c in (msg.get("probabilities") or msg.get("class_scores") or {}))[
+                :VIEW_CLASSES],
+            "boxes": ([_box_view(d) for d in msg["detections"][:VIEW_BOXES] if isinstance(d, Mapping)]
+                      if isinstance(msg.get("detections"), list) else None),
             "snapshot": snap.rsplit("/", 1)[-1] if isinstance(snap, str) and snap else None}
 
 
@@ -104,7 +147,7 @@ class Live:
             return
         st.last_status = time.monotonic() if now is None else now
         st.state = msg["state"]
-        st.model = msg.get("model")
+        st.model = model_view(msg.get("model"))
         for cam, info in msg["cameras"].items():
             tile = self._tile(st.name, cam)
             if tile.up != info["up"]:

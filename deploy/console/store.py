@@ -4,7 +4,10 @@ Schema (portable types only; times are unix seconds as floats, boxes JSON text):
   verdicts(uid PK, station, camera, seq, source, captured_at, published_at, model_name, model_version,
            task, verdict, top_class, defect_class, confidence, top_score, boxes, snapshot, snapshot_path)
   reviews(id PK, verdict_uid FK, action confirm|reject|relabel, label, boxes, user, role, created_at)
-The newest review of a verdict is its current label. SQLite runs in WAL mode (readers never block the
+  dead_letters(id PK, station, received_at, error, row)   rows the database refused (row: JSON text)
+The newest review of a verdict is its current label. A batch the database refuses is retried row by
+row: the rows it still refuses go to ``dead_letters`` and the rest are stored (one bad row never
+loses its batch); a lost connection keeps the whole batch for the next flush instead. SQLite runs in WAL mode (readers never block the
 writer); retention deletes unreviewed verdicts older than ``retention_days`` (reviewed ones are
 training data and stay).
 """
@@ -57,7 +60,26 @@ reviews = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Index("ix_reviews_verdict", "verdict_uid", "id"),
 )
+dead_letters = sa.Table(
+    "dead_letters", meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("station", sa.Text),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("error", sa.Text, nullable=False),
+    sa.Column("row", sa.Text, nullable=False),  # the refused row as JSON text (truncated)
+)
 VERDICT_COLUMNS = [c.name for c in verdicts.columns]
+# The database is unreachable or busy: keep the rows and retry (every other error is the row's fault).
+UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)
+DEAD_LETTER_TEXT = 8192  # characters of the refused row and of the error kept
+
+
+class StoreUnavailable(RuntimeError):
+    """The database could not be reached; ``remaining`` are the rows not yet stored."""
+
+    def __init__(self, cause: BaseException, remaining: list[dict[str, Any]]) -> None:
+        super().__init__(str(cause)[:500])
+        self.remaining = remaining
 
 
 class StoreError(ValueError):
@@ -120,10 +142,47 @@ class Store:
             raise StoreError(f"store url {url!r}: cannot open: {exc.orig}") from None
 
     # -- writes --------------------------------------------------------------------------------
-    def insert(self, rows: list[dict[str, Any]]) -> None:
-        if rows:
+    def insert(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Store ``rows``; returns the rows the database refused (now in ``dead_letters``).
+
+        Raises StoreUnavailable (with the rows not stored) when the database cannot be reached.
+        """
+        if not rows:
+            return []
+        try:
             with self.engine.begin() as conn:
                 conn.execute(verdicts.insert(), rows)
+            return []
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(exc, rows) from None
+        except Exception:  # noqa: BLE001 - some row is refused (DataError, IntegrityError, OverflowError...)
+            pass
+        refused: list[tuple[dict[str, Any], BaseException]] = []
+        for i, row in enumerate(rows):
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(verdicts.insert(), [row])
+            except UNAVAILABLE as exc:
+                self._dead_letter(refused)
+                raise StoreUnavailable(exc, rows[i:]) from None
+            except Exception as exc:  # noqa: BLE001
+                refused.append((row, exc))
+        self._dead_letter(refused)
+        return [r for r, _ in refused]
+
+    def _dead_letter(self, refused: list[tuple[dict[str, Any], BaseException]]) -> None:
+        if not refused:
+            return
+        now = time.time()
+        letters = [{"station": str(r.get("station"))[:DEAD_LETTER_TEXT], "received_at": now,
+                    "error": f"{type(e).__name__}: {getattr(e, 'orig', None) or e}"[:DEAD_LETTER_TEXT],
+                    "row": json.dumps(r, default=str)[:DEAD_LETTER_TEXT]} for r, e in refused]
+        with self.engine.begin() as conn:
+            conn.execute(dead_letters.insert(), letters)
+
+    def dead_letter_rows(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [dict(m) for m in conn.execute(sa.select(dead_letters).order_by(dead_letters.c.id)).mappings()]
 
     def review(self, uid: str, action: str, user: str, role: str, label: str | None = None,
                boxes: list[dict[str, Any]] | None = None, now: float | None = None) -> dict[str, Any]:

@@ -5,6 +5,11 @@ One ZeroMQ SUB socket per configured station (CURVE client keys when configured)
 so a station that starts after the console appears when its first heartbeat arrives. A message
 whose ``station`` field is not the station configured for that endpoint is rejected (a station
 cannot write another station's history).
+
+Hostile-station limits: the socket drops messages over MAX_SOCKET_BYTES (previews included); a
+verdict or heartbeat over runtime.messages.MAX_MESSAGE_BYTES is refused before it is parsed; each
+station has a token bucket in messages and in bytes per second (``server.station_max_*``); every
+refusal is counted in ``defectscope_console_messages_rejected_total{station,reason}``.
 """
 
 from __future__ import annotations
@@ -19,22 +24,27 @@ import zmq
 import zmq.asyncio
 
 from deploy.console.config import NAME, ConsoleConfig, StationEntry
-from deploy.console.live import MAX_CAMERAS, Live
-from deploy.console.store import Store, row_from_message
-from runtime.messages import SchemaError, decode, validate
-from runtime.preview import PREVIEW_PREFIX, decode_preview
+from deploy.console.live import MAX_CAMERAS, Live, dumps
+from deploy.console.metrics import ConsoleMetrics
+from deploy.console.store import Store, StoreUnavailable, row_from_message
+from deploy.console.throttle import TokenBucket
+from runtime.messages import MAX_MESSAGE_BYTES, SchemaError, decode, validate
+from runtime.preview import MAX_JPEG_BYTES, PREVIEW_PREFIX, decode_preview
 
 log = logging.getLogger("defectscope.console")
 PRUNE_EVERY_S = 600.0
-MAX_MESSAGE_BYTES = 1024 * 1024  # a larger ZeroMQ message is dropped by the socket itself
+# A larger ZeroMQ message makes the socket drop the station's connection (ZeroMQ reconnects); below
+# it, a preview (base64 JPEG) is checked by decode_preview and anything else by MAX_MESSAGE_BYTES.
+MAX_SOCKET_BYTES = max(1024 * 1024, MAX_JPEG_BYTES * 4 // 3 + 64 * 1024)
+RCVHWM = 1000  # messages queued per station while the console is busy (~0.5 s of a full station)
 MAX_PENDING = 200_000  # rows held while the store is unreachable (~7 min of 16 cameras at 30/s)
 
 
 def _socket(ctx: zmq.asyncio.Context, st: StationEntry) -> zmq.asyncio.Socket:
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVHWM, 100_000)
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    sock.setsockopt(zmq.RCVHWM, RCVHWM)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_SOCKET_BYTES)
     sock.setsockopt(zmq.RECONNECT_IVL, 200)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
     if st.curve is not None:
@@ -57,16 +67,22 @@ def _socket(ctx: zmq.asyncio.Context, st: StationEntry) -> zmq.asyncio.Socket:
 class Streams:
     """Owns the subscriber, writer and broadcaster tasks of one console process."""
 
-    def __init__(self, cfg: ConsoleConfig, store: Store, live: Live) -> None:
+    def __init__(self, cfg: ConsoleConfig, store: Store, live: Live, metrics: ConsoleMetrics | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self.live = live
+        self.metrics = metrics or ConsoleMetrics()
         self.ctx = zmq.asyncio.Context()
         self.pending: list[dict[str, Any]] = []
-        self.clients: set[asyncio.Queue] = set()
+        self.clients: dict[asyncio.Queue, str | None] = {}  # queue -> session token (None: kiosk)
         self.tasks: list[asyncio.Task] = []
         self.recorded = 0
+        self.dead_letters = 0
         self._rejected_logged = 0.0
+        srv = cfg.server
+        self.buckets = {s.name: (TokenBucket(srv.station_max_msgs_per_s, srv.station_max_msgs_per_s),
+                                 TokenBucket(srv.station_max_bytes_per_s, srv.station_max_bytes_per_s))
+                        for s in cfg.stations}
 
     def start(self) -> None:
         for st in self.cfg.stations:
@@ -81,21 +97,32 @@ class Streams:
         await asyncio.to_thread(self._flush)
         self.ctx.destroy(0)
 
-    def _reject(self, station: str, why: str) -> None:
+    def _reject(self, station: str, why: str, reason: str = "schema") -> None:
         self.live.received["rejected"] += 1
+        self.metrics.rejected.labels(station, reason).inc()
         now = time.monotonic()
         if now - self._rejected_logged > 10.0:  # a misbehaving station must not flood the journal
             self._rejected_logged = now
             log.warning("station %s: message rejected: %s", station, why)
 
     def handle(self, st: StationEntry, topic: bytes, payload: bytes) -> None:
+        msgs, nbytes = self.buckets[st.name]
+        if not (msgs.take(1.0) and nbytes.take(float(len(topic) + len(payload)))):
+            self._reject(st.name, "over the station's message rate (server.station_max_*)", "rate_limited")
+            return
+        preview = topic.startswith(PREVIEW_PREFIX.encode())
+        if not preview and len(payload) > MAX_MESSAGE_BYTES:
+            self._reject(st.name, f"message of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}", "too_large")
+            return
         try:
             msg = decode(payload)
             if not isinstance(msg, dict):
                 raise SchemaError("message is not an object")
             if msg.get("station") != st.name:
-                raise SchemaError(f"key 'station': {msg.get('station')!r} on the stream of station {st.name!r}")
-            if topic.startswith(PREVIEW_PREFIX.encode()):
+                self._reject(st.name, f"key 'station': {str(msg.get('station'))[:64]!r} on the stream of station "
+                                      f"{st.name!r}", "foreign_station")
+                return
+            if preview:
                 jpeg = decode_preview(msg)
                 cam = msg["camera"]
                 if not NAME.match(cam) or not self.live.accepts({"type": "verdict", "station": st.name,
@@ -112,7 +139,7 @@ class Streams:
                 raise SchemaError("key 'cameras': a camera name is not letters, digits, '_', '-'")
             if not self.live.accepts(msg):
                 raise SchemaError(f"more than {MAX_CAMERAS} cameras on one station")
-        except (SchemaError, ValueError, TypeError, KeyError) as exc:
+        except (SchemaError, ValueError, TypeError, KeyError, RecursionError) as exc:
             self._reject(st.name, str(exc)[:200])
             return
         if msg["type"] == "status":
@@ -139,29 +166,42 @@ class Streams:
             while True:
                 parts = await sock.recv_multipart()
                 if len(parts) == 2:
-                    self.handle(st, parts[0], parts[1])
+                    try:
+                        self.handle(st, parts[0], parts[1])
+                    except Exception as exc:  # noqa: BLE001 - one message must never end the station's stream
+                        log.exception("station %s: message not handled", st.name)
+                        self._reject(st.name, f"{type(exc).__name__}")
                 else:
                     self._reject(st.name, f"{len(parts)}-part message")
         finally:
             sock.close(0)
 
+    def _stored(self, rows: list[dict[str, Any]], refused: list[dict[str, Any]]) -> None:
+        self.recorded += len(rows) - len(refused)
+        self.dead_letters += len(refused)
+        for r in refused:
+            self.metrics.dead_letters.labels(str(r.get("station"))).inc()
+        if refused:
+            log.error("store refused %d verdict rows (kept in the dead_letters table)", len(refused))
+
     def _flush(self) -> None:
         """Synchronous final flush (shutdown)."""
         rows, self.pending = self.pending, []
         if rows:
-            self.store.insert(rows)
-            self.recorded += len(rows)
+            self._stored(rows, self.store.insert(rows))
 
     async def _flush_async(self) -> None:
         rows, self.pending = self.pending, []  # swapped on the loop thread: no row is appended concurrently
         if not rows:
             return
         try:
-            await asyncio.to_thread(self.store.insert, rows)
-        except Exception:
-            self.pending = rows[-MAX_PENDING:] + self.pending  # retried next interval (bounded memory)
+            refused = await asyncio.to_thread(self.store.insert, rows)
+        except StoreUnavailable as exc:
+            done = rows[: len(rows) - len(exc.remaining)]
+            self.recorded += len(done)
+            self.pending = exc.remaining[-MAX_PENDING:] + self.pending  # retried next interval (bounded memory)
             raise
-        self.recorded += len(rows)
+        self._stored(rows, refused)
 
     async def _writer(self) -> None:
         next_prune = time.monotonic() + 5.0
@@ -176,34 +216,38 @@ class Streams:
                     if n:
                         log.info("retention: deleted %d verdicts", n)
             except Exception as exc:  # a store outage must not kill the live view; rows are retried
-                log.error("store write failed: %s", exc)
+                log.error("store write failed: %s", str(exc)[:500])
 
-    def subscribe_client(self) -> asyncio.Queue:
+    def subscribe_client(self, token: str | None = None) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue(maxsize=8)
-        self.clients.add(q)
+        self.clients[q] = token
         return q
 
-    def close_clients(self) -> None:
-        """Tell every WebSocket handler to close (None sentinel), so shutdown does not wait on them."""
-        for q in list(self.clients):
+    def close_clients(self, token: str | None = None, code: int = 1001) -> None:
+        """Tell WebSocket handlers to close with ``code``: all of them (shutdown), or one session's (logout)."""
+        for q, owner in list(self.clients.items()):
+            if token is not None and owner != token:
+                continue
             while not q.empty():
                 q.get_nowait()
-            q.put_nowait(None)
+            q.put_nowait(code)
 
     def unsubscribe_client(self, q: asyncio.Queue) -> None:
-        self.clients.discard(q)
+        self.clients.pop(q, None)
 
     async def _broadcaster(self) -> None:
         interval = self.cfg.server.coalesce_ms / 1000.0
         while True:
             await asyncio.sleep(interval)
-            msg = self.live.delta()
-            if msg is None:
+            delta = self.live.delta()
+            if delta is None:
                 continue
+            text, full = dumps(delta), None  # serialised once for every browser
             for q in list(self.clients):
                 if q.full():  # a browser that cannot keep up gets one full state instead of a backlog
                     while not q.empty():
                         q.get_nowait()
-                    q.put_nowait(self.live.full())
+                    full = full or dumps(self.live.full())
+                    q.put_nowait(full)
                 else:
-                    q.put_nowait(msg)
+                    q.put_nowait(text)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import glob
 import http.cookiejar
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -27,6 +30,50 @@ from tests.runtime._helpers import toml_value  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
 USERS = {"olga": ("operator", "olga-pass-1"), "erik": ("engineer", "erik-pass-1")}
+
+
+def _initdb() -> str | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return found[-1] if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server on a free loopback port (initdb refuses root: run it as postgres)."""
+    initdb = _initdb()
+    if initdb is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL not installed although .ci/run installs it")
+        pytest.skip("PostgreSQL server not installed (apt-get install postgresql)")
+    pytest.importorskip("psycopg")
+    bindir = os.path.dirname(initdb)
+    # Not under pytest's tmp dir: that is 0700 root, and the server runs as postgres when we are root.
+    root = Path(tempfile.mkdtemp(prefix="defectscope-pg-"))
+    data = root / "data"
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: initdb refuses root")
+        as_user = ["runuser", "-u", "postgres", "--"]
+        os.chmod(root, 0o777)
+    proc = subprocess.run([*as_user, initdb, "-D", str(data), "-U", "console", "--auth=trust", "-E", "UTF8"],
+                          capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    port = free_port()
+    sock_dir = root / "sock"
+    sock_dir.mkdir()
+    os.chmod(sock_dir, 0o777)
+    subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60",
+                    "-o", f"-p {port} -k {sock_dir} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                   check=True, capture_output=True, cwd=root)
+    try:
+        subprocess.run([f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "console", "results"],
+                       check=True, capture_output=True)
+        yield f"postgresql://console@127.0.0.1:{port}/results"
+    finally:
+        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-m", "fast", "stop"], capture_output=True,
+                       cwd=root)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

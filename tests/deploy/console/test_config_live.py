@@ -25,6 +25,12 @@ HASH = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo"
     ({"users": [{"name": "olga", "role": "operator", "password_hash": "plaintext"}]}, "users[0].password_hash"),
     ({"users": [{"name": "olga", "role": "operator"}]}, "users[0]"),
     ({"plugins": {}}, "plugins"),
+    ({"server": {"forwarded_allow_ips": ["proxy.local"]}}, "server.forwarded_allow_ips"),
+    ({"server": {"forwarded_allow_ips": "127.0.0.1"}}, "server.forwarded_allow_ips"),
+    ({"server": {"allowed_hosts": ["evil/host"]}}, "server.allowed_hosts"),
+    ({"server": {"host": "0.0.0.0"}}, "server.allowed_hosts"),  # a network bind must name its hosts
+    ({"server": {"login_max_concurrent": 0}}, "server.login_max_concurrent"),
+    ({"server": {"max_body_bytes": 10}}, "server.max_body_bytes"),
 ])
 def test_config_errors_name_the_key(data, key):
     with pytest.raises(ConsoleConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):

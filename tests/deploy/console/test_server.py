@@ -196,6 +196,7 @@ def test_curve_encrypted_station_stream(tmp_path, console_factory):
     keys.mkdir()
     srv_pub, srv_sec = zmq.auth.create_certificates(keys, "station")
     cli_pub, cli_sec = zmq.auth.create_certificates(keys, "console")
+    os.chmod(cli_sec, 0o600)  # a group/other-readable secret key is refused (test_console_security.py)
     spub, ssec = zmq.auth.load_certificate(srv_sec)
     st = FakeStation.__new__(FakeStation)
     import zmq as _zmq

@@ -2,64 +2,13 @@
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from deploy.console.loadgen import verdict_message
 from deploy.console.store import Store, StoreError, row_from_message
-from tests.factories import free_port
-
-
-def _initdb() -> str | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return found[-1] if found else None
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    """A throwaway PostgreSQL server on a free loopback port (initdb refuses root: run it as postgres)."""
-    initdb = _initdb()
-    if initdb is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("PostgreSQL not installed although .ci/run installs it")
-        pytest.skip("PostgreSQL server not installed (apt-get install postgresql)")
-    pytest.importorskip("psycopg")
-    bindir = os.path.dirname(initdb)
-    # Not under pytest's tmp dir: that is 0700 root, and the server runs as postgres when we are root.
-    root = Path(tempfile.mkdtemp(prefix="defectscope-pg-"))
-    data = root / "data"
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        if shutil.which("runuser") is None:
-            pytest.skip("running as root without runuser: initdb refuses root")
-        as_user = ["runuser", "-u", "postgres", "--"]
-        os.chmod(root, 0o777)
-    proc = subprocess.run([*as_user, initdb, "-D", str(data), "-U", "console", "--auth=trust", "-E", "UTF8"],
-                          capture_output=True, text=True, cwd=root)
-    assert proc.returncode == 0, proc.stderr
-    port = free_port()
-    sock_dir = root / "sock"
-    sock_dir.mkdir()
-    os.chmod(sock_dir, 0o777)
-    subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60",
-                    "-o", f"-p {port} -k {sock_dir} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
-                   check=True, capture_output=True, cwd=root)
-    try:
-        subprocess.run([f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "console", "results"],
-                       check=True, capture_output=True)
-        yield f"postgresql://console@127.0.0.1:{port}/results"
-    finally:
-        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-m", "fast", "stop"], capture_output=True,
-                       cwd=root)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -69,7 +18,7 @@ def store(request, tmp_path):
     else:
         s = Store(request.getfixturevalue("postgres"), retention_days=1.0)
         with s.engine.begin() as conn:  # the module-scoped server is shared: start each test empty
-            conn.execute(sa.text("TRUNCATE reviews, verdicts"))
+            conn.execute(sa.text("TRUNCATE reviews, verdicts, dead_letters"))
     yield s
     s.close()
 
@@ -141,3 +90,19 @@ def test_bad_store_urls_are_clear(tmp_path):
         Store("nosuchdb://x")
     with pytest.raises(StoreError, match="cannot open"):
         Store("postgresql://nobody@127.0.0.1:1/none")
+
+
+def test_a_row_the_database_refuses_is_dead_lettered_and_its_batch_is_kept(store):
+    """Rows past the schema (a console before the limits, a tampered writer) must not take their batch down."""
+    t = time.time()
+    rows = _rows(6, t - 10)
+    rows[2]["seq"] = 10**20  # SQLite: OverflowError; PostgreSQL: bigint out of range
+    rows[4]["top_class"] = "c" * 200  # PostgreSQL: value too long for varchar(128); SQLite stores it
+    refused = store.insert(rows)
+    refused_seqs = {10**20} | ({4} if store.engine.dialect.name == "postgresql" else set())
+    assert {r["seq"] for r in refused} == refused_seqs
+    kept = {r["seq"] for r in store.range(0, t + 10)}
+    assert kept == {0, 1, 3, 4, 5} - refused_seqs
+    letters = store.dead_letter_rows()
+    assert len(letters) == len(refused_seqs) and all(d["station"] == "st1" and d["error"] for d in letters)
+    assert str(10**20) in letters[0]["row"]
