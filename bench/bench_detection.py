@@ -96,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         ns.data_dir = str(Path(ns.out) / "data")
     import torch
 
+    from calibration.detection_bundle import export_run
     from calibration.export_detection import _session
     from training.detection.checkpoint import load_detector
     from training.detection.config import DetTrainConfig
     from training.detection.datasets import DetectionSpec
     from training.detection.evaluate import evaluate_run
-    from training.detection.export import export_run
     from training.detection.loader import DetectionDataset
     from training.detection.trainer import train_detector
 
@@ -192,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def json_samples(card: Any) -> list[Any]:
     """The held-out samples of the run's data (labels in the card's class order)."""
-    from training.detection.export import _held_out
+    from calibration.detection_bundle import held_out_samples
 
-    return _held_out(card, "test", None)
+    return held_out_samples(card, "test", None)
 
 
 def _v(x: Any, fmt: str = ".4f") -> str:

@@ -121,8 +121,8 @@ def export_main(argv: list[str] | None = None) -> int:
 
 
 def _export_detection(args: argparse.Namespace, console: Any) -> int:
+    from calibration.detection_bundle import export_run
     from calibration.export_detection import DetectionExportError
-    from training.detection.export import export_run
 
     threads = _threads(args.threads)
     _setup_torch(threads)

@@ -122,7 +122,7 @@ def _calibration_tensor(card: Any, size: int, seed: int) -> np.ndarray:
 
 def _evaluate(onnx_path: Path, ds: Any, samples: Sequence[Any], classes: Sequence[str], threshold: float,
               threads: int) -> tuple[dict[str, Any], float]:
-    from training.detection.export import ort_predict
+    from calibration.detection_bundle import ort_predict
     from training.detection.task import DetectionTask, DetPredictions
 
     preds, ms = ort_predict(onnx_path, ds, threads)
@@ -133,9 +133,9 @@ def _evaluate(onnx_path: Path, ds: Any, samples: Sequence[Any], classes: Sequenc
 def _openvino_evaluate(onnx_path: Path, ds: Any, samples: Sequence[Any], classes: Sequence[str], threshold: float,
                        threads: int, precision: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """mAP through OpenVINO at ``precision`` (f32 | bf16): the station's other CPU engine, same images."""
+    from calibration.detection_bundle import predict_with
     from calibration.export_detection import OUTPUT_NAMES
     from runtime.backend_openvino import OpenVINOModel
-    from training.detection.export import predict_with
     from training.detection.task import DetectionTask, DetPredictions
 
     engine = OpenVINOModel(onnx_path, list(OUTPUT_NAMES), threads=threads, precision=precision)
@@ -253,9 +253,9 @@ def calibrate_bundle(bundle_dir: str | Path, run_dir: str | Path, *, split: str 
                      gate_backends: Sequence[str] = ("onnxruntime",), echo: Callable[[str], Any] = print,
                      **kwargs: Any) -> DetectionCalibration:
     """``defectscope calibrate`` on a detection bundle: the gated INT8 artifact added atomically, made default."""
+    from calibration.detection_bundle import held_out_samples
     from runtime.bundle import Artifact, add_artifact, load_bundle
     from training.detection.checkpoint import DetCard
-    from training.detection.export import _held_out
 
     bundle = load_bundle(bundle_dir)  # checksums verified before the FP32 graph is used
     m = bundle.manifest
@@ -272,7 +272,7 @@ def calibrate_bundle(bundle_dir: str | Path, run_dir: str | Path, *, split: str 
     if ["ok", *card.classes] != list(m.classes):
         raise DetectionQuantizationError(f"{card_path}: classes {list(card.classes)} are not the bundle's "
                                          f"{list(m.classes[1:])}; pass the run the bundle was exported from")
-    held_out = _held_out(card, split, limit)
+    held_out = held_out_samples(card, split, limit)
     threshold = float(m.output.score_threshold) if getattr(m.output, "score_threshold", None) is not None else 0.5
     with tempfile.TemporaryDirectory(prefix="defectscope-detq-out-") as tmp:
         dest = Path(tmp) / "model.int8.onnx"

@@ -15,6 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 cv2 = pytest.importorskip("cv2")
 
+from tests.training.detection.conftest import det_run  # noqa: E402, F401  (a tiny trained detector run)
+
 IMAGE_SIZE = 40     # pixels on disk
 INPUT_SIZE = 32     # model input (tiny_cnn)
 COUNTS = {"train": 48, "val": 12, "test": 32}   # per class

@@ -50,11 +50,11 @@ def test_fastest_passing_scope_is_written_and_a_failed_gate_writes_nothing(tiny_
     import onnx
 
     from calibration.quantize_detection import calibrate_detector
-    from training.detection.export import _held_out
+    from calibration.detection_bundle import held_out_samples
 
     run, bundle = tiny_detector
     card = _card(run)
-    held = _held_out(card, "test", None)
+    held = held_out_samples(card, "test", None)
     dest = tmp_path / "int8.onnx"
     r = calibrate_detector(bundle / "model.onnx", card, held, dest, score_threshold=0.05, size=8,
                            scopes=("convs", "backbone"), float_prefixes=(0, 2), threads=2, echo=lambda s: None)
