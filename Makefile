@@ -53,7 +53,7 @@ demo: install
 # stated in docs/contracts.md). ruff check: every package. ruff format --check and mypy: the modules listed in
 # TYPED_PATHS (the rest still has older type errors). Widen the list to cover more of the tree.
 LINT_PATHS ?= training calibration runtime deploy bench defectscope
-TYPED_PATHS ?= training/engine.py training/tasks.py training/extend_run.py training/heads.py training/replay.py training/persample.py \
+TYPED_PATHS ?= training/config_io.py training/engine.py training/tasks.py training/extend_run.py training/heads.py training/replay.py training/persample.py \
 	training/extend_config.py training/ewc.py training/config.py training/schedule.py training/metrics.py \
 	training/trainer.py training/extend_cli.py training/extend.py training/cli.py training/evaluate_cli.py training/evaluate.py \
 	training/distributed.py runtime/tta.py runtime/preprocess.py
@@ -67,7 +67,7 @@ TYPED_PATHS += training/backbones.py training/classifier.py training/weights.py 
 	runtime/decision.py runtime/engine_build.py runtime/engine_gate.py runtime/engine_meta.py runtime/fsio.py \
 	runtime/messages.py runtime/metrics.py runtime/model.py runtime/model_store.py runtime/notify.py \
 	runtime/preview.py runtime/publisher.py runtime/reload_cli.py runtime/serve_cli.py runtime/service.py \
-	runtime/signature.py runtime/snapshots.py runtime/viewer.py bench/profile_detection_ops.py bench/bench_detection_ewc.py
+	runtime/ort_session.py runtime/signature.py runtime/snapshots.py runtime/viewer.py bench/profile_detection_ops.py bench/bench_detection_ewc.py
 
 lint: install
 	$(VENV)/bin/lint-imports

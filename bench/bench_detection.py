@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from calibration.detection_bundle import export_run
-    from calibration.export_detection import _session
+    from runtime.ort_session import ort_session
     from training.detection.checkpoint import load_detector
     from training.detection.config import DetTrainConfig
     from training.detection.datasets import DetectionSpec
@@ -143,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     xs = [ds[i][0] for i in range(min(ns.latency_images, len(ds)))]
     with torch.no_grad():
         torch_ms = _latency(lambda x: model([x]), xs)
-    sess = _session(bundle / "model.onnx", ns.threads)
+    sess = ort_session(bundle / "model.onnx", ns.threads)
     name = sess.get_inputs()[0].name
     ort_ms = _latency(lambda x: sess.run(None, {name: x.numpy()[None]}), xs)
     int8_ms, int8 = None, manifest["metrics"].get("int8")
     if "int8" in manifest["artifacts"]:
-        s8 = _session(bundle / manifest["artifacts"]["int8"]["file"], ns.threads)
+        s8 = ort_session(bundle / manifest["artifacts"]["int8"]["file"], ns.threads)
         int8_ms = _latency(lambda x: s8.run(None, {name: x.numpy()[None]}), xs)
     plain, tta = ev["plain"], ev.get("tta")
     result = {

@@ -72,12 +72,9 @@ def open_engine(bundle: Any, engine: str, artifact: str, precision: str, threads
     path = str(bundle.artifact_path(artifact))
     output = bundle.manifest.output.names[0]
     if engine == "ort":
-        import onnxruntime as ort
+        from runtime.ort_session import ort_session
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        sess = ort_session(path, threads)
         name = sess.get_inputs()[0].name
         return Engine(f"ort:{artifact}", lambda x: sess.run([output], {name: x})[0], lambda: None)
     from runtime.backend_openvino import OpenVINOModel

@@ -58,7 +58,7 @@ def heldout(args: argparse.Namespace, classes: list[str]) -> tuple[list[Path], l
 
 
 def evaluate(bundle: Any, pair: str, x: np.ndarray, y: list[int], threads: int, batch: int) -> dict[str, Any] | None:
-    from calibration.evaluate import classification_metrics
+    from calibration.evaluate import prediction_metrics
     from runtime.backends import BackendError, create_backend
     from runtime.config import ModelConfig, OpenVINOConfig
 
@@ -77,7 +77,7 @@ def evaluate(bundle: Any, pair: str, x: np.ndarray, y: list[int], threads: int, 
         logits = np.concatenate([backend.run(x[i : i + batch])[0] for i in range(0, len(x), batch)])
     finally:
         backend.close()
-    m = classification_metrics(y, logits.argmax(1), list(bundle.manifest.classes), "test")
+    m = prediction_metrics(y, logits.argmax(1), list(bundle.manifest.classes), "test")
     return {"pair": pair, "backend": backend.name, "artifact": artifact,
             "inference_precision": backend.inference_precision, **m.to_dict()}
 

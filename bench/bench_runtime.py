@@ -158,23 +158,18 @@ def run_daemon(args: argparse.Namespace, replay: Path, n_images: int, artifact: 
 def run_bare(args: argparse.Namespace, paths: list[Path], artifact: str, tta: str) -> dict[str, Any]:
     """A bare ORT session on already-preprocessed tensors: same artifact and batch, --total-threads."""
     import numpy as np
-    import onnxruntime as ort
 
     from runtime.bundle import load_bundle
+    from runtime.ort_session import ort_session
     from runtime.preprocess import Preprocessor, read_image
     from runtime.tta import TTA
 
     b = load_bundle(args.bundle, check_graph=False)
     tta_views = TTA(TTA_VIEWS[tta], Preprocessor(b.manifest.input))
     tensors = np.stack([tta_views.expand(read_image(p)) for p in paths])  # (N,V,C,H,W)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = args.total_threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.backend == "onnxruntime-cuda" else \
         ["CPUExecutionProvider"]
-    sess = ort.InferenceSession(str(b.artifact_path(artifact)), opts, providers=providers)
+    sess = ort_session(b.artifact_path(artifact), args.total_threads, spin=False, providers=providers)
     name = sess.get_inputs()[0].name
     bs = args.max_batch
     batches = [tensors[i : i + bs].reshape(-1, *tensors.shape[2:]) for i in range(0, len(tensors), bs)]

@@ -31,9 +31,10 @@ PARITY_SCORE_TOL = 1e-3
 def ort_predict(onnx_path: str | Path, ds: Any, threads: int = 1) -> tuple[list, list[float]]:
     """ONNX Runtime over a ``DetectionDataset`` (eval transform): per image ``(boxes original px, scores,
     labels 0-based)`` with padding rows (score 0) dropped; also per-image latency in ms."""
-    from calibration.export_detection import OUTPUT_NAMES, _session
+    from calibration.export_detection import OUTPUT_NAMES
+    from runtime.ort_session import ort_session
 
-    sess = _session(onnx_path, threads)
+    sess = ort_session(onnx_path, threads)
     name = sess.get_inputs()[0].name
     return predict_with(lambda x: sess.run(list(OUTPUT_NAMES), {name: x}), ds)
 

@@ -131,13 +131,6 @@ def export_detector(model: Any, dest: str | os.PathLike[str], *, batch: int = 1,
     return DetectionExportInfo(opset, "torchscript", batch, h, w, d, len(graph.graph.node), inp)
 
 
-def _session(path: str | os.PathLike[str], threads: int = 1) -> Any:
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def parity(model: Any, onnx_path: str | os.PathLike[str], images: Sequence[np.ndarray], *,
            score_threshold: float = 0.3, min_iou: float = 0.98, score_tol: float = 1e-3) -> dict[str, Any]:
     """PyTorch vs ONNX Runtime on (3,H,W) [0,1] images: every detection above ``score_threshold``
@@ -146,8 +139,9 @@ def parity(model: Any, onnx_path: str | os.PathLike[str], images: Sequence[np.nd
     import torch
 
     from runtime.boxes import box_iou
+    from runtime.ort_session import ort_session
 
-    sess = _session(onnx_path)
+    sess = ort_session(onnx_path)
     batch = sess.get_inputs()[0].shape[0]
     worst = {"images": len(images), "detections": 0, "min_iou": 1.0, "max_score_diff": 0.0,
              "max_box_diff_px": 0.0}

@@ -146,7 +146,7 @@ def openvino_precisions() -> tuple[str, ...]:
 
 def backend_metrics(backend_id: str, model: str | Any, output: str, data: Any) -> tuple[Metrics, dict[str, Any]]:
     """(metrics, facts) of an ONNX classifier through one engine; ``data`` is a pipeline.EvalData."""
-    from calibration.evaluate import classification_metrics
+    from calibration.evaluate import prediction_metrics
 
     if backend_id == "onnxruntime":
         import onnxruntime
@@ -160,7 +160,7 @@ def backend_metrics(backend_id: str, model: str | Any, output: str, data: Any) -
     finally:
         engine.close()
     preds = np.concatenate(logits).argmax(1)
-    return (classification_metrics(data.y, preds, data.classes, data.split),
+    return (prediction_metrics(data.y, preds, data.classes, data.split),
             {"openvino": engine.version, "inference_precision": engine.inference_precision})
 
 

@@ -24,7 +24,7 @@ from deploy.service import Readiness, query_readyz, reload_failures, run_reload,
 from deploy.signing import default_signature_path, verify_manifest
 from deploy.store import ModelStore, version_key
 from runtime.bundle import _world_readable
-from runtime.fsio import fsync_dir
+from runtime.fsio import replace_dir
 
 MANIFEST = "manifest.json"
 
@@ -175,16 +175,7 @@ class Deployer:
     @staticmethod
     def _place(staged: Path, vdir: Path) -> None:
         """Rename the verified tree into place; durable before ``current`` can point at it."""
-        if vdir.is_dir():
-            # Rename aside first: a reader never sees a half-deleted version directory.
-            trash = vdir.with_name(f".trash-{vdir.name}-{uuid.uuid4().hex[:8]}")
-            os.rename(vdir, trash)
-            os.rename(staged, vdir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(staged, vdir)
-        fsync_dir(vdir)
-        fsync_dir(vdir.parent)
+        replace_dir(staged, vdir)
 
     def _replace_existing(self, vdir: Path, manifest: Any, opts: Options) -> bool:
         """Same version already installed: False to reuse it (same files), True to replace it (--force or damaged)."""

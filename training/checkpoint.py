@@ -20,6 +20,8 @@ import torch
 from runtime.fsio import atomic_write, atomic_write_json
 from runtime.preprocess import InputSpec
 
+from .config_io import refuse_unknown
+
 MODEL_CARD = "model.json"
 BEST = "best.safetensors"
 LAST = "last.pt"
@@ -76,9 +78,7 @@ class ModelCard:
         missing = [k for k in ("backbone", "num_classes", "classes", "input") if k not in d]
         if missing:
             raise CheckpointError(f"{where}: missing key(s) {missing}")
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise CheckpointError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        refuse_unknown(d, known, where, CheckpointError)
         d = dict(d)
         d.setdefault("good_classes", [])
         try:

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from .config_io import refuse_unknown
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm")
@@ -80,10 +82,7 @@ class DataSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "data") -> DataSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DataError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        refuse_unknown(d, (f.name for f in fields(cls)), where, DataError)
         d = dict(d)
         for key in ("cell_types", "good_classes"):
             if isinstance(d.get(key), str):

@@ -49,7 +49,7 @@ def _old_spec(arg: str) -> DataSpec | None:
         return None
     p = Path(arg)
     if p.suffix.lower() in (".json", ".toml") and p.is_file():
-        from .config import read_config_file
+        from .config_io import read_config_file
 
         return DataSpec.from_dict(read_config_file(p), where=str(p))
     src, path = source_of(arg)
@@ -183,7 +183,7 @@ def config_from_args(ns: argparse.Namespace) -> ExtendConfig:
     a = vars(ns)
     base: dict[str, Any] = {}
     if a.get("config"):
-        from .config import read_config_file
+        from .config_io import read_config_file
 
         base = read_config_file(a["config"])
     d: dict[str, Any] = dict(base)

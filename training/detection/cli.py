@@ -11,11 +11,12 @@ Option defaults are read from the config dataclasses (``DetTrainConfig``, ``Dete
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
+
+from training.config_io import read_config_file
 
 S = argparse.SUPPRESS
 # DetTrainConfig fields set by flags (data/model/augment have their own groups).
@@ -64,20 +65,11 @@ def wants_detection(argv: list[str]) -> bool:
         return ns.task == "detection"
     if ns.config and Path(ns.config).is_file():
         try:
-            if _read_config(ns.config).get("task") == "detection":
+            if read_config_file(ns.config).get("task") == "detection":
                 return True
         except (OSError, ValueError):
             return False
     return is_detection_data(ns.data)
-
-
-def _read_config(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if p.suffix.lower() == ".toml":
-        import tomllib
-
-        return tomllib.loads(p.read_text(encoding="utf-8"))
-    return json.loads(p.read_text(encoding="utf-8"))
 
 
 def _opt_type(annotation: str, default: Any) -> Any:
@@ -168,7 +160,7 @@ def config_from_args(ns: argparse.Namespace) -> Any:
     from training.detection.config import DetTrainConfig
 
     v = vars(ns)
-    base: dict[str, Any] = _read_config(v["config"]) if "config" in v else {}
+    base: dict[str, Any] = read_config_file(v["config"]) if "config" in v else {}
     base.pop("task", None)
     data, model, augment = dict(base.pop("data", {})), dict(base.pop("model", {})), dict(base.pop("augment", {}))
     if "data" in v:

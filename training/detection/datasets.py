@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from training.config_io import refuse_unknown
 from training.data import SPLIT_NAMES, DataError
 from training.detection.formats import DetSample, Report, read_coco, read_voc, read_yolo, yolo_classes
 
@@ -61,10 +62,7 @@ class DetectionSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "data") -> DetectionSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DataError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        refuse_unknown(d, (f.name for f in fields(cls)), where, DataError)
         try:
             return cls(**dict(d))
         except TypeError as exc:

@@ -33,6 +33,8 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from training.config_io import refuse_unknown
+
 DEFAULT_DETECTOR_BACKBONE = "efficientnet_lite0"
 TRUNKS: dict[str, Callable[[DetectorSpec], Trunk]] = {}
 
@@ -101,9 +103,7 @@ class DetectorSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DetectorSpec:
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise DetectorConfigError(f"model: unknown key(s) {unknown}")
+        refuse_unknown(d, (f.name for f in fields(cls)), "model", DetectorConfigError)
         return cls(**dict(d))
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from training.config_io import refuse_unknown
 from training.data import DataError
 
 
@@ -45,9 +46,7 @@ class AugmentSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AugmentSpec:
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise DataError(f"augment: unknown key(s) {unknown}")
+        refuse_unknown(d, (f.name for f in fields(cls)), "augment", DataError)
         return cls(**dict(d))
 
     def to_dict(self) -> dict[str, Any]:
