@@ -50,8 +50,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/bench-det")
     p.add_argument("--json", help="result JSON (default <out>/bench_detection.json)")
     p.add_argument("--reuse", action="store_true", help="reuse <out>/run and <out>/bundle (re-time, re-evaluate)")
-    p.add_argument("--max-false-alarm", type=float, default=0.02,
-                   help="part-level operating point: threshold chosen on val for at most this false-alarm rate")
+    p.add_argument(
+        "--max-false-alarm",
+        type=float,
+        default=0.02,
+        help="part-level operating point: threshold chosen on val for at most this false-alarm rate",
+    )
     p.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES)
     p.add_argument(
         "--smoke",
@@ -203,6 +207,7 @@ def _v(x: Any, fmt: str = ".4f") -> str:
 
 def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets; a missing figure fails its check."""
+
     def ok(v: Any, pred: Any) -> bool:
         return v is not None and bool(pred(v))
 
@@ -242,8 +247,12 @@ def table(r: dict[str, Any]) -> str:
         o = opp.get(name) or {}
         if o.get("threshold") is not None:
             t = o["test"]
-            rows.append((f"{name}: val-chosen threshold, test recall / FA",
-                         f"{o['threshold']:.3f}: {_v(t['recall'], '.3f')} / {_v(t['false_alarm_rate'], '.3f')}"))
+            rows.append(
+                (
+                    f"{name}: val-chosen threshold, test recall / FA",
+                    f"{o['threshold']:.3f}: {_v(t['recall'], '.3f')} / {_v(t['false_alarm_rate'], '.3f')}",
+                )
+            )
     w = max(len(k) for k, _ in rows)
     head = f"{r['backbone']} @ {r['size']} px, {r['test_images']} test images"
     lines = [head, *(f"  {k:<{w}}  {v:>10}" for k, v in rows), "targets:"]

@@ -8,8 +8,16 @@ from pathlib import Path
 from typing import Any
 
 # Classifier-only options: refused on a detection bundle instead of silently ignored.
-CLASSIFIER_ONLY = {"calibration_data": None, "gate_metric": None, "save_calibration_tensor": None, "out": None,
-                   "keep_default": False, "per_tensor": False, "reduce_range": False, "no_fallback": False}
+CLASSIFIER_ONLY = {
+    "calibration_data": None,
+    "gate_metric": None,
+    "save_calibration_tensor": None,
+    "out": None,
+    "keep_default": False,
+    "per_tensor": False,
+    "reduce_range": False,
+    "no_fallback": False,
+}
 
 
 def bundle_task(bundle: str) -> str | None:
@@ -34,23 +42,40 @@ def calibrate_detection(args: argparse.Namespace, console: Any) -> int:
     _setup_torch(threads)
     manifest = load_bundle(args.bundle).manifest
     run_dir = _run_dir(args, manifest)
-    result = calibrate_bundle(args.bundle, run_dir, split=args.split or "test", limit=args.limit,
-                              size=args.size or DEFAULT_CALIBRATION_IMAGES, seed=args.seed, method=args.method,
-                              budget=args.budget, threads=threads, gate_backends=args.gate_backends,
-                              echo=console.print)
-    report = {"passed": result.passed, "budget_points": result.budget_points,
-              "reference": {k: result.reference.get(k) for k in ("map", "map50", "map75")},
-              "fp32_ms_per_image": result.fp32_ms_per_image, "trials": [t.to_dict() for t in result.trials],
-              "chosen": result.chosen.scope if result.chosen else None}
+    result = calibrate_bundle(
+        args.bundle,
+        run_dir,
+        split=args.split or "test",
+        limit=args.limit,
+        size=args.size or DEFAULT_CALIBRATION_IMAGES,
+        seed=args.seed,
+        method=args.method,
+        budget=args.budget,
+        threads=threads,
+        gate_backends=args.gate_backends,
+        echo=console.print,
+    )
+    report = {
+        "passed": result.passed,
+        "budget_points": result.budget_points,
+        "reference": {k: result.reference.get(k) for k in ("map", "map50", "map75")},
+        "fp32_ms_per_image": result.fp32_ms_per_image,
+        "trials": [t.to_dict() for t in result.trials],
+        "chosen": result.chosen.scope if result.chosen else None,
+    }
     if args.report:
         from runtime.fsio import atomic_write_json
 
         atomic_write_json(Path(args.report), report)
     if result.chosen is None:
-        console.print(f"[bold red]INT8 refused:[/] no quantization scope keeps mAP@.5 within {args.budget:g} points "
-                      "of FP32; the bundle is unchanged (FP32 keeps serving)")
+        console.print(
+            f"[bold red]INT8 refused:[/] no quantization scope keeps mAP@.5 within {args.budget:g} points "
+            "of FP32; the bundle is unchanged (FP32 keeps serving)"
+        )
         return EXIT_GATE
     c = result.chosen
-    console.print(f"INT8 artifact added (scope {c.scope}, {c.nodes} nodes): mAP@.5 {c.map50:.4f}, drop "
-                  f"{c.drop_points:+.2f} points, {c.ms_per_image:.2f} ms/image vs FP32 {result.fp32_ms_per_image:.2f}")
+    console.print(
+        f"INT8 artifact added (scope {c.scope}, {c.nodes} nodes): mAP@.5 {c.map50:.4f}, drop "
+        f"{c.drop_points:+.2f} points, {c.ms_per_image:.2f} ms/image vs FP32 {result.fp32_ms_per_image:.2f}"
+    )
     return 0

@@ -30,8 +30,10 @@ def predict_logits(session: Any, x: np.ndarray, batch_size: int = 32, output: st
     name = session.get_inputs()[0].name
     outs = [o.name for o in session.get_outputs()]
     out_name = output or outs[0]
-    chunks = [session.run([out_name], {name: np.ascontiguousarray(x[i : i + batch_size])})[0]
-              for i in range(0, len(x), batch_size)]
+    chunks = [
+        session.run([out_name], {name: np.ascontiguousarray(x[i : i + batch_size])})[0]
+        for i in range(0, len(x), batch_size)
+    ]
     if not chunks:
         return np.empty((0, 0), np.float32)
     return np.concatenate(chunks).astype(np.float32, copy=False)
@@ -69,8 +71,9 @@ class Metrics:
         raise KeyError(f"unknown metric {metric!r}; expected accuracy, macro_f1 or recall:<class>")
 
 
-def prediction_metrics(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str],
-                       split: str = "test") -> Metrics:
+def prediction_metrics(
+    y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str], split: str = "test"
+) -> Metrics:
     """``training.metrics.label_metrics`` (the one definition) as a gate's ``Metrics``."""
     from training.metrics import label_metrics
 
@@ -87,8 +90,15 @@ def prediction_metrics(y_true: Sequence[int], y_pred: Sequence[int], classes: Se
     )
 
 
-def evaluate_onnx(path: str | os.PathLike[str], x: np.ndarray, y: Sequence[int], classes: Sequence[str],
-                  split: str = "test", threads: int | None = None, batch_size: int = 32) -> tuple[Metrics, np.ndarray]:
+def evaluate_onnx(
+    path: str | os.PathLike[str],
+    x: np.ndarray,
+    y: Sequence[int],
+    classes: Sequence[str],
+    split: str = "test",
+    threads: int | None = None,
+    batch_size: int = 32,
+) -> tuple[Metrics, np.ndarray]:
     """Metrics of an ONNX classifier on preprocessed ``x`` -> (metrics, logits)."""
     logits = predict_logits(ort_session(path, threads), x, batch_size)
     return prediction_metrics(y, logits.argmax(1), classes, split), logits

@@ -36,14 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="demo-out", help="output directory (default: %(default)s)")
     p.add_argument("--backbone", default="efficientnet_lite0", help="registered backbone (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs after the head warm-up (default %(default)s)")
+    p.add_argument(
+        "--epochs", type=int, default=3, help="fine-tuning epochs after the head warm-up (default %(default)s)"
+    )
     p.add_argument("--image-size", type=int, default=224, help="model input size in pixels (default %(default)s)")
-    p.add_argument("--unfreeze-groups", type=int, default=4,
-                   help="layer groups fine-tuned, counted from the head (default %(default)s; cheaper than all)")
-    p.add_argument("--interpolation", default=DEMO_INTERPOLATION,
-                   help="resize interpolation for training and serving (default %(default)s: the cheapest resize, "
-                        "as accurate as the backbone's bicubic on ELPV within the split's noise, docs/benchmarks.md; "
-                        "'' = the backbone's)")
+    p.add_argument(
+        "--unfreeze-groups",
+        type=int,
+        default=4,
+        help="layer groups fine-tuned, counted from the head (default %(default)s; cheaper than all)",
+    )
+    p.add_argument(
+        "--interpolation",
+        default=DEMO_INTERPOLATION,
+        help="resize interpolation for training and serving (default %(default)s: the cheapest resize, "
+        "as accurate as the backbone's bicubic on ELPV within the split's noise, docs/benchmarks.md; "
+        "'' = the backbone's)",
+    )
     p.add_argument("--calibration-size", type=int, default=200, help="INT8 calibration images (default %(default)s)")
     p.add_argument("--limit", type=int, help="at most N images per split (a quick smoke run)")
     p.add_argument("--max-steps-per-epoch", type=int, help="cap batches per epoch (a quick smoke run)")
@@ -51,9 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zmq-port", type=int, default=0, help="ZeroMQ PUB port (default: a free one)")
     p.add_argument("--metrics-port", type=int, default=0, help="metrics/health port (default: a free one)")
     p.add_argument("--keep", action="store_true", help="reuse finished steps already in --out")
-    p.add_argument("--task", choices=("classification", "detection"), default="classification",
-                   help="classification (default): the ELPV classifier; detection: Faster R-CNN on synthetic "
-                        "defects drawn on real ELPV cells, boxes streamed")
+    p.add_argument(
+        "--task",
+        choices=("classification", "detection"),
+        default="classification",
+        help="classification (default): the ELPV classifier; detection: Faster R-CNN on synthetic "
+        "defects drawn on real ELPV cells, boxes streamed",
+    )
     from defectscope.demo_detection import add_arguments
 
     add_arguments(p)
@@ -105,10 +118,20 @@ def _holdout_dirs(run: Path, out: Path, cameras: int) -> dict[str, dict[str, int
     return truth
 
 
-def _station_toml(out: Path, bundle: Path, zmq_port: int, metrics_port: int, cameras: list[str], threads: int,
-                  *, station: str = "demo", max_batch: int = 8, max_wait_ms: float = 5.0,
-                  decision: str = "[decision]\nuncertain_band = 0.1\n",
-                  comment: str = "two cameras replay the held-out ELPV cells in a loop") -> Path:
+def _station_toml(
+    out: Path,
+    bundle: Path,
+    zmq_port: int,
+    metrics_port: int,
+    cameras: list[str],
+    threads: int,
+    *,
+    station: str = "demo",
+    max_batch: int = 8,
+    max_wait_ms: float = 5.0,
+    decision: str = "[decision]\nuncertain_band = 0.1\n",
+    comment: str = "two cameras replay the held-out ELPV cells in a loop",
+) -> Path:
     """The demo's station config: each camera replays ``out/holdout/<camera>`` in a loop."""
     cams = "\n".join(
         f'[[cameras]]\nid = "{c}"\nsource = "{(out / "holdout" / c).resolve()}"\nloop = true\n' for c in cameras
@@ -139,7 +162,7 @@ port = {metrics_port}
 
 [snapshots]
 enabled = true
-dir = "{(out / 'snapshots').resolve()}"
+dir = "{(out / "snapshots").resolve()}"
 quota_mb = 64
 
 {cams}"""
@@ -164,9 +187,15 @@ def _metric_sum(text: str, name: str) -> float:
     return total
 
 
-def stream_first_verdicts(station: Path, zmq_port: int, metrics_port: int, expected: int,
-                          key: Callable[[dict], Any], out: Path, timeout_s: float = 600.0
-                          ) -> tuple[dict[Any, dict], int, str]:
+def stream_first_verdicts(
+    station: Path,
+    zmq_port: int,
+    metrics_port: int,
+    expected: int,
+    key: Callable[[dict], Any],
+    out: Path,
+    timeout_s: float = 600.0,
+) -> tuple[dict[Any, dict], int, str]:
     """Run ``defectscope serve`` on ``station`` (looping replays), keep the first verdict per ``key(msg)``
     until ``expected`` are in, scrape /metrics while it serves, stop it with SIGTERM as systemd does.
 
@@ -176,14 +205,15 @@ def stream_first_verdicts(station: Path, zmq_port: int, metrics_port: int, expec
 
     from runtime.messages import decode
 
-    ctx = zmq.Context.instance()
+    ctx: Any = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.setsockopt(zmq.RCVTIMEO, 1000)
     sub.connect(f"tcp://127.0.0.1:{zmq_port}")
     log = open(out / "serve.log", "w")
-    daemon = subprocess.Popen([sys.executable, "-m", "defectscope", "serve", "--config", str(station)],
-                              stdout=log, stderr=subprocess.STDOUT)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "defectscope", "serve", "--config", str(station)], stdout=log, stderr=subprocess.STDOUT
+    )
     first: dict[Any, dict] = {}
     received = 0
     deadline = time.monotonic() + timeout_s
@@ -217,13 +247,22 @@ def stream_first_verdicts(station: Path, zmq_port: int, metrics_port: int, expec
     return first, received, metrics
 
 
-def _serve_and_listen(station: Path, zmq_port: int, metrics_port: int, expected: int,
-                      truth: dict[str, dict[str, int]], classes: list[str], out: Path) -> dict:
+def _serve_and_listen(
+    station: Path,
+    zmq_port: int,
+    metrics_port: int,
+    expected: int,
+    truth: dict[str, dict[str, int]],
+    classes: list[str],
+    out: Path,
+) -> dict:
     first, received, metrics = stream_first_verdicts(
-        station, zmq_port, metrics_port, expected, lambda m: (m["camera"], Path(m.get("source") or "").name), out)
+        station, zmq_port, metrics_port, expected, lambda m: (m["camera"], Path(m.get("source") or "").name), out
+    )
     messages = list(first.values())
     correct = sum(
-        1 for m in messages
+        1
+        for m in messages
         if classes.index(m["top_class"]) == truth[m["camera"]].get(Path(m.get("source") or "").name, -1)
     )
     verdicts: dict[str, int] = {}
@@ -263,31 +302,73 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep and (run / "best.safetensors").is_file() and (run / "report.json").is_file():
         print(f"reusing {run}")
     else:
-        train = ["--data", "elpv", "--backbone", args.backbone, "--out", str(run), "--overwrite",
-                 "--epochs", str(args.epochs), "--image-size", str(args.image_size),
-                 "--unfreeze-groups", str(args.unfreeze_groups), "--threads", str(args.threads), *smoke]
+        train = [
+            "--data",
+            "elpv",
+            "--backbone",
+            args.backbone,
+            "--out",
+            str(run),
+            "--overwrite",
+            "--epochs",
+            str(args.epochs),
+            "--image-size",
+            str(args.image_size),
+            "--unfreeze-groups",
+            str(args.unfreeze_groups),
+            "--threads",
+            str(args.threads),
+            *smoke,
+        ]
         if args.max_steps_per_epoch:
             train += ["--max-steps-per-epoch", str(args.max_steps_per_epoch)]
         if args.interpolation:
             train += ["--interpolation", args.interpolation]
         _run_cli("train", train)
     report = json.loads((run / "report.json").read_text())
-    print(f"PyTorch model on the held-out {report.get('split')} split: accuracy {report.get('accuracy', 0):.4f}, "
-          f"macro-F1 {report.get('macro_f1', 0):.4f}, AUROC {report.get('auroc') or float('nan'):.4f}")
+    print(
+        f"PyTorch model on the held-out {report.get('split')} split: accuracy {report.get('accuracy', 0):.4f}, "
+        f"macro-F1 {report.get('macro_f1', 0):.4f}, AUROC {report.get('auroc') or float('nan'):.4f}"
+    )
     _done(t0, "trained")
 
     t0 = _step("2/4 export to an ONNX bundle (opset 17, parity vs PyTorch)")
     if not (args.keep and (bundle / "manifest.json").is_file()):
-        _run_cli("export", [str(run), "--out", str(bundle), "--name", "elpv-lite0", "--version", "1.0.0",
-                            "--force", "--threads", str(args.threads), *(["--eval-limit", str(args.limit)] if args.limit else [])])
+        _run_cli(
+            "export",
+            [
+                str(run),
+                "--out",
+                str(bundle),
+                "--name",
+                "elpv-lite0",
+                "--version",
+                "1.0.0",
+                "--force",
+                "--threads",
+                str(args.threads),
+                *(["--eval-limit", str(args.limit)] if args.limit else []),
+            ],
+        )
     _done(t0, "exported")
 
     t0 = _step("3/4 INT8 calibration (ONNX Runtime QDQ) with the accuracy gate")
     from runtime.bundle import load_bundle
 
     if not (args.keep and "int8" in load_bundle(bundle, check_graph=False).manifest.artifacts):
-        _run_cli("calibrate", [str(bundle), "--size", str(args.calibration_size), "--threads", str(args.threads),
-                               "--report", str(out / "calibration.json"), *smoke])
+        _run_cli(
+            "calibrate",
+            [
+                str(bundle),
+                "--size",
+                str(args.calibration_size),
+                "--threads",
+                str(args.threads),
+                "--report",
+                str(out / "calibration.json"),
+                *smoke,
+            ],
+        )
     manifest = load_bundle(bundle).manifest
     _done(t0, "calibrated")
 
@@ -308,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     _done(t0, "served")
 
     summary = {
-        "train_test_metrics": {k: report.get(k) for k in ("split", "n", "accuracy", "balanced_accuracy", "macro_f1", "auroc")},
+        "train_test_metrics": {
+            k: report.get(k) for k in ("split", "n", "accuracy", "balanced_accuracy", "macro_f1", "auroc")
+        },
         "bundle": str(bundle.resolve()),
         "bundle_metrics": dict(manifest.metrics),
         "default_artifact": manifest.default_artifact,
@@ -319,11 +402,17 @@ def main(argv: list[str] | None = None) -> int:
     print("\n=== summary " + "=" * 59)
     for key, metrics in manifest.metrics.items():
         if isinstance(metrics, dict) and "accuracy" in metrics:
-            print(f"  {key:<6} held-out accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics.get('macro_f1', float('nan')):.4f}")
-    print(f"  streamed: {stream['verdicts_received']}/{stream['frames']} verdicts over ZeroMQ, "
-          f"accuracy {stream['streamed_accuracy']:.4f}, verdicts {stream['verdicts']}")
-    print(f"  end-to-end latency p50 {stream['latency_ms_p50']:.1f} ms, p99 {stream['latency_ms_p99']:.1f} ms; "
-          f"/metrics counted {stream['metrics_frames_inferred']:.0f} inferred frames")
+            print(
+                f"  {key:<6} held-out accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics.get('macro_f1', float('nan')):.4f}"
+            )
+    print(
+        f"  streamed: {stream['verdicts_received']}/{stream['frames']} verdicts over ZeroMQ, "
+        f"accuracy {stream['streamed_accuracy']:.4f}, verdicts {stream['verdicts']}"
+    )
+    print(
+        f"  end-to-end latency p50 {stream['latency_ms_p50']:.1f} ms, p99 {stream['latency_ms_p99']:.1f} ms; "
+        f"/metrics counted {stream['metrics_frames_inferred']:.0f} inferred frames"
+    )
     print(f"  everything is in {out.resolve()} (demo-summary.json, run/, bundle/, stream.jsonl, snapshots/)")
     ok = stream["verdicts_received"] == stream["frames"]
     if not ok:

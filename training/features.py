@@ -27,16 +27,22 @@ import torch
 from runtime.preprocess import InputSpec
 
 from .checkpoint import save_safetensors
+from .classifier import Classifier
 from .data import Sample, cache_dir
 
 log = logging.getLogger(__name__)
 
 
-def feature_key(backbone: str, weights_id: str, input_spec: InputSpec, split_fingerprint: str,
-                extra: str = "") -> str:
+def feature_key(backbone: str, weights_id: str, input_spec: InputSpec, split_fingerprint: str, extra: str = "") -> str:
     """Cache key of one split's features (``extra``: e.g. the init seed of random weights)."""
-    parts = {"backbone": backbone, "weights": weights_id, "input": input_spec.to_dict(),
-             "data": split_fingerprint, "extra": extra, "format": 2}  # 2: OpenCV resize
+    parts = {
+        "backbone": backbone,
+        "weights": weights_id,
+        "input": input_spec.to_dict(),
+        "data": split_fingerprint,
+        "extra": extra,
+        "format": 2,
+    }  # 2: OpenCV resize
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -45,9 +51,18 @@ def cache_path(key: str, root: str | Path | None = None) -> Path:
 
 
 @torch.no_grad()
-def extract_features(model: torch.nn.Module, samples: Sequence[Sample], input_spec: InputSpec, *,
-                     batch_size: int = 16, device: str | torch.device = "cpu", desc: str = "features",
-                     progress: bool = True, threads: int = 2, channels_last: bool = False) -> torch.Tensor:
+def extract_features(
+    model: Classifier,
+    samples: Sequence[Sample],
+    input_spec: InputSpec,
+    *,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    desc: str = "features",
+    progress: bool = True,
+    threads: int = 2,
+    channels_last: bool = False,
+) -> torch.Tensor:
     """``model.forward_features`` over samples with the validation transform -> ``(N, D)`` float32."""
     from tqdm import tqdm
 
@@ -63,7 +78,7 @@ def extract_features(model: torch.nn.Module, samples: Sequence[Sample], input_sp
     bar = tqdm(total=len(samples), desc=desc, unit="img", disable=not progress, leave=False)
     chunk = batch_size * 8
     for start in range(0, len(samples), chunk):
-        sub = ImageDataset(samples[start:start + chunk], pipeline, cache=True)
+        sub = ImageDataset(samples[start : start + chunk], pipeline, cache=True)
         sub.prefill(threads=threads, progress=False)
         for b in range(0, len(sub), batch_size):
             x = torch.stack([sub[i][0] for i in range(b, min(b + batch_size, len(sub)))]).to(device)
@@ -77,8 +92,15 @@ def extract_features(model: torch.nn.Module, samples: Sequence[Sample], input_sp
     return torch.cat(out) if out else torch.empty(0, dim)
 
 
-def cached_features(model: torch.nn.Module, samples: Sequence[Sample], input_spec: InputSpec, key: str, *,
-                    root: str | Path | None = None, **kw) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def cached_features(
+    model: Classifier,
+    samples: Sequence[Sample],
+    input_spec: InputSpec,
+    key: str,
+    *,
+    root: str | Path | None = None,
+    **kw,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """``(features (N,D), labels (N,), cache_hit)``; computes and stores on a miss (atomic write)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file

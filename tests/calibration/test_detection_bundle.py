@@ -66,9 +66,15 @@ def test_export_detection_bundle(det_run, tmp_path):
     from runtime.sources import Frame
 
     for views in (["original"], ["original", "hflip", "vflip"]):
-        cfg = from_dict({"station": "s", "cameras": [{"id": "c", "source": str(tmp_path)}],
-                         "model": {"bundle": str(out), "backend": "onnxruntime-cpu", "warmup_runs": 0},
-                         "tta": {"views": views}}, base=tmp_path)
+        cfg = from_dict(
+            {
+                "station": "s",
+                "cameras": [{"id": "c", "source": str(tmp_path)}],
+                "model": {"bundle": str(out), "backend": "onnxruntime-cpu", "warmup_runs": 0},
+                "tta": {"views": views},
+            },
+            base=tmp_path,
+        )
         served = load_model(cfg)
         for i, (ob, os_, ol) in enumerate(onnx_preds):
             raw = read_image(ds.samples[i].path)

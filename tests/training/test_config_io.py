@@ -46,7 +46,13 @@ def test_every_task_reads_a_toml_config_without_tomllib(tmp_path):
         f"open({str(tmp_path / 'c.toml')!r}, 'w').write('epochs = 2\\n[data]\\npath = \"elpv\"\\n')\n"
         f"print(load_config({str(tmp_path / 'c.toml')!r}).epochs)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "2"

@@ -114,7 +114,11 @@ def test_launch_flag_is_stripped_and_relaunches_through_torchrun():
     with pytest.raises(dist.DistributedError, match="positive"):
         dist.split_launch_args(["--nproc-per-node", "0"])
     cmd = dist.launch_command("train", ["--quiet"], 2)
-    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and cmd[-3:] == ["defectscope", "train", "--quiet"]
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and cmd[-3:] == [
+        "defectscope",
+        "train",
+        "--quiet",
+    ]
 
 
 def test_a_bad_process_count_is_one_error_line_and_exit_2(capsys):

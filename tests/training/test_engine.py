@@ -18,7 +18,7 @@ PKG = Path(__file__).resolve().parents[2] / "training"
 def _data(seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(64, 4, generator=g)
-    return [(x[i:i + 16], (x[i:i + 16, 0] > 0).long()) for i in range(0, 64, 16)]
+    return [(x[i : i + 16], (x[i : i + 16, 0] > 0).long()) for i in range(0, 64, 16)]
 
 
 def _model():
@@ -60,7 +60,7 @@ def test_after_step_hook_runs_after_every_step():
     model = _model()
     calls = []
 
-    def pin_bias() -> None:   # keep the bias at zero whatever the optimizer does
+    def pin_bias() -> None:  # keep the bias at zero whatever the optimizer does
         calls.append(1)
         with torch.no_grad():
             model.bias.zero_()
@@ -106,8 +106,11 @@ def test_training_has_one_epoch_loop():
 
 
 def test_no_function_in_training_is_over_80_lines():
-    long = [f"{name}:{fn.name} ({fn.end_lineno - fn.lineno + 1})" for name, fn in _functions()
-            if fn.end_lineno - fn.lineno + 1 > 80]
+    long = [
+        f"{name}:{fn.name} ({fn.end_lineno - fn.lineno + 1})"
+        for name, fn in _functions()
+        if fn.end_lineno - fn.lineno + 1 > 80
+    ]
     assert not long, long
 
 
@@ -123,8 +126,9 @@ def test_parameter_group_rule_changes_what_trains():
         model = build_model("tiny_cnn", 2, weights="none")
         head0 = model.head[1].weight.detach().clone()
         body0 = next(model.body.parameters()).detach().clone()
-        opt, sched = build_optimizer(model, len(model.groups), 1e-2, 1.0, 0.0, total_steps=1, warmup_steps=0,
-                                     rules=rules)
+        opt, sched = build_optimizer(
+            model, len(model.groups), 1e-2, 1.0, 0.0, total_steps=1, warmup_steps=0, rules=rules
+        )
         Engine().run_epoch(model, batches, opt, scheduler=sched)
         return (torch.equal(model.head[1].weight, head0), torch.equal(next(model.body.parameters()), body0))
 

@@ -30,7 +30,7 @@ from training.detection.checkpoint import DetCard, save_detector
 from training.detection.config import DetTrainConfig, detector_spec
 from training.detection.datasets import DetSplits, resolve_detection
 from training.detection.loader import DetectionDataset, collate
-from training.detection.model import build_detector
+from training.detection.model import build_detector, spec_of
 from training.detection.predict import predict
 from training.detection.task import MONITOR, DetectionTask, DetPredictions, monitor_value
 from training.detection.transforms import train_transform
@@ -68,7 +68,8 @@ def steps_per_epoch(n: int, cfg: DetTrainConfig) -> int:
 
 def build_optimizer(model: torch.nn.Module, cfg: DetTrainConfig, total_steps: int, steps: int) -> tuple[Any, Any]:
     """SGD (momentum 0.9) or AdamW over trainable parameters; no decay on biases and norms; warm-up + cosine."""
-    decay, plain = [], []
+    decay: list[torch.nn.Parameter] = []
+    plain: list[torch.nn.Parameter] = []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (plain if p.dim() <= 1 else decay).append(p)
@@ -158,7 +159,7 @@ def fit(
                 run_dir,
                 model,
                 DetCard(
-                    model.detector_spec,
+                    spec_of(model),
                     card.data,
                     config_hash=card.config_hash,
                     metrics={"best_epoch": epoch + 1, "val": record["val"]},
@@ -263,9 +264,7 @@ class DetTrainer:
         train_ds = DetectionDataset(splits.train, spec.image_size, train_transform(cfg.augment, square=h == w))
         val_ds = DetectionDataset(splits.val, spec.image_size)
         task = DetectionTask(cfg.score_threshold)
-        engine = Engine(
-            task=task, device=device, amp=cfg.amp, grad_clip=cfg.grad_clip, progress=self.progress
-        )
+        engine = Engine(task=task, device=device, amp=cfg.amp, grad_clip=cfg.grad_clip, progress=self.progress)
         card = DetCard(spec, cfg.data.to_dict(), config_hash=cfg.hash())
         result = fit(model, engine, cfg, train_ds, val_ds, splits.classes, self.run_dir, card, self.echo)
         reload_best(model, self.run_dir)
