@@ -1,11 +1,22 @@
-"""``defectscope calibrate`` on a detection bundle (calibration.quantize_detection behind the CLI)."""
+"""``defectscope export`` and ``calibrate`` of a detector: calibration.detection_bundle and
+calibration.quantize_detection behind the parsers the classifier uses (calibration.cli_args)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
+
+from calibration.cli_args import (
+    EXIT_GATE,
+    EXIT_PARITY,
+    calibrate_parser,
+    export_parser,
+    resolve_threads,
+    run_command,
+    run_dir_of,
+    setup_torch,
+)
 
 # Classifier-only options: refused on a detection bundle instead of silently ignored.
 CLASSIFIER_ONLY = {
@@ -20,17 +31,42 @@ CLASSIFIER_ONLY = {
 }
 
 
-def bundle_task(bundle: str) -> str | None:
-    """The manifest's ``model.task`` (None when unreadable: the classifier path reports the error)."""
+def export_main(argv: list[str] | None = None) -> int:
+    """``defectscope export`` of a detector run (``defectscope.tasks`` picks the task)."""
+    return run_command("export", export_detection, export_parser().parse_args(argv))
+
+
+def calibrate_main(argv: list[str] | None = None) -> int:
+    """``defectscope calibrate`` of a detection bundle (``defectscope.tasks`` picks the task)."""
+    return run_command("calibrate", calibrate_detection, calibrate_parser().parse_args(argv))
+
+
+def export_detection(args: argparse.Namespace, console: Any) -> int:
+    from calibration.detection_bundle import export_run
+    from calibration.export_detection import DetectionExportError
+
+    threads = resolve_threads(args.threads)
+    setup_torch(threads)
     try:
-        data = json.loads((Path(bundle) / "manifest.json").read_text(encoding="utf-8"))
-        return data.get("model", {}).get("task", "classification")
-    except (OSError, ValueError, AttributeError):
-        return None
+        export_run(
+            args.run,
+            args.out,
+            name=args.name,
+            version=str(args.version),
+            split=args.split,
+            parity_images=min(args.parity_images, 16),
+            eval_limit=args.eval_limit,
+            threads=threads,
+            force=args.force,
+            echo=console.print,
+        )
+    except DetectionExportError as exc:
+        console.print(f"[bold red]export refused:[/] the ONNX detector does not reproduce PyTorch: {exc}")
+        return EXIT_PARITY
+    return 0
 
 
 def calibrate_detection(args: argparse.Namespace, console: Any) -> int:
-    from calibration.cli import EXIT_GATE, _run_dir, _setup_torch, _threads
     from calibration.quantize_detection import DEFAULT_CALIBRATION_IMAGES, calibrate_bundle
     from runtime.bundle import load_bundle
 
@@ -38,10 +74,10 @@ def calibrate_detection(args: argparse.Namespace, console: Any) -> int:
     if given or args.target != "cpu":
         opts = [f"--{k.replace('_', '-')}" for k in given] + (["--target"] if args.target != "cpu" else [])
         raise ValueError(f"{args.bundle}: a detection bundle; {', '.join(opts)} apply to classifiers only")
-    threads = _threads(args.threads)
-    _setup_torch(threads)
+    threads = resolve_threads(args.threads)
+    setup_torch(threads)
     manifest = load_bundle(args.bundle).manifest
-    run_dir = _run_dir(args, manifest)
+    run_dir = run_dir_of(args, manifest)
     result = calibrate_bundle(
         args.bundle,
         run_dir,

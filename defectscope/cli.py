@@ -26,23 +26,23 @@ def command(name: str, target: str, help: str, extra: str | None = None) -> None
 command(
     "demo", "defectscope.demo:main", "end-to-end demo: ELPV -> train -> export -> INT8 -> serve over ZeroMQ", "train"
 )
-command("train", "training.cli:train_main", "fine-tune a defect classifier or Faster R-CNN detector", "train")
+command("train", "defectscope.tasks:train", "fine-tune a defect classifier or Faster R-CNN detector", "train")
 command(
     "evaluate",
-    "training.evaluate_cli:evaluate_main",
+    "defectscope.tasks:evaluate",
     "evaluate a classifier or detector checkpoint on a data split (optionally with TTA)",
     "train",
 )
 command(
     "extend",
-    "training.detection.cli:extend_dispatch",
+    "defectscope.tasks:extend",
     "extend a model (classifier or detector) to a new line / new classes with EWC",
     "train",
 )
-command("export", "calibration.cli:export_main", "export a checkpoint to an ONNX model bundle", "train")
+command("export", "defectscope.tasks:export", "export a checkpoint to an ONNX model bundle", "train")
 command(
     "calibrate",
-    "calibration.cli:calibrate_main",
+    "defectscope.tasks:calibrate",
     "INT8-quantize a bundle with a calibration set and an accuracy gate",
     "train",
 )
@@ -73,6 +73,11 @@ def _usage() -> str:
 def resolve(name: str) -> Callable[[list[str]], int]:
     """Import and return a subcommand's ``main``; a missing extra is a clear error."""
     target, _, extra = COMMANDS[name]
+    return load(target, name, extra)
+
+
+def load(target: str, name: str, extra: str | None = "train") -> Callable[[list[str]], int]:
+    """Import ``"module:function"`` for the command ``name``; a missing extra is a clear error."""
     module_name, func = target.split(":")
     try:
         module = importlib.import_module(module_name)

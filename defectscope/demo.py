@@ -12,15 +12,11 @@ import argparse
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from defectscope.demo_steps import done, free_port, metric_sum, run_cli, station_toml, step, stream_first_verdicts
 
 # Measured (docs/benchmarks.md, issue 18): trained and served with "linear", the demo's held-out accuracy
 # stays within the split's noise of bicubic/AREA while the station's resize costs ~4.5x less CPU.
@@ -73,29 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _step(title: str) -> float:
-    print(f"\n=== {title} " + "=" * max(0, 70 - len(title)), flush=True)
-    return time.perf_counter()
-
-
-def _done(t0: float, what: str) -> None:
-    print(f"--- {what} in {time.perf_counter() - t0:.1f} s", flush=True)
-
-
-def _run_cli(name: str, argv: list[str]) -> None:
-    from defectscope.cli import resolve
-
-    rc = resolve(name)(argv)
-    if rc:
-        raise SystemExit(f"demo: `defectscope {name} {' '.join(argv)}` failed with exit code {rc}")
-
-
 def _holdout_dirs(run: Path, out: Path, cameras: int) -> dict[str, dict[str, int]]:
     """Link the held-out split into one directory per camera; returns {camera: {file name: label}}."""
     from training.checkpoint import load_model  # noqa: F401  (ensures the training extra)
@@ -116,135 +89,6 @@ def _holdout_dirs(run: Path, out: Path, cameras: int) -> dict[str, dict[str, int
             os.symlink(os.path.abspath(sample.path), link)
             truth[cam][link.name] = sample.label
     return truth
-
-
-def _station_toml(
-    out: Path,
-    bundle: Path,
-    zmq_port: int,
-    metrics_port: int,
-    cameras: list[str],
-    threads: int,
-    *,
-    station: str = "demo",
-    max_batch: int = 8,
-    max_wait_ms: float = 5.0,
-    decision: str = "[decision]\nuncertain_band = 0.1\n",
-    comment: str = "two cameras replay the held-out ELPV cells in a loop",
-) -> Path:
-    """The demo's station config: each camera replays ``out/holdout/<camera>`` in a loop."""
-    cams = "\n".join(
-        f'[[cameras]]\nid = "{c}"\nsource = "{(out / "holdout" / c).resolve()}"\nloop = true\n' for c in cameras
-    )
-    text = f"""# Written by `defectscope demo`: {comment}.
-station = "{station}"
-
-[model]
-bundle = "{bundle.resolve()}"
-backend = "auto"
-threads = {threads}
-
-[batching]
-max_batch = {max_batch}
-max_wait_ms = {max_wait_ms}
-
-[tta]
-views = ["original"]
-
-{decision}
-[publisher]
-bind = ["tcp://127.0.0.1:{zmq_port}"]
-wait_for_subscribers = 1
-
-[metrics]
-host = "127.0.0.1"
-port = {metrics_port}
-
-[snapshots]
-enabled = true
-dir = "{(out / "snapshots").resolve()}"
-quota_mb = 64
-
-{cams}"""
-    path = out / "station.toml"
-    path.write_text(text)
-    return path
-
-
-def _scrape(port: int) -> str | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as r:
-            return r.read().decode()
-    except OSError:
-        return None
-
-
-def _metric_sum(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and (line[len(name)] in " {"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def stream_first_verdicts(
-    station: Path,
-    zmq_port: int,
-    metrics_port: int,
-    expected: int,
-    key: Callable[[dict], Any],
-    out: Path,
-    timeout_s: float = 600.0,
-) -> tuple[dict[Any, dict], int, str]:
-    """Run ``defectscope serve`` on ``station`` (looping replays), keep the first verdict per ``key(msg)``
-    until ``expected`` are in, scrape /metrics while it serves, stop it with SIGTERM as systemd does.
-
-    Returns ({key: first verdict}, messages received, the /metrics text).
-    """
-    import zmq
-
-    from runtime.messages import decode
-
-    ctx: Any = zmq.Context.instance()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.setsockopt(zmq.RCVTIMEO, 1000)
-    sub.connect(f"tcp://127.0.0.1:{zmq_port}")
-    log = open(out / "serve.log", "w")
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "defectscope", "serve", "--config", str(station)], stdout=log, stderr=subprocess.STDOUT
-    )
-    first: dict[Any, dict] = {}
-    received = 0
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(first) < expected and time.monotonic() < deadline:
-            try:
-                _topic, payload = sub.recv_multipart()
-            except zmq.Again:
-                if daemon.poll() is not None:
-                    break
-                continue
-            msg = decode(payload)
-            if msg.get("type") != "verdict":
-                continue
-            received += 1
-            first.setdefault(key(msg), msg)
-            if received % 100 == 0:
-                print(f"  received {len(first)}/{expected} held-out verdicts", flush=True)
-        # Scrape while serving, then stop the line the way systemd does: SIGTERM drains and exits 0.
-        metrics = _scrape(metrics_port) or ""
-        daemon.send_signal(signal.SIGTERM)
-        rc = daemon.wait(timeout=60)
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait(timeout=30)
-        sub.close(0)
-        log.close()
-    if rc != 0:
-        raise SystemExit(f"demo: the daemon exited with {rc}; see {out / 'serve.log'}")
-    return first, received, metrics
 
 
 def _serve_and_listen(
@@ -277,8 +121,8 @@ def _serve_and_listen(
         "verdicts": verdicts,
         "latency_ms_p50": lat[len(lat) // 2],
         "latency_ms_p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
-        "metrics_frames_inferred": _metric_sum(metrics, "defectscope_frames_inferred_total"),
-        "metrics_defects": _metric_sum(metrics, "defectscope_defects_total"),
+        "metrics_frames_inferred": metric_sum(metrics, "defectscope_frames_inferred_total"),
+        "metrics_defects": metric_sum(metrics, "defectscope_defects_total"),
         "metrics_model_info": re.findall(r"defectscope_model_info\{([^}]*)\}", metrics)[:1],
     }
     (out / "stream.jsonl").write_text("".join(json.dumps(m) + "\n" for m in messages))
@@ -298,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     smoke = ["--limit", str(args.limit)] if args.limit else []
     t_all = time.perf_counter()
 
-    t0 = _step("1/4 fine-tune EfficientNet-Lite0 on ELPV (binary: defect probability >= 0.5)")
+    t0 = step("1/4 fine-tune EfficientNet-Lite0 on ELPV (binary: defect probability >= 0.5)")
     if args.keep and (run / "best.safetensors").is_file() and (run / "report.json").is_file():
         print(f"reusing {run}")
     else:
@@ -324,17 +168,17 @@ def main(argv: list[str] | None = None) -> int:
             train += ["--max-steps-per-epoch", str(args.max_steps_per_epoch)]
         if args.interpolation:
             train += ["--interpolation", args.interpolation]
-        _run_cli("train", train)
+        run_cli("train", train)
     report = json.loads((run / "report.json").read_text())
     print(
         f"PyTorch model on the held-out {report.get('split')} split: accuracy {report.get('accuracy', 0):.4f}, "
         f"macro-F1 {report.get('macro_f1', 0):.4f}, AUROC {report.get('auroc') or float('nan'):.4f}"
     )
-    _done(t0, "trained")
+    done(t0, "trained")
 
-    t0 = _step("2/4 export to an ONNX bundle (opset 17, parity vs PyTorch)")
+    t0 = step("2/4 export to an ONNX bundle (opset 17, parity vs PyTorch)")
     if not (args.keep and (bundle / "manifest.json").is_file()):
-        _run_cli(
+        run_cli(
             "export",
             [
                 str(run),
@@ -350,13 +194,13 @@ def main(argv: list[str] | None = None) -> int:
                 *(["--eval-limit", str(args.limit)] if args.limit else []),
             ],
         )
-    _done(t0, "exported")
+    done(t0, "exported")
 
-    t0 = _step("3/4 INT8 calibration (ONNX Runtime QDQ) with the accuracy gate")
+    t0 = step("3/4 INT8 calibration (ONNX Runtime QDQ) with the accuracy gate")
     from runtime.bundle import load_bundle
 
     if not (args.keep and "int8" in load_bundle(bundle, check_graph=False).manifest.artifacts):
-        _run_cli(
+        run_cli(
             "calibrate",
             [
                 str(bundle),
@@ -370,11 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
     manifest = load_bundle(bundle).manifest
-    _done(t0, "calibrated")
+    done(t0, "calibrated")
 
-    t0 = _step("4/4 serve: 2 cameras replay the held-out cells -> ZeroMQ subscriber + /metrics")
-    zmq_port = args.zmq_port or _free_port()
-    metrics_port = args.metrics_port or _free_port()
+    t0 = step("4/4 serve: 2 cameras replay the held-out cells -> ZeroMQ subscriber + /metrics")
+    zmq_port = args.zmq_port or free_port()
+    metrics_port = args.metrics_port or free_port()
     truth = _holdout_dirs(run, out, cameras=2)
     if args.limit:
         for cam in truth:
@@ -383,10 +227,10 @@ def main(argv: list[str] | None = None) -> int:
                 (out / "holdout" / cam / extra).unlink()
             truth[cam] = {n: truth[cam][n] for n in names}
     expected = sum(len(t) for t in truth.values())
-    station = _station_toml(out, bundle, zmq_port, metrics_port, list(truth), args.threads)
+    station = station_toml(out, bundle, zmq_port, metrics_port, list(truth), args.threads)
     print(f"station config {station}; watch it live with:  defectscope watch --connect tcp://127.0.0.1:{zmq_port}")
     stream = _serve_and_listen(station, zmq_port, metrics_port, expected, truth, list(manifest.classes), out)
-    _done(t0, "served")
+    done(t0, "served")
 
     summary = {
         "train_test_metrics": {

@@ -66,7 +66,7 @@ def _replay_dir(data: Path, out: Path) -> tuple[Path, dict[str, int]]:
 
 
 def _serve(station: Path, zmq_port: int, metrics_port: int, truth: dict[str, int], out: Path) -> dict[str, Any]:
-    from defectscope.demo import _metric_sum, stream_first_verdicts
+    from defectscope.demo_steps import metric_sum, stream_first_verdicts
 
     seen, _, metrics = stream_first_verdicts(
         station, zmq_port, metrics_port, len(truth), lambda m: Path(m.get("source") or "").name, out, timeout_s=900.0
@@ -87,17 +87,17 @@ def _serve(station: Path, zmq_port: int, metrics_port: int, truth: dict[str, int
         "false_alarm_rate": fa / max(clean, 1),
         "boxes_streamed": boxes,
         "latency_ms_p50": lat[len(lat) // 2],
-        "metrics_frames_inferred": _metric_sum(metrics, "defectscope_frames_inferred_total"),
+        "metrics_frames_inferred": metric_sum(metrics, "defectscope_frames_inferred_total"),
     }
 
 
 def run(args: argparse.Namespace) -> int:
-    from defectscope.demo import _done, _free_port, _run_cli, _station_toml, _step
+    from defectscope.demo_steps import done, free_port, run_cli, station_toml, step
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data, run_dir, bundle = out / "data", out / "run", out / "bundle"
-    t0 = _step("1/5 synthetic defects with exact boxes on real ELPV cells")
+    t0 = step("1/5 synthetic defects with exact boxes on real ELPV cells")
     if args.keep and (data / "test.json").is_file():
         print(f"reusing {data}")
     else:
@@ -106,9 +106,9 @@ def run(args: argparse.Namespace) -> int:
         rc = synth_main(["--out", str(data), "--source", args.source, "--limit", str(args.cells), "--force"])
         if rc:
             raise SystemExit(f"demo: synthetic data generation failed ({rc})")
-    _done(t0, "data ready")
+    done(t0, "data ready")
 
-    t0 = _step("2/5 train a Faster R-CNN (FPN) on the one training engine")
+    t0 = step("2/5 train a Faster R-CNN (FPN) on the one training engine")
     if args.keep and (run_dir / "best.safetensors").is_file():
         print(f"reusing {run_dir}")
     else:
@@ -131,14 +131,14 @@ def run(args: argparse.Namespace) -> int:
         ]
         if args.max_steps_per_epoch:
             train += ["--max-steps-per-epoch", str(args.max_steps_per_epoch)]
-        _run_cli("train", train)
-    _done(t0, "trained")
+        run_cli("train", train)
+    done(t0, "trained")
 
-    t0 = _step("3/5 export to an ONNX detection bundle (parity vs PyTorch)")
-    _run_cli("export", [str(run_dir), "--out", str(bundle), "--force", "--threads", str(args.threads)])
-    _done(t0, "exported")
+    t0 = step("3/5 export to an ONNX detection bundle (parity vs PyTorch)")
+    run_cli("export", [str(run_dir), "--out", str(bundle), "--force", "--threads", str(args.threads)])
+    done(t0, "exported")
 
-    t0 = _step("4/5 INT8 by scope behind the mAP@.5 gate")
+    t0 = step("4/5 INT8 by scope behind the mAP@.5 gate")
     import importlib.util
 
     from defectscope.cli import resolve
@@ -150,13 +150,13 @@ def run(args: argparse.Namespace) -> int:
     )
     if rc not in (0, 3):  # 3: no scope passed the gate, FP32 keeps serving (said above)
         raise SystemExit(f"demo: calibrate failed with exit code {rc}")
-    _done(t0, "calibrated" if rc == 0 else "INT8 refused by the gate; serving FP32")
+    done(t0, "calibrated" if rc == 0 else "INT8 refused by the gate; serving FP32")
 
-    t0 = _step("5/5 serve: a real daemon, boxes over ZeroMQ, metrics, SIGTERM")
+    t0 = step("5/5 serve: a real daemon, boxes over ZeroMQ, metrics, SIGTERM")
     _, truth = _replay_dir(data, out)
-    zmq_port, metrics_port = args.zmq_port or _free_port(), args.metrics_port or _free_port()
+    zmq_port, metrics_port = args.zmq_port or free_port(), args.metrics_port or free_port()
     # Batch 1: the exported detector has a fixed batch; the bundle's score_threshold decides.
-    station = _station_toml(
+    station = station_toml(
         out,
         bundle,
         zmq_port,
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         comment="one camera replays the held-out synthetic-defect cells in a loop",
     )
     served = _serve(station, zmq_port, metrics_port, truth, out)
-    _done(t0, "served")
+    done(t0, "served")
     manifest = json.loads((bundle / "manifest.json").read_text())
     summary = {
         "task": "detection",

@@ -36,6 +36,8 @@ def _linter_rules() -> dict[str, tuple[str, list[str], list[str]]]:
     for c in config["contracts"]:
         if c["type"] == "layers":
             rules[c["id"]] = ("layers", list(c["layers"]), [])
+        elif c["type"] == "acyclic_siblings":
+            rules[c["id"]] = ("acyclic_siblings", list(c["ancestors"]), [])
         else:
             rules[c["id"]] = (c["type"], list(c["source_modules"]), list(c["forbidden_modules"]))
     return rules

@@ -14,7 +14,6 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .config_io import refuse_unknown
+from .data_verify import cache_dir, verify_images  # noqa: F401  (cache_dir: the cache root, imported from here)
 
 log = logging.getLogger(__name__)
 
@@ -318,61 +318,6 @@ def _limit(samples: list[Sample], n: int | None, seed: int) -> list[Sample]:
     return [samples[i] for i in sorted(keep)]
 
 
-# -- verification + fingerprint ---------------------------------------------------------
-def cache_dir() -> Path:
-    """Feature / verification cache root: ``$DEFECTSCOPE_CACHE`` or ``~/.cache/defectscope``."""
-    return Path(os.environ.get("DEFECTSCOPE_CACHE", Path.home() / ".cache" / "defectscope"))
-
-
-def _digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
-
-
-def _check(path: str, known_good: set[str], verify: bool) -> tuple[str | None, str | None]:
-    """(digest, None) for a good image, (None, reason) for a bad one."""
-    from runtime.preprocess import ImageReadError, read_image
-
-    try:
-        digest = _digest(path)
-    except OSError as exc:
-        return None, f"cannot read: {exc.strerror or exc}"
-    if verify and digest not in known_good:
-        try:
-            img = read_image(path)
-        except ImageReadError as exc:
-            return None, str(exc).split(": ", 1)[-1]
-        if min(img.shape[:2]) < 1:
-            return None, "empty image"
-    return digest, None
-
-
-def _verify(paths: list[str], verify: bool, threads: int) -> tuple[dict[str, str], dict[str, str]]:
-    """``({path: digest}, {path: reason})``; decoded-OK digests are remembered in the cache dir."""
-    good_file = cache_dir() / "verified-images.txt"
-    try:
-        known = set(good_file.read_text().split()) if verify and good_file.is_file() else set()
-    except OSError:
-        known = set()
-    digests, bad = {}, {}
-    # OpenCV decoding releases the GIL: threads give real parallelism here.
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        for p, (d, reason) in zip(paths, pool.map(lambda q: _check(q, known, verify), paths)):
-            if d is None:
-                bad[p] = reason or "unreadable"
-            else:
-                digests[p] = d
-    new = set(digests.values()) - known
-    if verify and new:
-        try:
-            good_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(good_file, "a") as f:
-                f.write("\n".join(sorted(new)) + "\n")
-        except OSError:
-            pass  # a read-only cache only costs re-decoding next time
-    return digests, bad
-
-
 def _fingerprint(classes: Sequence[str], splits: Mapping[str, Sequence[Sample]], digests: Mapping[str, str]) -> str:
     h = hashlib.sha256()
     h.update(("\x1f".join(classes) + "\n").encode())
@@ -404,7 +349,7 @@ def resolve_splits(spec: DataSpec | Mapping[str, Any], threads: int | None = Non
 
     # Unreadable files are dropped before splitting: the split is of what can be trained on.
     all_paths = sorted({p for rs in rows.values() for p, _, _ in rs})
-    digests, bad = _verify(all_paths, spec.verify, threads or min(4, os.cpu_count() or 1))
+    digests, bad = verify_images(all_paths, spec.verify, threads or min(4, os.cpu_count() or 1))
     if bad:
         for p, reason in sorted(bad.items()):
             log.warning("skipping unreadable image %s: %s", p, reason)

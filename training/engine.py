@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
+from .distributed import pick_device  # noqa: F401  (the engine's callers pick their device here)
 
 Hook = Callable[[], None]
 
@@ -83,15 +84,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else the CPU; a CUDA device that is not there is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
 
 
 def set_train_mode(model: nn.Module, bn_frozen: bool) -> None:

@@ -16,12 +16,12 @@ the next product line.
 import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from .data import DataError
 from .extend_config import ExtendConfig
-from .tasks import TaskSet, accuracy, accuracy_of, drop, evaluate_task, mean_of, old_logit_report
+from .tasks import TaskSet, accuracy, accuracy_of, evaluate_task, extension_report, mean_of, old_logit_report
 
 # ----------------------------------------------------------------------------- core
 
@@ -384,7 +384,7 @@ def extend_model(
     new_state = _fold_fisher(model, state, new, cfg, backbone, classes, progress) if cfg.write_fisher else None
     fisher_s = time.perf_counter() - t0 if cfg.write_fisher else 0.0
 
-    report = _report(
+    report = extension_report(
         cfg,
         lam,
         runs,
@@ -407,58 +407,3 @@ def extend_model(
         "fisher": fisher_s,
     }
     return Outcome(model, classes, report, hist, records, new_state)
-
-
-def _report(
-    cfg: ExtendConfig,
-    lam,
-    runs,
-    hist: FitHistory,
-    classes,
-    grown: bool,
-    new: TaskSet,
-    olds,
-    new_ba,
-    old_ba,
-    growth,
-    old_logits,
-    replay_info,
-    state,
-) -> dict[str, Any]:
-    (new_before, new_after), (old_before, old_after) = new_ba, old_ba
-    ob, oa = (
-        mean_of([accuracy_of(m) for m in old_before.values()]),
-        mean_of([accuracy_of(m) for m in old_after.values()]),
-    )
-    return {
-        "method": cfg.method + ("+replay" if cfg.replay else ""),
-        "lambda": lam if cfg.method == "ewc" else 0.0,
-        "lambda_mode": "auto" if cfg.lam == "auto" else "fixed",
-        "lambda_search": runs if len(runs) > 1 else None,
-        "bn": cfg.bn,
-        "classes": classes,
-        "scenario": "new-classes" if grown else "new-domain",
-        "new_task": new.name,
-        "old_tasks": [t.name for t in olds],
-        "new_accuracy_before": accuracy_of(new_before),
-        "new_accuracy_after": accuracy_of(new_after),
-        "old_accuracy_before": ob,
-        "old_accuracy_after": oa,
-        "forgetting": drop(ob, oa),
-        "penalty_share": hist.penalty_share,
-        "new": {"before": new_before, "after": new_after},
-        "old": {
-            t.name: {
-                "before": old_before[t.name],
-                "after": old_after[t.name],
-                "forgetting": drop(accuracy_of(old_before[t.name]), accuracy_of(old_after[t.name])),
-            }
-            for t in olds
-        },
-        "head_growth": growth,
-        "old_class_logits": old_logits or None,
-        "replay": replay_info,
-        "fisher": None
-        if state is None
-        else {"tasks": [asdict(t) for t in state.tasks], "anchor_sha256": state.anchor_sha256, "gamma": state.gamma},
-    }

@@ -258,7 +258,13 @@ def config_from_args(ns: argparse.Namespace) -> ExtendConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``defectscope extend``."""
+    """``defectscope extend`` of a classifier (``defectscope.tasks`` picks the task)."""
+    from .distributed import launched
+
+    return launched("extend", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     ns = build_parser().parse_args(argv)
     progress = not ns.quiet and sys.stderr.isatty()
     try:

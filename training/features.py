@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,7 +30,10 @@ from runtime.preprocess import InputSpec
 
 from .checkpoint import save_safetensors
 from .classifier import Classifier
-from .data import Sample, cache_dir
+from .data import Sample, Splits, cache_dir
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -128,3 +133,41 @@ def cached_features(
     if dist.is_main():
         save_safetensors(path, {"features": feats, "labels": labels}, metadata={"key": key})
     return feats, labels, False
+
+
+def split_features(
+    cfg: TrainConfig,
+    model: Classifier,
+    splits: Splits,
+    split: str,
+    input_spec: InputSpec,
+    device: torch.device,
+    *,
+    progress: bool,
+    echo: Callable[[str], None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A run's body features of one split, cached under a key of everything they depend on."""
+    from .backbones import weights_id
+
+    samples = splits.split(split)
+    extra = f"seed={cfg.seed}" if cfg.weights == "none" else ""
+    if cfg.bn == "adapt":  # the features depend on the statistics, hence on the training split
+        extra += f"bn=adapt:{splits.split_fingerprint('train')}"
+    key = feature_key(
+        cfg.backbone, weights_id(cfg.weights, cfg.backbone), input_spec, splits.split_fingerprint(split), extra
+    )
+    t = time.perf_counter()
+    # Features come from the body alone: the head is untouched by extraction.
+    f, y, hit = cached_features(
+        model,
+        samples,
+        input_spec,
+        key,
+        device=device,
+        channels_last=cfg.channels_last,
+        desc=f"features {split}",
+        progress=progress,
+        threads=max(1, torch.get_num_threads()),
+    )
+    echo(f"features {split}: {tuple(f.shape)} {'from cache' if hit else 'computed'} in {time.perf_counter() - t:.1f}s")
+    return f, y

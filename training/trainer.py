@@ -8,11 +8,10 @@ the numbers a single process would compute.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,31 +22,18 @@ from runtime.fsio import atomic_write_json
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .backbones import Classifier, build_model, get_spec, sized_input, weights_id
+from .backbones import build_model, get_spec, sized_input
 from .config import TrainConfig
 from .data import resolve_splits
 from .engine import ClassificationTask, Engine, EpochSelector, pick_device, seed_everything, setup_runtime  # noqa: F401
-from .features import cached_features, feature_key
+from .features import split_features
 from .loader import ImageDataset, TensorPairs, class_weights, make_loader
 from .metrics import monitor_name, monitor_value, write_final
+from .run_dir import EpochInfo, RunExistsError, RunResult, prepare_run_dir  # noqa: F401  (re-exported)
 from .schedule import EpochPlan, build_optimizer, make_plan
 from .transforms import train_pipeline, val_pipeline
 
 log = logging.getLogger(__name__)
-
-
-class RunExistsError(RuntimeError):
-    pass
-
-
-@dataclass
-class EpochInfo:
-    """Passed to ``on_epoch_end`` callbacks (tests, progress hooks)."""
-
-    plan: EpochPlan
-    model: Classifier
-    optimizer: torch.optim.Optimizer
-    record: dict[str, Any]
 
 
 @dataclass
@@ -59,16 +45,6 @@ class _Loop:
     sched: Any = None
     sig: tuple[str, int] | None = None
     sched_offset: int = 0
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    history: list[dict[str, Any]]
-    best_epoch: int
-    best_value: float
-    monitor: str
-    report: dict[str, Any] = field(default_factory=dict)
 
 
 class Trainer:
@@ -96,27 +72,9 @@ class Trainer:
 
     # -- setup --------------------------------------------------------------------------
     def _prepare_dir(self) -> dict | None:
-        cfg_file = self.run_dir / "config.json"
-        state = None
-        if self.resume:
-            state = ckpt.load_resume(self.run_dir)
-            if state is None:
-                raise RunExistsError(f"{self.run_dir / ckpt.LAST}: nothing to resume from")
-            saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-            if saved.get("config_hash") not in (None, self.cfg.hash()):
-                raise RunExistsError(
-                    f"{cfg_file}: the run was started with another configuration "
-                    f"(config_hash {saved.get('config_hash')} != {self.cfg.hash()}); resume with the same "
-                    f"options (or `--config {cfg_file}`), or train into a new --out"
-                )
-        elif (self.run_dir / ckpt.LAST).exists() and not self.overwrite:
-            raise RunExistsError(
-                f"{self.run_dir}: holds a run already; pass --resume to continue it, "
-                f"--overwrite to replace it, or another --out"
-            )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cfg_file, {**self.cfg.to_dict(), "config_hash": self.cfg.hash()})
-        return state
+        return prepare_run_dir(
+            self.run_dir, self.cfg.to_dict(), self.cfg.hash(), resume=self.resume, overwrite=self.overwrite
+        )
 
     def fit(self) -> RunResult:
         cfg = self.cfg
@@ -365,36 +323,16 @@ class Trainer:
 
     def _features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in self._feats:
-            cfg = self.cfg
-            samples = self.splits.split(split)
-            extra = f"seed={cfg.seed}" if cfg.weights == "none" else ""
-            if cfg.bn == "adapt":  # the features depend on the statistics, hence on the training split
-                extra += f"bn=adapt:{self.splits.split_fingerprint('train')}"
-            key = feature_key(
-                cfg.backbone,
-                weights_id(cfg.weights, cfg.backbone),
-                self.input,
-                self.splits.split_fingerprint(split),
-                extra,
-            )
-            t = time.perf_counter()
-            # Features come from the body alone: the head is untouched by extraction.
-            f, y, hit = cached_features(
+            self._feats[split] = split_features(
+                self.cfg,
                 self.model,
-                samples,
+                self.splits,
+                split,
                 self.input,
-                key,
-                device=self.device,
-                channels_last=cfg.channels_last,
-                desc=f"features {split}",
+                self.device,
                 progress=self.progress,
-                threads=max(1, torch.get_num_threads()),
+                echo=self.echo,
             )
-            self.echo(
-                f"features {split}: {tuple(f.shape)} "
-                f"{'from cache' if hit else 'computed'} in {time.perf_counter() - t:.1f}s"
-            )
-            self._feats[split] = (f, y)
         return self._feats[split]
 
     def _adapt_bn(self) -> None:

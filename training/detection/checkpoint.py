@@ -70,16 +70,6 @@ class DetCard:
             raise CheckpointError(f"{where}: not a valid detection card ({exc})") from None
 
 
-def card_task(path: str | Path) -> str | None:
-    """``"detection"`` when ``path`` (a run directory or a weights file) has a detection card, else None."""
-    p = Path(path)
-    card = (p if p.is_dir() else p.parent) / MODEL_CARD
-    try:
-        return json.loads(card.read_text(encoding="utf-8")).get("task")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def save_detector(run_dir: str | Path, model: torch.nn.Module, card: DetCard, filename: str = BEST) -> DetCard:
     """Weights then card (the card's checksum names the weights it describes); returns the written card."""
     run_dir = Path(run_dir)
@@ -121,4 +111,4 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple
     return model.to(device).eval(), card
 
 
-__all__ = ["CARD_FORMAT", "TASK", "DetCard", "card_task", "load_detector", "save_detector"]
+__all__ = ["CARD_FORMAT", "TASK", "DetCard", "load_detector", "save_detector"]

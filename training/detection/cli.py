@@ -1,9 +1,6 @@
-"""``defectscope train`` / ``evaluate`` on detection data (``training.cli`` and ``evaluate_cli`` dispatch here).
+"""``defectscope train`` / ``extend`` of a detector (``defectscope.tasks`` dispatches here).
 
-Which task a command means is decided from its arguments, never inside the engine:
-``--task detection`` forces it; otherwise a COCO ``.json``, a VOC folder or a YOLO folder as
-``--data`` (or a config file with ``task = "detection"``) is detection, and a run directory
-whose ``model.json`` says ``"task": "detection"`` is a detector for ``evaluate``/``extend``/``export``.
+Which task a command means is decided once, by ``defectscope.tasks`` (its table says from what).
 Option defaults are read from the config dataclasses (``DetTrainConfig``, ``DetectorSpec``,
 ``DetectionSpec``); the help shows them, nothing restates them.
 """
@@ -13,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 from training.config_io import read_config_file
@@ -38,38 +34,6 @@ OPTIM_KEYS = (
     "device",
 )
 DATA_KEYS = ("format", "val_fraction", "test_fraction", "limit")
-
-
-def is_detection_data(data: str | None) -> bool:
-    """A COCO JSON file, or a folder the detection readers recognise (VOC XML, YOLO)."""
-    if not data or data == "elpv" or data.lower().endswith(".csv"):
-        return False
-    from training.data import DataError
-    from training.detection.datasets import infer_format
-
-    try:
-        infer_format(Path(data))
-        return True
-    except DataError:
-        return False
-
-
-def wants_detection(argv: list[str]) -> bool:
-    """``defectscope train`` argv: detection forced, in the config file, or inferred from ``--data``."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--task", choices=("classification", "detection"))
-    pre.add_argument("--data")
-    pre.add_argument("--config")
-    ns, _ = pre.parse_known_args(argv)
-    if ns.task:
-        return ns.task == "detection"
-    if ns.config and Path(ns.config).is_file():
-        try:
-            if read_config_file(ns.config).get("task") == "detection":
-                return True
-        except (OSError, ValueError):
-            return False
-    return is_detection_data(ns.data)
 
 
 def _opt_type(annotation: str, default: Any) -> Any:
@@ -184,6 +148,13 @@ def config_from_args(ns: argparse.Namespace) -> Any:
 
 
 def train_main(argv: list[str] | None = None) -> int:
+    """``defectscope train`` of a detector (``defectscope.tasks`` picks the task)."""
+    from training.distributed import launched
+
+    return launched("train", _train_main, argv)
+
+
+def _train_main(argv: list[str]) -> int:
     ns = build_train_parser().parse_args(argv)
     from training.data import DataError
     from training.detection.model import DetectorConfigError
@@ -201,32 +172,6 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-def _source_of_extend(argv: list[str]) -> str | None:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--from", dest="source")
-    ns, _ = pre.parse_known_args(argv)
-    return ns.source
-
-
-def extend_dispatch(argv: list[str] | None = None) -> int:
-    """``defectscope extend``: a detection source run goes to ``extend_main``, anything else to the classifier's."""
-    from training.detection.checkpoint import card_task
-    from training.distributed import launch_or_continue, teardown
-
-    rc, args = launch_or_continue("extend", argv)  # --nproc-per-node N: the same command again under torchrun
-    if rc is not None:
-        return rc
-    source = _source_of_extend(args)
-    try:
-        if source and card_task(source) == "detection":
-            return extend_main(args)
-        from training.extend_cli import main
-
-        return main(args)
-    finally:
-        teardown()
 
 
 def build_extend_parser() -> argparse.ArgumentParser:
@@ -271,6 +216,13 @@ def build_extend_parser() -> argparse.ArgumentParser:
 
 
 def extend_main(argv: list[str] | None = None) -> int:
+    """``defectscope extend`` of a detector (``defectscope.tasks`` picks the task)."""
+    from training.distributed import launched
+
+    return launched("extend", _extend_main, argv)
+
+
+def _extend_main(argv: list[str]) -> int:
     ns = build_extend_parser().parse_args(argv)
     from training.checkpoint import CheckpointError
     from training.data import DataError
@@ -314,9 +266,6 @@ __all__ = [
     "build_extend_parser",
     "build_train_parser",
     "config_from_args",
-    "extend_dispatch",
     "extend_main",
-    "is_detection_data",
     "train_main",
-    "wants_detection",
 ]

@@ -35,8 +35,8 @@ from training.detection.predict import predict
 from training.detection.task import MONITOR, DetectionTask, DetPredictions, monitor_value
 from training.detection.transforms import train_transform
 from training.engine import Engine, EpochSelector, seed_everything, setup_runtime
+from training.run_dir import RunExistsError
 from training.schedule import warmup_cosine
-from training.trainer import RunExistsError
 
 log = logging.getLogger(__name__)
 
