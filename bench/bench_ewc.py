@@ -124,7 +124,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
 
-        from training.trainer import pick_device, setup_runtime
+        from training.engine import pick_device, setup_runtime
 
         self.a = args
         self.out = Path(args.out)

@@ -92,9 +92,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
     from .checkpoint import CheckpointError, load_model
     from .data import DataError
+    from .engine import pick_device, setup_runtime
     from .evaluate import evaluate_samples, format_table
     from .metrics import plot_confusion
-    from .trainer import pick_device, setup_runtime
 
     setup_runtime(ns.threads, 0)
     try:

@@ -124,7 +124,7 @@ def _train_once(ctx: _Context, lam: float):
 
     from . import distributed as dist
     from . import ewc
-    from .engine import EpochSelector
+    from .engine import fit_epochs
     from .loader import make_loader
     from .schedule import build_optimizer
 
@@ -156,9 +156,11 @@ def _train_once(ctx: _Context, lam: float):
     )
     terms = [ewc.EWCPenalty(state, model, lam)] if (lam > 0 and state is not None) else []
     engine = _engine(cfg, labels, nc, device, terms, ctx.hooks, ctx.progress)
-    hist, records, sel, best_sd = FitHistory(), [], EpochSelector(), None
+    hist, records = FitHistory(), []
+    best: dict[str, Any] = {}  # the best epoch's weights (keep = best)
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    for epoch in range(cfg.epochs):
+
+    def step(epoch: int) -> tuple[int, float, dict[str, Any]]:
         st = engine.run_epoch(
             model, loader, opt, scheduler=sched, steps=o.max_steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}"
         )
@@ -167,15 +169,21 @@ def _train_once(ctx: _Context, lam: float):
         rec["old_val_accuracy"] = mean_of([accuracy_of(evaluate_task(model, t, "val", classes)[0]) for t in olds])
         score = mean_of([rec["old_val_accuracy"], rec["new_val_accuracy"]])
         rec["score"] = score
-        if sel.update(epoch + 1, -float("inf") if score is None else score) and cfg.keep == "best":
-            best_sd = copy.deepcopy(model.state_dict())
+        return epoch + 1, -float("inf") if score is None else score, rec
+
+    def done(epoch: int, rec: dict[str, Any], improved: bool) -> None:
+        if improved and cfg.keep == "best":
+            best["sd"] = copy.deepcopy(model.state_dict())
         records.append(rec)
         echo(
             f"  [lambda {lam:g}] epoch {epoch + 1}/{cfg.epochs}: CE {rec['task_loss']:.4f} "
             f"penalty {rec['penalty']:.4f}  val new {fmt(rec['new_val_accuracy'])} "
             f"old {fmt(rec['old_val_accuracy'])}  ({rec['seconds']:.1f}s)"
         )
+
+    sel = fit_epochs(range(cfg.epochs), step, done=done)
     model.eval()
+    best_sd = best.get("sd")
     if records and best_sd is None:
         records[-1]["kept"] = True
     if best_sd is not None:
@@ -221,7 +229,7 @@ def _search(ctx: _Context):
     """Train with each lambda from the same start; keep the best by mean old/new val accuracy."""
     model, cfg, echo = ctx.model, ctx.cfg, ctx.echo
     from . import distributed as dist
-    from .trainer import seed_everything
+    from .engine import seed_everything
 
     start = copy.deepcopy(model.state_dict())
     runs, best = [], None

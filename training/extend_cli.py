@@ -279,7 +279,7 @@ def _main(argv: list[str]) -> int:
 
     try:
         if ns.finalize:
-            from .trainer import setup_runtime
+            from .engine import setup_runtime
 
             setup_runtime(cfg.optim.threads, cfg.optim.seed)
             data = cfg.data if "data" in vars(ns) else None

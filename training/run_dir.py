@@ -1,4 +1,4 @@
-"""A classifier run's directory and what a run returns: ``config.json`` written first, a run that
+"""A classifier run's directory, what its epoch loop carries and what a run returns: ``config.json`` written first, a run that
 exists refused unless resumed (same config hash) or overwritten.
 """
 
@@ -42,6 +42,17 @@ class RunResult:
     best_value: float
     monitor: str
     report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoopState:
+    """What the epoch loop carries between epochs: optimizer, schedule and the phase it serves."""
+
+    scaler: torch.amp.GradScaler
+    opt: Any = None
+    sched: Any = None
+    sig: tuple[str, int] | None = None
+    sched_offset: int = 0
 
 
 def prepare_run_dir(

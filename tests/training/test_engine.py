@@ -105,6 +105,23 @@ def test_training_has_one_epoch_loop():
     assert loops == ["engine.py:run_epoch"], loops
 
 
+def test_every_task_and_command_runs_the_one_epoch_loop():
+    # The best-epoch bookkeeping (EpochSelector.update) happens in one loop: engine.fit_epochs.
+    # train, extend and the detector's fit hand it their step, gate and done hooks.
+    owners = []
+    for path in sorted(PKG.rglob("*.py")):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and not any(
+                isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef)) and inner is not fn for inner in ast.walk(fn)
+            ):
+                calls = [n.func for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+                if any(f.attr == "update" and isinstance(f.value, ast.Name) and f.value.id == "sel" for f in calls):
+                    owners.append(f"{path.relative_to(PKG)}:{fn.name}")
+    assert owners == ["engine.py:fit_epochs"], owners
+    users = {p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py") if "fit_epochs(" in p.read_text()}
+    assert {"trainer.py", "extend.py", "detection/trainer.py"} <= users
+
+
 def test_no_function_in_training_is_over_80_lines():
     long = [
         f"{name}:{fn.name} ({fn.end_lineno - fn.lineno + 1})"

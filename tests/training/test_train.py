@@ -74,7 +74,7 @@ def _group_of_buffer(name: str) -> str:
 def test_first_epoch_changes_only_its_groups(tiny_cfg):
     """The first epoch too (compare with the freshly built model, same seed)."""
     from training.backbones import REGISTRY, build_model, sized_input
-    from training.trainer import seed_everything
+    from training.engine import seed_everything
 
     cfg = tiny_cfg(strategy="partial", epochs=1, head_epochs=0, unfreeze_groups=2).resolved()
     seed_everything(cfg.seed)  # the trainer seeds the same way before building the model

@@ -160,7 +160,7 @@ def _train_main(argv: list[str]) -> int:
     from training.detection.model import DetectorConfigError
     from training.detection.trainer import train_detector
     from training.distributed import DistributedError
-    from training.trainer import RunExistsError
+    from training.run_dir import RunExistsError
 
     try:
         cfg = config_from_args(ns)
@@ -230,7 +230,7 @@ def _extend_main(argv: list[str]) -> int:
     from training.detection.extend import DetExtendConfig, extend_detector
     from training.distributed import DistributedError
     from training.ewc import EWCError
-    from training.trainer import RunExistsError
+    from training.run_dir import RunExistsError
 
     v = vars(ns)
     try:

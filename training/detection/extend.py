@@ -159,7 +159,7 @@ def extend_detector(
     from training.detection.transforms import train_transform
     from training.engine import Engine, setup_runtime
     from training.ewc import EWCPenalty
-    from training.trainer import RunExistsError
+    from training.run_dir import RunExistsError
 
     t0, tc = time.perf_counter(), cfg.train
     out = Path(tc.out)
