@@ -90,7 +90,8 @@ def load(target: str, name: str, extra: str | None = "train") -> Callable[[list[
             f"defectscope {name}: needs the Python package {exc.name!r}, which is not installed here.\n"
             f"Install it with: {hint}"
         ) from None
-    return getattr(module, func)
+    main: Callable[[list[str]], int] = getattr(module, func)
+    return main
 
 
 def main(argv: list[str] | None = None) -> int:
