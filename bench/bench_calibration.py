@@ -37,8 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="training run directory (fine-tuned efficientnet_lite0 on ELPV)")
     p.add_argument("--bundle", help="use this already calibrated bundle instead of exporting + calibrating --run")
-    p.add_argument("--work", default=str(ROOT / "bench" / "results" / "calibration-work"),
-                   help="where the exported bundle and reports go")
+    p.add_argument(
+        "--work",
+        default=str(ROOT / "bench" / "results" / "calibration-work"),
+        help="where the exported bundle and reports go",
+    )
     p.add_argument("--method", default="entropy", choices=("minmax", "entropy", "percentile"))
     p.add_argument("--size", type=int, default=300, help="calibration images (default 300)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for torch and ONNX Runtime (default 1)")
@@ -49,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "calibration.json"), help="JSON results")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
     return p.parse_args(argv)
+
+
+def _runner(sess: Any, name: str, x: Any) -> Callable[[], Any]:
+    return lambda: sess.run(None, {name: x})
 
 
 def _median_seconds(fn: Callable[[], Any], iters: int, warmup: int) -> float:
@@ -69,13 +76,14 @@ def _prepare_bundle(args: argparse.Namespace, work: Path) -> tuple[Path, dict[st
     bundle = work / "bundle"
     threads = ["--threads", str(args.threads)]
     limit = ["--limit", str(args.limit)] if args.limit else []
-    rc = export_main([args.run, "--out", str(bundle), "--force", *threads]
-                     + (["--eval-limit", str(args.limit)] if args.limit else []))
+    rc = export_main(
+        [args.run, "--out", str(bundle), "--force", *threads]
+        + (["--eval-limit", str(args.limit)] if args.limit else [])
+    )
     if rc != 0:
         raise SystemExit(f"export failed (exit {rc})")
     report = work / "calibration-report.json"
-    common = [str(bundle), "--method", args.method, "--size", str(args.size), "--report", str(report),
-              *threads, *limit]
+    common = [str(bundle), "--method", args.method, "--size", str(args.size), "--report", str(report), *threads, *limit]
     rc = calibrate_main(common)
     notes: dict[str, Any] = {"gate_passed": rc == 0}
     if rc == EXIT_GATE:
@@ -91,8 +99,11 @@ def _prepare_bundle(args: argparse.Namespace, work: Path) -> tuple[Path, dict[st
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.run and not args.bundle:
-        print("give --run RUN_DIR (a fine-tuned efficientnet_lite0, e.g. from "
-              "`defectscope train --data elpv --out runs/elpv-lite0`) or --bundle DIR", file=sys.stderr)
+        print(
+            "give --run RUN_DIR (a fine-tuned efficientnet_lite0, e.g. from "
+            "`defectscope train --data elpv --out runs/elpv-lite0`) or --bundle DIR",
+            file=sys.stderr,
+        )
         return 2
     os.environ["DEFECTSCOPE_THREADS"] = str(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -119,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if "int8" not in m.artifacts:
         raise SystemExit(f"{bundle_dir}: no 'int8' artifact (run defectscope calibrate first)")
     run = args.run or (m.provenance.get("training") or {}).get("run_dir")
+    if not run:
+        raise SystemExit(f"{bundle_dir}: the manifest names no training run; pass --run")
     model, card = load_model(run)
     model.eval()
 
@@ -133,8 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     def measure(name: str, run1: Callable[[], Any], runb: Callable[[], Any], size: int | None) -> None:
         t1 = _median_seconds(run1, args.iters, args.warmup)
         tb = _median_seconds(runb, max(args.iters // 2, 3), args.warmup)
-        rows[name] = {"latency_b1_ms": t1 * 1e3, f"throughput_b{args.batch}_img_s": args.batch / tb,
-                      f"ms_per_img_b{args.batch}": tb * 1e3 / args.batch, "file_bytes": size}
+        rows[name] = {
+            "latency_b1_ms": t1 * 1e3,
+            f"throughput_b{args.batch}_img_s": args.batch / tb,
+            f"ms_per_img_b{args.batch}": tb * 1e3 / args.batch,
+            "file_bytes": size,
+        }
         print(f"{name:<12} batch 1 {t1 * 1e3:7.2f} ms   batch {args.batch} {args.batch / tb:7.1f} img/s", flush=True)
 
     weights = Path(run) / "best.safetensors" if Path(run).is_dir() else Path(run)
@@ -146,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         sess = ort_session(bundle.artifact_path(key), args.threads)
         name = m.input.name
-        measure(label, lambda s=sess, n=name: s.run(None, {n: x1}), lambda s=sess, n=name: s.run(None, {n: xb}),
-                bundle.artifact_path(key).stat().st_size)
+        measure(label, _runner(sess, name, x1), _runner(sess, name, xb), bundle.artifact_path(key).stat().st_size)
 
     tp = f"throughput_b{args.batch}_img_s"
     fp32_m, int8_m = m.metrics.get("fp32", {}), m.metrics.get("int8", {})
@@ -156,24 +172,39 @@ def main(argv: list[str] | None = None) -> int:
     speed_int8 = rows["ORT INT8"][tp] / rows["ORT FP32"][tp]
     speed_ort = rows["torch eager"]["latency_b1_ms"] / rows["ORT FP32"]["latency_b1_ms"]
     checks = {
-        "int8_accuracy_drop_points": {"value": round(drop_acc, 3), "target": f"<= {TARGETS['int8_drop_points_max']}",
-                                      "met": drop_acc <= TARGETS["int8_drop_points_max"]},
+        "int8_accuracy_drop_points": {
+            "value": round(drop_acc, 3),
+            "target": f"<= {TARGETS['int8_drop_points_max']}",
+            "met": drop_acc <= TARGETS["int8_drop_points_max"],
+        },
         f"int8_vs_fp32_ort_throughput_b{args.batch}": {
-            "value": round(speed_int8, 3), "target": f">= {TARGETS['int8_vs_fp32_ort_throughput_b8_min']}",
-            "met": speed_int8 >= TARGETS["int8_vs_fp32_ort_throughput_b8_min"]},
-        "ort_fp32_vs_torch_eager_b1": {"value": round(speed_ort, 3),
-                                       "target": f">= {TARGETS['ort_fp32_vs_torch_b1_min']}",
-                                       "met": speed_ort >= TARGETS["ort_fp32_vs_torch_b1_min"]},
+            "value": round(speed_int8, 3),
+            "target": f">= {TARGETS['int8_vs_fp32_ort_throughput_b8_min']}",
+            "met": speed_int8 >= TARGETS["int8_vs_fp32_ort_throughput_b8_min"],
+        },
+        "ort_fp32_vs_torch_eager_b1": {
+            "value": round(speed_ort, 3),
+            "target": f">= {TARGETS['ort_fp32_vs_torch_b1_min']}",
+            "met": speed_ort >= TARGETS["ort_fp32_vs_torch_b1_min"],
+        },
     }
     result = {
-        "bundle": str(bundle.path), "model": m.model.name, "architecture": m.model.architecture,
-        "threads": args.threads, "iters": args.iters, "batch": args.batch, "cpu": _cpu_name(),
-        "split": fp32_m.get("split"), "n": fp32_m.get("n"),
+        "bundle": str(bundle.path),
+        "model": m.model.name,
+        "architecture": m.model.architecture,
+        "threads": args.threads,
+        "iters": args.iters,
+        "batch": args.batch,
+        "cpu": _cpu_name(),
+        "split": fp32_m.get("split"),
+        "n": fp32_m.get("n"),
         "accuracy": {"fp32": fp32_m.get("accuracy"), "int8": int8_m.get("accuracy")},
         "macro_f1": {"fp32": fp32_m.get("macro_f1"), "int8": int8_m.get("macro_f1")},
         "drop_points": {"accuracy": round(drop_acc, 3), "macro_f1": round(drop_f1, 3)},
         "quantization": dict(m.artifacts["int8"].quantization or {}),
-        "speed": rows, "checks": checks, "notes": {k: v for k, v in notes.items() if k == "gate_passed"},
+        "speed": rows,
+        "checks": checks,
+        "notes": {k: v for k, v in notes.items() if k == "gate_passed"},
     }
     _print_table(result, tp)
     out = Path(args.out)
@@ -207,10 +238,14 @@ def _print_table(r: dict[str, Any], tp: str) -> None:
     acc, f1 = r["accuracy"], r["macro_f1"]
     for name, row in r["speed"].items():
         key = "int8" if name == "ORT INT8" else ("fp32" if name in ("ORT FP32", "torch eager") else None)
-        t.add_row(name, f"{row['latency_b1_ms']:.2f}", f"{row[tp]:.1f}",
-                  f"{(row['file_bytes'] or 0) / 1e6:.2f}",
-                  f"{acc[key]:.4f}" if key and acc.get(key) is not None else "-",
-                  f"{f1[key]:.4f}" if key and f1.get(key) is not None else "-")
+        t.add_row(
+            name,
+            f"{row['latency_b1_ms']:.2f}",
+            f"{row[tp]:.1f}",
+            f"{(row['file_bytes'] or 0) / 1e6:.2f}",
+            f"{acc[key]:.4f}" if key and acc.get(key) is not None else "-",
+            f"{f1[key]:.4f}" if key and f1.get(key) is not None else "-",
+        )
     c = Table(title="targets")
     for col in ("check", "value", "target", "met"):
         c.add_column(col)
@@ -237,8 +272,10 @@ def _plot(r: dict[str, Any], tp: str, path: Path) -> Path:
     axes[1].set_title("throughput")
     for ax in axes:
         ax.tick_params(axis="x", rotation=20)
-    fig.suptitle(f"{r['model']}: FP32 acc {r['accuracy']['fp32']}, INT8 acc {r['accuracy']['int8']} "
-                 f"({r['threads']} thread(s))", fontsize=9)
+    fig.suptitle(
+        f"{r['model']}: FP32 acc {r['accuracy']['fp32']}, INT8 acc {r['accuracy']['int8']} ({r['threads']} thread(s))",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

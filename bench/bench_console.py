@@ -57,10 +57,25 @@ def _snapshot_jpeg() -> bytes:
 class Generator(threading.Thread):
     """One station: its cameras' verdicts paced at ``rate`` each, heartbeats every second."""
 
-    def __init__(self, station: FakeStation, cameras: int, rate: float, spool: Path, jpeg: bytes,
-                 defect_share: float, uncertain_share: float, stop: threading.Event) -> None:
+    def __init__(
+        self,
+        station: FakeStation,
+        cameras: int,
+        rate: float,
+        spool: Path,
+        jpeg: bytes,
+        defect_share: float,
+        uncertain_share: float,
+        stop: threading.Event,
+    ) -> None:
         super().__init__(daemon=True, name=f"gen-{station.name}")
-        self.st, self.cams, self.rate, self.spool, self.jpeg = station, [f"cam{i + 1}" for i in range(cameras)], rate, spool, jpeg
+        self.st, self.cams, self.rate, self.spool, self.jpeg = (
+            station,
+            [f"cam{i + 1}" for i in range(cameras)],
+            rate,
+            spool,
+            jpeg,
+        )
         self.shares = (defect_share, uncertain_share)
         self.stop_event = stop
         self.rng = random.Random(hash(station.name) & 0xFFFF)
@@ -111,21 +126,40 @@ def _health(base: str) -> dict:
     return json.loads(urllib.request.urlopen(base + "/healthz", timeout=5).read())
 
 
-def _write_config(path: Path, stations: list[FakeStation], spools: list[Path], store: str, port: int,
-                  coalesce_ms: int) -> None:
-    lines = ["[server]", 'host = "127.0.0.1"', f"port = {port}", "kiosk = true", f"coalesce_ms = {coalesce_ms}", "",
-             "[store]", f"url = {json.dumps(store)}", "retention_days = 0", ""]
+def _write_config(
+    path: Path, stations: list[FakeStation], spools: list[Path], store: str, port: int, coalesce_ms: int
+) -> None:
+    lines = [
+        "[server]",
+        'host = "127.0.0.1"',
+        f"port = {port}",
+        "kiosk = true",
+        f"coalesce_ms = {coalesce_ms}",
+        "",
+        "[store]",
+        f"url = {json.dumps(store)}",
+        "retention_days = 0",
+        "",
+    ]
     for st, spool in zip(stations, spools):
-        lines += ["[[stations]]", f'name = "{st.name}"', f'endpoint = "{st.endpoint}"',
-                  f"snapshot_dir = {json.dumps(str(spool))}", ""]
+        lines += [
+            "[[stations]]",
+            f'name = "{st.name}"',
+            f'endpoint = "{st.endpoint}"',
+            f"snapshot_dir = {json.dumps(str(spool))}",
+            "",
+        ]
     path.write_text("\n".join(lines))
 
 
 def _start_console(cfg: Path, port: int, stations: list[FakeStation]) -> tuple[subprocess.Popen, str]:
     """The console as its own process (its CPU and RSS are what we measure), subscribed to every station."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "defectscope", "console", "--config", str(cfg), "--log-level",
-                             "warning"], cwd=ROOT, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "defectscope", "console", "--config", str(cfg), "--log-level", "warning"],
+        cwd=ROOT,
+        env=env,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -174,8 +208,10 @@ def run(args: argparse.Namespace) -> dict:
             page.goto(base + "/")
             page.wait_for_selector("#conn.up", timeout=15_000)
         jpeg = _snapshot_jpeg()
-        gens = [Generator(st, args.cameras, args.rate, sp, jpeg, args.defect_share, args.uncertain_share, stop)
-                for st, sp in zip(stations, spools)]
+        gens = [
+            Generator(st, args.cameras, args.rate, sp, jpeg, args.defect_share, args.uncertain_share, stop)
+            for st, sp in zip(stations, spools)
+        ]
         for g in gens:
             g.start()
         time.sleep(args.warmup)
@@ -217,16 +253,24 @@ def run(args: argparse.Namespace) -> dict:
     s.close()
     shutil.rmtree(tmp, ignore_errors=True)
     return {
-        "stations": args.stations, "cameras_per_station": args.cameras, "rate_per_camera": args.rate,
-        "offered_per_s": args.stations * args.cameras * args.rate, "duration_s": round(elapsed, 2),
-        "published": published, "recorded": health["recorded"], "in_store": in_store,
-        "rejected": health["received"]["rejected"], "all_recorded": in_store == published,
+        "stations": args.stations,
+        "cameras_per_station": args.cameras,
+        "rate_per_camera": args.rate,
+        "offered_per_s": args.stations * args.cameras * args.rate,
+        "duration_s": round(elapsed, 2),
+        "published": published,
+        "recorded": health["recorded"],
+        "in_store": in_store,
+        "rejected": health["received"]["rejected"],
+        "all_recorded": in_store == published,
         "cpu_pct_one_core": round(100.0 * (cpu1 - cpu0) / elapsed, 1),
         "rss_mib_max": round(max(rss) / 2**20, 1) if rss else None,
         "tile_age_s_p50": round(statistics.median(ages), 3) if ages else None,
         "tile_age_s_max": round(max(ages), 3) if ages else None,
-        "tile_age_ok": (max(ages) <= 1.0) if ages else None, "browser_samples": len(ages),
-        "store": store.split(":", 1)[0], "coalesce_ms": args.coalesce_ms,
+        "tile_age_ok": (max(ages) <= 1.0) if ages else None,
+        "browser_samples": len(ages),
+        "store": store.split(":", 1)[0],
+        "coalesce_ms": args.coalesce_ms,
     }
 
 
@@ -245,12 +289,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="bench-console.json")
     args = p.parse_args(argv)
     r = run(args)
-    rows = [("offered", f"{r['offered_per_s']:.0f} verdicts/s ({r['stations']}x{r['cameras_per_station']}x{r['rate_per_camera']:g})"),
-            ("published / in store", f"{r['published']} / {r['in_store']} ({'OK' if r['all_recorded'] else 'MISSING'})"),
-            ("console CPU", f"{r['cpu_pct_one_core']} % of one core (target <= 25 %)"),
-            ("console RSS", f"{r['rss_mib_max']} MiB"),
-            ("tile age p50 / max", f"{r['tile_age_s_p50']} / {r['tile_age_s_max']} s (target <= 1 s)"),
-            ("rejected messages", str(r["rejected"]))]
+    rows = [
+        (
+            "offered",
+            f"{r['offered_per_s']:.0f} verdicts/s ({r['stations']}x{r['cameras_per_station']}x{r['rate_per_camera']:g})",
+        ),
+        ("published / in store", f"{r['published']} / {r['in_store']} ({'OK' if r['all_recorded'] else 'MISSING'})"),
+        ("console CPU", f"{r['cpu_pct_one_core']} % of one core (target <= 25 %)"),
+        ("console RSS", f"{r['rss_mib_max']} MiB"),
+        ("tile age p50 / max", f"{r['tile_age_s_p50']} / {r['tile_age_s_max']} s (target <= 1 s)"),
+        ("rejected messages", str(r["rejected"])),
+    ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
     Path(args.json).write_text(json.dumps(r, indent=1) + "\n")

@@ -89,16 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
+    from calibration.detection_bundle import held_out_samples
     from runtime.fsio import atomic_write_json
     from training.detection.checkpoint import load_detector
     from training.detection.evaluate import tta_views
-    from training.detection.export import _held_out
     from training.detection.loader import DetectionDataset
     from training.detection.predict import predict
 
     torch.set_num_threads(ns.threads)
     model, card = load_detector(ns.run)
-    samples = _held_out(card, ns.split, None)
+    samples = held_out_samples(card, ns.split, None)
     ds = DetectionDataset(samples, card.detector.image_size)
     classes = list(card.classes)
     gt = {

@@ -50,8 +50,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/bench-det")
     p.add_argument("--json", help="result JSON (default <out>/bench_detection.json)")
     p.add_argument("--reuse", action="store_true", help="reuse <out>/run and <out>/bundle (re-time, re-evaluate)")
-    p.add_argument("--max-false-alarm", type=float, default=0.02,
-                   help="part-level operating point: threshold chosen on val for at most this false-alarm rate")
+    p.add_argument(
+        "--max-false-alarm",
+        type=float,
+        default=0.02,
+        help="part-level operating point: threshold chosen on val for at most this false-alarm rate",
+    )
     p.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES)
     p.add_argument(
         "--smoke",
@@ -96,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         ns.data_dir = str(Path(ns.out) / "data")
     import torch
 
-    from calibration.export_detection import _session
+    from calibration.detection_bundle import export_run
+    from runtime.ort_session import ort_session
     from training.detection.checkpoint import load_detector
     from training.detection.config import DetTrainConfig
     from training.detection.datasets import DetectionSpec
     from training.detection.evaluate import evaluate_run
-    from training.detection.export import export_run
     from training.detection.loader import DetectionDataset
     from training.detection.trainer import train_detector
 
@@ -143,12 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     xs = [ds[i][0] for i in range(min(ns.latency_images, len(ds)))]
     with torch.no_grad():
         torch_ms = _latency(lambda x: model([x]), xs)
-    sess = _session(bundle / "model.onnx", ns.threads)
+    sess = ort_session(bundle / "model.onnx", ns.threads)
     name = sess.get_inputs()[0].name
     ort_ms = _latency(lambda x: sess.run(None, {name: x.numpy()[None]}), xs)
     int8_ms, int8 = None, manifest["metrics"].get("int8")
     if "int8" in manifest["artifacts"]:
-        s8 = _session(bundle / manifest["artifacts"]["int8"]["file"], ns.threads)
+        s8 = ort_session(bundle / manifest["artifacts"]["int8"]["file"], ns.threads)
         int8_ms = _latency(lambda x: s8.run(None, {name: x.numpy()[None]}), xs)
     plain, tta = ev["plain"], ev.get("tta")
     result = {
@@ -192,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def json_samples(card: Any) -> list[Any]:
     """The held-out samples of the run's data (labels in the card's class order)."""
-    from training.detection.export import _held_out
+    from calibration.detection_bundle import held_out_samples
 
-    return _held_out(card, "test", None)
+    return held_out_samples(card, "test", None)
 
 
 def _v(x: Any, fmt: str = ".4f") -> str:
@@ -203,6 +207,7 @@ def _v(x: Any, fmt: str = ".4f") -> str:
 
 def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets; a missing figure fails its check."""
+
     def ok(v: Any, pred: Any) -> bool:
         return v is not None and bool(pred(v))
 
@@ -242,8 +247,12 @@ def table(r: dict[str, Any]) -> str:
         o = opp.get(name) or {}
         if o.get("threshold") is not None:
             t = o["test"]
-            rows.append((f"{name}: val-chosen threshold, test recall / FA",
-                         f"{o['threshold']:.3f}: {_v(t['recall'], '.3f')} / {_v(t['false_alarm_rate'], '.3f')}"))
+            rows.append(
+                (
+                    f"{name}: val-chosen threshold, test recall / FA",
+                    f"{o['threshold']:.3f}: {_v(t['recall'], '.3f')} / {_v(t['false_alarm_rate'], '.3f')}",
+                )
+            )
     w = max(len(k) for k, _ in rows)
     head = f"{r['backbone']} @ {r['size']} px, {r['test_images']} test images"
     lines = [head, *(f"  {k:<{w}}  {v:>10}" for k, v in rows), "targets:"]

@@ -66,18 +66,16 @@ def have_openvino() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def open_engine(bundle: Any, engine: str, artifact: str, precision: str, threads: int,
-                hint: str = "latency", requests: int = 1) -> Engine:
+def open_engine(
+    bundle: Any, engine: str, artifact: str, precision: str, threads: int, hint: str = "latency", requests: int = 1
+) -> Engine:
     """A bare engine on ``bundle``'s artifact (a runtime.bundle.Bundle)."""
     path = str(bundle.artifact_path(artifact))
     output = bundle.manifest.output.names[0]
     if engine == "ort":
-        import onnxruntime as ort
+        from runtime.ort_session import ort_session
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        sess = ort_session(path, threads)
         name = sess.get_inputs()[0].name
         return Engine(f"ort:{artifact}", lambda x: sess.run([output], {name: x})[0], lambda: None)
     from runtime.backend_openvino import OpenVINOModel
@@ -97,8 +95,10 @@ def percentile(values: list[float], q: float) -> float:
 
 def throughput(engine: Engine, tensors: np.ndarray, batch: int, warmup: int = 3) -> dict[str, Any]:
     """frames/s over ``tensors`` (N,V,C,H,W) in calls of ``batch`` frames; p50/p99 per call; batch-1 p50."""
-    batches = [np.ascontiguousarray(tensors[i : i + batch].reshape(-1, *tensors.shape[2:]))
-               for i in range(0, len(tensors), batch)]
+    batches = [
+        np.ascontiguousarray(tensors[i : i + batch].reshape(-1, *tensors.shape[2:]))
+        for i in range(0, len(tensors), batch)
+    ]
     for b in batches[:warmup]:
         engine.run(b)
     times = []
@@ -112,13 +112,24 @@ def throughput(engine: Engine, tensors: np.ndarray, batch: int, warmup: int = 3)
         t = time.perf_counter()
         engine.run(one)
         single.append(time.perf_counter() - t)
-    return {"engine": engine.label, "frames": len(tensors), "fps": len(tensors) / sum(times),
-            "p50_ms": percentile(times, 50) * 1000, "p99_ms": percentile(times, 99) * 1000,
-            "batch1_p50_ms": percentile(single, 50) * 1000}
+    return {
+        "engine": engine.label,
+        "frames": len(tensors),
+        "fps": len(tensors) / sum(times),
+        "p50_ms": percentile(times, 50) * 1000,
+        "p99_ms": percentile(times, 99) * 1000,
+        "batch1_p50_ms": percentile(single, 50) * 1000,
+    }
 
 
-def bare_engines(bundle: Any, specs: list[tuple[str, str, str]], tensors: np.ndarray, batch: int,
-                 threads: int, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def bare_engines(
+    bundle: Any,
+    specs: list[tuple[str, str, str]],
+    tensors: np.ndarray,
+    batch: int,
+    threads: int,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
     """Throughput of every available engine spec (missing artifacts / openvino are skipped, said so)."""
     results, seen = [], set()
     for engine, artifact, precision in specs:
@@ -138,6 +149,8 @@ def bare_engines(bundle: Any, specs: list[tuple[str, str, str]], tensors: np.nda
             e.close()
         r["threads"] = threads
         results.append(r)
-        log(f"bare {r['engine']:16} {threads} thread(s): {r['fps']:8.1f} frames/s  (batch {batch}: p50 "
-            f"{r['p50_ms']:.2f} ms; one frame: p50 {r['batch1_p50_ms']:.2f} ms)")
+        log(
+            f"bare {r['engine']:16} {threads} thread(s): {r['fps']:8.1f} frames/s  (batch {batch}: p50 "
+            f"{r['p50_ms']:.2f} ms; one frame: p50 {r['batch1_p50_ms']:.2f} ms)"
+        )
     return results

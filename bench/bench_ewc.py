@@ -37,8 +37,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import platform
@@ -47,22 +45,26 @@ import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runtime.fsio import atomic_write, atomic_write_bytes, atomic_write_text  # noqa: E402
+from ewc_lines import inverted_copy, reference_split, write_line  # noqa: E402  (bench/)
+from ewc_report import TARGETS, markdown, plot, row_text, targets  # noqa: E402, F401  (bench/, the script's folder)
 
 SCENARIOS = ("mono-poly", "poly-mono", "classinc", "hard")
 METHODS = ("naive", "ewc", "replay", "ewc+replay")
-TARGETS = {"ewc_forgetting_ratio": 1 / 3, "ewc_new_gap": 0.02, "ewc_replay_vs_joint": 0.01}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenarios", default="auto",
-                   help="comma-separated from mono-poly, poly-mono, classinc, hard; 'all'; or 'auto' "
-                        "(the first three, plus hard when naive forgetting is small)")
+    p.add_argument(
+        "--scenarios",
+        default="auto",
+        help="comma-separated from mono-poly, poly-mono, classinc, hard; 'all'; or 'auto' "
+        "(the first three, plus hard when naive forgetting is small)",
+    )
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--image-size", type=int, default=224, help="input size (cells are 300 px; 160 is ~2x faster)")
     p.add_argument("--base-epochs", type=int, default=6, help="fine-tuning epochs of base and joint models")
@@ -71,26 +73,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4, help="extension head LR (lower groups x 0.75 per group)")
     p.add_argument("--lambda", dest="lam", default="auto", help="EWC lambda or 'auto'")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"extension methods to run, comma-separated from {','.join(METHODS)} (all)")
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"extension methods to run, comma-separated from {','.join(METHODS)} (all)",
+    )
     p.add_argument("--lambda-grid", default="10,100,1000,10000")
     p.add_argument("--replay", default="5%", help="replay buffer size: share of the old train split or a count")
-    p.add_argument("--replay-share", type=float, default=0.2,
-                   help="the buffer's share of each extension epoch (repeated); 0: seen once (0.2)")
+    p.add_argument(
+        "--replay-share",
+        type=float,
+        default=0.2,
+        help="the buffer's share of each extension epoch (repeated); 0: seen once (0.2)",
+    )
     p.add_argument("--fisher-samples", type=int, default=512)
     p.add_argument("--bn", default="frozen", choices=("frozen", "update"), help="BN statistics while extending")
-    p.add_argument("--bn-ablation", default="mono-poly",
-                   help="scenarios where naive and EWC also run with the other BN mode (BN statistics "
-                        "updating): BN's share of forgetting; comma-separated, 'none' or 'all' (mono-poly)")
-    p.add_argument("--little", type=float, default=0.03,
-                   help="naive forgetting below this in every order run counts as 'little' -> hard scenario")
+    p.add_argument(
+        "--bn-ablation",
+        default="mono-poly",
+        help="scenarios where naive and EWC also run with the other BN mode (BN statistics "
+        "updating): BN's share of forgetting; comma-separated, 'none' or 'all' (mono-poly)",
+    )
+    p.add_argument(
+        "--little",
+        type=float,
+        default=0.03,
+        help="naive forgetting below this in every order run counts as 'little' -> hard scenario",
+    )
     p.add_argument("--limit", type=int, help="at most N images per split and line (smoke runs)")
     p.add_argument("--max-steps-per-epoch", type=int)
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0, help="training seed (model init order, batches, Fisher draws)")
-    p.add_argument("--split-seed", type=int, default=0,
-                   help="seed of the reference split (0: the published protocol); --seed varies only training")
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        help="seed of the reference split (0: the published protocol); --seed varies only training",
+    )
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "ewc"))
     p.add_argument("--reuse", action="store_true", help="reuse base/joint runs already in --out")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
@@ -100,65 +120,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- data
 
 
-def reference_split(labels: str, seed: int):
-    """ELPV reference split (both cell types, listing only: images are checked per line later)."""
-    from training.data import DataSpec, resolve_splits
-
-    return resolve_splits(DataSpec(source="elpv", labels=labels, seed=seed, verify=False))
-
-
-def _limit(samples, n, seed):
-    if n is None or len(samples) <= n:
-        return samples
-    from training.replay import select_exemplars
-
-    return [samples[i] for i in select_exemplars([s.label for s in samples], n, seed=seed)]
-
-
-def write_line(path: Path, splits, keep, limit: int | None, seed: int, image_map=None) -> Path:
-    """CSV manifest (path,label,group,split) of the samples ``keep(sample)`` accepts."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for split in ("train", "val", "test"):
-        chosen = _limit([s for s in splits.split(split) if keep(s)], limit, seed)
-        for s in chosen:
-            p = image_map(s.path) if image_map else s.path
-            rows.append((p, splits.classes[s.label], s.group or "", split))
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "label", "group", "split"])
-    w.writerows(rows)
-    return atomic_write_text(path, buf.getvalue())
-
-
-def inverted_copy(cache: Path):
-    """``path -> path of its 255 - x copy`` (written once under ``cache``)."""
-    import cv2
-
-    cache.mkdir(parents=True, exist_ok=True)
-
-    def f(src: str) -> str:
-        dst = cache / Path(src).name
-        if not dst.is_file():
-            img = cv2.imread(src, cv2.IMREAD_UNCHANGED)
-            if img is None:
-                raise FileNotFoundError(src)
-            ok, png = cv2.imencode(".png", (255 - img) if img.dtype.name == "uint8" else (65535 - img))
-            if not ok:
-                raise OSError(f"{src}: cannot encode the inverted copy")
-            atomic_write_bytes(dst, png.tobytes())
-        return str(dst)
-    return f
-
-
-# ----------------------------------------------------------------------------- bench
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
 
-        from training.trainer import pick_device, setup_runtime
+        from training.engine import pick_device, setup_runtime
 
         self.a = args
         self.out = Path(args.out)
@@ -187,16 +153,25 @@ class Bench:
             return self.runs[name]
         run = self.out / "runs" / name
         spec = get_spec(self.a.backbone)
-        cfg = TrainConfig(out=str(run), data=self.spec(manifest), backbone=self.a.backbone,
-                          weights="imagenet" if spec.has_pretrained else "none", image_size=self.a.image_size,
-                          epochs=self.a.base_epochs, head_epochs=self.a.head_epochs, batch_size=self.a.batch_size,
-                          threads=self.a.threads, device=self.a.device, seed=self.a.seed,
-                          max_steps_per_epoch=self.a.max_steps_per_epoch)
+        cfg = TrainConfig(
+            out=str(run),
+            data=self.spec(manifest),
+            backbone=self.a.backbone,
+            weights="imagenet" if spec.has_pretrained else "none",
+            image_size=self.a.image_size,
+            epochs=self.a.base_epochs,
+            head_epochs=self.a.head_epochs,
+            batch_size=self.a.batch_size,
+            threads=self.a.threads,
+            device=self.a.device,
+            seed=self.a.seed,
+            max_steps_per_epoch=self.a.max_steps_per_epoch,
+        )
         info: dict = {"run": str(run)}
         reuse = self.a.reuse and (run / "best.safetensors").is_file() and (run / "report.json").is_file()
         if reuse:
             saved = json.loads((run / "config.json").read_text())
-            reuse = saved.get("config_hash") == cfg.resolved().hash()   # what the trainer records
+            reuse = saved.get("config_hash") == cfg.resolved().hash()  # what the trainer records
         if reuse:
             info["train_s"] = json.loads((run / "report.json").read_text()).get("wall_s")
             self.log(f"[{name}] reusing {run}")
@@ -209,8 +184,9 @@ class Bench:
             fp = run / "fisher.safetensors"
             if not (reuse and fp.is_file()):
                 t = time.perf_counter()
-                finalize_run(run, n_samples=self.a.fisher_samples, seed=self.a.seed, device=self.a.device,
-                             echo=self.log)
+                finalize_run(
+                    run, n_samples=self.a.fisher_samples, seed=self.a.seed, device=self.a.device, echo=self.log
+                )
                 info["fisher_s"] = time.perf_counter() - t
         self.runs[name] = info
         return info
@@ -224,8 +200,9 @@ class Bench:
         key = (str(manifest), tuple(classes), json.dumps(input_spec.to_dict(), sort_keys=True))
         if key not in self.tasks:
             splits = resolve_splits(self.spec(manifest))
-            self.tasks[key] = TaskSet.from_splits(name, splits, list(classes), input_spec, AugmentConfig(),
-                                                  spec=self.spec(manifest))
+            self.tasks[key] = TaskSet.from_splits(
+                name, splits, list(classes), input_spec, AugmentConfig(), spec=self.spec(manifest)
+            )
         return self.tasks[key]
 
     def evaluate(self, run: str, tasks: dict[str, Path]) -> dict[str, float]:
@@ -240,8 +217,9 @@ class Bench:
             out[role] = m["accuracy"]
         return out
 
-    def extend(self, base: dict, old: Path, new: Path, *, method: str, lam, replay: str | None, bn: str,
-               names: tuple[str, str]) -> dict:
+    def extend(
+        self, base: dict, old: Path, new: Path, *, method: str, lam, replay: str | None, bn: str, names: tuple[str, str]
+    ) -> dict:
         from training import ewc
         from training.checkpoint import load_model
         from training.data import resolve_splits
@@ -255,27 +233,57 @@ class Bench:
         classes = list(card.classes) + [c for c in new_classes if c not in card.classes]
         t_new = self.task(names[1], new, classes, card.input)
         t_old = self.task(names[0], old, classes, card.input)
-        cfg = ExtendConfig.from_dict({
-            "source": base["run"], "out": "", "data": self.spec(new), "old_data": (self.spec(old),),
-            "method": "naive" if method in ("naive", "replay") else "ewc",
-            "lam": lam if method.startswith("ewc") else 100.0,
-            "lambda_grid": tuple(float(x) for x in self.a.lambda_grid.split(",")),
-            "replay": replay if "replay" in method else None, "replay_share": self.a.replay_share,
-            "bn": bn, "epochs": self.a.epochs, "batch_size": self.a.batch_size, "lr": self.a.lr,
-            "fisher_samples": self.a.fisher_samples, "seed": self.a.seed, "device": self.a.device,
-            "threads": self.a.threads, "max_steps_per_epoch": self.a.max_steps_per_epoch, "write_fisher": False})
+        cfg = ExtendConfig.from_dict(
+            {
+                "source": base["run"],
+                "out": "",
+                "data": self.spec(new),
+                "old_data": (self.spec(old),),
+                "method": "naive" if method in ("naive", "replay") else "ewc",
+                "lam": lam if method.startswith("ewc") else 100.0,
+                "lambda_grid": tuple(float(x) for x in self.a.lambda_grid.split(",")),
+                "replay": replay if "replay" in method else None,
+                "replay_share": self.a.replay_share,
+                "bn": bn,
+                "epochs": self.a.epochs,
+                "batch_size": self.a.batch_size,
+                "lr": self.a.lr,
+                "fisher_samples": self.a.fisher_samples,
+                "seed": self.a.seed,
+                "device": self.a.device,
+                "threads": self.a.threads,
+                "max_steps_per_epoch": self.a.max_steps_per_epoch,
+                "write_fisher": False,
+            }
+        )
         t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*vmap.*")
-            o = extend_model(model, card.classes, t_new, [t_old], state, cfg, backbone=card.backbone,
-                             device=self.device, echo=self.log)
+            o = extend_model(
+                model,
+                card.classes,
+                t_new,
+                [t_old],
+                state,
+                cfg,
+                backbone=card.backbone,
+                device=self.device,
+                echo=self.log,
+            )
         r = o.report
-        row = {"method": method + ("" if bn == self.a.bn else f" (BN {bn})"),
-               "old_before": r["old_accuracy_before"], "old_after": r["old_accuracy_after"],
-               "forgetting": r["forgetting"], "new_before": r["new_accuracy_before"],
-               "new_after": r["new_accuracy_after"], "penalty_share": r["penalty_share"],
-               "lambda": r["lambda"] if cfg.method == "ewc" else None, "lambda_search": r["lambda_search"],
-               "wall_s": time.perf_counter() - t, "train_s": r["timing_s"]["train"]}
+        row = {
+            "method": method + ("" if bn == self.a.bn else f" (BN {bn})"),
+            "old_before": r["old_accuracy_before"],
+            "old_after": r["old_accuracy_after"],
+            "forgetting": r["forgetting"],
+            "new_before": r["new_accuracy_before"],
+            "new_after": r["new_accuracy_after"],
+            "penalty_share": r["penalty_share"],
+            "lambda": r["lambda"] if cfg.method == "ewc" else None,
+            "lambda_search": r["lambda_search"],
+            "wall_s": time.perf_counter() - t,
+            "train_s": r["timing_s"]["train"],
+        }
         if r.get("old_class_logits"):
             row["old_class_logits"] = next(iter(r["old_class_logits"].values()))
         if r.get("replay"):
@@ -291,114 +299,43 @@ class Bench:
             if method == "ewc" and lam == "auto":
                 lam = row["lambda"]  # EWC + replay reuses the lambda chosen on validation
             rows.append(row)
-            print(_row_text(row), flush=True)
+            print(row_text(row), flush=True)
         if self.a.bn_ablation == "all" or name in self.a.bn_ablation.split(","):
             other = "update" if self.a.bn == "frozen" else "frozen"
             for method in ("naive", "ewc"):
                 row = self.extend(base, old, new, method=method, lam=lam, replay=None, bn=other, names=names)
                 rows.append(row)
-                print(_row_text(row), flush=True)
+                print(row_text(row), flush=True)
         acc = self.evaluate(joint["run"], {"old": old, "new": new})
-        jrow = {"method": "joint (upper bound)", "old_after": acc["old"], "new_after": acc["new"],
-                "wall_s": joint["train_s"]}
+        jrow = {
+            "method": "joint (upper bound)",
+            "old_after": acc["old"],
+            "new_after": acc["new"],
+            "wall_s": joint["train_s"],
+        }
         rows.append(jrow)
-        print(_row_text(jrow), flush=True)
-        return {"name": name, "old_task": names[0], "new_task": names[1], "rows": rows,
-                "base": {"run": base["run"], "train_s": base["train_s"], "fisher_s": base.get("fisher_s")},
-                "targets": targets(rows) if name != "classinc" else None}
-
-
-def _fmt(v, spec=".4f"):
-    return "   n/a" if v is None else format(v, spec)
-
-
-def _row_text(r: dict) -> str:
-    return (f"  {r['method']:<24} old {_fmt(r.get('old_before'))} -> {_fmt(r.get('old_after'))}  "
-            f"forgetting {_fmt(r.get('forgetting'), '+.4f')}  new {_fmt(r.get('new_before'))} -> "
-            f"{_fmt(r.get('new_after'))}  penalty share {_fmt(r.get('penalty_share'), '.3f')}  "
-            f"lambda {r.get('lambda') if r.get('lambda') is not None else '-'}  {r.get('wall_s', 0):.0f}s")
-
-
-def targets(rows: list[dict]) -> dict:
-    by = {r["method"]: r for r in rows}
-    naive, e, er, joint = by.get("naive"), by.get("ewc"), by.get("ewc+replay"), by.get("joint (upper bound)")
-    out = {}
-    if naive and e:
-        nf, ef = naive["forgetting"], e["forgetting"]
-        if nf is not None and nf > 0.005:
-            out["ewc_forgetting_le_third_of_naive"] = {"naive": nf, "ewc": ef, "ratio": ef / nf,
-                                                       "pass": ef <= nf * TARGETS["ewc_forgetting_ratio"]}
-        else:
-            out["ewc_forgetting_le_third_of_naive"] = {"naive": nf, "ewc": ef, "ratio": None, "pass": None,
-                                                       "note": "naive fine-tuning does not forget here"}
-        gap = naive["new_after"] - e["new_after"]
-        out["ewc_new_within_2_points_of_naive"] = {"naive": naive["new_after"], "ewc": e["new_after"], "gap": gap,
-                                                   "pass": gap <= TARGETS["ewc_new_gap"]}
-    if er and joint:
-        m_er = (er["old_after"] + er["new_after"]) / 2
-        m_j = (joint["old_after"] + joint["new_after"]) / 2
-        out["ewc_replay_within_1_point_of_joint"] = {"ewc+replay": m_er, "joint": m_j, "gap": m_j - m_er,
-                                                     "pass": m_j - m_er <= TARGETS["ewc_replay_vs_joint"]}
-    return out
-
-
-def markdown(results: dict) -> str:
-    a = results["settings"]
-    lines = [f"EWC benchmark ({a['backbone']}, {a['image_size']} px, base {a['base_epochs']} epochs, extension "
-             f"{a['epochs']} epochs, lambda {a['lam']}, replay {a['replay']}, BN {a['bn']}; {results['machine']})", "",
-             "Accuracy on each line's test split; forgetting = old before - old after; wall s = the whole method "
-             "(for ewc with lambda auto: every grid run); base training and Fisher times are in results.json.", ""]
-    for sc in results["scenarios"]:
-        lines += [f"### {sc['name']}: {sc['old_task']} -> {sc['new_task']}", "",
-                  "| method | old before | old after | forgetting | new before | new after | penalty share | lambda | wall s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in sc["rows"]:
-            lines.append(f"| {r['method']} | {_fmt(r.get('old_before'), '.3f')} | {_fmt(r.get('old_after'), '.3f')} | "
-                         f"{_fmt(r.get('forgetting'), '+.3f')} | {_fmt(r.get('new_before'), '.3f')} | "
-                         f"{_fmt(r.get('new_after'), '.3f')} | {_fmt(r.get('penalty_share'), '.3f')} | "
-                         f"{r.get('lambda') if r.get('lambda') is not None else '-'} | {r.get('wall_s', 0):.0f} |")
-        for k, v in (sc.get("targets") or {}).items():
-            verdict = {True: "PASS", False: "FAIL", None: "n/a"}[v["pass"]]
-            detail = ", ".join(f"{kk} {vv:.4f}" for kk, vv in v.items() if isinstance(vv, float))
-            lines.append(f"- {k}: **{verdict}** ({detail}){' - ' + v['note'] if v.get('note') else ''}")
-        lines.append("")
-    for note in results.get("notes", []):
-        lines.append(f"> {note}")
-    return "\n".join(lines) + "\n"
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scs = results["scenarios"]
-    fig, axes = plt.subplots(1, len(scs), figsize=(5.2 * len(scs), 4), squeeze=False)
-    for ax, sc in zip(axes[0], scs):
-        rows = sc["rows"]
-        xs = range(len(rows))
-        ax.bar([x - 0.2 for x in xs], [r["old_after"] for r in rows], 0.4, label=f"old ({sc['old_task']})")
-        ax.bar([x + 0.2 for x in xs], [r["new_after"] for r in rows], 0.4, label=f"new ({sc['new_task']})")
-        base = rows[0].get("old_before")
-        if base is not None:
-            ax.axhline(base, color="k", ls=":", lw=1, label="old before")
-        ax.set_xticks(list(xs), [r["method"].replace(" (upper bound)", "") for r in rows], rotation=30, ha="right")
-        ax.set_ylim(0, 1.05)
-        ax.set_title(sc["name"])
-        ax.legend(fontsize=7, loc="lower left")
-    axes[0][0].set_ylabel("test accuracy after extension")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+        print(row_text(jrow), flush=True)
+        return {
+            "name": name,
+            "old_task": names[0],
+            "new_task": names[1],
+            "rows": rows,
+            "base": {"run": base["run"], "train_s": base["train_s"], "fisher_s": base.get("fisher_s")},
+            "targets": targets(rows) if name != "classinc" else None,
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     import torch
 
-    wanted = SCENARIOS[:3] if a.scenarios == "auto" else SCENARIOS if a.scenarios == "all" else \
-        tuple(s.strip() for s in a.scenarios.split(","))
+    wanted = (
+        SCENARIOS[:3]
+        if a.scenarios == "auto"
+        else SCENARIOS
+        if a.scenarios == "all"
+        else tuple(s.strip() for s in a.scenarios.split(","))
+    )
     bad = [s for s in wanted if s not in SCENARIOS]
     if bad:
         print(f"error: unknown scenario(s) {bad}; choose from {SCENARIOS}", file=sys.stderr)
@@ -407,9 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     out = b.out
     data = out / "data"
     t0 = time.perf_counter()
-    results = {"settings": vars(a), "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch "
-               f"{torch.__version__}, {torch.get_num_threads()} threads, device {b.device}",
-               "scenarios": [], "notes": []}
+    results: dict[str, Any] = {
+        "settings": vars(a),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, device {b.device}",
+        "scenarios": [],
+        "notes": [],
+    }
 
     def save():
         from runtime.fsio import atomic_write_json
@@ -424,8 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         ref = reference_split("binary", a.split_seed)
         mono = write_line(data / "mono.csv", ref, lambda s: s.group == "mono", a.limit, a.split_seed)
         poly = write_line(data / "poly.csv", ref, lambda s: s.group == "poly", a.limit, a.split_seed)
-        both = write_line(data / "mono+poly.csv", ref, lambda s: True,
-                          None if a.limit is None else 2 * a.limit, a.split_seed)
+        both = write_line(
+            data / "mono+poly.csv", ref, lambda s: True, None if a.limit is None else 2 * a.limit, a.split_seed
+        )
         base_mono = b.train_run("base-mono", mono, fisher=True)
         joint = b.train_run("joint-mono+poly", both, fisher=False)
         naive_f = []
@@ -443,21 +385,32 @@ def main(argv: list[str] | None = None) -> int:
         little = bool(naive_f) and all(f is not None and f < a.little for f in naive_f)
         run_hard = "hard" in wanted or (a.scenarios == "auto" and little)
         if little:
-            note = (f"ELPV shows little forgetting under naive fine-tuning: naive forgetting "
-                    f"{', '.join(f'{f:+.4f}' for f in naive_f)} (threshold {a.little}); "
-                    + ("see the 'hard' scenario (poly images inverted) for a shift where forgetting is real."
-                       if run_hard else "run with --scenarios auto or hard for the harder scenario."))
+            note = (
+                f"ELPV shows little forgetting under naive fine-tuning: naive forgetting "
+                f"{', '.join(f'{f:+.4f}' for f in naive_f)} (threshold {a.little}); "
+                + (
+                    "see the 'hard' scenario (poly images inverted) for a shift where forgetting is real."
+                    if run_hard
+                    else "run with --scenarios auto or hard for the harder scenario."
+                )
+            )
             print("\nnote: " + note, flush=True)
             results["notes"].append(note)
         if run_hard:
             inv = inverted_copy(out / "cache" / "elpv-inverted")
-            poly_inv = write_line(data / "poly-inverted.csv", ref, lambda s: s.group == "poly", a.limit,
-                                  a.split_seed, image_map=inv)
-            mono_inv = write_line(data / "mono+poly-inverted.csv", ref, lambda s: True,
-                                  None if a.limit is None else 2 * a.limit, a.split_seed,
-                                  image_map=lambda p, _inv=inv, _poly={s.path for s in ref.train + ref.val + ref.test
-                                                                       if s.group == "poly"}:
-                                  _inv(p) if p in _poly else p)
+            poly_inv = write_line(
+                data / "poly-inverted.csv", ref, lambda s: s.group == "poly", a.limit, a.split_seed, image_map=inv
+            )
+            mono_inv = write_line(
+                data / "mono+poly-inverted.csv",
+                ref,
+                lambda s: True,
+                None if a.limit is None else 2 * a.limit,
+                a.split_seed,
+                image_map=lambda p, _inv=inv, _poly={s.path for s in ref.train + ref.val + ref.test if s.group == "poly"}: (
+                    _inv(p) if p in _poly else p
+                ),
+            )
             joint_h = b.train_run("joint-mono+poly-inverted", mono_inv, fisher=False)
             sc = b.scenario("hard", base_mono, mono, poly_inv, joint_h, ("mono", "poly-inverted"))
             results["scenarios"].append(sc)
@@ -465,12 +418,15 @@ def main(argv: list[str] | None = None) -> int:
     if "classinc" in wanted:
         ref4 = reference_split("4class", a.split_seed)
         old_cls, new_cls = {"ok", "defect_33"}, {"defect_67", "defect_100"}
-        a4 = write_line(data / "4class-old.csv", ref4, lambda s: ref4.classes[s.label] in old_cls, a.limit,
-                        a.split_seed)
-        b4 = write_line(data / "4class-new.csv", ref4, lambda s: ref4.classes[s.label] in new_cls, a.limit,
-                        a.split_seed)
-        all4 = write_line(data / "4class-all.csv", ref4, lambda s: True, None if a.limit is None else 2 * a.limit,
-                          a.split_seed)
+        a4 = write_line(
+            data / "4class-old.csv", ref4, lambda s: ref4.classes[s.label] in old_cls, a.limit, a.split_seed
+        )
+        b4 = write_line(
+            data / "4class-new.csv", ref4, lambda s: ref4.classes[s.label] in new_cls, a.limit, a.split_seed
+        )
+        all4 = write_line(
+            data / "4class-all.csv", ref4, lambda s: True, None if a.limit is None else 2 * a.limit, a.split_seed
+        )
         base4 = b.train_run("base-4class-old", a4, fisher=True)
         joint4 = b.train_run("joint-4class", all4, fisher=False)
         sc = b.scenario("classinc", base4, a4, b4, joint4, ("{ok, defect_33}", "{defect_67, defect_100}"))

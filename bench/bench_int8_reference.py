@@ -46,8 +46,8 @@ def imagenet_lite0(size: int):
     model = build_model("efficientnet_lite0", 1000, weights="imagenet", input_spec=spec).eval()
     state = torch.load(str(lite0_weights_path()), weights_only=True)
     with torch.no_grad():
-        model.head[1].weight.copy_(state["_fc.weight"])
-        model.head[1].bias.copy_(state["_fc.bias"])
+        model.head[1].weight.copy_(state["_fc.weight"])  # type: ignore[operator]
+        model.head[1].bias.copy_(state["_fc.bias"])  # type: ignore[operator]
     return model, spec
 
 
@@ -60,11 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     from calibration.export import export_onnx
     from calibration.quantize import QuantConfig, compute_nodes, prepare_float_model, quantize_model
     from calibration.speed import SpeedSettings, search_float_prefix, throughput
+
     model, spec = imagenet_lite0(a.size)
     rng = np.random.default_rng(0)
-    x_cal = rng.uniform(-1, 1, (64, *spec.shape)).astype(np.float32)   # (N,3,H,W) float32
-    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, onnxruntime {ort.__version__}",
-                     "threads": a.threads, "size": a.size, "rows": []}
+    x_cal = rng.uniform(-1, 1, (64, *spec.shape)).astype(np.float32)  # (N,3,H,W) float32
+    results: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, onnxruntime {ort.__version__}",
+        "threads": a.threads,
+        "size": a.size,
+        "rows": [],
+    }
     with tempfile.TemporaryDirectory(prefix="defectscope-int8ref-") as tmp:
         t = Path(tmp)
         export_onnx(model, spec, t / "fp32.onnx", 1000)
@@ -73,11 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         quantize_model(t / "pre.onnx", t / "int8.onnx", cfg, ranges, x_cal)
         chosen = search_float_prefix(t / "pre.onnx", cfg, ranges, x_cal, SpeedSettings.parse("auto"), a.threads)
         quantize_model(t / "pre.onnx", t / "int8-prefix.onnx", cfg, ranges, nodes_to_exclude=chosen.float_nodes)
-        names = {"ORT FP32": "fp32.onnx", "ORT INT8 (all INT8)": "int8.onnx",
-                 f"ORT INT8 (float prefix {len(chosen.float_nodes)})": "int8-prefix.onnx"}
+        names = {
+            "ORT FP32": "fp32.onnx",
+            "ORT INT8 (all INT8)": "int8.onnx",
+            f"ORT INT8 (float prefix {len(chosen.float_nodes)})": "int8-prefix.onnx",
+        }
         sessions = {k: ort_session(t / f, a.threads) for k, f in names.items()}
         best: dict = {}
-        for _ in range(a.rounds):            # interleaved, so drift hits every model alike
+        for _ in range(a.rounds):  # interleaved, so drift hits every model alike
             for k, s in sessions.items():
                 for batch in (1, 8):
                     v = throughput(s, x_cal[:batch], a.repeats)
@@ -87,8 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ImageNet efficientnet_lite0, {a.size} px, {a.threads} thread(s), {results['machine']}")
     print(f"{'model':<30}{'batch 1 ms':>12}{'batch 8 img/s':>15}{'vs FP32 b8':>12}")
     for k in names:
-        row = {"model": k, "batch1_ms": 1000.0 / best[(k, 1)], "batch8_img_s": best[(k, 8)],
-               "ratio_b8": best[(k, 8)] / fp32_b8}
+        row = {
+            "model": k,
+            "batch1_ms": 1000.0 / best[(k, 1)],
+            "batch8_img_s": best[(k, 8)],
+            "ratio_b8": best[(k, 8)] / fp32_b8,
+        }
         results["rows"].append(row)
         print(f"{k:<30}{row['batch1_ms']:>12.2f}{row['batch8_img_s']:>15.1f}{row['ratio_b8']:>11.2f}x")
     from runtime.fsio import atomic_write_json

@@ -39,8 +39,13 @@ PAIRS = "onnxruntime-cpu:int8,openvino:int8:f32,openvino:int8:bf16,onnxruntime-c
 def heldout(args: argparse.Namespace, classes: list[str]) -> tuple[list[Path], list[int]]:
     if args.images:
         root = Path(args.images)
-        items = [(p, classes.index(c.name)) for c in sorted(root.iterdir()) if c.is_dir() and c.name in classes
-                 for p in sorted(c.iterdir()) if p.is_file()]
+        items = [
+            (p, classes.index(c.name))
+            for c in sorted(root.iterdir())
+            if c.is_dir() and c.name in classes
+            for p in sorted(c.iterdir())
+            if p.is_file()
+        ]
         rng = np.random.default_rng(0)
         items = [items[i] for i in rng.permutation(len(items))]
     else:
@@ -58,7 +63,7 @@ def heldout(args: argparse.Namespace, classes: list[str]) -> tuple[list[Path], l
 
 
 def evaluate(bundle: Any, pair: str, x: np.ndarray, y: list[int], threads: int, batch: int) -> dict[str, Any] | None:
-    from calibration.evaluate import classification_metrics
+    from calibration.evaluate import prediction_metrics
     from runtime.backends import BackendError, create_backend
     from runtime.config import ModelConfig, OpenVINOConfig
 
@@ -66,8 +71,13 @@ def evaluate(bundle: Any, pair: str, x: np.ndarray, y: list[int], threads: int, 
     if artifact not in bundle.manifest.artifacts:
         print(f"note: no artifact {artifact!r}; {pair} skipped")
         return None
-    cfg = ModelConfig(bundle=bundle.path, artifact=artifact, backend=backend_name, threads=threads,
-                      openvino=OpenVINOConfig(precision=prec[0] if prec else "f32"))
+    cfg = ModelConfig(
+        bundle=bundle.path,
+        artifact=artifact,
+        backend=backend_name,
+        threads=threads,
+        openvino=OpenVINOConfig(precision=prec[0] if prec else "f32"),
+    )
     try:
         backend = create_backend(bundle, cfg)
     except BackendError as exc:
@@ -77,9 +87,14 @@ def evaluate(bundle: Any, pair: str, x: np.ndarray, y: list[int], threads: int, 
         logits = np.concatenate([backend.run(x[i : i + batch])[0] for i in range(0, len(x), batch)])
     finally:
         backend.close()
-    m = classification_metrics(y, logits.argmax(1), list(bundle.manifest.classes), "test")
-    return {"pair": pair, "backend": backend.name, "artifact": artifact,
-            "inference_precision": backend.inference_precision, **m.to_dict()}
+    m = prediction_metrics(y, logits.argmax(1), list(bundle.manifest.classes), "test")
+    return {
+        "pair": pair,
+        "backend": backend.name,
+        "artifact": artifact,
+        "inference_precision": backend.inference_precision,
+        **m.to_dict(),
+    }
 
 
 def resize_ms(images: list[np.ndarray], spec: Any, repeats: int = 3) -> float:
@@ -98,8 +113,9 @@ def resize_ms(images: list[np.ndarray], spec: Any, repeats: int = 3) -> float:
     return best
 
 
-def interpolation_rows(args: argparse.Namespace, bundle: Any, paths: list[Path], y: list[int],
-                       rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def interpolation_rows(
+    args: argparse.Namespace, bundle: Any, paths: list[Path], y: list[int], rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     from dataclasses import replace
 
     from runtime.preprocess import Preprocessor, read_image
@@ -109,13 +125,22 @@ def interpolation_rows(args: argparse.Namespace, bundle: Any, paths: list[Path],
     if not names:
         return []
     images = [read_image(p) for p in paths[:200]]
-    out = [{"interpolation": spec.interpolation, "bundle": True, "resize_ms": resize_ms(images, spec),
-            "rows": [r for r in rows if r["pair"] in args.interp_pairs.split(",")]}]
+    out = [
+        {
+            "interpolation": spec.interpolation,
+            "bundle": True,
+            "resize_ms": resize_ms(images, spec),
+            "rows": [r for r in rows if r["pair"] in args.interp_pairs.split(",")],
+        }
+    ]
     for name in names:
         variant = replace(spec, interpolation=name)
         x = Preprocessor(variant).load_batch(paths)
-        got = [r for r in (evaluate(bundle, pair, x, y, args.threads, args.batch)
-                           for pair in args.interp_pairs.split(",")) if r is not None]
+        got = [
+            r
+            for r in (evaluate(bundle, pair, x, y, args.threads, args.batch) for pair in args.interp_pairs.split(","))
+            if r is not None
+        ]
         out.append({"interpolation": name, "bundle": False, "resize_ms": resize_ms(images, variant), "rows": got})
     print(f"\nresize interpolation (the bundle's model; training resized with {spec.interpolation!r})")
     print(f"{'interpolation':14} {'resize ms/frame':>15} {'pair':24} {'accuracy':>9} {'diff pts':>9}")
@@ -129,16 +154,21 @@ def interpolation_rows(args: argparse.Namespace, bundle: Any, paths: list[Path],
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--bundle", required=True)
     p.add_argument("--images", help="ImageFolder DIR/<class>/* instead of the ELPV held-out split")
     p.add_argument("--limit", type=int, default=0, help="first N held-out images only (smoke runs)")
     p.add_argument("--pairs", default=PAIRS, help=f"backend:artifact[:precision] list (default {PAIRS})")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--interpolations", default="", help="also serve with these resize interpolations "
-                   "(comma list of runtime.preprocess.INTERPOLATIONS, e.g. linear) on --interp-pairs")
+    p.add_argument(
+        "--interpolations",
+        default="",
+        help="also serve with these resize interpolations "
+        "(comma list of runtime.preprocess.INTERPOLATIONS, e.g. linear) on --interp-pairs",
+    )
     p.add_argument("--interp-pairs", default="onnxruntime-cpu:int8")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "openvino_accuracy.json"))
     args = p.parse_args(argv)
@@ -149,12 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_bundle(args.bundle)
     paths, y = heldout(args, list(bundle.manifest.classes))
     x = Preprocessor(bundle.manifest.input).load_batch(paths)
-    rows = [r for r in (evaluate(bundle, pair, x, y, args.threads, args.batch) for pair in args.pairs.split(","))
-            if r is not None]
+    rows = [
+        r
+        for r in (evaluate(bundle, pair, x, y, args.threads, args.batch) for pair in args.pairs.split(","))
+        if r is not None
+    ]
     # Each OpenVINO row against ONNX Runtime on the same artifact (INT8: the issue's target).
     refs = {r["artifact"]: r for r in rows if r["backend"].startswith("onnxruntime")}
-    print(f"held-out images: {len(y)}; reference: ONNX Runtime on the same artifact; target |diff| <= "
-          f"{TARGET_POINTS} points")
+    print(
+        f"held-out images: {len(y)}; reference: ONNX Runtime on the same artifact; target |diff| <= "
+        f"{TARGET_POINTS} points"
+    )
     print(f"{'pair':24} {'runs as':8} {'accuracy':>9} {'macro_f1':>9} {'diff pts':>9}  check")
     for r in rows:
         ref = refs.get(r["artifact"])
@@ -163,13 +198,16 @@ def main(argv: list[str] | None = None) -> int:
         gated = ref is not None and r["backend"] == "openvino"
         r["pass"] = abs(diff) <= TARGET_POINTS + 1e-9 if gated else None
         check = ("PASS" if r["pass"] else "FAIL") if gated else "-"
-        print(f"{r['pair']:24} {r['inference_precision']:8} {r['accuracy']:9.4f} {r['macro_f1']:9.4f} "
-              f"{diff:+9.2f}  {check}")
+        print(
+            f"{r['pair']:24} {r['inference_precision']:8} {r['accuracy']:9.4f} {r['macro_f1']:9.4f} "
+            f"{diff:+9.2f}  {check}"
+        )
     interp_rows = interpolation_rows(args, bundle, paths, y, rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"n": len(y), "target_points": TARGET_POINTS, "rows": rows,
-                               "interpolations": interp_rows}, indent=2))
+    out.write_text(
+        json.dumps({"n": len(y), "target_points": TARGET_POINTS, "rows": rows, "interpolations": interp_rows}, indent=2)
+    )
     print(f"wrote {out}")
     return 0
 

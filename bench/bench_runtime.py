@@ -54,74 +54,73 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_engines import engine_label, percentile  # noqa: E402  (bench/ is the script directory)
+from runtime_args import TTA_BAND, TTA_MODE, TTA_VIEWS, heldout_images, parse_args, replay_dir  # noqa: E402, F401
 from subscriber import SubscriberProcess, cpu_model, free_port, rss_mb  # noqa: E402
 
 TARGET_RATIO = 0.85
 TARGET_LOW_LOAD_MS = 3.0  # low-load p50 may exceed the inference time by this much
 TARGET_TTA_COST = 2.5
 TARGET_RSS_MB = 20.0
-# TTA settings by name: (views, mode). "3a": adaptive, extra views only for frames whose first-view
-# score is within TTA_BAND of the threshold.
-TTA_VIEWS = {"1": ["original"], "3": ["original", "hflip", "vflip"], "3a": ["original", "hflip", "vflip"]}
-TTA_MODE = {"1": "always", "3": "always", "3a": "uncertain"}
-TTA_BAND = 0.2
-
-
-# ---- data --------------------------------------------------------------------------------------
-def heldout_images(args: argparse.Namespace) -> list[Path]:
-    if args.images:
-        from runtime.sources import list_images
-
-        paths = list_images(args.images)
-    else:
-        from training.data import resolve_splits  # numpy-only module: no torch import
-
-        splits = resolve_splits({"source": "elpv", "verify": False, "seed": 0, "test_fraction": 0.25})
-        paths = [Path(s.path) for s in splits.test]
-    if args.limit:
-        paths = paths[: args.limit]
-    if not paths:
-        raise SystemExit("no images to replay")
-    return paths
-
-
-def replay_dir(paths: list[Path], tmp: Path) -> Path:
-    """A directory of symlinks in replay order (a directory camera replays sorted names)."""
-    d = tmp / "replay"
-    d.mkdir(exist_ok=True)
-    for i, p in enumerate(paths):
-        link = d / f"{i:06d}{p.suffix.lower()}"
-        if not link.exists():
-            link.symlink_to(p.resolve())
-    return d
 
 
 # ---- daemon runs -------------------------------------------------------------------------------
-def station(args: argparse.Namespace, replay: Path, artifact: str, tta: str, cameras: int, port: int,
-            loop: bool, fps: float | None = None) -> Any:
+def station(
+    args: argparse.Namespace,
+    replay: Path,
+    artifact: str,
+    tta: str,
+    cameras: int,
+    port: int,
+    loop: bool,
+    fps: float | None = None,
+) -> Any:
     from runtime.config import from_dict
 
     data = {
         "station": "bench",
-        "model": {"bundle": str(Path(args.bundle).resolve()), "artifact": artifact, "backend": args.backend,
-                  "threads": args.threads, "warmup_runs": 3,
-                  "openvino": {"precision": args.ov_precision, "hint": args.ov_hint,
-                               "infer_requests": args.ov_requests}},
+        "model": {
+            "bundle": str(Path(args.bundle).resolve()),
+            "artifact": artifact,
+            "backend": args.backend,
+            "threads": args.threads,
+            "warmup_runs": 3,
+            "openvino": {"precision": args.ov_precision, "hint": args.ov_hint, "infer_requests": args.ov_requests},
+        },
         "batching": {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms},
         "tta": {"views": TTA_VIEWS[tta], "mode": TTA_MODE[tta], "band": TTA_BAND},
-        "publisher": {"bind": [f"tcp://127.0.0.1:{port}"], "wait_for_subscribers": 1, "wait_timeout_s": 60.0,
-                      "status_interval_s": 1.0, "sndhwm": 100_000},
+        "publisher": {
+            "bind": [f"tcp://127.0.0.1:{port}"],
+            "wait_for_subscribers": 1,
+            "wait_timeout_s": 60.0,
+            "status_interval_s": 1.0,
+            "sndhwm": 100_000,
+        },
         "metrics": {"host": "127.0.0.1", "port": 0},
         "daemon": {"drain_timeout_s": 60.0},
-        "cameras": [{"id": f"cam{i + 1}", "source": str(replay), "loop": loop, "queue_size": 2 * args.max_batch,
-                     **({"fps": fps} if fps else {}), **({"preload_mb": args.preload_mb} if args.preload_mb else {})}
-                    for i in range(cameras)],
+        "cameras": [
+            {
+                "id": f"cam{i + 1}",
+                "source": str(replay),
+                "loop": loop,
+                "queue_size": 2 * args.max_batch,
+                **({"fps": fps} if fps else {}),
+                **({"preload_mb": args.preload_mb} if args.preload_mb else {}),
+            }
+            for i in range(cameras)
+        ],
     }
     return from_dict(data, where="bench")
 
 
-def run_daemon(args: argparse.Namespace, replay: Path, n_images: int, artifact: str, tta: str,
-               cameras: int, fps: float | None = None) -> dict[str, Any]:
+def run_daemon(
+    args: argparse.Namespace,
+    replay: Path,
+    n_images: int,
+    artifact: str,
+    tta: str,
+    cameras: int,
+    fps: float | None = None,
+) -> dict[str, Any]:
     import resource
 
     from runtime.daemon import Daemon
@@ -131,6 +130,7 @@ def run_daemon(args: argparse.Namespace, replay: Path, n_images: int, artifact: 
     sub = SubscriberProcess(f"tcp://127.0.0.1:{port}", max_s=3600)
     d = Daemon(cfg)
     d.start()
+    assert d.model is not None  # start() loaded it
     info = dict(d.model.info)
     selection = getattr(d.model.backend, "selection", None)
     ru0 = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process = the daemon
@@ -142,12 +142,16 @@ def run_daemon(args: argparse.Namespace, replay: Path, n_images: int, artifact: 
     span = r["last_publish"] - r["first_capture"]
     expected = n_images * cameras
     return {
-        "frames": frames, "expected": expected, "gaps": r["gaps"],
+        "frames": frames,
+        "expected": expected,
+        "gaps": r["gaps"],
         "fps": frames / span if span > 0 else float("nan"),
-        "p50_ms": percentile(r["latency_ms"], 50), "p99_ms": percentile(r["latency_ms"], 99),
+        "p50_ms": percentile(r["latency_ms"], 50),
+        "p99_ms": percentile(r["latency_ms"], 99),
         "inference_p50_ms": percentile(r["inference_ms"], 50),
         "cpu_ms_per_frame": cpu_s * 1000 / max(1, frames),
-        "backend": info["backend"], "precision": info["precision"],
+        "backend": info["backend"],
+        "precision": info["precision"],
         "inference_precision": getattr(selection, "inference_precision", None),
         "selection": selection.to_dict() if selection is not None else None,
         "verdicts": r["verdicts"],
@@ -158,23 +162,21 @@ def run_daemon(args: argparse.Namespace, replay: Path, n_images: int, artifact: 
 def run_bare(args: argparse.Namespace, paths: list[Path], artifact: str, tta: str) -> dict[str, Any]:
     """A bare ORT session on already-preprocessed tensors: same artifact and batch, --total-threads."""
     import numpy as np
-    import onnxruntime as ort
 
     from runtime.bundle import load_bundle
+    from runtime.ort_session import ort_session
     from runtime.preprocess import Preprocessor, read_image
     from runtime.tta import TTA
 
     b = load_bundle(args.bundle, check_graph=False)
-    tta_views = TTA(TTA_VIEWS[tta], Preprocessor(b.manifest.input))
+    tta_views = TTA(tuple(TTA_VIEWS[tta]), Preprocessor(b.manifest.input))
     tensors = np.stack([tta_views.expand(read_image(p)) for p in paths])  # (N,V,C,H,W)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = args.total_threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.backend == "onnxruntime-cuda" else \
-        ["CPUExecutionProvider"]
-    sess = ort.InferenceSession(str(b.artifact_path(artifact)), opts, providers=providers)
+    providers = (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if args.backend == "onnxruntime-cuda"
+        else ["CPUExecutionProvider"]
+    )
+    sess = ort_session(b.artifact_path(artifact), args.total_threads, spin=False, providers=providers)
     name = sess.get_inputs()[0].name
     bs = args.max_batch
     batches = [tensors[i : i + bs].reshape(-1, *tensors.shape[2:]) for i in range(0, len(tensors), bs)]
@@ -186,8 +188,12 @@ def run_bare(args: argparse.Namespace, paths: list[Path], artifact: str, tta: st
         sess.run(None, {name: batch})
         times.append(time.perf_counter() - t)
     total = sum(times)
-    return {"frames": len(paths), "fps": len(paths) / total, "p50_ms": percentile(times, 50) * 1000,
-            "p99_ms": percentile(times, 99) * 1000}
+    return {
+        "frames": len(paths),
+        "fps": len(paths) / total,
+        "p50_ms": percentile(times, 50) * 1000,
+        "p99_ms": percentile(times, 99) * 1000,
+    }
 
 
 # ---- soak --------------------------------------------------------------------------------------
@@ -216,12 +222,23 @@ def run_soak(args: argparse.Namespace, replay: Path, artifact: str) -> dict[str,
     base = next((m for t, m in samples if t >= warmup), samples[0][1])
     growth = max(m for t, m in samples if t >= warmup) - base if samples else float("nan")
     return {
-        "duration_s": args.soak, "cameras": cameras, "artifact": artifact, "tta": args.tta[0],
-        "published": published, "received": r["received"], "dropped_messages": published - r["received"],
-        "seq_gaps": r["gaps"], "fps": r["received"] / args.soak,
-        "rss_mb_start": samples[0][1], "rss_mb_after_warmup": base, "rss_mb_end": samples[-1][1],
-        "rss_growth_mb": growth, "rss_samples": samples,
-        "pass": growth <= TARGET_RSS_MB * max(1.0, args.soak / 600.0) + 1e-9 and published == r["received"] and r["gaps"] == 0,
+        "duration_s": args.soak,
+        "cameras": cameras,
+        "artifact": artifact,
+        "tta": args.tta[0],
+        "published": published,
+        "received": r["received"],
+        "dropped_messages": published - r["received"],
+        "seq_gaps": r["gaps"],
+        "fps": r["received"] / args.soak,
+        "rss_mb_start": samples[0][1],
+        "rss_mb_after_warmup": base,
+        "rss_mb_end": samples[-1][1],
+        "rss_growth_mb": growth,
+        "rss_samples": samples,
+        "pass": growth <= TARGET_RSS_MB * max(1.0, args.soak / 600.0) + 1e-9
+        and published == r["received"]
+        and r["gaps"] == 0,
     }
 
 
@@ -260,11 +277,14 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return med
 
 
-def run_throughput(args: argparse.Namespace, artifacts: list[str], paths: list[Path], replay: Path,
-                   result: dict[str, Any]) -> None:
+def run_throughput(
+    args: argparse.Namespace, artifacts: list[str], paths: list[Path], replay: Path, result: dict[str, Any]
+) -> None:
     bare_cache: dict[tuple[str, str], dict[str, Any]] = {}
-    header = (f"{'artifact':8} {'tta':>3} {'cams':>4} | {'daemon f/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'CPU ms/f':>8} | {'bare ORT':>8} {'ratio':>5} | {'vs fastest':>10} {'lost':>4}")
+    header = (
+        f"{'artifact':8} {'tta':>3} {'cams':>4} | {'daemon f/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'CPU ms/f':>8} | {'bare ORT':>8} {'ratio':>5} | {'vs fastest':>10} {'lost':>4}"
+    )
     print(header)
     print("-" * len(header))
     engines = result["bare_engines"]
@@ -286,17 +306,30 @@ def run_throughput(args: argparse.Namespace, artifacts: list[str], paths: list[P
                 label = engine_label(dm["backend"], art, dm["inference_precision"])
                 same = next((e for e in engines if e["engine"] == label), None)
                 verdicts = dm.pop("verdicts")
-                result["runs"].append({
-                    "artifact": art, "tta": tta, "cameras": cams, "daemon": dm, "bare": bare, "ratio": ratio,
-                    "ratio_vs_fastest": vs_fastest, "daemon_engine": label,
-                    "ratio_vs_fastest_accurate": dm["fps"] / fastest_ok["fps"] if fastest_ok and tta == "1" else nan,
-                    "ratio_vs_same_engine": dm["fps"] / same["fps"] if same and tta == "1" else nan,
-                    "_verdicts": verdicts})
-                print(f"{art:8} {tta:>3} {cams:>4} | {dm['fps']:>10.1f} {dm['p50_ms']:>8.2f} {dm['p99_ms']:>8.2f} "
-                      f"{dm['cpu_ms_per_frame']:>8.2f} | {bare['fps']:>8.1f} {ratio:>5.2f} | {vs_fastest:>10.2f} "
-                      f"{dm['expected'] - dm['frames']:>4}"
-                      + (f"   ({dm['expanded']} of {dm['frames']} frames got 3 views)" if tta == "3a" else ""),
-                      flush=True)
+                result["runs"].append(
+                    {
+                        "artifact": art,
+                        "tta": tta,
+                        "cameras": cams,
+                        "daemon": dm,
+                        "bare": bare,
+                        "ratio": ratio,
+                        "ratio_vs_fastest": vs_fastest,
+                        "daemon_engine": label,
+                        "ratio_vs_fastest_accurate": dm["fps"] / fastest_ok["fps"]
+                        if fastest_ok and tta == "1"
+                        else nan,
+                        "ratio_vs_same_engine": dm["fps"] / same["fps"] if same and tta == "1" else nan,
+                        "_verdicts": verdicts,
+                    }
+                )
+                print(
+                    f"{art:8} {tta:>3} {cams:>4} | {dm['fps']:>10.1f} {dm['p50_ms']:>8.2f} {dm['p99_ms']:>8.2f} "
+                    f"{dm['cpu_ms_per_frame']:>8.2f} | {bare['fps']:>8.1f} {ratio:>5.2f} | {vs_fastest:>10.2f} "
+                    f"{dm['expected'] - dm['frames']:>4}"
+                    + (f"   ({dm['expanded']} of {dm['frames']} frames got 3 views)" if tta == "3a" else ""),
+                    flush=True,
+                )
 
 
 def run_low_load(args: argparse.Namespace, artifact: str, paths: list[Path], tmp: Path) -> dict[str, Any]:
@@ -312,58 +345,6 @@ def run_low_load(args: argparse.Namespace, artifact: str, paths: list[Path], tmp
 
 
 # ---- main --------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from bench_engines import DEFAULT_ENGINES
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--bundle", required=True, help="model bundle directory (int8 + fp32 artifacts)")
-    p.add_argument("--images", help="replay these images instead of the ELPV held-out split")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N images (smoke runs)")
-    p.add_argument("--artifacts", default="int8,fp32", help="bundle artifact keys to compare (default int8,fp32)")
-    p.add_argument("--tta", default="1,3,3a",
-                   help="TTA settings: 1 (off), 3 (original+hflip+vflip on every frame), 3a (the same views, "
-                        f"adaptive: extra views only within {TTA_BAND} of the threshold)")
-    p.add_argument("--cameras", default="1,4", help="camera counts (each replays the whole set)")
-    p.add_argument("--total-threads", type=int, default=os.cpu_count() or 1,
-                   help="threads every bare engine gets: the machine's budget (default: all cores)")
-    p.add_argument("--threads", type=int, help="the daemon's engine threads (default: --total-threads)")
-    p.add_argument("--engines", default=DEFAULT_ENGINES,
-                   help=f"bare engines for the headline (default {DEFAULT_ENGINES}; '' = none)")
-    p.add_argument("--max-batch", type=int, default=8, help="frames per inference call (daemon and bare)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0)
-    p.add_argument("--backend", default="auto",
-                   choices=("auto", "onnxruntime-cpu", "onnxruntime-cuda", "openvino", "tensorrt"),
-                   help="the daemon's [model] backend (default auto)")
-    p.add_argument("--ov-precision", default="f32", choices=("f32", "bf16"), help="daemon [model.openvino] precision")
-    p.add_argument("--ov-hint", default="latency", choices=("latency", "throughput"))
-    p.add_argument("--ov-requests", type=int, default=1,
-                   help="daemon [model.openvino] infer_requests (>1: a batch split over parallel async requests)")
-    p.add_argument("--preload", action="store_true",
-                   help="cameras decode the replay once into memory ([[cameras]] preload_mb): the daemon is "
-                        "measured without PNG decoding, which a live camera does not do")
-    p.add_argument("--accuracy", metavar="JSON",
-                   help="bench_openvino_accuracy.py output: the headline also compares with the fastest engine "
-                        "that met its accuracy target")
-    p.add_argument("--repeat", type=int, default=1, help="runs per configuration; the median is reported")
-    p.add_argument("--stages", action="store_true", help="also print the per-stage CPU-time table per frame")
-    p.add_argument("--low-load", type=float, default=0.0, metavar="FPS",
-                   help="also run one camera paced at FPS (e.g. 20) and report capture->publish p50/p99")
-    p.add_argument("--low-load-s", type=float, default=15.0, help="low-load run length in seconds (default 15)")
-    p.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="soak mode for SECONDS")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "runtime.json"))
-    args = p.parse_args(argv)
-    args.threads = args.threads or args.total_threads
-    args.tta = [x.strip() for x in args.tta.split(",") if x.strip()]
-    args.cameras = [int(x) for x in args.cameras.split(",")]
-    if any(t not in TTA_VIEWS for t in args.tta):
-        p.error(f"--tta: choose from {sorted(TTA_VIEWS)}")
-    if args.repeat < 1:
-        p.error("--repeat: expected >= 1")
-    args.preload_mb = 0.0
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "bench"))
     args = parse_args(argv)
@@ -375,8 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.bundle import load_bundle
 
     bundle = load_bundle(args.bundle)
-    artifacts = [a for a in args.artifacts.split(",") if a in bundle.manifest.artifacts
-                 and bundle.manifest.artifacts[a].format == "onnx"]
+    artifacts = [
+        a
+        for a in args.artifacts.split(",")
+        if a in bundle.manifest.artifacts and bundle.manifest.artifacts[a].format == "onnx"
+    ]
     missing = sorted(set(args.artifacts.split(",")) - set(artifacts))
     if missing:
         print(f"note: artifact(s) {missing} not in the bundle (or not ONNX); skipped")
@@ -390,11 +374,20 @@ def main(argv: list[str] | None = None) -> int:
 
         # decoded size of the set (+ margin): frames of one replay are about the same size
         args.preload_mb = round(len(paths) * read_image(paths[0]).nbytes * 1.5 / 2**20 + 16, 1)
-    env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-           "total_threads": args.total_threads, "daemon_threads": args.threads, "max_batch": args.max_batch,
-           "images": len(paths), "bundle": str(args.bundle), "preload": bool(args.preload), "repeat": args.repeat,
-           "cpu": cpu_model(),
-           "model": f"{bundle.manifest.model.name} {bundle.manifest.model.version}"}
+    env = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "total_threads": args.total_threads,
+        "daemon_threads": args.threads,
+        "max_batch": args.max_batch,
+        "images": len(paths),
+        "bundle": str(args.bundle),
+        "preload": bool(args.preload),
+        "repeat": args.repeat,
+        "cpu": cpu_model(),
+        "model": f"{bundle.manifest.model.name} {bundle.manifest.model.version}",
+    }
     for lib in ("onnxruntime", "openvino"):
         try:
             env[lib] = __import__(lib).__version__
@@ -405,11 +398,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.soak:
         soak = run_soak(args, replay, artifacts[0])
         result["soak"] = soak
-        print(f"soak {soak['duration_s']:.0f}s ({soak['artifact']}, {soak['cameras']} camera(s)): "
-              f"{soak['fps']:.1f} frames/s, RSS {soak['rss_mb_start']:.1f} -> {soak['rss_mb_end']:.1f} MB "
-              f"(growth after warm-up {soak['rss_growth_mb']:+.1f} MB, target <= {TARGET_RSS_MB:g} MB / 10 min), "
-              f"published {soak['published']}, received {soak['received']}, gaps {soak['seq_gaps']} "
-              f"-> {'PASS' if soak['pass'] else 'FAIL'}")
+        print(
+            f"soak {soak['duration_s']:.0f}s ({soak['artifact']}, {soak['cameras']} camera(s)): "
+            f"{soak['fps']:.1f} frames/s, RSS {soak['rss_mb_start']:.1f} -> {soak['rss_mb_end']:.1f} MB "
+            f"(growth after warm-up {soak['rss_growth_mb']:+.1f} MB, target <= {TARGET_RSS_MB:g} MB / 10 min), "
+            f"published {soak['published']}, received {soak['received']}, gaps {soak['seq_gaps']} "
+            f"-> {'PASS' if soak['pass'] else 'FAIL'}"
+        )
     else:
         result["bare_engines"] = bare_machine_limit(args, bundle, paths) if args.engines else []
         run_throughput(args, artifacts, paths, replay, result)
@@ -418,10 +413,15 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = station(args, replay, artifacts[0], "1", 1, free_port(), loop=False).model
             result["stages"] = profile_stages(cfg, paths, args.max_batch)
-            one = next((r for r in result["runs"] if r["tta"] == "1" and r["cameras"] == 1
-                        and r["artifact"] == artifacts[0]), None)
-            result["stages_table"] = stage_table(result["stages"], one["daemon"]["cpu_ms_per_frame"] if one else None,
-                                                 skip=("decode",) if args.preload else ())
+            one = next(
+                (r for r in result["runs"] if r["tta"] == "1" and r["cameras"] == 1 and r["artifact"] == artifacts[0]),
+                None,
+            )
+            result["stages_table"] = stage_table(
+                result["stages"],
+                one["daemon"]["cpu_ms_per_frame"] if one else None,
+                skip=("decode",) if args.preload else (),
+            )
         if args.low_load:
             result["low_load"] = run_low_load(args, artifacts[0], paths, tmp)
         from bench_report import checks_for, headline, print_summary

@@ -67,16 +67,26 @@ def profile_stages(model_cfg: Any, paths: list[Path], batch: int) -> dict[str, A
                 tensor, full_c, full_w = timed("", pre, image)
                 cpu["normalize"] += max(0.0, full_c - geo_c)
                 wall["normalize"] += max(0.0, full_w - geo_w)
-                frames.append(Frame(camera="cam1", seq=start + k, image=image, captured_at=time.time(),
-                                    t_capture=time.monotonic(), source=p.name, tensor=tensor[None]))
+                frames.append(
+                    Frame(
+                        camera="cam1",
+                        seq=start + k,
+                        image=image,
+                        captured_at=time.time(),
+                        t_capture=time.monotonic(),
+                        source=p.name,
+                        tensor=tensor[None],
+                    )
+                )
             stacked = timed("stack", assemble, frames)[0]
             outputs = timed("infer", backend.run, stacked, clock=time.process_time)[0]
             detection = bundle.manifest.model.task == "detection"
             for i, f in enumerate(frames):
                 # the message dict is built and encoded, as the daemon's _publish does per frame
                 scores = np.zeros(len(bundle.manifest.classes)) if detection else outputs[0][i]
-                payload = timed("json", lambda f=f, s=scores, d=detection: encode(_message(f, s, bundle.manifest.classes,
-                                                                                            d)))[0]
+                payload = timed(
+                    "json", lambda f=f, s=scores, d=detection: encode(_message(f, s, bundle.manifest.classes, d))
+                )[0]
                 timed("zeromq", pub.send_multipart, [b"bench.cam1.ok", payload], clock=time.process_time)
             while sub.poll(0):
                 sub.recv_multipart()
@@ -87,8 +97,13 @@ def profile_stages(model_cfg: Any, paths: list[Path], batch: int) -> dict[str, A
         ctx.term()
     n = len(paths)
     out: dict[str, Any] = {s: {"cpu_ms": cpu[s] * 1000 / n, "wall_ms": wall[s] * 1000 / n} for s in STAGES}
-    out["_meta"] = {"frames": n, "batch": batch, "backend": backend.name, "artifact": backend.artifact_key,
-                    "inference_precision": backend.inference_precision}
+    out["_meta"] = {
+        "frames": n,
+        "batch": batch,
+        "backend": backend.name,
+        "artifact": backend.artifact_key,
+        "inference_precision": backend.inference_precision,
+    }
     return out
 
 
@@ -98,14 +113,28 @@ def _message(frame: Any, scores: np.ndarray, classes: Any, detection: bool = Fal
     extra: dict[str, Any] = {}
     if detection:
         extra["detections"] = [{"box": [12.5, 40.25, 88.0, 120.75], "score": 0.9312, "class": classes[-1]}] * 3
-    return {**extra, "schema_version": 2 if detection else 1, "type": "verdict", "station": "bench", "camera": frame.camera, "seq": frame.seq,
-            "source": frame.source, "captured_at": round(frame.captured_at, 6), "published_at": round(time.time(), 6),
-            "model": {"name": "m", "version": "1", "precision": "int8", "artifact": "int8", "backend": "b"},
-            "task": "detection" if detection else "classification", "top_class": classes[0], "top_score": 0.5,
-            "verdict": "ok",
-            "defect_class": None, "confidence": 0.5,
-            "latency_ms": {"queue": 0.1, "preprocess": 1.0, "inference": 3.0, "total": 5.0},
-            "tta_views": 1, "snapshot": None, "probabilities": probs}
+    return {
+        **extra,
+        "schema_version": 2 if detection else 1,
+        "type": "verdict",
+        "station": "bench",
+        "camera": frame.camera,
+        "seq": frame.seq,
+        "source": frame.source,
+        "captured_at": round(frame.captured_at, 6),
+        "published_at": round(time.time(), 6),
+        "model": {"name": "m", "version": "1", "precision": "int8", "artifact": "int8", "backend": "b"},
+        "task": "detection" if detection else "classification",
+        "top_class": classes[0],
+        "top_score": 0.5,
+        "verdict": "ok",
+        "defect_class": None,
+        "confidence": 0.5,
+        "latency_ms": {"queue": 0.1, "preprocess": 1.0, "inference": 3.0, "total": 5.0},
+        "tta_views": 1,
+        "snapshot": None,
+        "probabilities": probs,
+    }
 
 
 def stage_table(stages: dict[str, Any], daemon_cpu_ms: float | None = None, skip: tuple[str, ...] = ()) -> str:
@@ -119,7 +148,9 @@ def stage_table(stages: dict[str, Any], daemon_cpu_ms: float | None = None, skip
     for s in shown:
         v = stages[s]
         lines.append(f"{s:12} {v['cpu_ms']:12.3f} {v['wall_ms']:13.3f} {100 * v['cpu_ms'] / total:8.1f}%")
-    lines.append(f"{'sum':12} {total:12.3f}" + (f"   (without {', '.join(skip)}: not run by the daemon)" if skip else ""))
+    lines.append(
+        f"{'sum':12} {total:12.3f}" + (f"   (without {', '.join(skip)}: not run by the daemon)" if skip else "")
+    )
     if daemon_cpu_ms is not None:
         lines.append(f"{'daemon':12} {daemon_cpu_ms:12.3f}   (measured: the whole daemon process per frame)")
         lines.append(f"{'overhead':12} {daemon_cpu_ms - total:12.3f}   (threads, queues, wake-ups, metrics, glue)")

@@ -28,12 +28,14 @@ def time_variant(inline: bool, size: int, batch: int, steps: int) -> dict[str, f
 
     import training.backbone_lite as lite  # Lite0Body calls the pad folding from here
     import training.backbones as bb
+
     real = lite.inline_symmetric_padding
     if not inline:
         lite.inline_symmetric_padding = lambda root: 0
     try:
-        model = bb.build_model("efficientnet_lite0", 2, "imagenet",
-                               input_spec=bb.sized_input(bb.get_spec("efficientnet_lite0"), size))
+        model = bb.build_model(
+            "efficientnet_lite0", 2, "imagenet", input_spec=bb.sized_input(bb.get_spec("efficientnet_lite0"), size)
+        )
     finally:
         lite.inline_symmetric_padding = real
     model.freeze_bn_stats = True
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench/results/train-step.json"))
     a = p.parse_args(argv)
     import torch
+
     torch.set_num_threads(a.threads)
     torch.set_flush_denormal(True)
     runs: dict[str, list[dict[str, float]]] = {"ZeroPad2d + conv": [], "inlined padding": []}

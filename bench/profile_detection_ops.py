@@ -62,14 +62,10 @@ def group(op: str) -> str:
 
 def profile(model: Path, xs: list[Any], threads: int) -> tuple[dict[str, float], float]:
     """Per op type summed kernel ms per image, and the per-image total, over ``xs`` after 2 warm-ups."""
-    import onnxruntime as ort
+    from runtime.ort_session import ort_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = threads
     with tempfile.TemporaryDirectory(prefix="defectscope-prof-") as tmp:
-        so.enable_profiling = True
-        so.profile_file_prefix = str(Path(tmp) / "prof")
-        sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        sess = ort_session(model, threads, profile_prefix=str(Path(tmp) / "prof"))
         name = sess.get_inputs()[0].name
         for x in xs[:2]:
             sess.run(None, {name: x})

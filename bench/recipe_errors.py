@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -31,8 +32,9 @@ GRADES = (0.0, 1 / 3, 2 / 3, 1.0)
 def breakdown(probs, y, p, groups) -> dict:
     """Accuracy, error count, errors per grade and accuracy per cell type of ``(N,C)`` probabilities."""
     import numpy as np
+
     ok = probs.argmax(1) == y
-    out = {"accuracy": float(ok.mean()), "errors": int((~ok).sum()), "per_grade": {}, "per_type": {}}
+    out: dict[str, Any] = {"accuracy": float(ok.mean()), "errors": int((~ok).sum()), "per_grade": {}, "per_type": {}}
     for g in GRADES:
         m = np.isclose(p, g, atol=1e-3)
         out["per_grade"][f"{g:.2f}"] = [int((~ok[m]).sum()), int(m.sum())]
@@ -44,6 +46,7 @@ def breakdown(probs, y, p, groups) -> dict:
 def gallery(path: str, q, p, groups, paths, most: int) -> None:
     """PNG grid of the unambiguous errors: missed grade-1 cells first (lowest score first), then false alarms."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -63,8 +66,11 @@ def gallery(path: str, q, p, groups, paths, most: int) -> None:
         ax.axis("off")
     for ax, (i, kind) in zip(axes.flat, cells):
         ax.imshow(read_image(paths[i]), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"{kind} {groups[i]}\nP(defective) {q[i]:.2f}", fontsize=8,
-                     color="tab:red" if kind == "missed" else "tab:blue")
+        ax.set_title(
+            f"{kind} {groups[i]}\nP(defective) {q[i]:.2f}",
+            fontsize=8,
+            color="tab:red" if kind == "missed" else "tab:blue",
+        )
     fig.suptitle(f"{len(miss)} missed grade-1 cells, {len(alarm)} false alarms on grade 0 (mean of runs, TTA8)")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if groups is None or (a.gallery and paths is None):
         # npz files from before bench_recipes stored cell types and paths: take them from the split.
         from training.data import DataSpec, resolve_splits
+
         test = resolve_splits(DataSpec(labels="binary" if nc == 2 else "4class")).split("test")
         groups, paths = np.array([s.group for s in test]), np.array([s.path for s in test])
     if len(groups) != len(y):
@@ -105,18 +112,28 @@ def main(argv: list[str] | None = None) -> int:
     for name, d in runs.items():
         rows[f"{name}"] = breakdown(d["probs_test"][:, 0], y, p, groups)
         rows[f"{name}, TTA8"] = breakdown(d["probs_test"].mean(1), y, p, groups)
-    ens_tta = np.mean([d["probs_test"].mean(1) for d in runs.values()], 0)      # (N,C)
+    ens_tta = np.mean([d["probs_test"].mean(1) for d in runs.values()], 0)  # (N,C)
     if len(runs) > 1:
-        rows[f"mean of {len(runs)} runs"] = breakdown(np.mean([d["probs_test"][:, 0] for d in runs.values()], 0), y, p, groups)
+        rows[f"mean of {len(runs)} runs"] = breakdown(
+            np.mean([d["probs_test"][:, 0] for d in runs.values()], 0), y, p, groups
+        )
         rows[f"mean of {len(runs)} runs, TTA8"] = breakdown(ens_tta, y, p, groups)
     types = sorted(set(groups))
-    print("| run | accuracy | errors | " + " | ".join(f"errors p={g}" for g in ("0", "1/3", "2/3", "1"))
-          + " | " + " | ".join(f"acc {t}" for t in types) + " |")
+    print(
+        "| run | accuracy | errors | "
+        + " | ".join(f"errors p={g}" for g in ("0", "1/3", "2/3", "1"))
+        + " | "
+        + " | ".join(f"acc {t}" for t in types)
+        + " |"
+    )
     print("| --- " * (3 + len(GRADES) + len(types)) + "|")
     for name, r in rows.items():
         grades = " | ".join(f"{e}/{n}" for e, n in r["per_grade"].values())
-        print(f"| {name} | {r['accuracy']:.4f} | {r['errors']} | {grades} | "
-              + " | ".join(f"{r['per_type'][t]:.3f}" for t in types) + " |")
+        print(
+            f"| {name} | {r['accuracy']:.4f} | {r['errors']} | {grades} | "
+            + " | ".join(f"{r['per_type'][t]:.3f}" for t in types)
+            + " |"
+        )
     result = {"runs": list(a.preds), "rows": rows}
     if nc == 2:
         q = ens_tta[:, 1]
@@ -124,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         accs = [float(((q >= t) == y).mean()) for t in ts]
         i = int(np.argmax(accs))
         result["test_chosen_threshold"] = {"threshold": float(ts[i]), "accuracy": accs[i]}
-        print(f"\nceiling of a threshold chosen on the test split itself (not a result): "
-              f"{accs[i]:.4f} at P(defective) >= {ts[i]:.2f}")
+        print(
+            f"\nceiling of a threshold chosen on the test split itself (not a result): "
+            f"{accs[i]:.4f} at P(defective) >= {ts[i]:.2f}"
+        )
     if a.gallery:
         gallery(a.gallery, ens_tta[:, 1], p, groups, paths, a.gallery_max)
     if a.out:

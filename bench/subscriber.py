@@ -55,7 +55,7 @@ def subscriber_main(endpoint: str, ready: Any, conn: Any, max_s: float) -> None:
     received = 0
     lat_ms: list[float] = []
     inf_ms: list[float] = []
-    verdicts: dict[str, tuple[str, int]] = {}   # "camera/source" -> (verdict, TTA views used)
+    verdicts: dict[str, tuple[str, int]] = {}  # "camera/source" -> (verdict, TTA views used)
     first_capture, last_publish = float("inf"), 0.0
     final = None
     deadline = time.monotonic() + max_s
@@ -79,10 +79,18 @@ def subscriber_main(endpoint: str, ready: Any, conn: Any, max_s: float) -> None:
         verdicts[f"{cam}/{msg.get('source')}"] = (msg["verdict"], msg["tta_views"])
         first_capture = min(first_capture, msg["captured_at"])
         last_publish = max(last_publish, msg["published_at"])
-    conn.send({"received": received, "gaps": gaps, "latency_ms": lat_ms, "inference_ms": inf_ms,
-               "verdicts": verdicts,
-               "first_capture": first_capture,
-               "last_publish": last_publish, "final": final})
+    conn.send(
+        {
+            "received": received,
+            "gaps": gaps,
+            "latency_ms": lat_ms,
+            "inference_ms": inf_ms,
+            "verdicts": verdicts,
+            "first_capture": first_capture,
+            "last_publish": last_publish,
+            "final": final,
+        }
+    )
     sock.close(0)
     ctx.term()
 

@@ -113,7 +113,7 @@ class CacheFile:
     tensorrt_version: str
     algorithm: str = ALGORITHM
     log: Callable[[str], None] = print
-    read_from: Path | None = None     # e.g. the copy shipped inside the bundle
+    read_from: Path | None = None  # e.g. the copy shipped inside the bundle
 
     def read(self) -> bytes | None:
         for candidate in [p for p in (self.path, self.read_from) if p is not None]:
@@ -163,7 +163,7 @@ def make_entropy_calibrator(stream: BatchStream | None, cache: CacheFile) -> Any
                 return None
             cuda.memcpy_htod(self.device, batch)
             self.served += 1
-            return [int(self.device)]
+            return [int(self.device)]  # type: ignore[arg-type]  # a pycuda DeviceAllocation
 
         def read_calibration_cache(self, *args: Any) -> bytes | None:
             return self.cache.read()

@@ -33,7 +33,7 @@ class CalibrationSetError(ValueError):
 @dataclass(frozen=True)
 class CalibItem:
     path: str
-    label: int          # class index; -1 when the images came unlabelled (a plain directory)
+    label: int  # class index; -1 when the images came unlabelled (a plain directory)
     sha256: str
 
 
@@ -45,7 +45,7 @@ class CalibrationSet:
     classes: tuple[str, ...]
     input: InputSpec
     seed: int
-    source: str                 # "train split" or "directory <path>"
+    source: str  # "train split" or "directory <path>"
     fingerprint: str
 
     def __len__(self) -> int:
@@ -78,8 +78,14 @@ class CalibrationSet:
     def from_dict(cls, data: Mapping[str, Any], where: str = "calibration.json") -> CalibrationSet:
         try:
             items = tuple(CalibItem(str(d["path"]), int(d["label"]), str(d["sha256"])) for d in data["images"])
-            out = cls(items=items, classes=tuple(data["classes"]), input=InputSpec.from_dict(data["input"]),
-                      seed=int(data["seed"]), source=str(data["source"]), fingerprint=str(data["fingerprint"]))
+            out = cls(
+                items=items,
+                classes=tuple(data["classes"]),
+                input=InputSpec.from_dict(data["input"]),
+                seed=int(data["seed"]),
+                source=str(data["source"]),
+                fingerprint=str(data["fingerprint"]),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise CalibrationSetError(f"{where}: not a calibration set description ({exc})") from None
         if out.fingerprint != fingerprint_of(out.items, out.input):
@@ -149,13 +155,25 @@ def stratified_sample(samples: Sequence[Any], size: int, seed: int) -> list[Any]
     return [picked[i] for i in order]
 
 
-def build_calibration_set(samples: Sequence[Any], classes: Sequence[str], spec: InputSpec, size: int = DEFAULT_SIZE,
-                          seed: int = 0, source: str = "train split") -> CalibrationSet:
+def build_calibration_set(
+    samples: Sequence[Any],
+    classes: Sequence[str],
+    spec: InputSpec,
+    size: int = DEFAULT_SIZE,
+    seed: int = 0,
+    source: str = "train split",
+) -> CalibrationSet:
     """Draw a stratified calibration set from ``samples`` (e.g. ``Splits.train``) and fingerprint it."""
     chosen = stratified_sample(samples, size, seed)
     items = tuple(CalibItem(str(s.path), int(s.label), sha256_file(s.path)) for s in chosen)
-    return CalibrationSet(items=items, classes=tuple(classes), input=spec, seed=seed, source=source,
-                          fingerprint=fingerprint_of(items, spec))
+    return CalibrationSet(
+        items=items,
+        classes=tuple(classes),
+        input=spec,
+        seed=seed,
+        source=source,
+        fingerprint=fingerprint_of(items, spec),
+    )
 
 
 @dataclass(frozen=True)
@@ -175,8 +193,9 @@ def images_in(directory: str | os.PathLike[str]) -> list[str]:
     return paths
 
 
-def calibration_set_from_directory(directory: str | os.PathLike[str], classes: Sequence[str], spec: InputSpec,
-                                   size: int = DEFAULT_SIZE, seed: int = 0) -> CalibrationSet:
+def calibration_set_from_directory(
+    directory: str | os.PathLike[str], classes: Sequence[str], spec: InputSpec, size: int = DEFAULT_SIZE, seed: int = 0
+) -> CalibrationSet:
     """Calibration set from a folder of unlabelled images (a seeded random sample of ``size``)."""
     samples = [_Unlabelled(p) for p in images_in(directory)]
     return build_calibration_set(samples, classes, spec, size, seed, source=f"directory {directory}")
@@ -187,8 +206,9 @@ def _load_one(args: tuple[str, Preprocessor]) -> np.ndarray:
     return pre.load(path)
 
 
-def preprocess_paths(paths: Sequence[str], spec: InputSpec, threads: int = 1, progress: bool = False,
-                     desc: str = "images") -> np.ndarray:
+def preprocess_paths(
+    paths: Sequence[str], spec: InputSpec, threads: int = 1, progress: bool = False, desc: str = "images"
+) -> np.ndarray:
     """Read + preprocess image files with the runtime preprocessing -> (N,C,H,W) float32."""
     pre = Preprocessor(spec)
     out = np.empty((len(paths), *spec.shape), dtype=np.float32)
@@ -222,12 +242,17 @@ def save_tensor(path: str | os.PathLike[str], x: np.ndarray, calib: CalibrationS
     arr = np.ascontiguousarray(x, dtype=np.float32)
 
     def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:   # a file object: np.save would append .npy to a path
+        with open(tmp, "wb") as fh:  # a file object: np.save would append .npy to a path
             np.save(fh, arr)
 
     atomic_write(path, write)
-    meta = {"fingerprint": calib.fingerprint, "shape": list(x.shape), "dtype": "float32",
-            "input": calib.input.to_dict(), "size": len(calib)}
+    meta = {
+        "fingerprint": calib.fingerprint,
+        "shape": list(x.shape),
+        "dtype": "float32",
+        "input": calib.input.to_dict(),
+        "size": len(calib),
+    }
     atomic_write_json(path.with_suffix(".json"), meta)
     return path
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,18 +18,11 @@ def default_threads() -> int:
     return os.cpu_count() or 1
 
 
-def ort_session(path: str | os.PathLike[str], threads: int | None = None, optimize: bool = True):
-    """A CPU ONNX Runtime session (``threads`` intra-op, sequential execution)."""
-    import onnxruntime as ort
+def ort_session(path: str | os.PathLike[str], threads: int | None = None, optimize: bool = True) -> Any:
+    """``runtime.ort_session.ort_session`` with the workstation's thread default (``default_threads``)."""
+    from runtime.ort_session import ort_session as session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or default_threads()
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(Path(path)), opts, providers=["CPUExecutionProvider"])
+    return session(path, threads or default_threads(), optimize=optimize)
 
 
 def predict_logits(session: Any, x: np.ndarray, batch_size: int = 32, output: str | None = None) -> np.ndarray:
@@ -38,8 +30,10 @@ def predict_logits(session: Any, x: np.ndarray, batch_size: int = 32, output: st
     name = session.get_inputs()[0].name
     outs = [o.name for o in session.get_outputs()]
     out_name = output or outs[0]
-    chunks = [session.run([out_name], {name: np.ascontiguousarray(x[i : i + batch_size])})[0]
-              for i in range(0, len(x), batch_size)]
+    chunks = [
+        session.run([out_name], {name: np.ascontiguousarray(x[i : i + batch_size])})[0]
+        for i in range(0, len(x), batch_size)
+    ]
     if not chunks:
         return np.empty((0, 0), np.float32)
     return np.concatenate(chunks).astype(np.float32, copy=False)
@@ -77,28 +71,34 @@ class Metrics:
         raise KeyError(f"unknown metric {metric!r}; expected accuracy, macro_f1 or recall:<class>")
 
 
-def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str],
-                           split: str = "test") -> Metrics:
-    """Accuracy, macro-F1 (over all classes, absent ones count 0), per-class recall, confusion matrix."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
+def prediction_metrics(
+    y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str], split: str = "test"
+) -> Metrics:
+    """``training.metrics.label_metrics`` (the one definition) as a gate's ``Metrics``."""
+    from training.metrics import label_metrics
 
-    labels = list(range(len(classes)))
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if len(y_true) == 0:
         raise ValueError(f"split {split!r} is empty: nothing to evaluate")
-    recall = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    m = label_metrics(y_true, y_pred, classes)
     return Metrics(
         split=split,
-        n=int(len(y_true)),
-        accuracy=float(accuracy_score(y_true, y_pred)),
-        macro_f1=float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        per_class_recall={c: float(r) for c, r in zip(classes, recall)},
-        confusion=tuple(tuple(int(v) for v in row) for row in confusion_matrix(y_true, y_pred, labels=labels)),
+        n=m["n"],
+        accuracy=m["accuracy"],
+        macro_f1=m["macro_f1"],
+        per_class_recall={c: v["recall"] for c, v in m["per_class"].items()},
+        confusion=tuple(tuple(row) for row in m["confusion_matrix"]),
     )
 
 
-def evaluate_onnx(path: str | os.PathLike[str], x: np.ndarray, y: Sequence[int], classes: Sequence[str],
-                  split: str = "test", threads: int | None = None, batch_size: int = 32) -> tuple[Metrics, np.ndarray]:
+def evaluate_onnx(
+    path: str | os.PathLike[str],
+    x: np.ndarray,
+    y: Sequence[int],
+    classes: Sequence[str],
+    split: str = "test",
+    threads: int | None = None,
+    batch_size: int = 32,
+) -> tuple[Metrics, np.ndarray]:
     """Metrics of an ONNX classifier on preprocessed ``x`` -> (metrics, logits)."""
     logits = predict_logits(ort_session(path, threads), x, batch_size)
-    return classification_metrics(y, logits.argmax(1), classes, split), logits
+    return prediction_metrics(y, logits.argmax(1), classes, split), logits

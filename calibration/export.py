@@ -64,8 +64,10 @@ def check_graph(model: Any, spec: InputSpec, num_classes: int, output_name: str 
         raise ExportError(f"exported graph inputs {[n for n, _ in inputs]}, expected [{spec.name!r}]")
     dims = inputs[0][1]
     if len(dims) != 4 or not isinstance(dims[0], str) or list(dims[1:]) != list(spec.shape):
-        raise ExportError(f"exported input shape {dims}, expected (batch,{','.join(map(str, spec.shape))}) "
-                          "with a symbolic (dynamic) batch dimension")
+        raise ExportError(
+            f"exported input shape {dims}, expected (batch,{','.join(map(str, spec.shape))}) "
+            "with a symbolic (dynamic) batch dimension"
+        )
     if [n for n, _ in outputs] != [output_name]:
         raise ExportError(f"exported graph outputs {[n for n, _ in outputs]}, expected [{output_name!r}]")
     odims = outputs[0][1]
@@ -73,8 +75,16 @@ def check_graph(model: Any, spec: InputSpec, num_classes: int, output_name: str 
         raise ExportError(f"exported output shape {odims}, expected (batch, {num_classes})")
 
 
-def export_onnx(model: Any, spec: InputSpec, dest: str | os.PathLike[str], num_classes: int, *, opset: int = OPSET,
-                simplify: bool = True, output_name: str = OUTPUT_NAME) -> ExportInfo:
+def export_onnx(
+    model: Any,
+    spec: InputSpec,
+    dest: str | os.PathLike[str],
+    num_classes: int,
+    *,
+    opset: int = OPSET,
+    simplify: bool = True,
+    output_name: str = OUTPUT_NAME,
+) -> ExportInfo:
     """Export ``model`` (a torch classifier taking preprocessed (N,C,H,W)) to ``dest``; atomic write.
 
     Uses the TorchScript-based exporter (stable for CNNs, needs no onnxscript), a
@@ -94,8 +104,14 @@ def export_onnx(model: Any, spec: InputSpec, dest: str | os.PathLike[str], num_c
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's deprecation chatter; failures still raise
             torch.onnx.export(
-                model, (dummy,), str(raw), dynamo=False, opset_version=opset, do_constant_folding=True,
-                input_names=[spec.name], output_names=[output_name],
+                model,
+                (dummy,),
+                str(raw),
+                dynamo=False,
+                opset_version=opset,
+                do_constant_folding=True,
+                input_names=[spec.name],
+                output_names=[output_name],
                 dynamic_axes={spec.name: {0: "batch"}, output_name: {0: "batch"}},
             )
         graph = onnx.load(str(raw))
@@ -114,8 +130,14 @@ def export_onnx(model: Any, spec: InputSpec, dest: str | os.PathLike[str], num_c
                 warnings.warn(f"onnxslim failed, keeping the unsimplified graph: {error}", stacklevel=2)
         graph.producer_name = "defectscope"
         atomic_write(dest, lambda tmp: onnx.save(graph, tmp))
-    return ExportInfo(opset=opset, exporter="torchscript", simplified=simplified, nodes=len(graph.graph.node),
-                      nodes_before_simplify=before, simplify_error=error)
+    return ExportInfo(
+        opset=opset,
+        exporter="torchscript",
+        simplified=simplified,
+        nodes=len(graph.graph.node),
+        nodes_before_simplify=before,
+        simplify_error=error,
+    )
 
 
 @dataclass(frozen=True)
@@ -142,9 +164,11 @@ class ParityReport:
 
     def summary(self) -> str:
         verdict = "ok" if self.passed else "FAILED"
-        return (f"parity {verdict}: {self.n} held-out images, max |logit diff| {self.max_abs_diff:.2e} "
-                f"(tolerance {self.atol:.0e}), mean {self.mean_abs_diff:.2e}, top-1 agreement "
-                f"{self.top1_agreement:.2%} (required {self.min_agreement:.2%}), batch sizes {list(self.batch_sizes)}")
+        return (
+            f"parity {verdict}: {self.n} held-out images, max |logit diff| {self.max_abs_diff:.2e} "
+            f"(tolerance {self.atol:.0e}), mean {self.mean_abs_diff:.2e}, top-1 agreement "
+            f"{self.top1_agreement:.2%} (required {self.min_agreement:.2%}), batch sizes {list(self.batch_sizes)}"
+        )
 
 
 def torch_logits(model: Any, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -159,8 +183,16 @@ def torch_logits(model: Any, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
     return np.concatenate(outs) if outs else np.empty((0, 0), np.float32)
 
 
-def check_parity(model: Any, onnx_path: str | os.PathLike[str], x: np.ndarray, *, atol: float = 1e-3,
-                 min_agreement: float = 0.99, threads: int | None = None, batch_size: int = 16) -> ParityReport:
+def check_parity(
+    model: Any,
+    onnx_path: str | os.PathLike[str],
+    x: np.ndarray,
+    *,
+    atol: float = 1e-3,
+    min_agreement: float = 0.99,
+    threads: int | None = None,
+    batch_size: int = 16,
+) -> ParityReport:
     """Compare ONNX Runtime and PyTorch logits on ``x``; runs batch 1 and ``batch_size`` (dynamic batch check).
 
     Returns the report; callers enforce ``report.passed``.

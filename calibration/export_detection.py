@@ -45,7 +45,7 @@ class DetectionExportInfo:
     width: int
     max_detections: int
     nodes: int
-    input: dict[str, Any]          # how a frame becomes the input (runtime.boxes.fit + [0,1] scaling)
+    input: dict[str, Any]  # how a frame becomes the input (runtime.boxes.fit + [0,1] scaling)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,8 +69,11 @@ def _wrapper(model: Any, max_detections: int) -> Any:
             labels = [torch.cat([o["labels"], torch.zeros(d, dtype=torch.int64)])[:d] for o in dets]
             n = len(dets)
             # Constant reshapes: the slices above are D long, but shape inference cannot prove it.
-            return (torch.stack(boxes).reshape(n, d, 4), torch.stack(scores).reshape(n, d),
-                    torch.stack(labels).reshape(n, d))
+            return (
+                torch.stack(boxes).reshape(n, d, 4),
+                torch.stack(scores).reshape(n, d),
+                torch.stack(labels).reshape(n, d),
+            )
 
     return FixedOutputs().eval()
 
@@ -90,17 +93,22 @@ def check_detection_graph(graph: Any, batch: int, height: int, width: int, max_d
     inits = {i.name for i in graph.graph.initializer}
     inputs = [(i.name, _dims(i)) for i in graph.graph.input if i.name not in inits]
     if inputs != [(INPUT_NAME, [batch, 3, height, width])]:
-        raise DetectionExportError(f"exported inputs {inputs}, "
-                                   f"expected [({INPUT_NAME!r}, [{batch}, 3, {height}, {width}])]")
+        raise DetectionExportError(
+            f"exported inputs {inputs}, expected [({INPUT_NAME!r}, [{batch}, 3, {height}, {width}])]"
+        )
     outputs = [(o.name, _dims(o)) for o in graph.graph.output]
-    want = [("boxes", [batch, max_detections, 4]), ("scores", [batch, max_detections]),
-            ("labels", [batch, max_detections])]
+    want = [
+        ("boxes", [batch, max_detections, 4]),
+        ("scores", [batch, max_detections]),
+        ("labels", [batch, max_detections]),
+    ]
     if outputs != want:
         raise DetectionExportError(f"exported outputs {outputs}, expected {want}")
 
 
-def export_detector(model: Any, dest: str | os.PathLike[str], *, batch: int = 1, opset: int = OPSET
-                    ) -> DetectionExportInfo:
+def export_detector(
+    model: Any, dest: str | os.PathLike[str], *, batch: int = 1, opset: int = OPSET
+) -> DetectionExportInfo:
     """Export a ``training.detection.model.build_detector`` model to ``dest`` (atomic write)."""
     import onnx
     import torch
@@ -118,41 +126,59 @@ def export_detector(model: Any, dest: str | os.PathLike[str], *, batch: int = 1,
     with tempfile.TemporaryDirectory(prefix="defectscope-export-det-") as tmp:
         raw = Path(tmp) / "raw.onnx"
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # tracer warnings about data-dependent shapes are expected here
-            torch.onnx.export(wrapper, (dummy,), str(raw), dynamo=False, opset_version=opset,
-                              do_constant_folding=True, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES))
+            warnings.simplefilter("ignore")  # tracer warnings about data-dependent shapes are expected here
+            torch.onnx.export(
+                wrapper,
+                (dummy,),
+                str(raw),
+                dynamo=False,
+                opset_version=opset,
+                do_constant_folding=True,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+            )
         graph = onnx.load(str(raw))
         check_detection_graph(graph, batch, h, w, d)
         graph.producer_name = "defectscope"
         from runtime.fsio import atomic_write_bytes
+
         atomic_write_bytes(dest, graph.SerializeToString())
-    inp = {"height": h, "width": w, "resize_policy": "letterbox", "pad_value": 0, "color_order": "RGB",
-           "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "box_format": "xyxy", "label_offset": 1}
+    inp = {
+        "height": h,
+        "width": w,
+        "resize_policy": "letterbox",
+        "pad_value": 0,
+        "color_order": "RGB",
+        "mean": [0.0, 0.0, 0.0],
+        "std": [1.0, 1.0, 1.0],
+        "box_format": "xyxy",
+        "label_offset": 1,
+    }
     return DetectionExportInfo(opset, "torchscript", batch, h, w, d, len(graph.graph.node), inp)
 
 
-def _session(path: str | os.PathLike[str], threads: int = 1) -> Any:
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def parity(model: Any, onnx_path: str | os.PathLike[str], images: Sequence[np.ndarray], *,
-           score_threshold: float = 0.3, min_iou: float = 0.98, score_tol: float = 1e-3) -> dict[str, Any]:
+def parity(
+    model: Any,
+    onnx_path: str | os.PathLike[str],
+    images: Sequence[np.ndarray],
+    *,
+    score_threshold: float = 0.3,
+    min_iou: float = 0.98,
+    score_tol: float = 1e-3,
+) -> dict[str, Any]:
     """PyTorch vs ONNX Runtime on (3,H,W) [0,1] images: every detection above ``score_threshold``
     matched (same label, IoU >= ``min_iou``, score within ``score_tol``) and the same count.
     Returns the measured worst cases; raises DetectionExportError naming the image and the check."""
     import torch
 
     from runtime.boxes import box_iou
+    from runtime.ort_session import ort_session
 
-    sess = _session(onnx_path)
+    sess = ort_session(onnx_path)
     batch = sess.get_inputs()[0].shape[0]
-    worst = {"images": len(images), "detections": 0, "min_iou": 1.0, "max_score_diff": 0.0,
-             "max_box_diff_px": 0.0}
+    worst = {"images": len(images), "detections": 0, "min_iou": 1.0, "max_score_diff": 0.0, "max_box_diff_px": 0.0}
     for start in range(0, len(images), batch):
-        chunk = [np.asarray(im, np.float32) for im in images[start:start + batch]]
+        chunk = [np.asarray(im, np.float32) for im in images[start : start + batch]]
         x = np.stack(chunk + [np.zeros_like(chunk[0])] * (batch - len(chunk)))
         ob, os_, ol = sess.run(list(OUTPUT_NAMES), {sess.get_inputs()[0].name: x})
         with torch.no_grad():
@@ -162,16 +188,20 @@ def parity(model: Any, onnx_path: str | os.PathLike[str], images: Sequence[np.nd
             tb, ts, tl = r["boxes"].numpy(), r["scores"].numpy(), r["labels"].numpy()
             keep_t, keep_o = ts >= score_threshold, os_[i] >= score_threshold
             if keep_t.sum() != keep_o.sum():
-                raise DetectionExportError(f"{where}: {int(keep_t.sum())} detections >= {score_threshold} in PyTorch, "
-                                           f"{int(keep_o.sum())} in ONNX Runtime")
+                raise DetectionExportError(
+                    f"{where}: {int(keep_t.sum())} detections >= {score_threshold} in PyTorch, "
+                    f"{int(keep_o.sum())} in ONNX Runtime"
+                )
             tb, ts, tl = tb[keep_t], ts[keep_t], tl[keep_t]
             eb, es, el = ob[i][keep_o], os_[i][keep_o], ol[i][keep_o]
             iou = box_iou(tb, eb) * (tl[:, None] == el[None, :])
             for j in range(len(tb)):
                 k = int(np.argmax(iou[j])) if iou.shape[1] else -1
                 if k < 0 or iou[j, k] < min_iou:
-                    raise DetectionExportError(f"{where}: PyTorch box {tb[j].round(2).tolist()} (label {tl[j]}) has no "
-                                               f"ONNX match at IoU >= {min_iou} (best {iou[j].max(initial=0):.4f})")
+                    raise DetectionExportError(
+                        f"{where}: PyTorch box {tb[j].round(2).tolist()} (label {tl[j]}) has no "
+                        f"ONNX match at IoU >= {min_iou} (best {iou[j].max(initial=0):.4f})"
+                    )
                 diff = abs(float(ts[j]) - float(es[k]))
                 if diff > score_tol:
                     raise DetectionExportError(f"{where}: score {ts[j]:.5f} vs ONNX {es[k]:.5f} (> {score_tol})")
@@ -189,10 +219,20 @@ def quant_preprocess(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -
     RoiAlign subgraph (measured in issue 16); ONNX's own shape inference still runs.
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
     dst = Path(dst)
     quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
     return dst
 
 
-__all__ = ["DetectionExportError", "DetectionExportInfo", "INPUT_NAME", "OPSET", "OUTPUT_NAMES",
-           "check_detection_graph", "export_detector", "parity", "quant_preprocess"]
+__all__ = [
+    "DetectionExportError",
+    "DetectionExportInfo",
+    "INPUT_NAME",
+    "OPSET",
+    "OUTPUT_NAMES",
+    "check_detection_graph",
+    "export_detector",
+    "parity",
+    "quant_preprocess",
+]

@@ -24,14 +24,17 @@ class Trial:
     drops: dict[str, float]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"float_nodes": list(self.float_nodes), "passed": self.passed,
-                "drops_points": {k: round(v, 4) for k, v in self.drops.items()}}
+        return {
+            "float_nodes": list(self.float_nodes),
+            "passed": self.passed,
+            "drops_points": {k: round(v, 4) for k, v in self.drops.items()},
+        }
 
 
 @dataclass
 class SearchResult:
-    float_nodes: tuple[str, ...] | None          # None: no set within max_nodes passed
-    gate: GateResult | None                      # the gate of the chosen set
+    float_nodes: tuple[str, ...] | None  # None: no set within max_nodes passed
+    gate: GateResult | None  # the gate of the chosen set
     trials: list[Trial] = field(default_factory=list)
     order: list[str] = field(default_factory=list)
 
@@ -40,8 +43,12 @@ class SearchResult:
         return self.float_nodes is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"found": self.found, "float_nodes": list(self.float_nodes or []),
-                "candidates_ranked": self.order, "trials": [t.to_dict() for t in self.trials]}
+        return {
+            "found": self.found,
+            "float_nodes": list(self.float_nodes or []),
+            "candidates_ranked": self.order,
+            "trials": [t.to_dict() for t in self.trials],
+        }
 
 
 def _prefix_sizes(limit: int) -> list[int]:
@@ -53,8 +60,9 @@ def _prefix_sizes(limit: int) -> list[int]:
     return sorted(set(sizes))
 
 
-def search_float_nodes(order: Sequence[str], evaluate: Callable[[tuple[str, ...]], GateResult],
-                       max_nodes: int) -> SearchResult:
+def search_float_nodes(
+    order: Sequence[str], evaluate: Callable[[tuple[str, ...]], GateResult], max_nodes: int
+) -> SearchResult:
     """Find a small passing set of float nodes among ``order`` (best candidates first).
 
     ``evaluate(nodes)`` quantizes with ``nodes`` kept in float and returns the gate.

@@ -16,7 +16,7 @@ import numpy as np
 from calibration.evaluate import Metrics
 from runtime.engine_gate import DEFAULT_BUDGET_POINTS
 
-DEFAULT_BUDGET = DEFAULT_BUDGET_POINTS     # percentage points: the one definition, shared with stations
+DEFAULT_BUDGET = DEFAULT_BUDGET_POINTS  # percentage points: the one definition, shared with stations
 DEFAULT_METRICS = ("accuracy", "macro_f1")
 
 
@@ -46,8 +46,10 @@ class GateResult:
         return not self.failures
 
     def recall_drops(self) -> dict[str, float]:
-        return {c: 100.0 * (r - self.candidate.per_class_recall.get(c, 0.0))
-                for c, r in self.reference.per_class_recall.items()}
+        return {
+            c: 100.0 * (r - self.candidate.per_class_recall.get(c, 0.0))
+            for c, r in self.reference.per_class_recall.items()
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,31 +69,43 @@ class GateResult:
         for m in ("accuracy", "macro_f1"):
             gated = m in self.metrics
             status = ("FAIL" if m in self.failures else "ok") if gated else "-"
-            out.append((m, f"{self.reference.value(m):.4f}", f"{self.candidate.value(m):.4f}",
-                        f"{self.drop(m):+.2f}", status))
+            out.append(
+                (m, f"{self.reference.value(m):.4f}", f"{self.candidate.value(m):.4f}", f"{self.drop(m):+.2f}", status)
+            )
         for c in self.reference.per_class_recall:
             m = f"recall:{c}"
             gated = m in self.metrics
             status = ("FAIL" if m in self.failures else "ok") if gated else "-"
-            out.append((m, f"{self.reference.per_class_recall[c]:.4f}",
-                        f"{self.candidate.per_class_recall.get(c, 0.0):.4f}", f"{self.drop(m):+.2f}", status))
+            out.append(
+                (
+                    m,
+                    f"{self.reference.per_class_recall[c]:.4f}",
+                    f"{self.candidate.per_class_recall.get(c, 0.0):.4f}",
+                    f"{self.drop(m):+.2f}",
+                    status,
+                )
+            )
         return out
 
     def report(self) -> str:
         """Plain-text report (the CLI renders the same rows with rich)."""
-        head = (f"accuracy gate on split '{self.reference.split}' (n={self.reference.n}), budget "
-                f"{self.budget:.2f} points on {', '.join(self.metrics)}: {'PASSED' if self.passed else 'FAILED'}")
+        head = (
+            f"accuracy gate on split '{self.reference.split}' (n={self.reference.n}), budget "
+            f"{self.budget:.2f} points on {', '.join(self.metrics)}: {'PASSED' if self.passed else 'FAILED'}"
+        )
         lines = [head, f"{'metric':<22}{'fp32':>9}{'int8':>9}{'drop pts':>10}  status"]
         lines += [f"{m:<22}{a:>9}{b:>9}{d:>10}  {s}" for m, a, b, d, s in self.rows()]
         return "\n".join(lines)
 
 
-def check_gate(reference: Metrics, candidate: Metrics, budget: float = DEFAULT_BUDGET,
-               metrics: Sequence[str] = DEFAULT_METRICS) -> GateResult:
+def check_gate(
+    reference: Metrics, candidate: Metrics, budget: float = DEFAULT_BUDGET, metrics: Sequence[str] = DEFAULT_METRICS
+) -> GateResult:
     """Compare FP32 (``reference``) and INT8 (``candidate``) metrics of the same split."""
     if reference.split != candidate.split or reference.n != candidate.n:
-        raise ValueError(f"gate compares the same split: got {reference.split}/{reference.n} "
-                         f"vs {candidate.split}/{candidate.n}")
+        raise ValueError(
+            f"gate compares the same split: got {reference.split}/{reference.n} vs {candidate.split}/{candidate.n}"
+        )
     if budget < 0:
         raise ValueError(f"gate budget must be >= 0 points, got {budget}")
     for m in metrics:
@@ -115,8 +129,10 @@ def parse_gate_backends(text: str) -> tuple[str, ...]:
     for item in (s.strip() for s in text.split(",")):
         name, _, precision = item.partition(":")
         if name not in GATE_BACKENDS or (precision and (name != "openvino" or precision not in OPENVINO_PRECISIONS)):
-            raise ValueError(f"--gate-backends: unknown backend {item!r}; expected a comma-separated list of "
-                             f"{', '.join(GATE_BACKENDS)} (openvino optionally as openvino:f32 or openvino:bf16)")
+            raise ValueError(
+                f"--gate-backends: unknown backend {item!r}; expected a comma-separated list of "
+                f"{', '.join(GATE_BACKENDS)} (openvino optionally as openvino:f32 or openvino:bf16)"
+            )
         if name == "openvino" and not precision:
             ids += [f"openvino:{p}" for p in openvino_precisions()]
         else:
@@ -146,7 +162,7 @@ def openvino_precisions() -> tuple[str, ...]:
 
 def backend_metrics(backend_id: str, model: str | Any, output: str, data: Any) -> tuple[Metrics, dict[str, Any]]:
     """(metrics, facts) of an ONNX classifier through one engine; ``data`` is a pipeline.EvalData."""
-    from calibration.evaluate import classification_metrics
+    from calibration.evaluate import prediction_metrics
 
     if backend_id == "onnxruntime":
         import onnxruntime
@@ -160,13 +176,22 @@ def backend_metrics(backend_id: str, model: str | Any, output: str, data: Any) -
     finally:
         engine.close()
     preds = np.concatenate(logits).argmax(1)
-    return (classification_metrics(data.y, preds, data.classes, data.split),
-            {"openvino": engine.version, "inference_precision": engine.inference_precision})
+    return (
+        prediction_metrics(data.y, preds, data.classes, data.split),
+        {"openvino": engine.version, "inference_precision": engine.inference_precision},
+    )
 
 
-def gate_backends(ids: Sequence[str], models: Mapping[str, Any], reference: Metrics, data: Any, output: str,
-                  budget: float = DEFAULT_BUDGET, metrics: Sequence[str] = DEFAULT_METRICS,
-                  known: Mapping[str, Metrics] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+def gate_backends(
+    ids: Sequence[str],
+    models: Mapping[str, Any],
+    reference: Metrics,
+    data: Any,
+    output: str,
+    budget: float = DEFAULT_BUDGET,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    known: Mapping[str, Metrics] | None = None,
+) -> dict[str, dict[str, dict[str, Any]]]:
     """{artifact key: {record id: metrics + engine facts + gate vs ``reference``}} for each model path.
 
     ``known`` holds ONNX Runtime metrics already computed per artifact key (not evaluated again).
@@ -183,18 +208,25 @@ def gate_backends(ids: Sequence[str], models: Mapping[str, Any], reference: Metr
                 m, facts = backend_metrics(rid, path, output, data)
             if facts["inference_precision"] != rid.partition(":")[2] and rid != "onnxruntime":
                 rid = f"openvino:{facts['inference_precision']}"  # the plugin ran another precision
-            out[key][rid] = {**m.to_dict(), **facts,
-                             "gate": check_gate(reference, m, budget, metrics).to_dict()}
+            out[key][rid] = {**m.to_dict(), **facts, "gate": check_gate(reference, m, budget, metrics).to_dict()}
     return out
 
 
 def backend_rows(records: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[tuple[str, ...]]:
     """(artifact, backend, accuracy, macro_f1, drop pts, status) rows for the calibrate report."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for key, per in records.items():
         for rid, r in per.items():
             g = r["gate"]
             worst = max(g["drops_points"].values(), default=0.0)
-            rows.append((key, rid, f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", f"{worst:+.2f}",
-                         "ok" if g["passed"] else "FAIL"))
+            rows.append(
+                (
+                    key,
+                    rid,
+                    f"{r['accuracy']:.4f}",
+                    f"{r['macro_f1']:.4f}",
+                    f"{worst:+.2f}",
+                    "ok" if g["passed"] else "FAIL",
+                )
+            )
     return rows

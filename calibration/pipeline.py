@@ -67,8 +67,13 @@ class TargetOutcome:
         return self.gate.passed
 
     def report(self) -> dict[str, Any]:
-        out = {"quantization": self.config.to_dict(), "gate": self.gate.to_dict(), "float_nodes": self.float_nodes,
-               "metrics": self.metrics.to_dict(), "passed": self.passed}
+        out = {
+            "quantization": self.config.to_dict(),
+            "gate": self.gate.to_dict(),
+            "float_nodes": self.float_nodes,
+            "metrics": self.metrics.to_dict(),
+            "passed": self.passed,
+        }
         if self.search is not None:
             out["search"] = self.search
         if self.speed is not None:
@@ -77,28 +82,47 @@ class TargetOutcome:
 
     def quantization_record(self, fingerprint: str, size: int) -> dict[str, Any]:
         """The manifest's ``artifacts.<key>.quantization``."""
-        q = {**self.config.to_dict(), "calibration_fingerprint": fingerprint, "calibration_size": size,
-             "float_nodes": list(self.float_nodes)}
+        q = {
+            **self.config.to_dict(),
+            "calibration_fingerprint": fingerprint,
+            "calibration_size": size,
+            "float_nodes": list(self.float_nodes),
+        }
         if self.search is not None:
             # Why layers stay in float: the all-INT8 drop that failed the gate, and the search effort.
-            q["fallback"] = {"drops_before_points": self.search["drops_before_points"],
-                             "trials": len(self.search["trials"]), "budget_points": self.gate.budget}
+            q["fallback"] = {
+                "drops_before_points": self.search["drops_before_points"],
+                "trials": len(self.search["trials"]),
+                "budget_points": self.gate.budget,
+            }
         if self.speed is not None:
             # The count to pass as ``--float-prefix N`` to rebuild this artifact byte for byte: an
             # ``auto`` choice is timed, so it can differ on another machine or under load.
             q["float_prefix"] = len(self.speed.float_nodes)
         if self.speed is not None and self.speed.float_nodes:
             # Why leading layers stay in float: they were measured faster in FP32 on the calibrating machine.
-            q["float_for_speed"] = {"nodes": list(self.speed.float_nodes), "measured": self.speed.measured,
-                                    "trials": [{k: t[k] for k in ("prefix", "img_per_s")} for t in self.speed.trials]}
+            q["float_for_speed"] = {
+                "nodes": list(self.speed.float_nodes),
+                "measured": self.speed.measured,
+                "trials": [{k: t[k] for k in ("prefix", "img_per_s")} for t in self.speed.trials],
+            }
         return q
 
 
-def quantize_and_gate(prepared: Path, reference: Metrics, x_cal: np.ndarray, data: EvalData, config: QuantConfig,
-                      ranges: Path, out_path: Path, settings: GateSettings, *,
-                      log: Callable[[str], None] = print,
-                      show: Callable[[str, GateResult], None] | None = None,
-                      speed: SpeedSettings | None = None) -> TargetOutcome:
+def quantize_and_gate(
+    prepared: Path,
+    reference: Metrics,
+    x_cal: np.ndarray,
+    data: EvalData,
+    config: QuantConfig,
+    ranges: Path,
+    out_path: Path,
+    settings: GateSettings,
+    *,
+    log: Callable[[str], None] = print,
+    show: Callable[[str, GateResult], None] | None = None,
+    speed: SpeedSettings | None = None,
+) -> TargetOutcome:
     """Quantize ``prepared`` for ``config.target``, gate it against ``reference``; search float layers if needed.
 
     ``ranges`` caches the calibration ranges (computed from ``x_cal`` on first use).
@@ -115,36 +139,50 @@ def quantize_and_gate(prepared: Path, reference: Metrics, x_cal: np.ndarray, dat
     gate = check_gate(reference, metrics, settings.budget, settings.metrics)
     outcome = TargetOutcome(config.target, config, out_path, metrics, gate, float_nodes=list(base), speed=fast)
     if show:
-        show(f"{outcome.key} ({config.target}) vs fp32 on {data.split} (n={reference.n}), budget "
-             f"{settings.budget:g} pts: {'PASSED' if gate.passed else 'FAILED'}", gate)
+        show(
+            f"{outcome.key} ({config.target}) vs fp32 on {data.split} (n={reference.n}), budget "
+            f"{settings.budget:g} pts: {'PASSED' if gate.passed else 'FAILED'}",
+            gate,
+        )
     if gate.passed or not settings.fallback:
         return outcome
 
     nodes = compute_nodes(prepared)
-    sens = layer_sensitivity(prepared, config, ranges, x_cal[: settings.sensitivity_images], nodes, data.threads,
-                             progress=True)
+    sens = layer_sensitivity(
+        prepared, config, ranges, x_cal[: settings.sensitivity_images], nodes, data.threads, progress=True
+    )
     order = [n for n in fallback_order(prepared, sens) if n not in base]
     trial_path = out_path.with_name(f"trial.{out_path.name}")
 
     def evaluate(float_nodes: tuple[str, ...]) -> GateResult:
         quantize_model(prepared, trial_path, config, ranges, nodes_to_exclude=base + float_nodes)
         g = check_gate(reference, data.evaluate(trial_path), settings.budget, settings.metrics)
-        log(f"  float {len(float_nodes)} layer(s): " + ", ".join(f"{k} drop {v:+.2f}" for k, v in g.drops.items())
-            + (" -> pass" if g.passed else " -> fail"))
+        log(
+            f"  float {len(float_nodes)} layer(s): "
+            + ", ".join(f"{k} drop {v:+.2f}" for k, v in g.drops.items())
+            + (" -> pass" if g.passed else " -> fail")
+        )
         return g
 
     log(f"searching for layers to keep in float (at most {settings.max_float_nodes}) ...")
     search = search_float_nodes(order, evaluate, settings.max_float_nodes)
-    outcome.search = {**search.to_dict(), "sensitivity": {n: round(s, 8) for n, s in sens.items()},
-                      "drops_before_points": {k: round(v, 4) for k, v in gate.drops.items()}}
+    outcome.search = {
+        **search.to_dict(),
+        "sensitivity": {n: round(s, 8) for n, s in sens.items()},
+        "drops_before_points": {k: round(v, 4) for k, v in gate.drops.items()},
+    }
     if not search.found:
         log(f"no set of up to {settings.max_float_nodes} float layers meets the budget")
         return outcome
-    quantize_model(prepared, out_path, config, ranges, nodes_to_exclude=base + search.float_nodes)
+    found = search.float_nodes or ()  # search.found: not None here
+    quantize_model(prepared, out_path, config, ranges, nodes_to_exclude=base + found)
     outcome.metrics = data.evaluate(out_path)
     outcome.gate = check_gate(reference, outcome.metrics, settings.budget, settings.metrics)
-    outcome.float_nodes = list(base + search.float_nodes)
+    outcome.float_nodes = list(base + found)
     if show:
-        show(f"{outcome.key} with {len(outcome.float_nodes)} float layer(s) {outcome.float_nodes}: "
-             f"{'PASSED' if outcome.passed else 'FAILED'}", outcome.gate)
+        show(
+            f"{outcome.key} with {len(outcome.float_nodes)} float layer(s) {outcome.float_nodes}: "
+            f"{'PASSED' if outcome.passed else 'FAILED'}",
+            outcome.gate,
+        )
     return outcome

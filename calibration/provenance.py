@@ -13,8 +13,17 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-LIBRARIES = ("torch", "torchvision", "onnx", "onnxruntime", "onnxslim", "numpy", "opencv-python-headless",
-             "scikit-learn", "defectscope")
+LIBRARIES = (
+    "torch",
+    "torchvision",
+    "onnx",
+    "onnxruntime",
+    "onnxslim",
+    "numpy",
+    "opencv-python-headless",
+    "scikit-learn",
+    "defectscope",
+)
 
 
 def utc_now() -> str:
@@ -36,10 +45,16 @@ def library_versions(names: Iterable[str] = LIBRARIES) -> dict[str, str]:
 def git_commit(root: Path = REPO_ROOT) -> str | None:
     """HEAD commit of the source tree (``-dirty`` when it has local changes), None outside git."""
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{head}-dirty" if dirty else head

@@ -51,7 +51,7 @@ class QuantConfig:
     per_channel: bool = True
     reduce_range: bool = False
     percentile: float = 99.999
-    batch_size: int = 16              # images per calibration inference
+    batch_size: int = 16  # images per calibration inference
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -152,10 +152,17 @@ def input_name_of(model_path: str | os.PathLike[str]) -> str:
     return next(i.name for i in model.graph.input if i.name not in inits)
 
 
-def quantize_model(float_model: str | os.PathLike[str], dest: str | os.PathLike[str], config: QuantConfig,
-                   ranges_cache: str | os.PathLike[str], x: np.ndarray | None = None, *,
-                   nodes_to_exclude: Iterable[str] = (), nodes_to_quantize: Iterable[str] | None = None,
-                   progress: bool = False) -> Path:
+def quantize_model(
+    float_model: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    config: QuantConfig,
+    ranges_cache: str | os.PathLike[str],
+    x: np.ndarray | None = None,
+    *,
+    nodes_to_exclude: Iterable[str] = (),
+    nodes_to_quantize: Iterable[str] | None = None,
+    progress: bool = False,
+) -> Path:
     """Quantize ``float_model`` (pre-processed) to a QDQ model at ``dest``.
 
     The first call (no ``ranges_cache`` file yet) calibrates on ``x`` (N,C,H,W)
@@ -164,8 +171,11 @@ def quantize_model(float_model: str | os.PathLike[str], dest: str | os.PathLike[
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-              "percentile": CalibrationMethod.Percentile}[config.method]
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[config.method]
     cache = Path(ranges_cache)
     reader = None
     extra: dict[str, Any] = {
@@ -197,7 +207,9 @@ def quantize_model(float_model: str | os.PathLike[str], dest: str | os.PathLike[
     def write(tmp: str) -> None:
         with _quiet():
             quantize_static(
-                str(float_model), tmp, reader,
+                str(float_model),
+                tmp,
+                reader,
                 quant_format=QuantFormat.QDQ,
                 per_channel=config.per_channel,
                 reduce_range=config.reduce_range,
@@ -227,7 +239,7 @@ def quantize_model(float_model: str | os.PathLike[str], dest: str | os.PathLike[
 class NodeInfo:
     name: str
     op_type: str
-    index: int            # position in the (topologically sorted) graph
+    index: int  # position in the (topologically sorted) graph
 
 
 def compute_nodes(model_path: str | os.PathLike[str]) -> list[NodeInfo]:
@@ -235,8 +247,9 @@ def compute_nodes(model_path: str | os.PathLike[str]) -> list[NodeInfo]:
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
-    return [NodeInfo(n.name, n.op_type, i) for i, n in enumerate(model.graph.node)
-            if n.op_type in COMPUTE_OPS and n.name]
+    return [
+        NodeInfo(n.name, n.op_type, i) for i, n in enumerate(model.graph.node) if n.op_type in COMPUTE_OPS and n.name
+    ]
 
 
 def stem_and_classifier(model_path: str | os.PathLike[str]) -> tuple[str | None, str | None]:
@@ -284,9 +297,15 @@ def stem_and_classifier(model_path: str | os.PathLike[str]) -> tuple[str | None,
     return stem, classifier
 
 
-def layer_sensitivity(float_model: str | os.PathLike[str], config: QuantConfig, ranges_cache: str | os.PathLike[str],
-                      x: np.ndarray, nodes: Sequence[NodeInfo], threads: int | None = None,
-                      progress: bool = False) -> dict[str, float]:
+def layer_sensitivity(
+    float_model: str | os.PathLike[str],
+    config: QuantConfig,
+    ranges_cache: str | os.PathLike[str],
+    x: np.ndarray,
+    nodes: Sequence[NodeInfo],
+    threads: int | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
     """Per-layer error: quantize one node at a time, measure its logits error on ``x``.
 
     Score = mean squared logit error / variance of the float logits (noise-to-signal);

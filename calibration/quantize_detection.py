@@ -60,34 +60,41 @@ class DetectionQuantizationError(RuntimeError):
 @dataclass(frozen=True)
 class ScopeTrial:
     scope: str
-    nodes: int               # compute nodes quantized
+    nodes: int  # compute nodes quantized
     map50: float | None
     map: float | None
-    drop_points: float       # mAP@.5 FP32 - INT8, in points (positive = INT8 worse)
-    ms_per_image: float      # median ONNX Runtime latency, batch 1
+    drop_points: float  # mAP@.5 FP32 - INT8, in points (positive = INT8 worse)
+    ms_per_image: float  # median ONNX Runtime latency, batch 1
     passed: bool
     part: dict[str, Any] = field(default_factory=dict)
-    float_prefix: int = 0    # leading trunk compute nodes kept in float (stem, first depthwise, ...)
+    float_prefix: int = 0  # leading trunk compute nodes kept in float (stem, first depthwise, ...)
 
     @property
     def label(self) -> str:
         return self.scope if not self.float_prefix else f"{self.scope}-f{self.float_prefix}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"scope": self.scope, "float_prefix": self.float_prefix, "nodes": self.nodes, "map50": self.map50,
-                "map": self.map,
-                "drop_points": round(self.drop_points, 4), "ms_per_image": round(self.ms_per_image, 3),
-                "passed": self.passed, "part": self.part}
+        return {
+            "scope": self.scope,
+            "float_prefix": self.float_prefix,
+            "nodes": self.nodes,
+            "map50": self.map50,
+            "map": self.map,
+            "drop_points": round(self.drop_points, 4),
+            "ms_per_image": round(self.ms_per_image, 3),
+            "passed": self.passed,
+            "part": self.part,
+        }
 
 
 @dataclass(frozen=True)
 class DetectionCalibration:
     chosen: ScopeTrial | None
     trials: tuple[ScopeTrial, ...]
-    reference: dict[str, Any]         # FP32 metrics on the same held-out images
+    reference: dict[str, Any]  # FP32 metrics on the same held-out images
     budget_points: float
     fp32_ms_per_image: float
-    artifact: Path | None = None      # the written int8 model (None: gate failed, bundle unchanged)
+    artifact: Path | None = None  # the written int8 model (None: gate failed, bundle unchanged)
 
     @property
     def passed(self) -> bool:
@@ -120,9 +127,10 @@ def _calibration_tensor(card: Any, size: int, seed: int) -> np.ndarray:
     return np.stack([ds[i][0].numpy().astype(np.float32) for i in range(len(ds))])
 
 
-def _evaluate(onnx_path: Path, ds: Any, samples: Sequence[Any], classes: Sequence[str], threshold: float,
-              threads: int) -> tuple[dict[str, Any], float]:
-    from training.detection.export import ort_predict
+def _evaluate(
+    onnx_path: Path, ds: Any, samples: Sequence[Any], classes: Sequence[str], threshold: float, threads: int
+) -> tuple[dict[str, Any], float]:
+    from calibration.detection_bundle import ort_predict
     from training.detection.task import DetectionTask, DetPredictions
 
     preds, ms = ort_predict(onnx_path, ds, threads)
@@ -130,12 +138,19 @@ def _evaluate(onnx_path: Path, ds: Any, samples: Sequence[Any], classes: Sequenc
     return m, float(np.median(ms)) if ms else float("nan")
 
 
-def _openvino_evaluate(onnx_path: Path, ds: Any, samples: Sequence[Any], classes: Sequence[str], threshold: float,
-                       threads: int, precision: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _openvino_evaluate(
+    onnx_path: Path,
+    ds: Any,
+    samples: Sequence[Any],
+    classes: Sequence[str],
+    threshold: float,
+    threads: int,
+    precision: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """mAP through OpenVINO at ``precision`` (f32 | bf16): the station's other CPU engine, same images."""
+    from calibration.detection_bundle import predict_with
     from calibration.export_detection import OUTPUT_NAMES
     from runtime.backend_openvino import OpenVINOModel
-    from training.detection.export import predict_with
     from training.detection.task import DetectionTask, DetPredictions
 
     engine = OpenVINOModel(onnx_path, list(OUTPUT_NAMES), threads=threads, precision=precision)
@@ -147,9 +162,19 @@ def _openvino_evaluate(onnx_path: Path, ds: Any, samples: Sequence[Any], classes
     return m, {"openvino": engine.version, "inference_precision": engine.inference_precision}
 
 
-def backend_records(ids: Sequence[str], models: dict[str, Path], known: dict[str, dict[str, Any]], card: Any,
-                    held_out: Sequence[Any], *, reference_map50: float, budget: float, split: str,
-                    score_threshold: float, threads: int) -> dict[str, dict[str, dict[str, Any]]]:
+def backend_records(
+    ids: Sequence[str],
+    models: dict[str, Path],
+    known: dict[str, dict[str, Any]],
+    card: Any,
+    held_out: Sequence[Any],
+    *,
+    reference_map50: float,
+    budget: float,
+    split: str,
+    score_threshold: float,
+    threads: int,
+) -> dict[str, dict[str, dict[str, Any]]]:
     """{artifact: {record id: mAP + engine facts + gate vs the ONNX Runtime FP32 mAP@.5}} (calibrate
     --gate-backends): ``auto`` refuses a backend whose record fails (runtime.backends.accuracy_record)."""
     from training.detection.loader import DetectionDataset
@@ -164,16 +189,28 @@ def backend_records(ids: Sequence[str], models: dict[str, Path], known: dict[str
 
                 m, facts = known[key], {"onnxruntime": onnxruntime.__version__, "inference_precision": "f32"}
             else:
-                m, facts = _openvino_evaluate(path, ds, held_out, card.classes, score_threshold, threads,
-                                              rid.partition(":")[2])
+                m, facts = _openvino_evaluate(
+                    path, ds, held_out, card.classes, score_threshold, threads, rid.partition(":")[2]
+                )
                 rid = f"openvino:{facts['inference_precision']}"  # what the plugin actually ran
             drop = 100.0 * (reference_map50 - (m.get(GATE_METRIC) or 0.0))
             passed = drop <= budget + 1e-9
-            out[key][rid] = {"map50": m.get(GATE_METRIC), "map": m.get("map"), **facts,
-                             "gate": {"passed": passed, "metric": GATE_METRIC, "budget_points": budget,
-                                      "metrics": [GATE_METRIC], "drops_points": {GATE_METRIC: round(drop, 4)},
-                                      "failed": [] if passed else [GATE_METRIC], "split": split,
-                                      "n": len(held_out), "reference": "onnxruntime fp32"}}
+            out[key][rid] = {
+                "map50": m.get(GATE_METRIC),
+                "map": m.get("map"),
+                **facts,
+                "gate": {
+                    "passed": passed,
+                    "metric": GATE_METRIC,
+                    "budget_points": budget,
+                    "metrics": [GATE_METRIC],
+                    "drops_points": {GATE_METRIC: round(drop, 4)},
+                    "failed": [] if passed else [GATE_METRIC],
+                    "split": split,
+                    "n": len(held_out),
+                    "reference": "onnxruntime fp32",
+                },
+            }
     return out
 
 
@@ -233,12 +270,23 @@ def calibrate_detector(
                 quantize_model(prep, out, config, cache, x, nodes_to_quantize=nodes)
                 m, ms = _evaluate(out, ds, held_out, classes, score_threshold, threads)
                 drop = 100.0 * (ref_map50 - (m[GATE_METRIC] or 0.0))
-                trial = ScopeTrial(scope, len(nodes), m[GATE_METRIC], m["map"], drop, ms, drop <= budget + 1e-9,
-                                   dict(m.get("part") or {}), prefix)
+                trial = ScopeTrial(
+                    scope,
+                    len(nodes),
+                    m[GATE_METRIC],
+                    m["map"],
+                    drop,
+                    ms,
+                    drop <= budget + 1e-9,
+                    dict(m.get("part") or {}),
+                    prefix,
+                )
                 trials.append(trial)
-                echo(f"INT8 scope {label:15} ({len(nodes):3} nodes): mAP@.5 {trial.map50 or 0.0:.4f} "
-                     f"(drop {drop:+.2f} pts, budget {budget:g}) {ms:.2f} ms/image -> "
-                     f"{'pass' if trial.passed else 'FAIL'}")
+                echo(
+                    f"INT8 scope {label:15} ({len(nodes):3} nodes): mAP@.5 {trial.map50 or 0.0:.4f} "
+                    f"(drop {drop:+.2f} pts, budget {budget:g}) {ms:.2f} ms/image -> "
+                    f"{'pass' if trial.passed else 'FAIL'}"
+                )
         passing = [t for t in trials if t.passed]
         chosen = min(passing, key=lambda t: t.ms_per_image) if passing else None
         artifact = None
@@ -249,13 +297,20 @@ def calibrate_detector(
     return DetectionCalibration(chosen, tuple(trials), ref, budget, ref_ms, artifact)
 
 
-def calibrate_bundle(bundle_dir: str | Path, run_dir: str | Path, *, split: str = "test", limit: int | None = None,
-                     gate_backends: Sequence[str] = ("onnxruntime",), echo: Callable[[str], Any] = print,
-                     **kwargs: Any) -> DetectionCalibration:
+def calibrate_bundle(
+    bundle_dir: str | Path,
+    run_dir: str | Path,
+    *,
+    split: str = "test",
+    limit: int | None = None,
+    gate_backends: Sequence[str] = ("onnxruntime",),
+    echo: Callable[[str], Any] = print,
+    **kwargs: Any,
+) -> DetectionCalibration:
     """``defectscope calibrate`` on a detection bundle: the gated INT8 artifact added atomically, made default."""
+    from calibration.detection_bundle import held_out_samples
     from runtime.bundle import Artifact, add_artifact, load_bundle
     from training.detection.checkpoint import DetCard
-    from training.detection.export import _held_out
 
     bundle = load_bundle(bundle_dir)  # checksums verified before the FP32 graph is used
     m = bundle.manifest
@@ -270,51 +325,110 @@ def calibrate_bundle(bundle_dir: str | Path, run_dir: str | Path, *, split: str 
     except (OSError, ValueError) as exc:  # ValueError includes CheckpointError: a forged or invalid card
         raise DetectionQuantizationError(f"{card_path}: cannot read the detection card ({exc})") from None
     if ["ok", *card.classes] != list(m.classes):
-        raise DetectionQuantizationError(f"{card_path}: classes {list(card.classes)} are not the bundle's "
-                                         f"{list(m.classes[1:])}; pass the run the bundle was exported from")
-    held_out = _held_out(card, split, limit)
-    threshold = float(m.output.score_threshold) if getattr(m.output, "score_threshold", None) is not None else 0.5
+        raise DetectionQuantizationError(
+            f"{card_path}: classes {list(card.classes)} are not the bundle's "
+            f"{list(m.classes[1:])}; pass the run the bundle was exported from"
+        )
+    held_out = held_out_samples(card, split, limit)
+    score = getattr(m.output, "score_threshold", None)
+    threshold = float(score) if score is not None else 0.5
     with tempfile.TemporaryDirectory(prefix="defectscope-detq-out-") as tmp:
         dest = Path(tmp) / "model.int8.onnx"
-        result = calibrate_detector(bundle.artifact_path(fp32_key), card, held_out, dest, score_threshold=threshold,
-                                    echo=echo, **kwargs)
+        result = calibrate_detector(
+            bundle.artifact_path(fp32_key), card, held_out, dest, score_threshold=threshold, echo=echo, **kwargs
+        )
         if result.chosen is None:
             return result
         c = result.chosen
-        gate = {"passed": True, "metric": GATE_METRIC, "budget_points": result.budget_points,
-                "drops_points": {GATE_METRIC: round(c.drop_points, 4)}, "split": split, "n": len(held_out),
-                "where": "calibration"}
-        quant = {"method": kwargs.get("method", "entropy"), "per_channel": True, "format": "qdq",
-                 "scope": c.scope, "float_prefix": c.float_prefix, "quantized_nodes": c.nodes,
-                 "float_parts": sorted(set(PARTS) - set(SCOPES[c.scope])) + ["box_predictor", "postprocess"],
-                 "scope_trials": [t.to_dict() for t in result.trials],
-                 "fp32_ms_per_image": round(result.fp32_ms_per_image, 3)}
-        metrics: dict[str, Any] = {"split": split, "n": len(held_out), "map": c.map, "map50": c.map50,
-                                   "part": c.part, "latency_ms_median": c.ms_per_image, "gate": gate}
+        gate = {
+            "passed": True,
+            "metric": GATE_METRIC,
+            "budget_points": result.budget_points,
+            "drops_points": {GATE_METRIC: round(c.drop_points, 4)},
+            "split": split,
+            "n": len(held_out),
+            "where": "calibration",
+        }
+        quant = {
+            "method": kwargs.get("method", "entropy"),
+            "per_channel": True,
+            "format": "qdq",
+            "scope": c.scope,
+            "float_prefix": c.float_prefix,
+            "quantized_nodes": c.nodes,
+            "float_parts": sorted(set(PARTS) - set(SCOPES[c.scope])) + ["box_predictor", "postprocess"],
+            "scope_trials": [t.to_dict() for t in result.trials],
+            "fp32_ms_per_image": round(result.fp32_ms_per_image, 3),
+        }
+        metrics: dict[str, Any] = {
+            "split": split,
+            "n": len(held_out),
+            "map": c.map,
+            "map50": c.map50,
+            "part": c.part,
+            "latency_ms_median": c.ms_per_image,
+            "gate": gate,
+        }
         records: dict[str, dict[str, dict[str, Any]]] = {}
         if any(r != "onnxruntime" for r in gate_backends):
             ref = result.reference
             records = backend_records(
-                gate_backends, {fp32_key: bundle.artifact_path(fp32_key), "int8": dest},
-                {fp32_key: ref, "int8": {"map50": c.map50, "map": c.map}}, card, held_out,
-                reference_map50=ref.get(GATE_METRIC) or 0.0, budget=result.budget_points, split=split,
-                score_threshold=threshold, threads=kwargs.get("threads", 1))
+                gate_backends,
+                {fp32_key: bundle.artifact_path(fp32_key), "int8": dest},
+                {fp32_key: ref, "int8": {"map50": c.map50, "map": c.map}},
+                card,
+                held_out,
+                reference_map50=ref.get(GATE_METRIC) or 0.0,
+                budget=result.budget_points,
+                split=split,
+                score_threshold=threshold,
+                threads=kwargs.get("threads", 1),
+            )
             for key, per in records.items():
                 for rid, r in per.items():
-                    echo(f"gate through {rid:14} {key:5}: mAP@.5 {r['map50'] or 0.0:.4f} (drop "
-                         f"{r['gate']['drops_points'][GATE_METRIC]:+.2f} pts) -> "
-                         f"{'ok' if r['gate']['passed'] else 'FAIL: auto will refuse it'}")
+                    echo(
+                        f"gate through {rid:14} {key:5}: mAP@.5 {r['map50'] or 0.0:.4f} (drop "
+                        f"{r['gate']['drops_points'][GATE_METRIC]:+.2f} pts) -> "
+                        f"{'ok' if r['gate']['passed'] else 'FAIL: auto will refuse it'}"
+                    )
             metrics["backends"] = records["int8"]
-        add_artifact(bundle_dir, "int8", Artifact(file="model.int8.onnx", format="onnx", precision="int8",
-                                                  quantization=quant), dest, metrics=metrics, make_default=True)
+        add_artifact(
+            bundle_dir,
+            "int8",
+            Artifact(file="model.int8.onnx", format="onnx", precision="int8", quantization=quant),
+            dest,
+            metrics=metrics,
+            make_default=True,
+        )
         if records:
             fresh = load_bundle(bundle_dir)
             fp32_metrics = {**dict(fresh.manifest.metrics.get(fp32_key) or {}), "backends": records[fp32_key]}
-            add_artifact(bundle_dir, fp32_key, fresh.manifest.artifacts[fp32_key], fresh.artifact_path(fp32_key),
-                         metrics=fp32_metrics)
-        return DetectionCalibration(c, result.trials, result.reference, result.budget_points,
-                                    result.fp32_ms_per_image, Path(bundle_dir) / "model.int8.onnx")
+            add_artifact(
+                bundle_dir,
+                fp32_key,
+                fresh.manifest.artifacts[fp32_key],
+                fresh.artifact_path(fp32_key),
+                metrics=fp32_metrics,
+            )
+        return DetectionCalibration(
+            c,
+            result.trials,
+            result.reference,
+            result.budget_points,
+            result.fp32_ms_per_image,
+            Path(bundle_dir) / "model.int8.onnx",
+        )
 
 
-__all__ = ["DEFAULT_CALIBRATION_IMAGES", "DetectionCalibration", "DetectionQuantizationError", "GATE_METRIC",
-           "PARTS", "SCOPES", "ScopeTrial", "calibrate_bundle", "calibrate_detector", "scope_nodes"]
+__all__ = [
+    "DEFAULT_CALIBRATION_IMAGES",
+    "DetectionCalibration",
+    "DetectionQuantizationError",
+    "GATE_METRIC",
+    "PARTS",
+    "SCOPES",
+    "ScopeTrial",
+    "calibrate_bundle",
+    "calibrate_detector",
+    "scope_nodes",
+]

@@ -35,10 +35,10 @@ class SpeedSettings:
 
     max_prefix: int = 4
     fixed: int | None = None
-    batch: int = 8                  # images per timed inference (the runtime's default max batch)
-    repeats: int = 15               # timed runs per candidate and round (median taken)
-    rounds: int = 2                 # candidates are timed round-robin, best round kept (drift-robust)
-    min_gain: float = 0.03          # fraction faster than all-INT8 needed to keep layers in float
+    batch: int = 8  # images per timed inference (the runtime's default max batch)
+    repeats: int = 15  # timed runs per candidate and round (median taken)
+    rounds: int = 2  # candidates are timed round-robin, best round kept (drift-robust)
+    min_gain: float = 0.03  # fraction faster than all-INT8 needed to keep layers in float
 
     def __post_init__(self) -> None:
         if self.max_prefix < 0:
@@ -68,13 +68,17 @@ class SpeedSettings:
 
 @dataclass
 class SpeedResult:
-    float_nodes: tuple[str, ...]                 # the chosen leading layers kept in float
-    trials: list[dict[str, Any]] = field(default_factory=list)   # {prefix, nodes, img_per_s}
+    float_nodes: tuple[str, ...]  # the chosen leading layers kept in float
+    trials: list[dict[str, Any]] = field(default_factory=list)  # {prefix, nodes, img_per_s}
     measured: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"float_prefix": len(self.float_nodes), "float_nodes": list(self.float_nodes),
-                "measured": self.measured, "trials": self.trials}
+        return {
+            "float_prefix": len(self.float_nodes),
+            "float_nodes": list(self.float_nodes),
+            "measured": self.measured,
+            "trials": self.trials,
+        }
 
 
 def throughput(session: Any, x: np.ndarray, repeats: int, warmup: int = 3) -> float:
@@ -91,9 +95,16 @@ def throughput(session: Any, x: np.ndarray, repeats: int, warmup: int = 3) -> fl
     return len(x) / float(np.median(times))
 
 
-def search_float_prefix(prepared: str | Path, config: QuantConfig, ranges: str | Path, x: np.ndarray,
-                        settings: SpeedSettings, threads: int | None = None, *,
-                        log: Callable[[str], None] | None = None) -> SpeedResult:
+def search_float_prefix(
+    prepared: str | Path,
+    config: QuantConfig,
+    ranges: str | Path,
+    x: np.ndarray,
+    settings: SpeedSettings,
+    threads: int | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> SpeedResult:
     """Choose how many leading compute layers of ``prepared`` stay in float for the fastest CPU model.
 
     ``x`` (N,C,H,W) float32: images to time on (the first ``settings.batch`` are used;
@@ -128,6 +139,9 @@ def search_float_prefix(prepared: str | Path, config: QuantConfig, ranges: str |
     if best[fastest] < best[0] * (1.0 + settings.min_gain):
         fastest = 0
     if log:
-        log(f"float prefix timing (batch {settings.batch}): "
-            + ", ".join(f"{k}: {v:.0f} img/s" for k, v in best.items()) + f" -> keep {fastest} in float")
+        log(
+            f"float prefix timing (batch {settings.batch}): "
+            + ", ".join(f"{k}: {v:.0f} img/s" for k, v in best.items())
+            + f" -> keep {fastest} in float"
+        )
     return SpeedResult(tuple(nodes[:fastest]), trials, measured=True)

@@ -23,12 +23,29 @@ def command(name: str, target: str, help: str, extra: str | None = None) -> None
     COMMANDS[name] = (target, help, extra)
 
 
-command("demo", "defectscope.demo:main", "end-to-end demo: ELPV -> train -> export -> INT8 -> serve over ZeroMQ", "train")
-command("train", "training.cli:train_main", "fine-tune a defect classifier or Faster R-CNN detector", "train")
-command("evaluate", "training.evaluate_cli:evaluate_main", "evaluate a classifier or detector checkpoint on a data split (optionally with TTA)", "train")
-command("extend", "training.detection.cli:extend_dispatch", "extend a model (classifier or detector) to a new line / new classes with EWC", "train")
-command("export", "calibration.cli:export_main", "export a checkpoint to an ONNX model bundle", "train")
-command("calibrate", "calibration.cli:calibrate_main", "INT8-quantize a bundle with a calibration set and an accuracy gate", "train")
+command(
+    "demo", "defectscope.demo:main", "end-to-end demo: ELPV -> train -> export -> INT8 -> serve over ZeroMQ", "train"
+)
+command("train", "defectscope.tasks:train", "fine-tune a defect classifier or Faster R-CNN detector", "train")
+command(
+    "evaluate",
+    "defectscope.tasks:evaluate",
+    "evaluate a classifier or detector checkpoint on a data split (optionally with TTA)",
+    "train",
+)
+command(
+    "extend",
+    "defectscope.tasks:extend",
+    "extend a model (classifier or detector) to a new line / new classes with EWC",
+    "train",
+)
+command("export", "defectscope.tasks:export", "export a checkpoint to an ONNX model bundle", "train")
+command(
+    "calibrate",
+    "defectscope.tasks:calibrate",
+    "INT8-quantize a bundle with a calibration set and an accuracy gate",
+    "train",
+)
 command("build-engine", "calibration.engine_cli:main", "build a TensorRT engine into a bundle (on the device)", None)
 command("bundle", "runtime.bundle_cli:main", "inspect / verify / pack a model bundle", None)
 command("serve", "runtime.serve_cli:main", "run the inspection daemon for one station config", None)
@@ -57,6 +74,11 @@ def _usage() -> str:
 def resolve(name: str) -> Callable[[list[str]], int]:
     """Import and return a subcommand's ``main``; a missing extra is a clear error."""
     target, _, extra = COMMANDS[name]
+    return load(target, name, extra)
+
+
+def load(target: str, name: str, extra: str | None = "train") -> Callable[[list[str]], int]:
+    """Import ``"module:function"`` for the command ``name``; a missing extra is a clear error."""
     module_name, func = target.split(":")
     try:
         module = importlib.import_module(module_name)
@@ -69,7 +91,8 @@ def resolve(name: str) -> Callable[[list[str]], int]:
             f"defectscope {name}: needs the Python package {exc.name!r}, which is not installed here.\n"
             f"Install it with: {hint}"
         ) from None
-    return getattr(module, func)
+    main: Callable[[list[str]], int] = getattr(module, func)
+    return main
 
 
 def main(argv: list[str] | None = None) -> int:

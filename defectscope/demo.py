@@ -12,21 +12,15 @@ import argparse
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from defectscope.demo_steps import done, free_port, metric_sum, run_cli, station_toml, step, stream_first_verdicts
 
 # Measured (docs/benchmarks.md, issue 18): trained and served with "linear", the demo's held-out accuracy
 # stays within the split's noise of bicubic/AREA while the station's resize costs ~4.5x less CPU.
 DEMO_INTERPOLATION = "linear"
-FRAMES_INFERRED = "defectscope_frames_inferred_total"
-METRICS_CATCH_UP_S = 30.0  # longest wait for /metrics to count the verdicts already received
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,14 +32,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="demo-out", help="output directory (default: %(default)s)")
     p.add_argument("--backbone", default="efficientnet_lite0", help="registered backbone (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs after the head warm-up (default %(default)s)")
+    p.add_argument(
+        "--epochs", type=int, default=3, help="fine-tuning epochs after the head warm-up (default %(default)s)"
+    )
     p.add_argument("--image-size", type=int, default=224, help="model input size in pixels (default %(default)s)")
-    p.add_argument("--unfreeze-groups", type=int, default=4,
-                   help="layer groups fine-tuned, counted from the head (default %(default)s; cheaper than all)")
-    p.add_argument("--interpolation", default=DEMO_INTERPOLATION,
-                   help="resize interpolation for training and serving (default %(default)s: the cheapest resize, "
-                        "as accurate as the backbone's bicubic on ELPV within the split's noise, docs/benchmarks.md; "
-                        "'' = the backbone's)")
+    p.add_argument(
+        "--unfreeze-groups",
+        type=int,
+        default=4,
+        help="layer groups fine-tuned, counted from the head (default %(default)s; cheaper than all)",
+    )
+    p.add_argument(
+        "--interpolation",
+        default=DEMO_INTERPOLATION,
+        help="resize interpolation for training and serving (default %(default)s: the cheapest resize, "
+        "as accurate as the backbone's bicubic on ELPV within the split's noise, docs/benchmarks.md; "
+        "'' = the backbone's)",
+    )
     p.add_argument("--calibration-size", type=int, default=200, help="INT8 calibration images (default %(default)s)")
     p.add_argument("--limit", type=int, help="at most N images per split (a quick smoke run)")
     p.add_argument("--max-steps-per-epoch", type=int, help="cap batches per epoch (a quick smoke run)")
@@ -53,36 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zmq-port", type=int, default=0, help="ZeroMQ PUB port (default: a free one)")
     p.add_argument("--metrics-port", type=int, default=0, help="metrics/health port (default: a free one)")
     p.add_argument("--keep", action="store_true", help="reuse finished steps already in --out")
-    p.add_argument("--task", choices=("classification", "detection"), default="classification",
-                   help="classification (default): the ELPV classifier; detection: Faster R-CNN on synthetic "
-                        "defects drawn on real ELPV cells, boxes streamed")
+    p.add_argument(
+        "--task",
+        choices=("classification", "detection"),
+        default="classification",
+        help="classification (default): the ELPV classifier; detection: Faster R-CNN on synthetic "
+        "defects drawn on real ELPV cells, boxes streamed",
+    )
     from defectscope.demo_detection import add_arguments
 
     add_arguments(p)
     return p
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _step(title: str) -> float:
-    print(f"\n=== {title} " + "=" * max(0, 70 - len(title)), flush=True)
-    return time.perf_counter()
-
-
-def _done(t0: float, what: str) -> None:
-    print(f"--- {what} in {time.perf_counter() - t0:.1f} s", flush=True)
-
-
-def _run_cli(name: str, argv: list[str]) -> None:
-    from defectscope.cli import resolve
-
-    rc = resolve(name)(argv)
-    if rc:
-        raise SystemExit(f"demo: `defectscope {name} {' '.join(argv)}` failed with exit code {rc}")
 
 
 def _holdout_dirs(run: Path, out: Path, cameras: int) -> dict[str, dict[str, int]]:
@@ -107,149 +91,22 @@ def _holdout_dirs(run: Path, out: Path, cameras: int) -> dict[str, dict[str, int
     return truth
 
 
-def _station_toml(out: Path, bundle: Path, zmq_port: int, metrics_port: int, cameras: list[str], threads: int,
-                  *, station: str = "demo", max_batch: int = 8, max_wait_ms: float = 5.0,
-                  decision: str = "[decision]\nuncertain_band = 0.1\n",
-                  comment: str = "two cameras replay the held-out ELPV cells in a loop") -> Path:
-    """The demo's station config: each camera replays ``out/holdout/<camera>`` in a loop."""
-    cams = "\n".join(
-        f'[[cameras]]\nid = "{c}"\nsource = "{(out / "holdout" / c).resolve()}"\nloop = true\n' for c in cameras
-    )
-    text = f"""# Written by `defectscope demo`: {comment}.
-station = "{station}"
-
-[model]
-bundle = "{bundle.resolve()}"
-backend = "auto"
-threads = {threads}
-
-[batching]
-max_batch = {max_batch}
-max_wait_ms = {max_wait_ms}
-
-[tta]
-views = ["original"]
-
-{decision}
-[publisher]
-bind = ["tcp://127.0.0.1:{zmq_port}"]
-wait_for_subscribers = 1
-
-[metrics]
-host = "127.0.0.1"
-port = {metrics_port}
-
-[snapshots]
-enabled = true
-dir = "{(out / 'snapshots').resolve()}"
-quota_mb = 64
-
-{cams}"""
-    path = out / "station.toml"
-    path.write_text(text)
-    return path
-
-
-def _scrape(port: int) -> str | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as r:
-            return r.read().decode()
-    except OSError:
-        return None
-
-
-def _metric_sum(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and (line[len(name)] in " {"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def scrape_when_counted(port: int, at_least: int, daemon: subprocess.Popen, timeout_s: float = METRICS_CATCH_UP_S
-                        ) -> str:
-    """/metrics once ``frames_inferred_total`` counts ``at_least`` frames (bounded wait; the last scrape otherwise).
-
-    A subscriber can receive a verdict before the daemon's counter for it is scraped (on a loaded
-    machine, seconds later): one scrape right after the stream under-counts.
-    """
-    deadline = time.monotonic() + timeout_s
-    text = ""
-    while True:
-        text = _scrape(port) or text
-        counted = _metric_sum(text, FRAMES_INFERRED)
-        if counted >= at_least:
-            return text
-        if time.monotonic() > deadline or daemon.poll() is not None:
-            print(f"  warning: /metrics counted {counted:.0f} inferred frames, fewer than the {at_least} verdicts "
-                  f"received, after waiting {timeout_s:.0f} s for the daemon's counter; reporting that figure",
-                  flush=True)
-            return text
-        time.sleep(0.1)
-
-
-def stream_first_verdicts(station: Path, zmq_port: int, metrics_port: int, expected: int,
-                          key: Callable[[dict], Any], out: Path, timeout_s: float = 600.0,
-                          command: list[str] | None = None) -> tuple[dict[Any, dict], int, str]:
-    """Run ``defectscope serve`` on ``station`` (looping replays), keep the first verdict per ``key(msg)``
-    until ``expected`` are in, scrape /metrics once it counts them, stop it with SIGTERM as systemd does.
-
-    ``command`` replaces the serve command line (a stand-in daemon in tests).
-    Returns ({key: first verdict}, messages received, the /metrics text).
-    """
-    import zmq
-
-    from runtime.messages import decode
-
-    ctx = zmq.Context.instance()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.setsockopt(zmq.RCVTIMEO, 1000)
-    sub.connect(f"tcp://127.0.0.1:{zmq_port}")
-    log = open(out / "serve.log", "w")
-    argv = command or [sys.executable, "-m", "defectscope", "serve", "--config", str(station)]
-    daemon = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    first: dict[Any, dict] = {}
-    received = 0
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(first) < expected and time.monotonic() < deadline:
-            try:
-                _topic, payload = sub.recv_multipart()
-            except zmq.Again:
-                if daemon.poll() is not None:
-                    break
-                continue
-            msg = decode(payload)
-            if msg.get("type") != "verdict":
-                continue
-            received += 1
-            first.setdefault(key(msg), msg)
-            if received % 100 == 0:
-                print(f"  received {len(first)}/{expected} held-out verdicts", flush=True)
-        # Scrape while serving (once the counter has caught up with what was received), then stop the
-        # line the way systemd does: SIGTERM drains and exits 0.
-        metrics = scrape_when_counted(metrics_port, received, daemon)
-        daemon.send_signal(signal.SIGTERM)
-        rc = daemon.wait(timeout=60)
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait(timeout=30)
-        sub.close(0)
-        log.close()
-    if rc != 0:
-        raise SystemExit(f"demo: the daemon exited with {rc}; see {out / 'serve.log'}")
-    return first, received, metrics
-
-
-def _serve_and_listen(station: Path, zmq_port: int, metrics_port: int, expected: int,
-                      truth: dict[str, dict[str, int]], classes: list[str], out: Path) -> dict:
+def _serve_and_listen(
+    station: Path,
+    zmq_port: int,
+    metrics_port: int,
+    expected: int,
+    truth: dict[str, dict[str, int]],
+    classes: list[str],
+    out: Path,
+) -> dict:
     first, received, metrics = stream_first_verdicts(
-        station, zmq_port, metrics_port, expected, lambda m: (m["camera"], Path(m.get("source") or "").name), out)
+        station, zmq_port, metrics_port, expected, lambda m: (m["camera"], Path(m.get("source") or "").name), out
+    )
     messages = list(first.values())
     correct = sum(
-        1 for m in messages
+        1
+        for m in messages
         if classes.index(m["top_class"]) == truth[m["camera"]].get(Path(m.get("source") or "").name, -1)
     )
     verdicts: dict[str, int] = {}
@@ -264,8 +121,8 @@ def _serve_and_listen(station: Path, zmq_port: int, metrics_port: int, expected:
         "verdicts": verdicts,
         "latency_ms_p50": lat[len(lat) // 2],
         "latency_ms_p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
-        "metrics_frames_inferred": _metric_sum(metrics, FRAMES_INFERRED),
-        "metrics_defects": _metric_sum(metrics, "defectscope_defects_total"),
+        "metrics_frames_inferred": metric_sum(metrics, "defectscope_frames_inferred_total"),
+        "metrics_defects": metric_sum(metrics, "defectscope_defects_total"),
         "metrics_model_info": re.findall(r"defectscope_model_info\{([^}]*)\}", metrics)[:1],
     }
     (out / "stream.jsonl").write_text("".join(json.dumps(m) + "\n" for m in messages))
@@ -285,41 +142,83 @@ def main(argv: list[str] | None = None) -> int:
     smoke = ["--limit", str(args.limit)] if args.limit else []
     t_all = time.perf_counter()
 
-    t0 = _step("1/4 fine-tune EfficientNet-Lite0 on ELPV (binary: defect probability >= 0.5)")
+    t0 = step("1/4 fine-tune EfficientNet-Lite0 on ELPV (binary: defect probability >= 0.5)")
     if args.keep and (run / "best.safetensors").is_file() and (run / "report.json").is_file():
         print(f"reusing {run}")
     else:
-        train = ["--data", "elpv", "--backbone", args.backbone, "--out", str(run), "--overwrite",
-                 "--epochs", str(args.epochs), "--image-size", str(args.image_size),
-                 "--unfreeze-groups", str(args.unfreeze_groups), "--threads", str(args.threads), *smoke]
+        train = [
+            "--data",
+            "elpv",
+            "--backbone",
+            args.backbone,
+            "--out",
+            str(run),
+            "--overwrite",
+            "--epochs",
+            str(args.epochs),
+            "--image-size",
+            str(args.image_size),
+            "--unfreeze-groups",
+            str(args.unfreeze_groups),
+            "--threads",
+            str(args.threads),
+            *smoke,
+        ]
         if args.max_steps_per_epoch:
             train += ["--max-steps-per-epoch", str(args.max_steps_per_epoch)]
         if args.interpolation:
             train += ["--interpolation", args.interpolation]
-        _run_cli("train", train)
+        run_cli("train", train)
     report = json.loads((run / "report.json").read_text())
-    print(f"PyTorch model on the held-out {report.get('split')} split: accuracy {report.get('accuracy', 0):.4f}, "
-          f"macro-F1 {report.get('macro_f1', 0):.4f}, AUROC {report.get('auroc') or float('nan'):.4f}")
-    _done(t0, "trained")
+    print(
+        f"PyTorch model on the held-out {report.get('split')} split: accuracy {report.get('accuracy', 0):.4f}, "
+        f"macro-F1 {report.get('macro_f1', 0):.4f}, AUROC {report.get('auroc') or float('nan'):.4f}"
+    )
+    done(t0, "trained")
 
-    t0 = _step("2/4 export to an ONNX bundle (opset 17, parity vs PyTorch)")
+    t0 = step("2/4 export to an ONNX bundle (opset 17, parity vs PyTorch)")
     if not (args.keep and (bundle / "manifest.json").is_file()):
-        _run_cli("export", [str(run), "--out", str(bundle), "--name", "elpv-lite0", "--version", "1.0.0",
-                            "--force", "--threads", str(args.threads), *(["--eval-limit", str(args.limit)] if args.limit else [])])
-    _done(t0, "exported")
+        run_cli(
+            "export",
+            [
+                str(run),
+                "--out",
+                str(bundle),
+                "--name",
+                "elpv-lite0",
+                "--version",
+                "1.0.0",
+                "--force",
+                "--threads",
+                str(args.threads),
+                *(["--eval-limit", str(args.limit)] if args.limit else []),
+            ],
+        )
+    done(t0, "exported")
 
-    t0 = _step("3/4 INT8 calibration (ONNX Runtime QDQ) with the accuracy gate")
+    t0 = step("3/4 INT8 calibration (ONNX Runtime QDQ) with the accuracy gate")
     from runtime.bundle import load_bundle
 
     if not (args.keep and "int8" in load_bundle(bundle, check_graph=False).manifest.artifacts):
-        _run_cli("calibrate", [str(bundle), "--size", str(args.calibration_size), "--threads", str(args.threads),
-                               "--report", str(out / "calibration.json"), *smoke])
+        run_cli(
+            "calibrate",
+            [
+                str(bundle),
+                "--size",
+                str(args.calibration_size),
+                "--threads",
+                str(args.threads),
+                "--report",
+                str(out / "calibration.json"),
+                *smoke,
+            ],
+        )
     manifest = load_bundle(bundle).manifest
-    _done(t0, "calibrated")
+    done(t0, "calibrated")
 
-    t0 = _step("4/4 serve: 2 cameras replay the held-out cells -> ZeroMQ subscriber + /metrics")
-    zmq_port = args.zmq_port or _free_port()
-    metrics_port = args.metrics_port or _free_port()
+    t0 = step("4/4 serve: 2 cameras replay the held-out cells -> ZeroMQ subscriber + /metrics")
+    zmq_port = args.zmq_port or free_port()
+    metrics_port = args.metrics_port or free_port()
     truth = _holdout_dirs(run, out, cameras=2)
     if args.limit:
         for cam in truth:
@@ -328,13 +227,15 @@ def main(argv: list[str] | None = None) -> int:
                 (out / "holdout" / cam / extra).unlink()
             truth[cam] = {n: truth[cam][n] for n in names}
     expected = sum(len(t) for t in truth.values())
-    station = _station_toml(out, bundle, zmq_port, metrics_port, list(truth), args.threads)
+    station = station_toml(out, bundle, zmq_port, metrics_port, list(truth), args.threads)
     print(f"station config {station}; watch it live with:  defectscope watch --connect tcp://127.0.0.1:{zmq_port}")
     stream = _serve_and_listen(station, zmq_port, metrics_port, expected, truth, list(manifest.classes), out)
-    _done(t0, "served")
+    done(t0, "served")
 
     summary = {
-        "train_test_metrics": {k: report.get(k) for k in ("split", "n", "accuracy", "balanced_accuracy", "macro_f1", "auroc")},
+        "train_test_metrics": {
+            k: report.get(k) for k in ("split", "n", "accuracy", "balanced_accuracy", "macro_f1", "auroc")
+        },
         "bundle": str(bundle.resolve()),
         "bundle_metrics": dict(manifest.metrics),
         "default_artifact": manifest.default_artifact,
@@ -345,11 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     print("\n=== summary " + "=" * 59)
     for key, metrics in manifest.metrics.items():
         if isinstance(metrics, dict) and "accuracy" in metrics:
-            print(f"  {key:<6} held-out accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics.get('macro_f1', float('nan')):.4f}")
-    print(f"  streamed: {stream['verdicts_received']}/{stream['frames']} verdicts over ZeroMQ, "
-          f"accuracy {stream['streamed_accuracy']:.4f}, verdicts {stream['verdicts']}")
-    print(f"  end-to-end latency p50 {stream['latency_ms_p50']:.1f} ms, p99 {stream['latency_ms_p99']:.1f} ms; "
-          f"/metrics counted {stream['metrics_frames_inferred']:.0f} inferred frames")
+            print(
+                f"  {key:<6} held-out accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics.get('macro_f1', float('nan')):.4f}"
+            )
+    print(
+        f"  streamed: {stream['verdicts_received']}/{stream['frames']} verdicts over ZeroMQ, "
+        f"accuracy {stream['streamed_accuracy']:.4f}, verdicts {stream['verdicts']}"
+    )
+    print(
+        f"  end-to-end latency p50 {stream['latency_ms_p50']:.1f} ms, p99 {stream['latency_ms_p99']:.1f} ms; "
+        f"/metrics counted {stream['metrics_frames_inferred']:.0f} inferred frames"
+    )
     print(f"  everything is in {out.resolve()} (demo-summary.json, run/, bundle/, stream.jsonl, snapshots/)")
     ok = stream["verdicts_received"] == stream["frames"]
     if not ok:

@@ -30,6 +30,7 @@ import numpy as np
 
 from runtime.bundle import Bundle, BundleError, check_graph_io
 from runtime.config import ModelConfig
+from runtime.ort_session import ort_session
 
 if TYPE_CHECKING:  # openvino is imported only when its backend is created
     from runtime.backend_openvino import OpenVINOModel
@@ -113,14 +114,6 @@ class OrtBackend(Backend):
         if art.format != "onnx":
             raise BackendError(f"artifact {key!r} is {art.format}, ONNX Runtime needs an onnx artifact")
         path = bundle.path / art.file
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Spinning intra-op threads would steal the cores the capture threads decode on.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3
         if cuda:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendError("ONNX Runtime has no CUDAExecutionProvider here (install onnxruntime-gpu)")
@@ -128,7 +121,8 @@ class OrtBackend(Backend):
         else:
             providers = ["CPUExecutionProvider"]
         try:
-            sess = ort.InferenceSession(str(path), opts, providers=providers)
+            # spin=False: spinning intra-op threads would steal the cores the capture threads decode on.
+            sess = ort_session(path, threads, spin=False, providers=providers)
         except Exception as exc:  # ORT raises several exception types for bad models / providers
             raise BackendError(f"{path}: ONNX Runtime could not load the model: {exc}") from None
         if cuda and "CUDAExecutionProvider" not in sess.get_providers():

@@ -25,7 +25,8 @@ from runtime.bundle_fs import MANIFEST, BundleError, check_member_name, open_reg
 from runtime.bundle_fs import key_error as _err
 from runtime.bundle_fs import require as _require
 from runtime.bundle_output import TASK_OUTPUT_KINDS, OutputSpec, check_output_shapes, parse_output
-from runtime.fsio import atomic_write_json, fsync_dir, sha256_file
+from runtime.fsio import atomic_write_json, fsync_dir, replace_dir, sha256_file
+from runtime.ort_session import ort_session
 from runtime.preprocess import InputSpec, SpecError
 
 __all__ = ["sha256_file", "fsync_dir"]  # re-exported: the one implementation lives in runtime.fsio
@@ -221,17 +222,12 @@ class Bundle:
 
     def check_onnx(self, key: str | None = None) -> None:
         """Check an ONNX artifact's graph against the manifest (input name/shape, outputs, classes)."""
-        import onnxruntime as ort
-
         art = self.artifact(key)
         path = self.path / art.file
         if art.format != "onnx":
             raise BundleError(f"{path}: artifact is {art.format}, not onnx")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            sess = ort_session(path, 1, optimize=False)
         except Exception as exc:  # ORT raises several types for a corrupt model
             raise BundleError(f"{path}: not a loadable ONNX model: {exc}") from None
         check_graph_io(self.manifest, sess.get_inputs(), sess.get_outputs(), str(path))
@@ -320,18 +316,6 @@ def _place(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
 
 
-def _swap_in(tmp: Path, dest: Path) -> None:
-    """Rename a finished temp directory to ``dest``, replacing any previous bundle there."""
-    old = None
-    if dest.exists() or dest.is_symlink():
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(dest, old)
-    os.rename(tmp, dest)
-    fsync_dir(dest.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
-
-
 def write_bundle(
     dest: str | os.PathLike[str],
     manifest: Manifest,
@@ -368,7 +352,7 @@ def write_bundle(
         atomic_write_json(tmp / MANIFEST, final.to_dict())
         load_bundle(tmp, verify=True, check_graph=check_graph)
         os.chmod(tmp, 0o755)
-        _swap_in(tmp, dest)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -444,7 +428,7 @@ def unpack(archive: str | os.PathLike[str], dest: str | os.PathLike[str], check_
     try:
         stage_bundle(archive, tmp, check_graph=check_graph)
         _world_readable(tmp)
-        _swap_in(tmp, dest)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,26 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_dir(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Rename the finished directory ``src`` to ``dest`` (same filesystem), replacing whatever is there.
+
+    The previous ``dest`` is renamed aside first (``.trash-<name>-<hex>``, swept by the model store
+    if a crash leaves it), so a reader never sees a half-deleted tree; both renames are durable
+    before the old tree is removed.
+    """
+    src, dest = Path(src), Path(dest)
+    old = None
+    if dest.exists() or dest.is_symlink():
+        old = dest.with_name(f".trash-{dest.name}-{uuid.uuid4().hex[:8]}")
+        os.rename(dest, old)
+    os.rename(src, dest)
+    fsync_dir(dest)
+    fsync_dir(dest.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
+    return dest
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None], *, mode: int | None = None) -> Path:

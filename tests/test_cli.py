@@ -53,9 +53,29 @@ def test_demo_end_to_end_smoke(tmp_path):
     """The README's main job on tiny settings: ELPV + EfficientNet-Lite0 through serve."""
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "defectscope", "demo", "--out", str(out), "--limit", "24", "--image-size", "64",
-         "--epochs", "1", "--max-steps-per-epoch", "2", "--calibration-size", "8", "--threads", "1"],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "defectscope",
+            "demo",
+            "--out",
+            str(out),
+            "--limit",
+            "24",
+            "--image-size",
+            "64",
+            "--epochs",
+            "1",
+            "--max-steps-per-epoch",
+            "2",
+            "--calibration-size",
+            "8",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "demo-summary.json").read_text())
@@ -79,14 +99,40 @@ def test_detection_demo_end_to_end_on_a_tiny_detector(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(14):
         cv2.imwrite(str(cells / f"cell_{i:02d}.png"), rng.normal(150, 10, (72, 96)).clip(0, 255).astype(np.uint8))
-    tiny = ("--weights none --representation-size 64 --fpn-channels 16 --rpn-pre-nms-train 200 "
-            "--rpn-post-nms-train 100 --box-batch-size-per-image 64 --batch-size 4 --quiet --panels 1")
+    tiny = (
+        "--weights none --representation-size 64 --fpn-channels 16 --rpn-pre-nms-train 200 "
+        "--rpn-post-nms-train 100 --box-batch-size-per-image 64 --batch-size 4 --quiet --panels 1"
+    )
     out = tmp_path / "demo-det"
     proc = subprocess.run(
-        [sys.executable, "-m", "defectscope", "demo", "--task", "detection", "--out", str(out),
-         "--source", str(cells), "--cells", "14", "--det-backbone", "tiny_det", "--det-image-size", "64",
-         "--det-epochs", "1", "--max-steps-per-epoch", "2", "--threads", "2", f"--det-train-args={tiny}"],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "defectscope",
+            "demo",
+            "--task",
+            "detection",
+            "--out",
+            str(out),
+            "--source",
+            str(cells),
+            "--cells",
+            "14",
+            "--det-backbone",
+            "tiny_det",
+            "--det-image-size",
+            "64",
+            "--det-epochs",
+            "1",
+            "--max-steps-per-epoch",
+            "2",
+            "--threads",
+            "2",
+            f"--det-train-args={tiny}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "demo-summary.json").read_text())

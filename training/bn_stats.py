@@ -8,11 +8,12 @@ import torch
 
 from runtime.preprocess import InputSpec
 
+from .classifier import Classifier
 from .data import Sample
 
 
 def adapt_bn(
-    model: torch.nn.Module,
+    model: Classifier,
     samples: Sequence[Sample],
     input_spec: InputSpec,
     *,

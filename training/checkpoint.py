@@ -20,6 +20,8 @@ import torch
 from runtime.fsio import atomic_write, atomic_write_json
 from runtime.preprocess import InputSpec
 
+from .config_io import refuse_unknown
+
 MODEL_CARD = "model.json"
 BEST = "best.safetensors"
 LAST = "last.pt"
@@ -30,10 +32,12 @@ class CheckpointError(ValueError):
 
 
 # -- atomic writes: runtime.fsio (atomic_write_json / atomic_write_text re-exported for callers) --
-def save_safetensors(path: str | Path, state: Mapping[str, torch.Tensor],
-                     metadata: dict[str, str] | None = None) -> Path:
+def save_safetensors(
+    path: str | Path, state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Path:
     """Atomic safetensors write of a state dict (tensors made contiguous, on CPU)."""
     from safetensors.torch import save_file
+
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -53,8 +57,8 @@ class ModelCard:
     classes: tuple[str, ...]
     good_classes: tuple[str, ...]
     input: InputSpec
-    weights: str = "imagenet"         # "imagenet" | "none" | "<path>" the training started from
-    data: dict = field(default_factory=dict)   # DataSpec.to_dict(): rebuilds the same splits
+    weights: str = "imagenet"  # "imagenet" | "none" | "<path>" the training started from
+    data: dict = field(default_factory=dict)  # DataSpec.to_dict(): rebuilds the same splits
     dataset_fingerprint: str = ""
     config_hash: str = ""
     metrics: dict = field(default_factory=dict)
@@ -76,9 +80,7 @@ class ModelCard:
         missing = [k for k in ("backbone", "num_classes", "classes", "input") if k not in d]
         if missing:
             raise CheckpointError(f"{where}: missing key(s) {missing}")
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise CheckpointError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        refuse_unknown(d, known, where, CheckpointError)
         d = dict(d)
         d.setdefault("good_classes", [])
         try:
@@ -112,12 +114,14 @@ def write_card(run_dir: str | Path, card: ModelCard) -> Path:
     return atomic_write_json(Path(run_dir) / MODEL_CARD, card.to_dict())
 
 
-def save_model(run_dir: str | Path, model: torch.nn.Module, card: ModelCard,
-               filename: str = BEST) -> Path:
+def save_model(run_dir: str | Path, model: torch.nn.Module, card: ModelCard, filename: str = BEST) -> Path:
     """Write ``<run_dir>/<filename>`` (safetensors) and ``model.json``; returns the weights path."""
     run_dir = Path(run_dir)
-    path = save_safetensors(run_dir / filename, model.state_dict(),
-                            metadata={"backbone": card.backbone, "num_classes": str(card.num_classes)})
+    path = save_safetensors(
+        run_dir / filename,
+        model.state_dict(),
+        metadata={"backbone": card.backbone, "num_classes": str(card.num_classes)},
+    )
     write_card(run_dir, card)
     return path
 
@@ -130,8 +134,9 @@ def _resolve(path: str | Path) -> tuple[Path, Path]:
     else:
         weights, card = path, path.parent / MODEL_CARD
     if not weights.is_file():
-        raise CheckpointError(f"{weights}: no such checkpoint file "
-                              f"(expected a run directory holding {BEST}, or a .safetensors file)")
+        raise CheckpointError(
+            f"{weights}: no such checkpoint file (expected a run directory holding {BEST}, or a .safetensors file)"
+        )
     if not card.is_file():
         raise CheckpointError(f"{card}: missing; a checkpoint needs its model card beside it")
     return weights, card
@@ -140,11 +145,13 @@ def _resolve(path: str | Path) -> tuple[Path, Path]:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelCard]:
     """``(model in eval mode, ModelCard)`` from a run directory or ``.safetensors`` + ``model.json``."""
     from .backbones import build_model
+
     weights, card_path = _resolve(path)
     card = read_card(card_path)
     model = build_model(card.backbone, card.num_classes, weights="none", input_spec=card.input)
     if weights.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         state = load_file(str(weights), device=str(device))
     else:
         obj = torch.load(str(weights), map_location=device, weights_only=True)
@@ -152,19 +159,26 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{weights}: weights do not match model.json "
-                              f"(backbone {card.backbone}, {card.num_classes} classes): {exc}") from None
+        raise CheckpointError(
+            f"{weights}: weights do not match model.json (backbone {card.backbone}, {card.num_classes} classes): {exc}"
+        ) from None
     return model.to(device).eval(), card
 
 
 # -- resume state --------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     """Python, numpy and torch RNG states in a ``weights_only``-loadable form."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    keys = np.asarray(keys, dtype=np.int64)  # legacy=True: the (str, uint32 array, int, int, float) tuple
     state = {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():

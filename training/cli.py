@@ -321,21 +321,10 @@ def _list_backbones() -> int:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    """``defectscope train``."""
-    from .detection.cli import wants_detection
-    from .distributed import launch_or_continue, teardown
+    """``defectscope train`` of a classifier (``defectscope.tasks`` picks the task)."""
+    from .distributed import launched
 
-    rc, argv = launch_or_continue("train", argv)
-    if rc is not None:
-        return rc
-    try:
-        if wants_detection(argv):  # detection data or --task detection
-            from .detection.cli import train_main as detection_train
-
-            return detection_train(argv)
-        return _train_main(build_train_parser().parse_args(argv))
-    finally:
-        teardown()
+    return launched("train", lambda args: _train_main(build_train_parser().parse_args(args)), argv)
 
 
 def _train_main(ns: argparse.Namespace) -> int:

@@ -14,16 +14,13 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .config_io import ConfigError, read_config_file, refuse_unknown
 from .data import DataError, DataSpec
 
 STRATEGIES = ("two-phase", "linear-probe", "partial", "full", "gradual")
 BALANCE = ("loss", "sampler", "none")
 MONITORS = ("auto", "macro_f1", "auroc", "accuracy", "balanced_accuracy", "loss")
 BN_MODES = ("auto", "frozen", "adapt", "train")
-
-
-class ConfigError(ValueError):
-    """Invalid configuration; the message names the file and key."""
 
 
 @dataclass(frozen=True)
@@ -214,10 +211,7 @@ class TrainConfig:
         if not isinstance(d, Mapping):
             raise ConfigError(f"{where}: expected a table/object")
         d = {k: v for k, v in d.items() if k != "config_hash"}  # a run's config.json carries it
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        refuse_unknown(d, (f.name for f in fields(cls)), where)
         try:
             if "data" in d and not isinstance(d["data"], DataSpec):
                 d["data"] = DataSpec.from_dict(d["data"], where=f"{where}: data")
@@ -226,10 +220,7 @@ class TrainConfig:
                 if aug in (None, False, "none"):
                     d["augment"] = AugmentConfig.none()
                 else:
-                    aknown = {f.name for f in fields(AugmentConfig)}
-                    bad = sorted(set(aug) - aknown)
-                    if bad:
-                        raise ConfigError(f"augment: unknown key(s) {bad}; expected some of {sorted(aknown)}")
+                    refuse_unknown(aug, (f.name for f in fields(AugmentConfig)), "augment")
                     d["augment"] = AugmentConfig(**aug)
             return cls(**d)
         except (ConfigError, DataError) as exc:
@@ -237,28 +228,6 @@ class TrainConfig:
             raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
         except TypeError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A TOML or JSON config file as a dict (validated later by TrainConfig.from_dict)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10
-                import tomli as tomllib
-            data = tomllib.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"{path}: cannot parse ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a table/object at the top level")
-    return data
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:

@@ -14,12 +14,14 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .config_io import refuse_unknown
+from .data_verify import cache_dir, verify_images  # noqa: F401  (cache_dir: the cache root, imported from here)
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +48,17 @@ class Sample:
 class DataSpec:
     """Where the images are and how to split them (saved in model.json to rebuild the splits)."""
 
-    source: str = "elpv"                 # "folder" | "csv" | "elpv"
-    path: str | None = None              # folder root / manifest CSV; elpv: package data unless given
-    labels: str = "binary"               # elpv: "binary" (probability >= 0.5) | "4class"
+    source: str = "elpv"  # "folder" | "csv" | "elpv"
+    path: str | None = None  # folder root / manifest CSV; elpv: package data unless given
+    labels: str = "binary"  # elpv: "binary" (probability >= 0.5) | "4class"
     cell_types: tuple[str, ...] = ("mono", "poly")  # elpv: which cell types to use
-    test_fraction: float = 0.25          # when no test split is given
-    val_fraction: float = 0.1            # carved from train when no val split is given
+    test_fraction: float = 0.25  # when no test split is given
+    val_fraction: float = 0.1  # carved from train when no val split is given
     seed: int = 0
     good_classes: tuple[str, ...] | None = None
-    limit: int | None = None             # per-split cap (class-balanced, seeded) for smoke runs
-    strict: bool = False                 # unreadable images are fatal instead of skipped
-    verify: bool = True                  # decode every image once while resolving
+    limit: int | None = None  # per-split cap (class-balanced, seeded) for smoke runs
+    strict: bool = False  # unreadable images are fatal instead of skipped
+    verify: bool = True  # decode every image once while resolving
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -80,10 +82,7 @@ class DataSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "data") -> DataSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DataError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        refuse_unknown(d, (f.name for f in fields(cls)), where, DataError)
         d = dict(d)
         for key in ("cell_types", "good_classes"):
             if isinstance(d.get(key), str):
@@ -109,8 +108,8 @@ class Splits:
     test: list[Sample]
     classes: list[str]
     good_classes: list[str] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, reason)
-    digests: dict[str, str] = field(default_factory=dict)          # path -> content digest
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    digests: dict[str, str] = field(default_factory=dict)  # path -> content digest
     fingerprint: str = ""
 
     def split(self, name: str) -> list[Sample]:
@@ -156,10 +155,12 @@ def _list_class_tree(root: Path) -> dict[str, list[str]]:
 
 def _folder(spec: DataSpec) -> tuple[dict[str, list[tuple[str, str, str | None]]], list[str]]:
     """Per-split ``[(path, class name, group)]`` (absent splits empty) and the class list."""
-    root = Path(spec.path)
+    root = Path(spec.path or "")
     if not root.is_dir():
-        raise DataError(f"{root}: not a directory (expected an ImageFolder tree: <root>/<class>/<image> "
-                        f"or <root>/{{train,val,test}}/<class>/<image>)")
+        raise DataError(
+            f"{root}: not a directory (expected an ImageFolder tree: <root>/<class>/<image> "
+            f"or <root>/{{train,val,test}}/<class>/<image>)"
+        )
     has_splits = (root / "train").is_dir()
     trees: dict[str, dict[str, list[str]]] = {}
     if has_splits:
@@ -170,8 +171,10 @@ def _folder(spec: DataSpec) -> tuple[dict[str, list[tuple[str, str, str | None]]
         ref = class_sets["train"]
         for n, cls in class_sets.items():
             if cls != ref:
-                raise DataError(f"{root / n}: class folders {cls} differ from {root / 'train'}: {ref} "
-                                f"(every split needs the same class folders)")
+                raise DataError(
+                    f"{root / n}: class folders {cls} differ from {root / 'train'}: {ref} "
+                    f"(every split needs the same class folders)"
+                )
     else:
         trees["all"] = _list_class_tree(root)
     classes = sorted(next(iter(trees.values())))
@@ -183,13 +186,15 @@ def _folder(spec: DataSpec) -> tuple[dict[str, list[tuple[str, str, str | None]]
             if not files:
                 where = (root / n / c) if has_splits else (root / c)
                 raise DataError(f"{where}: class {c!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
-    rows = {n: [(p, c, None) for c in classes for p in tree[c]] for n, tree in trees.items()}
+    rows: dict[str, list[tuple[str, str, str | None]]] = {
+        n: [(p, c, None) for c in classes for p in tree[c]] for n, tree in trees.items()
+    }
     return rows, classes
 
 
 def _csv(spec: DataSpec) -> tuple[dict[str, list[tuple[str, str, str | None]]], list[str]]:
     """CSV manifest: ``path,label[,group[,split]]`` (header row optional; paths relative to the CSV)."""
-    path = Path(spec.path)
+    path = Path(spec.path or "")
     if not path.is_file():
         raise DataError(f"{path}: manifest not found (expected a CSV with columns path,label[,group])")
     with open(path, newline="", encoding="utf-8") as f:
@@ -251,10 +256,12 @@ def _elpv(spec: DataSpec) -> tuple[dict[str, list[tuple[str, str, str | None]]],
     root = Path(spec.path) if spec.path else elpv_root()
     labels = root / "labels.csv"
     if not labels.is_file():
-        raise DataError(f"{labels}: ELPV labels file not found (expected <root>/labels.csv with "
-                        f"'images/cellNNNN.png  probability  type' rows)")
+        raise DataError(
+            f"{labels}: ELPV labels file not found (expected <root>/labels.csv with "
+            f"'images/cellNNNN.png  probability  type' rows)"
+        )
     classes = list(ELPV_CLASSES[spec.labels])
-    rows = []
+    rows: list[tuple[str, str, str | None]] = []
     for i, line in enumerate(labels.read_text().splitlines(), 1):
         parts = line.split()
         if not parts:
@@ -267,7 +274,7 @@ def _elpv(spec: DataSpec) -> tuple[dict[str, list[tuple[str, str, str | None]]],
         if spec.labels == "binary":
             cls = classes[int(prob >= 0.5)]
         else:
-            cls = classes[int(round(prob * 3))]   # 0, 1/3, 2/3, 1 -> 0..3
+            cls = classes[int(round(prob * 3))]  # 0, 1/3, 2/3, 1 -> 0..3
         rows.append((str(root / rel), cls, kind))
     return {"all": rows}, classes
 
@@ -282,6 +289,7 @@ def stratified_split(samples: Sequence[Sample], fraction: float, seed: int) -> t
     if fraction <= 0 or len(samples) < 2:
         return list(samples), []
     from sklearn.model_selection import train_test_split
+
     idx = np.arange(len(samples))
     for key in (lambda s: f"{s.label}|{s.group}", lambda s: str(s.label), None):
         strata = [key(s) for s in samples] if key else None
@@ -308,60 +316,6 @@ def _limit(samples: list[Sample], n: int | None, seed: int) -> list[Sample]:
             if queues[c] and len(keep) < n:
                 keep.append(int(queues[c].pop()))
     return [samples[i] for i in sorted(keep)]
-
-
-# -- verification + fingerprint ---------------------------------------------------------
-def cache_dir() -> Path:
-    """Feature / verification cache root: ``$DEFECTSCOPE_CACHE`` or ``~/.cache/defectscope``."""
-    return Path(os.environ.get("DEFECTSCOPE_CACHE", Path.home() / ".cache" / "defectscope"))
-
-
-def _digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
-
-
-def _check(path: str, known_good: set[str], verify: bool) -> tuple[str | None, str | None]:
-    """(digest, None) for a good image, (None, reason) for a bad one."""
-    from runtime.preprocess import ImageReadError, read_image
-    try:
-        digest = _digest(path)
-    except OSError as exc:
-        return None, f"cannot read: {exc.strerror or exc}"
-    if verify and digest not in known_good:
-        try:
-            img = read_image(path)
-        except ImageReadError as exc:
-            return None, str(exc).split(": ", 1)[-1]
-        if min(img.shape[:2]) < 1:
-            return None, "empty image"
-    return digest, None
-
-
-def _verify(paths: list[str], verify: bool, threads: int) -> tuple[dict[str, str], dict[str, str]]:
-    """``({path: digest}, {path: reason})``; decoded-OK digests are remembered in the cache dir."""
-    good_file = cache_dir() / "verified-images.txt"
-    try:
-        known = set(good_file.read_text().split()) if verify and good_file.is_file() else set()
-    except OSError:
-        known = set()
-    digests, bad = {}, {}
-    # OpenCV decoding releases the GIL: threads give real parallelism here.
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        for p, (d, reason) in zip(paths, pool.map(lambda q: _check(q, known, verify), paths)):
-            if d is None:
-                bad[p] = reason or "unreadable"
-            else:
-                digests[p] = d
-    new = set(digests.values()) - known
-    if verify and new:
-        try:
-            good_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(good_file, "a") as f:
-                f.write("\n".join(sorted(new)) + "\n")
-        except OSError:
-            pass  # a read-only cache only costs re-decoding next time
-    return digests, bad
 
 
 def _fingerprint(classes: Sequence[str], splits: Mapping[str, Sequence[Sample]], digests: Mapping[str, str]) -> str:
@@ -395,7 +349,7 @@ def resolve_splits(spec: DataSpec | Mapping[str, Any], threads: int | None = Non
 
     # Unreadable files are dropped before splitting: the split is of what can be trained on.
     all_paths = sorted({p for rs in rows.values() for p, _, _ in rs})
-    digests, bad = _verify(all_paths, spec.verify, threads or min(4, os.cpu_count() or 1))
+    digests, bad = verify_images(all_paths, spec.verify, threads or min(4, os.cpu_count() or 1))
     if bad:
         for p, reason in sorted(bad.items()):
             log.warning("skipping unreadable image %s: %s", p, reason)
@@ -423,8 +377,15 @@ def resolve_splits(spec: DataSpec | Mapping[str, Any], threads: int | None = Non
     unknown_good = [c for c in good if c not in classes]
     if unknown_good:
         raise DataError(f"data.good_classes: {unknown_good} are not classes of this dataset {classes}")
-    splits = Splits(train=samples["train"], val=samples["val"], test=samples["test"], classes=classes,
-                    good_classes=good, skipped=sorted(bad.items()), digests=digests)
+    splits = Splits(
+        train=samples["train"],
+        val=samples["val"],
+        test=samples["test"],
+        classes=classes,
+        good_classes=good,
+        skipped=sorted(bad.items()),
+        digests=digests,
+    )
     splits.fingerprint = _fingerprint(classes, samples, digests)
     return splits
 
@@ -439,6 +400,7 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
 def load_rgb(path: str) -> np.ndarray:
     """Read an image file as uint8 RGB ``(H,W,3)`` via the runtime's reader."""
     from runtime.preprocess import read_image
+
     return as_rgb(read_image(path))
 
 

@@ -77,14 +77,21 @@ def timeout_s() -> float:
         raise DistributedError(f"${TIMEOUT_ENV}: expected seconds, got {v!r}") from None
 
 
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else the CPU; a CUDA device that is not there is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
 def setup(device_name: str = "auto") -> torch.device:
     """The training device; initialises the process group when torchrun started >1 rank.
 
     ``device_name`` is the config's (auto | cpu | cuda[:N]); under NCCL each rank takes
     ``cuda:LOCAL_RANK`` whatever index was given. Idempotent.
     """
-    from .engine import pick_device
-
     env = DistEnv.from_env()
     device = pick_device(device_name)
     if env.world == 1:
@@ -379,6 +386,18 @@ def launch_or_continue(command: str, argv: Sequence[str] | None) -> tuple[int | 
         return 2, []
 
 
+def launched(command: str, body: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
+    """``train`` / ``extend`` of either task: ``body(argv)`` in this process, or the same command
+    again under torchrun when ``--nproc-per-node`` asks; the process group is torn down after."""
+    rc, args = launch_or_continue(command, argv)
+    if rc is not None:
+        return rc
+    try:
+        return body(args)
+    finally:
+        teardown()
+
+
 def relaunch(command: str, argv: Sequence[str]) -> tuple[int | None, list[str]]:
     """``(exit code, None)`` after re-launching under torchrun when ``--nproc-per-node`` asks;
     else ``(None, argv without the flag)`` for the caller to run itself."""
@@ -419,6 +438,8 @@ __all__ = [
     "setup",
     "shard_bounds",
     "split_launch_args",
+    "launched",
+    "pick_device",
     "teardown",
     "wrap_ddp",
     "world",

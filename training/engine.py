@@ -30,7 +30,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
+from .distributed import pick_device  # noqa: F401  (the engine's callers pick their device here)
 
 Hook = Callable[[], None]
 
@@ -83,15 +84,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else the CPU; a CUDA device that is not there is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
 
 
 def set_train_mode(model: nn.Module, bn_frozen: bool) -> None:
@@ -368,3 +360,37 @@ class EpochSelector:
 
     def exhausted(self, patience: int) -> bool:
         return self.best_epoch >= 0 and self.bad_epochs >= patience
+
+
+# What an epoch-loop gate answers before each planned epoch.
+TRAIN, SKIP, STOP = "train", "skip", "stop"
+P = TypeVar("P")
+
+
+def fit_epochs(
+    plan: Iterable[P],
+    step: Callable[[P], tuple[int, float, dict[str, Any]]],
+    *,
+    selector: EpochSelector | None = None,
+    gate: Callable[[P, EpochSelector], str] | None = None,
+    done: Callable[[P, dict[str, Any], bool], None] | None = None,
+) -> EpochSelector:
+    """The one epoch loop of every task and command (train, extend; classifier and detector).
+
+    For each planned epoch: ``gate`` says TRAIN, SKIP or STOP (patience, phases); ``step`` trains
+    (``Engine.run_epoch``) and validates, returning ``(1-based epoch, monitor value, record)``; the
+    selector keeps the best epoch and counts the epochs without gain; ``done`` gets the record and
+    whether the epoch is the new best (save weights, write metrics, log).
+    """
+    sel = selector if selector is not None else EpochSelector()
+    for p in plan:
+        verdict = gate(p, sel) if gate is not None else TRAIN
+        if verdict == SKIP:
+            continue
+        if verdict == STOP:
+            break
+        epoch, value, record = step(p)
+        improved = sel.update(epoch, value)
+        if done is not None:
+            done(p, record, improved)
+    return sel

@@ -86,22 +86,15 @@ def _eval_samples(ns: argparse.Namespace, card: Any) -> tuple[Any, Any, list]:
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
-    """``defectscope evaluate``."""
-    from .detection.checkpoint import card_task
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and not args[0].startswith("-") and card_task(args[0]) == "detection":
-        from .detection.evaluate import main as detection_evaluate
-
-        return detection_evaluate(args)
+    """``defectscope evaluate`` of a classifier (``defectscope.tasks`` picks the task)."""
     ns = build_evaluate_parser().parse_args(argv)
     from runtime.fsio import atomic_write_json
 
     from .checkpoint import CheckpointError, load_model
     from .data import DataError
+    from .engine import pick_device, setup_runtime
     from .evaluate import evaluate_samples, format_table
     from .metrics import plot_confusion
-    from .trainer import pick_device, setup_runtime
 
     setup_runtime(ns.threads, 0)
     try:

@@ -16,12 +16,12 @@ the next product line.
 import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from .data import DataError
 from .extend_config import ExtendConfig
-from .tasks import TaskSet, accuracy, accuracy_of, drop, evaluate_task, mean_of, old_logit_report
+from .tasks import TaskSet, accuracy, accuracy_of, evaluate_task, extension_report, mean_of, old_logit_report
 
 # ----------------------------------------------------------------------------- core
 
@@ -124,7 +124,7 @@ def _train_once(ctx: _Context, lam: float):
 
     from . import distributed as dist
     from . import ewc
-    from .engine import EpochSelector
+    from .engine import fit_epochs
     from .loader import make_loader
     from .schedule import build_optimizer
 
@@ -156,9 +156,11 @@ def _train_once(ctx: _Context, lam: float):
     )
     terms = [ewc.EWCPenalty(state, model, lam)] if (lam > 0 and state is not None) else []
     engine = _engine(cfg, labels, nc, device, terms, ctx.hooks, ctx.progress)
-    hist, records, sel, best_sd = FitHistory(), [], EpochSelector(), None
+    hist, records = FitHistory(), []
+    best: dict[str, Any] = {}  # the best epoch's weights (keep = best)
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    for epoch in range(cfg.epochs):
+
+    def step(epoch: int) -> tuple[int, float, dict[str, Any]]:
         st = engine.run_epoch(
             model, loader, opt, scheduler=sched, steps=o.max_steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}"
         )
@@ -167,15 +169,21 @@ def _train_once(ctx: _Context, lam: float):
         rec["old_val_accuracy"] = mean_of([accuracy_of(evaluate_task(model, t, "val", classes)[0]) for t in olds])
         score = mean_of([rec["old_val_accuracy"], rec["new_val_accuracy"]])
         rec["score"] = score
-        if sel.update(epoch + 1, -float("inf") if score is None else score) and cfg.keep == "best":
-            best_sd = copy.deepcopy(model.state_dict())
+        return epoch + 1, -float("inf") if score is None else score, rec
+
+    def done(epoch: int, rec: dict[str, Any], improved: bool) -> None:
+        if improved and cfg.keep == "best":
+            best["sd"] = copy.deepcopy(model.state_dict())
         records.append(rec)
         echo(
             f"  [lambda {lam:g}] epoch {epoch + 1}/{cfg.epochs}: CE {rec['task_loss']:.4f} "
             f"penalty {rec['penalty']:.4f}  val new {fmt(rec['new_val_accuracy'])} "
             f"old {fmt(rec['old_val_accuracy'])}  ({rec['seconds']:.1f}s)"
         )
+
+    sel = fit_epochs(range(cfg.epochs), step, done=done)
     model.eval()
+    best_sd = best.get("sd")
     if records and best_sd is None:
         records[-1]["kept"] = True
     if best_sd is not None:
@@ -221,7 +229,7 @@ def _search(ctx: _Context):
     """Train with each lambda from the same start; keep the best by mean old/new val accuracy."""
     model, cfg, echo = ctx.model, ctx.cfg, ctx.echo
     from . import distributed as dist
-    from .trainer import seed_everything
+    from .engine import seed_everything
 
     start = copy.deepcopy(model.state_dict())
     runs, best = [], None
@@ -384,7 +392,7 @@ def extend_model(
     new_state = _fold_fisher(model, state, new, cfg, backbone, classes, progress) if cfg.write_fisher else None
     fisher_s = time.perf_counter() - t0 if cfg.write_fisher else 0.0
 
-    report = _report(
+    report = extension_report(
         cfg,
         lam,
         runs,
@@ -407,58 +415,3 @@ def extend_model(
         "fisher": fisher_s,
     }
     return Outcome(model, classes, report, hist, records, new_state)
-
-
-def _report(
-    cfg: ExtendConfig,
-    lam,
-    runs,
-    hist: FitHistory,
-    classes,
-    grown: bool,
-    new: TaskSet,
-    olds,
-    new_ba,
-    old_ba,
-    growth,
-    old_logits,
-    replay_info,
-    state,
-) -> dict[str, Any]:
-    (new_before, new_after), (old_before, old_after) = new_ba, old_ba
-    ob, oa = (
-        mean_of([accuracy_of(m) for m in old_before.values()]),
-        mean_of([accuracy_of(m) for m in old_after.values()]),
-    )
-    return {
-        "method": cfg.method + ("+replay" if cfg.replay else ""),
-        "lambda": lam if cfg.method == "ewc" else 0.0,
-        "lambda_mode": "auto" if cfg.lam == "auto" else "fixed",
-        "lambda_search": runs if len(runs) > 1 else None,
-        "bn": cfg.bn,
-        "classes": classes,
-        "scenario": "new-classes" if grown else "new-domain",
-        "new_task": new.name,
-        "old_tasks": [t.name for t in olds],
-        "new_accuracy_before": accuracy_of(new_before),
-        "new_accuracy_after": accuracy_of(new_after),
-        "old_accuracy_before": ob,
-        "old_accuracy_after": oa,
-        "forgetting": drop(ob, oa),
-        "penalty_share": hist.penalty_share,
-        "new": {"before": new_before, "after": new_after},
-        "old": {
-            t.name: {
-                "before": old_before[t.name],
-                "after": old_after[t.name],
-                "forgetting": drop(accuracy_of(old_before[t.name]), accuracy_of(old_after[t.name])),
-            }
-            for t in olds
-        },
-        "head_growth": growth,
-        "old_class_logits": old_logits or None,
-        "replay": replay_info,
-        "fisher": None
-        if state is None
-        else {"tasks": [asdict(t) for t in state.tasks], "anchor_sha256": state.anchor_sha256, "gamma": state.gamma},
-    }

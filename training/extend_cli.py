@@ -49,7 +49,7 @@ def _old_spec(arg: str) -> DataSpec | None:
         return None
     p = Path(arg)
     if p.suffix.lower() in (".json", ".toml") and p.is_file():
-        from .config import read_config_file
+        from .config_io import read_config_file
 
         return DataSpec.from_dict(read_config_file(p), where=str(p))
     src, path = source_of(arg)
@@ -183,7 +183,7 @@ def config_from_args(ns: argparse.Namespace) -> ExtendConfig:
     a = vars(ns)
     base: dict[str, Any] = {}
     if a.get("config"):
-        from .config import read_config_file
+        from .config_io import read_config_file
 
         base = read_config_file(a["config"])
     d: dict[str, Any] = dict(base)
@@ -258,7 +258,13 @@ def config_from_args(ns: argparse.Namespace) -> ExtendConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``defectscope extend``."""
+    """``defectscope extend`` of a classifier (``defectscope.tasks`` picks the task)."""
+    from .distributed import launched
+
+    return launched("extend", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     ns = build_parser().parse_args(argv)
     progress = not ns.quiet and sys.stderr.isatty()
     try:
@@ -273,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if ns.finalize:
-            from .trainer import setup_runtime
+            from .engine import setup_runtime
 
             setup_runtime(cfg.optim.threads, cfg.optim.seed)
             data = cfg.data if "data" in vars(ns) else None

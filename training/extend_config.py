@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import OPTIM_FIELDS, AugmentConfig, ConfigError, OptimConfig
+from .config_io import refuse_unknown
 from .data import DataError, DataSpec
 
 # Default penalty strength for ``L = L_new + lambda * sum F (theta - theta*)^2`` with F a
@@ -148,9 +149,7 @@ class ExtendConfig:
         """From flat keys (a file, ``config.json``, the CLI); unknown keys are an error."""
         d = {k: v for k, v in d.items() if k != "config_hash"}
         known = ({f.name for f in fields(cls)} - {"optim"}) | set(OPTIM_FIELDS) | {"lambda"}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        refuse_unknown(d, known, where)
         if "lambda" in d:  # the file's spelling; `lambda` is a Python keyword
             d["lam"] = d.pop("lambda")
         try:

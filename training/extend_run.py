@@ -187,7 +187,7 @@ def run(
     from . import checkpoint as ckpt
     from . import distributed as dist
     from .data import resolve_splits
-    from .trainer import setup_runtime
+    from .engine import setup_runtime
 
     setup_runtime(cfg.optim.threads, cfg.optim.seed)
     device = dist.setup(cfg.optim.device)

@@ -19,24 +19,35 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from runtime.preprocess import InputSpec
 
 from .checkpoint import save_safetensors
-from .data import Sample, cache_dir
+from .classifier import Classifier
+from .data import Sample, Splits, cache_dir
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
-def feature_key(backbone: str, weights_id: str, input_spec: InputSpec, split_fingerprint: str,
-                extra: str = "") -> str:
+def feature_key(backbone: str, weights_id: str, input_spec: InputSpec, split_fingerprint: str, extra: str = "") -> str:
     """Cache key of one split's features (``extra``: e.g. the init seed of random weights)."""
-    parts = {"backbone": backbone, "weights": weights_id, "input": input_spec.to_dict(),
-             "data": split_fingerprint, "extra": extra, "format": 2}  # 2: OpenCV resize
+    parts = {
+        "backbone": backbone,
+        "weights": weights_id,
+        "input": input_spec.to_dict(),
+        "data": split_fingerprint,
+        "extra": extra,
+        "format": 2,
+    }  # 2: OpenCV resize
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -45,9 +56,18 @@ def cache_path(key: str, root: str | Path | None = None) -> Path:
 
 
 @torch.no_grad()
-def extract_features(model: torch.nn.Module, samples: Sequence[Sample], input_spec: InputSpec, *,
-                     batch_size: int = 16, device: str | torch.device = "cpu", desc: str = "features",
-                     progress: bool = True, threads: int = 2, channels_last: bool = False) -> torch.Tensor:
+def extract_features(
+    model: Classifier,
+    samples: Sequence[Sample],
+    input_spec: InputSpec,
+    *,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    desc: str = "features",
+    progress: bool = True,
+    threads: int = 2,
+    channels_last: bool = False,
+) -> torch.Tensor:
     """``model.forward_features`` over samples with the validation transform -> ``(N, D)`` float32."""
     from tqdm import tqdm
 
@@ -63,7 +83,7 @@ def extract_features(model: torch.nn.Module, samples: Sequence[Sample], input_sp
     bar = tqdm(total=len(samples), desc=desc, unit="img", disable=not progress, leave=False)
     chunk = batch_size * 8
     for start in range(0, len(samples), chunk):
-        sub = ImageDataset(samples[start:start + chunk], pipeline, cache=True)
+        sub = ImageDataset(samples[start : start + chunk], pipeline, cache=True)
         sub.prefill(threads=threads, progress=False)
         for b in range(0, len(sub), batch_size):
             x = torch.stack([sub[i][0] for i in range(b, min(b + batch_size, len(sub)))]).to(device)
@@ -77,8 +97,15 @@ def extract_features(model: torch.nn.Module, samples: Sequence[Sample], input_sp
     return torch.cat(out) if out else torch.empty(0, dim)
 
 
-def cached_features(model: torch.nn.Module, samples: Sequence[Sample], input_spec: InputSpec, key: str, *,
-                    root: str | Path | None = None, **kw) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def cached_features(
+    model: Classifier,
+    samples: Sequence[Sample],
+    input_spec: InputSpec,
+    key: str,
+    *,
+    root: str | Path | None = None,
+    **kw,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """``(features (N,D), labels (N,), cache_hit)``; computes and stores on a miss (atomic write)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -106,3 +133,41 @@ def cached_features(model: torch.nn.Module, samples: Sequence[Sample], input_spe
     if dist.is_main():
         save_safetensors(path, {"features": feats, "labels": labels}, metadata={"key": key})
     return feats, labels, False
+
+
+def split_features(
+    cfg: TrainConfig,
+    model: Classifier,
+    splits: Splits,
+    split: str,
+    input_spec: InputSpec,
+    device: torch.device,
+    *,
+    progress: bool,
+    echo: Callable[[str], None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A run's body features of one split, cached under a key of everything they depend on."""
+    from .backbones import weights_id
+
+    samples = splits.split(split)
+    extra = f"seed={cfg.seed}" if cfg.weights == "none" else ""
+    if cfg.bn == "adapt":  # the features depend on the statistics, hence on the training split
+        extra += f"bn=adapt:{splits.split_fingerprint('train')}"
+    key = feature_key(
+        cfg.backbone, weights_id(cfg.weights, cfg.backbone), input_spec, splits.split_fingerprint(split), extra
+    )
+    t = time.perf_counter()
+    # Features come from the body alone: the head is untouched by extraction.
+    f, y, hit = cached_features(
+        model,
+        samples,
+        input_spec,
+        key,
+        device=device,
+        channels_last=cfg.channels_last,
+        desc=f"features {split}",
+        progress=progress,
+        threads=max(1, torch.get_num_threads()),
+    )
+    echo(f"features {split}: {tuple(f.shape)} {'from cache' if hit else 'computed'} in {time.perf_counter() - t:.1f}s")
+    return f, y

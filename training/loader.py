@@ -30,9 +30,11 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def _resized(self, i: int) -> torch.Tensor:
-        if self._cache is not None and self._cache[i] is not None:
-            return self._cache[i]
+        cached = self._cache[i] if self._cache is not None else None
+        if cached is not None:
+            return cached
         from runtime.preprocess import read_image
+
         x = self.pipeline.resize(to_chw_uint8(read_image(self.samples[i].path)))
         if self._cache is not None:
             self._cache[i] = x
@@ -46,9 +48,16 @@ class ImageDataset(Dataset):
         if not todo:
             return
         from tqdm import tqdm
+
         with ThreadPoolExecutor(max(1, threads)) as pool:
-            for _ in tqdm(pool.map(self._resized, todo), total=len(todo), desc="decoding images",
-                          unit="img", disable=not progress, leave=False):
+            for _ in tqdm(
+                pool.map(self._resized, todo),
+                total=len(todo),
+                desc="decoding images",
+                unit="img",
+                disable=not progress,
+                leave=False,
+            ):
                 pass
 
     def with_pipeline(self, pipeline: Pipeline) -> ImageDataset:
@@ -72,9 +81,20 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
-def make_loader(dataset: Dataset, labels: np.ndarray, num_classes: int, batch_size: int, *,
-                train: bool, balance: str = "none", seed: int = 0, workers: int = 0,
-                pin_memory: bool = False, shard: tuple[int, int] | None = None, collate_fn=None) -> DataLoader:
+def make_loader(
+    dataset: Dataset,
+    labels: np.ndarray,
+    num_classes: int,
+    batch_size: int,
+    *,
+    train: bool,
+    balance: str = "none",
+    seed: int = 0,
+    workers: int = 0,
+    pin_memory: bool = False,
+    shard: tuple[int, int] | None = None,
+    collate_fn=None,
+) -> DataLoader:
     """Seeded DataLoader; ``balance="sampler"`` draws classes equally often (with replacement).
 
     ``shard=(rank, world)`` with world > 1 (a training loader under torchrun): ``batch_size``
@@ -85,22 +105,37 @@ def make_loader(dataset: Dataset, labels: np.ndarray, num_classes: int, batch_si
     sampler, shuffle = None, train
     if train and balance == "sampler":
         w = class_weights(labels, num_classes)[torch.as_tensor(labels)]
-        sampler = WeightedRandomSampler(w.double(), num_samples=len(labels), replacement=True, generator=g)
+        sampler = WeightedRandomSampler(w.double(), num_samples=len(labels), replacement=True, generator=g)  # type: ignore[arg-type]
         shuffle = False
     # A trailing training batch of 1 breaks BatchNorm statistics: drop only that case.
     drop_last = train and len(labels) > 1 and len(labels) % batch_size == 1
     if train and shard is not None and shard[1] > 1:
         from .distributed import ShardedBatchSampler
 
-        base = sampler if sampler is not None else RandomSampler(dataset, generator=g)
-        batches = ShardedBatchSampler(base, batch_size, shard[0], shard[1], drop_last=drop_last, generator=g,
-                                      seed=seed)
+        base = sampler if sampler is not None else RandomSampler(dataset, generator=g)  # type: ignore[arg-type]
+        batches = ShardedBatchSampler(base, batch_size, shard[0], shard[1], drop_last=drop_last, generator=g, seed=seed)
         # generator=g as well: the iterator draws its base seed from it first, as one process does.
-        return DataLoader(dataset, batch_sampler=batches, generator=g, num_workers=workers,
-                          pin_memory=pin_memory, persistent_workers=workers > 0, collate_fn=collate_fn)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=g,
-                      num_workers=workers, pin_memory=pin_memory, drop_last=drop_last,
-                      persistent_workers=workers > 0, collate_fn=collate_fn)
+        return DataLoader(
+            dataset,
+            batch_sampler=batches,
+            generator=g,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            persistent_workers=workers > 0,
+            collate_fn=collate_fn,
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        generator=g,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=workers > 0,
+        collate_fn=collate_fn,
+    )
 
 
 class TensorPairs(Dataset):

@@ -10,27 +10,22 @@ from typing import Any
 import numpy as np
 
 
-def classification_metrics(
-    y_true: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str], loss: float | None = None
+def label_metrics(
+    y_true: Sequence[int] | np.ndarray, pred: Sequence[int] | np.ndarray, classes: Sequence[str]
 ) -> dict[str, Any]:
-    """accuracy, balanced accuracy, macro-F1, per-class P/R/F1, AUROC, confusion matrix.
-
-    ``probs``: ``(N, C)`` softmax outputs. AUROC is the positive-class score for two
-    classes and one-vs-rest macro for more; None when a class is absent from y_true.
-    """
+    """From predicted labels: n, accuracy, balanced accuracy, macro-F1 (over all classes, absent
+    ones count 0), per-class P/R/F1/support, confusion matrix (rows true, columns predicted)."""
     from sklearn.metrics import (
         accuracy_score,
         balanced_accuracy_score,
         confusion_matrix,
         f1_score,
         precision_recall_fscore_support,
-        roc_auc_score,
     )
 
     y = np.asarray(y_true, dtype=np.int64)
-    probs = np.asarray(probs, dtype=np.float64)
+    pred = np.asarray(pred, dtype=np.int64)
     labels = list(range(len(classes)))
-    pred = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
     out: dict[str, Any] = {"n": int(len(y))}
     if len(y) == 0:
         return out
@@ -41,13 +36,33 @@ def classification_metrics(
         if len(set(y)) > 1
         else float(accuracy_score(y, pred)),
         macro_f1=float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
-        auroc=None,
         per_class={
             c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
             for i, c in enumerate(classes)
         },
         confusion_matrix=confusion_matrix(y, pred, labels=labels).tolist(),
     )
+    return out
+
+
+def classification_metrics(
+    y_true: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str], loss: float | None = None
+) -> dict[str, Any]:
+    """``label_metrics`` of the argmax plus AUROC (and ``loss`` when given).
+
+    ``probs``: ``(N, C)`` softmax outputs. AUROC is the positive-class score for two
+    classes and one-vs-rest macro for more; None when a class is absent from y_true.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = list(range(len(classes)))
+    out = label_metrics(y, probs.argmax(1) if len(probs) else np.zeros(0, np.int64), classes)
+    if len(y) == 0:
+        return out
+    head = ("n", "accuracy", "balanced_accuracy", "macro_f1")  # the key order metrics.json has always had
+    out = {**{k: out[k] for k in head}, "auroc": None, **{k: v for k, v in out.items() if k not in head}}
     if len(set(y)) == len(classes) and len(classes) >= 2:
         try:
             if len(classes) == 2:

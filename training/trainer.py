@@ -8,11 +8,9 @@ the numbers a single process would compute.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,52 +21,28 @@ from runtime.fsio import atomic_write_json
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .backbones import Classifier, build_model, get_spec, sized_input, weights_id
+from .backbones import build_model, get_spec, sized_input
 from .config import TrainConfig
 from .data import resolve_splits
-from .engine import ClassificationTask, Engine, EpochSelector, pick_device, seed_everything, setup_runtime  # noqa: F401
-from .features import cached_features, feature_key
+from .engine import (
+    SKIP,
+    STOP,
+    TRAIN,
+    ClassificationTask,
+    Engine,
+    EpochSelector,
+    fit_epochs,
+    seed_everything,
+    setup_runtime,
+)
+from .features import split_features
 from .loader import ImageDataset, TensorPairs, class_weights, make_loader
 from .metrics import monitor_name, monitor_value, write_final
+from .run_dir import EpochInfo, LoopState, RunExistsError, RunResult, prepare_run_dir  # noqa: F401  (re-exported)
 from .schedule import EpochPlan, build_optimizer, make_plan
 from .transforms import train_pipeline, val_pipeline
 
 log = logging.getLogger(__name__)
-
-
-class RunExistsError(RuntimeError):
-    pass
-
-
-@dataclass
-class EpochInfo:
-    """Passed to ``on_epoch_end`` callbacks (tests, progress hooks)."""
-
-    plan: EpochPlan
-    model: Classifier
-    optimizer: torch.optim.Optimizer
-    record: dict[str, Any]
-
-
-@dataclass
-class _Loop:
-    """What the epoch loop carries between epochs: optimizer, schedule and the phase it serves."""
-
-    scaler: torch.amp.GradScaler
-    opt: Any = None
-    sched: Any = None
-    sig: tuple[str, int] | None = None
-    sched_offset: int = 0
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    history: list[dict[str, Any]]
-    best_epoch: int
-    best_value: float
-    monitor: str
-    report: dict[str, Any] = field(default_factory=dict)
 
 
 class Trainer:
@@ -96,27 +70,9 @@ class Trainer:
 
     # -- setup --------------------------------------------------------------------------
     def _prepare_dir(self) -> dict | None:
-        cfg_file = self.run_dir / "config.json"
-        state = None
-        if self.resume:
-            state = ckpt.load_resume(self.run_dir)
-            if state is None:
-                raise RunExistsError(f"{self.run_dir / ckpt.LAST}: nothing to resume from")
-            saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-            if saved.get("config_hash") not in (None, self.cfg.hash()):
-                raise RunExistsError(
-                    f"{cfg_file}: the run was started with another configuration "
-                    f"(config_hash {saved.get('config_hash')} != {self.cfg.hash()}); resume with the same "
-                    f"options (or `--config {cfg_file}`), or train into a new --out"
-                )
-        elif (self.run_dir / ckpt.LAST).exists() and not self.overwrite:
-            raise RunExistsError(
-                f"{self.run_dir}: holds a run already; pass --resume to continue it, "
-                f"--overwrite to replace it, or another --out"
-            )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cfg_file, {**self.cfg.to_dict(), "config_hash": self.cfg.hash()})
-        return state
+        return prepare_run_dir(
+            self.run_dir, self.cfg.to_dict(), self.cfg.hash(), resume=self.resume, overwrite=self.overwrite
+        )
 
     def fit(self) -> RunResult:
         cfg = self.cfg
@@ -133,7 +89,7 @@ class Trainer:
         self._build_model()
         history: list[dict[str, Any]] = []
         sel = EpochSelector()
-        loop = _Loop(self.engine.scaler())
+        loop = LoopState(self.engine.scaler())
         if state is not None:
             history, start = self._restore(state, sel, loop)
         else:
@@ -141,17 +97,21 @@ class Trainer:
             if cfg.bn == "adapt":  # a resumed run's statistics come with its weights
                 self._adapt_bn()
 
-        last_phase = self.plan[start - 1].phase if start > 0 else None
-        for p in self.plan[start:]:
-            if last_phase is not None and p.phase != last_phase:
+        last_phase = [self.plan[start - 1].phase if start > 0 else None]
+
+        def gate(p: EpochPlan, sel: EpochSelector) -> str:
+            if last_phase[0] is not None and p.phase != last_phase[0]:
                 sel.bad_epochs = 0  # fine-tuning gets its own patience after the head warm-up
-            last_phase = p.phase
+            last_phase[0] = p.phase
             if sel.exhausted(cfg.patience):
                 if p.phase == "head" and self.plan[-1].phase == "finetune":
-                    continue  # stop warming up the head; fine-tuning still runs
+                    return SKIP  # stop warming up the head; fine-tuning still runs
                 self.echo(f"early stop: no {self.monitor} improvement for {cfg.patience} epochs")
-                break
-            record = self._epoch(p, loop, sel)
+                return STOP
+            return TRAIN
+
+        def done(p: EpochPlan, record: dict[str, Any], improved: bool) -> None:
+            self._kept(p, record, improved, sel)
             history.append(record)
             rngs = dist.all_gather_objects(ckpt.rng_state())  # each rank's augmentation stream
             if dist.is_main():
@@ -159,10 +119,12 @@ class Trainer:
             if self.on_epoch_end is not None:
                 self.on_epoch_end(EpochInfo(p, self.model, loop.opt, record))
 
+        fit_epochs(self.plan[start:], lambda p: self._epoch(p, loop), selector=sel, gate=gate, done=done)
+
         report = self._finish(history, sel.best_epoch, time.perf_counter() - t_wall, time.process_time() - t_cpu)
         return RunResult(self.run_dir, history, sel.best_epoch, sel.best_value, self.monitor, report)
 
-    def _save_epoch(self, p: EpochPlan, loop: _Loop, sel: EpochSelector, history: list, rngs: list) -> None:
+    def _save_epoch(self, p: EpochPlan, loop: LoopState, sel: EpochSelector, history: list, rngs: list) -> None:
         """metrics.json and last.pt (rank 0)."""
         cfg = self.cfg
         atomic_write_json(self.run_dir / "metrics.json", history)
@@ -238,7 +200,7 @@ class Trainer:
         self._feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._datasets: dict[str, ImageDataset] = {}
 
-    def _restore(self, state: dict, sel: EpochSelector, loop: _Loop) -> tuple[list[dict[str, Any]], int]:
+    def _restore(self, state: dict, sel: EpochSelector, loop: LoopState) -> tuple[list[dict[str, Any]], int]:
         """Weights, RNG, history and (within the same phase) optimizer state of ``last.pt``."""
         self.model.load_state_dict(state["model"])
         rngs = state.get("rng_ranks") or [state["rng"]]
@@ -257,8 +219,8 @@ class Trainer:
         self.echo(f"resuming {self.run_dir} at epoch {start + 1}/{len(self.plan)}")
         return list(state["history"]), start
 
-    def _epoch(self, p: EpochPlan, loop: _Loop, sel: EpochSelector) -> dict[str, Any]:
-        """Train one planned epoch, validate, keep the best weights; the epoch's record."""
+    def _epoch(self, p: EpochPlan, loop: LoopState) -> tuple[int, float, dict[str, Any]]:
+        """Train one planned epoch and validate: ``(1-based epoch, monitor value, record)``."""
         model = self.model
         if p.signature != loop.sig:
             loop.sig = p.signature
@@ -300,7 +262,6 @@ class Trainer:
             preds = self._predict("val")
         val = self.engine.task.evaluate(preds, self.splits.classes)
         value = monitor_value(val, self.monitor)
-        improved = sel.update(p.epoch + 1, value)
         record = {
             "epoch": p.epoch + 1,
             "phase": p.phase,
@@ -309,19 +270,24 @@ class Trainer:
             "lr": loop.opt.param_groups[0]["lr"],
             "val": {k: v for k, v in val.items() if k not in ("per_class",)},
             "monitor": self.monitor,
-            "improved": improved,
+            "improved": False,  # set by _kept once the selector has seen the epoch
             "wall_s": time.perf_counter() - ep_wall,
             "train_s": stats.seconds,  # the training pass alone (bench/bench_ddp.py: images/s)
             "cpu_s": time.process_time() - ep_cpu,
         }
+        return p.epoch + 1, value, record
+
+    def _kept(self, p: EpochPlan, record: dict[str, Any], improved: bool, sel: EpochSelector) -> None:
+        """The best epoch's weights saved (rank 0); the epoch's log line."""
+        record["improved"] = improved
         if improved and dist.is_main():
-            ckpt.save_model(self.run_dir, model, self._card({"val": record["val"], "best_epoch": sel.best_epoch}))
+            ckpt.save_model(self.run_dir, self.model, self._card({"val": record["val"], "best_epoch": sel.best_epoch}))
+        value = monitor_value(record["val"], self.monitor)
         self.echo(
             f"epoch {p.epoch + 1}/{len(self.plan)} [{p.phase}, {len(record['trainable'])} groups] "
-            f"loss {stats.loss:.4f} val {self.monitor} {value:.4f} acc {val['accuracy']:.4f}"
+            f"loss {record['train_loss']:.4f} val {self.monitor} {value:.4f} acc {record['val']['accuracy']:.4f}"
             f"{'  *' if improved else ''}  ({record['wall_s']:.1f}s)"
         )
-        return record
 
     # -- pieces ----------------------------------------------------------------------------
     def _card(self, metrics: dict) -> ckpt.ModelCard:
@@ -365,36 +331,16 @@ class Trainer:
 
     def _features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in self._feats:
-            cfg = self.cfg
-            samples = self.splits.split(split)
-            extra = f"seed={cfg.seed}" if cfg.weights == "none" else ""
-            if cfg.bn == "adapt":  # the features depend on the statistics, hence on the training split
-                extra += f"bn=adapt:{self.splits.split_fingerprint('train')}"
-            key = feature_key(
-                cfg.backbone,
-                weights_id(cfg.weights, cfg.backbone),
-                self.input,
-                self.splits.split_fingerprint(split),
-                extra,
-            )
-            t = time.perf_counter()
-            # Features come from the body alone: the head is untouched by extraction.
-            f, y, hit = cached_features(
+            self._feats[split] = split_features(
+                self.cfg,
                 self.model,
-                samples,
+                self.splits,
+                split,
                 self.input,
-                key,
-                device=self.device,
-                channels_last=cfg.channels_last,
-                desc=f"features {split}",
+                self.device,
                 progress=self.progress,
-                threads=max(1, torch.get_num_threads()),
+                echo=self.echo,
             )
-            self.echo(
-                f"features {split}: {tuple(f.shape)} "
-                f"{'from cache' if hit else 'computed'} in {time.perf_counter() - t:.1f}s"
-            )
-            self._feats[split] = (f, y)
         return self._feats[split]
 
     def _adapt_bn(self) -> None:

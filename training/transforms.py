@@ -22,9 +22,13 @@ from runtime.preprocess import PLAIN, InputSpec
 
 from .config import AugmentConfig
 
-_INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-           "linear": InterpolationMode.BILINEAR, "linear_exact": InterpolationMode.BILINEAR,
-           "bilinear_exact": InterpolationMode.BILINEAR}
+_INTERP = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "linear": InterpolationMode.BILINEAR,
+    "linear_exact": InterpolationMode.BILINEAR,
+    "bilinear_exact": InterpolationMode.BILINEAR,
+}
 
 
 class ToRGB(torch.nn.Module):
@@ -76,8 +80,9 @@ class RuntimeResize(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from runtime.preprocess import resize, resized_size
 
-        h, w = self.size if self.stretch else resized_size(x.shape[-2], x.shape[-1], self.size)
-        hwc = x.permute(1, 2, 0).numpy()                  # (H,W,C) view, uint8
+        size = self.size
+        h, w = size if isinstance(size, tuple) else resized_size(x.shape[-2], x.shape[-1], size)
+        hwc = x.permute(1, 2, 0).numpy()  # (H,W,C) view, uint8
         out = resize(hwc if hwc.shape[2] > 1 else hwc[:, :, 0], h, w, self.interpolation)
         out = out[:, :, None] if out.ndim == 2 else out
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
@@ -93,8 +98,7 @@ def _normalize(spec: InputSpec) -> list:
 
 def val_pipeline(spec: InputSpec) -> Pipeline:
     """The reference evaluation transform for an InputSpec."""
-    return Pipeline(resize_stage(spec),
-                    v2.Compose([v2.CenterCrop((spec.height, spec.width)), *_normalize(spec)]))
+    return Pipeline(resize_stage(spec), v2.Compose([v2.CenterCrop((spec.height, spec.width)), *_normalize(spec)]))
 
 
 def val_transform(spec: InputSpec) -> v2.Compose:
@@ -108,9 +112,15 @@ def train_pipeline(spec: InputSpec, aug: AugmentConfig) -> Pipeline:
     size = (spec.height, spec.width)
     ops: list = []
     if aug.crop_scale < 1.0:
-        ops.append(v2.RandomResizedCrop(size, scale=(aug.crop_scale, 1.0), ratio=(0.9, 1.1),
-                                        interpolation=_INTERP[spec.interpolation],
-                                        antialias=spec.interpolation not in PLAIN))
+        ops.append(
+            v2.RandomResizedCrop(
+                size,
+                scale=(aug.crop_scale, 1.0),
+                ratio=(0.9, 1.1),
+                interpolation=_INTERP[spec.interpolation],
+                antialias=spec.interpolation not in PLAIN,
+            )
+        )
     else:
         ops.append(v2.CenterCrop(size))
     if aug.hflip:
@@ -121,8 +131,11 @@ def train_pipeline(spec: InputSpec, aug: AugmentConfig) -> Pipeline:
         ops.append(RandomRot90())
     ops.append(ToRGB())
     if aug.brightness or aug.contrast or aug.saturation:
-        ops.append(v2.ColorJitter(brightness=aug.brightness or None, contrast=aug.contrast or None,
-                                  saturation=aug.saturation or None))
+        ops.append(
+            v2.ColorJitter(
+                brightness=aug.brightness or None, contrast=aug.contrast or None, saturation=aug.saturation or None
+            )
+        )
     if aug.blur_prob > 0:
         ops.append(v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.0))], p=aug.blur_prob))
     ops += _normalize(spec)

@@ -15,9 +15,11 @@ import pytest
 torch = pytest.importorskip("torch")
 cv2 = pytest.importorskip("cv2")
 
-IMAGE_SIZE = 40     # pixels on disk
-INPUT_SIZE = 32     # model input (tiny_cnn)
-COUNTS = {"train": 48, "val": 12, "test": 32}   # per class
+from tests.training.detection.conftest import det_run  # noqa: E402, F401  (a tiny trained detector run)
+
+IMAGE_SIZE = 40  # pixels on disk
+INPUT_SIZE = 32  # model input (tiny_cnn)
+COUNTS = {"train": 48, "val": 12, "test": 32}  # per class
 
 
 def synth_image(defect: bool, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
@@ -46,8 +48,9 @@ def write_dataset(root: Path, counts: dict[str, int] = COUNTS, seed: int = 0) ->
     return root
 
 
-def train_tiny(model, x: np.ndarray, y: np.ndarray, steps: int = 150, lr: float = 1e-2, seed: int = 0,
-               head_only: bool = False):
+def train_tiny(
+    model, x: np.ndarray, y: np.ndarray, steps: int = 150, lr: float = 1e-2, seed: int = 0, head_only: bool = False
+):
     """Plain Adam on preprocessed tensors; enough for the synthetic crack task."""
     g = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
@@ -125,10 +128,17 @@ def _make_run(root: Path, splits, dataset: Path, outlier: bool = False) -> Path:
         inject_outlier(model)
         # Re-fit the head to the body that lost stem channel 0.
         train_tiny(model, x, y, steps=100, head_only=True)
-    card = ModelCard(backbone="tiny_cnn", num_classes=2, classes=tuple(splits.classes),
-                     good_classes=("ok",), input=inp, weights="none",
-                     data=DataSpec(source="folder", path=str(dataset)).to_dict(),
-                     dataset_fingerprint=splits.fingerprint, config_hash="cfg-test")
+    card = ModelCard(
+        backbone="tiny_cnn",
+        num_classes=2,
+        classes=tuple(splits.classes),
+        good_classes=("ok",),
+        input=inp,
+        weights="none",
+        data=DataSpec(source="folder", path=str(dataset)).to_dict(),
+        dataset_fingerprint=splits.fingerprint,
+        config_hash="cfg-test",
+    )
     save_model(root, model, card)
     return root
 
@@ -167,8 +177,24 @@ def calibrated(tmp_path_factory, exported) -> Path:
     from calibration.cli import calibrate_main
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-int8"
-    assert calibrate_main([str(exported), "--out", str(out), "--target", "both", "--size", "40",
-                           "--threads", "1", "--method", "minmax"]) == 0
+    assert (
+        calibrate_main(
+            [
+                str(exported),
+                "--out",
+                str(out),
+                "--target",
+                "both",
+                "--size",
+                "40",
+                "--threads",
+                "1",
+                "--method",
+                "minmax",
+            ]
+        )
+        == 0
+    )
     return out
 
 

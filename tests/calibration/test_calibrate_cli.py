@@ -21,8 +21,14 @@ def test_calibrated_bundle_records_everything(calibrated, exported, splits):
     calib.verify_files()
     assert len(calib) == 40 and calib.class_counts() == {"defect": 20, "ok": 20}
     assert {i.path for i in calib.items} <= {s.path for s in splits.train}
-    assert m.provenance["calibration"] == {"fingerprint": calib.fingerprint, "method": "minmax", "size": 40,
-                                           "seed": 0, "source": "train split", "file": "calibration.json"}
+    assert m.provenance["calibration"] == {
+        "fingerprint": calib.fingerprint,
+        "method": "minmax",
+        "size": 40,
+        "seed": 0,
+        "source": "train split",
+        "file": "calibration.json",
+    }
     # Export-time provenance survives calibration.
     assert m.provenance["config_hash"] == "cfg-test" and m.provenance["export"]["parity"]["passed"]
     for key, act, sym in (("int8", "uint8", False), ("int8-trt", "int8", True)):
@@ -69,12 +75,31 @@ def test_calibration_is_reproducible_and_saves_the_tensor(exported, calibrated, 
     # The fixture's float prefix was timed (``auto``), which can choose differently under load; its
     # recorded count is what rebuilds the same bytes anywhere.
     prefix = a.manifest.artifacts["int8"].quantization["float_prefix"]
-    assert calibrate_main([str(exported), "--out", str(out), "--target", "both", "--size", "40", "--threads", "1",
-                           "--method", "minmax", "--float-prefix", str(prefix),
-                           "--save-calibration-tensor", str(npy)]) == 0
+    assert (
+        calibrate_main(
+            [
+                str(exported),
+                "--out",
+                str(out),
+                "--target",
+                "both",
+                "--size",
+                "40",
+                "--threads",
+                "1",
+                "--method",
+                "minmax",
+                "--float-prefix",
+                str(prefix),
+                "--save-calibration-tensor",
+                str(npy),
+            ]
+        )
+        == 0
+    )
     b = load_bundle(out)
     assert a.manifest.provenance["calibration"] == b.manifest.provenance["calibration"]
-    assert a.manifest.files["model.int8.onnx"] == b.manifest.files["model.int8.onnx"]   # byte-identical model
+    assert a.manifest.files["model.int8.onnx"] == b.manifest.files["model.int8.onnx"]  # byte-identical model
     x, meta = load_tensor(npy, b.manifest.input)
     assert x.shape == (40, 3, 32, 32) and meta["fingerprint"] == b.manifest.provenance["calibration"]["fingerprint"]
 
@@ -83,8 +108,23 @@ def test_calibrate_in_place_keep_default_and_bad_inputs(bundle_copy, tmp_path, c
     from calibration.cli import calibrate_main
     from runtime.bundle import load_bundle
 
-    assert calibrate_main([str(bundle_copy), "--size", "16", "--threads", "1", "--method", "minmax",
-                           "--keep-default", "--limit", "20"]) == 0
+    assert (
+        calibrate_main(
+            [
+                str(bundle_copy),
+                "--size",
+                "16",
+                "--threads",
+                "1",
+                "--method",
+                "minmax",
+                "--keep-default",
+                "--limit",
+                "20",
+            ]
+        )
+        == 0
+    )
     m = load_bundle(bundle_copy).manifest
     assert m.default_artifact == "fp32" and "int8" in m.artifacts and m.metrics["int8"]["n"] == 20
     assert calibrate_main([str(tmp_path / "nope"), "--threads", "1"]) == 1

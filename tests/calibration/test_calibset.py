@@ -108,8 +108,13 @@ def test_fingerprint_follows_image_content(tmp_path, splits):
 
 
 def test_directory_source_and_tensor_file(tmp_path, dataset):
-    from calibration.calibset import (CalibrationSetError, calibration_set_from_directory, images_in, load_tensor,
-                                      save_tensor)
+    from calibration.calibset import (
+        CalibrationSetError,
+        calibration_set_from_directory,
+        images_in,
+        load_tensor,
+        save_tensor,
+    )
     from runtime.preprocess import InputSpec
 
     spec = InputSpec(height=32, width=32, resize_size=32)

@@ -14,8 +14,9 @@ pytest.importorskip("torch")
 
 def _run(*args, timeout=180):
     env = {**os.environ, "DEFECTSCOPE_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "defectscope", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "defectscope", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_export_calibrate_verify_and_plan_engine(run_dir, tmp_path):
@@ -40,8 +41,27 @@ def test_export_calibrate_verify_and_plan_engine(run_dir, tmp_path):
 def test_train_export_calibrate(dataset, tmp_path):
     """The whole workstation path starting from `defectscope train` (tiny_cnn, a few epochs)."""
     run = tmp_path / "run"
-    r = _run("train", "--data", dataset, "--backbone", "tiny_cnn", "--weights", "none", "--image-size", "32",
-             "--epochs", "4", "--head-epochs", "2", "--out", run, "--threads", "1", "--quiet", timeout=600)
+    r = _run(
+        "train",
+        "--data",
+        dataset,
+        "--backbone",
+        "tiny_cnn",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--epochs",
+        "4",
+        "--head-epochs",
+        "2",
+        "--out",
+        run,
+        "--threads",
+        "1",
+        "--quiet",
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     bundle = tmp_path / "bundle"
     assert _run("export", run, "--out", bundle).returncode == 0

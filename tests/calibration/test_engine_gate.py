@@ -12,8 +12,15 @@ import numpy as np
 import pytest
 
 from runtime.bundle import Artifact, BundleError, load_bundle
-from runtime.engine_gate import (HOLDOUT_FILE, EngineRejectedError, budget_for, compare, gate_candidate,
-                                 pack_holdout, read_holdout)
+from runtime.engine_gate import (
+    HOLDOUT_FILE,
+    EngineRejectedError,
+    budget_for,
+    compare,
+    gate_candidate,
+    pack_holdout,
+    read_holdout,
+)
 from tests.factories import make_tiny_bundle, make_tiny_onnx
 
 
@@ -35,7 +42,9 @@ def _images(n=40, size=32, seed=1):
     rng = np.random.default_rng(seed)
     # Half dark, half bright: the tiny model's two classes.
     level = np.r_[rng.uniform(-1.8, -0.4, n // 2), rng.uniform(0.4, 1.8, n - n // 2)].astype(np.float32)
-    return np.broadcast_to(level[:, None, None, None], (n, 3, size, size)).copy(), np.r_[np.zeros(n // 2), np.ones(n - n // 2)]
+    return np.broadcast_to(level[:, None, None, None], (n, 3, size, size)).copy(), np.r_[
+        np.zeros(n // 2), np.ones(n - n // 2)
+    ]
 
 
 @pytest.fixture
@@ -131,7 +140,10 @@ def test_bundle_holdout_cli(tmp_path):
     x, labels = _images(10)
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", labels.astype(np.int64))
-    assert main(["holdout", str(tmp_path / "b"), "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy")]) == 0
+    assert (
+        main(["holdout", str(tmp_path / "b"), "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy")])
+        == 0
+    )
     assert read_holdout(load_bundle(tmp_path / "b"))[2].shape == (10,)
 
 

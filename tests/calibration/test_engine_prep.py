@@ -13,8 +13,8 @@ pytest.importorskip("torch")
 
 # -- build plans ---------------------------------------------------------------------------
 def test_plans_per_tensorrt_generation(calibrated, exported):
-    from runtime.engine_build import BuildError, plan_build
     from runtime.bundle import load_bundle
+    from runtime.engine_build import BuildError, plan_build
 
     m = load_bundle(calibrated).manifest
     jp5 = plan_build(m, "8.5.2.2", "int8", batch=(1, 8))
@@ -24,7 +24,7 @@ def test_plans_per_tensorrt_generation(calibrated, exported):
     assert jp5.calibration_shape() == (8, 3, 32, 32)
 
     jp6 = plan_build(m, "10.3.0.30", "int8", batch=(1, 16), opt_batch=4)
-    assert jp6.int8_mode == "explicit" and jp6.source_key == "int8-trt"      # symmetric QDQ, not the U8 one
+    assert jp6.int8_mode == "explicit" and jp6.source_key == "int8-trt"  # symmetric QDQ, not the U8 one
     assert jp6.network_flags == () and jp6.builder_flags == ("INT8", "FP16")
     assert jp6.profile()[1] == (4, 3, 32, 32)
     typed = plan_build(m, "10.3.0", "int8", strongly_typed=True)
@@ -57,13 +57,16 @@ def test_plans_per_tensorrt_generation(calibrated, exported):
 def test_build_engine_cli_dry_run_and_missing_tensorrt(calibrated, capsys):
     from calibration.engine_cli import main
 
-    assert main([str(calibrated), "--precision", "int8", "--dry-run", "--tensorrt-version", "8.5.2",
-                 "--batch", "1", "4"]) == 0
+    assert (
+        main([str(calibrated), "--precision", "int8", "--dry-run", "--tensorrt-version", "8.5.2", "--batch", "1", "4"])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["key"] == "trt-int8" and out["file"] == "engines/model.int8.engine"
     assert out["plan"]["int8_mode"] == "implicit" and out["plan"]["batch"] == [1, 4]
     try:
         import tensorrt  # noqa: F401
+
         pytest.skip("TensorRT is installed here: the missing-TensorRT message does not apply")
     except ImportError:
         pass
@@ -82,8 +85,8 @@ def test_batch_stream_serves_every_image_at_fixed_shape():
     assert s.n_batches == 3 and [b.shape for b in batches] == [(4, 3, 2, 2)] * 3
     assert all(b.flags["C_CONTIGUOUS"] and b.dtype == np.float32 for b in batches)
     served = np.concatenate(batches)
-    np.testing.assert_array_equal(served[:10], x)                 # every image, in order
-    np.testing.assert_array_equal(served[10:], x[:2])             # the last batch wraps around
+    np.testing.assert_array_equal(served[:10], x)  # every image, in order
+    np.testing.assert_array_equal(served[10:], x[:2])  # the last batch wraps around
     assert s.next_batch() is None and s.nbytes == 4 * 3 * 2 * 2 * 4
     s.reset()
     np.testing.assert_array_equal(s.next_batch(), x[:4])
@@ -129,9 +132,16 @@ def test_cache_file_read_write_and_bundle_copy(tmp_path):
 def _artifact(**kw):
     from runtime.bundle import Artifact
 
-    base = dict(file="engines/model.fp16.engine", format="tensorrt", precision="fp16", tensorrt_version="10.3.0.30",
-                gpu="Orin", compute_capability="8.7", batch=(1, 8),
-                extra={"build": {"precision": "fp16", "batch": [1, 8], "opt_batch": 8, "int8_mode": None}})
+    base = dict(
+        file="engines/model.fp16.engine",
+        format="tensorrt",
+        precision="fp16",
+        tensorrt_version="10.3.0.30",
+        gpu="Orin",
+        compute_capability="8.7",
+        batch=(1, 8),
+        extra={"build": {"precision": "fp16", "batch": [1, 8], "opt_batch": 8, "int8_mode": None}},
+    )
     base.update(kw)
     return Artifact(**base)
 
@@ -140,7 +150,7 @@ def test_engine_refusal_names_the_difference_and_the_rebuild_command():
     from runtime.engine_meta import EngineMismatchError, Platform, check_engine, engine_problems
 
     here = Platform("10.3.0.26", "Orin", "8.7")
-    assert engine_problems(_artifact(), here) == []                       # build number may differ
+    assert engine_problems(_artifact(), here) == []  # build number may differ
     other_trt = Platform("8.5.2.2", "Orin", "8.7")
     with pytest.raises(EngineMismatchError) as err:
         check_engine(_artifact(), other_trt, "/opt/defectscope/models/elpv/1.0.0", "trt-fp16")
@@ -155,11 +165,13 @@ def test_engine_refusal_names_the_difference_and_the_rebuild_command():
     assert "does not record the TensorRT version" in engine_problems(_artifact(tensorrt_version=None), here)[0]
     compat = _artifact(extra={"version_compatible": True})
     assert engine_problems(compat, Platform("10.5.0", "Orin", "8.7")) == []
-    assert engine_problems(compat, Platform("10.1.0", "Orin", "8.7"))      # older runtime: no
-    int8 = _artifact(precision="int8", extra={"build": {"precision": "int8", "int8_mode": "implicit",
-                                                        "opt_batch": 4}})
-    with pytest.raises(EngineMismatchError, match=r"--precision int8 --batch 1 8 --opt-batch 4 --int8-mode implicit "
-                                                  r"--key trt-int8-orin"):
+    assert engine_problems(compat, Platform("10.1.0", "Orin", "8.7"))  # older runtime: no
+    int8 = _artifact(precision="int8", extra={"build": {"precision": "int8", "int8_mode": "implicit", "opt_batch": 4}})
+    with pytest.raises(
+        EngineMismatchError,
+        match=r"--precision int8 --batch 1 8 --opt-batch 4 --int8-mode implicit "
+        r"--key trt-int8-orin",
+    ):
         check_engine(int8, other_trt, "b", "trt-int8-orin")
 
 
@@ -178,8 +190,8 @@ def test_engine_io_check():
 
 def test_engine_artifact_fields_round_trip_through_the_bundle(calibrated, tmp_path):
     """What build-engine writes (a stand-in engine file here) validates, checksums and reads back."""
-    from runtime.engine_build import artifact_fields, engine_file_name, plan_build
     from runtime.bundle import Artifact, load_bundle, write_bundle
+    from runtime.engine_build import artifact_fields, engine_file_name, plan_build
     from runtime.engine_meta import Platform, check_engine
 
     b = load_bundle(calibrated)
@@ -189,15 +201,24 @@ def test_engine_artifact_fields_round_trip_through_the_bundle(calibrated, tmp_pa
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"not a real engine: metadata only")
     name = engine_file_name("trt-fp16", "fp16")
-    art = Artifact(file=name, format="tensorrt", precision="fp16", tensorrt_version=platform.tensorrt_version,
-                   gpu=platform.gpu, compute_capability=platform.compute_capability, batch=plan.batch, extra=fields)
+    art = Artifact(
+        file=name,
+        format="tensorrt",
+        precision="fp16",
+        tensorrt_version=platform.tensorrt_version,
+        gpu=platform.gpu,
+        compute_capability=platform.compute_capability,
+        batch=plan.batch,
+        extra=fields,
+    )
     files = {n: b.path / n for n in b.manifest.files} | {name: engine}
-    out = write_bundle(tmp_path / "with-engine", b.manifest.replace(artifacts={**b.manifest.artifacts,
-                                                                              "trt-fp16": art}), files)
+    out = write_bundle(
+        tmp_path / "with-engine", b.manifest.replace(artifacts={**b.manifest.artifacts, "trt-fp16": art}), files
+    )
     back = load_bundle(out.path).manifest.artifacts["trt-fp16"]
     assert back.batch == (1, 8) and back.gpu == "Orin" and back.compute_capability == "8.7"
     assert back.extra["build"]["builder_flags"] == ["FP16"] and back.extra["build"]["source_artifact"] == "fp32"
-    check_engine(back, platform, str(out.path), "trt-fp16")      # same platform: accepted
+    check_engine(back, platform, str(out.path), "trt-fp16")  # same platform: accepted
 
 
 def test_tensorrt8_calibration_batches_are_the_onnx_runtime_set(calibrated, tmp_path):
@@ -206,9 +227,9 @@ def test_tensorrt8_calibration_batches_are_the_onnx_runtime_set(calibrated, tmp_
     from pathlib import Path
 
     from calibration.calibset import CalibrationSet, images_in, save_tensor
-    from runtime.engine_build import plan_build
     from calibration.engine_cli import _calibration_stream, build_parser, match_calibration_images
     from runtime.bundle import load_bundle
+    from runtime.engine_build import plan_build
 
     b = load_bundle(calibrated)
     calib = CalibrationSet.from_dict(json.loads((calibrated / "calibration.json").read_text()))
@@ -238,7 +259,7 @@ def test_tensorrt8_calibration_batches_are_the_onnx_runtime_set(calibrated, tmp_
     np.testing.assert_array_equal(np.asarray(stream.x), reference)
 
     victim = device / Path(calib.items[2].path).parent.name / Path(calib.items[2].path).name
-    victim.write_bytes(victim.read_bytes() + b"\0")         # same name, other content
+    victim.write_bytes(victim.read_bytes() + b"\0")  # same name, other content
     assert match_calibration_images(calib, images_in(device)) is None
     stream, info = stream_for(device)
     assert "fingerprint" not in info and len(stream.x) == len(images_in(device))
@@ -250,17 +271,36 @@ def test_detection_bundles_plan_fixed_batch_float_engines_on_tensorrt_10(tmp_pat
     from runtime.bundle import Manifest
     from runtime.engine_build import BuildError, plan_build
 
-    m = Manifest.from_dict({
-        "schema_version": 1,
-        "model": {"name": "det", "version": "1", "task": "detection", "architecture": "tiny_det", "created": "x"},
-        "classes": ["ok", "crack"], "good_classes": ["ok"],
-        "input": {"name": "input", "height": 64, "width": 64, "resize_size": 64, "mean": [0, 0, 0],
-                  "std": [1, 1, 1], "resize_policy": "letterbox", "pad_value": 0, "color_order": "RGB"},
-        "output": {"kind": "detections", "names": ["boxes", "scores", "labels"], "box_format": "xyxy",
-                   "score_threshold": 0.5, "max_detections": 100},
-        "artifacts": {"fp32": {"file": "model.onnx", "format": "onnx", "precision": "fp32"}},
-        "default_artifact": "fp32", "files": {"model.onnx": "0" * 64},
-    }, where="manifest.json")
+    m = Manifest.from_dict(
+        {
+            "schema_version": 1,
+            "model": {"name": "det", "version": "1", "task": "detection", "architecture": "tiny_det", "created": "x"},
+            "classes": ["ok", "crack"],
+            "good_classes": ["ok"],
+            "input": {
+                "name": "input",
+                "height": 64,
+                "width": 64,
+                "resize_size": 64,
+                "mean": [0, 0, 0],
+                "std": [1, 1, 1],
+                "resize_policy": "letterbox",
+                "pad_value": 0,
+                "color_order": "RGB",
+            },
+            "output": {
+                "kind": "detections",
+                "names": ["boxes", "scores", "labels"],
+                "box_format": "xyxy",
+                "score_threshold": 0.5,
+                "max_detections": 100,
+            },
+            "artifacts": {"fp32": {"file": "model.onnx", "format": "onnx", "precision": "fp32"}},
+            "default_artifact": "fp32",
+            "files": {"model.onnx": "0" * 64},
+        },
+        where="manifest.json",
+    )
     plan = plan_build(m, "10.3.0", "fp16")  # the CLI's default batch 1..8 is narrowed, and it says so
     assert plan.profile() == ((1, 3, 64, 64),) * 3 and plan.builder_flags == ("FP16",)
     assert any("fixed batch of 1" in n for n in plan.notes)

@@ -104,7 +104,7 @@ def test_build_int8_engine(platform, calibrated, splits, tmp_path):
     art = b.manifest.artifacts["trt-int8"]
     assert art.extra["build"]["int8_mode"] == ("implicit" if implicit else "explicit")
     if implicit:
-        assert art.extra["calibration_cache"] in b.manifest.files   # shipped for the next build
+        assert art.extra["calibration_cache"] in b.manifest.files  # shipped for the next build
         # Rebuild from the cache alone: no calibration images needed any more.
         assert main([str(bundle), "--precision", "int8", "--no-timing-cache", "--key", "from-cache"]) == 0
     x, ref = _reference(b, splits)

@@ -53,8 +53,9 @@ def test_round_trip_export_bundle_load_infer(exported, run_dir, splits):
     paths, labels = _test_paths(splits, 10)
     x = Preprocessor(m.input).load_batch(paths)
     sess = ort_session(bundle.artifact_path(), threads=1)
-    got = np.concatenate([sess.run(None, {"input": x[:5]})[0], *[sess.run(None, {"input": x[i:i + 1]})[0]
-                                                                  for i in range(5, 10)]])
+    got = np.concatenate(
+        [sess.run(None, {"input": x[:5]})[0], *[sess.run(None, {"input": x[i : i + 1]})[0] for i in range(5, 10)]]
+    )
     ref = torch_logits(model, x)
     assert got.shape == (10, 2)
     assert np.abs(got - ref).max() < 1e-4
@@ -106,8 +107,24 @@ def test_export_cli_refuses_existing_out_and_packs(exported, run_dir, tmp_path, 
     assert export_main([str(run_dir), "--out", str(out), "--threads", "1"]) == 1
     assert "already exists" in capsys.readouterr().out
     archive = tmp_path / "b.tar.gz"
-    assert export_main([str(run_dir), "--out", str(out), "--force", "--no-eval", "--threads", "1",
-                        "--version", "2.1.0", "--pack", str(archive)]) == 0
+    assert (
+        export_main(
+            [
+                str(run_dir),
+                "--out",
+                str(out),
+                "--force",
+                "--no-eval",
+                "--threads",
+                "1",
+                "--version",
+                "2.1.0",
+                "--pack",
+                str(archive),
+            ]
+        )
+        == 0
+    )
     b = unpack(archive, tmp_path / "unpacked")
     assert b.manifest.model.version == "2.1.0" and "fp32" not in b.manifest.metrics
     assert load_bundle(tmp_path / "unpacked").manifest.files == b.manifest.files
@@ -154,7 +171,7 @@ def test_bad_bundles_are_refused_with_their_own_message(bundle_copy, damage, mes
     elif damage == "input_shape":
         _edit_manifest(bundle_copy, lambda d: d["input"].update(height=48, width=48, resize_size=48))
     elif damage == "class_count":
-        _edit_manifest(bundle_copy, lambda d: (d.__setitem__("classes", ["defect", "ok", "scratch"])))
+        _edit_manifest(bundle_copy, lambda d: d.__setitem__("classes", ["defect", "ok", "scratch"]))
     with pytest.raises(BundleError, match=message):
         load_bundle(bundle_copy)
 

@@ -9,8 +9,13 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from calibration.export_detection import (DetectionExportError, check_detection_graph,  # noqa: E402
-                                          export_detector, parity, quant_preprocess)
+from calibration.export_detection import (  # noqa: E402
+    DetectionExportError,
+    check_detection_graph,
+    export_detector,
+    parity,
+    quant_preprocess,
+)
 from tests.training.detection.helpers import SIZE, squares_batch, train_tiny_detector  # noqa: E402
 
 
@@ -39,12 +44,13 @@ def test_graph_contract(exported):
     check_detection_graph(g, 1, SIZE, SIZE, 20)
     ops: set[str] = set()
 
-    def walk(graph):                                    # NMS sits inside If/Loop subgraphs
+    def walk(graph):  # NMS sits inside If/Loop subgraphs
         for n in graph.node:
             ops.add(n.op_type)
             for a in n.attribute:
                 if a.type == onnx.AttributeProto.GRAPH:
                     walk(a.g)
+
     walk(g.graph)
     assert {"NonMaxSuppression", "RoiAlign"} <= ops
     assert info.input["resize_policy"] == "letterbox" and info.input["label_offset"] == 1
@@ -56,7 +62,7 @@ def test_parity_with_pytorch_on_held_out_images(detector, exported, held_out):
     path, _ = exported
     images, _ = held_out
     report = parity(detector, path, images, score_threshold=0.3)
-    assert report["detections"] >= 4                   # the check compared real boxes
+    assert report["detections"] >= 4  # the check compared real boxes
     assert report["min_iou"] >= 0.98 and report["max_score_diff"] <= 1e-3
     # Padded rows: score 0 / label 0, fixed D.
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -77,7 +83,7 @@ def test_parity_fails_on_a_different_model(exported, held_out):
 def test_batched_export_and_int8_preprocess(detector, held_out, tmp_path):
     path = tmp_path / "b2.onnx"
     export_detector(detector, path, batch=2)
-    images = held_out[0][:3]                            # odd count: the last batch is padded
+    images = held_out[0][:3]  # odd count: the last batch is padded
     assert parity(detector, path, images)["images"] == 3
     pre = quant_preprocess(path, tmp_path / "pre.onnx")
     sess_a = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -14,19 +14,20 @@ cv2 = pytest.importorskip("cv2")
 def _metrics(acc, f1, recalls=(1.0, 1.0), n=100, split="test"):
     from calibration.evaluate import Metrics
 
-    return Metrics(split=split, n=n, accuracy=acc, macro_f1=f1,
-                   per_class_recall={"defect": recalls[0], "ok": recalls[1]})
+    return Metrics(
+        split=split, n=n, accuracy=acc, macro_f1=f1, per_class_recall={"defect": recalls[0], "ok": recalls[1]}
+    )
 
 
 def test_gate_budget_in_points():
     from calibration.gate import check_gate
 
     ref = _metrics(0.95, 0.94)
-    assert check_gate(ref, _metrics(0.94, 0.935), budget=1.0).passed          # exactly 1 point: ok
+    assert check_gate(ref, _metrics(0.94, 0.935), budget=1.0).passed  # exactly 1 point: ok
     g = check_gate(ref, _metrics(0.93, 0.94), budget=1.0)
     assert not g.passed and g.failures == ["accuracy"] and g.drops["accuracy"] == pytest.approx(2.0)
     assert check_gate(ref, _metrics(0.93, 0.94), budget=2.5).passed
-    assert check_gate(ref, _metrics(0.97, 0.96), budget=0.0).passed           # INT8 better: fine
+    assert check_gate(ref, _metrics(0.97, 0.96), budget=0.0).passed  # INT8 better: fine
     recall = check_gate(ref, _metrics(0.95, 0.94, (0.9, 1.0)), 1.0, ["accuracy", "recall:defect"])
     assert recall.failures == ["recall:defect"]
     text = recall.report()
@@ -42,7 +43,7 @@ def test_search_finds_an_irreducible_set():
     from calibration.gate import check_gate
 
     order = [f"n{i}" for i in range(20)]
-    needed = {"n1", "n7"}          # the gate passes iff both are float
+    needed = {"n1", "n7"}  # the gate passes iff both are float
     calls = []
 
     def evaluate(nodes):
@@ -56,7 +57,7 @@ def test_search_finds_an_irreducible_set():
     assert len(calls) == len({frozenset(c) for c in calls}) <= 16
     assert [t.passed for t in result.trials].count(True) >= 1
 
-    none = search_float_nodes(order, evaluate, max_nodes=5)            # n7 is beyond the limit
+    none = search_float_nodes(order, evaluate, max_nodes=5)  # n7 is beyond the limit
     assert not none.found and none.float_nodes is None and len(none.trials) >= 1
 
 
@@ -79,8 +80,22 @@ def test_miscalibrated_model_fails_the_gate(exported, tmp_path, capsys):
         cv2.imwrite(str(black / f"{i}.png"), np.zeros((40, 40), np.uint8))
     before = (exported / "manifest.json").read_bytes()
     report = tmp_path / "report.json"
-    rc = calibrate_main([str(exported), "--calibration-data", str(black), "--no-fallback", "--method", "minmax",
-                         "--threads", "1", "--report", str(report), "--float-prefix", "0"])
+    rc = calibrate_main(
+        [
+            str(exported),
+            "--calibration-data",
+            str(black),
+            "--no-fallback",
+            "--method",
+            "minmax",
+            "--threads",
+            "1",
+            "--report",
+            str(report),
+            "--float-prefix",
+            "0",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == EXIT_GATE
     assert "accuracy gate failed" in out and "FAIL" in out
@@ -98,8 +113,23 @@ def test_fallback_keeps_the_fewest_layers_in_float(outlier_bundle, tmp_path, cap
 
     report = tmp_path / "report.json"
     out = tmp_path / "int8"
-    rc = calibrate_main([str(outlier_bundle), "--out", str(out), "--size", "32", "--method", "minmax",
-                         "--threads", "1", "--report", str(report), "--float-prefix", "0"])
+    rc = calibrate_main(
+        [
+            str(outlier_bundle),
+            "--out",
+            str(out),
+            "--size",
+            "32",
+            "--method",
+            "minmax",
+            "--threads",
+            "1",
+            "--report",
+            str(report),
+            "--float-prefix",
+            "0",
+        ]
+    )
     assert rc == 0, capsys.readouterr().out
     b = load_bundle(out)
     q = b.manifest.artifacts["int8"].quantization
@@ -114,7 +144,7 @@ def test_fallback_keeps_the_fewest_layers_in_float(outlier_bundle, tmp_path, cap
     data = json.loads(report.read_text())
     search = data["targets"]["cpu"]["search"]
     assert search["found"] and search["candidates_ranked"][:2] == [stem, classifier]
-    assert search["trials"][0]["passed"] is False          # [stem] alone does not fix it
+    assert search["trials"][0]["passed"] is False  # [stem] alone does not fix it
     first = data["targets"]["cpu"]["search"]["trials"]
     assert any(t["passed"] for t in first)
     # The outlier makes the plain INT8 model useless: that is why the search ran.
@@ -125,8 +155,23 @@ def test_fallback_keeps_the_fewest_layers_in_float(outlier_bundle, tmp_path, cap
 def test_fallback_gives_up_beyond_max_float_nodes(outlier_bundle, tmp_path, capsys):
     from calibration.cli import EXIT_GATE, calibrate_main
 
-    rc = calibrate_main([str(outlier_bundle), "--out", str(tmp_path / "x"), "--size", "32", "--method", "minmax",
-                         "--threads", "1", "--max-float-nodes", "1", "--float-prefix", "0"])
+    rc = calibrate_main(
+        [
+            str(outlier_bundle),
+            "--out",
+            str(tmp_path / "x"),
+            "--size",
+            "32",
+            "--method",
+            "minmax",
+            "--threads",
+            "1",
+            "--max-float-nodes",
+            "1",
+            "--float-prefix",
+            "0",
+        ]
+    )
     # --float-prefix 0: a timed float prefix (machine-dependent) could keep the outlier layer in float
     assert rc == EXIT_GATE
     assert "no set of up to 1 float layers" in capsys.readouterr().out
@@ -140,8 +185,9 @@ def _have_openvino() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-needs_ov = pytest.mark.skipif(not _have_openvino(), reason="openvino is not installed (extra 'openvino'; "
-                                                           "make test installs it)")
+needs_ov = pytest.mark.skipif(
+    not _have_openvino(), reason="openvino is not installed (extra 'openvino'; make test installs it)"
+)
 
 
 def test_gate_backends_list_is_parsed_and_bad_names_refused():
@@ -156,8 +202,11 @@ def test_gate_backends_list_is_parsed_and_bad_names_refused():
             gate_backends_arg(bad)
     if _have_openvino():
         ids = parse_gate_backends("onnxruntime,openvino")
-        assert ids[:2] == ("onnxruntime", "openvino:f32") and set(ids) <= {"onnxruntime", "openvino:f32",
-                                                                             "openvino:bf16"}
+        assert ids[:2] == ("onnxruntime", "openvino:f32") and set(ids) <= {
+            "onnxruntime",
+            "openvino:f32",
+            "openvino:bf16",
+        }
 
 
 @needs_ov
@@ -169,8 +218,14 @@ def test_gate_backends_scores_each_engine_against_the_fp32_reference(exported, s
 
     b = load_bundle(exported)
     fp32 = b.artifact_path("fp32")
-    data = EvalData(x=preprocess_paths([s.path for s in splits.test], b.manifest.input),
-                    y=[s.label for s in splits.test], classes=splits.classes, split="test", threads=1, batch_size=16)
+    data = EvalData(
+        x=preprocess_paths([s.path for s in splits.test], b.manifest.input),
+        y=[s.label for s in splits.test],
+        classes=splits.classes,
+        split="test",
+        threads=1,
+        batch_size=16,
+    )
     ref = data.evaluate(fp32)
     records = gate_backends(("onnxruntime", "openvino:f32"), {"fp32": fp32}, ref, data, "logits", budget=0.5)
     ov = records["fp32"]["openvino:f32"]
@@ -195,9 +250,28 @@ def test_calibrate_records_per_backend_metrics_and_auto_reads_them(exported, tmp
     from runtime.config import ModelConfig
 
     out = tmp_path / "gated"
-    assert calibrate_main([str(exported), "--out", str(out), "--size", "16", "--threads", "1", "--method", "minmax",
-                           "--float-prefix", "0", "--gate-backends", "onnxruntime,openvino:f32",
-                           "--report", str(tmp_path / "r.json")]) == 0
+    assert (
+        calibrate_main(
+            [
+                str(exported),
+                "--out",
+                str(out),
+                "--size",
+                "16",
+                "--threads",
+                "1",
+                "--method",
+                "minmax",
+                "--float-prefix",
+                "0",
+                "--gate-backends",
+                "onnxruntime,openvino:f32",
+                "--report",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     assert "per-backend accuracy gate" in capsys.readouterr().out
     b = load_bundle(out)
     for key in ("fp32", "int8"):

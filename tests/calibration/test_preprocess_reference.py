@@ -72,6 +72,7 @@ def test_same_predictions_through_either_preprocessing(run_dir, splits):
 def _elpv_images(n: int) -> list[str]:
     try:
         from training.data import elpv_root
+
         root = Path(elpv_root())
     except Exception:
         return []
@@ -80,7 +81,7 @@ def _elpv_images(n: int) -> list[str]:
 
 def test_real_elpv_images_match(tmp_path):
     """Real 300x300 gray EL images (when the elpv-dataset package is installed)."""
-    from runtime.preprocess import InputSpec, Preprocessor
+    from runtime.preprocess import Preprocessor
     from training.backbones import get_spec
 
     paths = _elpv_images(4)

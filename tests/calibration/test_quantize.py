@@ -10,7 +10,6 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import numpy_helper  # noqa: E402
 
-
 # Tolerance for a trained 3-conv model on the crack task (64 test images): INT8 must pick the
 # same class on >= 95% of images and keep logits within 15% RMS of the FP32 logit scale.
 MIN_AGREEMENT = 0.95
@@ -29,7 +28,7 @@ def test_int8_agrees_with_fp32_on_a_learnable_task(prepared, method, target):
     ref = predict_logits(ort_session(float_model, 1), x_test)
     got = predict_logits(ort_session(out, 1), x_test)
     agreement = float((got.argmax(1) == ref.argmax(1)).mean())
-    rel_rms = float(np.sqrt(np.mean((got - ref) ** 2)) / np.sqrt(np.mean(ref ** 2)))
+    rel_rms = float(np.sqrt(np.mean((got - ref) ** 2)) / np.sqrt(np.mean(ref**2)))
     assert agreement >= MIN_AGREEMENT, (agreement, rel_rms)
     assert rel_rms <= MAX_REL_RMS, (agreement, rel_rms)
     assert (got.argmax(1) == y).mean() >= 0.9
@@ -72,8 +71,8 @@ def test_per_channel_weights_and_target_specific_activations(prepared):
                 weights = inits[weight_dq.input[0]]
                 assert weights.dtype == np.int8
             out_channels = weights.shape[0]
-            assert scale.shape == (out_channels,) and out_channels > 1        # one scale per output channel
-            assert zero.dtype == np.int8 and not zero.any()                    # symmetric int8 weights
+            assert scale.shape == (out_channels,) and out_channels > 1  # one scale per output channel
+            assert zero.dtype == np.int8 and not zero.any()  # symmetric int8 weights
             act_dq = producers[node.input[0]]
             assert act_dq.op_type == "DequantizeLinear"
             act_zero = inits[act_dq.input[2]]
@@ -85,8 +84,11 @@ def test_per_channel_weights_and_target_specific_activations(prepared):
     cfg = QuantConfig(method="minmax", per_channel=False)
     flat = onnx.load(str(quantize_model(float_model, work / "pt.onnx", cfg, work / "ranges.pc.json", x_cal)))
     inits = _initializers(flat)
-    w_scales = [inits[n.input[1]] for n in flat.graph.node
-                if n.op_type == "DequantizeLinear" and inits.get(n.input[0], np.zeros(1)).ndim == 4]
+    w_scales = [
+        inits[n.input[1]]
+        for n in flat.graph.node
+        if n.op_type == "DequantizeLinear" and inits.get(n.input[0], np.zeros(1)).ndim == 4
+    ]
     assert w_scales and all(s.size == 1 for s in w_scales)
 
 
@@ -105,8 +107,14 @@ def test_ranges_cache_is_reused(prepared):
 
 
 def test_graph_inspection_and_sensitivity(prepared):
-    from calibration.quantize import (QuantConfig, compute_nodes, fallback_order, layer_sensitivity,
-                                      quantize_model, stem_and_classifier)
+    from calibration.quantize import (
+        QuantConfig,
+        compute_nodes,
+        fallback_order,
+        layer_sensitivity,
+        quantize_model,
+        stem_and_classifier,
+    )
 
     float_model, x_cal, _, _, work = prepared
     nodes = compute_nodes(float_model)

@@ -20,8 +20,23 @@ def tiny_detector(tmp_path_factory):
 
     root = write_squares_coco(tmp_path_factory.mktemp("detq") / "coco", ("square", "bar"))
     run, bundle = root.parent / "run", root.parent / "bundle"
-    assert ds_main(["train", "--data", str(root / "train.json"), "--out", str(run), "--epochs", "2",
-                    "--max-steps-per-epoch", "2", *TINY]) == 0
+    assert (
+        ds_main(
+            [
+                "train",
+                "--data",
+                str(root / "train.json"),
+                "--out",
+                str(run),
+                "--epochs",
+                "2",
+                "--max-steps-per-epoch",
+                "2",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert ds_main(["export", str(run), "--out", str(bundle), "--threads", "2", "--parity-images", "2"]) == 0
     return run, bundle
 
@@ -38,8 +53,12 @@ def test_scopes_pick_the_parts_of_the_graph(tiny_detector):
     _, bundle = tiny_detector
     model = bundle / "model.onnx"
     every = set(scope_nodes(model, "all"))
-    assert set(scope_nodes(model, "backbone")) < set(scope_nodes(model, "backbone_fpn")) \
-        < set(scope_nodes(model, "convs")) < every
+    assert (
+        set(scope_nodes(model, "backbone"))
+        < set(scope_nodes(model, "backbone_fpn"))
+        < set(scope_nodes(model, "convs"))
+        < every
+    )
     assert all("/backbone/body/" in n for n in scope_nodes(model, "backbone"))
     assert {n for n in every if "box_head" in n} and not {n for n in every if "box_predictor" in n}
     with pytest.raises(Exception, match="expected one of"):
@@ -49,18 +68,32 @@ def test_scopes_pick_the_parts_of_the_graph(tiny_detector):
 def test_fastest_passing_scope_is_written_and_a_failed_gate_writes_nothing(tiny_detector, tmp_path):
     import onnx
 
+    from calibration.detection_bundle import held_out_samples
     from calibration.quantize_detection import calibrate_detector
-    from training.detection.export import _held_out
 
     run, bundle = tiny_detector
     card = _card(run)
-    held = _held_out(card, "test", None)
+    held = held_out_samples(card, "test", None)
     dest = tmp_path / "int8.onnx"
-    r = calibrate_detector(bundle / "model.onnx", card, held, dest, score_threshold=0.05, size=8,
-                           scopes=("convs", "backbone"), float_prefixes=(0, 2), threads=2, echo=lambda s: None)
+    r = calibrate_detector(
+        bundle / "model.onnx",
+        card,
+        held,
+        dest,
+        score_threshold=0.05,
+        size=8,
+        scopes=("convs", "backbone"),
+        float_prefixes=(0, 2),
+        threads=2,
+        echo=lambda s: None,
+    )
     # Largest scope first (one calibration covers both), each with and without the float prefix.
-    assert [(t.scope, t.float_prefix) for t in r.trials] == [("convs", 0), ("convs", 2), ("backbone", 0),
-                                                             ("backbone", 2)]
+    assert [(t.scope, t.float_prefix) for t in r.trials] == [
+        ("convs", 0),
+        ("convs", 2),
+        ("backbone", 0),
+        ("backbone", 2),
+    ]
     assert r.trials[1].nodes == r.trials[0].nodes - 2
     assert r.passed and r.chosen in r.trials and r.chosen.passed
     assert r.chosen.ms_per_image == min(t.ms_per_image for t in r.trials if t.passed)
@@ -68,8 +101,19 @@ def test_fastest_passing_scope_is_written_and_a_failed_gate_writes_nothing(tiny_
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     # A budget nothing can meet (INT8 must be 100 points BETTER): refused, nothing written.
     none = tmp_path / "none.onnx"
-    r2 = calibrate_detector(bundle / "model.onnx", card, held, none, score_threshold=0.05, size=8,
-                            scopes=("backbone",), float_prefixes=(0,), budget=-100.0, threads=2, echo=lambda s: None)
+    r2 = calibrate_detector(
+        bundle / "model.onnx",
+        card,
+        held,
+        none,
+        score_threshold=0.05,
+        size=8,
+        scopes=("backbone",),
+        float_prefixes=(0,),
+        budget=-100.0,
+        threads=2,
+        echo=lambda s: None,
+    )
     assert not r2.passed and r2.artifact is None and not none.exists()
     assert r2.trials[0].drop_points > -100.0
 
@@ -87,8 +131,10 @@ def test_calibrate_cli_adds_the_gated_int8_artifact_to_a_detection_bundle(tiny_d
     report = tmp_path / "calib.json"
     # Classifier-only options are refused on a detection bundle, not ignored.
     assert ds_main(["calibrate", str(bundle), "--run", str(run), "--target", "tensorrt"]) == 1
-    assert ds_main(["calibrate", str(bundle), "--run", str(run), "--size", "8", "--threads", "2",
-                    "--report", str(report)]) == 0
+    assert (
+        ds_main(["calibrate", str(bundle), "--run", str(run), "--size", "8", "--threads", "2", "--report", str(report)])
+        == 0
+    )
     b = load_bundle(bundle)  # checksums and graph I/O verified, like a station does
     m = b.manifest
     assert m.default_artifact == "int8" and m.artifacts["int8"].file == "model.int8.onnx"
@@ -133,8 +179,23 @@ def test_gate_backends_records_openvino_per_artifact_and_auto_reads_them(tiny_de
     run, src = tiny_detector
     bundle = tmp_path / "bundle"
     shutil.copytree(src, bundle)
-    assert ds_main(["calibrate", str(bundle), "--run", str(run), "--size", "8", "--threads", "2",
-                    "--gate-backends", "onnxruntime,openvino:f32"]) == 0
+    assert (
+        ds_main(
+            [
+                "calibrate",
+                str(bundle),
+                "--run",
+                str(run),
+                "--size",
+                "8",
+                "--threads",
+                "2",
+                "--gate-backends",
+                "onnxruntime,openvino:f32",
+            ]
+        )
+        == 0
+    )
     b = load_bundle(bundle)
     for key in ("fp32", "int8"):
         rec = b.manifest.metrics[key]["backends"]
@@ -144,8 +205,14 @@ def test_gate_backends_records_openvino_per_artifact_and_auto_reads_them(tiny_de
         assert accuracy_record(b, key, "openvino:f32") == ov
         assert (accuracy_refusal(ov) is None) == ov["gate"]["passed"]
     # A forged failing record is what auto reads: refused, with the budget and the drop in the reason.
-    forged = {"gate": {**b.manifest.metrics["int8"]["backends"]["openvino:f32"]["gate"], "passed": False,
-                       "drops_points": {"map50": 3.06}, "failed": ["map50"]}}
+    forged = {
+        "gate": {
+            **b.manifest.metrics["int8"]["backends"]["openvino:f32"]["gate"],
+            "passed": False,
+            "drops_points": {"map50": 3.06},
+            "failed": ["map50"],
+        }
+    }
     assert "fails the budget" in accuracy_refusal(forged) and "map50 -3.06" in accuracy_refusal(forged)
 
 

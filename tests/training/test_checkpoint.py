@@ -13,9 +13,18 @@ from training.backbones import REGISTRY, build_model, sized_input  # noqa: E402
 
 
 def _card(**kw):
-    d = dict(backbone="tiny_cnn", num_classes=3, classes=("ok", "crack", "stain"), good_classes=("ok",),
-             input=sized_input(REGISTRY["tiny_cnn"], 40), weights="none", data={"source": "elpv"},
-             dataset_fingerprint="abc", config_hash="def", metrics={"val": {"accuracy": 0.5}})
+    d = dict(
+        backbone="tiny_cnn",
+        num_classes=3,
+        classes=("ok", "crack", "stain"),
+        good_classes=("ok",),
+        input=sized_input(REGISTRY["tiny_cnn"], 40),
+        weights="none",
+        data={"source": "elpv"},
+        dataset_fingerprint="abc",
+        config_hash="def",
+        metrics={"val": {"accuracy": 0.5}},
+    )
     d.update(kw)
     return ckpt.ModelCard(**d)
 
@@ -25,7 +34,7 @@ def test_round_trip_run_dir_and_safetensors_path(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p))
-        model.body.stem[1].running_mean.add_(1.5)   # buffers travel too
+        model.body.stem[1].running_mean.add_(1.5)  # buffers travel too
     ckpt.save_model(tmp_path, model, _card())
     assert sorted(x.name for x in tmp_path.iterdir()) == ["best.safetensors", "model.json"]  # no temp files
     x = torch.randn(3, 3, 40, 40)
@@ -36,8 +45,18 @@ def test_round_trip_run_dir_and_safetensors_path(tmp_path):
         assert torch.equal(loaded(x), model(x))
     raw = json.loads((tmp_path / "model.json").read_text())
     assert raw["input"]["height"] == 40 and raw["classes"] == ["ok", "crack", "stain"]
-    assert set(raw) >= {"backbone", "num_classes", "classes", "good_classes", "input", "weights", "data",
-                        "dataset_fingerprint", "config_hash", "metrics"}
+    assert set(raw) >= {
+        "backbone",
+        "num_classes",
+        "classes",
+        "good_classes",
+        "input",
+        "weights",
+        "data",
+        "dataset_fingerprint",
+        "config_hash",
+        "metrics",
+    }
 
 
 def test_card_errors_name_the_problem(tmp_path):
@@ -63,7 +82,7 @@ def test_failed_atomic_write_keeps_the_old_file(tmp_path):
     target = tmp_path / "best.safetensors"
     ckpt.save_safetensors(target, {"w": torch.ones(2)})
     before = target.read_bytes()
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):  # safetensors refuses a non-tensor value
         ckpt.save_safetensors(target, {"w": "not a tensor"})
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["best.safetensors"]
@@ -73,11 +92,16 @@ def test_resume_state_loads_with_weights_only_and_restores_rng(tmp_path):
     import random
 
     import numpy as np
-    state = {"model": build_model("tiny_cnn", 2, weights="none").state_dict(), "epoch": 4,
-             "history": [{"epoch": 1, "val": {"auroc": None, "accuracy": 0.5}}], "rng": ckpt.rng_state()}
+
+    state = {
+        "model": build_model("tiny_cnn", 2, weights="none").state_dict(),
+        "epoch": 4,
+        "history": [{"epoch": 1, "val": {"auroc": None, "accuracy": 0.5}}],
+        "rng": ckpt.rng_state(),
+    }
     expect = (random.random(), np.random.rand(), torch.rand(1).item())
     ckpt.save_resume(tmp_path, state)
-    back = torch.load(tmp_path / "last.pt", weights_only=True)   # the contract's loader
+    back = torch.load(tmp_path / "last.pt", weights_only=True)  # the contract's loader
     assert back["epoch"] == 4 and back["history"][0]["val"]["auroc"] is None
     ckpt.set_rng_state(ckpt.load_resume(tmp_path)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect

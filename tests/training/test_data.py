@@ -25,7 +25,7 @@ def test_single_folder_is_split_stratified_seeded_and_disjoint(folder_data):
     sets = [set(_paths(x)) for x in (a.train, a.val, a.test)]
     assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
     assert sum(map(len, sets)) == 80
-    assert a.class_counts("test") == [10, 10]            # stratified: 25% of each class
+    assert a.class_counts("test") == [10, 10]  # stratified: 25% of each class
     other = resolve_splits(DataSpec(source="folder", path=str(folder_data), seed=4))
     assert _paths(other.test) != _paths(a.test)
     assert a.fingerprint == b.fingerprint != other.fingerprint
@@ -109,6 +109,7 @@ def test_gray_and_rgb_images_load_as_rgb_tensors(tmp_path):
     from training.config import AugmentConfig
     from training.loader import ImageDataset
     from training.transforms import train_pipeline, val_pipeline
+
     rng = np.random.default_rng(0)
     gray = tmp_path / "g.png"
     color = tmp_path / "c.jpg"
@@ -154,4 +155,5 @@ def test_dataspec_validation_names_the_key():
     with pytest.raises(DataError, match="unknown key"):
         DataSpec.from_dict({"source": "elpv", "colour": 1})
     assert DataSpec.from_dict(DataSpec(source="elpv", labels="4class").to_dict()) == DataSpec(
-        source="elpv", labels="4class")
+        source="elpv", labels="4class"
+    )

@@ -114,15 +114,19 @@ def test_launch_flag_is_stripped_and_relaunches_through_torchrun():
     with pytest.raises(dist.DistributedError, match="positive"):
         dist.split_launch_args(["--nproc-per-node", "0"])
     cmd = dist.launch_command("train", ["--quiet"], 2)
-    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and cmd[-3:] == ["defectscope", "train", "--quiet"]
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and cmd[-3:] == [
+        "defectscope",
+        "train",
+        "--quiet",
+    ]
 
 
 def test_a_bad_process_count_is_one_error_line_and_exit_2(capsys):
+    from defectscope.tasks import extend
     from training.cli import train_main
-    from training.detection.cli import extend_dispatch
 
     assert train_main(["--data", "elpv", "--nproc-per-node", "0"]) == 2
-    assert extend_dispatch(["--from", "r", "--data", "d", "--out", "o", "--nproc-per-node", "-3"]) == 2
+    assert extend(["--from", "r", "--data", "d", "--out", "o", "--nproc-per-node", "-3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") and "positive" in line for line in err)
 

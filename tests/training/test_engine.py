@@ -18,7 +18,7 @@ PKG = Path(__file__).resolve().parents[2] / "training"
 def _data(seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(64, 4, generator=g)
-    return [(x[i:i + 16], (x[i:i + 16, 0] > 0).long()) for i in range(0, 64, 16)]
+    return [(x[i : i + 16], (x[i : i + 16, 0] > 0).long()) for i in range(0, 64, 16)]
 
 
 def _model():
@@ -60,7 +60,7 @@ def test_after_step_hook_runs_after_every_step():
     model = _model()
     calls = []
 
-    def pin_bias() -> None:   # keep the bias at zero whatever the optimizer does
+    def pin_bias() -> None:  # keep the bias at zero whatever the optimizer does
         calls.append(1)
         with torch.no_grad():
             model.bias.zero_()
@@ -105,9 +105,29 @@ def test_training_has_one_epoch_loop():
     assert loops == ["engine.py:run_epoch"], loops
 
 
+def test_every_task_and_command_runs_the_one_epoch_loop():
+    # The best-epoch bookkeeping (EpochSelector.update) happens in one loop: engine.fit_epochs.
+    # train, extend and the detector's fit hand it their step, gate and done hooks.
+    owners = []
+    for path in sorted(PKG.rglob("*.py")):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and not any(
+                isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef)) and inner is not fn for inner in ast.walk(fn)
+            ):
+                calls = [n.func for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+                if any(f.attr == "update" and isinstance(f.value, ast.Name) and f.value.id == "sel" for f in calls):
+                    owners.append(f"{path.relative_to(PKG)}:{fn.name}")
+    assert owners == ["engine.py:fit_epochs"], owners
+    users = {p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py") if "fit_epochs(" in p.read_text()}
+    assert {"trainer.py", "extend.py", "detection/trainer.py"} <= users
+
+
 def test_no_function_in_training_is_over_80_lines():
-    long = [f"{name}:{fn.name} ({fn.end_lineno - fn.lineno + 1})" for name, fn in _functions()
-            if fn.end_lineno - fn.lineno + 1 > 80]
+    long = [
+        f"{name}:{fn.name} ({fn.end_lineno - fn.lineno + 1})"
+        for name, fn in _functions()
+        if fn.end_lineno - fn.lineno + 1 > 80
+    ]
     assert not long, long
 
 
@@ -123,8 +143,9 @@ def test_parameter_group_rule_changes_what_trains():
         model = build_model("tiny_cnn", 2, weights="none")
         head0 = model.head[1].weight.detach().clone()
         body0 = next(model.body.parameters()).detach().clone()
-        opt, sched = build_optimizer(model, len(model.groups), 1e-2, 1.0, 0.0, total_steps=1, warmup_steps=0,
-                                     rules=rules)
+        opt, sched = build_optimizer(
+            model, len(model.groups), 1e-2, 1.0, 0.0, total_steps=1, warmup_steps=0, rules=rules
+        )
         Engine().run_epoch(model, batches, opt, scheduler=sched)
         return (torch.equal(model.head[1].weight, head0), torch.equal(next(model.body.parameters()), body0))
 

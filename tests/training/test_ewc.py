@@ -26,8 +26,11 @@ def _grow(model, n):
 
 def _fit(model, loader, *, epochs, optimizer, penalty=None, bn="frozen", after_step=None):
     """Train through the one engine; a FitHistory of per-step task loss and penalty."""
-    eng = Engine(bn_frozen=bn == "frozen", terms=[penalty] if penalty is not None else [],
-                 after_step=[after_step] if after_step is not None else [])
+    eng = Engine(
+        bn_frozen=bn == "frozen",
+        terms=[penalty] if penalty is not None else [],
+        after_step=[after_step] if after_step is not None else [],
+    )
     hist = FitHistory()
     for e in range(epochs):
         hist.add(e, eng.run_epoch(model, loader, optimizer))
@@ -57,8 +60,9 @@ class TinyNet(nn.Module):
 
     def __init__(self, num_classes=2):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
         self.head = nn.Sequential(nn.Dropout(0.5), nn.Linear(4, num_classes))
 
     def forward(self, x):
@@ -79,8 +83,9 @@ def _warm_bn(model, x):
 def test_exact_fisher_matches_closed_form_logistic_regression(method):
     x, y = _logreg_data()
     model = nn.Linear(3, 2)
-    fisher = ewc.estimate_fisher(model, DataLoader(TensorDataset(x, y), batch_size=7),
-                                 n_samples=len(x), labels="exact", method=method)
+    fisher = ewc.estimate_fisher(
+        model, DataLoader(TensorDataset(x, y), batch_size=7), n_samples=len(x), labels="exact", method=method
+    )
     expect = _closed_form_fisher(model, x)
     for name in ("weight", "bias"):
         torch.testing.assert_close(fisher[name].double(), expect[name], rtol=1e-5, atol=1e-7)
@@ -141,8 +146,7 @@ def test_fisher_covers_frozen_parameters_and_restores_flags():
 def _state_for(model, fisher=None, backbone="tiny"):
     if fisher is None:
         fisher = {n: torch.rand_like(p) + 0.1 for n, p in model.named_parameters()}
-    return ewc.EWCState.from_model(model, fisher, backbone=backbone, classes=["a", "b"],
-                                   task=ewc.TaskRecord("A", 8))
+    return ewc.EWCState.from_model(model, fisher, backbone=backbone, classes=["a", "b"], task=ewc.TaskRecord("A", 8))
 
 
 def test_penalty_zero_at_anchor_and_gradient_points_back():
@@ -254,8 +258,13 @@ def test_head_row_freeze_survives_weight_decay_and_momentum():
 def test_fisher_file_round_trip_and_check(tmp_path):
     model = TinyNet()
     fisher = ewc.estimate_fisher(model, [torch.randn(4, 3, 8, 8)], n_samples=4)
-    state = ewc.EWCState.from_model(model, fisher, backbone="tiny", classes=["ok", "defect"],
-                                    task=ewc.TaskRecord("line-A", 4, classes=("ok", "defect")))
+    state = ewc.EWCState.from_model(
+        model,
+        fisher,
+        backbone="tiny",
+        classes=["ok", "defect"],
+        task=ewc.TaskRecord("line-A", 4, classes=("ok", "defect")),
+    )
     path = state.save(tmp_path)
     assert path.name == ewc.FISHER_FILE and not list(tmp_path.glob(".*tmp"))
     back = ewc.EWCState.load(tmp_path)
@@ -319,15 +328,15 @@ def test_tampered_or_foreign_file_is_refused(tmp_path):
 def test_online_consolidation_decays_old_fisher_and_moves_anchor():
     model = TinyNet(2)
     f_a = {n: torch.full_like(p, 2.0) for n, p in model.named_parameters()}
-    state = ewc.EWCState.from_model(model, f_a, backbone="tiny", classes=["a", "b"],
-                                    task=ewc.TaskRecord("A", 8), gamma=0.5)
+    state = ewc.EWCState.from_model(
+        model, f_a, backbone="tiny", classes=["a", "b"], task=ewc.TaskRecord("A", 8), gamma=0.5
+    )
     _grow(model, 3)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.25)
     f_b = {n: torch.full_like(p, 1.0) for n, p in model.named_parameters()}
-    new = ewc.consolidate(state, model, f_b, task=ewc.TaskRecord("B", 8), backbone="tiny",
-                          classes=["a", "b", "c"])
+    new = ewc.consolidate(state, model, f_b, task=ewc.TaskRecord("B", 8), backbone="tiny", classes=["a", "b", "c"])
     assert [t.name for t in new.tasks] == ["A", "B"] and new.gamma == 0.5
     assert torch.allclose(new.fisher["body.0.weight"], torch.full_like(f_b["body.0.weight"], 0.5 * 2 + 1))
     # grown head: old rows 0.5*2+1, the new row only its own Fisher
@@ -453,8 +462,14 @@ def test_two_task_run_naive_forgets_and_ewc_forgets_less(tmp_path):
 
 def test_plot_report_writes_png(tmp_path):
     hist = FitHistory(task_loss=[1.0, 0.5, 0.3], penalty=[0.0, 0.1, 0.2])
-    report = {"method": "ewc", "old_accuracy_before": 0.9, "old_accuracy_after": 0.85,
-              "new_accuracy_before": 0.5, "new_accuracy_after": 0.95, "forgetting": 0.05}
+    report = {
+        "method": "ewc",
+        "old_accuracy_before": 0.9,
+        "old_accuracy_after": 0.85,
+        "new_accuracy_before": 0.5,
+        "new_accuracy_after": 0.95,
+        "forgetting": 0.05,
+    }
     path = plot_forgetting(report, hist, tmp_path / "ewc.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps(hist.to_dict())

@@ -46,15 +46,23 @@ def _train_base(run: Path, data: Path) -> None:
     torch.manual_seed(0)
     model = build_model("tiny_cnn", len(splits.classes), "none", input_spec=inp)
     task = TaskSet.from_splits("A", splits, splits.classes, inp, AugmentConfig.none())
-    loader = torch.utils.data.DataLoader(task.dataset("train"), batch_size=8, shuffle=True,
-                                         generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(
+        task.dataset("train"), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
     eng, opt = Engine(task=ClassificationTask()), torch.optim.Adam(model.parameters(), 1e-2)
     for _ in range(8):
         eng.run_epoch(model, loader, opt)
     model.eval()
-    card = ModelCard(backbone="tiny_cnn", num_classes=len(splits.classes), classes=tuple(splits.classes),
-                     good_classes=tuple(splits.good_classes), input=inp, weights="none", data=spec.to_dict(),
-                     dataset_fingerprint=splits.fingerprint)
+    card = ModelCard(
+        backbone="tiny_cnn",
+        num_classes=len(splits.classes),
+        classes=tuple(splits.classes),
+        good_classes=tuple(splits.good_classes),
+        input=inp,
+        weights="none",
+        data=spec.to_dict(),
+        dataset_fingerprint=splits.fingerprint,
+    )
     save_model(run, model, card)
 
 
@@ -85,8 +93,9 @@ def _report(run: Path) -> dict:
 def test_base_model_learned_line_a(base):
     # The tests below measure forgetting: the base model must know line A.
     model, card = load_model(base)
-    task = TaskSet.from_splits("A", resolve_splits(DataSpec.from_dict(card.data)), card.classes, card.input,
-                               AugmentConfig.none())
+    task = TaskSet.from_splits(
+        "A", resolve_splits(DataSpec.from_dict(card.data)), card.classes, card.input, AugmentConfig.none()
+    )
     preds = Engine().predict(model, task.loader("test"))
     assert accuracy(preds.logits, preds.labels) >= 0.9
 
@@ -105,8 +114,15 @@ def test_new_domain_extension_writes_a_complete_run(base, lines, tmp_path):
     out = tmp_path / "runB"
     rc = main(["--from", str(base), "--data", str(lines / "B"), "--out", str(out), *SPLIT_FLAGS, *FAST])
     assert rc == 0
-    for name in ("model.json", "best.safetensors", "fisher.safetensors", "config.json", "metrics.json",
-                 "report.json", "ewc_report.png"):
+    for name in (
+        "model.json",
+        "best.safetensors",
+        "fisher.safetensors",
+        "config.json",
+        "metrics.json",
+        "report.json",
+        "ewc_report.png",
+    ):
         assert (out / name).is_file(), name
     r = _report(out)
     assert r["scenario"] == "new-domain" and r["method"] == "ewc" and r["lambda"] == 100.0
@@ -128,8 +144,9 @@ def test_new_domain_extension_writes_a_complete_run(base, lines, tmp_path):
 
     # a third line extends the second: uses its consolidated file, old data defaults to its card (B)
     out3 = tmp_path / "runC"
-    rc = main(["--from", str(out), "--data", str(lines / "A"), "--out", str(out3), *SPLIT_FLAGS, *FAST,
-               "--gamma", "0.5"])
+    rc = main(
+        ["--from", str(out), "--data", str(lines / "A"), "--out", str(out3), *SPLIT_FLAGS, *FAST, "--gamma", "0.5"]
+    )
     assert rc == 0
     assert [t.name for t in ewc.EWCState.load(out3).tasks] == ["A", "B", "A"]
     assert _report(out3)["old_tasks"] == ["B"]
@@ -137,8 +154,9 @@ def test_new_domain_extension_writes_a_complete_run(base, lines, tmp_path):
 
 def test_new_classes_grow_the_head_and_keep_old_rows(base, lines, tmp_path):
     out = tmp_path / "runC"
-    rc = main(["--from", str(base), "--data", str(lines / "C"), "--out", str(out), *SPLIT_FLAGS, *FAST,
-               "--freeze-old-rows"])
+    rc = main(
+        ["--from", str(base), "--data", str(lines / "C"), "--out", str(out), *SPLIT_FLAGS, *FAST, "--freeze-old-rows"]
+    )
     assert rc == 0
     r = _report(out)
     assert r["scenario"] == "new-classes" and r["classes"] == ["defect", "ok", "stain"]
@@ -146,8 +164,12 @@ def test_new_classes_grow_the_head_and_keep_old_rows(base, lines, tmp_path):
     assert growth["new_classes"] == ["stain"]
     assert growth["old_logits_max_abs_change_at_growth[A]"] == 0.0
     logits = r["old_class_logits"]["A"]
-    assert set(logits) >= {"old_logits_mean_abs_change", "old_argmax_agreement", "predicted_as_new_class",
-                           "old_accuracy_within_old_classes"}
+    assert set(logits) >= {
+        "old_logits_mean_abs_change",
+        "old_argmax_agreement",
+        "predicted_as_new_class",
+        "old_accuracy_within_old_classes",
+    }
 
     model, card = load_model(out)
     src, _ = load_model(base)
@@ -161,8 +183,24 @@ def test_new_classes_grow_the_head_and_keep_old_rows(base, lines, tmp_path):
 
 def test_lambda_auto_replay_and_naive(base, lines, tmp_path):
     out = tmp_path / "auto"
-    rc = main(["--from", str(base), "--data", str(lines / "B"), "--out", str(out), *SPLIT_FLAGS, *FAST,
-               "--lambda", "auto", "--lambda-grid", "1,1000", "--replay", "8"])
+    rc = main(
+        [
+            "--from",
+            str(base),
+            "--data",
+            str(lines / "B"),
+            "--out",
+            str(out),
+            *SPLIT_FLAGS,
+            *FAST,
+            "--lambda",
+            "auto",
+            "--lambda-grid",
+            "1,1000",
+            "--replay",
+            "8",
+        ]
+    )
     assert rc == 0
     r = _report(out)
     assert [c["lambda"] for c in r["lambda_search"]] == [1.0, 1000.0]
@@ -172,8 +210,21 @@ def test_lambda_auto_replay_and_naive(base, lines, tmp_path):
     assert r["replay"]["size"] == 8 and sorted(r["replay"]["per_class"].values()) == [4, 4]
 
     out_naive = tmp_path / "naive"
-    rc = main(["--from", str(base), "--data", str(lines / "B"), "--out", str(out_naive), *SPLIT_FLAGS, *FAST,
-               "--method", "naive", "--no-fisher"])
+    rc = main(
+        [
+            "--from",
+            str(base),
+            "--data",
+            str(lines / "B"),
+            "--out",
+            str(out_naive),
+            *SPLIT_FLAGS,
+            *FAST,
+            "--method",
+            "naive",
+            "--no-fisher",
+        ]
+    )
     assert rc == 0
     r = _report(out_naive)
     assert r["method"] == "naive" and r["penalty_share"] == 0.0
@@ -187,8 +238,9 @@ def test_mismatched_or_missing_fisher_is_refused(base, lines, tmp_path, capsys):
     with torch.no_grad():
         other.head[1].bias.add_(0.5)
     fisher = {n: torch.ones_like(p) for n, p in other.named_parameters()}
-    ewc.EWCState.from_model(other, fisher, backbone="tiny_cnn", classes=card.classes,
-                            task=ewc.TaskRecord("A", 1)).save(base)
+    ewc.EWCState.from_model(other, fisher, backbone="tiny_cnn", classes=card.classes, task=ewc.TaskRecord("A", 1)).save(
+        base
+    )
     out = tmp_path / "out"
     rc = main(["--from", str(base), "--data", str(lines / "B"), "--out", str(out), *SPLIT_FLAGS, *FAST])
     err = capsys.readouterr().err
@@ -196,26 +248,44 @@ def test_mismatched_or_missing_fisher_is_refused(base, lines, tmp_path, capsys):
     assert not out.exists()
 
     # another backbone's file
-    ewc.EWCState.from_model(model, fisher, backbone="resnet18", classes=card.classes,
-                            task=ewc.TaskRecord("A", 1)).save(base)
+    ewc.EWCState.from_model(model, fisher, backbone="resnet18", classes=card.classes, task=ewc.TaskRecord("A", 1)).save(
+        base
+    )
     rc = main(["--from", str(base), "--data", str(lines / "B"), "--out", str(out), *SPLIT_FLAGS, *FAST])
     assert rc == 2 and "backbone 'resnet18'" in capsys.readouterr().err
 
     # no file and no old data: EWC cannot run, and says how to fix it
     (base / ewc.FISHER_FILE).unlink()
-    rc = main(["--from", str(base), "--data", str(lines / "B"), "--out", str(out), *SPLIT_FLAGS, *FAST,
-               "--old-data", "none"])
+    rc = main(
+        ["--from", str(base), "--data", str(lines / "B"), "--out", str(out), *SPLIT_FLAGS, *FAST, "--old-data", "none"]
+    )
     assert rc == 2 and "--finalize" in capsys.readouterr().err
 
 
 def test_cli_argument_errors(base, lines, tmp_path, capsys):
     assert main(["--from", str(base), "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert "--data" in capsys.readouterr().err
-    assert main(["--from", str(base), "--data", str(lines / "B"), "--out", str(tmp_path / "x"),
-                 "--lambda", "lots"]) == 2
+    assert (
+        main(["--from", str(base), "--data", str(lines / "B"), "--out", str(tmp_path / "x"), "--lambda", "lots"]) == 2
+    )
     assert "--lambda" in capsys.readouterr().err
-    assert main(["--from", str(base), "--data", str(lines / "B"), "--out", str(tmp_path / "x"),
-                 "--method", "naive", "--lambda", "auto"]) == 2
+    assert (
+        main(
+            [
+                "--from",
+                str(base),
+                "--data",
+                str(lines / "B"),
+                "--out",
+                str(tmp_path / "x"),
+                "--method",
+                "naive",
+                "--lambda",
+                "auto",
+            ]
+        )
+        == 2
+    )
     assert "auto" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -243,8 +313,23 @@ def test_config_file_spelling_round_trip_and_validation(tmp_path):
 
 def test_keep_best_keeps_the_best_epoch_by_mean_old_new_validation(base, lines, tmp_path):
     out = tmp_path / "best"
-    rc = main(["--from", str(base), "--data", str(lines / "B"), "--out", str(out), *SPLIT_FLAGS, *FAST,
-               "--epochs", "3", "--keep", "best", "--no-fisher"])
+    rc = main(
+        [
+            "--from",
+            str(base),
+            "--data",
+            str(lines / "B"),
+            "--out",
+            str(out),
+            *SPLIT_FLAGS,
+            *FAST,
+            "--epochs",
+            "3",
+            "--keep",
+            "best",
+            "--no-fisher",
+        ]
+    )
     assert rc == 0
     records = json.loads((out / "metrics.json").read_text())
     assert len(records) == 3

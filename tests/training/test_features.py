@@ -26,8 +26,7 @@ class CountingModel(torch.nn.Module):
 
 
 def _key(splits, spec, weights="none", seed=0, backbone="tiny_cnn"):
-    return feature_key(backbone, weights_id(weights, backbone), spec, splits.split_fingerprint("train"),
-                       f"seed={seed}")
+    return feature_key(backbone, weights_id(weights, backbone), spec, splits.split_fingerprint("train"), f"seed={seed}")
 
 
 def test_cache_hit_and_invalidation(tmp_path):

@@ -22,12 +22,23 @@ def test_strategy_plans():
     assert _plan(strategy="linear-probe", epochs=3) == [("head", 1)] * 3
     assert _plan(strategy="two-phase", epochs=2, head_epochs=2) == [("head", 1)] * 2 + [("finetune", 4)] * 2
     assert _plan(strategy="two-phase", epochs=1, head_epochs=1, unfreeze_groups=2) == [("head", 1), ("finetune", 2)]
-    assert _plan(strategy="partial", epochs=2) == [("finetune", 3)] * 2              # default: last 3 groups
+    assert _plan(strategy="partial", epochs=2) == [("finetune", 3)] * 2  # default: last 3 groups
     assert _plan(strategy="full", epochs=2, head_epochs=1) == [("head", 1), ("finetune", 4), ("finetune", 4)]
     assert _plan(strategy="gradual", epochs=6, gradual_every=2) == [
-        ("finetune", 1), ("finetune", 1), ("finetune", 2), ("finetune", 2), ("finetune", 3), ("finetune", 3)]
+        ("finetune", 1),
+        ("finetune", 1),
+        ("finetune", 2),
+        ("finetune", 2),
+        ("finetune", 3),
+        ("finetune", 3),
+    ]
     assert _plan(strategy="gradual", epochs=4, head_epochs=1) == [
-        ("head", 1), ("finetune", 2), ("finetune", 3), ("finetune", 4), ("finetune", 4)]
+        ("head", 1),
+        ("finetune", 2),
+        ("finetune", 3),
+        ("finetune", 4),
+        ("finetune", 4),
+    ]
 
 
 def test_warmup_cosine_shape():
@@ -51,7 +62,7 @@ def test_discriminative_lr_per_group_over_the_schedule():
     for step in range(total):
         for g in opt.param_groups:
             k = depth[g["name"].split(".")[0]]
-            assert g["lr"] == pytest.approx(lr * decay ** k * f(step)), (step, g["name"])
+            assert g["lr"] == pytest.approx(lr * decay**k * f(step)), (step, g["name"])
             assert g["weight_decay"] == (0.0 if g["name"].endswith("no_decay") else 0.05)
         opt.step()
         sched.step()
@@ -71,8 +82,10 @@ def test_offset_continues_the_schedule_after_rebuild():
 
 def test_config_file_and_errors(tmp_path):
     p = tmp_path / "c.toml"
-    p.write_text('backbone = "tiny_cnn"\nweights = "none"\nstrategy = "gradual"\n'
-                 '[data]\nsource = "elpv"\nlabels = "4class"\n[augment]\nrot90 = false\n')
+    p.write_text(
+        'backbone = "tiny_cnn"\nweights = "none"\nstrategy = "gradual"\n'
+        '[data]\nsource = "elpv"\nlabels = "4class"\n[augment]\nrot90 = false\n'
+    )
     cfg = load_config(p, {"lr": 0.01, "data": {"limit": 8}})
     assert cfg.strategy == "gradual" and cfg.data.labels == "4class" and cfg.data.limit == 8
     assert cfg.augment.rot90 is False and cfg.lr == 0.01

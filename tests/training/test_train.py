@@ -21,13 +21,19 @@ def _group_of(model):
     return {n: g.name for g in model.groups for n, _ in model.group_parameters(g.name)}
 
 
-@pytest.mark.parametrize("strategy,kw,expected", [
-    ("linear-probe", dict(epochs=2), [{"head"}, {"head"}]),
-    ("two-phase", dict(epochs=1, head_epochs=1), [{"head"}, {"head", "stage2", "stage1", "stem"}]),
-    ("partial", dict(epochs=1, head_epochs=0, unfreeze_groups=2), [{"head", "stage2"}]),
-    ("gradual", dict(epochs=3, head_epochs=0, gradual_every=1),
-     [{"head"}, {"head", "stage2"}, {"head", "stage2", "stage1"}]),
-])
+@pytest.mark.parametrize(
+    "strategy,kw,expected",
+    [
+        ("linear-probe", dict(epochs=2), [{"head"}, {"head"}]),
+        ("two-phase", dict(epochs=1, head_epochs=1), [{"head"}, {"head", "stage2", "stage1", "stem"}]),
+        ("partial", dict(epochs=1, head_epochs=0, unfreeze_groups=2), [{"head", "stage2"}]),
+        (
+            "gradual",
+            dict(epochs=3, head_epochs=0, gradual_every=1),
+            [{"head"}, {"head", "stage2"}, {"head", "stage2", "stage1"}],
+        ),
+    ],
+)
 def test_only_trainable_groups_change_and_frozen_bn_stays_fixed(tiny_cfg, strategy, kw, expected):
     """Per epoch: parameters (and BN running stats) of frozen groups are bit-identical."""
     seen = []
@@ -68,13 +74,15 @@ def _group_of_buffer(name: str) -> str:
 def test_first_epoch_changes_only_its_groups(tiny_cfg):
     """The first epoch too (compare with the freshly built model, same seed)."""
     from training.backbones import REGISTRY, build_model, sized_input
-    from training.trainer import seed_everything
+    from training.engine import seed_everything
+
     cfg = tiny_cfg(strategy="partial", epochs=1, head_epochs=0, unfreeze_groups=2).resolved()
-    seed_everything(cfg.seed)   # the trainer seeds the same way before building the model
+    seed_everything(cfg.seed)  # the trainer seeds the same way before building the model
     ref = build_model("tiny_cnn", 2, weights="none", input_spec=sized_input(REGISTRY["tiny_cnn"], 32))
     before = _snapshot(ref)
     result = train(cfg, overwrite=True, progress=False)
     from training.checkpoint import load_resume
+
     after = load_resume(result.run_dir)["model"]
     groups = _group_of(ref)
     changed = {groups[n] for n in before if not torch.equal(before[n], after[n])}
@@ -82,15 +90,30 @@ def test_first_epoch_changes_only_its_groups(tiny_cfg):
 
 
 def test_short_run_beats_chance_and_writes_the_run_directory(tiny_cfg):
-    cfg = tiny_cfg(strategy="full", epochs=12, head_epochs=0, lr=1e-2, monitor="macro_f1", patience=12,
-                   augment=AugmentConfig(crop_scale=1.0))
+    cfg = tiny_cfg(
+        strategy="full",
+        epochs=12,
+        head_epochs=0,
+        lr=1e-2,
+        monitor="macro_f1",
+        patience=12,
+        augment=AugmentConfig(crop_scale=1.0),
+    )
     result = train(cfg, overwrite=True, progress=False)
     run = result.run_dir
-    for name in ("config.json", "metrics.json", "best.safetensors", "last.pt", "model.json", "report.json",
-                 "curves.png", "confusion_matrix.png"):
+    for name in (
+        "config.json",
+        "metrics.json",
+        "best.safetensors",
+        "last.pt",
+        "model.json",
+        "report.json",
+        "curves.png",
+        "confusion_matrix.png",
+    ):
         assert (run / name).is_file(), name
     best_val = max(h["val"]["macro_f1"] for h in result.history)
-    assert best_val >= 0.8, result.history          # chance is 0.5 on this balanced 2-class task
+    assert best_val >= 0.8, result.history  # chance is 0.5 on this balanced 2-class task
     report = json.loads((run / "report.json").read_text())
     assert report["split"] == "test" and report["accuracy"] >= 0.7
     assert set(report) >= {"balanced_accuracy", "macro_f1", "auroc", "per_class", "confusion_matrix"}
@@ -101,11 +124,13 @@ def test_short_run_beats_chance_and_writes_the_run_directory(tiny_cfg):
     metrics = json.loads((run / "metrics.json").read_text())
     assert [m["epoch"] for m in metrics] == list(range(1, len(metrics) + 1))
     from training.config import load_config
-    assert load_config(run / "config.json") == cfg.resolved()   # the saved config reproduces the run
+
+    assert load_config(run / "config.json") == cfg.resolved()  # the saved config reproduces the run
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_cfg, tmp_path):
     from safetensors.torch import load_file
+
     kw = dict(strategy="two-phase", epochs=2, head_epochs=1, patience=99)
     full = train(tiny_cfg(out=str(tmp_path / "a"), **kw), progress=False)
 
@@ -115,6 +140,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_cfg, tmp_path)
     def stop_after_two(info):
         if info.plan.epoch == 1:
             raise Stop
+
     with pytest.raises(Stop):
         train(tiny_cfg(out=str(tmp_path / "b"), **kw), progress=False, on_epoch_end=stop_after_two)
     with pytest.raises(RunExistsError, match="--resume"):
@@ -130,8 +156,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_cfg, tmp_path)
 
 def test_class_balance_options_run(tiny_cfg, folder_data):
     for balance in ("sampler", "loss"):
-        r = train(tiny_cfg(strategy="linear-probe", epochs=2, balance=balance, out=str(folder_data.parent / balance)),
-                  progress=False)
+        r = train(
+            tiny_cfg(strategy="linear-probe", epochs=2, balance=balance, out=str(folder_data.parent / balance)),
+            progress=False,
+        )
         assert len(r.history) == 2
 
 
@@ -145,11 +173,37 @@ def test_corrupt_images_are_counted_in_the_run_report(tiny_cfg, folder_data):
 def test_cli_train_and_evaluate_with_tta(folder_data, tmp_path, capsys):
     from training.cli import train_main
     from training.evaluate_cli import evaluate_main
+
     run = tmp_path / "cli-run"
-    rc = train_main(["--data", str(folder_data), "--backbone", "tiny_cnn", "--weights", "none",
-                     "--image-size", "32", "--strategy", "two-phase", "--epochs", "1", "--head-epochs", "1",
-                     "--batch-size", "16", "--threads", "1", "--out", str(run), "--quiet",
-                     "--augment", "rot90=false", "--val-fraction", "0.25"])
+    rc = train_main(
+        [
+            "--data",
+            str(folder_data),
+            "--backbone",
+            "tiny_cnn",
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            "--strategy",
+            "two-phase",
+            "--epochs",
+            "1",
+            "--head-epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--threads",
+            "1",
+            "--out",
+            str(run),
+            "--quiet",
+            "--augment",
+            "rot90=false",
+            "--val-fraction",
+            "0.25",
+        ]
+    )
     assert rc == 0
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["augment"]["rot90"] is False and cfg["data"]["source"] == "folder"
@@ -161,8 +215,21 @@ def test_cli_train_and_evaluate_with_tta(folder_data, tmp_path, capsys):
     assert report["tta"]["views"] == ["original", "hflip", "vflip", "rot180", "scale:0.9", "scale:1.2"]
     assert report["tta"]["per_view"]["original"]["accuracy"] == report["plain"]["accuracy"]
     assert report["n"] == 20 and (run / "eval_test_all.png").is_file()
-    assert train_main(["--data", str(tmp_path / "missing"), "--backbone", "tiny_cnn", "--weights", "none",
-                       "--out", str(tmp_path / "x")]) == 2
+    assert (
+        train_main(
+            [
+                "--data",
+                str(tmp_path / "missing"),
+                "--backbone",
+                "tiny_cnn",
+                "--weights",
+                "none",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "not a directory" in capsys.readouterr().err
 
 
@@ -172,9 +239,31 @@ def test_cli_train_fisher_finalizes_the_run_for_ewc(folder_data, tmp_path):
     from training.ewc import EWCState
 
     run = tmp_path / "fisher-run"
-    rc = train_main(["--data", str(folder_data), "--backbone", "tiny_cnn", "--weights", "none",
-                     "--image-size", "32", "--strategy", "full", "--epochs", "1", "--batch-size", "16",
-                     "--threads", "1", "--out", str(run), "--quiet", "--fisher", "16"])
+    rc = train_main(
+        [
+            "--data",
+            str(folder_data),
+            "--backbone",
+            "tiny_cnn",
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            "--strategy",
+            "full",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--threads",
+            "1",
+            "--out",
+            str(run),
+            "--quiet",
+            "--fisher",
+            "16",
+        ]
+    )
     assert rc == 0
     state = EWCState.load(run / "fisher.safetensors")
     model, _ = load_model(run)
@@ -223,8 +312,9 @@ def test_bn_adapt_reestimates_statistics_on_training_images_then_freezes_them(ti
         model = build(*a, **kw)
 
         def grab(module, inputs):
-            if module.training and "x" not in seen:   # the first train-mode call: the adaptation pass
+            if module.training and "x" not in seen:  # the first train-mode call: the adaptation pass
                 seen["x"] = inputs[0].detach().clone()
+
         model.body.stem[1].register_forward_pre_hook(grab)
         return model
 
@@ -233,12 +323,19 @@ def test_bn_adapt_reestimates_statistics_on_training_images_then_freezes_them(ti
     # One batch holds the whole training split, so the running stats are exactly its statistics;
     # 1 head + 2 fine-tuning epochs.
     cfg = tiny_cfg(strategy="full", epochs=2, head_epochs=1, bn="adapt", batch_size=256)
-    Trainer(cfg, overwrite=True, progress=False, on_epoch_end=lambda info: stats.append(
-        {n: b.clone() for n, b in info.model.named_buffers() if n.startswith("body.stem.1.running")})).fit()
-    x = seen["x"]                                          # (N,8,H,W) float32: stem conv output
+    Trainer(
+        cfg,
+        overwrite=True,
+        progress=False,
+        on_epoch_end=lambda info: stats.append(
+            {n: b.clone() for n, b in info.model.named_buffers() if n.startswith("body.stem.1.running")}
+        ),
+    ).fit()
+    x = seen["x"]  # (N,8,H,W) float32: stem conv output
     report = json.loads((Path(cfg.out) / "report.json").read_text())
     assert x.shape[0] == sum(report["data"]["counts"]["train"])
     torch.testing.assert_close(stats[0]["body.stem.1.running_mean"], x.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(stats[0]["body.stem.1.running_var"], x.var((0, 2, 3)), rtol=1e-4, atol=1e-5)
-    assert len(stats) == 3 and all(torch.equal(stats[0][k], stats[-1][k]) for k in stats[0]), \
+    assert len(stats) == 3 and all(torch.equal(stats[0][k], stats[-1][k]) for k in stats[0]), (
         "fine-tuning moved the adapted statistics"
+    )

@@ -13,13 +13,20 @@ from training.config import AugmentConfig  # noqa: E402
 from training.transforms import RandomRot90, to_chw_uint8, train_pipeline, val_transform  # noqa: E402
 
 
-@pytest.mark.parametrize("color,shape,size,resize", [(False, (60, 60), 48, 48), (True, (50, 70), 32, 40),
-                                                      (True, (40, 40), 48, 56)])
+@pytest.mark.parametrize(
+    "color,shape,size,resize", [(False, (60, 60), 48, 48), (True, (50, 70), 32, 40), (True, (40, 40), 48, 56)]
+)
 def test_val_transform_matches_runtime_preprocessor(color, shape, size, resize):
     rng = np.random.default_rng(1)
     img = synth_image("defect", rng, max(shape), color=color)[: shape[0], : shape[1]]
-    spec = InputSpec(height=size, width=size, resize_size=resize, mean=(0.5, 0.4, 0.3),
-                     std=(0.25, 0.2, 0.3), interpolation="bilinear")
+    spec = InputSpec(
+        height=size,
+        width=size,
+        resize_size=resize,
+        mean=(0.5, 0.4, 0.3),
+        std=(0.25, 0.2, 0.3),
+        interpolation="bilinear",
+    )
     ours = val_transform(spec)(to_chw_uint8(img)).numpy()
     theirs = Preprocessor(spec)(img)
     assert ours.shape == theirs.shape == (3, size, size)
@@ -30,8 +37,7 @@ def test_val_transform_matches_runtime_preprocessor(color, shape, size, resize):
 def test_identity_geometry_is_exact():
     img = synth_image("stain", np.random.default_rng(2), 32, color=True)
     spec = InputSpec(height=32, width=32, resize_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
-    np.testing.assert_allclose(val_transform(spec)(to_chw_uint8(img)).numpy(),
-                               Preprocessor(spec)(img), atol=1e-5)
+    np.testing.assert_allclose(val_transform(spec)(to_chw_uint8(img)).numpy(), Preprocessor(spec)(img), atol=1e-5)
 
 
 def test_train_pipeline_is_seeded_and_varies():
@@ -45,10 +51,10 @@ def test_train_pipeline_is_seeded_and_varies():
     torch.manual_seed(5)
     b = [pipe(x) for _ in range(6)]
     assert all(torch.equal(u, v) for u, v in zip(a, b))
-    assert any(not torch.equal(a[0], t) for t in a[1:])           # augmentation does something
+    assert any(not torch.equal(a[0], t) for t in a[1:])  # augmentation does something
     assert all(t.shape == (3, 32, 32) and t.dtype == torch.float32 for t in a)
     off = train_pipeline(spec, AugmentConfig.none())
-    assert torch.equal(off(x), val_transform(spec)(x))             # no augmentation = eval transform
+    assert torch.equal(off(x), val_transform(spec)(x))  # no augmentation = eval transform
 
 
 def test_rot90_keeps_shape_of_non_square_images():

@@ -18,7 +18,7 @@ import torch
 
 from runtime.fsio import atomic_write_json, sha256_file
 from training.checkpoint import BEST, MODEL_CARD, CheckpointError, save_safetensors
-from training.detection.model import DetectorSpec, build_detector
+from training.detection.model import DetectorSpec, build_detector, spec_of
 
 TASK = "detection"
 CARD_FORMAT = 1
@@ -70,24 +70,15 @@ class DetCard:
             raise CheckpointError(f"{where}: not a valid detection card ({exc})") from None
 
 
-def card_task(path: str | Path) -> str | None:
-    """``"detection"`` when ``path`` (a run directory or a weights file) has a detection card, else None."""
-    p = Path(path)
-    card = (p if p.is_dir() else p.parent) / MODEL_CARD
-    try:
-        return json.loads(card.read_text(encoding="utf-8")).get("task")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def save_detector(run_dir: str | Path, model: torch.nn.Module, card: DetCard, filename: str = BEST) -> DetCard:
     """Weights then card (the card's checksum names the weights it describes); returns the written card."""
     run_dir = Path(run_dir)
-    spec: DetectorSpec = model.detector_spec
-    classes = list(model.roi_heads.box_predictor.classes)
+    spec = spec_of(model)
+    heads: Any = model.roi_heads
+    classes = list(heads.box_predictor.classes)
     if list(spec.classes) != classes:  # the predictor grew: the spec follows it
         spec = replace(spec, classes=tuple(classes))
-        model.detector_spec = spec
+        model.detector_spec = spec  # type: ignore[assignment]  # nn.Module attributes type as Tensor | Module
     path = save_safetensors(run_dir / filename, model.state_dict(), metadata={"task": TASK})
     card = replace(card, detector=spec, weights_sha256=sha256_file(path))
     atomic_write_json(run_dir / MODEL_CARD, card.to_dict())
@@ -120,4 +111,4 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple
     return model.to(device).eval(), card
 
 
-__all__ = ["CARD_FORMAT", "TASK", "DetCard", "card_task", "load_detector", "save_detector"]
+__all__ = ["CARD_FORMAT", "TASK", "DetCard", "load_detector", "save_detector"]

@@ -1,9 +1,6 @@
-"""``defectscope train`` / ``evaluate`` on detection data (``training.cli`` and ``evaluate_cli`` dispatch here).
+"""``defectscope train`` / ``extend`` of a detector (``defectscope.tasks`` dispatches here).
 
-Which task a command means is decided from its arguments, never inside the engine:
-``--task detection`` forces it; otherwise a COCO ``.json``, a VOC folder or a YOLO folder as
-``--data`` (or a config file with ``task = "detection"``) is detection, and a run directory
-whose ``model.json`` says ``"task": "detection"`` is a detector for ``evaluate``/``extend``/``export``.
+Which task a command means is decided once, by ``defectscope.tasks`` (its table says from what).
 Option defaults are read from the config dataclasses (``DetTrainConfig``, ``DetectorSpec``,
 ``DetectionSpec``); the help shows them, nothing restates them.
 """
@@ -11,11 +8,11 @@ Option defaults are read from the config dataclasses (``DetTrainConfig``, ``Dete
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
+
+from training.config_io import read_config_file
 
 S = argparse.SUPPRESS
 # DetTrainConfig fields set by flags (data/model/augment have their own groups).
@@ -37,47 +34,6 @@ OPTIM_KEYS = (
     "device",
 )
 DATA_KEYS = ("format", "val_fraction", "test_fraction", "limit")
-
-
-def is_detection_data(data: str | None) -> bool:
-    """A COCO JSON file, or a folder the detection readers recognise (VOC XML, YOLO)."""
-    if not data or data == "elpv" or data.lower().endswith(".csv"):
-        return False
-    from training.data import DataError
-    from training.detection.datasets import infer_format
-
-    try:
-        infer_format(Path(data))
-        return True
-    except DataError:
-        return False
-
-
-def wants_detection(argv: list[str]) -> bool:
-    """``defectscope train`` argv: detection forced, in the config file, or inferred from ``--data``."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--task", choices=("classification", "detection"))
-    pre.add_argument("--data")
-    pre.add_argument("--config")
-    ns, _ = pre.parse_known_args(argv)
-    if ns.task:
-        return ns.task == "detection"
-    if ns.config and Path(ns.config).is_file():
-        try:
-            if _read_config(ns.config).get("task") == "detection":
-                return True
-        except (OSError, ValueError):
-            return False
-    return is_detection_data(ns.data)
-
-
-def _read_config(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if p.suffix.lower() == ".toml":
-        import tomllib
-
-        return tomllib.loads(p.read_text(encoding="utf-8"))
-    return json.loads(p.read_text(encoding="utf-8"))
 
 
 def _opt_type(annotation: str, default: Any) -> Any:
@@ -168,7 +124,7 @@ def config_from_args(ns: argparse.Namespace) -> Any:
     from training.detection.config import DetTrainConfig
 
     v = vars(ns)
-    base: dict[str, Any] = _read_config(v["config"]) if "config" in v else {}
+    base: dict[str, Any] = read_config_file(v["config"]) if "config" in v else {}
     base.pop("task", None)
     data, model, augment = dict(base.pop("data", {})), dict(base.pop("model", {})), dict(base.pop("augment", {}))
     if "data" in v:
@@ -192,12 +148,19 @@ def config_from_args(ns: argparse.Namespace) -> Any:
 
 
 def train_main(argv: list[str] | None = None) -> int:
+    """``defectscope train`` of a detector (``defectscope.tasks`` picks the task)."""
+    from training.distributed import launched
+
+    return launched("train", _train_main, argv)
+
+
+def _train_main(argv: list[str]) -> int:
     ns = build_train_parser().parse_args(argv)
     from training.data import DataError
     from training.detection.model import DetectorConfigError
     from training.detection.trainer import train_detector
     from training.distributed import DistributedError
-    from training.trainer import RunExistsError
+    from training.run_dir import RunExistsError
 
     try:
         cfg = config_from_args(ns)
@@ -209,32 +172,6 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-def _source_of_extend(argv: list[str]) -> str | None:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--from", dest="source")
-    ns, _ = pre.parse_known_args(argv)
-    return ns.source
-
-
-def extend_dispatch(argv: list[str] | None = None) -> int:
-    """``defectscope extend``: a detection source run goes to ``extend_main``, anything else to the classifier's."""
-    from training.detection.checkpoint import card_task
-    from training.distributed import launch_or_continue, teardown
-
-    rc, args = launch_or_continue("extend", argv)  # --nproc-per-node N: the same command again under torchrun
-    if rc is not None:
-        return rc
-    source = _source_of_extend(args)
-    try:
-        if source and card_task(source) == "detection":
-            return extend_main(args)
-        from training.extend_cli import main
-
-        return main(args)
-    finally:
-        teardown()
 
 
 def build_extend_parser() -> argparse.ArgumentParser:
@@ -279,6 +216,13 @@ def build_extend_parser() -> argparse.ArgumentParser:
 
 
 def extend_main(argv: list[str] | None = None) -> int:
+    """``defectscope extend`` of a detector (``defectscope.tasks`` picks the task)."""
+    from training.distributed import launched
+
+    return launched("extend", _extend_main, argv)
+
+
+def _extend_main(argv: list[str]) -> int:
     ns = build_extend_parser().parse_args(argv)
     from training.checkpoint import CheckpointError
     from training.data import DataError
@@ -286,7 +230,7 @@ def extend_main(argv: list[str] | None = None) -> int:
     from training.detection.extend import DetExtendConfig, extend_detector
     from training.distributed import DistributedError
     from training.ewc import EWCError
-    from training.trainer import RunExistsError
+    from training.run_dir import RunExistsError
 
     v = vars(ns)
     try:
@@ -322,9 +266,6 @@ __all__ = [
     "build_extend_parser",
     "build_train_parser",
     "config_from_args",
-    "extend_dispatch",
     "extend_main",
-    "is_detection_data",
     "train_main",
-    "wants_detection",
 ]

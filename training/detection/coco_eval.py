@@ -21,30 +21,53 @@ Prediction = tuple[Any, Any, Any]
 
 
 def _gt(samples: Sequence[DetSample], classes: Sequence[str]) -> dict[str, Any]:
-    images, anns = [], []
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
     for i, s in enumerate(samples, 1):
         images.append({"id": i, "width": s.width, "height": s.height, "file_name": s.path})
         for (x0, y0, x1, y1), lab in zip(s.boxes, s.labels):
             # ids from 1: pycocotools reads a matched id 0 as "unmatched".
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(lab) + 1, "iscrowd": 0,
-                         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)})
-    return {"images": images, "annotations": anns,
-            "categories": [{"id": k + 1, "name": c} for k, c in enumerate(classes)]}
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": int(lab) + 1,
+                    "iscrowd": 0,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                }
+            )
+    return {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": k + 1, "name": c} for k, c in enumerate(classes)],
+    }
 
 
 def _dt(predictions: Sequence[Prediction], gt: dict[str, Any]) -> dict[str, Any]:
-    anns = []
+    anns: list[dict[str, Any]] = []
     for i, (boxes, scores, labels) in enumerate(predictions, 1):
         b = as_boxes(boxes)
-        for (x0, y0, x1, y1), s, lab in zip(b.tolist(), np.asarray(scores).reshape(-1).tolist(),
-                                            np.asarray(labels).reshape(-1).tolist()):
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(lab) + 1, "score": float(s),
-                         "iscrowd": 0, "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)})
+        for (x0, y0, x1, y1), s, lab in zip(
+            b.tolist(), np.asarray(scores).reshape(-1).tolist(), np.asarray(labels).reshape(-1).tolist()
+        ):
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": int(lab) + 1,
+                    "score": float(s),
+                    "iscrowd": 0,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                }
+            )
     return {"images": gt["images"], "categories": gt["categories"], "annotations": anns}
 
 
 def _coco(dataset: dict[str, Any]) -> Any:
     from pycocotools.coco import COCO
+
     c = COCO()
     c.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
@@ -73,8 +96,9 @@ def _evaluated(samples: Sequence[DetSample], predictions: Sequence[Prediction], 
     return ev
 
 
-def pr_curves(samples: Sequence[DetSample], predictions: Sequence[Prediction], classes: Sequence[str]
-              ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def pr_curves(
+    samples: Sequence[DetSample], predictions: Sequence[Prediction], classes: Sequence[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per class ``(recall (101,), precision (101,))`` at IoU .5, all areas, 100 detections (pycocotools'
     interpolated curve; precision -1 where undefined is dropped)."""
     ev = _evaluated(samples, predictions, classes)
@@ -87,27 +111,43 @@ def pr_curves(samples: Sequence[DetSample], predictions: Sequence[Prediction], c
     return out
 
 
-def coco_metrics(samples: Sequence[DetSample], predictions: Sequence[Prediction], classes: Sequence[str]
-                 ) -> dict[str, Any]:
+def coco_metrics(
+    samples: Sequence[DetSample], predictions: Sequence[Prediction], classes: Sequence[str]
+) -> dict[str, Any]:
     """mAP@[.5:.95], mAP@.5, per-class AP / AP50 / recall (IoU .5 and mean over .5:.95), all areas, 100 dets.
 
     Undefined values (a class, or the whole set, without ground-truth boxes) are None, not 0.
     """
     ev = _evaluated(samples, predictions, classes)
-    prec = ev.eval["precision"]      # [T iou, R recall, K class, A area, M maxDets]
-    rec = ev.eval["recall"]          # [T, K, A, M]
+    prec = ev.eval["precision"]  # [T iou, R recall, K class, A area, M maxDets]
+    rec = ev.eval["recall"]  # [T, K, A, M]
     per_class = {}
     for k, name in enumerate(classes):
-        per_class[name] = {"ap": _mean_valid(prec[:, :, k, 0, -1]), "ap50": _mean_valid(prec[0, :, k, 0, -1]),
-                           "recall50": _mean_valid(rec[0, k, 0, -1]), "recall": _mean_valid(rec[:, k, 0, -1]),
-                           "boxes": int(sum(lab == k for s in samples for lab in s.labels))}
-    stats = [float(v) if v > -1 else None for v in ev.stats]   # -1: no ground truth at all
-    return {"map": stats[0], "map50": stats[1], "map75": stats[2], "mar100": stats[8],
-            "per_class": per_class, "images": len(samples)}
+        per_class[name] = {
+            "ap": _mean_valid(prec[:, :, k, 0, -1]),
+            "ap50": _mean_valid(prec[0, :, k, 0, -1]),
+            "recall50": _mean_valid(rec[0, k, 0, -1]),
+            "recall": _mean_valid(rec[:, k, 0, -1]),
+            "boxes": int(sum(lab == k for s in samples for lab in s.labels)),
+        }
+    stats = [float(v) if v > -1 else None for v in ev.stats]  # -1: no ground truth at all
+    return {
+        "map": stats[0],
+        "map50": stats[1],
+        "map75": stats[2],
+        "mar100": stats[8],
+        "per_class": per_class,
+        "images": len(samples),
+    }
 
 
-def part_metrics(samples: Sequence[DetSample], predictions: Sequence[Prediction], classes: Sequence[str],
-                 policy: BoxPolicy, uncertain_as: str = "defect") -> dict[str, Any]:
+def part_metrics(
+    samples: Sequence[DetSample],
+    predictions: Sequence[Prediction],
+    classes: Sequence[str],
+    policy: BoxPolicy,
+    uncertain_as: str = "defect",
+) -> dict[str, Any]:
     """The station's verdict per image (``runtime.boxes.BoxPolicy``) against "has any true box".
 
     ``uncertain_as``: how an ``uncertain`` verdict counts ("defect": sent to review, the
@@ -127,13 +167,20 @@ def part_metrics(samples: Sequence[DetSample], predictions: Sequence[Prediction]
         else:
             tp, fn = tp + flagged, fn + (not flagged)
     n = tp + fn + fp + tn
-    return {"accuracy": (tp + tn) / n if n else None, "recall": tp / (tp + fn) if tp + fn else None,
-            "false_alarm_rate": fp / (fp + tn) if fp + tn else None, "defective": tp + fn, "clean": fp + tn,
-            "uncertain": unc, "confusion": {"tp": tp, "fn": fn, "fp": fp, "tn": tn}}
+    return {
+        "accuracy": (tp + tn) / n if n else None,
+        "recall": tp / (tp + fn) if tp + fn else None,
+        "false_alarm_rate": fp / (fp + tn) if fp + tn else None,
+        "defective": tp + fn,
+        "clean": fp + tn,
+        "uncertain": unc,
+        "confusion": {"tp": tp, "fn": fn, "fp": fp, "tn": tn},
+    }
 
 
-def operating_point(samples: Sequence[DetSample], predictions: Sequence[Prediction],
-                    max_false_alarm: float) -> float | None:
+def operating_point(
+    samples: Sequence[DetSample], predictions: Sequence[Prediction], max_false_alarm: float
+) -> float | None:
     """The lowest single box-score threshold at which at most ``max_false_alarm`` of the clean images
     (no true box) would be flagged: a part is flagged when its best box scores >= the threshold.
 
@@ -141,8 +188,10 @@ def operating_point(samples: Sequence[DetSample], predictions: Sequence[Predicti
     """
     if not 0.0 <= max_false_alarm < 1.0:
         raise ValueError(f"max_false_alarm: expected a rate in [0, 1), got {max_false_alarm!r}")
-    clean = sorted((float(np.max(p[1])) if len(p[1]) else 0.0 for s, p in zip(samples, predictions, strict=True)
-                    if s.negative), reverse=True)
+    clean = sorted(
+        (float(np.max(p[1])) if len(p[1]) else 0.0 for s, p in zip(samples, predictions, strict=True) if s.negative),
+        reverse=True,
+    )
     if not clean:
         return None
     allowed = int(np.floor(max_false_alarm * len(clean) + 1e-9))  # clean images that may be flagged

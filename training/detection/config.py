@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
+from training.config_io import refuse_unknown
 from training.data import DataError
 from training.detection.datasets import DetectionSpec
 from training.detection.model import DetectorConfigError, DetectorSpec
@@ -36,9 +37,7 @@ def field_defaults(cls: type) -> dict[str, Any]:
 
 def detector_spec(classes: Any, model: Mapping[str, Any]) -> DetectorSpec:
     """``DetectorSpec`` for the data's classes with the run's model options."""
-    unknown = sorted(set(model) - set(MODEL_KEYS))
-    if unknown:
-        raise DetectorConfigError(f"model: unknown key(s) {unknown}; expected some of {list(MODEL_KEYS)}")
+    refuse_unknown(model, MODEL_KEYS, "model", DetectorConfigError)
     return DetectorSpec(classes=tuple(classes), **dict(model))
 
 
@@ -87,10 +86,7 @@ class DetTrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "config") -> DetTrainConfig:
         d = {k: v for k, v in d.items() if k not in ("task", "config_hash")}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DataError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        refuse_unknown(d, (f.name for f in fields(cls)), where, DataError)
         if "data" not in d:
             raise DataError(f"{where}: 'data' is required (the detection dataset)")
         d = dict(d)

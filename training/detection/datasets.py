@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from training.config_io import refuse_unknown
 from training.data import SPLIT_NAMES, DataError
 from training.detection.formats import DetSample, Report, read_coco, read_voc, read_yolo, yolo_classes
 
@@ -41,11 +42,11 @@ class DetectionSpec:
 
     path: str
     format: str = "auto"
-    val_fraction: float = 0.1      # carved from train when no val split is given
-    test_fraction: float = 0.2     # carved from train when no test split is given
+    val_fraction: float = 0.1  # carved from train when no val split is given
+    test_fraction: float = 0.2  # carved from train when no test split is given
     seed: int = 0
     strict: bool = False
-    limit: int | None = None       # per-split cap (seeded) for smoke runs
+    limit: int | None = None  # per-split cap (seeded) for smoke runs
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -61,10 +62,7 @@ class DetectionSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "data") -> DetectionSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DataError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        refuse_unknown(d, (f.name for f in fields(cls)), where, DataError)
         try:
             return cls(**dict(d))
         except TypeError as exc:
@@ -82,7 +80,7 @@ class DetSplits:
     classes: list[str]
     format: str
     report: Report = field(default_factory=Report)
-    given: tuple[str, ...] = ()    # splits read from the data (the rest were carved from train)
+    given: tuple[str, ...] = ()  # splits read from the data (the rest were carved from train)
 
     def split(self, name: str) -> list[DetSample]:
         if name not in SPLIT_NAMES:
@@ -91,12 +89,22 @@ class DetSplits:
 
     def summary(self) -> dict[str, Any]:
         def stats(s: list[DetSample]) -> dict[str, Any]:
-            per = np.bincount(np.concatenate([x.labels_array() for x in s] or [np.zeros(0, np.int64)]),
-                              minlength=len(self.classes))
-            return {"images": len(s), "negatives": sum(x.negative for x in s),
-                    "boxes": dict(zip(self.classes, per.tolist()))}
-        return {"format": self.format, "classes": self.classes, "given_splits": list(self.given),
-                **{n: stats(self.split(n)) for n in SPLIT_NAMES}, "bad_annotations": self.report.summary()}
+            per = np.bincount(
+                np.concatenate([x.labels_array() for x in s] or [np.zeros(0, np.int64)]), minlength=len(self.classes)
+            )
+            return {
+                "images": len(s),
+                "negatives": sum(x.negative for x in s),
+                "boxes": dict(zip(self.classes, per.tolist())),
+            }
+
+        return {
+            "format": self.format,
+            "classes": self.classes,
+            "given_splits": list(self.given),
+            **{n: stats(self.split(n)) for n in SPLIT_NAMES},
+            "bad_annotations": self.report.summary(),
+        }
 
 
 def infer_format(path: Path) -> str:
@@ -109,8 +117,10 @@ def infer_format(path: Path) -> str:
             return "voc"
         if any(path.glob("*.json")):
             raise DataError(f"{path}: a folder with JSON files; pass the COCO file itself (e.g. {path}/train.json)")
-    raise DataError(f"{path}: cannot tell the detection format (expected a COCO .json file, a folder of VOC "
-                    f".xml files, or a YOLO folder with images/ and labels/)")
+    raise DataError(
+        f"{path}: cannot tell the detection format (expected a COCO .json file, a folder of VOC "
+        f".xml files, or a YOLO folder with images/ and labels/)"
+    )
 
 
 def _split_dirs(root: Path) -> dict[str, Path]:
@@ -221,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strict", action="store_true", help="any bad annotation is fatal")
     args = p.parse_args(argv)
     try:
-        splits = resolve_detection(DetectionSpec(args.path, args.format, args.val_fraction, args.test_fraction,
-                                                 args.seed, args.strict))
+        splits = resolve_detection(
+            DetectionSpec(args.path, args.format, args.val_fraction, args.test_fraction, args.seed, args.strict)
+        )
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

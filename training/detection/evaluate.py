@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +112,7 @@ def evaluate_run(
         "data": spec.to_dict(),
     }
     views = tta_views(tta)
-    judged = {"plain": (("original",), plain_preds)}
+    judged: dict[str, tuple[tuple[str, ...], Any]] = {"plain": (("original",), plain_preds)}
     if len(views) > 1:
         merged, merged_preds = evaluate_model(model, ds, task, card.classes, views)
         judged["tta"] = (views, merged_preds)
@@ -126,8 +126,15 @@ def evaluate_run(
     return out
 
 
-def _operating_points(model: Any, judged: dict[str, Any], ds: Any, val: list[Any], classes: Sequence[str],
-                      max_false_alarm: float, split: str) -> dict[str, Any]:
+def _operating_points(
+    model: Any,
+    judged: dict[str, Any],
+    ds: Any,
+    val: list[Any],
+    classes: Sequence[str],
+    max_false_alarm: float,
+    split: str,
+) -> dict[str, Any]:
     """Per setting (plain / tta): the val-chosen threshold and the part metrics on val and on ``split`` at it."""
     from runtime.boxes import BoxPolicy
     from training.detection.coco_eval import operating_point, part_metrics
@@ -145,9 +152,16 @@ def _operating_points(model: Any, judged: dict[str, Any], ds: Any, val: list[Any
             out[name] = {"threshold": None, "reason": "no clean val images"}
             continue
         policy = BoxPolicy(default_threshold=t)
-        out[name] = {"threshold": t, "val": part_metrics(val, val_preds, classes, policy),
-                     split: part_metrics(ds.samples, preds, classes, policy)}
+        out[name] = {
+            "threshold": t,
+            "val": part_metrics(val, val_preds, classes, policy),
+            split: part_metrics(ds.samples, preds, classes, policy),
+        }
     return out
+
+
+def _per_class(c: str, key: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda m: m["per_class"][c][key]
 
 
 def _v(x: Any) -> str:
@@ -157,15 +171,15 @@ def _v(x: Any) -> str:
 def format_table(r: dict[str, Any]) -> str:
     cols = [("plain", r["plain"])] + ([("tta", r["tta"])] if r.get("tta") else [])
     lines = [f"{'':<24}" + "".join(f"{n:>10}" for n, _ in cols)]
-    rows = [
+    rows: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
         ("mAP@[.5:.95]", lambda m: m["map"]),
         ("mAP@.5", lambda m: m["map50"]),
         ("part accuracy", lambda m: m["part"]["accuracy"]),
         ("part recall (defective)", lambda m: m["part"]["recall"]),
         ("false-alarm rate", lambda m: m["part"]["false_alarm_rate"]),
     ]
-    rows += [(f"AP50 {c}", lambda m, c=c: m["per_class"][c]["ap50"]) for c in r["classes"]]
-    rows += [(f"recall@.5 {c}", lambda m, c=c: m["per_class"][c]["recall50"]) for c in r["classes"]]
+    rows += [(f"AP50 {c}", _per_class(c, "ap50")) for c in r["classes"]]
+    rows += [(f"recall@.5 {c}", _per_class(c, "recall50")) for c in r["classes"]]
     for name, get in rows:
         lines.append(f"{name:<24}" + "".join(f"{_v(get(m)):>10}" for _, m in cols))
     op = r.get("operating_point")
@@ -175,9 +189,11 @@ def format_table(r: dict[str, Any]) -> str:
             if o.get("threshold") is None:
                 continue
             m = o[op["judged_on"]]
-            lines.append(f"{name}: threshold {o['threshold']:.4f} (chosen on val for false alarms <= "
-                         f"{op['max_false_alarm']:g}): {op['judged_on']} recall {_v(m['recall'])}, "
-                         f"false alarms {_v(m['false_alarm_rate'])}")
+            lines.append(
+                f"{name}: threshold {o['threshold']:.4f} (chosen on val for false alarms <= "
+                f"{op['max_false_alarm']:g}): {op['judged_on']} recall {_v(m['recall'])}, "
+                f"false alarms {_v(m['false_alarm_rate'])}"
+            )
     if r.get("tta_delta"):
         lines.append("TTA delta: " + ", ".join(f"{k} {v:+.4f}" for k, v in r["tta_delta"].items() if v is not None))
     return "\n".join(lines)
@@ -191,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_runtime(ns.threads, 0)
     try:
-        r = evaluate_run(ns.checkpoint, ns.split, ns.data, ns.tta, ns.limit, ns.strict, ns.score_threshold,
-                         ns.max_false_alarm)
+        r = evaluate_run(
+            ns.checkpoint, ns.split, ns.data, ns.tta, ns.limit, ns.strict, ns.score_threshold, ns.max_false_alarm
+        )
     except (CheckpointError, DataError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

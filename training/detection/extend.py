@@ -92,7 +92,9 @@ def _data(cfg: DetExtendConfig, card: Any) -> _Sets:
         raise ValueError(f"{cfg.train.data.path}: the new validation split is empty")
     return _Sets(
         classes,
-        *(_remap(new.split(s), new.classes, classes) for s in ("train", "val", "test")),
+        _remap(new.split("train"), new.classes, classes),
+        _remap(new.split("val"), new.classes, classes),
+        _remap(new.split("test"), new.classes, classes),
         _remap(old.train, old.classes, classes),
         _remap(old.test or old.val, old.classes, classes),
         {"old": old.summary(), "new": new.summary()},
@@ -151,12 +153,13 @@ def extend_detector(
     from training.detection.checkpoint import DetCard, load_detector
     from training.detection.ewc import detection_fisher, detection_state
     from training.detection.loader import DetectionDataset
+    from training.detection.model import spec_of
     from training.detection.task import DetectionTask
     from training.detection.trainer import fit, reload_best, write_outputs
     from training.detection.transforms import train_transform
     from training.engine import Engine, setup_runtime
     from training.ewc import EWCPenalty
-    from training.trainer import RunExistsError
+    from training.run_dir import RunExistsError
 
     t0, tc = time.perf_counter(), cfg.train
     out = Path(tc.out)
@@ -196,7 +199,7 @@ def extend_detector(
     engine = Engine(
         task=task, device=device, amp=tc.amp, grad_clip=tc.grad_clip, terms=terms, after_step=hooks, progress=progress
     )
-    new_card = DetCard(model.detector_spec, tc.data.to_dict(), config_hash=tc.hash(), parent=str(cfg.source))
+    new_card = DetCard(spec_of(model), tc.data.to_dict(), config_hash=tc.hash(), parent=str(cfg.source))
     result = fit(model, engine, tc, train_ds, DetectionDataset(sets.new_val, size), sets.classes, out, new_card, echo)
     reload_best(model, out)
     after = _maps(model, sets, task, size)

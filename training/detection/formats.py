@@ -33,8 +33,8 @@ class DetSample:
     height: int
     boxes: tuple[tuple[float, float, float, float], ...] = ()
     labels: tuple[int, ...] = ()
-    source: str = ""          # annotation file the sample came from
-    key: str = ""             # image id inside that file (COCO id, XML name, label file)
+    source: str = ""  # annotation file the sample came from
+    key: str = ""  # image id inside that file (COCO id, XML name, label file)
 
     def boxes_array(self) -> np.ndarray:
         return np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
@@ -51,7 +51,7 @@ class DetSample:
 class Problem:
     file: str
     ann_id: str
-    reason: str   # one of REASONS, then ": detail"
+    reason: str  # one of REASONS, then ": detail"
 
     def __str__(self) -> str:
         return f"{self.file} [{self.ann_id}]: {self.reason}"
@@ -74,15 +74,24 @@ class Report:
         if self.problems:
             lines = [str(p) for p in self.problems[:limit]]
             more = len(self.problems) - limit
-            raise DataError(f"{len(self.problems)} bad annotation(s) (strict mode):\n  " + "\n  ".join(lines)
-                            + (f"\n  ... and {more} more" if more > 0 else ""))
+            raise DataError(
+                f"{len(self.problems)} bad annotation(s) (strict mode):\n  "
+                + "\n  ".join(lines)
+                + (f"\n  ... and {more} more" if more > 0 else "")
+            )
 
     def summary(self) -> dict[str, Any]:
-        return {"skipped": len(self.problems), "by_reason": self.counts(),
-                "problems": [{"file": p.file, "ann_id": p.ann_id, "reason": p.reason} for p in self.problems]}
+        return {
+            "skipped": len(self.problems),
+            "by_reason": self.counts(),
+            "problems": [{"file": p.file, "ann_id": p.ann_id, "reason": p.reason} for p in self.problems],
+        }
 
 
-def check_box(box: Sequence[float], width: int, height: int) -> tuple[tuple[float, ...] | None, str | None]:
+Box = tuple[float, float, float, float]  # xyxy, pixel edges
+
+
+def check_box(box: Sequence[float], width: int, height: int) -> tuple[Box | None, str | None]:
     """(clipped box, None) or (None, reason)."""
     x0, y0, x1, y1 = (float(v) for v in box)
     if not all(np.isfinite([x0, y0, x1, y1])):
@@ -100,6 +109,7 @@ def check_box(box: Sequence[float], width: int, height: int) -> tuple[tuple[floa
 def image_size(path: Path) -> tuple[int, int] | None:
     """(width, height) of an image file, None when it cannot be read."""
     from runtime.preprocess import ImageReadError, read_image
+
     try:
         img = read_image(path)
     except ImageReadError:
@@ -136,15 +146,16 @@ def read_coco(path: Path, report: Report, classes: Sequence[str] | None = None) 
         try:
             iid, rel = im["id"], str(im["file_name"])
         except (KeyError, TypeError):
-            report.add(path, im.get("id", "?") if isinstance(im, dict) else "?",
-                       "malformed: image needs 'id' and 'file_name'")
+            report.add(
+                path, im.get("id", "?") if isinstance(im, dict) else "?", "malformed: image needs 'id' and 'file_name'"
+            )
             continue
         p = root / rel
-        size = (im.get("width"), im.get("height"))
+        size: tuple[Any, Any] | None = (im.get("width"), im.get("height"))
         if not p.is_file():
             report.add(path, f"image {iid}", f"missing image: {p}")
             continue
-        if not all(isinstance(v, int) and v > 0 for v in size):
+        if size is None or not all(isinstance(v, int) and v > 0 for v in size):
             size = image_size(p)
             if size is None:
                 report.add(path, f"image {iid}", f"missing image: {p} does not decode")
@@ -173,8 +184,12 @@ def read_coco(path: Path, report: Report, classes: Sequence[str] | None = None) 
             continue
         im["boxes"].append(box)
         im["labels"].append(index[cid])
-    samples = [DetSample(im["path"], im["size"][0], im["size"][1], tuple(im["boxes"]), tuple(im["labels"]),
-                         str(path), str(iid)) for iid, im in images.items()]
+    samples = [
+        DetSample(
+            im["path"], im["size"][0], im["size"][1], tuple(im["boxes"]), tuple(im["labels"]), str(path), str(iid)
+        )
+        for iid, im in images.items()
+    ]
     return samples, names
 
 
@@ -198,8 +213,7 @@ def _image_index(root: Path) -> tuple[dict[str, Path], dict[str, Path], set[str]
     return by_name, by_stem, dup
 
 
-def read_voc(root: Path, report: Report, classes: Sequence[str] | None = None
-             ) -> tuple[list[DetSample], list[str]]:
+def read_voc(root: Path, report: Report, classes: Sequence[str] | None = None) -> tuple[list[DetSample], list[str]]:
     """Every ``*.xml`` under ``root``; images found anywhere under ``root`` by ``<filename>``
     (then by the XML's stem: some NEU-DET files omit the extension). XML without objects = negative.
 
@@ -207,7 +221,7 @@ def read_voc(root: Path, report: Report, classes: Sequence[str] | None = None
     i.e. pixel-edge box ``[0, 200]``.
     """
     by_name, by_stem, dup = _image_index(root)
-    rows: list[tuple[Path, Path, int, int, list[tuple[str, str, tuple[float, ...]]]]] = []
+    rows: list[tuple[Path, Path, int, int, list[tuple[str, str, Box]]]] = []
     for xml in sorted(root.rglob("*.xml")):
         try:
             ann = ET.parse(xml).getroot()
@@ -233,7 +247,7 @@ def read_voc(root: Path, report: Report, classes: Sequence[str] | None = None
                 report.add(xml, "-", f"missing image: {img} does not decode")
                 continue
             w, h = wh
-        objs = []
+        objs: list[tuple[str, str, Box]] = []
         for i, obj in enumerate(ann.findall("object")):
             name, bb = _text(obj, "name"), obj.find("bndbox")
             try:
@@ -252,8 +266,8 @@ def read_voc(root: Path, report: Report, classes: Sequence[str] | None = None
                 report.add(xml, aid, f"unknown category: {name!r}")
                 continue
             box, why = check_box(xyxy, w, h)
-            if why:
-                report.add(xml, aid, why)
+            if box is None:
+                report.add(xml, aid, str(why))
                 continue
             boxes.append(box)
             labels.append(names.index(name))
@@ -313,8 +327,8 @@ def read_yolo(images: Path, labels: Path, classes: Sequence[str], report: Report
                 report.add(txt, f"line {n}", f"unknown category: class id {cid} (have {len(classes)} classes)")
                 continue
             box, why = check_box(((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h), w, h)
-            if why:
-                report.add(txt, f"line {n}", why)
+            if box is None:
+                report.add(txt, f"line {n}", str(why))
                 continue
             boxes.append(box)
             labs.append(cid)
@@ -324,13 +338,25 @@ def read_yolo(images: Path, labels: Path, classes: Sequence[str], report: Report
 
 def write_coco(samples: Iterable[DetSample], classes: Sequence[str], root: Path) -> dict[str, Any]:
     """Samples -> a COCO detection dict with ``file_name`` relative to ``root`` (ids from 1)."""
-    images, anns = [], []
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
     for i, s in enumerate(samples, 1):
-        images.append({"id": i, "file_name": Path(s.path).relative_to(root).as_posix(),
-                       "width": s.width, "height": s.height})
+        images.append(
+            {"id": i, "file_name": Path(s.path).relative_to(root).as_posix(), "width": s.width, "height": s.height}
+        )
         for (x0, y0, x1, y1), lab in zip(s.boxes, s.labels):
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(lab) + 1,
-                         "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                         "area": round((x1 - x0) * (y1 - y0), 2), "iscrowd": 0})
-    return {"images": images, "annotations": anns,
-            "categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)]}
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": int(lab) + 1,
+                    "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                    "area": round((x1 - x0) * (y1 - y0), 2),
+                    "iscrowd": 0,
+                }
+            )
+    return {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)],
+    }

@@ -33,8 +33,15 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 
 
 class DetectionDataset(Dataset):
-    def __init__(self, samples: Sequence[DetSample], size: tuple[int, int], transform: Callable | None = None,
-                 policy: str = "letterbox", interpolation: str = "bilinear", pad_value: int = 0) -> None:
+    def __init__(
+        self,
+        samples: Sequence[DetSample],
+        size: tuple[int, int],
+        transform: Callable | None = None,
+        policy: str = "letterbox",
+        interpolation: str = "bilinear",
+        pad_value: int = 0,
+    ) -> None:
         self.samples = list(samples)
         self.size = (int(size[0]), int(size[1]))
         self.transform = transform if transform is not None else eval_transform()

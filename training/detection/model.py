@@ -33,6 +33,8 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from training.config_io import refuse_unknown
+
 DEFAULT_DETECTOR_BACKBONE = "efficientnet_lite0"
 TRUNKS: dict[str, Callable[[DetectorSpec], Trunk]] = {}
 
@@ -43,37 +45,39 @@ class DetectorConfigError(ValueError):
 
 def trunk(name: str) -> Callable:
     """Register a trunk builder; refuses duplicates."""
+
     def deco(fn: Callable[[DetectorSpec], Trunk]) -> Callable[[DetectorSpec], Trunk]:
         if name in TRUNKS:
             raise ValueError(f"detector trunk {name!r} registered twice")
         TRUNKS[name] = fn
         return fn
+
     return deco
 
 
 @dataclass(frozen=True)
 class DetectorSpec:
-    classes: tuple[str, ...]                       # defect classes; label 0 is the background
+    classes: tuple[str, ...]  # defect classes; label 0 is the background
     backbone: str = DEFAULT_DETECTOR_BACKBONE
-    weights: str = "imagenet"                      # "imagenet" | "none" | a backbone weights file
-    image_size: tuple[int, int] = (320, 320)       # (H, W) model input, letterboxed
+    weights: str = "imagenet"  # "imagenet" | "none" | a backbone weights file
+    image_size: tuple[int, int] = (320, 320)  # (H, W) model input, letterboxed
     fpn_channels: int = 128
-    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)          # pixels, one per FPN map (s8, s16, s32, pool)
+    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)  # pixels, one per FPN map (s8, s16, s32, pool)
     aspect_ratios: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # h/w; thin ratios for scratches and cracks
     rpn_pre_nms_train: int = 2000
     rpn_post_nms_train: int = 2000
     rpn_pre_nms_test: int = 150
     rpn_post_nms_test: int = 150
-    rpn_batch_size_per_image: int = 256            # anchors sampled per image for the RPN loss
+    rpn_batch_size_per_image: int = 256  # anchors sampled per image for the RPN loss
     # proposals sampled per image for the RoI loss; 128 not torchvision's 512: defect images hold 1-3 boxes, so
     # the extra samples are background, and fc6 on them was 55% of a training step (2.9 -> 1.4 s, 4 images, 320 px)
     box_batch_size_per_image: int = 128
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
     detections_per_img: int = 100
-    representation_size: int = 1024                # TwoMLPHead width
-    trainable_stages: int | None = None            # last N trunk stages train; None = all, 0 = trunk frozen
-    frozen_bn: bool = True                         # BatchNorm -> FrozenBatchNorm2d (batches of 2-8 images)
+    representation_size: int = 1024  # TwoMLPHead width
+    trainable_stages: int | None = None  # last N trunk stages train; None = all, 0 = trunk frozen
+    frozen_bn: bool = True  # BatchNorm -> FrozenBatchNorm2d (batches of 2-8 images)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
@@ -82,28 +86,29 @@ class DetectorSpec:
         if not self.classes or len(set(self.classes)) != len(self.classes):
             raise DetectorConfigError(f"model.classes: expected distinct class names, got {list(self.classes)}")
         if self.backbone not in TRUNKS:
-            raise DetectorConfigError(f"model.backbone: {self.backbone!r} has no detector trunk; "
-                                      f"available: {sorted(TRUNKS)}")
+            raise DetectorConfigError(
+                f"model.backbone: {self.backbone!r} has no detector trunk; available: {sorted(TRUNKS)}"
+            )
         if len(self.image_size) != 2 or min(self.image_size) < 32 or any(s % 32 for s in self.image_size):
             raise DetectorConfigError(f"model.image_size: expected (H, W), multiples of 32, got {self.image_size}")
         if len(self.anchor_sizes) != 4:
-            raise DetectorConfigError(f"model.anchor_sizes: expected 4 sizes (one per FPN map), "
-                                      f"got {self.anchor_sizes}")
+            raise DetectorConfigError(
+                f"model.anchor_sizes: expected 4 sizes (one per FPN map), got {self.anchor_sizes}"
+            )
         if not self.aspect_ratios or min(self.aspect_ratios) <= 0:
             raise DetectorConfigError(f"model.aspect_ratios: expected positive ratios, got {self.aspect_ratios}")
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name.startswith(("rpn_", "box_batch", "detections", "fpn", "representation")) and \
-                    (not isinstance(v, int) or v < 1):
+            if f.name.startswith(("rpn_", "box_batch", "detections", "fpn", "representation")) and (
+                not isinstance(v, int) or v < 1
+            ):
                 raise DetectorConfigError(f"model.{f.name}: expected a positive integer, got {v!r}")
         if self.trainable_stages is not None and self.trainable_stages < 0:
             raise DetectorConfigError(f"model.trainable_stages: expected >= 0 or None, got {self.trainable_stages}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DetectorSpec:
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise DetectorConfigError(f"model: unknown key(s) {unknown}")
+        refuse_unknown(d, (f.name for f in fields(cls)), "model", DetectorConfigError)
         return cls(**dict(d))
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,10 +121,16 @@ class DetectorSpec:
 class Trunk(nn.Module):
     """Ordered stages; returns the outputs of ``taps`` (stage indices at strides 8/16/32) as "0","1","2"."""
 
-    def __init__(self, stages: Sequence[nn.Module], taps: Sequence[int], channels: Sequence[int],
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        taps: Sequence[int],
+        channels: Sequence[int],
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
         super().__init__()
-        self.stages = nn.ModuleList(stages[: max(taps) + 1])   # stages past the last tap are not needed
+        self.stages = nn.ModuleList(stages[: max(taps) + 1])  # stages past the last tap are not needed
         self.taps = tuple(taps)
         self.out_channels = list(channels)
         self.mean, self.std = list(mean), list(std)
@@ -173,9 +184,11 @@ class BoxPredictor(FastRCNNPredictor):
         new_names = [str(n) for n in new_names]
         clash = sorted(set(new_names) & set(self.classes)) or sorted({n for n in new_names if new_names.count(n) > 1})
         if clash or not new_names:
-            raise DetectorConfigError(f"grow_classes: expected new distinct names, got {new_names} "
-                                      f"(existing: {self.classes})")
-        old_cls, old_box = self.cls_score, self.bbox_pred
+            raise DetectorConfigError(
+                f"grow_classes: expected new distinct names, got {new_names} (existing: {self.classes})"
+            )
+        old_cls: nn.Linear = self.cls_score  # type: ignore[has-type]
+        old_box: nn.Linear = self.bbox_pred  # type: ignore[has-type]
         k = old_cls.out_features + len(new_names)
         cls = nn.Linear(old_cls.in_features, k).to(old_cls.weight)
         box = nn.Linear(old_box.in_features, 4 * k).to(old_box.weight)
@@ -215,25 +228,47 @@ def build_detector(spec: DetectorSpec) -> FasterRCNN:
         freeze_batchnorm(body)
     body.set_trainable(spec.trainable_stages)
     backbone = FPNBackbone(body, spec.fpn_channels)
-    anchors = AnchorGenerator(sizes=tuple((s,) for s in spec.anchor_sizes),
-                              aspect_ratios=(tuple(spec.aspect_ratios),) * len(spec.anchor_sizes))
+    anchors = AnchorGenerator(
+        sizes=tuple((s,) for s in spec.anchor_sizes),
+        aspect_ratios=(tuple(spec.aspect_ratios),) * len(spec.anchor_sizes),
+    )
     roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2"], output_size=7, sampling_ratio=2)
     head = TwoMLPHead(spec.fpn_channels * 7 * 7, spec.representation_size)
     h, w = spec.image_size
     model = FasterRCNN(
-        backbone, num_classes=None, min_size=min(h, w), max_size=max(h, w),
-        image_mean=body.mean, image_std=body.std, rpn_anchor_generator=anchors,
-        rpn_pre_nms_top_n_train=spec.rpn_pre_nms_train, rpn_post_nms_top_n_train=spec.rpn_post_nms_train,
-        rpn_pre_nms_top_n_test=spec.rpn_pre_nms_test, rpn_post_nms_top_n_test=spec.rpn_post_nms_test,
-        rpn_batch_size_per_image=spec.rpn_batch_size_per_image, box_roi_pool=roi_pool, box_head=head,
+        backbone,
+        num_classes=None,
+        min_size=min(h, w),
+        max_size=max(h, w),
+        image_mean=body.mean,
+        image_std=body.std,
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=spec.rpn_pre_nms_train,
+        rpn_post_nms_top_n_train=spec.rpn_post_nms_train,
+        rpn_pre_nms_top_n_test=spec.rpn_pre_nms_test,
+        rpn_post_nms_top_n_test=spec.rpn_post_nms_test,
+        rpn_batch_size_per_image=spec.rpn_batch_size_per_image,
+        box_roi_pool=roi_pool,
+        box_head=head,
         box_predictor=BoxPredictor(spec.representation_size, spec.classes),
-        box_score_thresh=spec.box_score_thresh, box_nms_thresh=spec.box_nms_thresh,
-        box_detections_per_img=spec.detections_per_img, box_batch_size_per_image=spec.box_batch_size_per_image)
+        box_score_thresh=spec.box_score_thresh,
+        box_nms_thresh=spec.box_nms_thresh,
+        box_detections_per_img=spec.detections_per_img,
+        box_batch_size_per_image=spec.box_batch_size_per_image,
+    )
     model.detector_spec = spec
     return model
 
 
 # -- trunks ---------------------------------------------------------------------------------
+def spec_of(model: nn.Module) -> DetectorSpec:
+    """The ``DetectorSpec`` that ``build_detector`` attached to ``model``."""
+    spec = getattr(model, "detector_spec", None)
+    if not isinstance(spec, DetectorSpec):
+        raise DetectorConfigError("model has no detector_spec (build it with build_detector)")
+    return spec
+
+
 def _probe_taps(stages: Sequence[nn.Module], size: int = 64) -> tuple[list[int], list[int]]:
     """Indices of the last stage at strides 8, 16, 32 and their channels (one eval forward)."""
     x = torch.zeros(1, 3, size, size)
@@ -252,10 +287,12 @@ def _probe_taps(stages: Sequence[nn.Module], size: int = 64) -> tuple[list[int],
     return [last[s][0] for s in (8, 16, 32)], [last[s][1] for s in (8, 16, 32)]
 
 
-def _registry_body(spec: DetectorSpec, input_override: dict | None = None) -> tuple[nn.Module, Any]:
+def _registry_body(spec: DetectorSpec, input_override: dict | None = None) -> tuple[Any, Any]:
     from training.backbones import build_model, get_spec
+
     bspec = get_spec(spec.backbone)
     from dataclasses import replace
+
     inp = replace(bspec.default_input, **(input_override or {}))
     return build_model(spec.backbone, 2, weights=spec.weights, input_spec=inp).body, bspec
 
@@ -274,6 +311,7 @@ class _LiteBlock(nn.Module):
 @trunk("efficientnet_lite0")
 def _lite0(spec: DetectorSpec) -> Trunk:
     from training.backbone_lite import LITE0_REPEATS
+
     h, w = spec.image_size
     # TF-"same" padding is fixed at build time for the input size.
     body, bspec = _registry_body(spec, {"height": h, "width": w, "resize_size": max(h, w)})
@@ -282,7 +320,7 @@ def _lite0(spec: DetectorSpec) -> Trunk:
     stages: list[nn.Module] = [nn.Sequential(body._conv_stem, body._bn0, nn.ReLU6())]
     start = 0
     for r in LITE0_REPEATS:
-        stages.append(nn.Sequential(*blocks[start:start + r]))
+        stages.append(nn.Sequential(*blocks[start : start + r]))
         start += r
     taps, channels = _probe_taps(stages)
     assert channels == [40, 112, 320], channels  # blocks 4/10/15
@@ -300,8 +338,13 @@ def _mnv3(spec: DetectorSpec) -> Trunk:
 @trunk("resnet50")
 def _resnet50(spec: DetectorSpec) -> Trunk:
     body, bspec = _registry_body(spec)
-    stages = [nn.Sequential(body.conv1, body.bn1, body.relu, body.maxpool), body.layer1, body.layer2,
-              body.layer3, body.layer4]
+    stages = [
+        nn.Sequential(body.conv1, body.bn1, body.relu, body.maxpool),
+        body.layer1,
+        body.layer2,
+        body.layer3,
+        body.layer4,
+    ]
     return Trunk(stages, [2, 3, 4], [512, 1024, 2048], bspec.default_input.mean, bspec.default_input.std)
 
 
@@ -313,11 +356,23 @@ def _tiny(spec: DetectorSpec) -> Trunk:
     chans = (8, 16, 24, 32, 48)
     stages, cin = [], 3
     for c in chans:
-        stages.append(nn.Sequential(nn.Conv2d(cin, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c),
-                                    nn.ReLU(inplace=True)))
+        stages.append(
+            nn.Sequential(
+                nn.Conv2d(cin, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)
+            )
+        )
         cin = c
     return Trunk(stages, [2, 3, 4], list(chans[2:]), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
-__all__ = ["BoxPredictor", "DetectorConfigError", "DetectorSpec", "FPNBackbone", "TRUNKS", "Trunk",
-           "build_detector", "freeze_batchnorm", "trunk"]
+__all__ = [
+    "BoxPredictor",
+    "DetectorConfigError",
+    "DetectorSpec",
+    "FPNBackbone",
+    "TRUNKS",
+    "Trunk",
+    "build_detector",
+    "freeze_batchnorm",
+    "trunk",
+]

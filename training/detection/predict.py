@@ -24,8 +24,13 @@ def _view(x: torch.Tensor, view: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, dataset: DetectionDataset, views: Sequence[str] = ("original",),
-            batch_size: int = 4, iou_thr: float = 0.55) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def predict(
+    model: torch.nn.Module,
+    dataset: DetectionDataset,
+    views: Sequence[str] = ("original",),
+    batch_size: int = 4,
+    iou_thr: float = 0.55,
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per image (boxes (N,4) original pixels, scores (N,), labels (N,) 0-based class indices)."""
     bad = [v for v in views if v not in TTA_VIEWS]
     if bad or not views:
@@ -35,17 +40,19 @@ def predict(model: torch.nn.Module, dataset: DetectionDataset, views: Sequence[s
     h, w = dataset.size
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        images = [_view(img, v) for img, _ in items for v in views]    # views of a frame adjacent, one call
+        images = [_view(img, v) for img, _ in items for v in views]  # views of a frame adjacent, one call
         dets = model(images)
         for j, (_, target) in enumerate(items):
             per_view = []
             for k, v in enumerate(views):
                 d = dets[j * len(views) + k]
-                per_view.append((unflip_boxes(d["boxes"].numpy(), w, h, v), d["scores"].numpy(),
-                                 d["labels"].numpy() - 1))
+                per_view.append(
+                    (unflip_boxes(d["boxes"].numpy(), w, h, v), d["scores"].numpy(), d["labels"].numpy() - 1)
+                )
             boxes, scores, labels = per_view[0] if len(views) == 1 else weighted_box_fusion(per_view, iou_thr)
-            out.append((target["geometry"].to_original(boxes), np.asarray(scores, np.float32),
-                        np.asarray(labels, np.int64)))
+            out.append(
+                (target["geometry"].to_original(boxes), np.asarray(scores, np.float32), np.asarray(labels, np.int64))
+            )
     return out
 
 

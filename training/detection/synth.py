@@ -33,17 +33,17 @@ import numpy as np
 
 DEFECT_CLASSES = ("scratch", "crack", "dark_spot", "finger_interruption")
 SPLITS = ("train", "val", "test")
-MASK_FLOOR = 0.05   # mask values below this are cut to 0: a darkening under ~1 gray level is not drawn
+MASK_FLOOR = 0.05  # mask values below this are cut to 0: a darkening under ~1 gray level is not drawn
 
 
 @dataclass(frozen=True)
 class SynthSpec:
     seed: int = 0
-    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)   # of the background cells per split
-    repeats: int = 1                  # images per background cell
-    negative_fraction: float = 0.3    # images without any defect (clean parts)
+    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)  # of the background cells per split
+    repeats: int = 1  # images per background cell
+    negative_fraction: float = 0.3  # images without any defect (clean parts)
     max_defects: int = 3
-    limit: int | None = None          # use at most this many background cells (smoke runs)
+    limit: int | None = None  # use at most this many background cells (smoke runs)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))
@@ -74,7 +74,7 @@ def scratch(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, float
     d = np.array([np.cos(a), np.sin(a)]) * length / 2
     bow = np.array([-d[1], d[0]]) / max(np.linalg.norm(d), 1e-6) * rng.uniform(-0.05, 0.05) * length
     t = np.linspace(-1, 1, 24)[:, None]
-    pts = c + t * d + (1 - t ** 2) * bow
+    pts = c + t * d + (1 - t**2) * bow
     cv2.polylines(m, [_pts(pts)], False, 1.0, 1, cv2.LINE_AA, shift=4)
     return m, float(rng.uniform(0.35, 0.6))
 
@@ -108,8 +108,9 @@ def dark_spot(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, flo
     r = rng.uniform(4, 14, 2) * min(h, w) / 300
     r = np.maximum(r, 2.5)
     c = rng.uniform([r[0] + 2, r[1] + 2], [w - r[0] - 2, h - r[1] - 2])
-    cv2.ellipse(m, (int(c[0]), int(c[1])), (int(r[0]), int(r[1])), float(rng.uniform(0, 180)), 0, 360, 1.0, -1,
-                cv2.LINE_AA)
+    cv2.ellipse(
+        m, (int(c[0]), int(c[1])), (int(r[0]), int(r[1])), float(rng.uniform(0, 180)), 0, 360, 1.0, -1, cv2.LINE_AA
+    )
     m = cv2.GaussianBlur(m, (0, 0), float(max(r.min() / 3, 0.8)))
     return m / max(float(m.max()), 1e-6), float(rng.uniform(0.4, 0.8))
 
@@ -127,7 +128,11 @@ def finger_interruption(rng: np.random.Generator, h: int, w: int) -> tuple[np.nd
 
 
 RENDERERS: dict[str, Callable[[np.random.Generator, int, int], tuple[np.ndarray, float]]] = {
-    "scratch": scratch, "crack": crack, "dark_spot": dark_spot, "finger_interruption": finger_interruption}
+    "scratch": scratch,
+    "crack": crack,
+    "dark_spot": dark_spot,
+    "finger_interruption": finger_interruption,
+}
 
 
 def mask_box(mask: np.ndarray) -> list[int] | None:
@@ -138,11 +143,12 @@ def mask_box(mask: np.ndarray) -> list[int] | None:
     return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
 
 
-def composite(background: np.ndarray, rng: np.random.Generator, n_defects: int, max_tries: int = 50
-              ) -> tuple[np.ndarray, list[list[int]], list[int]]:
+def composite(
+    background: np.ndarray, rng: np.random.Generator, n_defects: int, max_tries: int = 50
+) -> tuple[np.ndarray, list[list[int]], list[int]]:
     """uint8 gray/BGR cell -> (image, boxes xyxy, labels as DEFECT_CLASSES indices); boxes never touch."""
     h, w = background.shape[:2]
-    dark = np.zeros((h, w), np.float32)     # total darkening fraction
+    dark = np.zeros((h, w), np.float32)  # total darkening fraction
     boxes: list[list[int]] = []
     labels: list[int] = []
     for _ in range(n_defects):
@@ -175,6 +181,7 @@ def elpv_functional_cells() -> list[str]:
 def elpv_functional_cells_by_type() -> dict[str, list[str]]:
     """The functional ELPV cells by cell type (``mono`` / ``poly``), each list sorted."""
     from training.data import elpv_root
+
     root = elpv_root()
     out: dict[str, list[str]] = {}
     for line in (root / "labels.csv").read_text().splitlines():
@@ -188,11 +195,13 @@ def _load(source: str | np.ndarray) -> np.ndarray:
     if isinstance(source, np.ndarray):
         return source
     from runtime.preprocess import read_image
+
     return read_image(source)
 
 
-def generate(out: str | os.PathLike[str], sources: Sequence[str | np.ndarray], spec: SynthSpec = SynthSpec(),
-             force: bool = False) -> dict[str, Any]:
+def generate(
+    out: str | os.PathLike[str], sources: Sequence[str | np.ndarray], spec: SynthSpec = SynthSpec(), force: bool = False
+) -> dict[str, Any]:
     """Write the dataset under ``out`` from background cells (paths or uint8 arrays); returns its summary."""
     from runtime.fsio import atomic_write_json
     from training.detection.formats import DetSample, write_coco
@@ -205,14 +214,14 @@ def generate(out: str | os.PathLike[str], sources: Sequence[str | np.ndarray], s
     order = rng.permutation(len(src))[: spec.limit or len(src)]
     n = len(order)
     n_train, n_val = int(round(n * spec.fractions[0])), int(round(n * spec.fractions[1]))
-    cuts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    cuts = {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
     summary: dict[str, Any] = {"spec": asdict(spec), "classes": list(DEFECT_CLASSES), "splits": {}}
     for si, split in enumerate(SPLITS):
         d = out / "images" / split
         d.mkdir(parents=True, exist_ok=True)
         samples, origins = [], []
         for j, k in enumerate(np.repeat(cuts[split], spec.repeats)):
-            r = np.random.default_rng([spec.seed, si, j])     # per image: independent of the other images
+            r = np.random.default_rng([spec.seed, si, j])  # per image: independent of the other images
             bg = _load(src[int(k)])
             n_def = 0 if r.random() < spec.negative_fraction else int(r.integers(1, spec.max_defects + 1))
             img, boxes, labels = composite(bg, r, n_def)
@@ -220,15 +229,19 @@ def generate(out: str | os.PathLike[str], sources: Sequence[str | np.ndarray], s
             # Images are plain writes; the JSONs (atomic, written last) are what makes the set exist.
             if not cv2.imwrite(str(path), img):
                 raise OSError(f"{path}: could not write the image")
-            samples.append(DetSample(str(path), img.shape[1], img.shape[0], tuple(tuple(map(float, b)) for b in boxes),
-                                     tuple(labels)))
-            origins.append(Path(src[int(k)]).name if isinstance(src[int(k)], str) else f"array:{int(k)}")
+            xyxy = tuple((float(b[0]), float(b[1]), float(b[2]), float(b[3])) for b in boxes)
+            samples.append(DetSample(str(path), img.shape[1], img.shape[0], xyxy, tuple(labels)))
+            origin = src[int(k)]
+            origins.append(Path(origin).name if isinstance(origin, str) else f"array:{int(k)}")
         coco = write_coco(samples, DEFECT_CLASSES, out)
         for im, origin in zip(coco["images"], origins):
             im["source_cell"] = origin
         atomic_write_json(out / f"{split}.json", coco)
-        summary["splits"][split] = {"images": len(samples), "negatives": sum(s.negative for s in samples),
-                                    "boxes": len(coco["annotations"])}
+        summary["splits"][split] = {
+            "images": len(samples),
+            "negatives": sum(s.negative for s in samples),
+            "boxes": len(coco["annotations"]),
+        }
     summary["note"] = "defects are synthetic; background cells are real ELPV cells (CC BY-NC-SA) when source=elpv"
     atomic_write_json(out / "synth.json", summary)
     return summary
@@ -241,8 +254,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--source", default="elpv", help="'elpv' (functional ELPV cells) or a folder of background images")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--repeats", type=int, default=d.repeats, help=f"images per cell (default {d.repeats})")
-    p.add_argument("--negatives", type=float, default=d.negative_fraction,
-                   help=f"fraction of clean images (default {d.negative_fraction})")
+    p.add_argument(
+        "--negatives",
+        type=float,
+        default=d.negative_fraction,
+        help=f"fraction of clean images (default {d.negative_fraction})",
+    )
     p.add_argument("--max-defects", type=int, default=d.max_defects)
     p.add_argument("--limit", type=int, default=None, help="use at most N cells (smoke runs)")
     p.add_argument("--force", action="store_true", help="overwrite an existing dataset in --out")
@@ -255,13 +272,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         sources = elpv_functional_cells()
     else:
         from training.data import IMAGE_EXTENSIONS
+
         sources = sorted(str(p) for p in Path(args.source).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not sources:
             print(f"error: {args.source}: no images found", file=sys.stderr)
             return 2
     try:
-        spec = SynthSpec(seed=args.seed, repeats=args.repeats, negative_fraction=args.negatives,
-                         max_defects=args.max_defects, limit=args.limit)
+        spec = SynthSpec(
+            seed=args.seed,
+            repeats=args.repeats,
+            negative_fraction=args.negatives,
+            max_defects=args.max_defects,
+            limit=args.limit,
+        )
         summary = generate(args.out, sources, spec, force=args.force)
     except (ValueError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -30,13 +30,13 @@ from training.detection.checkpoint import DetCard, save_detector
 from training.detection.config import DetTrainConfig, detector_spec
 from training.detection.datasets import DetSplits, resolve_detection
 from training.detection.loader import DetectionDataset, collate
-from training.detection.model import build_detector
+from training.detection.model import build_detector, spec_of
 from training.detection.predict import predict
 from training.detection.task import MONITOR, DetectionTask, DetPredictions, monitor_value
 from training.detection.transforms import train_transform
-from training.engine import Engine, EpochSelector, seed_everything, setup_runtime
+from training.engine import STOP, TRAIN, Engine, EpochSelector, fit_epochs, seed_everything, setup_runtime
+from training.run_dir import RunExistsError
 from training.schedule import warmup_cosine
-from training.trainer import RunExistsError
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ def steps_per_epoch(n: int, cfg: DetTrainConfig) -> int:
 
 def build_optimizer(model: torch.nn.Module, cfg: DetTrainConfig, total_steps: int, steps: int) -> tuple[Any, Any]:
     """SGD (momentum 0.9) or AdamW over trainable parameters; no decay on biases and norms; warm-up + cosine."""
-    decay, plain = [], []
+    decay: list[torch.nn.Parameter] = []
+    plain: list[torch.nn.Parameter] = []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (plain if p.dim() <= 1 else decay).append(p)
@@ -120,11 +121,15 @@ def fit(
     task: DetectionTask = engine.task  # type: ignore[assignment]
     steps = steps_per_epoch(len(train_ds), cfg)
     opt, sched = build_optimizer(model, cfg, cfg.epochs * steps, steps)
-    sel, out = EpochSelector(), DetFit()
-    for epoch in range(cfg.epochs):
+    out = DetFit()
+
+    def gate(epoch: int, sel: EpochSelector) -> str:
         if cfg.patience and sel.exhausted(cfg.patience):
             echo(f"early stop: no val {MONITOR} gain for {cfg.patience} epochs")
-            break
+            return STOP
+        return TRAIN
+
+    def step(epoch: int) -> tuple[int, float, dict[str, Any]]:
         t0 = time.perf_counter()
         stats = engine.run_epoch(
             model,
@@ -135,8 +140,6 @@ def fit(
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
         )
         val, _ = evaluate_model(model, val_ds, task, classes)
-        value = monitor_value(val)
-        improved = sel.update(epoch + 1, value)
         record = {
             "epoch": epoch + 1,
             "train_loss": stats.loss,
@@ -145,9 +148,14 @@ def fit(
             "lr": opt.param_groups[0]["lr"],
             "val": {k: v for k, v in val.items() if k != "per_class"},
             "monitor": MONITOR,
-            "improved": improved,
+            "improved": False,
             "wall_s": time.perf_counter() - t0,
         }
+        return epoch + 1, monitor_value(val), record
+
+    def done(epoch: int, record: dict[str, Any], improved: bool) -> None:
+        record["improved"] = improved
+        val, value = record["val"], monitor_value(record["val"])
         if epoch_extra is not None:
             record.update(epoch_extra(model))
         out.history.append(record)
@@ -158,7 +166,7 @@ def fit(
                 run_dir,
                 model,
                 DetCard(
-                    model.detector_spec,
+                    spec_of(model),
                     card.data,
                     config_hash=card.config_hash,
                     metrics={"best_epoch": epoch + 1, "val": record["val"]},
@@ -166,10 +174,12 @@ def fit(
                 ),
             )
         echo(
-            f"epoch {epoch + 1}/{cfg.epochs} loss {stats.loss:.4f} val {MONITOR} {value:.4f} "
+            f"epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.4f} val {MONITOR} {value:.4f} "
             f"mAP {val['map'] if val['map'] is not None else float('nan'):.4f}{'  *' if improved else ''}"
             f"  ({record['wall_s']:.1f}s)"
         )
+
+    sel = fit_epochs(range(cfg.epochs), step, gate=gate, done=done)
     out.best_epoch, out.best_value = sel.best_epoch, sel.best_value
     return out
 
@@ -263,9 +273,7 @@ class DetTrainer:
         train_ds = DetectionDataset(splits.train, spec.image_size, train_transform(cfg.augment, square=h == w))
         val_ds = DetectionDataset(splits.val, spec.image_size)
         task = DetectionTask(cfg.score_threshold)
-        engine = Engine(
-            task=task, device=device, amp=cfg.amp, grad_clip=cfg.grad_clip, progress=self.progress
-        )
+        engine = Engine(task=task, device=device, amp=cfg.amp, grad_clip=cfg.grad_clip, progress=self.progress)
         card = DetCard(spec, cfg.data.to_dict(), config_hash=cfg.hash())
         result = fit(model, engine, cfg, train_ds, val_ds, splits.classes, self.run_dir, card, self.echo)
         reload_best(model, self.run_dir)

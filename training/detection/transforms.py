@@ -17,18 +17,19 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from training.config_io import refuse_unknown
 from training.data import DataError
 
 
 @dataclass(frozen=True)
 class AugmentSpec:
-    hflip: float = 0.5              # probability
+    hflip: float = 0.5  # probability
     vflip: float = 0.5
-    rot90: bool = False             # random quarter turns; needs a square input (defects without a "down")
-    brightness: float = 0.2         # ColorJitter factors (gray-safe: no saturation / hue)
+    rot90: bool = False  # random quarter turns; needs a square input (defects without a "down")
+    brightness: float = 0.2  # ColorJitter factors (gray-safe: no saturation / hue)
     contrast: float = 0.2
-    scale: tuple[float, float] = (0.8, 1.2)   # zoom about the centre, same canvas; (1, 1) = off
-    min_box_size: float = 2.0       # pixels: boxes cut thinner than this by the zoom are dropped
+    scale: tuple[float, float] = (0.8, 1.2)  # zoom about the centre, same canvas; (1, 1) = off
+    min_box_size: float = 2.0  # pixels: boxes cut thinner than this by the zoom are dropped
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", tuple(float(v) for v in self.scale))
@@ -45,9 +46,7 @@ class AugmentSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AugmentSpec:
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise DataError(f"augment: unknown key(s) {unknown}")
+        refuse_unknown(d, (f.name for f in fields(cls)), "augment", DataError)
         return cls(**dict(d))
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,8 +83,11 @@ class RandomRot90(v2.Transform):
             out = rot90_boxes(inpt.as_subclass(torch.Tensor), (h, w), k)
             return tv_tensors.wrap(out, like=inpt, canvas_size=(w, h) if k % 2 else (h, w))
         if isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask)) or type(inpt) is torch.Tensor:
-            return tv_tensors.wrap(torch.rot90(inpt.as_subclass(torch.Tensor), k, dims=(-2, -1)), like=inpt) \
-                if isinstance(inpt, tv_tensors.TVTensor) else torch.rot90(inpt, k, dims=(-2, -1))
+            return (
+                tv_tensors.wrap(torch.rot90(inpt.as_subclass(torch.Tensor), k, dims=(-2, -1)), like=inpt)
+                if isinstance(inpt, tv_tensors.TVTensor)
+                else torch.rot90(inpt, k, dims=(-2, -1))
+            )
         return inpt
 
 
@@ -108,8 +110,11 @@ def train_transform(aug: AugmentSpec, square: bool = True) -> v2.Compose:
     ts = geometric(aug, square)
     if aug.brightness or aug.contrast:
         ts.append(v2.ColorJitter(brightness=aug.brightness or None, contrast=aug.contrast or None))
-    ts += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=aug.min_box_size),
-           v2.ToDtype(torch.float32, scale=True)]
+    ts += [
+        v2.ClampBoundingBoxes(),
+        v2.SanitizeBoundingBoxes(min_size=aug.min_box_size),
+        v2.ToDtype(torch.float32, scale=True),
+    ]
     return v2.Compose(ts)
 
 

@@ -27,11 +27,11 @@ def test_coco_reads_val_beside_train_and_carves_test(coco_dir):
     assert sum(x.negative for x in s.train + s.test) == 2 and not s.report.problems
     for x in s.train[:3]:
         img = cv2.imread(x.path, cv2.IMREAD_GRAYSCALE)
-        for (x0, y0, x1, y1) in x.boxes:     # every box holds exactly the bright square
-            assert img[int(y0):int(y1), int(x0):int(x1)].min() == 220
+        for x0, y0, x1, y1 in x.boxes:  # every box holds exactly the bright square
+            assert img[int(y0) : int(y1), int(x0) : int(x1)].min() == 220
     again = resolve_detection({"path": str(coco_dir / "train.json"), "test_fraction": 0.25, "seed": 3})
-    assert [x.path for x in again.test] == [x.path for x in s.test]      # seeded
-    assert json.dumps(s.summary())                                       # JSON-safe
+    assert [x.path for x in again.test] == [x.path for x in s.test]  # seeded
+    assert json.dumps(s.summary())  # JSON-safe
 
 
 def test_coco_bad_annotations_reported_skipped_counted_and_fatal_when_strict(coco_dir):
@@ -40,10 +40,10 @@ def test_coco_bad_annotations_reported_skipped_counted_and_fatal_when_strict(coc
     img3 = data["images"][3]
     data["images"].append({"id": 99, "file_name": "images/gone.png", "width": 64, "height": 48})
     data["annotations"] += [
-        {"id": 501, "image_id": img3["id"], "category_id": 1, "bbox": [50, 40, 30, 20]},   # outside 64x48
-        {"id": 502, "image_id": img3["id"], "category_id": 1, "bbox": [5, 5, 0, 9]},       # zero area
-        {"id": 503, "image_id": img3["id"], "category_id": 7, "bbox": [5, 5, 4, 4]},       # unknown category
-        {"id": 504, "image_id": 99, "category_id": 1, "bbox": [1, 1, 4, 4]},               # its image is missing
+        {"id": 501, "image_id": img3["id"], "category_id": 1, "bbox": [50, 40, 30, 20]},  # outside 64x48
+        {"id": 502, "image_id": img3["id"], "category_id": 1, "bbox": [5, 5, 0, 9]},  # zero area
+        {"id": 503, "image_id": img3["id"], "category_id": 7, "bbox": [5, 5, 4, 4]},  # unknown category
+        {"id": 504, "image_id": 99, "category_id": 1, "bbox": [1, 1, 4, 4]},  # its image is missing
         {"id": 505, "image_id": img3["id"], "category_id": 1, "bbox": [-0.5, 0, 10, 48.4]},  # clipped, kept
     ]
     path.write_text(json.dumps(data))
@@ -77,11 +77,15 @@ def test_neu_det_layout_loads_unchanged(neu_det):
     for x in s.train + s.val + s.test:
         img = cv2.imread(x.path, cv2.IMREAD_GRAYSCALE)
         assert (x.width, x.height) == (200, 200) and Path(x.source).parent.name == "annotations"
-        for box in x.boxes:       # 1-based inclusive VOC -> the exact pixel-edge box of the square
+        for box in x.boxes:  # 1-based inclusive VOC -> the exact pixel-edge box of the square
             x0, y0, x1, y1 = (int(v) for v in box)
             assert img[y0:y1, x0:x1].min() > 150
-            assert _bright_box(img[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1]) == \
-                [x0 - max(0, x0 - 1), y0 - max(0, y0 - 1), x1 - max(0, x0 - 1), y1 - max(0, y0 - 1)]
+            assert _bright_box(img[max(0, y0 - 1) : y1 + 1, max(0, x0 - 1) : x1 + 1]) == [
+                x0 - max(0, x0 - 1),
+                y0 - max(0, y0 - 1),
+                x1 - max(0, x0 - 1),
+                y1 - max(0, y0 - 1),
+            ]
 
 
 def test_voc_problems_negatives_and_missing_extension(neu_det):
@@ -91,19 +95,30 @@ def test_voc_problems_negatives_and_missing_extension(neu_det):
     (ann / "crazing_50.xml").write_text(voc_xml("crazing_50", "cr", 200, 200, []))  # no extension, no objects
     (ann / "crazing_51.xml").write_text(voc_xml("crazing_51.jpg", "cr", 200, 200, [("crazing", [1, 1, 9, 9])]))
     cv2.imwrite(str(img / "crazing_52.jpg"), np.zeros((200, 200), np.uint8))
-    (ann / "crazing_52.xml").write_text(voc_xml("crazing_52.jpg", "cr", 200, 200, [
-        ("crazing", [150, 150, 260, 190]), ("crazing", [10, 10, 10, 30]), ("crazing", [5, 5, 50, 50])]))
+    (ann / "crazing_52.xml").write_text(
+        voc_xml(
+            "crazing_52.jpg",
+            "cr",
+            200,
+            200,
+            [("crazing", [150, 150, 260, 190]), ("crazing", [10, 10, 10, 30]), ("crazing", [5, 5, 50, 50])],
+        )
+    )
     (neu_det / "validation" / "annotations" / "inclusion_101.xml").write_text(
-        voc_xml("inclusion_101.jpg", "in", 200, 200, [("scratches", [2, 2, 30, 30])]))
+        voc_xml("inclusion_101.jpg", "in", 200, 200, [("scratches", [2, 2, 30, 30])])
+    )
     s = resolve_detection({"path": str(neu_det)})
     probs = {(Path(p.file).name, p.ann_id): p.reason.split(":")[0] for p in s.report.problems}
-    assert probs == {("crazing_51.xml", "-"): "missing image", ("crazing_52.xml", "object 0"): "box outside image",
-                     ("crazing_52.xml", "object 1"): "zero area",
-                     ("inclusion_101.xml", "object 0"): "unknown category"}
+    assert probs == {
+        ("crazing_51.xml", "-"): "missing image",
+        ("crazing_52.xml", "object 0"): "box outside image",
+        ("crazing_52.xml", "object 1"): "zero area",
+        ("inclusion_101.xml", "object 0"): "unknown category",
+    }
     every = {Path(x.path).name: x for x in s.train + s.val + s.test}
     assert every["crazing_50.jpg"].negative
     assert every["crazing_52.jpg"].boxes == ((5.0, 5.0, 50.0, 50.0),)
-    assert every["inclusion_101.jpg"].negative     # its only box was skipped: the image stays, as a negative
+    assert every["inclusion_101.jpg"].negative  # its only box was skipped: the image stays, as a negative
     with pytest.raises(DataError, match="crazing_51.xml"):
         resolve_detection({"path": str(neu_det), "strict": True})
 
@@ -118,21 +133,24 @@ def test_yolo_folder(tmp_path):
             img, boxes = squares_image(rng, (40, 80), i)
             cv2.imwrite(str(root / "images" / split / f"{i}.png"), img)
             if i:
-                (root / "labels" / split / f"{i}.txt").write_text("".join(
-                    f"{j % 2} {(b[0] + b[2]) / 160} {(b[1] + b[3]) / 80} {(b[2] - b[0]) / 80} {(b[3] - b[1]) / 40}\n"
-                    for j, b in enumerate(boxes)))
+                (root / "labels" / split / f"{i}.txt").write_text(
+                    "".join(
+                        f"{j % 2} {(b[0] + b[2]) / 160} {(b[1] + b[3]) / 80} {(b[2] - b[0]) / 80} {(b[3] - b[1]) / 40}\n"
+                        for j, b in enumerate(boxes)
+                    )
+                )
     (root / "labels" / "val" / "2.txt").write_text("0 0.5 0.5 0.1\n5 0.5 0.5 0.1 0.1\n0 0.5 0.5 0.2 0.2\n")
     (root / "classes.txt").write_text("square\nbar\n")
     s = resolve_detection({"path": str(root)})
     assert s.format == "yolo" and s.classes == ["square", "bar"] and s.given == ("train", "val")
-    assert [x.negative for x in s.train + s.test] .count(True) == 1
+    assert [x.negative for x in s.train + s.test].count(True) == 1
     x = next(x for x in s.train + s.test if Path(x.path).name == "2.png")
     img = cv2.imread(x.path, cv2.IMREAD_GRAYSCALE)
     for box in x.boxes:
         x0, y0, x1, y1 = (int(round(v)) for v in box)
         np.testing.assert_allclose(box, [x0, y0, x1, y1], atol=1e-4)
         assert img[y0:y1, x0:x1].min() == 220
-        assert img[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1].size > (y1 - y0) * (x1 - x0)
+        assert img[max(0, y0 - 1) : y1 + 1, max(0, x0 - 1) : x1 + 1].size > (y1 - y0) * (x1 - x0)
     reasons = sorted(p.reason.split(":")[0] for p in s.report.problems)
     assert reasons == ["malformed", "unknown category"]
     assert {p.ann_id for p in s.report.problems} == {"line 1", "line 2"}
@@ -151,6 +169,7 @@ def test_unknown_layout_and_bad_spec(tmp_path):
 def test_dataset_items_are_torchvision_targets(coco_dir):
     torch = pytest.importorskip("torch")
     from torchvision import tv_tensors
+
     from training.detection.loader import DetectionDataset, collate
 
     s = resolve_detection({"path": str(coco_dir / "train.json")})
@@ -159,8 +178,9 @@ def test_dataset_items_are_torchvision_targets(coco_dir):
     assert img.shape == (3, 32, 32) and img.dtype == torch.float32 and 0 <= img.min() and img.max() <= 1
     assert isinstance(t["boxes"], tv_tensors.BoundingBoxes) and t["boxes"].canvas_size == (32, 32)
     assert t["labels"].dtype == torch.int64 and t["labels"].min() >= 1 and t["orig_size"] == (48, 64)
-    np.testing.assert_allclose(t["geometry"].to_original(t["boxes"].numpy()),
-                               s.train[t["image_id"]].boxes_array(), atol=1e-3)
+    np.testing.assert_allclose(
+        t["geometry"].to_original(t["boxes"].numpy()), s.train[t["image_id"]].boxes_array(), atol=1e-3
+    )
     neg = ds[next(i for i, x in enumerate(s.train) if x.negative)][1]
     assert neg["boxes"].shape == (0, 4) and neg["labels"].shape == (0,)
     images, targets = collate([ds[0], ds[1]])
@@ -169,6 +189,7 @@ def test_dataset_items_are_torchvision_targets(coco_dir):
 
 def test_check_command_on_neu_det(neu_det, capsys):
     from training.detection.datasets import main
+
     assert main([str(neu_det)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["format"] == "voc" and out["val"]["images"] == 3 and out["bad_annotations"]["skipped"] == 0

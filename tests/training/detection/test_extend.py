@@ -96,7 +96,9 @@ def test_extend_refuses_an_unknown_ewc_scope(det_run, tmp_path, capsys):
 
     _, src = det_run
     with pytest.raises(SystemExit):
-        ds_main(["extend", "--from", str(src), "--data", "x.json", "--out", str(tmp_path / "o"), "--ewc-scope", "heads"])
+        ds_main(
+            ["extend", "--from", str(src), "--data", "x.json", "--out", str(tmp_path / "o"), "--ewc-scope", "heads"]
+        )
     assert "--ewc-scope" in capsys.readouterr().err
     train = DetTrainConfig.from_dict({"out": str(tmp_path / "o"), "data": {"path": "x.json"}}, where="test")
     with pytest.raises(ValueError, match="ewc_scope: expected one of"):

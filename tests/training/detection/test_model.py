@@ -8,13 +8,19 @@ torch = pytest.importorskip("torch")
 
 from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
 
-from training.detection.model import (BoxPredictor, DetectorConfigError, DetectorSpec,  # noqa: E402
-                                      build_detector)
+from training.detection.model import BoxPredictor, DetectorConfigError, DetectorSpec, build_detector  # noqa: E402
 
 
 def tiny(**kw) -> DetectorSpec:
-    base = dict(classes=("square", "bar"), backbone="tiny_det", weights="none", image_size=(64, 64),
-                fpn_channels=16, representation_size=32, anchor_sizes=(8, 16, 32, 64))
+    base = dict(
+        classes=("square", "bar"),
+        backbone="tiny_det",
+        weights="none",
+        image_size=(64, 64),
+        fpn_channels=16,
+        representation_size=32,
+        anchor_sizes=(8, 16, 32, 64),
+    )
     base.update(kw)
     return DetectorSpec(**base)
 
@@ -23,8 +29,10 @@ def test_tiny_detector_trains_and_predicts():
     torch.manual_seed(0)
     model = build_detector(tiny())
     images = [torch.rand(3, 64, 64) for _ in range(2)]
-    targets = [{"boxes": torch.tensor([[4.0, 4.0, 20.0, 20.0]]), "labels": torch.tensor([1])},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]   # a negative
+    targets = [
+        {"boxes": torch.tensor([[4.0, 4.0, 20.0, 20.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]  # a negative
     model.train()
     losses = model(images, targets)
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
@@ -74,25 +82,30 @@ def test_grow_classes_keeps_old_rows_bit_exact():
         pred.grow_classes(["bar"])
     model.eval()
     with torch.no_grad():
-        model([torch.rand(3, 64, 64)])      # the grown model still runs
+        model([torch.rand(3, 64, 64)])  # the grown model still runs
 
 
 def test_efficientnet_lite0_trunk_taps_blocks_4_10_15():
-    spec = DetectorSpec(classes=("crack",), image_size=(128, 128))     # ImageNet weights from the pip package
+    spec = DetectorSpec(classes=("crack",), image_size=(128, 128))  # ImageNet weights from the pip package
     model = build_detector(spec)
     body = model.backbone.body
     assert body.out_channels == [40, 112, 320] and body.taps == (3, 5, 7)
     assert body.mean == [0.5, 0.5, 0.5]
     with torch.no_grad():
         feats = model.backbone(torch.zeros(1, 3, 128, 128))
-    assert {k: tuple(v.shape[-2:]) for k, v in feats.items()} == {"0": (16, 16), "1": (8, 8), "2": (4, 4),
-                                                                     "pool": (2, 2)}
+    assert {k: tuple(v.shape[-2:]) for k, v in feats.items()} == {
+        "0": (16, 16),
+        "1": (8, 8),
+        "2": (4, 4),
+        "pool": (2, 2),
+    }
     assert all(v.shape[1] == 128 for v in feats.values())
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v3_large", "resnet50"])
 def test_torchvision_trunks_offline_error_and_random_init(name, tmp_path, monkeypatch):
     from training.backbones import WeightsUnavailableError
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(WeightsUnavailableError, match="expected cached file"):
         build_detector(DetectorSpec(classes=("crack",), backbone=name))

@@ -30,12 +30,13 @@ def squares_coco(tmp_path_factory):
     images, targets = squares_batch(rng, 8, size=64)
     for i in range(10):
         if i < 8:
-            small = (images[i][0].numpy() * 255).round().astype(np.uint8)[8:56]     # 48x64: a 2:3 part
+            small = (images[i][0].numpy() * 255).round().astype(np.uint8)[8:56]  # 48x64: a 2:3 part
             big = cv2.resize(small, (128, 96), interpolation=cv2.INTER_NEAREST)
             b = targets[i]["boxes"].numpy()
             keep = (b[:, 1] >= 8) & (b[:, 3] <= 56)
-            boxes = [tuple(float(v) for v in (x0 * 2, (y0 - 8) * 2, x1 * 2, (y1 - 8) * 2))
-                     for x0, y0, x1, y1 in b[keep]]
+            boxes = [
+                tuple(float(v) for v in (x0 * 2, (y0 - 8) * 2, x1 * 2, (y1 - 8) * 2)) for x0, y0, x1, y1 in b[keep]
+            ]
             labels = tuple(int(v) - 1 for v in targets[i]["labels"].numpy()[keep])
         else:
             big, boxes, labels = np.full((96, 128), 60, np.uint8), [], ()
@@ -80,10 +81,10 @@ def test_flip_tta_merges_views_in_one_call(squares_coco):
         tta = predict(model, ds, views=("original", "hflip"), batch_size=4)
     finally:
         h.remove()
-    assert calls == [8]                          # 4 frames x 2 views, one forward
+    assert calls == [8]  # 4 frames x 2 views, one forward
     plain = predict(model, ds)
     m_tta = coco_metrics(pos, tta, s.classes)["map50"]
     m_plain = coco_metrics(pos, plain, s.classes)["map50"]
-    assert m_tta > 0.5 * m_plain                 # merged boxes still sit on the defects
+    assert m_tta > 0.5 * m_plain  # merged boxes still sit on the defects
     with pytest.raises(ValueError, match="tta views"):
         predict(model, ds, views=("rot90",))

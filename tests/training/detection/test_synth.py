@@ -10,8 +10,7 @@ import pytest
 cv2 = pytest.importorskip("cv2")
 
 from training.detection.datasets import resolve_detection  # noqa: E402
-from training.detection.synth import (DEFECT_CLASSES, RENDERERS, SynthSpec, composite, generate,  # noqa: E402
-                                      main)
+from training.detection.synth import DEFECT_CLASSES, RENDERERS, SynthSpec, composite, generate, main  # noqa: E402
 
 
 def backgrounds(n: int, size: int = 96, color: bool = False, seed: int = 0) -> list[np.ndarray]:
@@ -35,12 +34,12 @@ def test_every_changed_pixel_is_inside_a_box_and_boxes_are_tight(color):
         inside = np.zeros(diff.shape, bool)
         for x0, y0, x1, y1 in boxes:
             inside[y0:y1, x0:x1] = True
-            assert diff[y0:y1, x0:x1].max() >= 10                 # a visible defect in every box
+            assert diff[y0:y1, x0:x1].max() >= 10  # a visible defect in every box
             ys, xs = np.nonzero(diff[y0:y1, x0:x1] >= 1)
             assert xs.min() <= 2 and ys.min() <= 2 and xs.max() >= x1 - x0 - 3 and ys.max() >= y1 - y0 - 3
-        assert diff[~inside].max(initial=0) == 0                  # nothing changed outside the boxes
+        assert diff[~inside].max(initial=0) == 0  # nothing changed outside the boxes
         if color:
-            assert (img[..., 0] == img[..., 1]).all()             # gray stays gray in BGR
+            assert (img[..., 0] == img[..., 1]).all()  # gray stays gray in BGR
 
 
 def test_each_renderer_draws_something_small_enough():
@@ -60,7 +59,7 @@ def test_generate_writes_coco_the_loader_reads(tmp_path):
     assert len(s.train) == 28 and any(x.negative for x in s.train) and any(not x.negative for x in s.train)
     test_json = json.loads((tmp_path / "set" / "test.json").read_text())
     train_cells = {im["source_cell"] for im in json.loads((tmp_path / "set" / "train.json").read_text())["images"]}
-    assert not train_cells & {im["source_cell"] for im in test_json["images"]}     # split by cell
+    assert not train_cells & {im["source_cell"] for im in test_json["images"]}  # split by cell
     assert test_json["images"][0]["file_name"].startswith("images/test/")
     # Seeded: the same settings give the same pixels and boxes.
     generate(tmp_path / "again", bgs, SynthSpec(seed=1, repeats=2, negative_fraction=0.25))

@@ -15,7 +15,7 @@ from training.detection.transforms import AugmentSpec, RandomRot90, train_transf
 
 def _scene(h: int = 40, w: int = 40):
     img = torch.zeros(3, h, w, dtype=torch.uint8)
-    img[:, 5:12, 3:20] = 255                        # box [3, 5, 20, 12]
+    img[:, 5:12, 3:20] = 255  # box [3, 5, 20, 12]
     boxes = tv_tensors.BoundingBoxes([[3, 5, 20, 12]], format="XYXY", canvas_size=(h, w), dtype=torch.float32)
     return tv_tensors.Image(img), {"boxes": boxes, "labels": torch.tensor([1])}
 
@@ -55,16 +55,19 @@ def test_train_transform_keeps_boxes_on_their_pixels():
             # Bilinear zoom smears the edge by < 1 px; photometric jitter never moves it.
             mask = out[0] > out[0].max() * 0.6
             ys, xs = torch.nonzero(mask, as_tuple=True)
-            np.testing.assert_allclose(tgt["boxes"][0].tolist(),
-                                       [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], atol=1.5)
+            np.testing.assert_allclose(
+                tgt["boxes"][0].tolist(), [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], atol=1.5
+            )
             assert tgt["labels"].tolist() == [1]
 
 
 def test_zoom_that_cuts_a_box_away_drops_it_and_its_label():
     img = torch.zeros(3, 40, 40, dtype=torch.uint8)
     img[:, 0:3, 0:3] = 255
-    target = {"boxes": tv_tensors.BoundingBoxes([[0, 0, 3, 3]], format="XYXY", canvas_size=(40, 40)),
-              "labels": torch.tensor([2])}
+    target = {
+        "boxes": tv_tensors.BoundingBoxes([[0, 0, 3, 3]], format="XYXY", canvas_size=(40, 40)),
+        "labels": torch.tensor([2]),
+    }
     t = train_transform(AugmentSpec(hflip=0, vflip=0, brightness=0, contrast=0, scale=(2.0, 2.0)))
     _, tgt = t(tv_tensors.Image(img), target)
     assert len(tgt["boxes"]) == 0 and len(tgt["labels"]) == 0
@@ -93,11 +96,19 @@ def test_dataset_with_train_transform_feeds_the_detector(coco_dir):
     images, targets = collate([ds[i] for i in range(4)])
     for img, t in zip(images, targets):
         assert img.shape == (3, 64, 64) and len(t["boxes"]) == len(t["labels"])
-        if len(t["boxes"]):   # the augmented box still holds the bright square (letterbox + flips + zoom)
+        if len(t["boxes"]):  # the augmented box still holds the bright square (letterbox + flips + zoom)
             x0, y0, x1, y1 = (int(round(v)) for v in t["boxes"][0].tolist())
             patch = img[0, y0:y1, x0:x1]
             assert patch.numel() and patch.mean() > 0.5
-    model = build_detector(DetectorSpec(classes=tuple(s.classes), backbone="tiny_det", weights="none",
-                                        image_size=(64, 64), fpn_channels=16, representation_size=32))
-    losses = model.train()(images, targets)            # the full targets (with geometry) are accepted
+    model = build_detector(
+        DetectorSpec(
+            classes=tuple(s.classes),
+            backbone="tiny_det",
+            weights="none",
+            image_size=(64, 64),
+            fpn_channels=16,
+            representation_size=32,
+        )
+    )
+    losses = model.train()(images, targets)  # the full targets (with geometry) are accepted
     assert all(torch.isfinite(v) for v in losses.values())

@@ -11,13 +11,14 @@ from defectscope.cli import main as ds_main
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("pycocotools")
+pytest.importorskip("torchvision")
 
 
 def test_export_detection_bundle(det_run, tmp_path):
+    from calibration.detection_bundle import held_out_samples, ort_predict
     from runtime.boxes import box_iou
     from runtime.fsio import sha256_file
     from training.detection.checkpoint import load_detector
-    from training.detection.export import _held_out, ort_predict
     from training.detection.loader import DetectionDataset
     from training.detection.predict import predict
 
@@ -41,7 +42,7 @@ def test_export_detection_bundle(det_run, tmp_path):
     assert "map50" in m["metrics"]["fp32"]
     # The bundle's graph gives torch's detections in original pixels (same count above 0.05, same labels).
     model, card = load_detector(run)
-    ds = DetectionDataset(_held_out(card, "test", 3), card.detector.image_size)
+    ds = DetectionDataset(held_out_samples(card, "test", 3), card.detector.image_size)
     onnx_preds, _ = ort_predict(out / "model.onnx", ds)
     # The station reads the bundle and preprocesses a frame exactly as the export evaluated it (the one
     # letterbox, runtime.boxes.fit), with the same Geometry back to original pixels.
@@ -65,9 +66,15 @@ def test_export_detection_bundle(det_run, tmp_path):
     from runtime.sources import Frame
 
     for views in (["original"], ["original", "hflip", "vflip"]):
-        cfg = from_dict({"station": "s", "cameras": [{"id": "c", "source": str(tmp_path)}],
-                         "model": {"bundle": str(out), "backend": "onnxruntime-cpu", "warmup_runs": 0},
-                         "tta": {"views": views}}, base=tmp_path)
+        cfg = from_dict(
+            {
+                "station": "s",
+                "cameras": [{"id": "c", "source": str(tmp_path)}],
+                "model": {"bundle": str(out), "backend": "onnxruntime-cpu", "warmup_runs": 0},
+                "tta": {"views": views},
+            },
+            base=tmp_path,
+        )
         served = load_model(cfg)
         for i, (ob, os_, ol) in enumerate(onnx_preds):
             raw = read_image(ds.samples[i].path)
@@ -103,8 +110,8 @@ def test_export_refuses_existing_bundle(det_run, tmp_path):
 
 
 def test_parity_failure_refuses_the_export(det_run, tmp_path):
+    from calibration.detection_bundle import export_run
     from calibration.export_detection import DetectionExportError
-    from training.detection.export import export_run
 
     _, run = det_run
     out = tmp_path / "refused"

@@ -31,9 +31,10 @@ PARITY_SCORE_TOL = 1e-3
 def ort_predict(onnx_path: str | Path, ds: Any, threads: int = 1) -> tuple[list, list[float]]:
     """ONNX Runtime over a ``DetectionDataset`` (eval transform): per image ``(boxes original px, scores,
     labels 0-based)`` with padding rows (score 0) dropped; also per-image latency in ms."""
-    from calibration.export_detection import OUTPUT_NAMES, _session
+    from calibration.export_detection import OUTPUT_NAMES
+    from runtime.ort_session import ort_session
 
-    sess = _session(onnx_path, threads)
+    sess = ort_session(onnx_path, threads)
     name = sess.get_inputs()[0].name
     return predict_with(lambda x: sess.run(list(OUTPUT_NAMES), {name: x}), ds)
 
@@ -59,7 +60,7 @@ def predict_with(run: Any, ds: Any) -> tuple[list, list[float]]:
     return out, ms
 
 
-def _held_out(card: Any, split: str, limit: int | None) -> list[Any]:
+def held_out_samples(card: Any, split: str, limit: int | None) -> list[Any]:
     from training.detection.datasets import DetectionSpec, resolve_detection
 
     splits = resolve_detection(DetectionSpec.from_dict(card.data, where="model.json: data"))
@@ -166,7 +167,7 @@ def export_run(
     run_dir = run if run.is_dir() else run.parent
     cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
     thr = float(score_threshold if score_threshold is not None else cfg.get("score_threshold", 0.5))
-    samples = _held_out(card, split, eval_limit)
+    samples = held_out_samples(card, split, eval_limit)
     ds = DetectionDataset(samples, card.detector.image_size)
     with tempfile.TemporaryDirectory(prefix="defectscope-export-det-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"

@@ -1,0 +1,197 @@
+"""The one table of task kinds: a classifier and a detector, side by side.
+
+Each kind names its command for every verb whose work depends on the kind (train, evaluate,
+extend, export, calibrate). ``defectscope <verb>`` picks the kind once, from what the verb is
+given, and calls that kind's command with the argv untouched:
+
+| verb | the kind comes from |
+| --- | --- |
+| train | ``--task``, else the ``--config`` file's ``task``, else ``--data`` (a COCO JSON or a folder the detection readers recognise) |
+| evaluate, export | the run's ``model.json`` (``"task": "detection"``) |
+| extend | the ``--from`` run's ``model.json`` |
+| calibrate | the bundle's ``manifest.json`` ``model.task`` |
+
+Anything unreadable picks the classifier, whose command then names the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+VERBS = ("train", "evaluate", "extend", "export", "calibrate")
+DEFAULT = "classification"
+
+
+class Task:
+    """One kind: its name and, per verb, the ``"module:function"`` that takes the argv."""
+
+    name: str = ""
+    commands: Mapping[str, str] = {}
+
+
+TASKS: dict[str, Task] = {}
+T = TypeVar("T", bound=type[Task])
+
+
+def register(cls: T) -> T:
+    """Class decorator: add the kind to ``TASKS``; refuses a name twice or a missing verb."""
+    if cls.name in TASKS:
+        raise ValueError(f"task {cls.name!r} registered twice")
+    missing = [v for v in VERBS if v not in cls.commands]
+    if missing:
+        raise ValueError(f"task {cls.name!r}: no command for {missing}")
+    TASKS[cls.name] = cls()
+    return cls
+
+
+@register
+class Classification(Task):
+    name = "classification"
+    commands = {
+        "train": "training.cli:train_main",
+        "evaluate": "training.evaluate_cli:evaluate_main",
+        "extend": "training.extend_cli:main",
+        "export": "calibration.cli:export_main",
+        "calibrate": "calibration.cli:calibrate_main",
+    }
+
+
+@register
+class Detection(Task):
+    name = "detection"
+    commands = {
+        "train": "training.detection.cli:train_main",
+        "evaluate": "training.detection.evaluate:main",
+        "extend": "training.detection.cli:extend_main",
+        "export": "calibration.detection_cli:export_main",
+        "calibrate": "calibration.detection_cli:calibrate_main",
+    }
+
+
+# -- which kind --------------------------------------------------------------------------------
+def _json_field(path: Path, *keys: str) -> Any:
+    try:
+        value: Any = json.loads(path.read_text(encoding="utf-8"))
+        for k in keys:
+            value = value.get(k) if isinstance(value, dict) else None
+        return value
+    except (OSError, ValueError):
+        return None
+
+
+def run_kind(path: str | None) -> str | None:
+    """The kind in a run directory's (or a weights file's) ``model.json``; None when there is none."""
+    p = Path(path or "")
+    if not path or not (p.is_dir() or p.is_file()):
+        return None
+    card = (p if p.is_dir() else p.parent) / "model.json"
+    if not card.is_file():
+        return None
+    task = _json_field(card, "task")
+    return task if isinstance(task, str) else DEFAULT
+
+
+def bundle_kind(path: str | None) -> str | None:
+    """The kind in a bundle's ``manifest.json`` (``model.task``, classification when absent)."""
+    if not path or not (Path(path) / "manifest.json").is_file():
+        return None
+    task = _json_field(Path(path) / "manifest.json", "model", "task")
+    return task if isinstance(task, str) else DEFAULT
+
+
+def data_kind(data: str | None) -> str | None:
+    """``detection`` for a COCO JSON or a folder the detection readers recognise (VOC XML, YOLO)."""
+    if not data or data == "elpv" or data.lower().endswith(".csv"):
+        return None
+    from training.data import DataError
+    from training.detection.datasets import infer_format
+
+    try:
+        infer_format(Path(data))
+    except DataError:
+        return None
+    return "detection"
+
+
+def _first(argv: list[str], kind_of: Callable[[str], str | None]) -> str | None:
+    """The kind of the first argument that has one (the run or bundle; option values have none)."""
+    for a in argv:
+        if not a.startswith("-") and (kind := kind_of(a)) is not None:
+            return kind
+    return None
+
+
+def _train_kind(argv: list[str]) -> str | None:
+    from training.config_io import read_config_file
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task", choices=tuple(TASKS))
+    pre.add_argument("--data")
+    pre.add_argument("--config")
+    ns, _ = pre.parse_known_args(argv)
+    if ns.task:
+        return str(ns.task)
+    if ns.config and Path(ns.config).is_file():
+        try:
+            task = read_config_file(ns.config).get("task")
+        except ValueError:
+            task = None
+        if task in TASKS:
+            return str(task)
+    return data_kind(ns.data)
+
+
+def _extend_kind(argv: list[str]) -> str | None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--from", dest="source")
+    ns, _ = pre.parse_known_args(argv)
+    return run_kind(ns.source)
+
+
+SELECT: dict[str, Callable[[list[str]], str | None]] = {
+    "train": _train_kind,
+    "evaluate": lambda argv: _first(argv, run_kind),
+    "export": lambda argv: _first(argv, run_kind),
+    "extend": _extend_kind,
+    "calibrate": lambda argv: _first(argv, bundle_kind),
+}
+
+
+def kind_of(verb: str, argv: list[str]) -> str:
+    """The task kind ``defectscope <verb> argv`` is about (the classifier when nothing says)."""
+    kind = SELECT[verb](argv)
+    return kind if kind in TASKS else DEFAULT
+
+
+def dispatch(verb: str, argv: list[str] | None) -> int:
+    import sys
+
+    from defectscope.cli import load
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    kind = kind_of(verb, args)
+    return int(load(TASKS[kind].commands[verb], f"{verb} ({kind})")(args))
+
+
+def train(argv: list[str] | None = None) -> int:
+    return dispatch("train", argv)
+
+
+def evaluate(argv: list[str] | None = None) -> int:
+    return dispatch("evaluate", argv)
+
+
+def extend(argv: list[str] | None = None) -> int:
+    return dispatch("extend", argv)
+
+
+def export(argv: list[str] | None = None) -> int:
+    return dispatch("export", argv)
+
+
+def calibrate(argv: list[str] | None = None) -> int:
+    return dispatch("calibrate", argv)

@@ -1,0 +1,57 @@
+"""The one task table: each verb picks classifier or detector once, from what it is given."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from defectscope.cli import load
+from defectscope.tasks import TASKS, VERBS, Task, kind_of, register
+
+
+def test_a_task_kind_registered_twice_is_refused():
+    class Again(Task):
+        name = "detection"
+        commands = dict.fromkeys(VERBS, "x:y")
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register(Again)
+
+
+def test_a_task_kind_missing_a_verb_is_refused():
+    class Half(Task):
+        name = "half"
+        commands = {"train": "x:y"}
+
+    with pytest.raises(ValueError, match="no command for"):
+        register(Half)
+    assert "half" not in TASKS
+
+
+@pytest.mark.parametrize("kind", sorted(TASKS))
+def test_every_command_of_every_kind_exists(kind):
+    pytest.importorskip("torch")
+    for verb in VERBS:
+        assert callable(load(TASKS[kind].commands[verb], verb))
+
+
+def test_the_kind_comes_from_the_data_the_run_card_or_the_bundle(tmp_path):
+    coco = tmp_path / "train.json"
+    coco.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    det_run, cls_run, det_bundle = tmp_path / "det", tmp_path / "cls", tmp_path / "bundle"
+    for d in (det_run, cls_run, det_bundle):
+        d.mkdir()
+    (det_run / "model.json").write_text(json.dumps({"task": "detection"}))
+    (cls_run / "model.json").write_text(json.dumps({"backbone": "tiny_cnn"}))
+    (det_bundle / "manifest.json").write_text(json.dumps({"model": {"task": "detection"}}))
+
+    assert kind_of("train", ["--data", str(coco), "--out", "o"]) == "detection"
+    assert kind_of("train", ["--data", "elpv"]) == "classification"
+    assert kind_of("train", ["--task", "detection", "--data", "elpv"]) == "detection"
+    assert kind_of("evaluate", [str(det_run), "--tta", "flips"]) == "detection"
+    assert kind_of("export", ["--out", str(tmp_path / "new"), str(det_run)]) == "detection"
+    assert kind_of("export", [str(cls_run), "--out", "o"]) == "classification"
+    assert kind_of("extend", ["--from", str(det_run), "--data", "d"]) == "detection"
+    assert kind_of("calibrate", [str(det_bundle), "--threads", "1"]) == "detection"
+    assert kind_of("calibrate", ["--help"]) == "classification"

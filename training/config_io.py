@@ -1,0 +1,55 @@
+"""Reading configuration: one TOML/JSON file reader and one strict key check for every ``from_dict``.
+
+A typo in a config key must fail loudly, naming the file or table and the keys it accepts, never
+fall back to a default. Python 3.10 (JetPack 6) has no ``tomllib``: ``tomli`` (a base dependency
+there) reads TOML instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the file and key."""
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML (any suffix but ``.json``) or JSON config file as a dict; validated later by a ``from_dict``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except ValueError as exc:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
+        raise ConfigError(f"{path}: cannot parse ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table/object at the top level")
+    return data
+
+
+def refuse_unknown(
+    data: Mapping[str, Any], known: Iterable[str], where: str, error: type[ValueError] = ConfigError
+) -> None:
+    """Raise ``error`` naming ``where``, the unknown keys of ``data`` and the accepted ones."""
+    known = set(known)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise error(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+
+
+def field_names(cls: type) -> set[str]:
+    """The dataclass ``cls``'s field names: the keys its ``from_dict`` accepts."""
+    return set(getattr(cls, "__dataclass_fields__", {}))
+
+
+__all__ = ["ConfigError", "field_names", "read_config_file", "refuse_unknown"]
