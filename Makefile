@@ -59,17 +59,17 @@ demo: install
 # runtime/ and deploy/ by module while their older type errors are mended: widen the list).
 LINT_TESTS ?= tests/training tests/calibration tests/test_cli.py tests/test_import_contracts.py tests/test_one_home.py tests/test_tasks.py
 LINT_PATHS ?= training calibration runtime deploy bench defectscope $(LINT_TESTS)
-TYPED_PATHS ?= training calibration defectscope bench runtime/tta.py runtime/preprocess.py
+TYPED_PATHS ?= training calibration defectscope bench runtime/inference/tta.py runtime/inference/preprocess.py
 
 # The runtime modules.
-TYPED_PATHS += runtime/__init__.py runtime/backend_openvino.py runtime/backend_tensorrt.py runtime/backends.py \
-	runtime/batcher.py runtime/boxes.py runtime/bundle.py runtime/bundle_cli.py runtime/bundle_fs.py \
-	runtime/bundle_output.py runtime/bundle_stage.py runtime/config.py runtime/config_table.py runtime/config_types.py \
-	runtime/daemon.py runtime/pipeline.py runtime/sources.py \
-	runtime/decision.py runtime/engine_build.py runtime/engine_gate.py runtime/engine_meta.py runtime/fsio.py \
-	runtime/messages.py runtime/metrics.py runtime/model.py runtime/model_store.py runtime/notify.py \
-	runtime/ort_session.py runtime/preview.py runtime/publisher.py runtime/reload_cli.py runtime/serve_cli.py runtime/service.py \
-	runtime/signature.py runtime/snapshots.py runtime/viewer.py runtime/source_gstreamer.py runtime/doctor_cli.py
+TYPED_PATHS += runtime/__init__.py runtime/inference/openvino.py runtime/inference/tensorrt.py runtime/inference/backends.py \
+	runtime/serving/batcher.py runtime/inference/boxes.py runtime/bundle/manifest.py runtime/bundle/cli.py runtime/bundle/fs.py \
+	runtime/bundle/output.py runtime/bundle/stage.py runtime/config/station.py runtime/config/table.py runtime/config/types.py \
+	runtime/serving/daemon.py runtime/serving/pipeline.py runtime/sources/cameras.py \
+	runtime/inference/decision.py runtime/engine/build.py runtime/engine/gate.py runtime/engine/meta.py runtime/fsio.py \
+	runtime/serving/messages.py runtime/serving/metrics.py runtime/inference/model.py runtime/bundle/store.py runtime/serving/notify.py \
+	runtime/inference/ort_session.py runtime/serving/preview.py runtime/serving/publisher.py runtime/serving/reload_cli.py runtime/serving/serve_cli.py runtime/serving/service.py \
+	runtime/bundle/signature.py runtime/serving/snapshots.py runtime/tools/viewer.py runtime/sources/gstreamer.py runtime/tools/doctor_cli.py
 
 # The console's security layers.
 TYPED_PATHS += deploy/console/metrics.py deploy/console/throttle.py deploy/console/login.py deploy/console/middleware.py

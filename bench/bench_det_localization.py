@@ -35,7 +35,7 @@ def side_errors(samples: list[Any], predictions: list[Any], n_classes: int, min_
     """Per class: (M,4) predicted - true xyxy (px) of GT boxes matched at IoU >= MATCH_IOU (best IoU)."""
     import numpy as np
 
-    from runtime.boxes import box_iou
+    from runtime.inference.boxes import box_iou
 
     out: dict[int, list[Any]] = {k: [] for k in range(n_classes)}
     for s, (boxes, scores, labels) in zip(samples, predictions):
@@ -60,7 +60,7 @@ def bound(gt_by_class: dict[int, Any], draw: Any, rounds: int = 100, seed: int =
     (a perfect ranking puts the wrong-IoU ones last, and COCO's interpolation keeps the head)."""
     import numpy as np
 
-    from runtime.boxes import box_iou
+    from runtime.inference.boxes import box_iou
 
     rng = np.random.default_rng(seed)
     per_class = {}

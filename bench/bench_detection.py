@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from calibration.detection_bundle import export_run
-    from runtime.ort_session import ort_session
+    from runtime.inference.ort_session import ort_session
     from training.detection.checkpoint import load_detector
     from training.detection.config import DetTrainConfig
     from training.detection.datasets import DetectionSpec

@@ -56,7 +56,7 @@ def _camera_cells(out: Path, skip: set[str], n: int, only: set[str] | None = Non
     import cv2
     import numpy as np
 
-    from runtime.preprocess import read_image
+    from runtime.inference.preprocess import read_image
     from training.detection.synth import elpv_functional_cells
 
     lut = (255.0 * (np.arange(256) / 255.0) ** 0.6).astype(np.uint8)

@@ -69,16 +69,16 @@ def have_openvino() -> bool:
 def open_engine(
     bundle: Any, engine: str, artifact: str, precision: str, threads: int, hint: str = "latency", requests: int = 1
 ) -> Engine:
-    """A bare engine on ``bundle``'s artifact (a runtime.bundle.Bundle)."""
+    """A bare engine on ``bundle``'s artifact (a runtime.bundle.manifest.Bundle)."""
     path = str(bundle.artifact_path(artifact))
     output = bundle.manifest.output.names[0]
     if engine == "ort":
-        from runtime.ort_session import ort_session
+        from runtime.inference.ort_session import ort_session
 
         sess = ort_session(path, threads)
         name = sess.get_inputs()[0].name
         return Engine(f"ort:{artifact}", lambda x: sess.run([output], {name: x})[0], lambda: None)
-    from runtime.backend_openvino import OpenVINOModel
+    from runtime.inference.openvino import OpenVINOModel
 
     model = OpenVINOModel(path, [output], threads=threads, hint=hint, precision=precision, infer_requests=requests)
     return Engine(f"ov:{artifact}:{model.inference_precision}", lambda x: model.run(x)[0], model.close)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """OpenVINO backend accuracy vs ONNX Runtime on the ELPV held-out split (issue 18 target: INT8 within 0.5 points).
 
-Every (artifact, backend) pair runs through the runtime's own backends (runtime.backends.create_backend,
+Every (artifact, backend) pair runs through the runtime's own backends (runtime.inference.backends.create_backend,
 named backend, the OpenVINO precision set explicitly), on the held-out images preprocessed once by
 the runtime's Preprocessor: ELPV test split of the reference protocol (stratified 75/25 by class x
 cell type, seed 0; n=656), or an ImageFolder (--images DIR/<class>/*.png) for smoke runs. Reports
@@ -64,8 +64,8 @@ def heldout(args: argparse.Namespace, classes: list[str]) -> tuple[list[Path], l
 
 def evaluate(bundle: Any, pair: str, x: np.ndarray, y: list[int], threads: int, batch: int) -> dict[str, Any] | None:
     from calibration.evaluate import prediction_metrics
-    from runtime.backends import BackendError, create_backend
-    from runtime.config import ModelConfig, OpenVINOConfig
+    from runtime.config.station import ModelConfig, OpenVINOConfig
+    from runtime.inference.backends import BackendError, create_backend
 
     backend_name, artifact, *prec = pair.split(":")
     if artifact not in bundle.manifest.artifacts:
@@ -101,7 +101,7 @@ def resize_ms(images: list[np.ndarray], spec: Any, repeats: int = 3) -> float:
     """CPU ms per frame of the runtime's resize + crop (geometry) for this spec, best of ``repeats``."""
     import time
 
-    from runtime.preprocess import Preprocessor
+    from runtime.inference.preprocess import Preprocessor
 
     pre = Preprocessor(spec)
     best = float("inf")
@@ -118,7 +118,7 @@ def interpolation_rows(
 ) -> list[dict[str, Any]]:
     from dataclasses import replace
 
-    from runtime.preprocess import Preprocessor, read_image
+    from runtime.inference.preprocess import Preprocessor, read_image
 
     spec = bundle.manifest.input
     names = [n for n in args.interpolations.split(",") if n]
@@ -167,14 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         "--interpolations",
         default="",
         help="also serve with these resize interpolations "
-        "(comma list of runtime.preprocess.INTERPOLATIONS, e.g. linear) on --interp-pairs",
+        "(comma list of runtime.inference.preprocess.INTERPOLATIONS, e.g. linear) on --interp-pairs",
     )
     p.add_argument("--interp-pairs", default="onnxruntime-cpu:int8")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "openvino_accuracy.json"))
     args = p.parse_args(argv)
 
-    from runtime.bundle import load_bundle
-    from runtime.preprocess import Preprocessor
+    from runtime.bundle.manifest import load_bundle
+    from runtime.inference.preprocess import Preprocessor
 
     bundle = load_bundle(args.bundle)
     paths, y = heldout(args, list(bundle.manifest.classes))

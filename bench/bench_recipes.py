@@ -44,11 +44,11 @@ sys.path.insert(0, str(ROOT))
 
 def dihedral_views(x):
     """``(N,C,H,W)`` -> the 8 views of ``defectscope evaluate --tta dihedral`` (original first),
-    built by the station's own view functions (``runtime.tta``) on the last two axes."""
+    built by the station's own view functions (``runtime.inference.tta``) on the last two axes."""
     import numpy as np
     import torch
 
-    from runtime.tta import DIHEDRAL, VIEW_FUNCTIONS
+    from runtime.inference.tta import DIHEDRAL, VIEW_FUNCTIONS
 
     a = x.detach().cpu().numpy()
     return [torch.from_numpy(np.ascontiguousarray(VIEW_FUNCTIONS[v](a))).to(x.device) for v in DIHEDRAL]

@@ -30,14 +30,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_openvino_accuracy import evaluate, heldout, resize_ms  # noqa: E402
+from bench_openvino_accuracy import evaluate, heldout, resize_ms  # noqa: E402
 
 NAMES = "linear,linear_exact,bilinear,bilinear_exact"
 
 
 def pixel_rows(images: list[np.ndarray], spec: Any, names: list[str]) -> list[dict[str, Any]]:
     """Resize time and share of pixels differing from ``linear`` (same spec, other interpolation)."""
-    from runtime.preprocess import Preprocessor
+    from runtime.inference.preprocess import Preprocessor
 
     ref = [Preprocessor(replace(spec, interpolation="linear")).geometry(im) for im in images]
     rows = []
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "resize.json"))
     args = p.parse_args(argv)
 
-    from runtime.bundle import load_bundle
-    from runtime.preprocess import InputSpec, Preprocessor, read_image
+    from runtime.bundle.manifest import load_bundle
+    from runtime.inference.preprocess import InputSpec, Preprocessor, read_image
 
     names = [n for n in args.serve_as.split(",") if n]
     bundles = [load_bundle(b) for b in args.bundles.split(",") if b]
@@ -104,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             own = bundle.manifest.input
             for name in [own.interpolation] + ([n for n in names if n != own.interpolation] if i == 0 else []):
                 x = Preprocessor(replace(own, interpolation=name)).load_batch(paths)
-                r = evaluate(bundle, args.pair, x, y, args.threads, args.batch)
-                if r is not None:
+                res = evaluate(bundle, args.pair, x, y, args.threads, args.batch)
+                if res is not None:
                     accuracy.append(
-                        {"bundle": str(bundle.path), "trained_with": own.interpolation, "served_with": name, **r}
+                        {"bundle": str(bundle.path), "trained_with": own.interpolation, "served_with": name, **res}
                     )
         print(f"\nheld-out accuracy ({len(y)} images, {args.pair})")
         print(f"{'bundle':40} {'trained with':15} {'served with':15} {'accuracy':>9} {'macro_f1':>9}")

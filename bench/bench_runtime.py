@@ -74,7 +74,7 @@ def station(
     loop: bool,
     fps: float | None = None,
 ) -> Any:
-    from runtime.config import from_dict
+    from runtime.config.station import from_dict
 
     data = {
         "station": "bench",
@@ -123,7 +123,7 @@ def run_daemon(
 ) -> dict[str, Any]:
     import resource
 
-    from runtime.daemon import Daemon
+    from runtime.serving.daemon import Daemon
 
     port = free_port()
     cfg = station(args, replay, artifact, tta, cameras, port, loop=False, fps=fps)
@@ -163,10 +163,10 @@ def run_bare(args: argparse.Namespace, paths: list[Path], artifact: str, tta: st
     """A bare ORT session on already-preprocessed tensors: same artifact and batch, --total-threads."""
     import numpy as np
 
-    from runtime.bundle import load_bundle
-    from runtime.ort_session import ort_session
-    from runtime.preprocess import Preprocessor, read_image
-    from runtime.tta import TTA
+    from runtime.bundle.manifest import load_bundle
+    from runtime.inference.ort_session import ort_session
+    from runtime.inference.preprocess import Preprocessor, read_image
+    from runtime.inference.tta import TTA
 
     b = load_bundle(args.bundle, check_graph=False)
     tta_views = TTA(tuple(TTA_VIEWS[tta]), Preprocessor(b.manifest.input))
@@ -198,7 +198,7 @@ def run_bare(args: argparse.Namespace, paths: list[Path], artifact: str, tta: st
 
 # ---- soak --------------------------------------------------------------------------------------
 def run_soak(args: argparse.Namespace, replay: Path, artifact: str) -> dict[str, Any]:
-    from runtime.daemon import Daemon
+    from runtime.serving.daemon import Daemon
 
     port = free_port()
     cameras = args.cameras[0]
@@ -252,7 +252,7 @@ def bare_machine_limit(args: argparse.Namespace, bundle: Any, paths: list[Path])
     import numpy as np
     from bench_engines import accuracy_verdicts, bare_engines, parse_engines
 
-    from runtime.preprocess import Preprocessor, read_image
+    from runtime.inference.preprocess import Preprocessor, read_image
 
     pre = Preprocessor(bundle.manifest.input)
     tensors = np.stack([pre(read_image(p))[None] for p in paths])  # (N,1,C,H,W)
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from runtime.bundle import load_bundle
+    from runtime.bundle.manifest import load_bundle
 
     bundle = load_bundle(args.bundle)
     artifacts = [
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-runtime-"))
     replay = replay_dir(paths, tmp)
     if args.preload:
-        from runtime.preprocess import read_image
+        from runtime.inference.preprocess import read_image
 
         # decoded size of the set (+ margin): frames of one replay are about the same size
         args.preload_mb = round(len(paths) * read_image(paths[0]).nbytes * 1.5 / 2**20 + 16, 1)

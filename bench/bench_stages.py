@@ -1,10 +1,10 @@
 """Where a frame's CPU time goes: the daemon's pipeline stages timed one by one, from outside the daemon.
 
 Each stage is the runtime's own code, run on one thread in the order the daemon runs it:
-decode (runtime.preprocess.read_image), resize (Preprocessor.geometry: resize + crop),
-normalize (the rest of Preprocessor.__call__), stack (runtime.batcher.assemble over the
-frames' (V,C,H,W) tensors), infer (the daemon's backend via runtime.backends.create_backend),
-JSON (runtime.messages.encode of a verdict-shaped message), ZeroMQ (send on a PUB socket with
+decode (runtime.inference.preprocess.read_image), resize (Preprocessor.geometry: resize + crop),
+normalize (the rest of Preprocessor.__call__), stack (runtime.serving.batcher.assemble over the
+frames' (V,C,H,W) tensors), infer (the daemon's backend via runtime.inference.backends.create_backend),
+JSON (runtime.serving.messages.encode of a verdict-shaped message), ZeroMQ (send on a PUB socket with
 a connected SUB; the SUB is drained outside the timing). Python stages are timed with the
 thread's CPU clock; infer and ZeroMQ with the process CPU clock (engine worker threads, the
 ZeroMQ I/O thread). bench_runtime.py sets the daemon's measured CPU per frame beside the sum:
@@ -23,15 +23,15 @@ STAGES = ("decode", "resize", "normalize", "stack", "infer", "json", "zeromq")
 
 
 def profile_stages(model_cfg: Any, paths: list[Path], batch: int) -> dict[str, Any]:
-    """{stage: {"cpu_ms", "wall_ms"} per frame} over ``paths``, TTA off (a runtime.config.ModelConfig)."""
+    """{stage: {"cpu_ms", "wall_ms"} per frame} over ``paths``, TTA off (a runtime.config.station.ModelConfig)."""
     import zmq
 
-    from runtime.backends import create_backend
-    from runtime.batcher import assemble
-    from runtime.bundle import load_bundle
-    from runtime.messages import encode
-    from runtime.preprocess import Preprocessor, read_image
-    from runtime.sources import Frame
+    from runtime.bundle.manifest import load_bundle
+    from runtime.inference.backends import create_backend
+    from runtime.inference.preprocess import Preprocessor, read_image
+    from runtime.serving.batcher import assemble
+    from runtime.serving.messages import encode
+    from runtime.sources.cameras import Frame
 
     bundle = load_bundle(model_cfg.bundle)
     pre = Preprocessor(bundle.manifest.input)

@@ -5,7 +5,7 @@ One tiny bundle and one replay of ``--frames`` synthetic frames: on the guest ``
 ``serve --check`` and the replay (a real ``serve`` process; verdicts collected over ZeroMQ by this x86
 process), then the same replay on the host. Fails (exit 1) unless both runs give the frame count in
 verdicts, 0 dropped, the same (seq, source, verdict) list, and the bit-exact resizes
-(runtime.preprocess ``linear_exact`` / ``bilinear_exact``) give the same pixels on both CPUs.
+(runtime.inference.preprocess ``linear_exact`` / ``bilinear_exact``) give the same pixels on both CPUs.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ PATTERN = ("ok", "defect", "uncertain")
 # Resize digests of a fixed image; "linear" (INTER_LINEAR) is reported, not required to agree.
 RESIZE_PROBE = """
 import hashlib, json, numpy as np
-from runtime.preprocess import resize
+from runtime.inference.preprocess import resize
 y, x = np.mgrid[0:37, 0:53]
 g = ((x * 37 + y * 91 + (x * y) % 29) % 256).astype(np.uint8)
 img = np.dstack([g, g[::-1], 255 - g])

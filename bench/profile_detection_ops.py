@@ -62,7 +62,7 @@ def group(op: str) -> str:
 
 def profile(model: Path, xs: list[Any], threads: int) -> tuple[dict[str, float], float]:
     """Per op type summed kernel ms per image, and the per-image total, over ``xs`` after 2 warm-ups."""
-    from runtime.ort_session import ort_session
+    from runtime.inference.ort_session import ort_session
 
     with tempfile.TemporaryDirectory(prefix="defectscope-prof-") as tmp:
         sess = ort_session(model, threads, profile_prefix=str(Path(tmp) / "prof"))
@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     import numpy as np
 
-    from runtime.bundle import load_bundle
-    from runtime.preprocess import Preprocessor, read_image
+    from runtime.bundle.manifest import load_bundle
+    from runtime.inference.preprocess import Preprocessor, read_image
 
     bundle = load_bundle(ns.bundle)
     pre = Preprocessor(bundle.manifest.input)

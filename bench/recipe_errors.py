@@ -51,7 +51,7 @@ def gallery(path: str, q, p, groups, paths, most: int) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from runtime.preprocess import read_image
+    from runtime.inference.preprocess import read_image
 
     miss = [i for i in np.argsort(q) if np.isclose(p[i], 1.0) and q[i] < 0.5]
     alarm = [i for i in np.argsort(-q) if np.isclose(p[i], 0.0) and q[i] >= 0.5]

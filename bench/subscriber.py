@@ -42,7 +42,7 @@ def subscriber_main(endpoint: str, ready: Any, conn: Any, max_s: float) -> None:
     """Receive until the daemon's final status; send back counts, gaps and per-frame timings."""
     import zmq
 
-    from runtime.messages import decode
+    from runtime.serving.messages import decode
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.SUB)

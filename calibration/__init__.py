@@ -2,7 +2,7 @@
 
 - ``export``: PyTorch -> ONNX (opset 17, dynamic batch, ``input``/``logits``), checker,
   optional onnxslim, parity against PyTorch on held-out images (``defectscope export``).
-- ``calibset``: stratified, seeded calibration set preprocessed by ``runtime.preprocess``.
+- ``calibset``: stratified, seeded calibration set preprocessed by ``runtime.inference.preprocess``.
 - ``quantize``: ONNX Runtime static QDQ quantization (per-channel weights; minmax /
   entropy / percentile) and per-layer sensitivity.
 - ``gate`` / ``fallback``: FP32 vs INT8 accuracy gate and the search for float nodes.

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.engine_meta import version_tuple
+from runtime.engine.meta import version_tuple
 from runtime.fsio import atomic_write_bytes
 
 ALGORITHM = "EntropyCalibration2"

@@ -1,6 +1,6 @@
 """The calibration set: a stratified, seeded sample of training images.
 
-Images go through ``runtime.preprocess.Preprocessor`` (the daemon's own code), so
+Images go through ``runtime.inference.preprocess.Preprocessor`` (the daemon's own code), so
 INT8 ranges are measured on exactly the tensors the device will see. The set's
 fingerprint (image contents + labels + input spec) goes into the manifest; the
 list itself is written into the bundle as ``calibration.json``.
@@ -20,7 +20,7 @@ import numpy as np
 
 from calibration.provenance import sha256_json
 from runtime.fsio import atomic_write, atomic_write_json, sha256_file
-from runtime.preprocess import InputSpec, Preprocessor
+from runtime.inference.preprocess import InputSpec, Preprocessor
 
 DEFAULT_SIZE = 300
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")

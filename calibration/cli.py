@@ -60,7 +60,7 @@ def _export(args: argparse.Namespace, console: Any) -> int:
     from calibration.evaluate import evaluate_onnx
     from calibration.export import check_parity, export_onnx
     from calibration.provenance import git_commit, library_versions, utc_now
-    from runtime.bundle import Artifact, Manifest, ModelInfo, OutputSpec, pack, write_bundle
+    from runtime.bundle.manifest import Artifact, Manifest, ModelInfo, OutputSpec, pack, write_bundle
     from runtime.fsio import sha256_file
     from training.checkpoint import load_model
     from training.data import resolve_splits
@@ -207,7 +207,7 @@ def _calibrate(args: argparse.Namespace, console: Any) -> int:
     from calibration.provenance import library_versions
     from calibration.quantize import QuantConfig, prepare_float_model
     from calibration.speed import SpeedSettings
-    from runtime.bundle import Artifact, load_bundle, write_bundle
+    from runtime.bundle.manifest import Artifact, load_bundle, write_bundle
     from training.checkpoint import read_card
     from training.data import resolve_splits
 

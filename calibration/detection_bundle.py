@@ -8,7 +8,7 @@ Manifest (schema_version 1, docs/contracts.md): ``model.task = "detection"``;
 ``output = {"kind": "detections", "names": ["boxes", "scores", "labels"], "box_format": "xyxy",
 "score_threshold", "max_detections"}``; boxes are model-input pixels (the runtime maps them back).
 
-The bundle is written by ``runtime.bundle.write_bundle`` (temp directory beside ``--out``,
+The bundle is written by ``runtime.bundle.manifest.write_bundle`` (temp directory beside ``--out``,
 ``manifest.json`` last, verified by the station's own loader before the rename: schema, checksums,
 graph output shapes against ``max_detections``); a bundle the runtime would refuse is never written.
 """
@@ -32,7 +32,7 @@ def ort_predict(onnx_path: str | Path, ds: Any, threads: int = 1) -> tuple[list,
     """ONNX Runtime over a ``DetectionDataset`` (eval transform): per image ``(boxes original px, scores,
     labels 0-based)`` with padding rows (score 0) dropped; also per-image latency in ms."""
     from calibration.export_detection import OUTPUT_NAMES
-    from runtime.ort_session import ort_session
+    from runtime.inference.ort_session import ort_session
 
     sess = ort_session(onnx_path, threads)
     name = sess.get_inputs()[0].name
@@ -128,9 +128,9 @@ def manifest_dict(
 
 
 def write_detection_bundle(dest: Path, manifest: dict[str, Any], onnx_path: Path) -> dict[str, Any]:
-    """The bundle through ``runtime.bundle.write_bundle``: checksums, the station's own validation (manifest
+    """The bundle through ``runtime.bundle.manifest.write_bundle``: checksums, the station's own validation (manifest
     keys, letterbox input, detection outputs against the graph), temp directory + rename."""
-    from runtime.bundle import Manifest, write_bundle
+    from runtime.bundle.manifest import Manifest, write_bundle
 
     m = Manifest.from_dict({**manifest, "files": {}}, where=f"{dest}/manifest.json")
     return write_bundle(dest, m, {"model.onnx": onnx_path}).manifest.to_dict()

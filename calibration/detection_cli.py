@@ -68,7 +68,7 @@ def export_detection(args: argparse.Namespace, console: Any) -> int:
 
 def calibrate_detection(args: argparse.Namespace, console: Any) -> int:
     from calibration.quantize_detection import DEFAULT_CALIBRATION_IMAGES, calibrate_bundle
-    from runtime.bundle import load_bundle
+    from runtime.bundle.manifest import load_bundle
 
     given = [k for k, v in CLASSIFIER_ONLY.items() if getattr(args, k, v) != v]
     if given or args.target != "cpu":

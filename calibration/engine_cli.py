@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, console: Any) -> int:
     from calibration.calibrator import CacheFile
-    from runtime.bundle import Artifact, load_bundle, write_bundle
-    from runtime.engine_build import (
+    from runtime.bundle.manifest import Artifact, load_bundle, write_bundle
+    from runtime.engine.build import (
         BuildError,
         artifact_fields,
         build_engine,
@@ -181,7 +181,7 @@ def _main(args: argparse.Namespace, console: Any) -> int:
         engine_file_name,
         plan_build,
     )
-    from runtime.engine_meta import EngineUnavailableError, current_platform
+    from runtime.engine.meta import EngineUnavailableError, current_platform
 
     def log(msg: str) -> None:
         console.print(msg)
@@ -302,8 +302,8 @@ def _main(args: argparse.Namespace, console: Any) -> int:
             default_artifact=key if args.make_default else manifest.default_artifact,
         )
         if args.precision == "int8" and not args.skip_accuracy_gate:
-            from runtime.backend_tensorrt import TensorRTBackend
-            from runtime.engine_gate import EngineRejectedError, gate_candidate, holdout_file
+            from runtime.engine.gate import EngineRejectedError, gate_candidate, holdout_file
+            from runtime.inference.tensorrt import TensorRTBackend
 
             fallback_x = None
             if holdout_file(bundle) is None:

@@ -20,7 +20,7 @@ def default_threads() -> int:
 
 def ort_session(path: str | os.PathLike[str], threads: int | None = None, optimize: bool = True) -> Any:
     """``runtime.ort_session.ort_session`` with the workstation's thread default (``default_threads``)."""
-    from runtime.ort_session import ort_session as session
+    from runtime.inference.ort_session import ort_session as session
 
     return session(path, threads or default_threads(), optimize=optimize)
 

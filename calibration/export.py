@@ -1,7 +1,7 @@
 """PyTorch -> ONNX export with checks, optional simplification and a parity check.
 
 The graph takes the *preprocessed* tensor ``input`` (N,C,H,W) float32 and returns
-``logits`` (N,K); preprocessing stays outside the graph (``runtime.preprocess``,
+``logits`` (N,K); preprocessing stays outside the graph (``runtime.inference.preprocess``,
 described by the manifest's ``input``), so the daemon, calibration and evaluation
 all feed the model the same way.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from runtime.fsio import atomic_write
-from runtime.preprocess import InputSpec
+from runtime.inference.preprocess import InputSpec
 
 OPSET = 17
 OUTPUT_NAME = "logits"

@@ -1,7 +1,7 @@
 """Faster R-CNN -> ONNX (opset 17, fixed input size) with onnx.checker and a parity check on ONNX Runtime.
 
 Graph contract (detection bundles, docs/contracts.md): one input ``input`` of fixed shape
-``(B,3,H,W)`` float32 RGB in [0, 1] (already letterboxed by ``runtime.boxes.fit``; the
+``(B,3,H,W)`` float32 RGB in [0, 1] (already letterboxed by ``runtime.inference.boxes.fit``; the
 model normalises inside), each image handed to torchvision as one CHW tensor; outputs
 ``boxes`` (B,D,4) float32 xyxy in model-input pixels, ``scores`` (B,D) float32, ``labels``
 (B,D) int64 with 0 = background (so the manifest's classes are ``[good, *defects]``). Each
@@ -45,7 +45,7 @@ class DetectionExportInfo:
     width: int
     max_detections: int
     nodes: int
-    input: dict[str, Any]  # how a frame becomes the input (runtime.boxes.fit + [0,1] scaling)
+    input: dict[str, Any]  # how a frame becomes the input (runtime.inference.boxes.fit + [0,1] scaling)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -171,8 +171,8 @@ def parity(
     Returns the measured worst cases; raises DetectionExportError naming the image and the check."""
     import torch
 
-    from runtime.boxes import box_iou
-    from runtime.ort_session import ort_session
+    from runtime.inference.boxes import box_iou
+    from runtime.inference.ort_session import ort_session
 
     sess = ort_session(onnx_path)
     batch = sess.get_inputs()[0].shape[0]

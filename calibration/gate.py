@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from calibration.evaluate import Metrics
-from runtime.engine_gate import DEFAULT_BUDGET_POINTS
+from runtime.engine.gate import DEFAULT_BUDGET_POINTS
 
 DEFAULT_BUDGET = DEFAULT_BUDGET_POINTS  # percentage points: the one definition, shared with stations
 DEFAULT_METRICS = ("accuracy", "macro_f1")
@@ -115,7 +115,7 @@ def check_gate(
 
 # ---- per-backend gates (calibrate --gate-backends) ------------------------------------------------
 # The same artifact can score differently per engine: OpenVINO may run the float parts in bf16.
-# Each record id names the engine and inference precision exactly as runtime/backends.py looks it up
+# Each record id names the engine and inference precision exactly as runtime/inference/backends.py looks it up
 # (Backend.accuracy_id); ``auto`` refuses an (artifact, backend) whose record failed.
 GATE_BACKENDS = ("onnxruntime", "openvino")
 DEFAULT_GATE_BACKENDS = "onnxruntime"
@@ -168,7 +168,7 @@ def backend_metrics(backend_id: str, model: str | Any, output: str, data: Any) -
         import onnxruntime
 
         return data.evaluate(model), {"onnxruntime": onnxruntime.__version__, "inference_precision": "f32"}
-    from runtime.backend_openvino import OpenVINOModel
+    from runtime.inference.openvino import OpenVINOModel
 
     engine = OpenVINOModel(model, [output], threads=data.threads, precision=backend_id.partition(":")[2])
     try:

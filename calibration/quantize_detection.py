@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.engine_gate import DEFAULT_BUDGET_POINTS
+from runtime.engine.gate import DEFAULT_BUDGET_POINTS
 
 # Node-name parts of torchvision's FasterRCNN in the exported graph (``/model/<module path>/...``).
 PARTS = {
@@ -150,7 +150,7 @@ def _openvino_evaluate(
     """mAP through OpenVINO at ``precision`` (f32 | bf16): the station's other CPU engine, same images."""
     from calibration.detection_bundle import predict_with
     from calibration.export_detection import OUTPUT_NAMES
-    from runtime.backend_openvino import OpenVINOModel
+    from runtime.inference.openvino import OpenVINOModel
     from training.detection.task import DetectionTask, DetPredictions
 
     engine = OpenVINOModel(onnx_path, list(OUTPUT_NAMES), threads=threads, precision=precision)
@@ -176,7 +176,7 @@ def backend_records(
     threads: int,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """{artifact: {record id: mAP + engine facts + gate vs the ONNX Runtime FP32 mAP@.5}} (calibrate
-    --gate-backends): ``auto`` refuses a backend whose record fails (runtime.backends.accuracy_record)."""
+    --gate-backends): ``auto`` refuses a backend whose record fails (runtime.inference.backends.accuracy_record)."""
     from training.detection.loader import DetectionDataset
 
     ds = DetectionDataset(list(held_out), card.detector.image_size)
@@ -309,7 +309,7 @@ def calibrate_bundle(
 ) -> DetectionCalibration:
     """``defectscope calibrate`` on a detection bundle: the gated INT8 artifact added atomically, made default."""
     from calibration.detection_bundle import held_out_samples
-    from runtime.bundle import Artifact, add_artifact, load_bundle
+    from runtime.bundle.manifest import Artifact, add_artifact, load_bundle
     from training.detection.checkpoint import DetCard
 
     bundle = load_bundle(bundle_dir)  # checksums verified before the FP32 graph is used

@@ -47,11 +47,16 @@ command(
     "train",
 )
 command("build-engine", "calibration.engine_cli:main", "build a TensorRT engine into a bundle (on the device)", None)
-command("bundle", "runtime.bundle_cli:main", "inspect / verify / pack a model bundle", None)
-command("serve", "runtime.serve_cli:main", "run the inspection daemon for one station config", None)
-command("reload", "runtime.reload_cli:main", "ask a running daemon to reload its model bundle", None)
-command("doctor", "runtime.doctor_cli:main", "report this station's OpenCV/GStreamer/ONNX Runtime/TensorRT/CUDA and the features they enable", None)
-command("watch", "runtime.viewer:main", "live terminal view of a station's verdict stream", None)
+command("bundle", "runtime.bundle.cli:main", "inspect / verify / pack a model bundle", None)
+command("serve", "runtime.serving.serve_cli:main", "run the inspection daemon for one station config", None)
+command("reload", "runtime.serving.reload_cli:main", "ask a running daemon to reload its model bundle", None)
+command(
+    "doctor",
+    "runtime.tools.doctor_cli:main",
+    "report this station's OpenCV/GStreamer/ONNX Runtime/TensorRT/CUDA and the features they enable",
+    None,
+)
+command("watch", "runtime.tools.viewer:main", "live terminal view of a station's verdict stream", None)
 command("deploy", "deploy.cli:main", "install / rollback / status / prune bundles and units on a station", None)
 command("console", "deploy.console.cli:main", "web console for line operators: live tiles, history, review", "console")
 command("dataset", "deploy.console.dataset:main", "export reviewed console snapshots as a training dataset", "console")

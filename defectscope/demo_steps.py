@@ -154,7 +154,7 @@ def stream_first_verdicts(
     """
     import zmq
 
-    from runtime.messages import decode
+    from runtime.serving.messages import decode
 
     ctx: Any = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)

@@ -31,21 +31,43 @@ Settings live in /etc/defectscope/deploy.toml ([install] keep, [signing] public_
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
-                   help="operate on the station tree under DIR instead of / (staging, tests)")
-    p.add_argument("--config", type=Path, default=None,
-                   help="deploy settings file (default: <root>/etc/defectscope/deploy.toml; defaults if absent)")
+    p.add_argument(
+        "--root",
+        type=Path,
+        default=Path("/"),
+        metavar="DIR",
+        help="operate on the station tree under DIR instead of / (staging, tests)",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="deploy settings file (default: <root>/etc/defectscope/deploy.toml; defaults if absent)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def _gate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reload", action="store_true",
-                   help="reload the stations that follow this model and wait until /readyz reports the version; "
-                        "roll back automatically if it does not in time")
-    p.add_argument("--station", action="append", dest="stations", metavar="NAME",
-                   help="only reload/wait for this station (repeatable; default: every station following the model)")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
-                   help="health-check timeout in seconds (default: [service] ready_timeout_s, 60)")
+    p.add_argument(
+        "--reload",
+        action="store_true",
+        help="reload the stations that follow this model and wait until /readyz reports the version; "
+        "roll back automatically if it does not in time",
+    )
+    p.add_argument(
+        "--station",
+        action="append",
+        dest="stations",
+        metavar="NAME",
+        help="only reload/wait for this station (repeatable; default: every station following the model)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="health-check timeout in seconds (default: [service] ready_timeout_s, 60)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,24 +84,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path, help="bundle directory or archive")
     _common(p)
     _gate(p)
-    p.add_argument("--keep", type=int, default=None, metavar="N",
-                   help="previous versions to keep after installing (default: [install] keep, 3)")
-    p.add_argument("--public-key", type=Path, action="append", dest="public_keys", metavar="PEM",
-                   help="require a signature by this Ed25519 public key (repeatable; overrides [signing] public_keys)")
-    p.add_argument("--signature", type=Path, default=None, metavar="SIG",
-                   help="signature file (default: <bundle>.sig beside the bundle)")
-    p.add_argument("--force", action="store_true",
-                   help="replace an installed version of the same number that has different files")
-    p.add_argument("--allow-downgrade", action="store_true",
-                   help="install a signed version older than the newest one installed (anti-rollback off for this run)")
+    p.add_argument(
+        "--keep",
+        type=int,
+        default=None,
+        metavar="N",
+        help="previous versions to keep after installing (default: [install] keep, 3)",
+    )
+    p.add_argument(
+        "--public-key",
+        type=Path,
+        action="append",
+        dest="public_keys",
+        metavar="PEM",
+        help="require a signature by this Ed25519 public key (repeatable; overrides [signing] public_keys)",
+    )
+    p.add_argument(
+        "--signature",
+        type=Path,
+        default=None,
+        metavar="SIG",
+        help="signature file (default: <bundle>.sig beside the bundle)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace an installed version of the same number that has different files"
+    )
+    p.add_argument(
+        "--allow-downgrade",
+        action="store_true",
+        help="install a signed version older than the newest one installed (anti-rollback off for this run)",
+    )
 
     p = sub.add_parser("rollback", help="step back in the install history (never forward), or --to VERSION")
     _common(p)
     _gate(p)
     p.add_argument("--name", help="model name (needed when several models are installed)")
     p.add_argument("--to", metavar="VERSION", help="activate this installed version")
-    p.add_argument("--from", dest="from_version", metavar="VERSION",
-                   help="only roll back if VERSION is active (re-running the same rollback then changes nothing)")
+    p.add_argument(
+        "--from",
+        dest="from_version",
+        metavar="VERSION",
+        help="only roll back if VERSION is active (re-running the same rollback then changes nothing)",
+    )
 
     p = sub.add_parser("status", help="installed versions, the active one, service state and what each daemon serves")
     _common(p)
@@ -88,14 +134,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="delete old versions, keeping the active one and the N most recent others")
     _common(p)
     p.add_argument("--name", help="only this model")
-    p.add_argument("--keep", type=int, default=None, metavar="N", help="previous versions to keep (default: [install] keep)")
+    p.add_argument(
+        "--keep", type=int, default=None, metavar="N", help="previous versions to keep (default: [install] keep)"
+    )
 
     p = sub.add_parser("install-units", help="install the systemd units with this installation's paths")
     _common(p)
-    p.add_argument("--exec", dest="exec_path", default=None, metavar="PATH",
-                   help="station path of the defectscope script (default: the one of this installation)")
-    p.add_argument("--station", action="append", dest="stations", metavar="NAME",
-                   help="station(s) to write path drop-ins for / enable (default: every /etc/defectscope/*.toml)")
+    p.add_argument(
+        "--exec",
+        dest="exec_path",
+        default=None,
+        metavar="PATH",
+        help="station path of the defectscope script (default: the one of this installation)",
+    )
+    p.add_argument(
+        "--station",
+        action="append",
+        dest="stations",
+        metavar="NAME",
+        help="station(s) to write path drop-ins for / enable (default: every /etc/defectscope/*.toml)",
+    )
     p.add_argument("--enable", action="store_true", help="enable the stations' units (systemctl [--root] enable)")
     p.add_argument("--now", action="store_true", help="also start them (live system only)")
     p.add_argument("--unit-dir", default="/etc/systemd/system", help="station path for unit files")
@@ -115,15 +173,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public-key", type=Path, action="append", dest="public_keys", metavar="PEM", required=True)
     p.add_argument("--signature", type=Path, default=None, metavar="SIG")
 
-    p = sub.add_parser("build-engine", help="build the TensorRT engine for a station's bundle (run by defectscope-engine@.service)")
+    p = sub.add_parser(
+        "build-engine", help="build the TensorRT engine for a station's bundle (run by defectscope-engine@.service)"
+    )
     _common(p)
-    p.add_argument("--station-config", dest="station_config", type=Path, required=True,
-                   metavar="TOML", help="station config (station path, e.g. /etc/defectscope/line1.toml)")
+    p.add_argument(
+        "--station-config",
+        dest="station_config",
+        type=Path,
+        required=True,
+        metavar="TOML",
+        help="station config (station path, e.g. /etc/defectscope/line1.toml)",
+    )
     p.add_argument("--reload", action="store_true", help="reload the station after building")
     p.add_argument("--force", action="store_true", help="rebuild even if an engine for this TensorRT exists")
     p.add_argument("--build-args", default="", help="extra arguments for `defectscope build-engine`")
-    p.add_argument("--timing-cache", type=Path, default=None, metavar="FILE",
-                   help="TensorRT timing cache (the unit passes one in its CacheDirectory; default: build-engine's)")
+    p.add_argument(
+        "--timing-cache",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="TensorRT timing cache (the unit passes one in its CacheDirectory; default: build-engine's)",
+    )
     return parser
 
 
@@ -134,11 +205,17 @@ def _print(outcome: Any, as_json: bool) -> None:
     o = outcome
     if o.action == "install":
         what = "installed and activated" if o.changed else "already installed and active"
-        print(f"{o.name} {o.version}: {what} ({o.path})" + (f", previous {o.previous}" if o.previous and o.previous != o.version else ""))
+        print(
+            f"{o.name} {o.version}: {what} ({o.path})"
+            + (f", previous {o.previous}" if o.previous and o.previous != o.version else "")
+        )
         if o.signed_by:
             print(f"  signature ok: {o.signed_by}")
     elif o.action == "rollback":
-        print(f"{o.name}: {'rolled back' if o.changed else 'already on'} {o.version}" + (f" (was {o.previous})" if o.changed else ""))
+        print(
+            f"{o.name}: {'rolled back' if o.changed else 'already on'} {o.version}"
+            + (f" (was {o.previous})" if o.changed else "")
+        )
     elif o.action == "prune":
         print(f"{o.name}: removed {', '.join(o.pruned) if o.pruned else 'nothing'} (active {o.version})")
     for station, desc in o.reloaded.items():
@@ -166,8 +243,14 @@ def _print_status(status: dict[str, Any]) -> None:
         for col in ("", "version", "installed", "last activated", "health", "signed by"):
             table.add_column(col)
         for v in m["versions"]:
-            table.add_row("*" if v["active"] else "", v["version"], _when(v["installed_at"]), _when(v["last_activated"]),
-                          v["health"] or "-", v["signed_by"] or "-")
+            table.add_row(
+                "*" if v["active"] else "",
+                v["version"],
+                _when(v["installed_at"]),
+                _when(v["last_activated"]),
+                v["health"] or "-",
+                v["signed_by"] or "-",
+            )
         console.print(table)
     for st in status["stations"]:
         line = f"station {st['name']}: bundle {st['bundle']}"
@@ -205,12 +288,15 @@ def _verify_only(args: argparse.Namespace) -> int:
     import tempfile
 
     from deploy.signing import default_signature_path, verify_manifest
-    from runtime.bundle import load_bundle, open_bundle
+    from runtime.bundle.manifest import load_bundle, open_bundle
 
     with tempfile.TemporaryDirectory(prefix="defectscope-verify-") as tmp:
         bundle = open_bundle(args.bundle, workdir=tmp) if args.bundle.is_file() else load_bundle(args.bundle)
-        sig = verify_manifest((bundle.path / "manifest.json").read_bytes(),
-                              args.signature or default_signature_path(args.bundle), args.public_keys)
+        sig = verify_manifest(
+            (bundle.path / "manifest.json").read_bytes(),
+            args.signature or default_signature_path(args.bundle),
+            args.public_keys,
+        )
     m = bundle.manifest.model
     print(f"{args.bundle}: {m.name} {m.version}: checksums ok, signature ok ({sig.key_id}, {sig.key_path})")
     return 0
@@ -219,15 +305,17 @@ def _verify_only(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from deploy.config import ConfigError, DeployError, load_deploy_config, rooted
-    from runtime.bundle import BundleError
+    from runtime.bundle.manifest import BundleError
 
     try:
         if args.action == "keygen":
             from deploy.signing import generate_keypair
 
             priv, pub, kid = generate_keypair(args.private_key, args.public, overwrite=args.force)
-            print(f"wrote {priv} (keep it secret) and {pub}; key id {kid}\n"
-                  f"stations trust it with [signing] public_keys = [\"/etc/defectscope/keys/{pub.name}\"]")
+            print(
+                f"wrote {priv} (keep it secret) and {pub}; key id {kid}\n"
+                f'stations trust it with [signing] public_keys = ["/etc/defectscope/keys/{pub.name}"]'
+            )
             return 0
         if args.action == "sign":
             from deploy.signing import default_signature_path, load_private_key, sign_manifest, write_signature
@@ -254,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
                 for w in report.warnings:
                     print(f"warning: {w}", file=sys.stderr)
                 if not args.enable:
-                    print("next: defectscope deploy install-units --station NAME --enable --now  (or systemctl enable --now defectscope@NAME)")
+                    print(
+                        "next: defectscope deploy install-units --station NAME --enable --now  (or systemctl enable --now defectscope@NAME)"
+                    )
             return 0
         if args.action == "build-engine":
             from deploy.engine import build_for_station
@@ -262,8 +352,9 @@ def main(argv: list[str] | None = None) -> int:
             config = args.station_config
             if config.is_absolute():
                 config = rooted(args.root, str(config))
-            result = build_for_station(args.root, cfg, config, args.force, args.reload, args.build_args,
-                                       timing_cache=args.timing_cache)
+            result = build_for_station(
+                args.root, cfg, config, args.force, args.reload, args.build_args, timing_cache=args.timing_cache
+            )
             print(result.reason)
             return 0
 
@@ -286,7 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "install":
             if args.keep is not None and args.keep < 0:
                 raise ConfigError(f"--keep: expected an integer >= 0, got {args.keep}")
-            opts.keep, opts.public_keys, opts.signature, opts.force = args.keep, args.public_keys, args.signature, args.force
+            opts.keep, opts.public_keys, opts.signature, opts.force = (
+                args.keep,
+                args.public_keys,
+                args.signature,
+                args.force,
+            )
             opts.allow_downgrade = args.allow_downgrade
             outcome = deployer.install(args.bundle, opts)
         else:

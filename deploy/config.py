@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from runtime.bundle_stage import MAX_BUNDLE_MIB, MAX_FILES
+from runtime.bundle.stage import MAX_BUNDLE_MIB, MAX_FILES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -74,9 +74,11 @@ class DeployConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> DeployConfig:
-        known = {"install": {"models_dir", "config_dir", "keep", "max_bundle_mib", "max_files"},
-                 "signing": {"public_keys"},
-                 "service": {"reload_command", "status_command", "ready_timeout_s", "readyz_url"}}
+        known = {
+            "install": {"models_dir", "config_dir", "keep", "max_bundle_mib", "max_files"},
+            "signing": {"public_keys"},
+            "service": {"reload_command", "status_command", "ready_timeout_s", "readyz_url"},
+        }
         for section, value in data.items():
             if section not in known:
                 raise ConfigError(f"{where}: unknown section [{section}]; expected one of {sorted(known)}")

@@ -1,6 +1,6 @@
 """``deploy build-engine``: what ``defectscope-engine@<station>.service`` runs.
 
-Resolves the bundle the station serves and asks ``runtime.engine_build.fresh_engine`` —
+Resolves the bundle the station serves and asks ``runtime.engine.build.fresh_engine`` —
 the runtime's own test (TensorRT version, GPU, compute capability) — whether an engine
 there already fits this device. Otherwise runs ``defectscope build-engine <bundle>`` (as a
 subprocess: the build, and the INT8 accuracy gate on the bundle's held-out sample, are
@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from deploy.config import DeployConfig, DeployError, read_station, rooted
 from deploy.service import run_reload
 from deploy.store import BUILDS, CURRENT, ModelStore
-from runtime.engine_meta import EngineUnavailableError, Platform, current_platform
+from runtime.engine.meta import EngineUnavailableError, Platform, current_platform
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,16 @@ def _platform() -> Platform:
 
 
 def build_for_station(
-    root: Path, cfg: DeployConfig, station_config: Path, force: bool = False, reload: bool = False,
-    build_args: str = "", timing_cache: Path | None = None,
+    root: Path,
+    cfg: DeployConfig,
+    station_config: Path,
+    force: bool = False,
+    reload: bool = False,
+    build_args: str = "",
+    timing_cache: Path | None = None,
 ) -> EngineResult:
-    from runtime.bundle import BundleError, load_bundle
-    from runtime.engine_build import fresh_engine
+    from runtime.bundle.manifest import BundleError, load_bundle
+    from runtime.engine.build import fresh_engine
 
     station = read_station(Path(station_config))
     bundle_path = rooted(root, station.bundle)
@@ -59,8 +64,12 @@ def build_for_station(
     platform = _platform()
     key, stale = fresh_engine(bundle.manifest, bundle.path, platform)
     if key is not None and not force:
-        return EngineResult(bundle.path, False, f"{bundle.path} already has engine {key!r} for TensorRT "
-                                                f"{platform.tensorrt_version} on {platform.gpu} (sm {platform.compute_capability})")
+        return EngineResult(
+            bundle.path,
+            False,
+            f"{bundle.path} already has engine {key!r} for TensorRT "
+            f"{platform.tensorrt_version} on {platform.gpu} (sm {platform.compute_capability})",
+        )
     argv = [sys.executable, "-m", "defectscope.cli", "build-engine", str(bundle.path)]
     if timing_cache is not None:
         argv += ["--timing-cache", str(timing_cache)]
@@ -82,7 +91,9 @@ def build_for_station(
     if reload:
         run_reload(cfg, station)
     why = f" (replacing: {'; '.join(stale)})" if stale else ""
-    return EngineResult(bundle.path, True, f"built a TensorRT {platform.tensorrt_version} engine into {bundle.path}{why}")
+    return EngineResult(
+        bundle.path, True, f"built a TensorRT {platform.tensorrt_version} engine into {bundle.path}{why}"
+    )
 
 
 def store_entry(store: ModelStore, bundle_path: Path) -> tuple[str, str] | None:
@@ -101,7 +112,7 @@ def adopt_build(store: ModelStore, name: str, version: str, built: Path, built_f
     ``built_from``: sha256 of the manifest the build started from; a version reinstalled
     meanwhile keeps its new files and the build is discarded.
     """
-    from runtime.bundle import BundleError, _world_readable, load_bundle
+    from runtime.bundle.manifest import BundleError, _world_readable, load_bundle
 
     with store.lock():
         store.recover(name)
@@ -111,7 +122,9 @@ def adopt_build(store: ModelStore, name: str, version: str, built: Path, built_f
         try:
             m = load_bundle(built, verify=True, check_graph=False).manifest.model
         except BundleError as exc:
-            raise DeployError(f"the engine build's bundle does not verify ({exc}); the station keeps what it has") from None
+            raise DeployError(
+                f"the engine build's bundle does not verify ({exc}); the station keeps what it has"
+            ) from None
         if (m.name, m.version) != (name, version):
             raise DeployError(f"the engine build wrote {m.name} {m.version}, not {name} {version}; discarded")
         _world_readable(built)

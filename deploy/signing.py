@@ -1,6 +1,6 @@
-"""Signing bundles and making keys (the workstation side of ``runtime.signature``).
+"""Signing bundles and making keys (the workstation side of ``runtime.bundle.signature``).
 
-What is signed and how a station verifies it is described in ``runtime/signature.py``.
+What is signed and how a station verifies it is described in ``runtime/bundle/signature.py``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.config import DeployError
-from runtime.fsio import atomic_write_text
-from runtime.signature import (  # noqa: F401  (re-exported: one verifier, station side)
+from runtime.bundle.signature import (  # noqa: F401  (re-exported: one verifier, station side)
     ALGORITHM,
     CONTEXT,
     SIGNATURE_SCHEMA,
@@ -29,9 +28,12 @@ from runtime.signature import (  # noqa: F401  (re-exported: one verifier, stati
     read_signature,
     verify_manifest,
 )
+from runtime.fsio import atomic_write_text
 
 
-def generate_keypair(private_path: Path, public_path: Path | None = None, overwrite: bool = False) -> tuple[Path, Path, str]:
+def generate_keypair(
+    private_path: Path, public_path: Path | None = None, overwrite: bool = False
+) -> tuple[Path, Path, str]:
     """Write a new Ed25519 key pair as PEM (private key mode 0600); returns paths and key id."""
     serialization, ed25519, _ = _crypto()
     private_path = Path(private_path)
@@ -43,7 +45,9 @@ def generate_keypair(private_path: Path, public_path: Path | None = None, overwr
     private_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     private_path.parent.mkdir(parents=True, exist_ok=True)
     public_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -25,7 +25,7 @@ from deploy.config import DeployConfig, DeployError, Station, check_component, d
 from deploy.service import Readiness, query_readyz, reload_failures, run_reload, service_state, wait_for_version
 from deploy.signing import default_signature_path, verify_manifest
 from deploy.store import BUILDS, ModelStore, version_key
-from runtime.bundle import _world_readable
+from runtime.bundle.manifest import _world_readable
 from runtime.fsio import fsync_dir
 
 MANIFEST = "manifest.json"
@@ -97,19 +97,22 @@ class Deployer:
         return [rooted(self.root, k) for k in self.cfg.public_keys]
 
     def _limits(self) -> Any:
-        from runtime.bundle_stage import Limits
+        from runtime.bundle.stage import Limits
 
         return Limits(max_bytes=self.cfg.max_bundle_mib << 20, max_files=self.cfg.max_files)
 
-    def _check_signature(self, source: Path, manifest_bytes: bytes, opts: Options, outcome: Outcome,
-                         private_dir: Path) -> None:
-        from runtime.signature import SignatureError
+    def _check_signature(
+        self, source: Path, manifest_bytes: bytes, opts: Options, outcome: Outcome, private_dir: Path
+    ) -> None:
+        from runtime.bundle.signature import SignatureError
 
         keys = self._trusted_keys(opts)
         sig = Path(opts.signature) if opts.signature else default_signature_path(source)
         if not keys:
             if sig.is_file():
-                outcome.warnings.append(f"{sig} not checked: this station trusts no signing keys ([signing] public_keys)")
+                outcome.warnings.append(
+                    f"{sig} not checked: this station trusts no signing keys ([signing] public_keys)"
+                )
             return
         if not os.path.lexists(sig):
             verify_manifest(manifest_bytes, sig, keys)  # raises the "missing" SignatureError
@@ -139,8 +142,8 @@ class Deployer:
 
     # ---- install -------------------------------------------------------------
     def install(self, source: Path, opts: Options) -> Outcome:
-        from runtime.bundle import BundleError
-        from runtime.bundle_stage import BundleSource
+        from runtime.bundle.manifest import BundleError
+        from runtime.bundle.stage import BundleSource
 
         source = Path(source)
         try:
@@ -167,7 +170,9 @@ class Deployer:
                     try:
                         src.extract(staged)  # copies, fsyncs and verifies every file (+ ONNX graphs)
                     except BundleError as exc:
-                        raise DeployError(f"bundle verification (manifest, checksums, ONNX graph) failed: {exc}") from None
+                        raise DeployError(
+                            f"bundle verification (manifest, checksums, ONNX graph) failed: {exc}"
+                        ) from None
                     _world_readable(staged)
                     if os.path.lexists(vdir):
                         self.store.replace_version(name, version, staged)  # never in place: current may name it
@@ -176,8 +181,13 @@ class Deployer:
                         fsync_dir(vdir)  # durable before current can point at it
                         fsync_dir(vdir.parent)
                     outcome.changed = True
-                    self.store.record_install(name, version, source=str(source), signed_by=outcome.signed_by,
-                                              manifest_sha256=src.manifest_sha256)
+                    self.store.record_install(
+                        name,
+                        version,
+                        source=str(source),
+                        signed_by=outcome.signed_by,
+                        manifest_sha256=src.manifest_sha256,
+                    )
             finally:
                 if staged.exists():
                     shutil.rmtree(staged, ignore_errors=True)
@@ -190,7 +200,7 @@ class Deployer:
 
     def _replace_existing(self, vdir: Path, manifest: Any, opts: Options) -> bool:
         """Same version already installed: False to reuse it (same files), True to replace it (--force or damaged)."""
-        from runtime.bundle import BundleError, load_bundle, read_manifest
+        from runtime.bundle.manifest import BundleError, load_bundle, read_manifest
 
         try:
             installed = read_manifest(vdir)
@@ -232,7 +242,9 @@ class Deployer:
                 )
         return following
 
-    def _activate(self, name: str, version: str, previous: str | None, action: str, opts: Options, outcome: Outcome) -> None:
+    def _activate(
+        self, name: str, version: str, previous: str | None, action: str, opts: Options, outcome: Outcome
+    ) -> None:
         switched = previous != version
         if switched:
             self.store.switch(name, version)
@@ -262,7 +274,9 @@ class Deployer:
         failing = {s: r.describe() for s, r in answers.items() if not _serves(r, name, version)}
         detail = "; ".join(f"{s}: {d}" for s, d in failing.items())
         if not switched:
-            raise HealthCheckError(f"health check failed: {name} {version} is active but not served ({detail}; timeout {timeout:.0f} s)")
+            raise HealthCheckError(
+                f"health check failed: {name} {version} is active but not served ({detail}; timeout {timeout:.0f} s)"
+            )
         self.store.mark_last_activation(name, version, health="failed")
         self.store.switch(name, previous)
         if previous is None:
@@ -283,7 +297,9 @@ class Deployer:
             f"rolled back to {previous}, which is serving again"
         )
 
-    def _reload_and_wait(self, stations: list[Station], name: str, version: str, timeout: float) -> tuple[bool, dict[str, Readiness]]:
+    def _reload_and_wait(
+        self, stations: list[Station], name: str, version: str, timeout: float
+    ) -> tuple[bool, dict[str, Readiness]]:
         errors: dict[str, Readiness] = {}
         failures_before = {st.name: reload_failures(st.readyz_url(self.cfg)) for st in stations}
         reload_before = {st.name: query_readyz(st.readyz_url(self.cfg)).last_reload for st in stations}
@@ -293,9 +309,13 @@ class Deployer:
             except DeployError as exc:
                 errors[st.name] = Readiness(st.readyz_url(self.cfg), reachable=False, error=str(exc))
         pending = {st.name: st.readyz_url(self.cfg) for st in stations if st.name not in errors}
-        ok, answers = (wait_for_version(pending, name, version, timeout, failures_before=failures_before,
-                                        reload_before=reload_before)
-                       if pending else (True, {}))
+        ok, answers = (
+            wait_for_version(
+                pending, name, version, timeout, failures_before=failures_before, reload_before=reload_before
+            )
+            if pending
+            else (True, {})
+        )
         answers.update(errors)
         return ok and not errors, answers
 
@@ -304,13 +324,17 @@ class Deployer:
         names = self.store.names()
         if name:
             if name not in names:
-                raise DeployError(f"{self.store.models_dir}: no model named {name!r} installed (installed: {names or 'none'})")
+                raise DeployError(
+                    f"{self.store.models_dir}: no model named {name!r} installed (installed: {names or 'none'})"
+                )
             return name
         if len(names) == 1:
             return names[0]
         if not names:
             raise DeployError(f"{self.store.models_dir}: no models installed")
-        raise DeployError(f"{self.store.models_dir}: several models installed ({', '.join(names)}); pick one with --name")
+        raise DeployError(
+            f"{self.store.models_dir}: several models installed ({', '.join(names)}); pick one with --name"
+        )
 
     def rollback(self, name: str | None, to: str | None, opts: Options) -> Outcome:
         """Walk back one step in the install history (never forward), or to ``to``.
@@ -323,9 +347,14 @@ class Deployer:
             recovered = self.store.recover(name)
             current = self.store.current(name)
             if opts.from_version is not None and current != opts.from_version and not (to and current == to):
-                return Outcome(action="rollback", name=name, version=current, previous=current,
-                               path=str(self.store.version_dir(name, current)) if current else None,
-                               warnings=[f"{name} {opts.from_version} is not active (active: {current}); nothing to do"])
+                return Outcome(
+                    action="rollback",
+                    name=name,
+                    version=current,
+                    previous=current,
+                    path=str(self.store.version_dir(name, current)) if current else None,
+                    warnings=[f"{name} {opts.from_version} is not active (active: {current}); nothing to do"],
+                )
             target = to or self.store.rollback_target(name)
             if target is None:
                 raise DeployError(
@@ -337,8 +366,14 @@ class Deployer:
                     f"{self.store.model_dir(name)}: version {target} is not installed "
                     f"(installed: {', '.join(self.store.versions(name)) or 'none'})"
                 )
-            outcome = Outcome(action="rollback", name=name, version=target, previous=current,
-                              path=str(self.store.version_dir(name, target)), warnings=recovered)
+            outcome = Outcome(
+                action="rollback",
+                name=name,
+                version=target,
+                previous=current,
+                path=str(self.store.version_dir(name, target)),
+                warnings=recovered,
+            )
             self._activate(name, target, current, "rollback-to" if to else "rollback", opts, outcome)
             return outcome
 
@@ -350,8 +385,16 @@ class Deployer:
             for n in names:
                 recovered = self.store.recover(n)
                 doomed = self.store.prune(n, keep, protect=self._pinned(n))
-                outcomes.append(Outcome(action="prune", name=n, version=self.store.current(n), pruned=doomed,
-                                        changed=bool(doomed), warnings=recovered))
+                outcomes.append(
+                    Outcome(
+                        action="prune",
+                        name=n,
+                        version=self.store.current(n),
+                        pruned=doomed,
+                        changed=bool(doomed),
+                        warnings=recovered,
+                    )
+                )
             self.store.clear_staging()
             self.store.clean_builds(BUILDS)
             return outcomes
@@ -367,30 +410,50 @@ class Deployer:
             versions = []
             for v in reversed(self.store.versions(name)):
                 rec = state.installed.get(v, {})
-                versions.append({
-                    "version": v,
-                    "active": v == self.store.current(name),
-                    "installed_at": rec.get("at"),
-                    "signed_by": rec.get("signed_by"),
-                    "last_activated": last.get(v, {}).get("at"),
-                    "health": last.get(v, {}).get("health"),
-                })
-            models[name] = {"current": self.store.current(name), "path": str(self.store.model_dir(name)), "versions": versions}
+                versions.append(
+                    {
+                        "version": v,
+                        "active": v == self.store.current(name),
+                        "installed_at": rec.get("at"),
+                        "signed_by": rec.get("signed_by"),
+                        "last_activated": last.get(v, {}).get("at"),
+                        "health": last.get(v, {}).get("health"),
+                    }
+                )
+            models[name] = {
+                "current": self.store.current(name),
+                "path": str(self.store.model_dir(name)),
+                "versions": versions,
+            }
         stations = []
         for st in discover_stations(self.root, self.cfg):
-            entry: dict[str, Any] = {"name": st.name, "config": str(st.config_path), "bundle": st.bundle,
-                                     "follows": st.model_name(self.cfg)}
+            entry: dict[str, Any] = {
+                "name": st.name,
+                "config": str(st.config_path),
+                "bundle": st.bundle,
+                "follows": st.model_name(self.cfg),
+            }
             if query:
                 entry["service"] = service_state(self.cfg, st, self.is_system_root)
                 r = query_readyz(st.readyz_url(self.cfg))
-                entry["readyz"] = {"url": r.url, "reachable": r.reachable, "ready": r.ready, "model": r.model,
-                                   "error": r.error}
+                entry["readyz"] = {
+                    "url": r.url,
+                    "reachable": r.reachable,
+                    "ready": r.ready,
+                    "model": r.model,
+                    "error": r.error,
+                }
                 expected = models.get(st.model_name(self.cfg) or "", {}).get("current")
                 entry["in_sync"] = expected is not None and r.version == expected
             stations.append(entry)
         signing = {"required": bool(self.cfg.public_keys), "public_keys": list(self.cfg.public_keys)}
-        return {"root": str(self.root), "models_dir": str(self.store.models_dir), "signing": signing,
-                "models": models, "stations": stations}
+        return {
+            "root": str(self.root),
+            "models_dir": str(self.store.models_dir),
+            "signing": signing,
+            "models": models,
+            "stations": stations,
+        }
 
 
 def _serves(r: Readiness, name: str, version: str) -> bool:

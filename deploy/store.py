@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from deploy.config import DeployError, check_component
+from runtime.bundle.store import CONTENT, CURRENT, STATE_FILE, is_version_entry, lineage
 from runtime.fsio import atomic_write_json, fsync_dir
-from runtime.model_store import CONTENT, CURRENT, STATE_FILE, is_version_entry, lineage
 
 STATE_SCHEMA = 1
 STALE_TEMP_S = 3600.0  # hidden temp dirs older than this are leftovers of a killed run
@@ -84,8 +84,13 @@ class ModelState:
         return self.seq
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": STATE_SCHEMA, "seq": self.seq, "highest": self.highest,
-                "installed": self.installed, "history": self.history}
+        return {
+            "schema_version": STATE_SCHEMA,
+            "seq": self.seq,
+            "highest": self.highest,
+            "installed": self.installed,
+            "history": self.history,
+        }
 
 
 class ModelStore:
@@ -133,7 +138,9 @@ class ModelStore:
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise DeployError(f"{path}: another deploy command holds the lock (waited {timeout_s:.0f} s)") from None
+                        raise DeployError(
+                            f"{path}: another deploy command holds the lock (waited {timeout_s:.0f} s)"
+                        ) from None
                     time.sleep(0.2)
             try:
                 yield
@@ -183,11 +190,15 @@ class ModelStore:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             return ModelState(
-                installed=dict(data.get("installed", {})), history=list(data.get("history", [])), seq=int(data.get("seq", 0)),
+                installed=dict(data.get("installed", {})),
+                history=list(data.get("history", [])),
+                seq=int(data.get("seq", 0)),
                 highest=data.get("highest"),
             )
         except (OSError, ValueError, AttributeError) as exc:
-            raise DeployError(f"{path}: unreadable deploy state ({exc}); move it aside to start a fresh history") from None
+            raise DeployError(
+                f"{path}: unreadable deploy state ({exc}); move it aside to start a fresh history"
+            ) from None
 
     def write_state(self, name: str, state: ModelState) -> None:
         atomic_write_json(self.model_dir(name) / STATE_FILE, state.to_dict())
@@ -423,7 +434,7 @@ def _discard(mdir: Path, tree: str) -> None:
 
 
 def _complete(tree: Path) -> bool:
-    from runtime.bundle import BundleError, load_bundle
+    from runtime.bundle.manifest import BundleError, load_bundle
 
     try:
         load_bundle(tree, verify=True, check_graph=False)

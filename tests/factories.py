@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 _HANDED_OUT: set[int] = set()
 
 
@@ -26,8 +25,14 @@ def free_port() -> int:
             return port
 
 
-def make_tiny_onnx(path: Path, num_classes: int = 2, size: int = 32, input_name: str = "input",
-                   output_name: str = "logits", seed: int = 0) -> Path:
+def make_tiny_onnx(
+    path: Path,
+    num_classes: int = 2,
+    size: int = 32,
+    input_name: str = "input",
+    output_name: str = "logits",
+    seed: int = 0,
+) -> Path:
     """A brightness classifier: GlobalAveragePool → Flatten → Gemm, input (N,3,size,size).
 
     Class 0 ("ok") wins on dark images and the last class on bright ones, so verdicts
@@ -60,10 +65,15 @@ def make_tiny_onnx(path: Path, num_classes: int = 2, size: int = 32, input_name:
     return path
 
 
-def tiny_manifest(num_classes: int = 2, size: int = 32, name: str = "tiny", version: str = "1.0.0",
-                  classes: tuple[str, ...] | None = None):
-    from runtime.bundle import Artifact, Manifest, ModelInfo, OutputSpec
-    from runtime.preprocess import InputSpec
+def tiny_manifest(
+    num_classes: int = 2,
+    size: int = 32,
+    name: str = "tiny",
+    version: str = "1.0.0",
+    classes: tuple[str, ...] | None = None,
+):
+    from runtime.bundle.manifest import Artifact, Manifest, ModelInfo, OutputSpec
+    from runtime.inference.preprocess import InputSpec
 
     classes = classes or (("ok", "defect") if num_classes == 2 else tuple(f"c{i}" for i in range(num_classes)))
     return Manifest(
@@ -77,10 +87,9 @@ def tiny_manifest(num_classes: int = 2, size: int = 32, name: str = "tiny", vers
     )
 
 
-def make_tiny_bundle(dest: Path, num_classes: int = 2, size: int = 32, version: str = "1.0.0",
-                     name: str = "tiny"):
+def make_tiny_bundle(dest: Path, num_classes: int = 2, size: int = 32, version: str = "1.0.0", name: str = "tiny"):
     """Write a valid tiny bundle at ``dest`` and return the loaded Bundle."""
-    from runtime.bundle import write_bundle
+    from runtime.bundle.manifest import write_bundle
 
     onnx_path = make_tiny_onnx(dest.parent / f".{dest.name}-src" / "model.onnx", num_classes, size)
     return write_bundle(dest, tiny_manifest(num_classes, size, name, version), {"model.onnx": onnx_path})

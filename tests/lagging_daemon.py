@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.messages import encode, verdict_message, verdict_topic  # noqa: E402
+from runtime.serving.messages import encode, verdict_message, verdict_topic  # noqa: E402
 
 
 def main() -> int:
@@ -55,10 +55,22 @@ def main() -> int:
     seq = 0
     while not stop.is_set():  # replays loop, like the demo's cameras
         msg = verdict_message(
-            station="demo", camera="cam1", seq=seq, source=f"{seq % args.frames}.png", captured_at=time.time(),
-            published_at=time.time(), model={"name": "tiny", "version": "1"}, task="classification",
-            scores={"ok": 1.0}, top_class="ok", top_score=1.0, verdict="ok", defect_class=None, confidence=1.0,
-            latency_ms={"total": 1.0}, tta_views=1,
+            station="demo",
+            camera="cam1",
+            seq=seq,
+            source=f"{seq % args.frames}.png",
+            captured_at=time.time(),
+            published_at=time.time(),
+            model={"name": "tiny", "version": "1"},
+            task="classification",
+            scores={"ok": 1.0},
+            top_class="ok",
+            top_score=1.0,
+            verdict="ok",
+            defect_class=None,
+            confidence=1.0,
+            latency_ms={"total": 1.0},
+            tta_views=1,
         )
         with lock:
             pub.send_multipart([verdict_topic("demo", "cam1", "ok").encode(), encode(msg)])

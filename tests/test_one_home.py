@@ -15,8 +15,8 @@ WORKSTATION = ("training", "calibration", "defectscope", "bench")
 
 # pattern -> (the one file allowed to contain it, the packages searched)
 HOMES = {
-    r"InferenceSession\(": ("runtime/ort_session.py", ALL),  # the ONNX Runtime session factory
-    r"SessionOptions\(": ("runtime/ort_session.py", ALL),
+    r"InferenceSession\(": ("runtime/inference/ort_session.py", ALL),  # the ONNX Runtime session factory
+    r"SessionOptions\(": ("runtime/inference/ort_session.py", ALL),
     r"os\.rename\(": ("runtime/fsio.py", ALL),  # the directory swap
     r"def (classification|label)_metrics": ("training/metrics.py", ALL),
     # The workstation's config-file reader and strict key check (runtime/ and deploy/ read station

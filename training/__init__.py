@@ -14,7 +14,7 @@ Public entry points (docs/contracts.md):
 - ``training.transforms``: ``val_transform(input_spec)`` (the contract's reference transform),
   ``train_pipeline``.
 - ``training.trainer``: ``train(TrainConfig)``; ``training.config``: ``TrainConfig``,
-  ``load_config``; ``training.evaluate``: ``evaluate_samples`` (TTA views from ``runtime.tta``).
+  ``load_config``; ``training.evaluate``: ``evaluate_samples`` (TTA views from ``runtime.inference.tta``).
 - ``training.engine``: ``Engine`` (the one epoch loop and ``predict``), ``ClassificationTask``, ``EpochSelector``.
 - ``training.cli``: ``train_main`` (``defectscope train``); ``training.evaluate_cli``: ``evaluate_main``
   (``defectscope evaluate``);

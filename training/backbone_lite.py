@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runtime.preprocess import InputSpec
+from runtime.inference.preprocess import InputSpec
 
 from .classifier import LayerGroup
 from .weights import WeightsUnavailableError, hub_checkpoint_path, load_into_body, offline_message

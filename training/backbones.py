@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from runtime.preprocess import INTERPOLATIONS, InputSpec, new_run_interpolation
+from runtime.inference.preprocess import INTERPOLATIONS, InputSpec, new_run_interpolation
 
 # The model, weight files and EfficientNet-Lite live in their own modules (by role); their
 # public names stay importable from here, where the rest of the project imports them.

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from runtime.preprocess import InputSpec
+from runtime.inference.preprocess import InputSpec
 
 from .classifier import Classifier
 from .data import Sample

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from runtime.fsio import atomic_write, atomic_write_json
-from runtime.preprocess import InputSpec
+from runtime.inference.preprocess import InputSpec
 
 from .config_io import refuse_unknown
 

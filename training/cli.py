@@ -111,7 +111,7 @@ def _data_args(p: argparse.ArgumentParser, cfg: Any, D: dict[str, Any]) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser, cfg: Any, D: dict[str, Any]) -> None:
-    from runtime.preprocess import INTERPOLATIONS
+    from runtime.inference.preprocess import INTERPOLATIONS
 
     m = p.add_argument_group("model")
     m.add_argument("--backbone", help=f"registered backbone (default {D['backbone']}; --list-backbones)")

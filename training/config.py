@@ -113,7 +113,7 @@ class TrainConfig:
     weights: str = "imagenet"  # "imagenet" | "none" | path to a weights file
     image_size: int | None = None  # None: backbone default (224 for efficientnet_lite0)
     crop_fraction: float = 1.0  # crop / resize; 1.0 keeps the whole image (defects at edges)
-    # Resize of training, evaluation and stations alike (runtime.preprocess.INTERPOLATIONS); None: backbone's
+    # Resize of training, evaluation and stations alike (runtime.inference.preprocess.INTERPOLATIONS); None: backbone's
     interpolation: str | None = None
     strategy: str = "two-phase"
     epochs: int | None = None  # fine-tuning epochs (linear-probe: head epochs); None = per strategy
@@ -173,7 +173,7 @@ class TrainConfig:
                 raise ConfigError(f"{k}: expected a non-negative integer, got {v!r}")
         if not 0.0 < self.crop_fraction <= 1.0:
             raise ConfigError(f"crop_fraction: expected a number in (0, 1], got {self.crop_fraction}")
-        from runtime.preprocess import INTERPOLATIONS
+        from runtime.inference.preprocess import INTERPOLATIONS
 
         if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
             raise ConfigError(f"interpolation: expected one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}")

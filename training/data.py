@@ -3,7 +3,7 @@
 ``resolve_splits(DataSpec)`` lists samples, splits them (stratified, seeded), checks
 every image decodes (unreadable files are reported by path and skipped, or fatal with
 ``strict``) and fingerprints the result. Images are read with
-``runtime.preprocess.read_image`` (uint8 gray or BGR), the one reader the runtime uses.
+``runtime.inference.preprocess.read_image`` (uint8 gray or BGR), the one reader the runtime uses.
 """
 
 from __future__ import annotations
@@ -399,7 +399,7 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
 
 def load_rgb(path: str) -> np.ndarray:
     """Read an image file as uint8 RGB ``(H,W,3)`` via the runtime's reader."""
-    from runtime.preprocess import read_image
+    from runtime.inference.preprocess import read_image
 
     return as_rgb(read_image(path))
 

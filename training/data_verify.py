@@ -22,7 +22,7 @@ def _digest(path: str) -> str:
 
 def _check(path: str, known_good: set[str], verify: bool) -> tuple[str | None, str | None]:
     """(digest, None) for a good image, (None, reason) for a bad one."""
-    from runtime.preprocess import ImageReadError, read_image
+    from runtime.inference.preprocess import ImageReadError, read_image
 
     try:
         digest = _digest(path)

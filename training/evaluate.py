@@ -1,6 +1,6 @@
 """Evaluate a trained checkpoint on a data split, optionally with test-time augmentation.
 
-TTA views are the station's (``runtime.tta``): same names, same implementation.
+TTA views are the station's (``runtime.inference.tta``): same names, same implementation.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtime.preprocess import Preprocessor
-from runtime.tta import DEFAULT_SCALES, TTA, expand_views
+from runtime.inference.preprocess import Preprocessor
+from runtime.inference.tta import DEFAULT_SCALES, TTA, expand_views
 
 from .checkpoint import ModelCard
 from .data import Sample
@@ -23,10 +23,10 @@ from .metrics import classification_metrics
 def _view_probs(
     model: torch.nn.Module, tta: TTA, samples: Sequence[Sample], batch_size: int, engine: Engine
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(probs (N, V, K), labels (N,))``: every view of every sample, views built by ``runtime.tta``."""
+    """``(probs (N, V, K), labels (N,))``: every view of every sample, views built by ``runtime.inference.tta``."""
     from tqdm import tqdm
 
-    from runtime.preprocess import read_image
+    from runtime.inference.preprocess import read_image
 
     per = max(1, batch_size // tta.n_views)  # frames per forward pass
     probs, labels = [], []
@@ -51,8 +51,8 @@ def evaluate_samples(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Metrics on the original view (``plain``) and with TTA (softmax averaged over the views)
-    plus the delta. ``tta``: a ``runtime.tta`` preset or view names, the station's vocabulary;
-    the views are built by the station's code (``runtime.tta.TTA``)."""
+    plus the delta. ``tta``: a ``runtime.inference.tta`` preset or view names, the station's vocabulary;
+    the views are built by the station's code (``runtime.inference.tta.TTA``)."""
     import torch.nn.functional as F
 
     device = torch.device(device)

@@ -14,7 +14,7 @@ from typing import Any
 
 
 def build_evaluate_parser() -> argparse.ArgumentParser:
-    from runtime import tta
+    from runtime.inference import tta
 
     p = argparse.ArgumentParser(
         prog="defectscope evaluate",
@@ -35,7 +35,7 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tta",
         default="none",
-        help="test-time augmentation, the station's [tta] vocabulary (runtime.tta): a preset, "
+        help="test-time augmentation, the station's [tta] vocabulary (runtime.inference.tta): a preset, "
         f"{', '.join(tta.PRESETS)} (flips: {', '.join(tta.FLIPS[1:])}; dihedral: the 8 flips and quarter "
         "turns of a square input; multiscale: scale:F views per --scales; all: flips + multiscale), "
         f"or comma-separated view names ({', '.join(tta.VIEW_FUNCTIONS)}, scale:F)",

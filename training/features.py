@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from runtime.preprocess import InputSpec
+from runtime.inference.preprocess import InputSpec
 
 from .checkpoint import save_safetensors
 from .classifier import Classifier

@@ -33,7 +33,7 @@ class ImageDataset(Dataset):
         cached = self._cache[i] if self._cache is not None else None
         if cached is not None:
             return cached
-        from runtime.preprocess import read_image
+        from runtime.inference.preprocess import read_image
 
         x = self.pipeline.resize(to_chw_uint8(read_image(self.samples[i].path)))
         if self._cache is not None:

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from runtime.preprocess import InputSpec
+from runtime.inference.preprocess import InputSpec
 
 from .config import AugmentConfig
 from .data import DataError, DataSpec

@@ -3,9 +3,9 @@
 Every pipeline is two stages so decoded images can be cached after the first:
 ``resize`` (uint8 ``(C,H,W)`` -> uint8, shorter side to ``resize_size``) and ``tail``
 (crop / augment -> float32 ``(3,h,w)`` normalised). The resize stage is
-``runtime.preprocess.resize`` (the project's one resize, OpenCV), then ``CenterCrop((h, w))``
+``runtime.inference.preprocess.resize`` (the project's one resize, OpenCV), then ``CenterCrop((h, w))``
 -> ``ToDtype(float32, scale=True)`` -> ``Normalize(mean, std)``: the validation pipeline
-equals ``runtime.preprocess.Preprocessor`` (docs/contracts.md).
+equals ``runtime.inference.preprocess.Preprocessor`` (docs/contracts.md).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
-from runtime.preprocess import PLAIN, InputSpec
+from runtime.inference.preprocess import PLAIN, InputSpec
 
 from .config import AugmentConfig
 
@@ -65,7 +65,7 @@ class Pipeline:
 
 
 class RuntimeResize(torch.nn.Module):
-    """uint8 ``(C,H,W)`` -> uint8 ``(C,h,w)`` with ``runtime.preprocess.resize``.
+    """uint8 ``(C,H,W)`` -> uint8 ``(C,h,w)`` with ``runtime.inference.preprocess.resize``.
 
     Training, evaluation and the station resize with the same code (OpenCV), so the
     pixels a model is trained and measured on are the pixels it gets in production.
@@ -78,7 +78,7 @@ class RuntimeResize(torch.nn.Module):
         self.interpolation = spec.interpolation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from runtime.preprocess import resize, resized_size
+        from runtime.inference.preprocess import resize, resized_size
 
         size = self.size
         h, w = size if isinstance(size, tuple) else resized_size(x.shape[-2], x.shape[-1], size)

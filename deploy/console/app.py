@@ -42,9 +42,26 @@ KIOSK = Session("kiosk", "kiosk", "", float("inf"))
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 MAX_TIME_S = 1e11  # |unix seconds| beyond this (year 5138) is not a time, it is an attack
 WS_SESSION_ENDED = 4401  # close code: the session was logged out or expired
-CSV_FIELDS = ("station", "camera", "captured_at_utc", "captured_at", "source", "seq", "model_name", "model_version",
-              "verdict", "class", "top_class", "confidence", "top_score", "boxes", "review_action", "review_label",
-              "review_user", "reviewed_at_utc")
+CSV_FIELDS = (
+    "station",
+    "camera",
+    "captured_at_utc",
+    "captured_at",
+    "source",
+    "seq",
+    "model_name",
+    "model_version",
+    "verdict",
+    "class",
+    "top_class",
+    "confidence",
+    "top_score",
+    "boxes",
+    "review_action",
+    "review_label",
+    "review_user",
+    "reviewed_at_utc",
+)
 MAX_EXPORT_ROWS = 2_000_000
 
 
@@ -155,14 +172,25 @@ class Console:
         address = request.client.host if request.client else "-"
         got = await self.gate.login(str(form.get("user", ""))[:64], str(form.get("password", ""))[:1024], address)
         if isinstance(got, int):  # locked or busy: seconds to wait
-            return Response(f"too many login attempts: try again in {got} s\n", 429, {"retry-after": str(got)},
-                            media_type="text/plain")
+            return Response(
+                f"too many login attempts: try again in {got} s\n",
+                429,
+                {"retry-after": str(got)},
+                media_type="text/plain",
+            )
         if got is None:
             return RedirectResponse("/login?failed=1", 303)
         token, _ = got
         resp = RedirectResponse("/", 303)
-        resp.set_cookie(COOKIE, token, max_age=self.cfg.server.session_max_age_s, httponly=True, samesite="strict",
-                        secure=self.cfg.server.secure_cookies, path="/")
+        resp.set_cookie(
+            COOKIE,
+            token,
+            max_age=self.cfg.server.session_max_age_s,
+            httponly=True,
+            samesite="strict",
+            secure=self.cfg.server.secure_cookies,
+            path="/",
+        )
         return resp
 
     async def logout(self, request: Request) -> Response:
@@ -188,9 +216,17 @@ class Console:
     # -- API -----------------------------------------------------------------------------------
     async def me(self, request: Request) -> Response:
         s = self.need(request, "view")
-        return json_response({"user": s.user, "role": s.role, "csrf": s.csrf, "kiosk": s is KIOSK,
-                             "can": sorted(k for k, roles in CAN.items() if s.role in roles),
-                             "shift_hours": self.cfg.server.shift_hours, "good_class": self.cfg.server.good_class})
+        return json_response(
+            {
+                "user": s.user,
+                "role": s.role,
+                "csrf": s.csrf,
+                "kiosk": s is KIOSK,
+                "can": sorted(k for k, roles in CAN.items() if s.role in roles),
+                "shift_hours": self.cfg.server.shift_hours,
+                "good_class": self.cfg.server.good_class,
+            }
+        )
 
     async def state(self, request: Request) -> Response:
         self.need(request, "view")
@@ -218,14 +254,16 @@ class Console:
         action, label, boxes = body.get("action"), body.get("label"), body.get("boxes")
         if action not in REVIEW_ACTIONS:
             raise HTTPException(400, f"key 'action': expected one of {REVIEW_ACTIONS}")
-        if label is not None and (not isinstance(label, str) or not 0 < len(label) <= 128 or "/" in label
-                                  or label.startswith(".")):
+        if label is not None and (
+            not isinstance(label, str) or not 0 < len(label) <= 128 or "/" in label or label.startswith(".")
+        ):
             raise HTTPException(400, "key 'label': expected a class name")
         if boxes is not None and not _valid_boxes(boxes):
             raise HTTPException(400, "key 'boxes': expected up to 100 {box: [x1, y1, x2, y2], class} objects")
         try:
-            row = await asyncio.to_thread(self.store.review, request.path_params["uid"], action, s.user, s.role,
-                                          label, boxes)
+            row = await asyncio.to_thread(
+                self.store.review, request.path_params["uid"], action, s.user, s.role, label, boxes
+            )
         except KeyError:
             raise HTTPException(404, "no such verdict") from None
         except StoreError as exc:
@@ -249,20 +287,41 @@ class Console:
             w = csv.writer(buf)
             w.writerow(CSV_FIELDS)
             for r in rows:
-                w.writerow([cell(v) for v in (
-                    r["station"], r["camera"], iso(r["captured_at"]), f"{r['captured_at']:.6f}", r["source"],
-                    r["seq"], r["model_name"], r["model_version"], r["verdict"],
-                    r["defect_class"] or r["top_class"], r["top_class"], r["confidence"], r["top_score"],
-                    r["boxes"] or "", r["review_action"] or "", r["review_label"] or "",
-                    r["review_user"] or "", iso(r["reviewed_at"]))])
+                w.writerow(
+                    [
+                        cell(v)
+                        for v in (
+                            r["station"],
+                            r["camera"],
+                            iso(r["captured_at"]),
+                            f"{r['captured_at']:.6f}",
+                            r["source"],
+                            r["seq"],
+                            r["model_name"],
+                            r["model_version"],
+                            r["verdict"],
+                            r["defect_class"] or r["top_class"],
+                            r["top_class"],
+                            r["confidence"],
+                            r["top_score"],
+                            r["boxes"] or "",
+                            r["review_action"] or "",
+                            r["review_label"] or "",
+                            r["review_user"] or "",
+                            iso(r["reviewed_at"]),
+                        )
+                    ]
+                )
                 if buf.tell() > 65536:
                     yield buf.getvalue()
                     buf.seek(0)
                     buf.truncate()
             yield buf.getvalue()
+
         name = f"verdicts_{int(t0)}_{int(t1)}.csv"
-        return StreamingResponse(lines(), media_type="text/csv",
-                                 headers={"content-disposition": f'attachment; filename="{name}"'})
+        return StreamingResponse(
+            lines(), media_type="text/csv", headers={"content-disposition": f'attachment; filename="{name}"'}
+        )
 
     async def dataset_rows(self, request: Request) -> Response:
         """Reviewed verdicts (for `defectscope dataset export --from-console URL`)."""
@@ -278,8 +337,9 @@ class Console:
         if st is None or st.snapshot_dir is None:
             raise HTTPException(404, "no snapshot directory for this station")
         try:
-            data = await asyncio.to_thread(read_snapshot, st.snapshot_dir, request.path_params["name"],
-                                           self.cfg.server.max_snapshot_bytes)
+            data = await asyncio.to_thread(
+                read_snapshot, st.snapshot_dir, request.path_params["name"], self.cfg.server.max_snapshot_bytes
+            )
         except SnapshotRefused as exc:
             raise HTTPException(exc.status, exc.reason) from None
         kind = "image/jpeg" if request.path_params["name"].endswith(".jpg") else "application/json"
@@ -293,8 +353,15 @@ class Console:
         return Response(tile.preview, media_type="image/jpeg", headers={"cache-control": "no-store"})
 
     async def healthz(self, request: Request) -> Response:
-        return json_response({"ok": True, "received": self.live.received, "recorded": self.streams.recorded,
-                              "pending": len(self.streams.pending), "dead_letters": self.streams.dead_letters})
+        return json_response(
+            {
+                "ok": True,
+                "received": self.live.received,
+                "recorded": self.streams.recorded,
+                "pending": len(self.streams.pending),
+                "dead_letters": self.streams.dead_letters,
+            }
+        )
 
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
@@ -339,7 +406,7 @@ def _valid_boxes(boxes: Any) -> bool:
 
 def _check_curve_keys(cfg: ConsoleConfig) -> None:
     """Refuse a CURVE secret key other local accounts could read, as the station daemon does."""
-    from runtime.publisher import PublisherError, check_secret_key_file
+    from runtime.serving.publisher import PublisherError, check_secret_key_file
 
     for i, st in enumerate(cfg.stations):
         if st.curve is None:
@@ -366,15 +433,24 @@ def create_app(cfg: ConsoleConfig, store: Store | None = None) -> Starlette:
             await c.streams.stop()
 
     routes = [
-        Route("/", c.index), Route("/login", c.login_page, methods=["GET"]), Route("/login", c.login, methods=["POST"]),
-        Route("/logout", c.logout, methods=["POST"]), Route("/export", c.export_page),
-        Route("/api/me", c.me), Route("/api/state", c.state), Route("/api/events", c.events),
+        Route("/", c.index),
+        Route("/login", c.login_page, methods=["GET"]),
+        Route("/login", c.login, methods=["POST"]),
+        Route("/logout", c.logout, methods=["POST"]),
+        Route("/export", c.export_page),
+        Route("/api/me", c.me),
+        Route("/api/state", c.state),
+        Route("/api/events", c.events),
         Route("/api/verdicts/{uid:str}", c.verdict),
         Route("/api/verdicts/{uid:str}/review", c.review, methods=["POST"]),
-        Route("/api/rates", c.rates), Route("/api/export.csv", c.export_csv), Route("/api/dataset", c.dataset_rows),
+        Route("/api/rates", c.rates),
+        Route("/api/export.csv", c.export_csv),
+        Route("/api/dataset", c.dataset_rows),
         Route("/snapshots/{station:str}/{name:str}", c.snapshot),
         Route("/preview/{station:str}/{camera:str}.jpg", c.preview),
-        Route("/healthz", c.healthz), Route("/metrics", c.metrics_text), WebSocketRoute("/ws", c.ws),
+        Route("/healthz", c.healthz),
+        Route("/metrics", c.metrics_text),
+        WebSocketRoute("/ws", c.ws),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

@@ -1,7 +1,7 @@
 """Realistic station traffic without a model: schema-1 (detection: 2) verdict and status messages on a real ZeroMQ PUB.
 
 Used by bench/bench_console.py (4 stations x 4 cameras x 30 verdicts/s) and the console tests.
-Messages carry every field the daemon sends (runtime/messages.py validates them).
+Messages carry every field the daemon sends (runtime/serving/messages.py validates them).
 """
 
 from __future__ import annotations
@@ -11,15 +11,30 @@ from typing import Any
 
 import zmq
 
-from runtime.messages import DETECTION_SCHEMA_VERSION, SCHEMA_VERSION, encode, status_topic, verdict_topic
+from runtime.serving.messages import DETECTION_SCHEMA_VERSION, SCHEMA_VERSION, encode, status_topic, verdict_topic
 
-MODEL = {"name": "elpv-lite0", "version": "1.2.0", "precision": "int8", "artifact": "int8", "backend": "onnxruntime-cpu"}
+MODEL = {
+    "name": "elpv-lite0",
+    "version": "1.2.0",
+    "precision": "int8",
+    "artifact": "int8",
+    "backend": "onnxruntime-cpu",
+}
 
 
-def verdict_message(station: str, camera: str, seq: int, verdict: str = "ok", *, snapshot: str | None = None,
-                    task: str = "classification", detections: list[dict[str, Any]] | None = None,
-                    captured_at: float | None = None, classes: tuple[str, ...] = ("ok", "defect"),
-                    model: dict[str, str] | None = None) -> dict[str, Any]:
+def verdict_message(
+    station: str,
+    camera: str,
+    seq: int,
+    verdict: str = "ok",
+    *,
+    snapshot: str | None = None,
+    task: str = "classification",
+    detections: list[dict[str, Any]] | None = None,
+    captured_at: float | None = None,
+    classes: tuple[str, ...] = ("ok", "defect"),
+    model: dict[str, str] | None = None,
+) -> dict[str, Any]:
     now = time.time()
     captured = now - 0.012 if captured_at is None else captured_at
     score = 0.93 if verdict != "uncertain" else 0.55
@@ -27,11 +42,22 @@ def verdict_message(station: str, camera: str, seq: int, verdict: str = "ok", *,
     scores = {c: (score if c == top else round((1 - score) / max(1, len(classes) - 1), 5)) for c in classes}
     msg: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION if task == "classification" else DETECTION_SCHEMA_VERSION,
-        "type": "verdict", "station": station, "camera": camera, "seq": seq,
-        "source": f"part-{seq:08d}", "captured_at": round(captured, 6), "published_at": round(now, 6),
-        "model": dict(model or MODEL), "task": task, "top_class": top, "top_score": score, "verdict": verdict,
-        "defect_class": top if verdict == "defect" else None, "confidence": score,
-        "latency_ms": {"queue": 0.4, "preprocess": 1.1, "inference": 7.9, "total": 11.8}, "tta_views": 1,
+        "type": "verdict",
+        "station": station,
+        "camera": camera,
+        "seq": seq,
+        "source": f"part-{seq:08d}",
+        "captured_at": round(captured, 6),
+        "published_at": round(now, 6),
+        "model": dict(model or MODEL),
+        "task": task,
+        "top_class": top,
+        "top_score": score,
+        "verdict": verdict,
+        "defect_class": top if verdict == "defect" else None,
+        "confidence": score,
+        "latency_ms": {"queue": 0.4, "preprocess": 1.1, "inference": 7.9, "total": 11.8},
+        "tta_views": 1,
         "snapshot": snapshot,
     }
     if task == "classification":
@@ -42,18 +68,31 @@ def verdict_message(station: str, camera: str, seq: int, verdict: str = "ok", *,
     return msg
 
 
-def status_message(station: str, cameras: dict[str, bool], state: str = "serving",
-                   model: dict[str, str] | None = None) -> dict[str, Any]:
-    return {"schema_version": SCHEMA_VERSION, "type": "status", "station": station, "state": state,
-            "published_at": time.time(), "model": dict(model or MODEL),
-            "cameras": {c: {"up": up, "captured": 0, "published": 0, "dropped": 0} for c, up in cameras.items()}}
+def status_message(
+    station: str, cameras: dict[str, bool], state: str = "serving", model: dict[str, str] | None = None
+) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "type": "status",
+        "station": station,
+        "state": state,
+        "published_at": time.time(),
+        "model": dict(model or MODEL),
+        "cameras": {c: {"up": up, "captured": 0, "published": 0, "dropped": 0} for c, up in cameras.items()},
+    }
 
 
 class FakeStation:
     """A bound PUB socket that speaks the daemon's wire format."""
 
-    def __init__(self, name: str, endpoint: str = "tcp://127.0.0.1:0", sndhwm: int = 100_000,
-                 curve_secret: bytes | None = None, curve_public: bytes | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        endpoint: str = "tcp://127.0.0.1:0",
+        sndhwm: int = 100_000,
+        curve_secret: bytes | None = None,
+        curve_public: bytes | None = None,
+    ) -> None:
         self.name = name
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.PUB)

@@ -13,7 +13,7 @@ import re
 import stat
 from pathlib import Path
 
-# runtime/snapshots.py names: <UTC stamp>_<station>_<camera>_<seq>_<verdict>.jpg (+ .json sidecar)
+# runtime/serving/snapshots.py names: <UTC stamp>_<station>_<camera>_<seq>_<verdict>.jpg (+ .json sidecar)
 SNAPSHOT_NAME = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,200}\.(jpg|json)$")
 
 

@@ -7,7 +7,7 @@ whose ``station`` field is not the station configured for that endpoint is rejec
 cannot write another station's history).
 
 Hostile-station limits: the socket drops messages over MAX_SOCKET_BYTES (previews included); a
-verdict or heartbeat over runtime.messages.MAX_MESSAGE_BYTES is refused before it is parsed; each
+verdict or heartbeat over runtime.serving.messages.MAX_MESSAGE_BYTES is refused before it is parsed; each
 station has a token bucket in messages and in bytes per second (``server.station_max_*``); every
 refusal is counted in ``defectscope_console_messages_rejected_total{station,reason}``.
 """
@@ -28,8 +28,8 @@ from deploy.console.live import MAX_CAMERAS, Live, dumps
 from deploy.console.metrics import ConsoleMetrics
 from deploy.console.store import Store, StoreUnavailable, row_from_message
 from deploy.console.throttle import TokenBucket
-from runtime.messages import MAX_MESSAGE_BYTES, SchemaError, decode, validate
-from runtime.preview import MAX_JPEG_BYTES, PREVIEW_PREFIX, decode_preview
+from runtime.serving.messages import MAX_MESSAGE_BYTES, SchemaError, decode, validate
+from runtime.serving.preview import MAX_JPEG_BYTES, PREVIEW_PREFIX, decode_preview
 
 log = logging.getLogger("defectscope.console")
 PRUNE_EVERY_S = 600.0
@@ -53,8 +53,10 @@ def _socket(ctx: zmq.asyncio.Context, st: StationEntry) -> zmq.asyncio.Socket:
         server_public, _ = zauth.load_certificate(str(st.curve.server_public_key))
         public, secret = zauth.load_certificate(str(st.curve.client_secret_key))
         if not secret:
-            raise ValueError(f"key 'stations.{st.name}.curve.client_secret_key': {st.curve.client_secret_key} "
-                             f"holds no secret key (use the .key_secret file)")
+            raise ValueError(
+                f"key 'stations.{st.name}.curve.client_secret_key': {st.curve.client_secret_key} "
+                f"holds no secret key (use the .key_secret file)"
+            )
         sock.curve_serverkey = server_public
         sock.curve_publickey = public
         sock.curve_secretkey = secret
@@ -80,9 +82,13 @@ class Streams:
         self.dead_letters = 0
         self._rejected_logged = 0.0
         srv = cfg.server
-        self.buckets = {s.name: (TokenBucket(srv.station_max_msgs_per_s, srv.station_max_msgs_per_s),
-                                 TokenBucket(srv.station_max_bytes_per_s, srv.station_max_bytes_per_s))
-                        for s in cfg.stations}
+        self.buckets = {
+            s.name: (
+                TokenBucket(srv.station_max_msgs_per_s, srv.station_max_msgs_per_s),
+                TokenBucket(srv.station_max_bytes_per_s, srv.station_max_bytes_per_s),
+            )
+            for s in cfg.stations
+        }
 
     def start(self) -> None:
         for st in self.cfg.stations:
@@ -119,14 +125,16 @@ class Streams:
             if not isinstance(msg, dict):
                 raise SchemaError("message is not an object")
             if msg.get("station") != st.name:
-                self._reject(st.name, f"key 'station': {str(msg.get('station'))[:64]!r} on the stream of station "
-                                      f"{st.name!r}", "foreign_station")
+                self._reject(
+                    st.name,
+                    f"key 'station': {str(msg.get('station'))[:64]!r} on the stream of station {st.name!r}",
+                    "foreign_station",
+                )
                 return
             if preview:
                 jpeg = decode_preview(msg)
                 cam = msg["camera"]
-                if not NAME.match(cam) or not self.live.accepts({"type": "verdict", "station": st.name,
-                                                                 "camera": cam}):
+                if not NAME.match(cam) or not self.live.accepts({"type": "verdict", "station": st.name, "camera": cam}):
                     raise SchemaError("key 'camera': not a camera name, or one camera too many")
                 if topic.decode("utf-8", "replace") != f"{PREVIEW_PREFIX}{st.name}.{cam}":
                     raise SchemaError("preview topic does not match its camera")

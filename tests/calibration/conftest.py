@@ -112,7 +112,7 @@ def splits(dataset):
 
 
 def _make_run(root: Path, splits, dataset: Path, outlier: bool = False) -> Path:
-    from runtime.preprocess import Preprocessor
+    from runtime.inference.preprocess import Preprocessor
     from training.backbones import build_model, get_spec, sized_input
     from training.checkpoint import ModelCard, save_model
     from training.data import DataSpec
@@ -203,7 +203,7 @@ def prepared(exported, splits, tmp_path_factory):
     """(pre-processed float model, calibration tensor, test tensor, test labels, work dir)."""
     from calibration.calibset import build_calibration_set, preprocess_paths
     from calibration.quantize import prepare_float_model
-    from runtime.bundle import load_bundle
+    from runtime.bundle.manifest import load_bundle
 
     b = load_bundle(exported)
     work = tmp_path_factory.mktemp("quant")

@@ -61,7 +61,7 @@ def test_size_at_least_pool_takes_everything_and_bad_sizes_are_refused():
 
 def test_calibration_set_from_training_split(splits, tmp_path):
     from calibration.calibset import CalibrationSet, CalibrationSetError, build_calibration_set
-    from runtime.preprocess import InputSpec, Preprocessor
+    from runtime.inference.preprocess import InputSpec, Preprocessor
 
     spec = InputSpec(height=32, width=32, resize_size=32)
     cs = build_calibration_set(splits.train, splits.classes, spec, size=20, seed=0)
@@ -90,7 +90,7 @@ def test_fingerprint_follows_image_content(tmp_path, splits):
     import shutil
 
     from calibration.calibset import CalibrationSetError, build_calibration_set
-    from runtime.preprocess import InputSpec
+    from runtime.inference.preprocess import InputSpec
 
     spec = InputSpec(height=32, width=32, resize_size=32)
     copy = [type(s)(str(tmp_path / f"{i}.png"), s.label, s.group) for i, s in enumerate(splits.train[:10])]
@@ -115,7 +115,7 @@ def test_directory_source_and_tensor_file(tmp_path, dataset):
         load_tensor,
         save_tensor,
     )
-    from runtime.preprocess import InputSpec
+    from runtime.inference.preprocess import InputSpec
 
     spec = InputSpec(height=32, width=32, resize_size=32)
     folder = dataset / "val"

@@ -16,8 +16,8 @@ pytest.importorskip("torchvision")
 
 def test_export_detection_bundle(det_run, tmp_path):
     from calibration.detection_bundle import held_out_samples, ort_predict
-    from runtime.boxes import box_iou
     from runtime.fsio import sha256_file
+    from runtime.inference.boxes import box_iou
     from training.detection.checkpoint import load_detector
     from training.detection.loader import DetectionDataset
     from training.detection.predict import predict
@@ -45,9 +45,9 @@ def test_export_detection_bundle(det_run, tmp_path):
     ds = DetectionDataset(held_out_samples(card, "test", 3), card.detector.image_size)
     onnx_preds, _ = ort_predict(out / "model.onnx", ds)
     # The station reads the bundle and preprocesses a frame exactly as the export evaluated it (the one
-    # letterbox, runtime.boxes.fit), with the same Geometry back to original pixels.
-    from runtime.bundle import load_bundle
-    from runtime.preprocess import Preprocessor, read_image
+    # letterbox, runtime.inference.boxes.fit), with the same Geometry back to original pixels.
+    from runtime.bundle.manifest import load_bundle
+    from runtime.inference.preprocess import Preprocessor, read_image
 
     assert "runtime_validation" not in m["provenance"]["export"]  # refused bundles are never written at all
     pre = Preprocessor(load_bundle(out).manifest.input)
@@ -60,10 +60,10 @@ def test_export_detection_bundle(det_run, tmp_path):
     # exported graph gives the same boxes in original pixels as the export's ONNX evaluation.
     import time
 
-    from runtime.config import from_dict
-    from runtime.messages import VERDICTS
-    from runtime.model import load_model
-    from runtime.sources import Frame
+    from runtime.config.station import from_dict
+    from runtime.inference.model import load_model
+    from runtime.serving.messages import VERDICTS
+    from runtime.sources.cameras import Frame
 
     for views in (["original"], ["original", "hflip", "vflip"]):
         cfg = from_dict(

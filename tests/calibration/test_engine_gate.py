@@ -11,8 +11,8 @@ import json
 import numpy as np
 import pytest
 
-from runtime.bundle import Artifact, BundleError, load_bundle
-from runtime.engine_gate import (
+from runtime.bundle.manifest import Artifact, BundleError, load_bundle
+from runtime.engine.gate import (
     HOLDOUT_FILE,
     EngineRejectedError,
     budget_for,
@@ -63,7 +63,7 @@ def _candidate(bundle, tmp_path, onnx_path, key="int8-standin"):
 
 
 def _ort(b, key):
-    from runtime.backends import OrtBackend
+    from runtime.inference.backends import OrtBackend
 
     return OrtBackend(b, key, cuda=False, threads=1)
 
@@ -106,7 +106,7 @@ def test_a_faithful_engine_passes_and_a_broken_one_is_refused(bundle, tmp_path):
 
 
 def test_budget_comes_from_the_bundles_int8_gate(bundle, tmp_path):
-    from runtime.bundle import update_manifest
+    from runtime.bundle.manifest import update_manifest
 
     b = update_manifest(bundle.path, metrics={"int8": {"gate": {"budget_points": 0.25}}})
     assert budget_for(b) == 0.25
@@ -122,7 +122,7 @@ def test_without_a_sample_an_int8_engine_is_refused(tmp_path):
 
 def test_a_pickled_sample_is_refused(bundle, tmp_path):
     """np.load on a bundle file never unpickles (an object array would run code)."""
-    from runtime.bundle import write_bundle
+    from runtime.bundle.manifest import write_bundle
 
     evil = tmp_path / "evil.npz"
     np.savez(evil, x=np.array([object()], dtype=object), reference=np.zeros((1, 2), np.float32))
@@ -134,7 +134,7 @@ def test_a_pickled_sample_is_refused(bundle, tmp_path):
 
 
 def test_bundle_holdout_cli(tmp_path):
-    from runtime.bundle_cli import main
+    from runtime.bundle.cli import main
 
     make_tiny_bundle(tmp_path / "b")
     x, labels = _images(10)

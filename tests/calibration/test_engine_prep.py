@@ -13,8 +13,8 @@ pytest.importorskip("torch")
 
 # -- build plans ---------------------------------------------------------------------------
 def test_plans_per_tensorrt_generation(calibrated, exported):
-    from runtime.bundle import load_bundle
-    from runtime.engine_build import BuildError, plan_build
+    from runtime.bundle.manifest import load_bundle
+    from runtime.engine.build import BuildError, plan_build
 
     m = load_bundle(calibrated).manifest
     jp5 = plan_build(m, "8.5.2.2", "int8", batch=(1, 8))
@@ -130,7 +130,7 @@ def test_cache_file_read_write_and_bundle_copy(tmp_path):
 
 # -- engine metadata and refusal -----------------------------------------------------------------
 def _artifact(**kw):
-    from runtime.bundle import Artifact
+    from runtime.bundle.manifest import Artifact
 
     base = dict(
         file="engines/model.fp16.engine",
@@ -147,7 +147,7 @@ def _artifact(**kw):
 
 
 def test_engine_refusal_names_the_difference_and_the_rebuild_command():
-    from runtime.engine_meta import EngineMismatchError, Platform, check_engine, engine_problems
+    from runtime.engine.meta import EngineMismatchError, Platform, check_engine, engine_problems
 
     here = Platform("10.3.0.26", "Orin", "8.7")
     assert engine_problems(_artifact(), here) == []  # build number may differ
@@ -176,7 +176,7 @@ def test_engine_refusal_names_the_difference_and_the_rebuild_command():
 
 
 def test_engine_io_check():
-    from runtime.engine_meta import check_engine_io
+    from runtime.engine.meta import check_engine_io
 
     ok_in, ok_out = [("input", [-1, 3, 32, 32])], [("logits", [-1, 2])]
     check_engine_io(ok_in, ok_out, "input", (3, 32, 32), ("logits",), 2, "e")
@@ -190,9 +190,9 @@ def test_engine_io_check():
 
 def test_engine_artifact_fields_round_trip_through_the_bundle(calibrated, tmp_path):
     """What build-engine writes (a stand-in engine file here) validates, checksums and reads back."""
-    from runtime.bundle import Artifact, load_bundle, write_bundle
-    from runtime.engine_build import artifact_fields, engine_file_name, plan_build
-    from runtime.engine_meta import Platform, check_engine
+    from runtime.bundle.manifest import Artifact, load_bundle, write_bundle
+    from runtime.engine.build import artifact_fields, engine_file_name, plan_build
+    from runtime.engine.meta import Platform, check_engine
 
     b = load_bundle(calibrated)
     plan = plan_build(b.manifest, "10.3.0.30", "fp16", batch=(1, 8))
@@ -228,8 +228,8 @@ def test_tensorrt8_calibration_batches_are_the_onnx_runtime_set(calibrated, tmp_
 
     from calibration.calibset import CalibrationSet, images_in, save_tensor
     from calibration.engine_cli import _calibration_stream, build_parser, match_calibration_images
-    from runtime.bundle import load_bundle
-    from runtime.engine_build import plan_build
+    from runtime.bundle.manifest import load_bundle
+    from runtime.engine.build import plan_build
 
     b = load_bundle(calibrated)
     calib = CalibrationSet.from_dict(json.loads((calibrated / "calibration.json").read_text()))
@@ -268,8 +268,8 @@ def test_tensorrt8_calibration_batches_are_the_onnx_runtime_set(calibrated, tmp_
 
 def test_detection_bundles_plan_fixed_batch_float_engines_on_tensorrt_10(tmp_path):
     """Faster R-CNN graphs: TensorRT >= 10 (NMS + RoiAlign), fixed batch 1, no INT8 engine (box gate missing)."""
-    from runtime.bundle import Manifest
-    from runtime.engine_build import BuildError, plan_build
+    from runtime.bundle.manifest import Manifest
+    from runtime.engine.build import BuildError, plan_build
 
     m = Manifest.from_dict(
         {

@@ -17,7 +17,7 @@ def platform():
         import tensorrt  # noqa: F401
     except Exception as exc:  # ImportError, or a broken CUDA install
         pytest.skip(f"TensorRT is not importable here: {exc}")
-    from runtime.engine_meta import EngineUnavailableError, current_platform
+    from runtime.engine.meta import EngineUnavailableError, current_platform
 
     try:
         return current_platform()
@@ -52,7 +52,7 @@ def _run_engine(engine_bytes: bytes, x: np.ndarray) -> np.ndarray:
 
 def _reference(bundle, splits):
     from calibration.evaluate import ort_session
-    from runtime.preprocess import Preprocessor
+    from runtime.inference.preprocess import Preprocessor
 
     x = Preprocessor(bundle.manifest.input).load_batch([s.path for s in splits.test[:8]])
     return x, ort_session(bundle.artifact_path("fp32"), 1).run(None, {"input": x})[0]
@@ -61,8 +61,8 @@ def _reference(bundle, splits):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_build_float_engine_into_bundle(platform, calibrated, splits, tmp_path, precision):
     from calibration.engine_cli import main
-    from runtime.bundle import load_bundle
-    from runtime.engine_meta import check_engine, version_tuple
+    from runtime.bundle.manifest import load_bundle
+    from runtime.engine.meta import check_engine, version_tuple
 
     if precision == "fp16" and version_tuple(platform.tensorrt_version)[0] >= 11:
         pytest.skip("TensorRT 11 has no FP16 flag for FP32 ONNX models")
@@ -86,8 +86,8 @@ def test_build_float_engine_into_bundle(platform, calibrated, splits, tmp_path, 
 
 def test_build_int8_engine(platform, calibrated, splits, tmp_path):
     from calibration.engine_cli import main
-    from runtime.bundle import load_bundle
-    from runtime.engine_meta import version_tuple
+    from runtime.bundle.manifest import load_bundle
+    from runtime.engine.meta import version_tuple
 
     bundle = tmp_path / "b"
     shutil.copytree(calibrated, bundle)

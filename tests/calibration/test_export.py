@@ -21,8 +21,8 @@ def _test_paths(splits, n=None):
 def test_round_trip_export_bundle_load_infer(exported, run_dir, splits):
     from calibration.evaluate import ort_session
     from calibration.export import torch_logits
-    from runtime.bundle import load_bundle
-    from runtime.preprocess import Preprocessor
+    from runtime.bundle.manifest import load_bundle
+    from runtime.inference.preprocess import Preprocessor
     from training.checkpoint import load_model
 
     bundle = load_bundle(exported)  # schema + sha256 + ONNX graph I/O checks
@@ -65,7 +65,7 @@ def test_round_trip_export_bundle_load_infer(exported, run_dir, splits):
 
 def test_parity_numbers_and_detected_mismatch(run_dir, splits, tmp_path):
     from calibration.export import check_parity, export_onnx
-    from runtime.preprocess import Preprocessor
+    from runtime.inference.preprocess import Preprocessor
     from training.checkpoint import load_model
 
     model, card = load_model(run_dir)
@@ -100,7 +100,7 @@ def test_export_cli_enforces_parity_tolerance(run_dir, tmp_path, capsys):
 
 def test_export_cli_refuses_existing_out_and_packs(exported, run_dir, tmp_path, capsys):
     from calibration.cli import export_main
-    from runtime.bundle import load_bundle, unpack
+    from runtime.bundle.manifest import load_bundle, unpack
 
     out = tmp_path / "b"
     out.mkdir()
@@ -138,7 +138,7 @@ def _edit_manifest(bundle, fn):
 
 
 def _rehash(bundle, name="model.onnx"):
-    from runtime.bundle import sha256_file
+    from runtime.bundle.manifest import sha256_file
 
     _edit_manifest(bundle, lambda d: d["files"].__setitem__(name, sha256_file(bundle / name)))
 
@@ -155,7 +155,7 @@ def _rehash(bundle, name="model.onnx"):
     ],
 )
 def test_bad_bundles_are_refused_with_their_own_message(bundle_copy, damage, message):
-    from runtime.bundle import BundleError, load_bundle
+    from runtime.bundle.manifest import BundleError, load_bundle
 
     if damage == "corrupt_onnx":
         (bundle_copy / "model.onnx").write_bytes(b"\x08\x07garbage, not protobuf" * 10)
@@ -177,7 +177,7 @@ def test_bad_bundles_are_refused_with_their_own_message(bundle_copy, damage, mes
 
 
 def test_half_written_bundle_is_not_a_bundle(bundle_copy):
-    from runtime.bundle import BundleError, load_bundle
+    from runtime.bundle.manifest import BundleError, load_bundle
 
     (bundle_copy / "manifest.json").unlink()  # the manifest is written last: no manifest, no bundle
     with pytest.raises(BundleError, match="manifest.json: missing"):

@@ -1,4 +1,4 @@
-"""runtime.preprocess (used by calibration, evaluation, the daemon) vs training's validation transform.
+"""runtime.inference.preprocess (used by calibration, evaluation, the daemon) vs training's validation transform.
 
 The reference is the training side's own pipeline (``training.transforms.val_transform`` on
 ``training.transforms.to_chw_uint8(read_image(path))``), applied to image files on disk.
@@ -17,7 +17,7 @@ cv2 = pytest.importorskip("cv2")
 
 
 def _reference(path: str, spec) -> np.ndarray:
-    from runtime.preprocess import read_image
+    from runtime.inference.preprocess import read_image
     from training.transforms import to_chw_uint8, val_transform
 
     return val_transform(spec)(to_chw_uint8(read_image(path))).numpy()
@@ -40,7 +40,7 @@ def _textured(h, w, channels, seed):
     ],
 )
 def test_runtime_preprocessing_matches_training_validation_transform(tmp_path, shape, channels, spec_kw):
-    from runtime.preprocess import InputSpec, Preprocessor
+    from runtime.inference.preprocess import InputSpec, Preprocessor
 
     spec = InputSpec(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), **spec_kw)
     path = tmp_path / "frame.png"
@@ -56,7 +56,7 @@ def test_runtime_preprocessing_matches_training_validation_transform(tmp_path, s
 def test_same_predictions_through_either_preprocessing(run_dir, splits):
     """What matters downstream: the trained model decides the same on both paths."""
     from calibration.export import torch_logits
-    from runtime.preprocess import Preprocessor
+    from runtime.inference.preprocess import Preprocessor
     from training.checkpoint import load_model
 
     model, card = load_model(run_dir)
@@ -81,7 +81,7 @@ def _elpv_images(n: int) -> list[str]:
 
 def test_real_elpv_images_match(tmp_path):
     """Real 300x300 gray EL images (when the elpv-dataset package is installed)."""
-    from runtime.preprocess import Preprocessor
+    from runtime.inference.preprocess import Preprocessor
     from training.backbones import get_spec
 
     paths = _elpv_images(4)
@@ -98,8 +98,8 @@ def test_real_elpv_images_match(tmp_path):
 def test_dihedral_preset_views_are_the_eight_symmetries_of_the_station_original(tmp_path):
     """`defectscope evaluate --tta dihedral` and a station's [tta] views run the same code: the
     preset expands to view names, and each view is the matching symmetry of the original."""
-    from runtime.preprocess import InputSpec, Preprocessor, read_image
-    from runtime.tta import DIHEDRAL, TTA, TTAError, expand_views
+    from runtime.inference.preprocess import InputSpec, Preprocessor, read_image
+    from runtime.inference.tta import DIHEDRAL, TTA, TTAError, expand_views
 
     spec = InputSpec(mean=(0.5,) * 3, std=(0.5,) * 3, height=64, width=64, resize_size=64, interpolation="bicubic")
     path = tmp_path / "cell.png"
@@ -116,7 +116,7 @@ def test_dihedral_preset_views_are_the_eight_symmetries_of_the_station_original(
 
 
 def test_tta_presets_expand_to_station_view_lists():
-    from runtime.tta import FLIPS, TTAError, expand_views
+    from runtime.inference.tta import FLIPS, TTAError, expand_views
 
     assert expand_views("none") == ("original",)
     assert expand_views("flips") == FLIPS

@@ -122,7 +122,7 @@ def test_calibrate_cli_adds_the_gated_int8_artifact_to_a_detection_bundle(tiny_d
     import shutil
 
     from defectscope.cli import main as ds_main
-    from runtime.bundle import load_bundle
+    from runtime.bundle.manifest import load_bundle
     from runtime.fsio import sha256_file
 
     run, src = tiny_detector
@@ -173,8 +173,8 @@ def test_gate_backends_records_openvino_per_artifact_and_auto_reads_them(tiny_de
     import shutil
 
     from defectscope.cli import main as ds_main
-    from runtime.backends import accuracy_record, accuracy_refusal
-    from runtime.bundle import load_bundle
+    from runtime.bundle.manifest import load_bundle
+    from runtime.inference.backends import accuracy_record, accuracy_refusal
 
     run, src = tiny_detector
     bundle = tmp_path / "bundle"

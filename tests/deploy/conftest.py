@@ -47,8 +47,10 @@ def deploy(*args: str | Path, check: int | None = 0) -> Result:
             rc = int(exc.code or 0)
     result = Result(rc, out.getvalue(), err.getvalue())
     if check is not None and rc != check:
-        raise AssertionError(f"deploy {' '.join(map(str, args))} exited {rc} (expected {check})\n"
-                             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        raise AssertionError(
+            f"deploy {' '.join(map(str, args))} exited {rc} (expected {check})\n"
+            f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
     return result
 
 
@@ -56,11 +58,17 @@ def run_deploy(*args: str | Path, check: int | None = 0, env: dict | None = None
     """``defectscope deploy ...`` as a real subprocess (what an admin or Ansible runs)."""
     proc = subprocess.run(
         [sys.executable, "-m", "defectscope.cli", "deploy", *map(str, args)],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})}, timeout=180,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        timeout=180,
     )
     if check is not None and proc.returncode != check:
-        raise AssertionError(f"deploy {' '.join(map(str, args))} exited {proc.returncode} (expected {check})\n"
-                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        raise AssertionError(
+            f"deploy {' '.join(map(str, args))} exited {proc.returncode} (expected {check})\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
     return proc
 
 
@@ -72,14 +80,14 @@ class Bundles:
         self._made: dict[tuple[str, str, int], tuple[Path, Path]] = {}
 
     def _make(self, version: str, name: str, seed: int) -> tuple[Path, Path]:
-        from runtime.bundle import pack
+        from runtime.bundle.manifest import pack
 
         key = (name, version, seed)
         if key not in self._made:
             d = self.base / f"{name}-{version}-s{seed}"
             if seed:
                 # Same name/version, different weights: a "rebuilt" bundle.
-                from runtime.bundle import write_bundle
+                from runtime.bundle.manifest import write_bundle
                 from tests.factories import make_tiny_onnx, tiny_manifest
 
                 onnx = make_tiny_onnx(self.base / f".src-{name}-{version}-{seed}" / "model.onnx", seed=seed)
@@ -126,8 +134,13 @@ def write_station(root: Path, name: str, port: int, model: str = "tiny", extra: 
     return path
 
 
-def write_deploy_config(root: Path, reload_command: str | None = None, keep: int | None = None,
-                        public_keys: list[str] | None = None, timeout_s: float = 15.0) -> Path:
+def write_deploy_config(
+    root: Path,
+    reload_command: str | None = None,
+    keep: int | None = None,
+    public_keys: list[str] | None = None,
+    timeout_s: float = 15.0,
+) -> Path:
     lines = []
     if keep is not None:
         lines += ["[install]", f"keep = {keep}"]
@@ -166,10 +179,21 @@ class StubStation:
     def start(self, timeout_s: float = 30.0) -> "StubStation":
         self.pid_file.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.deploy.station_stub", "--config",
-             str(self.root / "etc/defectscope" / f"{self.name}.toml"), "--root", str(self.root),
-             "--pid-file", str(self.pid_file)],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "tests.deploy.station_stub",
+                "--config",
+                str(self.root / "etc/defectscope" / f"{self.name}.toml"),
+                "--root",
+                str(self.root),
+                "--pid-file",
+                str(self.pid_file),
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         deadline = time.monotonic() + timeout_s
         while not self.pid_file.exists():

@@ -4,7 +4,7 @@ It speaks the runtime's service surface that deploy relies on (docs/contracts.md
 ``/readyz`` JSON with the model it serves and the last reload's result (HTTP 200 when
 the model is ready, even with a camera down; ``STUB_CAMERA_DOWN=1`` reports one down), ``/healthz``, ``/metrics`` with
 ``defectscope_model_info``, a PID file, and SIGHUP = reload the bundle named in the
-station config with ``runtime.bundle.load_bundle`` (full verification), keeping the
+station config with ``runtime.bundle.manifest.load_bundle`` (full verification), keeping the
 old model when the new one is refused. The real daemon is exercised in
 ``test_daemon_integration.py``.
 
@@ -25,8 +25,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from deploy.config import read_station, rooted
-from runtime.bundle import BundleError, load_bundle
-from runtime.metrics import MODEL_INFO_LABELS
+from runtime.bundle.manifest import BundleError, load_bundle
+from runtime.serving.metrics import MODEL_INFO_LABELS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         m = bundle.manifest
         art = bundle.artifact()
         with lock:
-            state["model"] = {"name": m.model.name, "version": m.model.version, "artifact": m.default_artifact,
-                              "precision": art.precision, "backend": "onnxruntime-cpu", "inference_precision": "f32"}
+            state["model"] = {
+                "name": m.model.name,
+                "version": m.model.version,
+                "artifact": m.default_artifact,
+                "precision": art.precision,
+                "backend": "onnxruntime-cpu",
+                "inference_precision": "f32",
+            }
             info.clear()
             info.labels(m.model.name, m.model.version, art.precision, "onnxruntime-cpu", "f32").set(1)
             state["last_reload"] = {"result": "ok", "error": None, "version": m.model.version}
@@ -78,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
                 model_ready = model is not None
                 cameras = {"cam0": {"connected": not camera_down}}
                 code = 200 if (model_ready or self.path == "/healthz") else 503
-                body = json.dumps({"ready": model_ready and not camera_down, "model": model,
-                                   "last_reload": last, "cameras": cameras}).encode()
+                body = json.dumps(
+                    {"ready": model_ready and not camera_down, "model": model, "last_reload": last, "cameras": cameras}
+                ).encode()
                 ctype = "application/json"
             self.send_response(code)
             self.send_header("Content-Type", ctype)

@@ -85,8 +85,7 @@ def test_traversal_is_refused_before_the_signature_check_and_nothing_is_copied(t
     _keys(tmp_path, root)
     bundle = _copy_dir(bundles.dir("1.0.0"), tmp_path / "evil-bundle")
     (tmp_path / "x").write_bytes(b"payload")
-    _rewrite_manifest(bundle, lambda d: d["files"].update(
-        {"../x": hashlib.sha256(b"payload").hexdigest()}))
+    _rewrite_manifest(bundle, lambda d: d["files"].update({"../x": hashlib.sha256(b"payload").hexdigest()}))
     before = tree(root)
     deploy("install", bundle, "--root", root, check=1)
     store_plumbing = {MODELS, "opt", "opt/defectscope", f"{MODELS}/.deploy.lock", f"{MODELS}/.staging"}
@@ -130,8 +129,12 @@ def test_archive_with_a_special_member_is_refused(tmp_path, bundles, kind):
 
     def add(tar):
         info = tarfile.TarInfo("model.onnx")
-        info.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE, "fifo": tarfile.FIFOTYPE,
-                     "device": tarfile.CHRTYPE}[kind]
+        info.type = {
+            "symlink": tarfile.SYMTYPE,
+            "hardlink": tarfile.LNKTYPE,
+            "fifo": tarfile.FIFOTYPE,
+            "device": tarfile.CHRTYPE,
+        }[kind]
         info.linkname = "/etc/shadow"
         tar.addfile(info)
 
@@ -146,9 +149,14 @@ def test_signed_archive_with_an_unlisted_extra_member_is_refused(tmp_path, bundl
     root = tmp_path / "root"
     key = _keys(tmp_path, root)
     src = bundles.dir("1.0.0")
-    archive = _tar(tmp_path / "tiny-1.0.0.tar.gz", {"manifest.json": src / "manifest.json",
-                                                    "model.onnx": src / "model.onnx",
-                                                    "hooks/post-install.sh": b"#!/bin/sh\nrm -rf /\n"})
+    archive = _tar(
+        tmp_path / "tiny-1.0.0.tar.gz",
+        {
+            "manifest.json": src / "manifest.json",
+            "model.onnx": src / "model.onnx",
+            "hooks/post-install.sh": b"#!/bin/sh\nrm -rf /\n",
+        },
+    )
     deploy("sign", archive, "--key", key)  # the signature over the manifest is valid
     r = deploy("install", archive, "--root", root, check=1)
     assert "does not list" in r.stderr and "hooks/post-install.sh" in r.stderr
@@ -165,8 +173,11 @@ def test_stray_file_in_a_directory_bundle_is_refused(tmp_path, bundles):
 def test_duplicate_archive_member_is_refused(tmp_path, bundles):
     # tar keeps both; an extractor would let the second (unchecked) copy win.
     src = bundles.dir("1.0.0")
-    archive = _tar(tmp_path / "dup.tar.gz", {"manifest.json": src / "manifest.json", "model.onnx": src / "model.onnx"},
-                   extra=lambda tar: tar.addfile(_info("model.onnx", 4), __import__("io").BytesIO(b"evil")))
+    archive = _tar(
+        tmp_path / "dup.tar.gz",
+        {"manifest.json": src / "manifest.json", "model.onnx": src / "model.onnx"},
+        extra=lambda tar: tar.addfile(_info("model.onnx", 4), __import__("io").BytesIO(b"evil")),
+    )
     r = deploy("install", archive, "--root", tmp_path / "root", check=1)
     assert "appears twice" in r.stderr
 
@@ -186,7 +197,7 @@ def test_forged_manifest_with_swapped_classes_fails_install_and_bundle_verify(tm
     _rewrite_manifest(bundle, lambda d: d.update(classes=d["classes"][::-1], good_classes=[d["classes"][1]]))
     r = deploy("install", bundle, "--root", root, check=1)
     assert "signature check 'signature'" in r.stderr
-    from runtime.bundle_cli import main as bundle_main
+    from runtime.bundle.cli import main as bundle_main
 
     assert bundle_main(["verify", str(bundle)]) == 1  # the .sig's recorded digest no longer matches
     assert bundle_main(["verify", str(bundle), "--public-key", str(key.with_suffix(".pub"))]) == 1

@@ -22,7 +22,9 @@ from deploy import MONITORING_DIR
 from tests.conftest import require_tool
 from tests.deploy.conftest import REPO, deploy, free_port, readyz
 
-pytest.importorskip("runtime.daemon", reason="runtime.daemon (defectscope serve) is not in this checkout yet")
+pytest.importorskip(
+    "runtime.serving.daemon", reason="runtime.serving.daemon (defectscope serve) is not in this checkout yet"
+)
 
 
 def _nan_bundle(dest: Path, version: str):
@@ -30,7 +32,7 @@ def _nan_bundle(dest: Path, version: str):
     import onnx
     from onnx import numpy_helper
 
-    from runtime.bundle import write_bundle
+    from runtime.bundle.manifest import write_bundle
     from tests.factories import make_tiny_onnx, tiny_manifest
 
     path = make_tiny_onnx(dest.parent / f".src-{dest.name}" / "model.onnx")
@@ -98,8 +100,12 @@ ready_timeout_s = 30
         return deploy(*args, "--root", "/", "--config", self.deploy_config, check=check)
 
     def start(self, timeout_s: float = 90.0) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "defectscope.cli", "serve", "--config", str(self.config)],
-                                     cwd=REPO, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "defectscope.cli", "serve", "--config", str(self.config)],
+            cwd=REPO,
+            stdout=open(self.log, "w"),
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}:\n{self.log.read_text()}"
@@ -170,7 +176,9 @@ def test_prometheus_scrapes_the_daemon_and_loads_the_rules(station, tmp_path, bu
     port = free_port()
     cfg = tmp_path / "prom/prometheus.yml"
     (tmp_path / "prom/rules").mkdir(parents=True)
-    (tmp_path / "prom/rules/defectscope.rules.yml").write_text((MONITORING_DIR / "rules/defectscope.rules.yml").read_text())
+    (tmp_path / "prom/rules/defectscope.rules.yml").write_text(
+        (MONITORING_DIR / "rules/defectscope.rules.yml").read_text()
+    )
     # The shipped fleet config with a fast scrape and this station as the only target.
     cfg.write_text(f"""
 global: {{scrape_interval: 1s, evaluation_interval: 1s}}
@@ -181,9 +189,17 @@ scrape_configs:
       - targets: ["127.0.0.1:{station.port}"]
         labels: {{station: line1}}
 """)
-    proc = subprocess.Popen([prometheus, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'prom/data'}",
-                             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prom.log", "w"))
+    proc = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={cfg}",
+            f"--storage.tsdb.path={tmp_path / 'prom/data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "prom.log", "w"),
+    )
     try:
         deadline = time.monotonic() + 60
         result: list[dict] = []

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from runtime.model_store import choose_bootable
+from runtime.bundle.store import choose_bootable
 from tests.deploy.conftest import MODELS, REPO, current_version, deploy
 
 
@@ -67,14 +67,16 @@ def test_installed_tree_is_complete_on_disk_before_current_switches(tmp_path, bu
 
 
 def test_the_daemon_starts_on_the_fallback_and_says_so(tmp_path, bundles):
-    from runtime.config import load_config
-    from runtime.model import load_model
+    from runtime.config.station import load_config
+    from runtime.inference.model import load_model
 
     store = _store(tmp_path, bundles, "1.0.0", "1.1.0")
     os.truncate(store / "1.1.0/model.onnx", 0)  # current's model torn by a power cut
     cfg_path = tmp_path / "station.toml"
-    cfg_path.write_text(f'station = "st1"\n[model]\nbundle = "{store / "current"}"\nbackend = "onnxruntime-cpu"\n'
-                        f'[[cameras]]\nid = "cam1"\nkind = "directory"\nsource = "{tmp_path}"\n')
+    cfg_path.write_text(
+        f'station = "st1"\n[model]\nbundle = "{store / "current"}"\nbackend = "onnxruntime-cpu"\n'
+        f'[[cameras]]\nid = "cam1"\nkind = "directory"\nsource = "{tmp_path}"\n'
+    )
     model = load_model(load_config(cfg_path))
     try:
         assert model.bundle.manifest.model.version == "1.0.0"
@@ -84,7 +86,7 @@ def test_the_daemon_starts_on_the_fallback_and_says_so(tmp_path, bundles):
     # A reload (generation > 1) never falls back silently: the torn current fails to load.
     import pytest
 
-    from runtime.model import ModelLoadError
+    from runtime.inference.model import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="checksum"):
         load_model(load_config(cfg_path), generation=2)
@@ -96,9 +98,19 @@ def _killed_at_every_step(scenario: str, template: Path, tmp_path: Path, allowed
     work = tmp_path / "crash"
     work.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.deploy.crashpoints", scenario, str(template), str(work),
-         json.dumps({"allowed": ",".join(sorted(allowed)), **{k: str(v) for k, v in extra.items()}})],
-        capture_output=True, text=True, cwd=REPO, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "tests.deploy.crashpoints",
+            scenario,
+            str(template),
+            str(work),
+            json.dumps({"allowed": ",".join(sorted(allowed)), **{k: str(v) for k, v in extra.items()}}),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
@@ -120,14 +132,18 @@ def _template(tmp_path: Path, bundles, *steps: tuple) -> Path:
 def test_a_kill_at_any_step_of_reinstalling_the_active_version_keeps_a_complete_current(tmp_path, bundles):
     # The issue's report: killed at the second rename, `current` dangled and the next prune deleted both copies.
     template = _template(tmp_path, bundles, (bundles.archive("1.0.0"),), (bundles.archive("1.1.0"),))
-    report = _killed_at_every_step("reinstall", template, tmp_path, {"1.1.0"},
-                                   archive=bundles.archive("1.1.0", seed=1))
+    report = _killed_at_every_step("reinstall", template, tmp_path, {"1.1.0"}, archive=bundles.archive("1.1.0", seed=1))
     assert len(report["kills"]) >= 20  # every rename/symlink/fsync/unlink of the install was a kill point
 
 
 def test_a_kill_at_any_step_of_replacing_an_already_replaced_version_keeps_a_complete_current(tmp_path, bundles):
-    template = _template(tmp_path, bundles, (bundles.archive("1.0.0"),), (bundles.archive("1.1.0"),),
-                         (bundles.archive("1.1.0", seed=1), "--force"))
+    template = _template(
+        tmp_path,
+        bundles,
+        (bundles.archive("1.0.0"),),
+        (bundles.archive("1.1.0"),),
+        (bundles.archive("1.1.0", seed=1), "--force"),
+    )
     assert (template / MODELS / "tiny/1.1.0").is_symlink()  # the replaced version: a link to its new tree
     _killed_at_every_step("reinstall-again", template, tmp_path, {"1.1.0"}, archive=bundles.archive("1.1.0"))
 
@@ -138,14 +154,20 @@ def test_a_kill_at_any_step_of_a_rollback_keeps_a_complete_current(tmp_path, bun
 
 
 def test_a_kill_at_any_step_of_a_prune_keeps_the_active_version(tmp_path, bundles):
-    template = _template(tmp_path, bundles, (bundles.archive("1.0.0"),), (bundles.archive("1.1.0"),),
-                         (bundles.archive("1.1.0", seed=1), "--force"), (bundles.archive("1.2.0"),))
+    template = _template(
+        tmp_path,
+        bundles,
+        (bundles.archive("1.0.0"),),
+        (bundles.archive("1.1.0"),),
+        (bundles.archive("1.1.0", seed=1), "--force"),
+        (bundles.archive("1.2.0"),),
+    )
     report = _killed_at_every_step("prune", template, tmp_path, {"1.2.0"})
     assert report["kills"], "prune --keep 0 of a plain and a replaced version has steps to kill"
 
 
 def test_a_kill_at_any_step_of_writing_an_engine_into_the_active_version_keeps_a_complete_current(tmp_path, bundles):
-    from runtime.bundle import load_bundle, write_bundle
+    from runtime.bundle.manifest import load_bundle, write_bundle
 
     template = _template(tmp_path, bundles, (bundles.archive("1.0.0"),), (bundles.archive("1.1.0"),))
     active = load_bundle(template / MODELS / "tiny/current")

@@ -6,14 +6,16 @@ import pytest
 
 from deploy import engine
 from deploy.config import DeployConfig, DeployError
-from runtime.bundle import Artifact, add_artifact
-from runtime.engine_meta import EngineUnavailableError, Platform
+from runtime.bundle.manifest import Artifact, add_artifact
+from runtime.engine.meta import EngineUnavailableError, Platform
 
 ORIN = Platform("10.3.0.30", "Orin", "8.7")
 
 
 def _on(platform):
     return lambda: platform
+
+
 from tests.deploy.conftest import MODELS, deploy, write_station
 
 
@@ -39,9 +41,20 @@ def test_an_engine_for_this_tensorrt_is_not_rebuilt(station, monkeypatch, tmp_pa
     root, cfg_path = station
     fake_engine = tmp_path / "model.fp16.engine"
     fake_engine.write_bytes(b"engine bytes")
-    add_artifact(root / MODELS / "tiny/current", "trt-fp16",
-                 Artifact(file="engines/model.fp16.engine", format="tensorrt", precision="fp16",
-                          tensorrt_version="10.3.0", gpu="Orin", compute_capability="8.7", batch=(1, 8)), fake_engine)
+    add_artifact(
+        root / MODELS / "tiny/current",
+        "trt-fp16",
+        Artifact(
+            file="engines/model.fp16.engine",
+            format="tensorrt",
+            precision="fp16",
+            tensorrt_version="10.3.0",
+            gpu="Orin",
+            compute_capability="8.7",
+            batch=(1, 8),
+        ),
+        fake_engine,
+    )
     # The platform probe needs a GPU; the decision is the runtime's own engine_problems().
     monkeypatch.setattr(engine, "current_platform", _on(ORIN))
     result = engine.build_for_station(root, DeployConfig(), cfg_path)
@@ -52,19 +65,34 @@ def test_an_engine_for_this_tensorrt_is_not_rebuilt(station, monkeypatch, tmp_pa
     assert result.built and "built with TensorRT 10.3.0" in result.reason
 
 
-@pytest.mark.parametrize("platform, why", [
-    (Platform("10.3.0.30", "NVIDIA A2", "8.6"), "compute capability 8.7"),  # same TensorRT, another GPU
-    (Platform("10.3.0.30", "Orin Nano", "8.7"), "built on GPU 'Orin'"),  # same sm, another GPU model
-])
-def test_an_engine_for_another_gpu_is_rebuilt_like_the_runtime_would_refuse_it(station, monkeypatch, tmp_path,
-                                                                                 platform, why):
+@pytest.mark.parametrize(
+    "platform, why",
+    [
+        (Platform("10.3.0.30", "NVIDIA A2", "8.6"), "compute capability 8.7"),  # same TensorRT, another GPU
+        (Platform("10.3.0.30", "Orin Nano", "8.7"), "built on GPU 'Orin'"),  # same sm, another GPU model
+    ],
+)
+def test_an_engine_for_another_gpu_is_rebuilt_like_the_runtime_would_refuse_it(
+    station, monkeypatch, tmp_path, platform, why
+):
     """Issue 14 item 11: before, only the TensorRT version was compared, so these engines were kept."""
     root, cfg_path = station
     fake_engine = tmp_path / "model.fp16.engine"
     fake_engine.write_bytes(b"engine bytes")
-    add_artifact(root / MODELS / "tiny/current", "trt-fp16",
-                 Artifact(file="engines/model.fp16.engine", format="tensorrt", precision="fp16",
-                          tensorrt_version="10.3.0.30", gpu="Orin", compute_capability="8.7", batch=(1, 8)), fake_engine)
+    add_artifact(
+        root / MODELS / "tiny/current",
+        "trt-fp16",
+        Artifact(
+            file="engines/model.fp16.engine",
+            format="tensorrt",
+            precision="fp16",
+            tensorrt_version="10.3.0.30",
+            gpu="Orin",
+            compute_capability="8.7",
+            batch=(1, 8),
+        ),
+        fake_engine,
+    )
     monkeypatch.setattr(engine, "current_platform", _on(platform))
     result = engine.build_for_station(root, DeployConfig(), cfg_path, build_args="--dry-run --tensorrt-version 10.3.0")
     assert result.built and why in result.reason
@@ -92,14 +120,15 @@ def test_timing_cache_reaches_defectscope_build_engine(station, monkeypatch, tmp
     monkeypatch.setattr(engine, "current_platform", _on(ORIN))
     cache = tmp_path / "var/cache/defectscope-engine/timing.cache"
     # --dry-run prints the plan; an unknown option would make build-engine exit 2 (a DeployError here).
-    engine.build_for_station(root, DeployConfig(), cfg_path, timing_cache=cache,
-                             build_args="--dry-run --tensorrt-version 10.3.0")
+    engine.build_for_station(
+        root, DeployConfig(), cfg_path, timing_cache=cache, build_args="--dry-run --tensorrt-version 10.3.0"
+    )
 
 
 # ---- issue 25 item 13: an engine is written as a new tree, never into the tree `current` names ----------
 def _built(root, version="1.0.0", extra=b"serialized engine"):
     """What `defectscope build-engine --out` leaves under <models>/.builds: the version's files + an engine."""
-    from runtime.bundle import load_bundle, write_bundle
+    from runtime.bundle.manifest import load_bundle, write_bundle
 
     src = load_bundle(root / MODELS / "tiny" / version)
     engine_file = root / "engine.tmp"

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from runtime.bundle import load_bundle, read_manifest, sha256_file
+from runtime.bundle.manifest import load_bundle, read_manifest, sha256_file
 from tests.deploy.conftest import MODELS, current_version, deploy, run_deploy, tree, write_deploy_config, write_station
 
 
@@ -28,7 +28,10 @@ def test_install_archive_then_directory_switches_current(tmp_path, bundles):
     assert (r["version"], r["previous"], r["changed"]) == ("1.1.0", "1.0.0", True)
     assert current_version(root) == "1.1.0"
     assert sorted(p.name for p in (root / MODELS / "tiny").iterdir() if not p.name.startswith(".")) == [
-        "1.0.0", "1.1.0", "current"]
+        "1.0.0",
+        "1.1.0",
+        "current",
+    ]
     # Nothing left in staging.
     assert list((root / MODELS / ".staging").iterdir()) == []
 
@@ -76,7 +79,9 @@ def test_same_version_with_different_files_needs_force(tmp_path, bundles):
     assert "already installed with different files" in r.stderr
     assert sha256_file(root / MODELS / "tiny/1.0.0/model.onnx") == sha256_file(bundles.dir("1.0.0") / "model.onnx")
     deploy("install", rebuilt, "--root", root, "--force")
-    assert sha256_file(root / MODELS / "tiny/1.0.0/model.onnx") == sha256_file(bundles.dir("1.0.0", seed=7) / "model.onnx")
+    assert sha256_file(root / MODELS / "tiny/1.0.0/model.onnx") == sha256_file(
+        bundles.dir("1.0.0", seed=7) / "model.onnx"
+    )
     load_bundle(root / MODELS / "tiny/current")
 
 
@@ -92,7 +97,7 @@ def test_damaged_installed_copy_is_replaced_by_a_verified_one(tmp_path, bundles)
 
 
 def test_unsafe_model_name_is_refused(tmp_path):
-    from runtime.bundle import write_bundle
+    from runtime.bundle.manifest import write_bundle
     from tests.factories import make_tiny_onnx, tiny_manifest
 
     onnx = make_tiny_onnx(tmp_path / "src/model.onnx")
@@ -126,8 +131,14 @@ def test_rollback_walks_back_through_the_history_never_forward(tmp_path, bundles
     assert current_version(root) == "1.0.0"
     history = json.loads((root / MODELS / "tiny/.deploy-state.json").read_text())["history"]
     assert [(h["version"], h["action"]) for h in history] == [
-        ("1.0.0", "install"), ("1.1.0", "install"), ("1.2.0", "install"),
-        ("1.1.0", "rollback"), ("1.0.0", "rollback"), ("1.2.0", "rollback-to"), ("1.0.0", "rollback")]
+        ("1.0.0", "install"),
+        ("1.1.0", "install"),
+        ("1.2.0", "install"),
+        ("1.1.0", "rollback"),
+        ("1.0.0", "rollback"),
+        ("1.2.0", "rollback-to"),
+        ("1.0.0", "rollback"),
+    ]
 
 
 def test_a_new_install_after_rollbacks_is_the_top_of_the_history(tmp_path, bundles):
@@ -169,8 +180,11 @@ def test_keep_prunes_the_least_recently_used_versions(tmp_path, bundles):
     write_deploy_config(root, keep=1)
     for v in ("1.0.0", "1.1.0", "1.2.0"):
         deploy("install", bundles.archive(v), "--root", root)
-    versions = lambda: sorted(p.name for p in (root / MODELS / "tiny").iterdir() if p.is_dir() and not p.is_symlink()
-                              and not p.name.startswith("."))
+    versions = lambda: sorted(
+        p.name
+        for p in (root / MODELS / "tiny").iterdir()
+        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+    )
     assert versions() == ["1.1.0", "1.2.0"]
     # Reactivating 1.1.0 makes 1.2.0 the least recently used one.
     deploy("rollback", "--root", root)

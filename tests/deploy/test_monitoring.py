@@ -20,8 +20,14 @@ CONTRACTS = Path(__file__).resolve().parents[2] / "docs/contracts.md"
 # Series that are not defectscope_* but that the rules and dashboard may use.
 OTHER_SERIES = {"up", "process_start_time_seconds", "ALERTS"}
 REQUIRED_ALERTS = {
-    "DefectScopeCameraDown", "DefectScopeNoFrames", "DefectScopeDefectRateSpike", "DefectScopeInferenceLatencyHigh",
-    "DefectScopeFramesDropped", "DefectScopePublishErrors", "DefectScopeModelVersionSkew", "DefectScopeRestarting",
+    "DefectScopeCameraDown",
+    "DefectScopeNoFrames",
+    "DefectScopeDefectRateSpike",
+    "DefectScopeInferenceLatencyHigh",
+    "DefectScopeFramesDropped",
+    "DefectScopePublishErrors",
+    "DefectScopeModelVersionSkew",
+    "DefectScopeRestarting",
 }
 
 
@@ -101,13 +107,14 @@ def test_rules_and_dashboard_use_only_contract_metric_names():
 
 def test_runtime_exports_every_metric_the_rules_use():
     """The runtime's own registry (not just the contract text) has every series the alerts read."""
-    metrics = pytest.importorskip("runtime.metrics")
+    metrics = pytest.importorskip("runtime.serving.metrics")
     m = metrics.Metrics(cameras=["cam0"], classes=["defect"])
     exported = set()
     for family in m.registry.collect():
         exported |= {s.name for s in family.samples}
     exported = {re.sub(r"_(bucket|count|sum|created)$", "", n) for n in exported} | {
-        f.name for f in m.registry.collect()}
+        f.name for f in m.registry.collect()
+    }
     exported |= {n + "_total" for n in exported}
     needed = _used_series(RULES.read_text()) | {"process_start_time_seconds"}
     missing = {n for n in needed if n not in exported}

@@ -1,7 +1,7 @@
 """install/rollback --reload: SIGHUP the station daemons and gate on /readyz, with automatic rollback.
 
 The daemons are real processes (tests/deploy/station_stub.py) that reload on SIGHUP
-with runtime.bundle verification; reload goes through the configurable reload
+with runtime.bundle.manifest verification; reload goes through the configurable reload
 command, as ``systemctl reload defectscope@<station>`` does on a station.
 """
 
@@ -43,14 +43,17 @@ def test_dead_daemon_fails_the_health_check_and_the_install_is_rolled_back(tmp_p
     assert s1.version() == "1.0.0"
     history = json.loads((root / MODELS / "tiny/.deploy-state.json").read_text())["history"]
     assert [(h["version"], h["action"], h.get("health")) for h in history[-2:]] == [
-        ("1.1.0", "install", "failed"), ("1.0.0", "auto-rollback", None)]
+        ("1.1.0", "install", "failed"),
+        ("1.0.0", "auto-rollback", None),
+    ]
 
 
 def test_reload_failure_on_one_station_restores_the_previous_version(tmp_path, stub_stations, bundles):
     root, (s1,) = _setup(tmp_path, stub_stations, bundles, ("line1",), timeout_s=3.0)
     # The reload command fails (e.g. systemctl refuses): the new version never gets served.
-    write_deploy_config(root, reload_command="sh -c 'echo unit defectscope@{station}.service not loaded >&2; exit 5'",
-                        timeout_s=3.0)
+    write_deploy_config(
+        root, reload_command="sh -c 'echo unit defectscope@{station}.service not loaded >&2; exit 5'", timeout_s=3.0
+    )
     r = deploy("install", bundles.archive("1.1.0"), "--root", root, "--reload", check=4)
     assert "exited 5" in r.stderr and "not loaded" in r.stderr
     assert current_version(root) == "1.0.0"
@@ -60,7 +63,9 @@ def test_reload_failure_on_one_station_restores_the_previous_version(tmp_path, s
     assert "no older version" in r.stderr
 
 
-def test_health_check_failure_with_a_live_station_rolls_back_and_serves_the_old_version(tmp_path, stub_stations, bundles):
+def test_health_check_failure_with_a_live_station_rolls_back_and_serves_the_old_version(
+    tmp_path, stub_stations, bundles
+):
     """A daemon that keeps serving the old model (it refused the new one) fails the gate; 1.0.0 keeps serving."""
     root, (s1,) = _setup(tmp_path, stub_stations, bundles, ("line1",), timeout_s=2.0)
     # The reload reaches no daemon, as when a daemon refuses the new bundle and keeps the old one.
@@ -104,7 +109,8 @@ def test_a_camera_down_does_not_roll_back_a_good_bundle(tmp_path, stub_stations,
 
 
 def test_a_failed_reload_reported_by_readyz_rolls_back_without_waiting_for_the_timeout(
-        tmp_path, stub_stations, bundles, monkeypatch):
+    tmp_path, stub_stations, bundles, monkeypatch
+):
     import time
 
     monkeypatch.setenv("STUB_FAIL_RELOADS", "1")

@@ -43,8 +43,9 @@ def tiny_onnx(path: Path, gain: float = 3.0, static_batch: int | None = None) ->
         helper.make_node("Flatten", ["gap"], ["flat"], axis=1),
         helper.make_node("Gemm", ["flat", "W", "B"], ["logits"]),
     ]
-    graph = helper.make_graph(nodes, "tiny", [inp], [out],
-                              initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
+    graph = helper.make_graph(
+        nodes, "tiny", [inp], [out], initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")]
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="defectscope-tests")
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -56,12 +57,23 @@ def tiny_onnx(path: Path, gain: float = 3.0, static_batch: int | None = None) ->
 def manifest_dict(version: str = "1.0.0", name: str = "tiny") -> dict[str, Any]:
     return {
         "schema_version": 1,
-        "model": {"name": name, "version": version, "task": "classification", "architecture": "tiny_gap",
-                  "created": "2024-01-01T00:00:00Z"},
+        "model": {
+            "name": name,
+            "version": version,
+            "task": "classification",
+            "architecture": "tiny_gap",
+            "created": "2024-01-01T00:00:00Z",
+        },
         "classes": ["ok", "defect"],
         "good_classes": ["ok"],
-        "input": {"name": "input", "height": SIZE, "width": SIZE, "resize_size": SIZE, "mean": [0.5, 0.5, 0.5],
-                  "std": [0.5, 0.5, 0.5]},
+        "input": {
+            "name": "input",
+            "height": SIZE,
+            "width": SIZE,
+            "resize_size": SIZE,
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5],
+        },
         "output": {"kind": "logits", "names": ["logits"]},
         "artifacts": {"fp32": {"file": "model.onnx", "format": "onnx", "precision": "fp32"}},
         "default_artifact": "fp32",
@@ -69,9 +81,10 @@ def manifest_dict(version: str = "1.0.0", name: str = "tiny") -> dict[str, Any]:
     }
 
 
-def make_bundle(dest: Path, version: str = "1.0.0", gain: float = 3.0, static_batch: int | None = None,
-                name: str = "tiny") -> Path:
-    from runtime.bundle import Manifest, write_bundle
+def make_bundle(
+    dest: Path, version: str = "1.0.0", gain: float = 3.0, static_batch: int | None = None, name: str = "tiny"
+) -> Path:
+    from runtime.bundle.manifest import Manifest, write_bundle
 
     src = tiny_onnx(dest.parent / f".src-{dest.name}" / "model.onnx", gain, static_batch)
     manifest = Manifest.from_dict(manifest_dict(version, name))
@@ -84,7 +97,9 @@ def brightness(verdict: str) -> int:
     return {"ok": 40, "defect": 215, "uncertain": 128}[verdict]
 
 
-def make_images(directory: Path, verdicts: list[str], size: tuple[int, int] = (40, 48), ext: str = ".png") -> list[Path]:
+def make_images(
+    directory: Path, verdicts: list[str], size: tuple[int, int] = (40, 48), ext: str = ".png"
+) -> list[Path]:
     """Replay images named in order, each a noisy gray frame judged as the given verdict."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -133,8 +148,14 @@ def write_config(path: Path, sections: dict[str, Any], cameras: list[dict[str, A
     return path
 
 
-def station_config(tmp: Path, bundle: Path, cameras: list[dict[str, Any]], pub_port: int | None = None,
-                   metrics_port: int | None = None, **sections: dict[str, Any]) -> tuple[Path, str]:
+def station_config(
+    tmp: Path,
+    bundle: Path,
+    cameras: list[dict[str, Any]],
+    pub_port: int | None = None,
+    metrics_port: int | None = None,
+    **sections: dict[str, Any],
+) -> tuple[Path, str]:
     """Config with sensible test defaults; returns (path, publisher endpoint)."""
     pub_port = pub_port or free_port()
     endpoint = f"tcp://127.0.0.1:{pub_port}"
@@ -167,7 +188,7 @@ class Subscriber:
         self.messages: list[tuple[str, dict[str, Any]]] = []
 
     def pump(self, timeout_s: float = 0.1) -> int:
-        from runtime.messages import decode
+        from runtime.serving.messages import decode
 
         n = 0
         if self.sock.poll(int(timeout_s * 1000)):
@@ -182,13 +203,19 @@ class Subscriber:
                 n += 1
         return n
 
-    def until(self, predicate: Callable[["Subscriber"], bool], timeout_s: float, proc: subprocess.Popen | None = None,
-              what: str = "condition") -> None:
+    def until(
+        self,
+        predicate: Callable[["Subscriber"], bool],
+        timeout_s: float,
+        proc: subprocess.Popen | None = None,
+        what: str = "condition",
+    ) -> None:
         deadline = time.monotonic() + timeout_s
         while not predicate(self):
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; "
-                                     f"{len(self.messages)} messages received")
+                raise AssertionError(
+                    f"timed out after {timeout_s}s waiting for {what}; {len(self.messages)} messages received"
+                )
             if proc is not None and proc.poll() is not None:
                 self.pump(0.2)
                 if predicate(self):
@@ -232,15 +259,21 @@ def metric(samples: dict, sample: str, /, **labels: str) -> float:
     return samples.get((sample, tuple(sorted(labels.items()))), 0.0)
 
 
-def spawn_daemon(config: Path, env: dict[str, str] | None = None, extra: list[str] | None = None,
-                 preamble: str = "") -> subprocess.Popen:
+def spawn_daemon(
+    config: Path, env: dict[str, str] | None = None, extra: list[str] | None = None, preamble: str = ""
+) -> subprocess.Popen:
     """`defectscope serve --config ...` as a real subprocess (stderr captured)."""
     code = preamble + "import sys; from defectscope.cli import main; sys.exit(main(sys.argv[1:]))"
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
     full_env.update(env or {})
-    return subprocess.Popen([sys.executable, "-c", code, "serve", "--config", str(config), *(extra or [])],
-                            cwd=str(ROOT), env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "serve", "--config", str(config), *(extra or [])],
+        cwd=str(ROOT),
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30.0) -> tuple[int, str]:

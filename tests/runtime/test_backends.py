@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.backends import FACTORIES, BackendError, candidates, create_backend, register
-from runtime.bundle import Artifact, Manifest, load_bundle, write_bundle
-from runtime.config import ModelConfig, OpenVINOConfig
+from runtime.bundle.manifest import Artifact, Manifest, load_bundle, write_bundle
+from runtime.config.station import ModelConfig, OpenVINOConfig
+from runtime.inference.backends import FACTORIES, BackendError, candidates, create_backend, register
 
 from ._helpers import SIZE, make_bundle, manifest_dict, tiny_onnx
 
@@ -38,9 +38,15 @@ def _with_fake_engine(tmp_path: Path) -> Path:
     engine = tmp_path / "src" / "model.engine"
     engine.write_bytes(b"\x00not-an-engine")
     data = manifest_dict()
-    data["artifacts"]["trt-fp16"] = {"file": "engines/model.fp16.engine", "format": "tensorrt", "precision": "fp16",
-                                     "tensorrt_version": "10.3.0", "gpu": "Orin", "compute_capability": "8.7",
-                                     "batch": [1, 8]}
+    data["artifacts"]["trt-fp16"] = {
+        "file": "engines/model.fp16.engine",
+        "format": "tensorrt",
+        "precision": "fp16",
+        "tensorrt_version": "10.3.0",
+        "gpu": "Orin",
+        "compute_capability": "8.7",
+        "batch": [1, 8],
+    }
     dest = tmp_path / "bundle"
     write_bundle(dest, Manifest.from_dict(data), {"model.onnx": src, "engines/model.fp16.engine": engine})
     return dest
@@ -52,8 +58,13 @@ def test_ort_cpu_runs_the_model(tmp_path: Path) -> None:
     x = _batch(5)
     (logits,) = backend.run(x)
     np.testing.assert_allclose(logits, _reference(x), rtol=1e-4, atol=1e-5)
-    assert backend.describe() == {"backend": "onnxruntime-cpu", "artifact": "fp32", "precision": "fp32",
-                                  "inference_precision": "f32", "max_batch": None}
+    assert backend.describe() == {
+        "backend": "onnxruntime-cpu",
+        "artifact": "fp32",
+        "precision": "fp32",
+        "inference_precision": "f32",
+        "max_batch": None,
+    }
     assert backend.selection.reason == "named in [model] backend" and backend.selection.skipped == ()
 
 
@@ -71,13 +82,20 @@ def test_static_batch_model_is_padded_and_split(tmp_path: Path) -> None:
 def test_auto_falls_back_from_an_unusable_engine_to_onnxruntime(tmp_path: Path) -> None:
     b = load_bundle(_with_fake_engine(tmp_path))
     cfg = ModelConfig(bundle=b.path, backend="auto")
-    assert candidates(b, cfg) == [("tensorrt", "trt-fp16"), ("onnxruntime-cuda", "fp32"), ("openvino", "fp32"),
-                                  ("onnxruntime-cpu", "fp32")]
+    assert candidates(b, cfg) == [
+        ("tensorrt", "trt-fp16"),
+        ("onnxruntime-cuda", "fp32"),
+        ("openvino", "fp32"),
+        ("onnxruntime-cpu", "fp32"),
+    ]
     backend = create_backend(b, cfg)
     import onnxruntime as ort
 
-    expected = "onnxruntime-cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else (
-        "openvino" if HAVE_OV and X86 else "onnxruntime-cpu")
+    expected = (
+        "onnxruntime-cuda"
+        if "CUDAExecutionProvider" in ort.get_available_providers()
+        else ("openvino" if HAVE_OV and X86 else "onnxruntime-cpu")
+    )
     if importlib.util.find_spec("tensorrt") is None or expected != "onnxruntime-cuda":
         assert backend.name == expected
         assert backend.selection.skipped[0].startswith("tensorrt (trt-fp16): ")
@@ -146,11 +164,18 @@ def test_tensorrt_engine_matches_onnxruntime(tmp_path: Path) -> None:
     engine_path.write_bytes(bytes(engine))
     cc = "{}.{}".format(*device.compute_capability())
     data = manifest_dict()
-    data["artifacts"]["trt-fp32"] = Artifact(file="engines/model.engine", format="tensorrt", precision="fp32",
-                                             tensorrt_version=trt.__version__, gpu=device.name(),
-                                             compute_capability=cc, batch=(1, 8)).to_dict()
-    b = write_bundle(tmp_path / "bundle", Manifest.from_dict(data),
-                     {"model.onnx": onnx_path, "engines/model.engine": engine_path})
+    data["artifacts"]["trt-fp32"] = Artifact(
+        file="engines/model.engine",
+        format="tensorrt",
+        precision="fp32",
+        tensorrt_version=trt.__version__,
+        gpu=device.name(),
+        compute_capability=cc,
+        batch=(1, 8),
+    ).to_dict()
+    b = write_bundle(
+        tmp_path / "bundle", Manifest.from_dict(data), {"model.onnx": onnx_path, "engines/model.engine": engine_path}
+    )
     backend = create_backend(b, ModelConfig(bundle=b.path, backend="auto"))
     try:
         assert (backend.name, backend.min_batch, backend.max_batch) == ("tensorrt", 1, 8)
@@ -162,8 +187,9 @@ def test_tensorrt_engine_matches_onnxruntime(tmp_path: Path) -> None:
         backend.close()
     # An engine claiming another GPU is refused before deserialisation.
     data["artifacts"]["trt-fp32"]["compute_capability"] = "1.0"
-    other = write_bundle(tmp_path / "other", Manifest.from_dict(data),
-                         {"model.onnx": onnx_path, "engines/model.engine": engine_path})
+    other = write_bundle(
+        tmp_path / "other", Manifest.from_dict(data), {"model.onnx": onnx_path, "engines/model.engine": engine_path}
+    )
     with pytest.raises(BackendError, match="compute capability 1.0"):
         create_backend(other, ModelConfig(bundle=other.path, backend="tensorrt"))
 
@@ -173,12 +199,18 @@ class LogicError(RuntimeError):
     """Stands in for pycuda._driver.LogicError (not importable without CUDA)."""
 
 
-@pytest.mark.parametrize("exc", [MemoryError("cuMemHostAlloc failed: out of memory"),
-                                 LogicError("cuCtxPush failed: invalid device context"),
-                                 AttributeError("'tensorrt.ICudaEngine' object has no attribute 'num_io_tensors'")],
-                         ids=["MemoryError", "LogicError", "old-TensorRT"])
-def test_any_tensorrt_creation_failure_falls_back_to_onnxruntime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                 exc: BaseException) -> None:
+@pytest.mark.parametrize(
+    "exc",
+    [
+        MemoryError("cuMemHostAlloc failed: out of memory"),
+        LogicError("cuCtxPush failed: invalid device context"),
+        AttributeError("'tensorrt.ICudaEngine' object has no attribute 'num_io_tensors'"),
+    ],
+    ids=["MemoryError", "LogicError", "old-TensorRT"],
+)
+def test_any_tensorrt_creation_failure_falls_back_to_onnxruntime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: BaseException
+) -> None:
     def failing_tensorrt(bundle, key, cfg):
         raise exc
 
@@ -208,11 +240,24 @@ def _with_record(tmp_path: Path, records: dict[str, dict]) -> Path:
     src = tiny_onnx(tmp_path / "src" / "model.onnx")
     data = manifest_dict()
     gate = {"split": "test", "n": 100, "budget_points": 0.5, "metrics": ["accuracy", "macro_f1"]}
-    data["metrics"] = {"fp32": {"accuracy": 0.9, "backends": {
-        k: {"accuracy": 0.9 - v["drop"] / 100, "inference_precision": k.partition(":")[2] or "f32",
-            "gate": {**gate, "passed": v["drop"] <= 0.5, "failed": ["accuracy"] if v["drop"] > 0.5 else [],
-                     "drops_points": {"accuracy": v["drop"], "macro_f1": 0.0}}}
-        for k, v in records.items()}}}
+    data["metrics"] = {
+        "fp32": {
+            "accuracy": 0.9,
+            "backends": {
+                k: {
+                    "accuracy": 0.9 - v["drop"] / 100,
+                    "inference_precision": k.partition(":")[2] or "f32",
+                    "gate": {
+                        **gate,
+                        "passed": v["drop"] <= 0.5,
+                        "failed": ["accuracy"] if v["drop"] > 0.5 else [],
+                        "drops_points": {"accuracy": v["drop"], "macro_f1": 0.0},
+                    },
+                }
+                for k, v in records.items()
+            },
+        }
+    }
     return write_bundle(tmp_path / "bundle", Manifest.from_dict(data), {"model.onnx": src}).path
 
 
@@ -267,8 +312,9 @@ def _ov(b, **kw) -> ModelConfig:
 @pytest.mark.parametrize("requests", [1, 3])
 def test_openvino_runs_the_model(tmp_path: Path, requests: int) -> None:
     b = load_bundle(make_bundle(tmp_path / "b"))
-    backend = create_backend(b, _ov(b, threads=requests, infer_requests=requests,
-                                    hint="throughput" if requests > 1 else "latency"))
+    backend = create_backend(
+        b, _ov(b, threads=requests, infer_requests=requests, hint="throughput" if requests > 1 else "latency")
+    )
     try:
         for n in (1, 2, 7):  # 2 < requests: fewer chunks than requests
             x = _batch(n, seed=n)
@@ -276,7 +322,12 @@ def test_openvino_runs_the_model(tmp_path: Path, requests: int) -> None:
             assert logits.shape == (n, 2) and logits.dtype == np.float32
             np.testing.assert_allclose(logits, _reference(x), rtol=1e-4, atol=1e-5)
         d = backend.describe()
-        assert (d["backend"], d["artifact"], d["inference_precision"], d["max_batch"]) == ("openvino", "fp32", "f32", None)
+        assert (d["backend"], d["artifact"], d["inference_precision"], d["max_batch"]) == (
+            "openvino",
+            "fp32",
+            "f32",
+            None,
+        )
         # One stream per request, as many as OpenVINO allows (it caps threads, then streams, at the cores).
         assert d["streams"] == min(requests, os.cpu_count() or 1) and d["loaded_from_cache"] is False
         assert backend.accuracy_id == "openvino:f32"
@@ -348,8 +399,14 @@ def test_openvino_runs_an_int8_qdq_model(tmp_path: Path) -> None:
             return next(self.it, None)
 
     q = tmp_path / "src" / "model.int8.onnx"
-    quantize_static(str(src), str(q), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
+    quantize_static(
+        str(src),
+        str(q),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
     data = manifest_dict()
     data["artifacts"]["int8"] = {"file": "model.int8.onnx", "format": "onnx", "precision": "int8"}
     data["default_artifact"] = "int8"
@@ -389,29 +446,38 @@ def _station(tmp_path: Path, model_extra: str) -> Path:
 
 
 def test_openvino_config_keys_and_defaults(tmp_path: Path) -> None:
-    from runtime.config import load_config
+    from runtime.config.station import load_config
 
-    cfg = load_config(_station(tmp_path, 'backend = "openvino"\nthreads = 2\n[model.openvino]\n'
-                                         'cache_dir = "ovc"\nhint = "throughput"\nprecision = "bf16"\n'
-                                         'infer_requests = 2\n'))
+    cfg = load_config(
+        _station(
+            tmp_path,
+            'backend = "openvino"\nthreads = 2\n[model.openvino]\n'
+            'cache_dir = "ovc"\nhint = "throughput"\nprecision = "bf16"\n'
+            "infer_requests = 2\n",
+        )
+    )
     assert cfg.model.backend == "openvino" and cfg.model.threads == 2
-    assert cfg.model.openvino == OpenVINOConfig(cache_dir=tmp_path / "ovc", hint="throughput", precision="bf16",
-                                                infer_requests=2)
+    assert cfg.model.openvino == OpenVINOConfig(
+        cache_dir=tmp_path / "ovc", hint="throughput", precision="bf16", infer_requests=2
+    )
     assert cfg.to_dict()["model"]["openvino"]["cache_dir"] == str(tmp_path / "ovc")
     plain = load_config(_station(tmp_path, ""))
     assert plain.model.openvino == OpenVINOConfig() and plain.model.openvino.precision == "f32"
 
 
-@pytest.mark.parametrize("body, message", [
-    ('[model.openvino]\nhint = "fast"', "key 'model.openvino.hint': expected one of ['latency', 'throughput']"),
-    ('[model.openvino]\nprecision = "f16"', "key 'model.openvino.precision': expected one of ['f32', 'bf16']"),
-    ('[model.openvino]\ninfer_requests = 0', "key 'model.openvino.infer_requests': expected an integer >= 1"),
-    ('[model.openvino]\ncache_dir = 3', "key 'model.openvino.cache_dir': expected a string"),
-    ('[model.openvino]\nthreads = 2', "key 'model.openvino.threads': unknown key"),
-    ('backend = "openvno"', "key 'model.backend': expected one of"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('[model.openvino]\nhint = "fast"', "key 'model.openvino.hint': expected one of ['latency', 'throughput']"),
+        ('[model.openvino]\nprecision = "f16"', "key 'model.openvino.precision': expected one of ['f32', 'bf16']"),
+        ("[model.openvino]\ninfer_requests = 0", "key 'model.openvino.infer_requests': expected an integer >= 1"),
+        ("[model.openvino]\ncache_dir = 3", "key 'model.openvino.cache_dir': expected a string"),
+        ("[model.openvino]\nthreads = 2", "key 'model.openvino.threads': unknown key"),
+        ('backend = "openvno"', "key 'model.backend': expected one of"),
+    ],
+)
 def test_openvino_config_errors_name_the_key(tmp_path: Path, body: str, message: str) -> None:
-    from runtime.config import ConfigError, load_config
+    from runtime.config.station import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=message.replace("[", "\\[").replace("]", "\\]").replace("(", "\\(")):
         load_config(_station(tmp_path, body))
@@ -452,8 +518,14 @@ def test_a_failing_probe_counts_as_a_failed_candidate(tmp_path: Path) -> None:
 
     backend = create_backend(b, ModelConfig(bundle=b.path), probe=probe)
     assert backend.name == "onnxruntime-cpu" and tried[-1] == "onnxruntime-cpu"
-    assert all(s.endswith("creation failed: RuntimeError: warm-up inference failed")
-               for s in backend.selection.skipped if s.split()[0] in tried)
+    assert all(
+        s.endswith("creation failed: RuntimeError: warm-up inference failed")
+        for s in backend.selection.skipped
+        if s.split()[0] in tried
+    )
     with pytest.raises(BackendError, match="could not be created: RuntimeError: warm-up"):
-        create_backend(b, ModelConfig(bundle=b.path, backend="onnxruntime-cpu"),
-                       probe=lambda be: (_ for _ in ()).throw(RuntimeError("warm-up inference failed")))
+        create_backend(
+            b,
+            ModelConfig(bundle=b.path, backend="onnxruntime-cpu"),
+            probe=lambda be: (_ for _ in ()).throw(RuntimeError("warm-up inference failed")),
+        )

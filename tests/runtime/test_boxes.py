@@ -1,11 +1,11 @@
-"""runtime.boxes: letterbox/stretch geometry both ways, flip-TTA merge (hand-checked), part verdict on boxes."""
+"""runtime.inference.boxes: letterbox/stretch geometry both ways, flip-TTA merge (hand-checked), part verdict on boxes."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from runtime.boxes import (BoxError, BoxPolicy, box_iou, fit, geometry, unflip_boxes, weighted_box_fusion)
+from runtime.inference.boxes import BoxError, BoxPolicy, box_iou, fit, geometry, unflip_boxes, weighted_box_fusion
 
 
 def _bright_box(img: np.ndarray) -> list[float]:
@@ -15,11 +15,11 @@ def _bright_box(img: np.ndarray) -> list[float]:
 
 def test_letterbox_pads_centred_and_boxes_follow_pixels():
     img = np.zeros((100, 200), np.uint8)
-    img[20:40, 50:90] = 255                      # box [50,20,90,40]
+    img[20:40, 50:90] = 255  # box [50,20,90,40]
     out, g = fit(img, 64, 64, "letterbox")
     assert out.shape == (64, 64)
     assert (g.scale_x, g.scale_y) == (0.32, 0.32) and (g.pad_x, g.pad_y) == (0.0, 16.0)
-    assert out[:16].max() == 0 and out[48:].max() == 0            # pads top and bottom
+    assert out[:16].max() == 0 and out[48:].max() == 0  # pads top and bottom
     model_box = g.to_model([[50, 20, 90, 40]])[0]
     np.testing.assert_allclose(model_box, [16, 22.4, 28.8, 28.8], atol=1e-5)
     # The box of the bright pixels in the model image agrees to within a resampled pixel.
@@ -84,7 +84,7 @@ def test_wbf_hand_checked():
 
 def test_wbf_apart_boxes_stay_apart_and_empty_views():
     v1 = ([[0, 0, 10, 10]], [0.8], [1])
-    v2 = ([[6, 0, 16, 10]], [0.8], [1])      # IoU 4/16 = 0.25: separate
+    v2 = ([[6, 0, 16, 10]], [0.8], [1])  # IoU 4/16 = 0.25: separate
     boxes, scores, _ = weighted_box_fusion([v1, v2])
     assert len(boxes) == 2 and np.allclose(scores, 0.4)
     b, s, l = weighted_box_fusion([(np.zeros((0, 4)), [], []), (np.zeros((0, 4)), [], [])])
@@ -112,7 +112,7 @@ def test_policy_defect_uncertain_ok_and_min_area():
     # A clear defect wins over an uncertain box with a bigger score elsewhere.
     v = p.decide([[0, 0, 10, 10], [20, 20, 30, 30]], [0.85, 0.7], [2, 1], CLASSES)
     assert (v.verdict, v.defect_class) == ("defect", "crack") and len(v.boxes) == 2
-    assert p.decide(np.zeros((0, 4)), [], [], CLASSES) .verdict == "ok"
+    assert p.decide(np.zeros((0, 4)), [], [], CLASSES).verdict == "ok"
 
 
 def test_policy_validation():
@@ -150,11 +150,18 @@ def test_imports_without_torch_training_or_calibration():
         "        if name.split('.')[0] in ('torch', 'torchvision', 'training', 'calibration'):\n"
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import numpy as np, runtime.boxes as b\n"
+        "import numpy as np, runtime.inference.boxes as b\n"
         "img, g = b.fit(np.zeros((10, 20), np.uint8), 16, 16)\n"
-        "print(g.to_original([[0, 4, 16, 12]]).tolist())\n")
+        "print(g.to_original([[0, 4, 16, 12]]).tolist())\n"
+    )
     root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60,
-                         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[[0.0, 0.0, 20.0, 10.0]]"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.bundle import (
+from runtime.bundle.manifest import (
     MANIFEST,
     Artifact,
     BundleError,
@@ -22,7 +22,7 @@ from runtime.bundle import (
     update_manifest,
     write_bundle,
 )
-from runtime.preprocess import Preprocessor
+from runtime.inference.preprocess import Preprocessor
 from tests.factories import make_tiny_bundle, make_tiny_onnx, tiny_manifest
 
 
@@ -117,8 +117,14 @@ def test_missing_manifest_means_not_a_bundle(tmp_path):
 
 def test_add_artifact_and_update_keep_bundle_valid(bundle, tmp_path):
     other = make_tiny_onnx(tmp_path / "other.onnx", seed=1)
-    updated = add_artifact(bundle.path, "int8", Artifact("model.int8.onnx", "onnx", "int8"), other,
-                           metrics={"accuracy": 0.75}, make_default=True)
+    updated = add_artifact(
+        bundle.path,
+        "int8",
+        Artifact("model.int8.onnx", "onnx", "int8"),
+        other,
+        metrics={"accuracy": 0.75},
+        make_default=True,
+    )
     assert updated.manifest.default_artifact == "int8"
     assert updated.manifest.metrics["int8"]["accuracy"] == 0.75
     assert set(load_bundle(bundle.path).manifest.files) == {"model.onnx", "model.int8.onnx"}
@@ -149,21 +155,25 @@ def test_unsafe_archive_refused(tmp_path):
 
 
 def test_bundle_cli_verify_and_inspect(bundle):
-    ok = subprocess.run([sys.executable, "-m", "defectscope", "bundle", "verify", str(bundle.path)],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "defectscope", "bundle", "verify", str(bundle.path)], capture_output=True, text=True
+    )
     assert ok.returncode == 0, ok.stderr
-    shown = subprocess.run([sys.executable, "-m", "defectscope", "bundle", "inspect", str(bundle.path)],
-                           capture_output=True, text=True)
+    shown = subprocess.run(
+        [sys.executable, "-m", "defectscope", "bundle", "inspect", str(bundle.path)], capture_output=True, text=True
+    )
     assert "tiny 1.0.0" in shown.stdout and "fp32" in shown.stdout
     with open(bundle.path / "model.onnx", "ab") as fh:
         fh.write(b"\0")
-    bad = subprocess.run([sys.executable, "-m", "defectscope", "bundle", "verify", str(bundle.path)],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "defectscope", "bundle", "verify", str(bundle.path)], capture_output=True, text=True
+    )
     assert bad.returncode == 1 and "checksum mismatch" in bad.stderr
 
 
-@pytest.mark.parametrize("name", ["../x", "a/../../x", "/etc/passwd", "./model.onnx", "a//b", "a\\..\\b",
-                                  "manifest.json", "", "x\x00y"])
+@pytest.mark.parametrize(
+    "name", ["../x", "a/../../x", "/etc/passwd", "./model.onnx", "a//b", "a\\..\\b", "manifest.json", "", "x\x00y"]
+)
 def test_unsafe_paths_in_the_manifest_are_refused_by_the_schema(bundle, name):
     _edit_manifest(bundle.path, lambda d: d["files"].update({name: "0" * 64}))
     with pytest.raises(BundleError, match="not a safe bundle path"):

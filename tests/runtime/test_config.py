@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.config import ConfigError, guess_kind, load_config
+from runtime.config.station import ConfigError, guess_kind, load_config
 
 from ._helpers import ROOT, write_config
 
@@ -27,7 +27,10 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_minimal_config_resolves_defaults_and_relative_paths(tmp_path: Path, replay_dir: Path) -> None:
-    cfg = load_config(_write(tmp_path, """
+    cfg = load_config(
+        _write(
+            tmp_path,
+            """
 [model]
 bundle = "models/current"
 
@@ -41,14 +44,22 @@ source = "rtsp://user:pw@10.0.0.2/stream"
 fps = 12.5
 roi = [10, 20, 100, 80]
 rotate = 90
-"""))
+""",
+        )
+    )
     assert cfg.station == "line3"  # defaults to the file stem (= systemd instance name)
     assert cfg.model.bundle == tmp_path / "models" / "current"
     assert cfg.model.backend == "auto"
     cam1, cam2 = cfg.cameras
     assert (cam1.kind, cam1.on_full, cam1.finite) == ("directory", "block", True)
     assert cam1.source == str(replay_dir)
-    assert (cam2.kind, cam2.on_full, cam2.fps, cam2.roi, cam2.rotate) == ("rtsp", "drop_oldest", 12.5, (10, 20, 100, 80), 90)
+    assert (cam2.kind, cam2.on_full, cam2.fps, cam2.roi, cam2.rotate) == (
+        "rtsp",
+        "drop_oldest",
+        12.5,
+        (10, 20, 100, 80),
+        90,
+    )
     assert cfg.metrics.host == "127.0.0.1" and cfg.metrics.port == 9108
     assert cfg.publisher.bind == ("tcp://127.0.0.1:5555",)
     assert cfg.to_dict()["cameras"][1]["roi"] == [10, 20, 100, 80]
@@ -62,46 +73,100 @@ rotate = 90
         ('[model]\nbundle="b"\nbackend="cuda"\n[[cameras]]\nid="c"\nsource="0"\n', "model.backend", "expected one of"),
         ('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\nfps=-2\n', "cameras[0].fps", "> 0"),
         ('[model]\nbundle="b"\n[[cameras]]\nid="c.1"\nsource="0"\n', "cameras[0].id", "no dots"),
-        ('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\n[[cameras]]\nid="c"\nsource="1"\n', "cameras[1].id",
-         "duplicate"),
+        (
+            '[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\n[[cameras]]\nid="c"\nsource="1"\n',
+            "cameras[1].id",
+            "duplicate",
+        ),
         ('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\nrotate=45\n', "cameras[0].rotate", "degrees"),
-        ('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\nroi=[1,2,3]\n', "cameras[0].roi", "[x, y, width, height]"),
-        ('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="/nonexistent/v.mp4"\n', "cameras[0].source", "does not exist"),
+        (
+            '[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\nroi=[1,2,3]\n',
+            "cameras[0].roi",
+            "[x, y, width, height]",
+        ),
+        (
+            '[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="/nonexistent/v.mp4"\n',
+            "cameras[0].source",
+            "does not exist",
+        ),
         ('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\nsoruce="1"\n', "cameras[0].soruce", "unknown key"),
-        ('[model]\nbundle="b"\n[tta]\nviews=["original","rot45"]\n[[cameras]]\nid="c"\nsource="0"\n', "tta.views",
-         "unknown view"),
+        (
+            '[model]\nbundle="b"\n[tta]\nviews=["original","rot45"]\n[[cameras]]\nid="c"\nsource="0"\n',
+            "tta.views",
+            "unknown view",
+        ),
         ('[model]\nbundle="b"\n[tta]\nviews="flipz"\n[[cameras]]\nid="c"\nsource="0"\n', "tta.views", "preset"),
-        ('[model]\nbundle="b"\n[tta]\nviews=["hflip","hflip"]\n[[cameras]]\nid="c"\nsource="0"\n', "tta.views",
-         "duplicate"),
+        (
+            '[model]\nbundle="b"\n[tta]\nviews=["hflip","hflip"]\n[[cameras]]\nid="c"\nsource="0"\n',
+            "tta.views",
+            "duplicate",
+        ),
         ('[model]\nbundle="b"\n[tta]\nviews=[]\n[[cameras]]\nid="c"\nsource="0"\n', "tta.views", "non-empty"),
         ('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\npreload_mb=-1\n', "cameras[0].preload_mb", ">= 0"),
-        ('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\npreload_mb="lots"\n', "cameras[0].preload_mb",
-         "number"),
-        ('[model]\nbundle="b"\n[tta]\nmode="sometimes"\n[[cameras]]\nid="c"\nsource="0"\n', "tta.mode",
-         "'always', 'uncertain'"),
-        ('[model]\nbundle="b"\n[tta]\nmode="uncertain"\n[[cameras]]\nid="c"\nsource="0"\n', "tta.mode",
-         "at least two views"),
-        ('[model]\nbundle="b"\n[tta]\nviews=["original","hflip"]\nmode="uncertain"\nband=0\n[[cameras]]\nid="c"\n'
-         'source="0"\n', "tta.band", "> 0"),
-        ('[model]\nbundle="b"\n[decision]\nthresholds={defect=1.5}\n[[cameras]]\nid="c"\nsource="0"\n',
-         "decision.thresholds.defect", "[0, 1]"),
-        ('[model]\nbundle="b"\n[publisher]\nbind=["5555"]\n[[cameras]]\nid="c"\nsource="0"\n', "publisher.bind",
-         "endpoints"),
+        (
+            '[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\npreload_mb="lots"\n',
+            "cameras[0].preload_mb",
+            "number",
+        ),
+        (
+            '[model]\nbundle="b"\n[tta]\nmode="sometimes"\n[[cameras]]\nid="c"\nsource="0"\n',
+            "tta.mode",
+            "'always', 'uncertain'",
+        ),
+        (
+            '[model]\nbundle="b"\n[tta]\nmode="uncertain"\n[[cameras]]\nid="c"\nsource="0"\n',
+            "tta.mode",
+            "at least two views",
+        ),
+        (
+            '[model]\nbundle="b"\n[tta]\nviews=["original","hflip"]\nmode="uncertain"\nband=0\n[[cameras]]\nid="c"\n'
+            'source="0"\n',
+            "tta.band",
+            "> 0",
+        ),
+        (
+            '[model]\nbundle="b"\n[decision]\nthresholds={defect=1.5}\n[[cameras]]\nid="c"\nsource="0"\n',
+            "decision.thresholds.defect",
+            "[0, 1]",
+        ),
+        (
+            '[model]\nbundle="b"\n[publisher]\nbind=["5555"]\n[[cameras]]\nid="c"\nsource="0"\n',
+            "publisher.bind",
+            "endpoints",
+        ),
         ('[model]\nbundle="b"\n[metrics]\nport=70000\n[[cameras]]\nid="c"\nsource="0"\n', "metrics.port", "<= 65535"),
-        ('[model]\nbundle="b"\n[batching]\nmax_batch=true\n[[cameras]]\nid="c"\nsource="0"\n', "batching.max_batch",
-         "integer"),
-        ('[model]\nbundle="b"\n[snapshots]\nverdicts=["bad"]\n[[cameras]]\nid="c"\nsource="0"\n', "snapshots.verdicts",
-         "verdicts"),
-        ('[model]\nbundle="b"\n[publisher.curve]\nserver_secret_key="nokey"\n[[cameras]]\nid="c"\nsource="0"\n',
-         "publisher.curve.server_secret_key", "does not exist"),
+        (
+            '[model]\nbundle="b"\n[batching]\nmax_batch=true\n[[cameras]]\nid="c"\nsource="0"\n',
+            "batching.max_batch",
+            "integer",
+        ),
+        (
+            '[model]\nbundle="b"\n[snapshots]\nverdicts=["bad"]\n[[cameras]]\nid="c"\nsource="0"\n',
+            "snapshots.verdicts",
+            "verdicts",
+        ),
+        (
+            '[model]\nbundle="b"\n[publisher.curve]\nserver_secret_key="nokey"\n[[cameras]]\nid="c"\nsource="0"\n',
+            "publisher.curve.server_secret_key",
+            "does not exist",
+        ),
         ('[model]\nbundle="b"\n[modle]\n[[cameras]]\nid="c"\nsource="0"\n', "modle", "unknown key"),
         ('[model]\nbundle="b"\nmin_frame_side=0\n[[cameras]]\nid="c"\nsource="0"\n', "model.min_frame_side", ">= 1"),
-        ('[model]\nbundle="b"\n[publisher]\nmax_inbound_bytes=8\n[[cameras]]\nid="c"\nsource="0"\n',
-         "publisher.max_inbound_bytes", ">= 64"),
-        ('[model]\nbundle="b"\n[metrics]\nhttp_max_connections=0\n[[cameras]]\nid="c"\nsource="0"\n',
-         "metrics.http_max_connections", ">= 1"),
-        ('[model]\nbundle="b"\n[metrics]\nhttp_timeout_s=0\n[[cameras]]\nid="c"\nsource="0"\n',
-         "metrics.http_timeout_s", "> 0"),
+        (
+            '[model]\nbundle="b"\n[publisher]\nmax_inbound_bytes=8\n[[cameras]]\nid="c"\nsource="0"\n',
+            "publisher.max_inbound_bytes",
+            ">= 64",
+        ),
+        (
+            '[model]\nbundle="b"\n[metrics]\nhttp_max_connections=0\n[[cameras]]\nid="c"\nsource="0"\n',
+            "metrics.http_max_connections",
+            ">= 1",
+        ),
+        (
+            '[model]\nbundle="b"\n[metrics]\nhttp_timeout_s=0\n[[cameras]]\nid="c"\nsource="0"\n',
+            "metrics.http_timeout_s",
+            "> 0",
+        ),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(tmp_path: Path, body: str, key: str, expected: str) -> None:
@@ -121,7 +186,7 @@ def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
 
 
 def test_serve_refuses_bad_config_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from runtime.serve_cli import main
+    from runtime.serving.serve_cli import main
 
     path = write_config(tmp_path / "s.toml", {"model": {"bundle": "b", "threads": 0}}, [{"id": "c", "source": "0"}])
     assert main(["--config", str(path)]) == 2
@@ -165,7 +230,7 @@ def test_tta_views_accept_the_evaluate_presets(tmp_path: Path, views: str, expec
 
 def test_example_binds_the_verdict_stream_to_localhost_unless_curve_is_on() -> None:
     """An example copied to a station must not publish verdicts to the factory network in clear."""
-    from runtime.daemon import _loopback
+    from runtime.serving.daemon import _loopback
 
     cfg = load_config(EXAMPLE)
     assert cfg.publisher.curve is None
@@ -178,10 +243,9 @@ def test_example_binds_the_verdict_stream_to_localhost_unless_curve_is_on() -> N
 def test_example_documents_every_accepted_key() -> None:
     """Every key the loader accepts appears in the example (set or commented out)."""
     import dataclasses
-
-    from runtime import config as c
-
     import re
+
+    from runtime.config import station as c
 
     seen: dict[str, set[str]] = {}
     section = ""
@@ -191,12 +255,25 @@ def test_example_documents_every_accepted_key() -> None:
             section = m.group(1)
         elif m := re.match(r"^(\w+) = ", line):
             seen.setdefault(section, set()).add(m.group(1))
-    sections = {"model": c.ModelConfig, "batching": c.BatchingConfig, "tta": c.TTAConfig,
-                "decision": c.DecisionConfig, "publisher": c.PublisherConfig, "metrics": c.MetricsConfig,
-                "snapshots": c.SnapshotConfig, "daemon": c.DaemonConfig, "publisher.curve": c.CurveConfig,
-                "model.openvino": c.OpenVINOConfig, "preview": c.PreviewConfig,
-                "cameras": c.CameraConfig}
+    sections = {
+        "model": c.ModelConfig,
+        "batching": c.BatchingConfig,
+        "tta": c.TTAConfig,
+        "decision": c.DecisionConfig,
+        "publisher": c.PublisherConfig,
+        "metrics": c.MetricsConfig,
+        "snapshots": c.SnapshotConfig,
+        "daemon": c.DaemonConfig,
+        "publisher.curve": c.CurveConfig,
+        "model.openvino": c.OpenVINOConfig,
+        "preview": c.PreviewConfig,
+        "cameras": c.CameraConfig,
+    }
     assert set(c.SECTIONS) <= set(sections)
-    missing = [f"{name}.{f.name}" for name, cls in sections.items() for f in dataclasses.fields(cls)
-               if f.name not in ("curve", "openvino") and f.name not in seen.get(name, set())]
+    missing = [
+        f"{name}.{f.name}"
+        for name, cls in sections.items()
+        for f in dataclasses.fields(cls)
+        if f.name not in ("curve", "openvino") and f.name not in seen.get(name, set())
+    ]
     assert not missing, f"keys missing from {EXAMPLE.name}: {missing}"

@@ -46,9 +46,13 @@ def test_sigterm_drains_every_captured_frame_and_exits_0(tmp_path: Path) -> None
     make_images(tmp_path / "replay", PATTERN * 4)
     metrics_port = free_port()
     config, endpoint = station_config(
-        tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay"), "loop": True, "queue_size": 32}],
-        metrics_port=metrics_port, publisher={"wait_for_subscribers": 1, "wait_timeout_s": 20.0},
-        batching={"max_batch": 1, "max_wait_ms": 0.0})
+        tmp_path,
+        bundle,
+        [{"id": "cam1", "source": str(tmp_path / "replay"), "loop": True, "queue_size": 32}],
+        metrics_port=metrics_port,
+        publisher={"wait_for_subscribers": 1, "wait_timeout_s": 20.0},
+        batching={"max_batch": 1, "max_wait_ms": 0.0},
+    )
     sub = Subscriber(endpoint)
     proc = spawn_daemon(config)
     try:
@@ -87,8 +91,11 @@ def test_sighup_swaps_model_and_corrupt_bundle_keeps_old_one_serving(tmp_path: P
     make_images(tmp_path / "replay", ["ok", "defect"])
     metrics_port = free_port()
     config, endpoint = station_config(
-        tmp_path, current, [{"id": "cam1", "source": str(tmp_path / "replay"), "loop": True, "fps": 40.0}],
-        metrics_port=metrics_port)
+        tmp_path,
+        current,
+        [{"id": "cam1", "source": str(tmp_path / "replay"), "loop": True, "fps": 40.0}],
+        metrics_port=metrics_port,
+    )
     base = f"http://127.0.0.1:{metrics_port}"
     sub = Subscriber(endpoint)
     proc = spawn_daemon(config)
@@ -102,8 +109,13 @@ def test_sighup_swaps_model_and_corrupt_bundle_keeps_old_one_serving(tmp_path: P
         assert {m["source"]: m["verdict"] for m in sub.verdicts()}["frame_00001.png"] == "defect"
 
         _point(current, models / "2.0.0")
-        reload = subprocess.run([sys.executable, "-m", "defectscope", "reload", "--config", str(config), "--wait", "30"],
-                                cwd=ROOT, capture_output=True, text=True, timeout=60)
+        reload = subprocess.run(
+            [sys.executable, "-m", "defectscope", "reload", "--config", str(config), "--wait", "30"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert reload.returncode == 0, reload.stderr
         sub.until(lambda s: "2.0.0" in versions(s.verdicts()), 20, proc, what="a 2.0.0 verdict")
         n = len(sub.verdicts())
@@ -129,18 +141,37 @@ def test_sighup_swaps_model_and_corrupt_bundle_keeps_old_one_serving(tmp_path: P
         assert set(versions(sub.verdicts()[n:])) == {"2.0.0"}  # the old model keeps serving
         samples = scrape(base + "/metrics")
         assert metric(samples, "defectscope_model_reloads_total", result="success") == 1
-        assert metric(samples, "defectscope_model_info", name="tiny", version="2.0.0", precision="fp32",
-                      backend="onnxruntime-cpu", inference_precision="f32") == 1
+        assert (
+            metric(
+                samples,
+                "defectscope_model_info",
+                name="tiny",
+                version="2.0.0",
+                precision="fp32",
+                backend="onnxruntime-cpu",
+                inference_precision="f32",
+            )
+            == 1
+        )
         # The failure is visible where deploy and monitoring look, and the old model still counts as ready.
         status, body = http_get(base + "/readyz")
         ready = json.loads(body)
         assert status == 200 and ready["ready"] is True and ready["model"]["version"] == "2.0.0"
         assert ready["last_reload"]["result"] == "failed" and "checksum mismatch" in ready["last_reload"]["error"]
         assert metric(samples, "defectscope_model_reload_failed") == 1
-        sub.until(lambda s: any(m["last_reload"]["result"] == "failed" for m in s.statuses()), 10, proc,
-                  what="a status heartbeat with the failed reload")
-        fail = subprocess.run([sys.executable, "-m", "defectscope", "reload", "--config", str(config), "--wait", "30"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        sub.until(
+            lambda s: any(m["last_reload"]["result"] == "failed" for m in s.statuses()),
+            10,
+            proc,
+            what="a status heartbeat with the failed reload",
+        )
+        fail = subprocess.run(
+            [sys.executable, "-m", "defectscope", "reload", "--config", str(config), "--wait", "30"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert fail.returncode == 1 and "FAILED" in fail.stderr
         code, err = stop(proc)
         assert code == 0
@@ -154,8 +185,9 @@ def test_sighup_swaps_model_and_corrupt_bundle_keeps_old_one_serving(tmp_path: P
 def test_systemd_notify_protocol_on_a_real_socket(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "bundle")
     make_images(tmp_path / "replay", PATTERN)
-    config, _ = station_config(tmp_path, bundle,
-                               [{"id": "cam1", "source": str(tmp_path / "replay"), "loop": True, "fps": 30.0}])
+    config, _ = station_config(
+        tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay"), "loop": True, "fps": 30.0}]
+    )
     path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
@@ -200,25 +232,32 @@ def test_systemd_notify_protocol_on_a_real_socket(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
     lines = [line for _, line in received]
-    first = {key: next(i for i, line in enumerate(lines) if line.startswith(key))
-             for key in ("READY=1", "RELOADING=1", "STOPPING=1", "STATUS=")}
+    first = {
+        key: next(i for i, line in enumerate(lines) if line.startswith(key))
+        for key in ("READY=1", "RELOADING=1", "STOPPING=1", "STATUS=")
+    }
     assert first["READY=1"] < first["RELOADING=1"] < first["STOPPING=1"]
     assert any(line.startswith("MONOTONIC_USEC=") for line in lines)
     assert any("cameras up" in line for line in lines if line.startswith("STATUS="))
-    assert not any(line == "WATCHDOG=1" for line in lines[first["STOPPING=1"]:])
+    assert not any(line == "WATCHDOG=1" for line in lines[first["STOPPING=1"] :])
 
 
 def test_bad_config_refused_by_the_command_with_the_key(tmp_path: Path) -> None:
     config = tmp_path / "st.toml"
     config.write_text('[model]\nbundle = "b"\nbackend = "gpu"\n[[cameras]]\nid = "c"\nsource = "0"\n')
-    proc = subprocess.run([sys.executable, "-m", "defectscope", "serve", "--config", str(config)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "defectscope", "serve", "--config", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "key 'model.backend'" in proc.stderr and str(config) in proc.stderr
 
 
 def test_corrupt_bundle_at_start_exits_1_naming_the_file(tmp_path: Path) -> None:
-    from runtime.serve_cli import main
+    from runtime.serving.serve_cli import main
 
     bundle = make_bundle(tmp_path / "bundle")
     (bundle / "model.onnx").write_bytes(b"garbage")
@@ -242,18 +281,22 @@ for mod in list(sys.modules):
     if mod.split(".")[0] in BLOCKED:
         del sys.modules[mod]
 atexit.register(lambda: open(sys.argv[-1] + ".imports.json", "w").write(json.dumps(ATTEMPTS)))
-import runtime, runtime.backends, runtime.batcher, runtime.bundle, runtime.config, runtime.daemon, runtime.decision, runtime.model
-import runtime.pipeline, runtime.service, runtime.serve_cli, runtime.reload_cli
-import runtime.messages, runtime.metrics, runtime.notify, runtime.preprocess, runtime.publisher, runtime.snapshots
-import runtime.sources, runtime.tta, runtime.viewer
+import runtime, runtime.inference.backends, runtime.serving.batcher, runtime.bundle.manifest, runtime.config.station, runtime.serving.daemon, runtime.inference.decision, runtime.inference.model
+import runtime.serving.pipeline, runtime.serving.service, runtime.serving.serve_cli, runtime.serving.reload_cli
+import runtime.serving.messages, runtime.serving.metrics, runtime.serving.notify, runtime.inference.preprocess, runtime.serving.publisher, runtime.serving.snapshots
+import runtime.sources.cameras, runtime.inference.tta, runtime.tools.viewer
 """
 
 
 def test_runtime_imports_and_serves_with_torch_absent(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "bundle")
     make_images(tmp_path / "replay", PATTERN * 2)
-    config, endpoint = station_config(tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay")}],
-                                      publisher={"wait_for_subscribers": 1, "wait_timeout_s": 20.0})
+    config, endpoint = station_config(
+        tmp_path,
+        bundle,
+        [{"id": "cam1", "source": str(tmp_path / "replay")}],
+        publisher={"wait_for_subscribers": 1, "wait_timeout_s": 20.0},
+    )
     sub = Subscriber(endpoint)
     proc = spawn_daemon(config, preamble=BLOCKER)
     try:
@@ -272,18 +315,22 @@ def test_runtime_imports_and_serves_with_torch_absent(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args", [["--help"]])
 def test_commands_have_help(args: list[str]) -> None:
     for cmd in ("serve", "reload", "watch"):
-        out = subprocess.run([sys.executable, "-m", "defectscope", cmd, *args], cwd=ROOT, capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "defectscope", cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
         assert out.returncode == 0 and f"defectscope {cmd}" in out.stdout
 
 
-def test_serve_check_validates_and_prints_the_resolved_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from runtime.serve_cli import main
+def test_serve_check_validates_and_prints_the_resolved_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from runtime.serving.serve_cli import main
 
     bundle = make_bundle(tmp_path / "bundle")
     make_images(tmp_path / "replay", PATTERN)
-    config, _ = station_config(tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay")}],
-                               tta={"views": ["original", "vflip"]})
+    config, _ = station_config(
+        tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay")}], tta={"views": ["original", "vflip"]}
+    )
     assert main(["--config", str(config), "--check"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["model"]["backend"] == "onnxruntime-cpu" and out["tta_views"] == 2
@@ -293,10 +340,11 @@ def test_serve_check_validates_and_prints_the_resolved_config(tmp_path: Path, ca
 
 
 def test_serve_check_fails_on_busy_ports_and_sources_without_a_readable_frame(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import socket
 
-    from runtime.serve_cli import main
+    from runtime.serving.serve_cli import main
 
     bundle = make_bundle(tmp_path / "bundle")
     broken = tmp_path / "broken"
@@ -305,9 +353,12 @@ def test_serve_check_fails_on_busy_ports_and_sources_without_a_readable_frame(
     (broken / "b.jpg").write_bytes(b"not a jpeg")
     make_images(tmp_path / "replay", PATTERN[:1])
     metrics_port = free_port()
-    config, endpoint = station_config(tmp_path, bundle, [{"id": "good", "source": str(tmp_path / "replay")},
-                                                         {"id": "bad", "source": str(broken), "loop": True}],
-                                      metrics_port=metrics_port)
+    config, endpoint = station_config(
+        tmp_path,
+        bundle,
+        [{"id": "good", "source": str(tmp_path / "replay")}, {"id": "bad", "source": str(broken), "loop": True}],
+        metrics_port=metrics_port,
+    )
     with socket.socket() as busy_http, socket.socket() as busy_zmq:
         busy_http.bind(("127.0.0.1", metrics_port))
         busy_http.listen()

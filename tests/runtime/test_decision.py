@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.bundle import Manifest
-from runtime.config import ConfigError, DecisionConfig
-from runtime.decision import POSTPROCESSORS, Decider, make_postprocessor, postprocessor, softmax
-from runtime.messages import SchemaError, decode, encode, validate
-from runtime.tta import average_views
+from runtime.bundle.manifest import Manifest
+from runtime.config.station import ConfigError, DecisionConfig
+from runtime.inference.decision import POSTPROCESSORS, Decider, make_postprocessor, postprocessor, softmax
+from runtime.inference.tta import average_views
+from runtime.serving.messages import SchemaError, decode, encode, validate
 
 from ._helpers import manifest_dict
 
@@ -31,12 +31,12 @@ def test_thresholds_and_uncertain_band() -> None:
 
 def test_near_a_threshold_uses_each_defect_class_threshold() -> None:
     d = Decider(CLASSES, ["ok"], DecisionConfig(default_threshold=0.5, thresholds={"finger": 0.3}))
-    assert not d.near(np.array([0.95, 0.03, 0.02]), 0.2)      # far below both thresholds
-    assert d.near(np.array([0.6, 0.35, 0.05]), 0.2)           # crack 0.35 within 0.2 of 0.5
-    assert d.near(np.array([0.8, 0.05, 0.15]), 0.2)           # finger 0.15 within 0.2 of its 0.3
-    assert not d.near(np.array([0.8, 0.05, 0.15]), 0.1)       # ... but not within 0.1
-    assert not d.near(np.array([0.0, 0.95, 0.05]), 0.2)       # clearly a crack
-    assert not d.near(np.array([0.3, 0.0, 0.7]), 0.2)         # finger 0.7 is 0.4 above its threshold
+    assert not d.near(np.array([0.95, 0.03, 0.02]), 0.2)  # far below both thresholds
+    assert d.near(np.array([0.6, 0.35, 0.05]), 0.2)  # crack 0.35 within 0.2 of 0.5
+    assert d.near(np.array([0.8, 0.05, 0.15]), 0.2)  # finger 0.15 within 0.2 of its 0.3
+    assert not d.near(np.array([0.8, 0.05, 0.15]), 0.1)  # ... but not within 0.1
+    assert not d.near(np.array([0.0, 0.95, 0.05]), 0.2)  # clearly a crack
+    assert not d.near(np.array([0.3, 0.0, 0.7]), 0.2)  # finger 0.7 is 0.4 above its threshold
 
 
 def test_zero_band_means_no_uncertain_verdicts() -> None:
@@ -96,8 +96,9 @@ def test_detection_bundle_gets_the_box_policy_on_the_same_decision_keys() -> Non
     data["output"] = {"kind": "detections", "names": ["boxes", "scores", "labels"], "box_format": "xyxy"}
     m = Manifest.from_dict(data)
     post = make_postprocessor(m)
-    boxes = np.array([[[1, 2, 10, 12], [5, 5, 9, 9], [0, 0, 1, 1]], [[0, 0, 4, 4], [0, 0, 0, 0], [0, 0, 0, 0]]],
-                     dtype=np.float32)
+    boxes = np.array(
+        [[[1, 2, 10, 12], [5, 5, 9, 9], [0, 0, 1, 1]], [[0, 0, 4, 4], [0, 0, 0, 0], [0, 0, 0, 0]]], dtype=np.float32
+    )
     scores = np.array([[0.9, 0.3, 0.01], [0.2, 0.0, 0.0]], dtype=np.float32)
     labels = np.array([[1, 2, 2], [2, 0, 0]], dtype=np.int64)
     preds = post([boxes, scores, labels], n_frames=2, n_views=1)
@@ -120,12 +121,24 @@ def test_postprocessor_registry_refuses_duplicates() -> None:
 
 def _verdict_msg() -> dict:
     return {
-        "schema_version": 1, "type": "verdict", "station": "s", "camera": "c", "seq": 3, "source": None,
-        "captured_at": 1.0, "published_at": 1.1,
+        "schema_version": 1,
+        "type": "verdict",
+        "station": "s",
+        "camera": "c",
+        "seq": 3,
+        "source": None,
+        "captured_at": 1.0,
+        "published_at": 1.1,
         "model": {"name": "m", "version": "1", "precision": "int8", "artifact": "int8", "backend": "onnxruntime-cpu"},
-        "task": "classification", "probabilities": {"ok": 0.2, "defect": 0.8}, "top_class": "defect",
-        "top_score": 0.8, "verdict": "defect", "defect_class": "defect", "confidence": 0.8,
-        "latency_ms": {"queue": 0.1, "preprocess": 0.2, "inference": 1.0, "total": 2.0}, "tta_views": 1,
+        "task": "classification",
+        "probabilities": {"ok": 0.2, "defect": 0.8},
+        "top_class": "defect",
+        "top_score": 0.8,
+        "verdict": "defect",
+        "defect_class": "defect",
+        "confidence": 0.8,
+        "latency_ms": {"queue": 0.1, "preprocess": 0.2, "inference": 1.0, "total": 2.0},
+        "tta_views": 1,
         "snapshot": None,
     }
 

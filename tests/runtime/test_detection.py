@@ -17,15 +17,15 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.boxes import fit, geometry
-from runtime.bundle import BundleError, Manifest, load_bundle
-from runtime.bundle_output import check_output_shapes
-from runtime.config import ConfigError, DecisionConfig, SnapshotConfig, from_dict
-from runtime.decision import make_postprocessor
-from runtime.messages import MAX_DETECTIONS, SchemaError, validate, verdict_message
-from runtime.preprocess import InputSpec, Preprocessor, SpecError
-from runtime.snapshots import SnapshotSpool
-from runtime.viewer import ViewerState, render
+from runtime.bundle.manifest import BundleError, Manifest, load_bundle
+from runtime.bundle.output import check_output_shapes
+from runtime.config.station import ConfigError, DecisionConfig, SnapshotConfig, from_dict
+from runtime.inference.boxes import fit, geometry
+from runtime.inference.decision import make_postprocessor
+from runtime.inference.preprocess import InputSpec, Preprocessor, SpecError
+from runtime.serving.messages import MAX_DETECTIONS, SchemaError, validate, verdict_message
+from runtime.serving.snapshots import SnapshotSpool
+from runtime.tools.viewer import ViewerState, render
 
 from ._detection import CLASSES, SIZE, blob_image, detection_manifest_dict, make_detection_bundle
 from ._helpers import manifest_dict
@@ -58,27 +58,30 @@ def test_training_export_manifest_is_accepted() -> None:
     assert (m.input.height, m.input.width, m.output.max_detections) == (24, 40, 100)
 
 
-@pytest.mark.parametrize(("section", "key", "value"), [
-    ("output", "box_format", "yxyx"),
-    ("output", "box_format", 7),
-    ("output", "score_threshold", -0.1),
-    ("output", "score_threshold", math.nan),
-    ("output", "score_threshold", 1.5),
-    ("output", "score_threshold", True),
-    ("output", "score_threshold", "0.5"),
-    ("output", "max_detections", 0),
-    ("output", "max_detections", -3),
-    ("output", "max_detections", MAX_DETECTIONS + 1),
-    ("output", "max_detections", 10**12),
-    ("output", "max_detections", 2.5),
-    ("output", "max_detections", True),
-    ("input", "pad_value", 256),
-    ("input", "pad_value", -1),
-    ("input", "pad_value", 1.5),
-    ("input", "pad_value", math.nan),
-    ("input", "resize_policy", "shorter_side_center_crop"),
-    ("input", "resize_policy", "fill"),
-])
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("output", "box_format", "yxyx"),
+        ("output", "box_format", 7),
+        ("output", "score_threshold", -0.1),
+        ("output", "score_threshold", math.nan),
+        ("output", "score_threshold", 1.5),
+        ("output", "score_threshold", True),
+        ("output", "score_threshold", "0.5"),
+        ("output", "max_detections", 0),
+        ("output", "max_detections", -3),
+        ("output", "max_detections", MAX_DETECTIONS + 1),
+        ("output", "max_detections", 10**12),
+        ("output", "max_detections", 2.5),
+        ("output", "max_detections", True),
+        ("input", "pad_value", 256),
+        ("input", "pad_value", -1),
+        ("input", "pad_value", 1.5),
+        ("input", "pad_value", math.nan),
+        ("input", "resize_policy", "shorter_side_center_crop"),
+        ("input", "resize_policy", "fill"),
+    ],
+)
 def test_forged_detection_keys_are_refused_naming_the_key(section: str, key: str, value: object) -> None:
     data = detection_manifest_dict()
     if key == "resize_policy":
@@ -93,8 +96,12 @@ def test_box_format_is_required_and_classifiers_take_no_detection_keys() -> None
     del data["output"]["box_format"]
     with pytest.raises(BundleError, match="output.box_format': missing"):
         Manifest.from_dict(data)
-    for section, key, value in [("output", "max_detections", 10), ("output", "box_format", "xyxy"),
-                                ("input", "resize_policy", "letterbox"), ("input", "pad_value", 0)]:
+    for section, key, value in [
+        ("output", "max_detections", 10),
+        ("output", "box_format", "xyxy"),
+        ("input", "resize_policy", "letterbox"),
+        ("input", "pad_value", 0),
+    ]:
         data = manifest_dict()
         data[section][key] = value
         with pytest.raises(BundleError, match=f"{section}.{key}"):
@@ -111,12 +118,14 @@ def test_output_shapes_are_checked_against_the_graph(tmp_path: Path) -> None:
 
     check_output_shapes("detection", out, 3, io(["N", 2, 4], ["N", 2], ["N", 2]), "g")
     check_output_shapes("detection", out, 3, io(["N", "D", 4], ["N", "D"], ["N", "D"]), "g")  # symbolic: fine
-    for shapes, match in [((["N", 2, 5], ["N", 2], ["N", 2]), "'boxes'"),
-                          ((["N", 2], ["N", 2], ["N", 2]), "'boxes'"),
-                          ((["N", 2, 4], ["N", 2, 1], ["N", 2]), "'scores'"),
-                          ((["N", 2, 4], ["N", 3], ["N", 2]), "disagree"),
-                          ((["N", 5000, 4], ["N", 5000], ["N", 5000]), "more than"),
-                          (([1, 2, 4], [2, 2], [1, 2]), "disagree")]:
+    for shapes, match in [
+        ((["N", 2, 5], ["N", 2], ["N", 2]), "'boxes'"),
+        ((["N", 2], ["N", 2], ["N", 2]), "'boxes'"),
+        ((["N", 2, 4], ["N", 2, 1], ["N", 2]), "'scores'"),
+        ((["N", 2, 4], ["N", 3], ["N", 2]), "disagree"),
+        ((["N", 5000, 4], ["N", 5000], ["N", 5000]), "more than"),
+        (([1, 2, 4], [2, 2], [1, 2]), "disagree"),
+    ]:
         with pytest.raises(BundleError, match=match):
             check_output_shapes("detection", out, 3, io(*shapes), "g")
 
@@ -171,9 +180,17 @@ def test_flip_views_are_unflipped_fused_and_mapped_to_original_pixels() -> None:
 def test_forged_model_outputs_never_become_boxes() -> None:
     m, _ = _post(max_detections=None)
     post = make_postprocessor(m)
-    rows = [([1, 1, 5, 5], math.nan, 1), ([1, 1, 5, 5], 0.9, 7), ([1, 1, 5, 5], 0.9, -1),
-            ([math.inf, 1, 5, 5], 0.9, 1), ([1, 1, 5, 5], 2.0, 1), ([1, 1, 5, 5], 0.9, 0),  # 0 = good / padding
-            ([6, 6, 2, 2], 0.9, 1), ([1, 1, 5, 5], 0.9, 1.5), ([2, 2, 6, 6], 0.8, 2.0)]
+    rows = [
+        ([1, 1, 5, 5], math.nan, 1),
+        ([1, 1, 5, 5], 0.9, 7),
+        ([1, 1, 5, 5], 0.9, -1),
+        ([math.inf, 1, 5, 5], 0.9, 1),
+        ([1, 1, 5, 5], 2.0, 1),
+        ([1, 1, 5, 5], 0.9, 0),  # 0 = good / padding
+        ([6, 6, 2, 2], 0.9, 1),
+        ([1, 1, 5, 5], 0.9, 1.5),
+        ([2, 2, 6, 6], 0.8, 2.0),
+    ]
     boxes = np.array([[r[0] for r in rows]], np.float32)
     scores = np.array([[r[1] for r in rows]], np.float32)
     labels = np.array([[r[2] for r in rows]], np.float64)  # a float label must be integral
@@ -198,11 +215,17 @@ def test_detection_tta_takes_flips_only_and_no_adaptive_mode(tmp_path: Path, det
         with pytest.raises(ConfigError, match="key 'tta.views'"):
             make_postprocessor(m, views)
     assert make_postprocessor(m, ("original", "hflip", "vflip", "rot180")).supports_tta
-    from runtime.model import ModelLoadError, load_model
+    from runtime.inference.model import ModelLoadError, load_model
 
-    cfg = from_dict({"station": "s", "cameras": [{"id": "c", "source": str(tmp_path)}],
-                     "model": {"bundle": str(det_bundle), "backend": "onnxruntime-cpu", "warmup_runs": 0},
-                     "tta": {"views": ["original", "hflip"], "mode": "uncertain"}}, base=tmp_path)
+    cfg = from_dict(
+        {
+            "station": "s",
+            "cameras": [{"id": "c", "source": str(tmp_path)}],
+            "model": {"bundle": str(det_bundle), "backend": "onnxruntime-cpu", "warmup_runs": 0},
+            "tta": {"views": ["original", "hflip"], "mode": "uncertain"},
+        },
+        base=tmp_path,
+    )
     with pytest.raises(ModelLoadError, match="key 'tta.mode'"):
         load_model(cfg)
 
@@ -215,7 +238,7 @@ def _pred(boxes: list, scores: list, labels: list, **output: object):
     s = np.zeros((1, 8), np.float32)
     lab = np.zeros((1, 8), np.int64)
     if boxes:
-        b[0, :len(boxes)], s[0, :len(scores)], lab[0, :len(labels)] = boxes, scores, labels
+        b[0, : len(boxes)], s[0, : len(scores)], lab[0, : len(labels)] = boxes, scores, labels
     return m, post, post([b, s, lab], 1, 1)[0]
 
 
@@ -235,10 +258,12 @@ def test_box_decision_reads_the_decision_keys() -> None:
     assert d.verdict == "uncertain"  # 0.75 is within 0.1 of the bundle's 0.8
     _, post, pred = _pred([], [], [])
     assert post.decider(DecisionConfig()).decide(pred).verdict == "ok"
-    for cfg, key in [(DecisionConfig(thresholds={"ok": 0.5}), "decision.thresholds.ok"),
-                     (DecisionConfig(thresholds={"crack": 0.5}), "decision.thresholds.crack"),
-                     (DecisionConfig(uncertain_band=0.5), "decision.uncertain_band"),
-                     (DecisionConfig(good_classes=tuple(CLASSES)), "decision.good_classes")]:
+    for cfg, key in [
+        (DecisionConfig(thresholds={"ok": 0.5}), "decision.thresholds.ok"),
+        (DecisionConfig(thresholds={"crack": 0.5}), "decision.thresholds.crack"),
+        (DecisionConfig(uncertain_band=0.5), "decision.uncertain_band"),
+        (DecisionConfig(good_classes=tuple(CLASSES)), "decision.good_classes"),
+    ]:
         with pytest.raises(ConfigError, match=f"key '{key}'"):
             post.decider(cfg)
 
@@ -255,13 +280,26 @@ def test_min_box_area_in_the_station_config(tmp_path: Path) -> None:
 # ---- messages ----------------------------------------------------------------------------------------
 def _det_msg(detections: list | None = None) -> dict:
     return verdict_message(
-        station="s", camera="c", seq=1, source=None, captured_at=1.0, published_at=1.1,
+        station="s",
+        camera="c",
+        seq=1,
+        source=None,
+        captured_at=1.0,
+        published_at=1.1,
         model={"name": "m", "version": "1", "precision": "fp32", "artifact": "fp32", "backend": "onnxruntime-cpu"},
-        task="detection", scores={"ok": 0.1, "scratch": 0.9, "stain": 0.0}, top_class="scratch", top_score=0.9,
-        verdict="defect", defect_class="scratch", confidence=0.9,
-        latency_ms={"queue": 0.1, "preprocess": 0.2, "inference": 1.0, "total": 2.0}, tta_views=1,
-        detections=detections if detections is not None else [{"box": [16.0, 8.0, 40.0, 24.0], "score": 0.9,
-                                                               "class": "scratch"}])
+        task="detection",
+        scores={"ok": 0.1, "scratch": 0.9, "stain": 0.0},
+        top_class="scratch",
+        top_score=0.9,
+        verdict="defect",
+        defect_class="scratch",
+        confidence=0.9,
+        latency_ms={"queue": 0.1, "preprocess": 0.2, "inference": 1.0, "total": 2.0},
+        tta_views=1,
+        detections=detections
+        if detections is not None
+        else [{"box": [16.0, 8.0, 40.0, 24.0], "score": 0.9, "class": "scratch"}],
+    )
 
 
 def test_detection_verdicts_are_schema_2_with_the_version_1_fields() -> None:
@@ -281,34 +319,50 @@ def test_detection_verdicts_are_schema_2_with_the_version_1_fields() -> None:
 
 
 def _verdict_kwargs() -> dict:
-    return dict(station="s", camera="c", seq=1, source=None, captured_at=1.0, published_at=1.1,
-                model={"name": "m", "version": "1", "precision": "fp32", "artifact": "fp32", "backend": "x"},
-                task="classification", scores={"ok": 0.1, "defect": 0.9}, top_class="defect", top_score=0.9,
-                verdict="defect", defect_class="defect", confidence=0.9,
-                latency_ms={"queue": 0.1, "preprocess": 0.2, "inference": 1.0, "total": 2.0}, tta_views=1)
+    return dict(
+        station="s",
+        camera="c",
+        seq=1,
+        source=None,
+        captured_at=1.0,
+        published_at=1.1,
+        model={"name": "m", "version": "1", "precision": "fp32", "artifact": "fp32", "backend": "x"},
+        task="classification",
+        scores={"ok": 0.1, "defect": 0.9},
+        top_class="defect",
+        top_score=0.9,
+        verdict="defect",
+        defect_class="defect",
+        confidence=0.9,
+        latency_ms={"queue": 0.1, "preprocess": 0.2, "inference": 1.0, "total": 2.0},
+        tta_views=1,
+    )
 
 
 GOOD = {"box": [16.0, 8.0, 40.0, 24.0], "score": 0.9, "class": "scratch"}
 
 
-@pytest.mark.parametrize(("det", "key"), [
-    ({**GOOD, "box": [16.0, 8.0, math.nan, 24.0]}, "detections[0].box"),
-    ({**GOOD, "box": [16.0, 8.0, math.inf, 24.0]}, "detections[0].box"),
-    ({**GOOD, "box": [16.0, 8.0, 40.0]}, "detections[0].box"),
-    ({**GOOD, "box": [16.0, 8.0, 40.0, 24.0, 1.0]}, "detections[0].box"),
-    ({**GOOD, "box": [-1.0, 8.0, 40.0, 24.0]}, "detections[0].box"),
-    ({**GOOD, "box": [40.0, 8.0, 16.0, 24.0]}, "detections[0].box"),
-    ({**GOOD, "box": ["16", 8.0, 40.0, 24.0]}, "detections[0].box"),
-    ({**GOOD, "box": [True, 8.0, 40.0, 24.0]}, "detections[0].box"),
-    ({**GOOD, "box": "16,8,40,24"}, "detections[0].box"),
-    ({**GOOD, "score": 1.5}, "detections[0].score"),
-    ({**GOOD, "score": math.nan}, "detections[0].score"),
-    ({**GOOD, "class": "crack"}, "detections[0].class"),
-    ({**GOOD, "class": 1}, "detections[0].class"),
-    ({**GOOD, "extra": 1}, "detections[0]"),
-    ({"box": GOOD["box"], "score": 0.9}, "detections[0]"),
-    ("box", "detections[0]"),
-])
+@pytest.mark.parametrize(
+    ("det", "key"),
+    [
+        ({**GOOD, "box": [16.0, 8.0, math.nan, 24.0]}, "detections[0].box"),
+        ({**GOOD, "box": [16.0, 8.0, math.inf, 24.0]}, "detections[0].box"),
+        ({**GOOD, "box": [16.0, 8.0, 40.0]}, "detections[0].box"),
+        ({**GOOD, "box": [16.0, 8.0, 40.0, 24.0, 1.0]}, "detections[0].box"),
+        ({**GOOD, "box": [-1.0, 8.0, 40.0, 24.0]}, "detections[0].box"),
+        ({**GOOD, "box": [40.0, 8.0, 16.0, 24.0]}, "detections[0].box"),
+        ({**GOOD, "box": ["16", 8.0, 40.0, 24.0]}, "detections[0].box"),
+        ({**GOOD, "box": [True, 8.0, 40.0, 24.0]}, "detections[0].box"),
+        ({**GOOD, "box": "16,8,40,24"}, "detections[0].box"),
+        ({**GOOD, "score": 1.5}, "detections[0].score"),
+        ({**GOOD, "score": math.nan}, "detections[0].score"),
+        ({**GOOD, "class": "crack"}, "detections[0].class"),
+        ({**GOOD, "class": 1}, "detections[0].class"),
+        ({**GOOD, "extra": 1}, "detections[0]"),
+        ({"box": GOOD["box"], "score": 0.9}, "detections[0]"),
+        ("box", "detections[0]"),
+    ],
+)
 def test_forged_detections_are_refused_naming_the_key(det: object, key: str) -> None:
     with pytest.raises(SchemaError, match=re.escape(f"'{key}")):
         validate(_det_msg([det]))
@@ -372,7 +426,7 @@ def test_viewer_shows_classes_and_box_counts() -> None:
 
 
 def test_bundle_inspect_shows_the_detection_output(det_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from runtime.bundle_cli import main
+    from runtime.bundle.cli import main
 
     assert main(["inspect", str(det_bundle)]) == 0
     out = capsys.readouterr().out

@@ -11,10 +11,10 @@ import cv2
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.config import load_config
-from runtime.daemon import Daemon
-from runtime.messages import validate
-from runtime.viewer import ViewerState
+from runtime.config.station import load_config
+from runtime.serving.daemon import Daemon
+from runtime.serving.messages import validate
+from runtime.tools.viewer import ViewerState
 
 from ._detection import CLASSES, make_detection_bundle, write_blob_images
 from ._helpers import Subscriber, station_config
@@ -42,11 +42,14 @@ def test_detection_bundle_serves_boxes_in_original_pixels(tmp_path: Path) -> Non
     write_blob_images(tmp_path / "replay", [f[0] for f in FRAMES])
     spool = tmp_path / "spool"
     config, endpoint = station_config(
-        tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay")}],
+        tmp_path,
+        bundle,
+        [{"id": "cam1", "source": str(tmp_path / "replay")}],
         publisher={"wait_for_subscribers": 1, "wait_timeout_s": 10.0},
         tta={"views": ["original", "hflip", "vflip"]},
         decision={"min_box_area": 16.0},
-        snapshots={"enabled": True, "dir": str(spool), "quota_mb": 10.0})
+        snapshots={"enabled": True, "dir": str(spool), "quota_mb": 10.0},
+    )
     sub = Subscriber(endpoint)
     d = Daemon(load_config(config), config_path=config)
     try:

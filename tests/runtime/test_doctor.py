@@ -19,8 +19,9 @@ NO_GI = "import sys; sys.modules['gi'] = None; "
 def _doctor(*args: str, preamble: str = "", pythonpath: str = "") -> subprocess.CompletedProcess[str]:
     code = preamble + "import sys; from defectscope.cli import main; sys.exit(main(sys.argv[1:]))"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), pythonpath) if p)}
-    return subprocess.run([sys.executable, "-c", code, "doctor", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code, "doctor", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_doctor_reports_opencv_flags_providers_and_python() -> None:
@@ -72,13 +73,19 @@ def test_doctor_warns_when_a_pip_opencv_shadows_jetpack(tmp_path: Path) -> None:
     do not share a process with GStreamer (never the case on a station, which has no torch)."""
     release = tmp_path / "nv_tegra_release"
     release.write_text("# R36 (release), REVISION: 4.0, GCID: 1, BOARD: generic, EABI: aarch64\n")
-    on_jetson = NO_GI + f"import pathlib, runtime.doctor_cli as d; d.TEGRA_RELEASE = pathlib.Path({str(release)!r}); "
+    on_jetson = (
+        NO_GI + f"import pathlib, runtime.tools.doctor_cli as d; d.TEGRA_RELEASE = pathlib.Path({str(release)!r}); "
+    )
     r = _doctor("--json", "--strict", preamble=on_jetson)
     rep = json.loads(r.stdout)
     assert rep["system"]["jetson_l4t"].startswith("# R36")
     if rep["opencv"]["pip_wheels"]:
         assert any("shadows JetPack's OpenCV" in w for w in rep["warnings"])
         assert r.returncode == 1
-    r = _doctor("--json", "--strict", preamble=NO_GI + "import pathlib, runtime.doctor_cli as d; "
-                f"d.TEGRA_RELEASE = pathlib.Path({str(tmp_path / 'absent')!r}); ")
+    r = _doctor(
+        "--json",
+        "--strict",
+        preamble=NO_GI + "import pathlib, runtime.tools.doctor_cli as d; "
+        f"d.TEGRA_RELEASE = pathlib.Path({str(tmp_path / 'absent')!r}); ",
+    )
     assert not any("shadows" in w for w in json.loads(r.stdout)["warnings"])

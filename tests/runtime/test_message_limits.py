@@ -1,4 +1,4 @@
-"""runtime.messages schema limits: the values a hostile station sends to make a subscriber's store fail.
+"""runtime.serving.messages schema limits: the values a hostile station sends to make a subscriber's store fail.
 
 Each message here passed `validate` before the limits (Python's json parses NaN / Infinity, and
 nothing capped integers, string lengths, counts or nesting); a console then lost whole batches.
@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from runtime.messages import (
+from runtime.serving.messages import (
     MAX_MESSAGE_BYTES,
     SchemaError,
     decode,
@@ -22,12 +22,24 @@ from runtime.messages import (
 
 
 def _verdict(**over):
-    msg = verdict_message(station="st1", camera="cam1", seq=1, source=None, captured_at=1.7e9, published_at=1.7e9,
-                          model={"name": "m", "version": "1.0.0", "precision": "fp32", "artifact": "onnx",
-                                 "backend": "onnxruntime-cpu"},
-                          task="classification", scores={"ok": 0.9, "defect": 0.1}, top_class="ok", top_score=0.9,
-                          verdict="ok", defect_class=None, confidence=0.9,
-                          latency_ms={"queue": 0.1, "preprocess": 1.0, "inference": 5.0, "total": 6.1}, tta_views=1)
+    msg = verdict_message(
+        station="st1",
+        camera="cam1",
+        seq=1,
+        source=None,
+        captured_at=1.7e9,
+        published_at=1.7e9,
+        model={"name": "m", "version": "1.0.0", "precision": "fp32", "artifact": "onnx", "backend": "onnxruntime-cpu"},
+        task="classification",
+        scores={"ok": 0.9, "defect": 0.1},
+        top_class="ok",
+        top_score=0.9,
+        verdict="ok",
+        defect_class=None,
+        confidence=0.9,
+        latency_ms={"queue": 0.1, "preprocess": 1.0, "inference": 5.0, "total": 6.1},
+        tta_views=1,
+    )
     msg.update(over)
     return msg
 
@@ -46,28 +58,43 @@ def test_valid_messages_still_pass():
     payload = encode(det)
     assert len(payload) < MAX_MESSAGE_BYTES  # the largest verdict the daemon sends fits the cap
     validate(decode(payload, MAX_MESSAGE_BYTES))
-    validate(_wire(status_message(station="st1", state="serving", model=None, published_at=1.7e9, subscribers=1,
-                                  uptime_s=3.0, last_reload={"result": None, "error": None},
-                                  cameras={"cam1": {"up": True, "captured": 3, "published": 3, "dropped": 0}})))
+    validate(
+        _wire(
+            status_message(
+                station="st1",
+                state="serving",
+                model=None,
+                published_at=1.7e9,
+                subscribers=1,
+                uptime_s=3.0,
+                last_reload={"result": None, "error": None},
+                cameras={"cam1": {"up": True, "captured": 3, "published": 3, "dropped": 0}},
+            )
+        )
+    )
 
 
-@pytest.mark.parametrize("poison", [
-    {"confidence": float("nan")},
-    {"top_score": float("inf")},
-    {"captured_at": float("-inf")},
-    {"latency_ms": {"queue": float("nan"), "preprocess": 1.0, "inference": 5.0, "total": 6.1}},
-    {"seq": 10**20},
-    {"seq": -1},
-    {"tta_views": 10**6},
-    {"top_class": "c" * 200, "probabilities": {"c" * 200: 0.9, "ok": 0.1}},
-    {"camera": "c" * 65},
-    {"model": {"name": "m", "version": "v" * 200, "precision": "fp32", "artifact": "onnx", "backend": "x"}},
-    {"source": "s" * 100_000},
-    {"snapshot": "/spool/" + "n" * 300 + ".jpg"},
-    {"probabilities": {f"c{i}": 0.0 for i in range(5000)} | {"ok": 0.9}},
-    {"extra": [[[[[[[[[[1]]]]]]]]]]},
-    {"extra": list(range(100_000))},
-], ids=lambda p: next(iter(p)) + ":" + repr(next(iter(p.values())))[:20])
+@pytest.mark.parametrize(
+    "poison",
+    [
+        {"confidence": float("nan")},
+        {"top_score": float("inf")},
+        {"captured_at": float("-inf")},
+        {"latency_ms": {"queue": float("nan"), "preprocess": 1.0, "inference": 5.0, "total": 6.1}},
+        {"seq": 10**20},
+        {"seq": -1},
+        {"tta_views": 10**6},
+        {"top_class": "c" * 200, "probabilities": {"c" * 200: 0.9, "ok": 0.1}},
+        {"camera": "c" * 65},
+        {"model": {"name": "m", "version": "v" * 200, "precision": "fp32", "artifact": "onnx", "backend": "x"}},
+        {"source": "s" * 100_000},
+        {"snapshot": "/spool/" + "n" * 300 + ".jpg"},
+        {"probabilities": {f"c{i}": 0.0 for i in range(5000)} | {"ok": 0.9}},
+        {"extra": [[[[[[[[[[1]]]]]]]]]]},
+        {"extra": list(range(100_000))},
+    ],
+    ids=lambda p: next(iter(p)) + ":" + repr(next(iter(p.values())))[:20],
+)
 def test_values_a_store_or_a_browser_cannot_take_are_refused(poison):
     with pytest.raises(SchemaError):
         validate(_wire(_verdict(**poison)))
@@ -77,7 +104,7 @@ def test_oversized_and_deeply_nested_payloads_are_schema_errors_before_parsing()
     with pytest.raises(SchemaError, match="exceeds"):
         decode(b"{" + b" " * MAX_MESSAGE_BYTES + b"}", MAX_MESSAGE_BYTES)
     with pytest.raises(SchemaError, match="nested"):
-        decode(b"{\"a\":" + b"[" * 200_000 + b"]" * 200_000 + b"}")
+        decode(b'{"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}")
 
 
 def test_msgpack_non_finite_and_binary_values_are_refused():

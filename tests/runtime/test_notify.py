@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.notify import Notifier, Watchdog
+from runtime.serving.notify import Notifier, Watchdog
 
 
 @pytest.fixture
@@ -57,7 +57,9 @@ def test_without_systemd_everything_is_a_no_op() -> None:
 
 
 def test_abstract_socket_address() -> None:
-    assert Notifier({"NOTIFY_SOCKET": "@/org/freedesktop/systemd1/notify"}).address == "\0/org/freedesktop/systemd1/notify"
+    assert (
+        Notifier({"NOTIFY_SOCKET": "@/org/freedesktop/systemd1/notify"}).address == "\0/org/freedesktop/systemd1/notify"
+    )
 
 
 def test_watchdog_pings_only_while_progressing(notify_socket) -> None:

@@ -12,9 +12,9 @@ from typing import Callable, Iterator
 import numpy as np
 import pytest
 
-from runtime.config import load_config
-from runtime.daemon import Daemon
-from runtime.messages import validate
+from runtime.config.station import load_config
+from runtime.serving.daemon import Daemon
+from runtime.serving.messages import validate
 
 from ._helpers import (
     Subscriber,
@@ -61,8 +61,12 @@ def run_in_thread(d: Daemon) -> tuple[threading.Thread, list[int]]:
 def test_subscriber_receives_every_replayed_frame_schema_valid(tmp_path: Path, bundle: Path, start_daemon) -> None:
     verdicts = PATTERN * 3
     make_images(tmp_path / "replay", verdicts)
-    config, endpoint = station_config(tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay")}],
-                                      publisher={"wait_for_subscribers": 1, "wait_timeout_s": 10.0})
+    config, endpoint = station_config(
+        tmp_path,
+        bundle,
+        [{"id": "cam1", "source": str(tmp_path / "replay")}],
+        publisher={"wait_for_subscribers": 1, "wait_timeout_s": 10.0},
+    )
     sub = Subscriber(endpoint)
     try:
         d = start_daemon(config)
@@ -77,8 +81,13 @@ def test_subscriber_receives_every_replayed_frame_schema_valid(tmp_path: Path, b
         topics = [t for t, m in sub.messages if m["type"] == "verdict"]
         assert topics == [f"st1.cam1.{v}" for v in verdicts]
         for m in msgs:
-            assert m["model"] == {"name": "tiny", "version": "1.0.0", "precision": "fp32", "artifact": "fp32",
-                                  "backend": "onnxruntime-cpu"}
+            assert m["model"] == {
+                "name": "tiny",
+                "version": "1.0.0",
+                "precision": "fp32",
+                "artifact": "fp32",
+                "backend": "onnxruntime-cpu",
+            }
             assert abs(sum(m["probabilities"].values()) - 1.0) < 1e-3
             assert m["published_at"] >= m["captured_at"]
             lat = m["latency_ms"]
@@ -94,9 +103,9 @@ def test_subscriber_receives_every_replayed_frame_schema_valid(tmp_path: Path, b
 def test_tta_views_run_in_one_call_and_probabilities_are_averaged(tmp_path: Path, bundle: Path, start_daemon) -> None:
     import onnxruntime as ort
 
-    from runtime.bundle import load_bundle
-    from runtime.decision import softmax
-    from runtime.preprocess import Preprocessor, read_image
+    from runtime.bundle.manifest import load_bundle
+    from runtime.inference.decision import softmax
+    from runtime.inference.preprocess import Preprocessor, read_image
 
     # Bright centre, dark border: the zoomed view sees a brighter crop, so the views disagree.
     replay = tmp_path / "replay"
@@ -109,8 +118,13 @@ def test_tta_views_run_in_one_call_and_probabilities_are_averaged(tmp_path: Path
         cv2.imwrite(str(replay / f"f{i}.png"), img)
     views = ["original", "hflip", "vflip", "scale:1.5"]
     config, endpoint = station_config(
-        tmp_path, bundle, [{"id": "cam1", "source": str(replay)}],
-        publisher={"wait_for_subscribers": 1}, tta={"views": views}, batching={"max_batch": 1, "max_wait_ms": 0.0})
+        tmp_path,
+        bundle,
+        [{"id": "cam1", "source": str(replay)}],
+        publisher={"wait_for_subscribers": 1},
+        tta={"views": views},
+        batching={"max_batch": 1, "max_wait_ms": 0.0},
+    )
     sub = Subscriber(endpoint)
     try:
         d = start_daemon(config)
@@ -139,9 +153,9 @@ def test_adaptive_tta_spends_extra_views_only_near_a_threshold(tmp_path: Path, b
     import cv2
     import onnxruntime as ort
 
-    from runtime.bundle import load_bundle
-    from runtime.decision import softmax
-    from runtime.preprocess import Preprocessor, read_image
+    from runtime.bundle.manifest import load_bundle
+    from runtime.inference.decision import softmax
+    from runtime.inference.preprocess import Preprocessor, read_image
 
     replay = tmp_path / "replay"
     replay.mkdir()
@@ -153,8 +167,13 @@ def test_adaptive_tta_spends_extra_views_only_near_a_threshold(tmp_path: Path, b
         cv2.imwrite(str(replay / f"f{i}.png"), img)
     views, band = ["original", "hflip", "vflip", "scale:1.5"], 0.2
     config, endpoint = station_config(
-        tmp_path, bundle, [{"id": "cam1", "source": str(replay)}], publisher={"wait_for_subscribers": 1},
-        tta={"views": views, "mode": "uncertain", "band": band}, batching={"max_batch": 4, "max_wait_ms": 50.0})
+        tmp_path,
+        bundle,
+        [{"id": "cam1", "source": str(replay)}],
+        publisher={"wait_for_subscribers": 1},
+        tta={"views": views, "mode": "uncertain", "band": band},
+        batching={"max_batch": 4, "max_wait_ms": 50.0},
+    )
     b = load_bundle(bundle)
     pre = Preprocessor(b.manifest.input)
     sess = ort.InferenceSession(str(b.artifact_path()), providers=["CPUExecutionProvider"])
@@ -168,15 +187,18 @@ def test_adaptive_tta_spends_extra_views_only_near_a_threshold(tmp_path: Path, b
             validate(m)
             img = read_image(replay / m["source"])
             base = pre(img)
-            per_view = softmax(sess.run(None, {"input": np.stack(
-                [base, base[:, :, ::-1], base[:, ::-1, :], pre(img, resize_size=48)])})[0])
-            near = abs(per_view[0, 1] - 0.5) < band   # threshold 0.5 (the test bundle's default)
+            per_view = softmax(
+                sess.run(
+                    None, {"input": np.stack([base, base[:, :, ::-1], base[:, ::-1, :], pre(img, resize_size=48)])}
+                )[0]
+            )
+            near = abs(per_view[0, 1] - 0.5) < band  # threshold 0.5 (the test bundle's default)
             near_count += near
             expected = per_view.mean(axis=0) if near else per_view[0]
             assert m["tta_views"] == (4 if near else 1), (m["source"], per_view[0])
             got = np.array([m["probabilities"]["ok"], m["probabilities"]["defect"]])
             np.testing.assert_allclose(got, expected, atol=2e-5)
-        assert 0 < near_count < len(frames)   # both paths were exercised
+        assert 0 < near_count < len(frames)  # both paths were exercised
         expanded = d.metrics.registry.get_sample_value("defectscope_tta_expanded_frames_total", {"camera": "cam1"})
         assert expanded == near_count
     finally:
@@ -187,10 +209,13 @@ def test_stuck_subscriber_does_not_stall_the_pipeline(tmp_path: Path, bundle: Pa
     n = 300
     make_images(tmp_path / "replay", (PATTERN * 50)[:n], size=(32, 32))
     config, endpoint = station_config(
-        tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay"), "fps": 200.0}],
+        tmp_path,
+        bundle,
+        [{"id": "cam1", "source": str(tmp_path / "replay"), "fps": 200.0}],
         # The HWM is per peer: 40 messages (200 ms at this rate) of slack keep the reading subscriber
         # lossless on a loaded machine, and are still far fewer than the n / 2 the stuck one may get.
-        publisher={"wait_for_subscribers": 2, "sndhwm": 40, "sndbuf": 4096, "status_interval_s": 0.0})
+        publisher={"wait_for_subscribers": 2, "sndhwm": 40, "sndbuf": 4096, "status_interval_s": 0.0},
+    )
     # Never reads: tiny receive queue and kernel buffer, so its pipe fills after a few messages.
     stuck = Subscriber(endpoint, rcvhwm=1, rcvbuf=1024)
     good = Subscriber(endpoint)
@@ -221,7 +246,8 @@ def test_stuck_subscriber_does_not_stall_the_pipeline(tmp_path: Path, bundle: Pa
 def test_metrics_and_health_over_http(tmp_path: Path, bundle: Path, start_daemon) -> None:
     make_images(tmp_path / "replay", PATTERN)
     config, endpoint = station_config(
-        tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay"), "loop": True, "fps": 50.0}])
+        tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay"), "loop": True, "fps": 50.0}]
+    )
     d = start_daemon(config)
     base = f"http://127.0.0.1:{d.http.port}"
     t, _ = run_in_thread(d)
@@ -229,20 +255,33 @@ def test_metrics_and_health_over_http(tmp_path: Path, bundle: Path, start_daemon
     while (code := http_get(base + "/readyz")[0]) != 200 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert code == 200
-    while (first := scrape(base + "/metrics")) and metric(first, "defectscope_frames_inferred_total", camera="cam1") == 0:
+    while (first := scrape(base + "/metrics")) and metric(
+        first, "defectscope_frames_inferred_total", camera="cam1"
+    ) == 0:
         assert time.monotonic() < deadline, "no frame inferred"
         time.sleep(0.05)
     time.sleep(0.5)
     second = scrape(base + "/metrics")
     for name in ("defectscope_frames_captured_total", "defectscope_frames_inferred_total"):
         assert metric(second, name, camera="cam1") > metric(first, name, camera="cam1") > 0
-    verdicts = sum(metric(second, "defectscope_verdicts_total", camera="cam1", verdict=v)
-                   for v in ("ok", "defect", "uncertain"))
+    verdicts = sum(
+        metric(second, "defectscope_verdicts_total", camera="cam1", verdict=v) for v in ("ok", "defect", "uncertain")
+    )
     assert verdicts == pytest.approx(metric(second, "defectscope_frames_inferred_total", camera="cam1"), abs=2)
     assert metric(second, "defectscope_defects_total", camera="cam1", **{"class": "defect"}) > 0
     assert metric(second, "defectscope_camera_up", camera="cam1") == 1
-    assert metric(second, "defectscope_model_info", name="tiny", version="1.0.0", precision="fp32", inference_precision="f32",
-                  backend="onnxruntime-cpu") == 1
+    assert (
+        metric(
+            second,
+            "defectscope_model_info",
+            name="tiny",
+            version="1.0.0",
+            precision="fp32",
+            inference_precision="f32",
+            backend="onnxruntime-cpu",
+        )
+        == 1
+    )
     assert metric(second, "defectscope_inference_latency_seconds_count") > 0
     assert metric(second, "defectscope_end_to_end_latency_seconds_count", camera="cam1") > 0
     assert metric(second, "defectscope_last_frame_timestamp_seconds", camera="cam1") > time.time() - 60
@@ -253,7 +292,12 @@ def test_metrics_and_health_over_http(tmp_path: Path, bundle: Path, start_daemon
     ready = json.loads(body)
     assert status == 200 and ready["ready"] is True
     assert {k: ready["model"][k] for k in ("name", "version", "precision", "artifact", "backend")} == {
-        "name": "tiny", "version": "1.0.0", "precision": "fp32", "artifact": "fp32", "backend": "onnxruntime-cpu"}
+        "name": "tiny",
+        "version": "1.0.0",
+        "precision": "fp32",
+        "artifact": "fp32",
+        "backend": "onnxruntime-cpu",
+    }
     assert ready["model"]["inference_precision"] == "f32"
     assert ready["model"]["selection"]["backend"] == "onnxruntime-cpu"  # why this backend serves
     assert ready["model"]["backend_reason"].startswith("onnxruntime-cpu")
@@ -269,8 +313,12 @@ def test_snapshots_of_defect_and_uncertain_frames(tmp_path: Path, bundle: Path, 
     make_images(tmp_path / "replay", PATTERN)
     spool = tmp_path / "spool"
     config, endpoint = station_config(
-        tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay")}],
-        publisher={"wait_for_subscribers": 1}, snapshots={"enabled": True, "dir": str(spool), "quota_mb": 10.0})
+        tmp_path,
+        bundle,
+        [{"id": "cam1", "source": str(tmp_path / "replay")}],
+        publisher={"wait_for_subscribers": 1},
+        snapshots={"enabled": True, "dir": str(spool), "quota_mb": 10.0},
+    )
     sub = Subscriber(endpoint)
     try:
         d = start_daemon(config)
@@ -295,8 +343,8 @@ def test_snapshots_of_defect_and_uncertain_frames(tmp_path: Path, bundle: Path, 
 
 
 def test_snapshot_spool_quota_removes_oldest_first(tmp_path: Path) -> None:
-    from runtime.config import SnapshotConfig
-    from runtime.snapshots import SnapshotSpool
+    from runtime.config.station import SnapshotConfig
+    from runtime.serving.snapshots import SnapshotSpool
 
     results: list[str] = []
     cfg = SnapshotConfig(enabled=True, dir=tmp_path / "spool", quota_mb=0.02, queue_size=64)  # ~20 KB
@@ -312,7 +360,7 @@ def test_snapshot_spool_quota_removes_oldest_first(tmp_path: Path) -> None:
     assert results.count("saved") == 12
     remaining = sorted(tmp_path.joinpath("spool").glob("*.jpg"))
     assert 0 < len(remaining) < 12
-    assert remaining == paths[-len(remaining):]  # the newest survive
+    assert remaining == paths[-len(remaining) :]  # the newest survive
     total = sum(f.stat().st_size for f in tmp_path.joinpath("spool").iterdir())
     assert total <= cfg.quota_mb * 1024 * 1024
     for p in remaining:
@@ -326,8 +374,12 @@ def test_snapshot_spool_quota_removes_oldest_first(tmp_path: Path) -> None:
 def test_msgpack_format(tmp_path: Path, bundle: Path, start_daemon) -> None:
     pytest.importorskip("msgpack")
     make_images(tmp_path / "replay", PATTERN[:3])
-    config, endpoint = station_config(tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay")}],
-                                      publisher={"wait_for_subscribers": 1, "format": "msgpack"})
+    config, endpoint = station_config(
+        tmp_path,
+        bundle,
+        [{"id": "cam1", "source": str(tmp_path / "replay")}],
+        publisher={"wait_for_subscribers": 1, "format": "msgpack"},
+    )
     sub = Subscriber(endpoint)
     try:
         d = start_daemon(config)
@@ -350,8 +402,6 @@ def test_readiness_reports_not_ready_before_frames(tmp_path: Path, bundle: Path)
     assert body["last_reload"] == {"result": None, "error": None, "version": None, "at": None}
 
 
-
-
 def _bad_files(directory: Path) -> None:
     good = directory / "frame_00000.png"
     (directory / "frame_00001_truncated.png").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
@@ -359,8 +409,9 @@ def _bad_files(directory: Path) -> None:
     (directory / "frame_00003_text.png").write_bytes(b"this is not an image\n" * 10)
 
 
-def test_decode_errors_are_counted_in_metrics_and_status_and_logged_once(tmp_path: Path, bundle: Path,
-                                                                          start_daemon, caplog) -> None:
+def test_decode_errors_are_counted_in_metrics_and_status_and_logged_once(
+    tmp_path: Path, bundle: Path, start_daemon, caplog
+) -> None:
     """Fault: truncated, zero-byte and non-image files in a looping replay. Before the fix they
     were skipped silently in the metrics and logged once per file per loop."""
     import logging
@@ -369,8 +420,11 @@ def test_decode_errors_are_counted_in_metrics_and_status_and_logged_once(tmp_pat
     make_images(replay, ["ok"])
     _bad_files(replay)
     config, endpoint = station_config(
-        tmp_path, bundle, [{"id": "cam1", "source": str(replay), "loop": True, "fps": 100.0}],
-        publisher={"status_interval_s": 0.1, "wait_for_subscribers": 1})
+        tmp_path,
+        bundle,
+        [{"id": "cam1", "source": str(replay), "loop": True, "fps": 100.0}],
+        publisher={"status_interval_s": 0.1, "wait_for_subscribers": 1},
+    )
     sub = Subscriber(endpoint)
     caplog.set_level(logging.WARNING, logger="defectscope.sources")
     try:
@@ -378,12 +432,17 @@ def test_decode_errors_are_counted_in_metrics_and_status_and_logged_once(tmp_pat
         t, _ = run_in_thread(d)
         base = f"http://127.0.0.1:{d.http.port}"
         deadline = time.monotonic() + 15
-        while metric(scrape(base + "/metrics"), "defectscope_frames_dropped_total", camera="cam1",
-                     reason="decode_error") < 9:  # three passes over the three bad files
+        while (
+            metric(scrape(base + "/metrics"), "defectscope_frames_dropped_total", camera="cam1", reason="decode_error")
+            < 9
+        ):  # three passes over the three bad files
             assert time.monotonic() < deadline, "decode errors not counted"
             sub.pump(0.1)
-        sub.until(lambda s: any(m["cameras"]["cam1"].get("decode_errors", 0) >= 9 for m in s.statuses()), 10,
-                  what="decode errors in the status heartbeat")
+        sub.until(
+            lambda s: any(m["cameras"]["cam1"].get("decode_errors", 0) >= 9 for m in s.statuses()),
+            10,
+            what="decode errors in the status heartbeat",
+        )
         d.request_stop()
         t.join(20)
         status = [m for m in sub.statuses() if m["cameras"]["cam1"].get("decode_errors", 0) >= 9][-1]
@@ -404,8 +463,9 @@ def test_frames_below_the_minimum_side_are_rejected_not_judged(tmp_path: Path, b
     replay.mkdir()
     for i, side in enumerate([1, 4, 7, 8, 40]):
         cv2.imwrite(str(replay / f"f{i}_{side}px.png"), np.full((side, side), 215, np.uint8))
-    config, endpoint = station_config(tmp_path, bundle, [{"id": "cam1", "source": str(replay)}],
-                                      publisher={"wait_for_subscribers": 1})
+    config, endpoint = station_config(
+        tmp_path, bundle, [{"id": "cam1", "source": str(replay)}], publisher={"wait_for_subscribers": 1}
+    )
     sub = Subscriber(endpoint)
     try:
         d = start_daemon(config)
@@ -413,20 +473,20 @@ def test_frames_below_the_minimum_side_are_rejected_not_judged(tmp_path: Path, b
         assert d.run() == 0
         sub.until(lambda s: any(m["state"] == "stopped" for m in s.statuses()), 10, what="final status")
         assert [m["source"] for m in sub.verdicts()] == ["f3_8px.png", "f4_40px.png"]
-        too_small = d.metrics.registry.get_sample_value("defectscope_frames_dropped_total",
-                                                        {"camera": "cam1", "reason": "too_small"})
+        too_small = d.metrics.registry.get_sample_value(
+            "defectscope_frames_dropped_total", {"camera": "cam1", "reason": "too_small"}
+        )
         assert too_small == 3
     finally:
         sub.close()
 
 
 def test_min_frame_side_is_configurable(tmp_path: Path, bundle: Path) -> None:
-    from runtime.model import load_model
+    from runtime.inference.model import load_model
 
     replay = tmp_path / "replay"
     make_images(replay, ["ok"])
-    config, _ = station_config(tmp_path, bundle, [{"id": "cam1", "source": str(replay)}],
-                               model={"min_frame_side": 2})
+    config, _ = station_config(tmp_path, bundle, [{"id": "cam1", "source": str(replay)}], model={"min_frame_side": 2})
     model = load_model(load_config(config))
     try:
         assert model.min_frame_side == 2
@@ -439,8 +499,12 @@ def test_an_idle_engine_takes_a_frame_without_waiting_for_a_batch(tmp_path: Path
     engine is idle. Before, each frame here waited the whole 300 ms."""
     make_images(tmp_path / "replay", ["ok"] * 6)
     config, endpoint = station_config(
-        tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay"), "fps": 5.0}],
-        publisher={"wait_for_subscribers": 1}, batching={"max_batch": 8, "max_wait_ms": 300.0})
+        tmp_path,
+        bundle,
+        [{"id": "cam1", "source": str(tmp_path / "replay"), "fps": 5.0}],
+        publisher={"wait_for_subscribers": 1},
+        batching={"max_batch": 8, "max_wait_ms": 300.0},
+    )
     sub = Subscriber(endpoint)
     try:
         d = start_daemon(config)
@@ -454,12 +518,16 @@ def test_an_idle_engine_takes_a_frame_without_waiting_for_a_batch(tmp_path: Path
 
 def test_preview_frames_on_their_own_topic(tmp_path: Path, bundle: Path, start_daemon) -> None:
     """[preview] on: the daemon publishes rate-capped JPEGs that verdict subscribers never see."""
-    from runtime.preview import decode_preview
+    from runtime.serving.preview import decode_preview
 
     make_images(tmp_path / "replay", PATTERN * 2)
-    config, endpoint = station_config(tmp_path, bundle, [{"id": "cam1", "source": str(tmp_path / "replay")}],
-                                      publisher={"wait_for_subscribers": 2, "wait_timeout_s": 10.0},
-                                      preview={"enabled": True, "max_fps": 30.0, "max_width": 32})
+    config, endpoint = station_config(
+        tmp_path,
+        bundle,
+        [{"id": "cam1", "source": str(tmp_path / "replay")}],
+        publisher={"wait_for_subscribers": 2, "wait_timeout_s": 10.0},
+        preview={"enabled": True, "max_fps": 30.0, "max_width": 32},
+    )
     verdict_sub, preview_sub = Subscriber(endpoint, topic="st1."), Subscriber(endpoint, topic="_preview.")
     try:
         d = start_daemon(config)

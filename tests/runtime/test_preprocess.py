@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.preprocess import ImageReadError, InputSpec, Preprocessor, SpecError, read_image
+from runtime.inference.preprocess import ImageReadError, InputSpec, Preprocessor, SpecError, read_image
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
@@ -22,12 +22,14 @@ def _textured(h: int, w: int, channels: int, seed: int = 0) -> np.ndarray:
 def _torchvision_val(rgb: np.ndarray, spec: InputSpec) -> np.ndarray:
     torch = pytest.importorskip("torch")
     v2 = pytest.importorskip("torchvision.transforms.v2")
-    tf = v2.Compose([
-        v2.Resize(spec.resize_size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
-        v2.CenterCrop((spec.height, spec.width)),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(spec.mean), list(spec.std)),
-    ])
+    tf = v2.Compose(
+        [
+            v2.Resize(spec.resize_size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+            v2.CenterCrop((spec.height, spec.width)),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(spec.mean), list(spec.std)),
+        ]
+    )
     tensor = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
     from torchvision import tv_tensors
 
@@ -68,7 +70,7 @@ def test_bgr_frames_become_rgb():
 
 
 def test_read_image_formats_and_errors(tmp_path):
-    img16 = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
+    img16 = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16
     cv2.imwrite(str(tmp_path / "deep.png"), img16)
     got = read_image(tmp_path / "deep.png")
     assert got.dtype == np.uint8 and got.shape == (64, 64)
@@ -121,14 +123,16 @@ def test_spec_dict_round_trip_and_unknown_key():
 
 def test_linear_interpolation_skips_the_area_filter_and_the_others_keep_it():
     """The optimized resize ("linear") vs the reference (AREA when shrinking): stated tolerance."""
-    from runtime.preprocess import resize
+    from runtime.inference.preprocess import resize
 
     img = _textured(300, 300, 1)
-    np.testing.assert_array_equal(resize(img, 224, 224, "linear"), cv2.resize(img, (224, 224),
-                                                                              interpolation=cv2.INTER_LINEAR))
+    np.testing.assert_array_equal(
+        resize(img, 224, 224, "linear"), cv2.resize(img, (224, 224), interpolation=cv2.INTER_LINEAR)
+    )
     for interp in ("bilinear", "bicubic"):
-        np.testing.assert_array_equal(resize(img, 224, 224, interp), cv2.resize(img, (224, 224),
-                                                                                interpolation=cv2.INTER_AREA))
+        np.testing.assert_array_equal(
+            resize(img, 224, 224, interp), cv2.resize(img, (224, 224), interpolation=cv2.INTER_AREA)
+        )
     np.testing.assert_array_equal(resize(img, 400, 400, "linear"), resize(img, 400, 400, "bilinear"))  # upscaling
     # Same image within a few gray levels on a smooth texture: aliasing differs only at fine detail.
     diff = np.abs(resize(img, 224, 224, "linear").astype(int) - resize(img, 224, 224, "bilinear").astype(int))
@@ -149,7 +153,7 @@ def test_exact_interpolations_give_pinned_pixels():
     aarch64 (carotene / KleidiCV) builds alike (.ci/aarch64.sh checks the same pins under emulation)."""
     import hashlib
 
-    from runtime.preprocess import resize
+    from runtime.inference.preprocess import resize
 
     img = _pinned_image()
     pins = {
@@ -175,15 +179,17 @@ def test_exact_interpolations_give_pinned_pixels():
 def test_old_linear_bundles_keep_their_resize_and_new_runs_record_the_exact_one():
     """A manifest saying "linear" still resizes with INTER_LINEAR (as it was trained); new runs record
     "linear_exact", which is INTER_LINEAR_EXACT at every scale."""
-    from runtime.preprocess import new_run_interpolation, resize
+    from runtime.inference.preprocess import new_run_interpolation, resize
 
     img = _pinned_image()
     old = InputSpec.from_dict({"height": 16, "width": 16, "resize_size": 16, "interpolation": "linear"})
     assert old.interpolation == "linear"
-    np.testing.assert_array_equal(resize(img, 16, 24, old.interpolation), cv2.resize(img, (24, 16),
-                                                                                    interpolation=cv2.INTER_LINEAR))
-    np.testing.assert_array_equal(resize(img, 16, 24, "linear_exact"),
-                                  cv2.resize(img, (24, 16), interpolation=cv2.INTER_LINEAR_EXACT))
+    np.testing.assert_array_equal(
+        resize(img, 16, 24, old.interpolation), cv2.resize(img, (24, 16), interpolation=cv2.INTER_LINEAR)
+    )
+    np.testing.assert_array_equal(
+        resize(img, 16, 24, "linear_exact"), cv2.resize(img, (24, 16), interpolation=cv2.INTER_LINEAR_EXACT)
+    )
     assert new_run_interpolation("linear") == "linear_exact"
     assert new_run_interpolation("bicubic") == "bicubic"
     # The exact variant stays within a grey level of the old one: a retrain, not a different model.

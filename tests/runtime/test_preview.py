@@ -1,4 +1,4 @@
-"""runtime/preview.py: rate cap per camera, downscale, off by default, own topic, subscriber-side checks."""
+"""runtime/serving/preview.py: rate cap per camera, downscale, off by default, own topic, subscriber-side checks."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import zmq
 
-from runtime.messages import SchemaError, decode, encode, validate
-from runtime.preview import PREVIEW_PREFIX, PreviewConfig, PreviewEncoder, decode_preview, preview_topic
+from runtime.serving.messages import SchemaError, decode, encode, validate
+from runtime.serving.preview import PREVIEW_PREFIX, PreviewConfig, PreviewEncoder, decode_preview, preview_topic
 
 
 class Clock:
@@ -68,14 +68,17 @@ def test_verdict_decoders_reject_preview_messages():
         validate(msg)
 
 
-@pytest.mark.parametrize("mutate, key", [
-    (lambda m: m.update(type="verdict"), "type"),
-    (lambda m: m.update(seq="1"), "seq"),
-    (lambda m: m.update(jpeg="!!!not base64"), "jpeg"),
-    (lambda m: m.update(jpeg=base64.b64encode(b"GIF89a....").decode()), "jpeg"),
-    (lambda m: m.update(jpeg="A" * (700 * 1024)), "jpeg"),
-    (lambda m: m.pop("station"), "station"),
-])
+@pytest.mark.parametrize(
+    "mutate, key",
+    [
+        (lambda m: m.update(type="verdict"), "type"),
+        (lambda m: m.update(seq="1"), "seq"),
+        (lambda m: m.update(jpeg="!!!not base64"), "jpeg"),
+        (lambda m: m.update(jpeg=base64.b64encode(b"GIF89a....").decode()), "jpeg"),
+        (lambda m: m.update(jpeg="A" * (700 * 1024)), "jpeg"),
+        (lambda m: m.pop("station"), "station"),
+    ],
+)
 def test_forged_previews_are_refused(mutate, key):
     msg = PreviewEncoder(PreviewConfig(enabled=True), "st1").offer("cam1", frame(64, 48), 1, 0.0)[1]
     mutate(msg)
@@ -83,11 +86,18 @@ def test_forged_previews_are_refused(mutate, key):
         decode_preview(msg)
 
 
-@pytest.mark.parametrize("table, key", [
-    ({"max_fps": 0}, "max_fps"), ({"max_fps": 100}, "max_fps"), ({"max_width": 8}, "max_width"),
-    ({"jpeg_quality": 0}, "jpeg_quality"), ({"enabled": "yes"}, "enabled"), ({"fps": 2}, "fps"),
-    ({"max_width": 320.5}, "max_width"),
-])
+@pytest.mark.parametrize(
+    "table, key",
+    [
+        ({"max_fps": 0}, "max_fps"),
+        ({"max_fps": 100}, "max_fps"),
+        ({"max_width": 8}, "max_width"),
+        ({"jpeg_quality": 0}, "jpeg_quality"),
+        ({"enabled": "yes"}, "enabled"),
+        ({"fps": 2}, "fps"),
+        ({"max_width": 320.5}, "max_width"),
+    ],
+)
 def test_config_errors_name_the_key(table, key):
     with pytest.raises(ValueError, match=f"preview.{key}"):
         PreviewConfig.from_dict(table)

@@ -12,9 +12,9 @@ import pytest
 import zmq
 import zmq.auth
 
-from runtime.config import CurveConfig, PublisherConfig
-from runtime.messages import decode
-from runtime.publisher import Publisher, PublisherError
+from runtime.config.station import CurveConfig, PublisherConfig
+from runtime.serving.messages import decode
+from runtime.serving.publisher import Publisher, PublisherError
 
 from ._helpers import free_port
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.config import CameraConfig, load_config
-from runtime.daemon import Daemon
+from runtime.config.station import CameraConfig, load_config
+from runtime.serving.daemon import Daemon
 
 from ._helpers import Subscriber, free_port, http_get, make_bundle, metric, scrape, station_config
 
@@ -26,14 +26,22 @@ def _rtsp_available() -> str | None:
     if not shutil.which(SYSTEM_PYTHON):
         return f"{SYSTEM_PYTHON} not found"
     probe = subprocess.run(
-        [SYSTEM_PYTHON, "-c", "import gi; gi.require_version('GstRtspServer', '1.0'); "
-                              "from gi.repository import Gst, GstRtspServer; Gst.init(None); "
-                              "import sys; sys.exit(any(Gst.ElementFactory.find(e) is None for e in "
-                              "('videotestsrc', 'videoconvert', 'jpegenc', 'rtpjpegpay')))"],
-        capture_output=True, timeout=30)
+        [
+            SYSTEM_PYTHON,
+            "-c",
+            "import gi; gi.require_version('GstRtspServer', '1.0'); "
+            "from gi.repository import Gst, GstRtspServer; Gst.init(None); "
+            "import sys; sys.exit(any(Gst.ElementFactory.find(e) is None for e in "
+            "('videotestsrc', 'videoconvert', 'jpegenc', 'rtpjpegpay')))",
+        ],
+        capture_output=True,
+        timeout=30,
+    )
     if probe.returncode:
-        return ("GstRtspServer or GStreamer elements missing for the system python3 (make system-deps: "
-                "gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gst-1.0 gstreamer1.0-plugins-good)")
+        return (
+            "GstRtspServer or GStreamer elements missing for the system python3 (make system-deps: "
+            "gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gst-1.0 gstreamer1.0-plugins-good)"
+        )
     return None
 
 
@@ -51,8 +59,9 @@ class RTSPCamera:
         return f"rtsp://127.0.0.1:{self.port}/cam"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([SYSTEM_PYTHON, str(SERVER), str(self.port)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True)
+        self.proc = subprocess.Popen(
+            [SYSTEM_PYTHON, str(SERVER), str(self.port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
         line = self.proc.stdout.readline().strip()
         assert line == "ready", f"RTSP server did not start: {line!r}"
 
@@ -73,8 +82,12 @@ def test_rtsp_outage_and_recovery_with_the_default_backoff(tmp_path: Path) -> No
     cam.start()
     # Backoff keys at their defaults (the subject of the test); a 1 s read timeout only makes the
     # outage detected sooner.
-    config, endpoint = station_config(tmp_path, bundle, [{"id": "rtsp", "source": cam.url, "read_timeout_s": 1.0}],
-                                      metrics={"ready_max_frame_age_s": 1.0})
+    config, endpoint = station_config(
+        tmp_path,
+        bundle,
+        [{"id": "rtsp", "source": cam.url, "read_timeout_s": 1.0}],
+        metrics={"ready_max_frame_age_s": 1.0},
+    )
     cfg = load_config(config)
     assert cfg.cameras[0].kind == "rtsp"
     assert cfg.cameras[0].reconnect_max_s == CameraConfig.reconnect_max_s <= 2.0

@@ -1,6 +1,6 @@
 """The HTTP service surface under hostile clients: half-open requests, resets, slow readers.
 
-Real sockets against the real server (``runtime.service.HealthServer``) on loopback.
+Real sockets against the real server (``runtime.serving.service.HealthServer``) on loopback.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.service import HealthServer, PidFile, port_free
+from runtime.serving.service import HealthServer, PidFile, port_free
 
 from ._helpers import free_port, http_get
 
@@ -24,8 +24,15 @@ def server():
     servers: list[HealthServer] = []
 
     def start(timeout_s: float = 1.0, max_connections: int = 4) -> HealthServer:
-        s = HealthServer("127.0.0.1", 0, lambda: b"# metrics\n", lambda: (True, {"ready": True}),
-                         lambda: (True, {"alive": True}), timeout_s=timeout_s, max_connections=max_connections)
+        s = HealthServer(
+            "127.0.0.1",
+            0,
+            lambda: b"# metrics\n",
+            lambda: (True, {"ready": True}),
+            lambda: (True, {"alive": True}),
+            timeout_s=timeout_s,
+            max_connections=max_connections,
+        )
         s.start()
         servers.append(s)
         return s

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.config import CameraConfig, ConfigError, load_config
-from runtime.sources import SourceError, open_reader
+from runtime.config.station import CameraConfig, ConfigError, load_config
+from runtime.sources.cameras import SourceError, open_reader
 
 from ._helpers import ROOT, Subscriber, free_port, make_bundle, metric, scrape, station_config
 from .test_rtsp import RTSPCamera, _rtsp_available
@@ -39,7 +39,7 @@ def _pygobject() -> str | None:
         shim = tempfile.mkdtemp(prefix="gi-shim-")
         os.symlink(DEBIAN_GI, os.path.join(shim, "gi"))
         sys.path.append(shim)
-    from runtime.source_gstreamer import pygobject_problem
+    from runtime.sources.gstreamer import pygobject_problem
 
     pygobject_problem.cache_clear()
     if why := pygobject_problem():
@@ -56,9 +56,11 @@ needs_gi = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 def _solid(width: int, height: int, fmt: str, level: int = 0x20, extra: str = "") -> str:
     color = 0xFF000000 | (level + 0x20) << 16 | (level + 0x10) << 8 | level  # ARGB: B = level
-    return (f"videotestsrc pattern=solid-color foreground-color={color} {extra}! "
-            f"video/x-raw,width={width},height={height},framerate=30/1 ! videoconvert ! "
-            f"video/x-raw,format={fmt} ! appsink")
+    return (
+        f"videotestsrc pattern=solid-color foreground-color={color} {extra}! "
+        f"video/x-raw,width={width},height={height},framerate=30/1 ! videoconvert ! "
+        f"video/x-raw,format={fmt} ! appsink"
+    )
 
 
 @needs_gi
@@ -87,7 +89,7 @@ def test_unbounded_appsink_is_bounded_and_caps_default_to_bgr() -> None:
     src = "videotestsrc ! video/x-raw,width=16,height=8 ! videoconvert ! appsink"
     reader = open_reader(CameraConfig(id="c", source=src, kind="gstreamer"))
     try:
-        from runtime.source_gstreamer import APPSINK_MAX_BUFFERS
+        from runtime.sources.gstreamer import APPSINK_MAX_BUFFERS
 
         assert reader.sink.get_property("max-buffers") == APPSINK_MAX_BUFFERS
         assert reader.sink.get_property("drop") is True
@@ -100,7 +102,7 @@ def test_unbounded_appsink_is_bounded_and_caps_default_to_bgr() -> None:
 @needs_gi
 def test_a_frame_over_the_size_limit_is_refused_not_copied(monkeypatch: pytest.MonkeyPatch) -> None:
     """A camera announcing huge frames cannot make the station copy them (limit lowered to 4 KB here)."""
-    from runtime import source_gstreamer
+    from runtime.sources import gstreamer as source_gstreamer
 
     monkeypatch.setattr(source_gstreamer, "MAX_FRAME_BYTES", 4096)
     reader = open_reader(CameraConfig(id="c", source=_solid(64, 48, "BGR"), kind="gstreamer"))
@@ -112,12 +114,17 @@ def test_a_frame_over_the_size_limit_is_refused_not_copied(monkeypatch: pytest.M
 
 
 @needs_gi
-@pytest.mark.parametrize(("source", "error"), [
-    ("videotestsrc ! nosuchelement ! appsink", r'invalid GStreamer pipeline: no element "nosuchelement"'),
-    ("videotestsrc ! fakesink", r"has no appsink \(end it with '! appsink'\)"),
-    ("videotestsrc ! video/x-raw,format=I420 ! appsink caps=video/x-raw,format=I420",
-     r"appsink delivers I420; expected one of .*videoconvert"),
-])
+@pytest.mark.parametrize(
+    ("source", "error"),
+    [
+        ("videotestsrc ! nosuchelement ! appsink", r'invalid GStreamer pipeline: no element "nosuchelement"'),
+        ("videotestsrc ! fakesink", r"has no appsink \(end it with '! appsink'\)"),
+        (
+            "videotestsrc ! video/x-raw,format=I420 ! appsink caps=video/x-raw,format=I420",
+            r"appsink delivers I420; expected one of .*videoconvert",
+        ),
+    ],
+)
 def test_dead_pipelines_fail_with_a_clear_error(source: str, error: str) -> None:
     with pytest.raises(SourceError, match=error):
         reader = open_reader(CameraConfig(id="c", source=source, kind="gstreamer"))
@@ -130,7 +137,9 @@ def test_dead_pipelines_fail_with_a_clear_error(source: str, error: str) -> None
 @needs_gi
 def test_unreachable_rtsp_camera_names_the_gstreamer_error_without_waiting_for_the_timeout() -> None:
     port = free_port()  # nothing listens
-    src = f"rtspsrc location=rtsp://inspect:s3cret@127.0.0.1:{port}/cam ! rtpjpegdepay ! jpegdec ! videoconvert ! appsink"
+    src = (
+        f"rtspsrc location=rtsp://inspect:s3cret@127.0.0.1:{port}/cam ! rtpjpegdepay ! jpegdec ! videoconvert ! appsink"
+    )
     t0 = time.monotonic()
     with pytest.raises(SourceError, match=r"GStreamer error from rtspsrc\d*: Could not open resource") as exc:
         reader = open_reader(CameraConfig(id="c", source=src, kind="gstreamer", read_timeout_s=30.0))
@@ -144,13 +153,17 @@ def test_unreachable_rtsp_camera_names_the_gstreamer_error_without_waiting_for_t
 
 @needs_gi
 def test_serve_check_parses_gstreamer_pipelines(tmp_path: Path) -> None:
-    from runtime.serve_cli import station_checks
+    from runtime.serving.serve_cli import station_checks
 
     bundle = make_bundle(tmp_path / "bundle")
-    config, _ = station_config(tmp_path, bundle, [
-        {"id": "good", "source": _solid(16, 8, "BGR")},
-        {"id": "typo", "source": "videotestsrc ! videoconvrt ! appsink"},
-    ])
+    config, _ = station_config(
+        tmp_path,
+        bundle,
+        [
+            {"id": "good", "source": _solid(16, 8, "BGR")},
+            {"id": "typo", "source": "videotestsrc ! videoconvrt ! appsink"},
+        ],
+    )
     checks = station_checks(load_config(config))
     assert checks["cameras[0].source"] is None
     assert 'no element "videoconvrt"' in checks["cameras[1].source"]
@@ -163,15 +176,21 @@ _RTSP_SKIP = _SKIP or _rtsp_available()
 def test_rtsp_through_a_gstreamer_pipeline_survives_an_outage(tmp_path: Path) -> None:
     """The real RTSP server of test_rtsp.py read by rtspsrc (the software twin of the Jetson
     nvv4l2decoder pipeline): judged, lost when the server stops, reconnected when it returns."""
-    from runtime.daemon import Daemon
+    from runtime.serving.daemon import Daemon
 
     bundle = make_bundle(tmp_path / "bundle")
     cam = RTSPCamera(free_port())
     cam.start()
-    pipeline = (f"rtspsrc location={cam.url} latency=0 protocols=tcp ! rtpjpegdepay ! jpegdec ! "
-                "videoconvert ! video/x-raw,format=BGR ! appsink max-buffers=1 drop=true")
-    config, endpoint = station_config(tmp_path, bundle, [{"id": "gst", "source": pipeline, "read_timeout_s": 1.0}],
-                                      metrics={"ready_max_frame_age_s": 1.0})
+    pipeline = (
+        f"rtspsrc location={cam.url} latency=0 protocols=tcp ! rtpjpegdepay ! jpegdec ! "
+        "videoconvert ! video/x-raw,format=BGR ! appsink max-buffers=1 drop=true"
+    )
+    config, endpoint = station_config(
+        tmp_path,
+        bundle,
+        [{"id": "gst", "source": pipeline, "read_timeout_s": 1.0}],
+        metrics={"ready_max_frame_age_s": 1.0},
+    )
     cfg = load_config(config)
     assert cfg.cameras[0].kind == "gstreamer"
     sub = Subscriber(endpoint)
@@ -218,7 +237,7 @@ NO_GI = "import sys; sys.modules['gi'] = None; "  # `import gi` raises ImportErr
 
 
 def _no_reader_here() -> str | None:
-    from runtime.source_gstreamer import opencv_has_gstreamer
+    from runtime.sources.gstreamer import opencv_has_gstreamer
 
     return "this OpenCV is built with GStreamer (the fallback reader exists)" if opencv_has_gstreamer() else None
 
@@ -229,8 +248,14 @@ def test_serve_check_names_what_is_missing_and_the_two_remedies(tmp_path: Path) 
     config, _ = station_config(tmp_path, bundle, [{"id": "csi", "source": _solid(16, 8, "BGR")}])
     code = NO_GI + "from defectscope.cli import main; sys.exit(main(sys.argv[1:]))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", code, "serve", "--check", "--config", str(config)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code, "serve", "--check", "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1, r.stderr[-2000:]
     err = r.stderr
     assert "key 'cameras[0].source'" in err
@@ -246,8 +271,9 @@ def test_startup_logs_the_missing_reader_and_keeps_the_station_up(tmp_path: Path
 
     bundle = make_bundle(tmp_path / "bundle")
     metrics_port = free_port()
-    config, _ = station_config(tmp_path, bundle, [{"id": "csi", "source": _solid(16, 8, "BGR")}],
-                               metrics_port=metrics_port)
+    config, _ = station_config(
+        tmp_path, bundle, [{"id": "csi", "source": _solid(16, 8, "BGR")}], metrics_port=metrics_port
+    )
     proc = spawn_daemon(config, preamble=NO_GI)
     try:
         deadline = time.monotonic() + 60
@@ -271,8 +297,9 @@ def test_startup_logs_the_missing_reader_and_keeps_the_station_up(tmp_path: Path
 
 def test_gst_reader_key_is_validated(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "bundle")
-    config, _ = station_config(tmp_path, bundle, [{"id": "c", "source": "videotestsrc ! appsink",
-                                                    "gst_reader": "opencv"}])
+    config, _ = station_config(
+        tmp_path, bundle, [{"id": "c", "source": "videotestsrc ! appsink", "gst_reader": "opencv"}]
+    )
     assert load_config(config).cameras[0].gst_reader == "opencv"
     config, _ = station_config(tmp_path, bundle, [{"id": "c", "source": str(tmp_path), "gst_reader": "pygobject"}])
     with pytest.raises(ConfigError, match=r"key 'cameras\[0\].gst_reader': only gstreamer pipelines pick a reader"):

@@ -14,10 +14,10 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.config import CameraConfig, load_config
-from runtime.daemon import Daemon
-from runtime.batcher import FrameHub
-from runtime.sources import Camera, DirectoryReader, Frame, SourceError, backoff_delay, transform
+from runtime.config.station import CameraConfig, load_config
+from runtime.serving.batcher import FrameHub
+from runtime.serving.daemon import Daemon
+from runtime.sources.cameras import Camera, DirectoryReader, Frame, SourceError, backoff_delay, transform
 
 from ._helpers import Subscriber, free_port, http_get, make_bundle, make_images, metric, scrape, station_config
 
@@ -100,7 +100,7 @@ def test_backoff_is_exponential_capped_and_jittered() -> None:
     rng = random.Random(1)
     delays = [backoff_delay(i, 0.5, 8.0, rng) for i in range(8)]
     for i, d in enumerate(delays):
-        base = min(8.0, 0.5 * 2 ** i)
+        base = min(8.0, 0.5 * 2**i)
         assert base / 2 <= d <= base
     assert len({round(backoff_delay(3, 0.5, 8.0, rng), 6) for _ in range(20)}) > 1  # jitter
 
@@ -155,7 +155,7 @@ def test_directory_reader_refuses_a_preload_beyond_its_budget_naming_the_file(tm
 
 
 def test_preload_is_refused_for_live_sources(tmp_path: Path) -> None:
-    from runtime.config import ConfigError
+    from runtime.config.station import ConfigError
 
     path = tmp_path / "s.toml"
     path.write_text('[model]\nbundle="b"\n[[cameras]]\nid="c"\nsource="0"\npreload_mb=64\n')
@@ -167,9 +167,12 @@ def test_daemon_serves_a_preloaded_replay(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "bundle")
     verdicts = ["ok", "defect", "ok", "defect", "defect"]
     make_images(tmp_path / "replay", verdicts)
-    config, endpoint = station_config(tmp_path, bundle, [{"id": "r", "source": str(tmp_path / "replay"),
-                                                          "preload_mb": 4.0}],
-                                      publisher={"wait_for_subscribers": 1})
+    config, endpoint = station_config(
+        tmp_path,
+        bundle,
+        [{"id": "r", "source": str(tmp_path / "replay"), "preload_mb": 4.0}],
+        publisher={"wait_for_subscribers": 1},
+    )
     sub = Subscriber(endpoint)
     d = Daemon(load_config(config))
     try:
@@ -204,8 +207,9 @@ class _Events:
 
 def test_live_camera_drops_oldest_never_blocks(tmp_path: Path) -> None:
     make_images(tmp_path / "r", ["ok"] * 5)
-    cfg = CameraConfig(id="c", source=str(tmp_path / "r"), kind="directory", loop=True, queue_size=2,
-                       on_full="drop_oldest")
+    cfg = CameraConfig(
+        id="c", source=str(tmp_path / "r"), kind="directory", loop=True, queue_size=2, on_full="drop_oldest"
+    )
     hub, events = FrameHub(), _Events()
     cam = Camera(cfg, hub, events)
     cam.start()
@@ -242,8 +246,11 @@ class MJPEGServer:
                     while alive.is_set():
                         img = np.full((48, 48, 3), 215 if i % 2 else 40, np.uint8)
                         ok, buf = cv2.imencode(".jpg", img)
-                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
-                                         % len(buf) + buf.tobytes() + b"\r\n")
+                        self.wfile.write(
+                            b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(buf)
+                            + buf.tobytes()
+                            + b"\r\n"
+                        )
                         i += 1
                         time.sleep(0.04)
                 except OSError:
@@ -274,11 +281,20 @@ def test_camera_disappears_and_comes_back_while_other_keeps_flowing(tmp_path: Pa
     server = MJPEGServer(port)
     server.start()
     config, endpoint = station_config(
-        tmp_path, bundle,
-        [{"id": "live", "source": f"http://127.0.0.1:{port}/stream.mjpg", "read_timeout_s": 1.0,
-          "reconnect_initial_s": 0.2, "reconnect_max_s": 0.5},
-         {"id": "replay", "source": str(tmp_path / "replay"), "loop": True, "fps": 20.0}],
-        metrics={"ready_max_frame_age_s": 1.0})
+        tmp_path,
+        bundle,
+        [
+            {
+                "id": "live",
+                "source": f"http://127.0.0.1:{port}/stream.mjpg",
+                "read_timeout_s": 1.0,
+                "reconnect_initial_s": 0.2,
+                "reconnect_max_s": 0.5,
+            },
+            {"id": "replay", "source": str(tmp_path / "replay"), "loop": True, "fps": 20.0},
+        ],
+        metrics={"ready_max_frame_age_s": 1.0},
+    )
     sub = Subscriber(endpoint)
     d = Daemon(load_config(config))
     try:
@@ -286,8 +302,9 @@ def test_camera_disappears_and_comes_back_while_other_keeps_flowing(tmp_path: Pa
         t = threading.Thread(target=d.run, daemon=True)
         t.start()
         base = f"http://127.0.0.1:{d.http.port}"
-        sub.until(lambda s: len(s.verdicts("live")) >= 3 and len(s.verdicts("replay")) >= 3, 20,
-                  what="both cameras flowing")
+        sub.until(
+            lambda s: len(s.verdicts("live")) >= 3 and len(s.verdicts("replay")) >= 3, 20, what="both cameras flowing"
+        )
         assert {m["verdict"] for m in sub.verdicts("live")} <= {"ok", "defect"}
 
         server.stop()
@@ -337,8 +354,9 @@ def test_video_file_replay(tmp_path: Path, kind: str) -> None:
         writer.write(np.full((40, 48, 3), level, np.uint8))
     writer.release()
     bundle = make_bundle(tmp_path / "bundle")
-    config, endpoint = station_config(tmp_path, bundle, [{"id": "vid", "source": str(path)}],
-                                      publisher={"wait_for_subscribers": 1})
+    config, endpoint = station_config(
+        tmp_path, bundle, [{"id": "vid", "source": str(path)}], publisher={"wait_for_subscribers": 1}
+    )
     sub = Subscriber(endpoint)
     d = Daemon(load_config(config))
     try:
@@ -353,7 +371,7 @@ def test_video_file_replay(tmp_path: Path, kind: str) -> None:
 
 
 def test_assemble_reuses_its_buffers_and_keeps_each_frames_views_adjacent() -> None:
-    from runtime.batcher import BatchBuffers, assemble
+    from runtime.serving.batcher import BatchBuffers, assemble
 
     rng = np.random.default_rng(0)
     frames = [_frame("c", i) for i in range(3)]

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.preprocess import InputSpec, Preprocessor
-from runtime.tta import TTA, TTAError, average_views
+from runtime.inference.preprocess import InputSpec, Preprocessor
+from runtime.inference.tta import TTA, TTAError, average_views
 
 # What each view means, stated with OpenCV on the raw (H,W) frame.
 RAW = {
@@ -25,7 +25,7 @@ RAW = {
 def _frame(size: int, seed: int = 3) -> np.ndarray:
     rng = np.random.default_rng(seed)
     im = cv2.resize(rng.integers(0, 256, (6, 6), dtype=np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
-    im[: size // 4, : size // 3] = 255   # an asymmetric mark: every view differs
+    im[: size // 4, : size // 3] = 255  # an asymmetric mark: every view differs
     return im
 
 
@@ -38,7 +38,7 @@ def test_every_square_view_is_the_transformed_frame_preprocessed():
     for i, name in enumerate(RAW):
         np.testing.assert_allclose(views[i], pre(RAW[name](img)), atol=1e-6, err_msg=name)
     flat = {views[i].tobytes() for i in range(8)}
-    assert len(flat) == 8   # the dihedral group of the square: 8 distinct views
+    assert len(flat) == 8  # the dihedral group of the square: 8 distinct views
 
 
 def test_quarter_turn_views_need_a_square_input():

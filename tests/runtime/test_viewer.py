@@ -9,9 +9,9 @@ import sys
 import threading
 from pathlib import Path
 
-from runtime.config import load_config
-from runtime.daemon import Daemon
-from runtime.viewer import ViewerState, render
+from runtime.config.station import load_config
+from runtime.serving.daemon import Daemon
+from runtime.tools.viewer import ViewerState, render
 
 from ._helpers import ROOT, make_bundle, make_images, station_config
 
@@ -19,22 +19,41 @@ from ._helpers import ROOT, make_bundle, make_images, station_config
 def _msg(camera: str, seq: int, verdict: str, conf: float = 0.9) -> dict:
     p_defect = conf if verdict != "ok" else 1 - conf
     return {
-        "schema_version": 1, "type": "verdict", "station": "st1", "camera": camera, "seq": seq, "source": None,
-        "captured_at": 1_700_000_000.0 + seq, "published_at": 1_700_000_000.1 + seq,
+        "schema_version": 1,
+        "type": "verdict",
+        "station": "st1",
+        "camera": camera,
+        "seq": seq,
+        "source": None,
+        "captured_at": 1_700_000_000.0 + seq,
+        "published_at": 1_700_000_000.1 + seq,
         "model": {"name": "m", "version": "1.0", "precision": "int8", "artifact": "int8", "backend": "onnxruntime-cpu"},
-        "task": "classification", "probabilities": {"ok": 1 - p_defect, "defect": p_defect},
-        "top_class": "defect" if p_defect > 0.5 else "ok", "top_score": max(p_defect, 1 - p_defect),
-        "verdict": verdict, "defect_class": None if verdict == "ok" else "defect", "confidence": conf,
-        "latency_ms": {"queue": 0.1, "preprocess": 0.2, "inference": 1.0, "total": 2.0}, "tta_views": 1,
+        "task": "classification",
+        "probabilities": {"ok": 1 - p_defect, "defect": p_defect},
+        "top_class": "defect" if p_defect > 0.5 else "ok",
+        "top_score": max(p_defect, 1 - p_defect),
+        "verdict": verdict,
+        "defect_class": None if verdict == "ok" else "defect",
+        "confidence": conf,
+        "latency_ms": {"queue": 0.1, "preprocess": 0.2, "inference": 1.0, "total": 2.0},
+        "tta_views": 1,
         "snapshot": None,
     }
 
 
 def _status(cams: dict[str, bool]) -> dict:
-    return {"schema_version": 1, "type": "status", "station": "st1", "state": "serving", "published_at": 1.0,
-            "model": None,
-            "cameras": {c: {"up": up, "last_frame_age_s": 0.1, "captured": 1, "published": 1, "dropped": 0}
-                        for c, up in cams.items()}}
+    return {
+        "schema_version": 1,
+        "type": "status",
+        "station": "st1",
+        "state": "serving",
+        "published_at": 1.0,
+        "model": None,
+        "cameras": {
+            c: {"up": up, "last_frame_age_s": 0.1, "captured": 1, "published": 1, "dropped": 0}
+            for c, up in cams.items()
+        },
+    }
 
 
 def test_state_tracks_latest_verdicts_events_rates_and_camera_state() -> None:
@@ -82,22 +101,49 @@ def test_watch_command_against_a_running_daemon(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "bundle")
     make_images(tmp_path / "replay", ["ok", "defect", "uncertain"])
     config, endpoint = station_config(
-        tmp_path, bundle,
-        [{"id": "cam1", "source": str(tmp_path / "replay"), "loop": True, "fps": 30.0},
-         {"id": "cam2", "source": str(tmp_path / "replay"), "loop": True, "fps": 30.0}])
+        tmp_path,
+        bundle,
+        [
+            {"id": "cam1", "source": str(tmp_path / "replay"), "loop": True, "fps": 30.0},
+            {"id": "cam2", "source": str(tmp_path / "replay"), "loop": True, "fps": 30.0},
+        ],
+    )
     d = Daemon(load_config(config))
     d.start()
     t = threading.Thread(target=d.run, daemon=True)
     t.start()
     try:
-        once = subprocess.run([sys.executable, "-m", "defectscope", "watch", "--connect", endpoint, "--once",
-                               "--timeout", "20"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                              env={**os.environ, "COLUMNS": "200"})
+        once = subprocess.run(
+            [sys.executable, "-m", "defectscope", "watch", "--connect", endpoint, "--once", "--timeout", "20"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "200"},
+        )
         assert once.returncode == 0, once.stderr
         assert "cam1" in once.stdout and "cam2" in once.stdout and "UP" in once.stdout
-        lines = subprocess.run([sys.executable, "-m", "defectscope", "watch", "--connect", endpoint, "--json",
-                                "--camera", "cam2", "--verdict", "defect", "--duration", "1.5"],
-                               cwd=ROOT, capture_output=True, text=True, timeout=60)
+        lines = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "defectscope",
+                "watch",
+                "--connect",
+                endpoint,
+                "--json",
+                "--camera",
+                "cam2",
+                "--verdict",
+                "defect",
+                "--duration",
+                "1.5",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert lines.returncode == 0, lines.stderr
         msgs = [json.loads(line) for line in lines.stdout.splitlines()]
         verdicts = [m for m in msgs if m["type"] == "verdict"]

@@ -117,7 +117,7 @@ def test_gray_and_rgb_images_load_as_rgb_tensors(tmp_path):
     bgr = synth_image("ok", rng, 50, color=True)
     bgr[:, :, 0] = 255  # blue channel saturated: must end up as RGB channel 2
     cv2.imwrite(str(color), bgr)
-    from runtime.preprocess import InputSpec
+    from runtime.inference.preprocess import InputSpec
     from training.data import Sample
 
     spec = InputSpec(height=32, width=32, resize_size=36, mean=(0.5,) * 3, std=(0.5,) * 3)

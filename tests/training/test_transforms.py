@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from runtime.preprocess import InputSpec, Preprocessor  # noqa: E402
+from runtime.inference.preprocess import InputSpec, Preprocessor  # noqa: E402
 from tests.training.conftest import synth_image  # noqa: E402
 from training.config import AugmentConfig  # noqa: E402
 from training.transforms import RandomRot90, to_chw_uint8, train_pipeline, val_transform  # noqa: E402
@@ -30,7 +30,7 @@ def test_val_transform_matches_runtime_preprocessor(color, shape, size, resize):
     ours = val_transform(spec)(to_chw_uint8(img)).numpy()
     theirs = Preprocessor(spec)(img)
     assert ours.shape == theirs.shape == (3, size, size)
-    # Training resizes with runtime.preprocess.resize: the same pixels, up to float rounding.
+    # Training resizes with runtime.inference.preprocess.resize: the same pixels, up to float rounding.
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
@@ -41,7 +41,7 @@ def test_identity_geometry_is_exact():
 
 
 def test_train_pipeline_is_seeded_and_varies():
-    from runtime.preprocess import InputSpec
+    from runtime.inference.preprocess import InputSpec
 
     spec = InputSpec(height=32, width=32, resize_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
     x = to_chw_uint8(synth_image("defect", np.random.default_rng(3), 40))
@@ -78,7 +78,7 @@ def test_interpolation_is_a_training_option_recorded_in_the_input_spec():
     import numpy as np
     import torch
 
-    from runtime.preprocess import Preprocessor
+    from runtime.inference.preprocess import Preprocessor
 
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (3, 60, 60), dtype=np.uint8)

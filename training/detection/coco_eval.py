@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.boxes import BoxPolicy, as_boxes
+from runtime.inference.boxes import BoxPolicy, as_boxes
 from training.detection.formats import DetSample
 
 Prediction = tuple[Any, Any, Any]
@@ -148,7 +148,7 @@ def part_metrics(
     policy: BoxPolicy,
     uncertain_as: str = "defect",
 ) -> dict[str, Any]:
-    """The station's verdict per image (``runtime.boxes.BoxPolicy``) against "has any true box".
+    """The station's verdict per image (``runtime.inference.boxes.BoxPolicy``) against "has any true box".
 
     ``uncertain_as``: how an ``uncertain`` verdict counts ("defect": sent to review, the
     conservative reading; "ok"). Returns accuracy, recall of defective parts, false-alarm

@@ -1,5 +1,5 @@
 """``defectscope evaluate RUN`` on a detector: COCO mAP, per-class AP / recall, the part-level
-verdict, and flip TTA (merged by weighted box fusion, ``runtime.boxes``) with its measured delta."""
+verdict, and flip TTA (merged by weighted box fusion, ``runtime.inference.boxes``) with its measured delta."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime import tta as rtta
+from runtime.inference import tta as rtta
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +136,7 @@ def _operating_points(
     split: str,
 ) -> dict[str, Any]:
     """Per setting (plain / tta): the val-chosen threshold and the part metrics on val and on ``split`` at it."""
-    from runtime.boxes import BoxPolicy
+    from runtime.inference.boxes import BoxPolicy
     from training.detection.coco_eval import operating_point, part_metrics
     from training.detection.loader import DetectionDataset
     from training.detection.predict import predict

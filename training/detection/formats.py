@@ -3,7 +3,7 @@
 Each reader returns ``(samples, classes)`` and records every bad annotation in a
 :class:`Report` (file, annotation id, reason); bad boxes are skipped, images whose file
 is missing are skipped with all their boxes. Boxes are float ``xyxy`` in pixel-edge
-coordinates of the original image (runtime.boxes' convention); labels index ``classes``
+coordinates of the original image (runtime.inference.boxes' convention); labels index ``classes``
 (0-based, no background).
 """
 
@@ -108,7 +108,7 @@ def check_box(box: Sequence[float], width: int, height: int) -> tuple[Box | None
 
 def image_size(path: Path) -> tuple[int, int] | None:
     """(width, height) of an image file, None when it cannot be read."""
-    from runtime.preprocess import ImageReadError, read_image
+    from runtime.inference.preprocess import ImageReadError, read_image
 
     try:
         img = read_image(path)

@@ -1,10 +1,10 @@
 """``DetSample`` list -> torch Dataset of (image, target) in torchvision's detection format.
 
-Each item: the file read by ``runtime.preprocess.read_image``, letterboxed to the input
-size by ``runtime.boxes.fit`` (the station's own geometry), gray replicated to RGB, then the
+Each item: the file read by ``runtime.inference.preprocess.read_image``, letterboxed to the input
+size by ``runtime.inference.boxes.fit`` (the station's own geometry), gray replicated to RGB, then the
 v2 transform. ``target``: ``boxes`` (``tv_tensors.BoundingBoxes`` XYXY in model-input
 pixels), ``labels`` (int64, 1-based: 0 is torchvision's background), ``image_id`` (index),
-``orig_size`` (H, W) and ``geometry`` (``runtime.boxes.Geometry`` of the letterbox, to map
+``orig_size`` (H, W) and ``geometry`` (``runtime.inference.boxes.Geometry`` of the letterbox, to map
 predictions back; it does not describe the random augmentation, so use it with ``eval_transform``).
 """
 
@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from runtime.boxes import fit
-from runtime.preprocess import read_image
+from runtime.inference.boxes import fit
+from runtime.inference.preprocess import read_image
 from training.detection.formats import DetSample
 from training.detection.transforms import eval_transform
 

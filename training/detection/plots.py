@@ -82,7 +82,7 @@ def plot_panels(
     n: int = 4,
 ) -> Path | None:
     """Up to ``n`` images (defective first): truth in green, predictions >= threshold in red, original pixels."""
-    from runtime.preprocess import read_image
+    from runtime.inference.preprocess import read_image
 
     order = sorted(range(len(samples)), key=lambda i: (samples[i].negative, i))[:n]
     if not order:

@@ -1,6 +1,6 @@
 """Run a detector over a :class:`DetectionDataset`: boxes back in original pixels, optional flip TTA.
 
-The geometry and the TTA merge are the station's (``runtime.boxes``): boxes go back with
+The geometry and the TTA merge are the station's (``runtime.inference.boxes``): boxes go back with
 ``Geometry.to_original``, flipped views with ``unflip_boxes`` and are merged by
 ``weighted_box_fusion``, so offline evaluation measures what a station would report.
 """
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from runtime.boxes import unflip_boxes, weighted_box_fusion
+from runtime.inference.boxes import unflip_boxes, weighted_box_fusion
 from training.detection.loader import DetectionDataset
 
 TTA_VIEWS = ("original", "hflip", "vflip", "rot180")

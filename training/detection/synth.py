@@ -194,7 +194,7 @@ def elpv_functional_cells_by_type() -> dict[str, list[str]]:
 def _load(source: str | np.ndarray) -> np.ndarray:
     if isinstance(source, np.ndarray):
         return source
-    from runtime.preprocess import read_image
+    from runtime.inference.preprocess import read_image
 
     return read_image(source)
 

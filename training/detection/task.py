@@ -4,7 +4,7 @@
 torchvision's ``FasterRCNN`` in train mode; the task loss is the sum of its loss dict
 (``loss_classifier``, ``loss_box_reg``, ``loss_objectness``, ``loss_rpn_box_reg``), each
 reported as a named part. ``evaluate``: COCO mAP (pycocotools) plus the station's
-part-level verdict (``runtime.boxes.BoxPolicy``). The monitor is val mAP@.5.
+part-level verdict (``runtime.inference.boxes.BoxPolicy``). The monitor is val mAP@.5.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime.boxes import BoxPolicy
+from runtime.inference.boxes import BoxPolicy
 from training.detection.coco_eval import coco_metrics, part_metrics
 from training.detection.formats import DetSample
 from training.engine import Engine, StepResult

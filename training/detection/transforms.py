@@ -1,7 +1,7 @@
 """Box-aware augmentation (torchvision.transforms.v2 + tv_tensors) at the model's input size.
 
 The image reaches these transforms already letterboxed to the input size by
-``runtime.boxes.fit`` (the one resize, see training.detection.loader), as a uint8
+``runtime.inference.boxes.fit`` (the one resize, see training.detection.loader), as a uint8
 ``tv_tensors.Image`` with ``tv_tensors.BoundingBoxes`` (XYXY, pixel edges) and
 1-based ``labels`` (0 = background, torchvision's convention). Geometry first, then
 photometric jitter, then boxes cut to nothing are dropped and pixels scaled to [0, 1].

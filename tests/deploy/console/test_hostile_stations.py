@@ -16,7 +16,7 @@ import pytest
 
 from deploy.console.loadgen import MODEL, FakeStation, status_message, verdict_message
 from deploy.console.store import Store
-from runtime.messages import MAX_MESSAGE_BYTES
+from runtime.serving.messages import MAX_MESSAGE_BYTES
 from tests.deploy.console.conftest import Client, wait_for
 
 
@@ -36,8 +36,10 @@ def metric(con, name: str, **labels: str) -> float:
 
 def strict_json(text: str | bytes):
     """JSON as a browser's JSON.parse reads it: NaN / Infinity are syntax errors."""
+
     def refuse(token: str):
         raise ValueError(f"{token} is not JSON")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -68,20 +70,24 @@ def _both_up(stations, con) -> None:
         for st in stations:
             st.status({"cam1": True})
         return all(s["up"] for s in c.json("/api/state")["stations"])
+
     wait_for(up, 15, "both stations' heartbeats")
 
 
 def test_poisoned_messages_lose_no_rows_from_any_station(console_factory, store_url):
     st1, st2 = FakeStation("st1"), FakeStation("st2")
     try:
-        con = console_factory([{"name": "st1", "endpoint": st1.endpoint}, {"name": "st2", "endpoint": st2.endpoint}],
-                              store=store_url)
+        con = console_factory(
+            [{"name": "st1", "endpoint": st1.endpoint}, {"name": "st2", "endpoint": st2.endpoint}], store=store_url
+        )
         _both_up([st1, st2], con)
-        poison = [verdict_message("st1", "cam1", 900, "defect") | {"confidence": float("nan")},
-                  verdict_message("st1", "cam1", 901) | {"top_score": float("inf")},
-                  verdict_message("st1", "cam1", 10**20),
-                  verdict_message("st1", "cam1", 903, "defect", classes=("ok", "c" * 200)),
-                  verdict_message("st1", "cam1", 904) | {"captured_at": float("-inf")}]
+        poison = [
+            verdict_message("st1", "cam1", 900, "defect") | {"confidence": float("nan")},
+            verdict_message("st1", "cam1", 901) | {"top_score": float("inf")},
+            verdict_message("st1", "cam1", 10**20),
+            verdict_message("st1", "cam1", 903, "defect", classes=("ok", "c" * 200)),
+            verdict_message("st1", "cam1", 904) | {"captured_at": float("-inf")},
+        ]
         for i in range(20):
             st1.verdict("cam1", i, "defect" if i % 3 == 0 else "ok")
             if i < len(poison):
@@ -95,8 +101,9 @@ def test_poisoned_messages_lose_no_rows_from_any_station(console_factory, store_
         store = Store(store_url)
         rows = store.range(0, time.time() + 60)
         store.close()
-        assert sorted((r["station"], r["seq"]) for r in rows) == sorted((s, i) for s in ("st1", "st2")
-                                                                        for i in range(20))
+        assert sorted((r["station"], r["seq"]) for r in rows) == sorted(
+            (s, i) for s in ("st1", "st2") for i in range(20)
+        )
         c = Client(con.base)
         assert c.login("olga") == 200
         for path in ("/api/state", "/api/events"):
@@ -118,9 +125,9 @@ def test_a_flooding_station_is_rate_limited_and_counted(console_factory):
             st.verdict("cam1", i)
 
         def settled():
-            limited = metric(con, "defectscope_console_messages_rejected_total", station="st1",
-                             reason="rate_limited")
+            limited = metric(con, "defectscope_console_messages_rejected_total", station="st1", reason="rate_limited")
             return con.health()["recorded"] + limited >= n and limited
+
         limited = wait_for(settled, 20, "every flood message recorded or refused")
         recorded = con.health()["recorded"]
         assert recorded + limited == n and recorded < n / 2, (recorded, limited)
@@ -159,8 +166,7 @@ def test_a_heartbeats_model_object_is_not_rebroadcast_to_browsers(console_factor
         ready = threading.Barrier(4)
 
         def browser(k: int) -> None:
-            with connect(con.base.replace("http", "ws") + "/ws", origin=con.base, open_timeout=10,
-                         max_size=None) as ws:
+            with connect(con.base.replace("http", "ws") + "/ws", origin=con.base, open_timeout=10, max_size=None) as ws:
                 strict_json(ws.recv(timeout=10))
                 ready.wait(30)
                 total, deadline = 0, time.monotonic() + 30
@@ -172,6 +178,7 @@ def test_a_heartbeats_model_object_is_not_rebroadcast_to_browsers(console_factor
                         last[k] = msg
                         break
                 got[k] = total
+
         threads = [threading.Thread(target=browser, args=(k,)) for k in range(3)]
         for t in threads:
             t.start()
@@ -186,8 +193,9 @@ def test_a_heartbeats_model_object_is_not_rebroadcast_to_browsers(console_factor
             t.join(60)
         print(f"WebSocket bytes per browser: {sorted(got.values())}")
         assert len(got) == 3 and max(got.values()) < 64 * 1024, got
-        assert all(m["stations"][0]["model"] == {"name": MODEL["name"], "version": MODEL["version"]}
-                   for m in last.values())
+        assert all(
+            m["stations"][0]["model"] == {"name": MODEL["name"], "version": MODEL["version"]} for m in last.values()
+        )
         assert metric(con, "defectscope_console_messages_rejected_total", station="st1", reason="too_large") == 10
     finally:
         st.close()
@@ -202,8 +210,10 @@ def test_non_finite_values_already_stored_never_break_the_json_api(console_facto
     s = Store(postgres)
     with s.engine.begin() as conn:
         conn.execute(sa.text("TRUNCATE reviews, verdicts, dead_letters"))
-    row = row_from_message(verdict_message("st1", "cam1", 1, "defect")) | {"confidence": float("nan"),
-                                                                           "top_score": float("inf")}
+    row = row_from_message(verdict_message("st1", "cam1", 1, "defect")) | {
+        "confidence": float("nan"),
+        "top_score": float("inf"),
+    }
     assert s.insert([row]) == []
     s.close()
     con = console_factory([{"name": "st1", "endpoint": "tcp://127.0.0.1:1"}], store=postgres)

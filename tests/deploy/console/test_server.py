@@ -15,7 +15,7 @@ import pytest
 
 from deploy.console.loadgen import FakeStation
 from deploy.console.store import Store
-from runtime.preview import PreviewConfig, PreviewEncoder
+from runtime.serving.preview import PreviewConfig, PreviewEncoder
 from tests.deploy.console.conftest import Client, wait_for
 
 
@@ -51,8 +51,15 @@ def test_login_roles_cookie_flags_and_csrf(rig):
     assert status == 303 and "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
     # a login form posted from another site is refused (login CSRF)
     evil = Client(con.base)
-    assert evil.request("POST", "/login", form, {"content-type": "application/x-www-form-urlencoded",
-                                                 "origin": "http://evil.example"})[0] == 403
+    assert (
+        evil.request(
+            "POST",
+            "/login",
+            form,
+            {"content-type": "application/x-www-form-urlencoded", "origin": "http://evil.example"},
+        )[0]
+        == 403
+    )
     assert op.login("olga") == 200
     me = op.json("/api/me")
     assert me["role"] == "operator" and "review" in me["can"] and "export" not in me["can"]
@@ -76,8 +83,12 @@ def test_login_roles_cookie_flags_and_csrf(rig):
     assert got["reviews"][0]["role"] == "operator" and abs(got["reviews"][0]["created_at"] - time.time()) < 30
     # logout needs the CSRF token, then the session is gone
     assert op.request("POST", "/logout", b"csrf=bad", {"content-type": "application/x-www-form-urlencoded"})[0] == 403
-    assert op.request("POST", "/logout", f"csrf={op.csrf}".encode(),
-                      {"content-type": "application/x-www-form-urlencoded"})[0] == 303
+    assert (
+        op.request(
+            "POST", "/logout", f"csrf={op.csrf}".encode(), {"content-type": "application/x-www-form-urlencoded"}
+        )[0]
+        == 303
+    )
     assert op.get("/api/me")[0] == 401
 
 
@@ -124,8 +135,15 @@ def test_snapshots_are_read_only_and_path_confined(rig):
     assert c.get("/snapshots/st1/link.jpg")[0] == 403  # a planted symlink is not followed
     assert c.get("/snapshots/st1/huge.jpg")[0] == 413
     assert c.get("/snapshots/st1/fifo.jpg")[0] == 403
-    for bad in ("..%2Fsecret.jpg", "%2E%2E%2Fsecret.jpg", "..%5Csecret.jpg", ".hidden.jpg", "x.jpg%00.png",
-                "%2Fetc%2Fpasswd", "a..jpg"):
+    for bad in (
+        "..%2Fsecret.jpg",
+        "%2E%2E%2Fsecret.jpg",
+        "..%5Csecret.jpg",
+        ".hidden.jpg",
+        "x.jpg%00.png",
+        "%2Fetc%2Fpasswd",
+        "a..jpg",
+    ):
         status, body, _ = c.get(f"/snapshots/st1/{bad}")
         assert status in (400, 404), (bad, status)
         assert b"top secret" not in body
@@ -215,8 +233,15 @@ def test_curve_encrypted_station_stream(tmp_path, console_factory):
     st.sock.bind("tcp://127.0.0.1:0")
     st.endpoint = st.sock.getsockopt_string(_zmq.LAST_ENDPOINT)
     try:
-        con = console_factory([{"name": "st1", "endpoint": st.endpoint,
-                                "curve": {"server_public_key": str(srv_pub), "client_secret_key": str(cli_sec)}}])
+        con = console_factory(
+            [
+                {
+                    "name": "st1",
+                    "endpoint": st.endpoint,
+                    "curve": {"server_public_key": str(srv_pub), "client_secret_key": str(cli_sec)},
+                }
+            ]
+        )
         _publish_until_seen(st, con)
         st.verdict("cam1", 1, "ok")
         wait_for(lambda: con.health()["recorded"] == 1, 10, "encrypted verdict recorded")
@@ -227,7 +252,7 @@ def test_curve_encrypted_station_stream(tmp_path, console_factory):
 
 
 def test_websocket_needs_a_session_and_the_console_origin(rig):
-    from websockets.exceptions import InvalidStatus, ConnectionClosed
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
     from websockets.sync.client import connect
 
     st, con, _, _ = rig
@@ -243,6 +268,7 @@ def test_websocket_needs_a_session_and_the_console_origin(rig):
         except (InvalidStatus, ConnectionClosed):
             return True
         return False
+
     assert refused(origin=con.base)  # no session
     assert refused(origin="http://evil.example", additional_headers={"Cookie": cookie})  # cross-site hijack
     with connect(ws_url, origin=con.base, additional_headers={"Cookie": cookie}, open_timeout=5) as ws:

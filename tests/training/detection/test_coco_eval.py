@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("pycocotools")
 
-from runtime.boxes import BoxPolicy  # noqa: E402
+from runtime.inference.boxes import BoxPolicy  # noqa: E402
 from training.detection.coco_eval import coco_metrics, operating_point, part_metrics  # noqa: E402
 from training.detection.formats import DetSample  # noqa: E402
 

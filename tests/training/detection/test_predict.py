@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 cv2 = pytest.importorskip("cv2")
 pytest.importorskip("pycocotools")
 
-from runtime.boxes import BoxPolicy  # noqa: E402
+from runtime.inference.boxes import BoxPolicy  # noqa: E402
 from tests.training.detection.helpers import squares_batch, train_tiny_detector  # noqa: E402
 from training.detection.coco_eval import coco_metrics, part_metrics  # noqa: E402
 from training.detection.datasets import resolve_detection  # noqa: E402

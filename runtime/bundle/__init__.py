@@ -1,0 +1,1 @@
+"""The model bundle: manifest format and validator, files, staging, signatures, the station's store."""

@@ -1,0 +1,1 @@
+"""Station config: one TOML file per station, its typed tables and validation."""

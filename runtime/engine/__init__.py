@@ -1,0 +1,1 @@
+"""TensorRT engines built on the station: build, metadata, accuracy gate (TensorRT imported lazily)."""

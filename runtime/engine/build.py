@@ -1,0 +1,449 @@
+"""Building TensorRT engines from a bundle's ONNX models, on the station (station code: no torch).
+
+Lives beside ``runtime.engine.meta`` (what an engine records and when it fits a device):
+``deploy build-engine`` and ``defectscope build-engine`` both decide freshness with
+:func:`fresh_engine`, which applies the runtime's own check (TensorRT version, GPU,
+compute capability), and INT8 engines pass :mod:`runtime.engine.gate` before they are kept.
+
+:func:`plan_build` decides everything (which ONNX, network/builder flags,
+optimisation profile, INT8 mode) from the manifest and the TensorRT version; it
+is pure and tested on CPU. :func:`build_engine` executes a plan with TensorRT
+(imported lazily) and returns the serialized engine with its platform.
+
+TensorRT generations:
+- 8.x: explicit-batch networks need ``EXPLICIT_BATCH``; INT8 by default through
+  the entropy calibrator on the FP32 ONNX (implicit quantization), or from the
+  QDQ ONNX when asked (``--int8-mode explicit``).
+- 10.x: ``EXPLICIT_BATCH`` is deprecated (always on); INT8 from the symmetric
+  QDQ ONNX (explicit quantization). Weakly typed by default with INT8+FP16 flags
+  so float-kept layers may run in FP16; ``--strongly-typed`` follows the graph's
+  types instead. Calibrators still exist but are deprecated.
+- 11+: precision flags are gone, networks are strongly typed: FP32, or INT8 from
+  the QDQ ONNX.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.engine.meta import Platform, check_engine_io, current_platform, engine_problems, slug, version_tuple
+from runtime.fsio import atomic_write_bytes
+
+PRECISIONS = ("fp32", "fp16", "int8")
+INT8_MODES = ("auto", "explicit", "implicit")
+TRT_INT8_ARTIFACT = "int8-trt"
+
+
+class BuildError(RuntimeError):
+    """A build that cannot go ahead or failed; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What one ``build-engine`` run will do."""
+
+    precision: str
+    int8_mode: str | None
+    source_key: str
+    source_file: str
+    network_flags: tuple[str, ...]
+    builder_flags: tuple[str, ...]
+    input_name: str
+    input_chw: tuple[int, int, int]
+    batch: tuple[int, int]
+    opt_batch: int
+    calib_batch: int
+    tensorrt_version: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def strongly_typed(self) -> bool:
+        return "STRONGLY_TYPED" in self.network_flags
+
+    def profile(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(min, opt, max) input shapes of the optimisation profile."""
+        lo, opt, hi = ((b, *self.input_chw) for b in (self.batch[0], self.opt_batch, self.batch[1]))
+        return lo, opt, hi
+
+    def calibration_shape(self) -> tuple[int, int, int, int]:
+        return (self.calib_batch, *self.input_chw)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("network_flags", "builder_flags", "input_chw", "batch", "notes"):
+            out[key] = list(out[key])
+        return out
+
+
+def _onnx_artifacts(manifest: Any) -> dict[str, Any]:
+    return {k: a for k, a in manifest.artifacts.items() if a.format == "onnx"}
+
+
+def _find_fp32(manifest: Any) -> tuple[str, Any]:
+    arts = _onnx_artifacts(manifest)
+    if "fp32" in arts and arts["fp32"].precision == "fp32":
+        return "fp32", arts["fp32"]
+    for key, art in arts.items():
+        if art.precision == "fp32":
+            return key, art
+    raise BuildError(
+        f"bundle {manifest.model.name} has no FP32 ONNX artifact to build from "
+        f"(artifacts: {sorted(manifest.artifacts)})"
+    )
+
+
+def _find_symmetric_qdq(manifest: Any, bundle_hint: str) -> tuple[str, Any]:
+    arts = _onnx_artifacts(manifest)
+    ranked = sorted(arts.items(), key=lambda kv: kv[0] != TRT_INT8_ARTIFACT)
+    for key, art in ranked:
+        q = dict(art.quantization or {})
+        if art.precision == "int8" and q.get("activation_symmetric") and q.get("format", "qdq") == "qdq":
+            return key, art
+    have = [k for k, a in arts.items() if a.precision == "int8"]
+    why = (
+        f"its INT8 artifact(s) {have} use asymmetric (uint8) activations, which TensorRT cannot import"
+        if have
+        else "it has no INT8 artifact"
+    )
+    raise BuildError(
+        f"explicit INT8 needs a QDQ model with symmetric int8 activations, and {why}. On the workstation run:\n"
+        f"    defectscope calibrate {bundle_hint} --target tensorrt\n"
+        "then copy the bundle to the device again (or use --int8-mode implicit on TensorRT 8.x)"
+    )
+
+
+# Detection graphs (Faster R-CNN: ONNX NonMaxSuppression + RoiAlign) need TensorRT 10: its parser imports
+# NonMaxSuppression natively and RoiAlign as the ROIAlign_TRT plugin; 8.x had NMS only as experimental.
+MIN_DETECTION_TENSORRT = 10
+DETECTION_BATCH = 1  # the exported detector has a fixed batch (calibration.export_detection, docs/contracts.md)
+
+
+def _detection_rules(
+    manifest: Any, version: str, major: int, precision: str, batch: tuple[int, int], notes: list[str]
+) -> tuple[tuple[int, int], int, list[str]]:
+    if major < MIN_DETECTION_TENSORRT:
+        raise BuildError(
+            f"detection bundles need TensorRT {MIN_DETECTION_TENSORRT} or later (its ONNX parser imports "
+            f"NonMaxSuppression and RoiAlign); this device has {version}. Serve the ONNX artifact with "
+            "ONNX Runtime, or upgrade JetPack (JetPack 6: TensorRT 10)"
+        )
+    if precision == "int8":
+        raise BuildError(
+            "INT8 TensorRT engines of detectors are not built: the station's engine gate compares "
+            "class scores, not boxes. Build --precision fp16 (or fp32), or serve the gated ONNX "
+            "Runtime INT8 artifact"
+        )
+    if tuple(batch) != (DETECTION_BATCH, DETECTION_BATCH):
+        notes = [
+            *notes,
+            f"the detector graph has a fixed batch of {DETECTION_BATCH}: profile "
+            f"{DETECTION_BATCH}..{DETECTION_BATCH} (asked {batch[0]}..{batch[1]})",
+        ]
+    return (DETECTION_BATCH, DETECTION_BATCH), DETECTION_BATCH, notes
+
+
+def plan_build(
+    manifest: Any,
+    tensorrt_version: str,
+    precision: str = "fp16",
+    *,
+    int8_mode: str = "auto",
+    batch: tuple[int, int] = (1, 8),
+    opt_batch: int | None = None,
+    calib_batch: int = 8,
+    strongly_typed: bool | None = None,
+    bundle_hint: str = "<bundle>",
+) -> BuildPlan:
+    """Decide the build for ``manifest`` on TensorRT ``tensorrt_version``; BuildError when impossible."""
+    if precision not in PRECISIONS:
+        raise BuildError(f"--precision: expected one of {PRECISIONS}, got {precision!r}")
+    if int8_mode not in INT8_MODES:
+        raise BuildError(f"--int8-mode: expected one of {INT8_MODES}, got {int8_mode!r}")
+    if manifest.model.task != "classification" and precision == "int8" and int8_mode == "implicit":
+        raise BuildError("implicit INT8 calibration is only wired for classification bundles")
+    v = version_tuple(tensorrt_version)
+    if not v:
+        raise BuildError(f"cannot read TensorRT version {tensorrt_version!r}")
+    major = v[0]
+    if major < 8:
+        raise BuildError(f"TensorRT {tensorrt_version} is too old: build-engine supports TensorRT 8.x, 10.x and later")
+    notes: list[str] = []
+    if manifest.model.task == "detection":
+        batch, opt_batch, notes = _detection_rules(manifest, tensorrt_version, major, precision, batch, notes)
+    lo, hi = int(batch[0]), int(batch[1])
+    if not 1 <= lo <= hi:
+        raise BuildError(f"--batch: expected 1 <= MIN <= MAX, got {lo} {hi}")
+    opt = hi if opt_batch is None else int(opt_batch)
+    if not lo <= opt <= hi:
+        raise BuildError(f"--opt-batch {opt} must lie within --batch {lo} {hi}")
+    if calib_batch < 1:
+        raise BuildError(f"--calib-batch-size must be >= 1, got {calib_batch}")
+
+    network_flags: list[str] = ["EXPLICIT_BATCH"] if major < 10 else []
+    builder_flags: list[str] = []
+    mode: str | None = None
+    if precision == "int8":
+        mode = int8_mode if int8_mode != "auto" else ("implicit" if major < 10 else "explicit")
+        if mode == "implicit" and major >= 11:
+            raise BuildError(
+                f"TensorRT {tensorrt_version} removed implicit INT8 calibration; use --int8-mode explicit "
+                "(the QDQ model from `defectscope calibrate --target tensorrt`)"
+            )
+        if mode == "implicit" and major == 10:
+            notes.append("implicit INT8 calibration is deprecated in TensorRT 10; explicit (QDQ) is preferred")
+
+    if precision in ("fp32", "fp16") or mode == "implicit":
+        key, art = _find_fp32(manifest)
+    else:
+        key, art = _find_symmetric_qdq(manifest, bundle_hint)
+
+    typed = (major >= 11) if strongly_typed is None else bool(strongly_typed)
+    if major >= 11 and not typed:
+        raise BuildError(f"TensorRT {tensorrt_version} builds strongly typed networks only")
+    if typed and major < 10:
+        raise BuildError("--strongly-typed needs TensorRT 10 or later")
+    if typed and mode == "implicit":
+        raise BuildError("implicit INT8 calibration needs a weakly typed network (drop --strongly-typed)")
+    if typed:
+        if precision == "fp16":
+            raise BuildError(
+                f"FP16 on a strongly typed network (TensorRT {tensorrt_version}) needs an FP16 ONNX "
+                "(e.g. ModelOpt AutoCast); this bundle's ONNX is FP32. Build fp32 or int8 instead"
+            )
+        network_flags.append("STRONGLY_TYPED")
+    else:
+        if precision == "fp16":
+            builder_flags.append("FP16")
+        elif precision == "int8":
+            # FP16 as well: layers left in float (fallback nodes, unsupported ops) may run in FP16.
+            builder_flags += ["INT8", "FP16"]
+    return BuildPlan(
+        precision=precision,
+        int8_mode=mode,
+        source_key=key,
+        source_file=art.file,
+        network_flags=tuple(network_flags),
+        builder_flags=tuple(builder_flags),
+        input_name=manifest.input.name,
+        input_chw=tuple(manifest.input.shape),
+        batch=(lo, hi),
+        opt_batch=opt,
+        calib_batch=int(calib_batch),
+        tensorrt_version=str(tensorrt_version),
+        notes=tuple(notes),
+    )
+
+
+def default_timing_cache(platform: Platform) -> Path:
+    """Per TensorRT version and GPU: timing caches do not transfer between them."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "defectscope" / "tensorrt"
+    name = f"timing-trt{slug(platform.tensorrt_version)}-{slug(platform.gpu)}-sm{platform.compute_capability}.cache"
+    return base / name
+
+
+def engine_file_name(key: str, precision: str) -> str:
+    return f"engines/model.{precision}.engine" if key == f"trt-{precision}" else f"engines/{slug(key)}.engine"
+
+
+def calibration_cache_name(tensorrt_version: str) -> str:
+    """Where a bundle keeps the TensorRT calibration cache (one per TensorRT version)."""
+    return f"engines/calibration-trt{slug(tensorrt_version)}.cache"
+
+
+@dataclass
+class BuildResult:
+    engine: bytes
+    platform: Platform
+    seconds: float
+    inputs: list[tuple[str, list[int]]] = field(default_factory=list)
+    outputs: list[tuple[str, list[int]]] = field(default_factory=list)
+    timing_cache: Path | None = None
+    calibration_cache: Path | None = None
+
+
+def _engine_io(trt: Any, engine: Any) -> tuple[list[tuple[str, list[int]]], list[tuple[str, list[int]]]]:
+    inputs: list[tuple[str, list[int]]] = []
+    outputs: list[tuple[str, list[int]]] = []
+    if hasattr(engine, "num_io_tensors"):  # TensorRT >= 8.5
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            dims = [int(d) for d in engine.get_tensor_shape(name)]
+            (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append((name, dims))
+    else:  # TensorRT 8.0-8.4 bindings API
+        for i in range(engine.num_bindings):
+            name = engine.get_binding_name(i)
+            dims = [int(d) for d in engine.get_binding_shape(i)]
+            (inputs if engine.binding_is_input(i) else outputs).append((name, dims))
+    return inputs, outputs
+
+
+def build_engine(
+    plan: BuildPlan,
+    onnx_path: str | os.PathLike[str],
+    manifest: Any,
+    *,
+    calibration: Any = None,
+    calibration_cache: Any = None,
+    timing_cache: Path | None = None,
+    workspace_mib: int = 2048,
+    verbose: bool = False,
+    log: Callable[[str], None] = print,
+    make_calibrator: Callable[[Any, Any], Any] | None = None,
+) -> BuildResult:
+    """Run ``plan`` with TensorRT: parse, configure, build, deserialize and check I/O.
+
+    ``calibration`` is a :class:`calibration.calibrator.BatchStream` (implicit INT8),
+    ``calibration_cache`` a :class:`calibration.calibrator.CacheFile` and ``make_calibrator``
+    builds the TensorRT calibrator from them (passed in: runtime never imports calibration).
+    """
+    try:
+        import tensorrt as trt
+    except Exception as exc:
+        raise BuildError(
+            f"TensorRT is not importable on this machine ({exc}); run build-engine on the device"
+        ) from None
+    platform = current_platform()
+    if version_tuple(platform.tensorrt_version)[:3] != version_tuple(plan.tensorrt_version)[:3]:
+        raise BuildError(
+            f"plan made for TensorRT {plan.tensorrt_version}, this machine has {platform.tensorrt_version}"
+        )
+    started = time.monotonic()
+    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+    trt.init_libnvinfer_plugins(logger, "")
+    builder = trt.Builder(logger)
+    flags = 0
+    for name in plan.network_flags:
+        flag = getattr(trt.NetworkDefinitionCreationFlag, name, None)
+        if flag is None:
+            if name == "STRONGLY_TYPED":
+                continue  # no flag any more: every network is strongly typed (TensorRT 11+)
+            raise BuildError(f"this TensorRT ({trt.__version__}) has no network flag {name}")
+        flags |= 1 << int(flag)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BuildError(f"{onnx_path}: TensorRT's ONNX parser failed:\n  {errors}")
+
+    config = builder.create_builder_config()
+    if hasattr(config, "set_memory_pool_limit"):
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
+    else:  # TensorRT < 8.4
+        config.max_workspace_size = int(workspace_mib) << 20
+    for name in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    if "FP16" in plan.builder_flags and not getattr(builder, "platform_has_fast_fp16", True):
+        log("warning: this GPU has no fast FP16; the engine may not be faster than FP32")
+
+    lo, opt, hi = plan.profile()
+    profile = builder.create_optimization_profile()
+    profile.set_shape(plan.input_name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+
+    if plan.int8_mode == "implicit":
+        if make_calibrator is None:
+            raise BuildError(
+                "implicit INT8 needs an entropy calibrator (calibration.calibrator.make_entropy_calibrator)"
+            )
+        if calibration is None and (calibration_cache is None or calibration_cache.read() is None):
+            raise BuildError("implicit INT8 needs calibration data (--calibration-data) or a valid calibration cache")
+        shape = plan.calibration_shape()
+        calib_profile = builder.create_optimization_profile()
+        calib_profile.set_shape(plan.input_name, shape, shape, shape)
+        config.set_calibration_profile(calib_profile)
+        config.int8_calibrator = make_calibrator(calibration, calibration_cache)
+
+    cache_obj = None
+    if timing_cache is not None:
+        data = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        cache_obj = config.create_timing_cache(data)
+        if not config.set_timing_cache(cache_obj, ignore_mismatch=False):
+            log(f"timing cache {timing_cache} does not match this device; starting a fresh one")
+            cache_obj = config.create_timing_cache(b"")
+            config.set_timing_cache(cache_obj, ignore_mismatch=True)
+        log(f"timing cache: {timing_cache} ({len(data)} bytes read)")
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BuildError("TensorRT failed to build the engine (run with --verbose for the builder log)")
+    engine_bytes = bytes(serialized)
+
+    if timing_cache is not None:
+        atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(engine_bytes)
+    if engine is None:
+        raise BuildError("the freshly built engine does not deserialize")
+    inputs, outputs = _engine_io(trt, engine)
+    num_classes = len(manifest.classes) if manifest.model.task == "classification" else None
+    try:
+        check_engine_io(
+            inputs,
+            outputs,
+            manifest.input.name,
+            manifest.input.shape,
+            manifest.output.names,
+            num_classes,
+            where="built engine",
+        )
+    except ValueError as exc:
+        raise BuildError(str(exc)) from None
+    return BuildResult(
+        engine=engine_bytes,
+        platform=platform,
+        seconds=time.monotonic() - started,
+        inputs=inputs,
+        outputs=outputs,
+        timing_cache=timing_cache,
+        calibration_cache=getattr(calibration_cache, "path", None),
+    )
+
+
+def artifact_fields(
+    plan: BuildPlan,
+    platform: Platform,
+    seconds: float,
+    workspace_mib: int,
+    calibration: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Extra keys recorded on the engine's bundle Artifact (besides version / GPU / batch)."""
+    build: dict[str, Any] = {
+        "precision": plan.precision,
+        "int8_mode": plan.int8_mode,
+        "batch": list(plan.batch),
+        "opt_batch": plan.opt_batch,
+        "source_artifact": plan.source_key,
+        "network_flags": list(plan.network_flags),
+        "builder_flags": list(plan.builder_flags),
+        "workspace_mib": int(workspace_mib),
+        "seconds": round(seconds, 1),
+    }
+    if calibration:
+        build["calibration"] = dict(calibration)
+    return {"build": build, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def fresh_engine(manifest: Any, bundle_path: Path, platform: Platform) -> tuple[str | None, list[str]]:
+    """(key of a TensorRT artifact that runs on ``platform`` as is, or None; why each other one does not).
+
+    The same test the runtime applies before deserializing (``engine_meta.engine_problems``):
+    TensorRT version, compute capability and GPU model; a listed engine file must exist.
+    """
+    stale = []
+    for key, art in manifest.artifacts.items():
+        if art.format != "tensorrt":
+            continue
+        if not (Path(bundle_path) / art.file).is_file():
+            stale.append(f"{key}: {art.file} is missing")
+            continue
+        problems = engine_problems(art, platform)
+        if not problems:
+            return key, stale
+        stale.append(f"{key}: " + "; ".join(problems))
+    return None, stale

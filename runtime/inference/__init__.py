@@ -1,0 +1,1 @@
+"""From a frame to a verdict: preprocessing, TTA, backends, the served model, decision policy."""

@@ -1,0 +1,1 @@
+"""The daemon: pipeline, batching, publisher, wire format, metrics, service surface, CLIs."""

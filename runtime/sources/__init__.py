@@ -1,0 +1,1 @@
+"""Camera sources: OpenCV and GStreamer readers, capture threads, the frame hub."""

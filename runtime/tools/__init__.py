@@ -1,0 +1,1 @@
+"""Operator and fleet tools on the station: the live viewer, the environment doctor."""
