@@ -7,14 +7,17 @@ The project venv has no ``gi``; Debian's python3-gi (same CPython minor) is put 
 
 from __future__ import annotations
 
+import functools
 import glob
 import importlib
+import multiprocessing
 import os
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +33,8 @@ DEBIAN_GI = "/usr/lib/python3/dist-packages/gi"
 ELEMENTS = ("videotestsrc", "videoconvert", "appsink", "rtspsrc", "rtpjpegdepay", "jpegdec")
 
 
-def _pygobject() -> str | None:
-    """None when gi + GStreamer with ELEMENTS import here (adding Debian's gi if needed), else why not."""
+def _gi_on_path() -> str | None:
+    """Put Debian's gi on sys.path when this Python has none; None when done, else why not."""
     if importlib.util.find_spec("gi") is None:
         tag = sys.implementation.cache_tag.replace("cpython-", "")
         if not glob.glob(f"{DEBIAN_GI}/_gi.cpython-{tag}*.so"):
@@ -39,6 +42,13 @@ def _pygobject() -> str | None:
         shim = tempfile.mkdtemp(prefix="gi-shim-")
         os.symlink(DEBIAN_GI, os.path.join(shim, "gi"))
         sys.path.append(shim)
+    return None
+
+
+def _pygobject() -> str | None:
+    """None when gi + GStreamer with ELEMENTS import here (adding Debian's gi if needed), else why not."""
+    if why := _gi_on_path():
+        return why
     from runtime.sources.gstreamer import pygobject_problem
 
     pygobject_problem.cache_clear()
@@ -50,7 +60,42 @@ def _pygobject() -> str | None:
     return f"GStreamer elements missing: {missing} (gstreamer1.0-plugins-base/-good)" if missing else None
 
 
-_SKIP = _pygobject()
+# gi (GLib) loaded beside torch and OpenVINO in one process aborts the interpreter when OpenVINO
+# compiles a model, and the suite's process has both: gi is only ever imported in child processes.
+_CHILD = "DEFECTSCOPE_TEST_GI_CHILD"
+
+
+def _probe() -> str | None:
+    code = "from tests.runtime.test_source_gstreamer import _pygobject; print(_pygobject() or '')"
+    env = {**os.environ, _CHILD: "1"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        return f"PyGObject probe failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}"
+    return r.stdout.strip() or None
+
+
+def _run_in_child(module: str, name: str, args: tuple, kwargs: dict) -> None:
+    if why := _gi_on_path():
+        raise RuntimeError(why)
+    getattr(importlib.import_module(module), name).__wrapped__(*args, **kwargs)
+
+
+def isolated(fn: Callable[..., None]) -> Callable[..., None]:
+    """Run the test body in a fresh interpreter (spawn), where gi may load (see _CHILD)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> None:
+        os.environ[_CHILD] = "1"  # inherited by the spawned child: no probe there
+        try:
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                pool.apply(_run_in_child, (fn.__module__, fn.__name__, args, kwargs))
+        finally:
+            os.environ.pop(_CHILD, None)
+
+    return wrapper
+
+
+_SKIP = None if os.environ.get(_CHILD) else _probe()
 needs_gi = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 
@@ -64,6 +109,7 @@ def _solid(width: int, height: int, fmt: str, level: int = 0x20, extra: str = ""
 
 
 @needs_gi
+@isolated
 @pytest.mark.parametrize(("fmt", "width"), [("BGR", 64), ("BGR", 50), ("GRAY8", 37), ("BGRx", 21)])
 def test_videotestsrc_frames_arrive_with_the_pipeline_size_and_pixels(fmt: str, width: int) -> None:
     """Odd widths: GStreamer pads RGB rows to 4 bytes; the reader must drop the padding, not skew rows."""
@@ -84,6 +130,7 @@ def test_videotestsrc_frames_arrive_with_the_pipeline_size_and_pixels(fmt: str, 
 
 
 @needs_gi
+@isolated
 def test_unbounded_appsink_is_bounded_and_caps_default_to_bgr() -> None:
     """A pipeline with a bare appsink gets max-buffers (drop oldest) and BGR/GRAY caps."""
     src = "videotestsrc ! video/x-raw,width=16,height=8 ! videoconvert ! appsink"
@@ -100,11 +147,12 @@ def test_unbounded_appsink_is_bounded_and_caps_default_to_bgr() -> None:
 
 
 @needs_gi
-def test_a_frame_over_the_size_limit_is_refused_not_copied(monkeypatch: pytest.MonkeyPatch) -> None:
+@isolated
+def test_a_frame_over_the_size_limit_is_refused_not_copied() -> None:
     """A camera announcing huge frames cannot make the station copy them (limit lowered to 4 KB here)."""
     from runtime.sources import gstreamer as source_gstreamer
 
-    monkeypatch.setattr(source_gstreamer, "MAX_FRAME_BYTES", 4096)
+    source_gstreamer.MAX_FRAME_BYTES = 4096  # this child process only
     reader = open_reader(CameraConfig(id="c", source=_solid(64, 48, "BGR"), kind="gstreamer"))
     try:
         with pytest.raises(SourceError, match=r"frame 64x48 \(9216 bytes\) refused \(limit 4096\)"):
@@ -114,6 +162,7 @@ def test_a_frame_over_the_size_limit_is_refused_not_copied(monkeypatch: pytest.M
 
 
 @needs_gi
+@isolated
 @pytest.mark.parametrize(
     ("source", "error"),
     [
@@ -135,6 +184,7 @@ def test_dead_pipelines_fail_with_a_clear_error(source: str, error: str) -> None
 
 
 @needs_gi
+@isolated
 def test_unreachable_rtsp_camera_names_the_gstreamer_error_without_waiting_for_the_timeout() -> None:
     port = free_port()  # nothing listens
     src = (
@@ -152,6 +202,7 @@ def test_unreachable_rtsp_camera_names_the_gstreamer_error_without_waiting_for_t
 
 
 @needs_gi
+@isolated
 def test_serve_check_parses_gstreamer_pipelines(tmp_path: Path) -> None:
     from runtime.serving.serve_cli import station_checks
 
@@ -173,6 +224,7 @@ _RTSP_SKIP = _SKIP or _rtsp_available()
 
 
 @pytest.mark.skipif(_RTSP_SKIP is not None, reason=_RTSP_SKIP or "")
+@isolated
 def test_rtsp_through_a_gstreamer_pipeline_survives_an_outage(tmp_path: Path) -> None:
     """The real RTSP server of test_rtsp.py read by rtspsrc (the software twin of the Jetson
     nvv4l2decoder pipeline): judged, lost when the server stops, reconnected when it returns."""
