@@ -26,7 +26,6 @@ from deploy.service import Readiness, query_readyz, reload_failures, run_reload,
 from deploy.signing import default_signature_path, verify_manifest
 from deploy.store import BUILDS, ModelStore, version_key
 from runtime.bundle.manifest import _world_readable
-from runtime.fsio import fsync_dir
 
 MANIFEST = "manifest.json"
 MAX_SIGNATURE_BYTES = 64 << 10  # a signature file is ~400 bytes of JSON
@@ -174,12 +173,7 @@ class Deployer:
                             f"bundle verification (manifest, checksums, ONNX graph) failed: {exc}"
                         ) from None
                     _world_readable(staged)
-                    if os.path.lexists(vdir):
-                        self.store.replace_version(name, version, staged)  # never in place: current may name it
-                    else:
-                        os.rename(staged, vdir)
-                        fsync_dir(vdir)  # durable before current can point at it
-                        fsync_dir(vdir.parent)
+                    self.store.place_version(name, version, staged)
                     outcome.changed = True
                     self.store.record_install(
                         name,

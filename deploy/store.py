@@ -242,6 +242,17 @@ class ModelStore:
             raise DeployError(f"{self.version_dir(name, version)}: version {version} of {name} is not installed")
         _relink(link, version, f".{CURRENT}.")
 
+    def place_version(self, name: str, version: str, staged: Path) -> None:
+        """Install the verified, synced tree ``staged`` as ``version``: a new name is a rename, an
+        existing one is replaced without ever touching it in place (``replace_version``)."""
+        vdir = self.version_dir(name, version)
+        if os.path.lexists(vdir):
+            self.replace_version(name, version, staged)  # never in place: current may name it
+            return
+        os.rename(staged, vdir)
+        fsync_dir(vdir)  # durable before current can point at it
+        fsync_dir(vdir.parent)
+
     def replace_version(self, name: str, version: str, staged: Path) -> None:
         """Put the verified, synced tree ``staged`` (same filesystem) in as installed ``version``.
 
