@@ -197,7 +197,7 @@ def extend_detector(
     from training.detection.task import DetectionTask
     from training.detection.trainer import write_outputs
     from training.detection.transforms import train_transform
-    from training.engine import setup_runtime
+    from training.engine import seed_everything, setup_runtime
     from training.lambda_search import PickRule
     from training.run_dir import RunExistsError
 
@@ -263,6 +263,7 @@ def extend_detector(
     else:
         if auto:
             echo(f"full run at lambda {lam:g} ({tc.epochs} epochs)")
+        seed_everything(tc.seed)  # as every grid point: the pick reruns as its point would at full budget
         result = run.fit(lam, tc, out, echo)
         history, best_epoch = result.history, result.best_epoch
     after = _maps(model, sets, task, size)

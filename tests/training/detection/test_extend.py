@@ -212,3 +212,29 @@ def test_extend_help_shows_lambda_auto_as_the_default(capsys):
     with pytest.raises(SystemExit):
         build_extend_parser().parse_args(["--from", "r", "--data", "d", "--out", "o", "--lambda", "strong"])
     assert "expected a number or 'auto'" in capsys.readouterr().err
+
+
+def test_fisher_estimate_leaves_batchnorm_statistics_unchanged(tmp_path):
+    # train-mode forwards update unfrozen BN statistics; --lambda auto's naive point must start from the
+    # source model itself, as a --lambda 0 run does
+    import cv2
+    import numpy as np
+
+    from tests.training.detection.helpers import SIZE, train_tiny_detector
+    from training.detection.ewc import detection_fisher
+    from training.detection.extend import EWC_SCOPES
+    from training.detection.formats import DetSample
+    from training.detection.loader import DetectionDataset
+
+    model = train_tiny_detector()
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    assert any("running_mean" in n for n in before)
+    samples = []
+    for i in range(3):
+        img = np.random.default_rng(i).normal(60, 8, (SIZE, SIZE)).clip(0, 255).astype(np.uint8)
+        img[10:26, 10:26] = 220
+        cv2.imwrite(str(tmp_path / f"{i}.png"), img)
+        samples.append(DetSample(str(tmp_path / f"{i}.png"), SIZE, SIZE, ((10.0, 10.0, 26.0, 26.0),), (0,)))
+    fisher, n = detection_fisher(model, DetectionDataset(samples, (SIZE, SIZE)), 3, EWC_SCOPES["all"])
+    assert n == 3 and any(f.abs().sum() > 0 for f in fisher.values())
+    assert all(torch.equal(b, before[n]) for n, b in model.named_buffers())
