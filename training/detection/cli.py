@@ -232,7 +232,8 @@ def build_extend_parser() -> argparse.ArgumentParser:
         default=E["lambda_rule"],
         help="how auto picks: mean = best mean of old/new val mAP@.5; retain = best mean, unless naive forgets "
         f"> {100 * R.forget_tol:g} points: then the best mean among points forgetting <= {R.retain_ratio:g}x naive's "
-        f"with new-line mAP@.5 within {100 * R.new_tol:g} points of naive's (default: {E['lambda_rule']})",
+        f"with new-line mAP@.5 within {100 * R.new_tol:g} points of naive's and a mean >= naive's "
+        f"(default: {E['lambda_rule']})",
     )
     p.add_argument(
         "--fisher-samples",
