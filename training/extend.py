@@ -226,39 +226,42 @@ def _grow(
 
 
 def _search(ctx: _Context):
-    """Train with each lambda from the same start; keep the best by mean old/new val accuracy."""
-    model, cfg, echo = ctx.model, ctx.cfg, ctx.echo
+    """Train with each lambda from the same start (``training.lambda_search``, rule ``mean``)."""
+    cfg = ctx.cfg
     from . import distributed as dist
     from .engine import seed_everything
+    from .lambda_search import GridPoint, PickRule, search
 
-    start = copy.deepcopy(model.state_dict())
-    runs, best = [], None
-    for lam in cfg.lambdas:
-        model.load_state_dict(start)
-        seed_everything(cfg.optim.seed + dist.rank())  # rank 0: the one-process stream
+    trained: dict[float, tuple[FitHistory, list[dict[str, Any]]]] = {}
+
+    def train_point(lam: float) -> GridPoint:
         t0 = time.perf_counter()
         hist, records = _train_once(ctx, lam)
+        trained[lam] = (hist, records)
         last: dict[str, Any] = next((r for r in records if r.get("kept")), {})  # the epoch whose weights were kept
-        score = mean_of([last.get("old_val_accuracy"), last.get("new_val_accuracy")])
-        runs.append(
-            {
-                "lambda": lam,
-                "new_val_accuracy": last.get("new_val_accuracy"),
-                "old_val_accuracy": last.get("old_val_accuracy"),
-                "score": score,
-                "penalty_share": hist.penalty_share,
-                "train_s": time.perf_counter() - t0,
-            }
-        )
-        if best is None or (score is not None and (best[0] is None or score > best[0])):
-            best = (score, lam, copy.deepcopy(model.state_dict()) if len(cfg.lambdas) > 1 else None, hist, records)
-    assert best is not None  # cfg.lambdas is never empty
-    score, lam, best_sd, hist, records = best
-    if best_sd is not None:
-        model.load_state_dict(best_sd)
-    if len(cfg.lambdas) > 1:
-        echo(f"lambda auto: picked {lam:g} (mean of old/new val accuracy {score:.4f}) from {list(cfg.lambdas)}")
-    return lam, hist, records, runs
+        extra = {"penalty_share": hist.penalty_share, "train_s": time.perf_counter() - t0}
+        return GridPoint(lam, last.get("old_val_accuracy"), last.get("new_val_accuracy"), extra)
+
+    res = search(
+        ctx.model,
+        cfg.lambdas,
+        train_point,
+        PickRule("mean"),
+        seed=lambda: seed_everything(cfg.optim.seed + dist.rank()),  # rank 0: the one-process stream
+        echo=ctx.echo,
+    )
+    runs = [
+        {
+            "lambda": p.lam,
+            "new_val_accuracy": p.new,
+            "old_val_accuracy": p.old,
+            "score": mean_of([p.old, p.new]),
+            **p.extra,
+        }
+        for p in res.points
+    ]
+    hist, records = trained[res.lam]
+    return res.lam, hist, records, runs
 
 
 def _fold_fisher(model, state, new: TaskSet, cfg: ExtendConfig, backbone: str, classes, progress: bool):

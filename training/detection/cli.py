@@ -174,11 +174,28 @@ def _train_main(argv: list[str]) -> int:
     return 0
 
 
+def _lambda_arg(s: str) -> float | str:
+    if s.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {s!r}") from None
+
+
+def _grid_arg(s: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
 def build_extend_parser() -> argparse.ArgumentParser:
     from training.detection.config import DetTrainConfig, field_defaults
-    from training.detection.extend import EWC_SCOPES, DetExtendConfig
+    from training.detection.extend import EWC_SCOPES, SEARCH_EPOCH_SHARE, DetExtendConfig
+    from training.lambda_search import RULES, PickRule
 
-    E = field_defaults(DetExtendConfig)
+    E, R = field_defaults(DetExtendConfig), PickRule()
     p = argparse.ArgumentParser(
         prog="defectscope extend (detector)",
         description="Extend a detection run to a new line (same classes) or new defect classes: the box "
@@ -189,7 +206,35 @@ def build_extend_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output run directory")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--strict", action="store_true", help="bad annotations are fatal")
-    p.add_argument("--lambda", dest="lam", type=float, default=E["lam"], help=f"EWC strength, 0 = off ({E['lam']:g})")
+    grid = ",".join(f"{v:g}" for v in E["lambda_grid"])
+    p.add_argument(
+        "--lambda",
+        dest="lam",
+        type=_lambda_arg,
+        default=E["lam"],
+        metavar="L|auto",
+        help=f"EWC strength: a number (0 = naive fine-tuning) or auto = a short run per --lambda-grid point, "
+        f"scored on old- and new-line val mAP@.5, then the full run at the pick (default: {E['lam']})",
+    )
+    p.add_argument(
+        "--lambda-grid", type=_grid_arg, default=E["lambda_grid"], metavar="L,L,...", help=f"auto's grid ({grid})"
+    )
+    p.add_argument(
+        "--search-epochs",
+        type=int,
+        default=E["search_epochs"],
+        help=f"epochs per grid point (default: ceil(--epochs x {SEARCH_EPOCH_SHARE:.3g}); = --epochs keeps the "
+        "pick's run, no rerun)",
+    )
+    p.add_argument(
+        "--lambda-rule",
+        choices=RULES,
+        default=E["lambda_rule"],
+        help="how auto picks: mean = best mean of old/new val mAP@.5; retain = best mean, unless naive forgets "
+        f"> {100 * R.forget_tol:g} points: then the best mean among points forgetting <= {R.retain_ratio:g}x naive's "
+        f"with new-line mAP@.5 within {100 * R.new_tol:g} points of naive's and a mean >= naive's "
+        f"(default: {E['lambda_rule']})",
+    )
     p.add_argument(
         "--fisher-samples",
         type=int,
@@ -242,6 +287,9 @@ def _extend_main(argv: list[str]) -> int:
             ns.source,
             train,
             lam=ns.lam,
+            lambda_grid=ns.lambda_grid,
+            search_epochs=ns.search_epochs,
+            lambda_rule=ns.lambda_rule,
             fisher_samples=ns.fisher_samples,
             replay=ns.replay,
             freeze_old_rows=not ns.no_freeze_old_rows,

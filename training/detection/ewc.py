@@ -42,6 +42,8 @@ def detection_fisher(
 
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n_samples].tolist()
     device, was = device_of(model), model.training
+    # Train mode updates unfrozen BatchNorm statistics (tiny_det, frozen_bn off): put them back after.
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     model.train()
     try:
         for n in names:  # frozen trunk stages are protected too: they may be unfrozen later
@@ -59,6 +61,9 @@ def detection_fisher(
         model.zero_grad(set_to_none=True)
         for n, r in requires.items():
             params[n].requires_grad_(r)
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])
         model.train(was)
     if dist.active():
         fisher = {n: dist.all_reduce_sum(f) for n, f in fisher.items()}

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -24,9 +26,16 @@ from runtime.fsio import atomic_write_json
 from training.detection.config import DetTrainConfig
 from training.detection.formats import DetSample
 
-# Measured (docs/benchmarks.md, EWC on detectors; 3 seeds): with the RoI heads anchored, forgetting
-# 0.34x naive at 1e5 vs 0.68x at 1e4 and 0.78x at 1e3, new-line mAP@.5 unchanged (0.999).
-DEFAULT_LAMBDA = 1e5
+# ``--lambda auto`` (the default; training.lambda_search, rule "retain"): one short run per grid
+# point from the same start, scored on old-line and new-line val mAP@.5, then the full run at the
+# chosen lambda. 0 (naive) is in the grid so the rule can pick it when EWC buys nothing: on a
+# 4-class two-line pair, 1e5 cost 16.5 points of new-line mAP@.5 and saved nothing (issue 31),
+# while on the project's ELPV pair (docs/benchmarks.md) it forgot 0.34x naive. Grid, share and
+# rule are not yet measured across pairs (bench/bench_detection_ewc.py).
+DEFAULT_LAMBDA: float | str = "auto"
+LAMBDA_GRID: tuple[float, ...] = (0.0, 1e3, 1e4, 1e5)
+# Epochs per grid point = ceil(epochs x this); at 1/3 a 4-point grid adds ~1.3x the full run's epochs.
+SEARCH_EPOCH_SHARE = 1 / 3
 DEFAULT_FISHER_SAMPLES = 64
 # What EWC anchors, by parameter-name prefix. backbone.* holds the trunk and the FPN. "all" adds
 # the RoI heads (box head fc6/fc7, box predictor): on a new line nothing else keeps them near the
@@ -39,7 +48,10 @@ DEFAULT_EWC_SCOPE = "all"  # measured: "trunk" forgot 0.46x naive at 1e5 with 4.
 class DetExtendConfig:
     source: str  # the detection run to extend
     train: DetTrainConfig  # new data, optimisation, out (model options come from the source)
-    lam: float = DEFAULT_LAMBDA  # EWC strength; 0 = naive fine-tuning
+    lam: float | str = DEFAULT_LAMBDA  # EWC strength; 0 = naive fine-tuning; "auto" = search lambda_grid
+    lambda_grid: tuple[float, ...] = LAMBDA_GRID  # candidates of "auto"
+    search_epochs: int | None = None  # epochs per grid point; None = ceil(epochs x SEARCH_EPOCH_SHARE)
+    lambda_rule: str = "retain"  # training.lambda_search rule ranking the grid points
     fisher_samples: int = DEFAULT_FISHER_SAMPLES  # old training images in the Fisher estimate
     replay: str | None = None  # old training images mixed in: a count ("50") or a share ("10%")
     freeze_old_rows: bool = True  # restore the box predictor's old class rows after each step
@@ -48,8 +60,19 @@ class DetExtendConfig:
     def __post_init__(self) -> None:
         if self.ewc_scope not in EWC_SCOPES:
             raise ValueError(f"ewc_scope: expected one of {sorted(EWC_SCOPES)}, got {self.ewc_scope!r}")
-        if not np.isfinite(self.lam) or self.lam < 0:
-            raise ValueError(f"lambda: expected a finite number >= 0, got {self.lam!r}")
+        if isinstance(self.lam, str):
+            if self.lam != "auto":
+                raise ValueError(f"lambda: expected a number >= 0 or 'auto', got {self.lam!r}")
+        elif not np.isfinite(self.lam) or self.lam < 0:
+            raise ValueError(f"lambda: expected a finite number >= 0 or 'auto', got {self.lam!r}")
+        object.__setattr__(self, "lambda_grid", tuple(float(v) for v in self.lambda_grid))
+        if not self.lambda_grid or any(not np.isfinite(v) or v < 0 for v in self.lambda_grid):
+            raise ValueError(f"lambda_grid: expected a non-empty list of numbers >= 0, got {self.lambda_grid!r}")
+        if self.search_epochs is not None and (not isinstance(self.search_epochs, int) or self.search_epochs < 1):
+            raise ValueError(f"search_epochs: expected a positive integer or null, got {self.search_epochs!r}")
+        from training.lambda_search import PickRule
+
+        PickRule(self.lambda_rule)  # validates the name
         if self.fisher_samples < 1:
             raise ValueError(f"fisher_samples: expected >= 1, got {self.fisher_samples!r}")
 
@@ -59,11 +82,25 @@ class DetExtendConfig:
             "source": self.source,
             "train": self.train.to_dict(),
             "lam": self.lam,
+            "lambda_grid": list(self.lambda_grid),
+            "search_epochs": self.search_epochs,
+            "lambda_rule": self.lambda_rule,
             "fisher_samples": self.fisher_samples,
             "replay": self.replay,
             "freeze_old_rows": self.freeze_old_rows,
             "ewc_scope": self.ewc_scope,
         }
+
+    @property
+    def lambdas(self) -> tuple[float, ...]:
+        """The strengths trained with: the grid under "auto", else the one given."""
+        return self.lambda_grid if self.lam == "auto" else (float(self.lam),)
+
+    @property
+    def epochs_per_point(self) -> int:
+        """Epochs of each grid point's short run (at most the full run's)."""
+        e = self.train.epochs
+        return min(e, self.search_epochs or max(1, math.ceil(e * SEARCH_EPOCH_SHARE)))
 
 
 @dataclass
@@ -73,6 +110,7 @@ class _Sets:
     new_val: list[DetSample]
     new_test: list[DetSample]
     old_train: list[DetSample]
+    old_val: list[DetSample]  # held out: scores --lambda auto's grid points
     old_test: list[DetSample]
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -96,6 +134,7 @@ def _data(cfg: DetExtendConfig, card: Any) -> _Sets:
         _remap(new.split("val"), new.classes, classes),
         _remap(new.split("test"), new.classes, classes),
         _remap(old.train, old.classes, classes),
+        _remap(old.val, old.classes, classes),
         _remap(old.test or old.val, old.classes, classes),
         {"old": old.summary(), "new": new.summary()},
     )
@@ -152,13 +191,14 @@ def extend_detector(
     from training.checkpoint import MODEL_CARD
     from training.detection.checkpoint import DetCard, load_detector
     from training.detection.ewc import detection_fisher, detection_state
+    from training.detection.extend_search import DetRun, search_lambda
     from training.detection.loader import DetectionDataset
     from training.detection.model import spec_of
     from training.detection.task import DetectionTask
-    from training.detection.trainer import fit, reload_best, write_outputs
+    from training.detection.trainer import write_outputs
     from training.detection.transforms import train_transform
-    from training.engine import Engine, setup_runtime
-    from training.ewc import EWCPenalty
+    from training.engine import seed_everything, setup_runtime
+    from training.lambda_search import PickRule
     from training.run_dir import RunExistsError
 
     t0, tc = time.perf_counter(), cfg.train
@@ -171,13 +211,18 @@ def extend_detector(
     echo, progress = dist.main_echo(echo), progress and dist.is_main()
     model, card = load_detector(cfg.source, device=device)
     sets, n_old = _data(cfg, card), len(card.classes)
+    auto = cfg.lam == "auto" and len(cfg.lambdas) > 1
+    if auto and not sets.old_val:
+        raise ValueError(
+            "--lambda auto scores grid points on the old line's val split, which is empty; give a fixed --lambda"
+        )
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", cfg.to_dict())
     size, task = card.detector.image_size, DetectionTask(tc.score_threshold)
     before = _maps(model, sets, task, size)
-    terms: list[Any] = []
-    if cfg.lam > 0:
+    state = None
+    if any(lam > 0 for lam in cfg.lambdas):
         fisher, n = detection_fisher(
             model, DetectionDataset(sets.old_train, size), cfg.fisher_samples, EWC_SCOPES[cfg.ewc_scope], seed=tc.seed
         )
@@ -186,22 +231,41 @@ def extend_detector(
             state.save(out / "fisher_source.safetensors")
         echo(
             f"EWC: Fisher over {len(fisher)} tensors ({cfg.ewc_scope}: {', '.join(EWC_SCOPES[cfg.ewc_scope])}) "
-            f"from {n} old images, lambda {cfg.lam:g}"
+            f"from {n} old images, lambda {cfg.lam if isinstance(cfg.lam, str) else f'{cfg.lam:g}'}"
         )
+    # Growing comes after the Fisher: a grown predictor tensor is anchored on its old rows only.
     new_names, hooks = _grow(model, sets, n_old, cfg.freeze_old_rows)
-    if cfg.lam > 0:  # after growing: a grown predictor tensor is anchored on its old rows only
-        terms = [EWCPenalty(state, model, cfg.lam)]
     if new_names:
         echo(f"box predictor grown {n_old} -> {len(sets.classes)} classes: + {new_names}")
     replay = _replay(cfg, sets)
     h, w = size
-    train_ds = DetectionDataset(sets.new_train + replay, size, train_transform(tc.augment, square=h == w))
-    engine = Engine(
-        task=task, device=device, amp=tc.amp, grad_clip=tc.grad_clip, terms=terms, after_step=hooks, progress=progress
+    run = DetRun(
+        model,
+        sets.classes,
+        state,
+        hooks,
+        DetectionDataset(sets.new_train + replay, size, train_transform(tc.augment, square=h == w)),
+        DetectionDataset(sets.new_val, size),
+        task,
+        device,
+        DetCard(spec_of(model), tc.data.to_dict(), config_hash=tc.hash(), parent=str(cfg.source)),
+        progress,
     )
-    new_card = DetCard(spec_of(model), tc.data.to_dict(), config_hash=tc.hash(), parent=str(cfg.source))
-    result = fit(model, engine, tc, train_ds, DetectionDataset(sets.new_val, size), sets.classes, out, new_card, echo)
-    reload_best(model, out)
+    found, full, lam = None, False, cfg.lambdas[0]
+    if auto:
+        test_maps = lambda: _maps(model, sets, task, size)  # noqa: E731
+        found, full = search_lambda(run, cfg, out, sets.old_val, sets.new_val, size, test_maps, echo)
+        lam = found.lam
+    history: list[dict[str, Any]]
+    if found is not None and full:
+        history = json.loads((out / "metrics.json").read_text()) if dist.is_main() else []
+        best_epoch = found.points[found.chosen].extra.get("best_epoch", -1)
+    else:
+        if auto:
+            echo(f"full run at lambda {lam:g} ({tc.epochs} epochs)")
+        seed_everything(tc.seed)  # as every grid point: the pick reruns as its point would at full budget
+        result = run.fit(lam, tc, out, echo)
+        history, best_epoch = result.history, result.best_epoch
     after = _maps(model, sets, task, size)
     m = write_outputs(
         out,
@@ -210,7 +274,7 @@ def extend_detector(
         task,
         sets.classes,
         "new test",
-        result.history,
+        history,
         tc.panels,
     )
     fg = (
@@ -218,26 +282,38 @@ def extend_detector(
         if before["old"]["map50"] is None or after["old"]["map50"] is None
         else before["old"]["map50"] - after["old"]["map50"]
     )
+    grid = found.to_dict(PickRule(cfg.lambda_rule)) if found else None
+    if grid is not None:
+        grid.update(epochs_per_point=cfg.epochs_per_point, full_budget_points=full)
+    naive = next((p for p in (grid or {}).get("points", []) if p["lambda"] == 0.0), None)
     report = {
         "task": "detection",
         "scenario": "new classes" if new_names else "new line",
         "classes": sets.classes,
         "new_classes": new_names,
-        "lambda": cfg.lam,
-        "ewc_scope": cfg.ewc_scope if cfg.lam > 0 else None,
+        "lambda": lam,
+        "lambda_mode": "auto" if auto else "fixed",
+        "lambda_search": grid,
+        "naive": naive,  # lambda 0's grid point (val + test mAP@.5); None: not run (see summary_text)
+        "ewc_scope": cfg.ewc_scope if lam > 0 else None,
         "replay": len(replay),
         "before": before,
         "after": after,
         "forgetting_map50": fg,
         "new_test": m,
-        "best_epoch": result.best_epoch,
-        "epochs_run": len(result.history),
-        "ewc_penalty_last": result.history[-1]["terms"].get("ewc") if result.history else None,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "ewc_penalty_last": history[-1]["terms"].get("ewc") if history else None,
         "data": sets.summary,
         "wall_s": time.perf_counter() - t0,
+        "search_s": found.seconds if found else 0.0,
     }
     if dist.is_main():
         atomic_write_json(out / "report.json", report)
+        if grid is not None:  # the run card records the search too
+            card_d = json.loads((out / MODEL_CARD).read_text())
+            card_d["metrics"] = {**card_d.get("metrics", {}), "lambda_search": grid}
+            atomic_write_json(out / MODEL_CARD, card_d)
     echo(summary_text(report))
     return report
 
@@ -247,12 +323,32 @@ def _f(v: Any) -> str:
 
 
 def summary_text(r: dict[str, Any]) -> str:
+    """The end-of-run lines: before/after, every grid point, and the naive reference (or how to get it)."""
     b, a = r["before"], r["after"]
-    return (
+    lines = [
         f"{r['scenario']}: old mAP@.5 {_f(b['old']['map50'])} -> {_f(a['old']['map50'])} (forgetting "
         f"{_f(r['forgetting_map50'])}), new mAP@.5 {_f(b['new']['map50'])} -> {_f(a['new']['map50'])}, "
-        f"lambda {r['lambda']:g}, replay {r['replay']}"
-    )
+        f"lambda {r['lambda']:g} ({r.get('lambda_mode', 'fixed')}), replay {r['replay']}"
+    ]
+    grid = r.get("lambda_search")
+    if grid:
+        lines.append(f"lambda search ({grid['epochs_per_point']} epochs/point, val mAP@.5; {grid['reason']}):")
+        for p in grid["points"]:
+            mark = "  <- chosen" if p["lambda"] == grid["chosen"] else ""
+            lines.append(
+                f"  lambda {p['lambda']:<8g} old {_f(p['old_val'])}  new {_f(p['new_val'])}  "
+                f"mean {_f(p['mean'])}{' (naive)' if p['lambda'] == 0 else ''}{mark}"
+            )
+    n = r.get("naive")
+    if n and n.get("test"):
+        t = n["test"]
+        lines.append(
+            f"naive reference (lambda 0, {n['epochs']} epochs): old test mAP@.5 {_f(t['old']['map50'])}, "
+            f"new {_f(t['new']['map50'])}"
+        )
+    elif r["lambda"] != 0:
+        lines.append("naive reference: not run; rerun with --lambda 0 (or --lambda auto, whose grid holds 0)")
+    return "\n".join(lines)
 
 
 __all__ = [
@@ -260,6 +356,8 @@ __all__ = [
     "DEFAULT_FISHER_SAMPLES",
     "DEFAULT_LAMBDA",
     "EWC_SCOPES",
+    "LAMBDA_GRID",
+    "SEARCH_EPOCH_SHARE",
     "DetExtendConfig",
     "extend_detector",
     "summary_text",
