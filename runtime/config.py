@@ -51,6 +51,7 @@ from runtime.config_types import (
     SnapshotConfig,
     StationConfig,
     TTAConfig,
+    curve_allow_list_error,
 )
 
 # Kept under the old name for the section parsers below (and any added later).
@@ -273,11 +274,14 @@ def _publisher(t: _Table, base: Path) -> PublisherConfig:
         curve = CurveConfig(
             server_secret_key=_path(base, c.get("server_secret_key", str)),
             authorized_clients=_path(base, clients) if clients else None,
+            allow_any_client=c.get("allow_any_client", bool, CurveConfig.allow_any_client),
         )
         if not curve.server_secret_key.is_file():
             raise c.error("server_secret_key", f"key file {str(curve.server_secret_key)!r} does not exist")
         if curve.authorized_clients is not None and not curve.authorized_clients.is_dir():
             raise c.error("authorized_clients", f"directory {str(curve.authorized_clients)!r} does not exist")
+        if (why := curve_allow_list_error(curve)) is not None:
+            raise c.error("authorized_clients", why)
         c.finish()
     publisher = PublisherConfig(
         bind=tuple(bind),

@@ -118,7 +118,23 @@ class DecisionConfig:
 @dataclass(frozen=True)
 class CurveConfig:
     server_secret_key: Path  # zmq.auth certificate file holding the server's secret key
-    authorized_clients: Path | None = None  # directory of client public certificates; None: any client
+    # Directory of the client public certificates allowed in (ZAP). Without it CURVE only
+    # encrypts: any freshly generated key connects, so None needs allow_any_client = True.
+    authorized_clients: Path | None = None
+    allow_any_client: bool = False
+
+
+def curve_allow_list_error(curve: CurveConfig) -> str | None:
+    """Why this CURVE setup is refused (exactly one of the allow-list and allow_any_client), or None."""
+    if curve.authorized_clients is not None and curve.allow_any_client:
+        return "set either authorized_clients or allow_any_client = true, not both"
+    if curve.authorized_clients is None and not curve.allow_any_client:
+        return (
+            "missing: CURVE without an allow-list lets any client key in (encryption, not "
+            "authentication); name a directory of client public keys, or set "
+            "allow_any_client = true to accept any client on purpose"
+        )
+    return None
 
 
 @dataclass(frozen=True)

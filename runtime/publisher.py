@@ -20,6 +20,7 @@ from typing import Any
 import zmq
 
 from runtime.config import PublisherConfig
+from runtime.config_types import curve_allow_list_error
 from runtime.messages import encode
 
 log = logging.getLogger("defectscope.publisher")
@@ -81,6 +82,8 @@ class Publisher:
 
         curve = self.cfg.curve
         assert curve is not None
+        if (why := curve_allow_list_error(curve)) is not None:
+            raise PublisherError(f"key 'publisher.curve.authorized_clients': {why}")
         check_secret_key_file(curve.server_secret_key)
         try:
             public, secret = zmq.auth.load_certificate(str(curve.server_secret_key))
@@ -93,8 +96,15 @@ class Publisher:
             )
         self.auth = ThreadAuthenticator(self.ctx)
         self.auth.start()
-        location = str(curve.authorized_clients) if curve.authorized_clients else zmq.auth.CURVE_ALLOW_ANY
-        self.auth.configure_curve(domain="*", location=location)
+        if curve.authorized_clients is not None:
+            self.auth.configure_curve(domain="*", location=str(curve.authorized_clients))
+            log.info("CURVE: only the client keys in %s may subscribe", curve.authorized_clients)
+        else:  # allow_any_client = true, checked above
+            self.auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+            log.warning(
+                "CURVE: allow_any_client = true: any client key may subscribe (the stream is "
+                "encrypted, but not restricted to known clients)"
+            )
         sock.curve_secretkey = secret
         sock.curve_publickey = public
         sock.curve_server = True

@@ -12,7 +12,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from runtime.config import CurveConfig, PublisherConfig
+from runtime.config import ConfigError, CurveConfig, PublisherConfig, from_dict
 from runtime.messages import decode
 from runtime.publisher import Publisher, PublisherError
 
@@ -67,10 +67,60 @@ def test_curve_encrypts_and_authenticates_clients(tmp_path: Path) -> None:
         pub.close(0)
 
 
+def _curve_station(tmp_path: Path, curve: dict) -> dict:
+    return {"station": "st", "model": {"bundle": "b"}, "cameras": [{"id": "c", "source": "0"}],
+            "publisher": {"curve": curve}}
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
+def test_curve_without_an_allow_list_is_refused(tmp_path: Path) -> None:
+    """Attack (issue 25 item 2): with CURVE on and no authorized_clients, a freshly generated stranger
+    key connected and read every verdict. Either list the clients or say allow_any_client = true."""
+    _, secret_file = zmq.auth.create_certificates(str(tmp_path), "server")
+    os.chmod(secret_file, 0o600)
+    (tmp_path / "clients").mkdir()
+    with pytest.raises(ConfigError, match=r"publisher\.curve\.authorized_clients': missing: CURVE without an allow-list"):
+        from_dict(_curve_station(tmp_path, {"server_secret_key": secret_file}), base=tmp_path)
+    with pytest.raises(ConfigError, match="not both"):
+        from_dict(_curve_station(tmp_path, {"server_secret_key": secret_file, "authorized_clients": "clients",
+                                            "allow_any_client": True}), base=tmp_path)
+    with pytest.raises(ConfigError, match="allow_any_client': expected true/false"):
+        from_dict(_curve_station(tmp_path, {"server_secret_key": secret_file, "allow_any_client": "yes"}),
+                  base=tmp_path)
+    ok = from_dict(_curve_station(tmp_path, {"server_secret_key": secret_file, "allow_any_client": True}),
+                   base=tmp_path)
+    assert ok.publisher.curve is not None and ok.publisher.curve.allow_any_client
+    # A config built in code is held to the same rule.
+    cfg = PublisherConfig(bind=(f"tcp://127.0.0.1:{free_port()}",), curve=CurveConfig(Path(secret_file)))
+    with pytest.raises(PublisherError, match="authorized_clients': missing"):
+        Publisher(cfg)
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
+def test_allow_any_client_lets_a_stranger_key_in_and_says_so(tmp_path: Path, caplog) -> None:
+    keys, stranger = tmp_path / "keys", tmp_path / "stranger"
+    keys.mkdir(), stranger.mkdir()
+    server_public_file, server_secret_file = zmq.auth.create_certificates(str(keys), "server")
+    _, stranger_secret_file = zmq.auth.create_certificates(str(stranger), "stranger")
+    os.chmod(server_secret_file, 0o600)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with caplog.at_level("WARNING", logger="defectscope.publisher"):
+        pub = Publisher(PublisherConfig(bind=(endpoint,), curve=CurveConfig(Path(server_secret_file),
+                                                                            allow_any_client=True)))
+    assert "allow_any_client = true: any client key may subscribe" in caplog.text
+    server_public, _ = zmq.auth.load_certificate(server_public_file)
+    sub = _sub(endpoint, server_public, Path(stranger_secret_file))
+    try:
+        assert len(_receive(sub, pub, 5.0)) == 3
+    finally:
+        sub.close(0)
+        pub.close(0)
+
+
 def test_public_key_file_is_not_a_server_secret(tmp_path: Path) -> None:
     public_file, _ = zmq.auth.create_certificates(str(tmp_path), "server")
     os.chmod(public_file, 0o600)
-    cfg = PublisherConfig(bind=(f"tcp://127.0.0.1:{free_port()}",), curve=CurveConfig(Path(public_file)))
+    cfg = PublisherConfig(bind=(f"tcp://127.0.0.1:{free_port()}",), curve=CurveConfig(Path(public_file), allow_any_client=True))
     with pytest.raises(PublisherError, match="publisher.curve.server_secret_key.*holds no secret key"):
         Publisher(cfg)
 
@@ -82,7 +132,7 @@ def test_secret_key_readable_by_group_or_others_is_refused(tmp_path: Path, mode:
     _, secret_file = zmq.auth.create_certificates(str(tmp_path), "server")
     os.chmod(secret_file, mode)
     port = free_port()
-    cfg = PublisherConfig(bind=(f"tcp://127.0.0.1:{port}",), curve=CurveConfig(Path(secret_file)))
+    cfg = PublisherConfig(bind=(f"tcp://127.0.0.1:{port}",), curve=CurveConfig(Path(secret_file), allow_any_client=True))
     with pytest.raises(PublisherError, match=f"server_secret_key.*mode {mode:04o}.*chmod 600"):
         Publisher(cfg)
     Publisher(PublisherConfig(bind=(f"tcp://127.0.0.1:{port}",))).close(0)  # refused before binding: port free
