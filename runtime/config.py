@@ -148,6 +148,7 @@ def _camera(t: _Table, base: Path) -> CameraConfig:
         reconnect_max_s=maximum,
         read_timeout_s=t.number("read_timeout_s", CameraConfig.read_timeout_s, minimum=0.0, exclusive=True),
         preload_mb=t.number("preload_mb", CameraConfig.preload_mb, minimum=0.0, maximum=1_048_576.0),
+        max_pixels=t.integer("max_pixels", CameraConfig.max_pixels, minimum=1, maximum=1 << 31),
     )
     if cam.preload_mb and kind != "directory":
         raise t.error("preload_mb", f"only directory replays can be preloaded; this camera is a {kind} source")

@@ -51,6 +51,11 @@ class CameraConfig:
     # Directory replays: decode every image once into memory (MB budget of decoded pixels), so a
     # replay measures the station and not PNG decoding; 0 = decode while replaying.
     preload_mb: float = 0.0
+    # Largest frame accepted, width x height: files are checked from their header before decoding
+    # (decompression bombs), live frames after capture; beyond it frames_dropped_total{reason="too_large"}.
+    # 40 MP = 8000x5000: its worst decode (16-bit RGBA, 320 MB) times the decode-ahead stays far
+    # below the daemon unit's MemoryMax (6 GiB).
+    max_pixels: int = 40_000_000
 
     @property
     def finite(self) -> bool:

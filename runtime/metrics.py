@@ -27,10 +27,11 @@ INFERENCE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.
 E2E_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 DETECTION_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100)
 # decode_error: an unreadable file / frame (truncated, zero bytes, not an image); too_small: a frame
-# below [model] min_frame_side, never judged.
+# below [model] min_frame_side, never judged; too_large: a file whose header (or a live frame that)
+# exceeds [[cameras]] max_pixels, never decoded (files) nor judged.
 # Labels of defectscope_model_info (tests/deploy/station_stub.py serves the same series).
 MODEL_INFO_LABELS = ("name", "version", "precision", "backend", "inference_precision")
-DROP_REASONS = ("queue_full", "decode_error", "too_small", "preprocess_error", "inference_error")
+DROP_REASONS = ("queue_full", "decode_error", "too_small", "too_large", "preprocess_error", "inference_error")
 
 
 class Metrics:
