@@ -66,7 +66,7 @@ TYPED_PATHS += training/backbones.py training/classifier.py training/weights.py 
 	runtime/decision.py runtime/engine_build.py runtime/engine_gate.py runtime/engine_meta.py runtime/fsio.py \
 	runtime/messages.py runtime/metrics.py runtime/model.py runtime/model_store.py runtime/notify.py \
 	runtime/preview.py runtime/publisher.py runtime/reload_cli.py runtime/serve_cli.py runtime/service.py \
-	runtime/signature.py runtime/snapshots.py runtime/viewer.py runtime/image_header.py bench/profile_detection_ops.py bench/bench_detection_ewc.py
+	runtime/signature.py runtime/snapshots.py runtime/viewer.py runtime/image_header.py runtime/subscriptions.py bench/profile_detection_ops.py bench/bench_detection_ewc.py
 
 lint: install
 	$(VENV)/bin/ruff check $(LINT_PATHS)

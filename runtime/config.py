@@ -296,6 +296,19 @@ def _publisher(t: _Table, base: Path) -> PublisherConfig:
         max_inbound_bytes=t.integer(
             "max_inbound_bytes", PublisherConfig.max_inbound_bytes, minimum=64, maximum=1 << 20
         ),
+        max_subscriptions_per_peer=t.integer(
+            "max_subscriptions_per_peer", PublisherConfig.max_subscriptions_per_peer, minimum=1, maximum=1 << 20
+        ),
+        max_subscription_bytes_per_peer=t.integer(
+            "max_subscription_bytes_per_peer",
+            PublisherConfig.max_subscription_bytes_per_peer,
+            minimum=0,
+            maximum=1 << 24,
+        ),
+        max_subscriptions=t.integer("max_subscriptions", PublisherConfig.max_subscriptions, minimum=1, maximum=1 << 20),
+        max_subscription_bytes=t.integer(
+            "max_subscription_bytes", PublisherConfig.max_subscription_bytes, minimum=0, maximum=1 << 26
+        ),
     )
     t.finish()
     return publisher

@@ -155,6 +155,13 @@ class PublisherConfig:
     # Largest message a subscriber may send (its (un)subscriptions, topic prefixes), bytes; a peer
     # that sends more is disconnected by ZeroMQ before the message is buffered.
     max_inbound_bytes: int = 1024
+    # Subscriptions applied per peer (IP address; IPC: process) and over all peers, by count and by
+    # bytes of topics; a peer beyond either is disconnected (runtime.subscriptions). A console needs
+    # one subscription per station; libzmq spends ~48 bytes of memory per topic byte.
+    max_subscriptions_per_peer: int = 64
+    max_subscription_bytes_per_peer: int = 8192
+    max_subscriptions: int = 1024
+    max_subscription_bytes: int = 65536
 
 
 @dataclass(frozen=True)

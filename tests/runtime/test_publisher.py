@@ -184,3 +184,80 @@ def test_waits_for_subscribers() -> None:
             s.close(0)
     finally:
         pub.close(0)
+
+
+FLOOD = """
+import os, sys, zmq
+endpoint, total, per_round = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ctx = zmq.Context()
+sent = rounds = dropped = 0
+while sent < total:
+    s = ctx.socket(zmq.XSUB)
+    s.setsockopt(zmq.SNDHWM, 0)
+    s.setsockopt(zmq.RECONNECT_IVL, -1)  # one connection per round: a dropped one stays dropped
+    mon = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    s.connect(endpoint.replace("tcp://", "tcp://127.0.0.2:0;"))  # from another address: another host
+    for i in range(per_round):  # distinct 999-byte topics: nothing shared in the publisher's trie
+        s.send(b"\\x01" + b"%09d" % (sent + i) + b"x" * 990)
+    sent += per_round
+    rounds += 1
+    dropped += bool(mon.poll(20000))
+    s.close(0)
+    mon.close(0)
+print(rounds, dropped, flush=True)
+os._exit(0)
+"""
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise AssertionError(key)
+
+
+def test_a_subscription_flood_is_capped_and_the_peer_dropped() -> None:
+    """Attack (issue 25 item 1): 100,000 distinct 999-byte subscriptions from one unauthenticated
+    peer took the daemon from 90 to 4,755 MiB, never released. Now a peer beyond
+    max_subscriptions_per_peer is disconnected (counted, logged), memory stays within +64 MiB,
+    and the other subscribers keep receiving."""
+    from runtime.metrics import Metrics
+
+    metrics = Metrics([])
+    pub = Publisher(PublisherConfig(bind=("tcp://127.0.0.1:*",)),
+                    on_drop=lambda reason: metrics.subscribers_dropped.labels(reason).inc())
+    good = _sub(pub.endpoints[0])
+    evil = None
+    try:
+        assert pub.wait_for_subscribers(1, 5.0)
+        Path("/proc/self/clear_refs").write_text("5")  # peak RSS := RSS (proc(5))
+        before = _status_kib("VmRSS")
+        evil = subprocess.Popen([sys.executable, "-c", FLOOD, pub.endpoints[0], "100000", "5000"],
+                                stdout=subprocess.PIPE, text=True)
+        received, grew = 0, 0
+        while evil.poll() is None:  # as the daemon's output thread: a send now and then, subscriptions polled
+            pub.send("st.cam.ok", {"n": received})
+            if good.poll(20):
+                while good.poll(0):
+                    good.recv_multipart()
+                    received += 1
+            grew = (_status_kib("VmHWM") - before) // 1024
+            if grew > 64:
+                break
+        if evil.poll() is None:
+            evil.kill()
+        out = evil.communicate(timeout=30)[0].split()
+        print(f"publisher peak RSS growth under the flood: {grew} MiB")
+        assert grew <= 64, f"peak RSS grew by {grew} MiB under the subscription flood"
+        rounds, dropped = map(int, out)
+        assert rounds == 20 and dropped == rounds  # every attacking connection was cut
+        drops = metrics.registry.get_sample_value("defectscope_publisher_peers_dropped_total",
+                                                  {"reason": "peer_limit"})
+        assert drops >= rounds
+        assert pub.poll_subscriptions() == 1  # only the good subscriber's subscription is applied
+        assert received > 0 and len(_receive(good, pub, 5.0)) == 3
+    finally:
+        if evil is not None and evil.poll() is None:
+            evil.kill()
+        good.close(0)
+        pub.close(0)
