@@ -306,6 +306,7 @@ def _publisher(t: _Table, base: Path) -> PublisherConfig:
             maximum=1 << 24,
         ),
         max_subscriptions=t.integer("max_subscriptions", PublisherConfig.max_subscriptions, minimum=1, maximum=1 << 20),
+        drop_ban_s=t.number("drop_ban_s", PublisherConfig.drop_ban_s, minimum=0.0, maximum=86400.0),
         max_subscription_bytes=t.integer(
             "max_subscription_bytes", PublisherConfig.max_subscription_bytes, minimum=0, maximum=1 << 26
         ),

@@ -162,6 +162,9 @@ class PublisherConfig:
     max_subscription_bytes_per_peer: int = 8192
     max_subscriptions: int = 1024
     max_subscription_bytes: int = 65536
+    # A dropped peer's address is refused (ZAP) for this long, seconds: a reconnecting flood costs a
+    # handshake, not an allowance. Subscribers sharing its address wait as long.
+    drop_ban_s: float = 10.0
 
 
 @dataclass(frozen=True)

@@ -51,13 +51,14 @@ def check_secret_key_file(path: os.PathLike[str] | str) -> None:
 # values leave less of a flood to land in libzmq's trie before the gate drops the peer.
 _INBOUND_HWM = 4
 _INBOUND_RCVBUF = 4096
+_ZAP_DOMAIN = "defectscope"  # the socket's ZAP domain; pyzmq looks client keys up by it
 
 
 class Publisher:
     def __init__(self, cfg: PublisherConfig, on_drop: Callable[[str], None] = lambda reason: None) -> None:
         self.cfg = cfg
         self.ctx = zmq.Context()
-        self.auth: Any = None  # zmq.auth ThreadAuthenticator with CURVE
+        self.auth: Any = None  # zmq.auth ThreadAuthenticator: CURVE keys and the gate's banned addresses
         sock = self.ctx.socket(zmq.XPUB)
         sock.setsockopt(zmq.SNDHWM, cfg.sndhwm)
         sock.setsockopt(zmq.XPUB_MANUAL, 1)  # every (un)subscription reaches the gate, which applies it or not
@@ -72,6 +73,12 @@ class Publisher:
         try:
             if cfg.curve is not None:
                 self._setup_curve(sock)
+            else:
+                self._start_auth()
+            # ZAP runs for plain (NULL) peers only with a domain; it refuses the addresses the gate banned
+            # during their handshake, before any subscription of theirs is read.
+            sock.zap_domain = _ZAP_DOMAIN.encode()
+            self.gate.auth = self.auth
             self.endpoints: list[str] = []
             for ep in cfg.bind:
                 try:
@@ -93,9 +100,14 @@ class Publisher:
         """Subscriptions applied (within the limits), all subscribers."""
         return self.gate.count
 
+    def _start_auth(self) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        self.auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("defectscope.publisher.zap"))
+        self.auth.start()
+
     def _setup_curve(self, sock: zmq.Socket) -> None:
         import zmq.auth
-        from zmq.auth.thread import ThreadAuthenticator
 
         curve = self.cfg.curve
         assert curve is not None
@@ -111,13 +123,12 @@ class Publisher:
                 f"key 'publisher.curve.server_secret_key': {curve.server_secret_key} holds no "
                 "secret key (use the .key_secret file from zmq.auth.create_certificates)"
             )
-        self.auth = ThreadAuthenticator(self.ctx)
-        self.auth.start()
+        self._start_auth()
         if curve.authorized_clients is not None:
-            self.auth.configure_curve(domain="*", location=str(curve.authorized_clients))
+            self.auth.configure_curve(domain=_ZAP_DOMAIN, location=str(curve.authorized_clients))
             log.info("CURVE: only the client keys in %s may subscribe", curve.authorized_clients)
         else:  # allow_any_client = true, checked above
-            self.auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+            self.auth.configure_curve(domain=_ZAP_DOMAIN, location=zmq.auth.CURVE_ALLOW_ANY)
             log.warning(
                 "CURVE: allow_any_client = true: any client key may subscribe (the stream is "
                 "encrypted, but not restricted to known clients)"

@@ -8,7 +8,10 @@ connection (to unsubscribe it when the connection ends), so the memory is only b
 peer's connection is gone. libzmq cannot disconnect one peer of a bound socket, so the gate
 tracks accepted connections through the socket monitor (``ZMQ_EVENT_ACCEPTED`` carries the file
 descriptor) and shuts those of an over-limit peer down (``shutdown(2)``: libzmq sees the
-connection end and frees its subscriptions; further data from the peer is answered with RST).
+connection ends and frees its subscriptions; further data from the peer is answered with RST).
+A dropped peer is then refused for ``[publisher] drop_ban_s``: its IP address is denied by the publisher's ZAP
+handler (the handshake fails, nothing it sends is read), and any connection of it that still
+arrives (IPC peers, or accepted before the ban) is shut down as soon as the monitor reports it.
 
 A peer is what libzmq reports as a message's ``Peer-Address``: the IP address for TCP,
 ``:uid:gid:pid`` for IPC. Per-peer limits are per host (several subscribers on one host share
@@ -24,6 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -44,7 +48,7 @@ class _Peer:
     topics: Counter[bytes] = field(default_factory=Counter)  # applied subscriptions
     count: int = 0
     size: int = 0  # bytes of applied topics
-    dropping: bool = False  # its connections were shut down; until they are gone it gets nothing
+    banned_until: float = 0.0  # time.monotonic(): until then its connections are shut down on arrival
 
 
 def peer_key(fd: int) -> str | None:
@@ -84,6 +88,9 @@ class SubscriptionGate:
         self.sock, self.cfg, self.on_drop = sock, cfg, on_drop
         self.monitor: zmq.Socket | None = sock.get_monitor_socket(_EVENTS)
         self.fds: dict[int, str | None] = {}  # accepted connection -> peer
+        self.shut: set[int] = set()  # connections shut down, not yet reported gone
+        self.auth: Any = None  # the publisher's zmq.auth Authenticator (set once started)
+        self.denied: dict[str, float] = {}  # addresses denied by ZAP -> until (monotonic)
         self.peers: dict[str, _Peer] = {}
         self.gone: dict[str, float] = {}  # peer -> when one of its connections ended (monotonic)
         self.count = 0  # applied subscriptions, all peers
@@ -100,14 +107,20 @@ class SubscriptionGate:
     # ---- connections -------------------------------------------------------------------------
     def events(self) -> None:
         """Track accepted connections and their ends from the socket monitor."""
+        if self.denied:
+            self._lift_bans()
         while self.monitor is not None:
             try:
                 ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
             fd = int(ev["value"])
+            self.shut.discard(fd)
             if ev["event"] == zmq.EVENT_ACCEPTED:
-                self.fds[fd] = peer_key(fd)
+                key = self.fds[fd] = peer_key(fd)
+                peer = self.peers.get(key) if key is not None else None
+                if peer is not None and peer.banned_until > time.monotonic():
+                    self._shut(fd)
             elif fd in self.fds:
                 self._ended(self.fds.pop(fd))
 
@@ -118,12 +131,31 @@ class SubscriptionGate:
         self.gone[key] = now
         for k in [k for k, t in self.gone.items() if now - t > _GONE_S]:
             del self.gone[k]
-        if key in self.fds.values():
-            return
-        peer = self.peers.pop(key, None)  # no connection left: none of its subscriptions either
-        if peer is not None:
+        live = set(self.fds.values())
+        for k in [k for k, p in self.peers.items() if k not in live and (k == key or p.banned_until <= now)]:
+            peer = self.peers[k]
+            if peer.banned_until > now:
+                continue  # remembered (with nothing applied) until the ban ends
+            del self.peers[k]  # no connection left: none of its subscriptions either
             self.count -= peer.count
             self.size -= peer.size
+
+    def _deny(self, key: str, until: float) -> None:
+        # pyzmq's Authenticator.deny() adds to the set its handler checks; it has no public inverse.
+        denied = getattr(self.auth, "_denied", None)
+        if isinstance(denied, set) and key and not key.startswith(":"):  # IP addresses; ":uid:gid:pid" is IPC
+            denied.add(key)
+            self.denied[key] = until
+
+    def _lift_bans(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, until in self.denied.items() if until <= now]:
+            del self.denied[key]
+            getattr(self.auth, "_denied", set()).discard(key)
+
+    def _shut(self, fd: int) -> None:
+        self.shut.add(fd)
+        _shutdown(fd)
 
     # ---- (un)subscriptions ---------------------------------------------------------------------
     def handle(self, frame: zmq.Frame) -> None:
@@ -143,8 +175,8 @@ class SubscriptionGate:
     def _subscribe(self, key: str, topic: bytes) -> None:
         self.events()
         peer = self.peers.setdefault(key, _Peer())
-        if peer.dropping:  # a connection from a dropped peer that was not shut down yet
-            self._drop(key, peer, None)
+        if peer.banned_until > time.monotonic():  # still arriving from a dropped peer's connections
+            self._shut_peer(key)
             return
         c = self.cfg
         n = len(topic)
@@ -179,20 +211,23 @@ class SubscriptionGate:
                 self.size -= len(topic)
                 return
 
-    def _drop(self, key: str, peer: _Peer, reason: str | None) -> None:
-        """Shut down every connection of ``key``; its subscriptions end with them."""
+    def _shut_peer(self, key: str) -> int:
+        """Shut down every connection of ``key`` not shut down yet; returns how many."""
+        fds = [fd for fd, k in self.fds.items() if k == key and fd not in self.shut]
+        for fd in fds:
+            if peer_key(fd) == key:  # checked again: a closed descriptor's number is reused
+                self._shut(fd)
+        return len(fds)
+
+    def _drop(self, key: str, peer: _Peer, reason: str) -> None:
+        """Shut down every connection of ``key`` (its subscriptions end with them) and ban it a while."""
         self.count -= peer.count
         self.size -= peer.size
         peer.topics.clear()
         peer.count = peer.size = 0
-        peer.dropping = True
-        shut = 0
-        for fd, k in list(self.fds.items()):
-            if k == key and peer_key(fd) == key:  # checked again: a closed descriptor's number is reused
-                _shutdown(fd)
-                shut += 1
-        if reason is None:
-            return
+        peer.banned_until = time.monotonic() + self.cfg.drop_ban_s
+        self._deny(key, peer.banned_until)
+        shut = self._shut_peer(key)
         self.on_drop(reason)
         now = time.monotonic()
         if now < self._next_log:
@@ -201,9 +236,10 @@ class SubscriptionGate:
         more = f" ({self._unlogged} more drops in the last {_LOG_INTERVAL_S:.0f}s)" if self._unlogged else ""
         c = self.cfg
         log.warning(
-            "publisher: dropped subscriber %s (%d connection(s)): %s%s",
+            "publisher: dropped subscriber %s (%d connection(s), refused for %.0fs): %s%s",
             key or "(in-process)",
             shut,
+            self.cfg.drop_ban_s,
             f"more than {c.max_subscriptions_per_peer} subscriptions or {c.max_subscription_bytes_per_peer} "
             "bytes of topics from one peer"
             if reason == "peer_limit"
