@@ -22,6 +22,7 @@ OTHER_SERIES = {"up", "process_start_time_seconds", "ALERTS"}
 REQUIRED_ALERTS = {
     "DefectScopeCameraDown", "DefectScopeNoFrames", "DefectScopeDefectRateSpike", "DefectScopeInferenceLatencyHigh",
     "DefectScopeFramesDropped", "DefectScopePublishErrors", "DefectScopeModelVersionSkew", "DefectScopeRestarting",
+    "DefectScopeSubscriberDropped",
 }
 
 
