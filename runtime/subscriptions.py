@@ -21,6 +21,7 @@ them); the totals bound all peers together. All calls happen on the publisher's 
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import struct
 import time
@@ -40,6 +41,7 @@ log = logging.getLogger("defectscope.publisher")
 __all__ = ["DROP_REASONS", "SubscriptionGate", "peer_key"]
 _EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 _GONE_S = 10.0  # a peer whose connection ended this recently owns libzmq's unsubscriptions of it
+_IPC_HOST = re.compile(r"^[^:]+(?=:\d+:\d+:\d+$)")
 _LOG_INTERVAL_S = 60.0  # drops are logged at once, then summed into one line per interval
 
 
@@ -164,7 +166,8 @@ class SubscriptionGate:
             return  # not an (un)subscription: nothing to apply
         topic = data[1:]
         try:
-            key: str | None = str(frame.get("Peer-Address"))
+            # glibc names a unix socket's peer "localhost:uid:gid:pid"; peer_key() gives ":uid:gid:pid".
+            key: str | None = _IPC_HOST.sub("", str(frame.get("Peer-Address")))
         except zmq.ZMQError:
             key = None  # no metadata: libzmq's own unsubscription for a connection that ended
         if data[0] == 0:

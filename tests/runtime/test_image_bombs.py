@@ -149,3 +149,34 @@ def test_a_decompression_bomb_in_a_replay_is_refused_alone(tmp_path: Path, start
     assert any("8000x8000 image is larger than max_pixels" in r.getMessage() for r in caplog.records)
     print(f"daemon peak RSS growth with the bomb: {peak / MiB:.1f} MiB")
     assert peak < 64 * MiB, f"peak RSS grew by {peak / MiB:.0f} MiB"
+
+
+def test_live_frames_beyond_max_pixels_are_dropped_not_judged(tmp_path: Path) -> None:
+    """Streams are decoded by the capture backend; a frame beyond max_pixels is still never judged."""
+    from runtime.config import load_config
+    from runtime.daemon import Daemon
+
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (48, 40))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write MJPG AVI")
+    for level in (40, 215, 40):
+        writer.write(np.full((40, 48, 3), level, np.uint8))
+    writer.release()
+    config, endpoint = station_config(
+        tmp_path, make_bundle(tmp_path / "bundle"),
+        [{"id": "big", "source": str(path), "max_pixels": 48 * 40 - 1}, {"id": "ok", "source": str(path)}],
+        publisher={"wait_for_subscribers": 1})
+    sub = Subscriber(endpoint)
+    d = Daemon(load_config(config))
+    try:
+        d.start()
+        assert d.run() == 0
+        sub.until(lambda s: len(s.verdicts()) == 3, 10, what="the normal camera's 3 frames")
+        assert {m["camera"] for m in sub.verdicts()} == {"ok"}
+        dropped = d.metrics.registry.get_sample_value("defectscope_frames_dropped_total",
+                                                      {"camera": "big", "reason": "too_large"})
+        assert dropped == 3
+    finally:
+        d.shutdown()
+        sub.close()

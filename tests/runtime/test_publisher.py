@@ -325,3 +325,25 @@ def test_a_dropped_peer_is_refused_for_drop_ban_s_then_served_again() -> None:
         other.close(0)
         greedy.close(0)
         pub.close(0)
+
+
+def test_an_ipc_peer_beyond_the_limit_is_disconnected(tmp_path: Path) -> None:
+    """IPC peers are told apart by process (libzmq's ':uid:gid:pid'); no ZAP ban, the connection is cut."""
+    drops: list[str] = []
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    pub = Publisher(PublisherConfig(bind=(endpoint,), max_subscriptions_per_peer=3), on_drop=drops.append)
+    greedy = zmq.Context.instance().socket(zmq.XSUB)
+    greedy.setsockopt(zmq.LINGER, 0)
+    greedy.setsockopt(zmq.RECONNECT_IVL, -1)
+    monitor = greedy.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        greedy.connect(endpoint)
+        for i in range(5):
+            greedy.send(b"\x01x%d" % i)
+        _until(pub, lambda n: bool(drops))
+        assert drops == ["peer_limit"] and monitor.poll(5000)  # the greedy connection was cut
+        assert pub.subscriptions == 0 and [k for k in pub.gate.peers if k.startswith(":")]
+    finally:
+        monitor.close(0)
+        greedy.close(0)
+        pub.close(0)
