@@ -127,18 +127,16 @@ class SubscriptionGate:
                 self._ended(self.fds.pop(fd))
 
     def _ended(self, key: str | None) -> None:
-        if key is None:
-            return
         now = time.monotonic()
-        self.gone[key] = now
+        if key is not None:  # None: the connection was gone before its address could be read
+            self.gone[key] = now
         for k in [k for k, t in self.gone.items() if now - t > _GONE_S]:
             del self.gone[k]
+        # A peer without a connection holds no subscriptions in libzmq: forget its count (a dropped
+        # peer is remembered, with nothing applied, until its ban ends).
         live = set(self.fds.values())
-        for k in [k for k, p in self.peers.items() if k not in live and (k == key or p.banned_until <= now)]:
-            peer = self.peers[k]
-            if peer.banned_until > now:
-                continue  # remembered (with nothing applied) until the ban ends
-            del self.peers[k]  # no connection left: none of its subscriptions either
+        for k in [k for k, p in self.peers.items() if k not in live and p.banned_until <= now]:
+            peer = self.peers.pop(k)
             self.count -= peer.count
             self.size -= peer.size
 
@@ -177,6 +175,8 @@ class SubscriptionGate:
 
     def _subscribe(self, key: str, topic: bytes) -> None:
         self.events()
+        if key and key not in self.fds.values():
+            return  # its connection is gone already (libzmq applies nothing to it): do not count it
         peer = self.peers.setdefault(key, _Peer())
         if peer.banned_until > time.monotonic():  # still arriving from a dropped peer's connections
             self._shut_peer(key)
