@@ -55,21 +55,11 @@ demo: install
 
 # Lint coverage. lint-imports: the package import rules ([tool.importlinter] in pyproject.toml,
 # stated in docs/contracts.md). ruff check: every package and the workstation tests. ruff format
-# --check: TYPED_PATHS and the workstation tests. mypy: TYPED_PATHS (the workstation packages whole;
-# runtime/ and deploy/ by module while their older type errors are mended: widen the list).
+# --check: TYPED_PATHS and the workstation tests. mypy: TYPED_PATHS (every package whole but deploy/,
+# which is typed by module while its older type errors are mended: widen the list).
 LINT_TESTS ?= tests/training tests/calibration tests/test_cli.py tests/test_import_contracts.py tests/test_one_home.py tests/test_tasks.py
 LINT_PATHS ?= training calibration runtime deploy bench defectscope $(LINT_TESTS)
-TYPED_PATHS ?= training calibration defectscope bench runtime/inference/tta.py runtime/inference/preprocess.py
-
-# The runtime modules.
-TYPED_PATHS += runtime/__init__.py runtime/inference/openvino.py runtime/inference/tensorrt.py runtime/inference/backends.py \
-	runtime/serving/batcher.py runtime/inference/boxes.py runtime/bundle/manifest.py runtime/bundle/cli.py runtime/bundle/fs.py \
-	runtime/bundle/output.py runtime/bundle/stage.py runtime/config/station.py runtime/config/table.py runtime/config/types.py \
-	runtime/serving/daemon.py runtime/serving/pipeline.py runtime/sources/cameras.py \
-	runtime/inference/decision.py runtime/engine/build.py runtime/engine/gate.py runtime/engine/meta.py runtime/fsio.py \
-	runtime/serving/messages.py runtime/serving/metrics.py runtime/inference/model.py runtime/bundle/store.py runtime/serving/notify.py \
-	runtime/inference/ort_session.py runtime/serving/preview.py runtime/serving/publisher.py runtime/serving/reload_cli.py runtime/serving/serve_cli.py runtime/serving/service.py \
-	runtime/bundle/signature.py runtime/serving/snapshots.py runtime/tools/viewer.py runtime/sources/gstreamer.py runtime/tools/doctor_cli.py
+TYPED_PATHS ?= training calibration defectscope bench runtime
 
 # The console's security layers.
 TYPED_PATHS += deploy/console/metrics.py deploy/console/throttle.py deploy/console/login.py deploy/console/middleware.py

@@ -52,6 +52,7 @@ from runtime.config.types import (
     SnapshotConfig,
     StationConfig,
     TTAConfig,
+    curve_allow_list_error,
 )
 
 # Kept under the old name for the section parsers below (and any added later).
@@ -149,6 +150,7 @@ def _camera(t: _Table, base: Path) -> CameraConfig:
         read_timeout_s=t.number("read_timeout_s", CameraConfig.read_timeout_s, minimum=0.0, exclusive=True),
         preload_mb=t.number("preload_mb", CameraConfig.preload_mb, minimum=0.0, maximum=1_048_576.0),
         gst_reader=t.choice("gst_reader", GST_READERS, CameraConfig.gst_reader),
+        max_pixels=t.integer("max_pixels", CameraConfig.max_pixels, minimum=1, maximum=1 << 31),
     )
     if cam.preload_mb and kind != "directory":
         raise t.error("preload_mb", f"only directory replays can be preloaded; this camera is a {kind} source")
@@ -277,11 +279,14 @@ def _publisher(t: _Table, base: Path) -> PublisherConfig:
         curve = CurveConfig(
             server_secret_key=_path(base, c.get("server_secret_key", str)),
             authorized_clients=_path(base, clients) if clients else None,
+            allow_any_client=c.get("allow_any_client", bool, CurveConfig.allow_any_client),
         )
         if not curve.server_secret_key.is_file():
             raise c.error("server_secret_key", f"key file {str(curve.server_secret_key)!r} does not exist")
         if curve.authorized_clients is not None and not curve.authorized_clients.is_dir():
             raise c.error("authorized_clients", f"directory {str(curve.authorized_clients)!r} does not exist")
+        if (why := curve_allow_list_error(curve)) is not None:
+            raise c.error("authorized_clients", why)
         c.finish()
     publisher = PublisherConfig(
         bind=tuple(bind),
@@ -294,6 +299,20 @@ def _publisher(t: _Table, base: Path) -> PublisherConfig:
         curve=curve,
         max_inbound_bytes=t.integer(
             "max_inbound_bytes", PublisherConfig.max_inbound_bytes, minimum=64, maximum=1 << 20
+        ),
+        max_subscriptions_per_peer=t.integer(
+            "max_subscriptions_per_peer", PublisherConfig.max_subscriptions_per_peer, minimum=1, maximum=1 << 20
+        ),
+        max_subscription_bytes_per_peer=t.integer(
+            "max_subscription_bytes_per_peer",
+            PublisherConfig.max_subscription_bytes_per_peer,
+            minimum=0,
+            maximum=1 << 24,
+        ),
+        max_subscriptions=t.integer("max_subscriptions", PublisherConfig.max_subscriptions, minimum=1, maximum=1 << 20),
+        drop_ban_s=t.number("drop_ban_s", PublisherConfig.drop_ban_s, minimum=0.0, maximum=86400.0),
+        max_subscription_bytes=t.integer(
+            "max_subscription_bytes", PublisherConfig.max_subscription_bytes, minimum=0, maximum=1 << 26
         ),
     )
     t.finish()

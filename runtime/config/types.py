@@ -54,6 +54,11 @@ class CameraConfig:
     # replay measures the station and not PNG decoding; 0 = decode while replaying.
     preload_mb: float = 0.0
     gst_reader: str = "auto"  # gstreamer sources only: one of GST_READERS (runtime/sources/gstreamer.py)
+    # Largest frame accepted, width x height: files are checked from their header before decoding
+    # (decompression bombs), live frames after capture; beyond it frames_dropped_total{reason="too_large"}.
+    # 40 MP = 8000x5000: its worst decode (16-bit RGBA, 320 MB) times the decode-ahead stays far
+    # below the daemon unit's MemoryMax (6 GiB).
+    max_pixels: int = 40_000_000
 
     @property
     def finite(self) -> bool:
@@ -121,7 +126,23 @@ class DecisionConfig:
 @dataclass(frozen=True)
 class CurveConfig:
     server_secret_key: Path  # zmq.auth certificate file holding the server's secret key
-    authorized_clients: Path | None = None  # directory of client public certificates; None: any client
+    # Directory of the client public certificates allowed in (ZAP). Without it CURVE only
+    # encrypts: any freshly generated key connects, so None needs allow_any_client = True.
+    authorized_clients: Path | None = None
+    allow_any_client: bool = False
+
+
+def curve_allow_list_error(curve: CurveConfig) -> str | None:
+    """Why this CURVE setup is refused (exactly one of the allow-list and allow_any_client), or None."""
+    if curve.authorized_clients is not None and curve.allow_any_client:
+        return "set either authorized_clients or allow_any_client = true, not both"
+    if curve.authorized_clients is None and not curve.allow_any_client:
+        return (
+            "missing: CURVE without an allow-list lets any client key in (encryption, not "
+            "authentication); name a directory of client public keys, or set "
+            "allow_any_client = true to accept any client on purpose"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -137,6 +158,16 @@ class PublisherConfig:
     # Largest message a subscriber may send (its (un)subscriptions, topic prefixes), bytes; a peer
     # that sends more is disconnected by ZeroMQ before the message is buffered.
     max_inbound_bytes: int = 1024
+    # Subscriptions applied per peer (IP address; IPC: process) and over all peers, by count and by
+    # bytes of topics; a peer beyond either is disconnected (runtime.serving.subscriptions). A console needs
+    # one subscription per station; libzmq spends ~48 bytes of memory per topic byte.
+    max_subscriptions_per_peer: int = 64
+    max_subscription_bytes_per_peer: int = 8192
+    max_subscriptions: int = 1024
+    max_subscription_bytes: int = 65536
+    # A dropped peer's address is refused (ZAP) for this long, seconds: a reconnecting flood costs a
+    # handshake, not an allowance. Subscribers sharing its address wait as long.
+    drop_ban_s: float = 10.0
 
 
 @dataclass(frozen=True)

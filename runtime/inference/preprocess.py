@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from runtime.inference.image_header import HeaderError, header_size
+
 if TYPE_CHECKING:
     from runtime.inference.boxes import Geometry
 
@@ -43,6 +45,16 @@ COLOR_ORDERS = ("RGB", "BGR", "GRAY")
 
 class ImageReadError(ValueError):
     """An image file that cannot be read or decoded; the message names the path."""
+
+
+class ImageTooLarge(ImageReadError):
+    """An image whose header (or file) is larger than the caller's ``max_pixels``; never decoded."""
+
+
+# Bytes per pixel of the largest layout decoded (16-bit RGBA), plus headers and metadata: a file
+# longer than ``max_pixels * _MAX_BYTES_PER_PIXEL + _SLACK_BYTES`` cannot hold an accepted image.
+_MAX_BYTES_PER_PIXEL = 8
+_SLACK_BYTES = 1 << 20
 
 
 class SpecError(ValueError):
@@ -147,20 +159,40 @@ class InputSpec:
         return (self.channels, self.height, self.width)
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+def read_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
     """Read an image file as uint8 ``(H,W)`` gray or ``(H,W,3)`` BGR.
 
     16-bit images are scaled to 8 bits and alpha is dropped, so every caller sees
-    the same two layouts. Raises ImageReadError naming the path.
+    the same two layouts. Raises ImageReadError naming the path. With ``max_pixels``
+    (untrusted files: replays, cameras) the header's width x height is checked before
+    decoding (runtime.inference.image_header; ImageTooLarge), an unknown format is refused, and the
+    decoded image is checked again.
     """
     path = os.fspath(path)
-    data = np.fromfile(path, dtype=np.uint8) if os.path.isfile(path) else None
-    if data is None:
+    if not os.path.isfile(path):
         raise ImageReadError(f"{path}: no such file")
+    if max_pixels is not None:
+        size = os.path.getsize(path)
+        if size > max_pixels * _MAX_BYTES_PER_PIXEL + _SLACK_BYTES:
+            raise ImageTooLarge(f"{path}: {size} bytes is more than any image of at most {max_pixels} pixels")
+    data = np.fromfile(path, dtype=np.uint8)
+    if max_pixels is not None and data.size:
+        try:
+            w, h = header_size(data.data)
+        except HeaderError as exc:
+            raise ImageReadError(f"{path}: not a readable image ({exc})") from None
+        _check_pixels(w, h, max_pixels, path)
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
         raise ImageReadError(f"{path}: not a readable image (empty, truncated or unknown format)")
+    if max_pixels is not None:  # a decoder that disagreed with the header: refuse before any copy
+        _check_pixels(image.shape[1], image.shape[0], max_pixels, path)
     return to_uint8(image, where=path)
+
+
+def _check_pixels(w: int, h: int, max_pixels: int, where: str) -> None:
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"{where}: {w}x{h} image is larger than max_pixels ({max_pixels})")
 
 
 def to_uint8(image: np.ndarray, where: str = "image") -> np.ndarray:
@@ -295,6 +327,7 @@ __all__ = [
     "Preprocessor",
     "new_run_interpolation",
     "SpecError",
+    "ImageTooLarge",
     "read_image",
     "resize",
     "resized_size",

@@ -144,7 +144,7 @@ class Daemon:
 
     def _open_publisher(self) -> None:
         pub = self.cfg.publisher
-        self.publisher = Publisher(pub)
+        self.publisher = Publisher(pub, on_drop=lambda reason: self.metrics.subscribers_dropped.labels(reason).inc())
         self.pipeline.publisher = self.publisher
         log.info("publishing %s on %s", pub.format, ", ".join(self.publisher.endpoints))
         if pub.curve is None:

@@ -27,10 +27,13 @@ INFERENCE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.
 E2E_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 DETECTION_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100)
 # decode_error: an unreadable file / frame (truncated, zero bytes, not an image); too_small: a frame
-# below [model] min_frame_side, never judged.
+# below [model] min_frame_side, never judged; too_large: a file whose header (or a live frame that)
+# exceeds [[cameras]] max_pixels, never decoded (files) nor judged.
 # Labels of defectscope_model_info (tests/deploy/station_stub.py serves the same series).
 MODEL_INFO_LABELS = ("name", "version", "precision", "backend", "inference_precision")
-DROP_REASONS = ("queue_full", "decode_error", "too_small", "preprocess_error", "inference_error")
+# defectscope_publisher_peers_dropped_total reasons (runtime.serving.subscriptions.DROP_REASONS names them too).
+SUBSCRIBER_DROP_REASONS = ("peer_limit", "total_limit")
+DROP_REASONS = ("queue_full", "decode_error", "too_small", "too_large", "preprocess_error", "inference_error")
 
 
 class Metrics:
@@ -114,6 +117,12 @@ class Metrics:
         self.last_frame = Gauge(
             "defectscope_last_frame_timestamp_seconds", "Unix time of the camera's last frame", cam, registry=r
         )
+        self.subscribers_dropped = Counter(
+            "defectscope_publisher_peers_dropped_total",
+            "Subscribers disconnected for subscribing beyond [publisher] limits (per peer or in total)",
+            ["reason"],
+            registry=r,
+        )
         self.snapshots = Counter(
             "defectscope_snapshots_total", "Snapshots by result (saved, dropped, error)", ["result"], registry=r
         )
@@ -136,6 +145,8 @@ class Metrics:
                 self.verdicts.labels(c, v)
         for result in ("success", "failure"):
             self.model_reloads.labels(result)
+        for reason in SUBSCRIBER_DROP_REASONS:
+            self.subscribers_dropped.labels(reason)
         self.publish_errors.inc(0)
 
     def set_model(

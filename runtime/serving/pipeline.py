@@ -305,10 +305,10 @@ class Pipeline:
                     self._publish(item)
                 except Exception:  # a bad message must not stop the stream
                     log.exception("publishing a batch failed")
+            if self.publisher is not None:  # subscriptions are applied (or refused) here, even when idle
+                self.publisher.poll_subscriptions()
             now = time.monotonic()
             if interval and now >= next_status:
-                assert self.publisher is not None
-                self.publisher.poll_subscriptions()
                 self.send_status()
                 next_status = now + interval
 

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 from runtime.config.station import CameraConfig
-from runtime.inference.preprocess import ImageReadError, read_image, to_uint8
+from runtime.inference.preprocess import ImageReadError, ImageTooLarge, read_image, to_uint8
 from runtime.serving.batcher import FrameHub
 
 if TYPE_CHECKING:
@@ -115,8 +115,10 @@ class DirectoryReader:
         workers: int = 2,
         on_unreadable: Callable[[str, Exception], None] | None = None,
         preload_mb: float = 0.0,
+        max_pixels: int = CameraConfig.max_pixels,
     ) -> None:
         self.path, self.loop = path, loop
+        self.max_pixels = max_pixels
         # Called once per skipped file (decode errors are counted, not fatal); default: log it.
         self.on_unreadable = on_unreadable or (lambda p, exc: log.warning("skipping unreadable replay image: %s", exc))
         try:
@@ -141,7 +143,7 @@ class DirectoryReader:
         images, used, budget = [], 0, int(budget_mb * 2**20)
         for path in self.files:
             try:
-                image = read_image(path)
+                image = read_image(path, self.max_pixels)
             except ImageReadError as exc:
                 self.on_unreadable(path, exc)
                 continue
@@ -179,7 +181,7 @@ class DirectoryReader:
             path = next(self._iter, None)
             if path is None:
                 return
-            self._ahead.append((path, self._pool.submit(read_image, path) if self._pool else None))
+            self._ahead.append((path, self._pool.submit(read_image, path, self.max_pixels) if self._pool else None))
 
     def read(self) -> tuple[np.ndarray, str | None] | None:
         if self._images is not None:
@@ -191,7 +193,7 @@ class DirectoryReader:
                 return None
             path, fut = self._ahead.popleft()
             try:
-                image = fut.result() if fut is not None else read_image(path)
+                image = fut.result() if fut is not None else read_image(path, self.max_pixels)
                 return image, os.path.basename(path)
             except ImageReadError as exc:
                 self.on_unreadable(path, exc)
@@ -265,7 +267,9 @@ def _safe(source: str) -> str:
 
 def open_reader(cfg: CameraConfig, on_unreadable: Callable[[str, Exception], None] | None = None) -> Reader:
     if cfg.kind == "directory":
-        return DirectoryReader(cfg.source, cfg.loop, on_unreadable=on_unreadable, preload_mb=cfg.preload_mb)
+        return DirectoryReader(
+            cfg.source, cfg.loop, on_unreadable=on_unreadable, preload_mb=cfg.preload_mb, max_pixels=cfg.max_pixels
+        )
     if cfg.kind == "gstreamer":  # PyGObject, else OpenCV's CAP_GSTREAMER where built with it
         from runtime.sources.gstreamer import open_gstreamer
 
@@ -410,7 +414,7 @@ class Camera:
         self._stop.wait(delay)
 
     def _unreadable(self, path: str, exc: Exception) -> None:
-        self.events.dropped(self.cfg.id, "decode_error")
+        self.events.dropped(self.cfg.id, "too_large" if isinstance(exc, ImageTooLarge) else "decode_error")
         self._skip_log.warning("camera %s: skipping unreadable frame: %s", self.cfg.id, exc)
 
     def _read_loop(self, reader: Reader) -> bool:
@@ -432,6 +436,17 @@ class Camera:
                     now = time.monotonic()
                 next_due = max(next_due + period, now - period)
             image, name = item
+            if image.shape[0] * image.shape[1] > cfg.max_pixels:  # decoded already by the capture backend
+                self.events.captured(cfg.id, time.time())
+                self.events.dropped(cfg.id, "too_large")
+                self._skip_log.warning(
+                    "camera %s: %dx%d frame is larger than max_pixels (%d)",
+                    cfg.id,
+                    image.shape[1],
+                    image.shape[0],
+                    cfg.max_pixels,
+                )
+                continue
             frame = Frame(cfg.id, self.seq, transform(image, cfg), time.time(), now, name)
             self.seq += 1
             self.last_frame_at = now

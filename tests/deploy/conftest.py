@@ -176,7 +176,7 @@ class StubStation:
         self.pid_file = pid_dir / f"{name}.pid"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 30.0) -> "StubStation":
+    def start(self, timeout_s: float = 30.0) -> StubStation:
         self.pid_file.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [

@@ -28,6 +28,7 @@ REQUIRED_ALERTS = {
     "DefectScopePublishErrors",
     "DefectScopeModelVersionSkew",
     "DefectScopeRestarting",
+    "DefectScopeSubscriberDropped",
 }
 
 

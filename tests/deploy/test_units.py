@@ -76,7 +76,7 @@ def test_units_carry_the_contracted_settings(station_root):
     assert svc["User"] == ["defectscope"] and "video" in svc["SupplementaryGroups"][0]
     assert svc["CapabilityBoundingSet"] == [""] and svc["NoNewPrivileges"] == ["yes"]
     assert svc["ProtectSystem"] == ["strict"] and svc["PrivateTmp"] == ["yes"] and svc["ProtectHome"] == ["yes"]
-    assert set(svc["ReadWritePaths"][0].split()) == {"-/var/spool/defectscope", "-/opt/defectscope/models"}
+    assert set(svc["ReadWritePaths"][0].split()) == {"-/var/spool/defectscope"}
     assert svc["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
     assert "char-video4linux rw" in svc["DeviceAllow"] and "char-nvidia-frontend rw" in svc["DeviceAllow"]
     engine = _settings(unit_dir / "defectscope-engine@.service")
@@ -122,7 +122,8 @@ def test_install_units_substitutes_custom_paths(tmp_path):
     deploy("install-units", "--root", root, "--exec", "/usr/bin/defectscope")
     svc = (root / "etc/systemd/system/defectscope@.service").read_text()
     assert "/usr/bin/defectscope serve --config /etc/inspect/%i.toml" in svc
-    assert "-/srv/models" in svc and "/opt/defectscope" not in svc and "/etc/defectscope" not in svc
+    assert "/opt/defectscope" not in svc and "/etc/defectscope" not in svc
+    assert not _writable(_settings(root / "etc/systemd/system/defectscope@.service"), "/srv/models")
 
 
 def test_unit_files_ship_with_the_package():
@@ -131,9 +132,36 @@ def test_unit_files_ship_with_the_package():
     src = units_source()
     for name in UNIT_FILES:
         assert (src / name).is_file()
-    # The repository's systemd/ directory is the same files.
+    # The repository's systemd/ directory is the same files (a link to deploy/systemd), byte for byte.
     repo_systemd = Path(__file__).resolve().parents[2] / "systemd"
     assert sorted(p.name for p in repo_systemd.iterdir()) == sorted(p.name for p in src.iterdir())
+    for p in src.iterdir():
+        assert (repo_systemd / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+# Directories systemd makes writable under ProtectSystem=strict (systemd.exec(5)), by setting.
+_WRITABLE_ROOTS = {"StateDirectory": "/var/lib", "CacheDirectory": "/var/cache", "LogsDirectory": "/var/log",
+                   "RuntimeDirectory": "/run", "ConfigurationDirectory": "/etc"}
+
+
+def _writable(svc: dict[str, list[str]], path: str) -> list[str]:
+    """The settings of a unit that let it write to ``path`` (ProtectSystem=strict assumed, checked)."""
+    assert svc["ProtectSystem"] == ["strict"]
+    grants = [p.lstrip("-+") for v in svc.get("ReadWritePaths", []) for p in v.split()]
+    for key, base in _WRITABLE_ROOTS.items():
+        grants += [f"{base}/{d.split(':')[0]}" for v in svc.get(key, []) for d in v.split()]
+    return [g for g in grants if Path(path).is_relative_to(g) or Path(g).is_relative_to(path)]
+
+
+def test_daemon_unit_cannot_write_the_model_store(station_root):
+    """Issue 25 item 4: the daemon only reads bundles; a compromised daemon must not rewrite the store
+    (only root's `deploy install` and the engine unit write there)."""
+    deploy("install-units", "--root", station_root, "--exec", EXEC)
+    unit_dir = station_root / "etc/systemd/system"
+    daemon = _settings(unit_dir / "defectscope@.service")
+    assert _writable(daemon, f"/{MODELS}") == [], daemon.get("ReadWritePaths")
+    assert _writable(daemon, "/var/spool/defectscope/snapshots")  # the check sees a grant where there is one
+    assert _writable(_settings(unit_dir / "defectscope-engine@.service"), f"/{MODELS}/elpv-lite0")
 
 
 def _settings(path: Path) -> dict[str, list[str]]:

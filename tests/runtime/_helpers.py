@@ -16,8 +16,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -205,7 +206,7 @@ class Subscriber:
 
     def until(
         self,
-        predicate: Callable[["Subscriber"], bool],
+        predicate: Callable[[Subscriber], bool],
         timeout_s: float,
         proc: subprocess.Popen | None = None,
         what: str = "condition",

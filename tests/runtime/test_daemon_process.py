@@ -199,7 +199,7 @@ def test_systemd_notify_protocol_on_a_real_socket(tmp_path: Path) -> None:
         while not done.is_set():
             try:
                 data = sock.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             for line in data.decode().split("\n"):
                 received.append((time.monotonic(), line))

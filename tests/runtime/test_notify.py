@@ -28,7 +28,7 @@ def _drain(sock: socket.socket, seconds: float) -> list[str]:
     while time.monotonic() < end:
         try:
             out += sock.recv(4096).decode().split("\n")
-        except socket.timeout:
+        except TimeoutError:
             pass
     return out
 

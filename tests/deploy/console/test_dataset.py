@@ -11,11 +11,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 
 from deploy.console.loadgen import verdict_message
 from deploy.console.store import Store, row_from_message
-from tests.deploy.console.conftest import ROOT, USERS, Client, wait_for
+from tests.deploy.console.conftest import ROOT, USERS
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
