@@ -54,10 +54,10 @@ demo: install
 	$(VENV)/bin/defectscope demo $(DEMO_ARGS)
 
 # Lint coverage. lint-imports: the package import rules ([tool.importlinter] in pyproject.toml,
-# stated in docs/contracts.md). ruff check: every package and the workstation tests. ruff format
-# --check: TYPED_PATHS and the workstation tests. mypy: TYPED_PATHS (every package whole but deploy/,
+# stated in docs/contracts.md). ruff check: every package and the tests. ruff format
+# --check: TYPED_PATHS and the tests. mypy: TYPED_PATHS (every package whole but deploy/,
 # which is typed by module while its older type errors are mended: widen the list).
-LINT_TESTS ?= tests/training tests/calibration tests/test_cli.py tests/test_import_contracts.py tests/test_one_home.py tests/test_tasks.py
+LINT_TESTS ?= tests
 LINT_PATHS ?= training calibration runtime deploy bench defectscope $(LINT_TESTS)
 TYPED_PATHS ?= training calibration defectscope bench runtime
 

@@ -31,11 +31,26 @@ def test_missing_prerequisites_skip_with_a_reason_and_exit_0(tmp_path: Path) -> 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the stub guest must not be aarch64")
 def test_a_guest_that_is_not_aarch64_fails_the_check(tmp_path: Path) -> None:
     qemu = tmp_path / "qemu-stub"  # drops "-L SYSROOT SYSROOT/usr/bin/python3.11", runs the host's Python
-    qemu.write_text(f"#!/bin/sh\nshift 3\nexec {sys.executable} \"$@\"\n")
+    qemu.write_text(f'#!/bin/sh\nshift 3\nexec {sys.executable} "$@"\n')
     qemu.chmod(0o755)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "ci_aarch64.py"), "--qemu", str(qemu), "--sysroot",
-                        str(tmp_path), "--site", str(tmp_path), "--timeout", "60"],
-                       env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "ci_aarch64.py"),
+            "--qemu",
+            str(qemu),
+            "--sysroot",
+            str(tmp_path),
+            "--site",
+            str(tmp_path),
+            "--timeout",
+            "60",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1
     assert "FAIL: the guest python does not run as aarch64: 'x86_64'" in r.stdout

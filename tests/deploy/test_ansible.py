@@ -60,8 +60,14 @@ def _play(fleet, playbook: str, **extra: str) -> subprocess.CompletedProcess:
         "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
         "LC_ALL": "C.UTF-8",
     }
-    args = [_ansible_playbook(), "-i", str(fleet["inventory"]), str(ANSIBLE_DIR / playbook),
-            "-e", "defectscope_become=false"]
+    args = [
+        _ansible_playbook(),
+        "-i",
+        str(fleet["inventory"]),
+        str(ANSIBLE_DIR / playbook),
+        "-e",
+        "defectscope_become=false",
+    ]
     for k, v in extra.items():
         args += ["-e", f"{k}={v}"]
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)

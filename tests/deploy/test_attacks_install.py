@@ -29,8 +29,8 @@ def _header(name: bytes, size: int, typeflag: bytes, fields: dict[int, bytes] | 
     """One raw 512-byte GNU tar header (what an attacker writes by hand, no tarfile limits)."""
     h = bytearray(512)
     for offset, value in (fields or {}).items():
-        h[offset:offset + len(value)] = value
-    h[0:len(name)] = name
+        h[offset : offset + len(value)] = value
+    h[0 : len(name)] = name
     h[100:108] = b"0000644\0"
     h[108:116] = h[116:124] = b"0000000\0"
     h[124:136] = b"%011o\0" % size
@@ -76,12 +76,27 @@ def _bomb(path: Path, kind: str, mib: int = 64) -> Path:
 def _deploy_measured(*args: str | Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess, float]:
     """``defectscope deploy ...`` as a subprocess of a fresh wrapper: (result, the CLI's peak RSS in MiB)."""
     peak_file = tmp_path / "peak-kib"
-    wrapper = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[2:]); "
-               "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); "
-               "sys.exit(rc)")
+    wrapper = (
+        "import resource, subprocess, sys; rc = subprocess.call(sys.argv[2:]); "
+        "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); "
+        "sys.exit(rc)"
+    )
     proc = subprocess.run(
-        [sys.executable, "-c", wrapper, str(peak_file), sys.executable, "-m", "defectscope.cli", "deploy",
-         *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            wrapper,
+            str(peak_file),
+            sys.executable,
+            "-m",
+            "defectscope.cli",
+            "deploy",
+            *map(str, args),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
     )
     return proc, int(peak_file.read_text()) / 1024  # ru_maxrss is in KiB on Linux
 
@@ -114,8 +129,9 @@ def test_a_long_member_name_under_the_header_limit_is_quoted_short(tmp_path):
 
 
 def test_a_normal_archive_still_installs_with_the_bounded_reader(tmp_path, bundles):
-    proc, peak_mib = _deploy_measured("install", bundles.archive("1.0.0"), "--root", tmp_path / "root",
-                                      tmp_path=tmp_path)
+    proc, peak_mib = _deploy_measured(
+        "install", bundles.archive("1.0.0"), "--root", tmp_path / "root", tmp_path=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert current_version(tmp_path / "root") == "1.0.0" and peak_mib < PEAK_LIMIT_MIB
 
@@ -170,9 +186,13 @@ def test_a_bundle_swapped_while_deploy_waits_for_the_lock_is_never_installed(tmp
     lock = models / ".deploy.lock"
     with open(lock, "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # another deploy command (an Ansible run) holds the store
-        proc = subprocess.Popen([sys.executable, "-m", "defectscope.cli", "deploy", "install", str(archive),
-                                 "--root", str(root), "--json"], cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "defectscope.cli", "deploy", "install", str(archive), "--root", str(root), "--json"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             _wait_for_open(proc.pid, lock, proc)
             if swap == "directory":
@@ -196,10 +216,18 @@ def test_a_fifo_named_like_the_archive_is_refused_without_blocking(tmp_path):
 
 def test_peak_memory_helper_measures_the_child_not_this_process(tmp_path):
     # Guards the measurement above: a child that allocates 256 MiB reads as >= 256 MiB.
-    proc = subprocess.run([sys.executable, "-c", "import resource, subprocess, sys; subprocess.call([sys.executable,"
-                           " '-c', 'b = bytearray(256 << 20); b[::4096] = b\"x\" * len(b[::4096])']); "
-                           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import resource, subprocess, sys; subprocess.call([sys.executable,"
+            " '-c', 'b = bytearray(256 << 20); b[::4096] = b\"x\" * len(b[::4096])']); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert int(proc.stdout) / 1024 >= 256
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
 

@@ -8,15 +8,13 @@ from deploy import engine
 from deploy.config import DeployConfig, DeployError
 from runtime.bundle.manifest import Artifact, add_artifact
 from runtime.engine.meta import EngineUnavailableError, Platform
+from tests.deploy.conftest import MODELS, deploy, write_station
 
 ORIN = Platform("10.3.0.30", "Orin", "8.7")
 
 
 def _on(platform):
     return lambda: platform
-
-
-from tests.deploy.conftest import MODELS, deploy, write_station
 
 
 @pytest.fixture

@@ -180,11 +180,14 @@ def test_keep_prunes_the_least_recently_used_versions(tmp_path, bundles):
     write_deploy_config(root, keep=1)
     for v in ("1.0.0", "1.1.0", "1.2.0"):
         deploy("install", bundles.archive(v), "--root", root)
-    versions = lambda: sorted(
-        p.name
-        for p in (root / MODELS / "tiny").iterdir()
-        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
-    )
+
+    def versions():
+        return sorted(
+            p.name
+            for p in (root / MODELS / "tiny").iterdir()
+            if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+        )
+
     assert versions() == ["1.1.0", "1.2.0"]
     # Reactivating 1.1.0 makes 1.2.0 the least recently used one.
     deploy("rollback", "--root", root)

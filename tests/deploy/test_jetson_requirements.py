@@ -32,8 +32,10 @@ def _recipe() -> dict[str, Requirement]:
 
 def test_recipe_parses_and_covers_the_station_dependencies_except_jetpacks_own() -> None:
     reqs = _recipe()
-    deps = {canonicalize_name(Requirement(d).name): Requirement(d)
-            for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    deps = {
+        canonicalize_name(Requirement(d).name): Requirement(d)
+        for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
     assert set(deps) - FROM_JETPACK == set(reqs), "recipe and pyproject [project] dependencies drifted"
     assert not FROM_JETPACK & set(reqs), "a pip OpenCV / TensorRT would shadow JetPack's"
     # JetPack 6 is Python 3.10: the recipe's markers must select what 3.10 needs.

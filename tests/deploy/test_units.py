@@ -14,8 +14,12 @@ from tests.conftest import require_tool
 from tests.deploy.conftest import MODELS, deploy, write_station
 
 EXEC = "/opt/defectscope/venv/bin/defectscope"
-INSTANCES = ("defectscope@line1.service", "defectscope-engine@line1.service", "defectscope-engine@line1.path",
-             "defectscope.target")
+INSTANCES = (
+    "defectscope@line1.service",
+    "defectscope-engine@line1.service",
+    "defectscope-engine@line1.path",
+    "defectscope.target",
+)
 
 
 def _system_unit_dir() -> Path:
@@ -41,8 +45,9 @@ def station_root(tmp_path) -> Path:
 
 
 def _verify(root: Path, unit: str) -> subprocess.CompletedProcess:
-    return subprocess.run([require_tool("systemd-analyze"), "verify", f"--root={root}", unit],
-                          capture_output=True, text=True, cwd=root)
+    return subprocess.run(
+        [require_tool("systemd-analyze"), "verify", f"--root={root}", unit], capture_output=True, text=True, cwd=root
+    )
 
 
 def test_installed_units_pass_systemd_analyze_verify(station_root):
@@ -51,7 +56,8 @@ def test_installed_units_pass_systemd_analyze_verify(station_root):
         proc = _verify(station_root, unit)
         # verify exits 0 on unknown keys and bad values ("..., ignoring."): any output is a finding.
         assert proc.returncode == 0 and proc.stdout.strip() == "" and proc.stderr.strip() == "", (
-            f"{unit}:\n{proc.stdout}{proc.stderr}")
+            f"{unit}:\n{proc.stdout}{proc.stderr}"
+        )
 
 
 def test_verify_catches_a_missing_binary_and_a_typo(station_root):
@@ -95,8 +101,12 @@ def test_daemon_unit_exposure_is_low(station_root):
     """`systemd-analyze security` scores the sandbox; a regression in hardening raises it."""
     deploy("install-units", "--root", station_root, "--exec", EXEC)
     for unit, limit in (("defectscope@line1.service", 2.0), ("defectscope-engine@line1.service", 2.0)):
-        proc = subprocess.run([require_tool("systemd-analyze"), "security", "--offline=true", f"--root={station_root}",
-                               unit], capture_output=True, text=True, cwd=station_root)
+        proc = subprocess.run(
+            [require_tool("systemd-analyze"), "security", "--offline=true", f"--root={station_root}", unit],
+            capture_output=True,
+            text=True,
+            cwd=station_root,
+        )
         m = re.search(r"Overall exposure level for \S+: ([\d.]+)", proc.stdout)
         assert m, proc.stdout + proc.stderr
         assert float(m.group(1)) <= limit, f"{unit}: exposure {m.group(1)}\n{proc.stdout}"
@@ -140,8 +150,13 @@ def test_unit_files_ship_with_the_package():
 
 
 # Directories systemd makes writable under ProtectSystem=strict (systemd.exec(5)), by setting.
-_WRITABLE_ROOTS = {"StateDirectory": "/var/lib", "CacheDirectory": "/var/cache", "LogsDirectory": "/var/log",
-                   "RuntimeDirectory": "/run", "ConfigurationDirectory": "/etc"}
+_WRITABLE_ROOTS = {
+    "StateDirectory": "/var/lib",
+    "CacheDirectory": "/var/cache",
+    "LogsDirectory": "/var/log",
+    "RuntimeDirectory": "/run",
+    "ConfigurationDirectory": "/etc",
+}
 
 
 def _writable(svc: dict[str, list[str]], path: str) -> list[str]:
@@ -200,6 +215,7 @@ def test_engine_unit_keeps_out_of_the_daemon_state_and_caches_in_its_own_directo
     # The same path is what `deploy build-engine` hands to `defectscope build-engine`.
     from deploy.cli import build_parser
 
-    args = build_parser().parse_args(["build-engine", "--station-config", "/etc/defectscope/x.toml",
-                                      "--timing-cache", str(cache)])
+    args = build_parser().parse_args(
+        ["build-engine", "--station-config", "/etc/defectscope/x.toml", "--timing-cache", str(cache)]
+    )
     assert args.timing_cache == cache

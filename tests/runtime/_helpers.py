@@ -286,7 +286,7 @@ def stop(proc: subprocess.Popen, timeout: float = 30.0) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         proc.kill()
         _, err = proc.communicate()
-        raise AssertionError(f"daemon did not exit within {timeout}s of SIGTERM:\n{err.decode()[-3000:]}")
+        raise AssertionError(f"daemon did not exit within {timeout}s of SIGTERM:\n{err.decode()[-3000:]}") from None
     return proc.returncode, err.decode()
 
 

@@ -35,7 +35,8 @@ def main() -> int:
     factory.set_launch(
         f"( videotestsrc is-live=true pattern=solid-color foreground-color={0xFF000000 | level * 0x010101} "
         "! video/x-raw,width=64,height=48,framerate=20/1 ! videoconvert ! video/x-raw,format=I420 "
-        "! jpegenc ! rtpjpegpay name=pay0 pt=26 )")
+        "! jpegenc ! rtpjpegpay name=pay0 pt=26 )"
+    )
     factory.set_shared(True)
     server.get_mount_points().add_factory("/cam", factory)
     if server.attach(None) == 0:

@@ -87,9 +87,9 @@ def test_wbf_apart_boxes_stay_apart_and_empty_views():
     v2 = ([[6, 0, 16, 10]], [0.8], [1])  # IoU 4/16 = 0.25: separate
     boxes, scores, _ = weighted_box_fusion([v1, v2])
     assert len(boxes) == 2 and np.allclose(scores, 0.4)
-    b, s, l = weighted_box_fusion([(np.zeros((0, 4)), [], []), (np.zeros((0, 4)), [], [])])
-    assert b.shape == (0, 4) and s.shape == (0,) and l.shape == (0,)
-    b, s, l = weighted_box_fusion([v1], skip_thr=0.9)
+    b, s, lab = weighted_box_fusion([(np.zeros((0, 4)), [], []), (np.zeros((0, 4)), [], [])])
+    assert b.shape == (0, 4) and s.shape == (0,) and lab.shape == (0,)
+    b, s, _ = weighted_box_fusion([v1], skip_thr=0.9)
     assert len(b) == 0
 
 
@@ -134,7 +134,7 @@ def test_forged_model_outputs_are_never_counted():
     boxes = [[0, 0, 10, 10], [0, 0, np.inf, 10], [0, 0, 10, 10], [0, 0, 10, 10], [10, 10, 0, 0]]
     v = p.decide(boxes, [np.nan, 0.9, 0.9, 0.9, 0.9], [1, 1, 7, -1, 1], CLASSES)
     assert (v.verdict, v.boxes) == ("ok", ())
-    b, s, l = weighted_box_fusion([([[0, 0, 5, 5], [np.nan, 0, 5, 5]], [np.nan, 0.9], [1, 1])])
+    b, s, _ = weighted_box_fusion([([[0, 0, 5, 5], [np.nan, 0, 5, 5]], [np.nan, 0.9], [1, 1])])
     assert len(b) == 0
 
 

@@ -101,8 +101,12 @@ def test_a_header_that_claims_small_decodes_small(tmp_path: Path) -> None:
     z = zlib.compressobj(9)
     data = b"".join(z.compress(b"\x00" * 16001) for _ in range(8000)) + z.flush()  # 8000 rows of 8000 px
     liar = tmp_path / "liar.png"
-    liar.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 16, 0, 0, 0, 0))
-                     + _chunk(b"IDAT", data) + _chunk(b"IEND", b""))
+    liar.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 16, 0, 0, 0, 0))
+        + _chunk(b"IDAT", data)
+        + _chunk(b"IEND", b"")
+    )
     _reset_peak()
     before = _rss()
     try:
@@ -114,8 +118,12 @@ def test_a_header_that_claims_small_decodes_small(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("preload_mb", [0.0, 16.0])
-def test_a_decompression_bomb_in_a_replay_is_refused_alone(tmp_path: Path, start_daemon, preload_mb,  # noqa: F811
-                                                           caplog) -> None:
+def test_a_decompression_bomb_in_a_replay_is_refused_alone(
+    tmp_path: Path,
+    start_daemon,
+    preload_mb,  # noqa: F811
+    caplog,
+) -> None:
     """Attack: a 0.5 MiB 8000x8000 16-bit PNG in a replay directory took the daemon to 2.5 GiB and
     was judged. Now it is refused from its header (too_large, logged), memory stays flat, and every
     other frame is judged."""
@@ -123,8 +131,12 @@ def test_a_decompression_bomb_in_a_replay_is_refused_alone(tmp_path: Path, start
     make_images(replay, ["ok", "defect", "ok"])
     bomb_png(replay / "frame_00001_bomb.png")
     config, endpoint = station_config(
-        tmp_path, make_bundle(tmp_path / "bundle"), [{"id": "cam1", "source": str(replay), "preload_mb": preload_mb}],
-        publisher={"wait_for_subscribers": 1, "wait_timeout_s": 10.0}, daemon={"exit_when_sources_end": False})
+        tmp_path,
+        make_bundle(tmp_path / "bundle"),
+        [{"id": "cam1", "source": str(replay), "preload_mb": preload_mb}],
+        publisher={"wait_for_subscribers": 1, "wait_timeout_s": 10.0},
+        daemon={"exit_when_sources_end": False},
+    )
     sub = Subscriber(endpoint)
     try:
         _reset_peak()
@@ -164,9 +176,11 @@ def test_live_frames_beyond_max_pixels_are_dropped_not_judged(tmp_path: Path) ->
         writer.write(np.full((40, 48, 3), level, np.uint8))
     writer.release()
     config, endpoint = station_config(
-        tmp_path, make_bundle(tmp_path / "bundle"),
+        tmp_path,
+        make_bundle(tmp_path / "bundle"),
         [{"id": "big", "source": str(path), "max_pixels": 48 * 40 - 1}, {"id": "ok", "source": str(path)}],
-        publisher={"wait_for_subscribers": 1})
+        publisher={"wait_for_subscribers": 1},
+    )
     sub = Subscriber(endpoint)
     d = Daemon(load_config(config))
     try:
@@ -174,8 +188,9 @@ def test_live_frames_beyond_max_pixels_are_dropped_not_judged(tmp_path: Path) ->
         assert d.run() == 0
         sub.until(lambda s: len(s.verdicts()) == 3, 10, what="the normal camera's 3 frames")
         assert {m["camera"] for m in sub.verdicts()} == {"ok"}
-        dropped = d.metrics.registry.get_sample_value("defectscope_frames_dropped_total",
-                                                      {"camera": "big", "reason": "too_large"})
+        dropped = d.metrics.registry.get_sample_value(
+            "defectscope_frames_dropped_total", {"camera": "big", "reason": "too_large"}
+        )
         assert dropped == 3
     finally:
         d.shutdown()

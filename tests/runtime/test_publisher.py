@@ -68,8 +68,12 @@ def test_curve_encrypts_and_authenticates_clients(tmp_path: Path) -> None:
 
 
 def _curve_station(tmp_path: Path, curve: dict) -> dict:
-    return {"station": "st", "model": {"bundle": "b"}, "cameras": [{"id": "c", "source": "0"}],
-            "publisher": {"curve": curve}}
+    return {
+        "station": "st",
+        "model": {"bundle": "b"},
+        "cameras": [{"id": "c", "source": "0"}],
+        "publisher": {"curve": curve},
+    }
 
 
 @pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
@@ -79,16 +83,24 @@ def test_curve_without_an_allow_list_is_refused(tmp_path: Path) -> None:
     _, secret_file = zmq.auth.create_certificates(str(tmp_path), "server")
     os.chmod(secret_file, 0o600)
     (tmp_path / "clients").mkdir()
-    with pytest.raises(ConfigError, match=r"publisher\.curve\.authorized_clients': missing: CURVE without an allow-list"):
+    with pytest.raises(
+        ConfigError, match=r"publisher\.curve\.authorized_clients': missing: CURVE without an allow-list"
+    ):
         from_dict(_curve_station(tmp_path, {"server_secret_key": secret_file}), base=tmp_path)
     with pytest.raises(ConfigError, match="not both"):
-        from_dict(_curve_station(tmp_path, {"server_secret_key": secret_file, "authorized_clients": "clients",
-                                            "allow_any_client": True}), base=tmp_path)
+        from_dict(
+            _curve_station(
+                tmp_path, {"server_secret_key": secret_file, "authorized_clients": "clients", "allow_any_client": True}
+            ),
+            base=tmp_path,
+        )
     with pytest.raises(ConfigError, match="allow_any_client': expected true/false"):
-        from_dict(_curve_station(tmp_path, {"server_secret_key": secret_file, "allow_any_client": "yes"}),
-                  base=tmp_path)
-    ok = from_dict(_curve_station(tmp_path, {"server_secret_key": secret_file, "allow_any_client": True}),
-                   base=tmp_path)
+        from_dict(
+            _curve_station(tmp_path, {"server_secret_key": secret_file, "allow_any_client": "yes"}), base=tmp_path
+        )
+    ok = from_dict(
+        _curve_station(tmp_path, {"server_secret_key": secret_file, "allow_any_client": True}), base=tmp_path
+    )
     assert ok.publisher.curve is not None and ok.publisher.curve.allow_any_client
     # A config built in code is held to the same rule.
     cfg = PublisherConfig(bind=(f"tcp://127.0.0.1:{free_port()}",), curve=CurveConfig(Path(secret_file)))
@@ -105,8 +117,9 @@ def test_allow_any_client_lets_a_stranger_key_in_and_says_so(tmp_path: Path, cap
     os.chmod(server_secret_file, 0o600)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     with caplog.at_level("WARNING", logger="defectscope.publisher"):
-        pub = Publisher(PublisherConfig(bind=(endpoint,), curve=CurveConfig(Path(server_secret_file),
-                                                                            allow_any_client=True)))
+        pub = Publisher(
+            PublisherConfig(bind=(endpoint,), curve=CurveConfig(Path(server_secret_file), allow_any_client=True))
+        )
     assert "allow_any_client = true: any client key may subscribe" in caplog.text
     server_public, _ = zmq.auth.load_certificate(server_public_file)
     sub = _sub(endpoint, server_public, Path(stranger_secret_file))
@@ -120,7 +133,9 @@ def test_allow_any_client_lets_a_stranger_key_in_and_says_so(tmp_path: Path, cap
 def test_public_key_file_is_not_a_server_secret(tmp_path: Path) -> None:
     public_file, _ = zmq.auth.create_certificates(str(tmp_path), "server")
     os.chmod(public_file, 0o600)
-    cfg = PublisherConfig(bind=(f"tcp://127.0.0.1:{free_port()}",), curve=CurveConfig(Path(public_file), allow_any_client=True))
+    cfg = PublisherConfig(
+        bind=(f"tcp://127.0.0.1:{free_port()}",), curve=CurveConfig(Path(public_file), allow_any_client=True)
+    )
     with pytest.raises(PublisherError, match="publisher.curve.server_secret_key.*holds no secret key"):
         Publisher(cfg)
 
@@ -132,7 +147,9 @@ def test_secret_key_readable_by_group_or_others_is_refused(tmp_path: Path, mode:
     _, secret_file = zmq.auth.create_certificates(str(tmp_path), "server")
     os.chmod(secret_file, mode)
     port = free_port()
-    cfg = PublisherConfig(bind=(f"tcp://127.0.0.1:{port}",), curve=CurveConfig(Path(secret_file), allow_any_client=True))
+    cfg = PublisherConfig(
+        bind=(f"tcp://127.0.0.1:{port}",), curve=CurveConfig(Path(secret_file), allow_any_client=True)
+    )
     with pytest.raises(PublisherError, match=f"server_secret_key.*mode {mode:04o}.*chmod 600"):
         Publisher(cfg)
     Publisher(PublisherConfig(bind=(f"tcp://127.0.0.1:{port}",))).close(0)  # refused before binding: port free
@@ -225,8 +242,10 @@ def test_a_subscription_flood_is_capped_and_the_peer_dropped(caplog) -> None:
     from runtime.serving.metrics import Metrics
 
     metrics = Metrics([])
-    pub = Publisher(PublisherConfig(bind=("tcp://127.0.0.1:*",)),
-                    on_drop=lambda reason: metrics.subscribers_dropped.labels(reason).inc())
+    pub = Publisher(
+        PublisherConfig(bind=("tcp://127.0.0.1:*",)),
+        on_drop=lambda reason: metrics.subscribers_dropped.labels(reason).inc(),
+    )
     good = _sub(pub.endpoints[0])
     evil = None
     try:
@@ -235,8 +254,9 @@ def test_a_subscription_flood_is_capped_and_the_peer_dropped(caplog) -> None:
         before = _status_kib("VmRSS")
         # Rounds of 1,000: libzmq reads a connection's uninterrupted burst before the gate sees any of
         # it (docs/security.md, residual risks), so one round may cost up to 1,000 x 48 KiB.
-        evil = subprocess.Popen([sys.executable, "-c", FLOOD, pub.endpoints[0], "100000", "1000"],
-                                stdout=subprocess.PIPE, text=True)
+        evil = subprocess.Popen(
+            [sys.executable, "-c", FLOOD, pub.endpoints[0], "100000", "1000"], stdout=subprocess.PIPE, text=True
+        )
         received, grew = 0, 0
         while evil.poll() is None:  # as the daemon's output thread: a send now and then, subscriptions polled
             pub.send("st.cam.ok", {"n": received})
@@ -254,8 +274,7 @@ def test_a_subscription_flood_is_capped_and_the_peer_dropped(caplog) -> None:
         assert grew <= 64, f"peak RSS grew by {grew} MiB under the subscription flood"
         rounds, dropped = map(int, out)
         assert rounds == 100 and dropped == rounds  # every attacking connection was cut (then refused)
-        drops = metrics.registry.get_sample_value("defectscope_publisher_peers_dropped_total",
-                                                  {"reason": "peer_limit"})
+        drops = metrics.registry.get_sample_value("defectscope_publisher_peers_dropped_total", {"reason": "peer_limit"})
         assert 1 <= drops < rounds  # dropped, then refused at the handshake while banned (drop_ban_s)
         assert [r.getMessage() for r in caplog.records if "dropped subscriber 127.0.0.2" in r.getMessage()]
         assert pub.poll_subscriptions() == 1  # only the good subscriber's subscription is applied
@@ -278,8 +297,7 @@ def test_subscribers_that_come_and_go_are_never_dropped() -> None:
     """The limits count what is subscribed now: a console that stays, beside 100 short-lived
     subscribers from the same host (two topics each, unsubscribing one or just leaving)."""
     drops: list[str] = []
-    pub = Publisher(PublisherConfig(bind=("tcp://127.0.0.1:*",), max_subscriptions_per_peer=8),
-                    on_drop=drops.append)
+    pub = Publisher(PublisherConfig(bind=("tcp://127.0.0.1:*",), max_subscriptions_per_peer=8), on_drop=drops.append)
     console = _sub(pub.endpoints[0])
     try:
         _until(pub, lambda n: n == 1)
@@ -301,8 +319,9 @@ def test_subscribers_that_come_and_go_are_never_dropped() -> None:
 
 def test_a_dropped_peer_is_refused_for_drop_ban_s_then_served_again() -> None:
     drops: list[str] = []
-    pub = Publisher(PublisherConfig(bind=("tcp://127.0.0.1:*",), max_subscriptions_per_peer=4, drop_ban_s=1.0),
-                    on_drop=drops.append)
+    pub = Publisher(
+        PublisherConfig(bind=("tcp://127.0.0.1:*",), max_subscriptions_per_peer=4, drop_ban_s=1.0), on_drop=drops.append
+    )
     other = _sub(pub.endpoints[0].replace("tcp://", "tcp://127.0.0.3:0;"))
     greedy = zmq.Context.instance().socket(zmq.SUB)
     greedy.setsockopt(zmq.LINGER, 0)

@@ -56,23 +56,47 @@ def postgres():
             pytest.skip("running as root without runuser: initdb refuses root")
         as_user = ["runuser", "-u", "postgres", "--"]
         os.chmod(root, 0o777)
-    proc = subprocess.run([*as_user, initdb, "-D", str(data), "-U", "console", "--auth=trust", "-E", "UTF8"],
-                          capture_output=True, text=True, cwd=root)
+    proc = subprocess.run(
+        [*as_user, initdb, "-D", str(data), "-U", "console", "--auth=trust", "-E", "UTF8"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
     assert proc.returncode == 0, proc.stderr
     port = free_port()
     sock_dir = root / "sock"
     sock_dir.mkdir()
     os.chmod(sock_dir, 0o777)
-    subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60",
-                    "-o", f"-p {port} -k {sock_dir} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
-                   check=True, capture_output=True, cwd=root)
+    subprocess.run(
+        [
+            *as_user,
+            f"{bindir}/pg_ctl",
+            "-D",
+            str(data),
+            "-l",
+            str(root / "log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {port} -k {sock_dir} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+        cwd=root,
+    )
     try:
-        subprocess.run([f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "console", "results"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "console", "results"],
+            check=True,
+            capture_output=True,
+        )
         yield f"postgresql://console@127.0.0.1:{port}/results"
     finally:
-        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-m", "fast", "stop"], capture_output=True,
-                       cwd=root)
+        subprocess.run(
+            [*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-m", "fast", "stop"], capture_output=True, cwd=root
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -83,8 +107,9 @@ def user_hashes() -> dict[str, str]:
     return {name: hash_password(pw) for name, (_, pw) in USERS.items()}
 
 
-def write_console_config(path: Path, stations: list[dict[str, Any]], store: str, hashes: dict[str, str],
-                         port: int, **server: Any) -> Path:
+def write_console_config(
+    path: Path, stations: list[dict[str, Any]], store: str, hashes: dict[str, str], port: int, **server: Any
+) -> Path:
     lines = ["[server]", 'host = "127.0.0.1"', f"port = {port}", "coalesce_ms = 100", "down_after_s = 1.5"]
     lines += [f"{k} = {toml_value(v)}" for k, v in server.items()]
     lines += ["", "[store]", f"url = {toml_value(store)}", "flush_ms = 100", ""]
@@ -96,7 +121,13 @@ def write_console_config(path: Path, stations: list[dict[str, Any]], store: str,
             lines += [f"{k} = {toml_value(v)}" for k, v in st["curve"].items()]
         lines.append("")
     for name, (role, _) in USERS.items():
-        lines += ["[[users]]", f'name = "{name}"', f'role = "{role}"', f"password_hash = {toml_value(hashes[name])}", ""]
+        lines += [
+            "[[users]]",
+            f'name = "{name}"',
+            f'role = "{role}"',
+            f"password_hash = {toml_value(hashes[name])}",
+            "",
+        ]
     path.write_text("\n".join(lines))
     return path
 
@@ -105,20 +136,26 @@ class ConsoleProc:
     def __init__(self, config: Path, port: int) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         code = "import sys; from defectscope.cli import main; sys.exit(main(sys.argv[1:]))"
-        self.proc = subprocess.Popen([sys.executable, "-c", code, "console", "--config", str(config),
-                                      "--log-level", "warning"], cwd=str(ROOT), env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, "console", "--config", str(config), "--log-level", "warning"],
+            cwd=str(ROOT),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         self.base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while True:
             if self.proc.poll() is not None:
-                raise AssertionError(f"console exited {self.proc.returncode}: {self.proc.stderr.read().decode()[-3000:]}")
+                raise AssertionError(
+                    f"console exited {self.proc.returncode}: {self.proc.stderr.read().decode()[-3000:]}"
+                )
             try:
                 urllib.request.urlopen(self.base + "/healthz", timeout=1).read()
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise AssertionError("console did not answer /healthz within 30 s")
+                    raise AssertionError("console did not answer /healthz within 30 s") from None
                 time.sleep(0.1)
 
     def health(self) -> dict[str, Any]:
@@ -167,8 +204,9 @@ class Client:
     def login(self, user: str, password: str | None = None) -> int:
         pw = USERS[user][1] if password is None else password
         form = urllib.parse.urlencode({"user": user, "password": pw}).encode()
-        status, _, headers = self.request("POST", "/login", form, {"content-type": "application/x-www-form-urlencoded",
-                                                                    "origin": self.base})
+        status, _, headers = self.request(
+            "POST", "/login", form, {"content-type": "application/x-www-form-urlencoded", "origin": self.base}
+        )
         if status == 303 and headers.get("location") == "/":
             self.csrf = self.json("/api/me")["csrf"]
             return 200
@@ -179,8 +217,9 @@ class Client:
         token = self.csrf if csrf == "" else csrf
         if token is not None:
             headers["x-csrf-token"] = token
-        return self.request("POST", f"/api/verdicts/{uid}/review", json.dumps({"action": action, **body}).encode(),
-                            headers)
+        return self.request(
+            "POST", f"/api/verdicts/{uid}/review", json.dumps({"action": action, **body}).encode(), headers
+        )
 
 
 def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition") -> Any:
@@ -201,11 +240,18 @@ def console_factory(tmp_path, user_hashes):
 
     def make(stations: list[dict[str, Any]], store: str | None = None, **server: Any) -> ConsoleProc:
         port = free_port()
-        cfg = write_console_config(tmp_path / f"console-{port}.toml", stations,
-                                   store or f"sqlite:///{tmp_path / 'results.db'}", user_hashes, port, **server)
+        cfg = write_console_config(
+            tmp_path / f"console-{port}.toml",
+            stations,
+            store or f"sqlite:///{tmp_path / 'results.db'}",
+            user_hashes,
+            port,
+            **server,
+        )
         p = ConsoleProc(cfg, port)
         procs.append(p)
         return p
+
     yield make
     for p in procs:
         p.stop()

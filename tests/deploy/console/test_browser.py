@@ -51,10 +51,15 @@ def daemon(tmp: Path, name: str, pattern: list[str], pub_port: int, loop: bool, 
     bundle = make_bundle(d / "bundle")
     make_images(d / "replay", pattern)
     spool = d / "spool"
-    cfg, _ = station_config(d, bundle, [{"id": "cam1", "source": str(d / "replay"), "loop": loop, "fps": fps}],
-                            pub_port=pub_port, publisher={"wait_for_subscribers": 1, "status_interval_s": 0.2},
-                            snapshots={"enabled": True, "dir": str(spool), "quota_mb": 50.0},
-                            daemon={"pid_file": str(d / "daemon.pid"), "exit_when_sources_end": False})
+    cfg, _ = station_config(
+        d,
+        bundle,
+        [{"id": "cam1", "source": str(d / "replay"), "loop": loop, "fps": fps}],
+        pub_port=pub_port,
+        publisher={"wait_for_subscribers": 1, "status_interval_s": 0.2},
+        snapshots={"enabled": True, "dir": str(spool), "quota_mb": 50.0},
+        daemon={"pid_file": str(d / "daemon.pid"), "exit_when_sources_end": False},
+    )
     text = cfg.read_text().replace('station = "st1"', f'station = "{name}"')
     cfg.write_text(text)
     return spool, spawn_daemon(cfg)
@@ -68,7 +73,7 @@ def _train_base(run: Path, data: Path) -> None:
 
 
 def test_live_review_export_extend_loop(tmp_path, browser, console_factory):
-    pattern = (["ok", "defect", "defect", "uncertain", "defect"] * 8)  # 24 defects, 8 uncertain, 8 ok
+    pattern = ["ok", "defect", "defect", "uncertain", "defect"] * 8  # 24 defects, 8 uncertain, 8 ok
     port = free_port()
     spool = tmp_path / "st1" / "spool"
     con = console_factory([{"name": "st1", "endpoint": f"tcp://127.0.0.1:{port}", "snapshot_dir": str(spool)}])
@@ -83,13 +88,17 @@ def test_live_review_export_extend_loop(tmp_path, browser, console_factory):
         page.wait_for_function(f"() => +document.querySelector('{tile}').dataset.seq > {first}", timeout=10_000)
         verdict = page.get_attribute(tile, "data-verdict")
         assert page.inner_text(f"{tile} .verdict") == verdict.upper() and verdict in ("ok", "defect", "uncertain")
-        page.wait_for_function(f"() => +document.querySelector('{tile}').dataset.seq == {len(pattern) - 1}",
-                               timeout=30_000)
+        page.wait_for_function(
+            f"() => +document.querySelector('{tile}').dataset.seq == {len(pattern) - 1}", timeout=30_000
+        )
         # every judged frame is in the store; defect/uncertain events are listed with their thumbnails
         wait_for(lambda: con.health()["recorded"] == len(pattern), 10, "all verdicts recorded")
         page.wait_for_function("() => document.querySelectorAll('#events li.defect').length == 24", timeout=10_000)
-        page.wait_for_function("() => [...document.querySelectorAll('#events li.defect img.thumb')]"
-                               ".every(i => i.complete && i.naturalWidth > 0)", timeout=15_000)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#events li.defect img.thumb')]"
+            ".every(i => i.complete && i.naturalWidth > 0)",
+            timeout=15_000,
+        )
         assert page.locator("#events li.uncertain").count() == 8
 
         # review through the page: reject 8 defects (false alarms), confirm 8
@@ -128,9 +137,29 @@ def test_live_review_export_extend_loop(tmp_path, browser, console_factory):
 
     base = tmp_path / "runA"
     _train_base(base, write_folder(tmp_path / "lineA", {"ok": 24, "defect": 24}))
-    rc = extend_main(["--from", str(base), "--data", str(out), "--out", str(tmp_path / "runB"), "--val-fraction",
-                      "0.25", "--test-fraction", "0.25", "--quiet", "--threads", "1", "--epochs", "1",
-                      "--batch-size", "8", "--fisher-samples", "8"])
+    rc = extend_main(
+        [
+            "--from",
+            str(base),
+            "--data",
+            str(out),
+            "--out",
+            str(tmp_path / "runB"),
+            "--val-fraction",
+            "0.25",
+            "--test-fraction",
+            "0.25",
+            "--quiet",
+            "--threads",
+            "1",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--fisher-samples",
+            "8",
+        ]
+    )
     assert rc == 0
     report = json.loads((tmp_path / "runB" / "report.json").read_text())
     assert report["new_task"] and (tmp_path / "runB" / "best.safetensors").is_file()
@@ -155,11 +184,11 @@ def test_operator_cannot_reach_export_but_engineer_can(tmp_path, browser, consol
     assert op.evaluate(cols) == 1
 
 
-def test_second_station_shows_up_when_its_daemon_starts_and_goes_down_when_it_stops(tmp_path, browser,
-                                                                                     console_factory):
+def test_second_station_shows_up_when_its_daemon_starts_and_goes_down_when_it_stops(tmp_path, browser, console_factory):
     p1, p2 = free_port(), free_port()
-    con = console_factory([{"name": "st1", "endpoint": f"tcp://127.0.0.1:{p1}"},
-                           {"name": "st2", "endpoint": f"tcp://127.0.0.1:{p2}"}])
+    con = console_factory(
+        [{"name": "st1", "endpoint": f"tcp://127.0.0.1:{p1}"}, {"name": "st2", "endpoint": f"tcp://127.0.0.1:{p2}"}]
+    )
     page = login(browser, con.base, "olga")
     page.wait_for_selector('[data-station="st2"][data-up="0"]')
     assert page.locator('[data-tile^="st2/"]').count() == 0
@@ -193,8 +222,14 @@ def test_detector_box_is_drawn_and_adjusted_in_the_page(tmp_path, browser, conso
         wait_for(lambda: (st.status({"cam1": True}), con.health()["received"]["status"] > 0)[1], 10, "heartbeat")
         name = "20240101T000000.000000Z_st1_cam1_000000001_defect.jpg"
         cv2.imwrite(str(spool / name), np.full((480, 640, 3), 100, np.uint8))
-        st.verdict("cam1", 1, "defect", snapshot=f"/var/spool/defectscope/{name}", task="detection",
-                   detections=[{"box": [10, 10, 50, 50], "score": 0.9, "class": "defect"}])
+        st.verdict(
+            "cam1",
+            1,
+            "defect",
+            snapshot=f"/var/spool/defectscope/{name}",
+            task="detection",
+            detections=[{"box": [10, 10, 50, 50], "score": 0.9, "class": "defect"}],
+        )
         page.wait_for_selector('[data-tile="st1/cam1"] svg rect.box')  # the detector's box on the live tile
         page.click("#events li")
         page.wait_for_selector("#review[open]")

@@ -11,27 +11,33 @@ from deploy.console.loadgen import status_message, verdict_message
 HASH = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo"
 
 
-@pytest.mark.parametrize("data, key", [
-    ({"server": {"port": "80"}}, "server.port"),
-    ({"server": {"kiosk": 1}}, "server.kiosk"),
-    ({"server": {"colour": "red"}}, "server.colour"),
-    ({"server": {"coalesce_ms": 5}}, "server.coalesce_ms"),
-    ({"server": {"port": -1}}, "server.port"),
-    ({"stations": [{"name": "../x", "endpoint": "tcp://a:1"}]}, "stations[0].name"),
-    ({"stations": [{"name": "a", "endpoint": "http://a:1"}]}, "stations[0].endpoint"),
-    ({"stations": [{"name": "a", "endpoint": "tcp://a:1", "curve": {"server_public_key": "k"}}]}, "stations[0].curve"),
-    ({"stations": [{"name": "a", "endpoint": "tcp://a:1"}, {"name": "a", "endpoint": "tcp://b:1"}]}, "stations"),
-    ({"users": [{"name": "olga", "role": "admin", "password_hash": HASH}]}, "users[0].role"),
-    ({"users": [{"name": "olga", "role": "operator", "password_hash": "plaintext"}]}, "users[0].password_hash"),
-    ({"users": [{"name": "olga", "role": "operator"}]}, "users[0]"),
-    ({"plugins": {}}, "plugins"),
-    ({"server": {"forwarded_allow_ips": ["proxy.local"]}}, "server.forwarded_allow_ips"),
-    ({"server": {"forwarded_allow_ips": "127.0.0.1"}}, "server.forwarded_allow_ips"),
-    ({"server": {"allowed_hosts": ["evil/host"]}}, "server.allowed_hosts"),
-    ({"server": {"host": "0.0.0.0"}}, "server.allowed_hosts"),  # a network bind must name its hosts
-    ({"server": {"login_max_concurrent": 0}}, "server.login_max_concurrent"),
-    ({"server": {"max_body_bytes": 10}}, "server.max_body_bytes"),
-])
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"server": {"port": "80"}}, "server.port"),
+        ({"server": {"kiosk": 1}}, "server.kiosk"),
+        ({"server": {"colour": "red"}}, "server.colour"),
+        ({"server": {"coalesce_ms": 5}}, "server.coalesce_ms"),
+        ({"server": {"port": -1}}, "server.port"),
+        ({"stations": [{"name": "../x", "endpoint": "tcp://a:1"}]}, "stations[0].name"),
+        ({"stations": [{"name": "a", "endpoint": "http://a:1"}]}, "stations[0].endpoint"),
+        (
+            {"stations": [{"name": "a", "endpoint": "tcp://a:1", "curve": {"server_public_key": "k"}}]},
+            "stations[0].curve",
+        ),
+        ({"stations": [{"name": "a", "endpoint": "tcp://a:1"}, {"name": "a", "endpoint": "tcp://b:1"}]}, "stations"),
+        ({"users": [{"name": "olga", "role": "admin", "password_hash": HASH}]}, "users[0].role"),
+        ({"users": [{"name": "olga", "role": "operator", "password_hash": "plaintext"}]}, "users[0].password_hash"),
+        ({"users": [{"name": "olga", "role": "operator"}]}, "users[0]"),
+        ({"plugins": {}}, "plugins"),
+        ({"server": {"forwarded_allow_ips": ["proxy.local"]}}, "server.forwarded_allow_ips"),
+        ({"server": {"forwarded_allow_ips": "127.0.0.1"}}, "server.forwarded_allow_ips"),
+        ({"server": {"allowed_hosts": ["evil/host"]}}, "server.allowed_hosts"),
+        ({"server": {"host": "0.0.0.0"}}, "server.allowed_hosts"),  # a network bind must name its hosts
+        ({"server": {"login_max_concurrent": 0}}, "server.login_max_concurrent"),
+        ({"server": {"max_body_bytes": 10}}, "server.max_body_bytes"),
+    ],
+)
 def test_config_errors_name_the_key(data, key):
     with pytest.raises(ConsoleConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         from_dict(data, "console.toml")
@@ -51,8 +57,11 @@ def test_defaults_and_relative_paths(tmp_path):
 
 
 def _live() -> Live:
-    return Live(from_dict({"stations": [{"name": "st1", "endpoint": "tcp://a:1"}],
-                           "server": {"down_after_s": 3.0, "events": 5}}))
+    return Live(
+        from_dict(
+            {"stations": [{"name": "st1", "endpoint": "tcp://a:1"}], "server": {"down_after_s": 3.0, "events": 5}}
+        )
+    )
 
 
 def test_thirty_fps_coalesces_into_one_update_per_tile():

@@ -32,8 +32,16 @@ def _seed(tmp: Path, task: str = "classification") -> tuple[Store, Path, list[di
         name = f"2024_st1_cam1_{i:09d}_defect.jpg"
         cv2.imwrite(str(spool / name), np.full((30, 40, 3), 200, np.uint8))
         kw = {"detections": [{"box": [2, 3, 12, 13], "score": 0.8, "class": "crack"}]} if task == "detection" else {}
-        msg = verdict_message("st1", "cam1", i, "defect", snapshot=f"/var/spool/defectscope/{name}", task=task,
-                              captured_at=t - 100 + i, **kw)
+        msg = verdict_message(
+            "st1",
+            "cam1",
+            i,
+            "defect",
+            snapshot=f"/var/spool/defectscope/{name}",
+            task=task,
+            captured_at=t - 100 + i,
+            **kw,
+        )
         rows.append(row_from_message(msg, str(spool / name)))
     store.insert(rows)
     return store, spool, rows
@@ -51,8 +59,10 @@ def test_imagefolder_export_from_the_store(tmp_path):
     os.symlink("/etc/passwd", spool / "evil.jpg")
     with store.engine.begin() as conn:  # a tampered store row pointing at a symlink is refused too
         from deploy.console.store import verdicts
-        conn.execute(verdicts.update().where(verdicts.c.uid == rows[1]["uid"]).values(
-            snapshot_path=str(spool / "evil.jpg")))
+
+        conn.execute(
+            verdicts.update().where(verdicts.c.uid == rows[1]["uid"]).values(snapshot_path=str(spool / "evil.jpg"))
+        )
     store.close()
     out = tmp_path / "ds"
     r = _cli("dataset", "export", "--from-console", str(tmp_path / "results.db"), "--out", str(out))
@@ -74,8 +84,14 @@ def test_coco_export_for_detectors(tmp_path):
     store, _, rows = _seed(tmp_path, task="detection")
     store.review(rows[0]["uid"], "confirm", "olga", "operator")
     store.review(rows[1]["uid"], "reject", "olga", "operator")
-    store.review(rows[2]["uid"], "relabel", "olga", "operator", label="scratch",
-                 boxes=[{"box": [5, 5, 25, 20], "class": "scratch"}])
+    store.review(
+        rows[2]["uid"],
+        "relabel",
+        "olga",
+        "operator",
+        label="scratch",
+        boxes=[{"box": [5, 5, 25, 20], "class": "scratch"}],
+    )
     store.close()
     out = tmp_path / "coco"
     r = _cli("dataset", "export", "--from-console", f"sqlite:///{tmp_path / 'results.db'}", "--out", str(out))
@@ -94,15 +110,44 @@ def test_export_through_the_console_url_needs_an_engineer(tmp_path, console_fact
     store.review(rows[0]["uid"], "reject", "olga", "operator")
     store.review(rows[1]["uid"], "confirm", "olga", "operator")
     store.close()
-    con = console_factory([{"name": "st1", "endpoint": "tcp://127.0.0.1:1", "snapshot_dir": str(spool)}],
-                          store=f"sqlite:///{tmp_path / 'results.db'}")
-    r = _cli("dataset", "export", "--from-console", con.base, "--user", "olga", "--out", str(tmp_path / "x"),
-             env={"DEFECTSCOPE_CONSOLE_PASSWORD": USERS["olga"][1]})
+    con = console_factory(
+        [{"name": "st1", "endpoint": "tcp://127.0.0.1:1", "snapshot_dir": str(spool)}],
+        store=f"sqlite:///{tmp_path / 'results.db'}",
+    )
+    r = _cli(
+        "dataset",
+        "export",
+        "--from-console",
+        con.base,
+        "--user",
+        "olga",
+        "--out",
+        str(tmp_path / "x"),
+        env={"DEFECTSCOPE_CONSOLE_PASSWORD": USERS["olga"][1]},
+    )
     assert r.returncode == 1 and "engineer" in r.stderr
-    r = _cli("dataset", "export", "--from-console", con.base, "--user", "erik", "--out", str(tmp_path / "x"),
-             env={"DEFECTSCOPE_CONSOLE_PASSWORD": "wrong"})
+    r = _cli(
+        "dataset",
+        "export",
+        "--from-console",
+        con.base,
+        "--user",
+        "erik",
+        "--out",
+        str(tmp_path / "x"),
+        env={"DEFECTSCOPE_CONSOLE_PASSWORD": "wrong"},
+    )
     assert r.returncode == 1 and "login" in r.stderr
-    r = _cli("dataset", "export", "--from-console", con.base, "--user", "erik", "--out", str(tmp_path / "ds"),
-             env={"DEFECTSCOPE_CONSOLE_PASSWORD": USERS["erik"][1]})
+    r = _cli(
+        "dataset",
+        "export",
+        "--from-console",
+        con.base,
+        "--user",
+        "erik",
+        "--out",
+        str(tmp_path / "ds"),
+        env={"DEFECTSCOPE_CONSOLE_PASSWORD": USERS["erik"][1]},
+    )
     assert r.returncode == 0, r.stderr
     assert sorted(p.parent.name for p in (tmp_path / "ds").glob("*/*.jpg")) == ["defect", "ok"]

@@ -25,8 +25,13 @@ def store(request, tmp_path):
 
 def _rows(n: int, t0: float, camera: str = "cam1", verdict: str = "ok", task: str = "classification"):
     kw = {"detections": [{"box": [1, 2, 10, 20], "score": 0.9, "class": "crack"}]} if task == "detection" else {}
-    return [row_from_message(verdict_message("st1", camera, i, verdict, captured_at=t0 + i, task=task,
-                                             snapshot=f"/spool/{i}.jpg", **kw), f"/c/{i}.jpg") for i in range(n)]
+    return [
+        row_from_message(
+            verdict_message("st1", camera, i, verdict, captured_at=t0 + i, task=task, snapshot=f"/spool/{i}.jpg", **kw),
+            f"/c/{i}.jpg",
+        )
+        for i in range(n)
+    ]
 
 
 def test_insert_review_and_latest_review_wins(store):
@@ -61,8 +66,12 @@ def test_detector_boxes_round_trip_and_range(store):
 
 def test_rates_per_camera(store):
     t = time.time()
-    store.insert(_rows(6, t - 60, "cam1", "ok") + _rows(2, t - 60, "cam1", "defect") + _rows(3, t - 60, "cam2", "uncertain")
-                 + _rows(5, t - 90000, "cam3", "defect"))
+    store.insert(
+        _rows(6, t - 60, "cam1", "ok")
+        + _rows(2, t - 60, "cam1", "defect")
+        + _rows(3, t - 60, "cam2", "uncertain")
+        + _rows(5, t - 90000, "cam3", "defect")
+    )
     rates = {r["camera"]: r for r in store.rates(t - 8 * 3600)}
     assert set(rates) == {"cam1", "cam2"}
     assert rates["cam1"]["total"] == 8 and rates["cam1"]["defect"] == 2 and rates["cam1"]["defect_rate"] == 0.25
