@@ -245,7 +245,7 @@ def test_example_documents_every_accepted_key() -> None:
     import dataclasses
     import re
 
-    from runtime.config.station import station as c
+    from runtime.config import station as c
 
     seen: dict[str, set[str]] = {}
     section = ""

@@ -150,7 +150,7 @@ def test_unbounded_appsink_is_bounded_and_caps_default_to_bgr() -> None:
 @isolated
 def test_a_frame_over_the_size_limit_is_refused_not_copied() -> None:
     """A camera announcing huge frames cannot make the station copy them (limit lowered to 4 KB here)."""
-    from runtime.sources.cameras import gstreamer as source_gstreamer
+    from runtime.sources import gstreamer as source_gstreamer
 
     source_gstreamer.MAX_FRAME_BYTES = 4096  # this child process only
     reader = open_reader(CameraConfig(id="c", source=_solid(64, 48, "BGR"), kind="gstreamer"))
