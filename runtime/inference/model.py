@@ -18,7 +18,7 @@ from runtime.bundle.store import choose_bootable
 from runtime.config.station import ConfigError, StationConfig
 from runtime.inference.backends import Backend, BackendError, create_backend
 from runtime.inference.decision import BoxDecider, Decider, Postprocessor, make_postprocessor
-from runtime.inference.preprocess import Preprocessor, SpecError
+from runtime.inference.preprocess import UINT8_NHWC, Preprocessor, SpecError, input_shape
 from runtime.inference.tta import TTA, TTAError
 from runtime.serving.batcher import BatchBuffers, assemble
 from runtime.sources.cameras import Frame, FrameRejected
@@ -52,6 +52,11 @@ class LoadedModel:
     closed: bool = False
 
     @property
+    def uint8_input(self) -> bool:
+        """The artifact takes resized uint8 frames (N,H,W,C); normalisation runs inside the graph."""
+        return self.backend.input_kind == UINT8_NHWC
+
+    @property
     def classes(self) -> tuple[str, ...]:
         return self.bundle.manifest.classes
 
@@ -63,7 +68,9 @@ class LoadedModel:
                 "too_small", f"{w}x{h} frame is smaller than key 'model.min_frame_side' ({self.min_frame_side} px)"
             )
         t = time.perf_counter()
-        frame.tensor = self.tta.expand(frame.image, stop=1 if self.adaptive_band is not None else None)
+        frame.tensor = self.tta.expand(
+            frame.image, stop=1 if self.adaptive_band is not None else None, uint8=self.uint8_input
+        )
         frame.geometry = self.pre.box_geometry(h, w)  # boxes on the model input -> this frame's pixels
         frame.generation = self.generation
         frame.preprocess_s += time.perf_counter() - t
@@ -102,7 +109,7 @@ def _probe(bundle: Bundle, backend: Backend, tta: TTA, post: Postprocessor, deci
     m = bundle.manifest
     probe = np.full((m.input.resize_size, m.input.resize_size, 3), 127, dtype=np.uint8)
     geo = tta.pre.box_geometry(*probe.shape[:2])
-    preds = post(backend.run(tta.expand(probe)), 1, tta.n_views, [geo])
+    preds = post(backend.run(tta.expand(probe, uint8=backend.input_kind == UINT8_NHWC)), 1, tta.n_views, [geo])
     if preds[0].scores.shape != (len(m.classes),):
         raise ModelLoadError(
             f"model outputs {preds[0].scores.shape[0]} class scores, manifest lists {len(m.classes)} classes"
@@ -141,7 +148,7 @@ def load_model(cfg: StationConfig, generation: int = 1) -> LoadedModel:
         # falls through to the next backend instead of failing the load.
         per_call = _frames_per_call(cfg, candidate, tta.n_views, adaptive)
         try:
-            candidate.warmup(m.input.shape, cfg.model.warmup_runs, per_call * tta.n_views)
+            candidate.warmup(input_shape(m.input, candidate.input_kind), cfg.model.warmup_runs, per_call * tta.n_views)
             _probe(bundle, candidate, tta, post, decider)
         except ModelLoadError:
             raise

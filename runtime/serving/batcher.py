@@ -127,7 +127,7 @@ def assemble(frames: Sequence[Frame], out: BatchBuffers | None = None) -> np.nda
     if out is None:
         return np.concatenate(tensors)
     rows = sum(t.shape[0] for t in tensors)
-    return np.concatenate(tensors, out=out.take((rows, *tensors[0].shape[1:])))
+    return np.concatenate(tensors, out=out.take((rows, *tensors[0].shape[1:]), tensors[0].dtype))
 
 
 class BatchBuffers:
@@ -143,11 +143,11 @@ class BatchBuffers:
         self._bufs: list[np.ndarray | None] = [None] * slots
         self._next = 0
 
-    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+    def take(self, shape: tuple[int, ...], dtype: np.dtype | type = np.float32) -> np.ndarray:
         i = self._next
         self._next = (i + 1) % len(self._bufs)
         buf = self._bufs[i]
-        n = int(np.prod(shape))
-        if buf is None or buf.size < n:
-            buf = self._bufs[i] = np.empty(n, dtype=np.float32)
-        return buf[:n].reshape(shape)
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if buf is None or buf.size < nbytes:
+            buf = self._bufs[i] = np.empty(nbytes, dtype=np.uint8)  # bytes: float32 and uint8 batches share it
+        return buf[:nbytes].view(dtype).reshape(shape)

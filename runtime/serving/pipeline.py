@@ -410,7 +410,7 @@ def _more_views(model: LoadedModel, frames: list[Frame], outputs: Any) -> tuple[
         f = frames[i]
         t = time.perf_counter()
         first = f.tensor[0] if f.tensor is not None and model.tta.views[0] == "original" else None
-        extra.append(model.tta.expand(f.image, start=1, base=first))
+        extra.append(model.tta.expand(f.image, start=1, base=first, uint8=model.uint8_input))
         f.preprocess_s += time.perf_counter() - t
     rest = model.post(model.backend.run(np.concatenate(extra)), len(near), n_views - 1)
     for j, i in enumerate(near):

@@ -119,3 +119,28 @@ def test_parity_failure_refuses_the_export(det_run, tmp_path):
     with pytest.raises(DetectionExportError):
         export_run(run, out, parity_images=4, parity_score_tol=-1.0, echo=lambda *_: None)
     assert not out.exists()
+
+
+def test_export_uint8_input_adds_a_parity_checked_detector_twin(det_run, tmp_path):
+    """``export --uint8-input`` of a detector: ``fp32-u8`` takes letterboxed uint8 frames and gives the float
+    artifact's boxes, scores and labels (checked at export, recorded, and again here on the station's loader)."""
+    from runtime.bundle.manifest import load_bundle
+    from runtime.inference.ort_session import ort_session
+    from runtime.inference.preprocess import Preprocessor
+
+    _, run = det_run
+    out = tmp_path / "bundle"
+    args = ["export", str(run), "--out", str(out), "--threads", "1", "--parity-images", "4", "--uint8-input"]
+    assert ds_main([*args, "--no-eval"]) == 0
+    b = load_bundle(out)
+    assert b.artifact("fp32-u8").input == "uint8_nhwc"
+    assert b.manifest.provenance["export"]["uint8_parity"]["fp32-u8"]["passed"] is True
+    pre = Preprocessor(b.manifest.input)
+    rng = np.random.default_rng(5)
+    frames = [rng.integers(0, 256, (50, 80, 3), dtype=np.uint8) for _ in range(2)]
+    fs, us = ort_session(b.artifact_path("fp32"), 1), ort_session(b.artifact_path("fp32-u8"), 1)
+    for f in frames:
+        ref = fs.run(None, {"input": pre.batch([f])})
+        got = us.run(None, {"input": pre.frame_uint8(f)[None]})
+        for r, g in zip(ref, got):
+            np.testing.assert_allclose(g, r, atol=1e-3)
