@@ -193,6 +193,7 @@ def _batching(t: _Table, base: Path) -> BatchingConfig:
     batching = BatchingConfig(
         max_batch=t.integer("max_batch", BatchingConfig.max_batch, minimum=1, maximum=1024),
         max_wait_ms=t.number("max_wait_ms", BatchingConfig.max_wait_ms, minimum=0.0, maximum=10_000.0),
+        zero_copy=t.get("zero_copy", bool, BatchingConfig.zero_copy),
     )
     t.finish()
     return batching

@@ -88,6 +88,10 @@ class Backend(ABC):
             for n in sizes:
                 self.run(np.zeros((n, *shape), dtype=input_dtype(self.input_kind)))
 
+    def allocate_host(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """Host memory for input batches ([batching] zero_copy's arena); TensorRT gives page-locked memory."""
+        return np.empty(shape, dtype=dtype)
+
     def close(self) -> None:
         """Release device resources (idempotent)."""
         return None

@@ -18,9 +18,9 @@ from runtime.bundle.store import choose_bootable
 from runtime.config.station import ConfigError, StationConfig
 from runtime.inference.backends import Backend, BackendError, create_backend
 from runtime.inference.decision import BoxDecider, Decider, Postprocessor, make_postprocessor
-from runtime.inference.preprocess import UINT8_NHWC, Preprocessor, SpecError, input_shape
+from runtime.inference.preprocess import UINT8_NHWC, Preprocessor, SpecError, input_dtype, input_shape
 from runtime.inference.tta import TTA, TTAError
-from runtime.serving.batcher import BatchBuffers, assemble
+from runtime.serving.batcher import BatchBuffers, FrameSlots, assemble
 from runtime.sources.cameras import Frame, FrameRejected
 
 log = logging.getLogger("defectscope.daemon")
@@ -50,6 +50,7 @@ class LoadedModel:
     boot_fallback: str | None = None  # at start: why an earlier store version serves instead of `current`
     lock: threading.Lock = field(default_factory=threading.Lock)  # held while the backend runs
     closed: bool = False
+    slots: FrameSlots | None = None  # [batching] zero_copy: the arena prepared frames are written into
 
     @property
     def uint8_input(self) -> bool:
@@ -68,9 +69,15 @@ class LoadedModel:
                 "too_small", f"{w}x{h} frame is smaller than key 'model.min_frame_side' ({self.min_frame_side} px)"
             )
         t = time.perf_counter()
-        frame.tensor = self.tta.expand(
-            frame.image, stop=1 if self.adaptive_band is not None else None, uint8=self.uint8_input
-        )
+        release(frame)  # a slot of an earlier model generation (prepared again after a reload)
+        stop = 1 if self.adaptive_band is not None else None
+        slot = self.slots.acquire() if self.slots is not None else None
+        out = None
+        if slot is not None:
+            assert self.slots is not None
+            out = self.slots.arena[slot]
+            frame.slot = (self.slots, slot)
+        frame.tensor = self.tta.expand(frame.image, stop=stop, uint8=self.uint8_input, out=out)
         frame.geometry = self.pre.box_geometry(h, w)  # boxes on the model input -> this frame's pixels
         frame.generation = self.generation
         frame.preprocess_s += time.perf_counter() - t
@@ -81,12 +88,28 @@ class LoadedModel:
         for f in frames:
             if f.generation != self.generation or f.tensor is None:
                 self.prepare(f)  # queued before a reload: redo with this model's preprocessing
-        return assemble(frames, out)
+        return assemble(frames, out, self.slots)
 
     def close(self) -> None:
         with self.lock:  # waits for an in-flight batch on this model
             self.closed = True
             self.backend.close()
+
+
+def release(frame: Frame) -> None:
+    """Give back the frame's arena slot (after inference, or when the frame is dropped) and its views."""
+    if frame.slot is not None:
+        slots, i = frame.slot
+        frame.slot = None
+        frame.tensor = None
+        slots.release(i)
+
+
+def make_slots(cfg: StationConfig, backend: Backend, per_call: int, rows: int, shape: tuple[int, ...]) -> FrameSlots:
+    """The arena for [batching] zero_copy: room for every queued frame, one frame being prepared per camera
+    and three batches (being filled, handed over, in the engine), so a slot is rarely missing."""
+    n = sum(c.queue_size for c in cfg.cameras) + len(cfg.cameras) + 3 * per_call
+    return FrameSlots(n, (rows, *shape), input_dtype(backend.input_kind), backend.allocate_host)
 
 
 def _frames_per_call(cfg: StationConfig, backend: Backend, n_views: int, adaptive: bool) -> int:
@@ -167,6 +190,10 @@ def load_model(cfg: StationConfig, generation: int = 1) -> LoadedModel:
         "artifact": backend.artifact_key,
         "backend": backend.name,
     }
+    slots = None
+    if cfg.batching.zero_copy:
+        rows = 1 if adaptive else tta.n_views
+        slots = make_slots(cfg, backend, per_call, rows, input_shape(m.input, backend.input_kind))
     # Default minimum: a quarter of the model's input side (a thumbnail upscaled 4x is not a part image).
     min_side = cfg.model.min_frame_side or max(1, min(m.input.height, m.input.width) // 4)
     return LoadedModel(
@@ -182,4 +209,5 @@ def load_model(cfg: StationConfig, generation: int = 1) -> LoadedModel:
         min_frame_side=min_side,
         adaptive_band=cfg.tta.band if adaptive else None,
         boot_fallback=boot.reason if boot is not None else None,
+        slots=slots,
     )
