@@ -180,6 +180,7 @@ def _model(t: _Table, base: Path) -> ModelConfig:
         backend=t.choice("backend", BACKENDS, ModelConfig.backend),
         threads=t.integer("threads", ModelConfig.threads, minimum=1, maximum=256),
         device_id=t.integer("device_id", ModelConfig.device_id, minimum=0),
+        dla_core=t.integer("dla_core", ModelConfig.dla_core, minimum=0, maximum=15),
         warmup_runs=t.integer("warmup_runs", ModelConfig.warmup_runs, minimum=0, maximum=1000),
         openvino=_openvino(t.table("openvino"), base),
         min_frame_side=t.integer("min_frame_side", ModelConfig.min_frame_side, minimum=1, maximum=100_000),

@@ -81,6 +81,9 @@ class ModelConfig:
     backend: str = "auto"
     threads: int = 1  # ONNX Runtime intra-op / OpenVINO inference threads
     device_id: int = 0  # CUDA device for onnxruntime-cuda / tensorrt
+    dla_core: int | None = (
+        None  # Jetson: run a DLA-built TensorRT engine on this core (None: the core it was built for)
+    )
     warmup_runs: int = 2
     openvino: OpenVINOConfig = OpenVINOConfig()
     min_frame_side: int | None = None  # pixels; None: a quarter of the model input's shorter side

@@ -88,6 +88,11 @@ class Backend(ABC):
             for n in sizes:
                 self.run(np.zeros((n, *shape), dtype=input_dtype(self.input_kind)))
 
+    def stage(self, batch: np.ndarray) -> None:
+        """Start moving ``batch`` to the device ahead of ``run(batch)`` (TensorRT: overlaps the running
+        batch); a no-op for CPU engines."""
+        return None
+
     def allocate_host(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
         """Host memory for input batches ([batching] zero_copy's arena); TensorRT gives page-locked memory."""
         return np.empty(shape, dtype=dtype)
@@ -259,7 +264,7 @@ def _ort_cuda(bundle: Bundle, key: str, cfg: ModelConfig) -> Backend:
 def _tensorrt(bundle: Bundle, key: str, cfg: ModelConfig) -> Backend:
     from runtime.inference.tensorrt import TensorRTBackend
 
-    return TensorRTBackend(bundle, key, device_id=cfg.device_id)
+    return TensorRTBackend(bundle, key, device_id=cfg.device_id, dla_core=cfg.dla_core)
 
 
 @register("openvino")

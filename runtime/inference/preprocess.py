@@ -318,6 +318,18 @@ class Preprocessor:
             out[...] = geo
         return out
 
+    def uint8_from_tensor(self, x: np.ndarray) -> np.ndarray:
+        """Normalised (N,C,H,W) float32 made by this preprocessor -> the (N,H,W,C) uint8 frames it came from.
+
+        Exact (rounding undoes the float multiply-add): lets a float sample, e.g. a bundle's held-out
+        ``x``, drive a uint8-input artifact or engine.
+        """
+        u = np.rint((np.asarray(x, np.float32) - self._offset) / self._scale)
+        u = np.clip(u, 0, 255).astype(np.uint8)
+        if self.spec.channels == 3 and self.spec.color_order == "RGB":
+            u = u[:, ::-1]  # back to the camera's BGR
+        return np.ascontiguousarray(u.transpose(0, 2, 3, 1))
+
     def batch(self, images: Iterable[np.ndarray], resize_size: int | None = None) -> np.ndarray:
         """Frames → (N,C,H,W) float32."""
         images = list(images)

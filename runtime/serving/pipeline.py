@@ -201,6 +201,11 @@ class Pipeline:
             except Exception:  # the inference thread prepares again; never lose the frames here
                 log.exception("stacking a batch of %d frame(s) failed", len(frames))
                 batch = None
+            if batch is not None:
+                try:
+                    model.backend.stage(batch)  # TensorRT: its copy to the GPU overlaps the running batch
+                except Exception:  # run() copies it itself; never lose the frames here
+                    log.exception("staging a batch of %d frame(s) on the device failed", len(frames))
             if not self._hand_over(_Batch(frames, batch, model, t_batch)):
                 return
 
