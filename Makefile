@@ -69,7 +69,8 @@ TYPED_PATHS += runtime/__init__.py runtime/inference/openvino.py runtime/inferen
 	runtime/inference/decision.py runtime/engine/build.py runtime/engine/gate.py runtime/engine/meta.py runtime/fsio.py \
 	runtime/serving/messages.py runtime/serving/metrics.py runtime/inference/model.py runtime/bundle/store.py runtime/serving/notify.py \
 	runtime/inference/ort_session.py runtime/serving/preview.py runtime/serving/publisher.py runtime/serving/reload_cli.py runtime/serving/serve_cli.py runtime/serving/service.py \
-	runtime/bundle/signature.py runtime/serving/snapshots.py runtime/tools/viewer.py runtime/sources/gstreamer.py runtime/tools/doctor_cli.py
+	runtime/bundle/signature.py runtime/serving/snapshots.py runtime/tools/viewer.py runtime/sources/gstreamer.py runtime/tools/doctor_cli.py \
+	runtime/engine/dla.py runtime/engine/source.py runtime/serving/device_health.py runtime/serving/tegrastats.py
 
 # The console's security layers.
 TYPED_PATHS += deploy/console/metrics.py deploy/console/throttle.py deploy/console/login.py deploy/console/middleware.py

@@ -18,6 +18,7 @@ from typing import Any
 from runtime.config.table import ConfigError, Table
 from runtime.inference.tta import PRESETS as TTA_PRESETS
 from runtime.inference.tta import expand_views
+from runtime.serving.device_health import SOURCES, DeviceHealthConfig
 from runtime.serving.messages import VERDICTS
 from runtime.serving.preview import PreviewConfig
 
@@ -347,6 +348,18 @@ def _preview(t: _Table, base: Path) -> PreviewConfig:
         raise ConfigError(f"{t.where}: {exc}") from None
 
 
+@_section("device_health")
+def _device_health(t: _Table, base: Path) -> DeviceHealthConfig:
+    cfg = DeviceHealthConfig(
+        source=t.choice("source", SOURCES, DeviceHealthConfig.source),
+        interval_s=t.number("interval_s", DeviceHealthConfig.interval_s, minimum=0.1, maximum=60.0),
+        tegrastats=t.get("tegrastats", str, DeviceHealthConfig.tegrastats),
+        gpu_index=t.integer("gpu_index", DeviceHealthConfig.gpu_index, minimum=0, maximum=63),
+    )
+    t.finish()
+    return cfg
+
+
 @_section("daemon")
 def _daemon(t: _Table, base: Path) -> DaemonConfig:
     pid = t.get("pid_file", str, None)
@@ -412,6 +425,7 @@ __all__ = [
     "BACKENDS",
     "BatchingConfig",
     "CameraConfig",
+    "DeviceHealthConfig",
     "ConfigError",
     "CurveConfig",
     "DEFAULT_THRESHOLD",

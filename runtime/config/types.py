@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime.serving.device_health import DeviceHealthConfig
 from runtime.serving.preview import PreviewConfig
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "openvino", "onnxruntime-cpu")
@@ -192,6 +193,7 @@ class StationConfig:
     snapshots: SnapshotConfig = SnapshotConfig()
     daemon: DaemonConfig = DaemonConfig()
     preview: PreviewConfig = PreviewConfig()
+    device_health: DeviceHealthConfig = DeviceHealthConfig()
     source: str = "(in memory)"
 
     def to_dict(self) -> dict[str, Any]:

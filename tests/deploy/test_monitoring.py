@@ -28,6 +28,8 @@ REQUIRED_ALERTS = {
     "DefectScopePublishErrors",
     "DefectScopeModelVersionSkew",
     "DefectScopeRestarting",
+    "DefectScopeThermalThrottling",
+    "DefectScopeGpuSaturated",
 }
 
 
