@@ -17,7 +17,7 @@ RTSP_PKGS ?= gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gst-1.0 gir1.2
 DEMO_ARGS ?=
 TEST_ARGS ?=
 
-.PHONY: install system-deps demo test test-all lint bench clean
+.PHONY: install system-deps demo test test-all lint bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,13 @@ TYPED_PATHS ?= training calibration defectscope bench runtime
 
 # The console's security layers.
 TYPED_PATHS += deploy/console/metrics.py deploy/console/throttle.py deploy/console/login.py deploy/console/middleware.py
+
+# On a CUDA machine (Jetson or x86 NVIDIA): TensorRT FP16/INT8 engines of the demo bundles, their gates,
+# bare and daemon speed against ONNX Runtime CUDA/CPU, one table (bench/results/gpu_check.json).
+# Elsewhere it exits 3 with "no CUDA device". GPU_CHECK_ARGS: e.g. --detector demo-det-out/bundle --uint8.
+GPU_CHECK_ARGS ?=
+gpu-check: install
+	$(VENV)/bin/python bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: install
 	$(VENV)/bin/lint-imports

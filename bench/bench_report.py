@@ -142,6 +142,10 @@ def print_summary(result: dict[str, Any]) -> None:
             f"batch {meta['batch']}, {meta['frames']} frames, one thread outside the engine):"
         )
         print(result["stages_table"])
+        if "stages_zero_copy_table" in result:
+            batches = result["stages_zero_copy"]["_meta"]["batches"]
+            print(f"\nthe same with [batching] zero_copy (frames prepared into one arena; batches {batches}):")
+            print(result["stages_zero_copy_table"])
     low = result.get("low_load")
     if low:
         print(

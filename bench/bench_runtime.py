@@ -86,7 +86,7 @@ def station(
             "warmup_runs": 3,
             "openvino": {"precision": args.ov_precision, "hint": args.ov_hint, "infer_requests": args.ov_requests},
         },
-        "batching": {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms},
+        "batching": {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "zero_copy": args.zero_copy},
         "tta": {"views": TTA_VIEWS[tta], "mode": TTA_MODE[tta], "band": TTA_BAND},
         "publisher": {
             "bind": [f"tcp://127.0.0.1:{port}"],
@@ -412,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
             from bench_stages import profile_stages, stage_table
 
             cfg = station(args, replay, artifacts[0], "1", 1, free_port(), loop=False).model
+            # Before / after: the stacking copy, then [batching] zero_copy's arena (same artifact).
             result["stages"] = profile_stages(cfg, paths, args.max_batch)
+            result["stages_zero_copy"] = profile_stages(cfg, paths, args.max_batch, zero_copy=True)
             one = next(
                 (r for r in result["runs"] if r["tta"] == "1" and r["cameras"] == 1 and r["artifact"] == artifacts[0]),
                 None,
@@ -421,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
                 result["stages"],
                 one["daemon"]["cpu_ms_per_frame"] if one else None,
                 skip=("decode",) if args.preload else (),
+            )
+            result["stages_zero_copy_table"] = stage_table(
+                result["stages_zero_copy"], None, skip=("decode",) if args.preload else ()
             )
         if args.low_load:
             result["low_load"] = run_low_load(args, artifacts[0], paths, tmp)

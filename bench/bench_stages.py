@@ -9,6 +9,11 @@ a connected SUB; the SUB is drained outside the timing). Python stages are timed
 thread's CPU clock; infer and ZeroMQ with the process CPU clock (engine worker threads, the
 ZeroMQ I/O thread). bench_runtime.py sets the daemon's measured CPU per frame beside the sum:
 the difference is the daemon's own overhead (threads, queues, wake-ups, metrics, glue).
+
+``zero_copy``: the [batching] zero_copy path instead: each frame is prepared straight into a slot of a
+preallocated arena (runtime.serving.batcher.FrameSlots, the backend's host memory) and ``stack`` is
+the view of consecutive slots. A uint8-input artifact (manifest ``input: uint8_nhwc``) has
+``normalize`` = the copy of the resized frame only (the graph normalises). Before/after: run both.
 """
 
 from __future__ import annotations
@@ -22,14 +27,15 @@ import numpy as np
 STAGES = ("decode", "resize", "normalize", "stack", "infer", "json", "zeromq")
 
 
-def profile_stages(model_cfg: Any, paths: list[Path], batch: int) -> dict[str, Any]:
+def profile_stages(model_cfg: Any, paths: list[Path], batch: int, zero_copy: bool = False) -> dict[str, Any]:
     """{stage: {"cpu_ms", "wall_ms"} per frame} over ``paths``, TTA off (a runtime.config.station.ModelConfig)."""
     import zmq
 
     from runtime.bundle.manifest import load_bundle
     from runtime.inference.backends import create_backend
-    from runtime.inference.preprocess import Preprocessor, read_image
-    from runtime.serving.batcher import assemble
+    from runtime.inference.model import release
+    from runtime.inference.preprocess import UINT8_NHWC, Preprocessor, input_dtype, input_shape, read_image
+    from runtime.serving.batcher import FrameSlots, assemble
     from runtime.serving.messages import encode
     from runtime.sources.cameras import Frame
 
@@ -56,15 +62,21 @@ def profile_stages(model_cfg: Any, paths: list[Path], batch: int) -> dict[str, A
             wall[stage] += dw
         return out, dc, dw
 
+    kind = backend.input_kind
+    shape = input_shape(pre.spec, kind)
+    prepare = pre.frame_uint8 if kind == UINT8_NHWC else pre
+    slots = FrameSlots(2 * batch, (1, *shape), input_dtype(kind), backend.allocate_host) if zero_copy else None
     try:
-        backend.warmup(pre.spec.shape, 2, batch)
+        backend.warmup(shape, 2, batch)
         for start in range(0, len(paths), batch):
             frames = []
             for k, p in enumerate(paths[start : start + batch]):
                 image = timed("decode", read_image, p)[0]
                 _, geo_c, geo_w = timed("resize", pre.geometry, image)
+                slot = slots.acquire() if slots is not None else None
+                dest = slots.arena[slot][0] if slots is not None and slot is not None else None
                 # normalize = the whole Preprocessor call minus its geometry part (timed just above)
-                tensor, full_c, full_w = timed("", pre, image)
+                tensor, full_c, full_w = timed("", lambda im=image, o=dest: prepare(im, out=o))
                 cpu["normalize"] += max(0.0, full_c - geo_c)
                 wall["normalize"] += max(0.0, full_w - geo_w)
                 frames.append(
@@ -76,9 +88,10 @@ def profile_stages(model_cfg: Any, paths: list[Path], batch: int) -> dict[str, A
                         t_capture=time.monotonic(),
                         source=p.name,
                         tensor=tensor[None],
+                        slot=(slots, slot) if slots is not None and slot is not None else None,
                     )
                 )
-            stacked = timed("stack", assemble, frames)[0]
+            stacked = timed("stack", assemble, frames, None, slots)[0]
             outputs = timed("infer", backend.run, stacked, clock=time.process_time)[0]
             detection = bundle.manifest.model.task == "detection"
             for i, f in enumerate(frames):
@@ -90,6 +103,8 @@ def profile_stages(model_cfg: Any, paths: list[Path], batch: int) -> dict[str, A
                 timed("zeromq", pub.send_multipart, [b"bench.cam1.ok", payload], clock=time.process_time)
             while sub.poll(0):
                 sub.recv_multipart()
+            for f in frames:
+                release(f)
     finally:
         backend.close()
         pub.close(0)
@@ -103,6 +118,9 @@ def profile_stages(model_cfg: Any, paths: list[Path], batch: int) -> dict[str, A
         "backend": backend.name,
         "artifact": backend.artifact_key,
         "inference_precision": backend.inference_precision,
+        "input": kind,
+        "zero_copy": zero_copy,
+        "batches": dict(slots.stats) if slots is not None else None,
     }
     return out
 

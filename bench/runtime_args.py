@@ -72,7 +72,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "that met its accuracy target",
     )
     p.add_argument("--repeat", type=int, default=1, help="runs per configuration; the median is reported")
-    p.add_argument("--stages", action="store_true", help="also print the per-stage CPU-time table per frame")
+    p.add_argument(
+        "--stages",
+        action="store_true",
+        help="also print the per-stage CPU-time table per frame, with the stacking copy and with zero_copy",
+    )
+    p.add_argument(
+        "--zero-copy", action="store_true", help="daemon [batching] zero_copy = true (frames prepared into one arena)"
+    )
     p.add_argument(
         "--low-load",
         type=float,

@@ -153,12 +153,35 @@ def _export(args: argparse.Namespace, console: Any) -> int:
             },
             metrics=metrics,
         )
-        bundle = write_bundle(out, manifest, {"model.onnx": onnx_path})
+        files = {"model.onnx": onnx_path}
+        if args.uint8_input:
+            manifest = _with_uint8_twins(manifest, files, ["fp32"], [s.path for s in parity_samples], tmp, threads)
+            console.print(manifest.provenance["export"]["uint8_parity"]["fp32-u8"]["summary"])
+        bundle = write_bundle(out, manifest, files)
     console.print(f"[green]bundle written:[/] {bundle.path} ({manifest.model.name} {manifest.model.version})")
     if args.pack:
         archive = pack(bundle.path, args.pack)
         console.print(f"packed: {archive}")
     return 0
+
+
+def _with_uint8_twins(
+    manifest: Any, files: dict[str, Path], keys: list[str], paths: Sequence[Any], tmp: str | Path, threads: int
+) -> Any:
+    """``manifest`` plus uint8-input twins of ``keys`` (written under ``tmp``, added to ``files``), each
+    parity-checked on the images at ``paths``; the parity reports go to provenance.export.uint8_parity."""
+    from calibration.graph_input import add_uint8_twins
+    from runtime.inference.preprocess import read_image
+
+    artifacts = dict(manifest.artifacts)
+    frames = [read_image(p) for p in paths]
+    reports = add_uint8_twins(artifacts, files, keys, manifest.input, frames, Path(tmp), threads=threads)
+    export = dict(manifest.provenance.get("export") or {})
+    export["uint8_parity"] = {
+        **(export.get("uint8_parity") or {}),
+        **{k: {**r.to_dict(), "summary": r.summary()} for k, r in reports.items()},
+    }
+    return manifest.replace(artifacts=artifacts, provenance={**manifest.provenance, "export": export})
 
 
 def calibrate_main(argv: list[str] | None = None) -> int:
@@ -203,11 +226,13 @@ def _calibrate(args: argparse.Namespace, console: Any) -> int:
         save_tensor,
     )
     from calibration.gate import DEFAULT_METRICS
+    from calibration.graph_input import twin_key
     from calibration.pipeline import EvalData, GateSettings, quantize_and_gate
     from calibration.provenance import library_versions
     from calibration.quantize import QuantConfig, prepare_float_model
     from calibration.speed import SpeedSettings
     from runtime.bundle.manifest import Artifact, load_bundle, write_bundle
+    from runtime.inference.preprocess import UINT8_NHWC
     from training.checkpoint import read_card
     from training.data import resolve_splits
 
@@ -219,7 +244,14 @@ def _calibrate(args: argparse.Namespace, console: Any) -> int:
     fp32_key = (
         "fp32"
         if "fp32" in manifest.artifacts
-        else next((k for k, a in manifest.artifacts.items() if a.format == "onnx" and a.precision == "fp32"), None)
+        else next(
+            (
+                k
+                for k, a in manifest.artifacts.items()
+                if a.format == "onnx" and a.precision == "fp32" and a.input != UINT8_NHWC
+            ),
+            None,
+        )
     )
     if fp32_key is None:
         raise ValueError(f"{bundle.path}: no FP32 ONNX artifact to quantize")
@@ -369,6 +401,13 @@ def _calibrate(args: argparse.Namespace, console: Any) -> int:
         new_manifest = manifest.replace(
             artifacts=artifacts, metrics=metrics, provenance=provenance, default_artifact=default
         )
+        if any(a.input == UINT8_NHWC for a in manifest.artifacts.values()):
+            # The bundle serves uint8 frames: its INT8 artifacts get uint8-input twins as well.
+            new_manifest = _with_uint8_twins(
+                new_manifest, src_files, [o.key for o in outcomes], [s.path for s in held[:32]], tmp, threads
+            )
+            for key in (twin_key(o.key) for o in outcomes):
+                console.print(new_manifest.provenance["export"]["uint8_parity"][key]["summary"])
         written = write_bundle(Path(args.out) if args.out else bundle.path, new_manifest, src_files)
     console.print(f"[green]calibrated bundle written:[/] {written.path} (default artifact: {default})")
     return 0

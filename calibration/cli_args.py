@@ -90,6 +90,12 @@ def export_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--pack", metavar="ARCHIVE", help="also write the bundle as a .tar.gz archive")
+    p.add_argument(
+        "--uint8-input",
+        action="store_true",
+        help="also write 'fp32-u8': the same model taking resized uint8 NHWC BGR frames, normalised inside "
+        "the graph (calibrate then adds INT8 twins too); checked for parity against the float path",
+    )
     return p
 
 

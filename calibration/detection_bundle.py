@@ -127,13 +127,42 @@ def manifest_dict(
     }
 
 
-def write_detection_bundle(dest: Path, manifest: dict[str, Any], onnx_path: Path) -> dict[str, Any]:
+def write_detection_bundle(
+    dest: Path, manifest: dict[str, Any], onnx_path: Path, extra_files: dict[str, Path] | None = None
+) -> dict[str, Any]:
     """The bundle through ``runtime.bundle.manifest.write_bundle``: checksums, the station's own validation (manifest
     keys, letterbox input, detection outputs against the graph), temp directory + rename."""
     from runtime.bundle.manifest import Manifest, write_bundle
 
     m = Manifest.from_dict({**manifest, "files": {}}, where=f"{dest}/manifest.json")
-    return write_bundle(dest, m, {"model.onnx": onnx_path}).manifest.to_dict()
+    return write_bundle(dest, m, {"model.onnx": onnx_path, **(extra_files or {})}).manifest.to_dict()
+
+
+# Boxes are in model-input pixels, scores in [0, 1]: the in-graph normalisation moves them by float rounding only.
+UINT8_PARITY_ATOL = 1e-3
+
+
+def _uint8_twin(
+    manifest: dict[str, Any], onnx_path: Path, paths: list[str], tmp: Path, files: dict[str, Path]
+) -> dict[str, Any]:
+    """``manifest`` plus the parity-checked uint8-input twin ``fp32-u8`` of ``model.onnx`` (file added to ``files``)."""
+    from calibration.graph_input import add_uint8_twins
+    from runtime.bundle.manifest import Manifest
+    from runtime.inference.preprocess import read_image
+
+    m = Manifest.from_dict({**manifest, "files": {}})
+    artifacts = dict(m.artifacts)
+    sources = {"model.onnx": onnx_path}
+    frames = [read_image(p) for p in paths]
+    reports = add_uint8_twins(artifacts, sources, ["fp32"], m.input, frames, tmp, atol=UINT8_PARITY_ATOL, top1=False)
+    files.update({k: v for k, v in sources.items() if k != "model.onnx"})
+    export = dict(manifest["provenance"].get("export") or {})
+    export["uint8_parity"] = {k: {**r.to_dict(), "summary": r.summary()} for k, r in reports.items()}
+    return {
+        **manifest,
+        "artifacts": {k: a.to_dict() for k, a in artifacts.items()},
+        "provenance": {**manifest["provenance"], "export": export},
+    }
 
 
 def export_run(
@@ -150,6 +179,7 @@ def export_run(
     threads: int = 1,
     force: bool = False,
     echo: Any = print,
+    uint8_input: bool = False,
 ) -> dict[str, Any]:
     """Export ``run`` to a bundle at ``out``; raises ``DetectionExportError`` when parity fails (nothing written)."""
     from calibration.export_detection import export_detector, parity
@@ -220,7 +250,11 @@ def export_run(
         manifest = manifest_dict(
             card, info, name=name, version=version, score_threshold=thr, provenance=prov, metrics=metrics
         )
-        manifest = write_detection_bundle(out, manifest, onnx_path)
+        twins: dict[str, Path] = {}
+        if uint8_input:
+            manifest = _uint8_twin(manifest, onnx_path, [s.path for s in samples[:parity_images]], Path(tmp), twins)
+            echo(manifest["provenance"]["export"]["uint8_parity"]["fp32-u8"]["summary"])
+        manifest = write_detection_bundle(out, manifest, onnx_path, twins)
     echo(
         f"bundle written: {out} (FP32 ONNX Runtime on {split}: mAP@.5 {m['map50']}, part recall "
         f"{m['part']['recall']}, false alarms {m['part']['false_alarm_rate']})"

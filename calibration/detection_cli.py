@@ -59,6 +59,7 @@ def export_detection(args: argparse.Namespace, console: Any) -> int:
             threads=threads,
             force=args.force,
             echo=console.print,
+            uint8_input=args.uint8_input,
         )
     except DetectionExportError as exc:
         console.print(f"[bold red]export refused:[/] the ONNX detector does not reproduce PyTorch: {exc}")

@@ -35,6 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--opt-batch", type=int, help="batch size the kernels are tuned for (default: MAX)")
     p.add_argument(
+        "--input",
+        default="float",
+        choices=("float", "uint8"),
+        help="engine input: float NCHW (default), or uint8 NHWC frames normalised inside the engine "
+        "(built from the bundle's -u8 twin: export --uint8-input)",
+    )
+    p.add_argument(
+        "--dla-core",
+        type=int,
+        metavar="N",
+        help="build for DLA core N (Jetson; INT8 / FP16) with GPU fallback for layers the DLA cannot run; "
+        "a device without it gets a GPU engine and the reason is logged and recorded",
+    )
+    p.add_argument(
         "--int8-mode",
         default="auto",
         choices=("auto", "explicit", "implicit"),
@@ -182,6 +196,7 @@ def _main(args: argparse.Namespace, console: Any) -> int:
         plan_build,
     )
     from runtime.engine.meta import EngineUnavailableError, current_platform
+    from runtime.inference.preprocess import FLOAT_NCHW, UINT8_NHWC
 
     def log(msg: str) -> None:
         console.print(msg)
@@ -209,6 +224,8 @@ def _main(args: argparse.Namespace, console: Any) -> int:
         calib_batch=args.calib_batch_size,
         strongly_typed=args.strongly_typed,
         bundle_hint=str(bundle.path),
+        input_kind=UINT8_NHWC if args.input == "uint8" else FLOAT_NCHW,
+        dla_core=args.dla_core,
     )
     key = args.key or f"trt-{args.precision}"
     if args.dry_run:
@@ -274,7 +291,9 @@ def _main(args: argparse.Namespace, console: Any) -> int:
     )
     log(f"built in {result.seconds:.1f} s, {len(result.engine) / 1e6:.1f} MB")
 
-    fields = artifact_fields(plan, result.platform, result.seconds, args.workspace_mib, calib_info or None)
+    fields = artifact_fields(
+        plan, result.platform, result.seconds, args.workspace_mib, calib_info or None, dla=result.dla
+    )
     file_name = engine_file_name(key, args.precision)
     with tempfile.TemporaryDirectory(prefix="defectscope-engine-") as tmp:
         engine_tmp = Path(tmp) / "model.engine"
@@ -296,6 +315,7 @@ def _main(args: argparse.Namespace, console: Any) -> int:
             compute_capability=result.platform.compute_capability,
             batch=plan.batch,
             extra=fields,
+            input=plan.input_kind,
         )
         new = manifest.replace(
             artifacts={**manifest.artifacts, key: artifact},

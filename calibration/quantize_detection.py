@@ -310,13 +310,17 @@ def calibrate_bundle(
     """``defectscope calibrate`` on a detection bundle: the gated INT8 artifact added atomically, made default."""
     from calibration.detection_bundle import held_out_samples
     from runtime.bundle.manifest import Artifact, add_artifact, load_bundle
+    from runtime.inference.preprocess import FLOAT_NCHW, UINT8_NHWC
     from training.detection.checkpoint import DetCard
 
     bundle = load_bundle(bundle_dir)  # checksums verified before the FP32 graph is used
     m = bundle.manifest
     if m.model.task != "detection":
         raise DetectionQuantizationError(f"{bundle_dir}: model.task is {m.model.task!r}, not 'detection'")
-    fp32_key = next((k for k, a in m.artifacts.items() if a.precision == "fp32" and a.format == "onnx"), None)
+    fp32_key = next(
+        (k for k, a in m.artifacts.items() if a.precision == "fp32" and a.format == "onnx" and a.input == FLOAT_NCHW),
+        None,
+    )
     if fp32_key is None:
         raise DetectionQuantizationError(f"{bundle_dir}/manifest.json: artifacts: no FP32 ONNX artifact to quantize")
     card_path = Path(run_dir) / "model.json"
@@ -400,6 +404,8 @@ def calibrate_bundle(
             metrics=metrics,
             make_default=True,
         )
+        if any(a.input == UINT8_NHWC for a in m.artifacts.values()):
+            _add_uint8_twin(bundle_dir, dest, m.input, [s.path for s in held_out[:8]], Path(tmp), echo)
         if records:
             fresh = load_bundle(bundle_dir)
             fp32_metrics = {**dict(fresh.manifest.metrics.get(fp32_key) or {}), "backends": records[fp32_key]}
@@ -418,6 +424,27 @@ def calibrate_bundle(
             result.fp32_ms_per_image,
             Path(bundle_dir) / "model.int8.onnx",
         )
+
+
+def _add_uint8_twin(
+    bundle_dir: str | Path, int8_path: Path, spec: Any, paths: list[str], tmp: Path, echo: Callable[[str], Any]
+) -> None:
+    """The bundle serves uint8 frames: add ``int8-u8``, the INT8 graph behind the in-graph normalisation."""
+    from calibration.detection_bundle import UINT8_PARITY_ATOL
+    from calibration.graph_input import GraphInputError, add_uint8_twins
+    from runtime.bundle.manifest import Artifact, add_artifact
+    from runtime.inference.preprocess import read_image
+
+    arts: dict[str, Any] = {"int8": Artifact(file="model.int8.onnx", format="onnx", precision="int8")}
+    files = {"model.int8.onnx": int8_path}
+    frames = [read_image(p) for p in paths]
+    try:
+        reports = add_uint8_twins(arts, files, ["int8"], spec, frames, tmp, atol=UINT8_PARITY_ATOL, top1=False)
+    except GraphInputError as exc:
+        raise DetectionQuantizationError(str(exc)) from None
+    echo(reports["int8-u8"].summary())
+    twin = arts["int8-u8"]
+    add_artifact(bundle_dir, "int8-u8", twin, files[twin.file], metrics={"uint8_parity": reports["int8-u8"].to_dict()})
 
 
 __all__ = [

@@ -27,7 +27,7 @@ from runtime.bundle.fs import require as _require
 from runtime.bundle.output import TASK_OUTPUT_KINDS, OutputSpec, check_output_shapes, parse_output
 from runtime.fsio import atomic_write_json, fsync_dir, replace_dir, sha256_file
 from runtime.inference.ort_session import ort_session
-from runtime.inference.preprocess import InputSpec, SpecError
+from runtime.inference.preprocess import FLOAT_NCHW, INPUT_KINDS, UINT8_NHWC, InputSpec, SpecError, input_shape
 
 __all__ = ["sha256_file", "fsync_dir"]  # re-exported: the one implementation lives in runtime.fsio
 
@@ -58,9 +58,12 @@ class Artifact:
     compute_capability: str | None = None
     batch: tuple[int, int] | None = None  # (min, max) of the engine's optimisation profile
     extra: Mapping[str, Any] = field(default_factory=dict)
+    input: str = FLOAT_NCHW  # what the input tensor takes (preprocess.INPUT_KINDS); absent in old bundles
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"file": self.file, "format": self.format, "precision": self.precision}
+        if self.input != FLOAT_NCHW:
+            out["input"] = self.input  # float artifacts serialise exactly as before
         for key in ("quantization", "tensorrt_version", "gpu", "compute_capability"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
@@ -187,7 +190,11 @@ def _artifact(key: str, a: Any, where: str) -> Artifact:
         raise _err(where, prefix + "batch", f"expected [min, max] positive integers, got {batch!r}")
     if "calibration_cache" in a:  # a file of the bundle too (TensorRT INT8 calibration cache)
         check_member_name(a["calibration_cache"], where, prefix + "calibration_cache")
+    kind = a.get("input", FLOAT_NCHW)
+    if kind not in INPUT_KINDS:
+        raise _err(where, prefix + "input", f"expected one of {INPUT_KINDS}, got {kind!r:.80}")
     known = {"file", "format", "precision", "quantization", "tensorrt_version", "gpu", "compute_capability", "batch"}
+    known |= {"input"}
     return Artifact(
         file=file,
         format=fmt,
@@ -198,6 +205,7 @@ def _artifact(key: str, a: Any, where: str) -> Artifact:
         compute_capability=a.get("compute_capability"),
         batch=tuple(batch) if batch else None,
         extra={k: v for k, v in a.items() if k not in known},
+        input=kind,
     )
 
 
@@ -230,23 +238,34 @@ class Bundle:
             sess = ort_session(path, 1, optimize=False)
         except Exception as exc:  # ORT raises several types for a corrupt model
             raise BundleError(f"{path}: not a loadable ONNX model: {exc}") from None
-        check_graph_io(self.manifest, sess.get_inputs(), sess.get_outputs(), str(path))
+        check_graph_io(self.manifest, sess.get_inputs(), sess.get_outputs(), str(path), art.input)
 
 
-def check_graph_io(manifest: Manifest, inputs: list[Any], outputs: list[Any], where: str) -> None:
-    """Compare a model's I/O (objects with .name and .shape) with the manifest; raise BundleError."""
+# ONNX Runtime's / OpenVINO's spelling of each input kind's element type (checked when the I/O object has one).
+_ELEMENT_TYPES = {FLOAT_NCHW: ("tensor(float)", "f32", "float32"), UINT8_NHWC: ("tensor(uint8)", "u8", "uint8")}
+
+
+def check_graph_io(
+    manifest: Manifest, inputs: list[Any], outputs: list[Any], where: str, input_kind: str = FLOAT_NCHW
+) -> None:
+    """Compare a model's I/O (objects with .name and .shape, optionally .type) with the manifest and
+    the artifact's input kind; raise BundleError."""
     spec = manifest.input
     if len(inputs) != 1:
         raise BundleError(f"{where}: expected 1 input tensor, the graph has {[i.name for i in inputs]}")
     inp = inputs[0]
     if inp.name != spec.name:
         raise BundleError(f"{where}: input name {inp.name!r} does not match manifest input.name {spec.name!r}")
-    want = [None, *spec.shape]
+    per_image = input_shape(spec, input_kind)
+    want = [None, *per_image]
     shape = list(inp.shape)
     if len(shape) != 4 or any(isinstance(d, int) and w is not None and d != w for d, w in zip(shape, want)):
-        raise BundleError(
-            f"{where}: input shape {shape} does not match manifest input (N,{spec.channels},{spec.height},{spec.width})"
-        )
+        dims = f"(N,{','.join(map(str, per_image))})"
+        what = f"the artifact's input {input_kind} {dims}" if input_kind == UINT8_NHWC else f"manifest input {dims}"
+        raise BundleError(f"{where}: input shape {shape} does not match {what}")
+    etype = getattr(inp, "type", None)
+    if isinstance(etype, str) and etype not in _ELEMENT_TYPES[input_kind]:
+        raise BundleError(f"{where}: input element type {etype} does not match the artifact's input {input_kind}")
     names = [o.name for o in outputs]
     if list(manifest.output.names) != names:
         raise BundleError(

@@ -18,6 +18,7 @@ from typing import Any
 from runtime.config.table import ConfigError, Table
 from runtime.inference.tta import PRESETS as TTA_PRESETS
 from runtime.inference.tta import expand_views
+from runtime.serving.device_health import SOURCES, DeviceHealthConfig
 from runtime.serving.messages import VERDICTS
 from runtime.serving.preview import PreviewConfig
 
@@ -182,6 +183,7 @@ def _model(t: _Table, base: Path) -> ModelConfig:
         backend=t.choice("backend", BACKENDS, ModelConfig.backend),
         threads=t.integer("threads", ModelConfig.threads, minimum=1, maximum=256),
         device_id=t.integer("device_id", ModelConfig.device_id, minimum=0),
+        dla_core=t.integer("dla_core", ModelConfig.dla_core, minimum=0, maximum=15),
         warmup_runs=t.integer("warmup_runs", ModelConfig.warmup_runs, minimum=0, maximum=1000),
         openvino=_openvino(t.table("openvino"), base),
         min_frame_side=t.integer("min_frame_side", ModelConfig.min_frame_side, minimum=1, maximum=100_000),
@@ -195,6 +197,7 @@ def _batching(t: _Table, base: Path) -> BatchingConfig:
     batching = BatchingConfig(
         max_batch=t.integer("max_batch", BatchingConfig.max_batch, minimum=1, maximum=1024),
         max_wait_ms=t.number("max_wait_ms", BatchingConfig.max_wait_ms, minimum=0.0, maximum=10_000.0),
+        zero_copy=t.get("zero_copy", bool, BatchingConfig.zero_copy),
     )
     t.finish()
     return batching
@@ -364,6 +367,18 @@ def _preview(t: _Table, base: Path) -> PreviewConfig:
         raise ConfigError(f"{t.where}: {exc}") from None
 
 
+@_section("device_health")
+def _device_health(t: _Table, base: Path) -> DeviceHealthConfig:
+    cfg = DeviceHealthConfig(
+        source=t.choice("source", SOURCES, DeviceHealthConfig.source),
+        interval_s=t.number("interval_s", DeviceHealthConfig.interval_s, minimum=0.1, maximum=60.0),
+        tegrastats=t.get("tegrastats", str, DeviceHealthConfig.tegrastats),
+        gpu_index=t.integer("gpu_index", DeviceHealthConfig.gpu_index, minimum=0, maximum=63),
+    )
+    t.finish()
+    return cfg
+
+
 @_section("daemon")
 def _daemon(t: _Table, base: Path) -> DaemonConfig:
     pid = t.get("pid_file", str, None)
@@ -429,6 +444,7 @@ __all__ = [
     "BACKENDS",
     "BatchingConfig",
     "CameraConfig",
+    "DeviceHealthConfig",
     "ConfigError",
     "CurveConfig",
     "DEFAULT_THRESHOLD",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime.serving.device_health import DeviceHealthConfig
 from runtime.serving.preview import PreviewConfig
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "openvino", "onnxruntime-cpu")
@@ -86,6 +87,9 @@ class ModelConfig:
     backend: str = "auto"
     threads: int = 1  # ONNX Runtime intra-op / OpenVINO inference threads
     device_id: int = 0  # CUDA device for onnxruntime-cuda / tensorrt
+    dla_core: int | None = (
+        None  # Jetson: run a DLA-built TensorRT engine on this core (None: the core it was built for)
+    )
     warmup_runs: int = 2
     openvino: OpenVINOConfig = OpenVINOConfig()
     min_frame_side: int | None = None  # pixels; None: a quarter of the model input's shorter side
@@ -95,6 +99,10 @@ class ModelConfig:
 class BatchingConfig:
     max_batch: int = 8  # frames per inference call (x TTA views = tensors)
     max_wait_ms: float = 5.0  # how long the first frame of a batch may wait for company
+    # Capture threads write prepared frames into slots of one preallocated arena (pinned memory for
+    # TensorRT) and consecutive slots go to the engine as one view: no per-frame allocation, no
+    # stacking copy. Off by default until bench_runtime --stages has measured it on the station.
+    zero_copy: bool = False
 
 
 TTA_MODES = ("always", "uncertain")
@@ -216,6 +224,7 @@ class StationConfig:
     snapshots: SnapshotConfig = SnapshotConfig()
     daemon: DaemonConfig = DaemonConfig()
     preview: PreviewConfig = PreviewConfig()
+    device_health: DeviceHealthConfig = DeviceHealthConfig()
     source: str = "(in memory)"
 
     def to_dict(self) -> dict[str, Any]:

@@ -31,16 +31,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.engine.meta import Platform, check_engine_io, current_platform, engine_problems, slug, version_tuple
+from runtime.engine.dla import configure_dla
+from runtime.engine.meta import (
+    Platform,
+    check_engine_io,
+    current_platform,
+    engine_problems,
+    jetpack_of,
+    slug,
+    version_tuple,
+)
+from runtime.engine.source import BuildError, _find_fp32, _find_symmetric_qdq, _uint8_twin
 from runtime.fsio import atomic_write_bytes
+from runtime.inference.preprocess import FLOAT_NCHW, INPUT_KINDS, UINT8_NHWC, input_shape
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INT8_MODES = ("auto", "explicit", "implicit")
-TRT_INT8_ARTIFACT = "int8-trt"
-
-
-class BuildError(RuntimeError):
-    """A build that cannot go ahead or failed; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,8 @@ class BuildPlan:
     calib_batch: int
     tensorrt_version: str
     notes: tuple[str, ...] = ()
+    input_kind: str = FLOAT_NCHW  # the engine's input binding: float NCHW, or uint8 NHWC (normalised inside)
+    dla_core: int | None = None  # build for this DLA core (GPU fallback for layers DLA cannot run)
 
     @property
     def strongly_typed(self) -> bool:
@@ -70,6 +78,11 @@ class BuildPlan:
         lo, opt, hi = ((b, *self.input_chw) for b in (self.batch[0], self.opt_batch, self.batch[1]))
         return lo, opt, hi
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Per-image input shape of the engine (``input_chw`` keeps its name: (H,W,C) for uint8 input)."""
+        return self.input_chw
+
     def calibration_shape(self) -> tuple[int, int, int, int]:
         return (self.calib_batch, *self.input_chw)
 
@@ -78,43 +91,6 @@ class BuildPlan:
         for key in ("network_flags", "builder_flags", "input_chw", "batch", "notes"):
             out[key] = list(out[key])
         return out
-
-
-def _onnx_artifacts(manifest: Any) -> dict[str, Any]:
-    return {k: a for k, a in manifest.artifacts.items() if a.format == "onnx"}
-
-
-def _find_fp32(manifest: Any) -> tuple[str, Any]:
-    arts = _onnx_artifacts(manifest)
-    if "fp32" in arts and arts["fp32"].precision == "fp32":
-        return "fp32", arts["fp32"]
-    for key, art in arts.items():
-        if art.precision == "fp32":
-            return key, art
-    raise BuildError(
-        f"bundle {manifest.model.name} has no FP32 ONNX artifact to build from "
-        f"(artifacts: {sorted(manifest.artifacts)})"
-    )
-
-
-def _find_symmetric_qdq(manifest: Any, bundle_hint: str) -> tuple[str, Any]:
-    arts = _onnx_artifacts(manifest)
-    ranked = sorted(arts.items(), key=lambda kv: kv[0] != TRT_INT8_ARTIFACT)
-    for key, art in ranked:
-        q = dict(art.quantization or {})
-        if art.precision == "int8" and q.get("activation_symmetric") and q.get("format", "qdq") == "qdq":
-            return key, art
-    have = [k for k, a in arts.items() if a.precision == "int8"]
-    why = (
-        f"its INT8 artifact(s) {have} use asymmetric (uint8) activations, which TensorRT cannot import"
-        if have
-        else "it has no INT8 artifact"
-    )
-    raise BuildError(
-        f"explicit INT8 needs a QDQ model with symmetric int8 activations, and {why}. On the workstation run:\n"
-        f"    defectscope calibrate {bundle_hint} --target tensorrt\n"
-        "then copy the bundle to the device again (or use --int8-mode implicit on TensorRT 8.x)"
-    )
 
 
 # Detection graphs (Faster R-CNN: ONNX NonMaxSuppression + RoiAlign) need TensorRT 10: its parser imports
@@ -158,10 +134,18 @@ def plan_build(
     calib_batch: int = 8,
     strongly_typed: bool | None = None,
     bundle_hint: str = "<bundle>",
+    input_kind: str = FLOAT_NCHW,
+    dla_core: int | None = None,
 ) -> BuildPlan:
     """Decide the build for ``manifest`` on TensorRT ``tensorrt_version``; BuildError when impossible."""
     if precision not in PRECISIONS:
         raise BuildError(f"--precision: expected one of {PRECISIONS}, got {precision!r}")
+    if input_kind not in INPUT_KINDS:
+        raise BuildError(f"--input: expected one of {INPUT_KINDS}, got {input_kind!r}")
+    if dla_core is not None and (isinstance(dla_core, bool) or not isinstance(dla_core, int) or dla_core < 0):
+        raise BuildError(f"--dla-core: expected a DLA core number >= 0, got {dla_core!r}")
+    if dla_core is not None and precision == "fp32":
+        raise BuildError("--dla-core: the DLA runs INT8 and FP16 only; build --precision int8 (or fp16)")
     if int8_mode not in INT8_MODES:
         raise BuildError(f"--int8-mode: expected one of {INT8_MODES}, got {int8_mode!r}")
     if manifest.model.task != "classification" and precision == "int8" and int8_mode == "implicit":
@@ -201,6 +185,20 @@ def plan_build(
         key, art = _find_fp32(manifest)
     else:
         key, art = _find_symmetric_qdq(manifest, bundle_hint)
+    if input_kind == UINT8_NHWC:
+        if mode == "implicit":
+            raise BuildError(
+                "--input uint8 with implicit INT8 calibration is not supported (the calibrator feeds float "
+                "tensors); use --int8-mode explicit (the QDQ twin from `defectscope calibrate --target tensorrt`)"
+            )
+        key, art = _uint8_twin(manifest, key)
+    if dla_core is not None:
+        notes.append(
+            f"DLA core {dla_core} with GPU fallback: layers the DLA cannot run go to the GPU (the build logs "
+            "which); a device without that DLA core gets a GPU engine and the reason is recorded"
+        )
+        if major >= 11:
+            notes.append(f"TensorRT {tensorrt_version}: DLA support depends on the release and platform")
 
     typed = (major >= 11) if strongly_typed is None else bool(strongly_typed)
     if major >= 11 and not typed:
@@ -230,12 +228,14 @@ def plan_build(
         network_flags=tuple(network_flags),
         builder_flags=tuple(builder_flags),
         input_name=manifest.input.name,
-        input_chw=tuple(manifest.input.shape),
+        input_chw=input_shape(manifest.input, input_kind),
         batch=(lo, hi),
         opt_batch=opt,
         calib_batch=int(calib_batch),
         tensorrt_version=str(tensorrt_version),
         notes=tuple(notes),
+        input_kind=input_kind,
+        dla_core=dla_core,
     )
 
 
@@ -264,6 +264,7 @@ class BuildResult:
     outputs: list[tuple[str, list[int]]] = field(default_factory=list)
     timing_cache: Path | None = None
     calibration_cache: Path | None = None
+    dla: dict[str, Any] = field(default_factory=dict)  # dla_decision + the GPU-fallback layers (empty: GPU build)
 
 
 def _engine_io(trt: Any, engine: Any) -> tuple[list[tuple[str, list[int]]], list[tuple[str, list[int]]]]:
@@ -340,6 +341,8 @@ def build_engine(
     if "FP16" in plan.builder_flags and not getattr(builder, "platform_has_fast_fp16", True):
         log("warning: this GPU has no fast FP16; the engine may not be faster than FP32")
 
+    dla = configure_dla(trt, builder, network, config, plan, log)
+
     lo, opt, hi = plan.profile()
     profile = builder.create_optimization_profile()
     profile.set_shape(plan.input_name, lo, opt, hi)
@@ -377,6 +380,8 @@ def build_engine(
         atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
 
     runtime = trt.Runtime(logger)
+    if dla.get("core") is not None:
+        runtime.DLA_core = int(dla["core"])  # a DLA engine deserializes onto a DLA core
     engine = runtime.deserialize_cuda_engine(engine_bytes)
     if engine is None:
         raise BuildError("the freshly built engine does not deserialize")
@@ -387,7 +392,7 @@ def build_engine(
             inputs,
             outputs,
             manifest.input.name,
-            manifest.input.shape,
+            plan.input_shape,
             manifest.output.names,
             num_classes,
             where="built engine",
@@ -402,6 +407,7 @@ def build_engine(
         outputs=outputs,
         timing_cache=timing_cache,
         calibration_cache=getattr(calibration_cache, "path", None),
+        dla=dla,
     )
 
 
@@ -411,9 +417,11 @@ def artifact_fields(
     seconds: float,
     workspace_mib: int,
     calibration: Mapping[str, Any] | None = None,
+    dla: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Extra keys recorded on the engine's bundle Artifact (besides version / GPU / batch)."""
     build: dict[str, Any] = {
+        "input": plan.input_kind,
         "precision": plan.precision,
         "int8_mode": plan.int8_mode,
         "batch": list(plan.batch),
@@ -426,7 +434,14 @@ def artifact_fields(
     }
     if calibration:
         build["calibration"] = dict(calibration)
-    return {"build": build, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out: dict[str, Any] = {"build": build, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if platform.l4t:
+        # Jetson: engines are per JetPack (TensorRT, cuDNN, DLA firmware); runtime.engine.meta refuses others.
+        out["l4t"] = platform.l4t
+        out["jetpack"] = jetpack_of(platform.l4t)
+    if dla:
+        out["dla"] = dict(dla)
+    return out
 
 
 def fresh_engine(manifest: Any, bundle_path: Path, platform: Platform) -> tuple[str | None, list[str]]:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from runtime.bundle.manifest import Bundle, BundleError, check_member_name, load_bundle, write_bundle
+from runtime.inference.preprocess import FLOAT_NCHW, UINT8_NHWC, Preprocessor
 
 HOLDOUT_FILE = "holdout/sample.npz"
 DEFAULT_BUDGET_POINTS = 1.0  # percentage points; bundles without a recorded INT8 gate budget use this
@@ -195,6 +196,8 @@ def gate_backend(
             "`defectscope bundle holdout`), or pass --skip-accuracy-gate to accept the risk"
         )
     x, reference, labels = sample
+    if getattr(backend, "input_kind", FLOAT_NCHW) == UINT8_NHWC:
+        x = Preprocessor(bundle.manifest.input).uint8_from_tensor(x)  # the same frames, as the engine takes them
     candidate = np.asarray(backend.run(x)[0], dtype=np.float32)
     return compare(reference, candidate, labels, budget_for(bundle) if budget_points is None else budget_points)
 

@@ -36,13 +36,64 @@ class Platform:
     tensorrt_version: str  # e.g. "10.3.0.26"
     gpu: str  # e.g. "Orin", "NVIDIA H100 80GB HBM3"
     compute_capability: str  # "major.minor", e.g. "8.7"
+    l4t: str | None = None  # Jetson: the L4T release of /etc/nv_tegra_release, e.g. "36.3.0"; None elsewhere
 
     def to_dict(self) -> dict[str, str]:
-        return {
+        out = {
             "tensorrt_version": self.tensorrt_version,
             "gpu": self.gpu,
             "compute_capability": self.compute_capability,
         }
+        if self.l4t:
+            out["l4t"] = self.l4t
+        return out
+
+
+TEGRA_RELEASE = "/etc/nv_tegra_release"
+# L4T release (major.minor) -> the JetPack it ships in (for messages; the check compares L4T itself).
+JETPACK = {
+    "32.7": "4.6.x",
+    "35.1": "5.0.2",
+    "35.2": "5.1",
+    "35.3": "5.1.1",
+    "35.4": "5.1.2",
+    "35.5": "5.1.3",
+    "35.6": "5.1.4",
+    "36.2": "6.0 DP",
+    "36.3": "6.0",
+    "36.4": "6.1/6.2",
+}
+
+
+def parse_l4t(text: str) -> str | None:
+    """ "# R36 (release), REVISION: 3.0, GCID: ..." (/etc/nv_tegra_release) -> "36.3.0"; None if not that format."""
+    m = re.search(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*(\d+)(?:\.(\d+))?", text)
+    if not m:
+        return None
+    return f"{m.group(1)}.{m.group(2)}.{m.group(3) or 0}"
+
+
+def read_l4t(path: str = TEGRA_RELEASE) -> str | None:
+    """This machine's L4T release, or None (not a Jetson, or the file is unreadable)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return parse_l4t(fh.read(4096))
+    except OSError:
+        return None
+
+
+def jetpack_of(l4t: str | None) -> str | None:
+    """The JetPack release of an L4T version ("36.3.0" -> "6.0"), None when unknown."""
+    if not l4t:
+        return None
+    return JETPACK.get(".".join(l4t.split(".")[:2]))
+
+
+def describe_l4t(l4t: str | None) -> str:
+    if not l4t:
+        return "not a Jetson (no L4T)"
+    jp = jetpack_of(l4t)
+    return f"L4T {l4t}" + (f" (JetPack {jp})" if jp else "")
 
 
 def version_tuple(version: str | None) -> tuple[int, ...]:
@@ -68,6 +119,11 @@ def rebuild_command(bundle_path: str, key: str, artifact: Any) -> str:
     build = dict(extra.get("build", {}) or {})
     precision = build.get("precision") or getattr(artifact, "precision", "fp16")
     cmd = ["defectscope", "build-engine", str(bundle_path), "--precision", str(precision)]
+    if build.get("input") == "uint8_nhwc":
+        cmd += ["--input", "uint8"]
+    dla = extra.get("dla") or {}
+    if isinstance(dla, Mapping) and dla.get("requested") is not None:
+        cmd += ["--dla-core", str(dla["requested"])]
     batch = getattr(artifact, "batch", None) or build.get("batch")
     if batch:
         cmd += ["--batch", str(batch[0]), str(batch[1])]
@@ -109,6 +165,11 @@ def engine_problems(artifact: Any, platform: Platform, strict_gpu: bool = True) 
         )
     elif strict_gpu and getattr(artifact, "gpu", None) and artifact.gpu != platform.gpu:
         problems.append(f"built on GPU {artifact.gpu!r}, this device has {platform.gpu!r}")
+    built_l4t = extra.get("l4t")
+    # Jetson engines are tied to the BSP too (TensorRT, cuDNN and the DLA firmware ship with JetPack);
+    # engines from before this record (no "l4t") are judged by TensorRT version and GPU alone.
+    if built_l4t and str(built_l4t) != str(platform.l4t or ""):
+        problems.append(f"built on {describe_l4t(str(built_l4t))}, this device runs {describe_l4t(platform.l4t)}")
     return problems
 
 
@@ -128,7 +189,7 @@ def check_engine_io(
     inputs: Sequence[tuple[str, Sequence[int]]],
     outputs: Sequence[tuple[str, Sequence[int]]],
     input_name: str,
-    input_chw: Sequence[int],
+    input_chw: Sequence[int],  # the per-image input shape: (C,H,W), or (H,W,C) for a uint8-input engine
     output_names: Sequence[str],
     num_classes: int | None,
     where: str,
@@ -201,12 +262,15 @@ def current_platform() -> Platform:
             "run on the NVIDIA device (Jetson: JetPack ships it; x86: pip install tensorrt)"
         ) from None
     name, cc = _cuda_device_info()
-    return Platform(tensorrt_version=str(trt.__version__), gpu=name, compute_capability=cc)
+    return Platform(tensorrt_version=str(trt.__version__), gpu=name, compute_capability=cc, l4t=read_l4t())
 
 
 def platform_from_mapping(data: Mapping[str, Any]) -> Platform:
     """Platform from a dict with tensorrt_version / gpu / compute_capability (e.g. an artifact dict)."""
-    return Platform(str(data["tensorrt_version"]), str(data["gpu"]), str(data["compute_capability"]))
+    l4t = data.get("l4t")
+    return Platform(
+        str(data["tensorrt_version"]), str(data["gpu"]), str(data["compute_capability"]), str(l4t) if l4t else None
+    )
 
 
 def slug(text: str) -> str:
@@ -221,6 +285,10 @@ __all__ = [
     "check_engine",
     "check_engine_io",
     "current_platform",
+    "describe_l4t",
+    "jetpack_of",
+    "parse_l4t",
+    "read_l4t",
     "engine_problems",
     "platform_from_mapping",
     "rebuild_command",

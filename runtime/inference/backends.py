@@ -31,6 +31,7 @@ import numpy as np
 from runtime.bundle.manifest import Bundle, BundleError, check_graph_io
 from runtime.config.station import ModelConfig
 from runtime.inference.ort_session import ort_session
+from runtime.inference.preprocess import FLOAT_NCHW, input_dtype
 
 if TYPE_CHECKING:  # openvino is imported only when its backend is created
     from runtime.inference.openvino import OpenVINOModel
@@ -43,7 +44,8 @@ class BackendError(RuntimeError):
 
 
 class Backend(ABC):
-    """Runs a model artifact on (N,C,H,W) float32 batches; returns the outputs in manifest order."""
+    """Runs a model artifact on its input batches ((N,C,H,W) float32, or (N,H,W,C) uint8 for a
+    uint8-input artifact: ``input_kind``); returns the outputs in manifest order."""
 
     name: str = ""  # "onnxruntime-cpu" | "onnxruntime-cuda" | "openvino" | "tensorrt"
     artifact_key: str = ""
@@ -53,6 +55,7 @@ class Backend(ABC):
     min_batch: int = 1
     max_batch: int | None = None  # None: any batch size
     fixed_batch: bool = False  # the graph takes exactly max_batch (pad partial batches)
+    input_kind: str = FLOAT_NCHW  # the artifact's manifest ``input`` (preprocess.INPUT_KINDS)
 
     @abstractmethod
     def _run(self, batch: np.ndarray) -> list[np.ndarray]:
@@ -78,11 +81,21 @@ class Backend(ABC):
         return [np.concatenate([p[i] for p in pieces]) for i in range(len(pieces[0]))]
 
     def warmup(self, shape: tuple[int, ...], runs: int, batch: int) -> None:
-        """Run zeros through the model so the first real frame does not pay for lazy init."""
+        """Run zeros (``shape``: one image of the artifact's input) so the first real frame does not pay
+        for lazy init."""
         sizes = sorted({1, max(1, batch)})
         for _ in range(runs):
             for n in sizes:
-                self.run(np.zeros((n, *shape), dtype=np.float32))
+                self.run(np.zeros((n, *shape), dtype=input_dtype(self.input_kind)))
+
+    def stage(self, batch: np.ndarray) -> None:
+        """Start moving ``batch`` to the device ahead of ``run(batch)`` (TensorRT: overlaps the running
+        batch); a no-op for CPU engines."""
+        return None
+
+    def allocate_host(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """Host memory for input batches ([batching] zero_copy's arena); TensorRT gives page-locked memory."""
+        return np.empty(shape, dtype=dtype)
 
     def close(self) -> None:
         """Release device resources (idempotent)."""
@@ -95,6 +108,7 @@ class Backend(ABC):
             "precision": self.precision,
             "inference_precision": self.inference_precision,
             "max_batch": self.max_batch,
+            "input": self.input_kind,
         }
 
     @property
@@ -128,13 +142,13 @@ class OrtBackend(Backend):
         if cuda and "CUDAExecutionProvider" not in sess.get_providers():
             raise BackendError("ONNX Runtime fell back to the CPU: the CUDA provider failed to initialise")
         try:
-            check_graph_io(bundle.manifest, sess.get_inputs(), sess.get_outputs(), str(path))
+            check_graph_io(bundle.manifest, sess.get_inputs(), sess.get_outputs(), str(path), art.input)
         except BundleError as exc:
             raise BackendError(str(exc)) from None
         self.sess = sess
         self.name = "onnxruntime-cuda" if cuda else "onnxruntime-cpu"
         self.artifact_key = key
-        self.precision = art.precision
+        self.precision, self.input_kind = art.precision, art.input
         self.input_name = sess.get_inputs()[0].name
         self.output_names = list(bundle.manifest.output.names)
         dim = sess.get_inputs()[0].shape[0]
@@ -168,6 +182,7 @@ class OpenVINOBackend(Backend):
             raise BackendError(str(exc)) from None
         self.model: OpenVINOModel | None = m  # None once closed
         self.artifact_key, self.precision = key, bundle.artifact(key).precision
+        self.input_kind = bundle.artifact(key).input
         self.inference_precision = m.inference_precision
         if m.inference_precision != cfg.openvino.precision:
             log.warning(
@@ -249,7 +264,7 @@ def _ort_cuda(bundle: Bundle, key: str, cfg: ModelConfig) -> Backend:
 def _tensorrt(bundle: Bundle, key: str, cfg: ModelConfig) -> Backend:
     from runtime.inference.tensorrt import TensorRTBackend
 
-    return TensorRTBackend(bundle, key, device_id=cfg.device_id)
+    return TensorRTBackend(bundle, key, device_id=cfg.device_id, dla_core=cfg.dla_core)
 
 
 @register("openvino")

@@ -18,9 +18,9 @@ from runtime.bundle.store import choose_bootable
 from runtime.config.station import ConfigError, StationConfig
 from runtime.inference.backends import Backend, BackendError, create_backend
 from runtime.inference.decision import BoxDecider, Decider, Postprocessor, make_postprocessor
-from runtime.inference.preprocess import Preprocessor, SpecError
+from runtime.inference.preprocess import UINT8_NHWC, Preprocessor, SpecError, input_dtype, input_shape
 from runtime.inference.tta import TTA, TTAError
-from runtime.serving.batcher import BatchBuffers, assemble
+from runtime.serving.batcher import BatchBuffers, FrameSlots, assemble
 from runtime.sources.cameras import Frame, FrameRejected
 
 log = logging.getLogger("defectscope.daemon")
@@ -50,6 +50,12 @@ class LoadedModel:
     boot_fallback: str | None = None  # at start: why an earlier store version serves instead of `current`
     lock: threading.Lock = field(default_factory=threading.Lock)  # held while the backend runs
     closed: bool = False
+    slots: FrameSlots | None = None  # [batching] zero_copy: the arena prepared frames are written into
+
+    @property
+    def uint8_input(self) -> bool:
+        """The artifact takes resized uint8 frames (N,H,W,C); normalisation runs inside the graph."""
+        return self.backend.input_kind == UINT8_NHWC
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -63,7 +69,15 @@ class LoadedModel:
                 "too_small", f"{w}x{h} frame is smaller than key 'model.min_frame_side' ({self.min_frame_side} px)"
             )
         t = time.perf_counter()
-        frame.tensor = self.tta.expand(frame.image, stop=1 if self.adaptive_band is not None else None)
+        release(frame)  # a slot of an earlier model generation (prepared again after a reload)
+        stop = 1 if self.adaptive_band is not None else None
+        slot = self.slots.acquire() if self.slots is not None else None
+        out = None
+        if slot is not None:
+            assert self.slots is not None
+            out = self.slots.arena[slot]
+            frame.slot = (self.slots, slot)
+        frame.tensor = self.tta.expand(frame.image, stop=stop, uint8=self.uint8_input, out=out)
         frame.geometry = self.pre.box_geometry(h, w)  # boxes on the model input -> this frame's pixels
         frame.generation = self.generation
         frame.preprocess_s += time.perf_counter() - t
@@ -74,12 +88,28 @@ class LoadedModel:
         for f in frames:
             if f.generation != self.generation or f.tensor is None:
                 self.prepare(f)  # queued before a reload: redo with this model's preprocessing
-        return assemble(frames, out)
+        return assemble(frames, out, self.slots)
 
     def close(self) -> None:
         with self.lock:  # waits for an in-flight batch on this model
             self.closed = True
             self.backend.close()
+
+
+def release(frame: Frame) -> None:
+    """Give back the frame's arena slot (after inference, or when the frame is dropped) and its views."""
+    if frame.slot is not None:
+        slots, i = frame.slot
+        frame.slot = None
+        frame.tensor = None
+        slots.release(i)
+
+
+def make_slots(cfg: StationConfig, backend: Backend, per_call: int, rows: int, shape: tuple[int, ...]) -> FrameSlots:
+    """The arena for [batching] zero_copy: room for every queued frame, one frame being prepared per camera
+    and three batches (being filled, handed over, in the engine), so a slot is rarely missing."""
+    n = sum(c.queue_size for c in cfg.cameras) + len(cfg.cameras) + 3 * per_call
+    return FrameSlots(n, (rows, *shape), input_dtype(backend.input_kind), backend.allocate_host)
 
 
 def _frames_per_call(cfg: StationConfig, backend: Backend, n_views: int, adaptive: bool) -> int:
@@ -102,7 +132,7 @@ def _probe(bundle: Bundle, backend: Backend, tta: TTA, post: Postprocessor, deci
     m = bundle.manifest
     probe = np.full((m.input.resize_size, m.input.resize_size, 3), 127, dtype=np.uint8)
     geo = tta.pre.box_geometry(*probe.shape[:2])
-    preds = post(backend.run(tta.expand(probe)), 1, tta.n_views, [geo])
+    preds = post(backend.run(tta.expand(probe, uint8=backend.input_kind == UINT8_NHWC)), 1, tta.n_views, [geo])
     if preds[0].scores.shape != (len(m.classes),):
         raise ModelLoadError(
             f"model outputs {preds[0].scores.shape[0]} class scores, manifest lists {len(m.classes)} classes"
@@ -141,7 +171,7 @@ def load_model(cfg: StationConfig, generation: int = 1) -> LoadedModel:
         # falls through to the next backend instead of failing the load.
         per_call = _frames_per_call(cfg, candidate, tta.n_views, adaptive)
         try:
-            candidate.warmup(m.input.shape, cfg.model.warmup_runs, per_call * tta.n_views)
+            candidate.warmup(input_shape(m.input, candidate.input_kind), cfg.model.warmup_runs, per_call * tta.n_views)
             _probe(bundle, candidate, tta, post, decider)
         except ModelLoadError:
             raise
@@ -160,6 +190,10 @@ def load_model(cfg: StationConfig, generation: int = 1) -> LoadedModel:
         "artifact": backend.artifact_key,
         "backend": backend.name,
     }
+    slots = None
+    if cfg.batching.zero_copy:
+        rows = 1 if adaptive else tta.n_views
+        slots = make_slots(cfg, backend, per_call, rows, input_shape(m.input, backend.input_kind))
     # Default minimum: a quarter of the model's input side (a thumbnail upscaled 4x is not a part image).
     min_side = cfg.model.min_frame_side or max(1, min(m.input.height, m.input.width) // 4)
     return LoadedModel(
@@ -175,4 +209,5 @@ def load_model(cfg: StationConfig, generation: int = 1) -> LoadedModel:
         min_frame_side=min_side,
         adaptive_band=cfg.tta.band if adaptive else None,
         boot_fallback=boot.reason if boot is not None else None,
+        slots=slots,
     )

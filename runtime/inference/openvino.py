@@ -76,7 +76,8 @@ def type_name(value: Any) -> str:
 
 
 class OpenVINOModel:
-    """A compiled ONNX model and its infer requests; ``run`` maps (N,C,H,W) float32 -> outputs by name."""
+    """A compiled ONNX model and its infer requests; ``run`` maps the input batch (N,C,H,W) float32, or
+    (N,H,W,C) uint8 for a uint8-input artifact, to outputs by name."""
 
     def __init__(
         self,
@@ -117,7 +118,9 @@ class OpenVINOModel:
         # A tensor may carry several names; report the expected one when it is among them.
         self.inputs = [
             SimpleNamespace(
-                name=input_name if input_name in p.get_names() else p.any_name, shape=_dims(p.partial_shape)
+                name=input_name if input_name in p.get_names() else p.any_name,
+                shape=_dims(p.partial_shape),
+                type=p.get_element_type().get_type_name(),  # "f32" / "u8"
             )
             for p in compiled.inputs
         ]
@@ -133,6 +136,7 @@ class OpenVINOModel:
         self.outputs = [SimpleNamespace(name=n, shape=_dims(p.partial_shape)) for n, p in ports.items()]
         self._ports = list(ports.values())
         self.static_batch = self.inputs[0].shape[0] if self.inputs else None  # set: no splitting over requests
+        self._dtype = np.uint8 if self.inputs and self.inputs[0].type == "u8" else np.float32
         self._requests = [compiled.create_infer_request() for _ in range(max(1, infer_requests))]
         self._lock = threading.Lock()
 
@@ -144,7 +148,7 @@ class OpenVINOModel:
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         """Outputs in ``output_names`` order; with several requests the batch is split over them."""
-        x = np.ascontiguousarray(batch, dtype=np.float32)
+        x = np.ascontiguousarray(batch, dtype=self._dtype)
         with self._lock:
             reqs = self._requests
             if len(reqs) == 1 or x.shape[0] == 1 or self.static_batch:
@@ -186,7 +190,7 @@ def open_bundle_model(bundle: Any, key: str, settings: Any, threads: int) -> Ope
         input_name=bundle.manifest.input.name,
     )
     try:
-        check_graph_io(bundle.manifest, model.inputs, model.outputs, str(path))
+        check_graph_io(bundle.manifest, model.inputs, model.outputs, str(path), art.input)
     except BundleError as exc:
         model.close()
         raise OpenVINOError(str(exc)) from None

@@ -41,6 +41,12 @@ PLAIN = frozenset({"linear", "linear_exact"})
 # What a new training run records when asked for a name: the bit-exact variant of the same filter.
 NEW_RUN_NAMES = {"linear": "linear_exact"}
 COLOR_ORDERS = ("RGB", "BGR", "GRAY")
+# What an artifact's input tensor takes (manifest ``artifacts.<key>.input``): the normalised float
+# tensor (N,C,H,W) this module makes, or the resized uint8 frame (N,H,W,C) in the camera's channel
+# order (BGR, or 1 gray channel) with cast, channel order, mean/std and layout done inside the graph.
+FLOAT_NCHW = "float32_nchw"
+UINT8_NHWC = "uint8_nhwc"
+INPUT_KINDS = (FLOAT_NCHW, UINT8_NHWC)
 
 
 class ImageReadError(ValueError):
@@ -242,6 +248,20 @@ def resize(image: np.ndarray, h: int, w: int, interpolation: str = "bilinear") -
     return cv2.resize(image, (w, h), interpolation=interp)
 
 
+def uint8_shape(spec: InputSpec) -> tuple[int, int, int]:
+    """(H,W,C) of one resized uint8 frame for a uint8-input artifact."""
+    return (spec.height, spec.width, spec.channels)
+
+
+def input_shape(spec: InputSpec, kind: str) -> tuple[int, int, int]:
+    """Per-image shape of an artifact input of ``kind`` (INPUT_KINDS)."""
+    return uint8_shape(spec) if kind == UINT8_NHWC else spec.shape
+
+
+def input_dtype(kind: str) -> type[np.generic]:
+    return np.uint8 if kind == UINT8_NHWC else np.float32
+
+
 class Preprocessor:
     """Camera frame (uint8 gray or BGR) → model input (C,H,W) float32, per an InputSpec."""
 
@@ -252,6 +272,10 @@ class Preprocessor:
         std = np.asarray(spec.std, dtype=np.float32)
         self._scale = (1.0 / (255.0 * std)).reshape(c, 1, 1)
         self._offset = (-np.asarray(spec.mean, dtype=np.float32) / std).reshape(c, 1, 1)
+
+    def folded(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scale, offset), each (C,) float32: normalised = uint8 * scale + offset (the uint8 graph's constants)."""
+        return self._scale.reshape(-1).copy(), self._offset.reshape(-1).copy()
 
     def _resize(self, image: np.ndarray, h: int, w: int) -> np.ndarray:
         return resize(image, h, w, self.spec.interpolation)
@@ -304,6 +328,40 @@ class Preprocessor:
         out += self._offset
         return out
 
+    def frame_uint8(
+        self, image: np.ndarray, resize_size: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """One frame -> (H,W,C) uint8 for a uint8-input artifact: resize/crop only, BGR (or 1 gray channel).
+
+        Written into ``out`` (e.g. a slot of a preallocated batch) if given; the graph does the rest.
+        """
+        geo = self.geometry(to_uint8(image), resize_size)
+        spec = self.spec
+        if out is None:
+            out = np.empty(uint8_shape(spec), dtype=np.uint8)
+        if spec.channels == 1:
+            if geo.ndim == 2:
+                out[..., 0] = geo
+            else:
+                out[..., 0] = cv2.cvtColor(geo, cv2.COLOR_BGR2GRAY)
+        elif geo.ndim == 2:
+            out[...] = geo[..., None]  # gray camera, colour model: the float path broadcasts the same way
+        else:
+            out[...] = geo
+        return out
+
+    def uint8_from_tensor(self, x: np.ndarray) -> np.ndarray:
+        """Normalised (N,C,H,W) float32 made by this preprocessor -> the (N,H,W,C) uint8 frames it came from.
+
+        Exact (rounding undoes the float multiply-add): lets a float sample, e.g. a bundle's held-out
+        ``x``, drive a uint8-input artifact or engine.
+        """
+        u = np.rint((np.asarray(x, np.float32) - self._offset) / self._scale)
+        u = np.clip(u, 0, 255).astype(np.uint8)
+        if self.spec.channels == 3 and self.spec.color_order == "RGB":
+            u = u[:, ::-1]  # back to the camera's BGR
+        return np.ascontiguousarray(u.transpose(0, 2, 3, 1))
+
     def batch(self, images: Iterable[np.ndarray], resize_size: int | None = None) -> np.ndarray:
         """Frames → (N,C,H,W) float32."""
         images = list(images)
@@ -322,6 +380,12 @@ class Preprocessor:
 
 
 __all__ = [
+    "FLOAT_NCHW",
+    "INPUT_KINDS",
+    "UINT8_NHWC",
+    "input_dtype",
+    "input_shape",
+    "uint8_shape",
     "ImageReadError",
     "InputSpec",
     "Preprocessor",

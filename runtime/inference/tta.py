@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from runtime.inference.preprocess import Preprocessor
+from runtime.inference.preprocess import Preprocessor, uint8_shape
 
 
 class TTAError(ValueError):
@@ -118,25 +118,41 @@ class TTA:
         return len(self.views)
 
     def expand(
-        self, image: np.ndarray, start: int = 0, stop: int | None = None, base: np.ndarray | None = None
+        self,
+        image: np.ndarray,
+        start: int = 0,
+        stop: int | None = None,
+        base: np.ndarray | None = None,
+        *,
+        uint8: bool = False,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """uint8 frame -> (V,C,H,W) float32, one normalised tensor per view in ``views[start:stop]``.
 
-        ``base``: the frame's already preprocessed (C,H,W) 'original' view, reused for flips.
+        ``uint8``: (V,H,W,C) uint8 resized frames instead, for a uint8-input artifact (the graph normalises).
+        ``base``: the frame's already prepared 'original' view (same kind), reused for flips.
+        ``out``: where to write the views (e.g. the frame's slot of a preallocated batch).
         """
         spec = self.pre.spec
         views = self.views[start:stop]
-        out = np.empty((len(views), *spec.shape), dtype=np.float32)
+        shape = uint8_shape(spec) if uint8 else spec.shape
+        if out is None:
+            out = np.empty((len(views), *shape), dtype=np.uint8 if uint8 else np.float32)
+        prep = self.pre.frame_uint8 if uint8 else self.pre
         for i, v in enumerate(views):
             if v in self._sizes:
-                out[i] = self.pre(image, resize_size=self._sizes[v])
+                prep(image, resize_size=self._sizes[v], out=out[i])
                 continue
             if base is None:
-                base = self.pre(image)
+                base = prep(image, out=out[i]) if v == "original" else prep(image)
             view = VIEW_FUNCTIONS.get(v)
             if view is None:  # config validation makes this unreachable
                 raise TTAError(f"key 'tta.views': unknown view {v!r}")
-            out[i] = view(base)
+            if uint8:
+                # The view functions act on (..., H, W): apply them to the (C,H,W) view of (H,W,C).
+                out[i] = view(base.transpose(2, 0, 1)).transpose(1, 2, 0)
+            else:
+                out[i] = view(base)
         return out
 
 

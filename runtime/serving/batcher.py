@@ -33,6 +33,7 @@ class FrameHub:
         self._order: list[str] = []
         self._rr = 0
         self.on_depth: Callable[[str, int], None] = lambda camera, depth: None
+        self.on_drop: Callable[[Frame], None] = lambda frame: None  # a frame pushed out (releases its slot)
 
     def add_camera(self, camera: str, capacity: int) -> None:
         with self._lock:
@@ -60,6 +61,8 @@ class FrameHub:
             depth = len(q)
             self._not_empty.notify()
         self.on_depth(frame.camera, depth)
+        if dropped is not None:
+            self.on_drop(dropped)
         return dropped
 
     def pending(self) -> int:
@@ -115,19 +118,101 @@ class FrameHub:
             self._not_full.notify_all()
 
 
-def assemble(frames: Sequence[Frame], out: BatchBuffers | None = None) -> np.ndarray:
-    """Frames' (V,C,H,W) views -> one (N*V,C,H,W) float32 batch; a frame's views stay adjacent.
+def assemble(frames: list[Frame], out: BatchBuffers | None = None, slots: FrameSlots | None = None) -> np.ndarray:
+    """Frames' (V,C,H,W) views -> one (N*V,C,H,W) batch; a frame's views stay adjacent.
 
-    One frame: its own views, no copy. Several: copied into a reused buffer of ``out`` if given.
+    One frame: its own views, no copy. Several in consecutive slots of ``slots``: ``frames`` is put
+    in slot order (capture order, so each camera's order holds) and the batch is a view of the
+    arena, no copy. Otherwise copied into a reused buffer of ``out`` if given.
     """
     tensors = [f.tensor for f in frames if f.tensor is not None]
     assert len(tensors) == len(frames), "assemble() needs prepared frames"
     if len(tensors) == 1:
         return tensors[0]
+    if slots is not None and all(f.slot is not None and f.slot[0] is slots for f in frames):
+        frames.sort(key=lambda f: slots.ticket(f.slot[1]))  # type: ignore[index]
+        view = slots.contiguous([f.slot[1] for f in frames], tensors[0].shape[0])  # type: ignore[index]
+        if view is not None:
+            slots.stats["zero_copy"] += 1
+            return view
+        slots.stats["gathered"] += 1
+        tensors = [f.tensor for f in frames if f.tensor is not None]
     if out is None:
         return np.concatenate(tensors)
     rows = sum(t.shape[0] for t in tensors)
-    return np.concatenate(tensors, out=out.take((rows, *tensors[0].shape[1:])))
+    return np.concatenate(tensors, out=out.take((rows, *tensors[0].shape[1:]), tensors[0].dtype))
+
+
+class FrameSlots:
+    """Zero-copy batches (``[batching] zero_copy``): one preallocated arena of frame slots per model.
+
+    A capture thread takes a slot (``acquire``) and writes the frame's prepared views straight
+    into it (``rows``); slots are handed out in ring order with a ticket, so frames prepared one
+    after another sit next to each other. A batch whose frames hold consecutive slots is one view
+    of the arena (``contiguous``): no per-frame allocation and no stacking copy. Anything else
+    (a wrap-around, a frame dropped from a queue, the ring full) still works, by the old copy or
+    allocation, and is counted in ``stats``. ``allocate`` makes the arena (the TensorRT backend
+    gives page-locked host memory, so its host-to-device copy runs by DMA).
+    """
+
+    def __init__(
+        self,
+        n_slots: int,
+        rows: tuple[int, ...],
+        dtype: np.dtype | type,
+        allocate: Callable[[tuple[int, ...], np.dtype | type], np.ndarray] | None = None,
+    ) -> None:
+        shape = (n_slots, *rows)
+        self.arena = allocate(shape, dtype) if allocate is not None else np.empty(shape, dtype=dtype)
+        self._free = [True] * n_slots
+        self._ticket = [0] * n_slots
+        self._next = 0
+        self._tickets = 0
+        self._lock = threading.Lock()
+        # zero_copy: batches passed as an arena view; gathered: batches copied together;
+        # no_slot: frames prepared into their own allocation because every slot was taken.
+        self.stats = {"zero_copy": 0, "gathered": 0, "no_slot": 0}
+
+    @property
+    def n_slots(self) -> int:
+        return len(self._free)
+
+    def acquire(self) -> int | None:
+        """The next free slot in ring order, or None when all are taken (the caller allocates)."""
+        with self._lock:
+            n = len(self._free)
+            for k in range(n):
+                i = (self._next + k) % n
+                if self._free[i]:
+                    self._free[i] = False
+                    self._tickets += 1
+                    self._ticket[i] = self._tickets
+                    self._next = (i + 1) % n
+                    return i
+            self.stats["no_slot"] += 1
+            return None
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            self._free[slot] = True
+
+    def in_use(self) -> int:
+        with self._lock:
+            return self._free.count(False)
+
+    def ticket(self, slot: int) -> int:
+        return self._ticket[slot]
+
+    def contiguous(self, slots: Sequence[int], rows: int) -> np.ndarray | None:
+        """The arena rows of ``slots`` (in this order, each holding ``rows`` views) as one (N*rows, ...) view,
+        or None when they are not consecutive slots."""
+        first = slots[0]
+        if any(s != first + k for k, s in enumerate(slots)) or first + len(slots) > self.n_slots:
+            return None
+        block = self.arena[first : first + len(slots), :rows]
+        if rows != self.arena.shape[1] and len(slots) > 1:
+            return None  # fewer views than the slot holds: the rows are not adjacent
+        return block.reshape(-1, *self.arena.shape[2:])
 
 
 class BatchBuffers:
@@ -143,11 +228,11 @@ class BatchBuffers:
         self._bufs: list[np.ndarray | None] = [None] * slots
         self._next = 0
 
-    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+    def take(self, shape: tuple[int, ...], dtype: np.dtype | type = np.float32) -> np.ndarray:
         i = self._next
         self._next = (i + 1) % len(self._bufs)
         buf = self._bufs[i]
-        n = int(np.prod(shape))
-        if buf is None or buf.size < n:
-            buf = self._bufs[i] = np.empty(n, dtype=np.float32)
-        return buf[:n].reshape(shape)
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if buf is None or buf.size < nbytes:
+            buf = self._bufs[i] = np.empty(nbytes, dtype=np.uint8)  # bytes: float32 and uint8 batches share it
+        return buf[:nbytes].view(dtype).reshape(shape)

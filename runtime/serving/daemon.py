@@ -24,6 +24,7 @@ from typing import Any
 
 from runtime.config.station import ConfigError, StationConfig, load_config
 from runtime.inference.model import LoadedModel, ModelLoadError, load_model
+from runtime.serving.device_health import DeviceHealth
 from runtime.serving.messages import status_message
 from runtime.serving.metrics import Metrics
 from runtime.serving.notify import Notifier, Watchdog
@@ -57,6 +58,7 @@ class Daemon:
         self.cameras: list[Camera] = []
         self.publisher: Publisher | None = None
         self.http: HealthServer | None = None
+        self.device_health: DeviceHealth | None = None
         self.snapshots: SnapshotSpool | None = None
         self.watchdog: Watchdog | None = None
         self.last_reload: dict[str, Any] = reload_record()
@@ -103,6 +105,8 @@ class Daemon:
         )
         self.http.start()
         log.info("metrics and health on http://%s:%d (/metrics /healthz /readyz)", m.host, self.http.port)
+        self.device_health = DeviceHealth(cfg.device_health, self.metrics.device)
+        self.device_health.start()
         self._open_publisher()
         if cfg.snapshots.enabled:
             self.snapshots = SnapshotSpool(cfg.snapshots, lambda r: self.metrics.snapshots.labels(r).inc())
@@ -218,6 +222,8 @@ class Daemon:
             self.snapshots.close()
         if self.pipeline.model is not None:
             self.pipeline.model.close()
+        if self.device_health is not None:
+            self.device_health.stop()
         if self.http is not None:
             self.http.stop()
         self.pid_file.remove()

@@ -20,6 +20,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from runtime.serving.device_health import DeviceMetrics
 from runtime.serving.messages import VERDICTS
 
 # Seconds: inference on an edge device is ~1-100 ms; end-to-end adds queueing (up to seconds when behind).
@@ -126,6 +127,7 @@ class Metrics:
         self.snapshots = Counter(
             "defectscope_snapshots_total", "Snapshots by result (saved, dropped, error)", ["result"], registry=r
         )
+        self.device = DeviceMetrics(r)  # defectscope_device_*: fed by runtime.serving.device_health
         # Create the label children up front: a counter that exists at 0 makes rate() and alerts work.
         for c in cameras:
             for m in (

@@ -26,7 +26,7 @@ import numpy as np
 
 from runtime.config.station import StationConfig
 from runtime.inference.decision import Decision, Prediction, scores_dict, top
-from runtime.inference.model import LoadedModel
+from runtime.inference.model import LoadedModel, release
 from runtime.serving.batcher import BatchBuffers, FrameHub
 from runtime.serving.messages import VERDICTS, status_topic, verdict_message, verdict_topic
 from runtime.serving.metrics import Metrics
@@ -71,6 +71,7 @@ class Pipeline:
         self.metrics = metrics
         self.hub = FrameHub()
         self.hub.on_depth = lambda cam, depth: metrics.queue_depth.labels(cam).set(depth)
+        self.hub.on_drop = release  # a frame pushed out of its queue gives its arena slot back
         self.model: LoadedModel | None = None
         self.publisher: Publisher | None = None
         self.snapshots: SnapshotSpool | None = None
@@ -200,6 +201,11 @@ class Pipeline:
             except Exception:  # the inference thread prepares again; never lose the frames here
                 log.exception("stacking a batch of %d frame(s) failed", len(frames))
                 batch = None
+            if batch is not None:
+                try:
+                    model.backend.stage(batch)  # TensorRT: its copy to the GPU overlaps the running batch
+                except Exception:  # run() copies it itself; never lose the frames here
+                    log.exception("staging a batch of %d frame(s) on the device failed", len(frames))
             if not self._hand_over(_Batch(frames, batch, model, t_batch)):
                 return
 
@@ -241,6 +247,7 @@ class Pipeline:
             except Exception:  # never let one bad batch kill the thread (the watchdog would restart us)
                 log.exception("inference failed on a batch of %d frame(s)", len(item.frames))
                 for f in item.frames:
+                    release(f)
                     self.dropped(f.camera, "inference_error")
             finally:
                 self._infer_busy.clear()
@@ -267,6 +274,7 @@ class Pipeline:
             except Exception as exc:
                 log.error("inference failed (%s, %d frame(s)): %s", model.backend.name, len(frames), exc)
                 for f in frames:
+                    release(f)
                     self.dropped(f.camera, "inference_error")
                 return
             n_views = model.tta.n_views
@@ -281,6 +289,7 @@ class Pipeline:
             model.lock.release()
         for f, v in zip(frames, views):
             f.tensor = None  # the (V,C,H,W) views are not needed past inference
+            release(f)
             if v > 1 and model.adaptive_band is not None:
                 self.metrics.tta_expanded.labels(f.camera).inc()
         self.metrics.inference_latency.observe(infer_s)
@@ -410,7 +419,7 @@ def _more_views(model: LoadedModel, frames: list[Frame], outputs: Any) -> tuple[
         f = frames[i]
         t = time.perf_counter()
         first = f.tensor[0] if f.tensor is not None and model.tta.views[0] == "original" else None
-        extra.append(model.tta.expand(f.image, start=1, base=first))
+        extra.append(model.tta.expand(f.image, start=1, base=first, uint8=model.uint8_input))
         f.preprocess_s += time.perf_counter() - t
     rest = model.post(model.backend.run(np.concatenate(extra)), len(near), n_views - 1)
     for j, i in enumerate(near):

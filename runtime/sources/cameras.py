@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import cv2
 import numpy as np
@@ -87,6 +87,8 @@ class Frame:
     # runtime.inference.boxes.Geometry of ``image`` -> the model input (detectors: maps boxes back to ``image``
     # pixels); set with ``tensor``, None for a center-cropping classifier.
     geometry: Geometry | None = None
+    # (runtime.serving.batcher.FrameSlots, index): the arena slot ``tensor`` lives in ([batching] zero_copy).
+    slot: tuple[Any, int] | None = None
 
 
 class Reader(Protocol):

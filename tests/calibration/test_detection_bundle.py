@@ -119,3 +119,67 @@ def test_parity_failure_refuses_the_export(det_run, tmp_path):
     with pytest.raises(DetectionExportError):
         export_run(run, out, parity_images=4, parity_score_tol=-1.0, echo=lambda *_: None)
     assert not out.exists()
+
+
+def test_export_uint8_input_adds_a_parity_checked_detector_twin(det_run, tmp_path):
+    """``export --uint8-input`` of a detector: ``fp32-u8`` takes letterboxed uint8 frames and gives the float
+    artifact's boxes, scores and labels (checked at export, recorded, and again here on the station's loader)."""
+    from runtime.bundle.manifest import load_bundle
+    from runtime.inference.ort_session import ort_session
+    from runtime.inference.preprocess import Preprocessor
+
+    _, run = det_run
+    out = tmp_path / "bundle"
+    args = ["export", str(run), "--out", str(out), "--threads", "1", "--parity-images", "4", "--uint8-input"]
+    assert ds_main([*args, "--no-eval"]) == 0
+    b = load_bundle(out)
+    assert b.artifact("fp32-u8").input == "uint8_nhwc"
+    assert b.manifest.provenance["export"]["uint8_parity"]["fp32-u8"]["passed"] is True
+    pre = Preprocessor(b.manifest.input)
+    rng = np.random.default_rng(5)
+    frames = [rng.integers(0, 256, (50, 80, 3), dtype=np.uint8) for _ in range(2)]
+    fs, us = ort_session(b.artifact_path("fp32"), 1), ort_session(b.artifact_path("fp32-u8"), 1)
+    for f in frames:
+        ref = fs.run(None, {"input": pre.batch([f])})
+        got = us.run(None, {"input": pre.frame_uint8(f)[None]})
+        for r, g in zip(ref, got):
+            np.testing.assert_allclose(g, r, atol=1e-3)
+
+
+def test_station_serves_the_detector_uint8_twin_with_flip_views(det_run, tmp_path):
+    """The station loads ``fp32-u8`` of a detector with TTA flips (views built in uint8, boxes unflipped) and
+    judges a frame with the same boxes as the float artifact."""
+    from runtime.config.station import load_config
+    from runtime.inference.model import load_model
+    from runtime.sources.cameras import Frame
+    from tests.runtime._helpers import station_config
+
+    _, run = det_run
+    out = tmp_path / "bundle"
+    args = ["export", str(run), "--out", str(out), "--threads", "1", "--parity-images", "2", "--no-eval"]
+    assert ds_main([*args, "--uint8-input"]) == 0
+    (tmp_path / "r").mkdir()
+    frame = np.random.default_rng(7).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    preds = {}
+    for art in ("fp32", "fp32-u8"):
+        (tmp_path / art).mkdir()
+        cfg, _ = station_config(
+            tmp_path / art,
+            out,
+            [{"id": "cam1", "source": str(tmp_path / "r")}],
+            model={"artifact": art},
+            tta={"views": ["original", "hflip"]},
+        )
+        model = load_model(load_config(cfg))
+        try:
+            f = Frame(camera="cam1", seq=0, image=frame, captured_at=0.0, t_capture=0.0)
+            model.prepare(f)
+            assert f.tensor.dtype == (np.uint8 if art == "fp32-u8" else np.float32)
+            outputs = model.backend.run(model.stack([f]))
+            preds[art] = model.post(outputs, 1, model.tta.n_views, [f.geometry])[0]
+        finally:
+            model.close()
+    np.testing.assert_allclose(preds["fp32-u8"].scores, preds["fp32"].scores, atol=1e-3)
+    a, b = preds["fp32"].boxes, preds["fp32-u8"].boxes
+    assert len(a.scores) == len(b.scores)
+    np.testing.assert_allclose(b.boxes, a.boxes, atol=1e-2)

@@ -234,3 +234,20 @@ def test_calibrate_refuses_a_run_whose_classes_are_not_the_bundles(tiny_detector
     (other / "model.json").write_text("{not json")
     assert ds_main(["calibrate", str(bundle), "--run", str(other), "--size", "4"]) == 1
     assert (bundle / "manifest.json").read_bytes() == before and not (bundle / "model.int8.onnx").exists()
+
+
+def test_calibrate_adds_an_int8_uint8_input_twin_to_a_uint8_detection_bundle(tiny_detector, tmp_path):
+    """A detection bundle exported with --uint8-input gets ``int8-u8`` next to ``int8`` at calibration:
+    the same INT8 graph behind the in-graph normalisation, parity-checked and recorded."""
+    from defectscope.cli import main as ds_main
+    from runtime.bundle.manifest import load_bundle
+
+    run, _ = tiny_detector
+    bundle = tmp_path / "bundle"
+    export = ["export", str(run), "--out", str(bundle), "--threads", "2", "--parity-images", "2", "--no-eval"]
+    assert ds_main([*export, "--uint8-input"]) == 0
+    assert ds_main(["calibrate", str(bundle), "--run", str(run), "--size", "8", "--threads", "2"]) == 0
+    m = load_bundle(bundle).manifest
+    assert m.artifacts["int8-u8"].input == "uint8_nhwc" and m.artifacts["int8-u8"].precision == "int8"
+    assert m.metrics["int8-u8"]["uint8_parity"]["passed"] is True
+    assert m.default_artifact == "int8"  # the default stays the float-input artifact (no measured reason to move)

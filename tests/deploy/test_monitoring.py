@@ -29,6 +29,8 @@ REQUIRED_ALERTS = {
     "DefectScopeModelVersionSkew",
     "DefectScopeRestarting",
     "DefectScopeSubscriberDropped",
+    "DefectScopeThermalThrottling",
+    "DefectScopeGpuSaturated",
 }
 
 

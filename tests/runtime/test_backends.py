@@ -64,6 +64,7 @@ def test_ort_cpu_runs_the_model(tmp_path: Path) -> None:
         "precision": "fp32",
         "inference_precision": "f32",
         "max_batch": None,
+        "input": "float32_nchw",
     }
     assert backend.selection.reason == "named in [model] backend" and backend.selection.skipped == ()
 

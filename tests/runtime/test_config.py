@@ -267,6 +267,7 @@ def test_example_documents_every_accepted_key() -> None:
         "publisher.curve": c.CurveConfig,
         "model.openvino": c.OpenVINOConfig,
         "preview": c.PreviewConfig,
+        "device_health": c.DeviceHealthConfig,
         "cameras": c.CameraConfig,
     }
     assert set(c.SECTIONS) <= set(sections)

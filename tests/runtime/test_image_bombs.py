@@ -120,8 +120,8 @@ def test_a_header_that_claims_small_decodes_small(tmp_path: Path) -> None:
 @pytest.mark.parametrize("preload_mb", [0.0, 16.0])
 def test_a_decompression_bomb_in_a_replay_is_refused_alone(
     tmp_path: Path,
-    start_daemon,
-    preload_mb,  # noqa: F811
+    start_daemon,  # noqa: F811  (the fixture)
+    preload_mb,
     caplog,
 ) -> None:
     """Attack: a 0.5 MiB 8000x8000 16-bit PNG in a replay directory took the daemon to 2.5 GiB and
