@@ -14,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import stat
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from deploy.config import DeployConfig, DeployError, Station, check_component, d
 from deploy.service import Readiness, query_readyz, reload_failures, run_reload, service_state, wait_for_version
 from deploy.signing import default_signature_path, verify_manifest
 from deploy.store import BUILDS, ModelStore, version_key
+from deploy.trust import owned_by_root, read_checked
 from runtime.bundle.manifest import _world_readable
 
 MANIFEST = "manifest.json"
@@ -118,7 +117,7 @@ class Deployer:
         # Read once through a checked descriptor (a FIFO or a huge file swapped in cannot hang or
         # flood root), then verify a private copy of those bytes.
         copy = private_dir / f"{uuid.uuid4().hex[:12]}.sig"
-        copy.write_bytes(_read_checked(sig, "signature", MAX_SIGNATURE_BYTES))
+        copy.write_bytes(read_checked(sig, "signature", MAX_SIGNATURE_BYTES))
         try:
             verified = verify_manifest(manifest_bytes, copy, keys)
         except SignatureError as exc:
@@ -148,7 +147,7 @@ class Deployer:
         try:
             # Opened once, owner checked on the open descriptor, every read from it (a swap later is never read);
             # reads only manifest.json and the listing: nothing is written before the signature passes.
-            src = BundleSource(source, self._limits(), trust=_owned_by_root("bundle") if os.geteuid() == 0 else None)
+            src = BundleSource(source, self._limits(), trust=owned_by_root("bundle") if os.geteuid() == 0 else None)
         except BundleError as exc:
             raise DeployError(f"bundle verification (manifest, checksums, ONNX graph) failed: {exc}") from None
         with contextlib.closing(src), self.store.lock():
@@ -452,51 +451,3 @@ class Deployer:
 
 def _serves(r: Readiness, name: str, version: str) -> bool:
     return r.ready and r.model is not None and r.model.get("name") == name and str(r.version) == version
-
-
-def _owned_by_root(what: str) -> Callable[[str, os.stat_result, bool], None]:
-    """As root, install only what root wrote: a file the daemon user could create or swap is refused.
-
-    Applied to ``fstat`` of the opened bundle (and every entry of a directory bundle), not to a
-    path looked up before: the daemon user can write its own state directory and rename another
-    file or directory over the path at any time.
-    """
-
-    def check(where: str, st: os.stat_result, top: bool) -> None:
-        # Below the top, a symlink or FIFO root made is refused by the bundle inspection, naming its type.
-        link = stat.S_ISLNK(st.st_mode)
-        problem = None
-        if link and top:
-            problem = "is a symlink"
-        elif st.st_uid != 0:
-            problem = f"is owned by uid {st.st_uid}, not root"
-        elif st.st_mode & 0o022 and not link:
-            problem = f"is writable by group or others (mode {stat.filemode(st.st_mode)})"
-        elif top and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-            problem = "is not a regular file or directory"
-        if problem:
-            raise DeployError(
-                f"{where}: the {what} {problem}; deploy runs as root and only installs files root owns "
-                "(copy it into a root-only directory such as /var/lib/defectscope-deploy/incoming first)"
-            )
-
-    return check
-
-
-def _read_checked(path: Path, what: str, limit: int) -> bytes:
-    """At most ``limit`` bytes of the regular file ``path``, opened no-follow and non-blocking, owner
-    checked on the descriptor (as root); refused when larger."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise DeployError(f"{path}: cannot open the {what} ({exc.strerror}; symlinks are refused)") from None
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fd)
-        if os.geteuid() == 0:
-            _owned_by_root(what)(str(path), st, True)
-        if not stat.S_ISREG(st.st_mode):
-            raise DeployError(f"{path}: the {what} is not a regular file")
-        data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise DeployError(f"{path}: the {what} is larger than {limit} bytes")
-    return data
