@@ -74,6 +74,9 @@ TYPED_PATHS += runtime/__init__.py runtime/inference/openvino.py runtime/inferen
 # The console's security layers.
 TYPED_PATHS += deploy/console/metrics.py deploy/console/throttle.py deploy/console/login.py deploy/console/middleware.py
 
+# The console's trust layers (issue 28).
+TYPED_PATHS += deploy/console/migrate.py
+
 lint: install
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check $(LINT_PATHS)

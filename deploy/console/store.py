@@ -9,7 +9,8 @@ The newest review of a verdict is its current label. A batch the database refuse
 row: the rows it still refuses go to ``dead_letters`` and the rest are stored (one bad row never
 loses its batch); a lost connection keeps the whole batch for the next flush instead. SQLite runs in WAL mode (readers never block the
 writer); retention deletes unreviewed verdicts older than ``retention_days`` (reviewed ones are
-training data and stay).
+training data and stay). The schema is built and upgraded by Alembic (deploy/console/migrate.py);
+the tables below describe it for queries and must match the newest revision.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+
+from deploy.console.migrate import upgrade
 
 REVIEW_ACTIONS = ("confirm", "reject", "relabel")
 meta = sa.MetaData()
@@ -137,7 +140,7 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
-            meta.create_all(self.engine)
+            upgrade(self.engine)
         except sa.exc.OperationalError as exc:
             raise StoreError(f"store url {url!r}: cannot open: {exc.orig}") from None
 
