@@ -26,6 +26,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from deploy.console.admin import routes as admin_routes
 from deploy.console.auth import CAN, COOKIE, Session, Sessions, csrf_ok
 from deploy.console.config import ConsoleConfig, ConsoleConfigError
 from deploy.console.live import Live, dumps
@@ -35,6 +36,7 @@ from deploy.console.middleware import install
 from deploy.console.snapfiles import SnapshotRefused, read_snapshot
 from deploy.console.store import REVIEW_ACTIONS, Store, StoreError
 from deploy.console.streams import Streams
+from deploy.console.users import Users
 
 STATIC = Path(__file__).with_name("static")
 KIOSK = Session("kiosk", "kiosk", "", float("inf"))
@@ -123,7 +125,9 @@ class Console:
         self.cfg = cfg
         self.store = store
         self.live = Live(cfg)
-        self.sessions = Sessions(cfg)
+        self.users = Users(store.engine)
+        self.users.seed(cfg.users)  # the TOML seeds users that do not exist yet (the first admin)
+        self.sessions = Sessions(self.users, cfg.server.session_max_age_s)
         self.metrics = ConsoleMetrics()
         self.streams = Streams(cfg, store, self.live, self.metrics)
         self.gate = LoginGate(cfg.server, self.sessions, self.metrics)
@@ -450,6 +454,7 @@ def create_app(cfg: ConsoleConfig, store: Store | None = None) -> Starlette:
         Route("/preview/{station:str}/{camera:str}.jpg", c.preview),
         Route("/healthz", c.healthz),
         Route("/metrics", c.metrics_text),
+        *admin_routes(c),
         WebSocketRoute("/ws", c.ws),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]

@@ -23,7 +23,7 @@ else:  # pragma: no cover
 DEFAULT_HOST = "127.0.0.1"  # localhost only unless the config says otherwise
 DEFAULT_PORT = 8470
 DEFAULT_STORE = "sqlite:////var/lib/defectscope-console/results.db"
-ROLES = ("operator", "engineer")
+ROLES = ("operator", "engineer", "admin")  # admin: engineer + user management
 # Station / camera names become URL path segments and snapshot-name parts.
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 

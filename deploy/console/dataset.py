@@ -2,7 +2,7 @@
 
 SRC is a results store (a SQLite file, or a SQLAlchemy URL such as postgresql://...) read on the
 console machine, or the console's URL (http://host:8470; an engineer's login, password from
-$DEFECTSCOPE_CONSOLE_PASSWORD or a prompt). Labels come from each verdict's newest review:
+$DEFECTSCOPE_CONSOLE_PASSWORD, stdin or a prompt). Labels come from each verdict's newest review:
 confirm keeps the judged class, reject (false alarm) means the good class (a detector: no boxes),
 relabel sets the chosen class (a detector: the reviewed boxes).
 
@@ -20,7 +20,6 @@ a file that would still resolve outside the staging directory is refused, never 
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import os
 import re
@@ -36,6 +35,8 @@ from http.cookiejar import CookieJar
 from pathlib import Path
 from typing import Any
 
+from deploy.console.password import HELP as PASSWORD_HELP
+from deploy.console.password import read_password
 from deploy.console.snapfiles import SnapshotRefused, read_path
 
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _+-]{0,127}$")  # a class name that is safe as a folder name
@@ -237,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--since", default=None, help="from this time (ISO 8601 or unix seconds)")
     e.add_argument("--until", default=None, help="up to this time (ISO 8601 or unix seconds)")
     e.add_argument("--good-class", default=None, help="label of rejected defects (default: the console's, 'ok')")
-    e.add_argument("--user", default=os.environ.get("USER", ""), help="engineer login for a console URL")
+    e.add_argument("--user", default=os.environ.get("USER", ""),
+                   help=f"engineer login for a console URL. {PASSWORD_HELP}")
     return p
 
 
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.source.startswith(("http://", "https://")):
-            password = os.environ.get("DEFECTSCOPE_CONSOLE_PASSWORD") or getpass.getpass(f"password for {args.user}: ")
+            password = read_password(f"password for {args.user}: ")
             rows, image, good = http_source(args.source, args.user, password, t0, t1)
         else:
             rows, image, good = store_source(args.source, t0, t1)

@@ -5,6 +5,8 @@ Schema (portable types only; times are unix seconds as floats, boxes JSON text):
            task, verdict, top_class, defect_class, confidence, top_score, boxes, snapshot, snapshot_path)
   reviews(id PK, verdict_uid FK, action confirm|reject|relabel, label, boxes, user, role, created_at)
   dead_letters(id PK, station, received_at, error, row)   rows the database refused (row: JSON text)
+  users(name PK, role, password_hash, disabled, created_at, updated_at)   deploy/console/users.py
+  sessions(token_hash PK, user, role, csrf, created_at, expires)          deploy/console/auth.py
 The newest review of a verdict is its current label. A batch the database refuses is retried row by
 row: the rows it still refuses go to ``dead_letters`` and the rest are stored (one bad row never
 loses its batch); a lost connection keeps the whole batch for the next flush instead. SQLite runs in WAL mode (readers never block the
@@ -70,6 +72,24 @@ dead_letters = sa.Table(
     sa.Column("received_at", sa.Float, nullable=False),
     sa.Column("error", sa.Text, nullable=False),
     sa.Column("row", sa.Text, nullable=False),  # the refused row as JSON text (truncated)
+)
+users = sa.Table(
+    "users", meta,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("password_hash", sa.Text, nullable=False),  # argon2id
+    sa.Column("disabled", sa.Boolean, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+sessions = sa.Table(
+    "sessions", meta,
+    sa.Column("token_hash", sa.String(64), primary_key=True),  # sha256 hex: a database leak is no login
+    sa.Column("user", sa.String(64), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("csrf", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires", sa.Float, nullable=False),
 )
 VERDICT_COLUMNS = [c.name for c in verdicts.columns]
 # The database is unreachable or busy: keep the rows and retry (every other error is the row's fault).

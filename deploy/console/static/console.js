@@ -221,6 +221,8 @@ async function start() {
   $("#who").textContent = state.me.kiosk ? "kiosk (read-only)" : `${state.me.user} (${state.me.role})`;
   $("#nav-export").hidden = !state.me.can.includes("export");
   $("#logout").hidden = state.me.kiosk;
+  $("#nav-admin").hidden = !state.me.can.includes("admin");
+  $("#nav-account").hidden = state.me.kiosk;
   $("#logout-csrf").value = state.me.csrf;
   $("#shift-hours").textContent = state.me.shift_hours;
   const ev = await fetch("/api/events?limit=50");

@@ -29,7 +29,7 @@ from tests.factories import free_port  # noqa: E402
 from tests.runtime._helpers import toml_value  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
-USERS = {"olga": ("operator", "olga-pass-1"), "erik": ("engineer", "erik-pass-1")}
+USERS = {"olga": ("operator", "olga-pass-1"), "erik": ("engineer", "erik-pass-1"), "ada": ("admin", "ada-pass-123")}
 
 
 def _initdb() -> str | None:

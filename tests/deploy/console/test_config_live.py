@@ -21,7 +21,7 @@ HASH = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo"
     ({"stations": [{"name": "a", "endpoint": "http://a:1"}]}, "stations[0].endpoint"),
     ({"stations": [{"name": "a", "endpoint": "tcp://a:1", "curve": {"server_public_key": "k"}}]}, "stations[0].curve"),
     ({"stations": [{"name": "a", "endpoint": "tcp://a:1"}, {"name": "a", "endpoint": "tcp://b:1"}]}, "stations"),
-    ({"users": [{"name": "olga", "role": "admin", "password_hash": HASH}]}, "users[0].role"),
+    ({"users": [{"name": "olga", "role": "root", "password_hash": HASH}]}, "users[0].role"),
     ({"users": [{"name": "olga", "role": "operator", "password_hash": "plaintext"}]}, "users[0].password_hash"),
     ({"users": [{"name": "olga", "role": "operator"}]}, "users[0]"),
     ({"plugins": {}}, "plugins"),
