@@ -41,6 +41,7 @@ class ServerConfig:
     session_max_age_s: int = 12 * 3600
     coalesce_ms: int = 250  # at most one push per tile per interval to each browser
     down_after_s: float = 3.0  # no heartbeat for this long: station shown down
+    stale_after_s: float = 5.0  # a tile with no verdict for this long shows STALE, never its last verdict
     events: int = 50  # recent defect/uncertain events kept for the live page
     shift_hours: float = 8.0  # "last shift" for the defect-rate table
     good_class: str = "ok"  # the label a rejected (false-alarm) defect gets in exports

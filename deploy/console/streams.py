@@ -38,6 +38,8 @@ PRUNE_EVERY_S = 600.0
 MAX_SOCKET_BYTES = max(1024 * 1024, MAX_JPEG_BYTES * 4 // 3 + 64 * 1024)
 RCVHWM = 1000  # messages queued per station while the console is busy (~0.5 s of a full station)
 MAX_PENDING = 200_000  # rows held while the store is unreachable (~7 min of 16 cameras at 30/s)
+KEEPALIVE_S = 1.0  # a browser hears at least this often, so it can tell a quiet feed from a lost one
+TICK = '{"type":"tick"}'
 
 
 def _socket(ctx: zmq.asyncio.Context, st: StationEntry) -> zmq.asyncio.Socket:
@@ -245,11 +247,18 @@ class Streams:
 
     async def _broadcaster(self) -> None:
         interval = self.cfg.server.coalesce_ms / 1000.0
+        last_sent = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             delta = self.live.delta()
             if delta is None:
+                if time.monotonic() - last_sent >= KEEPALIVE_S:  # a quiet feed is not a lost feed
+                    last_sent = time.monotonic()
+                    for q in list(self.clients):
+                        if not q.full():
+                            q.put_nowait(TICK)
                 continue
+            last_sent = time.monotonic()
             text, full = dumps(delta), None  # serialised once for every browser
             for q in list(self.clients):
                 if q.full():  # a browser that cannot keep up gets one full state instead of a backlog

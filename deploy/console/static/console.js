@@ -46,6 +46,10 @@ function drawBoxes(svg, img, boxes) {
 }
 
 // ---- tiles ----------------------------------------------------------------------------------
+// Never stale: a tile shows its verdict only while the feed is up, its station and camera are up and its
+// last verdict is younger than stale_after_s; otherwise NO SIGNAL / STALE with the reason, in no verdict colour.
+const feed = { up: false, lastMsg: 0, staleAfter: 5 };
+
 function tileEl(t) {
   let node = document.querySelector(`[data-tile="${CSS.escape(t.id)}"]`);
   if (node) return node;
@@ -55,39 +59,79 @@ function tileEl(t) {
               el("span", { class: "model" }));
   const frame = el("div", { class: "frame" });
   frame.append(el("img", { alt: "" }), document.createElementNS(SVG, "svg"));
-  node.append(head, frame, el("div", { class: "verdict" }, "—"), el("div", { class: "meta" }));
+  node.append(head, frame, el("div", { class: "verdict" }, "—"), el("div", { class: "meta" }),
+              el("div", { class: "reason" }), el("div", { class: "age" }));
   const tiles = [...$("#tiles").children, node].sort((a, b) => a.dataset.tile.localeCompare(b.dataset.tile));
   $("#tiles").replaceChildren(...tiles);
   return node;
 }
 
-function renderTile(t) {
-  state.tiles.set(t.id, t);
+function removeTile(id) {
+  state.tiles.delete(id);
+  const node = document.querySelector(`[data-tile="${CSS.escape(id)}"]`);
+  if (node) node.remove();
+}
+
+function tileAge(t) {  // seconds since the tile's last verdict reached the console, as of now
+  return t.age_s === null || t.age_s === undefined ? null : t.age_s + (performance.now() - t.receivedAt) / 1000;
+}
+
+function ageText(s) { return s === null ? "" : s < 60 ? `${s.toFixed(1)} s ago` : s < 3600 ? `${Math.floor(s / 60)} min ago` : `${Math.floor(s / 3600)} h ago`; }
+
+function paintTile(t) {
   const node = tileEl(t);
   const v = t.last;
+  const age = tileAge(t);
+  let signal = "live", reason = "";
+  if (!feed.up) { signal = "no_signal"; reason = "console feed lost"; }
+  else if (t.status === "no_signal") { signal = "no_signal"; reason = t.reason || "no signal"; }
+  else if (!v) { signal = "waiting"; reason = "no verdict yet"; }
+  else if (age !== null && age > feed.staleAfter) { signal = "stale"; reason = `no verdict for ${Math.floor(age)} s`; }
+  const live = signal === "live";
+  node.dataset.signal = signal;
+  node.dataset.up = t.up && feed.up ? "1" : "0";
+  node.classList.toggle("down", !live);
+  if (live) node.dataset.verdict = v.verdict; else delete node.dataset.verdict;
+  node.querySelector(".verdict").textContent = live ? v.verdict.toUpperCase() : signal === "stale" ? "STALE" : signal === "waiting" ? "WAITING" : "NO SIGNAL";
+  node.querySelector(".meta").textContent = live ? `${v.defect_class || v.top_class} ${pct(v.confidence)}` : "";
+  node.querySelector(".reason").textContent = reason;
+  node.querySelector(".age").textContent = age === null ? "" : `${ageText(age)}${v ? ` · #${v.seq} · ${t.defects_per_min} defects/min` : ""}`;
+  node.querySelector(".dot").title = live ? "live" : reason;
+  const svg = node.querySelector("svg");
+  if (!live && svg.childNodes.length) svg.replaceChildren();  // no boxes of an old verdict either
+  return { node, live };
+}
+
+function renderTile(t) {
+  t.receivedAt = performance.now();
+  state.tiles.set(t.id, t);
+  const { node, live } = paintTile(t);
+  const v = t.last;
   const st = state.stations.get(t.station);
-  node.classList.toggle("down", !t.up);
-  node.dataset.up = t.up ? "1" : "0";
   node.querySelector(".model").textContent = st && st.model ? `${st.model.name} ${st.model.version}` : (v && v.model_version) || "";
-  node.querySelector(".dot").title = t.up ? "camera up" : "camera down";
-  const verdict = node.querySelector(".verdict");
-  if (v) {
-    node.dataset.verdict = v.verdict;
-    node.dataset.captured = v.captured_at;
-    node.dataset.seq = v.seq;
-    verdict.textContent = v.verdict.toUpperCase();
-    node.querySelector(".meta").textContent =
-      `${v.defect_class || v.top_class} ${pct(v.confidence)} · ${t.defects_per_min} defects/min · #${v.seq}`;
-  } else {
-    verdict.textContent = t.up ? "waiting" : "DOWN";
-  }
+  if (v) { node.dataset.captured = v.captured_at; node.dataset.seq = v.seq; }
   node.dataset.updated = Date.now();
   const img = node.querySelector("img"), svg = node.querySelector("svg");
   let url = null;
   if (t.preview_seq !== null && t.preview_seq !== undefined) url = `/preview/${encodeURIComponent(t.station)}/${encodeURIComponent(t.camera)}.jpg?v=${t.preview_seq}`;
   else if (v && v.snapshot) url = snapUrl(v);
   if (url && img.dataset.src !== url) { img.dataset.src = url; loadImg(img, url); }
-  drawBoxes(svg, img, v && v.boxes);
+  if (live) drawBoxes(svg, img, v && v.boxes);
+}
+
+function repaint() {
+  if (feed.up && performance.now() - feed.lastMsg > 3000) setFeed(false);  // the console keeps us posted every second
+  for (const t of state.tiles.values()) paintTile(t);
+}
+
+function setFeed(up) {
+  feed.up = up;
+  $("#conn").textContent = up ? "live" : "reconnecting";
+  $("#conn").className = up ? "conn up" : "conn down";
+  $("#feed-banner").hidden = up;
+  document.body.classList.toggle("feed-lost", !up);
+  if (!up && state.ws) { try { state.ws.close(); } catch (e) { /* already closed */ } }
+  for (const t of state.tiles.values()) paintTile(t);
 }
 
 function renderStations(list) {
@@ -185,22 +229,39 @@ function enableBoxDrawing() {
 
 // ---- feed -----------------------------------------------------------------------------------
 function apply(msg) {
+  feed.lastMsg = performance.now();
+  if (msg.type === "tick") return;
   renderStations(msg.stations || []);
-  if (msg.type === "full") for (const t of msg.tiles) renderTile(t);
-  else for (const t of msg.tiles) renderTile(t);
-  for (const t of state.tiles.values()) {  // a station going down takes its tiles with it
-    const st = state.stations.get(t.station);
-    if (st && !st.up && t.up) renderTile(Object.assign({}, t, { up: false }));
+  if (msg.type === "full") {
+    if (msg.stale_after_s) feed.staleAfter = msg.stale_after_s;
+    const ids = new Set(msg.tiles.map((t) => t.id));
+    for (const id of [...state.tiles.keys()]) if (!ids.has(id)) removeTile(id);
   }
+  for (const id of msg.removed || []) removeTile(id);
+  for (const t of msg.tiles) renderTile(t);
   const evs = msg.type === "full" ? [...msg.events].reverse() : msg.events;
   for (const e of evs) if (!document.querySelector(`#events li[data-uid="${CSS.escape(e.uid)}"]`)) renderEvent(e, true);
 }
 
 function connect() {
-  const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
-  ws.onopen = () => { $("#conn").textContent = "live"; $("#conn").className = "conn up"; };
-  ws.onmessage = (ev) => apply(JSON.parse(ev.data));
-  ws.onclose = () => { $("#conn").textContent = "reconnecting"; $("#conn").className = "conn down"; setTimeout(connect, 1000); };
+  const ws = state.ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
+  let opened = false;
+  ws.onmessage = (ev) => {
+    const msg = JSON.parse(ev.data);
+    if (!opened) { opened = true; feed.lastMsg = performance.now(); feed.up = true; }  // before painting the full state
+    apply(msg);
+    if (!$("#feed-banner").hidden || !$("#conn").classList.contains("up")) setFeed(true);
+  };
+  ws.onclose = async () => {
+    if (state.ws !== ws) return;
+    state.ws = null;
+    setFeed(false);
+    try {  // an expired or ended session goes to the login page; anything else: retry
+      const r = await fetch("/api/me", { cache: "no-store" });
+      if (r.status === 401) { location.href = "/login"; return; }
+    } catch (e) { /* the console is down: keep trying */ }
+    setTimeout(connect, 1000);
+  };
 }
 
 async function loadRates() {
@@ -232,6 +293,7 @@ async function start() {
   $("#rv-relabel").addEventListener("click", () => submitReview("relabel"));
   enableBoxDrawing();
   connect();
+  setInterval(repaint, 250);
   loadRates();
   setInterval(loadRates, 30000);
 }
