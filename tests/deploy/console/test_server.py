@@ -219,7 +219,9 @@ def test_curve_encrypted_station_stream(tmp_path, console_factory):
     st = FakeStation.__new__(FakeStation)
     import zmq as _zmq
 
-    st.name, st.sent = "st1", 0
+    import threading
+
+    st.name, st.sent, st._lock, st._beating = "st1", 0, threading.Lock(), None
     st.ctx = _zmq.Context()
     auth = ThreadAuthenticator(st.ctx)
     auth.start()
