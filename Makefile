@@ -75,7 +75,8 @@ TYPED_PATHS += runtime/__init__.py runtime/inference/openvino.py runtime/inferen
 TYPED_PATHS += deploy/console/metrics.py deploy/console/throttle.py deploy/console/login.py deploy/console/middleware.py
 
 # The console's trust layers (issue 28).
-TYPED_PATHS += deploy/console/migrate.py deploy/console/users.py deploy/console/users_cli.py deploy/console/password.py deploy/console/admin.py
+TYPED_PATHS += deploy/console/migrate.py deploy/console/users.py deploy/console/users_cli.py deploy/console/password.py deploy/console/admin.py \
+	deploy/console/alarm_rules.py deploy/console/alarms.py deploy/console/alarm_routes.py deploy/console/webhook.py
 
 lint: install
 	$(VENV)/bin/lint-imports

@@ -27,6 +27,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from deploy.console.admin import routes as admin_routes
+from deploy.console.alarm_routes import routes as alarm_routes
+from deploy.console.alarms import Alarms
 from deploy.console.auth import CAN, COOKIE, Session, Sessions, csrf_ok
 from deploy.console.config import ConsoleConfig, ConsoleConfigError
 from deploy.console.live import Live, dumps
@@ -37,6 +39,7 @@ from deploy.console.snapfiles import SnapshotRefused, read_snapshot
 from deploy.console.store import REVIEW_ACTIONS, Store, StoreError
 from deploy.console.streams import Streams
 from deploy.console.users import Users
+from deploy.console.webhook import Webhook, read_secret
 
 STATIC = Path(__file__).with_name("static")
 KIOSK = Session("kiosk", "kiosk", "", float("inf"))
@@ -130,6 +133,14 @@ class Console:
         self.sessions = Sessions(self.users, cfg.server.session_max_age_s)
         self.metrics = ConsoleMetrics()
         self.streams = Streams(cfg, store, self.live, self.metrics)
+        try:
+            secret = read_secret(cfg.alarms.webhook_secret_file)
+        except OSError as exc:
+            raise ConsoleConfigError(f"{cfg.source}: key 'alarms.webhook_secret_file': {exc.strerror}") from None
+        self.webhook = Webhook(cfg.alarms.webhook_urls, secret, cfg.alarms.webhook_repeat_s)
+        self.alarms = Alarms(cfg.alarms, store.engine, self.live,
+                             lambda event, a: self.webhook.notify(event, a and a.view(), self.alarms.views()))
+        self.streams.alarms = self.alarms
         self.gate = LoginGate(cfg.server, self.sessions, self.metrics)
 
     # -- access --------------------------------------------------------------------------------
@@ -380,6 +391,9 @@ class Console:
         q = self.streams.subscribe_client(token)
         try:
             await websocket.send_text(dumps(self.live.full()))
+            alarms = self.streams.alarm_message()
+            if alarms is not None:
+                await websocket.send_text(alarms)
             while True:
                 msg = await q.get()
                 if isinstance(msg, int):  # 1001 shutting down (browsers reconnect), 4401 logged out
@@ -431,10 +445,12 @@ def create_app(cfg: ConsoleConfig, store: Store | None = None) -> Starlette:
     async def lifespan(app: Starlette):
         app.state.loop = asyncio.get_running_loop()
         c.streams.start()
+        c.webhook.start()
         try:
             yield
         finally:
             await c.streams.stop()
+            await asyncio.to_thread(c.webhook.stop)
 
     routes = [
         Route("/", c.index),
@@ -455,6 +471,7 @@ def create_app(cfg: ConsoleConfig, store: Store | None = None) -> Starlette:
         Route("/healthz", c.healthz),
         Route("/metrics", c.metrics_text),
         *admin_routes(c),
+        *alarm_routes(c),
         WebSocketRoute("/ws", c.ws),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]

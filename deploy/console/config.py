@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deploy.console import alarm_rules
+from deploy.console.alarm_rules import AlarmConfig
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -94,6 +97,7 @@ class ConsoleConfig:
     stations: tuple[StationEntry, ...] = ()
     users: tuple[User, ...] = ()
     source: str = "<defaults>"
+    alarms: AlarmConfig = field(default_factory=AlarmConfig)
 
     def station(self, name: str) -> StationEntry | None:
         return next((s for s in self.stations if s.name == name), None)
@@ -205,9 +209,10 @@ def _user(i: int, t: Any, src: str) -> User:
 
 def from_dict(data: Mapping[str, Any], src: str = "<dict>", base: Path | None = None) -> ConsoleConfig:
     base = base or Path.cwd()
-    extra = set(data) - {"server", "store", "stations", "users"}
+    extra = set(data) - {"server", "store", "stations", "users", "alarms"}
     if extra:
-        raise ConsoleConfigError(f"{src}: key '{sorted(extra)[0]}': unknown (expected server, store, stations, users)")
+        raise ConsoleConfigError(f"{src}: key '{sorted(extra)[0]}': unknown (expected server, store, stations, "
+                                 f"users, alarms)")
     server = _typed(data.get("server", {}), ServerConfig, "server", src)
     store = _typed(data.get("store", {}), StoreConfig, "store", src)
     if server.coalesce_ms < 20:
@@ -220,7 +225,11 @@ def from_dict(data: Mapping[str, Any], src: str = "<dict>", base: Path | None = 
     users = tuple(_user(i, t, src) for i, t in enumerate(data.get("users", [])))
     if len({u.name for u in users}) != len(users):
         raise ConsoleConfigError(f"{src}: key 'users': user names repeat")
-    return ConsoleConfig(server, store, stations, users, src)
+    try:
+        alarms = alarm_rules.parse(data.get("alarms"), src, base)
+    except alarm_rules.AlarmConfigError as exc:
+        raise ConsoleConfigError(str(exc)) from None
+    return ConsoleConfig(server, store, stations, users, src, alarms)
 
 
 def load(path: str | os.PathLike[str]) -> ConsoleConfig:

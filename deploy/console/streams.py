@@ -23,6 +23,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from deploy.console.alarms import Alarms
 from deploy.console.config import NAME, ConsoleConfig, StationEntry
 from deploy.console.live import MAX_CAMERAS, Live, dumps
 from deploy.console.metrics import ConsoleMetrics
@@ -75,6 +76,7 @@ class Streams:
         self.cfg = cfg
         self.store = store
         self.live = live
+        self.alarms: Alarms | None = None  # set by the app: rules fed from handle() and the broadcaster
         self.metrics = metrics or ConsoleMetrics()
         self.ctx = zmq.asyncio.Context()
         self.pending: list[dict[str, Any]] = []
@@ -154,6 +156,7 @@ class Streams:
             return
         if msg["type"] == "status":
             self.live.on_status(msg)
+            self._alarm("on_status", msg)
             return
         snap = msg.get("snapshot")
         snap_path = None
@@ -162,6 +165,21 @@ class Streams:
         row = row_from_message(msg, snap_path)
         self.pending.append(row)
         self.live.on_verdict(msg, row["uid"])
+        self._alarm("on_verdict", msg)
+
+    def _alarm(self, method: str, *args: Any) -> None:
+        """Feed the alarm rules; a store error there must not stop the stream (logged, retried next time)."""
+        if self.alarms is None:
+            return
+        try:
+            getattr(self.alarms, method)(*args)
+        except Exception as exc:  # noqa: BLE001
+            log.error("alarm rules: %s: %s", type(exc).__name__, str(exc)[:300])
+
+    def alarm_message(self) -> str | None:
+        if self.alarms is None:
+            return None
+        return dumps({"type": "alarms", "alarms": self.alarms.views(), "sound": self.cfg.alarms.sound})
 
     async def _subscribe(self, st: StationEntry) -> None:
         try:
@@ -248,8 +266,16 @@ class Streams:
     async def _broadcaster(self) -> None:
         interval = self.cfg.server.coalesce_ms / 1000.0
         last_sent = time.monotonic()
+        alarm_version = -1
         while True:
             await asyncio.sleep(interval)
+            self._alarm("tick")
+            if self.alarms is not None and self.alarms.version != alarm_version:
+                alarm_version = self.alarms.version
+                text = self.alarm_message()
+                for q in list(self.clients):
+                    if not q.full():
+                        q.put_nowait(text)
             delta = self.live.delta()
             if delta is None:
                 if time.monotonic() - last_sent >= KEEPALIVE_S:  # a quiet feed is not a lost feed

@@ -227,10 +227,50 @@ function enableBoxDrawing() {
   $("#rv-clear").addEventListener("click", () => { state.review.boxes = []; drawBoxes($("#rv-boxes"), img, []); });
 }
 
+// ---- alarms ---------------------------------------------------------------------------------
+const alarmState = { list: [], sound: false, audio: null };
+
+function renderAlarms(msg) {
+  alarmState.list = msg.alarms;
+  alarmState.sound = msg.sound;
+  const canAck = state.me.can.includes("review");
+  $("#alarms").replaceChildren(...msg.alarms.map((a) => {
+    const li = el("li", { "data-alarm": a.id, class: a.active ? "active" : "cleared" });
+    const when = `${clock(a.raised_at)}${a.active ? "" : `, cleared ${clock(a.cleared_at)}`}`;
+    li.append(el("strong", {}, a.message), el("span", {}, ` ${when}`));
+    if (a.acked_at) li.append(el("span", { class: "acked" }, ` acknowledged by ${a.acked_by} ${clock(a.acked_at)}`));
+    else if (canAck) {
+      const b = el("button", { type: "button", class: "ack", "data-ack": a.id }, "Acknowledge");
+      b.addEventListener("click", () => ackAlarm(a.id));
+      li.append(b);
+    }
+    return li;
+  }));
+  $("#alarm-banner").hidden = msg.alarms.length === 0;
+}
+
+async function ackAlarm(id) {
+  const r = await fetch(`/api/alarms/${id}/ack`, { method: "POST", headers: { "x-csrf-token": state.me.csrf } });
+  if (r.status === 401) location.href = "/login";
+}
+
+function beep() {  // while an alarm is unacknowledged (browsers allow sound after the first click on the page)
+  if (!alarmState.sound || !alarmState.list.some((a) => !a.acked_at)) return;
+  try {
+    alarmState.audio = alarmState.audio || new AudioContext();
+    const o = alarmState.audio.createOscillator(), g = alarmState.audio.createGain();
+    o.frequency.value = 880; g.gain.value = 0.2;
+    o.connect(g).connect(alarmState.audio.destination);
+    o.start(); o.stop(alarmState.audio.currentTime + 0.3);
+    document.body.dataset.beeped = String(+(document.body.dataset.beeped || 0) + 1);
+  } catch (e) { /* no audio device */ }
+}
+
 // ---- feed -----------------------------------------------------------------------------------
 function apply(msg) {
   feed.lastMsg = performance.now();
   if (msg.type === "tick") return;
+  if (msg.type === "alarms") { renderAlarms(msg); return; }
   renderStations(msg.stations || []);
   if (msg.type === "full") {
     if (msg.stale_after_s) feed.staleAfter = msg.stale_after_s;
@@ -294,6 +334,7 @@ async function start() {
   enableBoxDrawing();
   connect();
   setInterval(repaint, 250);
+  setInterval(beep, 2000);
   loadRates();
   setInterval(loadRates, 30000);
 }

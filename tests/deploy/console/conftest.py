@@ -84,7 +84,7 @@ def user_hashes() -> dict[str, str]:
 
 
 def write_console_config(path: Path, stations: list[dict[str, Any]], store: str, hashes: dict[str, str],
-                         port: int, **server: Any) -> Path:
+                         port: int, extra_toml: str = "", **server: Any) -> Path:
     lines = ["[server]", 'host = "127.0.0.1"', f"port = {port}", "coalesce_ms = 100", "down_after_s = 1.5"]
     lines += [f"{k} = {toml_value(v)}" for k, v in server.items()]
     lines += ["", "[store]", f"url = {toml_value(store)}", "flush_ms = 100", ""]
@@ -97,7 +97,7 @@ def write_console_config(path: Path, stations: list[dict[str, Any]], store: str,
         lines.append("")
     for name, (role, _) in USERS.items():
         lines += ["[[users]]", f'name = "{name}"', f'role = "{role}"', f"password_hash = {toml_value(hashes[name])}", ""]
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines) + "\n" + extra_toml)
     return path
 
 

@@ -127,3 +127,32 @@ def test_an_ended_session_sends_the_page_to_login(browser, console_factory):  # 
         page.wait_for_url(con.base + "/login", timeout=15_000)
     finally:
         line.close()
+
+
+def test_alarm_banner_acknowledge_is_stored_with_who(browser, console_factory, tmp_path):  # noqa: F811
+    from tests.deploy.console.conftest import Client
+    from tests.deploy.console.test_alarms import Receiver, alarm_toml
+
+    secret = tmp_path / "alarm.key"
+    secret.write_text("k")
+    rx = Receiver()
+    line = Line(["cam1"])
+    try:
+        con = console_factory([{"name": "st1", "endpoint": line.st.endpoint}],
+                              extra_toml=alarm_toml(rx.url, str(secret), repeat_s=60.0))
+        page = login(browser, con.base, "olga")
+        page.wait_for_selector("#alarm-banner li.active", timeout=15_000)  # every frame is a defect
+        assert "3 defects in a row" in page.inner_text("#alarm-banner")
+        page.click("#alarm-banner button.ack")
+        page.wait_for_selector("#alarm-banner .acked", timeout=10_000)
+        assert "acknowledged by olga" in page.inner_text("#alarm-banner")
+        line.stop.set()  # the condition ends only with a non-defect verdict
+        line.st.verdict("cam1", 10**6, "ok")
+        page.wait_for_selector("#alarm-banner", state="hidden", timeout=10_000)
+        c = Client(con.base)
+        assert c.login("erik") == 200
+        (row,) = c.json("/api/alarms")["history"]
+        assert row["acked_by"] == "olga" and row["acked_at"] >= row["raised_at"] and row["cleared_at"]
+    finally:
+        line.close()
+        rx.close()
