@@ -5,7 +5,7 @@
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
-EXTRAS  ?= train,dev,msgpack,deploy,fleet,openvino,console
+EXTRAS  ?= train,dev,msgpack,deploy,fleet,openvino,console,plc
 # Debian packages some tests drive for real: promtool + Prometheus server, ffmpeg (RTSP/MJPEG
 # camera streams), systemd-analyze (unit verification), Chromium headless shell (console browser
 # tests, driven by Playwright), PostgreSQL (console results store tests), nginx (the console behind a
@@ -77,6 +77,7 @@ TYPED_PATHS += deploy/console/metrics.py deploy/console/throttle.py deploy/conso
 # The console's trust layers (issue 28).
 TYPED_PATHS += deploy/console/migrate.py deploy/console/users.py deploy/console/users_cli.py deploy/console/password.py deploy/console/admin.py \
 	deploy/console/alarm_rules.py deploy/console/alarms.py deploy/console/alarm_routes.py deploy/console/webhook.py
+TYPED_PATHS += deploy/plc
 
 lint: install
 	$(VENV)/bin/lint-imports
