@@ -29,6 +29,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from deploy.console.admin import routes as admin_routes
 from deploy.console.alarm_routes import routes as alarm_routes
 from deploy.console.alarms import Alarms
+from deploy.console.history import routes as history_routes
 from deploy.console.auth import CAN, COOKIE, Session, Sessions, csrf_ok
 from deploy.console.config import ConsoleConfig, ConsoleConfigError
 from deploy.console.live import Live, dumps
@@ -273,6 +274,8 @@ class Console:
             not isinstance(label, str) or not 0 < len(label) <= 128 or "/" in label or label.startswith(".")
         ):
             raise HTTPException(400, "key 'label': expected a class name")
+        if action == "reject":
+            label = None
         if boxes is not None and not _valid_boxes(boxes):
             raise HTTPException(400, "key 'boxes': expected up to 100 {box: [x1, y1, x2, y2], class} objects")
         try:
@@ -472,6 +475,7 @@ def create_app(cfg: ConsoleConfig, store: Store | None = None) -> Starlette:
         Route("/metrics", c.metrics_text),
         *admin_routes(c),
         *alarm_routes(c),
+        *history_routes(c),
         WebSocketRoute("/ws", c.ws),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]

@@ -64,8 +64,8 @@ def confined(root: Path, rel: str) -> Path:
 
 def label_of(row: dict[str, Any], good_class: str) -> str | None:
     action = row.get("review_action")
-    if action == "confirm":
-        return row.get("defect_class") or row["top_class"]
+    if action == "confirm":  # an UNCERTAIN frame is confirmed as the class the reviewer chose
+        return row.get("review_label") or row.get("defect_class") or row["top_class"]
     if action == "reject":
         return good_class
     if action == "relabel":

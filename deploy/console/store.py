@@ -228,9 +228,12 @@ class Store:
         if action == "relabel" and not label:
             raise StoreError("review action 'relabel' needs a label")
         with self.engine.begin() as conn:
-            if conn.execute(sa.select(verdicts.c.uid).where(verdicts.c.uid == uid)).first() is None:
+            found = conn.execute(sa.select(verdicts.c.verdict).where(verdicts.c.uid == uid)).first()
+            if found is None:
                 raise KeyError(uid)
-            row = {"verdict_uid": uid, "action": action, "label": label if action == "relabel" else None,
+            if action == "confirm" and found.verdict == "uncertain" and not label:
+                raise StoreError("confirming an UNCERTAIN frame needs the class it is (label)")
+            row = {"verdict_uid": uid, "action": action, "label": label if action != "reject" else None,
                    "boxes": json.dumps(boxes) if boxes is not None else None, "user": user, "role": role,
                    "created_at": time.time() if now is None else now}
             conn.execute(reviews.insert(), row)
@@ -279,6 +282,35 @@ class Store:
             hist = conn.execute(sa.select(reviews).where(reviews.c.verdict_uid == uid).order_by(reviews.c.id))
             rows[0]["reviews"] = [dict(m) for m in hist.mappings()]
         return rows[0]
+
+    def search(self, station: str | None = None, camera: str | None = None, cls: str | None = None,
+               verdict: str | None = None, reviewed: bool | None = None, t0: float | None = None,
+               t1: float | None = None, offset: int = 0, limit: int = 50) -> tuple[list[dict[str, Any]], int]:
+        """History page: newest first, filtered; returns (one page of rows, the number of matching rows)."""
+        r = self._latest_review()
+        where: list[Any] = []
+        if station:
+            where.append(verdicts.c.station == station)
+        if camera:
+            where.append(verdicts.c.camera == camera)
+        if cls:
+            where.append(sa.func.coalesce(verdicts.c.defect_class, verdicts.c.top_class) == cls)
+        if verdict:
+            where.append(verdicts.c.verdict == verdict)
+        if t0 is not None:
+            where.append(verdicts.c.captured_at >= t0)
+        if t1 is not None:
+            where.append(verdicts.c.captured_at < t1)
+        if reviewed is not None:
+            where.append(r.c.id.is_not(None) if reviewed else r.c.id.is_(None))
+        join = verdicts.join(r, r.c.verdict_uid == verdicts.c.uid, isouter=True)
+        cols = [verdicts, r.c.action.label("review_action"), r.c.label.label("review_label"),
+                r.c.user.label("review_user"), r.c.created_at.label("reviewed_at")]
+        q = (sa.select(*cols).select_from(join).where(*where)
+             .order_by(verdicts.c.captured_at.desc(), verdicts.c.uid).offset(offset).limit(limit))
+        n = sa.select(sa.func.count()).select_from(join).where(*where)
+        with self.engine.connect() as conn:
+            return [dict(m) for m in conn.execute(q).mappings()], int(conn.execute(n).scalar_one())
 
     def recent_events(self, limit: int = 50) -> list[dict[str, Any]]:
         return self._with_review([verdicts.c.verdict.in_(("defect", "uncertain"))], limit)

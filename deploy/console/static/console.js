@@ -13,7 +13,11 @@ function el(tag, attrs = {}, text) {
 }
 
 function pct(x) { return (100 * x).toFixed(1) + "%"; }
-function clock(t) { return new Date(t * 1000).toLocaleTimeString(); }
+// One time format on every page: the station's local time (this browser's zone) with the zone shown.
+function fmtTime(t) {
+  return new Date(t * 1000).toLocaleString("sv-SE", { timeZoneName: "short" });
+}
+function clock(t) { return new Date(t * 1000).toLocaleTimeString("sv-SE"); }
 function snapUrl(v) { return v && v.snapshot ? `/snapshots/${encodeURIComponent(v.station)}/${encodeURIComponent(v.snapshot)}` : null; }
 
 // An image that may not be on disk yet (the daemon's snapshot writer runs behind the verdict): retry a few times.
@@ -148,7 +152,7 @@ function renderStations(list) {
 function eventLabel(e) {
   if (!e.review_action) return "";
   if (e.review_action === "relabel") return `relabelled ${e.review_label} by ${e.review_user}`;
-  return `${e.review_action}ed by ${e.review_user}`;
+  return `${e.review_action === "reject" ? "rejected" : "confirmed"} by ${e.review_user}`;
 }
 
 function renderEvent(e, prepend) {
@@ -162,7 +166,7 @@ function renderEvent(e, prepend) {
   const text = el("div", { class: "ev-text" });
   text.append(el("strong", {}, `${merged.station}/${merged.camera} ${merged.verdict}`),
               el("span", {}, ` ${merged.defect_class || merged.top_class} ${pct(merged.confidence)} ${clock(merged.captured_at)}`),
-              el("span", { class: "review-badge" }, eventLabel(merged)));
+              el("span", { class: "review-badge", "data-action": merged.review_action || "" }, eventLabel(merged)));
   li.append(img, text);
   li.addEventListener("click", () => openReview(e.uid));
   if (old) old.replaceWith(li);
@@ -178,11 +182,14 @@ async function openReview(uid) {
   const v = await r.json();
   state.review = { v, boxes: (v.review_boxes || v.boxes || []).map((b) => Object.assign({}, b)) };
   $("#rv-title").textContent = `${v.station} / ${v.camera} #${v.seq}: ${v.verdict}`;
-  $("#rv-info").textContent = `${v.defect_class || v.top_class} ${pct(v.confidence)} · model ${v.model_name} ${v.model_version} · ${new Date(v.captured_at * 1000).toISOString()}`;
-  $("#rv-history").textContent = (v.reviews || []).map((x) => `${x.action}${x.label ? " " + x.label : ""} by ${x.user} at ${new Date(x.created_at * 1000).toLocaleString()}`).join("; ");
+  $("#rv-info").textContent = `${v.defect_class || v.top_class} ${pct(v.confidence)} · part ${v.source || "#" + v.seq} · model ${v.model_name} ${v.model_version} · ${fmtTime(v.captured_at)}`;
+  $("#rv-history").textContent = (v.reviews || []).map((x) => `${x.action}${x.label ? " " + x.label : ""} by ${x.user} at ${new Date(x.created_at * 1000).toLocaleString("sv-SE", { timeZoneName: "short" })}`).join("; ");
   const classes = new Set([...(state.events.get(uid) || {}).classes || [], v.top_class, state.me.good_class]);
   if (v.defect_class) classes.add(v.defect_class);
-  $("#rv-class").replaceChildren(...[...classes].sort().map((c) => el("option", { value: c }, c)));
+  const options = [...classes].sort().map((c) => el("option", { value: c }, c));
+  if (v.verdict === "uncertain") options.unshift(el("option", { value: "" }, "— choose the class —"));
+  $("#rv-class").replaceChildren(...options);
+  $("#rv-confirm").textContent = v.verdict === "uncertain" ? "Confirm as chosen class" : "Confirm";
   const img = $("#rv-img");
   loadImg(img, snapUrl(v));
   drawBoxes($("#rv-boxes"), img, state.review.boxes);
@@ -196,7 +203,10 @@ async function openReview(uid) {
 async function submitReview(action) {
   const { v, boxes } = state.review;
   const body = { action };
-  if (action === "relabel") body.label = $("#rv-class").value;
+  if (action === "relabel" || (action === "confirm" && v.verdict === "uncertain")) {
+    body.label = $("#rv-class").value;
+    if (!body.label) { $("#rv-error").textContent = "choose the class this part is, then confirm"; $("#rv-class").focus(); return; }
+  }
   if (v.task === "detection" && action !== "reject") body.boxes = boxes;
   const r = await fetch(`/api/verdicts/${encodeURIComponent(v.uid)}/review`, {
     method: "POST", headers: { "content-type": "application/json", "x-csrf-token": state.me.csrf }, body: JSON.stringify(body),
