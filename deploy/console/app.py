@@ -29,9 +29,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from deploy.console.admin import routes as admin_routes
 from deploy.console.alarm_routes import routes as alarm_routes
 from deploy.console.alarms import Alarms
-from deploy.console.history import routes as history_routes
 from deploy.console.auth import CAN, COOKIE, Session, Sessions, csrf_ok
 from deploy.console.config import ConsoleConfig, ConsoleConfigError
+from deploy.console.history import routes as history_routes
 from deploy.console.live import Live, dumps
 from deploy.console.login import LoginGate
 from deploy.console.metrics import ConsoleMetrics
