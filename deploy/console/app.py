@@ -36,6 +36,7 @@ from deploy.console.live import Live, dumps
 from deploy.console.login import LoginGate
 from deploy.console.metrics import ConsoleMetrics
 from deploy.console.middleware import install
+from deploy.console.shifts import routes as shift_routes
 from deploy.console.snapfiles import SnapshotRefused, read_snapshot
 from deploy.console.store import REVIEW_ACTIONS, Store, StoreError
 from deploy.console.streams import Streams
@@ -240,6 +241,7 @@ class Console:
                 "kiosk": s is KIOSK,
                 "can": sorted(k for k, roles in CAN.items() if s.role in roles),
                 "shift_hours": self.cfg.server.shift_hours,
+                "time_zone": self.cfg.shifts.time_zone if self.cfg.shifts else None,
                 "good_class": self.cfg.server.good_class,
             }
         )
@@ -476,6 +478,7 @@ def create_app(cfg: ConsoleConfig, store: Store | None = None) -> Starlette:
         *admin_routes(c),
         *alarm_routes(c),
         *history_routes(c),
+        *shift_routes(c),
         WebSocketRoute("/ws", c.ws),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from deploy.console import alarm_rules
+from deploy.console import shifts as shift_config
 from deploy.console.alarm_rules import AlarmConfig
+from deploy.console.shifts import Shifts
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -98,6 +100,7 @@ class ConsoleConfig:
     users: tuple[User, ...] = ()
     source: str = "<defaults>"
     alarms: AlarmConfig = field(default_factory=AlarmConfig)
+    shifts: Shifts | None = None  # None: one "day" shift in UTC; pages show the browser's zone
 
     def station(self, name: str) -> StationEntry | None:
         return next((s for s in self.stations if s.name == name), None)
@@ -209,10 +212,10 @@ def _user(i: int, t: Any, src: str) -> User:
 
 def from_dict(data: Mapping[str, Any], src: str = "<dict>", base: Path | None = None) -> ConsoleConfig:
     base = base or Path.cwd()
-    extra = set(data) - {"server", "store", "stations", "users", "alarms"}
+    extra = set(data) - {"server", "store", "stations", "users", "alarms", "shifts"}
     if extra:
         raise ConsoleConfigError(f"{src}: key '{sorted(extra)[0]}': unknown (expected server, store, stations, "
-                                 f"users, alarms)")
+                                 f"users, alarms, shifts)")
     server = _typed(data.get("server", {}), ServerConfig, "server", src)
     store = _typed(data.get("store", {}), StoreConfig, "store", src)
     if server.coalesce_ms < 20:
@@ -229,7 +232,11 @@ def from_dict(data: Mapping[str, Any], src: str = "<dict>", base: Path | None = 
         alarms = alarm_rules.parse(data.get("alarms"), src, base)
     except alarm_rules.AlarmConfigError as exc:
         raise ConsoleConfigError(str(exc)) from None
-    return ConsoleConfig(server, store, stations, users, src, alarms)
+    try:
+        shifts = shift_config.parse(data.get("shifts"), src)
+    except shift_config.ShiftConfigError as exc:
+        raise ConsoleConfigError(str(exc)) from None
+    return ConsoleConfig(server, store, stations, users, src, alarms, shifts)
 
 
 def load(path: str | os.PathLike[str]) -> ConsoleConfig:

@@ -325,13 +325,14 @@ class Store:
             where.append(verdicts.c.captured_at < t1)
         return self._with_review(where, order_desc=False, reviewed_only=True)
 
-    def rates(self, since: float) -> list[dict[str, Any]]:
-        """Per station/camera since ``since``: verdict counts and the defect rate."""
+    def rates(self, since: float, until: float | None = None) -> list[dict[str, Any]]:
+        """Per station/camera in [since, until): verdict counts and the defect rate."""
         defect = sa.func.sum(sa.case((verdicts.c.verdict == "defect", 1), else_=0))
         unc = sa.func.sum(sa.case((verdicts.c.verdict == "uncertain", 1), else_=0))
         q = (sa.select(verdicts.c.station, verdicts.c.camera, sa.func.count().label("total"),
                        defect.label("defect"), unc.label("uncertain"))
-             .where(verdicts.c.captured_at >= since)
+             .where(verdicts.c.captured_at >= since,
+                    *(() if until is None else (verdicts.c.captured_at < until,)))
              .group_by(verdicts.c.station, verdicts.c.camera).order_by(verdicts.c.station, verdicts.c.camera))
         with self.engine.connect() as conn:
             out = []

@@ -14,10 +14,12 @@ function el(tag, attrs = {}, text) {
 
 function pct(x) { return (100 * x).toFixed(1) + "%"; }
 // One time format on every page: the station's local time (this browser's zone) with the zone shown.
+// (the line's zone from [shifts] time_zone, else this browser's)
+const TZ = { zone: undefined };
 function fmtTime(t) {
-  return new Date(t * 1000).toLocaleString("sv-SE", { timeZoneName: "short" });
+  return new Date(t * 1000).toLocaleString("sv-SE", { timeZone: TZ.zone, timeZoneName: "short" });
 }
-function clock(t) { return new Date(t * 1000).toLocaleTimeString("sv-SE"); }
+function clock(t) { return new Date(t * 1000).toLocaleTimeString("sv-SE", { timeZone: TZ.zone }); }
 function snapUrl(v) { return v && v.snapshot ? `/snapshots/${encodeURIComponent(v.station)}/${encodeURIComponent(v.snapshot)}` : null; }
 
 // An image that may not be on disk yet (the daemon's snapshot writer runs behind the verdict): retry a few times.
@@ -314,13 +316,16 @@ function connect() {
   };
 }
 
-async function loadRates() {
-  const r = await fetch(`/api/rates?hours=${state.me.shift_hours}`);
+async function loadRates() {  // the running shift per camera: OK / defect / uncertain and yield
+  const r = await fetch("/api/shifts?count=1");
   if (!r.ok) return;
-  const body = await r.json();
-  $("#rates tbody").replaceChildren(...body.cameras.map((c) => {
+  const shift = (await r.json()).shifts[0];
+  if (!shift) return;
+  $("#shift-name").textContent = `${shift.name} since ${clock(shift.start)}`;
+  $("#rates tbody").replaceChildren(...shift.cameras.map((c) => {
     const tr = el("tr", { "data-camera": `${c.station}/${c.camera}` });
-    tr.append(el("td", {}, `${c.station}/${c.camera}`), el("td", {}, c.total), el("td", {}, c.defect), el("td", {}, pct(c.defect_rate)));
+    tr.append(el("td", {}, `${c.station}/${c.camera}`), el("td", {}, c.ok), el("td", {}, c.defect), el("td", {}, c.uncertain),
+              el("td", {}, c.yield === null ? "—" : pct(c.yield)));
     return tr;
   }));
 }
@@ -335,7 +340,7 @@ async function start() {
   $("#nav-admin").hidden = !state.me.can.includes("admin");
   $("#nav-account").hidden = state.me.kiosk;
   $("#logout-csrf").value = state.me.csrf;
-  $("#shift-hours").textContent = state.me.shift_hours;
+  if (state.me.time_zone) TZ.zone = state.me.time_zone;
   const ev = await fetch("/api/events?limit=50");
   if (ev.ok) for (const e of await ev.json()) renderEvent(e, false);
   $("#rv-confirm").addEventListener("click", () => submitReview("confirm"));
@@ -346,7 +351,7 @@ async function start() {
   setInterval(repaint, 250);
   setInterval(beep, 2000);
   loadRates();
-  setInterval(loadRates, 30000);
+  setInterval(loadRates, 5000);
 }
 
 start();
