@@ -77,7 +77,7 @@ TYPED_PATHS += deploy/console/metrics.py deploy/console/throttle.py deploy/conso
 # The console's trust layers (issue 28).
 TYPED_PATHS += deploy/console/migrate.py deploy/console/users.py deploy/console/users_cli.py deploy/console/password.py deploy/console/admin.py \
 	deploy/console/alarm_rules.py deploy/console/alarms.py deploy/console/alarm_routes.py deploy/console/webhook.py
-TYPED_PATHS += deploy/plc deploy/console/history.py deploy/console/shifts.py
+TYPED_PATHS += deploy/plc deploy/console/history.py deploy/console/shifts.py deploy/console/exports.py
 
 lint: install
 	$(VENV)/bin/lint-imports

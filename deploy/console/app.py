@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
-import io
+import html
 import json
 import math
 import time
@@ -21,7 +20,13 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, RedirectResponse, Response, StreamingResponse
+from starlette.responses import (
+    FileResponse,
+    HTMLResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -31,6 +36,7 @@ from deploy.console.alarm_routes import routes as alarm_routes
 from deploy.console.alarms import Alarms
 from deploy.console.auth import CAN, COOKIE, Session, Sessions, csrf_ok
 from deploy.console.config import ConsoleConfig, ConsoleConfigError
+from deploy.console.exports import routes as export_routes
 from deploy.console.history import routes as history_routes
 from deploy.console.live import Live, dumps
 from deploy.console.login import LoginGate
@@ -45,31 +51,9 @@ from deploy.console.webhook import Webhook, read_secret
 
 STATIC = Path(__file__).with_name("static")
 KIOSK = Session("kiosk", "kiosk", "", float("inf"))
-# OWASP CSV injection: a cell starting with one of these is a formula to Excel / LibreOffice.
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 MAX_TIME_S = 1e11  # |unix seconds| beyond this (year 5138) is not a time, it is an attack
 WS_SESSION_ENDED = 4401  # close code: the session was logged out or expired
-CSV_FIELDS = (
-    "station",
-    "camera",
-    "captured_at_utc",
-    "captured_at",
-    "source",
-    "seq",
-    "model_name",
-    "model_version",
-    "verdict",
-    "class",
-    "top_class",
-    "confidence",
-    "top_score",
-    "boxes",
-    "review_action",
-    "review_label",
-    "review_user",
-    "reviewed_at_utc",
-)
-MAX_EXPORT_ROWS = 2_000_000
+
 
 
 def parse_time(value: str | None, default: float) -> float:
@@ -101,15 +85,21 @@ def number(request: Request, key: str, default: float, lo: float, hi: float) -> 
     return value
 
 
-def iso(t: float | None) -> str:
-    return "" if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
+ERROR_TITLES = {400: "Bad request", 401: "Please log in", 403: "Not allowed", 404: "Not found", 413: "Too large",
+                429: "Too many attempts"}
 
 
-def cell(value: Any) -> Any:
-    """A CSV cell a spreadsheet shows as text: formula prefixes get a leading apostrophe (OWASP)."""
-    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
-        return "'" + value
-    return value
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Browsers asking for a page get a styled error page; API clients and scripts keep plain text."""
+    assert isinstance(exc, HTTPException)
+    detail = str(exc.detail)
+    if request.url.path.startswith("/api/") or "text/html" not in request.headers.get("accept", ""):
+        return PlainTextResponse(detail, exc.status_code, headers=exc.headers)
+    page = (STATIC / "error.html").read_text(encoding="utf-8")
+    for key, value in (("{code}", str(exc.status_code)), ("{title}", ERROR_TITLES.get(exc.status_code, "Error")),
+                       ("{detail}", html.escape(detail))):
+        page = page.replace(key, value)
+    return HTMLResponse(page, exc.status_code, headers=exc.headers)
 
 
 def json_response(value: Any, status: int = 200) -> Response:
@@ -296,61 +286,6 @@ class Console:
         rows = await asyncio.to_thread(self.store.rates, time.time() - hours * 3600.0)
         return json_response({"hours": hours, "cameras": rows})
 
-    async def export_csv(self, request: Request) -> Response:
-        self.need(request, "export")
-        t0 = parse_time(request.query_params.get("from"), 0.0)
-        t1 = parse_time(request.query_params.get("to"), time.time() + 1.0)
-        rows = await asyncio.to_thread(self.store.range, t0, t1, MAX_EXPORT_ROWS)
-
-        def lines():
-            buf = io.StringIO()
-            w = csv.writer(buf)
-            w.writerow(CSV_FIELDS)
-            for r in rows:
-                w.writerow(
-                    [
-                        cell(v)
-                        for v in (
-                            r["station"],
-                            r["camera"],
-                            iso(r["captured_at"]),
-                            f"{r['captured_at']:.6f}",
-                            r["source"],
-                            r["seq"],
-                            r["model_name"],
-                            r["model_version"],
-                            r["verdict"],
-                            r["defect_class"] or r["top_class"],
-                            r["top_class"],
-                            r["confidence"],
-                            r["top_score"],
-                            r["boxes"] or "",
-                            r["review_action"] or "",
-                            r["review_label"] or "",
-                            r["review_user"] or "",
-                            iso(r["reviewed_at"]),
-                        )
-                    ]
-                )
-                if buf.tell() > 65536:
-                    yield buf.getvalue()
-                    buf.seek(0)
-                    buf.truncate()
-            yield buf.getvalue()
-
-        name = f"verdicts_{int(t0)}_{int(t1)}.csv"
-        return StreamingResponse(
-            lines(), media_type="text/csv", headers={"content-disposition": f'attachment; filename="{name}"'}
-        )
-
-    async def dataset_rows(self, request: Request) -> Response:
-        """Reviewed verdicts (for `defectscope dataset export --from-console URL`)."""
-        self.need(request, "export")
-        t0 = parse_time(request.query_params.get("from"), 0.0)
-        t1 = parse_time(request.query_params.get("to"), float("inf"))
-        rows = await asyncio.to_thread(self.store.reviewed, t0, t1)
-        return json_response({"good_class": self.cfg.server.good_class, "rows": [_row_json(r) for r in rows]})
-
     async def snapshot(self, request: Request) -> Response:
         self.need(request, "view")
         st = self.cfg.station(request.path_params["station"])
@@ -469,8 +404,7 @@ def create_app(cfg: ConsoleConfig, store: Store | None = None) -> Starlette:
         Route("/api/verdicts/{uid:str}", c.verdict),
         Route("/api/verdicts/{uid:str}/review", c.review, methods=["POST"]),
         Route("/api/rates", c.rates),
-        Route("/api/export.csv", c.export_csv),
-        Route("/api/dataset", c.dataset_rows),
+        *export_routes(c),
         Route("/snapshots/{station:str}/{name:str}", c.snapshot),
         Route("/preview/{station:str}/{camera:str}.jpg", c.preview),
         Route("/healthz", c.healthz),
@@ -482,7 +416,7 @@ def create_app(cfg: ConsoleConfig, store: Store | None = None) -> Starlette:
         WebSocketRoute("/ws", c.ws),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     install(app, cfg.server, c.metrics.bodies_refused.inc)
     app.state.console = c
     return app

@@ -64,41 +64,51 @@ function tileEl(t) {
   head.append(el("span", { class: "dot" }), el("span", { class: "name" }, `${t.station} / ${t.camera}`),
               el("span", { class: "model" }));
   const frame = el("div", { class: "frame" });
-  frame.append(el("img", { alt: "" }), document.createElementNS(SVG, "svg"));
+  frame.append(el("img", { alt: "" }), document.createElementNS(SVG, "svg"), el("div", { class: "age" }));
   node.append(head, frame, el("div", { class: "verdict" }, "—"), el("div", { class: "meta" }),
-              el("div", { class: "reason" }), el("div", { class: "age" }));
+              el("div", { class: "reason" }));
   const tiles = [...$("#tiles").children, node].sort((a, b) => a.dataset.tile.localeCompare(b.dataset.tile));
   $("#tiles").replaceChildren(...tiles);
+  layoutTiles();
   return node;
+}
+
+function layoutTiles() {  // fill the screen: the squarest grid for the tile count
+  const n = Math.max(1, $("#tiles").children.length);
+  const box = $("#tiles").getBoundingClientRect();
+  const aspect = box.height > 0 ? box.width / box.height : 16 / 9;
+  const cols = Math.max(1, Math.min(n, Math.round(Math.sqrt(n * aspect / 1.1))));
+  $("#tiles").style.setProperty("--cols", cols);
+  $("#tiles").style.setProperty("--rows", Math.ceil(n / cols));
 }
 
 function removeTile(id) {
   state.tiles.delete(id);
   const node = document.querySelector(`[data-tile="${CSS.escape(id)}"]`);
-  if (node) node.remove();
+  if (node) { node.remove(); layoutTiles(); }
 }
 
 function tileAge(t) {  // seconds since the tile's last verdict reached the console, as of now
   return t.age_s === null || t.age_s === undefined ? null : t.age_s + (performance.now() - t.receivedAt) / 1000;
 }
 
-function ageText(s) { return s === null ? "" : s < 60 ? `${s.toFixed(1)} s ago` : s < 3600 ? `${Math.floor(s / 60)} min ago` : `${Math.floor(s / 3600)} h ago`; }
+function ageText(s) { return s === null ? "" : s < 60 ? T("age.s", { n: s.toFixed(1) }) : s < 3600 ? T("age.min", { n: Math.floor(s / 60) }) : T("age.h", { n: Math.floor(s / 3600) }); }
 
 function paintTile(t) {
   const node = tileEl(t);
   const v = t.last;
   const age = tileAge(t);
   let signal = "live", reason = "";
-  if (!feed.up) { signal = "no_signal"; reason = "console feed lost"; }
+  if (!feed.up) { signal = "no_signal"; reason = T("reason.feed_lost"); }
   else if (t.status === "no_signal") { signal = "no_signal"; reason = t.reason || "no signal"; }
-  else if (!v) { signal = "waiting"; reason = "no verdict yet"; }
-  else if (age !== null && age > feed.staleAfter) { signal = "stale"; reason = `no verdict for ${Math.floor(age)} s`; }
+  else if (!v) { signal = "waiting"; reason = T("reason.no_verdict_yet"); }
+  else if (age !== null && age > feed.staleAfter) { signal = "stale"; reason = T("reason.no_verdict_for", { n: Math.floor(age) }); }
   const live = signal === "live";
   node.dataset.signal = signal;
   node.dataset.up = t.up && feed.up ? "1" : "0";
   node.classList.toggle("down", !live);
   if (live) node.dataset.verdict = v.verdict; else delete node.dataset.verdict;
-  node.querySelector(".verdict").textContent = live ? v.verdict.toUpperCase() : signal === "stale" ? "STALE" : signal === "waiting" ? "WAITING" : "NO SIGNAL";
+  node.querySelector(".verdict").textContent = live ? v.verdict.toUpperCase() : signal === "stale" ? T("tile.stale") : signal === "waiting" ? T("tile.waiting") : T("tile.no_signal");
   node.querySelector(".meta").textContent = live ? `${v.defect_class || v.top_class} ${pct(v.confidence)}` : "";
   node.querySelector(".reason").textContent = reason;
   node.querySelector(".age").textContent = age === null ? "" : `${ageText(age)}${v ? ` · #${v.seq} · ${t.defects_per_min} defects/min` : ""}`;
@@ -132,7 +142,7 @@ function repaint() {
 
 function setFeed(up) {
   feed.up = up;
-  $("#conn").textContent = up ? "live" : "reconnecting";
+  $("#conn").textContent = up ? T("conn.live") : T("conn.reconnecting");
   $("#conn").className = up ? "conn up" : "conn down";
   $("#feed-banner").hidden = up;
   document.body.classList.toggle("feed-lost", !up);
@@ -189,9 +199,9 @@ async function openReview(uid) {
   const classes = new Set([...(state.events.get(uid) || {}).classes || [], v.top_class, state.me.good_class]);
   if (v.defect_class) classes.add(v.defect_class);
   const options = [...classes].sort().map((c) => el("option", { value: c }, c));
-  if (v.verdict === "uncertain") options.unshift(el("option", { value: "" }, "— choose the class —"));
+  if (v.verdict === "uncertain") options.unshift(el("option", { value: "" }, T("review.choose")));
   $("#rv-class").replaceChildren(...options);
-  $("#rv-confirm").textContent = v.verdict === "uncertain" ? "Confirm as chosen class" : "Confirm";
+  $("#rv-confirm").textContent = v.verdict === "uncertain" ? T("review.confirm_as") : T("review.confirm");
   const img = $("#rv-img");
   loadImg(img, snapUrl(v));
   drawBoxes($("#rv-boxes"), img, state.review.boxes);
@@ -207,7 +217,7 @@ async function submitReview(action) {
   const body = { action };
   if (action === "relabel" || (action === "confirm" && v.verdict === "uncertain")) {
     body.label = $("#rv-class").value;
-    if (!body.label) { $("#rv-error").textContent = "choose the class this part is, then confirm"; $("#rv-class").focus(); return; }
+    if (!body.label) { $("#rv-error").textContent = T("review.need_class"); $("#rv-class").focus(); return; }
   }
   if (v.task === "detection" && action !== "reject") body.boxes = boxes;
   const r = await fetch(`/api/verdicts/${encodeURIComponent(v.uid)}/review`, {
@@ -250,9 +260,9 @@ function renderAlarms(msg) {
     const li = el("li", { "data-alarm": a.id, class: a.active ? "active" : "cleared" });
     const when = `${clock(a.raised_at)}${a.active ? "" : `, cleared ${clock(a.cleared_at)}`}`;
     li.append(el("strong", {}, a.message), el("span", {}, ` ${when}`));
-    if (a.acked_at) li.append(el("span", { class: "acked" }, ` acknowledged by ${a.acked_by} ${clock(a.acked_at)}`));
+    if (a.acked_at) li.append(el("span", { class: "acked" }, ` ${T("alarm.acked_by", { user: a.acked_by, time: clock(a.acked_at) })}`));
     else if (canAck) {
-      const b = el("button", { type: "button", class: "ack", "data-ack": a.id }, "Acknowledge");
+      const b = el("button", { type: "button", class: "ack", "data-ack": a.id }, T("alarm.ack"));
       b.addEventListener("click", () => ackAlarm(a.id));
       li.append(b);
     }
@@ -331,6 +341,7 @@ async function loadRates() {  // the running shift per camera: OK / defect / unc
 }
 
 async function start() {
+  $("#conn").textContent = T("conn.connecting");
   const r = await fetch("/api/me");
   if (r.status === 401) { location.href = "/login"; return; }
   state.me = await r.json();
@@ -349,6 +360,7 @@ async function start() {
   enableBoxDrawing();
   connect();
   setInterval(repaint, 250);
+  window.addEventListener("resize", layoutTiles);
   setInterval(beep, 2000);
   loadRates();
   setInterval(loadRates, 5000);
