@@ -13,9 +13,10 @@ import html
 import json
 import math
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timezone, tzinfo
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -56,8 +57,8 @@ WS_SESSION_ENDED = 4401  # close code: the session was logged out or expired
 
 
 
-def parse_time(value: str | None, default: float) -> float:
-    """ISO 8601 (naive = UTC) or unix seconds."""
+def parse_time(value: str | None, default: float, tz: tzinfo | None = None) -> float:
+    """ISO 8601 (naive = in ``tz``, else UTC) or unix seconds."""
     if value is None or value == "":
         return default
     try:
@@ -67,10 +68,21 @@ def parse_time(value: str | None, default: float) -> float:
             dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             raise HTTPException(400, f"time {value[:40]!r}: expected ISO 8601 or unix seconds") from None
-        t = (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+        t = (dt if dt.tzinfo else dt.replace(tzinfo=tz or timezone.utc)).timestamp()
     if not math.isfinite(t) or abs(t) > MAX_TIME_S:
         raise HTTPException(400, f"time {value[:40]!r}: expected a finite time within +-{MAX_TIME_S:.0e} s")
     return t
+
+
+def zone_param(request: Request) -> tzinfo | None:
+    """``tz``: the IANA zone naive ``from`` / ``to`` times are in (pages send the line's zone)."""
+    name = request.query_params.get("tz")
+    if not name:
+        return None
+    try:
+        return ZoneInfo(name[:64])
+    except (ZoneInfoNotFoundError, ValueError):
+        raise HTTPException(400, "query parameter 'tz': expected an IANA time zone like Europe/Berlin") from None
 
 
 def number(request: Request, key: str, default: float, lo: float, hi: float) -> float:

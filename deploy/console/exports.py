@@ -57,12 +57,13 @@ def cell(value: Any) -> Any:
 
 
 def routes(c: Console) -> list[Route]:
-    from deploy.console.app import _row_json, json_response, parse_time
+    from deploy.console.app import _row_json, json_response, parse_time, zone_param
 
     async def export_csv(request: Request) -> Response:
         c.need(request, "export")
-        t0 = parse_time(request.query_params.get("from"), 0.0)
-        t1 = parse_time(request.query_params.get("to"), time.time() + 1.0)
+        tz = zone_param(request)
+        t0 = parse_time(request.query_params.get("from"), 0.0, tz)
+        t1 = parse_time(request.query_params.get("to"), time.time() + 1.0, tz)
         rows = await asyncio.to_thread(c.store.range, t0, t1, MAX_EXPORT_ROWS)
 
         def lines():

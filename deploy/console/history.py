@@ -1,7 +1,7 @@
 """History, search and the review queue: the /history page and GET /api/history over the store.
 
 Query: ``station, camera, class, verdict`` (exact), ``reviewed`` (``yes`` | ``no``), ``from`` / ``to``
-(ISO 8601 or unix seconds), ``page`` (from 1) and ``per_page`` (1..200). Newest first.
+(ISO 8601 or unix seconds; naive times in ``tz``, else UTC), ``page`` (from 1) and ``per_page`` (1..200). Newest first.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ MAX_CLASSES = 64
 
 
 def routes(c: Console) -> list[Route]:
-    from deploy.console.app import STATIC, _row_json, json_response, number, parse_time
+    from deploy.console.app import STATIC, _row_json, json_response, number, parse_time, zone_param
 
     def classes() -> list[str]:
         q = sa.select(sa.func.coalesce(verdicts.c.defect_class, verdicts.c.top_class)).distinct().limit(MAX_CLASSES)
@@ -51,8 +51,9 @@ def routes(c: Console) -> list[Route]:
             raise HTTPException(400, "query parameter 'reviewed': expected yes or no")
         per_page = int(number(request, "per_page", 50, 1, 200))
         page_no = int(number(request, "page", 1, 1, 10**6))
-        t0 = parse_time(qp.get("from"), float("nan")) if qp.get("from") else None
-        t1 = parse_time(qp.get("to"), float("nan")) if qp.get("to") else None
+        tz = zone_param(request)
+        t0 = parse_time(qp.get("from"), float("nan"), tz) if qp.get("from") else None
+        t1 = parse_time(qp.get("to"), float("nan"), tz) if qp.get("to") else None
         rows, total = await asyncio.to_thread(
             c.store.search,
             text["station"],

@@ -9,7 +9,7 @@ function el(tag, attrs = {}, text) {
   if (text !== undefined) e.textContent = text;
   return e;
 }
-function fmtTime(t) { return new Date(t * 1000).toLocaleString("sv-SE", { timeZoneName: "short" }); }
+function fmtTime(t) { return new Date(t * 1000).toLocaleString("sv-SE", { timeZone: H.zone, timeZoneName: "short" }); }
 function pct(x) { return (100 * x).toFixed(1) + "%"; }
 function snapUrl(r) { return r.snapshot ? `/snapshots/${encodeURIComponent(r.station)}/${encodeURIComponent(r.snapshot)}` : ""; }
 function reviewText(r) {
@@ -23,8 +23,9 @@ function query() {
   const q = new URLSearchParams();
   for (const [k, v] of f) {
     if (!v) continue;
-    q.set(k, (k === "from" || k === "to") ? String(new Date(v).getTime() / 1000) : v);  // local time -> unix s
+    q.set(k, (k === "from" || k === "to") ? v.trim().replace(" ", "T") : v);  // naive line time, zone in tz
   }
+  q.set("tz", H.zone);
   q.set("page", H.page); q.set("per_page", H.perPage);
   return q;
 }
@@ -118,7 +119,8 @@ async function start() {
   if (r.status === 401) { location.href = "/login"; return; }
   H.me = await r.json();
   $("#who").textContent = H.me.kiosk ? "kiosk (read-only)" : `${H.me.user} (${H.me.role})`;
-  $("#zone").textContent = `times: ${Intl.DateTimeFormat().resolvedOptions().timeZone}`;
+  H.zone = H.me.time_zone || Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
+  $("#zone").textContent = `times: ${H.zone}`;
   $("#filters").addEventListener("submit", (ev) => { ev.preventDefault(); H.page = 1; load(0); });
   $("#d-confirm").addEventListener("click", () => review("confirm"));
   $("#d-reject").addEventListener("click", () => review("reject"));

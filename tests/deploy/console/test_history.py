@@ -46,6 +46,14 @@ def test_history_filters_paging_and_uncertain_confirm_needs_a_class(tmp_path, co
     assert c.json("/api/history?verdict=uncertain")["total"] == 10
     assert c.json("/api/history?camera=cam1&verdict=defect")["total"] == 15
     assert c.json(f"/api/history?from={1_700_000_010}&to={1_700_000_020}")["total"] == 10
+    # naive times are in the zone the page sends (the line's); 1_700_000_010 is 23:13:30 in Berlin (CET)
+    assert c.json("/api/history?from=2023-11-14T23:13:30&tz=Europe/Berlin")["total"] == 30
+    assert c.json("/api/history?from=2023-11-14T22:13:30")["total"] == 30  # no tz: UTC
+    assert c.get("/api/history?from=2023-11-14T23:13:30&tz=Mars/Base")[0] == 400
+    eng = Client(con.base)
+    assert eng.login("erik") == 200
+    status, body, _ = eng.get("/api/export.csv?from=2023-11-14+23:13:30&tz=Europe/Berlin")
+    assert status == 200 and len(body.decode().strip().splitlines()) == 1 + 30
     assert c.get("/api/history?verdict=bogus")[0] == 400 and c.get("/api/history?per_page=100000")[0] == 400
     unc = c.json("/api/history?verdict=uncertain&per_page=1")["rows"][0]
     status, body, _ = c.review(unc["uid"], "confirm")
