@@ -14,7 +14,7 @@ async function post(url, body) {
   const r = await fetch(url, { method: "POST", headers: { "content-type": "application/json", "x-csrf-token": me.csrf }, body: JSON.stringify(body) });
   if (r.status === 401) { location.href = "/login"; return false; }
   const text = await r.text();
-  $("#msg").textContent = r.ok ? "saved" : text.trim();
+  $("#msg").textContent = r.ok ? T("users.saved") : text.trim();
   $("#msg").className = r.ok ? "" : "error";
   return r.ok;
 }
@@ -27,12 +27,12 @@ async function loadUsers() {
     for (const name of ["operator", "engineer", "admin"]) role.append(el("option", name === u.role ? { selected: "" } : {}, name));
     role.addEventListener("change", async () => { await post(`/api/users/${encodeURIComponent(u.name)}`, { role: role.value }); loadUsers(); });
     const pw = el("input", { type: "password", minlength: "8", "aria-label": `new password for ${u.name}`, autocomplete: "new-password" });
-    const setPw = el("button", { type: "button" }, "Set password");
+    const setPw = el("button", { type: "button" }, T("users.set_password"));
     setPw.addEventListener("click", async () => { if (await post(`/api/users/${encodeURIComponent(u.name)}`, { password: pw.value })) pw.value = ""; });
-    const toggle = el("button", { type: "button", "data-user": u.name, class: "toggle" }, u.disabled ? "Enable" : "Disable");
+    const toggle = el("button", { type: "button", "data-user": u.name, class: "toggle" }, u.disabled ? T("users.enable") : T("users.disable"));
     toggle.addEventListener("click", async () => { await post(`/api/users/${encodeURIComponent(u.name)}`, { disabled: !u.disabled }); loadUsers(); });
     const tr = el("tr", { "data-user": u.name });
-    tr.append(el("td", {}, u.name), el("td", {}, role), el("td", {}, u.disabled ? "disabled" : "active"),
+    tr.append(el("td", {}, u.name), el("td", {}, role), el("td", {}, u.disabled ? T("users.disabled") : T("users.active")),
       el("td", {}, pw, setPw), el("td", {}, toggle));
     return tr;
   });

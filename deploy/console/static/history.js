@@ -13,9 +13,8 @@ function fmtTime(t) { return new Date(t * 1000).toLocaleString("sv-SE", { timeZo
 function pct(x) { return (100 * x).toFixed(1) + "%"; }
 function snapUrl(r) { return r.snapshot ? `/snapshots/${encodeURIComponent(r.station)}/${encodeURIComponent(r.snapshot)}` : ""; }
 function reviewText(r) {
-  if (!r.review_action) return "to review";
-  const what = { confirm: "confirmed", reject: "rejected", relabel: "relabelled" }[r.review_action];
-  return `${what}${r.review_label ? " " + r.review_label : ""} by ${r.review_user}`;
+  if (!r.review_action) return T("rv.to_review");
+  return `${T("rv." + r.review_action)}${r.review_label ? " " + r.review_label : ""} ${T("rv.by")} ${r.review_user}`;
 }
 
 function query() {
@@ -53,7 +52,7 @@ async function load(keepSel) {
     return tr;
   }));
   const pages = Math.max(1, Math.ceil(H.total / H.perPage));
-  $("#pageinfo").textContent = `page ${H.page} of ${pages} · ${H.total} frames`;
+  $("#pageinfo").textContent = T("pager.info", { page: H.page, pages, total: H.total });
   select(Math.min(keepSel ?? -1, H.rows.length - 1));
 }
 
@@ -70,7 +69,7 @@ function select(i) {
   $("#d-title").textContent = `${row.station} / ${row.camera}: ${row.verdict.toUpperCase()}`;
   $("#d-info").textContent = `part ${row.source || "#" + row.seq} · ${row.defect_class || row.top_class} ${pct(row.confidence)} · model ${row.model_name || "?"} ${row.model_version || "?"} · ${fmtTime(row.captured_at)} · ${reviewText(row)}`;
   const opts = H.classes.map((c, k) => el("option", { value: c }, `${k + 1}: ${c}`));
-  if (row.verdict === "uncertain") opts.unshift(el("option", { value: "" }, "— choose the class —"));
+  if (row.verdict === "uncertain") opts.unshift(el("option", { value: "" }, T("review.choose")));
   $("#d-class").replaceChildren(...opts);
   $("#d-confirm").textContent = row.verdict === "uncertain" ? "Confirm as class (c)" : "Confirm (c)";
   $("#d-msg").textContent = "";

@@ -44,7 +44,7 @@ async function start() {
   const r = await fetch("/api/shifts?count=9");
   const body = await r.json();
   const fmt = (t) => new Date(t * 1000).toLocaleString("sv-SE", { timeZone: body.time_zone, timeZoneName: "short" });
-  $("#zone").textContent = `times in ${body.time_zone}`;
+  $("#zone").textContent = T("shifts.times_in", { zone: body.time_zone });
   $("#shift-table tbody").replaceChildren(...body.shifts.flatMap((s) => s.cameras.map((c) => {
     const tr = document.createElement("tr");
     tr.dataset.shift = `${s.date} ${s.name}`; tr.dataset.camera = `${c.station}/${c.camera}`;

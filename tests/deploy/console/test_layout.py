@@ -65,6 +65,9 @@ def test_light_theme_german_catalogue_and_styled_403(browser, console_factory): 
         page.wait_for_selector(".tile[data-signal='live']", timeout=15_000)
         assert page.inner_text("[data-i18n='shift.title']") == "Diese Schicht:"
         assert page.get_attribute("html", "lang") == "de"
+        page.goto(con.base + "/history?lang=de")  # every page reads the same catalogue
+        page.wait_for_selector("body[data-ready='1']")
+        assert page.inner_text("[data-i18n='col.time']") == "Zeit" and "Seite 1" in page.inner_text("#pageinfo")
         resp = page.goto(con.base + "/export")  # an operator may not export: a styled page, not plain text
         assert resp.status == 403
         assert page.locator("body.error-page .code").inner_text() == "403"
