@@ -141,11 +141,19 @@ class Console:
             secret = read_secret(cfg.alarms.webhook_secret_file)
         except OSError as exc:
             raise ConsoleConfigError(f"{cfg.source}: key 'alarms.webhook_secret_file': {exc.strerror}") from None
-        self.webhook = Webhook(cfg.alarms.webhook_urls, secret, cfg.alarms.webhook_repeat_s)
-        self.alarms = Alarms(cfg.alarms, store.engine, self.live,
-                             lambda event, a: self.webhook.notify(event, a and a.view(), self.alarms.views()))
+        self.webhook = Webhook(
+            cfg.alarms.webhook_urls, secret, cfg.alarms.webhook_repeat_s, self.metrics.webhook_failed.inc
+        )
+        self.alarms = Alarms(cfg.alarms, store.engine, self.live, self._alarm_changed)
         self.streams.alarms = self.alarms
         self.gate = LoginGate(cfg.server, self.sessions, self.metrics)
+
+    def _alarm_changed(self, event: str, alarm: Any) -> None:
+        views = self.alarms.views()
+        self.metrics.alarm_events.labels(event).inc()
+        self.metrics.alarms_open.set(len(views))
+        self.metrics.alarms_unacknowledged.set(sum(1 for v in views if v["acked_at"] is None))
+        self.webhook.notify(event, alarm and alarm.view(), views)
 
     # -- access --------------------------------------------------------------------------------
     def who(self, request: Request | WebSocket) -> Session | None:

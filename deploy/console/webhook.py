@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,11 @@ def read_secret(path: Path | None) -> bytes | None:
 
 
 class Webhook:
-    def __init__(self, urls: tuple[str, ...], secret: bytes | None, repeat_s: float) -> None:
+    def __init__(
+        self, urls: tuple[str, ...], secret: bytes | None, repeat_s: float, on_failure: Callable[[], None] | None = None
+    ) -> None:
         self.urls = urls
+        self.on_failure = on_failure  # e.g. a Prometheus counter's inc (thread-safe)
         self.secret = secret
         self.repeat_s = repeat_s
         self.latest: list[dict[str, Any]] = []  # the open alarms as of the last event (replaced, never mutated)
@@ -105,4 +109,6 @@ class Webhook:
                 self.sent += 1
             except OSError as exc:
                 self.failed += 1
+                if self.on_failure is not None:
+                    self.on_failure()
                 log.warning("alarm webhook %s: %s", url, str(exc)[:200])

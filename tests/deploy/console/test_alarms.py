@@ -158,6 +158,12 @@ def test_webhook_posts_signed_alarm_state_and_the_acknowledge(tmp_path, console_
         acked = wait_for(lambda: [json.loads(b) for b, _ in rx.got if json.loads(b)["event"] == "acknowledged"], 10,
                          "the acknowledge at the receiver")
         assert acked[0]["alarm"]["acked_by"] == "olga" and not acked[0]["unacknowledged"]
+        metrics = olga.get("/metrics")[1].decode()
+        for line in ('defectscope_console_alarm_events_total{event="raised"} 1.0',
+                     'defectscope_console_alarm_events_total{event="acknowledged"} 1.0',
+                     "defectscope_console_alarms_open 1.0", "defectscope_console_alarms_unacknowledged 0.0",
+                     "defectscope_console_alarm_webhook_failed_total 0.0"):
+            assert line in metrics, line
         # repeats carry the whole state, so a receiver that missed an event is right again
         n = len(rx.got)
         wait_for(lambda: len(rx.got) > n + 1, 10, "periodic state posts")
@@ -165,3 +171,27 @@ def test_webhook_posts_signed_alarm_state_and_the_acknowledge(tmp_path, console_
     finally:
         st.close()
         rx.close()
+
+
+def test_an_unreachable_webhook_is_counted_and_never_blocks_the_console(tmp_path, console_factory):
+    from tests.factories import free_port
+
+    secret = tmp_path / "alarm.key"
+    secret.write_text("k")
+    st = FakeStation("st1")
+    try:
+        st.heartbeats({"cam1": True})
+        con = console_factory([{"name": "st1", "endpoint": st.endpoint}],
+                              extra_toml=alarm_toml(f"http://127.0.0.1:{free_port()}/alarms", str(secret)))
+        wait_for(lambda: con.health()["received"]["status"] > 0, 10, "heartbeat")
+        for seq in range(3):
+            st.verdict("cam1", seq, "defect")
+        olga = Client(con.base)
+        assert olga.login("olga") == 200
+        wait_for(lambda: "defectscope_console_alarm_webhook_failed_total 0.0" not in olga.get("/metrics")[1].decode(),
+                 15, "a failed post counted")
+        assert olga.json("/api/alarms")["open"][0]["active"]  # the alarm itself is unaffected
+        st.verdict("cam1", 4, "ok")
+        wait_for(lambda: con.health()["recorded"] == 4, 10, "verdicts still recorded")
+    finally:
+        st.close()
