@@ -60,6 +60,12 @@ command("watch", "runtime.tools.viewer:main", "live terminal view of a station's
 command("deploy", "deploy.cli:main", "install / rollback / status / prune bundles and units on a station", None)
 command("console", "deploy.console.cli:main", "web console for line operators: live tiles, history, review", "console")
 command("dataset", "deploy.console.dataset:main", "export reviewed console snapshots as a training dataset", "console")
+command(
+    "plc",
+    "deploy.plc.cli:main",
+    "write console alarms and per-part rejects to the line PLC (Modbus TCP / OPC UA)",
+    "plc",
+)
 
 
 def _usage() -> str:

@@ -134,7 +134,7 @@ class DeployConfig:
 def load_deploy_config(root: Path, path: Path | None = None) -> DeployConfig:
     """Read ``deploy.toml`` (``path``, else ``<root>/etc/defectscope/deploy.toml``); defaults if absent."""
     explicit = path is not None
-    path = Path(path) if explicit else rooted(root, DEPLOY_CONFIG)
+    path = Path(path) if path is not None else rooted(root, DEPLOY_CONFIG)
     if not path.is_file():
         if explicit:
             raise ConfigError(f"{path}: deploy config not found")

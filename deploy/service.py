@@ -43,8 +43,10 @@ class Readiness:
             err = (self.last_reload or {}).get("error")
             failed = f"; the daemon reports a FAILED reload ({err or 'see its journal'})"
         down = f"; camera(s) down: {', '.join(self.cameras_down)}" if self.cameras_down else ""
-        return (f"{state}, serving {m.get('name', '?')} {m.get('version', '?')} "
-                f"({m.get('artifact', '?')}, {m.get('backend', '?')}){failed}{down}")
+        return (
+            f"{state}, serving {m.get('name', '?')} {m.get('version', '?')} "
+            f"({m.get('artifact', '?')}, {m.get('backend', '?')}){failed}{down}"
+        )
 
 
 def query_readyz(url: str, timeout_s: float = 2.0) -> Readiness:
@@ -61,21 +63,35 @@ def query_readyz(url: str, timeout_s: float = 2.0) -> Readiness:
         data = json.loads(body)
     except ValueError:
         text = body[:80].decode("utf-8", "replace").strip()
-        return Readiness(url, reachable=True, error=f"HTTP {status}, body {text!r} is not JSON (no model version to check)")
+        return Readiness(
+            url, reachable=True, error=f"HTTP {status}, body {text!r} is not JSON (no model version to check)"
+        )
     if not isinstance(data, dict):
         return Readiness(url, reachable=True, error=f"HTTP {status}, body is not a JSON object")
     model = data.get("model") if isinstance(data.get("model"), dict) else None
     last = data.get("last_reload") if isinstance(data.get("last_reload"), dict) else None
-    cameras = data.get("cameras") if isinstance(data.get("cameras"), dict) else {}
-    down = tuple(sorted(k for k, v in cameras.items()
-                        if isinstance(v, dict) and (v.get("connected") is False or v.get("up") is False)))
+    cameras: dict[str, Any] = data["cameras"] if isinstance(data.get("cameras"), dict) else {}
+    down = tuple(
+        sorted(
+            k
+            for k, v in cameras.items()
+            if isinstance(v, dict) and (v.get("connected") is False or v.get("up") is False)
+        )
+    )
     if "last_reload" in data:
         # Current contract: HTTP 200 = the model is ready (a camera may be down); 503 = it is not.
         ready = status == 200 and model is not None
     else:  # older daemons: "ready" covered everything
         ready = bool(data.get("ready")) and status == 200
-    return Readiness(url, reachable=True, ready=ready, model=model, last_reload=last, cameras_down=down,
-                     reload_failed=bool(last and last.get("result") == "failed"))
+    return Readiness(
+        url,
+        reachable=True,
+        ready=ready,
+        model=model,
+        last_reload=last,
+        cameras_down=down,
+        reload_failed=bool(last and last.get("result") == "failed"),
+    )
 
 
 def metrics_url(readyz_url: str) -> str:
@@ -92,8 +108,9 @@ def reload_failures(readyz_url: str, timeout_s: float = 2.0) -> float | None:
         total = 0.0
         for family in text_string_to_metric_families(text):
             if family.name == "defectscope_model_reloads":
-                total += sum(s.value for s in family.samples
-                             if s.name.endswith("_total") and s.labels.get("result") == "failure")
+                total += sum(
+                    s.value for s in family.samples if s.name.endswith("_total") and s.labels.get("result") == "failure"
+                )
         return total
     except (OSError, ValueError):
         return None
@@ -107,8 +124,9 @@ def run_reload(cfg: DeployConfig, station: Station) -> None:
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
-        raise DeployError(f"reload of station {station.name}: command not found: {argv[0]!r} "
-                          f"(service.reload_command in {cfg.source})") from None
+        raise DeployError(
+            f"reload of station {station.name}: command not found: {argv[0]!r} (service.reload_command in {cfg.source})"
+        ) from None
     except subprocess.TimeoutExpired:
         raise DeployError(f"reload of station {station.name}: {' '.join(argv)} did not finish in 60 s") from None
     if proc.returncode != 0:
@@ -120,7 +138,11 @@ def run_reload(cfg: DeployConfig, station: Station) -> None:
 
 
 def wait_for_version(
-    urls: dict[str, str], name: str, version: str, timeout_s: float, poll_s: float = 0.25,
+    urls: dict[str, str],
+    name: str,
+    version: str,
+    timeout_s: float,
+    poll_s: float = 0.25,
     failures_before: dict[str, float | None] | None = None,
     reload_before: dict[str, dict[str, Any] | None] | None = None,
 ) -> tuple[bool, dict[str, Readiness]]:

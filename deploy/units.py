@@ -95,12 +95,15 @@ def install_units(
     found = discover_stations(root, cfg, stations)
     for st in found:
         dropin = target / f"defectscope-engine@{st.name}.path.d" / "10-bundle.conf"
-        _write(dropin, (
-            f"# Written by `defectscope deploy install-units` from {st.config_path.name} ([model] bundle).\n"
-            "[Path]\n"
-            "PathChanged=\n"  # reset the template's fallback path
-            f"PathChanged={st.bundle}\n"
-        ))
+        _write(
+            dropin,
+            (
+                f"# Written by `defectscope deploy install-units` from {st.config_path.name} ([model] bundle).\n"
+                "[Path]\n"
+                "PathChanged=\n"  # reset the template's fallback path
+                f"PathChanged={st.bundle}\n"
+            ),
+        )
         report.written.append(str(dropin))
     if stations is None and not found:
         report.warnings.append(f"no station configs in {rooted(root, cfg.config_dir)}: no station drop-ins written")
@@ -115,8 +118,11 @@ def install_units(
     for st in found:
         units += [f"defectscope@{st.name}.service", f"defectscope-engine@{st.name}.path"]
     if live:
-        for argv in (["systemd-sysusers", "defectscope.conf"], ["systemd-tmpfiles", "--create", "defectscope.conf"],
-                     [systemctl, "daemon-reload"]):
+        for argv in (
+            ["systemd-sysusers", "defectscope.conf"],
+            ["systemd-tmpfiles", "--create", "defectscope.conf"],
+            [systemctl, "daemon-reload"],
+        ):
             _run(argv, report)
         _run([systemctl, "enable", *(["--now"] if now else []), *units], report)
     else:

@@ -9,64 +9,55 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
-import io
+import html
 import json
 import math
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timezone, tzinfo
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, RedirectResponse, Response, StreamingResponse
+from starlette.responses import (
+    FileResponse,
+    HTMLResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from deploy.console.admin import routes as admin_routes
+from deploy.console.alarm_routes import routes as alarm_routes
+from deploy.console.alarms import Alarms
 from deploy.console.auth import CAN, COOKIE, Session, Sessions, csrf_ok
 from deploy.console.config import ConsoleConfig, ConsoleConfigError
+from deploy.console.exports import routes as export_routes
+from deploy.console.history import routes as history_routes
 from deploy.console.live import Live, dumps
 from deploy.console.login import LoginGate
 from deploy.console.metrics import ConsoleMetrics
 from deploy.console.middleware import install
+from deploy.console.shifts import routes as shift_routes
 from deploy.console.snapfiles import SnapshotRefused, read_snapshot
 from deploy.console.store import REVIEW_ACTIONS, Store, StoreError
 from deploy.console.streams import Streams
+from deploy.console.users import Users
+from deploy.console.webhook import Webhook, read_secret
 
 STATIC = Path(__file__).with_name("static")
 KIOSK = Session("kiosk", "kiosk", "", float("inf"))
-# OWASP CSV injection: a cell starting with one of these is a formula to Excel / LibreOffice.
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 MAX_TIME_S = 1e11  # |unix seconds| beyond this (year 5138) is not a time, it is an attack
 WS_SESSION_ENDED = 4401  # close code: the session was logged out or expired
-CSV_FIELDS = (
-    "station",
-    "camera",
-    "captured_at_utc",
-    "captured_at",
-    "source",
-    "seq",
-    "model_name",
-    "model_version",
-    "verdict",
-    "class",
-    "top_class",
-    "confidence",
-    "top_score",
-    "boxes",
-    "review_action",
-    "review_label",
-    "review_user",
-    "reviewed_at_utc",
-)
-MAX_EXPORT_ROWS = 2_000_000
 
 
-def parse_time(value: str | None, default: float) -> float:
-    """ISO 8601 (naive = UTC) or unix seconds."""
+def parse_time(value: str | None, default: float, tz: tzinfo | None = None) -> float:
+    """ISO 8601 (naive = in ``tz``, else UTC) or unix seconds."""
     if value is None or value == "":
         return default
     try:
@@ -76,10 +67,21 @@ def parse_time(value: str | None, default: float) -> float:
             dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             raise HTTPException(400, f"time {value[:40]!r}: expected ISO 8601 or unix seconds") from None
-        t = (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+        t = (dt if dt.tzinfo else dt.replace(tzinfo=tz or timezone.utc)).timestamp()
     if not math.isfinite(t) or abs(t) > MAX_TIME_S:
         raise HTTPException(400, f"time {value[:40]!r}: expected a finite time within +-{MAX_TIME_S:.0e} s")
     return t
+
+
+def zone_param(request: Request) -> tzinfo | None:
+    """``tz``: the IANA zone naive ``from`` / ``to`` times are in (pages send the line's zone)."""
+    name = request.query_params.get("tz")
+    if not name:
+        return None
+    try:
+        return ZoneInfo(name[:64])
+    except (ZoneInfoNotFoundError, ValueError):
+        raise HTTPException(400, "query parameter 'tz': expected an IANA time zone like Europe/Berlin") from None
 
 
 def number(request: Request, key: str, default: float, lo: float, hi: float) -> float:
@@ -94,15 +96,30 @@ def number(request: Request, key: str, default: float, lo: float, hi: float) -> 
     return value
 
 
-def iso(t: float | None) -> str:
-    return "" if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
+ERROR_TITLES = {
+    400: "Bad request",
+    401: "Please log in",
+    403: "Not allowed",
+    404: "Not found",
+    413: "Too large",
+    429: "Too many attempts",
+}
 
 
-def cell(value: Any) -> Any:
-    """A CSV cell a spreadsheet shows as text: formula prefixes get a leading apostrophe (OWASP)."""
-    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
-        return "'" + value
-    return value
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Browsers asking for a page get a styled error page; API clients and scripts keep plain text."""
+    assert isinstance(exc, HTTPException)
+    detail = str(exc.detail)
+    if request.url.path.startswith("/api/") or "text/html" not in request.headers.get("accept", ""):
+        return PlainTextResponse(detail, exc.status_code, headers=exc.headers)
+    page = (STATIC / "error.html").read_text(encoding="utf-8")
+    for key, value in (
+        ("{code}", str(exc.status_code)),
+        ("{title}", ERROR_TITLES.get(exc.status_code, "Error")),
+        ("{detail}", html.escape(detail)),
+    ):
+        page = page.replace(key, value)
+    return HTMLResponse(page, exc.status_code, headers=exc.headers)
 
 
 def json_response(value: Any, status: int = 200) -> Response:
@@ -123,10 +140,28 @@ class Console:
         self.cfg = cfg
         self.store = store
         self.live = Live(cfg)
-        self.sessions = Sessions(cfg)
+        self.users = Users(store.engine)
+        self.users.seed(cfg.users)  # the TOML seeds users that do not exist yet (the first admin)
+        self.sessions = Sessions(self.users, cfg.server.session_max_age_s)
         self.metrics = ConsoleMetrics()
         self.streams = Streams(cfg, store, self.live, self.metrics)
+        try:
+            secret = read_secret(cfg.alarms.webhook_secret_file)
+        except OSError as exc:
+            raise ConsoleConfigError(f"{cfg.source}: key 'alarms.webhook_secret_file': {exc.strerror}") from None
+        self.webhook = Webhook(
+            cfg.alarms.webhook_urls, secret, cfg.alarms.webhook_repeat_s, self.metrics.webhook_failed.inc
+        )
+        self.alarms = Alarms(cfg.alarms, store.engine, self.live, self._alarm_changed)
+        self.streams.alarms = self.alarms
         self.gate = LoginGate(cfg.server, self.sessions, self.metrics)
+
+    def _alarm_changed(self, event: str, alarm: Any) -> None:
+        views = self.alarms.views()
+        self.metrics.alarm_events.labels(event).inc()
+        self.metrics.alarms_open.set(len(views))
+        self.metrics.alarms_unacknowledged.set(sum(1 for v in views if v["acked_at"] is None))
+        self.webhook.notify(event, alarm and alarm.view(), views)
 
     # -- access --------------------------------------------------------------------------------
     def who(self, request: Request | WebSocket) -> Session | None:
@@ -224,6 +259,7 @@ class Console:
                 "kiosk": s is KIOSK,
                 "can": sorted(k for k, roles in CAN.items() if s.role in roles),
                 "shift_hours": self.cfg.server.shift_hours,
+                "time_zone": self.cfg.shifts.time_zone if self.cfg.shifts else None,
                 "good_class": self.cfg.server.good_class,
             }
         )
@@ -258,6 +294,8 @@ class Console:
             not isinstance(label, str) or not 0 < len(label) <= 128 or "/" in label or label.startswith(".")
         ):
             raise HTTPException(400, "key 'label': expected a class name")
+        if action == "reject":
+            label = None
         if boxes is not None and not _valid_boxes(boxes):
             raise HTTPException(400, "key 'boxes': expected up to 100 {box: [x1, y1, x2, y2], class} objects")
         try:
@@ -275,61 +313,6 @@ class Console:
         hours = number(request, "hours", self.cfg.server.shift_hours, 0.01, 24 * 366)
         rows = await asyncio.to_thread(self.store.rates, time.time() - hours * 3600.0)
         return json_response({"hours": hours, "cameras": rows})
-
-    async def export_csv(self, request: Request) -> Response:
-        self.need(request, "export")
-        t0 = parse_time(request.query_params.get("from"), 0.0)
-        t1 = parse_time(request.query_params.get("to"), time.time() + 1.0)
-        rows = await asyncio.to_thread(self.store.range, t0, t1, MAX_EXPORT_ROWS)
-
-        def lines():
-            buf = io.StringIO()
-            w = csv.writer(buf)
-            w.writerow(CSV_FIELDS)
-            for r in rows:
-                w.writerow(
-                    [
-                        cell(v)
-                        for v in (
-                            r["station"],
-                            r["camera"],
-                            iso(r["captured_at"]),
-                            f"{r['captured_at']:.6f}",
-                            r["source"],
-                            r["seq"],
-                            r["model_name"],
-                            r["model_version"],
-                            r["verdict"],
-                            r["defect_class"] or r["top_class"],
-                            r["top_class"],
-                            r["confidence"],
-                            r["top_score"],
-                            r["boxes"] or "",
-                            r["review_action"] or "",
-                            r["review_label"] or "",
-                            r["review_user"] or "",
-                            iso(r["reviewed_at"]),
-                        )
-                    ]
-                )
-                if buf.tell() > 65536:
-                    yield buf.getvalue()
-                    buf.seek(0)
-                    buf.truncate()
-            yield buf.getvalue()
-
-        name = f"verdicts_{int(t0)}_{int(t1)}.csv"
-        return StreamingResponse(
-            lines(), media_type="text/csv", headers={"content-disposition": f'attachment; filename="{name}"'}
-        )
-
-    async def dataset_rows(self, request: Request) -> Response:
-        """Reviewed verdicts (for `defectscope dataset export --from-console URL`)."""
-        self.need(request, "export")
-        t0 = parse_time(request.query_params.get("from"), 0.0)
-        t1 = parse_time(request.query_params.get("to"), float("inf"))
-        rows = await asyncio.to_thread(self.store.reviewed, t0, t1)
-        return json_response({"good_class": self.cfg.server.good_class, "rows": [_row_json(r) for r in rows]})
 
     async def snapshot(self, request: Request) -> Response:
         self.need(request, "view")
@@ -376,6 +359,9 @@ class Console:
         q = self.streams.subscribe_client(token)
         try:
             await websocket.send_text(dumps(self.live.full()))
+            alarms = self.streams.alarm_message()
+            if alarms is not None:
+                await websocket.send_text(alarms)
             while True:
                 msg = await q.get()
                 if isinstance(msg, int):  # 1001 shutting down (browsers reconnect), 4401 logged out
@@ -427,10 +413,12 @@ def create_app(cfg: ConsoleConfig, store: Store | None = None) -> Starlette:
     async def lifespan(app: Starlette):
         app.state.loop = asyncio.get_running_loop()
         c.streams.start()
+        c.webhook.start()
         try:
             yield
         finally:
             await c.streams.stop()
+            await asyncio.to_thread(c.webhook.stop)
 
     routes = [
         Route("/", c.index),
@@ -444,16 +432,19 @@ def create_app(cfg: ConsoleConfig, store: Store | None = None) -> Starlette:
         Route("/api/verdicts/{uid:str}", c.verdict),
         Route("/api/verdicts/{uid:str}/review", c.review, methods=["POST"]),
         Route("/api/rates", c.rates),
-        Route("/api/export.csv", c.export_csv),
-        Route("/api/dataset", c.dataset_rows),
+        *export_routes(c),
         Route("/snapshots/{station:str}/{name:str}", c.snapshot),
         Route("/preview/{station:str}/{camera:str}.jpg", c.preview),
         Route("/healthz", c.healthz),
         Route("/metrics", c.metrics_text),
+        *admin_routes(c),
+        *alarm_routes(c),
+        *history_routes(c),
+        *shift_routes(c),
         WebSocketRoute("/ws", c.ws),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     install(app, cfg.server, c.metrics.bodies_refused.inc)
     app.state.console = c
     return app

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import logging
 import sys
 
 from deploy.console.config import DEFAULT_HOST, DEFAULT_PORT
+from deploy.console.password import HELP as PASSWORD_HELP
+from deploy.console.password import PasswordMissing, read_password
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="defectscope console",
         description="Web console for line operators: live verdict tiles, history, review, CSV export. "
-                    "`defectscope console hash-password` prints an argon2 hash for a [[users]] entry; "
-                    "`defectscope console check-config --config FILE` validates a config.")
+        "`defectscope console user add|passwd|list|disable|enable --config FILE` manages users "
+        "(no restart); `defectscope console hash-password` prints an argon2 hash for a [[users]] "
+        "seed entry; `defectscope console check-config --config FILE` validates a config. "
+        "The database schema is migrated (Alembic) when the console starts. " + PASSWORD_HELP,
+    )
     p.add_argument("--config", required=True, help="console TOML (see docs/contracts.md, 'Line console')")
     p.add_argument("--host", default=None, help=f"bind address (config server.host, default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=None, help=f"port (config server.port, default {DEFAULT_PORT})")
@@ -24,21 +28,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def hash_password_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="defectscope console hash-password",
-                                description="read a password (twice, or once from stdin) and print its argon2id hash")
-    p.add_argument("--stdin", action="store_true", help="read the password from stdin (scripts)")
-    args = p.parse_args(argv)
+    p = argparse.ArgumentParser(
+        prog="defectscope console hash-password",
+        description="print the argon2id hash of a password (for a [[users]] seed entry). " + PASSWORD_HELP,
+    )
+    p.add_argument(
+        "--stdin",
+        action="store_true",
+        help="read the password from stdin (kept for scripts; the default does so too when stdin is not a terminal)",
+    )
+    p.parse_args(argv)
     from deploy.console.auth import hash_password
+    from deploy.console.users import UserError, check_password
 
-    if args.stdin:
-        pw = sys.stdin.readline().rstrip("\n")
-    else:
-        pw = getpass.getpass("password: ")
-        if getpass.getpass("again: ") != pw:
-            print("passwords differ", file=sys.stderr)
-            return 1
-    if len(pw) < 8:
-        print("a password needs at least 8 characters", file=sys.stderr)
+    try:
+        pw = read_password(confirm=True)
+        check_password(pw)
+    except (PasswordMissing, UserError) as exc:
+        print(f"defectscope console hash-password: {exc}", file=sys.stderr)
         return 1
     print(hash_password(pw))
     return 0
@@ -63,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["hash-password"]:
         return hash_password_main(argv[1:])
+    if argv[:1] == ["user"]:
+        from deploy.console.users_cli import main as users_main
+
+        return users_main(argv[1:])
     if argv[:1] == ["check-config"]:
         return check_config_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -81,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     host = args.host or cfg.server.host
     port = cfg.server.port if args.port is None else args.port
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGTERM/SIGINT: close live sockets, then uvicorn's shutdown
             loop = getattr(app.state, "loop", None)
@@ -88,8 +100,18 @@ def main(argv: list[str] | None = None) -> int:
                 loop.call_soon_threadsafe(app.state.console.streams.close_clients)
             super().handle_exit(sig, frame)
 
-    server = Server(uvicorn.Config(app, host=host, port=port, log_level=args.log_level, access_log=False,
-                                           ws_max_size=64 * 1024, lifespan="on", proxy_headers=False,
-                                           timeout_graceful_shutdown=2))
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=args.log_level,
+            access_log=False,
+            ws_max_size=64 * 1024,
+            lifespan="on",
+            proxy_headers=False,
+            timeout_graceful_shutdown=2,
+        )
+    )
     server.run()
     return 0

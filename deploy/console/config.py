@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deploy.console import alarm_rules
+from deploy.console import shifts as shift_config
+from deploy.console.alarm_rules import AlarmConfig
+from deploy.console.shifts import Shifts
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -23,7 +28,7 @@ else:  # pragma: no cover
 DEFAULT_HOST = "127.0.0.1"  # localhost only unless the config says otherwise
 DEFAULT_PORT = 8470
 DEFAULT_STORE = "sqlite:////var/lib/defectscope-console/results.db"
-ROLES = ("operator", "engineer")
+ROLES = ("operator", "engineer", "admin")  # admin: engineer + user management
 # Station / camera names become URL path segments and snapshot-name parts.
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -41,6 +46,7 @@ class ServerConfig:
     session_max_age_s: int = 12 * 3600
     coalesce_ms: int = 250  # at most one push per tile per interval to each browser
     down_after_s: float = 3.0  # no heartbeat for this long: station shown down
+    stale_after_s: float = 5.0  # a tile with no verdict for this long shows STALE, never its last verdict
     events: int = 50  # recent defect/uncertain events kept for the live page
     shift_hours: float = 8.0  # "last shift" for the defect-rate table
     good_class: str = "ok"  # the label a rejected (false-alarm) defect gets in exports
@@ -93,6 +99,8 @@ class ConsoleConfig:
     stations: tuple[StationEntry, ...] = ()
     users: tuple[User, ...] = ()
     source: str = "<defaults>"
+    alarms: AlarmConfig = field(default_factory=AlarmConfig)
+    shifts: Shifts | None = None  # None: one "day" shift in UTC; pages show the browser's zone
 
     def station(self, name: str) -> StationEntry | None:
         return next((s for s in self.stations if s.name == name), None)
@@ -118,9 +126,11 @@ def _typed(table: Mapping[str, Any], cls: type, where: str, src: str) -> Any:
             ok = isinstance(value, str)
         if not ok:
             kind = "list of strings" if isinstance(default, tuple) else type(default).__name__
-            raise ConsoleConfigError(f"{src}: key '{where}.{key}': expected a {kind}"
-                                     f"{' >= 0' if isinstance(default, (int, float)) and not isinstance(default, bool) else ''}, "
-                                     f"got {value!r}")
+            raise ConsoleConfigError(
+                f"{src}: key '{where}.{key}': expected a {kind}"
+                f"{' >= 0' if isinstance(default, (int, float)) and not isinstance(default, bool) else ''}, "
+                f"got {value!r}"
+            )
         out[key] = value
     return cls(**out)
 
@@ -133,18 +143,25 @@ def _check_server(server: ServerConfig, src: str) -> None:
         try:
             ipaddress.ip_network(ip, strict=False)
         except ValueError:
-            raise ConsoleConfigError(f"{src}: key 'server.forwarded_allow_ips': {ip!r} is not an IP address or "
-                                     f"network (like 127.0.0.1 or 10.0.0.0/24)") from None
+            raise ConsoleConfigError(
+                f"{src}: key 'server.forwarded_allow_ips': {ip!r} is not an IP address or "
+                f"network (like 127.0.0.1 or 10.0.0.0/24)"
+            ) from None
     for name in server.allowed_hosts:
         if not re.match(r"^(\*\.)?[A-Za-z0-9.:\[\]-]{1,253}$", name) or "*" in name[1:]:
-            raise ConsoleConfigError(f"{src}: key 'server.allowed_hosts': {name!r} is not a host name "
-                                     f"(like console.plant.example or *.plant.example)")
+            raise ConsoleConfigError(
+                f"{src}: key 'server.allowed_hosts': {name!r} is not a host name "
+                f"(like console.plant.example or *.plant.example)"
+            )
     if not server.allowed_hosts and server.host not in (*LOOPBACK_HOSTS, "localhost"):
-        raise ConsoleConfigError(f"{src}: key 'server.allowed_hosts': required when server.host is "
-                                 f"{server.host!r}: the names browsers use to reach the console")
+        raise ConsoleConfigError(
+            f"{src}: key 'server.allowed_hosts': required when server.host is "
+            f"{server.host!r}: the names browsers use to reach the console"
+        )
     if server.login_max_concurrent < 1 or server.login_max_failures < 1:
-        raise ConsoleConfigError(f"{src}: key 'server.login_max_concurrent' / 'server.login_max_failures': "
-                                 f"expected >= 1")
+        raise ConsoleConfigError(
+            f"{src}: key 'server.login_max_concurrent' / 'server.login_max_failures': expected >= 1"
+        )
     if server.max_body_bytes < 1024:
         raise ConsoleConfigError(f"{src}: key 'server.max_body_bytes': expected >= 1024")
 
@@ -173,17 +190,21 @@ def _station(i: int, t: Any, base: Path, src: str) -> StationEntry:
         raise ConsoleConfigError(f"{src}: key '{where}.name': expected letters, digits, '_', '-', got {name!r}")
     ep = t.get("endpoint")
     if not isinstance(ep, str) or not re.match(r"^(tcp|ipc|inproc)://.+", ep):
-        raise ConsoleConfigError(f"{src}: key '{where}.endpoint': expected a ZeroMQ endpoint like "
-                                 f"tcp://10.0.0.3:5555, got {ep!r}")
+        raise ConsoleConfigError(
+            f"{src}: key '{where}.endpoint': expected a ZeroMQ endpoint like tcp://10.0.0.3:5555, got {ep!r}"
+        )
     snap = _path(base, t["snapshot_dir"], f"{where}.snapshot_dir", src) if "snapshot_dir" in t else None
     curve = None
     if "curve" in t:
         c = t["curve"]
         if not isinstance(c, Mapping) or set(c) != {"server_public_key", "client_secret_key"}:
-            raise ConsoleConfigError(f"{src}: key '{where}.curve': expected a table with server_public_key "
-                                     f"and client_secret_key")
-        curve = CurveClient(_path(base, c["server_public_key"], f"{where}.curve.server_public_key", src),
-                            _path(base, c["client_secret_key"], f"{where}.curve.client_secret_key", src))
+            raise ConsoleConfigError(
+                f"{src}: key '{where}.curve': expected a table with server_public_key and client_secret_key"
+            )
+        curve = CurveClient(
+            _path(base, c["server_public_key"], f"{where}.curve.server_public_key", src),
+            _path(base, c["client_secret_key"], f"{where}.curve.client_secret_key", src),
+        )
     return StationEntry(name, ep, snap, curve)
 
 
@@ -197,16 +218,20 @@ def _user(i: int, t: Any, src: str) -> User:
         raise ConsoleConfigError(f"{src}: key '{where}.role': expected one of {ROLES}, got {t['role']!r}")
     h = t["password_hash"]
     if not isinstance(h, str) or not (h.startswith("$argon2id$") or h.startswith("$argon2i$")):
-        raise ConsoleConfigError(f"{src}: key '{where}.password_hash': expected an argon2 hash "
-                                 f"(make one with `defectscope console hash-password`)")
+        raise ConsoleConfigError(
+            f"{src}: key '{where}.password_hash': expected an argon2 hash "
+            f"(make one with `defectscope console hash-password`)"
+        )
     return User(t["name"], t["role"], h)
 
 
 def from_dict(data: Mapping[str, Any], src: str = "<dict>", base: Path | None = None) -> ConsoleConfig:
     base = base or Path.cwd()
-    extra = set(data) - {"server", "store", "stations", "users"}
+    extra = set(data) - {"server", "store", "stations", "users", "alarms", "shifts"}
     if extra:
-        raise ConsoleConfigError(f"{src}: key '{sorted(extra)[0]}': unknown (expected server, store, stations, users)")
+        raise ConsoleConfigError(
+            f"{src}: key '{sorted(extra)[0]}': unknown (expected server, store, stations, users, alarms, shifts)"
+        )
     server = _typed(data.get("server", {}), ServerConfig, "server", src)
     store = _typed(data.get("store", {}), StoreConfig, "store", src)
     if server.coalesce_ms < 20:
@@ -219,7 +244,15 @@ def from_dict(data: Mapping[str, Any], src: str = "<dict>", base: Path | None = 
     users = tuple(_user(i, t, src) for i, t in enumerate(data.get("users", [])))
     if len({u.name for u in users}) != len(users):
         raise ConsoleConfigError(f"{src}: key 'users': user names repeat")
-    return ConsoleConfig(server, store, stations, users, src)
+    try:
+        alarms = alarm_rules.parse(data.get("alarms"), src, base)
+    except alarm_rules.AlarmConfigError as exc:
+        raise ConsoleConfigError(str(exc)) from None
+    try:
+        shifts = shift_config.parse(data.get("shifts"), src)
+    except shift_config.ShiftConfigError as exc:
+        raise ConsoleConfigError(str(exc)) from None
+    return ConsoleConfig(server, store, stations, users, src, alarms, shifts)
 
 
 def load(path: str | os.PathLike[str]) -> ConsoleConfig:

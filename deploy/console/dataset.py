@@ -2,7 +2,7 @@
 
 SRC is a results store (a SQLite file, or a SQLAlchemy URL such as postgresql://...) read on the
 console machine, or the console's URL (http://host:8470; an engineer's login, password from
-$DEFECTSCOPE_CONSOLE_PASSWORD or a prompt). Labels come from each verdict's newest review:
+$DEFECTSCOPE_CONSOLE_PASSWORD, stdin or a prompt). Labels come from each verdict's newest review:
 confirm keeps the judged class, reject (false alarm) means the good class (a detector: no boxes),
 relabel sets the chosen class (a detector: the reviewed boxes).
 
@@ -20,7 +20,6 @@ a file that would still resolve outside the staging directory is refused, never 
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import os
 import re
@@ -36,6 +35,8 @@ from http.cookiejar import CookieJar
 from pathlib import Path
 from typing import Any
 
+from deploy.console.password import HELP as PASSWORD_HELP
+from deploy.console.password import read_password
 from deploy.console.snapfiles import SnapshotRefused, read_path
 
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _+-]{0,127}$")  # a class name that is safe as a folder name
@@ -63,8 +64,8 @@ def confined(root: Path, rel: str) -> Path:
 
 def label_of(row: dict[str, Any], good_class: str) -> str | None:
     action = row.get("review_action")
-    if action == "confirm":
-        return row.get("defect_class") or row["top_class"]
+    if action == "confirm":  # an UNCERTAIN frame is confirmed as the class the reviewer chose
+        return row.get("review_label") or row.get("defect_class") or row["top_class"]
     if action == "reject":
         return good_class
     if action == "relabel":
@@ -75,6 +76,7 @@ def label_of(row: dict[str, Any], good_class: str) -> str | None:
 def boxes_of(row: dict[str, Any], label: str) -> list[dict[str, Any]]:
     def parse(v: Any) -> list[dict[str, Any]]:
         return json.loads(v) if isinstance(v, str) else list(v or [])
+
     if row["review_action"] == "reject":
         return []
     if row.get("review_boxes") is not None:
@@ -97,6 +99,7 @@ def store_source(spec: str, t0: float, t1: float) -> tuple[list[dict[str, Any]],
         if not row.get("snapshot_path"):
             raise SnapshotRefused(404, "no snapshot recorded")
         return read_path(row["snapshot_path"], MAX_IMAGE_BYTES)
+
     return rows, image, None
 
 
@@ -116,8 +119,11 @@ def http_source(url: str, user: str, password: str, t0: float, t1: float):
     if len(raw) > MAX_ROWS_BYTES:
         raise ExportError(f"{base}/api/dataset: answer over {MAX_ROWS_BYTES} bytes")
     body = json.loads(raw)
-    if not isinstance(body, dict) or not isinstance(body.get("rows"), list) \
-            or not all(isinstance(r, dict) for r in body["rows"]):
+    if (
+        not isinstance(body, dict)
+        or not isinstance(body.get("rows"), list)
+        or not all(isinstance(r, dict) for r in body["rows"])
+    ):
         raise ExportError(f"{base}/api/dataset: not a {{rows: [...]}} object")
 
     def image(row: dict[str, Any]) -> bytes:
@@ -129,6 +135,7 @@ def http_source(url: str, user: str, password: str, t0: float, t1: float):
                 return resp.read(MAX_IMAGE_BYTES + 1)[:MAX_IMAGE_BYTES]
         except urllib.error.HTTPError as exc:
             raise SnapshotRefused(exc.code, f"HTTP {exc.code}") from None
+
     return body["rows"], image, body.get("good_class")
 
 
@@ -136,25 +143,52 @@ def http_source(url: str, user: str, password: str, t0: float, t1: float):
 def _provenance(src: str, items: list[dict[str, Any]], skipped: dict[str, int], fmt: str) -> dict[str, Any]:
     times = [i["captured_at"] for i in items]
     return {
-        "schema_version": 1, "format": fmt, "source": src, "exported_at": time.time(),
+        "schema_version": 1,
+        "format": fmt,
+        "source": src,
+        "exported_at": time.time(),
         "stations": sorted({i["station"] for i in items}),
         "cameras": sorted({f"{i['station']}/{i['camera']}" for i in items}),
         "time_range": [min(times), max(times)] if times else None,
         "model_versions": sorted({f"{i['model_name']}@{i['model_version']}" for i in items}),
         "reviewers": sorted({i["review_user"] for i in items}),
-        "classes": dict(sorted({c: sum(1 for i in items if i["label"] == c) for c in {i["label"] for i in items}}.items())),
-        "skipped": skipped, "items": items,
+        "classes": dict(
+            sorted({c: sum(1 for i in items if i["label"] == c) for c in {i["label"] for i in items}}.items())
+        ),
+        "skipped": skipped,
+        "items": items,
     }
 
 
 def _item(row: dict[str, Any], file: str, label: str) -> dict[str, Any]:
-    keys = ("uid", "station", "camera", "seq", "source", "captured_at", "model_name", "model_version", "verdict",
-            "top_class", "defect_class", "confidence", "review_action", "review_user", "reviewed_at")
+    keys = (
+        "uid",
+        "station",
+        "camera",
+        "seq",
+        "source",
+        "captured_at",
+        "model_name",
+        "model_version",
+        "verdict",
+        "top_class",
+        "defect_class",
+        "confidence",
+        "review_action",
+        "review_user",
+        "reviewed_at",
+    )
     return {"file": file, "label": label, **{k: row.get(k) for k in keys}}
 
 
-def export(rows: list[dict[str, Any]], image: Callable[[dict], bytes], out: Path, good_class: str, src: str,
-           log: Callable[[str], None] = print) -> dict[str, Any]:
+def export(
+    rows: list[dict[str, Any]],
+    image: Callable[[dict], bytes],
+    out: Path,
+    good_class: str,
+    src: str,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     tasks = {r["task"] for r in rows}
     if len(tasks) > 1:
         raise ExportError(f"reviewed verdicts mix tasks {sorted(tasks)}: pass --task")
@@ -167,7 +201,7 @@ def export(rows: list[dict[str, Any]], image: Callable[[dict], bytes], out: Path
     try:
         skipped: dict[str, int] = {}
         items: list[dict[str, Any]] = []
-        coco: dict[str, list] = {"images": [], "annotations": [], "categories": []}
+        coco: dict[str, Any] = {"images": [], "annotations": [], "categories": []}
         cats: dict[str, int] = {}
         for row in rows:
             label = label_of(row, good_class)
@@ -203,17 +237,19 @@ def export(rows: list[dict[str, Any]], image: Callable[[dict], bytes], out: Path
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    log(f"exported {len(items)} images ({prov['format']}) to {out}; classes {prov['classes']}"
-        + (f"; skipped {skipped}" if skipped else ""))
+    log(
+        f"exported {len(items)} images ({prov['format']}) to {out}; classes {prov['classes']}"
+        + (f"; skipped {skipped}" if skipped else "")
+    )
     return prov
 
 
-def _coco_add(coco: dict[str, list], cats: dict[str, int], data: bytes, rel: str, boxes: list[dict]) -> None:
+def _coco_add(coco: dict[str, Any], cats: dict[str, int], data: bytes, rel: str, boxes: list[dict]) -> None:
     import cv2
     import numpy as np
 
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    h, w = (img.shape[:2] if img is not None else (0, 0))
+    h, w = img.shape[:2] if img is not None else (0, 0)
     image_id = len(coco["images"]) + 1
     coco["images"].append({"id": image_id, "file_name": rel, "width": int(w), "height": int(h)})
     for b in boxes:
@@ -222,22 +258,36 @@ def _coco_add(coco: dict[str, list], cats: dict[str, int], data: bytes, rel: str
             cats[cls] = len(cats) + 1
             coco["categories"].append({"id": cats[cls], "name": cls})
         x1, y1, x2, y2 = (float(v) for v in b["box"])
-        coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": cats[cls],
-                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
-                                    "iscrowd": 0})
+        coco["annotations"].append(
+            {
+                "id": len(coco["annotations"]) + 1,
+                "image_id": image_id,
+                "category_id": cats[cls],
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "area": (x2 - x1) * (y2 - y1),
+                "iscrowd": 0,
+            }
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="defectscope dataset", description="datasets from reviewed console snapshots")
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export", help="write reviewed snapshots as ImageFolder (classifier) / COCO (detector)")
-    e.add_argument("--from-console", dest="source", required=True, metavar="STORE|URL",
-                   help="results store (SQLite file or SQLAlchemy URL) or the console URL (http://host:8470)")
+    e.add_argument(
+        "--from-console",
+        dest="source",
+        required=True,
+        metavar="STORE|URL",
+        help="results store (SQLite file or SQLAlchemy URL) or the console URL (http://host:8470)",
+    )
     e.add_argument("--out", required=True, help="output dataset directory (new or empty)")
     e.add_argument("--since", default=None, help="from this time (ISO 8601 or unix seconds)")
     e.add_argument("--until", default=None, help="up to this time (ISO 8601 or unix seconds)")
     e.add_argument("--good-class", default=None, help="label of rejected defects (default: the console's, 'ok')")
-    e.add_argument("--user", default=os.environ.get("USER", ""), help="engineer login for a console URL")
+    e.add_argument(
+        "--user", default=os.environ.get("USER", ""), help=f"engineer login for a console URL. {PASSWORD_HELP}"
+    )
     return p
 
 
@@ -255,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.source.startswith(("http://", "https://")):
-            password = os.environ.get("DEFECTSCOPE_CONSOLE_PASSWORD") or getpass.getpass(f"password for {args.user}: ")
+            password = read_password(f"password for {args.user}: ")
             rows, image, good = http_source(args.source, args.user, password, t0, t1)
         else:
             rows, image, good = store_source(args.source, t0, t1)
@@ -264,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"defectscope dataset export: {exc}", file=sys.stderr)
         return 1
     except (KeyError, TypeError) as exc:  # a source row without the fields of docs/contracts.md
-        print(f"defectscope dataset export: malformed row from the source: {type(exc).__name__}: {exc}"[:300],
-              file=sys.stderr)
+        print(
+            f"defectscope dataset export: malformed row from the source: {type(exc).__name__}: {exc}"[:300],
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -8,6 +8,12 @@ Browsers get a projection of each message: only the fields the page shows (VIEW_
 heartbeat's model, at most VIEW_CLASSES class names and VIEW_BOXES boxes of a verdict), so a
 station cannot make the console re-send large objects to every browser. ``dumps`` is the one
 serialiser for browsers: standard JSON only (a non-finite number becomes null).
+
+Never stale: each tile carries ``status`` ("live" or "no_signal"), the ``reason`` when it is not
+live (daemon down / stopping / starting, model reloading, camera down and why) and ``age_s``, the
+seconds since its last verdict reached the console at the time of the push; the page adds its
+own elapsed time and shows STALE past ``server.stale_after_s``. A camera a heartbeat no longer
+lists is removed (``removed`` in the delta).
 """
 
 from __future__ import annotations
@@ -70,14 +76,44 @@ class Tile:
     preview: bytes | None = None
     preview_seq: int = 0
     up: bool | None = None  # from the station heartbeat
+    cam_reason: str | None = None  # why the heartbeat says the camera is down
+    last_at: float | None = None  # monotonic time the last verdict arrived
 
-    def view(self, now: float, station_up: bool) -> dict[str, Any]:
+    def view(self, now: float, station_reason: str | None) -> dict[str, Any]:
         while self.defects and now - self.defects[0] > DEFECT_WINDOW_S:
             self.defects.popleft()
-        return {"id": f"{self.station}/{self.camera}", "station": self.station, "camera": self.camera,
-                "last": self.last, "count": self.count, "defects_per_min": len(self.defects),
-                "preview_seq": self.preview_seq if self.preview is not None else None,
-                "up": bool(station_up and (self.up if self.up is not None else self.last is not None))}
+        cam_up = self.up if self.up is not None else self.last is not None
+        reason = station_reason or (None if cam_up else (self.cam_reason or "camera down: no frame yet"))
+        return {
+            "id": f"{self.station}/{self.camera}",
+            "station": self.station,
+            "camera": self.camera,
+            "last": self.last,
+            "count": self.count,
+            "defects_per_min": len(self.defects),
+            "preview_seq": self.preview_seq if self.preview is not None else None,
+            "up": reason is None,
+            "status": "live" if reason is None else "no_signal",
+            "reason": reason,
+            "age_s": None if self.last_at is None else round(max(0.0, now - self.last_at), 3),
+        }
+
+
+def camera_reason(info: Mapping[str, Any]) -> str | None:
+    """Why a heartbeat's camera entry is down (None when up): finished source, no frame yet or for how long."""
+    if info.get("up"):
+        return None
+    age = info.get("last_frame_age_s")
+    if info.get("finished") is True:
+        why = "source ended"
+    elif isinstance(age, (int, float)) and not isinstance(age, bool) and math.isfinite(age):
+        why = f"no frame for {min(age, 1e9):.0f} s"
+    else:
+        why = "no frame yet"
+    errors = info.get("decode_errors")
+    if isinstance(errors, int) and not isinstance(errors, bool) and errors > 0:
+        why += f", {min(errors, 10**12)} unreadable frames"
+    return "camera down: " + why
 
 
 @dataclass
@@ -91,15 +127,28 @@ class StationState:
 def verdict_view(msg: Mapping[str, Any], uid: str) -> dict[str, Any]:
     """The part of a verdict message a browser needs."""
     snap = msg.get("snapshot")
-    return {"uid": uid, "station": msg["station"], "camera": msg["camera"], "seq": msg["seq"],
-            "verdict": msg["verdict"], "top_class": msg["top_class"], "defect_class": msg.get("defect_class"),
-            "confidence": msg["confidence"], "captured_at": msg["captured_at"], "task": msg["task"],
-            "model_version": _text((msg.get("model") or {}).get("version")),
-            "classes": sorted(str(c)[:VIEW_TEXT] for c in (msg.get("probabilities") or msg.get("class_scores") or {}))[
-                :VIEW_CLASSES],
-            "boxes": ([_box_view(d) for d in msg["detections"][:VIEW_BOXES] if isinstance(d, Mapping)]
-                      if isinstance(msg.get("detections"), list) else None),
-            "snapshot": snap.rsplit("/", 1)[-1] if isinstance(snap, str) and snap else None}
+    return {
+        "uid": uid,
+        "station": msg["station"],
+        "camera": msg["camera"],
+        "seq": msg["seq"],
+        "verdict": msg["verdict"],
+        "top_class": msg["top_class"],
+        "defect_class": msg.get("defect_class"),
+        "confidence": msg["confidence"],
+        "captured_at": msg["captured_at"],
+        "task": msg["task"],
+        "model_version": _text((msg.get("model") or {}).get("version")),
+        "classes": sorted(str(c)[:VIEW_TEXT] for c in (msg.get("probabilities") or msg.get("class_scores") or {}))[
+            :VIEW_CLASSES
+        ],
+        "boxes": (
+            [_box_view(d) for d in msg["detections"][:VIEW_BOXES] if isinstance(d, Mapping)]
+            if isinstance(msg.get("detections"), list)
+            else None
+        ),
+        "snapshot": snap.rsplit("/", 1)[-1] if isinstance(snap, str) and snap else None,
+    }
 
 
 class Live:
@@ -110,7 +159,8 @@ class Live:
         self.events: deque[dict[str, Any]] = deque(maxlen=cfg.server.events)
         self.dirty: set[str] = set()
         self.new_events: list[dict[str, Any]] = []
-        self._up: dict[str, bool] = {}
+        self._up: dict[str, str | None] = {}  # station -> its reason of the last push (None = up)
+        self.removed: set[str] = set()
         self.received = {"verdict": 0, "status": 0, "preview": 0, "rejected": 0}
 
     def accepts(self, msg: Mapping[str, Any]) -> bool:
@@ -132,6 +182,7 @@ class Live:
         tile = self._tile(msg["station"], msg["camera"])
         view = verdict_view(msg, uid)
         tile.last = view
+        tile.last_at = now
         tile.count += 1
         if msg["verdict"] == "defect":
             tile.defects.append(now)
@@ -146,13 +197,21 @@ class Live:
         if st is None:
             return
         st.last_status = time.monotonic() if now is None else now
+        if st.state != msg["state"]:  # reloading / stopping: every tile of the station says so
+            self.dirty.update(k for k, t in self.tiles.items() if t.station == st.name)
         st.state = msg["state"]
         st.model = model_view(msg.get("model"))
         for cam, info in msg["cameras"].items():
             tile = self._tile(st.name, cam)
-            if tile.up != info["up"]:
+            reason = camera_reason(info)
+            if tile.up != info["up"] or tile.cam_reason != reason:
                 tile.up = bool(info["up"])
+                tile.cam_reason = reason
                 self.dirty.add(f"{st.name}/{cam}")
+        for key in [k for k, t in self.tiles.items() if t.station == st.name and t.camera not in msg["cameras"]]:
+            del self.tiles[key]  # the station no longer has this camera
+            self.dirty.discard(key)
+            self.removed.add(key)
         self.received["status"] += 1
 
     def on_preview(self, station: str, camera: str, jpeg: bytes) -> None:
@@ -162,35 +221,64 @@ class Live:
         self.dirty.add(f"{station}/{camera}")
         self.received["preview"] += 1
 
-    def station_up(self, name: str, now: float) -> bool:
+    def station_reason(self, name: str, now: float) -> str | None:
+        """Why the station's tiles show no signal (None: serving and heard from recently)."""
         st = self.stations.get(name)
-        return bool(st and st.last_status is not None and now - st.last_status <= self.cfg.server.down_after_s
-                    and st.state not in ("stopping", "stopped"))
+        if st is None or st.last_status is None:
+            return "daemon down: no heartbeat yet"
+        if now - st.last_status > self.cfg.server.down_after_s:
+            return f"daemon down: no heartbeat for over {self.cfg.server.down_after_s:g} s"
+        if st.state == "reloading":
+            return "model reloading"
+        if st.state != "serving":
+            return f"daemon {st.state}"
+        return None
+
+    def station_up(self, name: str, now: float) -> bool:
+        return self.station_reason(name, now) in (None, "model reloading")
 
     def _station_views(self, now: float) -> list[dict[str, Any]]:
-        return [{"name": s.name, "up": self.station_up(s.name, now), "state": s.state,
-                 "model": s.model} for s in self.stations.values()]
+        return [
+            {
+                "name": s.name,
+                "up": self.station_up(s.name, now),
+                "state": s.state,
+                "reason": self.station_reason(s.name, now),
+                "model": s.model,
+            }
+            for s in self.stations.values()
+        ]
 
     def full(self, now: float | None = None) -> dict[str, Any]:
         now = time.monotonic() if now is None else now
-        return {"type": "full", "stations": self._station_views(now),
-                "tiles": [t.view(now, self.station_up(t.station, now)) for t in self.tiles.values()],
-                "events": list(self.events)}
+        return {
+            "type": "full",
+            "stations": self._station_views(now),
+            "tiles": [t.view(now, self.station_reason(t.station, now)) for t in self.tiles.values()],
+            "events": list(self.events),
+            "stale_after_s": self.cfg.server.stale_after_s,
+        }
 
     def delta(self, now: float | None = None) -> dict[str, Any] | None:
         """Changes since the last call (None when nothing changed): the broadcaster's one message."""
         now = time.monotonic() if now is None else now
-        up = {s: self.station_up(s, now) for s in self.stations}
-        flipped = {s for s, u in up.items() if self._up.get(s) != u}
+        up = {s: self.station_reason(s, now) for s in self.stations}
+        flipped = {s for s, u in up.items() if s not in self._up or self._up[s] != u}
         self._up = up
         for key, tile in self.tiles.items():
             if tile.station in flipped or (tile.defects and now - tile.defects[0] > DEFECT_WINDOW_S):
                 self.dirty.add(key)
-        if not self.dirty and not self.new_events and not flipped:
+        if not self.dirty and not self.new_events and not flipped and not self.removed:
             return None
-        tiles = [self.tiles[k].view(now, up.get(self.tiles[k].station, False)) for k in sorted(self.dirty)]
-        msg = {"type": "delta", "stations": self._station_views(now), "tiles": tiles,
-               "events": self.new_events[-self.cfg.server.events:]}
+        tiles = [self.tiles[k].view(now, up.get(self.tiles[k].station)) for k in sorted(self.dirty) if k in self.tiles]
+        msg = {
+            "type": "delta",
+            "stations": self._station_views(now),
+            "tiles": tiles,
+            "events": self.new_events[-self.cfg.server.events :],
+            "removed": sorted(self.removed),
+        }
         self.dirty = set()
         self.new_events = []
+        self.removed = set()
         return msg

@@ -6,6 +6,7 @@ Messages carry every field the daemon sends (runtime/serving/messages.py validat
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -105,9 +106,31 @@ class FakeStation:
         self.sock.bind(endpoint)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sent = 0
+        self._lock = threading.Lock()  # ZeroMQ sockets are not thread-safe: heartbeats share this one
+        self._beating: threading.Event | None = None
+        self.cameras: dict[str, bool] = {}
+        self.state = "serving"
 
     def send(self, topic: str, msg: dict[str, Any], fmt: str = "json") -> None:
-        self.sock.send_multipart([topic.encode(), encode(msg, fmt)])
+        with self._lock:
+            self.sock.send_multipart([topic.encode(), encode(msg, fmt)])
+
+    def heartbeats(self, cameras: dict[str, bool], interval_s: float = 0.2) -> None:
+        """Send a status heartbeat every ``interval_s`` from a thread (like the daemon) until ``stop_heartbeats``;
+        change ``self.cameras`` / ``self.state`` to change what the next one says."""
+        self.cameras = dict(cameras)
+        stop = self._beating = threading.Event()
+
+        def beat() -> None:
+            while not stop.is_set():
+                self.status(dict(self.cameras), self.state)
+                stop.wait(interval_s)
+
+        threading.Thread(target=beat, name=f"heartbeat-{self.name}", daemon=True).start()
+
+    def stop_heartbeats(self) -> None:
+        if self._beating is not None:
+            self._beating.set()
 
     def verdict(self, camera: str, seq: int, verdict: str = "ok", **kw: Any) -> dict[str, Any]:
         msg = verdict_message(self.name, camera, seq, verdict, **kw)
@@ -119,5 +142,7 @@ class FakeStation:
         self.send(status_topic(self.name), status_message(self.name, cameras, state))
 
     def close(self) -> None:
-        self.sock.close()
+        self.stop_heartbeats()
+        with self._lock:
+            self.sock.close()
         self.ctx.term()

@@ -1,4 +1,4 @@
-"""The console's Prometheus metrics (``/metrics``): refused messages, dead letters, login refusals.
+"""The console's Prometheus metrics (``/metrics``): refused messages, dead letters, login refusals, alarms.
 
 One registry per console (not the process default), so tests that build several apps in one
 process count separately. Station labels are only configured station names (bounded).
@@ -43,6 +43,26 @@ class ConsoleMetrics:
         self.bodies_refused = Counter(
             "defectscope_console_request_bodies_refused_total",
             "Requests refused (413) for a body over server.max_body_bytes",
+            registry=self.registry,
+        )
+
+        self.alarms_open = Gauge(
+            "defectscope_console_alarms_open",
+            "Alarms shown in the banner: active, or cleared but not yet acknowledged",
+            registry=self.registry,
+        )
+        self.alarms_unacknowledged = Gauge(
+            "defectscope_console_alarms_unacknowledged", "Open alarms nobody acknowledged yet", registry=self.registry
+        )
+        self.alarm_events = Counter(
+            "defectscope_console_alarm_events_total",
+            "Alarm changes, by event (raised, cleared, acknowledged)",
+            ["event"],
+            registry=self.registry,
+        )
+        self.webhook_failed = Counter(
+            "defectscope_console_alarm_webhook_failed_total",
+            "Alarm webhook posts that failed (unreachable, timeout, HTTP error)",
             registry=self.registry,
         )
 

@@ -5,11 +5,15 @@ Schema (portable types only; times are unix seconds as floats, boxes JSON text):
            task, verdict, top_class, defect_class, confidence, top_score, boxes, snapshot, snapshot_path)
   reviews(id PK, verdict_uid FK, action confirm|reject|relabel, label, boxes, user, role, created_at)
   dead_letters(id PK, station, received_at, error, row)   rows the database refused (row: JSON text)
+  users(name PK, role, password_hash, disabled, created_at, updated_at)   deploy/console/users.py
+  sessions(token_hash PK, user, role, csrf, created_at, expires)          deploy/console/auth.py
+  alarms(id PK, rule, kind, station, camera, message, raised_at, cleared_at, acked_by, acked_at)  alarms.py
 The newest review of a verdict is its current label. A batch the database refuses is retried row by
 row: the rows it still refuses go to ``dead_letters`` and the rest are stored (one bad row never
 loses its batch); a lost connection keeps the whole batch for the next flush instead. SQLite runs in WAL mode (readers never block the
 writer); retention deletes unreviewed verdicts older than ``retention_days`` (reviewed ones are
-training data and stay).
+training data and stay). The schema is built and upgraded by Alembic (deploy/console/migrate.py);
+the tables below describe it for queries and must match the newest revision.
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from deploy.console.migrate import upgrade
+
 REVIEW_ACTIONS = ("confirm", "reject", "relabel")
 meta = sa.MetaData()
 verdicts = sa.Table(
-    "verdicts", meta,
+    "verdicts",
+    meta,
     sa.Column("uid", sa.String(32), primary_key=True),
     sa.Column("station", sa.String(64), nullable=False),
     sa.Column("camera", sa.String(64), nullable=False),
@@ -49,7 +56,8 @@ verdicts = sa.Table(
     sa.Index("ix_verdicts_cam_time", "station", "camera", "captured_at"),
 )
 reviews = sa.Table(
-    "reviews", meta,
+    "reviews",
+    meta,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("verdict_uid", sa.String(32), sa.ForeignKey("verdicts.uid", ondelete="CASCADE"), nullable=False),
     sa.Column("action", sa.String(16), nullable=False),
@@ -61,12 +69,47 @@ reviews = sa.Table(
     sa.Index("ix_reviews_verdict", "verdict_uid", "id"),
 )
 dead_letters = sa.Table(
-    "dead_letters", meta,
+    "dead_letters",
+    meta,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("station", sa.Text),
     sa.Column("received_at", sa.Float, nullable=False),
     sa.Column("error", sa.Text, nullable=False),
     sa.Column("row", sa.Text, nullable=False),  # the refused row as JSON text (truncated)
+)
+users = sa.Table(
+    "users",
+    meta,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("password_hash", sa.Text, nullable=False),  # argon2id
+    sa.Column("disabled", sa.Boolean, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+sessions = sa.Table(
+    "sessions",
+    meta,
+    sa.Column("token_hash", sa.String(64), primary_key=True),  # sha256 hex: a database leak is no login
+    sa.Column("user", sa.String(64), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("csrf", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires", sa.Float, nullable=False),
+)
+alarms = sa.Table(
+    "alarms",
+    meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("rule", sa.String(64), nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("station", sa.String(64), nullable=False),
+    sa.Column("camera", sa.String(64)),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("raised_at", sa.Float, nullable=False),  # unix seconds
+    sa.Column("cleared_at", sa.Float),
+    sa.Column("acked_by", sa.String(64)),
+    sa.Column("acked_at", sa.Float),
 )
 VERDICT_COLUMNS = [c.name for c in verdicts.columns]
 # The database is unreachable or busy: keep the rows and retry (every other error is the row's fault).
@@ -110,12 +153,21 @@ def row_from_message(msg: Mapping[str, Any], snapshot_path: str | None = None) -
     snap = msg.get("snapshot")
     dets = msg.get("detections")
     return {
-        "uid": uuid.uuid4().hex, "station": msg["station"], "camera": msg["camera"], "seq": int(msg["seq"]),
-        "source": msg.get("source"), "captured_at": float(msg["captured_at"]),
-        "published_at": float(msg["published_at"]), "model_name": model.get("name"),
-        "model_version": model.get("version"), "task": msg["task"], "verdict": msg["verdict"],
-        "top_class": msg["top_class"], "defect_class": msg.get("defect_class"),
-        "confidence": float(msg["confidence"]), "top_score": float(msg["top_score"]),
+        "uid": uuid.uuid4().hex,
+        "station": msg["station"],
+        "camera": msg["camera"],
+        "seq": int(msg["seq"]),
+        "source": msg.get("source"),
+        "captured_at": float(msg["captured_at"]),
+        "published_at": float(msg["published_at"]),
+        "model_name": model.get("name"),
+        "model_version": model.get("version"),
+        "task": msg["task"],
+        "verdict": msg["verdict"],
+        "top_class": msg["top_class"],
+        "defect_class": msg.get("defect_class"),
+        "confidence": float(msg["confidence"]),
+        "top_score": float(msg["top_score"]),
         "boxes": json.dumps(dets) if isinstance(dets, list) else None,
         "snapshot": Path(snap).name if isinstance(snap, str) and snap else None,
         "snapshot_path": snapshot_path,
@@ -128,7 +180,7 @@ class Store:
         self.retention_days = retention_days
         try:
             if self.url.startswith("sqlite:///"):
-                path = Path(self.url[len("sqlite:///"):])
+                path = Path(self.url[len("sqlite:///") :])
                 if str(path) not in ("", ":memory:"):
                     path.parent.mkdir(parents=True, exist_ok=True)
             self.engine = sa.create_engine(self.url, future=True, pool_pre_ping=True)
@@ -137,7 +189,7 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
-            meta.create_all(self.engine)
+            upgrade(self.engine)
         except sa.exc.OperationalError as exc:
             raise StoreError(f"store url {url!r}: cannot open: {exc.orig}") from None
 
@@ -174,9 +226,15 @@ class Store:
         if not refused:
             return
         now = time.time()
-        letters = [{"station": str(r.get("station"))[:DEAD_LETTER_TEXT], "received_at": now,
-                    "error": f"{type(e).__name__}: {getattr(e, 'orig', None) or e}"[:DEAD_LETTER_TEXT],
-                    "row": json.dumps(r, default=str)[:DEAD_LETTER_TEXT]} for r, e in refused]
+        letters = [
+            {
+                "station": str(r.get("station"))[:DEAD_LETTER_TEXT],
+                "received_at": now,
+                "error": f"{type(e).__name__}: {getattr(e, 'orig', None) or e}"[:DEAD_LETTER_TEXT],
+                "row": json.dumps(r, default=str)[:DEAD_LETTER_TEXT],
+            }
+            for r, e in refused
+        ]
         with self.engine.begin() as conn:
             conn.execute(dead_letters.insert(), letters)
 
@@ -184,18 +242,35 @@ class Store:
         with self.engine.connect() as conn:
             return [dict(m) for m in conn.execute(sa.select(dead_letters).order_by(dead_letters.c.id)).mappings()]
 
-    def review(self, uid: str, action: str, user: str, role: str, label: str | None = None,
-               boxes: list[dict[str, Any]] | None = None, now: float | None = None) -> dict[str, Any]:
+    def review(
+        self,
+        uid: str,
+        action: str,
+        user: str,
+        role: str,
+        label: str | None = None,
+        boxes: list[dict[str, Any]] | None = None,
+        now: float | None = None,
+    ) -> dict[str, Any]:
         if action not in REVIEW_ACTIONS:
             raise StoreError(f"review action {action!r}: expected one of {REVIEW_ACTIONS}")
         if action == "relabel" and not label:
             raise StoreError("review action 'relabel' needs a label")
         with self.engine.begin() as conn:
-            if conn.execute(sa.select(verdicts.c.uid).where(verdicts.c.uid == uid)).first() is None:
+            found = conn.execute(sa.select(verdicts.c.verdict).where(verdicts.c.uid == uid)).first()
+            if found is None:
                 raise KeyError(uid)
-            row = {"verdict_uid": uid, "action": action, "label": label if action == "relabel" else None,
-                   "boxes": json.dumps(boxes) if boxes is not None else None, "user": user, "role": role,
-                   "created_at": time.time() if now is None else now}
+            if action == "confirm" and found.verdict == "uncertain" and not label:
+                raise StoreError("confirming an UNCERTAIN frame needs the class it is (label)")
+            row = {
+                "verdict_uid": uid,
+                "action": action,
+                "label": label if action != "reject" else None,
+                "boxes": json.dumps(boxes) if boxes is not None else None,
+                "user": user,
+                "role": role,
+                "created_at": time.time() if now is None else now,
+            }
             conn.execute(reviews.insert(), row)
         return row
 
@@ -206,8 +281,9 @@ class Store:
         cutoff = (time.time() if now is None else now) - self.retention_days * 86400.0
         reviewed = sa.select(reviews.c.verdict_uid)
         with self.engine.begin() as conn:
-            res = conn.execute(verdicts.delete().where(verdicts.c.captured_at < cutoff,
-                                                       verdicts.c.uid.not_in(reviewed)))
+            res = conn.execute(
+                verdicts.delete().where(verdicts.c.captured_at < cutoff, verdicts.c.uid.not_in(reviewed))
+            )
         return int(res.rowcount or 0)
 
     # -- reads ---------------------------------------------------------------------------------
@@ -216,16 +292,25 @@ class Store:
             return int(conn.execute(sa.select(sa.func.count()).select_from(verdicts)).scalar_one())
 
     def _latest_review(self) -> Any:
-        newest = (sa.select(reviews.c.verdict_uid, sa.func.max(reviews.c.id).label("rid"))
-                  .group_by(reviews.c.verdict_uid).subquery())
+        newest = (
+            sa.select(reviews.c.verdict_uid, sa.func.max(reviews.c.id).label("rid"))
+            .group_by(reviews.c.verdict_uid)
+            .subquery()
+        )
         return (sa.select(reviews).join(newest, reviews.c.id == newest.c.rid)).subquery()
 
-    def _with_review(self, where: Iterable[Any], limit: int | None = None, order_desc: bool = True,
-                     reviewed_only: bool = False) -> list[dict[str, Any]]:
+    def _with_review(
+        self, where: Iterable[Any], limit: int | None = None, order_desc: bool = True, reviewed_only: bool = False
+    ) -> list[dict[str, Any]]:
         r = self._latest_review()
-        cols = [verdicts, r.c.action.label("review_action"), r.c.label.label("review_label"),
-                r.c.boxes.label("review_boxes"), r.c.user.label("review_user"),
-                r.c.created_at.label("reviewed_at")]
+        cols = [
+            verdicts,
+            r.c.action.label("review_action"),
+            r.c.label.label("review_label"),
+            r.c.boxes.label("review_boxes"),
+            r.c.user.label("review_user"),
+            r.c.created_at.label("reviewed_at"),
+        ]
         join = verdicts.join(r, r.c.verdict_uid == verdicts.c.uid, isouter=not reviewed_only)
         q = sa.select(*cols).select_from(join).where(*where)
         q = q.order_by(verdicts.c.captured_at.desc() if order_desc else verdicts.c.captured_at.asc())
@@ -243,12 +328,60 @@ class Store:
             rows[0]["reviews"] = [dict(m) for m in hist.mappings()]
         return rows[0]
 
+    def search(
+        self,
+        station: str | None = None,
+        camera: str | None = None,
+        cls: str | None = None,
+        verdict: str | None = None,
+        reviewed: bool | None = None,
+        t0: float | None = None,
+        t1: float | None = None,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> tuple[list[dict[str, Any]], int]:
+        """History page: newest first, filtered; returns (one page of rows, the number of matching rows)."""
+        r = self._latest_review()
+        where: list[Any] = []
+        if station:
+            where.append(verdicts.c.station == station)
+        if camera:
+            where.append(verdicts.c.camera == camera)
+        if cls:
+            where.append(sa.func.coalesce(verdicts.c.defect_class, verdicts.c.top_class) == cls)
+        if verdict:
+            where.append(verdicts.c.verdict == verdict)
+        if t0 is not None:
+            where.append(verdicts.c.captured_at >= t0)
+        if t1 is not None:
+            where.append(verdicts.c.captured_at < t1)
+        if reviewed is not None:
+            where.append(r.c.id.is_not(None) if reviewed else r.c.id.is_(None))
+        join = verdicts.join(r, r.c.verdict_uid == verdicts.c.uid, isouter=True)
+        cols = [
+            verdicts,
+            r.c.action.label("review_action"),
+            r.c.label.label("review_label"),
+            r.c.user.label("review_user"),
+            r.c.created_at.label("reviewed_at"),
+        ]
+        q = (
+            sa.select(*cols)
+            .select_from(join)
+            .where(*where)
+            .order_by(verdicts.c.captured_at.desc(), verdicts.c.uid)
+            .offset(offset)
+            .limit(limit)
+        )
+        n = sa.select(sa.func.count()).select_from(join).where(*where)
+        with self.engine.connect() as conn:
+            return [dict(m) for m in conn.execute(q).mappings()], int(conn.execute(n).scalar_one())
+
     def recent_events(self, limit: int = 50) -> list[dict[str, Any]]:
         return self._with_review([verdicts.c.verdict.in_(("defect", "uncertain"))], limit)
 
     def range(self, t0: float, t1: float, limit: int | None = None) -> list[dict[str, Any]]:
-        return self._with_review([verdicts.c.captured_at >= t0, verdicts.c.captured_at < t1], limit,
-                                 order_desc=False)
+        return self._with_review([verdicts.c.captured_at >= t0, verdicts.c.captured_at < t1], limit, order_desc=False)
 
     def reviewed(self, t0: float = 0.0, t1: float = float("inf")) -> list[dict[str, Any]]:
         where = [verdicts.c.captured_at >= t0]
@@ -256,14 +389,22 @@ class Store:
             where.append(verdicts.c.captured_at < t1)
         return self._with_review(where, order_desc=False, reviewed_only=True)
 
-    def rates(self, since: float) -> list[dict[str, Any]]:
-        """Per station/camera since ``since``: verdict counts and the defect rate."""
+    def rates(self, since: float, until: float | None = None) -> list[dict[str, Any]]:
+        """Per station/camera in [since, until): verdict counts and the defect rate."""
         defect = sa.func.sum(sa.case((verdicts.c.verdict == "defect", 1), else_=0))
         unc = sa.func.sum(sa.case((verdicts.c.verdict == "uncertain", 1), else_=0))
-        q = (sa.select(verdicts.c.station, verdicts.c.camera, sa.func.count().label("total"),
-                       defect.label("defect"), unc.label("uncertain"))
-             .where(verdicts.c.captured_at >= since)
-             .group_by(verdicts.c.station, verdicts.c.camera).order_by(verdicts.c.station, verdicts.c.camera))
+        q = (
+            sa.select(
+                verdicts.c.station,
+                verdicts.c.camera,
+                sa.func.count().label("total"),
+                defect.label("defect"),
+                unc.label("uncertain"),
+            )
+            .where(verdicts.c.captured_at >= since, *(() if until is None else (verdicts.c.captured_at < until,)))
+            .group_by(verdicts.c.station, verdicts.c.camera)
+            .order_by(verdicts.c.station, verdicts.c.camera)
+        )
         with self.engine.connect() as conn:
             out = []
             for m in conn.execute(q).mappings():

@@ -23,6 +23,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from deploy.console.alarms import Alarms
 from deploy.console.config import NAME, ConsoleConfig, StationEntry
 from deploy.console.live import MAX_CAMERAS, Live, dumps
 from deploy.console.metrics import ConsoleMetrics
@@ -38,6 +39,8 @@ PRUNE_EVERY_S = 600.0
 MAX_SOCKET_BYTES = max(1024 * 1024, MAX_JPEG_BYTES * 4 // 3 + 64 * 1024)
 RCVHWM = 1000  # messages queued per station while the console is busy (~0.5 s of a full station)
 MAX_PENDING = 200_000  # rows held while the store is unreachable (~7 min of 16 cameras at 30/s)
+KEEPALIVE_S = 1.0  # a browser hears at least this often, so it can tell a quiet feed from a lost one
+TICK = '{"type":"tick"}'
 
 
 def _socket(ctx: zmq.asyncio.Context, st: StationEntry) -> zmq.asyncio.Socket:
@@ -73,6 +76,7 @@ class Streams:
         self.cfg = cfg
         self.store = store
         self.live = live
+        self.alarms: Alarms | None = None  # set by the app: rules fed from handle() and the broadcaster
         self.metrics = metrics or ConsoleMetrics()
         self.ctx = zmq.asyncio.Context()
         self.pending: list[dict[str, Any]] = []
@@ -152,6 +156,7 @@ class Streams:
             return
         if msg["type"] == "status":
             self.live.on_status(msg)
+            self._alarm("on_status", msg)
             return
         snap = msg.get("snapshot")
         snap_path = None
@@ -160,6 +165,21 @@ class Streams:
         row = row_from_message(msg, snap_path)
         self.pending.append(row)
         self.live.on_verdict(msg, row["uid"])
+        self._alarm("on_verdict", msg)
+
+    def _alarm(self, method: str, *args: Any) -> None:
+        """Feed the alarm rules; a store error there must not stop the stream (logged, retried next time)."""
+        if self.alarms is None:
+            return
+        try:
+            getattr(self.alarms, method)(*args)
+        except Exception as exc:  # noqa: BLE001
+            log.error("alarm rules: %s: %s", type(exc).__name__, str(exc)[:300])
+
+    def alarm_message(self) -> str | None:
+        if self.alarms is None:
+            return None
+        return dumps({"type": "alarms", "alarms": self.alarms.views(), "sound": self.cfg.alarms.sound})
 
     async def _subscribe(self, st: StationEntry) -> None:
         try:
@@ -245,11 +265,26 @@ class Streams:
 
     async def _broadcaster(self) -> None:
         interval = self.cfg.server.coalesce_ms / 1000.0
+        last_sent = time.monotonic()
+        alarm_version = -1
         while True:
             await asyncio.sleep(interval)
+            self._alarm("tick")
+            if self.alarms is not None and self.alarms.version != alarm_version:
+                alarm_version = self.alarms.version
+                text = self.alarm_message()
+                for q in list(self.clients):
+                    if not q.full():
+                        q.put_nowait(text)
             delta = self.live.delta()
             if delta is None:
+                if time.monotonic() - last_sent >= KEEPALIVE_S:  # a quiet feed is not a lost feed
+                    last_sent = time.monotonic()
+                    for q in list(self.clients):
+                        if not q.full():
+                            q.put_nowait(TICK)
                 continue
+            last_sent = time.monotonic()
             text, full = dumps(delta), None  # serialised once for every browser
             for q in list(self.clients):
                 if q.full():  # a browser that cannot keep up gets one full state instead of a backlog

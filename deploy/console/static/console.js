@@ -13,7 +13,13 @@ function el(tag, attrs = {}, text) {
 }
 
 function pct(x) { return (100 * x).toFixed(1) + "%"; }
-function clock(t) { return new Date(t * 1000).toLocaleTimeString(); }
+// One time format on every page: the station's local time (this browser's zone) with the zone shown.
+// (the line's zone from [shifts] time_zone, else this browser's)
+const TZ = { zone: undefined };
+function fmtTime(t) {
+  return new Date(t * 1000).toLocaleString("sv-SE", { timeZone: TZ.zone, timeZoneName: "short" });
+}
+function clock(t) { return new Date(t * 1000).toLocaleTimeString("sv-SE", { timeZone: TZ.zone }); }
 function snapUrl(v) { return v && v.snapshot ? `/snapshots/${encodeURIComponent(v.station)}/${encodeURIComponent(v.snapshot)}` : null; }
 
 // An image that may not be on disk yet (the daemon's snapshot writer runs behind the verdict): retry a few times.
@@ -46,6 +52,10 @@ function drawBoxes(svg, img, boxes) {
 }
 
 // ---- tiles ----------------------------------------------------------------------------------
+// Never stale: a tile shows its verdict only while the feed is up, its station and camera are up and its
+// last verdict is younger than stale_after_s; otherwise NO SIGNAL / STALE with the reason, in no verdict colour.
+const feed = { up: false, lastMsg: 0, staleAfter: 5 };
+
 function tileEl(t) {
   let node = document.querySelector(`[data-tile="${CSS.escape(t.id)}"]`);
   if (node) return node;
@@ -54,40 +64,90 @@ function tileEl(t) {
   head.append(el("span", { class: "dot" }), el("span", { class: "name" }, `${t.station} / ${t.camera}`),
               el("span", { class: "model" }));
   const frame = el("div", { class: "frame" });
-  frame.append(el("img", { alt: "" }), document.createElementNS(SVG, "svg"));
-  node.append(head, frame, el("div", { class: "verdict" }, "—"), el("div", { class: "meta" }));
+  frame.append(el("img", { alt: "" }), document.createElementNS(SVG, "svg"), el("div", { class: "age" }));
+  node.append(head, frame, el("div", { class: "verdict" }, "—"), el("div", { class: "meta" }),
+              el("div", { class: "reason" }));
   const tiles = [...$("#tiles").children, node].sort((a, b) => a.dataset.tile.localeCompare(b.dataset.tile));
   $("#tiles").replaceChildren(...tiles);
+  layoutTiles();
   return node;
 }
 
-function renderTile(t) {
-  state.tiles.set(t.id, t);
+function layoutTiles() {  // fill the screen: the squarest grid for the tile count
+  const n = Math.max(1, $("#tiles").children.length);
+  const box = $("#tiles").getBoundingClientRect();
+  const aspect = box.height > 0 ? box.width / box.height : 16 / 9;
+  const cols = Math.max(1, Math.min(n, Math.round(Math.sqrt(n * aspect / 1.1))));
+  $("#tiles").style.setProperty("--cols", cols);
+  $("#tiles").style.setProperty("--rows", Math.ceil(n / cols));
+}
+
+function removeTile(id) {
+  state.tiles.delete(id);
+  const node = document.querySelector(`[data-tile="${CSS.escape(id)}"]`);
+  if (node) { node.remove(); layoutTiles(); }
+}
+
+function tileAge(t) {  // seconds since the tile's last verdict reached the console, as of now
+  return t.age_s === null || t.age_s === undefined ? null : t.age_s + (performance.now() - t.receivedAt) / 1000;
+}
+
+function ageText(s) { return s === null ? "" : s < 60 ? T("age.s", { n: s.toFixed(1) }) : s < 3600 ? T("age.min", { n: Math.floor(s / 60) }) : T("age.h", { n: Math.floor(s / 3600) }); }
+
+function paintTile(t) {
   const node = tileEl(t);
   const v = t.last;
+  const age = tileAge(t);
+  let signal = "live", reason = "";
+  if (!feed.up) { signal = "no_signal"; reason = T("reason.feed_lost"); }
+  else if (t.status === "no_signal") { signal = "no_signal"; reason = t.reason || "no signal"; }
+  else if (!v) { signal = "waiting"; reason = T("reason.no_verdict_yet"); }
+  else if (age !== null && age > feed.staleAfter) { signal = "stale"; reason = T("reason.no_verdict_for", { n: Math.floor(age) }); }
+  const live = signal === "live";
+  node.dataset.signal = signal;
+  node.dataset.up = t.up && feed.up ? "1" : "0";
+  node.classList.toggle("down", !live);
+  if (live) node.dataset.verdict = v.verdict; else delete node.dataset.verdict;
+  node.querySelector(".verdict").textContent = live ? v.verdict.toUpperCase() : signal === "stale" ? T("tile.stale") : signal === "waiting" ? T("tile.waiting") : T("tile.no_signal");
+  node.querySelector(".meta").textContent = live ? `${v.defect_class || v.top_class} ${pct(v.confidence)}` : "";
+  node.querySelector(".reason").textContent = reason;
+  node.querySelector(".age").textContent = age === null ? "" : `${ageText(age)}${v ? ` · #${v.seq} · ${t.defects_per_min} defects/min` : ""}`;
+  node.querySelector(".dot").title = live ? "live" : reason;
+  const svg = node.querySelector("svg");
+  if (!live && svg.childNodes.length) svg.replaceChildren();  // no boxes of an old verdict either
+  return { node, live };
+}
+
+function renderTile(t) {
+  t.receivedAt = performance.now();
+  state.tiles.set(t.id, t);
+  const { node, live } = paintTile(t);
+  const v = t.last;
   const st = state.stations.get(t.station);
-  node.classList.toggle("down", !t.up);
-  node.dataset.up = t.up ? "1" : "0";
   node.querySelector(".model").textContent = st && st.model ? `${st.model.name} ${st.model.version}` : (v && v.model_version) || "";
-  node.querySelector(".dot").title = t.up ? "camera up" : "camera down";
-  const verdict = node.querySelector(".verdict");
-  if (v) {
-    node.dataset.verdict = v.verdict;
-    node.dataset.captured = v.captured_at;
-    node.dataset.seq = v.seq;
-    verdict.textContent = v.verdict.toUpperCase();
-    node.querySelector(".meta").textContent =
-      `${v.defect_class || v.top_class} ${pct(v.confidence)} · ${t.defects_per_min} defects/min · #${v.seq}`;
-  } else {
-    verdict.textContent = t.up ? "waiting" : "DOWN";
-  }
+  if (v) { node.dataset.captured = v.captured_at; node.dataset.seq = v.seq; }
   node.dataset.updated = Date.now();
   const img = node.querySelector("img"), svg = node.querySelector("svg");
   let url = null;
   if (t.preview_seq !== null && t.preview_seq !== undefined) url = `/preview/${encodeURIComponent(t.station)}/${encodeURIComponent(t.camera)}.jpg?v=${t.preview_seq}`;
   else if (v && v.snapshot) url = snapUrl(v);
   if (url && img.dataset.src !== url) { img.dataset.src = url; loadImg(img, url); }
-  drawBoxes(svg, img, v && v.boxes);
+  if (live) drawBoxes(svg, img, v && v.boxes);
+}
+
+function repaint() {
+  if (feed.up && performance.now() - feed.lastMsg > 3000) setFeed(false);  // the console keeps us posted every second
+  for (const t of state.tiles.values()) paintTile(t);
+}
+
+function setFeed(up) {
+  feed.up = up;
+  $("#conn").textContent = up ? T("conn.live") : T("conn.reconnecting");
+  $("#conn").className = up ? "conn up" : "conn down";
+  $("#feed-banner").hidden = up;
+  document.body.classList.toggle("feed-lost", !up);
+  if (!up && state.ws) { try { state.ws.close(); } catch (e) { /* already closed */ } }
+  for (const t of state.tiles.values()) paintTile(t);
 }
 
 function renderStations(list) {
@@ -104,7 +164,7 @@ function renderStations(list) {
 function eventLabel(e) {
   if (!e.review_action) return "";
   if (e.review_action === "relabel") return `relabelled ${e.review_label} by ${e.review_user}`;
-  return `${e.review_action}ed by ${e.review_user}`;
+  return `${e.review_action === "reject" ? "rejected" : "confirmed"} by ${e.review_user}`;
 }
 
 function renderEvent(e, prepend) {
@@ -118,7 +178,7 @@ function renderEvent(e, prepend) {
   const text = el("div", { class: "ev-text" });
   text.append(el("strong", {}, `${merged.station}/${merged.camera} ${merged.verdict}`),
               el("span", {}, ` ${merged.defect_class || merged.top_class} ${pct(merged.confidence)} ${clock(merged.captured_at)}`),
-              el("span", { class: "review-badge" }, eventLabel(merged)));
+              el("span", { class: "review-badge", "data-action": merged.review_action || "" }, eventLabel(merged)));
   li.append(img, text);
   li.addEventListener("click", () => openReview(e.uid));
   if (old) old.replaceWith(li);
@@ -134,11 +194,14 @@ async function openReview(uid) {
   const v = await r.json();
   state.review = { v, boxes: (v.review_boxes || v.boxes || []).map((b) => Object.assign({}, b)) };
   $("#rv-title").textContent = `${v.station} / ${v.camera} #${v.seq}: ${v.verdict}`;
-  $("#rv-info").textContent = `${v.defect_class || v.top_class} ${pct(v.confidence)} · model ${v.model_name} ${v.model_version} · ${new Date(v.captured_at * 1000).toISOString()}`;
-  $("#rv-history").textContent = (v.reviews || []).map((x) => `${x.action}${x.label ? " " + x.label : ""} by ${x.user} at ${new Date(x.created_at * 1000).toLocaleString()}`).join("; ");
+  $("#rv-info").textContent = `${v.defect_class || v.top_class} ${pct(v.confidence)} · part ${v.source || "#" + v.seq} · model ${v.model_name} ${v.model_version} · ${fmtTime(v.captured_at)}`;
+  $("#rv-history").textContent = (v.reviews || []).map((x) => `${x.action}${x.label ? " " + x.label : ""} by ${x.user} at ${new Date(x.created_at * 1000).toLocaleString("sv-SE", { timeZoneName: "short" })}`).join("; ");
   const classes = new Set([...(state.events.get(uid) || {}).classes || [], v.top_class, state.me.good_class]);
   if (v.defect_class) classes.add(v.defect_class);
-  $("#rv-class").replaceChildren(...[...classes].sort().map((c) => el("option", { value: c }, c)));
+  const options = [...classes].sort().map((c) => el("option", { value: c }, c));
+  if (v.verdict === "uncertain") options.unshift(el("option", { value: "" }, T("review.choose")));
+  $("#rv-class").replaceChildren(...options);
+  $("#rv-confirm").textContent = v.verdict === "uncertain" ? T("review.confirm_as") : T("review.confirm");
   const img = $("#rv-img");
   loadImg(img, snapUrl(v));
   drawBoxes($("#rv-boxes"), img, state.review.boxes);
@@ -152,7 +215,10 @@ async function openReview(uid) {
 async function submitReview(action) {
   const { v, boxes } = state.review;
   const body = { action };
-  if (action === "relabel") body.label = $("#rv-class").value;
+  if (action === "relabel" || (action === "confirm" && v.verdict === "uncertain")) {
+    body.label = $("#rv-class").value;
+    if (!body.label) { $("#rv-error").textContent = T("review.need_class"); $("#rv-class").focus(); return; }
+  }
   if (v.task === "detection" && action !== "reject") body.boxes = boxes;
   const r = await fetch(`/api/verdicts/${encodeURIComponent(v.uid)}/review`, {
     method: "POST", headers: { "content-type": "application/json", "x-csrf-token": state.me.csrf }, body: JSON.stringify(body),
@@ -183,46 +249,109 @@ function enableBoxDrawing() {
   $("#rv-clear").addEventListener("click", () => { state.review.boxes = []; drawBoxes($("#rv-boxes"), img, []); });
 }
 
+// ---- alarms ---------------------------------------------------------------------------------
+const alarmState = { list: [], sound: false, audio: null };
+
+function renderAlarms(msg) {
+  alarmState.list = msg.alarms;
+  alarmState.sound = msg.sound;
+  const canAck = state.me.can.includes("review");
+  $("#alarms").replaceChildren(...msg.alarms.map((a) => {
+    const li = el("li", { "data-alarm": a.id, class: a.active ? "active" : "cleared" });
+    const when = `${clock(a.raised_at)}${a.active ? "" : `, cleared ${clock(a.cleared_at)}`}`;
+    li.append(el("strong", {}, a.message), el("span", {}, ` ${when}`));
+    if (a.acked_at) li.append(el("span", { class: "acked" }, ` ${T("alarm.acked_by", { user: a.acked_by, time: clock(a.acked_at) })}`));
+    else if (canAck) {
+      const b = el("button", { type: "button", class: "ack", "data-ack": a.id }, T("alarm.ack"));
+      b.addEventListener("click", () => ackAlarm(a.id));
+      li.append(b);
+    }
+    return li;
+  }));
+  $("#alarm-banner").hidden = msg.alarms.length === 0;
+}
+
+async function ackAlarm(id) {
+  const r = await fetch(`/api/alarms/${id}/ack`, { method: "POST", headers: { "x-csrf-token": state.me.csrf } });
+  if (r.status === 401) location.href = "/login";
+}
+
+function beep() {  // while an alarm is unacknowledged (browsers allow sound after the first click on the page)
+  if (!alarmState.sound || !alarmState.list.some((a) => !a.acked_at)) return;
+  try {
+    alarmState.audio = alarmState.audio || new AudioContext();
+    const o = alarmState.audio.createOscillator(), g = alarmState.audio.createGain();
+    o.frequency.value = 880; g.gain.value = 0.2;
+    o.connect(g).connect(alarmState.audio.destination);
+    o.start(); o.stop(alarmState.audio.currentTime + 0.3);
+    document.body.dataset.beeped = String(+(document.body.dataset.beeped || 0) + 1);
+  } catch (e) { /* no audio device */ }
+}
+
 // ---- feed -----------------------------------------------------------------------------------
 function apply(msg) {
+  feed.lastMsg = performance.now();
+  if (msg.type === "tick") return;
+  if (msg.type === "alarms") { renderAlarms(msg); return; }
   renderStations(msg.stations || []);
-  if (msg.type === "full") for (const t of msg.tiles) renderTile(t);
-  else for (const t of msg.tiles) renderTile(t);
-  for (const t of state.tiles.values()) {  // a station going down takes its tiles with it
-    const st = state.stations.get(t.station);
-    if (st && !st.up && t.up) renderTile(Object.assign({}, t, { up: false }));
+  if (msg.type === "full") {
+    if (msg.stale_after_s) feed.staleAfter = msg.stale_after_s;
+    const ids = new Set(msg.tiles.map((t) => t.id));
+    for (const id of [...state.tiles.keys()]) if (!ids.has(id)) removeTile(id);
   }
+  for (const id of msg.removed || []) removeTile(id);
+  for (const t of msg.tiles) renderTile(t);
   const evs = msg.type === "full" ? [...msg.events].reverse() : msg.events;
   for (const e of evs) if (!document.querySelector(`#events li[data-uid="${CSS.escape(e.uid)}"]`)) renderEvent(e, true);
 }
 
 function connect() {
-  const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
-  ws.onopen = () => { $("#conn").textContent = "live"; $("#conn").className = "conn up"; };
-  ws.onmessage = (ev) => apply(JSON.parse(ev.data));
-  ws.onclose = () => { $("#conn").textContent = "reconnecting"; $("#conn").className = "conn down"; setTimeout(connect, 1000); };
+  const ws = state.ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
+  let opened = false;
+  ws.onmessage = (ev) => {
+    const msg = JSON.parse(ev.data);
+    if (!opened) { opened = true; feed.lastMsg = performance.now(); feed.up = true; }  // before painting the full state
+    apply(msg);
+    if (!$("#feed-banner").hidden || !$("#conn").classList.contains("up")) setFeed(true);
+  };
+  ws.onclose = async () => {
+    if (state.ws !== ws) return;
+    state.ws = null;
+    setFeed(false);
+    try {  // an expired or ended session goes to the login page; anything else: retry
+      const r = await fetch("/api/me", { cache: "no-store" });
+      if (r.status === 401) { location.href = "/login"; return; }
+    } catch (e) { /* the console is down: keep trying */ }
+    setTimeout(connect, 1000);
+  };
 }
 
-async function loadRates() {
-  const r = await fetch(`/api/rates?hours=${state.me.shift_hours}`);
+async function loadRates() {  // the running shift per camera: OK / defect / uncertain and yield
+  const r = await fetch("/api/shifts?count=1");
   if (!r.ok) return;
-  const body = await r.json();
-  $("#rates tbody").replaceChildren(...body.cameras.map((c) => {
+  const shift = (await r.json()).shifts[0];
+  if (!shift) return;
+  $("#shift-name").textContent = `${shift.name} since ${clock(shift.start)}`;
+  $("#rates tbody").replaceChildren(...shift.cameras.map((c) => {
     const tr = el("tr", { "data-camera": `${c.station}/${c.camera}` });
-    tr.append(el("td", {}, `${c.station}/${c.camera}`), el("td", {}, c.total), el("td", {}, c.defect), el("td", {}, pct(c.defect_rate)));
+    tr.append(el("td", {}, `${c.station}/${c.camera}`), el("td", {}, c.ok), el("td", {}, c.defect), el("td", {}, c.uncertain),
+              el("td", {}, c.yield === null ? "—" : pct(c.yield)));
     return tr;
   }));
 }
 
 async function start() {
+  $("#conn").textContent = T("conn.connecting");
   const r = await fetch("/api/me");
   if (r.status === 401) { location.href = "/login"; return; }
   state.me = await r.json();
   $("#who").textContent = state.me.kiosk ? "kiosk (read-only)" : `${state.me.user} (${state.me.role})`;
   $("#nav-export").hidden = !state.me.can.includes("export");
   $("#logout").hidden = state.me.kiosk;
+  $("#nav-admin").hidden = !state.me.can.includes("admin");
+  $("#nav-account").hidden = state.me.kiosk;
   $("#logout-csrf").value = state.me.csrf;
-  $("#shift-hours").textContent = state.me.shift_hours;
+  if (state.me.time_zone) TZ.zone = state.me.time_zone;
   const ev = await fetch("/api/events?limit=50");
   if (ev.ok) for (const e of await ev.json()) renderEvent(e, false);
   $("#rv-confirm").addEventListener("click", () => submitReview("confirm"));
@@ -230,8 +359,11 @@ async function start() {
   $("#rv-relabel").addEventListener("click", () => submitReview("relabel"));
   enableBoxDrawing();
   connect();
+  setInterval(repaint, 250);
+  window.addEventListener("resize", layoutTiles);
+  setInterval(beep, 2000);
   loadRates();
-  setInterval(loadRates, 30000);
+  setInterval(loadRates, 5000);
 }
 
 start();

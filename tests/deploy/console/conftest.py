@@ -29,7 +29,7 @@ from tests.factories import free_port  # noqa: E402
 from tests.runtime._helpers import toml_value  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
-USERS = {"olga": ("operator", "olga-pass-1"), "erik": ("engineer", "erik-pass-1")}
+USERS = {"olga": ("operator", "olga-pass-1"), "erik": ("engineer", "erik-pass-1"), "ada": ("admin", "ada-pass-123")}
 
 
 def _initdb() -> str | None:
@@ -108,7 +108,13 @@ def user_hashes() -> dict[str, str]:
 
 
 def write_console_config(
-    path: Path, stations: list[dict[str, Any]], store: str, hashes: dict[str, str], port: int, **server: Any
+    path: Path,
+    stations: list[dict[str, Any]],
+    store: str,
+    hashes: dict[str, str],
+    port: int,
+    extra_toml: str = "",
+    **server: Any,
 ) -> Path:
     lines = ["[server]", 'host = "127.0.0.1"', f"port = {port}", "coalesce_ms = 100", "down_after_s = 1.5"]
     lines += [f"{k} = {toml_value(v)}" for k, v in server.items()]
@@ -128,7 +134,7 @@ def write_console_config(
             f"password_hash = {toml_value(hashes[name])}",
             "",
         ]
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines) + "\n" + extra_toml)
     return path
 
 

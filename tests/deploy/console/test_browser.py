@@ -35,14 +35,15 @@ def browser():
         b.close()
 
 
-def login(browser, base: str, user: str):
+def login(browser, base: str, user: str, wait_live: bool = True):
     page = browser.new_page(viewport={"width": 1920, "height": 1080})
     page.goto(base + "/login")
     page.fill("#user", user)
     page.fill("#password", USERS[user][1])
     page.click("#login-btn")
     page.wait_for_url(base + "/")
-    page.wait_for_selector("#conn.up", timeout=10_000)
+    if wait_live:
+        page.wait_for_selector("#conn.up", timeout=10_000)
     return page
 
 
@@ -203,6 +204,10 @@ def test_second_station_shows_up_when_its_daemon_starts_and_goes_down_when_it_st
     page.wait_for_selector('[data-station="st2"][data-up="0"]', timeout=10_000)
     page.wait_for_selector('[data-tile="st2/cam1"][data-up="0"]', timeout=5_000)
     assert time.monotonic() - t0 < 10
+    # never the last verdict in its colour: NO SIGNAL with the reason
+    assert page.get_attribute('[data-tile="st2/cam1"]', "data-verdict") is None
+    assert page.inner_text('[data-tile="st2/cam1"] .verdict') == "NO SIGNAL"
+    assert "daemon" in page.inner_text('[data-tile="st2/cam1"] .reason')
     assert page.locator('[data-station="st1"][data-up="0"]').count() == 1
 
 
@@ -219,7 +224,8 @@ def test_detector_box_is_drawn_and_adjusted_in_the_page(tmp_path, browser, conso
     try:
         con = console_factory([{"name": "st1", "endpoint": st.endpoint, "snapshot_dir": str(spool)}])
         page = login(browser, con.base, "olga")
-        wait_for(lambda: (st.status({"cam1": True}), con.health()["received"]["status"] > 0)[1], 10, "heartbeat")
+        st.heartbeats({"cam1": True})  # the tile stays live (and shows its boxes) while the station is heard
+        wait_for(lambda: con.health()["received"]["status"] > 0, 10, "heartbeat")
         name = "20240101T000000.000000Z_st1_cam1_000000001_defect.jpg"
         cv2.imwrite(str(spool / name), np.full((480, 640, 3), 100, np.uint8))
         st.verdict(

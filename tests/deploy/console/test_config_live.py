@@ -26,7 +26,7 @@ HASH = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo"
             "stations[0].curve",
         ),
         ({"stations": [{"name": "a", "endpoint": "tcp://a:1"}, {"name": "a", "endpoint": "tcp://b:1"}]}, "stations"),
-        ({"users": [{"name": "olga", "role": "admin", "password_hash": HASH}]}, "users[0].role"),
+        ({"users": [{"name": "olga", "role": "root", "password_hash": HASH}]}, "users[0].role"),
         ({"users": [{"name": "olga", "role": "operator", "password_hash": "plaintext"}]}, "users[0].password_hash"),
         ({"users": [{"name": "olga", "role": "operator"}]}, "users[0]"),
         ({"plugins": {}}, "plugins"),
@@ -120,3 +120,32 @@ def test_cli_hash_password_and_check_config(tmp_path, capsys, monkeypatch):
     assert main(["console", "check-config", "--config", str(good)]) == 2
     assert "server.port" in capsys.readouterr().err
     assert main(["console", "--config", str(good)]) == 2  # the server refuses the same config
+
+
+def test_tiles_say_why_they_have_no_signal_and_how_old_their_verdict_is():
+    live = _live()
+    live.on_status(status_message("st1", {"cam1": True, "cam2": True}), now=0.0)
+    live.on_verdict(verdict_message("st1", "cam1", 1, "defect"), "u1", now=0.0)
+    tiles = {t["id"]: t for t in live.delta(now=2.0)["tiles"]}
+    assert tiles["st1/cam1"]["status"] == "live" and tiles["st1/cam1"]["age_s"] == 2.0
+    assert tiles["st1/cam2"]["age_s"] is None and tiles["st1/cam2"]["reason"] is None
+    hb = status_message("st1", {"cam1": False, "cam2": True})
+    hb["cameras"]["cam1"].update(last_frame_age_s=12.4, decode_errors=3)
+    live.on_status(hb, now=2.5)
+    (t,) = live.delta(now=2.5)["tiles"]
+    assert t["status"] == "no_signal" and t["reason"] == "camera down: no frame for 12 s, 3 unreadable frames"
+    live.on_status(status_message("st1", {"cam1": True, "cam2": True}, state="reloading"), now=3.0)
+    assert {t["reason"] for t in live.delta(now=3.0)["tiles"]} == {"model reloading"}
+    d = live.delta(now=9.0)  # no heartbeat since 3.0
+    assert {t["reason"] for t in d["tiles"]} == {"daemon down: no heartbeat for over 3 s"}
+    assert live.full(now=9.0)["stale_after_s"] == 5.0
+
+
+def test_a_camera_the_heartbeat_no_longer_lists_is_removed():
+    live = _live()
+    live.on_status(status_message("st1", {"cam1": True, "cam2": True}), now=0.0)
+    live.delta(now=0.0)
+    live.on_status(status_message("st1", {"cam1": True}), now=1.0)
+    d = live.delta(now=1.0)
+    assert d["removed"] == ["st1/cam2"] and [t["id"] for t in live.full(now=1.0)["tiles"]] == ["st1/cam1"]
+    assert live.delta(now=1.1) is None

@@ -217,9 +217,11 @@ def test_curve_encrypted_station_stream(tmp_path, console_factory):
     os.chmod(cli_sec, 0o600)  # a group/other-readable secret key is refused (test_console_security.py)
     spub, ssec = zmq.auth.load_certificate(srv_sec)
     st = FakeStation.__new__(FakeStation)
+    import threading
+
     import zmq as _zmq
 
-    st.name, st.sent = "st1", 0
+    st.name, st.sent, st._lock, st._beating = "st1", 0, threading.Lock(), None
     st.ctx = _zmq.Context()
     auth = ThreadAuthenticator(st.ctx)
     auth.start()
@@ -279,7 +281,7 @@ def test_websocket_needs_a_session_and_the_console_origin(rig):
         deadline = time.monotonic() + 10
         while True:
             msg = json.loads(ws.recv(timeout=5))
-            if any(t["last"] and t["last"]["seq"] == 5 for t in msg["tiles"]) or time.monotonic() > deadline:
+            if any(t["last"] and t["last"]["seq"] == 5 for t in msg.get("tiles", [])) or time.monotonic() > deadline:
                 break
         assert msg["type"] == "delta" and msg["events"][0]["verdict"] == "defect"
 

@@ -1,0 +1,243 @@
+"""Alarm rules evaluated on the live streams; each alarm is stored with who acknowledged it and when.
+
+An alarm is keyed by (rule, station, camera). It is raised once (a row in ``alarms``), shown until it
+is both cleared (its condition ended) and acknowledged; a condition that comes back before the
+acknowledge re-activates the same alarm instead of adding rows, so a flapping rule costs at most
+one row per acknowledge. Rates use one-second buckets with running sums per camera and window
+(O(1) per verdict). After a restart, unacknowledged alarms are loaded again (marked cleared at
+the restart; a condition still true re-activates them).
+
+Every change calls ``on_change`` (the webhook / PLC output and the browsers); times are unix seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from deploy.console.alarm_rules import AlarmConfig, Rule
+from deploy.console.live import Live
+from deploy.console.store import alarms as table
+
+Key = tuple[str, str, str | None]
+
+
+@dataclass
+class Alarm:
+    id: int
+    rule: str
+    kind: str
+    station: str
+    camera: str | None
+    message: str
+    raised_at: float
+    active: bool = True
+    cleared_at: float | None = None
+    acked_by: str | None = None
+    acked_at: float | None = None
+
+    def view(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Window:
+    """Verdict counts of one camera over the last ``window_s`` seconds, in one-second buckets."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.buckets: deque[list[int]] = deque()  # [second, total, defect, uncertain]
+        self.total = self.defect = self.uncertain = 0
+
+    def add(self, t: float, verdict: str) -> None:
+        sec = int(t)
+        if not self.buckets or self.buckets[-1][0] != sec:
+            self.buckets.append([sec, 0, 0, 0])
+        b = self.buckets[-1]
+        d, u = int(verdict == "defect"), int(verdict == "uncertain")
+        b[1] += 1
+        b[2] += d
+        b[3] += u
+        self.total += 1
+        self.defect += d
+        self.uncertain += u
+        self.expire(t)
+
+    def expire(self, now: float) -> None:
+        while self.buckets and self.buckets[0][0] <= now - self.window_s:
+            _, n, d, u = self.buckets.popleft()
+            self.total -= n
+            self.defect -= d
+            self.uncertain -= u
+
+
+class Alarms:
+    def __init__(
+        self,
+        cfg: AlarmConfig,
+        engine: sa.Engine,
+        live: Live,
+        on_change: Callable[[str, Alarm | None], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.live = live
+        self.on_change = on_change
+        self.open: dict[Key, Alarm] = {}
+        self.windows: dict[tuple[str, str, float], Window] = {}
+        self.in_row: dict[tuple[str, str], int] = {}
+        self.down_since: dict[Key, float] = {}
+        self.version = 0
+        self._load()
+
+    # -- inputs --------------------------------------------------------------------------------
+    def on_verdict(self, msg: Mapping[str, Any], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        station, camera, verdict = msg["station"], msg["camera"], msg["verdict"]
+        row = self.in_row[(station, camera)] = self.in_row.get((station, camera), 0) + 1 if verdict == "defect" else 0
+        rules = [r for r in self.cfg.rules if r.matches(station, camera)]
+        for window_s in {r.window_s for r in rules if r.kind in ("defect_rate", "uncertain_rate")}:
+            w = self.windows.get((station, camera, window_s))
+            if w is None:
+                w = self.windows[(station, camera, window_s)] = Window(window_s)
+            w.add(now, verdict)  # once per window, however many rules share it
+        for rule in rules:
+            if rule.kind == "defects_in_row":
+                self._set(rule, station, camera, row >= rule.count, f"{station}/{camera}: {row} defects in a row", now)
+            elif rule.kind in ("defect_rate", "uncertain_rate"):
+                w = self.windows[(station, camera, rule.window_s)]
+                what = rule.kind.split("_")[0]
+                frac = (w.defect if what == "defect" else w.uncertain) / w.total
+                self._set(
+                    rule,
+                    station,
+                    camera,
+                    w.total >= rule.min_frames and frac >= rule.threshold,
+                    f"{station}/{camera}: {what} rate {frac:.0%} over {rule.window_s:g} s "
+                    f"(alarm at {rule.threshold:.0%})",
+                    now,
+                )
+
+    def on_status(self, msg: Mapping[str, Any], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        station = msg["station"]
+        model = msg.get("model") if isinstance(msg.get("model"), Mapping) else {}
+        reload = msg.get("last_reload") if isinstance(msg.get("last_reload"), Mapping) else {}
+        why = None
+        if isinstance(model, Mapping) and model.get("boot_fallback"):
+            why = f"model fallback: {str(model['boot_fallback'])[:200]}"
+        elif isinstance(reload, Mapping) and reload.get("result") == "failed":
+            why = f"model refused: {str(reload.get('error'))[:200]}"
+        for rule in self.cfg.rules:
+            if rule.kind == "model_fallback" and rule.matches(station):
+                self._set(rule, station, None, why is not None, f"{station}: {why}", now)
+
+    def tick(self, now: float | None = None, mono: float | None = None) -> None:
+        """Timed rules: camera and station down for ``for_s``."""
+        now = time.time() if now is None else now
+        mono = time.monotonic() if mono is None else mono
+        for rule in self.cfg.rules:
+            if rule.kind == "station_down":
+                for name in self.live.stations:
+                    if rule.matches(name):
+                        reason = self.live.station_reason(name, mono)
+                        down = reason is not None and reason.startswith(("daemon down", "daemon stop"))
+                        self._timed(rule, name, None, down, f"{name}: station down ({reason})", now)
+            elif rule.kind == "camera_down":
+                for tile in list(self.live.tiles.values()):
+                    if rule.matches(tile.station, tile.camera):
+                        down = self.live.station_up(tile.station, mono) and tile.up is False
+                        self._timed(
+                            rule,
+                            tile.station,
+                            tile.camera,
+                            down,
+                            f"{tile.station}/{tile.camera}: {tile.cam_reason or 'camera down'}",
+                            now,
+                        )
+
+    def _timed(self, rule: Rule, station: str, camera: str | None, down: bool, message: str, now: float) -> None:
+        key = (rule.name, station, camera)
+        if not down:
+            self.down_since.pop(key, None)
+            self._set(rule, station, camera, False, message, now)
+            return
+        since = self.down_since.setdefault(key, now)
+        if now - since >= rule.for_s:
+            self._set(rule, station, camera, True, message, now)
+
+    # -- state ---------------------------------------------------------------------------------
+    def _set(self, rule: Rule, station: str, camera: str | None, on: bool, message: str, now: float) -> None:
+        key = (rule.name, station, camera)
+        a = self.open.get(key)
+        if on:
+            if a is not None and a.active:
+                return
+            if a is not None:  # back before anyone acknowledged it: the same alarm again
+                a.active, a.cleared_at, a.message = True, None, message
+                self._update(a, cleared_at=None, message=message)
+                self._changed("raised", a)
+                return
+            with self.engine.begin() as conn:
+                res = conn.execute(
+                    table.insert().values(
+                        rule=rule.name, kind=rule.kind, station=station, camera=camera, message=message, raised_at=now
+                    )
+                )
+                pk = res.inserted_primary_key
+                assert pk is not None  # an INSERT always has one
+                new_id = int(pk[0])
+            a = self.open[key] = Alarm(new_id, rule.name, rule.kind, station, camera, message, now)
+            self._changed("raised", a)
+        elif a is not None and a.active:
+            a.active, a.cleared_at = False, now
+            self._update(a, cleared_at=now)
+            if a.acked_at is not None:
+                del self.open[key]
+            self._changed("cleared", a)
+
+    def ack(self, alarm_id: int, user: str, now: float | None = None) -> Alarm | None:
+        now = time.time() if now is None else now
+        for key, a in list(self.open.items()):
+            if a.id == alarm_id:
+                if a.acked_at is None:
+                    a.acked_by, a.acked_at = user, now
+                    self._update(a, acked_by=user, acked_at=now)
+                    if not a.active:
+                        del self.open[key]
+                    self._changed("acknowledged", a)
+                return a
+        return None
+
+    def _update(self, a: Alarm, **values: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(table.update().where(table.c.id == a.id).values(**values))
+
+    def _changed(self, event: str, a: Alarm | None) -> None:
+        self.version += 1
+        if self.on_change is not None:
+            self.on_change(event, a)
+
+    def _load(self) -> None:
+        now = time.time()
+        with self.engine.begin() as conn:
+            conn.execute(
+                table.update().where(table.c.acked_at.is_(None), table.c.cleared_at.is_(None)).values(cleared_at=now)
+            )  # re-raised below if the condition still holds
+            rows = conn.execute(sa.select(table).where(table.c.acked_at.is_(None)).order_by(table.c.id)).mappings()
+            for m in rows:
+                a = Alarm(**{k: m[k] for k in Alarm.__dataclass_fields__ if k != "active"}, active=False)
+                self.open[(a.rule, a.station, a.camera)] = a
+
+    # -- outputs -------------------------------------------------------------------------------
+    def views(self) -> list[dict[str, Any]]:
+        return [a.view() for a in sorted(self.open.values(), key=lambda a: a.raised_at, reverse=True)]
+
+    def history(self, limit: int = 200) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            q = sa.select(table).order_by(table.c.id.desc()).limit(limit)
+            return [dict(m) for m in conn.execute(q).mappings()]

@@ -1,0 +1,77 @@
+"use strict";
+// The one catalogue of UI strings. A site adds a language by adding a block here (same keys).
+// Language: ?lang=xx, else the browser's, else English. Elements carry data-i18n="key" (text) or
+// data-i18n-title / data-i18n-placeholder; scripts call T("key", {n: 3}).
+const CATALOGUE = {
+  en: {
+    "nav.live": "Live", "nav.history": "History & review", "nav.shifts": "Shifts", "nav.export": "Export",
+    "nav.users": "Users", "nav.password": "Password", "nav.logout": "Log out",
+    "conn.connecting": "connecting", "conn.live": "live", "conn.reconnecting": "reconnecting",
+    "feed.lost": "Live feed lost: the tiles below are not live. Reconnecting…",
+    "tile.no_signal": "NO SIGNAL", "tile.stale": "STALE", "tile.waiting": "WAITING",
+    "reason.feed_lost": "console feed lost", "reason.no_verdict_yet": "no verdict yet",
+    "reason.no_verdict_for": "no verdict for {n} s", "age.s": "{n} s ago", "age.min": "{n} min ago", "age.h": "{n} h ago",
+    "events.title": "Recent defects & uncertain", "shift.title": "This shift:", "shift.all": "(all shifts)",
+    "col.camera": "Camera", "col.ok": "OK", "col.defect": "Defect", "col.uncertain": "Uncertain", "col.yield": "Yield",
+    "review.confirm": "Confirm", "review.confirm_as": "Confirm as chosen class", "review.reject": "Reject (false alarm)",
+    "review.relabel": "Relabel", "review.class": "Class", "review.close": "Close", "review.choose": "— choose the class —",
+    "review.need_class": "choose the class this part is, then confirm", "alarm.ack": "Acknowledge",
+    "alarm.acked_by": "acknowledged by {user} {time}",
+    "history.title": "History and review", "filter.station": "Station", "filter.camera": "Camera", "filter.class": "Class",
+    "filter.verdict": "Verdict", "filter.reviewed": "Reviewed", "filter.from": "From", "filter.to": "To", "filter.search": "Search",
+    "filter.all": "all", "filter.to_review": "to review", "filter.reviewed_yes": "reviewed",
+    "col.time": "Time", "col.part": "Part", "col.verdict": "Verdict", "col.class": "Class", "col.conf": "Conf.", "col.review": "Review",
+    "col.shift": "Shift", "col.start": "Start", "col.frames": "Frames",
+    "rv.to_review": "to review", "rv.confirm": "confirmed", "rv.reject": "rejected", "rv.relabel": "relabelled", "rv.by": "by",
+    "pager.prev": "Previous (p)", "pager.next": "Next (n)", "pager.info": "page {page} of {pages} · {total} frames",
+    "shifts.title": "Yield per camera and shift", "shifts.times_in": "times in {zone}",
+    "users.title": "Users", "users.add": "Add a user", "users.name": "Name", "users.role": "Role", "users.state": "State",
+    "users.new_password": "New password", "users.add_btn": "Add", "users.my_password": "My password",
+    "users.current": "Current", "users.new": "New", "users.change": "Change", "users.set_password": "Set password",
+    "users.enable": "Enable", "users.disable": "Disable", "users.active": "active", "users.disabled": "disabled", "users.saved": "saved",
+    "export.title": "Export verdicts (CSV)", "export.download": "Download CSV",
+    "login.user": "User", "login.password": "Password", "login.submit": "Log in", "login.failed": "Wrong user name or password.",
+  },
+  de: {
+    "nav.live": "Live", "nav.history": "Verlauf & Prüfung", "nav.shifts": "Schichten", "nav.export": "Export",
+    "nav.users": "Benutzer", "nav.password": "Passwort", "nav.logout": "Abmelden",
+    "conn.connecting": "verbinde", "conn.live": "live", "conn.reconnecting": "verbinde neu",
+    "feed.lost": "Live-Verbindung verloren: Die Kacheln sind nicht aktuell. Verbinde neu…",
+    "tile.no_signal": "KEIN SIGNAL", "tile.stale": "VERALTET", "tile.waiting": "WARTE",
+    "reason.feed_lost": "Verbindung zur Konsole verloren", "reason.no_verdict_yet": "noch kein Ergebnis",
+    "reason.no_verdict_for": "seit {n} s kein Ergebnis", "age.s": "vor {n} s", "age.min": "vor {n} min", "age.h": "vor {n} h",
+    "events.title": "Letzte Fehler & unsichere Teile", "shift.title": "Diese Schicht:", "shift.all": "(alle Schichten)",
+    "col.camera": "Kamera", "col.ok": "OK", "col.defect": "Fehler", "col.uncertain": "Unsicher", "col.yield": "Ausbeute",
+    "review.confirm": "Bestätigen", "review.confirm_as": "Als gewählte Klasse bestätigen", "review.reject": "Verwerfen (Fehlalarm)",
+    "review.relabel": "Umbenennen", "review.class": "Klasse", "review.close": "Schließen", "review.choose": "— Klasse wählen —",
+    "review.need_class": "erst die Klasse des Teils wählen, dann bestätigen", "alarm.ack": "Quittieren",
+    "alarm.acked_by": "quittiert von {user} {time}",
+    "history.title": "Verlauf und Prüfung", "filter.station": "Station", "filter.camera": "Kamera", "filter.class": "Klasse",
+    "filter.verdict": "Ergebnis", "filter.reviewed": "Geprüft", "filter.from": "Von", "filter.to": "Bis", "filter.search": "Suchen",
+    "filter.all": "alle", "filter.to_review": "zu prüfen", "filter.reviewed_yes": "geprüft",
+    "col.time": "Zeit", "col.part": "Teil", "col.verdict": "Ergebnis", "col.class": "Klasse", "col.conf": "Konf.", "col.review": "Prüfung",
+    "col.shift": "Schicht", "col.start": "Beginn", "col.frames": "Bilder",
+    "rv.to_review": "zu prüfen", "rv.confirm": "bestätigt", "rv.reject": "verworfen", "rv.relabel": "umbenannt", "rv.by": "von",
+    "pager.prev": "Zurück (p)", "pager.next": "Weiter (n)", "pager.info": "Seite {page} von {pages} · {total} Bilder",
+    "shifts.title": "Ausbeute je Kamera und Schicht", "shifts.times_in": "Zeiten in {zone}",
+    "users.title": "Benutzer", "users.add": "Benutzer anlegen", "users.name": "Name", "users.role": "Rolle", "users.state": "Status",
+    "users.new_password": "Neues Passwort", "users.add_btn": "Anlegen", "users.my_password": "Mein Passwort",
+    "users.current": "Aktuell", "users.new": "Neu", "users.change": "Ändern", "users.set_password": "Passwort setzen",
+    "users.enable": "Aktivieren", "users.disable": "Sperren", "users.active": "aktiv", "users.disabled": "gesperrt", "users.saved": "gespeichert",
+    "export.title": "Ergebnisse exportieren (CSV)", "export.download": "CSV herunterladen",
+    "login.user": "Benutzer", "login.password": "Passwort", "login.submit": "Anmelden", "login.failed": "Falscher Benutzername oder falsches Passwort.",
+  },
+};
+const LANG = (() => {
+  const want = new URLSearchParams(location.search).get("lang") || (navigator.language || "en").slice(0, 2);
+  return CATALOGUE[want] ? want : "en";
+})();
+function T(key, vars = {}) {
+  const s = (CATALOGUE[LANG] && CATALOGUE[LANG][key]) || CATALOGUE.en[key] || key;
+  return s.replace(/\{(\w+)\}/g, (_, k) => (vars[k] !== undefined ? vars[k] : ""));
+}
+function applyI18n(root = document) {
+  document.documentElement.lang = LANG;
+  for (const e of root.querySelectorAll("[data-i18n]")) e.textContent = T(e.dataset.i18n);
+}
+document.addEventListener("DOMContentLoaded", () => applyI18n());
