@@ -102,7 +102,7 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple
     if card.weights_sha256 and weights.name == BEST and sha256_file(weights) != card.weights_sha256:
         raise CheckpointError(f"{weights}: sha256 differs from {card_path}'s weights_sha256 (file changed or corrupt)")
     # The trunk's pretrained file is not needed: every weight comes from the checkpoint.
-    model = build_detector(replace(card.detector, weights="none"))
+    model = build_detector(card.detector, pretrained=False)
     model.detector_spec = card.detector
     try:
         model.load_state_dict(load_file(str(weights), device=str(device)), strict=True)

@@ -34,6 +34,16 @@ OPTIM_KEYS = (
     "device",
 )
 DATA_KEYS = ("format", "val_fraction", "test_fraction", "limit")
+# What a default alone does not say (the defaults themselves are read from the dataclasses).
+NOTES = {
+    "backbone": "a project trunk or a torchvision detector: fasterrcnn_mobilenet_v3_large_320_fpn, "
+    "fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_resnet50_fpn_v2",
+    "anchor_sizes": "pixels; None = the architecture's (trunks: 16,32,64,128; torchvision detectors: COCO's)",
+    "aspect_ratios": "h/w; None = the architecture's (trunks: 0.25,0.5,1,2,4; torchvision detectors: 0.5,1,2)",
+    "det_init": "backbone = trunk pretrained (--weights); coco = the whole torchvision detector from COCO, "
+    "box predictor replaced",
+    "det_weights": "the COCO checkpoint file for --det-init coco; None = torch hub's cache",
+}
 
 
 def _opt_type(annotation: str, default: Any) -> Any:
@@ -67,7 +77,7 @@ def _add_fields(group: Any, cls: type, keys: Any, dest_prefix: str) -> None:
                 type=lambda s: s.lower() in ("1", "true", "yes", "on"),
                 metavar="BOOL",
                 default=S,
-                help=f"({d[f.name]})",
+                help=f"({d[f.name]})" + (f" {NOTES[f.name]}" if f.name in NOTES else ""),
             )
         else:
             group.add_argument(
@@ -75,7 +85,7 @@ def _add_fields(group: Any, cls: type, keys: Any, dest_prefix: str) -> None:
                 dest=dest_prefix + f.name,
                 type=_opt_type(str(f.type), d.get(f.name)),
                 default=S,
-                help=f"({_fmt(d.get(f.name))})",
+                help=f"({_fmt(d.get(f.name))})" + (f" {NOTES[f.name]}" if f.name in NOTES else ""),
             )
 
 
@@ -161,6 +171,7 @@ def _train_main(argv: list[str]) -> int:
     from training.detection.trainer import train_detector
     from training.distributed import DistributedError
     from training.run_dir import RunExistsError
+    from training.weights import WeightsUnavailableError
 
     try:
         cfg = config_from_args(ns)
@@ -168,7 +179,15 @@ def _train_main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (DataError, DetectorConfigError, RunExistsError, FileNotFoundError, ValueError, DistributedError) as exc:
+    except (
+        DataError,
+        DetectorConfigError,
+        RunExistsError,
+        FileNotFoundError,
+        ValueError,
+        DistributedError,
+        WeightsUnavailableError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
