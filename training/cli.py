@@ -178,6 +178,12 @@ def _optim_args(p: argparse.ArgumentParser, cfg: Any, D: dict[str, Any]) -> None
     o.add_argument("--balance", choices=cfg.BALANCE, help=f"class imbalance handling ({D['balance']})")
     o.add_argument("--patience", type=int, help=f"early-stopping patience in epochs ({D['patience']})")
     o.add_argument(
+        "--plan",
+        choices=("off", "auto"),
+        help=f"auto: --image-size and --epochs, when not given, are planned from the training images ({D['plan']}; "
+        "not yet measured on the benchmarks)",
+    )
+    o.add_argument(
         "--monitor",
         choices=cfg.MONITORS,
         help="validation metric for best checkpoint / early stopping (auto: AUROC binary, else macro-F1)",
@@ -222,6 +228,7 @@ _DATA_KEYS = {
 }
 _TOP_KEYS = (
     "out",
+    "plan",
     "backbone",
     "weights",
     "image_size",

@@ -148,9 +148,15 @@ class TrainConfig:
     # training images and then keeps them frozen (AdaBN; on ELPV it measured worse than the
     # pretrained statistics); "auto" = frozen with pretrained weights, train from scratch.
     bn: str = "auto"
+    # "auto": image_size and epochs left unset (None) are planned from the training images (training.plan)
+    plan: str = "off"
 
     def __post_init__(self) -> None:
         from .backbones import REGISTRY
+        from .plan import PLAN_MODES
+
+        if self.plan not in PLAN_MODES:
+            raise ConfigError(f"plan: expected one of {PLAN_MODES}, got {self.plan!r}")
 
         if self.backbone not in REGISTRY:
             raise ConfigError(f"backbone: unknown {self.backbone!r}; available: {', '.join(sorted(REGISTRY))}")

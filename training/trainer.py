@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ class Trainer:
         echo: Callable[[str], None] | None = None,
         sync_bn: bool = False,
     ) -> None:
+        self.raw_cfg = cfg  # before resolving: what the planner may fill (--plan auto)
         self.cfg = cfg.resolved()
         self.resume = resume
         self.overwrite = overwrite
@@ -84,8 +86,15 @@ class Trainer:
         dist.check_sync_bn(self.sync_bn, self.device)
         self.echo, self.progress = dist.main_echo(self.echo), self.progress and dist.is_main()
         # Rank 0 checks and creates the run directory and reads last.pt; the others get its answer.
+        if cfg.plan == "auto":  # the plan changes the config (and its hash): data first, then the run directory
+            self._load_data()
+            self._plan()
+            cfg = self.cfg
         state = dist.on_main(self._prepare_dir)
-        self._load_data()
+        if cfg.plan != "auto":
+            self._load_data()
+        elif dist.is_main():
+            atomic_write_json(self.run_dir / "plan.json", self.plan_record)
         self._build_model()
         history: list[dict[str, Any]] = []
         sel = EpochSelector()
@@ -160,10 +169,38 @@ class Trainer:
             )
         if not splits.val:
             raise ValueError("the validation split is empty; give a val split or a val_fraction > 0")
+        from .plan import classification_fingerprint, small_data_warnings
+
+        names = [splits.classes[smp.label] for smp in splits.train]
+        if names:
+            fp = classification_fingerprint([(1, 1)] * len(names), names)  # counts only: sizes are not read here
+            for w in small_data_warnings(fp, "images"):
+                self.echo(f"warning: {w}")
         self.echo(
             f"data: {len(splits.classes)} classes {splits.classes}; train/val/test = "
             f"{len(splits.train)}/{len(splits.val)}/{len(splits.test)}"
         )
+
+    def _plan(self) -> None:
+        """Fill the unset image_size / epochs from the training images (training.plan); plan.json in the run."""
+        from PIL import Image
+
+        from .plan import classification_fingerprint, plan_classification
+
+        sizes, names = [], []
+        for smp in self.splits.train:
+            with Image.open(smp.path) as im:  # header only
+                sizes.append((im.height, im.width))
+            names.append(self.splits.classes[smp.label])
+        plan = plan_classification(classification_fingerprint(sizes, names))
+        raw, kw = self.raw_cfg, {}
+        for key in ("image_size", "epochs"):
+            if getattr(raw, key) is None:
+                kw[key] = plan.choices[key]
+        self.cfg = replace(raw, **kw).resolved()
+        for line in plan.lines(list(kw)):
+            self.echo(line)
+        self.plan_record = {**plan.to_dict(), "applied": list(kw)}
 
     def _build_model(self) -> None:
         cfg, nc = self.cfg, len(self.splits.classes)

@@ -32,6 +32,7 @@ class DetCard:
     config_hash: str = ""
     metrics: Mapping[str, Any] = field(default_factory=dict)
     parent: str | None = None
+    plan: Mapping[str, Any] | None = None  # --plan auto: fingerprint, choices, reasons (training.plan)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -48,6 +49,7 @@ class DetCard:
             "config_hash": self.config_hash,
             "metrics": dict(self.metrics),
             "parent": self.parent,
+            **({"plan": dict(self.plan)} if self.plan else {}),
         }
 
     @classmethod
@@ -65,6 +67,7 @@ class DetCard:
                 str(d.get("config_hash", "")),
                 dict(d.get("metrics") or {}),
                 d.get("parent"),
+                d.get("plan"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{where}: not a valid detection card ({exc})") from None

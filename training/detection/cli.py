@@ -124,6 +124,14 @@ def build_train_parser() -> argparse.ArgumentParser:
         help="random quarter turns (square inputs; defects without a 'down')",
     )
     p.add_argument("--no-augment", action="store_true", default=S, help="no flips, zoom or jitter")
+    p.add_argument(
+        "--plan",
+        choices=("off", "auto"),
+        default=S,
+        help=f"auto: settings left unset (image size, anchors, proposals, NMS, epochs, patience, batch) are planned "
+        f"from the training data; your flags win ({D['plan']}; not yet measured on the benchmarks)",
+    )
+    p.add_argument("--plan-only", action="store_true", help="print the plan from the data and exit (no training)")
     from training.distributed import add_launch_args
 
     add_launch_args(p, sync_bn=False)  # torchvision detectors use FrozenBatchNorm
@@ -150,8 +158,9 @@ def config_from_args(ns: argparse.Namespace) -> Any:
             model[k[6:]] = val
         elif k.startswith("augment."):
             augment[k[8:]] = val
-        elif k in OPTIM_KEYS or k == "out":
+        elif k in OPTIM_KEYS or k in ("out", "plan"):
             base[k] = val
+    base["pinned"] = [k for k in OPTIM_KEYS if k in base]
     if "path" not in data:
         raise ValueError("--data: required (a COCO .json, a VOC folder or a YOLO folder)")
     return DetTrainConfig.from_dict({**base, "data": data, "model": model, "augment": augment}, where="command line")
@@ -175,6 +184,8 @@ def _train_main(argv: list[str]) -> int:
 
     try:
         cfg = config_from_args(ns)
+        if ns.plan_only:
+            return _print_plan(cfg)
         train_detector(cfg, overwrite=ns.overwrite, progress=not ns.quiet and sys.stderr.isatty(), echo=print)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
@@ -190,6 +201,17 @@ def _train_main(argv: list[str]) -> int:
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _print_plan(cfg: Any) -> int:
+    from training.detection.datasets import resolve_detection
+    from training.detection.planning import apply_plan, make_plan
+
+    splits = resolve_detection(cfg.data)
+    plan = make_plan(cfg, splits.train, splits.classes)
+    _, applied = apply_plan(cfg, plan)
+    print("\n".join(plan.lines(applied)))
     return 0
 
 

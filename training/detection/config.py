@@ -19,6 +19,7 @@ from training.data import DataError
 from training.detection.datasets import DetectionSpec
 from training.detection.model import DetectorConfigError, DetectorSpec
 from training.detection.transforms import AugmentSpec
+from training.plan import PLAN_MODES
 
 # DetectorSpec keys a user sets (the classes come from the data).
 MODEL_KEYS = tuple(f.name for f in fields(DetectorSpec) if f.name != "classes")
@@ -62,9 +63,14 @@ class DetTrainConfig:
     threads: int | None = None
     device: str = "auto"
     out: str = "runs/detector"
+    plan: str = "off"  # "auto": settings the user left unset are planned from the training data (training.plan)
+    pinned: tuple[str, ...] = ()  # run keys the user set (the planner keeps them); the CLI fills it
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", dict(self.model))
+        object.__setattr__(self, "pinned", tuple(self.pinned))
+        if self.plan not in PLAN_MODES:
+            raise DataError(f"plan: expected one of {PLAN_MODES}, got {self.plan!r}")
         detector_spec(("probe",), self.model)  # validates the model options now, with their key names
         for key in ("epochs", "batch_size"):
             v = getattr(self, key)
@@ -100,6 +106,7 @@ class DetTrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["data"], d["augment"], d["model"] = self.data.to_dict(), self.augment.to_dict(), dict(self.model)
+        d["pinned"] = list(self.pinned)
         return {"task": "detection", **d}
 
     def with_(self, **kw: Any) -> DetTrainConfig:
@@ -107,7 +114,7 @@ class DetTrainConfig:
 
     def hash(self) -> str:
         d = self.to_dict()
-        for k in ("out", "threads", "device"):  # where and how fast, not what
+        for k in ("out", "threads", "device", "pinned"):  # where and how fast, not what
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

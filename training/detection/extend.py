@@ -171,6 +171,9 @@ def extend_detector(
     echo, progress = dist.main_echo(echo), progress and dist.is_main()
     model, card = load_detector(cfg.source, device=device)
     sets, n_old = _data(cfg, card), len(card.classes)
+    from training.detection.planning import warn_small_data
+
+    warn_small_data(sets.new_train, sets.classes, echo, present_only=True)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", cfg.to_dict())

@@ -31,6 +31,7 @@ from training.detection.config import DetTrainConfig, detector_spec
 from training.detection.datasets import DetSplits, resolve_detection
 from training.detection.loader import DetectionDataset, collate
 from training.detection.model import build_detector, spec_of
+from training.detection.planning import plan_run
 from training.detection.predict import predict
 from training.detection.task import MONITOR, DetectionTask, DetPredictions, monitor_value
 from training.detection.transforms import train_transform
@@ -171,6 +172,7 @@ def fit(
                     config_hash=card.config_hash,
                     metrics={"best_epoch": epoch + 1, "val": record["val"]},
                     parent=card.parent,
+                    plan=card.plan,
                 ),
             )
         echo(
@@ -242,6 +244,9 @@ class DetTrainer:
                 f"{self.run_dir}: holds a run already; pass --overwrite to replace it, or another --out"
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+
+    def _write_config(self) -> None:
         atomic_write_json(self.run_dir / "config.json", {**self.cfg.to_dict(), "config_hash": self.cfg.hash()})
 
     def load_data(self) -> DetSplits:
@@ -266,6 +271,11 @@ class DetTrainer:
         self.progress = self.progress and dist.is_main()
         dist.on_main(self._prepare_dir)
         splits = self.load_data()
+        cfg, plan = plan_run(cfg, splits.train, splits.classes, self.echo)
+        if plan is not None:
+            self.cfg = cfg
+            dist.on_main(self._write_config)
+            dist.per_rank_batch(cfg.batch_size, dist.world())
         spec = detector_spec(splits.classes, cfg.model)
         seed_everything(cfg.seed)
         model = build_detector(spec).to(device)
@@ -274,7 +284,7 @@ class DetTrainer:
         val_ds = DetectionDataset(splits.val, spec.image_size)
         task = DetectionTask(cfg.score_threshold)
         engine = Engine(task=task, device=device, amp=cfg.amp, grad_clip=cfg.grad_clip, progress=self.progress)
-        card = DetCard(spec, cfg.data.to_dict(), config_hash=cfg.hash())
+        card = DetCard(spec, cfg.data.to_dict(), config_hash=cfg.hash(), plan=plan)
         result = fit(model, engine, cfg, train_ds, val_ds, splits.classes, self.run_dir, card, self.echo)
         reload_best(model, self.run_dir)
         split = "test" if splits.test else "val"
@@ -293,6 +303,7 @@ class DetTrainer:
             "data": splits.summary(),
             "config_hash": cfg.hash(),
             "distributed": {"world_size": dist.world()},
+            **({"plan": plan} if plan else {}),
         }
         if dist.is_main():
             atomic_write_json(self.run_dir / "report.json", report)
