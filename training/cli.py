@@ -177,6 +177,7 @@ def _optim_args(p: argparse.ArgumentParser, cfg: Any, D: dict[str, Any]) -> None
     )
     o.add_argument("--balance", choices=cfg.BALANCE, help=f"class imbalance handling ({D['balance']})")
     o.add_argument("--patience", type=int, help=f"early-stopping patience in epochs ({D['patience']})")
+    o.add_argument("--ema", type=float, help="weight EMA decay, e.g. 0.999 (lever, off until measured)")
     o.add_argument(
         "--plan",
         choices=("off", "auto"),
@@ -194,7 +195,8 @@ def _optim_args(p: argparse.ArgumentParser, cfg: Any, D: dict[str, Any]) -> None
         action="append",
         metavar="KEY=VALUE",
         help="augmentation setting, repeatable: hflip, vflip, rot90, crop_scale, brightness, "
-        "contrast, saturation, blur_prob",
+        "contrast, saturation, blur_prob; levers off until measured: policy=trivial|rand "
+        "(TrivialAugmentWide / RandAugment), mixup=ALPHA, cutmix=ALPHA",
     )
 
 
@@ -229,6 +231,7 @@ _DATA_KEYS = {
 _TOP_KEYS = (
     "out",
     "plan",
+    "ema",
     "backbone",
     "weights",
     "image_size",

@@ -124,18 +124,23 @@ class ClassificationTask:
     """Logits ``(N, C)`` against integer labels: cross-entropy loss, classification metrics."""
 
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = field(default_factory=nn.CrossEntropyLoss)
+    # MixUp / CutMix of a training batch (training.transforms.batch_mix): labels become class probabilities
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def step(self, model: nn.Module, batch: Any, engine: Engine) -> StepResult:
         x, y = split_batch(batch)
         if y is None:
             raise TypeError("a training loader must yield (inputs, labels)")
+        if self.mix is not None:
+            x, y = self.mix(x, torch.as_tensor(y))
         x, y = engine._inputs(x), torch.as_tensor(y).to(engine.device, non_blocking=True)
         out = model(x)
         return StepResult(self.loss(out, y), len(y), self.correct(out, y))
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         c = self.criterion
-        if distributed.active() and isinstance(c, nn.CrossEntropyLoss) and c.reduction == "mean":
+        soft = targets.is_floating_point()  # mixed labels: class probabilities
+        if distributed.active() and isinstance(c, nn.CrossEntropyLoss) and c.reduction == "mean" and not soft:
             # The mean over the *global* batch: sum / (global sum of sample weights) * world, as DDP
             # averages gradients over ranks. Exact for uneven slices and class weights alike.
             s = F.cross_entropy(
@@ -153,6 +158,8 @@ class ClassificationTask:
         return c(outputs.float(), targets)
 
     def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> int:
+        if targets.is_floating_point():  # mixed labels: the dominant class
+            targets = targets.argmax(1)
         return int((outputs.detach().argmax(1) == targets).sum())
 
     def evaluate(self, preds: Predictions, classes: Sequence[str]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from . import distributed as dist
 from .backbones import build_model, get_spec, sized_input
 from .config import TrainConfig
 from .data import resolve_splits
+from .ema import WeightEMA, maybe_applied
 from .engine import (
     SKIP,
     STOP,
@@ -41,7 +42,7 @@ from .loader import ImageDataset, TensorPairs, class_weights, make_loader
 from .metrics import monitor_name, monitor_value, write_final
 from .run_dir import EpochInfo, LoopState, RunExistsError, RunResult, prepare_run_dir  # noqa: F401  (re-exported)
 from .schedule import EpochPlan, build_optimizer, make_plan
-from .transforms import train_pipeline, val_pipeline
+from .transforms import batch_mix, train_pipeline, val_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +224,11 @@ class Trainer:
         train_labels = np.array([s.label for s in self.splits.train], dtype=np.int64)
         cw = class_weights(train_labels, nc).to(self.device) if cfg.balance == "loss" else None
         task = ClassificationTask(torch.nn.CrossEntropyLoss(weight=cw, label_smoothing=cfg.label_smoothing))
+        mixed = ClassificationTask(task.criterion, mix=batch_mix(cfg.augment, nc))  # fine-tuning batches only
+        self.ema = WeightEMA(model, cfg.ema) if cfg.ema else None  # first updated by the first fine-tuning step
         self.engine = Engine(
-            task=task,
+            task=mixed,
+            after_step=(self.ema.update,) if self.ema else (),
             device=self.device,
             amp=cfg.amp,
             channels_last=cfg.channels_last,
@@ -296,7 +300,8 @@ class Trainer:
                 steps=self._steps_per_epoch("finetune"),
                 desc=f"epoch {p.epoch + 1}/{len(self.plan)}",
             )
-            preds = self._predict("val")
+            with maybe_applied(self.ema):
+                preds = self._predict("val")
         val = self.engine.task.evaluate(preds, self.splits.classes)
         value = monitor_value(val, self.monitor)
         record = {
@@ -318,7 +323,9 @@ class Trainer:
         """The best epoch's weights saved (rank 0); the epoch's log line."""
         record["improved"] = improved
         if improved and dist.is_main():
-            ckpt.save_model(self.run_dir, self.model, self._card({"val": record["val"], "best_epoch": sel.best_epoch}))
+            with maybe_applied(self.ema):
+                card = self._card({"val": record["val"], "best_epoch": sel.best_epoch})
+                ckpt.save_model(self.run_dir, self.model, card)
         value = monitor_value(record["val"], self.monitor)
         self.echo(
             f"epoch {p.epoch + 1}/{len(self.plan)} [{p.phase}, {len(record['trainable'])} groups] "

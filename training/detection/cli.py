@@ -26,6 +26,8 @@ OPTIM_KEYS = (
     "grad_clip",
     "max_steps_per_epoch",
     "patience",
+    "ema",
+    "freeze_trunk_epochs",
     "score_threshold",
     "panels",
     "amp",
@@ -43,6 +45,10 @@ NOTES = {
     "det_init": "backbone = trunk pretrained (--weights); coco = the whole torchvision detector from COCO, "
     "box predictor replaced",
     "det_weights": "the COCO checkpoint file for --det-init coco; None = torch hub's cache",
+    "ema": "weight EMA decay, e.g. 0.999 (lever, off until measured)",
+    "freeze_trunk_epochs": "gradual unfreezing: trunk frozen N epochs, then a stage per epoch (lever, off)",
+    "copy_paste": "probability of pasting defect crops of other training images (lever, off until measured)",
+    "multiscale": "training input scale factors, e.g. 0.8,0.9,1,1.1,1.2 (lever, off until measured)",
 }
 
 
@@ -93,6 +99,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     from training.detection.config import MODEL_KEYS, DetTrainConfig, field_defaults
     from training.detection.datasets import DetectionSpec
     from training.detection.model import DetectorSpec
+    from training.detection.transforms import AugmentSpec
 
     p = argparse.ArgumentParser(
         prog="defectscope train --task detection",
@@ -124,6 +131,9 @@ def build_train_parser() -> argparse.ArgumentParser:
         help="random quarter turns (square inputs; defects without a 'down')",
     )
     p.add_argument("--no-augment", action="store_true", default=S, help="no flips, zoom or jitter")
+    _add_fields(
+        p.add_argument_group("levers (off until measured)"), AugmentSpec, ("copy_paste", "multiscale"), "augment."
+    )
     p.add_argument(
         "--plan",
         choices=("off", "auto"),

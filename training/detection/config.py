@@ -63,6 +63,9 @@ class DetTrainConfig:
     threads: int | None = None
     device: str = "auto"
     out: str = "runs/detector"
+    # Levers, off until bench/bench_defaults.py has measured them on both benchmarks (issue 27):
+    ema: float | None = None  # weight EMA decay (e.g. 0.999); evaluation and best.safetensors use the average
+    freeze_trunk_epochs: int = 0  # gradual unfreezing: trunk frozen this many epochs, then one stage per epoch
     plan: str = "off"  # "auto": settings the user left unset are planned from the training data (training.plan)
     pinned: tuple[str, ...] = ()  # run keys the user set (the planner keeps them); the CLI fills it
 
@@ -84,6 +87,14 @@ class DetTrainConfig:
                 raise DataError(f"{key}: expected a number {'> 0' if key == 'lr' else '>= 0'}, got {v!r}")
         if not 0.0 <= self.score_threshold <= 1.0:
             raise DataError(f"score_threshold: expected a score in [0, 1], got {self.score_threshold!r}")
+        from training.ema import check_decay
+
+        try:
+            check_decay(self.ema)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+        if not isinstance(self.freeze_trunk_epochs, int) or self.freeze_trunk_epochs < 0:
+            raise DataError(f"freeze_trunk_epochs: expected an integer >= 0, got {self.freeze_trunk_epochs!r}")
         for key in ("max_steps_per_epoch", "patience"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or v < 1):

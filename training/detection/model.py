@@ -250,6 +250,27 @@ def build_detector(spec: DetectorSpec, pretrained: bool = True) -> FasterRCNN:
     return model
 
 
+def trunk_stages(model: nn.Module) -> int:
+    """How many trunk stages ``set_trunk_trainable`` counts."""
+    body = model.backbone.body  # type: ignore[union-attr]
+    if isinstance(body, Trunk):
+        return len(body.stages)
+    from training.detection.tv_detectors import body_stages
+
+    return len(body_stages(model))
+
+
+def set_trunk_trainable(model: nn.Module, n: int | None) -> None:
+    """Train the last ``n`` trunk stages (None: all) of any detector ``build_detector`` makes."""
+    body = model.backbone.body  # type: ignore[union-attr]
+    if isinstance(body, Trunk):
+        body.set_trainable(n)
+    else:
+        from training.detection.tv_detectors import set_trainable
+
+        set_trainable(model, n)
+
+
 # -- trunks ---------------------------------------------------------------------------------
 def spec_of(model: nn.Module) -> DetectorSpec:
     """The ``DetectorSpec`` that ``build_detector`` attached to ``model``."""
@@ -365,5 +386,7 @@ __all__ = [
     "Trunk",
     "build_detector",
     "freeze_batchnorm",
+    "set_trunk_trainable",
+    "trunk_stages",
     "trunk",
 ]

@@ -28,13 +28,15 @@ from training import distributed as dist
 from training.checkpoint import BEST, MODEL_CARD
 from training.detection.checkpoint import DetCard, save_detector
 from training.detection.config import DetTrainConfig, detector_spec
+from training.detection.copy_paste import CopyPasteDataset
 from training.detection.datasets import DetSplits, resolve_detection
 from training.detection.loader import DetectionDataset, collate
-from training.detection.model import build_detector, spec_of
+from training.detection.model import build_detector, set_trunk_trainable, spec_of, trunk_stages
 from training.detection.planning import plan_run
 from training.detection.predict import predict
 from training.detection.task import MONITOR, DetectionTask, DetPredictions, monitor_value
 from training.detection.transforms import train_transform
+from training.ema import WeightEMA, maybe_applied
 from training.engine import STOP, TRAIN, Engine, EpochSelector, fit_epochs, seed_everything, setup_runtime
 from training.run_dir import RunExistsError
 from training.schedule import warmup_cosine
@@ -60,6 +62,16 @@ def make_loader(ds: DetectionDataset, batch_size: int, seed: int, shuffle: bool 
         batches = dist.ShardedBatchSampler(base, batch_size, dist.rank(), dist.world(), generator=g, seed=seed)  # type: ignore[arg-type]
         return torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=collate, generator=g)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=g)
+
+
+def set_multiscale(model: torch.nn.Module, size: tuple[int, int], factors: Sequence[float]) -> tuple[int, ...]:
+    """Training resizes each image's short side to one of ``factors`` x the input's (multiples of 32, at random,
+    torchvision's ``min_size`` tuple); evaluation uses the last, the input's own. Returns the sizes."""
+    base = min(size)
+    sizes = sorted({max(32, int(round(base * f / 32)) * 32) for f in factors} - {base}) + [base]
+    model.transform.min_size = tuple(sizes)  # type: ignore[union-attr]
+    model.transform.max_size = int(max(size) * max(1.0, *factors))  # type: ignore[union-attr]
+    return tuple(sizes)
 
 
 def steps_per_epoch(n: int, cfg: DetTrainConfig) -> int:
@@ -121,8 +133,21 @@ def fit(
     """Epochs through ``engine``; best val mAP@.5 saved to ``run_dir/best.safetensors`` + model.json."""
     task: DetectionTask = engine.task  # type: ignore[assignment]
     steps = steps_per_epoch(len(train_ds), cfg)
-    opt, sched = build_optimizer(model, cfg, cfg.epochs * steps, steps)
+    opt, sched = build_optimizer(model, cfg, cfg.epochs * steps, steps)  # every parameter that will train
     out = DetFit()
+    ema = WeightEMA(model, cfg.ema) if cfg.ema else None
+    if ema is not None:
+        engine.after_step = (*engine.after_step, ema.update)
+    spec = spec_of(model)
+    n_stages = trunk_stages(model)
+    target = n_stages if spec.trainable_stages is None else min(spec.trainable_stages, n_stages)
+
+    def unfreeze(epoch: int) -> int:
+        """Gradual unfreezing: trunk frozen for cfg.freeze_trunk_epochs, then one more stage (from the top) per
+        epoch up to the spec's trainable_stages; returns the trainable stage count."""
+        n = min(target, max(0, epoch - cfg.freeze_trunk_epochs + 1))
+        set_trunk_trainable(model, n)
+        return n
 
     def gate(epoch: int, sel: EpochSelector) -> str:
         if cfg.patience and sel.exhausted(cfg.patience):
@@ -132,6 +157,7 @@ def fit(
 
     def step(epoch: int) -> tuple[int, float, dict[str, Any]]:
         t0 = time.perf_counter()
+        trainable_now = unfreeze(epoch) if cfg.freeze_trunk_epochs else target
         stats = engine.run_epoch(
             model,
             make_loader(train_ds, cfg.batch_size, cfg.seed + epoch),
@@ -140,7 +166,8 @@ def fit(
             steps=steps,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
         )
-        val, _ = evaluate_model(model, val_ds, task, classes)
+        with maybe_applied(ema):
+            val, _ = evaluate_model(model, val_ds, task, classes)
         record = {
             "epoch": epoch + 1,
             "train_loss": stats.loss,
@@ -152,6 +179,8 @@ def fit(
             "improved": False,
             "wall_s": time.perf_counter() - t0,
         }
+        if cfg.freeze_trunk_epochs:
+            record["trunk_trainable_stages"] = trainable_now
         return epoch + 1, monitor_value(val), record
 
     def done(epoch: int, record: dict[str, Any], improved: bool) -> None:
@@ -163,18 +192,19 @@ def fit(
         if dist.is_main():
             atomic_write_json(run_dir / "metrics.json", out.history)
         if improved and dist.is_main():
-            save_detector(
-                run_dir,
-                model,
-                DetCard(
-                    spec_of(model),
-                    card.data,
-                    config_hash=card.config_hash,
-                    metrics={"best_epoch": epoch + 1, "val": record["val"]},
-                    parent=card.parent,
-                    plan=card.plan,
-                ),
-            )
+            with maybe_applied(ema):
+                save_detector(
+                    run_dir,
+                    model,
+                    DetCard(
+                        spec_of(model),
+                        card.data,
+                        config_hash=card.config_hash,
+                        metrics={"best_epoch": epoch + 1, "val": record["val"]},
+                        parent=card.parent,
+                        plan=card.plan,
+                    ),
+                )
         echo(
             f"epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.4f} val {MONITOR} {value:.4f} "
             f"mAP {val['map'] if val['map'] is not None else float('nan'):.4f}{'  *' if improved else ''}"
@@ -280,7 +310,14 @@ class DetTrainer:
         seed_everything(cfg.seed)
         model = build_detector(spec).to(device)
         h, w = spec.image_size
-        train_ds = DetectionDataset(splits.train, spec.image_size, train_transform(cfg.augment, square=h == w))
+        tf = train_transform(cfg.augment, square=h == w)
+        train_ds = (
+            CopyPasteDataset(splits.train, spec.image_size, tf, cfg.augment.copy_paste)
+            if cfg.augment.copy_paste
+            else DetectionDataset(splits.train, spec.image_size, tf)
+        )
+        if cfg.augment.multiscale:
+            set_multiscale(model, spec.image_size, cfg.augment.multiscale)
         val_ds = DetectionDataset(splits.val, spec.image_size)
         task = DetectionTask(cfg.score_threshold)
         engine = Engine(task=task, device=device, amp=cfg.amp, grad_clip=cfg.grad_clip, progress=self.progress)
