@@ -6,7 +6,7 @@ given, and calls that kind's command with the argv untouched:
 
 | verb | the kind comes from |
 | --- | --- |
-| train | ``--task``, else the ``--config`` file's ``task``, else ``--data`` (a COCO JSON or a folder the detection readers recognise) |
+| train | ``--task``, else the ``--config`` file's ``task``, else (``--resume``) the ``--out`` run's ``config.json`` ``task``, else ``--data`` (a COCO JSON or a folder the detection readers recognise) |
 | evaluate, export | the run's ``model.json`` (``"task": "detection"``) |
 | extend | the ``--from`` run's ``model.json`` |
 | calibrate | the bundle's ``manifest.json`` ``model.task`` |
@@ -132,9 +132,15 @@ def _train_kind(argv: list[str]) -> str | None:
     pre.add_argument("--task", choices=tuple(TASKS))
     pre.add_argument("--data")
     pre.add_argument("--config")
+    pre.add_argument("--out")
+    pre.add_argument("--resume", action="store_true")
     ns, _ = pre.parse_known_args(argv)
     if ns.task:
         return str(ns.task)
+    if ns.resume and ns.out and not ns.config:
+        task = _json_field(Path(ns.out) / "config.json", "task")
+        if task in TASKS:
+            return str(task)
     if ns.config and Path(ns.config).is_file():
         try:
             task = read_config_file(ns.config).get("task")

@@ -119,6 +119,11 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", default=S, help="bad annotations are fatal (else skipped, counted)")
     p.add_argument("--out", default=S, help=f"run directory ({D['out']})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last.pt (its config.json unless --config is given)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_fields(p.add_argument_group("data"), DetectionSpec, DATA_KEYS, "data.")
     _add_fields(p.add_argument_group("detector"), DetectorSpec, MODEL_KEYS, "model.")
@@ -153,6 +158,17 @@ def config_from_args(ns: argparse.Namespace) -> Any:
 
     v = vars(ns)
     base: dict[str, Any] = read_config_file(v["config"]) if "config" in v else {}
+    if v.get("resume") and "config" not in v:
+        import json
+        from pathlib import Path
+
+        if "out" not in v:
+            raise ValueError("--resume: give the run's --out")
+        saved = Path(v["out"]) / "config.json"
+        if not saved.is_file():
+            raise ValueError(f"{saved}: not found; nothing to resume")
+        base = json.loads(saved.read_text())
+        base.pop("config_hash", None)
     base.pop("task", None)
     data, model, augment = dict(base.pop("data", {})), dict(base.pop("model", {})), dict(base.pop("augment", {}))
     if "data" in v:
@@ -196,9 +212,11 @@ def _train_main(argv: list[str]) -> int:
         cfg = config_from_args(ns)
         if ns.plan_only:
             return _print_plan(cfg)
-        train_detector(cfg, overwrite=ns.overwrite, progress=not ns.quiet and sys.stderr.isatty(), echo=print)
+        train_detector(
+            cfg, overwrite=ns.overwrite, resume=ns.resume, progress=not ns.quiet and sys.stderr.isatty(), echo=print
+        )
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        print(f"\ninterrupted; continue with: defectscope train --out {ns.out} --resume", file=sys.stderr)
         return 130
     except (
         DataError,

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from runtime.fsio import atomic_write_json
+from training import checkpoint as ckpt
 from training import distributed as dist
 from training.checkpoint import BEST, MODEL_CARD
 from training.detection.checkpoint import DetCard, save_detector
@@ -38,7 +39,7 @@ from training.detection.task import MONITOR, DetectionTask, DetPredictions, moni
 from training.detection.transforms import train_transform
 from training.ema import WeightEMA, maybe_applied
 from training.engine import STOP, TRAIN, Engine, EpochSelector, fit_epochs, seed_everything, setup_runtime
-from training.run_dir import RunExistsError
+from training.run_dir import RunExistsError, prepare_run_dir
 from training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -129,8 +130,13 @@ def fit(
     card: DetCard,
     echo: Callable[[str], None],
     epoch_extra: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
+    resume: dict[str, Any] | None = None,
+    keep_last: bool = False,
 ) -> DetFit:
-    """Epochs through ``engine``; best val mAP@.5 saved to ``run_dir/best.safetensors`` + model.json."""
+    """Epochs through ``engine``; best val mAP@.5 saved to ``run_dir/best.safetensors`` + model.json.
+
+    ``keep_last``: ``last.pt`` after every epoch (weights, optimizer, schedule, RNG, history, selector);
+    ``resume``: such a state, training continues at the epoch after it (EMA restarts from its weights)."""
     task: DetectionTask = engine.task  # type: ignore[assignment]
     steps = steps_per_epoch(len(train_ds), cfg)
     opt, sched = build_optimizer(model, cfg, cfg.epochs * steps, steps)  # every parameter that will train
@@ -141,6 +147,19 @@ def fit(
     spec = spec_of(model)
     n_stages = trunk_stages(model)
     target = n_stages if spec.trainable_stages is None else min(spec.trainable_stages, n_stages)
+
+    sel = EpochSelector()
+    start = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        rngs = resume.get("rng_ranks") or [resume["rng"]]
+        ckpt.set_rng_state(rngs[dist.rank()] if len(rngs) == dist.world() else resume["rng"])
+        sel.best_value, sel.best_epoch, sel.bad_epochs = resume["best_value"], resume["best_epoch"], resume["bad_epochs"]
+        out.history = list(resume["history"])
+        start = int(resume["epoch"]) + 1
+        echo(f"resuming {run_dir} at epoch {start + 1}/{cfg.epochs}")
 
     def unfreeze(epoch: int) -> int:
         """Gradual unfreezing: trunk frozen for cfg.freeze_trunk_epochs, then one more stage (from the top) per
@@ -191,6 +210,7 @@ def fit(
         out.history.append(record)
         if dist.is_main():
             atomic_write_json(run_dir / "metrics.json", out.history)
+        rngs = dist.all_gather_objects(ckpt.rng_state()) if keep_last else []
         if improved and dist.is_main():
             with maybe_applied(ema):
                 save_detector(
@@ -205,13 +225,30 @@ def fit(
                         plan=card.plan,
                     ),
                 )
+        if keep_last and dist.is_main():  # after best.safetensors: a resume never lacks the best weights
+            ckpt.save_resume(
+                run_dir,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "epoch": epoch,
+                    "history": out.history,
+                    "best_value": sel.best_value,
+                    "best_epoch": sel.best_epoch,
+                    "bad_epochs": sel.bad_epochs,
+                    "rng": rngs[0],
+                    "rng_ranks": rngs,
+                    "config_hash": card.config_hash,
+                },
+            )
         echo(
             f"epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.4f} val {MONITOR} {value:.4f} "
             f"mAP {val['map'] if val['map'] is not None else float('nan'):.4f}{'  *' if improved else ''}"
             f"  ({record['wall_s']:.1f}s)"
         )
 
-    sel = fit_epochs(range(cfg.epochs), step, gate=gate, done=done)
+    sel = fit_epochs(range(start, cfg.epochs), step, selector=sel, gate=gate, done=done)
     out.best_epoch, out.best_value = sel.best_epoch, sel.best_value
     return out
 
@@ -261,20 +298,24 @@ class DetTrainer:
         cfg: DetTrainConfig,
         *,
         overwrite: bool = False,
+        resume: bool = False,
         progress: bool = False,
         echo: Callable[[str], None] | None = None,
     ) -> None:
-        self.cfg, self.overwrite, self.progress = cfg, overwrite, progress
+        self.cfg, self.overwrite, self.resume, self.progress = cfg, overwrite, resume, progress
         self.echo = (echo or log.info) if dist.DistEnv.from_env().rank == 0 else (lambda _s: None)
         self.run_dir = Path(cfg.out)
 
-    def _prepare_dir(self) -> None:
-        if (self.run_dir / MODEL_CARD).exists() and not self.overwrite:
+    def _prepare_dir(self) -> dict[str, Any] | None:
+        """The run directory checked (resume: same config hash) and config.json written; the resume state."""
+        if not self.resume and (self.run_dir / MODEL_CARD).exists() and not self.overwrite:
             raise RunExistsError(
-                f"{self.run_dir}: holds a run already; pass --overwrite to replace it, or another --out"
+                f"{self.run_dir}: holds a run already; pass --resume to continue it, --overwrite to replace it, "
+                "or another --out"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._write_config()
+        return prepare_run_dir(
+            self.run_dir, self.cfg.to_dict(), self.cfg.hash(), resume=self.resume, overwrite=self.overwrite
+        )
 
     def _write_config(self) -> None:
         atomic_write_json(self.run_dir / "config.json", {**self.cfg.to_dict(), "config_hash": self.cfg.hash()})
@@ -299,7 +340,7 @@ class DetTrainer:
         device = dist.setup(cfg.device)
         dist.per_rank_batch(cfg.batch_size, dist.world())
         self.progress = self.progress and dist.is_main()
-        dist.on_main(self._prepare_dir)
+        state = dist.on_main(self._prepare_dir)
         splits = self.load_data()
         cfg, plan = plan_run(cfg, splits.train, splits.classes, self.echo)
         if plan is not None:
@@ -322,7 +363,19 @@ class DetTrainer:
         task = DetectionTask(cfg.score_threshold)
         engine = Engine(task=task, device=device, amp=cfg.amp, grad_clip=cfg.grad_clip, progress=self.progress)
         card = DetCard(spec, cfg.data.to_dict(), config_hash=cfg.hash(), plan=plan)
-        result = fit(model, engine, cfg, train_ds, val_ds, splits.classes, self.run_dir, card, self.echo)
+        result = fit(
+            model,
+            engine,
+            cfg,
+            train_ds,
+            val_ds,
+            splits.classes,
+            self.run_dir,
+            card,
+            self.echo,
+            resume=state,
+            keep_last=True,
+        )
         reload_best(model, self.run_dir)
         split = "test" if splits.test else "val"
         ds = val_ds if split == "val" else DetectionDataset(splits.test, spec.image_size)
