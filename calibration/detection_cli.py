@@ -10,6 +10,7 @@ from typing import Any
 from calibration.cli_args import (
     EXIT_GATE,
     EXIT_PARITY,
+    PARITY_IMAGES,
     calibrate_parser,
     export_parser,
     resolve_threads,
@@ -41,10 +42,23 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     return run_command("calibrate", calibrate_detection, calibrate_parser().parse_args(argv))
 
 
+# Export options a detector cannot honour, with why: refused, never silently ignored.
+EXPORT_REFUSED = {
+    "no_eval": (False, "a detection bundle records its FP32 held-out mAP (the INT8 gate and stations compare to it)"),
+    "no_simplify": (False, "detector graphs are not simplified (onnxslim is a classifier step)"),
+    "parity_atol": (1e-3, "a detector's parity is judged by box IoU >= 0.98 and score difference, not logits"),
+    "parity_min_agreement": (0.99, "a detector's parity is judged by box IoU >= 0.98 and score difference"),
+}
+
+
 def export_detection(args: argparse.Namespace, console: Any) -> int:
     from calibration.detection_bundle import export_run
     from calibration.export_detection import DetectionExportError
 
+    given = [(k, why) for k, (default, why) in EXPORT_REFUSED.items() if getattr(args, k, default) != default]
+    if given:
+        k, why = given[0]
+        raise ValueError(f"--{k.replace('_', '-')}: not for a detector ({why})")
     threads = resolve_threads(args.threads)
     setup_torch(threads)
     try:
@@ -54,8 +68,9 @@ def export_detection(args: argparse.Namespace, console: Any) -> int:
             name=args.name,
             version=str(args.version),
             split=args.split,
-            parity_images=min(args.parity_images, 16),
+            parity_images=args.parity_images if args.parity_images is not None else PARITY_IMAGES["detection"],
             eval_limit=args.eval_limit,
+            opset=args.opset,
             threads=threads,
             force=args.force,
             echo=console.print,
@@ -63,6 +78,10 @@ def export_detection(args: argparse.Namespace, console: Any) -> int:
     except DetectionExportError as exc:
         console.print(f"[bold red]export refused:[/] the ONNX detector does not reproduce PyTorch: {exc}")
         return EXIT_PARITY
+    if args.pack:
+        from runtime.bundle.manifest import pack
+
+        console.print(f"packed: {pack(Path(args.out), args.pack)}")
     return 0
 
 

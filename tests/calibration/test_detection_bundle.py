@@ -119,3 +119,24 @@ def test_parity_failure_refuses_the_export(det_run, tmp_path):
     with pytest.raises(DetectionExportError):
         export_run(run, out, parity_images=4, parity_score_tol=-1.0, echo=lambda *_: None)
     assert not out.exists()
+
+
+def test_export_options_are_honoured_or_refused_for_detectors(det_run, tmp_path, capsys):
+    """--opset, --parity-images and --pack take effect; classifier-only options are refused by name."""
+    import tarfile
+
+    _, run = det_run
+    out, archive = tmp_path / "b18", tmp_path / "b18.tar.gz"
+    argv = ["export", str(run), "--out", str(out), "--threads", "2"]
+    assert ds_main([*argv, "--opset", "18", "--parity-images", "3", "--pack", str(archive)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["provenance"]["export"]["opset"] == 18
+    assert m["provenance"]["export"]["parity"]["images"] == 3
+    with tarfile.open(archive) as t:
+        assert any(n.endswith("manifest.json") for n in t.getnames())
+    for flag in (["--no-eval"], ["--no-simplify"], ["--parity-atol", "0.1"]):
+        capsys.readouterr()
+        assert ds_main([*argv[:3], str(tmp_path / "x"), *flag]) != 0
+        err = capsys.readouterr()
+        assert f"{flag[0]}: not for a detector" in err.out + err.err
+        assert not (tmp_path / "x").exists()
