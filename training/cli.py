@@ -366,7 +366,10 @@ def _train_main(ns: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        progress = not getattr(ns, "quiet", False) and sys.stderr.isatty()
+        from .progress import log_every_for
+
+        quiet, tty = getattr(ns, "quiet", False), sys.stderr.isatty()
+        progress = not quiet and tty
         sync_bn = getattr(ns, "sync_bn", False)
         train(
             cfg,
@@ -375,6 +378,7 @@ def _train_main(ns: argparse.Namespace) -> int:
             progress=progress,
             echo=print,
             sync_bn=sync_bn,
+            log_every=log_every_for(quiet, tty),
         )
         if getattr(ns, "fisher", 0):
             from .extend_run import finalize_run

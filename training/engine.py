@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -219,6 +219,9 @@ class Engine:
     after_step: Sequence[Hook] = ()
     progress: bool = False
     find_unused: bool = False  # DDP: parameters that may get no gradient in a step
+    # No bar (stderr not a terminal): a log line every ``log_every`` steps through ``log`` (training.progress)
+    log: Callable[[str], None] | None = None
+    log_every: int = 0
 
     @property
     def use_amp(self) -> bool:
@@ -259,6 +262,10 @@ class Engine:
         stats = EpochStats(terms={t.name: [] for t in self.terms})
         t0, total, n, correct = time.perf_counter(), 0.0, 0, 0
         bar = tqdm(batches, total=steps, desc=desc, unit="batch", leave=False, disable=not self.progress)
+        from .progress import StepLog
+
+        known = steps if steps is not None else (len(batches) if isinstance(batches, Sized) else None)
+        lines = StepLog(self.log, self.log_every, known, desc) if self.log and not self.progress else None
         for i, batch in enumerate(bar):
             if steps is not None and i >= steps:
                 break
@@ -289,6 +296,8 @@ class Engine:
             sizes.append(step.n)
             correct += step.correct
             bar.set_postfix(loss=f"{total / max(1, n):.4f}")
+            if lines is not None:
+                lines.step(i + 1, total / max(1, n))
         bar.close()
         if distributed.active():
             total, n, correct = _reduce_stats(stats, sizes, correct)

@@ -40,6 +40,7 @@ from .engine import (
 from .features import split_features
 from .loader import ImageDataset, TensorPairs, class_weights, make_loader
 from .metrics import monitor_name, monitor_value, write_final
+from .progress import run_eta
 from .run_dir import EpochInfo, LoopState, RunExistsError, RunResult, prepare_run_dir  # noqa: F401  (re-exported)
 from .schedule import EpochPlan, build_optimizer, make_plan
 from .transforms import batch_mix, train_pipeline, val_pipeline
@@ -60,7 +61,9 @@ class Trainer:
         on_epoch_end: Callable[[EpochInfo], None] | None = None,
         echo: Callable[[str], None] | None = None,
         sync_bn: bool = False,
+        log_every: int = 0,
     ) -> None:
+        self.log_every = log_every  # no bar: a log line every N steps (training.progress)
         self.raw_cfg = cfg  # before resolving: what the planner may fill (--plan auto)
         self.cfg = cfg.resolved()
         self.resume = resume
@@ -106,6 +109,7 @@ class Trainer:
             start = 0
             if cfg.bn == "adapt":  # a resumed run's statistics come with its weights
                 self._adapt_bn()
+        self._start, self._t_fit = start, time.perf_counter()  # the epoch lines' ETA
 
         last_phase = [self.plan[start - 1].phase if start > 0 else None]
 
@@ -235,9 +239,18 @@ class Trainer:
             grad_clip=cfg.grad_clip,
             bn_frozen=model.freeze_bn_stats,
             progress=self.progress,
+            log=self.echo,
+            log_every=self.log_every,
         )
         # The head warm-up runs on cached features: no AMP, no NHWC, no BatchNorm.
-        self.head_engine = Engine(task=task, device=self.device, grad_clip=cfg.grad_clip, progress=self.progress)
+        self.head_engine = Engine(
+            task=task,
+            device=self.device,
+            grad_clip=cfg.grad_clip,
+            progress=self.progress,
+            log=self.echo,
+            log_every=self.log_every,
+        )
         self._feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._datasets: dict[str, ImageDataset] = {}
 
@@ -331,6 +344,7 @@ class Trainer:
             f"epoch {p.epoch + 1}/{len(self.plan)} [{p.phase}, {len(record['trainable'])} groups] "
             f"loss {record['train_loss']:.4f} val {self.monitor} {value:.4f} acc {record['val']['accuracy']:.4f}"
             f"{'  *' if improved else ''}  ({record['wall_s']:.1f}s)"
+            f"{run_eta(p.epoch + 1 - self._start, len(self.plan) - self._start, time.perf_counter() - self._t_fit)}"
         )
 
     # -- pieces ----------------------------------------------------------------------------

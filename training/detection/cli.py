@@ -212,8 +212,16 @@ def _train_main(argv: list[str]) -> int:
         cfg = config_from_args(ns)
         if ns.plan_only:
             return _print_plan(cfg)
+        from training.progress import log_every_for
+
+        tty = sys.stderr.isatty()
         train_detector(
-            cfg, overwrite=ns.overwrite, resume=ns.resume, progress=not ns.quiet and sys.stderr.isatty(), echo=print
+            cfg,
+            overwrite=ns.overwrite,
+            resume=ns.resume,
+            progress=not ns.quiet and tty,
+            echo=print,
+            log_every=log_every_for(ns.quiet, tty),
         )
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: defectscope train --out {ns.out} --resume", file=sys.stderr)

@@ -134,8 +134,8 @@ def stain(rng: np.random.Generator, img: np.ndarray) -> Defect:
         c = (int(cx + rng.normal(0, r / 3)), int(cy + rng.normal(0, r / 3)))
         ax = (int(r * rng.uniform(0.3, 0.6)), int(r * rng.uniform(0.3, 0.6)))
         cv2.ellipse(blob, c, ax, float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
-    blob = cv2.GaussianBlur(blob, (0, 0), r / 6)
-    mask = np.clip(blob, 0, 1) * rng.uniform(0.35, 0.6)
+    soft = cv2.GaussianBlur(blob, (0, 0), r / 6)
+    mask = np.clip(soft, 0, 1) * rng.uniform(0.35, 0.6)
     colour = rng.choice([np.array([0.1, 0.25, 0.35]), np.array([0.45, 0.4, 0.2]), np.array([0.2, 0.2, 0.2])])
     return mask.astype(np.float32), colour.astype(np.float32)
 

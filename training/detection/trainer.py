@@ -39,6 +39,7 @@ from training.detection.task import MONITOR, DetectionTask, DetPredictions, moni
 from training.detection.transforms import train_transform
 from training.ema import WeightEMA, maybe_applied
 from training.engine import STOP, TRAIN, Engine, EpochSelector, fit_epochs, seed_everything, setup_runtime
+from training.progress import run_eta
 from training.run_dir import RunExistsError, prepare_run_dir
 from training.schedule import warmup_cosine
 
@@ -141,6 +142,7 @@ def fit(
     steps = steps_per_epoch(len(train_ds), cfg)
     opt, sched = build_optimizer(model, cfg, cfg.epochs * steps, steps)  # every parameter that will train
     out = DetFit()
+    t_fit = time.perf_counter()
     ema = WeightEMA(model, cfg.ema) if cfg.ema else None
     if ema is not None:
         engine.after_step = (*engine.after_step, ema.update)
@@ -156,7 +158,11 @@ def fit(
         sched.load_state_dict(resume["scheduler"])
         rngs = resume.get("rng_ranks") or [resume["rng"]]
         ckpt.set_rng_state(rngs[dist.rank()] if len(rngs) == dist.world() else resume["rng"])
-        sel.best_value, sel.best_epoch, sel.bad_epochs = resume["best_value"], resume["best_epoch"], resume["bad_epochs"]
+        sel.best_value, sel.best_epoch, sel.bad_epochs = (
+            resume["best_value"],
+            resume["best_epoch"],
+            resume["bad_epochs"],
+        )
         out.history = list(resume["history"])
         start = int(resume["epoch"]) + 1
         echo(f"resuming {run_dir} at epoch {start + 1}/{cfg.epochs}")
@@ -245,7 +251,7 @@ def fit(
         echo(
             f"epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.4f} val {MONITOR} {value:.4f} "
             f"mAP {val['map'] if val['map'] is not None else float('nan'):.4f}{'  *' if improved else ''}"
-            f"  ({record['wall_s']:.1f}s)"
+            f"  ({record['wall_s']:.1f}s){run_eta(epoch + 1 - start, cfg.epochs - start, time.perf_counter() - t_fit)}"
         )
 
     sel = fit_epochs(range(start, cfg.epochs), step, selector=sel, gate=gate, done=done)
@@ -301,8 +307,10 @@ class DetTrainer:
         resume: bool = False,
         progress: bool = False,
         echo: Callable[[str], None] | None = None,
+        log_every: int = 0,
     ) -> None:
         self.cfg, self.overwrite, self.resume, self.progress = cfg, overwrite, resume, progress
+        self.log_every = log_every  # no bar: a log line every N steps (training.progress)
         self.echo = (echo or log.info) if dist.DistEnv.from_env().rank == 0 else (lambda _s: None)
         self.run_dir = Path(cfg.out)
 
@@ -361,7 +369,15 @@ class DetTrainer:
             set_multiscale(model, spec.image_size, cfg.augment.multiscale)
         val_ds = DetectionDataset(splits.val, spec.image_size)
         task = DetectionTask(cfg.score_threshold)
-        engine = Engine(task=task, device=device, amp=cfg.amp, grad_clip=cfg.grad_clip, progress=self.progress)
+        engine = Engine(
+            task=task,
+            device=device,
+            amp=cfg.amp,
+            grad_clip=cfg.grad_clip,
+            progress=self.progress,
+            log=self.echo,
+            log_every=self.log_every,
+        )
         card = DetCard(spec, cfg.data.to_dict(), config_hash=cfg.hash(), plan=plan)
         result = fit(
             model,
