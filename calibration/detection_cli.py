@@ -97,10 +97,12 @@ def calibrate_detection(args: argparse.Namespace, console: Any) -> int:
     setup_torch(threads)
     manifest = load_bundle(args.bundle).manifest
     run_dir = run_dir_of(args, manifest)
+    split = args.split or "test"
     result = calibrate_bundle(
         args.bundle,
         run_dir,
-        split=args.split or "test",
+        split=split,
+        select_split="val",
         limit=args.limit,
         size=args.size or DEFAULT_CALIBRATION_IMAGES,
         seed=args.seed,
@@ -116,21 +118,27 @@ def calibrate_detection(args: argparse.Namespace, console: Any) -> int:
         "reference": {k: result.reference.get(k) for k in ("map", "map50", "map75")},
         "fp32_ms_per_image": result.fp32_ms_per_image,
         "trials": [t.to_dict() for t in result.trials],
-        "chosen": result.chosen.scope if result.chosen else None,
+        "chosen": result.chosen.label if result.chosen else None,
+        "choice": result.note or None,
+        "report": result.report or None,
     }
     if args.report:
         from runtime.fsio import atomic_write_json
 
         atomic_write_json(Path(args.report), report)
     if result.chosen is None:
+        why = f" ({result.note})" if result.note else ""
         console.print(
             f"[bold red]INT8 refused:[/] no quantization scope keeps mAP@.5 within {args.budget:g} points "
-            "of FP32; the bundle is unchanged (FP32 keeps serving)"
+            f"of FP32{why}; the bundle is unchanged (FP32 keeps serving)"
         )
         return EXIT_GATE
-    c = result.chosen
+    c, rep = result.chosen, result.report
+    if result.note:
+        console.print(f"chosen: {result.note}")
+    map50, drop = (rep["int8"]["map50"] or 0.0, rep["drop_points"]) if rep else (c.map50 or 0.0, c.drop_points)
     console.print(
-        f"INT8 artifact added (scope {c.scope}, {c.nodes} nodes): mAP@.5 {c.map50:.4f}, drop "
-        f"{c.drop_points:+.2f} points, {c.ms_per_image:.2f} ms/image vs FP32 {result.fp32_ms_per_image:.2f}"
+        f"INT8 artifact added (trial {c.label}, {c.nodes} nodes, chosen on {'val' if rep else split}): {split} mAP@.5 {map50:.4f}, drop "
+        f"{drop:+.2f} points, {c.ms_per_image:.2f} ms/image vs FP32 {result.fp32_ms_per_image:.2f}"
     )
     return 0
