@@ -119,6 +119,7 @@ def manifest_dict(
             "box_format": inp["box_format"],
             "score_threshold": score_threshold,
             "max_detections": info.max_detections,
+            "fusion_iou": card.detector.fusion_iou,
         },
         "artifacts": {"fp32": {"file": "model.onnx", "format": "onnx", "precision": "fp32"}},
         "default_artifact": "fp32",

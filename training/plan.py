@@ -190,6 +190,8 @@ def plan_detection(
         r["aspect_ratios"] = f"elongated boxes: h/w p5..p95 = {lo:.3g}..{hi:.3g}, covered in log steps"
         c["box_nms_thresh"] = 0.4
         r["box_nms_thresh"] = "elongated boxes: fragments along one thin defect overlap little, so NMS at IoU 0.4"
+        c["fusion_iou"] = 0.4
+        r["fusion_iou"] = "elongated boxes: flipped views' boxes of one thin defect overlap less, fuse at IoU 0.4"
     else:
         c["aspect_ratios"] = (0.5, 1.0, 2.0)
         r["aspect_ratios"] = f"compact boxes: h/w p10..p90 within 1/{ELONGATED:g}..{ELONGATED:g}"

@@ -34,6 +34,7 @@ def test_export_detection_bundle(det_run, tmp_path):
         "box_format": "xyxy",
         "score_threshold": 0.5,
         "max_detections": 100,
+        "fusion_iou": 0.55,
     }
     assert m["input"]["resize_policy"] == "letterbox" and (m["input"]["height"], m["input"]["width"]) == (64, 64)
     assert m["files"]["model.onnx"] == sha256_file(out / "model.onnx")

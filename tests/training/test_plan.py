@@ -38,9 +38,10 @@ def test_thin_scratches_get_elongated_ratios_and_tighter_nms():
     plan = plan_detection(fp)
     ratios = plan.choices["aspect_ratios"]
     assert min(ratios) <= 0.1 and 1.0 in ratios  # h/w of ~0.04-0.08 boxes reached, square kept
-    assert plan.choices["box_nms_thresh"] < 0.5
+    assert plan.choices["box_nms_thresh"] < 0.5 and plan.choices["fusion_iou"] < 0.55
     compact = plan_detection(detection_fingerprint(samples(300, 320, [(40, 40), (30, 45)]), ["pit"]))
     assert compact.choices["aspect_ratios"] == (0.5, 1.0, 2.0) and "box_nms_thresh" not in compact.choices
+    assert "fusion_iou" not in compact.choices
     # Vertical and horizontal scratches alike: both directions covered.
     both = plan_detection(detection_fingerprint(samples(300, 320, [(4, 80), (80, 4)]), ["scratch"]))
     assert min(both.choices["aspect_ratios"]) <= 0.1 and max(both.choices["aspect_ratios"]) >= 10

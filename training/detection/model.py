@@ -32,6 +32,7 @@ from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from runtime.inference.boxes import FUSION_IOU
 from training.config_io import refuse_unknown
 from training.detection.heads import BoxPredictor, DetectorConfigError, freeze_batchnorm
 from training.detection.tv_detectors import COCO_DETECTORS
@@ -74,6 +75,8 @@ class DetectorSpec:
     box_batch_size_per_image: int = 128
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
+    # flip-TTA weighted box fusion IoU (evaluate --tta, and the bundle's output.fusion_iou for stations)
+    fusion_iou: float = FUSION_IOU
     detections_per_img: int = 100
     representation_size: int = 1024  # TwoMLPHead width
     trainable_stages: int | None = None  # last N trunk stages train; None = all, 0 = trunk frozen
@@ -123,6 +126,8 @@ class DetectorSpec:
             )
         if not self.anchor_sizes or min(self.anchor_sizes) < 1:
             raise DetectorConfigError(f"model.anchor_sizes: expected positive sizes, got {self.anchor_sizes}")
+        if not 0.0 < self.fusion_iou < 1.0:
+            raise DetectorConfigError(f"model.fusion_iou: expected an IoU in (0, 1), got {self.fusion_iou!r}")
         if not self.aspect_ratios or min(self.aspect_ratios) <= 0:
             raise DetectorConfigError(f"model.aspect_ratios: expected positive ratios, got {self.aspect_ratios}")
         for f in fields(self):
