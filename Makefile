@@ -57,7 +57,7 @@ demo: install
 # stated in docs/contracts.md). ruff check: every package and the workstation tests. ruff format
 # --check: TYPED_PATHS and the workstation tests. mypy: TYPED_PATHS (the workstation packages whole;
 # runtime/ and deploy/ by module while their older type errors are mended: widen the list).
-LINT_TESTS ?= tests/training tests/calibration tests/test_cli.py tests/test_import_contracts.py tests/test_one_home.py tests/test_tasks.py
+LINT_TESTS ?= tests/training tests/calibration tests/test_cli.py tests/test_import_contracts.py tests/test_one_home.py tests/test_tasks.py tests/test_bench_defaults.py
 LINT_PATHS ?= training calibration runtime deploy bench defectscope $(LINT_TESTS)
 TYPED_PATHS ?= training calibration defectscope bench runtime/inference/tta.py runtime/inference/preprocess.py
 
