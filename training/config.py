@@ -22,6 +22,14 @@ BALANCE = ("loss", "sampler", "none")
 MONITORS = ("auto", "macro_f1", "auroc", "accuracy", "balanced_accuracy", "loss")
 BN_MODES = ("auto", "frozen", "adapt", "train")
 AUTO_POLICIES = ("none", "trivial", "rand")
+# Issue-27 options at their "off" values: left out of config_hash (runs made before them still resume).
+LEVERS_OFF: dict[str, Any] = {
+    "plan": "off",
+    "ema": None,
+    "augment.policy": "none",
+    "augment.mixup": 0.0,
+    "augment.cutmix": 0.0,
+}
 
 
 @dataclass(frozen=True)
@@ -225,7 +233,9 @@ class TrainConfig:
 
     def hash(self) -> str:
         """Hash of what determines the model (not where it is written nor how many threads)."""
-        d = self.to_dict()
+        from .config_io import drop_when_off
+
+        d = drop_when_off(self.to_dict(), LEVERS_OFF)
         for k in ("out", "threads", "workers", "device"):
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -56,3 +56,31 @@ def test_levers_through_the_classifier_cli(folder_data, tmp_path):
     assert cfg["ema"] == 0.9 and cfg["augment"]["policy"] == "trivial" and cfg["augment"]["cutmix"] == 1.0
     assert len(json.loads((run / "metrics.json").read_text())) == 3
     assert train_main([*argv[:-6], "--ema", "1.0", "--overwrite"]) == 2
+
+
+def test_levers_off_leave_the_config_hash_of_older_runs_unchanged():
+    from training.config import TrainConfig
+    from training.config_io import drop_when_off
+    from training.data import DataSpec
+    from training.detection.config import DetTrainConfig
+    from training.detection.datasets import DetectionSpec
+    from training.detection.transforms import AugmentSpec
+
+    d = {"a": 1, "plan": "off", "augment": {"mixup": 0.0, "hflip": True}}
+    assert drop_when_off(d, {"plan": "off", "augment.mixup": 0.0}) == {"a": 1, "augment": {"hflip": True}}
+    base = TrainConfig(data=DataSpec(source="folder", path="/x"))
+    older = base.to_dict()
+    for k in ("plan", "ema"):
+        older.pop(k)
+    for k in ("policy", "mixup", "cutmix"):
+        older["augment"].pop(k)
+    import hashlib
+    import json as _json
+
+    for k in ("out", "threads", "workers", "device"):
+        older.pop(k, None)
+    assert base.hash() == hashlib.sha256(_json.dumps(older, sort_keys=True).encode()).hexdigest()[:16]
+    assert TrainConfig(data=base.data, ema=0.9).hash() != base.hash()
+    det = DetTrainConfig(DetectionSpec("/x/train.json"))
+    assert det.with_(augment=AugmentSpec(copy_paste=0.5)).hash() != det.hash()
+    assert det.with_(pinned=("epochs",)).hash() == det.hash()  # what the user typed is not what runs

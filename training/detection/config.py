@@ -21,6 +21,15 @@ from training.detection.model import DetectorConfigError, DetectorSpec
 from training.detection.transforms import AugmentSpec
 from training.plan import PLAN_MODES
 
+# Issue-27 options at their "off" values: left out of config_hash (runs made before them still resume).
+LEVERS_OFF: dict[str, Any] = {
+    "ema": None,
+    "freeze_trunk_epochs": 0,
+    "plan": "off",
+    "augment.copy_paste": 0.0,
+    "augment.multiscale": [],
+}
+
 # DetectorSpec keys a user sets (the classes come from the data).
 MODEL_KEYS = tuple(f.name for f in fields(DetectorSpec) if f.name != "classes")
 
@@ -124,7 +133,9 @@ class DetTrainConfig:
         return replace(self, **kw)
 
     def hash(self) -> str:
-        d = self.to_dict()
+        from training.config_io import drop_when_off
+
+        d = drop_when_off(self.to_dict(), LEVERS_OFF)
         for k in ("out", "threads", "device", "pinned"):  # where and how fast, not what
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
