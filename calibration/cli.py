@@ -13,6 +13,7 @@ from calibration.cli_args import (  # noqa: F401  (EXIT_*: the commands' exit co
     EXIT_ERROR,
     EXIT_GATE,
     EXIT_PARITY,
+    PARITY_IMAGES,
     calibrate_parser,
     export_parser,
     resolve_threads,
@@ -99,7 +100,8 @@ def _export(args: argparse.Namespace, console: Any) -> int:
             console.print(f"[yellow]warning:[/] onnxslim failed ({info.simplify_error}); kept the unsimplified graph")
 
         held = _heldout(splits, args.split, None, 0)
-        parity_samples = sorted(stratified_sample(held, min(args.parity_images, len(held)), 0), key=lambda s: s.path)
+        n_parity = args.parity_images if args.parity_images is not None else PARITY_IMAGES["classification"]
+        parity_samples = sorted(stratified_sample(held, min(n_parity, len(held)), 0), key=lambda s: s.path)
         x_par = preprocess_paths([s.path for s in parity_samples], spec, threads=threads)
         parity = check_parity(
             model, onnx_path, x_par, atol=args.parity_atol, min_agreement=args.parity_min_agreement, threads=threads

@@ -54,6 +54,10 @@ def setup_torch(threads: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # export
 # ---------------------------------------------------------------------------------------------
+# Parity images by task: a detector's parity runs torch and ONNX Runtime per image with NMS (~10x a classifier's cost).
+PARITY_IMAGES = {"classification": 64, "detection": 16}
+
+
 def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="defectscope export",
@@ -69,7 +73,10 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim graph simplification")
     p.add_argument("--split", default="test", choices=("test", "val"), help="held-out split (default: %(default)s)")
     p.add_argument(
-        "--parity-images", type=int, default=64, help="held-out images for the parity check (default: %(default)s)"
+        "--parity-images",
+        type=int,
+        help=f"held-out images for the parity check (default: {PARITY_IMAGES['classification']} for classifiers, "
+        f"{PARITY_IMAGES['detection']} for detectors)",
     )
     p.add_argument(
         "--parity-atol",

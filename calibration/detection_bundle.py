@@ -119,6 +119,7 @@ def manifest_dict(
             "box_format": inp["box_format"],
             "score_threshold": score_threshold,
             "max_detections": info.max_detections,
+            "fusion_iou": card.detector.fusion_iou,
         },
         "artifacts": {"fp32": {"file": "model.onnx", "format": "onnx", "precision": "fp32"}},
         "default_artifact": "fp32",
@@ -176,6 +177,7 @@ def export_run(
     eval_limit: int | None = None,
     score_threshold: float | None = None,
     parity_score_tol: float = PARITY_SCORE_TOL,
+    opset: int | None = None,
     threads: int = 1,
     force: bool = False,
     echo: Any = print,
@@ -201,7 +203,7 @@ def export_run(
     ds = DetectionDataset(samples, card.detector.image_size)
     with tempfile.TemporaryDirectory(prefix="defectscope-export-det-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        info = export_detector(model, onnx_path)
+        info = export_detector(model, onnx_path, **({"opset": opset} if opset is not None else {}))
         echo(f"exported opset {info.opset} ({info.exporter}), {info.nodes} nodes, input {info.height}x{info.width}")
         images = [ds[i][0].numpy() for i in range(min(parity_images, len(ds)))]
         par = parity(model, onnx_path, images, score_threshold=PARITY_SCORE_THRESHOLD, score_tol=parity_score_tol)

@@ -6,7 +6,7 @@ given, and calls that kind's command with the argv untouched:
 
 | verb | the kind comes from |
 | --- | --- |
-| train | ``--task``, else the ``--config`` file's ``task``, else ``--data`` (a COCO JSON or a folder the detection readers recognise) |
+| train | ``--task``, else the ``--config`` file's ``task``, else (``--resume``) the ``--out`` run's ``config.json`` ``task``, else ``--data`` (a COCO JSON or a folder the detection readers recognise) |
 | evaluate, export | the run's ``model.json`` (``"task": "detection"``) |
 | extend | the ``--from`` run's ``model.json`` |
 | calibrate | the bundle's ``manifest.json`` ``model.task`` |
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -132,9 +133,15 @@ def _train_kind(argv: list[str]) -> str | None:
     pre.add_argument("--task", choices=tuple(TASKS))
     pre.add_argument("--data")
     pre.add_argument("--config")
+    pre.add_argument("--out")
+    pre.add_argument("--resume", action="store_true")
     ns, _ = pre.parse_known_args(argv)
     if ns.task:
         return str(ns.task)
+    if ns.resume and ns.out and not ns.config:
+        task = _json_field(Path(ns.out) / "config.json", "task")
+        if task in TASKS:
+            return str(task)
     if ns.config and Path(ns.config).is_file():
         try:
             task = read_config_file(ns.config).get("task")
@@ -167,12 +174,39 @@ def kind_of(verb: str, argv: list[str]) -> str:
     return kind if kind in TASKS else DEFAULT
 
 
-def dispatch(verb: str, argv: list[str] | None) -> int:
-    import sys
+# How each verb picks its kind, for the help of a verb that nothing has decided yet.
+CHOSEN_BY = {
+    "train": "--task, the --config file's task, or what --data is (a COCO .json, VOC or YOLO folder: detection)",
+    "evaluate": "the run's model.json",
+    "extend": "the --from run's model.json",
+    "export": "the run's model.json",
+    "calibrate": "the bundle's manifest.json",
+}
 
+
+def both_helps(verb: str) -> int:
+    """``defectscope <verb> --help`` before anything picks a kind: every kind's options, each under a header;
+    exits 0 as argparse's help does."""
+    from defectscope.cli import load
+
+    print(f"defectscope {verb}: the task kind comes from {CHOSEN_BY[verb]}; the options of each kind follow.\n")
+    for name, task in TASKS.items():
+        print(f"=== {verb} of a {name} model ===")
+        sys.stdout.flush()
+        try:
+            load(task.commands[verb], f"{verb} ({name})")(["--help"])
+        except SystemExit:
+            pass
+        print()
+    raise SystemExit(0)
+
+
+def dispatch(verb: str, argv: list[str] | None) -> int:
     from defectscope.cli import load
 
     args = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(args) and SELECT[verb](args) is None:
+        return both_helps(verb)
     kind = kind_of(verb, args)
     return int(load(TASKS[kind].commands[verb], f"{verb} ({kind})")(args))
 

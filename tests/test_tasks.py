@@ -55,3 +55,20 @@ def test_the_kind_comes_from_the_data_the_run_card_or_the_bundle(tmp_path):
     assert kind_of("extend", ["--from", str(det_run), "--data", "d"]) == "detection"
     assert kind_of("calibrate", [str(det_bundle), "--threads", "1"]) == "detection"
     assert kind_of("calibrate", ["--help"]) == "classification"
+
+
+@pytest.mark.parametrize("verb", ["train", "evaluate"])
+def test_help_before_a_kind_is_chosen_shows_both_kinds(verb, capsys):
+    from defectscope.cli import main as ds_main
+
+    with pytest.raises(SystemExit) as exc:
+        ds_main([verb, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert f"=== {verb} of a classification model ===" in out and f"=== {verb} of a detection model ===" in out
+    if verb == "train":
+        assert "--det-init" in out and "--strategy" in out
+        # A kind the arguments decide: that kind's help only.
+        with pytest.raises(SystemExit):
+            ds_main([verb, "--help", "--task", "detection"])
+        assert "===" not in capsys.readouterr().out

@@ -177,6 +177,13 @@ def _optim_args(p: argparse.ArgumentParser, cfg: Any, D: dict[str, Any]) -> None
     )
     o.add_argument("--balance", choices=cfg.BALANCE, help=f"class imbalance handling ({D['balance']})")
     o.add_argument("--patience", type=int, help=f"early-stopping patience in epochs ({D['patience']})")
+    o.add_argument("--ema", type=float, help="weight EMA decay, e.g. 0.999 (lever, off until measured)")
+    o.add_argument(
+        "--plan",
+        choices=("off", "auto"),
+        help=f"auto: --image-size and --epochs, when not given, are planned from the training images ({D['plan']}; "
+        "not yet measured on the benchmarks)",
+    )
     o.add_argument(
         "--monitor",
         choices=cfg.MONITORS,
@@ -188,7 +195,8 @@ def _optim_args(p: argparse.ArgumentParser, cfg: Any, D: dict[str, Any]) -> None
         action="append",
         metavar="KEY=VALUE",
         help="augmentation setting, repeatable: hflip, vflip, rot90, crop_scale, brightness, "
-        "contrast, saturation, blur_prob",
+        "contrast, saturation, blur_prob; levers off until measured: policy=trivial|rand "
+        "(TrivialAugmentWide / RandAugment), mixup=ALPHA, cutmix=ALPHA",
     )
 
 
@@ -222,6 +230,8 @@ _DATA_KEYS = {
 }
 _TOP_KEYS = (
     "out",
+    "plan",
+    "ema",
     "backbone",
     "weights",
     "image_size",
@@ -356,7 +366,10 @@ def _train_main(ns: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        progress = not getattr(ns, "quiet", False) and sys.stderr.isatty()
+        from .progress import log_every_for
+
+        quiet, tty = getattr(ns, "quiet", False), sys.stderr.isatty()
+        progress = not quiet and tty
         sync_bn = getattr(ns, "sync_bn", False)
         train(
             cfg,
@@ -365,6 +378,7 @@ def _train_main(ns: argparse.Namespace) -> int:
             progress=progress,
             echo=print,
             sync_bn=sync_bn,
+            log_every=log_every_for(quiet, tty),
         )
         if getattr(ns, "fisher", 0):
             from .extend_run import finalize_run

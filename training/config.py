@@ -21,6 +21,15 @@ STRATEGIES = ("two-phase", "linear-probe", "partial", "full", "gradual")
 BALANCE = ("loss", "sampler", "none")
 MONITORS = ("auto", "macro_f1", "auroc", "accuracy", "balanced_accuracy", "loss")
 BN_MODES = ("auto", "frozen", "adapt", "train")
+AUTO_POLICIES = ("none", "trivial", "rand")
+# Issue-27 options at their "off" values: left out of config_hash (runs made before them still resume).
+LEVERS_OFF: dict[str, Any] = {
+    "plan": "off",
+    "ema": None,
+    "augment.policy": "none",
+    "augment.mixup": 0.0,
+    "augment.cutmix": 0.0,
+}
 
 
 @dataclass(frozen=True)
@@ -35,8 +44,18 @@ class AugmentConfig:
     contrast: float = 0.1
     saturation: float = 0.0  # colour jitter only helps RGB data
     blur_prob: float = 0.0  # chance of a light Gaussian blur (focus drift)
+    # Levers, off until measured (issue 27): an automatic policy ("trivial" = TrivialAugmentWide, "rand" =
+    # RandAugment) and batch mixing (Beta(alpha) of MixUp / CutMix; both > 0: one of the two per batch)
+    policy: str = "none"
+    mixup: float = 0.0
+    cutmix: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.policy not in AUTO_POLICIES:
+            raise ConfigError(f"augment.policy: expected one of {AUTO_POLICIES}, got {self.policy!r}")
+        for k in ("mixup", "cutmix"):
+            if not isinstance(getattr(self, k), float | int) or getattr(self, k) < 0:
+                raise ConfigError(f"augment.{k}: expected a Beta alpha >= 0, got {getattr(self, k)!r}")
         if not 0.05 <= self.crop_scale <= 1.0:
             raise ConfigError(f"augment.crop_scale: expected a number in [0.05, 1], got {self.crop_scale}")
         for k in ("brightness", "contrast", "saturation", "blur_prob"):
@@ -148,9 +167,22 @@ class TrainConfig:
     # training images and then keeps them frozen (AdaBN; on ELPV it measured worse than the
     # pretrained statistics); "auto" = frozen with pretrained weights, train from scratch.
     bn: str = "auto"
+    # "auto": image_size and epochs left unset (None) are planned from the training images (training.plan)
+    plan: str = "off"
+    ema: float | None = None  # weight EMA decay (lever, off until measured): evaluation and best weights averaged
 
     def __post_init__(self) -> None:
         from .backbones import REGISTRY
+        from .ema import check_decay
+        from .plan import PLAN_MODES
+
+        try:
+            check_decay(self.ema)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+        if self.plan not in PLAN_MODES:
+            raise ConfigError(f"plan: expected one of {PLAN_MODES}, got {self.plan!r}")
 
         if self.backbone not in REGISTRY:
             raise ConfigError(f"backbone: unknown {self.backbone!r}; available: {', '.join(sorted(REGISTRY))}")
@@ -201,7 +233,9 @@ class TrainConfig:
 
     def hash(self) -> str:
         """Hash of what determines the model (not where it is written nor how many threads)."""
-        d = self.to_dict()
+        from .config_io import drop_when_off
+
+        d = drop_when_off(self.to_dict(), LEVERS_OFF)
         for k in ("out", "threads", "workers", "device"):
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

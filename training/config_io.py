@@ -52,4 +52,20 @@ def field_names(cls: type) -> set[str]:
     return set(getattr(cls, "__dataclass_fields__", {}))
 
 
-__all__ = ["ConfigError", "field_names", "read_config_file", "refuse_unknown"]
+def drop_when_off(d: dict[str, Any], off: Mapping[str, Any]) -> dict[str, Any]:
+    """``d`` without the keys (dotted: ``"augment.mixup"``) that hold their "off" value: options added
+    after runs were made leave those runs' config hashes (and so their --resume) unchanged while off."""
+    out = dict(d)
+    for key, value in off.items():
+        head, _, tail = key.partition(".")
+        if tail:
+            sub = dict(out.get(head) or {})
+            if sub.get(tail) == value:
+                sub.pop(tail)
+            out[head] = sub
+        elif out.get(head) == value:
+            out.pop(head)
+    return out
+
+
+__all__ = ["ConfigError", "drop_when_off", "field_names", "read_config_file", "refuse_unknown"]

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -124,18 +124,23 @@ class ClassificationTask:
     """Logits ``(N, C)`` against integer labels: cross-entropy loss, classification metrics."""
 
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = field(default_factory=nn.CrossEntropyLoss)
+    # MixUp / CutMix of a training batch (training.transforms.batch_mix): labels become class probabilities
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def step(self, model: nn.Module, batch: Any, engine: Engine) -> StepResult:
         x, y = split_batch(batch)
         if y is None:
             raise TypeError("a training loader must yield (inputs, labels)")
+        if self.mix is not None:
+            x, y = self.mix(x, torch.as_tensor(y))
         x, y = engine._inputs(x), torch.as_tensor(y).to(engine.device, non_blocking=True)
         out = model(x)
         return StepResult(self.loss(out, y), len(y), self.correct(out, y))
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         c = self.criterion
-        if distributed.active() and isinstance(c, nn.CrossEntropyLoss) and c.reduction == "mean":
+        soft = targets.is_floating_point()  # mixed labels: class probabilities
+        if distributed.active() and isinstance(c, nn.CrossEntropyLoss) and c.reduction == "mean" and not soft:
             # The mean over the *global* batch: sum / (global sum of sample weights) * world, as DDP
             # averages gradients over ranks. Exact for uneven slices and class weights alike.
             s = F.cross_entropy(
@@ -153,6 +158,8 @@ class ClassificationTask:
         return c(outputs.float(), targets)
 
     def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> int:
+        if targets.is_floating_point():  # mixed labels: the dominant class
+            targets = targets.argmax(1)
         return int((outputs.detach().argmax(1) == targets).sum())
 
     def evaluate(self, preds: Predictions, classes: Sequence[str]) -> dict[str, Any]:
@@ -212,6 +219,9 @@ class Engine:
     after_step: Sequence[Hook] = ()
     progress: bool = False
     find_unused: bool = False  # DDP: parameters that may get no gradient in a step
+    # No bar (stderr not a terminal): a log line every ``log_every`` steps through ``log`` (training.progress)
+    log: Callable[[str], None] | None = None
+    log_every: int = 0
 
     @property
     def use_amp(self) -> bool:
@@ -252,6 +262,10 @@ class Engine:
         stats = EpochStats(terms={t.name: [] for t in self.terms})
         t0, total, n, correct = time.perf_counter(), 0.0, 0, 0
         bar = tqdm(batches, total=steps, desc=desc, unit="batch", leave=False, disable=not self.progress)
+        from .progress import StepLog
+
+        known = steps if steps is not None else (len(batches) if isinstance(batches, Sized) else None)
+        lines = StepLog(self.log, self.log_every, known, desc) if self.log and not self.progress else None
         for i, batch in enumerate(bar):
             if steps is not None and i >= steps:
                 break
@@ -282,6 +296,8 @@ class Engine:
             sizes.append(step.n)
             correct += step.correct
             bar.set_postfix(loss=f"{total / max(1, n):.4f}")
+            if lines is not None:
+                lines.step(i + 1, total / max(1, n))
         bar.close()
         if distributed.active():
             total, n, correct = _reduce_stats(stats, sizes, correct)

@@ -231,6 +231,12 @@ def run(
         f"train/val/test, classes {[classes[c] for c in new.present_classes()]}; old tasks "
         f"{[t.name for t in olds] or 'none'}"
     )
+    from .plan import classification_fingerprint, small_data_warnings
+
+    names = [new_splits.classes[smp.label] for smp in new_splits.train]
+    if names:  # counts only (sizes unread); the same warning as train
+        for w in small_data_warnings(classification_fingerprint([(1, 1)] * len(names), names), "images"):
+            echo(f"warning: {w}")
 
     if state is None and cfg.method == "ewc":
         state = _compute_missing_state(cfg, model, card, olds, fpath, progress, echo)

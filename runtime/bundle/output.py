@@ -2,7 +2,7 @@
 
 Classification: ``{"kind": "logits" | "probabilities", "names": [<one name>]}``, shape (N, K).
 Detection: ``{"kind": "detections", "names": [boxes, scores, labels], "box_format": "xyxy",
-"score_threshold"?, "max_detections"?}``, shapes (B,D,4), (B,D), (B,D); boxes in model-input
+"score_threshold"?, "max_detections"?, "fusion_iou"?}``, shapes (B,D,4), (B,D), (B,D); boxes in model-input
 pixels, labels index ``classes``. Everything here comes from an untrusted bundle and is validated.
 """
 
@@ -20,7 +20,7 @@ TASK_OUTPUT_KINDS = {"classification": ("logits", "probabilities"), "detection":
 BOX_FORMATS = ("xyxy",)  # model-input pixels, pixel-edge coordinates (runtime/inference/boxes.py)
 # A detector's input keeps the whole frame (boxes map back to every original pixel): no center crop.
 DETECTION_RESIZE_POLICIES = ("letterbox", "stretch")
-DETECTION_KEYS = ("box_format", "score_threshold", "max_detections")
+DETECTION_KEYS = ("box_format", "score_threshold", "max_detections", "fusion_iou")
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class OutputSpec:
     box_format: str | None = None  # detection: "xyxy"
     score_threshold: float | None = None  # detection: the operating box score threshold training chose
     max_detections: int | None = None  # detection: D of the (B,D,4)/(B,D)/(B,D) outputs
+    fusion_iou: float | None = None  # detection: flip-TTA box fusion IoU (None: runtime.inference.boxes.FUSION_IOU)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "names": list(self.names)}
@@ -77,12 +78,16 @@ def parse_output(o: Mapping[str, Any], task: str, spec: InputSpec, where: str) -
     d = o.get("max_detections")
     if d is not None and (isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_DETECTIONS):
         raise key_error(where, "output.max_detections", f"expected an integer in [1, {MAX_DETECTIONS}], got {d!r:.40}")
+    fi = o.get("fusion_iou")
+    if fi is not None and (isinstance(fi, bool) or not isinstance(fi, (int, float)) or not 0.0 < fi < 1.0):
+        raise key_error(where, "output.fusion_iou", f"expected an IoU in (0, 1), got {fi!r:.40}")
     return OutputSpec(
         kind=kind,
         names=tuple(names),
         box_format=box_format,
         score_threshold=float(thr) if thr is not None else None,
         max_detections=d,
+        fusion_iou=float(fi) if fi is not None else None,
     )
 
 

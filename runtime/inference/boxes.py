@@ -138,8 +138,13 @@ def unflip_boxes(boxes: Any, width: int, height: int, view: str) -> np.ndarray:
 
 
 # -- TTA merge ----------------------------------------------------------------------------
+# IoU above which boxes of flip-TTA views are fused; a bundle may set its own (output.fusion_iou, e.g.
+# lower for thin elongated defects whose flipped boxes overlap less).
+FUSION_IOU = 0.55
+
+
 def weighted_box_fusion(
-    views: Sequence[tuple[Any, Any, Any]], iou_thr: float = 0.55, skip_thr: float = 0.0
+    views: Sequence[tuple[Any, Any, Any]], iou_thr: float = FUSION_IOU, skip_thr: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weighted box fusion (Solovyev et al. 2021) of the detections of ``V`` views of one frame.
 
@@ -326,4 +331,5 @@ __all__ = [
     "geometry",
     "unflip_boxes",
     "weighted_box_fusion",
+    "FUSION_IOU",
 ]

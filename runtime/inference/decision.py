@@ -19,7 +19,15 @@ import numpy as np
 
 from runtime.bundle.manifest import Manifest
 from runtime.config.station import DEFAULT_THRESHOLD, ConfigError, DecisionConfig
-from runtime.inference.boxes import BoxError, BoxPolicy, Geometry, geometry, unflip_boxes, weighted_box_fusion
+from runtime.inference.boxes import (
+    FUSION_IOU,
+    BoxError,
+    BoxPolicy,
+    Geometry,
+    geometry,
+    unflip_boxes,
+    weighted_box_fusion,
+)
 from runtime.inference.tta import average_views
 from runtime.serving.messages import MAX_DETECTIONS
 
@@ -126,13 +134,14 @@ class DetectionPostprocessor(Postprocessor):
     tta_views = frozenset({"original", "hflip", "vflip", "rot180"})
     adaptive_tta = False  # boxes are fused over the views, not averaged per class
     min_score = 0.05
-    fusion_iou = 0.55
 
     def __init__(self, manifest: Manifest, views: Sequence[str] = ("original",)) -> None:
         super().__init__(manifest, views)
         spec = manifest.input
         self.height, self.width = spec.height, spec.width
         self.max_detections = manifest.output.max_detections or MAX_DETECTIONS
+        fused = manifest.output.fusion_iou
+        self.fusion_iou = fused if fused is not None else FUSION_IOU
         self.good = np.array([c in manifest.good_classes for c in manifest.classes])
         self._same = geometry(spec.height, spec.width, spec.height, spec.width, spec.resize_policy)
 

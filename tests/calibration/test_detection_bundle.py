@@ -34,6 +34,7 @@ def test_export_detection_bundle(det_run, tmp_path):
         "box_format": "xyxy",
         "score_threshold": 0.5,
         "max_detections": 100,
+        "fusion_iou": 0.55,
     }
     assert m["input"]["resize_policy"] == "letterbox" and (m["input"]["height"], m["input"]["width"]) == (64, 64)
     assert m["files"]["model.onnx"] == sha256_file(out / "model.onnx")
@@ -131,7 +132,7 @@ def test_export_uint8_input_adds_a_parity_checked_detector_twin(det_run, tmp_pat
     _, run = det_run
     out = tmp_path / "bundle"
     args = ["export", str(run), "--out", str(out), "--threads", "1", "--parity-images", "4", "--uint8-input"]
-    assert ds_main([*args, "--no-eval"]) == 0
+    assert ds_main(args) == 0
     b = load_bundle(out)
     assert b.artifact("fp32-u8").input == "uint8_nhwc"
     assert b.manifest.provenance["export"]["uint8_parity"]["fp32-u8"]["passed"] is True
@@ -156,7 +157,7 @@ def test_station_serves_the_detector_uint8_twin_with_flip_views(det_run, tmp_pat
 
     _, run = det_run
     out = tmp_path / "bundle"
-    args = ["export", str(run), "--out", str(out), "--threads", "1", "--parity-images", "2", "--no-eval"]
+    args = ["export", str(run), "--out", str(out), "--threads", "1", "--parity-images", "2"]
     assert ds_main([*args, "--uint8-input"]) == 0
     (tmp_path / "r").mkdir()
     frame = np.random.default_rng(7).integers(0, 256, (48, 64, 3), dtype=np.uint8)
@@ -183,3 +184,24 @@ def test_station_serves_the_detector_uint8_twin_with_flip_views(det_run, tmp_pat
     a, b = preds["fp32"].boxes, preds["fp32-u8"].boxes
     assert len(a.scores) == len(b.scores)
     np.testing.assert_allclose(b.boxes, a.boxes, atol=1e-2)
+
+
+def test_export_options_are_honoured_or_refused_for_detectors(det_run, tmp_path, capsys):
+    """--opset, --parity-images and --pack take effect; classifier-only options are refused by name."""
+    import tarfile
+
+    _, run = det_run
+    out, archive = tmp_path / "b18", tmp_path / "b18.tar.gz"
+    argv = ["export", str(run), "--out", str(out), "--threads", "2"]
+    assert ds_main([*argv, "--opset", "18", "--parity-images", "3", "--pack", str(archive)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["provenance"]["export"]["opset"] == 18
+    assert m["provenance"]["export"]["parity"]["images"] == 3
+    with tarfile.open(archive) as t:
+        assert any(n.endswith("manifest.json") for n in t.getnames())
+    for flag in (["--no-eval"], ["--no-simplify"], ["--parity-atol", "0.1"]):
+        capsys.readouterr()
+        assert ds_main([*argv[:3], str(tmp_path / "x"), *flag]) != 0
+        err = capsys.readouterr()
+        assert f"{flag[0]}: not for a detector" in err.out + err.err
+        assert not (tmp_path / "x").exists()

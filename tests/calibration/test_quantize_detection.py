@@ -65,11 +65,11 @@ def test_scopes_pick_the_parts_of_the_graph(tiny_detector):
         scope_nodes(model, "heads")
 
 
-def test_fastest_passing_scope_is_written_and_a_failed_gate_writes_nothing(tiny_detector, tmp_path):
+def test_chosen_passing_scope_is_written_and_a_failed_gate_writes_nothing(tiny_detector, tmp_path):
     import onnx
 
     from calibration.detection_bundle import held_out_samples
-    from calibration.quantize_detection import calibrate_detector
+    from calibration.quantize_detection import calibrate_detector, choose_trial
 
     run, bundle = tiny_detector
     card = _card(run)
@@ -96,7 +96,7 @@ def test_fastest_passing_scope_is_written_and_a_failed_gate_writes_nothing(tiny_
     ]
     assert r.trials[1].nodes == r.trials[0].nodes - 2
     assert r.passed and r.chosen in r.trials and r.chosen.passed
-    assert r.chosen.ms_per_image == min(t.ms_per_image for t in r.trials if t.passed)
+    assert r.chosen == choose_trial(r.trials)[0]
     ops = {n.op_type for n in onnx.load(str(dest)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     # A budget nothing can meet (INT8 must be 100 points BETTER): refused, nothing written.
@@ -118,7 +118,7 @@ def test_fastest_passing_scope_is_written_and_a_failed_gate_writes_nothing(tiny_
     assert r2.trials[0].drop_points > -100.0
 
 
-def test_calibrate_cli_adds_the_gated_int8_artifact_to_a_detection_bundle(tiny_detector, tmp_path):
+def test_calibrate_cli_adds_the_gated_int8_artifact_to_a_detection_bundle(tiny_detector, tmp_path, capsys):
     import shutil
 
     from defectscope.cli import main as ds_main
@@ -145,7 +145,15 @@ def test_calibrate_cli_adds_the_gated_int8_artifact_to_a_detection_bundle(tiny_d
     gate = m.metrics["int8"]["gate"]
     assert gate["passed"] and gate["metric"] == "map50" and gate["budget_points"] == 1.0
     assert m.files["model.int8.onnx"] == sha256_file(bundle / "model.int8.onnx")
-    assert json.loads(report.read_text())["chosen"] == q["scope"]
+    rep = json.loads(report.read_text())
+    assert (
+        rep["chosen"] == q["trial"] == (q["scope"] if not q["float_prefix"] else f"{q['scope']}-f{q['float_prefix']}")
+    )
+    # Chosen on val, reported (and gated again) on test: the last line names the trial exactly.
+    assert gate["split"] == "test" and gate["chosen_on"]["split"] == "val" and rep["report"]["split"] == "test"
+    assert q["chosen_on"] == "val"
+    last = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()][-1]
+    assert f"INT8 artifact added (trial {q['trial']}," in last and "chosen on val): test mAP@.5" in last
     # Nothing meets a budget of -100 points: exit 3, the bundle untouched.
     before = (bundle / "manifest.json").read_bytes()
     assert ds_main(["calibrate", str(bundle), "--run", str(run), "--size", "8", "--budget", "-100"]) == 3
@@ -244,10 +252,33 @@ def test_calibrate_adds_an_int8_uint8_input_twin_to_a_uint8_detection_bundle(tin
 
     run, _ = tiny_detector
     bundle = tmp_path / "bundle"
-    export = ["export", str(run), "--out", str(bundle), "--threads", "2", "--parity-images", "2", "--no-eval"]
+    export = ["export", str(run), "--out", str(bundle), "--threads", "2", "--parity-images", "2"]
     assert ds_main([*export, "--uint8-input"]) == 0
     assert ds_main(["calibrate", str(bundle), "--run", str(run), "--size", "8", "--threads", "2"]) == 0
     m = load_bundle(bundle).manifest
     assert m.artifacts["int8-u8"].input == "uint8_nhwc" and m.artifacts["int8-u8"].precision == "int8"
     assert m.metrics["int8-u8"]["uint8_parity"]["passed"] is True
     assert m.default_artifact == "int8"  # the default stays the float-input artifact (no measured reason to move)
+
+
+def _trial(label: str, drop: float, ms: float, passed: bool = True):
+    from calibration.quantize_detection import ScopeTrial
+
+    scope, _, f = label.partition("-f")
+    return ScopeTrial(scope, 10, 0.9, 0.5, drop, ms, passed, {}, int(f or 0))
+
+
+def test_near_tie_prefers_the_more_accurate_trial_and_says_the_trade():
+    from calibration.quantize_detection import choose_trial
+
+    # Issue 27's case: 0.89 vs 0.14 points for 1.5 ms.
+    chosen, note = choose_trial([_trial("all-f2", 0.89, 30.0), _trial("convs", 0.14, 31.5)])
+    assert chosen.label == "convs" and "convs over the fastest all-f2" in note and "+1.50 ms" in note
+    # Beyond the near-tie margin speed wins, silently; failing trials never count.
+    chosen, note = choose_trial(
+        [_trial("all", 0.89, 30.0), _trial("convs", 0.14, 40.0), _trial("backbone", 0.0, 30.5, False)]
+    )
+    assert chosen.label == "all" and note == ""
+    # A near-tie whose accuracy edge is noise (< 0.25 points) does not beat the fastest.
+    assert choose_trial([_trial("all", 0.30, 30.0), _trial("convs", 0.20, 30.5)])[0].label == "all"
+    assert choose_trial([_trial("all", 5.0, 30.0, False)]) == (None, "")

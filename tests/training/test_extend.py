@@ -337,3 +337,10 @@ def test_keep_best_keeps_the_best_epoch_by_mean_old_new_validation(base, lines, 
     assert len(kept) == 1 and kept[0]["score"] == max(r["score"] for r in records)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["keep"] == "best" and cfg["channels_last"] is True
+
+
+def test_extend_warns_when_the_new_data_is_too_small(base, lines, tmp_path, capsys):
+    """Like train: fewer than 50 images of a class in the new data is said, not trained on silently."""
+    out = tmp_path / "small"
+    assert main(["--from", str(base), "--data", str(lines / "B"), "--out", str(out), *SPLIT_FLAGS, *FAST]) == 0
+    assert "warning: too small to learn from:" in capsys.readouterr().out

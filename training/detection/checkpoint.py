@@ -32,6 +32,7 @@ class DetCard:
     config_hash: str = ""
     metrics: Mapping[str, Any] = field(default_factory=dict)
     parent: str | None = None
+    plan: Mapping[str, Any] | None = None  # --plan auto: fingerprint, choices, reasons (training.plan)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -48,6 +49,7 @@ class DetCard:
             "config_hash": self.config_hash,
             "metrics": dict(self.metrics),
             "parent": self.parent,
+            **({"plan": dict(self.plan)} if self.plan else {}),
         }
 
     @classmethod
@@ -65,6 +67,7 @@ class DetCard:
                 str(d.get("config_hash", "")),
                 dict(d.get("metrics") or {}),
                 d.get("parent"),
+                d.get("plan"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{where}: not a valid detection card ({exc})") from None
@@ -102,7 +105,7 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple
     if card.weights_sha256 and weights.name == BEST and sha256_file(weights) != card.weights_sha256:
         raise CheckpointError(f"{weights}: sha256 differs from {card_path}'s weights_sha256 (file changed or corrupt)")
     # The trunk's pretrained file is not needed: every weight comes from the checkpoint.
-    model = build_detector(replace(card.detector, weights="none"))
+    model = build_detector(card.detector, pretrained=False)
     model.detector_spec = card.detector
     try:
         model.load_state_dict(load_file(str(weights), device=str(device)), strict=True)

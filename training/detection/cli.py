@@ -26,6 +26,8 @@ OPTIM_KEYS = (
     "grad_clip",
     "max_steps_per_epoch",
     "patience",
+    "ema",
+    "freeze_trunk_epochs",
     "score_threshold",
     "panels",
     "amp",
@@ -34,6 +36,20 @@ OPTIM_KEYS = (
     "device",
 )
 DATA_KEYS = ("format", "val_fraction", "test_fraction", "limit")
+# What a default alone does not say (the defaults themselves are read from the dataclasses).
+NOTES = {
+    "backbone": "a project trunk or a torchvision detector: fasterrcnn_mobilenet_v3_large_320_fpn, "
+    "fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_resnet50_fpn_v2",
+    "anchor_sizes": "pixels; None = the architecture's (trunks: 16,32,64,128; torchvision detectors: COCO's)",
+    "aspect_ratios": "h/w; None = the architecture's (trunks: 0.25,0.5,1,2,4; torchvision detectors: 0.5,1,2)",
+    "det_init": "backbone = trunk pretrained (--weights); coco = the whole torchvision detector from COCO, "
+    "box predictor replaced",
+    "det_weights": "the COCO checkpoint file for --det-init coco; None = torch hub's cache",
+    "ema": "weight EMA decay, e.g. 0.999 (lever, off until measured)",
+    "freeze_trunk_epochs": "gradual unfreezing: trunk frozen N epochs, then a stage per epoch (lever, off)",
+    "copy_paste": "probability of pasting defect crops of other training images (lever, off until measured)",
+    "multiscale": "training input scale factors, e.g. 0.8,0.9,1,1.1,1.2 (lever, off until measured)",
+}
 
 
 def _opt_type(annotation: str, default: Any) -> Any:
@@ -67,7 +83,7 @@ def _add_fields(group: Any, cls: type, keys: Any, dest_prefix: str) -> None:
                 type=lambda s: s.lower() in ("1", "true", "yes", "on"),
                 metavar="BOOL",
                 default=S,
-                help=f"({d[f.name]})",
+                help=f"({d[f.name]})" + (f" {NOTES[f.name]}" if f.name in NOTES else ""),
             )
         else:
             group.add_argument(
@@ -75,7 +91,7 @@ def _add_fields(group: Any, cls: type, keys: Any, dest_prefix: str) -> None:
                 dest=dest_prefix + f.name,
                 type=_opt_type(str(f.type), d.get(f.name)),
                 default=S,
-                help=f"({_fmt(d.get(f.name))})",
+                help=f"({_fmt(d.get(f.name))})" + (f" {NOTES[f.name]}" if f.name in NOTES else ""),
             )
 
 
@@ -83,6 +99,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     from training.detection.config import MODEL_KEYS, DetTrainConfig, field_defaults
     from training.detection.datasets import DetectionSpec
     from training.detection.model import DetectorSpec
+    from training.detection.transforms import AugmentSpec
 
     p = argparse.ArgumentParser(
         prog="defectscope train --task detection",
@@ -102,6 +119,11 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", default=S, help="bad annotations are fatal (else skipped, counted)")
     p.add_argument("--out", default=S, help=f"run directory ({D['out']})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last.pt (its config.json unless --config is given)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_fields(p.add_argument_group("data"), DetectionSpec, DATA_KEYS, "data.")
     _add_fields(p.add_argument_group("detector"), DetectorSpec, MODEL_KEYS, "model.")
@@ -114,6 +136,17 @@ def build_train_parser() -> argparse.ArgumentParser:
         help="random quarter turns (square inputs; defects without a 'down')",
     )
     p.add_argument("--no-augment", action="store_true", default=S, help="no flips, zoom or jitter")
+    _add_fields(
+        p.add_argument_group("levers (off until measured)"), AugmentSpec, ("copy_paste", "multiscale"), "augment."
+    )
+    p.add_argument(
+        "--plan",
+        choices=("off", "auto"),
+        default=S,
+        help=f"auto: settings left unset (image size, anchors, proposals, NMS, epochs, patience, batch) are planned "
+        f"from the training data; your flags win ({D['plan']}; not yet measured on the benchmarks)",
+    )
+    p.add_argument("--plan-only", action="store_true", help="print the plan from the data and exit (no training)")
     from training.distributed import add_launch_args
 
     add_launch_args(p, sync_bn=False)  # torchvision detectors use FrozenBatchNorm
@@ -125,6 +158,17 @@ def config_from_args(ns: argparse.Namespace) -> Any:
 
     v = vars(ns)
     base: dict[str, Any] = read_config_file(v["config"]) if "config" in v else {}
+    if v.get("resume") and "config" not in v:
+        import json
+        from pathlib import Path
+
+        if "out" not in v:
+            raise ValueError("--resume: give the run's --out")
+        saved = Path(v["out"]) / "config.json"
+        if not saved.is_file():
+            raise ValueError(f"{saved}: not found; nothing to resume")
+        base = json.loads(saved.read_text())
+        base.pop("config_hash", None)
     base.pop("task", None)
     data, model, augment = dict(base.pop("data", {})), dict(base.pop("model", {})), dict(base.pop("augment", {}))
     if "data" in v:
@@ -140,8 +184,9 @@ def config_from_args(ns: argparse.Namespace) -> Any:
             model[k[6:]] = val
         elif k.startswith("augment."):
             augment[k[8:]] = val
-        elif k in OPTIM_KEYS or k == "out":
+        elif k in OPTIM_KEYS or k in ("out", "plan"):
             base[k] = val
+    base["pinned"] = [k for k in OPTIM_KEYS if k in base]
     if "path" not in data:
         raise ValueError("--data: required (a COCO .json, a VOC folder or a YOLO folder)")
     return DetTrainConfig.from_dict({**base, "data": data, "model": model, "augment": augment}, where="command line")
@@ -161,14 +206,35 @@ def _train_main(argv: list[str]) -> int:
     from training.detection.trainer import train_detector
     from training.distributed import DistributedError
     from training.run_dir import RunExistsError
+    from training.weights import WeightsUnavailableError
 
     try:
         cfg = config_from_args(ns)
-        train_detector(cfg, overwrite=ns.overwrite, progress=not ns.quiet and sys.stderr.isatty(), echo=print)
+        if ns.plan_only:
+            return _print_plan(cfg)
+        from training.progress import log_every_for
+
+        tty = sys.stderr.isatty()
+        train_detector(
+            cfg,
+            overwrite=ns.overwrite,
+            resume=ns.resume,
+            progress=not ns.quiet and tty,
+            echo=print,
+            log_every=log_every_for(ns.quiet, tty),
+        )
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        print(f"\ninterrupted; continue with: defectscope train --out {ns.out} --resume", file=sys.stderr)
         return 130
-    except (DataError, DetectorConfigError, RunExistsError, FileNotFoundError, ValueError, DistributedError) as exc:
+    except (
+        DataError,
+        DetectorConfigError,
+        RunExistsError,
+        FileNotFoundError,
+        ValueError,
+        DistributedError,
+        WeightsUnavailableError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -188,6 +254,17 @@ def _grid_arg(s: str) -> tuple[float, ...]:
         return tuple(float(x) for x in s.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def _print_plan(cfg: Any) -> int:
+    from training.detection.datasets import resolve_detection
+    from training.detection.planning import apply_plan, make_plan
+
+    splits = resolve_detection(cfg.data)
+    plan = make_plan(cfg, splits.train, splits.classes)
+    _, applied = apply_plan(cfg, plan)
+    print("\n".join(plan.lines(applied)))
+    return 0
 
 
 def build_extend_parser() -> argparse.ArgumentParser:

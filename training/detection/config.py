@@ -19,6 +19,16 @@ from training.data import DataError
 from training.detection.datasets import DetectionSpec
 from training.detection.model import DetectorConfigError, DetectorSpec
 from training.detection.transforms import AugmentSpec
+from training.plan import PLAN_MODES
+
+# Issue-27 options at their "off" values: left out of config_hash (runs made before them still resume).
+LEVERS_OFF: dict[str, Any] = {
+    "ema": None,
+    "freeze_trunk_epochs": 0,
+    "plan": "off",
+    "augment.copy_paste": 0.0,
+    "augment.multiscale": [],
+}
 
 # DetectorSpec keys a user sets (the classes come from the data).
 MODEL_KEYS = tuple(f.name for f in fields(DetectorSpec) if f.name != "classes")
@@ -62,9 +72,17 @@ class DetTrainConfig:
     threads: int | None = None
     device: str = "auto"
     out: str = "runs/detector"
+    # Levers, off until bench/bench_defaults.py has measured them on both benchmarks (issue 27):
+    ema: float | None = None  # weight EMA decay (e.g. 0.999); evaluation and best.safetensors use the average
+    freeze_trunk_epochs: int = 0  # gradual unfreezing: trunk frozen this many epochs, then one stage per epoch
+    plan: str = "off"  # "auto": settings the user left unset are planned from the training data (training.plan)
+    pinned: tuple[str, ...] = ()  # run keys the user set (the planner keeps them); the CLI fills it
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", dict(self.model))
+        object.__setattr__(self, "pinned", tuple(self.pinned))
+        if self.plan not in PLAN_MODES:
+            raise DataError(f"plan: expected one of {PLAN_MODES}, got {self.plan!r}")
         detector_spec(("probe",), self.model)  # validates the model options now, with their key names
         for key in ("epochs", "batch_size"):
             v = getattr(self, key)
@@ -78,6 +96,14 @@ class DetTrainConfig:
                 raise DataError(f"{key}: expected a number {'> 0' if key == 'lr' else '>= 0'}, got {v!r}")
         if not 0.0 <= self.score_threshold <= 1.0:
             raise DataError(f"score_threshold: expected a score in [0, 1], got {self.score_threshold!r}")
+        from training.ema import check_decay
+
+        try:
+            check_decay(self.ema)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+        if not isinstance(self.freeze_trunk_epochs, int) or self.freeze_trunk_epochs < 0:
+            raise DataError(f"freeze_trunk_epochs: expected an integer >= 0, got {self.freeze_trunk_epochs!r}")
         for key in ("max_steps_per_epoch", "patience"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -100,14 +126,17 @@ class DetTrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["data"], d["augment"], d["model"] = self.data.to_dict(), self.augment.to_dict(), dict(self.model)
+        d["pinned"] = list(self.pinned)
         return {"task": "detection", **d}
 
     def with_(self, **kw: Any) -> DetTrainConfig:
         return replace(self, **kw)
 
     def hash(self) -> str:
-        d = self.to_dict()
-        for k in ("out", "threads", "device"):  # where and how fast, not what
+        from training.config_io import drop_when_off
+
+        d = drop_when_off(self.to_dict(), LEVERS_OFF)
+        for k in ("out", "threads", "device", "pinned"):  # where and how fast, not what
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -216,6 +216,9 @@ def extend_detector(
         raise ValueError(
             "--lambda auto scores grid points on the old line's val split, which is empty; give a fixed --lambda"
         )
+    from training.detection.planning import warn_small_data
+
+    warn_small_data(sets.new_train, sets.classes, echo, present_only=True)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", cfg.to_dict())

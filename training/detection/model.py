@@ -28,19 +28,19 @@ import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-from torchvision.ops.misc import FrozenBatchNorm2d
 
+from runtime.inference.boxes import FUSION_IOU
 from training.config_io import refuse_unknown
+from training.detection.heads import BoxPredictor, DetectorConfigError, freeze_batchnorm
+from training.detection.tv_detectors import COCO_DETECTORS
 
 DEFAULT_DETECTOR_BACKBONE = "efficientnet_lite0"
+# The project trunks' anchors: small (16 px at stride 8) with thin aspect ratios (h/w) for scratches.
+TRUNK_ANCHORS: tuple[tuple[int, ...], tuple[float, ...]] = ((16, 32, 64, 128), (0.25, 0.5, 1.0, 2.0, 4.0))
 TRUNKS: dict[str, Callable[[DetectorSpec], Trunk]] = {}
-
-
-class DetectorConfigError(ValueError):
-    """A detector setting out of range; the message names the key."""
 
 
 def trunk(name: str) -> Callable:
@@ -62,8 +62,9 @@ class DetectorSpec:
     weights: str = "imagenet"  # "imagenet" | "none" | a backbone weights file
     image_size: tuple[int, int] = (320, 320)  # (H, W) model input, letterboxed
     fpn_channels: int = 128
-    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128)  # pixels, one per FPN map (s8, s16, s32, pool)
-    aspect_ratios: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # h/w; thin ratios for scratches and cracks
+    # None: the architecture's own (TRUNK_ANCHORS for the project trunks, COCO's for torchvision detectors)
+    anchor_sizes: tuple[int, ...] | None = None  # pixels; project trunks: one per FPN map (s8, s16, s32, pool)
+    aspect_ratios: tuple[float, ...] | None = None  # h/w
     rpn_pre_nms_train: int = 2000
     rpn_post_nms_train: int = 2000
     rpn_pre_nms_test: int = 150
@@ -74,27 +75,59 @@ class DetectorSpec:
     box_batch_size_per_image: int = 128
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
+    # flip-TTA weighted box fusion IoU (evaluate --tta, and the bundle's output.fusion_iou for stations)
+    fusion_iou: float = FUSION_IOU
     detections_per_img: int = 100
     representation_size: int = 1024  # TwoMLPHead width
     trainable_stages: int | None = None  # last N trunk stages train; None = all, 0 = trunk frozen
     frozen_bn: bool = True  # BatchNorm -> FrozenBatchNorm2d (batches of 2-8 images)
+    # "backbone": only the trunk starts pretrained (``weights``); "coco": the whole detector from torchvision's
+    # COCO checkpoint, box predictor replaced (backbone must be one of tv_detectors.COCO_DETECTORS)
+    det_init: str = "backbone"
+    det_weights: str | None = None  # the COCO checkpoint file; None: torch hub's cache
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
-        for key in ("image_size", "anchor_sizes", "aspect_ratios"):
-            object.__setattr__(self, key, tuple(getattr(self, key)))
         if not self.classes or len(set(self.classes)) != len(self.classes):
             raise DetectorConfigError(f"model.classes: expected distinct class names, got {list(self.classes)}")
-        if self.backbone not in TRUNKS:
+        if self.backbone not in TRUNKS and self.backbone not in COCO_DETECTORS:
             raise DetectorConfigError(
-                f"model.backbone: {self.backbone!r} has no detector trunk; available: {sorted(TRUNKS)}"
+                f"model.backbone: {self.backbone!r} has no detector trunk; available: "
+                f"{sorted(TRUNKS) + sorted(COCO_DETECTORS)}"
             )
+        arch = COCO_DETECTORS.get(self.backbone)
+        sizes, ratios = (arch.anchor_sizes, arch.aspect_ratios) if arch else TRUNK_ANCHORS
+        if self.anchor_sizes is None:
+            object.__setattr__(self, "anchor_sizes", sizes)
+        if self.aspect_ratios is None:
+            object.__setattr__(self, "aspect_ratios", ratios)
+        for key in ("image_size", "anchor_sizes", "aspect_ratios"):
+            object.__setattr__(self, key, tuple(getattr(self, key)))
+        if self.det_init not in ("backbone", "coco"):
+            raise DetectorConfigError(f"model.det_init: expected 'backbone' or 'coco', got {self.det_init!r}")
+        if self.det_init == "coco" and arch is None:
+            raise DetectorConfigError(
+                f"model.det_init: 'coco' needs a torchvision detector backbone ({', '.join(sorted(COCO_DETECTORS))}), "
+                f"got {self.backbone!r}"
+            )
+        if arch is not None and self.det_init == "backbone" and self.weights != "none":
+            raise DetectorConfigError(
+                f"model.weights: {self.backbone} starts from COCO (--det-init coco) or random (--weights none); "
+                "for an ImageNet-backbone start use the mobilenet_v3_large or resnet50 trunk"
+            )
+        if self.det_weights is not None and self.det_init != "coco":
+            raise DetectorConfigError("model.det_weights: a COCO checkpoint file needs det_init 'coco'")
         if len(self.image_size) != 2 or min(self.image_size) < 32 or any(s % 32 for s in self.image_size):
             raise DetectorConfigError(f"model.image_size: expected (H, W), multiples of 32, got {self.image_size}")
-        if len(self.anchor_sizes) != 4:
+        levels = 4 if arch is None else arch.levels if arch.per_level else None
+        if levels is not None and len(self.anchor_sizes or ()) != levels:
             raise DetectorConfigError(
-                f"model.anchor_sizes: expected 4 sizes (one per FPN map), got {self.anchor_sizes}"
+                f"model.anchor_sizes: expected {levels} sizes (one per FPN map), got {self.anchor_sizes}"
             )
+        if not self.anchor_sizes or min(self.anchor_sizes) < 1:
+            raise DetectorConfigError(f"model.anchor_sizes: expected positive sizes, got {self.anchor_sizes}")
+        if not 0.0 < self.fusion_iou < 1.0:
+            raise DetectorConfigError(f"model.fusion_iou: expected an IoU in (0, 1), got {self.fusion_iou!r}")
         if not self.aspect_ratios or min(self.aspect_ratios) <= 0:
             raise DetectorConfigError(f"model.aspect_ratios: expected positive ratios, got {self.aspect_ratios}")
         for f in fields(self):
@@ -172,65 +205,27 @@ class FPNBackbone(nn.Module):
         return self.fpn(self.body(x))
 
 
-class BoxPredictor(FastRCNNPredictor):
-    """``FastRCNNPredictor`` that knows its class names (index 0 = background) and can grow."""
+def build_detector(spec: DetectorSpec, pretrained: bool = True) -> FasterRCNN:
+    """A torchvision ``FasterRCNN`` for ``spec``; ``model.roi_heads.box_predictor`` is a :class:`BoxPredictor`.
+    ``pretrained=False``: no weights are loaded (a checkpoint's will be)."""
+    if spec.backbone in COCO_DETECTORS:
+        from training.detection.tv_detectors import build_tv_detector
 
-    def __init__(self, in_channels: int, classes: Sequence[str]) -> None:
-        super().__init__(in_channels, len(classes) + 1)
-        self.classes = list(classes)
+        model = build_tv_detector(spec, pretrained)
+        model.detector_spec = spec
+        return model
+    if not pretrained:
+        from dataclasses import replace
 
-    def grow_classes(self, new_names: Sequence[str]) -> list[int]:
-        """Append classes; old rows of ``cls_score`` / ``bbox_pred`` are copied bit-exact. Returns the new labels."""
-        new_names = [str(n) for n in new_names]
-        clash = sorted(set(new_names) & set(self.classes)) or sorted({n for n in new_names if new_names.count(n) > 1})
-        if clash or not new_names:
-            raise DetectorConfigError(
-                f"grow_classes: expected new distinct names, got {new_names} (existing: {self.classes})"
-            )
-        old_cls: nn.Linear = self.cls_score  # type: ignore[has-type]
-        old_box: nn.Linear = self.bbox_pred  # type: ignore[has-type]
-        k = old_cls.out_features + len(new_names)
-        cls = nn.Linear(old_cls.in_features, k).to(old_cls.weight)
-        box = nn.Linear(old_box.in_features, 4 * k).to(old_box.weight)
-        with torch.no_grad():
-            cls.weight[: old_cls.out_features] = old_cls.weight
-            cls.bias[: old_cls.out_features] = old_cls.bias
-            box.weight[: old_box.out_features] = old_box.weight
-            box.bias[: old_box.out_features] = old_box.bias
-        self.cls_score, self.bbox_pred = cls, box
-        start = len(self.classes) + 1
-        self.classes += new_names
-        return list(range(start, start + len(new_names)))
-
-
-def freeze_batchnorm(module: nn.Module) -> int:
-    """Replace every BatchNorm2d under ``module`` by a FrozenBatchNorm2d with the same statistics."""
-    n = 0
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-            with torch.no_grad():
-                frozen.weight.copy_(child.weight)
-                frozen.bias.copy_(child.bias)
-                frozen.running_mean.copy_(child.running_mean)
-                frozen.running_var.copy_(child.running_var)
-            setattr(module, name, frozen)
-            n += 1
-        else:
-            n += freeze_batchnorm(child)
-    return n
-
-
-def build_detector(spec: DetectorSpec) -> FasterRCNN:
-    """A torchvision ``FasterRCNN`` for ``spec``; ``model.roi_heads.box_predictor`` is a :class:`BoxPredictor`."""
+        spec = replace(spec, weights="none")
     body = TRUNKS[spec.backbone](spec)
     if spec.frozen_bn:
         freeze_batchnorm(body)
     body.set_trainable(spec.trainable_stages)
     backbone = FPNBackbone(body, spec.fpn_channels)
     anchors = AnchorGenerator(
-        sizes=tuple((s,) for s in spec.anchor_sizes),
-        aspect_ratios=(tuple(spec.aspect_ratios),) * len(spec.anchor_sizes),
+        sizes=tuple((s,) for s in spec.anchor_sizes or ()),
+        aspect_ratios=(tuple(spec.aspect_ratios or ()),) * len(spec.anchor_sizes or ()),
     )
     roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2"], output_size=7, sampling_ratio=2)
     head = TwoMLPHead(spec.fpn_channels * 7 * 7, spec.representation_size)
@@ -258,6 +253,27 @@ def build_detector(spec: DetectorSpec) -> FasterRCNN:
     )
     model.detector_spec = spec
     return model
+
+
+def trunk_stages(model: nn.Module) -> int:
+    """How many trunk stages ``set_trunk_trainable`` counts."""
+    body = model.backbone.body  # type: ignore[union-attr]
+    if isinstance(body, Trunk):
+        return len(body.stages)
+    from training.detection.tv_detectors import body_stages
+
+    return len(body_stages(model))
+
+
+def set_trunk_trainable(model: nn.Module, n: int | None) -> None:
+    """Train the last ``n`` trunk stages (None: all) of any detector ``build_detector`` makes."""
+    body = model.backbone.body  # type: ignore[union-attr]
+    if isinstance(body, Trunk):
+        body.set_trainable(n)
+    else:
+        from training.detection.tv_detectors import set_trainable
+
+        set_trainable(model, n)
 
 
 # -- trunks ---------------------------------------------------------------------------------
@@ -369,10 +385,13 @@ __all__ = [
     "BoxPredictor",
     "DetectorConfigError",
     "DetectorSpec",
+    "TRUNK_ANCHORS",
     "FPNBackbone",
     "TRUNKS",
     "Trunk",
     "build_detector",
     "freeze_batchnorm",
+    "set_trunk_trainable",
+    "trunk_stages",
     "trunk",
 ]

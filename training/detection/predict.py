@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from runtime.inference.boxes import unflip_boxes, weighted_box_fusion
+from runtime.inference.boxes import FUSION_IOU, unflip_boxes, weighted_box_fusion
 from training.detection.loader import DetectionDataset
 
 TTA_VIEWS = ("original", "hflip", "vflip", "rot180")
@@ -29,9 +29,12 @@ def predict(
     dataset: DetectionDataset,
     views: Sequence[str] = ("original",),
     batch_size: int = 4,
-    iou_thr: float = 0.55,
+    iou_thr: float | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per image (boxes (N,4) original pixels, scores (N,), labels (N,) 0-based class indices)."""
+    """Per image (boxes (N,4) original pixels, scores (N,), labels (N,) 0-based class indices). Views are fused
+    at ``iou_thr`` (None: the detector spec's ``fusion_iou``, which the bundle gives stations)."""
+    spec = getattr(model, "detector_spec", None)
+    fuse_iou = iou_thr if iou_thr is not None else (spec.fusion_iou if spec is not None else FUSION_IOU)
     bad = [v for v in views if v not in TTA_VIEWS]
     if bad or not views:
         raise ValueError(f"tta views: expected some of {TTA_VIEWS}, got {list(views)}")
@@ -49,7 +52,7 @@ def predict(
                 per_view.append(
                     (unflip_boxes(d["boxes"].numpy(), w, h, v), d["scores"].numpy(), d["labels"].numpy() - 1)
                 )
-            boxes, scores, labels = per_view[0] if len(views) == 1 else weighted_box_fusion(per_view, iou_thr)
+            boxes, scores, labels = per_view[0] if len(views) == 1 else weighted_box_fusion(per_view, fuse_iou)
             out.append(
                 (target["geometry"].to_original(boxes), np.asarray(scores, np.float32), np.asarray(labels, np.int64))
             )

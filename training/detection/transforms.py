@@ -30,10 +30,18 @@ class AugmentSpec:
     contrast: float = 0.2
     scale: tuple[float, float] = (0.8, 1.2)  # zoom about the centre, same canvas; (1, 1) = off
     min_box_size: float = 2.0  # pixels: boxes cut thinner than this by the zoom are dropped
+    # Levers, off until measured (issue 27): copy-paste probability (defect crops of other training images
+    # pasted onto an image, training.detection.copy_paste) and multi-scale factors of the input's short side
+    # (each training image resized to one at random by the model's transform; evaluation stays at 1.0)
+    copy_paste: float = 0.0
+    multiscale: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", tuple(float(v) for v in self.scale))
-        for key in ("hflip", "vflip"):
+        object.__setattr__(self, "multiscale", tuple(float(v) for v in self.multiscale))
+        if any(not 0.25 <= v <= 4.0 for v in self.multiscale):
+            raise DataError(f"augment.multiscale: expected factors in [0.25, 4], got {self.multiscale}")
+        for key in ("hflip", "vflip", "copy_paste"):
             v = getattr(self, key)
             if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise DataError(f"augment.{key}: expected a probability in [0, 1], got {v!r}")
@@ -52,6 +60,7 @@ class AugmentSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["scale"] = list(self.scale)
+        d["multiscale"] = list(self.multiscale)
         return d
 
 
