@@ -231,12 +231,7 @@ def run(
         f"train/val/test, classes {[classes[c] for c in new.present_classes()]}; old tasks "
         f"{[t.name for t in olds] or 'none'}"
     )
-    from .plan import classification_fingerprint, small_data_warnings
-
-    names = [new_splits.classes[smp.label] for smp in new_splits.train]
-    if names:  # counts only (sizes unread); the same warning as train
-        for w in small_data_warnings(classification_fingerprint([(1, 1)] * len(names), names), "images"):
-            echo(f"warning: {w}")
+    _warn_small_data([new_splits.classes[smp.label] for smp in new_splits.train], echo)
 
     if state is None and cfg.method == "ewc":
         state = _compute_missing_state(cfg, model, card, olds, fpath, progress, echo)
@@ -254,6 +249,15 @@ def run(
     echo(summary_text(report))
     echo(f"-> {out}")
     return report
+
+
+def _warn_small_data(names: list[str], echo: Callable[[str], None]) -> None:
+    """The same too-small-to-learn-from warning as train (counts only: image sizes unread)."""
+    from .plan import classification_fingerprint, small_data_warnings
+
+    if names:
+        for w in small_data_warnings(classification_fingerprint([(1, 1)] * len(names), names), "images"):
+            echo(f"warning: {w}")
 
 
 def _write_run(out: Path, cfg: ExtendConfig, card, model, classes: list[str], new: TaskSet, outcome: Outcome) -> None:
