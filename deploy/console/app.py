@@ -392,16 +392,11 @@ def _valid_boxes(boxes: Any) -> bool:
 
 def _check_curve_keys(cfg: ConsoleConfig) -> None:
     """Refuse a CURVE secret key other local accounts could read, as the station daemon does."""
-    from runtime.serving.publisher import PublisherError, check_secret_key_file
+    from runtime.serving.curve_keys import secret_key_problem
 
     for i, st in enumerate(cfg.stations):
-        if st.curve is None:
-            continue
-        try:
-            check_secret_key_file(st.curve.client_secret_key)
-        except PublisherError as exc:
-            why = str(exc).split("': ", 1)[-1]  # drop the daemon's key name, keep the reason
-            raise ConsoleConfigError(f"{cfg.source}: key 'stations[{i}].curve.client_secret_key': {why}") from None
+        if st.curve is not None and (why := secret_key_problem(st.curve.client_secret_key)):
+            raise ConsoleConfigError(f"{cfg.source}: key 'stations[{i}].curve.client_secret_key': {why}")
 
 
 def create_app(cfg: ConsoleConfig, store: Store | None = None) -> Starlette:

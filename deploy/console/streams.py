@@ -51,18 +51,9 @@ def _socket(ctx: zmq.asyncio.Context, st: StationEntry) -> zmq.asyncio.Socket:
     sock.setsockopt(zmq.RECONNECT_IVL, 200)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
     if st.curve is not None:
-        from zmq import auth as zauth
+        from runtime.serving.curve_keys import client_keys
 
-        server_public, _ = zauth.load_certificate(str(st.curve.server_public_key))
-        public, secret = zauth.load_certificate(str(st.curve.client_secret_key))
-        if not secret:
-            raise ValueError(
-                f"key 'stations.{st.name}.curve.client_secret_key': {st.curve.client_secret_key} "
-                f"holds no secret key (use the .key_secret file)"
-            )
-        sock.curve_serverkey = server_public
-        sock.curve_publickey = public
-        sock.curve_secretkey = secret
+        client_keys(st.curve.server_public_key, st.curve.client_secret_key, f"stations.{st.name}.curve").apply(sock)
     sock.setsockopt_string(zmq.SUBSCRIBE, f"{st.name}.")
     sock.setsockopt_string(zmq.SUBSCRIBE, f"{PREVIEW_PREFIX}{st.name}.")
     sock.connect(st.endpoint)

@@ -24,6 +24,7 @@ import zmq.asyncio
 from deploy.console.webhook import read_secret, sign
 from deploy.plc.config import Address, PlcConfig, Reject
 from deploy.plc.writers import ModbusWriter, OpcUaWriter, WriteFailed, Writer
+from runtime.serving.curve_keys import client_keys
 from runtime.serving.messages import MAX_MESSAGE_BYTES, SchemaError, decode, validate
 
 log = logging.getLogger("defectscope.plc")
@@ -125,6 +126,10 @@ class Bridge:
             s = ctx.socket(zmq.SUB)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_MESSAGE_BYTES)
+            if st.curve is not None:
+                client_keys(st.curve.server_public_key, st.curve.client_secret_key, f"stations.{st.name}.curve").apply(
+                    s
+                )
             for i in by_station[st.name]:
                 s.setsockopt_string(zmq.SUBSCRIBE, f"{st.name}.{self.cfg.rejects[i].camera}.")
             s.connect(st.endpoint)

@@ -103,13 +103,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {exc.name} is not installed: pip install 'defectscope[plc]'", file=sys.stderr)
         return 2
     from deploy.plc.config import PlcConfigError, load
+    from runtime.serving.curve_keys import CurveKeyError, client_keys
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load(args.config)
         if cfg.listen.secret_file is not None:
             cfg.listen.secret_file.read_bytes()
-    except PlcConfigError as exc:
+        for i, st in enumerate(cfg.stations):  # a bad key file stops the start, not the subscriber task later
+            if st.curve is not None:
+                client_keys(st.curve.server_public_key, st.curve.client_secret_key, f"stations[{i}].curve")
+    except (PlcConfigError, CurveKeyError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

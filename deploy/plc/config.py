@@ -23,6 +23,7 @@ console_ok = 2                    # the console's webhook is heard
 [[stations]]
 name = "line1"
 endpoint = "tcp://10.0.0.3:5555"
+# curve = { server_public_key = "line1.key", client_secret_key = "plc.key_secret" }  # a CURVE station
 
 [[rejects]]                       # per part, straight from the station's ZeroMQ stream
 station = "line1"
@@ -84,9 +85,16 @@ class Outputs:
 
 
 @dataclass(frozen=True)
+class Curve:
+    server_public_key: Path  # the station's public key (its .key file)
+    client_secret_key: Path  # this bridge's .key_secret, mode 0600: the station must list its public key
+
+
+@dataclass(frozen=True)
 class Station:
     name: str
     endpoint: str
+    curve: Curve | None = None
 
 
 @dataclass(frozen=True)
@@ -183,12 +191,19 @@ def from_dict(data: Mapping[str, Any], src: str = "<dict>", base: Path | None = 
     )
     stations = []
     for i, t in enumerate(data.get("stations", [])):
-        t = _table(t, f"stations[{i}]", {"name", "endpoint"}, src)
+        t = _table(t, f"stations[{i}]", {"name", "endpoint", "curve"}, src)
         if not isinstance(t.get("name"), str) or not NAME.match(t["name"]):
             raise PlcConfigError(f"{src}: key 'stations[{i}].name': expected letters, digits, '_', '-'")
         if not isinstance(t.get("endpoint"), str) or not re.match(r"^(tcp|ipc|inproc)://.+", t["endpoint"]):
             raise PlcConfigError(f"{src}: key 'stations[{i}].endpoint': expected a ZeroMQ endpoint")
-        stations.append(Station(t["name"], t["endpoint"]))
+        curve = None
+        if "curve" in t:
+            ct = _table(t["curve"], f"stations[{i}].curve", {"server_public_key", "client_secret_key"}, src)
+            for k in ("server_public_key", "client_secret_key"):
+                if not isinstance(ct.get(k), str) or not ct[k]:
+                    raise PlcConfigError(f"{src}: key 'stations[{i}].curve.{k}': expected a path")
+            curve = Curve(base / ct["server_public_key"], base / ct["client_secret_key"])
+        stations.append(Station(t["name"], t["endpoint"], curve))
     names = {s.name for s in stations}
     rejects = []
     for i, t in enumerate(data.get("rejects", [])):

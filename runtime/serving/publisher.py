@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,6 +21,7 @@ import zmq
 
 from runtime.config.station import PublisherConfig
 from runtime.config.types import curve_allow_list_error
+from runtime.serving.curve_keys import secret_key_problem
 from runtime.serving.messages import encode
 from runtime.serving.subscriptions import SubscriptionGate
 
@@ -34,16 +34,8 @@ class PublisherError(RuntimeError):
 
 def check_secret_key_file(path: os.PathLike[str] | str) -> None:
     """Refuse a CURVE secret key that another local account could read (or swap)."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise PublisherError(f"key 'publisher.curve.server_secret_key': {path}: {exc.strerror or exc}") from None
-    if st.st_mode & 0o077:
-        raise PublisherError(
-            f"key 'publisher.curve.server_secret_key': {path} has mode "
-            f"{stat.S_IMODE(st.st_mode):04o}; a secret key must not be readable or writable by "
-            "group or others (chmod 600, owned by the daemon's user)"
-        )
+    if why := secret_key_problem(path):
+        raise PublisherError(f"key 'publisher.curve.server_secret_key': {why}")
 
 
 # What libzmq reads from one subscriber ahead of the daemon: messages queued in its pipe, and

@@ -256,17 +256,14 @@ def _socket(args: argparse.Namespace) -> Any:
     sock.setsockopt(zmq.RCVHWM, 10000)
     sock.setsockopt(zmq.LINGER, 0)
     if args.curve_server_key:
-        import zmq.auth
+        from runtime.serving.curve_keys import CurveKeyError, client_keys
 
-        server_public, _ = zmq.auth.load_certificate(args.curve_server_key)
         if not args.curve_client_key:
             raise SystemExit("defectscope watch: --curve-server-key needs --curve-client-key (your .key_secret)")
-        public, secret = zmq.auth.load_certificate(args.curve_client_key)
-        if not secret:
-            raise SystemExit(f"defectscope watch: {args.curve_client_key} holds no secret key")
-        sock.curve_serverkey = server_public
-        sock.curve_publickey = public
-        sock.curve_secretkey = secret
+        try:
+            client_keys(args.curve_server_key, args.curve_client_key, "--curve").apply(sock)
+        except CurveKeyError as exc:
+            raise SystemExit(f"defectscope watch: {exc}") from None
     if args.station and args.camera:
         topics = [f"{args.station}.{c}." for c in args.camera] + [f"{args.station}.{STATUS}"]
     elif args.station:

@@ -300,3 +300,58 @@ def test_config_errors_are_one_line_naming_the_key(tmp_path, body, key):
         timeout=60,
     )
     assert r.returncode == 2 and key in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_curve_station_reaches_the_plc_and_a_readable_bridge_key_is_refused(tmp_path):
+    """A station on the network streams with CURVE and an allow-list: the bridge subscribes with its own
+    key pair, and refuses to start with a secret key other accounts could read (as daemon and console do)."""
+    import zmq.auth
+    from zmq.auth.thread import ThreadAuthenticator
+
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    keys.mkdir()
+    allowed.mkdir()
+    srv_pub, srv_sec = zmq.auth.create_certificates(keys, "station")
+    cli_pub, cli_sec = zmq.auth.create_certificates(keys, "plc")
+    os.chmod(cli_sec, 0o600)
+    (allowed / "plc.key").write_bytes(Path(cli_pub).read_bytes())
+    spub, ssec = zmq.auth.load_certificate(srv_sec)
+    plc = ModbusPlc()
+    st = FakeStation("st1", curve_secret=ssec, curve_public=spub)
+    auth = ThreadAuthenticator(st.ctx)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(allowed))
+    bport = free_port()
+    body = (
+        f'[modbus]\nhost = "127.0.0.1"\nport = {plc.port}\n\n'
+        "[outputs]\nalarm_active = 0\nalarm_unacknowledged = 1\nconsole_ok = 2\n\n"
+        f'[[stations]]\nname = "st1"\nendpoint = "{st.endpoint}"\n'
+        f'curve = {{ server_public_key = "{srv_pub}", client_secret_key = "{cli_sec}" }}\n\n'
+        '[[rejects]]\nstation = "st1"\ncamera = "cam1"\ncount = 5\n'
+    )
+    proc = None
+    try:
+        proc = start_bridge(tmp_path, body, bport)
+        _reject_until_subscribed(st, bport)
+        for seq in (1, 2):
+            st.verdict("cam1", seq, "defect")
+        wait_for(lambda: plc.last(6, 5) == 2, 10, "reject counter 2 through the CURVE stream")
+    finally:
+        if proc is not None:
+            err = stop_bridge(proc)
+            assert "Traceback" not in err, err[-3000:]
+        auth.stop()
+        st.close()
+        plc.close()
+    os.chmod(cli_sec, 0o640)
+    r = subprocess.run(
+        [sys.executable, "-c", "import sys; from defectscope.cli import main; sys.exit(main(sys.argv[1:]))"]
+        + ["plc", "--config", str(tmp_path / "plc.toml")],
+        cwd=str(ROOT),
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "stations[0].curve.client_secret_key" in r.stderr and "0640" in r.stderr, r.stderr
