@@ -84,8 +84,9 @@ def test_camera_daemon_and_console_each_stop_and_come_back(browser, console_fact
             line.active.add("cam1")
         page.wait_for_selector(_tile("cam1", "live"), timeout=10_000)
 
-        # a camera the station no longer has disappears
+        # a camera the station no longer has (gone from its config: no heartbeat entry, no verdicts) disappears
         with line.lock:
+            line.active.discard("cam3")
             line.st.cameras = {k: v for k, v in line.st.cameras.items() if k != "cam3"}
         page.wait_for_selector(_tile("cam3"), state="detached", timeout=10_000)
 
