@@ -275,7 +275,9 @@ def test_a_subscription_flood_is_capped_and_the_peer_dropped(caplog) -> None:
         rounds, dropped = map(int, out)
         assert rounds == 100 and dropped == rounds  # every attacking connection was cut (then refused)
         drops = metrics.registry.get_sample_value("defectscope_publisher_peers_dropped_total", {"reason": "peer_limit"})
-        assert 1 <= drops < rounds  # dropped, then refused at the handshake while banned (drop_ban_s)
+        # At least one drop; how many reconnects the ban then refuses depends on the machine's speed
+        # (test_a_dropped_peer_is_refused_for_drop_ban_s_then_served_again tests the ban itself).
+        assert drops >= 1
         assert [r.getMessage() for r in caplog.records if "dropped subscriber 127.0.0.2" in r.getMessage()]
         assert pub.poll_subscriptions() == 1  # only the good subscriber's subscription is applied
         assert received > 0 and len(_receive(good, pub, 5.0)) == 3
