@@ -9,6 +9,9 @@ taken from --base), then extended to line B with `defectscope extend` at its def
   cells -> the same defects on the polycrystalline cells.
 - ``camera`` (needs --base): line A = the --base run's data; line B = the same defects on other
   functional cells seen through another camera (gamma 0.6, 3x3 blur).
+- ``surfaces``: the second benchmark's generator (training.detection.surfaces), the same four
+  classes on brushed metal + wood grain (line A) -> woven fabric + painted plastic (line B),
+  ``--surface-images`` per line (seeds 0 and 1): a pair the ELPV generator did not make.
 - ``[NAME=]coco:A.json,B.json``: any two COCO sets (train.json, val.json/test.json beside): the
   pair not made by the ELPV generator (e.g. the second benchmark generator's lines).
 
@@ -117,6 +120,19 @@ def _generated_pair(ns: argparse.Namespace, out: Path, src_a: list[Any], src_b: 
     return a, b
 
 
+SURFACE_LINES = (("brushed_metal", "wood_grain"), ("woven_fabric", "painted_plastic"))
+
+
+def _surfaces_pair(ns: argparse.Namespace, out: Path) -> tuple[Path, Path]:
+    from training.detection.surfaces import SurfaceSpec, generate_detection
+
+    a, b = out / "line-a", out / "line-b"
+    for d, surfaces, seed in ((a, SURFACE_LINES[0], 0), (b, SURFACE_LINES[1], 1)):
+        if not (d / "train.json").is_file():
+            generate_detection(d, SurfaceSpec(images=ns.surface_images, seed=seed, surfaces=surfaces))
+    return a, b
+
+
 def _pair_data(pair: str, ns: argparse.Namespace, out: Path) -> tuple[str, Path, Path]:
     """``(name, line A folder, line B folder)`` of a --pair spec (see the module docstring)."""
     name, _, spec = pair.rpartition("=")
@@ -127,8 +143,10 @@ def _pair_data(pair: str, ns: argparse.Namespace, out: Path) -> tuple[str, Path,
         return name or f"{parts[0].parent.name}->{parts[1].parent.name}", parts[0].parent, parts[1].parent
     if spec == "camera":
         return name or "camera", *_camera_pair(ns, out)
+    if spec == "surfaces":
+        return name or "surfaces", *_surfaces_pair(ns, out)
     if spec != "elpv":
-        raise SystemExit(f"--pair {pair}: expected elpv, camera or [NAME=]coco:A.json,B.json")
+        raise SystemExit(f"--pair {pair}: expected elpv, camera, surfaces or [NAME=]coco:A.json,B.json")
     if ns.smoke:
         return name or "elpv", *_generated_pair(ns, out, _noise_cells(90, 8, 0), _noise_cells(170, 20, 1))
     from training.detection.synth import elpv_functional_cells_by_type
@@ -151,10 +169,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pair",
         action="append",
-        help="a pair of lines: elpv | camera | [NAME=]coco:A/train.json,B/train.json (repeatable; "
+        help="a pair of lines: elpv | camera | surfaces | [NAME=]coco:A/train.json,B/train.json (repeatable; "
         "default: elpv, or camera with --base; --smoke: elpv + a coco pair it generates)",
     )
     p.add_argument("--cells", type=int, default=160, help="cells per generated line (default 160)")
+    p.add_argument("--surface-images", type=int, default=400, help="images per line of the surfaces pair (70/15/15)")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--size", type=int, default=320)
     p.add_argument("--base-epochs", type=int, default=5)

@@ -42,6 +42,14 @@ class SurfaceSpec:
     images: int = 400  # detection images over all splits; classification: per class
     seed: int = 0
     max_defects: int = 3  # per detection image (0..max; about one in six images is clean)
+    # A product line's surfaces: two lines on different surfaces with the same classes make an
+    # EWC pair (``extend``) whose line B is new to line A's model.
+    surfaces: tuple[str, ...] = SURFACES
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.surfaces if s not in SURFACES]
+        if unknown or not self.surfaces:
+            raise ValueError(f"surfaces: expected some of {list(SURFACES)}, got {list(self.surfaces)}")
 
 
 def _noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
@@ -208,7 +216,7 @@ def generate_detection(out: Path, spec: SurfaceSpec) -> dict[str, int]:
     ann_id = 0
     for i in range(spec.images):
         split = _split_of(i, spec.images)
-        surface = SURFACES[int(rng.integers(len(SURFACES)))]
+        surface = spec.surfaces[int(rng.integers(len(spec.surfaces)))]
         size = SIZES[int(rng.integers(len(SIZES)))]
         k = 0 if rng.random() < 1 / 6 else int(rng.integers(1, spec.max_defects + 1))
         names = [DEFECT_CLASSES[int(rng.integers(len(DEFECT_CLASSES)))] for _ in range(k)]
@@ -245,7 +253,7 @@ def generate_classification(out: Path, spec: SurfaceSpec) -> dict[str, int]:
     for cls in CLASSIFICATION_CLASSES:
         for i in range(spec.images):
             split = _split_of(i, spec.images)
-            surface = SURFACES[int(rng.integers(len(SURFACES)))]
+            surface = spec.surfaces[int(rng.integers(len(spec.surfaces)))]
             _, img, boxes = render(rng, surface, (224, 224), [] if cls == "ok" else [cls])
             d = out / split / cls
             d.mkdir(parents=True, exist_ok=True)
@@ -260,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("detection", "classification"), default="detection")
     p.add_argument("--images", type=int, help="detection: images in all (400); classification: per class (80)")
     p.add_argument("--seed", type=int, default=SurfaceSpec.seed)
+    p.add_argument(
+        "--surfaces", help=f"comma list of surfaces, one product line's (default: all of {', '.join(SURFACES)})"
+    )
     p.add_argument("--force", action="store_true")
     return p
 
@@ -274,7 +285,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if n < 3:
         print("error: --images: expected at least 3 (one per split)", file=sys.stderr)
         return 2
-    spec = SurfaceSpec(images=n, seed=a.seed)
+    try:
+        surfaces = tuple(x.strip() for x in a.surfaces.split(",")) if a.surfaces else SURFACES
+        spec = SurfaceSpec(images=n, seed=a.seed, surfaces=surfaces)
+    except ValueError as e:
+        print(f"error: --{e}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     gen = generate_detection if a.task == "detection" else generate_classification
     counts = gen(out, spec)

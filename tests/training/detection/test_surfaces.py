@@ -61,3 +61,12 @@ def test_classification_set_has_five_classes(tmp_path):
     splits = resolve_splits(DataSpec(source="folder", path=str(out)))
     assert sorted(splits.classes) == sorted(CLASSIFICATION_CLASSES)
     assert len(splits.train) + len(splits.val) + len(splits.test) == 30
+
+
+def test_a_product_line_uses_only_its_surfaces(tmp_path, capsys):
+    out = tmp_path / "line-b"
+    assert main(["--out", str(out), "--images", "12", "--surfaces", "woven_fabric,painted_plastic"]) == 0
+    names = {p.stem.split("_", 1)[1] for p in (out / "images").rglob("*.png")}
+    assert names and names <= {"woven_fabric", "painted_plastic"}
+    assert main(["--out", str(tmp_path / "bad"), "--surfaces", "marble"]) == 2
+    assert "marble" in capsys.readouterr().err
