@@ -188,20 +188,22 @@ class Alarms:
                     if rule.matches(name):
                         reason = self.live.station_reason(name, mono)
                         down = reason is not None and reason.key in DAEMON_DOWN
-                        self._timed(
-                            rule, name, None, down, Text("alarm.station_down", station=name, reason=reason), now
-                        )
+                        text = Text("alarm.station_down", station=name, reason=reason) if down else None
+                        self._timed(rule, name, None, text, now)
             elif rule.kind == "camera_down":
                 for tile in list(self.live.tiles.values()):
                     if rule.matches(tile.station, tile.camera):
                         down = self.live.station_up(tile.station, mono) and tile.up is False
-                        reason = tile.cam_reason or CAMERA_DOWN
-                        text = Text("alarm.camera_down", station=tile.station, camera=tile.camera, reason=reason)
-                        self._timed(rule, tile.station, tile.camera, down, text, now)
+                        text = None  # composed only while down (rare), not every tick for every tile
+                        if down:
+                            reason = tile.cam_reason or CAMERA_DOWN
+                            text = Text("alarm.camera_down", station=tile.station, camera=tile.camera, reason=reason)
+                        self._timed(rule, tile.station, tile.camera, text, now)
 
-    def _timed(self, rule: Rule, station: str, camera: str | None, down: bool, message: Text, now: float) -> None:
+    def _timed(self, rule: Rule, station: str, camera: str | None, message: Text | None, now: float) -> None:
+        """``message``: why it is down (None: it is up)."""
         key = (rule.name, station, camera)
-        if not down:
+        if message is None:
             self.down_since.pop(key, None)
             self._set(rule, station, camera, False, message, now)
             return

@@ -197,3 +197,47 @@ def test_a_german_page_translates_tile_reasons_and_the_alarm_banner(browser, con
     finally:
         stop.set()
         st.close()
+
+
+def test_alarm_rows_keep_english_and_the_key_for_the_page(tmp_path):
+    from deploy.console.alarm_rules import Rule
+    from deploy.console.alarms import Alarms
+    from deploy.console.loadgen import status_message, verdict_message
+    from deploy.console.webhook import Webhook
+    from tests.deploy.console.test_alarms import _engine
+
+    alarms, store, _ = _engine(tmp_path, Rule("row", "defects_in_row", count=2), Rule("fb", "model_fallback"))
+    for seq in range(2):
+        alarms.on_verdict(verdict_message("st1", "cam1", seq, "defect"), now=100.0 + seq)
+    hb = status_message("st1", {"cam1": True})
+    hb["model"]["boot_fallback"] = "<b>bundle 2.0</b>\nrefused"
+    alarms.on_status(hb, now=102.0)
+    by_rule = {a["rule"]: a for a in alarms.views()}
+    row = by_rule["row"]
+    assert row["message"] == "st1/cam1: 2 defects in a row"  # English for the webhook, PLC bridge, logs
+    assert (row["message_key"], row["message_args"]) == (
+        "alarm.defects_in_row",
+        {"station": "st1", "camera": "cam1", "n": 2},
+    )
+    fb = by_rule["fb"]
+    assert fb["message_key"] == "alarm.model_fallback" and fb["message_args"]["detail"] == "<b>bundle 2.0</b> refused"
+    body = json.loads(Webhook.body("raised", row, alarms.views()))
+    assert body["alarm"]["message_key"] == "alarm.defects_in_row" and body["alarm"]["message"] == row["message"]
+    history = {h["rule"]: h for h in alarms.history()}  # stored rows: the page translates these too
+    assert history["row"]["message_args"] == row["message_args"] and history["row"]["message"] == row["message"]
+    again = Alarms(alarms.cfg, store.engine, alarms.live)  # reloaded after a restart
+    assert {a["message_key"] for a in again.views()} == {"alarm.defects_in_row", "alarm.model_fallback"}
+    store.close()
+
+
+def test_recent_snapshots_are_bounded_in_bytes_and_age():
+    from deploy.console.snapfiles import RecentSnapshots
+
+    cache = RecentSnapshots(max_bytes=800, max_age_s=60.0)
+    for i in range(10):
+        cache.put("/spool", f"{i}.jpg", bytes(100))
+    assert cache.size <= 800 and cache.get("/spool", "0.jpg") is None and cache.get("/spool", "9.jpg") == bytes(100)
+    cache.put("/spool", "big.jpg", bytes(500))  # over an eighth of the budget: never kept
+    assert cache.get("/spool", "big.jpg") is None
+    cache.max_age_s = 0.0
+    assert cache.get("/spool", "9.jpg") is None and "9.jpg" not in {k[1] for k in cache.items}
