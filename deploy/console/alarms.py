@@ -20,7 +20,7 @@ import json
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import sqlalchemy as sa
@@ -52,7 +52,11 @@ class Alarm:
     message_args: dict[str, Any] | None = None
 
     def view(self) -> dict[str, Any]:
-        return asdict(self)
+        """A plain dict (shallow: ``message_args`` is replaced, never changed, so readers may share it)."""
+        return {name: getattr(self, name) for name in FIELDS}
+
+
+FIELDS = tuple(f.name for f in fields(Alarm))
 
 
 def _message(text: Text) -> dict[str, Any]:

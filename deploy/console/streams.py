@@ -41,7 +41,7 @@ RCVHWM = 1000  # messages queued per station while the console is busy (~0.5 s o
 MAX_PENDING = 200_000  # rows held while the store is unreachable (~7 min of 16 cameras at 30/s)
 KEEPALIVE_S = 1.0  # a browser hears at least this often, so it can tell a quiet feed from a lost one
 TICK = '{"type":"tick"}'
-DRAIN = 2000  # at most this many messages of one station per wake-up, then the other tasks run
+DRAIN = RCVHWM  # messages of one station per wake-up at most (a full queue), then the other tasks run
 BATCH_S = 0.05  # a busy station's subscriber wakes at most every this (or an eighth of coalesce_ms)
 PREVIEW_TOPIC = PREVIEW_PREFIX.encode()
 

@@ -198,20 +198,40 @@ def status_message(
     }
 
 
-def _check(msg: Mapping[str, Any], fields: Mapping[str, Any], prefix: str = "") -> None:
+_Plan = list[tuple[str, Any, tuple[type, ...], bool]]
+_PLANS: dict[int, tuple[Mapping[str, Any], _Plan]] = {}
+
+
+def _plan(fields: Mapping[str, Any]) -> _Plan:
+    """``fields`` as (key, nested fields or None, accepted types, bool accepted), worked out once per schema."""
+    got = _PLANS.get(id(fields))
+    if got is not None and got[0] is fields:
+        return got[1]
+    plan: _Plan = []
     for key, kind in fields.items():
-        name = prefix + key
+        if isinstance(kind, Mapping):
+            plan.append((key, kind, (), False))
+        else:
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            plan.append((key, None, kinds, bool in kinds))
+    _PLANS[id(fields)] = (fields, plan)  # the schema is kept with its plan: its id is never reused
+    return plan
+
+
+def _check(msg: Mapping[str, Any], fields: Mapping[str, Any], prefix: str = "") -> None:
+    for key, nested, kinds, bool_ok in _plan(fields):
         if key not in msg:
-            raise SchemaError(f"key '{name}': missing")
+            raise SchemaError(f"key '{prefix + key}': missing")
         value = msg[key]
-        if isinstance(kind, dict):  # the schema's nested objects are dicts (a cheaper check than Mapping)
+        if nested is not None:
             if not isinstance(value, (dict, Mapping)):
-                raise SchemaError(f"key '{name}': expected an object, got {value!r:.60}")
-            _check(value, kind, name + ".")
+                raise SchemaError(f"key '{prefix + key}': expected an object, got {value!r:.60}")
+            _check(value, nested, prefix + key + ".")
             continue
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-            raise SchemaError(f"key '{name}': expected {'/'.join(k.__name__ for k in kinds)}, got {value!r:.60}")
+        if (value is True or value is False) and not bool_ok or not isinstance(value, kinds):
+            raise SchemaError(
+                f"key '{prefix + key}': expected {'/'.join(k.__name__ for k in kinds)}, got {value!r:.60}"
+            )
 
 
 def _within(value: Any, depth: int) -> bool:
