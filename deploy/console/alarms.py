@@ -8,21 +8,29 @@ one row per acknowledge. Rates use one-second buckets with running sums per came
 the restart; a condition still true re-activates them).
 
 Every change calls ``on_change`` (the webhook / PLC output and the browsers); times are unix seconds.
+An alarm's ``message`` is English (history, webhook, PLC bridge, logs); ``message_key`` and
+``message_args`` are the same text for the page to translate (texts.Text, static/i18n.js). Messages are
+composed only when an alarm changes, not per verdict; the rules that apply to a camera are looked up
+once per camera.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import sqlalchemy as sa
 
 from deploy.console.alarm_rules import AlarmConfig, Rule
-from deploy.console.live import Live
+from deploy.console.live import DAEMON_DOWN, Live
 from deploy.console.store import alarms as table
+from deploy.console.texts import Text
+
+CAMERA_DOWN = Text("reason.camera_down")
 
 Key = tuple[str, str, str | None]
 
@@ -40,9 +48,29 @@ class Alarm:
     cleared_at: float | None = None
     acked_by: str | None = None
     acked_at: float | None = None
+    message_key: str | None = None  # None: a row from before texts had keys (the page shows ``message``)
+    message_args: dict[str, Any] | None = None
 
     def view(self) -> dict[str, Any]:
-        return asdict(self)
+        """A plain dict (shallow: ``message_args`` is replaced, never changed, so readers may share it)."""
+        return {name: getattr(self, name) for name in FIELDS}
+
+
+FIELDS = tuple(f.name for f in fields(Alarm))
+
+
+def _message(text: Text) -> dict[str, Any]:
+    """The columns of a message: English text, key and arguments (JSON)."""
+    view = text.view()
+    return {"message": text.render(), "message_key": view["key"], "message_args": json.dumps(view["args"])}
+
+
+def _args(raw: Any) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class Window:
@@ -75,6 +103,10 @@ class Window:
             self.uncertain -= u
 
 
+def _cam(cam: tuple[str, str]) -> dict[str, str]:
+    return {"station": cam[0], "camera": cam[1]}
+
+
 class Alarms:
     def __init__(
         self,
@@ -91,6 +123,7 @@ class Alarms:
         self.windows: dict[tuple[str, str, float], Window] = {}
         self.in_row: dict[tuple[str, str], int] = {}
         self.down_since: dict[Key, float] = {}
+        self._rules: dict[tuple[str, str], tuple[list[Rule], list[float]]] = {}  # camera -> its rules, windows
         self.version = 0
         self._load()
 
@@ -98,43 +131,56 @@ class Alarms:
     def on_verdict(self, msg: Mapping[str, Any], now: float | None = None) -> None:
         now = time.time() if now is None else now
         station, camera, verdict = msg["station"], msg["camera"], msg["verdict"]
-        row = self.in_row[(station, camera)] = self.in_row.get((station, camera), 0) + 1 if verdict == "defect" else 0
-        rules = [r for r in self.cfg.rules if r.matches(station, camera)]
-        for window_s in {r.window_s for r in rules if r.kind in ("defect_rate", "uncertain_rate")}:
+        cam = (station, camera)
+        row = self.in_row[cam] = self.in_row.get(cam, 0) + 1 if verdict == "defect" else 0
+        got = self._rules.get(cam)
+        if got is None:
+            rules = [r for r in self.cfg.rules if r.matches(station, camera)]
+            windows = sorted({r.window_s for r in rules if r.kind in ("defect_rate", "uncertain_rate")})
+            got = self._rules[cam] = (rules, windows)
+        rules, windows = got
+        for window_s in windows:
             w = self.windows.get((station, camera, window_s))
             if w is None:
                 w = self.windows[(station, camera, window_s)] = Window(window_s)
             w.add(now, verdict)  # once per window, however many rules share it
         for rule in rules:
             if rule.kind == "defects_in_row":
-                self._set(rule, station, camera, row >= rule.count, f"{station}/{camera}: {row} defects in a row", now)
+                on = row >= rule.count
+                if self._changes(rule, station, camera, on):
+                    self._set(rule, station, camera, on, Text("alarm.defects_in_row", **_cam(cam), n=row), now)
             elif rule.kind in ("defect_rate", "uncertain_rate"):
                 w = self.windows[(station, camera, rule.window_s)]
-                what = rule.kind.split("_")[0]
-                frac = (w.defect if what == "defect" else w.uncertain) / w.total
-                self._set(
-                    rule,
-                    station,
-                    camera,
-                    w.total >= rule.min_frames and frac >= rule.threshold,
-                    f"{station}/{camera}: {what} rate {frac:.0%} over {rule.window_s:g} s "
-                    f"(alarm at {rule.threshold:.0%})",
-                    now,
-                )
+                frac = (w.defect if rule.kind == "defect_rate" else w.uncertain) / w.total
+                on = w.total >= rule.min_frames and frac >= rule.threshold
+                if self._changes(rule, station, camera, on):
+                    text = Text(
+                        "alarm.defect_rate" if rule.kind == "defect_rate" else "alarm.uncertain_rate",
+                        **_cam(cam),
+                        rate=round(100 * frac),
+                        window=rule.window_s,
+                        threshold=round(100 * rule.threshold),
+                    )
+                    self._set(rule, station, camera, on, text, now)
+
+    def _changes(self, rule: Rule, station: str, camera: str | None, on: bool) -> bool:
+        """Whether setting the rule's condition to ``on`` changes its alarm (most verdicts change nothing)."""
+        a = self.open.get((rule.name, station, camera))
+        return on != (a is not None and a.active)
 
     def on_status(self, msg: Mapping[str, Any], now: float | None = None) -> None:
         now = time.time() if now is None else now
         station = msg["station"]
         model = msg.get("model") if isinstance(msg.get("model"), Mapping) else {}
         reload = msg.get("last_reload") if isinstance(msg.get("last_reload"), Mapping) else {}
-        why = None
+        why = None  # the station's own words are arguments: cut and cleaned by Text, shown as text
         if isinstance(model, Mapping) and model.get("boot_fallback"):
-            why = f"model fallback: {str(model['boot_fallback'])[:200]}"
+            why = Text("alarm.model_fallback", station=station, detail=str(model["boot_fallback"]))
         elif isinstance(reload, Mapping) and reload.get("result") == "failed":
-            why = f"model refused: {str(reload.get('error'))[:200]}"
+            why = Text("alarm.model_refused", station=station, detail=str(reload.get("error")))
         for rule in self.cfg.rules:
             if rule.kind == "model_fallback" and rule.matches(station):
-                self._set(rule, station, None, why is not None, f"{station}: {why}", now)
+                self._set(rule, station, None, why is not None, why, now)
 
     def tick(self, now: float | None = None, mono: float | None = None) -> None:
         """Timed rules: camera and station down for ``for_s``."""
@@ -145,24 +191,23 @@ class Alarms:
                 for name in self.live.stations:
                     if rule.matches(name):
                         reason = self.live.station_reason(name, mono)
-                        down = reason is not None and reason.startswith(("daemon down", "daemon stop"))
-                        self._timed(rule, name, None, down, f"{name}: station down ({reason})", now)
+                        down = reason is not None and reason.key in DAEMON_DOWN
+                        text = Text("alarm.station_down", station=name, reason=reason) if down else None
+                        self._timed(rule, name, None, text, now)
             elif rule.kind == "camera_down":
                 for tile in list(self.live.tiles.values()):
                     if rule.matches(tile.station, tile.camera):
                         down = self.live.station_up(tile.station, mono) and tile.up is False
-                        self._timed(
-                            rule,
-                            tile.station,
-                            tile.camera,
-                            down,
-                            f"{tile.station}/{tile.camera}: {tile.cam_reason or 'camera down'}",
-                            now,
-                        )
+                        text = None  # composed only while down (rare), not every tick for every tile
+                        if down:
+                            reason = tile.cam_reason or CAMERA_DOWN
+                            text = Text("alarm.camera_down", station=tile.station, camera=tile.camera, reason=reason)
+                        self._timed(rule, tile.station, tile.camera, text, now)
 
-    def _timed(self, rule: Rule, station: str, camera: str | None, down: bool, message: str, now: float) -> None:
+    def _timed(self, rule: Rule, station: str, camera: str | None, message: Text | None, now: float) -> None:
+        """``message``: why it is down (None: it is up)."""
         key = (rule.name, station, camera)
-        if not down:
+        if message is None:
             self.down_since.pop(key, None)
             self._set(rule, station, camera, False, message, now)
             return
@@ -171,27 +216,41 @@ class Alarms:
             self._set(rule, station, camera, True, message, now)
 
     # -- state ---------------------------------------------------------------------------------
-    def _set(self, rule: Rule, station: str, camera: str | None, on: bool, message: str, now: float) -> None:
+    def _set(self, rule: Rule, station: str, camera: str | None, on: bool, message: Text | None, now: float) -> None:
         key = (rule.name, station, camera)
         a = self.open.get(key)
         if on:
             if a is not None and a.active:
                 return
+            assert message is not None  # a condition that holds says why
+            cols = _message(message)
+            args = _args(cols["message_args"])
             if a is not None:  # back before anyone acknowledged it: the same alarm again
-                a.active, a.cleared_at, a.message = True, None, message
-                self._update(a, cleared_at=None, message=message)
+                a.active, a.cleared_at = True, None
+                a.message, a.message_key, a.message_args = cols["message"], cols["message_key"], args
+                self._update(a, cleared_at=None, **cols)
                 self._changed("raised", a)
                 return
             with self.engine.begin() as conn:
                 res = conn.execute(
                     table.insert().values(
-                        rule=rule.name, kind=rule.kind, station=station, camera=camera, message=message, raised_at=now
+                        rule=rule.name, kind=rule.kind, station=station, camera=camera, raised_at=now, **cols
                     )
                 )
                 pk = res.inserted_primary_key
                 assert pk is not None  # an INSERT always has one
                 new_id = int(pk[0])
-            a = self.open[key] = Alarm(new_id, rule.name, rule.kind, station, camera, message, now)
+            a = self.open[key] = Alarm(
+                new_id,
+                rule.name,
+                rule.kind,
+                station,
+                camera,
+                cols["message"],
+                now,
+                message_key=cols["message_key"],
+                message_args=args,
+            )
             self._changed("raised", a)
         elif a is not None and a.active:
             a.active, a.cleared_at = False, now
@@ -230,7 +289,8 @@ class Alarms:
             )  # re-raised below if the condition still holds
             rows = conn.execute(sa.select(table).where(table.c.acked_at.is_(None)).order_by(table.c.id)).mappings()
             for m in rows:
-                a = Alarm(**{k: m[k] for k in Alarm.__dataclass_fields__ if k != "active"}, active=False)
+                a = Alarm(**{k: m[k] for k in Alarm.__dataclass_fields__ if k not in ("active", "message_args")})
+                a.active, a.message_args = False, _args(m["message_args"])
                 self.open[(a.rule, a.station, a.camera)] = a
 
     # -- outputs -------------------------------------------------------------------------------
@@ -240,4 +300,4 @@ class Alarms:
     def history(self, limit: int = 200) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             q = sa.select(table).order_by(table.c.id.desc()).limit(limit)
-            return [dict(m) for m in conn.execute(q).mappings()]
+            return [dict(m) | {"message_args": _args(m["message_args"])} for m in conn.execute(q).mappings()]

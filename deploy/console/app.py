@@ -44,7 +44,7 @@ from deploy.console.login import LoginGate
 from deploy.console.metrics import ConsoleMetrics
 from deploy.console.middleware import install
 from deploy.console.shifts import routes as shift_routes
-from deploy.console.snapfiles import SnapshotRefused, read_snapshot
+from deploy.console.snapfiles import RecentSnapshots, SnapshotRefused, read_snapshot
 from deploy.console.store import REVIEW_ACTIONS, Store, StoreError
 from deploy.console.streams import Streams
 from deploy.console.users import Users
@@ -155,6 +155,7 @@ class Console:
         self.alarms = Alarms(cfg.alarms, store.engine, self.live, self._alarm_changed)
         self.streams.alarms = self.alarms
         self.gate = LoginGate(cfg.server, self.sessions, self.metrics)
+        self.recent_snapshots = RecentSnapshots()  # one read of a new snapshot serves every browser
 
     def _alarm_changed(self, event: str, alarm: Any) -> None:
         views = self.alarms.views()
@@ -319,12 +320,14 @@ class Console:
         st = self.cfg.station(request.path_params["station"])
         if st is None or st.snapshot_dir is None:
             raise HTTPException(404, "no snapshot directory for this station")
-        try:
-            data = await asyncio.to_thread(
-                read_snapshot, st.snapshot_dir, request.path_params["name"], self.cfg.server.max_snapshot_bytes
-            )
-        except SnapshotRefused as exc:
-            raise HTTPException(exc.status, exc.reason) from None
+        name = request.path_params["name"]
+        data = self.recent_snapshots.get(st.snapshot_dir, name)
+        if data is None:
+            try:
+                data = await asyncio.to_thread(read_snapshot, st.snapshot_dir, name, self.cfg.server.max_snapshot_bytes)
+            except SnapshotRefused as exc:
+                raise HTTPException(exc.status, exc.reason) from None
+            self.recent_snapshots.put(st.snapshot_dir, name, data)
         kind = "image/jpeg" if request.path_params["name"].endswith(".jpg") else "application/json"
         return Response(data, media_type=kind, headers={"cache-control": "private, max-age=3600"})
 

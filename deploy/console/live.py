@@ -13,7 +13,11 @@ Never stale: each tile carries ``status`` ("live" or "no_signal"), the ``reason`
 live (daemon down / stopping / starting, model reloading, camera down and why) and ``age_s``, the
 seconds since its last verdict reached the console at the time of the push; the page adds its
 own elapsed time and shows STALE past ``server.stale_after_s``. A camera a heartbeat no longer
-lists is removed (``removed`` in the delta).
+lists is removed (``removed`` in the delta). Reasons are texts.Text: ``reason`` is the English text,
+``reason_key`` / ``reason_args`` what the page translates (static/i18n.js).
+
+Cheap per verdict: a verdict is kept as it came (``Tile.msg``) and projected for browsers only when a
+push or an event needs it (at 30 fps and a 250 ms push, most verdicts are never shown).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deploy.console.config import ConsoleConfig
+from deploy.console.texts import Text
 
 DEFECT_WINDOW_S = 60.0
 MAX_CAMERAS = 64  # tiles per station: a forged heartbeat listing 10**6 cameras must not exhaust memory
@@ -66,24 +71,49 @@ def _box_view(d: Any) -> dict[str, Any]:
     return {"box": d.get("box"), "score": d.get("score"), "class": _text(d.get("class"))}
 
 
+def reason_fields(reason: Text | None) -> dict[str, Any]:
+    """``reason`` (English, for any reader) and ``reason_key`` / ``reason_args`` (for the page to translate)."""
+    if reason is None:
+        return {"reason": None, "reason_key": None, "reason_args": None}
+    view = reason.view()
+    return {"reason": reason.render(), "reason_key": view["key"], "reason_args": view["args"]}
+
+
+NO_FRAME_YET = Text("reason.camera_no_frame_yet")
+
+
 @dataclass
 class Tile:
     station: str
     camera: str
-    last: dict[str, Any] | None = None
+    msg: Mapping[str, Any] | None = None  # the last verdict as it came; projected by ``last``
+    uid: str = ""
+    view_of: tuple[Mapping[str, Any] | None, dict[str, Any] | None] = (None, None)  # (msg, its projection)
     defects: deque[float] = field(default_factory=deque)  # monotonic times of defects, last minute
     count: int = 0
     preview: bytes | None = None
     preview_seq: int = 0
     up: bool | None = None  # from the station heartbeat
-    cam_reason: str | None = None  # why the heartbeat says the camera is down
+    cam_reason: Text | None = None  # why the heartbeat says the camera is down
     last_at: float | None = None  # monotonic time the last verdict arrived
 
-    def view(self, now: float, station_reason: str | None) -> dict[str, Any]:
+    @property
+    def last(self) -> dict[str, Any] | None:
+        """The browsers' projection of the last verdict (made once per verdict shown, not per verdict)."""
+        msg, view = self.view_of
+        if msg is not self.msg:
+            try:
+                view = None if self.msg is None else verdict_view(self.msg, self.uid)
+            except (KeyError, TypeError, AttributeError, ValueError):  # validated messages do not; never the push
+                view = None
+            self.view_of = (self.msg, view)
+        return view
+
+    def view(self, now: float, station_reason: Text | None) -> dict[str, Any]:
         while self.defects and now - self.defects[0] > DEFECT_WINDOW_S:
             self.defects.popleft()
-        cam_up = self.up if self.up is not None else self.last is not None
-        reason = station_reason or (None if cam_up else (self.cam_reason or "camera down: no frame yet"))
+        cam_up = self.up if self.up is not None else self.msg is not None
+        reason = station_reason or (None if cam_up else (self.cam_reason or NO_FRAME_YET))
         return {
             "id": f"{self.station}/{self.camera}",
             "station": self.station,
@@ -94,26 +124,36 @@ class Tile:
             "preview_seq": self.preview_seq if self.preview is not None else None,
             "up": reason is None,
             "status": "live" if reason is None else "no_signal",
-            "reason": reason,
+            **reason_fields(reason),
             "age_s": None if self.last_at is None else round(max(0.0, now - self.last_at), 3),
         }
 
 
-def camera_reason(info: Mapping[str, Any]) -> str | None:
+def camera_reason(info: Mapping[str, Any]) -> Text | None:
     """Why a heartbeat's camera entry is down (None when up): finished source, no frame yet or for how long."""
     if info.get("up"):
         return None
     age = info.get("last_frame_age_s")
-    if info.get("finished") is True:
-        why = "source ended"
-    elif isinstance(age, (int, float)) and not isinstance(age, bool) and math.isfinite(age):
-        why = f"no frame for {min(age, 1e9):.0f} s"
-    else:
-        why = "no frame yet"
     errors = info.get("decode_errors")
+    unreadable = None
     if isinstance(errors, int) and not isinstance(errors, bool) and errors > 0:
-        why += f", {min(errors, 10**12)} unreadable frames"
-    return "camera down: " + why
+        unreadable = Text("reason.unreadable_frames", n=min(errors, 10**12))
+    if info.get("finished") is True:
+        return Text("reason.camera_ended", errors=unreadable)
+    if isinstance(age, (int, float)) and not isinstance(age, bool) and math.isfinite(age):
+        return Text("reason.camera_no_frame_for", s=round(min(age, 1e9)), errors=unreadable)
+    return Text("reason.camera_no_frame_yet", errors=unreadable)
+
+
+NO_HEARTBEAT_YET = Text("reason.no_heartbeat_yet")
+RELOADING = Text("reason.reloading")
+DAEMON_STATES = {  # a station's state other than serving -> why its tiles show no signal
+    "reloading": RELOADING,
+    "starting": Text("reason.daemon_starting"),
+    "stopping": Text("reason.daemon_stopping"),
+    "stopped": Text("reason.daemon_stopped"),
+}
+DAEMON_DOWN = {"reason.no_heartbeat_yet", "reason.no_heartbeat_for", "reason.daemon_stopping", "reason.daemon_stopped"}
 
 
 @dataclass
@@ -159,13 +199,15 @@ class Live:
         self.events: deque[dict[str, Any]] = deque(maxlen=cfg.server.events)
         self.dirty: set[str] = set()
         self.new_events: list[dict[str, Any]] = []
-        self._up: dict[str, str | None] = {}  # station -> its reason of the last push (None = up)
+        self._up: dict[str, Text | None] = {}  # station -> its reason of the last push (None = up)
         self.removed: set[str] = set()
         self.received = {"verdict": 0, "status": 0, "preview": 0, "rejected": 0}
 
     def accepts(self, msg: Mapping[str, Any]) -> bool:
         """False when ``msg`` would take a station past MAX_CAMERAS tiles."""
         station = msg["station"]
+        if msg["type"] == "verdict" and f"{station}/{msg['camera']}" in self.tiles:
+            return True  # a known tile (nearly every message): no count of the station's tiles
         cams = [msg["camera"]] if msg["type"] == "verdict" else list(msg["cameras"])
         have = {t.camera for t in self.tiles.values() if t.station == station}
         return len(have | set(cams)) <= MAX_CAMERAS
@@ -180,15 +222,17 @@ class Live:
     def on_verdict(self, msg: Mapping[str, Any], uid: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         tile = self._tile(msg["station"], msg["camera"])
-        view = verdict_view(msg, uid)
-        tile.last = view
+        tile.msg, tile.uid = msg, uid
         tile.last_at = now
         tile.count += 1
-        if msg["verdict"] == "defect":
+        verdict = msg["verdict"]
+        if verdict == "defect":
             tile.defects.append(now)
-        if msg["verdict"] in ("defect", "uncertain"):
-            self.events.appendleft(view)
-            self.new_events.append(view)
+        if verdict == "defect" or verdict == "uncertain":
+            view = tile.last  # events are few: projected now, and shared with the tile
+            if view is not None:
+                self.events.appendleft(view)
+                self.new_events.append(view)
         self.dirty.add(f"{tile.station}/{tile.camera}")
         self.received["verdict"] += 1
 
@@ -221,33 +265,35 @@ class Live:
         self.dirty.add(f"{station}/{camera}")
         self.received["preview"] += 1
 
-    def station_reason(self, name: str, now: float) -> str | None:
+    def station_reason(self, name: str, now: float) -> Text | None:
         """Why the station's tiles show no signal (None: serving and heard from recently)."""
         st = self.stations.get(name)
         if st is None or st.last_status is None:
-            return "daemon down: no heartbeat yet"
+            return NO_HEARTBEAT_YET
         if now - st.last_status > self.cfg.server.down_after_s:
-            return f"daemon down: no heartbeat for over {self.cfg.server.down_after_s:g} s"
-        if st.state == "reloading":
-            return "model reloading"
-        if st.state != "serving":
-            return f"daemon {st.state}"
-        return None
+            return Text("reason.no_heartbeat_for", s=self.cfg.server.down_after_s)
+        if st.state == "serving":
+            return None
+        return DAEMON_STATES.get(st.state) or Text("reason.daemon_state", state=st.state)
 
     def station_up(self, name: str, now: float) -> bool:
-        return self.station_reason(name, now) in (None, "model reloading")
+        reason = self.station_reason(name, now)
+        return reason is None or reason is RELOADING
 
     def _station_views(self, now: float) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": s.name,
-                "up": self.station_up(s.name, now),
-                "state": s.state,
-                "reason": self.station_reason(s.name, now),
-                "model": s.model,
-            }
-            for s in self.stations.values()
-        ]
+        views = []
+        for s in self.stations.values():
+            reason = self.station_reason(s.name, now)
+            views.append(
+                {
+                    "name": s.name,
+                    "up": reason is None or reason is RELOADING,
+                    "state": s.state,
+                    **reason_fields(reason),
+                    "model": s.model,
+                }
+            )
+        return views
 
     def full(self, now: float | None = None) -> dict[str, Any]:
         now = time.monotonic() if now is None else now

@@ -4,6 +4,10 @@ A request names a station and a file name; the name is checked against the spool
 scheme (no separators, no dot-files), opened relative to the configured spool directory with
 O_NOFOLLOW (a symlink planted in the spool is refused, not followed), and must be a regular
 file no larger than the configured cap. Nothing outside the spool is ever opened.
+
+RecentSnapshots keeps the files read in the last few seconds: every browser on the live view asks
+for the same new snapshot (its tile and its event thumbnail), so one read serves them all, without
+a thread hop or a file read each. Spool files are written once (temp + rename) and never change.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import os
 import re
 import stat
+import time
+from collections import OrderedDict
 from pathlib import Path
 
 # runtime/serving/snapshots.py names: <UTC stamp>_<station>_<camera>_<seq>_<verdict>.jpg (+ .json sidecar)
@@ -58,3 +64,37 @@ def read_path(path: str, max_bytes: int) -> bytes:
     """A stored ``snapshot_path`` (export): the same checks, confined to the file's own spool directory."""
     p = Path(path)
     return read_snapshot(p.parent, p.name, max_bytes)
+
+
+class RecentSnapshots:
+    """Bytes of recently read snapshot files, at most ``max_bytes`` in all and ``max_age_s`` old (loop thread only)."""
+
+    def __init__(self, max_bytes: int = 16 * 1024 * 1024, max_age_s: float = 20.0) -> None:
+        self.max_bytes, self.max_age_s = max_bytes, max_age_s
+        self.items: OrderedDict[tuple[str, str], tuple[bytes, float]] = OrderedDict()
+        self.size = 0
+
+    def get(self, root: Path | str, name: str) -> bytes | None:
+        key = (str(root), name)
+        hit = self.items.get(key)
+        if hit is None:
+            return None
+        if time.monotonic() - hit[1] > self.max_age_s:  # read again: the spool may have dropped it since
+            self._drop(key)
+            return None
+        return hit[0]
+
+    def put(self, root: Path | str, name: str, data: bytes) -> None:
+        if len(data) > self.max_bytes // 8:
+            return
+        key = (str(root), name)
+        if key in self.items:
+            self._drop(key)
+        self.items[key] = (data, time.monotonic())
+        self.size += len(data)
+        while self.size > self.max_bytes:
+            self._drop(next(iter(self.items)))
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        data, _ = self.items.pop(key)
+        self.size -= len(data)

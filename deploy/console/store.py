@@ -7,7 +7,8 @@ Schema (portable types only; times are unix seconds as floats, boxes JSON text):
   dead_letters(id PK, station, received_at, error, row)   rows the database refused (row: JSON text)
   users(name PK, role, password_hash, disabled, created_at, updated_at)   deploy/console/users.py
   sessions(token_hash PK, user, role, csrf, created_at, expires)          deploy/console/auth.py
-  alarms(id PK, rule, kind, station, camera, message, raised_at, cleared_at, acked_by, acked_at)  alarms.py
+  alarms(id PK, rule, kind, station, camera, message, raised_at, cleared_at, acked_by, acked_at,
+         message_key, message_args)  alarms.py
 The newest review of a verdict is its current label. A batch the database refuses is retried row by
 row: the rows it still refuses go to ``dead_letters`` and the rest are stored (one bad row never
 loses its batch); a lost connection keeps the whole batch for the next flush instead. SQLite runs in WAL mode (readers never block the
@@ -110,6 +111,8 @@ alarms = sa.Table(
     sa.Column("cleared_at", sa.Float),
     sa.Column("acked_by", sa.String(64)),
     sa.Column("acked_at", sa.Float),
+    sa.Column("message_key", sa.String(64)),  # the message for the page to translate (texts.py); 0004
+    sa.Column("message_args", sa.Text),  # JSON object of its arguments
 )
 VERDICT_COLUMNS = [c.name for c in verdicts.columns]
 # The database is unreachable or busy: keep the rows and retry (every other error is the row's fault).

@@ -100,7 +100,7 @@ function paintTile(t) {
   const age = tileAge(t);
   let signal = "live", reason = "";
   if (!feed.up) { signal = "no_signal"; reason = T("reason.feed_lost"); }
-  else if (t.status === "no_signal") { signal = "no_signal"; reason = t.reason || "no signal"; }
+  else if (t.status === "no_signal") { signal = "no_signal"; reason = trField(t, "reason") || T("tile.no_signal"); }
   else if (!v) { signal = "waiting"; reason = T("reason.no_verdict_yet"); }
   else if (age !== null && age > feed.staleAfter) { signal = "stale"; reason = T("reason.no_verdict_for", { n: Math.floor(age) }); }
   const live = signal === "live";
@@ -111,8 +111,8 @@ function paintTile(t) {
   node.querySelector(".verdict").textContent = live ? v.verdict.toUpperCase() : signal === "stale" ? T("tile.stale") : signal === "waiting" ? T("tile.waiting") : T("tile.no_signal");
   node.querySelector(".meta").textContent = live ? `${v.defect_class || v.top_class} ${pct(v.confidence)}` : "";
   node.querySelector(".reason").textContent = reason;
-  node.querySelector(".age").textContent = age === null ? "" : `${ageText(age)}${v ? ` · #${v.seq} · ${t.defects_per_min} defects/min` : ""}`;
-  node.querySelector(".dot").title = live ? "live" : reason;
+  node.querySelector(".age").textContent = age === null ? "" : `${ageText(age)}${v ? ` · #${v.seq} · ${T("tile.defects_per_min", { n: t.defects_per_min })}` : ""}`;
+  node.querySelector(".dot").title = live ? T("conn.live") : reason;
   const svg = node.querySelector("svg");
   if (!live && svg.childNodes.length) svg.replaceChildren();  // no boxes of an old verdict either
   return { node, live };
@@ -155,16 +155,20 @@ function renderStations(list) {
   box.replaceChildren();
   for (const s of list) {
     state.stations.set(s.name, s);
-    box.append(el("span", { class: "station " + (s.up ? "up" : "down"), "data-station": s.name, "data-up": s.up ? "1" : "0" },
-                  `${s.name}: ${s.up ? s.state : "down"}`));
+    const word = s.up ? (lookup("state." + s.state) !== null ? T("state." + s.state) : String(s.state)) : T("station.down");
+    const pill = el("span", { class: "station " + (s.up ? "up" : "down"), "data-station": s.name, "data-up": s.up ? "1" : "0" },
+                    `${s.name}: ${word}`);
+    const why = trField(s, "reason");
+    if (why) pill.title = why;
+    box.append(pill);
   }
 }
 
 // ---- events ---------------------------------------------------------------------------------
 function eventLabel(e) {
   if (!e.review_action) return "";
-  if (e.review_action === "relabel") return `relabelled ${e.review_label} by ${e.review_user}`;
-  return `${e.review_action === "reject" ? "rejected" : "confirmed"} by ${e.review_user}`;
+  if (e.review_action === "relabel") return T("ev.relabelled", { label: e.review_label, user: e.review_user });
+  return T(e.review_action === "reject" ? "ev.rejected" : "ev.confirmed", { user: e.review_user });
 }
 
 function renderEvent(e, prepend) {
@@ -258,8 +262,8 @@ function renderAlarms(msg) {
   const canAck = state.me.can.includes("review");
   $("#alarms").replaceChildren(...msg.alarms.map((a) => {
     const li = el("li", { "data-alarm": a.id, class: a.active ? "active" : "cleared" });
-    const when = `${clock(a.raised_at)}${a.active ? "" : `, cleared ${clock(a.cleared_at)}`}`;
-    li.append(el("strong", {}, a.message), el("span", {}, ` ${when}`));
+    const when = `${clock(a.raised_at)}${a.active ? "" : `, ${T("alarm.cleared", { time: clock(a.cleared_at) })}`}`;
+    li.append(el("strong", { class: "alarm-message" }, trField(a, "message")), el("span", {}, ` ${when}`));
     if (a.acked_at) li.append(el("span", { class: "acked" }, ` ${T("alarm.acked_by", { user: a.acked_by, time: clock(a.acked_at) })}`));
     else if (canAck) {
       const b = el("button", { type: "button", class: "ack", "data-ack": a.id }, T("alarm.ack"));
@@ -331,7 +335,7 @@ async function loadRates() {  // the running shift per camera: OK / defect / unc
   if (!r.ok) return;
   const shift = (await r.json()).shifts[0];
   if (!shift) return;
-  $("#shift-name").textContent = `${shift.name} since ${clock(shift.start)}`;
+  $("#shift-name").textContent = T("shift.since", { name: shift.name, time: clock(shift.start) });
   $("#rates tbody").replaceChildren(...shift.cameras.map((c) => {
     const tr = el("tr", { "data-camera": `${c.station}/${c.camera}` });
     tr.append(el("td", {}, `${c.station}/${c.camera}`), el("td", {}, c.ok), el("td", {}, c.defect), el("td", {}, c.uncertain),
@@ -345,7 +349,7 @@ async function start() {
   const r = await fetch("/api/me");
   if (r.status === 401) { location.href = "/login"; return; }
   state.me = await r.json();
-  $("#who").textContent = state.me.kiosk ? "kiosk (read-only)" : `${state.me.user} (${state.me.role})`;
+  $("#who").textContent = state.me.kiosk ? T("who.kiosk") : `${state.me.user} (${state.me.role})`;
   $("#nav-export").hidden = !state.me.can.includes("export");
   $("#logout").hidden = state.me.kiosk;
   $("#nav-admin").hidden = !state.me.can.includes("admin");

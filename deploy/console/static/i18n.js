@@ -2,6 +2,10 @@
 // The one catalogue of UI strings. A site adds a language by adding a block here (same keys).
 // Language: ?lang=xx, else the browser's, else English. Elements carry data-i18n="key" (text) or
 // data-i18n-title / data-i18n-placeholder; scripts call T("key", {n: 3}).
+// Texts the server composes (tile and station reasons "reason.*", alarm messages "alarm.*") arrive as
+// {key, args} next to their English text; tr() translates them (deploy/console/texts.py lists those keys,
+// and tests/deploy/console/test_i18n.py checks that every language here has every one). Arguments are
+// data (a station may have sent them): the result is always inserted as text, never as HTML.
 const CATALOGUE = {
   en: {
     "nav.live": "Live", "nav.history": "History & review", "nav.shifts": "Shifts", "nav.export": "Export",
@@ -31,6 +35,22 @@ const CATALOGUE = {
     "users.enable": "Enable", "users.disable": "Disable", "users.active": "active", "users.disabled": "disabled", "users.saved": "saved",
     "export.title": "Export verdicts (CSV)", "export.download": "Download CSV",
     "login.user": "User", "login.password": "Password", "login.submit": "Log in", "login.failed": "Wrong user name or password.",
+    "reason.no_heartbeat_yet": "daemon down: no heartbeat yet",
+    "reason.no_heartbeat_for": "daemon down: no heartbeat for over {s} s",
+    "reason.reloading": "model reloading", "reason.daemon_starting": "daemon starting",
+    "reason.daemon_stopping": "daemon stopping", "reason.daemon_stopped": "daemon stopped", "reason.daemon_state": "daemon {state}",
+    "reason.camera_ended": "camera down: source ended{errors}", "reason.camera_no_frame_for": "camera down: no frame for {s} s{errors}",
+    "reason.camera_no_frame_yet": "camera down: no frame yet{errors}", "reason.unreadable_frames": ", {n} unreadable frames",
+    "reason.camera_down": "camera down",
+    "alarm.defects_in_row": "{station}/{camera}: {n} defects in a row",
+    "alarm.defect_rate": "{station}/{camera}: defect rate {rate}% over {window} s (alarm at {threshold}%)",
+    "alarm.uncertain_rate": "{station}/{camera}: uncertain rate {rate}% over {window} s (alarm at {threshold}%)",
+    "alarm.model_fallback": "{station}: model fallback: {detail}", "alarm.model_refused": "{station}: model refused: {detail}",
+    "alarm.station_down": "{station}: station down ({reason})", "alarm.camera_down": "{station}/{camera}: {reason}",
+    "alarm.cleared": "cleared {time}", "station.down": "down", "state.serving": "serving", "state.reloading": "reloading",
+    "state.starting": "starting", "state.stopping": "stopping", "state.stopped": "stopped", "state.unknown": "unknown",
+    "tile.defects_per_min": "{n} defects/min", "who.kiosk": "kiosk (read-only)", "shift.since": "{name} since {time}",
+    "ev.confirmed": "confirmed by {user}", "ev.rejected": "rejected by {user}", "ev.relabelled": "relabelled {label} by {user}",
   },
   de: {
     "nav.live": "Live", "nav.history": "Verlauf & Prüfung", "nav.shifts": "Schichten", "nav.export": "Export",
@@ -60,15 +80,57 @@ const CATALOGUE = {
     "users.enable": "Aktivieren", "users.disable": "Sperren", "users.active": "aktiv", "users.disabled": "gesperrt", "users.saved": "gespeichert",
     "export.title": "Ergebnisse exportieren (CSV)", "export.download": "CSV herunterladen",
     "login.user": "Benutzer", "login.password": "Passwort", "login.submit": "Anmelden", "login.failed": "Falscher Benutzername oder falsches Passwort.",
+    "reason.no_heartbeat_yet": "Stationsdienst aus: noch kein Lebenszeichen",
+    "reason.no_heartbeat_for": "Stationsdienst aus: seit über {s} s kein Lebenszeichen",
+    "reason.reloading": "Modell wird neu geladen", "reason.daemon_starting": "Stationsdienst startet",
+    "reason.daemon_stopping": "Stationsdienst wird beendet", "reason.daemon_stopped": "Stationsdienst beendet",
+    "reason.daemon_state": "Stationsdienst: {state}",
+    "reason.camera_ended": "Kamera aus: Quelle zu Ende{errors}", "reason.camera_no_frame_for": "Kamera aus: seit {s} s kein Bild{errors}",
+    "reason.camera_no_frame_yet": "Kamera aus: noch kein Bild{errors}", "reason.unreadable_frames": ", {n} unlesbare Bilder",
+    "reason.camera_down": "Kamera aus",
+    "alarm.defects_in_row": "{station}/{camera}: {n} Fehler in Folge",
+    "alarm.defect_rate": "{station}/{camera}: Fehlerquote {rate} % in {window} s (Alarm ab {threshold} %)",
+    "alarm.uncertain_rate": "{station}/{camera}: Quote unsicher {rate} % in {window} s (Alarm ab {threshold} %)",
+    "alarm.model_fallback": "{station}: Ersatzmodell aktiv: {detail}", "alarm.model_refused": "{station}: Modell abgelehnt: {detail}",
+    "alarm.station_down": "{station}: Station aus ({reason})", "alarm.camera_down": "{station}/{camera}: {reason}",
+    "alarm.cleared": "beendet {time}", "station.down": "aus", "state.serving": "in Betrieb", "state.reloading": "lädt neu",
+    "state.starting": "startet", "state.stopping": "stoppt", "state.stopped": "gestoppt", "state.unknown": "unbekannt",
+    "tile.defects_per_min": "{n} Fehler/min", "who.kiosk": "Kiosk (nur lesen)", "shift.since": "{name} seit {time}",
+    "ev.confirmed": "bestätigt von {user}", "ev.rejected": "verworfen von {user}", "ev.relabelled": "umbenannt in {label} von {user}",
   },
 };
 const LANG = (() => {
   const want = new URLSearchParams(location.search).get("lang") || (navigator.language || "en").slice(0, 2);
   return CATALOGUE[want] ? want : "en";
 })();
-function T(key, vars = {}) {
-  const s = (CATALOGUE[LANG] && CATALOGUE[LANG][key]) || CATALOGUE.en[key] || key;
-  return s.replace(/\{(\w+)\}/g, (_, k) => (vars[k] !== undefined ? vars[k] : ""));
+const HAS = (o, k) => o !== null && typeof o === "object" && Object.prototype.hasOwnProperty.call(o, k);
+const TEXT_KEY = /^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$/;
+function lookup(key) {  // own keys only: "__proto__" or "constructor" from a server is no template
+  for (const lang of [LANG, "en"]) if (HAS(CATALOGUE, lang) && HAS(CATALOGUE[lang], key)) return CATALOGUE[lang][key];
+  return null;
+}
+function argText(v, depth) {
+  if (v === null || v === undefined) return "";
+  if (typeof v === "number") return Number.isFinite(v) ? v.toLocaleString(LANG, { maximumFractionDigits: 3, useGrouping: false }) : "";
+  if (typeof v === "object") return depth < 4 ? tr(v, "", depth + 1) : "";  // a text inside a text (a reason in an alarm)
+  return String(v);
+}
+function T(key, vars = {}, depth = 0) {
+  const s = lookup(key);
+  if (s === null) return key;
+  return s.replace(/\{(\w+)\}/g, (_, k) => (HAS(vars, k) ? argText(vars[k], depth) : ""));
+}
+// A text the server composed, {key, args}, in this page's language; `fallback` (the server's English) when
+// this catalogue does not know the key. Callers put the result into textContent / attributes only.
+function tr(text, fallback = "", depth = 0) {
+  if (!text || typeof text.key !== "string" || !TEXT_KEY.test(text.key) || lookup(text.key) === null) return fallback || "";
+  const args = HAS(text, "args") && text.args && typeof text.args === "object" && !Array.isArray(text.args) ? text.args : {};
+  return T(text.key, args, depth);
+}
+// obj[field] is English; obj[field + "_key"] / obj[field + "_args"] the same text to translate.
+function trField(obj, field) {
+  const key = obj[field + "_key"];
+  return tr(key ? { key, args: obj[field + "_args"] } : null, typeof obj[field] === "string" ? obj[field] : "");
 }
 function applyI18n(root = document) {
   document.documentElement.lang = LANG;
