@@ -203,6 +203,12 @@ def test_acknowledged_in_the_live_view_then_listed_with_who_and_when_in_german_t
         assert page.evaluate("() => window.pwned") is None
         assert "page 1 of 1 · 3 alarms" in page.inner_text("#pageinfo")
 
+        heights = page.eval_on_selector_all(
+            "header a, #filters select, #filters input, #filters button, #alarm-rows button, .pager button",
+            "els => els.map(e => e.getBoundingClientRect().height)",
+        )
+        assert len(heights) >= 12 and min(heights) >= 44, heights  # touch targets, as on the other pages
+
         # keyboard only: tab to the acknowledge button and press Enter
         page.focus("#filters button")
         for _ in range(10):
