@@ -301,3 +301,42 @@ class Alarms:
         with self.engine.connect() as conn:
             q = sa.select(table).order_by(table.c.id.desc()).limit(limit)
             return [dict(m) | {"message_args": _args(m["message_args"])} for m in conn.execute(q).mappings()]
+
+    def search(
+        self,
+        station: str | None = None,
+        camera: str | None = None,
+        kind: str | None = None,
+        cleared: bool | None = None,
+        acked: bool | None = None,
+        t0: float | None = None,
+        t1: float | None = None,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> tuple[list[dict[str, Any]], int]:
+        """The alarms page: newest first, filtered (bound parameters only); (one page of rows, matching rows).
+
+        ``cleared``: the condition has ended (False: it still holds); ``acked``: someone acknowledged it;
+        ``t0`` / ``t1``: ``raised_at`` in [t0, t1).
+        """
+        where: list[Any] = []
+        if station:
+            where.append(table.c.station == station)
+        if camera:
+            where.append(table.c.camera == camera)
+        if kind:
+            where.append(table.c.kind == kind)
+        if cleared is not None:
+            where.append(table.c.cleared_at.is_not(None) if cleared else table.c.cleared_at.is_(None))
+        if acked is not None:
+            where.append(table.c.acked_at.is_not(None) if acked else table.c.acked_at.is_(None))
+        if t0 is not None:
+            where.append(table.c.raised_at >= t0)
+        if t1 is not None:
+            where.append(table.c.raised_at < t1)
+        q = sa.select(table).where(*where).order_by(table.c.raised_at.desc(), table.c.id.desc())
+        q = q.offset(offset).limit(limit)
+        n = sa.select(sa.func.count()).select_from(table).where(*where)
+        with self.engine.connect() as conn:
+            rows = [dict(m) | {"message_args": _args(m["message_args"])} for m in conn.execute(q).mappings()]
+            return rows, int(conn.execute(n).scalar_one())
