@@ -53,9 +53,9 @@ def register(cls: T) -> T:
 class Classification(Task):
     name = "classification"
     commands = {
-        "train": "training.cli:train_main",
-        "evaluate": "training.evaluate_cli:evaluate_main",
-        "extend": "training.extend_cli:main",
+        "train": "training.classification.cli:train_main",
+        "evaluate": "training.classification.evaluate_cli:evaluate_main",
+        "extend": "training.classification.extend_cli:main",
         "export": "calibration.cli:export_main",
         "calibrate": "calibration.cli:calibrate_main",
     }

@@ -11,12 +11,12 @@ Public entry points (docs/contracts.md):
   ``skipped``, ``fingerprint``), ``load_rgb``.
 - ``training.checkpoint``: ``load_model(path) -> (model, ModelCard)``, ``save_model``,
   ``read_card``, ``ModelCard``, atomic writers, resume state (``last.pt``).
-- ``training.transforms``: ``val_transform(input_spec)`` (the contract's reference transform),
+- ``training.classification.transforms``: ``val_transform(input_spec)`` (the contract's reference transform),
   ``train_pipeline``.
-- ``training.trainer``: ``train(TrainConfig)``; ``training.config``: ``TrainConfig``,
-  ``load_config``; ``training.evaluate``: ``evaluate_samples`` (TTA views from ``runtime.inference.tta``).
+- ``training.classification.trainer``: ``train(TrainConfig)``; ``training.classification.config``: ``TrainConfig``,
+  ``load_config``; ``training.classification.evaluate``: ``evaluate_samples`` (TTA views from ``runtime.inference.tta``).
 - ``training.engine``: ``Engine`` (the one epoch loop and ``predict``), ``ClassificationTask``, ``EpochSelector``.
-- ``training.cli``: ``train_main`` (``defectscope train``); ``training.evaluate_cli``: ``evaluate_main``
+- ``training.classification.cli``: ``train_main`` (``defectscope train``); ``training.classification.evaluate_cli``: ``evaluate_main``
   (``defectscope evaluate``);
-  ``training.extend_cli``: ``main`` (``defectscope extend``).
+  ``training.classification.extend_cli``: ``main`` (``defectscope extend``).
 """

@@ -1,8 +1,8 @@
 """The one fine-tuning epoch loop, the one ``predict``, and the parts they call.
 
 ``Engine.run_epoch`` runs every training epoch of the package: the head warm-up on cached
-features and the fine-tuning epochs of ``defectscope train`` (``training.trainer``) and
-every epoch of ``defectscope extend`` (``training.extend``). It owns AMP, channels_last,
+features and the fine-tuning epochs of ``defectscope train`` (``training.classification.trainer``) and
+every epoch of ``defectscope extend`` (``training.classification.extend``). It owns AMP, channels_last,
 gradient clipping, the per-step schedule, the BatchNorm mode and the progress bar. What
 differs between callers enters as parts:
 
@@ -124,7 +124,7 @@ class ClassificationTask:
     """Logits ``(N, C)`` against integer labels: cross-entropy loss, classification metrics."""
 
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = field(default_factory=nn.CrossEntropyLoss)
-    # MixUp / CutMix of a training batch (training.transforms.batch_mix): labels become class probabilities
+    # MixUp / CutMix of a training batch (training.classification.transforms.batch_mix): labels become class probabilities
     mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def step(self, model: nn.Module, batch: Any, engine: Engine) -> StepResult:

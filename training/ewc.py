@@ -13,7 +13,7 @@ one penalty however many product lines came before.
 
 Everything here works on any ``nn.Module`` whose ``forward`` maps a batch to logits
 ``(N, C)`` and any DataLoader yielding ``(inputs, labels)`` or ``inputs``. The penalty is
-an extra loss term of ``training.engine.Engine``; ``training.extend`` wires it to run
+an extra loss term of ``training.engine.Engine``; ``training.classification.extend`` wires it to run
 directories. EWC protects *parameters*: BatchNorm running statistics are buffers it cannot
 see, hence ``extend``'s ``bn="frozen"`` default.
 """
@@ -37,8 +37,10 @@ from torch import nn
 from runtime.fsio import atomic_write
 
 from .engine import device_of, split_batch
-from .extend_config import DEFAULT_FISHER_SAMPLES, DEFAULT_GAMMA
 from .persample import LabelMode, SquaredGrads, label_weights
+
+DEFAULT_GAMMA = 1.0  # online-EWC decay of the old Fisher (1: no decay)
+DEFAULT_FISHER_SAMPLES = 512  # inputs per Fisher estimate
 
 FISHER_FILE = "fisher.safetensors"
 FORMAT = "defectscope-ewc"

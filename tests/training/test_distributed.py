@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 
 from tests.training.conftest import write_folder  # noqa: E402
 from training import distributed as dist  # noqa: E402
-from training.loader import make_loader  # noqa: E402
+from training.classification.loader import make_loader  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -123,7 +123,7 @@ def test_launch_flag_is_stripped_and_relaunches_through_torchrun():
 
 def test_a_bad_process_count_is_one_error_line_and_exit_2(capsys):
     from defectscope.tasks import extend
-    from training.cli import train_main
+    from training.classification.cli import train_main
 
     assert train_main(["--data", "elpv", "--nproc-per-node", "0"]) == 2
     assert extend(["--from", "r", "--data", "d", "--out", "o", "--nproc-per-node", "-3"]) == 2
@@ -132,9 +132,9 @@ def test_a_bad_process_count_is_one_error_line_and_exit_2(capsys):
 
 
 def test_help_states_the_global_batch(capsys):
-    from training.cli import build_train_parser
-    from training.config import OPTIM
-    from training.extend_cli import build_parser
+    from training.classification.cli import build_train_parser
+    from training.classification.config import OPTIM
+    from training.classification.extend_cli import build_parser
 
     for parser in (build_train_parser(), build_parser()):
         text = " ".join(parser.format_help().split())

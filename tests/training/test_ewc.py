@@ -10,12 +10,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from training import ewc
+from training.classification.extend import FitHistory
+from training.classification.taskset import accuracy
 from training.engine import Engine
-from training.extend import FitHistory
 from training.heads import HeadRowFreeze, grow_linear
 from training.metrics import plot_forgetting
 from training.replay import mix_replay, replay_count, select_exemplars
-from training.tasks import accuracy
 
 
 def _grow(model, n):

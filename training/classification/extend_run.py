@@ -1,5 +1,5 @@
 """``defectscope extend`` on disk: the source run's Fisher state, the old tasks, the output
-run directory (``extend_model`` in ``training.extend`` does the training)."""
+run directory (``extend_model`` in ``training.classification.extend`` does the training)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from runtime.fsio import atomic_write_json
-
-from .config import ConfigError
-from .data import DataError, DataSpec
-from .extend import Outcome, extend_model
-from .extend_config import ExtendConfig, task_name
-from .tasks import TaskSet, accuracy_of, concat_loader
+from training.classification.config import ConfigError
+from training.classification.data import DataError, DataSpec
+from training.classification.extend import Outcome, extend_model
+from training.classification.extend_config import ExtendConfig, task_name
+from training.classification.taskset import TaskSet, accuracy_of, concat_loader
 
 REPORT_PNG = "ewc_report.png"
 
 
 def fisher_path(source: str | Path) -> Path:
     """Where a checkpoint's ``fisher.safetensors`` lives (beside its weights)."""
-    from .ewc import FISHER_FILE
+    from training.ewc import FISHER_FILE
 
     p = Path(source)
     return (p if p.is_dir() else p.parent) / FISHER_FILE
@@ -40,7 +39,7 @@ def compute_state(
     progress: bool = False,
 ):
     """Fisher + anchors of ``model`` on the train splits of ``tasks`` (the data it was trained on)."""
-    from . import ewc
+    from training import ewc
 
     pool = [t for t in tasks if t.samples["train"]]
     if not pool:
@@ -69,7 +68,7 @@ def _old_tasks(
     required: bool,
     echo: Callable[[str], None],
 ) -> list[TaskSet]:
-    from .data import resolve_splits
+    from training.classification.data import resolve_splits
 
     out = []
     for spec in specs:
@@ -104,8 +103,8 @@ def finalize_run(
 
     ``data`` defaults to the model card's data spec. Returns the file's path.
     """
-    from . import distributed as dist
-    from .checkpoint import load_model
+    from training import distributed as dist
+    from training.checkpoint import load_model
 
     dev = dist.setup(device)
     echo, progress = dist.main_echo(echo), progress and dist.is_main()
@@ -133,7 +132,7 @@ def finalize_run(
 
 def _load_state(cfg: ExtendConfig, model, card, echo: Callable[[str], None]):
     """``(path, EWCState or None)``: the source model's Fisher/anchors, checked against its weights."""
-    from . import ewc
+    from training import ewc
 
     fpath = Path(cfg.fisher) if cfg.fisher else fisher_path(cfg.source)
     state = None
@@ -150,14 +149,14 @@ def _compute_missing_state(
     cfg: ExtendConfig, model, card, olds: Sequence[TaskSet], fpath: Path, progress: bool, echo: Callable[[str], None]
 ):
     """No Fisher file beside the source: estimate it from the old data and save it there."""
-    from . import ewc
+    from training import ewc
 
     if not olds:
         raise ewc.EWCError(
             f"{fpath}: no Fisher/anchor file, and no old data to compute it from; run "
             f"`defectscope extend --from {cfg.source} --finalize` where the old images are, or pass --old-data"
         )
-    from .distributed import is_main
+    from training.distributed import is_main
 
     echo(f"no {fpath.name} beside the checkpoint: computing it from {[t.name for t in olds]} ...")
     state = compute_state(model, card, olds, **cfg.fisher_options, batch_size=cfg.optim.batch_size, progress=progress)
@@ -184,10 +183,10 @@ def run(
     Under torchrun every rank trains (its slice of each global batch) and evaluates the whole
     old/new splits itself (identical results, no gather); rank 0 alone writes ``--out``.
     """
-    from . import checkpoint as ckpt
-    from . import distributed as dist
-    from .data import resolve_splits
-    from .engine import setup_runtime
+    from training import checkpoint as ckpt
+    from training import distributed as dist
+    from training.classification.data import resolve_splits
+    from training.engine import setup_runtime
 
     setup_runtime(cfg.optim.threads, cfg.optim.seed)
     device = dist.setup(cfg.optim.device)
@@ -253,7 +252,7 @@ def run(
 
 def _warn_small_data(names: list[str], echo: Callable[[str], None]) -> None:
     """The same too-small-to-learn-from warning as train (counts only: image sizes unread)."""
-    from .plan import classification_fingerprint, small_data_warnings
+    from training.plan import classification_fingerprint, small_data_warnings
 
     if names:
         for w in small_data_warnings(classification_fingerprint([(1, 1)] * len(names), names), "images"):
@@ -263,7 +262,7 @@ def _warn_small_data(names: list[str], echo: Callable[[str], None]) -> None:
 def _write_run(out: Path, cfg: ExtendConfig, card, model, classes: list[str], new: TaskSet, outcome: Outcome) -> None:
     """The output run directory: model + card first, then Fisher, metrics, report and plot."""
 
-    from . import checkpoint as ckpt
+    from training import checkpoint as ckpt
 
     report = outcome.report
     out.mkdir(parents=True, exist_ok=True)
@@ -293,7 +292,7 @@ def _write_run(out: Path, cfg: ExtendConfig, card, model, classes: list[str], ne
         outcome.state.save(out)
     atomic_write_json(out / "metrics.json", outcome.epochs)
     atomic_write_json(out / "report.json", {**report, "history": outcome.history.to_dict()})
-    from .metrics import plot_forgetting
+    from training.metrics import plot_forgetting
 
     plot_forgetting(report, outcome.history, out / REPORT_PNG)
 

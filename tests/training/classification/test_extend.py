@@ -15,11 +15,11 @@ cv2 = pytest.importorskip("cv2")
 from tests.training.conftest import synth_image, write_folder  # noqa: E402
 from training import ewc  # noqa: E402
 from training.checkpoint import ModelCard, load_model, save_model  # noqa: E402
-from training.config import AugmentConfig  # noqa: E402
-from training.data import DataSpec, resolve_splits  # noqa: E402
+from training.classification.config import AugmentConfig  # noqa: E402
+from training.classification.data import DataSpec, resolve_splits  # noqa: E402
+from training.classification.extend_cli import main  # noqa: E402
+from training.classification.taskset import TaskSet, accuracy  # noqa: E402
 from training.engine import ClassificationTask, Engine  # noqa: E402
-from training.extend_cli import main  # noqa: E402
-from training.tasks import TaskSet, accuracy  # noqa: E402
 
 SPLIT = dict(val_fraction=0.25, test_fraction=0.25)
 SPLIT_FLAGS = ["--val-fraction", "0.25", "--test-fraction", "0.25"]
@@ -293,13 +293,13 @@ def test_cli_argument_errors(base, lines, tmp_path, capsys):
 
 
 def test_config_file_spelling_round_trip_and_validation(tmp_path):
-    from training.extend_config import ExtendConfig
+    from training.classification.extend_config import ExtendConfig
 
     ExtendConfig(source="x", out="y", data=DataSpec())  # the defaults validate
     # config files spell it `lambda`; the resolved config round-trips
     f = tmp_path / "extend.toml"
     f.write_text('lambda = "auto"\nreplay = "5%"\n[data]\nsource = "folder"\npath = "line2"\n')
-    from training.config import read_config_file
+    from training.classification.config import read_config_file
 
     loaded = ExtendConfig.from_dict({**read_config_file(f), "source": "x", "out": "y"})
     assert loaded.lam == "auto" and loaded.replay == "5%" and loaded.data.path == "line2"

@@ -19,14 +19,17 @@ import numpy as np
 import torch
 
 from runtime.fsio import atomic_write_json
-
-from . import checkpoint as ckpt
-from . import distributed as dist
-from .backbones import build_model, get_spec, sized_input
-from .config import TrainConfig
-from .data import resolve_splits
-from .ema import WeightEMA, maybe_applied
-from .engine import (
+from training import checkpoint as ckpt
+from training import distributed as dist
+from training.backbones import build_model, get_spec, sized_input
+from training.classification.config import TrainConfig
+from training.classification.data import resolve_splits
+from training.classification.features import split_features
+from training.classification.loader import ImageDataset, TensorPairs, class_weights, make_loader
+from training.classification.strategy import make_plan
+from training.classification.transforms import batch_mix, train_pipeline, val_pipeline
+from training.ema import WeightEMA, maybe_applied
+from training.engine import (
     SKIP,
     STOP,
     TRAIN,
@@ -37,19 +40,16 @@ from .engine import (
     seed_everything,
     setup_runtime,
 )
-from .features import split_features
-from .loader import ImageDataset, TensorPairs, class_weights, make_loader
-from .metrics import monitor_name, monitor_value, write_final
-from .progress import run_eta
-from .run_dir import EpochInfo, LoopState, RunExistsError, RunResult, prepare_run_dir  # noqa: F401  (re-exported)
-from .schedule import EpochPlan, build_optimizer, make_plan
-from .transforms import batch_mix, train_pipeline, val_pipeline
+from training.metrics import monitor_name, monitor_value, write_final
+from training.progress import run_eta
+from training.run_dir import EpochInfo, LoopState, RunExistsError, RunResult, prepare_run_dir  # noqa: F401  (re-exported)
+from training.schedule import EpochPlan, build_optimizer
 
 log = logging.getLogger(__name__)
 
 
 class Trainer:
-    """One run: ``Trainer(cfg).fit()``. The strategies are described in training/cli.py (TRAIN_EPILOG)."""
+    """One run: ``Trainer(cfg).fit()``. The strategies are described in training/classification/cli.py (TRAIN_EPILOG)."""
 
     def __init__(
         self,
@@ -174,7 +174,7 @@ class Trainer:
             )
         if not splits.val:
             raise ValueError("the validation split is empty; give a val split or a val_fraction > 0")
-        from .plan import classification_fingerprint, small_data_warnings
+        from training.plan import classification_fingerprint, small_data_warnings
 
         names = [splits.classes[smp.label] for smp in splits.train]
         if names:
@@ -190,7 +190,7 @@ class Trainer:
         """Fill the unset image_size / epochs from the training images (training.plan); plan.json in the run."""
         from PIL import Image
 
-        from .plan import classification_fingerprint, plan_classification
+        from training.plan import classification_fingerprint, plan_classification
 
         sizes, names = [], []
         for smp in self.splits.train:
@@ -402,7 +402,7 @@ class Trainer:
         return self._feats[split]
 
     def _adapt_bn(self) -> None:
-        from .bn_stats import adapt_bn
+        from training.classification.bn_stats import adapt_bn
 
         t, c = time.perf_counter(), self.cfg
         n = adapt_bn(

@@ -9,10 +9,9 @@ from dataclasses import asdict
 from typing import Any
 
 from runtime.inference.preprocess import InputSpec
-
-from .config import AugmentConfig
-from .data import DataError, DataSpec
-from .extend_config import ExtendConfig
+from training.classification.config import AugmentConfig
+from training.classification.data import DataError, DataSpec
+from training.classification.extend_config import ExtendConfig
 
 
 class TaskSet:
@@ -32,7 +31,7 @@ class TaskSet:
         fingerprint: str = "",
         good_classes: Sequence[str] = (),
     ) -> None:
-        from .transforms import train_pipeline, val_pipeline
+        from training.classification.transforms import train_pipeline, val_pipeline
 
         self.name = name
         self.classes = list(classes)
@@ -57,8 +56,8 @@ class TaskSet:
         spec: DataSpec | None = None,
         cache: bool = True,
     ) -> TaskSet:
-        """Relabel ``training.data.Splits`` into ``classes`` (by class name)."""
-        from .evaluate import remap_samples
+        """Relabel ``training.classification.data.Splits`` into ``classes`` (by class name)."""
+        from training.classification.evaluate import remap_samples
 
         try:
             samples = {k: remap_samples(splits.split(k), splits.classes, classes) for k in ("train", "val", "test")}
@@ -84,7 +83,7 @@ class TaskSet:
 
     def dataset(self, split: str, *, train: bool = False, progress: bool = False):
         """``ImageDataset`` of a split; ``train=True`` gives the augmenting view of the same cache."""
-        from .loader import ImageDataset
+        from training.classification.loader import ImageDataset
 
         if split not in self._ds:
             ds = ImageDataset(self.samples[split], self._val, cache=self.cache)
@@ -128,8 +127,8 @@ def evaluate_task(model, task: TaskSet, split: str, classes: Sequence[str], batc
     """
     import torch
 
-    from .engine import Engine, device_of
-    from .metrics import classification_metrics
+    from training.engine import Engine, device_of
+    from training.metrics import classification_metrics
 
     if not task.samples[split]:
         return None, None
