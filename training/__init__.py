@@ -15,7 +15,7 @@ Public entry points (docs/contracts.md):
   ``train_pipeline``.
 - ``training.classification.trainer``: ``train(TrainConfig)``; ``training.classification.config``: ``TrainConfig``,
   ``load_config``; ``training.classification.evaluate``: ``evaluate_samples`` (TTA views from ``runtime.inference.tta``).
-- ``training.engine``: ``Engine`` (the one epoch loop and ``predict``), ``ClassificationTask``, ``EpochSelector``.
+- ``training.engine``: ``Engine`` (the one epoch loop and ``predict``), ``EpochSelector``, ``fit_epochs``, ``TaskKind``.
 - ``training.classification.cli``: ``train_main`` (``defectscope train``); ``training.classification.evaluate_cli``: ``evaluate_main``
   (``defectscope evaluate``);
   ``training.classification.extend_cli``: ``main`` (``defectscope extend``).

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from training import ewc
 from training.classification.extend import FitHistory
+from training.classification.task import ClassificationTask
 from training.classification.taskset import accuracy
 from training.engine import Engine
 from training.heads import HeadRowFreeze, grow_linear
@@ -27,6 +28,7 @@ def _grow(model, n):
 def _fit(model, loader, *, epochs, optimizer, penalty=None, bn="frozen", after_step=None):
     """Train through the one engine; a FitHistory of per-step task loss and penalty."""
     eng = Engine(
+        task=ClassificationTask(),
         bn_frozen=bn == "frozen",
         terms=[penalty] if penalty is not None else [],
         after_step=[after_step] if after_step is not None else [],

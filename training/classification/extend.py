@@ -20,15 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from training.classification.extend_config import ExtendConfig
-from training.classification.taskset import (
-    TaskSet,
-    accuracy,
-    accuracy_of,
-    evaluate_task,
-    extension_report,
-    mean_of,
-    old_logit_report,
-)
+from training.classification.extend_report import extension_report
+from training.classification.taskset import TaskSet, accuracy, accuracy_of, evaluate_task, mean_of, old_logit_report
 from training.data import DataError
 
 # ----------------------------------------------------------------------------- core
@@ -106,7 +99,8 @@ def _engine(cfg: ExtendConfig, labels, nc: int, device, terms, hooks, progress: 
     import torch
 
     from training.classification.loader import class_weights
-    from training.engine import ClassificationTask, Engine
+    from training.classification.task import ClassificationTask
+    from training.engine import Engine
 
     o = cfg.optim
     cw = class_weights(labels, nc).to(device) if o.balance == "loss" else None

@@ -4,18 +4,16 @@ run directory (``extend_model`` in ``training.classification.extend`` does the t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.fsio import atomic_write_json
 from training.classification.config import ConfigError
 from training.classification.data import DataError, DataSpec
-from training.classification.extend import Outcome, extend_model
+from training.classification.extend import extend_model
 from training.classification.extend_config import ExtendConfig, task_name
-from training.classification.taskset import TaskSet, accuracy_of, concat_loader
-
-REPORT_PNG = "ewc_report.png"
+from training.classification.extend_report import summary_text, write_run
+from training.classification.taskset import TaskSet, concat_loader
 
 
 def fisher_path(source: str | Path) -> Path:
@@ -243,7 +241,7 @@ def run(
     report["distributed"] = {"world_size": dist.world(), "sync_bn": sync_bn and dist.active()}
 
     if dist.is_main():
-        _write_run(out, cfg, card, model, classes, new, outcome)
+        write_run(out, cfg, card, model, classes, new, outcome)
     dist.barrier()
     echo(summary_text(report))
     echo(f"-> {out}")
@@ -257,68 +255,3 @@ def _warn_small_data(names: list[str], echo: Callable[[str], None]) -> None:
     if names:
         for w in small_data_warnings(classification_fingerprint([(1, 1)] * len(names), names), "images"):
             echo(f"warning: {w}")
-
-
-def _write_run(out: Path, cfg: ExtendConfig, card, model, classes: list[str], new: TaskSet, outcome: Outcome) -> None:
-    """The output run directory: model + card first, then Fisher, metrics, report and plot."""
-
-    from training import checkpoint as ckpt
-
-    report = outcome.report
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", {**cfg.to_dict(), "config_hash": cfg.hash()})
-    src_weights = Path(cfg.source) / ckpt.BEST if Path(cfg.source).is_dir() else Path(cfg.source)
-    good = list(dict.fromkeys([*card.good_classes, *[c for c in new.good_classes if c in classes]]))
-    keep = ("n", "accuracy", "balanced_accuracy", "macro_f1", "auroc")
-    new_card = ckpt.ModelCard(
-        backbone=card.backbone,
-        num_classes=len(classes),
-        classes=tuple(classes),
-        good_classes=tuple(good),
-        input=card.input,
-        weights=str(src_weights),
-        data=cfg.data.to_dict(),
-        dataset_fingerprint=new.fingerprint,
-        config_hash=cfg.hash(),
-        metrics={
-            "test": {k: (report["new"]["after"] or {}).get(k) for k in keep},
-            "old_tasks": {n: {k: (v["after"] or {}).get(k) for k in keep} for n, v in report["old"].items()},
-            "forgetting": report["forgetting"],
-            "extended_from": str(cfg.source),
-        },
-    )
-    ckpt.save_model(out, model, new_card)
-    if outcome.state is not None:
-        outcome.state.save(out)
-    atomic_write_json(out / "metrics.json", outcome.epochs)
-    atomic_write_json(out / "report.json", {**report, "history": outcome.history.to_dict()})
-    from training.metrics import plot_forgetting
-
-    plot_forgetting(report, outcome.history, out / REPORT_PNG)
-
-
-def summary_text(report: Mapping[str, Any]) -> str:
-    """The before/after table printed at the end of a run."""
-    fmt = lambda v: "   n/a" if v is None else f"{v:6.4f}"  # noqa: E731
-    lines = [f"{'task':<28}{'before':>8}{'after':>8}{'change':>9}"]
-    nb, na = report.get("new_accuracy_before"), report.get("new_accuracy_after")
-    lines.append(
-        f"{'new: ' + str(report.get('new_task')):<28}{fmt(nb):>8}{fmt(na):>8}"
-        f"{'' if nb is None or na is None else f'{na - nb:+9.4f}'}"
-    )
-    for name, v in (report.get("old") or {}).items():
-        b, a = accuracy_of(v["before"]), accuracy_of(v["after"])
-        lines.append(f"{'old: ' + name:<28}{fmt(b):>8}{fmt(a):>8}{'' if b is None or a is None else f'{a - b:+9.4f}'}")
-    f = report.get("forgetting")
-    lines.append(
-        f"method {report.get('method')}, lambda {report.get('lambda'):g}, BN {report.get('bn')}; "
-        f"forgetting {'n/a (no old data)' if f is None else f'{f:.4f}'}; "
-        f"penalty share of the loss {report.get('penalty_share', 0.0):.3f}"
-    )
-    for name, lg in (report.get("old_class_logits") or {}).items():
-        lines.append(
-            f"old-class logits on {name}: mean |change| {lg['old_logits_mean_abs_change']:.4f}, "
-            f"old argmax kept {lg['old_argmax_agreement']:.3f}, predicted as a new class "
-            f"{lg['predicted_as_new_class']:.3f}"
-        )
-    return "\n".join(lines)

@@ -18,8 +18,9 @@ from training.checkpoint import ModelCard, load_model, save_model  # noqa: E402
 from training.classification.config import AugmentConfig  # noqa: E402
 from training.classification.data import DataSpec, resolve_splits  # noqa: E402
 from training.classification.extend_cli import main  # noqa: E402
+from training.classification.task import ClassificationTask  # noqa: E402
 from training.classification.taskset import TaskSet, accuracy  # noqa: E402
-from training.engine import ClassificationTask, Engine  # noqa: E402
+from training.engine import Engine  # noqa: E402
 
 SPLIT = dict(val_fraction=0.25, test_fraction=0.25)
 SPLIT_FLAGS = ["--val-fraction", "0.25", "--test-fraction", "0.25"]

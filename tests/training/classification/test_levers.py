@@ -27,8 +27,9 @@ def test_policies_keep_the_pipeline_contract(policy):
 
 
 def test_mixup_cutmix_soft_labels_reach_the_loss():
+    from training.classification.task import ClassificationTask
     from training.classification.transforms import batch_mix
-    from training.engine import ClassificationTask, Engine
+    from training.engine import Engine
 
     assert batch_mix(AugmentConfig(), 3) is None
     mix = batch_mix(AugmentConfig(mixup=0.4, cutmix=1.0), 3)
