@@ -220,14 +220,14 @@ class Bench:
     def extend(
         self, base: dict, old: Path, new: Path, *, method: str, lam, replay: str | None, bn: str, names: tuple[str, str]
     ) -> dict:
-        from training import ewc
+        from training import ewc_state
         from training.checkpoint import load_model
         from training.classification.data import resolve_splits
         from training.classification.extend import extend_model
         from training.classification.extend_config import ExtendConfig
 
         model, card = load_model(base["run"], device=self.device)
-        state = ewc.EWCState.load(Path(base["run"]))
+        state = ewc_state.EWCState.load(Path(base["run"]))
         state.check_model(model, backbone=card.backbone)
         new_classes = resolve_splits(replace(self.spec(new), verify=False)).classes
         classes = list(card.classes) + [c for c in new_classes if c not in card.classes]

@@ -171,7 +171,7 @@ def test_two_processes_train_the_weights_of_one_and_only_rank_0_writes(tmp_path,
 
 def test_fisher_over_two_ranks_equals_one_process(tmp_path, ddp_data):
     """``extend --finalize``: each rank its shard of the same inputs, all-reduced = the 1-process Fisher."""
-    from training.ewc import EWCState
+    from training.ewc_state import EWCState
 
     run = tmp_path / "src"
     _run([sys.executable, "-m", "defectscope", *_train_args(ddp_data, run, "--epochs", "1")], tmp_path)
@@ -193,7 +193,7 @@ def test_extend_with_replay_and_new_class_on_two_ranks_matches_one(tmp_path, ddp
     """extend (EWC + a replay buffer, a grown head): 2 ranks end at 1 process's weights and Fisher."""
     from safetensors.torch import load_file
 
-    from training.ewc import EWCState
+    from training.ewc_state import EWCState
 
     src = tmp_path / "src"
     _run([sys.executable, "-m", "defectscope", *_train_args(ddp_data, src, "--epochs", "1", "--fisher", "8")], tmp_path)

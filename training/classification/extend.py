@@ -268,7 +268,7 @@ def _search(ctx: _Context):
 
 def _fold_fisher(model, state, new: TaskSet, cfg: ExtendConfig, backbone: str, classes, progress: bool):
     """Online EWC: this task's Fisher folded into the state, for the next extension."""
-    from training import ewc
+    from training import ewc, ewc_state
 
     n = min(cfg.fisher_samples, len(new.samples["train"]))
     f_new = ewc.estimate_fisher(
@@ -279,7 +279,7 @@ def _fold_fisher(model, state, new: TaskSet, cfg: ExtendConfig, backbone: str, c
         seed=cfg.optim.seed,
         progress=progress,
     )
-    record = ewc.TaskRecord(
+    record = ewc_state.TaskRecord(
         new.name, n, "sampled", cfg.fisher_draws, tuple(new.classes[c] for c in new.present_classes())
     )
     return ewc.consolidate(state, model, f_new, task=record, backbone=backbone, classes=classes, gamma=cfg.gamma)
@@ -288,7 +288,7 @@ def _fold_fisher(model, state, new: TaskSet, cfg: ExtendConfig, backbone: str, c
 def _check_inputs(
     classes: list[str], old_classes: list[str], olds: Sequence[TaskSet], state, cfg: ExtendConfig
 ) -> None:
-    from training.ewc import EWCError
+    from training.ewc_state import EWCError
 
     if classes[: len(old_classes)] != old_classes:
         raise ValueError(f"extended classes {classes} must start with the model's classes {old_classes}")

@@ -275,7 +275,7 @@ def _main(argv: list[str]) -> int:
     from training.checkpoint import CheckpointError
     from training.classification.extend_run import finalize_run, run
     from training.distributed import DistributedError, main_echo
-    from training.ewc import EWCError
+    from training.ewc_state import EWCError
 
     try:
         if ns.finalize:

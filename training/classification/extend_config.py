@@ -17,7 +17,8 @@ from typing import Any
 from training.classification.config import OPTIM_FIELDS, AugmentConfig, ConfigError, OptimConfig
 from training.classification.data import DataError, DataSpec
 from training.config_io import refuse_unknown
-from training.ewc import DEFAULT_FISHER_SAMPLES, DEFAULT_GAMMA
+from training.ewc import DEFAULT_FISHER_SAMPLES
+from training.ewc_state import DEFAULT_GAMMA
 
 # Default penalty strength for ``L = L_new + lambda * sum F (theta - theta*)^2`` with F a
 # per-input mean Fisher and L_new a per-input mean cross-entropy. The Laplace
@@ -31,7 +32,7 @@ from training.ewc import DEFAULT_FISHER_SAMPLES, DEFAULT_GAMMA
 # trains with each of LAMBDA_GRID and keeps the best mean of old and new val accuracy.
 DEFAULT_LAMBDA = 100.0
 LAMBDA_GRID: tuple[float, ...] = (10.0, 100.0, 1000.0, 10000.0)
-# Online-EWC decay (training.ewc.DEFAULT_GAMMA): 1.0 is the exact recursive Laplace approximation (old
+# Online-EWC decay (training.ewc_state.DEFAULT_GAMMA): 1.0 is the exact recursive Laplace approximation (old
 # lines keep their full weight); < 1 lets long-retired lines fade (Schwarz et al. used 0.9-1.0).
 
 METHODS = ("ewc", "naive")

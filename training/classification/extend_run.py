@@ -18,7 +18,7 @@ from training.classification.taskset import TaskSet, concat_loader
 
 def fisher_path(source: str | Path) -> Path:
     """Where a checkpoint's ``fisher.safetensors`` lives (beside its weights)."""
-    from training.ewc import FISHER_FILE
+    from training.ewc_state import FISHER_FILE
 
     p = Path(source)
     return (p if p.is_dir() else p.parent) / FISHER_FILE
@@ -37,7 +37,7 @@ def compute_state(
     progress: bool = False,
 ):
     """Fisher + anchors of ``model`` on the train splits of ``tasks`` (the data it was trained on)."""
-    from training import ewc
+    from training import ewc, ewc_state
 
     pool = [t for t in tasks if t.samples["train"]]
     if not pool:
@@ -47,12 +47,12 @@ def compute_state(
         model, concat_loader(pool, "train", batch_size, seed), n_samples=n, draws=draws, seed=seed, progress=progress
     )
     name = "+".join(t.name for t in pool)
-    return ewc.EWCState.from_model(
+    return ewc_state.EWCState.from_model(
         model,
         fisher,
         backbone=card.backbone,
         classes=card.classes,
-        task=ewc.TaskRecord(name, n, "sampled", draws, tuple(card.classes)),
+        task=ewc_state.TaskRecord(name, n, "sampled", draws, tuple(card.classes)),
         gamma=gamma,
     )
 
@@ -130,16 +130,16 @@ def finalize_run(
 
 def _load_state(cfg: ExtendConfig, model, card, echo: Callable[[str], None]):
     """``(path, EWCState or None)``: the source model's Fisher/anchors, checked against its weights."""
-    from training import ewc
+    from training import ewc_state
 
     fpath = Path(cfg.fisher) if cfg.fisher else fisher_path(cfg.source)
     state = None
     if fpath.is_file():
-        state = ewc.EWCState.load(fpath)
+        state = ewc_state.EWCState.load(fpath)
         state.check_model(model, backbone=card.backbone, source=str(fpath))
         echo(f"Fisher/anchors: {fpath} (tasks {[t.name for t in state.tasks]})")
     elif cfg.fisher:
-        raise ewc.EWCError(f"{fpath}: no such Fisher file")
+        raise ewc_state.EWCError(f"{fpath}: no such Fisher file")
     return fpath, state
 
 
@@ -147,10 +147,10 @@ def _compute_missing_state(
     cfg: ExtendConfig, model, card, olds: Sequence[TaskSet], fpath: Path, progress: bool, echo: Callable[[str], None]
 ):
     """No Fisher file beside the source: estimate it from the old data and save it there."""
-    from training import ewc
+    from training import ewc_state
 
     if not olds:
-        raise ewc.EWCError(
+        raise ewc_state.EWCError(
             f"{fpath}: no Fisher/anchor file, and no old data to compute it from; run "
             f"`defectscope extend --from {cfg.source} --finalize` where the old images are, or pass --old-data"
         )

@@ -13,6 +13,7 @@ from training import distributed as dist
 from training.classification.batches import RunBatches
 from training.classification.config import TrainConfig
 from training.classification.data import Splits
+from training.classification.task import ClassificationTask
 from training.classifier import Classifier
 from training.engine import Engine
 from training.metrics import write_final
@@ -26,6 +27,7 @@ class RunOutputs(RunBatches):
     model: Classifier
     input: InputSpec
     head_engine: Engine
+    hooks: ClassificationTask
     monitor: str
     sync_bn: bool
     echo: Callable[[str], None]
@@ -59,7 +61,7 @@ class RunOutputs(RunBatches):
             preds = self.head_engine.predict(model.head, [self._features(split)])
         else:
             preds = self._predict(split, desc=f"eval {split}")
-        m = self.engine.task.evaluate(preds, s.classes)
+        m = self.hooks.evaluate(preds, s.classes)
         best = next((h for h in history if h["epoch"] == best_epoch), {})
         report = {
             "split": split,

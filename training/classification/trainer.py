@@ -217,6 +217,7 @@ class Trainer(RunOutputs):
         cw = class_weights(train_labels, nc).to(self.device) if cfg.balance == "loss" else None
         task = ClassificationTask(torch.nn.CrossEntropyLoss(weight=cw, label_smoothing=cfg.label_smoothing))
         mixed = ClassificationTask(task.criterion, mix=batch_mix(cfg.augment, nc))  # fine-tuning batches only
+        self.hooks = mixed  # the engine's step and eval part (evaluate does not mix)
         self.ema = WeightEMA(model, cfg.ema) if cfg.ema else None  # first updated by the first fine-tuning step
         self.engine = Engine(
             task=mixed,
@@ -303,7 +304,7 @@ class Trainer(RunOutputs):
             )
             with maybe_applied(self.ema):
                 preds = self._predict("val")
-        val = self.engine.task.evaluate(preds, self.splits.classes)
+        val = self.hooks.evaluate(preds, self.splits.classes)
         value = monitor_value(val, self.monitor)
         record = {
             "epoch": p.epoch + 1,

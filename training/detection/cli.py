@@ -356,7 +356,7 @@ def _extend_main(argv: list[str]) -> int:
     from training.detection.config import DetExtendConfig, DetTrainConfig
     from training.detection.extend import extend_detector
     from training.distributed import DistributedError
-    from training.ewc import EWCError
+    from training.ewc_state import EWCError
     from training.run_dir import RunExistsError
 
     v = vars(ns)

@@ -236,7 +236,7 @@ def test_cli_train_and_evaluate_with_tta(folder_data, tmp_path, capsys):
 def test_cli_train_fisher_finalizes_the_run_for_ewc(folder_data, tmp_path):
     from training.checkpoint import load_model
     from training.classification.cli import train_main
-    from training.ewc import EWCState
+    from training.ewc_state import EWCState
 
     run = tmp_path / "fisher-run"
     rc = train_main(

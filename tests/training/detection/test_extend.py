@@ -71,7 +71,7 @@ def test_extend_new_classes_keeps_old_rows_and_applies_ewc(det_run, tmp_path):
 def test_extend_ewc_scope_decides_what_is_anchored(det_run, tmp_path, scope):
     from training.detection.checkpoint import load_detector
     from training.detection.config import EWC_SCOPES
-    from training.ewc import EWCState
+    from training.ewc_state import EWCState
 
     _, src = det_run
     new = write_squares_coco(tmp_path / "line", ("square", "bar", "pit"), seed=7)
