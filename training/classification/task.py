@@ -16,6 +16,8 @@ from torch import nn
 
 from runtime.inference.preprocess import InputSpec
 from training import distributed
+from training.backbones import build_model as build
+from training.backbones import get_spec, sized_input
 from training.classification.config import TrainConfig
 from training.classification.data import Splits, resolve_splits
 from training.classification.extend_config import ExtendConfig
@@ -86,8 +88,6 @@ def load_data(cfg: TrainConfig, echo: Callable[[str], None] = print) -> Splits:
 
 def input_spec(cfg: TrainConfig) -> InputSpec:
     """The model's input (size, crop, interpolation, normalisation) for the config's backbone."""
-    from training.backbones import get_spec, sized_input
-
     return sized_input(
         get_spec(cfg.backbone), cfg.image_size, crop_fraction=cfg.crop_fraction, interpolation=cfg.interpolation
     )
@@ -96,8 +96,6 @@ def input_spec(cfg: TrainConfig) -> InputSpec:
 def build_model(cfg: TrainConfig, classes: Sequence[str]) -> Classifier:
     """The config's backbone with a ``len(classes)`` head; the head's random init is seeded by
     ``cfg.seed`` alone (not by what the data listing drew)."""
-    from training.backbones import build_model as build
-
     inp = input_spec(cfg)
     seed_everything(cfg.seed)
     return build(cfg.backbone, len(classes), cfg.weights, input_spec=inp, dropout=cfg.dropout)
