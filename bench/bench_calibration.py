@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from calibration.evaluate import ort_session
     from runtime.bundle.manifest import load_bundle
     from training.checkpoint import load_model
-    from training.data import resolve_splits
+    from training.classification.data import resolve_splits
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)

@@ -140,9 +140,9 @@ def detection_run(ns: argparse.Namespace, bench: str, lever: str, out: Path) -> 
 
 
 def classification_run(ns: argparse.Namespace, bench: str, lever: str, out: Path) -> dict[str, Any]:
-    from training.config import AugmentConfig, TrainConfig
-    from training.data import DataSpec
-    from training.trainer import train
+    from training.classification.config import AugmentConfig, TrainConfig
+    from training.classification.data import DataSpec
+    from training.classification.trainer import train
 
     kw, aug = (dict(x) for x in CLS_LEVERS[lever])
     if ns.epochs:

@@ -138,16 +138,16 @@ class Bench:
 
     # -- pieces
     def spec(self, manifest: Path):
-        from training.data import DataSpec
+        from training.classification.data import DataSpec
 
         return DataSpec(source="csv", path=str(manifest), seed=self.a.split_seed)
 
     def train_run(self, name: str, manifest: Path, *, fisher: bool) -> dict:
         """A base / joint model via the project's Trainer; Fisher file for bases (timed)."""
         from training.backbones import get_spec
-        from training.config import TrainConfig
-        from training.extend_run import finalize_run
-        from training.trainer import train
+        from training.classification.config import TrainConfig
+        from training.classification.extend_run import finalize_run
+        from training.classification.trainer import train
 
         if name in self.runs:
             return self.runs[name]
@@ -193,9 +193,9 @@ class Bench:
 
     def task(self, name: str, manifest: Path, classes, input_spec):
         """A TaskSet per (line, class order, input): decoded images shared by every method."""
-        from training.config import AugmentConfig
-        from training.data import resolve_splits
-        from training.tasks import TaskSet
+        from training.classification.config import AugmentConfig
+        from training.classification.data import resolve_splits
+        from training.classification.taskset import TaskSet
 
         key = (str(manifest), tuple(classes), json.dumps(input_spec.to_dict(), sort_keys=True))
         if key not in self.tasks:
@@ -207,7 +207,7 @@ class Bench:
 
     def evaluate(self, run: str, tasks: dict[str, Path]) -> dict[str, float]:
         from training.checkpoint import load_model
-        from training.tasks import evaluate_task
+        from training.classification.taskset import evaluate_task
 
         model, card = load_model(run, device=self.device)
         out = {}
@@ -220,14 +220,14 @@ class Bench:
     def extend(
         self, base: dict, old: Path, new: Path, *, method: str, lam, replay: str | None, bn: str, names: tuple[str, str]
     ) -> dict:
-        from training import ewc
+        from training import ewc_state
         from training.checkpoint import load_model
-        from training.data import resolve_splits
-        from training.extend import extend_model
-        from training.extend_config import ExtendConfig
+        from training.classification.data import resolve_splits
+        from training.classification.extend import extend_model
+        from training.classification.extend_config import ExtendConfig
 
         model, card = load_model(base["run"], device=self.device)
-        state = ewc.EWCState.load(Path(base["run"]))
+        state = ewc_state.EWCState.load(Path(base["run"]))
         state.check_model(model, backbone=card.backbone)
         new_classes = resolve_splits(replace(self.spec(new), verify=False)).classes
         classes = list(card.classes) + [c for c in new_classes if c not in card.classes]

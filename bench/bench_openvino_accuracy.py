@@ -49,7 +49,7 @@ def heldout(args: argparse.Namespace, classes: list[str]) -> tuple[list[Path], l
         rng = np.random.default_rng(0)
         items = [items[i] for i in rng.permutation(len(items))]
     else:
-        from training.data import resolve_splits  # numpy-only module: no torch import
+        from training.classification.data import resolve_splits  # numpy-only module: no torch import
 
         splits = resolve_splits({"source": "elpv", "verify": False, "seed": 0, "test_fraction": 0.25})
         if list(splits.classes) != classes:

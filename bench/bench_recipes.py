@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.metrics import roc_auc_score
 
     from training.backbones import build_model, get_spec, sized_input
-    from training.data import DataSpec, cache_dir, elpv_root, resolve_splits
-    from training.loader import ImageDataset
-    from training.transforms import val_pipeline
+    from training.classification.data import DataSpec, cache_dir, elpv_root, resolve_splits
+    from training.classification.loader import ImageDataset
+    from training.classification.transforms import val_pipeline
 
     torch.set_num_threads(a.threads)
     torch.set_flush_denormal(True)
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from tqdm import tqdm
 
-        from training.data import Sample
+        from training.classification.data import Sample
 
         model.eval()
         t0 = time.perf_counter()
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.contrast != "none":
             import cv2
 
-            from training.transforms import Pipeline
+            from training.classification.transforms import Pipeline
 
             def clahe(x):  # uint8 (1,H,W) gray after the resize stage -> uint8 (1,H,W)
                 # One CLAHE object per call: prefill decodes on several threads, and an OpenCV

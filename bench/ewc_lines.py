@@ -11,7 +11,7 @@ from runtime.fsio import atomic_write_bytes, atomic_write_text
 
 def reference_split(labels: str, seed: int):
     """ELPV reference split (both cell types, listing only: images are checked per line later)."""
-    from training.data import DataSpec, resolve_splits
+    from training.classification.data import DataSpec, resolve_splits
 
     return resolve_splits(DataSpec(source="elpv", labels=labels, seed=seed, verify=False))
 

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     groups, paths = first.get("group_test"), first.get("path_test")
     if groups is None or (a.gallery and paths is None):
         # npz files from before bench_recipes stored cell types and paths: take them from the split.
-        from training.data import DataSpec, resolve_splits
+        from training.classification.data import DataSpec, resolve_splits
 
         test = resolve_splits(DataSpec(labels="binary" if nc == 2 else "4class")).split("test")
         groups, paths = np.array([s.group for s in test]), np.array([s.path for s in test])

@@ -108,7 +108,7 @@ def heldout_images(args: argparse.Namespace) -> list[Path]:
 
         paths = list_images(args.images)
     else:
-        from training.data import resolve_splits  # numpy-only module: no torch import
+        from training.classification.data import resolve_splits  # numpy-only module: no torch import
 
         splits = resolve_splits({"source": "elpv", "verify": False, "seed": 0, "test_fraction": 0.25})
         paths = [Path(s.path) for s in splits.test]

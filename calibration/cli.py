@@ -64,7 +64,7 @@ def _export(args: argparse.Namespace, console: Any) -> int:
     from runtime.bundle.manifest import Artifact, Manifest, ModelInfo, OutputSpec, pack, write_bundle
     from runtime.fsio import sha256_file
     from training.checkpoint import load_model
-    from training.data import resolve_splits
+    from training.classification.data import resolve_splits
 
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -236,7 +236,7 @@ def _calibrate(args: argparse.Namespace, console: Any) -> int:
     from runtime.bundle.manifest import Artifact, load_bundle, write_bundle
     from runtime.inference.preprocess import UINT8_NHWC
     from training.checkpoint import read_card
-    from training.data import resolve_splits
+    from training.classification.data import resolve_splits
 
     threads = resolve_threads(args.threads)
     bundle = load_bundle(args.bundle)

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _holdout_dirs(run: Path, out: Path, cameras: int) -> dict[str, dict[str, int]]:
     """Link the held-out split into one directory per camera; returns {camera: {file name: label}}."""
     from training.checkpoint import load_model  # noqa: F401  (ensures the training extra)
-    from training.data import DataSpec, resolve_splits
+    from training.classification.data import DataSpec, resolve_splits
 
     card = json.loads((run / "model.json").read_text())
     splits = resolve_splits(DataSpec.from_dict(card["data"]))

@@ -1,7 +1,8 @@
 """The one table of task kinds: a classifier and a detector, side by side.
 
-Each kind names its command for every verb whose work depends on the kind (train, evaluate,
-extend, export, calibrate). ``defectscope <verb>`` picks the kind once, from what the verb is
+Each kind holds its training Task (``training.<kind>.task:TASK``: config, data, model, the
+engine's hooks and the train / evaluate / extend commands) and its export and calibrate
+commands (calibration/). ``defectscope <verb>`` picks the kind once, from what the verb is
 given, and calls that kind's command with the argv untouched:
 
 | verb | the kind comes from |
@@ -17,21 +18,42 @@ Anything unreadable picks the classifier, whose command then names the problem.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 VERBS = ("train", "evaluate", "extend", "export", "calibrate")
+TRAINING_VERBS = ("train", "evaluate", "extend")  # the training Task's own commands
 DEFAULT = "classification"
 
 
 class Task:
-    """One kind: its name and, per verb, the ``"module:function"`` that takes the argv."""
+    """One kind: its name, its training Task and its export and calibrate commands.
+
+    ``training`` is the ``"module:attribute"`` of the kind's ``training.engine.TaskKind`` (config
+    type, data, model, the engine's step and eval hooks, and its train / evaluate / extend
+    commands); export and calibrate live in calibration/, which imports training, never the
+    reverse. All are strings: the table is read without importing torch.
+    """
 
     name: str = ""
-    commands: Mapping[str, str] = {}
+    training: str = ""
+    export: str = ""
+    calibrate: str = ""
+
+    def training_task(self) -> Any:
+        """The kind's ``TaskKind`` (imports its training package, and so torch)."""
+        module, attr = self.training.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def command(self, verb: str) -> str:
+        """``"module:function"`` taking the argv of ``defectscope <verb>`` for this kind."""
+        if verb in TRAINING_VERBS:
+            return str(self.training_task().commands[verb])
+        return str(getattr(self, verb))
 
 
 TASKS: dict[str, Task] = {}
@@ -39,12 +61,12 @@ T = TypeVar("T", bound=type[Task])
 
 
 def register(cls: T) -> T:
-    """Class decorator: add the kind to ``TASKS``; refuses a name twice or a missing verb."""
+    """Class decorator: add the kind to ``TASKS``; refuses a name twice or a missing part."""
     if cls.name in TASKS:
         raise ValueError(f"task {cls.name!r} registered twice")
-    missing = [v for v in VERBS if v not in cls.commands]
+    missing = [k for k in ("training", "export", "calibrate") if not getattr(cls, k)]
     if missing:
-        raise ValueError(f"task {cls.name!r}: no command for {missing}")
+        raise ValueError(f"task {cls.name!r}: no {missing}")
     TASKS[cls.name] = cls()
     return cls
 
@@ -52,25 +74,17 @@ def register(cls: T) -> T:
 @register
 class Classification(Task):
     name = "classification"
-    commands = {
-        "train": "training.cli:train_main",
-        "evaluate": "training.evaluate_cli:evaluate_main",
-        "extend": "training.extend_cli:main",
-        "export": "calibration.cli:export_main",
-        "calibrate": "calibration.cli:calibrate_main",
-    }
+    training = "training.classification.task:TASK"
+    export = "calibration.cli:export_main"
+    calibrate = "calibration.cli:calibrate_main"
 
 
 @register
 class Detection(Task):
     name = "detection"
-    commands = {
-        "train": "training.detection.cli:train_main",
-        "evaluate": "training.detection.evaluate:main",
-        "extend": "training.detection.cli:extend_main",
-        "export": "calibration.detection_cli:export_main",
-        "calibrate": "calibration.detection_cli:calibrate_main",
-    }
+    training = "training.detection.task:TASK"
+    export = "calibration.detection_cli:export_main"
+    calibrate = "calibration.detection_cli:calibrate_main"
 
 
 # -- which kind --------------------------------------------------------------------------------
@@ -194,7 +208,7 @@ def both_helps(verb: str) -> int:
         print(f"=== {verb} of a {name} model ===")
         sys.stdout.flush()
         try:
-            load(task.commands[verb], f"{verb} ({name})")(["--help"])
+            load(task.command(verb), f"{verb} ({name})")(["--help"])
         except SystemExit:
             pass
         print()
@@ -208,7 +222,7 @@ def dispatch(verb: str, argv: list[str] | None) -> int:
     if {"-h", "--help"} & set(args) and SELECT[verb](args) is None:
         return both_helps(verb)
     kind = kind_of(verb, args)
-    return int(load(TASKS[kind].commands[verb], f"{verb} ({kind})")(args))
+    return int(load(TASKS[kind].command(verb), f"{verb} ({kind})")(args))
 
 
 def train(argv: list[str] | None = None) -> int:

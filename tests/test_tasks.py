@@ -13,7 +13,7 @@ from defectscope.tasks import TASKS, VERBS, Task, kind_of, register
 def test_a_task_kind_registered_twice_is_refused():
     class Again(Task):
         name = "detection"
-        commands = dict.fromkeys(VERBS, "x:y")
+        training, export, calibrate = "x:y", "x:y", "x:y"
 
     with pytest.raises(ValueError, match="registered twice"):
         register(Again)
@@ -22,9 +22,9 @@ def test_a_task_kind_registered_twice_is_refused():
 def test_a_task_kind_missing_a_verb_is_refused():
     class Half(Task):
         name = "half"
-        commands = {"train": "x:y"}
+        training = "x:y"
 
-    with pytest.raises(ValueError, match="no command for"):
+    with pytest.raises(ValueError, match="no \\['export', 'calibrate'\\]"):
         register(Half)
     assert "half" not in TASKS
 
@@ -33,7 +33,18 @@ def test_a_task_kind_missing_a_verb_is_refused():
 def test_every_command_of_every_kind_exists(kind):
     pytest.importorskip("torch")
     for verb in VERBS:
-        assert callable(load(TASKS[kind].commands[verb], verb))
+        assert callable(load(TASKS[kind].command(verb), verb))
+
+
+@pytest.mark.parametrize("kind", sorted(TASKS))
+def test_every_kind_has_one_training_task_of_the_same_shape(kind):
+    pytest.importorskip("torch")
+    from training.engine import TaskKind
+
+    task = TASKS[kind].training_task()
+    assert isinstance(task, TaskKind) and task.name == kind
+    assert sorted(task.commands) == ["evaluate", "extend", "train"]
+    assert callable(task.load_data) and callable(task.build_model) and hasattr(task.hooks, "step")
 
 
 def test_the_kind_comes_from_the_data_the_run_card_or_the_bundle(tmp_path):

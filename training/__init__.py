@@ -6,17 +6,20 @@ Public entry points (docs/contracts.md):
   ordered ``groups`` stem -> stages -> head, ``set_trainable(n)``, ``forward_features``),
   ``sized_input(spec, image_size, crop_fraction=...)``. ``tiny_cnn`` is the fast test
   backbone (use ``weights="none"``).
-- ``training.data``: ``DataSpec``, ``resolve_splits(spec_or_dict) -> Splits`` (``train``,
+- ``training.classification.data``: ``DataSpec``, ``resolve_splits(spec_or_dict) -> Splits`` (``train``,
   ``val``, ``test`` lists of ``Sample(path, label, group)``, ``classes``, ``good_classes``,
-  ``skipped``, ``fingerprint``), ``load_rgb``.
+  ``skipped``, ``fingerprint``); ``training.data``: what both tasks' readers share (``DataError``,
+  ``IMAGE_EXTENSIONS``, ``load_rgb``, ``cache_dir``).
+- ``training.classification.task`` / ``training.detection.task``: ``TASK``, each kind's
+  ``training.engine.TaskKind`` (config, data, model, the engine's step and eval hooks, commands).
 - ``training.checkpoint``: ``load_model(path) -> (model, ModelCard)``, ``save_model``,
   ``read_card``, ``ModelCard``, atomic writers, resume state (``last.pt``).
-- ``training.transforms``: ``val_transform(input_spec)`` (the contract's reference transform),
+- ``training.classification.transforms``: ``val_transform(input_spec)`` (the contract's reference transform),
   ``train_pipeline``.
-- ``training.trainer``: ``train(TrainConfig)``; ``training.config``: ``TrainConfig``,
-  ``load_config``; ``training.evaluate``: ``evaluate_samples`` (TTA views from ``runtime.inference.tta``).
-- ``training.engine``: ``Engine`` (the one epoch loop and ``predict``), ``ClassificationTask``, ``EpochSelector``.
-- ``training.cli``: ``train_main`` (``defectscope train``); ``training.evaluate_cli``: ``evaluate_main``
+- ``training.classification.trainer``: ``train(TrainConfig)``; ``training.classification.config``: ``TrainConfig``,
+  ``load_config``; ``training.classification.evaluate``: ``evaluate_samples`` (TTA views from ``runtime.inference.tta``).
+- ``training.engine``: ``Engine`` (the one epoch loop and ``predict``), ``EpochSelector``, ``fit_epochs``, ``TaskKind``.
+- ``training.classification.cli``: ``train_main`` (``defectscope train``); ``training.classification.evaluate_cli``: ``evaluate_main``
   (``defectscope evaluate``);
-  ``training.extend_cli``: ``main`` (``defectscope extend``).
+  ``training.classification.extend_cli``: ``main`` (``defectscope extend``).
 """

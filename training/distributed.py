@@ -252,7 +252,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
     trailing batch of 1 is dropped with ``drop_last`` (as ``make_loader`` does); a trailing
     batch smaller than the world is dropped (a rank would have nothing to step on). Slices of
     a trailing batch may differ in size by one: the classification loss is normalised by the
-    global batch (``training.engine.ClassificationTask``), so that stays exact.
+    global batch (``training.classification.task.ClassificationTask``), so that stays exact.
     ``set_epoch`` reseeds the base generator with ``seed + epoch`` (DistributedSampler's
     contract); callers that build a fresh seeded sampler per epoch need not call it.
     Not ``torch.utils.data.DistributedSampler``: it strides one permutation (``rank::world``)

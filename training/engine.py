@@ -1,12 +1,12 @@
 """The one fine-tuning epoch loop, the one ``predict``, and the parts they call.
 
 ``Engine.run_epoch`` runs every training epoch of the package: the head warm-up on cached
-features and the fine-tuning epochs of ``defectscope train`` (``training.trainer``) and
-every epoch of ``defectscope extend`` (``training.extend``). It owns AMP, channels_last,
+features and the fine-tuning epochs of ``defectscope train`` (``training.classification.trainer``) and
+every epoch of ``defectscope extend`` (``training.classification.extend``). It owns AMP, channels_last,
 gradient clipping, the per-step schedule, the BatchNorm mode and the progress bar. What
 differs between callers enters as parts:
 
-- the task (``ClassificationTask``; ``training.detection.task.DetectionTask``) supplies
+- the task (``training.classification.task.ClassificationTask``; ``training.detection.task.DetectionTask``) supplies
   ``step(model, batch, engine) -> StepResult`` (moves the batch, runs the forward, returns
   the loss of a batch and its size) and the evaluation of predictions; the engine does not
   branch on it;
@@ -119,53 +119,19 @@ class Task(Protocol):
     def evaluate(self, preds: Any, classes: Sequence[str]) -> dict[str, Any]: ...
 
 
-@dataclass
-class ClassificationTask:
-    """Logits ``(N, C)`` against integer labels: cross-entropy loss, classification metrics."""
+@dataclass(frozen=True)
+class TaskKind:
+    """One task kind's training side; every kind has this shape (``training.classification.task.TASK``,
+    ``training.detection.task.TASK``), and ``defectscope.tasks`` registers it with the kind's export
+    and calibrate commands."""
 
-    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = field(default_factory=nn.CrossEntropyLoss)
-    # MixUp / CutMix of a training batch (training.transforms.batch_mix): labels become class probabilities
-    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
-
-    def step(self, model: nn.Module, batch: Any, engine: Engine) -> StepResult:
-        x, y = split_batch(batch)
-        if y is None:
-            raise TypeError("a training loader must yield (inputs, labels)")
-        if self.mix is not None:
-            x, y = self.mix(x, torch.as_tensor(y))
-        x, y = engine._inputs(x), torch.as_tensor(y).to(engine.device, non_blocking=True)
-        out = model(x)
-        return StepResult(self.loss(out, y), len(y), self.correct(out, y))
-
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        c = self.criterion
-        soft = targets.is_floating_point()  # mixed labels: class probabilities
-        if distributed.active() and isinstance(c, nn.CrossEntropyLoss) and c.reduction == "mean" and not soft:
-            # The mean over the *global* batch: sum / (global sum of sample weights) * world, as DDP
-            # averages gradients over ranks. Exact for uneven slices and class weights alike.
-            s = F.cross_entropy(
-                outputs.float(),
-                targets,
-                weight=c.weight,
-                ignore_index=c.ignore_index,
-                reduction="sum",
-                label_smoothing=c.label_smoothing,
-            )
-            kept = targets[targets != c.ignore_index]
-            den = c.weight[kept].sum() if c.weight is not None else torch.tensor(float(len(kept)))
-            total = distributed.all_reduce_sum(den.detach().double().reshape(1).cpu())
-            return s * float(distributed.world() / max(float(total), 1e-12))
-        return c(outputs.float(), targets)
-
-    def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> int:
-        if targets.is_floating_point():  # mixed labels: the dominant class
-            targets = targets.argmax(1)
-        return int((outputs.detach().argmax(1) == targets).sum())
-
-    def evaluate(self, preds: Predictions, classes: Sequence[str]) -> dict[str, Any]:
-        from .metrics import classification_metrics
-
-        return classification_metrics(preds.labels.numpy(), preds.probs(), classes, loss=preds.loss)
+    name: str
+    config: type  # the train config (frozen dataclass: ``from_dict``, ``to_dict``, ``hash``)
+    extend_config: type
+    load_data: Callable[..., Any]  # (config, echo) -> splits: train / val / test and classes
+    build_model: Callable[..., Any]  # (config, classes) -> the model, initialised from the config's seed
+    hooks: Callable[..., Task]  # the engine's step and evaluate part
+    commands: Mapping[str, str]  # train / evaluate / extend -> "module:function" taking the argv
 
 
 @dataclass
@@ -209,7 +175,7 @@ class EpochStats:
 class Engine:
     """How to run an epoch: device, AMP (CUDA only), channels_last, clipping, BN mode, parts."""
 
-    task: Task = field(default_factory=ClassificationTask)
+    task: Task | None = None  # the step hook: required by run_epoch, not by predict
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     amp: bool = False
     channels_last: bool = False
@@ -253,6 +219,9 @@ class Engine:
         """
         from tqdm import tqdm
 
+        if self.task is None:
+            raise TypeError("Engine.run_epoch needs a task (its step hook), e.g. ClassificationTask()")
+        task = self.task
         scaler = scaler if scaler is not None else self.scaler()
         set_train_mode(model, self.bn_frozen)
         # Terms and hooks see the bare model (parameter names without DDP's "module." prefix).
@@ -270,7 +239,7 @@ class Engine:
             if steps is not None and i >= steps:
                 break
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
-                step = self.task.step(net, batch, self)
+                step = task.step(net, batch, self)
             task_loss = step.loss
             loss = task_loss
             for term in self.terms:  # float32, outside autocast

@@ -91,7 +91,7 @@ def mix_tasks(
 ) -> tuple[Dataset, list[int], dict]:
     """New training data mixed with a buffer from the old tasks' train splits.
 
-    ``olds``: ``training.extend.TaskSet``-like (``labels(split)``, ``subset(split, idx, train=)``,
+    ``olds``: ``training.classification.extend.TaskSet``-like (``labels(split)``, ``subset(split, idx, train=)``,
     ``samples``); each old task gets its share of the buffer. Returns the mixed dataset,
     its labels (for the class-balanced loss/sampler) and a summary for the report.
     """

@@ -106,7 +106,7 @@ def dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def splits(dataset):
-    from training.data import DataSpec, resolve_splits
+    from training.classification.data import DataSpec, resolve_splits
 
     return resolve_splits(DataSpec(source="folder", path=str(dataset)))
 
@@ -115,7 +115,7 @@ def _make_run(root: Path, splits, dataset: Path, outlier: bool = False) -> Path:
     from runtime.inference.preprocess import Preprocessor
     from training.backbones import build_model, get_spec, sized_input
     from training.checkpoint import ModelCard, save_model
-    from training.data import DataSpec
+    from training.classification.data import DataSpec
 
     torch.manual_seed(0)
     inp = sized_input(get_spec("tiny_cnn"), image_size=INPUT_SIZE)

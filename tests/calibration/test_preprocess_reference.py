@@ -1,7 +1,7 @@
 """runtime.inference.preprocess (used by calibration, evaluation, the daemon) vs training's validation transform.
 
-The reference is the training side's own pipeline (``training.transforms.val_transform`` on
-``training.transforms.to_chw_uint8(read_image(path))``), applied to image files on disk.
+The reference is the training side's own pipeline (``training.classification.transforms.val_transform`` on
+``training.classification.transforms.to_chw_uint8(read_image(path))``), applied to image files on disk.
 Tolerances are in normalised units (value / std); 0.015 mean is ~0.9 gray levels at std 0.229.
 """
 
@@ -18,7 +18,7 @@ cv2 = pytest.importorskip("cv2")
 
 def _reference(path: str, spec) -> np.ndarray:
     from runtime.inference.preprocess import read_image
-    from training.transforms import to_chw_uint8, val_transform
+    from training.classification.transforms import to_chw_uint8, val_transform
 
     return val_transform(spec)(to_chw_uint8(read_image(path))).numpy()
 

@@ -55,8 +55,8 @@ def folder_data(tmp_path) -> Path:
 @pytest.fixture
 def tiny_cfg(folder_data, tmp_path):
     """A TrainConfig factory for tiny_cnn on ``folder_data``."""
-    from training.config import TrainConfig
-    from training.data import DataSpec
+    from training.classification.config import TrainConfig
+    from training.classification.data import DataSpec
 
     def make(**kw):
         base = dict(

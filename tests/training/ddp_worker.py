@@ -51,6 +51,7 @@ def _raise(step: int) -> int:
 
     from training import distributed as dist
     from training.backbones import REGISTRY, build_model, sized_input
+    from training.classification.task import ClassificationTask
     from training.engine import Engine, seed_everything
 
     torch.set_flush_denormal(True)
@@ -66,7 +67,7 @@ def _raise(step: int) -> int:
 
     batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 2, (4,))) for _ in range(1000)]
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    Engine(device=device, after_step=[fail_on_rank_1]).run_epoch(model, batches, opt)
+    Engine(task=ClassificationTask(), device=device, after_step=[fail_on_rank_1]).run_epoch(model, batches, opt)
     dist.teardown()
     return 0
 

@@ -41,7 +41,7 @@ def test_every_task_reads_a_toml_config_without_tomllib(tmp_path):
     code = (
         "import sys; sys.modules['tomllib'] = None\n"  # as on Python 3.10: `import tomllib` fails
         "from defectscope.tasks import kind_of\n"
-        "from training.config import load_config\n"
+        "from training.classification.config import load_config\n"
         f"assert kind_of('train', ['--config', {str(cfg)!r}]) == 'detection'\n"
         f"open({str(tmp_path / 'c.toml')!r}, 'w').write('epochs = 2\\n[data]\\npath = \"elpv\"\\n')\n"
         f"print(load_config({str(tmp_path / 'c.toml')!r}).epochs)\n"

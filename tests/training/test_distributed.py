@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 
 from tests.training.conftest import write_folder  # noqa: E402
 from training import distributed as dist  # noqa: E402
-from training.loader import make_loader  # noqa: E402
+from training.classification.loader import make_loader  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -123,7 +123,7 @@ def test_launch_flag_is_stripped_and_relaunches_through_torchrun():
 
 def test_a_bad_process_count_is_one_error_line_and_exit_2(capsys):
     from defectscope.tasks import extend
-    from training.cli import train_main
+    from training.classification.cli import train_main
 
     assert train_main(["--data", "elpv", "--nproc-per-node", "0"]) == 2
     assert extend(["--from", "r", "--data", "d", "--out", "o", "--nproc-per-node", "-3"]) == 2
@@ -132,9 +132,9 @@ def test_a_bad_process_count_is_one_error_line_and_exit_2(capsys):
 
 
 def test_help_states_the_global_batch(capsys):
-    from training.cli import build_train_parser
-    from training.config import OPTIM
-    from training.extend_cli import build_parser
+    from training.classification.cli import build_train_parser
+    from training.classification.config import OPTIM
+    from training.classification.extend_cli import build_parser
 
     for parser in (build_train_parser(), build_parser()):
         text = " ".join(parser.format_help().split())
@@ -171,7 +171,7 @@ def test_two_processes_train_the_weights_of_one_and_only_rank_0_writes(tmp_path,
 
 def test_fisher_over_two_ranks_equals_one_process(tmp_path, ddp_data):
     """``extend --finalize``: each rank its shard of the same inputs, all-reduced = the 1-process Fisher."""
-    from training.ewc import EWCState
+    from training.ewc_state import EWCState
 
     run = tmp_path / "src"
     _run([sys.executable, "-m", "defectscope", *_train_args(ddp_data, run, "--epochs", "1")], tmp_path)
@@ -193,7 +193,7 @@ def test_extend_with_replay_and_new_class_on_two_ranks_matches_one(tmp_path, ddp
     """extend (EWC + a replay buffer, a grown head): 2 ranks end at 1 process's weights and Fisher."""
     from safetensors.torch import load_file
 
-    from training.ewc import EWCState
+    from training.ewc_state import EWCState
 
     src = tmp_path / "src"
     _run([sys.executable, "-m", "defectscope", *_train_args(ddp_data, src, "--epochs", "1", "--fisher", "8")], tmp_path)

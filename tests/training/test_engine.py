@@ -10,7 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from training.engine import ClassificationTask, Engine, EpochSelector  # noqa: E402
+from training.classification.task import ClassificationTask  # noqa: E402
+from training.engine import Engine, EpochSelector  # noqa: E402
 
 PKG = Path(__file__).resolve().parents[2] / "training"
 
@@ -47,12 +48,12 @@ def _train(engine: Engine, epochs: int = 5) -> nn.Linear:
 
 
 def test_extra_loss_term_is_added_and_recorded():
-    plain = _train(Engine())
-    eng = Engine(terms=[WeightNorm(1.0)])
+    plain = _train(Engine(task=ClassificationTask()))
+    eng = Engine(task=ClassificationTask(), terms=[WeightNorm(1.0)])
     model = _model()
     stats = eng.run_epoch(model, _data(), torch.optim.SGD(model.parameters(), lr=0.1))
     assert len(stats.terms["l2"]) == len(stats.task_loss) == 4 and all(v > 0 for v in stats.terms["l2"])
-    shrunk = _train(Engine(terms=[WeightNorm(1.0)]))
+    shrunk = _train(Engine(task=ClassificationTask(), terms=[WeightNorm(1.0)]))
     assert float(shrunk.weight.detach().norm()) < 0.5 * float(plain.weight.detach().norm())
 
 
@@ -66,9 +67,9 @@ def test_after_step_hook_runs_after_every_step():
             model.bias.zero_()
 
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    Engine(after_step=[pin_bias]).run_epoch(model, _data(), opt)
+    Engine(task=ClassificationTask(), after_step=[pin_bias]).run_epoch(model, _data(), opt)
     assert len(calls) == 4 and torch.equal(model.bias, torch.zeros(2))
-    assert not torch.equal(_train(Engine(), 1).bias, torch.zeros(2))
+    assert not torch.equal(_train(Engine(task=ClassificationTask()), 1).bias, torch.zeros(2))
 
 
 def test_steps_cap_task_loss_and_predict():
@@ -119,7 +120,7 @@ def test_every_task_and_command_runs_the_one_epoch_loop():
                     owners.append(f"{path.relative_to(PKG)}:{fn.name}")
     assert owners == ["engine.py:fit_epochs"], owners
     users = {p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py") if "fit_epochs(" in p.read_text()}
-    assert {"trainer.py", "extend.py", "detection/trainer.py"} <= users
+    assert {"classification/trainer.py", "classification/extend.py", "detection/epochs.py"} <= users
 
 
 def test_no_function_in_training_is_over_80_lines():
@@ -146,7 +147,7 @@ def test_parameter_group_rule_changes_what_trains():
         opt, sched = build_optimizer(
             model, len(model.groups), 1e-2, 1.0, 0.0, total_steps=1, warmup_steps=0, rules=rules
         )
-        Engine().run_epoch(model, batches, opt, scheduler=sched)
+        Engine(task=ClassificationTask()).run_epoch(model, batches, opt, scheduler=sched)
         return (torch.equal(model.head[1].weight, head0), torch.equal(next(model.body.parameters()), body0))
 
     def freeze_head(group: dict) -> dict:

@@ -9,13 +9,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from training import ewc
+from training import ewc, ewc_state
+from training.classification.extend import FitHistory
+from training.classification.task import ClassificationTask
+from training.classification.taskset import accuracy
 from training.engine import Engine
-from training.extend import FitHistory
 from training.heads import HeadRowFreeze, grow_linear
 from training.metrics import plot_forgetting
 from training.replay import mix_replay, replay_count, select_exemplars
-from training.tasks import accuracy
 
 
 def _grow(model, n):
@@ -27,6 +28,7 @@ def _grow(model, n):
 def _fit(model, loader, *, epochs, optimizer, penalty=None, bn="frozen", after_step=None):
     """Train through the one engine; a FitHistory of per-step task loss and penalty."""
     eng = Engine(
+        task=ClassificationTask(),
         bn_frozen=bn == "frozen",
         terms=[penalty] if penalty is not None else [],
         after_step=[after_step] if after_step is not None else [],
@@ -146,7 +148,9 @@ def test_fisher_covers_frozen_parameters_and_restores_flags():
 def _state_for(model, fisher=None, backbone="tiny"):
     if fisher is None:
         fisher = {n: torch.rand_like(p) + 0.1 for n, p in model.named_parameters()}
-    return ewc.EWCState.from_model(model, fisher, backbone=backbone, classes=["a", "b"], task=ewc.TaskRecord("A", 8))
+    return ewc_state.EWCState.from_model(
+        model, fisher, backbone=backbone, classes=["a", "b"], task=ewc_state.TaskRecord("A", 8)
+    )
 
 
 def test_penalty_zero_at_anchor_and_gradient_points_back():
@@ -186,7 +190,7 @@ def test_penalty_rejects_bad_lambda_and_unknown_parameters():
     with pytest.raises(ValueError, match="lambda"):
         ewc.EWCPenalty(state, model, lam=-1)
     other = nn.Linear(2, 2)
-    with pytest.raises(ewc.EWCError, match="no parameter"):
+    with pytest.raises(ewc_state.EWCError, match="no parameter"):
         ewc.EWCPenalty(state, other, lam=1)
 
 
@@ -258,16 +262,16 @@ def test_head_row_freeze_survives_weight_decay_and_momentum():
 def test_fisher_file_round_trip_and_check(tmp_path):
     model = TinyNet()
     fisher = ewc.estimate_fisher(model, [torch.randn(4, 3, 8, 8)], n_samples=4)
-    state = ewc.EWCState.from_model(
+    state = ewc_state.EWCState.from_model(
         model,
         fisher,
         backbone="tiny",
         classes=["ok", "defect"],
-        task=ewc.TaskRecord("line-A", 4, classes=("ok", "defect")),
+        task=ewc_state.TaskRecord("line-A", 4, classes=("ok", "defect")),
     )
     path = state.save(tmp_path)
-    assert path.name == ewc.FISHER_FILE and not list(tmp_path.glob(".*tmp"))
-    back = ewc.EWCState.load(tmp_path)
+    assert path.name == ewc_state.FISHER_FILE and not list(tmp_path.glob(".*tmp"))
+    back = ewc_state.EWCState.load(tmp_path)
     assert back.backbone == "tiny" and back.classes == ("ok", "defect")
     assert back.tasks == state.tasks and back.anchor_sha256 == state.anchor_sha256
     for n in state.fisher:
@@ -279,22 +283,24 @@ def test_mismatched_fisher_file_is_refused(tmp_path):
     model = TinyNet()
     state = _state_for(model)
     state.save(tmp_path / "f.safetensors")
-    loaded = ewc.EWCState.load(tmp_path / "f.safetensors")
+    loaded = ewc_state.EWCState.load(tmp_path / "f.safetensors")
 
-    with pytest.raises(ewc.EWCError, match="backbone 'tiny'.*'resnet18'"):
+    with pytest.raises(ewc_state.EWCError, match="backbone 'tiny'.*'resnet18'"):
         loaded.check_model(model, backbone="resnet18")
 
     changed = TinyNet()
     changed.load_state_dict(model.state_dict())
     with torch.no_grad():
         changed.head[1].bias[0] += 1e-3
-    with pytest.raises(ewc.EWCError, match="different weights"):
+    with pytest.raises(ewc_state.EWCError, match="different weights"):
         loaded.check_model(changed, backbone="tiny")
 
-    with pytest.raises(ewc.EWCError, match=r"'head.1.(weight|bias)' is \(2,.*\) in the file, \(3,.*\) in the model"):
+    with pytest.raises(
+        ewc_state.EWCError, match=r"'head.1.(weight|bias)' is \(2,.*\) in the file, \(3,.*\) in the model"
+    ):
         loaded.check_model(TinyNet(num_classes=3))
 
-    with pytest.raises(ewc.EWCError, match="only in the model"):
+    with pytest.raises(ewc_state.EWCError, match="only in the model"):
         loaded.check_model(nn.Sequential(TinyNet(), nn.Linear(2, 2)))
 
 
@@ -309,17 +315,17 @@ def test_tampered_or_foreign_file_is_refused(tmp_path):
     tensors = load_file(str(path))
     tensors["anchor.head.1.bias"] = tensors["anchor.head.1.bias"] + 1
     save_file(tensors, str(tmp_path / "edited.safetensors"), metadata=meta)
-    with pytest.raises(ewc.EWCError, match="corrupt or was edited"):
-        ewc.EWCState.load(tmp_path / "edited.safetensors")
+    with pytest.raises(ewc_state.EWCError, match="corrupt or was edited"):
+        ewc_state.EWCState.load(tmp_path / "edited.safetensors")
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"), metadata={"format": "other"})
-    with pytest.raises(ewc.EWCError, match="'format' is 'other'"):
-        ewc.EWCState.load(tmp_path / "foreign.safetensors")
+    with pytest.raises(ewc_state.EWCError, match="'format' is 'other'"):
+        ewc_state.EWCState.load(tmp_path / "foreign.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
-    with pytest.raises(ewc.EWCError, match="not a readable"):
-        ewc.EWCState.load(tmp_path / "junk.safetensors")
-    with pytest.raises(ewc.EWCError, match="--finalize"):
-        ewc.EWCState.load(tmp_path / "missing")
+    with pytest.raises(ewc_state.EWCError, match="not a readable"):
+        ewc_state.EWCState.load(tmp_path / "junk.safetensors")
+    with pytest.raises(ewc_state.EWCError, match="--finalize"):
+        ewc_state.EWCState.load(tmp_path / "missing")
 
 
 # ------------------------------------------------------------------------- online EWC
@@ -328,15 +334,17 @@ def test_tampered_or_foreign_file_is_refused(tmp_path):
 def test_online_consolidation_decays_old_fisher_and_moves_anchor():
     model = TinyNet(2)
     f_a = {n: torch.full_like(p, 2.0) for n, p in model.named_parameters()}
-    state = ewc.EWCState.from_model(
-        model, f_a, backbone="tiny", classes=["a", "b"], task=ewc.TaskRecord("A", 8), gamma=0.5
+    state = ewc_state.EWCState.from_model(
+        model, f_a, backbone="tiny", classes=["a", "b"], task=ewc_state.TaskRecord("A", 8), gamma=0.5
     )
     _grow(model, 3)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.25)
     f_b = {n: torch.full_like(p, 1.0) for n, p in model.named_parameters()}
-    new = ewc.consolidate(state, model, f_b, task=ewc.TaskRecord("B", 8), backbone="tiny", classes=["a", "b", "c"])
+    new = ewc.consolidate(
+        state, model, f_b, task=ewc_state.TaskRecord("B", 8), backbone="tiny", classes=["a", "b", "c"]
+    )
     assert [t.name for t in new.tasks] == ["A", "B"] and new.gamma == 0.5
     assert torch.allclose(new.fisher["body.0.weight"], torch.full_like(f_b["body.0.weight"], 0.5 * 2 + 1))
     # grown head: old rows 0.5*2+1, the new row only its own Fisher
@@ -346,7 +354,7 @@ def test_online_consolidation_decays_old_fisher_and_moves_anchor():
         assert torch.equal(new.anchors[n], p.detach())
     new.check_model(model, backbone="tiny")
     with pytest.raises(ValueError, match="gamma"):
-        ewc.consolidate(state, model, f_b, task=ewc.TaskRecord("B", 8), backbone="tiny", classes=[], gamma=1.5)
+        ewc.consolidate(state, model, f_b, task=ewc_state.TaskRecord("B", 8), backbone="tiny", classes=[], gamma=1.5)
 
 
 # ------------------------------------------------------------------------- replay, BN
@@ -435,7 +443,9 @@ def test_two_task_run_naive_forgets_and_ewc_forgets_less(tmp_path):
     assert acc_a0 > 0.95
 
     fisher = ewc.estimate_fisher(model, DataLoader(TensorDataset(xa, ya), batch_size=64), n_samples=600)
-    state = ewc.EWCState.from_model(model, fisher, backbone="mlp", classes=["0", "1"], task=ewc.TaskRecord("A", 600))
+    state = ewc_state.EWCState.from_model(
+        model, fisher, backbone="mlp", classes=["0", "1"], task=ewc_state.TaskRecord("A", 600)
+    )
     state.save(tmp_path)  # extend from the file, not from the live Fisher
     start = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -445,7 +455,7 @@ def test_two_task_run_naive_forgets_and_ewc_forgets_less(tmp_path):
         loader_b = DataLoader(TensorDataset(xb, yb), batch_size=32, shuffle=True)
         pen = None
         if lam:
-            loaded = ewc.EWCState.load(tmp_path)
+            loaded = ewc_state.EWCState.load(tmp_path)
             loaded.check_model(model, backbone="mlp")
             pen = ewc.EWCPenalty(loaded, model, lam)
         hist = _fit(model, loader_b, epochs=10, optimizer=torch.optim.Adam(model.parameters(), 1e-2), penalty=pen)

@@ -126,7 +126,7 @@ def test_small_data_warns_with_the_plan_off(tmp_path, capsys):
 
 
 def test_classifier_plan_auto_fills_only_unset_image_size(folder_data, tmp_path, capsys):
-    from training.cli import train_main
+    from training.classification.cli import train_main
 
     run = tmp_path / "cls"
     argv = ["--data", str(folder_data), "--backbone", "tiny_cnn", "--weights", "none", "--epochs", "1"]

@@ -9,8 +9,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from training.backbones import build_model  # noqa: E402
-from training.config import ConfigError, TrainConfig, load_config  # noqa: E402
-from training.schedule import build_optimizer, make_plan, warmup_cosine  # noqa: E402
+from training.classification.config import ConfigError, TrainConfig, load_config  # noqa: E402
+from training.classification.strategy import make_plan  # noqa: E402
+from training.schedule import build_optimizer, warmup_cosine  # noqa: E402
 
 
 def _plan(**kw):

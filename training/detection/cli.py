@@ -258,7 +258,7 @@ def _grid_arg(s: str) -> tuple[float, ...]:
 
 def _print_plan(cfg: Any) -> int:
     from training.detection.datasets import resolve_detection
-    from training.detection.planning import apply_plan, make_plan
+    from training.detection.task import apply_plan, make_plan
 
     splits = resolve_detection(cfg.data)
     plan = make_plan(cfg, splits.train, splits.classes)
@@ -268,8 +268,13 @@ def _print_plan(cfg: Any) -> int:
 
 
 def build_extend_parser() -> argparse.ArgumentParser:
-    from training.detection.config import DetTrainConfig, field_defaults
-    from training.detection.extend import EWC_SCOPES, SEARCH_EPOCH_SHARE, DetExtendConfig
+    from training.detection.config import (
+        EWC_SCOPES,
+        SEARCH_EPOCH_SHARE,
+        DetExtendConfig,
+        DetTrainConfig,
+        field_defaults,
+    )
     from training.lambda_search import RULES, PickRule
 
     E, R = field_defaults(DetExtendConfig), PickRule()
@@ -348,10 +353,10 @@ def _extend_main(argv: list[str]) -> int:
     ns = build_extend_parser().parse_args(argv)
     from training.checkpoint import CheckpointError
     from training.data import DataError
-    from training.detection.config import DetTrainConfig
-    from training.detection.extend import DetExtendConfig, extend_detector
+    from training.detection.config import DetExtendConfig, DetTrainConfig
+    from training.detection.extend import extend_detector
     from training.distributed import DistributedError
-    from training.ewc import EWCError
+    from training.ewc_state import EWCError
     from training.run_dir import RunExistsError
 
     v = vars(ns)

@@ -80,9 +80,9 @@ def evaluate_run(
         raise ValueError(f"--max-false-alarm: expected a rate in [0, 1), got {max_false_alarm!r}")
     from training.detection.checkpoint import load_detector
     from training.detection.datasets import DetectionSpec, resolve_detection
+    from training.detection.epochs import evaluate_model
     from training.detection.loader import DetectionDataset
     from training.detection.task import DetectionTask
-    from training.detection.trainer import evaluate_model
 
     model, card = load_detector(run)
     spec = DetectionSpec.from_dict(card.data, where="model.json: data") if data is None else DetectionSpec(data)

@@ -18,7 +18,7 @@ from torch import nn
 from training.detection.loader import DetectionDataset
 from training.detection.task import move_targets
 from training.engine import device_of
-from training.ewc import EWCState, TaskRecord
+from training.ewc_state import EWCState, TaskRecord
 
 
 def protected_names(model: nn.Module, prefixes: Sequence[str]) -> list[str]:

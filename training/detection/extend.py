@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -23,84 +22,11 @@ from typing import Any
 import numpy as np
 
 from runtime.fsio import atomic_write_json
-from training.detection.config import DetTrainConfig
+from training.detection.config import (
+    EWC_SCOPES,
+    DetExtendConfig,
+)
 from training.detection.formats import DetSample
-
-# ``--lambda auto`` (the default; training.lambda_search, rule "retain"): one short run per grid
-# point from the same start, scored on old-line and new-line val mAP@.5, then the full run at the
-# chosen lambda. 0 (naive) is in the grid so the rule can pick it when EWC buys nothing: on a
-# 4-class two-line pair, 1e5 cost 16.5 points of new-line mAP@.5 and saved nothing (issue 31),
-# while on the project's ELPV pair (docs/benchmarks.md) it forgot 0.34x naive. Grid, share and
-# rule are not yet measured across pairs (bench/bench_detection_ewc.py).
-DEFAULT_LAMBDA: float | str = "auto"
-LAMBDA_GRID: tuple[float, ...] = (0.0, 1e3, 1e4, 1e5)
-# Epochs per grid point = ceil(epochs x this); at 1/3 a 4-point grid adds ~1.3x the full run's epochs.
-SEARCH_EPOCH_SHARE = 1 / 3
-DEFAULT_FISHER_SAMPLES = 64
-# What EWC anchors, by parameter-name prefix. backbone.* holds the trunk and the FPN. "all" adds
-# the RoI heads (box head fc6/fc7, box predictor): on a new line nothing else keeps them near the
-# old line; a grown predictor is anchored on its old rows only (training.ewc.EWCPenalty).
-EWC_SCOPES: dict[str, tuple[str, ...]] = {"trunk": ("backbone.", "rpn."), "all": ("backbone.", "rpn.", "roi_heads.")}
-DEFAULT_EWC_SCOPE = "all"  # measured: "trunk" forgot 0.46x naive at 1e5 with 4.6x the seed spread of "all"
-
-
-@dataclass(frozen=True)
-class DetExtendConfig:
-    source: str  # the detection run to extend
-    train: DetTrainConfig  # new data, optimisation, out (model options come from the source)
-    lam: float | str = DEFAULT_LAMBDA  # EWC strength; 0 = naive fine-tuning; "auto" = search lambda_grid
-    lambda_grid: tuple[float, ...] = LAMBDA_GRID  # candidates of "auto"
-    search_epochs: int | None = None  # epochs per grid point; None = ceil(epochs x SEARCH_EPOCH_SHARE)
-    lambda_rule: str = "retain"  # training.lambda_search rule ranking the grid points
-    fisher_samples: int = DEFAULT_FISHER_SAMPLES  # old training images in the Fisher estimate
-    replay: str | None = None  # old training images mixed in: a count ("50") or a share ("10%")
-    freeze_old_rows: bool = True  # restore the box predictor's old class rows after each step
-    ewc_scope: str = DEFAULT_EWC_SCOPE  # a key of EWC_SCOPES: which parameters the penalty anchors
-
-    def __post_init__(self) -> None:
-        if self.ewc_scope not in EWC_SCOPES:
-            raise ValueError(f"ewc_scope: expected one of {sorted(EWC_SCOPES)}, got {self.ewc_scope!r}")
-        if isinstance(self.lam, str):
-            if self.lam != "auto":
-                raise ValueError(f"lambda: expected a number >= 0 or 'auto', got {self.lam!r}")
-        elif not np.isfinite(self.lam) or self.lam < 0:
-            raise ValueError(f"lambda: expected a finite number >= 0 or 'auto', got {self.lam!r}")
-        object.__setattr__(self, "lambda_grid", tuple(float(v) for v in self.lambda_grid))
-        if not self.lambda_grid or any(not np.isfinite(v) or v < 0 for v in self.lambda_grid):
-            raise ValueError(f"lambda_grid: expected a non-empty list of numbers >= 0, got {self.lambda_grid!r}")
-        if self.search_epochs is not None and (not isinstance(self.search_epochs, int) or self.search_epochs < 1):
-            raise ValueError(f"search_epochs: expected a positive integer or null, got {self.search_epochs!r}")
-        from training.lambda_search import PickRule
-
-        PickRule(self.lambda_rule)  # validates the name
-        if self.fisher_samples < 1:
-            raise ValueError(f"fisher_samples: expected >= 1, got {self.fisher_samples!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "task": "detection",
-            "source": self.source,
-            "train": self.train.to_dict(),
-            "lam": self.lam,
-            "lambda_grid": list(self.lambda_grid),
-            "search_epochs": self.search_epochs,
-            "lambda_rule": self.lambda_rule,
-            "fisher_samples": self.fisher_samples,
-            "replay": self.replay,
-            "freeze_old_rows": self.freeze_old_rows,
-            "ewc_scope": self.ewc_scope,
-        }
-
-    @property
-    def lambdas(self) -> tuple[float, ...]:
-        """The strengths trained with: the grid under "auto", else the one given."""
-        return self.lambda_grid if self.lam == "auto" else (float(self.lam),)
-
-    @property
-    def epochs_per_point(self) -> int:
-        """Epochs of each grid point's short run (at most the full run's)."""
-        e = self.train.epochs
-        return min(e, self.search_epochs or max(1, math.ceil(e * SEARCH_EPOCH_SHARE)))
 
 
 @dataclass
@@ -151,8 +77,8 @@ def _replay(cfg: DetExtendConfig, sets: _Sets) -> list[DetSample]:
 
 
 def _maps(model: Any, sets: _Sets, task: Any, size: tuple[int, int]) -> dict[str, Any]:
+    from training.detection.epochs import evaluate_model
     from training.detection.loader import DetectionDataset
-    from training.detection.trainer import evaluate_model
 
     out = {}
     for name, samples in (("old", sets.old_test), ("new", sets.new_test or sets.new_val)):
@@ -216,7 +142,7 @@ def extend_detector(
         raise ValueError(
             "--lambda auto scores grid points on the old line's val split, which is empty; give a fixed --lambda"
         )
-    from training.detection.planning import warn_small_data
+    from training.detection.task import warn_small_data
 
     warn_small_data(sets.new_train, sets.classes, echo, present_only=True)
     if dist.is_main():
@@ -354,14 +280,4 @@ def summary_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = [
-    "DEFAULT_EWC_SCOPE",
-    "DEFAULT_FISHER_SAMPLES",
-    "DEFAULT_LAMBDA",
-    "EWC_SCOPES",
-    "LAMBDA_GRID",
-    "SEARCH_EPOCH_SHARE",
-    "DetExtendConfig",
-    "extend_detector",
-    "summary_text",
-]
+__all__ = ["extend_detector", "summary_text"]

@@ -20,8 +20,8 @@ def val_map50(
     model: Any, samples: Sequence[Any], task: Any, classes: Sequence[str], size: tuple[int, int]
 ) -> float | None:
     """mAP@.5 of ``model`` on ``samples`` (None when there are none)."""
+    from training.detection.epochs import evaluate_model
     from training.detection.loader import DetectionDataset
-    from training.detection.trainer import evaluate_model
 
     if not samples:
         return None
@@ -47,7 +47,7 @@ class DetRun:
         """Train at ``lam`` with ``tc`` (a DetTrainConfig); the best new-line val epoch is saved to
         ``run_dir`` and reloaded. Returns the ``DetFit``."""
         from training import distributed as dist
-        from training.detection.trainer import fit, reload_best
+        from training.detection.epochs import fit, reload_best
         from training.engine import Engine
         from training.ewc import EWCPenalty
 

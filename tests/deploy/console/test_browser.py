@@ -67,7 +67,7 @@ def daemon(tmp: Path, name: str, pattern: list[str], pub_port: int, loop: bool, 
 
 
 def _train_base(run: Path, data: Path) -> None:
-    """A tiny_cnn run directory for `extend --from` (tests/training/test_extend.py makes it the same way)."""
+    """A tiny_cnn run directory for `extend --from` (tests/training/classification/test_extend.py makes it the same way)."""
     from tests.training.test_extend import _train_base as train
 
     train(run, data)
@@ -134,7 +134,7 @@ def test_live_review_export_extend_loop(tmp_path, browser, console_factory):
     # and `defectscope extend` trains on it directly
     pytest.importorskip("torch")
     from tests.training.conftest import write_folder
-    from training.extend_cli import main as extend_main
+    from training.classification.extend_cli import main as extend_main
 
     base = tmp_path / "runA"
     _train_base(base, write_folder(tmp_path / "lineA", {"ok": 24, "defect": 24}))

@@ -70,8 +70,8 @@ def test_extend_new_classes_keeps_old_rows_and_applies_ewc(det_run, tmp_path):
 @pytest.mark.parametrize("scope", ["trunk", "all"])
 def test_extend_ewc_scope_decides_what_is_anchored(det_run, tmp_path, scope):
     from training.detection.checkpoint import load_detector
-    from training.detection.extend import EWC_SCOPES
-    from training.ewc import EWCState
+    from training.detection.config import EWC_SCOPES
+    from training.ewc_state import EWCState
 
     _, src = det_run
     new = write_squares_coco(tmp_path / "line", ("square", "bar", "pit"), seed=7)
@@ -91,8 +91,7 @@ def test_extend_ewc_scope_decides_what_is_anchored(det_run, tmp_path, scope):
 
 
 def test_extend_refuses_an_unknown_ewc_scope(det_run, tmp_path, capsys):
-    from training.detection.config import DetTrainConfig
-    from training.detection.extend import DetExtendConfig
+    from training.detection.config import DetExtendConfig, DetTrainConfig
 
     _, src = det_run
     with pytest.raises(SystemExit):
@@ -221,8 +220,8 @@ def test_fisher_estimate_leaves_batchnorm_statistics_unchanged(tmp_path):
     import numpy as np
 
     from tests.training.detection.helpers import SIZE, train_tiny_detector
+    from training.detection.config import EWC_SCOPES
     from training.detection.ewc import detection_fisher
-    from training.detection.extend import EWC_SCOPES
     from training.detection.formats import DetSample
     from training.detection.loader import DetectionDataset
 

@@ -54,7 +54,7 @@ def test_detection_set_is_seeded_and_reads_as_coco(tmp_path):
 
 
 def test_classification_set_has_five_classes(tmp_path):
-    from training.data import DataSpec, resolve_splits
+    from training.classification.data import DataSpec, resolve_splits
 
     out = tmp_path / "cls"
     assert main(["--out", str(out), "--task", "classification", "--images", "6"]) == 0

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tests.training.conftest import synth_image, write_folder  # noqa: E402
-from training.data import DataError, DataSpec, resolve_splits  # noqa: E402
+from training.classification.data import DataError, DataSpec, resolve_splits  # noqa: E402
 
 
 def _paths(samples):
@@ -106,9 +106,9 @@ def test_csv_manifest_without_header_and_bad_rows(tmp_path):
 def test_gray_and_rgb_images_load_as_rgb_tensors(tmp_path):
     import cv2
 
-    from training.config import AugmentConfig
-    from training.loader import ImageDataset
-    from training.transforms import train_pipeline, val_pipeline
+    from training.classification.config import AugmentConfig
+    from training.classification.loader import ImageDataset
+    from training.classification.transforms import train_pipeline, val_pipeline
 
     rng = np.random.default_rng(0)
     gray = tmp_path / "g.png"
@@ -118,7 +118,7 @@ def test_gray_and_rgb_images_load_as_rgb_tensors(tmp_path):
     bgr[:, :, 0] = 255  # blue channel saturated: must end up as RGB channel 2
     cv2.imwrite(str(color), bgr)
     from runtime.inference.preprocess import InputSpec
-    from training.data import Sample
+    from training.classification.data import Sample
 
     spec = InputSpec(height=32, width=32, resize_size=36, mean=(0.5,) * 3, std=(0.5,) * 3)
     for pipe in (val_pipeline(spec), train_pipeline(spec, AugmentConfig())):

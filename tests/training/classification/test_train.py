@@ -9,8 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from training.config import AugmentConfig  # noqa: E402
-from training.trainer import RunExistsError, Trainer, train  # noqa: E402
+from training.classification.config import AugmentConfig  # noqa: E402
+from training.classification.trainer import RunExistsError, Trainer, train  # noqa: E402
 
 
 def _snapshot(model):
@@ -123,7 +123,7 @@ def test_short_run_beats_chance_and_writes_the_run_directory(tiny_cfg):
     assert json.loads((run / "config.json").read_text())["config_hash"] == card["config_hash"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert [m["epoch"] for m in metrics] == list(range(1, len(metrics) + 1))
-    from training.config import load_config
+    from training.classification.config import load_config
 
     assert load_config(run / "config.json") == cfg.resolved()  # the saved config reproduces the run
 
@@ -171,8 +171,8 @@ def test_corrupt_images_are_counted_in_the_run_report(tiny_cfg, folder_data):
 
 
 def test_cli_train_and_evaluate_with_tta(folder_data, tmp_path, capsys):
-    from training.cli import train_main
-    from training.evaluate_cli import evaluate_main
+    from training.classification.cli import train_main
+    from training.classification.evaluate_cli import evaluate_main
 
     run = tmp_path / "cli-run"
     rc = train_main(
@@ -235,8 +235,8 @@ def test_cli_train_and_evaluate_with_tta(folder_data, tmp_path, capsys):
 
 def test_cli_train_fisher_finalizes_the_run_for_ewc(folder_data, tmp_path):
     from training.checkpoint import load_model
-    from training.cli import train_main
-    from training.ewc import EWCState
+    from training.classification.cli import train_main
+    from training.ewc_state import EWCState
 
     run = tmp_path / "fisher-run"
     rc = train_main(
@@ -293,7 +293,7 @@ def test_bn_option_freezes_or_updates_running_statistics(tiny_cfg, bn, stats_mov
 
 def test_bn_auto_resolves_by_weights(tiny_cfg):
     assert tiny_cfg(weights="none").resolved().bn == "train"
-    from training.config import ConfigError, TrainConfig
+    from training.classification.config import ConfigError, TrainConfig
 
     assert TrainConfig(backbone="tiny_cnn").resolved().bn == "frozen"
     with pytest.raises(ConfigError, match="bn: expected one of"):
@@ -303,7 +303,7 @@ def test_bn_auto_resolves_by_weights(tiny_cfg):
 def test_bn_adapt_reestimates_statistics_on_training_images_then_freezes_them(tiny_cfg, monkeypatch):
     """bn=adapt: one pass over the training split sets every BN's running stats to that data's
     statistics (AdaBN) before any weight moves; fine-tuning then leaves them alone."""
-    import training.trainer as tr
+    import training.classification.trainer as tr
 
     seen = {}
     build = tr.build_model

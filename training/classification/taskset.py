@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from typing import Any
 
 from runtime.inference.preprocess import InputSpec
-
-from .config import AugmentConfig
-from .data import DataError, DataSpec
-from .extend_config import ExtendConfig
+from training.classification.config import AugmentConfig
+from training.classification.data import DataError, DataSpec
 
 
 class TaskSet:
@@ -32,7 +29,7 @@ class TaskSet:
         fingerprint: str = "",
         good_classes: Sequence[str] = (),
     ) -> None:
-        from .transforms import train_pipeline, val_pipeline
+        from training.classification.transforms import train_pipeline, val_pipeline
 
         self.name = name
         self.classes = list(classes)
@@ -57,8 +54,8 @@ class TaskSet:
         spec: DataSpec | None = None,
         cache: bool = True,
     ) -> TaskSet:
-        """Relabel ``training.data.Splits`` into ``classes`` (by class name)."""
-        from .evaluate import remap_samples
+        """Relabel ``training.classification.data.Splits`` into ``classes`` (by class name)."""
+        from training.classification.evaluate import remap_samples
 
         try:
             samples = {k: remap_samples(splits.split(k), splits.classes, classes) for k in ("train", "val", "test")}
@@ -84,7 +81,7 @@ class TaskSet:
 
     def dataset(self, split: str, *, train: bool = False, progress: bool = False):
         """``ImageDataset`` of a split; ``train=True`` gives the augmenting view of the same cache."""
-        from .loader import ImageDataset
+        from training.classification.loader import ImageDataset
 
         if split not in self._ds:
             ds = ImageDataset(self.samples[split], self._val, cache=self.cache)
@@ -128,8 +125,8 @@ def evaluate_task(model, task: TaskSet, split: str, classes: Sequence[str], batc
     """
     import torch
 
-    from .engine import Engine, device_of
-    from .metrics import classification_metrics
+    from training.engine import Engine, device_of
+    from training.metrics import classification_metrics
 
     if not task.samples[split]:
         return None, None
@@ -194,60 +191,4 @@ def old_logit_report(before, after, old_classes: int) -> dict[str, float]:
         "old_logits_mean_abs_change": float(diff.mean()),
         "old_argmax_agreement": float((a.argmax(1) == before.argmax(1)).float().mean()),
         "predicted_as_new_class": float((after.argmax(1) >= old_classes).float().mean()),
-    }
-
-
-def extension_report(
-    cfg: ExtendConfig,
-    lam,
-    runs,
-    hist: Any,
-    classes,
-    grown: bool,
-    new: TaskSet,
-    olds,
-    new_ba,
-    old_ba,
-    growth,
-    old_logits,
-    replay_info,
-    state,
-) -> dict[str, Any]:
-    """The extension's report.json: accuracy of the new and old tasks before and after, forgetting."""
-    (new_before, new_after), (old_before, old_after) = new_ba, old_ba
-    ob, oa = (
-        mean_of([accuracy_of(m) for m in old_before.values()]),
-        mean_of([accuracy_of(m) for m in old_after.values()]),
-    )
-    return {
-        "method": cfg.method + ("+replay" if cfg.replay else ""),
-        "lambda": lam if cfg.method == "ewc" else 0.0,
-        "lambda_mode": "auto" if cfg.lam == "auto" else "fixed",
-        "lambda_search": runs if len(runs) > 1 else None,
-        "bn": cfg.bn,
-        "classes": classes,
-        "scenario": "new-classes" if grown else "new-domain",
-        "new_task": new.name,
-        "old_tasks": [t.name for t in olds],
-        "new_accuracy_before": accuracy_of(new_before),
-        "new_accuracy_after": accuracy_of(new_after),
-        "old_accuracy_before": ob,
-        "old_accuracy_after": oa,
-        "forgetting": drop(ob, oa),
-        "penalty_share": hist.penalty_share,
-        "new": {"before": new_before, "after": new_after},
-        "old": {
-            t.name: {
-                "before": old_before[t.name],
-                "after": old_after[t.name],
-                "forgetting": drop(accuracy_of(old_before[t.name]), accuracy_of(old_after[t.name])),
-            }
-            for t in olds
-        },
-        "head_growth": growth,
-        "old_class_logits": old_logits or None,
-        "replay": replay_info,
-        "fisher": None
-        if state is None
-        else {"tasks": [asdict(t) for t in state.tasks], "anchor_sha256": state.anchor_sha256, "gamma": state.gamma},
     }

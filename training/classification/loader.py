@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
-from .data import Sample
-from .transforms import Pipeline, to_chw_uint8
+from training.classification.data import Sample
+from training.classification.transforms import Pipeline, to_chw_uint8
 
 
 class ImageDataset(Dataset):
@@ -110,7 +110,7 @@ def make_loader(
     # A trailing training batch of 1 breaks BatchNorm statistics: drop only that case.
     drop_last = train and len(labels) > 1 and len(labels) % batch_size == 1
     if train and shard is not None and shard[1] > 1:
-        from .distributed import ShardedBatchSampler
+        from training.distributed import ShardedBatchSampler
 
         base = sampler if sampler is not None else RandomSampler(dataset, generator=g)  # type: ignore[arg-type]
         batches = ShardedBatchSampler(base, batch_size, shard[0], shard[1], drop_last=drop_last, generator=g, seed=seed)

@@ -1,27 +1,24 @@
 """``defectscope extend`` on disk: the source run's Fisher state, the old tasks, the output
-run directory (``extend_model`` in ``training.extend`` does the training)."""
+run directory (``extend_model`` in ``training.classification.extend`` does the training)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.fsio import atomic_write_json
-
-from .config import ConfigError
-from .data import DataError, DataSpec
-from .extend import Outcome, extend_model
-from .extend_config import ExtendConfig, task_name
-from .tasks import TaskSet, accuracy_of, concat_loader
-
-REPORT_PNG = "ewc_report.png"
+from training.classification.config import ConfigError
+from training.classification.data import DataError, DataSpec
+from training.classification.extend import extend_model
+from training.classification.extend_config import ExtendConfig, task_name
+from training.classification.extend_report import summary_text, write_run
+from training.classification.taskset import TaskSet, concat_loader
 
 
 def fisher_path(source: str | Path) -> Path:
     """Where a checkpoint's ``fisher.safetensors`` lives (beside its weights)."""
-    from .ewc import FISHER_FILE
+    from training.ewc_state import FISHER_FILE
 
     p = Path(source)
     return (p if p.is_dir() else p.parent) / FISHER_FILE
@@ -40,7 +37,7 @@ def compute_state(
     progress: bool = False,
 ):
     """Fisher + anchors of ``model`` on the train splits of ``tasks`` (the data it was trained on)."""
-    from . import ewc
+    from training import ewc, ewc_state
 
     pool = [t for t in tasks if t.samples["train"]]
     if not pool:
@@ -50,12 +47,12 @@ def compute_state(
         model, concat_loader(pool, "train", batch_size, seed), n_samples=n, draws=draws, seed=seed, progress=progress
     )
     name = "+".join(t.name for t in pool)
-    return ewc.EWCState.from_model(
+    return ewc_state.EWCState.from_model(
         model,
         fisher,
         backbone=card.backbone,
         classes=card.classes,
-        task=ewc.TaskRecord(name, n, "sampled", draws, tuple(card.classes)),
+        task=ewc_state.TaskRecord(name, n, "sampled", draws, tuple(card.classes)),
         gamma=gamma,
     )
 
@@ -69,7 +66,7 @@ def _old_tasks(
     required: bool,
     echo: Callable[[str], None],
 ) -> list[TaskSet]:
-    from .data import resolve_splits
+    from training.classification.data import resolve_splits
 
     out = []
     for spec in specs:
@@ -104,8 +101,8 @@ def finalize_run(
 
     ``data`` defaults to the model card's data spec. Returns the file's path.
     """
-    from . import distributed as dist
-    from .checkpoint import load_model
+    from training import distributed as dist
+    from training.checkpoint import load_model
 
     dev = dist.setup(device)
     echo, progress = dist.main_echo(echo), progress and dist.is_main()
@@ -133,16 +130,16 @@ def finalize_run(
 
 def _load_state(cfg: ExtendConfig, model, card, echo: Callable[[str], None]):
     """``(path, EWCState or None)``: the source model's Fisher/anchors, checked against its weights."""
-    from . import ewc
+    from training import ewc_state
 
     fpath = Path(cfg.fisher) if cfg.fisher else fisher_path(cfg.source)
     state = None
     if fpath.is_file():
-        state = ewc.EWCState.load(fpath)
+        state = ewc_state.EWCState.load(fpath)
         state.check_model(model, backbone=card.backbone, source=str(fpath))
         echo(f"Fisher/anchors: {fpath} (tasks {[t.name for t in state.tasks]})")
     elif cfg.fisher:
-        raise ewc.EWCError(f"{fpath}: no such Fisher file")
+        raise ewc_state.EWCError(f"{fpath}: no such Fisher file")
     return fpath, state
 
 
@@ -150,14 +147,14 @@ def _compute_missing_state(
     cfg: ExtendConfig, model, card, olds: Sequence[TaskSet], fpath: Path, progress: bool, echo: Callable[[str], None]
 ):
     """No Fisher file beside the source: estimate it from the old data and save it there."""
-    from . import ewc
+    from training import ewc_state
 
     if not olds:
-        raise ewc.EWCError(
+        raise ewc_state.EWCError(
             f"{fpath}: no Fisher/anchor file, and no old data to compute it from; run "
             f"`defectscope extend --from {cfg.source} --finalize` where the old images are, or pass --old-data"
         )
-    from .distributed import is_main
+    from training.distributed import is_main
 
     echo(f"no {fpath.name} beside the checkpoint: computing it from {[t.name for t in olds]} ...")
     state = compute_state(model, card, olds, **cfg.fisher_options, batch_size=cfg.optim.batch_size, progress=progress)
@@ -184,10 +181,10 @@ def run(
     Under torchrun every rank trains (its slice of each global batch) and evaluates the whole
     old/new splits itself (identical results, no gather); rank 0 alone writes ``--out``.
     """
-    from . import checkpoint as ckpt
-    from . import distributed as dist
-    from .data import resolve_splits
-    from .engine import setup_runtime
+    from training import checkpoint as ckpt
+    from training import distributed as dist
+    from training.classification.data import resolve_splits
+    from training.engine import setup_runtime
 
     setup_runtime(cfg.optim.threads, cfg.optim.seed)
     device = dist.setup(cfg.optim.device)
@@ -244,7 +241,7 @@ def run(
     report["distributed"] = {"world_size": dist.world(), "sync_bn": sync_bn and dist.active()}
 
     if dist.is_main():
-        _write_run(out, cfg, card, model, classes, new, outcome)
+        write_run(out, cfg, card, model, classes, new, outcome)
     dist.barrier()
     echo(summary_text(report))
     echo(f"-> {out}")
@@ -253,73 +250,8 @@ def run(
 
 def _warn_small_data(names: list[str], echo: Callable[[str], None]) -> None:
     """The same too-small-to-learn-from warning as train (counts only: image sizes unread)."""
-    from .plan import classification_fingerprint, small_data_warnings
+    from training.plan import classification_fingerprint, small_data_warnings
 
     if names:
         for w in small_data_warnings(classification_fingerprint([(1, 1)] * len(names), names), "images"):
             echo(f"warning: {w}")
-
-
-def _write_run(out: Path, cfg: ExtendConfig, card, model, classes: list[str], new: TaskSet, outcome: Outcome) -> None:
-    """The output run directory: model + card first, then Fisher, metrics, report and plot."""
-
-    from . import checkpoint as ckpt
-
-    report = outcome.report
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", {**cfg.to_dict(), "config_hash": cfg.hash()})
-    src_weights = Path(cfg.source) / ckpt.BEST if Path(cfg.source).is_dir() else Path(cfg.source)
-    good = list(dict.fromkeys([*card.good_classes, *[c for c in new.good_classes if c in classes]]))
-    keep = ("n", "accuracy", "balanced_accuracy", "macro_f1", "auroc")
-    new_card = ckpt.ModelCard(
-        backbone=card.backbone,
-        num_classes=len(classes),
-        classes=tuple(classes),
-        good_classes=tuple(good),
-        input=card.input,
-        weights=str(src_weights),
-        data=cfg.data.to_dict(),
-        dataset_fingerprint=new.fingerprint,
-        config_hash=cfg.hash(),
-        metrics={
-            "test": {k: (report["new"]["after"] or {}).get(k) for k in keep},
-            "old_tasks": {n: {k: (v["after"] or {}).get(k) for k in keep} for n, v in report["old"].items()},
-            "forgetting": report["forgetting"],
-            "extended_from": str(cfg.source),
-        },
-    )
-    ckpt.save_model(out, model, new_card)
-    if outcome.state is not None:
-        outcome.state.save(out)
-    atomic_write_json(out / "metrics.json", outcome.epochs)
-    atomic_write_json(out / "report.json", {**report, "history": outcome.history.to_dict()})
-    from .metrics import plot_forgetting
-
-    plot_forgetting(report, outcome.history, out / REPORT_PNG)
-
-
-def summary_text(report: Mapping[str, Any]) -> str:
-    """The before/after table printed at the end of a run."""
-    fmt = lambda v: "   n/a" if v is None else f"{v:6.4f}"  # noqa: E731
-    lines = [f"{'task':<28}{'before':>8}{'after':>8}{'change':>9}"]
-    nb, na = report.get("new_accuracy_before"), report.get("new_accuracy_after")
-    lines.append(
-        f"{'new: ' + str(report.get('new_task')):<28}{fmt(nb):>8}{fmt(na):>8}"
-        f"{'' if nb is None or na is None else f'{na - nb:+9.4f}'}"
-    )
-    for name, v in (report.get("old") or {}).items():
-        b, a = accuracy_of(v["before"]), accuracy_of(v["after"])
-        lines.append(f"{'old: ' + name:<28}{fmt(b):>8}{fmt(a):>8}{'' if b is None or a is None else f'{a - b:+9.4f}'}")
-    f = report.get("forgetting")
-    lines.append(
-        f"method {report.get('method')}, lambda {report.get('lambda'):g}, BN {report.get('bn')}; "
-        f"forgetting {'n/a (no old data)' if f is None else f'{f:.4f}'}; "
-        f"penalty share of the loss {report.get('penalty_share', 0.0):.3f}"
-    )
-    for name, lg in (report.get("old_class_logits") or {}).items():
-        lines.append(
-            f"old-class logits on {name}: mean |change| {lg['old_logits_mean_abs_change']:.4f}, "
-            f"old argmax kept {lg['old_argmax_agreement']:.3f}, predicted as a new class "
-            f"{lg['predicted_as_new_class']:.3f}"
-        )
-    return "\n".join(lines)

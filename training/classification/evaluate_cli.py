@@ -57,8 +57,8 @@ def _eval_samples(ns: argparse.Namespace, card: Any) -> tuple[Any, Any, list]:
     """``(DataSpec, Splits, samples in the model's class indices)`` of ``defectscope evaluate``."""
     from dataclasses import replace
 
-    from .data import DataError, DataSpec, resolve_splits, source_of
-    from .evaluate import remap_samples
+    from training.classification.data import DataError, DataSpec, resolve_splits, source_of
+    from training.classification.evaluate import remap_samples
 
     if ns.data:
         src, path = source_of(ns.data)
@@ -89,12 +89,11 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     """``defectscope evaluate`` of a classifier (``defectscope.tasks`` picks the task)."""
     ns = build_evaluate_parser().parse_args(argv)
     from runtime.fsio import atomic_write_json
-
-    from .checkpoint import CheckpointError, load_model
-    from .data import DataError
-    from .engine import pick_device, setup_runtime
-    from .evaluate import evaluate_samples, format_table
-    from .metrics import plot_confusion
+    from training.checkpoint import CheckpointError, load_model
+    from training.classification.evaluate import evaluate_samples, format_table
+    from training.data import DataError
+    from training.engine import pick_device, setup_runtime
+    from training.metrics import plot_confusion
 
     setup_runtime(ns.threads, 0)
     try:

@@ -11,9 +11,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import BALANCE, ConfigError
-from .data import DataError, DataSpec, source_of
-from .extend_config import BN_MODES, EXTEND_OPTIM, KEEP, METHODS, ExtendConfig
+from training.classification.config import BALANCE, ConfigError
+from training.classification.data import DataError, DataSpec, source_of
+from training.classification.extend_config import BN_MODES, EXTEND_OPTIM, KEEP, METHODS, ExtendConfig
 
 EPILOG = """\
 methods (combine freely):
@@ -49,7 +49,7 @@ def _old_spec(arg: str) -> DataSpec | None:
         return None
     p = Path(arg)
     if p.suffix.lower() in (".json", ".toml") and p.is_file():
-        from .config_io import read_config_file
+        from training.config_io import read_config_file
 
         return DataSpec.from_dict(read_config_file(p), where=str(p))
     src, path = source_of(arg)
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     _method_args(p)
     _optim_args(p)
-    from .distributed import add_launch_args
+    from training.distributed import add_launch_args
 
     add_launch_args(p)
     return p
@@ -155,7 +155,7 @@ def _method_args(p: argparse.ArgumentParser) -> None:
 
 
 def _optim_args(p: argparse.ArgumentParser) -> None:
-    from .cli import batch_help
+    from training.classification.cli import batch_help
 
     S = argparse.SUPPRESS
     o = p.add_argument_group("optimisation")
@@ -183,7 +183,7 @@ def config_from_args(ns: argparse.Namespace) -> ExtendConfig:
     a = vars(ns)
     base: dict[str, Any] = {}
     if a.get("config"):
-        from .config_io import read_config_file
+        from training.config_io import read_config_file
 
         base = read_config_file(a["config"])
     d: dict[str, Any] = dict(base)
@@ -259,7 +259,7 @@ def config_from_args(ns: argparse.Namespace) -> ExtendConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """``defectscope extend`` of a classifier (``defectscope.tasks`` picks the task)."""
-    from .distributed import launched
+    from training.distributed import launched
 
     return launched("extend", _main, argv)
 
@@ -272,14 +272,14 @@ def _main(argv: list[str]) -> int:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from .checkpoint import CheckpointError
-    from .distributed import DistributedError, main_echo
-    from .ewc import EWCError
-    from .extend_run import finalize_run, run
+    from training.checkpoint import CheckpointError
+    from training.classification.extend_run import finalize_run, run
+    from training.distributed import DistributedError, main_echo
+    from training.ewc_state import EWCError
 
     try:
         if ns.finalize:
-            from .engine import setup_runtime
+            from training.engine import setup_runtime
 
             setup_runtime(cfg.optim.threads, cfg.optim.seed)
             data = cfg.data if "data" in vars(ns) else None

@@ -8,8 +8,8 @@ torch = pytest.importorskip("torch")
 
 from tests.training.conftest import write_folder  # noqa: E402
 from training.backbones import REGISTRY, build_model, sized_input, weights_id  # noqa: E402
-from training.data import DataSpec, resolve_splits  # noqa: E402
-from training.features import cache_path, cached_features, feature_key  # noqa: E402
+from training.classification.data import DataSpec, resolve_splits  # noqa: E402
+from training.classification.features import cache_path, cached_features, feature_key  # noqa: E402
 
 
 class CountingModel(torch.nn.Module):

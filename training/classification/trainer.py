@@ -19,37 +19,35 @@ import numpy as np
 import torch
 
 from runtime.fsio import atomic_write_json
-
-from . import checkpoint as ckpt
-from . import distributed as dist
-from .backbones import build_model, get_spec, sized_input
-from .config import TrainConfig
-from .data import resolve_splits
-from .ema import WeightEMA, maybe_applied
-from .engine import (
+from training import checkpoint as ckpt
+from training import distributed as dist
+from training.classification.config import TrainConfig
+from training.classification.loader import ImageDataset, TensorPairs, class_weights, make_loader
+from training.classification.outputs import RunOutputs
+from training.classification.strategy import make_plan
+from training.classification.task import ClassificationTask, build_model, input_spec, load_data
+from training.classification.transforms import batch_mix
+from training.ema import WeightEMA, maybe_applied
+from training.engine import (
     SKIP,
     STOP,
     TRAIN,
-    ClassificationTask,
     Engine,
     EpochSelector,
     fit_epochs,
     seed_everything,
     setup_runtime,
 )
-from .features import split_features
-from .loader import ImageDataset, TensorPairs, class_weights, make_loader
-from .metrics import monitor_name, monitor_value, write_final
-from .progress import run_eta
-from .run_dir import EpochInfo, LoopState, RunExistsError, RunResult, prepare_run_dir  # noqa: F401  (re-exported)
-from .schedule import EpochPlan, build_optimizer, make_plan
-from .transforms import batch_mix, train_pipeline, val_pipeline
+from training.metrics import monitor_name, monitor_value
+from training.progress import run_eta
+from training.run_dir import EpochInfo, LoopState, RunExistsError, RunResult, prepare_run_dir  # noqa: F401  (re-exported)
+from training.schedule import EpochPlan
 
 log = logging.getLogger(__name__)
 
 
-class Trainer:
-    """One run: ``Trainer(cfg).fit()``. The strategies are described in training/cli.py (TRAIN_EPILOG)."""
+class Trainer(RunOutputs):
+    """One run: ``Trainer(cfg).fit()``. The strategies are described in training/classification/cli.py (TRAIN_EPILOG)."""
 
     def __init__(
         self,
@@ -164,17 +162,10 @@ class Trainer:
         )
 
     def _load_data(self) -> None:
-        splits = resolve_splits(self.cfg.data, threads=max(1, torch.get_num_threads()))
-        self.splits = splits
-        if splits.skipped:
-            self.echo(
-                f"skipped {len(splits.skipped)} unreadable image(s): "
-                + ", ".join(p for p, _ in splits.skipped[:5])
-                + (" ..." if len(splits.skipped) > 5 else "")
-            )
+        self.splits = splits = load_data(self.cfg, self.echo)
         if not splits.val:
             raise ValueError("the validation split is empty; give a val split or a val_fraction > 0")
-        from .plan import classification_fingerprint, small_data_warnings
+        from training.plan import classification_fingerprint, small_data_warnings
 
         names = [splits.classes[smp.label] for smp in splits.train]
         if names:
@@ -190,7 +181,7 @@ class Trainer:
         """Fill the unset image_size / epochs from the training images (training.plan); plan.json in the run."""
         from PIL import Image
 
-        from .plan import classification_fingerprint, plan_classification
+        from training.plan import classification_fingerprint, plan_classification
 
         sizes, names = [], []
         for smp in self.splits.train:
@@ -209,11 +200,8 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg, nc = self.cfg, len(self.splits.classes)
-        self.input = sized_input(
-            get_spec(cfg.backbone), cfg.image_size, crop_fraction=cfg.crop_fraction, interpolation=cfg.interpolation
-        )
-        seed_everything(cfg.seed)  # the random head init does not depend on data listing
-        model = build_model(cfg.backbone, nc, cfg.weights, input_spec=self.input, dropout=cfg.dropout)
+        self.input = input_spec(cfg)
+        model = build_model(cfg, self.splits.classes)
         self.model = model = dist.convert_sync_bn(model, self.sync_bn).to(self.device)
         if dist.active():  # rank 0 keeps the one-process stream; the others augment differently
             seed_everything(cfg.seed + dist.rank())
@@ -229,6 +217,7 @@ class Trainer:
         cw = class_weights(train_labels, nc).to(self.device) if cfg.balance == "loss" else None
         task = ClassificationTask(torch.nn.CrossEntropyLoss(weight=cw, label_smoothing=cfg.label_smoothing))
         mixed = ClassificationTask(task.criterion, mix=batch_mix(cfg.augment, nc))  # fine-tuning batches only
+        self.hooks = mixed  # the engine's step and eval part (evaluate does not mix)
         self.ema = WeightEMA(model, cfg.ema) if cfg.ema else None  # first updated by the first fine-tuning step
         self.engine = Engine(
             task=mixed,
@@ -315,7 +304,7 @@ class Trainer:
             )
             with maybe_applied(self.ema):
                 preds = self._predict("val")
-        val = self.engine.task.evaluate(preds, self.splits.classes)
+        val = self.hooks.evaluate(preds, self.splits.classes)
         value = monitor_value(val, self.monitor)
         record = {
             "epoch": p.epoch + 1,
@@ -345,167 +334,6 @@ class Trainer:
             f"loss {record['train_loss']:.4f} val {self.monitor} {value:.4f} acc {record['val']['accuracy']:.4f}"
             f"{'  *' if improved else ''}  ({record['wall_s']:.1f}s)"
             f"{run_eta(p.epoch + 1 - self._start, len(self.plan) - self._start, time.perf_counter() - self._t_fit)}"
-        )
-
-    # -- pieces ----------------------------------------------------------------------------
-    def _card(self, metrics: dict) -> ckpt.ModelCard:
-        s = self.splits
-        return ckpt.ModelCard(
-            backbone=self.cfg.backbone,
-            num_classes=len(s.classes),
-            classes=tuple(s.classes),
-            good_classes=tuple(s.good_classes),
-            input=self.input,
-            weights=self.cfg.weights,
-            data=self.cfg.data.to_dict(),
-            dataset_fingerprint=s.fingerprint,
-            config_hash=self.cfg.hash(),
-            metrics=metrics,
-        )
-
-    def _steps_per_epoch(self, phase: str) -> int:
-        n, b = len(self.splits.train), self.cfg.batch_size
-        # make_loader drops a trailing batch of 1 (and, distributed, one too small for every rank)
-        steps = dist.global_batches(n, b, self.world, drop_last=n > 1 and n % b == 1)
-        if self.cfg.max_steps_per_epoch:
-            steps = min(steps, self.cfg.max_steps_per_epoch)
-        return max(1, steps)
-
-    def _optimizer(self, p: EpochPlan, offset: int):
-        cfg = self.cfg
-        steps = self._steps_per_epoch(p.phase)
-        total = sum(1 for q in self.plan if q.phase == p.phase) * steps
-        lr = cfg.head_lr if p.phase == "head" else cfg.lr
-        return build_optimizer(
-            self.model,
-            p.n_trainable,
-            lr,
-            cfg.lr_decay,
-            cfg.weight_decay,
-            total_steps=total,
-            warmup_steps=int(round(cfg.warmup_epochs * steps)),
-            offset=offset,
-        )
-
-    def _features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if split not in self._feats:
-            self._feats[split] = split_features(
-                self.cfg,
-                self.model,
-                self.splits,
-                split,
-                self.input,
-                self.device,
-                progress=self.progress,
-                echo=self.echo,
-            )
-        return self._feats[split]
-
-    def _adapt_bn(self) -> None:
-        from .bn_stats import adapt_bn
-
-        t, c = time.perf_counter(), self.cfg
-        n = adapt_bn(
-            self.model,
-            self.splits.train,
-            self.input,
-            batch_size=c.batch_size,
-            device=self.device,
-            channels_last=c.channels_last,
-            progress=self.progress,
-        )
-        self.echo(f"BN statistics re-estimated on {n} training images in {time.perf_counter() - t:.1f}s")
-
-    def _dataset(self, split: str) -> ImageDataset:
-        if split not in self._datasets:
-            pipe = train_pipeline(self.input, self.cfg.augment) if split == "train" else val_pipeline(self.input)
-            ds = ImageDataset(self.splits.split(split), pipe, cache=self.cfg.cache_images)
-            ds.prefill(threads=max(1, torch.get_num_threads()), progress=self.progress)
-            self._datasets[split] = ds
-        return self._datasets[split]
-
-    def _loader(self, split: str, epoch: int = 0):
-        ds = self._dataset(split)
-        cfg = self.cfg
-        # Seeded per epoch, so a resumed run draws the same batches as an uninterrupted one.
-        return make_loader(
-            ds,
-            ds.labels,
-            len(self.splits.classes),
-            cfg.batch_size if split == "train" else max(cfg.batch_size, 64),
-            train=split == "train",
-            balance=cfg.balance,
-            seed=cfg.seed + epoch,
-            workers=cfg.workers,
-            pin_memory=self.device.type == "cuda",
-            shard=(dist.rank(), self.world),
-        )
-
-    def _predict(self, split: str, desc: str = "eval"):
-        """Predictions on a split; distributed, each rank predicts a contiguous shard, then all gather."""
-        ds = self._dataset(split)
-        if not dist.active():
-            return self.engine.predict(self.model, self._loader(split), desc=desc)
-        from torch.utils.data import Subset
-
-        lo, hi = dist.shard_bounds(len(ds), dist.rank(), self.world)
-        loader = make_loader(
-            Subset(ds, range(lo, hi)),
-            ds.labels[lo:hi],
-            len(self.splits.classes),
-            max(self.cfg.batch_size, 64),
-            train=False,
-            pin_memory=self.device.type == "cuda",
-        )
-        return self.engine.predict(self.model, loader, desc=desc).gathered()
-
-    def _finish(self, history: list[dict], best_epoch: int, wall: float, cpu: float) -> dict[str, Any]:
-        """Reload the best weights, evaluate on test (or val), write report/plots/model card."""
-        from safetensors.torch import load_file
-
-        model, s = self.model, self.splits
-        if best_epoch > 0:  # rank 0 wrote it; the others get it by broadcast (no shared disk needed)
-            weights = dist.on_main(lambda: load_file(str(self.run_dir / ckpt.BEST)))
-            model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
-        split = "test" if s.test else "val"
-        if self.cfg.strategy == "linear-probe":
-            preds = self.head_engine.predict(model.head, [self._features(split)])
-        else:
-            preds = self._predict(split, desc=f"eval {split}")
-        m = self.engine.task.evaluate(preds, s.classes)
-        best = next((h for h in history if h["epoch"] == best_epoch), {})
-        report = {
-            "split": split,
-            **m,
-            "classes": s.classes,
-            "good_classes": s.good_classes,
-            "best_epoch": best_epoch,
-            "monitor": self.monitor,
-            "best_val": best.get("val", {}),
-            "epochs_run": len(history),
-            "wall_s": wall,
-            "cpu_s": cpu,
-            "data": s.summary(),
-            "config_hash": self.cfg.hash(),
-            "distributed": {"world_size": self.world, "sync_bn": self.sync_bn and dist.active()},
-        }
-        if dist.is_main():
-            self._write_outputs(report, history, best, m, split, wall, cpu)
-        return report
-
-    def _write_outputs(
-        self, report: dict, history: list, best: dict, m: dict, split: str, wall: float, cpu: float
-    ) -> None:
-        """report.json, model card, plots (rank 0)."""
-        keep = ("n", "accuracy", "balanced_accuracy", "macro_f1", "auroc")
-        val = {k: best.get("val", {}).get(k) for k in keep}
-        card = self._card({"best_epoch": report["best_epoch"], "val": val, split: {k: m.get(k) for k in keep}})
-        write_final(self.run_dir, report, card, history, self.monitor, f"{self.cfg.backbone} — {split}")
-        self.echo(
-            f"{split}: accuracy {m.get('accuracy', float('nan')):.4f}  balanced "
-            f"{m.get('balanced_accuracy', float('nan')):.4f}  macro-F1 {m.get('macro_f1', float('nan')):.4f}"
-            f"  AUROC {m['auroc'] if m.get('auroc') is not None else 'n/a'}  "
-            f"({wall:.0f}s wall, {cpu:.0f}s CPU) -> {self.run_dir}"
         )
 
 

@@ -7,9 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from runtime.inference.preprocess import InputSpec
-
-from .classifier import Classifier
-from .data import Sample
+from training.classification.data import Sample
+from training.classifier import Classifier
 
 
 def adapt_bn(
@@ -31,8 +30,8 @@ def adapt_bn(
     from torch.optim.swa_utils import update_bn
     from tqdm import tqdm
 
-    from .loader import ImageDataset
-    from .transforms import val_pipeline
+    from training.classification.loader import ImageDataset
+    from training.classification.transforms import val_pipeline
 
     ds = ImageDataset(samples, val_pipeline(input_spec), cache=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)

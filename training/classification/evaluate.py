@@ -13,11 +13,10 @@ import torch
 
 from runtime.inference.preprocess import Preprocessor
 from runtime.inference.tta import DEFAULT_SCALES, TTA, expand_views
-
-from .checkpoint import ModelCard
-from .data import Sample
-from .engine import Engine
-from .metrics import classification_metrics
+from training.checkpoint import ModelCard
+from training.classification.data import Sample
+from training.engine import Engine
+from training.metrics import classification_metrics
 
 
 def _view_probs(

@@ -27,13 +27,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from runtime.inference.preprocess import InputSpec
-
-from .checkpoint import save_safetensors
-from .classifier import Classifier
-from .data import Sample, Splits, cache_dir
+from training.checkpoint import save_safetensors
+from training.classification.data import Sample, Splits, cache_dir
+from training.classifier import Classifier
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
+    from training.classification.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +70,8 @@ def extract_features(
     """``model.forward_features`` over samples with the validation transform -> ``(N, D)`` float32."""
     from tqdm import tqdm
 
-    from .loader import ImageDataset
-    from .transforms import val_pipeline
+    from training.classification.loader import ImageDataset
+    from training.classification.transforms import val_pipeline
 
     was_training = model.training
     model.eval()
@@ -110,7 +109,7 @@ def cached_features(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from . import distributed as dist
+    from training import distributed as dist
 
     path = cache_path(key, root)
     labels = torch.tensor([s.label for s in samples], dtype=torch.int64)
@@ -147,7 +146,7 @@ def split_features(
     echo: Callable[[str], None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A run's body features of one split, cached under a key of everything they depend on."""
-    from .backbones import weights_id
+    from training.backbones import weights_id
 
     samples = splits.split(split)
     extra = f"seed={cfg.seed}" if cfg.weights == "none" else ""

@@ -19,8 +19,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
 from runtime.inference.preprocess import PLAIN, InputSpec
-
-from .config import AugmentConfig
+from training.classification.config import AugmentConfig
 
 _INTERP = {
     "bilinear": InterpolationMode.BILINEAR,

@@ -5,14 +5,9 @@ once per content (decoded-OK digests are remembered in the cache directory), bad
 from __future__ import annotations
 
 import hashlib
-import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-
-def cache_dir() -> Path:
-    """Feature / verification cache root: ``$DEFECTSCOPE_CACHE`` or ``~/.cache/defectscope``."""
-    return Path(os.environ.get("DEFECTSCOPE_CACHE", Path.home() / ".cache" / "defectscope"))
+from training.data import cache_dir
 
 
 def _digest(path: str) -> str:

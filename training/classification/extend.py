@@ -19,9 +19,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .data import DataError
-from .extend_config import ExtendConfig
-from .tasks import TaskSet, accuracy, accuracy_of, evaluate_task, extension_report, mean_of, old_logit_report
+from training.classification.extend_config import ExtendConfig
+from training.classification.extend_report import extension_report
+from training.classification.taskset import TaskSet, accuracy, accuracy_of, evaluate_task, mean_of, old_logit_report
+from training.data import DataError
 
 # ----------------------------------------------------------------------------- core
 
@@ -97,8 +98,9 @@ class _Context:
 def _engine(cfg: ExtendConfig, labels, nc: int, device, terms, hooks, progress: bool):
     import torch
 
-    from .engine import ClassificationTask, Engine
-    from .loader import class_weights
+    from training.classification.loader import class_weights
+    from training.classification.task import ClassificationTask
+    from training.engine import Engine
 
     o = cfg.optim
     cw = class_weights(labels, nc).to(device) if o.balance == "loss" else None
@@ -122,11 +124,11 @@ def _train_once(ctx: _Context, lam: float):
     train_ds, train_labels, state, echo = ctx.train_ds, ctx.train_labels, ctx.state, ctx.echo
     import numpy as np
 
-    from . import distributed as dist
-    from . import ewc
-    from .engine import fit_epochs
-    from .loader import make_loader
-    from .schedule import build_optimizer
+    from training import distributed as dist
+    from training import ewc
+    from training.classification.loader import make_loader
+    from training.engine import fit_epochs
+    from training.schedule import build_optimizer
 
     o, nc = cfg.optim, len(classes)
     labels = np.asarray(train_labels, dtype=np.int64)
@@ -211,7 +213,7 @@ def _grow(
     echo: Callable[[str], None],
 ) -> tuple[dict[str, Any], list[Callable[[], None]]]:
     """Scenario (b): widen the head; the growth report and the after-step hooks it needs."""
-    from .heads import HeadRowFreeze
+    from training.heads import HeadRowFreeze
 
     head = model.grow_head(len(classes), seed=cfg.optim.seed)
     growth: dict[str, Any] = {"head": head, "old_classes": n_old, "new_classes": classes[n_old:]}
@@ -228,9 +230,9 @@ def _grow(
 def _search(ctx: _Context):
     """Train with each lambda from the same start (``training.lambda_search``, rule ``mean``)."""
     cfg = ctx.cfg
-    from . import distributed as dist
-    from .engine import seed_everything
-    from .lambda_search import GridPoint, PickRule, search
+    from training import distributed as dist
+    from training.engine import seed_everything
+    from training.lambda_search import GridPoint, PickRule, search
 
     trained: dict[float, tuple[FitHistory, list[dict[str, Any]]]] = {}
 
@@ -266,7 +268,7 @@ def _search(ctx: _Context):
 
 def _fold_fisher(model, state, new: TaskSet, cfg: ExtendConfig, backbone: str, classes, progress: bool):
     """Online EWC: this task's Fisher folded into the state, for the next extension."""
-    from . import ewc
+    from training import ewc, ewc_state
 
     n = min(cfg.fisher_samples, len(new.samples["train"]))
     f_new = ewc.estimate_fisher(
@@ -277,7 +279,7 @@ def _fold_fisher(model, state, new: TaskSet, cfg: ExtendConfig, backbone: str, c
         seed=cfg.optim.seed,
         progress=progress,
     )
-    record = ewc.TaskRecord(
+    record = ewc_state.TaskRecord(
         new.name, n, "sampled", cfg.fisher_draws, tuple(new.classes[c] for c in new.present_classes())
     )
     return ewc.consolidate(state, model, f_new, task=record, backbone=backbone, classes=classes, gamma=cfg.gamma)
@@ -286,7 +288,7 @@ def _fold_fisher(model, state, new: TaskSet, cfg: ExtendConfig, backbone: str, c
 def _check_inputs(
     classes: list[str], old_classes: list[str], olds: Sequence[TaskSet], state, cfg: ExtendConfig
 ) -> None:
-    from .ewc import EWCError
+    from training.ewc_state import EWCError
 
     if classes[: len(old_classes)] != old_classes:
         raise ValueError(f"extended classes {classes} must start with the model's classes {old_classes}")
@@ -332,7 +334,7 @@ def _training_data(
     echo: Callable[[str], None],
 ):
     """The new task's augmenting train split, mixed with the replay buffer when ``cfg.replay``."""
-    from .replay import mix_tasks
+    from training.replay import mix_tasks
 
     train_ds, train_labels, replay_info = new.dataset("train", train=True, progress=progress), new.labels("train"), None
     if cfg.replay:
@@ -370,7 +372,7 @@ def extend_model(
     """
     import torch
 
-    from .engine import device_of
+    from training.engine import device_of
 
     t_start = time.perf_counter()
     device = device or device_of(model)

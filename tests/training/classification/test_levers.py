@@ -9,13 +9,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from training.config import AugmentConfig, ConfigError  # noqa: E402
+from training.classification.config import AugmentConfig, ConfigError  # noqa: E402
 
 
 @pytest.mark.parametrize("policy", ["trivial", "rand"])
 def test_policies_keep_the_pipeline_contract(policy):
     from runtime.inference.preprocess import InputSpec
-    from training.transforms import train_pipeline
+    from training.classification.transforms import train_pipeline
 
     spec = InputSpec(height=32, width=32, resize_size=32)
     pipe = train_pipeline(spec, AugmentConfig(policy=policy))
@@ -27,8 +27,9 @@ def test_policies_keep_the_pipeline_contract(policy):
 
 
 def test_mixup_cutmix_soft_labels_reach_the_loss():
-    from training.engine import ClassificationTask, Engine
-    from training.transforms import batch_mix
+    from training.classification.task import ClassificationTask
+    from training.classification.transforms import batch_mix
+    from training.engine import Engine
 
     assert batch_mix(AugmentConfig(), 3) is None
     mix = batch_mix(AugmentConfig(mixup=0.4, cutmix=1.0), 3)
@@ -45,7 +46,7 @@ def test_mixup_cutmix_soft_labels_reach_the_loss():
 
 
 def test_levers_through_the_classifier_cli(folder_data, tmp_path):
-    from training.cli import train_main
+    from training.classification.cli import train_main
 
     run = tmp_path / "run"
     argv = ["--data", str(folder_data), "--backbone", "tiny_cnn", "--weights", "none", "--image-size", "32"]
@@ -59,9 +60,9 @@ def test_levers_through_the_classifier_cli(folder_data, tmp_path):
 
 
 def test_levers_off_leave_the_config_hash_of_older_runs_unchanged():
-    from training.config import TrainConfig
+    from training.classification.config import TrainConfig
+    from training.classification.data import DataSpec
     from training.config_io import drop_when_off
-    from training.data import DataSpec
     from training.detection.config import DetTrainConfig
     from training.detection.datasets import DetectionSpec
     from training.detection.transforms import AugmentSpec

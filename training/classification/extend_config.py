@@ -1,6 +1,6 @@
 """``ExtendConfig``: what ``defectscope extend`` does, typed, validated, saved as ``config.json``.
 
-The optimisation part is the shared ``training.config.OptimConfig`` (``optim``); a file or
+The optimisation part is the shared ``training.classification.config.OptimConfig`` (``optim``); a file or
 ``config.json`` spells its keys at the top level, beside the extension's own keys.
 """
 
@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .config import OPTIM_FIELDS, AugmentConfig, ConfigError, OptimConfig
-from .config_io import refuse_unknown
-from .data import DataError, DataSpec
+from training.classification.config import OPTIM_FIELDS, AugmentConfig, ConfigError, OptimConfig
+from training.classification.data import DataError, DataSpec
+from training.config_io import refuse_unknown
+from training.ewc import DEFAULT_FISHER_SAMPLES
+from training.ewc_state import DEFAULT_GAMMA
 
 # Default penalty strength for ``L = L_new + lambda * sum F (theta - theta*)^2`` with F a
 # per-input mean Fisher and L_new a per-input mean cross-entropy. The Laplace
@@ -30,10 +32,8 @@ from .data import DataError, DataSpec
 # trains with each of LAMBDA_GRID and keeps the best mean of old and new val accuracy.
 DEFAULT_LAMBDA = 100.0
 LAMBDA_GRID: tuple[float, ...] = (10.0, 100.0, 1000.0, 10000.0)
-# Online-EWC decay: 1.0 is the exact recursive Laplace approximation (old lines keep
-# their full weight); < 1 lets long-retired lines fade (Schwarz et al. used 0.9-1.0).
-DEFAULT_GAMMA = 1.0
-DEFAULT_FISHER_SAMPLES = 512
+# Online-EWC decay (training.ewc_state.DEFAULT_GAMMA): 1.0 is the exact recursive Laplace approximation (old
+# lines keep their full weight); < 1 lets long-retired lines fade (Schwarz et al. used 0.9-1.0).
 
 METHODS = ("ewc", "naive")
 BN_MODES = ("frozen", "update")
@@ -96,7 +96,7 @@ class ExtendConfig:
         if self.replay_share is not None and not 0.0 <= self.replay_share < 1.0:
             raise bad("replay_share", "a number in [0, 1) (0: the buffer's natural share)", self.replay_share)
         if self.replay is not None:
-            from .replay import replay_count
+            from training.replay import replay_count
 
             try:
                 replay_count(self.replay, 1000)

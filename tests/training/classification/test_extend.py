@@ -13,13 +13,14 @@ torch = pytest.importorskip("torch")
 cv2 = pytest.importorskip("cv2")
 
 from tests.training.conftest import synth_image, write_folder  # noqa: E402
-from training import ewc  # noqa: E402
+from training import ewc_state  # noqa: E402
 from training.checkpoint import ModelCard, load_model, save_model  # noqa: E402
-from training.config import AugmentConfig  # noqa: E402
-from training.data import DataSpec, resolve_splits  # noqa: E402
-from training.engine import ClassificationTask, Engine  # noqa: E402
-from training.extend_cli import main  # noqa: E402
-from training.tasks import TaskSet, accuracy  # noqa: E402
+from training.classification.config import AugmentConfig  # noqa: E402
+from training.classification.data import DataSpec, resolve_splits  # noqa: E402
+from training.classification.extend_cli import main  # noqa: E402
+from training.classification.task import ClassificationTask  # noqa: E402
+from training.classification.taskset import TaskSet, accuracy  # noqa: E402
+from training.engine import Engine  # noqa: E402
 
 SPLIT = dict(val_fraction=0.25, test_fraction=0.25)
 SPLIT_FLAGS = ["--val-fraction", "0.25", "--test-fraction", "0.25"]
@@ -102,7 +103,7 @@ def test_base_model_learned_line_a(base):
 
 def test_finalize_writes_fisher_that_matches_the_checkpoint(base, capsys):
     assert main(["--from", str(base), "--finalize", "--quiet", "--fisher-samples", "20"]) == 0
-    state = ewc.EWCState.load(base / ewc.FISHER_FILE)
+    state = ewc_state.EWCState.load(base / ewc_state.FISHER_FILE)
     model, card = load_model(base)
     state.check_model(model, backbone=card.backbone)
     assert state.tasks[0].n_samples == 20 and state.classes == card.classes
@@ -130,16 +131,16 @@ def test_new_domain_extension_writes_a_complete_run(base, lines, tmp_path):
     assert r["forgetting"] == pytest.approx(r["old_accuracy_before"] - r["old_accuracy_after"])
     assert 0.0 < r["penalty_share"] < 1.0
     assert len(r["history"]["penalty"]) == len(r["history"]["task_loss"]) > 0
-    assert (base / ewc.FISHER_FILE).is_file()  # computed once, saved beside the source checkpoint
+    assert (base / ewc_state.FISHER_FILE).is_file()  # computed once, saved beside the source checkpoint
 
     model, card = load_model(out)
     src_card = load_model(base)[1]
     assert card.classes == src_card.classes and card.data["path"] == str(lines / "B")
     # online EWC: the extended model's file folds both lines, anchored at its own weights
-    state = ewc.EWCState.load(out)
+    state = ewc_state.EWCState.load(out)
     state.check_model(model, backbone="tiny_cnn")
     assert [t.name for t in state.tasks] == ["A", "B"]
-    old = ewc.EWCState.load(base)
+    old = ewc_state.EWCState.load(base)
     assert all(bool((state.fisher[n] >= old.fisher[n] - 1e-12).all()) for n in old.fisher)  # gamma = 1
 
     # a third line extends the second: uses its consolidated file, old data defaults to its card (B)
@@ -148,7 +149,7 @@ def test_new_domain_extension_writes_a_complete_run(base, lines, tmp_path):
         ["--from", str(out), "--data", str(lines / "A"), "--out", str(out3), *SPLIT_FLAGS, *FAST, "--gamma", "0.5"]
     )
     assert rc == 0
-    assert [t.name for t in ewc.EWCState.load(out3).tasks] == ["A", "B", "A"]
+    assert [t.name for t in ewc_state.EWCState.load(out3).tasks] == ["A", "B", "A"]
     assert _report(out3)["old_tasks"] == ["B"]
 
 
@@ -177,7 +178,7 @@ def test_new_classes_grow_the_head_and_keep_old_rows(base, lines, tmp_path):
     # --freeze-old-rows: old head rows bit-exact after training; the new row learned
     assert torch.equal(model.head[1].weight[:2], src.head[1].weight)
     assert torch.equal(model.head[1].bias[:2], src.head[1].bias)
-    state = ewc.EWCState.load(out)
+    state = ewc_state.EWCState.load(out)
     assert state.fisher["head.1.weight"].shape == (3, src.head[1].weight.shape[1])
 
 
@@ -238,9 +239,9 @@ def test_mismatched_or_missing_fisher_is_refused(base, lines, tmp_path, capsys):
     with torch.no_grad():
         other.head[1].bias.add_(0.5)
     fisher = {n: torch.ones_like(p) for n, p in other.named_parameters()}
-    ewc.EWCState.from_model(other, fisher, backbone="tiny_cnn", classes=card.classes, task=ewc.TaskRecord("A", 1)).save(
-        base
-    )
+    ewc_state.EWCState.from_model(
+        other, fisher, backbone="tiny_cnn", classes=card.classes, task=ewc_state.TaskRecord("A", 1)
+    ).save(base)
     out = tmp_path / "out"
     rc = main(["--from", str(base), "--data", str(lines / "B"), "--out", str(out), *SPLIT_FLAGS, *FAST])
     err = capsys.readouterr().err
@@ -248,14 +249,14 @@ def test_mismatched_or_missing_fisher_is_refused(base, lines, tmp_path, capsys):
     assert not out.exists()
 
     # another backbone's file
-    ewc.EWCState.from_model(model, fisher, backbone="resnet18", classes=card.classes, task=ewc.TaskRecord("A", 1)).save(
-        base
-    )
+    ewc_state.EWCState.from_model(
+        model, fisher, backbone="resnet18", classes=card.classes, task=ewc_state.TaskRecord("A", 1)
+    ).save(base)
     rc = main(["--from", str(base), "--data", str(lines / "B"), "--out", str(out), *SPLIT_FLAGS, *FAST])
     assert rc == 2 and "backbone 'resnet18'" in capsys.readouterr().err
 
     # no file and no old data: EWC cannot run, and says how to fix it
-    (base / ewc.FISHER_FILE).unlink()
+    (base / ewc_state.FISHER_FILE).unlink()
     rc = main(
         ["--from", str(base), "--data", str(lines / "B"), "--out", str(out), *SPLIT_FLAGS, *FAST, "--old-data", "none"]
     )
@@ -293,13 +294,13 @@ def test_cli_argument_errors(base, lines, tmp_path, capsys):
 
 
 def test_config_file_spelling_round_trip_and_validation(tmp_path):
-    from training.extend_config import ExtendConfig
+    from training.classification.extend_config import ExtendConfig
 
     ExtendConfig(source="x", out="y", data=DataSpec())  # the defaults validate
     # config files spell it `lambda`; the resolved config round-trips
     f = tmp_path / "extend.toml"
     f.write_text('lambda = "auto"\nreplay = "5%"\n[data]\nsource = "folder"\npath = "line2"\n')
-    from training.config import read_config_file
+    from training.classification.config import read_config_file
 
     loaded = ExtendConfig.from_dict({**read_config_file(f), "source": "x", "out": "y"})
     assert loaded.lam == "auto" and loaded.replay == "5%" and loaded.data.path == "line2"

@@ -9,8 +9,8 @@ torch = pytest.importorskip("torch")
 
 from runtime.inference.preprocess import InputSpec, Preprocessor  # noqa: E402
 from tests.training.conftest import synth_image  # noqa: E402
-from training.config import AugmentConfig  # noqa: E402
-from training.transforms import RandomRot90, to_chw_uint8, train_pipeline, val_transform  # noqa: E402
+from training.classification.config import AugmentConfig  # noqa: E402
+from training.classification.transforms import RandomRot90, to_chw_uint8, train_pipeline, val_transform  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -69,8 +69,8 @@ def test_rot90_keeps_shape_of_non_square_images():
 def test_interpolation_is_a_training_option_recorded_in_the_input_spec():
     """`train --interpolation linear`: the run's InputSpec (and so the bundle, and the station) resizes that way."""
     from training.backbones import get_spec, sized_input
-    from training.config import ConfigError, TrainConfig
-    from training.transforms import val_pipeline
+    from training.classification.config import ConfigError, TrainConfig
+    from training.classification.transforms import val_pipeline
 
     spec = sized_input(get_spec("tiny_cnn"), 32, interpolation="linear")
     assert spec.interpolation == "linear_exact"  # a new run records the bit-exact variant (issue 30)

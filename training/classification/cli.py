@@ -18,8 +18,8 @@ def _defaults() -> dict[str, Any]:
     """TrainConfig's and DataSpec's field defaults, read without constructing (no torch import)."""
     from dataclasses import MISSING, fields
 
-    from .config import TrainConfig
-    from .data import DataSpec
+    from training.classification.config import TrainConfig
+    from training.classification.data import DataSpec
 
     return {f.name: f.default for cls in (DataSpec, TrainConfig) for f in fields(cls) if f.default is not MISSING}
 
@@ -58,7 +58,7 @@ examples:
 
 
 def build_train_parser() -> argparse.ArgumentParser:
-    from . import config as cfg
+    from training.classification import config as cfg
 
     D = _defaults()
     p = argparse.ArgumentParser(
@@ -89,7 +89,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     _strategy_args(p, cfg, D)
     _optim_args(p, cfg, D)
     _runtime_args(p, cfg, D)
-    from .distributed import add_launch_args
+    from training.distributed import add_launch_args
 
     add_launch_args(p)
     return p
@@ -277,7 +277,7 @@ def _parse_value(v: str) -> Any:
 
 def overrides_from_args(ns: argparse.Namespace) -> dict[str, Any]:
     """Only the flags given on the command line, as TrainConfig keys."""
-    from .data import source_of
+    from training.classification.data import source_of
 
     a = vars(ns)
     out: dict[str, Any] = {k: a[k] for k in _TOP_KEYS if k in a}
@@ -313,7 +313,7 @@ def overrides_from_args(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def _list_backbones() -> int:
-    from .backbones import REGISTRY, hub_checkpoint_path
+    from training.backbones import REGISTRY, hub_checkpoint_path
 
     print(f"{'backbone':<20}{'input':>8}{'features':>10}  weights")
     for name, s in REGISTRY.items():
@@ -332,20 +332,20 @@ def _list_backbones() -> int:
 
 def train_main(argv: list[str] | None = None) -> int:
     """``defectscope train`` of a classifier (``defectscope.tasks`` picks the task)."""
-    from .distributed import launched
+    from training.distributed import launched
 
     return launched("train", lambda args: _train_main(build_train_parser().parse_args(args)), argv)
 
 
 def _train_main(ns: argparse.Namespace) -> int:
-    from .distributed import DistributedError
+    from training.distributed import DistributedError
 
     if getattr(ns, "list_backbones", False):
         return _list_backbones()
-    from .backbones import WeightsUnavailableError
-    from .config import ConfigError, TrainConfig, load_config, merge
-    from .data import DataError
-    from .trainer import RunExistsError, train
+    from training.backbones import WeightsUnavailableError
+    from training.classification.config import ConfigError, TrainConfig, load_config, merge
+    from training.classification.trainer import RunExistsError, train
+    from training.data import DataError
 
     resume = getattr(ns, "resume", False)
     overrides = overrides_from_args(ns)
@@ -366,7 +366,7 @@ def _train_main(ns: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        from .progress import log_every_for
+        from training.progress import log_every_for
 
         quiet, tty = getattr(ns, "quiet", False), sys.stderr.isatty()
         progress = not quiet and tty
@@ -381,7 +381,7 @@ def _train_main(ns: argparse.Namespace) -> int:
             log_every=log_every_for(quiet, tty),
         )
         if getattr(ns, "fisher", 0):
-            from .extend_run import finalize_run
+            from training.classification.extend_run import finalize_run
 
             finalize_run(cfg.out, n_samples=ns.fisher, device=cfg.device, progress=progress)
     except KeyboardInterrupt:

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .config_io import ConfigError, read_config_file, refuse_unknown
-from .data import DataError, DataSpec
+from training.classification.data import DataError, DataSpec
+from training.config_io import ConfigError, read_config_file, refuse_unknown
 
 STRATEGIES = ("two-phase", "linear-probe", "partial", "full", "gradual")
 BALANCE = ("loss", "sampler", "none")
@@ -172,9 +172,9 @@ class TrainConfig:
     ema: float | None = None  # weight EMA decay (lever, off until measured): evaluation and best weights averaged
 
     def __post_init__(self) -> None:
-        from .backbones import REGISTRY
-        from .ema import check_decay
-        from .plan import PLAN_MODES
+        from training.backbones import REGISTRY
+        from training.ema import check_decay
+        from training.plan import PLAN_MODES
 
         try:
             check_decay(self.ema)
@@ -233,7 +233,7 @@ class TrainConfig:
 
     def hash(self) -> str:
         """Hash of what determines the model (not where it is written nor how many threads)."""
-        from .config_io import drop_when_off
+        from training.config_io import drop_when_off
 
         d = drop_when_off(self.to_dict(), LEVERS_OFF)
         for k in ("out", "threads", "workers", "device"):
