@@ -473,7 +473,7 @@ def test_openvino_config_keys_and_defaults(tmp_path: Path) -> None:
         ('[model.openvino]\nprecision = "f16"', "key 'model.openvino.precision': expected one of ['f32', 'bf16']"),
         ("[model.openvino]\ninfer_requests = 0", "key 'model.openvino.infer_requests': expected an integer >= 1"),
         ("[model.openvino]\ncache_dir = 3", "key 'model.openvino.cache_dir': expected a string"),
-        ("[model.openvino]\nthreads = 2", "key 'model.openvino.threads': unknown key"),
+        ("[model.openvino]\nthreads = 2", "unknown key(s) ['model.openvino.threads']"),
         ('backend = "openvno"', "key 'model.backend': expected one of"),
     ],
 )
