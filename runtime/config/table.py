@@ -8,7 +8,9 @@ unknown keys, which read ``<file>: unknown key(s) ['<dotted.key>', ...]; expecte
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from .strict import refuse_unknown
@@ -95,6 +97,12 @@ class Table:
     def finish(self) -> None:
         """Refuse the keys no getter asked for (the table's own keys are the ones read)."""
         refuse_unknown(self.data, self.used, self.where, ConfigError, self.prefix.rstrip("."))
+
+
+def config_path(base: Path, value: str) -> Path:
+    """A path from a config file: ``~`` expanded, relative ones resolved against ``base`` (the file's directory)."""
+    p = Path(os.path.expanduser(value))
+    return p if p.is_absolute() else (base / p)
 
 
 def _kind_name(kind: type) -> str:
