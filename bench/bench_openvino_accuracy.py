@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "openvino_accuracy.json"))
     args = p.parse_args(argv)
 
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.inference.preprocess import Preprocessor
 
     bundle = load_bundle(args.bundle)

@@ -31,7 +31,7 @@ def profile_stages(model_cfg: Any, paths: list[Path], batch: int, zero_copy: boo
     """{stage: {"cpu_ms", "wall_ms"} per frame} over ``paths``, TTA off (a runtime.config.station.ModelConfig)."""
     import zmq
 
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.inference.backends import create_backend
     from runtime.inference.model import release
     from runtime.inference.preprocess import UINT8_NHWC, Preprocessor, input_dtype, input_shape, read_image

@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, console: Any) -> int:
     from calibration.calibrator import CacheFile
-    from runtime.bundle.manifest import Artifact, load_bundle, write_bundle
+    from runtime.bundle.load import load_bundle
+    from runtime.bundle.manifest import Artifact
+    from runtime.bundle.write import write_bundle
     from runtime.engine.build import (
         BuildError,
         artifact_fields,

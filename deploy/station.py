@@ -24,7 +24,7 @@ from deploy.service import Readiness, query_readyz, reload_failures, run_reload,
 from deploy.signing import default_signature_path, verify_manifest
 from deploy.store import BUILDS, ModelStore, version_key
 from deploy.trust import owned_by_root, read_checked
-from runtime.bundle.manifest import _world_readable
+from runtime.bundle.archive import _world_readable
 
 MANIFEST = "manifest.json"
 MAX_SIGNATURE_BYTES = 64 << 10  # a signature file is ~400 bytes of JSON
@@ -193,7 +193,8 @@ class Deployer:
 
     def _replace_existing(self, vdir: Path, manifest: Any, opts: Options) -> bool:
         """Same version already installed: False to reuse it (same files), True to replace it (--force or damaged)."""
-        from runtime.bundle.manifest import BundleError, load_bundle, read_manifest
+        from runtime.bundle.load import load_bundle, read_manifest
+        from runtime.bundle.manifest import BundleError
 
         try:
             installed = read_manifest(vdir)

@@ -445,7 +445,8 @@ def _discard(mdir: Path, tree: str) -> None:
 
 
 def _complete(tree: Path) -> bool:
-    from runtime.bundle.manifest import BundleError, load_bundle
+    from runtime.bundle.load import load_bundle
+    from runtime.bundle.manifest import BundleError
 
     try:
         load_bundle(tree, verify=True, check_graph=False)

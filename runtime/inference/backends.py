@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from runtime.bundle.manifest import Bundle, BundleError, check_graph_io
+from runtime.bundle.load import Bundle, check_graph_io
+from runtime.bundle.manifest import BundleError
 from runtime.config.station import ModelConfig
 from runtime.inference.ort_session import ort_session
 from runtime.inference.preprocess import FLOAT_NCHW, input_dtype

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtime.bundle.manifest import Bundle, BundleError, load_bundle
+from runtime.bundle.load import Bundle, load_bundle
+from runtime.bundle.manifest import BundleError
 from runtime.bundle.store import choose_bootable
 from runtime.config.station import ConfigError, StationConfig
 from runtime.inference.backends import Backend, BackendError, create_backend

@@ -13,7 +13,7 @@ pytest.importorskip("torch")
 
 # -- build plans ---------------------------------------------------------------------------
 def test_plans_per_tensorrt_generation(calibrated, exported):
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.engine.build import BuildError, plan_build
 
     m = load_bundle(calibrated).manifest
@@ -190,7 +190,9 @@ def test_engine_io_check():
 
 def test_engine_artifact_fields_round_trip_through_the_bundle(calibrated, tmp_path):
     """What build-engine writes (a stand-in engine file here) validates, checksums and reads back."""
-    from runtime.bundle.manifest import Artifact, load_bundle, write_bundle
+    from runtime.bundle.load import load_bundle
+    from runtime.bundle.manifest import Artifact
+    from runtime.bundle.write import write_bundle
     from runtime.engine.build import artifact_fields, engine_file_name, plan_build
     from runtime.engine.meta import Platform, check_engine
 
@@ -228,7 +230,7 @@ def test_tensorrt8_calibration_batches_are_the_onnx_runtime_set(calibrated, tmp_
 
     from calibration.calibset import CalibrationSet, images_in, save_tensor
     from calibration.engine_cli import _calibration_stream, build_parser, match_calibration_images
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.engine.build import plan_build
 
     b = load_bundle(calibrated)

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.bundle.manifest import Artifact, Manifest, load_bundle, write_bundle
+from runtime.bundle.load import load_bundle
+from runtime.bundle.manifest import Artifact, Manifest
+from runtime.bundle.write import write_bundle
 from runtime.config.station import ModelConfig, OpenVINOConfig
 from runtime.inference.backends import FACTORIES, BackendError, candidates, create_backend, register
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.bundle.manifest import Artifact, Manifest, load_bundle
+from runtime.bundle.load import load_bundle
+from runtime.bundle.manifest import Artifact, Manifest
 from runtime.engine.build import BuildError, artifact_fields, plan_build
 from runtime.engine.dla import dla_decision
 from runtime.engine.meta import (
