@@ -13,7 +13,7 @@ import pytest
 
 from runtime.bundle.load import load_bundle
 from runtime.bundle.manifest import Artifact, Manifest
-from runtime.engine.build import BuildError, artifact_fields, plan_build
+from runtime.engine.build import BuildError, artifact_fields
 from runtime.engine.dla import dla_decision
 from runtime.engine.meta import (
     EngineMismatchError,
@@ -24,6 +24,7 @@ from runtime.engine.meta import (
     parse_l4t,
     read_l4t,
 )
+from runtime.engine.plan import plan_build
 from runtime.inference.preprocess import InputSpec, Preprocessor
 
 from ._helpers import SIZE, manifest_dict
