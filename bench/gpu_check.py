@@ -83,8 +83,8 @@ def bare_fps(bundle: Path, backend: str, artifact: str, batch: int, seconds: flo
 
     from runtime.bundle.load import load_bundle
     from runtime.config.types import ModelConfig
-    from runtime.inference.backends import create_backend
     from runtime.inference.preprocess import input_dtype, input_shape
+    from runtime.inference.selection import create_backend
 
     b = load_bundle(bundle)
     try:

@@ -111,7 +111,7 @@ def backend_records(
     threads: int,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """{artifact: {record id: mAP + engine facts + gate vs the ONNX Runtime FP32 mAP@.5}} (calibrate
-    --gate-backends): ``auto`` refuses a backend whose record fails (runtime.inference.backends.accuracy_record)."""
+    --gate-backends): ``auto`` refuses a backend whose record fails (runtime.inference.selection.accuracy_record)."""
     from training.detection.loader import DetectionDataset
 
     ds = DetectionDataset(list(held_out), card.detector.image_size)

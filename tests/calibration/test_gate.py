@@ -247,7 +247,7 @@ def test_calibrate_records_per_backend_metrics_and_auto_reads_them(exported, tmp
     from calibration.cli import calibrate_main
     from runtime.bundle.load import load_bundle
     from runtime.config.station import ModelConfig
-    from runtime.inference.backends import accuracy_record, create_backend
+    from runtime.inference.selection import accuracy_record, create_backend
 
     out = tmp_path / "gated"
     assert (

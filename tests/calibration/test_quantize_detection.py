@@ -182,7 +182,7 @@ def test_gate_backends_records_openvino_per_artifact_and_auto_reads_them(tiny_de
 
     from defectscope.cli import main as ds_main
     from runtime.bundle.load import load_bundle
-    from runtime.inference.backends import accuracy_record, accuracy_refusal
+    from runtime.inference.selection import accuracy_record, accuracy_refusal
 
     run, src = tiny_detector
     bundle = tmp_path / "bundle"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from runtime.bundle.load import load_bundle
 from runtime.bundle.manifest import Artifact, Manifest
 from runtime.bundle.write import write_bundle
 from runtime.config.station import ModelConfig, OpenVINOConfig
-from runtime.inference.backends import FACTORIES, BackendError, candidates, create_backend, register
+from runtime.inference.backends import BackendError
+from runtime.inference.selection import FACTORIES, candidates, create_backend, register
 
 from ._helpers import SIZE, make_bundle, manifest_dict, tiny_onnx
 
@@ -482,7 +484,7 @@ def test_openvino_config_keys_and_defaults(tmp_path: Path) -> None:
 def test_openvino_config_errors_name_the_key(tmp_path: Path, body: str, message: str) -> None:
     from runtime.config.station import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=message.replace("[", "\\[").replace("]", "\\]").replace("(", "\\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(_station(tmp_path, body))
 
 

@@ -161,7 +161,7 @@ def test_the_station_gate_runs_a_uint8_artifact_on_the_float_holdout(tmp_path: P
     in for the engine here): the same predictions as the FP32 reference, drop 0."""
     from runtime.config.types import ModelConfig
     from runtime.engine.gate import gate_backend, pack_holdout
-    from runtime.inference.backends import create_backend
+    from runtime.inference.selection import create_backend
     from tests.runtime.test_uint8_input import _u8_bundle
 
     path = _u8_bundle(tmp_path)
@@ -213,7 +213,7 @@ def test_uint8_engine_with_staged_batches_matches_onnxruntime(tmp_path: Path) ->
     _gpu_or_skip()
     from calibration.engine_cli import main as build_main
     from runtime.config.types import ModelConfig
-    from runtime.inference.backends import create_backend
+    from runtime.inference.selection import create_backend
     from tests.runtime.test_uint8_input import _u8_bundle
 
     path = _u8_bundle(tmp_path)
