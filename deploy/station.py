@@ -22,7 +22,8 @@ from typing import Any
 from deploy.config import DeployConfig, DeployError, Station, check_component, discover_stations, rooted
 from deploy.service import Readiness, query_readyz, reload_failures, run_reload, service_state, wait_for_version
 from deploy.signing import default_signature_path, verify_manifest
-from deploy.store import BUILDS, ModelStore, version_key
+from deploy.store import BUILDS, ModelStore
+from deploy.store_state import version_key
 from deploy.trust import owned_by_root, read_checked
 from runtime.bundle.archive import _world_readable
 
