@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from calibration.calibset import preprocess_paths
     from calibration.evaluate import ort_session
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from training.checkpoint import load_model
     from training.classification.data import resolve_splits
 

@@ -250,7 +250,7 @@ def openvino_latency(bundle: Path, xs: list[Any], threads: int) -> dict[str, flo
         import openvino  # noqa: F401
     except ImportError:
         return None
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.config.types import OpenVINOConfig
     from runtime.inference.openvino import open_bundle_model
 

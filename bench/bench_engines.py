@@ -69,7 +69,7 @@ def have_openvino() -> bool:
 def open_engine(
     bundle: Any, engine: str, artifact: str, precision: str, threads: int, hint: str = "latency", requests: int = 1
 ) -> Engine:
-    """A bare engine on ``bundle``'s artifact (a runtime.bundle.manifest.Bundle)."""
+    """A bare engine on ``bundle``'s artifact (a runtime.bundle.load.Bundle)."""
     path = str(bundle.artifact_path(artifact))
     output = bundle.manifest.output.names[0]
     if engine == "ort":

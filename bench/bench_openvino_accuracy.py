@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """OpenVINO backend accuracy vs ONNX Runtime on the ELPV held-out split (issue 18 target: INT8 within 0.5 points).
 
-Every (artifact, backend) pair runs through the runtime's own backends (runtime.inference.backends.create_backend,
+Every (artifact, backend) pair runs through the runtime's own backends (runtime.inference.selection.create_backend,
 named backend, the OpenVINO precision set explicitly), on the held-out images preprocessed once by
 the runtime's Preprocessor: ELPV test split of the reference protocol (stratified 75/25 by class x
 cell type, seed 0; n=656), or an ImageFolder (--images DIR/<class>/*.png) for smoke runs. Reports
@@ -65,7 +65,8 @@ def heldout(args: argparse.Namespace, classes: list[str]) -> tuple[list[Path], l
 def evaluate(bundle: Any, pair: str, x: np.ndarray, y: list[int], threads: int, batch: int) -> dict[str, Any] | None:
     from calibration.evaluate import prediction_metrics
     from runtime.config.station import ModelConfig, OpenVINOConfig
-    from runtime.inference.backends import BackendError, create_backend
+    from runtime.inference.backends import BackendError
+    from runtime.inference.selection import create_backend
 
     backend_name, artifact, *prec = pair.split(":")
     if artifact not in bundle.manifest.artifacts:
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "openvino_accuracy.json"))
     args = p.parse_args(argv)
 
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.inference.preprocess import Preprocessor
 
     bundle = load_bundle(args.bundle)

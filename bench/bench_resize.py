@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "resize.json"))
     args = p.parse_args(argv)
 
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.inference.preprocess import InputSpec, Preprocessor, read_image
 
     names = [n for n in args.serve_as.split(",") if n]

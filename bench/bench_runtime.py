@@ -163,7 +163,7 @@ def run_bare(args: argparse.Namespace, paths: list[Path], artifact: str, tta: st
     """A bare ORT session on already-preprocessed tensors: same artifact and batch, --total-threads."""
     import numpy as np
 
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.inference.ort_session import ort_session
     from runtime.inference.preprocess import Preprocessor, read_image
     from runtime.inference.tta import TTA
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
 
     bundle = load_bundle(args.bundle)
     artifacts = [

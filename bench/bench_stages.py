@@ -3,7 +3,7 @@
 Each stage is the runtime's own code, run on one thread in the order the daemon runs it:
 decode (runtime.inference.preprocess.read_image), resize (Preprocessor.geometry: resize + crop),
 normalize (the rest of Preprocessor.__call__), stack (runtime.serving.batcher.assemble over the
-frames' (V,C,H,W) tensors), infer (the daemon's backend via runtime.inference.backends.create_backend),
+frames' (V,C,H,W) tensors), infer (the daemon's backend via runtime.inference.selection.create_backend),
 JSON (runtime.serving.messages.encode of a verdict-shaped message), ZeroMQ (send on a PUB socket with
 a connected SUB; the SUB is drained outside the timing). Python stages are timed with the
 thread's CPU clock; infer and ZeroMQ with the process CPU clock (engine worker threads, the
@@ -31,10 +31,10 @@ def profile_stages(model_cfg: Any, paths: list[Path], batch: int, zero_copy: boo
     """{stage: {"cpu_ms", "wall_ms"} per frame} over ``paths``, TTA off (a runtime.config.station.ModelConfig)."""
     import zmq
 
-    from runtime.bundle.manifest import load_bundle
-    from runtime.inference.backends import create_backend
+    from runtime.bundle.load import load_bundle
     from runtime.inference.model import release
     from runtime.inference.preprocess import UINT8_NHWC, Preprocessor, input_dtype, input_shape, read_image
+    from runtime.inference.selection import create_backend
     from runtime.serving.batcher import FrameSlots, assemble
     from runtime.serving.messages import encode
     from runtime.sources.cameras import Frame

@@ -62,7 +62,7 @@ def build(bundle: Path, model: str, precision: str, work: Path, extra: list[str]
 def gate(bundle: Path, key: str, task: str) -> dict[str, Any]:
     if task != "classification":
         return {"ok": None, "detail": "no station-side box gate (calibrate gates the detector's mAP)"}
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.engine.gate import EngineRejectedError, gate_backend
     from runtime.inference.tensorrt import TensorRTBackend
 
@@ -81,10 +81,10 @@ def bare_fps(bundle: Path, backend: str, artifact: str, batch: int, seconds: flo
     """Frames/s of one engine alone on random frames of its input (after warm-up)."""
     import numpy as np
 
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.config.types import ModelConfig
-    from runtime.inference.backends import create_backend
     from runtime.inference.preprocess import input_dtype, input_shape
+    from runtime.inference.selection import create_backend
 
     b = load_bundle(bundle)
     try:
@@ -132,7 +132,7 @@ def synthetic_images(dest: Path, n: int = 64, size: int = 300) -> Path:
 
 
 def check_model(model: str, bundle: Path, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
 
     m = load_bundle(bundle).manifest
     task = m.model.task

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     import numpy as np
 
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.inference.preprocess import Preprocessor, read_image
 
     bundle = load_bundle(ns.bundle)

@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def heldout_images(args: argparse.Namespace) -> list[Path]:
     if args.images:
-        from runtime.sources.cameras import list_images
+        from runtime.sources.readers import list_images
 
         paths = list_images(args.images)
     else:

@@ -61,7 +61,9 @@ def _export(args: argparse.Namespace, console: Any) -> int:
     from calibration.evaluate import evaluate_onnx
     from calibration.export import check_parity, export_onnx
     from calibration.provenance import git_commit, library_versions, utc_now
-    from runtime.bundle.manifest import Artifact, Manifest, ModelInfo, OutputSpec, pack, write_bundle
+    from runtime.bundle.archive import pack
+    from runtime.bundle.manifest import Artifact, Manifest, ModelInfo, OutputSpec
+    from runtime.bundle.write import write_bundle
     from runtime.fsio import sha256_file
     from training.checkpoint import load_model
     from training.classification.data import resolve_splits
@@ -233,7 +235,9 @@ def _calibrate(args: argparse.Namespace, console: Any) -> int:
     from calibration.provenance import library_versions
     from calibration.quantize import QuantConfig, prepare_float_model
     from calibration.speed import SpeedSettings
-    from runtime.bundle.manifest import Artifact, load_bundle, write_bundle
+    from runtime.bundle.load import load_bundle
+    from runtime.bundle.manifest import Artifact
+    from runtime.bundle.write import write_bundle
     from runtime.inference.preprocess import UINT8_NHWC
     from training.checkpoint import read_card
     from training.classification.data import resolve_splits

@@ -8,7 +8,7 @@ Manifest (schema_version 1, docs/contracts.md): ``model.task = "detection"``;
 ``output = {"kind": "detections", "names": ["boxes", "scores", "labels"], "box_format": "xyxy",
 "score_threshold", "max_detections"}``; boxes are model-input pixels (the runtime maps them back).
 
-The bundle is written by ``runtime.bundle.manifest.write_bundle`` (temp directory beside ``--out``,
+The bundle is written by ``runtime.bundle.write.write_bundle`` (temp directory beside ``--out``,
 ``manifest.json`` last, verified by the station's own loader before the rename: schema, checksums,
 graph output shapes against ``max_detections``); a bundle the runtime would refuse is never written.
 """
@@ -131,9 +131,10 @@ def manifest_dict(
 def write_detection_bundle(
     dest: Path, manifest: dict[str, Any], onnx_path: Path, extra_files: dict[str, Path] | None = None
 ) -> dict[str, Any]:
-    """The bundle through ``runtime.bundle.manifest.write_bundle``: checksums, the station's own validation (manifest
+    """The bundle through ``runtime.bundle.write.write_bundle``: checksums, the station's own validation (manifest
     keys, letterbox input, detection outputs against the graph), temp directory + rename."""
-    from runtime.bundle.manifest import Manifest, write_bundle
+    from runtime.bundle.manifest import Manifest
+    from runtime.bundle.write import write_bundle
 
     m = Manifest.from_dict({**manifest, "files": {}}, where=f"{dest}/manifest.json")
     return write_bundle(dest, m, {"model.onnx": onnx_path, **(extra_files or {})}).manifest.to_dict()

@@ -80,7 +80,7 @@ def export_detection(args: argparse.Namespace, console: Any) -> int:
         console.print(f"[bold red]export refused:[/] the ONNX detector does not reproduce PyTorch: {exc}")
         return EXIT_PARITY
     if args.pack:
-        from runtime.bundle.manifest import pack
+        from runtime.bundle.archive import pack
 
         console.print(f"packed: {pack(Path(args.out), args.pack)}")
     return 0
@@ -88,7 +88,7 @@ def export_detection(args: argparse.Namespace, console: Any) -> int:
 
 def calibrate_detection(args: argparse.Namespace, console: Any) -> int:
     from calibration.quantize_detection import DEFAULT_CALIBRATION_IMAGES, calibrate_bundle
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
 
     given = [k for k, v in CLASSIFIER_ONLY.items() if getattr(args, k, v) != v]
     if given or args.target != "cpu":

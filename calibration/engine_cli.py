@@ -185,17 +185,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, console: Any) -> int:
     from calibration.calibrator import CacheFile
-    from runtime.bundle.manifest import Artifact, load_bundle, write_bundle
-    from runtime.engine.build import (
-        BuildError,
-        artifact_fields,
-        build_engine,
-        calibration_cache_name,
-        default_timing_cache,
-        engine_file_name,
-        plan_build,
-    )
+    from runtime.bundle.load import load_bundle
+    from runtime.bundle.manifest import Artifact
+    from runtime.bundle.write import write_bundle
+    from runtime.engine.build import BuildError, artifact_fields, build_engine
     from runtime.engine.meta import EngineUnavailableError, current_platform
+    from runtime.engine.plan import calibration_cache_name, default_timing_cache, engine_file_name, plan_build
     from runtime.inference.preprocess import FLOAT_NCHW, UINT8_NHWC
 
     def log(msg: str) -> None:

@@ -115,7 +115,7 @@ def check_gate(
 
 # ---- per-backend gates (calibrate --gate-backends) ------------------------------------------------
 # The same artifact can score differently per engine: OpenVINO may run the float parts in bf16.
-# Each record id names the engine and inference precision exactly as runtime/inference/backends.py looks it up
+# Each record id names the engine and inference precision exactly as runtime/inference/selection.py looks it up
 # (Backend.accuracy_id); ``auto`` refuses an (artifact, backend) whose record failed.
 GATE_BACKENDS = ("onnxruntime", "openvino")
 DEFAULT_GATE_BACKENDS = "onnxruntime"

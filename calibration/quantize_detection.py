@@ -111,7 +111,7 @@ def backend_records(
     threads: int,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """{artifact: {record id: mAP + engine facts + gate vs the ONNX Runtime FP32 mAP@.5}} (calibrate
-    --gate-backends): ``auto`` refuses a backend whose record fails (runtime.inference.backends.accuracy_record)."""
+    --gate-backends): ``auto`` refuses a backend whose record fails (runtime.inference.selection.accuracy_record)."""
     from training.detection.loader import DetectionDataset
 
     ds = DetectionDataset(list(held_out), card.detector.image_size)
@@ -272,7 +272,9 @@ def calibrate_bundle(
     """``defectscope calibrate`` on a detection bundle: the gated INT8 artifact added atomically, made default.
     The scope is chosen on ``select_split`` and the chosen artifact reported (and gated again) on ``split``."""
     from calibration.detection_bundle import held_out_samples
-    from runtime.bundle.manifest import Artifact, add_artifact, load_bundle
+    from runtime.bundle.load import load_bundle
+    from runtime.bundle.manifest import Artifact
+    from runtime.bundle.write import add_artifact
     from runtime.inference.preprocess import FLOAT_NCHW, UINT8_NHWC
     from training.detection.checkpoint import DetCard
 
@@ -414,7 +416,8 @@ def _add_uint8_twin(
     """The bundle serves uint8 frames: add ``int8-u8``, the INT8 graph behind the in-graph normalisation."""
     from calibration.detection_bundle import UINT8_PARITY_ATOL
     from calibration.graph_input import GraphInputError, add_uint8_twins
-    from runtime.bundle.manifest import Artifact, add_artifact
+    from runtime.bundle.manifest import Artifact
+    from runtime.bundle.write import add_artifact
     from runtime.inference.preprocess import read_image
 
     arts: dict[str, Any] = {"int8": Artifact(file="model.int8.onnx", format="onnx", precision="int8")}

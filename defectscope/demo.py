@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     done(t0, "exported")
 
     t0 = step("3/4 INT8 calibration (ONNX Runtime QDQ) with the accuracy gate")
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
 
     if not (args.keep and "int8" in load_bundle(bundle, check_graph=False).manifest.artifacts):
         run_cli(

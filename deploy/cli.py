@@ -288,7 +288,8 @@ def _verify_only(args: argparse.Namespace) -> int:
     import tempfile
 
     from deploy.signing import default_signature_path, verify_manifest
-    from runtime.bundle.manifest import load_bundle, open_bundle
+    from runtime.bundle.archive import open_bundle
+    from runtime.bundle.load import load_bundle
 
     with tempfile.TemporaryDirectory(prefix="defectscope-verify-") as tmp:
         bundle = open_bundle(args.bundle, workdir=tmp) if args.bundle.is_file() else load_bundle(args.bundle)

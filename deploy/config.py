@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from runtime.bundle.stage import MAX_BUNDLE_MIB, MAX_FILES
+from runtime.config.strict import refuse_unknown
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -79,14 +80,11 @@ class DeployConfig:
             "signing": {"public_keys"},
             "service": {"reload_command", "status_command", "ready_timeout_s", "readyz_url"},
         }
+        refuse_unknown(data, known, where, ConfigError)  # a section is a key of the file's root
         for section, value in data.items():
-            if section not in known:
-                raise ConfigError(f"{where}: unknown section [{section}]; expected one of {sorted(known)}")
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{where}: [{section}] must be a table")
-            for key in value:
-                if key not in known[section]:
-                    raise ConfigError(f"{where}: unknown key {section}.{key}; expected one of {sorted(known[section])}")
+            refuse_unknown(value, known[section], where, ConfigError, section)
         install, signing, service = (data.get(s, {}) for s in ("install", "signing", "service"))
 
         def get(table: Mapping[str, Any], section: str, key: str, kind: type | tuple[type, ...], default: Any) -> Any:

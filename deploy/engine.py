@@ -52,7 +52,8 @@ def build_for_station(
     build_args: str = "",
     timing_cache: Path | None = None,
 ) -> EngineResult:
-    from runtime.bundle.manifest import BundleError, load_bundle
+    from runtime.bundle.load import load_bundle
+    from runtime.bundle.manifest import BundleError
     from runtime.engine.build import fresh_engine
 
     station = read_station(Path(station_config))
@@ -112,7 +113,9 @@ def adopt_build(store: ModelStore, name: str, version: str, built: Path, built_f
     ``built_from``: sha256 of the manifest the build started from; a version reinstalled
     meanwhile keeps its new files and the build is discarded.
     """
-    from runtime.bundle.manifest import BundleError, _world_readable, load_bundle
+    from runtime.bundle.archive import _world_readable
+    from runtime.bundle.load import load_bundle
+    from runtime.bundle.manifest import BundleError
 
     with store.lock():
         store.recover(name)

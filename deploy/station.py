@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from deploy.config import DeployConfig, DeployError, Station, check_component, discover_stations, rooted
-from deploy.service import Readiness, query_readyz, reload_failures, run_reload, service_state, wait_for_version
+from deploy.service import Readiness, query_readyz, reload_failures, run_reload, wait_for_version
 from deploy.signing import default_signature_path, verify_manifest
-from deploy.store import BUILDS, ModelStore, version_key
+from deploy.status_report import status_report
+from deploy.store import BUILDS, ModelStore
+from deploy.store_state import version_key
 from deploy.trust import owned_by_root, read_checked
-from runtime.bundle.manifest import _world_readable
+from runtime.bundle.archive import _world_readable
 
 MANIFEST = "manifest.json"
 MAX_SIGNATURE_BYTES = 64 << 10  # a signature file is ~400 bytes of JSON
@@ -193,7 +195,8 @@ class Deployer:
 
     def _replace_existing(self, vdir: Path, manifest: Any, opts: Options) -> bool:
         """Same version already installed: False to reuse it (same files), True to replace it (--force or damaged)."""
-        from runtime.bundle.manifest import BundleError, load_bundle, read_manifest
+        from runtime.bundle.load import load_bundle, read_manifest
+        from runtime.bundle.manifest import BundleError
 
         try:
             installed = read_manifest(vdir)
@@ -394,59 +397,7 @@ class Deployer:
 
     def status(self, query: bool = True) -> dict[str, Any]:
         """Installed versions, the active one, and what each station's service and daemon report."""
-        models = {}
-        for name in self.store.names():
-            state = self.store.read_state(name)
-            last: dict[str, dict[str, Any]] = {}
-            for h in state.history:
-                last[h["version"]] = h
-            versions = []
-            for v in reversed(self.store.versions(name)):
-                rec = state.installed.get(v, {})
-                versions.append(
-                    {
-                        "version": v,
-                        "active": v == self.store.current(name),
-                        "installed_at": rec.get("at"),
-                        "signed_by": rec.get("signed_by"),
-                        "last_activated": last.get(v, {}).get("at"),
-                        "health": last.get(v, {}).get("health"),
-                    }
-                )
-            models[name] = {
-                "current": self.store.current(name),
-                "path": str(self.store.model_dir(name)),
-                "versions": versions,
-            }
-        stations = []
-        for st in discover_stations(self.root, self.cfg):
-            entry: dict[str, Any] = {
-                "name": st.name,
-                "config": str(st.config_path),
-                "bundle": st.bundle,
-                "follows": st.model_name(self.cfg),
-            }
-            if query:
-                entry["service"] = service_state(self.cfg, st, self.is_system_root)
-                r = query_readyz(st.readyz_url(self.cfg))
-                entry["readyz"] = {
-                    "url": r.url,
-                    "reachable": r.reachable,
-                    "ready": r.ready,
-                    "model": r.model,
-                    "error": r.error,
-                }
-                expected = models.get(st.model_name(self.cfg) or "", {}).get("current")
-                entry["in_sync"] = expected is not None and r.version == expected
-            stations.append(entry)
-        signing = {"required": bool(self.cfg.public_keys), "public_keys": list(self.cfg.public_keys)}
-        return {
-            "root": str(self.root),
-            "models_dir": str(self.store.models_dir),
-            "signing": signing,
-            "models": models,
-            "stations": stations,
-        }
+        return status_report(self.root, self.cfg, self.store, self.is_system_root, query)
 
 
 def _serves(r: Readiness, name: str, version: str) -> bool:

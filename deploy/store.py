@@ -30,67 +30,20 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from deploy.config import DeployError, check_component
+from deploy.store_state import ModelState, now_iso, version_key
+from deploy.store_trees import is_complete, relink, version_of
 from runtime.bundle.store import CONTENT, CURRENT, STATE_FILE, is_version_entry, lineage
 from runtime.fsio import atomic_write_json, fsync_dir
 
-STATE_SCHEMA = 1
 STALE_TEMP_S = 3600.0  # hidden temp dirs older than this are leftovers of a killed run
 LINK_TMP = ".link-"  # a version link being placed: .link-<version>@<8 hex> -> .v/<version>@<8 hex>
 # CONTENT (.v): trees of replaced versions, each named <version>@<8 hex> ('@' is never in a version)
 BUILDS = ".builds"  # under models_dir: engine builds, same filesystem as the store (adopting one is a rename)
 TRASH = ".trash-"  # renamed aside (no longer named by any link), deleted at once
-
-
-def version_key(version: str) -> tuple:
-    """Ordering for anti-rollback: PEP 440 when it parses, else numeric dotted parts."""
-    try:
-        from packaging.version import InvalidVersion, Version
-
-        try:
-            return (1, Version(version))
-        except InvalidVersion:
-            pass
-    except ImportError:  # pragma: no cover - packaging ships with pip
-        pass
-    parts = tuple(int(p) if p.isdigit() else -1 for p in version.replace("-", ".").split("."))
-    return (0, parts)
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-@dataclass
-class ModelState:
-    """Contents of ``.deploy-state.json`` for one model name."""
-
-    installed: dict[str, dict[str, Any]]  # version -> {"seq", "at", "source", "signed_by", ...}
-    history: list[dict[str, Any]]  # activations, oldest first: {"seq", "version", "at", "action", "health"?}
-    seq: int = 0  # event counter: orders events within the same second
-    highest: str | None = None  # newest version ever installed (anti-rollback survives a prune)
-
-    @classmethod
-    def empty(cls) -> ModelState:
-        return cls(installed={}, history=[])
-
-    def next_seq(self) -> int:
-        self.seq += 1
-        return self.seq
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": STATE_SCHEMA,
-            "seq": self.seq,
-            "highest": self.highest,
-            "installed": self.installed,
-            "history": self.history,
-        }
 
 
 class ModelStore:
@@ -240,7 +193,7 @@ class ModelStore:
             return
         if not self.version_dir(name, version).is_dir():
             raise DeployError(f"{self.version_dir(name, version)}: version {version} of {name} is not installed")
-        _relink(link, version, f".{CURRENT}.")
+        relink(link, version, f".{CURRENT}.")
 
     def place_version(self, name: str, version: str, staged: Path) -> None:
         """Install the verified, synced tree ``staged`` as ``version``: a new name is a rename, an
@@ -270,7 +223,7 @@ class ModelStore:
         fsync_dir(mdir / CONTENT)
         old = os.readlink(vdir) if vdir.is_symlink() else None
         if old is not None:
-            _relink(vdir, target, f"{LINK_TMP}{tag}.")
+            relink(vdir, target, f"{LINK_TMP}{tag}.")
             _discard(mdir, old)
             return
         pending = mdir / f"{LINK_TMP}{tag}"  # recover() places it if a kill comes in the gap below
@@ -278,13 +231,13 @@ class ModelStore:
         fsync_dir(mdir)
         hop = os.path.islink(self.current_link(name)) and os.readlink(self.current_link(name)).rstrip("/") == version
         if hop:
-            _relink(self.current_link(name), target, f".{CURRENT}.")
+            relink(self.current_link(name), target, f".{CURRENT}.")
         trash = mdir / f"{TRASH}{version}-{uuid.uuid4().hex[:8]}"
         os.rename(vdir, trash)
         os.rename(pending, vdir)
         fsync_dir(mdir)
         if hop:
-            _relink(self.current_link(name), version, f".{CURRENT}.")
+            relink(self.current_link(name), version, f".{CURRENT}.")
         shutil.rmtree(trash, ignore_errors=True)
 
     def recover(self, name: str) -> list[str]:
@@ -311,19 +264,19 @@ class ModelStore:
             version = version_of(target) or ""
             vdir = mdir / version
             if not os.path.lexists(vdir):
-                _relink(vdir, target, f"{LINK_TMP}{target.split('/', 1)[1]}.")
+                relink(vdir, target, f"{LINK_TMP}{target.split('/', 1)[1]}.")
             elif not vdir.is_symlink():  # killed before the old tree moved aside: finish the replacement
                 pending = mdir / f"{LINK_TMP}{target.split('/', 1)[1]}"
                 os.symlink(target, pending)
                 trash = mdir / f"{TRASH}{version}-{uuid.uuid4().hex[:8]}"
                 os.rename(vdir, trash)
                 os.rename(pending, vdir)
-            _relink(link, version, f".{CURRENT}.")
+            relink(link, version, f".{CURRENT}.")
             done.append(f"current pointed at {target} (a killed replacement): now {version}")
         elif target is not None and "/" not in target and not (mdir / target).is_dir():
             # What the old code left when killed between its two renames: the tree renamed aside.
             for aside in sorted(mdir.glob(f"{TRASH}{target}-*")) + sorted(mdir.glob(f".{target}.old-*")):
-                if aside.is_dir() and not aside.is_symlink() and _complete(aside):
+                if aside.is_dir() and not aside.is_symlink() and is_complete(aside):
                     os.rename(aside, mdir / target)
                     fsync_dir(mdir)
                     done.append(f"restored {target} from {aside.name} (current was dangling)")
@@ -414,41 +367,9 @@ class ModelStore:
         return removed
 
 
-def version_of(target: str) -> str | None:
-    """The version a ``current`` target names: ``<version>`` or ``.v/<version>@<id>`` (None otherwise)."""
-    if "/" not in target:
-        return None if target.startswith(".") else target
-    head, _, tree = target.partition("/")
-    if head != CONTENT or "/" in tree or "@" not in tree:
-        return None
-    return tree.rsplit("@", 1)[0]
-
-
-def _relink(link: Path, target: str, prefix: str) -> None:
-    """Point the symlink ``link`` at ``target`` (relative) atomically and durably: temp link + ``os.replace``."""
-    tmp = link.with_name(f"{prefix}{uuid.uuid4().hex[:8]}")
-    os.symlink(target, tmp)  # relative: the tree works under any --root
-    try:
-        os.replace(tmp, link)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(link.parent)
-
-
 def _discard(mdir: Path, tree: str) -> None:
     """Delete ``mdir/tree``, which nothing names any more: renamed aside first, so a half-deleted
     tree never sits under a name that could be taken for a complete one."""
     trash = mdir / f"{TRASH}{tree.replace('/', '_')}-{uuid.uuid4().hex[:8]}"
     os.rename(mdir / tree, trash)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _complete(tree: Path) -> bool:
-    from runtime.bundle.manifest import BundleError, load_bundle
-
-    try:
-        load_bundle(tree, verify=True, check_graph=False)
-        return True
-    except (BundleError, OSError):
-        return False

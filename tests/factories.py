@@ -89,7 +89,7 @@ def tiny_manifest(
 
 def make_tiny_bundle(dest: Path, num_classes: int = 2, size: int = 32, version: str = "1.0.0", name: str = "tiny"):
     """Write a valid tiny bundle at ``dest`` and return the loaded Bundle."""
-    from runtime.bundle.manifest import write_bundle
+    from runtime.bundle.write import write_bundle
 
     onnx_path = make_tiny_onnx(dest.parent / f".{dest.name}-src" / "model.onnx", num_classes, size)
     return write_bundle(dest, tiny_manifest(num_classes, size, name, version), {"model.onnx": onnx_path})

@@ -1,4 +1,5 @@
-"""Reading configuration: one TOML/JSON file reader and one strict key check for every ``from_dict``.
+"""Reading configuration: one TOML/JSON file reader; the strict key check every ``from_dict`` uses is
+``runtime.config.strict`` (re-exported here; pass ``ConfigError`` or the caller's own error).
 
 A typo in a config key must fail loudly, naming the file or table and the keys it accepts, never
 fall back to a default. Python 3.10 (JetPack 6) has no ``tomllib``: ``tomli`` (a base dependency
@@ -8,9 +9,11 @@ there) reads TOML instead.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from runtime.config.strict import field_names, refuse_unknown
 
 try:
     import tomllib
@@ -35,21 +38,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a table/object at the top level")
     return data
-
-
-def refuse_unknown(
-    data: Mapping[str, Any], known: Iterable[str], where: str, error: type[ValueError] = ConfigError
-) -> None:
-    """Raise ``error`` naming ``where``, the unknown keys of ``data`` and the accepted ones."""
-    known = set(known)
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise error(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
-
-
-def field_names(cls: type) -> set[str]:
-    """The dataclass ``cls``'s field names: the keys its ``from_dict`` accepts."""
-    return set(getattr(cls, "__dataclass_fields__", {}))
 
 
 def drop_when_off(d: dict[str, Any], off: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from deploy.console import alarm_rules
 from deploy.console import shifts as shift_config
 from deploy.console.alarm_rules import AlarmConfig
 from deploy.console.shifts import Shifts
+from runtime.config.strict import refuse_unknown
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -109,10 +110,9 @@ class ConsoleConfig:
 def _typed(table: Mapping[str, Any], cls: type, where: str, src: str) -> Any:
     """Build dataclass ``cls`` from ``table``, checking unknown keys and value types against defaults."""
     known = {f.name: f for f in cls.__dataclass_fields__.values()}  # type: ignore[attr-defined]
+    refuse_unknown(table, known, src, ConsoleConfigError, where)
     out: dict[str, Any] = {}
     for key, value in table.items():
-        if key not in known:
-            raise ConsoleConfigError(f"{src}: key '{where}.{key}': unknown (expected one of {sorted(known)})")
         default = known[key].default
         if isinstance(default, bool):
             ok = isinstance(value, bool)
@@ -182,9 +182,7 @@ def _station(i: int, t: Any, base: Path, src: str) -> StationEntry:
     where = f"stations[{i}]"
     if not isinstance(t, Mapping):
         raise ConsoleConfigError(f"{src}: key '{where}': expected a table")
-    extra = set(t) - {"name", "endpoint", "snapshot_dir", "curve"}
-    if extra:
-        raise ConsoleConfigError(f"{src}: key '{where}.{sorted(extra)[0]}': unknown")
+    refuse_unknown(t, ("name", "endpoint", "snapshot_dir", "curve"), src, ConsoleConfigError, where)
     name = t.get("name")
     if not isinstance(name, str) or not NAME.match(name):
         raise ConsoleConfigError(f"{src}: key '{where}.name': expected letters, digits, '_', '-', got {name!r}")
@@ -227,11 +225,7 @@ def _user(i: int, t: Any, src: str) -> User:
 
 def from_dict(data: Mapping[str, Any], src: str = "<dict>", base: Path | None = None) -> ConsoleConfig:
     base = base or Path.cwd()
-    extra = set(data) - {"server", "store", "stations", "users", "alarms", "shifts"}
-    if extra:
-        raise ConsoleConfigError(
-            f"{src}: key '{sorted(extra)[0]}': unknown (expected server, store, stations, users, alarms, shifts)"
-        )
+    refuse_unknown(data, ("server", "store", "stations", "users", "alarms", "shifts"), src, ConsoleConfigError)
     server = _typed(data.get("server", {}), ServerConfig, "server", src)
     store = _typed(data.get("store", {}), StoreConfig, "store", src)
     if server.coalesce_ms < 20:

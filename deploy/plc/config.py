@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.config.strict import refuse_unknown
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -123,9 +125,7 @@ def _table(data: Any, key: str, allowed: set[str], src: str) -> Mapping[str, Any
         return {}
     if not isinstance(data, Mapping):
         raise PlcConfigError(f"{src}: key '{key}': expected a table")
-    extra = set(data) - allowed
-    if extra:
-        raise PlcConfigError(f"{src}: key '{key}.{sorted(extra)[0]}': unknown (expected one of {sorted(allowed)})")
+    refuse_unknown(data, allowed, src, PlcConfigError, key)
     return data
 
 

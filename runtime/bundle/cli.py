@@ -7,7 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from runtime.bundle.manifest import BundleError, load_bundle, pack, read_manifest, unpack
+from runtime.bundle.archive import pack, unpack
+from runtime.bundle.load import load_bundle, read_manifest
+from runtime.bundle.manifest import BundleError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,16 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from runtime.bundle.manifest import (
-    MANIFEST,
-    Bundle,
-    BundleError,
-    Manifest,
-    check_member_name,
-    load_bundle,
-    open_regular,
-    unlisted_entries,
-)
+from runtime.bundle.load import Bundle, load_bundle
+from runtime.bundle.manifest import MANIFEST, BundleError, Manifest, check_member_name, open_regular, unlisted_entries
 from runtime.fsio import fsync_dir
 
 MAX_BUNDLE_MIB = 4096  # sum of the bundle's file sizes (ONNX + engines of one model)

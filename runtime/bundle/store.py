@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.bundle.manifest import BundleError, load_bundle
+from runtime.bundle.load import load_bundle
+from runtime.bundle.manifest import BundleError
 
 STATE_FILE = ".deploy-state.json"
 CURRENT = "current"

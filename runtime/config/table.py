@@ -1,13 +1,19 @@
 """Reading one TOML table of a station config: typed getters that name the key, unknown keys refused.
 
-Every error is a :class:`ConfigError` reading ``<file>: key '<dotted.key>': <what was expected>``.
+Every error is a :class:`ConfigError` reading ``<file>: key '<dotted.key>': <what was expected>``, but
+unknown keys, which read ``<file>: unknown key(s) ['<dotted.key>', ...]; expected some of [...]``
+(``runtime.config.strict``, the one strict check).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+from .strict import refuse_unknown
 
 
 class ConfigError(ValueError):
@@ -89,9 +95,14 @@ class Table:
         return Table(self.data.get(name, {}), self.where, f"{self.prefix}{name}.")
 
     def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise self.error(unknown[0], f"unknown key; expected one of {sorted(self.used)}")
+        """Refuse the keys no getter asked for (the table's own keys are the ones read)."""
+        refuse_unknown(self.data, self.used, self.where, ConfigError, self.prefix.rstrip("."))
+
+
+def config_path(base: Path, value: str) -> Path:
+    """A path from a config file: ``~`` expanded, relative ones resolved against ``base`` (the file's directory)."""
+    p = Path(os.path.expanduser(value))
+    return p if p.is_absolute() else (base / p)
 
 
 def _kind_name(kind: type) -> str:

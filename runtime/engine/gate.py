@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from runtime.bundle.manifest import Bundle, BundleError, check_member_name, load_bundle, write_bundle
+from runtime.bundle.load import Bundle, load_bundle
+from runtime.bundle.manifest import BundleError, check_member_name
+from runtime.bundle.write import write_bundle
 from runtime.inference.preprocess import FLOAT_NCHW, UINT8_NHWC, Preprocessor
 
 HOLDOUT_FILE = "holdout/sample.npz"

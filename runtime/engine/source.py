@@ -1,4 +1,4 @@
-"""Which ONNX artifact of a bundle a TensorRT engine is built from (``runtime.engine.build.plan_build``)."""
+"""Which ONNX artifact of a bundle a TensorRT engine is built from (``runtime.engine.plan.plan_build``)."""
 
 from __future__ import annotations
 

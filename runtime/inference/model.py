@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtime.bundle.manifest import Bundle, BundleError, load_bundle
+from runtime.bundle.load import Bundle, load_bundle
+from runtime.bundle.manifest import BundleError
 from runtime.bundle.store import choose_bootable
 from runtime.config.station import ConfigError, StationConfig
-from runtime.inference.backends import Backend, BackendError, create_backend
+from runtime.inference.backends import Backend, BackendError
 from runtime.inference.decision import BoxDecider, Decider, Postprocessor, make_postprocessor
 from runtime.inference.preprocess import UINT8_NHWC, Preprocessor, SpecError, input_dtype, input_shape
+from runtime.inference.selection import create_backend
 from runtime.inference.tta import TTA, TTAError
 from runtime.serving.batcher import BatchBuffers, FrameSlots, assemble
 from runtime.sources.cameras import Frame, FrameRejected

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.bundle.manifest import BundleError, check_graph_io
+from runtime.bundle.load import check_graph_io
+from runtime.bundle.manifest import BundleError
 
 DEVICE = "CPU"
 

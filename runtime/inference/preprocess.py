@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from runtime.config.strict import field_names, refuse_unknown
 from runtime.inference.image_header import HeaderError, header_size
 
 if TYPE_CHECKING:
@@ -138,10 +139,7 @@ class InputSpec:
         """Build from a manifest/model-card dict; unknown or missing keys are named."""
         if not isinstance(data, Mapping):
             raise SpecError(f"{where}: expected a table/object, got {type(data).__name__}")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SpecError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        refuse_unknown(data, field_names(cls), where, SpecError)
         missing = [k for k in ("height", "width", "resize_size") if k not in data]
         if missing:
             raise SpecError(f"{where}: missing required key(s) {missing}")

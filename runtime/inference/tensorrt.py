@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.bundle.manifest import Artifact, Bundle
+from runtime.bundle.load import Bundle
+from runtime.bundle.manifest import Artifact
 from runtime.inference.backends import Backend, BackendError
 from runtime.inference.preprocess import input_shape
 

@@ -23,12 +23,13 @@ import base64
 import binascii
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
 
+from runtime.config.strict import field_names, refuse_unknown
 from runtime.serving.messages import SCHEMA_VERSION, SchemaError
 
 PREVIEW_PREFIX = "_preview."
@@ -48,10 +49,7 @@ class PreviewConfig:
 
     @classmethod
     def from_dict(cls, table: Mapping[str, Any], where: str = "preview") -> PreviewConfig:
-        known = {f.name for f in fields(cls)}
-        for key in table:
-            if key not in known:
-                raise ValueError(f"key '{where}.{key}': unknown (expected one of {sorted(known)})")
+        refuse_unknown(table, field_names(cls), "", ValueError, where)
         cfg = cls(**dict(table))
         if not isinstance(cfg.enabled, bool):
             raise ValueError(f"key '{where}.enabled': expected true or false, got {cfg.enabled!r}")

@@ -15,8 +15,8 @@ from runtime.inference.model import ModelLoadError, load_model
 from runtime.serving.daemon import Daemon
 from runtime.serving.publisher import Publisher, PublisherError
 from runtime.serving.service import port_free
-from runtime.sources.cameras import first_frame
 from runtime.sources.gstreamer import check_gstreamer
+from runtime.sources.readers import first_frame
 
 log = logging.getLogger("defectscope.daemon")
 

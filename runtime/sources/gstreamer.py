@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from runtime.config.station import CameraConfig
-from runtime.sources.cameras import CaptureReader, Reader, SourceError, _safe
+from runtime.sources.readers import CaptureReader, Reader, SourceError, _safe
 
 APPSINK_MAX_BUFFERS = 2  # frames the appsink holds when the pipeline leaves it unbounded
 MAX_FRAME_BYTES = 256 * 2**20  # one decoded frame; 8K BGR is ~100 MB

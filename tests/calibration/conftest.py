@@ -203,7 +203,7 @@ def prepared(exported, splits, tmp_path_factory):
     """(pre-processed float model, calibration tensor, test tensor, test labels, work dir)."""
     from calibration.calibset import build_calibration_set, preprocess_paths
     from calibration.quantize import prepare_float_model
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
 
     b = load_bundle(exported)
     work = tmp_path_factory.mktemp("quant")

@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 
 def test_calibrated_bundle_records_everything(calibrated, exported, splits):
     from calibration.calibset import CalibrationSet
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
 
     b = load_bundle(calibrated)
     m = b.manifest
@@ -53,7 +53,7 @@ def test_calibrated_bundle_records_everything(calibrated, exported, splits):
 
 def test_runtime_runs_the_int8_artifact(calibrated, splits):
     from calibration.evaluate import ort_session
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.inference.preprocess import Preprocessor
 
     b = load_bundle(calibrated)
@@ -67,7 +67,7 @@ def test_runtime_runs_the_int8_artifact(calibrated, splits):
 def test_calibration_is_reproducible_and_saves_the_tensor(exported, calibrated, tmp_path):
     from calibration.calibset import load_tensor
     from calibration.cli import calibrate_main
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
 
     out = tmp_path / "again"
     npy = tmp_path / "calib.npy"
@@ -106,7 +106,7 @@ def test_calibration_is_reproducible_and_saves_the_tensor(exported, calibrated, 
 
 def test_calibrate_in_place_keep_default_and_bad_inputs(bundle_copy, tmp_path, capsys):
     from calibration.cli import calibrate_main
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
 
     assert (
         calibrate_main(

@@ -47,7 +47,7 @@ def test_export_detection_bundle(det_run, tmp_path):
     onnx_preds, _ = ort_predict(out / "model.onnx", ds)
     # The station reads the bundle and preprocesses a frame exactly as the export evaluated it (the one
     # letterbox, runtime.inference.boxes.fit), with the same Geometry back to original pixels.
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.inference.preprocess import Preprocessor, read_image
 
     assert "runtime_validation" not in m["provenance"]["export"]  # refused bundles are never written at all
@@ -125,7 +125,7 @@ def test_parity_failure_refuses_the_export(det_run, tmp_path):
 def test_export_uint8_input_adds_a_parity_checked_detector_twin(det_run, tmp_path):
     """``export --uint8-input`` of a detector: ``fp32-u8`` takes letterboxed uint8 frames and gives the float
     artifact's boxes, scores and labels (checked at export, recorded, and again here on the station's loader)."""
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.inference.ort_session import ort_session
     from runtime.inference.preprocess import Preprocessor
 

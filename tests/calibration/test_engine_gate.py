@@ -11,7 +11,8 @@ import json
 import numpy as np
 import pytest
 
-from runtime.bundle.manifest import Artifact, BundleError, load_bundle
+from runtime.bundle.load import load_bundle
+from runtime.bundle.manifest import Artifact, BundleError
 from runtime.engine.gate import (
     HOLDOUT_FILE,
     EngineRejectedError,
@@ -106,7 +107,7 @@ def test_a_faithful_engine_passes_and_a_broken_one_is_refused(bundle, tmp_path):
 
 
 def test_budget_comes_from_the_bundles_int8_gate(bundle, tmp_path):
-    from runtime.bundle.manifest import update_manifest
+    from runtime.bundle.write import update_manifest
 
     b = update_manifest(bundle.path, metrics={"int8": {"gate": {"budget_points": 0.25}}})
     assert budget_for(b) == 0.25
@@ -122,7 +123,7 @@ def test_without_a_sample_an_int8_engine_is_refused(tmp_path):
 
 def test_a_pickled_sample_is_refused(bundle, tmp_path):
     """np.load on a bundle file never unpickles (an object array would run code)."""
-    from runtime.bundle.manifest import write_bundle
+    from runtime.bundle.write import write_bundle
 
     evil = tmp_path / "evil.npz"
     np.savez(evil, x=np.array([object()], dtype=object), reference=np.zeros((1, 2), np.float32))

@@ -13,8 +13,9 @@ pytest.importorskip("torch")
 
 # -- build plans ---------------------------------------------------------------------------
 def test_plans_per_tensorrt_generation(calibrated, exported):
-    from runtime.bundle.manifest import load_bundle
-    from runtime.engine.build import BuildError, plan_build
+    from runtime.bundle.load import load_bundle
+    from runtime.engine.build import BuildError
+    from runtime.engine.plan import plan_build
 
     m = load_bundle(calibrated).manifest
     jp5 = plan_build(m, "8.5.2.2", "int8", batch=(1, 8))
@@ -190,9 +191,12 @@ def test_engine_io_check():
 
 def test_engine_artifact_fields_round_trip_through_the_bundle(calibrated, tmp_path):
     """What build-engine writes (a stand-in engine file here) validates, checksums and reads back."""
-    from runtime.bundle.manifest import Artifact, load_bundle, write_bundle
-    from runtime.engine.build import artifact_fields, engine_file_name, plan_build
+    from runtime.bundle.load import load_bundle
+    from runtime.bundle.manifest import Artifact
+    from runtime.bundle.write import write_bundle
+    from runtime.engine.build import artifact_fields
     from runtime.engine.meta import Platform, check_engine
+    from runtime.engine.plan import engine_file_name, plan_build
 
     b = load_bundle(calibrated)
     plan = plan_build(b.manifest, "10.3.0.30", "fp16", batch=(1, 8))
@@ -228,8 +232,8 @@ def test_tensorrt8_calibration_batches_are_the_onnx_runtime_set(calibrated, tmp_
 
     from calibration.calibset import CalibrationSet, images_in, save_tensor
     from calibration.engine_cli import _calibration_stream, build_parser, match_calibration_images
-    from runtime.bundle.manifest import load_bundle
-    from runtime.engine.build import plan_build
+    from runtime.bundle.load import load_bundle
+    from runtime.engine.plan import plan_build
 
     b = load_bundle(calibrated)
     calib = CalibrationSet.from_dict(json.loads((calibrated / "calibration.json").read_text()))
@@ -269,7 +273,8 @@ def test_tensorrt8_calibration_batches_are_the_onnx_runtime_set(calibrated, tmp_
 def test_detection_bundles_plan_fixed_batch_float_engines_on_tensorrt_10(tmp_path):
     """Faster R-CNN graphs: TensorRT >= 10 (NMS + RoiAlign), fixed batch 1, no INT8 engine (box gate missing)."""
     from runtime.bundle.manifest import Manifest
-    from runtime.engine.build import BuildError, plan_build
+    from runtime.engine.build import BuildError
+    from runtime.engine.plan import plan_build
 
     m = Manifest.from_dict(
         {

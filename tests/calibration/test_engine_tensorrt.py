@@ -61,7 +61,7 @@ def _reference(bundle, splits):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_build_float_engine_into_bundle(platform, calibrated, splits, tmp_path, precision):
     from calibration.engine_cli import main
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.engine.meta import check_engine, version_tuple
 
     if precision == "fp16" and version_tuple(platform.tensorrt_version)[0] >= 11:
@@ -86,7 +86,7 @@ def test_build_float_engine_into_bundle(platform, calibrated, splits, tmp_path, 
 
 def test_build_int8_engine(platform, calibrated, splits, tmp_path):
     from calibration.engine_cli import main
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.engine.meta import version_tuple
 
     bundle = tmp_path / "b"

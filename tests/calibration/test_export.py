@@ -21,7 +21,7 @@ def _test_paths(splits, n=None):
 def test_round_trip_export_bundle_load_infer(exported, run_dir, splits):
     from calibration.evaluate import ort_session
     from calibration.export import torch_logits
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.inference.preprocess import Preprocessor
     from training.checkpoint import load_model
 
@@ -100,7 +100,8 @@ def test_export_cli_enforces_parity_tolerance(run_dir, tmp_path, capsys):
 
 def test_export_cli_refuses_existing_out_and_packs(exported, run_dir, tmp_path, capsys):
     from calibration.cli import export_main
-    from runtime.bundle.manifest import load_bundle, unpack
+    from runtime.bundle.archive import unpack
+    from runtime.bundle.load import load_bundle
 
     out = tmp_path / "b"
     out.mkdir()
@@ -155,7 +156,8 @@ def _rehash(bundle, name="model.onnx"):
     ],
 )
 def test_bad_bundles_are_refused_with_their_own_message(bundle_copy, damage, message):
-    from runtime.bundle.manifest import BundleError, load_bundle
+    from runtime.bundle.load import load_bundle
+    from runtime.bundle.manifest import BundleError
 
     if damage == "corrupt_onnx":
         (bundle_copy / "model.onnx").write_bytes(b"\x08\x07garbage, not protobuf" * 10)
@@ -177,7 +179,8 @@ def test_bad_bundles_are_refused_with_their_own_message(bundle_copy, damage, mes
 
 
 def test_half_written_bundle_is_not_a_bundle(bundle_copy):
-    from runtime.bundle.manifest import BundleError, load_bundle
+    from runtime.bundle.load import load_bundle
+    from runtime.bundle.manifest import BundleError
 
     (bundle_copy / "manifest.json").unlink()  # the manifest is written last: no manifest, no bundle
     with pytest.raises(BundleError, match="manifest.json: missing"):

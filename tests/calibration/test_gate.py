@@ -109,7 +109,7 @@ def test_miscalibrated_model_fails_the_gate(exported, tmp_path, capsys):
 def test_fallback_keeps_the_fewest_layers_in_float(outlier_bundle, tmp_path, capsys):
     from calibration.cli import calibrate_main
     from calibration.quantize import compute_nodes, stem_and_classifier
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
 
     report = tmp_path / "report.json"
     out = tmp_path / "int8"
@@ -214,7 +214,7 @@ def test_gate_backends_scores_each_engine_against_the_fp32_reference(exported, s
     from calibration.calibset import preprocess_paths
     from calibration.gate import backend_rows, gate_backends
     from calibration.pipeline import EvalData
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
 
     b = load_bundle(exported)
     fp32 = b.artifact_path("fp32")
@@ -245,9 +245,9 @@ def test_gate_backends_scores_each_engine_against_the_fp32_reference(exported, s
 @needs_ov
 def test_calibrate_records_per_backend_metrics_and_auto_reads_them(exported, tmp_path, capsys):
     from calibration.cli import calibrate_main
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.config.station import ModelConfig
-    from runtime.inference.backends import accuracy_record, create_backend
+    from runtime.inference.selection import accuracy_record, create_backend
 
     out = tmp_path / "gated"
     assert (

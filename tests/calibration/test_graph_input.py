@@ -129,7 +129,7 @@ def test_export_and_calibrate_add_parity_checked_uint8_twins(tmp_path: Path, run
     """``export --uint8-input`` adds fp32-u8; ``calibrate`` then adds int8-u8 (the INT8 graph behind the same
     in-graph normalisation); the station's loader accepts both and they predict like their float twins."""
     from calibration.cli import calibrate_main, export_main
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.inference.ort_session import ort_session
 
     out = tmp_path / "b"

@@ -122,7 +122,7 @@ def test_calibrate_cli_adds_the_gated_int8_artifact_to_a_detection_bundle(tiny_d
     import shutil
 
     from defectscope.cli import main as ds_main
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.fsio import sha256_file
 
     run, src = tiny_detector
@@ -181,8 +181,8 @@ def test_gate_backends_records_openvino_per_artifact_and_auto_reads_them(tiny_de
     import shutil
 
     from defectscope.cli import main as ds_main
-    from runtime.bundle.manifest import load_bundle
-    from runtime.inference.backends import accuracy_record, accuracy_refusal
+    from runtime.bundle.load import load_bundle
+    from runtime.inference.selection import accuracy_record, accuracy_refusal
 
     run, src = tiny_detector
     bundle = tmp_path / "bundle"
@@ -248,7 +248,7 @@ def test_calibrate_adds_an_int8_uint8_input_twin_to_a_uint8_detection_bundle(tin
     """A detection bundle exported with --uint8-input gets ``int8-u8`` next to ``int8`` at calibration:
     the same INT8 graph behind the in-graph normalisation, parity-checked and recorded."""
     from defectscope.cli import main as ds_main
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
 
     run, _ = tiny_detector
     bundle = tmp_path / "bundle"

@@ -76,7 +76,7 @@ def test_pipeline_keeps_the_prefix_in_float_and_records_why(quant, splits, expor
     from calibration.pipeline import EvalData, GateSettings, quantize_and_gate
     from calibration.quantize import QuantConfig
     from calibration.speed import SpeedSettings
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
 
     prepared, x_cal, ranges, nodes, work = quant
     spec = load_bundle(exported).manifest.input

@@ -80,14 +80,14 @@ class Bundles:
         self._made: dict[tuple[str, str, int], tuple[Path, Path]] = {}
 
     def _make(self, version: str, name: str, seed: int) -> tuple[Path, Path]:
-        from runtime.bundle.manifest import pack
+        from runtime.bundle.archive import pack
 
         key = (name, version, seed)
         if key not in self._made:
             d = self.base / f"{name}-{version}-s{seed}"
             if seed:
                 # Same name/version, different weights: a "rebuilt" bundle.
-                from runtime.bundle.manifest import write_bundle
+                from runtime.bundle.write import write_bundle
                 from tests.factories import make_tiny_onnx, tiny_manifest
 
                 onnx = make_tiny_onnx(self.base / f".src-{name}-{version}-{seed}" / "model.onnx", seed=seed)

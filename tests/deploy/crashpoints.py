@@ -70,7 +70,8 @@ def _operation(scenario: str, work: Path, extra: dict[str, str]) -> int:
 def _check(work: Path, allowed: set[str]) -> dict[str, Any]:
     """What the daemon would load now, and after a following ``deploy prune``."""
     from deploy.cli import main
-    from runtime.bundle.manifest import BundleError, load_bundle
+    from runtime.bundle.load import load_bundle
+    from runtime.bundle.manifest import BundleError
 
     mdir = work / MODELS / "tiny"
     out: dict[str, Any] = {}

@@ -4,7 +4,7 @@ It speaks the runtime's service surface that deploy relies on (docs/contracts.md
 ``/readyz`` JSON with the model it serves and the last reload's result (HTTP 200 when
 the model is ready, even with a camera down; ``STUB_CAMERA_DOWN=1`` reports one down), ``/healthz``, ``/metrics`` with
 ``defectscope_model_info``, a PID file, and SIGHUP = reload the bundle named in the
-station config with ``runtime.bundle.manifest.load_bundle`` (full verification), keeping the
+station config with ``runtime.bundle.load.load_bundle`` (full verification), keeping the
 old model when the new one is refused. The real daemon is exercised in
 ``test_daemon_integration.py``.
 
@@ -25,7 +25,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from deploy.config import read_station, rooted
-from runtime.bundle.manifest import BundleError, load_bundle
+from runtime.bundle.load import load_bundle
+from runtime.bundle.manifest import BundleError
 from runtime.serving.metrics import MODEL_INFO_LABELS
 
 

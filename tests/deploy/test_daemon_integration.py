@@ -32,7 +32,7 @@ def _nan_bundle(dest: Path, version: str):
     import onnx
     from onnx import numpy_helper
 
-    from runtime.bundle.manifest import write_bundle
+    from runtime.bundle.write import write_bundle
     from tests.factories import make_tiny_onnx, tiny_manifest
 
     path = make_tiny_onnx(dest.parent / f".src-{dest.name}" / "model.onnx")

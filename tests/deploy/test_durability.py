@@ -167,7 +167,8 @@ def test_a_kill_at_any_step_of_a_prune_keeps_the_active_version(tmp_path, bundle
 
 
 def test_a_kill_at_any_step_of_writing_an_engine_into_the_active_version_keeps_a_complete_current(tmp_path, bundles):
-    from runtime.bundle.manifest import load_bundle, write_bundle
+    from runtime.bundle.load import load_bundle
+    from runtime.bundle.write import write_bundle
 
     template = _template(tmp_path, bundles, (bundles.archive("1.0.0"),), (bundles.archive("1.1.0"),))
     active = load_bundle(template / MODELS / "tiny/current")

@@ -6,7 +6,8 @@ import pytest
 
 from deploy import engine
 from deploy.config import DeployConfig, DeployError
-from runtime.bundle.manifest import Artifact, add_artifact
+from runtime.bundle.manifest import Artifact
+from runtime.bundle.write import add_artifact
 from runtime.engine.meta import EngineUnavailableError, Platform
 from tests.deploy.conftest import MODELS, deploy, write_station
 
@@ -126,7 +127,8 @@ def test_timing_cache_reaches_defectscope_build_engine(station, monkeypatch, tmp
 # ---- issue 25 item 13: an engine is written as a new tree, never into the tree `current` names ----------
 def _built(root, version="1.0.0", extra=b"serialized engine"):
     """What `defectscope build-engine --out` leaves under <models>/.builds: the version's files + an engine."""
-    from runtime.bundle.manifest import load_bundle, write_bundle
+    from runtime.bundle.load import load_bundle
+    from runtime.bundle.write import write_bundle
 
     src = load_bundle(root / MODELS / "tiny" / version)
     engine_file = root / "engine.tmp"

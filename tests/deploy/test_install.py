@@ -8,7 +8,8 @@ import threading
 
 import pytest
 
-from runtime.bundle.manifest import load_bundle, read_manifest, sha256_file
+from runtime.bundle.load import load_bundle, read_manifest
+from runtime.bundle.manifest import sha256_file
 from tests.deploy.conftest import MODELS, current_version, deploy, run_deploy, tree, write_deploy_config, write_station
 
 
@@ -97,7 +98,7 @@ def test_damaged_installed_copy_is_replaced_by_a_verified_one(tmp_path, bundles)
 
 
 def test_unsafe_model_name_is_refused(tmp_path):
-    from runtime.bundle.manifest import write_bundle
+    from runtime.bundle.write import write_bundle
     from tests.factories import make_tiny_onnx, tiny_manifest
 
     onnx = make_tiny_onnx(tmp_path / "src/model.onnx")

@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from runtime.bundle.manifest import pack
+from runtime.bundle.archive import pack
 from tests.deploy.conftest import MODELS, current_version, deploy, tree, write_deploy_config
 
 

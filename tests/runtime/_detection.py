@@ -134,7 +134,8 @@ def detection_manifest_dict(version: str = "1.0.0", d: int = D, **output: Any) -
 
 
 def make_detection_bundle(dest: Path, version: str = "1.0.0", d: int = D, **output: Any) -> Path:
-    from runtime.bundle.manifest import Manifest, write_bundle
+    from runtime.bundle.manifest import Manifest
+    from runtime.bundle.write import write_bundle
 
     src = tiny_detector_onnx(dest.parent / f".src-{dest.name}" / "model.onnx", d)
     write_bundle(dest, Manifest.from_dict(detection_manifest_dict(version, d, **output)), {"model.onnx": src})

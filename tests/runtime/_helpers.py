@@ -85,7 +85,8 @@ def manifest_dict(version: str = "1.0.0", name: str = "tiny") -> dict[str, Any]:
 def make_bundle(
     dest: Path, version: str = "1.0.0", gain: float = 3.0, static_batch: int | None = None, name: str = "tiny"
 ) -> Path:
-    from runtime.bundle.manifest import Manifest, write_bundle
+    from runtime.bundle.manifest import Manifest
+    from runtime.bundle.write import write_bundle
 
     src = tiny_onnx(dest.parent / f".src-{dest.name}" / "model.onnx", gain, static_batch)
     manifest = Manifest.from_dict(manifest_dict(version, name))

@@ -10,18 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.bundle.manifest import (
-    MANIFEST,
-    Artifact,
-    BundleError,
-    add_artifact,
-    load_bundle,
-    pack,
-    read_manifest,
-    unpack,
-    update_manifest,
-    write_bundle,
-)
+from runtime.bundle.archive import pack, unpack
+from runtime.bundle.load import load_bundle, read_manifest
+from runtime.bundle.manifest import MANIFEST, Artifact, BundleError
+from runtime.bundle.write import add_artifact, update_manifest, write_bundle
 from runtime.inference.preprocess import Preprocessor
 from tests.factories import make_tiny_bundle, make_tiny_onnx, tiny_manifest
 

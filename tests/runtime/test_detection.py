@@ -17,7 +17,8 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.bundle.manifest import BundleError, Manifest, load_bundle
+from runtime.bundle.load import load_bundle
+from runtime.bundle.manifest import BundleError, Manifest
 from runtime.bundle.output import check_output_shapes
 from runtime.config.station import ConfigError, DecisionConfig, SnapshotConfig, from_dict
 from runtime.inference.boxes import fit, geometry

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.bundle.manifest import Artifact, Manifest, load_bundle
-from runtime.engine.build import BuildError, artifact_fields, plan_build
+from runtime.bundle.load import load_bundle
+from runtime.bundle.manifest import Artifact, Manifest
+from runtime.engine.build import BuildError, artifact_fields
 from runtime.engine.dla import dla_decision
 from runtime.engine.meta import (
     EngineMismatchError,
@@ -23,6 +24,7 @@ from runtime.engine.meta import (
     parse_l4t,
     read_l4t,
 )
+from runtime.engine.plan import plan_build
 from runtime.inference.preprocess import InputSpec, Preprocessor
 
 from ._helpers import SIZE, manifest_dict
@@ -159,7 +161,7 @@ def test_the_station_gate_runs_a_uint8_artifact_on_the_float_holdout(tmp_path: P
     in for the engine here): the same predictions as the FP32 reference, drop 0."""
     from runtime.config.types import ModelConfig
     from runtime.engine.gate import gate_backend, pack_holdout
-    from runtime.inference.backends import create_backend
+    from runtime.inference.selection import create_backend
     from tests.runtime.test_uint8_input import _u8_bundle
 
     path = _u8_bundle(tmp_path)
@@ -211,7 +213,7 @@ def test_uint8_engine_with_staged_batches_matches_onnxruntime(tmp_path: Path) ->
     _gpu_or_skip()
     from calibration.engine_cli import main as build_main
     from runtime.config.types import ModelConfig
-    from runtime.inference.backends import create_backend
+    from runtime.inference.selection import create_backend
     from tests.runtime.test_uint8_input import _u8_bundle
 
     path = _u8_bundle(tmp_path)

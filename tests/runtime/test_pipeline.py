@@ -103,7 +103,7 @@ def test_subscriber_receives_every_replayed_frame_schema_valid(tmp_path: Path, b
 def test_tta_views_run_in_one_call_and_probabilities_are_averaged(tmp_path: Path, bundle: Path, start_daemon) -> None:
     import onnxruntime as ort
 
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.inference.decision import softmax
     from runtime.inference.preprocess import Preprocessor, read_image
 
@@ -153,7 +153,7 @@ def test_adaptive_tta_spends_extra_views_only_near_a_threshold(tmp_path: Path, b
     import cv2
     import onnxruntime as ort
 
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.inference.decision import softmax
     from runtime.inference.preprocess import Preprocessor, read_image
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from runtime.config.station import CameraConfig, ConfigError, load_config
-from runtime.sources.cameras import SourceError, open_reader
+from runtime.sources.readers import SourceError, open_reader
 
 from ._helpers import ROOT, Subscriber, free_port, make_bundle, metric, scrape, station_config
 from .test_rtsp import RTSPCamera, _rtsp_available

@@ -17,7 +17,8 @@ import pytest
 from runtime.config.station import CameraConfig, load_config
 from runtime.serving.batcher import FrameHub
 from runtime.serving.daemon import Daemon
-from runtime.sources.cameras import Camera, DirectoryReader, Frame, SourceError, backoff_delay, transform
+from runtime.sources.cameras import Camera, Frame, backoff_delay, transform
+from runtime.sources.readers import DirectoryReader, SourceError
 
 from ._helpers import Subscriber, free_port, http_get, make_bundle, make_images, metric, scrape, station_config
 

@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.bundle.manifest import BundleError, Manifest, load_bundle, write_bundle
+from runtime.bundle.load import load_bundle
+from runtime.bundle.manifest import BundleError, Manifest
+from runtime.bundle.write import write_bundle
 from runtime.config.station import ModelConfig, load_config
-from runtime.inference.backends import create_backend
 from runtime.inference.preprocess import InputSpec, Preprocessor
+from runtime.inference.selection import create_backend
 from runtime.inference.tta import TTA, expand_views
 from runtime.serving.daemon import Daemon
 

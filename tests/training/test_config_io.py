@@ -30,7 +30,7 @@ def test_toml_and_json_files_read_and_bad_ones_named(tmp_path):
 
 def test_unknown_keys_are_named_with_the_accepted_ones():
     with pytest.raises(ConfigError, match=r"data: unknown key\(s\) \['pth'\]; expected some of \['path'\]"):
-        refuse_unknown({"pth": 1}, ["path"], "data")
+        refuse_unknown({"pth": 1}, ["path"], "data", ConfigError)
 
 
 def test_every_task_reads_a_toml_config_without_tomllib(tmp_path):

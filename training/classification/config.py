@@ -245,7 +245,7 @@ class TrainConfig:
         if not isinstance(d, Mapping):
             raise ConfigError(f"{where}: expected a table/object")
         d = {k: v for k, v in d.items() if k != "config_hash"}  # a run's config.json carries it
-        refuse_unknown(d, (f.name for f in fields(cls)), where)
+        refuse_unknown(d, (f.name for f in fields(cls)), where, ConfigError)
         try:
             if "data" in d and not isinstance(d["data"], DataSpec):
                 d["data"] = DataSpec.from_dict(d["data"], where=f"{where}: data")
@@ -254,7 +254,7 @@ class TrainConfig:
                 if aug in (None, False, "none"):
                     d["augment"] = AugmentConfig.none()
                 else:
-                    refuse_unknown(aug, (f.name for f in fields(AugmentConfig)), "augment")
+                    refuse_unknown(aug, (f.name for f in fields(AugmentConfig)), "augment", ConfigError)
                     d["augment"] = AugmentConfig(**aug)
             return cls(**d)
         except (ConfigError, DataError) as exc:

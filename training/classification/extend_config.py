@@ -149,7 +149,7 @@ class ExtendConfig:
         """From flat keys (a file, ``config.json``, the CLI); unknown keys are an error."""
         d = {k: v for k, v in d.items() if k != "config_hash"}
         known = ({f.name for f in fields(cls)} - {"optim"}) | set(OPTIM_FIELDS) | {"lambda"}
-        refuse_unknown(d, known, where)
+        refuse_unknown(d, known, where, ConfigError)
         if "lambda" in d:  # the file's spelling; `lambda` is a Python keyword
             d["lam"] = d.pop("lambda")
         try:

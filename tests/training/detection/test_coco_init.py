@@ -159,7 +159,7 @@ def test_coco_detector_trains_extends_exports_quantizes_and_serves(tmp_path):
     assert ds_main(["calibrate", str(bundle), "--run", str(ext), "--size", "4", "--threads", "2"]) == 0
     import time
 
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.config.station import from_dict
     from runtime.inference.model import load_model
     from runtime.sources.cameras import Frame
