@@ -36,7 +36,7 @@ TWINS = (("fp32", "fp32-u8"), ("int8", "int8-u8"))
 
 def logits(bundle: Any, artifact: str, backend: str, x: np.ndarray, threads: int, batch: int) -> np.ndarray:
     from runtime.config.station import ModelConfig
-    from runtime.inference.backends import create_backend
+    from runtime.inference.selection import create_backend
 
     b = create_backend(bundle, ModelConfig(bundle=bundle.path, artifact=artifact, backend=backend, threads=threads))
     try:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "uint8_input.json"))
     args = p.parse_args(argv)
 
-    from runtime.bundle.manifest import load_bundle
+    from runtime.bundle.load import load_bundle
     from runtime.inference.preprocess import Preprocessor, read_image
 
     bundle = load_bundle(args.bundle)
