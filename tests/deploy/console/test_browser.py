@@ -68,7 +68,7 @@ def daemon(tmp: Path, name: str, pattern: list[str], pub_port: int, loop: bool, 
 
 def _train_base(run: Path, data: Path) -> None:
     """A tiny_cnn run directory for `extend --from` (tests/training/classification/test_extend.py makes it the same way)."""
-    from tests.training.test_extend import _train_base as train
+    from tests.training.classification.test_extend import _train_base as train
 
     train(run, data)
 
