@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+
+from tests.bench_scripts import load_bench
 
 pytest.importorskip("torch")
 
 
 def _bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_defaults.py"
-    spec = importlib.util.spec_from_file_location("bench_defaults", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("bench_defaults")
 
 
 def test_smoke_runs_levers_on_both_benchmarks(tmp_path, capsys):

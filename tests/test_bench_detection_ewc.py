@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from tests.bench_scripts import load_bench
+
 
 def _bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_detection_ewc.py"
-    spec = importlib.util.spec_from_file_location("bench_detection_ewc", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("bench_detection_ewc")
 
 
 def test_surfaces_pair_is_two_lines_on_other_surfaces(tmp_path):

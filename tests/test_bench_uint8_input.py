@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import cv2
 import numpy as np
 
+from tests.bench_scripts import load_bench
 from tests.runtime.test_uint8_input import _u8_bundle
 
 
 def _bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_uint8_input.py"
-    spec = importlib.util.spec_from_file_location("bench_uint8_input", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("bench_uint8_input")
 
 
 def test_twins_compared_on_an_image_folder(tmp_path, capsys):

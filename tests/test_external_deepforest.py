@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from tests.bench_scripts import load_bench
+
 
 def _mod():
-    path = Path(__file__).resolve().parents[1] / "bench" / "external_deepforest.py"
-    spec = importlib.util.spec_from_file_location("external_deepforest", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("external_deepforest")
 
 
 def test_grid_covers_the_image_once():

@@ -15,34 +15,18 @@ from typing import TYPE_CHECKING
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, RedirectResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from deploy.console.alarm_rules import KINDS
+from deploy.console.query import page_handler, parse_query
 
 if TYPE_CHECKING:
     from deploy.console.app import Console
 
-MAX_TEXT = 128
-MAX_PER_PAGE = 200
-MAX_PAGE = 10**6
-
-
-def _integer(request: Request, key: str, default: int, lo: int, hi: int) -> int:
-    """A whole-number query parameter within [lo, hi]; anything else is a 400 naming the parameter."""
-    raw = request.query_params.get(key)
-    if raw is None or raw == "":
-        return default
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 12:
-        raise HTTPException(400, f"query parameter {key!r}: expected a whole number {lo}..{hi}")
-    value = int(raw)
-    if not lo <= value <= hi:
-        raise HTTPException(400, f"query parameter {key!r}: expected a whole number {lo}..{hi}")
-    return value
-
 
 def routes(c: Console) -> list[Route]:
-    from deploy.console.app import STATIC, json_response, number, parse_time, zone_param
+    from deploy.console.app import STATIC, json_response, number
 
     async def list_alarms(request: Request) -> Response:
         c.need(request, "view")
@@ -61,57 +45,39 @@ def routes(c: Console) -> list[Route]:
             raise HTTPException(404, "no open alarm with this id")
         return json_response(a.view())
 
-    async def page(request: Request) -> Response:
-        if c.who(request) is None:
-            return RedirectResponse("/login", 303)
-        c.need(request, "view")
-        return FileResponse(STATIC / "alarms.html")
-
     async def search(request: Request) -> Response:
         c.need(request, "view")
-        qp = request.query_params
-        text = {k: (qp.get(k) or None) for k in ("station", "camera", "kind", "state", "acked")}
-        for k, v in text.items():
-            if v is not None and len(v) > MAX_TEXT:
-                raise HTTPException(400, f"query parameter {k!r}: at most {MAX_TEXT} characters")
-        if text["kind"] is not None and text["kind"] not in KINDS:
-            raise HTTPException(400, f"query parameter 'kind': expected one of {', '.join(KINDS)}")
-        if text["state"] not in (None, "open", "cleared"):
-            raise HTTPException(400, "query parameter 'state': expected open or cleared")
-        if text["acked"] not in (None, "yes", "no"):
-            raise HTTPException(400, "query parameter 'acked': expected yes or no")
-        per_page = _integer(request, "per_page", 50, 1, MAX_PER_PAGE)
-        page_no = _integer(request, "page", 1, 1, MAX_PAGE)
-        tz = zone_param(request)
-        t0 = parse_time(qp.get("from"), float("nan"), tz) if qp.get("from") else None
-        t1 = parse_time(qp.get("to"), float("nan"), tz) if qp.get("to") else None
-        if t0 is not None and t1 is not None and t1 < t0:
-            raise HTTPException(400, "query parameters 'from' / 'to': 'to' is before 'from'")
+        q = parse_query(
+            request,
+            ("station", "camera", "kind", "state", "acked"),
+            {"kind": KINDS, "state": ("open", "cleared"), "acked": ("yes", "no")},
+        )
+        text = q.text
         rows, total = await asyncio.to_thread(
             c.alarms.search,
             text["station"],
             text["camera"],
             text["kind"],
             None if text["state"] is None else text["state"] == "cleared",
-            None if text["acked"] is None else text["acked"] == "yes",
-            t0,
-            t1,
-            (page_no - 1) * per_page,
-            per_page,
+            q.yes("acked"),
+            q.t0,
+            q.t1,
+            q.offset,
+            q.per_page,
         )
         return json_response(
             {
                 "rows": rows,
                 "total": total,
-                "page": page_no,
-                "per_page": per_page,
+                "page": q.page,
+                "per_page": q.per_page,
                 "stations": [s.name for s in c.cfg.stations],
                 "kinds": list(KINDS),
             }
         )
 
     return [
-        Route("/alarms", page),
+        Route("/alarms", page_handler(c, STATIC / "alarms.html")),
         Route("/api/alarms", list_alarms, methods=["GET"]),
         Route("/api/alarms/history", search, methods=["GET"]),
         Route("/api/alarms/{id:str}/ack", ack, methods=["POST"]),
