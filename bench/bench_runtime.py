@@ -160,17 +160,24 @@ def run_daemon(
 
 
 def run_bare(args: argparse.Namespace, paths: list[Path], artifact: str, tta: str) -> dict[str, Any]:
-    """A bare ORT session on already-preprocessed tensors: same artifact and batch, --total-threads."""
+    """A bare ORT session on already-preprocessed tensors: same artifact and batch, --total-threads.
+
+    A uint8-input artifact gets the (resized) uint8 frames its float tensors came from (exact)."""
     import numpy as np
 
     from runtime.bundle.load import load_bundle
     from runtime.inference.ort_session import ort_session
-    from runtime.inference.preprocess import Preprocessor, read_image
+    from runtime.inference.preprocess import UINT8_NHWC, Preprocessor, read_image
     from runtime.inference.tta import TTA
 
     b = load_bundle(args.bundle, check_graph=False)
-    tta_views = TTA(tuple(TTA_VIEWS[tta]), Preprocessor(b.manifest.input))
-    tensors = np.stack([tta_views.expand(read_image(p)) for p in paths])  # (N,V,C,H,W)
+    pre = Preprocessor(b.manifest.input)
+    tta_views = TTA(tuple(TTA_VIEWS[tta]), pre)
+    tensors = np.stack([tta_views.expand(read_image(p)) for p in paths])  # (N,V,C,H,W) float32
+    if b.artifact(artifact).input == UINT8_NHWC:
+        n, v = tensors.shape[:2]
+        frames = pre.uint8_from_tensor(tensors.reshape(n * v, *tensors.shape[2:]))  # (N*V,H,W,C) uint8
+        tensors = frames.reshape(n, v, *frames.shape[1:])
     providers = (
         ["CUDAExecutionProvider", "CPUExecutionProvider"]
         if args.backend == "onnxruntime-cuda"
