@@ -212,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         "int8_speedup_vs_fp32": ort_ms / int8_ms if int8_ms else None,
         "int8_map50": int8.get("map50") if int8 else None,
         "int8_drop_points": (int8 or {}).get("gate", {}).get("drops_points", {}).get("map50"),
-        "int8_scope": manifest["artifacts"].get("int8", {}).get("quantization", {}).get("scope"),
+        # the exact trial shipped (scope + float prefix, e.g. "all-f2"); bundles before it: the scope
+        "int8_scope": manifest["artifacts"].get("int8", {}).get("quantization", {}).get("trial")
+        or manifest["artifacts"].get("int8", {}).get("quantization", {}).get("scope"),
         "int8_scope_trials": manifest["artifacts"].get("int8", {}).get("quantization", {}).get("scope_trials"),
         "openvino_ms": openvino_ms,  # per artifact ("fp32", "int8"); None: OpenVINO not installed
         "parity": manifest["provenance"]["export"]["parity"],

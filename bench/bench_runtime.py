@@ -45,7 +45,6 @@ import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -55,12 +54,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench_engines import engine_label, percentile  # noqa: E402  (bench/ is the script directory)
 from runtime_args import TTA_BAND, TTA_MODE, TTA_VIEWS, heldout_images, parse_args, replay_dir  # noqa: E402, F401
-from subscriber import SubscriberProcess, cpu_model, free_port, rss_mb  # noqa: E402
+from runtime_soak import TARGET_RSS_MB, run_soak  # noqa: E402
+from subscriber import SubscriberProcess, cpu_model, free_port  # noqa: E402
 
 TARGET_RATIO = 0.85
 TARGET_LOW_LOAD_MS = 3.0  # low-load p50 may exceed the inference time by this much
 TARGET_TTA_COST = 2.5
-TARGET_RSS_MB = 20.0
 
 
 # ---- daemon runs -------------------------------------------------------------------------------
@@ -160,9 +159,7 @@ def run_daemon(
 
 
 def run_bare(args: argparse.Namespace, paths: list[Path], artifact: str, tta: str) -> dict[str, Any]:
-    """A bare ORT session on already-preprocessed tensors: same artifact and batch, --total-threads.
-
-    A uint8-input artifact gets the (resized) uint8 frames its float tensors came from (exact)."""
+    """A bare ORT session on already-preprocessed tensors (uint8 frames for a uint8-input artifact)."""
     import numpy as np
 
     from runtime.bundle.load import load_bundle
@@ -174,10 +171,9 @@ def run_bare(args: argparse.Namespace, paths: list[Path], artifact: str, tta: st
     pre = Preprocessor(b.manifest.input)
     tta_views = TTA(tuple(TTA_VIEWS[tta]), pre)
     tensors = np.stack([tta_views.expand(read_image(p)) for p in paths])  # (N,V,C,H,W) float32
-    if b.artifact(artifact).input == UINT8_NHWC:
-        n, v = tensors.shape[:2]
-        frames = pre.uint8_from_tensor(tensors.reshape(n * v, *tensors.shape[2:]))  # (N*V,H,W,C) uint8
-        tensors = frames.reshape(n, v, *frames.shape[1:])
+    if b.artifact(artifact).input == UINT8_NHWC:  # the exact uint8 frames, (N,V,H,W,C)
+        u8 = pre.uint8_from_tensor(tensors.reshape(-1, *tensors.shape[2:]))
+        tensors = u8.reshape(*tensors.shape[:2], *u8.shape[1:])
     providers = (
         ["CUDAExecutionProvider", "CPUExecutionProvider"]
         if args.backend == "onnxruntime-cuda"
@@ -200,52 +196,6 @@ def run_bare(args: argparse.Namespace, paths: list[Path], artifact: str, tta: st
         "fps": len(paths) / total,
         "p50_ms": percentile(times, 50) * 1000,
         "p99_ms": percentile(times, 99) * 1000,
-    }
-
-
-# ---- soak --------------------------------------------------------------------------------------
-def run_soak(args: argparse.Namespace, replay: Path, artifact: str) -> dict[str, Any]:
-    from runtime.serving.daemon import Daemon
-
-    port = free_port()
-    cameras = args.cameras[0]
-    cfg = station(args, replay, artifact, args.tta[0], cameras, port, loop=True)
-    sub = SubscriberProcess(f"tcp://127.0.0.1:{port}", max_s=args.soak + 600)
-    d = Daemon(cfg)
-    d.start()
-    runner = threading.Thread(target=d.run, daemon=True)
-    runner.start()
-    warmup = min(60.0, args.soak * 0.1)
-    t0 = time.monotonic()
-    samples: list[tuple[float, float]] = []
-    while time.monotonic() - t0 < args.soak:
-        samples.append((time.monotonic() - t0, rss_mb()))
-        time.sleep(min(5.0, max(0.1, args.soak - (time.monotonic() - t0))))
-    samples.append((time.monotonic() - t0, rss_mb()))
-    d.request_stop()
-    runner.join(120)
-    r = sub.result(120)
-    published = sum(c["published"] for c in d.counts.values())
-    base = next((m for t, m in samples if t >= warmup), samples[0][1])
-    growth = max(m for t, m in samples if t >= warmup) - base if samples else float("nan")
-    return {
-        "duration_s": args.soak,
-        "cameras": cameras,
-        "artifact": artifact,
-        "tta": args.tta[0],
-        "published": published,
-        "received": r["received"],
-        "dropped_messages": published - r["received"],
-        "seq_gaps": r["gaps"],
-        "fps": r["received"] / args.soak,
-        "rss_mb_start": samples[0][1],
-        "rss_mb_after_warmup": base,
-        "rss_mb_end": samples[-1][1],
-        "rss_growth_mb": growth,
-        "rss_samples": samples,
-        "pass": growth <= TARGET_RSS_MB * max(1.0, args.soak / 600.0) + 1e-9
-        and published == r["received"]
-        and r["gaps"] == 0,
     }
 
 
@@ -403,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"env": env, "headline": [], "bare_engines": [], "runs": [], "soak": None}
 
     if args.soak:
-        soak = run_soak(args, replay, artifacts[0])
+        soak = run_soak(args, replay, artifacts[0], station)
         result["soak"] = soak
         print(
             f"soak {soak['duration_s']:.0f}s ({soak['artifact']}, {soak['cameras']} camera(s)): "

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from runtime.config.strict import field_names, refuse_unknown
 
 KINDS = ("defect_rate", "uncertain_rate", "defects_in_row", "camera_down", "station_down", "model_fallback")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.:/-]{0,63}$")
@@ -79,10 +81,7 @@ def _rule(i: int, t: Any, src: str) -> Rule:
     where = f"alarms.rules[{i}]"
     if not isinstance(t, Mapping):
         raise AlarmConfigError(f"{src}: key '{where}': expected a table")
-    known = {f.name for f in fields(Rule)}
-    extra = set(t) - known
-    if extra:
-        raise AlarmConfigError(f"{src}: key '{where}.{sorted(extra)[0]}': unknown (expected one of {sorted(known)})")
+    refuse_unknown(t, field_names(Rule), src, AlarmConfigError, section=where)
     name, kind = t.get("name"), t.get("kind")
     if not isinstance(name, str) or not NAME.match(name):
         raise AlarmConfigError(f"{src}: key '{where}.name': expected 1-64 letters, digits, spaces, '_.:/-'")
@@ -112,10 +111,7 @@ def parse(data: Any, src: str, base: Path) -> AlarmConfig:
         return AlarmConfig()
     if not isinstance(data, Mapping):
         raise AlarmConfigError(f"{src}: key 'alarms': expected a table")
-    known = {f.name for f in fields(AlarmConfig)}
-    extra = set(data) - known
-    if extra:
-        raise AlarmConfigError(f"{src}: key 'alarms.{sorted(extra)[0]}': unknown (expected one of {sorted(known)})")
+    refuse_unknown(data, field_names(AlarmConfig), src, AlarmConfigError, section="alarms")
     sound = data.get("sound", False)
     if not isinstance(sound, bool):
         raise AlarmConfigError(f"{src}: key 'alarms.sound': expected true or false")

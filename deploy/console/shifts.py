@@ -26,6 +26,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from runtime.config.strict import refuse_unknown
+
 if TYPE_CHECKING:
     from deploy.console.app import Console
 
@@ -67,8 +69,9 @@ class Shifts:
 def parse(data: Any, src: str) -> Shifts | None:
     if data is None:
         return None
-    if not isinstance(data, Mapping) or set(data) - {"time_zone", "names", "starts"}:
+    if not isinstance(data, Mapping):
         raise ShiftConfigError(f"{src}: key 'shifts': expected a table with time_zone, names, starts")
+    refuse_unknown(data, ("time_zone", "names", "starts"), src, ShiftConfigError, section="shifts")
     tz = data.get("time_zone", "UTC")
     try:
         ZoneInfo(tz)
