@@ -45,7 +45,10 @@ def test_plc_toml(data, names):
         ({"server": {"prot": 1}}, "['server.prot']"),
         ({"stations": [{"name": "s1", "endpont": "tcp://x:1"}]}, "['stations[0].endpont']"),
         ({"alarms": {"sond": True}}, "['alarms.sond']"),
-        ({"alarms": {"rules": [{"name": "r", "kind": "camera_down", "treshold": 0.1}]}}, "['alarms.rules[0].treshold']"),
+        (
+            {"alarms": {"rules": [{"name": "r", "kind": "camera_down", "treshold": 0.1}]}},
+            "['alarms.rules[0].treshold']",
+        ),
         ({"shifts": {"time_zone": "UTC", "name": ["a"]}}, "['shifts.name']"),
     ],
 )
